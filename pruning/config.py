@@ -1,0 +1,251 @@
+"""The typed run configuration: one frozen dataclass, loaded from YAML.
+
+A run is either a dense fine-tune (``method: dense``; the teacher and the baseline) or a fine-pruning run
+(``method: topk`` or ``method: sigmoid_threshold``). Every hyperparameter of the trainer lives here; the
+trainer reads nothing else. Unknown keys are an error naming the key, and every value is checked in
+``__post_init__`` so that a bad config fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = ["ConfigError", "Method", "TopkScope", "RunConfig", "load_config", "config_from_dict", "config_to_dict"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key (and the file when known)."""
+
+
+class Method(str, enum.Enum):
+    """How the linear layers are trained."""
+
+    DENSE = "dense"  # plain fine-tuning, no masks
+    TOPK = "topk"  # keep the top fraction of blocks; density set directly
+    SIGMOID_THRESHOLD = "sigmoid_threshold"  # keep blocks with sigmoid(score) > threshold; density from L1
+
+
+class TopkScope(str, enum.Enum):
+    PER_MATRIX = "per_matrix"  # every matrix keeps the same fraction of its blocks
+    GLOBAL = "global"  # one cut-off over all masked weights
+
+
+# Names of model/data shortcuts resolved by ``pruning.resources``.
+SHIPPED_MODEL = "minilm"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs. Defaults follow the paper's hybrid setting where one applies."""
+
+    # --- model and data -----------------------------------------------------------------------------------
+    model: str = SHIPPED_MODEL  # a local HF BERT directory, or "minilm" (the shipped all-MiniLM-L6-v2)
+    model_config: dict[str, Any] | None = None  # BertConfig kwargs: build a random model instead of loading one
+    tokenizer: str | None = None  # tokenizer directory; default: the model's (the shipped one for random models)
+    train_data: str = "train"  # SQuAD v1.1 JSON path, or "train"/"dev" for the shipped files
+    eval_data: str = "dev"
+    train_limit: int | None = None  # use the first N questions (quick CPU runs)
+    eval_limit: int | None = None
+    output_dir: str = "runs/default"
+    seed: int = 42
+
+    # --- features and post-processing ---------------------------------------------------------------------
+    max_seq_length: int = 384
+    doc_stride: int = 128
+    max_answer_length: int = 30
+    n_best: int = 20
+
+    # --- optimisation -------------------------------------------------------------------------------------
+    epochs: float = 2.0
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    learning_rate: float = 3e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1  # linear warm-up of the learning rate, fraction of all steps
+    max_grad_norm: float = 1.0
+    eval_every: int | None = None  # steps between evaluations; None: only at the end
+    save_every: int | None = None  # steps between checkpoints; None: only at the end
+    log_every: int = 10
+
+    # --- masks (ignored for method: dense) ------------------------------------------------------------------
+    method: Method = Method.DENSE
+    attention_block: tuple[int, int] = (32, 32)  # rows x columns of one attention score block
+    mask_lr: float = 1e-2
+    mask_init: float = 0.0  # initial value of every score (sigmoid(0) = 0.5 keeps everything at threshold 0)
+    # topk: fraction of masked weights kept at the end of the schedule (starts at 1.0)
+    target_density: float = 0.5
+    topk_scope: TopkScope = TopkScope.PER_MATRIX
+    # sigmoid_threshold: threshold on sigmoid(score) ramps initial_threshold -> final_threshold
+    initial_threshold: float = 0.0
+    final_threshold: float = 0.1
+    lambda_attention: float = 10.0  # final L1 weight on the attention scores (ramps from 0 with the threshold)
+    lambda_ffn: float = 10.0  # final L1 weight on the FFN scores
+    # cubic schedule: hold for initial_warmup, ramp, hold for the last final_warmup. A value < 1 is a fraction
+    # of the pruning steps, a value >= 1 a number of steps.
+    initial_warmup: float = 0.1
+    final_warmup: float = 0.2
+
+    # --- distillation -------------------------------------------------------------------------------------
+    teacher: str | None = None  # QA model directory; None: no distillation
+    alpha_ce: float = 0.1
+    alpha_distil: float = 0.9
+    temperature: float = 2.0
+
+    # --- filled phase ---------------------------------------------------------------------------------------
+    fill_steps: int = 0  # steps after pruning with removed heads/FFN dims fixed and kept heads dense again
+    fill_learning_rate: float | None = None  # default: learning_rate
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    @property
+    def masked(self) -> bool:
+        return self.method is not Method.DENSE
+
+
+_ENUMS = {"method": Method, "topk_scope": TopkScope}
+
+
+def _fail(key: str, message: str) -> None:
+    raise ConfigError(f"{key}: {message}")
+
+
+def _check(cfg: RunConfig) -> None:
+    # Coerce the values YAML gives (strings for enums, lists for tuples) before checking them.
+    for key, enum_type in _ENUMS.items():
+        value = getattr(cfg, key)
+        if not isinstance(value, enum_type):
+            try:
+                object.__setattr__(cfg, key, enum_type(value))
+            except ValueError:
+                allowed = ", ".join(m.value for m in enum_type)
+                _fail(key, f"unknown value {value!r} (allowed: {allowed})")
+    block = cfg.attention_block
+    if isinstance(block, int):
+        block = (block, block)
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(_is_int(b) and b > 0 for b in block)):
+        _fail("attention_block", f"must be two positive integers [rows, cols], got {cfg.attention_block!r}")
+    object.__setattr__(cfg, "attention_block", (int(block[0]), int(block[1])))
+
+    positive_ints = ["max_seq_length", "doc_stride", "max_answer_length", "n_best", "batch_size", "eval_batch_size",
+                     "grad_accum", "log_every"]
+    for key in positive_ints:
+        if not (_is_int(getattr(cfg, key)) and getattr(cfg, key) > 0):
+            _fail(key, f"must be a positive integer, got {getattr(cfg, key)!r}")
+    for key in ["train_limit", "eval_limit", "max_steps", "eval_every", "save_every"]:
+        value = getattr(cfg, key)
+        if value is not None and not (_is_int(value) and value > 0):
+            _fail(key, f"must be a positive integer or null, got {value!r}")
+    if not (_is_int(cfg.fill_steps) and cfg.fill_steps >= 0):
+        _fail("fill_steps", f"must be an integer >= 0, got {cfg.fill_steps!r}")
+    if not _is_int(cfg.seed):
+        _fail("seed", f"must be an integer, got {cfg.seed!r}")
+    if cfg.doc_stride >= cfg.max_seq_length:
+        _fail("doc_stride", f"must be smaller than max_seq_length ({cfg.max_seq_length}), got {cfg.doc_stride}")
+
+    non_negative = ["epochs", "weight_decay", "max_grad_norm", "mask_init_abs", "lambda_attention", "lambda_ffn",
+                    "alpha_ce", "alpha_distil", "initial_warmup", "final_warmup"]
+    for key in non_negative:
+        value = abs(cfg.mask_init) if key == "mask_init_abs" else getattr(cfg, key)
+        if not _is_number(value) or value < 0:
+            _fail(key, f"must be a number >= 0, got {value!r}")
+    for key in ["learning_rate", "mask_lr", "temperature"]:
+        value = getattr(cfg, key)
+        if not _is_number(value) or value <= 0:
+            _fail(key, f"must be a number > 0, got {value!r}")
+    if cfg.fill_learning_rate is not None and (not _is_number(cfg.fill_learning_rate) or cfg.fill_learning_rate <= 0):
+        _fail("fill_learning_rate", f"must be a number > 0 or null, got {cfg.fill_learning_rate!r}")
+    if not _is_number(cfg.warmup_ratio) or not 0 <= cfg.warmup_ratio < 1:
+        _fail("warmup_ratio", f"must be in [0, 1), got {cfg.warmup_ratio!r}")
+    if not _is_number(cfg.target_density) or not 0 < cfg.target_density <= 1:
+        _fail("target_density", f"must be in (0, 1], got {cfg.target_density!r}")
+    for key in ["initial_threshold", "final_threshold"]:
+        value = getattr(cfg, key)
+        if not _is_number(value) or not 0 <= value < 1:
+            _fail(key, f"must be in [0, 1), got {value!r}")
+    if cfg.epochs == 0 and cfg.max_steps is None:
+        _fail("epochs", "is 0 and max_steps is not set: nothing to train")
+    if cfg.alpha_ce + cfg.alpha_distil <= 0:
+        _fail("alpha_ce", "alpha_ce + alpha_distil must be > 0")
+    if cfg.model_config is not None and not isinstance(cfg.model_config, Mapping):
+        _fail("model_config", f"must be a mapping of BertConfig fields, got {type(cfg.model_config).__name__}")
+    if not cfg.masked and cfg.fill_steps:
+        _fail("fill_steps", "a filled phase needs a pruning method (topk or sigmoid_threshold)")
+    if cfg.model_config is not None:
+        hidden = cfg.model_config.get("hidden_size", 768)
+        heads = cfg.model_config.get("num_attention_heads", 12)
+        if hidden % heads:
+            _fail("model_config.hidden_size", f"{hidden} is not a multiple of num_attention_heads {heads}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+
+
+def config_from_dict(values: Mapping[str, Any], source: str = "config", base: RunConfig | None = None) -> RunConfig:
+    """Build a config from a mapping, rejecting unknown keys; ``base`` supplies the values not given."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(values).__name__}")
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    values = dict(values)
+    if "output_dir" in values and values["output_dir"] is not None:
+        values["output_dir"] = str(values["output_dir"])
+    try:
+        if base is None:
+            return RunConfig(**values)
+        return dataclasses.replace(base, **values)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except TypeError as err:  # a wrong type that __post_init__ did not catch
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config file; ``overrides`` (already typed) replace its values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    values = dict(values)
+    values.update(overrides or {})
+    return config_from_dict(values, source=str(path))
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain, YAML/JSON-friendly values (enums as strings, tuples as lists); round-trips through ``config_from_dict``."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, dict):
+            value = dict(value)
+        out[f.name] = value
+    return out

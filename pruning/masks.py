@@ -1,0 +1,336 @@
+"""Binarizers and masked linear layers for block movement pruning.
+
+A :class:`MaskedLinear` owns one learned score per ``block`` of its weight; the effective weight is
+``weight * binarize(scores)`` expanded to full size, and the bias is masked with its rows (a bias entry is kept when
+any block of its row is kept). Gradients reach the scores straight through the binarizer, so a score accumulates
+``sum(weight * grad_weight)`` over its block: the movement of those weights away from zero.
+
+Patterns (the paper's "hybrid" setting):
+  * attention query/key/value/output: blocks of ``attention_block`` (default 32x32);
+  * feed-forward pair: the first linear has one score per row (block ``(1, hidden)``); the second linear is a
+    :class:`TiedColumnMaskedLinear` that applies the same scores to its columns, so a pruned intermediate dimension
+    disappears from both matrices.
+
+The trainer drives the masks from outside: :func:`set_threshold` before each step, nothing read from globals.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .structure import architecture_for, encoder_layers, get_module, set_module
+
+__all__ = [
+    "TopKBinarizer",
+    "ThresholdBinarizer",
+    "MaskedLinear",
+    "TiedColumnMaskedLinear",
+    "MODES",
+    "apply_masks_",
+    "remove_masks_",
+    "set_threshold",
+    "mask_score_parameters",
+    "masked_modules",
+    "score_regularization",
+    "fix_masks_",
+    "is_masked",
+]
+
+MODES = ("topk", "sigmoid_threshold", "cutoff", "fixed")
+
+
+class TopKBinarizer(torch.autograd.Function):
+    """Keep the ``round(density * n)`` highest scores of a tensor (at least one); straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, density: float) -> torch.Tensor:  # noqa: D401
+        n = scores.numel()
+        k = min(n, max(1, int(round(density * n))))
+        mask = torch.zeros(n, dtype=scores.dtype, device=scores.device)
+        if k == n:
+            mask.fill_(1.0)
+        else:
+            mask[torch.topk(scores.detach().flatten(), k, sorted=False).indices] = 1.0
+        return mask.view_as(scores)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None
+
+
+class ThresholdBinarizer(torch.autograd.Function):
+    """Keep scores with ``sigmoid(score) > threshold`` (or ``score >= threshold`` when ``sigmoid`` is False).
+
+    The gradient passes straight through to the raw scores.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, threshold: float, sigmoid: bool = True) -> torch.Tensor:
+        if sigmoid:
+            return (torch.sigmoid(scores) > threshold).to(scores.dtype)
+        return (scores >= threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None, None
+
+
+def _expand(block_mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Block mask (R, C) -> weight mask (R * br, C * bc)."""
+    rows, cols = block_mask.shape
+    br, bc = block
+    return block_mask[:, None, :, None].expand(rows, br, cols, bc).reshape(rows * br, cols * bc)
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer whose weight is masked block-wise by learned scores.
+
+    Args:
+        in_features, out_features, bias: as for :class:`torch.nn.Linear`.
+        block: (rows, cols) of one block; must divide the weight's shape.
+        mode: ``"topk"``, ``"sigmoid_threshold"``, ``"cutoff"`` (scores >= a global cut-off) or ``"fixed"``.
+        mask_init: initial value of every score.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, block: tuple[int, int] = (32, 32),
+                 mode: str = "sigmoid_threshold", mask_init: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        br, bc = block
+        if out_features % br or in_features % bc:
+            raise ValueError(f"block {br}x{bc} does not divide the {out_features}x{in_features} weight")
+        if mode not in MODES:
+            raise ValueError(f"unknown mask mode {mode!r} (allowed: {', '.join(MODES)})")
+        self.block = (br, bc)
+        self.mode = mode
+        self.threshold = 1.0 if mode == "topk" else 0.0  # density for topk; threshold or cut-off otherwise
+        self.fixed_mask: torch.Tensor | None = None  # block mask used in "fixed" mode (the filled phase)
+        self.mask_scores = nn.Parameter(
+            torch.full((out_features // br, in_features // bc), float(mask_init), device=device,
+                       dtype=dtype or torch.float32))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block: tuple[int, int], mode: str, mask_init: float = 0.0) -> "MaskedLinear":
+        masked = cls(linear.in_features, linear.out_features, linear.bias is not None, block, mode, mask_init,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            masked.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                masked.bias.copy_(linear.bias)
+        return masked
+
+    def block_mask(self) -> torch.Tensor:
+        """The binary block mask, differentiable (straight-through) with respect to the scores."""
+        if self.mode == "fixed":
+            if self.fixed_mask is None:
+                raise RuntimeError("fixed mask mode without a fixed mask")
+            return self.fixed_mask
+        if self.mode == "topk":
+            return TopKBinarizer.apply(self.mask_scores, self.threshold)
+        if self.mode == "cutoff":
+            return ThresholdBinarizer.apply(self.mask_scores, self.threshold, False)
+        return ThresholdBinarizer.apply(self.mask_scores, self.threshold, True)
+
+    def weight_mask(self, block_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return _expand(self.block_mask() if block_mask is None else block_mask, self.block)
+
+    def bias_mask(self, block_mask: torch.Tensor) -> torch.Tensor:
+        # A bias entry lives as long as any block of its row does; no gradient flows through this path.
+        return block_mask.detach().amax(dim=1).repeat_interleave(self.block[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block_mask = self.block_mask()
+        weight = self.weight * _expand(block_mask, self.block)
+        bias = None if self.bias is None else self.bias * self.bias_mask(block_mask)
+        return F.linear(x, weight, bias)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain linear layer with the mask applied to weight and bias."""
+        block_mask = self.block_mask().detach()
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight.copy_(self.weight * _expand(block_mask, self.block))
+        if self.bias is not None:
+            linear.bias.copy_(self.bias * self.bias_mask(block_mask))
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, block={self.block}, mode={self.mode}"
+
+
+class TiedColumnMaskedLinear(nn.Linear):
+    """A linear layer whose columns are masked by the row scores of another :class:`MaskedLinear`.
+
+    Used for the second linear of the feed-forward pair: the source is the first linear with ``block=(1, hidden)``,
+    so source row ``i`` and this layer's column ``i`` share one score. The source is held as a plain reference (not
+    a sub-module), so its scores are saved and optimised once.
+    """
+
+    def __init__(self, in_features: int, out_features: int, source: MaskedLinear, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if source.block[1] != source.in_features or source.out_features != in_features:
+            raise ValueError("the source of a tied column mask must have one score per row, one row per column here")
+        object.__setattr__(self, "source", source)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, source: MaskedLinear) -> "TiedColumnMaskedLinear":
+        tied = cls(linear.in_features, linear.out_features, source, linear.bias is not None,
+                   device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            tied.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                tied.bias.copy_(linear.bias)
+        return tied
+
+    def column_mask(self) -> torch.Tensor:
+        return self.source.block_mask().reshape(1, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.column_mask(), self.bias)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight.copy_(self.weight * self.column_mask().detach())
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+
+def is_masked(model: nn.Module) -> bool:
+    return any(isinstance(m, MaskedLinear) for m in model.modules())
+
+
+def masked_modules(model: nn.Module) -> Iterator[tuple[str, MaskedLinear]]:
+    """Every score-owning layer, with its qualified name."""
+    for name, module in model.named_modules():
+        if isinstance(module, MaskedLinear):
+            yield name, module
+
+
+def apply_masks_(model: nn.Module, mode: str, attention_block: tuple[int, int] = (32, 32),
+                 mask_init: float = 0.0) -> nn.Module:
+    """Replace the attention and feed-forward linears of ``model`` by masked ones, in place.
+
+    Raises:
+        ValueError: the block shape does not divide an attention matrix, or the mode is unknown.
+    """
+    if mode not in ("topk", "sigmoid_threshold"):
+        raise ValueError(f"unknown pruning method {mode!r} (allowed: topk, sigmoid_threshold)")
+    arch = architecture_for(model)
+    layer_mode = mode
+    for layer in encoder_layers(model):
+        for path in arch.attention_linears:
+            linear = get_module(layer, path)
+            if isinstance(linear, MaskedLinear):
+                continue
+            br, bc = attention_block
+            if linear.out_features % br or linear.in_features % bc:
+                raise ValueError(f"attention_block: {br}x{bc} does not divide the {linear.out_features}x"
+                                 f"{linear.in_features} matrix {path}")
+            set_module(layer, path, MaskedLinear.from_linear(linear, (br, bc), layer_mode, mask_init))
+        first = get_module(layer, arch.ffn_in)
+        if isinstance(first, MaskedLinear):
+            continue
+        masked_first = MaskedLinear.from_linear(first, (1, first.in_features), layer_mode, mask_init)
+        set_module(layer, arch.ffn_in, masked_first)
+        set_module(layer, arch.ffn_out, TiedColumnMaskedLinear.from_linear(get_module(layer, arch.ffn_out), masked_first))
+    return model
+
+
+def remove_masks_(model: nn.Module) -> nn.Module:
+    """Bake the current masks into plain linear layers, in place (the inverse of :func:`apply_masks_`)."""
+    replacements = [(name, module.to_linear()) for name, module in model.named_modules()
+                    if isinstance(module, (MaskedLinear, TiedColumnMaskedLinear))]
+    for name, linear in replacements:
+        set_module(model, name, linear)
+    return model
+
+
+def mask_score_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [module.mask_scores for _, module in masked_modules(model)]
+
+
+def _is_ffn(name: str, module: MaskedLinear) -> bool:
+    return module.block[0] == 1 and module.block[1] == module.in_features
+
+
+@torch.no_grad()
+def set_threshold(model: nn.Module, value: float, global_topk: bool = False) -> None:
+    """Set the current threshold of every masked layer.
+
+    For ``topk`` layers ``value`` is the fraction of weights to keep. With ``global_topk`` the fraction applies to
+    all masked weights together: one cut-off on the scores is found (each score weighted by the number of weights
+    in its block) and every layer keeps the blocks at or above it. For ``sigmoid_threshold`` layers ``value`` is
+    the threshold on ``sigmoid(score)``.
+    """
+    modules = [m for _, m in masked_modules(model) if m.mode != "fixed"]
+    if not modules:
+        return
+    if not global_topk:
+        for module in modules:
+            module.threshold = float(value)
+        return
+    scores = torch.cat([m.mask_scores.detach().flatten() for m in modules])
+    sizes = torch.cat([torch.full((m.mask_scores.numel(),), m.block[0] * m.block[1], dtype=torch.float64)
+                       for m in modules])
+    order = torch.argsort(scores, descending=True)
+    kept = torch.cumsum(sizes[order], 0)
+    target = float(value) * float(sizes.sum())
+    index = int(torch.searchsorted(kept, torch.tensor(target, dtype=kept.dtype)).clamp(max=len(kept) - 1))
+    cutoff = float(scores[order[index]])
+    for module in modules:
+        module.mode = "cutoff"
+        module.threshold = cutoff
+
+
+def score_regularization(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 of sigmoid(scores), averaged within each matrix and then over the attention and the FFN groups."""
+    attention, ffn = [], []
+    for name, module in masked_modules(model):
+        if module.mode == "fixed":
+            continue
+        (ffn if _is_ffn(name, module) else attention).append(torch.sigmoid(module.mask_scores).mean())
+    zero = next(model.parameters()).new_zeros(())
+    return (torch.stack(attention).mean() if attention else zero, torch.stack(ffn).mean() if ffn else zero)
+
+
+@torch.no_grad()
+def fix_masks_(model: nn.Module, head_keep: list[torch.Tensor], ffn_keep: list[torch.Tensor]) -> None:
+    """Start the filled phase: freeze the structure that packing will keep and make kept heads dense again.
+
+    ``head_keep[i]`` (bool per head) and ``ffn_keep[i]`` (bool per FFN dimension) give layer ``i``'s surviving
+    structure. Query/key/value rows and output columns of a kept head become fully unmasked; removed heads and FFN
+    dimensions stay masked for good. Scores stop receiving gradients.
+    """
+    arch = architecture_for(model)
+    for layer, heads, dims in zip(encoder_layers(model), head_keep, ffn_keep):
+        num_heads = heads.numel()
+        for path in arch.attention_linears:
+            module = get_module(layer, path)
+            if not isinstance(module, MaskedLinear):
+                continue
+            br, bc = module.block
+            head_dim = (module.out_features if path != arch.attention_output else module.in_features) // num_heads
+            per_head = heads.repeat_interleave(head_dim).to(module.weight.dtype)
+            if path == arch.attention_output:  # columns belong to heads
+                full = per_head.reshape(1, -1).expand(module.out_features, -1)
+            else:  # rows belong to heads
+                full = per_head.reshape(-1, 1).expand(-1, module.in_features)
+            # Blocks straddling two heads stay kept when either head is kept.
+            block = full.reshape(module.out_features // br, br, module.in_features // bc, bc).amax(dim=(1, 3))
+            module.fixed_mask = block.contiguous()
+            module.mode = "fixed"
+            module.mask_scores.requires_grad_(False)
+        first = get_module(layer, arch.ffn_in)
+        if isinstance(first, MaskedLinear):
+            first.fixed_mask = dims.to(first.weight.dtype).reshape(-1, 1).contiguous()
+            first.mode = "fixed"
+            first.mask_scores.requires_grad_(False)
+

