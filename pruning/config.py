@@ -94,6 +94,10 @@ class RunConfig:
     initial_warmup: float = 0.1
     final_warmup: float = 0.2
 
+    # --- hardware -----------------------------------------------------------------------------------------
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast; CUDA only)
+
     # --- distillation -------------------------------------------------------------------------------------
     teacher: str | None = None  # QA model directory; None: no distillation
     alpha_ce: float = 0.1
@@ -172,6 +176,10 @@ def _check(cfg: RunConfig) -> None:
         value = getattr(cfg, key)
         if not _is_number(value) or not 0 <= value < 1:
             _fail(key, f"must be in [0, 1), got {value!r}")
+    if cfg.precision not in ("fp32", "bf16"):
+        _fail("precision", f"unknown value {cfg.precision!r} (allowed: fp32, bf16)")
+    if not isinstance(cfg.device, str) or not (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")):
+        _fail("device", f"must be auto, cpu or cuda[:N], got {cfg.device!r}")
     if cfg.epochs == 0 and cfg.max_steps is None:
         _fail("epochs", "is 0 and max_steps is not set: nothing to train")
     if cfg.alpha_ce + cfg.alpha_distil <= 0:

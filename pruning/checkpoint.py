@@ -1,0 +1,267 @@
+"""Model directories and training checkpoints: safetensors, JSON and tokenizer files; never pickles.
+
+A checkpoint is a standard Hugging Face directory (``config.json``, ``model.safetensors``, tokenizer files). A masked
+model's ``config.json`` carries a ``fineprune_masks`` entry (method, block shape, current threshold, phase) and its
+``model.safetensors`` holds the mask scores beside the weights. A training checkpoint adds ``trainer_state.json``
+and ``optimizer.safetensors`` (optimizer moments and the RNG state), so a run resumes at the same step with the same
+masks. :func:`load_model` opens any of them: a dense HF BERT, a masked checkpoint or a packed directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, PreTrainedTokenizerBase
+
+from . import masks as mask_lib
+
+__all__ = [
+    "CheckpointError",
+    "MASKS_KEY",
+    "save_model",
+    "load_model",
+    "load_tokenizer",
+    "load_training_state",
+    "optimizer_tensors",
+    "restore_optimizer",
+    "mask_settings",
+    "restore_masks_",
+    "read_json",
+]
+
+logger = logging.getLogger(__name__)
+
+MASKS_KEY = "fineprune_masks"
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "trainer_state.json"
+
+
+class CheckpointError(ValueError):
+    """A model directory or checkpoint is missing or unreadable; the message names the file."""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: corrupted or unreadable safetensors file ({err})") from None
+
+
+def mask_settings(model: nn.Module) -> dict[str, Any] | None:
+    """What :func:`load_model` needs to rebuild the masks of ``model`` exactly (None for an unmasked model).
+
+    In the filled phase the layers hold fixed masks; ``fill_from`` records the mode and threshold that gave that
+    structure at the end of pruning, so it can be found again from the (frozen) scores.
+    """
+    layers = [m for _, m in mask_lib.masked_modules(model)]
+    if not layers:
+        return None
+    attention = next((m for m in layers if m.block[0] != 1 or m.block[1] != m.in_features), layers[0])
+    fill_from = getattr(model, "fineprune_fill_from", None)
+    return {
+        "attention_block": list(attention.block),
+        "mode": attention.mode,
+        "threshold": attention.threshold,
+        "fill_from": None if fill_from is None else {"mode": fill_from[0], "threshold": fill_from[1]},
+    }
+
+
+def _atomic_dir(out_dir: Path):
+    """A temporary sibling directory that replaces ``out_dir`` only once it is complete."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path,
+               extra_files: dict[str, Any] | None = None, tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+               masks: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (and its mask scores) as an HF directory, atomically: a crash never leaves half a checkpoint.
+
+    Args:
+        model: a dense or masked QA model.
+        tokenizer: saved beside the weights when given.
+        out_dir: target directory; replaced as a whole once the new one is complete.
+        extra_files: JSON files to add (name -> object).
+        tensors: extra safetensors files to add (name -> tensors).
+        masks: mask settings to record; default: read off the model.
+    """
+    out_dir = Path(out_dir)
+    tmp = _atomic_dir(out_dir)
+    try:
+        config = model.config.to_dict()
+        settings = masks if masks is not None else mask_settings(model)
+        config.pop(MASKS_KEY, None)
+        if settings is not None:
+            config[MASKS_KEY] = settings
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, value in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(value, indent=2), encoding="utf-8")
+        for name, value in (tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in value.items()}, str(tmp / name))
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
+
+
+def _config(model_dir: Path) -> tuple[dict[str, Any], BertConfig]:
+    raw = read_json(model_dir / "config.json")
+    model_type = raw.get("model_type")
+    if model_type not in (None, "bert"):
+        raise CheckpointError(f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported (bert)")
+    clean = {k: v for k, v in raw.items() if k != MASKS_KEY}
+    try:
+        return raw, BertConfig.from_dict(clean)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{model_dir / 'config.json'}: invalid BERT config ({err})") from None
+
+
+def load_model(model_dir: str | Path) -> nn.Module:
+    """Open a dense, masked or packed QA model directory, in eval mode on the CPU.
+
+    A dense directory without a QA head (a pre-trained encoder) gets a freshly initialised ``qa_outputs``.
+
+    Raises:
+        CheckpointError: the directory, its config or its weights are missing or corrupted.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: model directory not found")
+    raw, config = _config(model_dir)
+    if raw.get("fineprune_packed"):
+        from .packing import load_packed  # packing builds on this module
+
+        return load_packed(model_dir)
+    settings = raw.get(MASKS_KEY)
+    if settings is None:
+        if not (model_dir / WEIGHTS).is_file():
+            raise CheckpointError(f"{model_dir / WEIGHTS}: weights file not found")
+        _load_weights(model_dir / WEIGHTS)  # a clear error for a corrupted file before transformers reads it
+        try:
+            model = BertForQuestionAnswering.from_pretrained(str(model_dir), local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{model_dir}: cannot load model ({str(err).splitlines()[0]})") from None
+        return model.eval()
+    model = BertForQuestionAnswering(config)
+    restore_masks_(model, settings)
+    state = _load_weights(model_dir / WEIGHTS)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        names = (missing or unexpected)[:3]
+        raise CheckpointError(f"{model_dir / WEIGHTS}: weights do not match the config "
+                              f"({'missing' if missing else 'unexpected'}: {', '.join(names)})")
+    if settings.get("mode") == "fixed":
+        _refix(model, settings)
+    return model.eval()
+
+
+def restore_masks_(model: nn.Module, settings: dict[str, Any]) -> None:
+    """Wrap ``model``'s linears with masks as recorded in a checkpoint's config, in place."""
+    mode = settings.get("mode")
+    fill_from = settings.get("fill_from")
+    if mode not in mask_lib.MODES or (mode == "fixed" and not isinstance(fill_from, dict)):
+        raise CheckpointError(f"config.json {MASKS_KEY}.mode: invalid value {mode!r}")
+    try:
+        mask_lib.apply_masks_(model, "topk" if mode == "topk" else "sigmoid_threshold",
+                              tuple(settings.get("attention_block", (32, 32))))
+    except ValueError as err:
+        raise CheckpointError(f"config.json {MASKS_KEY}: {err}") from None
+    first = fill_from if mode == "fixed" else settings
+    for _, module in mask_lib.masked_modules(model):
+        module.mode = first["mode"]
+        module.threshold = float(first["threshold"])
+
+
+def _refix(model: nn.Module, settings: dict[str, Any]) -> None:
+    # The filled phase froze the structure the scores gave at the end of pruning; scores do not change afterwards,
+    # so the same structure is found again from them.
+    from .sparsity import sparsity_report
+
+    report = sparsity_report(model)
+    mask_lib.fix_masks_(model, [s.heads_kept for s in report.layers], [s.ffn_kept for s in report.layers])
+    fill = settings["fill_from"]
+    model.fineprune_fill_from = (fill["mode"], float(fill["threshold"]))
+
+
+def load_training_state(checkpoint_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(trainer_state.json, optimizer/RNG tensors) of a training checkpoint."""
+    checkpoint_dir = Path(checkpoint_dir)
+    state = read_json(checkpoint_dir / STATE)
+    tensors = _load_weights(checkpoint_dir / OPTIMIZER)
+    return state, tensors
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Flatten AdamW's per-parameter state into named tensors (parameters numbered in group order)."""
+    out: dict[str, torch.Tensor] = {}
+    index = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                tensor = value if torch.is_tensor(value) else torch.tensor(value)
+                out[f"state.{index}.{key}"] = tensor.detach().reshape(tensor.shape).cpu()
+            index += 1
+    out["rng.torch"] = torch.get_rng_state()
+    return out
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    index = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            prefix = f"state.{index}."
+            entries = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if entries:
+                optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in entries.items()}
+            index += 1
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+

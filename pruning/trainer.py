@@ -1,0 +1,404 @@
+"""The training loop: dense fine-tuning and masked fine-pruning, with distillation and a filled phase.
+
+One explicit loop, in this order each step: set learning rates and the mask threshold, forward, loss (span
+cross-entropy, distillation, score regularisation), backward, clip, optimizer step, log, evaluate, checkpoint.
+
+Phases of a masked run (``S`` = pruning steps, ``F`` = ``fill_steps``):
+  * steps ``[0, S)``: the threshold (or topk density) follows the cubic schedule; scores learn at ``mask_lr``;
+  * steps ``[S, S + F)`` ("filled"): removed heads and FFN dimensions stay removed, kept heads are dense again,
+    scores are frozen, and the weights are fine-tuned further with distillation.
+
+``train(cfg, report=...)`` calls ``report(metrics, checkpoint_dir)`` at every evaluation; the sweep forwards it to
+Ray Tune, a plain script can log it. Nothing here knows about Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import BertConfig, BertForQuestionAnswering, PreTrainedTokenizerBase
+
+from . import masks as mask_lib
+from . import squad
+from .checkpoint import (
+    STATE,
+    OPTIMIZER,
+    CheckpointError,
+    load_model,
+    load_tokenizer,
+    load_training_state,
+    optimizer_tensors,
+    restore_optimizer,
+    save_model,
+)
+from .config import Method, RunConfig, TopkScope, config_to_dict
+from .distill import kd_loss, qa_ce_loss
+from .resources import resolve_data, resolve_model, shipped_model_dir
+from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
+from .sparsity import sparsity_report
+
+__all__ = ["Report", "TrainingPlan", "build_model", "plan", "mask_schedule", "train", "evaluate", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, float], "str | None"], None]
+FINAL_DIR = "final"
+CHECKPOINT_DIR = "checkpoint"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The student (masked when the method asks for it) and its tokenizer, on the CPU."""
+    if cfg.model_config is not None:
+        tokenizer = load_tokenizer(cfg.tokenizer or shipped_model_dir())
+        values = {"vocab_size": tokenizer.vocab_size, **dict(cfg.model_config)}
+        model = BertForQuestionAnswering(BertConfig(**values))
+    else:
+        model_dir = resolve_model(cfg.model)
+        model = load_model(model_dir)
+        tokenizer = load_tokenizer(cfg.tokenizer or model_dir)
+    if mask_lib.is_masked(model):
+        raise CheckpointError(f"{cfg.model}: is a masked checkpoint; start from a dense model or use --resume")
+    if cfg.masked:
+        try:
+            mask_lib.apply_masks_(model, cfg.method.value, cfg.attention_block, cfg.mask_init)
+        except ValueError as err:
+            from .config import ConfigError
+
+            raise ConfigError(str(err)) from None
+    return model, tokenizer
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    steps_per_epoch: int  # optimizer steps
+    prune_steps: int  # steps of the main phase (all steps for a dense run)
+    fill_steps: int
+    lr_warmup: int
+    initial_warmup: int
+    final_warmup: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.prune_steps + self.fill_steps
+
+
+def plan(cfg: RunConfig, num_features: int) -> TrainingPlan:
+    """Step counts of a run, from the config and the number of training features."""
+    micro_batches = max(1, math.ceil(num_features / cfg.batch_size))
+    steps_per_epoch = max(1, micro_batches // cfg.grad_accum)
+    main = cfg.max_steps if cfg.max_steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
+    initial = warmup_steps(cfg.initial_warmup, main)
+    final = warmup_steps(cfg.final_warmup, main)
+    if cfg.masked and initial + final > main:
+        from .config import ConfigError
+
+        raise ConfigError(f"initial_warmup + final_warmup: {initial} + {final} steps exceed the {main} pruning steps")
+    return TrainingPlan(steps_per_epoch, main, cfg.fill_steps, int(round(cfg.warmup_ratio * main)), initial, final)
+
+
+def mask_schedule(cfg: RunConfig, p: TrainingPlan, step: int) -> tuple[float, float, float]:
+    """(threshold, lambda_attention, lambda_ffn) at ``step``.
+
+    For topk the threshold is the fraction of weights kept (1 -> target_density); for sigmoid_threshold it is the
+    threshold on sigmoid(score) (initial_threshold -> final_threshold) and the L1 weights ramp from 0 to their final
+    values along the same cubic curve.
+    """
+    step = min(step, p.prune_steps)
+    args = (step, p.prune_steps)
+    warm = dict(initial_warmup=p.initial_warmup, final_warmup=p.final_warmup)
+    if cfg.method is Method.TOPK:
+        return cubic_schedule(*args, 1.0, cfg.target_density, **warm), 0.0, 0.0
+    threshold = cubic_schedule(*args, cfg.initial_threshold, cfg.final_threshold, **warm)
+    lam_att = cubic_schedule(*args, 0.0, cfg.lambda_attention, **warm)
+    lam_ffn = cubic_schedule(*args, 0.0, cfg.lambda_ffn, **warm)
+    return threshold, lam_att, lam_ffn
+
+
+def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """Three groups: mask scores (own learning rate, no decay), weights with decay, biases/LayerNorm without."""
+    scores, decay, no_decay = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith("mask_scores"):
+            scores.append(param)
+        elif param.ndim < 2:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": scores, "lr": cfg.mask_lr, "base_lr": cfg.mask_lr, "weight_decay": 0.0, "name": "mask_scores"},
+        {"params": decay, "lr": cfg.learning_rate, "base_lr": cfg.learning_rate, "weight_decay": cfg.weight_decay,
+         "name": "decay"},
+        {"params": no_decay, "lr": cfg.learning_rate, "base_lr": cfg.learning_rate, "weight_decay": 0.0,
+         "name": "no_decay"},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _lr_multiplier(cfg: RunConfig, p: TrainingPlan, step: int) -> float:
+    if step < p.prune_steps:
+        return linear_warmup_decay(step, p.prune_steps, p.lr_warmup)
+    fill_step = step - p.prune_steps
+    return linear_warmup_decay(fill_step, p.fill_steps, int(round(cfg.warmup_ratio * p.fill_steps)))
+
+
+def _batch_order(num: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    order = torch.randperm(num, generator=generator)
+    return list(order.split(batch_size))
+
+
+def _micro_batches(num: int, cfg: RunConfig, start_micro: int):
+    """Micro-batch index tensors from ``start_micro`` on; the same order whether a run was resumed or not."""
+    per_epoch = max(1, math.ceil(num / cfg.batch_size))
+    micro = start_micro
+    while True:
+        epoch, offset = divmod(micro, per_epoch)
+        batches = _batch_order(num, cfg.batch_size, cfg.seed, epoch)
+        for index in batches[offset:]:
+            yield index
+            micro += 1
+
+
+def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list, cfg: RunConfig,
+             device: torch.device | None = None, progress: bool = True) -> dict[str, float]:
+    """EM/F1 (official SQuAD v1.1 metric) of ``model`` on ``examples``, plus its sparsity metrics."""
+    predictions = squad.predict(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
+                                doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
+                                max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, device=device,
+                                progress=progress)
+    metrics = dict(squad.evaluate(examples, predictions))
+    metrics.update(sparsity_report(model).metrics())
+    return metrics
+
+
+def _autocast(cfg: RunConfig, device: torch.device):
+    enabled = cfg.precision == "bf16" and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
+    if cfg.teacher is None:
+        return None
+    teacher = load_model(resolve_model(cfg.teacher))
+    if mask_lib.is_masked(teacher):
+        mask_lib.remove_masks_(teacher)
+    teacher.to(device).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def _is_fixed(model: nn.Module) -> bool:
+    return all(m.mode == "fixed" for _, m in mask_lib.masked_modules(model))
+
+
+def _enter_fill_phase(model: nn.Module) -> None:
+    """Freeze the structure packing will keep; kept heads become dense again."""
+    first = next(m for _, m in mask_lib.masked_modules(model))
+    model.fineprune_fill_from = (first.mode, first.threshold)
+    report = sparsity_report(model)
+    mask_lib.fix_masks_(model, [s.heads_kept for s in report.layers], [s.ffn_kept for s in report.layers])
+
+
+def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Run one fine-tuning (dense) or fine-pruning (masked) job described by ``cfg``.
+
+    Args:
+        cfg: the run configuration.
+        report: called as ``report(metrics, checkpoint_dir)`` after each evaluation (``checkpoint_dir`` is the
+            checkpoint written at that step, or None).
+        resume_from: a training checkpoint directory; training continues at its step with the same optimizer
+            state, data order and masks.
+        progress: show tqdm progress bars.
+
+    Returns:
+        The final metrics (``exact_match``, ``f1``, densities, heads removed, ...), plus ``step`` and
+        ``model_dir`` (the final model directory).
+    """
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    train_examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
+    eval_examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
+
+    start_step = 0
+    history: list[dict[str, Any]] = []
+    if resume_from is not None:
+        resume_from = Path(resume_from)
+        state, tensors = load_training_state(resume_from)
+        model = load_model(resume_from)
+        tokenizer = load_tokenizer(resume_from)
+        start_step = int(state["step"])
+        history = list(state.get("history", []))
+        logger.info("resuming from %s at step %d", resume_from, start_step)
+    else:
+        model, tokenizer = build_model(cfg)
+        tensors = None
+
+    features = squad.prepare_train_features(train_examples, tokenizer, max_seq_length=cfg.max_seq_length,
+                                            doc_stride=cfg.doc_stride)
+    num_features = int(features["input_ids"].shape[0])
+    p = plan(cfg, num_features)
+    logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s",
+                len(train_examples), num_features, p.total_steps, p.prune_steps, p.fill_steps, device)
+
+    model.to(device)
+    teacher = _load_teacher(cfg, device)
+    optimizer = _optimizer(model, cfg)
+    if tensors is not None:
+        restore_optimizer(optimizer, tensors)
+
+    global_topk = cfg.topk_scope is TopkScope.GLOBAL and cfg.method is Method.TOPK
+    batches = _micro_batches(num_features, cfg, start_step * cfg.grad_accum)
+    running: dict[str, float] = {}
+    last_metrics: dict[str, Any] = {}
+    started = time.time()
+    bar = tqdm(total=p.total_steps, initial=start_step, desc="train", disable=not progress, dynamic_ncols=True)
+
+    def schedule_values(step: int) -> tuple[float, float, float]:
+        if not cfg.masked or step >= p.prune_steps:
+            return (mask_schedule(cfg, p, p.prune_steps)[0] if cfg.masked else 0.0), 0.0, 0.0
+        return mask_schedule(cfg, p, step)
+
+    for step in range(start_step, p.total_steps):
+        if cfg.masked and step == p.prune_steps and not _is_fixed(model):
+            # The last pruning masks decide the structure; from here on it is fixed.
+            mask_lib.set_threshold(model, schedule_values(step)[0], global_topk=global_topk)
+            _enter_fill_phase(model)
+            optimizer = _rebuild_optimizer_for_fill(model, cfg, optimizer)
+        threshold, lam_att, lam_ffn = schedule_values(step)
+        if cfg.masked and step < p.prune_steps:
+            mask_lib.set_threshold(model, threshold, global_topk=global_topk)
+        multiplier = _lr_multiplier(cfg, p, step)
+        for group in optimizer.param_groups:
+            base = group["base_lr"]
+            if step >= p.prune_steps and group["name"] != "mask_scores" and cfg.fill_learning_rate is not None:
+                base = cfg.fill_learning_rate
+            group["lr"] = base * multiplier
+
+        model.train()
+        terms = {"loss_ce": 0.0, "loss_distil": 0.0, "loss_reg": 0.0, "loss": 0.0}
+        for _ in range(cfg.grad_accum):
+            index = next(batches)
+            batch = {k: v[index].to(device) for k, v in features.items()}
+            with _autocast(cfg, device):
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            token_type_ids=batch["token_type_ids"])
+                start_logits, end_logits = out.start_logits.float(), out.end_logits.float()
+                ce = qa_ce_loss(start_logits, end_logits, batch["start_positions"], batch["end_positions"])
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        token_type_ids=batch["token_type_ids"])
+                    distil = (kd_loss(start_logits, t_out.start_logits.float(), cfg.temperature)
+                              + kd_loss(end_logits, t_out.end_logits.float(), cfg.temperature)) / 2
+                    loss = cfg.alpha_ce * ce + cfg.alpha_distil * distil
+                else:
+                    distil = torch.zeros((), device=device)
+                    loss = ce
+                reg = torch.zeros((), device=device)
+                if cfg.method is Method.SIGMOID_THRESHOLD and step < p.prune_steps:
+                    reg_att, reg_ffn = mask_lib.score_regularization(model)
+                    reg = lam_att * reg_att + lam_ffn * reg_ffn
+                    loss = loss + reg
+            (loss / cfg.grad_accum).backward()
+            terms["loss_ce"] += float(ce) / cfg.grad_accum
+            terms["loss_distil"] += float(distil) / cfg.grad_accum
+            terms["loss_reg"] += float(reg) / cfg.grad_accum
+            terms["loss"] += float(loss) / cfg.grad_accum
+        torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups if g["name"] != "mask_scores"
+                                        for q in g["params"]], cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        for key, value in terms.items():
+            running[key] = running.get(key, 0.0) + value
+        running["_n"] = running.get("_n", 0) + 1
+        bar.update(1)
+        done = step + 1
+        bar.set_postfix(loss=f"{terms['loss']:.3f}", thr=f"{threshold:.3f}" if cfg.masked else None)
+        if done % cfg.log_every == 0 or done == p.total_steps:
+            n = running.pop("_n")
+            logger.info("step %d/%d loss %.4f (ce %.4f distil %.4f reg %.4f)%s", done, p.total_steps,
+                        running["loss"] / n, running["loss_ce"] / n, running["loss_distil"] / n,
+                        running["loss_reg"] / n, f" threshold {threshold:.4f}" if cfg.masked else "")
+            running = {}
+
+        is_last = done == p.total_steps
+        do_eval = is_last or (cfg.eval_every is not None and done % cfg.eval_every == 0)
+        do_save = is_last or do_eval or (cfg.save_every is not None and done % cfg.save_every == 0)
+        if not (do_eval or do_save):
+            continue
+        metrics: dict[str, Any] = {"step": done, "epoch": done / p.steps_per_epoch, "threshold": threshold,
+                                   "lambda_attention": lam_att, "lambda_ffn": lam_ffn,
+                                   "learning_rate": optimizer.param_groups[1]["lr"], **terms,
+                                   "phase_fill": float(step >= p.prune_steps),
+                                   "train_seconds": time.time() - started}
+        if do_eval:
+            metrics.update(evaluate(model, tokenizer, eval_examples, cfg, device=device, progress=progress))
+            logger.info("step %d: exact_match %.2f f1 %.2f linear_density %.3f heads_removed %d", done,
+                        metrics["exact_match"], metrics["f1"], metrics["linear_density"], metrics["heads_removed"])
+            history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        checkpoint_dir = None
+        if do_save:
+            checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, model, tokenizer, optimizer, cfg,
+                                                  done, history))
+        if do_eval:
+            last_metrics = metrics
+            if report is not None:
+                report(metrics, checkpoint_dir)
+    bar.close()
+
+    final_dir = output_dir / FINAL_DIR
+    model.to("cpu")
+    save_model(model, tokenizer, final_dir)
+    if not last_metrics:  # resumed at the very end: nothing left to train
+        last_metrics = {"step": p.total_steps, **evaluate(model, tokenizer, eval_examples, cfg, progress=progress)}
+    last_metrics = dict(last_metrics)
+    last_metrics["model_dir"] = str(final_dir)
+    return last_metrics
+
+
+def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Scores are frozen in the filled phase: a fresh optimizer over the weights keeps their moments."""
+    new = _optimizer(model, cfg)
+    for group in new.param_groups:
+        for param in group["params"]:
+            if param in old.state:
+                new.state[param] = old.state[param]
+    return new
+
+
+def _save_checkpoint(path: Path, model: nn.Module, tokenizer, optimizer, cfg: RunConfig, step: int,
+                     history: list[dict[str, Any]]) -> Path:
+    state = {"step": step, "config": config_to_dict(cfg), "history": history}
+    # Weights are saved from the CPU copy of the state dict; the model itself stays on its device.
+    return save_model(model, tokenizer, path, extra_files={STATE: state},
+                      tensors={OPTIMIZER: optimizer_tensors(optimizer)})

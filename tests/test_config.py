@@ -1,0 +1,61 @@
+import pytest
+
+from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict, load_config
+
+
+def test_defaults_follow_the_papers_hybrid_setting():
+    cfg = RunConfig(method="sigmoid_threshold")
+    assert cfg.method is Method.SIGMOID_THRESHOLD
+    assert cfg.attention_block == (32, 32)
+    assert (cfg.initial_threshold, cfg.final_threshold) == (0.0, 0.1)
+    assert (cfg.alpha_ce, cfg.alpha_distil, cfg.temperature) == (0.1, 0.9, 2.0)
+    assert cfg.mask_lr == 1e-2 and cfg.learning_rate == 3e-5
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = RunConfig(method="topk", target_density=0.3, attention_block=[16, 32], teacher="some/dir", train_limit=50)
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert load_config(path) == cfg
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: topk\ntarget_densty: 0.5\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'target_densty'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "values,key",
+    [
+        ({"target_density": 0.0}, "target_density"),
+        ({"target_density": 1.5}, "target_density"),
+        ({"method": "magnitude"}, "method"),
+        ({"attention_block": [32]}, "attention_block"),
+        ({"attention_block": [0, 32]}, "attention_block"),
+        ({"learning_rate": -1}, "learning_rate"),
+        ({"doc_stride": 400}, "doc_stride"),
+        ({"final_threshold": 1.2}, "final_threshold"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"precision": "fp8"}, "precision"),
+        ({"fill_steps": 10}, "fill_steps"),  # needs a pruning method
+    ],
+)
+def test_bad_values_name_their_key(values, key):
+    with pytest.raises(ConfigError, match=key):
+        config_from_dict(values, source="x.yaml")
+
+
+def test_overrides_and_missing_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: topk\n")
+    assert load_config(path, {"train_limit": 7}).train_limit == 7
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,161 @@
+import pytest
+import torch
+from transformers import BertConfig, BertForQuestionAnswering
+
+from pruning import masks
+from pruning.masks import MaskedLinear, ThresholdBinarizer, TiedColumnMaskedLinear, TopKBinarizer
+from pruning.sparsity import sparsity_report
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    values = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+    values.update(overrides)
+    return BertForQuestionAnswering(BertConfig(**values)).eval()
+
+
+def inputs(seed=1, batch=2, seq=12):
+    g = torch.Generator().manual_seed(seed)
+    return dict(input_ids=torch.randint(0, 100, (batch, seq), generator=g),
+                attention_mask=torch.ones(batch, seq, dtype=torch.long),
+                token_type_ids=torch.zeros(batch, seq, dtype=torch.long))
+
+
+def test_topk_binarizer_keeps_exact_count_and_passes_gradient():
+    scores = torch.randn(8, 4, requires_grad=True)
+    mask = TopKBinarizer.apply(scores, 0.25)
+    assert int(mask.sum()) == 8
+    kept = scores.detach().flatten()[mask.flatten().bool()]
+    assert kept.min() >= scores.detach().flatten()[~mask.flatten().bool()].max()
+    (mask * torch.arange(32.0).view(8, 4)).sum().backward()
+    assert torch.equal(scores.grad, torch.arange(32.0).view(8, 4))
+
+
+def test_threshold_binarizer_uses_sigmoid():
+    scores = torch.tensor([-3.0, -1.0, 0.0, 2.0], requires_grad=True)
+    mask = ThresholdBinarizer.apply(scores, 0.3, True)
+    assert mask.tolist() == [0.0, 0.0, 1.0, 1.0]  # sigmoid(-1) = 0.27
+    mask.sum().backward()
+    assert scores.grad.tolist() == [1.0] * 4
+
+
+def test_masked_forward_equals_dense_when_everything_is_kept():
+    model = tiny_model()
+    x = inputs()
+    with torch.no_grad():
+        dense = model(**x)
+    masks.apply_masks_(model, "sigmoid_threshold", (16, 16))
+    masks.set_threshold(model, 0.0)
+    with torch.no_grad():
+        masked = model(**x)
+    assert torch.equal(dense.start_logits, masked.start_logits)
+    assert torch.equal(dense.end_logits, masked.end_logits)
+
+
+def test_gradients_reach_the_scores():
+    model = tiny_model()
+    masks.apply_masks_(model, "topk", (16, 16))
+    masks.set_threshold(model, 0.5)
+    out = model(**inputs())
+    (out.start_logits.sum() + out.end_logits.sum()).backward()
+    scores = masks.mask_score_parameters(model)
+    assert len(scores) == 2 * 5  # q, k, v, o, ffn per layer
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in scores)
+
+
+def test_block_mask_and_bias_follow_the_blocks():
+    linear = MaskedLinear(8, 4, block=(2, 4), mode="sigmoid_threshold")
+    with torch.no_grad():
+        linear.mask_scores.copy_(torch.tensor([[5.0, -5.0], [-5.0, -5.0]]))
+        linear.bias.fill_(1.0)
+    linear.threshold = 0.5
+    baked = linear.to_linear()
+    assert (baked.weight[:2, :4] != 0).all() and (baked.weight[:2, 4:] == 0).all()
+    assert (baked.weight[2:] == 0).all()
+    assert baked.bias.tolist() == [1.0, 1.0, 0.0, 0.0]  # a row's bias lives while any block of the row does
+
+
+def test_ffn_shared_mask_removes_the_same_dimension_from_both_matrices():
+    model = tiny_model()
+    masks.apply_masks_(model, "sigmoid_threshold", (16, 16), mask_init=5.0)
+    layer = model.bert.encoder.layer[0]
+    first, second = layer.intermediate.dense, layer.output.dense
+    assert isinstance(first, MaskedLinear) and isinstance(second, TiedColumnMaskedLinear)
+    assert second.source is first
+    with torch.no_grad():
+        first.mask_scores[[3, 70]] = -5.0
+    masks.set_threshold(model, 0.5)
+    w1, w2 = first.to_linear(), second.to_linear()
+    for dim in (3, 70):
+        assert (w1.weight[dim] == 0).all() and w1.bias[dim] == 0
+        assert (w2.weight[:, dim] == 0).all()
+    assert (w1.weight[4] != 0).any() and (w2.weight[:, 4] != 0).any()
+    assert sparsity_report(model).ffn_kept_per_layer == [126, 128]
+    # one score per dimension, owned once
+    names = [n for n, _ in model.named_parameters() if n.endswith("mask_scores")]
+    assert len(names) == len(set(names)) == 10
+
+
+def test_block_shape_that_does_not_divide_is_an_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="attention_block: 24x16 does not divide"):
+        masks.apply_masks_(model, "topk", (24, 16))
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        masks.apply_masks_(tiny_model(), "magnitude", (16, 16))
+
+
+def test_topk_reaches_its_density_exactly_per_matrix_and_globally():
+    for global_topk in (False, True):
+        model = tiny_model()
+        masks.apply_masks_(model, "topk", (16, 16))
+        with torch.no_grad():
+            for score in masks.mask_score_parameters(model):
+                score.copy_(torch.randn_like(score))
+        masks.set_threshold(model, 0.5, global_topk=global_topk)
+        kept = total = 0
+        for _, module in masks.masked_modules(model):
+            mask = module.block_mask()
+            weights_per_score = module.block[0] * module.block[1]
+            # FFN scores mask a row of the first linear and a column of the second
+            factor = 2 if module.block[0] == 1 else 1
+            kept += float(mask.sum()) * weights_per_score * factor
+            total += mask.numel() * weights_per_score * factor
+            if not global_topk:
+                assert float(mask.mean()) == 0.5
+        if global_topk:  # globally, the count is over weights of the score-owning matrices
+            owned_kept = sum(float(m.block_mask().sum()) * m.block[0] * m.block[1] for _, m in masks.masked_modules(model))
+            owned_total = sum(m.mask_scores.numel() * m.block[0] * m.block[1] for _, m in masks.masked_modules(model))
+            assert owned_kept / owned_total == pytest.approx(0.5, abs=0.02)
+
+
+def test_remove_masks_bakes_the_same_function():
+    model = tiny_model()
+    masks.apply_masks_(model, "topk", (16, 16))
+    with torch.no_grad():
+        for score in masks.mask_score_parameters(model):
+            score.copy_(torch.randn_like(score))
+    masks.set_threshold(model, 0.4)
+    x = inputs()
+    with torch.no_grad():
+        before = model(**x).start_logits
+        masks.remove_masks_(model)
+        after = model(**x).start_logits
+    assert not masks.is_masked(model)
+    assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_score_regularization_groups_and_fix_masks():
+    model = tiny_model()
+    masks.apply_masks_(model, "sigmoid_threshold", (16, 16))
+    reg_att, reg_ffn = masks.score_regularization(model)
+    assert float(reg_att) == pytest.approx(0.5) and float(reg_ffn) == pytest.approx(0.5)
+    report = sparsity_report(model)
+    heads = [torch.tensor([True, False, True, True])] * 2
+    ffn = [s.ffn_kept for s in report.layers]
+    masks.fix_masks_(model, heads, ffn)
+    layer = model.bert.encoder.layer[0]
+    assert layer.attention.self.value.mode == "fixed"
+    assert not layer.attention.self.value.mask_scores.requires_grad
+    assert sparsity_report(model).heads_removed_per_layer == [1, 1]
