@@ -329,10 +329,10 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                     reg = lam_att * reg_att + lam_ffn * reg_ffn
                     loss = loss + reg
             (loss / cfg.grad_accum).backward()
-            terms["loss_ce"] += float(ce) / cfg.grad_accum
-            terms["loss_distil"] += float(distil) / cfg.grad_accum
-            terms["loss_reg"] += float(reg) / cfg.grad_accum
-            terms["loss"] += float(loss) / cfg.grad_accum
+            terms["loss_ce"] += float(ce.detach()) / cfg.grad_accum
+            terms["loss_distil"] += float(distil.detach()) / cfg.grad_accum
+            terms["loss_reg"] += float(reg.detach()) / cfg.grad_accum
+            terms["loss"] += float(loss.detach()) / cfg.grad_accum
         torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups if g["name"] != "mask_scores"
                                         for q in g["params"]], cfg.max_grad_norm)
         optimizer.step()

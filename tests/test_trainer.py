@@ -1,0 +1,135 @@
+"""The training loop on a tiny random BERT and real SQuAD dev questions."""
+
+import json
+
+import pytest
+import torch
+
+from pruning import masks
+from pruning.checkpoint import load_model, save_model
+from pruning.config import ConfigError, RunConfig
+from pruning.sparsity import sparsity_report
+from pruning.trainer import build_model, mask_schedule, plan, train
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=128)
+
+
+def tiny_cfg(tmp_path, **overrides) -> RunConfig:
+    values = dict(model_config=TINY, train_data="dev", eval_data="dev", train_limit=16, eval_limit=6,
+                  max_seq_length=96, doc_stride=32, batch_size=8, max_steps=6, learning_rate=1e-3,
+                  output_dir=str(tmp_path / "run"), log_every=100, eval_batch_size=32)
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    seen = []
+    cfg = tiny_cfg(tmp_path, max_steps=24, eval_every=2, train_limit=8, eval_limit=2, batch_size=8,
+                   learning_rate=3e-3, warmup_ratio=0.0)
+    train(cfg, report=lambda m, c: seen.append(m["loss"]), progress=False)
+    assert len(seen) == 12
+    assert sum(seen[-3:]) / 3 < 0.8 * sum(seen[:3]) / 3
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path, tokenizer):
+    cfg = tiny_cfg(tmp_path, method="topk", attention_block=[16, 16], target_density=0.5)
+    model, tok = build_model(cfg)
+    with torch.no_grad():
+        for score in masks.mask_score_parameters(model):
+            score.copy_(torch.randn_like(score))
+    masks.set_threshold(model, 0.5)
+    save_model(model, tok, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    ids = torch.randint(0, 30000, (2, 20))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).start_logits, loaded(input_ids=ids).start_logits)
+        assert torch.equal(model(input_ids=ids).end_logits, loaded(input_ids=ids).end_logits)
+    assert masks.is_masked(loaded)
+
+
+def _masks_of(model):
+    return [m.block_mask().detach().clone() for _, m in masks.masked_modules(model)]
+
+
+@pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])
+def test_resume_continues_the_schedule_with_identical_masks(tmp_path, method):
+    common = dict(method=method, attention_block=[16, 16], target_density=0.3, max_steps=6, eval_every=3,
+                  mask_lr=0.5, lambda_attention=20.0, lambda_ffn=20.0, initial_warmup=1, final_warmup=1)
+    full = train(tiny_cfg(tmp_path / "a", **common), progress=False)
+
+    def stop_at_first(metrics, checkpoint):
+        assert metrics["step"] == 3 and checkpoint is not None
+        raise Stop
+
+    cfg_b = tiny_cfg(tmp_path / "b", **common)
+    with pytest.raises(Stop):
+        train(cfg_b, report=stop_at_first, progress=False)
+    state = json.loads((tmp_path / "b" / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 3
+    steps = []
+    resumed = train(cfg_b, report=lambda m, c: steps.append(m["step"]),
+                    resume_from=tmp_path / "b" / "run" / "checkpoint", progress=False)
+    assert steps == [6]
+    a, b = load_model(full["model_dir"]), load_model(resumed["model_dir"])
+    for mask_a, mask_b in zip(_masks_of(a), _masks_of(b)):
+        assert torch.equal(mask_a, mask_b)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5), name
+    assert resumed["f1"] == pytest.approx(full["f1"])
+
+
+def test_lambda_lowers_density_over_steps(tmp_path):
+    densities = []
+    cfg = tiny_cfg(tmp_path, method="sigmoid_threshold", attention_block=[16, 16], max_steps=12, eval_every=4,
+                   mask_lr=0.5, lambda_attention=50.0, lambda_ffn=50.0, initial_warmup=0, final_warmup=2)
+    train(cfg, report=lambda m, c: densities.append(m["linear_density"]), progress=False)
+    assert densities[-1] < 0.9
+    assert densities == sorted(densities, reverse=True)
+
+
+def test_topk_reaches_the_target_at_the_end_and_fill_keeps_structure(tmp_path):
+    seen = []
+    cfg = tiny_cfg(tmp_path, method="topk", attention_block=[16, 16], target_density=0.5, max_steps=6,
+                   eval_every=6, fill_steps=2, initial_warmup=1, final_warmup=1)
+    p = plan(cfg, 100)
+    assert mask_schedule(cfg, p, p.prune_steps - p.final_warmup)[0] == 0.5
+    assert mask_schedule(cfg, p, 0)[0] == 1.0
+    result = train(cfg, report=lambda m, c: seen.append(m), progress=False)
+    at_end_of_pruning, final = seen[0], seen[-1]
+    assert at_end_of_pruning["step"] == 6 and final["step"] == 8
+    model = load_model(result["model_dir"])
+    # filled: the structure (heads, FFN dims) is what pruning left; kept heads are dense again
+    assert final["heads_removed"] == at_end_of_pruning["heads_removed"]
+    assert [final[f"ffn_kept_layer_{i}"] for i in range(2)] == [at_end_of_pruning[f"ffn_kept_layer_{i}"] for i in range(2)]
+    assert all(m.mode == "fixed" for _, m in masks.masked_modules(model))
+    for i, (layer, s) in enumerate(zip(model.bert.encoder.layer, sparsity_report(model).layers)):
+        assert int(s.ffn_kept.sum()) == 64  # topk kept exactly half of the 128 FFN dims
+        value = layer.attention.self.value.to_linear().weight.reshape(4, 16, 64)
+        for head, kept in enumerate(s.heads_kept.tolist()):
+            assert bool((value[head] != 0).all()) == kept
+
+
+def test_distillation_term_is_reported(tmp_path):
+    teacher = train(tiny_cfg(tmp_path / "t", max_steps=2), progress=False)
+    seen = []
+    cfg = tiny_cfg(tmp_path / "s", method="topk", attention_block=[16, 16], target_density=0.5, max_steps=2,
+                   eval_every=2, teacher=teacher["model_dir"], initial_warmup=0, final_warmup=0)
+    train(cfg, report=lambda m, c: seen.append(m), progress=False)
+    assert seen[-1]["loss_distil"] > 0
+    assert seen[-1]["loss"] == pytest.approx(0.1 * seen[-1]["loss_ce"] + 0.9 * seen[-1]["loss_distil"], rel=1e-5)
+
+
+def test_block_shape_must_divide_the_model(tmp_path):
+    with pytest.raises(ConfigError, match="attention_block"):
+        build_model(tiny_cfg(tmp_path, method="topk", attention_block=[24, 16]))
+
+
+def test_warmups_longer_than_the_run_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="initial_warmup"):
+        plan(tiny_cfg(tmp_path, method="topk", initial_warmup=5, final_warmup=5, max_steps=6), 10)

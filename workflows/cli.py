@@ -1,0 +1,263 @@
+"""``fineprune``: the command line, a thin front over the library and the orchestration.
+
+Every sub-command that fails on user input (a bad config, a malformed SQuAD file, a missing model directory, a
+corrupted checkpoint, an invalid search space) prints one line naming the file and the field and exits with 2.
+Heavy imports (torch, transformers, Ray, MLflow) happen inside the sub-commands, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("fineprune")
+
+
+class UserError(Exception):
+    """Raised for bad input; printed as one line, exit status 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pruning.checkpoint import CheckpointError
+    from pruning.config import ConfigError
+    from pruning.resources import ResourceError
+
+    errors: list[type[BaseException]] = [UserError, ConfigError, CheckpointError, ResourceError]
+    try:
+        from pruning.squad import SquadFormatError
+
+        errors.append(SquadFormatError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from pruning.packing import PackingError
+
+        errors.append(PackingError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from workflows.space import SpaceError
+
+        errors.append(SpaceError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("train_limit", "eval_limit", "max_steps", "output_dir", "model", "teacher", "device"):
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = value
+    if getattr(args, "data", None) is not None:
+        out["train_data"] = args.data
+    if getattr(args, "eval_data", None) is not None:
+        out["eval_data"] = args.eval_data
+    return out
+
+
+def _run_training(args: argparse.Namespace, method_required: bool) -> int:
+    from pruning.config import Method, load_config
+    from pruning.trainer import train
+
+    cfg = load_config(args.config, _overrides(args))
+    if method_required and cfg.method is Method.DENSE:
+        raise UserError(f"{args.config}: method: `fineprune prune` needs topk or sigmoid_threshold "
+                        "(use `fineprune train` for a dense fine-tune)")
+    if not method_required and cfg.method is not Method.DENSE:
+        raise UserError(f"{args.config}: method: {cfg.method.value} is a pruning method; use `fineprune prune`")
+    metrics = train(cfg, report=None, resume_from=args.resume, progress=not args.no_progress)
+    _emit(metrics)
+    return 0
+
+
+def _emit(values: dict[str, Any]) -> None:
+    """The command's result, as one JSON line on stdout (the last line)."""
+    clean = {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool, list, dict)) or v is None}
+    sys.stdout.write(json.dumps(clean, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return _run_training(args, method_required=False)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    return _run_training(args, method_required=True)
+
+
+def _load_any(model_dir: str):
+    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.resources import resolve_model
+
+    path = resolve_model(model_dir)
+    return load_model(path), load_tokenizer(path)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pruning import squad
+    from pruning.config import RunConfig
+    from pruning.resources import resolve_data
+    from pruning.trainer import evaluate, resolve_device
+
+    model, tokenizer = _load_any(args.model_dir)
+    examples = squad.load_squad(resolve_data(args.data), limit=args.limit)
+    cfg = RunConfig(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride, eval_batch_size=args.batch_size)
+    device = resolve_device(args.device)
+    model.to(device)
+    metrics = evaluate(model, tokenizer, examples, cfg, device=device, progress=not args.no_progress)
+    metrics["questions"] = len(examples)
+    _emit(metrics)
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from pruning.inference import answer
+
+    model, tokenizer = _load_any(args.model_dir)
+    result = answer(model, tokenizer, args.question, args.context)
+    _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end})
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from pruning.squad import score_files
+
+    _emit(score_files(args.data, args.predictions))
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from pruning.packing import pack_checkpoint
+
+    report = pack_checkpoint(args.checkpoint, args.out_dir, data=args.data, questions=args.questions,
+                             overwrite=args.overwrite)
+    _emit(report)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from workflows.sweep import run_sweep
+
+    summary = run_sweep(args.space, experiment=args.experiment, tracking_uri=args.tracking_uri,
+                        address=args.address, resume=args.resume, storage_path=args.storage_path)
+    _emit(summary)
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from workflows.registry import register_from_experiment
+
+    result = register_from_experiment(args.experiment, tracking_uri=args.tracking_uri, space=args.space)
+    _emit(result)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from workflows.report import write_report
+
+    paths = write_report(args.experiment, out_dir=args.out, tracking_uri=args.tracking_uri)
+    _emit({k: str(v) for k, v in paths.items()})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fineprune", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def training(name: str, func: Callable, help_text: str) -> None:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", required=True, help="YAML run config")
+        p.add_argument("--model", help="student model directory (or 'minilm'); overrides the config")
+        p.add_argument("--teacher", help="teacher QA model directory; overrides the config")
+        p.add_argument("--data", help="training SQuAD JSON (or 'train'/'dev'); overrides the config")
+        p.add_argument("--eval-data", help="evaluation SQuAD JSON (or 'train'/'dev')")
+        p.add_argument("--train-limit", type=int, help="use the first N training questions")
+        p.add_argument("--eval-limit", type=int, help="evaluate on the first N questions")
+        p.add_argument("--max-steps", type=int)
+        p.add_argument("--output-dir")
+        p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+        p.add_argument("--resume", help="training checkpoint directory to continue from")
+        p.add_argument("--no-progress", action="store_true")
+        p.set_defaults(func=func)
+
+    training("train", cmd_train, "dense fine-tune (teacher and baseline)")
+    training("prune", cmd_prune, "one masked fine-pruning run")
+
+    p = sub.add_parser("eval", help="EM/F1 of a dense, masked or packed model")
+    p.add_argument("model_dir")
+    p.add_argument("--data", default="dev", help="SQuAD JSON, or 'dev'/'train' (default dev)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--max-seq-length", type=int, default=384)
+    p.add_argument("--doc-stride", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("ask", help="answer one question from a context")
+    p.add_argument("model_dir")
+    p.add_argument("--question", required=True)
+    p.add_argument("--context", required=True)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("score", help="official SQuAD v1.1 EM/F1 of a predictions file")
+    p.add_argument("data")
+    p.add_argument("predictions")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("pack", help="pack a pruned checkpoint into a smaller dense model")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--data", default="dev", help="questions for the logit check (default: shipped dev)")
+    p.add_argument("--questions", type=int, default=16, help="how many dev questions to compare on")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("sweep", help="Ray Tune sweep with MLflow tracking")
+    p.add_argument("--space", required=True, help="tune_spaces/*.yaml")
+    p.add_argument("--experiment", help="MLflow experiment name (default: the space's)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default local)")
+    p.add_argument("--storage-path", help="shared storage for trial checkpoints (default ./runs/ray)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("register", help="register the best trial's packed model")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--tracking-uri")
+    p.add_argument("--space", help="space file whose selection policy to use (default: the one the sweep logged)")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("report", help="HTML and Markdown report of a sweep")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--tracking-uri")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as err:
+        sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

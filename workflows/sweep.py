@@ -1,0 +1,378 @@
+"""The sweep driver: a search space in, a tracked Ray Tune sweep, a Pareto frontier and a champion out.
+
+Four steps, each delegated to library code:
+  1. read and validate the space (``workflows.space``) - an invalid space fails before Ray starts;
+  2. make sure a dense teacher exists (trained once as a Ray task, reused for the same model/data/config);
+  3. ``Tuner.fit()`` over a function trainable that calls ``pruning.trainer.train`` and, at the end, packs the
+     model, measures its speedup and reports the final metrics with the packed model as checkpoint;
+  4. log to MLflow (a driver-side callback), tag the frontier, register the champion, write the report.
+
+Run it as ``fineprune sweep --space FILE`` or, on a cluster head, ``python workflows/sweep.py --space FILE``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["run_sweep", "trial_main", "ensure_teacher", "FAULT_ENV"]
+
+logger = logging.getLogger(__name__)
+
+# Testing aid: when set to a directory, every trial kills its own worker process once, right after its first
+# report, so that retries from the last checkpoint can be exercised end to end.
+FAULT_ENV = "FINEPRUNE_FAULT_ONCE_DIR"
+CHECKPOINT_KIND = "fineprune_checkpoint.json"
+
+
+def _space_summary(space) -> dict[str, Any]:
+    values = asdict(space) if is_dataclass(space) else dict(space)
+    values.pop("path", None)
+    return json.loads(json.dumps(values, default=str))
+
+
+def _report_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+
+
+def trial_main(config: dict[str, Any], space, teacher: str | None) -> None:
+    """The Tune function trainable: one fine-pruning run, then packing and the final report."""
+    import ray
+    import torch
+    from ray import tune
+
+    from pruning.trainer import train
+    from workflows.space import trial_config
+
+    context = tune.get_context()
+    trial_dir = Path(context.get_trial_dir())
+    cpus = space.resources.get("cpu", 1) or 1
+    torch.set_num_threads(max(1, int(cpus)))
+    cfg = trial_config(space, dict(config), output_dir=str(trial_dir / "run"), teacher=teacher)
+    node_id = ray.get_runtime_context().get_node_id()
+
+    resume_from = None
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        local = Path(restored.to_directory(str(trial_dir / "restored")))
+        kind = json.loads((local / CHECKPOINT_KIND).read_text()) if (local / CHECKPOINT_KIND).exists() else {}
+        if kind.get("kind") == "packed":  # everything was done; report the final result again
+            tune.report({**kind["metrics"], "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(str(local)))
+            return
+        resume_from = local
+        logger.info("trial %s resumes from its checkpoint at step %s", context.get_trial_id(), kind.get("step"))
+
+    fault_dir = os.environ.get(FAULT_ENV)
+    reports = {"n": 0}
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        values = {**_report_metrics(metrics), "node_id": node_id, "final": False}
+        checkpoint = None
+        if checkpoint_dir is not None:
+            Path(checkpoint_dir, CHECKPOINT_KIND).write_text(json.dumps({"kind": "train", "step": metrics.get("step")}))
+            checkpoint = tune.Checkpoint.from_directory(checkpoint_dir)
+        tune.report(values, checkpoint=checkpoint)
+        reports["n"] += 1
+        if fault_dir and resume_from is None and reports["n"] == 1:
+            marker = Path(fault_dir) / f"{context.get_trial_id()}.failed"
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text("killed once on purpose\n")
+                logger.warning("fault injection: killing the worker of trial %s", context.get_trial_id())
+                os._exit(1)
+
+    metrics = train(cfg, report=report, resume_from=resume_from, progress=False)
+    final = _pack_and_measure(metrics, trial_dir / "packed", space)
+    final.update({"node_id": node_id, "final": True})
+    packed_dir = trial_dir / "packed"
+    (packed_dir / CHECKPOINT_KIND).write_text(json.dumps({"kind": "packed", "metrics": final}))
+    tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(packed_dir)))
+
+
+def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space) -> dict[str, Any]:
+    """Pack the final masked model, check it against the masked one, and time it against the dense shape."""
+    import torch
+    from transformers import BertForQuestionAnswering
+
+    from pruning.bench import compare_latency
+    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.packing import pack, save_packed
+
+    model_dir = Path(metrics["model_dir"])
+    masked = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    packed = pack(masked)
+    save_packed(packed, tokenizer, packed_dir, overwrite=True)
+
+    # Same logits on a random batch: the packed model is the masked model, only smaller.
+    generator = torch.Generator().manual_seed(0)
+    seq = min(64, masked.config.max_position_embeddings)
+    ids = torch.randint(0, masked.config.vocab_size, (2, seq), generator=generator)
+    with torch.inference_mode():
+        a = masked(input_ids=ids).start_logits
+        b = packed(input_ids=ids).start_logits
+    max_diff = float((a - b).abs().max())
+
+    dense = BertForQuestionAnswering(masked.config).eval()  # the unpruned shape; speed depends on shapes only
+    speed = space.speedup
+    timing = compare_latency(dense, packed, batch_size=int(speed.get("batch_size", 1)),
+                             seq_len=min(int(speed.get("seq_len", 128)), masked.config.max_position_embeddings),
+                             repeats=int(speed.get("repeats", 10)), warmup=2)
+    final = _report_metrics(metrics)
+    final.pop("model_dir", None)
+    final.update({"speedup": float(timing["ratio"]), "max_logit_diff": max_diff,
+                  "packed_params": float(sum(p.numel() for p in packed.parameters()))})
+    return final
+
+
+def ensure_teacher(space, root: Path) -> tuple[str, dict[str, Any]]:
+    """The teacher directory and its dense EM/F1: the space's own, or one fine-tuned once and then reused.
+
+    The work runs as a Ray task with the trials' resources (a GPU on a GPU cluster); its result is cached next to
+    the model as ``fineprune_metrics.json`` so a second sweep over the same model/data/config starts at once.
+    """
+    import ray
+
+    from workflows.space import teacher_config, teacher_fingerprint
+
+    if space.teacher.path:
+        model_dir = Path(space.teacher.path)
+        metrics_file = model_dir / "fineprune_metrics.json"
+        cfg = teacher_config(space, str(root / "given"))
+    else:
+        run_dir = root / teacher_fingerprint(space)
+        model_dir = run_dir / "final"
+        metrics_file = run_dir / "metrics.json"
+        cfg = teacher_config(space, str(run_dir))
+    if metrics_file.exists() and (model_dir / "config.json").exists():
+        logger.info("reusing the dense teacher in %s", model_dir)
+        return str(model_dir), json.loads(metrics_file.read_text())
+
+    resources = space.resources
+
+    @ray.remote(max_retries=0)
+    def _dense(cfg, given: str | None):
+        import torch
+
+        from pruning.checkpoint import load_model, load_tokenizer
+        from pruning.resources import resolve_data
+        from pruning import squad
+        from pruning.trainer import evaluate, resolve_device, train
+
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        logging.basicConfig(level=logging.INFO)
+        if given is None:
+            return train(cfg, progress=True)
+        device = resolve_device(cfg.device)
+        model = load_model(given).to(device)
+        examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
+        return {**evaluate(model, load_tokenizer(given), examples, cfg, device=device), "model_dir": given}
+
+    given = str(model_dir) if space.teacher.path else None
+    logger.info("%s the dense teacher %s", "evaluating" if given else "fine-tuning", model_dir)
+    task = _dense.options(num_cpus=_teacher_cpus(resources), num_gpus=resources.get("gpu", 0) or 0)
+    metrics = ray.get(task.remote(cfg, given))
+    clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(clean, indent=2))
+    return str(model_dir), clean
+
+
+def _teacher_cpus(resources: dict[str, Any]) -> float:
+    import ray
+
+    # Nothing else runs while the teacher trains: give it every CPU one node offers (at least the trials' share).
+    available = ray.available_resources().get("CPU", 1)
+    return max(float(resources.get("cpu", 1) or 1), min(float(available), float(os.cpu_count() or 1)))
+
+
+def _init_ray(address: str | None, storage: Path) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "logging_level": logging.WARNING,
+                              "runtime_env": {"env_vars": _forwarded_env()}}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["include_dashboard"] = False
+    ray.init(**kwargs)
+
+
+def _forwarded_env() -> dict[str, str]:
+    keep = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", FAULT_ENV, "MLFLOW_TRACKING_URI", "TOKENIZERS_PARALLELISM")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_uri: str | None = None,
+              address: str | None = None, resume: bool = False, storage_path: str | None = None,
+              report_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) a sweep and return its summary: frontier, champion, where things are.
+
+    Raises:
+        SpaceError: the space is invalid (raised before Ray starts).
+    """
+    import ray
+    from ray import tune
+
+    from workflows import frontier, registry, tracking
+    from workflows.space import load_space, param_space, scheduler, search_algorithm, trial_config
+
+    space = load_space(space_path)
+    experiment = experiment or space.name
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_TRACKING_URI
+    storage = Path(storage_path or "runs/ray").resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    sweep_dir = storage / experiment
+    started = time.time()
+
+    _init_ray(address, storage)
+    try:
+        teacher_dir, dense_metrics = ensure_teacher(space, storage / "teachers")
+        client = tracking.client_for(tracking_uri)
+        if not resume and sweep_dir.exists() and tune.Tuner.can_restore(str(sweep_dir)):
+            # A new sweep under a name already used gets a fresh directory; nothing written before is touched.
+            sweep_dir = storage / f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+        parent = tracking.start_parent_run(client, experiment, str(sweep_dir), _space_summary(space), resume)
+        tracking.log_baseline(client, experiment, parent, dense_metrics, {"model": space.base.get("model", "")},
+                              teacher_dir)
+
+        def params_of(trial_params: dict[str, Any]) -> dict[str, Any]:
+            from pruning.config import config_to_dict
+
+            cfg = trial_config(space, dict(trial_params), output_dir="<trial>", teacher=teacher_dir)
+            return {**config_to_dict(cfg), **{f"searched.{k}": v for k, v in trial_params.items()}}
+
+        callback = tracking.MlflowTrialCallback(tracking_uri, experiment, parent, params_of)
+        trainable = tune.with_parameters(trial_main, space=space, teacher=teacher_dir)
+        trainable = tune.with_resources(trainable, _tune_resources(space.resources))
+        run_config = tune.RunConfig(
+            name=sweep_dir.name,
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=space.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[callback],
+            verbose=1,
+        )
+        if resume and tune.Tuner.can_restore(str(sweep_dir)):
+            logger.info("resuming the sweep in %s", sweep_dir)
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(space),
+                tune_config=tune.TuneConfig(search_alg=search_algorithm(space), scheduler=scheduler(space),
+                                            num_samples=space.num_samples),
+                run_config=run_config,
+            )
+        tuner.fit()
+
+        runs = tracking.trial_runs(client, experiment, parent, include_baseline=True)
+        summary = frontier_summary(client, runs, space)
+        tracking.log_json(client, parent, summary["frontier"], "frontier.json")
+        tracking.log_json(client, parent, summary["frontier_speedup"], "frontier_speedup.json")
+        _log_plot(client, parent, runs, summary)
+        champion = registry.register_champion(client, experiment, parent, space.registry, dense_metrics)
+        summary["champion"] = champion
+        try:
+            from workflows.report import write_report
+
+            out = Path(report_dir or Path("reports") / experiment)
+            summary["report"] = {k: str(v) for k, v in write_report(experiment, out_dir=out,
+                                                                    tracking_uri=tracking_uri).items()}
+        except ImportError:
+            pass
+        tracking.finish_parent_run(client, parent)
+    finally:
+        if not address:
+            ray.shutdown()
+    summary.update({"experiment": experiment, "parent_run_id": parent, "tracking_uri": tracking_uri,
+                    "sweep_dir": str(sweep_dir), "wall_seconds": round(time.time() - started, 1),
+                    "ui": f"mlflow ui --backend-store-uri {tracking_uri} -h 127.0.0.1"})
+    _log_summary(summary)
+    return summary
+
+
+def _tune_resources(resources: dict[str, Any]) -> dict[str, float]:
+    return {"cpu": float(resources.get("cpu", 1) or 0), "gpu": float(resources.get("gpu", 0) or 0)}
+
+
+def frontier_summary(client, runs: list, space) -> dict[str, Any]:
+    """Tag the Pareto-optimal runs and return the frontier tables on (f1, linear_density) and (f1, speedup)."""
+    from workflows import frontier, tracking
+
+    finished = [r for r in runs if r.data.tags.get(tracking.TAG_STATUS, "finished") == "finished"
+                and "f1" in r.data.metrics and "linear_density" in r.data.metrics]
+    points = [{"run_id": r.info.run_id, "name": r.data.tags.get("mlflow.runName", r.info.run_id),
+               "kind": r.data.tags.get(tracking.TAG_KIND), **r.data.metrics} for r in finished]
+    density_objectives = [("f1", "max"), ("linear_density", "min")]
+    speed_objectives = [("f1", "max"), ("speedup", "max")]
+    front = {points[i]["run_id"] for i in frontier.pareto_front(points, density_objectives)}
+    front_speed = {points[i]["run_id"] for i in frontier.pareto_front(points, speed_objectives)}
+    tracking.tag_runs(client, finished, tracking.TAG_PARETO, front)
+    tracking.tag_runs(client, finished, tracking.TAG_PARETO_SPEED, front_speed)
+    columns = ["name", "kind", "exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup",
+               "run_id"]
+    table = [{c: p.get(c) for c in columns} for p in points if p["run_id"] in front]
+    table_speed = [{c: p.get(c) for c in columns} for p in points if p["run_id"] in front_speed]
+    table.sort(key=lambda row: row["linear_density"])
+    table_speed.sort(key=lambda row: -(row.get("speedup") or 0))
+    return {"frontier": table, "frontier_speedup": table_speed, "trials": len([p for p in points
+                                                                               if p["kind"] == "trial"])}
+
+
+def _log_plot(client, parent: str, runs: list, summary: dict[str, Any]) -> None:
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r.data.metrics.get("linear_density"), r.data.metrics.get("f1"), r.info.run_id) for r in runs
+              if "f1" in r.data.metrics and "linear_density" in r.data.metrics]
+    if not points:
+        return
+    front = {row["run_id"] for row in summary["frontier"]}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([p[0] for p in points], [p[1] for p in points], color="#999999", label="trials")
+    fp = sorted((p for p in points if p[2] in front), key=lambda p: p[0])
+    ax.plot([p[0] for p in fp], [p[1] for p in fp], "o-", color="#d62728", label="Pareto frontier")
+    ax.set_xlabel("linear density")
+    ax.set_ylabel("F1")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "frontier.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        client.log_artifact(parent, str(path))
+    plt.close(fig)
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    logger.info("frontier (f1 up, linear_density down):")
+    for row in summary.get("frontier", []):
+        logger.info("  %-24s f1 %6.2f  em %6.2f  linear_density %.3f  speedup %s", row.get("name"),
+                    row.get("f1") or 0, row.get("exact_match") or 0, row.get("linear_density") or 0,
+                    f"{row['speedup']:.2f}" if row.get("speedup") else "-")
+    champion = summary.get("champion") or {}
+    if champion.get("model_uri"):
+        logger.info("champion: %s (version %s)", champion["model_uri"], champion.get("version"))
+    logger.info("open the UI: %s", summary.get("ui"))
+
+
+if __name__ == "__main__":  # `ray submit cluster.yaml workflows/sweep.py -- --space ...`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from workflows.cli import main
+
+    sys.exit(main(["sweep", *sys.argv[1:]]))
