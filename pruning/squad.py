@@ -1,0 +1,690 @@
+"""SQuAD v1.1: loading and validation, model features, span post-processing and the official metric.
+
+Everything here is a module-level function with explicit arguments, so that training, evaluation, inference and the
+tests share one implementation:
+
+* :func:`load_squad` / :func:`load_predictions` read the official JSON formats and fail with a one-line
+  :class:`SquadFormatError` naming the file and the question;
+* :func:`normalize_answer`, :func:`exact_match_score`, :func:`f1_score` and :func:`evaluate` reproduce the official
+  v1.1 evaluation (EM/F1 in percent over every question of the dataset);
+* :func:`prepare_train_features` / :func:`prepare_eval_features` split each context into overlapping windows with a
+  fast tokenizer;
+* :func:`postprocess_predictions` turns per-token start/end logits back into answer spans of the original context;
+* :func:`predict` and :func:`evaluate_model` run any question-answering model over a list of examples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "SquadFormatError",
+    "Example",
+    "Answer",
+    "EvalFeatures",
+    "load_squad",
+    "load_predictions",
+    "normalize_answer",
+    "exact_match_score",
+    "f1_score",
+    "metric_max_over_ground_truths",
+    "evaluate",
+    "score_files",
+    "prepare_train_features",
+    "prepare_eval_features",
+    "postprocess_predictions",
+    "compute_logits",
+    "predict_spans",
+    "predict",
+    "evaluate_model",
+]
+
+logger = logging.getLogger(__name__)
+
+# Examples per tokenizer call: large enough for the fast tokenizer's batching, small enough to bound memory.
+_TOKENIZE_CHUNK = 1000
+
+
+class SquadFormatError(ValueError):
+    """A SQuAD data or predictions file is unreadable or malformed; the message names the file and the question."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question with its context and gold answers (``answers[i]`` starts at character ``answer_starts[i]``)."""
+
+    id: str
+    title: str
+    context: str
+    question: str
+    answers: tuple[str, ...] = ()
+    answer_starts: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A predicted span: ``context[start:end] == text``; ``score`` is its start logit plus its end logit."""
+
+    text: str
+    score: float
+    start: int
+    end: int
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------------------------
+
+def _short(text: str, limit: int = 40) -> str:
+    """``repr`` of a text cut to ``limit`` characters, so that messages stay on one line."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _read_json(path: Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SquadFormatError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    if not raw.strip():
+        raise SquadFormatError(f"{path}: empty file")
+    try:
+        text = raw.decode("utf-8-sig")  # tolerate a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise SquadFormatError(f"{path}: invalid UTF-8 at byte {exc.start}") from None
+    try:
+        return json.loads(text, object_pairs_hook=object_pairs_hook)
+    except json.JSONDecodeError as exc:
+        raise SquadFormatError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+
+
+def _get(obj: Any, key: str, kind: type, fail: Callable[[str], SquadFormatError]) -> Any:
+    if not isinstance(obj, dict):
+        raise fail(f"expected a JSON object, got {type(obj).__name__}")
+    if key not in obj:
+        raise fail(f"missing {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise fail(f"{key!r} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def load_squad(path: str | Path, limit: int | None = None) -> list[Example]:
+    """Read and validate a SQuAD v1.1 JSON file.
+
+    Every question must have an ``id`` (unique in the file), a non-empty ``question`` and at least one answer whose
+    ``answer_start`` points at its ``text`` in the paragraph's ``context``.
+
+    Args:
+        path: the JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``).
+        limit: keep only the first ``limit`` questions (only those are validated); None keeps all.
+
+    Returns:
+        The questions in file order.
+
+    Raises:
+        SquadFormatError: the file is missing, empty, not UTF-8, not JSON, or malformed; the message names the file
+            and the question id (or its JSON path when the id itself is missing).
+    """
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    path = Path(path)
+    root = _read_json(path)
+
+    def at(where: str) -> Callable[[str], SquadFormatError]:
+        return lambda message: SquadFormatError(f"{path}: {where}: {message}")
+
+    if not isinstance(root, dict) or "data" not in root:
+        raise SquadFormatError(f"{path}: missing 'data' (not a SQuAD v1.1 file)")
+    data = _get(root, "data", list, at("top level"))
+    version = root.get("version")
+    if version is not None and str(version) != "1.1":
+        logger.warning("%s: version %r, expected SQuAD v1.1", path, version)
+
+    examples: list[Example] = []
+    first_seen: dict[str, str] = {}
+    for a, article in enumerate(data):
+        where = f"data[{a}]"
+        paragraphs = _get(article, "paragraphs", list, at(where))
+        title = article.get("title", "")
+        if not isinstance(title, str):
+            raise at(where)(f"'title' must be a str, got {type(title).__name__}")
+        for p, paragraph in enumerate(paragraphs):
+            where = f"data[{a}].paragraphs[{p}]"
+            context = _get(paragraph, "context", str, at(where))
+            qas = _get(paragraph, "qas", list, at(where))
+            for q, qa in enumerate(qas):
+                where = f"data[{a}].paragraphs[{p}].qas[{q}]"
+                qid = _get(qa, "id", str, at(where))
+                if not qid:
+                    raise at(where)("empty 'id'")
+                example = _parse_question(qa, qid, title, context, at(f"question {qid} ({where})"))
+                if qid in first_seen:
+                    raise at(f"question {qid} ({where})")(f"duplicate id (first at {first_seen[qid]})")
+                first_seen[qid] = where
+                examples.append(example)
+                if limit is not None and len(examples) == limit:
+                    return examples
+    return examples
+
+
+def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable[[str], SquadFormatError]) -> Example:
+    question = _get(qa, "question", str, fail)
+    if not question.strip():
+        raise fail("empty question")
+    answers = _get(qa, "answers", list, fail)
+    if not answers:
+        raise fail("no answers (unanswerable SQuAD v2 questions are not supported)")
+    texts, starts = [], []
+    for k, answer in enumerate(answers):
+        text = _get(answer, "text", str, fail)
+        start = _get(answer, "answer_start", int, fail)
+        if not text:
+            raise fail(f"answer {k} has an empty text")
+        if not 0 <= start <= len(context) - len(text) or context[start:start + len(text)] != text:
+            found = context.find(text)
+            hint = f" (the text occurs at {found})" if found >= 0 else " (the text is not in the context)"
+            raise fail(f"answer {k} {_short(text)} is not at answer_start {start} of its context{hint}")
+        texts.append(text)
+        starts.append(start)
+    return Example(id=qid, title=title, context=context, question=question, answers=tuple(texts),
+                   answer_starts=tuple(starts))
+
+
+def load_predictions(path: str | Path) -> dict[str, str]:
+    """Read official-format predictions: one JSON object ``{question id: answer text}``.
+
+    Raises:
+        SquadFormatError: the file is missing, empty, not UTF-8, not JSON, not an object of strings, or repeats an id.
+    """
+    path = Path(path)
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise SquadFormatError(f"{path}: question {key}: duplicate id")
+            result[key] = value
+        return result
+
+    root = _read_json(path, object_pairs_hook=unique)
+    if not isinstance(root, dict):
+        raise SquadFormatError(f"{path}: expected a JSON object {{question id: answer text}}, "
+                               f"got {type(root).__name__}")
+    for qid, text in root.items():
+        if not isinstance(text, str):
+            raise SquadFormatError(f"{path}: question {qid}: the prediction must be a string, "
+                                   f"got {type(text).__name__}")
+    return root
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The official v1.1 metric
+# --------------------------------------------------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop ASCII punctuation, drop the articles a/an/the, and collapse whitespace (in that order)."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match_score(prediction: str, ground_truth: str) -> float:
+    """1.0 when both texts normalise to the same string, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
+
+
+def f1_score(prediction: str, ground_truth: str) -> float:
+    """Token F1 of the normalised texts: ``2PR / (P + R)`` over the multiset of shared tokens (0 when none)."""
+    pred_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(ground_truth).split()
+    same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision = same / len(pred_tokens)
+    recall = same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def metric_max_over_ground_truths(metric_fn: Callable[[str, str], float], prediction: str,
+                                  ground_truths: Sequence[str]) -> float:
+    """The best ``metric_fn(prediction, gold)`` over the gold answers."""
+    if not ground_truths:
+        raise ValueError("no gold answers to score against")
+    return max(metric_fn(prediction, gold) for gold in ground_truths)
+
+
+def _gold_answers(examples_or_dataset: Any) -> Iterator[tuple[str, list[str]]]:
+    """(id, gold texts) from a list of :class:`Example`, a raw ``data`` list of articles, or a whole SQuAD dict."""
+    source = examples_or_dataset
+    if isinstance(source, Mapping):
+        if "data" not in source:
+            raise ValueError("a dataset mapping must have a 'data' list (the parsed SQuAD JSON)")
+        source = source["data"]
+    for item in source:
+        if isinstance(item, Example):
+            yield item.id, list(item.answers)
+        elif isinstance(item, Mapping) and "paragraphs" in item:
+            for paragraph in item["paragraphs"]:
+                for qa in paragraph["qas"]:
+                    yield qa["id"], [answer["text"] for answer in qa["answers"]]
+        else:
+            raise ValueError(f"expected Example objects or SQuAD articles, got {type(item).__name__}")
+
+
+def evaluate(examples_or_dataset: Any, predictions: Mapping[str, str]) -> dict[str, float]:
+    """The official SQuAD v1.1 exact match and F1, in percent, averaged over every question of the dataset.
+
+    A question without a prediction scores 0 (one warning gives their number); predictions for unknown ids are
+    ignored.
+
+    Args:
+        examples_or_dataset: a list of :class:`Example`, the ``data`` list of a SQuAD JSON file, or the whole file.
+        predictions: question id -> predicted answer text.
+
+    Returns:
+        ``{"exact_match": 100 * sum(EM) / n, "f1": 100 * sum(F1) / n}``.
+    """
+    exact_match = f1 = 0.0
+    total = unanswered = 0
+    for qid, golds in _gold_answers(examples_or_dataset):
+        total += 1
+        if qid not in predictions:
+            unanswered += 1
+            continue
+        prediction = predictions[qid]
+        exact_match += metric_max_over_ground_truths(exact_match_score, prediction, golds)
+        f1 += metric_max_over_ground_truths(f1_score, prediction, golds)
+    if total == 0:
+        raise ValueError("the dataset has no questions to evaluate")
+    if unanswered:
+        logger.warning("%d of %d questions have no prediction and score 0", unanswered, total)
+    return {"exact_match": 100.0 * exact_match / total, "f1": 100.0 * f1 / total}
+
+
+def score_files(data_path: str | Path, predictions_path: str | Path) -> dict[str, float]:
+    """Score an official-format predictions file against a SQuAD v1.1 data file (both validated)."""
+    return evaluate(load_squad(data_path), load_predictions(predictions_path))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalFeatures:
+    """Tokenized evaluation windows and what is needed to map token spans back to their contexts.
+
+    Attributes:
+        input_ids, attention_mask, token_type_ids: ``(F, max_seq_length)`` int64 tensors, one row per window.
+        example_index: ``(F,)`` index into the examples list of each window's question.
+        example_ids: the question id of each window.
+        offsets: ``(F, max_seq_length, 2)`` int32 character span ``[start, end)`` of each token in its context, and
+            ``-1`` for the question, special and padding tokens (stored as one array: a list of tuples for every
+            token of every window would take several hundred MB on the full dev set).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor
+    example_index: np.ndarray
+    example_ids: list[str]
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def context_mask(self) -> np.ndarray:
+        """``(F, max_seq_length)`` bool: True for the tokens of the context."""
+        return self.offsets[..., 0] >= 0
+
+    def token_offsets(self, feature: int) -> list[tuple[int, int] | None]:
+        """Offsets of one window as a list: ``(start, end)`` for context tokens, None for the others."""
+        return [(int(s), int(e)) if s >= 0 else None for s, e in self.offsets[feature]]
+
+    def model_inputs(self, rows: slice | np.ndarray | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The tensors a BERT-style model takes, optionally for a subset of windows."""
+        rows = slice(None) if rows is None else rows
+        return {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows],
+                "token_type_ids": self.token_type_ids[rows]}
+
+
+def _check_window(tokenizer: Any, max_seq_length: int, doc_stride: int) -> None:
+    for name, value in (("max_seq_length", max_seq_length), ("doc_stride", doc_stride)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if doc_stride >= max_seq_length:
+        raise ValueError(f"doc_stride ({doc_stride}) must be smaller than max_seq_length ({max_seq_length})")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: character offsets need one")
+    if getattr(tokenizer, "padding_side", "right") != "right":
+        raise ValueError("the tokenizer must pad on the right (question first, context second)")
+
+
+def _check_question_lengths(examples: Sequence[Example], questions: list[str], tokenizer: Any, max_seq_length: int,
+                            doc_stride: int) -> None:
+    """Fail clearly on a question too long to leave more than ``doc_stride`` tokens of context in a window.
+
+    The tokenizer itself panics in that case. Tokens never outnumber UTF-8 bytes, so only the few long questions
+    are tokenized here.
+    """
+    room = max_seq_length - tokenizer.num_special_tokens_to_add(pair=True) - doc_stride
+    suspects = [i for i, q in enumerate(questions) if len(q.encode("utf-8")) >= room]
+    if not suspects:
+        return
+    lengths = tokenizer([questions[i] for i in suspects], add_special_tokens=False)["input_ids"]
+    for i, ids in zip(suspects, lengths):
+        if len(ids) >= room:
+            raise ValueError(f"question {examples[i].id} has {len(ids)} tokens: with max_seq_length "
+                             f"{max_seq_length} and doc_stride {doc_stride} a question may have at most {room - 1}")
+
+
+def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int,
+              doc_stride: int) -> Iterator[tuple[int, Any]]:
+    """Yield (index of the chunk's first example, encoding) for chunks of examples; windows of all questions."""
+    _check_window(tokenizer, max_seq_length, doc_stride)
+    # Leading spaces of a question only waste window room (one SQuAD train question has thousands).
+    questions = [ex.question.lstrip() for ex in examples]
+    _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride)
+    for first in range(0, len(examples), _TOKENIZE_CHUNK):
+        chunk = slice(first, first + _TOKENIZE_CHUNK)
+        encoding = tokenizer(questions[chunk], [ex.context for ex in examples[chunk]], truncation="only_second",
+                             max_length=max_seq_length, stride=doc_stride, return_overflowing_tokens=True,
+                             return_offsets_mapping=True, padding="max_length", return_tensors="np")
+        yield first, encoding
+
+
+def _context_offsets(encoding: Any) -> np.ndarray:
+    """Offsets ``(F, L, 2)`` of one encoding with every non-context token set to -1."""
+    offsets = np.asarray(encoding["offset_mapping"], dtype=np.int32).copy()
+    for i in range(offsets.shape[0]):
+        is_context = np.array([s == 1 for s in encoding.sequence_ids(i)], dtype=bool)
+        offsets[i, ~is_context] = -1
+    return offsets
+
+
+def _concat(parts: list[np.ndarray], width: int) -> torch.Tensor:
+    if not parts:
+        return torch.zeros((0, width), dtype=torch.long)
+    return torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
+
+
+def _answer_tokens(offsets: np.ndarray, start_char: int, end_char: int) -> tuple[int, int]:
+    """Token indices of the first and last token of ``[start_char, end_char)`` in one window, or (0, 0) (CLS)."""
+    context = np.flatnonzero(offsets[:, 0] >= 0)
+    if context.size == 0:
+        return 0, 0
+    if offsets[context[0], 0] > start_char or offsets[context[-1], 1] < end_char:
+        return 0, 0  # the window does not hold the whole answer
+    # First token ending after the answer's start; last token starting before its end.
+    start = context[np.argmax(offsets[context, 1] > start_char)]
+    end = context[np.flatnonzero(offsets[context, 0] < end_char)[-1]]
+    return int(start), int(end)
+
+
+def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_length: int = 384,
+                           doc_stride: int = 128) -> dict[str, torch.Tensor]:
+    """Training windows with the token positions of each question's first gold answer.
+
+    A context longer than one window is split into windows overlapping by ``doc_stride`` tokens. A window that
+    does not contain the whole answer gets start = end = 0 (the CLS token).
+
+    Args:
+        examples: questions with at least one gold answer each.
+        tokenizer: a fast tokenizer that pads on the right.
+        max_seq_length: tokens per window (question + context + special tokens).
+        doc_stride: overlap, in tokens, of consecutive windows of one context.
+
+    Returns:
+        int64 tensors ``input_ids``, ``attention_mask``, ``token_type_ids`` of shape ``(F, max_seq_length)`` and
+        ``start_positions``, ``end_positions`` of shape ``(F,)``.
+    """
+    for ex in examples:
+        if not ex.answers:
+            raise ValueError(f"question {ex.id} has no gold answer to train on")
+    parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
+    starts: list[int] = []
+    ends: list[int] = []
+    for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride):
+        for key, chunks in parts.items():
+            chunks.append(encoding[key])
+        offsets = _context_offsets(encoding)
+        for i, sample in enumerate(encoding["overflow_to_sample_mapping"]):
+            ex = examples[first + int(sample)]
+            start_char = ex.answer_starts[0]
+            start, end = _answer_tokens(offsets[i], start_char, start_char + len(ex.answers[0]))
+            starts.append(start)
+            ends.append(end)
+    features = {key: _concat(chunks, max_seq_length) for key, chunks in parts.items()}
+    features["start_positions"] = torch.tensor(starts, dtype=torch.long)
+    features["end_positions"] = torch.tensor(ends, dtype=torch.long)
+    return features
+
+
+def prepare_eval_features(examples: Sequence[Example], tokenizer: Any, max_seq_length: int = 384,
+                          doc_stride: int = 128) -> EvalFeatures:
+    """Evaluation windows of every question, with the map from windows and tokens back to the contexts.
+
+    Args: as for :func:`prepare_train_features` (gold answers are not needed).
+
+    Returns:
+        The windows in example order (all windows of example 0 first).
+    """
+    parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
+    example_index: list[np.ndarray] = []
+    offsets: list[np.ndarray] = []
+    for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride):
+        for key, chunks in parts.items():
+            chunks.append(encoding[key])
+        example_index.append(np.asarray(encoding["overflow_to_sample_mapping"], dtype=np.int64) + first)
+        offsets.append(_context_offsets(encoding))
+    index = np.concatenate(example_index) if example_index else np.zeros(0, dtype=np.int64)
+    return EvalFeatures(
+        input_ids=_concat(parts["input_ids"], max_seq_length),
+        attention_mask=_concat(parts["attention_mask"], max_seq_length),
+        token_type_ids=_concat(parts["token_type_ids"], max_seq_length),
+        example_index=index,
+        example_ids=[examples[i].id for i in index],
+        offsets=np.concatenate(offsets) if offsets else np.zeros((0, max_seq_length, 2), dtype=np.int32),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Post-processing
+# --------------------------------------------------------------------------------------------------------------
+
+def _best_in_window(start_logits: np.ndarray, end_logits: np.ndarray, is_context: np.ndarray, n_best: int | None,
+                    max_answer_length: int) -> tuple[float, int, int] | None:
+    """Best (score, start token, end token) of one window among the ``n_best`` starts x ``n_best`` ends.
+
+    ``n_best=None`` searches every pair of context tokens.
+    """
+    candidates = np.flatnonzero(is_context)
+    if candidates.size == 0:
+        return None
+    if n_best is None:
+        start_idx = end_idx = candidates
+    else:
+        # Stable sort: equal logits resolve to the earlier token, run after run.
+        start_idx = candidates[np.argsort(-start_logits[candidates], kind="stable")[:n_best]]
+        end_idx = candidates[np.argsort(-end_logits[candidates], kind="stable")[:n_best]]
+    length = end_idx[None, :] - start_idx[:, None] + 1
+    valid = (length >= 1) & (length <= max_answer_length)
+    if not valid.any():
+        return None
+    scores = start_logits[start_idx][:, None].astype(np.float64) + end_logits[end_idx][None, :]
+    scores = np.where(valid, scores, -np.inf)
+    s, e = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    return float(scores[s, e]), int(start_idx[s]), int(end_idx[e])
+
+
+def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures, all_start_logits: Any,
+                            all_end_logits: Any, n_best: int = 20, max_answer_length: int = 30) -> dict[str, Answer]:
+    """Pick each question's answer span from the start/end logits of its windows.
+
+    In every window the ``n_best`` highest start and end logits over the context tokens are paired; a pair is valid
+    when ``start <= end`` and it spans at most ``max_answer_length`` tokens, and it scores
+    ``start_logit + end_logit``. The best valid pair over all windows of a question wins, and its text is cut from
+    the original context by character offsets. When no top-``n_best`` pair is valid, every pair of context tokens is
+    searched instead, so a question with any context gets a non-empty answer.
+
+    Args:
+        examples: the questions, in the order :func:`prepare_eval_features` saw them.
+        features: the windows of those questions.
+        all_start_logits, all_end_logits: ``(F, max_seq_length)`` arrays (numpy or torch).
+        n_best: start and end candidates per window.
+        max_answer_length: longest answer, in tokens.
+
+    Returns:
+        question id -> :class:`Answer` (an empty text with score ``-inf`` only for a question without context tokens).
+    """
+    if n_best <= 0 or max_answer_length <= 0:
+        raise ValueError(f"n_best and max_answer_length must be positive, got {n_best} and {max_answer_length}")
+    start_logits = _as_numpy(all_start_logits)
+    end_logits = _as_numpy(all_end_logits)
+    expected = features.offsets.shape[:2]
+    if start_logits.shape != expected or end_logits.shape != expected:
+        raise ValueError(f"logits of shape {start_logits.shape} / {end_logits.shape} do not match the features "
+                         f"{expected}")
+    windows: list[list[int]] = [[] for _ in examples]
+    for feature, example in enumerate(features.example_index):
+        windows[int(example)].append(feature)
+    is_context = features.context_mask
+
+    results: dict[str, Answer] = {}
+    for example, ex in enumerate(examples):
+        best: tuple[float, int, int, int] | None = None
+        for search in (n_best, None):
+            for f in windows[example]:
+                found = _best_in_window(start_logits[f], end_logits[f], is_context[f], search, max_answer_length)
+                if found is not None and (best is None or found[0] > best[0]):
+                    best = (found[0], f, found[1], found[2])
+            if best is not None:
+                break
+        if best is None:
+            results[ex.id] = Answer(text="", score=float("-inf"), start=0, end=0)
+            continue
+        score, f, s, e = best
+        start_char, end_char = int(features.offsets[f, s, 0]), int(features.offsets[f, e, 1])
+        results[ex.id] = Answer(text=ex.context[start_char:end_char], score=score, start=start_char, end=end_char)
+    return results
+
+
+def _as_numpy(logits: Any) -> np.ndarray:
+    if isinstance(logits, torch.Tensor):
+        return logits.detach().float().cpu().numpy()
+    return np.asarray(logits, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running a model
+# --------------------------------------------------------------------------------------------------------------
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 64,
+                   device: str | torch.device | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits ``(F, max_seq_length)`` (float32 numpy) of a QA model over all windows.
+
+    The model runs in eval mode under ``torch.inference_mode`` (its training flag is restored afterwards); it is
+    called with ``input_ids``, ``attention_mask`` and ``token_type_ids`` and must return an object with
+    ``start_logits`` and ``end_logits``.
+
+    Args:
+        device: where to run the batches; default: the device of the model's first parameter. The model is not moved.
+    """
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    starts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for first in tqdm(range(0, len(features), batch_size), desc="predict", disable=not progress,
+                              dynamic_ncols=True):
+                batch = features.model_inputs(slice(first, first + batch_size))
+                output = model(**{key: value.to(device) for key, value in batch.items()})
+                starts.append(output.start_logits.float().cpu().numpy())
+                ends.append(output.end_logits.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    width = features.input_ids.shape[1]
+    if not starts:
+        empty = np.zeros((0, width), dtype=np.float32)
+        return empty, empty.copy()
+    return np.concatenate(starts), np.concatenate(ends)
+
+
+def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_seq_length: int = 384,
+                  doc_stride: int = 128, batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
+                  device: str | torch.device | None = None, progress: bool = True) -> dict[str, Answer]:
+    """Answer spans (text, score, character offsets) of a QA model for every question; see :func:`predict`."""
+    features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride)
+    start_logits, end_logits = compute_logits(model, features, batch_size=batch_size, device=device,
+                                              progress=progress)
+    return postprocess_predictions(examples, features, start_logits, end_logits, n_best=n_best,
+                                   max_answer_length=max_answer_length)
+
+
+def predict(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_seq_length: int = 384,
+            doc_stride: int = 128, batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
+            device: str | torch.device | None = None, progress: bool = True) -> dict[str, str]:
+    """Predicted answer text of a QA model for every question (official predictions format).
+
+    Args:
+        model: any module called as ``model(input_ids=, attention_mask=, token_type_ids=)`` that returns
+            ``.start_logits`` and ``.end_logits`` (dense, masked or packed BERT).
+        tokenizer: the model's fast tokenizer.
+        examples: the questions.
+        max_seq_length, doc_stride: the windows (see :func:`prepare_eval_features`).
+        batch_size: windows per forward pass.
+        max_answer_length, n_best: the span search (see :func:`postprocess_predictions`).
+        device: where to run; default: the model's device.
+        progress: show a tqdm bar.
+
+    Returns:
+        question id -> answer text.
+    """
+    spans = predict_spans(model, tokenizer, examples, max_seq_length=max_seq_length, doc_stride=doc_stride,
+                          batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best, device=device,
+                          progress=progress)
+    return {qid: span.text for qid, span in spans.items()}
+
+
+def evaluate_model(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_seq_length: int = 384,
+                   doc_stride: int = 128, batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
+                   device: str | torch.device | None = None,
+                   progress: bool = True) -> tuple[dict[str, float], dict[str, str]]:
+    """Predict every question and score the predictions with the official metric.
+
+    Args: as for :func:`predict`.
+
+    Returns:
+        (``{"exact_match", "f1"}`` in percent, question id -> predicted text).
+    """
+    predictions = predict(model, tokenizer, examples, max_seq_length=max_seq_length, doc_stride=doc_stride,
+                          batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best, device=device,
+                          progress=progress)
+    return evaluate(examples, predictions), predictions

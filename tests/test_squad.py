@@ -1,0 +1,451 @@
+import copy
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertForQuestionAnswering
+
+from pruning import squad
+from pruning.resources import squad_file
+from pruning.squad import Example, SquadFormatError
+
+
+# --- the official metric, worked by hand ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("The Denver Broncos", "denver broncos"),
+    ("an apple a day", "apple day"),
+    ("Theatre at the Anthem", "theatre at anthem"),  # articles only as whole words
+    ("  Super\tBowl \n 50 ", "super bowl 50"),
+    ("U.S.A.!", "usa"),
+    ("rock-'n'-roll", "rocknroll"),
+    ("24–10", "24–10"),  # the en dash is not in string.punctuation
+    ("A", ""),
+])
+def test_normalize_answer(text, expected):
+    assert squad.normalize_answer(text) == expected
+
+
+def test_exact_match_ignores_case_articles_punctuation_and_spacing():
+    assert squad.exact_match_score("the  Denver Broncos.", "Denver Broncos") == 1.0
+    assert squad.exact_match_score("Denver", "Denver Broncos") == 0.0
+    assert squad.exact_match_score("", "Denver Broncos") == 0.0
+
+
+def test_f1_by_hand():
+    # prediction {denver, broncos, team}, gold {denver, broncos}: P = 2/3, R = 1, F1 = 2PR/(P+R) = 0.8
+    assert squad.f1_score("Denver Broncos team", "the Denver Broncos") == pytest.approx(0.8)
+    # tokens are a multiset: {cat, cat, dog} & {cat, dog, dog} share one cat and one dog: P = R = 2/3
+    assert squad.f1_score("cat cat dog", "cat dog dog") == pytest.approx(2 / 3)
+    assert squad.f1_score("Carolina Panthers", "Denver Broncos") == 0.0
+    assert squad.f1_score("", "Denver Broncos") == 0.0
+    # the official quirk: an answer that normalises to nothing matches exactly but has no tokens for F1
+    assert squad.exact_match_score("", "The") == 1.0
+    assert squad.f1_score("", "The") == 0.0
+
+
+def test_best_over_several_gold_answers():
+    golds = ["Denver Broncos", "the Broncos", "Broncos of Denver"]
+    assert squad.metric_max_over_ground_truths(squad.exact_match_score, "Broncos", golds) == 1.0
+    # "Denver" against each gold: 2/3 (P=1, R=1/2), 0, 1/2 (P=1, R=1/3)
+    assert squad.metric_max_over_ground_truths(squad.f1_score, "Denver", golds) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        squad.metric_max_over_ground_truths(squad.f1_score, "Denver", [])
+
+
+def _example(qid, answers, context="Denver Broncos beat the Carolina Panthers in Super Bowl 50."):
+    starts = tuple(context.index(a) for a in answers)
+    return Example(id=qid, title="t", context=context, question="Who?", answers=tuple(answers), answer_starts=starts)
+
+
+def test_evaluate_counts_unanswered_questions_as_zero_and_warns(caplog):
+    examples = [_example("q1", ["Denver Broncos"]), _example("q2", ["Carolina Panthers", "Panthers"]),
+                _example("q3", ["Super Bowl 50"])]
+    predictions = {"q1": "the Denver Broncos", "q2": "the Carolina Panthers in", "unknown": "ignored"}
+    with caplog.at_level(logging.WARNING, logger="pruning.squad"):
+        result = squad.evaluate(examples, predictions)
+    # q1: EM 1, F1 1; q2: EM 0, F1 max(0.8, 0.5) = 0.8 ({carolina, panthers, in} vs {carolina, panthers}); q3: 0
+    assert result["exact_match"] == pytest.approx(100 / 3, abs=1e-9)
+    assert result["f1"] == pytest.approx(100 * 1.8 / 3, abs=1e-9)
+    assert "1 of 3 questions have no prediction" in caplog.text
+
+
+def test_evaluate_accepts_the_raw_dataset():
+    context = "Denver Broncos beat the Carolina Panthers."
+    dataset = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"id": "a", "question": "Who won?", "answers": [{"text": "Denver Broncos", "answer_start": 0}]},
+        {"id": "b", "question": "Who lost?", "answers": [{"text": "Carolina Panthers", "answer_start": 24}]}]}]}]}
+    predictions = {"a": "Denver", "b": "Carolina Panthers"}
+    expected = {"exact_match": 50.0, "f1": 100 * (2 / 3 + 1) / 2}
+    assert squad.evaluate(dataset, predictions) == pytest.approx(expected, abs=1e-9)
+    assert squad.evaluate(dataset["data"], predictions) == pytest.approx(expected, abs=1e-9)
+    with pytest.raises(ValueError):
+        squad.evaluate([], predictions)
+
+
+# --- loading the shipped data -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def full_dev():
+    return squad.load_squad(squad_file("dev"))
+
+
+def test_shipped_dev_set(full_dev):
+    assert len(full_dev) == 10570
+    first = full_dev[0]
+    assert first.id == "56be4db0acb8001400a502ec"
+    assert first.question == "Which NFL team represented the AFC at Super Bowl 50?"
+    assert first.answers[0] == "Denver Broncos"
+    assert first.context[first.answer_starts[0]:].startswith("Denver Broncos")
+    assert len({ex.id for ex in full_dev}) == len(full_dev)
+
+
+def test_gold_answers_score_100(full_dev, caplog):
+    with caplog.at_level(logging.WARNING, logger="pruning.squad"):
+        result = squad.evaluate(full_dev, {ex.id: ex.answers[0] for ex in full_dev})
+    assert result == {"exact_match": 100.0, "f1": 100.0}
+    assert "no prediction" not in caplog.text
+
+
+def test_limit_keeps_the_first_questions(dev_subset):
+    assert [ex.id for ex in squad.load_squad(squad_file("dev"), limit=5)] == [ex.id for ex in dev_subset[:5]]
+    with pytest.raises(ValueError):
+        squad.load_squad(squad_file("dev"), limit=0)
+
+
+def test_score_files(tmp_path, dev_subset):
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": ex.context, "qas": [{"id": ex.id, "question": ex.question,
+                                         "answers": [{"text": ex.answers[0], "answer_start": ex.answer_starts[0]}]}]}
+        for ex in dev_subset[:4]]}]}
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    predictions = {ex.id: ex.answers[0] for ex in dev_subset[:3]}
+    predictions[dev_subset[1].id] = "nothing like it"
+    (tmp_path / "pred.json").write_text(json.dumps(predictions))
+    assert squad.load_predictions(tmp_path / "pred.json") == predictions
+    assert squad.score_files(tmp_path / "data.json", tmp_path / "pred.json") == {"exact_match": 50.0, "f1": 50.0}
+
+
+# --- malformed files --------------------------------------------------------------------------------------------
+
+CONTEXT = "The Broncos beat the Panthers 24-10."
+
+
+def _valid_dataset():
+    return {"version": "1.1", "data": [{"title": "Super_Bowl", "paragraphs": [{"context": CONTEXT, "qas": [
+        {"id": "q-first", "question": "Who won?", "answers": [{"text": "Broncos", "answer_start": 4}]},
+        {"id": "q-second", "question": "Who lost?", "answers": [{"text": "Panthers", "answer_start": 21},
+                                                                {"text": "the Panthers", "answer_start": 17}]},
+    ]}]}]}
+
+
+def _qa(data, index):
+    return data["data"][0]["paragraphs"][0]["qas"][index]
+
+
+def test_valid_dataset_loads(tmp_path):
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps(_valid_dataset()))
+    examples = squad.load_squad(path)
+    assert examples[1] == Example(id="q-second", title="Super_Bowl", context=CONTEXT, question="Who lost?",
+                                  answers=("Panthers", "the Panthers"), answer_starts=(21, 17))
+
+
+def _drop(key, *where):
+    def edit(data):
+        target = data
+        for step in where:
+            target = target[step]
+        del target[key]
+    return edit
+
+
+def _set_answer_start(value):
+    def edit(data):
+        _qa(data, 1)["answers"][1]["answer_start"] = value
+    return edit
+
+
+def _duplicate(data):
+    _qa(data, 1)["id"] = "q-first"
+
+
+def _no_answers(data):
+    _qa(data, 0)["answers"] = []
+
+
+PARAGRAPH = ("data", 0, "paragraphs", 0)
+
+
+@pytest.mark.parametrize("edit, names, problem", [
+    (_drop("data"), [], "missing 'data'"),
+    (_drop("paragraphs", "data", 0), ["data[0]"], "missing 'paragraphs'"),
+    (_drop("qas", *PARAGRAPH), ["data[0].paragraphs[0]"], "missing 'qas'"),
+    (_drop("context", *PARAGRAPH), ["data[0].paragraphs[0]"], "missing 'context'"),
+    (_drop("id", *PARAGRAPH, "qas", 1), ["data[0].paragraphs[0].qas[1]"], "missing 'id'"),
+    (_drop("question", *PARAGRAPH, "qas", 1), ["q-second"], "missing 'question'"),
+    (_drop("answers", *PARAGRAPH, "qas", 0), ["q-first"], "missing 'answers'"),
+    (_no_answers, ["q-first"], "no answers"),
+    (_set_answer_start(5), ["q-second", "'the Panthers'"], "answer_start 5"),
+    (_set_answer_start(len(CONTEXT) - 3), ["q-second"], "answer_start"),
+    (_set_answer_start(-1), ["q-second"], "answer_start -1"),
+    (_set_answer_start("17"), ["q-second"], "'answer_start' must be a int"),
+    (_duplicate, ["q-first", "data[0].paragraphs[0].qas[0]"], "duplicate id"),
+], ids=["data", "paragraphs", "qas", "context", "id", "question", "answers", "empty-answers", "answer-elsewhere",
+        "answer-past-end", "negative-start", "start-type", "duplicate"])
+def test_malformed_dataset(tmp_path, edit, names, problem):
+    data = copy.deepcopy(_valid_dataset())
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SquadFormatError) as info:
+        squad.load_squad(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    assert problem in message
+    for name in names:
+        assert name in message
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "empty file"),
+    (b"  \n", "empty file"),
+    (b'{"data": [\xff\xfe]}', "invalid UTF-8 at byte 10"),
+    (b'{"data": [}', "invalid JSON at line 1"),
+    (b"[1, 2]", "missing 'data'"),
+])
+def test_unreadable_dataset(tmp_path, content, problem):
+    path = tmp_path / "bad.json"
+    path.write_bytes(content)
+    with pytest.raises(SquadFormatError, match="^" + str(path)) as info:
+        squad.load_squad(path)
+    assert problem in str(info.value)
+
+
+def test_missing_file_is_a_format_error(tmp_path):
+    with pytest.raises(SquadFormatError, match="cannot read"):
+        squad.load_squad(tmp_path / "absent.json")
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "empty file"),
+    (b'{"q1": "a",', "invalid JSON"),
+    (b'{"q1": "\xc3("}', "invalid UTF-8"),
+    (b'["a"]', "expected a JSON object"),
+    (b'{"q1": "a", "q2": 3}', "question q2: the prediction must be a string"),
+    (b'{"q1": "a", "q1": "b"}', "question q1: duplicate id"),
+])
+def test_malformed_predictions(tmp_path, content, problem):
+    path = tmp_path / "pred.json"
+    path.write_bytes(content)
+    with pytest.raises(SquadFormatError, match="^" + str(path)) as info:
+        squad.load_predictions(path)
+    assert problem in str(info.value)
+
+
+# --- features ---------------------------------------------------------------------------------------------------
+
+FILLER = "The river flows past the old mill and the village green before it reaches the sea."
+ANSWER = "Golden Gate Bridge"
+
+
+def _windows(tokenizer, example, max_seq_length, doc_stride):
+    features = squad.prepare_eval_features([example], tokenizer, max_seq_length, doc_stride)
+    spans = []
+    for f in range(len(features)):
+        context = np.flatnonzero(features.context_mask[f])
+        spans.append((int(features.offsets[f, context[0], 0]), int(features.offsets[f, context[-1], 1])))
+    return features, spans
+
+
+def _edge_example(tokenizer, straddle, max_seq_length=48, doc_stride=16):
+    """A long context whose answer crosses the end of the first window (straddle) or ends exactly on it."""
+    for k in range(60):
+        words = (FILLER + " ") * 12
+        prefix = " ".join(words.split()[:k]) + " "
+        context = prefix + ANSWER + " " + words
+        start = len(prefix)
+        example = Example(id=f"edge-{k}", title="", context=context, question="Which bridge?", answers=(ANSWER,),
+                          answer_starts=(start,))
+        _, spans = _windows(tokenizer, example, max_seq_length, doc_stride)
+        first_end = spans[0][1]
+        if straddle and start < first_end < start + len(ANSWER):
+            return example
+        if not straddle and first_end == start + len(ANSWER):
+            return example
+    raise AssertionError("no placement of the answer found")
+
+
+@pytest.mark.parametrize("straddle", [True, False], ids=["answer-crosses-window-end", "answer-ends-window"])
+def test_train_features_at_a_window_edge(tokenizer, straddle):
+    max_seq_length, doc_stride = 48, 16
+    example = _edge_example(tokenizer, straddle, max_seq_length, doc_stride)
+    answer_start = example.answer_starts[0]
+    answer_end = answer_start + len(ANSWER)
+    train = squad.prepare_train_features([example], tokenizer, max_seq_length, doc_stride)
+    evals, spans = _windows(tokenizer, example, max_seq_length, doc_stride)
+    assert len(spans) >= 3
+    assert torch.equal(train["input_ids"], evals.input_ids)
+    holding = [f for f, (lo, hi) in enumerate(spans) if lo <= answer_start and answer_end <= hi]
+    assert holding and len(holding) < len(spans)
+    assert (0 in holding) == (not straddle)
+    for f in range(len(spans)):
+        start, end = int(train["start_positions"][f]), int(train["end_positions"][f])
+        if f in holding:
+            assert 0 < start <= end
+            assert evals.context_mask[f, start] and evals.context_mask[f, end]
+            text = example.context[evals.offsets[f, start, 0]:evals.offsets[f, end, 1]]
+            assert text == ANSWER
+            # the same span through the tokenizer's ids
+            decoded = tokenizer.decode(train["input_ids"][f, start:end + 1])
+            assert decoded == ANSWER.lower()
+        else:
+            assert (start, end) == (0, 0)
+
+
+def test_eval_features_map_windows_back(tokenizer, dev_subset):
+    features = squad.prepare_eval_features(dev_subset, tokenizer, max_seq_length=96, doc_stride=32)
+    assert len(features) > len(dev_subset)  # some contexts need several windows
+    assert features.input_ids.shape == (len(features), 96) and features.input_ids.dtype == torch.long
+    assert sorted(set(features.example_index.tolist())) == list(range(len(dev_subset)))
+    assert np.all(np.diff(features.example_index) >= 0)
+    for f in range(len(features)):
+        example = dev_subset[features.example_index[f]]
+        assert features.example_ids[f] == example.id
+        offsets = features.token_offsets(f)
+        assert offsets[0] is None  # CLS
+        for token, span in enumerate(offsets):
+            assert (span is not None) == bool(features.context_mask[f, token])
+            if span is not None:
+                assert 0 <= span[0] < span[1] <= len(example.context)
+        # context tokens are exactly those with token type 1, less the final separator
+        types = features.token_type_ids[f].numpy().astype(bool)
+        last = np.flatnonzero(types)[-1]
+        types[last] = False
+        assert np.array_equal(types, features.context_mask[f])
+
+
+def test_question_leading_spaces_are_stripped(tokenizer, dev_subset):
+    example = dev_subset[0]
+    padded = Example(example.id, example.title, example.context, "   " + example.question, example.answers,
+                     example.answer_starts)
+    a = squad.prepare_train_features([example], tokenizer, 128, 32)
+    b = squad.prepare_train_features([padded], tokenizer, 128, 32)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_feature_arguments_are_checked(tokenizer, dev_subset):
+    with pytest.raises(ValueError, match="doc_stride"):
+        squad.prepare_eval_features(dev_subset[:1], tokenizer, max_seq_length=64, doc_stride=64)
+    long_question = Example("long", "", "A short context.", "why " * 100, ("short",), (2,))
+    with pytest.raises(ValueError, match="question long has"):
+        squad.prepare_train_features([long_question], tokenizer, max_seq_length=128, doc_stride=32)
+
+
+# --- post-processing --------------------------------------------------------------------------------------------
+
+def _hand_features(context):
+    """Two windows of 8 tokens over a context of 1-character tokens 'abcdefghij': [CLS] q [SEP] ctx... [SEP]."""
+    offsets = np.full((2, 8, 2), -1, dtype=np.int32)
+    for f, first in enumerate([0, 3]):  # window 0 covers characters 0-4, window 1 characters 3-7
+        for t in range(5):
+            offsets[f, 2 + t] = (first + t, first + t + 1)
+    ids = torch.zeros((2, 8), dtype=torch.long)
+    return squad.EvalFeatures(input_ids=ids, attention_mask=ids.clone(), token_type_ids=ids.clone(),
+                              example_index=np.array([0, 0]), example_ids=["x", "x"], offsets=offsets)
+
+
+def test_postprocess_by_hand():
+    context = "abcdefghij"
+    example = Example(id="x", title="", context=context, question="?")
+    features = _hand_features(context)
+    start = np.zeros((2, 8), dtype=np.float32)
+    end = np.zeros((2, 8), dtype=np.float32)
+    start[:, :2] = end[:, :2] = 100.0  # CLS and question tokens are never answers
+    start[0, 3], end[0, 5] = 4.0, 3.0  # window 0: tokens 3..5 are characters 1..3 = "bcd", score 7
+    start[1, 3], end[1, 4] = 5.0, 5.5  # window 1: tokens 3..4 are characters 4..5 = "ef", score 10.5
+    best = squad.postprocess_predictions([example], features, start, end)["x"]
+    assert best == squad.Answer(text="ef", score=10.5, start=4, end=6)
+    # with max_answer_length=1 the best single token wins: "f" (0 + 5.5) over "e" (5 + 0) and "b" (4 + 0)
+    best = squad.postprocess_predictions([example], features, start, end, max_answer_length=1)["x"]
+    assert best == squad.Answer(text="f", score=5.5, start=5, end=6)
+    # an end before its start is no answer: start "f" 50 and end "d" 50 cannot pair; "f" alone scores 50 + 5.5
+    start[1, 4], end[1, 2] = 50.0, 50.0
+    best = squad.postprocess_predictions([example], features, torch.from_numpy(start), end)["x"]
+    assert best == squad.Answer(text="f", score=55.5, start=5, end=6)
+
+
+def _brute_force(context, features, start, end, max_answer_length):
+    best = None
+    for f in range(len(features)):
+        tokens = np.flatnonzero(features.context_mask[f])
+        for s in tokens:
+            for e in tokens:
+                if s <= e < s + max_answer_length:
+                    score = float(start[f, s]) + float(end[f, e])
+                    if best is None or score > best[0]:
+                        best = (score, int(features.offsets[f, s, 0]), int(features.offsets[f, e, 1]))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_postprocess_matches_a_brute_force_search(seed):
+    context = "abcdefghij"
+    example = Example(id="x", title="", context=context, question="?")
+    features = _hand_features(context)
+    rng = np.random.default_rng(seed)
+    start = rng.normal(size=(2, 8)).astype(np.float32)
+    end = rng.normal(size=(2, 8)).astype(np.float32)
+    for max_answer_length in (1, 2, 30):
+        score, lo, hi = _brute_force(context, features, start, end, max_answer_length)
+        best = squad.postprocess_predictions([example], features, start, end, n_best=20,
+                                             max_answer_length=max_answer_length)["x"]
+        assert (best.start, best.end, best.text) == (lo, hi, context[lo:hi])
+        assert best.score == pytest.approx(score)
+    # the top start after the top end in every window: the n-best pairs are all invalid, every pair is searched
+    start[:, 6] = end[:, 2] = 9.0
+    score, lo, hi = _brute_force(context, features, start, end, 30)
+    best = squad.postprocess_predictions([example], features, start, end, n_best=1)["x"]
+    assert (best.start, best.end, best.score) == (lo, hi, pytest.approx(score))
+
+
+# --- running a model --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_qa_model(tiny_bert_config):
+    torch.manual_seed(0)
+    return BertForQuestionAnswering(tiny_bert_config)
+
+
+def test_predict_and_evaluate_model(tiny_qa_model, tokenizer, dev_subset):
+    examples = dev_subset[:12]
+    tiny_qa_model.train()
+    kwargs = dict(max_seq_length=96, doc_stride=32, max_answer_length=10, n_best=5, progress=False)
+    metrics, predictions = squad.evaluate_model(tiny_qa_model, tokenizer, examples, batch_size=4, **kwargs)
+    assert tiny_qa_model.training  # restored after evaluation
+    assert set(predictions) == {ex.id for ex in examples}
+    for ex in examples:
+        assert predictions[ex.id] and predictions[ex.id] in ex.context
+    assert metrics == squad.evaluate(examples, predictions)
+    assert 0.0 <= metrics["exact_match"] <= metrics["f1"] <= 100.0
+    # the answers do not depend on how the windows are batched
+    assert squad.predict(tiny_qa_model, tokenizer, examples, batch_size=64, **kwargs) == predictions
+
+
+def test_predict_spans_agree_with_the_logits(tiny_qa_model, tokenizer, dev_subset):
+    examples = dev_subset[:6]
+    features = squad.prepare_eval_features(examples, tokenizer, max_seq_length=96, doc_stride=32)
+    start, end = squad.compute_logits(tiny_qa_model, features, batch_size=5, progress=False)
+    with torch.inference_mode():
+        direct = tiny_qa_model.eval()(**features.model_inputs())
+    np.testing.assert_allclose(start, direct.start_logits.numpy(), atol=1e-5)
+    np.testing.assert_allclose(end, direct.end_logits.numpy(), atol=1e-5)
+    spans = squad.predict_spans(tiny_qa_model, tokenizer, examples, max_seq_length=96, doc_stride=32,
+                                progress=False)
+    assert spans == squad.postprocess_predictions(examples, features, start, end)
+    for ex in examples:
+        span = spans[ex.id]
+        assert ex.context[span.start:span.end] == span.text
