@@ -54,6 +54,7 @@ class RunConfig:
     train_limit: int | None = None  # use the first N questions (quick CPU runs)
     eval_limit: int | None = None
     output_dir: str = "runs/default"
+    cache_dir: str | None = None  # where tokenized training windows are cached (shared by a sweep's trials)
     seed: int = 42
 
     # --- features and post-processing ---------------------------------------------------------------------

@@ -625,9 +625,13 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
             for first in tqdm(range(0, len(features), batch_size), desc="predict", disable=not progress,
                               dynamic_ncols=True):
                 batch = features.model_inputs(slice(first, first + batch_size))
-                output = model(**{key: value.to(device) for key, value in batch.items()})
-                starts.append(output.start_logits.float().cpu().numpy())
-                ends.append(output.end_logits.float().cpu().numpy())
+                # Dynamic padding: run only up to the longest window of the batch, pad the logits back after.
+                used = int(batch["attention_mask"].sum(dim=1).max())
+                output = model(**{key: value[:, :used].to(device) for key, value in batch.items()})
+                pad = features.input_ids.shape[1] - used
+                for logits, out in ((output.start_logits, starts), (output.end_logits, ends)):
+                    values = logits.float().cpu().numpy()
+                    out.append(np.pad(values, ((0, 0), (0, pad)), constant_values=-1e4) if pad else values)
     finally:
         model.train(was_training)
     width = features.input_ids.shape[1]

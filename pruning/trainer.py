@@ -14,8 +14,11 @@ Ray Tune, a plain script can log it. Nothing here knows about Ray or MLflow.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import BertConfig, BertForQuestionAnswering, PreTrainedTokenizerBase
@@ -183,6 +187,34 @@ def _micro_batches(num: int, cfg: RunConfig, start_micro: int):
             micro += 1
 
 
+def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    """Tokenized training windows, cached as safetensors under ``cfg.cache_dir`` when it is set.
+
+    The cache key covers the data file (path, size, modification time), the question limit, the tokenizer and the
+    window settings, so trials of a sweep that share data tokenize it once.
+    """
+    if cfg.cache_dir is None:
+        return squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
+                                            doc_stride=cfg.doc_stride)
+    data = resolve_data(cfg.train_data)
+    stat = data.stat()
+    key = json.dumps([str(data.resolve()), stat.st_size, int(stat.st_mtime), cfg.train_limit, tokenizer.name_or_path,
+                      len(tokenizer), cfg.max_seq_length, cfg.doc_stride, squad.__name__])
+    path = Path(cfg.cache_dir) / f"train-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        try:
+            return dict(load_file(str(path)))
+        except Exception as err:  # a damaged cache is rebuilt, never trusted
+            logger.warning("ignoring unreadable feature cache %s: %s", path, err)
+    features = squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
+                                            doc_stride=cfg.doc_stride)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))
+    os.replace(tmp, path)
+    return features
+
+
 def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list, cfg: RunConfig,
              device: torch.device | None = None, progress: bool = True) -> dict[str, float]:
     """EM/F1 (official SQuAD v1.1 metric) of ``model`` on ``examples``, plus its sparsity metrics."""
@@ -262,8 +294,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         model, tokenizer = build_model(cfg)
         tensors = None
 
-    features = squad.prepare_train_features(train_examples, tokenizer, max_seq_length=cfg.max_seq_length,
-                                            doc_stride=cfg.doc_stride)
+    features = train_features(cfg, train_examples, tokenizer)
     num_features = int(features["input_ids"].shape[0])
     p = plan(cfg, num_features)
     logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s",
@@ -307,7 +338,10 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         terms = {"loss_ce": 0.0, "loss_distil": 0.0, "loss_reg": 0.0, "loss": 0.0}
         for _ in range(cfg.grad_accum):
             index = next(batches)
-            batch = {k: v[index].to(device) for k, v in features.items()}
+            batch = {k: v[index] for k, v in features.items()}
+            # Dynamic padding: windows are padded to max_seq_length, a batch only needs its longest one.
+            width = int(batch["attention_mask"].sum(dim=1).max())
+            batch = {k: (v[:, :width] if v.ndim == 2 else v).to(device) for k, v in batch.items()}
             with _autocast(cfg, device):
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             token_type_ids=batch["token_type_ids"])
