@@ -6,7 +6,8 @@ any block of its row is kept). Gradients reach the scores straight through the b
 ``sum(weight * grad_weight)`` over its block: the movement of those weights away from zero.
 
 Patterns (the paper's "hybrid" setting):
-  * attention query/key/value/output: blocks of ``attention_block`` (default 32x32);
+  * attention query/key/value: blocks of ``attention_block`` (default 32x32); the output projection uses the
+    transposed block, so ``(head_dim, hidden)`` prunes whole heads ("struct" in the paper);
   * feed-forward pair: the first linear has one score per row (block ``(1, hidden)``); the second linear is a
     :class:`TiedColumnMaskedLinear` that applies the same scores to its columns, so a pruned intermediate dimension
     disappears from both matrices.
@@ -230,7 +231,9 @@ def apply_masks_(model: nn.Module, mode: str, attention_block: tuple[int, int] =
             linear = get_module(layer, path)
             if isinstance(linear, MaskedLinear):
                 continue
-            br, bc = attention_block
+            # The output projection gets the transposed block: its columns belong to heads as the rows of
+            # query/key/value do, so a (head_dim, hidden) block masks whole heads in all four matrices.
+            br, bc = attention_block if path != arch.attention_output else attention_block[::-1]
             if linear.out_features % br or linear.in_features % bc:
                 raise ValueError(f"attention_block: {br}x{bc} does not divide the {linear.out_features}x"
                                  f"{linear.in_features} matrix {path}")

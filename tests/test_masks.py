@@ -159,3 +159,18 @@ def test_score_regularization_groups_and_fix_masks():
     assert layer.attention.self.value.mode == "fixed"
     assert not layer.attention.self.value.mask_scores.requires_grad
     assert sparsity_report(model).heads_removed_per_layer == [1, 1]
+
+
+def test_head_shaped_blocks_prune_whole_heads():
+    model = tiny_model()  # hidden 64, 4 heads of 16
+    masks.apply_masks_(model, "topk", (16, 64))
+    layer = model.bert.encoder.layer[0]
+    assert layer.attention.self.query.mask_scores.shape == (4, 1)
+    assert layer.attention.output.dense.block == (64, 16)  # transposed: one score per head's columns
+    with torch.no_grad():
+        for score in masks.mask_score_parameters(model):
+            score.copy_(torch.randn_like(score))
+    masks.set_threshold(model, 0.5)
+    report = sparsity_report(model)
+    # half of the value heads are masked in every layer, and each masked value head removes its head
+    assert all(removed >= 2 for removed in report.heads_removed_per_layer)
