@@ -62,13 +62,20 @@ def stage(carry: Path, work: Path) -> tuple[Path, Path, Path]:
 
 
 def calibrated_steps(cfg, seconds: float, probe_steps: int) -> tuple[int, float]:
-    """Steps that fit ``seconds``, from a timed probe run of ``probe_steps`` steps (tokenization cached)."""
+    """Steps that fit ``seconds``, from a timed probe run (tokenization cached, start-up excluded).
+
+    The probe reports three times; the rate between the first and the last report leaves out CUDA start-up and the
+    first allocations, which would otherwise make the estimate several times too slow.
+    """
     from pruning.trainer import train
 
-    probe = replace(cfg, max_steps=probe_steps, eval_limit=8, output_dir=str(Path(cfg.output_dir) / "probe"),
-                    fill_steps=0, initial_warmup=0, final_warmup=0, eval_every=None, save_every=None)
-    metrics = train(probe, progress=False)
-    per_step = metrics["train_seconds"] / probe_steps
+    every = max(1, probe_steps // 3)
+    probe = replace(cfg, max_steps=3 * every, eval_limit=8, output_dir=str(Path(cfg.output_dir) / "probe"),
+                    fill_steps=0, initial_warmup=0, final_warmup=0, eval_every=every, save_every=None)
+    marks: list[tuple[int, float]] = []
+    train(probe, report=lambda m, c: marks.append((m["step"], time.perf_counter())), progress=False)
+    (first_step, first_time), (last_step, last_time) = marks[0], marks[-1]
+    per_step = (last_time - first_time) / max(1, last_step - first_step)
     shutil.rmtree(probe.output_dir, ignore_errors=True)
     return max(probe_steps, int(seconds / per_step)), per_step
 
@@ -240,9 +247,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--teacher-lr", type=float, default=1e-4)
     parser.add_argument("--student-lr", type=float, default=5e-5)
-    parser.add_argument("--teacher-seconds", type=float, default=150)
-    parser.add_argument("--student-seconds", type=float, default=210)
-    parser.add_argument("--probe-steps", type=int, default=30)
+    parser.add_argument("--teacher-seconds", type=float, default=120)
+    parser.add_argument("--student-seconds", type=float, default=170)
+    parser.add_argument("--probe-steps", type=int, default=60)
     parser.add_argument("--students", default=DEFAULT_STUDENTS, help="comma-separated TARGET:BLOCK (BLOCK: heads or N)")
     parser.add_argument("--train-limit", type=int)
     parser.add_argument("--eval-limit", type=int)
@@ -259,7 +266,7 @@ def main() -> None:
     if args.rehearsal:
         args.train_limit, args.eval_limit = args.train_limit or 64, args.eval_limit or 32
         args.seq_len, args.doc_stride, args.batch_size = 128, 32, 8
-        args.teacher_seconds, args.student_seconds, args.probe_steps = 20, 15, 3
+        args.teacher_seconds, args.student_seconds, args.probe_steps = 20, 15, 6
         args.latency_batch, args.repeats = 2, 3
     if args.mode == "student":
         run_student(args)
@@ -290,20 +297,24 @@ def main() -> None:
             common += [f"--{flag.replace('_', '-')}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // max(1, len(targets))))}
     for index, spec in enumerate(students_spec):
-        log = open(out / f"student-{index}.log", "w")
+        log = open(work / f"student-{index}.log", "w")
         block = spec[1] if len(spec) > 1 else "32"
         procs.append((subprocess.Popen(common + ["--index", str(index), "--target", spec[0], "--block", block], stdout=log,
                                        stderr=subprocess.STDOUT, env=env), log))
     for proc, log in procs:
         proc.wait()
         log.close()
+    with open(out / "students.log", "w") as merged:  # one file: what comes back from a run is counted in files
+        for index in range(len(procs)):
+            merged.write(f"===== student {index} =====\n")
+            merged.write((work / f"student-{index}.log").read_text(errors="replace"))
     students = []
     for index in range(len(targets)):
         path = work / f"student-{index}.json"
         if path.exists():
             students.append(json.loads(path.read_text()))
         else:
-            logger.error("student %d produced no result; see student-%d.log", index, index)
+            logger.error("student %d produced no result; see students.log", index)
 
     from pruning import squad
 
