@@ -123,7 +123,7 @@ def run_student(args) -> None:
     import torch
 
     from pruning import squad
-    from pruning.bench import compare_latency, flop_ratio
+    from pruning.bench import flop_ratio
     from pruning.checkpoint import load_model, load_tokenizer
     from pruning.packing import pack, save_packed
     from pruning.sparsity import sparsity_report
@@ -148,18 +148,7 @@ def run_student(args) -> None:
     examples = squad.load_squad(cfg.eval_data, limit=cfg.eval_limit)
     packed_metrics = evaluate(packed.to(device), tokenizer, examples, cfg, device=device, progress=False)
 
-    dense = load_model(args.teacher_dir).to(device)
-    timing = {}
-    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if device.type != "cuda" and dtype_name == "bf16":
-            continue
-        a, b = dense.to(dtype), packed.to(dtype)
-        result = compare_latency(a, b, batch_size=args.latency_batch, seq_len=args.seq_len, repeats=args.repeats,
-                                 warmup=3)
-        timing[dtype_name] = {"dense_ms": result["median_a_s"] * 1e3, "packed_ms": result["median_b_s"] * 1e3,
-                              "speedup": result["ratio"]}
-    dense.float()
-    packed.float()
+    dense = load_model(args.teacher_dir)
     out = {
         "index": args.index,
         "target_density": args.target,
@@ -175,12 +164,37 @@ def run_student(args) -> None:
         "heads_removed": report.heads_removed,
         "heads_kept_per_layer": report.heads_kept_per_layer,
         "ffn_kept_per_layer": report.ffn_kept_per_layer,
-        "flop_limit": flop_ratio(dense, packed, seq_len=args.seq_len),
-        "latency": timing,
-        "speedup": timing.get("bf16", timing["fp32"])["speedup"],
+        "flop_limit": flop_ratio(dense, packed.cpu(), seq_len=args.seq_len),
+        "packed_dir": str(packed_dir),
         "packed_params": sum(p.numel() for p in packed.parameters()),
     }
     (work / f"student-{args.index}.json").write_text(json.dumps(out, indent=2))
+
+
+def measure_latency(args, teacher_dir: str, students: list[dict[str, Any]]) -> None:
+    """Dense versus packed latency, one pair at a time with the device otherwise idle (fp32, and bf16 on CUDA)."""
+    import torch
+
+    from pruning.bench import compare_latency
+    from pruning.checkpoint import load_model
+    from pruning.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    dense = load_model(teacher_dir)
+    for student in students:
+        packed = load_model(student["packed_dir"])
+        timing = {}
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            if name == "bf16" and device.type != "cuda":
+                continue
+            a, b = dense.to(device=device, dtype=dtype), packed.to(device=device, dtype=dtype)
+            result = compare_latency(a, b, batch_size=args.latency_batch, seq_len=args.seq_len,
+                                     repeats=args.repeats, warmup=5)
+            timing[name] = {"dense_ms": result["median_a_s"] * 1e3, "packed_ms": result["median_b_s"] * 1e3,
+                            "speedup": result["ratio"]}
+        dense.to(device="cpu", dtype=torch.float32)
+        student["latency"] = timing
+        student["speedup"] = timing["fp32"]["speedup"]
 
 
 def write_report(out_dir: Path, results: dict[str, Any]) -> None:
@@ -316,6 +330,7 @@ def main() -> None:
         else:
             logger.error("student %d produced no result; see students.log", index)
 
+    measure_latency(args, teacher_dir, students)
     from pruning import squad
 
     results = {
