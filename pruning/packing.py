@@ -1,0 +1,471 @@
+"""Packing: turn a pruned model into a smaller dense one that computes the same function.
+
+Removed heads lose their query/key/value rows (and biases) and their columns of the attention output; removed FFN
+dimensions lose their row of the first linear and their column of the second. Which heads and dimensions go is
+decided by :mod:`pruning.sparsity`, so a packed model lacks exactly what the metrics call removed. Zeros inside
+kept heads stay as zeros: they are not structure that a dense matrix product can skip.
+
+A layer that loses every head gets an :class:`EmptySelfAttention` (its context is empty and the attention output,
+a ``Linear(0, hidden)``, yields just its bias); a layer that loses every FFN dimension gets ``Linear(hidden, 0)``
+and ``Linear(0, hidden)``. No head is kept artificially.
+
+A packed directory is a standard transformers directory (``config.json``, ``model.safetensors``, tokenizer files)
+whose config also records the kept heads of every layer (``fineprune_heads_kept``, indices into the original
+heads), the FFN widths (``fineprune_ffn_widths``) and ``fineprune_packed: true``. :func:`load_packed` rebuilds the
+smaller modules from that record on the meta device and assigns the stored tensors; nothing is built or padded at
+the original sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .bench import eval_mode, flop_ratio
+from .masks import remove_masks_
+from .sparsity import sparsity_report
+from .structure import Architecture, architecture_for, encoder_layers, get_module, set_module
+
+__all__ = [
+    "PackingError",
+    "EmptySelfAttention",
+    "PackReport",
+    "PACKED_FLAG",
+    "HEADS_KEPT_KEY",
+    "FFN_WIDTHS_KEY",
+    "WEIGHTS_NAME",
+    "pack",
+    "save_packed",
+    "load_packed",
+    "is_packed_dir",
+    "is_packed",
+    "pack_report",
+    "max_logit_diff",
+    "weights_bytes",
+]
+
+logger = logging.getLogger(__name__)
+
+PACKED_FLAG = "fineprune_packed"
+HEADS_KEPT_KEY = "fineprune_heads_kept"
+FFN_WIDTHS_KEY = "fineprune_ffn_widths"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# Weight files a fresh save replaces; stale ones next to a new model.safetensors would confuse loaders.
+_STALE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "pytorch_model*.bin")
+
+
+class PackingError(ValueError):
+    """A model cannot be packed, saved or loaded; the message names the file or directory at fault."""
+
+
+class EmptySelfAttention(nn.Module):
+    """Self-attention of a layer that lost every head: an empty context, no computation.
+
+    The query/key/value linears are kept at zero output width so that the module table, the sparsity report and
+    the state dict look the same as for any other packed layer.
+    """
+
+    def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear, head_dim: int) -> None:
+        super().__init__()
+        self.query, self.key, self.value = query, key, value
+        self.num_attention_heads = 0
+        self.attention_head_size = head_dim
+        self.all_head_size = 0
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
+
+
+def is_packed(model: nn.Module) -> bool:
+    """True for a model returned by :func:`pack` or :func:`load_packed`."""
+    return bool(getattr(getattr(model, "config", None), PACKED_FLAG, False))
+
+
+def _select(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new linear keeping the rows (``dim=0``) or columns (``dim=1``) of ``linear`` listed in ``index``.
+
+    Works on the meta device too, which is how :func:`load_packed` builds its modules without allocating them.
+    """
+    weight = linear.weight.detach().index_select(dim, index)
+    bias = None
+    if linear.bias is not None:
+        bias = linear.bias.detach().index_select(0, index) if dim == 0 else linear.bias.detach().clone()
+    out_features, in_features = weight.shape
+    # Built on meta so that no random init runs; the real tensors are assigned right after. Zero-width layers
+    # make the (skipped) init warn, which says nothing here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        new = nn.Linear(in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype)
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def _head_dim(layer: nn.Module, arch: Architecture, config) -> int:
+    attention = get_module(layer, arch.self_attention)
+    return int(getattr(attention, "attention_head_size", config.hidden_size // config.num_attention_heads))
+
+
+def _shrink_layer(layer: nn.Module, arch: Architecture, heads: list[int], ffn: list[int], head_dim: int) -> None:
+    """Keep heads ``heads`` (indices into the layer's present heads) and FFN dimensions ``ffn``, in place."""
+    attention = get_module(layer, arch.self_attention)
+    value = get_module(layer, arch.value)
+    device = value.weight.device
+    present_heads = int(getattr(attention, "num_attention_heads", value.out_features // head_dim))
+    if len(heads) != present_heads:
+        rows = torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long,
+                            device=device)
+        if heads:
+            for path in arch.qkv:
+                set_module(layer, path, _select(get_module(layer, path), rows, 0))
+            attention.num_attention_heads = len(heads)
+            attention.all_head_size = len(heads) * head_dim
+        else:
+            # The stock module reshapes with view(..., -1, head_dim), which is undefined for zero heads.
+            empty = EmptySelfAttention(*(_select(get_module(layer, p), rows, 0) for p in arch.qkv), head_dim)
+            set_module(layer, arch.self_attention, empty)
+        set_module(layer, arch.attention_output, _select(get_module(layer, arch.attention_output), rows, 1))
+    first = get_module(layer, arch.ffn_in)
+    if len(ffn) != first.out_features:
+        index = torch.tensor(ffn, dtype=torch.long, device=device)
+        set_module(layer, arch.ffn_in, _select(first, index, 0))
+        set_module(layer, arch.ffn_out, _select(get_module(layer, arch.ffn_out), index, 1))
+
+
+def pack(model: nn.Module) -> nn.Module:
+    """A smaller dense copy of ``model`` with removed heads and FFN dimensions cut out; ``model`` is untouched.
+
+    Args:
+        model: a masked model (its current masks are baked in first), a plain model whose pruned structure is
+            zeroed, or an already packed model (packed further; head indices stay relative to the original).
+
+    Returns:
+        The packed model in eval mode; its config records ``fineprune_heads_kept``, ``fineprune_ffn_widths`` and
+        ``fineprune_packed``.
+
+    Raises:
+        ValueError: the model's architecture is not in :mod:`pruning.structure`.
+    """
+    arch = architecture_for(model)
+    packed = remove_masks_(copy.deepcopy(model))
+    report = sparsity_report(packed)
+    config = packed.config
+    previous = getattr(config, HEADS_KEPT_KEY, None) if is_packed(packed) else None
+    heads_kept: list[list[int]] = []
+    widths: list[int] = []
+    for i, (layer, structure) in enumerate(zip(encoder_layers(packed), report.layers)):
+        local_heads = structure.heads_kept.nonzero().flatten().tolist()
+        ffn = structure.ffn_kept.nonzero().flatten().tolist()
+        _shrink_layer(layer, arch, local_heads, ffn, _head_dim(layer, arch, config))
+        # Record indices into the original heads, also when packing an already packed model again.
+        heads_kept.append([previous[i][h] for h in local_heads] if previous else local_heads)
+        widths.append(len(ffn))
+    setattr(config, PACKED_FLAG, True)
+    setattr(config, HEADS_KEPT_KEY, heads_kept)
+    setattr(config, FFN_WIDTHS_KEY, widths)
+    logger.info("packed: %d of %d heads kept, FFN widths %s", sum(map(len, heads_kept)), report.heads_total, widths)
+    return packed.eval()
+
+
+def _clear_stale_weights(out_dir: Path) -> None:
+    for pattern in _STALE_WEIGHTS:
+        for path in out_dir.glob(pattern):
+            path.unlink()
+
+
+def save_packed(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a packed model as a standard transformers directory.
+
+    Args:
+        model: a model returned by :func:`pack` or :func:`load_packed`.
+        tokenizer: saved alongside when given (anything with ``save_pretrained``).
+        out_dir: target directory; created if missing.
+        overwrite: allow writing into a non-empty directory (its old weight files are replaced).
+
+    Returns:
+        The directory.
+
+    Raises:
+        PackingError: the model is not packed, or ``out_dir`` is a non-empty directory and ``overwrite`` is False.
+    """
+    out = Path(out_dir)
+    if not is_packed(model):
+        raise PackingError(f"{out}: refusing to save an unpacked model as packed (call pack() first)")
+    if out.exists() and not out.is_dir():
+        raise PackingError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise PackingError(f"{out}: directory is not empty (pass overwrite=True to replace its contents)")
+        _clear_stale_weights(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    logger.info("saved packed model to %s", out)
+    return out
+
+
+def _read_config_json(config_file: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_packed_dir(model_dir: str | Path) -> bool:
+    """True when ``model_dir`` holds a config.json written for a packed model."""
+    data = _read_config_json(Path(model_dir) / CONFIG_NAME)
+    return isinstance(data, dict) and data.get(PACKED_FLAG) is True
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _model_class(config, config_file: Path) -> type:
+    import transformers
+
+    names = list(getattr(config, "architectures", None) or [])
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    raise PackingError(f"{config_file}: no known model class in 'architectures' ({names or 'missing'})")
+
+
+def _check_record(config, config_file: Path) -> tuple[list[list[int]], list[int]]:
+    """The kept heads and FFN widths from a packed config, validated against its original sizes."""
+    heads = getattr(config, HEADS_KEPT_KEY, None)
+    widths = getattr(config, FFN_WIDTHS_KEY, None)
+    layers, num_heads = config.num_hidden_layers, config.num_attention_heads
+    if not isinstance(heads, list) or len(heads) != layers:
+        raise PackingError(f"{config_file}: '{HEADS_KEPT_KEY}' must list the kept heads of all {layers} layers")
+    if not isinstance(widths, list) or len(widths) != layers:
+        raise PackingError(f"{config_file}: '{FFN_WIDTHS_KEY}' must give the FFN width of all {layers} layers")
+    for i, kept in enumerate(heads):
+        if (not isinstance(kept, list) or kept != sorted(set(kept))
+                or any(not isinstance(h, int) or not 0 <= h < num_heads for h in kept)):
+            raise PackingError(f"{config_file}: '{HEADS_KEPT_KEY}' of layer {i} must be increasing head indices "
+                               f"in [0, {num_heads})")
+    for i, width in enumerate(widths):
+        if not isinstance(width, int) or not 0 <= width <= config.intermediate_size:
+            raise PackingError(f"{config_file}: '{FFN_WIDTHS_KEY}' of layer {i} must be in "
+                               f"[0, {config.intermediate_size}]")
+    return heads, widths
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device while buffers (position ids and the like) stay real.
+
+    Buffers that are not saved with the weights must keep the values their module computes at construction;
+    parameters are replaced by the stored tensors anyway, so they need no memory and no initialisation.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a packed model from a directory written by :func:`save_packed`.
+
+    The modules are created at their packed sizes (on the meta device) from the record in config.json, then the
+    tensors of model.safetensors are assigned to them; every stored tensor must match its module's shape.
+
+    Args:
+        model_dir: the packed directory.
+        device: where the weights go.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        PackingError: the directory, config.json or model.safetensors is missing or unreadable, the config does
+            not describe a packed model, or a stored tensor is missing, unexpected or of the wrong shape.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise PackingError(f"{path}: packed model directory not found")
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise PackingError(f"{config_file}: not found (not a model directory)")
+    if not is_packed_dir(path):
+        raise PackingError(f"{config_file}: not a packed model (no '{PACKED_FLAG}: true'); load it with "
+                           "from_pretrained instead")
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as error:  # transformers raises several types for a bad config
+        raise PackingError(f"{config_file}: cannot be read ({_first_line(error)})") from error
+    heads, widths = _check_record(config, config_file)
+    cls = _model_class(config, config_file)
+    weights_file = path / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise PackingError(f"{weights_file}: not found")
+
+    with _parameters_on_meta():
+        model = cls(config)
+    arch = architecture_for(model)
+    for layer, kept, width in zip(encoder_layers(model), heads, widths):
+        # Shapes are all that matter here: keep the first heads and dimensions of the meta modules.
+        _shrink_layer(layer, arch, list(range(len(kept))), list(range(width)), _head_dim(layer, arch, config))
+
+    try:
+        state = load_file(str(weights_file), device=str(device))
+    except Exception as error:  # safetensors reports corruption with several error types
+        raise PackingError(f"{weights_file}: cannot be read as safetensors ({_first_line(error)})") from error
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name not in expected:
+            raise PackingError(f"{weights_file}: unexpected tensor {name!r} for this config")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise PackingError(f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)}, the config "
+                               f"implies {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
+    if missing:
+        raise PackingError(f"{weights_file}: missing tensor {missing[0]!r}"
+                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return model.to(device).eval()
+
+
+def _linear_params(model: nn.Module) -> int:
+    arch = architecture_for(model)
+    total = 0
+    for layer in encoder_layers(model):
+        for path in (*arch.attention_linears, arch.ffn_in, arch.ffn_out):
+            linear = get_module(layer, path)
+            total += linear.weight.numel() + (0 if linear.bias is None else linear.bias.numel())
+    return total
+
+
+def _model_params(model: nn.Module) -> int:
+    # Mask scores are training state, not weights of the model.
+    return sum(p.numel() for name, p in model.named_parameters() if not name.endswith("mask_scores"))
+
+
+def weights_bytes(model_dir: str | Path) -> int:
+    """Total size of the weight files (``*.safetensors``, ``*.bin``) in a model directory."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise PackingError(f"{path}: model directory not found")
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin"))
+
+
+def _logit_tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    items = output.items() if hasattr(output, "items") else []
+    return [value for key, value in items if key.endswith("logits") and isinstance(value, torch.Tensor)]
+
+
+def max_logit_diff(model_a: nn.Module, model_b: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference between the logits of two models on ``inputs`` (float64 comparison)."""
+    with eval_mode(model_a), eval_mode(model_b), torch.inference_mode():
+        out_a = _logit_tensors(model_a(**inputs))
+        out_b = _logit_tensors(model_b(**inputs))
+    if not out_a or len(out_a) != len(out_b):
+        raise ValueError("the two models do not return the same logits")
+    return max(float((a.double().cpu() - b.double().cpu()).abs().max()) if a.numel() else 0.0
+               for a, b in zip(out_a, out_b))
+
+
+@dataclass
+class PackReport:
+    """What packing removed and what it bought. Counts are exact; the measured fields are filled on request."""
+
+    params_before: int  # all parameters of the unpacked model, mask scores excluded
+    params_after: int  # all parameters of the packed model
+    linear_params_before: int  # weights and biases of the encoder's attention and FFN linears
+    linear_params_after: int
+    linear_density: float  # nonzero fraction of the encoder's linear weights (as in the run metrics)
+    heads_total: int
+    heads_removed: int
+    heads_removed_per_layer: list[int] = field(default_factory=list)
+    heads_kept: list[list[int]] = field(default_factory=list)
+    ffn_widths: list[int] = field(default_factory=list)
+    ffn_dims_total: int = 0
+    flop_ratio: float | None = None  # encoder matmul FLOPs, unpacked / packed: the speed-up limit
+    dense_file_bytes: int | None = None
+    packed_file_bytes: int | None = None
+    max_abs_logit_diff: float | None = None
+    latency_ratio: float | None = None  # median latency, unpacked / packed
+
+    @property
+    def param_ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values."""
+        out = dataclasses.asdict(self)
+        out["param_ratio"] = self.param_ratio
+        return out
+
+
+def pack_report(masked_model: nn.Module, packed_model: nn.Module, *, seq_len: int = 384,
+                inputs: dict[str, torch.Tensor] | None = None, dense_dir: str | Path | None = None,
+                packed_dir: str | Path | None = None, latency_ratio: float | None = None) -> PackReport:
+    """Compare a model with its packed version.
+
+    Args:
+        masked_model: the model given to :func:`pack` (masked, zeroed or dense).
+        packed_model: what :func:`pack` returned for it.
+        seq_len: sequence length of the FLOP ratio.
+        inputs: when given, both models run on them and ``max_abs_logit_diff`` is filled.
+        dense_dir, packed_dir: when given, the sizes of their weight files are filled.
+        latency_ratio: a measured ratio (e.g. ``compare_latency(...)["ratio"]``) to carry along.
+
+    Raises:
+        PackingError: ``packed_model`` is not packed, or a given directory does not exist.
+    """
+    if not is_packed(packed_model):
+        raise PackingError("pack_report: the second model is not packed (call pack() first)")
+    before = sparsity_report(masked_model)
+    config = packed_model.config
+    report = PackReport(
+        params_before=_model_params(masked_model),
+        params_after=_model_params(packed_model),
+        linear_params_before=_linear_params(masked_model),
+        linear_params_after=_linear_params(packed_model),
+        linear_density=before.linear_density,
+        heads_total=before.heads_total,
+        heads_removed=before.heads_total - sum(map(len, getattr(config, HEADS_KEPT_KEY))),
+        heads_removed_per_layer=[config.num_attention_heads - len(k) for k in getattr(config, HEADS_KEPT_KEY)],
+        heads_kept=[list(k) for k in getattr(config, HEADS_KEPT_KEY)],
+        ffn_widths=list(getattr(config, FFN_WIDTHS_KEY)),
+        ffn_dims_total=before.ffn_dims_total,
+        flop_ratio=flop_ratio(masked_model, packed_model, seq_len),
+        latency_ratio=latency_ratio,
+    )
+    if inputs is not None:
+        report.max_abs_logit_diff = max_logit_diff(masked_model, packed_model, inputs)
+    if dense_dir is not None:
+        report.dense_file_bytes = weights_bytes(dense_dir)
+    if packed_dir is not None:
+        report.packed_file_bytes = weights_bytes(packed_dir)
+    return report

@@ -1,0 +1,397 @@
+"""Search-space files: loading, validation errors that name the key, Ray objects, trial and teacher configs."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pruning.config import Method, RunConfig
+from workflows.space import (
+    LAMBDA_KEY,
+    SpaceError,
+    load_space,
+    param_space,
+    scheduler,
+    search_algorithm,
+    teacher_config,
+    teacher_fingerprint,
+    trial_config,
+    tune_config_kwargs,
+)
+
+SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
+SHIPPED = sorted(SPACES_DIR.glob("*.yaml"))
+
+# A small valid space; tests change one thing at a time.
+BASE_SPACE = {
+    "base": {"model_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                              "intermediate_size": 64, "max_position_embeddings": 128},
+             "train_data": "dev", "train_limit": 8, "eval_data": "dev", "eval_limit": 4, "max_seq_length": 64,
+             "doc_stride": 32, "max_steps": 10, "eval_every": 5, "method": "topk", "attention_block": [16, 16],
+             "device": "cpu"},
+    "teacher": {"config": {"max_steps": 4}},
+    "search": {"target_density": {"type": "uniform", "low": 0.2, "high": 0.8},
+               "alpha_distil": {"type": "uniform", "low": 0.5, "high": 0.9},
+               "temperature": {"type": "choice", "values": [1, 2, 4]}},
+}
+
+
+def write(tmp_path: Path, values, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(values if isinstance(values, str) else yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def variant(**changes) -> dict:
+    """BASE_SPACE with top-level keys replaced (None removes a key)."""
+    values = copy.deepcopy(BASE_SPACE)
+    for key, value in changes.items():
+        if value is None:
+            values.pop(key, None)
+        else:
+            values[key] = value
+    return values
+
+
+def with_search(**params) -> dict:
+    return variant(search=params)
+
+
+def test_the_shipped_spaces_are_there():
+    names = {p.name for p in SHIPPED}
+    assert {"smoke.yaml", "minilm_squad_cpu.yaml", "minilm_squad_gpu.yaml", "bert_base_squad.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_space_loads_and_builds_its_configs(path, tmp_path):
+    space = load_space(path)
+    assert space.name == path.stem
+    assert space.search
+    assert set(param_space(space)) == set(space.search)
+    teacher = teacher_config(space, tmp_path / "teacher")
+    assert teacher.method is Method.DENSE and teacher.teacher is None and teacher.fill_steps == 0
+    # The lower and upper ends of every range give a valid trial config.
+    for pick in (0, -1):
+        params = {key: spec.extremes()[pick][1] for key, spec in space.search.items()}
+        cfg = trial_config(space, params, tmp_path / "trial", teacher=str(tmp_path / "teacher" / "final"))
+        assert cfg.masked
+        assert cfg.output_dir == str(tmp_path / "trial")
+
+
+def test_smoke_space_is_tiny_and_lets_asha_act():
+    space = load_space(SPACES_DIR / "smoke.yaml")
+    cfg = space.base_config
+    assert cfg.model_config["num_hidden_layers"] <= 2 and cfg.max_steps <= 10
+    assert cfg.eval_every is not None and cfg.max_steps // cfg.eval_every >= 2
+    hidden = cfg.model_config["hidden_size"]
+    assert all(hidden % b == 0 for b in cfg.attention_block)
+    assert space.scheduler is not None and space.algorithm == "optuna"
+
+
+def test_cpu_main_space_fits_two_cores():
+    space = load_space(SPACES_DIR / "minilm_squad_cpu.yaml")
+    cfg = space.base_config
+    assert cfg.device == "cpu" and space.resources["gpu"] == 0
+    assert space.resources["cpu"] * (space.max_concurrent or 1) <= 2
+    assert cfg.method is Method.TOPK and cfg.train_limit and cfg.eval_limit and cfg.max_steps
+    assert space.registry.policy == "best_f1_under_density" and space.registry.max_density == 0.5
+
+
+def test_bert_base_space_names_local_models_that_need_not_exist():
+    space = load_space(SPACES_DIR / "bert_base_squad.yaml")
+    assert space.teacher.path == "models/bert-base-uncased-squad"
+    assert space.base["model"] == "models/bert-base-uncased"
+    assert space.base_config.method is Method.SIGMOID_THRESHOLD and space.base_config.attention_block == (32, 32)
+    assert space.registry.max_density == 0.36
+    assert teacher_config(space, "out").model == "models/bert-base-uncased-squad"
+
+
+def test_defaults(tmp_path):
+    space = load_space(write(tmp_path, variant(), "my-sweep.yaml"))
+    assert space.name == "my-sweep"
+    assert space.algorithm == "optuna"
+    assert space.objectives == [("f1", "max"), ("linear_density", "min")]
+    assert space.scheduler is None and space.max_concurrent is None and space.max_failures == 0
+    assert space.resources == {"cpu": 1.0, "gpu": 0.0}
+    assert space.speedup == {"batch_size": 1, "seq_len": 128, "repeats": 10}
+    assert space.registry.name == "my-sweep" and space.registry.policy == "best_f1_under_density"
+    assert space.registry.max_density == RunConfig().target_density
+    assert space.teacher.path is None and not space.teacher.student_init
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    text = yaml.safe_dump(variant()) + "seed: 3\n"
+    text = text.replace("search:\n", "search:\n  learning_rate: {type: loguniform, low: 3e-5, high: 3e-4}\n")
+    space = load_space(write(tmp_path, text))
+    assert space.search["learning_rate"].low == pytest.approx(3e-5)
+
+
+def test_trial_config_overlays_the_sampled_values(tmp_path):
+    space = load_space(write(tmp_path, variant()))
+    cfg = trial_config(space, {"target_density": 0.3, "alpha_distil": 0.75, "temperature": 4}, "out/t1", "teach")
+    assert (cfg.target_density, cfg.alpha_distil, cfg.temperature) == (0.3, 0.75, 4)
+    assert cfg.alpha_ce == pytest.approx(0.25)  # the complement of alpha_distil
+    assert cfg.teacher == "teach" and cfg.output_dir == "out/t1"
+    assert cfg.max_steps == 10 and cfg.attention_block == (16, 16)  # from base
+    # A key not sampled keeps its base value.
+    assert trial_config(space, {"target_density": 0.4}, "o", None).temperature == RunConfig().temperature
+
+
+def test_alpha_ce_is_kept_when_it_is_searched_too(tmp_path):
+    space = load_space(write(tmp_path, with_search(
+        target_density={"type": "uniform", "low": 0.2, "high": 0.8},
+        alpha_distil={"type": "choice", "values": [0.5, 0.9]},
+        alpha_ce={"type": "choice", "values": [0.0, 1.0]})))
+    cfg = trial_config(space, {"target_density": 0.5, "alpha_distil": 0.9, "alpha_ce": 1.0}, "o", "t")
+    assert (cfg.alpha_ce, cfg.alpha_distil) == (1.0, 0.9)
+
+
+def test_lambda_pseudo_key_sets_both_weights(tmp_path):
+    values = variant(search={LAMBDA_KEY: {"type": "loguniform", "low": 2.5, "high": 40.0}})
+    values["base"]["method"] = "sigmoid_threshold"
+    space = load_space(write(tmp_path, values))
+    cfg = trial_config(space, {LAMBDA_KEY: 7.5}, "o", "t")
+    assert cfg.lambda_attention == cfg.lambda_ffn == 7.5
+
+
+def test_student_init_starts_the_trial_from_the_teacher(tmp_path):
+    values = variant()
+    values["teacher"]["student_init"] = True
+    space = load_space(write(tmp_path, values))
+    cfg = trial_config(space, {"target_density": 0.5}, "o", "runs/teacher/final")
+    assert cfg.model == "runs/teacher/final" and cfg.model_config is None and cfg.teacher == "runs/teacher/final"
+    with pytest.raises(SpaceError, match="student_init"):
+        trial_config(space, {"target_density": 0.5}, "o", None)
+
+
+def test_trial_config_rejects_a_parameter_the_space_does_not_search(tmp_path):
+    space = load_space(write(tmp_path, variant()))
+    with pytest.raises(SpaceError, match="'mask_lr' is not searched"):
+        trial_config(space, {"target_density": 0.5, "mask_lr": 0.1}, "o", None)
+
+
+def test_teacher_config_overrides_and_forces_dense(tmp_path):
+    space = load_space(write(tmp_path, variant()))
+    cfg = teacher_config(space, tmp_path / "teacher")
+    assert cfg.method is Method.DENSE and cfg.max_steps == 4 and cfg.teacher is None
+    assert cfg.eval_every is None  # the teacher evaluates once, at its end
+    assert cfg.output_dir == str(tmp_path / "teacher")
+
+
+def test_param_space_types(tmp_path):
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    values = variant(algorithm="random", search={
+        "target_density": {"type": "quniform", "low": 0.2, "high": 0.8, "q": 0.1},
+        "learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+        "fill_steps": {"type": "randint", "low": 0, "high": 4},
+        "temperature": {"type": "choice", "values": [1, 2]},
+        "seed": {"type": "grid", "values": [1, 2, 3]},
+    })
+    space = load_space(write(tmp_path, values))
+    ps = param_space(space)
+    assert isinstance(ps["target_density"], Float) and isinstance(ps["learning_rate"], Float)
+    assert isinstance(ps["fill_steps"], Integer) and (ps["fill_steps"].lower, ps["fill_steps"].upper) == (0, 5)
+    assert isinstance(ps["temperature"], Categorical)
+    assert ps["seed"] == {"grid_search": [1, 2, 3]}
+
+
+def test_grid_algorithm_enumerates_choices(tmp_path):
+    space = load_space(write(tmp_path, variant(algorithm="grid", search={
+        "target_density": {"type": "grid", "values": [0.3, 0.6]},
+        "temperature": {"type": "choice", "values": [1, 2]}})))
+    assert space.num_samples == 1
+    assert param_space(space) == {"target_density": {"grid_search": [0.3, 0.6]},
+                                  "temperature": {"grid_search": [1, 2]}}
+
+
+def test_search_algorithm_and_scheduler(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    values = variant(max_concurrent=2, scheduler={"type": "asha", "metric": "f1", "grace_period": 1, "max_t": 2})
+    space = load_space(write(tmp_path, values))
+    alg = search_algorithm(space, ["f1", "linear_density", "speedup"])
+    assert isinstance(alg, ConcurrencyLimiter) and isinstance(alg.searcher, OptunaSearch)
+    assert alg.searcher.metric == ["f1", "linear_density"] and alg.searcher.mode == ["max", "min"]
+    sched = scheduler(space)
+    assert isinstance(sched, ASHAScheduler) and sched.metric == "f1" and sched._time_attr == "training_iteration"
+    kwargs = tune_config_kwargs(space)
+    assert kwargs["metric"] is None and kwargs["mode"] is None and kwargs["num_samples"] == space.num_samples
+
+    random_space = dataclasses.replace(space, algorithm="random")
+    assert isinstance(search_algorithm(random_space), BasicVariantGenerator)
+    assert scheduler(dataclasses.replace(space, scheduler=None)) is None
+
+
+def test_optuna_suggestions_stay_inside_the_space(tmp_path):
+    space = load_space(write(tmp_path, variant()))
+    alg = search_algorithm(space)
+    alg.set_search_properties(None, None, param_space(space))
+    for i in range(5):
+        params = alg.suggest(f"trial{i}")
+        assert 0.2 <= params["target_density"] <= 0.8 and params["temperature"] in (1, 2, 4)
+        cfg = trial_config(space, params, "o", "t")
+        assert cfg.alpha_ce == pytest.approx(1 - params["alpha_distil"])
+        alg.on_trial_complete(f"trial{i}", {"f1": 10.0 * i, "linear_density": params["target_density"]})
+
+
+def test_objective_must_be_reported(tmp_path):
+    space = load_space(write(tmp_path, variant(objectives=[["f1", "max"], ["speedup", "max"]])))
+    with pytest.raises(SpaceError, match=r"objectives\[1\]: 'speedup' is not a metric the trials report"):
+        search_algorithm(space, ["f1", "linear_density"])
+
+
+def test_teacher_fingerprint_is_stable_and_follows_model_and_data(tmp_path):
+    first = teacher_fingerprint(load_space(write(tmp_path, variant(), "a.yaml")))
+    assert re.fullmatch(r"[0-9a-f]{16}", first)
+    assert teacher_fingerprint(load_space(write(tmp_path, variant(), "b.yaml"))) == first
+
+    def changed(section: str, key: str, value) -> str:
+        values = variant()
+        values[section][key] = value
+        return teacher_fingerprint(load_space(write(tmp_path, values, f"{section}-{key}.yaml")))
+
+    # What changes the teacher changes the fingerprint ...
+    assert changed("base", "train_limit", 9) != first
+    assert changed("base", "train_data", "train") != first
+    assert changed("base", "model_config", {**BASE_SPACE["base"]["model_config"], "hidden_size": 64}) != first
+    assert changed("teacher", "config", {"max_steps": 5}) != first
+    # ... what only the pruned trials use does not.
+    assert changed("base", "target_density", 0.3) == first
+    assert changed("base", "attention_block", [32, 32]) == first
+    assert changed("base", "eval_every", 2) == first
+
+    model_values = variant()
+    model_values["base"].pop("model_config")
+    shipped = teacher_fingerprint(load_space(write(tmp_path, model_values, "m1.yaml")))
+    model_values["base"]["model"] = "models/other"
+    assert teacher_fingerprint(load_space(write(tmp_path, model_values, "m2.yaml"))) != shipped
+
+
+# --- invalid spaces -------------------------------------------------------------------------------------------
+
+BAD_SPACES = [
+    ("unknown top-level key", variant(searhc={}), r"searhc: unknown key"),
+    ("unknown searched key", with_search(target_densty={"type": "uniform", "low": 0.2, "high": 0.5}),
+     r"search\.target_densty: not a RunConfig key"),
+    ("structural searched key", with_search(output_dir={"type": "choice", "values": ["a", "b"]}),
+     r"search\.output_dir: cannot be searched"),
+    ("low >= high", with_search(target_density={"type": "uniform", "low": 0.6, "high": 0.6}),
+     r"search\.target_density\.low: must be < high"),
+    ("loguniform low <= 0", with_search(learning_rate={"type": "loguniform", "low": 0.0, "high": 1e-3}),
+     r"search\.learning_rate\.low: must be > 0 for loguniform"),
+    ("density out of range", with_search(target_density={"type": "uniform", "low": 0.5, "high": 1.5}),
+     r"search\.target_density\.high: 1\.5 gives an invalid config \(target_density: must be in \(0, 1\]"),
+    ("invalid choice value", with_search(temperature={"type": "choice", "values": [2, 0]}),
+     r"search\.temperature\.values\[1\]: 0 gives an invalid config \(temperature"),
+    ("empty choice", with_search(temperature={"type": "choice", "values": []}),
+     r"search\.temperature\.values: must be a non-empty list"),
+    ("unknown param type", with_search(temperature={"type": "normal", "low": 1, "high": 2}),
+     r"search\.temperature\.type: unknown or missing type 'normal'"),
+    ("unknown param key", with_search(temperature={"type": "uniform", "low": 1, "high": 2, "step": 1}),
+     r"search\.temperature\.step: unknown key"),
+    ("float range on an int key", with_search(fill_steps={"type": "uniform", "low": 0, "high": 10}),
+     r"search\.fill_steps\.type: uniform gives floats but fill_steps is not a float key"),
+    ("quniform bound off the step", with_search(
+        target_density={"type": "quniform", "low": 0.25, "high": 0.75, "q": 0.1}),
+     r"search\.target_density\.low: 0\.25 is not a multiple of q=0\.1"),
+    ("unknown algorithm", variant(algorithm="hyperopt"), r"algorithm: unknown value 'hyperopt'"),
+    ("grid algorithm with a uniform param", variant(algorithm="grid"),
+     r"search\.target_density\.type: uniform cannot be enumerated by algorithm grid"),
+    ("grid param with optuna", with_search(seed={"type": "grid", "values": [1, 2]}),
+     r"search\.seed\.type: grid needs algorithm random or grid"),
+    ("unknown policy", variant(registry={"policy": "best_speedup"}), r"registry\.policy: unknown value 'best_speedup'"),
+    ("policy threshold it does not use", variant(registry={"policy": "best_f1_under_density", "max_f1_drop": 1}),
+     r"registry\.max_f1_drop: is not used by policy best_f1_under_density"),
+    ("policy threshold missing", variant(registry={"policy": "fastest_within_f1_drop"}),
+     r"registry\.max_f1_drop: is required"),
+    ("unknown registry key", variant(registry={"alias": "x"}), r"registry\.alias: unknown key"),
+    ("unknown base key", variant(base={**BASE_SPACE["base"], "lr": 1e-4}), r"base\.lr: unknown RunConfig key"),
+    ("invalid base value", variant(base={**BASE_SPACE["base"], "doc_stride": 100}), r"base\.doc_stride: must be"),
+    ("base sets output_dir", variant(base={**BASE_SPACE["base"], "output_dir": "x"}),
+     r"base\.output_dir: is set by the sweep"),
+    ("dense base", variant(base={**BASE_SPACE["base"], "method": "dense"}), r"base\.method: a sweep prunes"),
+    ("key the method ignores", with_search(lambda_ffn={"type": "uniform", "low": 1, "high": 2}),
+     r"search\.lambda_ffn: has no effect with method topk"),
+    ("teacher config sets a mask key", variant(teacher={"config": {"target_density": 0.3}}),
+     r"teacher\.config\.target_density: does not apply to the dense teacher"),
+    ("teacher path and config", variant(teacher={"path": "m", "config": {"max_steps": 3}}),
+     r"teacher\.config: is unused when teacher\.path is set"),
+    ("unknown teacher key", variant(teacher={"model": "m"}), r"teacher\.model: unknown key"),
+    ("invalid teacher config value", variant(teacher={"config": {"learning_rate": -1}}),
+     r"teacher\.config\.learning_rate: must be a number > 0"),
+    ("warm-ups longer than the run", with_search(final_warmup={"type": "choice", "values": [0.2, 12]}),
+     r"search\.final_warmup\.values\[1\]: initial_warmup \+ final_warmup"),
+    ("invalid corner", variant(base={**BASE_SPACE["base"], "max_seq_length": 128}, search={
+        "max_seq_length": {"type": "choice", "values": [64, 128]},
+        "doc_stride": {"type": "choice", "values": [32, 96]}}),
+     r"search: the combination max_seq_length=64, doc_stride=96 gives an invalid config \(doc_stride"),
+    ("bad objective mode", variant(objectives=[["f1", "up"]]), r"objectives\[0\]: mode must be max or min"),
+    ("scheduler without eval_every", variant(base={**BASE_SPACE["base"], "eval_every": None}, scheduler={}),
+     r"scheduler: ASHA acts on evaluation reports: set base\.eval_every"),
+    ("scheduler metric not reported per evaluation", variant(scheduler={"metric": "speedup"}),
+     r"scheduler\.metric: 'speedup' is not reported at each evaluation"),
+    ("gpu device without a gpu", variant(base={**BASE_SPACE["base"], "device": "cuda"}),
+     r"resources\.gpu: base\.device is cuda but trials get no GPU"),
+    ("negative resources", variant(resources={"cpu": -1}), r"resources\.cpu: must be >= 0"),
+    ("zero samples", variant(num_samples=0), r"num_samples: must be an integer >= 1"),
+    ("lambda and lambda_ffn together", variant(
+        base={**BASE_SPACE["base"], "method": "sigmoid_threshold"},
+        search={"lambda": {"type": "uniform", "low": 1, "high": 2}, "lambda_ffn": {"type": "uniform", "low": 1,
+                                                                                    "high": 2}}),
+     r"search\.lambda: sets lambda_attention and lambda_ffn; do not also search lambda_ffn"),
+    ("empty search", variant(search={}), r"search: expected a non-empty mapping"),
+    ("non-mapping param", with_search(temperature=[1, 2]), r"search\.temperature: expected a mapping with a type"),
+    ("optuna choice of lists", with_search(attention_block={"type": "choice", "values": [[16, 16], [32, 32]]}),
+     r"search\.attention_block\.values\[0\]: Optuna choices must be numbers"),
+]
+
+
+@pytest.mark.parametrize("values,pattern", [(v, p) for _, v, p in BAD_SPACES], ids=[n for n, _, _ in BAD_SPACES])
+def test_invalid_space_names_the_key(tmp_path, values, pattern):
+    path = write(tmp_path, values)
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert "\n" not in message
+    assert re.search(pattern, message), message
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("search: {target_density: {type: uniform, low: 0.2, high: [0.5}\n", r"not valid YAML"),
+    ("- a\n- b\n", r"expected a mapping of sweep keys at the top level, got list"),
+    ("", r"expected a mapping of sweep keys at the top level, got null"),
+    ("algorithm: optuna\nalgorithm: random\n", r"not valid YAML \(.*duplicate key 'algorithm'"),
+])
+def test_malformed_files(tmp_path, text, pattern):
+    path = write(tmp_path, text)
+    with pytest.raises(SpaceError, match=pattern):
+        load_space(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SpaceError, match=r"nothere\.yaml: search-space file not found"):
+        load_space(tmp_path / "nothere.yaml")
+
+
+def test_grid_values_may_be_lists_for_grid_and_random(tmp_path):
+    space = load_space(write(tmp_path, variant(algorithm="grid", search={
+        "attention_block": {"type": "grid", "values": [[16, 16], [32, 32]]}})))
+    cfg = trial_config(space, {"attention_block": [32, 32]}, "o", None)
+    assert cfg.attention_block == (32, 32)
+
+
+def test_method_may_be_searched_over_pruning_methods_only(tmp_path):
+    ok = load_space(write(tmp_path, with_search(method={"type": "choice", "values": ["topk", "sigmoid_threshold"]}),
+                          "ok.yaml"))
+    assert trial_config(ok, {"method": "sigmoid_threshold"}, "o", None).method is Method.SIGMOID_THRESHOLD
+    with pytest.raises(SpaceError, match=r"search\.method\.values\[0\]: a sweep prunes"):
+        load_space(write(tmp_path, with_search(method={"type": "choice", "values": ["dense", "topk"]}), "bad.yaml"))
