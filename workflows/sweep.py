@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ def _report_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
-def trial_main(config: dict[str, Any], space, teacher: str | None) -> None:
+def trial_main(config: dict[str, Any], space, teacher: str | None, cache_dir: str | None = None) -> None:
     """The Tune function trainable: one fine-pruning run, then packing and the final report."""
     import ray
     import torch
@@ -55,6 +55,8 @@ def trial_main(config: dict[str, Any], space, teacher: str | None) -> None:
     cpus = space.resources.get("cpu", 1) or 1
     torch.set_num_threads(max(1, int(cpus)))
     cfg = trial_config(space, dict(config), output_dir=str(trial_dir / "run"), teacher=teacher)
+    if cfg.cache_dir is None and cache_dir is not None:  # trials share one tokenization of the data
+        cfg = replace(cfg, cache_dir=cache_dir)
     node_id = ray.get_runtime_context().get_node_id()
 
     resume_from = None
@@ -188,8 +190,13 @@ def _teacher_cpus(resources: dict[str, Any]) -> float:
     import ray
 
     # Nothing else runs while the teacher trains: give it every CPU one node offers (at least the trials' share).
-    available = ray.available_resources().get("CPU", 1)
-    return max(float(resources.get("cpu", 1) or 1), min(float(available), float(os.cpu_count() or 1)))
+    # Per node, not summed over the cluster: a request for all of a multi-node cluster's CPUs fits no node. Only
+    # nodes with the GPUs the task asks for count (a CPU head node cannot run it).
+    gpus = float(resources.get("gpu", 0) or 0)
+    fitting = [float(node["Resources"].get("CPU", 0)) for node in ray.nodes()
+               if node.get("Alive") and float(node["Resources"].get("GPU", 0)) >= gpus]
+    available = float(ray.available_resources().get("CPU", 1))
+    return max(float(resources.get("cpu", 1) or 1), min(max(fitting, default=1.0), available))
 
 
 def _init_ray(address: str | None, storage: Path) -> None:
@@ -207,11 +214,19 @@ def _init_ray(address: str | None, storage: Path) -> None:
 
 
 def _forwarded_env() -> dict[str, str]:
-    keep = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", FAULT_ENV, "MLFLOW_TRACKING_URI", "TOKENIZERS_PARALLELISM")
+    keep = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", FAULT_ENV, "MLFLOW_TRACKING_URI", "TOKENIZERS_PARALLELISM",
+            "RAY_CHDIR_TO_TRIAL_DIR")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
+    # Trials keep their worker's working directory (the sweep's, or the job's working_dir on every node), so the
+    # space's relative paths mean the same in a trial as in the driver; trial outputs use absolute paths.
+    env.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    # Under `ray job submit` the job's own env_vars reach every worker already, and ray.init refuses a runtime
+    # env that names one of them again.
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    return {k: v for k, v in env.items() if k not in taken}
 
 
 def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_uri: str | None = None,
@@ -231,18 +246,19 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     space = load_space(space_path)
     experiment = experiment or space.name
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_TRACKING_URI
-    storage = Path(storage_path or "runs/ray").resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    sweep_dir = storage / experiment
+    storage_root, storage = _storage_roots(storage_path)
+    run_name = experiment
+    sweep_dir = f"{storage_root}/{run_name}"
     started = time.time()
 
     _init_ray(address, storage)
     try:
         teacher_dir, dense_metrics = ensure_teacher(space, storage / "teachers")
         client = tracking.client_for(tracking_uri)
-        if not resume and sweep_dir.exists() and tune.Tuner.can_restore(str(sweep_dir)):
+        if not resume and tune.Tuner.can_restore(sweep_dir):
             # A new sweep under a name already used gets a fresh directory; nothing written before is touched.
-            sweep_dir = storage / f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+            run_name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+            sweep_dir = f"{storage_root}/{run_name}"
         parent = tracking.start_parent_run(client, experiment, str(sweep_dir), _space_summary(space), resume)
         tracking.log_baseline(client, experiment, parent, dense_metrics, {"model": space.base.get("model", "")},
                               teacher_dir)
@@ -254,11 +270,12 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             return {**config_to_dict(cfg), **{f"searched.{k}": v for k, v in trial_params.items()}}
 
         callback = tracking.MlflowTrialCallback(tracking_uri, experiment, parent, params_of)
-        trainable = tune.with_parameters(trial_main, space=space, teacher=teacher_dir)
+        trainable = tune.with_parameters(trial_main, space=space, teacher=teacher_dir,
+                                         cache_dir=str(storage / "cache"))
         trainable = tune.with_resources(trainable, _tune_resources(space.resources))
         run_config = tune.RunConfig(
-            name=sweep_dir.name,
-            storage_path=str(storage),
+            name=run_name,
+            storage_path=storage_root,
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[callback],
@@ -305,6 +322,23 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
 
 def _tune_resources(resources: dict[str, Any]) -> dict[str, float]:
     return {"cpu": float(resources.get("cpu", 1) or 0), "gpu": float(resources.get("gpu", 0) or 0)}
+
+
+def _storage_roots(storage_path: str | None) -> tuple[str, Path]:
+    """Tune's storage root (an absolute local path, or a URI such as ``s3://bucket/prefix`` kept as it is) and the
+    local directory for what trials read by file path (trained teachers, the feature cache)."""
+    if storage_path and storage_path.startswith("file://"):
+        storage_path = storage_path[len("file://"):]
+    if storage_path and "://" in storage_path:
+        local = Path("runs/ray").resolve()
+        logger.info("checkpoints go to %s; teachers and caches stay in %s on each node (on a multi-node cluster, "
+                    "give teacher.path on a filesystem every node reads)", storage_path, local)
+        root = storage_path.rstrip("/")
+    else:
+        local = Path(storage_path or "runs/ray").resolve()
+        root = str(local)
+    local.mkdir(parents=True, exist_ok=True)
+    return root, local
 
 
 def frontier_summary(client, runs: list, space) -> dict[str, Any]:
@@ -372,7 +406,15 @@ def _log_summary(summary: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":  # `ray submit cluster.yaml workflows/sweep.py -- --space ...`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    _root = Path(__file__).resolve().parent.parent
+    if (_root / "workflows" / "cli.py").is_file():
+        sys.path.insert(0, str(_root))
+    else:
+        # `ray submit` runs a copy of this file from the home directory: work from the installed project instead,
+        # so that the space's relative paths (and runs/, reports/) mean what they mean in a checkout.
+        import workflows
+
+        os.chdir(Path(workflows.__file__).resolve().parent.parent)
     from workflows.cli import main
 
     sys.exit(main(["sweep", *sys.argv[1:]]))

@@ -1,0 +1,147 @@
+"""The smoke sweep end to end: real local Ray, real SQLite MLflow store, every trial killed once and retried."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def retried_sweep(tmp_path_factory):
+    """The smoke space with one retry per trial, and a fault that kills every trial's worker once."""
+    from workflows.sweep import FAULT_ENV, run_sweep
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    space.update(name="retried", max_failures=1, scheduler=None)
+    space_path = tmp / "retried.yaml"
+    space_path.write_text(yaml.safe_dump(space))
+    faults = tmp / "faults"
+    os.environ[FAULT_ENV] = str(faults)
+    try:
+        summary = run_sweep(space_path, tracking_uri=f"sqlite:///{tmp}/mlflow.db", storage_path=str(tmp / "ray"),
+                            report_dir=tmp / "report")
+    finally:
+        os.environ.pop(FAULT_ENV, None)
+    return {"summary": summary, "tmp": tmp, "space": space_path, "faults": faults}
+
+
+def _client(summary):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=summary["tracking_uri"])
+
+
+def _runs(summary):
+    from workflows import tracking
+
+    return tracking.trial_runs(_client(summary), summary["experiment"], summary["parent_run_id"],
+                               include_baseline=True)
+
+
+def test_every_trial_was_killed_once_retried_and_finished(retried_sweep):
+    summary = retried_sweep["summary"]
+    runs = _runs(summary)
+    trials = [r for r in runs if r.data.tags["fineprune.kind"] == "trial"]
+    assert len(trials) == 4
+    assert len(list(retried_sweep["faults"].glob("*.failed"))) == 4  # each worker died once ...
+    for run in trials:  # ... and each trial resumed from its checkpoint and finished, in one MLflow run
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["fineprune.status"] == "finished"
+        for key in ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup"):
+            assert math.isfinite(run.data.metrics[key]), key
+        assert run.data.params["method"] == "topk"
+        assert "searched.target_density" in run.data.params
+        assert run.data.tags.get("fineprune.packed_artifact") == "packed_model"
+    densities = sorted(round(r.data.metrics["linear_density"], 3) for r in trials)
+    assert len(set(densities)) > 1  # the search spread the trials over density
+    parent = _client(summary).get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in _client(summary).list_artifacts(summary["parent_run_id"])}
+    assert {"frontier.json", "frontier.png"} <= artifacts
+
+
+def test_frontier_tags_are_exactly_the_non_dominated_runs(retried_sweep):
+    summary = retried_sweep["summary"]
+    runs = [r for r in _runs(summary) if r.data.tags.get("fineprune.status") == "finished"]
+    points = [(r.data.metrics["f1"], r.data.metrics["linear_density"]) for r in runs]
+
+    def dominated(p):
+        return any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in points)
+
+    for run, point in zip(runs, points):
+        assert run.data.tags["pareto"] == ("false" if dominated(point) else "true")
+    tagged = {r.info.run_id for r in runs if r.data.tags["pareto"] == "true"}
+    assert {row["run_id"] for row in summary["frontier"]} == tagged
+    baseline = [r for r in runs if r.data.tags["fineprune.kind"] == "baseline"]
+    assert len(baseline) == 1 and baseline[0].data.metrics["linear_density"] == 1.0
+
+
+def test_champion_is_registered_once_and_answers(retried_sweep):
+    import mlflow
+    import pandas as pd
+
+    from workflows.registry import register_from_experiment
+
+    summary = retried_sweep["summary"]
+    champion = summary["champion"]
+    assert champion["registered"] and champion["model_uri"] == "models:/fineprune-smoke@champion"
+    client = _client(summary)
+    version = client.get_model_version_by_alias("fineprune-smoke", "champion")
+    assert version.tags["sweep_run_id"] == summary["parent_run_id"]
+    assert float(version.tags["linear_density"]) <= 0.8 + 1e-9  # the policy's density cap
+    before = len(client.search_model_versions("name = 'fineprune-smoke'"))
+    again = register_from_experiment(summary["experiment"], tracking_uri=summary["tracking_uri"])
+    assert again["version"] == champion["version"]
+    assert len(client.search_model_versions("name = 'fineprune-smoke'")) == before
+
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    model = mlflow.pyfunc.load_model("models:/fineprune-smoke@champion")
+    context = "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy."
+    out = model.predict(pd.DataFrame({"question": ["Who gave their name to Normandy?"], "context": [context]}))
+    assert list(out.columns) == ["answer", "score"]
+    assert out["answer"][0] and out["answer"][0] in context
+
+
+def test_resume_reruns_nothing_and_duplicates_no_runs(retried_sweep):
+    from workflows.sweep import run_sweep
+
+    summary = retried_sweep["summary"]
+    tmp = retried_sweep["tmp"]
+    results = sorted(Path(summary["sweep_dir"]).glob("*/result.json"))
+    lines_before = [len(p.read_text().splitlines()) for p in results]
+    runs_before = {r.info.run_id for r in _runs(summary)}
+    resumed = run_sweep(retried_sweep["space"], tracking_uri=summary["tracking_uri"],
+                        storage_path=str(tmp / "ray"), resume=True, report_dir=tmp / "report2")
+    assert resumed["parent_run_id"] == summary["parent_run_id"]
+    assert resumed["sweep_dir"] == summary["sweep_dir"]
+    assert {r.info.run_id for r in _runs(resumed)} == runs_before
+    assert [len(p.read_text().splitlines()) for p in results] == lines_before
+    assert all(r.info.status != "RUNNING" for r in _runs(resumed))
+
+
+def test_an_invalid_space_fails_before_ray_starts(tmp_path):
+    import ray
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nsearch:\n  target_density: {type: uniform, low: 0.9, high: 0.1}\nbase: {method: topk}\n")
+    from workflows.space import SpaceError
+    from workflows.sweep import run_sweep
+
+    with pytest.raises(SpaceError, match="search.target_density"):
+        run_sweep(bad, tracking_uri=f"sqlite:///{tmp_path}/m.db", storage_path=str(tmp_path / "ray"))
+    assert not ray.is_initialized()
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "m.db").exists()
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(bad)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert "bad.yaml" in lines[-1] and "search.target_density" in lines[-1]
