@@ -152,7 +152,7 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
                     input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
                 )
         version = client.create_model_version(name, source=info.model_uri, run_id=run_id,
-                                              tags={TAG_TRIAL_RUN: run_id})
+                                              tags={TAG_TRIAL_RUN: run_id}, model_id=info.model_id)
     metrics = run.data.metrics
     tags = {"sweep_run_id": parent_run_id, "policy": policy, TAG_TRIAL_RUN: run_id}
     for key in ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup"):

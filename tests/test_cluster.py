@@ -1,0 +1,369 @@
+"""Sweeps on a Ray cluster: ``cluster.yaml`` checks, and the smoke sweep submitted as a Ray job to a two-node
+cluster (token authentication on, an MLflow tracking server, shared checkpoint storage) started on one machine.
+
+Every process the two-node test starts is stopped by process id in the fixture's teardown, also when the test
+fails: never a machine-wide ``ray stop``, which would also end other Ray clusters on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "cluster.yaml"
+BIN = Path(sys.executable).parent  # the environment's console scripts: ray, mlflow, fineprune
+
+# Head-only tools the cluster installs besides the project (AWS autoscaler and S3 artifacts, Postgres store).
+CLUSTER_ONLY_PACKAGES = {"boto3", "psycopg2-binary"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# cluster.yaml
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster_config() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text(encoding="utf-8"))
+
+
+def _commands(config: dict, *keys: str) -> list[str]:
+    return [command for key in keys for command in config.get(key) or []]
+
+
+def _makefile_install_steps() -> list[list[str]]:
+    """The arguments of each ``pip install`` in the Makefile's setup recipe, in order, without ``--quiet``."""
+    lines = (REPO / "Makefile").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("$(STAMP):"))
+    steps = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        if "pip install" in line:
+            steps.append([arg for arg in shlex.split(line.split("pip install", 1)[1]) if arg != "--quiet"])
+    return steps
+
+
+def _requirement_name(spec: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", spec, maxsplit=1)[0].strip().lower()
+
+
+def test_cluster_yaml_is_a_valid_ray_cluster_config(cluster_config):
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text(encoding="utf-8"))
+    jsonschema.validate(cluster_config, schema)  # what `ray up` checks first
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "setup_commands",
+                "head_start_ray_commands", "worker_start_ray_commands", "file_mounts"):
+        assert cluster_config.get(key), key
+    assert cluster_config["provider"]["type"] == "aws"
+
+
+def test_cluster_has_a_cpu_head_and_autoscaling_one_gpu_workers(cluster_config):
+    types = cluster_config["available_node_types"]
+    head_name = cluster_config["head_node_type"]
+    assert head_name in types
+    assert types[head_name]["resources"].get("GPU", 0) == 0
+    assert types[head_name]["resources"].get("CPU", 0) >= 1  # CPU-only spaces can run trials there too
+    workers = {name: t for name, t in types.items() if name != head_name}
+    gpu_workers = [t for t in workers.values() if t["resources"].get("GPU") == 1]
+    assert gpu_workers, "no worker type with one GPU"
+    for worker in gpu_workers:
+        assert 0 <= worker["min_workers"] <= worker["max_workers"] <= cluster_config["max_workers"]
+        assert worker["max_workers"] >= 1
+        assert worker["resources"].get("CPU", 0) >= 1
+
+
+def test_cluster_installs_the_project_exactly_as_the_makefile_does(cluster_config):
+    mounts = {remote: local for remote, local in cluster_config["file_mounts"].items()}
+    project = next(remote for remote, local in mounts.items() if local in (".", "./"))
+    assert f"make -C {project} setup" in cluster_config["setup_commands"]
+    assert ".venv" in cluster_config["rsync_exclude"]  # the node builds its own environment
+
+    # The Makefile's steps, which the nodes run: the pinned torch first, then the project, then the shipped
+    # model and data without their dependencies.
+    steps = _makefile_install_steps()
+    pinned = [arg for step in steps for arg in step if _requirement_name(arg) == "torch"]
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert pinned and f'"{pinned[0]}"' in pyproject, "the Makefile's torch pin differs from pyproject.toml's"
+    first_torch = next(i for i, step in enumerate(steps) if pinned[0] in step)
+    editable = next(i for i, step in enumerate(steps) if "-e" in step)
+    assert first_torch < editable
+    assert any("--no-deps" in step for step in steps[editable + 1:])
+
+    # No node installs a project package on its own, so the cluster's versions cannot drift from the Makefile's.
+    project_names = {_requirement_name(arg) for step in steps for arg in step if not arg.startswith("-")}
+    project_names |= {_requirement_name(dep) for dep in re.findall(r'^\s*"([^"]+)",?$', pyproject, re.M)}
+    for command in _commands(cluster_config, "initialization_commands", "setup_commands", "head_setup_commands",
+                             "worker_setup_commands"):
+        if "pip install" not in command:
+            continue
+        installed = {_requirement_name(arg) for arg in shlex.split(command.split("pip install", 1)[1])
+                     if not arg.startswith("-")}
+        assert installed <= CLUSTER_ONLY_PACKAGES, command
+        assert not installed & project_names, command
+
+
+def test_cluster_runs_mlflow_and_token_auth_on_every_node(cluster_config):
+    head = " ".join(_commands(cluster_config, "head_start_ray_commands"))
+    assert "mlflow server" in head
+    assert "--backend-store-uri" in head and "MLFLOW_BACKEND_STORE_URI" in head
+    assert "--artifacts-destination" in head or "--default-artifact-root" in head
+    assert "--host 0.0.0.0" not in head  # the tracking server stays on the private network
+    assert "ray start --head" in head
+    assert "ray start --address" in " ".join(cluster_config["worker_start_ray_commands"])
+    # MLFLOW_TRACKING_URI points the driver (head) and the workers at the server.
+    assert "MLFLOW_TRACKING_URI" in " ".join(cluster_config["head_setup_commands"])
+    assert "MLFLOW_TRACKING_URI" in " ".join(cluster_config["worker_setup_commands"])
+    # Every node gets the same token and runs Ray with token authentication.
+    assert any("auth_token" in remote for remote in cluster_config["file_mounts"])
+    assert "export RAY_AUTH_MODE=token" in " ".join(cluster_config["setup_commands"])
+
+
+def test_reference_space_trials_fit_a_gpu_worker(cluster_config):
+    """Trials take the space's resources: the reference space's trial must fit one node type, or it never runs."""
+    from workflows.space import load_space
+    from workflows.sweep import _tune_resources
+
+    need = _tune_resources(load_space(REPO / "tune_spaces" / "bert_base_squad.yaml").resources)
+    assert need["gpu"] > 0
+    fitting = [name for name, node in cluster_config["available_node_types"].items()
+               if node["resources"].get("CPU", 0) >= need["cpu"] and node["resources"].get("GPU", 0) >= need["gpu"]]
+    assert fitting and cluster_config["head_node_type"] not in fitting
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Driver-side helpers for clusters
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_storage_uris_are_kept_and_local_paths_resolved(tmp_path, monkeypatch):
+    from workflows.sweep import _storage_roots
+
+    monkeypatch.chdir(tmp_path)
+    root, local = _storage_roots("s3://bucket/fineprune/ray/")
+    assert root == "s3://bucket/fineprune/ray"  # not squashed into a local path
+    assert local == tmp_path / "runs" / "ray" and local.is_dir()
+    root, local = _storage_roots("shared/ray")
+    assert root == str(tmp_path / "shared" / "ray") and local == tmp_path / "shared" / "ray" and local.is_dir()
+    root, local = _storage_roots(f"file://{tmp_path}/nfs")
+    assert root == str(tmp_path / "nfs") and local == tmp_path / "nfs"
+    assert _storage_roots(None) == (str(tmp_path / "runs" / "ray"), tmp_path / "runs" / "ray")
+
+
+def test_forwarded_env_leaves_a_jobs_own_variables_to_the_job(monkeypatch):
+    from workflows.sweep import _forwarded_env
+
+    for name in ("HF_HUB_OFFLINE", "RAY_CHDIR_TO_TRIAL_DIR", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(name, raising=False)
+    env = _forwarded_env()
+    assert env["HF_HUB_OFFLINE"] == "1" and env["RAY_CHDIR_TO_TRIAL_DIR"] == "0"
+    # Under `ray job submit`, ray.init refuses a runtime env that names one of the job's variables again.
+    job = {"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}, "working_dir": "gcs://pkg.zip"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    env = _forwarded_env()
+    assert "HF_HUB_OFFLINE" not in env and env["RAY_CHDIR_TO_TRIAL_DIR"] == "0"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A two-node cluster on one machine
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _processes_mentioning(root: Path) -> list[int]:
+    """Ids of the processes whose command line names ``root``: every Ray process of a cluster whose temp dir is
+    under it, and the job's driver (its storage path is under it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if str(root) in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _stop_processes_mentioning(root: Path) -> None:
+    _signal(_processes_mentioning(root), signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while _processes_mentioning(root) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    _signal(_processes_mentioning(root), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(root) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def _ray_start(args: list[str], env: dict[str, str]) -> None:
+    done = subprocess.run([str(BIN / "ray"), "start", *args], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, f"ray start {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def _node_ports(head: bool) -> list[str]:
+    """Explicit free ports for everything a Ray node listens on, so two nodes (and other clusters) never clash."""
+    names = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
+    if head:
+        names += ["--ray-client-server-port"]
+    return [f"{name}={port}" for name, port in zip(names, _free_ports(len(names)))]
+
+
+def _wait_for_http(url: str, timeout: float, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "the MLflow server exited"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A head and a worker node (one CPU each, token authentication on), and an MLflow server with a SQLite store.
+
+    Everything lives under one fresh directory (short, for Ray's socket paths); teardown stops every process
+    whose command line names it, and the MLflow server's process group.
+    """
+    root = Path(tempfile.mkdtemp(prefix="fpc-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    gcs_port, dashboard_port, mlflow_port = _free_ports(3)
+    storage = root / "storage"
+    storage.mkdir()
+    server = None
+    try:
+        with open(root / "mlflow.log", "wb") as log:
+            server = subprocess.Popen(
+                [str(BIN / "mlflow"), "server", "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                 "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "-h", "127.0.0.1",
+                 "-p", str(mlflow_port)],
+                env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        common = ["--num-cpus=1", "--num-gpus=0", f"--object-store-memory={200 * 1024 ** 2}",
+                  "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+        # Each node gets its own temp dir, as on separate machines: a node deletes the job's unpacked working
+        # directory under its temp dir when it no longer needs it, which must not be the driver's.
+        _ray_start(["--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                    f"--temp-dir={root / 'head'}", *common, *_node_ports(head=True)], env)
+        _ray_start([f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={root / 'node'}", *common,
+                    *_node_ports(head=False)], env)
+        _wait_for_http(f"http://127.0.0.1:{mlflow_port}/health", 180, server)
+        yield {"root": root, "env": env, "dashboard": f"http://127.0.0.1:{dashboard_port}",
+               "tracking_uri": f"http://127.0.0.1:{mlflow_port}", "storage": storage}
+    finally:
+        _stop_processes_mentioning(root)
+        if server is not None:
+            try:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(server.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        assert not _processes_mentioning(root), "processes of the test cluster outlived its teardown"
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _cluster_node_ids(cluster: dict) -> set[str]:
+    done = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", cluster["dashboard"], "--format", "json"],
+                          env=cluster["env"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {node["node_id"] for node in json.loads(done.stdout) if node["state"] == "ALIVE"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the cluster's processes in /proc")
+def test_smoke_sweep_as_a_job_on_two_nodes(two_node_cluster):
+    from mlflow.tracking import MlflowClient
+
+    cluster = two_node_cluster
+    experiment = "cluster-smoke"
+    runtime_env = {
+        # What a job does not need: local environments and results (working_dir uploads the rest).
+        "excludes": [".venv", "runs", "mlruns", "mlartifacts", "reports", "outputs", ".git", "__pycache__",
+                     ".pytest_cache", ".hypothesis", "*.egg-info"],
+        # A job-level variable the sweep also forwards to its workers: the two must not clash.
+        "env_vars": {"HF_HUB_OFFLINE": "1"},
+    }
+    entrypoint = [str(BIN / "fineprune"), "sweep", "--space", "tune_spaces/smoke.yaml", "--experiment", experiment,
+                  "--tracking-uri", cluster["tracking_uri"], "--storage-path", str(cluster["storage"])]
+    job = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint],
+        env=cluster["env"], capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, f"the job failed:\n{job.stdout[-6000:]}\n{job.stderr[-3000:]}"
+    summaries = [json.loads(line) for line in job.stdout.splitlines()
+                 if line.startswith("{") and '"parent_run_id"' in line]
+    assert summaries, f"no sweep summary in the job's output:\n{job.stdout[-3000:]}"
+    summary = summaries[-1]
+
+    # Checkpoints went to the shared storage path.
+    sweep_dir = Path(summary["sweep_dir"])
+    assert sweep_dir.parent == cluster["storage"]
+    assert list(sweep_dir.rglob("checkpoint_*")), "no trial checkpoint in the shared storage"
+
+    # The server holds the sweep: every trial finished, and the trials ran on both nodes of the cluster.
+    client = MlflowClient(tracking_uri=cluster["tracking_uri"])
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    trials = client.search_runs([exp.experiment_id],
+                                filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                              "and tags.`fineprune.kind` = 'trial'")
+    assert len(trials) == 4
+    assert all(run.info.status in ("FINISHED", "KILLED") for run in trials)
+    nodes = {run.data.tags.get("fineprune.node_id") for run in trials}
+    assert None not in nodes
+    assert len(nodes) == 2, f"all trials ran on one node: {nodes}"
+    assert nodes == _cluster_node_ids(cluster)
+
+    # The champion is registered on the server, from one of this sweep's trials.
+    name = yaml.safe_load((REPO / "tune_spaces" / "smoke.yaml").read_text())["registry"]["name"]
+    version = client.get_model_version_by_alias(name, "champion")
+    assert version.run_id in {run.info.run_id for run in trials}
+    assert summary["champion"]["registered"] and summary["champion"]["version"] == str(version.version)
