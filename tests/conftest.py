@@ -40,3 +40,36 @@ def _one_thread_per_test_process():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory) -> dict:
+    """One real sweep of ``tune_spaces/smoke.yaml`` per test session, shared by every test that reads a sweep back.
+
+    Local Ray on 2 CPUs and an SQLite MLflow store in a temporary directory. Returns ``run_sweep``'s summary:
+    ``experiment``, ``tracking_uri``, ``parent_run_id``, ``champion`` (with ``model_uri``), ``frontier``,
+    ``report`` (paths of the report it wrote), ``sweep_dir``, ...
+    """
+    import logging
+    from pathlib import Path
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from workflows.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("smoke_sweep")
+    space = Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml"
+    tracking_uri = f"sqlite:///{root}/mlflow.db"
+    # Created up front so that artifacts (packed and registered models) stay in the temporary directory too; an
+    # experiment created by the sweep would put them under ./mlruns of the working directory.
+    MlflowClient(tracking_uri=tracking_uri).create_experiment("smoke", artifact_location=(root / "artifacts").as_uri())
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Started here (run_sweep reuses a running Ray and shuts it down at its end) to pin the CPU count.
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, runtime_env={"env_vars": env})
+    try:
+        return run_sweep(space, experiment="smoke", tracking_uri=tracking_uri, storage_path=str(root / "ray"),
+                         report_dir=root / "report")
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()

@@ -76,6 +76,11 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         model_dir = context.artifacts["model_dir"]
         self.model = load_model(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
+        # The windows the model was trained and evaluated with, never longer than its position embeddings.
+        settings = dict(getattr(context, "model_config", None) or {})
+        limit = int(self.model.config.max_position_embeddings)
+        self.max_seq_length = min(int(settings.get("max_seq_length", 384)), limit)
+        self.doc_stride = min(int(settings.get("doc_stride", 128)), self.max_seq_length // 2)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         from pruning.inference import answer_batch
@@ -85,7 +90,8 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         if missing:
             raise ValueError(f"input needs the columns question and context (missing: {', '.join(sorted(missing))})")
         answers = answer_batch(self.model, self.tokenizer, frame["question"].astype(str).tolist(),
-                               frame["context"].astype(str).tolist())
+                               frame["context"].astype(str).tolist(), max_seq_length=self.max_seq_length,
+                               doc_stride=self.doc_stride)
         return pd.DataFrame({"answer": [a.text for a in answers], "score": [float(a.score) for a in answers]})
 
 
@@ -149,6 +155,8 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
                     code_paths=[str(package_dir)],
                     pip_requirements=PIP_REQUIREMENTS,
                     signature=SIGNATURE,
+                    model_config={key: int(run.data.params[key]) for key in ("max_seq_length", "doc_stride")
+                                  if key in run.data.params},
                     input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
                 )
         version = client.create_model_version(name, source=info.model_uri, run_id=run_id,

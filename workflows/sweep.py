@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
@@ -50,11 +51,13 @@ def trial_main(config: dict[str, Any], space, teacher: str | None, cache_dir: st
     from pruning.trainer import train
     from workflows.space import trial_config
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     context = tune.get_context()
-    trial_dir = Path(context.get_trial_dir())
+    # Training writes (and atomically replaces) checkpoints; keep that churn out of the directory Tune syncs.
+    work_dir = Path(tempfile.gettempdir()) / "fineprune-trials" / context.get_experiment_name() / context.get_trial_id()
     cpus = space.resources.get("cpu", 1) or 1
     torch.set_num_threads(max(1, int(cpus)))
-    cfg = trial_config(space, dict(config), output_dir=str(trial_dir / "run"), teacher=teacher)
+    cfg = trial_config(space, dict(config), output_dir=str(work_dir / "run"), teacher=teacher)
     if cfg.cache_dir is None and cache_dir is not None:  # trials share one tokenization of the data
         cfg = replace(cfg, cache_dir=cache_dir)
     node_id = ray.get_runtime_context().get_node_id()
@@ -62,7 +65,7 @@ def trial_main(config: dict[str, Any], space, teacher: str | None, cache_dir: st
     resume_from = None
     restored = tune.get_checkpoint()
     if restored is not None:
-        local = Path(restored.to_directory(str(trial_dir / "restored")))
+        local = Path(restored.to_directory(str(work_dir / "restored")))
         kind = json.loads((local / CHECKPOINT_KIND).read_text()) if (local / CHECKPOINT_KIND).exists() else {}
         if kind.get("kind") == "packed":  # everything was done; report the final result again
             tune.report({**kind["metrics"], "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(str(local)))
@@ -89,10 +92,11 @@ def trial_main(config: dict[str, Any], space, teacher: str | None, cache_dir: st
                 logger.warning("fault injection: killing the worker of trial %s", context.get_trial_id())
                 os._exit(1)
 
+    logger.info("trial %s: %s", context.get_trial_id(), ", ".join(f"{k}={v}" for k, v in config.items()))
     metrics = train(cfg, report=report, resume_from=resume_from, progress=False)
-    final = _pack_and_measure(metrics, trial_dir / "packed", space)
+    packed_dir = work_dir / "packed"
+    final = _pack_and_measure(metrics, packed_dir, space)
     final.update({"node_id": node_id, "final": True})
-    packed_dir = trial_dir / "packed"
     (packed_dir / CHECKPOINT_KIND).write_text(json.dumps({"kind": "packed", "metrics": final}))
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(packed_dir)))
 
@@ -111,6 +115,8 @@ def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space) -> dict[
     tokenizer = load_tokenizer(model_dir)
     packed = pack(masked)
     save_packed(packed, tokenizer, packed_dir, overwrite=True)
+    logger.info("packed %s: %d -> %d parameters", model_dir, sum(p.numel() for p in masked.parameters()),
+                sum(p.numel() for p in packed.parameters()))
 
     # Same logits on a random batch: the packed model is the masked model, only smaller.
     generator = torch.Generator().manual_seed(0)
@@ -126,6 +132,8 @@ def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space) -> dict[
     timing = compare_latency(dense, packed, batch_size=int(speed.get("batch_size", 1)),
                              seq_len=min(int(speed.get("seq_len", 128)), masked.config.max_position_embeddings),
                              repeats=int(speed.get("repeats", 10)), warmup=2)
+    logger.info("speedup dense/packed %.2f (batch %s, seq %s, %s repeats); max |logit diff| %.2e", timing["ratio"],
+                speed.get("batch_size", 1), speed.get("seq_len", 128), speed.get("repeats", 10), max_diff)
     final = _report_metrics(metrics)
     final.pop("model_dir", None)
     final.update({"speedup": float(timing["ratio"]), "max_logit_diff": max_diff,

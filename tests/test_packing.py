@@ -1,0 +1,324 @@
+import copy
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+
+from pruning import masks
+from pruning.bench import compare_latency, flop_ratio, latency, linear_flops
+from pruning.packing import (
+    EmptySelfAttention,
+    PackingError,
+    is_packed,
+    is_packed_dir,
+    load_packed,
+    max_logit_diff,
+    pack,
+    pack_report,
+    save_packed,
+)
+from pruning.resources import shipped_model_dir
+from pruning.sparsity import sparsity_report
+
+HIDDEN, LAYERS, INTER, VOCAB = 64, 2, 128, 100
+
+
+def tiny_model(num_heads=4, seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=num_heads,
+                        intermediate_size=INTER, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertForQuestionAnswering(config).eval()
+
+
+def sample_inputs(seed=1, batch=3, seq=16):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, seq // 2:] = 0  # one padded row exercises the attention mask path
+    return dict(input_ids=torch.randint(0, VOCAB, (batch, seq), generator=g), attention_mask=mask,
+                token_type_ids=torch.zeros(batch, seq, dtype=torch.long))
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return torch.stack([out.start_logits, out.end_logits])
+
+
+def masked_model(num_heads, block, removed_heads, ffn_removed, inner_fraction, seed):
+    """A masked tiny model: ``removed_heads[l][h]`` prunes every q/k/v block of head h, ``ffn_removed[l]`` lists
+    pruned FFN dimensions, and a random ``inner_fraction`` of the remaining attention blocks is pruned too."""
+    model = tiny_model(num_heads, seed)
+    masks.apply_masks_(model, "sigmoid_threshold", block, mask_init=5.0)
+    masks.set_threshold(model, 0.5)
+    head_dim = HIDDEN // num_heads
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer, heads, dims in zip(model.bert.encoder.layer, removed_heads, ffn_removed):
+            attention = layer.attention.self
+            for linear in (attention.query, attention.key, attention.value, layer.attention.output.dense):
+                inner = torch.rand(linear.mask_scores.shape, generator=g) < inner_fraction
+                linear.mask_scores[inner] = -5.0
+            rows_per_head = head_dim // block[0]
+            for h, removed in enumerate(heads):
+                if removed:
+                    for linear in (attention.query, attention.key, attention.value):
+                        linear.mask_scores[h * rows_per_head:(h + 1) * rows_per_head] = -5.0
+            layer.intermediate.dense.mask_scores[list(dims)] = -5.0
+    return model
+
+
+@st.composite
+def prune_plans(draw):
+    num_heads = draw(st.sampled_from([2, 4]))
+    head_dim = HIDDEN // num_heads
+    block = (draw(st.sampled_from([b for b in (8, 16, 32) if head_dim % b == 0])), draw(st.sampled_from([8, 16, 64])))
+    removed_heads = draw(st.lists(st.lists(st.booleans(), min_size=num_heads, max_size=num_heads),
+                                  min_size=LAYERS, max_size=LAYERS))
+    ffn_removed = draw(st.lists(st.one_of(st.just(frozenset()), st.just(frozenset(range(INTER))),
+                                          st.frozensets(st.integers(0, INTER - 1))),
+                                min_size=LAYERS, max_size=LAYERS))
+    inner_fraction = draw(st.sampled_from([0.0, 0.3]))
+    seed = draw(st.integers(0, 2**16))
+    return num_heads, block, removed_heads, ffn_removed, inner_fraction, seed
+
+
+ALL_GONE = (4, (16, 16), [[True] * 4, [False, True, False, False]], [frozenset(), frozenset(range(INTER))], 0.3, 7)
+NOTHING_GONE = (2, (8, 8), [[False, False], [False, False]], [frozenset(), frozenset()], 0.0, 3)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=prune_plans())
+@example(plan=ALL_GONE)
+@example(plan=NOTHING_GONE)
+def test_packed_logits_equal_masked_logits(plan):
+    num_heads, block, removed_heads, ffn_removed, _, _ = plan
+    model = masked_model(*plan)
+    packed = pack(model)
+    x = sample_inputs()
+    assert (logits(model, x) - logits(packed, x)).abs().max() <= 1e-4
+
+    # Packing removes exactly what the sparsity report calls removed, and at least what the masks cut.
+    before = sparsity_report(model)
+    head_dim = HIDDEN // num_heads
+    for i, layer in enumerate(packed.bert.encoder.layer):
+        kept = before.layers[i].heads_kept.nonzero().flatten().tolist()
+        assert packed.config.fineprune_heads_kept[i] == kept
+        assert not set(kept) & {h for h, removed in enumerate(removed_heads[i]) if removed}
+        assert layer.attention.self.value.out_features == len(kept) * head_dim
+        assert layer.attention.output.dense.in_features == len(kept) * head_dim
+        assert isinstance(layer.attention.self, EmptySelfAttention) == (not kept)
+        width = int(before.layers[i].ffn_kept.sum())
+        assert width <= INTER - len(ffn_removed[i])
+        assert packed.config.fineprune_ffn_widths[i] == width
+        assert layer.intermediate.dense.out_features == layer.output.dense.in_features == width
+    after = sparsity_report(packed)
+    assert after.heads_removed_per_layer == before.heads_removed_per_layer
+    assert after.ffn_kept_per_layer == before.ffn_kept_per_layer
+    assert after.linear_density == pytest.approx(before.linear_density)
+
+
+def test_layer_without_heads_and_ffn_yields_biases_only():
+    model = masked_model(*ALL_GONE)
+    packed = pack(model)
+    layer0, layer1 = packed.bert.encoder.layer
+    assert isinstance(layer0.attention.self, EmptySelfAttention)
+    assert tuple(layer0.attention.output.dense.weight.shape) == (HIDDEN, 0)
+    assert tuple(layer1.intermediate.dense.weight.shape) == (0, HIDDEN)
+    assert tuple(layer1.output.dense.weight.shape) == (HIDDEN, 0)
+    hidden = torch.randn(2, 5, HIDDEN)
+    context, weights = layer0.attention.self(hidden)
+    assert context.shape == (2, 5, 0) and weights is None
+    assert torch.equal(layer0.attention.output.dense(context), layer0.attention.output.dense.bias.expand(2, 5, -1))
+
+
+def test_plain_model_with_zeroed_structure_is_packed():
+    model = tiny_model(num_heads=4)
+    with torch.no_grad():
+        layer0, layer1 = model.bert.encoder.layer
+        layer0.attention.self.value.weight[16:32] = 0  # head 1: value rows and bias zero
+        layer0.attention.self.value.bias[16:32] = 0
+        layer1.attention.output.dense.weight[:, 48:] = 0  # head 3: output columns zero
+        layer1.intermediate.dense.weight[:10] = 0
+        layer1.intermediate.dense.bias[:10] = 0
+        layer0.output.dense.weight[:, 100:] = 0
+    packed = pack(model)
+    assert packed.config.fineprune_heads_kept == [[0, 2, 3], [0, 1, 2]]
+    assert packed.config.fineprune_ffn_widths == [100, INTER - 10]
+    x = sample_inputs()
+    assert (logits(model, x) - logits(packed, x)).abs().max() <= 1e-4
+
+
+def test_dense_model_keeps_every_shape():
+    model = tiny_model()
+    packed = pack(model)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    assert {name: p.shape for name, p in packed.named_parameters()} == shapes
+    assert packed.config.fineprune_heads_kept == [[0, 1, 2, 3]] * LAYERS
+    assert packed.config.fineprune_ffn_widths == [INTER] * LAYERS
+    assert torch.equal(logits(model, sample_inputs()), logits(packed, sample_inputs()))
+
+
+def test_pack_leaves_its_input_untouched():
+    model = masked_model(*ALL_GONE)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [(name, type(m)) for name, m in model.named_modules()]
+    modes = [(m.mode, m.threshold) for _, m in masks.masked_modules(model)]
+    packed = pack(model)
+    assert model.training and not packed.training
+    assert [(name, type(m)) for name, m in model.named_modules()] == modules
+    assert [(m.mode, m.threshold) for _, m in masks.masked_modules(model)] == modes
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert not is_packed(model) and is_packed(packed)
+    assert not hasattr(model.config, "fineprune_heads_kept")
+
+
+def test_packing_a_packed_model_keeps_original_head_indices():
+    packed = pack(masked_model(*ALL_GONE))
+    assert packed.config.fineprune_heads_kept == [[], [0, 2, 3]]
+    with torch.no_grad():  # drop original head 2, the second head left in layer 1
+        packed.bert.encoder.layer[1].attention.self.value.weight[16:32] = 0
+        packed.bert.encoder.layer[1].attention.self.value.bias[16:32] = 0
+    again = pack(packed)
+    assert again.config.fineprune_heads_kept == [[], [0, 3]]
+    assert again.bert.encoder.layer[1].attention.self.num_attention_heads == 2
+    x = sample_inputs()
+    assert (logits(packed, x) - logits(again, x)).abs().max() <= 1e-4
+
+
+def test_save_and_load_give_identical_logits(tmp_path):
+    model = masked_model(*ALL_GONE)
+    packed = pack(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(shipped_model_dir()))
+    out = save_packed(packed, tokenizer, tmp_path / "packed")
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "tokenizer.json").is_file()
+    assert is_packed_dir(out) and not is_packed_dir(tmp_path)
+    record = json.loads((out / "config.json").read_text())
+    assert record["fineprune_packed"] is True
+    assert record["fineprune_heads_kept"] == packed.config.fineprune_heads_kept
+    assert record["fineprune_ffn_widths"] == packed.config.fineprune_ffn_widths
+
+    loaded = load_packed(out)
+    assert not loaded.training and is_packed(loaded)
+    assert all(t.device.type == "cpu" for t in [*loaded.parameters(), *loaded.buffers()])
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in packed.state_dict().items()}
+    x = sample_inputs()
+    assert torch.equal(logits(loaded, x), logits(packed, x))
+    assert sparsity_report(loaded).heads_removed == sparsity_report(model).heads_removed
+
+
+def test_save_refuses_a_non_empty_directory_unless_told(tmp_path):
+    packed = pack(tiny_model())
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(PackingError, match="not empty"):
+        save_packed(packed, None, target)
+    save_packed(packed, None, target, overwrite=True)
+    assert (target / "notes.txt").read_text() == "keep me"
+    assert is_packed_dir(target)
+    with pytest.raises(PackingError, match="unpacked"):
+        save_packed(tiny_model(), None, tmp_path / "other")
+
+
+def test_parameter_counts_match_the_report(tmp_path):
+    model = masked_model(4, (8, 16), [[True, False, True, False], [False] * 4], [frozenset(range(40)), frozenset()],
+                         0.3, 11)
+    packed = pack(model)
+    x = sample_inputs()
+    report = pack_report(model, packed, inputs=x, packed_dir=save_packed(packed, None, tmp_path / "p"))
+    assert report.params_after == sum(p.numel() for p in packed.parameters())
+    assert report.params_after == sum(p.numel() for p in load_packed(tmp_path / "p").parameters())
+    assert report.params_before == sum(p.numel() for n, p in model.named_parameters() if "mask_scores" not in n)
+    assert report.params_before - report.params_after == report.linear_params_before - report.linear_params_after
+    expected = sparsity_report(model)
+    assert report.heads_removed == expected.heads_removed
+    assert report.heads_removed_per_layer == expected.heads_removed_per_layer
+    assert report.ffn_widths == expected.ffn_kept_per_layer
+    assert report.linear_density == pytest.approx(expected.linear_density)
+    assert report.max_abs_logit_diff <= 1e-4
+    assert report.flop_ratio > 1.0
+    assert report.packed_file_bytes == (tmp_path / "p" / "model.safetensors").stat().st_size
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["heads_kept"] == packed.config.fineprune_heads_kept and data["latency_ratio"] is None
+
+
+def test_missing_and_broken_directories_raise_packing_error(tmp_path):
+    with pytest.raises(PackingError, match="nowhere"):
+        load_packed(tmp_path / "nowhere")
+    packed_dir = save_packed(pack(masked_model(*ALL_GONE)), None, tmp_path / "packed")
+    weights = packed_dir / "model.safetensors"
+    original = weights.read_bytes()
+
+    weights.write_bytes(b"\x00\x01 this is not a safetensors file")
+    with pytest.raises(PackingError, match="model.safetensors") as caught:
+        load_packed(packed_dir)
+    assert "\n" not in str(caught.value)
+    weights.write_bytes(original[: len(original) // 2])  # truncated
+    with pytest.raises(PackingError, match="model.safetensors"):
+        load_packed(packed_dir)
+    weights.unlink()
+    with pytest.raises(PackingError, match="model.safetensors"):
+        load_packed(packed_dir)
+    weights.write_bytes(original)
+
+    config_file = packed_dir / "config.json"
+    record = json.loads(config_file.read_text())
+    record["fineprune_ffn_widths"][0] -= 1  # config and weights disagree
+    config_file.write_text(json.dumps(record))
+    with pytest.raises(PackingError, match="model.safetensors.*shape"):
+        load_packed(packed_dir)
+    record["fineprune_heads_kept"][1] = [0, 9]  # no such head
+    config_file.write_text(json.dumps(record))
+    with pytest.raises(PackingError, match="config.json"):
+        load_packed(packed_dir)
+
+
+def test_an_unpacked_directory_is_refused(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "dense")
+    assert not is_packed_dir(tmp_path / "dense")
+    with pytest.raises(PackingError, match="not a packed model"):
+        load_packed(tmp_path / "dense")
+
+
+def test_flop_count_follows_the_shapes():
+    model = tiny_model()
+    seq = 32
+    per_layer = 2 * seq * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * INTER) + 2 * seq * seq * 2 * HIDDEN
+    assert linear_flops(model, seq) == LAYERS * per_layer
+    assert linear_flops(model, seq, batch_size=3) == 3 * LAYERS * per_layer
+    assert flop_ratio(model, pack(model), seq) == 1.0
+    packed = pack(masked_model(*ALL_GONE))
+    half_heads = 2 * seq * 3 * HIDDEN * 16 * 4 + 2 * seq * seq * 2 * 16 * 3  # layer 1: 3 heads of 16
+    ffn = 2 * seq * 2 * HIDDEN * INTER  # layer 0 keeps its FFN, layer 1 has none
+    assert linear_flops(packed, seq) == half_heads + ffn
+    assert linear_flops(masked_model(*ALL_GONE), seq) == LAYERS * per_layer  # masks do not shrink shapes
+
+
+def test_latency_helpers_time_both_models_and_restore_their_mode():
+    dense = tiny_model()
+    packed = pack(masked_model(*ALL_GONE))
+    dense.train()
+    result = compare_latency(dense, packed, batch_size=2, seq_len=16, repeats=3, warmup=1)
+    assert dense.training and not packed.training
+    assert len(result["times_a_s"]) == len(result["times_b_s"]) == 3
+    assert result["ratio"] == pytest.approx(result["median_a_s"] / result["median_b_s"])
+    assert len(latency(packed, batch_size=1, seq_len=8, repeats=2, warmup=0)) == 2
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        latency(dense, seq_len=65)
+
+
+def test_max_logit_diff_sees_a_change():
+    model = tiny_model()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.qa_outputs.bias += 0.5
+    x = sample_inputs()
+    assert max_logit_diff(model, copy.deepcopy(model), x) == 0.0
+    assert max_logit_diff(model, other, x) == pytest.approx(0.5, abs=1e-5)
