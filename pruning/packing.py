@@ -50,6 +50,7 @@ __all__ = [
     "is_packed_dir",
     "is_packed",
     "pack_report",
+    "pack_checkpoint",
     "max_logit_diff",
     "weights_bytes",
 ]
@@ -469,3 +470,42 @@ def pack_report(masked_model: nn.Module, packed_model: nn.Module, *, seq_len: in
     if packed_dir is not None:
         report.packed_file_bytes = weights_bytes(packed_dir)
     return report
+
+
+def pack_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str = "dev", questions: int = 16,
+                    overwrite: bool = False, latency_repeats: int = 10) -> dict[str, Any]:
+    """``fineprune pack``: pack a pruned checkpoint into ``out_dir`` and report what changed.
+
+    The logits of the masked and the packed model are compared on real questions (the first ``questions`` of
+    ``data``), and the dense shape is timed against the packed model (batch 1, the longest window the model takes,
+    at most 384 tokens).
+
+    Returns:
+        The :class:`PackReport` as a dict, with ``out_dir`` added.
+    """
+    from .bench import compare_latency
+    from .checkpoint import load_model, load_tokenizer
+    from .masks import remove_masks_
+    from .resources import resolve_data
+    from .squad import load_squad, prepare_eval_features
+
+    checkpoint = Path(checkpoint)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise PackingError(f"{out_dir}: directory exists and is not empty (pass --overwrite to replace it)")
+    masked = load_model(checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
+    packed = pack(masked)
+    save_packed(packed, tokenizer, out_dir, overwrite=overwrite)
+    seq_len = min(384, int(masked.config.max_position_embeddings))
+    examples = load_squad(resolve_data(data), limit=questions)
+    inputs = prepare_eval_features(examples, tokenizer, max_seq_length=seq_len,
+                                   doc_stride=min(128, seq_len // 2)).model_inputs()
+    dense = remove_masks_(copy.deepcopy(masked)).eval()
+    timing = compare_latency(dense, packed, batch_size=1, seq_len=seq_len, repeats=latency_repeats, warmup=2)
+    report = pack_report(masked, packed, seq_len=seq_len, inputs=inputs, dense_dir=checkpoint, packed_dir=out_dir,
+                         latency_ratio=float(timing["ratio"]))
+    result = report.to_dict()
+    result["out_dir"] = str(out_dir)
+    result["logit_check_windows"] = int(inputs["input_ids"].shape[0])
+    return result
