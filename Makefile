@@ -29,5 +29,9 @@ test-slow: setup
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/fineprune sweep --space $(SPACE)
 
+bench: setup
+	$(BIN)/python bench/train_overhead.py
+	$(BIN)/python bench/pack_speed.py
+
 clean:
 	rm -rf $(VENV) runs mlruns mlartifacts mlflow.db reports
