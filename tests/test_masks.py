@@ -120,7 +120,7 @@ def test_topk_reaches_its_density_exactly_per_matrix_and_globally():
             weights_per_score = module.block[0] * module.block[1]
             # FFN scores mask a row of the first linear and a column of the second
             factor = 2 if module.block[0] == 1 else 1
-            kept += float(mask.sum()) * weights_per_score * factor
+            kept += float(mask.detach().sum()) * weights_per_score * factor
             total += mask.numel() * weights_per_score * factor
             if not global_topk:
                 assert float(mask.mean()) == 0.5
