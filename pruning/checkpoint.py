@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, PreTrainedTokenizerBase
@@ -68,6 +68,17 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: weights file not found")
     try:
         return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: corrupted or unreadable safetensors file ({err})") from None
+
+
+def _check_weights(path: Path) -> None:
+    """Read only the safetensors header (names, shapes, offsets); the tensors are left for the real load."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: corrupted or unreadable safetensors file ({err})") from None
 
@@ -184,7 +195,7 @@ def load_model(model_dir: str | Path) -> nn.Module:
     if settings is None:
         if not (model_dir / WEIGHTS).is_file():
             raise CheckpointError(f"{model_dir / WEIGHTS}: weights file not found")
-        _load_weights(model_dir / WEIGHTS)  # a clear error for a corrupted file before transformers reads it
+        _check_weights(model_dir / WEIGHTS)  # a clear error for a corrupted file before transformers reads it
         try:
             model = BertForQuestionAnswering.from_pretrained(str(model_dir), local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:

@@ -12,6 +12,7 @@ Run it as ``fineprune sweep --space FILE`` or, on a cluster head, ``python workf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -144,17 +145,20 @@ def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space) -> dict[
 def ensure_teacher(space, root: Path) -> tuple[str, dict[str, Any]]:
     """The teacher directory and its dense EM/F1: the space's own, or one fine-tuned once and then reused.
 
-    The work runs as a Ray task with the trials' resources (a GPU on a GPU cluster); its result is cached next to
-    the model as ``fineprune_metrics.json`` so a second sweep over the same model/data/config starts at once.
+    The work runs as a Ray task with the trials' resources (a GPU on a GPU cluster); its metrics are cached as
+    ``metrics.json`` under the sweep's teacher directory, so a second sweep over the same model/data/config starts
+    at once. A given teacher directory is only read.
     """
     import ray
 
     from workflows.space import teacher_config, teacher_fingerprint
 
     if space.teacher.path:
+        # The user's model directory is only read; its dense metrics are cached beside the sweep's own teachers.
         model_dir = Path(space.teacher.path)
-        metrics_file = model_dir / "fineprune_metrics.json"
-        cfg = teacher_config(space, str(root / "given"))
+        key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
+        metrics_file = root / f"given-{key}" / "metrics.json"
+        cfg = teacher_config(space, str(root / f"given-{key}"))
     else:
         run_dir = root / teacher_fingerprint(space)
         model_dir = run_dir / "final"
