@@ -87,6 +87,18 @@ def _expand(block_mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return block_mask[:, None, :, None].expand(rows, br, cols, bc).reshape(rows * br, cols * bc)
 
 
+def _apply_blocks(weight: torch.Tensor, block_mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``weight * _expand(block_mask, block)`` without building the full-size mask.
+
+    The weight is viewed as (R, br, C, bc) and multiplied by the broadcast block mask, so the forward pass makes
+    one full-size tensor instead of three, and the backward pass reduces the score gradient straight from the
+    product of gradient and weight.
+    """
+    rows, cols = block_mask.shape
+    br, bc = block
+    return (weight.reshape(rows, br, cols, bc) * block_mask[:, None, :, None]).view(weight.shape)
+
+
 class MaskedLinear(nn.Linear):
     """A linear layer whose weight is masked block-wise by learned scores.
 
@@ -144,7 +156,7 @@ class MaskedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block_mask = self.block_mask()
-        weight = self.weight * _expand(block_mask, self.block)
+        weight = _apply_blocks(self.weight, block_mask, self.block)
         bias = None if self.bias is None else self.bias * self.bias_mask(block_mask)
         return F.linear(x, weight, bias)
 
@@ -154,7 +166,7 @@ class MaskedLinear(nn.Linear):
         block_mask = self.block_mask().detach()
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)
-        linear.weight.copy_(self.weight * _expand(block_mask, self.block))
+        linear.weight.copy_(_apply_blocks(self.weight, block_mask, self.block))
         if self.bias is not None:
             linear.bias.copy_(self.bias * self.bias_mask(block_mask))
         return linear

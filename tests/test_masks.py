@@ -125,7 +125,7 @@ def test_topk_reaches_its_density_exactly_per_matrix_and_globally():
             if not global_topk:
                 assert float(mask.detach().mean()) == 0.5
         if global_topk:  # globally, the count is over weights of the score-owning matrices
-            owned_kept = sum(float(m.block_mask().sum()) * m.block[0] * m.block[1] for _, m in masks.masked_modules(model))
+            owned_kept = sum(float(m.block_mask().detach().sum()) * m.block[0] * m.block[1] for _, m in masks.masked_modules(model))
             owned_total = sum(m.mask_scores.numel() * m.block[0] * m.block[1] for _, m in masks.masked_modules(model))
             assert owned_kept / owned_total == pytest.approx(0.5, abs=0.02)
 

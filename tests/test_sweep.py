@@ -145,3 +145,44 @@ def test_an_invalid_space_fails_before_ray_starts(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert "bad.yaml" in lines[-1] and "search.target_density" in lines[-1]
+
+
+def test_frontier_follows_the_space_objectives(tmp_path):
+    """The `pareto` tag and frontier.json use the objectives the space declares, not a fixed pair."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows import tracking
+    from workflows.space import load_space
+    from workflows.sweep import frontier_summary
+
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    space["objectives"] = [["exact_match", "max"], ["total_density", "min"]]
+    space_path = tmp_path / "em_total.yaml"
+    space_path.write_text(yaml.safe_dump(space))
+    loaded = load_space(space_path)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("objectives")
+    metrics = {  # name: (exact_match, total_density, f1, linear_density, speedup)
+        "a": (50.0, 0.50, 60.0, 0.30, 2.0),  # on both fronts of f1/linear_density, only a is on the EM one too
+        "b": (55.0, 0.60, 55.0, 0.45, 1.5),  # EM/total front only
+        "c": (40.0, 0.70, 65.0, 0.60, 1.2),  # dominated on EM/total by a and b
+    }
+    runs = []
+    for name, (em, total, f1, linear, speed) in metrics.items():
+        run = client.create_run(experiment, run_name=name, tags={tracking.TAG_KIND: "trial",
+                                                                  tracking.TAG_STATUS: "finished"})
+        for key, value in (("exact_match", em), ("total_density", total), ("f1", f1),
+                           ("linear_density", linear), ("speedup", speed)):
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+        runs.append(client.get_run(run.info.run_id))
+
+    summary = frontier_summary(client, runs, loaded)
+    assert [row["name"] for row in summary["frontier"]] == ["a", "b"]  # sorted by total_density
+    tags = {client.get_run(r.info.run_id).data.tags["mlflow.runName"]: client.get_run(r.info.run_id).data.tags
+            for r in runs}
+    assert {name for name, t in tags.items() if t["pareto"] == "true"} == {"a", "b"}
+    assert {name for name, t in tags.items() if t["pareto_speedup"] == "true"} == {"a", "c"}
+    assert [row["name"] for row in summary["frontier_speedup"]] == ["a", "c"]
+    assert summary["trials"] == 3

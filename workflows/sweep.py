@@ -354,25 +354,26 @@ def _storage_roots(storage_path: str | None) -> tuple[str, Path]:
 
 
 def frontier_summary(client, runs: list, space) -> dict[str, Any]:
-    """Tag the Pareto-optimal runs and return the frontier tables on (f1, linear_density) and (f1, speedup)."""
+    """Tag the Pareto-optimal runs and return the frontier tables.
+
+    ``frontier`` is the frontier of the space's objectives (by default F1 against linear density), sorted by its
+    density objective; ``frontier_speedup`` is the frontier of (f1, speedup), fastest first.
+    """
     from workflows import frontier, tracking
 
-    finished = [r for r in runs if r.data.tags.get(tracking.TAG_STATUS, "finished") == "finished"
-                and "f1" in r.data.metrics and "linear_density" in r.data.metrics]
+    objectives = list(space.objectives)
+    speed_objectives = [("f1", "max"), ("speedup", "max")]
+    finished = [r for r in runs if r.data.tags.get(tracking.TAG_STATUS, "finished") == "finished"]
     points = [{"run_id": r.info.run_id, "name": r.data.tags.get("mlflow.runName", r.info.run_id),
                "kind": r.data.tags.get(tracking.TAG_KIND), **r.data.metrics} for r in finished]
-    density_objectives = [("f1", "max"), ("linear_density", "min")]
-    speed_objectives = [("f1", "max"), ("speedup", "max")]
-    front = {points[i]["run_id"] for i in frontier.pareto_front(points, density_objectives)}
-    front_speed = {points[i]["run_id"] for i in frontier.pareto_front(points, speed_objectives)}
-    tracking.tag_runs(client, finished, tracking.TAG_PARETO, front)
-    tracking.tag_runs(client, finished, tracking.TAG_PARETO_SPEED, front_speed)
     columns = ["name", "kind", "exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup",
                "run_id"]
-    table = [{c: p.get(c) for c in columns} for p in points if p["run_id"] in front]
-    table_speed = [{c: p.get(c) for c in columns} for p in points if p["run_id"] in front_speed]
-    table.sort(key=lambda row: row["linear_density"])
+    columns[-1:-1] = [name for name, _ in objectives if name not in columns]
+    table = frontier.frontier_table(points, objectives, columns)
+    table_speed = frontier.frontier_table(points, speed_objectives, columns)
     table_speed.sort(key=lambda row: -(row.get("speedup") or 0))
+    tracking.tag_runs(client, finished, tracking.TAG_PARETO, {row["run_id"] for row in table})
+    tracking.tag_runs(client, finished, tracking.TAG_PARETO_SPEED, {row["run_id"] for row in table_speed})
     return {"frontier": table, "frontier_speedup": table_speed, "trials": len([p for p in points
                                                                                if p["kind"] == "trial"])}
 
