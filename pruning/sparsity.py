@@ -76,7 +76,8 @@ def layer_structure(layer: nn.Module, arch, num_heads: int) -> LayerStructure:
 @dataclass
 class SparsityReport:
     linear_density: float  # kept fraction of the encoder's attention + FFN weights
-    total_density: float  # kept fraction of all parameters (embeddings and the rest counted as kept)
+    total_density: float  # kept fraction of all parameters (embeddings and the rest counted as kept; the biases
+    #                        of removed heads and FFN dimensions as removed)
     heads_removed: int
     heads_total: int
     heads_removed_per_layer: list[int] = field(default_factory=list)
@@ -119,6 +120,8 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     layers = []
     removed, kept_heads, ffn_kept = [], [], []
     linear_kept = 0
+    # Biases of the masked linears: those of kept heads and FFN dimensions survive packing, the rest go with them.
+    bias_total = bias_kept = bias_present = 0
     for layer in encoder_layers(model):
         n = _num_heads(layer, arch, original_heads)
         s = layer_structure(layer, arch, n)
@@ -128,6 +131,16 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         kept_heads.append(kept)
         ffn_kept.append(int(s.ffn_kept.sum()))
         linear_kept += s.linear_kept
+        widths = {path: (hidden, head_dim * kept) for path in arch.qkv}
+        widths[arch.attention_output] = (hidden, hidden)
+        widths[arch.ffn_in] = (inter, ffn_kept[-1])
+        widths[arch.ffn_out] = (hidden, hidden)
+        for path, (original, surviving) in widths.items():
+            bias = get_module(layer, path).bias
+            if bias is not None:
+                bias_total += original
+                bias_kept += surviving
+                bias_present += bias.numel()
     num_layers = len(layers)
     linear_total = per_layer_total * num_layers
     # Parameters outside the masked linears count as kept; scores are training state, not model weights.
@@ -141,11 +154,11 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         for layer in encoder_layers(model)
         for path in (*arch.attention_linears, arch.ffn_in, arch.ffn_out)
     )
-    other -= present_linear
-    total_original = other + linear_total
+    other -= present_linear + bias_present
+    total_original = other + linear_total + bias_total
     return SparsityReport(
         linear_density=linear_kept / linear_total if linear_total else 1.0,
-        total_density=(other + linear_kept) / total_original if total_original else 1.0,
+        total_density=(other + linear_kept + bias_kept) / total_original if total_original else 1.0,
         heads_removed=sum(removed),
         heads_total=original_heads * num_layers,
         heads_removed_per_layer=removed,

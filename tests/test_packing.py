@@ -119,6 +119,7 @@ def test_packed_logits_equal_masked_logits(plan):
     assert after.heads_removed_per_layer == before.heads_removed_per_layer
     assert after.ffn_kept_per_layer == before.ffn_kept_per_layer
     assert after.linear_density == pytest.approx(before.linear_density)
+    assert after.total_density == pytest.approx(before.total_density)
 
 
 def test_layer_without_heads_and_ffn_yields_biases_only():
