@@ -185,7 +185,7 @@ def warn_if_busy(own_load: float) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=9, help="timed dense/packed pairs at batch 1 (default 9)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed dense/packed pairs at batch 1 (default 15)")
     parser.add_argument("--repeats-batch8", type=int, default=3, help="timed pairs at batch 8 (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed pairs before timing (default 1)")
     parser.add_argument("--seq-len", type=int, default=384)
