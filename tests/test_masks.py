@@ -65,6 +65,23 @@ def test_gradients_reach_the_scores():
     assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in scores)
 
 
+def test_score_gradient_is_the_block_sum_of_weight_times_weight_gradient():
+    """Straight through: d loss / d score(block) = sum over the block of (d loss / d effective weight) * weight."""
+    torch.manual_seed(0)
+    linear = MaskedLinear(12, 8, block=(4, 3), mode="topk")
+    linear.threshold = 0.5
+    x = torch.randn(5, 12)
+    out = linear(x)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    grad_effective = upstream.t() @ x  # (8, 12): gradient of the loss with respect to the masked weight
+    expected = (grad_effective * linear.weight.detach()).reshape(2, 4, 4, 3).sum(dim=(1, 3))
+    torch.testing.assert_close(linear.mask_scores.grad, expected)
+    block_mask = linear.block_mask().detach()
+    torch.testing.assert_close(linear.weight.grad, grad_effective * masks._expand(block_mask, linear.block))
+    assert 0 < float(block_mask.sum()) < block_mask.numel()  # some blocks are really cut
+
+
 def test_block_mask_and_bias_follow_the_blocks():
     linear = MaskedLinear(8, 4, block=(2, 4), mode="sigmoid_threshold")
     with torch.no_grad():
