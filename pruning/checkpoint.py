@@ -193,8 +193,6 @@ def load_model(model_dir: str | Path) -> nn.Module:
         return load_packed(model_dir)
     settings = raw.get(MASKS_KEY)
     if settings is None:
-        if not (model_dir / WEIGHTS).is_file():
-            raise CheckpointError(f"{model_dir / WEIGHTS}: weights file not found")
         _check_weights(model_dir / WEIGHTS)  # a clear error for a corrupted file before transformers reads it
         try:
             model = BertForQuestionAnswering.from_pretrained(str(model_dir), local_files_only=True)

@@ -53,6 +53,20 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, tokenizer):
     assert masks.is_masked(loaded)
 
 
+def test_dense_checkpoint_with_missing_or_broken_weights_names_the_file(tmp_path):
+    from pruning.checkpoint import CheckpointError
+
+    model, tok = build_model(tiny_cfg(tmp_path, method="dense"))
+    out = save_model(model, tok, tmp_path / "dense")
+    weights = out / "model.safetensors"
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupted or unreadable safetensors file"):
+        load_model(out)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: weights file not found"):
+        load_model(out)
+
+
 def _masks_of(model):
     return [m.block_mask().detach().clone() for _, m in masks.masked_modules(model)]
 
