@@ -121,7 +121,8 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     removed, kept_heads, ffn_kept = [], [], []
     linear_kept = 0
     # Biases of the masked linears: those of kept heads and FFN dimensions survive packing, the rest go with them.
-    bias_total = bias_kept = bias_present = 0
+    bias_total = bias_kept = 0
+    present = 0  # weights and biases of the masked linears as they stand (smaller in a packed model)
     for layer in encoder_layers(model):
         n = _num_heads(layer, arch, original_heads)
         s = layer_structure(layer, arch, n)
@@ -131,16 +132,17 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         kept_heads.append(kept)
         ffn_kept.append(int(s.ffn_kept.sum()))
         linear_kept += s.linear_kept
-        widths = {path: (hidden, head_dim * kept) for path in arch.qkv}
-        widths[arch.attention_output] = (hidden, hidden)
-        widths[arch.ffn_in] = (inter, ffn_kept[-1])
-        widths[arch.ffn_out] = (hidden, hidden)
-        for path, (original, surviving) in widths.items():
-            bias = get_module(layer, path).bias
-            if bias is not None:
+        bias_sizes = {path: (hidden, head_dim * kept) for path in arch.qkv}  # (original, surviving)
+        bias_sizes[arch.attention_output] = (hidden, hidden)
+        bias_sizes[arch.ffn_in] = (inter, ffn_kept[-1])
+        bias_sizes[arch.ffn_out] = (hidden, hidden)
+        for path, (original, surviving) in bias_sizes.items():
+            linear = get_module(layer, path)
+            present += linear.weight.numel()
+            if linear.bias is not None:
                 bias_total += original
                 bias_kept += surviving
-                bias_present += bias.numel()
+                present += linear.bias.numel()
     num_layers = len(layers)
     linear_total = per_layer_total * num_layers
     # Parameters outside the masked linears count as kept; scores are training state, not model weights.
@@ -149,12 +151,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         if name.endswith("mask_scores"):
             continue
         other += p.numel()
-    present_linear = sum(
-        get_module(layer, path).weight.numel()
-        for layer in encoder_layers(model)
-        for path in (*arch.attention_linears, arch.ffn_in, arch.ffn_out)
-    )
-    other -= present_linear + bias_present
+    other -= present
     total_original = other + linear_total + bias_total
     return SparsityReport(
         linear_density=linear_kept / linear_total if linear_total else 1.0,
