@@ -366,9 +366,8 @@ def frontier_summary(client, runs: list, space) -> dict[str, Any]:
     finished = [r for r in runs if r.data.tags.get(tracking.TAG_STATUS, "finished") == "finished"]
     points = [{"run_id": r.info.run_id, "name": r.data.tags.get("mlflow.runName", r.info.run_id),
                "kind": r.data.tags.get(tracking.TAG_KIND), **r.data.metrics} for r in finished]
-    columns = ["name", "kind", "exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup",
-               "run_id"]
-    columns[-1:-1] = [name for name, _ in objectives if name not in columns]
+    shown = ["name", "kind", "exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup"]
+    columns = [*shown, *(name for name, _ in objectives if name not in shown), "run_id"]
     table = frontier.frontier_table(points, objectives, columns)
     table_speed = frontier.frontier_table(points, speed_objectives, columns)
     table_speed.sort(key=lambda row: -(row.get("speedup") or 0))
