@@ -162,3 +162,26 @@ def test_the_latency_policy_chooses_among_measured_points():
     assert pick(points, "best_f1_under_latency", max_latency_ms=2.0) is None
     with pytest.raises(ValueError, match="max_latency_ms"):
         pick(points, "best_f1_under_latency")
+
+
+def test_a_sweep_registers_its_whole_frontier_once(smoke_sweep):
+    from mlflow.tracking import MlflowClient
+
+    from workflows.registry import register_from_experiment
+
+    client = MlflowClient(tracking_uri=smoke_sweep["tracking_uri"])
+    runs = tracking.trial_runs(client, smoke_sweep["experiment"], smoke_sweep["parent_run_id"])
+    front = {r.info.run_id for r in runs if r.data.tags.get("fineprune.status") == "finished"
+             and (r.data.tags.get("pareto") == "true" or r.data.tags.get("pareto_speedup") == "true")}
+    name = "fineprune-smoke"
+    versions = {v.tags[registry.TAG_TRIAL_RUN]: str(v.version) for v in client.search_model_versions(f"name = '{name}'")}
+    assert front and set(versions) == front
+    assert {row["run_id"]: row["version"] for row in smoke_sweep["frontier_versions"]} == versions
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.tags["policy"] == "best_f1_under_density"  # the champion keeps its policy
+    for _ in range(2):  # `fineprune register --frontier`, twice: no new version, the champion unchanged
+        again = register_from_experiment(smoke_sweep["experiment"], tracking_uri=smoke_sweep["tracking_uri"],
+                                         frontier=True)
+        assert {row["run_id"]: row["version"] for row in again["frontier"]} == versions
+        assert again["version"] == str(champion.version)
+    assert len(client.search_model_versions(f"name = '{name}'")) == len(versions)
