@@ -675,7 +675,7 @@ def _parse_registry(ctx: _Ctx, value: Any, name: str, base_cfg: RunConfig) -> Re
 def _parse_reference(ctx: _Ctx, value: Any, objectives: list[tuple[str, str]]) -> dict[str, float]:
     names = [name for name, _ in objectives]
     spec = ctx.mapping(value, "reference_point", names)
-    out = {key: ctx.number(v, f"reference_point.{key}") for key, v in spec.items()}
+    out = {key: float(ctx.number(v, f"reference_point.{key}")) for key, v in spec.items()}
     try:
         _reference_point(objectives, out)
     except ValueError as err:
