@@ -42,12 +42,12 @@ TAG_TRIAL_RUN = "fineprune.trial_run_id"
 TAG_SWEEP_RUN = "sweep_run_id"
 VERSION_METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup")
 FRONTIER_TAGS = ("pareto", "pareto_speedup")  # the sweep's two frontiers (see workflows.tracking)
+PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
+                    "tqdm>=4.66"]
 
 
 class SelectionError(ValueError):
     """No registered version meets a latency budget, or the model to choose from does not exist."""
-PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
-                    "tqdm>=4.66"]
 
 
 def _finite(value: Any) -> bool:
