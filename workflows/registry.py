@@ -41,7 +41,6 @@ POLICIES = ("best_f1_under_density", "min_density_within_f1_drop", "fastest_with
 TAG_TRIAL_RUN = "fineprune.trial_run_id"
 TAG_SWEEP_RUN = "sweep_run_id"
 VERSION_METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup")
-FRONTIER_TAGS = ("pareto", "pareto_speedup")  # the sweep's two frontiers (see workflows.tracking)
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
                     "tqdm>=4.66"]
 
@@ -256,9 +255,10 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str) ->
     """
     from workflows import tracking
 
+    frontier_tags = (tracking.TAG_PARETO, tracking.TAG_PARETO_SPEED)
     runs = [r for r in tracking.trial_runs(client, experiment, parent_run_id)
             if r.data.tags.get(tracking.TAG_STATUS) == "finished" and r.data.tags.get("fineprune.packed_artifact")
-            and any(r.data.tags.get(tag) == "true" for tag in FRONTIER_TAGS)]
+            and any(r.data.tags.get(tag) == "true" for tag in frontier_tags)]
     runs.sort(key=lambda r: (r.data.metrics.get("linear_density", 1.0), r.info.run_id))
     if not runs:
         logger.warning("sweep run %s has no finished frontier trial with a packed model; nothing registered",
@@ -269,7 +269,7 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str) ->
     for run in runs:
         version = _version_of_run(client, name, run)
         _tag_version(client, name, version.version, run, parent_run_id,
-                     {tag: run.data.tags.get(tag, "false") for tag in FRONTIER_TAGS})
+                     {tag: run.data.tags.get(tag, "false") for tag in frontier_tags})
         rows.append({"version": str(version.version), "model_uri": f"models:/{name}/{version.version}",
                      "run_id": run.info.run_id, **{k: run.data.metrics.get(k) for k in VERSION_METRICS}})
     logger.info("registered the frontier of sweep run %s: %d versions of %s (%s)", parent_run_id, len(rows), name,
