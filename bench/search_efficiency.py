@@ -4,8 +4,11 @@ Measuring every algorithm's sweep for real would cost many sweeps. Instead one g
 measured once (``--measure``: a real ``fineprune`` sweep of ``bench/search_efficiency_space.yaml``, algorithm
 ``grid``; the table is committed as ``bench/results/search_efficiency_grid.json``). Each algorithm is then replayed
 against the table: a configuration it samples gets the outcome of the nearest measured grid point (per key, in the
-key's own scale: log for keys whose grid values are spaced geometrically). Replays cost no training, so every
-algorithm runs with 10 seeds.
+key's own scale: log for keys whose grid values are spaced geometrically). The samplers search the box the grid
+discretises: each grid value stands for its cell, from halfway to its lower neighbour to halfway to its upper one
+(the outer cells as wide as their inner halves), so every grid point has the same share of the box and uniform
+random sampling draws the grid's points with equal chances. Replays cost no training, so every algorithm runs
+with 10 seeds.
 
 Algorithms: ``grid`` (the measured grid in a random order per seed), ``random`` (Optuna's RandomSampler), and
 Optuna's multi-objective samplers ``tpe`` (TPESampler, what ``algorithm: optuna`` uses) and ``nsga2``
@@ -52,7 +55,7 @@ TABLE = ROOT / "bench" / "results" / "search_efficiency_grid.json"
 METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup")
 OPTUNA_SAMPLERS = ("tpe", "nsga2", "gp")
 DEFAULT_SAMPLERS = ("grid", "random", "tpe", "nsga2")
-CHECKPOINTS = (4, 8, 12, 16, 24, 32, 48, 64, 96)
+CHECKPOINTS = (4, 8, 12, 16, 24, 32, 48, 96, 192)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,6 +150,18 @@ class Table:
     def _scaled(self, key: str, value: float) -> float:
         return math.log(value) if self.search[key]["log"] else value
 
+    def _unscaled(self, key: str, value: float) -> float:
+        return math.exp(value) if self.search[key]["log"] else value
+
+    def bounds(self, key: str) -> tuple[float, float]:
+        """The box the grid values of ``key`` discretise: their cells' outer edges (in the key's scale)."""
+        values = sorted(self._scaled(key, v) for v in self.search[key]["values"])
+        if len(values) == 1:
+            return self._unscaled(key, values[0]), self._unscaled(key, values[0])
+        low = values[0] - (values[1] - values[0]) / 2
+        high = values[-1] + (values[-1] - values[-2]) / 2
+        return self._unscaled(key, low), self._unscaled(key, high)
+
     def _snap(self, key: str, value: float) -> float:
         values = self.search[key]["values"]
         return min(values, key=lambda v: abs(self._scaled(key, v) - self._scaled(key, value)))
@@ -182,8 +197,7 @@ def _run_optuna(table: Table, name: str, seed: int, budget: int) -> list[dict[st
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState
 
-    distributions = {key: FloatDistribution(min(spec["values"]), max(spec["values"]), log=spec["log"])
-                     for key, spec in table.search.items()}
+    distributions = {key: FloatDistribution(*table.bounds(key), log=spec["log"]) for key, spec in table.search.items()}
     directions = ["maximize" if mode == "max" else "minimize" for _, mode in table.objectives]
     study = optuna.create_study(directions=directions, sampler=_optuna_sampler(name, seed))
     rows = []
@@ -321,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="for --measure (default sqlite:///<storage>/mlflow.db)")
     parser.add_argument("--storage-path", default="runs/search_efficiency", help="for --measure")
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--budget", type=int, default=None, help="trials per replay (default: twice the grid)")
+    parser.add_argument("--budget", type=int, default=None, help="trials per replay (default: 4 x the grid)")
     parser.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS),
                         help=f"comma-separated, of grid, random, {', '.join(OPTUNA_SAMPLERS)}")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -340,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     table = load_table(args.table)
-    budget = args.budget or 2 * len(table.trials)
+    budget = args.budget or 4 * len(table.trials)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     unknown = [s for s in samplers if s not in ("grid", "random", *OPTUNA_SAMPLERS)]
     if unknown or not any(s in OPTUNA_SAMPLERS for s in samplers):

@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--threads", type=int, help="torch threads while timing (default: torch's default here)")
     p.add_argument("--alias", default="champion", help="alias to point at the chosen version (default champion)")
-    p.add_argument("--repeats", type=int, default=20, help="timed passes per version (medians are compared)")
+    p.add_argument("--repeats", type=int, default=10, help="timed passes per version (medians are compared)")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default sqlite:///mlflow.db)")
     p.set_defaults(func=cmd_select)
 

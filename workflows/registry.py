@@ -23,6 +23,7 @@ import logging
 import math
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -314,7 +315,7 @@ def _dense_shape(model):
 
 
 def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int = 1, seq_len: int = 128,
-                      threads: int | None = None, alias: str = ALIAS, repeats: int = 20, warmup: int = 3,
+                      threads: int | None = None, alias: str = ALIAS, repeats: int = 10, warmup: int = 2,
                       sweep_run_id: str | None = None) -> dict[str, Any]:
     """Time every registered version of ``name`` here and point ``alias`` at the most accurate within budget.
 
@@ -364,6 +365,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
 
     previous_threads = torch.get_num_threads()
     threads = int(threads or previous_threads)
+    started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
     dense_of: dict[str, str] = {}
@@ -389,12 +391,16 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             rows.append(row)
         if not dense_of:
             raise SelectionError(f"no version of {name!r} could be loaded")
+        loaded = time.perf_counter()
         torch.set_num_threads(threads)
         try:
             times = interleaved_latency(models, batch_size=batch_size, seq_len=seq_len, repeats=repeats,
                                         warmup=warmup)
         finally:
             torch.set_num_threads(previous_threads)
+        logger.info("loaded %d versions of %s in %.1f s; timed them and %d dense shape(s), %d rounds, in %.1f s",
+                    len(dense_of), name, loaded - started, len(models) - len(dense_of), warmup + repeats,
+                    time.perf_counter() - loaded)
     for row in rows:
         if row["version"] not in dense_of:
             continue
