@@ -72,7 +72,8 @@ def record(tmp_path_factory, tokenizer):
         client.log_param(run_id, "max_seq_length", "128")
         client.set_terminated(run_id)
         runs[name] = run_id
-    return {"client": client, "uri": uri, "parent": parent, "runs": runs}
+    ends = {run_id: client.get_run(run_id).info.end_time for run_id in runs.values()}
+    return {"client": client, "uri": uri, "parent": parent, "runs": runs, "ends": ends}
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,9 @@ def test_frontier_registration_is_idempotent_and_tagged(record, registered):
                        "heads_removed": 6.0, "speedup": 1.0}.items():
         assert float(tags[key]) == value, key
     assert client.get_registered_model(NAME).aliases == {}  # the frontier gets no alias
+    for run_id in versions:  # logging the model on the trial's run kept the run's record
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.info.end_time == record["ends"][run_id]
 
 
 def _select(capsys, record, budget: float, alias: str = "champion") -> tuple[int, str, str]:

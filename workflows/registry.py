@@ -216,6 +216,8 @@ def _version_of_run(client, name: str, run) -> Any:
                               if key in run.data.params},
                 input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
             )
+        if run.info.end_time:  # reopening the run moved its end; the trial's duration is part of the record
+            client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
         return client.create_model_version(name, source=info.model_uri, run_id=run_id,
                                            tags={TAG_TRIAL_RUN: run_id}, model_id=info.model_id)
 
