@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from workflows.retry import TrackingUnavailable
+from workflows.sweep import RayUnavailable, ResumeError
 
 __all__ = ["main", "build_parser"]
 
@@ -48,12 +49,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from workflows.space import SpaceError
 
         errors.append(SpaceError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from workflows.sweep import RayUnavailable, ResumeError
-
-        errors.extend([RayUnavailable, ResumeError])
     except ImportError:  # pragma: no cover
         pass
     return tuple(errors)
@@ -267,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         return int(args.func(args) or 0)
+    except (UserError, RayUnavailable, ResumeError) as err:  # before _user_errors(), which imports torch
+        sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
+        return 2
     except _user_errors() as err:
         sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
         return 2
