@@ -268,6 +268,7 @@ class MlflowTrialCallback(tune.Callback):
         self._client: MlflowClient | None = None
         self._queue: LogQueue | None = None
         self._known: set[str] | None = None
+        self._seen: dict[str, str] = {}  # trial id -> status at the end of the last Tune step
         self.trial_statuses: dict[str, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -308,6 +309,9 @@ class MlflowTrialCallback(tune.Callback):
         if self.failure is not None:
             raise self.failure
 
+    def on_step_end(self, iteration, trials, **info):
+        self._seen = {t.trial_id: t.status for t in trials}
+
     def on_trial_start(self, iteration, trials, trial, **info):
         self._start(trials)
         trial_id, config = trial.trial_id, dict(trial.config)
@@ -333,7 +337,9 @@ class MlflowTrialCallback(tune.Callback):
 
     def on_experiment_end(self, trials, **info):
         self._start(trials)
-        snapshots = [TrialSnapshot.of(t) for t in trials]
+        # Tune stops the trials an interruption left running (and calls them TERMINATED) before this hook, after
+        # saving its state; what they were at the end of the last step is what a resume will find.
+        snapshots = [replace(s, status=self._seen.get(s.trial_id, s.status)) for s in map(TrialSnapshot.of, trials)]
         self.trial_statuses = {s.trial_id: s.status for s in snapshots}
         if self.failure is not None:
             return
