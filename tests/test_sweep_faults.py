@@ -255,7 +255,8 @@ def test_sweeps_survive_killed_trials_killed_drivers_and_tracking_outages(world)
 
     def first_report():  # a trial that reported once (step 3 of 12, with a checkpoint) and is still running
         for run in _trials(world, parent_a):
-            if run.info.status == "RUNNING" and run.data.metrics.get("step") == 3 and run.data.tags.get("fineprune.pid"):
+            tags, metrics = run.data.tags, run.data.metrics
+            if run.info.status == "RUNNING" and metrics.get("step") == 3 and tags.get("fineprune.pid"):
                 return run
         return None
 

@@ -425,7 +425,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             tracking.finish_parent_run(client, parent, status="KILLED", state="interrupted")
     except TrackingUnavailable as err:
         raise TrackingUnavailable(f"{err}; the sweep stopped (start the server again, then "
-                                           f"`fineprune sweep --space {space_path} --resume {parent}`)") from err
+                                  f"`fineprune sweep --space {space_path} --resume {parent}`)") from err
     finally:
         if not cluster:
             ray.shutdown()

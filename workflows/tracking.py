@@ -27,8 +27,8 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from workflows.retry import DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, \
-    quick_http_failures
+from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries,
+                             quick_http_failures)
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
