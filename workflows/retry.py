@@ -40,9 +40,15 @@ class TrackingUnavailable(RuntimeError):
 
 
 def is_transient(err: BaseException) -> bool:
-    """Whether a failed MLflow call may succeed later (connection refused, timeouts, 5xx, a locked SQLite file)."""
+    """Whether a failed MLflow call may succeed later (connection refused, timeouts, 5xx, a locked SQLite file).
+
+    An MLflow error is, unless its code says the request itself is wrong; so are network and database errors.
+    Anything else (a bug) is not.
+    """
     code = getattr(err, "error_code", None)
-    return code not in PERMANENT_CODES
+    if code is not None:
+        return code not in PERMANENT_CODES
+    return isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy")
 
 
 def _short(err: BaseException) -> str:
