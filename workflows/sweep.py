@@ -304,7 +304,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     """Run (or resume) a sweep and return its summary: frontier, champion, where things are.
 
     A new sweep gets a Tune directory of its own (``<storage>/<experiment>-<time>-<id>``) and an MLflow parent run
-    recording it, both before the teacher or any trial starts; ``resume=True`` resumes the experiment's last sweep
+    recording it, both before Ray, the teacher or any trial starts; ``resume=True`` resumes the experiment's last sweep
     started, ``resume=RUN_ID`` the sweep with that parent run. Resuming a complete sweep changes nothing and says so.
 
     Args:
@@ -357,10 +357,14 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         # Every sweep has a directory of its own: a new sweep never restores (or writes into) an earlier one's.
         sweep_dir = f"{storage_root}/{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
-    _init_ray(cluster)
-    parent = None
+    # The sweep's identity, before anything else starts: what `--resume` finds even if the driver dies right away.
+    parent = tracking.start_parent_run(client, experiment, sweep_dir, _space_summary(space), bool(resume))
     try:
-        parent = tracking.start_parent_run(client, experiment, sweep_dir, _space_summary(space), bool(resume))
+        _init_ray(cluster)
+    except RayUnavailable:
+        tracking.finish_parent_run(client, parent, status="FAILED", state="interrupted")
+        raise
+    try:
         teacher_dir, dense_metrics = ensure_teacher(space, storage / "teachers")
         tracking.log_baseline(client, experiment, parent, dense_metrics, {"model": space.base.get("model", "")},
                               teacher_dir)
