@@ -16,6 +16,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
+from .precision import autocast
 from .structure import architecture_for, encoder_layers, get_module
 
 __all__ = ["eval_mode", "random_inputs", "latency", "compare_latency", "interleaved_latency", "linear_flops",
@@ -77,7 +78,7 @@ def _time_forward(model: nn.Module, inputs: dict[str, torch.Tensor], device: tor
 
 
 def latency(model: nn.Module, batch_size: int = 1, seq_len: int = 384, repeats: int = 10, warmup: int = 2,
-            seed: int = 0) -> list[float]:
+            seed: int = 0, precision: str = "fp32") -> list[float]:
     """Wall-clock seconds of ``repeats`` forward passes, after ``warmup`` untimed ones.
 
     Args:
@@ -86,6 +87,7 @@ def latency(model: nn.Module, batch_size: int = 1, seq_len: int = 384, repeats: 
         repeats: timed forward passes.
         warmup: untimed passes first (allocator and kernel caches).
         seed: seed of the random token ids.
+        precision: ``fp32`` or ``bf16`` (already resolved, see :func:`pruning.precision.resolve_precision`).
 
     Raises:
         ValueError: a non-positive size or count, or ``seq_len`` beyond the model's position embeddings.
@@ -94,7 +96,7 @@ def latency(model: nn.Module, batch_size: int = 1, seq_len: int = 384, repeats: 
     inputs = random_inputs(model, batch_size, seq_len, seed)
     device = _device(model)
     times = []
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), autocast(precision, device):
         for _ in range(warmup):
             _time_forward(model, inputs, device)
         for _ in range(repeats):
@@ -103,8 +105,11 @@ def latency(model: nn.Module, batch_size: int = 1, seq_len: int = 384, repeats: 
 
 
 def compare_latency(model_a: nn.Module, model_b: nn.Module, batch_size: int = 1, seq_len: int = 384,
-                    repeats: int = 10, warmup: int = 2, seed: int = 0) -> dict[str, float | int | list[float]]:
+                    repeats: int = 10, warmup: int = 2, seed: int = 0,
+                    precision: str = "fp32") -> dict[str, float | int | list[float] | str]:
     """Time two models interleaved on the same random input and compare their median latencies.
+
+    Both run in ``precision`` (``fp32`` or ``bf16``, already resolved for their device).
 
     Returns:
         ``median_a_s``, ``median_b_s`` (seconds), ``ratio`` (= median a / median b, so the speed-up of b over a
@@ -122,17 +127,20 @@ def compare_latency(model_a: nn.Module, model_b: nn.Module, batch_size: int = 1,
     times_a: list[float] = []
     times_b: list[float] = []
     with eval_mode(model_a), eval_mode(model_b), torch.inference_mode():
-        for _ in range(warmup):
-            _time_forward(model_a, inputs_a, device_a)
-            _time_forward(model_b, inputs_b, device_b)
-        for _ in range(repeats):
-            times_a.append(_time_forward(model_a, inputs_a, device_a))
-            times_b.append(_time_forward(model_b, inputs_b, device_b))
+        for i in range(warmup + repeats):
+            with autocast(precision, device_a):
+                elapsed_a = _time_forward(model_a, inputs_a, device_a)
+            with autocast(precision, device_b):
+                elapsed_b = _time_forward(model_b, inputs_b, device_b)
+            if i >= warmup:
+                times_a.append(elapsed_a)
+                times_b.append(elapsed_b)
     median_a, median_b = statistics.median(times_a), statistics.median(times_b)
     return {
         "batch_size": batch_size,
         "seq_len": seq_len,
         "repeats": repeats,
+        "precision": precision,
         "median_a_s": median_a,
         "median_b_s": median_b,
         "ratio": median_a / median_b if median_b > 0 else float("inf"),
@@ -142,7 +150,7 @@ def compare_latency(model_a: nn.Module, model_b: nn.Module, batch_size: int = 1,
 
 
 def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, seq_len: int = 384, repeats: int = 10,
-                        warmup: int = 2, seed: int = 0) -> dict[str, list[float]]:
+                        warmup: int = 2, seed: int = 0, precision: str = "fp32") -> dict[str, list[float]]:
     """Time several models round-robin (a, b, c, a, b, c, ...) on the same random input.
 
     The many-model form of :func:`compare_latency`, for choosing among several models on one machine: every
@@ -150,7 +158,7 @@ def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, se
 
     Args:
         models: name -> model; any devices.
-        batch_size, seq_len, repeats, warmup, seed: as for :func:`latency`.
+        batch_size, seq_len, repeats, warmup, seed, precision: as for :func:`latency`.
 
     Returns:
         name -> the ``repeats`` wall-clock seconds of its timed passes.
@@ -169,7 +177,8 @@ def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, se
         stack.enter_context(torch.inference_mode())
         for round_ in range(warmup + repeats):
             for name, model in models.items():
-                elapsed = _time_forward(model, inputs[name], devices[name])
+                with autocast(precision, devices[name]):
+                    elapsed = _time_forward(model, inputs[name], devices[name])
                 if round_ >= warmup:
                     times[name].append(elapsed)
     return times

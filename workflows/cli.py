@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from workflows.retry import TrackingUnavailable
+from workflows.sweep import RayUnavailable, ResumeError
+
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("fineprune")
@@ -59,7 +62,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("train_limit", "eval_limit", "max_steps", "output_dir", "model", "teacher", "device"):
+    for key in ("train_limit", "eval_limit", "max_steps", "output_dir", "model", "teacher", "device", "precision"):
         value = getattr(args, key, None)
         if value is not None:
             out[key] = value
@@ -116,7 +119,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load_any(args.model_dir)
     examples = squad.load_squad(resolve_data(args.data), limit=args.limit)
-    cfg = RunConfig(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride, eval_batch_size=args.batch_size)
+    cfg = RunConfig(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride, eval_batch_size=args.batch_size,
+                    precision=args.precision)
     device = resolve_device(args.device)
     model.to(device)
     metrics = evaluate(model, tokenizer, examples, cfg, device=device, progress=not args.no_progress)
@@ -127,9 +131,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from pruning.inference import answer
+    from pruning.precision import autocast, resolve_precision
 
+    precision = resolve_precision(args.precision, "cpu")
     model, tokenizer = _load_any(args.model_dir)
-    result = answer(model, tokenizer, args.question, args.context)
+    with autocast(precision, "cpu"):
+        result = answer(model, tokenizer, args.question, args.context)
     _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end})
     return 0
 
@@ -145,7 +152,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from pruning.packing import pack_checkpoint
 
     report = pack_checkpoint(args.checkpoint, args.out_dir, data=args.data, questions=args.questions,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, precision=args.precision)
     _emit(report)
     return 0
 
@@ -154,7 +161,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from workflows.sweep import run_sweep
 
     summary = run_sweep(args.space, experiment=args.experiment, tracking_uri=args.tracking_uri,
-                        address=args.address, resume=args.resume, storage_path=args.storage_path)
+                        address=args.address, resume=args.resume or False, storage_path=args.storage_path,
+                        tracking_timeout=args.tracking_timeout)
     _emit(summary)
     return 0
 
@@ -209,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-steps", type=int)
         p.add_argument("--output-dir")
         p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+        p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="overrides the config's precision")
         p.add_argument("--resume", help="training checkpoint directory to continue from")
         p.add_argument("--no-progress", action="store_true")
         p.set_defaults(func=func)
@@ -224,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc-stride", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (default fp32)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -231,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--question", required=True)
     p.add_argument("--context", required=True)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (default fp32)")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("score", help="official SQuAD v1.1 EM/F1 of a predictions file")
@@ -244,15 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="dev", help="questions for the logit check (default: shipped dev)")
     p.add_argument("--questions", type=int, default=16, help="how many dev questions to compare on")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto for the latency timing (default fp32)")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep with MLflow tracking")
     p.add_argument("--space", required=True, help="tune_spaces/*.yaml")
     p.add_argument("--experiment", help="MLflow experiment name (default: the space's)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default local)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to join (default RAY_ADDRESS; without it, a private local Ray)")
     p.add_argument("--storage-path", help="shared storage for trial checkpoints (default ./runs/ray)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_ID",
+                   help="continue the experiment's last sweep started (or the sweep with this MLflow parent run)")
+    p.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
+                   help="how long the tracking server may be away before the sweep stops (default 300)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("register", help="register the best trial's packed model")
@@ -290,9 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         return int(args.func(args) or 0)
+    except (UserError, RayUnavailable, ResumeError) as err:  # before _user_errors(), which imports torch
+        sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
+        return 2
     except _user_errors() as err:
         sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
         return 2
+    except TrackingUnavailable as err:  # the environment, not the input: exit 1, still one line
+        sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
