@@ -79,7 +79,7 @@ def test_answer_rejects_bad_input(tiny_qa_model, tokenizer, question, context, m
 def test_answer_batch_rejects_bad_input(tiny_qa_model, tokenizer):
     with pytest.raises(ValueError, match="2 questions but 1 contexts"):
         answer_batch(tiny_qa_model, tokenizer, ["Who?", "What?"], [CONTEXT])
-    with pytest.raises(ValueError, match="context 1 is empty"):
+    with pytest.raises(ValueError, match="record 1: context is empty"):
         answer_batch(tiny_qa_model, tokenizer, ["Who?", "What?"], [CONTEXT, ""])
     with pytest.raises(ValueError, match="lists of strings"):
         answer_batch(tiny_qa_model, tokenizer, "Who?", CONTEXT)
