@@ -9,9 +9,10 @@ Answering a list of records takes three steps, none of which depends on what run
    strings, and the context fits in ``max_windows`` windows. Windows are counted with the tokenizer alone, on a
    prefix of the text just long enough to decide, so an oversized context costs little. A bad record raises a
    :class:`RecordError` naming the record's index and the field.
-2. :func:`run_windows` stacks the windows of all records, sorts them by length and runs them ``batch_size`` at a
-   time through a :data:`WindowRunner`, a function from one batch of windows to its start and end logits
-   (:func:`torch_runner` builds one for a PyTorch model).
+2. :func:`run_windows` stacks the windows of all records, sorts them by length and runs them in batches of up to
+   ``batch_size`` windows of similar length through a :data:`WindowRunner`, a function from one batch of windows
+   to its start and end logits (:func:`torch_runner` builds one for a PyTorch model; another runtime brings its
+   own).
 3. The post-processing of evaluation picks each record's span; the answers keep the records' order.
 
 :func:`answer_records` does all three; :func:`answer_batch` and :func:`answer` are its PyTorch front ends.
@@ -41,10 +42,12 @@ its longest window; the runner returns two float arrays of shape ``(B, T)``.
 
 # Logit given to the padding positions that a batch cut off (they are never part of an answer).
 _PAD_LOGIT = -1e4
-# Characters of text tokenized first per token of the cap when counting tokens of a long text (English averages
-# under 5 characters a token); the prefix grows by this factor until it decides.
+# Characters of a long text tokenized first, per token of the cap (English averages under 5 characters a token);
+# the prefix then doubles until it decides.
 _CHARS_PER_TOKEN = 8
 _WHITESPACE = (" ", "\n", "\t", "\r")
+# Every window of a batch is at least this fraction of the batch's longest: padding is at most 1/5 of its tokens.
+_MIN_FILL = 0.8
 
 
 class RecordError(ValueError):
@@ -98,7 +101,7 @@ def _count_tokens(tokenizer: Any, text: str, cap: int | None) -> int:
         tokens = len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"])
         if tokens > cap:
             return tokens
-        size = max(size, cut) * _CHARS_PER_TOKEN
+        size = 2 * max(size, cut)
 
 
 def count_windows(tokenizer: Any, question: str, context: str, max_seq_length: int = 384, doc_stride: int = 128,
@@ -190,11 +193,27 @@ def torch_runner(model: nn.Module, device: str | torch.device | None = None) -> 
     return run
 
 
-def run_windows(run: WindowRunner, features: EvalFeatures, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end logits ``(F, max_seq_length)`` of all windows, ``batch_size`` windows per call of ``run``.
+def _batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Window indices by batch: longest first, at most ``batch_size`` a batch, each window of a batch at least
+    ``_MIN_FILL`` as long as the batch's first (longest) one."""
+    order = np.argsort(-lengths, kind="stable")
+    first = 0
+    while first < len(order):
+        longest = lengths[order[first]]
+        end = min(first + batch_size, len(order))
+        # lengths[order] is non-increasing: the batch ends at the first window shorter than the fill allows.
+        end = first + 1 + int(np.sum(lengths[order[first + 1:end]] >= _MIN_FILL * longest))
+        yield order[first:end]
+        first = end
 
-    Windows are sorted by length (longest first) so that each batch is cut to a length close to all of its windows;
-    the logits come back in the windows' order, with the cut-off padding positions at a large negative logit.
+
+def run_windows(run: WindowRunner, features: EvalFeatures, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits ``(F, max_seq_length)`` of all windows, at most ``batch_size`` windows per call of
+    ``run``.
+
+    Windows are sorted by length and batched with windows of nearly their length, each batch cut to its longest
+    window, so that padding costs little (on a CPU a padded batch can take longer than its windows one by one).
+    The logits come back in the windows' order, with the cut-off padding positions at a large negative logit.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -202,9 +221,7 @@ def run_windows(run: WindowRunner, features: EvalFeatures, batch_size: int = 64)
     starts = np.full((count, width), _PAD_LOGIT, dtype=np.float32)
     ends = np.full((count, width), _PAD_LOGIT, dtype=np.float32)
     lengths = features.attention_mask.sum(dim=1).numpy()
-    order = np.argsort(-lengths, kind="stable")
-    for first in range(0, count, batch_size):
-        rows = order[first:first + batch_size]
+    for rows in _batches(lengths, batch_size):
         used = max(int(lengths[rows].max()), 1)
         batch = {key: value[:, :used] for key, value in features.model_inputs(torch.from_numpy(rows)).items()}
         start_logits, end_logits = run(batch)

@@ -197,7 +197,7 @@ def spoil(record: Mapping[str, Any], field_name: str, kind: str, oversized_words
         spoilt[field_name] = None
     elif kind == "oversized":
         words = str(record[field_name]).split() or ["word"]
-        spoilt[field_name] = " ".join(words * math.ceil(oversized_words / len(words))[:oversized_words])
+        spoilt[field_name] = " ".join((words * math.ceil(oversized_words / len(words)))[:oversized_words])
     else:
         raise ValueError(f"unknown kind of malformed record {kind!r} (allowed: empty, null, oversized)")
     return spoilt
