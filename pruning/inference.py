@@ -16,6 +16,8 @@ Answering a list of records takes three steps, none of which depends on what run
 3. The post-processing of evaluation picks each record's span; the answers keep the records' order.
 
 :func:`answer_records` does all three; :func:`answer_batch` and :func:`answer` are its PyTorch front ends.
+A fast tokenizer is not safe to share between threads (each call sets its truncation and padding): give every thread
+its own copy.
 """
 
 from __future__ import annotations

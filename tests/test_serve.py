@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import mlflow
+import pandas as pd
 import pytest
 
+from workflows.registry import SERVE_DEFAULTS, serve_settings
 from workflows.serving import BAD_KINDS, ModelServer, ServerError, invoke, ping, run_load, spoil
 
 STARTUP_SECONDS = 240  # loading torch, transformers and the model in a fresh process on a busy 2-core machine
@@ -100,3 +104,22 @@ def test_the_champion_under_load_with_malformed_requests(server, dev_subset, tok
     assert result.server_errors == 0
     assert ping(server)  # the server still answers after the oversized requests
     _check(_predict(server, records[:2]), records[:2])
+
+
+def test_the_served_model_answers_from_many_threads_at_once(smoke_sweep, dev_subset):
+    # The scoring server calls predict from several threads; each must get the answers of a lone call.
+    mlflow.set_tracking_uri(smoke_sweep["tracking_uri"])
+    model = mlflow.pyfunc.load_model(smoke_sweep["champion"]["model_uri"])
+    frames = [pd.DataFrame(_short_records(dev_subset[i:], 2)) for i in range(8)]
+    expected = [model.predict(frame)["answer"].tolist() for frame in frames]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda i: model.predict(frames[i % 8])["answer"].tolist(), range(96)))
+    assert answers == [expected[i % 8] for i in range(96)]
+
+
+def test_serve_settings_come_from_the_run_config_with_defaults():
+    params = {"max_seq_length": "128", "doc_stride": "32", "eval_batch_size": "16", "learning_rate": "0.001"}
+    assert serve_settings(params) == {"max_seq_length": 128, "doc_stride": 32, "max_windows": 64, "batch_size": 16}
+    assert serve_settings({"max_windows": "8"})["max_windows"] == 8
+    assert serve_settings({}) == SERVE_DEFAULTS == {"max_seq_length": 384, "doc_stride": 128, "max_windows": 64,
+                                                    "batch_size": 64}

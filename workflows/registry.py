@@ -13,10 +13,12 @@ Registering the same trial twice adds no version.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +134,19 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         self.max_windows = int(settings.get("max_windows", SERVE_DEFAULTS["max_windows"]))
         self.batch_size = int(settings.get("batch_size", SERVE_DEFAULTS["batch_size"]))
         self.run_windows = torch_runner(self.model)
+        self._threads = threading.local()
+
+    def _tokenizer(self):
+        """The calling thread's copy of the tokenizer.
+
+        The scoring server answers requests in several threads, and a fast tokenizer keeps its truncation and
+        padding settings as state that every call changes: shared, one request's windows come out cut to another's
+        settings.
+        """
+        tokenizer = getattr(self._threads, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._threads.tokenizer = copy.deepcopy(self.tokenizer)
+        return tokenizer
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         from pruning.inference import RecordError, answer_records  # lazy: see load_context
@@ -141,7 +156,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         if missing:
             raise RequestError(f"input needs the columns question and context (missing: {', '.join(sorted(missing))})")
         try:
-            answers = answer_records(self.run_windows, self.tokenizer, _column(frame, "question"),
+            answers = answer_records(self.run_windows, self._tokenizer(), _column(frame, "question"),
                                      _column(frame, "context"), max_seq_length=self.max_seq_length,
                                      doc_stride=self.doc_stride, max_windows=self.max_windows,
                                      batch_size=self.batch_size)
