@@ -113,8 +113,8 @@ def test_the_served_model_answers_from_many_threads_at_once(smoke_sweep, dev_sub
     frames = [pd.DataFrame(_short_records(dev_subset[i:], 2)) for i in range(8)]
     expected = [model.predict(frame)["answer"].tolist() for frame in frames]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(lambda i: model.predict(frames[i % 8])["answer"].tolist(), range(96)))
-    assert answers == [expected[i % 8] for i in range(96)]
+        answers = list(pool.map(lambda i: model.predict(frames[i % 8])["answer"].tolist(), range(160)))
+    assert answers == [expected[i % 8] for i in range(160)]
 
 
 def test_serve_settings_come_from_the_run_config_with_defaults():
