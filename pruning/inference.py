@@ -126,9 +126,12 @@ def count_windows(tokenizer: Any, question: str, context: str, max_seq_length: i
     Raises:
         RecordError: the question leaves no more than ``doc_stride`` tokens for the context, the question or the
             context has no tokens, or the context needs more than ``max_windows`` windows.
+        ValueError: the windows leave no room for a question.
     """
     specials = tokenizer.num_special_tokens_to_add(pair=True)
     longest_question = max_seq_length - specials - doc_stride - 1
+    if longest_question < 1:
+        raise ValueError(f"windows of {max_seq_length} tokens overlapping by {doc_stride} leave no room for a question")
     question_tokens = _count_tokens(tokenizer, question.lstrip(), longest_question)
     if question_tokens > longest_question:
         raise RecordError(index, "question", f"is too long: more than {longest_question} tokens (windows of "

@@ -198,3 +198,9 @@ def test_run_windows_matches_evaluation_logits(tiny_qa_model, tokenizer, dev_sub
     np.testing.assert_allclose(end[context], expected_end[context], atol=1e-4)
     with pytest.raises(ValueError, match="logits of shape"):
         run_windows(lambda batch: (np.zeros((1, 1)), np.zeros((1, 1))), features, batch_size=5)
+
+
+def test_windows_without_room_for_a_question_are_a_setting_error(tokenizer):
+    with pytest.raises(ValueError, match="leave no room for a question") as raised:
+        check_records(tokenizer, ["Who?"], [CONTEXT], max_seq_length=64, doc_stride=64)
+    assert not isinstance(raised.value, RecordError)
