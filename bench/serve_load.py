@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--bad-fraction", type=float, default=0.05)
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument("--threads", type=int, help="torch threads of the server (OMP_NUM_THREADS); default: torch's")
     parser.add_argument("--per-request", type=int, default=32, help="records per request in the batching phase")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the batching phase (0: skip)")
     parser.add_argument("--data", default="dev")
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = {"max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride,
                         "max_windows": args.max_windows, "batch_size": args.batch_size}
             model_uri, tracking_uri = register_dir(resolve_model(args.model_dir), root, settings)
-        with ModelServer(model_uri, tracking_uri, root / "serve.log", workers=args.workers) as server:
+        env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+        with ModelServer(model_uri, tracking_uri, root / "serve.log", workers=args.workers, env=env) as server:
             for record in records[:3]:  # warm-up
                 invoke(server.url, [record])
             result = run_load(server.url, records, requests=args.requests, clients=args.clients,
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for problem in result.problems[:20]:
         logger.info("other: %s", problem)
     print(f"model {model_uri}, {args.requests} requests from {args.clients} clients, {result.bad} malformed, "
-          f"{args.workers} server worker(s)")
+          f"{args.workers} server worker(s), {args.threads or 'default'} torch threads")
     print(f"ok {result.ok}/{result.valid}  bad_rejected {result.bad_rejected}/{result.bad}  other {result.other}  "
           f"5xx/no answer {result.server_errors}  /ping after: {'ok' if alive else 'FAILED'}")
     print(f"{result.rps:.1f} requests/s over {result.seconds:.1f} s; latency p50 {result.percentile_ms(50):.0f} ms, "
