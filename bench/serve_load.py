@@ -129,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
           f"5xx/no answer {result.server_errors}  /ping after: {'ok' if alive else 'FAILED'}")
     print(f"{result.rps:.1f} requests/s over {result.seconds:.1f} s; latency p50 {result.percentile_ms(50):.0f} ms, "
           f"p99 {result.percentile_ms(99):.0f} ms, max {1000 * max(result.latencies):.0f} ms")
+    by_kind: dict[str, list[float]] = {}
+    for kind, seconds in zip(result.kinds, result.latencies):
+        by_kind.setdefault(kind, []).append(seconds)
+    print("median latency by kind of request: " + ", ".join(
+        f"{kind} {1000 * statistics.median(values):.0f} ms ({len(values)})" for kind, values in sorted(by_kind.items())))
     if rates:
         print(f"batching: {rates['one']:.1f} records/s at 1 record per request, {rates['many']:.1f} records/s at "
               f"{args.per_request} per request ({rates['many'] / rates['one']:.2f}x; median of {args.rounds} "

@@ -215,6 +215,8 @@ class LoadResult:
         other: every request counted in neither ``ok`` nor ``bad_rejected``; ``problems`` describes each.
         seconds: wall time from the first request sent to the last answer.
         latencies: seconds of every request, in the order sent.
+        kinds: what each request carried, in the order sent: ``valid``, or the spoilt field and how (``context
+            oversized``).
         server_errors: requests answered 5xx (or not at all).
     """
 
@@ -225,6 +227,7 @@ class LoadResult:
     other: int = 0
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
     server_errors: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -290,18 +293,22 @@ def run_load(base_url: str, records: Sequence[Mapping[str, Any]], requests: int 
     bad_at = sorted(rng.sample(range(requests), round(requests * bad_fraction)))
     kinds = {position: BAD_KINDS[k % len(BAD_KINDS)] for k, position in enumerate(bad_at)}
     plan: list[tuple[list[dict[str, Any]], str | None]] = []
+    labels: list[str] = []
     for i in range(requests):
         record = dict(records[i % len(records)])
         if i in kinds:
             field_name, kind = kinds[i]
             plan.append(([spoil(record, field_name, kind, oversized_words)], f"record 0: {field_name}"))
+            labels.append(f"{field_name} {kind}")
         else:
             plan.append(([record], None))
+            labels.append("valid")
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
         replies = list(pool.map(lambda item: invoke(base_url, item[0], timeout=timeout), plan))
-    result = LoadResult(seconds=time.perf_counter() - start, latencies=[reply.seconds for reply in replies])
+    result = LoadResult(seconds=time.perf_counter() - start, latencies=[reply.seconds for reply in replies],
+                        kinds=labels)
     for i, ((sent, expected), reply) in enumerate(zip(plan, replies)):
         if expected is None:
             result.valid += 1
