@@ -18,22 +18,29 @@ the same trial twice adds no version.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
+from pruning.config import RunConfig
+
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
-           "select_by_latency", "latency_settings", "SelectionError", "PackedQAModel", "ALIAS", "PIP_REQUIREMENTS"]
+           "select_by_latency", "latency_settings", "SelectionError", "PackedQAModel", "ALIAS", "PIP_REQUIREMENTS",
+           "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,17 @@ TAG_SWEEP_RUN = "sweep_run_id"
 VERSION_METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup")
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
                     "tqdm>=4.66"]
+# Served-model setting -> the run config key it is read from (a trial's params are its run config).
+_SERVE_PARAMS = {"max_seq_length": "max_seq_length", "doc_stride": "doc_stride", "max_windows": "max_windows",
+                 "batch_size": "eval_batch_size"}
+# For runs that lack a key (logged before it existed): the run config's defaults.
+SERVE_DEFAULTS = {key: RunConfig.__dataclass_fields__[param].default for key, param in _SERVE_PARAMS.items()}
+
+
+def serve_settings(params: dict[str, str]) -> dict[str, int]:
+    """The served model's settings (``model_config``) from a trial run's params, defaults for those it lacks."""
+    return {key: int(params[param]) if param in params else SERVE_DEFAULTS[key]
+            for key, param in _SERVE_PARAMS.items()}
 
 
 class SelectionError(ValueError):
@@ -90,11 +108,42 @@ def select_champion(points: list[dict[str, Any]], policy: str, dense_f1: float |
     return max(pool, key=lambda p: (p["speedup"], p["f1"]), default=None)
 
 
+class RequestError(MlflowException):
+    """A bad request to the served model: HTTP 400 whose JSON body carries only the one-line message.
+
+    The scoring server rewrites the message of any MlflowException raised by ``predict`` into "Failed to predict
+    data '<the whole input>'. Error: ..." (several lines, echoing the input); the body is built here from the message
+    given, so the client gets just the line that names the record and the field.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+        self.reason = message
+
+    def serialize_as_json(self) -> str:
+        return json.dumps({"error_code": self.error_code, "message": self.reason})
+
+
+def _column(frame: pd.DataFrame, name: str) -> list[Any]:
+    """A column's values with pandas' missing values (NaN, None, NA) as None."""
+    return [None if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA else value
+            for value in frame[name].tolist()]
+
+
 class PackedQAModel(mlflow.pyfunc.PythonModel):
-    """Extractive QA over a packed model: DataFrame(question, context) -> DataFrame(answer, score)."""
+    """Extractive QA over a packed model: DataFrame(question, context) -> DataFrame(answer, score).
+
+    Every record is checked before any model work (see :func:`pruning.inference.check_records`): a question or
+    context that is missing, not a string, empty, or a context needing more than ``max_windows`` windows is an HTTP
+    400 naming the record's index and the field. The windows of all records of a request run together,
+    ``batch_size`` at a time. Settings (``model_config`` of the logged model, from the trial's run config):
+    ``max_seq_length``, ``doc_stride``, ``max_windows``, ``batch_size``.
+    """
 
     def load_context(self, context) -> None:
+        # Imported here: the served model finds the pruning package through its code paths only once it is loaded.
         from pruning.checkpoint import load_model, load_tokenizer
+        from pruning.inference import torch_runner
 
         model_dir = context.artifacts["model_dir"]
         self.model = load_model(model_dir)
@@ -102,19 +151,39 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         # The windows the model was trained and evaluated with, never longer than its position embeddings.
         settings = dict(getattr(context, "model_config", None) or {})
         limit = int(self.model.config.max_position_embeddings)
-        self.max_seq_length = min(int(settings.get("max_seq_length", 384)), limit)
-        self.doc_stride = min(int(settings.get("doc_stride", 128)), self.max_seq_length // 2)
+        self.max_seq_length = min(int(settings.get("max_seq_length", SERVE_DEFAULTS["max_seq_length"])), limit)
+        self.doc_stride = min(int(settings.get("doc_stride", SERVE_DEFAULTS["doc_stride"])), self.max_seq_length // 2)
+        self.max_windows = int(settings.get("max_windows", SERVE_DEFAULTS["max_windows"]))
+        self.batch_size = int(settings.get("batch_size", SERVE_DEFAULTS["batch_size"]))
+        self.run_windows = torch_runner(self.model)
+        self._threads = threading.local()
+
+    def _tokenizer(self):
+        """The calling thread's copy of the tokenizer.
+
+        The scoring server answers requests in several threads, and a fast tokenizer keeps its truncation and
+        padding settings as state that every call changes: shared, one request's windows come out cut to another's
+        settings.
+        """
+        tokenizer = getattr(self._threads, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._threads.tokenizer = copy.deepcopy(self.tokenizer)
+        return tokenizer
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        from pruning.inference import answer_batch
+        from pruning.inference import RecordError, answer_records  # lazy: see load_context
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         missing = {"question", "context"} - set(frame.columns)
         if missing:
-            raise ValueError(f"input needs the columns question and context (missing: {', '.join(sorted(missing))})")
-        answers = answer_batch(self.model, self.tokenizer, frame["question"].astype(str).tolist(),
-                               frame["context"].astype(str).tolist(), max_seq_length=self.max_seq_length,
-                               doc_stride=self.doc_stride)
+            raise RequestError(f"input needs the columns question and context (missing: {', '.join(sorted(missing))})")
+        try:
+            answers = answer_records(self.run_windows, self._tokenizer(), _column(frame, "question"),
+                                     _column(frame, "context"), max_seq_length=self.max_seq_length,
+                                     doc_stride=self.doc_stride, max_windows=self.max_windows,
+                                     batch_size=self.batch_size)
+        except RecordError as err:
+            raise RequestError(str(err)) from None
         return pd.DataFrame({"answer": [a.text for a in answers], "score": [float(a.score) for a in answers]})
 
 
@@ -171,9 +240,30 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Any,
     return register_run(client, chosen["run_id"], name, parent_run_id, policy)
 
 
-def _ensure_model(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
+def log_qa_model(model_dir: str | Path, settings: dict[str, int]):
+    """Log a QA model directory as the :class:`PackedQAModel` pyfunc ``qa_model`` of the active run.
 
+    Args:
+        model_dir: a dense, masked or packed QA model directory with its tokenizer.
+        settings: the served model's ``model_config`` (see :func:`serve_settings`).
+
+    Returns:
+        MLflow's ``ModelInfo`` (``model_uri``, ``model_id``).
+    """
+    package_dir = Path(__file__).resolve().parents[1] / "pruning"
+    return mlflow.pyfunc.log_model(
+        name="qa_model",
+        python_model=PackedQAModel(),
+        artifacts={"model_dir": str(model_dir)},
+        code_paths=[str(package_dir)],
+        pip_requirements=PIP_REQUIREMENTS,
+        signature=SIGNATURE,
+        model_config=settings,
+        input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
+    )
+
+
+def _ensure_model(client, name: str) -> None:
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -203,19 +293,8 @@ def _version_of_run(client, name: str, run) -> Any:
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
         local = client.download_artifacts(run_id, "packed_model", tmp)
-        package_dir = Path(__file__).resolve().parents[1] / "pruning"
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="qa_model",
-                python_model=PackedQAModel(),
-                artifacts={"model_dir": local},
-                code_paths=[str(package_dir)],
-                pip_requirements=PIP_REQUIREMENTS,
-                signature=SIGNATURE,
-                model_config={key: int(run.data.params[key]) for key in ("max_seq_length", "doc_stride")
-                              if key in run.data.params},
-                input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
-            )
+            info = log_qa_model(local, serve_settings(run.data.params))
         if run.info.end_time:  # reopening the run moved its end; the trial's duration is part of the record
             client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
         return client.create_model_version(name, source=info.model_uri, run_id=run_id,
@@ -347,7 +426,6 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     """
     # torch and the library are needed only to time models; the registry module stays light without them.
     import torch
-    from mlflow.exceptions import MlflowException
     from transformers import AutoModelForQuestionAnswering
 
     from pruning.bench import interleaved_latency

@@ -78,8 +78,8 @@ _RESOURCE_DEFAULTS = {"cpu": 1.0, "gpu": 0.0}
 _SWEEP_OWNED = ("output_dir", "teacher")
 # Searching these would change what a trial is compared on or where it runs, not how it is trained.
 _NOT_SEARCHABLE = _SWEEP_OWNED + ("model", "model_config", "tokenizer", "train_data", "eval_data", "eval_limit",
-                                  "n_best", "max_answer_length", "eval_every", "save_every", "log_every", "device",
-                                  "cache_dir")
+                                  "n_best", "max_answer_length", "max_windows", "eval_every", "save_every",
+                                  "log_every", "device", "cache_dir")
 _TOPK_ONLY = frozenset({"target_density", "topk_scope"})
 _SIGMOID_ONLY = frozenset({"initial_threshold", "final_threshold", "lambda_attention", "lambda_ffn", LAMBDA_KEY})
 _MASK_ONLY = _TOPK_ONLY | _SIGMOID_ONLY | {"attention_block", "mask_lr", "mask_init", "initial_warmup",
@@ -87,7 +87,7 @@ _MASK_ONLY = _TOPK_ONLY | _SIGMOID_ONLY | {"attention_block", "mask_lr", "mask_i
 _DISTIL_ONLY = frozenset({"alpha_ce", "alpha_distil", "temperature"})
 # Keys that cannot change the weights of a dense teacher run (left out of its fingerprint).
 _NOT_IN_FINGERPRINT = (frozenset({"output_dir", "device", "log_every", "save_every", "eval_every", "eval_batch_size",
-                                  "teacher", "method", "cache_dir"}) | _MASK_ONLY | _DISTIL_ONLY)
+                                  "max_windows", "teacher", "method", "cache_dir"}) | _MASK_ONLY | _DISTIL_ONLY)
 _FINGERPRINT_VERSION = "teacher-v1"
 _CORNER_LIMIT = 4096  # above this many corners of the search box only single extremes are checked
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
