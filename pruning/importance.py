@@ -267,7 +267,10 @@ def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, ba
             variables.neurons = [torch.ones(n, inter, device=device, requires_grad=True) for _ in range(num_layers)]
             with autocast():
                 out = model(**_inputs(batch))
-            start, end = out.start_logits.float(), out.end_logits.float()
+            # Padded positions leave the softmax: a window's loss must not depend on the batch it is padded in.
+            padding = batch["attention_mask"] == 0
+            start = out.start_logits.float().masked_fill(padding, float("-inf"))
+            end = out.end_logits.float().masked_fill(padding, float("-inf"))
             if labels == "gold":
                 start_pos, end_pos = batch["start_positions"], batch["end_positions"]
             else:
