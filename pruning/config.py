@@ -114,7 +114,7 @@ class RunConfig:
     calibration_samples: int = 2048  # training windows whose squared mask gradients give the importance
     target_flops: float | None = None  # fisher: fraction of the encoder's FLOPs to keep (instead of target_density)
     mask_rearrange: bool = False  # fisher: re-choose each layer's heads/neurons with its block-diagonal Fisher
-    mask_tuning_samples: int = 512  # fisher: windows for the least-squares rescaling of kept heads/neurons; 0: off
+    mask_tuning_samples: int = 256  # fisher: windows for the least-squares rescaling of kept heads/neurons; 0: off
 
     # --- hardware -----------------------------------------------------------------------------------------
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...

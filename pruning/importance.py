@@ -496,7 +496,20 @@ def _layer_call(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, tuple, di
 
 
 class _Stop(Exception):
-    """Ends a forward pass once the first layer's inputs are known."""
+    """Ends a forward pass early, once what is needed of it has been captured."""
+
+
+@contextlib.contextmanager
+def _stop_after(module: nn.Module) -> Iterator[None]:
+    """Raise :class:`_Stop` when ``module`` is about to run (its input is captured by hooks registered before)."""
+    def hook(mod: nn.Module, args: tuple) -> None:
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _token_rows(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -554,14 +567,15 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
             neurons = neuron_keep[layer_index].to(device)
             out_proj = get_module(layer, arch.attention_output)
             second = get_module(layer, arch.ffn_out)
-            student_mods = {"ctx": out_proj, "att_sum": get_module(layer, att_norm),
-                            "act": second, "ffn_sum": get_module(layer, ffn_norm)}
-            teacher_mods = {"att_sum": get_module(dense_layer, att_norm), "ffn_sum": get_module(dense_layer, ffn_norm)}
-            student_cap, teacher_cap = _Capture(student_mods), _Capture(teacher_mods)
+            att_sum, ffn_sum = get_module(layer, att_norm), get_module(layer, ffn_norm)
+            student_cap = _Capture({"ctx": out_proj, "att_sum": att_sum, "act": second, "ffn_sum": ffn_sum})
+            teacher_cap = _Capture({"att_sum": get_module(dense_layer, att_norm),
+                                    "ffn_sum": get_module(dense_layer, ffn_norm)})
             kept_heads = heads.nonzero().flatten()
             kept_neurons = neurons.nonzero().flatten()
 
-            # Pass 1: the dense layer's sums and outputs; the attention sublayer's least-squares system.
+            # Pass 1: the dense layer's sums and output; the pruned attention sublayer (stopped at its LayerNorm)
+            # gives the attention least-squares system.
             g_att = torch.zeros(len(kept_heads), len(kept_heads), dtype=torch.float64, device=device)
             r_att = torch.zeros(len(kept_heads), dtype=torch.float64, device=device)
             err_att, tokens = 0.0, 0
@@ -572,8 +586,11 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
                 with teacher_cap.install():
                     teacher_x[b] = _output(dense_layer(teacher_x[b], *args, **kwargs))
                 ffn_targets.append(teacher_cap.values["ffn_sum"])
-                with student_cap.install():
-                    layer(student_x[b], *args, **kwargs)
+                with student_cap.install(), _stop_after(att_sum):
+                    try:
+                        layer(student_x[b], *args, **kwargs)
+                    except _Stop:
+                        pass
                 error = (teacher_cap.values["att_sum"] - student_cap.values["att_sum"]).reshape(-1, hidden_size)[rows]
                 ctx = student_cap.values["ctx"].reshape(-1, num_heads, head_dim)[rows][:, kept_heads]  # (N, K, d)
                 contrib = torch.einsum("nkd,okd->nko", ctx, w_o)  # (N, K, hidden)
@@ -587,31 +604,35 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
             columns = (kept_heads[:, None] * head_dim + torch.arange(head_dim, device=device)[None, :]).flatten()
             out_proj.weight[:, columns] *= scales_att.repeat_interleave(head_dim)[None, :]
 
-            # Pass 2: the FFN sublayer's system, on the tuned attention output.
+            # Pass 2: the whole pruned layer with the tuned attention gives the FFN system; its activations and
+            # sums are kept, so the tuned layer's output follows without running it again.
             g_ffn = torch.zeros(len(kept_neurons), len(kept_neurons), dtype=torch.float64, device=device)
             r_ffn = torch.zeros(len(kept_neurons), dtype=torch.float64, device=device)
             err_ffn = 0.0
             w2 = second.weight[:, kept_neurons].float()  # (hidden, K)
-            w2_gram = (w2.T @ w2).double()
+            activations, sums = [], []
             for b, (args, kwargs) in enumerate(calls):
                 rows = token_rows[b]
                 with student_cap.install():
                     layer(student_x[b], *args, **kwargs)
-                error = (ffn_targets[b] - student_cap.values["ffn_sum"]).reshape(-1, hidden_size)[rows]
-                act = student_cap.values["act"].reshape(-1, student_cap.values["act"].shape[-1])[rows][:, kept_neurons]
-                act = act.float()
+                full_act = student_cap.values["act"][..., kept_neurons]  # (batch, tokens, K)
+                activations.append(full_act)
+                sums.append(student_cap.values["ffn_sum"])
+                error = (ffn_targets[b] - sums[-1]).reshape(-1, hidden_size)[rows]
+                act = full_act.reshape(-1, len(kept_neurons))[rows].float()
                 g_ffn += (act.T @ act).double()
                 r_ffn += (act * (error.float() @ w2)).sum(dim=0).double()
                 err_ffn += float(error.double().pow(2).sum())
-            g_ffn *= w2_gram
+            g_ffn *= (w2.T @ w2).double()
             delta_ffn = _ridge(g_ffn, r_ffn, damping)
             after_ffn = err_ffn - 2 * float(delta_ffn @ r_ffn) + float(delta_ffn @ g_ffn @ delta_ffn)
             scales_ffn = (1 + delta_ffn).to(second.weight.dtype)
+            # The next layer's input: the pruned layer's FFN sum moved by the scale changes, through its LayerNorm.
+            shift = (w2 * delta_ffn.to(w2.dtype)[None, :]).to(second.weight.dtype)  # (hidden, K)
+            for b in range(len(calls)):
+                student_x[b] = ffn_sum(sums[b] + activations[b] @ shift.T)
             second.weight[:, kept_neurons] *= scales_ffn[None, :]
-
-            # Pass 3: the tuned layer's output is the next layer's input.
-            for b, (args, kwargs) in enumerate(calls):
-                student_x[b] = _output(layer(student_x[b], *args, **kwargs))
+            del activations, sums, ffn_targets
             count = max(1, tokens * hidden_size)
             results.append(LayerTuning(
                 attention_before=err_att / count, attention_after=max(after_att, 0.0) / count,
