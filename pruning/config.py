@@ -103,8 +103,11 @@ class RunConfig:
     # sigmoid_threshold: threshold on sigmoid(score) ramps initial_threshold -> final_threshold
     initial_threshold: float = 0.0
     final_threshold: float = 0.1
-    lambda_attention: float = 10.0  # final L1 weight on the attention scores (ramps from 0 with the threshold)
-    lambda_ffn: float = 10.0  # final L1 weight on the FFN scores
+    # Final L1 weights (ramping from 0 with the threshold). The penalty is (lambda_attention * R_att + lambda_ffn *
+    # R_ffn) / 2, R = mean sigmoid(score) of a group, as in the reference implementation: a lambda here is its
+    # regularization_final_lambda (group lambdas 1), so the published values (2.5 to 40) transfer unchanged.
+    lambda_attention: float = 10.0
+    lambda_ffn: float = 10.0
     # cubic schedule: hold for initial_warmup, ramp, hold for the last final_warmup. A value < 1 is a fraction
     # of the pruning steps, a value >= 1 a number of steps.
     initial_warmup: float = 0.1
@@ -118,7 +121,9 @@ class RunConfig:
 
     # --- hardware -----------------------------------------------------------------------------------------
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; CUDA only)
+    # "fp32", "bf16" (autocast of the matrix work; masks, scores, losses and optimizer state stay fp32; on a CPU
+    # only where it has bf16 matrix instructions) or "auto" (bf16 where supported, else fp32). See pruning.precision.
+    precision: str = "fp32"
 
     # --- distillation -------------------------------------------------------------------------------------
     teacher: str | None = None  # QA model directory; None: no distillation
@@ -221,8 +226,8 @@ def _check(cfg: RunConfig) -> None:
         value = getattr(cfg, key)
         if not _is_number(value) or not 0 <= value < 1:
             _fail(key, f"must be in [0, 1), got {value!r}")
-    if cfg.precision not in ("fp32", "bf16"):
-        _fail("precision", f"unknown value {cfg.precision!r} (allowed: fp32, bf16)")
+    if cfg.precision not in ("fp32", "bf16", "auto"):
+        _fail("precision", f"unknown value {cfg.precision!r} (allowed: fp32, bf16, auto)")
     if not isinstance(cfg.device, str) or not (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")):
         _fail("device", f"must be auto, cpu or cuda[:N], got {cfg.device!r}")
     if cfg.epochs == 0 and cfg.max_steps is None:

@@ -719,8 +719,7 @@ def apply_structure_(model: nn.Module, head_keep: torch.Tensor, neuron_keep: tor
         first = get_module(layer, arch.ffn_in)
         first.mask_scores.copy_((neurons.float() * 2 - 1).reshape(first.mask_scores.shape).to(first.mask_scores.device))
     for _, module in mask_lib.masked_modules(model):
-        module.mode = "cutoff"
-        module.threshold = 0.0
+        module.set_cutoff(0.0)
     model.fineprune_fill_from = ("cutoff", 0.0)
     mask_lib.fix_masks_(model, [h.cpu() for h in head_keep], [n.cpu() for n in neuron_keep])
     return model
@@ -789,7 +788,7 @@ def warm_start_scores_(model: nn.Module, source: str, scale: float = 1.0,
                 position = torch.arange(count * size) // head_dim  # the head of every row (or column)
                 per_block = per_weight_head[position].reshape(count, size).mean(dim=1)
                 value = per_block[:, None].expand(rows, cols) if along_rows else per_block[None, :].expand(rows, cols)
-            size = (2 * hidden) if path == arch.ffn_in else br * bc
+            size = module.weights_per_score
             modules.append(module)
             values.append(value.reshape(-1).float().cpu())
             weights.append(torch.full((value.numel(),), float(size)))

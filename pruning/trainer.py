@@ -53,11 +53,13 @@ from .checkpoint import (
 )
 from .config import ConfigError, MaskInit, Method, RunConfig, TopkScope, check_head_shaped, config_to_dict
 from .distill import hidden_mse, kd_loss, qa_ce_loss
+from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
 from .sparsity import sparsity_report
 
-__all__ = ["Report", "TrainingPlan", "build_model", "plan", "mask_schedule", "train", "evaluate", "resolve_device"]
+__all__ = ["Report", "TrainingPlan", "build_model", "plan", "mask_schedule", "train", "evaluate", "resolve_device",
+           "enter_fill_phase", "training_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -229,19 +231,19 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
 
 def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list, cfg: RunConfig,
              device: torch.device | None = None, progress: bool = True) -> dict[str, float]:
-    """EM/F1 (official SQuAD v1.1 metric) of ``model`` on ``examples``, plus its sparsity metrics."""
-    predictions = squad.predict(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
-                                doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
-                                max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, device=device,
-                                progress=progress)
+    """EM/F1 (official SQuAD v1.1 metric) of ``model`` on ``examples``, plus its sparsity metrics.
+
+    The forward passes run in the config's precision on ``device`` (default: the model's).
+    """
+    run_device = device if device is not None else next(model.parameters()).device
+    with autocast(resolve_precision(cfg.precision, run_device), run_device):
+        predictions = squad.predict(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
+                                    doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
+                                    max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, device=device,
+                                    progress=progress)
     metrics = dict(squad.evaluate(examples, predictions))
     metrics.update(sparsity_report(model).metrics())
     return metrics
-
-
-def _autocast(cfg: RunConfig, device: torch.device):
-    enabled = cfg.precision == "bf16" and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
@@ -256,15 +258,55 @@ def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
     return teacher
 
 
+def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig, teacher: nn.Module | None = None,
+                  lambda_attention: float = 0.0, lambda_ffn: float = 0.0, regularize: bool = True,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, span cross-entropy, distillation, hidden-state MSE, score regularisation) of one batch.
+
+    ``loss = alpha_ce * ce + alpha_distil * distil + alpha_hidden * hidden`` with a teacher (``ce`` alone without
+    one), plus the score penalty of :func:`pruning.masks.regularization_loss` for ``sigmoid_threshold`` when
+    ``regularize`` is set. ``hidden`` is the layer-wise MSE of :func:`pruning.distill.hidden_mse` (computed only
+    when ``alpha_hidden > 0``).
+    """
+    with_hidden = teacher is not None and cfg.alpha_hidden > 0
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                token_type_ids=batch["token_type_ids"], output_hidden_states=with_hidden)
+    start_logits, end_logits = out.start_logits.float(), out.end_logits.float()
+    ce = qa_ce_loss(start_logits, end_logits, batch["start_positions"], batch["end_positions"])
+    zero = start_logits.new_zeros(())
+    distil, hidden, reg = zero, zero, zero
+    loss = ce
+    if teacher is not None:
+        with torch.no_grad():
+            t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            token_type_ids=batch["token_type_ids"], output_hidden_states=with_hidden)
+        distil = (kd_loss(start_logits, t_out.start_logits.float(), cfg.temperature)
+                  + kd_loss(end_logits, t_out.end_logits.float(), cfg.temperature)) / 2
+        loss = cfg.alpha_ce * ce + cfg.alpha_distil * distil
+        if with_hidden:
+            # Layer outputs only: the embeddings are not pruned.
+            hidden = hidden_mse(out.hidden_states[1:], t_out.hidden_states[1:], batch["attention_mask"])
+            loss = loss + cfg.alpha_hidden * hidden
+    if cfg.method is Method.SIGMOID_THRESHOLD and regularize:
+        reg = mask_lib.regularization_loss(model, lambda_attention, lambda_ffn)
+        loss = loss + reg
+    return loss, ce, distil, hidden, reg
+
+
 def _is_fixed(model: nn.Module) -> bool:
     return all(m.mode == "fixed" for _, m in mask_lib.masked_modules(model))
 
 
-def _enter_fill_phase(model: nn.Module) -> None:
-    """Freeze the structure packing will keep; kept heads become dense again."""
+def enter_fill_phase(model: nn.Module) -> None:
+    """Freeze the structure packing will keep; kept heads become dense again.
+
+    The current masks are baked into the weights first, so the model computes exactly what it did at the end of
+    pruning: the pruned blocks inside kept heads come back as zeros and train from there.
+    """
     first = next(m for _, m in mask_lib.masked_modules(model))
-    model.fineprune_fill_from = (first.mode, first.threshold)
+    model.fineprune_fill_from = (first.mode, first.current_threshold())
     report = sparsity_report(model)
+    mask_lib.bake_masks_(model)
     mask_lib.fix_masks_(model, [s.heads_kept for s in report.layers], [s.ffn_kept for s in report.layers])
 
 
@@ -286,6 +328,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     """
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)  # fails before any data or model is loaded
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -309,8 +352,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     features = train_features(cfg, train_examples, tokenizer)
     num_features = int(features["input_ids"].shape[0])
     p = plan(cfg, num_features)
-    logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s",
-                len(train_examples), num_features, p.total_steps, p.prune_steps, p.fill_steps, device)
+    logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s, %s",
+                len(train_examples), num_features, p.total_steps, p.prune_steps, p.fill_steps, device, precision)
 
     model.to(device)
     teacher = _load_teacher(cfg, device)
@@ -337,12 +380,11 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             return (mask_schedule(cfg, p, p.prune_steps)[0] if cfg.masked else 0.0), 0.0, 0.0
         return mask_schedule(cfg, p, step)
 
-    hidden_weight = cfg.alpha_hidden if teacher is not None else 0.0
     for step in range(start_step, p.total_steps):
         if cfg.masked and step == p.prune_steps and not _is_fixed(model):
             # The last pruning masks decide the structure; from here on it is fixed.
             mask_lib.set_threshold(model, schedule_values(step)[0], global_topk=global_topk)
-            _enter_fill_phase(model)
+            enter_fill_phase(model)
             optimizer = _rebuild_optimizer_for_fill(model, cfg, optimizer)
         threshold, lam_att, lam_ffn = schedule_values(step)
         if cfg.masked and step < p.prune_steps:
@@ -362,31 +404,9 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             # Dynamic padding: windows are padded to max_seq_length, a batch only needs its longest one.
             width = int(batch["attention_mask"].sum(dim=1).max())
             batch = {k: (v[:, :width] if v.ndim == 2 else v).to(device) for k, v in batch.items()}
-            with _autocast(cfg, device):
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            token_type_ids=batch["token_type_ids"], output_hidden_states=hidden_weight > 0)
-                start_logits, end_logits = out.start_logits.float(), out.end_logits.float()
-                ce = qa_ce_loss(start_logits, end_logits, batch["start_positions"], batch["end_positions"])
-                hidden = torch.zeros((), device=device)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                        token_type_ids=batch["token_type_ids"], output_hidden_states=hidden_weight > 0)
-                    distil = (kd_loss(start_logits, t_out.start_logits.float(), cfg.temperature)
-                              + kd_loss(end_logits, t_out.end_logits.float(), cfg.temperature)) / 2
-                    loss = cfg.alpha_ce * ce + cfg.alpha_distil * distil
-                    if hidden_weight > 0:
-                        # Layer outputs only: the embeddings are not pruned.
-                        hidden = hidden_mse(out.hidden_states[1:], t_out.hidden_states[1:], batch["attention_mask"])
-                        loss = loss + hidden_weight * hidden
-                else:
-                    distil = torch.zeros((), device=device)
-                    loss = ce
-                reg = torch.zeros((), device=device)
-                if cfg.method is Method.SIGMOID_THRESHOLD and step < p.prune_steps:
-                    reg_att, reg_ffn = mask_lib.score_regularization(model)
-                    reg = lam_att * reg_att + lam_ffn * reg_ffn
-                    loss = loss + reg
+            with autocast(precision, device):
+                loss, ce, distil, hidden, reg = training_loss(model, batch, cfg, teacher, lam_att, lam_ffn,
+                                                              regularize=step < p.prune_steps)
             (loss / cfg.grad_accum).backward()
             terms["loss_ce"] += float(ce.detach()) / cfg.grad_accum
             terms["loss_distil"] += float(distil.detach()) / cfg.grad_accum
@@ -436,16 +456,16 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                 report(metrics, checkpoint_dir)
     bar.close()
 
-    final_dir = output_dir / FINAL_DIR
-    model.to("cpu")
-    save_model(model, tokenizer, final_dir)
     if not last_metrics:  # nothing trained: a one-shot run without recovery, or resumed at the very end
         last_metrics = {"step": p.total_steps, **pruning_metrics,
-                        **evaluate(model, tokenizer, eval_examples, cfg, progress=progress)}
+                        **evaluate(model, tokenizer, eval_examples, cfg, device=device, progress=progress)}
         if resume_from is None:
             history.append({k: v for k, v in last_metrics.items() if isinstance(v, (int, float))})
             if report is not None:
                 report(last_metrics, None)
+    final_dir = output_dir / FINAL_DIR
+    model.to("cpu")
+    save_model(model, tokenizer, final_dir)
     last_metrics = dict(last_metrics)
     last_metrics["model_dir"] = str(final_dir)
     return last_metrics
@@ -471,7 +491,7 @@ def _initial_masks(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, 
     estimate = importance.fisher_importance(
         model, features, index, cfg.batch_size, labels="sampled" if teacher is not None else "gold", teacher=teacher,
         block_diagonal=cfg.method is Method.FISHER and cfg.mask_rearrange, seed=cfg.seed, device=device,
-        autocast=lambda: _autocast(cfg, device))
+        autocast=lambda: autocast(resolve_precision(cfg.precision, device), device))
     out = {"calibration_windows": float(index.numel()), "calibration_seconds": time.time() - started}
     if cfg.method is not Method.FISHER:
         importance.warm_start_scores_(model, "fisher", cfg.mask_init_scale, estimate)

@@ -53,7 +53,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("train_limit", "eval_limit", "max_steps", "output_dir", "model", "teacher", "device"):
+    for key in ("train_limit", "eval_limit", "max_steps", "output_dir", "model", "teacher", "device", "precision"):
         value = getattr(args, key, None)
         if value is not None:
             out[key] = value
@@ -113,7 +113,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load_any(args.model_dir)
     examples = squad.load_squad(resolve_data(args.data), limit=args.limit)
-    cfg = RunConfig(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride, eval_batch_size=args.batch_size)
+    cfg = RunConfig(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride, eval_batch_size=args.batch_size,
+                    precision=args.precision)
     device = resolve_device(args.device)
     model.to(device)
     metrics = evaluate(model, tokenizer, examples, cfg, device=device, progress=not args.no_progress)
@@ -124,9 +125,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from pruning.inference import answer
+    from pruning.precision import autocast, resolve_precision
 
+    precision = resolve_precision(args.precision, "cpu")
     model, tokenizer = _load_any(args.model_dir)
-    result = answer(model, tokenizer, args.question, args.context)
+    with autocast(precision, "cpu"):
+        result = answer(model, tokenizer, args.question, args.context)
     _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end})
     return 0
 
@@ -142,7 +146,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from pruning.packing import pack_checkpoint
 
     report = pack_checkpoint(args.checkpoint, args.out_dir, data=args.data, questions=args.questions,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, precision=args.precision)
     _emit(report)
     return 0
 
@@ -189,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-steps", type=int)
         p.add_argument("--output-dir")
         p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+        p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="overrides the config's precision")
         p.add_argument("--resume", help="training checkpoint directory to continue from")
         p.add_argument("--no-progress", action="store_true")
         p.set_defaults(func=func)
@@ -204,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc-stride", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (default fp32)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -211,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--question", required=True)
     p.add_argument("--context", required=True)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (default fp32)")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("score", help="official SQuAD v1.1 EM/F1 of a predictions file")
@@ -224,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="dev", help="questions for the logit check (default: shipped dev)")
     p.add_argument("--questions", type=int, default=16, help="how many dev questions to compare on")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto for the latency timing (default fp32)")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep with MLflow tracking")
