@@ -138,6 +138,7 @@ def run_row(row: str, density: float, teacher: str, teacher_scores: dict[str, fl
         "retention": metrics["f1"] / teacher_scores["f1"], "linear_density": metrics["linear_density"],
         "heads_removed": int(metrics["heads_removed"]), "speedup": float(timing["ratio"]),
         "steps": int(steps), "calibration_steps": calibration_steps(cfg), "prune_seconds": one_shot,
+        "prune_cpu_seconds": float(metrics.get("prune_cpu_seconds", 0.0)), "threads": torch.get_num_threads(),
         "train_seconds": float(metrics.get("train_seconds", 0.0)) if steps else 0.0, "wall_seconds": wall,
         "tuning_error_before": metrics.get("tuning_error_before"),
         "tuning_error_after": metrics.get("tuning_error_after"),
