@@ -471,6 +471,15 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     return last_metrics
 
 
+def _same_model(a: str, b: str | None) -> bool:
+    if b is None:
+        return False
+    try:
+        return resolve_model(a).resolve() == resolve_model(b).resolve()
+    except OSError:
+        return False
+
+
 def _initial_masks(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, features: dict[str, torch.Tensor],
                    device: torch.device) -> dict[str, float]:
     """Prune in one shot (fisher) or warm-start the scores (``mask_init``); returns what it cost.
@@ -488,8 +497,11 @@ def _initial_masks(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, 
         importance.warm_start_scores_(model, "magnitude", cfg.mask_init_scale)
         return {"prune_seconds": time.time() - started, "prune_cpu_seconds": time.process_time() - started_cpu}
     index = importance.calibration_index(num_windows, cfg.calibration_samples, cfg.seed)
+    # A student that starts from the teacher's weights has the teacher's distribution: no second forward pass.
+    label_model = None if teacher is None or _same_model(cfg.model, cfg.teacher) else teacher
     estimate = importance.fisher_importance(
-        model, features, index, cfg.batch_size, labels="sampled" if teacher is not None else "gold", teacher=teacher,
+        model, features, index, cfg.batch_size, labels="sampled" if teacher is not None else "gold",
+        teacher=label_model,
         block_diagonal=cfg.method is Method.FISHER and cfg.mask_rearrange, seed=cfg.seed, device=device,
         autocast=lambda: autocast(resolve_precision(cfg.precision, device), device))
     out = {"calibration_windows": float(index.numel()), "calibration_seconds": time.time() - started}
