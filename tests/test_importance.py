@@ -21,6 +21,7 @@ from pruning.distill import hidden_mse
 from pruning.packing import pack
 from pruning.sparsity import sparsity_report
 from pruning.trainer import train
+from workflows.cli import main as cli_main
 
 HIDDEN, HEADS, LAYERS, INTER, VOCAB = 64, 4, 2, 128, 120
 TINY = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=INTER,
@@ -360,22 +361,35 @@ def dense_dir(tmp_path_factory, tokenizer) -> Path:
     return save_model(tiny_model(), tokenizer, tmp_path_factory.mktemp("dense") / "model")
 
 
+def fisher_config(tmp_path: Path, model_dir: Path, line: str) -> Path:
+    config = tmp_path / "fisher.yaml"
+    block = "" if line.startswith("attention_block") else f"attention_block: {HEAD_BLOCK}\n"
+    config.write_text(f"model: {model_dir}\nmethod: fisher\ntrain_data: dev\neval_data: dev\ntrain_limit: 4\n"
+                      f"eval_limit: 2\nmax_seq_length: 64\ndoc_stride: 16\n{block}{line}\n"
+                      f"output_dir: {tmp_path / 'out'}\n")
+    return config
+
+
 @pytest.mark.parametrize("line,key", [
     ("target_density: 1.5", "target_density"),
     ("target_density: 0", "target_density"),
     ("target_flops: 0.0", "target_flops"),
     ("target_flops: 1.2", "target_flops"),
     ("calibration_samples: 0", "calibration_samples"),
-    ("attention_block: [16, 16]", "attention_block"),
 ])
-def test_bad_fisher_input_is_one_line_naming_file_and_key(tmp_path, dense_dir, line, key):
-    config = tmp_path / "fisher.yaml"
-    block = "" if line.startswith("attention_block") else f"attention_block: {HEAD_BLOCK}\n"
-    config.write_text(f"model: {dense_dir}\nmethod: fisher\ntrain_data: dev\neval_data: dev\ntrain_limit: 4\n"
-                      f"eval_limit: 2\nmax_seq_length: 64\ndoc_stride: 16\n{block}{line}\n"
-                      f"output_dir: {tmp_path / 'out'}\n")
+def test_bad_fisher_values_are_one_line_naming_file_and_key(tmp_path, dense_dir, line, key, capsys):
+    config = fisher_config(tmp_path, dense_dir, line)
+    assert cli_main(["prune", "--config", str(config)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(config) in lines[0] and key in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_fisher_needs_head_shaped_blocks_one_line_exit_2(tmp_path, dense_dir):
+    # Known only once the model is loaded: the real command line, through the trainer.
+    config = fisher_config(tmp_path, dense_dir, "attention_block: [16, 16]")
     proc = fineprune("prune", "--config", str(config))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
-    assert str(config) in lines[-1] and key in lines[-1] and "Traceback" not in proc.stderr
-    assert not (tmp_path / "out").exists() or key == "attention_block"
+    assert str(config) in lines[-1] and "attention_block" in lines[-1] and "[16, 64]" in lines[-1]
+    assert "Traceback" not in proc.stderr
