@@ -96,7 +96,8 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
     cfg = config_from_dict(values, source=row, base=base)
     steps_left = budget - calibration_steps(cfg)
     if steps_left < 1:
-        raise SystemExit(f"accuracy_budget: the calibration of {row} takes {calibration_steps(cfg)} of the {budget} steps")
+        raise SystemExit(f"accuracy_budget: the calibration of {row} takes {calibration_steps(cfg)} of the "
+                         f"{budget} steps")
     if row == "topk_fisher":
         cfg = dataclasses.replace(cfg, max_steps=steps_left)
     elif row == "fisher_recovery":

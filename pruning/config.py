@@ -18,8 +18,8 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "RunConfig", "load_config", "config_from_dict", "config_to_dict",
-           "check_head_shaped"]
+__all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "RunConfig", "load_config", "config_from_dict",
+           "config_to_dict", "check_head_shaped"]
 
 
 class ConfigError(ValueError):

@@ -31,7 +31,8 @@ def hidden_mse(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[
     left out. Zero when every student layer reproduces the teacher's.
     """
     if len(student_hidden) != len(teacher_hidden) or not student_hidden:
-        raise ValueError(f"hidden_mse: {len(student_hidden)} student layers against {len(teacher_hidden)} teacher layers")
+        raise ValueError(f"hidden_mse: {len(student_hidden)} student layers against {len(teacher_hidden)} "
+                         "teacher layers")
     losses = []
     for student, teacher in zip(student_hidden, teacher_hidden):
         squared = (student.float() - teacher.detach().float()).pow(2).mean(dim=-1)  # (batch, tokens)

@@ -252,10 +252,13 @@ def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, ba
         raise ValueError(f"labels must be gold or sampled, got {labels!r}")
     device = device or next(model.parameters()).device
     num_layers, num_heads, _, inter = _shape(model)
-    heads = torch.zeros(num_layers, num_heads, dtype=torch.float64)
-    neurons = torch.zeros(num_layers, inter, dtype=torch.float64)
-    head_blocks = torch.zeros(num_layers, num_heads, num_heads, dtype=torch.float64) if block_diagonal else None
-    neuron_blocks = torch.zeros(num_layers, inter, inter, dtype=torch.float32) if block_diagonal else None
+    # Sums stay on the device until the end (no host synchronisation per batch).
+    heads = torch.zeros(num_layers, num_heads, dtype=torch.float64, device=device)
+    neurons = torch.zeros(num_layers, inter, dtype=torch.float64, device=device)
+    head_blocks = (torch.zeros(num_layers, num_heads, num_heads, dtype=torch.float64, device=device)
+                   if block_diagonal else None)
+    neuron_blocks = (torch.zeros(num_layers, inter, inter, dtype=torch.float32, device=device)
+                     if block_diagonal else None)
     generator = torch.Generator().manual_seed(seed)
     variables = _MaskVariables(model)
     others = [teacher] if teacher is not None and teacher is not model else []
@@ -283,19 +286,22 @@ def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, ba
                 start_pos = _sampled_positions(t_start, batch["attention_mask"], generator)
                 end_pos = _sampled_positions(t_end, batch["attention_mask"], generator)
             # A sum over windows, so that each window's gradient is its own loss's.
-            loss = (F.cross_entropy(start, start_pos, reduction="sum") + F.cross_entropy(end, end_pos, reduction="sum")) / 2
+            loss = (F.cross_entropy(start, start_pos, reduction="sum")
+                    + F.cross_entropy(end, end_pos, reduction="sum")) / 2
             grads = torch.autograd.grad(loss, [*variables.heads, *variables.neurons])
             for i in range(num_layers):
                 g_head = grads[i].detach().double()
                 g_neuron = grads[num_layers + i].detach()
-                heads[i] += g_head.pow(2).sum(dim=0).cpu()
-                neurons[i] += g_neuron.double().pow(2).sum(dim=0).cpu()
+                heads[i] += g_head.pow(2).sum(dim=0)
+                neurons[i] += g_neuron.double().pow(2).sum(dim=0)
                 if head_blocks is not None:
-                    head_blocks[i] += (g_head.T @ g_head).cpu()
-                    neuron_blocks[i] += (g_neuron.float().T @ g_neuron.float()).cpu()
+                    head_blocks[i] += g_head.T @ g_head
+                    neuron_blocks[i] += g_neuron.float().T @ g_neuron.float()
         variables.heads = [None] * num_layers
         variables.neurons = [None] * num_layers
-    return Importance(heads, neurons, int(index.numel()), head_blocks, neuron_blocks)
+    return Importance(heads.cpu(), neurons.cpu(), int(index.numel()),
+                      None if head_blocks is None else head_blocks.cpu(),
+                      None if neuron_blocks is None else neuron_blocks.cpu())
 
 
 @torch.no_grad()
