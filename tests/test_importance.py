@@ -294,6 +294,29 @@ def test_recovery_with_hidden_state_distillation(tmp_path):
     assert metrics["loss_hidden"] > 0 and metrics["loss_distil"] > 0 and metrics["step"] == 3
 
 
+class Stop(Exception):
+    pass
+
+
+def test_recovery_resumes_with_the_same_structure_and_weights(tmp_path):
+    common = dict(target_density=0.4, fill_steps=4, eval_every=2)
+    full = train(tiny_cfg(tmp_path / "a", **common), progress=False)
+
+    def stop_at_first(metrics, checkpoint):
+        raise Stop
+
+    cfg = tiny_cfg(tmp_path / "b", **common)
+    with pytest.raises(Stop):
+        train(cfg, report=stop_at_first, progress=False)
+    resumed = train(cfg, resume_from=tmp_path / "b" / "run" / "checkpoint", progress=False)
+    assert resumed["step"] == 4 and resumed["prune_seconds"] > 0  # the one-shot step ran once, before the stop
+    a, b = load_model(full["model_dir"]), load_model(resumed["model_dir"])
+    for (_, ma), (_, mb) in zip(masks.masked_modules(a), masks.masked_modules(b)):
+        assert torch.equal(ma.block_mask(), mb.block_mask())
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5), name
+
+
 @pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])
 @pytest.mark.parametrize("source", ["fisher", "magnitude"])
 def test_warm_start_orders_the_scores(tmp_path, method, source):
