@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -149,6 +150,22 @@ def run_row(row: str, density: float, teacher: str, teacher_scores: dict[str, fl
     }
 
 
+def save_row(path: Path, teacher_scores: dict[str, float], result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add ``result`` to the results file (replacing the same row and density), re-read just before writing so
+    that several runs of this script with different rows can share one file; returns this teacher's rows."""
+    stored = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    def same(r: dict[str, Any]) -> bool:
+        return (r["row"] == result["row"] and r.get("teacher") == result["teacher"]
+                and abs(r["density_target"] - result["density_target"]) < 1e-9)
+
+    rows = [r for r in stored["rows"] if not same(r)] + [result]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"teacher_scores": teacher_scores, "rows": rows}, indent=2))
+    os.replace(tmp, path)
+    return [r for r in rows if r.get("teacher") == result["teacher"]]
+
+
 def format_table(teacher_scores: dict[str, float], rows: list[dict[str, Any]]) -> str:
     lines = ["| method | target | steps (+ calibration) | linear density | heads removed | EM | F1 | retention | "
              "packed speedup | one-shot s | training s |",
@@ -220,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             result = run_row(row, density, teacher, teacher_scores, out_dir, args)
             result["teacher"] = teacher
-            rows = [r for r in rows if r not in done] + [result]
-            results_path.parent.mkdir(parents=True, exist_ok=True)
-            results_path.write_text(json.dumps({"teacher_scores": teacher_scores, "rows": rows}, indent=2))
+            rows = save_row(results_path, teacher_scores, result)
             logger.info("%s at %.2f: F1 %.2f (retention %.3f)", row, density, result["f1"], result["retention"])
     chosen = [r for r in rows if r["row"] in args.rows and any(abs(r["density_target"] - d) < 1e-9
                                                                for d in args.densities)]
