@@ -1,7 +1,8 @@
 """The typed run configuration: one frozen dataclass, loaded from YAML.
 
-A run is either a dense fine-tune (``method: dense``; the teacher and the baseline) or a fine-pruning run
-(``method: topk`` or ``method: sigmoid_threshold``). Every hyperparameter of the trainer lives here; the
+A run is either a dense fine-tune (``method: dense``; the teacher and the baseline), a fine-pruning run
+(``method: topk`` or ``method: sigmoid_threshold``) or a one-shot structured pruning (``method: fisher``) with an
+optional recovery fine-tune. Every hyperparameter of the trainer lives here; the
 trainer reads nothing else. Unknown keys are an error naming the key, and every value is checked in
 ``__post_init__`` so that a bad config fails before any model is loaded.
 """
@@ -17,7 +18,8 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["ConfigError", "Method", "TopkScope", "RunConfig", "load_config", "config_from_dict", "config_to_dict"]
+__all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "RunConfig", "load_config", "config_from_dict",
+           "config_to_dict", "check_head_shaped"]
 
 
 class ConfigError(ValueError):
@@ -30,6 +32,15 @@ class Method(str, enum.Enum):
     DENSE = "dense"  # plain fine-tuning, no masks
     TOPK = "topk"  # keep the top fraction of blocks; density set directly
     SIGMOID_THRESHOLD = "sigmoid_threshold"  # keep blocks with sigmoid(score) > threshold; density from L1
+    FISHER = "fisher"  # one-shot: heads and FFN neurons chosen by Fisher importance, then mask tuning
+
+
+class MaskInit(str, enum.Enum):
+    """Where the initial mask scores of topk and sigmoid_threshold come from."""
+
+    CONSTANT = "constant"  # every score 0 (a number given as mask_init is the constant instead)
+    FISHER = "fisher"  # Fisher importance of the block's head or FFN neuron (calibration_samples windows)
+    MAGNITUDE = "magnitude"  # mean absolute weight of the block
 
 
 class TopkScope(str, enum.Enum):
@@ -82,7 +93,11 @@ class RunConfig:
     method: Method = Method.DENSE
     attention_block: tuple[int, int] = (32, 32)  # rows x columns of one attention score block
     mask_lr: float = 1e-2
-    mask_init: float = 0.0  # initial value of every score (sigmoid(0) = 0.5 keeps everything at threshold 0)
+    # initial scores: a number (every score that value; sigmoid(0) = 0.5 keeps everything at threshold 0), or
+    # constant (0), fisher or magnitude: scores spread over [-mask_init_scale, mask_init_scale] by the weighted
+    # quantile of the block's importance per weight, so the first cuts follow the estimate
+    mask_init: float | str = 0.0
+    mask_init_scale: float = 1.0
     # topk: fraction of masked weights kept at the end of the schedule (starts at 1.0)
     target_density: float = 0.5
     topk_scope: TopkScope = TopkScope.PER_MATRIX
@@ -99,6 +114,12 @@ class RunConfig:
     initial_warmup: float = 0.1
     final_warmup: float = 0.2
 
+    # --- fisher: one-shot structured pruning (also the calibration of mask_init: fisher) -------------------------
+    calibration_samples: int = 2048  # training windows whose squared mask gradients give the importance
+    target_flops: float | None = None  # fisher: fraction of the encoder's FLOPs to keep (instead of target_density)
+    mask_rearrange: bool = False  # fisher: re-choose each layer's heads/neurons with its block-diagonal Fisher
+    mask_tuning_samples: int = 256  # fisher: windows for the least-squares rescaling of kept heads/neurons; 0: off
+
     # --- hardware -----------------------------------------------------------------------------------------
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     # "fp32", "bf16" (autocast of the matrix work; masks, scores, losses and optimizer state stay fp32; on a CPU
@@ -110,9 +131,11 @@ class RunConfig:
     alpha_ce: float = 0.1
     alpha_distil: float = 0.9
     temperature: float = 2.0
+    alpha_hidden: float = 0.0  # weight of the layer-wise hidden-state MSE to the teacher (needs a teacher)
 
     # --- filled phase ---------------------------------------------------------------------------------------
     fill_steps: int = 0  # steps after pruning with removed heads/FFN dims fixed and kept heads dense again
+    #                      (for fisher: the recovery fine-tune after the one-shot step)
     fill_learning_rate: float | None = None  # default: learning_rate
 
     def __post_init__(self) -> None:
@@ -158,18 +181,34 @@ def _check(cfg: RunConfig) -> None:
             _fail(key, f"must be a positive integer or null, got {value!r}")
     if not (_is_int(cfg.fill_steps) and cfg.fill_steps >= 0):
         _fail("fill_steps", f"must be an integer >= 0, got {cfg.fill_steps!r}")
+    if not (_is_int(cfg.calibration_samples) and cfg.calibration_samples > 0):
+        _fail("calibration_samples", f"must be a positive integer, got {cfg.calibration_samples!r}")
+    if not (_is_int(cfg.mask_tuning_samples) and cfg.mask_tuning_samples >= 0):
+        _fail("mask_tuning_samples", f"must be an integer >= 0, got {cfg.mask_tuning_samples!r}")
+    if not isinstance(cfg.mask_rearrange, bool):
+        _fail("mask_rearrange", f"must be true or false, got {cfg.mask_rearrange!r}")
     if not _is_int(cfg.seed):
         _fail("seed", f"must be an integer, got {cfg.seed!r}")
     if cfg.doc_stride >= cfg.max_seq_length:
         _fail("doc_stride", f"must be smaller than max_seq_length ({cfg.max_seq_length}), got {cfg.doc_stride}")
 
-    non_negative = ["epochs", "weight_decay", "max_grad_norm", "mask_init_abs", "lambda_attention", "lambda_ffn",
-                    "alpha_ce", "alpha_distil", "initial_warmup", "final_warmup"]
+    non_negative = ["epochs", "weight_decay", "max_grad_norm", "lambda_attention", "lambda_ffn",
+                    "alpha_ce", "alpha_distil", "alpha_hidden", "initial_warmup", "final_warmup"]
     for key in non_negative:
-        value = abs(cfg.mask_init) if key == "mask_init_abs" else getattr(cfg, key)
+        value = getattr(cfg, key)
         if not _is_number(value) or value < 0:
             _fail(key, f"must be a number >= 0, got {value!r}")
-    for key in ["learning_rate", "mask_lr", "temperature"]:
+    if isinstance(cfg.mask_init, MaskInit):
+        pass
+    elif isinstance(cfg.mask_init, str):
+        try:
+            object.__setattr__(cfg, "mask_init", MaskInit(cfg.mask_init))
+        except ValueError:
+            allowed = ", ".join(m.value for m in MaskInit)
+            _fail("mask_init", f"unknown value {cfg.mask_init!r} (a number, or one of: {allowed})")
+    elif not _is_number(cfg.mask_init):
+        _fail("mask_init", f"must be a number or one of constant, fisher, magnitude, got {cfg.mask_init!r}")
+    for key in ["learning_rate", "mask_lr", "temperature", "mask_init_scale"]:
         value = getattr(cfg, key)
         if not _is_number(value) or value <= 0:
             _fail(key, f"must be a number > 0, got {value!r}")
@@ -179,6 +218,11 @@ def _check(cfg: RunConfig) -> None:
         _fail("warmup_ratio", f"must be in [0, 1), got {cfg.warmup_ratio!r}")
     if not _is_number(cfg.target_density) or not 0 < cfg.target_density <= 1:
         _fail("target_density", f"must be in (0, 1], got {cfg.target_density!r}")
+    if cfg.target_flops is not None:
+        if not _is_number(cfg.target_flops) or not 0 < cfg.target_flops <= 1:
+            _fail("target_flops", f"must be in (0, 1] or null, got {cfg.target_flops!r}")
+        if cfg.method is not Method.FISHER:
+            _fail("target_flops", f"only method fisher takes a FLOP target, not {cfg.method.value}")
     for key in ["initial_threshold", "final_threshold"]:
         value = getattr(cfg, key)
         if not _is_number(value) or not 0 <= value < 1:
@@ -194,12 +238,25 @@ def _check(cfg: RunConfig) -> None:
     if cfg.model_config is not None and not isinstance(cfg.model_config, Mapping):
         _fail("model_config", f"must be a mapping of BertConfig fields, got {type(cfg.model_config).__name__}")
     if not cfg.masked and cfg.fill_steps:
-        _fail("fill_steps", "a filled phase needs a pruning method (topk or sigmoid_threshold)")
+        _fail("fill_steps", "a filled phase needs a pruning method (topk, sigmoid_threshold or fisher)")
     if cfg.model_config is not None:
         hidden = cfg.model_config.get("hidden_size", 768)
         heads = cfg.model_config.get("num_attention_heads", 12)
         if hidden % heads:
             _fail("model_config.hidden_size", f"{hidden} is not a multiple of num_attention_heads {heads}")
+        if cfg.method is Method.FISHER:
+            check_head_shaped(cfg.attention_block, hidden // heads, hidden)
+
+
+def check_head_shaped(block: tuple[int, int], head_dim: int, hidden: int) -> None:
+    """Method fisher keeps or removes whole heads: its attention block must be one head, ``[head_dim, hidden]``.
+
+    Raises:
+        ConfigError: naming ``attention_block``.
+    """
+    if tuple(block) != (head_dim, hidden):
+        _fail("attention_block", f"method fisher needs head-shaped blocks [head_dim, hidden] = [{head_dim}, "
+                                 f"{hidden}], got {list(block)}")
 
 
 def _is_int(value: Any) -> bool:

@@ -26,6 +26,8 @@ class Architecture:
     attention_output: str  # projects the concatenated heads back to the hidden size
     ffn_in: str  # hidden -> intermediate; its rows are the FFN dimensions
     ffn_out: str  # intermediate -> hidden; its columns are the FFN dimensions
+    attention_norm: str  # the LayerNorm whose input is the attention sublayer's output plus its residual
+    ffn_norm: str  # the LayerNorm whose input is the FFN sublayer's output plus its residual
 
     @property
     def qkv(self) -> tuple[str, str, str]:
@@ -45,6 +47,8 @@ BERT = Architecture(
     attention_output="attention.output.dense",
     ffn_in="intermediate.dense",
     ffn_out="output.dense",
+    attention_norm="attention.output.LayerNorm",
+    ffn_norm="output.LayerNorm",
 )
 
 ARCHITECTURES: dict[str, Architecture] = {"bert": BERT}

@@ -8,12 +8,17 @@ Phases of a masked run (``S`` = pruning steps, ``F`` = ``fill_steps``):
   * steps ``[S, S + F)`` ("filled"): removed heads and FFN dimensions stay removed, kept heads are dense again,
     scores are frozen, and the weights are fine-tuned further with distillation.
 
+``method: fisher`` has no pruning steps: before the loop, one-shot structured pruning (:mod:`pruning.importance`)
+fixes the structure, and the ``F`` filled steps are its recovery fine-tune. ``mask_init: fisher | magnitude`` warm
+starts the scores of topk and sigmoid_threshold from the same importance estimates.
+
 ``train(cfg, report=...)`` calls ``report(metrics, checkpoint_dir)`` at every evaluation; the sweep forwards it to
 Ray Tune, a plain script can log it. Nothing here knows about Ray or MLflow.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -32,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import BertConfig, BertForQuestionAnswering, PreTrainedTokenizerBase
 
+from . import importance
 from . import masks as mask_lib
 from . import squad
 from .checkpoint import (
@@ -45,8 +51,8 @@ from .checkpoint import (
     restore_optimizer,
     save_model,
 )
-from .config import Method, RunConfig, TopkScope, config_to_dict
-from .distill import kd_loss, qa_ce_loss
+from .config import ConfigError, MaskInit, Method, RunConfig, TopkScope, check_head_shaped, config_to_dict
+from .distill import hidden_mse, kd_loss, qa_ce_loss
 from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
@@ -86,12 +92,15 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
         tokenizer = load_tokenizer(cfg.tokenizer or model_dir)
     if mask_lib.is_masked(model):
         raise CheckpointError(f"{cfg.model}: is a masked checkpoint; start from a dense model or use --resume")
-    if cfg.masked:
+    if cfg.method is Method.FISHER:
+        # Pruned in one shot by train() once the calibration windows exist; the masks come with the structure.
+        config = model.config
+        check_head_shaped(cfg.attention_block, config.hidden_size // config.num_attention_heads, config.hidden_size)
+    elif cfg.masked:
+        constant = 0.0 if isinstance(cfg.mask_init, MaskInit) else float(cfg.mask_init)
         try:
-            mask_lib.apply_masks_(model, cfg.method.value, cfg.attention_block, cfg.mask_init)
+            mask_lib.apply_masks_(model, cfg.method.value, cfg.attention_block, constant)
         except ValueError as err:
-            from .config import ConfigError
-
             raise ConfigError(str(err)) from None
     return model, tokenizer
 
@@ -111,15 +120,18 @@ class TrainingPlan:
 
 
 def plan(cfg: RunConfig, num_features: int) -> TrainingPlan:
-    """Step counts of a run, from the config and the number of training features."""
+    """Step counts of a run, from the config and the number of training features.
+
+    ``method: fisher`` prunes before the first step: it has no pruning steps, only its ``fill_steps``.
+    """
     micro_batches = max(1, math.ceil(num_features / cfg.batch_size))
     steps_per_epoch = max(1, micro_batches // cfg.grad_accum)
+    if cfg.method is Method.FISHER:
+        return TrainingPlan(steps_per_epoch, 0, cfg.fill_steps, 0, 0, 0)
     main = cfg.max_steps if cfg.max_steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
     initial = warmup_steps(cfg.initial_warmup, main)
     final = warmup_steps(cfg.final_warmup, main)
     if cfg.masked and initial + final > main:
-        from .config import ConfigError
-
         raise ConfigError(f"initial_warmup + final_warmup: {initial} + {final} steps exceed the {main} pruning steps")
     return TrainingPlan(steps_per_epoch, main, cfg.fill_steps, int(round(cfg.warmup_ratio * main)), initial, final)
 
@@ -248,30 +260,37 @@ def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
 
 def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig, teacher: nn.Module | None = None,
                   lambda_attention: float = 0.0, lambda_ffn: float = 0.0, regularize: bool = True,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, span cross-entropy, distillation, score regularisation) of one batch, on the batch's device.
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, span cross-entropy, distillation, hidden-state MSE, score regularisation) of one batch.
 
-    ``loss = alpha_ce * ce + alpha_distil * distil`` with a teacher (``ce`` alone without one), plus the score
-    penalty of :func:`pruning.masks.regularization_loss` for ``sigmoid_threshold`` when ``regularize`` is set.
+    ``loss = alpha_ce * ce + alpha_distil * distil + alpha_hidden * hidden`` with a teacher (``ce`` alone without
+    one), plus the score penalty of :func:`pruning.masks.regularization_loss` for ``sigmoid_threshold`` when
+    ``regularize`` is set. ``hidden`` is the layer-wise MSE of :func:`pruning.distill.hidden_mse` (computed only
+    when ``alpha_hidden > 0``).
     """
+    with_hidden = teacher is not None and cfg.alpha_hidden > 0
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                token_type_ids=batch["token_type_ids"])
+                token_type_ids=batch["token_type_ids"], output_hidden_states=with_hidden)
     start_logits, end_logits = out.start_logits.float(), out.end_logits.float()
     ce = qa_ce_loss(start_logits, end_logits, batch["start_positions"], batch["end_positions"])
     zero = start_logits.new_zeros(())
-    distil, reg = zero, zero
+    distil, hidden, reg = zero, zero, zero
     loss = ce
     if teacher is not None:
         with torch.no_grad():
             t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            token_type_ids=batch["token_type_ids"])
+                            token_type_ids=batch["token_type_ids"], output_hidden_states=with_hidden)
         distil = (kd_loss(start_logits, t_out.start_logits.float(), cfg.temperature)
                   + kd_loss(end_logits, t_out.end_logits.float(), cfg.temperature)) / 2
         loss = cfg.alpha_ce * ce + cfg.alpha_distil * distil
+        if with_hidden:
+            # Layer outputs only: the embeddings are not pruned.
+            hidden = hidden_mse(out.hidden_states[1:], t_out.hidden_states[1:], batch["attention_mask"])
+            loss = loss + cfg.alpha_hidden * hidden
     if cfg.method is Method.SIGMOID_THRESHOLD and regularize:
         reg = mask_lib.regularization_loss(model, lambda_attention, lambda_ffn)
         loss = loss + reg
-    return loss, ce, distil, reg
+    return loss, ce, distil, hidden, reg
 
 
 def _is_fixed(model: nn.Module) -> bool:
@@ -338,6 +357,11 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
 
     model.to(device)
     teacher = _load_teacher(cfg, device)
+    pruning_metrics: dict[str, float] = {}
+    if resume_from is None and cfg.masked:
+        pruning_metrics = _initial_masks(cfg, model, teacher, features, device)
+    elif resume_from is not None:
+        pruning_metrics = {k: v for k, v in state.get("pruning", {}).items() if isinstance(v, (int, float))}
     optimizer = _optimizer(model, cfg)
     if tensors is not None:
         restore_optimizer(optimizer, tensors)
@@ -350,6 +374,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     bar = tqdm(total=p.total_steps, initial=start_step, desc="train", disable=not progress, dynamic_ncols=True)
 
     def schedule_values(step: int) -> tuple[float, float, float]:
+        if cfg.method is Method.FISHER:
+            return 0.0, 0.0, 0.0
         if not cfg.masked or step >= p.prune_steps:
             return (mask_schedule(cfg, p, p.prune_steps)[0] if cfg.masked else 0.0), 0.0, 0.0
         return mask_schedule(cfg, p, step)
@@ -371,7 +397,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             group["lr"] = base * multiplier
 
         model.train()
-        terms = {"loss_ce": 0.0, "loss_distil": 0.0, "loss_reg": 0.0, "loss": 0.0}
+        terms = {"loss_ce": 0.0, "loss_distil": 0.0, "loss_hidden": 0.0, "loss_reg": 0.0, "loss": 0.0}
         for _ in range(cfg.grad_accum):
             index = next(batches)
             batch = {k: v[index] for k, v in features.items()}
@@ -379,11 +405,12 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             width = int(batch["attention_mask"].sum(dim=1).max())
             batch = {k: (v[:, :width] if v.ndim == 2 else v).to(device) for k, v in batch.items()}
             with autocast(precision, device):
-                loss, ce, distil, reg = training_loss(model, batch, cfg, teacher, lam_att, lam_ffn,
-                                                      regularize=step < p.prune_steps)
+                loss, ce, distil, hidden, reg = training_loss(model, batch, cfg, teacher, lam_att, lam_ffn,
+                                                              regularize=step < p.prune_steps)
             (loss / cfg.grad_accum).backward()
             terms["loss_ce"] += float(ce.detach()) / cfg.grad_accum
             terms["loss_distil"] += float(distil.detach()) / cfg.grad_accum
+            terms["loss_hidden"] += float(hidden.detach()) / cfg.grad_accum
             terms["loss_reg"] += float(reg.detach()) / cfg.grad_accum
             terms["loss"] += float(loss.detach()) / cfg.grad_accum
         torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups if g["name"] != "mask_scores"
@@ -413,7 +440,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                                    "lambda_attention": lam_att, "lambda_ffn": lam_ffn,
                                    "learning_rate": optimizer.param_groups[1]["lr"], **terms,
                                    "phase_fill": float(step >= p.prune_steps),
-                                   "train_seconds": time.time() - started}
+                                   "train_seconds": time.time() - started, **pruning_metrics}
         if do_eval:
             metrics.update(evaluate(model, tokenizer, eval_examples, cfg, device=device, progress=progress))
             logger.info("step %d: exact_match %.2f f1 %.2f linear_density %.3f heads_removed %d", done,
@@ -422,22 +449,94 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         checkpoint_dir = None
         if do_save:
             checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, model, tokenizer, optimizer, cfg,
-                                                  done, history))
+                                                  done, history, pruning_metrics))
         if do_eval:
             last_metrics = metrics
             if report is not None:
                 report(metrics, checkpoint_dir)
     bar.close()
 
-    if not last_metrics:  # resumed at the very end: nothing left to train
-        last_metrics = {"step": p.total_steps, **evaluate(model, tokenizer, eval_examples, cfg, device=device,
-                                                          progress=progress)}
+    if not last_metrics:  # nothing trained: a one-shot run without recovery, or resumed at the very end
+        last_metrics = {"step": p.total_steps, **pruning_metrics,
+                        **evaluate(model, tokenizer, eval_examples, cfg, device=device, progress=progress)}
+        if resume_from is None:
+            history.append({k: v for k, v in last_metrics.items() if isinstance(v, (int, float))})
+            if report is not None:
+                report(last_metrics, None)
     final_dir = output_dir / FINAL_DIR
     model.to("cpu")
     save_model(model, tokenizer, final_dir)
     last_metrics = dict(last_metrics)
     last_metrics["model_dir"] = str(final_dir)
     return last_metrics
+
+
+def _same_model(a: str, b: str | None) -> bool:
+    if b is None:
+        return False
+    try:
+        return resolve_model(a).resolve() == resolve_model(b).resolve()
+    except OSError:
+        return False
+
+
+def _initial_masks(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, features: dict[str, torch.Tensor],
+                   device: torch.device) -> dict[str, float]:
+    """Prune in one shot (fisher) or warm-start the scores (``mask_init``); returns what it cost.
+
+    Calibration windows are drawn from the training windows. Their labels are the gold spans, or spans sampled
+    from the teacher's distribution when there is a teacher (the model's own distribution would be the same when
+    the student starts from the teacher, and the gradient of a soft-target loss at its own optimum is zero).
+    """
+    source = cfg.mask_init.value if isinstance(cfg.mask_init, MaskInit) else MaskInit.CONSTANT.value
+    if cfg.method is not Method.FISHER and source == MaskInit.CONSTANT.value:
+        return {}
+    started, started_cpu = time.time(), time.process_time()
+    num_windows = int(features["input_ids"].shape[0])
+    if source == MaskInit.MAGNITUDE.value and cfg.method is not Method.FISHER:
+        importance.warm_start_scores_(model, "magnitude", cfg.mask_init_scale)
+        return {"prune_seconds": time.time() - started, "prune_cpu_seconds": time.process_time() - started_cpu}
+    index = importance.calibration_index(num_windows, cfg.calibration_samples, cfg.seed)
+    # A student that starts from the teacher's weights has the teacher's distribution: no second forward pass.
+    label_model = None if teacher is None or _same_model(cfg.model, cfg.teacher) else teacher
+    estimate = importance.fisher_importance(
+        model, features, index, cfg.batch_size, labels="sampled" if teacher is not None else "gold",
+        teacher=label_model,
+        block_diagonal=cfg.method is Method.FISHER and cfg.mask_rearrange, seed=cfg.seed, device=device,
+        autocast=lambda: autocast(resolve_precision(cfg.precision, device), device))
+    out = {"calibration_windows": float(index.numel()), "calibration_seconds": time.time() - started}
+    if cfg.method is not Method.FISHER:
+        importance.warm_start_scores_(model, "fisher", cfg.mask_init_scale, estimate)
+        out.update(prune_seconds=time.time() - started, prune_cpu_seconds=time.process_time() - started_cpu)
+        return out
+
+    by_flops = cfg.target_flops is not None
+    costs = importance.structure_costs(model.config, "flops" if by_flops else "density", cfg.max_seq_length)
+    target = cfg.target_flops if by_flops else cfg.target_density
+    budget = int(math.floor(target * costs.total + 1e-6))
+    head_keep, neuron_keep = importance.search_mask(estimate.heads, estimate.neurons, costs, budget)
+    if cfg.mask_rearrange:
+        head_keep = importance.rearrange_mask(head_keep, estimate.head_blocks)
+        neuron_keep = importance.rearrange_mask(neuron_keep, estimate.neuron_blocks)
+    logger.info("fisher: keeping %d of %d heads and %d of %d FFN dimensions (budget %.3f of the %s)",
+                int(head_keep.sum()), head_keep.numel(), int(neuron_keep.sum()), neuron_keep.numel(), target,
+                "FLOPs" if by_flops else "linear weights")
+    dense = copy.deepcopy(model) if cfg.mask_tuning_samples else None
+    with torch.no_grad():
+        importance.zero_removed_(model, head_keep, neuron_keep)
+    if dense is not None:
+        tuned = time.time()
+        tuning = importance.tune_masks_(model, dense, features, index[: cfg.mask_tuning_samples], head_keep,
+                                        neuron_keep, cfg.batch_size, device=device)
+        del dense
+        out["tuning_seconds"] = time.time() - tuned
+        out["tuning_error_before"] = float(sum(t.attention_before + t.ffn_before for t in tuning))
+        out["tuning_error_after"] = float(sum(t.attention_after + t.ffn_after for t in tuning))
+    importance.apply_structure_(model, head_keep, neuron_keep)
+    out.update(prune_seconds=time.time() - started, prune_cpu_seconds=time.process_time() - started_cpu)
+    logger.info("fisher one-shot pruning took %.1f s (%.1f s of CPU time)", out["prune_seconds"],
+                out["prune_cpu_seconds"])
+    return out
 
 
 def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -451,8 +550,8 @@ def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.opt
 
 
 def _save_checkpoint(path: Path, model: nn.Module, tokenizer, optimizer, cfg: RunConfig, step: int,
-                     history: list[dict[str, Any]]) -> Path:
-    state = {"step": step, "config": config_to_dict(cfg), "history": history}
+                     history: list[dict[str, Any]], pruning: dict[str, float] | None = None) -> Path:
+    state = {"step": step, "config": config_to_dict(cfg), "history": history, "pruning": pruning or {}}
     # Weights are saved from the CPU copy of the state dict; the model itself stays on its device.
     return save_model(model, tokenizer, path, extra_files={STATE: state},
                       tensors={OPTIMIZER: optimizer_tensors(optimizer)})

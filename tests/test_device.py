@@ -57,7 +57,7 @@ def forward_backward_on_meta(model: torch.nn.Module, method: str, teacher: torch
     if teacher is not None:
         teacher.to(META)
     cfg = RunConfig(method=method if method != "dense" else "dense", model_config=TINY)
-    loss, _, _, _ = training_loss(model, meta_batch(), cfg, teacher, lambda_attention=1.0, lambda_ffn=1.0)
+    loss = training_loss(model, meta_batch(), cfg, teacher, lambda_attention=1.0, lambda_ffn=1.0)[0]
     assert loss.device == META
     loss.backward()
     for name, param in model.named_parameters():

@@ -415,3 +415,45 @@ def test_method_may_be_searched_over_pruning_methods_only(tmp_path):
     assert trial_config(ok, {"method": "sigmoid_threshold"}, "o", None).method is Method.SIGMOID_THRESHOLD
     with pytest.raises(SpaceError, match=r"search\.method\.values\[0\]: a sweep prunes"):
         load_space(write(tmp_path, with_search(method={"type": "choice", "values": ["dense", "topk"]}), "bad.yaml"))
+
+
+def fisher_space(search: dict, **base) -> dict:
+    values = copy.deepcopy(BASE_SPACE)
+    values["base"].update(method="fisher", attention_block=[16, 32], **base)
+    values["base"].pop("max_steps")
+    values["search"] = search
+    return values
+
+
+def test_fisher_spaces_search_density_calibration_recovery_and_distillation(tmp_path):
+    space = load_space(write(tmp_path, fisher_space({
+        "target_density": {"type": "uniform", "low": 0.3, "high": 0.6},
+        "calibration_samples": {"type": "choice", "values": [256, 1024]},
+        "fill_steps": {"type": "randint", "low": 0, "high": 40},
+        "alpha_hidden": {"type": "uniform", "low": 0.0, "high": 2.0},
+        "alpha_distil": {"type": "uniform", "low": 0.5, "high": 0.95},
+        "mask_rearrange": {"type": "choice", "values": [True, False]},
+    })))
+    cfg = trial_config(space, {"target_density": 0.4, "calibration_samples": 256, "fill_steps": 12,
+                               "alpha_hidden": 1.5, "alpha_distil": 0.9, "mask_rearrange": True}, "o", "t")
+    assert cfg.method is Method.FISHER and cfg.fill_steps == 12 and cfg.alpha_hidden == 1.5
+    assert cfg.alpha_ce == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("search,base,pattern", [
+    ({"mask_lr": {"type": "uniform", "low": 0.01, "high": 0.1}}, {}, r"search\.mask_lr: has no effect with method fisher"),
+    ({"target_density": {"type": "uniform", "low": 0.3, "high": 0.6}}, {"target_flops": 0.5},
+     r"search\.target_density: has no effect with method fisher and a target_flops"),
+    ({"calibration_samples": {"type": "choice", "values": [0, 512]}}, {},
+     r"search\.calibration_samples\.values\[0\]: 0 gives an invalid config \(calibration_samples"),
+    ({"target_flops": {"type": "uniform", "low": 0.3, "high": 1.5}}, {},
+     r"search\.target_flops\.high: 1\.5 gives an invalid config \(target_flops"),
+])
+def test_invalid_fisher_space_names_the_key(tmp_path, search, base, pattern):
+    with pytest.raises(SpaceError, match=pattern):
+        load_space(write(tmp_path, fisher_space(search, **base)))
+
+
+def test_fisher_keys_are_rejected_for_movement_pruning(tmp_path):
+    with pytest.raises(SpaceError, match=r"search\.mask_tuning_samples: has no effect with method topk"):
+        load_space(write(tmp_path, with_search(mask_tuning_samples={"type": "choice", "values": [128, 256]})))

@@ -74,16 +74,19 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_training(args: argparse.Namespace, method_required: bool) -> int:
-    from pruning.config import Method, load_config
+    from pruning.config import ConfigError, Method, load_config
     from pruning.trainer import train
 
     cfg = load_config(args.config, _overrides(args))
     if method_required and cfg.method is Method.DENSE:
-        raise UserError(f"{args.config}: method: `fineprune prune` needs topk or sigmoid_threshold "
+        raise UserError(f"{args.config}: method: `fineprune prune` needs topk, sigmoid_threshold or fisher "
                         "(use `fineprune train` for a dense fine-tune)")
     if not method_required and cfg.method is not Method.DENSE:
         raise UserError(f"{args.config}: method: {cfg.method.value} is a pruning method; use `fineprune prune`")
-    metrics = train(cfg, report=None, resume_from=args.resume, progress=not args.no_progress)
+    try:
+        metrics = train(cfg, report=None, resume_from=args.resume, progress=not args.no_progress)
+    except ConfigError as err:  # found once the model is known (e.g. a block shape that does not fit it)
+        raise UserError(f"{args.config}: {err}") from None
     _emit(metrics)
     return 0
 

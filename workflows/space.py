@@ -80,11 +80,15 @@ _SWEEP_OWNED = ("output_dir", "teacher")
 _NOT_SEARCHABLE = _SWEEP_OWNED + ("model", "model_config", "tokenizer", "train_data", "eval_data", "eval_limit",
                                   "n_best", "max_answer_length", "max_windows", "eval_every", "save_every",
                                   "log_every", "device", "cache_dir")
-_TOPK_ONLY = frozenset({"target_density", "topk_scope"})
+_TOPK_ONLY = frozenset({"topk_scope"})
+_DENSITY_TARGET = frozenset({"target_density"})  # topk and fisher
 _SIGMOID_ONLY = frozenset({"initial_threshold", "final_threshold", "lambda_attention", "lambda_ffn", LAMBDA_KEY})
-_MASK_ONLY = _TOPK_ONLY | _SIGMOID_ONLY | {"attention_block", "mask_lr", "mask_init", "initial_warmup",
-                                           "final_warmup", "fill_steps", "fill_learning_rate"}
-_DISTIL_ONLY = frozenset({"alpha_ce", "alpha_distil", "temperature"})
+_FISHER_ONLY = frozenset({"target_flops", "mask_rearrange", "mask_tuning_samples"})
+# Keys of the score-learning methods (topk, sigmoid_threshold) that a one-shot fisher run never reads.
+_MOVEMENT_ONLY = frozenset({"mask_lr", "mask_init", "mask_init_scale", "initial_warmup", "final_warmup"})
+_MASK_ONLY = (_TOPK_ONLY | _DENSITY_TARGET | _SIGMOID_ONLY | _FISHER_ONLY | _MOVEMENT_ONLY
+              | {"attention_block", "fill_steps", "fill_learning_rate", "calibration_samples"})
+_DISTIL_ONLY = frozenset({"alpha_ce", "alpha_distil", "temperature", "alpha_hidden"})
 # Keys that cannot change the weights of a dense teacher run (left out of its fingerprint).
 _NOT_IN_FINGERPRINT = (frozenset({"output_dir", "device", "log_every", "save_every", "eval_every", "eval_batch_size",
                                   "max_windows", "teacher", "method", "cache_dir"}) | _MASK_ONLY | _DISTIL_ONLY)
@@ -338,7 +342,8 @@ def load_space(path: str | Path) -> SweepSpace:
     base = _parse_base(ctx, top.get("base"))
     base_cfg = _config(ctx, "base", base)
     if base_cfg.method is Method.DENSE:
-        raise ctx.error("base.method", "a sweep prunes: use topk or sigmoid_threshold (the teacher is the dense run)")
+        raise ctx.error("base.method", "a sweep prunes: use topk, sigmoid_threshold or fisher (the teacher is the "
+                                       "dense run)")
 
     algorithm = top.get("algorithm", "optuna")
     if algorithm not in ALGORITHMS:
@@ -490,9 +495,14 @@ def _check_applicable(ctx: _Ctx, search: Mapping[str, ParamSpec], base_cfg: RunC
         return
     method = base_cfg.method
     for key in search:
-        if (key in _TOPK_ONLY and method is not Method.TOPK) or (
-                key in _SIGMOID_ONLY and method is not Method.SIGMOID_THRESHOLD):
-            raise ctx.error(f"search.{key}", f"has no effect with method {method.value}")
+        if ((key in _TOPK_ONLY and method is not Method.TOPK)
+                or (key in _DENSITY_TARGET and method not in (Method.TOPK, Method.FISHER))
+                or (key in _SIGMOID_ONLY and method is not Method.SIGMOID_THRESHOLD)
+                or (key in _FISHER_ONLY and method is not Method.FISHER)
+                or (key in _MOVEMENT_ONLY and method is Method.FISHER)
+                or (key == "target_density" and base_cfg.target_flops is not None)):
+            raise ctx.error(f"search.{key}", f"has no effect with method {method.value}"
+                            + (" and a target_flops" if key == "target_density" and base_cfg.target_flops else ""))
 
 
 def _overlay(params: Mapping[str, Any], searched: Iterable[str]) -> dict[str, Any]:
@@ -513,7 +523,7 @@ def _plain(value: Any) -> Any:
 
 def _check_plan(ctx: _Ctx, key: str, cfg: RunConfig) -> None:
     """The warm-up check the trainer makes, done here when the number of pruning steps is already known."""
-    if not cfg.masked or cfg.max_steps is None:
+    if not cfg.masked or cfg.max_steps is None or cfg.method is Method.FISHER:
         return
     initial, final = warmup_steps(cfg.initial_warmup, cfg.max_steps), warmup_steps(cfg.final_warmup, cfg.max_steps)
     if initial + final > cfg.max_steps:

@@ -1,0 +1,250 @@
+"""How much of the teacher's F1 does each pruning method keep within the dense run's compute?
+
+One protocol for every method. The teacher is the dense fine-tune of ``configs/dense_minilm.yaml`` (2,000 training
+questions, 192-token windows, 384 steps of batch 16); it is trained here unless ``--teacher DIR`` names one. Every
+pruned model starts from the teacher, is distilled from it (0.1 CE + 0.9 KL at T = 2, as in
+``configs/prune_topk50.yaml``), is scored on the same first 500 dev questions and may use at most the dense run's
+compute: 384 steps of batch 16, where a calibration pass over N windows counts as N / 16 steps (a Fisher pass
+costs a forward and an activation-only backward, about 2.2 forwards a window; a mask-tuning pass about 3.8; a
+distilled training step about 4: the teacher's forward, the student's forward and backward).
+
+Rows, at linear densities 0.5 and 0.3 (``--densities``):
+
+* ``topk``: movement pruning with topk, scores from 0 (``configs/prune_topk50.yaml``), 384 steps;
+* ``topk_fisher``: the same with ``mask_init: fisher`` (the calibration pass replaces the first steps);
+* ``fisher``: one-shot structured pruning (``method: fisher``: Fisher importance, search, mask tuning), no training;
+* ``fisher_recovery``: the same, then the rest of the budget as a distilled recovery fine-tune of the fixed
+  structure (``fill_steps``), with a hidden-state MSE term of weight ``--alpha-hidden``.
+
+Columns: EM, F1, retention (pruned F1 / teacher F1), linear density, heads removed, packed speed-up (dense teacher
+against the packed model, batch 1, 192 tokens, interleaved medians), steps, and the wall time of the pruning itself
+(calibration, search and tuning) and of the training. Finished rows are kept in ``--json``; a rerun skips them.
+
+The last line is ``accuracy_budget retention@0.5 = X.XXX retention@0.3 = Y.YYY``: the best method at each density.
+
+Usage:
+    python bench/accuracy_budget.py --teacher runs/dense_minilm/final            # every row (hours on 2 cores)
+    python bench/accuracy_budget.py --teacher DIR --rows fisher fisher_recovery --densities 0.5
+    python bench/accuracy_budget.py                                              # trains the teacher first
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pruning import squad
+from pruning.bench import compare_latency
+from pruning.checkpoint import load_model, load_tokenizer
+from pruning.config import RunConfig, config_from_dict, load_config
+from pruning.packing import pack
+from pruning.resources import resolve_data
+from pruning.trainer import evaluate, train
+
+logger = logging.getLogger("accuracy_budget")
+
+ROOT = Path(__file__).resolve().parents[1]
+DENSE_CONFIG = ROOT / "configs" / "dense_minilm.yaml"
+PRUNE_CONFIG = ROOT / "configs" / "prune_topk50.yaml"
+ROWS = ("topk", "topk_fisher", "fisher", "fisher_recovery")
+BUDGET_STEPS = 384
+
+
+def calibration_steps(cfg: RunConfig) -> int:
+    """Steps of the budget that calibration passes take (a pass over N windows counts N / batch_size steps)."""
+    windows = 0
+    if cfg.method.value == "fisher":
+        windows = cfg.calibration_samples + cfg.mask_tuning_samples
+    elif getattr(cfg.mask_init, "value", None) == "fisher":
+        windows = cfg.calibration_samples
+    return math.ceil(windows / cfg.batch_size)
+
+
+def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argparse.Namespace) -> RunConfig:
+    budget = args.steps
+    """The run config of one row: ``configs/prune_topk50.yaml`` with the teacher, the density and the method."""
+    base = load_config(PRUNE_CONFIG, {"model": teacher, "teacher": teacher, "target_density": density,
+                                      "output_dir": str(out_dir / f"{row}_{density:g}"),
+                                      "eval_limit": args.eval_limit, "cache_dir": str(out_dir / "cache")})
+    head_block = None
+    if row.startswith("fisher"):
+        config = load_model(teacher).config
+        head_block = [config.hidden_size // config.num_attention_heads, config.hidden_size]
+    values: dict[str, Any]
+    if row == "topk":
+        values = {"max_steps": budget}
+    elif row == "topk_fisher":
+        values = {"mask_init": "fisher", "calibration_samples": args.calibration, "mask_init_scale": args.init_scale}
+    elif row == "fisher":
+        values = {"method": "fisher", "attention_block": head_block, "calibration_samples": args.calibration,
+                  "mask_tuning_samples": args.tuning, "mask_rearrange": args.rearrange}
+    elif row == "fisher_recovery":
+        values = {"method": "fisher", "attention_block": head_block, "calibration_samples": args.calibration,
+                  "mask_tuning_samples": args.tuning, "mask_rearrange": args.rearrange,
+                  "alpha_hidden": args.alpha_hidden, "fill_learning_rate": args.recovery_lr}
+    else:
+        raise ValueError(f"unknown row {row!r}")
+    cfg = config_from_dict(values, source=row, base=base)
+    steps_left = budget - calibration_steps(cfg)
+    if steps_left < 1:
+        raise SystemExit(f"accuracy_budget: the calibration of {row} takes {calibration_steps(cfg)} of the "
+                         f"{budget} steps")
+    if row == "topk_fisher":
+        cfg = dataclasses.replace(cfg, max_steps=steps_left)
+    elif row == "fisher_recovery":
+        cfg = dataclasses.replace(cfg, fill_steps=steps_left)
+    return cfg
+
+
+def teacher_f1(teacher: str, cfg: RunConfig, cache: Path) -> dict[str, float]:
+    """The teacher's EM/F1 on the protocol's dev questions (kept in ``cache``)."""
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("teacher") == teacher and stored.get("eval_limit") == cfg.eval_limit:
+            return stored
+    model = load_model(teacher)
+    examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
+    metrics = evaluate(model, load_tokenizer(teacher), examples, cfg, progress=False)
+    stored = {"teacher": teacher, "eval_limit": cfg.eval_limit, "exact_match": metrics["exact_match"],
+              "f1": metrics["f1"]}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(stored, indent=2))
+    return stored
+
+
+def run_row(row: str, density: float, teacher: str, teacher_scores: dict[str, float], out_dir: Path,
+            args: argparse.Namespace) -> dict[str, Any]:
+    cfg = row_config(row, density, teacher, out_dir, args)
+    steps = cfg.fill_steps if cfg.method.value == "fisher" else cfg.max_steps
+    logger.info("%s at %.2f: %d training steps + %d calibration steps", row, density, steps, calibration_steps(cfg))
+    started = time.time()
+    metrics = train(cfg, progress=False)
+    wall = time.time() - started
+    masked = load_model(metrics["model_dir"])
+    packed = pack(masked)
+    dense = load_model(teacher)
+    timing = compare_latency(dense, packed, batch_size=1, seq_len=cfg.max_seq_length, repeats=args.repeats, warmup=2)
+    one_shot = float(metrics.get("prune_seconds", 0.0))
+    return {
+        "row": row, "density_target": density, "exact_match": metrics["exact_match"], "f1": metrics["f1"],
+        "retention": metrics["f1"] / teacher_scores["f1"], "linear_density": metrics["linear_density"],
+        "heads_removed": int(metrics["heads_removed"]), "speedup": float(timing["ratio"]),
+        "steps": int(steps), "calibration_steps": calibration_steps(cfg), "prune_seconds": one_shot,
+        "prune_cpu_seconds": float(metrics.get("prune_cpu_seconds", 0.0)), "threads": torch.get_num_threads(),
+        "train_seconds": float(metrics.get("train_seconds", 0.0)) if steps else 0.0, "wall_seconds": wall,
+        "tuning_error_before": metrics.get("tuning_error_before"),
+        "tuning_error_after": metrics.get("tuning_error_after"),
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                   if k in ("calibration_samples", "mask_tuning_samples", "mask_rearrange", "alpha_hidden",
+                            "fill_learning_rate", "mask_init_scale", "max_steps", "fill_steps")},
+    }
+
+
+def save_row(path: Path, teacher_scores: dict[str, float], result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add ``result`` to the results file (replacing the same row and density), re-read just before writing so
+    that several runs of this script with different rows can share one file; returns this teacher's rows."""
+    stored = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    def same(r: dict[str, Any]) -> bool:
+        return (r["row"] == result["row"] and r.get("teacher") == result["teacher"]
+                and abs(r["density_target"] - result["density_target"]) < 1e-9)
+
+    rows = [r for r in stored["rows"] if not same(r)] + [result]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"teacher_scores": teacher_scores, "rows": rows}, indent=2))
+    os.replace(tmp, path)
+    return [r for r in rows if r.get("teacher") == result["teacher"]]
+
+
+def format_table(teacher_scores: dict[str, float], rows: list[dict[str, Any]]) -> str:
+    lines = ["| method | target | steps (+ calibration) | linear density | heads removed | EM | F1 | retention | "
+             "packed speedup | one-shot s | training s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| dense teacher | 1.0 | {BUDGET_STEPS} | 1.000 | 0 | {teacher_scores['exact_match']:.2f} | "
+             f"{teacher_scores['f1']:.2f} | 1.000 | 1.00 | - | - |"]
+    for r in sorted(rows, key=lambda r: (-r["density_target"], ROWS.index(r["row"]))):
+        lines.append(f"| {r['row']} | {r['density_target']:g} | {r['steps']} (+ {r['calibration_steps']}) | "
+                     f"{r['linear_density']:.3f} | {r['heads_removed']} | {r['exact_match']:.2f} | {r['f1']:.2f} | "
+                     f"{r['retention']:.3f} | {r['speedup']:.2f} | {r['prune_seconds']:.0f} | "
+                     f"{r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def summary_line(rows: list[dict[str, Any]]) -> str:
+    parts = []
+    for density in (0.5, 0.3):
+        best = [r["retention"] for r in rows if abs(r["density_target"] - density) < 1e-9]
+        parts.append(f"retention@{density:g} = " + (f"{max(best):.3f}" if best else "n/a"))
+    return "accuracy_budget " + " ".join(parts)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", help="dense QA teacher directory (default: train configs/dense_minilm.yaml)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--densities", nargs="+", type=float, default=[0.5, 0.3])
+    parser.add_argument("--out-dir", default=str(ROOT / "runs" / "accuracy_budget"))
+    parser.add_argument("--json", help="results file (default: OUT_DIR/results.json); finished rows are skipped")
+    parser.add_argument("--eval-limit", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=BUDGET_STEPS, help="the budget in steps of batch 16 (the dense "
+                                                                          "run's 384; smaller only for a smoke test)")
+    parser.add_argument("--calibration", type=int, default=2048, help="calibration windows (calibration_samples)")
+    parser.add_argument("--tuning", type=int, default=256, help="mask tuning windows (mask_tuning_samples)")
+    parser.add_argument("--rearrange", action="store_true", help="mask rearrangement (mask_rearrange)")
+    parser.add_argument("--alpha-hidden", type=float, default=1.0, help="hidden-state MSE weight in the recovery")
+    parser.add_argument("--recovery-lr", type=float, default=None, help="fill_learning_rate of the recovery")
+    parser.add_argument("--init-scale", type=float, default=1.0, help="mask_init_scale of the fisher warm start")
+    parser.add_argument("--repeats", type=int, default=10, help="latency pairs per packed model")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rerun", action="store_true", help="run rows again even when the results file has them")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out_dir)
+    results_path = Path(args.json) if args.json else out_dir / "results.json"
+    teacher = args.teacher
+    if teacher is None:
+        dense_cfg = load_config(DENSE_CONFIG, {"output_dir": str(out_dir / "teacher"), "eval_limit": args.eval_limit})
+        final = out_dir / "teacher" / "final"
+        teacher = str(final) if (final / "config.json").is_file() else train(dense_cfg, progress=False)["model_dir"]
+    base = row_config("topk", args.densities[0], teacher, out_dir, args)
+    teacher_scores = teacher_f1(teacher, base, out_dir / "teacher_scores.json")
+    logger.info("teacher %s: EM %.2f F1 %.2f", teacher, teacher_scores["exact_match"], teacher_scores["f1"])
+
+    stored = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": []}
+    rows = [r for r in stored["rows"] if r.get("teacher") == teacher]
+    for density in args.densities:
+        for row in args.rows:
+            done = [r for r in rows if r["row"] == row and abs(r["density_target"] - density) < 1e-9]
+            if done and not args.rerun:
+                logger.info("%s at %.2f: already in %s", row, density, results_path)
+                continue
+            result = run_row(row, density, teacher, teacher_scores, out_dir, args)
+            result["teacher"] = teacher
+            rows = save_row(results_path, teacher_scores, result)
+            logger.info("%s at %.2f: F1 %.2f (retention %.3f)", row, density, result["f1"], result["retention"])
+    chosen = [r for r in rows if r["row"] in args.rows and any(abs(r["density_target"] - d) < 1e-9
+                                                               for d in args.densities)]
+    print(format_table(teacher_scores, chosen))
+    print(summary_line(chosen))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

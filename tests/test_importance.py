@@ -1,0 +1,418 @@
+"""One-shot structured pruning (method fisher) and the mask warm starts, on tiny random BERTs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForQuestionAnswering
+
+from pruning import importance as imp
+from pruning import masks
+from pruning.bench import linear_flops
+from pruning.checkpoint import load_model, save_model
+from pruning.config import ConfigError, MaskInit, RunConfig, load_config
+from pruning.distill import hidden_mse
+from pruning.packing import pack
+from pruning.sparsity import sparsity_report
+from pruning.trainer import train
+from workflows.cli import main as cli_main
+
+HIDDEN, HEADS, LAYERS, INTER, VOCAB = 64, 4, 2, 128, 120
+TINY = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=INTER,
+            max_position_embeddings=128)
+HEAD_BLOCK = [HIDDEN // HEADS, HIDDEN]
+
+
+def tiny_model(seed: int = 0) -> BertForQuestionAnswering:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                        intermediate_size=INTER, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = BertForQuestionAnswering(config).eval()
+    with torch.no_grad():  # larger weights than the init's, so that heads and neurons matter unequally
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.ndim == 2 and "embeddings" not in name:
+                p.mul_(4.0)
+    return model
+
+
+def windows(n: int = 10, width: int = 18, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random windows of different lengths (padding at the end), with random gold spans inside them."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(6, width + 1, (n,), generator=g)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, VOCAB, (n, width), generator=g) * mask
+    start = (torch.rand(n, generator=g) * (lengths - 1)).long()
+    end = torch.minimum(start + 2, lengths - 1)
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), start_positions=start,
+                end_positions=end)
+
+
+def tiny_cfg(tmp_path, **overrides) -> RunConfig:
+    values = dict(model_config=TINY, train_data="dev", eval_data="dev", train_limit=16, eval_limit=6,
+                  max_seq_length=96, doc_stride=32, batch_size=8, learning_rate=1e-3, method="fisher",
+                  attention_block=HEAD_BLOCK, calibration_samples=24, mask_tuning_samples=16,
+                  output_dir=str(tmp_path / "run"), log_every=100, eval_batch_size=32)
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+# --- importance ---------------------------------------------------------------------------------------------
+
+
+def hand_importance(model, features):
+    """sum over windows of (dL_w/dm)^2, one window at a time, from the context and its gradient (no mask variables).
+
+    With the context ``c`` of a head (the input columns of the output projection that belong to it) scaled by ``m``,
+    ``dL/dm`` at ``m = 1`` is ``sum_t <c_t, dL/dc_t>``; likewise for an FFN activation.
+    """
+    heads = torch.zeros(LAYERS, HEADS, dtype=torch.float64)
+    neurons = torch.zeros(LAYERS, INTER, dtype=torch.float64)
+    head_dim = HIDDEN // HEADS
+    for w in range(features["input_ids"].shape[0]):
+        length = int(features["attention_mask"][w].sum())
+        inputs = {k: features[k][w:w + 1, :length] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        seen = {}
+        handles = []
+        for i, layer in enumerate(model.bert.encoder.layer):
+            for name, module in (("ctx", layer.attention.output.dense), ("act", layer.output.dense)):
+                def hook(mod, args, key=(name, i)):
+                    args[0].retain_grad()
+                    seen[key] = args[0]
+                handles.append(module.register_forward_pre_hook(hook))
+        out = model(**inputs)
+        loss = (torch.nn.functional.cross_entropy(out.start_logits, features["start_positions"][w:w + 1])
+                + torch.nn.functional.cross_entropy(out.end_logits, features["end_positions"][w:w + 1])) / 2
+        loss.backward()
+        for h in handles:
+            h.remove()
+        for i in range(LAYERS):
+            ctx = seen[("ctx", i)]
+            g = (ctx * ctx.grad).reshape(length, HEADS, head_dim).sum(dim=(0, 2))
+            heads[i] += g.double() ** 2
+            act = seen[("act", i)]
+            neurons[i] += ((act * act.grad).sum(dim=(0, 1))).double() ** 2
+        model.zero_grad()
+    return heads, neurons
+
+
+def test_head_and_neuron_importance_equal_a_hand_computation():
+    model = tiny_model()
+    features = windows(10)
+    expected_heads, expected_neurons = hand_importance(model, features)
+    # Batches of 3 windows of unequal length: per-window gradients must not mix, padding must not count.
+    got = imp.fisher_importance(model, features, torch.arange(10), batch_size=3)
+    assert got.windows == 10
+    assert torch.allclose(got.heads, expected_heads, rtol=1e-3, atol=1e-12)
+    assert torch.allclose(got.neurons, expected_neurons, rtol=1e-3, atol=1e-12)
+    assert expected_heads.max() > 3 * expected_heads.min()  # the heads differ: the comparison means something
+    assert all(p.requires_grad for p in model.parameters())  # weights frozen only while it ran
+
+
+def test_block_diagonal_fisher_has_the_importance_on_its_diagonal():
+    model = tiny_model()
+    got = imp.fisher_importance(model, windows(6), torch.arange(6), batch_size=4, block_diagonal=True)
+    assert torch.allclose(got.head_blocks.diagonal(dim1=1, dim2=2), got.heads, rtol=1e-5)
+    assert torch.allclose(got.neuron_blocks.diagonal(dim1=1, dim2=2).double(), got.neurons, rtol=1e-3)
+
+
+def test_sampled_labels_come_from_the_teacher():
+    model = tiny_model()
+    features = windows(8)
+    a = imp.fisher_importance(model, features, torch.arange(8), labels="sampled", seed=3)
+    b = imp.fisher_importance(model, features, torch.arange(8), labels="sampled", seed=3, teacher=copy.deepcopy(model))
+    gold = imp.fisher_importance(model, features, torch.arange(8), labels="gold")
+    assert torch.allclose(a.heads, b.heads, rtol=1e-4)  # the model's own distribution is its copy's
+    assert not torch.allclose(a.heads, gold.heads, rtol=1e-2)
+
+
+# --- search -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("constraint,target", [("density", 0.5), ("density", 0.3), ("density", 0.07),
+                                               ("flops", 0.5), ("flops", 0.25), ("density", 1.0)])
+def test_search_meets_the_constraint_exactly(constraint, target):
+    config = tiny_model().config
+    costs = imp.structure_costs(config, constraint, seq_len=48)
+    g = torch.Generator().manual_seed(7)
+    heads = torch.rand(LAYERS, HEADS, generator=g)
+    neurons = torch.rand(LAYERS, INTER, generator=g) * 0.01
+    budget = int(target * costs.total)
+    head_keep, neuron_keep = imp.search_mask(heads, neurons, costs, budget)
+    used = int(head_keep.sum()) * costs.head + int(neuron_keep.sum()) * costs.neuron
+    assert used <= budget
+    assert budget - used < costs.neuron or bool(neuron_keep.all())  # no neuron left out that would still fit
+    # Within each kind, what is kept is the most important.
+    if head_keep.any() and not head_keep.all():
+        assert heads[head_keep].min() >= heads[~head_keep].max()
+    if neuron_keep.any() and not neuron_keep.all():
+        assert neurons[neuron_keep].min() >= neurons[~neuron_keep].max()
+
+
+def test_cost_model_matches_the_flop_count_of_packed_models():
+    model = tiny_model()
+    costs = imp.structure_costs(model.config, "flops", seq_len=40)
+    assert costs.total == linear_flops(model, 40)
+    head_keep = torch.tensor([[True, False, True, True], [False, False, True, False]])
+    neuron_keep = torch.zeros(LAYERS, INTER, dtype=torch.bool)
+    neuron_keep[:, :50] = True
+    imp.zero_removed_(model, head_keep, neuron_keep)
+    packed = pack(model)
+    assert linear_flops(packed, 40) == int(head_keep.sum()) * costs.head + int(neuron_keep.sum()) * costs.neuron
+    weights = imp.structure_costs(model.config, "density")
+    assert sparsity_report(packed).linear_density == pytest.approx(
+        (int(head_keep.sum()) * weights.head + int(neuron_keep.sum()) * weights.neuron) / weights.total)
+
+
+def test_ties_break_deterministically():
+    config = tiny_model().config
+    costs = imp.structure_costs(config, "density")
+    heads = torch.full((LAYERS, HEADS), 1000.0)
+    neurons = torch.ones(LAYERS, INTER)
+    budget = int(0.3 * costs.total)
+    first = imp.search_mask(heads, neurons, costs, budget)
+    for _ in range(3):
+        again = imp.search_mask(heads.clone(), neurons.clone(), costs, budget)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    head_keep, neuron_keep = first
+    k = (budget // costs.head)
+    n = (budget - k * costs.head) // costs.neuron
+    # Equal importances: the first heads and neurons in (layer, index) order.
+    assert head_keep.flatten().tolist() == [True] * k + [False] * (LAYERS * HEADS - k)
+    assert neuron_keep.flatten().tolist() == [True] * n + [False] * (LAYERS * INTER - n)
+
+
+def test_rearrangement_keeps_counts_and_lowers_the_quadratic_loss():
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(LAYERS, 40, 12, generator=g)
+    grads[:, :, :3] += grads[:, :, 3:6]  # correlated structures: the diagonal alone misjudges them
+    blocks = grads.transpose(1, 2) @ grads
+    diagonal = blocks.diagonal(dim1=1, dim2=2)
+    keep = torch.zeros(LAYERS, 12, dtype=torch.bool)
+    for layer in range(LAYERS):
+        keep[layer, torch.argsort(-diagonal[layer], stable=True)[:6]] = True
+    new = imp.rearrange_mask(keep, blocks)
+    assert torch.equal(new.sum(dim=1), keep.sum(dim=1))
+
+    def loss(mask, layer):
+        z = (~mask[layer]).double()
+        return float(z @ blocks[layer].double() @ z)
+
+    assert all(loss(new, layer) <= loss(keep, layer) for layer in range(LAYERS))
+    assert any(loss(new, layer) < loss(keep, layer) for layer in range(LAYERS))
+
+
+# --- tuning and the masked representation ------------------------------------------------------------------
+
+
+def test_mask_tuning_lowers_every_layers_reconstruction_error():
+    dense = tiny_model()
+    model = copy.deepcopy(dense)
+    features = windows(16, width=20)
+    head_keep = torch.tensor([[True, False, True, False], [False, True, True, False]])
+    neuron_keep = torch.zeros(LAYERS, INTER, dtype=torch.bool)
+    neuron_keep[0, ::2] = True
+    neuron_keep[1, 1::3] = True
+    imp.zero_removed_(model, head_keep, neuron_keep)
+    untuned = copy.deepcopy(model)
+    tuning = imp.tune_masks_(model, dense, features, torch.arange(16), head_keep, neuron_keep, batch_size=5)
+    for layer in tuning:
+        assert layer.attention_after < layer.attention_before
+        assert layer.ffn_after < layer.ffn_before
+    # The reported errors are those of the model with the scales folded in, measured independently (as a masked
+    # checkpoint, each model on its own inputs) ...
+    imp.apply_structure_(model, head_keep, neuron_keep)
+    measured = imp.reconstruction_errors(model, dense, features, torch.arange(16), batch_size=7)
+    for layer, (attention, ffn) in zip(tuning, measured):
+        assert attention == pytest.approx(layer.attention_after, rel=1e-3)
+        assert ffn == pytest.approx(layer.ffn_after, rel=1e-3)
+    # ... and the first layer, whose input both share, starts from the untuned model's error.
+    before = imp.reconstruction_errors(untuned, dense, features, torch.arange(16))
+    assert before[0][0] == pytest.approx(tuning[0].attention_before, rel=1e-3)
+    assert sum(a + f for a, f in measured) < sum(a + f for a, f in before)
+
+
+def test_structure_survives_save_and_load(tmp_path, tokenizer):
+    model = tiny_model()
+    head_keep = torch.tensor([[True, False, True, True], [False, False, False, False]])
+    neuron_keep = torch.rand(LAYERS, INTER, generator=torch.Generator().manual_seed(2)) > 0.6
+    imp.zero_removed_(model, head_keep, neuron_keep)
+    imp.apply_structure_(model, head_keep, neuron_keep)
+    report = sparsity_report(model)
+    assert torch.equal(torch.stack([s.heads_kept for s in report.layers]), head_keep)
+    assert torch.equal(torch.stack([s.ffn_kept for s in report.layers]), neuron_keep)
+    loaded = load_model(save_model(model, tokenizer, tmp_path / "ckpt"))
+    assert all(m.mode == "fixed" for _, m in masks.masked_modules(loaded))
+    inputs = {k: v for k, v in windows(4).items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).start_logits, loaded(**inputs).start_logits, atol=1e-6)
+
+
+# --- through the trainer ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [dict(target_density=0.4), dict(target_flops=0.5, mask_rearrange=True),
+                                       dict(target_density=0.3, fill_steps=2)])
+def test_one_shot_checkpoint_packs_to_the_same_logits(tmp_path, tokenizer, overrides):
+    cfg = tiny_cfg(tmp_path, **overrides)
+    seen = []
+    metrics = train(cfg, report=lambda m, c: seen.append(m), progress=False)
+    assert len(seen) == 1 and seen[0]["f1"] == metrics["f1"]
+    assert metrics["prune_seconds"] > 0 and metrics["calibration_windows"] == 24
+    masked = load_model(metrics["model_dir"])
+    packed = pack(masked)
+    if "target_flops" in overrides:
+        assert linear_flops(packed, cfg.max_seq_length) <= 0.5 * linear_flops(masked, cfg.max_seq_length)
+    else:
+        costs = imp.structure_costs(masked.config, "density")
+        assert cfg.target_density - costs.neuron / costs.total < metrics["linear_density"] <= cfg.target_density
+    assert sparsity_report(packed).linear_density == pytest.approx(metrics["linear_density"])
+    from pruning.squad import load_squad, prepare_eval_features
+    from pruning.resources import squad_file
+
+    inputs = prepare_eval_features(load_squad(squad_file("dev"), limit=4), tokenizer, max_seq_length=96,
+                                   doc_stride=32).model_inputs()
+    with torch.no_grad():
+        a, b = masked(**inputs), packed(**inputs)
+    assert float((a.start_logits - b.start_logits).abs().max()) <= 1e-4
+    assert float((a.end_logits - b.end_logits).abs().max()) <= 1e-4
+
+
+def test_recovery_with_hidden_state_distillation(tmp_path):
+    teacher_cfg = tiny_cfg(tmp_path, method="dense", max_steps=4, output_dir=str(tmp_path / "teacher"),
+                           attention_block=(32, 32))
+    teacher = train(teacher_cfg, progress=False)["model_dir"]
+    cfg = tiny_cfg(tmp_path, model=teacher, model_config=None, teacher=teacher, fill_steps=3, alpha_hidden=1.0,
+                   target_density=0.5)
+    metrics = train(cfg, progress=False)
+    assert metrics["loss_hidden"] > 0 and metrics["loss_distil"] > 0 and metrics["step"] == 3
+
+
+class Stop(Exception):
+    pass
+
+
+def test_recovery_resumes_with_the_same_structure_and_weights(tmp_path):
+    common = dict(target_density=0.4, fill_steps=4, eval_every=2)
+    full = train(tiny_cfg(tmp_path / "a", **common), progress=False)
+
+    def stop_at_first(metrics, checkpoint):
+        raise Stop
+
+    cfg = tiny_cfg(tmp_path / "b", **common)
+    with pytest.raises(Stop):
+        train(cfg, report=stop_at_first, progress=False)
+    resumed = train(cfg, resume_from=tmp_path / "b" / "run" / "checkpoint", progress=False)
+    assert resumed["step"] == 4 and resumed["prune_seconds"] > 0  # the one-shot step ran once, before the stop
+    a, b = load_model(full["model_dir"]), load_model(resumed["model_dir"])
+    for (_, ma), (_, mb) in zip(masks.masked_modules(a), masks.masked_modules(b)):
+        assert torch.equal(ma.block_mask(), mb.block_mask())
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5), name
+
+
+@pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])
+@pytest.mark.parametrize("source", ["fisher", "magnitude"])
+def test_warm_start_orders_the_scores(tmp_path, method, source):
+    cfg = tiny_cfg(tmp_path, method=method, attention_block=[16, 16], mask_init=source, mask_init_scale=2.0,
+                   max_steps=2, target_density=0.5, initial_warmup=0, final_warmup=0, mask_lr=1e-12)
+    metrics = train(cfg, progress=False)
+    model = load_model(metrics["model_dir"])
+    scores = torch.cat([s.detach().flatten() for s in masks.mask_score_parameters(model)])
+    assert float(scores.min()) >= -2.0 and float(scores.max()) <= 2.0 and float(scores.std()) > 0.5
+    assert ("calibration_windows" in metrics) == (source == "fisher")
+
+
+def test_fisher_warm_start_follows_head_importance():
+    model = tiny_model()
+    masks.apply_masks_(model, "topk", (16, 16))
+    estimate = imp.fisher_importance(model, windows(8), torch.arange(8))
+    imp.warm_start_scores_(model, "fisher", 1.0, estimate)
+    for layer, heads, neurons in zip(model.bert.encoder.layer, estimate.heads, estimate.neurons):
+        value = layer.attention.self.value.mask_scores.detach()  # (heads, blocks): 16 rows = one head here
+        assert torch.equal(torch.argsort(value[:, 0], stable=True), torch.argsort(heads.float(), stable=True))
+        ffn = layer.intermediate.dense.mask_scores.detach().flatten()
+        assert torch.equal(torch.argsort(ffn, stable=True), torch.argsort(neurons.float(), stable=True))
+
+
+def test_magnitude_warm_start_follows_block_magnitude():
+    model = tiny_model()
+    masks.apply_masks_(model, "topk", (16, 16))
+    imp.warm_start_scores_(model, "magnitude", 1.0)
+    query = model.bert.encoder.layer[0].attention.self.query
+    expected = query.weight.detach().abs().reshape(4, 16, 4, 16).mean(dim=(1, 3)).flatten()
+    assert torch.equal(torch.argsort(query.mask_scores.detach().flatten(), stable=True),
+                       torch.argsort(expected, stable=True))
+
+
+# --- losses, config and the command line ------------------------------------------------------------------
+
+
+def test_hidden_mse_is_zero_for_equal_states_and_ignores_padding():
+    a = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    assert float(hidden_mse(a, [t.clone() for t in a], mask)) == 0.0
+    b = [t.clone() for t in a]
+    b[0][1, 4] += 100.0  # a padded token
+    assert float(hidden_mse(a, b, mask)) == 0.0
+    b[1][0, 0, 0] += 1.0
+    assert float(hidden_mse(a, b, mask)) == pytest.approx(1.0 / 8 / 8 / 2)
+
+
+def test_mask_init_accepts_numbers_and_names():
+    assert RunConfig(mask_init=0.5).mask_init == 0.5
+    assert RunConfig(mask_init="fisher").mask_init is MaskInit.FISHER
+    with pytest.raises(ConfigError, match="mask_init"):
+        RunConfig(mask_init="gradient")
+    with pytest.raises(ConfigError, match="target_flops"):
+        RunConfig(method="topk", target_flops=0.5)
+
+
+def fineprune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory, tokenizer) -> Path:
+    return save_model(tiny_model(), tokenizer, tmp_path_factory.mktemp("dense") / "model")
+
+
+def fisher_config(tmp_path: Path, model_dir: Path, line: str) -> Path:
+    config = tmp_path / "fisher.yaml"
+    block = "" if line.startswith("attention_block") else f"attention_block: {HEAD_BLOCK}\n"
+    config.write_text(f"model: {model_dir}\nmethod: fisher\ntrain_data: dev\neval_data: dev\ntrain_limit: 4\n"
+                      f"eval_limit: 2\nmax_seq_length: 64\ndoc_stride: 16\n{block}{line}\n"
+                      f"output_dir: {tmp_path / 'out'}\n")
+    return config
+
+
+@pytest.mark.parametrize("line,key", [
+    ("target_density: 1.5", "target_density"),
+    ("target_density: 0", "target_density"),
+    ("target_flops: 0.0", "target_flops"),
+    ("target_flops: 1.2", "target_flops"),
+    ("calibration_samples: 0", "calibration_samples"),
+])
+def test_bad_fisher_values_are_one_line_naming_file_and_key(tmp_path, dense_dir, line, key, capsys):
+    config = fisher_config(tmp_path, dense_dir, line)
+    assert cli_main(["prune", "--config", str(config)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(config) in lines[0] and key in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_fisher_needs_head_shaped_blocks_one_line_exit_2(tmp_path, dense_dir):
+    # Known only once the model is loaded: the real command line, through the trainer.
+    config = fisher_config(tmp_path, dense_dir, "attention_block: [16, 16]")
+    proc = fineprune("prune", "--config", str(config))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert str(config) in lines[-1] and "attention_block" in lines[-1] and "[16, 64]" in lines[-1]
+    assert "Traceback" not in proc.stderr
