@@ -30,6 +30,7 @@ from pruning.inference import answer_batch
 from pruning.packing import pack
 from pruning.squad import compute_logits, prepare_eval_features
 from pruning.trainer import build_model
+from workflows.cli import main as cli_main
 
 HIDDEN, HEADS, HEAD_DIM, INTER = 64, 4, 16, 128
 
@@ -141,16 +142,29 @@ def fineprune(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True, timeout=600)
 
 
-def last_json(proc: subprocess.CompletedProcess) -> dict:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``fineprune ARGS`` in this process (the models load much faster than in a fresh one)."""
+    code = cli_main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
+def last_json(result: tuple[int, str, str]) -> dict:
+    code, out, err = result
+    assert code == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def one_line_error(code: int, err: str) -> str:
+    assert code == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
     assert last.startswith("fineprune ")
     return last
+
+
+def cli_error(capsys, *args: str) -> str:
+    code, _, err = run_cli(capsys, *args)
+    return one_line_error(code, err)
 
 
 @pytest.fixture(scope="module")
@@ -167,34 +181,37 @@ def masked_checkpoint(tmp_path_factory) -> Path:
     return save_model(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "masked")
 
 
-def test_export_eval_and_ask_from_the_command_line(masked_checkpoint, tmp_path):
+def test_export_eval_and_ask_from_the_command_line(masked_checkpoint, tmp_path, capsys):
     out = tmp_path / "onnx"
-    report = last_json(fineprune("export", str(masked_checkpoint), str(out), "--quantize", "int8",
-                                 "--questions", "4"))
+    proc = fineprune("export", str(masked_checkpoint), str(out), "--quantize", "int8", "--questions", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["packed_on_export"] and report["attention_fused"]
     assert report["max_abs_logit_diff"]["fp32"] <= 1e-4 and set(report["files"]) == {"fp32", "int8"}
     assert is_exported_dir(out) and (out / "tokenizer.json").is_file()
     assert load_exported(out).variant == "int8" and load_exported(out, "fp32").variant == "fp32"
-    assert "already exported" in one_line_error(fineprune("export", str(out), str(tmp_path / "again")))
+    assert "already exported" in cli_error(capsys, "export", str(out), str(tmp_path / "again"))
     # Nothing already written is lost: a second export into the same directory is refused.
-    assert "not an empty directory" in one_line_error(fineprune("export", str(masked_checkpoint), str(out)))
+    assert "not an empty directory" in cli_error(capsys, "export", str(masked_checkpoint), str(out))
 
     window = ("--limit", "6", "--max-seq-length", "128", "--doc-stride", "32", "--no-progress")
-    torch_metrics = last_json(fineprune("eval", str(masked_checkpoint), *window))
-    fp32_metrics = last_json(fineprune("eval", str(out), "--variant", "fp32", *window))
-    int8_metrics = last_json(fineprune("eval", str(out), *window))
+    torch_metrics = last_json(run_cli(capsys, "eval", str(masked_checkpoint), *window))
+    fp32_metrics = last_json(run_cli(capsys, "eval", str(out), "--variant", "fp32", *window))
+    int8_metrics = last_json(run_cli(capsys, "eval", str(out), *window))
     assert (fp32_metrics["exact_match"], fp32_metrics["f1"]) == (torch_metrics["exact_match"], torch_metrics["f1"])
     assert fp32_metrics["variant"] == "fp32" and int8_metrics["variant"] == "int8"
     assert fp32_metrics["questions"] == int8_metrics["questions"] == 6
 
     context = "Paris is the capital of France."
-    answer = last_json(fineprune("ask", str(out), "--question", "What is the capital of France?",
-                                 "--context", context))
+    answer = last_json(run_cli(capsys, "ask", str(out), "--question", "What is the capital of France?",
+                               "--context", context))
     assert answer["answer"] == context[answer["start"]:answer["end"]] and answer["answer"]
-    assert "--variant" in one_line_error(fineprune("ask", str(masked_checkpoint), "--variant", "int8",
-                                                   "--question", "q?", "--context", context))
+    assert "--variant" in cli_error(capsys, "ask", str(masked_checkpoint), "--variant", "int8", "--question", "q?",
+                                    "--context", context)
 
+    # A corrupted ONNX file: one line naming it, exit 2, from a fresh process as a user meets it.
     (out / FILES["int8"]).write_bytes(b"\x08\x07 not an onnx model")
-    line = one_line_error(fineprune("eval", str(out), *window))
+    proc = fineprune("eval", str(out), *window)
+    line = one_line_error(proc.returncode, proc.stderr)
     assert FILES["int8"] in line and "corrupted" in line
-    assert last_json(fineprune("eval", str(out), "--variant", "fp32", *window))["f1"] == fp32_metrics["f1"]
+    assert last_json(run_cli(capsys, "eval", str(out), "--variant", "fp32", *window))["f1"] == fp32_metrics["f1"]
