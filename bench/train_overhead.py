@@ -38,8 +38,7 @@ def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], masked: bo
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         loss = qa_ce_loss(out.start_logits, out.end_logits, batch["start"], batch["end"])
         if masked:
-            reg_att, reg_ffn = masks.score_regularization(model)
-            loss = loss + reg_att + reg_ffn
+            loss = loss + masks.regularization_loss(model, 1.0, 1.0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

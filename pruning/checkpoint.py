@@ -92,12 +92,14 @@ def mask_settings(model: nn.Module) -> dict[str, Any] | None:
     layers = [m for _, m in mask_lib.masked_modules(model)]
     if not layers:
         return None
-    attention = next((m for m in layers if m.block[0] != 1 or m.block[1] != m.in_features), layers[0])
+    # The first attention layer is a query projection: its block is the configured one (the output projection
+    # holds the transposed block).
+    attention = next((m for m in layers if m.role == "attention"), layers[0])
     fill_from = getattr(model, "fineprune_fill_from", None)
     return {
         "attention_block": list(attention.block),
         "mode": attention.mode,
-        "threshold": attention.threshold,
+        "threshold": attention.current_threshold(),
         "fill_from": None if fill_from is None else {"mode": fill_from[0], "threshold": fill_from[1]},
     }
 
@@ -224,9 +226,16 @@ def restore_masks_(model: nn.Module, settings: dict[str, Any]) -> None:
     except ValueError as err:
         raise CheckpointError(f"config.json {MASKS_KEY}: {err}") from None
     first = fill_from if mode == "fixed" else settings
+    try:
+        threshold = float(first["threshold"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"config.json {MASKS_KEY}.threshold: invalid value {first.get('threshold')!r}") from None
     for _, module in mask_lib.masked_modules(model):
-        module.mode = first["mode"]
-        module.threshold = float(first["threshold"])
+        if first["mode"] == "cutoff":
+            module.set_cutoff(threshold)
+        else:
+            module.mode = first["mode"]
+            module.threshold = threshold
 
 
 def _refix(model: nn.Module, settings: dict[str, Any]) -> None:

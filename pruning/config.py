@@ -88,8 +88,11 @@ class RunConfig:
     # sigmoid_threshold: threshold on sigmoid(score) ramps initial_threshold -> final_threshold
     initial_threshold: float = 0.0
     final_threshold: float = 0.1
-    lambda_attention: float = 10.0  # final L1 weight on the attention scores (ramps from 0 with the threshold)
-    lambda_ffn: float = 10.0  # final L1 weight on the FFN scores
+    # Final L1 weights (ramping from 0 with the threshold). The penalty is (lambda_attention * R_att + lambda_ffn *
+    # R_ffn) / 2, R = mean sigmoid(score) of a group, as in the reference implementation: a lambda here is its
+    # regularization_final_lambda (group lambdas 1), so the published values (2.5 to 40) transfer unchanged.
+    lambda_attention: float = 10.0
+    lambda_ffn: float = 10.0
     # cubic schedule: hold for initial_warmup, ramp, hold for the last final_warmup. A value < 1 is a fraction
     # of the pruning steps, a value >= 1 a number of steps.
     initial_warmup: float = 0.1

@@ -37,11 +37,18 @@ __all__ = [
     "mask_score_parameters",
     "masked_modules",
     "score_regularization",
+    "regularization_loss",
+    "REGULARIZATION_GROUPS",
+    "bake_masks_",
     "fix_masks_",
     "is_masked",
 ]
 
 MODES = ("topk", "sigmoid_threshold", "cutoff", "fixed")
+ROLES = ("attention", "ffn")
+# The L1 term is averaged over these groups, as in the reference implementation (nn_pruning divides each group's
+# lambda by their number), so the published final lambdas (2.5 to 40) mean the same here.
+REGULARIZATION_GROUPS = len(ROLES)
 
 
 class TopKBinarizer(torch.autograd.Function):
@@ -107,28 +114,56 @@ class MaskedLinear(nn.Linear):
         block: (rows, cols) of one block; must divide the weight's shape.
         mode: ``"topk"``, ``"sigmoid_threshold"``, ``"cutoff"`` (scores >= a global cut-off) or ``"fixed"``.
         mask_init: initial value of every score.
+        role: ``"attention"`` or ``"ffn"`` (the first linear of the feed-forward pair, whose scores also mask the
+            columns of the second): the regularisation group, and how many weights one score masks.
+
+    Every tensor the layer masks with is a parameter (``mask_scores``) or a non-persistent buffer (``cutoff``,
+    ``fixed_mask``), so ``model.to(device)`` moves all of them.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block: tuple[int, int] = (32, 32),
-                 mode: str = "sigmoid_threshold", mask_init: float = 0.0, device=None, dtype=None) -> None:
+                 mode: str = "sigmoid_threshold", mask_init: float = 0.0, device=None, dtype=None,
+                 role: str = "attention") -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         br, bc = block
         if out_features % br or in_features % bc:
             raise ValueError(f"block {br}x{bc} does not divide the {out_features}x{in_features} weight")
         if mode not in MODES:
             raise ValueError(f"unknown mask mode {mode!r} (allowed: {', '.join(MODES)})")
+        if role not in ROLES:
+            raise ValueError(f"unknown mask role {role!r} (allowed: {', '.join(ROLES)})")
         self.block = (br, bc)
         self.mode = mode
-        self.threshold = 1.0 if mode == "topk" else 0.0  # density for topk; threshold or cut-off otherwise
-        self.fixed_mask: torch.Tensor | None = None  # block mask used in "fixed" mode (the filled phase)
+        self.role = role
+        self.threshold = 1.0 if mode == "topk" else 0.0  # density for topk; threshold on sigmoid(score) otherwise
         self.mask_scores = nn.Parameter(
             torch.full((out_features // br, in_features // bc), float(mask_init), device=device,
                        dtype=dtype or torch.float32))
+        # Derived state lives in buffers so that it follows the scores to any device; neither is saved (a
+        # checkpoint records the threshold and rebuilds the fixed mask from the scores).
+        self.register_buffer("cutoff", torch.zeros((), device=device, dtype=torch.float32), persistent=False)
+        self.register_buffer("fixed_mask", None, persistent=False)  # block mask of "fixed" mode (filled phase)
+
+    @property
+    def weights_per_score(self) -> int:
+        """Weights one score masks: its block, plus the tied column of the second FFN linear for ``ffn``."""
+        return self.block[0] * self.block[1] * (2 if self.role == "ffn" else 1)
+
+    def current_threshold(self) -> float:
+        """The value that, with ``mode``, reproduces the current mask (the cut-off in ``cutoff`` mode)."""
+        return float(self.cutoff) if self.mode == "cutoff" else float(self.threshold)
+
+    def set_cutoff(self, value: float | torch.Tensor) -> None:
+        """Switch to ``cutoff`` mode: keep the blocks whose score is at least ``value`` (copied on-device)."""
+        self.mode = "cutoff"
+        with torch.no_grad():
+            self.cutoff.copy_(torch.as_tensor(value, dtype=self.cutoff.dtype))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, block: tuple[int, int], mode: str, mask_init: float = 0.0) -> "MaskedLinear":
+    def from_linear(cls, linear: nn.Linear, block: tuple[int, int], mode: str, mask_init: float = 0.0,
+                    role: str = "attention") -> "MaskedLinear":
         masked = cls(linear.in_features, linear.out_features, linear.bias is not None, block, mode, mask_init,
-                     device=linear.weight.device, dtype=linear.weight.dtype)
+                     device=linear.weight.device, dtype=linear.weight.dtype, role=role)
         with torch.no_grad():
             masked.weight.copy_(linear.weight)
             if linear.bias is not None:
@@ -144,7 +179,7 @@ class MaskedLinear(nn.Linear):
         if self.mode == "topk":
             return TopKBinarizer.apply(self.mask_scores, self.threshold)
         if self.mode == "cutoff":
-            return ThresholdBinarizer.apply(self.mask_scores, self.threshold, False)
+            return ThresholdBinarizer.apply(self.mask_scores, self.cutoff, False)
         return ThresholdBinarizer.apply(self.mask_scores, self.threshold, True)
 
     def weight_mask(self, block_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,7 +207,7 @@ class MaskedLinear(nn.Linear):
         return linear
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, block={self.block}, mode={self.mode}"
+        return f"{super().extra_repr()}, block={self.block}, mode={self.mode}, role={self.role}"
 
 
 class TiedColumnMaskedLinear(nn.Linear):
@@ -249,11 +284,11 @@ def apply_masks_(model: nn.Module, mode: str, attention_block: tuple[int, int] =
             if linear.out_features % br or linear.in_features % bc:
                 raise ValueError(f"attention_block: {br}x{bc} does not divide the {linear.out_features}x"
                                  f"{linear.in_features} matrix {path}")
-            set_module(layer, path, MaskedLinear.from_linear(linear, (br, bc), layer_mode, mask_init))
+            set_module(layer, path, MaskedLinear.from_linear(linear, (br, bc), layer_mode, mask_init, "attention"))
         first = get_module(layer, arch.ffn_in)
         if isinstance(first, MaskedLinear):
             continue
-        masked_first = MaskedLinear.from_linear(first, (1, first.in_features), layer_mode, mask_init)
+        masked_first = MaskedLinear.from_linear(first, (1, first.in_features), layer_mode, mask_init, "ffn")
         set_module(layer, arch.ffn_in, masked_first)
         set_module(layer, arch.ffn_out, TiedColumnMaskedLinear.from_linear(get_module(layer, arch.ffn_out), masked_first))
     return model
@@ -272,18 +307,15 @@ def mask_score_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [module.mask_scores for _, module in masked_modules(model)]
 
 
-def _is_ffn(name: str, module: MaskedLinear) -> bool:
-    return module.block[0] == 1 and module.block[1] == module.in_features
-
-
 @torch.no_grad()
 def set_threshold(model: nn.Module, value: float, global_topk: bool = False) -> None:
     """Set the current threshold of every masked layer.
 
     For ``topk`` layers ``value`` is the fraction of weights to keep. With ``global_topk`` the fraction applies to
     all masked weights together: one cut-off on the scores is found (each score weighted by the number of weights
-    in its block) and every layer keeps the blocks at or above it. For ``sigmoid_threshold`` layers ``value`` is
-    the threshold on ``sigmoid(score)``.
+    it masks, both FFN matrices counted) and every layer keeps the blocks at or above it. The cut-off is computed
+    and stored on the scores' device, with no copy to the host. For ``sigmoid_threshold`` layers ``value`` is the
+    threshold on ``sigmoid(score)``.
     """
     modules = [m for _, m in masked_modules(model) if m.mode != "fixed"]
     if not modules:
@@ -293,36 +325,70 @@ def set_threshold(model: nn.Module, value: float, global_topk: bool = False) -> 
             module.threshold = float(value)
         return
     scores = torch.cat([m.mask_scores.detach().flatten() for m in modules])
-    sizes = torch.cat([torch.full((m.mask_scores.numel(),), m.block[0] * m.block[1], dtype=torch.float64)
-                       for m in modules])
+    # Integer weight counts: exact for any model size (float32 sums lose units past 2^24 weights).
+    sizes = torch.cat([torch.full((m.mask_scores.numel(),), m.weights_per_score, dtype=torch.int64,
+                                  device=scores.device) for m in modules])
+    total = sum(m.mask_scores.numel() * m.weights_per_score for m in modules)
     order = torch.argsort(scores, descending=True)
     kept = torch.cumsum(sizes[order], 0)
-    target = float(value) * float(sizes.sum())
-    index = int(torch.searchsorted(kept, torch.tensor(target, dtype=kept.dtype)).clamp(max=len(kept) - 1))
-    cutoff = float(scores[order[index]])
+    target = torch.tensor([int(round(float(value) * total))], dtype=kept.dtype, device=kept.device)
+    index = torch.searchsorted(kept, target).clamp(max=len(kept) - 1)
+    cutoff = scores[order[index]].reshape(())
     for module in modules:
-        module.mode = "cutoff"
-        module.threshold = cutoff
+        module.set_cutoff(cutoff)
 
 
 def score_regularization(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """L1 of sigmoid(scores), averaged within each matrix and then over the attention and the FFN groups."""
-    attention, ffn = [], []
-    for name, module in masked_modules(model):
+    groups: dict[str, list[torch.Tensor]] = {role: [] for role in ROLES}
+    for _, module in masked_modules(model):
         if module.mode == "fixed":
             continue
-        (ffn if _is_ffn(name, module) else attention).append(torch.sigmoid(module.mask_scores).mean())
+        groups[module.role].append(torch.sigmoid(module.mask_scores).mean())
     zero = next(model.parameters()).new_zeros(())
-    return (torch.stack(attention).mean() if attention else zero, torch.stack(ffn).mean() if ffn else zero)
+    attention, ffn = (torch.stack(groups[role]).mean() if groups[role] else zero for role in ROLES)
+    return attention, ffn
+
+
+def regularization_loss(model: nn.Module, lambda_attention: float, lambda_ffn: float) -> torch.Tensor:
+    """The score penalty added to the loss: ``(lambda_attention * R_att + lambda_ffn * R_ffn) / 2``.
+
+    ``R_att`` and ``R_ffn`` come from :func:`score_regularization`. Dividing by the number of groups matches the
+    reference implementation, so a final lambda means the same as its ``regularization_final_lambda`` (with the
+    per-group lambdas at 1).
+    """
+    reg_att, reg_ffn = score_regularization(model)
+    return (lambda_attention * reg_att + lambda_ffn * reg_ffn) / REGULARIZATION_GROUPS
+
+
+@torch.no_grad()
+def bake_masks_(model: nn.Module) -> None:
+    """Multiply every masked weight (and masked bias) by its current mask, in place; the masks stay.
+
+    The forward pass is unchanged, and pruned weights are now zero: a mask switched off later (the filled phase
+    makes kept heads dense again) brings back zeros that then train, not the values the weights had when pruned.
+    """
+    for module in model.modules():
+        if isinstance(module, MaskedLinear):
+            block_mask = module.block_mask().detach()
+            module.weight.copy_(_apply_blocks(module.weight, block_mask, module.block))
+            if module.bias is not None:
+                module.bias.mul_(module.bias_mask(block_mask))
+        elif isinstance(module, TiedColumnMaskedLinear):
+            module.weight.mul_(module.column_mask().detach())
 
 
 @torch.no_grad()
 def fix_masks_(model: nn.Module, head_keep: list[torch.Tensor], ffn_keep: list[torch.Tensor]) -> None:
-    """Start the filled phase: freeze the structure that packing will keep and make kept heads dense again.
+    """Freeze the structure that packing will keep and make kept heads dense again (the filled phase's masks).
 
     ``head_keep[i]`` (bool per head) and ``ffn_keep[i]`` (bool per FFN dimension) give layer ``i``'s surviving
-    structure. Query/key/value rows and output columns of a kept head become fully unmasked; removed heads and FFN
-    dimensions stay masked for good. Scores stop receiving gradients.
+    structure, on any device. Query/key/value rows and output columns of a kept head become fully unmasked;
+    removed heads and FFN dimensions stay masked for good. Scores stop receiving gradients. The fixed masks are
+    buffers on each layer's device, so they follow ``model.to(...)``.
+
+    The weights are not touched: to start the filled phase from exactly the pruned model, call
+    :func:`bake_masks_` first (a checkpoint reloaded in the filled phase must not be baked again).
     """
     arch = architecture_for(model)
     for layer, heads, dims in zip(encoder_layers(model), head_keep, ffn_keep):
@@ -333,7 +399,7 @@ def fix_masks_(model: nn.Module, head_keep: list[torch.Tensor], ffn_keep: list[t
                 continue
             br, bc = module.block
             head_dim = (module.out_features if path != arch.attention_output else module.in_features) // num_heads
-            per_head = heads.repeat_interleave(head_dim).to(module.weight.dtype)
+            per_head = heads.to(device=module.weight.device, dtype=module.weight.dtype).repeat_interleave(head_dim)
             if path == arch.attention_output:  # columns belong to heads
                 full = per_head.reshape(1, -1).expand(module.out_features, -1)
             else:  # rows belong to heads
@@ -345,7 +411,6 @@ def fix_masks_(model: nn.Module, head_keep: list[torch.Tensor], ffn_keep: list[t
             module.mask_scores.requires_grad_(False)
         first = get_module(layer, arch.ffn_in)
         if isinstance(first, MaskedLinear):
-            first.fixed_mask = dims.to(first.weight.dtype).reshape(-1, 1).contiguous()
+            first.fixed_mask = dims.to(device=first.weight.device, dtype=first.weight.dtype).reshape(-1, 1).contiguous()
             first.mode = "fixed"
             first.mask_scores.requires_grad_(False)
-

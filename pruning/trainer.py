@@ -51,7 +51,8 @@ from .resources import resolve_data, resolve_model, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
 from .sparsity import sparsity_report
 
-__all__ = ["Report", "TrainingPlan", "build_model", "plan", "mask_schedule", "train", "evaluate", "resolve_device"]
+__all__ = ["Report", "TrainingPlan", "build_model", "plan", "mask_schedule", "train", "evaluate", "resolve_device",
+           "enter_fill_phase", "training_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,15 +245,48 @@ def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
     return teacher
 
 
+def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig, teacher: nn.Module | None = None,
+                  lambda_attention: float = 0.0, lambda_ffn: float = 0.0, regularize: bool = True,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, span cross-entropy, distillation, score regularisation) of one batch, on the batch's device.
+
+    ``loss = alpha_ce * ce + alpha_distil * distil`` with a teacher (``ce`` alone without one), plus the score
+    penalty of :func:`pruning.masks.regularization_loss` for ``sigmoid_threshold`` when ``regularize`` is set.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                token_type_ids=batch["token_type_ids"])
+    start_logits, end_logits = out.start_logits.float(), out.end_logits.float()
+    ce = qa_ce_loss(start_logits, end_logits, batch["start_positions"], batch["end_positions"])
+    zero = start_logits.new_zeros(())
+    distil, reg = zero, zero
+    loss = ce
+    if teacher is not None:
+        with torch.no_grad():
+            t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            token_type_ids=batch["token_type_ids"])
+        distil = (kd_loss(start_logits, t_out.start_logits.float(), cfg.temperature)
+                  + kd_loss(end_logits, t_out.end_logits.float(), cfg.temperature)) / 2
+        loss = cfg.alpha_ce * ce + cfg.alpha_distil * distil
+    if cfg.method is Method.SIGMOID_THRESHOLD and regularize:
+        reg = mask_lib.regularization_loss(model, lambda_attention, lambda_ffn)
+        loss = loss + reg
+    return loss, ce, distil, reg
+
+
 def _is_fixed(model: nn.Module) -> bool:
     return all(m.mode == "fixed" for _, m in mask_lib.masked_modules(model))
 
 
-def _enter_fill_phase(model: nn.Module) -> None:
-    """Freeze the structure packing will keep; kept heads become dense again."""
+def enter_fill_phase(model: nn.Module) -> None:
+    """Freeze the structure packing will keep; kept heads become dense again.
+
+    The current masks are baked into the weights first, so the model computes exactly what it did at the end of
+    pruning: the pruned blocks inside kept heads come back as zeros and train from there.
+    """
     first = next(m for _, m in mask_lib.masked_modules(model))
-    model.fineprune_fill_from = (first.mode, first.threshold)
+    model.fineprune_fill_from = (first.mode, first.current_threshold())
     report = sparsity_report(model)
+    mask_lib.bake_masks_(model)
     mask_lib.fix_masks_(model, [s.heads_kept for s in report.layers], [s.ffn_kept for s in report.layers])
 
 
@@ -322,7 +356,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         if cfg.masked and step == p.prune_steps and not _is_fixed(model):
             # The last pruning masks decide the structure; from here on it is fixed.
             mask_lib.set_threshold(model, schedule_values(step)[0], global_topk=global_topk)
-            _enter_fill_phase(model)
+            enter_fill_phase(model)
             optimizer = _rebuild_optimizer_for_fill(model, cfg, optimizer)
         threshold, lam_att, lam_ffn = schedule_values(step)
         if cfg.masked and step < p.prune_steps:
@@ -343,25 +377,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             width = int(batch["attention_mask"].sum(dim=1).max())
             batch = {k: (v[:, :width] if v.ndim == 2 else v).to(device) for k, v in batch.items()}
             with _autocast(cfg, device):
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            token_type_ids=batch["token_type_ids"])
-                start_logits, end_logits = out.start_logits.float(), out.end_logits.float()
-                ce = qa_ce_loss(start_logits, end_logits, batch["start_positions"], batch["end_positions"])
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                        token_type_ids=batch["token_type_ids"])
-                    distil = (kd_loss(start_logits, t_out.start_logits.float(), cfg.temperature)
-                              + kd_loss(end_logits, t_out.end_logits.float(), cfg.temperature)) / 2
-                    loss = cfg.alpha_ce * ce + cfg.alpha_distil * distil
-                else:
-                    distil = torch.zeros((), device=device)
-                    loss = ce
-                reg = torch.zeros((), device=device)
-                if cfg.method is Method.SIGMOID_THRESHOLD and step < p.prune_steps:
-                    reg_att, reg_ffn = mask_lib.score_regularization(model)
-                    reg = lam_att * reg_att + lam_ffn * reg_ffn
-                    loss = loss + reg
+                loss, ce, distil, reg = training_loss(model, batch, cfg, teacher, lam_att, lam_ffn,
+                                                      regularize=step < p.prune_steps)
             (loss / cfg.grad_accum).backward()
             terms["loss_ce"] += float(ce.detach()) / cfg.grad_accum
             terms["loss_distil"] += float(distil.detach()) / cfg.grad_accum

@@ -123,28 +123,44 @@ def test_block_shape_that_does_not_divide_is_an_error():
         masks.apply_masks_(tiny_model(), "magnitude", (16, 16))
 
 
-def test_topk_reaches_its_density_exactly_per_matrix_and_globally():
-    for global_topk in (False, True):
-        model = tiny_model()
-        masks.apply_masks_(model, "topk", (16, 16))
-        with torch.no_grad():
-            for score in masks.mask_score_parameters(model):
-                score.copy_(torch.randn_like(score))
-        masks.set_threshold(model, 0.5, global_topk=global_topk)
-        kept = total = 0
+def masked_fraction(model) -> float:
+    """Kept fraction of the weights the masks cover: an FFN score masks a row of the first linear and a column of
+    the second, so it counts twice its block."""
+    kept = total = 0.0
+    for _, module in masks.masked_modules(model):
+        mask = module.block_mask().detach()
+        factor = 2 if module.role == "ffn" else 1
+        kept += float(mask.sum()) * module.block[0] * module.block[1] * factor
+        total += mask.numel() * module.block[0] * module.block[1] * factor
+    return kept / total
+
+
+def test_topk_reaches_its_density_exactly_per_matrix():
+    model = tiny_model()
+    masks.apply_masks_(model, "topk", (16, 16))
+    with torch.no_grad():
+        for score in masks.mask_score_parameters(model):
+            score.copy_(torch.randn_like(score))
+    masks.set_threshold(model, 0.5)
+    assert all(float(m.block_mask().detach().mean()) == 0.5 for _, m in masks.masked_modules(model))
+    assert masked_fraction(model) == 0.5
+
+
+@pytest.mark.parametrize("ffn_offset", [0.0, 2.0, -2.0])
+def test_global_topk_counts_both_ffn_matrices(ffn_offset):
+    """Globally the fraction is over every masked weight; an FFN dimension costs 2 x hidden weights, not hidden.
+
+    With FFN scores shifted up (or down) the cut favours one group, which is where counting an FFN dimension at
+    half its price misses the target.
+    """
+    model = tiny_model()
+    masks.apply_masks_(model, "topk", (16, 16))
+    with torch.no_grad():
         for _, module in masks.masked_modules(model):
-            mask = module.block_mask()
-            weights_per_score = module.block[0] * module.block[1]
-            # FFN scores mask a row of the first linear and a column of the second
-            factor = 2 if module.block[0] == 1 else 1
-            kept += float(mask.detach().sum()) * weights_per_score * factor
-            total += mask.numel() * weights_per_score * factor
-            if not global_topk:
-                assert float(mask.detach().mean()) == 0.5
-        if global_topk:  # globally, the count is over weights of the score-owning matrices
-            owned_kept = sum(float(m.block_mask().detach().sum()) * m.block[0] * m.block[1] for _, m in masks.masked_modules(model))
-            owned_total = sum(m.mask_scores.numel() * m.block[0] * m.block[1] for _, m in masks.masked_modules(model))
-            assert owned_kept / owned_total == pytest.approx(0.5, abs=0.02)
+            module.mask_scores.copy_(torch.randn_like(module.mask_scores) + (ffn_offset if module.role == "ffn" else 0))
+    masks.set_threshold(model, 0.5, global_topk=True)
+    assert masked_fraction(model) == pytest.approx(0.5, abs=0.02)
+    assert all(m.mode == "cutoff" for _, m in masks.masked_modules(model))
 
 
 def test_remove_masks_bakes_the_same_function():
@@ -167,7 +183,7 @@ def test_score_regularization_groups_and_fix_masks():
     model = tiny_model()
     masks.apply_masks_(model, "sigmoid_threshold", (16, 16))
     reg_att, reg_ffn = masks.score_regularization(model)
-    assert float(reg_att) == pytest.approx(0.5) and float(reg_ffn) == pytest.approx(0.5)
+    assert float(reg_att.detach()) == pytest.approx(0.5) and float(reg_ffn.detach()) == pytest.approx(0.5)
     report = sparsity_report(model)
     heads = [torch.tensor([True, False, True, True])] * 2
     ffn = [s.ffn_kept for s in report.layers]
@@ -191,3 +207,45 @@ def test_head_shaped_blocks_prune_whole_heads():
     report = sparsity_report(model)
     # half of the value heads are masked in every layer, and each masked value head removes its head
     assert all(removed >= 2 for removed in report.heads_removed_per_layer)
+
+
+def test_regularization_loss_averages_the_two_groups():
+    """As in the reference implementation: each group's lambda is divided by the number of groups."""
+    model = tiny_model()
+    masks.apply_masks_(model, "sigmoid_threshold", (16, 16), mask_init=0.0)  # sigmoid(0) = 0.5 everywhere
+    with torch.no_grad():
+        for _, module in masks.masked_modules(model):
+            if module.role == "ffn":
+                module.mask_scores.fill_(torch.logit(torch.tensor(0.25)).item())
+    loss = masks.regularization_loss(model, lambda_attention=10.0, lambda_ffn=4.0)
+    assert float(loss.detach()) == pytest.approx((10.0 * 0.5 + 4.0 * 0.25) / 2)
+
+
+def test_row_blocks_for_attention_stay_in_the_attention_group_and_reload(tmp_path):
+    """``attention_block: [1, hidden]`` (one score per query/key/value row) is not a feed-forward pattern."""
+    from pruning.checkpoint import load_model, save_model
+
+    model = tiny_model()
+    masks.apply_masks_(model, "topk", (1, 64))
+    roles = {name.split("layer.0.")[1]: m.role for name, m in masks.masked_modules(model) if ".layer.0." in name}
+    assert roles == {"attention.self.query": "attention", "attention.self.key": "attention",
+                     "attention.self.value": "attention", "attention.output.dense": "attention",
+                     "intermediate.dense": "ffn"}
+    with torch.no_grad():
+        for _, module in masks.masked_modules(model):
+            module.mask_scores.copy_(torch.randn_like(module.mask_scores))
+            if module.role == "ffn":
+                module.mask_scores.fill_(1.0)  # FFN kept, attention scores random
+    reg_att, reg_ffn = masks.score_regularization(model)
+    assert float(reg_ffn.detach()) == pytest.approx(float(torch.sigmoid(torch.tensor(1.0))))
+    assert float(reg_att.detach()) != pytest.approx(float(reg_ffn.detach()))
+    masks.set_threshold(model, 0.5)
+    x = inputs()
+    with torch.no_grad():
+        before = model(**x).start_logits
+    save_model(model, None, tmp_path / "rows")
+    reloaded = load_model(tmp_path / "rows")
+    query = reloaded.bert.encoder.layer[0].attention.self.query
+    assert query.block == (1, 64) and reloaded.bert.encoder.layer[0].attention.output.dense.block == (64, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**x).start_logits, before)

@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
+from transformers import BertConfig, BertForQuestionAnswering
 
 from pruning import masks
 from pruning.checkpoint import load_model, save_model
 from pruning.config import ConfigError, RunConfig
 from pruning.sparsity import sparsity_report
-from pruning.trainer import build_model, mask_schedule, plan, train
+from pruning.trainer import build_model, enter_fill_phase, mask_schedule, plan, train
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=128)
@@ -147,3 +148,33 @@ def test_block_shape_must_divide_the_model(tmp_path):
 def test_warmups_longer_than_the_run_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match="initial_warmup"):
         plan(tiny_cfg(tmp_path, method="topk", initial_warmup=5, final_warmup=5, max_steps=6), 10)
+
+
+@pytest.mark.parametrize("method,global_topk", [("topk", False), ("topk", True), ("sigmoid_threshold", False)])
+def test_filled_phase_starts_from_exactly_the_pruned_model(method, global_topk):
+    """Entering the filled phase changes no output: pruned weights inside kept heads come back as zeros."""
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    masks.apply_masks_(model, method, (16, 16))
+    with torch.no_grad():
+        for score in masks.mask_score_parameters(model):
+            score.copy_(torch.randn_like(score))
+    masks.set_threshold(model, 0.5 if method == "topk" else 0.6, global_topk=global_topk)
+    g = torch.Generator().manual_seed(1)
+    x = dict(input_ids=torch.randint(0, 100, (2, 16), generator=g), token_type_ids=torch.zeros(2, 16, dtype=torch.long),
+             attention_mask=torch.ones(2, 16, dtype=torch.long))
+    query = model.bert.encoder.layer[0].attention.self.query
+    pruned_blocks = ~query.block_mask().detach().bool()
+    with torch.no_grad():
+        before = model(**x)
+        enter_fill_phase(model)
+        after = model(**x)
+    torch.testing.assert_close(after.start_logits, before.start_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(after.end_logits, before.end_logits, atol=1e-5, rtol=0)
+    # The blocks pruned before the filled phase hold zeros now, whether or not their head was kept.
+    weight = query.weight.detach().reshape(4, 16, 4, 16)
+    assert pruned_blocks.any()
+    assert (weight.permute(0, 2, 1, 3)[pruned_blocks] == 0).all()
+    assert query.mode == "fixed"
