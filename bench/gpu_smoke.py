@@ -9,6 +9,9 @@ packs the result, evaluates the masked and the packed model (their EM/F1 must be
     python bench/gpu_smoke.py                 # cuda when available
     python bench/gpu_smoke.py --device cpu    # what CI runs
 
+bf16 runs by default where the device supports it (a GPU with bf16, a CPU with bf16 matrix instructions); the
+masked and packed models are evaluated in the run's precision.
+
 One line per stage; the last line is ``gpu_smoke stages passed = N/N``. Exit status 0 only when all passed.
 """
 
@@ -36,6 +39,7 @@ from pruning.config import RunConfig  # noqa: E402
 from pruning.inference import answer  # noqa: E402
 from pruning.masks import masked_modules  # noqa: E402
 from pruning.packing import pack_checkpoint  # noqa: E402
+from pruning.precision import autocast, bf16_supported  # noqa: E402
 from pruning.trainer import CHECKPOINT_DIR, FINAL_DIR, train  # noqa: E402
 
 logger = logging.getLogger("gpu_smoke")
@@ -115,10 +119,11 @@ def base_config(args: argparse.Namespace, tokenizer_dir: Path, out_dir: Path, pr
     return RunConfig(**values)
 
 
-def evaluate_dir(model_dir: Path, device: str, examples: list) -> dict[str, float]:
+def evaluate_dir(model_dir: Path, device: str, examples: list, precision: str) -> dict[str, float]:
     model = load_model(model_dir).to(device)
-    metrics, _ = squad.evaluate_model(model, load_tokenizer(model_dir), examples, batch_size=32, device=device,
-                                      progress=False, **WINDOW)
+    with autocast(precision, device):
+        metrics, _ = squad.evaluate_model(model, load_tokenizer(model_dir), examples, batch_size=32, device=device,
+                                          progress=False, **WINDOW)
     return metrics
 
 
@@ -185,9 +190,9 @@ def run(args: argparse.Namespace) -> Smoke:
                 return (f"params {report['params_before']} -> {report['params_after']}, "
                         f"max |dlogit| {report['max_abs_logit_diff']:.1e}")
 
-            def evaluate_both(state=state) -> str:
-                masked = evaluate_dir(state["final"], args.device, examples)
-                packed = evaluate_dir(state["packed"], args.device, examples)
+            def evaluate_both(state=state, precision=precision) -> str:
+                masked = evaluate_dir(state["final"], args.device, examples, precision)
+                packed = evaluate_dir(state["packed"], args.device, examples, precision)
                 if masked != packed:
                     raise RuntimeError(f"masked {masked} != packed {packed}")
                 return f"masked = packed: em {masked['exact_match']:.2f} f1 {masked['f1']:.2f}"
@@ -211,13 +216,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device to run on (default: cuda when available, else cpu)")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
-                        help="training precisions to run (default: fp32 bf16)")
+    parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16"],
+                        help="precisions to run (default: fp32, and bf16 where the device supports it)")
     parser.add_argument("--modes", nargs="+", default=[name for name, _ in MODES], choices=[name for name, _ in MODES],
                         help="pruning modes to run (default: all)")
     parser.add_argument("--out", default=None, help="work directory (default: a new temporary directory)")
     parser.add_argument("--verbose", action="store_true", help="log the library's progress and failures' tracebacks")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.precisions is None:
+        args.precisions = ["fp32", "bf16"] if bf16_supported(args.device) else ["fp32"]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .precision import autocast
 from .structure import architecture_for, encoder_layers, get_module
 
 __all__ = ["eval_mode", "random_inputs", "latency", "compare_latency", "linear_flops", "flop_ratio"]
@@ -76,7 +77,7 @@ def _time_forward(model: nn.Module, inputs: dict[str, torch.Tensor], device: tor
 
 
 def latency(model: nn.Module, batch_size: int = 1, seq_len: int = 384, repeats: int = 10, warmup: int = 2,
-            seed: int = 0) -> list[float]:
+            seed: int = 0, precision: str = "fp32") -> list[float]:
     """Wall-clock seconds of ``repeats`` forward passes, after ``warmup`` untimed ones.
 
     Args:
@@ -85,6 +86,7 @@ def latency(model: nn.Module, batch_size: int = 1, seq_len: int = 384, repeats: 
         repeats: timed forward passes.
         warmup: untimed passes first (allocator and kernel caches).
         seed: seed of the random token ids.
+        precision: ``fp32`` or ``bf16`` (already resolved, see :func:`pruning.precision.resolve_precision`).
 
     Raises:
         ValueError: a non-positive size or count, or ``seq_len`` beyond the model's position embeddings.
@@ -93,7 +95,7 @@ def latency(model: nn.Module, batch_size: int = 1, seq_len: int = 384, repeats: 
     inputs = random_inputs(model, batch_size, seq_len, seed)
     device = _device(model)
     times = []
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), autocast(precision, device):
         for _ in range(warmup):
             _time_forward(model, inputs, device)
         for _ in range(repeats):
@@ -102,8 +104,11 @@ def latency(model: nn.Module, batch_size: int = 1, seq_len: int = 384, repeats: 
 
 
 def compare_latency(model_a: nn.Module, model_b: nn.Module, batch_size: int = 1, seq_len: int = 384,
-                    repeats: int = 10, warmup: int = 2, seed: int = 0) -> dict[str, float | int | list[float]]:
+                    repeats: int = 10, warmup: int = 2, seed: int = 0,
+                    precision: str = "fp32") -> dict[str, float | int | list[float] | str]:
     """Time two models interleaved on the same random input and compare their median latencies.
+
+    Both run in ``precision`` (``fp32`` or ``bf16``, already resolved for their device).
 
     Returns:
         ``median_a_s``, ``median_b_s`` (seconds), ``ratio`` (= median a / median b, so the speed-up of b over a
@@ -121,17 +126,20 @@ def compare_latency(model_a: nn.Module, model_b: nn.Module, batch_size: int = 1,
     times_a: list[float] = []
     times_b: list[float] = []
     with eval_mode(model_a), eval_mode(model_b), torch.inference_mode():
-        for _ in range(warmup):
-            _time_forward(model_a, inputs_a, device_a)
-            _time_forward(model_b, inputs_b, device_b)
-        for _ in range(repeats):
-            times_a.append(_time_forward(model_a, inputs_a, device_a))
-            times_b.append(_time_forward(model_b, inputs_b, device_b))
+        for i in range(warmup + repeats):
+            with autocast(precision, device_a):
+                elapsed_a = _time_forward(model_a, inputs_a, device_a)
+            with autocast(precision, device_b):
+                elapsed_b = _time_forward(model_b, inputs_b, device_b)
+            if i >= warmup:
+                times_a.append(elapsed_a)
+                times_b.append(elapsed_b)
     median_a, median_b = statistics.median(times_a), statistics.median(times_b)
     return {
         "batch_size": batch_size,
         "seq_len": seq_len,
         "repeats": repeats,
+        "precision": precision,
         "median_a_s": median_a,
         "median_b_s": median_b,
         "ratio": median_a / median_b if median_b > 0 else float("inf"),

@@ -100,7 +100,9 @@ class RunConfig:
 
     # --- hardware -----------------------------------------------------------------------------------------
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; CUDA only)
+    # "fp32", "bf16" (autocast of the matrix work; masks, scores, losses and optimizer state stay fp32; on a CPU
+    # only where it has bf16 matrix instructions) or "auto" (bf16 where supported, else fp32). See pruning.precision.
+    precision: str = "fp32"
 
     # --- distillation -------------------------------------------------------------------------------------
     teacher: str | None = None  # QA model directory; None: no distillation
@@ -180,8 +182,8 @@ def _check(cfg: RunConfig) -> None:
         value = getattr(cfg, key)
         if not _is_number(value) or not 0 <= value < 1:
             _fail(key, f"must be in [0, 1), got {value!r}")
-    if cfg.precision not in ("fp32", "bf16"):
-        _fail("precision", f"unknown value {cfg.precision!r} (allowed: fp32, bf16)")
+    if cfg.precision not in ("fp32", "bf16", "auto"):
+        _fail("precision", f"unknown value {cfg.precision!r} (allowed: fp32, bf16, auto)")
     if not isinstance(cfg.device, str) or not (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")):
         _fail("device", f"must be auto, cpu or cuda[:N], got {cfg.device!r}")
     if cfg.epochs == 0 and cfg.max_steps is None:

@@ -473,12 +473,12 @@ def pack_report(masked_model: nn.Module, packed_model: nn.Module, *, seq_len: in
 
 
 def pack_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str = "dev", questions: int = 16,
-                    overwrite: bool = False, latency_repeats: int = 10) -> dict[str, Any]:
+                    overwrite: bool = False, latency_repeats: int = 10, precision: str = "fp32") -> dict[str, Any]:
     """``fineprune pack``: pack a pruned checkpoint into ``out_dir`` and report what changed.
 
     The logits of the masked and the packed model are compared on real questions (the first ``questions`` of
     ``data``), and the dense shape is timed against the packed model (batch 1, the longest window the model takes,
-    at most 384 tokens).
+    at most 384 tokens) in ``precision`` (``fp32``, ``bf16`` or ``auto``, on the CPU).
 
     Returns:
         The :class:`PackReport` as a dict, with ``out_dir`` added.
@@ -486,11 +486,13 @@ def pack_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str = "de
     from .bench import compare_latency
     from .checkpoint import load_model, load_tokenizer
     from .masks import remove_masks_
+    from .precision import resolve_precision
     from .resources import resolve_data
     from .squad import load_squad, prepare_eval_features
 
     checkpoint = Path(checkpoint)
     out_dir = Path(out_dir)
+    precision = resolve_precision(precision, "cpu")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise PackingError(f"{out_dir}: directory exists and is not empty (pass --overwrite to replace it)")
     masked = load_model(checkpoint)
@@ -502,10 +504,12 @@ def pack_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str = "de
     inputs = prepare_eval_features(examples, tokenizer, max_seq_length=seq_len,
                                    doc_stride=min(128, seq_len // 2)).model_inputs()
     dense = remove_masks_(copy.deepcopy(masked)).eval()
-    timing = compare_latency(dense, packed, batch_size=1, seq_len=seq_len, repeats=latency_repeats, warmup=2)
+    timing = compare_latency(dense, packed, batch_size=1, seq_len=seq_len, repeats=latency_repeats, warmup=2,
+                             precision=precision)
     report = pack_report(masked, packed, seq_len=seq_len, inputs=inputs, dense_dir=checkpoint, packed_dir=out_dir,
                          latency_ratio=float(timing["ratio"]))
     result = report.to_dict()
     result["out_dir"] = str(out_dir)
     result["logit_check_windows"] = int(inputs["input_ids"].shape[0])
+    result["precision"] = precision
     return result

@@ -47,6 +47,7 @@ from .checkpoint import (
 )
 from .config import Method, RunConfig, TopkScope, config_to_dict
 from .distill import kd_loss, qa_ce_loss
+from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
 from .sparsity import sparsity_report
@@ -218,19 +219,19 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
 
 def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list, cfg: RunConfig,
              device: torch.device | None = None, progress: bool = True) -> dict[str, float]:
-    """EM/F1 (official SQuAD v1.1 metric) of ``model`` on ``examples``, plus its sparsity metrics."""
-    predictions = squad.predict(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
-                                doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
-                                max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, device=device,
-                                progress=progress)
+    """EM/F1 (official SQuAD v1.1 metric) of ``model`` on ``examples``, plus its sparsity metrics.
+
+    The forward passes run in the config's precision on ``device`` (default: the model's).
+    """
+    run_device = device if device is not None else next(model.parameters()).device
+    with autocast(resolve_precision(cfg.precision, run_device), run_device):
+        predictions = squad.predict(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
+                                    doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
+                                    max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, device=device,
+                                    progress=progress)
     metrics = dict(squad.evaluate(examples, predictions))
     metrics.update(sparsity_report(model).metrics())
     return metrics
-
-
-def _autocast(cfg: RunConfig, device: torch.device):
-    enabled = cfg.precision == "bf16" and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
@@ -308,6 +309,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     """
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)  # fails before any data or model is loaded
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -331,8 +333,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     features = train_features(cfg, train_examples, tokenizer)
     num_features = int(features["input_ids"].shape[0])
     p = plan(cfg, num_features)
-    logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s",
-                len(train_examples), num_features, p.total_steps, p.prune_steps, p.fill_steps, device)
+    logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s, %s",
+                len(train_examples), num_features, p.total_steps, p.prune_steps, p.fill_steps, device, precision)
 
     model.to(device)
     teacher = _load_teacher(cfg, device)
@@ -376,7 +378,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             # Dynamic padding: windows are padded to max_seq_length, a batch only needs its longest one.
             width = int(batch["attention_mask"].sum(dim=1).max())
             batch = {k: (v[:, :width] if v.ndim == 2 else v).to(device) for k, v in batch.items()}
-            with _autocast(cfg, device):
+            with autocast(precision, device):
                 loss, ce, distil, reg = training_loss(model, batch, cfg, teacher, lam_att, lam_ffn,
                                                       regularize=step < p.prune_steps)
             (loss / cfg.grad_accum).backward()
@@ -427,11 +429,12 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                 report(metrics, checkpoint_dir)
     bar.close()
 
+    if not last_metrics:  # resumed at the very end: nothing left to train
+        last_metrics = {"step": p.total_steps, **evaluate(model, tokenizer, eval_examples, cfg, device=device,
+                                                          progress=progress)}
     final_dir = output_dir / FINAL_DIR
     model.to("cpu")
     save_model(model, tokenizer, final_dir)
-    if not last_metrics:  # resumed at the very end: nothing left to train
-        last_metrics = {"step": p.total_steps, **evaluate(model, tokenizer, eval_examples, cfg, progress=progress)}
     last_metrics = dict(last_metrics)
     last_metrics["model_dir"] = str(final_dir)
     return last_metrics

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pruning.precision import cpu_supports_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 # Runs a script with the packages that ship the model and the SQuAD files made unimportable, as on a bare GPU
 # machine that has only torch and transformers.
@@ -29,7 +31,10 @@ def test_gpu_smoke_passes_every_stage_on_cpu_without_the_shipped_packages(tmp_pa
                              "--out", str(tmp_path / "work")], capture_output=True, text=True, env=env, timeout=900)
     lines = result.stdout.strip().splitlines()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert lines[-1] == "gpu_smoke stages passed = 32/32"
+    expected = 32 if cpu_supports_bf16() else 16  # bf16 runs only where the CPU has bf16 matrix instructions
+    assert lines[-1] == f"gpu_smoke stages passed = {expected}/{expected}"
     stages = [line for line in lines if line.startswith("gpu_smoke ") and ": ok in " in line]
-    assert len(stages) == 32
-    assert any("bf16 topk_global eval masked = packed: ok" in line for line in stages)
+    assert len(stages) == expected
+    assert any("fp32 topk_global eval masked = packed: ok" in line for line in stages)
+    if expected == 32:
+        assert any("bf16 sigmoid_threshold eval masked = packed: ok" in line for line in stages)

@@ -59,7 +59,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("train_limit", "eval_limit", "max_steps", "output_dir", "model", "teacher", "device"):
+    for key in ("train_limit", "eval_limit", "max_steps", "output_dir", "model", "teacher", "device", "precision"):
         value = getattr(args, key, None)
         if value is not None:
             out[key] = value
@@ -114,6 +114,12 @@ def _load_any(model_dir: str, variant: str | None = None):
     return load_model(path), load_tokenizer(path)
 
 
+def _check_exported_precision(precision: str) -> None:
+    if precision == "bf16":
+        raise UserError("--precision bf16: an exported model runs at the precision it was exported with "
+                        "(--variant fp32 or int8)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pruning import squad
     from pruning.config import RunConfig
@@ -123,11 +129,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load_any(args.model_dir, args.variant)
     examples = squad.load_squad(resolve_data(args.data), limit=args.limit)
-    cfg = RunConfig(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride, eval_batch_size=args.batch_size)
+    cfg = RunConfig(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride, eval_batch_size=args.batch_size,
+                    precision=args.precision)
     if isinstance(model, OrtQAModel):
         # The same windows, span search and metric as for a PyTorch model; ONNX Runtime runs on the CPU.
         if args.device not in ("auto", "cpu"):
             raise UserError(f"--device {args.device}: an exported model runs on the CPU")
+        _check_exported_precision(args.precision)
         metrics, _ = squad.evaluate_model(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
                                           doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
                                           max_answer_length=cfg.max_answer_length, n_best=cfg.n_best,
@@ -143,10 +151,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    from pruning.export import OrtQAModel
     from pruning.inference import answer
+    from pruning.precision import autocast, resolve_precision
 
     model, tokenizer = _load_any(args.model_dir, args.variant)
-    result = answer(model, tokenizer, args.question, args.context)
+    if isinstance(model, OrtQAModel):
+        _check_exported_precision(args.precision)
+        result = answer(model, tokenizer, args.question, args.context)
+    else:
+        precision = resolve_precision(args.precision, "cpu")
+        with autocast(precision, "cpu"):
+            result = answer(model, tokenizer, args.question, args.context)
     _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end})
     return 0
 
@@ -162,7 +178,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from pruning.packing import pack_checkpoint
 
     report = pack_checkpoint(args.checkpoint, args.out_dir, data=args.data, questions=args.questions,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, precision=args.precision)
     _emit(report)
     return 0
 
@@ -217,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-steps", type=int)
         p.add_argument("--output-dir")
         p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+        p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="overrides the config's precision")
         p.add_argument("--resume", help="training checkpoint directory to continue from")
         p.add_argument("--no-progress", action="store_true")
         p.set_defaults(func=func)
@@ -233,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc-stride", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (default fp32)")
     p.add_argument("--variant", choices=("fp32", "int8"), help=variant_help)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -241,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--question", required=True)
     p.add_argument("--context", required=True)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (default fp32)")
     p.add_argument("--variant", choices=("fp32", "int8"), help=variant_help)
     p.set_defaults(func=cmd_ask)
 
@@ -255,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="dev", help="questions for the logit check (default: shipped dev)")
     p.add_argument("--questions", type=int, default=16, help="how many dev questions to compare on")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto for the latency timing (default fp32)")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("export", help="export a packed (or dense) model to ONNX for ONNX Runtime")

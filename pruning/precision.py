@@ -1,0 +1,82 @@
+"""Numeric precision of matrix work: fp32, or bf16 autocast where the hardware has bf16 matrix units.
+
+``precision`` is one of ``fp32``, ``bf16`` and ``auto``. bf16 runs the matrix products (linears, attention) under
+``torch.autocast``; parameters, mask scores, their gradients, the losses and the optimizer state stay fp32. On a
+CPU, bf16 is used only where the processor has bf16 matrix instructions (AVX512-BF16 or AMX), detected at run
+time: elsewhere autocast would emulate bf16 and run slower than fp32. ``auto`` picks bf16 where it is supported
+and fp32 elsewhere; asking for ``bf16`` where it is not supported is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager
+
+import torch
+
+from .config import ConfigError
+
+__all__ = ["PRECISIONS", "PrecisionError", "cpu_supports_bf16", "bf16_supported", "resolve_precision", "autocast"]
+
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+class PrecisionError(ConfigError):
+    """The requested precision cannot run on this device; the message says why in one line."""
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX tiles), as torch's kernels see them."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check: Callable[[], bool] | None = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return True
+    return False
+
+
+def bf16_supported(device: torch.device | str, cpu_check: Callable[[], bool] | None = None) -> bool:
+    """Whether bf16 autocast is worth running on ``device``.
+
+    CUDA: the GPU supports bf16. CPU: ``cpu_check()``, by default :func:`cpu_supports_bf16`.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return (cpu_check or cpu_supports_bf16)()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str,
+                      cpu_check: Callable[[], bool] | None = None) -> str:
+    """``fp32`` or ``bf16``: what ``precision`` means on ``device``.
+
+    Args:
+        precision: ``fp32``, ``bf16`` or ``auto``.
+        device: where the model runs.
+        cpu_check: the CPU capability probe (default :func:`cpu_supports_bf16`).
+
+    Raises:
+        PrecisionError: ``bf16`` on a device without bf16 support, or an unknown value.
+    """
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"precision: unknown value {precision!r} (allowed: {', '.join(PRECISIONS)})")
+    if precision == "fp32":
+        return "fp32"
+    supported = bf16_supported(device, cpu_check)
+    if precision == "auto":
+        return "bf16" if supported else "fp32"
+    if not supported:
+        device = torch.device(device)
+        what = ("this CPU has no bf16 matrix instructions (avx512_bf16 or AMX)" if device.type == "cpu"
+                else f"device {device} does not support bf16")
+        raise PrecisionError(f"precision: bf16 asked for, but {what}; use fp32 or auto")
+    return "bf16"
+
+
+def autocast(precision: str, device: torch.device | str) -> ContextManager:
+    """The autocast region for a resolved precision (``fp32``: no autocast)."""
+    device = torch.device(device)
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -1,0 +1,90 @@
+"""bf16 autocast where the hardware has bf16 matrix units, fp32 elsewhere; never a silent emulation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForQuestionAnswering
+
+from pruning import masks, precision
+from pruning.checkpoint import load_model
+from pruning.config import ConfigError, RunConfig
+from pruning.precision import PrecisionError, autocast, cpu_supports_bf16, resolve_precision
+from pruning.trainer import train
+from workflows.cli import main as cli_main
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=128)
+needs_cpu_bf16 = pytest.mark.skipif(not cpu_supports_bf16(),
+                                    reason="this CPU has no bf16 matrix instructions (avx512_bf16 or AMX)")
+
+
+def test_auto_resolves_to_what_the_cpu_supports():
+    assert resolve_precision("auto", "cpu", cpu_check=lambda: True) == "bf16"
+    assert resolve_precision("auto", "cpu", cpu_check=lambda: False) == "fp32"
+    assert resolve_precision("auto", "cpu") in ("fp32", "bf16")
+    assert resolve_precision("fp32", "cpu", cpu_check=lambda: True) == "fp32"
+    assert resolve_precision("bf16", "cpu", cpu_check=lambda: True) == "bf16"
+
+
+def test_bf16_on_a_cpu_without_it_is_a_one_line_error():
+    with pytest.raises(PrecisionError) as err:
+        resolve_precision("bf16", "cpu", cpu_check=lambda: False)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("precision: bf16")
+    assert "fp32 or auto" in message
+    assert isinstance(err.value, ConfigError)  # the CLI turns it into exit status 2
+    with pytest.raises(PrecisionError, match="precision: unknown value 'fp16'"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_config_accepts_auto_and_rejects_other_values():
+    assert RunConfig(precision="auto").precision == "auto"
+    with pytest.raises(ConfigError, match="precision: unknown value 'fp16'"):
+        RunConfig(precision="fp16")
+
+
+def test_cli_refuses_bf16_on_a_cpu_without_it(monkeypatch, capsys):
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)  # a CPU without bf16 matrix instructions
+    code = cli_main(["ask", "minilm", "--question", "Who?", "--context", "Nobody.", "--precision", "bf16"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "precision: bf16 asked for, but this CPU has no bf16 matrix instructions" in err
+    assert len(err.splitlines()) == 1
+
+
+@needs_cpu_bf16
+@pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])
+def test_a_tiny_model_trains_and_evaluates_in_cpu_bf16_with_fp32_masks(tmp_path, method):
+    seen: list[dict] = []
+    cfg = RunConfig(model_config=TINY, train_data="dev", eval_data="dev", train_limit=16, eval_limit=6,
+                    max_seq_length=96, doc_stride=32, batch_size=8, max_steps=6, learning_rate=1e-3,
+                    output_dir=str(tmp_path / "run"), log_every=100, eval_batch_size=32, method=method,
+                    initial_warmup=1, final_warmup=1, device="cpu", precision="bf16", eval_every=3)
+    metrics = train(cfg, report=lambda m, _: seen.append(m), progress=False)
+    assert len(seen) == 2
+    assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in seen)
+    assert 0 <= metrics["f1"] <= 100
+    model = load_model(metrics["model_dir"])
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32, name
+    for _, module in masks.masked_modules(model):
+        assert module.block_mask().dtype == torch.float32
+
+
+@needs_cpu_bf16
+def test_masks_and_score_gradients_stay_fp32_under_cpu_autocast():
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=100, **TINY))
+    masks.apply_masks_(model, "sigmoid_threshold", (16, 16))
+    ids = torch.randint(0, 100, (2, 12))
+    with autocast("bf16", "cpu"):
+        out = model(input_ids=ids)
+        assert out.start_logits.dtype == torch.bfloat16  # the matrix work really ran in bf16
+        loss = out.start_logits.float().sum() + masks.regularization_loss(model, 1.0, 1.0)
+    loss.backward()
+    for _, module in masks.masked_modules(model):
+        assert module.mask_scores.dtype == torch.float32 and module.mask_scores.grad.dtype == torch.float32
+        assert module.block_mask().dtype == torch.float32
