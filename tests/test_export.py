@@ -201,6 +201,7 @@ def test_export_eval_and_ask_from_the_command_line(masked_checkpoint, tmp_path, 
     assert (fp32_metrics["exact_match"], fp32_metrics["f1"]) == (torch_metrics["exact_match"], torch_metrics["f1"])
     assert fp32_metrics["variant"] == "fp32" and int8_metrics["variant"] == "int8"
     assert fp32_metrics["questions"] == int8_metrics["questions"] == 6
+    assert "precision" in cli_error(capsys, "eval", str(out), "--precision", "bf16", *window)
 
     context = "Paris is the capital of France."
     answer = last_json(run_cli(capsys, "ask", str(out), "--question", "What is the capital of France?",
