@@ -6,8 +6,10 @@ O(weights) against O(tokens x weights) for the matrix products, so the target is
 
     python bench/train_overhead.py            # BERT-base shape (random weights) and the shipped MiniLM
     python bench/train_overhead.py --quick    # fewer repeats
+    python bench/train_overhead.py --precision   # fp32 versus bf16 autocast, dense and masked steps
 
-Last line: ``train_overhead masked/dense = X.XX`` for the BERT-base shape.
+Last line: ``train_overhead masked/dense = X.XX`` for the BERT-base shape; with ``--precision``,
+``train_overhead fp32/bf16 = X.XX`` for the masked BERT-base-shaped step.
 """
 
 from __future__ import annotations
@@ -24,21 +26,23 @@ from transformers import BertConfig, BertForQuestionAnswering
 from pruning import masks
 from pruning.checkpoint import load_model
 from pruning.distill import qa_ce_loss
+from pruning.precision import autocast, resolve_precision
 from pruning.resources import shipped_model_dir
 
 logger = logging.getLogger("train_overhead")
 
 
-def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], masked: bool):
+def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], masked: bool, precision: str = "fp32"):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     model.train()
 
     def step() -> float:
         started = time.perf_counter()
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss = qa_ce_loss(out.start_logits, out.end_logits, batch["start"], batch["end"])
-        if masked:
-            loss = loss + masks.regularization_loss(model, 1.0, 1.0)
+        with autocast(precision, "cpu"):
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = qa_ce_loss(out.start_logits.float(), out.end_logits.float(), batch["start"], batch["end"])
+            if masked:
+                loss = loss + masks.regularization_loss(model, 1.0, 1.0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -47,29 +51,58 @@ def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], masked: bo
     return step
 
 
-def measure(name: str, dense: torch.nn.Module, batch_size: int, seq_len: int, repeats: int, warmup: int,
-            method: str) -> float:
-    torch.manual_seed(0)
-    masked = copy.deepcopy(dense)
-    masks.apply_masks_(masked, method, (32, 32))
-    masks.set_threshold(masked, 0.5 if method == "topk" else 0.0)
-    vocab = dense.config.vocab_size
-    batch = {
+def random_batch(vocab: int, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    return {
         "input_ids": torch.randint(0, vocab, (batch_size, seq_len)),
         "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
         "start": torch.randint(0, seq_len, (batch_size,)),
         "end": torch.randint(0, seq_len, (batch_size,)),
     }
-    steps = {"dense": make_step(dense, batch, False), "masked": make_step(masked, batch, True)}
-    times: dict[str, list[float]] = {"dense": [], "masked": []}
+
+
+def masked_copy(dense: torch.nn.Module, method: str) -> torch.nn.Module:
+    masked = copy.deepcopy(dense)
+    masks.apply_masks_(masked, method, (32, 32))
+    masks.set_threshold(masked, 0.5 if method == "topk" else 0.0)
+    return masked
+
+
+def interleaved(steps: dict[str, object], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each step function, run in alternating order so that machine noise hits all alike."""
+    keys = list(steps)
+    times: dict[str, list[float]] = {key: [] for key in keys}
     for i in range(warmup + repeats):
-        for key in ("dense", "masked") if i % 2 == 0 else ("masked", "dense"):
+        for key in keys if i % 2 == 0 else keys[::-1]:
             elapsed = steps[key]()
             if i >= warmup:
                 times[key].append(elapsed)
-    d, m = statistics.median(times["dense"]), statistics.median(times["masked"])
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def measure(name: str, dense: torch.nn.Module, batch_size: int, seq_len: int, repeats: int, warmup: int,
+            method: str) -> float:
+    torch.manual_seed(0)
+    masked = masked_copy(dense, method)
+    batch = random_batch(dense.config.vocab_size, batch_size, seq_len)
+    medians = interleaved({"dense": make_step(dense, batch, False), "masked": make_step(masked, batch, True)},
+                          repeats, warmup)
+    d, m = medians["dense"], medians["masked"]
     print(f"{name:<28} {method:<18} dense {d * 1000:8.1f} ms   masked {m * 1000:8.1f} ms   ratio {m / d:5.3f}")
     return m / d
+
+
+def measure_precision(name: str, dense: torch.nn.Module, batch_size: int, seq_len: int, repeats: int,
+                      warmup: int, masked: bool) -> float:
+    """fp32 step time / bf16 step time for one model, both steps on identical copies and batches."""
+    torch.manual_seed(0)
+    model = masked_copy(dense, "sigmoid_threshold") if masked else dense
+    batch = random_batch(dense.config.vocab_size, batch_size, seq_len)
+    medians = interleaved({"fp32": make_step(model, batch, masked, "fp32"),
+                           "bf16": make_step(copy.deepcopy(model), batch, masked, "bf16")}, repeats, warmup)
+    f, b = medians["fp32"], medians["bf16"]
+    kind = "masked step" if masked else "dense step"
+    print(f"{name:<28} {kind:<18} fp32 {f * 1000:8.1f} ms   bf16 {b * 1000:8.1f} ms   fp32/bf16 {f / b:5.3f}")
+    return f / b
 
 
 def main() -> None:
@@ -80,6 +113,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--precision", action="store_true",
+                        help="compare fp32 and bf16 autocast steps instead of dense and masked ones")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.quick:
@@ -89,6 +124,16 @@ def main() -> None:
     print(f"batch {args.batch_size} x seq {args.seq_len}, {args.repeats} repeats, {torch.get_num_threads()} threads")
 
     minilm = load_model(shipped_model_dir())
+    if args.precision:
+        resolve_precision("bf16", "cpu")  # one clear line on a CPU without bf16 matrix instructions
+        torch.manual_seed(0)
+        base = BertForQuestionAnswering(BertConfig())
+        for name, model in (("MiniLM (shipped)", minilm), ("BERT-base shape (random)", base)):
+            for masked in (False, True):
+                ratio = measure_precision(name, model, args.batch_size, args.seq_len, args.repeats, args.warmup,
+                                          masked)
+        print(f"train_overhead fp32/bf16 = {ratio:.2f}")
+        return
     for method in ("sigmoid_threshold", "topk"):
         measure("MiniLM (shipped)", copy.deepcopy(minilm), args.batch_size, args.seq_len, args.repeats,
                 args.warmup, method)

@@ -65,11 +65,13 @@ def smoke_sweep(tmp_path_factory) -> dict:
     # experiment created by the sweep would put them under ./mlruns of the working directory.
     MlflowClient(tracking_uri=tracking_uri).create_experiment("smoke", artifact_location=(root / "artifacts").as_uri())
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # Started here (run_sweep reuses a running Ray and shuts it down at its end) to pin the CPU count.
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, runtime_env={"env_vars": env})
+    # Started here (run_sweep reuses a running Ray and shuts it down at its end) to pin the CPU count. A private
+    # instance: never a cluster Ray recorded as current (which may be dead, or someone else's) or RAY_ADDRESS.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": env})
     try:
         return run_sweep(space, experiment="smoke", tracking_uri=tracking_uri, storage_path=str(root / "ray"),
-                         report_dir=root / "report")
+                         report_dir=root / "report", address="local")
     finally:
         if ray.is_initialized():
             ray.shutdown()

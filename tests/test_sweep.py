@@ -28,7 +28,7 @@ def retried_sweep(tmp_path_factory):
     os.environ[FAULT_ENV] = str(faults)
     try:
         summary = run_sweep(space_path, tracking_uri=f"sqlite:///{tmp}/mlflow.db", storage_path=str(tmp / "ray"),
-                            report_dir=tmp / "report")
+                            report_dir=tmp / "report", address="local")
     finally:
         os.environ.pop(FAULT_ENV, None)
     return {"summary": summary, "tmp": tmp, "space": space_path, "faults": faults}
@@ -120,7 +120,8 @@ def test_resume_reruns_nothing_and_duplicates_no_runs(retried_sweep):
     lines_before = [len(p.read_text().splitlines()) for p in results]
     runs_before = {r.info.run_id for r in _runs(summary)}
     resumed = run_sweep(retried_sweep["space"], tracking_uri=summary["tracking_uri"],
-                        storage_path=str(tmp / "ray"), resume=True, report_dir=tmp / "report2")
+                        storage_path=str(tmp / "ray"), resume=True, report_dir=tmp / "report2", address="local")
+    assert resumed["status"] == "already finished"
     assert resumed["parent_run_id"] == summary["parent_run_id"]
     assert resumed["sweep_dir"] == summary["sweep_dir"]
     assert {r.info.run_id for r in _runs(resumed)} == runs_before

@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from workflows.retry import TrackingUnavailable
+from workflows.sweep import RayUnavailable, ResumeError
+
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("fineprune")
@@ -195,7 +198,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from workflows.sweep import run_sweep
 
     summary = run_sweep(args.space, experiment=args.experiment, tracking_uri=args.tracking_uri,
-                        address=args.address, resume=args.resume, storage_path=args.storage_path)
+                        address=args.address, resume=args.resume or False, storage_path=args.storage_path,
+                        tracking_timeout=args.tracking_timeout)
     _emit(summary)
     return 0
 
@@ -294,9 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", required=True, help="tune_spaces/*.yaml")
     p.add_argument("--experiment", help="MLflow experiment name (default: the space's)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default local)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to join (default RAY_ADDRESS; without it, a private local Ray)")
     p.add_argument("--storage-path", help="shared storage for trial checkpoints (default ./runs/ray)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_ID",
+                   help="continue the experiment's last sweep started (or the sweep with this MLflow parent run)")
+    p.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
+                   help="how long the tracking server may be away before the sweep stops (default 300)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("register", help="register the best trial's packed model")
@@ -321,9 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         return int(args.func(args) or 0)
+    except (UserError, RayUnavailable, ResumeError) as err:  # before _user_errors(), which imports torch
+        sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
+        return 2
     except _user_errors() as err:
         sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
         return 2
+    except TrackingUnavailable as err:  # the environment, not the input: exit 1, still one line
+        sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

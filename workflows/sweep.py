@@ -16,6 +16,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import socket
 import sys
 import tempfile
 import time
@@ -23,7 +25,8 @@ from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_sweep", "trial_main", "ensure_teacher", "FAULT_ENV"]
+__all__ = ["run_sweep", "trial_main", "ensure_teacher", "FAULT_ENV", "RayUnavailable", "ResumeError",
+           "RAY_CONNECT_TIMEOUT_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 # report, so that retries from the last checkpoint can be exercised end to end.
 FAULT_ENV = "FINEPRUNE_FAULT_ONCE_DIR"
 CHECKPOINT_KIND = "fineprune_checkpoint.json"
+RAY_CONNECT_TIMEOUT_S = 10.0  # how long an explicit Ray address may take to accept a connection
 
 
 def _space_summary(space) -> dict[str, Any]:
@@ -211,18 +215,71 @@ def _teacher_cpus(resources: dict[str, Any]) -> float:
     return max(float(resources.get("cpu", 1) or 1), min(max(fitting, default=1.0), available))
 
 
-def _init_ray(address: str | None, storage: Path) -> None:
+class RayUnavailable(Exception):
+    """The Ray address given (``--address`` or ``RAY_ADDRESS``) does not answer; one line naming it."""
+
+
+class ResumeError(Exception):
+    """``--resume`` names nothing to resume; one line."""
+
+
+def _cluster_address(address: str | None) -> str | None:
+    """The Ray cluster to join (``--address``, else ``RAY_ADDRESS``), or None for a private local Ray.
+
+    ``local`` also means a private Ray. Without either, the sweep never joins a cluster Ray recorded as the current
+    one (which may be dead, or someone else's).
+    """
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS")
+    return None if not address or address == "local" else address
+
+
+def _check_ray_answers(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Fail fast, naming ``address``, when nothing listens there (``ray.init`` would wait for it forever).
+
+    Raises:
+        RayUnavailable: no connection within ``timeout`` seconds.
+    """
+    target = address
+    if address == "auto":  # the cluster `ray start` recorded on this machine
+        # Lazy: Ray's own reading of its record; importing Ray is slow and an explicit address does not need it.
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            target = canonicalize_bootstrap_address_or_die("auto")
+        except (ConnectionError, ValueError) as err:
+            raise RayUnavailable(f"Ray address auto: {err}") from err
+    host, _, port = target.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port; ray.init says what is wrong with it
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(2.0, timeout)):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise RayUnavailable(f"Ray address {address}: nothing answers at {host}:{port} within "
+                                     f"{timeout:.0f} s ({err.strerror or err})") from err
+            time.sleep(1.0)
+
+
+def _init_ray(cluster: str | None) -> None:
+    """Join ``cluster``, or start a private local Ray (``address="local"``) when it is None."""
     import ray
 
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "logging_level": logging.WARNING,
                               "runtime_env": {"env_vars": _forwarded_env()}}
-    if address:
-        kwargs["address"] = address
+    if cluster:
+        kwargs["address"] = cluster
     else:
-        kwargs["include_dashboard"] = False
-    ray.init(**kwargs)
+        kwargs.update(address="local", include_dashboard=False)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as err:
+        raise RayUnavailable(f"Ray address {cluster}: {err}") from err
 
 
 def _forwarded_env() -> dict[str, str]:
@@ -242,36 +299,73 @@ def _forwarded_env() -> dict[str, str]:
 
 
 def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_uri: str | None = None,
-              address: str | None = None, resume: bool = False, storage_path: str | None = None,
-              report_dir: str | Path | None = None) -> dict[str, Any]:
+              address: str | None = None, resume: bool | str = False, storage_path: str | None = None,
+              report_dir: str | Path | None = None, tracking_timeout: float | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep and return its summary: frontier, champion, where things are.
+
+    A new sweep gets a Tune directory of its own (``<storage>/<experiment>-<time>-<id>``) and an MLflow parent run
+    recording it, both before Ray, the teacher or any trial starts; ``resume=True`` resumes the experiment's last sweep
+    started, ``resume=RUN_ID`` the sweep with that parent run. Resuming a complete sweep changes nothing and says so.
+
+    Args:
+        address: a Ray cluster to join (default ``RAY_ADDRESS``); without one, or with ``"local"``, a private local
+            Ray is started and shut down at the end.
+        tracking_timeout: how long the tracking server may be away (seconds) before the sweep stops; default
+            ``FINEPRUNE_TRACKING_TIMEOUT`` or 300.
 
     Raises:
         SpaceError: the space is invalid (raised before Ray starts).
+        RayUnavailable: the cluster address does not answer (nothing is written).
+        ResumeError: there is no such sweep to resume.
+        TrackingUnavailable: the tracking server stayed away longer than ``tracking_timeout``.
     """
+    from workflows.space import load_space
+
+    space = load_space(space_path)
+    cluster = _cluster_address(address)
+    if cluster:
+        _check_ray_answers(cluster)
+
     import ray
     from ray import tune
 
-    from workflows import frontier, registry, tracking
-    from workflows.space import load_space, param_space, scheduler, search_algorithm, trial_config
+    from workflows import registry, tracking
+    from workflows.retry import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV, TrackingUnavailable, quick_http_failures
+    from workflows.space import param_space, scheduler, search_algorithm, trial_config
 
-    space = load_space(space_path)
     experiment = experiment or space.name
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_TRACKING_URI
-    storage_root, storage = _storage_roots(storage_path)
-    run_name = experiment
-    sweep_dir = f"{storage_root}/{run_name}"
+    limit = float(tracking_timeout or os.environ.get(OUTAGE_LIMIT_ENV) or DEFAULT_OUTAGE_LIMIT_S)
     started = time.time()
+    client = tracking.client_for(tracking_uri)
+    tracking.check_reachable(client, limit)
 
-    _init_ray(address, storage)
+    if resume:
+        previous = _sweep_to_resume(client, experiment, None if resume is True else str(resume), tracking_uri)
+        experiment = client.get_experiment(previous.info.experiment_id).name
+        sweep_dir = previous.data.tags[tracking.TAG_SWEEP]
+        if tracking.sweep_state(previous) == "complete":
+            logger.info("the sweep %s of experiment %r (run %s) already finished; nothing to resume",
+                        sweep_dir, experiment, previous.info.run_id)
+            return {"experiment": experiment, "parent_run_id": previous.info.run_id, "tracking_uri": tracking_uri,
+                    "sweep_dir": sweep_dir, "status": "already finished"}
+        storage_root = sweep_dir.rsplit("/", 1)[0]
+        storage = _storage_roots(storage_path or storage_root)[1]
+        logger.info("resuming the sweep %s (MLflow run %s)", sweep_dir, previous.info.run_id)
+    else:
+        storage_root, storage = _storage_roots(storage_path)
+        # Every sweep has a directory of its own: a new sweep never restores (or writes into) an earlier one's.
+        sweep_dir = f"{storage_root}/{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+    # The sweep's identity, before anything else starts: what `--resume` finds even if the driver dies right away.
+    parent = tracking.start_parent_run(client, experiment, sweep_dir, _space_summary(space), bool(resume))
+    try:
+        _init_ray(cluster)
+    except RayUnavailable:
+        tracking.finish_parent_run(client, parent, status="FAILED", state="interrupted")
+        raise
     try:
         teacher_dir, dense_metrics = ensure_teacher(space, storage / "teachers")
-        client = tracking.client_for(tracking_uri)
-        if not resume and tune.Tuner.can_restore(sweep_dir):
-            # A new sweep under a name already used gets a fresh directory; nothing written before is touched.
-            run_name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-            sweep_dir = f"{storage_root}/{run_name}"
-        parent = tracking.start_parent_run(client, experiment, str(sweep_dir), _space_summary(space), resume)
         tracking.log_baseline(client, experiment, parent, dense_metrics, {"model": space.base.get("model", "")},
                               teacher_dir)
 
@@ -281,22 +375,23 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             cfg = trial_config(space, dict(trial_params), output_dir="<trial>", teacher=teacher_dir)
             return {**config_to_dict(cfg), **{f"searched.{k}": v for k, v in trial_params.items()}}
 
-        callback = tracking.MlflowTrialCallback(tracking_uri, experiment, parent, params_of)
+        callback = tracking.MlflowTrialCallback(tracking_uri, experiment, parent, params_of, outage_limit=limit)
         trainable = tune.with_parameters(trial_main, space=space, teacher=teacher_dir,
                                          cache_dir=str(storage / "cache"))
         trainable = tune.with_resources(trainable, _tune_resources(space.resources))
         run_config = tune.RunConfig(
-            name=run_name,
+            name=sweep_dir.rsplit("/", 1)[1],
             storage_path=storage_root,
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[callback],
             verbose=1,
         )
-        if resume and tune.Tuner.can_restore(str(sweep_dir)):
-            logger.info("resuming the sweep in %s", sweep_dir)
-            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
-        else:
+        if resume and tune.Tuner.can_restore(sweep_dir):
+            tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
+            # The restored Tuner carries the callbacks pickled when the sweep started; log through this driver's.
+            tuner._local_tuner.get_run_config().callbacks = [callback]
+        else:  # a new sweep, or one whose driver died before Tune first saved its state
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(space),
@@ -304,7 +399,12 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
                                             num_samples=space.num_samples),
                 run_config=run_config,
             )
-        tuner.fit()
+        with quick_http_failures():
+            tuner.fit()
+        if callback.failure is not None:
+            raise callback.failure
+        statuses = list(callback.trial_statuses.values())
+        complete = len(statuses) >= space.num_samples and all(s == "TERMINATED" for s in statuses)
 
         runs = tracking.trial_runs(client, experiment, parent, include_baseline=True)
         summary = frontier_summary(client, runs, space)
@@ -317,19 +417,40 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             from workflows.report import write_report
 
             out = Path(report_dir or Path("reports") / experiment)
-            summary["report"] = {k: str(v) for k, v in write_report(experiment, out_dir=out,
-                                                                    tracking_uri=tracking_uri).items()}
+            summary["report"] = {k: str(v) for k, v in write_report(experiment, out_dir=out, tracking_uri=tracking_uri,
+                                                                    sweep_run_id=parent).items()}
         except ImportError:
             pass
-        tracking.finish_parent_run(client, parent)
+        if complete:
+            tracking.finish_parent_run(client, parent)
+        else:
+            logger.warning("the sweep stopped before all %d trials ended; continue it with --resume %s",
+                           space.num_samples, parent)
+            tracking.finish_parent_run(client, parent, status="KILLED", state="interrupted")
+    except TrackingUnavailable as err:
+        raise TrackingUnavailable(f"{err}; the sweep stopped (start the server again, then "
+                                  f"`fineprune sweep --space {space_path} --resume {parent}`)") from err
     finally:
-        if not address:
+        if not cluster:
             ray.shutdown()
     summary.update({"experiment": experiment, "parent_run_id": parent, "tracking_uri": tracking_uri,
-                    "sweep_dir": str(sweep_dir), "wall_seconds": round(time.time() - started, 1),
+                    "sweep_dir": str(sweep_dir), "status": "finished" if complete else "interrupted",
+                    "wall_seconds": round(time.time() - started, 1),
                     "ui": f"mlflow ui --backend-store-uri {tracking_uri} -h 127.0.0.1"})
     _log_summary(summary)
     return summary
+
+
+def _sweep_to_resume(client, experiment: str, run_id: str | None, tracking_uri: str):
+    from workflows import tracking
+
+    try:
+        previous = tracking.find_sweep(client, experiment, run_id)
+    except ValueError as err:
+        raise ResumeError(str(err)) from err
+    if previous is None:
+        raise ResumeError(f"--resume: experiment {experiment!r} in {tracking_uri} has no sweep to resume")
+    return previous
 
 
 def _tune_resources(resources: dict[str, Any]) -> dict[str, float]:
@@ -429,4 +550,7 @@ if __name__ == "__main__":  # `ray submit cluster.yaml workflows/sweep.py -- --s
         os.chdir(Path(workflows.__file__).resolve().parent.parent)
     from workflows.cli import main
 
-    sys.exit(main(["sweep", *sys.argv[1:]]))
+    _args = sys.argv[1:]
+    if not os.environ.get("RAY_ADDRESS") and not any(a == "--address" or a.startswith("--address=") for a in _args):
+        _args += ["--address", "auto"]  # on a cluster's head: join the cluster `ray start` recorded there
+    sys.exit(main(["sweep", *_args]))

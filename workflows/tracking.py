@@ -4,6 +4,12 @@ Trials never talk to MLflow. Their metrics reach the driver through ``tune.repor
 attaches the packed model (the trial's final checkpoint) as an artifact, and ends each run with the trial: finished,
 stopped early by the scheduler, or failed. No run is left RUNNING. Runs are found again by tags, so a resumed sweep
 reuses its parent run and its trials' runs instead of duplicating them.
+
+The callback logs through a :class:`workflows.retry.LogQueue`, so a tracking server that goes away for a while
+neither stops the Tune loop nor loses a result. When a sweep is resumed after its driver died, the callback joins
+what MLflow holds with what Tune restored (:meth:`MlflowTrialCallback.on_experiment_end`): every trial Tune knows
+ends in one run with its last result, a run that a lost trial left behind is taken over by the trial that runs the
+same configuration again, and a run that nothing takes over is ended KILLED (``fineprune.status=orphaned``).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import logging
 import math
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,14 +27,21 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries,
+                             quick_http_failures)
+
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "TAG_KIND",
     "TAG_TRIAL",
     "TAG_SWEEP",
     "TAG_PARETO",
+    "TAG_SWEEP_STATE",
     "FINAL_METRICS",
     "client_for",
+    "check_reachable",
+    "find_sweep",
+    "sweep_state",
     "start_parent_run",
     "log_baseline",
     "MlflowTrialCallback",
@@ -45,6 +59,10 @@ TAG_STATUS = "fineprune.status"  # finished | stopped_early | failed
 TAG_PARETO = "pareto"
 TAG_PARETO_SPEED = "pareto_speedup"
 TAG_NODE = "fineprune.node_id"
+TAG_PID = "fineprune.pid"  # the trial's worker process (the last one, after retries)
+TAG_RETRIES = "fineprune.retries"  # how often the trial's worker died and the trial went on from its checkpoint
+TAG_TOOK_OVER = "fineprune.took_over_trial_id"  # the lost trial whose run this trial continued
+TAG_SWEEP_STATE = "fineprune.sweep_state"  # running | interrupted | complete
 PARENT = "mlflow.parentRunId"
 FINAL_METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup")
 
@@ -79,6 +97,50 @@ def _find_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> 
     return client.search_runs([experiment_id], filter_string=filter_string, max_results=1000)
 
 
+def check_reachable(client: MlflowClient, limit: float = DEFAULT_OUTAGE_LIMIT_S) -> None:
+    """Wait (with backoff, at most ``limit`` seconds) until the tracking store answers.
+
+    Raises:
+        TrackingUnavailable: it did not answer in time; the message names the URI.
+    """
+    with quick_http_failures():
+        call_with_retries(lambda: client.search_experiments(max_results=1), client.tracking_uri, limit,
+                          what="reaching the tracking server")
+
+
+def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None):
+    """The sweep to resume: the parent run ``run_id``, or else the last sweep started in ``experiment``.
+
+    Returns:
+        The parent run, or None when ``experiment`` has no sweep.
+
+    Raises:
+        ValueError: ``run_id`` is not a sweep's parent run.
+    """
+    if run_id is not None:
+        try:
+            run = client.get_run(run_id)
+        except mlflow.exceptions.MlflowException as err:
+            raise ValueError(f"--resume {run_id}: no such run in {client.tracking_uri}") from err
+        if run.data.tags.get(TAG_KIND) != "sweep" or not run.data.tags.get(TAG_SWEEP):
+            raise ValueError(f"--resume {run_id}: run {run_id} is not a sweep (tag {TAG_KIND}=sweep)")
+        return run
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'sweep'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def sweep_state(run) -> str:
+    """``running`` (or its driver died), ``interrupted`` or ``complete``: whether ``--resume`` has work to do."""
+    state = run.data.tags.get(TAG_SWEEP_STATE)
+    if state:
+        return state
+    return "complete" if run.info.status == "FINISHED" else "interrupted"  # a sweep from before the tag existed
+
+
 def start_parent_run(client: MlflowClient, experiment: str, sweep_key: str, params: dict[str, Any],
                      resume: bool) -> str:
     """The sweep's parent run: created, or (on resume) the existing one for the same sweep reopened."""
@@ -89,15 +151,17 @@ def start_parent_run(client: MlflowClient, experiment: str, sweep_key: str, para
         if existing:
             run_id = existing[0].info.run_id
             client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, TAG_SWEEP_STATE, "running")
             logger.info("resuming MLflow parent run %s", run_id)
             return run_id
-    run = client.create_run(experiment_id, tags={TAG_KIND: "sweep", TAG_SWEEP: sweep_key,
+    run = client.create_run(experiment_id, tags={TAG_KIND: "sweep", TAG_SWEEP: sweep_key, TAG_SWEEP_STATE: "running",
                                                  "mlflow.runName": f"sweep-{Path(sweep_key).name}"})
     _log_params(client, run.info.run_id, params)
     return run.info.run_id
 
 
-def finish_parent_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+def finish_parent_run(client: MlflowClient, run_id: str, status: str = "FINISHED", state: str = "complete") -> None:
+    client.set_tag(run_id, TAG_SWEEP_STATE, state)
     client.set_terminated(run_id, status=status)
 
 
@@ -151,23 +215,70 @@ def log_baseline(client: MlflowClient, experiment: str, parent_run_id: str, metr
     return run_id
 
 
+@dataclass(frozen=True)
+class TrialSnapshot:
+    """What the callback needs of a Tune trial, copied in the Tune loop for the logging thread."""
+
+    trial_id: str
+    config: dict[str, Any]
+    status: str  # Tune's: PENDING, RUNNING, PAUSED, TERMINATED, ERROR
+    last_result: dict[str, Any]
+    checkpoint: Any  # ray.tune.Checkpoint or None
+    error_file: str | None
+    num_failures: int
+
+    @classmethod
+    def of(cls, trial) -> "TrialSnapshot":
+        return cls(trial.trial_id, dict(trial.config), trial.status, dict(trial.last_result or {}), trial.checkpoint,
+                   getattr(trial, "error_file", None), int(getattr(trial, "num_failures", 0) or 0))
+
+
+def _config_key(params: dict[str, str]) -> tuple:
+    """A trial's searched values as logged (``searched.*`` params): equal keys, equal configuration."""
+    return tuple(sorted((k, v) for k, v in params.items() if k.startswith("searched.")))
+
+
 class MlflowTrialCallback(tune.Callback):
     """Logs every trial as a nested MLflow run of the sweep's parent run.
+
+    MLflow calls run on a :class:`~workflows.retry.LogQueue` (in order, retried while the server is away); once an
+    outage outlasts ``outage_limit``, the next Tune step raises the queue's :class:`TrackingUnavailable`.
 
     Args:
         tracking_uri: MLflow tracking URI.
         experiment: experiment name.
         parent_run_id: the sweep's run.
         params_of: maps a trial's config to the parameters to log (the full RunConfig of the trial).
+        outage_limit: how long (seconds) the tracking server may be away before the sweep stops.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, params_of) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, params_of,
+                 outage_limit: float = DEFAULT_OUTAGE_LIMIT_S) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
         self.params_of = params_of
-        self._runs: dict[str, str] = {}
+        self.outage_limit = outage_limit
+        self._reset()
+
+    def _reset(self) -> None:
+        self._runs: dict[str, str] = {}  # trial id -> run id; touched by the logging thread only
+        self._described: set[str] = set()  # trials whose run has its params (logging thread only)
+        self._orphans: dict[str, tuple] = {}  # run id -> config key of runs no trial of this Tune run owns
         self._client: MlflowClient | None = None
+        self._queue: LogQueue | None = None
+        self._known: set[str] | None = None
+        self._seen: dict[str, str] = {}  # trial id -> status at the end of the last Tune step
+        self.trial_statuses: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the Tuner: the settings travel, the thread and the client do not.
+        return {k: self.__dict__[k] for k in ("tracking_uri", "experiment", "parent_run_id", "params_of",
+                                              "outage_limit")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
 
     @property
     def client(self) -> MlflowClient:
@@ -175,46 +286,146 @@ class MlflowTrialCallback(tune.Callback):
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
-    def _run_for(self, trial) -> str:
-        trial_id = trial.trial_id
-        if trial_id in self._runs:
-            return self._runs[trial_id]
-        experiment_id = _experiment_id(self.client, self.experiment)
-        existing = _find_runs(self.client, experiment_id, f"tags.`{PARENT}` = '{self.parent_run_id}' and "
-                                                          f"tags.`{TAG_TRIAL}` = '{trial_id}'")
-        if existing:
-            run_id = existing[0].info.run_id
-            if existing[0].info.status != "RUNNING":
-                self.client.update_run(run_id, status="RUNNING")
-        else:
-            run = self.client.create_run(experiment_id, tags={
-                PARENT: self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL: trial_id,
-                "mlflow.runName": f"trial-{trial_id}"})
-            run_id = run.info.run_id
-            try:
-                _log_params(self.client, run_id, self.params_of(trial.config))
-            except Exception as err:  # a trial config that cannot be rendered must not stop the sweep
-                logger.warning("could not log params of trial %s: %s", trial_id, err)
-        self._runs[trial_id] = run_id
-        return run_id
+    @property
+    def failure(self) -> TrackingUnavailable | None:
+        """Set once the tracking server stayed away longer than ``outage_limit``."""
+        return self._queue.failure if self._queue is not None else None
+
+    def _submit(self, fn, what: str) -> None:
+        if self._queue is None:
+            self._queue = LogQueue(self.tracking_uri, self.outage_limit)
+        self._queue.submit(fn, what)
+
+    # ---- Tune hooks (the Tune loop: copy what is needed, queue the MLflow work) --------------------------------
+
+    def _start(self, trials) -> None:
+        if self._known is None:  # the trials Tune restored (none in a new sweep): every other run is an orphan
+            self._known = {t.trial_id for t in trials}
+            known = set(self._known)
+            self._submit(lambda: self._load_orphans(known), "reading the sweep's runs")
+
+    def on_step_begin(self, iteration, trials, **info):
+        self._start(trials)
+        if self.failure is not None:
+            raise self.failure
+
+    def on_step_end(self, iteration, trials, **info):
+        self._seen = {t.trial_id: t.status for t in trials}
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_for(trial)
+        self._start(trials)
+        trial_id, config = trial.trial_id, dict(trial.config)
+        self._submit(lambda: self._run_for(trial_id, config, reopen=True), f"starting the run of trial {trial_id}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run_for(trial)
+        trial_id, config, result = trial.trial_id, dict(trial.config), dict(result)
+        self._submit(lambda: self._log_result(trial_id, config, result), f"logging a result of trial {trial_id}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        trial_id, config, failures = trial.trial_id, dict(trial.config), int(trial.num_failures)
+        logger.warning("trial %s lost its worker (failure %d); it goes on from its last checkpoint", trial_id, failures)
+        self._submit(lambda: self.client.set_tag(self._run_for(trial_id, config), TAG_RETRIES, str(failures)),
+                     f"tagging the retry of trial {trial_id}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        snapshot = replace(TrialSnapshot.of(trial), status="TERMINATED")
+        self._submit(lambda: self._finish(snapshot), f"ending the run of trial {trial.trial_id}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        snapshot = replace(TrialSnapshot.of(trial), status="ERROR")
+        self._submit(lambda: self._finish(snapshot), f"ending the run of trial {trial.trial_id}")
+
+    def on_experiment_end(self, trials, **info):
+        self._start(trials)
+        # Tune stops the trials an interruption left running (and calls them TERMINATED) before this hook, after
+        # saving its state; what they were at the end of the last step is what a resume will find.
+        snapshots = [replace(s, status=self._seen.get(s.trial_id, s.status)) for s in map(TrialSnapshot.of, trials)]
+        self.trial_statuses = {s.trial_id: s.status for s in snapshots}
+        if self.failure is not None:
+            return
+        self._submit(lambda: self._reconcile(snapshots), "reconciling the sweep's runs with Tune's trials")
+        logger.info("waiting for MLflow to take every result")
+        self._queue.drain()
+        self._queue.close()
+
+    # ---- MLflow work (the logging thread) ---------------------------------------------------------------------
+
+    def _load_orphans(self, known: set[str]) -> None:
+        experiment_id = _experiment_id(self.client, self.experiment)
+        runs = _find_runs(self.client, experiment_id, f"tags.`{PARENT}` = '{self.parent_run_id}' and "
+                                                      f"tags.`{TAG_KIND}` = 'trial'")
+        self._orphans = {r.info.run_id: _config_key(r.data.params) for r in runs
+                         if r.data.tags.get(TAG_TRIAL) not in known}
+        if self._orphans:
+            logger.info("%d run(s) of this sweep belong to trials its Tune state does not know (its driver died); "
+                        "a trial with the same configuration continues each", len(self._orphans))
+
+    def _run_for(self, trial_id: str, config: dict[str, Any], reopen: bool = False) -> str:
+        """The trial's run: its own, one a lost trial with the same configuration left, or a new one."""
+        run_id = self._runs.get(trial_id)
+        if run_id is None:
+            experiment_id = _experiment_id(self.client, self.experiment)
+            existing = _find_runs(self.client, experiment_id, f"tags.`{PARENT}` = '{self.parent_run_id}' and "
+                                                              f"tags.`{TAG_TRIAL}` = '{trial_id}'")
+            if existing:
+                run_id = existing[0].info.run_id
+            else:
+                run_id = self._take_over(trial_id, config) or self.client.create_run(experiment_id, tags={
+                    PARENT: self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL: trial_id,
+                    "mlflow.runName": f"trial-{trial_id}"}).info.run_id
+            self._runs[trial_id] = run_id
+        if trial_id not in self._described:
+            try:
+                params = self.params_of(config)
+            except Exception as err:  # a trial config that cannot be rendered must not stop the sweep
+                logger.warning("could not log params of trial %s: %s", trial_id, err)
+            else:
+                _log_params(self.client, run_id, params)
+            self._described.add(trial_id)
+        if reopen and self.client.get_run(run_id).info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def _take_over(self, trial_id: str, config: dict[str, Any]) -> str | None:
+        key = _config_key(_flat({f"searched.{k}": v for k, v in config.items()}))
+        run_id = next((r for r, k in self._orphans.items() if k and k == key), None)
+        if run_id is None:
+            return None
+        lost = self.client.get_run(run_id).data.tags.get(TAG_TRIAL, "")
+        self.client.set_tag(run_id, TAG_TOOK_OVER, lost)
+        self.client.set_tag(run_id, TAG_TRIAL, trial_id)
+        self.client.set_tag(run_id, "mlflow.runName", f"trial-{trial_id}")
+        del self._orphans[run_id]
+        logger.info("trial %s runs the configuration of lost trial %s again, in its MLflow run %s", trial_id, lost,
+                    run_id)
+        return run_id
+
+    def _log_result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
+        run_id = self._run_for(trial_id, config)
         values = _numeric(result)
         step = int(values.get("step", result.get("training_iteration", 0)))
         keep = {k: v for k, v in values.items() if not k.startswith(("time_", "timestamp", "pid", "iterations_"))
                 and k not in ("training_iteration", "done")}
         self.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, int(result.get("timestamp", 0)) * 1000,
                                                                       step) for k, v in keep.items()])
-        if result.get("node_id"):
-            self.client.set_tag(run_id, TAG_NODE, str(result["node_id"]))
+        tags = {TAG_NODE: result.get("node_id"), TAG_PID: result.get("pid")}
+        for key, value in tags.items():
+            if value:
+                self.client.set_tag(run_id, key, str(value))
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
-        result = trial.last_result or {}
+    def _finish(self, trial: TrialSnapshot, log_result: bool = False) -> None:
+        """End the trial's run as Tune ended the trial (TERMINATED: finished or stopped early; ERROR: failed)."""
+        run_id = self._run_for(trial.trial_id, trial.config)
+        result = trial.last_result
+        if log_result and result:
+            self._log_result(trial.trial_id, trial.config, result)
+        if trial.status == "ERROR":
+            self.client.set_tag(run_id, TAG_STATUS, "failed")
+            if trial.error_file:
+                self.client.set_tag(run_id, "fineprune.error_file", str(trial.error_file))
+            self.client.set_terminated(run_id, "FAILED")
+            logger.warning("trial %s failed", trial.trial_id)
+            return
         final = bool(result.get("final"))
         status = "finished" if final else "stopped_early"
         self.client.set_tag(run_id, TAG_STATUS, status)
@@ -223,25 +434,39 @@ class MlflowTrialCallback(tune.Callback):
                 with trial.checkpoint.as_directory() as path:
                     self.client.log_artifacts(run_id, path, artifact_path="packed_model")
                 self.client.set_tag(run_id, "fineprune.packed_artifact", "packed_model")
-            except Exception as err:
+            except (OSError, FileNotFoundError) as err:
                 logger.warning("could not log the packed model of trial %s: %s", trial.trial_id, err)
         self.client.set_terminated(run_id, "FINISHED")
         logger.info("trial %s %s: %s", trial.trial_id, status, _summary(result))
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
-        self.client.set_tag(run_id, TAG_STATUS, "failed")
-        error = getattr(trial, "error_file", None)
-        if error:
-            self.client.set_tag(run_id, "fineprune.error_file", str(error))
-        self.client.set_terminated(run_id, "FAILED")
-        logger.warning("trial %s failed", trial.trial_id)
+    def _reconcile(self, trials: list[TrialSnapshot]) -> None:
+        """Make MLflow say what Tune says: each trial's run ended as the trial ended, nothing left RUNNING.
 
-    def on_experiment_end(self, trials, **info):
-        # Anything the scheduler or an interruption left open is closed, never left RUNNING.
+        Results a dead driver or an absent tracking server did not log are logged here from Tune's restored trials.
+        """
         for trial in trials:
-            run_id = self._runs.get(trial.trial_id)
-            if run_id and self.client.get_run(run_id).info.status == "RUNNING":
+            run_id = self._run_for(trial.trial_id, trial.config)
+            run = self.client.get_run(run_id)
+            tags = run.data.tags
+            if trial.status == "TERMINATED":
+                final = bool(trial.last_result.get("final"))
+                logged = (run.info.status == "FINISHED" and tags.get(TAG_STATUS) in ("finished", "stopped_early")
+                          and (not final or tags.get("fineprune.packed_artifact")))
+                if not logged:
+                    logger.info("logging trial %s, which ended while its result could not be logged", trial.trial_id)
+                    self._finish(trial, log_result=True)
+            elif trial.status == "ERROR":
+                if run.info.status != "FAILED":
+                    self._finish(trial, log_result=True)
+            elif run.info.status == "RUNNING":  # the sweep was interrupted; a resume continues this run
+                self.client.set_tag(run_id, TAG_STATUS, "interrupted")
+                self.client.set_terminated(run_id, "KILLED")
+        for run_id in list(self._orphans):
+            run = self.client.get_run(run_id)
+            if run.info.status == "RUNNING":
+                logger.warning("run %s of lost trial %s: no trial ran its configuration again; ended as KILLED",
+                               run_id, run.data.tags.get(TAG_TRIAL))
+                self.client.set_tag(run_id, TAG_STATUS, "orphaned")
                 self.client.set_terminated(run_id, "KILLED")
 
 

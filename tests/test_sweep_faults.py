@@ -1,0 +1,439 @@
+"""Sweeps survive hard faults: real processes, real signals, a real ``mlflow server`` stopped and started again.
+
+One experiment, two sweeps of the smoke space, driven through the ``fineprune sweep`` command:
+
+1. Sweep A (4 trials, one retry each): the worker process of a running trial gets SIGKILL, and right after, the
+   tracking server goes away for 20 s. The trial goes on from its checkpoint, the other trials keep running, and
+   every result is in MLflow at the end.
+2. Sweep B, same experiment (6 trials): the driver gets SIGKILL once 3 trials are FINISHED in MLflow. ``--resume``
+   resumes B, not the finished A; while it runs, the tracking server goes away for good, and the sweep fails with one
+   line naming the server. Once the server is back, ``--resume`` finishes B and logs what was missed; ``--resume``
+   again says B already finished.
+
+Every sweep runs with a stale record of a dead local Ray (what a Ray killed without ``ray stop`` leaves): a sweep
+without ``--address`` must start a private Ray and never try to join it. Every process the test starts is stopped
+by process id (and whatever is left of the sweeps' Ray by the test's own directory), never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+EXPERIMENT = "faults"
+OUTAGE_S = 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_mentioning(root: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(root) in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _kill(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _wait_until(condition, timeout: float, what: str, poll: float = 0.5, alive: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"the process ended (status {alive.returncode}) while waiting for {what}")
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a SQLite store: stopped and started again on the same port and store."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root, self.env, self.port = root, env, _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.root / "mlflow-server.log", "ab")  # noqa: SIM115 - the server writes it while it runs
+        self.process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts", "-h", "127.0.0.1",
+             "-p", str(self.port)],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        log.close()
+
+        def healthy() -> bool:
+            assert self.process.poll() is None, f"the MLflow server exited:\n{self._log_tail()}"
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=5) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        _wait_until(healthy, 180, "the MLflow server to answer")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+
+    def _log_tail(self) -> str:
+        return (self.root / "mlflow-server.log").read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture
+def world():
+    """A short directory (Ray's socket paths) with the store, the storage, a stale Ray record and the server."""
+    root = Path(tempfile.mkdtemp(prefix="fpf-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    ray_tmp = root / "rt"
+    (ray_tmp / "ray").mkdir(parents=True)
+    # A local Ray killed without `ray stop` leaves its address here; nothing answers there any more.
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    space = yaml.safe_load((REPO / "tune_spaces" / "smoke.yaml").read_text())
+    space.update(max_failures=1, scheduler=None)  # every trial runs to its end; one retry after a lost worker
+    spaces = {}
+    # A's trials report every 3 of 12 steps, so that one killed after its first report has most of its work ahead.
+    for name, values in (("a", {"num_samples": 4, "base": {**space["base"], "max_steps": 12}}),
+                         ("b", {"num_samples": 6})):
+        spaces[name] = root / f"smoke_{name}.yaml"
+        spaces[name].write_text(yaml.safe_dump({**space, **values}))
+    server = MlflowServer(root, env)
+    drivers: list[subprocess.Popen] = []
+    try:
+        server.start()
+        yield {"root": root, "env": env, "server": server, "spaces": spaces, "drivers": drivers}
+    finally:
+        for driver in drivers:
+            if driver.poll() is None:
+                _kill([driver.pid], signal.SIGKILL)
+                driver.wait(timeout=30)
+        server.stop()
+        _kill(_processes_mentioning(root), signal.SIGKILL)  # what is left of the sweeps' private Ray
+        _wait_until(lambda: not _processes_mentioning(root), 30, "the test's processes to end")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _sweep(world: dict, space: str, *args: str) -> subprocess.Popen:
+    root = world["root"]
+    name = f"driver-{len(world['drivers'])}"
+    command = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(world["spaces"][space]),
+               "--experiment", EXPERIMENT, "--tracking-uri", world["server"].uri, "--storage-path", str(root / "ray"),
+               *args]
+    with open(root / f"{name}.out", "wb") as out, open(root / f"{name}.err", "wb") as err:
+        driver = subprocess.Popen(command, cwd=root, env=world["env"], stdout=out, stderr=err, start_new_session=True)
+    driver.name = name
+    world["drivers"].append(driver)
+    return driver
+
+
+def _finish(world: dict, driver: subprocess.Popen, timeout: float = 420) -> tuple[int, dict | None, list[str]]:
+    """Wait for a driver; its exit status, its JSON summary (the last stdout line) and its stderr lines."""
+    driver.wait(timeout=timeout)
+    out = (world["root"] / f"{driver.name}.out").read_text().strip().splitlines()
+    err = (world["root"] / f"{driver.name}.err").read_text(errors="replace").strip().splitlines()
+    summary = json.loads(out[-1]) if out and out[-1].startswith("{") else None
+    return driver.returncode, summary, err
+
+
+def _client(world: dict):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=world["server"].uri)
+
+
+def _runs(world: dict, **tags: str) -> list:
+    client = _client(world)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()) or None
+    return client.search_runs([experiment.experiment_id], filter_string=query or "", max_results=1000)
+
+
+def _trials(world: dict, parent: str) -> list:
+    return _runs(world, **{"mlflow.parentRunId": parent, "fineprune.kind": "trial"})
+
+
+def _sweeps(world: dict) -> list:
+    return sorted(_runs(world, **{"fineprune.kind": "sweep"}), key=lambda r: r.info.start_time)
+
+
+def _configuration(run) -> tuple:
+    return tuple(sorted((k, v) for k, v in run.data.params.items() if k.startswith("searched.")))
+
+
+def _assert_sweep_is_whole(world: dict, parent: str, samples: int, summary: dict) -> None:
+    """Every trial FINISHED once, no configuration twice, the frontier tags consistent, each model registered once."""
+    client = _client(world)
+    trials = _trials(world, parent)
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    assert len(finished) == samples, [(r.info.run_id, r.info.status, r.data.tags.get("fineprune.status"))
+                                      for r in trials]
+    assert all(r.data.tags.get("fineprune.status") == "finished" for r in finished)
+    configurations = [_configuration(r) for r in trials]
+    assert all(configurations) and len(set(configurations)) == len(configurations), "a configuration logged twice"
+    assert len({r.data.tags["fineprune.trial_id"] for r in trials}) == len(trials)
+    for run in finished:
+        for key in ("exact_match", "f1", "linear_density", "speedup"):
+            assert key in run.data.metrics, (run.info.run_id, key)
+        assert run.data.tags.get("fineprune.packed_artifact") == "packed_model"
+    assert summary["trials"] == samples
+
+    baseline = _runs(world, **{"mlflow.parentRunId": parent, "fineprune.kind": "baseline"})
+    points = [(r.info.run_id, r.data.metrics["f1"], r.data.metrics["linear_density"]) for r in [*finished, *baseline]]
+
+    def dominated(p):
+        return any(q[1] >= p[1] and q[2] <= p[2] and (q[1], q[2]) != (p[1], p[2]) for q in points)
+
+    tagged = {r.info.run_id for r in [*finished, *baseline] if r.data.tags.get("pareto") == "true"}
+    assert tagged == {p[0] for p in points if not dominated(p)}
+    assert {row["run_id"] for row in summary["frontier"]} == tagged
+
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FINISHED" and parent_run.data.tags["fineprune.sweep_state"] == "complete"
+    champion = summary["champion"]
+    assert champion["registered"] and champion["run_id"] in {r.info.run_id for r in finished}
+    versions = client.search_model_versions(f"name = '{champion['name']}'")
+    registered = [v.tags.get("fineprune.trial_run_id") for v in versions]
+    assert len(registered) == len(set(registered)), "a trial's model registered twice"
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweeps' processes in /proc")
+def test_sweeps_survive_killed_trials_killed_drivers_and_tracking_outages(world):
+    client = _client(world)
+    server: MlflowServer = world["server"]
+
+    # ---- Sweep A: a trial's worker gets SIGKILL, then the tracking server goes away for 20 s ----------------------
+    driver = _sweep(world, "a")
+    _wait_until(lambda: _sweeps(world), 300, "sweep A's parent run", alive=driver)
+    parent_a = _sweeps(world)[0].info.run_id
+
+    def first_report():  # a trial that reported once (step 3 of 12, with a checkpoint) and is still running
+        for run in _trials(world, parent_a):
+            tags, metrics = run.data.tags, run.data.metrics
+            if run.info.status == "RUNNING" and metrics.get("step") == 3 and tags.get("fineprune.pid"):
+                return run
+        return None
+
+    victim = _wait_until(first_report, 300, "a trial's first report", poll=0.2, alive=driver)
+    victim_pid = int(victim.data.tags["fineprune.pid"])
+    os.kill(victim_pid, signal.SIGKILL)
+    killed_at = time.time()
+    server.stop()
+    time.sleep(OUTAGE_S)
+    back_at = time.time()
+    server.start()
+    status, summary_a, err = _finish(world, driver)
+    assert status == 0, "\n".join(err[-40:])
+
+    _assert_sweep_is_whole(world, parent_a, 4, summary_a)
+    retried = client.get_run(victim.info.run_id)
+    assert retried.data.tags.get("fineprune.retries") == "1"  # the killed worker's trial went on once ...
+    assert int(retried.data.tags["fineprune.pid"]) != victim_pid  # ... in a new worker, whose results are the last
+    history = client.get_metric_history(victim.info.run_id, "step")
+    assert max(m.step for m in history) == 12 and max(m.timestamp for m in history) / 1000 >= killed_at - 1
+    # The trials kept running while the server was away: results from the outage reached MLflow afterwards.
+    during = [m for r in _trials(world, parent_a) for m in client.get_metric_history(r.info.run_id, "step")
+              if killed_at <= m.timestamp / 1000 <= back_at - 1]
+    assert during, "no trial reported while the tracking server was away"
+    a_before = {r.info.run_id: (r.info.status, r.info.end_time) for r in _runs(world)}
+
+    # ---- Sweep B, same experiment: the driver gets SIGKILL once 3 trials are FINISHED in MLflow -------------------
+    driver = _sweep(world, "b")
+    _wait_until(lambda: len(_sweeps(world)) == 2, 300, "sweep B's parent run", alive=driver)
+    parent_b = _sweeps(world)[1].info.run_id
+    _wait_until(lambda: sum(r.info.status == "FINISHED" for r in _trials(world, parent_b)) >= 3, 400,
+                "3 finished trials of sweep B", poll=0.3, alive=driver)
+    try:  # best when a trial has just started: Tune's saved state may not know it yet (its run is then taken over)
+        _wait_until(lambda: any(r.info.status == "RUNNING" and not r.data.metrics for r in _trials(world, parent_b)),
+                    20, "a trial of sweep B that just started", poll=0.2, alive=driver)
+    except AssertionError:
+        pass
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=60)
+    crashed_at = time.time()
+    assert client.get_run(parent_b).info.status == "RUNNING"  # nothing could close it
+
+    # `--resume` resumes B; the tracking server then goes away for good and the sweep fails, naming it.
+    driver = _sweep(world, "b", "--resume", "--tracking-timeout", "10")
+
+    def resumed_reports():
+        return any(m.timestamp / 1000 >= crashed_at for r in _trials(world, parent_b)
+                   for m in client.get_metric_history(r.info.run_id, "step"))
+
+    _wait_until(resumed_reports, 300, "a result of the resumed sweep B", alive=driver)
+    server.stop()
+    status, _, err = _finish(world, driver)
+    assert status == 1, "\n".join(err[-40:])
+    assert err[-1].startswith("fineprune sweep: error:") and server.uri in err[-1] and parent_b in err[-1], err[-1]
+
+    # The server is back: `--resume` finishes B, logging what the failed driver could not.
+    server.start()
+    status, summary_b, err = _finish(world, _sweep(world, "b", "--resume"))
+    assert status == 0, "\n".join(err[-40:])
+    assert summary_b["parent_run_id"] == parent_b and summary_b["status"] == "finished"
+    _assert_sweep_is_whole(world, parent_b, 6, summary_b)
+    assert Path(summary_b["sweep_dir"]) != Path(summary_a["sweep_dir"])
+    assert Path(summary_b["sweep_dir"]).parent == Path(summary_a["sweep_dir"]).parent == world["root"] / "ray"
+
+    # Sweep A was left as it was: same runs, same states, same end times.
+    assert {r.info.run_id: (r.info.status, r.info.end_time) for r in _runs(world)
+            if r.info.run_id in a_before} == a_before
+    assert not [r.info.run_id for r in _runs(world) if r.info.status == "RUNNING"]
+    champion = client.get_model_version_by_alias(summary_b["champion"]["name"], "champion")
+    assert champion.run_id in {r.info.run_id for r in _trials(world, parent_b)}
+
+    # `--resume` of a finished sweep says so in one line, and changes nothing.
+    runs_before = {r.info.run_id: r.info.end_time for r in _runs(world)}
+    status, summary, err = _finish(world, _sweep(world, "b", "--resume"))
+    assert status == 0 and summary["status"] == "already finished" and summary["parent_run_id"] == parent_b
+    assert [line for line in err if "already finished" in line and parent_b in line]
+    assert {r.info.run_id: r.info.end_time for r in _runs(world)} == runs_before
+
+
+def test_a_ray_address_that_does_not_answer_fails_fast_and_writes_nothing(tmp_path):
+    """``--address`` (or ``RAY_ADDRESS``) where nothing listens: exit 2, one line naming it, no MLflow store."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    base = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage-path", str(tmp_path / "ray")]
+    for extra, extra_env in (([f"--address=127.0.0.1:{port}"], {}), ([], {"RAY_ADDRESS": f"127.0.0.1:{port}"})):
+        done = subprocess.run([*base, *extra], cwd=tmp_path, env={**env, **extra_env}, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2, done.stderr[-3000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("fineprune sweep: error:") and f"127.0.0.1:{port}" in last, last
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
+
+
+def test_cluster_address_defaults_to_a_private_ray(monkeypatch):
+    from workflows.sweep import _cluster_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _cluster_address(None) is None and _cluster_address("local") is None
+    assert _cluster_address("10.0.0.1:6379") == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")  # as under `ray job submit`
+    assert _cluster_address(None) == "10.0.0.2:6379"
+    assert _cluster_address("local") is None
+
+
+def test_a_resumed_sweep_joins_mlflow_with_what_tune_restored(tmp_path):
+    """The callback of a resumed sweep, given the runs a dead driver left and the trials Tune restored.
+
+    The dead driver started trials t1 (configuration A), t2 (B), t5 (D) and t6 (E) and logged a first result of
+    each; Tune's saved state knew t1 and t6 only (t6 had even finished, but its end never reached MLflow). The resumed
+    Tune run restarts t1, runs B again as t3 (the searcher replays it) and a new configuration C as t4.
+    """
+    from mlflow.tracking import MlflowClient
+    from ray.tune.experiment import Trial
+
+    from workflows.tracking import MlflowTrialCallback, start_parent_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("reconcile", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = start_parent_run(client, "reconcile", str(tmp_path / "sweep"), {}, resume=False)
+
+    def params_of(config):
+        return {"method": "topk", **{f"searched.{k}": v for k, v in config.items()}}
+
+    def trial(trial_id, density, status=Trial.PENDING):
+        t = Trial("trial_main", config={"target_density": density, "temperature": 2}, trial_id=trial_id, stub=True)
+        t.set_status(status)
+        return t
+
+    def report(callback, t, step, final=False):
+        result = {"step": step, "f1": 10.0 + step, "linear_density": t.config["target_density"], "final": final,
+                  "pid": 4242, "timestamp": int(time.time())}
+        t.update_last_result(result)
+        callback.on_trial_result(iteration=0, trials=[], trial=t, result=result)
+
+    # The driver that died: four trials started, one result each, nothing ended.
+    dead = MlflowTrialCallback(uri, "reconcile", parent, params_of, outage_limit=30)
+    dead.on_step_begin(iteration=0, trials=[])
+    old = {name: trial(name, density) for name, density in (("t1", 0.3), ("t2", 0.4), ("t5", 0.6), ("t6", 0.7))}
+    for t in old.values():
+        dead.on_trial_start(iteration=0, trials=[], trial=t)
+        report(dead, t, 3)
+    dead._queue.drain()
+    left = {r.data.tags["fineprune.trial_id"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("reconcile").experiment_id], "tags.`fineprune.kind` = 'trial'")}
+    assert {k: r.info.status for k, r in left.items()} == dict.fromkeys(old, "RUNNING")
+
+    # The resumed driver: Tune restored t1 (to run again) and t6 (TERMINATED, with its final result).
+    t1 = trial("t1", 0.3)
+    t6 = trial("t6", 0.7, Trial.TERMINATED)
+    t6.update_last_result({"step": 6, "f1": 20.0, "linear_density": 0.7, "final": True, "timestamp": int(time.time())})
+    t3, t4 = trial("t3", 0.4), trial("t4", 0.5)
+    resumed = MlflowTrialCallback(uri, "reconcile", parent, params_of, outage_limit=30)
+    resumed.on_step_begin(iteration=0, trials=[t1, t6])
+    for t in (t1, t3, t4):
+        resumed.on_trial_start(iteration=0, trials=[t1, t6, t3, t4], trial=t)
+        report(resumed, t, 3)
+        report(resumed, t, 6, final=False)
+        t.set_status(Trial.TERMINATED)
+        resumed.on_trial_complete(iteration=0, trials=[t1, t6, t3, t4], trial=t)
+    resumed.on_experiment_end(trials=[t1, t6, t3, t4])
+    assert resumed.failure is None
+
+    runs = {r.info.run_id: r for r in client.search_runs(
+        [client.get_experiment_by_name("reconcile").experiment_id], "tags.`fineprune.kind` = 'trial'")}
+    assert not [r for r in runs.values() if r.info.status == "RUNNING"]
+    by_trial = {r.data.tags["fineprune.trial_id"]: r for r in runs.values()}
+    assert by_trial["t1"].info.run_id == left["t1"].info.run_id  # restarted in its own run
+    taken = by_trial["t3"]  # the lost t2's configuration ran again as t3, in t2's run
+    assert taken.info.run_id == left["t2"].info.run_id and taken.data.tags["fineprune.took_over_trial_id"] == "t2"
+    assert taken.info.status == "FINISHED" and taken.data.metrics["step"] == 6
+    assert by_trial["t6"].info.status == "FINISHED" and by_trial["t6"].data.metrics["f1"] == 20.0  # logged now
+    assert by_trial["t6"].data.tags["fineprune.status"] == "finished"
+    lost = by_trial["t5"]  # nothing ran D again
+    assert lost.info.status == "KILLED" and lost.data.tags["fineprune.status"] == "orphaned"
+    assert by_trial["t4"].info.run_id not in {r.info.run_id for r in left.values()}
+    configurations = [r.data.params["searched.target_density"] for r in runs.values()]
+    assert len(configurations) == len(set(configurations)) == 5

@@ -1,0 +1,157 @@
+"""Tracking that outlives a tracking server going away: calls retried with backoff, in order, off the Tune loop.
+
+A sweep's MLflow calls go through a :class:`LogQueue`: one background thread runs them in the order they were
+submitted, and retries a call that fails for a reason that can pass (the server is down or restarting, the SQLite
+file is locked) with exponential backoff. Meanwhile the Tune loop goes on and the trials keep running. An outage
+that lasts longer than the queue's limit ends it: :attr:`LogQueue.failure` holds a :class:`TrackingUnavailable`
+whose message is one line naming the tracking URI, and nothing more is logged. What was not logged is logged by a
+later ``fineprune sweep --resume``, from Tune's own record of the trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator, TypeVar
+
+__all__ = ["TrackingUnavailable", "LogQueue", "call_with_retries", "is_transient", "quick_http_failures",
+           "DEFAULT_OUTAGE_LIMIT_S", "OUTAGE_LIMIT_ENV"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUTAGE_LIMIT_S = 300.0
+OUTAGE_LIMIT_ENV = "FINEPRUNE_TRACKING_TIMEOUT"
+# MLflow error codes that no retry can change: the call itself is wrong.
+PERMANENT_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                             "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "NOT_FOUND",
+                             "ENDPOINT_NOT_FOUND", "FEATURE_DISABLED"})
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 10.0
+
+T = TypeVar("T")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer for longer than the limit; the message is one line naming its URI."""
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a failed MLflow call may succeed later (connection refused, timeouts, 5xx, a locked SQLite file).
+
+    An MLflow error is, unless its code says the request itself is wrong; so are network and database errors.
+    Anything else (a bug) is not.
+    """
+    code = getattr(err, "error_code", None)
+    if code is not None:
+        return code not in PERMANENT_CODES
+    return isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy")
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
+
+
+def _unavailable(uri: str, seconds: float, err: BaseException | None) -> TrackingUnavailable:
+    cause = f" (last error {_short(err)})" if err is not None else ""
+    return TrackingUnavailable(f"the tracking server {uri} did not answer for {seconds:.0f} s{cause}")
+
+
+def call_with_retries(fn: Callable[[], T], uri: str, limit: float, what: str = "MLflow call",
+                      sleep: Callable[[float], None] = time.sleep) -> T:
+    """``fn()``, retried with exponential backoff while it fails transiently, for at most ``limit`` seconds.
+
+    Raises:
+        TrackingUnavailable: it kept failing for longer than ``limit``.
+        Exception: the first permanent error (see :func:`is_transient`), unchanged.
+    """
+    started = None
+    delay = BACKOFF_FIRST_S
+    while True:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - classified just below
+            if not is_transient(err):
+                raise
+            now = time.monotonic()
+            if started is None:
+                started = now
+                logger.warning("%s to %s failed (%s); retrying for up to %.0f s", what, uri, _short(err), limit)
+            if now - started >= limit:
+                raise _unavailable(uri, now - started, err) from err
+            sleep(min(delay, max(0.0, limit - (now - started))))
+            delay = min(delay * 2, BACKOFF_MAX_S)
+            continue
+        if started is not None:
+            logger.warning("%s answers again after %.0f s", uri, time.monotonic() - started)
+        return result
+
+
+@contextlib.contextmanager
+def quick_http_failures(retries: int = 1) -> Iterator[None]:
+    """Within the block, an MLflow HTTP call gives up after ``retries`` quick retries instead of MLflow's default
+    of about four minutes of backoff, so that :func:`call_with_retries` keeps the time (unless the user set these)."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    added = [name for name in settings if name not in os.environ]
+    for name in added:
+        os.environ[name] = settings[name]
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+class LogQueue:
+    """Runs submitted calls one at a time, in order, on a background thread, each with :func:`call_with_retries`.
+
+    A call that fails permanently is logged as a warning and skipped (one bad value must not stop a sweep). An outage
+    longer than ``limit`` sets :attr:`failure` and drops everything still queued.
+
+    Args:
+        uri: the tracking URI (for messages).
+        limit: how long one outage may last, in seconds.
+    """
+
+    def __init__(self, uri: str, limit: float) -> None:
+        self.uri = uri
+        self.limit = float(limit)
+        self.failure: TrackingUnavailable | None = None
+        self._calls: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="fineprune-tracking", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any], what: str = "MLflow call") -> None:
+        if self.failure is None:
+            self._calls.put((fn, what))
+
+    def drain(self) -> None:
+        """Wait until every submitted call ran (or the queue failed)."""
+        self._calls.join()
+
+    def close(self) -> None:
+        """Let the thread end once the calls submitted so far ran."""
+        self._calls.put(None)
+
+    def _work(self) -> None:
+        while True:
+            item = self._calls.get()
+            try:
+                if item is None:
+                    return
+                if self.failure is not None:
+                    continue
+                fn, what = item
+                try:
+                    call_with_retries(fn, self.uri, self.limit, what=what)
+                except TrackingUnavailable as err:
+                    logger.error("%s", err)
+                    self.failure = err
+                except Exception as err:  # noqa: BLE001 - a permanent error of one call; the sweep goes on
+                    logger.warning("%s failed and is skipped: %s", what, _short(err))
+            finally:
+                self._calls.task_done()
