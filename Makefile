@@ -32,6 +32,7 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/train_overhead.py
 	$(BIN)/python bench/pack_speed.py
+	$(BIN)/python bench/search_efficiency.py
 
 clean:
 	rm -rf $(VENV) runs mlruns mlartifacts mlflow.db reports

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -19,7 +19,8 @@ from torch import nn
 from .precision import autocast
 from .structure import architecture_for, encoder_layers, get_module
 
-__all__ = ["eval_mode", "random_inputs", "latency", "compare_latency", "linear_flops", "flop_ratio"]
+__all__ = ["eval_mode", "random_inputs", "latency", "compare_latency", "interleaved_latency", "linear_flops",
+           "flop_ratio"]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -146,6 +147,41 @@ def compare_latency(model_a: nn.Module, model_b: nn.Module, batch_size: int = 1,
         "times_a_s": times_a,
         "times_b_s": times_b,
     }
+
+
+def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, seq_len: int = 384, repeats: int = 10,
+                        warmup: int = 2, seed: int = 0, precision: str = "fp32") -> dict[str, list[float]]:
+    """Time several models round-robin (a, b, c, a, b, c, ...) on the same random input.
+
+    The many-model form of :func:`compare_latency`, for choosing among several models on one machine: every
+    round times each model once, so a change of load hits all of them alike.
+
+    Args:
+        models: name -> model; any devices.
+        batch_size, seq_len, repeats, warmup, seed, precision: as for :func:`latency`.
+
+    Returns:
+        name -> the ``repeats`` wall-clock seconds of its timed passes.
+
+    Raises:
+        ValueError: as for :func:`latency`, for any model.
+    """
+    for model in models.values():
+        _check_shape(model, batch_size, seq_len, repeats, warmup)
+    inputs = {name: random_inputs(model, batch_size, seq_len, seed) for name, model in models.items()}
+    devices = {name: _device(model) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with contextlib.ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(eval_mode(model))
+        stack.enter_context(torch.inference_mode())
+        for round_ in range(warmup + repeats):
+            for name, model in models.items():
+                with autocast(precision, devices[name]):
+                    elapsed = _time_forward(model, inputs[name], devices[name])
+                if round_ >= warmup:
+                    times[name].append(elapsed)
+    return times
 
 
 def linear_flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> int:

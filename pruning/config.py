@@ -62,6 +62,7 @@ class RunConfig:
     doc_stride: int = 128
     max_answer_length: int = 30
     n_best: int = 20
+    max_windows: int = 64  # served model: the most windows one context may need (longer ones are refused)
 
     # --- optimisation -------------------------------------------------------------------------------------
     epochs: float = 2.0
@@ -146,8 +147,8 @@ def _check(cfg: RunConfig) -> None:
         _fail("attention_block", f"must be two positive integers [rows, cols], got {cfg.attention_block!r}")
     object.__setattr__(cfg, "attention_block", (int(block[0]), int(block[1])))
 
-    positive_ints = ["max_seq_length", "doc_stride", "max_answer_length", "n_best", "batch_size", "eval_batch_size",
-                     "grad_accum", "log_every"]
+    positive_ints = ["max_seq_length", "doc_stride", "max_answer_length", "n_best", "max_windows", "batch_size",
+                     "eval_batch_size", "grad_accum", "log_every"]
     for key in positive_ints:
         if not (_is_int(getattr(cfg, key)) and getattr(cfg, key) > 0):
             _fail(key, f"must be a positive integer, got {getattr(cfg, key)!r}")

@@ -1,68 +1,310 @@
-"""Answering free-form questions with any extractive QA model (dense, masked or packed).
+"""Answering free-form questions with any extractive QA model (dense, masked, packed, or another runtime).
 
 The windows, the span search and the scores are those of evaluation (:mod:`pruning.squad`), so an answer here is
 exactly what the model would be scored on for the same question and context.
+
+Answering a list of records takes three steps, none of which depends on what runs the model:
+
+1. :func:`check_records` checks every record before any model work: the question and the context are non-empty
+   strings, and the context fits in ``max_windows`` windows. Windows are counted with the tokenizer alone, on a
+   prefix of the text just long enough to decide, so an oversized context costs little. A bad record raises a
+   :class:`RecordError` naming the record's index and the field.
+2. :func:`run_windows` stacks the windows of all records, sorts them by length and runs them in batches of up to
+   ``batch_size`` windows of similar length through a :data:`WindowRunner`, a function from one batch of windows
+   to its start and end logits (:func:`torch_runner` builds one for a PyTorch model; another runtime brings its
+   own).
+3. The post-processing of evaluation picks each record's span; the answers keep the records' order.
+
+:func:`answer_records` does all three; :func:`answer_batch` and :func:`answer` are its PyTorch front ends.
+A fast tokenizer is not safe to share between threads (each call sets its truncation and padding): give every thread
+its own copy.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import math
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from .squad import Answer, Example, predict_spans
+from .squad import Answer, EvalFeatures, Example, postprocess_predictions, prepare_eval_features
 
-__all__ = ["Answer", "answer", "answer_batch"]
+__all__ = ["Answer", "RecordError", "WindowRunner", "check_records", "count_windows", "torch_runner", "run_windows",
+           "answer_records", "answer_batch", "answer"]
+
+WindowRunner = Callable[[dict[str, torch.Tensor]], tuple[np.ndarray, np.ndarray]]
+"""One batch of windows -> (start logits, end logits).
+
+The batch holds int64 tensors ``input_ids``, ``attention_mask`` and ``token_type_ids`` of shape ``(B, T)``, cut to
+its longest window; the runner returns two float arrays of shape ``(B, T)``.
+"""
+
+# Logit given to the padding positions that a batch cut off (they are never part of an answer).
+_PAD_LOGIT = -1e4
+# Characters of a long text tokenized first, per token of the cap (English averages under 5 characters a token);
+# the prefix then doubles until it decides.
+_CHARS_PER_TOKEN = 8
+_WHITESPACE = (" ", "\n", "\t", "\r")
+# Every window of a batch is at least this fraction of the batch's longest: padding is at most 1/5 of its tokens.
+_MIN_FILL = 0.8
 
 
-def _check_text(name: str, value: Any, index: int | None = None) -> None:
-    where = name if index is None else f"{name} {index}"
+class RecordError(ValueError):
+    """One record is invalid. ``index`` is its position in the request (None for a single question) and ``field``
+    the offending field; the one-line message names both."""
+
+    def __init__(self, index: int | None, field: str, problem: str) -> None:
+        self.index = index
+        self.field = field
+        self.problem = problem
+        where = field if index is None else f"record {index}: {field}"
+        super().__init__(f"{where} {problem}")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_text(field: str, value: Any, index: int | None) -> None:
     if not isinstance(value, str):
-        raise ValueError(f"{where} must be a string, got {type(value).__name__}")
+        raise RecordError(index, field, f"must be a string, got {_kind(value)}")
     if not value.strip():
-        raise ValueError(f"{where} is empty")
+        raise RecordError(index, field, "is empty")
 
 
-def answer_batch(model: nn.Module, tokenizer: Any, questions: Sequence[str], contexts: Sequence[str],
-                 max_seq_length: int = 384, doc_stride: int = 128, max_answer_length: int = 30, n_best: int = 20,
-                 batch_size: int = 64, device: str | torch.device | None = None) -> list[Answer]:
-    """Answer each question from its context.
+def _whitespace_before(text: str, end: int) -> int:
+    """Position of the last whitespace character before ``end``, or -1."""
+    return max(text.rfind(char, 0, end) for char in _WHITESPACE)
+
+
+def _whitespace_from(text: str, start: int) -> int:
+    """Position of the first whitespace character at or after ``start``, or ``len(text)``."""
+    found = [i for i in (text.find(char, start) for char in _WHITESPACE) if i >= 0]
+    return min(found, default=len(text))
+
+
+def _count_tokens(tokenizer: Any, text: str, cap: int | None) -> int:
+    """Tokens of ``text`` (without special tokens) when there are at most ``cap``, otherwise some number above ``cap``.
+
+    A long text is tokenized only up to a prefix that already holds more than ``cap`` tokens. Prefixes end at
+    whitespace, where the tokenizer splits words anyway, so a prefix never has more tokens than the whole text.
+    ``cap=None`` counts every token.
+    """
+    size = len(text) if cap is None else _CHARS_PER_TOKEN * (cap + 1)
+    while True:
+        if size >= len(text):
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        cut = _whitespace_before(text, size)
+        if cut <= 0:  # one long word: take it whole
+            cut = _whitespace_from(text, size)
+        tokens = len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"])
+        if tokens > cap:
+            return tokens
+        size = 2 * max(size, cut)
+
+
+def count_windows(tokenizer: Any, question: str, context: str, max_seq_length: int = 384, doc_stride: int = 128,
+                  max_windows: int | None = None, index: int | None = None) -> int:
+    """Windows :func:`pruning.squad.prepare_eval_features` makes of one record, counted with the tokenizer only.
+
+    A window holds the special tokens, the question and ``max_seq_length - specials - question`` context tokens;
+    each next window starts ``doc_stride`` tokens before the previous one ends.
 
     Args:
-        model: a QA model called with ``input_ids``/``attention_mask``/``token_type_ids`` that returns
-            ``.start_logits`` and ``.end_logits``.
         tokenizer: the model's fast tokenizer.
-        questions, contexts: one context per question.
-        max_seq_length, doc_stride: the windows a long context is split into.
-        max_answer_length, n_best: the span search (see :func:`pruning.squad.postprocess_predictions`).
-        batch_size: windows per forward pass.
-        device: where to run; default: the model's device.
+        question, context: the record (non-empty strings).
+        max_seq_length, doc_stride: the windows.
+        max_windows: refuse a context needing more windows; only as much of it is tokenized as it takes to tell.
+        index: the record's position, for the error message.
 
     Returns:
-        One :class:`Answer` per question, in order, with ``context[answer.start:answer.end] == answer.text``.
+        The number of windows (at least 1).
 
     Raises:
-        ValueError: a question or context is empty or not a string, or the two lists differ in length.
+        RecordError: the question leaves no more than ``doc_stride`` tokens for the context, the question or the
+            context has no tokens, or the context needs more than ``max_windows`` windows.
+        ValueError: the windows leave no room for a question.
+    """
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    longest_question = max_seq_length - specials - doc_stride - 1
+    if longest_question < 1:
+        raise ValueError(f"windows of {max_seq_length} tokens overlapping by {doc_stride} leave no room for a question")
+    question_tokens = _count_tokens(tokenizer, question.lstrip(), longest_question)
+    if question_tokens > longest_question:
+        raise RecordError(index, "question", f"is too long: more than {longest_question} tokens (windows of "
+                                             f"{max_seq_length} tokens overlapping by {doc_stride})")
+    if question_tokens == 0:
+        raise RecordError(index, "question", "has no tokens the model reads")
+    room = max_seq_length - specials - question_tokens  # context tokens per window, > doc_stride
+    step = room - doc_stride
+    cap = None if max_windows is None else room + (max_windows - 1) * step
+    context_tokens = _count_tokens(tokenizer, context, cap)
+    if cap is not None and context_tokens > cap:
+        raise RecordError(index, "context", f"is too long: more than {max_windows} windows of {max_seq_length} "
+                                            f"tokens (over {cap} context tokens with this question)")
+    if context_tokens == 0:
+        raise RecordError(index, "context", "has no tokens the model reads")
+    return 1 + max(0, math.ceil((context_tokens - room) / step))
+
+
+def check_records(tokenizer: Any, questions: Sequence[Any], contexts: Sequence[Any], max_seq_length: int = 384,
+                  doc_stride: int = 128, max_windows: int | None = None) -> list[int]:
+    """Check every record before any model work; see :func:`count_windows`.
+
+    Returns:
+        The windows of each record.
+
+    Raises:
+        RecordError: the first bad record: a question or context that is not a string, is empty, has no tokens or is
+            too long.
+        ValueError: the two lists differ in length, or are strings.
     """
     if isinstance(questions, str) or isinstance(contexts, str):
         raise ValueError("questions and contexts must be lists of strings (use answer() for a single question)")
     if len(questions) != len(contexts):
         raise ValueError(f"{len(questions)} questions but {len(contexts)} contexts")
+    if max_windows is not None and (not isinstance(max_windows, int) or isinstance(max_windows, bool)
+                                    or max_windows <= 0):
+        raise ValueError(f"max_windows must be a positive integer or None, got {max_windows!r}")
     for i, (question, context) in enumerate(zip(questions, contexts)):
         _check_text("question", question, i)
         _check_text("context", context, i)
+    return [count_windows(tokenizer, question, context, max_seq_length, doc_stride, max_windows, index=i)
+            for i, (question, context) in enumerate(zip(questions, contexts))]
+
+
+def torch_runner(model: nn.Module, device: str | torch.device | None = None) -> WindowRunner:
+    """A :data:`WindowRunner` over a PyTorch QA model, under ``torch.inference_mode``.
+
+    The model is called with ``input_ids``/``attention_mask``/``token_type_ids`` and must return ``.start_logits``
+    and ``.end_logits``; it is neither moved nor switched to eval mode (the caller does that).
+
+    Args:
+        device: where the batches go; default: the device of the model's first parameter.
+    """
+    if device is None:
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    device = torch.device(device)
+
+    def run(batch: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            output = model(**{key: value.to(device) for key, value in batch.items()})
+        return output.start_logits.float().cpu().numpy(), output.end_logits.float().cpu().numpy()
+
+    return run
+
+
+def _batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Window indices by batch: longest first, at most ``batch_size`` a batch, each window of a batch at least
+    ``_MIN_FILL`` as long as the batch's first (longest) one."""
+    order = np.argsort(-lengths, kind="stable")
+    first = 0
+    while first < len(order):
+        longest = lengths[order[first]]
+        end = min(first + batch_size, len(order))
+        # lengths[order] is non-increasing: the batch ends at the first window shorter than the fill allows.
+        end = first + 1 + int(np.sum(lengths[order[first + 1:end]] >= _MIN_FILL * longest))
+        yield order[first:end]
+        first = end
+
+
+def run_windows(run: WindowRunner, features: EvalFeatures, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits ``(F, max_seq_length)`` of all windows, at most ``batch_size`` windows per call of
+    ``run``.
+
+    Windows are sorted by length and batched with windows of nearly their length, each batch cut to its longest
+    window, so that padding costs little (on a CPU a padded batch can take longer than its windows one by one).
+    The logits come back in the windows' order, with the cut-off padding positions at a large negative logit.
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    count, width = features.input_ids.shape
+    starts = np.full((count, width), _PAD_LOGIT, dtype=np.float32)
+    ends = np.full((count, width), _PAD_LOGIT, dtype=np.float32)
+    lengths = features.attention_mask.sum(dim=1).numpy()
+    for rows in _batches(lengths, batch_size):
+        used = max(int(lengths[rows].max()), 1)
+        batch = {key: value[:, :used] for key, value in features.model_inputs(torch.from_numpy(rows)).items()}
+        start_logits, end_logits = run(batch)
+        start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
+        if start_logits.shape != (len(rows), used) or end_logits.shape != (len(rows), used):
+            raise ValueError(f"the window runner returned logits of shape {start_logits.shape} / "
+                             f"{end_logits.shape} for a batch of shape {(len(rows), used)}")
+        starts[rows, :used] = start_logits
+        ends[rows, :used] = end_logits
+    return starts, ends
+
+
+def answer_records(run: WindowRunner, tokenizer: Any, questions: Sequence[Any], contexts: Sequence[Any],
+                   max_seq_length: int = 384, doc_stride: int = 128, max_windows: int | None = None,
+                   batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20) -> list[Answer]:
+    """Answer each question from its context, with the windows of all records run together.
+
+    Args:
+        run: what computes the logits of a batch of windows (see :data:`WindowRunner`, :func:`torch_runner`).
+        tokenizer: the model's fast tokenizer.
+        questions, contexts: one context per question.
+        max_seq_length, doc_stride: the windows a long context is split into.
+        max_windows: the most windows one context may need; None: no limit.
+        batch_size: windows per call of ``run``.
+        max_answer_length, n_best: the span search (see :func:`pruning.squad.postprocess_predictions`).
+
+    Returns:
+        One :class:`Answer` per question, in order, with ``context[answer.start:answer.end] == answer.text``.
+
+    Raises:
+        RecordError: a record is invalid (see :func:`check_records`); nothing has been run.
+        ValueError: the two lists differ in length.
+    """
+    check_records(tokenizer, questions, contexts, max_seq_length, doc_stride, max_windows)
     examples = [Example(id=str(i), title="", context=context, question=question)
                 for i, (question, context) in enumerate(zip(questions, contexts))]
-    spans = predict_spans(model, tokenizer, examples, max_seq_length=max_seq_length, doc_stride=doc_stride,
-                          batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best, device=device,
-                          progress=False)
+    features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride)
+    start_logits, end_logits = run_windows(run, features, batch_size=batch_size)
+    spans = postprocess_predictions(examples, features, start_logits, end_logits, n_best=n_best,
+                                    max_answer_length=max_answer_length)
     return [spans[ex.id] for ex in examples]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def answer_batch(model: nn.Module, tokenizer: Any, questions: Sequence[str], contexts: Sequence[str],
+                 max_seq_length: int = 384, doc_stride: int = 128, max_answer_length: int = 30, n_best: int = 20,
+                 batch_size: int = 64, device: str | torch.device | None = None,
+                 max_windows: int | None = None) -> list[Answer]:
+    """Answer each question from its context with a PyTorch model; see :func:`answer_records`.
+
+    Args:
+        model: a QA model called with ``input_ids``/``attention_mask``/``token_type_ids`` that returns
+            ``.start_logits`` and ``.end_logits``; it runs in eval mode and its training flag is restored after.
+        device: where to run; default: the model's device.
+        others: as for :func:`answer_records`.
+
+    Raises:
+        RecordError: a question or context is empty, not a string or too long.
+        ValueError: the two lists differ in length.
+    """
+    with _eval_mode(model):
+        return answer_records(torch_runner(model, device), tokenizer, questions, contexts,
+                              max_seq_length=max_seq_length, doc_stride=doc_stride, max_windows=max_windows,
+                              batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best)
 
 
 def answer(model: nn.Module, tokenizer: Any, question: str, context: str, max_seq_length: int = 384,
            doc_stride: int = 128, max_answer_length: int = 30, n_best: int = 20,
-           device: str | torch.device | None = None) -> Answer:
+           device: str | torch.device | None = None, max_windows: int | None = None) -> Answer:
     """Answer one question from its context; see :func:`answer_batch`.
 
     Returns:
@@ -70,9 +312,11 @@ def answer(model: nn.Module, tokenizer: Any, question: str, context: str, max_se
         ``context``.
 
     Raises:
-        ValueError: the question or context is empty or not a string.
+        RecordError: the question or context is empty, not a string or too long (the message names the field).
     """
-    _check_text("question", question)
-    _check_text("context", context)
-    return answer_batch(model, tokenizer, [question], [context], max_seq_length=max_seq_length,
-                        doc_stride=doc_stride, max_answer_length=max_answer_length, n_best=n_best, device=device)[0]
+    try:
+        return answer_batch(model, tokenizer, [question], [context], max_seq_length=max_seq_length,
+                            doc_stride=doc_stride, max_answer_length=max_answer_length, n_best=n_best, device=device,
+                            max_windows=max_windows)[0]
+    except RecordError as err:  # one record: no index to name
+        raise RecordError(None, err.field, err.problem) from None

@@ -40,6 +40,7 @@ def test_unknown_key_is_named(tmp_path):
         ({"doc_stride": 400}, "doc_stride"),
         ({"final_threshold": 1.2}, "final_threshold"),
         ({"batch_size": 0}, "batch_size"),
+        ({"max_windows": 0}, "max_windows"),
         ({"precision": "fp8"}, "precision"),
         ({"fill_steps": 10}, "fill_steps"),  # needs a pruning method
     ],

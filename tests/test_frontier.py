@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workflows.frontier import frontier_table, pareto_front
+from workflows.frontier import frontier_table, hypervolume, hypervolume_progress, pareto_front, reference_point
 
 F1_DENSITY = [("f1", "max"), ("linear_density", "min")]
 
@@ -132,3 +132,92 @@ def test_matches_the_quadratic_definition(points, objectives):
     assert front == _brute_force(points, objectives)
     # The table lists exactly the frontier points.
     assert len(frontier_table(points, objectives)) == len(front)
+
+
+# --- hypervolume ---------------------------------------------------------------------------------------------
+
+
+def test_hypervolume_of_one_point_is_its_box_to_the_default_reference():
+    # Reference F1 0, linear density 1: the box is 80 F1 x (1 - 0.5) density.
+    assert hypervolume([{"f1": 80.0, "linear_density": 0.5}], F1_DENSITY) == pytest.approx(40.0)
+
+
+def test_hypervolume_of_two_points_counts_their_overlap_once():
+    points = [{"f1": 80.0, "linear_density": 0.5}, {"f1": 60.0, "linear_density": 0.2}]
+    # 80 x 0.5 + 60 x 0.8 - 60 x 0.5 (the overlap) = 40 + 48 - 30
+    assert hypervolume(points, F1_DENSITY) == pytest.approx(58.0)
+    # A dominated point, a point at the reference density and a point worse than the reference add nothing.
+    more = points + [{"f1": 50.0, "linear_density": 0.6}, {"f1": 99.0, "linear_density": 1.0},
+                     {"f1": -1.0, "linear_density": 0.1}, {"f1": float("nan"), "linear_density": 0.1}]
+    assert hypervolume(more, F1_DENSITY) == pytest.approx(58.0)
+
+
+def test_hypervolume_with_a_given_reference():
+    points = [{"f1": 80.0, "linear_density": 0.5}, {"f1": 60.0, "linear_density": 0.2}]
+    # Gains over (F1 40, density 1): (40, 0.5) and (20, 0.8); 20 + 16 - 10.
+    assert hypervolume(points, F1_DENSITY, {"f1": 40.0}) == pytest.approx(26.0)
+    # Gains over (F1 0, density 0.6): only (80, 0.1) and (60, 0.4) count; 8 + 24 - 6.
+    assert hypervolume(points, F1_DENSITY, {"linear_density": 0.6}) == pytest.approx(26.0)
+
+
+def test_hypervolume_of_a_staircase_and_of_both_directions():
+    stairs = [{"a": 1.0, "b": 3.0}, {"a": 2.0, "b": 2.0}, {"a": 3.0, "b": 1.0}]
+    assert hypervolume(stairs, [("a", "max"), ("b", "max")], {"a": 0.0, "b": 0.0}) == pytest.approx(6.0)
+    # The same points minimised against the reference (4, 4): gains (3, 1), (2, 2), (1, 3) -> the same staircase.
+    assert hypervolume(stairs, [("a", "min"), ("b", "min")], {"a": 4.0, "b": 4.0}) == pytest.approx(6.0)
+
+
+def test_hypervolume_in_three_objectives_by_inclusion_exclusion():
+    objectives = [("x", "max"), ("y", "max"), ("z", "max")]
+    reference = {"x": 0.0, "y": 0.0, "z": 0.0}
+    points = [{"x": 2.0, "y": 1.0, "z": 1.0}, {"x": 1.0, "y": 2.0, "z": 1.0}, {"x": 1.0, "y": 1.0, "z": 2.0}]
+    # Three boxes of 2, pairwise and triple intersections the unit cube: 6 - 3 + 1.
+    assert hypervolume(points, objectives, reference) == pytest.approx(4.0)
+
+
+def test_hypervolume_edge_cases():
+    assert hypervolume([], F1_DENSITY) == 0.0
+    assert hypervolume([{"f1": 80.0}], F1_DENSITY) == 0.0
+    with pytest.raises(ValueError, match="no default reference"):
+        hypervolume([{"loss": 1.0}], [("loss", "min")])
+    with pytest.raises(ValueError, match="not an objective"):
+        hypervolume([], F1_DENSITY, {"speedup": 1.0})
+
+
+def test_reference_point_defaults_and_overrides():
+    assert reference_point(F1_DENSITY) == {"f1": 0.0, "linear_density": 1.0}
+    assert reference_point([("f1", "max"), ("speedup", "max")], {"speedup": 1}) == {"f1": 0.0, "speedup": 1.0}
+    with pytest.raises(ValueError, match="finite"):
+        reference_point(F1_DENSITY, {"f1": float("inf")})
+
+
+def test_hypervolume_progress_grows_to_the_whole_set():
+    points = [{"f1": 60.0, "linear_density": 0.2}, {"f1": 50.0, "linear_density": 0.6},  # dominated: no growth
+              {"f1": None, "linear_density": 0.1},  # a failed trial: no growth
+              {"f1": 80.0, "linear_density": 0.5}]
+    assert hypervolume_progress(points, F1_DENSITY) == pytest.approx([48.0, 48.0, 48.0, 58.0])
+    assert hypervolume_progress([], F1_DENSITY) == []
+
+
+_metric = st.floats(0.0, 100.0, allow_nan=False)
+_density = st.floats(0.0, 1.0, allow_nan=False)
+
+
+@settings(max_examples=100, deadline=None)
+@given(points=st.lists(st.fixed_dictionaries({"f1": _metric, "linear_density": _density, "speedup": _metric}),
+                       max_size=12),
+       three=st.booleans())
+def test_hypervolume_matches_optuna(points, three):
+    optuna_hv = pytest.importorskip("optuna._hypervolume")
+    import numpy as np
+
+    objectives = [("f1", "max"), ("linear_density", "min")] + ([("speedup", "max")] if three else [])
+    reference = reference_point(objectives)
+    # Optuna minimises: maximised objectives are negated, and points not better than the reference dropped.
+    losses = np.array([[-p[k] if m == "max" else p[k] for k, m in objectives] for p in points]).reshape(
+        -1, len(objectives))
+    ref = np.array([-reference[k] if m == "max" else reference[k] for k, m in objectives])
+    losses = losses[np.all(losses < ref, axis=1)]
+    expected = float(optuna_hv.compute_hypervolume(losses, ref)) if len(losses) else 0.0
+    assert hypervolume(points, objectives) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert hypervolume_progress(points, objectives)[-1:] == pytest.approx([expected] if points else [])

@@ -1,9 +1,11 @@
+import numpy as np
 import pytest
 import torch
 from transformers import BertForQuestionAnswering
 
 from pruning import masks, squad
-from pruning.inference import Answer, answer, answer_batch
+from pruning.inference import (Answer, RecordError, answer, answer_batch, answer_records, check_records,
+                               count_windows, run_windows, torch_runner)
 
 CONTEXT = ("The Amazon rainforest covers much of the Amazon basin of South America. The basin spans seven million "
            "square kilometres, of which five and a half million are covered by the rainforest. The region includes "
@@ -79,8 +81,126 @@ def test_answer_rejects_bad_input(tiny_qa_model, tokenizer, question, context, m
 def test_answer_batch_rejects_bad_input(tiny_qa_model, tokenizer):
     with pytest.raises(ValueError, match="2 questions but 1 contexts"):
         answer_batch(tiny_qa_model, tokenizer, ["Who?", "What?"], [CONTEXT])
-    with pytest.raises(ValueError, match="context 1 is empty"):
+    with pytest.raises(ValueError, match="record 1: context is empty"):
         answer_batch(tiny_qa_model, tokenizer, ["Who?", "What?"], [CONTEXT, ""])
     with pytest.raises(ValueError, match="lists of strings"):
         answer_batch(tiny_qa_model, tokenizer, "Who?", CONTEXT)
     assert answer_batch(tiny_qa_model, tokenizer, [], []) == []
+
+
+# --- checking records before any model work -------------------------------------------------------------------
+
+@pytest.mark.parametrize("max_seq_length, doc_stride", [(48, 16), (64, 32), (96, 8), (384, 128)])
+def test_count_windows_is_the_number_of_evaluation_windows(tokenizer, dev_subset, max_seq_length, doc_stride):
+    for k, example in enumerate(dev_subset[:8]):
+        context = " ".join([example.context] * (1 + k % 3))[: 150 + 97 * k]
+        windows = count_windows(tokenizer, example.question, context, max_seq_length, doc_stride)
+        features = squad.prepare_eval_features([squad.Example("0", "", context, example.question)], tokenizer,
+                                               max_seq_length, doc_stride)
+        assert windows == len(features)
+        # The limit is inclusive: exactly that many windows pass, one fewer is refused.
+        assert count_windows(tokenizer, example.question, context, max_seq_length, doc_stride, windows) == windows
+        if windows > 1:
+            with pytest.raises(RecordError, match="context is too long") as refused:
+                count_windows(tokenizer, example.question, context, max_seq_length, doc_stride, windows - 1, index=k)
+            assert (refused.value.index, refused.value.field) == (k, "context")
+
+
+class _CountingTokenizer:
+    """The real tokenizer, noting how many characters it was asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.characters = 0
+
+    def __call__(self, text, *args, **kwargs):
+        self.characters += sum(map(len, [text] if isinstance(text, str) else text))
+        return self.tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_an_oversized_context_is_refused_from_a_prefix(tokenizer):
+    context = " ".join(["rainforest"] * 200_000)
+    counting = _CountingTokenizer(tokenizer)
+    with pytest.raises(RecordError, match=r"^record 3: context is too long: more than 64 windows of 384 tokens"):
+        count_windows(counting, "Where?", context, 384, 128, max_windows=64, index=3)
+    assert 0 < counting.characters < len(context) / 5
+    # A long question is refused the same way, naming the question.
+    with pytest.raises(RecordError, match=r"^question is too long"):
+        count_windows(counting, " ".join(["why"] * 100_000), "A short context.", 384, 128, max_windows=64)
+
+
+@pytest.mark.parametrize("question, context, field, problem", [
+    ("Who?", "", "context", "is empty"),
+    (None, CONTEXT, "question", "must be a string, got null"),
+    ("Who?", None, "context", "must be a string, got null"),
+    (" \t", CONTEXT, "question", "is empty"),
+    (7, CONTEXT, "question", "must be a string, got int"),
+    ("Who?", "\u200b", "context", "has no tokens"),
+    ("Who?", " ".join([CONTEXT] * 40), "context", "is too long"),
+])
+def test_a_bad_record_is_named_and_nothing_runs(tiny_qa_model, tokenizer, question, context, field, problem):
+    calls = []
+    runner = torch_runner(tiny_qa_model)
+
+    def counting(batch):
+        calls.append(batch["input_ids"].shape)
+        return runner(batch)
+
+    questions = ["Which nations?", "How large?", question]
+    contexts = [CONTEXT, CONTEXT, context]
+    with pytest.raises(RecordError) as refused:
+        answer_records(counting, tokenizer, questions, contexts, max_seq_length=96, doc_stride=32, max_windows=4)
+    assert (refused.value.index, refused.value.field) == (2, field)
+    assert str(refused.value).startswith(f"record 2: {field} {problem}")
+    assert calls == []  # refused before any model work
+
+
+# --- batching the windows of all records -----------------------------------------------------------------------
+
+def test_windows_of_all_records_run_in_batches_in_order(tiny_qa_model, tokenizer, dev_subset):
+    examples = dev_subset[:12]
+    questions = [ex.question for ex in examples]
+    contexts = [ex.context[: 120 + 90 * (i % 5)] for i, ex in enumerate(examples)]  # windows of many lengths
+    runner = torch_runner(tiny_qa_model)
+    batches = []
+
+    def counting(batch):
+        batches.append(batch["attention_mask"].sum(dim=1))
+        assert batch["input_ids"].shape == (len(batches[-1]), int(batches[-1].max()))  # cut to its longest window
+        return runner(batch)
+
+    batched = answer_records(counting, tokenizer, questions, contexts, max_seq_length=64, doc_stride=16,
+                             batch_size=8)
+    windows = sum(check_records(tokenizer, questions, contexts, 64, 16))
+    assert windows > 16
+    assert sum(len(lengths) for lengths in batches) == windows
+    assert len(batches) < windows / 2  # batched: far fewer calls than windows
+    for lengths in batches:  # at most 8 windows of similar length, longest first
+        assert len(lengths) <= 8 and int(lengths.min()) >= 0.8 * int(lengths.max())
+    longest = [int(lengths.max()) for lengths in batches]
+    assert longest == sorted(longest, reverse=True)
+    # One window per call answers the same, record by record, in the records' order.
+    single = [answer(tiny_qa_model, tokenizer, q, c, max_seq_length=64, doc_stride=16)
+              for q, c in zip(questions, contexts)]
+    assert [(a.text, a.start) for a in batched] == [(a.text, a.start) for a in single]
+    assert [a.score for a in batched] == pytest.approx([a.score for a in single], abs=1e-4)
+
+
+def test_run_windows_matches_evaluation_logits(tiny_qa_model, tokenizer, dev_subset):
+    features = squad.prepare_eval_features(dev_subset[:6], tokenizer, max_seq_length=64, doc_stride=16)
+    expected_start, expected_end = squad.compute_logits(tiny_qa_model, features, batch_size=64, progress=False)
+    start, end = run_windows(torch_runner(tiny_qa_model), features, batch_size=5)
+    context = features.context_mask
+    np.testing.assert_allclose(start[context], expected_start[context], atol=1e-4)
+    np.testing.assert_allclose(end[context], expected_end[context], atol=1e-4)
+    with pytest.raises(ValueError, match="logits of shape"):
+        run_windows(lambda batch: (np.zeros((1, 1)), np.zeros((1, 1))), features, batch_size=5)
+
+
+def test_windows_without_room_for_a_question_are_a_setting_error(tokenizer):
+    with pytest.raises(ValueError, match="leave no room for a question") as raised:
+        check_records(tokenizer, ["Who?"], [CONTEXT], max_seq_length=64, doc_stride=64)
+    assert not isinstance(raised.value, RecordError)

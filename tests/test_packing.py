@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
 from pruning import masks
-from pruning.bench import compare_latency, flop_ratio, latency, linear_flops
+from pruning.bench import compare_latency, flop_ratio, interleaved_latency, latency, linear_flops
 from pruning.packing import (
     EmptySelfAttention,
     PackingError,
@@ -313,6 +313,19 @@ def test_latency_helpers_time_both_models_and_restore_their_mode():
     assert len(latency(packed, batch_size=1, seq_len=8, repeats=2, warmup=0)) == 2
     with pytest.raises(ValueError, match="max_position_embeddings"):
         latency(dense, seq_len=65)
+
+
+def test_interleaved_latency_times_every_model_and_restores_their_modes():
+    dense = tiny_model()
+    packed = pack(masked_model(*ALL_GONE))
+    dense.train()
+    times = interleaved_latency({"dense": dense, "packed": packed, "again": packed}, batch_size=1, seq_len=16,
+                                repeats=4, warmup=1)
+    assert list(times) == ["dense", "packed", "again"] and all(len(t) == 4 for t in times.values())
+    assert all(t > 0 for ts in times.values() for t in ts)
+    assert dense.training and not packed.training
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        interleaved_latency({"dense": dense}, seq_len=65)
 
 
 def test_max_logit_diff_sees_a_change():

@@ -205,6 +205,23 @@ def test_the_champion_card_shows_how_to_load_it(page):
     assert "5.0 MiB" in text and "4.0 MiB" in text
 
 
+def test_the_hypervolume_is_plotted_and_tabled_when_logged():
+    from dataclasses import replace
+
+    data = replace(_sweep(), hypervolume=[(0.0, 0.0), (1.0, 20.0), (2.0, 20.0), (3.0, 31.5)],
+                   hypervolume_compute=[(0.0, 0.0), (40.0, 20.0), (75.0, 20.0), (130.0, 31.5)])
+    page = render_html(data)
+    parsed = _parse(page)
+    labels = [a.get("aria-label", "") for t, a in parsed.tags if t == "svg"]
+    assert len(labels) == 4 and any(label.startswith("hypervolume") for label in labels)
+    ids = [a["id"] for _, a in parsed.tags if "id" in a]
+    assert len(ids) == len(set(ids))
+    assert _markdown_table(render_markdown(data), "## Search progress") == [
+        ["0", "0", "0"], ["1", "40", "20"], ["2", "75", "20"], ["3", "130", "31.5"]]
+    assert "No hypervolume was logged" in render_markdown(_sweep())
+    assert "No hypervolume was logged" in " ".join(_parse(render_html(_sweep())).text)
+
+
 def test_an_alias_moved_elsewhere_pins_the_version():
     card = ChampionCard(model_name="qa", version="2", run_id="b", alias_current=False)
     assert card.model_uri == "models:/qa/2"
@@ -267,6 +284,24 @@ def test_the_champion_card_matches_the_champion_run(smoke_sweep):
     # The report's frontier is the sweep's own (its MLflow tags).
     tagged = {r.info.run_id for r in runs if r.data.tags.get("pareto") == "true"}
     assert frontier_ids(data.rows, F1_DENSITY) == tagged
+
+
+def test_the_sweep_logs_the_hypervolume_of_its_frontier_by_trial_and_by_compute(smoke_sweep):
+    from workflows.frontier import hypervolume
+
+    _, runs = _mlflow(smoke_sweep)
+    data = collect_report_data(smoke_sweep["experiment"], tracking_uri=smoke_sweep["tracking_uri"])
+    trials = [r for r in runs if r.data.tags["fineprune.kind"] == "trial"]
+    steps = [step for step, _ in data.hypervolume]
+    values = [value for _, value in data.hypervolume]
+    assert steps == list(range(len(trials) + 1))  # the baseline, then one step per completed trial
+    assert values == sorted(values) and values[0] == 0.0  # the dense baseline alone sits on the reference density
+    finished = [dict(r.data.metrics) for r in runs if r.data.tags.get("fineprune.status") == "finished"]
+    assert values[-1] == pytest.approx(hypervolume(finished, F1_DENSITY)) == smoke_sweep["hypervolume"]
+    assert values[-1] > 0
+    seconds = [step for step, _ in data.hypervolume_compute]
+    assert seconds == sorted(seconds) and seconds[-1] > 0
+    assert [value for _, value in data.hypervolume_compute] == values
 
 
 @pytest.fixture

@@ -2,63 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
+import mlflow
+import pandas as pd
 import pytest
 
+from workflows.registry import SERVE_DEFAULTS, serve_settings
+from workflows.serving import BAD_KINDS, ModelServer, ServerError, invoke, ping, run_load, spoil
+
 STARTUP_SECONDS = 240  # loading torch, transformers and the model in a fresh process on a busy 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _get(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return None
-
-
-def _wait_until_up(process: subprocess.Popen, base: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
-        if _get(f"{base}/ping") == 200 or _get(f"{base}/health") == 200:
-            return
-        time.sleep(1.0)
-    pytest.fail(f"the server did not answer /ping within {STARTUP_SECONDS} s:\n"
-                f"{log.read_text(errors='replace')[-4000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the server and its workers: the whole process group it leads."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-    try:  # workers left behind by a leader that exited on its own
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -66,39 +19,26 @@ def server(smoke_sweep, tmp_path_factory):
     """``mlflow models serve`` of the smoke sweep's champion on a free port: its base URL; stopped afterwards."""
     champion = smoke_sweep["champion"]
     assert champion.get("registered"), champion
-    bin_dir = Path(sys.executable).parent  # the virtualenv's bin: mlflow and uvicorn live there
-    mlflow_cli = bin_dir / "mlflow"
-    command = [str(mlflow_cli)] if mlflow_cli.exists() else [sys.executable, "-m", "mlflow"]
-    port = _free_port()
-    command += ["models", "serve", "-m", champion["model_uri"], "--env-manager", "local", "-h", "127.0.0.1",
-                "-p", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": smoke_sweep["tracking_uri"],
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+    served = ModelServer(champion["model_uri"], smoke_sweep["tracking_uri"],
+                         tmp_path_factory.mktemp("serve") / "serve.log", startup_seconds=STARTUP_SECONDS)
     try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_until_up(process, base, log)
-        yield base
+        served.start()
+    except ServerError as err:
+        pytest.fail(str(err))
+    try:
+        yield served.url
     finally:
-        _stop(process)
-    assert process.poll() is not None
+        served.stop()
+    assert not served.running
 
 
 def _predict(base: str, records: list[dict[str, str]]) -> list[dict]:
-    body = json.dumps({"dataframe_records": records}).encode("utf-8")
-    request = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"},
-                                     method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            answer = json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        detail = json.loads(err.read() or b"{}")
-        pytest.fail(f"/invocations answered {err.code}: {detail.get('message')}\n"
-                    f"{str(detail.get('stack_trace', ''))[-1500:]}")
+    reply = invoke(base, records)
+    if reply.status != 200:
+        body = reply.body if isinstance(reply.body, dict) else {"message": reply.body}
+        pytest.fail(f"/invocations answered {reply.status}: {body.get('message')}\n"
+                    f"{str(body.get('stack_trace', ''))[-1500:]}")
+    answer = reply.body
     predictions = answer["predictions"] if isinstance(answer, dict) else answer
     assert len(predictions) == len(records)
     return predictions
@@ -111,16 +51,75 @@ def _check(predictions: list[dict], records: list[dict[str, str]]) -> None:
         assert isinstance(prediction["score"], float)
 
 
-def test_the_champion_answers_over_http(server, dev_subset):
-    # SQuAD dev questions with the 200 characters of their context around the gold answer: windows that fit the
-    # smoke model's 128 positions.
+def _short_records(dev_subset, count: int) -> list[dict[str, str]]:
+    """SQuAD dev questions with the 200 characters of their context around the gold answer: windows that fit the
+    smoke model's 128 positions."""
     records = []
-    for example in dev_subset[:3]:
+    for example in dev_subset[:count]:
         start = max(0, example.answer_starts[0] - 100)
         records.append({"question": example.question, "context": example.context[start:start + 200]})
+    return records
+
+
+def test_the_champion_answers_over_http(server, dev_subset):
+    records = _short_records(dev_subset, 3)
     _check(_predict(server, records), records)
 
 
 def test_the_champion_answers_questions_on_long_contexts(server, dev_subset):
     records = [{"question": e.question, "context": e.context} for e in dev_subset[:2]]
     _check(_predict(server, records), records)
+
+
+def test_the_served_model_logs_its_window_limit(smoke_sweep):
+    mlflow.set_tracking_uri(smoke_sweep["tracking_uri"])
+    settings = mlflow.pyfunc.load_model(smoke_sweep["champion"]["model_uri"]).model_config
+    assert settings["max_windows"] == 64  # the run config's default: the smoke space does not set it
+    assert settings["max_seq_length"] == 64 and settings["doc_stride"] == 32 and settings["batch_size"] == 32
+
+
+def test_a_bad_record_among_good_ones_gets_a_one_line_400_naming_it(server, dev_subset):
+    records = _short_records(dev_subset, 4)
+    for position, (field, kind) in zip((2, 0, 3), BAD_KINDS[:3]):
+        sent = [*records[:position], spoil(records[position], field, kind), *records[position + 1:]]
+        reply = invoke(server, sent)
+        assert reply.status == 400, reply
+        assert set(reply.body) == {"error_code", "message"}, reply.body
+        assert reply.body["message"].startswith(f"record {position}: {field} "), reply.body
+        assert "\n" not in reply.body["message"]
+    _check(_predict(server, records), records)  # the same records, repaired, are answered in order
+
+
+def test_the_champion_under_load_with_malformed_requests(server, dev_subset, tokenizer):
+    # 40 requests from 4 clients; 6 malformed ones (every kind: empty, null and oversized contexts and questions).
+    # Valid records: whole dev contexts, with questions that fit the smoke model's windows (64 tokens overlapping
+    # by 32: at most 64 - 3 - 32 - 1 = 28 question tokens).
+    records = [{"question": e.question, "context": e.context} for e in dev_subset
+               if len(tokenizer.tokenize(e.question)) <= 28]
+    assert len(records) > 20
+    result = run_load(server, records, requests=40, clients=4, bad_fraction=0.15, seed=0)
+    assert result.requests == 40 and result.bad == 6
+    assert result.other == 0, result.problems
+    assert result.ok == result.valid and result.bad_rejected == result.bad
+    assert result.server_errors == 0
+    assert ping(server)  # the server still answers after the oversized requests
+    _check(_predict(server, records[:2]), records[:2])
+
+
+def test_the_served_model_answers_from_many_threads_at_once(smoke_sweep, dev_subset):
+    # The scoring server calls predict from several threads; each must get the answers of a lone call.
+    mlflow.set_tracking_uri(smoke_sweep["tracking_uri"])
+    model = mlflow.pyfunc.load_model(smoke_sweep["champion"]["model_uri"])
+    frames = [pd.DataFrame(_short_records(dev_subset[i:], 2)) for i in range(8)]
+    expected = [model.predict(frame)["answer"].tolist() for frame in frames]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda i: model.predict(frames[i % 8])["answer"].tolist(), range(160)))
+    assert answers == [expected[i % 8] for i in range(160)]
+
+
+def test_serve_settings_come_from_the_run_config_with_defaults():
+    params = {"max_seq_length": "128", "doc_stride": "32", "eval_batch_size": "16", "learning_rate": "0.001"}
+    assert serve_settings(params) == {"max_seq_length": 128, "doc_stride": 32, "max_windows": 64, "batch_size": 16}
+    assert serve_settings({"max_windows": "8"})["max_windows"] == 8
+    assert serve_settings({}) == SERVE_DEFAULTS == {"max_seq_length": 384, "doc_stride": 128, "max_windows": 64,
+                                                    "batch_size": 64}

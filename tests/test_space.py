@@ -124,6 +124,14 @@ def test_defaults(tmp_path):
     assert space.teacher.path is None and not space.teacher.student_init
 
 
+def test_latency_policy_and_reference_point(tmp_path):
+    space = load_space(write(tmp_path, variant(registry={"policy": "best_f1_under_latency", "max_latency_ms": 12.5},
+                                               reference_point={"f1": 20})))
+    assert space.registry.policy == "best_f1_under_latency" and space.registry.max_latency_ms == 12.5
+    assert space.registry.max_density is None and space.reference_point == {"f1": 20.0}
+    assert load_space(write(tmp_path, variant(), "plain.yaml")).reference_point == {}
+
+
 def test_scientific_notation_is_a_number(tmp_path):
     text = yaml.safe_dump(variant()) + "seed: 3\n"
     text = text.replace("search:\n", "search:\n  learning_rate: {type: loguniform, low: 3e-5, high: 3e-4}\n")
@@ -313,6 +321,18 @@ BAD_SPACES = [
     ("policy threshold missing", variant(registry={"policy": "fastest_within_f1_drop"}),
      r"registry\.max_f1_drop: is required"),
     ("unknown registry key", variant(registry={"alias": "x"}), r"registry\.alias: unknown key"),
+    ("latency policy without its budget", variant(registry={"policy": "best_f1_under_latency"}),
+     r"registry\.max_latency_ms: is required by policy best_f1_under_latency"),
+    ("latency budget not positive", variant(registry={"policy": "best_f1_under_latency", "max_latency_ms": 0}),
+     r"registry\.max_latency_ms: must be > 0"),
+    ("latency budget with another policy", variant(registry={"policy": "best_f1_under_density",
+                                                             "max_latency_ms": 5}),
+     r"registry\.max_latency_ms: is not used by policy best_f1_under_density"),
+    ("reference of a metric that is no objective", variant(reference_point={"speedup": 1}),
+     r"reference_point\.speedup: unknown key \(allowed: f1, linear_density\)"),
+    ("objective without a default reference", variant(objectives=[["f1", "max"], ["loss", "min"]]),
+     r"reference_point: no default reference for objective 'loss'"),
+    ("reference not a number", variant(reference_point={"f1": "low"}), r"reference_point\.f1: must be a number"),
     ("unknown base key", variant(base={**BASE_SPACE["base"], "lr": 1e-4}), r"base\.lr: unknown RunConfig key"),
     ("invalid base value", variant(base={**BASE_SPACE["base"], "doc_stride": 100}), r"base\.doc_stride: must be"),
     ("base sets output_dir", variant(base={**BASE_SPACE["base"], "output_dir": "x"}),

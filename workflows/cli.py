@@ -57,6 +57,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(SpaceError)
     except ImportError:  # pragma: no cover
         pass
+    try:
+        from workflows.registry import SelectionError
+
+        errors.append(SelectionError)
+    except ImportError:  # pragma: no cover
+        pass
     return tuple(errors)
 
 
@@ -207,7 +213,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from workflows.registry import register_from_experiment
 
-    result = register_from_experiment(args.experiment, tracking_uri=args.tracking_uri, space=args.space)
+    result = register_from_experiment(args.experiment, tracking_uri=args.tracking_uri, space=args.space,
+                                      frontier=args.frontier)
+    _emit(result)
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from workflows import tracking
+    from workflows.registry import select_by_latency
+
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--repeats", args.repeats)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_TRACKING_URI
+    result = select_by_latency(tracking.client_for(uri), args.model, args.max_latency_ms, batch_size=args.batch_size,
+                               seq_len=args.seq_len, threads=args.threads, alias=args.alias, repeats=args.repeats)
     _emit(result)
     return 0
 
@@ -311,7 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True)
     p.add_argument("--tracking-uri")
     p.add_argument("--space", help="space file whose selection policy to use (default: the one the sweep logged)")
+    p.add_argument("--frontier", action="store_true",
+                   help="also register every Pareto point of the sweep as a version (idempotent)")
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("select", help="time the registered versions here and alias the best within a latency budget")
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--max-latency-ms", type=float, required=True, help="budget per forward pass, in milliseconds")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--threads", type=int, help="torch threads while timing (default: torch's default here)")
+    p.add_argument("--alias", default="champion", help="alias to point at the chosen version (default champion)")
+    p.add_argument("--repeats", type=int, default=10, help="timed passes per version (medians are compared)")
+    p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default sqlite:///mlflow.db)")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("report", help="HTML and Markdown report of a sweep")
     p.add_argument("--experiment", required=True)

@@ -1,9 +1,14 @@
-"""The Pareto frontier over trial results: pure functions of plain dicts (no Ray, no MLflow).
+"""The Pareto frontier over trial results and its hypervolume: pure functions of plain dicts (no Ray, no MLflow).
 
 A point ``a`` dominates ``b`` when ``a`` is at least as good as ``b`` on every objective (in each objective's
 direction, ``max`` or ``min``) and strictly better on at least one. The frontier is the set of points no other
 point dominates; identical points do not dominate each other, so ties are all kept. A point whose value for an
 objective is missing, not a number, NaN or infinite takes no part: it is neither on the frontier nor dominates.
+
+The hypervolume of a set of points is the volume of objective space they dominate, bounded by a reference point
+that is worse than any point worth counting (by default F1 0 and linear density 1: the dense model adds nothing).
+It grows whenever a new point pushes the frontier out, so its curve over a sweep's trials shows whether the last
+trials still improved the frontier.
 """
 
 from __future__ import annotations
@@ -14,7 +19,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["pareto_front", "frontier_table"]
+__all__ = ["pareto_front", "frontier_table", "DEFAULT_REFERENCE", "reference_point", "hypervolume",
+           "hypervolume_progress"]
+
+# Reference values of the metrics a sweep may optimise: the worst value that still counts.
+DEFAULT_REFERENCE: dict[str, float] = {"f1": 0.0, "exact_match": 0.0, "linear_density": 1.0, "total_density": 1.0,
+                                       "speedup": 0.0, "heads_removed": 0.0}
 
 
 def _check_objectives(objectives: Sequence[tuple[str, str]]) -> None:
@@ -59,12 +69,17 @@ def pareto_front(points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple
     # Flip minimised objectives so that "larger is better" everywhere.
     signs = np.array([1.0 if mode == "max" else -1.0 for _, mode in objectives])
     scores = np.asarray(rows, dtype=float) * signs
+    return [valid[i] for i in _non_dominated(scores)]
+
+
+def _non_dominated(scores: np.ndarray) -> list[int]:
+    """Row indices of ``scores`` (larger is better in every column) that no other row dominates."""
     front = []
-    for row, index in zip(scores, valid):
+    for i, row in enumerate(scores):
         at_least = np.all(scores >= row, axis=1)
         better = np.any(scores > row, axis=1)
         if not np.any(at_least & better):
-            front.append(index)
+            front.append(i)
     return front
 
 
@@ -102,3 +117,110 @@ def frontier_table(points: Sequence[Mapping[str, Any]], objectives: Sequence[tup
         return (float(point[sort_name]), *rest, float(index))
 
     return [{column: points[i].get(column) for column in columns} for i in sorted(front, key=key)]
+
+
+def reference_point(objectives: Sequence[tuple[str, str]],
+                    given: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The hypervolume reference of ``objectives``: ``given`` values first, then :data:`DEFAULT_REFERENCE`.
+
+    Raises:
+        ValueError: an objective has neither a given nor a default reference value, or ``given`` names a metric
+            that is not an objective.
+    """
+    _check_objectives(objectives)
+    given = dict(given or {})
+    names = [name for name, _ in objectives]
+    extra = sorted(set(given) - set(names))
+    if extra:
+        raise ValueError(f"reference_point: {extra[0]!r} is not an objective (objectives: {', '.join(names)})")
+    out = {}
+    for name in names:
+        value = given.get(name, DEFAULT_REFERENCE.get(name))
+        if value is None:
+            raise ValueError(f"reference_point: no default reference for objective {name!r}; give one")
+        if _value({name: value}, name) is None:
+            raise ValueError(f"reference_point: {name} must be a finite number, got {value!r}")
+        out[name] = float(value)
+    return out
+
+
+def _gains(points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],
+           reference: Mapping[str, float]) -> np.ndarray:
+    """Each valid point as its gain over the reference per objective (larger is better), only points strictly
+    better than the reference in every objective (the others dominate no volume)."""
+    rows = []
+    for point in points:
+        values = [_value(point, name) for name, _ in objectives]
+        if any(v is None for v in values):
+            continue
+        gain = [v - reference[name] if mode == "max" else reference[name] - v
+                for v, (name, mode) in zip(values, objectives)]
+        if all(g > 0 for g in gain):
+            rows.append(gain)
+    return np.asarray(rows, dtype=float).reshape(-1, len(objectives))
+
+
+def _volume(gains: np.ndarray) -> float:
+    """Volume of the union of the boxes [0, g] (exact; slices along the last axis, recursing on the others).
+
+    The cost is O(n^d) for n points in d objectives: nothing for the handful of objectives and the hundreds of
+    trials of a sweep.
+    """
+    if len(gains) == 0:
+        return 0.0
+    if gains.shape[1] == 1:
+        return float(gains[:, 0].max())
+    last = np.unique(gains[:, -1])  # ascending
+    total, below = 0.0, 0.0
+    for level in last:
+        # Between the previous level and this one, every point reaching at least this level covers the slab.
+        slab = gains[gains[:, -1] >= level][:, :-1]
+        total += (level - below) * _volume(slab)
+        below = level
+    return total
+
+
+def hypervolume(points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],
+                reference: Mapping[str, float] | None = None) -> float:
+    """The hypervolume the points dominate, up to the reference point.
+
+    Minimised objectives are flipped (``reference - value``), maximised ones are taken as ``value - reference``,
+    so the volume is the Lebesgue measure of ``{y : ref < y <= some point}`` in the flipped space. Points that do
+    not beat the reference in every objective, and invalid points (as for :func:`pareto_front`), add nothing.
+
+    Args:
+        points: one mapping of metric name -> value per trial.
+        objectives: ``(metric, "max" | "min")`` pairs.
+        reference: metric -> reference value; default (and for missing keys): :data:`DEFAULT_REFERENCE`.
+
+    Returns:
+        The hypervolume in the objectives' own units (F1 points x density for the default objectives).
+
+    Raises:
+        ValueError: bad objectives, or a reference that :func:`reference_point` rejects.
+    """
+    ref = reference_point(objectives, reference)
+    gains = _gains(points, objectives, ref)
+    # Only the non-dominated gains matter; dropping the rest first keeps the recursion small.
+    return _volume(gains[_non_dominated(gains)])
+
+
+def hypervolume_progress(points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],
+                         reference: Mapping[str, float] | None = None) -> list[float]:
+    """The hypervolume after each point, in the given order: ``[hypervolume(points[:1]), ..., hypervolume(points)]``.
+
+    Pass the trials in the order they completed; a trial that failed or stopped early (no valid metrics) repeats
+    the previous value. The list never decreases.
+    """
+    ref = reference_point(objectives, reference)
+    front = np.zeros((0, len(objectives)))
+    volume = 0.0
+    out = []
+    for point in points:
+        gain = _gains([point], objectives, ref)
+        if len(gain) and not np.any(np.all(front >= gain[0], axis=1)):  # it pushes the frontier out
+            front = np.vstack([front, gain])
+            front = front[_non_dominated(front)]
+            volume = _volume(front)
+        out.append(volume)
+    return out

@@ -1,39 +1,71 @@
-"""Choosing the champion of a sweep and registering its packed model as an MLflow pyfunc.
+"""Registering a sweep's packed models as versions of an MLflow pyfunc model, and choosing the champion.
 
 Selection policies (pure, see :func:`select_champion`):
   * ``best_f1_under_density``: highest F1 among trials with ``linear_density <= max_density``;
   * ``min_density_within_f1_drop``: lowest linear density among trials within ``max_f1_drop`` F1 of dense;
-  * ``fastest_within_f1_drop``: highest measured speedup among trials within ``max_f1_drop`` F1 of dense.
+  * ``fastest_within_f1_drop``: highest measured speedup among trials within ``max_f1_drop`` F1 of dense;
+  * ``best_f1_under_latency``: highest F1 among registered versions whose latency, measured on this machine,
+    is at most ``max_latency_ms`` (see :func:`select_by_latency`).
 
 The registered model carries the packed weights, the tokenizer and this project's QA post-processing; its
 ``predict`` takes a DataFrame with ``question`` and ``context`` columns and returns ``answer`` and ``score``.
-The version gets the alias ``champion`` and tags with EM, F1, densities, speedup and the sweep's run id.
-Registering the same trial twice adds no version.
+Every point of the sweep's Pareto frontiers becomes a version (:func:`register_frontier`), tagged with its EM,
+F1, densities, heads removed, speedup, the trial's run id and the sweep's run id. The champion gets the alias
+``champion``; no other version gets an alias unless :func:`select_by_latency` is asked to set one. Registering
+the same trial twice adds no version.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
 import logging
 import math
+import statistics
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
-__all__ = ["POLICIES", "select_champion", "register_champion", "register_from_experiment", "PackedQAModel",
-           "ALIAS", "PIP_REQUIREMENTS"]
+from pruning.config import RunConfig
+
+__all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
+           "select_by_latency", "latency_settings", "SelectionError", "PackedQAModel", "ALIAS", "PIP_REQUIREMENTS",
+           "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model"]
 
 logger = logging.getLogger(__name__)
 
 ALIAS = "champion"
-POLICIES = ("best_f1_under_density", "min_density_within_f1_drop", "fastest_within_f1_drop")
+POLICIES = ("best_f1_under_density", "min_density_within_f1_drop", "fastest_within_f1_drop", "best_f1_under_latency")
 TAG_TRIAL_RUN = "fineprune.trial_run_id"
+TAG_SWEEP_RUN = "sweep_run_id"
+VERSION_METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup")
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
                     "tqdm>=4.66"]
+# Served-model setting -> the run config key it is read from (a trial's params are its run config).
+_SERVE_PARAMS = {"max_seq_length": "max_seq_length", "doc_stride": "doc_stride", "max_windows": "max_windows",
+                 "batch_size": "eval_batch_size"}
+# For runs that lack a key (logged before it existed): the run config's defaults.
+SERVE_DEFAULTS = {key: RunConfig.__dataclass_fields__[param].default for key, param in _SERVE_PARAMS.items()}
+
+
+def serve_settings(params: dict[str, str]) -> dict[str, int]:
+    """The served model's settings (``model_config``) from a trial run's params, defaults for those it lacks."""
+    return {key: int(params[param]) if param in params else SERVE_DEFAULTS[key]
+            for key, param in _SERVE_PARAMS.items()}
+
+
+class SelectionError(ValueError):
+    """No registered version meets a latency budget, or the model to choose from does not exist."""
 
 
 def _finite(value: Any) -> bool:
@@ -41,18 +73,27 @@ def _finite(value: Any) -> bool:
 
 
 def select_champion(points: list[dict[str, Any]], policy: str, dense_f1: float | None = None,
-                    max_density: float | None = None, max_f1_drop: float | None = None) -> dict[str, Any] | None:
+                    max_density: float | None = None, max_f1_drop: float | None = None,
+                    max_latency_ms: float | None = None) -> dict[str, Any] | None:
     """The point a policy chooses, or None when no point qualifies.
 
     Args:
-        points: trial results with ``f1``, ``linear_density`` and (for ``fastest_...``) ``speedup``.
+        points: trial results with ``f1``, ``linear_density``, (for ``fastest_...``) ``speedup`` and (for
+            ``best_f1_under_latency``) a measured ``latency_ms``.
         policy: one of :data:`POLICIES`.
         dense_f1: F1 of the dense baseline (needed by the F1-drop policies).
         max_density: density cap of ``best_f1_under_density``.
-        max_f1_drop: allowed F1 drop of the other two policies.
+        max_f1_drop: allowed F1 drop of the F1-drop policies.
+        max_latency_ms: latency budget of ``best_f1_under_latency``; ties in F1 go to the faster point.
     """
     if policy not in POLICIES:
         raise ValueError(f"registry.policy: unknown policy {policy!r} (allowed: {', '.join(POLICIES)})")
+    if policy == "best_f1_under_latency":
+        if max_latency_ms is None:
+            raise ValueError(f"registry.policy: {policy} needs max_latency_ms")
+        pool = [p for p in points if _finite(p.get("f1")) and _finite(p.get("latency_ms"))
+                and p["latency_ms"] <= max_latency_ms]
+        return max(pool, key=lambda p: (p["f1"], -p["latency_ms"]), default=None)
     valid = [p for p in points if _finite(p.get("f1")) and _finite(p.get("linear_density"))]
     if policy == "best_f1_under_density":
         cap = 1.0 if max_density is None else max_density
@@ -67,11 +108,42 @@ def select_champion(points: list[dict[str, Any]], policy: str, dense_f1: float |
     return max(pool, key=lambda p: (p["speedup"], p["f1"]), default=None)
 
 
+class RequestError(MlflowException):
+    """A bad request to the served model: HTTP 400 whose JSON body carries only the one-line message.
+
+    The scoring server rewrites the message of any MlflowException raised by ``predict`` into "Failed to predict
+    data '<the whole input>'. Error: ..." (several lines, echoing the input); the body is built here from the message
+    given, so the client gets just the line that names the record and the field.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+        self.reason = message
+
+    def serialize_as_json(self) -> str:
+        return json.dumps({"error_code": self.error_code, "message": self.reason})
+
+
+def _column(frame: pd.DataFrame, name: str) -> list[Any]:
+    """A column's values with pandas' missing values (NaN, None, NA) as None."""
+    return [None if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA else value
+            for value in frame[name].tolist()]
+
+
 class PackedQAModel(mlflow.pyfunc.PythonModel):
-    """Extractive QA over a packed model: DataFrame(question, context) -> DataFrame(answer, score)."""
+    """Extractive QA over a packed model: DataFrame(question, context) -> DataFrame(answer, score).
+
+    Every record is checked before any model work (see :func:`pruning.inference.check_records`): a question or
+    context that is missing, not a string, empty, or a context needing more than ``max_windows`` windows is an HTTP
+    400 naming the record's index and the field. The windows of all records of a request run together,
+    ``batch_size`` at a time. Settings (``model_config`` of the logged model, from the trial's run config):
+    ``max_seq_length``, ``doc_stride``, ``max_windows``, ``batch_size``.
+    """
 
     def load_context(self, context) -> None:
+        # Imported here: the served model finds the pruning package through its code paths only once it is loaded.
         from pruning.checkpoint import load_model, load_tokenizer
+        from pruning.inference import torch_runner
 
         model_dir = context.artifacts["model_dir"]
         self.model = load_model(model_dir)
@@ -79,19 +151,39 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         # The windows the model was trained and evaluated with, never longer than its position embeddings.
         settings = dict(getattr(context, "model_config", None) or {})
         limit = int(self.model.config.max_position_embeddings)
-        self.max_seq_length = min(int(settings.get("max_seq_length", 384)), limit)
-        self.doc_stride = min(int(settings.get("doc_stride", 128)), self.max_seq_length // 2)
+        self.max_seq_length = min(int(settings.get("max_seq_length", SERVE_DEFAULTS["max_seq_length"])), limit)
+        self.doc_stride = min(int(settings.get("doc_stride", SERVE_DEFAULTS["doc_stride"])), self.max_seq_length // 2)
+        self.max_windows = int(settings.get("max_windows", SERVE_DEFAULTS["max_windows"]))
+        self.batch_size = int(settings.get("batch_size", SERVE_DEFAULTS["batch_size"]))
+        self.run_windows = torch_runner(self.model)
+        self._threads = threading.local()
+
+    def _tokenizer(self):
+        """The calling thread's copy of the tokenizer.
+
+        The scoring server answers requests in several threads, and a fast tokenizer keeps its truncation and
+        padding settings as state that every call changes: shared, one request's windows come out cut to another's
+        settings.
+        """
+        tokenizer = getattr(self._threads, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._threads.tokenizer = copy.deepcopy(self.tokenizer)
+        return tokenizer
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        from pruning.inference import answer_batch
+        from pruning.inference import RecordError, answer_records  # lazy: see load_context
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         missing = {"question", "context"} - set(frame.columns)
         if missing:
-            raise ValueError(f"input needs the columns question and context (missing: {', '.join(sorted(missing))})")
-        answers = answer_batch(self.model, self.tokenizer, frame["question"].astype(str).tolist(),
-                               frame["context"].astype(str).tolist(), max_seq_length=self.max_seq_length,
-                               doc_stride=self.doc_stride)
+            raise RequestError(f"input needs the columns question and context (missing: {', '.join(sorted(missing))})")
+        try:
+            answers = answer_records(self.run_windows, self._tokenizer(), _column(frame, "question"),
+                                     _column(frame, "context"), max_seq_length=self.max_seq_length,
+                                     doc_stride=self.doc_stride, max_windows=self.max_windows,
+                                     batch_size=self.batch_size)
+        except RecordError as err:
+            raise RequestError(str(err)) from None
         return pd.DataFrame({"answer": [a.text for a in answers], "score": [float(a.score) for a in answers]})
 
 
@@ -106,9 +198,30 @@ def _spec_value(spec: Any, key: str, default: Any = None) -> Any:
 
 
 def register_champion(client, experiment: str, parent_run_id: str, spec: Any,
-                      dense_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Select the champion among the sweep's finished trials and register its packed model (idempotent)."""
+                      dense_metrics: dict[str, Any] | None = None,
+                      latency: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Select the champion among the sweep's finished trials and register its packed model (idempotent).
+
+    With ``best_f1_under_latency`` the sweep's frontier is registered first and the champion is the most accurate
+    of its versions within ``max_latency_ms``, timed here with ``latency`` (``batch_size``, ``seq_len``,
+    ``threads``, ``repeats``; see :func:`select_by_latency`).
+    """
     from workflows import tracking
+
+    policy = _spec_value(spec, "policy", "best_f1_under_density")
+    name = _spec_value(spec, "name")
+    if policy == "best_f1_under_latency":
+        register_frontier(client, experiment, parent_run_id, name)
+        try:
+            chosen = select_by_latency(client, name, float(_spec_value(spec, "max_latency_ms")), alias=ALIAS,
+                                       sweep_run_id=parent_run_id, **(latency or {}))
+        except SelectionError as err:
+            logger.warning("registry policy %s: %s; no champion", policy, err)
+            return {"registered": False, "policy": policy, "name": name}
+        client.set_model_version_tag(name, chosen["version"], "policy", policy)
+        keep = ("name", "version", "model_uri", "run_id", "f1", "exact_match", "linear_density", "speedup",
+                "latency_ms")
+        return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}}
 
     runs = tracking.trial_runs(client, experiment, parent_run_id)
     points = [{"run_id": r.info.run_id, **r.data.metrics} for r in runs
@@ -119,65 +232,289 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Any,
         baseline = tracking.trial_runs(client, experiment, parent_run_id, include_baseline=True)
         dense_f1 = next((r.data.metrics.get("f1") for r in baseline
                          if r.data.tags.get(tracking.TAG_KIND) == "baseline"), None)
-    policy = _spec_value(spec, "policy", "best_f1_under_density")
     chosen = select_champion(points, policy, dense_f1=dense_f1, max_density=_spec_value(spec, "max_density"),
                              max_f1_drop=_spec_value(spec, "max_f1_drop"))
-    name = _spec_value(spec, "name")
     if chosen is None:
         logger.warning("no trial satisfies the registry policy %s; nothing registered", policy)
         return {"registered": False, "policy": policy, "name": name}
     return register_run(client, chosen["run_id"], name, parent_run_id, policy)
 
 
-def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str) -> dict[str, Any]:
-    """Register a trial run's packed model under ``name`` with alias ``champion``; reuse an existing version."""
-    from mlflow.exceptions import MlflowException
+def log_qa_model(model_dir: str | Path, settings: dict[str, int]):
+    """Log a QA model directory as the :class:`PackedQAModel` pyfunc ``qa_model`` of the active run.
 
+    Args:
+        model_dir: a dense, masked or packed QA model directory with its tokenizer.
+        settings: the served model's ``model_config`` (see :func:`serve_settings`).
+
+    Returns:
+        MLflow's ``ModelInfo`` (``model_uri``, ``model_id``).
+    """
+    package_dir = Path(__file__).resolve().parents[1] / "pruning"
+    return mlflow.pyfunc.log_model(
+        name="qa_model",
+        python_model=PackedQAModel(),
+        artifacts={"model_dir": str(model_dir)},
+        code_paths=[str(package_dir)],
+        pip_requirements=PIP_REQUIREMENTS,
+        signature=SIGNATURE,
+        model_config=settings,
+        input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
+    )
+
+
+def _ensure_model(client, name: str) -> None:
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Packed fine-pruned QA models chosen by fineprune sweeps")
-    existing = [v for v in client.search_model_versions(f"name = '{name}'")
-                if v.tags.get(TAG_TRIAL_RUN) == run_id]
-    run = client.get_run(run_id)
+
+
+@contextlib.contextmanager
+def _fluent_store(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (``start_run``, ``log_model``) at the client's store for a while."""
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def _version_of_run(client, name: str, run) -> Any:
+    """The version of ``name`` made from the trial ``run``: the existing one, else a new one (logged as a pyfunc
+    model on the trial's run from its ``packed_model`` artifact)."""
+    run_id = run.info.run_id
+    existing = sorted((v for v in client.search_model_versions(f"name = '{name}'")
+                       if v.tags.get(TAG_TRIAL_RUN) == run_id), key=lambda v: int(v.version))
     if existing:
-        version = existing[0]
-        logger.info("trial run %s is already version %s of %s", run_id, version.version, name)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(run_id, "packed_model", tmp)
-            package_dir = Path(__file__).resolve().parents[1] / "pruning"
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(
-                    name="qa_model",
-                    python_model=PackedQAModel(),
-                    artifacts={"model_dir": local},
-                    code_paths=[str(package_dir)],
-                    pip_requirements=PIP_REQUIREMENTS,
-                    signature=SIGNATURE,
-                    model_config={key: int(run.data.params[key]) for key in ("max_seq_length", "doc_stride")
-                                  if key in run.data.params},
-                    input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
-                )
-        version = client.create_model_version(name, source=info.model_uri, run_id=run_id,
-                                              tags={TAG_TRIAL_RUN: run_id}, model_id=info.model_id)
+        logger.info("trial run %s is already version %s of %s", run_id, existing[0].version, name)
+        return existing[0]
+    # The registry resolves the new version's source through the tracking store of the fluent API.
+    with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
+        local = client.download_artifacts(run_id, "packed_model", tmp)
+        with mlflow.start_run(run_id=run_id):
+            info = log_qa_model(local, serve_settings(run.data.params))
+        if run.info.end_time:  # reopening the run moved its end; the trial's duration is part of the record
+            client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
+        return client.create_model_version(name, source=info.model_uri, run_id=run_id,
+                                           tags={TAG_TRIAL_RUN: run_id}, model_id=info.model_id)
+
+
+def _tag_version(client, name: str, version: str, run, parent_run_id: str, extra: dict[str, str]) -> None:
     metrics = run.data.metrics
-    tags = {"sweep_run_id": parent_run_id, "policy": policy, TAG_TRIAL_RUN: run_id}
-    for key in ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup"):
+    tags = {TAG_SWEEP_RUN: parent_run_id, TAG_TRIAL_RUN: run.info.run_id, **extra}
+    for key in VERSION_METRICS:
         if key in metrics:
             tags[key] = f"{metrics[key]:.6g}"
     for key, value in tags.items():
-        client.set_model_version_tag(name, version.version, key, value)
+        client.set_model_version_tag(name, version, key, value)
+
+
+def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str) -> dict[str, Any]:
+    """Register a trial run's packed model under ``name`` with alias ``champion``; reuse an existing version."""
+    _ensure_model(client, name)
+    run = client.get_run(run_id)
+    version = _version_of_run(client, name, run)
+    _tag_version(client, name, version.version, run, parent_run_id, {"policy": policy})
     client.set_registered_model_alias(name, ALIAS, version.version)
     uri = f"models:/{name}@{ALIAS}"
+    metrics = run.data.metrics
     logger.info("registered %s (version %s, trial run %s)", uri, version.version, run_id)
     return {"registered": True, "name": name, "version": str(version.version), "model_uri": uri,
             "run_id": run_id, "policy": policy, **{k: metrics.get(k) for k in ("f1", "exact_match",
                                                                                   "linear_density", "speedup")}}
 
 
-def register_from_experiment(experiment: str, tracking_uri: str | None = None, space: str | None = None) -> dict[str, Any]:
-    """``fineprune register``: the latest sweep of ``experiment``, its policy (or ``space``'s), its champion."""
+def register_frontier(client, experiment: str, parent_run_id: str, name: str) -> list[dict[str, Any]]:
+    """Register every finished trial on one of the sweep's Pareto frontiers as a version of ``name`` (idempotent).
+
+    The frontiers are those the sweep tagged (``pareto``: the space's objectives; ``pareto_speedup``: F1 against
+    measured speedup). A trial already registered keeps its version; its tags are refreshed. No alias is set.
+
+    Returns:
+        One row per frontier version, sparsest first: ``version``, ``model_uri``, ``run_id`` and the metrics.
+    """
+    from workflows import tracking
+
+    frontier_tags = (tracking.TAG_PARETO, tracking.TAG_PARETO_SPEED)
+    runs = [r for r in tracking.trial_runs(client, experiment, parent_run_id)
+            if r.data.tags.get(tracking.TAG_STATUS) == "finished" and r.data.tags.get("fineprune.packed_artifact")
+            and any(r.data.tags.get(tag) == "true" for tag in frontier_tags)]
+    runs.sort(key=lambda r: (r.data.metrics.get("linear_density", 1.0), r.info.run_id))
+    if not runs:
+        logger.warning("sweep run %s has no finished frontier trial with a packed model; nothing registered",
+                       parent_run_id)
+        return []
+    _ensure_model(client, name)
+    rows = []
+    for run in runs:
+        version = _version_of_run(client, name, run)
+        _tag_version(client, name, version.version, run, parent_run_id,
+                     {tag: run.data.tags.get(tag, "false") for tag in frontier_tags})
+        rows.append({"version": str(version.version), "model_uri": f"models:/{name}/{version.version}",
+                     "run_id": run.info.run_id, **{k: run.data.metrics.get(k) for k in VERSION_METRICS}})
+    logger.info("registered the frontier of sweep run %s: %d versions of %s (%s)", parent_run_id, len(rows), name,
+                ", ".join(row["version"] for row in rows))
+    return rows
+
+
+def _tag_float(tags: dict[str, str], key: str) -> float | None:
+    try:
+        value = float(tags[key])
+    except (KeyError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _load_version(name: str, version: str, tracking_uri: str, dst: str):
+    """The packed torch model of a registered version, read from the version's own artifacts."""
+    # torch and the library are needed only to time models; the registry module stays light without them.
+    from mlflow.models import Model
+
+    from pruning.checkpoint import load_model
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dst,
+                                                tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    flavor = Model.load(local).flavors.get("python_function", {})
+    model_dir = (flavor.get("artifacts") or {}).get("model_dir", {}).get("path")
+    if not model_dir:
+        raise SelectionError(f"version {version} of {name} holds no packed model (no model_dir artifact)")
+    return load_model(Path(local) / model_dir)
+
+
+def _dense_shape(model):
+    """A randomly initialised model of the unpruned shape (speed depends on shapes only), and its shape key."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    key = json.dumps({k: getattr(config, k, None) for k in ("model_type", "vocab_size", "hidden_size",
+                                                              "num_hidden_layers", "num_attention_heads",
+                                                              "intermediate_size", "max_position_embeddings")},
+                     sort_keys=True) + type(model).__name__
+    return key, config
+
+
+def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int = 1, seq_len: int = 128,
+                      threads: int | None = None, alias: str = ALIAS, repeats: int = 10, warmup: int = 2,
+                      sweep_run_id: str | None = None) -> dict[str, Any]:
+    """Time every registered version of ``name`` here and point ``alias`` at the most accurate within budget.
+
+    Each version's packed model is timed on random input of ``batch_size`` x ``seq_len`` with the benches' helper
+    (:func:`pruning.bench.interleaved_latency`): all versions and the dense shape(s) they were pruned from run
+    round-robin, ``repeats`` times after ``warmup`` rounds, and each latency is a median. Among the versions
+    within ``max_latency_ms`` the one with the highest F1 (its ``f1`` tag) wins, the faster on a tie.
+
+    Args:
+        client: an MLflow client of the registry.
+        name: the registered model.
+        max_latency_ms: the budget, in milliseconds per forward pass.
+        batch_size, seq_len: the input shape the budget is for.
+        threads: torch threads while timing (default: torch's current setting).
+        alias: the alias to set on the chosen version.
+        repeats, warmup: timed and untimed rounds.
+        sweep_run_id: only the versions registered by this sweep (default: every version).
+
+    Returns:
+        The chosen version (``version``, ``model_uri``, ``latency_ms``, ``f1``, ...), the settings, and
+        ``versions``: every version's measured ``latency_ms``, ``dense_latency_ms``, ``speedup`` and whether it
+        is ``within_budget``.
+
+    Raises:
+        SelectionError: the model or its versions do not exist, or no version is within the budget; the alias
+            is then left as it was.
+    """
+    # torch and the library are needed only to time models; the registry module stays light without them.
+    import torch
+    from transformers import AutoModelForQuestionAnswering
+
+    from pruning.bench import interleaved_latency
+
+    if not max_latency_ms > 0:
+        raise SelectionError(f"--max-latency-ms must be > 0, got {max_latency_ms}")
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as err:
+        raise SelectionError(f"registered model {name!r}: {str(err).splitlines()[0]}") from None
+    if sweep_run_id is not None:
+        versions = [v for v in versions if v.tags.get(TAG_SWEEP_RUN) == sweep_run_id]
+    versions = sorted(versions, key=lambda v: int(v.version))
+    if not versions:
+        where = f" from sweep run {sweep_run_id}" if sweep_run_id else ""
+        raise SelectionError(f"registered model {name!r} has no versions{where} in {client.tracking_uri}")
+
+    previous_threads = torch.get_num_threads()
+    threads = int(threads or previous_threads)
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    models: dict[str, Any] = {}
+    dense_of: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in versions:
+            row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
+                   **{k: _tag_float(v.tags, k) for k in VERSION_METRICS}}
+            try:
+                model = _load_version(name, str(v.version), client.tracking_uri, str(Path(tmp) / str(v.version)))
+            except Exception as err:  # a version that cannot be loaded is reported, not chosen
+                logger.warning("version %s of %s cannot be loaded: %s", v.version, name, err)
+                rows.append({**row, "error": str(err).splitlines()[0] if str(err) else type(err).__name__})
+                continue
+            limit = getattr(model.config, "max_position_embeddings", None)
+            if limit is not None and seq_len > limit:
+                raise SelectionError(f"--seq-len {seq_len} exceeds version {v.version}'s max_position_embeddings "
+                                     f"{limit}")
+            key, config = _dense_shape(model)
+            if key not in models:
+                models[key] = AutoModelForQuestionAnswering.from_config(config).eval()
+            dense_of[row["version"]] = key
+            models[f"v{v.version}"] = model
+            rows.append(row)
+        if not dense_of:
+            raise SelectionError(f"no version of {name!r} could be loaded")
+        loaded = time.perf_counter()
+        torch.set_num_threads(threads)
+        try:
+            times = interleaved_latency(models, batch_size=batch_size, seq_len=seq_len, repeats=repeats,
+                                        warmup=warmup)
+        finally:
+            torch.set_num_threads(previous_threads)
+        logger.info("loaded %d versions of %s in %.1f s; timed them and %d dense shape(s), %d rounds, in %.1f s",
+                    len(dense_of), name, loaded - started, len(models) - len(dense_of), warmup + repeats,
+                    time.perf_counter() - loaded)
+    for row in rows:
+        if row["version"] not in dense_of:
+            continue
+        own = statistics.median(times[f"v{row['version']}"]) * 1000.0
+        dense = statistics.median(times[dense_of[row["version"]]]) * 1000.0
+        row.update({"latency_ms": round(own, 4), "dense_latency_ms": round(dense, 4),
+                    "measured_speedup": round(dense / own, 4) if own > 0 else None,
+                    "within_budget": own <= max_latency_ms})
+    settings = {"name": name, "alias": alias, "max_latency_ms": max_latency_ms, "batch_size": batch_size,
+                "seq_len": seq_len, "threads": threads, "repeats": repeats}
+    chosen = select_champion(rows, "best_f1_under_latency", max_latency_ms=max_latency_ms)
+    if chosen is None:
+        timed = [r for r in rows if "latency_ms" in r]
+        fastest = min(timed, key=lambda r: r["latency_ms"])
+        reason = ("none of them has an F1 tag" if fastest["latency_ms"] <= max_latency_ms else
+                  f"fastest: version {fastest['version']} at {fastest['latency_ms']:.2f} ms")
+        for row in rows:
+            logger.info("version %s: %s", row["version"], json.dumps(row, sort_keys=True))
+        raise SelectionError(f"no version of {name!r} is within {max_latency_ms:g} ms at batch {batch_size}, "
+                             f"sequence {seq_len}, {threads} threads ({reason}); alias {alias!r} left as it was")
+    client.set_registered_model_alias(name, alias, chosen["version"])
+    logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get("f1"),
+                chosen["latency_ms"], max_latency_ms)
+    return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
+            "run_id": chosen["run_id"], "latency_ms": chosen["latency_ms"],
+            **{k: chosen.get(k) for k in VERSION_METRICS}, "versions": rows}
+
+
+def register_from_experiment(experiment: str, tracking_uri: str | None = None, space: str | None = None,
+                             frontier: bool = False) -> dict[str, Any]:
+    """``fineprune register``: the latest sweep of ``experiment``, its policy (or ``space``'s), its champion.
+
+    With ``frontier`` every point of the sweep's frontiers is registered first (``frontier`` in the result).
+    """
     from workflows import tracking
 
     client = tracking.client_for(tracking_uri or tracking.DEFAULT_TRACKING_URI)
@@ -189,16 +526,32 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
     if not parents:
         raise ValueError(f"experiment {experiment!r} has no sweep run")
     parent = parents[0]
+    params = parent.data.params
     if space is not None:
         from workflows.space import load_space
 
-        spec = load_space(space).registry
+        loaded = load_space(space)
+        spec = loaded.registry
+        latency = latency_settings(loaded.speedup, loaded.resources)
     else:
-        params = parent.data.params
         spec = {key.split(".", 1)[1]: _parse(value) for key, value in params.items() if key.startswith("registry.")}
         if "name" not in spec:
             raise ValueError(f"sweep run {parent.info.run_id} records no registry name; pass --space")
-    return register_champion(client, experiment, parent.info.run_id, spec)
+        latency = latency_settings({k.split(".", 1)[1]: _parse(v) for k, v in params.items()
+                                    if k.startswith("speedup.")},
+                                   {k.split(".", 1)[1]: _parse(v) for k, v in params.items()
+                                    if k.startswith("resources.")})
+    name = _spec_value(spec, "name")
+    rows = register_frontier(client, experiment, parent.info.run_id, name) if frontier else None
+    result = register_champion(client, experiment, parent.info.run_id, spec, latency=latency)
+    return result if rows is None else {**result, "frontier": rows}
+
+
+def latency_settings(speedup: dict[str, Any], resources: dict[str, Any]) -> dict[str, int]:
+    """How ``best_f1_under_latency`` times versions in a sweep: the space's ``speedup`` shape and repeats, with the
+    threads of one trial (``resources.cpu``)."""
+    return {"batch_size": int(speedup.get("batch_size", 1)), "seq_len": int(speedup.get("seq_len", 128)),
+            "repeats": max(int(speedup.get("repeats", 10)), 10), "threads": max(1, int(resources.get("cpu", 1) or 1))}
 
 
 def _parse(value: str) -> Any:

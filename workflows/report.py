@@ -151,6 +151,8 @@ class ReportData:
         tracking_uri: the tracking URI the data came from.
         sweep_url: link to the parent run in the MLflow UI, when a tracking server is known.
         generated: when the report was made (text).
+        hypervolume: the frontier's hypervolume after each completed trial, as ``(trials, hypervolume)`` pairs.
+        hypervolume_compute: the same values against the trial compute seconds spent, ``(seconds, hypervolume)``.
     """
 
     experiment: str
@@ -163,6 +165,8 @@ class ReportData:
     tracking_uri: str | None = None
     sweep_url: str | None = None
     generated: str = ""
+    hypervolume: Sequence[tuple[float, float]] = ()
+    hypervolume_compute: Sequence[tuple[float, float]] = ()
 
     @property
     def trials(self) -> list[TrialRow]:
@@ -405,6 +409,17 @@ def render_markdown(data: ReportData) -> str:
         out += ["", "Load it:", "", "```python", _load_snippet(card), "```", "", "Serve it:", "", "```bash",
                 _serve_command(card), "```"]
 
+    out += ["", "## Search progress: hypervolume of the frontier", ""]
+    if data.hypervolume:
+        # Both series come from the same steps; pair them only when none was lost.
+        same = len(data.hypervolume_compute) == len(data.hypervolume)
+        seconds = dict(enumerate(s for s, _ in data.hypervolume_compute)) if same else {}
+        out += _md_table(("trials completed", "trial compute (s)", "hypervolume"),
+                         ([f"{trials:.0f}", _fmt(seconds.get(i), 0), f"{value:.6g}"]
+                          for i, (trials, value) in enumerate(data.hypervolume)))
+    else:
+        out.append("No hypervolume was logged for this sweep.")
+
     out += ["", "## Trials", ""]
     out += _md_table(_trial_header(data), (_trial_cells(data, r, front, front_speed) for r in data.rows))
     out.append("")
@@ -569,6 +584,24 @@ def _structure_figure(card: ChampionCard) -> str:
     for side in ("top", "right"):
         bar_ax.spines[side].set_visible(False)
     return _svg(fig, "heads kept per layer (grid of layers by heads) and FFN width per layer (bars)", "struct")
+
+
+def _hypervolume_figure(data: ReportData) -> str | None:
+    """The frontier's hypervolume against completed trials and against trial compute seconds (step lines)."""
+    if not data.hypervolume:
+        return None
+    panels = [(data.hypervolume, "trials completed"), (data.hypervolume_compute, "trial compute (seconds)")]
+    panels = [(series, label) for series, label in panels if series]
+    fig, axes = _new_figure(11.0, 3.2, ncols=len(panels), sharey="row")
+    for ax, (series, label) in zip(axes[0], panels):
+        xs = [x for x, _ in series]
+        ys = [y for _, y in series]
+        ax.step(xs, ys, where="post", color=_COLOURS["frontier"], linewidth=1.6)
+        ax.scatter(xs, ys, s=14, color=_COLOURS["frontier"], zorder=3)
+        ax.set_xlabel(label, fontsize=8)
+        _style(ax)
+    axes[0][0].set_ylabel("hypervolume", fontsize=9)
+    return _svg(fig, "hypervolume of the Pareto frontier against completed trials and trial compute seconds", "hv")
 
 
 def _learned_figure(data: ReportData) -> str | None:
@@ -832,6 +865,12 @@ def render_html(data: ReportData) -> str:
                     "density (bottom); hollow points stopped early, the ring marks the champion, the dotted line "
                     "the dense baseline.</figcaption></figure>") if learned else \
         '<p class="note">This sweep searched no parameter.</p>'
+    hypervolume = _hypervolume_figure(data)
+    hypervolume_html = (f'<figure class="wide">{hypervolume}<figcaption>The hypervolume of the Pareto frontier (the '
+                        "objective space its points dominate, up to the reference point) after each completed "
+                        "trial and against the trial compute time spent: a flat end means the last trials no "
+                        "longer moved the frontier.</figcaption></figure>") if hypervolume else \
+        '<p class="note">No hypervolume was logged for this sweep.</p>'
     page = f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -852,6 +891,9 @@ def render_html(data: ReportData) -> str:
 of encoder linear weights it keeps, and its F1 against the measured speedup of its packed model. The red line joins
 the Pareto frontier; the star is the dense baseline (dotted line: its score); the gold ring is the champion. Hollow
 points were stopped early.</figcaption></figure>
+
+<h2 id="progress">Search progress</h2>
+{hypervolume_html}
 
 <h2 id="trials-section">Trials</h2>
 <p class="note">Click a column header to sort; click again to reverse.{' Trial names link to their MLflow runs.'
@@ -1029,14 +1071,25 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
             searched={k: run.data.params[f"searched.{k}"] for k in keys if f"searched.{k}" in run.data.params},
             metrics=dict(run.data.metrics), url=run_url(uri, found.experiment_id, run.info.run_id)))
     policy = parent.data.params.get("registry.policy")
-    for key in ("max_density", "max_f1_drop"):
+    for key in ("max_density", "max_f1_drop", "max_latency_ms"):
         value = parent.data.params.get(f"registry.{key}")
         if policy and value not in (None, "", "None"):
             policy += f" ({key} {value})"
     return ReportData(
         experiment=experiment, sweep_run_id=parent_id, rows=rows, searched=keys, param_types=types,
         champion=_champion(client, parent, uri), policy=policy, tracking_uri=uri,
-        sweep_url=run_url(uri, found.experiment_id, parent_id), generated=time.strftime("%Y-%m-%d %H:%M:%S"))
+        sweep_url=run_url(uri, found.experiment_id, parent_id), generated=time.strftime("%Y-%m-%d %H:%M:%S"),
+        hypervolume=_history(client, parent_id, tracking.METRIC_HYPERVOLUME),
+        hypervolume_compute=_history(client, parent_id, tracking.METRIC_HYPERVOLUME_COMPUTE))
+
+
+def _history(client, run_id: str, metric: str) -> list[tuple[float, float]]:
+    """A metric's (step, value) history, one value per step (the latest logged), by step."""
+    latest: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, metric):
+        if m.step not in latest or m.timestamp >= latest[m.step][0]:
+            latest[m.step] = (m.timestamp, m.value)
+    return [(float(step), value) for step, (_, value) in sorted(latest.items())]
 
 
 def write_report(experiment: str, out_dir: str | Path, tracking_uri: str | None = None,

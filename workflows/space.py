@@ -30,6 +30,7 @@ import yaml
 
 from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict
 from pruning.schedules import warmup_steps
+from workflows.frontier import reference_point as _reference_point
 
 __all__ = [
     "SpaceError",
@@ -59,6 +60,7 @@ POLICIES = {
     "best_f1_under_density": "max_density",
     "min_density_within_f1_drop": "max_f1_drop",
     "fastest_within_f1_drop": "max_f1_drop",
+    "best_f1_under_latency": "max_latency_ms",
 }
 LAMBDA_KEY = "lambda"  # searched pseudo-key: sets lambda_attention and lambda_ffn to the same value
 DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = (("f1", "max"), ("linear_density", "min"))
@@ -68,7 +70,7 @@ EVAL_METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_r
 TIME_ATTR = "training_iteration"  # one iteration = one evaluation report of the trainer
 
 _TOP_KEYS = ("name", "base", "teacher", "search", "algorithm", "objectives", "scheduler", "num_samples",
-             "max_concurrent", "resources", "max_failures", "registry", "speedup", "seed")
+             "max_concurrent", "resources", "max_failures", "registry", "speedup", "seed", "reference_point")
 _SPEEDUP_DEFAULTS = {"batch_size": 1, "seq_len": 128, "repeats": 10}
 _RESOURCE_DEFAULTS = {"cpu": 1.0, "gpu": 0.0}
 
@@ -76,8 +78,8 @@ _RESOURCE_DEFAULTS = {"cpu": 1.0, "gpu": 0.0}
 _SWEEP_OWNED = ("output_dir", "teacher")
 # Searching these would change what a trial is compared on or where it runs, not how it is trained.
 _NOT_SEARCHABLE = _SWEEP_OWNED + ("model", "model_config", "tokenizer", "train_data", "eval_data", "eval_limit",
-                                  "n_best", "max_answer_length", "eval_every", "save_every", "log_every", "device",
-                                  "cache_dir")
+                                  "n_best", "max_answer_length", "max_windows", "eval_every", "save_every",
+                                  "log_every", "device", "cache_dir")
 _TOPK_ONLY = frozenset({"target_density", "topk_scope"})
 _SIGMOID_ONLY = frozenset({"initial_threshold", "final_threshold", "lambda_attention", "lambda_ffn", LAMBDA_KEY})
 _MASK_ONLY = _TOPK_ONLY | _SIGMOID_ONLY | {"attention_block", "mask_lr", "mask_init", "initial_warmup",
@@ -85,7 +87,7 @@ _MASK_ONLY = _TOPK_ONLY | _SIGMOID_ONLY | {"attention_block", "mask_lr", "mask_i
 _DISTIL_ONLY = frozenset({"alpha_ce", "alpha_distil", "temperature"})
 # Keys that cannot change the weights of a dense teacher run (left out of its fingerprint).
 _NOT_IN_FINGERPRINT = (frozenset({"output_dir", "device", "log_every", "save_every", "eval_every", "eval_batch_size",
-                                  "teacher", "method", "cache_dir"}) | _MASK_ONLY | _DISTIL_ONLY)
+                                  "max_windows", "teacher", "method", "cache_dir"}) | _MASK_ONLY | _DISTIL_ONLY)
 _FINGERPRINT_VERSION = "teacher-v1"
 _CORNER_LIMIT = 4096  # above this many corners of the search box only single extremes are checked
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -175,6 +177,7 @@ class RegistrySpec:
     policy: str = "best_f1_under_density"
     max_density: float | None = None  # best_f1_under_density: linear_density <= this
     max_f1_drop: float | None = None  # *_within_f1_drop: F1 points below the dense teacher's F1
+    max_latency_ms: float | None = None  # best_f1_under_latency: measured latency of the registered version
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,8 @@ class SweepSpace:
     max_failures: int = 0  # retries of a failed trial
     speedup: dict[str, int] = field(default_factory=lambda: dict(_SPEEDUP_DEFAULTS))
     seed: int | None = None  # seed of the search algorithm's sampler; None: base seed
+    # The hypervolume's reference value per objective; objectives not listed take frontier.DEFAULT_REFERENCE.
+    reference_point: dict[str, float] = field(default_factory=dict)
 
     @property
     def base_config(self) -> RunConfig:
@@ -348,6 +353,7 @@ def load_space(path: str | Path) -> SweepSpace:
     resources = _parse_resources(ctx, top.get("resources"), base_cfg)
     registry = _parse_registry(ctx, top.get("registry"), name, base_cfg)
     speedup = _parse_speedup(ctx, top.get("speedup"), base_cfg)
+    reference = _parse_reference(ctx, top.get("reference_point"), objectives)
 
     default_samples = 1 if algorithm == "grid" else 8
     num_samples = ctx.integer(top.get("num_samples", default_samples), "num_samples", 1)
@@ -361,7 +367,8 @@ def load_space(path: str | Path) -> SweepSpace:
 
     return SweepSpace(name=name, path=path, base=base, teacher=teacher, search=search, algorithm=algorithm,
                       objectives=objectives, scheduler=sched, num_samples=num_samples, max_concurrent=max_concurrent,
-                      resources=resources, max_failures=max_failures, registry=registry, speedup=speedup, seed=seed)
+                      resources=resources, max_failures=max_failures, registry=registry, speedup=speedup, seed=seed,
+                      reference_point=reference)
 
 
 def _message(err: ConfigError) -> str:
@@ -636,17 +643,23 @@ def _parse_resources(ctx: _Ctx, value: Any, base_cfg: RunConfig) -> dict[str, fl
 
 
 def _parse_registry(ctx: _Ctx, value: Any, name: str, base_cfg: RunConfig) -> RegistrySpec:
-    spec = ctx.mapping(value, "registry", ("name", "policy", "max_density", "max_f1_drop"))
+    spec = ctx.mapping(value, "registry", ("name", "policy", *POLICIES.values()))
     reg_name = ctx.string(spec.get("name", name), "registry.name")
     policy = spec.get("policy", "best_f1_under_density")
     if policy not in POLICIES:
         raise ctx.error("registry.policy", f"unknown value {policy!r} (allowed: {', '.join(POLICIES)})")
     needed = POLICIES[policy]
-    for key in ("max_density", "max_f1_drop"):
+    for key in set(POLICIES.values()):
         if key in spec and key != needed:
             raise ctx.error(f"registry.{key}", f"is not used by policy {policy} (it takes {needed})")
-    max_density = max_f1_drop = None
-    if needed == "max_density":
+    max_density = max_f1_drop = max_latency_ms = None
+    if needed == "max_latency_ms":
+        if "max_latency_ms" not in spec:
+            raise ctx.error("registry.max_latency_ms", f"is required by policy {policy}")
+        max_latency_ms = ctx.number(spec["max_latency_ms"], "registry.max_latency_ms")
+        if not max_latency_ms > 0:
+            raise ctx.error("registry.max_latency_ms", f"must be > 0 (milliseconds), got {max_latency_ms!r}")
+    elif needed == "max_density":
         max_density = ctx.number(spec.get("max_density", base_cfg.target_density), "registry.max_density")
         if not 0 < max_density <= 1:
             raise ctx.error("registry.max_density", f"must be in (0, 1], got {max_density!r}")
@@ -656,7 +669,18 @@ def _parse_registry(ctx: _Ctx, value: Any, name: str, base_cfg: RunConfig) -> Re
         max_f1_drop = ctx.number(spec["max_f1_drop"], "registry.max_f1_drop")
         if max_f1_drop < 0:
             raise ctx.error("registry.max_f1_drop", f"must be >= 0 (F1 points), got {max_f1_drop!r}")
-    return RegistrySpec(reg_name, policy, max_density, max_f1_drop)
+    return RegistrySpec(reg_name, policy, max_density, max_f1_drop, max_latency_ms)
+
+
+def _parse_reference(ctx: _Ctx, value: Any, objectives: list[tuple[str, str]]) -> dict[str, float]:
+    names = [name for name, _ in objectives]
+    spec = ctx.mapping(value, "reference_point", names)
+    out = {key: float(ctx.number(v, f"reference_point.{key}")) for key, v in spec.items()}
+    try:
+        _reference_point(objectives, out)
+    except ValueError as err:
+        raise ctx.error("reference_point", str(err).removeprefix("reference_point: ")) from None
+    return out
 
 
 def _parse_speedup(ctx: _Ctx, value: Any, base_cfg: RunConfig) -> dict[str, int]:

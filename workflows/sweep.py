@@ -5,7 +5,8 @@ Four steps, each delegated to library code:
   2. make sure a dense teacher exists (trained once as a Ray task, reused for the same model/data/config);
   3. ``Tuner.fit()`` over a function trainable that calls ``pruning.trainer.train`` and, at the end, packs the
      model, measures its speedup and reports the final metrics with the packed model as checkpoint;
-  4. log to MLflow (a driver-side callback), tag the frontier, register the champion, write the report.
+  4. log to MLflow (a driver-side callback), tag the frontier and log its hypervolume, register every frontier
+     point and the champion, write the report.
 
 Run it as ``fineprune sweep --space FILE`` or, on a cluster head, ``python workflows/sweep.py --space FILE``.
 """
@@ -329,7 +330,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     import ray
     from ray import tune
 
-    from workflows import registry, tracking
+    from workflows import frontier, registry, tracking
     from workflows.retry import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV, TrackingUnavailable, quick_http_failures
     from workflows.space import param_space, scheduler, search_algorithm, trial_config
 
@@ -411,7 +412,13 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         tracking.log_json(client, parent, summary["frontier"], "frontier.json")
         tracking.log_json(client, parent, summary["frontier_speedup"], "frontier_speedup.json")
         _log_plot(client, parent, runs, summary)
-        champion = registry.register_champion(client, experiment, parent, space.registry, dense_metrics)
+        series = tracking.hypervolume_series(runs, space.objectives,
+                                             frontier.reference_point(space.objectives, space.reference_point))
+        tracking.log_hypervolume(client, parent, series)
+        summary["hypervolume"] = series[-1]["hypervolume"]
+        summary["frontier_versions"] = registry.register_frontier(client, experiment, parent, space.registry.name)
+        champion = registry.register_champion(client, experiment, parent, space.registry, dense_metrics,
+                                              latency=registry.latency_settings(space.speedup, space.resources))
         summary["champion"] = champion
         try:
             from workflows.report import write_report

@@ -47,6 +47,10 @@ __all__ = [
     "MlflowTrialCallback",
     "trial_runs",
     "finish_parent_run",
+    "METRIC_HYPERVOLUME",
+    "METRIC_HYPERVOLUME_COMPUTE",
+    "hypervolume_series",
+    "log_hypervolume",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +69,8 @@ TAG_TOOK_OVER = "fineprune.took_over_trial_id"  # the lost trial whose run this 
 TAG_SWEEP_STATE = "fineprune.sweep_state"  # running | interrupted | complete
 PARENT = "mlflow.parentRunId"
 FINAL_METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup")
+METRIC_HYPERVOLUME = "hypervolume"  # on the parent run, step = trials completed
+METRIC_HYPERVOLUME_COMPUTE = "hypervolume_by_compute_s"  # the same values, step = trial seconds spent so far
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
@@ -496,3 +502,55 @@ def log_json(client: MlflowClient, run_id: str, value: Any, name: str) -> None:
 def tag_runs(client: MlflowClient, runs: Iterable, tag: str, chosen: set[str]) -> None:
     for run in runs:
         client.set_tag(run.info.run_id, tag, "true" if run.info.run_id in chosen else "false")
+
+
+def hypervolume_series(runs: Iterable, objectives, reference: dict[str, float]) -> list[dict[str, float]]:
+    """The frontier's hypervolume as the sweep's trials completed, from their runs.
+
+    Trials count in the order they ended (any status: a failed or stopped trial adds a step but no volume); only
+    finished trials take part in the frontier, as for the ``pareto`` tags. The dense baseline, when among ``runs``,
+    is the starting point (step 0). Compute seconds are the summed wall time of the trial runs that ended so far.
+
+    Returns:
+        One ``{"trials", "compute_s", "hypervolume", "time_ms"}`` row per step, starting with step 0 (``time_ms``:
+        when the step's trial ended; for step 0, when the baseline was logged or the first trial ended).
+    """
+    from workflows.frontier import hypervolume_progress
+
+    runs = list(runs)
+    baseline = [r for r in runs if r.data.tags.get(TAG_KIND) == "baseline"]
+    ended = sorted((r for r in runs if r.data.tags.get(TAG_KIND) == "trial" and r.info.end_time),
+                   key=lambda r: (r.info.end_time, r.info.run_id))
+
+    def point(run) -> dict[str, Any]:
+        if run.data.tags.get(TAG_STATUS, "finished") != "finished":
+            return {}
+        return dict(run.data.metrics)
+
+    values = hypervolume_progress([point(r) for r in baseline[:1] + ended], objectives, reference)
+    if not baseline:
+        values = [0.0] + values
+    start = baseline[0].info.end_time if baseline and baseline[0].info.end_time else None
+    rows, seconds, when = [], 0.0, start or (ended[0].info.end_time if ended else 0)
+    for n, value in enumerate(values):
+        if n:
+            run = ended[n - 1]
+            seconds += max(0.0, (run.info.end_time - run.info.start_time) / 1000.0)
+            when = run.info.end_time
+        rows.append({"trials": n, "compute_s": round(seconds, 3), "hypervolume": value, "time_ms": int(when)})
+    return rows
+
+
+def log_hypervolume(client: MlflowClient, run_id: str, series: list[dict[str, float]]) -> None:
+    """Log a :func:`hypervolume_series` on the sweep's parent run, twice: stepped by completed trials
+    (:data:`METRIC_HYPERVOLUME`) and by trial compute seconds (:data:`METRIC_HYPERVOLUME_COMPUTE`).
+
+    Entries already in the run's history (a resumed sweep) are not logged again.
+    """
+    for name, step_key in ((METRIC_HYPERVOLUME, "trials"), (METRIC_HYPERVOLUME_COMPUTE, "compute_s")):
+        logged = {(m.step, m.value) for m in client.get_metric_history(run_id, name)}
+        batch = [mlflow.entities.Metric(name, float(row["hypervolume"]), int(row.get("time_ms", 0)),
+                                        int(round(row[step_key])))
+                 for row in series if (int(round(row[step_key])), float(row["hypervolume"])) not in logged]
+        for i in range(0, len(batch), 1000):
+            client.log_batch(run_id, metrics=batch[i:i + 1000])

@@ -1,0 +1,376 @@
+"""How fast do the search algorithms find the frontier? Replay them against one measured grid of real trials.
+
+Measuring every algorithm's sweep for real would cost many sweeps. Instead one grid of real trial outcomes is
+measured once (``--measure``: a real ``fineprune`` sweep of ``bench/search_efficiency_space.yaml``, algorithm
+``grid``; the table is committed as ``bench/results/search_efficiency_grid.json``). Each algorithm is then replayed
+against the table: a configuration it samples gets the outcome of the nearest measured grid point (per key, in the
+key's own scale: log for keys whose grid values are spaced geometrically). The samplers search the box the grid
+discretises: each grid value stands for its cell, from halfway to its lower neighbour to halfway to its upper one
+(the outer cells as wide as their inner halves), so every grid point has the same share of the box and uniform
+random sampling draws the grid's points with equal chances. Replays cost no training, so every algorithm runs
+with 10 seeds.
+
+Algorithms: ``grid`` (the measured grid in a random order per seed), ``random`` (Optuna's RandomSampler), and
+Optuna's multi-objective samplers ``tpe`` (TPESampler, what ``algorithm: optuna`` uses) and ``nsga2``
+(NSGAIISampler, population 8); ``gp`` (GPSampler) on request. Each optimises the space's objectives (F1 up,
+linear density down); progress is the hypervolume of the frontier found after n trials
+(:func:`workflows.frontier.hypervolume_progress`, reference F1 0 and linear density 1).
+
+Last line: ``search_efficiency trials_to_grid_hypervolume optuna/grid = X.XX``: the trials the best Optuna sampler
+needs (median over seeds) to reach the whole grid's hypervolume, as a fraction of the grid's trials.
+
+Usage::
+
+    python bench/search_efficiency.py --measure --storage-path runs/search_efficiency   # once: ~48 real trials
+    python bench/search_efficiency.py                                                   # replay (a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from workflows.frontier import hypervolume, hypervolume_progress, reference_point  # noqa: E402
+
+__all__ = ["measure", "load_table", "replay", "main"]
+
+logger = logging.getLogger("search_efficiency")
+
+SPACE = ROOT / "bench" / "search_efficiency_space.yaml"
+TABLE = ROOT / "bench" / "results" / "search_efficiency_grid.json"
+METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup")
+OPTUNA_SAMPLERS = ("tpe", "nsga2", "gp")
+DEFAULT_SAMPLERS = ("grid", "random", "tpe", "nsga2")
+CHECKPOINTS = (4, 8, 12, 16, 24, 32, 48, 96, 192)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measuring the table (once)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _log_spaced(values: Sequence[float]) -> bool:
+    """True when the grid values are more evenly spaced in log scale than in linear scale."""
+    values = sorted(float(v) for v in values)
+    if len(values) < 3 or values[0] <= 0:
+        return False
+
+    def unevenness(xs: Sequence[float]) -> float:
+        steps = np.diff(xs)
+        return float(np.std(steps) / np.mean(steps))
+
+    return unevenness(np.log(values)) < unevenness(values)
+
+
+def measure(space_path: Path, out: Path, tracking_uri: str, storage_path: str) -> dict[str, Any]:
+    """Run the grid sweep of ``space_path`` for real and write its trials' outcomes as the replay table."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows import tracking
+    from workflows.space import load_space
+    from workflows.sweep import run_sweep
+
+    space = load_space(space_path)
+    if space.algorithm != "grid":
+        raise SystemExit(f"{space_path}: algorithm: must be grid for a replay table, got {space.algorithm}")
+    started = time.time()
+    summary = run_sweep(space_path, tracking_uri=tracking_uri, storage_path=storage_path,
+                        report_dir=Path(storage_path) / "report")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = tracking.trial_runs(client, summary["experiment"], summary["parent_run_id"], include_baseline=True)
+    rows = []
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        kind = run.data.tags.get(tracking.TAG_KIND)
+        row: dict[str, Any] = {"run_id": run.info.run_id, "kind": kind,
+                               "status": run.data.tags.get(tracking.TAG_STATUS, "unknown")}
+        for key in space.search:
+            value = run.data.params.get(f"searched.{key}")
+            row[key] = None if value is None else float(value)
+        row.update({key: run.data.metrics.get(key) for key in METRICS})
+        if run.info.end_time:
+            row["seconds"] = round((run.info.end_time - run.info.start_time) / 1000.0, 1)
+        rows.append(row)
+    search = {key: {"values": [float(v) for v in spec.values], "log": _log_spaced(spec.values)}
+              for key, spec in space.search.items()}
+    table = {
+        "space": str(space_path.relative_to(ROOT)) if space_path.is_relative_to(ROOT) else str(space_path),
+        "search": search,
+        "objectives": [list(o) for o in space.objectives],
+        "reference_point": reference_point(space.objectives, space.reference_point),
+        "sweep_wall_seconds": summary.get("wall_seconds"),
+        "measure_wall_seconds": round(time.time() - started, 1),
+        "measured": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+    trials = [r for r in rows if r["kind"] == "trial"]
+    logger.info("wrote %s: %d trials (%d finished), sweep wall %.0f s", out, len(trials),
+                sum(r["status"] == "finished" for r in trials), summary.get("wall_seconds") or 0)
+    return table
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Replaying the search algorithms
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Table:
+    """The measured grid: outcome lookup by nearest grid point."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.search: dict[str, dict[str, Any]] = data["search"]
+        self.keys = list(self.search)
+        self.objectives = [tuple(o) for o in data["objectives"]]
+        self.reference = dict(data["reference_point"])
+        self.trials = [r for r in data["rows"] if r["kind"] == "trial"]
+        self.baseline = [r for r in data["rows"] if r["kind"] == "baseline"]
+        self._index = {self._grid_key(r): r for r in self.trials}
+        expected = math.prod(len(spec["values"]) for spec in self.search.values())
+        if len(self._index) != expected:
+            raise ValueError(f"table: {len(self._index)} distinct grid points, the grid has {expected}")
+
+    def _grid_key(self, row: dict[str, Any]) -> tuple[float, ...]:
+        return tuple(self._snap(key, row[key]) for key in self.keys)
+
+    def _scaled(self, key: str, value: float) -> float:
+        return math.log(value) if self.search[key]["log"] else value
+
+    def _unscaled(self, key: str, value: float) -> float:
+        return math.exp(value) if self.search[key]["log"] else value
+
+    def bounds(self, key: str) -> tuple[float, float]:
+        """The box the grid values of ``key`` discretise: their cells' outer edges (in the key's scale)."""
+        values = sorted(self._scaled(key, v) for v in self.search[key]["values"])
+        if len(values) == 1:
+            return self._unscaled(key, values[0]), self._unscaled(key, values[0])
+        low = values[0] - (values[1] - values[0]) / 2
+        high = values[-1] + (values[-1] - values[-2]) / 2
+        return self._unscaled(key, low), self._unscaled(key, high)
+
+    def _snap(self, key: str, value: float) -> float:
+        values = self.search[key]["values"]
+        return min(values, key=lambda v: abs(self._scaled(key, v) - self._scaled(key, value)))
+
+    def outcome(self, params: dict[str, float]) -> dict[str, Any]:
+        """The measured trial nearest to ``params`` (per key, in the key's scale)."""
+        return self._index[tuple(self._snap(key, params[key]) for key in self.keys)]
+
+    def point(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A row as a frontier point (empty when the trial did not finish: it adds no volume)."""
+        return {k: row[k] for k in METRICS if row.get(k) is not None} if row["status"] == "finished" else {}
+
+    def grid_hypervolume(self) -> float:
+        return hypervolume([self.point(r) for r in self.trials], self.objectives, self.reference)
+
+
+def _optuna_sampler(name: str, seed: int):
+    import optuna
+
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    raise ValueError(f"unknown sampler {name!r}")
+
+
+def _run_optuna(table: Table, name: str, seed: int, budget: int) -> list[dict[str, Any]]:
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    distributions = {key: FloatDistribution(*table.bounds(key), log=spec["log"]) for key, spec in table.search.items()}
+    directions = ["maximize" if mode == "max" else "minimize" for _, mode in table.objectives]
+    study = optuna.create_study(directions=directions, sampler=_optuna_sampler(name, seed))
+    rows = []
+    for _ in range(budget):
+        trial = study.ask(distributions)
+        row = table.outcome(trial.params)
+        point = table.point(row)
+        if point:
+            study.tell(trial, [point[metric] for metric, _ in table.objectives])
+        else:
+            study.tell(trial, state=TrialState.FAIL)
+        rows.append(row)
+    return rows
+
+
+def _run_grid(table: Table, seed: int, budget: int) -> list[dict[str, Any]]:
+    order = list(table.trials)
+    np.random.default_rng(seed).shuffle(order)
+    return order[:budget]
+
+
+def replay(table: Table, sampler: str, seeds: int, budget: int) -> list[list[float]]:
+    """Hypervolume after each trial, one list per seed (the dense baseline counts from the start, as in a sweep)."""
+    curves = []
+    for seed in range(seeds):
+        rows = _run_grid(table, seed, budget) if sampler == "grid" else _run_optuna(table, sampler, seed, budget)
+        start = [table.point(r) for r in table.baseline]
+        curve = hypervolume_progress(start + [table.point(r) for r in rows], table.objectives, table.reference)
+        curves.append(curve[len(start):])
+    return curves
+
+
+def trials_to_reach(curve: Sequence[float], target: float, tolerance: float = 0.0) -> float:
+    """1-based trial count at which the curve reaches ``target`` (within a relative tolerance); inf if never."""
+    goal = target * (1.0 - tolerance) - 1e-9 * abs(target)
+    for i, value in enumerate(curve):
+        if value >= goal:
+            return float(i + 1)
+    return math.inf
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _fmt(value: float) -> str:
+    return "never" if math.isinf(value) else f"{value:g}"
+
+
+def report(table: Table, curves: dict[str, list[list[float]]], budget: int, plot: Path | None) -> dict[str, Any]:
+    """Print the comparison (Markdown tables) and return it as a dict; the last printed line is the summary."""
+    grid_hv = table.grid_hypervolume()
+    n_grid = len(table.trials)
+    checkpoints = [n for n in CHECKPOINTS if n <= budget]
+    results: dict[str, Any] = {"grid_trials": n_grid, "grid_hypervolume": grid_hv, "budget": budget,
+                               "samplers": {}}
+    print(f"grid: {n_grid} measured trials, {sum(r['status'] == 'finished' for r in table.trials)} finished, "
+          f"hypervolume {grid_hv:.4f} (reference {table.reference})")
+    print()
+    print("Median fraction of the grid's hypervolume after n trials (10 seeds; min-max in brackets):")
+    print()
+    print("| sampler | " + " | ".join(f"n={n}" for n in checkpoints) + " |")
+    print("|---|" + "---|" * len(checkpoints))
+    for name, runs in curves.items():
+        cells = []
+        for n in checkpoints:
+            fractions = [run[n - 1] / grid_hv for run in runs]
+            cells.append(f"{_median(fractions):.3f} [{min(fractions):.2f}-{max(fractions):.2f}]")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
+    print("Trials to reach the grid's hypervolume (median over seeds [min-max]; 'never' within the budget of "
+          f"{budget}):")
+    print()
+    print("| sampler | 100% | 99% | 95% | 100%: as a fraction of the grid's trials |")
+    print("|---|---|---|---|---|")
+    for name, runs in curves.items():
+        entry = {}
+        cells = []
+        for tolerance in (0.0, 0.01, 0.05):
+            reached = [trials_to_reach(run, grid_hv, tolerance) for run in runs]
+            median = _median(reached)
+            entry[f"trials_to_{100 - round(tolerance * 100)}pct"] = {"median": median, "all": reached}
+            cells.append(f"{_fmt(median)} [{_fmt(min(reached))}-{_fmt(max(reached))}]")
+        exact = entry["trials_to_100pct"]["median"]
+        cells.append("never" if math.isinf(exact) else f"{exact / n_grid:.2f}")
+        entry["median_curve"] = [_median([run[i] for run in runs]) for i in range(budget)]
+        results["samplers"][name] = entry
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if plot is not None:
+        _plot(curves, grid_hv, n_grid, plot)
+    optuna = {name: results["samplers"][name]["trials_to_100pct"]["median"] for name in curves
+              if name in OPTUNA_SAMPLERS}
+    best = min(optuna, key=optuna.get)
+    ratio = optuna[best] / n_grid
+    results.update({"best_optuna_sampler": best, "ratio": ratio})
+    print()
+    print(f"best Optuna sampler: {best} ({_fmt(optuna[best])} trials, median over seeds, of the grid's {n_grid})")
+    print(f"search_efficiency trials_to_grid_hypervolume optuna/grid = {ratio:.2f}")
+    return results
+
+
+def _plot(curves: dict[str, list[list[float]]], grid_hv: float, n_grid: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, runs in curves.items():
+        median = [statistics.median(run[i] for run in runs) / grid_hv for i in range(len(runs[0]))]
+        low = [min(run[i] for run in runs) / grid_hv for i in range(len(runs[0]))]
+        high = [max(run[i] for run in runs) / grid_hv for i in range(len(runs[0]))]
+        xs = range(1, len(median) + 1)
+        (line,) = ax.plot(xs, median, label=name)
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.12)
+    ax.axvline(n_grid, color="#999999", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("trials")
+    ax.set_ylabel("fraction of the grid's hypervolume")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def load_table(path: Path) -> Table:
+    return Table(json.loads(path.read_text(encoding="utf-8")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measure", action="store_true", help="run the grid sweep for real and write the table")
+    parser.add_argument("--space", type=Path, default=SPACE)
+    parser.add_argument("--table", type=Path, default=TABLE)
+    parser.add_argument("--tracking-uri", default=None, help="for --measure (default sqlite:///<storage>/mlflow.db)")
+    parser.add_argument("--storage-path", default="runs/search_efficiency", help="for --measure")
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--budget", type=int, default=None, help="trials per replay (default: 4 x the grid)")
+    parser.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS),
+                        help=f"comma-separated, of grid, random, {', '.join(OPTUNA_SAMPLERS)}")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--plot", type=Path, help="draw the median curves here (PNG)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.measure:
+        storage = str(Path(args.storage_path).resolve())
+        uri = args.tracking_uri or f"sqlite:///{storage}/mlflow.db"
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        measure(args.space.resolve(), args.table, uri, storage)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    table = load_table(args.table)
+    budget = args.budget or 4 * len(table.trials)
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    unknown = [s for s in samplers if s not in ("grid", "random", *OPTUNA_SAMPLERS)]
+    if unknown or not any(s in OPTUNA_SAMPLERS for s in samplers):
+        parser.error(f"--samplers: unknown {unknown} or no Optuna multi-objective sampler among {samplers}")
+    curves: dict[str, list[list[float]]] = {}
+    for name in samplers:
+        started = time.time()
+        curves[name] = replay(table, name, args.seeds, min(budget, len(table.trials)) if name == "grid" else budget)
+        if name == "grid":  # the grid is done after its last trial: its hypervolume stays
+            curves[name] = [run + [run[-1]] * (budget - len(run)) for run in curves[name]]
+        logger.info("replayed %s: %d seeds x %d trials in %.1f s", name, args.seeds, budget, time.time() - started)
+    results = report(table, curves, budget, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

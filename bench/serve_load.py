@@ -1,0 +1,147 @@
+"""The served QA model under load and bad input: ``mlflow models serve`` on 127.0.0.1, concurrent clients.
+
+Serves a registered model (``--model-uri`` with ``--tracking-uri``, e.g. the champion after ``make demo``), or
+registers a QA model directory first (``--model-dir``, default: the shipped MiniLM with a fresh QA head: its answers
+mean nothing, its speed is that of a 6-layer 384-wide BERT) in a temporary SQLite store. Then:
+
+1. load: ``--requests`` one-record requests of real SQuAD dev questions from ``--clients`` concurrent clients,
+   ``--bad-fraction`` of them malformed (empty, null and 200,000-word fields); counts answered requests,
+   expected 400s (a one-line message naming the record and the field), everything else, requests/s and latency;
+2. batching: records/s with 1 and with 32 records per request, from one client, the two interleaved round by
+   round, on the same records (and whether both give the same answers);
+3. ``/ping`` still answers; the server is stopped.
+
+The last line is ``serve_load ok = A/B bad_rejected = C/D other = E rps = X.X p99_ms = Y``.
+
+    python bench/serve_load.py                                     # the shipped MiniLM, 300 requests, 8 clients
+    python bench/serve_load.py --model-uri models:/fineprune-minilm-squad@champion --tracking-uri sqlite:///mlflow.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pruning import squad
+from pruning.resources import resolve_data, resolve_model
+from workflows.registry import ALIAS, SERVE_DEFAULTS, log_qa_model
+from workflows.serving import ModelServer, invoke, ping, run_load
+
+logger = logging.getLogger("serve_load")
+
+
+def register_dir(model_dir: Path, root: Path, settings: dict[str, int]) -> tuple[str, str]:
+    """Log ``model_dir`` as the QA pyfunc in a new SQLite store under ``root`` and register it: (model URI,
+    tracking URI)."""
+    tracking_uri = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.create_experiment("serve-load", artifact_location=(root / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
+        info = log_qa_model(model_dir, settings)
+    client.create_registered_model("serve-load")
+    version = client.create_model_version("serve-load", source=info.model_uri, run_id=run.info.run_id,
+                                          model_id=info.model_id)
+    client.set_registered_model_alias("serve-load", ALIAS, version.version)
+    return f"models:/serve-load@{ALIAS}", tracking_uri
+
+
+def batching(url: str, records: list[dict], per_request: int, rounds: int) -> dict[str, float]:
+    """Records/s with 1 and ``per_request`` records per request over the same records, interleaved."""
+    chunk = records[:per_request]
+    rates: dict[int, list[float]] = {1: [], per_request: []}
+    same = True
+    for r in range(rounds):
+        for size in ((1, per_request) if r % 2 == 0 else (per_request, 1)):
+            start = time.perf_counter()
+            if size == 1:
+                replies = [invoke(url, [record]) for record in chunk]
+            else:
+                replies = [invoke(url, chunk)]
+            seconds = time.perf_counter() - start
+            if any(reply.status != 200 for reply in replies):
+                bad = next(reply for reply in replies if reply.status != 200)
+                raise RuntimeError(f"batching: a request failed with {bad.status}: {str(bad.body)[:300]}")
+            answers = [p["answer"] for reply in replies for p in reply.body["predictions"]]
+            if size == 1:
+                single = answers
+            else:
+                batched = answers
+            rates[size].append(len(chunk) / seconds)
+        same = same and single == batched
+    return {"one": statistics.median(rates[1]), "many": statistics.median(rates[per_request]), "same": same}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-uri", help="a registered model (needs --tracking-uri)")
+    parser.add_argument("--tracking-uri")
+    parser.add_argument("--model-dir", default="minilm", help="register this QA model directory first")
+    parser.add_argument("--max-seq-length", type=int, default=SERVE_DEFAULTS["max_seq_length"])
+    parser.add_argument("--doc-stride", type=int, default=SERVE_DEFAULTS["doc_stride"])
+    parser.add_argument("--max-windows", type=int, default=SERVE_DEFAULTS["max_windows"])
+    parser.add_argument("--batch-size", type=int, default=SERVE_DEFAULTS["batch_size"])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--bad-fraction", type=float, default=0.05)
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument("--threads", type=int, help="torch threads of the server (OMP_NUM_THREADS); default: torch's")
+    parser.add_argument("--per-request", type=int, default=32, help="records per request in the batching phase")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the batching phase (0: skip)")
+    parser.add_argument("--data", default="dev")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.model_uri and not args.tracking_uri:
+        parser.error("--model-uri needs --tracking-uri")
+
+    examples = squad.load_squad(resolve_data(args.data), limit=max(args.requests, args.per_request))
+    records = [{"question": ex.question, "context": ex.context} for ex in examples]
+    with tempfile.TemporaryDirectory(prefix="serve_load-") as tmp:
+        root = Path(tmp)
+        if args.model_uri:
+            model_uri, tracking_uri = args.model_uri, args.tracking_uri
+        else:
+            settings = {"max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride,
+                        "max_windows": args.max_windows, "batch_size": args.batch_size}
+            model_uri, tracking_uri = register_dir(resolve_model(args.model_dir), root, settings)
+        env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+        with ModelServer(model_uri, tracking_uri, root / "serve.log", workers=args.workers, env=env) as server:
+            for record in records[:3]:  # warm-up
+                invoke(server.url, [record])
+            result = run_load(server.url, records, requests=args.requests, clients=args.clients,
+                              bad_fraction=args.bad_fraction, seed=args.seed)
+            rates = batching(server.url, records, args.per_request, args.rounds) if args.rounds else None
+            alive = ping(server.url)
+    for problem in result.problems[:20]:
+        logger.info("other: %s", problem)
+    print(f"model {model_uri}, {args.requests} requests from {args.clients} clients, {result.bad} malformed, "
+          f"{args.workers} server worker(s), {args.threads or 'default'} torch threads")
+    print(f"ok {result.ok}/{result.valid}  bad_rejected {result.bad_rejected}/{result.bad}  other {result.other}  "
+          f"5xx/no answer {result.server_errors}  /ping after: {'ok' if alive else 'FAILED'}")
+    print(f"{result.rps:.1f} requests/s over {result.seconds:.1f} s; latency p50 {result.percentile_ms(50):.0f} ms, "
+          f"p99 {result.percentile_ms(99):.0f} ms, max {1000 * max(result.latencies):.0f} ms")
+    by_kind: dict[str, list[float]] = {}
+    for kind, seconds in zip(result.kinds, result.latencies):
+        by_kind.setdefault(kind, []).append(seconds)
+    print("median latency by kind of request: " + ", ".join(
+        f"{kind} {1000 * statistics.median(values):.0f} ms ({len(values)})" for kind, values in sorted(by_kind.items())))
+    if rates:
+        print(f"batching: {rates['one']:.1f} records/s at 1 record per request, {rates['many']:.1f} records/s at "
+              f"{args.per_request} per request ({rates['many'] / rates['one']:.2f}x; median of {args.rounds} "
+              f"interleaved rounds; same answers: {'yes' if rates['same'] else 'no'})")
+    print(f"serve_load ok = {result.ok}/{result.valid} bad_rejected = {result.bad_rejected}/{result.bad} "
+          f"other = {result.other} rps = {result.rps:.1f} p99_ms = {result.percentile_ms(99):.0f}")
+    return 0 if result.other == 0 and alive else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

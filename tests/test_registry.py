@@ -1,0 +1,191 @@
+"""The registry: a sweep's whole frontier as model versions, and the choice of a version by latency budget.
+
+A hand-made sweep record in a real SQLite MLflow store: trial runs whose ``packed_model`` artifacts are tiny random
+BERTs packed to very different widths (one of them unpruned), so that their speed order is fixed by their shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForQuestionAnswering
+
+from pruning.packing import pack, save_packed
+from workflows import registry, tracking
+from workflows.cli import main
+
+NAME = "tiny-frontier"
+WIDE, NARROW, NARROWEST, DOMINATED = "wide", "narrow", "narrowest", "dominated"
+# name -> (heads kept per layer, FFN width kept, F1, linear density, on the density frontier)
+TRIALS = {
+    WIDE: (4, 2048, 90.0, 1.0, True),
+    NARROW: (1, 64, 60.0, 0.1, True),
+    NARROWEST: (1, 16, 40.0, 0.05, True),
+    DOMINATED: (2, 512, 30.0, 0.5, False),
+}
+
+
+def _packed_dir(path, tokenizer, heads: int, ffn: int):
+    """A 2-layer BERT (hidden 256, 4 heads of 64, FFN 2048) with heads and FFN dimensions zeroed, then packed."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=2048, max_position_embeddings=128)
+    model = BertForQuestionAnswering(config).eval()
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.attention.output.dense.weight[:, heads * 64:] = 0  # the output columns of the removed heads
+            layer.output.dense.weight[:, ffn:] = 0  # the output columns of the removed FFN dimensions
+    save_packed(pack(model), tokenizer, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory, tokenizer):
+    """A sweep's parent run, its dense baseline and four finished trials with packed models."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("tiny", artifact_location=(root / "artifacts").as_uri())
+    parent = client.create_run(experiment_id, tags={tracking.TAG_KIND: "sweep"}).info.run_id
+    client.log_param(parent, "registry.name", NAME)
+    client.log_param(parent, "registry.policy", "best_f1_under_density")
+    client.log_param(parent, "registry.max_density", "0.5")
+    baseline = client.create_run(experiment_id, tags={tracking.TAG_KIND: "baseline", tracking.PARENT: parent,
+                                                      tracking.TAG_STATUS: "finished", "pareto": "true"})
+    client.log_metric(baseline.info.run_id, "f1", 95.0)
+    client.set_terminated(baseline.info.run_id)
+    runs = {}
+    for name, (heads, ffn, f1, density, on_front) in TRIALS.items():
+        run_id = client.create_run(experiment_id, tags={
+            tracking.TAG_KIND: "trial", tracking.PARENT: parent, tracking.TAG_STATUS: "finished",
+            "fineprune.packed_artifact": "packed_model", "pareto": str(on_front).lower(),
+            "pareto_speedup": "false", "mlflow.runName": name}).info.run_id
+        client.log_artifacts(run_id, str(_packed_dir(root / name, tokenizer, heads, ffn)), "packed_model")
+        for key, value in {"f1": f1, "exact_match": f1 - 10, "linear_density": density, "total_density": density,
+                           "heads_removed": 2 * (4 - heads), "speedup": 1.0}.items():
+            client.log_metric(run_id, key, value)
+        client.log_param(run_id, "max_seq_length", "128")
+        client.set_terminated(run_id)
+        runs[name] = run_id
+    ends = {run_id: client.get_run(run_id).info.end_time for run_id in runs.values()}
+    return {"client": client, "uri": uri, "parent": parent, "runs": runs, "ends": ends}
+
+
+@pytest.fixture(scope="module")
+def registered(record):
+    """The frontier registered twice in a row."""
+    first = registry.register_frontier(record["client"], "tiny", record["parent"], NAME)
+    second = registry.register_frontier(record["client"], "tiny", record["parent"], NAME)
+    return first, second
+
+
+def _versions(client) -> dict[str, object]:
+    return {v.tags[registry.TAG_TRIAL_RUN]: v for v in client.search_model_versions(f"name = '{NAME}'")}
+
+
+def test_frontier_registration_is_idempotent_and_tagged(record, registered):
+    first, second = registered
+    client, runs = record["client"], record["runs"]
+    assert first == second
+    versions = _versions(client)
+    # Every trial on the frontier, once; not the dominated trial, not the baseline (it has no packed model).
+    assert set(versions) == {runs[WIDE], runs[NARROW], runs[NARROWEST]}
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 3
+    assert [row["run_id"] for row in first] == [runs[NARROWEST], runs[NARROW], runs[WIDE]]  # sparsest first
+    tags = versions[runs[NARROW]].tags
+    assert tags["sweep_run_id"] == record["parent"] and tags["pareto"] == "true"
+    for key, value in {"f1": 60.0, "exact_match": 50.0, "linear_density": 0.1, "total_density": 0.1,
+                       "heads_removed": 6.0, "speedup": 1.0}.items():
+        assert float(tags[key]) == value, key
+    assert client.get_registered_model(NAME).aliases == {}  # the frontier gets no alias
+    for run_id in versions:  # logging the model on the trial's run kept the run's record
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.info.end_time == record["ends"][run_id]
+
+
+def _select(capsys, record, budget: float, alias: str = "champion") -> tuple[int, str, str]:
+    code = main(["select", "--model", NAME, "--max-latency-ms", str(budget), "--batch-size", "1", "--seq-len", "128",
+                 "--threads", "1", "--repeats", "9", "--alias", alias, "--tracking-uri", record["uri"]])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_select_picks_the_most_accurate_version_within_the_budget(record, registered, capsys):
+    client, runs = record["client"], record["runs"]
+    by_run = {run_id: str(v.version) for run_id, v in _versions(client).items()}
+
+    code, out, _ = _select(capsys, record, 1e6)  # no limit: the most accurate
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["version"] == by_run[runs[WIDE]] and result["f1"] == 90.0
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == by_run[runs[WIDE]]
+    latency = {row["run_id"]: row["latency_ms"] for row in result["versions"]}
+    assert set(latency) == {runs[WIDE], runs[NARROW], runs[NARROWEST]}
+    assert all(math.isfinite(v) and v > 0 for v in latency.values())
+    # The unpruned model does about 16 times the matrix work of the narrow ones: its order is robust to load.
+    assert latency[runs[WIDE]] > max(latency[runs[NARROW]], latency[runs[NARROWEST]])
+
+    # A budget between the narrow and the wide models: both narrow ones fit, the more accurate is chosen.
+    budget = math.sqrt(latency[runs[WIDE]] * max(latency[runs[NARROW]], latency[runs[NARROWEST]]))
+    code, out, _ = _select(capsys, record, budget, alias="edge")
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["version"] == by_run[runs[NARROW]] and result["alias"] == "edge"
+    assert str(client.get_model_version_by_alias(NAME, "edge").version) == by_run[runs[NARROW]]
+    assert {row["version"]: row["within_budget"] for row in result["versions"]}[by_run[runs[WIDE]]] is False
+
+
+def test_a_budget_nothing_meets_leaves_the_alias_as_it_was(record, registered, capsys):
+    client = record["client"]
+    wide = str(_versions(client)[record["runs"][WIDE]].version)
+    client.set_registered_model_alias(NAME, "champion", wide)
+    code, out, err = _select(capsys, record, 1e-6)
+    assert code == 2 and out == ""
+    lines = [line for line in err.splitlines() if line.startswith("fineprune select: error:")]
+    assert len(lines) == 1 and NAME in lines[0] and "1e-06 ms" in lines[0]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == wide
+
+
+def test_select_on_a_missing_model_is_a_one_line_error(record, capsys):
+    code = main(["select", "--model", "no-such-model", "--max-latency-ms", "10", "--tracking-uri", record["uri"]])
+    _, err = capsys.readouterr()
+    assert code == 2 and "no-such-model" in err.splitlines()[-1]
+
+
+def test_the_latency_policy_chooses_among_measured_points():
+    points = [{"run_id": "a", "f1": 80.0, "latency_ms": 12.0}, {"run_id": "b", "f1": 70.0, "latency_ms": 4.0},
+              {"run_id": "c", "f1": 70.0, "latency_ms": 3.0}, {"run_id": "d", "f1": 99.0}]
+    pick = registry.select_champion
+    assert pick(points, "best_f1_under_latency", max_latency_ms=20.0)["run_id"] == "a"
+    assert pick(points, "best_f1_under_latency", max_latency_ms=5.0)["run_id"] == "c"  # a tie goes to the faster
+    assert pick(points, "best_f1_under_latency", max_latency_ms=2.0) is None
+    with pytest.raises(ValueError, match="max_latency_ms"):
+        pick(points, "best_f1_under_latency")
+
+
+def test_a_sweep_registers_its_whole_frontier_once(smoke_sweep):
+    from mlflow.tracking import MlflowClient
+
+    from workflows.registry import register_from_experiment
+
+    client = MlflowClient(tracking_uri=smoke_sweep["tracking_uri"])
+    runs = tracking.trial_runs(client, smoke_sweep["experiment"], smoke_sweep["parent_run_id"])
+    front = {r.info.run_id for r in runs if r.data.tags.get("fineprune.status") == "finished"
+             and (r.data.tags.get("pareto") == "true" or r.data.tags.get("pareto_speedup") == "true")}
+    name = "fineprune-smoke"
+    versions = {v.tags[registry.TAG_TRIAL_RUN]: str(v.version) for v in client.search_model_versions(f"name = '{name}'")}
+    assert front and set(versions) == front
+    assert {row["run_id"]: row["version"] for row in smoke_sweep["frontier_versions"]} == versions
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.tags["policy"] == "best_f1_under_density"  # the champion keeps its policy
+    for _ in range(2):  # `fineprune register --frontier`, twice: no new version, the champion unchanged
+        again = register_from_experiment(smoke_sweep["experiment"], tracking_uri=smoke_sweep["tracking_uri"],
+                                         frontier=True)
+        assert {row["run_id"]: row["version"] for row in again["frontier"]} == versions
+        assert again["version"] == str(champion.version)
+    assert len(client.search_model_versions(f"name = '{name}'")) == len(versions)
