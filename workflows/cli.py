@@ -46,6 +46,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover
         pass
     try:
+        from pruning.export import ExportError
+
+        errors.append(ExportError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
         from workflows.space import SpaceError
 
         errors.append(SpaceError)
@@ -106,40 +112,69 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return _run_training(args, method_required=True)
 
 
-def _load_any(model_dir: str):
+def _load_any(model_dir: str, variant: str | None = None):
+    """A PyTorch model directory, or an exported one (run by ONNX Runtime), with its tokenizer."""
     from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.export import is_exported_dir, load_exported
     from pruning.resources import resolve_model
 
     path = resolve_model(model_dir)
+    if is_exported_dir(path):
+        return load_exported(path, variant=variant), load_tokenizer(path)
+    if variant is not None:
+        raise UserError(f"{path}: --variant applies to exported directories (see `fineprune export`)")
     return load_model(path), load_tokenizer(path)
+
+
+def _check_exported_precision(precision: str) -> None:
+    if precision == "bf16":
+        raise UserError("--precision bf16: an exported model runs at the precision it was exported with "
+                        "(--variant fp32 or int8)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from pruning import squad
     from pruning.config import RunConfig
+    from pruning.export import OrtQAModel
     from pruning.resources import resolve_data
     from pruning.trainer import evaluate, resolve_device
 
-    model, tokenizer = _load_any(args.model_dir)
+    model, tokenizer = _load_any(args.model_dir, args.variant)
     examples = squad.load_squad(resolve_data(args.data), limit=args.limit)
     cfg = RunConfig(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride, eval_batch_size=args.batch_size,
                     precision=args.precision)
-    device = resolve_device(args.device)
-    model.to(device)
-    metrics = evaluate(model, tokenizer, examples, cfg, device=device, progress=not args.no_progress)
+    if isinstance(model, OrtQAModel):
+        # The same windows, span search and metric as for a PyTorch model; ONNX Runtime runs on the CPU.
+        if args.device not in ("auto", "cpu"):
+            raise UserError(f"--device {args.device}: an exported model runs on the CPU")
+        _check_exported_precision(args.precision)
+        metrics, _ = squad.evaluate_model(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
+                                          doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
+                                          max_answer_length=cfg.max_answer_length, n_best=cfg.n_best,
+                                          progress=not args.no_progress)
+        metrics["variant"] = model.variant
+    else:
+        device = resolve_device(args.device)
+        model.to(device)
+        metrics = evaluate(model, tokenizer, examples, cfg, device=device, progress=not args.no_progress)
     metrics["questions"] = len(examples)
     _emit(metrics)
     return 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    from pruning.export import OrtQAModel
     from pruning.inference import answer
     from pruning.precision import autocast, resolve_precision
 
-    precision = resolve_precision(args.precision, "cpu")
-    model, tokenizer = _load_any(args.model_dir)
-    with autocast(precision, "cpu"):
+    model, tokenizer = _load_any(args.model_dir, args.variant)
+    if isinstance(model, OrtQAModel):
+        _check_exported_precision(args.precision)
         result = answer(model, tokenizer, args.question, args.context)
+    else:
+        precision = resolve_precision(args.precision, "cpu")
+        with autocast(precision, "cpu"):
+            result = answer(model, tokenizer, args.question, args.context)
     _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end})
     return 0
 
@@ -157,6 +192,14 @@ def cmd_pack(args: argparse.Namespace) -> int:
     report = pack_checkpoint(args.checkpoint, args.out_dir, data=args.data, questions=args.questions,
                              overwrite=args.overwrite, precision=args.precision)
     _emit(report)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pruning.export import export_checkpoint
+
+    _emit(export_checkpoint(args.model_dir, args.out_dir, quantize=args.quantize, opset=args.opset, data=args.data,
+                            questions=args.questions, overwrite=args.overwrite))
     return 0
 
 
@@ -228,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     training("train", cmd_train, "dense fine-tune (teacher and baseline)")
     training("prune", cmd_prune, "one masked fine-pruning run")
 
-    p = sub.add_parser("eval", help="EM/F1 of a dense, masked or packed model")
+    variant_help = "which model of an exported directory to run (default: int8 when it was quantized)"
+    p = sub.add_parser("eval", help="EM/F1 of a dense, masked, packed or exported model")
     p.add_argument("model_dir")
     p.add_argument("--data", default="dev", help="SQuAD JSON, or 'dev'/'train' (default dev)")
     p.add_argument("--limit", type=int)
@@ -238,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
                    help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (default fp32)")
+    p.add_argument("--variant", choices=("fp32", "int8"), help=variant_help)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -247,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", required=True)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
                    help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (default fp32)")
+    p.add_argument("--variant", choices=("fp32", "int8"), help=variant_help)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("score", help="official SQuAD v1.1 EM/F1 of a predictions file")
@@ -263,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
                    help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto for the latency timing (default fp32)")
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("export", help="export a packed (or dense) model to ONNX for ONNX Runtime")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--quantize", choices=("int8",), help="also write a dynamically quantized int8 model")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 to 20 (default 17)")
+    p.add_argument("--data", default="dev", help="questions for the logit check (default: shipped dev)")
+    p.add_argument("--questions", type=int, default=16, help="how many dev questions to compare on")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep with MLflow tracking")
     p.add_argument("--space", required=True, help="tune_spaces/*.yaml")

@@ -1,0 +1,243 @@
+"""End-to-end serving speed on CPU: PyTorch eager against ONNX Runtime (fp32 and dynamic int8) for packed models.
+
+One question at a time (batch 1), end to end as a server answers it: tokenize the question and its context into a
+window, run the model, search the span and cut the answer text (:func:`pruning.inference.answer`). Contexts are cut
+so that each question fills one window of about 384 (then 128) tokens. Four ways of serving are timed interleaved
+(one question each, in rotating order, repeated; medians):
+
+  dense eager      the unpruned-shape model in PyTorch (its pruned structure as zeros)
+  packed eager     the packed model in PyTorch
+  packed ort fp32  the packed model exported, fused by ORT's transformer optimizer, run by ONNX Runtime
+  packed ort int8  the same graph quantized dynamically to int8
+
+on two models: the BERT-base reference pattern (96 of 144 heads, 36% of the encoder's linear weights, random
+weights: speed only) and a real pruned MiniLM checkpoint (speed, and EM/F1 of every row on the first dev questions).
+
+The last line of the output is
+``serve_speedup dense_eager/packed_int8 = X.XX (bert-base pattern), f1_drop_int8 = Y.YY (minilm)``: the speed-up at
+sequence 384 on BERT-base, and the F1 the int8 model loses against the same packed model in fp32 (ORT).
+
+Usage:
+    python bench/serve_speed.py --checkpoint runs/prune_topk30/final --threads 2    # about 20 minutes
+    python bench/serve_speed.py --checkpoint CKPT --quick                           # a few repeats, 50 questions
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from pack_speed import REFERENCE, bert_base_patterns, ffn_width_for, warn_if_busy, zero_structure_
+from transformers import BertConfig, BertForQuestionAnswering
+
+from pruning import masks as mask_lib
+from pruning import squad
+from pruning.checkpoint import load_model, load_tokenizer
+from pruning.export import OrtQAModel, export_model
+from pruning.inference import answer
+from pruning.packing import is_packed, pack
+from pruning.resources import resolve_data, shipped_model_dir
+
+logger = logging.getLogger("serve_speed")
+
+ROWS = ("dense eager", "packed eager", "packed ort fp32", "packed ort int8")
+
+
+@dataclass
+class Row:
+    model: str
+    row: str
+    seq_len: int
+    median_ms: float
+    speedup: float  # dense eager median / this row's median, same model and sequence length
+    exact_match: float | None = None
+    f1: float | None = None
+
+
+def window_questions(examples: list[squad.Example], tokenizer, seq_len: int, count: int) -> list[tuple[str, str]]:
+    """(question, context) pairs whose context is cut so that the pair fills one window of ``seq_len`` tokens.
+
+    The cut falls at the end of the last whole word that fits, so the window is full to within a few tokens.
+    """
+    pairs = []
+    for ex in examples:
+        encoding = tokenizer(ex.question, ex.context, truncation="only_second", max_length=seq_len,
+                             return_offsets_mapping=True)
+        if len(encoding["input_ids"]) < seq_len:
+            continue  # the context is too short to fill the window
+        context_ends = [end for (start, end), seq in zip(encoding["offset_mapping"], encoding.sequence_ids())
+                        if seq == 1]
+        cut = ex.context.rfind(" ", 0, context_ends[-1])
+        if cut <= 0:
+            continue
+        pairs.append((ex.question, ex.context[:cut]))
+        if len(pairs) == count:
+            break
+    if not pairs:
+        raise ValueError(f"no dev context fills a window of {seq_len} tokens")
+    return pairs
+
+
+def time_rows(models: dict[str, torch.nn.Module], tokenizer, pairs: list[tuple[str, str]], seq_len: int,
+              repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per question of every model, timed interleaved (rotating order) on the same questions."""
+    names = list(models)
+    stride = min(128, seq_len // 2)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for step in range(warmup + repeats):
+        question, context = pairs[step % len(pairs)]
+        order = names[step % len(names):] + names[:step % len(names)]
+        for name in order:
+            started = time.perf_counter()
+            answer(models[name], tokenizer, question, context, max_seq_length=seq_len, doc_stride=stride)
+            elapsed = time.perf_counter() - started
+            if step >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def serving_models(dense: torch.nn.Module, packed: torch.nn.Module, work: Path, threads: int,
+                   check: dict[str, torch.Tensor]) -> dict[str, torch.nn.Module]:
+    """The four rows for one model: dense and packed eager, the packed model exported (fp32 and int8)."""
+    report = export_model(packed, work, quantize="int8", inputs=check)
+    logger.info("exported: fused heads %s, |dlogit| %s", report.fused_attention_heads, report.max_abs_logit_diff)
+    if not report.attention_fused:
+        logger.warning("not every layer's attention was fused: the ORT rows are slower than they could be")
+    return {
+        "dense eager": dense,
+        "packed eager": packed,
+        "packed ort fp32": OrtQAModel(work / report.files["fp32"], packed.config, "fp32", threads=threads),
+        "packed ort int8": OrtQAModel(work / report.files["int8"], packed.config, "int8", threads=threads),
+    }
+
+
+def bench_model(label: str, models: dict[str, torch.nn.Module], tokenizer, examples: list[squad.Example],
+                seq_lens: list[int], repeats: int, warmup: int, eval_examples: list[squad.Example] | None) -> list[Row]:
+    rows: list[Row] = []
+    for seq_len in seq_lens:
+        pairs = window_questions(examples, tokenizer, seq_len, count=max(1, repeats))
+        medians = time_rows(models, tokenizer, pairs, seq_len, repeats, warmup)
+        for name in ROWS:
+            rows.append(Row(label, name, seq_len, 1e3 * medians[name], medians["dense eager"] / medians[name]))
+            logger.info("%s / seq %d / %s: %.1f ms (x%.2f)", label, seq_len, name, rows[-1].median_ms,
+                        rows[-1].speedup)
+    if eval_examples:
+        for name in ROWS:
+            started = time.perf_counter()
+            metrics, _ = squad.evaluate_model(models[name], tokenizer, eval_examples, max_seq_length=384,
+                                              doc_stride=128, batch_size=16, progress=False)
+            logger.info("%s / %s: EM %.2f F1 %.2f (%.0f s)", label, name, metrics["exact_match"], metrics["f1"],
+                        time.perf_counter() - started)
+            for row in rows:
+                if row.row == name:
+                    row.exact_match, row.f1 = metrics["exact_match"], metrics["f1"]
+    return rows
+
+
+def bert_base_rows(args: argparse.Namespace, tokenizer, examples, work: Path) -> list[Row]:
+    torch.manual_seed(args.seed)
+    dense = BertForQuestionAnswering(BertConfig()).eval()
+    pattern = bert_base_patterns(quick=True)[0]
+    assert pattern.name == REFERENCE
+    zeroed = copy.deepcopy(dense)
+    zero_structure_(zeroed, pattern.heads_per_layer, ffn_width_for(dense.config, pattern.heads_per_layer,
+                                                                  pattern.density), args.seed)
+    packed = pack(zeroed)
+    del zeroed
+    check = squad.prepare_eval_features(examples[:4], tokenizer, 384, 128).model_inputs()
+    models = serving_models(dense, packed, work, args.threads, check)
+    return bench_model("bert-base pattern", models, tokenizer, examples, args.seq_lens, args.repeats, args.warmup,
+                       None)
+
+
+def minilm_rows(args: argparse.Namespace, examples, work: Path) -> list[Row]:
+    model = load_model(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
+    if is_packed(model):
+        raise SystemExit(f"{args.checkpoint}: a packed directory; pass the pruned checkpoint it was packed from "
+                         "(the dense-shape row needs it)")
+    packed = pack(model)
+    dense = mask_lib.remove_masks_(copy.deepcopy(model)).eval() if mask_lib.is_masked(model) else model
+    check = squad.prepare_eval_features(examples[:16], tokenizer, 384, 128).model_inputs()
+    models = serving_models(dense, packed, work, args.threads, check)
+    return bench_model("minilm (pruned)", models, tokenizer, examples, args.seq_lens, args.repeats, args.warmup,
+                       examples[:args.questions])
+
+
+def format_table(rows: list[Row]) -> str:
+    header = f"{'model':<18} {'seq':>4} {'serving':<16} {'median ms':>9} {'speedup':>7} {'EM':>6} {'F1':>6}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        em = "" if r.exact_match is None else f"{r.exact_match:.2f}"
+        f1 = "" if r.f1 is None else f"{r.f1:.2f}"
+        lines.append(f"{r.model:<18} {r.seq_len:>4} {r.row:<16} {r.median_ms:>9.1f} {r.speedup:>7.2f} {em:>6} {f1:>6}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="a pruned (masked) MiniLM checkpoint, e.g. runs/prune_topk30/final")
+    parser.add_argument("--no-minilm", action="store_true", help="BERT-base pattern only (f1_drop_int8 = nan)")
+    parser.add_argument("--no-bert-base", action="store_true", help="MiniLM only (serve_speedup = nan)")
+    parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed questions per row and length (default 15)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--questions", type=int, default=500, help="dev questions for EM/F1 (default 500)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[384, 128])
+    parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warmup round, 50 questions")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup, args.questions = 3, 1, min(args.questions, 50)
+    if not args.no_minilm and not args.checkpoint:
+        parser.error("--checkpoint is required (or --no-minilm)")
+    if args.no_minilm and args.no_bert_base:
+        parser.error("--no-minilm and --no-bert-base leave nothing to measure")
+    if args.repeats < 1 or args.warmup < 0 or args.questions < 1 or args.threads < 1:
+        parser.error("--repeats, --questions and --threads must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    logger.info("torch %s, %d threads", torch.__version__, torch.get_num_threads())
+    warn_if_busy(0.0)
+    examples = squad.load_squad(resolve_data("dev"), limit=max(args.questions, 600))
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="serve-speed-") as tmp:
+        if not args.no_bert_base:
+            (Path(tmp) / "bert").mkdir()
+            rows += bert_base_rows(args, load_tokenizer(shipped_model_dir()), examples, Path(tmp) / "bert")
+        if not args.no_minilm:
+            (Path(tmp) / "minilm").mkdir()
+            rows += minilm_rows(args, examples, Path(tmp) / "minilm")
+    warn_if_busy(args.threads)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    reference = next((r.speedup for r in rows if r.model == "bert-base pattern" and r.row == "packed ort int8"
+                      and r.seq_len == max(args.seq_lens)), float("nan"))
+    f1 = {r.row: r.f1 for r in rows if r.model.startswith("minilm") and r.f1 is not None}
+    drop = f1["packed ort fp32"] - f1["packed ort int8"] if f1 else float("nan")
+    print(f"serve_speedup dense_eager/packed_int8 = {reference:.2f} (bert-base pattern), "
+          f"f1_drop_int8 = {drop:.2f} (minilm)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""ONNX Runtime export: packed models with uneven heads, empty layers, real dev windows, the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import BertConfig, BertForQuestionAnswering
+
+from pruning import masks
+from pruning.checkpoint import save_model
+from pruning.config import RunConfig
+from pruning.export import (
+    FILES,
+    ExportError,
+    OrtQAModel,
+    export_model,
+    fused_attention_heads,
+    is_exported_dir,
+    load_exported,
+    to_onnx,
+)
+from pruning.inference import answer_batch
+from pruning.packing import pack
+from pruning.squad import compute_logits, prepare_eval_features
+from pruning.trainer import build_model
+from workflows.cli import main as cli_main
+
+HIDDEN, HEADS, HEAD_DIM, INTER = 64, 4, 16, 128
+
+
+def pruned_model(heads_removed: list[list[int]], ffn_kept: list[int], seed: int = 0) -> BertForQuestionAnswering:
+    """A tiny random BERT whose listed heads and FFN dimensions are zeroed, with non-trivial biases and norms."""
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=len(heads_removed),
+                        num_attention_heads=HEADS, intermediate_size=INTER, max_position_embeddings=512,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForQuestionAnswering(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # random biases and LayerNorm weights, so no two initializers coincide
+            p.add_(0.05 * torch.randn_like(p))
+        for layer, heads, width in zip(model.bert.encoder.layer, heads_removed, ffn_kept):
+            for h in heads:
+                rows = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+                layer.attention.self.value.weight[rows] = 0
+                layer.attention.self.value.bias[rows] = 0
+            layer.intermediate.dense.weight[width:] = 0
+            layer.intermediate.dense.bias[width:] = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def dev_windows(tokenizer, dev_subset):
+    """Real SQuAD dev windows (several per long context, padded on the right)."""
+    return prepare_eval_features(dev_subset[:12], tokenizer, max_seq_length=256, doc_stride=64)
+
+
+def logits_of(model, features) -> np.ndarray:
+    return np.stack(compute_logits(model, features, batch_size=8, progress=False))
+
+
+@pytest.mark.parametrize("heads_removed,ffn_kept", [
+    ([[1, 3], [0, 1, 2, 3], [0], []], [INTER, 40, 0, 7]),  # uneven heads, a layer without heads, one without FFN
+    ([[], [], []], [INTER, INTER, INTER]),  # nothing pruned: a dense model packed as is
+])
+def test_packed_model_exports_fused_per_layer_and_matches_pytorch(heads_removed, ffn_kept, dev_windows, tmp_path):
+    packed = pack(pruned_model(heads_removed, ffn_kept))
+    expected_heads = [HEADS - len(h) for h in heads_removed]
+    report = export_model(packed, tmp_path, quantize="int8", inputs=dev_windows.model_inputs(slice(0, 6)))
+
+    assert report.heads_per_layer == expected_heads
+    # Every layer that has heads got one fused attention node, with its own head count, in both files.
+    fused = [h for h in expected_heads if h]
+    assert report.fused_attention_heads == fused and report.attention_fused
+    assert fused_attention_heads(tmp_path / FILES["fp32"]) == fused
+    quantized = onnx.load(str(tmp_path / FILES["int8"]))
+    assert [n.op_type for n in quantized.graph.node if "Attention" in n.op_type] == ["QAttention"] * len(fused)
+    assert fused_attention_heads(tmp_path / FILES["int8"]) == fused
+    for name in FILES.values():
+        graph = onnx.load(str(tmp_path / name)).graph
+        assert all(0 not in init.dims for init in graph.initializer), name
+    assert report.max_abs_logit_diff["fp32"] <= 1e-4
+
+    # All real dev windows, batched with dynamic padding: other batch sizes and lengths than the traced ones.
+    reference = logits_of(packed, dev_windows)
+    fp32 = logits_of(OrtQAModel(tmp_path / FILES["fp32"], packed.config), dev_windows)
+    real = np.broadcast_to(dev_windows.attention_mask.numpy().astype(bool), reference.shape)
+    assert np.abs(fp32 - reference)[real].max() <= 1e-4
+    int8 = logits_of(OrtQAModel(tmp_path / FILES["int8"], packed.config, variant="int8"), dev_windows)
+    assert np.isfinite(int8).all() and not np.array_equal(int8, fp32)  # really another model, still close
+    assert np.abs(int8 - reference)[real].max() < 0.1 * np.abs(reference)[real].max() + 0.05
+
+
+def test_a_masked_model_is_packed_before_export(dev_windows, tmp_path):
+    torch.manual_seed(0)
+    model, _ = build_model(RunConfig(model_config=dict(hidden_size=HIDDEN, num_hidden_layers=2,
+                                                       num_attention_heads=HEADS, intermediate_size=INTER),
+                                     method="topk", attention_block=(16, 16)))
+    with torch.no_grad():
+        for score in masks.mask_score_parameters(model):
+            score.copy_(torch.randn_like(score))
+    masks.set_threshold(model, 0.3)
+    model.eval()
+    report = export_model(model, tmp_path, inputs=dev_windows.model_inputs(slice(0, 4)))
+    assert report.packed_on_export and report.max_abs_logit_diff["fp32"] <= 1e-4
+    assert report.heads_per_layer == [len(k) for k in pack(model).config.fineprune_heads_kept]
+    with pytest.raises(ExportError, match="masked"):
+        to_onnx(model, tmp_path / "raw.onnx")
+
+
+def test_exported_answers_are_the_pytorch_answers(tokenizer, dev_subset, tmp_path):
+    packed = pack(pruned_model([[0], [2, 3]], [100, INTER]))
+    export_model(packed, tmp_path)
+    exported = OrtQAModel(tmp_path / FILES["fp32"], packed.config)
+    questions = [e.question for e in dev_subset[:8]]
+    contexts = [e.context for e in dev_subset[:8]]
+    ours = answer_batch(exported, tokenizer, questions, contexts, max_seq_length=192, doc_stride=64, batch_size=3)
+    theirs = answer_batch(packed, tokenizer, questions, contexts, max_seq_length=192, doc_stride=64, batch_size=3)
+    assert [(a.text, a.start, a.end) for a in ours] == [(a.text, a.start, a.end) for a in theirs]
+    assert [a.score for a in ours] == pytest.approx([a.score for a in theirs], abs=2e-4)
+
+
+def test_bad_opset_and_quantize_are_refused(tmp_path):
+    model = pruned_model([[]], [INTER])
+    with pytest.raises(ExportError, match="--opset"):
+        export_model(model, tmp_path, opset=9)
+    with pytest.raises(ExportError, match="--quantize"):
+        export_model(model, tmp_path, quantize="int4")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------------------------
+
+def fineprune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``fineprune ARGS`` in this process (the models load much faster than in a fresh one)."""
+    code = cli_main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_json(result: tuple[int, str, str]) -> dict:
+    code, out, err = result
+    assert code == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def one_line_error(code: int, err: str) -> str:
+    assert code == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fineprune ")
+    return last
+
+
+def cli_error(capsys, *args: str) -> str:
+    code, _, err = run_cli(capsys, *args)
+    return one_line_error(code, err)
+
+
+@pytest.fixture(scope="module")
+def masked_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    cfg = RunConfig(model_config=dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
+                                      intermediate_size=INTER, max_position_embeddings=128),
+                    method="topk", attention_block=(16, 16))
+    model, tokenizer = build_model(cfg)
+    with torch.no_grad():
+        for score in masks.mask_score_parameters(model):
+            score.copy_(torch.randn_like(score))
+    masks.set_threshold(model, 0.4)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "masked")
+
+
+def test_export_eval_and_ask_from_the_command_line(masked_checkpoint, tmp_path, capsys):
+    out = tmp_path / "onnx"
+    proc = fineprune("export", str(masked_checkpoint), str(out), "--quantize", "int8", "--questions", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["packed_on_export"] and report["attention_fused"]
+    assert report["max_abs_logit_diff"]["fp32"] <= 1e-4 and set(report["files"]) == {"fp32", "int8"}
+    assert is_exported_dir(out) and (out / "tokenizer.json").is_file()
+    assert load_exported(out).variant == "int8" and load_exported(out, "fp32").variant == "fp32"
+    assert "already exported" in cli_error(capsys, "export", str(out), str(tmp_path / "again"))
+    # Nothing already written is lost: a second export into the same directory is refused.
+    assert "not an empty directory" in cli_error(capsys, "export", str(masked_checkpoint), str(out))
+
+    window = ("--limit", "6", "--max-seq-length", "128", "--doc-stride", "32", "--no-progress")
+    torch_metrics = last_json(run_cli(capsys, "eval", str(masked_checkpoint), *window))
+    fp32_metrics = last_json(run_cli(capsys, "eval", str(out), "--variant", "fp32", *window))
+    int8_metrics = last_json(run_cli(capsys, "eval", str(out), *window))
+    assert (fp32_metrics["exact_match"], fp32_metrics["f1"]) == (torch_metrics["exact_match"], torch_metrics["f1"])
+    assert fp32_metrics["variant"] == "fp32" and int8_metrics["variant"] == "int8"
+    assert fp32_metrics["questions"] == int8_metrics["questions"] == 6
+    assert "precision" in cli_error(capsys, "eval", str(out), "--precision", "bf16", *window)
+
+    context = "Paris is the capital of France."
+    answer = last_json(run_cli(capsys, "ask", str(out), "--question", "What is the capital of France?",
+                               "--context", context))
+    assert answer["answer"] == context[answer["start"]:answer["end"]] and answer["answer"]
+    assert "--variant" in cli_error(capsys, "ask", str(masked_checkpoint), "--variant", "int8", "--question", "q?",
+                                    "--context", context)
+
+    # A corrupted ONNX file: one line naming it, exit 2, from a fresh process as a user meets it.
+    (out / FILES["int8"]).write_bytes(b"\x08\x07 not an onnx model")
+    proc = fineprune("eval", str(out), *window)
+    line = one_line_error(proc.returncode, proc.stderr)
+    assert FILES["int8"] in line and "corrupted" in line
+    assert last_json(run_cli(capsys, "eval", str(out), "--variant", "fp32", *window))["f1"] == fp32_metrics["f1"]
