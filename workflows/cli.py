@@ -163,16 +163,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from pruning.export import OrtQAModel
+    from pruning.export import OrtQAModel, is_exported_dir
     from pruning.inference import answer
     from pruning.precision import autocast, resolve_precision
+    from pruning.resources import resolve_model
 
-    model, tokenizer = _load_any(args.model_dir, args.variant)
-    if isinstance(model, OrtQAModel):
+    # Settings are checked before any weights are read.
+    if is_exported_dir(resolve_model(args.model_dir)):
         _check_exported_precision(args.precision)
-        result = answer(model, tokenizer, args.question, args.context)
+        precision = "fp32"
     else:
         precision = resolve_precision(args.precision, "cpu")
+    model, tokenizer = _load_any(args.model_dir, args.variant)
+    if isinstance(model, OrtQAModel):
+        result = answer(model, tokenizer, args.question, args.context)
+    else:
         with autocast(precision, "cpu"):
             result = answer(model, tokenizer, args.question, args.context)
     _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end})
