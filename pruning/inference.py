@@ -22,7 +22,6 @@ its own copy.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Callable, Iterator, Sequence
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .bench import eval_mode
 from .squad import Answer, EvalFeatures, Example, postprocess_predictions, prepare_eval_features
 
 __all__ = ["Answer", "RecordError", "WindowRunner", "check_records", "count_windows", "torch_runner", "run_windows",
@@ -270,16 +270,6 @@ def answer_records(run: WindowRunner, tokenizer: Any, questions: Sequence[Any], 
     return [spans[ex.id] for ex in examples]
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def answer_batch(model: nn.Module, tokenizer: Any, questions: Sequence[str], contexts: Sequence[str],
                  max_seq_length: int = 384, doc_stride: int = 128, max_answer_length: int = 30, n_best: int = 20,
                  batch_size: int = 64, device: str | torch.device | None = None,
@@ -296,7 +286,7 @@ def answer_batch(model: nn.Module, tokenizer: Any, questions: Sequence[str], con
         RecordError: a question or context is empty, not a string or too long.
         ValueError: the two lists differ in length.
     """
-    with _eval_mode(model):
+    with eval_mode(model):
         return answer_records(torch_runner(model, device), tokenizer, questions, contexts,
                               max_seq_length=max_seq_length, doc_stride=doc_stride, max_windows=max_windows,
                               batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best)
