@@ -19,6 +19,8 @@ def test_transient_and_permanent_errors():
     assert is_transient(_refused()) and is_transient(ConnectionRefusedError())
     assert not is_transient(MlflowException("bad param", error_code=INVALID_PARAMETER_VALUE))
     assert not is_transient(TypeError("a bug is not an outage"))
+    for local in (FileNotFoundError(2, "No such file", "/ckpt"), NotADirectoryError(), PermissionError()):
+        assert not is_transient(local)  # a local file no retry brings back
 
 
 def test_a_transient_failure_is_retried_until_it_passes():

@@ -31,8 +31,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pruning.checkpoint import CheckpointError
     from pruning.config import ConfigError
     from pruning.resources import ResourceError
+    from workflows.record import RecordError
 
-    errors: list[type[BaseException]] = [UserError, ConfigError, CheckpointError, ResourceError]
+    errors: list[type[BaseException]] = [UserError, ConfigError, CheckpointError, ResourceError, RecordError]
     try:
         from pruning.squad import SquadFormatError
 
@@ -228,7 +229,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from workflows import tracking
+    from workflows import record, tracking
     from workflows.registry import select_by_latency
 
     for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--repeats", args.repeats)):
@@ -236,8 +237,7 @@ def cmd_select(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_TRACKING_URI
-    result = select_by_latency(tracking.client_for(uri), args.model, args.max_latency_ms, batch_size=args.batch_size,
+    result = select_by_latency(tracking.client_for(record.tracking_uri(args.tracking_uri)), args.model, args.max_latency_ms, batch_size=args.batch_size,
                                seq_len=args.seq_len, threads=args.threads, alias=args.alias, repeats=args.repeats)
     _emit(result)
     return 0

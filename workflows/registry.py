@@ -27,28 +27,30 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 from pruning.config import RunConfig
+from workflows import record
+from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL, F1, FINAL_METRICS,
+                              FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY, PARAM_RESOURCES, PARAM_SPEEDUP,
+                              STATUS_FINISHED, TAG_POLICY, TAG_SWEEP_RUN, TAG_TRIAL_RUN, RegistrySpec)
+from workflows.space import load_space
 
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
-           "select_by_latency", "latency_settings", "SelectionError", "PackedQAModel", "ALIAS", "PIP_REQUIREMENTS",
+           "select_by_latency", "latency_settings", "SelectionError", "PackedQAModel", "PIP_REQUIREMENTS",
            "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model"]
 
 logger = logging.getLogger(__name__)
 
-ALIAS = "champion"
 POLICIES = ("best_f1_under_density", "min_density_within_f1_drop", "fastest_within_f1_drop", "best_f1_under_latency")
-TAG_TRIAL_RUN = "fineprune.trial_run_id"
-TAG_SWEEP_RUN = "sweep_run_id"
-VERSION_METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup")
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
                     "tqdm>=4.66"]
 # Served-model setting -> the run config key it is read from (a trial's params are its run config).
@@ -145,7 +147,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         from pruning.checkpoint import load_model, load_tokenizer
         from pruning.inference import torch_runner
 
-        model_dir = context.artifacts["model_dir"]
+        model_dir = context.artifacts[ARTIFACT_MODEL_DIR]
         self.model = load_model(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         # The windows the model was trained and evaluated with, never longer than its position embeddings.
@@ -191,13 +193,7 @@ SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "question"), ColSpec
                            outputs=Schema([ColSpec("string", "answer"), ColSpec("double", "score")]))
 
 
-def _spec_value(spec: Any, key: str, default: Any = None) -> Any:
-    if isinstance(spec, dict):
-        return spec.get(key, default)
-    return getattr(spec, key, default)
-
-
-def register_champion(client, experiment: str, parent_run_id: str, spec: Any,
+def register_champion(client, experiment: str, parent_run_id: str, spec: RegistrySpec,
                       dense_metrics: dict[str, Any] | None = None,
                       latency: dict[str, Any] | None = None) -> dict[str, Any]:
     """Select the champion among the sweep's finished trials and register its packed model (idempotent).
@@ -206,36 +202,33 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Any,
     of its versions within ``max_latency_ms``, timed here with ``latency`` (``batch_size``, ``seq_len``,
     ``threads``, ``repeats``; see :func:`select_by_latency`).
     """
-    from workflows import tracking
-
-    policy = _spec_value(spec, "policy", "best_f1_under_density")
-    name = _spec_value(spec, "name")
+    policy, name = spec.policy, spec.name
     if policy == "best_f1_under_latency":
         register_frontier(client, experiment, parent_run_id, name)
         try:
-            chosen = select_by_latency(client, name, float(_spec_value(spec, "max_latency_ms")), alias=ALIAS,
+            chosen = select_by_latency(client, name, float(spec.max_latency_ms), alias=ALIAS,
                                        sweep_run_id=parent_run_id, **(latency or {}))
         except SelectionError as err:
             logger.warning("registry policy %s: %s; no champion", policy, err)
             return {"registered": False, "policy": policy, "name": name}
-        client.set_model_version_tag(name, chosen["version"], "policy", policy)
+        client.set_model_version_tag(name, chosen["version"], TAG_POLICY, policy)
         keep = ("name", "version", "model_uri", "run_id", "f1", "exact_match", "linear_density", "speedup",
                 "latency_ms")
         return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}}
 
-    runs = tracking.trial_runs(client, experiment, parent_run_id)
-    points = [{"run_id": r.info.run_id, **r.data.metrics} for r in runs
-              if r.data.tags.get(tracking.TAG_STATUS) == "finished"
-              and r.data.tags.get("fineprune.packed_artifact")]
-    dense_f1 = (dense_metrics or {}).get("f1")
-    if dense_f1 is None:
-        baseline = tracking.trial_runs(client, experiment, parent_run_id, include_baseline=True)
-        dense_f1 = next((r.data.metrics.get("f1") for r in baseline
-                         if r.data.tags.get(tracking.TAG_KIND) == "baseline"), None)
-    chosen = select_champion(points, policy, dense_f1=dense_f1, max_density=_spec_value(spec, "max_density"),
-                             max_f1_drop=_spec_value(spec, "max_f1_drop"))
+    runs = record.trials(client, parent_run_id)
+    candidates = runs[(runs["kind"] != KIND_BASELINE) & (runs["status"] == STATUS_FINISHED) & runs["packed"]]
+    points = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+              for row in candidates.to_dict("records")]
+    dense_f1 = (dense_metrics or {}).get(F1)
+    if dense_f1 is None and F1 in runs.columns:
+        baseline = runs.loc[runs["kind"] == KIND_BASELINE, F1].dropna()
+        dense_f1 = float(baseline.iloc[0]) if len(baseline) else None
+    chosen = select_champion(points, policy, dense_f1=dense_f1, max_density=spec.max_density,
+                             max_f1_drop=spec.max_f1_drop)
     if chosen is None:
-        logger.warning("no trial satisfies the registry policy %s; nothing registered", policy)
+        logger.warning("no trial of experiment %r satisfies the registry policy %s; nothing registered", experiment,
+                       policy)
         return {"registered": False, "policy": policy, "name": name}
     return register_run(client, chosen["run_id"], name, parent_run_id, policy)
 
@@ -252,9 +245,9 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, int]):
     """
     package_dir = Path(__file__).resolve().parents[1] / "pruning"
     return mlflow.pyfunc.log_model(
-        name="qa_model",
+        name=ARTIFACT_QA_MODEL,
         python_model=PackedQAModel(),
-        artifacts={"model_dir": str(model_dir)},
+        artifacts={ARTIFACT_MODEL_DIR: str(model_dir)},
         code_paths=[str(package_dir)],
         pip_requirements=PIP_REQUIREMENTS,
         signature=SIGNATURE,
@@ -292,7 +285,7 @@ def _version_of_run(client, name: str, run) -> Any:
         return existing[0]
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
-        local = client.download_artifacts(run_id, "packed_model", tmp)
+        local = client.download_artifacts(run_id, ARTIFACT_PACKED_MODEL, tmp)
         with mlflow.start_run(run_id=run_id):
             info = log_qa_model(local, serve_settings(run.data.params))
         if run.info.end_time:  # reopening the run moved its end; the trial's duration is part of the record
@@ -304,7 +297,7 @@ def _version_of_run(client, name: str, run) -> Any:
 def _tag_version(client, name: str, version: str, run, parent_run_id: str, extra: dict[str, str]) -> None:
     metrics = run.data.metrics
     tags = {TAG_SWEEP_RUN: parent_run_id, TAG_TRIAL_RUN: run.info.run_id, **extra}
-    for key in VERSION_METRICS:
+    for key in FINAL_METRICS:
         if key in metrics:
             tags[key] = f"{metrics[key]:.6g}"
     for key, value in tags.items():
@@ -316,7 +309,7 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
     _ensure_model(client, name)
     run = client.get_run(run_id)
     version = _version_of_run(client, name, run)
-    _tag_version(client, name, version.version, run, parent_run_id, {"policy": policy})
+    _tag_version(client, name, version.version, run, parent_run_id, {TAG_POLICY: policy})
     client.set_registered_model_alias(name, ALIAS, version.version)
     uri = f"models:/{name}@{ALIAS}"
     metrics = run.data.metrics
@@ -335,13 +328,14 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str) ->
     Returns:
         One row per frontier version, sparsest first: ``version``, ``model_uri``, ``run_id`` and the metrics.
     """
-    from workflows import tracking
-
-    frontier_tags = (tracking.TAG_PARETO, tracking.TAG_PARETO_SPEED)
-    runs = [r for r in tracking.trial_runs(client, experiment, parent_run_id)
-            if r.data.tags.get(tracking.TAG_STATUS) == "finished" and r.data.tags.get("fineprune.packed_artifact")
-            and any(r.data.tags.get(tag) == "true" for tag in frontier_tags)]
-    runs.sort(key=lambda r: (r.data.metrics.get("linear_density", 1.0), r.info.run_id))
+    frame = record.trials(client, parent_run_id, include_baseline=False)
+    on_front = frame[list(FRONTIER_TAGS)].any(axis=1)
+    chosen = frame[(frame["status"] == STATUS_FINISHED) & frame["packed"] & on_front]
+    if LINEAR_DENSITY in chosen.columns:
+        chosen = chosen.assign(_density=chosen[LINEAR_DENSITY].fillna(1.0))
+    else:
+        chosen = chosen.assign(_density=1.0)
+    runs = [client.get_run(run_id) for run_id in chosen.sort_values(["_density", "run_id"])["run_id"]]
     if not runs:
         logger.warning("sweep run %s has no finished frontier trial with a packed model; nothing registered",
                        parent_run_id)
@@ -351,9 +345,9 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str) ->
     for run in runs:
         version = _version_of_run(client, name, run)
         _tag_version(client, name, version.version, run, parent_run_id,
-                     {tag: run.data.tags.get(tag, "false") for tag in frontier_tags})
+                     {tag: run.data.tags.get(tag, "false") for tag in FRONTIER_TAGS})
         rows.append({"version": str(version.version), "model_uri": f"models:/{name}/{version.version}",
-                     "run_id": run.info.run_id, **{k: run.data.metrics.get(k) for k in VERSION_METRICS}})
+                     "run_id": run.info.run_id, **{k: run.data.metrics.get(k) for k in FINAL_METRICS}})
     logger.info("registered the frontier of sweep run %s: %d versions of %s (%s)", parent_run_id, len(rows), name,
                 ", ".join(row["version"] for row in rows))
     return rows
@@ -377,7 +371,7 @@ def _load_version(name: str, version: str, tracking_uri: str, dst: str):
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dst,
                                                 tracking_uri=tracking_uri, registry_uri=tracking_uri)
     flavor = Model.load(local).flavors.get("python_function", {})
-    model_dir = (flavor.get("artifacts") or {}).get("model_dir", {}).get("path")
+    model_dir = (flavor.get("artifacts") or {}).get(ARTIFACT_MODEL_DIR, {}).get("path")
     if not model_dir:
         raise SelectionError(f"version {version} of {name} holds no packed model (no model_dir artifact)")
     return load_model(Path(local) / model_dir)
@@ -452,7 +446,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     with tempfile.TemporaryDirectory() as tmp:
         for v in versions:
             row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
-                   **{k: _tag_float(v.tags, k) for k in VERSION_METRICS}}
+                   **{k: _tag_float(v.tags, k) for k in FINAL_METRICS}}
             try:
                 model = _load_version(name, str(v.version), client.tracking_uri, str(Path(tmp) / str(v.version)))
             except Exception as err:  # a version that cannot be loaded is reported, not chosen
@@ -506,7 +500,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                 chosen["latency_ms"], max_latency_ms)
     return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
             "run_id": chosen["run_id"], "latency_ms": chosen["latency_ms"],
-            **{k: chosen.get(k) for k in VERSION_METRICS}, "versions": rows}
+            **{k: chosen.get(k) for k in FINAL_METRICS}, "versions": rows}
 
 
 def register_from_experiment(experiment: str, tracking_uri: str | None = None, space: str | None = None,
@@ -515,49 +509,33 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
 
     With ``frontier`` every point of the sweep's frontiers is registered first (``frontier`` in the result).
     """
-    from workflows import tracking
-
-    client = tracking.client_for(tracking_uri or tracking.DEFAULT_TRACKING_URI)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise ValueError(f"experiment {experiment!r} not found in {tracking_uri or tracking.DEFAULT_TRACKING_URI}")
-    parents = client.search_runs([found.experiment_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'sweep'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
-    if not parents:
-        raise ValueError(f"experiment {experiment!r} has no sweep run")
-    parent = parents[0]
+    uri = record.tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)  # the fluent API logs the versions' models
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    parent = record.latest_sweep(client, experiment)
     params = parent.data.params
     if space is not None:
-        from workflows.space import load_space
-
         loaded = load_space(space)
         spec = loaded.registry
         latency = latency_settings(loaded.speedup, loaded.resources)
     else:
-        spec = {key.split(".", 1)[1]: _parse(value) for key, value in params.items() if key.startswith("registry.")}
-        if "name" not in spec:
-            raise ValueError(f"sweep run {parent.info.run_id} records no registry name; pass --space")
-        latency = latency_settings({k.split(".", 1)[1]: _parse(v) for k, v in params.items()
-                                    if k.startswith("speedup.")},
-                                   {k.split(".", 1)[1]: _parse(v) for k, v in params.items()
-                                    if k.startswith("resources.")})
-    name = _spec_value(spec, "name")
-    rows = register_frontier(client, experiment, parent.info.run_id, name) if frontier else None
+        try:
+            spec = RegistrySpec.from_params(params)
+        except record.RecordError as err:
+            raise record.RecordError(f"sweep run {parent.info.run_id}: {err}; pass --space") from None
+        latency = latency_settings(record.params_under(params, PARAM_SPEEDUP),
+                                   record.params_under(params, PARAM_RESOURCES))
+    rows = register_frontier(client, experiment, parent.info.run_id, spec.name) if frontier else None
     result = register_champion(client, experiment, parent.info.run_id, spec, latency=latency)
     return result if rows is None else {**result, "frontier": rows}
 
 
-def latency_settings(speedup: dict[str, Any], resources: dict[str, Any]) -> dict[str, int]:
+def latency_settings(speedup: Mapping[str, Any], resources: Mapping[str, Any]) -> dict[str, int]:
     """How ``best_f1_under_latency`` times versions in a sweep: the space's ``speedup`` shape and repeats, with the
-    threads of one trial (``resources.cpu``)."""
-    return {"batch_size": int(speedup.get("batch_size", 1)), "seq_len": int(speedup.get("seq_len", 128)),
-            "repeats": max(int(speedup.get("repeats", 10)), 10), "threads": max(1, int(resources.get("cpu", 1) or 1))}
+    threads of one trial (``resources.cpu``). Values may be numbers or params as logged (strings)."""
+    def number(values: Mapping[str, Any], key: str, default: float) -> int:
+        value = values.get(key)
+        return int(float(value)) if value not in (None, "", "None") else int(default)
 
-
-def _parse(value: str) -> Any:
-    if value in ("None", "null"):
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return value
+    return {"batch_size": number(speedup, "batch_size", 1), "seq_len": number(speedup, "seq_len", 128),
+            "repeats": max(number(speedup, "repeats", 10), 10), "threads": max(1, number(resources, "cpu", 1))}

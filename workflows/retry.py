@@ -29,6 +29,8 @@ OUTAGE_LIMIT_ENV = "FINEPRUNE_TRACKING_TIMEOUT"
 PERMANENT_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
                              "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "NOT_FOUND",
                              "ENDPOINT_NOT_FOUND", "FEATURE_DISABLED"})
+# OSErrors about a local path (a checkpoint to upload, a local artifact store), not about the connection.
+_LOCAL_FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 10.0
 
@@ -43,11 +45,13 @@ def is_transient(err: BaseException) -> bool:
     """Whether a failed MLflow call may succeed later (connection refused, timeouts, 5xx, a locked SQLite file).
 
     An MLflow error is, unless its code says the request itself is wrong; so are network and database errors.
-    Anything else (a bug) is not.
+    A missing, existing or refused local file is not, and neither is anything else (a bug).
     """
     code = getattr(err, "error_code", None)
     if code is not None:
         return code not in PERMANENT_CODES
+    if isinstance(err, _LOCAL_FILE_ERRORS):  # a file that is missing or refused here stays so
+        return False
     return isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy")
 
 

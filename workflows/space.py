@@ -31,6 +31,7 @@ import yaml
 from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict
 from pruning.schedules import warmup_steps
 from workflows.frontier import reference_point as _reference_point
+from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, RegistrySpec
 
 __all__ = [
     "SpaceError",
@@ -63,10 +64,7 @@ POLICIES = {
     "best_f1_under_latency": "max_latency_ms",
 }
 LAMBDA_KEY = "lambda"  # searched pseudo-key: sets lambda_attention and lambda_ffn to the same value
-DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = (("f1", "max"), ("linear_density", "min"))
-# Scalars the trainer reports at every evaluation: the only metrics a scheduler can act on.
-EVAL_METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "loss", "loss_ce",
-                "loss_distil")
+DEFAULT_OBJECTIVES = DENSITY_OBJECTIVES
 TIME_ATTR = "training_iteration"  # one iteration = one evaluation report of the trainer
 
 _TOP_KEYS = ("name", "base", "teacher", "search", "algorithm", "objectives", "scheduler", "num_samples",
@@ -171,17 +169,6 @@ class SchedulerSpec:
     grace_period: int = 1
     reduction_factor: int = 2
     max_t: int = 100
-
-
-@dataclass(frozen=True)
-class RegistrySpec:
-    """Which trial becomes the registered champion: a policy and its one threshold."""
-
-    name: str
-    policy: str = "best_f1_under_density"
-    max_density: float | None = None  # best_f1_under_density: linear_density <= this
-    max_f1_drop: float | None = None  # *_within_f1_drop: F1 points below the dense teacher's F1
-    max_latency_ms: float | None = None  # best_f1_under_latency: measured latency of the registered version
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from workflows import record
+
 __all__ = ["run_sweep", "trial_main", "ensure_teacher", "FAULT_ENV", "RayUnavailable", "ResumeError",
            "RAY_CONNECT_TIMEOUT_S"]
 
@@ -335,7 +337,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     from workflows.space import param_space, scheduler, search_algorithm, trial_config
 
     experiment = experiment or space.name
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_TRACKING_URI
+    tracking_uri = record.tracking_uri(tracking_uri)
     limit = float(tracking_timeout or os.environ.get(OUTAGE_LIMIT_ENV) or DEFAULT_OUTAGE_LIMIT_S)
     started = time.time()
     client = tracking.client_for(tracking_uri)
@@ -344,8 +346,8 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     if resume:
         previous = _sweep_to_resume(client, experiment, None if resume is True else str(resume), tracking_uri)
         experiment = client.get_experiment(previous.info.experiment_id).name
-        sweep_dir = previous.data.tags[tracking.TAG_SWEEP]
-        if tracking.sweep_state(previous) == "complete":
+        sweep_dir = previous.data.tags[record.TAG_SWEEP]
+        if tracking.sweep_state(previous) == record.SWEEP_COMPLETE:
             logger.info("the sweep %s of experiment %r (run %s) already finished; nothing to resume",
                         sweep_dir, experiment, previous.info.run_id)
             return {"experiment": experiment, "parent_run_id": previous.info.run_id, "tracking_uri": tracking_uri,
@@ -374,7 +376,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             from pruning.config import config_to_dict
 
             cfg = trial_config(space, dict(trial_params), output_dir="<trial>", teacher=teacher_dir)
-            return {**config_to_dict(cfg), **{f"searched.{k}": v for k, v in trial_params.items()}}
+            return {**config_to_dict(cfg), **{f"{record.PARAM_SEARCHED}{k}": v for k, v in trial_params.items()}}
 
         callback = tracking.MlflowTrialCallback(tracking_uri, experiment, parent, params_of, outage_limit=limit)
         trainable = tune.with_parameters(trial_main, space=space, teacher=teacher_dir,
@@ -409,8 +411,8 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
 
         runs = tracking.trial_runs(client, experiment, parent, include_baseline=True)
         summary = frontier_summary(client, runs, space)
-        tracking.log_json(client, parent, summary["frontier"], "frontier.json")
-        tracking.log_json(client, parent, summary["frontier_speedup"], "frontier_speedup.json")
+        tracking.log_json(client, parent, summary["frontier"], record.ARTIFACT_FRONTIER)
+        tracking.log_json(client, parent, summary["frontier_speedup"], record.ARTIFACT_FRONTIER_SPEED)
         _log_plot(client, parent, runs, summary)
         series = tracking.hypervolume_series(runs, space.objectives,
                                              frontier.reference_point(space.objectives, space.reference_point))
@@ -490,19 +492,20 @@ def frontier_summary(client, runs: list, space) -> dict[str, Any]:
     from workflows import frontier, tracking
 
     objectives = list(space.objectives)
-    speed_objectives = [("f1", "max"), ("speedup", "max")]
-    finished = [r for r in runs if r.data.tags.get(tracking.TAG_STATUS, "finished") == "finished"]
-    points = [{"run_id": r.info.run_id, "name": r.data.tags.get("mlflow.runName", r.info.run_id),
-               "kind": r.data.tags.get(tracking.TAG_KIND), **r.data.metrics} for r in finished]
-    shown = ["name", "kind", "exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup"]
+    speed_objectives = list(record.SPEED_OBJECTIVES)
+    finished = [r for r in runs
+                if r.data.tags.get(record.TAG_STATUS, record.STATUS_FINISHED) == record.STATUS_FINISHED]
+    points = [{"run_id": r.info.run_id, "name": r.data.tags.get(record.TAG_RUN_NAME, r.info.run_id),
+               "kind": r.data.tags.get(record.TAG_KIND), **r.data.metrics} for r in finished]
+    shown = ["name", "kind", *record.FINAL_METRICS]
     columns = [*shown, *(name for name, _ in objectives if name not in shown), "run_id"]
     table = frontier.frontier_table(points, objectives, columns)
     table_speed = frontier.frontier_table(points, speed_objectives, columns)
     table_speed.sort(key=lambda row: -(row.get("speedup") or 0))
-    tracking.tag_runs(client, finished, tracking.TAG_PARETO, {row["run_id"] for row in table})
-    tracking.tag_runs(client, finished, tracking.TAG_PARETO_SPEED, {row["run_id"] for row in table_speed})
+    tracking.tag_runs(client, finished, record.TAG_PARETO, {row["run_id"] for row in table})
+    tracking.tag_runs(client, finished, record.TAG_PARETO_SPEED, {row["run_id"] for row in table_speed})
     return {"frontier": table, "frontier_speedup": table_speed, "trials": len([p for p in points
-                                                                               if p["kind"] == "trial"])}
+                                                                               if p["kind"] == record.KIND_TRIAL])}
 
 
 def _log_plot(client, parent: str, runs: list, summary: dict[str, Any]) -> None:
@@ -527,7 +530,7 @@ def _log_plot(client, parent: str, runs: list, summary: dict[str, Any]) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "frontier.png"
+        path = Path(tmp) / record.ARTIFACT_FRONTIER_PLOT
         fig.savefig(path, dpi=120, bbox_inches="tight")
         client.log_artifact(parent, str(path))
     plt.close(fig)

@@ -27,17 +27,18 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries,
+from workflows.frontier import hypervolume_progress
+from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMOVED, HYPERVOLUME, HYPERVOLUME_COMPUTE,
+                              KIND_BASELINE, KIND_SWEEP, KIND_TRIAL, LINEAR_DENSITY, PARAM_SEARCHED, SPEEDUP,
+                              STATUS_FAILED, STATUS_FINISHED, STATUS_INTERRUPTED, STATUS_ORPHANED,
+                              STATUS_STOPPED_EARLY, SWEEP_COMPLETE, SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_ERROR,
+                              TAG_ERROR_FILE, TAG_KIND, TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT,
+                              TAG_PID, TAG_RETRIES, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
+                              TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, flat_params)
+from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, is_transient,
                              quick_http_failures)
 
 __all__ = [
-    "DEFAULT_TRACKING_URI",
-    "TAG_KIND",
-    "TAG_TRIAL",
-    "TAG_SWEEP",
-    "TAG_PARETO",
-    "TAG_SWEEP_STATE",
-    "FINAL_METRICS",
     "client_for",
     "check_reachable",
     "find_sweep",
@@ -47,31 +48,11 @@ __all__ = [
     "MlflowTrialCallback",
     "trial_runs",
     "finish_parent_run",
-    "METRIC_HYPERVOLUME",
-    "METRIC_HYPERVOLUME_COMPUTE",
     "hypervolume_series",
     "log_hypervolume",
 ]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-TAG_KIND = "fineprune.kind"  # sweep | trial | baseline
-TAG_SWEEP = "fineprune.sweep"  # the sweep's storage path: identifies a sweep across resumes
-TAG_TRIAL = "fineprune.trial_id"
-TAG_STATUS = "fineprune.status"  # finished | stopped_early | failed
-TAG_PARETO = "pareto"
-TAG_PARETO_SPEED = "pareto_speedup"
-TAG_NODE = "fineprune.node_id"
-TAG_PID = "fineprune.pid"  # the trial's worker process (the last one, after retries)
-TAG_RETRIES = "fineprune.retries"  # how often the trial's worker died and the trial went on from its checkpoint
-TAG_TOOK_OVER = "fineprune.took_over_trial_id"  # the lost trial whose run this trial continued
-TAG_SWEEP_STATE = "fineprune.sweep_state"  # running | interrupted | complete
-PARENT = "mlflow.parentRunId"
-FINAL_METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup")
-METRIC_HYPERVOLUME = "hypervolume"  # on the parent run, step = trials completed
-METRIC_HYPERVOLUME_COMPUTE = "hypervolume_by_compute_s"  # the same values, step = trial seconds spent so far
-
 
 def client_for(tracking_uri: str) -> MlflowClient:
     mlflow.set_tracking_uri(tracking_uri)
@@ -128,13 +109,13 @@ def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None)
             run = client.get_run(run_id)
         except mlflow.exceptions.MlflowException as err:
             raise ValueError(f"--resume {run_id}: no such run in {client.tracking_uri}") from err
-        if run.data.tags.get(TAG_KIND) != "sweep" or not run.data.tags.get(TAG_SWEEP):
-            raise ValueError(f"--resume {run_id}: run {run_id} is not a sweep (tag {TAG_KIND}=sweep)")
+        if run.data.tags.get(TAG_KIND) != KIND_SWEEP or not run.data.tags.get(TAG_SWEEP):
+            raise ValueError(f"--resume {run_id}: run {run_id} is not a sweep (tag {TAG_KIND}={KIND_SWEEP})")
         return run
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
-    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'sweep'",
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
@@ -144,7 +125,7 @@ def sweep_state(run) -> str:
     state = run.data.tags.get(TAG_SWEEP_STATE)
     if state:
         return state
-    return "complete" if run.info.status == "FINISHED" else "interrupted"  # a sweep from before the tag existed
+    return SWEEP_COMPLETE if run.info.status == "FINISHED" else SWEEP_INTERRUPTED  # a sweep from before the tag existed
 
 
 def start_parent_run(client: MlflowClient, experiment: str, sweep_key: str, params: dict[str, Any],
@@ -153,37 +134,27 @@ def start_parent_run(client: MlflowClient, experiment: str, sweep_key: str, para
     experiment_id = _experiment_id(client, experiment)
     if resume:
         existing = _find_runs(client, experiment_id, f"tags.`{TAG_SWEEP}` = '{sweep_key}' and "
-                                                     f"tags.`{TAG_KIND}` = 'sweep'")
+                                                     f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'")
         if existing:
             run_id = existing[0].info.run_id
             client.update_run(run_id, status="RUNNING")
-            client.set_tag(run_id, TAG_SWEEP_STATE, "running")
+            client.set_tag(run_id, TAG_SWEEP_STATE, SWEEP_RUNNING)
             logger.info("resuming MLflow parent run %s", run_id)
             return run_id
-    run = client.create_run(experiment_id, tags={TAG_KIND: "sweep", TAG_SWEEP: sweep_key, TAG_SWEEP_STATE: "running",
-                                                 "mlflow.runName": f"sweep-{Path(sweep_key).name}"})
+    run = client.create_run(experiment_id, tags={TAG_KIND: KIND_SWEEP, TAG_SWEEP: sweep_key,
+                                                 TAG_SWEEP_STATE: SWEEP_RUNNING,
+                                                 TAG_RUN_NAME: f"sweep-{Path(sweep_key).name}"})
     _log_params(client, run.info.run_id, params)
     return run.info.run_id
 
 
-def finish_parent_run(client: MlflowClient, run_id: str, status: str = "FINISHED", state: str = "complete") -> None:
+def finish_parent_run(client: MlflowClient, run_id: str, status: str = "FINISHED", state: str = SWEEP_COMPLETE) -> None:
     client.set_tag(run_id, TAG_SWEEP_STATE, state)
     client.set_terminated(run_id, status=status)
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{name}."))
-        else:
-            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-    return out
-
-
 def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
-    flat = _flat(params)
+    flat = flat_params(params)
     existing = client.get_run(run_id).data.params
     batch = [mlflow.entities.Param(k[:250], v[:6000]) for k, v in flat.items() if k[:250] not in existing]
     for i in range(0, len(batch), 100):
@@ -204,19 +175,18 @@ def log_baseline(client: MlflowClient, experiment: str, parent_run_id: str, metr
                  params: dict[str, Any], model_dir: str | None) -> str:
     """The dense model as a run of its own: the frontier's baseline point (density 1, speedup 1)."""
     experiment_id = _experiment_id(client, experiment)
-    existing = _find_runs(client, experiment_id, f"tags.`{PARENT}` = '{parent_run_id}' and "
-                                                 f"tags.`{TAG_KIND}` = 'baseline'")
+    existing = _find_runs(client, experiment_id, f"tags.`{TAG_PARENT}` = '{parent_run_id}' and "
+                                                 f"tags.`{TAG_KIND}` = '{KIND_BASELINE}'")
     if existing:
         return existing[0].info.run_id
-    run = client.create_run(experiment_id, tags={TAG_KIND: "baseline", PARENT: parent_run_id,
-                                                 "mlflow.runName": "dense-baseline", TAG_STATUS: "finished"})
+    run = client.create_run(experiment_id, tags={TAG_KIND: KIND_BASELINE, TAG_PARENT: parent_run_id,
+                                                 TAG_RUN_NAME: "dense-baseline", TAG_STATUS: STATUS_FINISHED})
     run_id = run.info.run_id
     _log_params(client, run_id, params)
-    values = {"linear_density": 1.0, "total_density": 1.0, "heads_removed": 0.0, "speedup": 1.0,
-              **_numeric(metrics)}
+    values = {LINEAR_DENSITY: 1.0, TOTAL_DENSITY: 1.0, HEADS_REMOVED: 0.0, SPEEDUP: 1.0, **_numeric(metrics)}
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in values.items()])
     if model_dir:
-        client.set_tag(run_id, "fineprune.model_dir", str(model_dir))
+        client.set_tag(run_id, TAG_MODEL_DIR, str(model_dir))
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -241,7 +211,7 @@ class TrialSnapshot:
 
 def _config_key(params: dict[str, str]) -> tuple:
     """A trial's searched values as logged (``searched.*`` params): equal keys, equal configuration."""
-    return tuple(sorted((k, v) for k, v in params.items() if k.startswith("searched.")))
+    return tuple(sorted((k, v) for k, v in params.items() if k.startswith(PARAM_SEARCHED)))
 
 
 class MlflowTrialCallback(tune.Callback):
@@ -358,8 +328,8 @@ class MlflowTrialCallback(tune.Callback):
 
     def _load_orphans(self, known: set[str]) -> None:
         experiment_id = _experiment_id(self.client, self.experiment)
-        runs = _find_runs(self.client, experiment_id, f"tags.`{PARENT}` = '{self.parent_run_id}' and "
-                                                      f"tags.`{TAG_KIND}` = 'trial'")
+        runs = _find_runs(self.client, experiment_id, f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' and "
+                                                      f"tags.`{TAG_KIND}` = '{KIND_TRIAL}'")
         self._orphans = {r.info.run_id: _config_key(r.data.params) for r in runs
                          if r.data.tags.get(TAG_TRIAL) not in known}
         if self._orphans:
@@ -371,14 +341,14 @@ class MlflowTrialCallback(tune.Callback):
         run_id = self._runs.get(trial_id)
         if run_id is None:
             experiment_id = _experiment_id(self.client, self.experiment)
-            existing = _find_runs(self.client, experiment_id, f"tags.`{PARENT}` = '{self.parent_run_id}' and "
+            existing = _find_runs(self.client, experiment_id, f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' and "
                                                               f"tags.`{TAG_TRIAL}` = '{trial_id}'")
             if existing:
                 run_id = existing[0].info.run_id
             else:
                 run_id = self._take_over(trial_id, config) or self.client.create_run(experiment_id, tags={
-                    PARENT: self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL: trial_id,
-                    "mlflow.runName": f"trial-{trial_id}"}).info.run_id
+                    TAG_PARENT: self.parent_run_id, TAG_KIND: KIND_TRIAL, TAG_TRIAL: trial_id,
+                    TAG_RUN_NAME: f"trial-{trial_id}"}).info.run_id
             self._runs[trial_id] = run_id
         if trial_id not in self._described:
             try:
@@ -393,14 +363,14 @@ class MlflowTrialCallback(tune.Callback):
         return run_id
 
     def _take_over(self, trial_id: str, config: dict[str, Any]) -> str | None:
-        key = _config_key(_flat({f"searched.{k}": v for k, v in config.items()}))
+        key = _config_key(flat_params({f"{PARAM_SEARCHED}{k}": v for k, v in config.items()}))
         run_id = next((r for r, k in self._orphans.items() if k and k == key), None)
         if run_id is None:
             return None
         lost = self.client.get_run(run_id).data.tags.get(TAG_TRIAL, "")
         self.client.set_tag(run_id, TAG_TOOK_OVER, lost)
         self.client.set_tag(run_id, TAG_TRIAL, trial_id)
-        self.client.set_tag(run_id, "mlflow.runName", f"trial-{trial_id}")
+        self.client.set_tag(run_id, TAG_RUN_NAME, f"trial-{trial_id}")
         del self._orphans[run_id]
         logger.info("trial %s runs the configuration of lost trial %s again, in its MLflow run %s", trial_id, lost,
                     run_id)
@@ -420,30 +390,56 @@ class MlflowTrialCallback(tune.Callback):
                 self.client.set_tag(run_id, key, str(value))
 
     def _finish(self, trial: TrialSnapshot, log_result: bool = False) -> None:
-        """End the trial's run as Tune ended the trial (TERMINATED: finished or stopped early; ERROR: failed)."""
+        """End the trial's run as Tune ended the trial (TERMINATED: finished or stopped early; ERROR: failed).
+
+        A finished trial's packed model is logged as the ``packed_model`` artifact; when that fails for a reason no
+        retry can change (no checkpoint, a checkpoint that cannot be read, an artifact store that refuses it), the
+        run ends FAILED with the reason in its ``fineprune.error`` tag: a trial without its model must not look
+        finished. A transient failure (the server is away) is raised, and the queue retries the whole call.
+        """
         run_id = self._run_for(trial.trial_id, trial.config)
         result = trial.last_result
         if log_result and result:
             self._log_result(trial.trial_id, trial.config, result)
         if trial.status == "ERROR":
-            self.client.set_tag(run_id, TAG_STATUS, "failed")
+            self.client.set_tag(run_id, TAG_STATUS, STATUS_FAILED)
             if trial.error_file:
-                self.client.set_tag(run_id, "fineprune.error_file", str(trial.error_file))
+                self.client.set_tag(run_id, TAG_ERROR_FILE, str(trial.error_file))
             self.client.set_terminated(run_id, "FAILED")
             logger.warning("trial %s failed", trial.trial_id)
             return
         final = bool(result.get("final"))
-        status = "finished" if final else "stopped_early"
+        if final:
+            error = self._log_packed_model(run_id, trial)
+            if error is not None:
+                self.client.set_tag(run_id, TAG_STATUS, STATUS_FAILED)
+                self.client.set_tag(run_id, TAG_ERROR, error[:5000])
+                self.client.set_terminated(run_id, "FAILED")
+                logger.error("trial %s failed: %s", trial.trial_id, error)
+                return
+        status = STATUS_FINISHED if final else STATUS_STOPPED_EARLY
         self.client.set_tag(run_id, TAG_STATUS, status)
-        if final and trial.checkpoint is not None:
-            try:
-                with trial.checkpoint.as_directory() as path:
-                    self.client.log_artifacts(run_id, path, artifact_path="packed_model")
-                self.client.set_tag(run_id, "fineprune.packed_artifact", "packed_model")
-            except (OSError, FileNotFoundError) as err:
-                logger.warning("could not log the packed model of trial %s: %s", trial.trial_id, err)
         self.client.set_terminated(run_id, "FINISHED")
         logger.info("trial %s %s: %s", trial.trial_id, status, _summary(result))
+
+    def _log_packed_model(self, run_id: str, trial: TrialSnapshot) -> str | None:
+        """Log the trial's final checkpoint (its packed model); the reason in one line when that cannot be done.
+
+        Raises:
+            Exception: a transient failure (see :func:`workflows.retry.is_transient`), for the queue to retry.
+        """
+        if trial.checkpoint is None:
+            return "the packed model was not logged: the trial's final result has no checkpoint"
+        try:
+            with trial.checkpoint.as_directory() as path:
+                self.client.log_artifacts(run_id, path, artifact_path=ARTIFACT_PACKED_MODEL)
+        except Exception as err:  # noqa: BLE001 - classified: a transient error is raised again
+            if is_transient(err):
+                raise
+            text = " ".join(str(err).split())
+            return f"the packed model was not logged: {type(err).__name__}: {text}"
+        self.client.set_tag(run_id, TAG_PACKED_ARTIFACT, ARTIFACT_PACKED_MODEL)
+        return None
 
     def _reconcile(self, trials: list[TrialSnapshot]) -> None:
         """Make MLflow say what Tune says: each trial's run ended as the trial ended, nothing left RUNNING.
@@ -456,8 +452,10 @@ class MlflowTrialCallback(tune.Callback):
             tags = run.data.tags
             if trial.status == "TERMINATED":
                 final = bool(trial.last_result.get("final"))
-                logged = (run.info.status == "FINISHED" and tags.get(TAG_STATUS) in ("finished", "stopped_early")
-                          and (not final or tags.get("fineprune.packed_artifact")))
+                logged = ((run.info.status == "FINISHED" and tags.get(TAG_STATUS) in (STATUS_FINISHED,
+                                                                                      STATUS_STOPPED_EARLY)
+                           and (not final or tags.get(TAG_PACKED_ARTIFACT)))
+                          or (run.info.status == "FAILED" and tags.get(TAG_STATUS) == STATUS_FAILED))
                 if not logged:
                     logger.info("logging trial %s, which ended while its result could not be logged", trial.trial_id)
                     self._finish(trial, log_result=True)
@@ -465,20 +463,20 @@ class MlflowTrialCallback(tune.Callback):
                 if run.info.status != "FAILED":
                     self._finish(trial, log_result=True)
             elif run.info.status == "RUNNING":  # the sweep was interrupted; a resume continues this run
-                self.client.set_tag(run_id, TAG_STATUS, "interrupted")
+                self.client.set_tag(run_id, TAG_STATUS, STATUS_INTERRUPTED)
                 self.client.set_terminated(run_id, "KILLED")
         for run_id in list(self._orphans):
             run = self.client.get_run(run_id)
             if run.info.status == "RUNNING":
                 logger.warning("run %s of lost trial %s: no trial ran its configuration again; ended as KILLED",
                                run_id, run.data.tags.get(TAG_TRIAL))
-                self.client.set_tag(run_id, TAG_STATUS, "orphaned")
+                self.client.set_tag(run_id, TAG_STATUS, STATUS_ORPHANED)
                 self.client.set_terminated(run_id, "KILLED")
 
 
 def _summary(result: dict[str, Any]) -> str:
     parts = []
-    for key in ("f1", "exact_match", "linear_density", "heads_removed", "speedup"):
+    for key in (F1, EXACT_MATCH, LINEAR_DENSITY, HEADS_REMOVED, SPEEDUP):
         if key in result and isinstance(result[key], (int, float)):
             parts.append(f"{key}={result[key]:.3f}" if isinstance(result[key], float) else f"{key}={result[key]}")
     return " ".join(parts)
@@ -487,8 +485,8 @@ def _summary(result: dict[str, Any]) -> str:
 def trial_runs(client: MlflowClient, experiment: str, parent_run_id: str, include_baseline: bool = False) -> list:
     """The sweep's trial runs (and optionally its baseline run)."""
     experiment_id = _experiment_id(client, experiment)
-    runs = _find_runs(client, experiment_id, f"tags.`{PARENT}` = '{parent_run_id}'")
-    kinds = {"trial", "baseline"} if include_baseline else {"trial"}
+    runs = _find_runs(client, experiment_id, f"tags.`{TAG_PARENT}` = '{parent_run_id}'")
+    kinds = {KIND_TRIAL, KIND_BASELINE} if include_baseline else {KIND_TRIAL}
     return [r for r in runs if r.data.tags.get(TAG_KIND) in kinds]
 
 
@@ -515,15 +513,13 @@ def hypervolume_series(runs: Iterable, objectives, reference: dict[str, float]) 
         One ``{"trials", "compute_s", "hypervolume", "time_ms"}`` row per step, starting with step 0 (``time_ms``:
         when the step's trial ended; for step 0, when the baseline was logged or the first trial ended).
     """
-    from workflows.frontier import hypervolume_progress
-
     runs = list(runs)
-    baseline = [r for r in runs if r.data.tags.get(TAG_KIND) == "baseline"]
-    ended = sorted((r for r in runs if r.data.tags.get(TAG_KIND) == "trial" and r.info.end_time),
+    baseline = [r for r in runs if r.data.tags.get(TAG_KIND) == KIND_BASELINE]
+    ended = sorted((r for r in runs if r.data.tags.get(TAG_KIND) == KIND_TRIAL and r.info.end_time),
                    key=lambda r: (r.info.end_time, r.info.run_id))
 
     def point(run) -> dict[str, Any]:
-        if run.data.tags.get(TAG_STATUS, "finished") != "finished":
+        if run.data.tags.get(TAG_STATUS, STATUS_FINISHED) != STATUS_FINISHED:
             return {}
         return dict(run.data.metrics)
 
@@ -543,11 +539,11 @@ def hypervolume_series(runs: Iterable, objectives, reference: dict[str, float]) 
 
 def log_hypervolume(client: MlflowClient, run_id: str, series: list[dict[str, float]]) -> None:
     """Log a :func:`hypervolume_series` on the sweep's parent run, twice: stepped by completed trials
-    (:data:`METRIC_HYPERVOLUME`) and by trial compute seconds (:data:`METRIC_HYPERVOLUME_COMPUTE`).
+    (``hypervolume``) and by trial compute seconds (``hypervolume_by_compute_s``).
 
     Entries already in the run's history (a resumed sweep) are not logged again.
     """
-    for name, step_key in ((METRIC_HYPERVOLUME, "trials"), (METRIC_HYPERVOLUME_COMPUTE, "compute_s")):
+    for name, step_key in ((HYPERVOLUME, "trials"), (HYPERVOLUME_COMPUTE, "compute_s")):
         logged = {(m.step, m.value) for m in client.get_metric_history(run_id, name)}
         batch = [mlflow.entities.Metric(name, float(row["hypervolume"]), int(row.get("time_ms", 0)),
                                         int(round(row[step_key])))

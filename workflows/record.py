@@ -1,0 +1,323 @@
+"""The one schema of what a sweep writes to MLflow, and the readers that give it back as plain Python and DataFrames.
+
+A sweep's record is:
+  * a **parent run** (tag ``fineprune.kind=sweep``) holding the space as flat params (``registry.name``,
+    ``speedup.seq_len``, ``search.<key>.type``, ...), the frontier tables as JSON artifacts, the hypervolume
+    history as metrics and the report under ``report/``;
+  * one nested **trial run** per Tune trial (``fineprune.kind=trial``): its run config and searched values
+    (``searched.<key>``) as params, its metrics, its end (``fineprune.status``), the frontier tags (``pareto``,
+    ``pareto_speedup``) and its packed model as the ``packed_model`` artifact;
+  * one nested **baseline run** for the dense teacher (``fineprune.kind=baseline``);
+  * the **registered versions** made from frontier trials, tagged with the sweep and trial run ids.
+
+``workflows.tracking`` writes the record; ``workflows.registry`` and ``workflows.report`` only read it, through the
+names and readers here. Every tag, param, metric and artifact name the project writes is defined once, in this
+module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+__all__ = [
+    # where the record lives
+    "DEFAULT_TRACKING_URI", "tracking_uri", "RecordError",
+    # tags of runs
+    "TAG_KIND", "KIND_SWEEP", "KIND_TRIAL", "KIND_BASELINE", "TAG_PARENT", "TAG_RUN_NAME", "TAG_SWEEP",
+    "TAG_SWEEP_STATE", "SWEEP_RUNNING", "SWEEP_INTERRUPTED", "SWEEP_COMPLETE", "TAG_TRIAL", "TAG_STATUS",
+    "STATUS_FINISHED", "STATUS_STOPPED_EARLY", "STATUS_FAILED", "STATUS_INTERRUPTED", "STATUS_ORPHANED", "STATUSES",
+    "TAG_PARETO", "TAG_PARETO_SPEED", "FRONTIER_TAGS", "TAG_NODE", "TAG_PID", "TAG_RETRIES", "TAG_TOOK_OVER",
+    "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR",
+    # tags of registered versions, the alias
+    "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "ALIAS",
+    # params
+    "PARAM_SEARCHED", "PARAM_REGISTRY", "PARAM_SPEEDUP", "PARAM_RESOURCES", "PARAM_SEARCH",
+    "flat_params", "params_under", "search_types",
+    # metrics
+    "EXACT_MATCH", "F1", "LINEAR_DENSITY", "TOTAL_DENSITY", "HEADS_REMOVED", "SPEEDUP", "MAX_LOGIT_DIFF",
+    "PACKED_PARAMS", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "FINAL_METRICS", "EVAL_METRICS",
+    "DENSITY_OBJECTIVES", "SPEED_OBJECTIVES",
+    # artifacts
+    "ARTIFACT_PACKED_MODEL", "ARTIFACT_FRONTIER", "ARTIFACT_FRONTIER_SPEED", "ARTIFACT_FRONTIER_PLOT",
+    "ARTIFACT_REPORT_DIR", "ARTIFACT_REPORT_HTML", "ARTIFACT_REPORT_MARKDOWN", "ARTIFACT_QA_MODEL",
+    "ARTIFACT_MODEL_DIR",
+    # the registry spec, the readers
+    "RegistrySpec", "latest_sweep", "trials", "metric_history", "COLUMNS",
+]
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+# ---- tags of runs ---------------------------------------------------------------------------------------------
+TAG_KIND = "fineprune.kind"
+KIND_SWEEP, KIND_TRIAL, KIND_BASELINE = "sweep", "trial", "baseline"
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: trial and baseline runs nest under the sweep's run
+TAG_RUN_NAME = "mlflow.runName"
+TAG_SWEEP = "fineprune.sweep"  # the sweep's storage path: identifies a sweep across resumes
+TAG_SWEEP_STATE = "fineprune.sweep_state"  # on the parent run: whether `--resume` has work to do
+SWEEP_RUNNING, SWEEP_INTERRUPTED, SWEEP_COMPLETE = "running", "interrupted", "complete"
+TAG_TRIAL = "fineprune.trial_id"
+TAG_STATUS = "fineprune.status"  # how a trial ended
+STATUS_FINISHED, STATUS_STOPPED_EARLY, STATUS_FAILED = "finished", "stopped_early", "failed"
+STATUS_INTERRUPTED, STATUS_ORPHANED = "interrupted", "orphaned"  # a resume continues it / nothing took it over
+STATUSES = (STATUS_FINISHED, STATUS_STOPPED_EARLY, STATUS_FAILED)  # how a trial of a complete sweep ends
+TAG_PARETO = "pareto"  # "true" on the finished runs on the frontier of the space's objectives, else "false"
+TAG_PARETO_SPEED = "pareto_speedup"  # the same for the frontier of F1 against measured speedup
+FRONTIER_TAGS = (TAG_PARETO, TAG_PARETO_SPEED)
+TAG_NODE = "fineprune.node_id"
+TAG_PID = "fineprune.pid"  # the trial's worker process (the last one, after retries)
+TAG_RETRIES = "fineprune.retries"  # how often the trial's worker died and the trial went on from its checkpoint
+TAG_TOOK_OVER = "fineprune.took_over_trial_id"  # the lost trial whose run this trial continued
+TAG_PACKED_ARTIFACT = "fineprune.packed_artifact"  # set once the packed model is logged: its artifact path
+TAG_MODEL_DIR = "fineprune.model_dir"  # the baseline's model directory
+TAG_ERROR_FILE = "fineprune.error_file"  # Tune's error file of a failed trial
+TAG_ERROR = "fineprune.error"  # one line: why the trial failed after training (e.g. its packed model upload)
+
+# ---- tags of registered model versions ------------------------------------------------------------------------
+TAG_TRIAL_RUN = "fineprune.trial_run_id"
+TAG_SWEEP_RUN = "sweep_run_id"
+TAG_POLICY = "policy"
+ALIAS = "champion"
+
+# ---- params ---------------------------------------------------------------------------------------------------
+PARAM_SEARCHED = "searched."  # trial runs: a searched value as the searcher sampled it
+PARAM_REGISTRY = "registry."  # parent run: the registry spec (see RegistrySpec)
+PARAM_SPEEDUP = "speedup."  # parent run: how speedups are timed
+PARAM_RESOURCES = "resources."  # parent run: one trial's resources
+PARAM_SEARCH = "search."  # parent run: search.<key>.type, .low, .high, .values ...
+
+# ---- metrics --------------------------------------------------------------------------------------------------
+EXACT_MATCH = "exact_match"
+F1 = "f1"
+LINEAR_DENSITY = "linear_density"
+TOTAL_DENSITY = "total_density"
+HEADS_REMOVED = "heads_removed"
+SPEEDUP = "speedup"
+MAX_LOGIT_DIFF = "max_logit_diff"
+PACKED_PARAMS = "packed_params"
+STEP = "step"
+LOSS = "loss"
+HYPERVOLUME = "hypervolume"  # on the parent run, step = trials completed
+HYPERVOLUME_COMPUTE = "hypervolume_by_compute_s"  # the same values, step = trial seconds spent so far
+# What every finished trial (and the baseline) reports: the metrics a registered version is tagged with.
+FINAL_METRICS = (EXACT_MATCH, F1, LINEAR_DENSITY, TOTAL_DENSITY, HEADS_REMOVED, SPEEDUP)
+# Scalars the trainer reports at every evaluation: the only metrics a scheduler can act on.
+EVAL_METRICS = (EXACT_MATCH, F1, LINEAR_DENSITY, TOTAL_DENSITY, HEADS_REMOVED, LOSS, "loss_ce", "loss_distil")
+DENSITY_OBJECTIVES: tuple[tuple[str, str], ...] = ((F1, "max"), (LINEAR_DENSITY, "min"))  # the default objectives
+SPEED_OBJECTIVES: tuple[tuple[str, str], ...] = ((F1, "max"), (SPEEDUP, "max"))  # the second frontier
+
+# ---- artifacts ------------------------------------------------------------------------------------------------
+ARTIFACT_PACKED_MODEL = "packed_model"  # trial runs: the packed model directory
+ARTIFACT_FRONTIER = "frontier.json"  # parent run: the frontier table of the space's objectives
+ARTIFACT_FRONTIER_SPEED = "frontier_speedup.json"
+ARTIFACT_FRONTIER_PLOT = "frontier.png"
+ARTIFACT_REPORT_DIR = "report"
+ARTIFACT_REPORT_HTML = "report.html"
+ARTIFACT_REPORT_MARKDOWN = "report.md"
+ARTIFACT_QA_MODEL = "qa_model"  # registered versions: the pyfunc model logged on the trial's run
+ARTIFACT_MODEL_DIR = "model_dir"  # the pyfunc model's own artifact: the packed model directory
+
+# The columns of :func:`trials` before the metric and ``searched.*`` columns.
+COLUMNS = ("run_id", "name", "kind", "status", "run_status", TAG_PARETO, TAG_PARETO_SPEED, "packed", "start_time",
+           "end_time")
+_SEARCH_PAGE = 1000
+
+
+class RecordError(ValueError):
+    """What was asked for is not in the record (no such experiment, no sweep, a sweep without a registry spec)."""
+
+
+def tracking_uri(given: str | None = None) -> str:
+    """The tracking URI to use: ``given``, else ``$MLFLOW_TRACKING_URI``, else :data:`DEFAULT_TRACKING_URI`."""
+    return given or os.environ.get(TRACKING_URI_ENV) or DEFAULT_TRACKING_URI
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Params: nested values as flat ``a.b.c`` names with string values
+# --------------------------------------------------------------------------------------------------------------
+
+
+def flat_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings as MLflow params: ``{"registry": {"name": "x"}}`` -> ``{"registry.name": "x"}``.
+
+    Lists and tuples are written as JSON, everything else with ``str`` (None becomes ``"None"``).
+    """
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_params(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+def params_under(params: Mapping[str, str], prefix: str) -> dict[str, str]:
+    """The params whose names start with ``prefix`` (e.g. :data:`PARAM_SPEEDUP`), keyed by the rest of the name."""
+    return {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
+
+
+def search_types(params: Mapping[str, str]) -> dict[str, str]:
+    """The searched keys of a sweep's parent run, in the space's order, with their types (``uniform``, ...)."""
+    return {name[:-len(".type")]: value for name, value in params_under(params, PARAM_SEARCH).items()
+            if name.endswith(".type")}
+
+
+def _optional_float(value: str | None) -> float | None:
+    if value is None or value in ("", "None", "null"):
+        return None
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RegistrySpec:
+    """Which trial becomes the registered champion: a policy and its one threshold.
+
+    Written on the sweep's parent run as ``registry.<field>`` params (:meth:`to_params`) and read back with
+    :meth:`from_params`; the two round-trip.
+    """
+
+    name: str
+    policy: str = "best_f1_under_density"
+    max_density: float | None = None  # best_f1_under_density: linear_density <= this
+    max_f1_drop: float | None = None  # *_within_f1_drop: F1 points below the dense teacher's F1
+    max_latency_ms: float | None = None  # best_f1_under_latency: measured latency of the registered version
+
+    def to_params(self) -> dict[str, str]:
+        """The spec as the parent run's params (the same names and values as the flattened space)."""
+        return flat_params({PARAM_REGISTRY[:-1]: asdict(self)})
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> RegistrySpec:
+        """The spec a sweep's parent run recorded.
+
+        Raises:
+            RecordError: the params hold no ``registry.name``, or a threshold that is not a number.
+        """
+        values = params_under(params, PARAM_REGISTRY)
+        if "name" not in values:
+            raise RecordError("the sweep's run records no registry name (param registry.name)")
+        kwargs: dict[str, Any] = {"name": values["name"]}
+        for item in fields(cls):
+            if item.name == "name" or item.name not in values:
+                continue
+            if item.name == "policy":
+                kwargs["policy"] = values["policy"]
+                continue
+            try:
+                kwargs[item.name] = _optional_float(values[item.name])
+            except ValueError:
+                raise RecordError(f"param registry.{item.name}: not a number: {values[item.name]!r}") from None
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def latest_sweep(client: MlflowClient, experiment: str, run_id: str | None = None) -> Run:
+    """A sweep's parent run: ``run_id`` (checked to be a sweep of ``experiment``), else the experiment's latest.
+
+    Raises:
+        RecordError: the experiment does not exist, has no sweep, or ``run_id`` is not one of its sweeps; the
+            message is one line naming the experiment and the tracking URI.
+    """
+    found = client.get_experiment_by_name(experiment)
+    if found is None or found.lifecycle_stage == "deleted":
+        raise RecordError(f"experiment {experiment!r} not found in {client.tracking_uri}")
+    if run_id is not None:
+        # Lazy: the space schema imports this module's names, and loading a space stays free of MLflow's import.
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            run = None
+        if run is None or run.info.experiment_id != found.experiment_id or \
+                run.data.tags.get(TAG_KIND) != KIND_SWEEP:
+            raise RecordError(f"run {run_id} is not a sweep of experiment {experiment!r} in {client.tracking_uri}")
+        return run
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise RecordError(f"experiment {experiment!r} in {client.tracking_uri} has no sweep run")
+    return runs[0]
+
+
+def _child_runs(client: MlflowClient, sweep: Run) -> list[Run]:
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([sweep.info.experiment_id],
+                                  filter_string=f"tags.`{TAG_PARENT}` = '{sweep.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"], max_results=_SEARCH_PAGE, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _status(run: Run) -> str:
+    status = run.data.tags.get(TAG_STATUS)
+    if status:
+        return status
+    # A run the sweep did not end (its driver died): what MLflow says.
+    return {"FINISHED": STATUS_FINISHED, "FAILED": STATUS_FAILED,
+            "KILLED": STATUS_STOPPED_EARLY}.get(run.info.status, run.info.status.lower())
+
+
+def trials(client: MlflowClient, sweep: Run | str, include_baseline: bool = True) -> pd.DataFrame:
+    """A sweep's trial runs (and its dense baseline) as a table, one row per run.
+
+    Columns: :data:`COLUMNS` (``status`` is the ``fineprune.status`` tag, or what MLflow says of a run the sweep
+    did not end; ``pareto`` and ``pareto_speedup`` are the frontier tags as booleans; ``packed``: the packed model
+    is logged), then one column per metric any run logged (NaN where a run lacks it), then ``searched.<key>`` per
+    searched value (strings as logged; None where a run lacks it). Rows: the baseline first, then the trials in the
+    order they started.
+
+    Args:
+        client: a client of the tracking store.
+        sweep: the sweep's parent run, or its id.
+        include_baseline: keep the dense baseline's row.
+    """
+    import pandas as pd  # lazy: as MLflow in latest_sweep, pandas stays out of loading a space
+
+    if isinstance(sweep, str):
+        sweep = client.get_run(sweep)
+    kinds = {KIND_TRIAL, KIND_BASELINE} if include_baseline else {KIND_TRIAL}
+    runs = [r for r in _child_runs(client, sweep) if r.data.tags.get(TAG_KIND) in kinds]
+    runs.sort(key=lambda r: (r.data.tags.get(TAG_KIND) != KIND_BASELINE, r.info.start_time or 0, r.info.run_id))
+    metrics = sorted({key for run in runs for key in run.data.metrics})
+    searched = list(dict.fromkeys(name for run in runs for name in run.data.params if name.startswith(PARAM_SEARCHED)))
+    rows = []
+    for run in runs:
+        tags = run.data.tags
+        row: dict[str, Any] = {
+            "run_id": run.info.run_id, "name": tags.get(TAG_RUN_NAME, run.info.run_id), "kind": tags[TAG_KIND],
+            "status": _status(run), "run_status": run.info.status, TAG_PARETO: tags.get(TAG_PARETO) == "true",
+            TAG_PARETO_SPEED: tags.get(TAG_PARETO_SPEED) == "true", "packed": bool(tags.get(TAG_PACKED_ARTIFACT)),
+            "start_time": run.info.start_time, "end_time": run.info.end_time}
+        row.update({key: run.data.metrics.get(key, math.nan) for key in metrics})
+        row.update({name: run.data.params.get(name) for name in searched})
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=[*COLUMNS, *metrics, *searched])
+    return frame.astype({TAG_PARETO: bool, TAG_PARETO_SPEED: bool, "packed": bool, **dict.fromkeys(metrics, float)})
+
+
+def metric_history(client: MlflowClient, run_id: str, metric: str) -> list[tuple[float, float]]:
+    """A metric's ``(step, value)`` history, one value per step (the latest logged), by step."""
+    latest: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, metric):
+        if m.step not in latest or m.timestamp >= latest[m.step][0]:
+            latest[m.step] = (m.timestamp, m.value)
+    return [(float(step), value) for step, (_, value) in sorted(latest.items())]
