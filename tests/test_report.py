@@ -6,19 +6,12 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from workflows.report import (
-    ChampionCard,
-    ReportData,
-    TrialRow,
-    collect_report_data,
-    frontier_ids,
-    render_html,
-    render_markdown,
-    run_url,
-    write_report,
-)
+from workflows.record import TAG_PARETO, TAG_PARETO_SPEED
+from workflows.report import (ChampionCard, ReportData, collect_report_data, render_html, render_markdown, run_url,
+                              write_report)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -30,8 +23,16 @@ def _metrics(f1, em, density, speedup, heads_removed=0.0, step=6.0):
             "heads_removed": heads_removed, "step": step}
 
 
+def _row(run_id, name, kind, status, searched, metrics, url, pareto=False, pareto_speedup=False):
+    """One run as :func:`workflows.record.trials` gives it back (with the report's ``url`` column)."""
+    return {"run_id": run_id, "name": name, "kind": kind, "status": status, TAG_PARETO: pareto,
+            TAG_PARETO_SPEED: pareto_speedup, "url": url, **metrics,
+            **{f"searched.{k}": v for k, v in searched.items()}}
+
+
 def _sweep(urls: bool = False, champion: bool = True, searched: bool = True, name: str = "trial-b") -> ReportData:
-    """A hand-made sweep: a baseline, three finished trials, one stopped early, one failed without metrics."""
+    """A hand-made sweep: a baseline, three finished trials, one stopped early, one failed without metrics; the
+    frontier tags are those the sweep's F1/linear-density and F1/speedup frontiers give."""
     server = "http://mlflow.example:5000" if urls else None
 
     def url(run_id):
@@ -41,19 +42,21 @@ def _sweep(urls: bool = False, champion: bool = True, searched: bool = True, nam
         return {"target_density": str(density), "temperature": str(temperature)} if searched else {}
 
     rows = [
-        TrialRow("base", "dense-baseline", "baseline", "finished", {}, _metrics(80.0, 70.0, 1.0, 1.0), url("base")),
-        TrialRow("a", "trial-a", "trial", "finished", params(0.2, 1), _metrics(60.0, 50.0, 0.2, 2.5, 10), url("a")),
-        TrialRow("b", name, "trial", "finished", params(0.5, 2), _metrics(75.0, 66.0, 0.5, 1.8, 4), url("b")),
-        TrialRow("c", "trial-c", "trial", "finished", params(0.6, 4), _metrics(70.0, 61.0, 0.6, 1.2, 2), url("c")),
+        _row("base", "dense-baseline", "baseline", "finished", {}, _metrics(80.0, 70.0, 1.0, 1.0), url("base"),
+             True, True),
+        _row("a", "trial-a", "trial", "finished", params(0.2, 1), _metrics(60.0, 50.0, 0.2, 2.5, 10), url("a"),
+             True, True),
+        _row("b", name, "trial", "finished", params(0.5, 2), _metrics(75.0, 66.0, 0.5, 1.8, 4), url("b"), True, True),
+        _row("c", "trial-c", "trial", "finished", params(0.6, 4), _metrics(70.0, 61.0, 0.6, 1.2, 2), url("c")),
         # Better than every finished trial, but stopped early: never on the frontier.
-        TrialRow("d", "trial-d", "trial", "stopped_early", params(0.1, 1), _metrics(90.0, 85.0, 0.1, 3.0, 11, 3),
-                 url("d")),
-        TrialRow("e", "trial-e", "trial", "failed", params(0.3, 2), {}, url("e")),
+        _row("d", "trial-d", "trial", "stopped_early", params(0.1, 1), _metrics(90.0, 85.0, 0.1, 3.0, 11, 3),
+             url("d")),
+        _row("e", "trial-e", "trial", "failed", params(0.3, 2), {}, url("e")),
     ]
     card = ChampionCard(model_name="qa-small", version="3", run_id="b", heads_kept=[[0, 1, 3], [2], []],
                         num_heads=4, ffn_widths=[100, 40, 0], ffn_size=128, size_bytes=5 * 1024 * 1024,
                         weights_bytes=4 * 1024 * 1024, tracking_uri=server or "sqlite:///mlflow.db")
-    return ReportData(experiment="exp", sweep_run_id="parent", rows=rows,
+    return ReportData(experiment="exp", sweep_run_id="parent", runs=pd.DataFrame(rows),
                       searched=["target_density", "temperature"] if searched else [],
                       param_types={"target_density": "uniform", "temperature": "choice"} if searched else {},
                       champion=card if champion else None, policy="best_f1_under_density (max_density 0.5)",
@@ -99,26 +102,30 @@ def test_run_url_links_only_to_tracking_servers():
         assert run_url(uri, "3", "abc") is None
 
 
-def test_frontier_keeps_finished_non_dominated_runs_only():
+def test_the_report_shows_the_frontier_the_sweep_tagged_for_any_objectives():
+    """The frontier tables are the tagged runs, under the space's objectives; the report computes none itself."""
+    from dataclasses import replace
+
     data = _sweep()
-    front = frontier_ids(data.rows, F1_DENSITY)
-    # a (sparsest finished), b (better than c on both), baseline (best F1); d stopped early, e failed.
-    assert front == {"a", "b", "base"}
-    finished = [r for r in data.rows if r.status == "finished"]
-    for row in finished:  # the definition, checked point by point
-        dominated = any(o.metrics["f1"] >= row.metrics["f1"] and o.metrics["linear_density"] <=
-                        row.metrics["linear_density"] and o is not row and
-                        (o.metrics["f1"], o.metrics["linear_density"]) != (row.metrics["f1"],
-                                                                             row.metrics["linear_density"])
-                        for o in finished)
-        assert (row.run_id in front) == (not dominated)
+    runs = data.runs.copy()
+    # A sweep over exact match and total density tagged only c (whatever F1 and linear density would say).
+    runs[TAG_PARETO] = runs["run_id"] == "c"
+    tagged = replace(data, runs=runs, objectives=[("exact_match", "max"), ("total_density", "min")])
+    text = render_markdown(tagged)
+    front = _markdown_table(text, "## Pareto frontier: exact match against total density")
+    assert [row[0] for row in front] == ["trial-c"]
+    assert front[0][-1] == "0.900"  # the objective's own column
+    trials = {row[0]: row for row in _markdown_table(text, "## Trials")}
+    assert [name for name, row in trials.items() if row[-2] == "yes"] == ["trial-c"]
+    page = render_html(tagged)
+    assert "exact match against total density" in " ".join(_parse(page).text)
 
 
 def test_markdown_lists_every_trial_with_its_status_and_the_frontiers():
     data = _sweep()
     text = render_markdown(data)
     trials = _markdown_table(text, "## Trials")
-    assert [row[0] for row in trials] == [r.name for r in data.rows]
+    assert [row[0] for row in trials] == list(data.runs["name"])
     status = {row[0]: row[1] for row in trials}
     assert status == {"dense-baseline": "dense baseline", "trial-a": "finished", "trial-b": "finished",
                       "trial-c": "finished", "trial-d": "stopped early", "trial-e": "failed"}
@@ -171,7 +178,7 @@ def test_html_table_has_one_sortable_row_per_run(page):
     data = _sweep()
     parsed = _parse(page)
     rows = [a["data-run-id"] for t, a in parsed.tags if t == "tr" and "data-run-id" in a]
-    assert rows == [r.run_id for r in data.rows]
+    assert rows == list(data.runs["run_id"])
     buttons = [a for t, a in parsed.tags if t == "th" and "data-type" in a]
     assert len(buttons) == 2 + len(data.searched) + 7 + 2
     # Sort keys are the raw numbers; a metric the run lacks has an empty key (sorted last).
@@ -278,12 +285,11 @@ def test_the_champion_card_matches_the_champion_run(smoke_sweep):
     sizes = {a.path: a.file_size for a in client.list_artifacts(champion["run_id"], "packed_model")}
     assert card.size_bytes == sum(sizes.values())
     assert card.weights_bytes == sizes["packed_model/model.safetensors"]
-    assert {r.run_id for r in data.trials} == {r.info.run_id for r in runs
-                                               if r.data.tags["fineprune.kind"] == "trial"}
+    assert set(data.trials["run_id"]) == {r.info.run_id for r in runs if r.data.tags["fineprune.kind"] == "trial"}
     assert data.searched == ["target_density", "alpha_distil", "temperature"]
     # The report's frontier is the sweep's own (its MLflow tags).
     tagged = {r.info.run_id for r in runs if r.data.tags.get("pareto") == "true"}
-    assert frontier_ids(data.rows, F1_DENSITY) == tagged
+    assert set(data.frontier()["run_id"]) == tagged
 
 
 def test_the_sweep_logs_the_hypervolume_of_its_frontier_by_trial_and_by_compute(smoke_sweep):

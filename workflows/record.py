@@ -40,8 +40,8 @@ __all__ = [
     # tags of registered versions, the alias
     "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "ALIAS",
     # params
-    "PARAM_SEARCHED", "PARAM_REGISTRY", "PARAM_SPEEDUP", "PARAM_RESOURCES", "PARAM_SEARCH",
-    "flat_params", "params_under", "search_types",
+    "PARAM_SEARCHED", "PARAM_REGISTRY", "PARAM_SPEEDUP", "PARAM_RESOURCES", "PARAM_SEARCH", "PARAM_OBJECTIVES",
+    "flat_params", "params_under", "search_types", "sweep_objectives",
     # metrics
     "EXACT_MATCH", "F1", "LINEAR_DENSITY", "TOTAL_DENSITY", "HEADS_REMOVED", "SPEEDUP", "MAX_LOGIT_DIFF",
     "PACKED_PARAMS", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "FINAL_METRICS", "EVAL_METRICS",
@@ -94,6 +94,7 @@ PARAM_REGISTRY = "registry."  # parent run: the registry spec (see RegistrySpec)
 PARAM_SPEEDUP = "speedup."  # parent run: how speedups are timed
 PARAM_RESOURCES = "resources."  # parent run: one trial's resources
 PARAM_SEARCH = "search."  # parent run: search.<key>.type, .low, .high, .values ...
+PARAM_OBJECTIVES = "objectives"  # parent run: the space's objectives as JSON, [[metric, max|min], ...]
 
 # ---- metrics --------------------------------------------------------------------------------------------------
 EXACT_MATCH = "exact_match"
@@ -170,6 +171,17 @@ def search_types(params: Mapping[str, str]) -> dict[str, str]:
     """The searched keys of a sweep's parent run, in the space's order, with their types (``uniform``, ...)."""
     return {name[:-len(".type")]: value for name, value in params_under(params, PARAM_SEARCH).items()
             if name.endswith(".type")}
+
+
+def sweep_objectives(params: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The objectives a sweep's parent run recorded (the ones its ``pareto`` tags follow); the default objectives
+    when it recorded none."""
+    try:
+        value = json.loads(params[PARAM_OBJECTIVES])
+        objectives = [(str(name), str(mode)) for name, mode in value]
+    except (KeyError, ValueError, TypeError):
+        return list(DENSITY_OBJECTIVES)
+    return objectives or list(DENSITY_OBJECTIVES)
 
 
 def _optional_float(value: str | None) -> float | None:
@@ -282,7 +294,7 @@ def trials(client: MlflowClient, sweep: Run | str, include_baseline: bool = True
     Columns: :data:`COLUMNS` (``status`` is the ``fineprune.status`` tag, or what MLflow says of a run the sweep
     did not end; ``pareto`` and ``pareto_speedup`` are the frontier tags as booleans; ``packed``: the packed model
     is logged), then one column per metric any run logged (NaN where a run lacks it), then ``searched.<key>`` per
-    searched value (strings as logged; None where a run lacks it). Rows: the baseline first, then the trials in the
+    searched value (strings as logged; missing, ``pd.isna``, where a run lacks it). Rows: the baseline first, then the trials in the
     order they started.
 
     Args:

@@ -432,6 +432,9 @@ class MlflowTrialCallback(tune.Callback):
             return "the packed model was not logged: the trial's final result has no checkpoint"
         try:
             with trial.checkpoint.as_directory() as path:
+                if not Path(path).is_dir() or not any(Path(path).iterdir()):
+                    # MLflow would log a missing directory as an empty one, without a word.
+                    return f"the packed model was not logged: its checkpoint directory {path} is missing or empty"
                 self.client.log_artifacts(run_id, path, artifact_path=ARTIFACT_PACKED_MODEL)
         except Exception as err:  # noqa: BLE001 - classified: a transient error is raised again
             if is_transient(err):

@@ -1,0 +1,157 @@
+"""The record of a sweep in MLflow: what tracking writes is what the registry, the report and the CLI read back.
+
+Real SQLite MLflow stores in temporary directories; runs written with the writers of ``workflows.tracking``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from workflows import frontier, record, tracking
+from workflows.cli import main
+from workflows.record import RecordError, RegistrySpec
+from workflows.report import collect_report_data, render_markdown
+from workflows.space import load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def client(tmp_path) -> MlflowClient:
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
+    return client
+
+
+def _trial(client: MlflowClient, parent: str, name: str, metrics: dict[str, float], searched: dict[str, str],
+           status: str | None = "finished") -> str:
+    tags = {record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent, record.TAG_RUN_NAME: name}
+    if status is not None:
+        tags[record.TAG_STATUS] = status
+    experiment_id = client.get_experiment_by_name("exp").experiment_id
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    for key, value in searched.items():
+        client.log_param(run_id, f"{record.PARAM_SEARCHED}{key}", value)
+    return run_id
+
+
+def test_the_registry_spec_round_trips_through_the_sweeps_parent_run(client):
+    """Written as the sweep writes its space, read back as the same dataclass, for every policy."""
+    space = load_space(ROOT / "tune_spaces" / "smoke.yaml")
+    for spec in (space.registry, RegistrySpec("m", "min_density_within_f1_drop", max_f1_drop=2.5),
+                 RegistrySpec("m", "best_f1_under_latency", max_latency_ms=12.0)):
+        summary = {**{k: v for k, v in asdict(space).items() if k != "path"}, "registry": asdict(spec)}
+        parent = tracking.start_parent_run(client, "exp", f"/sweeps/{spec.policy}", summary, resume=False)
+        params = client.get_run(parent).data.params
+        assert RegistrySpec.from_params(params) == spec
+        assert record.params_under(params, record.PARAM_REGISTRY) == \
+            record.params_under(spec.to_params(), record.PARAM_REGISTRY)
+        assert record.sweep_objectives(params) == space.objectives
+    with pytest.raises(RecordError, match="registry.name"):
+        RegistrySpec.from_params({"registry.policy": "best_f1_under_density"})
+    with pytest.raises(RecordError, match="registry.max_density: not a number"):
+        RegistrySpec.from_params({"registry.name": "m", "registry.max_density": "half"})
+
+
+def test_trials_is_the_sweeps_runs_table(client):
+    parent = tracking.start_parent_run(client, "exp", "/sweeps/a", {}, resume=False)
+    first = _trial(client, parent, "trial-1", {"f1": 50.0, "linear_density": 0.3}, {"target_density": "0.3"})
+    second = _trial(client, parent, "trial-2", {"f1": 40.0}, {"target_density": "0.5", "temperature": "2"},
+                    status=None)  # a run the sweep did not end: what MLflow says
+    client.set_terminated(second, "KILLED")
+    client.set_tag(first, record.TAG_PARETO, "true")
+    client.set_tag(first, record.TAG_PACKED_ARTIFACT, record.ARTIFACT_PACKED_MODEL)
+    baseline = tracking.log_baseline(client, "exp", parent, {"f1": 60.0}, {"model": "m"}, None)
+    other = tracking.start_parent_run(client, "exp", "/sweeps/b", {}, resume=False)
+    _trial(client, other, "elsewhere", {"f1": 1.0}, {})  # another sweep's trial: not in this table
+
+    table = record.trials(client, parent)
+    assert isinstance(table, pd.DataFrame)
+    assert list(table["run_id"]) == [baseline, first, second]  # the baseline, then trials as they started
+    assert list(table.columns[:len(record.COLUMNS)]) == list(record.COLUMNS)
+    by_id = table.set_index("run_id")
+    assert list(by_id["kind"]) == ["baseline", "trial", "trial"]
+    assert list(by_id["status"]) == ["finished", "finished", "stopped_early"]
+    assert by_id.loc[first, "pareto"] and not by_id.loc[second, "pareto"] and by_id.loc[first, "packed"]
+    assert table["pareto"].dtype == bool and table["packed"].dtype == bool
+    assert by_id.loc[baseline, "speedup"] == 1.0 and math.isnan(by_id.loc[second, "linear_density"])
+    assert by_id.loc[second, "searched.temperature"] == "2" and pd.isna(by_id.loc[first, "searched.temperature"])
+    assert list(record.trials(client, parent, include_baseline=False)["run_id"]) == [first, second]
+
+
+def test_latest_sweep_names_what_is_missing(client, tmp_path):
+    uri = client.tracking_uri
+    with pytest.raises(RecordError, match=f"^experiment 'nope' not found in {uri}$"):
+        record.latest_sweep(client, "nope")
+    with pytest.raises(RecordError, match="has no sweep run"):
+        record.latest_sweep(client, "exp")
+    first = tracking.start_parent_run(client, "exp", "/sweeps/a", {}, resume=False)
+    trial = _trial(client, first, "trial-1", {}, {})
+    second = tracking.start_parent_run(client, "exp", "/sweeps/b", {}, resume=False)
+    assert record.latest_sweep(client, "exp").info.run_id == second
+    assert record.latest_sweep(client, "exp", first).info.run_id == first
+    for not_a_sweep in (trial, "0" * 32):
+        with pytest.raises(RecordError, match=f"run {not_a_sweep} is not a sweep"):
+            record.latest_sweep(client, "exp", not_a_sweep)
+
+
+@pytest.mark.parametrize("command", [["register", "--experiment", "nope"],
+                                     ["report", "--experiment", "nope", "--out", "report"]])
+def test_an_unknown_experiment_is_one_line_and_exit_2(command, tmp_path, monkeypatch, capsys):
+    """Both commands read the store ``MLFLOW_TRACKING_URI`` names, as ``sweep`` does."""
+    uri = f"sqlite:///{tmp_path}/env.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last == f"fineprune {command[0]}: error: experiment 'nope' not found in {uri}"
+    assert not (tmp_path / "mlflow.db").exists()  # the default store was never touched
+
+
+def test_register_reads_the_spec_the_sweep_recorded(client, tmp_path, monkeypatch, capsys):
+    """``fineprune register`` with the store from the environment: the recorded policy, nothing qualifies."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    spec = RegistrySpec("exp-model", "best_f1_under_density", max_density=0.2)
+    parent = tracking.start_parent_run(client, "exp", "/sweeps/a", {"registry": asdict(spec)}, resume=False)
+    run_id = _trial(client, parent, "trial-1", {"f1": 50.0, "linear_density": 0.5}, {})
+    client.set_tag(run_id, record.TAG_PACKED_ARTIFACT, record.ARTIFACT_PACKED_MODEL)
+    assert main(["register", "--experiment", "exp"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result == {"registered": False, "policy": "best_f1_under_density", "name": "exp-model"}
+
+
+def test_the_report_draws_the_frontier_the_sweep_tagged_for_its_objectives(client):
+    """A sweep over exact match and total density: the report's frontier is its ``pareto`` tags, not the
+    frontier of F1 and linear density."""
+    objectives = [("exact_match", "max"), ("total_density", "min")]
+    parent = tracking.start_parent_run(client, "exp", "/sweeps/a", {"objectives": objectives}, resume=False)
+    values = {  # name: (exact_match, total_density, f1, linear_density)
+        "a": (50.0, 0.50, 60.0, 0.30),
+        "b": (55.0, 0.60, 55.0, 0.45),  # on the EM/total frontier only
+        "c": (40.0, 0.70, 65.0, 0.60),  # on the F1/linear frontier only
+    }
+    ids = {name: _trial(client, parent, name, dict(zip(("exact_match", "total_density", "f1", "linear_density"), v)),
+                        {}) for name, v in values.items()}
+    runs = [client.get_run(run_id) for run_id in ids.values()]
+    front = frontier.pareto_front([r.data.metrics for r in runs], objectives)
+    tracking.tag_runs(client, runs, record.TAG_PARETO, {runs[i].info.run_id for i in front})
+    assert {client.get_run(i).data.tags[record.TAG_RUN_NAME] for i in ids.values()
+            if client.get_run(i).data.tags[record.TAG_PARETO] == "true"} == {"a", "b"}
+
+    data = collect_report_data("exp", tracking_uri=client.tracking_uri)
+    assert data.objectives == objectives
+    assert set(data.frontier()["name"]) == {"a", "b"}
+    text = render_markdown(data)
+    table = text.split("## Pareto frontier: exact match against total density", 1)[1].split("\n## ", 1)[0]
+    assert [line.split(" | ")[0].strip("| ") for line in table.strip().splitlines()[2:]] == ["a", "b"]

@@ -1,0 +1,105 @@
+"""The Tune callback that writes a sweep's record: a trial whose packed model cannot be logged fails, visibly.
+
+Real SQLite MLflow stores and Ray's own ``Trial`` objects, driven through the callback's Tune hooks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.train._internal.session import _TrainingResult
+from ray.tune.experiment import Trial
+
+from workflows import record
+from workflows.registry import register_champion
+from workflows.tracking import MlflowTrialCallback, start_parent_run
+
+
+def _params_of(config):
+    return {"method": "topk", **{f"searched.{k}": v for k, v in config.items()}}
+
+
+def _finished_trial(trial_id: str, density: float, checkpoint_dir=None) -> Trial:
+    """A trial that ended with its final result (and the packed model as its last checkpoint, when given)."""
+    trial = Trial("trial_main", config={"target_density": density}, trial_id=trial_id, stub=True)
+    result = {"step": 6, "f1": 50.0 + 100 * density, "linear_density": density, "final": True,
+              "timestamp": int(time.time())}
+    if checkpoint_dir is not None:
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
+        trial.run_metadata.checkpoint_manager.register_checkpoint(_TrainingResult(checkpoint=checkpoint,
+                                                                                  metrics=result))
+    trial.update_last_result(result)
+    trial.set_status(Trial.TERMINATED)
+    return trial
+
+
+def _packed_dir(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"\0" * 16)
+    return path
+
+
+def _run_sweep_of(client: MlflowClient, experiment: str, sweep: str, trials: list[Trial]) -> str:
+    parent = start_parent_run(client, experiment, sweep, {}, resume=False)
+    callback = MlflowTrialCallback(client.tracking_uri, experiment, parent, _params_of, outage_limit=30)
+    callback.on_step_begin(iteration=0, trials=[])
+    for trial in trials:
+        callback.on_trial_start(iteration=0, trials=trials, trial=trial)
+        callback.on_trial_result(iteration=0, trials=trials, trial=trial, result=trial.last_result)
+        callback.on_trial_complete(iteration=0, trials=trials, trial=trial)
+    callback.on_experiment_end(trials=trials)
+    assert callback.failure is None  # the sweep itself goes on
+    return parent
+
+
+def _runs_by_trial(client: MlflowClient, parent: str) -> dict[str, object]:
+    table = record.trials(client, parent, include_baseline=False)
+    return {client.get_run(run_id).data.tags[record.TAG_TRIAL]: client.get_run(run_id) for run_id in table["run_id"]}
+
+
+def test_a_trial_whose_packed_model_is_missing_fails(tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
+    emptied = tmp_path / "emptied"
+    emptied.mkdir()
+    trials = [_finished_trial("good", 0.3, _packed_dir(tmp_path / "good")),
+              _finished_trial("no_checkpoint", 0.4),
+              _finished_trial("emptied", 0.5, emptied)]  # its checkpoint directory lost its files
+    parent = _run_sweep_of(client, "exp", str(tmp_path / "sweep"), trials)
+
+    runs = _runs_by_trial(client, parent)
+    good = runs["good"]
+    assert good.info.status == "FINISHED" and good.data.tags[record.TAG_STATUS] == "finished"
+    assert good.data.tags[record.TAG_PACKED_ARTIFACT] == "packed_model"
+    assert {a.path for a in client.list_artifacts(good.info.run_id, "packed_model")} == {
+        "packed_model/config.json", "packed_model/model.safetensors"}
+    for trial_id, reason in (("no_checkpoint", "has no checkpoint"), ("emptied", "is missing or empty")):
+        run = runs[trial_id]
+        assert run.info.status == "FAILED" and run.data.tags[record.TAG_STATUS] == "failed", trial_id
+        assert record.TAG_PACKED_ARTIFACT not in run.data.tags
+        error = run.data.tags[record.TAG_ERROR]
+        assert error.startswith("the packed model was not logged") and reason in error and "\n" not in error
+
+
+def test_a_refused_upload_fails_its_trial_and_the_champion_is_chosen_without_it(tmp_path):
+    """The artifact store refuses the upload (its location is a file): the trial fails with the reason, and the
+    registry's selection sees a failed trial instead of a finished one without its model."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a directory")
+    client.create_experiment("refused", artifact_location=blocked.as_uri())
+    trials = [_finished_trial("t1", 0.3, _packed_dir(tmp_path / "t1"))]
+    parent = _run_sweep_of(client, "refused", str(tmp_path / "sweep"), trials)
+
+    run = _runs_by_trial(client, parent)["t1"]
+    assert run.info.status == "FAILED" and run.data.tags[record.TAG_STATUS] == "failed"
+    assert "NotADirectoryError" in run.data.tags[record.TAG_ERROR]
+    assert run.data.metrics["f1"] == pytest.approx(80.0)  # its results stay in the record
+    table = record.trials(client, parent)
+    assert list(table["status"]) == ["failed"]
+    chosen = register_champion(client, "refused", parent, record.RegistrySpec("m", max_density=1.0))
+    assert chosen == {"registered": False, "policy": "best_f1_under_density", "name": "m"}
