@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer, BertConfig
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
 from pruning import squad
 from pruning.resources import shipped_model_dir, squad_file
@@ -75,3 +76,81 @@ def smoke_sweep(tmp_path_factory) -> dict:
     finally:
         if ray.is_initialized():
             ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def known_answers(tokenizer) -> list[squad.Example]:
+    """Six shipped dev questions, from six articles, whose gold answer an answer-key model can mark.
+
+    Each gold answer starts and ends on token boundaries of its context, within 20 tokens; its first and last
+    tokens occur once in their context, and no context holds a token that marks another question's answer.
+    """
+    chosen: list[squad.Example] = []
+    marked: set[int] = set()
+    contexts: list[set[int]] = []
+    special = set(tokenizer.all_special_ids)
+    for example in squad.load_squad(squad_file("dev")):
+        if any(example.title == other.title for other in chosen):
+            continue
+        encoded = tokenizer(example.context, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        begin = example.answer_starts[0]
+        end = begin + len(example.answers[0])
+        first = [i for i, (a, _) in enumerate(offsets) if a == begin]
+        last = [i for i, (_, b) in enumerate(offsets) if b == end]
+        if len(first) != 1 or len(last) != 1 or not 0 <= last[0] - first[0] < 20:
+            continue
+        marks = {ids[first[0]], ids[last[0]]}
+        if (marks & special or any(ids.count(t) != 1 for t in marks) or marked & set(ids)
+                or any(marks & seen for seen in contexts)):
+            continue
+        chosen.append(example)
+        marked |= marks
+        contexts.append(set(ids))
+        if len(chosen) == 6:
+            return chosen
+    raise AssertionError("the dev set has fewer than six questions an answer-key model can mark")
+
+
+@pytest.fixture(scope="session")
+def answer_key_model(tokenizer, known_answers):
+    """A tiny BERT whose best span in the context of each of :func:`known_answers` is its gold answer, exactly.
+
+    Both sublayers of its one encoder layer add nothing (zero output projections), so every token's last hidden state
+    is the LayerNorm of its word embedding (positions and segments embed to zero). Word embeddings are basis vectors:
+    dimension 0 for the first token of a gold answer, dimension 1 for its last token (both for a one-token answer),
+    dimension 2 for every other token; the QA head reads dimension 0 as the start logit and dimension 1 as the end
+    logit, ten times over. A marked token scores about 80, any other about -1, so the answer is fixed by the model,
+    whatever the question, the windows or the batch it comes in.
+    """
+    hidden = 64
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=1,
+                        num_attention_heads=4, intermediate_size=128, max_position_embeddings=512,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(config).eval()
+    with torch.no_grad():
+        embeddings = model.bert.embeddings
+        words = embeddings.word_embeddings.weight
+        words.zero_()
+        words[:, 2] = 1.0
+        for example in known_answers:
+            begin = example.answer_starts[0]
+            end = begin + len(example.answers[0])
+            encoded = tokenizer(example.context, add_special_tokens=False, return_offsets_mapping=True)
+            for token, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+                if a == begin:
+                    words[token, 2], words[token, 0] = 0.0, 1.0
+                if b == end:
+                    words[token, 2], words[token, 1] = 0.0, 1.0
+        embeddings.position_embeddings.weight.zero_()
+        embeddings.token_type_embeddings.weight.zero_()
+        for layer in model.bert.encoder.layer:
+            for projection in (layer.attention.output.dense, layer.output.dense):
+                projection.weight.zero_()
+                projection.bias.zero_()
+        model.qa_outputs.weight.zero_()
+        model.qa_outputs.bias.zero_()
+        model.qa_outputs.weight[0, 0] = 10.0
+        model.qa_outputs.weight[1, 1] = 10.0
+    return model

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -43,8 +44,104 @@ def cluster_config() -> dict:
     return yaml.safe_load(CLUSTER_YAML.read_text(encoding="utf-8"))
 
 
-def _commands(config: dict, *keys: str) -> list[str]:
-    return [command for key in keys for command in config.get(key) or []]
+_SEPARATORS = {"&&", "||", ";", ";;", "|", "&", "(", ")"}
+_REDIRECTIONS = {">", ">>", "<", ">&", "<&", "&>", ">|"}
+_PREFIXES = {"sudo", "exec", "setsid", "if", "then", "else", "do", "!", "{", "}"}
+
+
+def _simple_commands(line: str) -> list[list[str]]:
+    """The simple commands of a shell command line, as argument lists.
+
+    Split at control operators, without redirections, leading ``sudo``/``exec``/``setsid`` or variable
+    assignments; the script of a ``bash -c`` and each line ``echo`` writes (into ``~/.bashrc``) are parsed too.
+    """
+    # A command substitution $( ... ) is one word here, whatever quotes and parentheses it holds.
+    substitutions: list[str] = []
+    text, i = "", 0
+    while i < len(line):
+        if line.startswith("$(", i):
+            depth, j = 0, i + 1
+            while True:
+                depth += {"(": 1, ")": -1}.get(line[j], 0)
+                if depth == 0:
+                    break
+                j += 1
+            substitutions.append(line[i:j + 1])
+            text += f"\0{len(substitutions) - 1}\0"
+            i = j + 1
+        else:
+            text += line[i]
+            i += 1
+    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    tokens = [re.sub("\0(\\d+)\0", lambda m: substitutions[int(m.group(1))], token) for token in lexer]
+    commands, current, i = [], [], 0
+    while i < len(tokens):
+        if tokens[i] in _REDIRECTIONS:
+            if current and current[-1].isdigit():  # 2> ...: the descriptor goes with the redirection
+                current.pop()
+            i += 2
+            continue
+        if tokens[i] in _SEPARATORS:
+            commands.append(current)
+            current = []
+        else:
+            current.append(tokens[i])
+        i += 1
+    commands.append(current)
+    out = []
+    for argv in commands:
+        while argv and (argv[0] in _PREFIXES or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", argv[0])):
+            argv = argv[1:]
+        if not argv:
+            continue
+        out.append(argv)
+        if argv[0] in ("bash", "sh") and "-c" in argv:
+            out += _simple_commands(argv[argv.index("-c") + 1])
+        if argv[0] == "echo":
+            for text in argv[1:]:
+                out += _simple_commands(text)
+    return out
+
+
+def _commands(config: dict, *keys: str) -> list[list[str]]:
+    """Every simple command of the config's command lists ``keys``, in order."""
+    return [argv for key in keys for line in config.get(key) or [] for argv in _simple_commands(line)]
+
+
+def _options(argv: list[str]) -> dict[str, str | bool]:
+    """``--name value`` and ``--name=value`` options of a command (``True`` for a flag)."""
+    options: dict[str, str | bool] = {}
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            continue
+        name, equals, value = arg.partition("=")
+        if equals:
+            options[name] = value
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            options[name] = argv[i + 1]
+        else:
+            options[name] = True
+    return options
+
+
+def _the_command(commands: list[list[str]], *words: str) -> list[str]:
+    """The one command that starts with ``words``."""
+    found = [argv for argv in commands if argv[:len(words)] == list(words)]
+    assert len(found) == 1, f"{' '.join(words)}: {len(found)} commands"
+    return found[0]
+
+
+def _exports(config: dict, key: str) -> dict[str, str]:
+    """The variables the command list ``key`` exports (into ``~/.bashrc``): name -> value as written."""
+    return dict(arg.split("=", 1) for argv in _commands(config, key) if argv[0] == "export" for arg in argv[1:])
+
+
+def _pip_installs(argv: list[str]) -> set[str] | None:
+    """The requirement names a ``pip install`` (or ``python -m pip install``) command installs; None for others."""
+    if "pip" not in argv or argv[argv.index("pip") + 1:argv.index("pip") + 2] != ["install"]:
+        return None
+    return {_requirement_name(arg) for arg in argv[argv.index("pip") + 2:] if not arg.startswith("-")}
 
 
 def _makefile_install_steps() -> list[list[str]]:
@@ -94,15 +191,15 @@ def test_cluster_has_a_cpu_head_and_autoscaling_one_gpu_workers(cluster_config):
 def test_cluster_installs_the_project_exactly_as_the_makefile_does(cluster_config):
     mounts = {remote: local for remote, local in cluster_config["file_mounts"].items()}
     project = next(remote for remote, local in mounts.items() if local in (".", "./"))
-    assert f"make -C {project} setup" in cluster_config["setup_commands"]
+    assert ["make", "-C", project, "setup"] in _commands(cluster_config, "setup_commands")
     assert ".venv" in cluster_config["rsync_exclude"]  # the node builds its own environment
 
     # The Makefile's steps, which the nodes run: the pinned torch first, then the project, then the shipped
     # model and data without their dependencies.
     steps = _makefile_install_steps()
     pinned = [arg for step in steps for arg in step if _requirement_name(arg) == "torch"]
-    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
-    assert pinned and f'"{pinned[0]}"' in pyproject, "the Makefile's torch pin differs from pyproject.toml's"
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    assert pinned and pinned[0] in dependencies, "the Makefile's torch pin differs from pyproject.toml's"
     first_torch = next(i for i, step in enumerate(steps) if pinned[0] in step)
     editable = next(i for i, step in enumerate(steps) if "-e" in step)
     assert first_torch < editable
@@ -110,31 +207,34 @@ def test_cluster_installs_the_project_exactly_as_the_makefile_does(cluster_confi
 
     # No node installs a project package on its own, so the cluster's versions cannot drift from the Makefile's.
     project_names = {_requirement_name(arg) for step in steps for arg in step if not arg.startswith("-")}
-    project_names |= {_requirement_name(dep) for dep in re.findall(r'^\s*"([^"]+)",?$', pyproject, re.M)}
-    for command in _commands(cluster_config, "initialization_commands", "setup_commands", "head_setup_commands",
-                             "worker_setup_commands"):
-        if "pip install" not in command:
-            continue
-        installed = {_requirement_name(arg) for arg in shlex.split(command.split("pip install", 1)[1])
-                     if not arg.startswith("-")}
-        assert installed <= CLUSTER_ONLY_PACKAGES, command
-        assert not installed & project_names, command
+    project_names |= {_requirement_name(dep) for dep in dependencies}
+    installs = [argv for argv in _commands(cluster_config, "initialization_commands", "setup_commands",
+                                           "head_setup_commands", "worker_setup_commands")
+                if _pip_installs(argv) is not None]
+    assert installs  # the head's own tools
+    for argv in installs:
+        installed = _pip_installs(argv)
+        assert installed <= CLUSTER_ONLY_PACKAGES, argv
+        assert not installed & project_names, argv
 
 
 def test_cluster_runs_mlflow_and_token_auth_on_every_node(cluster_config):
-    head = " ".join(_commands(cluster_config, "head_start_ray_commands"))
-    assert "mlflow server" in head
-    assert "--backend-store-uri" in head and "MLFLOW_BACKEND_STORE_URI" in head
-    assert "--artifacts-destination" in head or "--default-artifact-root" in head
-    assert "--host 0.0.0.0" not in head  # the tracking server stays on the private network
-    assert "ray start --head" in head
-    assert "ray start --address" in " ".join(cluster_config["worker_start_ray_commands"])
+    head = _commands(cluster_config, "head_start_ray_commands")
+    server = _options(_the_command(head, "mlflow", "server"))
+    assert re.fullmatch(r"\$\{MLFLOW_BACKEND_STORE_URI:-sqlite:///.+\}", server["--backend-store-uri"])
+    assert "--artifacts-destination" in server or "--default-artifact-root" in server
+    assert server["--host"] not in ("0.0.0.0", "::")  # the tracking server stays on the private network
+    head_ray = _options(_the_command(head, "ray", "start"))
+    assert head_ray["--head"] is True
+    worker_ray = _options(_the_command(_commands(cluster_config, "worker_start_ray_commands"), "ray", "start"))
+    assert worker_ray["--address"] == f"$RAY_HEAD_IP:{head_ray['--port']}"
     # MLFLOW_TRACKING_URI points the driver (head) and the workers at the server.
-    assert "MLFLOW_TRACKING_URI" in " ".join(cluster_config["head_setup_commands"])
-    assert "MLFLOW_TRACKING_URI" in " ".join(cluster_config["worker_setup_commands"])
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        uri = _exports(cluster_config, key)["MLFLOW_TRACKING_URI"]
+        assert uri.startswith("http://") and uri.endswith(f":{server['--port']}"), (key, uri)
     # Every node gets the same token and runs Ray with token authentication.
-    assert any("auth_token" in remote for remote in cluster_config["file_mounts"])
-    assert "export RAY_AUTH_MODE=token" in " ".join(cluster_config["setup_commands"])
+    assert "~/.ray/auth_token" in cluster_config["file_mounts"]
+    assert _exports(cluster_config, "setup_commands")["RAY_AUTH_MODE"] == "token"
 
 
 def test_reference_space_trials_fit_a_gpu_worker(cluster_config):

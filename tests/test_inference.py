@@ -22,12 +22,43 @@ def _consistent(result: Answer, context: str) -> bool:
     return bool(result.text) and context[result.start:result.end] == result.text and 0 <= result.start < result.end
 
 
-def test_answer_is_a_span_of_the_context(tiny_qa_model, tokenizer):
-    result = answer(tiny_qa_model, tokenizer, "Which country holds most of the forest?", CONTEXT, max_answer_length=8)
+def test_answer_is_the_best_span_of_the_context(tiny_qa_model, tokenizer):
+    question = "Which country holds most of the forest?"
+    result = answer(tiny_qa_model, tokenizer, question, CONTEXT, max_answer_length=8)
     assert isinstance(result, Answer)
     assert _consistent(result, CONTEXT)
     assert len(tokenizer.tokenize(result.text)) <= 8
-    assert result.score == pytest.approx(float(result.score))
+    # The score is the start logit of its first token plus the end logit of its last, and no span of at most 8
+    # context tokens scores higher (one window: the context is short).
+    features = squad.prepare_eval_features([squad.Example("0", "", CONTEXT, question)], tokenizer, 384, 128)
+    assert len(features) == 1
+    with torch.inference_mode():
+        logits = tiny_qa_model(input_ids=features.input_ids, attention_mask=features.attention_mask,
+                               token_type_ids=features.token_type_ids)
+    start, end = logits.start_logits[0].numpy(), logits.end_logits[0].numpy()
+    offsets = features.offsets[0]
+    context = np.flatnonzero(features.context_mask[0])
+    first = next(i for i in context if offsets[i, 0] == result.start)
+    last = next(i for i in context if offsets[i, 1] == result.end)
+    assert result.score == pytest.approx(float(start[first] + end[last]), abs=1e-4)
+    best = max(start[i] + end[j] for i in context for j in context if i <= j < i + 8)
+    assert result.score == pytest.approx(float(best), abs=1e-4)
+
+
+def test_answers_are_the_spans_a_model_marks(answer_key_model, tokenizer, known_answers):
+    """A model whose best span is known: the windows, offsets and span search give back exactly that text, in
+    one window or several, alone or in a batch."""
+    questions = [e.question for e in known_answers]
+    contexts = [e.context for e in known_answers]
+    gold = [e.answers[0] for e in known_answers]
+    for max_seq_length, doc_stride in ((384, 128), (64, 16)):
+        batch = answer_batch(answer_key_model, tokenizer, questions, contexts, max_seq_length=max_seq_length,
+                             doc_stride=doc_stride)
+        assert [a.text for a in batch] == gold
+        assert [context[a.start:a.end] for a, context in zip(batch, contexts)] == gold
+    assert answer(answer_key_model, tokenizer, questions[0], contexts[0]).text == gold[0]
+    # A context without its answer gets another span: the model knows spans, not questions.
+    assert answer(answer_key_model, tokenizer, questions[0], contexts[1]).text == gold[1]
 
 
 def test_long_context_in_several_windows(tiny_qa_model, tokenizer):

@@ -1,4 +1,5 @@
-"""The smoke sweep's champion served over HTTP by ``mlflow models serve``, as a user would start it."""
+"""Models served over HTTP by ``mlflow models serve``, as a user would start them: the smoke sweep's champion, and a
+model whose answers to known dev questions are fixed by its weights."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 
-from workflows.registry import SERVE_DEFAULTS, serve_settings
+from pruning.checkpoint import save_model
+from workflows.registry import SERVE_DEFAULTS, log_qa_model, serve_settings
 from workflows.serving import BAD_KINDS, ModelServer, ServerError, invoke, ping, run_load, spoil
 
 STARTUP_SECONDS = 240  # loading torch, transformers and the model in a fresh process on a busy 2-core machine
@@ -30,6 +33,36 @@ def server(smoke_sweep, tmp_path_factory):
     finally:
         served.stop()
     assert not served.running
+
+
+@pytest.fixture(scope="module")
+def answer_key_server(answer_key_model, tokenizer, tmp_path_factory):
+    """The answer-key model (its best span in each known dev context is the gold answer) logged as the registry
+    logs a trial's model, registered in a store of its own and served like the champion; its base URL."""
+    root = tmp_path_factory.mktemp("answer_key")
+    model_dir = save_model(answer_key_model, tokenizer, root / "model")
+    uri = f"sqlite:///{root}/mlflow.db"
+    experiment = MlflowClient(tracking_uri=uri).create_experiment("answer-key",
+                                                                  artifact_location=(root / "artifacts").as_uri())
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment):
+            # Windows of 128 tokens, overlapping by 32: every known context takes several.
+            info = log_qa_model(model_dir, serve_settings({"max_seq_length": "128", "doc_stride": "32"}))
+        version = mlflow.register_model(info.model_uri, "answer-key")
+    finally:
+        mlflow.set_tracking_uri(before)
+    served = ModelServer(f"models:/answer-key/{version.version}", uri, root / "serve.log",
+                         startup_seconds=STARTUP_SECONDS)
+    try:
+        served.start()
+    except ServerError as err:
+        pytest.fail(str(err))
+    try:
+        yield served.url
+    finally:
+        served.stop()
 
 
 def _predict(base: str, records: list[dict[str, str]]) -> list[dict]:
@@ -64,6 +97,16 @@ def _short_records(dev_subset, count: int) -> list[dict[str, str]]:
 def test_the_champion_answers_over_http(server, dev_subset):
     records = _short_records(dev_subset, 3)
     _check(_predict(server, records), records)
+
+
+def test_the_served_model_answers_known_dev_questions_with_their_gold_answers(answer_key_server, known_answers):
+    records = [{"question": e.question, "context": e.context} for e in known_answers]
+    gold = [e.answers[0] for e in known_answers]
+    assert [p["answer"] for p in _predict(answer_key_server, records)] == gold
+    # The same records in another order, and one alone: each answer stays with its record.
+    order = [3, 0, 5, 1, 4, 2]
+    assert [p["answer"] for p in _predict(answer_key_server, [records[i] for i in order])] == [gold[i] for i in order]
+    assert [p["answer"] for p in _predict(answer_key_server, records[4:5])] == gold[4:5]
 
 
 def test_the_champion_answers_questions_on_long_contexts(server, dev_subset):

@@ -219,6 +219,7 @@ def test_grid_algorithm_enumerates_choices(tmp_path):
 
 
 def test_search_algorithm_and_scheduler(tmp_path):
+    from ray.tune.experiment import Trial
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -229,7 +230,15 @@ def test_search_algorithm_and_scheduler(tmp_path):
     assert isinstance(alg, ConcurrencyLimiter) and isinstance(alg.searcher, OptunaSearch)
     assert alg.searcher.metric == ["f1", "linear_density"] and alg.searcher.mode == ["max", "min"]
     sched = scheduler(space)
-    assert isinstance(sched, ASHAScheduler) and sched.metric == "f1" and sched._time_attr == "training_iteration"
+    assert isinstance(sched, ASHAScheduler) and sched.metric == "f1"
+    # Its time unit is the trainer's evaluation report (training_iteration): a result that lacks it is not ranked,
+    # and at the first rung (grace_period 1) the worse of two trials stops.
+    strong, weak = (Trial("trial_main", config={}, trial_id=name, stub=True) for name in ("strong", "weak"))
+    for trial in (strong, weak):
+        sched.on_trial_add(None, trial)
+    assert sched.on_trial_result(None, weak, {"step": 1, "f1": 1.0}) == ASHAScheduler.CONTINUE
+    assert sched.on_trial_result(None, strong, {"training_iteration": 1, "f1": 80.0}) == ASHAScheduler.CONTINUE
+    assert sched.on_trial_result(None, weak, {"training_iteration": 1, "f1": 10.0}) == ASHAScheduler.STOP
     kwargs = tune_config_kwargs(space)
     assert kwargs["metric"] is None and kwargs["mode"] is None and kwargs["num_samples"] == space.num_samples
 

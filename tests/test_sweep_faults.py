@@ -371,6 +371,8 @@ def test_a_resumed_sweep_joins_mlflow_with_what_tune_restored(tmp_path):
     Tune run restarts t1, runs B again as t3 (the searcher replays it) and a new configuration C as t4.
     """
     from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
     from ray.tune.experiment import Trial
 
     from workflows.tracking import MlflowTrialCallback, start_parent_run
@@ -401,7 +403,7 @@ def test_a_resumed_sweep_joins_mlflow_with_what_tune_restored(tmp_path):
     for t in old.values():
         dead.on_trial_start(iteration=0, trials=[], trial=t)
         report(dead, t, 3)
-    dead._queue.drain()
+    dead.flush()
     left = {r.data.tags["fineprune.trial_id"]: r for r in client.search_runs(
         [client.get_experiment_by_name("reconcile").experiment_id], "tags.`fineprune.kind` = 'trial'")}
     assert {k: r.info.status for k, r in left.items()} == dict.fromkeys(old, "RUNNING")
@@ -409,7 +411,13 @@ def test_a_resumed_sweep_joins_mlflow_with_what_tune_restored(tmp_path):
     # The resumed driver: Tune restored t1 (to run again) and t6 (TERMINATED, with its final result).
     t1 = trial("t1", 0.3)
     t6 = trial("t6", 0.7, Trial.TERMINATED)
-    t6.update_last_result({"step": 6, "f1": 20.0, "linear_density": 0.7, "final": True, "timestamp": int(time.time())})
+    final = {"step": 6, "f1": 20.0, "linear_density": 0.7, "final": True, "timestamp": int(time.time())}
+    packed = tmp_path / "t6-packed"  # its final checkpoint, the packed model, as Tune restored it
+    packed.mkdir()
+    (packed / "config.json").write_text("{}")
+    t6.run_metadata.checkpoint_manager.register_checkpoint(
+        _TrainingResult(checkpoint=tune.Checkpoint.from_directory(str(packed)), metrics=final))
+    t6.update_last_result(final)
     t3, t4 = trial("t3", 0.4), trial("t4", 0.5)
     resumed = MlflowTrialCallback(uri, "reconcile", parent, params_of, outage_limit=30)
     resumed.on_step_begin(iteration=0, trials=[t1, t6])
@@ -432,6 +440,7 @@ def test_a_resumed_sweep_joins_mlflow_with_what_tune_restored(tmp_path):
     assert taken.info.status == "FINISHED" and taken.data.metrics["step"] == 6
     assert by_trial["t6"].info.status == "FINISHED" and by_trial["t6"].data.metrics["f1"] == 20.0  # logged now
     assert by_trial["t6"].data.tags["fineprune.status"] == "finished"
+    assert by_trial["t6"].data.tags["fineprune.packed_artifact"] == "packed_model"
     lost = by_trial["t5"]  # nothing ran D again
     assert lost.info.status == "KILLED" and lost.data.tags["fineprune.status"] == "orphaned"
     assert by_trial["t4"].info.run_id not in {r.info.run_id for r in left.values()}

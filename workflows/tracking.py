@@ -267,6 +267,11 @@ class MlflowTrialCallback(tune.Callback):
         """Set once the tracking server stayed away longer than ``outage_limit``."""
         return self._queue.failure if self._queue is not None else None
 
+    def flush(self) -> None:
+        """Wait until every MLflow call queued so far ran (or the queue gave up on an outage)."""
+        if self._queue is not None:
+            self._queue.drain()
+
     def _submit(self, fn, what: str) -> None:
         if self._queue is None:
             self._queue = LogQueue(self.tracking_uri, self.outage_limit)
