@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -117,8 +121,10 @@ def test_the_report_shows_the_frontier_the_sweep_tagged_for_any_objectives():
     assert front[0][-1] == "0.900"  # the objective's own column
     trials = {row[0]: row for row in _markdown_table(text, "## Trials")}
     assert [name for name, row in trials.items() if row[-2] == "yes"] == ["trial-c"]
-    page = render_html(tagged)
-    assert "exact match against total density" in " ".join(_parse(page).text)
+    parsed = _parse(render_html(tagged))
+    assert "exact match and F1 against its total density" in " ".join(" ".join(parsed.text).split())
+    labels = [a["aria-label"] for t, a in parsed.tags if t == "svg" and "aria-label" in a]
+    assert labels[0].startswith("exact match and F1 against total density")
 
 
 def test_markdown_lists_every_trial_with_its_status_and_the_frontiers():
@@ -227,6 +233,25 @@ def test_the_hypervolume_is_plotted_and_tabled_when_logged():
         ["0", "0", "0"], ["1", "40", "20"], ["2", "75", "20"], ["3", "130", "31.5"]]
     assert "No hypervolume was logged" in render_markdown(_sweep())
     assert "No hypervolume was logged" in " ".join(_parse(render_html(_sweep())).text)
+
+
+def test_the_template_ships_in_the_wheel(tmp_path):
+    """The page's template, style sheet and script are package data: a wheel built from pyproject.toml has them."""
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    for package in ("pruning", "workflows"):
+        shutil.copytree(root / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "--wheel-dir", str(tmp_path / "dist"), str(source)],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    wheel = next((tmp_path / "dist").glob("fineprune-*.whl"))
+    templates = {f"workflows/templates/{path.name}" for path in (root / "workflows" / "templates").iterdir()}
+    assert "workflows/templates/report.html.j2" in templates
+    assert templates <= set(zipfile.ZipFile(wheel).namelist())
 
 
 def test_an_alias_moved_elsewhere_pins_the_version():

@@ -152,7 +152,7 @@ def test_frontier_follows_the_space_objectives(tmp_path):
     """The `pareto` tag and frontier.json use the objectives the space declares, not a fixed pair."""
     from mlflow.tracking import MlflowClient
 
-    from workflows import tracking
+    from workflows import record
     from workflows.space import load_space
     from workflows.sweep import frontier_summary
 
@@ -171,8 +171,8 @@ def test_frontier_follows_the_space_objectives(tmp_path):
     }
     runs = []
     for name, (em, total, f1, linear, speed) in metrics.items():
-        run = client.create_run(experiment, run_name=name, tags={tracking.TAG_KIND: "trial",
-                                                                  tracking.TAG_STATUS: "finished"})
+        run = client.create_run(experiment, run_name=name, tags={record.TAG_KIND: "trial",
+                                                                  record.TAG_STATUS: "finished"})
         for key, value in (("exact_match", em), ("total_density", total), ("f1", f1),
                            ("linear_density", linear), ("speedup", speed)):
             client.log_metric(run.info.run_id, key, value)
