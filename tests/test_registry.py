@@ -14,8 +14,9 @@ import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
 from pruning.packing import pack, save_packed
-from workflows import record, registry, tracking
+from workflows import registry, tracking
 from workflows.cli import main
+from workflows.record import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_TRIAL_RUN
 
 NAME = "tiny-frontier"
 WIDE, NARROW, NARROWEST, DOMINATED = "wide", "narrow", "narrowest", "dominated"
@@ -51,18 +52,18 @@ def record(tmp_path_factory, tokenizer):
     uri = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("tiny", artifact_location=(root / "artifacts").as_uri())
-    parent = client.create_run(experiment_id, tags={record.TAG_KIND: "sweep"}).info.run_id
+    parent = client.create_run(experiment_id, tags={TAG_KIND: "sweep"}).info.run_id
     client.log_param(parent, "registry.name", NAME)
     client.log_param(parent, "registry.policy", "best_f1_under_density")
     client.log_param(parent, "registry.max_density", "0.5")
-    baseline = client.create_run(experiment_id, tags={record.TAG_KIND: "baseline", record.TAG_PARENT: parent,
-                                                      record.TAG_STATUS: "finished", "pareto": "true"})
+    baseline = client.create_run(experiment_id, tags={TAG_KIND: "baseline", TAG_PARENT: parent,
+                                                      TAG_STATUS: "finished", "pareto": "true"})
     client.log_metric(baseline.info.run_id, "f1", 95.0)
     client.set_terminated(baseline.info.run_id)
     runs = {}
     for name, (heads, ffn, f1, density, on_front) in TRIALS.items():
         run_id = client.create_run(experiment_id, tags={
-            record.TAG_KIND: "trial", record.TAG_PARENT: parent, record.TAG_STATUS: "finished",
+            TAG_KIND: "trial", TAG_PARENT: parent, TAG_STATUS: "finished",
             "fineprune.packed_artifact": "packed_model", "pareto": str(on_front).lower(),
             "pareto_speedup": "false", "mlflow.runName": name}).info.run_id
         client.log_artifacts(run_id, str(_packed_dir(root / name, tokenizer, heads, ffn)), "packed_model")
@@ -85,7 +86,7 @@ def registered(record):
 
 
 def _versions(client) -> dict[str, object]:
-    return {v.tags[record.TAG_TRIAL_RUN]: v for v in client.search_model_versions(f"name = '{NAME}'")}
+    return {v.tags[TAG_TRIAL_RUN]: v for v in client.search_model_versions(f"name = '{NAME}'")}
 
 
 def test_frontier_registration_is_idempotent_and_tagged(record, registered):
@@ -180,7 +181,7 @@ def test_a_sweep_registers_its_whole_frontier_once(smoke_sweep):
     front = {r.info.run_id for r in runs if r.data.tags.get("fineprune.status") == "finished"
              and (r.data.tags.get("pareto") == "true" or r.data.tags.get("pareto_speedup") == "true")}
     name = "fineprune-smoke"
-    versions = {v.tags[record.TAG_TRIAL_RUN]: str(v.version) for v in client.search_model_versions(f"name = '{name}'")}
+    versions = {v.tags[TAG_TRIAL_RUN]: str(v.version) for v in client.search_model_versions(f"name = '{name}'")}
     assert front and set(versions) == front
     assert {row["run_id"]: row["version"] for row in smoke_sweep["frontier_versions"]} == versions
     champion = client.get_model_version_by_alias(name, "champion")

@@ -237,7 +237,8 @@ def cmd_select(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
-    result = select_by_latency(tracking.client_for(record.tracking_uri(args.tracking_uri)), args.model, args.max_latency_ms, batch_size=args.batch_size,
+    client = tracking.client_for(record.tracking_uri(args.tracking_uri))
+    result = select_by_latency(client, args.model, args.max_latency_ms, batch_size=args.batch_size,
                                seq_len=args.seq_len, threads=args.threads, alias=args.alias, repeats=args.repeats)
     _emit(result)
     return 0

@@ -19,12 +19,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from workflows.record import EXACT_MATCH, F1, HEADS_REMOVED, LINEAR_DENSITY, SPEEDUP, TOTAL_DENSITY
+
 __all__ = ["pareto_front", "frontier_table", "DEFAULT_REFERENCE", "reference_point", "hypervolume",
            "hypervolume_progress"]
 
 # Reference values of the metrics a sweep may optimise: the worst value that still counts.
-DEFAULT_REFERENCE: dict[str, float] = {"f1": 0.0, "exact_match": 0.0, "linear_density": 1.0, "total_density": 1.0,
-                                       "speedup": 0.0, "heads_removed": 0.0}
+DEFAULT_REFERENCE: dict[str, float] = {F1: 0.0, EXACT_MATCH: 0.0, LINEAR_DENSITY: 1.0, TOTAL_DENSITY: 1.0,
+                                       SPEEDUP: 0.0, HEADS_REMOVED: 0.0}
 
 
 def _check_objectives(objectives: Sequence[tuple[str, str]]) -> None:

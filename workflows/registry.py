@@ -39,9 +39,10 @@ from mlflow.types import ColSpec, Schema
 
 from pruning.config import RunConfig
 from workflows import record
-from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL, F1, FINAL_METRICS,
-                              FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY, PARAM_RESOURCES, PARAM_SPEEDUP,
-                              STATUS_FINISHED, TAG_POLICY, TAG_SWEEP_RUN, TAG_TRIAL_RUN, RegistrySpec)
+from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL, EXACT_MATCH, F1,
+                              FINAL_METRICS, FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY, PARAM_RESOURCES,
+                              PARAM_SPEEDUP, SPEEDUP, STATUS_FINISHED, TAG_POLICY, TAG_SWEEP_RUN, TAG_TRIAL_RUN,
+                              RegistrySpec)
 from workflows.space import load_space
 
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
@@ -93,21 +94,21 @@ def select_champion(points: list[dict[str, Any]], policy: str, dense_f1: float |
     if policy == "best_f1_under_latency":
         if max_latency_ms is None:
             raise ValueError(f"registry.policy: {policy} needs max_latency_ms")
-        pool = [p for p in points if _finite(p.get("f1")) and _finite(p.get("latency_ms"))
+        pool = [p for p in points if _finite(p.get(F1)) and _finite(p.get("latency_ms"))
                 and p["latency_ms"] <= max_latency_ms]
-        return max(pool, key=lambda p: (p["f1"], -p["latency_ms"]), default=None)
-    valid = [p for p in points if _finite(p.get("f1")) and _finite(p.get("linear_density"))]
+        return max(pool, key=lambda p: (p[F1], -p["latency_ms"]), default=None)
+    valid = [p for p in points if _finite(p.get(F1)) and _finite(p.get(LINEAR_DENSITY))]
     if policy == "best_f1_under_density":
         cap = 1.0 if max_density is None else max_density
-        pool = [p for p in valid if p["linear_density"] <= cap + 1e-9]
-        return max(pool, key=lambda p: (p["f1"], -p["linear_density"]), default=None)
+        pool = [p for p in valid if p[LINEAR_DENSITY] <= cap + 1e-9]
+        return max(pool, key=lambda p: (p[F1], -p[LINEAR_DENSITY]), default=None)
     if dense_f1 is None or max_f1_drop is None:
         raise ValueError(f"registry.policy: {policy} needs the dense F1 and max_f1_drop")
-    pool = [p for p in valid if p["f1"] >= dense_f1 - max_f1_drop]
+    pool = [p for p in valid if p[F1] >= dense_f1 - max_f1_drop]
     if policy == "min_density_within_f1_drop":
-        return min(pool, key=lambda p: (p["linear_density"], -p["f1"]), default=None)
-    pool = [p for p in pool if _finite(p.get("speedup"))]
-    return max(pool, key=lambda p: (p["speedup"], p["f1"]), default=None)
+        return min(pool, key=lambda p: (p[LINEAR_DENSITY], -p[F1]), default=None)
+    pool = [p for p in pool if _finite(p.get(SPEEDUP))]
+    return max(pool, key=lambda p: (p[SPEEDUP], p[F1]), default=None)
 
 
 class RequestError(MlflowException):
@@ -212,8 +213,7 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
             logger.warning("registry policy %s: %s; no champion", policy, err)
             return {"registered": False, "policy": policy, "name": name}
         client.set_model_version_tag(name, chosen["version"], TAG_POLICY, policy)
-        keep = ("name", "version", "model_uri", "run_id", "f1", "exact_match", "linear_density", "speedup",
-                "latency_ms")
+        keep = ("name", "version", "model_uri", "run_id", F1, EXACT_MATCH, LINEAR_DENSITY, SPEEDUP, "latency_ms")
         return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}}
 
     runs = record.trials(client, parent_run_id)
@@ -315,8 +315,8 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
     metrics = run.data.metrics
     logger.info("registered %s (version %s, trial run %s)", uri, version.version, run_id)
     return {"registered": True, "name": name, "version": str(version.version), "model_uri": uri,
-            "run_id": run_id, "policy": policy, **{k: metrics.get(k) for k in ("f1", "exact_match",
-                                                                                  "linear_density", "speedup")}}
+            "run_id": run_id, "policy": policy, **{k: metrics.get(k) for k in (F1, EXACT_MATCH, LINEAR_DENSITY,
+                                                                                  SPEEDUP)}}
 
 
 def register_frontier(client, experiment: str, parent_run_id: str, name: str) -> list[dict[str, Any]]:
@@ -496,7 +496,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         raise SelectionError(f"no version of {name!r} is within {max_latency_ms:g} ms at batch {batch_size}, "
                              f"sequence {seq_len}, {threads} threads ({reason}); alias {alias!r} left as it was")
     client.set_registered_model_alias(name, alias, chosen["version"])
-    logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get("f1"),
+    logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get(F1),
                 chosen["latency_ms"], max_latency_ms)
     return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
             "run_id": chosen["run_id"], "latency_ms": chosen["latency_ms"],

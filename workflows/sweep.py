@@ -501,7 +501,7 @@ def frontier_summary(client, runs: list, space) -> dict[str, Any]:
     columns = [*shown, *(name for name, _ in objectives if name not in shown), "run_id"]
     table = frontier.frontier_table(points, objectives, columns)
     table_speed = frontier.frontier_table(points, speed_objectives, columns)
-    table_speed.sort(key=lambda row: -(row.get("speedup") or 0))
+    table_speed.sort(key=lambda row: -(row.get(record.SPEEDUP) or 0))
     tracking.tag_runs(client, finished, record.TAG_PARETO, {row["run_id"] for row in table})
     tracking.tag_runs(client, finished, record.TAG_PARETO_SPEED, {row["run_id"] for row in table_speed})
     return {"frontier": table, "frontier_speedup": table_speed, "trials": len([p for p in points

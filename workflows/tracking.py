@@ -31,7 +31,7 @@ from workflows.frontier import hypervolume_progress
 from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMOVED, HYPERVOLUME, HYPERVOLUME_COMPUTE,
                               KIND_BASELINE, KIND_SWEEP, KIND_TRIAL, LINEAR_DENSITY, PARAM_SEARCHED, SPEEDUP,
                               STATUS_FAILED, STATUS_FINISHED, STATUS_INTERRUPTED, STATUS_ORPHANED,
-                              STATUS_STOPPED_EARLY, SWEEP_COMPLETE, SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_ERROR,
+                              STATUS_STOPPED_EARLY, STEP, SWEEP_COMPLETE, SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_ERROR,
                               TAG_ERROR_FILE, TAG_KIND, TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT,
                               TAG_PID, TAG_RETRIES, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
                               TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, flat_params)
@@ -384,7 +384,7 @@ class MlflowTrialCallback(tune.Callback):
     def _log_result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
         run_id = self._run_for(trial_id, config)
         values = _numeric(result)
-        step = int(values.get("step", result.get("training_iteration", 0)))
+        step = int(values.get(STEP, result.get("training_iteration", 0)))
         keep = {k: v for k, v in values.items() if not k.startswith(("time_", "timestamp", "pid", "iterations_"))
                 and k not in ("training_iteration", "done")}
         self.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, int(result.get("timestamp", 0)) * 1000,
