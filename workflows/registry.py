@@ -9,6 +9,9 @@ Selection policies (pure, see :func:`select_champion`):
 
 The registered model carries the packed weights, the tokenizer and this project's QA post-processing; its
 ``predict`` takes a DataFrame with ``question`` and ``context`` columns and returns ``answer`` and ``score``.
+Beside the PyTorch weights each version carries the model exported for ONNX Runtime (artifact ``onnx_dir``: the
+fused fp32 graph and its dynamic int8 quantization, see :mod:`pruning.export`), and serves through ONNX Runtime
+(int8 unless ``model_config`` says ``onnx_variant: fp32``, or ``none`` for PyTorch).
 Every point of the sweep's Pareto frontiers becomes a version (:func:`register_frontier`), tagged with its EM,
 F1, densities, heads removed, speedup, the trial's run id and the sweep's run id. The champion gets the alias
 ``champion``; no other version gets an alias unless :func:`select_by_latency` is asked to set one. Registering
@@ -40,7 +43,7 @@ from pruning.config import RunConfig
 
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
            "select_by_latency", "latency_settings", "SelectionError", "PackedQAModel", "ALIAS", "PIP_REQUIREMENTS",
-           "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model"]
+           "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model", "export_for_serving", "ONNX_VARIANTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,8 @@ TAG_TRIAL_RUN = "fineprune.trial_run_id"
 TAG_SWEEP_RUN = "sweep_run_id"
 VERSION_METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup")
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
-                    "tqdm>=4.66"]
+                    "tqdm>=4.66", "onnx==1.23.2", "onnxruntime==1.32.0"]
+ONNX_VARIANTS = ("int8", "fp32", "none")  # what the served model runs: ORT int8 (default), ORT fp32, or PyTorch
 # Served-model setting -> the run config key it is read from (a trial's params are its run config).
 _SERVE_PARAMS = {"max_seq_length": "max_seq_length", "doc_stride": "doc_stride", "max_windows": "max_windows",
                  "batch_size": "eval_batch_size"}
@@ -137,19 +141,30 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
     context that is missing, not a string, empty, or a context needing more than ``max_windows`` windows is an HTTP
     400 naming the record's index and the field. The windows of all records of a request run together,
     ``batch_size`` at a time. Settings (``model_config`` of the logged model, from the trial's run config):
-    ``max_seq_length``, ``doc_stride``, ``max_windows``, ``batch_size``.
+    ``max_seq_length``, ``doc_stride``, ``max_windows``, ``batch_size``; and ``onnx_variant`` (``int8``, ``fp32``
+    or ``none``), which of the exported models ONNX Runtime runs when the version carries them (default int8;
+    ``none``: the PyTorch model).
     """
 
     def load_context(self, context) -> None:
         # Imported here: the served model finds the pruning package through its code paths only once it is loaded.
         from pruning.checkpoint import load_model, load_tokenizer
+        from pruning.export import load_exported
         from pruning.inference import torch_runner
 
         model_dir = context.artifacts["model_dir"]
-        self.model = load_model(model_dir)
+        settings = dict(getattr(context, "model_config", None) or {})
+        variant = settings.get("onnx_variant", ONNX_VARIANTS[0])
+        if variant not in ONNX_VARIANTS:
+            raise ValueError(f"model_config onnx_variant: {variant!r} is not one of {', '.join(ONNX_VARIANTS)}")
+        onnx_dir = context.artifacts.get("onnx_dir")
+        if onnx_dir and variant != "none":
+            self.model = load_exported(onnx_dir, variant=variant)
+            logger.info("serving through ONNX Runtime (%s)", variant)
+        else:
+            self.model = load_model(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         # The windows the model was trained and evaluated with, never longer than its position embeddings.
-        settings = dict(getattr(context, "model_config", None) or {})
         limit = int(self.model.config.max_position_embeddings)
         self.max_seq_length = min(int(settings.get("max_seq_length", SERVE_DEFAULTS["max_seq_length"])), limit)
         self.doc_stride = min(int(settings.get("doc_stride", SERVE_DEFAULTS["doc_stride"])), self.max_seq_length // 2)
@@ -240,25 +255,47 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Any,
     return register_run(client, chosen["run_id"], name, parent_run_id, policy)
 
 
-def log_qa_model(model_dir: str | Path, settings: dict[str, int]):
+def export_for_serving(model_dir: str | Path, out_dir: str | Path) -> Path | None:
+    """``model_dir`` exported for ONNX Runtime (fp32 and int8) into ``out_dir``, or None when it cannot be.
+
+    A model that cannot be exported is still registered (it serves through PyTorch); the reason is logged.
+    """
+    # The export needs torch and ONNX Runtime; the registry module stays light without them.
+    from pruning.export import export_checkpoint
+
+    try:
+        export_checkpoint(model_dir, out_dir, quantize="int8", questions=4)
+    except (ValueError, OSError) as err:  # ExportError, CheckpointError, PackingError, a missing dev set
+        logger.warning("%s: registered without ONNX models (%s)", model_dir, err)
+        return None
+    return Path(out_dir)
+
+
+def log_qa_model(model_dir: str | Path, settings: dict[str, int], onnx_dir: str | Path | None = None):
     """Log a QA model directory as the :class:`PackedQAModel` pyfunc ``qa_model`` of the active run.
 
     Args:
         model_dir: a dense, masked or packed QA model directory with its tokenizer.
-        settings: the served model's ``model_config`` (see :func:`serve_settings`).
+        settings: the served model's ``model_config`` (see :func:`serve_settings`); ``onnx_variant`` is added.
+        onnx_dir: the model exported for ONNX Runtime (see :func:`export_for_serving`), served when given.
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri``, ``model_id``).
     """
     package_dir = Path(__file__).resolve().parents[1] / "pruning"
+    artifacts = {"model_dir": str(model_dir)}
+    if onnx_dir is not None:
+        artifacts["onnx_dir"] = str(onnx_dir)
     return mlflow.pyfunc.log_model(
         name="qa_model",
         python_model=PackedQAModel(),
-        artifacts={"model_dir": str(model_dir)},
+        artifacts=artifacts,
         code_paths=[str(package_dir)],
         pip_requirements=PIP_REQUIREMENTS,
         signature=SIGNATURE,
-        model_config=settings,
+        # Logged so that it can be overridden at load (MLflow only overrides logged keys), e.g. with
+        # MLFLOW_PYFUNC_INFERENCE_CONFIG='{"onnx_variant": "fp32"}' for `mlflow models serve`.
+        model_config={**settings, "onnx_variant": ONNX_VARIANTS[0] if onnx_dir is not None else "none"},
         input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
     )
 
@@ -293,8 +330,9 @@ def _version_of_run(client, name: str, run) -> Any:
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
         local = client.download_artifacts(run_id, "packed_model", tmp)
+        onnx_dir = export_for_serving(local, Path(tmp) / "onnx_model")
         with mlflow.start_run(run_id=run_id):
-            info = log_qa_model(local, serve_settings(run.data.params))
+            info = log_qa_model(local, serve_settings(run.data.params), onnx_dir)
         if run.info.end_time:  # reopening the run moved its end; the trial's duration is part of the record
             client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
         return client.create_model_version(name, source=info.model_uri, run_id=run_id,
