@@ -78,12 +78,15 @@ def test_the_champion_answers_over_http_through_onnx_runtime(server, smoke_sweep
     served = mlflow.pyfunc.load_model(uri)
     exported = served.unwrap_python_model().model
     assert isinstance(exported, OrtQAModel) and exported.variant == "int8"
+    assert (served.unwrap_python_model().runtime, served.unwrap_python_model().precision) == ("onnxruntime", "int8")
     # The version carries both ONNX models beside the PyTorch weights.
     assert {FILES["fp32"], FILES["int8"]} <= {p.name for p in exported.path.parent.iterdir()}
     flavor = served.metadata.flavors["python_function"]
     assert {"model_dir", "onnx_dir"} <= set(flavor["artifacts"]) and flavor["config"]["onnx_variant"] == "int8"
+    assert flavor["config"]["precision"] == "fp32"  # what the smoke trials were measured in
     on_torch = mlflow.pyfunc.load_model(uri, model_config={"onnx_variant": "none"})
     assert not isinstance(on_torch.unwrap_python_model().model, OrtQAModel)
+    assert (on_torch.unwrap_python_model().runtime, on_torch.unwrap_python_model().precision) == ("torch", "fp32")
     on_fp32 = mlflow.pyfunc.load_model(uri, model_config={"onnx_variant": "fp32"})
 
     records = _short_records(dev_subset, 8)

@@ -335,12 +335,17 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Any,
     return register_run(client, chosen["run_id"], name, parent_run_id, policy)
 
 
-def export_for_serving(model_dir: str | Path, out_dir: str | Path) -> tuple[Path | None, str]:
+def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | None = None) -> tuple[Path | None, str]:
     """``model_dir`` exported for ONNX Runtime (fp32 and int8) into ``out_dir``, checked on 4 dev questions.
 
     The export is an optimisation of a model that serves without it: a model that cannot be exported is still
     registered, and serves through PyTorch. That is never silent: the reason is logged as a warning and returned
     for the version's ``onnx`` tag.
+
+    Args:
+        model_dir: a packed (or dense) QA model directory.
+        out_dir: where the export goes (created).
+        what: how the warning names the model (default: ``model_dir``).
 
     Returns:
         ``(out_dir, "fp32,int8")``, or ``(None, "failed: <one line>")``.
@@ -354,7 +359,7 @@ def export_for_serving(model_dir: str | Path, out_dir: str | Path) -> tuple[Path
         lines = str(err).strip().splitlines()
         reason = f"{type(err).__name__}: {lines[0] if lines else ''}"
         logger.warning("%s: cannot be exported for ONNX Runtime, registered to serve through PyTorch (%s)",
-                       model_dir, reason)
+                       what or model_dir, reason)
         return None, f"failed: {reason}"[:500]
     return Path(out_dir), ",".join(report["files"])
 
@@ -420,7 +425,8 @@ def _version_of_run(client, name: str, run) -> Any:
     with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
         local = client.download_artifacts(run_id, "packed_model", tmp)
         # Only here, for a new version: a registered trial is never exported again.
-        onnx_dir, onnx_tag = export_for_serving(local, Path(tmp) / "onnx_model")
+        onnx_dir, onnx_tag = export_for_serving(local, Path(tmp) / "onnx_model",
+                                                what=f"the packed model of trial run {run_id}")
         precision = measured_precision(run)
         with mlflow.start_run(run_id=run_id):
             info = log_qa_model(local, {**serve_settings(run.data.params), "precision": precision}, onnx_dir)
