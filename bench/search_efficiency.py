@@ -80,7 +80,7 @@ def measure(space_path: Path, out: Path, tracking_uri: str, storage_path: str) -
     """Run the grid sweep of ``space_path`` for real and write its trials' outcomes as the replay table."""
     from mlflow.tracking import MlflowClient
 
-    from workflows import tracking
+    from workflows import record, tracking
     from workflows.space import load_space
     from workflows.sweep import run_sweep
 
@@ -94,9 +94,9 @@ def measure(space_path: Path, out: Path, tracking_uri: str, storage_path: str) -
     runs = tracking.trial_runs(client, summary["experiment"], summary["parent_run_id"], include_baseline=True)
     rows = []
     for run in sorted(runs, key=lambda r: r.info.start_time):
-        kind = run.data.tags.get(tracking.TAG_KIND)
+        kind = run.data.tags.get(record.TAG_KIND)
         row: dict[str, Any] = {"run_id": run.info.run_id, "kind": kind,
-                               "status": run.data.tags.get(tracking.TAG_STATUS, "unknown")}
+                               "status": run.data.tags.get(record.TAG_STATUS, "unknown")}
         for key in space.search:
             value = run.data.params.get(f"searched.{key}")
             row[key] = None if value is None else float(value)

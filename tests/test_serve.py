@@ -11,7 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pruning.checkpoint import save_model
-from workflows.registry import SERVE_DEFAULTS, log_qa_model, serve_settings
+from pruning.export import FILES, OrtQAModel
+from workflows.registry import SERVE_DEFAULTS, export_for_serving, log_qa_model, serve_settings
 from workflows.serving import BAD_KINDS, ModelServer, ServerError, invoke, ping, run_load, spoil
 
 STARTUP_SECONDS = 240  # loading torch, transformers and the model in a fresh process on a busy 2-core machine
@@ -37,8 +38,8 @@ def server(smoke_sweep, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def answer_key_server(answer_key_model, tokenizer, tmp_path_factory):
-    """The answer-key model (its best span in each known dev context is the gold answer) logged as the registry
-    logs a trial's model, registered in a store of its own and served like the champion; its base URL."""
+    """The answer-key model (its best span in each known dev context is the gold answer) exported and logged as the
+    registry logs a trial's model, registered in a store of its own and served like the champion; its base URL."""
     root = tmp_path_factory.mktemp("answer_key")
     model_dir = save_model(answer_key_model, tokenizer, root / "model")
     uri = f"sqlite:///{root}/mlflow.db"
@@ -47,9 +48,12 @@ def answer_key_server(answer_key_model, tokenizer, tmp_path_factory):
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
+        # As the registry makes a version: exported for ONNX Runtime, which serves it (int8, the default).
+        onnx_dir, exported = export_for_serving(model_dir, root / "onnx")
+        assert onnx_dir is not None, exported
         with mlflow.start_run(experiment_id=experiment):
             # Windows of 128 tokens, overlapping by 32: every known context takes several.
-            info = log_qa_model(model_dir, serve_settings({"max_seq_length": "128", "doc_stride": "32"}))
+            info = log_qa_model(model_dir, serve_settings({"max_seq_length": "128", "doc_stride": "32"}), onnx_dir)
         version = mlflow.register_model(info.model_uri, "answer-key")
     finally:
         mlflow.set_tracking_uri(before)
@@ -112,6 +116,36 @@ def test_the_served_model_answers_known_dev_questions_with_their_gold_answers(an
 def test_the_champion_answers_questions_on_long_contexts(server, dev_subset):
     records = [{"question": e.question, "context": e.context} for e in dev_subset[:2]]
     _check(_predict(server, records), records)
+
+
+def test_the_champion_answers_over_http_through_onnx_runtime(server, smoke_sweep, dev_subset):
+    mlflow.set_tracking_uri(smoke_sweep["tracking_uri"])
+    uri = smoke_sweep["champion"]["model_uri"]
+    served = mlflow.pyfunc.load_model(uri)
+    exported = served.unwrap_python_model().model
+    assert isinstance(exported, OrtQAModel) and exported.variant == "int8"
+    assert (served.unwrap_python_model().runtime, served.unwrap_python_model().precision) == ("onnxruntime", "int8")
+    # The version carries both ONNX models beside the PyTorch weights.
+    assert {FILES["fp32"], FILES["int8"]} <= {p.name for p in exported.path.parent.iterdir()}
+    flavor = served.metadata.flavors["python_function"]
+    assert {"model_dir", "onnx_dir"} <= set(flavor["artifacts"]) and flavor["config"]["onnx_variant"] == "int8"
+    assert flavor["config"]["precision"] == "fp32"  # what the smoke trials were measured in
+    on_torch = mlflow.pyfunc.load_model(uri, model_config={"onnx_variant": "none"})
+    assert not isinstance(on_torch.unwrap_python_model().model, OrtQAModel)
+    assert (on_torch.unwrap_python_model().runtime, on_torch.unwrap_python_model().precision) == ("torch", "fp32")
+    on_fp32 = mlflow.pyfunc.load_model(uri, model_config={"onnx_variant": "fp32"})
+
+    records = _short_records(dev_subset, 8)
+    frame = pd.DataFrame(records)
+    over_http = _predict(server, records)
+    int8, fp32, torch_answers = served.predict(frame), on_fp32.predict(frame), on_torch.predict(frame)
+    # The server answers with the int8 model: its scores, which are not PyTorch's; the fp32 export gives
+    # PyTorch's answers.
+    assert [p["answer"] for p in over_http] == int8["answer"].tolist()
+    assert [p["score"] for p in over_http] == pytest.approx(int8["score"].tolist(), abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(int8["score"], torch_answers["score"])) > 1e-4
+    assert fp32["answer"].tolist() == torch_answers["answer"].tolist()
+    assert fp32["score"].tolist() == pytest.approx(torch_answers["score"].tolist(), abs=2e-4)
 
 
 def test_the_served_model_logs_its_window_limit(smoke_sweep):

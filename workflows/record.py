@@ -35,10 +35,11 @@ __all__ = [
     "TAG_KIND", "KIND_SWEEP", "KIND_TRIAL", "KIND_BASELINE", "TAG_PARENT", "TAG_RUN_NAME", "TAG_SWEEP",
     "TAG_SWEEP_STATE", "SWEEP_RUNNING", "SWEEP_INTERRUPTED", "SWEEP_COMPLETE", "TAG_TRIAL", "TAG_STATUS",
     "STATUS_FINISHED", "STATUS_STOPPED_EARLY", "STATUS_FAILED", "STATUS_INTERRUPTED", "STATUS_ORPHANED", "STATUSES",
-    "TAG_PARETO", "TAG_PARETO_SPEED", "FRONTIER_TAGS", "TAG_NODE", "TAG_PID", "TAG_RETRIES", "TAG_TOOK_OVER",
+    "TAG_PARETO", "TAG_PARETO_SPEED", "FRONTIER_TAGS", "TAG_NODE", "TAG_PID", "TAG_PRECISION", "TAG_RETRIES",
+    "TAG_TOOK_OVER",
     "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR",
     # tags of registered versions, the alias
-    "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "ALIAS",
+    "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_VERSION_PRECISION", "TAG_ONNX", "ALIAS",
     # params
     "PARAM_SEARCHED", "PARAM_REGISTRY", "PARAM_SPEEDUP", "PARAM_RESOURCES", "PARAM_SEARCH", "PARAM_OBJECTIVES",
     "flat_params", "params_under", "search_types", "sweep_objectives",
@@ -49,7 +50,7 @@ __all__ = [
     # artifacts
     "ARTIFACT_PACKED_MODEL", "ARTIFACT_FRONTIER", "ARTIFACT_FRONTIER_SPEED", "ARTIFACT_FRONTIER_PLOT",
     "ARTIFACT_REPORT_DIR", "ARTIFACT_REPORT_HTML", "ARTIFACT_REPORT_MARKDOWN", "ARTIFACT_QA_MODEL",
-    "ARTIFACT_MODEL_DIR",
+    "ARTIFACT_MODEL_DIR", "ARTIFACT_ONNX_DIR",
     # the registry spec, the readers
     "RegistrySpec", "latest_sweep", "trials", "metric_history", "COLUMNS",
 ]
@@ -75,6 +76,7 @@ TAG_PARETO_SPEED = "pareto_speedup"  # the same for the frontier of F1 against m
 FRONTIER_TAGS = (TAG_PARETO, TAG_PARETO_SPEED)
 TAG_NODE = "fineprune.node_id"
 TAG_PID = "fineprune.pid"  # the trial's worker process (the last one, after retries)
+TAG_PRECISION = "fineprune.precision"  # the precision the final metrics were measured in (fp32 or bf16)
 TAG_RETRIES = "fineprune.retries"  # how often the trial's worker died and the trial went on from its checkpoint
 TAG_TOOK_OVER = "fineprune.took_over_trial_id"  # the lost trial whose run this trial continued
 TAG_PACKED_ARTIFACT = "fineprune.packed_artifact"  # set once the packed model is logged: its artifact path
@@ -86,6 +88,8 @@ TAG_ERROR = "fineprune.error"  # one line: why the trial failed after training (
 TAG_TRIAL_RUN = "fineprune.trial_run_id"
 TAG_SWEEP_RUN = "sweep_run_id"
 TAG_POLICY = "policy"
+TAG_VERSION_PRECISION = "precision"  # the precision the version's EM/F1 were measured in
+TAG_ONNX = "onnx"  # the ONNX Runtime variants the version carries ("fp32,int8"), or why it carries none
 ALIAS = "champion"
 
 # ---- params ---------------------------------------------------------------------------------------------------
@@ -126,6 +130,7 @@ ARTIFACT_REPORT_HTML = "report.html"
 ARTIFACT_REPORT_MARKDOWN = "report.md"
 ARTIFACT_QA_MODEL = "qa_model"  # registered versions: the pyfunc model logged on the trial's run
 ARTIFACT_MODEL_DIR = "model_dir"  # the pyfunc model's own artifact: the packed model directory
+ARTIFACT_ONNX_DIR = "onnx_dir"  # the pyfunc model's own artifact: the model exported for ONNX Runtime
 
 # The columns of :func:`trials` before the metric and ``searched.*`` columns.
 COLUMNS = ("run_id", "name", "kind", "status", "run_status", TAG_PARETO, TAG_PARETO_SPEED, "packed", "start_time",

@@ -33,8 +33,8 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               STATUS_FAILED, STATUS_FINISHED, STATUS_INTERRUPTED, STATUS_ORPHANED,
                               STATUS_STOPPED_EARLY, STEP, SWEEP_COMPLETE, SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_ERROR,
                               TAG_ERROR_FILE, TAG_KIND, TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT,
-                              TAG_PID, TAG_RETRIES, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
-                              TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, flat_params)
+                              TAG_PID, TAG_PRECISION, TAG_RETRIES, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP,
+                              TAG_SWEEP_STATE, TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, flat_params)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, is_transient,
                              quick_http_failures)
 
@@ -389,7 +389,7 @@ class MlflowTrialCallback(tune.Callback):
                 and k not in ("training_iteration", "done")}
         self.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, int(result.get("timestamp", 0)) * 1000,
                                                                       step) for k, v in keep.items()])
-        tags = {TAG_NODE: result.get("node_id"), TAG_PID: result.get("pid")}
+        tags = {TAG_NODE: result.get("node_id"), TAG_PID: result.get("pid"), TAG_PRECISION: result.get("precision")}
         for key, value in tags.items():
             if value:
                 self.client.set_tag(run_id, key, str(value))
