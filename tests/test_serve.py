@@ -3,7 +3,9 @@ model whose answers to known dev questions are fixed by its weights."""
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import mlflow
 import pandas as pd
@@ -23,8 +25,14 @@ def server(smoke_sweep, tmp_path_factory):
     """``mlflow models serve`` of the smoke sweep's champion on a free port: its base URL; stopped afterwards."""
     champion = smoke_sweep["champion"]
     assert champion.get("registered"), champion
-    served = ModelServer(champion["model_uri"], smoke_sweep["tracking_uri"],
-                         tmp_path_factory.mktemp("serve") / "serve.log", startup_seconds=STARTUP_SECONDS)
+    with _served(champion["model_uri"], smoke_sweep["tracking_uri"], tmp_path_factory.mktemp("serve")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _served(model_uri: str, tracking_uri: str, log_dir) -> Iterator[str]:
+    """``mlflow models serve`` of ``model_uri`` on a free port: its base URL; every process stopped afterwards."""
+    served = ModelServer(model_uri, tracking_uri, log_dir / "serve.log", startup_seconds=STARTUP_SECONDS)
     try:
         served.start()
     except ServerError as err:
@@ -57,16 +65,8 @@ def answer_key_server(answer_key_model, tokenizer, tmp_path_factory):
         version = mlflow.register_model(info.model_uri, "answer-key")
     finally:
         mlflow.set_tracking_uri(before)
-    served = ModelServer(f"models:/answer-key/{version.version}", uri, root / "serve.log",
-                         startup_seconds=STARTUP_SECONDS)
-    try:
-        served.start()
-    except ServerError as err:
-        pytest.fail(str(err))
-    try:
-        yield served.url
-    finally:
-        served.stop()
+    with _served(f"models:/answer-key/{version.version}", uri, root) as url:
+        yield url
 
 
 def _predict(base: str, records: list[dict[str, str]]) -> list[dict]:
