@@ -54,6 +54,7 @@ __all__ = [
     "is_packed_dir",
     "is_packed",
     "LOGIT_TOLERANCE",
+    "PACK_METRICS",
     "pack_report",
     "pack_and_verify",
     "max_logit_diff",
@@ -67,6 +68,8 @@ HEADS_KEPT_KEY = "fineprune_heads_kept"
 FFN_WIDTHS_KEY = "fineprune_ffn_widths"
 WEIGHTS_NAME = "model.safetensors"
 LOGIT_TOLERANCE = 1e-3  # packed against masked logits: only the summation order differs
+# The measured scalars of a PackReport a sweep trial reports, under these (its field) names.
+PACK_METRICS = ("speedup", "max_logit_diff", "params_after")
 CONFIG_NAME = "config.json"
 # Weight files a fresh save replaces; stale ones next to a new model.safetensors would confuse loaders.
 _STALE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "pytorch_model*.bin")
@@ -439,9 +442,9 @@ class PackReport:
         return out
 
     def metrics(self) -> dict[str, float]:
-        """The measured scalars a trial reports: ``speedup``, ``max_logit_diff`` and ``params_after``."""
-        values = {"speedup": self.speedup, "max_logit_diff": self.max_logit_diff, "params_after": self.params_after}
-        return {key: float(value) for key, value in values.items() if value is not None}
+        """The measured scalars a trial reports (:data:`PACK_METRICS`), those that were measured."""
+        values = {name: getattr(self, name) for name in PACK_METRICS}
+        return {name: float(value) for name, value in values.items() if value is not None}
 
 
 def pack_report(masked_model: nn.Module, packed_model: nn.Module, *, seq_len: int = 384,

@@ -54,7 +54,7 @@ def test_pack_eval_and_ask_on_a_packed_directory(masked_checkpoint, tmp_path):
     proc = fineprune("pack", str(masked_checkpoint), str(out), "--questions", "4")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["max_abs_logit_diff"] <= 1e-4
+    assert report["max_logit_diff"] <= 1e-4
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     again = fineprune("pack", str(masked_checkpoint), str(out))  # nothing already written is overwritten
     assert again.returncode == 2 and "not empty" in again.stderr
