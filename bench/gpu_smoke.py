@@ -128,8 +128,14 @@ def evaluate_dir(model_dir: Path, device: str, examples: list, precision: str) -
 
 
 def run(args: argparse.Namespace) -> Smoke:
+    if args.out is None:
+        with tempfile.TemporaryDirectory(prefix="gpu_smoke.") as tmp:  # removed afterwards, pass or fail
+            return run_in(args, Path(tmp))
+    return run_in(args, Path(args.out))
+
+
+def run_in(args: argparse.Namespace, work: Path) -> Smoke:
     smoke = Smoke(args.precisions, args.modes)
-    work = Path(args.out or tempfile.mkdtemp(prefix="gpu_smoke."))
     work.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = build_tokenizer(work / "tokenizer")
     examples = squad.load_squad(FIXTURE)
@@ -220,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="precisions to run (default: fp32, and bf16 where the device supports it)")
     parser.add_argument("--modes", nargs="+", default=[name for name, _ in MODES], choices=[name for name, _ in MODES],
                         help="pruning modes to run (default: all)")
-    parser.add_argument("--out", default=None, help="work directory (default: a new temporary directory)")
+    parser.add_argument("--out", default=None, help="work directory, kept afterwards (default: a temporary directory, removed at the end)")
     parser.add_argument("--verbose", action="store_true", help="log the library's progress and failures' tracebacks")
     args = parser.parse_args(argv)
     if args.precisions is None:

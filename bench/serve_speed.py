@@ -9,6 +9,8 @@ so that each question fills one window of about 384 (then 128) tokens. Four ways
   packed eager     the packed model in PyTorch
   packed ort fp32  the packed model exported, fused by ORT's transformer optimizer, run by ONNX Runtime
   packed ort int8  the same graph quantized dynamically to int8
+  packed eager bf16  the packed model in PyTorch under bf16 autocast (``precision: bf16``), only where the CPU
+                   has bf16 matrix instructions
 
 on two models: the BERT-base reference pattern (96 of 144 heads, 36% of the encoder's linear weights, random
 weights: speed only) and a real pruned MiniLM checkpoint (speed, and EM/F1 of every row on the first dev questions).
@@ -46,11 +48,25 @@ from pruning.checkpoint import load_model, load_tokenizer
 from pruning.export import OrtQAModel, export_model
 from pruning.inference import answer
 from pruning.packing import is_packed, pack
+from pruning.precision import autocast, cpu_supports_bf16
 from pruning.resources import resolve_data, shipped_model_dir
 
 logger = logging.getLogger("serve_speed")
 
-ROWS = ("dense eager", "packed eager", "packed ort fp32", "packed ort int8")
+ROWS = ("dense eager", "packed eager", "packed ort fp32", "packed ort int8", "packed eager bf16")
+
+
+class Bf16Eager(torch.nn.Module):
+    """A PyTorch QA model run under CPU bf16 autocast, as the served model runs with ``precision: bf16``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, **inputs: torch.Tensor):
+        with autocast("bf16", "cpu"):
+            return self.model(**inputs)
 
 
 @dataclass
@@ -113,12 +129,17 @@ def serving_models(dense: torch.nn.Module, packed: torch.nn.Module, work: Path, 
     logger.info("exported: fused heads %s, |dlogit| %s", report.fused_attention_heads, report.max_logit_diff)
     if not report.attention_fused:
         logger.warning("not every layer's attention was fused: the ORT rows are slower than they could be")
-    return {
+    models = {
         "dense eager": dense,
         "packed eager": packed,
         "packed ort fp32": OrtQAModel(work / report.files["fp32"], packed.config, "fp32", threads=threads),
         "packed ort int8": OrtQAModel(work / report.files["int8"], packed.config, "int8", threads=threads),
     }
+    if cpu_supports_bf16():
+        models["packed eager bf16"] = Bf16Eager(packed)
+    else:
+        logger.info("no bf16 row: this CPU has no bf16 matrix instructions")
+    return models
 
 
 def bench_model(label: str, models: dict[str, torch.nn.Module], tokenizer, examples: list[squad.Example],
@@ -127,12 +148,12 @@ def bench_model(label: str, models: dict[str, torch.nn.Module], tokenizer, examp
     for seq_len in seq_lens:
         pairs = window_questions(examples, tokenizer, seq_len, count=max(1, repeats))
         medians = time_rows(models, tokenizer, pairs, seq_len, repeats, warmup)
-        for name in ROWS:
+        for name in (name for name in ROWS if name in models):
             rows.append(Row(label, name, seq_len, 1e3 * medians[name], medians["dense eager"] / medians[name]))
             logger.info("%s / seq %d / %s: %.1f ms (x%.2f)", label, seq_len, name, rows[-1].median_ms,
                         rows[-1].speedup)
     if eval_examples:
-        for name in ROWS:
+        for name in (name for name in ROWS if name in models):
             started = time.perf_counter()
             metrics, _ = squad.evaluate_model(models[name], tokenizer, eval_examples, max_seq_length=384,
                                               doc_stride=128, batch_size=16, progress=False)
@@ -175,12 +196,12 @@ def minilm_rows(args: argparse.Namespace, examples, work: Path) -> list[Row]:
 
 
 def format_table(rows: list[Row]) -> str:
-    header = f"{'model':<18} {'seq':>4} {'serving':<16} {'median ms':>9} {'speedup':>7} {'EM':>6} {'F1':>6}"
+    header = f"{'model':<18} {'seq':>4} {'serving':<18} {'median ms':>9} {'speedup':>7} {'EM':>6} {'F1':>6}"
     lines = [header, "-" * len(header)]
     for r in rows:
         em = "" if r.exact_match is None else f"{r.exact_match:.2f}"
         f1 = "" if r.f1 is None else f"{r.f1:.2f}"
-        lines.append(f"{r.model:<18} {r.seq_len:>4} {r.row:<16} {r.median_ms:>9.1f} {r.speedup:>7.2f} {em:>6} {f1:>6}")
+        lines.append(f"{r.model:<18} {r.seq_len:>4} {r.row:<18} {r.median_ms:>9.1f} {r.speedup:>7.2f} {em:>6} {f1:>6}")
     return "\n".join(lines)
 
 

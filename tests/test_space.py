@@ -63,7 +63,7 @@ def with_search(**params) -> dict:
 
 def test_the_shipped_spaces_are_there():
     names = {p.name for p in SHIPPED}
-    assert {"smoke.yaml", "minilm_squad_cpu.yaml", "minilm_squad_gpu.yaml", "bert_base_squad.yaml"} <= names
+    assert {"smoke.yaml", "minilm_squad_cpu.yaml", "minilm_squad_topk.yaml", "minilm_squad_gpu.yaml", "bert_base_squad.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -97,8 +97,18 @@ def test_cpu_main_space_fits_two_cores():
     cfg = space.base_config
     assert cfg.device == "cpu" and space.resources["gpu"] == 0
     assert space.resources["cpu"] * (space.max_concurrent or 1) <= 2
-    assert cfg.method is Method.TOPK and cfg.train_limit and cfg.eval_limit and cfg.max_steps
-    assert space.registry.policy == "best_f1_under_density" and space.registry.max_density == 0.5
+    assert cfg.method is Method.FISHER and cfg.train_limit and cfg.eval_limit and cfg.fill_steps > 0
+    assert cfg.attention_block == (32, 384)  # one head of MiniLM (hidden 384, 12 heads)
+    assert space.registry.policy == "best_f1_under_density" and space.registry.max_density == 0.4
+    # Some trial can meet the registry's density cap.
+    assert space.search["target_density"].low < space.registry.max_density
+
+
+def test_cpu_topk_space_fits_two_cores():
+    space = load_space(SPACES_DIR / "minilm_squad_topk.yaml")
+    cfg = space.base_config
+    assert cfg.method is Method.TOPK and cfg.max_steps and space.name == "minilm_squad_topk"
+    assert space.resources["cpu"] * (space.max_concurrent or 1) <= 2
 
 
 def test_bert_base_space_names_local_models_that_need_not_exist():
