@@ -170,7 +170,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
             tokenizer = self._threads.tokenizer = copy.deepcopy(self.tokenizer)
         return tokenizer
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from pruning.inference import RecordError, answer_records  # lazy: see load_context
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
