@@ -22,7 +22,7 @@ import math
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Mapping
+from typing import Annotated, Any, Callable, Iterable, Literal, Mapping
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
@@ -247,7 +247,7 @@ class ParamSpec(_Section):
     inclusive) use ``low``/``high``; ``quniform`` also ``q`` (the step; ``low`` and ``high`` are multiples of it).
     """
 
-    type: str
+    type: Literal["choice", "grid", "uniform", "quniform", "loguniform", "randint"]  # see PARAM_TYPES
     low: Number | None = None
     high: Number | None = None
     values: tuple[Any, ...] | None = None
