@@ -194,6 +194,18 @@ def _known_keys(value: Any, allowed: Iterable[str], what: str = "a mapping") -> 
     return dict(value)
 
 
+def _run_config_keys(value: Any) -> dict[str, Any]:
+    """``value`` as a dict of RunConfig keys (``{}`` for null)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _Problem(f"expected a mapping of RunConfig keys, got {_kind(value)}")
+    for key in value:
+        if key not in _KINDS or key == LAMBDA_KEY:
+            raise _Problem("unknown RunConfig key", key)
+    return dict(value)
+
+
 def _config_problem(err: ConfigError, *at: str | int) -> _Problem:
     """A RunConfig error (``key: what``) as a problem at ``at`` + its key."""
     message = _message(err)
@@ -344,18 +356,13 @@ class TeacherSpec(_Section):
     @field_validator("config", mode="before")
     @classmethod
     def _dense_keys(cls, value: Any) -> Any:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise _Problem(f"expected a mapping of RunConfig keys, got {_kind(value)}")
+        value = _run_config_keys(value)
         for key in value:
-            if key not in _KINDS or key == LAMBDA_KEY:
-                raise _Problem("unknown RunConfig key", key)
             if key in _SWEEP_OWNED or key == "method":
                 raise _Problem("is set by the sweep (the teacher is a dense run in its own directory)", key)
             if key in _MASK_ONLY or key in _DISTIL_ONLY:
                 raise _Problem("does not apply to the dense teacher", key)
-        return dict(value)
+        return value
 
     @model_validator(mode="after")
     def _path_or_config(self) -> TeacherSpec:
@@ -510,17 +517,12 @@ class SweepSpace(_Section):
     @field_validator("base", mode="before")
     @classmethod
     def _base_keys(cls, value: Any) -> Any:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise _Problem(f"expected a mapping of RunConfig keys, got {_kind(value)}")
+        value = _run_config_keys(value)
         for key in value:
-            if key not in _KINDS or key == LAMBDA_KEY:
-                raise _Problem("unknown RunConfig key", key)
             if key in _SWEEP_OWNED:
                 hint = "use teacher.path" if key == "teacher" else "every trial gets its own directory"
                 raise _Problem(f"is set by the sweep ({hint})", key)
-        return dict(value)
+        return value
 
     @field_validator("base")
     @classmethod
