@@ -323,8 +323,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         progress: show tqdm progress bars.
 
     Returns:
-        The final metrics (``exact_match``, ``f1``, densities, heads removed, ...), plus ``step`` and
-        ``model_dir`` (the final model directory).
+        The final metrics (``exact_match``, ``f1``, densities, heads removed, ...), plus ``step``,
+        ``model_dir`` (the final model directory) and ``precision`` (``fp32`` or ``bf16``: what ``auto`` became).
     """
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -468,6 +468,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     save_model(model, tokenizer, final_dir)
     last_metrics = dict(last_metrics)
     last_metrics["model_dir"] = str(final_dir)
+    last_metrics["precision"] = precision  # what the metrics were measured in: fp32 or bf16, never auto
     return last_metrics
 
 

@@ -7,13 +7,19 @@ BERTs packed to very different widths (one of them unpruned), so that their spee
 from __future__ import annotations
 
 import json
+import logging
 import math
 
+import mlflow
+import pandas as pd
 import pytest
 import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
+from pruning import precision
+from pruning.export import OrtQAModel
 from pruning.packing import pack, save_packed
+from pruning.precision import PrecisionError
 from workflows import registry, tracking
 from workflows.cli import main
 
@@ -26,6 +32,10 @@ TRIALS = {
     NARROWEST: (1, 16, 40.0, 0.05, True),
     DOMINATED: (2, 512, 30.0, 0.5, False),
 }
+# name -> (the trial's precision param, its fineprune.precision tag), and the precision its version records: the
+# tag when there is one (what ``auto`` became), else the param, else the run config's default.
+PRECISION = {WIDE: ("auto", "fp32"), NARROW: ("bf16", None), NARROWEST: (None, None), DOMINATED: (None, None)}
+RECORDED = {WIDE: "fp32", NARROW: "bf16", NARROWEST: "fp32"}
 
 
 def _packed_dir(path, tokenizer, heads: int, ffn: int):
@@ -70,10 +80,16 @@ def record(tmp_path_factory, tokenizer):
                            "heads_removed": 2 * (4 - heads), "speedup": 1.0}.items():
             client.log_metric(run_id, key, value)
         client.log_param(run_id, "max_seq_length", "128")
+        param, tag = PRECISION[name]
+        if param:
+            client.log_param(run_id, "precision", param)
+        if tag:
+            client.set_tag(run_id, tracking.TAG_PRECISION, tag)
         client.set_terminated(run_id)
         runs[name] = run_id
     ends = {run_id: client.get_run(run_id).info.end_time for run_id in runs.values()}
-    return {"client": client, "uri": uri, "parent": parent, "runs": runs, "ends": ends}
+    return {"client": client, "uri": uri, "parent": parent, "runs": runs, "ends": ends,
+            "experiment_id": experiment_id, "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +119,10 @@ def test_frontier_registration_is_idempotent_and_tagged(record, registered):
                        "heads_removed": 6.0, "speedup": 1.0}.items():
         assert float(tags[key]) == value, key
     assert client.get_registered_model(NAME).aliases == {}  # the frontier gets no alias
+    for name, recorded in RECORDED.items():
+        version = versions[runs[name]]
+        assert version.tags["precision"] == recorded, name
+        assert version.tags["onnx"] == "fp32,int8", name  # exported for ONNX Runtime, both variants
     for run_id in versions:  # logging the model on the trial's run kept the run's record
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED" and run.info.end_time == record["ends"][run_id]
@@ -186,9 +206,118 @@ def test_a_sweep_registers_its_whole_frontier_once(smoke_sweep):
     assert {row["run_id"]: row["version"] for row in smoke_sweep["frontier_versions"]} == versions
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.tags["policy"] == "best_f1_under_density"  # the champion keeps its policy
+    # The trials recorded the precision they were measured in (the smoke space's fp32), and so do their versions.
+    assert {r.data.tags.get(tracking.TAG_PRECISION) for r in runs if r.info.run_id in front} == {"fp32"}
+    for version in client.search_model_versions(f"name = '{name}'"):
+        assert version.tags["precision"] == "fp32" and version.tags["onnx"] == "fp32,int8"
     for _ in range(2):  # `fineprune register --frontier`, twice: no new version, the champion unchanged
         again = register_from_experiment(smoke_sweep["experiment"], tracking_uri=smoke_sweep["tracking_uri"],
                                          frontier=True)
         assert {row["run_id"]: row["version"] for row in again["frontier"]} == versions
         assert again["version"] == str(champion.version)
     assert len(client.search_model_versions(f"name = '{name}'")) == len(versions)
+
+
+def _logged_models(record, run_id: str) -> list:
+    return list(record["client"].search_logged_models([record["experiment_id"]],
+                                                      filter_string=f"source_run_id = '{run_id}'"))
+
+
+def test_a_registered_trial_is_neither_logged_nor_exported_again(record, registered, caplog):
+    # The fixture registered the frontier twice: each trial's run holds the one model logged the first time.
+    frontier = [record["runs"][name] for name in (WIDE, NARROW, NARROWEST)]
+    assert [len(_logged_models(record, run_id)) for run_id in frontier] == [1, 1, 1]
+    with caplog.at_level(logging.INFO):
+        rows = registry.register_frontier(record["client"], "tiny", record["parent"], NAME)
+    assert [row["run_id"] for row in rows] == list(reversed(frontier))
+    exports = [r for r in caplog.records if r.name == "pruning.export"]
+    assert exports == [], [r.getMessage() for r in exports]
+    assert sum("is already version" in r.getMessage() for r in caplog.records) == 3
+    assert [len(_logged_models(record, run_id)) for run_id in frontier] == [1, 1, 1]
+
+
+def _records(dev_subset, count: int = 6) -> pd.DataFrame:
+    """Dev questions with 200 characters of context around the gold answer: one window of the tiny models."""
+    rows = []
+    for example in dev_subset[:count]:
+        start = max(0, example.answer_starts[0] - 100)
+        rows.append({"question": example.question, "context": example.context[start:start + 200]})
+    return pd.DataFrame(rows)
+
+
+def _load(record, run_name: str, monkeypatch, bf16: bool, **config):
+    """The version of a trial loaded as the served model would be, on a CPU with or without bf16 matrix units."""
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: bf16)  # the capability check, simulated
+    version = _versions(record["client"])[record["runs"][run_name]].version
+    mlflow.set_tracking_uri(record["uri"])
+    return mlflow.pyfunc.load_model(f"models:/{NAME}/{version}", model_config=config or None)
+
+
+def test_the_served_model_runs_bf16_only_where_the_cpu_supports_it(record, registered, dev_subset, monkeypatch):
+    frame = _records(dev_subset)
+    # Measured in bf16 (NARROW). Through PyTorch on a CPU without bf16: fp32, not an error.
+    without = _load(record, NARROW, monkeypatch, bf16=False, onnx_variant="none")
+    served = without.unwrap_python_model()
+    assert without.model_config["precision"] == "bf16"
+    assert (served.runtime, served.precision) == ("torch", "fp32")
+    fp32 = without.predict(frame)
+    # With bf16: autocast, whose rounding moves the scores a little.
+    with_bf16 = _load(record, NARROW, monkeypatch, bf16=True, onnx_variant="none")
+    assert with_bf16.unwrap_python_model().precision == "bf16"
+    bf16 = with_bf16.predict(frame)
+    assert all(answer in context for answer, context in zip(bf16["answer"], frame["context"]))
+    assert bf16["score"].tolist() != fp32["score"].tolist()
+    assert bf16["score"].tolist() == pytest.approx(fp32["score"].tolist(), abs=0.25)
+    # Through ONNX Runtime (the default), int8 whatever the recorded precision.
+    through_ort = _load(record, NARROW, monkeypatch, bf16=True).unwrap_python_model()
+    assert (through_ort.runtime, through_ort.precision) == ("onnxruntime", "int8")
+    assert isinstance(through_ort.model, OrtQAModel)
+
+    # Measured in fp32 (NARROWEST): fp32 even where bf16 is supported, unless the inference config says auto.
+    assert _load(record, NARROWEST, monkeypatch, bf16=True, onnx_variant="none").unwrap_python_model().precision \
+        == "fp32"
+    auto = _load(record, NARROWEST, monkeypatch, bf16=True, onnx_variant="none", precision="auto")
+    assert auto.unwrap_python_model().precision == "bf16"
+    assert _load(record, NARROWEST, monkeypatch, bf16=False, onnx_variant="none",
+                 precision="auto").unwrap_python_model().precision == "fp32"
+    with pytest.raises(PrecisionError, match="model_config precision: unknown value 'fp16'"):
+        _load(record, NARROWEST, monkeypatch, bf16=True, onnx_variant="none", precision="fp16")
+
+
+def test_a_model_that_cannot_be_exported_is_registered_to_serve_through_pytorch(record, tokenizer, dev_subset,
+                                                                               caplog):
+    client, root = record["client"], record["root"]
+    model_dir = _packed_dir(root / "unexportable", tokenizer, 2, 256)
+    config_file = model_dir / "config.json"
+    # Relative position embeddings cannot be exported; the PyTorch model of this version ignores the key.
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "position_embedding_type": "relative_key"}))
+    run_id = client.create_run(record["experiment_id"], tags={
+        tracking.TAG_KIND: "trial", tracking.PARENT: record["parent"], tracking.TAG_STATUS: "finished",
+        "fineprune.packed_artifact": "packed_model"}).info.run_id
+    client.log_artifacts(run_id, str(model_dir), "packed_model")
+    client.log_param(run_id, "max_seq_length", "128")
+    client.set_terminated(run_id)
+
+    name = "tiny-unexportable"
+    with caplog.at_level(logging.WARNING, logger="workflows.registry"):
+        result = registry.register_run(client, run_id, name, record["parent"], "best_f1_under_density")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "workflows.registry"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"the packed model of trial run {run_id}: cannot be exported for ONNX Runtime")
+    assert "position_embedding_type" in warnings[0]
+    version = client.get_model_version(name, result["version"])
+    tag = version.tags["onnx"]
+    assert tag.startswith("failed: ExportError: ") and "position_embedding_type" in tag
+
+    mlflow.set_tracking_uri(record["uri"])
+    loaded = mlflow.pyfunc.load_model(result["model_uri"])
+    flavor = loaded.metadata.flavors["python_function"]
+    assert "onnx_dir" not in flavor["artifacts"] and flavor["config"]["onnx_variant"] == "none"
+    served = loaded.unwrap_python_model()
+    assert served.runtime == "torch" and not isinstance(served.model, OrtQAModel)
+    frame = _records(dev_subset, 3)
+    answers = loaded.predict(frame)
+    assert all(answer in context for answer, context in zip(answers["answer"], frame["context"]))
+    with pytest.raises(ValueError, match="onnx_variant: 'int8', but this version carries no ONNX models"):
+        mlflow.pyfunc.load_model(result["model_uri"], model_config={"onnx_variant": "int8"})

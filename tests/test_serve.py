@@ -8,6 +8,7 @@ import mlflow
 import pandas as pd
 import pytest
 
+from pruning.export import FILES, OrtQAModel
 from workflows.registry import SERVE_DEFAULTS, serve_settings
 from workflows.serving import BAD_KINDS, ModelServer, ServerError, invoke, ping, run_load, spoil
 
@@ -69,6 +70,36 @@ def test_the_champion_answers_over_http(server, dev_subset):
 def test_the_champion_answers_questions_on_long_contexts(server, dev_subset):
     records = [{"question": e.question, "context": e.context} for e in dev_subset[:2]]
     _check(_predict(server, records), records)
+
+
+def test_the_champion_answers_over_http_through_onnx_runtime(server, smoke_sweep, dev_subset):
+    mlflow.set_tracking_uri(smoke_sweep["tracking_uri"])
+    uri = smoke_sweep["champion"]["model_uri"]
+    served = mlflow.pyfunc.load_model(uri)
+    exported = served.unwrap_python_model().model
+    assert isinstance(exported, OrtQAModel) and exported.variant == "int8"
+    assert (served.unwrap_python_model().runtime, served.unwrap_python_model().precision) == ("onnxruntime", "int8")
+    # The version carries both ONNX models beside the PyTorch weights.
+    assert {FILES["fp32"], FILES["int8"]} <= {p.name for p in exported.path.parent.iterdir()}
+    flavor = served.metadata.flavors["python_function"]
+    assert {"model_dir", "onnx_dir"} <= set(flavor["artifacts"]) and flavor["config"]["onnx_variant"] == "int8"
+    assert flavor["config"]["precision"] == "fp32"  # what the smoke trials were measured in
+    on_torch = mlflow.pyfunc.load_model(uri, model_config={"onnx_variant": "none"})
+    assert not isinstance(on_torch.unwrap_python_model().model, OrtQAModel)
+    assert (on_torch.unwrap_python_model().runtime, on_torch.unwrap_python_model().precision) == ("torch", "fp32")
+    on_fp32 = mlflow.pyfunc.load_model(uri, model_config={"onnx_variant": "fp32"})
+
+    records = _short_records(dev_subset, 8)
+    frame = pd.DataFrame(records)
+    over_http = _predict(server, records)
+    int8, fp32, torch_answers = served.predict(frame), on_fp32.predict(frame), on_torch.predict(frame)
+    # The server answers with the int8 model: its scores, which are not PyTorch's; the fp32 export gives
+    # PyTorch's answers.
+    assert [p["answer"] for p in over_http] == int8["answer"].tolist()
+    assert [p["score"] for p in over_http] == pytest.approx(int8["score"].tolist(), abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(int8["score"], torch_answers["score"])) > 1e-4
+    assert fp32["answer"].tolist() == torch_answers["answer"].tolist()
+    assert fp32["score"].tolist() == pytest.approx(torch_answers["score"].tolist(), abs=2e-4)
 
 
 def test_the_served_model_logs_its_window_limit(smoke_sweep):

@@ -9,8 +9,19 @@ Selection policies (pure, see :func:`select_champion`):
 
 The registered model carries the packed weights, the tokenizer and this project's QA post-processing; its
 ``predict`` takes a DataFrame with ``question`` and ``context`` columns and returns ``answer`` and ``score``.
+Beside the PyTorch weights each version carries the model exported for ONNX Runtime (artifact ``onnx_dir``: the
+fused fp32 graph and its dynamic int8 quantization, see :mod:`pruning.export`), and serves through ONNX Runtime
+(int8 unless ``model_config`` says ``onnx_variant: fp32``, or ``none`` for PyTorch). The export runs once, when the
+version is made; a model that cannot be exported is registered all the same and served by PyTorch, with a warning
+and the reason in the version's ``onnx`` tag (``fp32,int8`` when exported).
+
+Precision: a version records the precision its EM/F1 were measured in (tag and ``model_config`` ``precision``:
+``fp32`` or ``bf16``, from the trial). Served by PyTorch, a ``bf16`` (or ``auto``) model runs under bf16 autocast
+only where the serving CPU has bf16 matrix instructions, and in fp32 elsewhere (see :func:`serving_precision`);
+an ``fp32`` model runs in fp32. ONNX Runtime runs the exported graph in its own precision (the ``onnx_variant``,
+fp32 or int8) whatever the recorded one: bf16 applies to the PyTorch model only.
 Every point of the sweep's Pareto frontiers becomes a version (:func:`register_frontier`), tagged with its EM,
-F1, densities, heads removed, speedup, the trial's run id and the sweep's run id. The champion gets the alias
+F1, densities, heads removed, speedup, precision, the trial's run id and the sweep's run id. The champion gets the alias
 ``champion``; no other version gets an alias unless :func:`select_by_latency` is asked to set one. Registering
 the same trial twice adds no version.
 """
@@ -40,7 +51,8 @@ from pruning.config import RunConfig
 
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
            "select_by_latency", "latency_settings", "SelectionError", "PackedQAModel", "ALIAS", "PIP_REQUIREMENTS",
-           "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model"]
+           "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model", "export_for_serving", "ONNX_VARIANTS",
+           "measured_precision", "serving_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +62,10 @@ TAG_TRIAL_RUN = "fineprune.trial_run_id"
 TAG_SWEEP_RUN = "sweep_run_id"
 VERSION_METRICS = ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup")
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
-                    "tqdm>=4.66"]
+                    "tqdm>=4.66", "onnx==1.23.2", "onnxruntime==1.32.0"]
+ONNX_VARIANTS = ("int8", "fp32", "none")  # what the served model runs: ORT int8 (default), ORT fp32, or PyTorch
+TAG_PRECISION = "precision"  # the precision the version's EM/F1 were measured in
+TAG_ONNX = "onnx"  # the ONNX Runtime variants the version carries ("fp32,int8"), or why it carries none
 # Served-model setting -> the run config key it is read from (a trial's params are its run config).
 _SERVE_PARAMS = {"max_seq_length": "max_seq_length", "doc_stride": "doc_stride", "max_windows": "max_windows",
                  "batch_size": "eval_batch_size"}
@@ -62,6 +77,48 @@ def serve_settings(params: dict[str, str]) -> dict[str, int]:
     """The served model's settings (``model_config``) from a trial run's params, defaults for those it lacks."""
     return {key: int(params[param]) if param in params else SERVE_DEFAULTS[key]
             for key, param in _SERVE_PARAMS.items()}
+
+
+def measured_precision(run) -> str:
+    """The precision a trial run's final metrics were measured in.
+
+    The trial's own record (tag ``fineprune.precision``: ``fp32`` or ``bf16``, what ``auto`` became on its device)
+    when it has one; else its ``precision`` param (runs logged before the tag existed; ``auto`` stays ``auto``:
+    which one it became is not known); else ``fp32``, the run config's default.
+    """
+    from workflows import tracking  # lazy: tracking imports Ray, which the served model does not need
+
+    recorded = run.data.tags.get(tracking.TAG_PRECISION)
+    if recorded in ("fp32", "bf16"):
+        return recorded
+    return run.data.params.get("precision", RunConfig.__dataclass_fields__["precision"].default)
+
+
+def serving_precision(recorded: str, cpu_check=None) -> str:
+    """What the served PyTorch model computes in on this CPU, for the precision its version recorded.
+
+    ``fp32``: fp32. ``bf16`` or ``auto``: bf16 where this CPU has bf16 matrix instructions, fp32 elsewhere (for
+    ``bf16`` with a warning: the answers may differ slightly from the measured ones).
+
+    Args:
+        recorded: the version's ``precision`` (``fp32``, ``bf16`` or ``auto``).
+        cpu_check: the CPU capability probe (default :func:`pruning.precision.cpu_supports_bf16`).
+
+    Raises:
+        PrecisionError: ``recorded`` is none of the three.
+    """
+    # Imported here: the served model finds the pruning package through its code paths only once it is loaded.
+    from pruning.precision import PRECISIONS, PrecisionError, resolve_precision
+
+    if recorded not in PRECISIONS:
+        raise PrecisionError(f"model_config precision: unknown value {recorded!r} (allowed: {', '.join(PRECISIONS)})")
+    if recorded == "fp32":
+        return "fp32"
+    chosen = resolve_precision("auto", "cpu", cpu_check)
+    if recorded == "bf16" and chosen != "bf16":
+        logger.warning("the model was measured in bf16, but this CPU has no bf16 matrix instructions (avx512_bf16 or "
+                       "AMX): serving it in fp32")
+    return chosen
 
 
 class SelectionError(ValueError):
@@ -130,6 +187,18 @@ def _column(frame: pd.DataFrame, name: str) -> list[Any]:
             for value in frame[name].tolist()]
 
 
+def _under_autocast(run, precision: str):
+    """``run`` (a window runner) on the CPU in ``precision`` (``fp32`` or ``bf16``, resolved)."""
+    from pruning.precision import autocast  # lazy: see PackedQAModel.load_context
+
+    def run_in_precision(batch):
+        # Autocast is a thread's state: entered here, in the scoring server's thread that runs the batch.
+        with autocast(precision, "cpu"):
+            return run(batch)
+
+    return run_in_precision
+
+
 class PackedQAModel(mlflow.pyfunc.PythonModel):
     """Extractive QA over a packed model: DataFrame(question, context) -> DataFrame(answer, score).
 
@@ -137,25 +206,51 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
     context that is missing, not a string, empty, or a context needing more than ``max_windows`` windows is an HTTP
     400 naming the record's index and the field. The windows of all records of a request run together,
     ``batch_size`` at a time. Settings (``model_config`` of the logged model, from the trial's run config):
-    ``max_seq_length``, ``doc_stride``, ``max_windows``, ``batch_size``.
+    ``max_seq_length``, ``doc_stride``, ``max_windows``, ``batch_size``; ``onnx_variant`` (``int8``, ``fp32``
+    or ``none``), which of the exported models ONNX Runtime runs (default: int8 when the version carries them;
+    ``none``: the PyTorch model); and ``precision``, the one the version was measured in, which the PyTorch model
+    runs in where this CPU supports it (see :func:`serving_precision`).
+
+    After loading, ``runtime`` is ``onnxruntime`` or ``torch`` and ``precision`` what the model computes in:
+    ``int8`` or ``fp32`` through ONNX Runtime, ``bf16`` or ``fp32`` through PyTorch.
     """
 
     def load_context(self, context) -> None:
         # Imported here: the served model finds the pruning package through its code paths only once it is loaded.
         from pruning.checkpoint import load_model, load_tokenizer
+        from pruning.export import load_exported
         from pruning.inference import torch_runner
 
         model_dir = context.artifacts["model_dir"]
-        self.model = load_model(model_dir)
+        settings = dict(getattr(context, "model_config", None) or {})
+        onnx_dir = context.artifacts.get("onnx_dir")
+        # Versions logged before the setting existed have no key: they run what they carry.
+        variant = settings.get("onnx_variant") or (ONNX_VARIANTS[0] if onnx_dir else "none")
+        if variant not in ONNX_VARIANTS:
+            raise ValueError(f"model_config onnx_variant: {variant!r} is not one of {', '.join(ONNX_VARIANTS)}")
+        if variant != "none" and not onnx_dir:
+            raise ValueError(f"model_config onnx_variant: {variant!r}, but this version carries no ONNX models "
+                             f"(see its {TAG_ONNX!r} tag); use 'none'")
+        recorded = str(settings.get("precision", "fp32"))
+        if variant != "none":
+            self.model = load_exported(onnx_dir, variant=variant)
+            self.runtime, self.precision = "onnxruntime", variant
+            run = torch_runner(self.model)
+            logger.info("serving through ONNX Runtime (%s; measured in %s with PyTorch)", variant, recorded)
+        else:
+            self.precision = serving_precision(recorded)
+            self.model = load_model(model_dir)
+            self.runtime = "torch"
+            run = _under_autocast(torch_runner(self.model), self.precision)
+            logger.info("serving through PyTorch in %s (measured in %s)", self.precision, recorded)
         self.tokenizer = load_tokenizer(model_dir)
         # The windows the model was trained and evaluated with, never longer than its position embeddings.
-        settings = dict(getattr(context, "model_config", None) or {})
         limit = int(self.model.config.max_position_embeddings)
         self.max_seq_length = min(int(settings.get("max_seq_length", SERVE_DEFAULTS["max_seq_length"])), limit)
         self.doc_stride = min(int(settings.get("doc_stride", SERVE_DEFAULTS["doc_stride"])), self.max_seq_length // 2)
         self.max_windows = int(settings.get("max_windows", SERVE_DEFAULTS["max_windows"]))
         self.batch_size = int(settings.get("batch_size", SERVE_DEFAULTS["batch_size"]))
-        self.run_windows = torch_runner(self.model)
+        self.run_windows = run
         self._threads = threading.local()
 
     def _tokenizer(self):
@@ -240,25 +335,61 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Any,
     return register_run(client, chosen["run_id"], name, parent_run_id, policy)
 
 
-def log_qa_model(model_dir: str | Path, settings: dict[str, int]):
+def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | None = None) -> tuple[Path | None, str]:
+    """``model_dir`` exported for ONNX Runtime (fp32 and int8) into ``out_dir``, checked on 4 dev questions.
+
+    The export is an optimisation of a model that serves without it: a model that cannot be exported is still
+    registered, and serves through PyTorch. That is never silent: the reason is logged as a warning and returned
+    for the version's ``onnx`` tag.
+
+    Args:
+        model_dir: a packed (or dense) QA model directory.
+        out_dir: where the export goes (created).
+        what: how the warning names the model (default: ``model_dir``).
+
+    Returns:
+        ``(out_dir, "fp32,int8")``, or ``(None, "failed: <one line>")``.
+    """
+    # The export needs torch and ONNX Runtime; the registry module stays light without them.
+    from pruning.export import export_checkpoint
+
+    try:
+        report = export_checkpoint(model_dir, out_dir, quantize="int8", questions=4)
+    except Exception as err:  # ExportError, CheckpointError, ORT's own errors: any of them leaves PyTorch serving
+        lines = str(err).strip().splitlines()
+        reason = f"{type(err).__name__}: {lines[0] if lines else ''}"
+        logger.warning("%s: cannot be exported for ONNX Runtime, registered to serve through PyTorch (%s)",
+                       what or model_dir, reason)
+        return None, f"failed: {reason}"[:500]
+    return Path(out_dir), ",".join(report["files"])
+
+
+def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str | Path | None = None):
     """Log a QA model directory as the :class:`PackedQAModel` pyfunc ``qa_model`` of the active run.
 
     Args:
         model_dir: a dense, masked or packed QA model directory with its tokenizer.
-        settings: the served model's ``model_config`` (see :func:`serve_settings`).
+        settings: the served model's ``model_config`` (see :func:`serve_settings`, plus ``precision``);
+            ``onnx_variant`` is added.
+        onnx_dir: the model exported for ONNX Runtime (see :func:`export_for_serving`), served when given.
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri``, ``model_id``).
     """
     package_dir = Path(__file__).resolve().parents[1] / "pruning"
+    artifacts = {"model_dir": str(model_dir)}
+    if onnx_dir is not None:
+        artifacts["onnx_dir"] = str(onnx_dir)
     return mlflow.pyfunc.log_model(
         name="qa_model",
         python_model=PackedQAModel(),
-        artifacts={"model_dir": str(model_dir)},
+        artifacts=artifacts,
         code_paths=[str(package_dir)],
         pip_requirements=PIP_REQUIREMENTS,
         signature=SIGNATURE,
-        model_config=settings,
+        # Logged so that it can be overridden at load (MLflow only overrides logged keys), e.g. with
+        # MLFLOW_PYFUNC_INFERENCE_CONFIG='{"onnx_variant": "fp32"}' for `mlflow models serve`.
+        model_config={**settings, "onnx_variant": ONNX_VARIANTS[0] if onnx_dir is not None else "none"},
         input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
     )
 
@@ -293,17 +424,22 @@ def _version_of_run(client, name: str, run) -> Any:
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
         local = client.download_artifacts(run_id, "packed_model", tmp)
+        # Only here, for a new version: a registered trial is never exported again.
+        onnx_dir, onnx_tag = export_for_serving(local, Path(tmp) / "onnx_model",
+                                                what=f"the packed model of trial run {run_id}")
+        precision = measured_precision(run)
         with mlflow.start_run(run_id=run_id):
-            info = log_qa_model(local, serve_settings(run.data.params))
+            info = log_qa_model(local, {**serve_settings(run.data.params), "precision": precision}, onnx_dir)
         if run.info.end_time:  # reopening the run moved its end; the trial's duration is part of the record
             client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
-        return client.create_model_version(name, source=info.model_uri, run_id=run_id,
-                                           tags={TAG_TRIAL_RUN: run_id}, model_id=info.model_id)
+        return client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+                                           tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: onnx_tag})
 
 
 def _tag_version(client, name: str, version: str, run, parent_run_id: str, extra: dict[str, str]) -> None:
     metrics = run.data.metrics
-    tags = {TAG_SWEEP_RUN: parent_run_id, TAG_TRIAL_RUN: run.info.run_id, **extra}
+    tags = {TAG_SWEEP_RUN: parent_run_id, TAG_TRIAL_RUN: run.info.run_id, TAG_PRECISION: measured_precision(run),
+            **extra}
     for key in VERSION_METRICS:
         if key in metrics:
             tags[key] = f"{metrics[key]:.6g}"

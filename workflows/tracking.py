@@ -37,6 +37,7 @@ __all__ = [
     "TAG_SWEEP",
     "TAG_PARETO",
     "TAG_SWEEP_STATE",
+    "TAG_PRECISION",
     "FINAL_METRICS",
     "client_for",
     "check_reachable",
@@ -64,6 +65,7 @@ TAG_PARETO = "pareto"
 TAG_PARETO_SPEED = "pareto_speedup"
 TAG_NODE = "fineprune.node_id"
 TAG_PID = "fineprune.pid"  # the trial's worker process (the last one, after retries)
+TAG_PRECISION = "fineprune.precision"  # the precision the final metrics were measured in (fp32 or bf16)
 TAG_RETRIES = "fineprune.retries"  # how often the trial's worker died and the trial went on from its checkpoint
 TAG_TOOK_OVER = "fineprune.took_over_trial_id"  # the lost trial whose run this trial continued
 TAG_SWEEP_STATE = "fineprune.sweep_state"  # running | interrupted | complete
@@ -414,7 +416,7 @@ class MlflowTrialCallback(tune.Callback):
                 and k not in ("training_iteration", "done")}
         self.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, int(result.get("timestamp", 0)) * 1000,
                                                                       step) for k, v in keep.items()])
-        tags = {TAG_NODE: result.get("node_id"), TAG_PID: result.get("pid")}
+        tags = {TAG_NODE: result.get("node_id"), TAG_PID: result.get("pid"), TAG_PRECISION: result.get("precision")}
         for key, value in tags.items():
             if value:
                 self.client.set_tag(run_id, key, str(value))
