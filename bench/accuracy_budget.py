@@ -44,10 +44,9 @@ from typing import Any
 import torch
 
 from pruning import squad
-from pruning.bench import compare_latency
 from pruning.checkpoint import load_model, load_tokenizer
 from pruning.config import RunConfig, config_from_dict, load_config
-from pruning.packing import pack
+from pruning.packing import pack_and_verify
 from pruning.resources import resolve_data
 from pruning.trainer import evaluate, train
 
@@ -131,14 +130,12 @@ def run_row(row: str, density: float, teacher: str, teacher_scores: dict[str, fl
     metrics = train(cfg, progress=False)
     wall = time.time() - started
     masked = load_model(metrics["model_dir"])
-    packed = pack(masked)
-    dense = load_model(teacher)
-    timing = compare_latency(dense, packed, batch_size=1, seq_len=cfg.max_seq_length, repeats=args.repeats, warmup=2)
+    _, packing = pack_and_verify(masked, batch_size=1, seq_len=cfg.max_seq_length, repeats=args.repeats)
     one_shot = float(metrics.get("prune_seconds", 0.0))
     return {
         "row": row, "density_target": density, "exact_match": metrics["exact_match"], "f1": metrics["f1"],
         "retention": metrics["f1"] / teacher_scores["f1"], "linear_density": metrics["linear_density"],
-        "heads_removed": int(metrics["heads_removed"]), "speedup": float(timing["ratio"]),
+        "heads_removed": int(metrics["heads_removed"]), "speedup": packing.speedup,
         "steps": int(steps), "calibration_steps": calibration_steps(cfg), "prune_seconds": one_shot,
         "prune_cpu_seconds": float(metrics.get("prune_cpu_seconds", 0.0)), "threads": torch.get_num_threads(),
         "train_seconds": float(metrics.get("train_seconds", 0.0)) if steps else 0.0, "wall_seconds": wall,

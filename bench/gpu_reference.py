@@ -120,12 +120,10 @@ def student_config(args, index: int, target: float, teacher_dir: str, train_json
 
 def run_student(args) -> None:
     """One student, in its own process: calibrate, fine-prune, pack, evaluate, time."""
-    import torch
-
     from pruning import squad
     from pruning.bench import flop_ratio
     from pruning.checkpoint import load_model, load_tokenizer
-    from pruning.packing import pack, save_packed
+    from pruning.packing import pack_and_verify, save_packed
     from pruning.sparsity import sparsity_report
     from pruning.trainer import evaluate, resolve_device, train
 
@@ -141,11 +139,14 @@ def run_student(args) -> None:
     device = resolve_device(args.device)
     masked = load_model(metrics["model_dir"])
     tokenizer = load_tokenizer(metrics["model_dir"])
-    packed = pack(masked)
+    examples = squad.load_squad(cfg.eval_data, limit=cfg.eval_limit)
+    # Packed and checked here; timed later, one pair at a time with the device otherwise idle (measure_latency).
+    packed, packing = pack_and_verify(masked, squad.check_windows(examples[:16], tokenizer,
+                                                                  masked.config.max_position_embeddings),
+                                      time_latency=False)
     packed_dir = work / f"packed-{args.index}"
     save_packed(packed, tokenizer, packed_dir, overwrite=True)
     report = sparsity_report(masked)
-    examples = squad.load_squad(cfg.eval_data, limit=cfg.eval_limit)
     packed_metrics = evaluate(packed.to(device), tokenizer, examples, cfg, device=device, progress=False)
 
     dense = load_model(args.teacher_dir)
@@ -166,7 +167,8 @@ def run_student(args) -> None:
         "ffn_kept_per_layer": report.ffn_kept_per_layer,
         "flop_limit": flop_ratio(dense, packed.cpu(), seq_len=args.seq_len),
         "packed_dir": str(packed_dir),
-        "packed_params": sum(p.numel() for p in packed.parameters()),
+        "params_after": packing.params_after,
+        "max_logit_diff": packing.max_logit_diff,
     }
     (work / f"student-{args.index}.json").write_text(json.dumps(out, indent=2))
 

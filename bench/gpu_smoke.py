@@ -38,9 +38,9 @@ from pruning.checkpoint import load_model, load_tokenizer  # noqa: E402
 from pruning.config import RunConfig  # noqa: E402
 from pruning.inference import answer  # noqa: E402
 from pruning.masks import masked_modules  # noqa: E402
-from pruning.packing import pack_checkpoint  # noqa: E402
+from pruning.packing import pack_and_verify, save_packed  # noqa: E402
 from pruning.precision import autocast, bf16_supported  # noqa: E402
-from pruning.trainer import CHECKPOINT_DIR, FINAL_DIR, train  # noqa: E402
+from pruning.trainer import FINAL_DIR, train  # noqa: E402
 
 logger = logging.getLogger("gpu_smoke")
 
@@ -187,14 +187,17 @@ def run_in(args: argparse.Namespace, work: Path) -> Smoke:
                 state["final"] = Path(metrics["model_dir"])
                 return f"step {metrics['step']}, f1 {metrics['f1']:.2f}, heads removed {metrics['heads_removed']:.0f}"
 
-            def pack_it(run_dir=run_dir, state=state) -> str:
-                report = pack_checkpoint(state["final"], run_dir / "packed", data=str(FIXTURE), questions=8,
-                                         overwrite=True, latency_repeats=2)
-                if report["max_abs_logit_diff"] > 1e-4:
-                    raise RuntimeError(f"packed logits differ by {report['max_abs_logit_diff']:.2e}")
+            def pack_it(run_dir=run_dir, state=state, precision=precision) -> str:
+                # On the run's device, in its precision: the logit check, then the dense shape timed against it.
+                masked = load_model(state["final"]).to(args.device)
+                tokenizer = load_tokenizer(state["final"])
+                inputs = squad.check_windows(examples[:8], tokenizer, TINY["max_position_embeddings"])
+                packed, report = pack_and_verify(masked, inputs, tolerance=1e-4, seq_len=WINDOW["max_seq_length"],
+                                                 repeats=2, precision=precision)
+                save_packed(packed.cpu(), tokenizer, run_dir / "packed", overwrite=True)
                 state["packed"] = run_dir / "packed"
-                return (f"params {report['params_before']} -> {report['params_after']}, "
-                        f"max |dlogit| {report['max_abs_logit_diff']:.1e}")
+                return (f"params {report.params_before} -> {report.params_after}, "
+                        f"max |dlogit| {report.max_logit_diff:.1e}, speedup {report.speedup:.2f} ({report.precision})")
 
             def evaluate_both(state=state, precision=precision) -> str:
                 masked = evaluate_dir(state["final"], args.device, examples, precision)

@@ -126,7 +126,7 @@ def serving_models(dense: torch.nn.Module, packed: torch.nn.Module, work: Path, 
                    check: dict[str, torch.Tensor]) -> dict[str, torch.nn.Module]:
     """The four rows for one model: dense and packed eager, the packed model exported (fp32 and int8)."""
     report = export_model(packed, work, quantize="int8", inputs=check)
-    logger.info("exported: fused heads %s, |dlogit| %s", report.fused_attention_heads, report.max_abs_logit_diff)
+    logger.info("exported: fused heads %s, |dlogit| %s", report.fused_attention_heads, report.max_logit_diff)
     if not report.attention_fused:
         logger.warning("not every layer's attention was fused: the ORT rows are slower than they could be")
     models = {

@@ -24,6 +24,8 @@ from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, PreTrainedTokenizerBase
 
 from . import masks as mask_lib
+from .packing import PACKED_FLAG, load_packed
+from .sparsity import sparsity_report
 
 __all__ = [
     "CheckpointError",
@@ -189,9 +191,7 @@ def load_model(model_dir: str | Path) -> nn.Module:
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model directory not found")
     raw, config = _config(model_dir)
-    if raw.get("fineprune_packed"):
-        from .packing import load_packed  # packing builds on this module
-
+    if raw.get(PACKED_FLAG):
         return load_packed(model_dir)
     settings = raw.get(MASKS_KEY)
     if settings is None:
@@ -241,8 +241,6 @@ def restore_masks_(model: nn.Module, settings: dict[str, Any]) -> None:
 def _refix(model: nn.Module, settings: dict[str, Any]) -> None:
     # The filled phase froze the structure the scores gave at the end of pruning; scores do not change afterwards,
     # so the same structure is found again from them.
-    from .sparsity import sparsity_report
-
     report = sparsity_report(model)
     mask_lib.fix_masks_(model, [s.heads_kept for s in report.layers], [s.ffn_kept for s in report.layers])
     fill = settings["fill_from"]

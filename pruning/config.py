@@ -12,14 +12,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Hashable, Mapping
 
 import yaml
 
-__all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "RunConfig", "load_config", "config_from_dict",
-           "config_to_dict", "check_head_shaped"]
+__all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "RunConfig", "read_yaml", "load_config",
+           "config_from_dict", "config_to_dict", "check_head_shaped"]
 
 
 class ConfigError(ValueError):
@@ -267,6 +268,38 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """Safe YAML that reads ``1e-4`` as a number (plain YAML 1.1 wants ``1.0e-4``) and rejects duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The one YAML reader of run configs and search spaces: safe, ``1e-4`` is a number, a repeated key an error.
+
+    Raises:
+        ConfigError: ``<path>: not valid YAML (what and where)``, in one line; the caller checks that the file exists.
+    """
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        lines = str(err).replace('in "<unicode string>", ', "at ").strip().splitlines()
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(line.strip() for line in lines[:3])})") from None
 
 
 def config_from_dict(values: Mapping[str, Any], source: str = "config", base: RunConfig | None = None) -> RunConfig:
@@ -295,10 +328,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    values = read_yaml(path)
     if values is None:
         values = {}
     if not isinstance(values, Mapping):

@@ -54,7 +54,7 @@ from .bench import eval_mode
 from .checkpoint import load_model, load_tokenizer
 from .packing import pack
 from .resources import resolve_data, resolve_model
-from .squad import load_squad, prepare_eval_features
+from .squad import check_windows, load_squad
 from .structure import architecture_for, encoder_layers, get_module
 
 __all__ = [
@@ -398,7 +398,7 @@ class ExportReport:
     attention_fused: bool  # every layer with heads got a fused attention node with its own head count
     packed_on_export: bool = False  # the model carried masks and was packed first
     logit_check_windows: int = 0
-    max_abs_logit_diff: dict[str, float] = field(default_factory=dict)  # variant -> max |ORT - PyTorch|
+    max_logit_diff: dict[str, float] = field(default_factory=dict)  # variant -> max |ORT - PyTorch|
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -472,12 +472,12 @@ def export_model(model: nn.Module, out_dir: str | Path, quantize: str | None = N
         report.logit_check_windows = int(inputs["input_ids"].shape[0])
         for variant, name in files.items():
             exported = OrtQAModel(out_dir / name, model.config, variant=variant)
-            report.max_abs_logit_diff[variant] = _logit_diff(model, exported, inputs)
-        if report.max_abs_logit_diff["fp32"] > LOGIT_TOLERANCE:
+            report.max_logit_diff[variant] = _logit_diff(model, exported, inputs)
+        if report.max_logit_diff["fp32"] > LOGIT_TOLERANCE:
             raise ExportError(f"{out_dir / files['fp32']}: logits differ from PyTorch's by "
-                              f"{report.max_abs_logit_diff['fp32']:.2e} (tolerance {LOGIT_TOLERANCE:.0e})")
+                              f"{report.max_logit_diff['fp32']:.2e} (tolerance {LOGIT_TOLERANCE:.0e})")
     logger.info("exported: heads %s, fused %s, files %s, logit diff %s", heads, fused, list(files.values()),
-                report.max_abs_logit_diff)
+                report.max_logit_diff)
     return report
 
 
@@ -510,10 +510,8 @@ def export_checkpoint(model_dir: str | Path, out_dir: str | Path, quantize: str 
         logger.info("%s holds a masked model: packing it before export", source)
         model = pack(model)
     tokenizer = load_tokenizer(source)
-    seq_len = min(384, int(model.config.max_position_embeddings))
-    examples = load_squad(resolve_data(data), limit=questions)
-    inputs = prepare_eval_features(examples, tokenizer, max_seq_length=seq_len,
-                                   doc_stride=min(128, seq_len // 2)).model_inputs()
+    inputs = check_windows(load_squad(resolve_data(data), limit=questions), tokenizer,
+                           int(model.config.max_position_embeddings))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

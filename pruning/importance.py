@@ -26,11 +26,10 @@ fixed-mask mode of the filled phase. Packing, evaluation and the registry treat 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F

@@ -29,10 +29,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import transformers
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoConfig
 
-from .bench import eval_mode, flop_ratio
+from .bench import compare_latency, eval_mode, flop_ratio, random_inputs
 from .masks import remove_masks_
+from .precision import resolve_precision
 from .sparsity import sparsity_report
 from .structure import Architecture, architecture_for, encoder_layers, get_module, set_module
 
@@ -49,8 +53,10 @@ __all__ = [
     "load_packed",
     "is_packed_dir",
     "is_packed",
+    "LOGIT_TOLERANCE",
+    "PACK_METRICS",
     "pack_report",
-    "pack_checkpoint",
+    "pack_and_verify",
     "max_logit_diff",
     "weights_bytes",
 ]
@@ -61,6 +67,9 @@ PACKED_FLAG = "fineprune_packed"
 HEADS_KEPT_KEY = "fineprune_heads_kept"
 FFN_WIDTHS_KEY = "fineprune_ffn_widths"
 WEIGHTS_NAME = "model.safetensors"
+LOGIT_TOLERANCE = 1e-3  # packed against masked logits: only the summation order differs
+# The measured scalars of a PackReport a sweep trial reports, under these (its field) names.
+PACK_METRICS = ("speedup", "max_logit_diff", "params_after")
 CONFIG_NAME = "config.json"
 # Weight files a fresh save replaces; stale ones next to a new model.safetensors would confuse loaders.
 _STALE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "pytorch_model*.bin")
@@ -237,8 +246,6 @@ def _first_line(error: BaseException) -> str:
 
 
 def _model_class(config, config_file: Path) -> type:
-    import transformers
-
     names = list(getattr(config, "architectures", None) or [])
     for name in names:
         cls = getattr(transformers, name, None)
@@ -306,9 +313,6 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
         PackingError: the directory, config.json or model.safetensors is missing or unreadable, the config does
             not describe a packed model, or a stored tensor is missing, unexpected or of the wrong shape.
     """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-
     path = Path(model_dir)
     if not path.is_dir():
         raise PackingError(f"{path}: packed model directory not found")
@@ -398,7 +402,12 @@ def max_logit_diff(model_a: nn.Module, model_b: nn.Module, inputs: dict[str, tor
 
 @dataclass
 class PackReport:
-    """What packing removed and what it bought. Counts are exact; the measured fields are filled on request."""
+    """What packing removed and what it bought.
+
+    The counts are exact. ``max_logit_diff`` (masked against packed, float64 comparison) is filled when the logits
+    were compared, ``speedup`` (and the two medians it is the ratio of) when the dense shape was timed against the
+    packed model; the field names are the metric names the sweep logs.
+    """
 
     params_before: int  # all parameters of the unpacked model, mask scores excluded
     params_after: int  # all parameters of the packed model
@@ -414,8 +423,13 @@ class PackReport:
     flop_ratio: float | None = None  # encoder matmul FLOPs, unpacked / packed: the speed-up limit
     dense_file_bytes: int | None = None
     packed_file_bytes: int | None = None
-    max_abs_logit_diff: float | None = None
-    latency_ratio: float | None = None  # median latency, unpacked / packed
+    max_logit_diff: float | None = None  # largest |masked - packed| logit on the check inputs
+    logit_check_windows: int | None = None  # how many windows the logits were compared on
+    speedup: float | None = None  # median latency of the dense shape / median latency of the packed model
+    dense_ms: float | None = None  # median latency of the dense shape, milliseconds
+    packed_ms: float | None = None
+    precision: str | None = None  # the resolved precision of the timing (fp32 or bf16)
+    latency_shape: list[int] | None = None  # [batch_size, seq_len] of the timed input
 
     @property
     def param_ratio(self) -> float:
@@ -427,19 +441,23 @@ class PackReport:
         out["param_ratio"] = self.param_ratio
         return out
 
+    def metrics(self) -> dict[str, float]:
+        """The measured scalars a trial reports (:data:`PACK_METRICS`), those that were measured."""
+        values = {name: getattr(self, name) for name in PACK_METRICS}
+        return {name: float(value) for name, value in values.items() if value is not None}
+
 
 def pack_report(masked_model: nn.Module, packed_model: nn.Module, *, seq_len: int = 384,
                 inputs: dict[str, torch.Tensor] | None = None, dense_dir: str | Path | None = None,
-                packed_dir: str | Path | None = None, latency_ratio: float | None = None) -> PackReport:
-    """Compare a model with its packed version.
+                packed_dir: str | Path | None = None) -> PackReport:
+    """Compare a model with its packed version: counts, the FLOP ratio and, on request, logits and file sizes.
 
     Args:
         masked_model: the model given to :func:`pack` (masked, zeroed or dense).
         packed_model: what :func:`pack` returned for it.
         seq_len: sequence length of the FLOP ratio.
-        inputs: when given, both models run on them and ``max_abs_logit_diff`` is filled.
+        inputs: when given, both models run on them and ``max_logit_diff`` is filled.
         dense_dir, packed_dir: when given, the sizes of their weight files are filled.
-        latency_ratio: a measured ratio (e.g. ``compare_latency(...)["ratio"]``) to carry along.
 
     Raises:
         PackingError: ``packed_model`` is not packed, or a given directory does not exist.
@@ -461,10 +479,10 @@ def pack_report(masked_model: nn.Module, packed_model: nn.Module, *, seq_len: in
         ffn_widths=list(getattr(config, FFN_WIDTHS_KEY)),
         ffn_dims_total=before.ffn_dims_total,
         flop_ratio=flop_ratio(masked_model, packed_model, seq_len),
-        latency_ratio=latency_ratio,
     )
     if inputs is not None:
-        report.max_abs_logit_diff = max_logit_diff(masked_model, packed_model, inputs)
+        report.max_logit_diff = max_logit_diff(masked_model, packed_model, inputs)
+        report.logit_check_windows = int(next(iter(inputs.values())).shape[0])
     if dense_dir is not None:
         report.dense_file_bytes = weights_bytes(dense_dir)
     if packed_dir is not None:
@@ -472,44 +490,60 @@ def pack_report(masked_model: nn.Module, packed_model: nn.Module, *, seq_len: in
     return report
 
 
-def pack_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str = "dev", questions: int = 16,
-                    overwrite: bool = False, latency_repeats: int = 10, precision: str = "fp32") -> dict[str, Any]:
-    """``fineprune pack``: pack a pruned checkpoint into ``out_dir`` and report what changed.
+def pack_and_verify(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None, *,
+                    tolerance: float | None = LOGIT_TOLERANCE, time_latency: bool = True, batch_size: int = 1,
+                    seq_len: int = 128, repeats: int = 10, warmup: int = 2,
+                    precision: str = "fp32") -> tuple[nn.Module, PackReport]:
+    """Pack ``model``, check that the packed model computes the same logits, and time it against the dense shape.
 
-    The logits of the masked and the packed model are compared on real questions (the first ``questions`` of
-    ``data``), and the dense shape is timed against the packed model (batch 1, the longest window the model takes,
-    at most 384 tokens) in ``precision`` (``fp32``, ``bf16`` or ``auto``, on the CPU).
+    The one load -> pack -> check -> time pipeline of the sweep, ``fineprune pack`` and the benchmarks. Packing
+    itself is :func:`pack`; the timing is :func:`pruning.bench.compare_latency` (interleaved medians) of the dense
+    shape (``model`` with its masks baked in: the original sizes, what packing is compared against) and the packed
+    model, both on ``model``'s device, under ``precision``. The logit check runs without autocast.
+
+    Args:
+        model: a masked (or zeroed, or dense) model; it is not changed.
+        inputs: the model inputs of the logit check (real windows, say); default: 2 random windows of up to 64
+            tokens.
+        tolerance: the largest logit difference accepted; None: report it, never fail.
+        time_latency: time the two models (``speedup``, ``dense_ms``, ``packed_ms``); off: counts and logits only.
+        batch_size, seq_len, repeats, warmup: the timed input and passes (``seq_len`` is capped at the model's
+            position embeddings).
+        precision: ``fp32``, ``bf16`` or ``auto``, resolved for the model's device.
 
     Returns:
-        The :class:`PackReport` as a dict, with ``out_dir`` added.
-    """
-    from .bench import compare_latency
-    from .checkpoint import load_model, load_tokenizer
-    from .masks import remove_masks_
-    from .precision import resolve_precision
-    from .resources import resolve_data
-    from .squad import load_squad, prepare_eval_features
+        The packed model (eval mode, on ``model``'s device) and its :class:`PackReport`.
 
-    checkpoint = Path(checkpoint)
-    out_dir = Path(out_dir)
-    precision = resolve_precision(precision, "cpu")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise PackingError(f"{out_dir}: directory exists and is not empty (pass --overwrite to replace it)")
-    masked = load_model(checkpoint)
-    tokenizer = load_tokenizer(checkpoint)
-    packed = pack(masked)
-    save_packed(packed, tokenizer, out_dir, overwrite=overwrite)
-    seq_len = min(384, int(masked.config.max_position_embeddings))
-    examples = load_squad(resolve_data(data), limit=questions)
-    inputs = prepare_eval_features(examples, tokenizer, max_seq_length=seq_len,
-                                   doc_stride=min(128, seq_len // 2)).model_inputs()
-    dense = remove_masks_(copy.deepcopy(masked)).eval()
-    timing = compare_latency(dense, packed, batch_size=1, seq_len=seq_len, repeats=latency_repeats, warmup=2,
-                             precision=precision)
-    report = pack_report(masked, packed, seq_len=seq_len, inputs=inputs, dense_dir=checkpoint, packed_dir=out_dir,
-                         latency_ratio=float(timing["ratio"]))
-    result = report.to_dict()
-    result["out_dir"] = str(out_dir)
-    result["logit_check_windows"] = int(inputs["input_ids"].shape[0])
-    result["precision"] = precision
-    return result
+    Raises:
+        PackingError: the packed logits differ by more than ``tolerance``.
+        PrecisionError: ``bf16`` on a device without bf16 support.
+    """
+    device = _device(model)
+    precision = resolve_precision(precision, device)  # fails before any work
+    limit = int(getattr(model.config, "max_position_embeddings", seq_len))
+    seq_len = min(seq_len, limit)
+    dense = remove_masks_(copy.deepcopy(model)).eval()
+    packed = pack(dense)
+    if inputs is None:
+        inputs = random_inputs(model, 2, min(64, limit))
+    inputs = {key: value.to(device) for key, value in inputs.items()}
+    report = pack_report(model, packed, seq_len=seq_len, inputs=inputs)
+    if tolerance is not None and report.max_logit_diff > tolerance:
+        raise PackingError(f"packed logits differ from the masked model's by {report.max_logit_diff:.2e} "
+                           f"(tolerance {tolerance:.0e})")
+    if time_latency:
+        timing = compare_latency(dense, packed, batch_size=batch_size, seq_len=seq_len, repeats=repeats,
+                                 warmup=warmup, precision=precision)
+        report.speedup = float(timing["ratio"])
+        report.dense_ms = float(timing["median_a_s"]) * 1e3
+        report.packed_ms = float(timing["median_b_s"]) * 1e3
+        report.precision = precision
+        report.latency_shape = [batch_size, seq_len]
+        logger.info("speedup dense/packed %.2f (%s, batch %d, seq %d, %d repeats); max |logit diff| %.2e",
+                    report.speedup, precision, batch_size, seq_len, repeats, report.max_logit_diff)
+    return packed, report
+
+
+def _device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")

@@ -34,6 +34,8 @@ __all__ = [
     "Example",
     "Answer",
     "EvalFeatures",
+    "fit_windows",
+    "check_windows",
     "load_squad",
     "load_predictions",
     "normalize_answer",
@@ -533,6 +535,23 @@ def _best_in_window(start_logits: np.ndarray, end_logits: np.ndarray, is_context
     scores = np.where(valid, scores, -np.inf)
     s, e = np.unravel_index(int(np.argmax(scores)), scores.shape)
     return float(scores[s, e]), int(start_idx[s]), int(end_idx[e])
+
+
+def fit_windows(max_seq_length: int, doc_stride: int, max_positions: int) -> tuple[int, int]:
+    """The windows a model can take: ``(max_seq_length, doc_stride)`` cut to its position embeddings.
+
+    A window is at most ``max_positions`` tokens long, and the stride at most half a window, so that a window cut
+    short still moves on by less than it holds. Evaluation, ``ask`` and the served model all use this rule.
+    """
+    seq = min(int(max_seq_length), int(max_positions))
+    return seq, min(int(doc_stride), seq // 2)
+
+
+def check_windows(examples: Sequence[Example], tokenizer: Any, max_positions: int) -> dict[str, torch.Tensor]:
+    """Model inputs of the windows of ``examples`` (384 tokens, stride 128, fitted to the model): the real
+    windows that packing and export compare a model's logits on."""
+    seq, stride = fit_windows(384, 128, max_positions)
+    return prepare_eval_features(examples, tokenizer, max_seq_length=seq, doc_stride=stride).model_inputs()
 
 
 def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures, all_start_logits: Any,

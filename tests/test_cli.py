@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from pruning import masks
+from pruning import masks, squad
 from pruning.checkpoint import save_model
 from pruning.config import RunConfig
+from pruning.resources import squad_file
 from pruning.trainer import build_model
+from workflows import cli
 
 
 def fineprune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -54,7 +59,7 @@ def test_pack_eval_and_ask_on_a_packed_directory(masked_checkpoint, tmp_path):
     proc = fineprune("pack", str(masked_checkpoint), str(out), "--questions", "4")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["max_abs_logit_diff"] <= 1e-4
+    assert report["max_logit_diff"] <= 1e-4
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     again = fineprune("pack", str(masked_checkpoint), str(out))  # nothing already written is overwritten
     assert again.returncode == 2 and "not empty" in again.stderr
@@ -102,3 +107,83 @@ def test_prune_rejects_a_dense_config(tmp_path):
     cfg.write_text("method: dense\n")
     proc = fineprune("prune", "--config", str(cfg))
     assert proc.returncode == 2 and "method" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_eval_writes_official_predictions_and_fits_windows_to_the_model(masked_checkpoint, tmp_path):
+    predictions = tmp_path / "out" / "predictions.json"
+    proc = fineprune("eval", str(masked_checkpoint), "--limit", "5", "--no-progress", "--predictions", str(predictions))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The model has 128 positions: the default 384-token windows are cut to it, the stride to half a window.
+    assert (result["max_seq_length"], result["doc_stride"]) == (128, 64)
+    written = json.loads(predictions.read_text())
+    questions = squad.load_squad(squad_file("dev"), limit=5)
+    assert set(written) == {q.id for q in questions} and all(isinstance(a, str) for a in written.values())
+    score = fineprune("score", str(squad_file("dev")), str(predictions))
+    assert score.returncode == 0, score.stderr
+    scored = json.loads(score.stdout.strip().splitlines()[-1])
+    # `score` reads the whole dev set; the five answered questions carry all of it.
+    assert scored["f1"] * len(squad.load_squad(squad_file("dev"))) == pytest.approx(result["f1"] * 5, abs=1e-6)
+
+
+def test_ask_fits_its_windows_to_the_model(masked_checkpoint):
+    context = " ".join(["The quick brown fox jumps over the lazy dog."] * 40)  # ~400 tokens, 128 positions
+    proc = fineprune("ask", str(masked_checkpoint), "--question", "What jumps?", "--context", context)
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer["answer"] == context[answer["start"]:answer["end"]]
+
+
+def test_stdout_json_is_strict(capsys):
+    cli._emit({"ratio": float("inf"), "nested": {"x": [float("nan"), np.float32(1.5)]}, "n": np.int64(3)})
+    line = capsys.readouterr().out.strip()
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    assert json.loads(line, parse_constant=refuse) == {"ratio": None, "nested": {"x": [None, 1.5]}, "n": 3}
+
+
+def _options() -> dict[str, list[argparse.Action]]:
+    """Every option of every sub-command, by sub-command."""
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return {name: [a for a in sub._actions if a.option_strings and a.dest != "help"] for name, sub in commands.items()}
+
+
+def _help_of(command: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_every_option_has_a_help_text_that_says_its_default(capsys):
+    for name, actions in _options().items():
+        # The options section on one line (argparse wraps it at the terminal width).
+        text = " ".join(_help_of(name, capsys).split("options:", 1)[1].split())
+        for action in actions:
+            flag = action.option_strings[-1]
+            # An option's entry runs from its flag to the next option's.
+            entry = re.search(rf"(?:^| ){re.escape(flag)}\b(.*?)(?= --?[a-z][a-z-]*[ ,]| -h|$)", text)
+            assert entry and action.help, f"{name} {flag} has no help"
+            assert action.required or "default" in entry.group(1), f"{name} {flag}: {entry.group(1)}"
+
+
+def test_a_flag_means_the_same_in_every_sub_command():
+    seen: dict[str, tuple] = {}
+    for name, actions in _options().items():
+        for action in actions:
+            meaning = (action.dest, action.type, action.choices)
+            if action.dest != "resume":  # continue what the command runs: a training checkpoint, or a sweep
+                meaning += (action.nargs,)
+            for flag in action.option_strings:
+                assert seen.setdefault(flag, meaning) == meaning, f"{flag} differs in {name}"
+    assert "--data" not in seen  # once training data here and evaluation data there
+    assert {"--train-data", "--eval-data", "--model", "--registered-model"} <= set(seen)
+
+
+def test_commands_print_no_mlflow_type_hint_warning(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", "import workflows.registry, workflows.cli"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "type hint" not in proc.stderr

@@ -60,3 +60,14 @@ def test_overrides_and_missing_file(tmp_path):
     bad.write_text("method: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(bad)
+
+
+def test_run_configs_and_spaces_share_one_yaml_reader(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: topk\nlearning_rate: 3e-5\nmask_lr: 1E-2\n")  # plain YAML 1.1 reads these as strings
+    cfg = load_config(path)
+    assert cfg.learning_rate == pytest.approx(3e-5) and cfg.mask_lr == pytest.approx(1e-2)
+    path.write_text("method: topk\ntarget_density: 0.3\ntarget_density: 0.5\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML \(.*duplicate key 'target_density'") as caught:
+        load_config(path)
+    assert "\n" not in str(caught.value)

@@ -85,7 +85,7 @@ def test_packed_model_exports_fused_per_layer_and_matches_pytorch(heads_removed,
     for name in FILES.values():
         graph = onnx.load(str(tmp_path / name)).graph
         assert all(0 not in init.dims for init in graph.initializer), name
-    assert report.max_abs_logit_diff["fp32"] <= 1e-4
+    assert report.max_logit_diff["fp32"] <= 1e-4
 
     # All real dev windows, batched with dynamic padding: other batch sizes and lengths than the traced ones.
     reference = logits_of(packed, dev_windows)
@@ -108,7 +108,7 @@ def test_a_masked_model_is_packed_before_export(dev_windows, tmp_path):
     masks.set_threshold(model, 0.3)
     model.eval()
     report = export_model(model, tmp_path, inputs=dev_windows.model_inputs(slice(0, 4)))
-    assert report.packed_on_export and report.max_abs_logit_diff["fp32"] <= 1e-4
+    assert report.packed_on_export and report.max_logit_diff["fp32"] <= 1e-4
     assert report.heads_per_layer == [len(k) for k in pack(model).config.fineprune_heads_kept]
     with pytest.raises(ExportError, match="masked"):
         to_onnx(model, tmp_path / "raw.onnx")
@@ -187,7 +187,7 @@ def test_export_eval_and_ask_from_the_command_line(masked_checkpoint, tmp_path, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["packed_on_export"] and report["attention_fused"]
-    assert report["max_abs_logit_diff"]["fp32"] <= 1e-4 and set(report["files"]) == {"fp32", "int8"}
+    assert report["max_logit_diff"]["fp32"] <= 1e-4 and set(report["files"]) == {"fp32", "int8"}
     assert is_exported_dir(out) and (out / "tokenizer.json").is_file()
     assert load_exported(out).variant == "int8" and load_exported(out, "fp32").variant == "fp32"
     assert "already exported" in cli_error(capsys, "export", str(out), str(tmp_path / "again"))

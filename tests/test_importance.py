@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pruning import importance as imp
 from pruning import masks
 from pruning.bench import linear_flops
 from pruning.checkpoint import load_model, save_model
-from pruning.config import ConfigError, MaskInit, RunConfig, load_config
+from pruning.config import ConfigError, MaskInit, RunConfig
 from pruning.distill import hidden_mse
 from pruning.packing import pack
 from pruning.sparsity import sparsity_report

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
 from pruning import masks
+from pruning.precision import PrecisionError, cpu_supports_bf16
 from pruning.bench import compare_latency, flop_ratio, interleaved_latency, latency, linear_flops
 from pruning.packing import (
     EmptySelfAttention,
@@ -15,8 +16,10 @@ from pruning.packing import (
     is_packed,
     is_packed_dir,
     load_packed,
+    PACK_METRICS,
     max_logit_diff,
     pack,
+    pack_and_verify,
     pack_report,
     save_packed,
 )
@@ -243,11 +246,11 @@ def test_parameter_counts_match_the_report(tmp_path):
     assert report.heads_removed_per_layer == expected.heads_removed_per_layer
     assert report.ffn_widths == expected.ffn_kept_per_layer
     assert report.linear_density == pytest.approx(expected.linear_density)
-    assert report.max_abs_logit_diff <= 1e-4
+    assert report.max_logit_diff <= 1e-4 and report.logit_check_windows == 3
     assert report.flop_ratio > 1.0
     assert report.packed_file_bytes == (tmp_path / "p" / "model.safetensors").stat().st_size
     data = json.loads(json.dumps(report.to_dict()))
-    assert data["heads_kept"] == packed.config.fineprune_heads_kept and data["latency_ratio"] is None
+    assert data["heads_kept"] == packed.config.fineprune_heads_kept and data["speedup"] is None
 
 
 def test_missing_and_broken_directories_raise_packing_error(tmp_path):
@@ -336,3 +339,42 @@ def test_max_logit_diff_sees_a_change():
     x = sample_inputs()
     assert max_logit_diff(model, copy.deepcopy(model), x) == 0.0
     assert max_logit_diff(model, other, x) == pytest.approx(0.5, abs=1e-5)
+
+
+def test_pack_and_verify_packs_checks_and_times_without_touching_the_model():
+    model = masked_model(*ALL_GONE)
+    before = logits(model, sample_inputs())
+    packed, report = pack_and_verify(model, sample_inputs(), batch_size=2, seq_len=100, repeats=3, warmup=1)
+    assert torch.equal(logits(model, sample_inputs()), before)  # the masked model is untouched, masks and all
+    assert list(masks.masked_modules(model))
+    assert is_packed(packed) and not packed.training
+    assert (logits(packed, sample_inputs()) - before).abs().max() <= 1e-4
+    assert report.max_logit_diff <= 1e-4 and report.logit_check_windows == 3
+    assert report.params_after == sum(p.numel() for p in packed.parameters()) < report.params_before
+    # Timed on the dense shape against the packed model, the input capped at the position embeddings.
+    assert report.speedup == pytest.approx(report.dense_ms / report.packed_ms)
+    assert report.precision == "fp32" and report.latency_shape == [2, 64]
+    assert set(report.metrics()) == set(PACK_METRICS)
+    assert json.loads(json.dumps(report.to_dict()))["speedup"] == report.speedup
+
+
+def test_pack_and_verify_without_timing_or_inputs():
+    packed, report = pack_and_verify(masked_model(*NOTHING_GONE), time_latency=False)
+    assert report.logit_check_windows == 2  # random windows by default
+    assert report.speedup is None and report.precision is None
+    assert set(report.metrics()) == {"max_logit_diff", "params_after"}
+
+
+def test_pack_and_verify_fails_beyond_its_tolerance():
+    with pytest.raises(PackingError, match=r"packed logits differ .* \(tolerance") as caught:
+        pack_and_verify(masked_model(*ALL_GONE), tolerance=-1.0, time_latency=False)
+    assert "\n" not in str(caught.value)
+
+
+def test_pack_and_verify_times_in_the_precision_asked_for():
+    model = masked_model(*NOTHING_GONE)
+    _, report = pack_and_verify(model, precision="auto", seq_len=8, repeats=1, warmup=0)
+    assert report.precision == ("bf16" if cpu_supports_bf16() else "fp32")
+    if not cpu_supports_bf16():
+        with pytest.raises(PrecisionError, match="bf16"):
+            pack_and_verify(model, precision="bf16")

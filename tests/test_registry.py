@@ -130,8 +130,8 @@ def test_frontier_registration_is_idempotent_and_tagged(record, registered):
 
 
 def _select(capsys, record, budget: float, alias: str = "champion") -> tuple[int, str, str]:
-    code = main(["select", "--model", NAME, "--max-latency-ms", str(budget), "--batch-size", "1", "--seq-len", "128",
-                 "--threads", "1", "--repeats", "9", "--alias", alias, "--tracking-uri", record["uri"]])
+    code = main(["select", "--registered-model", NAME, "--max-latency-ms", str(budget), "--batch-size", "1",
+                 "--seq-len", "128", "--threads", "1", "--repeats", "9", "--alias", alias, "--tracking-uri", record["uri"]])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -175,7 +175,8 @@ def test_a_budget_nothing_meets_leaves_the_alias_as_it_was(record, registered, c
 
 
 def test_select_on_a_missing_model_is_a_one_line_error(record, capsys):
-    code = main(["select", "--model", "no-such-model", "--max-latency-ms", "10", "--tracking-uri", record["uri"]])
+    code = main(["select", "--registered-model", "no-such-model", "--max-latency-ms", "10",
+                 "--tracking-uri", record["uri"]])
     _, err = capsys.readouterr()
     assert code == 2 and "no-such-model" in err.splitlines()[-1]
 

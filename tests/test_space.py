@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from pathlib import Path
 
@@ -252,9 +251,9 @@ def test_search_algorithm_and_scheduler(tmp_path):
     kwargs = tune_config_kwargs(space)
     assert kwargs["metric"] is None and kwargs["mode"] is None and kwargs["num_samples"] == space.num_samples
 
-    random_space = dataclasses.replace(space, algorithm="random")
+    random_space = space.model_copy(update={"algorithm": "random"})
     assert isinstance(search_algorithm(random_space), BasicVariantGenerator)
-    assert scheduler(dataclasses.replace(space, scheduler=None)) is None
+    assert scheduler(space.model_copy(update={"scheduler": None})) is None
 
 
 def test_optuna_suggestions_stay_inside_the_space(tmp_path):

@@ -2,7 +2,11 @@
 
 Every sub-command that fails on user input (a bad config, a malformed SQuAD file, a missing model directory, a
 corrupted checkpoint, an invalid search space) prints one line naming the file and the field and exits with 2.
-Heavy imports (torch, transformers, Ray, MLflow) happen inside the sub-commands, so ``--help`` is instant.
+Each command's result is one strict JSON line on stdout (a value that is not a finite number is ``null``); logs go
+to stderr. A flag means the same in every sub-command that takes it, and ``--help`` shows every default.
+
+The library and the orchestration (torch, transformers, Ray, MLflow) are imported inside the sub-commands that use
+them, so that ``fineprune --help`` and light commands such as ``score`` start at once.
 """
 
 from __future__ import annotations
@@ -10,17 +14,36 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from workflows.retry import TrackingUnavailable
-from workflows.sweep import RayUnavailable, ResumeError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "UserError"]
 
 logger = logging.getLogger("fineprune")
+
+# Errors of bad input, by module: printed as one line, exit status 2. Looked up among the modules already imported
+# (an error can only come from a module that was), so that catching them imports nothing.
+_USER_ERRORS = (
+    ("pruning.config", "ConfigError"),
+    ("pruning.checkpoint", "CheckpointError"),
+    ("pruning.resources", "ResourceError"),
+    ("pruning.squad", "SquadFormatError"),
+    ("pruning.packing", "PackingError"),
+    ("pruning.export", "ExportError"),
+    ("pruning.inference", "RecordError"),
+    ("workflows.record", "RecordError"),
+    ("workflows.space", "SpaceError"),
+    ("workflows.registry", "SelectionError"),
+    ("workflows.sweep", "RayUnavailable"),
+    ("workflows.sweep", "ResumeError"),
+)
+PRECISIONS = ("fp32", "bf16", "auto")
+PRECISION_HELP = "fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (bf16 where supported)"
 
 
 class UserError(Exception):
@@ -28,55 +51,46 @@ class UserError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pruning.checkpoint import CheckpointError
-    from pruning.config import ConfigError
-    from pruning.resources import ResourceError
-    from workflows.record import RecordError
+    found: list[type[BaseException]] = [UserError]
+    for module, name in _USER_ERRORS:
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
 
-    errors: list[type[BaseException]] = [UserError, ConfigError, CheckpointError, ResourceError, RecordError]
-    try:
-        from pruning.squad import SquadFormatError
 
-        errors.append(SquadFormatError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from pruning.packing import PackingError
+def _plain(value: Any) -> Any:
+    """``value`` as strict JSON values: non-finite numbers become None, numpy scalars Python ones."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy and torch scalars
+        return _plain(value.item())
+    return str(value)
 
-        errors.append(PackingError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from pruning.export import ExportError
 
-        errors.append(ExportError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from workflows.space import SpaceError
+def _emit(values: dict[str, Any]) -> None:
+    """The command's result, as one strict JSON line on stdout (the last line)."""
+    sys.stdout.write(json.dumps(_plain(values), sort_keys=True, allow_nan=False) + "\n")
+    sys.stdout.flush()
 
-        errors.append(SpaceError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from workflows.registry import SelectionError
 
-        errors.append(SelectionError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+# --------------------------------------------------------------------------------------------------------------
+# Sub-commands
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("train_limit", "eval_limit", "max_steps", "output_dir", "model", "teacher", "device", "precision"):
+    for key in ("train_data", "eval_data", "train_limit", "eval_limit", "max_steps", "output_dir", "model", "teacher",
+                "device", "precision"):
         value = getattr(args, key, None)
         if value is not None:
             out[key] = value
-    if getattr(args, "data", None) is not None:
-        out["train_data"] = args.data
-    if getattr(args, "eval_data", None) is not None:
-        out["eval_data"] = args.eval_data
     return out
 
 
@@ -98,13 +112,6 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     return 0
 
 
-def _emit(values: dict[str, Any]) -> None:
-    """The command's result, as one JSON line on stdout (the last line)."""
-    clean = {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool, list, dict)) or v is None}
-    sys.stdout.write(json.dumps(clean, sort_keys=True) + "\n")
-    sys.stdout.flush()
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     return _run_training(args, method_required=False)
 
@@ -113,74 +120,84 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return _run_training(args, method_required=True)
 
 
-def _load_any(model_dir: str, variant: str | None = None):
-    """A PyTorch model directory, or an exported one (run by ONNX Runtime), with its tokenizer."""
+def _load_any(model_dir: str, precision: str, variant: str | None, device: str = "cpu"):
+    """A PyTorch model directory (on ``device``), or an exported one (run by ONNX Runtime on the CPU): the model,
+    its tokenizer, the resolved precision and the device. The settings are checked before any weights are read."""
     from pruning.checkpoint import load_model, load_tokenizer
     from pruning.export import is_exported_dir, load_exported
+    from pruning.precision import resolve_precision
     from pruning.resources import resolve_model
+    from pruning.trainer import resolve_device
 
     path = resolve_model(model_dir)
     if is_exported_dir(path):
-        return load_exported(path, variant=variant), load_tokenizer(path)
+        if device not in ("auto", "cpu"):
+            raise UserError(f"--device {device}: an exported model runs on the CPU")
+        if precision == "bf16":
+            raise UserError("--precision bf16: an exported model runs at the precision it was exported with "
+                            "(--variant fp32 or int8)")
+        return load_exported(path, variant=variant), load_tokenizer(path), "fp32", resolve_device("cpu")
     if variant is not None:
         raise UserError(f"{path}: --variant applies to exported directories (see `fineprune export`)")
-    return load_model(path), load_tokenizer(path)
+    run_device = resolve_device(device)
+    precision = resolve_precision(precision, run_device)
+    return load_model(path).to(run_device), load_tokenizer(path), precision, run_device
 
 
-def _check_exported_precision(precision: str) -> None:
-    if precision == "bf16":
-        raise UserError("--precision bf16: an exported model runs at the precision it was exported with "
-                        "(--variant fp32 or int8)")
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Every named option that is set is an integer >= 1 (before any work)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _write_json(path: Path, values: dict[str, Any]) -> None:
+    """Write a JSON file whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(values, ensure_ascii=False, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from pruning import squad
-    from pruning.config import RunConfig
     from pruning.export import OrtQAModel
+    from pruning.precision import autocast
     from pruning.resources import resolve_data
-    from pruning.trainer import evaluate, resolve_device
+    from pruning.sparsity import sparsity_report
 
-    model, tokenizer = _load_any(args.model_dir, args.variant)
-    examples = squad.load_squad(resolve_data(args.data), limit=args.limit)
-    cfg = RunConfig(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride, eval_batch_size=args.batch_size,
-                    precision=args.precision)
+    _check_positive(args, "limit", "max_seq_length", "doc_stride", "batch_size")
+    model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant, args.device)
+    examples = squad.load_squad(resolve_data(args.eval_data), limit=args.limit)
+    # The same windows, span search and metric for every kind of model, cut to what the model takes.
+    seq, stride = squad.fit_windows(args.max_seq_length, args.doc_stride, model.config.max_position_embeddings)
+    with autocast(precision, device):
+        metrics, predictions = squad.evaluate_model(model, tokenizer, examples, max_seq_length=seq, doc_stride=stride,
+                                                    batch_size=args.batch_size, device=device,
+                                                    progress=not args.no_progress)
     if isinstance(model, OrtQAModel):
-        # The same windows, span search and metric as for a PyTorch model; ONNX Runtime runs on the CPU.
-        if args.device not in ("auto", "cpu"):
-            raise UserError(f"--device {args.device}: an exported model runs on the CPU")
-        _check_exported_precision(args.precision)
-        metrics, _ = squad.evaluate_model(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
-                                          doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
-                                          max_answer_length=cfg.max_answer_length, n_best=cfg.n_best,
-                                          progress=not args.no_progress)
         metrics["variant"] = model.variant
     else:
-        device = resolve_device(args.device)
-        model.to(device)
-        metrics = evaluate(model, tokenizer, examples, cfg, device=device, progress=not args.no_progress)
-    metrics["questions"] = len(examples)
+        metrics.update(sparsity_report(model).metrics())
+    if args.predictions is not None:
+        _write_json(Path(args.predictions), predictions)
+        metrics["predictions"] = str(args.predictions)
+    metrics.update(questions=len(examples), max_seq_length=seq, doc_stride=stride, precision=precision)
     _emit(metrics)
     return 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from pruning.export import OrtQAModel, is_exported_dir
     from pruning.inference import answer
-    from pruning.precision import autocast, resolve_precision
-    from pruning.resources import resolve_model
+    from pruning.precision import autocast
+    from pruning.squad import fit_windows
 
-    # Settings are checked before any weights are read.
-    if is_exported_dir(resolve_model(args.model_dir)):
-        _check_exported_precision(args.precision)
-        precision = "fp32"
-    else:
-        precision = resolve_precision(args.precision, "cpu")
-    model, tokenizer = _load_any(args.model_dir, args.variant)
-    if isinstance(model, OrtQAModel):
-        result = answer(model, tokenizer, args.question, args.context)
-    else:
-        with autocast(precision, "cpu"):
-            result = answer(model, tokenizer, args.question, args.context)
+    _check_positive(args, "max_seq_length", "doc_stride")
+    model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant)
+    seq, stride = fit_windows(args.max_seq_length, args.doc_stride, model.config.max_position_embeddings)
+    with autocast(precision, device):
+        result = answer(model, tokenizer, args.question, args.context, max_seq_length=seq, doc_stride=stride)
     _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end})
     return 0
 
@@ -193,19 +210,38 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from pruning.packing import pack_checkpoint
+    from pruning import squad
+    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.packing import pack_and_verify, save_packed, weights_bytes
+    from pruning.precision import resolve_precision
+    from pruning.resources import resolve_data
 
-    report = pack_checkpoint(args.checkpoint, args.out_dir, data=args.data, questions=args.questions,
-                             overwrite=args.overwrite, precision=args.precision)
-    _emit(report)
+    _check_positive(args, "questions", "repeats")
+    out = Path(args.out_dir)
+    precision = resolve_precision(args.precision, "cpu")  # settings first, then the work
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
+    masked = load_model(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
+    limit = int(masked.config.max_position_embeddings)
+    inputs = squad.check_windows(squad.load_squad(resolve_data(args.eval_data), limit=args.questions), tokenizer, limit)
+    # The dense shape against the packed model at batch 1 and the longest window the model takes (at most 384).
+    packed, report = pack_and_verify(masked, inputs, batch_size=1, seq_len=min(384, limit), repeats=args.repeats,
+                                     precision=precision)
+    save_packed(packed, tokenizer, out, overwrite=args.overwrite)
+    report.dense_file_bytes, report.packed_file_bytes = weights_bytes(args.checkpoint), weights_bytes(out)
+    _emit({**report.to_dict(), "out_dir": str(out)})
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pruning.export import export_checkpoint
 
-    _emit(export_checkpoint(args.model_dir, args.out_dir, quantize=args.quantize, opset=args.opset, data=args.data,
-                            questions=args.questions, overwrite=args.overwrite))
+    _check_positive(args, "questions")
+    _emit(export_checkpoint(args.model_dir, args.out_dir, quantize=args.quantize, opset=args.opset,
+                            data=args.eval_data, questions=args.questions, overwrite=args.overwrite))
     return 0
 
 
@@ -229,16 +265,12 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    _check_positive(args, "batch_size", "seq_len", "repeats", "threads")
     from workflows import record, tracking
     from workflows.registry import select_by_latency
 
-    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--repeats", args.repeats)):
-        if value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {args.threads}")
     client = tracking.client_for(record.tracking_uri(args.tracking_uri))
-    result = select_by_latency(client, args.model, args.max_latency_ms, batch_size=args.batch_size,
+    result = select_by_latency(client, args.registered_model, args.max_latency_ms, batch_size=args.batch_size,
                                seq_len=args.seq_len, threads=args.threads, alias=args.alias, repeats=args.repeats)
     _emit(result)
     return 0
@@ -252,117 +284,162 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The parser
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default: the value, ``off`` for a flag; an option without a default value
+    (None) says in its own words what happens without it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or not action.option_strings or "default" in text
+                or action.default in (None, argparse.SUPPRESS)):
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fineprune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fineprune", description=__doc__.splitlines()[0],
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def training(name: str, func: Callable, help_text: str) -> None:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", required=True, help="YAML run config")
-        p.add_argument("--model", help="student model directory (or 'minilm'); overrides the config")
-        p.add_argument("--teacher", help="teacher QA model directory; overrides the config")
-        p.add_argument("--data", help="training SQuAD JSON (or 'train'/'dev'); overrides the config")
-        p.add_argument("--eval-data", help="evaluation SQuAD JSON (or 'train'/'dev')")
-        p.add_argument("--train-limit", type=int, help="use the first N training questions")
-        p.add_argument("--eval-limit", type=int, help="evaluate on the first N questions")
-        p.add_argument("--max-steps", type=int)
-        p.add_argument("--output-dir")
-        p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-        p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="overrides the config's precision")
-        p.add_argument("--resume", help="training checkpoint directory to continue from")
-        p.add_argument("--no-progress", action="store_true")
+    def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         p.set_defaults(func=func)
+        return p
+
+    # One meaning per flag in every sub-command that takes it.
+    def eval_data(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
+        p.add_argument("--eval-data", default=default, metavar="PATH",
+                       help=f"SQuAD v1.1 JSON, or 'dev'/'train' for the shipped files: {what}")
+
+    def precision(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--precision", default="fp32", choices=PRECISIONS, help=f"{PRECISION_HELP}, {what}")
+
+    def variant(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--variant", choices=("fp32", "int8"),
+                       help="which model of an exported directory to run (default: int8 when it was quantized)")
+
+    def windows(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-seq-length", type=int, default=384,
+                       help="tokens per window, cut to the model's position embeddings")
+        p.add_argument("--doc-stride", type=int, default=128,
+                       help="tokens between window starts, at most half a window once it is cut")
+
+    def training(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> None:
+        p = command(name, func, help_text)
+        p.add_argument("--config", required=True, metavar="YAML", help="run config (see configs/)")
+        p.add_argument("--model", metavar="DIR", help="student model directory or 'minilm' (default: the config's)")
+        p.add_argument("--teacher", metavar="DIR", help="teacher QA model directory (default: the config's)")
+        p.add_argument("--train-data", metavar="PATH",
+                       help="SQuAD v1.1 JSON, or 'train'/'dev' for the shipped files: the training questions "
+                            "(default: the config's)")
+        eval_data(p, None, "the questions evaluated on (default: the config's)")
+        p.add_argument("--train-limit", type=int, metavar="N",
+                       help="use the first N training questions (default: the config's)")
+        p.add_argument("--eval-limit", type=int, metavar="N",
+                       help="evaluate on the first N questions (default: the config's)")
+        p.add_argument("--max-steps", type=int, metavar="N", help="training steps (default: the config's)")
+        p.add_argument("--output-dir", metavar="DIR", help="where the run writes (default: the config's)")
+        p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's)")
+        p.add_argument("--precision", choices=PRECISIONS, help=f"{PRECISION_HELP} (default: the config's)")
+        p.add_argument("--resume", metavar="DIR",
+                       help="training checkpoint directory to continue from (default: start afresh)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     training("train", cmd_train, "dense fine-tune (teacher and baseline)")
-    training("prune", cmd_prune, "one masked fine-pruning run")
+    training("prune", cmd_prune, "one fine-pruning run (topk, sigmoid_threshold or fisher)")
 
-    variant_help = "which model of an exported directory to run (default: int8 when it was quantized)"
-    p = sub.add_parser("eval", help="EM/F1 of a dense, masked, packed or exported model")
-    p.add_argument("model_dir")
-    p.add_argument("--data", default="dev", help="SQuAD JSON, or 'dev'/'train' (default dev)")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--max-seq-length", type=int, default=384)
-    p.add_argument("--doc-stride", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                   help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (default fp32)")
-    p.add_argument("--variant", choices=("fp32", "int8"), help=variant_help)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_eval)
+    p = command("eval", cmd_eval, "EM/F1 of a dense, masked, packed or exported model")
+    p.add_argument("model_dir", help="model directory, or 'minilm'")
+    eval_data(p, "dev", "the questions evaluated on")
+    p.add_argument("--limit", type=int, metavar="N", help="evaluate on the first N questions (default: all)")
+    windows(p)
+    p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    precision(p, "for the forward passes")
+    variant(p)
+    p.add_argument("--predictions", metavar="PATH",
+                   help="also write the predictions as the official {question id: answer} JSON (default: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("ask", help="answer one question from a context")
-    p.add_argument("model_dir")
-    p.add_argument("--question", required=True)
-    p.add_argument("--context", required=True)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                   help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (default fp32)")
-    p.add_argument("--variant", choices=("fp32", "int8"), help=variant_help)
-    p.set_defaults(func=cmd_ask)
+    p = command("ask", cmd_ask, "answer one question from a context")
+    p.add_argument("model_dir", help="model directory, or 'minilm'")
+    p.add_argument("--question", required=True, help="the question")
+    p.add_argument("--context", required=True, help="the text holding the answer")
+    windows(p)
+    precision(p, "for the forward passes")
+    variant(p)
 
-    p = sub.add_parser("score", help="official SQuAD v1.1 EM/F1 of a predictions file")
-    p.add_argument("data")
-    p.add_argument("predictions")
-    p.set_defaults(func=cmd_score)
+    p = command("score", cmd_score, "official SQuAD v1.1 EM/F1 of a predictions file")
+    p.add_argument("data", help="SQuAD v1.1 JSON with the gold answers")
+    p.add_argument("predictions", help="JSON of {question id: answer}")
 
-    p = sub.add_parser("pack", help="pack a pruned checkpoint into a smaller dense model")
-    p.add_argument("checkpoint")
-    p.add_argument("out_dir")
-    p.add_argument("--data", default="dev", help="questions for the logit check (default: shipped dev)")
-    p.add_argument("--questions", type=int, default=16, help="how many dev questions to compare on")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                   help="fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto for the latency timing (default fp32)")
-    p.set_defaults(func=cmd_pack)
+    p = command("pack", cmd_pack, "pack a pruned checkpoint into a smaller dense model")
+    p.add_argument("checkpoint", help="masked (or dense) model directory")
+    p.add_argument("out_dir", help="where the packed model goes (must be empty unless --overwrite)")
+    eval_data(p, "dev", "the questions whose windows the logits are compared on")
+    p.add_argument("--questions", type=int, default=16, metavar="N", help="how many questions to compare on")
+    p.add_argument("--repeats", type=int, default=10, metavar="N", help="timed passes of each model")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty out_dir")
+    precision(p, "for the latency timing")
 
-    p = sub.add_parser("export", help="export a packed (or dense) model to ONNX for ONNX Runtime")
-    p.add_argument("model_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--quantize", choices=("int8",), help="also write a dynamically quantized int8 model")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 to 20 (default 17)")
-    p.add_argument("--data", default="dev", help="questions for the logit check (default: shipped dev)")
-    p.add_argument("--questions", type=int, default=16, help="how many dev questions to compare on")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_export)
+    p = command("export", cmd_export, "export a packed (or dense) model to ONNX for ONNX Runtime")
+    p.add_argument("model_dir", help="packed, dense or masked (packed first) model directory")
+    p.add_argument("out_dir", help="where the exported model goes (must be empty unless --overwrite)")
+    p.add_argument("--quantize", choices=("int8",), help="also write a dynamically quantized int8 model "
+                                                         "(default: fp32 only)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 to 20")
+    eval_data(p, "dev", "the questions whose windows the logits are compared on")
+    p.add_argument("--questions", type=int, default=16, metavar="N", help="how many questions to compare on")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty out_dir")
 
-    p = sub.add_parser("sweep", help="Ray Tune sweep with MLflow tracking")
-    p.add_argument("--space", required=True, help="tune_spaces/*.yaml")
-    p.add_argument("--experiment", help="MLflow experiment name (default: the space's)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    p = command("sweep", cmd_sweep, "Ray Tune sweep with MLflow tracking")
+    p.add_argument("--space", required=True, metavar="YAML", help="search space (see tune_spaces/)")
+    p.add_argument("--experiment", help="MLflow experiment name (default: the space's name)")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="Ray cluster to join (default RAY_ADDRESS; without it, a private local Ray)")
-    p.add_argument("--storage-path", help="shared storage for trial checkpoints (default ./runs/ray)")
+                   help="Ray cluster to join (default: RAY_ADDRESS; without it, a private local Ray)")
+    p.add_argument("--storage-path", metavar="PATH", help="shared storage for trial checkpoints (default: ./runs/ray)")
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_ID",
-                   help="continue the experiment's last sweep started (or the sweep with this MLflow parent run)")
+                   help="continue the experiment's last sweep started, or the sweep with this MLflow parent run "
+                        "(default: start a new sweep)")
     p.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
-                   help="how long the tracking server may be away before the sweep stops (default 300)")
-    p.set_defaults(func=cmd_sweep)
+                   help="how long the tracking server may be away before the sweep stops (default: "
+                        "FINEPRUNE_TRACKING_TIMEOUT, else 300)")
 
-    p = sub.add_parser("register", help="register the best trial's packed model")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--tracking-uri")
-    p.add_argument("--space", help="space file whose selection policy to use (default: the one the sweep logged)")
+    p = command("register", cmd_register, "register the best trial's packed model")
+    p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--space", metavar="YAML",
+                   help="search space whose registry policy to use (default: the one the sweep logged)")
     p.add_argument("--frontier", action="store_true",
                    help="also register every Pareto point of the sweep as a version (idempotent)")
-    p.set_defaults(func=cmd_register)
 
-    p = sub.add_parser("select", help="time the registered versions here and alias the best within a latency budget")
-    p.add_argument("--model", required=True, help="registered model name")
+    p = command("select", cmd_select, "time the registered versions here and alias the best within a latency budget")
+    p.add_argument("--registered-model", required=True, metavar="NAME", help="registered model name")
     p.add_argument("--max-latency-ms", type=float, required=True, help="budget per forward pass, in milliseconds")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=1, help="batch of the timed input")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens of the timed input")
     p.add_argument("--threads", type=int, help="torch threads while timing (default: torch's default here)")
-    p.add_argument("--alias", default="champion", help="alias to point at the chosen version (default champion)")
+    p.add_argument("--alias", default="champion", help="alias to point at the chosen version")
     p.add_argument("--repeats", type=int, default=10, help="timed passes per version (medians are compared)")
-    p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default sqlite:///mlflow.db)")
-    p.set_defaults(func=cmd_select)
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
-    p = sub.add_parser("report", help="HTML and Markdown report of a sweep")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--tracking-uri")
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=cmd_report)
+    p = command("report", cmd_report, "HTML and Markdown report of a sweep")
+    p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     return parser
 
 
@@ -374,15 +451,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         return int(args.func(args) or 0)
-    except (UserError, RayUnavailable, ResumeError) as err:  # before _user_errors(), which imports torch
-        sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
-        return 2
-    except _user_errors() as err:
-        sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
-        return 2
     except TrackingUnavailable as err:  # the environment, not the input: exit 1, still one line
         sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
         return 1
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
+        sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -45,10 +45,10 @@ __all__ = [
     "flat_params", "params_under", "search_types", "sweep_objectives",
     # metrics
     "EXACT_MATCH", "F1", "LINEAR_DENSITY", "TOTAL_DENSITY", "HEADS_REMOVED", "SPEEDUP", "MAX_LOGIT_DIFF",
-    "PACKED_PARAMS", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "FINAL_METRICS", "EVAL_METRICS",
+    "PARAMS_AFTER", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "FINAL_METRICS", "EVAL_METRICS",
     "DENSITY_OBJECTIVES", "SPEED_OBJECTIVES",
     # artifacts
-    "ARTIFACT_PACKED_MODEL", "ARTIFACT_FRONTIER", "ARTIFACT_FRONTIER_SPEED", "ARTIFACT_FRONTIER_PLOT",
+    "ARTIFACT_PACKED_MODEL", "ARTIFACT_FRONTIER", "ARTIFACT_FRONTIER_SPEED",
     "ARTIFACT_REPORT_DIR", "ARTIFACT_REPORT_HTML", "ARTIFACT_REPORT_MARKDOWN", "ARTIFACT_QA_MODEL",
     "ARTIFACT_MODEL_DIR", "ARTIFACT_ONNX_DIR",
     # the registry spec, the readers
@@ -108,7 +108,7 @@ TOTAL_DENSITY = "total_density"
 HEADS_REMOVED = "heads_removed"
 SPEEDUP = "speedup"
 MAX_LOGIT_DIFF = "max_logit_diff"
-PACKED_PARAMS = "packed_params"
+PARAMS_AFTER = "params_after"  # parameters of the packed model (pruning.packing.PACK_METRICS)
 STEP = "step"
 LOSS = "loss"
 HYPERVOLUME = "hypervolume"  # on the parent run, step = trials completed
@@ -124,7 +124,6 @@ SPEED_OBJECTIVES: tuple[tuple[str, str], ...] = ((F1, "max"), (SPEEDUP, "max")) 
 ARTIFACT_PACKED_MODEL = "packed_model"  # trial runs: the packed model directory
 ARTIFACT_FRONTIER = "frontier.json"  # parent run: the frontier table of the space's objectives
 ARTIFACT_FRONTIER_SPEED = "frontier_speedup.json"
-ARTIFACT_FRONTIER_PLOT = "frontier.png"
 ARTIFACT_REPORT_DIR = "report"
 ARTIFACT_REPORT_HTML = "report.html"
 ARTIFACT_REPORT_MARKDOWN = "report.md"

@@ -219,6 +219,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         from pruning.checkpoint import load_model, load_tokenizer
         from pruning.export import load_exported
         from pruning.inference import torch_runner
+        from pruning.squad import fit_windows
 
         model_dir = context.artifacts[ARTIFACT_MODEL_DIR]
         settings = dict(getattr(context, "model_config", None) or {})
@@ -244,9 +245,9 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
             logger.info("serving through PyTorch in %s (measured in %s)", self.precision, recorded)
         self.tokenizer = load_tokenizer(model_dir)
         # The windows the model was trained and evaluated with, never longer than its position embeddings.
-        limit = int(self.model.config.max_position_embeddings)
-        self.max_seq_length = min(int(settings.get("max_seq_length", SERVE_DEFAULTS["max_seq_length"])), limit)
-        self.doc_stride = min(int(settings.get("doc_stride", SERVE_DEFAULTS["doc_stride"])), self.max_seq_length // 2)
+        self.max_seq_length, self.doc_stride = fit_windows(
+            settings.get("max_seq_length", SERVE_DEFAULTS["max_seq_length"]),
+            settings.get("doc_stride", SERVE_DEFAULTS["doc_stride"]), self.model.config.max_position_embeddings)
         self.max_windows = int(settings.get("max_windows", SERVE_DEFAULTS["max_windows"]))
         self.batch_size = int(settings.get("batch_size", SERVE_DEFAULTS["batch_size"]))
         self.run_windows = run
@@ -264,7 +265,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
             tokenizer = self._threads.tokenizer = copy.deepcopy(self.tokenizer)
         return tokenizer
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from pruning.inference import RecordError, answer_records  # lazy: see load_context
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

@@ -4,14 +4,13 @@ A space file names a base :class:`~pruning.config.RunConfig`, how the dense teac
 are searched and how, and how the sweep is run (search algorithm, scheduler, samples, resources) and judged
 (objectives, registry policy). ``tune_spaces/README.md`` documents every key.
 
-Everything a sweep could trip over later is checked in :func:`load_space`, before Ray starts: unknown keys at any
-level, bounds, and every extreme of every searched value (and every corner of the search box) overlaid on the base
-config must build a valid ``RunConfig``. Errors are one line naming the file and the key path, e.g.
-``tune_spaces/x.yaml: search.target_density.high: 1.5 gives an invalid config (target_density: must be in (0, 1],
-got 1.5)``.
-
-Ray is imported only inside :func:`param_space`, :func:`search_algorithm`, :func:`scheduler` and
-:func:`tune_config_kwargs`, so loading and validating a space is cheap.
+The schema is a set of pydantic models (:class:`SweepSpace` and the specs it holds): every key of the file is a
+typed field, unknown keys are errors at every level, and the checks that span sections (a searched key the method
+ignores, the extremes of every searched value overlaid on the base config, a GPU device without GPUs, ...) are the
+model's validators. :func:`load_space` reads the file with the one YAML reader of the project
+(:func:`pruning.config.read_yaml`) and turns the first validation error into one line naming the file and the key
+path, e.g. ``tune_spaces/x.yaml: search.target_density.high: 1.5 gives an invalid config (target_density: must be
+in (0, 1], got 1.5)``.
 """
 
 from __future__ import annotations
@@ -22,13 +21,17 @@ import json
 import math
 import re
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Annotated, Any, Callable, Iterable, Literal, Mapping
 
-import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
-from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict
+from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict, read_yaml
 from pruning.schedules import warmup_steps
 from workflows.frontier import reference_point as _reference_point
 from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, RegistrySpec
@@ -44,6 +47,7 @@ __all__ = [
     "PARAM_TYPES",
     "POLICIES",
     "LAMBDA_KEY",
+    "EVAL_METRICS",
     "load_space",
     "param_space",
     "search_algorithm",
@@ -100,170 +104,17 @@ class SpaceError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The spec
+# Field types: each check says what is wrong in the words of the file
 # --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """How one config key is searched.
+class _Problem(ValueError):
+    """A failed check: ``message`` about the key path ``at``, relative to where pydantic found the value."""
 
-    ``choice``/``grid`` use ``values``; ``uniform``, ``loguniform`` and ``randint`` (integers, both bounds
-    inclusive) use ``low``/``high``; ``quniform`` also ``q`` (the step; ``low`` and ``high`` are multiples of it).
-    """
-
-    type: str
-    low: float | None = None
-    high: float | None = None
-    values: tuple[Any, ...] | None = None
-    q: float | None = None
-
-    def extremes(self) -> list[tuple[str, Any]]:
-        """(key-path suffix, value) pairs that bound the values a trial can get."""
-        if self.values is not None:
-            return [(f"values[{i}]", v) for i, v in enumerate(self.values)]
-        return [("low", self.low), ("high", self.high)]
-
-    def to_tune(self, enumerate_choices: bool = False) -> Any:
-        """The Ray Tune sample object; ``enumerate_choices`` turns a choice into a grid (grid algorithm)."""
-        from ray import tune
-
-        if self.type == "grid" or (self.type == "choice" and enumerate_choices):
-            return tune.grid_search(list(self.values))
-        if self.type == "choice":
-            return tune.choice(list(self.values))
-        if self.type == "uniform":
-            return tune.uniform(self.low, self.high)
-        if self.type == "quniform":
-            return tune.quniform(self.low, self.high, self.q)
-        if self.type == "loguniform":
-            return tune.loguniform(self.low, self.high)
-        if self.type == "randint":
-            # Ray's randint excludes its upper bound; the spec's bounds are both inclusive.
-            return tune.randint(int(self.low), int(self.high) + 1)
-        raise AssertionError(f"unhandled parameter type {self.type}")
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """Where the distillation teacher comes from.
-
-    ``path``: an existing QA model directory used as is (need not exist when the space is loaded). When it is
-    None the sweep first fine-tunes a dense teacher from ``base`` overlaid with ``config`` (method forced to dense).
-    ``student_init``: prune the fine-tuned teacher itself rather than the pre-trained ``base.model`` (the paper
-    starts from the pre-trained model; starting from the teacher reaches a usable F1 in a short CPU budget).
-    """
-
-    path: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    student_init: bool = False  # start every trial from the teacher's weights instead of base.model
-
-
-@dataclass(frozen=True)
-class SchedulerSpec:
-    """An ASHA early-stopping scheduler; its time unit is ``training_iteration`` = one evaluation report."""
-
-    type: str = "asha"
-    metric: str = "f1"
-    mode: str = "max"
-    grace_period: int = 1
-    reduction_factor: int = 2
-    max_t: int = 100
-
-
-@dataclass(frozen=True)
-class SweepSpace:
-    """A validated search space. Treat the dicts as read-only."""
-
-    name: str  # default experiment name (the file's stem unless given)
-    path: Path
-    base: dict[str, Any]  # RunConfig values shared by every trial (and the teacher)
-    teacher: TeacherSpec
-    search: dict[str, ParamSpec]
-    registry: RegistrySpec
-    algorithm: str = "optuna"
-    objectives: list[tuple[str, str]] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
-    scheduler: SchedulerSpec | None = None
-    num_samples: int = 8
-    max_concurrent: int | None = None  # None: as many as the resources allow
-    resources: dict[str, float] = field(default_factory=lambda: dict(_RESOURCE_DEFAULTS))
-    max_failures: int = 0  # retries of a failed trial
-    speedup: dict[str, int] = field(default_factory=lambda: dict(_SPEEDUP_DEFAULTS))
-    seed: int | None = None  # seed of the search algorithm's sampler; None: base seed
-    # The hypervolume's reference value per objective; objectives not listed take frontier.DEFAULT_REFERENCE.
-    reference_point: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def base_config(self) -> RunConfig:
-        """The base values as a RunConfig (output_dir and teacher at their defaults)."""
-        return config_from_dict(self.base, source=f"{self.path}: base")
-
-    @property
-    def search_seed(self) -> int:
-        """The seed handed to the search algorithm's sampler."""
-        return self.seed if self.seed is not None else self.base_config.seed
-
-
-# --------------------------------------------------------------------------------------------------------------
-# YAML reading
-# --------------------------------------------------------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """Safe YAML that reads ``1e-4`` as a number (plain YAML 1.1 wants ``1.0e-4``) and rejects duplicate keys."""
-
-    def construct_mapping(self, node, deep=False):  # type: ignore[override]
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-class _Ctx:
-    """The file being read, for error messages."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def error(self, key: str, message: str) -> SpaceError:
-        return SpaceError(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
-
-    def mapping(self, value: Any, key: str, allowed: Iterable[str]) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise self.error(key, f"expected a mapping, got {_kind(value)}")
-        allowed = tuple(allowed)
-        for k in value:
-            if k not in allowed:
-                where = f"{key}.{k}" if key else str(k)
-                raise self.error(where, f"unknown key (allowed: {', '.join(allowed)})")
-        return dict(value)
-
-    def integer(self, value: Any, key: str, minimum: int) -> int:
-        if not (_is_int(value) and value >= minimum):
-            raise self.error(key, f"must be an integer >= {minimum}, got {value!r}")
-        return int(value)
-
-    def number(self, value: Any, key: str) -> float:
-        if not _is_number(value):
-            raise self.error(key, f"must be a number, got {value!r}")
-        return value
-
-    def string(self, value: Any, key: str) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(key, f"must be a non-empty string, got {value!r}")
-        return value
+    def __init__(self, message: str, *at: str | int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.at = at
 
 
 def _kind(value: Any) -> str:
@@ -276,6 +127,96 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(minimum: int) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if not (_is_int(value) and value >= minimum):
+            raise _Problem(f"must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _number(value: Any) -> Any:
+    if not _is_number(value):
+        raise _Problem(f"must be a number, got {value!r}")
+    return value
+
+
+def _non_negative(value: Any) -> Any:
+    if _number(value) < 0:
+        raise _Problem(f"must be >= 0, got {value!r}")
+    return value
+
+
+def _text(value: Any) -> Any:
+    if not isinstance(value, str) or not value.strip():
+        raise _Problem(f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _flag(value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise _Problem(f"must be true or false, got {value!r}")
+    return value
+
+
+def _one_of(allowed: Iterable[str]) -> BeforeValidator:
+    allowed = tuple(allowed)
+
+    def check(value: Any) -> Any:
+        if value not in allowed:
+            raise _Problem(f"unknown value {value!r} (allowed: {', '.join(allowed)})")
+        return value
+
+    return BeforeValidator(check)
+
+
+Number = Annotated[int | float, BeforeValidator(_number)]  # finite; an int stays an int
+NonNegative = Annotated[int | float, BeforeValidator(_non_negative)]
+Text = Annotated[str, BeforeValidator(_text)]
+Flag = Annotated[bool, BeforeValidator(_flag)]
+
+
+def _known_keys(value: Any, allowed: Iterable[str], what: str = "a mapping") -> dict[Any, Any]:
+    """``value`` as a dict (``{}`` for null) whose keys are all in ``allowed``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _Problem(f"expected {what}, got {_kind(value)}")
+    allowed = tuple(allowed)
+    for key in value:
+        if key not in allowed:
+            raise _Problem(f"unknown key (allowed: {', '.join(allowed)})", key)
+    return dict(value)
+
+
+def _run_config_keys(value: Any) -> dict[str, Any]:
+    """``value`` as a dict of RunConfig keys (``{}`` for null)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _Problem(f"expected a mapping of RunConfig keys, got {_kind(value)}")
+    for key in value:
+        if key not in _KINDS or key == LAMBDA_KEY:
+            raise _Problem("unknown RunConfig key", key)
+    return dict(value)
+
+
+def _config_problem(err: ConfigError, *at: str | int) -> _Problem:
+    """A RunConfig error (``key: what``) as a problem at ``at`` + its key."""
+    message = _message(err)
+    key, sep, rest = message.partition(": ")
+    if sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", key):
+        return _Problem(rest, *at, key)
+    return _Problem(message, *at)
+
+
+def _message(err: ConfigError) -> str:
+    """A ConfigError's message without its source prefix: ``key: what is wrong``."""
+    message = str(err)
+    return message[3:] if message.startswith("-: ") else message
 
 
 def _field_kinds() -> dict[str, str]:
@@ -292,8 +233,463 @@ _KINDS = _field_kinds()
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Loading and validation
+# The schema
 # --------------------------------------------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    """One mapping of the file: unknown keys are errors, null or absent takes every default. Read-only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, data: Any) -> Any:
+        if isinstance(data, BaseModel):
+            return data
+        return _known_keys(data, cls.model_fields)
+
+
+class ParamSpec(_Section):
+    """How one config key is searched.
+
+    ``choice``/``grid`` use ``values``; ``uniform``, ``loguniform`` and ``randint`` (integers, both bounds
+    inclusive) use ``low``/``high``; ``quniform`` also ``q`` (the step; ``low`` and ``high`` are multiples of it).
+    """
+
+    type: Literal["choice", "grid", "uniform", "quniform", "loguniform", "randint"]  # see PARAM_TYPES
+    low: Number | None = None
+    high: Number | None = None
+    values: tuple[Any, ...] | None = None
+    q: Number | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, data: Any) -> Any:
+        if isinstance(data, BaseModel):
+            return data
+        if not isinstance(data, Mapping):
+            raise _Problem(f"expected a mapping with a type ({', '.join(PARAM_TYPES)}), got {_kind(data)}")
+        kind = data.get("type")
+        if kind not in PARAM_TYPES:
+            raise _Problem(f"unknown or missing type {kind!r} (allowed: {', '.join(PARAM_TYPES)})", "type")
+        if kind in ("choice", "grid"):
+            data = _known_keys(data, ("type", "values"))
+            if not isinstance(data.get("values"), list) or not data["values"]:
+                raise _Problem(f"must be a non-empty list, got {data.get('values')!r}", "values")
+            return data
+        data = _known_keys(data, ("type", "low", "high", "q") if kind == "quniform" else ("type", "low", "high"))
+        for key in ("low", "high", "q") if kind == "quniform" else ("low", "high"):
+            if key not in data:
+                raise _Problem(f"is required for type {kind}", key)
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParamSpec:
+        if self.values is not None:
+            canonical = [json.dumps(v, sort_keys=True, default=str) for v in self.values]
+            if len(set(canonical)) != len(canonical):
+                raise _Problem("has duplicates", "values")
+            return self
+        low, high = self.low, self.high
+        if self.type == "randint" and not (_is_int(low) and _is_int(high)):
+            raise _Problem(f"randint bounds must be integers, got {low!r}, {high!r}", "low")
+        if not low < high:
+            raise _Problem(f"must be < high ({low!r} >= {high!r})", "low")
+        if self.type == "loguniform" and low <= 0:
+            raise _Problem(f"must be > 0 for loguniform, got {low!r}", "low")
+        if self.type == "quniform":
+            if self.q <= 0:
+                raise _Problem(f"must be > 0, got {self.q!r}", "q")
+            for bound, v in (("low", low), ("high", high)):
+                # Ray rounds samples to multiples of q: bounds off that lattice would let samples leave [low, high].
+                if abs(v / self.q - round(v / self.q)) > 1e-9:
+                    raise _Problem(f"{v!r} is not a multiple of q={self.q!r}", bound)
+        return self
+
+    def extremes(self) -> list[tuple[str, Any]]:
+        """(key-path suffix, value) pairs that bound the values a trial can get."""
+        if self.values is not None:
+            return [(f"values[{i}]", v) for i, v in enumerate(self.values)]
+        return [("low", self.low), ("high", self.high)]
+
+    def to_tune(self, enumerate_choices: bool = False) -> Any:
+        """The Ray Tune sample object; ``enumerate_choices`` turns a choice into a grid (grid algorithm)."""
+        if self.type == "grid" or (self.type == "choice" and enumerate_choices):
+            return tune.grid_search(list(self.values))
+        if self.type == "choice":
+            return tune.choice(list(self.values))
+        if self.type == "uniform":
+            return tune.uniform(self.low, self.high)
+        if self.type == "quniform":
+            return tune.quniform(self.low, self.high, self.q)
+        if self.type == "loguniform":
+            return tune.loguniform(self.low, self.high)
+        if self.type == "randint":
+            # Ray's randint excludes its upper bound; the spec's bounds are both inclusive.
+            return tune.randint(int(self.low), int(self.high) + 1)
+        raise AssertionError(f"unhandled parameter type {self.type}")
+
+
+class TeacherSpec(_Section):
+    """Where the distillation teacher comes from.
+
+    ``path``: an existing QA model directory used as is (need not exist when the space is loaded). When it is
+    None the sweep first fine-tunes a dense teacher from ``base`` overlaid with ``config`` (method forced to dense).
+    ``student_init``: prune the fine-tuned teacher itself rather than the pre-trained ``base.model`` (the paper
+    starts from the pre-trained model; starting from the teacher reaches a usable F1 in a short CPU budget).
+    """
+
+    path: Text | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    student_init: Flag = False  # start every trial from the teacher's weights instead of base.model
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, data: Any) -> Any:
+        if isinstance(data, str):  # shorthand: `teacher: path/to/model`
+            data = {"path": data}
+        return super()._mapping(data)
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _dense_keys(cls, value: Any) -> Any:
+        value = _run_config_keys(value)
+        for key in value:
+            if key in _SWEEP_OWNED or key == "method":
+                raise _Problem("is set by the sweep (the teacher is a dense run in its own directory)", key)
+            if key in _MASK_ONLY or key in _DISTIL_ONLY:
+                raise _Problem("does not apply to the dense teacher", key)
+        return value
+
+    @model_validator(mode="after")
+    def _path_or_config(self) -> TeacherSpec:
+        if self.path is not None and self.config:
+            raise _Problem("is unused when teacher.path is set (the teacher is not trained)", "config")
+        return self
+
+
+class SchedulerSpec(_Section):
+    """An ASHA early-stopping scheduler; its time unit is ``training_iteration`` = one evaluation report."""
+
+    type: Annotated[str, _one_of(("asha",))] = "asha"
+    metric: str = "f1"
+    mode: str = "max"  # default: max for exact_match, f1 and heads_removed, else min
+    grace_period: Annotated[int, _integer(1)] = 1
+    reduction_factor: Annotated[int, _integer(2)] = 2
+    max_t: Annotated[int, _integer(1)] = 100
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, data: Any) -> Any:
+        data = super()._mapping(data)
+        if isinstance(data, dict):
+            metric = data.get("metric", "f1")
+            data.setdefault("mode", "max" if metric in ("exact_match", "f1", "heads_removed") else "min")
+        return data
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _reported(cls, value: Any) -> Any:
+        if value not in EVAL_METRICS:
+            raise _Problem(f"{value!r} is not reported at each evaluation (allowed: {', '.join(EVAL_METRICS)})")
+        return value
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, value: Any) -> Any:
+        if value not in ("max", "min"):
+            raise _Problem(f"must be max or min, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _rungs(self) -> SchedulerSpec:
+        if self.grace_period > self.max_t:
+            raise _Problem(f"{self.grace_period} exceeds max_t {self.max_t}", "grace_period")
+        return self
+
+
+class RegistrySection(_Section):
+    """The ``registry`` section as read: which trial becomes the registered champion, a policy and its one
+    threshold. The space hands it on as the record's :class:`~workflows.record.RegistrySpec`."""
+
+    name: Text
+    policy: Annotated[str, _one_of(POLICIES)] = "best_f1_under_density"
+    max_density: Number | None = None  # best_f1_under_density: linear_density <= this
+    max_f1_drop: Number | None = None  # *_within_f1_drop: F1 points below the dense teacher's F1
+    max_latency_ms: Number | None = None  # best_f1_under_latency: measured latency of the registered version
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> RegistrySection:
+        needed = POLICIES[self.policy]
+        for key in dict.fromkeys(POLICIES.values()):
+            if key != needed and getattr(self, key) is not None:
+                raise _Problem(f"is not used by policy {self.policy} (it takes {needed})", key)
+        value = getattr(self, needed)
+        if value is None:
+            if needed != "max_density":  # max_density defaults to the base config's target_density
+                raise _Problem(f"is required by policy {self.policy}", needed)
+        elif needed == "max_latency_ms" and not value > 0:
+            raise _Problem(f"must be > 0 (milliseconds), got {value!r}", needed)
+        elif needed == "max_density" and not 0 < value <= 1:
+            raise _Problem(f"must be in (0, 1], got {value!r}", needed)
+        elif needed == "max_f1_drop" and value < 0:
+            raise _Problem(f"must be >= 0 (F1 points), got {value!r}", needed)
+        return self
+
+
+def _objectives(value: Any) -> Any:
+    if value is None:
+        return list(DEFAULT_OBJECTIVES)
+    if not isinstance(value, list) or not value:
+        raise _Problem("expected a non-empty list of [metric, max|min] pairs")
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(value):
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
+            raise _Problem(f"expected [metric, max|min], got {item!r}", i)
+        if item[1] not in ("max", "min"):
+            raise _Problem(f"mode must be max or min, got {item[1]!r}", i)
+        if any(item[0] == name for name, _ in out):
+            raise _Problem(f"{item[0]!r} is listed twice", i)
+        out.append((item[0], item[1]))
+    return out
+
+
+def _with_defaults(defaults: dict[str, Any]) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        return {**defaults, **_known_keys(value, defaults)}
+
+    return check
+
+
+class SweepSpace(_Section):
+    """A validated search space. Treat the dicts as read-only."""
+
+    name: str  # default experiment name (the file's stem unless given)
+    path: Path  # the file (not a key of it)
+    base: dict[str, Any] = Field(default_factory=dict)  # RunConfig values shared by every trial (and the teacher)
+    algorithm: Annotated[str, _one_of(ALGORITHMS)] = "optuna"
+    search: dict[str, ParamSpec]
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    objectives: Annotated[list[tuple[str, str]], BeforeValidator(_objectives)] = Field(
+        default_factory=lambda: list(DEFAULT_OBJECTIVES))
+    scheduler: SchedulerSpec | None = None
+    num_samples: Annotated[int, _integer(1)]  # default 8 (grid: 1)
+    max_concurrent: Annotated[int, _integer(1)] | None = None  # None: as many as the resources allow
+    resources: Annotated[dict[str, NonNegative], BeforeValidator(_with_defaults(_RESOURCE_DEFAULTS))] = Field(
+        default_factory=lambda: dict(_RESOURCE_DEFAULTS))
+    max_failures: Annotated[int, _integer(0)] = 0  # retries of a failed trial
+    registry_section: RegistrySection = Field(alias="registry")  # read as ``registry``; see :attr:`registry`
+    speedup: Annotated[dict[str, Annotated[int, _integer(1)]], BeforeValidator(_with_defaults(_SPEEDUP_DEFAULTS))] = (
+        Field(default_factory=lambda: dict(_SPEEDUP_DEFAULTS)))
+    seed: int | None = None  # seed of the search algorithm's sampler; None: base seed
+    # The hypervolume's reference value per objective; objectives not listed take frontier.DEFAULT_REFERENCE.
+    reference_point: dict[str, float] = Field(default_factory=dict, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, data: Any, info: ValidationInfo) -> Any:
+        """The file's keys, plus what it leaves to defaults that depend on other keys."""
+        path = (info.context or {}).get("path")
+        if path is None or isinstance(data, BaseModel):  # built in code, not read from a file
+            return data
+        if not isinstance(data, Mapping):
+            raise _Problem(f"expected a mapping of sweep keys at the top level, got {_kind(data)}")
+        data = _known_keys(data, _TOP_KEYS)
+        data["path"] = Path(path)
+        name = data.get("name")
+        data["name"] = Path(path).stem if name is None else name
+        data.setdefault("num_samples", 1 if data.get("algorithm") == "grid" else 8)
+        registry = data.get("registry")
+        if registry is None or isinstance(registry, Mapping):
+            data["registry"] = {"name": data["name"], **(registry or {})}
+        return data
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, value: Any) -> Any:
+        _text(value)
+        if not _NAME_RE.fullmatch(value):
+            raise _Problem(f"{value!r}: use letters, digits, '_', '.', '-' (it names directories)")
+        return value
+
+    @field_validator("base", mode="before")
+    @classmethod
+    def _base_keys(cls, value: Any) -> Any:
+        value = _run_config_keys(value)
+        for key in value:
+            if key in _SWEEP_OWNED:
+                hint = "use teacher.path" if key == "teacher" else "every trial gets its own directory"
+                raise _Problem(f"is set by the sweep ({hint})", key)
+        return value
+
+    @field_validator("base")
+    @classmethod
+    def _base_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            cfg = config_from_dict(value, source="-")
+        except ConfigError as err:
+            raise _config_problem(err) from None
+        if cfg.method is Method.DENSE:
+            raise _Problem("a sweep prunes: use topk, sigmoid_threshold or fisher (the teacher is the dense run)",
+                           "method")
+        return value
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _searched_keys(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping) or not value:
+            raise _Problem("expected a non-empty mapping of searched RunConfig keys")
+        for key in value:
+            if key not in _KINDS:
+                raise _Problem("not a RunConfig key", key)
+            if key in _NOT_SEARCHABLE:
+                raise _Problem("cannot be searched (it must be the same for every trial; set it in base)", key)
+        if LAMBDA_KEY in value:
+            also = [k for k in ("lambda_attention", "lambda_ffn") if k in value]
+            if also:
+                raise _Problem(f"sets lambda_attention and lambda_ffn; do not also search {also[0]}", LAMBDA_KEY)
+        return value
+
+    @field_validator("search")
+    @classmethod
+    def _searchable_by_the_algorithm(cls, value: dict[str, ParamSpec], info: ValidationInfo) -> dict[str, ParamSpec]:
+        algorithm = info.data.get("algorithm")
+        for key, spec in value.items():
+            if spec.values is not None:
+                if spec.type == "grid" and algorithm == "optuna":
+                    raise _Problem("grid needs algorithm random or grid (Optuna cannot enumerate a grid; use choice)",
+                                   key, "type")
+                if algorithm == "optuna":
+                    for i, v in enumerate(spec.values):
+                        if not (v is None or isinstance(v, (bool, int, float, str))):
+                            raise _Problem(f"Optuna choices must be numbers, strings, booleans or null, got {v!r} "
+                                           "(use algorithm random or grid)", key, f"values[{i}]")
+                continue
+            if algorithm == "grid":
+                raise _Problem(f"{spec.type} cannot be enumerated by algorithm grid (use grid or choice)", key, "type")
+            kind = _KINDS[key]
+            if spec.type == "randint" and kind != "int":
+                raise _Problem(f"randint gives integers but {key} is not an integer key", key, "type")
+            if spec.type != "randint" and kind != "float":
+                raise _Problem(f"{spec.type} gives floats but {key} is not a float key "
+                               f"(use {'randint, ' if kind == 'int' else ''}choice or grid)", key, "type")
+        return value
+
+    @field_validator("registry_section")
+    @classmethod
+    def _default_density_cap(cls, value: RegistrySection, info: ValidationInfo) -> RegistrySection:
+        if value.policy == "best_f1_under_density" and value.max_density is None and "base" in info.data:
+            target = config_from_dict(info.data["base"], source="-").target_density
+            return value.model_copy(update={"max_density": target})
+        return value
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, value: Any) -> Any:
+        if value is not None and not _is_int(value):
+            raise _Problem(f"must be an integer or null, got {value!r}")
+        return value
+
+    @field_validator("reference_point", mode="before")
+    @classmethod
+    def _reference(cls, value: Any, info: ValidationInfo) -> Any:
+        if "objectives" not in info.data:
+            return {}  # the objectives' own error is reported
+        objectives = info.data["objectives"]
+        values = _known_keys(value, [name for name, _ in objectives])
+        out = {}
+        for key, v in values.items():
+            try:
+                out[key] = float(_number(v))
+            except _Problem as err:
+                raise _Problem(err.message, key) from None
+        try:
+            _reference_point(objectives, out)
+        except ValueError as err:
+            raise _Problem(str(err).removeprefix("reference_point: ")) from None
+        return out
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> SweepSpace:
+        """What one section can only be checked against another: everything a trial or the teacher will get."""
+        base_cfg = self.base_config
+        _check_applicable(self.search, base_cfg)
+        _check_extremes(self.base, self.search)
+        try:
+            _teacher_values(self.base, self.teacher, "teacher")
+        except ConfigError as err:
+            problem = _config_problem(err)
+            if problem.at and problem.at[0] in self.teacher.config:
+                raise _Problem(problem.message, "teacher", "config", *problem.at) from None
+            raise _Problem(_message(err), "teacher") from None
+        if self.scheduler is not None and base_cfg.eval_every is None:
+            raise _Problem("ASHA acts on evaluation reports: set base.eval_every", "scheduler")
+        if self.resources["cpu"] == 0 and self.resources["gpu"] == 0:
+            raise _Problem("a trial needs some cpu or gpu", "resources")
+        if base_cfg.device.startswith("cuda") and self.resources["gpu"] == 0:
+            raise _Problem(f"base.device is {base_cfg.device} but trials get no GPU", "resources", "gpu")
+        if base_cfg.device == "cpu" and self.resources["gpu"] > 0:
+            raise _Problem("base.device is cpu: a GPU per trial would sit idle", "resources", "gpu")
+        if base_cfg.model_config is not None:
+            limit = base_cfg.model_config.get("max_position_embeddings", 512)
+            if self.speedup["seq_len"] > limit:
+                raise _Problem(f"{self.speedup['seq_len']} exceeds the model's max_position_embeddings {limit}",
+                               "speedup", "seq_len")
+        return self
+
+    @property
+    def registry(self) -> RegistrySpec:
+        """Which trial becomes the registered champion, as the sweep's record writes and reads it."""
+        section = self.registry_section
+        return RegistrySpec(section.name, section.policy, section.max_density, section.max_f1_drop,
+                            section.max_latency_ms)
+
+    @property
+    def base_config(self) -> RunConfig:
+        """The base values as a RunConfig (output_dir and teacher at their defaults)."""
+        return config_from_dict(self.base, source=f"{self.path}: base")
+
+    @property
+    def search_seed(self) -> int:
+        """The seed handed to the search algorithm's sampler."""
+        return self.seed if self.seed is not None else self.base_config.seed
+
+    def summary(self) -> dict[str, Any]:
+        """The space as plain JSON values, without its path: what the sweep logs on its parent run."""
+        return self.model_dump(mode="json", exclude={"path"})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _key_path(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if part == "[key]":  # pydantic's marker of an error in a dict key
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """One pydantic error as ``key.path: what is wrong``."""
+    loc = list(error["loc"])
+    problem = (error.get("ctx") or {}).get("error")
+    if isinstance(problem, _Problem):
+        loc += problem.at
+        message = problem.message
+    elif error["type"] == "missing":
+        message = "is required"
+    else:
+        message = str(error["msg"])
+    key = _key_path(loc)
+    return f"{key}: {message}" if key else message
 
 
 def load_space(path: str | Path) -> SweepSpace:
@@ -310,175 +706,25 @@ def load_space(path: str | Path) -> SweepSpace:
             sweep whose trials (or teacher) would not get a valid RunConfig.
     """
     path = Path(path)
-    ctx = _Ctx(path)
     if not path.is_file():
-        raise ctx.error("", "search-space file not found")
+        raise SpaceError(f"{path}: search-space file not found")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        lines = str(err).replace('in "<unicode string>", ', "at ").strip().splitlines()
-        raise ctx.error("", f"not valid YAML ({' '.join(line.strip() for line in lines[:3])})") from None
-    if not isinstance(raw, Mapping):
-        raise ctx.error("", f"expected a mapping of sweep keys at the top level, got {_kind(raw)}")
-    top = ctx.mapping(raw, "", _TOP_KEYS)
-
-    name = path.stem if top.get("name") is None else ctx.string(top["name"], "name")
-    if not _NAME_RE.fullmatch(name):
-        raise ctx.error("name", f"{name!r}: use letters, digits, '_', '.', '-' (it names directories)")
-
-    base = _parse_base(ctx, top.get("base"))
-    base_cfg = _config(ctx, "base", base)
-    if base_cfg.method is Method.DENSE:
-        raise ctx.error("base.method", "a sweep prunes: use topk, sigmoid_threshold or fisher (the teacher is the "
-                                       "dense run)")
-
-    algorithm = top.get("algorithm", "optuna")
-    if algorithm not in ALGORITHMS:
-        raise ctx.error("algorithm", f"unknown value {algorithm!r} (allowed: {', '.join(ALGORITHMS)})")
-    search = _parse_search(ctx, top.get("search"), algorithm)
-    _check_applicable(ctx, search, base_cfg)
-    _check_extremes(ctx, base, search)
-
-    teacher = _parse_teacher(ctx, top.get("teacher"), base)
-    objectives = _parse_objectives(ctx, top.get("objectives"))
-    sched = _parse_scheduler(ctx, top.get("scheduler"), base_cfg)
-    resources = _parse_resources(ctx, top.get("resources"), base_cfg)
-    registry = _parse_registry(ctx, top.get("registry"), name, base_cfg)
-    speedup = _parse_speedup(ctx, top.get("speedup"), base_cfg)
-    reference = _parse_reference(ctx, top.get("reference_point"), objectives)
-
-    default_samples = 1 if algorithm == "grid" else 8
-    num_samples = ctx.integer(top.get("num_samples", default_samples), "num_samples", 1)
-    max_concurrent = top.get("max_concurrent")
-    if max_concurrent is not None:
-        max_concurrent = ctx.integer(max_concurrent, "max_concurrent", 1)
-    max_failures = ctx.integer(top.get("max_failures", 0), "max_failures", 0)
-    seed = top.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise ctx.error("seed", f"must be an integer or null, got {seed!r}")
-
-    return SweepSpace(name=name, path=path, base=base, teacher=teacher, search=search, algorithm=algorithm,
-                      objectives=objectives, scheduler=sched, num_samples=num_samples, max_concurrent=max_concurrent,
-                      resources=resources, max_failures=max_failures, registry=registry, speedup=speedup, seed=seed,
-                      reference_point=reference)
-
-
-def _message(err: ConfigError) -> str:
-    """A ConfigError's message without its source prefix: ``key: what is wrong``."""
-    message = str(err)
-    return message[3:] if message.startswith("-: ") else message
-
-
-def _config(ctx: _Ctx, key: str, values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """Build a RunConfig; an error becomes a SpaceError at ``key.<the config key>``."""
-    try:
-        return config_from_dict(values, source="-", base=base)
+        raw = read_yaml(path)
     except ConfigError as err:
-        raise SpaceError(f"{ctx.path}: {key}.{_message(err)}") from None
+        raise SpaceError(str(err)) from None
+    try:
+        return SweepSpace.model_validate(raw, context={"path": path})
+    except ValidationError as err:
+        raise SpaceError(f"{path}: {_describe(err.errors()[0])}") from None
 
 
-def _parse_base(ctx: _Ctx, value: Any) -> dict[str, Any]:
-    if value is None:
-        value = {}
-    if not isinstance(value, Mapping):
-        raise ctx.error("base", f"expected a mapping of RunConfig keys, got {_kind(value)}")
-    base = dict(value)
-    for key in base:
-        if key not in _KINDS or key == LAMBDA_KEY:
-            raise ctx.error(f"base.{key}", "unknown RunConfig key")
-    for key in _SWEEP_OWNED:
-        if key in base:
-            hint = "use teacher.path" if key == "teacher" else "every trial gets its own directory"
-            raise ctx.error(f"base.{key}", f"is set by the sweep ({hint})")
-    return base
-
-
-def _parse_search(ctx: _Ctx, value: Any, algorithm: str) -> dict[str, ParamSpec]:
-    if not isinstance(value, Mapping) or not value:
-        raise ctx.error("search", "expected a non-empty mapping of searched RunConfig keys")
-    search: dict[str, ParamSpec] = {}
-    for key, spec in value.items():
-        where = f"search.{key}"
-        if key not in _KINDS:
-            raise ctx.error(where, "not a RunConfig key")
-        if key in _NOT_SEARCHABLE:
-            raise ctx.error(where, "cannot be searched (it must be the same for every trial; set it in base)")
-        search[key] = _parse_param(ctx, where, key, spec, algorithm)
-    if LAMBDA_KEY in search:
-        also = [k for k in ("lambda_attention", "lambda_ffn") if k in search]
-        if also:
-            raise ctx.error(f"search.{LAMBDA_KEY}",
-                            f"sets lambda_attention and lambda_ffn; do not also search {also[0]}")
-    return search
-
-
-def _parse_param(ctx: _Ctx, where: str, key: str, spec: Any, algorithm: str) -> ParamSpec:
-    if not isinstance(spec, Mapping):
-        raise ctx.error(where, f"expected a mapping with a type ({', '.join(PARAM_TYPES)}), got {_kind(spec)}")
-    kind = spec.get("type")
-    if kind not in PARAM_TYPES:
-        raise ctx.error(f"{where}.type", f"unknown or missing type {kind!r} (allowed: {', '.join(PARAM_TYPES)})")
-    field_kind = _KINDS[key]
-
-    if kind in ("choice", "grid"):
-        ctx.mapping(spec, where, ("type", "values"))
-        values = spec.get("values")
-        if not isinstance(values, list) or not values:
-            raise ctx.error(f"{where}.values", f"must be a non-empty list, got {values!r}")
-        if kind == "grid" and algorithm == "optuna":
-            raise ctx.error(f"{where}.type", "grid needs algorithm random or grid (Optuna cannot enumerate a grid; "
-                                             "use choice)")
-        if algorithm == "optuna":
-            for i, v in enumerate(values):
-                if not (v is None or isinstance(v, (bool, int, float, str))):
-                    raise ctx.error(f"{where}.values[{i}]", f"Optuna choices must be numbers, strings, booleans or "
-                                                            f"null, got {v!r} (use algorithm random or grid)")
-        canonical = [json.dumps(v, sort_keys=True, default=str) for v in values]
-        if len(set(canonical)) != len(canonical):
-            raise ctx.error(f"{where}.values", "has duplicates")
-        return ParamSpec(kind, values=tuple(values))
-
-    if algorithm == "grid":
-        raise ctx.error(f"{where}.type", f"{kind} cannot be enumerated by algorithm grid (use grid or choice)")
-    allowed = ("type", "low", "high", "q") if kind == "quniform" else ("type", "low", "high")
-    ctx.mapping(spec, where, allowed)
-    for bound in ("low", "high"):
-        if bound not in spec:
-            raise ctx.error(f"{where}.{bound}", f"is required for type {kind}")
-    low = ctx.number(spec["low"], f"{where}.low")
-    high = ctx.number(spec["high"], f"{where}.high")
-    if kind == "randint":
-        if field_kind != "int":
-            raise ctx.error(f"{where}.type", f"randint gives integers but {key} is not an integer key")
-        if not (_is_int(low) and _is_int(high)):
-            raise ctx.error(f"{where}.low", f"randint bounds must be integers, got {low!r}, {high!r}")
-    elif field_kind != "float":
-        raise ctx.error(f"{where}.type", f"{kind} gives floats but {key} is not a float key "
-                                         f"(use {'randint, ' if field_kind == 'int' else ''}choice or grid)")
-    if not low < high:
-        raise ctx.error(f"{where}.low", f"must be < high ({low!r} >= {high!r})")
-    if kind == "loguniform" and low <= 0:
-        raise ctx.error(f"{where}.low", f"must be > 0 for loguniform, got {low!r}")
-    q = None
-    if kind == "quniform":
-        if "q" not in spec:
-            raise ctx.error(f"{where}.q", "is required for type quniform")
-        q = ctx.number(spec["q"], f"{where}.q")
-        if q <= 0:
-            raise ctx.error(f"{where}.q", f"must be > 0, got {q!r}")
-        for bound, v in (("low", low), ("high", high)):
-            # Ray rounds samples to multiples of q: bounds off that lattice would let samples leave [low, high].
-            if abs(v / q - round(v / q)) > 1e-9:
-                raise ctx.error(f"{where}.{bound}", f"{v!r} is not a multiple of q={q!r}")
-    return ParamSpec(kind, low=low, high=high, q=q)
-
-
-def _check_applicable(ctx: _Ctx, search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> None:
+def _check_applicable(search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> None:
     """Reject searched keys the (fixed) method ignores: they would make trials that differ in nothing."""
     if "method" in search:
         for i, v in enumerate(search["method"].values or ()):
             if v == Method.DENSE.value:
-                raise ctx.error(f"search.method.values[{i}]", "a sweep prunes: dense is the teacher, not a trial")
+                raise _Problem("a sweep prunes: dense is the teacher, not a trial", "search", "method",
+                               f"values[{i}]")
         return
     method = base_cfg.method
     for key in search:
@@ -488,8 +734,9 @@ def _check_applicable(ctx: _Ctx, search: Mapping[str, ParamSpec], base_cfg: RunC
                 or (key in _FISHER_ONLY and method is not Method.FISHER)
                 or (key in _MOVEMENT_ONLY and method is Method.FISHER)
                 or (key == "target_density" and base_cfg.target_flops is not None)):
-            raise ctx.error(f"search.{key}", f"has no effect with method {method.value}"
-                            + (" and a target_flops" if key == "target_density" and base_cfg.target_flops else ""))
+            raise _Problem(f"has no effect with method {method.value}"
+                           + (" and a target_flops" if key == "target_density" and base_cfg.target_flops else ""),
+                           "search", key)
 
 
 def _overlay(params: Mapping[str, Any], searched: Iterable[str]) -> dict[str, Any]:
@@ -508,27 +755,26 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and not isinstance(value, (list, tuple, dict, str)) else value
 
 
-def _check_plan(ctx: _Ctx, key: str, cfg: RunConfig) -> None:
+def _check_plan(cfg: RunConfig, *at: str) -> None:
     """The warm-up check the trainer makes, done here when the number of pruning steps is already known."""
     if not cfg.masked or cfg.max_steps is None or cfg.method is Method.FISHER:
         return
     initial, final = warmup_steps(cfg.initial_warmup, cfg.max_steps), warmup_steps(cfg.final_warmup, cfg.max_steps)
     if initial + final > cfg.max_steps:
-        raise ctx.error(key, f"initial_warmup + final_warmup ({initial} + {final} steps) exceed the "
-                             f"{cfg.max_steps} pruning steps")
+        raise _Problem(f"initial_warmup + final_warmup ({initial} + {final} steps) exceed the "
+                       f"{cfg.max_steps} pruning steps", *at)
 
 
-def _check_extremes(ctx: _Ctx, base: Mapping[str, Any], search: Mapping[str, ParamSpec]) -> None:
+def _check_extremes(base: Mapping[str, Any], search: Mapping[str, ParamSpec]) -> None:
     """Every extreme of every searched value, then every corner of the search box, must make a valid config."""
-    base_cfg = _config(ctx, "base", base)
+    base_cfg = config_from_dict(base, source="-")
     for key, spec in search.items():
         for suffix, value in spec.extremes():
-            where = f"search.{key}.{suffix}"
             try:
                 cfg = config_from_dict(_overlay({key: value}, search), source="-", base=base_cfg)
             except ConfigError as err:
-                raise ctx.error(where, f"{value!r} gives an invalid config ({_message(err)})") from None
-            _check_plan(ctx, where, cfg)
+                raise _Problem(f"{value!r} gives an invalid config ({_message(err)})", "search", key, suffix) from None
+            _check_plan(cfg, "search", key, suffix)
     per_key = [[value for _, value in spec.extremes()] for spec in search.values()]
     if len(search) < 2 or math.prod(len(v) for v in per_key) > _CORNER_LIMIT:
         return
@@ -538,159 +784,8 @@ def _check_extremes(ctx: _Ctx, base: Mapping[str, Any], search: Mapping[str, Par
         try:
             cfg = config_from_dict(_overlay(params, search), source="-", base=base_cfg)
         except ConfigError as err:
-            raise ctx.error("search", f"the combination {label} gives an invalid config ({_message(err)})") from None
-        _check_plan(ctx, "search", cfg)
-
-
-def _parse_teacher(ctx: _Ctx, value: Any, base: Mapping[str, Any]) -> TeacherSpec:
-    if isinstance(value, str):  # shorthand: `teacher: path/to/model`
-        value = {"path": value}
-    spec = ctx.mapping(value, "teacher", ("path", "config", "student_init"))
-    path = spec.get("path")
-    overrides = spec.get("config")
-    student_init = spec.get("student_init", False)
-    if not isinstance(student_init, bool):
-        raise ctx.error("teacher.student_init", f"must be true or false, got {student_init!r}")
-    if path is not None:
-        path = ctx.string(path, "teacher.path")
-        if overrides:
-            raise ctx.error("teacher.config", "is unused when teacher.path is set (the teacher is not trained)")
-        return TeacherSpec(path=str(path), config={}, student_init=student_init)
-    if overrides is None:
-        overrides = {}
-    if not isinstance(overrides, Mapping):
-        raise ctx.error("teacher.config", f"expected a mapping of RunConfig keys, got {_kind(overrides)}")
-    overrides = dict(overrides)
-    for key in overrides:
-        where = f"teacher.config.{key}"
-        if key not in _KINDS or key == LAMBDA_KEY:
-            raise ctx.error(where, "unknown RunConfig key")
-        if key in _SWEEP_OWNED or key == "method":
-            raise ctx.error(where, "is set by the sweep (the teacher is a dense run in its own directory)")
-        if key in _MASK_ONLY or key in _DISTIL_ONLY:
-            raise ctx.error(where, "does not apply to the dense teacher")
-    spec_out = TeacherSpec(path=None, config=overrides, student_init=student_init)
-    try:
-        _teacher_values(base, spec_out, "teacher")
-    except ConfigError as err:
-        message = _message(err)
-        key = message.split(":", 1)[0]
-        raise SpaceError(f"{ctx.path}: teacher.config.{message}" if key in overrides
-                         else f"{ctx.path}: teacher: {message}") from None
-    return spec_out
-
-
-def _parse_objectives(ctx: _Ctx, value: Any) -> list[tuple[str, str]]:
-    if value is None:
-        return list(DEFAULT_OBJECTIVES)
-    if not isinstance(value, list) or not value:
-        raise ctx.error("objectives", "expected a non-empty list of [metric, max|min] pairs")
-    out: list[tuple[str, str]] = []
-    for i, item in enumerate(value):
-        where = f"objectives[{i}]"
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
-            raise ctx.error(where, f"expected [metric, max|min], got {item!r}")
-        if item[1] not in ("max", "min"):
-            raise ctx.error(where, f"mode must be max or min, got {item[1]!r}")
-        if any(item[0] == name for name, _ in out):
-            raise ctx.error(where, f"{item[0]!r} is listed twice")
-        out.append((item[0], item[1]))
-    return out
-
-
-def _parse_scheduler(ctx: _Ctx, value: Any, base_cfg: RunConfig) -> SchedulerSpec | None:
-    if value is None:
-        return None
-    spec = ctx.mapping(value, "scheduler", ("type", "metric", "mode", "grace_period", "reduction_factor", "max_t"))
-    if spec.get("type", "asha") != "asha":
-        raise ctx.error("scheduler.type", f"unknown value {spec.get('type')!r} (allowed: asha)")
-    metric = spec.get("metric", "f1")
-    if metric not in EVAL_METRICS:
-        raise ctx.error("scheduler.metric", f"{metric!r} is not reported at each evaluation "
-                                            f"(allowed: {', '.join(EVAL_METRICS)})")
-    mode = spec.get("mode", "max" if metric in ("exact_match", "f1", "heads_removed") else "min")
-    if mode not in ("max", "min"):
-        raise ctx.error("scheduler.mode", f"must be max or min, got {mode!r}")
-    grace = ctx.integer(spec.get("grace_period", 1), "scheduler.grace_period", 1)
-    factor = ctx.integer(spec.get("reduction_factor", 2), "scheduler.reduction_factor", 2)
-    max_t = ctx.integer(spec.get("max_t", 100), "scheduler.max_t", 1)
-    if grace > max_t:
-        raise ctx.error("scheduler.grace_period", f"{grace} exceeds max_t {max_t}")
-    if base_cfg.eval_every is None:
-        raise ctx.error("scheduler", "ASHA acts on evaluation reports: set base.eval_every")
-    return SchedulerSpec("asha", metric, mode, grace, factor, max_t)
-
-
-def _parse_resources(ctx: _Ctx, value: Any, base_cfg: RunConfig) -> dict[str, float]:
-    spec = ctx.mapping(value, "resources", ("cpu", "gpu"))
-    out = dict(_RESOURCE_DEFAULTS)
-    for key in ("cpu", "gpu"):
-        if key in spec:
-            v = ctx.number(spec[key], f"resources.{key}")
-            if v < 0:
-                raise ctx.error(f"resources.{key}", f"must be >= 0, got {v!r}")
-            out[key] = float(v)
-    if out["cpu"] == 0 and out["gpu"] == 0:
-        raise ctx.error("resources", "a trial needs some cpu or gpu")
-    if base_cfg.device.startswith("cuda") and out["gpu"] == 0:
-        raise ctx.error("resources.gpu", f"base.device is {base_cfg.device} but trials get no GPU")
-    if base_cfg.device == "cpu" and out["gpu"] > 0:
-        raise ctx.error("resources.gpu", "base.device is cpu: a GPU per trial would sit idle")
-    return out
-
-
-def _parse_registry(ctx: _Ctx, value: Any, name: str, base_cfg: RunConfig) -> RegistrySpec:
-    spec = ctx.mapping(value, "registry", ("name", "policy", *POLICIES.values()))
-    reg_name = ctx.string(spec.get("name", name), "registry.name")
-    policy = spec.get("policy", "best_f1_under_density")
-    if policy not in POLICIES:
-        raise ctx.error("registry.policy", f"unknown value {policy!r} (allowed: {', '.join(POLICIES)})")
-    needed = POLICIES[policy]
-    for key in set(POLICIES.values()):
-        if key in spec and key != needed:
-            raise ctx.error(f"registry.{key}", f"is not used by policy {policy} (it takes {needed})")
-    max_density = max_f1_drop = max_latency_ms = None
-    if needed == "max_latency_ms":
-        if "max_latency_ms" not in spec:
-            raise ctx.error("registry.max_latency_ms", f"is required by policy {policy}")
-        max_latency_ms = ctx.number(spec["max_latency_ms"], "registry.max_latency_ms")
-        if not max_latency_ms > 0:
-            raise ctx.error("registry.max_latency_ms", f"must be > 0 (milliseconds), got {max_latency_ms!r}")
-    elif needed == "max_density":
-        max_density = ctx.number(spec.get("max_density", base_cfg.target_density), "registry.max_density")
-        if not 0 < max_density <= 1:
-            raise ctx.error("registry.max_density", f"must be in (0, 1], got {max_density!r}")
-    else:
-        if "max_f1_drop" not in spec:
-            raise ctx.error("registry.max_f1_drop", f"is required by policy {policy}")
-        max_f1_drop = ctx.number(spec["max_f1_drop"], "registry.max_f1_drop")
-        if max_f1_drop < 0:
-            raise ctx.error("registry.max_f1_drop", f"must be >= 0 (F1 points), got {max_f1_drop!r}")
-    return RegistrySpec(reg_name, policy, max_density, max_f1_drop, max_latency_ms)
-
-
-def _parse_reference(ctx: _Ctx, value: Any, objectives: list[tuple[str, str]]) -> dict[str, float]:
-    names = [name for name, _ in objectives]
-    spec = ctx.mapping(value, "reference_point", names)
-    out = {key: float(ctx.number(v, f"reference_point.{key}")) for key, v in spec.items()}
-    try:
-        _reference_point(objectives, out)
-    except ValueError as err:
-        raise ctx.error("reference_point", str(err).removeprefix("reference_point: ")) from None
-    return out
-
-
-def _parse_speedup(ctx: _Ctx, value: Any, base_cfg: RunConfig) -> dict[str, int]:
-    spec = ctx.mapping(value, "speedup", tuple(_SPEEDUP_DEFAULTS))
-    out = dict(_SPEEDUP_DEFAULTS)
-    for key in out:
-        if key in spec:
-            out[key] = ctx.integer(spec[key], f"speedup.{key}", 1)
-    if base_cfg.model_config is not None:
-        limit = base_cfg.model_config.get("max_position_embeddings", 512)
-        if out["seq_len"] > limit:
-            raise ctx.error("speedup.seq_len", f"{out['seq_len']} exceeds the model's max_position_embeddings {limit}")
-    return out
+            raise _Problem(f"the combination {label} gives an invalid config ({_message(err)})", "search") from None
+        _check_plan(cfg, "search")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -734,9 +829,6 @@ def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = Non
                 raise SpaceError(f"{space.path}: objectives[{i}]: {name!r} is not a metric the trials report "
                                  f"(reported: {', '.join(sorted(known))})")
     if space.algorithm == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
         metrics = [name for name, _ in space.objectives]
         modes = [mode for _, mode in space.objectives]
         if len(metrics) == 1:
@@ -746,8 +838,6 @@ def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = Non
         if space.max_concurrent is not None:
             return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
         return searcher
-    from ray.tune.search import BasicVariantGenerator
-
     return BasicVariantGenerator(max_concurrent=space.max_concurrent or 0, random_state=space.search_seed)
 
 
@@ -767,8 +857,6 @@ def scheduler(space: SweepSpace) -> Any:
     """
     if space.scheduler is None:
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
     s = space.scheduler
     return ASHAScheduler(time_attr=TIME_ATTR, metric=s.metric, mode=s.mode, max_t=s.max_t,
                          grace_period=s.grace_period, reduction_factor=s.reduction_factor, stop_last_trials=False)

@@ -1,14 +1,16 @@
 """The sweep driver: a search space in, a tracked Ray Tune sweep, a Pareto frontier and a champion out.
 
-Four steps, each delegated to library code:
-  1. read and validate the space (``workflows.space``) - an invalid space fails before Ray starts;
-  2. make sure a dense teacher exists (trained once as a Ray task, reused for the same model/data/config);
-  3. ``Tuner.fit()`` over a function trainable that calls ``pruning.trainer.train`` and, at the end, packs the
-     model, measures its speedup and reports the final metrics with the packed model as checkpoint;
-  4. log to MLflow (a driver-side callback), tag the frontier and log its hypervolume, register every frontier
-     point and the champion, write the report.
+:func:`run_sweep` takes four steps, each delegated to library code:
+  1. validate the space (:func:`workflows.space.load_space`): an invalid space fails before Ray starts;
+  2. make sure a dense teacher exists (:func:`ensure_teacher`: trained once as a Ray task, reused for the same
+     model/data/config);
+  3. ``Tuner.fit()`` over :func:`trial_main`, which calls :func:`pruning.trainer.train` and, at the end,
+     :func:`pruning.packing.pack_and_verify`, and reports the final metrics with the packed model as checkpoint;
+     a driver-side callback (:class:`workflows.tracking.MlflowTrialCallback`) writes every trial to MLflow;
+  4. tag the frontier and log its hypervolume, register every frontier point and the champion
+     (:mod:`workflows.registry`), write the report (:mod:`workflows.report`).
 
-Run it as ``fineprune sweep --space FILE`` or, on a cluster head, ``python workflows/sweep.py --space FILE``.
+Run it as ``fineprune sweep --space FILE`` (or, on a cluster head, through ``workflows/submit.py``).
 """
 
 from __future__ import annotations
@@ -19,17 +21,31 @@ import logging
 import os
 import secrets
 import socket
-import sys
 import tempfile
 import time
-from dataclasses import asdict, is_dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from workflows import record
+import ray
+import torch
+from ray import tune
+from ray._private.services import canonicalize_bootstrap_address_or_die
 
-__all__ = ["run_sweep", "trial_main", "ensure_teacher", "FAULT_ENV", "RayUnavailable", "ResumeError",
-           "RAY_CONNECT_TIMEOUT_S"]
+from pruning import squad
+from pruning.checkpoint import load_model, load_tokenizer
+from pruning.config import config_to_dict
+from pruning.packing import PACK_METRICS, pack_and_verify, save_packed
+from pruning.resources import resolve_data
+from pruning.trainer import evaluate, resolve_device, train
+from workflows import frontier, record, registry, tracking
+from workflows.report import write_report
+from workflows.retry import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV, TrackingUnavailable, quick_http_failures
+from workflows.space import (EVAL_METRICS, SweepSpace, load_space, param_space, teacher_config, teacher_fingerprint,
+                             trial_config, tune_config_kwargs)
+
+__all__ = ["run_sweep", "trial_main", "ensure_teacher", "frontier_summary", "FAULT_ENV", "TRIAL_METRICS",
+           "RayUnavailable", "ResumeError", "RAY_CONNECT_TIMEOUT_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,33 +54,35 @@ logger = logging.getLogger(__name__)
 FAULT_ENV = "FINEPRUNE_FAULT_ONCE_DIR"
 CHECKPOINT_KIND = "fineprune_checkpoint.json"
 RAY_CONNECT_TIMEOUT_S = 10.0  # how long an explicit Ray address may take to accept a connection
+# What a trial's final report holds besides the run's bookkeeping: an objective must be one of these.
+TRIAL_METRICS = (*EVAL_METRICS, *PACK_METRICS)
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def _space_summary(space) -> dict[str, Any]:
-    values = asdict(space) if is_dataclass(space) else dict(space)
-    values.pop("path", None)
-    return json.loads(json.dumps(values, default=str))
+class RayUnavailable(Exception):
+    """The Ray address given (``--address`` or ``RAY_ADDRESS``) does not answer; one line naming it."""
+
+
+class ResumeError(Exception):
+    """``--resume`` names nothing to resume; one line."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trial (runs in a Ray worker)
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _report_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
-def trial_main(config: dict[str, Any], space, teacher: str | None, cache_dir: str | None = None) -> None:
+def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, cache_dir: str | None = None) -> None:
     """The Tune function trainable: one fine-pruning run, then packing and the final report."""
-    import ray
-    import torch
-    from ray import tune
-
-    from pruning.trainer import train
-    from workflows.space import trial_config
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
     context = tune.get_context()
     # Training writes (and atomically replaces) checkpoints; keep that churn out of the directory Tune syncs.
     work_dir = Path(tempfile.gettempdir()) / "fineprune-trials" / context.get_experiment_name() / context.get_trial_id()
-    cpus = space.resources.get("cpu", 1) or 1
-    torch.set_num_threads(max(1, int(cpus)))
+    torch.set_num_threads(max(1, int(space.resources.get("cpu", 1) or 1)))
     cfg = trial_config(space, dict(config), output_dir=str(work_dir / "run"), teacher=teacher)
     if cfg.cache_dir is None and cache_dir is not None:  # trials share one tokenization of the data
         cfg = replace(cfg, cache_dir=cache_dir)
@@ -101,65 +119,57 @@ def trial_main(config: dict[str, Any], space, teacher: str | None, cache_dir: st
                 os._exit(1)
 
     logger.info("trial %s: %s", context.get_trial_id(), ", ".join(f"{k}={v}" for k, v in config.items()))
+    # No progress bars in a worker: Ray prints each redraw as a line; the trainer logs every log_every steps.
     metrics = train(cfg, report=report, resume_from=resume_from, progress=False)
     packed_dir = work_dir / "packed"
-    final = _pack_and_measure(metrics, packed_dir, space)
+    final = _pack_and_measure(metrics, packed_dir, space, cfg.device, cfg.precision)
     final.update({"node_id": node_id, "final": True})
     (packed_dir / CHECKPOINT_KIND).write_text(json.dumps({"kind": "packed", "metrics": final}))
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(packed_dir)))
 
 
-def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space) -> dict[str, Any]:
-    """Pack the final masked model, check it against the masked one, and time it against the dense shape."""
-    import torch
-    from transformers import BertForQuestionAnswering
-
-    from pruning.bench import compare_latency
-    from pruning.checkpoint import load_model, load_tokenizer
-    from pruning.packing import pack, save_packed
-
+def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space: SweepSpace, device: str,
+                      precision: str) -> dict[str, Any]:
+    """Pack the trial's final model, check it against the masked one and time it against the dense shape, on the
+    trial's device in the run's precision; the final metrics with the packing ones added."""
     model_dir = Path(metrics["model_dir"])
-    masked = load_model(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    packed = pack(masked)
-    save_packed(packed, tokenizer, packed_dir, overwrite=True)
-    logger.info("packed %s: %d -> %d parameters", model_dir, sum(p.numel() for p in masked.parameters()),
-                sum(p.numel() for p in packed.parameters()))
-
-    # Same logits on a random batch: the packed model is the masked model, only smaller.
-    generator = torch.Generator().manual_seed(0)
-    seq = min(64, masked.config.max_position_embeddings)
-    ids = torch.randint(0, masked.config.vocab_size, (2, seq), generator=generator)
-    with torch.inference_mode():
-        a = masked(input_ids=ids).start_logits
-        b = packed(input_ids=ids).start_logits
-    max_diff = float((a - b).abs().max())
-
-    dense = BertForQuestionAnswering(masked.config).eval()  # the unpruned shape; speed depends on shapes only
+    masked = load_model(model_dir).to(resolve_device(device))
     speed = space.speedup
-    timing = compare_latency(dense, packed, batch_size=int(speed.get("batch_size", 1)),
-                             seq_len=min(int(speed.get("seq_len", 128)), masked.config.max_position_embeddings),
-                             repeats=int(speed.get("repeats", 10)), warmup=2)
-    logger.info("speedup dense/packed %.2f (batch %s, seq %s, %s repeats); max |logit diff| %.2e", timing["ratio"],
-                speed.get("batch_size", 1), speed.get("seq_len", 128), speed.get("repeats", 10), max_diff)
+    packed, report = pack_and_verify(masked, batch_size=int(speed["batch_size"]), seq_len=int(speed["seq_len"]),
+                                     repeats=int(speed["repeats"]), precision=precision)
+    save_packed(packed.to("cpu"), load_tokenizer(model_dir), packed_dir, overwrite=True)
     final = _report_metrics(metrics)
     final.pop("model_dir", None)
-    final.update({"speedup": float(timing["ratio"]), "max_logit_diff": max_diff,
-                  "packed_params": float(sum(p.numel() for p in packed.parameters()))})
+    final.update(report.metrics())
     return final
 
 
-def ensure_teacher(space, root: Path) -> tuple[str, dict[str, Any]]:
+# --------------------------------------------------------------------------------------------------------------
+# The teacher
+# --------------------------------------------------------------------------------------------------------------
+
+
+@ray.remote(max_retries=0)
+def _dense_teacher(cfg, given: str | None) -> dict[str, Any]:
+    """Fine-tune the dense teacher (``given`` None) or evaluate the given one, in a Ray worker."""
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    if given is None:
+        return train(cfg, progress=False)  # progress by log lines, not bars (see trial_main)
+    device = resolve_device(cfg.device)
+    model = load_model(given).to(device)
+    examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
+    return {**evaluate(model, load_tokenizer(given), examples, cfg, device=device, progress=False),
+            "model_dir": given}
+
+
+def ensure_teacher(space: SweepSpace, root: Path) -> tuple[str, dict[str, Any]]:
     """The teacher directory and its dense EM/F1: the space's own, or one fine-tuned once and then reused.
 
     The work runs as a Ray task with the trials' resources (a GPU on a GPU cluster); its metrics are cached as
     ``metrics.json`` under the sweep's teacher directory, so a second sweep over the same model/data/config starts
     at once. A given teacher directory is only read.
     """
-    import ray
-
-    from workflows.space import teacher_config, teacher_fingerprint
-
     if space.teacher.path:
         # The user's model directory is only read; its dense metrics are cached beside the sweep's own teachers.
         model_dir = Path(space.teacher.path)
@@ -175,29 +185,10 @@ def ensure_teacher(space, root: Path) -> tuple[str, dict[str, Any]]:
         logger.info("reusing the dense teacher in %s", model_dir)
         return str(model_dir), json.loads(metrics_file.read_text())
 
-    resources = space.resources
-
-    @ray.remote(max_retries=0)
-    def _dense(cfg, given: str | None):
-        import torch
-
-        from pruning.checkpoint import load_model, load_tokenizer
-        from pruning.resources import resolve_data
-        from pruning import squad
-        from pruning.trainer import evaluate, resolve_device, train
-
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        logging.basicConfig(level=logging.INFO)
-        if given is None:
-            return train(cfg, progress=True)
-        device = resolve_device(cfg.device)
-        model = load_model(given).to(device)
-        examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
-        return {**evaluate(model, load_tokenizer(given), examples, cfg, device=device), "model_dir": given}
-
     given = str(model_dir) if space.teacher.path else None
     logger.info("%s the dense teacher %s", "evaluating" if given else "fine-tuning", model_dir)
-    task = _dense.options(num_cpus=_teacher_cpus(resources), num_gpus=resources.get("gpu", 0) or 0)
+    task = _dense_teacher.options(num_cpus=_teacher_cpus(space.resources),
+                                  num_gpus=space.resources.get("gpu", 0) or 0)
     metrics = ray.get(task.remote(cfg, given))
     clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
@@ -206,8 +197,6 @@ def ensure_teacher(space, root: Path) -> tuple[str, dict[str, Any]]:
 
 
 def _teacher_cpus(resources: dict[str, Any]) -> float:
-    import ray
-
     # Nothing else runs while the teacher trains: give it every CPU one node offers (at least the trials' share).
     # Per node, not summed over the cluster: a request for all of a multi-node cluster's CPUs fits no node. Only
     # nodes with the GPUs the task asks for count (a CPU head node cannot run it).
@@ -218,12 +207,9 @@ def _teacher_cpus(resources: dict[str, Any]) -> float:
     return max(float(resources.get("cpu", 1) or 1), min(max(fitting, default=1.0), available))
 
 
-class RayUnavailable(Exception):
-    """The Ray address given (``--address`` or ``RAY_ADDRESS``) does not answer; one line naming it."""
-
-
-class ResumeError(Exception):
-    """``--resume`` names nothing to resume; one line."""
+# --------------------------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _cluster_address(address: str | None) -> str | None:
@@ -244,10 +230,7 @@ def _check_ray_answers(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> 
         RayUnavailable: no connection within ``timeout`` seconds.
     """
     target = address
-    if address == "auto":  # the cluster `ray start` recorded on this machine
-        # Lazy: Ray's own reading of its record; importing Ray is slow and an explicit address does not need it.
-        from ray._private.services import canonicalize_bootstrap_address_or_die
-
+    if address == "auto":  # the cluster `ray start` recorded on this machine, as Ray itself reads it
         try:
             target = canonicalize_bootstrap_address_or_die("auto")
         except (ConnectionError, ValueError) as err:
@@ -269,8 +252,6 @@ def _check_ray_answers(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> 
 
 def _init_ray(cluster: str | None) -> None:
     """Join ``cluster``, or start a private local Ray (``address="local"``) when it is None."""
-    import ray
-
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "logging_level": logging.WARNING,
@@ -301,6 +282,53 @@ def _forwarded_env() -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in taken}
 
 
+def _tune_resources(resources: dict[str, Any]) -> dict[str, float]:
+    return {"cpu": float(resources.get("cpu", 1) or 0), "gpu": float(resources.get("gpu", 0) or 0)}
+
+
+def _storage_roots(storage_path: str | None) -> tuple[str, Path]:
+    """Tune's storage root (an absolute local path, or a URI such as ``s3://bucket/prefix`` kept as it is) and the
+    local directory for what trials read by file path (trained teachers, the feature cache)."""
+    if storage_path and storage_path.startswith("file://"):
+        storage_path = storage_path[len("file://"):]
+    if storage_path and "://" in storage_path:
+        local = Path("runs/ray").resolve()
+        logger.info("checkpoints go to %s; teachers and caches stay in %s on each node (on a multi-node cluster, "
+                    "give teacher.path on a filesystem every node reads)", storage_path, local)
+        root = storage_path.rstrip("/")
+    else:
+        local = Path(storage_path or "runs/ray").resolve()
+        root = str(local)
+    local.mkdir(parents=True, exist_ok=True)
+    return root, local
+
+
+def _tuner(space: SweepSpace, trainable: Any, callback: tracking.MlflowTrialCallback, sweep_dir: str,
+           storage_root: str, resume: bool) -> tune.Tuner:
+    """The Tuner of a new sweep, or the restored one of the sweep being resumed."""
+    if resume and tune.Tuner.can_restore(sweep_dir):
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
+        # The restored Tuner carries the callbacks pickled when the sweep started; log through this driver's.
+        tuner._local_tuner.get_run_config().callbacks = [callback]
+        return tuner
+    # A new sweep, or one whose driver died before Tune first saved its state.
+    run_config = tune.RunConfig(
+        name=sweep_dir.rsplit("/", 1)[1],
+        storage_path=storage_root,
+        failure_config=tune.FailureConfig(max_failures=space.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        callbacks=[callback],
+        verbose=1,
+    )
+    return tune.Tuner(trainable, param_space=param_space(space),
+                      tune_config=tune.TuneConfig(**tune_config_kwargs(space, TRIAL_METRICS)), run_config=run_config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------------------------------
+
+
 def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_uri: str | None = None,
               address: str | None = None, resume: bool | str = False, storage_path: str | None = None,
               report_dir: str | Path | None = None, tracking_timeout: float | None = None) -> dict[str, Any]:
@@ -322,20 +350,12 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         ResumeError: there is no such sweep to resume.
         TrackingUnavailable: the tracking server stayed away longer than ``tracking_timeout``.
     """
-    from workflows.space import load_space
-
+    # 1. Validate: the space, the cluster and the tracking server, before anything is written.
     space = load_space(space_path)
+    tune_config_kwargs(space, TRIAL_METRICS)  # every objective is reported by the trials
     cluster = _cluster_address(address)
     if cluster:
         _check_ray_answers(cluster)
-
-    import ray
-    from ray import tune
-
-    from workflows import frontier, registry, tracking
-    from workflows.retry import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV, TrackingUnavailable, quick_http_failures
-    from workflows.space import param_space, scheduler, search_algorithm, trial_config
-
     experiment = experiment or space.name
     tracking_uri = record.tracking_uri(tracking_uri)
     limit = float(tracking_timeout or os.environ.get(OUTAGE_LIMIT_ENV) or DEFAULT_OUTAGE_LIMIT_S)
@@ -361,20 +381,20 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         sweep_dir = f"{storage_root}/{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
     # The sweep's identity, before anything else starts: what `--resume` finds even if the driver dies right away.
-    parent = tracking.start_parent_run(client, experiment, sweep_dir, _space_summary(space), bool(resume))
+    parent = tracking.start_parent_run(client, experiment, sweep_dir, space.summary(), bool(resume))
     try:
         _init_ray(cluster)
     except RayUnavailable:
         tracking.finish_parent_run(client, parent, status="FAILED", state="interrupted")
         raise
     try:
+        # 2. The teacher.
         teacher_dir, dense_metrics = ensure_teacher(space, storage / "teachers")
         tracking.log_baseline(client, experiment, parent, dense_metrics, {"model": space.base.get("model", "")},
                               teacher_dir)
 
+        # 3. The trials.
         def params_of(trial_params: dict[str, Any]) -> dict[str, Any]:
-            from pruning.config import config_to_dict
-
             cfg = trial_config(space, dict(trial_params), output_dir="<trial>", teacher=teacher_dir)
             return {**config_to_dict(cfg), **{f"{record.PARAM_SEARCHED}{k}": v for k, v in trial_params.items()}}
 
@@ -382,54 +402,29 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         trainable = tune.with_parameters(trial_main, space=space, teacher=teacher_dir,
                                          cache_dir=str(storage / "cache"))
         trainable = tune.with_resources(trainable, _tune_resources(space.resources))
-        run_config = tune.RunConfig(
-            name=sweep_dir.rsplit("/", 1)[1],
-            storage_path=storage_root,
-            failure_config=tune.FailureConfig(max_failures=space.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[callback],
-            verbose=1,
-        )
-        if resume and tune.Tuner.can_restore(sweep_dir):
-            tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
-            # The restored Tuner carries the callbacks pickled when the sweep started; log through this driver's.
-            tuner._local_tuner.get_run_config().callbacks = [callback]
-        else:  # a new sweep, or one whose driver died before Tune first saved its state
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space(space),
-                tune_config=tune.TuneConfig(search_alg=search_algorithm(space), scheduler=scheduler(space),
-                                            num_samples=space.num_samples),
-                run_config=run_config,
-            )
         with quick_http_failures():
-            tuner.fit()
+            _tuner(space, trainable, callback, sweep_dir, storage_root, bool(resume)).fit()
         if callback.failure is not None:
             raise callback.failure
         statuses = list(callback.trial_statuses.values())
         complete = len(statuses) >= space.num_samples and all(s == "TERMINATED" for s in statuses)
 
+        # 4. Frontier, registry, report.
         runs = tracking.trial_runs(client, experiment, parent, include_baseline=True)
         summary = frontier_summary(client, runs, space)
         tracking.log_json(client, parent, summary["frontier"], record.ARTIFACT_FRONTIER)
         tracking.log_json(client, parent, summary["frontier_speedup"], record.ARTIFACT_FRONTIER_SPEED)
-        _log_plot(client, parent, runs, summary)
         series = tracking.hypervolume_series(runs, space.objectives,
                                              frontier.reference_point(space.objectives, space.reference_point))
         tracking.log_hypervolume(client, parent, series)
         summary["hypervolume"] = series[-1]["hypervolume"]
         summary["frontier_versions"] = registry.register_frontier(client, experiment, parent, space.registry.name)
-        champion = registry.register_champion(client, experiment, parent, space.registry, dense_metrics,
-                                              latency=registry.latency_settings(space.speedup, space.resources))
-        summary["champion"] = champion
-        try:
-            from workflows.report import write_report
-
-            out = Path(report_dir or Path("reports") / experiment)
-            summary["report"] = {k: str(v) for k, v in write_report(experiment, out_dir=out, tracking_uri=tracking_uri,
-                                                                    sweep_run_id=parent).items()}
-        except ImportError:
-            pass
+        summary["champion"] = registry.register_champion(
+            client, experiment, parent, space.registry, dense_metrics,
+            latency=registry.latency_settings(space.speedup, space.resources))
+        out = Path(report_dir or Path("reports") / experiment)
+        summary["report"] = {k: str(v) for k, v in write_report(experiment, out_dir=out, tracking_uri=tracking_uri,
+                                                                sweep_run_id=parent).items()}
         if complete:
             tracking.finish_parent_run(client, parent)
         else:
@@ -451,8 +446,6 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
 
 
 def _sweep_to_resume(client, experiment: str, run_id: str | None, tracking_uri: str):
-    from workflows import tracking
-
     try:
         previous = tracking.find_sweep(client, experiment, run_id)
     except ValueError as err:
@@ -462,35 +455,12 @@ def _sweep_to_resume(client, experiment: str, run_id: str | None, tracking_uri: 
     return previous
 
 
-def _tune_resources(resources: dict[str, Any]) -> dict[str, float]:
-    return {"cpu": float(resources.get("cpu", 1) or 0), "gpu": float(resources.get("gpu", 0) or 0)}
-
-
-def _storage_roots(storage_path: str | None) -> tuple[str, Path]:
-    """Tune's storage root (an absolute local path, or a URI such as ``s3://bucket/prefix`` kept as it is) and the
-    local directory for what trials read by file path (trained teachers, the feature cache)."""
-    if storage_path and storage_path.startswith("file://"):
-        storage_path = storage_path[len("file://"):]
-    if storage_path and "://" in storage_path:
-        local = Path("runs/ray").resolve()
-        logger.info("checkpoints go to %s; teachers and caches stay in %s on each node (on a multi-node cluster, "
-                    "give teacher.path on a filesystem every node reads)", storage_path, local)
-        root = storage_path.rstrip("/")
-    else:
-        local = Path(storage_path or "runs/ray").resolve()
-        root = str(local)
-    local.mkdir(parents=True, exist_ok=True)
-    return root, local
-
-
-def frontier_summary(client, runs: list, space) -> dict[str, Any]:
+def frontier_summary(client, runs: list, space: SweepSpace) -> dict[str, Any]:
     """Tag the Pareto-optimal runs and return the frontier tables.
 
     ``frontier`` is the frontier of the space's objectives (by default F1 against linear density), sorted by its
     density objective; ``frontier_speedup`` is the frontier of (f1, speedup), fastest first.
     """
-    from workflows import frontier, tracking
-
     objectives = list(space.objectives)
     speed_objectives = list(record.SPEED_OBJECTIVES)
     finished = [r for r in runs
@@ -508,34 +478,6 @@ def frontier_summary(client, runs: list, space) -> dict[str, Any]:
                                                                                if p["kind"] == record.KIND_TRIAL])}
 
 
-def _log_plot(client, parent: str, runs: list, summary: dict[str, Any]) -> None:
-    import tempfile
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [(r.data.metrics.get("linear_density"), r.data.metrics.get("f1"), r.info.run_id) for r in runs
-              if "f1" in r.data.metrics and "linear_density" in r.data.metrics]
-    if not points:
-        return
-    front = {row["run_id"] for row in summary["frontier"]}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([p[0] for p in points], [p[1] for p in points], color="#999999", label="trials")
-    fp = sorted((p for p in points if p[2] in front), key=lambda p: p[0])
-    ax.plot([p[0] for p in fp], [p[1] for p in fp], "o-", color="#d62728", label="Pareto frontier")
-    ax.set_xlabel("linear density")
-    ax.set_ylabel("F1")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / record.ARTIFACT_FRONTIER_PLOT
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        client.log_artifact(parent, str(path))
-    plt.close(fig)
-
-
 def _log_summary(summary: dict[str, Any]) -> None:
     logger.info("frontier (f1 up, linear_density down):")
     for row in summary.get("frontier", []):
@@ -546,21 +488,3 @@ def _log_summary(summary: dict[str, Any]) -> None:
     if champion.get("model_uri"):
         logger.info("champion: %s (version %s)", champion["model_uri"], champion.get("version"))
     logger.info("open the UI: %s", summary.get("ui"))
-
-
-if __name__ == "__main__":  # `ray submit cluster.yaml workflows/sweep.py -- --space ...`
-    _root = Path(__file__).resolve().parent.parent
-    if (_root / "workflows" / "cli.py").is_file():
-        sys.path.insert(0, str(_root))
-    else:
-        # `ray submit` runs a copy of this file from the home directory: work from the installed project instead,
-        # so that the space's relative paths (and runs/, reports/) mean what they mean in a checkout.
-        import workflows
-
-        os.chdir(Path(workflows.__file__).resolve().parent.parent)
-    from workflows.cli import main
-
-    _args = sys.argv[1:]
-    if not os.environ.get("RAY_ADDRESS") and not any(a == "--address" or a.startswith("--address=") for a in _args):
-        _args += ["--address", "auto"]  # on a cluster's head: join the cluster `ray start` recorded there
-    sys.exit(main(["sweep", *_args]))

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import mlflow
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 
