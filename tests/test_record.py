@@ -49,7 +49,7 @@ def test_the_registry_spec_round_trips_through_the_sweeps_parent_run(client):
     space = load_space(ROOT / "tune_spaces" / "smoke.yaml")
     for spec in (space.registry, RegistrySpec("m", "min_density_within_f1_drop", max_f1_drop=2.5),
                  RegistrySpec("m", "best_f1_under_latency", max_latency_ms=12.0)):
-        summary = {**{k: v for k, v in asdict(space).items() if k != "path"}, "registry": asdict(spec)}
+        summary = {**space.summary(), "registry": asdict(spec)}
         parent = tracking.start_parent_run(client, "exp", f"/sweeps/{spec.policy}", summary, resume=False)
         params = client.get_run(parent).data.params
         assert RegistrySpec.from_params(params) == spec

@@ -657,7 +657,7 @@ class SweepSpace(_Section):
 
     def summary(self) -> dict[str, Any]:
         """The space as plain JSON values, without its path: what the sweep logs on its parent run."""
-        return self.model_dump(mode="json", exclude={"path"})
+        return self.model_dump(mode="json", exclude={"path"}, by_alias=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
