@@ -70,11 +70,13 @@ def calibration_steps(cfg: RunConfig) -> int:
 
 
 def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argparse.Namespace) -> RunConfig:
-    budget = args.steps
     """The run config of one row: ``configs/prune_topk50.yaml`` with the teacher, the density and the method."""
+    budget = args.steps
+    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
     base = load_config(PRUNE_CONFIG, {"model": teacher, "teacher": teacher, "target_density": density,
-                                      "output_dir": str(out_dir / f"{row}_{density:g}"),
-                                      "eval_limit": args.eval_limit, "cache_dir": str(out_dir / "cache")})
+                                      "output_dir": str(out_dir / f"{row}_{density:g}{suffix}"),
+                                      "eval_limit": args.eval_limit, "cache_dir": str(out_dir / "cache"),
+                                      "precision": args.precision})
     head_block = None
     if row.startswith("fisher"):
         config = load_model(teacher).config
@@ -143,7 +145,7 @@ def run_row(row: str, density: float, teacher: str, teacher_scores: dict[str, fl
         "tuning_error_after": metrics.get("tuning_error_after"),
         "config": {k: v for k, v in dataclasses.asdict(cfg).items()
                    if k in ("calibration_samples", "mask_tuning_samples", "mask_rearrange", "alpha_hidden",
-                            "fill_learning_rate", "mask_init_scale", "max_steps", "fill_steps")},
+                            "fill_learning_rate", "mask_init_scale", "max_steps", "fill_steps", "precision")},
     }
 
 
@@ -204,6 +206,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recovery-lr", type=float, default=None, help="fill_learning_rate of the recovery")
     parser.add_argument("--init-scale", type=float, default=1.0, help="mask_init_scale of the fisher warm start")
     parser.add_argument("--repeats", type=int, default=10, help="latency pairs per packed model")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                        help="precision of the pruning runs (the teacher is used as it is); keep bf16 rows in their "
+                             "own --json file, since rows are keyed by method and density")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rerun", action="store_true", help="run rows again even when the results file has them")
     return parser.parse_args(argv)
