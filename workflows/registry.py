@@ -512,8 +512,6 @@ def _load_version(name: str, version: str, tracking_uri: str, dst: str):
 
 def _dense_shape(model):
     """A randomly initialised model of the unpruned shape (speed depends on shapes only), and its shape key."""
-    import copy
-
     config = copy.deepcopy(model.config)
     key = json.dumps({k: getattr(config, k, None) for k in ("model_type", "vocab_size", "hidden_size",
                                                               "num_hidden_layers", "num_attention_heads",
