@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,10 @@ def test_every_trial_was_killed_once_retried_and_finished(retried_sweep):
     artifacts = {a.path for a in _client(summary).list_artifacts(summary["parent_run_id"])}
     # The frontier tables and the report (whose plots draw the frontier) are logged on the parent run.
     assert {"frontier.json", "frontier_speedup.json", "report"} <= artifacts
+    # A trial's scratch files (training checkpoints, the masked model) are gone once its packed model is in the
+    # sweep's storage: a long sweep must not fill the temporary directory.
+    scratch = Path(tempfile.gettempdir()) / "fineprune-trials" / Path(summary["sweep_dir"]).name
+    assert not list(scratch.glob("*/run")) and not list(scratch.glob("*/restored"))
 
 
 def test_frontier_tags_are_exactly_the_non_dominated_runs(retried_sweep):

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 import time
@@ -125,7 +126,12 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
     final = _pack_and_measure(metrics, packed_dir, space, cfg.device, cfg.precision)
     final.update({"node_id": node_id, "final": True})
     (packed_dir / CHECKPOINT_KIND).write_text(json.dumps({"kind": "packed", "metrics": final}))
+    # Every checkpoint reported so far is already in the sweep's storage; the training run's files (hundreds of
+    # MB a trial) go before the final report, since code after a trial's last report may not run.
+    for stale in (work_dir / "run", work_dir / "restored"):
+        shutil.rmtree(stale, ignore_errors=True)
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(packed_dir)))
+    shutil.rmtree(work_dir, ignore_errors=True)  # the packed copy, now in storage too
 
 
 def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space: SweepSpace, device: str,
