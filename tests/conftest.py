@@ -1,13 +1,19 @@
-"""Shared fixtures: a tiny random BERT configuration, the shipped tokenizer, and a slice of the shipped dev set."""
+"""Shared fixtures: a tiny random BERT configuration, a masked checkpoint of one, the shipped tokenizer, and a slice
+of the shipped dev set."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
-from pruning import squad
+from pruning import masks, squad
+from pruning.checkpoint import save_model
+from pruning.config import RunConfig
 from pruning.resources import shipped_model_dir, squad_file
+from pruning.trainer import build_model
 
 DEV_SUBSET_SIZE = 40
 
@@ -18,6 +24,24 @@ def tiny_bert_config() -> BertConfig:
     return BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=128, max_position_embeddings=512, hidden_dropout_prob=0.0,
                       attention_probs_dropout_prob=0.0)
+
+
+@pytest.fixture(scope="session")
+def masked_checkpoint(tmp_path_factory) -> Path:
+    """A saved 2-layer topk checkpoint with random scores cut at 0.4: some blocks, heads and FFN columns masked.
+
+    Read-only: tests that change a checkpoint copy it first.
+    """
+    torch.manual_seed(0)
+    cfg = RunConfig(model_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, max_position_embeddings=128),
+                    method="topk", attention_block=(16, 16))
+    model, tokenizer = build_model(cfg)
+    with torch.no_grad():
+        for score in masks.mask_score_parameters(model):
+            score.copy_(torch.randn_like(score))
+    masks.set_threshold(model, 0.4)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "masked")
 
 
 @pytest.fixture(scope="session")

@@ -11,33 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from pruning import masks, squad
-from pruning.checkpoint import save_model
-from pruning.config import RunConfig
+from pruning import squad
 from pruning.resources import squad_file
-from pruning.trainer import build_model
 from workflows import cli
 
 
 def fineprune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True,
                           timeout=300, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def masked_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = RunConfig(model_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=128, max_position_embeddings=128),
-                    method="topk", attention_block=(16, 16))
-    model, tokenizer = build_model(cfg)
-    with torch.no_grad():
-        for score in masks.mask_score_parameters(model):
-            score.copy_(torch.randn_like(score))
-    masks.set_threshold(model, 0.4)
-    return save_model(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "masked")
 
 
 def test_score_agrees_with_the_metric(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,7 +13,6 @@ import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
 from pruning import masks
-from pruning.checkpoint import save_model
 from pruning.config import RunConfig
 from pruning.export import (
     FILES,
@@ -165,20 +163,6 @@ def one_line_error(code: int, err: str) -> str:
 def cli_error(capsys, *args: str) -> str:
     code, _, err = run_cli(capsys, *args)
     return one_line_error(code, err)
-
-
-@pytest.fixture(scope="module")
-def masked_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    cfg = RunConfig(model_config=dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
-                                      intermediate_size=INTER, max_position_embeddings=128),
-                    method="topk", attention_block=(16, 16))
-    model, tokenizer = build_model(cfg)
-    with torch.no_grad():
-        for score in masks.mask_score_parameters(model):
-            score.copy_(torch.randn_like(score))
-    masks.set_threshold(model, 0.4)
-    return save_model(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "masked")
 
 
 def test_export_eval_and_ask_from_the_command_line(masked_checkpoint, tmp_path, capsys):
