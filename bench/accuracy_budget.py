@@ -76,7 +76,8 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
     base = load_config(PRUNE_CONFIG, {"model": teacher, "teacher": teacher, "target_density": density,
                                       "output_dir": str(out_dir / f"{row}_{density:g}{suffix}"),
                                       "eval_limit": args.eval_limit, "cache_dir": str(out_dir / "cache"),
-                                      "precision": args.precision})
+                                      "precision": args.precision,
+                                      **({"train_limit": args.train_limit} if args.train_limit else {})})
     head_block = None
     if row.startswith("fisher"):
         config = load_model(teacher).config
@@ -205,6 +206,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha-hidden", type=float, default=1.0, help="hidden-state MSE weight in the recovery")
     parser.add_argument("--recovery-lr", type=float, default=None, help="fill_learning_rate of the recovery")
     parser.add_argument("--init-scale", type=float, default=1.0, help="mask_init_scale of the fisher warm start")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="training questions the pruned models see (default: the teacher's 2,000). The budget "
+                             "is steps, so more questions mean fewer repeats of each window, not more compute")
     parser.add_argument("--repeats", type=int, default=10, help="latency pairs per packed model")
     parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                         help="precision of the pruning runs (the teacher is used as it is); keep bf16 rows in their "

@@ -90,6 +90,11 @@ def test_packed_model_exports_fused_per_layer_and_matches_pytorch(heads_removed,
     fp32 = logits_of(OrtQAModel(tmp_path / FILES["fp32"], packed.config), dev_windows)
     real = np.broadcast_to(dev_windows.attention_mask.numpy().astype(bool), reference.shape)
     assert np.abs(fp32 - reference)[real].max() <= 1e-4
+    # The benchmarks' sessions, whose threads do not spin between calls, compute the same logits.
+    quiet = OrtQAModel(tmp_path / FILES["fp32"], packed.config, spin=False)
+    spinning = quiet.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    assert spinning == "0"
+    np.testing.assert_array_equal(logits_of(quiet, dev_windows), fp32)
     int8 = logits_of(OrtQAModel(tmp_path / FILES["int8"], packed.config, variant="int8"), dev_windows)
     assert np.isfinite(int8).all() and not np.array_equal(int8, fp32)  # really another model, still close
     assert np.abs(int8 - reference)[real].max() < 0.1 * np.abs(reference)[real].max() + 0.05
