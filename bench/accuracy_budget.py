@@ -14,7 +14,8 @@ Rows, at linear densities 0.5 and 0.3 (``--densities``):
 * ``topk_fisher``: the same with ``mask_init: fisher`` (the calibration pass replaces the first steps);
 * ``fisher``: one-shot structured pruning (``method: fisher``: Fisher importance, search, mask tuning), no training;
 * ``fisher_recovery``: the same, then the rest of the budget as a distilled recovery fine-tune of the fixed
-  structure (``fill_steps``), with a hidden-state MSE term of weight ``--alpha-hidden``.
+  structure (``fill_steps``), with a hidden-state MSE term of weight ``--alpha-hidden``; with ``--stages K`` the
+  cut is made in K stages with the recovery split between them (``fisher_stages``).
 
 Columns: EM, F1, retention (pruned F1 / teacher F1), linear density, heads removed, packed speed-up (dense teacher
 against the packed model, batch 1, 192 tokens, interleaved medians), steps, and the wall time of the pruning itself
@@ -63,7 +64,7 @@ def calibration_steps(cfg: RunConfig) -> int:
     """Steps of the budget that calibration passes take (a pass over N windows counts N / batch_size steps)."""
     windows = 0
     if cfg.method.value == "fisher":
-        windows = cfg.calibration_samples + cfg.mask_tuning_samples
+        windows = cfg.fisher_stages * (cfg.calibration_samples + cfg.mask_tuning_samples)
     elif getattr(cfg.mask_init, "value", None) == "fisher":
         windows = cfg.calibration_samples
     return math.ceil(windows / cfg.batch_size)
@@ -93,7 +94,8 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
     elif row == "fisher_recovery":
         values = {"method": "fisher", "attention_block": head_block, "calibration_samples": args.calibration,
                   "mask_tuning_samples": args.tuning, "mask_rearrange": args.rearrange,
-                  "alpha_hidden": args.alpha_hidden, "fill_learning_rate": args.recovery_lr}
+                  "alpha_hidden": args.alpha_hidden, "fill_learning_rate": args.recovery_lr,
+                  "fisher_stages": args.stages, "fill_steps": budget}  # fill_steps: the rest, set below
     else:
         raise ValueError(f"unknown row {row!r}")
     cfg = config_from_dict(values, source=row, base=base)
@@ -146,7 +148,8 @@ def run_row(row: str, density: float, teacher: str, teacher_scores: dict[str, fl
         "tuning_error_after": metrics.get("tuning_error_after"),
         "config": {k: v for k, v in dataclasses.asdict(cfg).items()
                    if k in ("calibration_samples", "mask_tuning_samples", "mask_rearrange", "alpha_hidden",
-                            "fill_learning_rate", "mask_init_scale", "max_steps", "fill_steps", "precision")},
+                            "fill_learning_rate", "mask_init_scale", "max_steps", "fill_steps", "precision",
+                            "fisher_stages", "train_limit")},
     }
 
 
@@ -203,6 +206,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the same heads and cost 96 recovery steps)")
     parser.add_argument("--tuning", type=int, default=256, help="mask tuning windows (mask_tuning_samples)")
     parser.add_argument("--rearrange", action="store_true", help="mask rearrangement (mask_rearrange)")
+    parser.add_argument("--stages", type=int, default=1,
+                        help="fisher_stages of the recovery row: the cut in this many stages, each followed by its "
+                             "share of the recovery (every stage's calibration counts against the budget)")
     parser.add_argument("--alpha-hidden", type=float, default=1.0, help="hidden-state MSE weight in the recovery")
     parser.add_argument("--recovery-lr", type=float, default=None, help="fill_learning_rate of the recovery")
     parser.add_argument("--init-scale", type=float, default=1.0, help="mask_init_scale of the fisher warm start")

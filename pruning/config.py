@@ -120,6 +120,9 @@ class RunConfig:
     target_flops: float | None = None  # fisher: fraction of the encoder's FLOPs to keep (instead of target_density)
     mask_rearrange: bool = False  # fisher: re-choose each layer's heads/neurons with its block-diagonal Fisher
     mask_tuning_samples: int = 256  # fisher: windows for the least-squares rescaling of kept heads/neurons; 0: off
+    # fisher: cut in this many stages, each followed by an equal share of the fill_steps (1: one-shot). Stage i
+    # keeps target ** (i / fisher_stages) of the linear weights (or FLOPs), from the model the last stage recovered.
+    fisher_stages: int = 1
 
     # --- hardware -----------------------------------------------------------------------------------------
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
@@ -188,6 +191,8 @@ def _check(cfg: RunConfig) -> None:
         _fail("mask_tuning_samples", f"must be an integer >= 0, got {cfg.mask_tuning_samples!r}")
     if not isinstance(cfg.mask_rearrange, bool):
         _fail("mask_rearrange", f"must be true or false, got {cfg.mask_rearrange!r}")
+    if not (_is_int(cfg.fisher_stages) and cfg.fisher_stages >= 1):
+        _fail("fisher_stages", f"must be an integer >= 1, got {cfg.fisher_stages!r}")
     if not _is_int(cfg.seed):
         _fail("seed", f"must be an integer, got {cfg.seed!r}")
     if cfg.doc_stride >= cfg.max_seq_length:
@@ -240,6 +245,11 @@ def _check(cfg: RunConfig) -> None:
         _fail("model_config", f"must be a mapping of BertConfig fields, got {type(cfg.model_config).__name__}")
     if not cfg.masked and cfg.fill_steps:
         _fail("fill_steps", "a filled phase needs a pruning method (topk, sigmoid_threshold or fisher)")
+    if cfg.fisher_stages > 1 and cfg.method is not Method.FISHER:
+        _fail("fisher_stages", f"is {cfg.fisher_stages}, but only method fisher prunes in stages")
+    if cfg.fisher_stages > 1 and cfg.fill_steps < cfg.fisher_stages:
+        _fail("fisher_stages", f"{cfg.fisher_stages} stages need at least {cfg.fisher_stages} fill_steps (recovery "
+                               f"after each), got {cfg.fill_steps}")
     if cfg.model_config is not None:
         hidden = cfg.model_config.get("hidden_size", 768)
         heads = cfg.model_config.get("num_attention_heads", 12)

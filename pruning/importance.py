@@ -48,6 +48,7 @@ __all__ = [
     "magnitude_block_importance",
     "structure_costs",
     "search_mask",
+    "stage_targets",
     "rearrange_mask",
     "zero_removed_",
     "tune_masks_",
@@ -343,8 +344,27 @@ def _descending(values: torch.Tensor) -> torch.Tensor:
     return torch.argsort(-values.flatten(), stable=True)
 
 
+def _allowed_first(order: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """``order`` with the allowed positions first (each part keeping its order)."""
+    if allowed is None:
+        return order
+    flags = allowed.flatten()[order]
+    return torch.cat([order[flags], order[~flags]])
+
+
+def stage_targets(target: float, stages: int) -> list[float]:
+    """What each stage of a staged cut keeps: ``target ** (i / stages)`` for ``i = 1 .. stages``.
+
+    Every stage removes the same fraction of what the previous one kept, and the last one keeps exactly ``target``.
+    """
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    return [target if i == stages else target ** (i / stages) for i in range(1, stages + 1)]
+
+
 def search_mask(head_importance: torch.Tensor, neuron_importance: torch.Tensor, costs: StructureCosts,
-                budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+                budget: int, allowed_heads: torch.Tensor | None = None,
+                allowed_neurons: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The heads and neurons to keep: the largest total importance whose cost fits in ``budget``.
 
     For every number ``k`` of kept heads (the ``k`` most important), the remaining budget takes as many of the most
@@ -356,23 +376,27 @@ def search_mask(head_importance: torch.Tensor, neuron_importance: torch.Tensor, 
         neuron_importance: (layers, intermediate).
         costs: from :func:`structure_costs`.
         budget: the most the kept structures may cost (same unit as ``costs``).
+        allowed_heads, allowed_neurons: boolean masks of the structures that may be kept (a later stage of a
+            staged cut keeps a subset of what the last one kept); default: all.
 
     Returns:
         Boolean ``(head_keep, neuron_keep)`` shaped like the importances.
     """
-    head_order = _descending(head_importance)
-    neuron_order = _descending(neuron_importance)
+    head_order = _allowed_first(_descending(head_importance), allowed_heads)
+    neuron_order = _allowed_first(_descending(neuron_importance), allowed_neurons)
+    max_heads = head_importance.numel() if allowed_heads is None else int(allowed_heads.sum())
     head_cum = torch.cat([torch.zeros(1, dtype=torch.float64),
                           torch.cumsum(head_importance.flatten()[head_order].double(), 0)])
     neuron_cum = torch.cat([torch.zeros(1, dtype=torch.float64),
                             torch.cumsum(neuron_importance.flatten()[neuron_order].double(), 0)])
     num_neurons = neuron_importance.numel()
+    max_neurons = num_neurons if allowed_neurons is None else int(allowed_neurons.sum())
     best_k, best_n, best_value = 0, 0, -math.inf
-    for k in range(head_importance.numel() + 1):
+    for k in range(max_heads + 1):
         left = budget - k * costs.head
         if left < 0:
             break
-        n = min(num_neurons, left // costs.neuron)
+        n = min(max_neurons, left // costs.neuron)
         value = float(head_cum[k] + neuron_cum[n])
         if value > best_value:
             best_k, best_n, best_value = k, n, value

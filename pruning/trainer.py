@@ -9,8 +9,10 @@ Phases of a masked run (``S`` = pruning steps, ``F`` = ``fill_steps``):
     scores are frozen, and the weights are fine-tuned further with distillation.
 
 ``method: fisher`` has no pruning steps: before the loop, one-shot structured pruning (:mod:`pruning.importance`)
-fixes the structure, and the ``F`` filled steps are its recovery fine-tune. ``mask_init: fisher | magnitude`` warm
-starts the scores of topk and sigmoid_threshold from the same importance estimates.
+fixes the structure, and the ``F`` filled steps are its recovery fine-tune. With ``fisher_stages: k`` the cut
+is made in ``k`` stages, each on the model the previous recovery left, before steps ``0, F/k, 2F/k, ...``.
+``mask_init: fisher | magnitude`` warm starts the scores of topk and sigmoid_threshold from the same importance
+estimates.
 
 ``train(cfg, report=...)`` calls ``report(metrics, checkpoint_dir)`` at every evaluation; the sweep forwards it to
 Ray Tune, a plain script can log it. Nothing here knows about Ray or MLflow.
@@ -367,6 +369,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         restore_optimizer(optimizer, tensors)
 
     global_topk = cfg.topk_scope is TopkScope.GLOBAL and cfg.method is Method.TOPK
+    stage_steps = fisher_stage_steps(cfg) if cfg.method is Method.FISHER else []
     batches = _micro_batches(num_features, cfg, start_step * cfg.grad_accum)
     running: dict[str, float] = {}
     last_metrics: dict[str, Any] = {}
@@ -386,6 +389,11 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             mask_lib.set_threshold(model, schedule_values(step)[0], global_topk=global_topk)
             enter_fill_phase(model)
             optimizer = _rebuild_optimizer_for_fill(model, cfg, optimizer)
+        if step in stage_steps:
+            stage = stage_steps.index(step) + 1
+            pruning_metrics = _fisher_cut(cfg, model, teacher, features, device, stage, pruning_metrics)
+            model.to(device)
+            optimizer = _optimizer(model, cfg)  # the baked and re-masked layers are new parameters
         threshold, lam_att, lam_ffn = schedule_values(step)
         if cfg.masked and step < p.prune_steps:
             mask_lib.set_threshold(model, threshold, global_topk=global_topk)
@@ -497,31 +505,73 @@ def _initial_masks(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, 
     if source == MaskInit.MAGNITUDE.value and cfg.method is not Method.FISHER:
         importance.warm_start_scores_(model, "magnitude", cfg.mask_init_scale)
         return {"prune_seconds": time.time() - started, "prune_cpu_seconds": time.process_time() - started_cpu}
-    index = importance.calibration_index(num_windows, cfg.calibration_samples, cfg.seed)
-    # A student that starts from the teacher's weights has the teacher's distribution: no second forward pass.
-    label_model = None if teacher is None or _same_model(cfg.model, cfg.teacher) else teacher
-    estimate = importance.fisher_importance(
+    if cfg.method is not Method.FISHER:
+        index = importance.calibration_index(num_windows, cfg.calibration_samples, cfg.seed)
+        estimate = _fisher_estimate(cfg, model, teacher, features, index, device)
+        importance.warm_start_scores_(model, "fisher", cfg.mask_init_scale, estimate)
+        return {"calibration_windows": float(index.numel()), "calibration_seconds": time.time() - started,
+                "prune_seconds": time.time() - started, "prune_cpu_seconds": time.process_time() - started_cpu}
+    return _fisher_cut(cfg, model, teacher, features, device, stage=0)
+
+
+def _fisher_estimate(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, features: dict[str, torch.Tensor],
+                     index: torch.Tensor, device: torch.device, trained: bool = False) -> importance.Importance:
+    # A student that starts from the teacher's weights, and has not been trained since, has the teacher's
+    # distribution: no second forward pass.
+    label_model = None if teacher is None or (not trained and _same_model(cfg.model, cfg.teacher)) else teacher
+    return importance.fisher_importance(
         model, features, index, cfg.batch_size, labels="sampled" if teacher is not None else "gold",
         teacher=label_model,
         block_diagonal=cfg.method is Method.FISHER and cfg.mask_rearrange, seed=cfg.seed, device=device,
         autocast=lambda: autocast(resolve_precision(cfg.precision, device), device))
-    out = {"calibration_windows": float(index.numel()), "calibration_seconds": time.time() - started}
-    if cfg.method is not Method.FISHER:
-        importance.warm_start_scores_(model, "fisher", cfg.mask_init_scale, estimate)
-        out.update(prune_seconds=time.time() - started, prune_cpu_seconds=time.process_time() - started_cpu)
-        return out
+
+
+def fisher_stage_steps(cfg: RunConfig) -> list[int]:
+    """The steps before which each later stage of a staged fisher cut runs (the first runs before step 0)."""
+    return [cfg.fill_steps * i // cfg.fisher_stages for i in range(1, cfg.fisher_stages)]
+
+
+def _fisher_cut(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, features: dict[str, torch.Tensor],
+                device: torch.device, stage: int,
+                previous: dict[str, float] | None = None) -> dict[str, float]:
+    """One stage of the fisher cut, in place: importance, search, mask tuning, then the fixed masks.
+
+    Stage 0 starts from the plain model. A later stage starts from the masked model the previous stages left
+    (recovered since), bakes its masks and keeps a subset of what it kept, at the stage's share of the target
+    (:func:`importance.stage_targets`); the last stage meets the target exactly. Every stage draws its own
+    calibration windows. Costs add up in the returned metrics.
+    """
+    started, started_cpu = time.time(), time.process_time()
+    out = dict(previous or {})
+    allowed_heads = allowed_neurons = None
+    if stage:
+        report = sparsity_report(model)
+        allowed_heads = torch.stack([layer.heads_kept for layer in report.layers]).bool()
+        allowed_neurons = torch.stack([layer.ffn_kept for layer in report.layers]).bool()
+        mask_lib.remove_masks_(model)
+    num_windows = int(features["input_ids"].shape[0])
+    index = importance.calibration_index(num_windows, cfg.calibration_samples, cfg.seed + stage)
+    estimate = _fisher_estimate(cfg, model, teacher, features, index, device, trained=stage > 0)
+    out["calibration_windows"] = out.get("calibration_windows", 0.0) + float(index.numel())
+    out["calibration_seconds"] = out.get("calibration_seconds", 0.0) + time.time() - started
 
     by_flops = cfg.target_flops is not None
     costs = importance.structure_costs(model.config, "flops" if by_flops else "density", cfg.max_seq_length)
-    target = cfg.target_flops if by_flops else cfg.target_density
+    target = importance.stage_targets(cfg.target_flops if by_flops else cfg.target_density, cfg.fisher_stages)[stage]
     budget = int(math.floor(target * costs.total + 1e-6))
-    head_keep, neuron_keep = importance.search_mask(estimate.heads, estimate.neurons, costs, budget)
+    head_keep, neuron_keep = importance.search_mask(estimate.heads, estimate.neurons, costs, budget,
+                                                    allowed_heads, allowed_neurons)
     if cfg.mask_rearrange:
-        head_keep = importance.rearrange_mask(head_keep, estimate.head_blocks)
-        neuron_keep = importance.rearrange_mask(neuron_keep, estimate.neuron_blocks)
-    logger.info("fisher: keeping %d of %d heads and %d of %d FFN dimensions (budget %.3f of the %s)",
-                int(head_keep.sum()), head_keep.numel(), int(neuron_keep.sum()), neuron_keep.numel(), target,
-                "FLOPs" if by_flops else "linear weights")
+        heads = importance.rearrange_mask(head_keep, estimate.head_blocks)
+        neurons = importance.rearrange_mask(neuron_keep, estimate.neuron_blocks)
+        # A rearranged later stage must not bring back what an earlier one removed.
+        if allowed_heads is None or not (heads & ~allowed_heads).any():
+            head_keep = heads
+        if allowed_neurons is None or not (neurons & ~allowed_neurons).any():
+            neuron_keep = neurons
+    logger.info("fisher stage %d/%d: keeping %d of %d heads and %d of %d FFN dimensions (budget %.3f of the %s)",
+                stage + 1, cfg.fisher_stages, int(head_keep.sum()), head_keep.numel(), int(neuron_keep.sum()),
+                neuron_keep.numel(), target, "FLOPs" if by_flops else "linear weights")
     dense = copy.deepcopy(model) if cfg.mask_tuning_samples else None
     with torch.no_grad():
         importance.zero_removed_(model, head_keep, neuron_keep)
@@ -530,13 +580,15 @@ def _initial_masks(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, 
         tuning = importance.tune_masks_(model, dense, features, index[: cfg.mask_tuning_samples], head_keep,
                                         neuron_keep, cfg.batch_size, device=device)
         del dense
-        out["tuning_seconds"] = time.time() - tuned
+        out["tuning_seconds"] = out.get("tuning_seconds", 0.0) + time.time() - tuned
+        # The error of the last stage: against the model that stage started from.
         out["tuning_error_before"] = float(sum(t.attention_before + t.ffn_before for t in tuning))
         out["tuning_error_after"] = float(sum(t.attention_after + t.ffn_after for t in tuning))
     importance.apply_structure_(model, head_keep, neuron_keep)
-    out.update(prune_seconds=time.time() - started, prune_cpu_seconds=time.process_time() - started_cpu)
-    logger.info("fisher one-shot pruning took %.1f s (%.1f s of CPU time)", out["prune_seconds"],
-                out["prune_cpu_seconds"])
+    out["prune_seconds"] = out.get("prune_seconds", 0.0) + time.time() - started
+    out["prune_cpu_seconds"] = out.get("prune_cpu_seconds", 0.0) + time.process_time() - started_cpu
+    logger.info("fisher stage %d took %.1f s (%.1f s of CPU time)", stage + 1, time.time() - started,
+                time.process_time() - started_cpu)
     return out
 
 

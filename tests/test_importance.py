@@ -154,6 +154,37 @@ def test_search_meets_the_constraint_exactly(constraint, target):
         assert neurons[neuron_keep].min() >= neurons[~neuron_keep].max()
 
 
+def test_a_later_stage_keeps_only_what_the_last_one_kept():
+    config = tiny_model().config
+    costs = imp.structure_costs(config, "density")
+    g = torch.Generator().manual_seed(3)
+    heads, neurons = torch.rand(LAYERS, HEADS, generator=g), torch.rand(LAYERS, INTER, generator=g) * 0.01
+    first_heads, first_neurons = imp.search_mask(heads, neurons, costs, int(0.6 * costs.total))
+    # The next stage sees new importances, under which removed structures would look important again.
+    heads2, neurons2 = torch.rand(LAYERS, HEADS, generator=g), torch.rand(LAYERS, INTER, generator=g) * 0.01
+    budget = int(0.3 * costs.total)
+    head_keep, neuron_keep = imp.search_mask(heads2, neurons2, costs, budget, first_heads, first_neurons)
+    assert not (head_keep & ~first_heads).any() and not (neuron_keep & ~first_neurons).any()
+    used = int(head_keep.sum()) * costs.head + int(neuron_keep.sum()) * costs.neuron
+    assert budget - costs.neuron < used <= budget
+    # Among what may still be kept, the most important is.
+    for keep, allowed, values in ((head_keep, first_heads, heads2), (neuron_keep, first_neurons, neurons2)):
+        if keep.any() and (allowed & ~keep).any():
+            assert values[keep].min() >= values[allowed & ~keep].max()
+    unconstrained = imp.search_mask(heads2, neurons2, costs, budget)
+    assert (unconstrained[0] & ~first_heads).any() or (unconstrained[1] & ~first_neurons).any()
+
+
+def test_stage_targets_shrink_evenly_to_the_target():
+    assert imp.stage_targets(0.3, 1) == [0.3]
+    two = imp.stage_targets(0.3, 2)
+    assert two[0] == pytest.approx(0.3 ** 0.5) and two[1] == 0.3
+    three = imp.stage_targets(0.5, 3)
+    assert three[-1] == 0.5 and three[0] / 1.0 == pytest.approx(three[1] / three[0]) == pytest.approx(0.5 / three[1])
+    with pytest.raises(ValueError):
+        imp.stage_targets(0.5, 0)
+
+
 def test_cost_model_matches_the_flop_count_of_packed_models():
     model = tiny_model()
     costs = imp.structure_costs(model.config, "flops", seq_len=40)
@@ -257,13 +288,17 @@ def test_structure_survives_save_and_load(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("overrides", [dict(target_density=0.4), dict(target_flops=0.5, mask_rearrange=True),
-                                       dict(target_density=0.3, fill_steps=2)])
+                                       dict(target_density=0.3, fill_steps=2),
+                                       dict(target_density=0.3, fill_steps=4, fisher_stages=2, eval_every=2)])
 def test_one_shot_checkpoint_packs_to_the_same_logits(tmp_path, tokenizer, overrides):
     cfg = tiny_cfg(tmp_path, **overrides)
     seen = []
     metrics = train(cfg, report=lambda m, c: seen.append(m), progress=False)
-    assert len(seen) == 1 and seen[0]["f1"] == metrics["f1"]
-    assert metrics["prune_seconds"] > 0 and metrics["calibration_windows"] == 24
+    assert len(seen) == cfg.fisher_stages and seen[-1]["f1"] == metrics["f1"]
+    assert metrics["prune_seconds"] > 0 and metrics["calibration_windows"] == 24 * cfg.fisher_stages
+    if cfg.fisher_stages == 2:  # the first stage keeps sqrt(0.3) of the weights until the second cuts to 0.3
+        assert seen[0]["linear_density"] == pytest.approx(0.3 ** 0.5, abs=0.02)
+        assert seen[0]["heads_removed"] <= seen[1]["heads_removed"]
     masked = load_model(metrics["model_dir"])
     packed = pack(masked)
     if "target_flops" in overrides:
@@ -297,8 +332,10 @@ class Stop(Exception):
     pass
 
 
-def test_recovery_resumes_with_the_same_structure_and_weights(tmp_path):
-    common = dict(target_density=0.4, fill_steps=4, eval_every=2)
+@pytest.mark.parametrize("stages", [1, 2])
+def test_recovery_resumes_with_the_same_structure_and_weights(tmp_path, stages):
+    # With two stages the run stops after step 2, just before the second cut.
+    common = dict(target_density=0.4, fill_steps=4, eval_every=2, fisher_stages=stages)
     full = train(tiny_cfg(tmp_path / "a", **common), progress=False)
 
     def stop_at_first(metrics, checkpoint):
@@ -372,6 +409,14 @@ def test_mask_init_accepts_numbers_and_names():
         RunConfig(mask_init="gradient")
     with pytest.raises(ConfigError, match="target_flops"):
         RunConfig(method="topk", target_flops=0.5)
+
+
+@pytest.mark.parametrize("values", [dict(method="fisher", fisher_stages=0), dict(method="topk", fisher_stages=2),
+                                    dict(method="fisher", fisher_stages=3, fill_steps=2),
+                                    dict(method="fisher", fisher_stages=1.5, fill_steps=4)])
+def test_bad_fisher_stages_are_refused(values):
+    with pytest.raises(ConfigError, match="fisher_stages"):
+        RunConfig(**values)
 
 
 def fineprune(*args: str) -> subprocess.CompletedProcess:

@@ -466,6 +466,9 @@ def test_fisher_spaces_search_density_calibration_recovery_and_distillation(tmp_
      r"search\.calibration_samples\.values\[0\]: 0 gives an invalid config \(calibration_samples"),
     ({"target_flops": {"type": "uniform", "low": 0.3, "high": 1.5}}, {},
      r"search\.target_flops\.high: 1\.5 gives an invalid config \(target_flops"),
+    # Two stages need a recovery after each: a box whose corner has no recovery steps is refused.
+    ({"fisher_stages": {"type": "choice", "values": [1, 2]}, "fill_steps": {"type": "randint", "low": 0, "high": 40}},
+     {}, r"gives an invalid config \(fisher_stages"),
 ])
 def test_invalid_fisher_space_names_the_key(tmp_path, search, base, pattern):
     with pytest.raises(SpaceError, match=pattern):
@@ -475,3 +478,5 @@ def test_invalid_fisher_space_names_the_key(tmp_path, search, base, pattern):
 def test_fisher_keys_are_rejected_for_movement_pruning(tmp_path):
     with pytest.raises(SpaceError, match=r"search\.mask_tuning_samples: has no effect with method topk"):
         load_space(write(tmp_path, with_search(mask_tuning_samples={"type": "choice", "values": [128, 256]})))
+    with pytest.raises(SpaceError, match=r"search\.fisher_stages: has no effect with method topk"):
+        load_space(write(tmp_path, with_search(fisher_stages={"type": "choice", "values": [1, 2]})))
