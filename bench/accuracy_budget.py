@@ -78,7 +78,8 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
                                       "output_dir": str(out_dir / f"{row}_{density:g}{suffix}"),
                                       "eval_limit": args.eval_limit, "cache_dir": str(out_dir / "cache"),
                                       "precision": args.precision,
-                                      **({"train_limit": args.train_limit} if args.train_limit else {})})
+                                      **({"train_limit": args.train_limit} if args.train_limit else {}),
+                                      **({"seed": args.seed} if args.seed is not None else {})})
     head_block = None
     if row.startswith("fisher"):
         config = load_model(teacher).config
@@ -149,7 +150,7 @@ def run_row(row: str, density: float, teacher: str, teacher_scores: dict[str, fl
         "config": {k: v for k, v in dataclasses.asdict(cfg).items()
                    if k in ("calibration_samples", "mask_tuning_samples", "mask_rearrange", "alpha_hidden",
                             "fill_learning_rate", "mask_init_scale", "max_steps", "fill_steps", "precision",
-                            "fisher_stages", "train_limit")},
+                            "fisher_stages", "train_limit", "seed")},
     }
 
 
@@ -215,6 +216,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-limit", type=int, default=None,
                         help="training questions the pruned models see (default: the teacher's 2,000). The budget "
                              "is steps, so more questions mean fewer repeats of each window, not more compute")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the pruning runs (calibration windows, sampled labels, data order); default: "
+                             "the config's. Repeat a row with other seeds (and its own --out-dir) to see its spread")
     parser.add_argument("--repeats", type=int, default=10, help="latency pairs per packed model")
     parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                         help="precision of the pruning runs (the teacher is used as it is); keep bf16 rows in their "
