@@ -367,13 +367,15 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_exported(model_dir: str | Path, variant: str | None = None, threads: int | None = None) -> OrtQAModel:
+def load_exported(model_dir: str | Path, variant: str | None = None, threads: int | None = None,
+                  spin: bool = True) -> OrtQAModel:
     """Open an exported directory as an :class:`OrtQAModel`.
 
     Args:
         model_dir: a directory written by :func:`export_checkpoint`.
         variant: ``fp32`` or ``int8``; default: the manifest's (int8 when the export was quantized).
         threads: ORT intra-op threads; default: torch's current count.
+        spin: see :class:`OrtQAModel` (off where other models share the cores, as when timing several).
 
     Raises:
         ExportError: the manifest, config or ONNX file is missing or corrupted, or the variant was not exported.
@@ -389,7 +391,7 @@ def load_exported(model_dir: str | Path, variant: str | None = None, threads: in
         config = BertConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as error:
         raise ExportError(f"{config_file}: missing or not a BERT config ({_first_line(error)})") from None
-    return OrtQAModel(model_dir / manifest["files"][chosen], config, variant=chosen, threads=threads)
+    return OrtQAModel(model_dir / manifest["files"][chosen], config, variant=chosen, threads=threads, spin=spin)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -129,9 +129,10 @@ def test_frontier_registration_is_idempotent_and_tagged(record, registered):
         assert run.info.status == "FINISHED" and run.info.end_time == record["ends"][run_id]
 
 
-def _select(capsys, record, budget: float, alias: str = "champion") -> tuple[int, str, str]:
+def _select(capsys, record, budget: float, alias: str = "champion", *extra: str) -> tuple[int, str, str]:
     code = main(["select", "--registered-model", NAME, "--max-latency-ms", str(budget), "--batch-size", "1",
-                 "--seq-len", "128", "--threads", "1", "--repeats", "9", "--alias", alias, "--tracking-uri", record["uri"]])
+                 "--seq-len", "128", "--threads", "1", "--repeats", "9", "--alias", alias,
+                 "--tracking-uri", record["uri"], *extra])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -145,6 +146,9 @@ def test_select_picks_the_most_accurate_version_within_the_budget(record, regist
     result = json.loads(out.strip().splitlines()[-1])
     assert result["version"] == by_run[runs[WIDE]] and result["f1"] == 90.0
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == by_run[runs[WIDE]]
+    # Every version carries its ONNX export, so each is timed as its pyfunc serves it: ONNX Runtime, int8.
+    assert result["runtime"] == "served" and result["served_by"] == "onnxruntime-int8"
+    assert {row["runtime"] for row in result["versions"]} == {"onnxruntime-int8"}
     latency = {row["run_id"]: row["latency_ms"] for row in result["versions"]}
     assert set(latency) == {runs[WIDE], runs[NARROW], runs[NARROWEST]}
     assert all(math.isfinite(v) and v > 0 for v in latency.values())
@@ -161,6 +165,16 @@ def test_select_picks_the_most_accurate_version_within_the_budget(record, regist
     assert result["version"] == by_run[runs[NARROW]] and result["alias"] == "edge"
     assert str(client.get_model_version_by_alias(NAME, "edge").version) == by_run[runs[NARROW]]
     assert {row["version"]: row["within_budget"] for row in result["versions"]}[by_run[runs[WIDE]]] is False
+
+
+def test_select_can_time_the_packed_pytorch_models(record, registered, capsys):
+    code, out, _ = _select(capsys, record, 1e6, "torch-timed", "--runtime", "torch")
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["runtime"] == "torch" and {row["runtime"] for row in result["versions"]} == {"torch"}
+    latency = {row["run_id"]: row["latency_ms"] for row in result["versions"]}
+    runs = record["runs"]
+    assert latency[runs[WIDE]] > max(latency[runs[NARROW]], latency[runs[NARROWEST]])
 
 
 def test_a_budget_nothing_meets_leaves_the_alias_as_it_was(record, registered, capsys):

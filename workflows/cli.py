@@ -271,7 +271,8 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     client = tracking.client_for(record.tracking_uri(args.tracking_uri))
     result = select_by_latency(client, args.registered_model, args.max_latency_ms, batch_size=args.batch_size,
-                               seq_len=args.seq_len, threads=args.threads, alias=args.alias, repeats=args.repeats)
+                               seq_len=args.seq_len, threads=args.threads, alias=args.alias, repeats=args.repeats,
+                               runtime=args.runtime)
     _emit(result)
     return 0
 
@@ -432,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads while timing (default: torch's default here)")
     p.add_argument("--alias", default="champion", help="alias to point at the chosen version")
     p.add_argument("--repeats", type=int, default=10, help="timed passes per version (medians are compared)")
+    p.add_argument("--runtime", choices=("served", "torch"), default="served",
+                   help="time each version as it serves (ONNX Runtime when it carries the exported model; default) "
+                        "or its packed PyTorch model")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 

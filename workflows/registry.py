@@ -59,7 +59,7 @@ from workflows.space import load_space
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
            "select_by_latency", "latency_settings", "SelectionError", "PackedQAModel", "PIP_REQUIREMENTS",
            "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model", "export_for_serving", "ONNX_VARIANTS",
-           "measured_precision", "serving_precision"]
+           "RUNTIMES", "measured_precision", "serving_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ POLICIES = ("best_f1_under_density", "min_density_within_f1_drop", "fastest_with
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
                     "tqdm>=4.66", "onnx==1.23.2", "onnxruntime==1.32.0"]
 ONNX_VARIANTS = ("int8", "fp32", "none")  # what the served model runs: ORT int8 (default), ORT fp32, or PyTorch
+RUNTIMES = ("served", "torch")  # what `select` times: each version as it serves, or its packed PyTorch model
 # Served-model setting -> the run config key it is read from (a trial's params are its run config).
 _SERVE_PARAMS = {"max_seq_length": "max_seq_length", "doc_stride": "doc_stride", "max_windows": "max_windows",
                  "batch_size": "eval_batch_size"}
@@ -494,20 +495,34 @@ def _tag_float(tags: dict[str, str], key: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _load_version(name: str, version: str, tracking_uri: str, dst: str):
-    """The packed torch model of a registered version, read from the version's own artifacts."""
+def _load_version(name: str, version: str, tracking_uri: str, dst: str, runtime: str = "served",
+                  threads: int | None = None):
+    """The model a registered version serves, read from the version's own artifacts, and how it runs.
+
+    ``runtime="served"``: what the version's pyfunc serves by default: its ONNX Runtime model (the ``onnx_variant``
+    of its model config) when it carries one, else its packed PyTorch model. ``runtime="torch"``: the packed
+    PyTorch model. Returns ``(model, label)`` with label ``onnxruntime-int8``, ``onnxruntime-fp32`` or ``torch``.
+    """
     # torch and the library are needed only to time models; the registry module stays light without them.
     from mlflow.models import Model
 
     from pruning.checkpoint import load_model
+    from pruning.export import load_exported
 
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dst,
                                                 tracking_uri=tracking_uri, registry_uri=tracking_uri)
     flavor = Model.load(local).flavors.get("python_function", {})
-    model_dir = (flavor.get("artifacts") or {}).get(ARTIFACT_MODEL_DIR, {}).get("path")
+    artifacts = flavor.get("artifacts") or {}
+    onnx_dir = artifacts.get(ARTIFACT_ONNX_DIR, {}).get("path")
+    variant = (flavor.get("config") or {}).get("onnx_variant") or (ONNX_VARIANTS[0] if onnx_dir else "none")
+    if runtime == "served" and onnx_dir and variant != "none":
+        # Timed round-robin with other models: ORT's threads must not spin between calls.
+        return load_exported(Path(local) / onnx_dir, variant=variant, threads=threads, spin=False), \
+            f"onnxruntime-{variant}"
+    model_dir = artifacts.get(ARTIFACT_MODEL_DIR, {}).get("path")
     if not model_dir:
         raise SelectionError(f"version {version} of {name} holds no packed model (no model_dir artifact)")
-    return load_model(Path(local) / model_dir)
+    return load_model(Path(local) / model_dir), "torch"
 
 
 def _dense_shape(model):
@@ -522,13 +537,15 @@ def _dense_shape(model):
 
 def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int = 1, seq_len: int = 128,
                       threads: int | None = None, alias: str = ALIAS, repeats: int = 10, warmup: int = 2,
-                      sweep_run_id: str | None = None) -> dict[str, Any]:
+                      sweep_run_id: str | None = None, runtime: str = "served") -> dict[str, Any]:
     """Time every registered version of ``name`` here and point ``alias`` at the most accurate within budget.
 
-    Each version's packed model is timed on random input of ``batch_size`` x ``seq_len`` with the benches' helper
-    (:func:`pruning.bench.interleaved_latency`): all versions and the dense shape(s) they were pruned from run
-    round-robin, ``repeats`` times after ``warmup`` rounds, and each latency is a median. Among the versions
-    within ``max_latency_ms`` the one with the highest F1 (its ``f1`` tag) wins, the faster on a tie.
+    Each version is timed as it serves (``runtime="served"``: through ONNX Runtime when it carries the exported
+    model, which is what its pyfunc and ``mlflow models serve`` run; ``"torch"``: its packed PyTorch model) on
+    random input of ``batch_size`` x ``seq_len`` with the benches' helper
+    (:func:`pruning.bench.interleaved_latency`): all versions and the dense shape(s) they were pruned from (in
+    PyTorch) run round-robin, ``repeats`` times after ``warmup`` rounds, and each latency is a median. Among the
+    versions within ``max_latency_ms`` the one with the highest F1 (its ``f1`` tag) wins, the faster on a tie.
 
     Args:
         client: an MLflow client of the registry.
@@ -539,6 +556,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         alias: the alias to set on the chosen version.
         repeats, warmup: timed and untimed rounds.
         sweep_run_id: only the versions registered by this sweep (default: every version).
+        runtime: ``served`` or ``torch``, see above.
 
     Returns:
         The chosen version (``version``, ``model_uri``, ``latency_ms``, ``f1``, ...), the settings, and
@@ -557,6 +575,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
 
     if not max_latency_ms > 0:
         raise SelectionError(f"--max-latency-ms must be > 0, got {max_latency_ms}")
+    if runtime not in RUNTIMES:
+        raise SelectionError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException as err:
@@ -579,7 +599,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
                    **{k: _tag_float(v.tags, k) for k in FINAL_METRICS}}
             try:
-                model = _load_version(name, str(v.version), client.tracking_uri, str(Path(tmp) / str(v.version)))
+                model, row["runtime"] = _load_version(name, str(v.version), client.tracking_uri,
+                                                      str(Path(tmp) / str(v.version)), runtime, threads)
             except Exception as err:  # a version that cannot be loaded is reported, not chosen
                 logger.warning("version %s of %s cannot be loaded: %s", v.version, name, err)
                 rows.append({**row, "error": str(err).splitlines()[0] if str(err) else type(err).__name__})
@@ -615,7 +636,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                     "measured_speedup": round(dense / own, 4) if own > 0 else None,
                     "within_budget": own <= max_latency_ms})
     settings = {"name": name, "alias": alias, "max_latency_ms": max_latency_ms, "batch_size": batch_size,
-                "seq_len": seq_len, "threads": threads, "repeats": repeats}
+                "seq_len": seq_len, "threads": threads, "repeats": repeats, "runtime": runtime}
     chosen = select_champion(rows, "best_f1_under_latency", max_latency_ms=max_latency_ms)
     if chosen is None:
         timed = [r for r in rows if "latency_ms" in r]
@@ -630,7 +651,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get(F1),
                 chosen["latency_ms"], max_latency_ms)
     return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
-            "run_id": chosen["run_id"], "latency_ms": chosen["latency_ms"],
+            "run_id": chosen["run_id"], "latency_ms": chosen["latency_ms"], "served_by": chosen["runtime"],
             **{k: chosen.get(k) for k in FINAL_METRICS}, "versions": rows}
 
 
