@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from workflows.record import RUNTIMES
 from workflows.retry import TrackingUnavailable
 
 __all__ = ["main", "build_parser", "UserError"]
@@ -433,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads while timing (default: torch's default here)")
     p.add_argument("--alias", default="champion", help="alias to point at the chosen version")
     p.add_argument("--repeats", type=int, default=10, help="timed passes per version (medians are compared)")
-    p.add_argument("--runtime", choices=("served", "torch"), default="served",
+    p.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],
                    help="time each version as it serves (ONNX Runtime when it carries the exported model; default) "
                         "or its packed PyTorch model")
     p.add_argument("--tracking-uri", metavar="URI",

@@ -91,6 +91,7 @@ TAG_POLICY = "policy"
 TAG_VERSION_PRECISION = "precision"  # the precision the version's EM/F1 were measured in
 TAG_ONNX = "onnx"  # the ONNX Runtime variants the version carries ("fp32,int8"), or why it carries none
 ALIAS = "champion"
+RUNTIMES = ("served", "torch")  # what `fineprune select` times: each version as it serves, or its packed PyTorch model
 
 # ---- params ---------------------------------------------------------------------------------------------------
 PARAM_SEARCHED = "searched."  # trial runs: a searched value as the searcher sampled it

@@ -52,14 +52,14 @@ from pruning.config import RunConfig
 from workflows import record
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
                               EXACT_MATCH, F1, FINAL_METRICS, FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY,
-                              PARAM_RESOURCES, PARAM_SPEEDUP, SPEEDUP, STATUS_FINISHED, TAG_ONNX, TAG_POLICY,
+                              PARAM_RESOURCES, PARAM_SPEEDUP, RUNTIMES, SPEEDUP, STATUS_FINISHED, TAG_ONNX, TAG_POLICY,
                               TAG_PRECISION, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TAG_VERSION_PRECISION, RegistrySpec)
 from workflows.space import load_space
 
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
            "select_by_latency", "latency_settings", "SelectionError", "PackedQAModel", "PIP_REQUIREMENTS",
            "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model", "export_for_serving", "ONNX_VARIANTS",
-           "RUNTIMES", "measured_precision", "serving_precision"]
+           "RUNTIMES", "served_variant", "measured_precision", "serving_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,6 @@ POLICIES = ("best_f1_under_density", "min_density_within_f1_drop", "fastest_with
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
                     "tqdm>=4.66", "onnx==1.23.2", "onnxruntime==1.32.0"]
 ONNX_VARIANTS = ("int8", "fp32", "none")  # what the served model runs: ORT int8 (default), ORT fp32, or PyTorch
-RUNTIMES = ("served", "torch")  # what `select` times: each version as it serves, or its packed PyTorch model
 # Served-model setting -> the run config key it is read from (a trial's params are its run config).
 _SERVE_PARAMS = {"max_seq_length": "max_seq_length", "doc_stride": "doc_stride", "max_windows": "max_windows",
                  "batch_size": "eval_batch_size"}
@@ -199,6 +198,23 @@ def _under_autocast(run, precision: str):
     return run_in_precision
 
 
+def served_variant(settings: Mapping[str, Any], has_onnx: bool) -> str:
+    """What a version's pyfunc serves: its model config's ``onnx_variant`` (see :data:`ONNX_VARIANTS`).
+
+    Versions logged before the setting existed have no key: they run what they carry (ORT int8 when exported).
+
+    Raises:
+        ValueError: the variant is unknown, or names an ONNX model the version does not carry.
+    """
+    variant = settings.get("onnx_variant") or (ONNX_VARIANTS[0] if has_onnx else "none")
+    if variant not in ONNX_VARIANTS:
+        raise ValueError(f"model_config onnx_variant: {variant!r} is not one of {', '.join(ONNX_VARIANTS)}")
+    if variant != "none" and not has_onnx:
+        raise ValueError(f"model_config onnx_variant: {variant!r}, but this version carries no ONNX models "
+                         f"(see its {TAG_ONNX!r} tag); use 'none'")
+    return variant
+
+
 class PackedQAModel(mlflow.pyfunc.PythonModel):
     """Extractive QA over a packed model: DataFrame(question, context) -> DataFrame(answer, score).
 
@@ -225,13 +241,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         model_dir = context.artifacts[ARTIFACT_MODEL_DIR]
         settings = dict(getattr(context, "model_config", None) or {})
         onnx_dir = context.artifacts.get(ARTIFACT_ONNX_DIR)
-        # Versions logged before the setting existed have no key: they run what they carry.
-        variant = settings.get("onnx_variant") or (ONNX_VARIANTS[0] if onnx_dir else "none")
-        if variant not in ONNX_VARIANTS:
-            raise ValueError(f"model_config onnx_variant: {variant!r} is not one of {', '.join(ONNX_VARIANTS)}")
-        if variant != "none" and not onnx_dir:
-            raise ValueError(f"model_config onnx_variant: {variant!r}, but this version carries no ONNX models "
-                             f"(see its {TAG_ONNX!r} tag); use 'none'")
+        variant = served_variant(settings, onnx_dir is not None)
         recorded = str(settings.get("precision", "fp32"))
         if variant != "none":
             self.model = load_exported(onnx_dir, variant=variant)
@@ -514,8 +524,8 @@ def _load_version(name: str, version: str, tracking_uri: str, dst: str, runtime:
     flavor = Model.load(local).flavors.get("python_function", {})
     artifacts = flavor.get("artifacts") or {}
     onnx_dir = artifacts.get(ARTIFACT_ONNX_DIR, {}).get("path")
-    variant = (flavor.get("config") or {}).get("onnx_variant") or (ONNX_VARIANTS[0] if onnx_dir else "none")
-    if runtime == "served" and onnx_dir and variant != "none":
+    variant = served_variant(flavor.get("config") or {}, onnx_dir is not None)
+    if runtime == "served" and variant != "none":
         # Timed round-robin with other models: ORT's threads must not spin between calls.
         return load_exported(Path(local) / onnx_dir, variant=variant, threads=threads, spin=False), \
             f"onnxruntime-{variant}"
