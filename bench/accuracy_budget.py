@@ -60,14 +60,40 @@ ROWS = ("topk", "topk_fisher", "fisher", "fisher_recovery")
 BUDGET_STEPS = 384
 
 
-def calibration_steps(cfg: RunConfig) -> int:
-    """Steps of the budget that calibration passes take (a pass over N windows counts N / batch_size steps)."""
-    windows = 0
+BUDGET_BATCH = 16
+
+
+def calibration_windows(cfg: RunConfig) -> int:
+    """Windows that calibration passes go through before (or between) the training steps."""
     if cfg.method.value == "fisher":
-        windows = cfg.fisher_stages * (cfg.calibration_samples + cfg.mask_tuning_samples)
-    elif getattr(cfg.mask_init, "value", None) == "fisher":
-        windows = cfg.calibration_samples
-    return math.ceil(windows / cfg.batch_size)
+        return cfg.fisher_stages * (cfg.calibration_samples + cfg.mask_tuning_samples)
+    if getattr(cfg.mask_init, "value", None) == "fisher":
+        return cfg.calibration_samples
+    return 0
+
+
+def calibration_steps(cfg: RunConfig) -> int:
+    """Steps of batch 16 of the budget that calibration passes take (a pass over N windows counts N / 16)."""
+    return math.ceil(calibration_windows(cfg) / BUDGET_BATCH)
+
+
+def training_steps_left(cfg: RunConfig, budget_steps: int) -> int:
+    """Optimizer steps of the run's own batch (``batch_size x grad_accum``) that fit in the rest of the budget."""
+    windows = budget_steps * BUDGET_BATCH - calibration_steps(cfg) * BUDGET_BATCH
+    return windows // (cfg.batch_size * cfg.grad_accum)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as config overrides; values are read as YAML scalars (``0``, ``1e-4``, ``true``)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"accuracy_budget: --set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argparse.Namespace) -> RunConfig:
@@ -79,7 +105,8 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
                                       "eval_limit": args.eval_limit, "cache_dir": str(out_dir / "cache"),
                                       "precision": args.precision,
                                       **({"train_limit": args.train_limit} if args.train_limit else {}),
-                                      **({"seed": args.seed} if args.seed is not None else {})})
+                                      **({"seed": args.seed} if args.seed is not None else {}),
+                                      **parse_overrides(args.set)})
     head_block = None
     if row.startswith("fisher"):
         config = load_model(teacher).config
@@ -100,7 +127,7 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
     else:
         raise ValueError(f"unknown row {row!r}")
     cfg = config_from_dict(values, source=row, base=base)
-    steps_left = budget - calibration_steps(cfg)
+    steps_left = training_steps_left(cfg, budget)
     if steps_left < 1:
         raise SystemExit(f"accuracy_budget: the calibration of {row} takes {calibration_steps(cfg)} of the "
                          f"{budget} steps")
@@ -150,7 +177,9 @@ def run_row(row: str, density: float, teacher: str, teacher_scores: dict[str, fl
         "config": {k: v for k, v in dataclasses.asdict(cfg).items()
                    if k in ("calibration_samples", "mask_tuning_samples", "mask_rearrange", "alpha_hidden",
                             "fill_learning_rate", "mask_init_scale", "max_steps", "fill_steps", "precision",
-                            "fisher_stages", "train_limit", "seed")},
+                            "fisher_stages", "train_limit", "seed", "batch_size", "grad_accum", "alpha_ce",
+                            "alpha_distil", "temperature", "learning_rate")}
+                  | {"overrides": parse_overrides(args.set)},
     }
 
 
@@ -219,6 +248,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the pruning runs (calibration windows, sampled labels, data order); default: "
                              "the config's. Repeat a row with other seeds (and its own --out-dir) to see its spread")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other run-config key for every row, e.g. --set alpha_ce=0 --set batch_size=8 "
+                             "(the budget stays 384 x 16 windows: batch 8 gets twice the steps)")
     parser.add_argument("--repeats", type=int, default=10, help="latency pairs per packed model")
     parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                         help="precision of the pruning runs (the teacher is used as it is); keep bf16 rows in their "

@@ -1,0 +1,46 @@
+"""The accuracy bench's budget: every row gets the dense run's 384 x 16 windows, calibration passes included."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("accuracy_budget", ROOT / "bench" / "accuracy_budget.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config(bench, masked_checkpoint, tmp_path, row, *argv):
+    args = bench.parse_args(["--teacher", str(masked_checkpoint), *argv])
+    return bench.row_config(row, 0.5, str(masked_checkpoint), tmp_path, args)
+
+
+def test_recovery_gets_the_budget_left_after_calibration(bench, masked_checkpoint, tmp_path):
+    cfg = _config(bench, masked_checkpoint, tmp_path, "fisher_recovery")
+    assert (cfg.calibration_samples, cfg.mask_tuning_samples, cfg.batch_size) == (512, 256, 16)
+    assert bench.calibration_steps(cfg) == 48
+    assert cfg.fill_steps == 384 - 48
+    assert list(cfg.attention_block) == [16, 64]  # one head of the 64-wide, 4-head checkpoint
+
+
+def test_a_smaller_batch_gets_more_steps_of_the_same_windows(bench, masked_checkpoint, tmp_path):
+    cfg = _config(bench, masked_checkpoint, tmp_path, "fisher_recovery", "--set", "batch_size=8",
+                  "--set", "alpha_ce=0")
+    assert cfg.batch_size == 8 and cfg.alpha_ce == 0
+    assert bench.calibration_steps(cfg) == 48  # counted in steps of batch 16 whatever the run's batch
+    assert cfg.fill_steps * 8 == (384 - 48) * 16
+    accumulated = _config(bench, masked_checkpoint, tmp_path, "topk_fisher", "--set", "grad_accum=2")
+    assert accumulated.max_steps * 16 * 2 == (384 - 32) * 16
+
+
+def test_a_malformed_override_is_refused(bench, masked_checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        _config(bench, masked_checkpoint, tmp_path, "fisher", "--set", "alpha_ce")
