@@ -56,25 +56,12 @@ from pruning.checkpoint import load_model, load_tokenizer
 from pruning.export import OrtQAModel, export_model
 from pruning.inference import answer
 from pruning.packing import is_packed, pack
-from pruning.precision import autocast, cpu_supports_bf16
+from pruning.precision import Bf16Inference, cpu_supports_bf16
 from pruning.resources import resolve_data, shipped_model_dir
 
 logger = logging.getLogger("serve_speed")
 
 ROWS = ("dense eager", "packed eager", "packed ort fp32", "packed ort int8", "packed eager bf16")
-
-
-class Bf16Eager(torch.nn.Module):
-    """A PyTorch QA model run under CPU bf16 autocast, as the served model runs with ``precision: bf16``."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.config = model.config
-
-    def forward(self, **inputs: torch.Tensor):
-        with autocast("bf16", "cpu"):
-            return self.model(**inputs)
 
 
 @dataclass
@@ -174,7 +161,8 @@ def serving_models(dense: torch.nn.Module, packed: torch.nn.Module, work: Path, 
         "packed ort int8": OrtQAModel(work / report.files["int8"], packed.config, "int8", threads=threads, spin=False),
     }
     if cpu_supports_bf16():
-        models["packed eager bf16"] = Bf16Eager(packed)
+        # As the served model runs with precision bf16: autocast, the linear weights stored in bf16 once.
+        models["packed eager bf16"] = Bf16Inference(copy.deepcopy(packed))
     else:
         logger.info("no bf16 row: this CPU has no bf16 matrix instructions")
     return models

@@ -13,10 +13,12 @@ import contextlib
 from typing import Callable, ContextManager
 
 import torch
+from torch import nn
 
 from .config import ConfigError
 
-__all__ = ["PRECISIONS", "PrecisionError", "cpu_supports_bf16", "bf16_supported", "resolve_precision", "autocast"]
+__all__ = ["PRECISIONS", "PrecisionError", "cpu_supports_bf16", "bf16_supported", "resolve_precision", "autocast",
+           "Bf16Inference"]
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -80,3 +82,28 @@ def autocast(precision: str, device: torch.device | str) -> ContextManager:
     if precision != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class Bf16Inference(nn.Module):
+    """A model for inference only that runs under bf16 autocast with its linear layers stored in bf16.
+
+    Autocast casts each fp32 weight to bf16 on every call (its cast cache holds only tensors that require grad, and
+    only within one autocast region). Stored in bf16 once, the weights are used as they are: the outputs are bitwise
+    those of autocast over the fp32 model, without the casts. LayerNorm and the embeddings stay fp32, as autocast
+    runs them.
+
+    The wrapped model's linear layers are converted in place: wrap a model that only serves, never one that trains.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        for module in model.modules():
+            if type(module) is nn.Linear:  # not subclasses: a masked linear recomputes its weight every call
+                module.to(torch.bfloat16)
+        self.model = model
+        self.config = getattr(model, "config", None)
+        self.device_type = torch.device(device).type
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
+            return self.model(*args, **kwargs)

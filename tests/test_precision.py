@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -88,3 +89,29 @@ def test_masks_and_score_gradients_stay_fp32_under_cpu_autocast():
     for _, module in masks.masked_modules(model):
         assert module.mask_scores.dtype == torch.float32 and module.mask_scores.grad.dtype == torch.float32
         assert module.block_mask().dtype == torch.float32
+
+
+def _linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bf16_inference_answers_as_autocast_does_with_the_weights_cast_once(masked):
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=200, **TINY)).eval()
+    if masked:  # a masked linear rebuilds its weight every call: it stays fp32 and is cast by autocast as before
+        masks.apply_masks_(model, "topk", attention_block=(16, 16))
+    inputs = dict(input_ids=torch.randint(0, 200, (2, 24)), attention_mask=torch.ones(2, 24, dtype=torch.long))
+    with torch.inference_mode(), autocast("bf16", "cpu"):
+        expected = model(**inputs)
+    served = precision.Bf16Inference(copy.deepcopy(model))
+    plain = [m for m in _linears(served) if type(m) is torch.nn.Linear]
+    assert plain and all(m.weight.dtype == torch.bfloat16 for m in plain)
+    assert all(m.weight.dtype == torch.float32 for m in _linears(served) if type(m) is not torch.nn.Linear)
+    assert len(plain) < len(_linears(served)) if masked else len(plain) == len(_linears(served))
+    assert all(p.dtype == torch.float32 for n, p in served.named_parameters() if "LayerNorm" in n or "embeddings" in n)
+    with torch.inference_mode():
+        got = served(**inputs)
+    assert torch.equal(got.start_logits, expected.start_logits)
+    assert torch.equal(got.end_logits, expected.end_logits)
+    assert served.config is model.config or served.config.to_dict() == model.config.to_dict()

@@ -19,7 +19,7 @@ from transformers import BertConfig, BertForQuestionAnswering
 from pruning import precision
 from pruning.export import OrtQAModel
 from pruning.packing import pack, save_packed
-from pruning.precision import PrecisionError
+from pruning.precision import Bf16Inference, PrecisionError
 from workflows import registry, tracking
 from workflows.cli import main
 from workflows.record import TAG_KIND, TAG_PARENT, TAG_PRECISION, TAG_STATUS, TAG_TRIAL_RUN
@@ -279,6 +279,8 @@ def test_the_served_model_runs_bf16_only_where_the_cpu_supports_it(record, regis
     # With bf16: autocast, whose rounding moves the scores a little.
     with_bf16 = _load(record, NARROW, monkeypatch, bf16=True, onnx_variant="none")
     assert with_bf16.unwrap_python_model().precision == "bf16"
+    # Autocast over linear weights stored in bf16 once, not cast again on every call.
+    assert isinstance(with_bf16.unwrap_python_model().model, Bf16Inference)
     bf16 = with_bf16.predict(frame)
     assert all(answer in context for answer, context in zip(bf16["answer"], frame["context"]))
     assert bf16["score"].tolist() != fp32["score"].tolist()

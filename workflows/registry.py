@@ -186,18 +186,6 @@ def _column(frame: pd.DataFrame, name: str) -> list[Any]:
             for value in frame[name].tolist()]
 
 
-def _under_autocast(run, precision: str):
-    """``run`` (a window runner) on the CPU in ``precision`` (``fp32`` or ``bf16``, resolved)."""
-    from pruning.precision import autocast  # lazy: see PackedQAModel.load_context
-
-    def run_in_precision(batch):
-        # Autocast is a thread's state: entered here, in the scoring server's thread that runs the batch.
-        with autocast(precision, "cpu"):
-            return run(batch)
-
-    return run_in_precision
-
-
 def served_variant(settings: Mapping[str, Any], has_onnx: bool) -> str:
     """What a version's pyfunc serves: its model config's ``onnx_variant`` (see :data:`ONNX_VARIANTS`).
 
@@ -236,6 +224,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         from pruning.checkpoint import load_model, load_tokenizer
         from pruning.export import load_exported
         from pruning.inference import torch_runner
+        from pruning.precision import Bf16Inference
         from pruning.squad import fit_windows
 
         model_dir = context.artifacts[ARTIFACT_MODEL_DIR]
@@ -251,8 +240,11 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         else:
             self.precision = serving_precision(recorded)
             self.model = load_model(model_dir)
+            if self.precision == "bf16":
+                # Autocast is a thread's state: the wrapper enters it in the scoring thread that runs the batch.
+                self.model = Bf16Inference(self.model)
             self.runtime = "torch"
-            run = _under_autocast(torch_runner(self.model), self.precision)
+            run = torch_runner(self.model)
             logger.info("serving through PyTorch in %s (measured in %s)", self.precision, recorded)
         self.tokenizer = load_tokenizer(model_dir)
         # The windows the model was trained and evaluated with, never longer than its position embeddings.
@@ -510,21 +502,25 @@ def _load_version(name: str, version: str, tracking_uri: str, dst: str, runtime:
     """The model a registered version serves, read from the version's own artifacts, and how it runs.
 
     ``runtime="served"``: what the version's pyfunc serves by default: its ONNX Runtime model (the ``onnx_variant``
-    of its model config) when it carries one, else its packed PyTorch model. ``runtime="torch"``: the packed
-    PyTorch model. Returns ``(model, label)`` with label ``onnxruntime-int8``, ``onnxruntime-fp32`` or ``torch``.
+    of its model config) when it carries one, else its packed PyTorch model, in bf16 where the version was
+    measured in bf16 and this CPU supports it (as its pyfunc serves it). ``runtime="torch"``: the packed PyTorch
+    model in fp32. Returns ``(model, label)`` with label ``onnxruntime-int8``, ``onnxruntime-fp32``, ``torch-bf16``
+    or ``torch``.
     """
     # torch and the library are needed only to time models; the registry module stays light without them.
     from mlflow.models import Model
 
     from pruning.checkpoint import load_model
     from pruning.export import load_exported
+    from pruning.precision import Bf16Inference
 
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dst,
                                                 tracking_uri=tracking_uri, registry_uri=tracking_uri)
     flavor = Model.load(local).flavors.get("python_function", {})
     artifacts = flavor.get("artifacts") or {}
     onnx_dir = artifacts.get(ARTIFACT_ONNX_DIR, {}).get("path")
-    variant = served_variant(flavor.get("config") or {}, onnx_dir is not None)
+    settings = flavor.get("config") or {}
+    variant = served_variant(settings, onnx_dir is not None)
     if runtime == "served" and variant != "none":
         # Timed round-robin with other models: ORT's threads must not spin between calls.
         return load_exported(Path(local) / onnx_dir, variant=variant, threads=threads, spin=False), \
@@ -532,7 +528,10 @@ def _load_version(name: str, version: str, tracking_uri: str, dst: str, runtime:
     model_dir = artifacts.get(ARTIFACT_MODEL_DIR, {}).get("path")
     if not model_dir:
         raise SelectionError(f"version {version} of {name} holds no packed model (no model_dir artifact)")
-    return load_model(Path(local) / model_dir), "torch"
+    model = load_model(Path(local) / model_dir)
+    if runtime == "served" and serving_precision(str(settings.get("precision", "fp32"))) == "bf16":
+        return Bf16Inference(model), "torch-bf16"
+    return model, "torch"
 
 
 def _dense_shape(model):
