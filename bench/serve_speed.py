@@ -84,19 +84,28 @@ class Int8Drop:
     block_means: list[float]  # the mean over each whole block of 500 questions
 
 
-def per_question_f1(model: torch.nn.Module, tokenizer, examples: list[squad.Example]) -> list[float]:
-    """The official F1 (percent) of each question's prediction."""
-    _, predictions = squad.evaluate_model(model, tokenizer, examples, max_seq_length=384, doc_stride=128,
-                                          batch_size=16, progress=False)
+def per_question_f1(model: torch.nn.Module, tokenizer, examples: list[squad.Example],
+                    known: dict[str, str] | None = None) -> list[float]:
+    """The official F1 (percent) of each question's prediction; ``known`` predictions (by question id) are reused."""
+    known = known or {}
+    todo = [ex for ex in examples if ex.id not in known]
+    predictions = dict(known)
+    if todo:
+        predictions.update(squad.evaluate_model(model, tokenizer, todo, max_seq_length=384, doc_stride=128,
+                                                batch_size=16, progress=False)[1])
     return [100.0 * squad.metric_max_over_ground_truths(squad.f1_score, predictions[ex.id], ex.answers)
             for ex in examples]
 
 
 def int8_drop(fp32: torch.nn.Module, int8: torch.nn.Module, tokenizer, examples: list[squad.Example],
-              block: int = 500) -> Int8Drop:
-    """The paired F1 drop of int8 against fp32 on ``examples``: mean, standard error and means by block."""
-    diffs = [a - b for a, b in zip(per_question_f1(fp32, tokenizer, examples),
-                                   per_question_f1(int8, tokenizer, examples))]
+              block: int = 500, known: dict[str, dict[str, str]] | None = None) -> Int8Drop:
+    """The paired F1 drop of int8 against fp32 on ``examples``: mean, standard error and means by block.
+
+    ``known``: predictions already made (``{"fp32": {id: text}, "int8": {...}}``), not computed again.
+    """
+    known = known or {}
+    diffs = [a - b for a, b in zip(per_question_f1(fp32, tokenizer, examples, known.get("fp32")),
+                                   per_question_f1(int8, tokenizer, examples, known.get("int8")))]
     n = len(diffs)
     sd = statistics.stdev(diffs) if n > 1 else float("nan")
     blocks = [statistics.fmean(diffs[i:i + block]) for i in range(0, n - block + 1, block)]
@@ -169,7 +178,10 @@ def serving_models(dense: torch.nn.Module, packed: torch.nn.Module, work: Path, 
 
 
 def bench_model(label: str, models: dict[str, torch.nn.Module], tokenizer, examples: list[squad.Example],
-                seq_lens: list[int], repeats: int, warmup: int, eval_examples: list[squad.Example] | None) -> list[Row]:
+                seq_lens: list[int], repeats: int, warmup: int, eval_examples: list[squad.Example] | None,
+                predictions: dict[str, dict[str, str]] | None = None) -> list[Row]:
+    """Timed rows for every model and length, with EM/F1 on ``eval_examples``; each row's predictions by question id
+    go into ``predictions`` when given."""
     rows: list[Row] = []
     for seq_len in seq_lens:
         pairs = window_questions(examples, tokenizer, seq_len, count=max(1, repeats))
@@ -181,8 +193,10 @@ def bench_model(label: str, models: dict[str, torch.nn.Module], tokenizer, examp
     if eval_examples:
         for name in (name for name in ROWS if name in models):
             started = time.perf_counter()
-            metrics, _ = squad.evaluate_model(models[name], tokenizer, eval_examples, max_seq_length=384,
-                                              doc_stride=128, batch_size=16, progress=False)
+            metrics, predicted = squad.evaluate_model(models[name], tokenizer, eval_examples, max_seq_length=384,
+                                                      doc_stride=128, batch_size=16, progress=False)
+            if predictions is not None:
+                predictions[name] = predicted
             logger.info("%s / %s: EM %.2f F1 %.2f (%.0f s)", label, name, metrics["exact_match"], metrics["f1"],
                         time.perf_counter() - started)
             for row in rows:
@@ -217,13 +231,16 @@ def minilm_rows(args: argparse.Namespace, examples, work: Path) -> tuple[list[Ro
     dense = mask_lib.remove_masks_(copy.deepcopy(model)).eval() if mask_lib.is_masked(model) else model
     check = squad.prepare_eval_features(examples[:16], tokenizer, 384, 128).model_inputs()
     models = serving_models(dense, packed, work, args.threads, check)
+    predictions: dict[str, dict[str, str]] = {}
     rows = bench_model("minilm (pruned)", models, tokenizer, examples, args.seq_lens, args.repeats, args.warmup,
-                       examples[:args.questions])
+                       examples[:args.questions], predictions)
     drop = None
     if args.drop_questions:
         started = time.perf_counter()
+        # The questions the rows were scored on are not answered again.
         drop = int8_drop(models["packed ort fp32"], models["packed ort int8"], tokenizer,
-                         examples[:args.drop_questions])
+                         examples[:args.drop_questions], known={"fp32": predictions.get("packed ort fp32", {}),
+                                                                 "int8": predictions.get("packed ort int8", {})})
         logger.info("int8 F1 drop over %d questions: %.2f +- %.2f (blocks of 500: %.2f to %.2f) (%.0f s)",
                     drop.questions, drop.mean, drop.standard_error, min(drop.block_means, default=float("nan")),
                     max(drop.block_means, default=float("nan")), time.perf_counter() - started)
