@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 
 import torch
 
+from pruning.bench import compare_latency, random_inputs
 from pruning.checkpoint import load_model
 from pruning.packing import is_packed, pack
-from pruning.precision import Bf16Inference
+from pruning.precision import Bf16Inference, autocast
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,34 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.checkpoint)
     packed = (model if is_packed(model) else pack(model)).eval()
     stored = Bf16Inference(copy.deepcopy(packed)).eval()
-
-    def autocast_call(inputs):
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return packed(**inputs)
-
-    def stored_call(inputs):
-        with torch.inference_mode():
-            return stored(**inputs)
-
     ratio = float("nan")
     for seq in sorted(args.seq_lens, reverse=True):
-        inputs = dict(input_ids=torch.randint(1000, 2000, (1, seq)),
-                      attention_mask=torch.ones(1, seq, dtype=torch.long))
-        if not torch.equal(autocast_call(inputs).start_logits, stored_call(inputs).start_logits):
-            raise SystemExit("bf16_weights: the stored-bf16 model's logits differ from autocast's")
-        times: dict[str, list[float]] = {"autocast": [], "stored": []}
-        for _ in range(3):
-            autocast_call(inputs), stored_call(inputs)
-        for _ in range(args.repeats):
-            for name, call in (("autocast", autocast_call), ("stored", stored_call)):
-                started = time.perf_counter()
-                call(inputs)
-                times[name].append(time.perf_counter() - started)
-        a, b = (statistics.median(times[k]) * 1e3 for k in ("autocast", "stored"))
+        inputs = random_inputs(packed, 1, seq)
+        with torch.inference_mode(), autocast("bf16", "cpu"):
+            if not torch.equal(packed(**inputs).start_logits, stored(**inputs).start_logits):
+                raise SystemExit("bf16_weights: the stored-bf16 model's logits differ from autocast's")
+        # Both under bf16 autocast (a no-op around the stored model, which enters it itself), interleaved.
+        timing = compare_latency(packed, stored, batch_size=1, seq_len=seq, repeats=args.repeats, warmup=3,
+                                 precision="bf16")
+        a, b = timing["median_a_s"] * 1e3, timing["median_b_s"] * 1e3
         print(f"seq {seq}: autocast over fp32 weights {a:.1f} ms, bf16 weights stored once {b:.1f} ms, "
-              f"ratio {a / b:.2f}, logits bitwise equal")
+              f"ratio {timing['ratio']:.2f}, logits bitwise equal")
         if seq == max(args.seq_lens):
-            ratio = a / b
+            ratio = timing["ratio"]
     print(f"bf16_weights autocast/stored = {ratio:.2f}")
     return 0
 

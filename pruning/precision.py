@@ -95,15 +95,17 @@ class Bf16Inference(nn.Module):
     The wrapped model's linear layers are converted in place: wrap a model that only serves, never one that trains.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         for module in model.modules():
             if type(module) is nn.Linear:  # not subclasses: a masked linear recomputes its weight every call
                 module.to(torch.bfloat16)
         self.model = model
         self.config = getattr(model, "config", None)
-        self.device_type = torch.device(device).type
 
     def forward(self, *args, **kwargs):
-        with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
+        # The autocast device follows the model's parameters, wherever ``.to(...)`` has moved them.
+        parameter = next(self.model.parameters(), None)
+        device_type = parameter.device.type if parameter is not None else "cpu"
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
             return self.model(*args, **kwargs)

@@ -186,6 +186,16 @@ def _column(frame: pd.DataFrame, name: str) -> list[Any]:
             for value in frame[name].tolist()]
 
 
+def torch_served(model, settings: Mapping[str, Any]):
+    """``(model, precision)``: a version's packed PyTorch model as its pyfunc serves it, in the precision
+    :func:`serving_precision` chooses for the version's ``precision`` setting (bf16: a
+    :class:`pruning.precision.Bf16Inference` over it)."""
+    from pruning.precision import Bf16Inference  # lazy: see PackedQAModel.load_context
+
+    chosen = serving_precision(str(settings.get("precision", "fp32")))
+    return (Bf16Inference(model) if chosen == "bf16" else model), chosen
+
+
 def served_variant(settings: Mapping[str, Any], has_onnx: bool) -> str:
     """What a version's pyfunc serves: its model config's ``onnx_variant`` (see :data:`ONNX_VARIANTS`).
 
@@ -224,7 +234,6 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         from pruning.checkpoint import load_model, load_tokenizer
         from pruning.export import load_exported
         from pruning.inference import torch_runner
-        from pruning.precision import Bf16Inference
         from pruning.squad import fit_windows
 
         model_dir = context.artifacts[ARTIFACT_MODEL_DIR]
@@ -238,11 +247,8 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
             run = torch_runner(self.model)
             logger.info("serving through ONNX Runtime (%s; measured in %s with PyTorch)", variant, recorded)
         else:
-            self.precision = serving_precision(recorded)
-            self.model = load_model(model_dir)
-            if self.precision == "bf16":
-                # Autocast is a thread's state: the wrapper enters it in the scoring thread that runs the batch.
-                self.model = Bf16Inference(self.model)
+            # bf16: autocast is a thread's state, entered by the model in the scoring thread that runs the batch.
+            self.model, self.precision = torch_served(load_model(model_dir), settings)
             self.runtime = "torch"
             run = torch_runner(self.model)
             logger.info("serving through PyTorch in %s (measured in %s)", self.precision, recorded)
@@ -512,7 +518,6 @@ def _load_version(name: str, version: str, tracking_uri: str, dst: str, runtime:
 
     from pruning.checkpoint import load_model
     from pruning.export import load_exported
-    from pruning.precision import Bf16Inference
 
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dst,
                                                 tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -529,9 +534,10 @@ def _load_version(name: str, version: str, tracking_uri: str, dst: str, runtime:
     if not model_dir:
         raise SelectionError(f"version {version} of {name} holds no packed model (no model_dir artifact)")
     model = load_model(Path(local) / model_dir)
-    if runtime == "served" and serving_precision(str(settings.get("precision", "fp32"))) == "bf16":
-        return Bf16Inference(model), "torch-bf16"
-    return model, "torch"
+    if runtime != "served":
+        return model, "torch"
+    model, precision = torch_served(model, settings)
+    return model, "torch-bf16" if precision == "bf16" else "torch"
 
 
 def _dense_shape(model):
