@@ -46,7 +46,7 @@ import torch
 
 from pruning import squad
 from pruning.checkpoint import load_model, load_tokenizer
-from pruning.config import RunConfig, config_from_dict, load_config
+from pruning.config import ConfigError, RunConfig, config_from_dict, load_config
 from pruning.packing import pack_and_verify
 from pruning.resources import resolve_data
 from pruning.trainer import evaluate, train
@@ -58,9 +58,7 @@ DENSE_CONFIG = ROOT / "configs" / "dense_minilm.yaml"
 PRUNE_CONFIG = ROOT / "configs" / "prune_topk50.yaml"
 ROWS = ("topk", "topk_fisher", "fisher", "fisher_recovery")
 BUDGET_STEPS = 384
-
-
-BUDGET_BATCH = 16
+BUDGET_BATCH = 16  # the budget's steps are of this batch, whatever batch a row runs with
 
 
 def calibration_windows(cfg: RunConfig) -> int:
@@ -83,17 +81,17 @@ def training_steps_left(cfg: RunConfig, budget_steps: int) -> int:
     return windows // (cfg.batch_size * cfg.grad_accum)
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings as config overrides; values are read as YAML scalars (``0``, ``1e-4``, ``true``)."""
+def override(item: str) -> tuple[str, Any]:
+    """One ``--set KEY=VALUE`` as ``(key, value)``; the value is read as a YAML scalar (``0``, ``1e-4``, ``true``)."""
     import yaml
 
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"accuracy_budget: --set {item!r}: expected KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE")
+    if key not in {field.name for field in dataclasses.fields(RunConfig)}:
+        raise argparse.ArgumentTypeError(f"{item!r}: {key!r} is not a run-config key")
+    return key, yaml.safe_load(value)
 
 
 def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argparse.Namespace) -> RunConfig:
@@ -106,7 +104,7 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
                                       "precision": args.precision,
                                       **({"train_limit": args.train_limit} if args.train_limit else {}),
                                       **({"seed": args.seed} if args.seed is not None else {}),
-                                      **parse_overrides(args.set)})
+                                      **dict(args.set)})
     head_block = None
     if row.startswith("fisher"):
         config = load_model(teacher).config
@@ -154,9 +152,8 @@ def teacher_f1(teacher: str, cfg: RunConfig, cache: Path) -> dict[str, float]:
     return stored
 
 
-def run_row(row: str, density: float, teacher: str, teacher_scores: dict[str, float], out_dir: Path,
+def run_row(row: str, density: float, cfg: RunConfig, teacher_scores: dict[str, float],
             args: argparse.Namespace) -> dict[str, Any]:
-    cfg = row_config(row, density, teacher, out_dir, args)
     steps = cfg.fill_steps if cfg.method.value == "fisher" else cfg.max_steps
     logger.info("%s at %.2f: %d training steps + %d calibration steps", row, density, steps, calibration_steps(cfg))
     started = time.time()
@@ -179,7 +176,7 @@ def run_row(row: str, density: float, teacher: str, teacher_scores: dict[str, fl
                             "fill_learning_rate", "mask_init_scale", "max_steps", "fill_steps", "precision",
                             "fisher_stages", "train_limit", "seed", "batch_size", "grad_accum", "alpha_ce",
                             "alpha_distil", "temperature", "learning_rate")}
-                  | {"overrides": parse_overrides(args.set)},
+                  | {"overrides": dict(args.set)},
     }
 
 
@@ -248,7 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the pruning runs (calibration windows, sampled labels, data order); default: "
                              "the config's. Repeat a row with other seeds (and its own --out-dir) to see its spread")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", default=[], type=override, metavar="KEY=VALUE",
                         help="any other run-config key for every row, e.g. --set alpha_ce=0 --set batch_size=8 "
                              "(the budget stays 384 x 16 windows: batch 8 gets twice the steps)")
     parser.add_argument("--repeats", type=int, default=10, help="latency pairs per packed model")
@@ -273,7 +270,13 @@ def main(argv: list[str] | None = None) -> int:
         dense_cfg = load_config(DENSE_CONFIG, {"output_dir": str(out_dir / "teacher"), "eval_limit": args.eval_limit})
         final = out_dir / "teacher" / "final"
         teacher = str(final) if (final / "config.json").is_file() else train(dense_cfg, progress=False)["model_dir"]
-    base = row_config("topk", args.densities[0], teacher, out_dir, args)
+    try:  # every row's config, before any training: a bad --set value fails here, in one line
+        configs = {(row, density): row_config(row, density, teacher, out_dir, args)
+                   for density in args.densities for row in args.rows}
+        base = row_config("topk", args.densities[0], teacher, out_dir, args)
+    except ConfigError as err:
+        print(f"accuracy_budget: --set: {err}", file=sys.stderr)
+        return 2
     teacher_scores = teacher_f1(teacher, base, out_dir / "teacher_scores.json")
     logger.info("teacher %s: EM %.2f F1 %.2f", teacher, teacher_scores["exact_match"], teacher_scores["f1"])
 
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             if done and not args.rerun:
                 logger.info("%s at %.2f: already in %s", row, density, results_path)
                 continue
-            result = run_row(row, density, teacher, teacher_scores, out_dir, args)
+            result = run_row(row, density, configs[row, density], teacher_scores, args)
             result["teacher"] = teacher
             rows = save_row(results_path, teacher_scores, result)
             logger.info("%s at %.2f: F1 %.2f (retention %.3f)", row, density, result["f1"], result["retention"])

@@ -41,6 +41,24 @@ def test_a_smaller_batch_gets_more_steps_of_the_same_windows(bench, masked_check
     assert accumulated.max_steps * 16 * 2 == (384 - 32) * 16
 
 
-def test_a_malformed_override_is_refused(bench, masked_checkpoint, tmp_path):
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        _config(bench, masked_checkpoint, tmp_path, "fisher", "--set", "alpha_ce")
+def test_a_malformed_override_is_refused(bench, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(["--set", "alpha_ce"])
+    assert exit_.value.code == 2
+    assert "--set: 'alpha_ce': expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_an_unknown_key_is_refused_before_any_work(bench, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(["--set", "no_such_key=1"])
+    assert exit_.value.code == 2
+    assert "'no_such_key' is not a run-config key" in capsys.readouterr().err
+
+
+def test_a_bad_value_is_one_line_and_exit_2_before_any_training(bench, masked_checkpoint, tmp_path, capsys):
+    code = bench.main(["--teacher", str(masked_checkpoint), "--rows", "fisher", "--set", "batch_size=abc",
+                       "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("accuracy_budget: --set: ") and "batch_size: must be a positive integer" in err[-1]
+    assert not (tmp_path / "out").exists()
