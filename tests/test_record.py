@@ -48,7 +48,8 @@ def test_the_registry_spec_round_trips_through_the_sweeps_parent_run(client):
     """Written as the sweep writes its space, read back as the same dataclass, for every policy."""
     space = load_space(ROOT / "tune_spaces" / "smoke.yaml")
     for spec in (space.registry, RegistrySpec("m", "min_density_within_f1_drop", max_f1_drop=2.5),
-                 RegistrySpec("m", "best_f1_under_latency", max_latency_ms=12.0)):
+                 RegistrySpec("m", "best_f1_under_latency", max_latency_ms=12.0),
+                 RegistrySpec("m", max_density=0.3, onnx=False)):
         summary = {**space.summary(), "registry": asdict(spec)}
         parent = tracking.start_parent_run(client, "exp", f"/sweeps/{spec.policy}", summary, resume=False)
         params = client.get_run(parent).data.params
@@ -60,6 +61,8 @@ def test_the_registry_spec_round_trips_through_the_sweeps_parent_run(client):
         RegistrySpec.from_params({"registry.policy": "best_f1_under_density"})
     with pytest.raises(RecordError, match="registry.max_density: not a number"):
         RegistrySpec.from_params({"registry.name": "m", "registry.max_density": "half"})
+    with pytest.raises(RecordError, match="registry.onnx: not true or false: 'maybe'"):
+        RegistrySpec.from_params({"registry.name": "m", "registry.onnx": "maybe"})
 
 
 def test_trials_is_the_sweeps_runs_table(client):

@@ -129,8 +129,9 @@ def test_frontier_registration_is_idempotent_and_tagged(record, registered):
         assert run.info.status == "FINISHED" and run.info.end_time == record["ends"][run_id]
 
 
-def _select(capsys, record, budget: float, alias: str = "champion", *extra: str) -> tuple[int, str, str]:
-    code = main(["select", "--registered-model", NAME, "--max-latency-ms", str(budget), "--batch-size", "1",
+def _select(capsys, record, budget: float, alias: str = "champion", *extra: str,
+            name: str = NAME) -> tuple[int, str, str]:
+    code = main(["select", "--registered-model", name, "--max-latency-ms", str(budget), "--batch-size", "1",
                  "--seq-len", "128", "--threads", "1", "--repeats", "9", "--alias", alias,
                  "--tracking-uri", record["uri"], *extra])
     out, err = capsys.readouterr()
@@ -338,3 +339,36 @@ def test_a_model_that_cannot_be_exported_is_registered_to_serve_through_pytorch(
     assert all(answer in context for answer, context in zip(answers["answer"], frame["context"]))
     with pytest.raises(ValueError, match="onnx_variant: 'int8', but this version carries no ONNX models"):
         mlflow.pyfunc.load_model(result["model_uri"], model_config={"onnx_variant": "int8"})
+
+
+# Last in this module: it logs a second model on the frontier trials' runs, which the tests above count.
+def test_a_frontier_registered_without_onnx_serves_and_is_timed_through_pytorch(record, registered, monkeypatch,
+                                                                               capsys, caplog):
+    client, runs, name = record["client"], record["runs"], "tiny-frontier-torch"
+    with caplog.at_level(logging.INFO):
+        rows = registry.register_frontier(client, "tiny", record["parent"], name, onnx=False)
+    assert [row["run_id"] for row in rows] == [runs[NARROWEST], runs[NARROW], runs[WIDE]]
+    exports = [r.getMessage() for r in caplog.records if r.name == "pruning.export"]
+    assert exports == []
+    versions = {v.tags[TAG_TRIAL_RUN]: v for v in client.search_model_versions(f"name = '{name}'")}
+    assert {run_id: v.tags["onnx"] for run_id, v in versions.items()} == {runs[n]: "skipped" for n in TRIALS
+                                                                          if n != DOMINATED}
+    mlflow.set_tracking_uri(record["uri"])
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}/{versions[runs[NARROW]].version}")
+    flavor = loaded.metadata.flavors["python_function"]
+    assert "onnx_dir" not in flavor["artifacts"] and flavor["config"]["onnx_variant"] == "none"
+
+    # select times each version as its pyfunc serves it: PyTorch, in bf16 for the trial measured in bf16 where the
+    # CPU supports it (simulated here), in fp32 for the others.
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)
+    code, out, _ = _select(capsys, record, 1e6, "champion", name=name)
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    served = {row["run_id"]: row["runtime"] for row in result["versions"]}
+    assert served == {runs[WIDE]: "torch", runs[NARROW]: "torch-bf16", runs[NARROWEST]: "torch"}
+    assert result["version"] == str(versions[runs[WIDE]].version) and result["served_by"] == "torch"
+    # Without bf16 matrix units, every version is timed in fp32.
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)
+    code, out, _ = _select(capsys, record, 1e6, "champion", name=name)
+    assert code == 0
+    assert {row["runtime"] for row in json.loads(out.strip().splitlines()[-1])["versions"]} == {"torch"}

@@ -129,7 +129,8 @@ def test_defaults(tmp_path):
     assert space.resources == {"cpu": 1.0, "gpu": 0.0}
     assert space.speedup == {"batch_size": 1, "seq_len": 128, "repeats": 10}
     assert space.registry.name == "my-sweep" and space.registry.policy == "best_f1_under_density"
-    assert space.registry.max_density == RunConfig().target_density
+    assert space.registry.max_density == RunConfig().target_density and space.registry.onnx is True
+    assert load_space(write(tmp_path, variant(registry={"onnx": False}), "torch.yaml")).registry.onnx is False
     assert space.teacher.path is None and not space.teacher.student_init
 
 
@@ -346,6 +347,7 @@ BAD_SPACES = [
     ("latency budget with another policy", variant(registry={"policy": "best_f1_under_density",
                                                              "max_latency_ms": 5}),
      r"registry\.max_latency_ms: is not used by policy best_f1_under_density"),
+    ("onnx switch not a boolean", variant(registry={"onnx": "no"}), r"registry\.onnx: must be true or false, got 'no'"),
     ("reference of a metric that is no objective", variant(reference_point={"speedup": 1}),
      r"reference_point\.speedup: unknown key \(allowed: f1, linear_density\)"),
     ("objective without a default reference", variant(objectives=[["f1", "max"], ["loss", "min"]]),

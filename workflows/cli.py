@@ -260,7 +260,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     from workflows.registry import register_from_experiment
 
     result = register_from_experiment(args.experiment, tracking_uri=args.tracking_uri, space=args.space,
-                                      frontier=args.frontier)
+                                      frontier=args.frontier, onnx=False if args.no_onnx else None)
     _emit(result)
     return 0
 
@@ -425,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search space whose registry policy to use (default: the one the sweep logged)")
     p.add_argument("--frontier", action="store_true",
                    help="also register every Pareto point of the sweep as a version (idempotent)")
+    p.add_argument("--no-onnx", action="store_true",
+                   help="register new versions without their ONNX Runtime export: they serve through PyTorch "
+                        "(default: the policy's onnx, true unless the space says false)")
 
     p = command("select", cmd_select, "time the registered versions here and alias the best within a latency budget")
     p.add_argument("--registered-model", required=True, metavar="NAME", help="registered model name")

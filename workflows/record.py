@@ -208,6 +208,7 @@ class RegistrySpec:
     max_density: float | None = None  # best_f1_under_density: linear_density <= this
     max_f1_drop: float | None = None  # *_within_f1_drop: F1 points below the dense teacher's F1
     max_latency_ms: float | None = None  # best_f1_under_latency: measured latency of the registered version
+    onnx: bool = True  # export each new version for ONNX Runtime; False: new versions serve through PyTorch
 
     def to_params(self) -> dict[str, str]:
         """The spec as the parent run's params (the same names and values as the flattened space)."""
@@ -218,7 +219,8 @@ class RegistrySpec:
         """The spec a sweep's parent run recorded.
 
         Raises:
-            RecordError: the params hold no ``registry.name``, or a threshold that is not a number.
+            RecordError: the params hold no ``registry.name``, a threshold that is not a number, or an ``onnx``
+                that is not true or false.
         """
         values = params_under(params, PARAM_REGISTRY)
         if "name" not in values:
@@ -229,6 +231,12 @@ class RegistrySpec:
                 continue
             if item.name == "policy":
                 kwargs["policy"] = values["policy"]
+                continue
+            if item.name == "onnx":
+                flag = values["onnx"].strip().lower()
+                if flag not in ("true", "false"):
+                    raise RecordError(f"param registry.onnx: not true or false: {values['onnx']!r}")
+                kwargs["onnx"] = flag == "true"
                 continue
             try:
                 kwargs[item.name] = _optional_float(values[item.name])

@@ -13,7 +13,8 @@ Beside the PyTorch weights each version carries the model exported for ONNX Runt
 fused fp32 graph and its dynamic int8 quantization, see :mod:`pruning.export`), and serves through ONNX Runtime
 (int8 unless ``model_config`` says ``onnx_variant: fp32``, or ``none`` for PyTorch). The export runs once, when the
 version is made; a model that cannot be exported is registered all the same and served by PyTorch, with a warning
-and the reason in the version's ``onnx`` tag (``fp32,int8`` when exported).
+and the reason in the version's ``onnx`` tag (``fp32,int8`` when exported). The policy's ``onnx: false`` (or
+``fineprune register --no-onnx``) skips the export: such versions serve through PyTorch, tagged ``skipped``.
 
 Precision: a version records the precision its EM/F1 were measured in (tag and ``model_config`` ``precision``:
 ``fp32`` or ``bf16``, from the trial). Served by PyTorch, a ``bf16`` (or ``auto``) model runs under bf16 autocast
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -67,6 +69,7 @@ POLICIES = ("best_f1_under_density", "min_density_within_f1_drop", "fastest_with
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
                     "tqdm>=4.66", "onnx==1.23.2", "onnxruntime==1.32.0"]
 ONNX_VARIANTS = ("int8", "fp32", "none")  # what the served model runs: ORT int8 (default), ORT fp32, or PyTorch
+ONNX_SKIPPED = "skipped"  # the onnx tag of a version registered without its export (onnx: false)
 # Served-model setting -> the run config key it is read from (a trial's params are its run config).
 _SERVE_PARAMS = {"max_seq_length": "max_seq_length", "doc_stride": "doc_stride", "max_windows": "max_windows",
                  "batch_size": "eval_batch_size"}
@@ -306,7 +309,7 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
     """
     policy, name = spec.policy, spec.name
     if policy == "best_f1_under_latency":
-        register_frontier(client, experiment, parent_run_id, name)
+        register_frontier(client, experiment, parent_run_id, name, spec.onnx)
         try:
             chosen = select_by_latency(client, name, float(spec.max_latency_ms), alias=ALIAS,
                                        sweep_run_id=parent_run_id, **(latency or {}))
@@ -331,7 +334,7 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         logger.warning("no trial of experiment %r satisfies the registry policy %s; nothing registered", experiment,
                        policy)
         return {"registered": False, "policy": policy, "name": name}
-    return register_run(client, chosen["run_id"], name, parent_run_id, policy)
+    return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx)
 
 
 def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | None = None) -> tuple[Path | None, str]:
@@ -411,9 +414,10 @@ def _fluent_store(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(before)
 
 
-def _version_of_run(client, name: str, run) -> Any:
+def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
     """The version of ``name`` made from the trial ``run``: the existing one, else a new one (logged as a pyfunc
-    model on the trial's run from its ``packed_model`` artifact)."""
+    model on the trial's run from its ``packed_model`` artifact, exported for ONNX Runtime unless ``onnx`` is
+    False; its ``onnx`` tag then reads ``skipped``)."""
     run_id = run.info.run_id
     existing = sorted((v for v in client.search_model_versions(f"name = '{name}'")
                        if v.tags.get(TAG_TRIAL_RUN) == run_id), key=lambda v: int(v.version))
@@ -424,8 +428,13 @@ def _version_of_run(client, name: str, run) -> Any:
     with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
         local = client.download_artifacts(run_id, ARTIFACT_PACKED_MODEL, tmp)
         # Only here, for a new version: a registered trial is never exported again.
-        onnx_dir, onnx_tag = export_for_serving(local, Path(tmp) / "onnx_model",
-                                                what=f"the packed model of trial run {run_id}")
+        if onnx:
+            onnx_dir, onnx_tag = export_for_serving(local, Path(tmp) / "onnx_model",
+                                                    what=f"the packed model of trial run {run_id}")
+        else:
+            onnx_dir, onnx_tag = None, ONNX_SKIPPED
+            logger.info("the packed model of trial run %s: not exported for ONNX Runtime (onnx: false); it serves "
+                        "through PyTorch", run_id)
         precision = measured_precision(run)
         with mlflow.start_run(run_id=run_id):
             info = log_qa_model(local, {**serve_settings(run.data.params), "precision": precision}, onnx_dir)
@@ -446,11 +455,15 @@ def _tag_version(client, name: str, version: str, run, parent_run_id: str, extra
         client.set_model_version_tag(name, version, key, value)
 
 
-def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str) -> dict[str, Any]:
-    """Register a trial run's packed model under ``name`` with alias ``champion``; reuse an existing version."""
+def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str,
+                 onnx: bool = True) -> dict[str, Any]:
+    """Register a trial run's packed model under ``name`` with alias ``champion``; reuse an existing version.
+
+    ``onnx``: export a new version for ONNX Runtime (False: it serves through PyTorch).
+    """
     _ensure_model(client, name)
     run = client.get_run(run_id)
-    version = _version_of_run(client, name, run)
+    version = _version_of_run(client, name, run, onnx)
     _tag_version(client, name, version.version, run, parent_run_id, {TAG_POLICY: policy})
     client.set_registered_model_alias(name, ALIAS, version.version)
     uri = f"models:/{name}@{ALIAS}"
@@ -461,11 +474,13 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
                                                                                   SPEEDUP)}}
 
 
-def register_frontier(client, experiment: str, parent_run_id: str, name: str) -> list[dict[str, Any]]:
+def register_frontier(client, experiment: str, parent_run_id: str, name: str,
+                      onnx: bool = True) -> list[dict[str, Any]]:
     """Register every finished trial on one of the sweep's Pareto frontiers as a version of ``name`` (idempotent).
 
     The frontiers are those the sweep tagged (``pareto``: the space's objectives; ``pareto_speedup``: F1 against
     measured speedup). A trial already registered keeps its version; its tags are refreshed. No alias is set.
+    ``onnx``: export each new version for ONNX Runtime (False: they serve through PyTorch).
 
     Returns:
         One row per frontier version, sparsest first: ``version``, ``model_uri``, ``run_id`` and the metrics.
@@ -485,7 +500,7 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str) ->
     _ensure_model(client, name)
     rows = []
     for run in runs:
-        version = _version_of_run(client, name, run)
+        version = _version_of_run(client, name, run, onnx)
         _tag_version(client, name, version.version, run, parent_run_id,
                      {tag: run.data.tags.get(tag, "false") for tag in FRONTIER_TAGS})
         rows.append({"version": str(version.version), "model_uri": f"models:/{name}/{version.version}",
@@ -671,10 +686,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
 
 
 def register_from_experiment(experiment: str, tracking_uri: str | None = None, space: str | None = None,
-                             frontier: bool = False) -> dict[str, Any]:
+                             frontier: bool = False, onnx: bool | None = None) -> dict[str, Any]:
     """``fineprune register``: the latest sweep of ``experiment``, its policy (or ``space``'s), its champion.
 
     With ``frontier`` every point of the sweep's frontiers is registered first (``frontier`` in the result).
+    ``onnx`` overrides the policy's ``onnx`` (whether new versions are exported for ONNX Runtime).
     """
     uri = record.tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)  # the fluent API logs the versions' models
@@ -692,7 +708,9 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
             raise record.RecordError(f"sweep run {parent.info.run_id}: {err}; pass --space") from None
         latency = latency_settings(record.params_under(params, PARAM_SPEEDUP),
                                    record.params_under(params, PARAM_RESOURCES))
-    rows = register_frontier(client, experiment, parent.info.run_id, spec.name) if frontier else None
+    if onnx is not None:
+        spec = dataclasses.replace(spec, onnx=onnx)
+    rows = register_frontier(client, experiment, parent.info.run_id, spec.name, spec.onnx) if frontier else None
     result = register_champion(client, experiment, parent.info.run_id, spec, latency=latency)
     return result if rows is None else {**result, "frontier": rows}
 

@@ -418,6 +418,7 @@ class RegistrySection(_Section):
     max_density: Number | None = None  # best_f1_under_density: linear_density <= this
     max_f1_drop: Number | None = None  # *_within_f1_drop: F1 points below the dense teacher's F1
     max_latency_ms: Number | None = None  # best_f1_under_latency: measured latency of the registered version
+    onnx: Flag = True  # export each new version for ONNX Runtime (false: versions serve through PyTorch)
 
     @model_validator(mode="after")
     def _one_threshold(self) -> RegistrySection:
@@ -643,7 +644,7 @@ class SweepSpace(_Section):
         """Which trial becomes the registered champion, as the sweep's record writes and reads it."""
         section = self.registry_section
         return RegistrySpec(section.name, section.policy, section.max_density, section.max_f1_drop,
-                            section.max_latency_ms)
+                            section.max_latency_ms, section.onnx)
 
     @property
     def base_config(self) -> RunConfig:

@@ -424,7 +424,8 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
                                              frontier.reference_point(space.objectives, space.reference_point))
         tracking.log_hypervolume(client, parent, series)
         summary["hypervolume"] = series[-1]["hypervolume"]
-        summary["frontier_versions"] = registry.register_frontier(client, experiment, parent, space.registry.name)
+        summary["frontier_versions"] = registry.register_frontier(client, experiment, parent, space.registry.name,
+                                                                space.registry.onnx)
         summary["champion"] = registry.register_champion(
             client, experiment, parent, space.registry, dense_metrics,
             latency=registry.latency_settings(space.speedup, space.resources))
