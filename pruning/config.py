@@ -123,6 +123,9 @@ class RunConfig:
     # fisher: cut in this many stages, each followed by an equal share of the fill_steps (1: one-shot). Stage i
     # keeps target ** (i / fisher_stages) of the linear weights (or FLOPs), from the model the last stage recovered.
     fisher_stages: int = 1
+    # fisher: every layer keeps at least this fraction of its heads and of its FFN dimensions (the most important
+    # ones); the search places the rest of the budget. 0: no floor, the search alone decides.
+    fisher_layer_floor: float = 0.0
 
     # --- hardware -----------------------------------------------------------------------------------------
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
@@ -245,6 +248,14 @@ def _check(cfg: RunConfig) -> None:
         _fail("model_config", f"must be a mapping of BertConfig fields, got {type(cfg.model_config).__name__}")
     if not cfg.masked and cfg.fill_steps:
         _fail("fill_steps", "a filled phase needs a pruning method (topk, sigmoid_threshold or fisher)")
+    if not _is_number(cfg.fisher_layer_floor) or not 0 <= cfg.fisher_layer_floor < 1:
+        _fail("fisher_layer_floor", f"must be in [0, 1), got {cfg.fisher_layer_floor!r}")
+    if cfg.fisher_layer_floor > 0 and cfg.method is not Method.FISHER:
+        _fail("fisher_layer_floor", f"is {cfg.fisher_layer_floor}, but only method fisher searches a layer floor")
+    if (cfg.fisher_layer_floor > 0 and cfg.target_flops is None
+            and cfg.fisher_layer_floor > cfg.target_density):
+        _fail("fisher_layer_floor", f"{cfg.fisher_layer_floor} exceeds target_density {cfg.target_density}: the "
+                                    f"floor alone would keep more than the target")
     if cfg.fisher_stages > 1 and cfg.method is not Method.FISHER:
         _fail("fisher_stages", f"is {cfg.fisher_stages}, but only method fisher prunes in stages")
     if cfg.fisher_stages > 1 and cfg.fill_steps < cfg.fisher_stages:

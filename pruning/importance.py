@@ -48,6 +48,7 @@ __all__ = [
     "magnitude_block_importance",
     "structure_costs",
     "search_mask",
+    "layer_floor",
     "stage_targets",
     "rearrange_mask",
     "zero_removed_",
@@ -352,6 +353,26 @@ def _allowed_first(order: torch.Tensor, allowed: torch.Tensor | None) -> torch.T
     return torch.cat([order[flags], order[~flags]])
 
 
+def layer_floor(importance: torch.Tensor, fraction: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The structures every layer keeps whatever the search: the ``ceil(fraction * n)`` most important of each
+    layer's ``n`` (among the allowed ones, at most all of them). Ties go to the lower index.
+
+    Args:
+        importance: (layers, structures).
+        fraction: in [0, 1]; 0 forces nothing.
+        allowed: boolean (layers, structures) mask of what may be kept; default: all.
+    """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    forced = torch.zeros(importance.shape, dtype=torch.bool)
+    count = math.ceil(fraction * importance.shape[1] - 1e-9)
+    for layer in range(importance.shape[0]):
+        order = _allowed_first(_descending(importance[layer]), None if allowed is None else allowed[layer])
+        limit = count if allowed is None else min(count, int(allowed[layer].sum()))
+        forced[layer, order[:limit]] = True
+    return forced
+
+
 def stage_targets(target: float, stages: int) -> list[float]:
     """What each stage of a staged cut keeps: ``target ** (i / stages)`` for ``i = 1 .. stages``.
 
@@ -364,7 +385,8 @@ def stage_targets(target: float, stages: int) -> list[float]:
 
 def search_mask(head_importance: torch.Tensor, neuron_importance: torch.Tensor, costs: StructureCosts,
                 budget: int, allowed_heads: torch.Tensor | None = None,
-                allowed_neurons: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                allowed_neurons: torch.Tensor | None = None,
+                floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The heads and neurons to keep: the largest total importance whose cost fits in ``budget``.
 
     For every number ``k`` of kept heads (the ``k`` most important), the remaining budget takes as many of the most
@@ -378,12 +400,28 @@ def search_mask(head_importance: torch.Tensor, neuron_importance: torch.Tensor, 
         budget: the most the kept structures may cost (same unit as ``costs``).
         allowed_heads, allowed_neurons: boolean masks of the structures that may be kept (a later stage of a
             staged cut keeps a subset of what the last one kept); default: all.
+        floor: every layer keeps at least this fraction of its heads and of its neurons (:func:`layer_floor`);
+            the rest of the budget is searched as above.
 
     Returns:
         Boolean ``(head_keep, neuron_keep)`` shaped like the importances.
+
+    Raises:
+        ValueError: the floor alone costs more than the budget.
     """
     head_order = _allowed_first(_descending(head_importance), allowed_heads)
     neuron_order = _allowed_first(_descending(neuron_importance), allowed_neurons)
+    min_heads = min_neurons = 0
+    if floor > 0:
+        forced_heads = layer_floor(head_importance, floor, allowed_heads)
+        forced_neurons = layer_floor(neuron_importance, floor, allowed_neurons)
+        # The forced structures lead the orders, so every prefix long enough holds them all.
+        head_order = _allowed_first(head_order, forced_heads)
+        neuron_order = _allowed_first(neuron_order, forced_neurons)
+        min_heads, min_neurons = int(forced_heads.sum()), int(forced_neurons.sum())
+        if min_heads * costs.head + min_neurons * costs.neuron > budget:
+            raise ValueError(f"a layer floor of {floor} costs {min_heads * costs.head + min_neurons * costs.neuron} "
+                             f"of a budget of {budget}")
     max_heads = head_importance.numel() if allowed_heads is None else int(allowed_heads.sum())
     head_cum = torch.cat([torch.zeros(1, dtype=torch.float64),
                           torch.cumsum(head_importance.flatten()[head_order].double(), 0)])
@@ -391,12 +429,12 @@ def search_mask(head_importance: torch.Tensor, neuron_importance: torch.Tensor, 
                             torch.cumsum(neuron_importance.flatten()[neuron_order].double(), 0)])
     num_neurons = neuron_importance.numel()
     max_neurons = num_neurons if allowed_neurons is None else int(allowed_neurons.sum())
-    best_k, best_n, best_value = 0, 0, -math.inf
-    for k in range(max_heads + 1):
+    best_k, best_n, best_value = min_heads, min_neurons, -math.inf
+    for k in range(min_heads, max_heads + 1):
         left = budget - k * costs.head
-        if left < 0:
-            break
         n = min(max_neurons, left // costs.neuron)
+        if n < min_neurons:
+            break
         value = float(head_cum[k] + neuron_cum[n])
         if value > best_value:
             best_k, best_n, best_value = k, n, value

@@ -560,7 +560,7 @@ def _fisher_cut(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, fea
     target = importance.stage_targets(cfg.target_flops if by_flops else cfg.target_density, cfg.fisher_stages)[stage]
     budget = int(math.floor(target * costs.total + 1e-6))
     head_keep, neuron_keep = importance.search_mask(estimate.heads, estimate.neurons, costs, budget,
-                                                    allowed_heads, allowed_neurons)
+                                                    allowed_heads, allowed_neurons, cfg.fisher_layer_floor)
     if cfg.mask_rearrange:
         heads = importance.rearrange_mask(head_keep, estimate.head_blocks)
         neurons = importance.rearrange_mask(neuron_keep, estimate.neuron_blocks)

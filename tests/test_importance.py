@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,32 @@ def test_a_later_stage_keeps_only_what_the_last_one_kept():
     assert (unconstrained[0] & ~first_heads).any() or (unconstrained[1] & ~first_neurons).any()
 
 
+def test_a_layer_floor_keeps_each_layers_most_important_share_and_still_meets_the_budget():
+    config = tiny_model().config
+    costs = imp.structure_costs(config, "density")
+    heads = torch.tensor([[9.0, 8.0, 7.0, 6.0], [0.4, 0.1, 0.3, 0.2]])  # layer 1 looks unimportant throughout
+    neurons = torch.cat([torch.full((1, INTER), 5.0), torch.linspace(1e-3, 2e-3, INTER).unsqueeze(0)])
+    budget = int(0.5 * costs.total)
+    plain = imp.search_mask(heads, neurons, costs, budget)
+    assert not plain[0][1].any() and not plain[1][1].any()  # without a floor, layer 1 loses everything
+    head_keep, neuron_keep = imp.search_mask(heads, neurons, costs, budget, floor=0.25)
+    used = int(head_keep.sum()) * costs.head + int(neuron_keep.sum()) * costs.neuron
+    assert budget - costs.neuron < used <= budget
+    # Layer 1 keeps its most important head (0.4, index 0) and its ceil(0.25 * INTER) most important neurons.
+    assert head_keep[1].tolist() == [True, False, False, False]
+    floor_neurons = math.ceil(0.25 * INTER)
+    assert int(neuron_keep[1].sum()) == floor_neurons and neuron_keep[1, INTER - floor_neurons:].all()
+    # The rest of the budget goes by importance: all of layer 0's neurons and its most important heads.
+    assert neuron_keep[0].all() and head_keep[0].tolist() == [True, True, False, False]
+    # The floor respects a later stage's allowed set, and a floor that costs more than the budget is an error.
+    allowed = torch.tensor([[True, True, True, True], [False, True, True, False]])
+    staged = imp.search_mask(heads, neurons, costs, budget, allowed_heads=allowed, floor=0.25)
+    assert staged[0][1].tolist() == [False, False, True, False]
+    assert imp.layer_floor(heads, 0.0).sum() == 0 and imp.layer_floor(heads, 1.0).all()
+    with pytest.raises(ValueError, match="layer floor of 0.9 costs"):
+        imp.search_mask(heads, neurons, costs, budget, floor=0.9)
+
+
 def test_stage_targets_shrink_evenly_to_the_target():
     assert imp.stage_targets(0.3, 1) == [0.3]
     two = imp.stage_targets(0.3, 2)
@@ -289,7 +316,8 @@ def test_structure_survives_save_and_load(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("overrides", [dict(target_density=0.4), dict(target_flops=0.5, mask_rearrange=True),
                                        dict(target_density=0.3, fill_steps=2),
-                                       dict(target_density=0.3, fill_steps=4, fisher_stages=2, eval_every=2)])
+                                       dict(target_density=0.3, fill_steps=4, fisher_stages=2, eval_every=2),
+                                       dict(target_density=0.4, fisher_layer_floor=0.25)])
 def test_one_shot_checkpoint_packs_to_the_same_logits(tmp_path, tokenizer, overrides):
     cfg = tiny_cfg(tmp_path, **overrides)
     seen = []
@@ -416,6 +444,17 @@ def test_mask_init_accepts_numbers_and_names():
                                     dict(method="fisher", fisher_stages=1.5, fill_steps=4)])
 def test_bad_fisher_stages_are_refused(values):
     with pytest.raises(ConfigError, match="fisher_stages"):
+        RunConfig(**values)
+
+
+@pytest.mark.parametrize("values,message", [
+    (dict(method="fisher", fisher_layer_floor=1.0), "must be in \\[0, 1\\), got 1.0"),
+    (dict(method="fisher", fisher_layer_floor=-0.1), "must be in \\[0, 1\\)"),
+    (dict(method="fisher", fisher_layer_floor="a"), "must be in \\[0, 1\\), got 'a'"),
+    (dict(method="topk", fisher_layer_floor=0.2), "is 0.2, but only method fisher"),
+    (dict(method="fisher", target_density=0.3, fisher_layer_floor=0.4), "0.4 exceeds target_density 0.3")])
+def test_bad_layer_floors_are_refused(values, message):
+    with pytest.raises(ConfigError, match="fisher_layer_floor: " + message):
         RunConfig(**values)
 
 
