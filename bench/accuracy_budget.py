@@ -95,7 +95,8 @@ def override(item: str) -> tuple[str, Any]:
 
 
 def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argparse.Namespace) -> RunConfig:
-    """The run config of one row: ``configs/prune_topk50.yaml`` with the teacher, the density and the method."""
+    """The run config of one row: ``configs/prune_topk50.yaml`` with the teacher, the density and the method, then
+    the ``--set`` values (last, so that they may name keys of the row's method and override the row's own)."""
     budget = args.steps
     suffix = "" if args.precision == "fp32" else f"_{args.precision}"
     base = load_config(PRUNE_CONFIG, {"model": teacher, "teacher": teacher, "target_density": density,
@@ -103,8 +104,7 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
                                       "eval_limit": args.eval_limit, "cache_dir": str(out_dir / "cache"),
                                       "precision": args.precision,
                                       **({"train_limit": args.train_limit} if args.train_limit else {}),
-                                      **({"seed": args.seed} if args.seed is not None else {}),
-                                      **dict(args.set)})
+                                      **({"seed": args.seed} if args.seed is not None else {})})
     head_block = None
     if row.startswith("fisher"):
         config = load_model(teacher).config
@@ -125,6 +125,8 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
     else:
         raise ValueError(f"unknown row {row!r}")
     cfg = config_from_dict(values, source=row, base=base)
+    if args.set:
+        cfg = config_from_dict(dict(args.set), source="--set", base=cfg)
     steps_left = training_steps_left(cfg, budget)
     if steps_left < 1:
         raise SystemExit(f"accuracy_budget: the calibration of {row} takes {calibration_steps(cfg)} of the "
@@ -273,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every row's config, before any training: a bad --set value fails here, in one line
         configs = {(row, density): row_config(row, density, teacher, out_dir, args)
                    for density in args.densities for row in args.rows}
-        base = row_config("topk", args.densities[0], teacher, out_dir, args)
     except ConfigError as err:
-        print(f"accuracy_budget: --set: {err}", file=sys.stderr)
+        print(f"accuracy_budget: {err}", file=sys.stderr)
         return 2
+    base = configs[args.rows[0], args.densities[0]]  # the teacher is scored with the rows' evaluation settings
     teacher_scores = teacher_f1(teacher, base, out_dir / "teacher_scores.json")
     logger.info("teacher %s: EM %.2f F1 %.2f", teacher, teacher_scores["exact_match"], teacher_scores["f1"])
 

@@ -62,3 +62,13 @@ def test_a_bad_value_is_one_line_and_exit_2_before_any_training(bench, masked_ch
     assert code == 2
     assert err[-1].startswith("accuracy_budget: --set: ") and "batch_size: must be a positive integer" in err[-1]
     assert not (tmp_path / "out").exists()
+    # The values come after the row's own, so a key of the row's method is accepted where it applies, and refused
+    # with its row's method named where it does not.
+    cfg = _config(bench, masked_checkpoint, tmp_path, "fisher_recovery", "--set", "fisher_layer_floor=0.2",
+                  "--set", "calibration_samples=64")
+    assert (cfg.fisher_layer_floor, cfg.calibration_samples, cfg.fill_steps) == (0.2, 64, 384 - 4 - 16)
+    code = bench.main(["--teacher", str(masked_checkpoint), "--rows", "topk", "--set", "fisher_layer_floor=0.2",
+                       "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == ("accuracy_budget: --set: fisher_layer_floor: is 0.2, but only method fisher "
+                                     "searches a layer floor")
