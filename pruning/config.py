@@ -252,9 +252,9 @@ def _check(cfg: RunConfig) -> None:
         _fail("fisher_layer_floor", f"must be in [0, 1), got {cfg.fisher_layer_floor!r}")
     if cfg.fisher_layer_floor > 0 and cfg.method is not Method.FISHER:
         _fail("fisher_layer_floor", f"is {cfg.fisher_layer_floor}, but only method fisher searches a layer floor")
-    if (cfg.fisher_layer_floor > 0 and cfg.target_flops is None
-            and cfg.fisher_layer_floor > cfg.target_density):
-        _fail("fisher_layer_floor", f"{cfg.fisher_layer_floor} exceeds target_density {cfg.target_density}: the "
+    target_key = "target_density" if cfg.target_flops is None else "target_flops"
+    if cfg.fisher_layer_floor > 0 and cfg.fisher_layer_floor > getattr(cfg, target_key):
+        _fail("fisher_layer_floor", f"{cfg.fisher_layer_floor} exceeds {target_key} {getattr(cfg, target_key)}: the "
                                     f"floor alone would keep more than the target")
     if cfg.fisher_stages > 1 and cfg.method is not Method.FISHER:
         _fail("fisher_stages", f"is {cfg.fisher_stages}, but only method fisher prunes in stages")

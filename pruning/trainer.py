@@ -559,8 +559,11 @@ def _fisher_cut(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, fea
     costs = importance.structure_costs(model.config, "flops" if by_flops else "density", cfg.max_seq_length)
     target = importance.stage_targets(cfg.target_flops if by_flops else cfg.target_density, cfg.fisher_stages)[stage]
     budget = int(math.floor(target * costs.total + 1e-6))
-    head_keep, neuron_keep = importance.search_mask(estimate.heads, estimate.neurons, costs, budget,
-                                                    allowed_heads, allowed_neurons, cfg.fisher_layer_floor)
+    try:
+        head_keep, neuron_keep = importance.search_mask(estimate.heads, estimate.neurons, costs, budget,
+                                                        allowed_heads, allowed_neurons, cfg.fisher_layer_floor)
+    except ValueError as err:  # a floor that rounds up past the budget: known only with the model's shape
+        raise ConfigError(f"fisher_layer_floor: {err}") from None
     if cfg.mask_rearrange:
         heads = importance.rearrange_mask(head_keep, estimate.head_blocks)
         neurons = importance.rearrange_mask(neuron_keep, estimate.neuron_blocks)

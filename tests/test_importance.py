@@ -452,10 +452,18 @@ def test_bad_fisher_stages_are_refused(values):
     (dict(method="fisher", fisher_layer_floor=-0.1), "must be in \\[0, 1\\)"),
     (dict(method="fisher", fisher_layer_floor="a"), "must be in \\[0, 1\\), got 'a'"),
     (dict(method="topk", fisher_layer_floor=0.2), "is 0.2, but only method fisher"),
-    (dict(method="fisher", target_density=0.3, fisher_layer_floor=0.4), "0.4 exceeds target_density 0.3")])
+    (dict(method="fisher", target_density=0.3, fisher_layer_floor=0.4), "0.4 exceeds target_density 0.3"),
+    (dict(method="fisher", target_flops=0.2, fisher_layer_floor=0.3), "0.3 exceeds target_flops 0.2")])
 def test_bad_layer_floors_are_refused(values, message):
     with pytest.raises(ConfigError, match="fisher_layer_floor: " + message):
         RunConfig(**values)
+
+
+def test_a_layer_floor_that_rounds_past_the_budget_is_a_config_error(tmp_path):
+    # ceil(0.2 x 4) = 1 of 4 heads and ceil(0.2 x 128) = 26 of 128 neurons in each layer: 0.227 of the weights.
+    cfg = tiny_cfg(tmp_path, target_density=0.2, fisher_layer_floor=0.2)
+    with pytest.raises(ConfigError, match="fisher_layer_floor: a layer floor of 0.2 costs"):
+        train(cfg, progress=False)
 
 
 def fineprune(*args: str) -> subprocess.CompletedProcess:
