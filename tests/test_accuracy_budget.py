@@ -72,3 +72,20 @@ def test_a_bad_value_is_one_line_and_exit_2_before_any_training(bench, masked_ch
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1] == ("accuracy_budget: --set: fisher_layer_floor: is 0.2, but only method fisher "
                                      "searches a layer floor")
+
+
+def test_a_forced_split_keeps_the_heads_asked_for_and_fills_the_budget_with_neurons():
+    import torch
+
+    from pruning.importance import Importance, StructureCosts
+
+    spec = importlib.util.spec_from_file_location("fisher_split", ROOT / "bench" / "fisher_split.py")
+    split = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(split)
+    est = Importance(torch.tensor([[3.0, 1.0], [2.0, 0.5]]), torch.tensor([[0.1, 0.4, 0.3], [0.2, 0.05, 0.6]]), 8)
+    costs = StructureCosts(head=10, neuron=3, total=4 * 10 + 6 * 3)
+    head_keep, neuron_keep = split.split_masks(est, costs, 29, heads=2)
+    assert head_keep.tolist() == [[True, False], [True, False]]  # the two most important heads
+    assert neuron_keep.tolist() == [[False, True, True], [False, False, True]]  # 9 // 3 = 3 neurons, the best
+    with pytest.raises(ValueError, match="3 heads cost more than the budget"):
+        split.split_masks(est, costs, 29, heads=3)
