@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -24,6 +25,7 @@ from workflows import registry, tracking
 from workflows.cli import main
 from workflows.record import TAG_KIND, TAG_PARENT, TAG_PRECISION, TAG_STATUS, TAG_TRIAL_RUN
 
+ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-frontier"
 WIDE, NARROW, NARROWEST, DOMINATED = "wide", "narrow", "narrowest", "dominated"
 # name -> (heads kept per layer, FFN width kept, F1, linear density, on the density frontier)
@@ -372,3 +374,14 @@ def test_a_frontier_registered_without_onnx_serves_and_is_timed_through_pytorch(
     code, out, _ = _select(capsys, record, 1e6, "champion", name=name)
     assert code == 0
     assert {row["runtime"] for row in json.loads(out.strip().splitlines()[-1])["versions"]} == {"torch"}
+
+
+def test_register_no_onnx_registers_the_champion_without_its_export(record, registered, capsys):
+    # The smoke space's policy (best F1 under density 0.8) under its own registered model name: a new version.
+    space = ROOT / "tune_spaces" / "smoke.yaml"
+    code = main(["register", "--experiment", "tiny", "--tracking-uri", record["uri"], "--space", str(space),
+                 "--no-onnx"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and result["registered"] and result["run_id"] == record["runs"][NARROW]
+    version = record["client"].get_model_version("fineprune-smoke", result["version"])
+    assert version.tags["onnx"] == "skipped"
