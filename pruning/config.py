@@ -86,6 +86,9 @@ class RunConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1  # linear warm-up of the learning rate, fraction of all steps
     max_grad_norm: float = 1.0
+    # dropout probability of every dropout layer of the student while it trains (hidden and attention); None: the
+    # model's own (0.1 for BERT). Saved models keep their own config.
+    dropout: float | None = None
     eval_every: int | None = None  # steps between evaluations; None: only at the end
     save_every: int | None = None  # steps between checkpoints; None: only at the end
     log_every: int = 10
@@ -248,6 +251,8 @@ def _check(cfg: RunConfig) -> None:
         _fail("model_config", f"must be a mapping of BertConfig fields, got {type(cfg.model_config).__name__}")
     if not cfg.masked and cfg.fill_steps:
         _fail("fill_steps", "a filled phase needs a pruning method (topk, sigmoid_threshold or fisher)")
+    if cfg.dropout is not None and (not _is_number(cfg.dropout) or not 0 <= cfg.dropout < 1):
+        _fail("dropout", f"must be in [0, 1) or null, got {cfg.dropout!r}")
     if not _is_number(cfg.fisher_layer_floor) or not 0 <= cfg.fisher_layer_floor < 1:
         _fail("fisher_layer_floor", f"must be in [0, 1), got {cfg.fisher_layer_floor!r}")
     if cfg.fisher_layer_floor > 0 and cfg.method is not Method.FISHER:

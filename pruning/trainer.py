@@ -295,6 +295,14 @@ def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConf
     return loss, ce, distil, hidden, reg
 
 
+def set_dropout_(model: nn.Module, p: float) -> int:
+    """Set the probability of every dropout layer of ``model`` (not its config); returns how many there are."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    for layer in layers:
+        layer.p = p
+    return len(layers)
+
+
 def _is_fixed(model: nn.Module) -> bool:
     return all(m.mode == "fixed" for _, m in mask_lib.masked_modules(model))
 
@@ -358,6 +366,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                 len(train_examples), num_features, p.total_steps, p.prune_steps, p.fill_steps, device, precision)
 
     model.to(device)
+    if cfg.dropout is not None:
+        set_dropout_(model, cfg.dropout)
     teacher = _load_teacher(cfg, device)
     pruning_metrics: dict[str, float] = {}
     if resume_from is None and cfg.masked:

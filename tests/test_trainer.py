@@ -178,3 +178,26 @@ def test_filled_phase_starts_from_exactly_the_pruned_model(method, global_topk):
     assert pruned_blocks.any()
     assert (weight.permute(0, 2, 1, 3)[pruned_blocks] == 0).all()
     assert query.mode == "fixed"
+
+
+def test_dropout_override_makes_training_passes_deterministic_and_leaves_the_saved_config(tmp_path):
+    from pruning.trainer import set_dropout_
+
+    model = BertForQuestionAnswering(BertConfig(vocab_size=50, **TINY)).train()
+    inputs = {"input_ids": torch.randint(0, 50, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    with torch.no_grad():
+        assert not torch.equal(model(**inputs).start_logits, model(**inputs).start_logits)  # 0.1 by default
+        assert set_dropout_(model, 0.0) > 0
+        assert torch.equal(model(**inputs).start_logits, model(**inputs).start_logits)
+    # The same seeded run with and without the override: only the dropout differs, and the losses with it.
+    losses = {}
+    for name, dropout in (("model", None), ("none", 0.0)):
+        seen = []
+        metrics = train(tiny_cfg(tmp_path / name, dropout=dropout, max_steps=2, eval_every=1),
+                        report=lambda m, c: seen.append(m["loss"]), progress=False)
+        losses[name] = seen
+    assert losses["model"] != losses["none"]
+    assert load_model(metrics["model_dir"]).config.hidden_dropout_prob == 0.1  # the model's own, as saved
+    for bad in (1.0, -0.1, "x"):
+        with pytest.raises(ConfigError, match="dropout: must be in \\[0, 1\\) or null"):
+            RunConfig(dropout=bad)
