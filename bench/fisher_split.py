@@ -31,9 +31,6 @@ from pruning import importance, squad  # noqa: E402
 from pruning.resources import resolve_data  # noqa: E402
 from pruning.trainer import build_model, evaluate, train_features  # noqa: E402
 
-logger = logging.getLogger("fisher_split")
-
-
 def split_masks(est: importance.Importance, costs: importance.StructureCosts, budget: int,
                 heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``heads`` most important heads, and as many of the most important neurons as the rest of ``budget`` pays."""

@@ -255,12 +255,13 @@ def _check(cfg: RunConfig) -> None:
         _fail("dropout", f"must be in [0, 1) or null, got {cfg.dropout!r}")
     if not _is_number(cfg.fisher_layer_floor) or not 0 <= cfg.fisher_layer_floor < 1:
         _fail("fisher_layer_floor", f"must be in [0, 1), got {cfg.fisher_layer_floor!r}")
-    if cfg.fisher_layer_floor > 0 and cfg.method is not Method.FISHER:
-        _fail("fisher_layer_floor", f"is {cfg.fisher_layer_floor}, but only method fisher searches a layer floor")
-    target_key = "target_density" if cfg.target_flops is None else "target_flops"
-    if cfg.fisher_layer_floor > 0 and cfg.fisher_layer_floor > getattr(cfg, target_key):
-        _fail("fisher_layer_floor", f"{cfg.fisher_layer_floor} exceeds {target_key} {getattr(cfg, target_key)}: the "
-                                    f"floor alone would keep more than the target")
+    if cfg.fisher_layer_floor > 0:
+        if cfg.method is not Method.FISHER:
+            _fail("fisher_layer_floor", f"is {cfg.fisher_layer_floor}, but only method fisher searches a layer floor")
+        target_key = "target_density" if cfg.target_flops is None else "target_flops"
+        if cfg.fisher_layer_floor > getattr(cfg, target_key):
+            _fail("fisher_layer_floor", f"{cfg.fisher_layer_floor} exceeds {target_key} {getattr(cfg, target_key)}: "
+                                        f"the floor alone would keep more than the target")
     if cfg.fisher_stages > 1 and cfg.method is not Method.FISHER:
         _fail("fisher_stages", f"is {cfg.fisher_stages}, but only method fisher prunes in stages")
     if cfg.fisher_stages > 1 and cfg.fill_steps < cfg.fisher_stages:
