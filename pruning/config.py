@@ -89,6 +89,10 @@ class RunConfig:
     # dropout probability of every dropout layer of the student while it trains (hidden and attention); None: the
     # model's own (0.1 for BERT). Saved models keep their own config.
     dropout: float | None = None
+    # exponential moving average of the weights while the structure is fixed (dense runs, the filled phase, the
+    # recovery after a fisher cut), with this decay per step; evaluations and the saved model use the average.
+    # None: off.
+    ema_decay: float | None = None
     eval_every: int | None = None  # steps between evaluations; None: only at the end
     save_every: int | None = None  # steps between checkpoints; None: only at the end
     log_every: int = 10
@@ -253,6 +257,8 @@ def _check(cfg: RunConfig) -> None:
         _fail("fill_steps", "a filled phase needs a pruning method (topk, sigmoid_threshold or fisher)")
     if cfg.dropout is not None and (not _is_number(cfg.dropout) or not 0 <= cfg.dropout < 1):
         _fail("dropout", f"must be in [0, 1) or null, got {cfg.dropout!r}")
+    if cfg.ema_decay is not None and (not _is_number(cfg.ema_decay) or not 0 < cfg.ema_decay < 1):
+        _fail("ema_decay", f"must be in (0, 1) or null, got {cfg.ema_decay!r}")
     if not _is_number(cfg.fisher_layer_floor) or not 0 <= cfg.fisher_layer_floor < 1:
         _fail("fisher_layer_floor", f"must be in [0, 1), got {cfg.fisher_layer_floor!r}")
     if cfg.fisher_layer_floor > 0:

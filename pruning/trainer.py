@@ -42,6 +42,8 @@ from transformers import BertConfig, BertForQuestionAnswering, PreTrainedTokeniz
 from . import importance
 from . import masks as mask_lib
 from . import squad
+from .averaging import PREFIX as AVERAGE_PREFIX
+from .averaging import WeightAverage
 from .checkpoint import (
     STATE,
     OPTIMIZER,
@@ -377,6 +379,9 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     optimizer = _optimizer(model, cfg)
     if tensors is not None:
         restore_optimizer(optimizer, tensors)
+    average = _start_average(cfg, model)
+    if average is not None and tensors is not None and any(k.startswith(AVERAGE_PREFIX) for k in tensors):
+        average.load(tensors, source=str(resume_from))
 
     global_topk = cfg.topk_scope is TopkScope.GLOBAL and cfg.method is Method.TOPK
     stage_steps = fisher_stage_steps(cfg) if cfg.method is Method.FISHER else []
@@ -399,11 +404,13 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             mask_lib.set_threshold(model, schedule_values(step)[0], global_topk=global_topk)
             enter_fill_phase(model)
             optimizer = _rebuild_optimizer_for_fill(model, cfg, optimizer)
+            average = _start_average(cfg, model)
         if step in stage_steps:
             stage = stage_steps.index(step) + 1
             pruning_metrics = _fisher_cut(cfg, model, teacher, features, device, stage, pruning_metrics)
             model.to(device)
             optimizer = _optimizer(model, cfg)  # the baked and re-masked layers are new parameters
+            average = _start_average(cfg, model)
         threshold, lam_att, lam_ffn = schedule_values(step)
         if cfg.masked and step < p.prune_steps:
             mask_lib.set_threshold(model, threshold, global_topk=global_topk)
@@ -435,6 +442,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                                         for q in g["params"]], cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if average is not None:
+            average.update(model)
 
         for key, value in terms.items():
             running[key] = running.get(key, 0.0) + value
@@ -460,14 +469,14 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                                    "phase_fill": float(step >= p.prune_steps),
                                    "train_seconds": time.time() - started, **pruning_metrics}
         if do_eval:
-            metrics.update(evaluate(model, tokenizer, eval_examples, cfg, device=device, progress=progress))
+            metrics.update(_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress))
             logger.info("step %d: exact_match %.2f f1 %.2f linear_density %.3f heads_removed %d", done,
                         metrics["exact_match"], metrics["f1"], metrics["linear_density"], metrics["heads_removed"])
             history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         checkpoint_dir = None
         if do_save:
             checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, model, tokenizer, optimizer, cfg,
-                                                  done, history, pruning_metrics))
+                                                  done, history, pruning_metrics, average))
         if do_eval:
             last_metrics = metrics
             if report is not None:
@@ -476,12 +485,14 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
 
     if not last_metrics:  # nothing trained: a one-shot run without recovery, or resumed at the very end
         last_metrics = {"step": p.total_steps, **pruning_metrics,
-                        **evaluate(model, tokenizer, eval_examples, cfg, device=device, progress=progress)}
+                        **_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress)}
         if resume_from is None:
             history.append({k: v for k, v in last_metrics.items() if isinstance(v, (int, float))})
             if report is not None:
                 report(last_metrics, None)
     final_dir = output_dir / FINAL_DIR
+    if average is not None:  # the model the metrics describe
+        average.copy_to(model)
     model.to("cpu")
     save_model(model, tokenizer, final_dir)
     last_metrics = dict(last_metrics)
@@ -605,6 +616,21 @@ def _fisher_cut(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, fea
     return out
 
 
+def _start_average(cfg: RunConfig, model: nn.Module) -> WeightAverage | None:
+    """A fresh weight average when ``ema_decay`` is set and the structure is fixed; None otherwise."""
+    if cfg.ema_decay is None or (cfg.masked and not _is_fixed(model)):
+        return None
+    return WeightAverage(model, cfg.ema_decay)
+
+
+def _evaluate_averaged(model: nn.Module, average: WeightAverage | None, tokenizer: PreTrainedTokenizerBase,
+                       examples: list, cfg: RunConfig, device: torch.device, progress: bool) -> dict[str, float]:
+    if average is None:
+        return evaluate(model, tokenizer, examples, cfg, device=device, progress=progress)
+    with average.applied(model):
+        return evaluate(model, tokenizer, examples, cfg, device=device, progress=progress)
+
+
 def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Scores are frozen in the filled phase: a fresh optimizer over the weights keeps their moments."""
     new = _optimizer(model, cfg)
@@ -616,8 +642,12 @@ def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.opt
 
 
 def _save_checkpoint(path: Path, model: nn.Module, tokenizer, optimizer, cfg: RunConfig, step: int,
-                     history: list[dict[str, Any]], pruning: dict[str, float] | None = None) -> Path:
+                     history: list[dict[str, Any]], pruning: dict[str, float] | None = None,
+                     average: WeightAverage | None = None) -> Path:
     state = {"step": step, "config": config_to_dict(cfg), "history": history, "pruning": pruning or {}}
-    # Weights are saved from the CPU copy of the state dict; the model itself stays on its device.
-    return save_model(model, tokenizer, path, extra_files={STATE: state},
-                      tensors={OPTIMIZER: optimizer_tensors(optimizer)})
+    # Weights are saved from the CPU copy of the state dict; the model itself stays on its device. The live
+    # weights go into the checkpoint (training continues from them), their average beside the optimizer state.
+    tensors = optimizer_tensors(optimizer)
+    if average is not None:
+        tensors.update(average.tensors())
+    return save_model(model, tokenizer, path, extra_files={STATE: state}, tensors={OPTIMIZER: tensors})
