@@ -1,7 +1,8 @@
 """The training loop: dense fine-tuning and masked fine-pruning, with distillation and a filled phase.
 
 One explicit loop, in this order each step: set learning rates and the mask threshold, forward, loss (span
-cross-entropy, distillation, score regularisation), backward, clip, optimizer step, log, evaluate, checkpoint.
+cross-entropy, distillation, score regularisation), backward, clip, optimizer step, weight average (``ema_decay``),
+log, evaluate, checkpoint.
 
 Phases of a masked run (``S`` = pruning steps, ``F`` = ``fill_steps``):
   * steps ``[0, S)``: the threshold (or topk density) follows the cubic schedule; scores learn at ``mask_lr``;
