@@ -90,3 +90,19 @@ def test_filled_phase_checkpoint_and_packed_model_run_on_another_device(method, 
     packed = pack(reloaded)
     forward_backward_on_meta(reloaded, method)
     forward_backward_on_meta(packed, "dense")
+
+
+def test_the_weight_average_stays_on_the_training_device():
+    from pruning.averaging import WeightAverage
+
+    model = masked_model("topk", False, 0.5)
+    enter_fill_phase(model)
+    model.to(META)
+    average = WeightAverage(model, decay=0.9)
+    forward_backward_on_meta(model, "topk")
+    average.update(model)
+    assert all(t.device == META for t in average.shadow.values())
+    with average.applied(model):  # evaluation runs on the averaged weights, in place
+        forward_backward_on_meta(model, "topk")
+    average.copy_to(model)
+    forward_backward_on_meta(model, "topk")
