@@ -19,7 +19,7 @@ from typing import Any, Hashable, Mapping
 
 import yaml
 
-__all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "RunConfig", "read_yaml", "load_config",
+__all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunConfig", "read_yaml", "load_config",
            "config_from_dict", "config_to_dict", "check_head_shaped"]
 
 
@@ -42,6 +42,13 @@ class MaskInit(str, enum.Enum):
     CONSTANT = "constant"  # every score 0 (a number given as mask_init is the constant instead)
     FISHER = "fisher"  # Fisher importance of the block's head or FFN neuron (calibration_samples windows)
     MAGNITUDE = "magnitude"  # mean absolute weight of the block
+
+
+class MaskTuning(str, enum.Enum):
+    """What the least-squares step after a fisher cut fits, layer by layer, to the dense layer's output."""
+
+    SCALES = "scales"  # one scale per kept head and FFN neuron (Kwon et al., 2022)
+    WEIGHTS = "weights"  # the output linears' columns of the kept heads and neurons, and their biases
 
 
 class TopkScope(str, enum.Enum):
@@ -127,6 +134,7 @@ class RunConfig:
     target_flops: float | None = None  # fisher: fraction of the encoder's FLOPs to keep (instead of target_density)
     mask_rearrange: bool = False  # fisher: re-choose each layer's heads/neurons with its block-diagonal Fisher
     mask_tuning_samples: int = 256  # fisher: windows for the least-squares rescaling of kept heads/neurons; 0: off
+    mask_tuning: MaskTuning = MaskTuning.SCALES  # fisher: fit a scale per kept structure, or the kept weights
     # fisher: cut in this many stages, each followed by an equal share of the fill_steps (1: one-shot). Stage i
     # keeps target ** (i / fisher_stages) of the linear weights (or FLOPs), from the model the last stage recovered.
     fisher_stages: int = 1
@@ -160,7 +168,7 @@ class RunConfig:
         return self.method is not Method.DENSE
 
 
-_ENUMS = {"method": Method, "topk_scope": TopkScope}
+_ENUMS = {"method": Method, "topk_scope": TopkScope, "mask_tuning": MaskTuning}
 
 
 def _fail(key: str, message: str) -> None:

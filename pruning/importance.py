@@ -586,7 +586,8 @@ def _token_rows(attention_mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torch.Tensor,
                 head_keep: torch.Tensor, neuron_keep: torch.Tensor, batch_size: int = 16,
-                damping: float = 1e-3, device: torch.device | None = None) -> list[LayerTuning]:
+                damping: float = 1e-3, device: torch.device | None = None,
+                mode: str = "scales") -> list[LayerTuning]:
     """Least-squares scales of the kept heads and neurons, layer by layer, folded into ``model``'s weights.
 
     ``model`` is the plain pruned model (removed structures zeroed by :func:`zero_removed_`), ``dense`` the model
@@ -598,6 +599,12 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
     error never rises above its value at ``m = 1``. Scales multiply the output projection's columns of each head and
     the second FFN linear's column of each neuron.
 
+    With ``mode="weights"`` the same systems are solved for the whole kept part of each sublayer's output linear
+    instead of one scale per structure: the attention output projection's columns of the kept heads and its bias,
+    and the second FFN linear's columns of the kept neurons and its bias, minimising the same error (the ridge now
+    keeps the change of the weights small). A scale per structure is the special case of a diagonal change, so the
+    error after is at most that of ``"scales"`` on the calibration windows.
+
     Args:
         model: the pruned plain model; changed in place.
         dense: the model before pruning (not changed).
@@ -606,10 +613,15 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
         batch_size: windows per pass.
         damping: relative ridge weight.
         device: where to compute (default: the model's device).
+        mode: ``"scales"`` (one scale per kept head and neuron) or ``"weights"`` (the kept columns and the bias).
 
     Returns:
         One :class:`LayerTuning` per layer.
     """
+    if mode not in ("scales", "weights"):
+        raise ValueError(f"mask tuning mode must be 'scales' or 'weights', got {mode!r}")
+    if mode == "weights":
+        return _tune_weights_(model, dense, features, index, head_keep, neuron_keep, batch_size, damping, device)
     device = device or next(model.parameters()).device
     arch = architecture_for(model)
     _, num_heads, head_dim, _ = _shape(model)
@@ -686,7 +698,7 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
                 activations.append(full_act)
                 sums.append(student_cap.values["ffn_sum"])
                 error = (ffn_targets[b] - sums[-1]).reshape(-1, hidden_size)[rows]
-                act = full_act.reshape(-1, len(kept_neurons))[rows].float()
+                act = full_act.flatten(0, 1)[rows].float()
                 g_ffn += (act.T @ act).double()
                 r_ffn += (act * (error.float() @ w2)).sum(dim=0).double()
                 err_ffn += float(error.double().pow(2).sum())
@@ -708,6 +720,116 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
                 neuron_scale_range=((float(scales_ffn.min()), float(scales_ffn.max())) if len(kept_neurons)
                                     else (1.0, 1.0))))
             logger.info("mask tuning layer %d: attention error %.3g -> %.3g, FFN error %.3g -> %.3g", layer_index,
+                        results[-1].attention_before, results[-1].attention_after, results[-1].ffn_before,
+                        results[-1].ffn_after)
+    return results
+
+
+def _with_ones(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``x`` (rows, k), with a column of ones appended when the linear has a bias (one more unknown)."""
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if bias else x
+
+
+def _shift_linear_(linear: nn.Linear, columns: torch.Tensor, delta: torch.Tensor) -> None:
+    """Add the solved change to ``linear``'s ``columns`` (rows of ``delta``) and, as its last row, to its bias."""
+    linear.weight[:, columns] += delta[: len(columns)].T.to(linear.weight.dtype)
+    if linear.bias is not None:
+        linear.bias += delta[len(columns)].to(linear.bias.dtype)
+
+
+def _solve_shift(gram: torch.Tensor, rhs: torch.Tensor, error: float, damping: float) -> tuple[torch.Tensor, float]:
+    """The ridge change ``D`` of a linear's weights (``rhs`` is ``X^T E``) and the squared error after it."""
+    delta = _ridge(gram, rhs, damping)
+    after = error - 2 * float((delta * rhs).sum()) + float((delta * (gram @ delta)).sum())
+    return delta, max(after, 0.0)
+
+
+@torch.no_grad()
+def _tune_weights_(model: nn.Module, dense: nn.Module, features: Batch, index: torch.Tensor,
+                   head_keep: torch.Tensor, neuron_keep: torch.Tensor, batch_size: int, damping: float,
+                   device: torch.device | None) -> list[LayerTuning]:
+    """:func:`tune_masks_` with ``mode="weights"``: least-squares changes of the output linears' kept columns."""
+    device = device or next(model.parameters()).device
+    arch = architecture_for(model)
+    _, num_heads, head_dim, _ = _shape(model)
+    att_norm, ffn_norm = _norm_paths(model)
+    layers, dense_layers = encoder_layers(model), encoder_layers(dense)
+    results: list[LayerTuning] = []
+    with _frozen(model, dense):
+        student_x, teacher_x, calls, token_rows = [], [], [], []
+        for rows in length_batches(features, index, batch_size):
+            batch = _batch(features, rows, device)
+            hidden, args, kwargs = _layer_call(model, batch)
+            student_x.append(hidden)
+            teacher_x.append(_layer_call(dense, batch)[0])
+            calls.append((args, kwargs))
+            token_rows.append(_token_rows(batch["attention_mask"]))
+        hidden_size = student_x[0].shape[-1]
+        for layer_index, (layer, dense_layer) in enumerate(zip(layers, dense_layers)):
+            kept_heads = head_keep[layer_index].to(device).nonzero().flatten()
+            kept_neurons = neuron_keep[layer_index].to(device).nonzero().flatten()
+            columns = (kept_heads[:, None] * head_dim + torch.arange(head_dim, device=device)[None, :]).flatten()
+            out_proj = get_module(layer, arch.attention_output)
+            second = get_module(layer, arch.ffn_out)
+            att_sum, ffn_sum = get_module(layer, att_norm), get_module(layer, ffn_norm)
+            student_cap = _Capture({"ctx": out_proj, "att_sum": att_sum, "act": second, "ffn_sum": ffn_sum})
+            teacher_cap = _Capture({"att_sum": get_module(dense_layer, att_norm),
+                                    "ffn_sum": get_module(dense_layer, ffn_norm)})
+
+            # Attention: the kept context columns (and a constant for the bias) against the error of the sum.
+            att_bias = out_proj.bias is not None
+            size = len(columns) + int(att_bias)
+            gram = torch.zeros(size, size, dtype=torch.float64, device=device)
+            rhs = torch.zeros(size, hidden_size, dtype=torch.float64, device=device)
+            err_att, tokens, ffn_targets = 0.0, 0, []
+            for b, (args, kwargs) in enumerate(calls):
+                rows = token_rows[b]
+                with teacher_cap.install():
+                    teacher_x[b] = _output(dense_layer(teacher_x[b], *args, **kwargs))
+                ffn_targets.append(teacher_cap.values["ffn_sum"])
+                with student_cap.install(), _stop_after(att_sum):
+                    try:
+                        layer(student_x[b], *args, **kwargs)
+                    except _Stop:
+                        pass
+                error = (teacher_cap.values["att_sum"] - student_cap.values["att_sum"]).reshape(-1, hidden_size)[rows]
+                ctx = student_cap.values["ctx"].reshape(-1, num_heads * head_dim)[rows][:, columns].double()
+                x = _with_ones(ctx, att_bias)
+                gram += x.T @ x
+                rhs += x.T @ error.double()
+                err_att += float(error.double().pow(2).sum())
+                tokens += int(rows.sum())
+            delta, after_att = _solve_shift(gram, rhs, err_att, damping)
+            _shift_linear_(out_proj, columns, delta)
+
+            # FFN: the kept activations (and a constant) of the tuned attention's layer against the FFN sum's error.
+            ffn_bias = second.bias is not None
+            size = len(kept_neurons) + int(ffn_bias)
+            gram = torch.zeros(size, size, dtype=torch.float64, device=device)
+            rhs = torch.zeros(size, hidden_size, dtype=torch.float64, device=device)
+            err_ffn, activations, sums = 0.0, [], []
+            for b, (args, kwargs) in enumerate(calls):
+                rows = token_rows[b]
+                with student_cap.install():
+                    layer(student_x[b], *args, **kwargs)
+                activations.append(student_cap.values["act"][..., kept_neurons])
+                sums.append(student_cap.values["ffn_sum"])
+                error = (ffn_targets[b] - sums[-1]).reshape(-1, hidden_size)[rows].double()
+                x = _with_ones(activations[-1].flatten(0, 1)[rows].double(), ffn_bias)
+                gram += x.T @ x
+                rhs += x.T @ error
+                err_ffn += float(error.pow(2).sum())
+            delta, after_ffn = _solve_shift(gram, rhs, err_ffn, damping)
+            weight_shift = delta[: len(kept_neurons)].to(second.weight.dtype)  # (K, hidden)
+            bias_shift = delta[len(kept_neurons)].to(second.weight.dtype) if ffn_bias else 0.0
+            for b in range(len(calls)):
+                student_x[b] = ffn_sum(sums[b] + activations[b] @ weight_shift + bias_shift)
+            _shift_linear_(second, kept_neurons, delta)
+            del activations, sums, ffn_targets
+            count = max(1, tokens * hidden_size)
+            results.append(LayerTuning(attention_before=err_att / count, attention_after=after_att / count,
+                                       ffn_before=err_ffn / count, ffn_after=after_ffn / count))
+            logger.info("weight tuning layer %d: attention error %.3g -> %.3g, FFN error %.3g -> %.3g", layer_index,
                         results[-1].attention_before, results[-1].attention_after, results[-1].ffn_before,
                         results[-1].ffn_after)
     return results

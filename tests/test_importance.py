@@ -268,7 +268,8 @@ def test_rearrangement_keeps_counts_and_lowers_the_quadratic_loss():
 # --- tuning and the masked representation ------------------------------------------------------------------
 
 
-def test_mask_tuning_lowers_every_layers_reconstruction_error():
+@pytest.mark.parametrize("mode", ["scales", "weights"])
+def test_mask_tuning_lowers_every_layers_reconstruction_error(mode):
     dense = tiny_model()
     model = copy.deepcopy(dense)
     features = windows(16, width=20)
@@ -278,7 +279,8 @@ def test_mask_tuning_lowers_every_layers_reconstruction_error():
     neuron_keep[1, 1::3] = True
     imp.zero_removed_(model, head_keep, neuron_keep)
     untuned = copy.deepcopy(model)
-    tuning = imp.tune_masks_(model, dense, features, torch.arange(16), head_keep, neuron_keep, batch_size=5)
+    tuning = imp.tune_masks_(model, dense, features, torch.arange(16), head_keep, neuron_keep, batch_size=5,
+                             mode=mode)
     for layer in tuning:
         assert layer.attention_after < layer.attention_before
         assert layer.ffn_after < layer.ffn_before
@@ -293,6 +295,39 @@ def test_mask_tuning_lowers_every_layers_reconstruction_error():
     before = imp.reconstruction_errors(untuned, dense, features, torch.arange(16))
     assert before[0][0] == pytest.approx(tuning[0].attention_before, rel=1e-3)
     assert sum(a + f for a, f in measured) < sum(a + f for a, f in before)
+
+
+def test_weight_tuning_fits_closer_than_scales_and_keeps_removed_weights_zero():
+    dense = tiny_model()
+    features = windows(16, width=20)
+    head_keep = torch.tensor([[True, False, True, False], [False, True, True, True]])
+    neuron_keep = torch.zeros(LAYERS, INTER, dtype=torch.bool)
+    neuron_keep[:, ::3] = True
+    neuron_keep[1, :] = False  # a layer without FFN: only the bias is fitted
+    results = {}
+    for mode in ("scales", "weights"):
+        model = copy.deepcopy(dense)
+        imp.zero_removed_(model, head_keep, neuron_keep)
+        results[mode] = (model, imp.tune_masks_(model, dense, features, torch.arange(16), head_keep, neuron_keep,
+                                                batch_size=6, damping=1e-6, mode=mode))
+    (_, scales), (model, weights) = results["scales"], results["weights"]
+    # The first attention sublayer sees the same input in both modes, and a scale per head is one of the weight
+    # changes the weights mode can choose, so it fits at least as closely (strictly, here).
+    assert weights[0].attention_after < scales[0].attention_after
+    assert sum(t.attention_after + t.ffn_after for t in weights) < sum(t.attention_after + t.ffn_after for t in scales)
+    assert weights[1].ffn_after < weights[1].ffn_before  # the bias alone moved the empty FFN's output
+    for layer, heads, neurons in zip(model.bert.encoder.layer, head_keep, neuron_keep):
+        columns = (~heads).repeat_interleave(HIDDEN // HEADS)
+        assert torch.all(layer.attention.output.dense.weight[:, columns] == 0)
+        assert torch.all(layer.output.dense.weight[:, ~neurons] == 0)
+
+
+def test_unknown_tuning_mode_is_refused():
+    dense = tiny_model()
+    keep_heads, keep_neurons = torch.ones(LAYERS, HEADS, dtype=torch.bool), torch.ones(LAYERS, INTER, dtype=torch.bool)
+    with pytest.raises(ValueError, match="'scales' or 'weights'"):
+        imp.tune_masks_(copy.deepcopy(dense), dense, windows(2), torch.arange(2), keep_heads, keep_neurons,
+                        mode="columns")
 
 
 def test_structure_survives_save_and_load(tmp_path, tokenizer):
@@ -317,7 +352,8 @@ def test_structure_survives_save_and_load(tmp_path, tokenizer):
 @pytest.mark.parametrize("overrides", [dict(target_density=0.4), dict(target_flops=0.5, mask_rearrange=True),
                                        dict(target_density=0.3, fill_steps=2),
                                        dict(target_density=0.3, fill_steps=4, fisher_stages=2, eval_every=2),
-                                       dict(target_density=0.4, fisher_layer_floor=0.25)])
+                                       dict(target_density=0.4, fisher_layer_floor=0.25),
+                                       dict(target_density=0.4, mask_tuning="weights")])
 def test_one_shot_checkpoint_packs_to_the_same_logits(tmp_path, tokenizer, overrides):
     cfg = tiny_cfg(tmp_path, **overrides)
     seen = []
@@ -437,6 +473,12 @@ def test_mask_init_accepts_numbers_and_names():
         RunConfig(mask_init="gradient")
     with pytest.raises(ConfigError, match="target_flops"):
         RunConfig(method="topk", target_flops=0.5)
+
+
+def test_mask_tuning_takes_scales_or_weights():
+    assert RunConfig(method="fisher", mask_tuning="weights").mask_tuning.value == "weights"
+    with pytest.raises(ConfigError, match="mask_tuning: unknown value 'columns' \\(allowed: scales, weights\\)"):
+        RunConfig(method="fisher", mask_tuning="columns")
 
 
 @pytest.mark.parametrize("values", [dict(method="fisher", fisher_stages=0), dict(method="topk", fisher_stages=2),
