@@ -135,6 +135,9 @@ class RunConfig:
     mask_rearrange: bool = False  # fisher: re-choose each layer's heads/neurons with its block-diagonal Fisher
     mask_tuning_samples: int = 256  # fisher: windows for the least-squares rescaling of kept heads/neurons; 0: off
     mask_tuning: MaskTuning = MaskTuning.SCALES  # fisher: fit a scale per kept structure, or the kept weights
+    # fisher: the ridge weight of the tuning's least squares, relative to the mean diagonal of its Gram matrix
+    # (larger: smaller changes). null: the mode's default (importance.TUNING_DAMPING).
+    mask_tuning_damping: float | None = None
     # fisher: cut in this many stages, each followed by an equal share of the fill_steps (1: one-shot). Stage i
     # keeps target ** (i / fisher_stages) of the linear weights (or FLOPs), from the model the last stage recovered.
     fisher_stages: int = 1
@@ -207,6 +210,9 @@ def _check(cfg: RunConfig) -> None:
         _fail("calibration_samples", f"must be a positive integer, got {cfg.calibration_samples!r}")
     if not (_is_int(cfg.mask_tuning_samples) and cfg.mask_tuning_samples >= 0):
         _fail("mask_tuning_samples", f"must be an integer >= 0, got {cfg.mask_tuning_samples!r}")
+    if cfg.mask_tuning_damping is not None and (not _is_number(cfg.mask_tuning_damping)
+                                                or not cfg.mask_tuning_damping > 0):
+        _fail("mask_tuning_damping", f"must be a number > 0 or null, got {cfg.mask_tuning_damping!r}")
     if not isinstance(cfg.mask_rearrange, bool):
         _fail("mask_rearrange", f"must be true or false, got {cfg.mask_rearrange!r}")
     if not (_is_int(cfg.fisher_stages) and cfg.fisher_stages >= 1):

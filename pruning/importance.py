@@ -52,6 +52,7 @@ __all__ = [
     "stage_targets",
     "rearrange_mask",
     "zero_removed_",
+    "TUNING_DAMPING",
     "tune_masks_",
     "reconstruction_errors",
     "apply_structure_",
@@ -583,10 +584,14 @@ def _token_rows(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.reshape(-1).bool()
 
 
+# The default relative ridge weight of each tuning mode.
+TUNING_DAMPING = {"scales": 1e-3, "weights": 1e-3}
+
+
 @torch.no_grad()
 def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torch.Tensor,
                 head_keep: torch.Tensor, neuron_keep: torch.Tensor, batch_size: int = 16,
-                damping: float = 1e-3, device: torch.device | None = None,
+                damping: float | None = None, device: torch.device | None = None,
                 mode: str = "scales") -> list[LayerTuning]:
     """Least-squares scales of the kept heads and neurons, layer by layer, folded into ``model``'s weights.
 
@@ -611,15 +616,16 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
         features, index: the calibration windows.
         head_keep, neuron_keep: the structure (boolean, (layers, heads) and (layers, intermediate)).
         batch_size: windows per pass.
-        damping: relative ridge weight.
+        damping: relative ridge weight (default: the mode's, :data:`TUNING_DAMPING`).
         device: where to compute (default: the model's device).
         mode: ``"scales"`` (one scale per kept head and neuron) or ``"weights"`` (the kept columns and the bias).
 
     Returns:
         One :class:`LayerTuning` per layer.
     """
-    if mode not in ("scales", "weights"):
+    if mode not in TUNING_DAMPING:
         raise ValueError(f"mask tuning mode must be 'scales' or 'weights', got {mode!r}")
+    damping = TUNING_DAMPING[mode] if damping is None else damping
     if mode == "weights":
         return _tune_weights_(model, dense, features, index, head_keep, neuron_keep, batch_size, damping, device)
     device = device or next(model.parameters()).device

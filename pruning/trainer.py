@@ -603,8 +603,8 @@ def _fisher_cut(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, fea
     if dense is not None:
         tuned = time.time()
         tuning = importance.tune_masks_(model, dense, features, index[: cfg.mask_tuning_samples], head_keep,
-                                        neuron_keep, cfg.batch_size, device=device,
-                                        mode=cfg.mask_tuning.value)
+                                        neuron_keep, cfg.batch_size, device=device, mode=cfg.mask_tuning.value,
+                                        damping=cfg.mask_tuning_damping)
         del dense
         out["tuning_seconds"] = out.get("tuning_seconds", 0.0) + time.time() - tuned
         # The error of the last stage: against the model that stage started from.

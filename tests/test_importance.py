@@ -322,6 +322,17 @@ def test_weight_tuning_fits_closer_than_scales_and_keeps_removed_weights_zero():
         assert torch.all(layer.output.dense.weight[:, ~neurons] == 0)
 
 
+def test_the_tuning_damping_reaches_the_least_squares(tmp_path):
+    # A ridge this strong leaves the weights where the cut put them: the error after tuning stays the error before.
+    errors = {}
+    for damping in (None, 1e9):
+        metrics = train(tiny_cfg(tmp_path / str(damping), target_density=0.4, mask_tuning="weights",
+                                 mask_tuning_damping=damping), progress=False)
+        errors[damping] = (metrics["tuning_error_before"], metrics["tuning_error_after"])
+    assert errors[None][1] < 0.9 * errors[None][0]
+    assert errors[1e9][1] == pytest.approx(errors[1e9][0], rel=1e-4)
+
+
 def test_unknown_tuning_mode_is_refused():
     dense = tiny_model()
     keep_heads, keep_neurons = torch.ones(LAYERS, HEADS, dtype=torch.bool), torch.ones(LAYERS, INTER, dtype=torch.bool)
@@ -479,6 +490,9 @@ def test_mask_tuning_takes_scales_or_weights():
     assert RunConfig(method="fisher", mask_tuning="weights").mask_tuning.value == "weights"
     with pytest.raises(ConfigError, match="mask_tuning: unknown value 'columns' \\(allowed: scales, weights\\)"):
         RunConfig(method="fisher", mask_tuning="columns")
+    for bad in (0, -1.0, "a"):
+        with pytest.raises(ConfigError, match="mask_tuning_damping: must be a number > 0 or null"):
+            RunConfig(method="fisher", mask_tuning_damping=bad)
 
 
 @pytest.mark.parametrize("values", [dict(method="fisher", fisher_stages=0), dict(method="topk", fisher_stages=2),

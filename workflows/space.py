@@ -85,8 +85,8 @@ _NOT_SEARCHABLE = _SWEEP_OWNED + ("model", "model_config", "tokenizer", "train_d
 _TOPK_ONLY = frozenset({"topk_scope"})
 _DENSITY_TARGET = frozenset({"target_density"})  # topk and fisher
 _SIGMOID_ONLY = frozenset({"initial_threshold", "final_threshold", "lambda_attention", "lambda_ffn", LAMBDA_KEY})
-_FISHER_ONLY = frozenset({"target_flops", "mask_rearrange", "mask_tuning_samples", "mask_tuning", "fisher_stages",
-                          "fisher_layer_floor"})
+_FISHER_ONLY = frozenset({"target_flops", "mask_rearrange", "mask_tuning_samples", "mask_tuning",
+                          "mask_tuning_damping", "fisher_stages", "fisher_layer_floor"})
 # Keys of the score-learning methods (topk, sigmoid_threshold) that a one-shot fisher run never reads.
 _MOVEMENT_ONLY = frozenset({"mask_lr", "mask_init", "mask_init_scale", "initial_warmup", "final_warmup"})
 _MASK_ONLY = (_TOPK_ONLY | _DENSITY_TARGET | _SIGMOID_ONLY | _FISHER_ONLY | _MOVEMENT_ONLY
