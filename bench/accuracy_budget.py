@@ -13,8 +13,9 @@ Rows, at linear densities 0.5 and 0.3 (``--densities``):
 * ``topk``: movement pruning with topk, scores from 0 (``configs/prune_topk50.yaml``), 384 steps;
 * ``topk_fisher``: the same with ``mask_init: fisher`` (the calibration pass replaces the first steps);
 * ``fisher``: one-shot structured pruning (``method: fisher``: Fisher importance, search, mask tuning), no training;
+  the tuning fits the kept weights (``mask_tuning: auto`` with no recovery);
 * ``fisher_recovery``: the same, then the rest of the budget as a distilled recovery fine-tune of the fixed
-  structure (``fill_steps``), with a hidden-state MSE term of weight ``--alpha-hidden``; with ``--stages K`` the
+  structure (``fill_steps``; the tuning fits one scale per kept head and neuron), with a hidden-state MSE term of weight ``--alpha-hidden``; with ``--stages K`` the
   cut is made in K stages with the recovery split between them (``fisher_stages``).
 
 Columns: EM, F1, retention (pruned F1 / teacher F1), linear density, heads removed, packed speed-up (dense teacher
@@ -178,7 +179,7 @@ def run_row(row: str, density: float, cfg: RunConfig, teacher_scores: dict[str, 
                             "fill_learning_rate", "mask_init_scale", "max_steps", "fill_steps", "precision",
                             "fisher_stages", "train_limit", "seed", "batch_size", "grad_accum", "alpha_ce",
                             "alpha_distil", "temperature", "learning_rate")}
-                  | {"overrides": dict(args.set)},
+                  | {"mask_tuning": cfg.tuning_mode.value, "overrides": dict(args.set)},
     }
 
 

@@ -47,6 +47,7 @@ class MaskInit(str, enum.Enum):
 class MaskTuning(str, enum.Enum):
     """What the least-squares step after a fisher cut fits, layer by layer, to the dense layer's output."""
 
+    AUTO = "auto"  # weights for a one-shot run (fill_steps 0), scales when a recovery follows
     SCALES = "scales"  # one scale per kept head and FFN neuron (Kwon et al., 2022)
     WEIGHTS = "weights"  # the output linears' columns of the kept heads and neurons, and their biases
 
@@ -134,7 +135,9 @@ class RunConfig:
     target_flops: float | None = None  # fisher: fraction of the encoder's FLOPs to keep (instead of target_density)
     mask_rearrange: bool = False  # fisher: re-choose each layer's heads/neurons with its block-diagonal Fisher
     mask_tuning_samples: int = 256  # fisher: windows for the least-squares rescaling of kept heads/neurons; 0: off
-    mask_tuning: MaskTuning = MaskTuning.SCALES  # fisher: fit a scale per kept structure, or the kept weights
+    # fisher: fit a scale per kept structure, or the kept weights. The weights fit closer and keep more F1 with no
+    # training, but a recovery from them ends lower than from the scales (bench/RESULTS.md), hence auto.
+    mask_tuning: MaskTuning = MaskTuning.AUTO
     # fisher: the ridge weight of the tuning's least squares, relative to the mean diagonal of its Gram matrix
     # (larger: smaller changes). null: the mode's default (importance.TUNING_DAMPING).
     mask_tuning_damping: float | None = None
@@ -169,6 +172,13 @@ class RunConfig:
     @property
     def masked(self) -> bool:
         return self.method is not Method.DENSE
+
+    @property
+    def tuning_mode(self) -> MaskTuning:
+        """The mask tuning a fisher cut runs: ``mask_tuning`` with ``auto`` resolved by ``fill_steps``."""
+        if self.mask_tuning is MaskTuning.AUTO:
+            return MaskTuning.WEIGHTS if self.fill_steps == 0 else MaskTuning.SCALES
+        return self.mask_tuning
 
 
 _ENUMS = {"method": Method, "topk_scope": TopkScope, "mask_tuning": MaskTuning}

@@ -585,7 +585,7 @@ def _token_rows(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # The default relative ridge weight of each tuning mode.
-TUNING_DAMPING = {"scales": 1e-3, "weights": 1e-3}
+TUNING_DAMPING = {"scales": 1e-3, "weights": 1e-2}
 
 
 @torch.no_grad()

@@ -602,8 +602,9 @@ def _fisher_cut(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, fea
         importance.zero_removed_(model, head_keep, neuron_keep)
     if dense is not None:
         tuned = time.time()
+        logger.info("mask tuning (%s) on %d windows", cfg.tuning_mode.value, min(cfg.mask_tuning_samples, len(index)))
         tuning = importance.tune_masks_(model, dense, features, index[: cfg.mask_tuning_samples], head_keep,
-                                        neuron_keep, cfg.batch_size, device=device, mode=cfg.mask_tuning.value,
+                                        neuron_keep, cfg.batch_size, device=device, mode=cfg.tuning_mode.value,
                                         damping=cfg.mask_tuning_damping)
         del dense
         out["tuning_seconds"] = out.get("tuning_seconds", 0.0) + time.time() - tuned

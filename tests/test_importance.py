@@ -364,7 +364,7 @@ def test_structure_survives_save_and_load(tmp_path, tokenizer):
                                        dict(target_density=0.3, fill_steps=2),
                                        dict(target_density=0.3, fill_steps=4, fisher_stages=2, eval_every=2),
                                        dict(target_density=0.4, fisher_layer_floor=0.25),
-                                       dict(target_density=0.4, mask_tuning="weights")])
+                                       dict(target_density=0.4, mask_tuning="scales")])
 def test_one_shot_checkpoint_packs_to_the_same_logits(tmp_path, tokenizer, overrides):
     cfg = tiny_cfg(tmp_path, **overrides)
     seen = []
@@ -488,7 +488,11 @@ def test_mask_init_accepts_numbers_and_names():
 
 def test_mask_tuning_takes_scales_or_weights():
     assert RunConfig(method="fisher", mask_tuning="weights").mask_tuning.value == "weights"
-    with pytest.raises(ConfigError, match="mask_tuning: unknown value 'columns' \\(allowed: scales, weights\\)"):
+    # auto: the weights when nothing trains after the cut, the scales when a recovery does.
+    assert RunConfig(method="fisher").tuning_mode.value == "weights"
+    assert RunConfig(method="fisher", fill_steps=10).tuning_mode.value == "scales"
+    assert RunConfig(method="fisher", fill_steps=10, mask_tuning="weights").tuning_mode.value == "weights"
+    with pytest.raises(ConfigError, match="mask_tuning: unknown value 'columns' \\(allowed: auto, scales, weights\\)"):
         RunConfig(method="fisher", mask_tuning="columns")
     for bad in (0, -1.0, "a"):
         with pytest.raises(ConfigError, match="mask_tuning_damping: must be a number > 0 or null"):
