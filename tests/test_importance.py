@@ -333,6 +333,25 @@ def test_the_tuning_damping_reaches_the_least_squares(tmp_path):
     assert errors[1e9][1] == pytest.approx(errors[1e9][0], rel=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["scales", "weights"])
+def test_mask_tuning_takes_layers_with_nothing_kept(mode):
+    dense = tiny_model()
+    model = copy.deepcopy(dense)
+    head_keep = torch.tensor([[False, False, False, False], [True, True, False, False]])
+    neuron_keep = torch.zeros(LAYERS, INTER, dtype=torch.bool)
+    neuron_keep[0, :5] = True  # layer 1 keeps no FFN dimension, layer 0 no head
+    imp.zero_removed_(model, head_keep, neuron_keep)
+    tuning = imp.tune_masks_(model, dense, windows(8), torch.arange(8), head_keep, neuron_keep, mode=mode)
+    for layer in tuning:
+        assert layer.attention_after <= layer.attention_before
+        assert layer.ffn_after <= layer.ffn_before
+    imp.apply_structure_(model, head_keep, neuron_keep)
+    packed = pack(copy.deepcopy(model))
+    inputs = {k: v for k, v in windows(4).items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).start_logits, packed(**inputs).start_logits, atol=1e-4)
+
+
 def test_unknown_tuning_mode_is_refused():
     dense = tiny_model()
     keep_heads, keep_neurons = torch.ones(LAYERS, HEADS, dtype=torch.bool), torch.ones(LAYERS, INTER, dtype=torch.bool)
