@@ -607,8 +607,11 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
     With ``mode="weights"`` the same systems are solved for the whole kept part of each sublayer's output linear
     instead of one scale per structure: the attention output projection's columns of the kept heads and its bias,
     and the second FFN linear's columns of the kept neurons and its bias, minimising the same error (the ridge now
-    keeps the change of the weights small). A scale per structure is the special case of a diagonal change, so the
-    error after is at most that of ``"scales"`` on the calibration windows.
+    keeps the change of the weights small). A scale per structure is the special case of a change within each
+    structure's columns, so, on the same input and without the ridge, the weights fit at least as closely.
+
+    Both modes accumulate the same normal equations of each output linear's kept input columns (and a constant for
+    the bias) against the error of the sum; the scales' system follows from them and the linear's weights.
 
     Args:
         model: the pruned plain model; changed in place.
@@ -626,142 +629,13 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
     if mode not in TUNING_DAMPING:
         raise ValueError(f"mask tuning mode must be 'scales' or 'weights', got {mode!r}")
     damping = TUNING_DAMPING[mode] if damping is None else damping
-    if mode == "weights":
-        return _tune_weights_(model, dense, features, index, head_keep, neuron_keep, batch_size, damping, device)
     device = device or next(model.parameters()).device
     arch = architecture_for(model)
-    _, num_heads, head_dim, _ = _shape(model)
+    _, _, head_dim, _ = _shape(model)
     att_norm, ffn_norm = _norm_paths(model)
-    layers, dense_layers = encoder_layers(model), encoder_layers(dense)
-    batches = length_batches(features, index, batch_size)
     results: list[LayerTuning] = []
     with _frozen(model, dense):
         # Layer inputs of both models for every batch, and the layer call's other arguments (attention mask).
-        student_x, teacher_x, calls, token_rows = [], [], [], []
-        for rows in batches:
-            batch = _batch(features, rows, device)
-            hidden, args, kwargs = _layer_call(model, batch)
-            t_hidden, _, _ = _layer_call(dense, batch)
-            student_x.append(hidden)
-            teacher_x.append(t_hidden)
-            calls.append((args, kwargs))
-            token_rows.append(_token_rows(batch["attention_mask"]))
-        hidden_size = student_x[0].shape[-1]
-        for layer_index, (layer, dense_layer) in enumerate(zip(layers, dense_layers)):
-            heads = head_keep[layer_index].to(device)
-            neurons = neuron_keep[layer_index].to(device)
-            out_proj = get_module(layer, arch.attention_output)
-            second = get_module(layer, arch.ffn_out)
-            att_sum, ffn_sum = get_module(layer, att_norm), get_module(layer, ffn_norm)
-            student_cap = _Capture({"ctx": out_proj, "att_sum": att_sum, "act": second, "ffn_sum": ffn_sum})
-            teacher_cap = _Capture({"att_sum": get_module(dense_layer, att_norm),
-                                    "ffn_sum": get_module(dense_layer, ffn_norm)})
-            kept_heads = heads.nonzero().flatten()
-            kept_neurons = neurons.nonzero().flatten()
-
-            # Pass 1: the dense layer's sums and output; the pruned attention sublayer (stopped at its LayerNorm)
-            # gives the attention least-squares system.
-            g_att = torch.zeros(len(kept_heads), len(kept_heads), dtype=torch.float64, device=device)
-            r_att = torch.zeros(len(kept_heads), dtype=torch.float64, device=device)
-            err_att, tokens = 0.0, 0
-            ffn_targets = []
-            w_o = out_proj.weight.reshape(hidden_size, num_heads, head_dim)[:, kept_heads]  # (hidden, K, d)
-            for b, (args, kwargs) in enumerate(calls):
-                rows = token_rows[b]
-                with teacher_cap.install():
-                    teacher_x[b] = _output(dense_layer(teacher_x[b], *args, **kwargs))
-                ffn_targets.append(teacher_cap.values["ffn_sum"])
-                with student_cap.install(), _stop_after(att_sum):
-                    try:
-                        layer(student_x[b], *args, **kwargs)
-                    except _Stop:
-                        pass
-                error = (teacher_cap.values["att_sum"] - student_cap.values["att_sum"]).reshape(-1, hidden_size)[rows]
-                ctx = student_cap.values["ctx"].reshape(-1, num_heads, head_dim)[rows][:, kept_heads]  # (N, K, d)
-                contrib = torch.einsum("nkd,okd->nko", ctx, w_o)  # (N, K, hidden)
-                g_att += torch.einsum("nko,njo->kj", contrib, contrib).double()
-                r_att += torch.einsum("nko,no->k", contrib, error).double()
-                err_att += float(error.double().pow(2).sum())
-                tokens += int(rows.sum())
-            delta_att = _ridge(g_att, r_att, damping)
-            after_att = err_att - 2 * float(delta_att @ r_att) + float(delta_att @ g_att @ delta_att)
-            scales_att = (1 + delta_att).to(out_proj.weight.dtype)
-            columns = (kept_heads[:, None] * head_dim + torch.arange(head_dim, device=device)[None, :]).flatten()
-            out_proj.weight[:, columns] *= scales_att.repeat_interleave(head_dim)[None, :]
-
-            # Pass 2: the whole pruned layer with the tuned attention gives the FFN system; its activations and
-            # sums are kept, so the tuned layer's output follows without running it again.
-            g_ffn = torch.zeros(len(kept_neurons), len(kept_neurons), dtype=torch.float64, device=device)
-            r_ffn = torch.zeros(len(kept_neurons), dtype=torch.float64, device=device)
-            err_ffn = 0.0
-            w2 = second.weight[:, kept_neurons].float()  # (hidden, K)
-            activations, sums = [], []
-            for b, (args, kwargs) in enumerate(calls):
-                rows = token_rows[b]
-                with student_cap.install():
-                    layer(student_x[b], *args, **kwargs)
-                full_act = student_cap.values["act"][..., kept_neurons]  # (batch, tokens, K)
-                activations.append(full_act)
-                sums.append(student_cap.values["ffn_sum"])
-                error = (ffn_targets[b] - sums[-1]).reshape(-1, hidden_size)[rows]
-                act = full_act.flatten(0, 1)[rows].float()
-                g_ffn += (act.T @ act).double()
-                r_ffn += (act * (error.float() @ w2)).sum(dim=0).double()
-                err_ffn += float(error.double().pow(2).sum())
-            g_ffn *= (w2.T @ w2).double()
-            delta_ffn = _ridge(g_ffn, r_ffn, damping)
-            after_ffn = err_ffn - 2 * float(delta_ffn @ r_ffn) + float(delta_ffn @ g_ffn @ delta_ffn)
-            scales_ffn = (1 + delta_ffn).to(second.weight.dtype)
-            # The next layer's input: the pruned layer's FFN sum moved by the scale changes, through its LayerNorm.
-            shift = (w2 * delta_ffn.to(w2.dtype)[None, :]).to(second.weight.dtype)  # (hidden, K)
-            for b in range(len(calls)):
-                student_x[b] = ffn_sum(sums[b] + activations[b] @ shift.T)
-            second.weight[:, kept_neurons] *= scales_ffn[None, :]
-            del activations, sums, ffn_targets
-            count = max(1, tokens * hidden_size)
-            results.append(LayerTuning(
-                attention_before=err_att / count, attention_after=max(after_att, 0.0) / count,
-                ffn_before=err_ffn / count, ffn_after=max(after_ffn, 0.0) / count,
-                head_scales=[float(s) for s in scales_att.cpu()],
-                neuron_scale_range=((float(scales_ffn.min()), float(scales_ffn.max())) if len(kept_neurons)
-                                    else (1.0, 1.0))))
-            logger.info("mask tuning layer %d: attention error %.3g -> %.3g, FFN error %.3g -> %.3g", layer_index,
-                        results[-1].attention_before, results[-1].attention_after, results[-1].ffn_before,
-                        results[-1].ffn_after)
-    return results
-
-
-def _with_ones(x: torch.Tensor, bias: bool) -> torch.Tensor:
-    """``x`` (rows, k), with a column of ones appended when the linear has a bias (one more unknown)."""
-    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if bias else x
-
-
-def _shift_linear_(linear: nn.Linear, columns: torch.Tensor, delta: torch.Tensor) -> None:
-    """Add the solved change to ``linear``'s ``columns`` (rows of ``delta``) and, as its last row, to its bias."""
-    linear.weight[:, columns] += delta[: len(columns)].T.to(linear.weight.dtype)
-    if linear.bias is not None:
-        linear.bias += delta[len(columns)].to(linear.bias.dtype)
-
-
-def _solve_shift(gram: torch.Tensor, rhs: torch.Tensor, error: float, damping: float) -> tuple[torch.Tensor, float]:
-    """The ridge change ``D`` of a linear's weights (``rhs`` is ``X^T E``) and the squared error after it."""
-    delta = _ridge(gram, rhs, damping)
-    after = error - 2 * float((delta * rhs).sum()) + float((delta * (gram @ delta)).sum())
-    return delta, max(after, 0.0)
-
-
-@torch.no_grad()
-def _tune_weights_(model: nn.Module, dense: nn.Module, features: Batch, index: torch.Tensor,
-                   head_keep: torch.Tensor, neuron_keep: torch.Tensor, batch_size: int, damping: float,
-                   device: torch.device | None) -> list[LayerTuning]:
-    """:func:`tune_masks_` with ``mode="weights"``: least-squares changes of the output linears' kept columns."""
-    device = device or next(model.parameters()).device
-    arch = architecture_for(model)
-    _, num_heads, head_dim, _ = _shape(model)
-    att_norm, ffn_norm = _norm_paths(model)
-    layers, dense_layers = encoder_layers(model), encoder_layers(dense)
-    results: list[LayerTuning] = []
-    with _frozen(model, dense):
         student_x, teacher_x, calls, token_rows = [], [], [], []
         for rows in length_batches(features, index, batch_size):
             batch = _batch(features, rows, device)
@@ -770,8 +644,7 @@ def _tune_weights_(model: nn.Module, dense: nn.Module, features: Batch, index: t
             teacher_x.append(_layer_call(dense, batch)[0])
             calls.append((args, kwargs))
             token_rows.append(_token_rows(batch["attention_mask"]))
-        hidden_size = student_x[0].shape[-1]
-        for layer_index, (layer, dense_layer) in enumerate(zip(layers, dense_layers)):
+        for layer_index, (layer, dense_layer) in enumerate(zip(encoder_layers(model), encoder_layers(dense))):
             kept_heads = head_keep[layer_index].to(device).nonzero().flatten()
             kept_neurons = neuron_keep[layer_index].to(device).nonzero().flatten()
             columns = (kept_heads[:, None] * head_dim + torch.arange(head_dim, device=device)[None, :]).flatten()
@@ -782,14 +655,10 @@ def _tune_weights_(model: nn.Module, dense: nn.Module, features: Batch, index: t
             teacher_cap = _Capture({"att_sum": get_module(dense_layer, att_norm),
                                     "ffn_sum": get_module(dense_layer, ffn_norm)})
 
-            # Attention: the kept context columns (and a constant for the bias) against the error of the sum.
-            att_bias = out_proj.bias is not None
-            size = len(columns) + int(att_bias)
-            gram = torch.zeros(size, size, dtype=torch.float64, device=device)
-            rhs = torch.zeros(size, hidden_size, dtype=torch.float64, device=device)
-            err_att, tokens, ffn_targets = 0.0, 0, []
+            # Pass 1: the dense layer's sums and output; the pruned attention sublayer (stopped at its LayerNorm)
+            # gives the attention system.
+            attention, ffn_targets = _NormalEquations(out_proj, columns, head_dim), []
             for b, (args, kwargs) in enumerate(calls):
-                rows = token_rows[b]
                 with teacher_cap.install():
                     teacher_x[b] = _output(dense_layer(teacher_x[b], *args, **kwargs))
                 ffn_targets.append(teacher_cap.values["ffn_sum"])
@@ -798,47 +667,103 @@ def _tune_weights_(model: nn.Module, dense: nn.Module, features: Batch, index: t
                         layer(student_x[b], *args, **kwargs)
                     except _Stop:
                         pass
-                error = (teacher_cap.values["att_sum"] - student_cap.values["att_sum"]).reshape(-1, hidden_size)[rows]
-                ctx = student_cap.values["ctx"].reshape(-1, num_heads * head_dim)[rows][:, columns].double()
-                x = _with_ones(ctx, att_bias)
-                gram += x.T @ x
-                rhs += x.T @ error.double()
-                err_att += float(error.double().pow(2).sum())
-                tokens += int(rows.sum())
-            delta, after_att = _solve_shift(gram, rhs, err_att, damping)
-            _shift_linear_(out_proj, columns, delta)
-
-            # FFN: the kept activations (and a constant) of the tuned attention's layer against the FFN sum's error.
-            ffn_bias = second.bias is not None
-            size = len(kept_neurons) + int(ffn_bias)
-            gram = torch.zeros(size, size, dtype=torch.float64, device=device)
-            rhs = torch.zeros(size, hidden_size, dtype=torch.float64, device=device)
-            err_ffn, activations, sums = 0.0, [], []
-            for b, (args, kwargs) in enumerate(calls):
                 rows = token_rows[b]
+                attention.add(student_cap.values["ctx"].flatten(0, 1)[rows][:, columns],
+                              (teacher_cap.values["att_sum"] - student_cap.values["att_sum"]).flatten(0, 1)[rows])
+            att_fit = attention.solve_(mode, damping)
+
+            # Pass 2: the whole pruned layer with the tuned attention gives the FFN system; its activations and
+            # sums are kept, so the tuned layer's output follows without running it again.
+            ffn, activations, sums = _NormalEquations(second, kept_neurons, 1), [], []
+            for b, (args, kwargs) in enumerate(calls):
                 with student_cap.install():
                     layer(student_x[b], *args, **kwargs)
                 activations.append(student_cap.values["act"][..., kept_neurons])
                 sums.append(student_cap.values["ffn_sum"])
-                error = (ffn_targets[b] - sums[-1]).reshape(-1, hidden_size)[rows].double()
-                x = _with_ones(activations[-1].flatten(0, 1)[rows].double(), ffn_bias)
-                gram += x.T @ x
-                rhs += x.T @ error
-                err_ffn += float(error.pow(2).sum())
-            delta, after_ffn = _solve_shift(gram, rhs, err_ffn, damping)
-            weight_shift = delta[: len(kept_neurons)].to(second.weight.dtype)  # (K, hidden)
-            bias_shift = delta[len(kept_neurons)].to(second.weight.dtype) if ffn_bias else 0.0
+                rows = token_rows[b]
+                ffn.add(activations[-1].flatten(0, 1)[rows], (ffn_targets[b] - sums[-1]).flatten(0, 1)[rows])
+            ffn_fit = ffn.solve_(mode, damping)
+            # The next layer's input: the pruned layer's FFN sum moved by the change, through its LayerNorm.
             for b in range(len(calls)):
-                student_x[b] = ffn_sum(sums[b] + activations[b] @ weight_shift + bias_shift)
-            _shift_linear_(second, kept_neurons, delta)
+                student_x[b] = ffn_sum(sums[b] + ffn_fit.output_change(activations[b]))
             del activations, sums, ffn_targets
-            count = max(1, tokens * hidden_size)
-            results.append(LayerTuning(attention_before=err_att / count, attention_after=after_att / count,
-                                       ffn_before=err_ffn / count, ffn_after=after_ffn / count))
-            logger.info("weight tuning layer %d: attention error %.3g -> %.3g, FFN error %.3g -> %.3g", layer_index,
-                        results[-1].attention_before, results[-1].attention_after, results[-1].ffn_before,
-                        results[-1].ffn_after)
+            count = max(1, attention.tokens * out_proj.weight.shape[0])
+            results.append(LayerTuning(
+                attention_before=attention.error / count, attention_after=att_fit.error / count,
+                ffn_before=ffn.error / count, ffn_after=ffn_fit.error / count,
+                head_scales=[float(s) for s in att_fit.scales.cpu()] if att_fit.scales is not None else [],
+                neuron_scale_range=((float(ffn_fit.scales.min()), float(ffn_fit.scales.max()))
+                                    if ffn_fit.scales is not None and len(kept_neurons) else (1.0, 1.0))))
+            logger.info("mask tuning (%s) layer %d: attention error %.3g -> %.3g, FFN error %.3g -> %.3g", mode,
+                        layer_index, results[-1].attention_before, results[-1].attention_after,
+                        results[-1].ffn_before, results[-1].ffn_after)
     return results
+
+
+@dataclass
+class _Fit:
+    """A solved change of one linear's kept columns (``weight``: (columns, out), the transposed change; ``bias``)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    error: float  # squared error of the sum after the change, over the calibration tokens
+    scales: torch.Tensor | None = None  # of the structures, for the scales mode
+
+    def output_change(self, x: torch.Tensor) -> torch.Tensor:
+        """How the linear's output moves for inputs ``x`` (..., columns) of its kept columns."""
+        change = x @ self.weight.to(x.dtype)
+        return change + self.bias.to(x.dtype) if self.bias is not None else change
+
+
+class _NormalEquations:
+    """The least-squares system of a change to ``linear``'s kept input ``columns`` against the error of its sum.
+
+    ``add`` accumulates ``X^T X`` and ``X^T E`` in float64 over the calibration tokens (``X``: the kept columns'
+    inputs, with a constant when the linear has a bias; ``E``: the dense sum minus the pruned one). The columns come
+    in structures of ``group`` consecutive ones (a head's ``head_dim`` columns, one FFN neuron).
+    """
+
+    def __init__(self, linear: nn.Linear, columns: torch.Tensor, group: int) -> None:
+        self.linear, self.columns, self.group = linear, columns, group
+        self.bias = linear.bias is not None
+        size, out = len(columns) + int(self.bias), linear.weight.shape[0]
+        device = linear.weight.device
+        self.xtx = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self.xte = torch.zeros(size, out, dtype=torch.float64, device=device)
+        self.error, self.tokens = 0.0, 0
+
+    def add(self, x: torch.Tensor, error: torch.Tensor) -> None:
+        x, error = x.double(), error.double()
+        if self.bias:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        self.xtx += x.T @ x
+        self.xte += x.T @ error
+        self.error += float(error.pow(2).sum())
+        self.tokens += int(x.shape[0])
+
+    def solve_(self, mode: str, damping: float) -> _Fit:
+        """Solve for the change (ridge ``damping`` relative to the system's mean diagonal) and apply it in place."""
+        n = len(self.columns)
+        weight = self.linear.weight[:, self.columns].double()  # (out, n)
+        if mode == "weights":
+            delta = _ridge(self.xtx, self.xte, damping)
+            gram, rhs, unknowns = self.xtx, self.xte, delta
+            change, bias, scales = delta[:n], (delta[n] if self.bias else None), None
+        else:
+            # One scale m_k per structure: the change of column j of structure k is m_k w_j, so the system is the
+            # columns' one weighted by w_i . w_j and summed within each pair of structures.
+            k = n // self.group
+            gram = (self.xtx[:n, :n] * (weight.T @ weight)).reshape(k, self.group, k, self.group).sum(dim=(1, 3))
+            rhs = (self.xte[:n] * weight.T).sum(dim=1).reshape(k, self.group).sum(dim=1)
+            unknowns = _ridge(gram, rhs, damping)
+            change, bias = unknowns.repeat_interleave(self.group)[:, None] * weight.T, None
+            scales = 1 + unknowns
+        after = self.error - 2 * float((unknowns * rhs).sum()) + float((unknowns * (gram @ unknowns)).sum())
+        self.linear.weight[:, self.columns] += change.T.to(self.linear.weight.dtype)
+        if bias is not None:
+            self.linear.bias += bias.to(self.linear.bias.dtype)
+        return _Fit(change.to(self.linear.weight.dtype), None if bias is None else bias.to(self.linear.weight.dtype),
+                    max(after, 0.0), scales)
 
 
 def _output(value: Any) -> torch.Tensor:
