@@ -15,8 +15,9 @@ Rows, at linear densities 0.5 and 0.3 (``--densities``):
 * ``fisher``: one-shot structured pruning (``method: fisher``: Fisher importance, search, mask tuning), no training;
   the tuning fits the kept weights (``mask_tuning: auto`` with no recovery);
 * ``fisher_recovery``: the same, then the rest of the budget as a distilled recovery fine-tune of the fixed
-  structure (``fill_steps``; the tuning fits one scale per kept head and neuron), with a hidden-state MSE term of weight ``--alpha-hidden``; with ``--stages K`` the
-  cut is made in K stages with the recovery split between them (``fisher_stages``).
+  structure (``fill_steps``; the tuning fits one scale per kept head and neuron), with a hidden-state MSE term of
+  weight ``--alpha-hidden``; with ``--stages K`` the cut is made in K stages with the recovery split between them
+  (``fisher_stages``).
 
 Columns: EM, F1, retention (pruned F1 / teacher F1), linear density, heads removed, packed speed-up (dense teacher
 against the packed model, batch 1, 192 tokens, interleaved medians), steps, and the wall time of the pruning itself

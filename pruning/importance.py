@@ -744,7 +744,6 @@ class _NormalEquations:
     def solve_(self, mode: str, damping: float) -> _Fit:
         """Solve for the change (ridge ``damping`` relative to the system's mean diagonal) and apply it in place."""
         n = len(self.columns)
-        weight = self.linear.weight[:, self.columns].double()  # (out, n)
         if mode == "weights":
             delta = _ridge(self.xtx, self.xte, damping)
             gram, rhs, unknowns = self.xtx, self.xte, delta
@@ -753,6 +752,7 @@ class _NormalEquations:
             # One scale m_k per structure: the change of column j of structure k is m_k w_j, so the system is the
             # columns' one weighted by w_i . w_j and summed within each pair of structures.
             k = n // self.group
+            weight = self.linear.weight[:, self.columns].double()  # (out, n)
             gram = (self.xtx[:n, :n] * (weight.T @ weight)).reshape(k, self.group, k, self.group).sum(dim=(1, 3))
             rhs = (self.xte[:n] * weight.T).sum(dim=1).reshape(k, self.group).sum(dim=1)
             unknowns = _ridge(gram, rhs, damping)
