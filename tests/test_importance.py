@@ -569,6 +569,8 @@ def fisher_config(tmp_path: Path, model_dir: Path, line: str) -> Path:
     ("target_flops: 0.0", "target_flops"),
     ("target_flops: 1.2", "target_flops"),
     ("calibration_samples: 0", "calibration_samples"),
+    ("mask_tuning: columns", "mask_tuning"),
+    ("mask_tuning_damping: 0", "mask_tuning_damping"),
 ])
 def test_bad_fisher_values_are_one_line_naming_file_and_key(tmp_path, dense_dir, line, key, capsys):
     config = fisher_config(tmp_path, dense_dir, line)
