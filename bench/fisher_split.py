@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", required=True, help="dense QA model directory (the protocol's teacher)")
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--heads", type=int, nargs="+", required=True, help="head counts to force")
+    parser.add_argument("--mask-tuning", choices=("scales", "weights"), default="scales",
+                        help="the tuning after each cut (default scales: what the recovery recipe uses, and what the "
+                             "recorded table measured)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             importance.zero_removed_(pruned, head_keep, neuron_keep)
         importance.tune_masks_(pruned, dense, features, index[: cfg.mask_tuning_samples], head_keep, neuron_keep,
-                               cfg.batch_size)
+                               cfg.batch_size, mode=args.mask_tuning, damping=cfg.mask_tuning_damping)
         importance.apply_structure_(pruned, head_keep, neuron_keep)
         f1 = evaluate(pruned, tokenizer, dev, cfg, progress=False)["f1"]
         kept = est.heads[head_keep].sum() + est.neurons[neuron_keep].sum()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch
@@ -88,8 +88,6 @@ class LayerTuning:
     attention_after: float
     ffn_before: float
     ffn_after: float
-    head_scales: list[float] = field(default_factory=list)  # of the kept heads, in head order
-    neuron_scale_range: tuple[float, float] = (1.0, 1.0)  # smallest and largest scale of the kept neurons
 
 
 @dataclass(frozen=True)
@@ -690,10 +688,7 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
             count = max(1, attention.tokens * out_proj.weight.shape[0])
             results.append(LayerTuning(
                 attention_before=attention.error / count, attention_after=att_fit.error / count,
-                ffn_before=ffn.error / count, ffn_after=ffn_fit.error / count,
-                head_scales=[float(s) for s in att_fit.scales.cpu()] if att_fit.scales is not None else [],
-                neuron_scale_range=((float(ffn_fit.scales.min()), float(ffn_fit.scales.max()))
-                                    if ffn_fit.scales is not None and len(kept_neurons) else (1.0, 1.0))))
+                ffn_before=ffn.error / count, ffn_after=ffn_fit.error / count))
             logger.info("mask tuning (%s) layer %d: attention error %.3g -> %.3g, FFN error %.3g -> %.3g", mode,
                         layer_index, results[-1].attention_before, results[-1].attention_after,
                         results[-1].ffn_before, results[-1].ffn_after)
@@ -707,7 +702,6 @@ class _Fit:
     weight: torch.Tensor
     bias: torch.Tensor | None
     error: float  # squared error of the sum after the change, over the calibration tokens
-    scales: torch.Tensor | None = None  # of the structures, for the scales mode
 
     def output_change(self, x: torch.Tensor) -> torch.Tensor:
         """How the linear's output moves for inputs ``x`` (..., columns) of its kept columns."""
@@ -747,7 +741,7 @@ class _NormalEquations:
         if mode == "weights":
             delta = _ridge(self.xtx, self.xte, damping)
             gram, rhs, unknowns = self.xtx, self.xte, delta
-            change, bias, scales = delta[:n], (delta[n] if self.bias else None), None
+            change, bias = delta[:n], (delta[n] if self.bias else None)
         else:
             # One scale m_k per structure: the change of column j of structure k is m_k w_j, so the system is the
             # columns' one weighted by w_i . w_j and summed within each pair of structures.
@@ -757,13 +751,12 @@ class _NormalEquations:
             rhs = (self.xte[:n] * weight.T).sum(dim=1).reshape(k, self.group).sum(dim=1)
             unknowns = _ridge(gram, rhs, damping)
             change, bias = unknowns.repeat_interleave(self.group)[:, None] * weight.T, None
-            scales = 1 + unknowns
         after = self.error - 2 * float((unknowns * rhs).sum()) + float((unknowns * (gram @ unknowns)).sum())
         self.linear.weight[:, self.columns] += change.T.to(self.linear.weight.dtype)
         if bias is not None:
             self.linear.bias += bias.to(self.linear.bias.dtype)
         return _Fit(change.to(self.linear.weight.dtype), None if bias is None else bias.to(self.linear.weight.dtype),
-                    max(after, 0.0), scales)
+                    max(after, 0.0))
 
 
 def _output(value: Any) -> torch.Tensor:
