@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", required=True, help="dense QA model directory (the protocol's teacher)")
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--heads", type=int, nargs="+", required=True, help="head counts to force")
-    parser.add_argument("--mask-tuning", choices=("scales", "weights"), default="scales",
+    parser.add_argument("--mask-tuning", choices=tuple(importance.TUNING_DAMPING), default="scales",
                         help="the tuning after each cut (default scales: what the recovery recipe uses, and what the "
                              "recorded table measured)")
     args = parser.parse_args(argv)
