@@ -591,7 +591,7 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
                 head_keep: torch.Tensor, neuron_keep: torch.Tensor, batch_size: int = 16,
                 damping: float | None = None, device: torch.device | None = None,
                 mode: str = "scales") -> list[LayerTuning]:
-    """Least-squares scales of the kept heads and neurons, layer by layer, folded into ``model``'s weights.
+    """Least-squares fits of the kept heads and neurons (a scale each, or their output weights), layer by layer.
 
     ``model`` is the plain pruned model (removed structures zeroed by :func:`zero_removed_`), ``dense`` the model
     before pruning. For layer ``l``, with the pruned model's input ``x'`` (after the layers already tuned) and the
