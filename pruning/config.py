@@ -160,11 +160,17 @@ class RunConfig:
     alpha_distil: float = 0.9
     temperature: float = 2.0
     alpha_hidden: float = 0.0  # weight of the layer-wise hidden-state MSE to the teacher (needs a teacher)
+    # keep the teacher's logits of every training window after its first forward (pruning.teacher_cache): one
+    # teacher forward per distinct window instead of one per step. Logits only, so alpha_hidden must be 0.
+    teacher_cache: bool = False
 
     # --- filled phase ---------------------------------------------------------------------------------------
     fill_steps: int = 0  # steps after pruning with removed heads/FFN dims fixed and kept heads dense again
     #                      (for fisher: the recovery fine-tune after the one-shot step)
     fill_learning_rate: float | None = None  # default: learning_rate
+    # fisher: train the recovery on the packed model (removed heads and FFN dimensions cut out, so each step costs
+    # what the smaller model costs); checkpoints and the final model are still ordinary masked checkpoints.
+    fill_packed: bool = False
 
     def __post_init__(self) -> None:
         _check(self)
@@ -223,8 +229,9 @@ def _check(cfg: RunConfig) -> None:
     if cfg.mask_tuning_damping is not None and (not _is_number(cfg.mask_tuning_damping)
                                                 or not cfg.mask_tuning_damping > 0):
         _fail("mask_tuning_damping", f"must be a number > 0 or null, got {cfg.mask_tuning_damping!r}")
-    if not isinstance(cfg.mask_rearrange, bool):
-        _fail("mask_rearrange", f"must be true or false, got {cfg.mask_rearrange!r}")
+    for key in ("mask_rearrange", "teacher_cache", "fill_packed"):
+        if not isinstance(getattr(cfg, key), bool):
+            _fail(key, f"must be true or false, got {getattr(cfg, key)!r}")
     if not (_is_int(cfg.fisher_stages) and cfg.fisher_stages >= 1):
         _fail("fisher_stages", f"must be an integer >= 1, got {cfg.fisher_stages!r}")
     if not _is_int(cfg.seed):
@@ -292,6 +299,14 @@ def _check(cfg: RunConfig) -> None:
         if cfg.fisher_layer_floor > getattr(cfg, target_key):
             _fail("fisher_layer_floor", f"{cfg.fisher_layer_floor} exceeds {target_key} {getattr(cfg, target_key)}: "
                                         f"the floor alone would keep more than the target")
+    if cfg.teacher_cache and cfg.teacher is None:
+        _fail("teacher_cache", "is true, but there is no teacher to cache")
+    if cfg.teacher_cache and cfg.alpha_hidden > 0:
+        _fail("teacher_cache", f"keeps the teacher's logits only, but alpha_hidden is {cfg.alpha_hidden} (set it to 0)")
+    if cfg.fill_packed and cfg.method is not Method.FISHER:
+        _fail("fill_packed", f"trains a fisher recovery packed, but method is {cfg.method.value}")
+    if cfg.fill_packed and cfg.fisher_stages > 1:
+        _fail("fill_packed", f"needs fisher_stages 1 (a later stage cuts the masked model), got {cfg.fisher_stages}")
     if cfg.fisher_stages > 1 and cfg.method is not Method.FISHER:
         _fail("fisher_stages", f"is {cfg.fisher_stages}, but only method fisher prunes in stages")
     if cfg.fisher_stages > 1 and cfg.fill_steps < cfg.fisher_stages:

@@ -49,6 +49,8 @@ __all__ = [
     "FFN_WIDTHS_KEY",
     "WEIGHTS_NAME",
     "pack",
+    "pack_for_training",
+    "unpack_into_",
     "save_packed",
     "load_packed",
     "is_packed_dir",
@@ -187,6 +189,71 @@ def pack(model: nn.Module) -> nn.Module:
     setattr(config, FFN_WIDTHS_KEY, widths)
     logger.info("packed: %d of %d heads kept, FFN widths %s", sum(map(len, heads_kept)), report.heads_total, widths)
     return packed.eval()
+
+
+def pack_for_training(masked: nn.Module) -> nn.Module:
+    """:func:`pack` for training in the masked model's place, with :func:`unpack_into_` writing the result back.
+
+    A masked linear with nothing kept drops its bias (its bias mask follows its blocks), while the packed
+    ``Linear(0, hidden)`` would add it: that bias is frozen at the zero packing gave it, so that the trained packed
+    model stays one the masked model can compute. The result is in train mode.
+    """
+    packed = pack(masked)
+    for module in packed.modules():
+        if isinstance(module, nn.Linear) and module.in_features == 0 and module.bias is not None:
+            module.bias.requires_grad_(False)
+    return packed.train()
+
+
+def unpack_into_(masked: nn.Module, packed: nn.Module) -> nn.Module:
+    """Write the weights of ``packed``, a :func:`pack` of ``masked`` trained since, back into ``masked``; in place.
+
+    The kept rows and columns of every shrunk linear go back to their places in the full-size matrices, every other
+    parameter (embeddings, LayerNorms, output biases, the QA head) is copied whole. What packing removed keeps its
+    old values in ``masked``, where its masks hide it, so ``masked`` then computes what ``packed`` computes and can
+    be saved as an ordinary masked checkpoint. The structure must not have changed between the two calls.
+
+    Returns:
+        ``masked``.
+
+    Raises:
+        PackingError: ``packed`` is not a packing of ``masked``'s structure.
+    """
+    arch = architecture_for(masked)
+    report = sparsity_report(masked)
+    done: set[str] = set()
+    with torch.no_grad():
+        layers = zip(encoder_layers(masked), encoder_layers(packed), report.layers)
+        for i, (full, small, structure) in enumerate(layers):
+            head_dim = _head_dim(full, arch, masked.config)
+            heads = structure.heads_kept.nonzero().flatten()
+            rows = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+            ffn = structure.ffn_kept.nonzero().flatten()
+            for path, index, dim in [(arch.query, rows, 0), (arch.key, rows, 0), (arch.value, rows, 0),
+                                     (arch.attention_output, rows, 1), (arch.ffn_in, ffn, 0), (arch.ffn_out, ffn, 1)]:
+                target, source = get_module(full, path), get_module(small, path)
+                if source.weight.shape[dim] != index.numel():
+                    raise PackingError(f"layer {i} {path}: {source.weight.shape[dim]} packed rows or columns for "
+                                       f"{index.numel()} kept ones: not a packing of this model's structure")
+                where = index.to(target.weight.device)
+                target.weight.index_copy_(dim, where, source.weight.to(target.weight))
+                if target.bias is not None:
+                    if dim == 0:
+                        target.bias.index_copy_(0, where, source.bias.to(target.bias))
+                    else:
+                        target.bias.copy_(source.bias)
+                prefix = f"{arch.layers}.{i}.{path}."
+                done.update(prefix + name for name, _ in source.named_parameters())
+        params = dict(masked.named_parameters())
+        for name, source in packed.named_parameters():
+            if name in done:
+                continue
+            target = params.get(name)
+            if target is None or target.shape != source.shape:
+                raise PackingError(f"{name}: {tuple(source.shape)} in the packed model, "
+                                   f"{None if target is None else tuple(target.shape)} in the masked one")
+            target.copy_(source)
+    return masked
 
 
 def _clear_stale_weights(out_dir: Path) -> None:

@@ -13,7 +13,9 @@ Phases of a masked run (``S`` = pruning steps, ``F`` = ``fill_steps``):
 fixes the structure, and the ``F`` filled steps are its recovery fine-tune. With ``fisher_stages: k`` the cut
 is made in ``k`` stages, each on the model the previous recovery left, before steps ``0, F/k, 2F/k, ...``.
 ``mask_init: fisher | magnitude`` warm starts the scores of topk and sigmoid_threshold from the same importance
-estimates.
+estimates. With ``fill_packed`` the recovery trains the packed model (a step costs what the smaller model costs);
+its weights go back into the masked model (:func:`pruning.packing.unpack_into_`) for every checkpoint and the
+final model. With ``teacher_cache`` the teacher runs once per distinct window (:mod:`pruning.teacher_cache`).
 
 ``train(cfg, report=...)`` calls ``report(metrics, checkpoint_dir)`` at every evaluation; the sweep forwards it to
 Ray Tune, a plain script can log it. Nothing here knows about Ray or MLflow.
@@ -43,6 +45,7 @@ from transformers import BertConfig, BertForQuestionAnswering, PreTrainedTokeniz
 from . import importance
 from . import masks as mask_lib
 from . import squad
+from .packing import pack_for_training, unpack_into_
 from .averaging import PREFIX as AVERAGE_PREFIX
 from .averaging import WeightAverage
 from .checkpoint import (
@@ -62,6 +65,7 @@ from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
 from .sparsity import sparsity_report
+from .teacher_cache import TeacherLogits
 
 __all__ = ["Report", "TrainingPlan", "build_model", "plan", "mask_schedule", "train", "evaluate", "resolve_device",
            "enter_fill_phase", "training_loss"]
@@ -265,14 +269,18 @@ def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
 
 def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig, teacher: nn.Module | None = None,
                   lambda_attention: float = 0.0, lambda_ffn: float = 0.0, regularize: bool = True,
+                  teacher_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, span cross-entropy, distillation, hidden-state MSE, score regularisation) of one batch.
 
     ``loss = alpha_ce * ce + alpha_distil * distil + alpha_hidden * hidden`` with a teacher (``ce`` alone without
     one), plus the score penalty of :func:`pruning.masks.regularization_loss` for ``sigmoid_threshold`` when
     ``regularize`` is set. ``hidden`` is the layer-wise MSE of :func:`pruning.distill.hidden_mse` (computed only
-    when ``alpha_hidden > 0``).
+    when ``alpha_hidden > 0``). ``teacher_logits`` (start, end), when given, stand in for the teacher's forward
+    (:class:`pruning.teacher_cache.TeacherLogits`; logits only, so ``alpha_hidden`` must be 0).
     """
+    if teacher_logits is not None and cfg.alpha_hidden > 0:
+        raise ValueError("cached teacher logits carry no hidden states: alpha_hidden must be 0")
     with_hidden = teacher is not None and cfg.alpha_hidden > 0
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 token_type_ids=batch["token_type_ids"], output_hidden_states=with_hidden)
@@ -281,12 +289,14 @@ def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConf
     zero = start_logits.new_zeros(())
     distil, hidden, reg = zero, zero, zero
     loss = ce
-    if teacher is not None:
-        with torch.no_grad():
-            t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            token_type_ids=batch["token_type_ids"], output_hidden_states=with_hidden)
-        distil = (kd_loss(start_logits, t_out.start_logits.float(), cfg.temperature)
-                  + kd_loss(end_logits, t_out.end_logits.float(), cfg.temperature)) / 2
+    if teacher is not None or teacher_logits is not None:
+        if teacher_logits is None:
+            with torch.no_grad():
+                t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                token_type_ids=batch["token_type_ids"], output_hidden_states=with_hidden)
+            teacher_logits = (t_out.start_logits, t_out.end_logits)
+        distil = (kd_loss(start_logits, teacher_logits[0].float(), cfg.temperature)
+                  + kd_loss(end_logits, teacher_logits[1].float(), cfg.temperature)) / 2
         loss = cfg.alpha_ce * ce + cfg.alpha_distil * distil
         if with_hidden:
             # Layer outputs only: the embeddings are not pruned.
@@ -377,6 +387,14 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         pruning_metrics = _initial_masks(cfg, model, teacher, features, device)
     elif resume_from is not None:
         pruning_metrics = {k: v for k, v in state.get("pruning", {}).items() if isinstance(v, (int, float))}
+    skeleton = None  # with fill_packed: the masked model whose structure the packed one trains
+    if cfg.fill_packed and p.fill_steps > start_step:
+        skeleton, model = model, pack_for_training(model).to(device)
+        skeleton.to("cpu")  # only written to, at checkpoints and at the end
+        logger.info("recovery on the packed model: %d of %d parameters", sum(q.numel() for q in model.parameters()),
+                    sum(q.numel() for q in skeleton.parameters()))
+    cache = (TeacherLogits(teacher, features, device, cfg.eval_batch_size, lambda: autocast(precision, device))
+             if cfg.teacher_cache and teacher is not None else None)
     optimizer = _optimizer(model, cfg)
     if tensors is not None:
         restore_optimizer(optimizer, tensors)
@@ -430,9 +448,11 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             # Dynamic padding: windows are padded to max_seq_length, a batch only needs its longest one.
             width = int(batch["attention_mask"].sum(dim=1).max())
             batch = {k: (v[:, :width] if v.ndim == 2 else v).to(device) for k, v in batch.items()}
+            cached = cache(index, width) if cache is not None else None
             with autocast(precision, device):
                 loss, ce, distil, hidden, reg = training_loss(model, batch, cfg, teacher, lam_att, lam_ffn,
-                                                              regularize=step < p.prune_steps)
+                                                              regularize=step < p.prune_steps,
+                                                              teacher_logits=cached)
             (loss / cfg.grad_accum).backward()
             terms["loss_ce"] += float(ce.detach()) / cfg.grad_accum
             terms["loss_distil"] += float(distil.detach()) / cfg.grad_accum
@@ -469,6 +489,10 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                                    "learning_rate": optimizer.param_groups[1]["lr"], **terms,
                                    "phase_fill": float(step >= p.prune_steps),
                                    "train_seconds": time.time() - started, **pruning_metrics}
+        if teacher is not None:  # the teacher's forwards of this process (the cache is not kept across a resume)
+            metrics["teacher_forward_windows"] = float(
+                cache.forwards if cache is not None
+                else (done - start_step) * cfg.batch_size * cfg.grad_accum)
         if do_eval:
             metrics.update(_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress))
             logger.info("step %d: exact_match %.2f f1 %.2f linear_density %.3f heads_removed %d", done,
@@ -476,7 +500,10 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         checkpoint_dir = None
         if do_save:
-            checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, model, tokenizer, optimizer, cfg,
+            if skeleton is not None:
+                unpack_into_(skeleton, model)
+            saved = model if skeleton is None else skeleton
+            checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, saved, tokenizer, optimizer, cfg,
                                                   done, history, pruning_metrics, average))
         if do_eval:
             last_metrics = metrics
@@ -494,6 +521,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     final_dir = output_dir / FINAL_DIR
     if average is not None:  # the model the metrics describe
         average.copy_to(model)
+    if skeleton is not None:
+        model = unpack_into_(skeleton, model)
     model.to("cpu")
     save_model(model, tokenizer, final_dir)
     last_metrics = dict(last_metrics)

@@ -1,0 +1,208 @@
+"""The cheaper recovery: training the packed model (``fill_packed``) and caching the teacher's logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForQuestionAnswering
+
+from pruning import importance as imp
+from pruning import masks
+from pruning.checkpoint import load_model
+from pruning.config import ConfigError, RunConfig
+from pruning.packing import PackingError, pack, pack_for_training, unpack_into_
+from pruning.teacher_cache import TeacherLogits
+from pruning.trainer import train, training_loss
+
+HIDDEN, HEADS, LAYERS, INTER, VOCAB = 64, 4, 2, 128, 120
+TINY = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=INTER,
+            max_position_embeddings=128)
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def cut_model(head_keep: torch.Tensor, seed: int = 0) -> BertForQuestionAnswering:
+    """A tiny random BERT with fixed masks: ``head_keep`` heads and every other FFN dimension of each layer."""
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                        intermediate_size=INTER, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = BertForQuestionAnswering(config).eval()
+    neuron_keep = (torch.arange(INTER) % 2 == 0).repeat(LAYERS, 1)
+    imp.zero_removed_(model, head_keep, neuron_keep)
+    imp.apply_structure_(model, head_keep, neuron_keep)
+    return model
+
+
+def windows(n: int = 10, width: int = 18, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random windows of different lengths, padded at the end, with gold spans inside them."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(6, width + 1, (n,), generator=g)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, VOCAB, (n, width), generator=g) * mask
+    start = (torch.rand(n, generator=g) * (lengths - 1)).long()
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), start_positions=start,
+                end_positions=torch.minimum(start + 2, lengths - 1))
+
+
+def tiny_cfg(tmp_path, **overrides) -> RunConfig:
+    values = dict(model_config=TINY, train_data="dev", eval_data="dev", train_limit=16, eval_limit=6,
+                  max_seq_length=96, doc_stride=32, batch_size=8, learning_rate=1e-3, method="fisher",
+                  attention_block=[HIDDEN // HEADS, HIDDEN], calibration_samples=24, mask_tuning_samples=16,
+                  target_density=0.4, fill_steps=4, dropout=0.0, output_dir=str(tmp_path / "run"), log_every=100,
+                  eval_batch_size=32)
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def logits(model, features) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.eval()(**{k: features[k] for k in INPUTS})
+    return torch.cat([out.start_logits, out.end_logits])
+
+
+# --- unpacking ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads", [[[True, False, True, True], [False, True, False, False]],
+                                   [[False, False, False, False], [True, True, False, True]]])
+def test_trained_packed_weights_go_back_into_the_masked_model(heads):
+    masked = cut_model(torch.tensor(heads))
+    packed = pack_for_training(masked)
+    with torch.no_grad():  # as if trained: every trainable parameter moves
+        for p in packed.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    # A layer that lost every head has no attention-output bias in the masked model: frozen in the packed one.
+    frozen = [n for n, p in packed.named_parameters() if not p.requires_grad]
+    assert frozen == (["bert.encoder.layer.0.attention.output.dense.bias"] if not any(heads[0]) else [])
+    features = windows()
+    assert float((logits(masked, features) - logits(packed, features)).abs().max()) > 1e-2
+    assert unpack_into_(masked, packed) is masked
+    assert float((logits(masked, features) - logits(packed, features)).abs().max()) <= 1e-4
+    assert all(m.mode == "fixed" for _, m in masks.masked_modules(masked))
+    # Packing the written-back model again gives the trained weights.
+    again = dict(pack(masked).named_parameters())
+    for name, p in packed.named_parameters():
+        assert torch.equal(again[name], p), name
+
+
+def test_unpacking_into_another_structure_is_refused():
+    masked = cut_model(torch.tensor([[True, False, True, True], [False, True, False, False]]))
+    other = pack(cut_model(torch.tensor([[True, True, True, True], [False, True, False, False]])))
+    with pytest.raises(PackingError, match="layer 0 attention.self.query: 64 packed rows or columns for 48 kept"):
+        unpack_into_(masked, other)
+
+
+# --- training the packed model ------------------------------------------------------------------------------
+
+
+def test_a_packed_recovery_trains_what_the_masked_one_trains(tmp_path):
+    """Without dropout the two runs compute the same function with the same gradients on the kept weights."""
+    seen = {}
+    results = {}
+    for packed in (False, True):
+        cfg = tiny_cfg(tmp_path / str(packed), fill_packed=packed, eval_every=2)
+        results[packed] = train(cfg, report=lambda m, c, k=packed: seen.setdefault(k, []).append(m),
+                                progress=False)
+    a, b = load_model(results[False]["model_dir"]), load_model(results[True]["model_dir"])
+    assert all(m.mode == "fixed" for _, m in masks.masked_modules(b))  # an ordinary masked checkpoint
+    for (_, ma), (_, mb) in zip(masks.masked_modules(a), masks.masked_modules(b)):
+        assert torch.equal(ma.block_mask(), mb.block_mask())
+    # The QA head's bias shifts every position's logit alike, so its gradient is zero up to rounding, which
+    # AdamW turns into steps of either sign: the runs may differ by a constant per row, nothing else.
+    diff = logits(a, windows(width=40)) - logits(b, windows(width=40))
+    assert float((diff - diff.mean(dim=1, keepdim=True)).abs().max()) <= 1e-4
+    # The model did train: the recovery moved it away from the one-shot cut.
+    for key in ("f1", "exact_match", "linear_density", "heads_removed"):
+        assert [m[key] for m in seen[True]] == pytest.approx([m[key] for m in seen[False]], abs=1e-6), key
+    assert seen[True][-1]["loss"] == pytest.approx(seen[False][-1]["loss"], rel=1e-4)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_packed_recovery_resumes_to_the_same_weights(tmp_path):
+    common = dict(fill_packed=True, eval_every=2, dropout=None, ema_decay=0.5)
+    full = train(tiny_cfg(tmp_path / "a", **common), progress=False)
+
+    def stop(metrics, checkpoint):
+        raise Stop
+
+    cfg = tiny_cfg(tmp_path / "b", **common)
+    with pytest.raises(Stop):
+        train(cfg, report=stop, progress=False)
+    resumed = train(cfg, resume_from=tmp_path / "b" / "run" / "checkpoint", progress=False)
+    assert resumed["step"] == 4
+    a, b = load_model(full["model_dir"]), load_model(resumed["model_dir"])
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5), name
+
+
+# --- the teacher's logits, cached --------------------------------------------------------------------------
+
+
+def test_cached_logits_equal_the_teachers_forward_at_any_padded_width():
+    teacher = cut_model(torch.ones(LAYERS, HEADS, dtype=torch.bool), seed=3)
+    masks.remove_masks_(teacher)
+    features = windows(n=12, width=24)
+    cache = TeacherLogits(teacher, features, torch.device("cpu"), batch_size=5)
+    index = torch.tensor([7, 2, 9, 2])  # a repeated window is run once
+    width = int(features["attention_mask"][index].sum(dim=1).max())
+    start, end = cache(index, width)
+    assert cache.forwards == 3 and start.shape == (4, width)
+    with torch.no_grad():
+        out = teacher(**{k: features[k][index, :width] for k in INPUTS})
+    assert torch.allclose(start, out.start_logits, atol=1e-5) and torch.allclose(end, out.end_logits, atol=1e-5)
+    cache(torch.tensor([2, 7]), 10)
+    assert cache.forwards == 3  # nothing new to run
+
+
+def test_the_loss_with_cached_logits_equals_the_loss_with_the_teacher(tmp_path):
+    teacher = cut_model(torch.ones(LAYERS, HEADS, dtype=torch.bool), seed=3)
+    masks.remove_masks_(teacher)
+    student = cut_model(torch.tensor([[True, False, True, True], [False, True, True, False]]))
+    features = windows(n=8, width=20)
+    cfg = tiny_cfg(tmp_path)
+    cache = TeacherLogits(teacher, features, torch.device("cpu"), batch_size=8)
+    index = torch.arange(8)
+    width = int(features["attention_mask"].sum(dim=1).max())
+    batch = {k: v[index, :width] if v.ndim == 2 else v[index] for k, v in features.items()}
+    direct = training_loss(student, batch, cfg, teacher)
+    cached = training_loss(student, batch, cfg, teacher, teacher_logits=cache(index, width))
+    for a, b in zip(direct, cached):
+        assert float(a.detach()) == pytest.approx(float(b.detach()), abs=1e-5)
+    assert float(direct[2].detach()) > 0  # the distillation term is there, not zero on both sides
+    with pytest.raises(ValueError, match="alpha_hidden must be 0"):
+        training_loss(student, batch, tiny_cfg(tmp_path, alpha_hidden=1.0, teacher="x"), teacher,
+                      teacher_logits=cache(index, width))
+
+
+def test_a_cached_teacher_runs_once_per_window_and_trains_the_same(tmp_path):
+    teacher = train(tiny_cfg(tmp_path, method="dense", fill_steps=0, max_steps=3, attention_block=[32, 32],
+                             output_dir=str(tmp_path / "teacher")), progress=False)["model_dir"]
+    results = {}
+    for cached in (False, True):
+        cfg = tiny_cfg(tmp_path / str(cached), model=teacher, model_config=None, teacher=teacher, fill_steps=6,
+                       teacher_cache=cached, fill_packed=True, train_limit=3)
+        results[cached] = train(cfg, progress=False)
+    plain, cached = results[False], results[True]
+    windows_seen = 6 * 8
+    assert plain["teacher_forward_windows"] == windows_seen
+    assert 0 < cached["teacher_forward_windows"] < windows_seen  # 3 questions give fewer windows than 48
+    assert cached["loss_distil"] == pytest.approx(plain["loss_distil"], rel=1e-4)
+    a, b = load_model(plain["model_dir"]), load_model(cached["model_dir"])
+    diff = logits(a, windows(width=40)) - logits(b, windows(width=40))  # up to a constant per row, as above
+    assert float((diff - diff.mean(dim=1, keepdim=True)).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("values,message", [
+    (dict(teacher_cache=True), "teacher_cache: is true, but there is no teacher"),
+    (dict(teacher_cache=True, teacher="t", alpha_hidden=0.5), "teacher_cache: keeps the teacher's logits only"),
+    (dict(teacher_cache="yes", teacher="t"), "teacher_cache: must be true or false, got 'yes'"),
+    (dict(fill_packed=True, method="topk"), "fill_packed: trains a fisher recovery packed, but method is topk"),
+    (dict(fill_packed=True, method="fisher", fisher_stages=2, fill_steps=4), "fill_packed: needs fisher_stages 1"),
+    (dict(fill_packed=1, method="fisher"), "fill_packed: must be true or false, got 1")])
+def test_bad_cache_and_packing_settings_are_refused(values, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**values)
