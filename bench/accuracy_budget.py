@@ -8,6 +8,15 @@ compute: 384 steps of batch 16, where a calibration pass over N windows counts a
 costs a forward and an activation-only backward, about 2.2 forwards a window; a mask-tuning pass about 3.8; a
 distilled training step about 4: the teacher's forward, the student's forward and backward).
 
+``--budget flops`` counts the same budget in matrix-product FLOPs instead (``F``: one dense forward of a window of
+``max_seq_length`` tokens, :func:`pruning.bench.linear_flops`): the dense run's 384 x 16 windows at ``3F`` each
+(forward and backward); each calibration or tuning window ``3F``; each training window ``3F_s`` for the student
+and ``F`` for the teacher's forward. A masked student costs ``F_s = F`` (masks skip no work); a packed recovery
+(``--set fill_packed=true``) costs what the packed model costs, bounded before the cut by the target's share of
+the linear FLOPs plus every head's attention products. With ``--set teacher_cache=true`` the teacher runs once
+per distinct window (counted as once per training window of the data). Every row reports ``compute``, what it
+used as a share of the budget, counted this way from its final structure, whichever budget set its steps.
+
 Rows, at linear densities 0.5 and 0.3 (``--densities``):
 
 * ``topk``: movement pruning with topk, scores from 0 (``configs/prune_topk50.yaml``), 384 steps;
@@ -20,8 +29,8 @@ Rows, at linear densities 0.5 and 0.3 (``--densities``):
   (``fisher_stages``).
 
 Columns: EM, F1, retention (pruned F1 / teacher F1), linear density, heads removed, packed speed-up (dense teacher
-against the packed model, batch 1, 192 tokens, interleaved medians), steps, and the wall time of the pruning itself
-(calibration, search and tuning) and of the training. Finished rows are kept in ``--json``; a rerun skips them.
+against the packed model, batch 1, 192 tokens, interleaved medians), steps, compute (FLOPs used / the budget's),
+and the wall time of the pruning itself (calibration, search and tuning) and of the training. Finished rows are kept in ``--json``; a rerun skips them.
 
 The last line is ``accuracy_budget retention@0.5 = X.XXX retention@0.3 = Y.YYY``: the best method at each density.
 
@@ -47,11 +56,12 @@ from typing import Any
 import torch
 
 from pruning import squad
+from pruning.bench import linear_flops
 from pruning.checkpoint import load_model, load_tokenizer
 from pruning.config import ConfigError, RunConfig, config_from_dict, load_config
 from pruning.packing import pack_and_verify
 from pruning.resources import resolve_data
-from pruning.trainer import evaluate, train
+from pruning.trainer import evaluate, train, train_features
 
 logger = logging.getLogger("accuracy_budget")
 
@@ -81,6 +91,51 @@ def training_steps_left(cfg: RunConfig, budget_steps: int) -> int:
     """Optimizer steps of the run's own batch (``batch_size x grad_accum``) that fit in the rest of the budget."""
     windows = budget_steps * BUDGET_BATCH - calibration_steps(cfg) * BUDGET_BATCH
     return windows // (cfg.batch_size * cfg.grad_accum)
+
+
+def forward_flops(config: Any, seq_len: int, linear_share: float = 1.0) -> float:
+    """FLOPs of one forward over a window (as :func:`pruning.bench.linear_flops` counts them) of a model that keeps
+    ``linear_share`` of the linear FLOPs and every head's attention products: at ``1.0`` the dense model, below an
+    upper bound for any structure with that share of the linear weights (removed heads only lower it)."""
+    hidden, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
+    linear = layers * 2 * seq_len * (4 * hidden * hidden + 2 * hidden * config.intermediate_size)
+    attention = layers * 2 * 2 * seq_len * seq_len * hidden
+    return linear_share * linear + attention
+
+
+def student_share(cfg: RunConfig) -> float:
+    """Linear share the student's training steps pay for: the target with a packed recovery, else all of it."""
+    if not cfg.fill_packed:
+        return 1.0
+    return cfg.target_flops if cfg.target_flops is not None else cfg.target_density
+
+
+def budget_flops(cfg: RunConfig, config: Any, budget_steps: int) -> float:
+    """The dense run's compute: ``budget_steps`` steps of batch 16, forward and backward."""
+    return budget_steps * BUDGET_BATCH * 3 * forward_flops(config, cfg.max_seq_length)
+
+
+def compute_used(cfg: RunConfig, config: Any, steps: int, student_flops: float, teacher_windows: float) -> float:
+    """FLOPs a row spent: calibration and tuning windows, the student's training windows (forward and backward at
+    ``student_flops`` each) and the teacher's forwards."""
+    dense = forward_flops(config, cfg.max_seq_length)
+    windows = steps * cfg.batch_size * cfg.grad_accum
+    return 3 * dense * calibration_windows(cfg) + 3 * student_flops * windows + dense * teacher_windows
+
+
+def flop_steps_left(cfg: RunConfig, config: Any, budget_steps: int, num_windows: int) -> int:
+    """Optimizer steps whose FLOPs fit in the budget left after calibration, with the student's cost bounded by
+    :func:`student_share` and the teacher's forwards paid once per window of the data with ``teacher_cache``."""
+    dense = forward_flops(config, cfg.max_seq_length)
+    student = forward_flops(config, cfg.max_seq_length, student_share(cfg))
+    teacher = dense if cfg.teacher is not None else 0.0
+    left = budget_flops(cfg, config, budget_steps) - 3 * dense * calibration_windows(cfg)
+    if cfg.teacher_cache:
+        left -= teacher * num_windows
+        per_window = 3 * student
+    else:
+        per_window = 3 * student + teacher
+    return max(0, math.floor(left / (per_window * cfg.batch_size * cfg.grad_accum)))
 
 
 def override(item: str) -> tuple[str, Any]:
@@ -129,11 +184,18 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
     cfg = config_from_dict(values, source=row, base=base)
     if args.set:
         cfg = config_from_dict(dict(args.set), source="--set", base=cfg)
-    steps_left = training_steps_left(cfg, budget)
+    if args.budget == "flops":
+        num_windows = 0
+        if cfg.teacher_cache:
+            examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
+            num_windows = int(train_features(cfg, examples, load_tokenizer(teacher))["input_ids"].shape[0])
+        steps_left = flop_steps_left(cfg, load_model(teacher).config, budget, num_windows)
+    else:
+        steps_left = training_steps_left(cfg, budget)
     if steps_left < 1:
         raise SystemExit(f"accuracy_budget: the calibration of {row} takes {calibration_steps(cfg)} of the "
                          f"{budget} steps")
-    if row == "topk_fisher":
+    if row in ("topk", "topk_fisher"):
         cfg = dataclasses.replace(cfg, max_steps=steps_left)
     elif row == "fisher_recovery":
         cfg = dataclasses.replace(cfg, fill_steps=steps_left)
@@ -164,13 +226,17 @@ def run_row(row: str, density: float, cfg: RunConfig, teacher_scores: dict[str, 
     metrics = train(cfg, progress=False)
     wall = time.time() - started
     masked = load_model(metrics["model_dir"])
-    _, packing = pack_and_verify(masked, batch_size=1, seq_len=cfg.max_seq_length, repeats=args.repeats)
+    packed, packing = pack_and_verify(masked, batch_size=1, seq_len=cfg.max_seq_length, repeats=args.repeats)
     one_shot = float(metrics.get("prune_seconds", 0.0))
+    config = load_model(cfg.teacher).config
+    student = linear_flops(packed if cfg.fill_packed else masked, cfg.max_seq_length)
+    used = compute_used(cfg, config, steps, student, float(metrics.get("teacher_forward_windows", 0.0)))
     return {
         "row": row, "density_target": density, "exact_match": metrics["exact_match"], "f1": metrics["f1"],
-        "retention": metrics["f1"] / teacher_scores["f1"], "linear_density": metrics["linear_density"],
+        "retention": metrics["f1"] / teacher_scores["f1"] if teacher_scores["f1"] else math.nan, "linear_density": metrics["linear_density"],
         "heads_removed": int(metrics["heads_removed"]), "speedup": packing.speedup,
         "steps": int(steps), "calibration_steps": calibration_steps(cfg), "prune_seconds": one_shot,
+        "budget": args.budget, "compute": used / budget_flops(cfg, config, args.steps),
         "prune_cpu_seconds": float(metrics.get("prune_cpu_seconds", 0.0)), "threads": torch.get_num_threads(),
         "train_seconds": float(metrics.get("train_seconds", 0.0)) if steps else 0.0, "wall_seconds": wall,
         "tuning_error_before": metrics.get("tuning_error_before"),
@@ -179,7 +245,7 @@ def run_row(row: str, density: float, cfg: RunConfig, teacher_scores: dict[str, 
                    if k in ("calibration_samples", "mask_tuning_samples", "mask_rearrange", "alpha_hidden",
                             "fill_learning_rate", "mask_init_scale", "max_steps", "fill_steps", "precision",
                             "fisher_stages", "train_limit", "seed", "batch_size", "grad_accum", "alpha_ce",
-                            "alpha_distil", "temperature", "learning_rate")}
+                            "alpha_distil", "temperature", "learning_rate", "fill_packed", "teacher_cache")}
                   | {"mask_tuning": cfg.tuning_mode.value, "overrides": dict(args.set)},
     }
 
@@ -202,14 +268,15 @@ def save_row(path: Path, teacher_scores: dict[str, float], result: dict[str, Any
 
 def format_table(teacher_scores: dict[str, float], rows: list[dict[str, Any]]) -> str:
     lines = ["| method | target | steps (+ calibration) | linear density | heads removed | EM | F1 | retention | "
-             "packed speedup | one-shot s | training s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|",
+             "packed speedup | compute | one-shot s | training s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|",
              f"| dense teacher | 1.0 | {BUDGET_STEPS} | 1.000 | 0 | {teacher_scores['exact_match']:.2f} | "
-             f"{teacher_scores['f1']:.2f} | 1.000 | 1.00 | - | - |"]
+             f"{teacher_scores['f1']:.2f} | 1.000 | 1.00 | 1.00 | - | - |"]
     for r in sorted(rows, key=lambda r: (-r["density_target"], ROWS.index(r["row"]))):
+        compute = f"{r['compute']:.2f}" if "compute" in r else "-"  # rows recorded before it was measured
         lines.append(f"| {r['row']} | {r['density_target']:g} | {r['steps']} (+ {r['calibration_steps']}) | "
                      f"{r['linear_density']:.3f} | {r['heads_removed']} | {r['exact_match']:.2f} | {r['f1']:.2f} | "
-                     f"{r['retention']:.3f} | {r['speedup']:.2f} | {r['prune_seconds']:.0f} | "
+                     f"{r['retention']:.3f} | {r['speedup']:.2f} | {compute} | {r['prune_seconds']:.0f} | "
                      f"{r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -232,6 +299,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-limit", type=int, default=500)
     parser.add_argument("--steps", type=int, default=BUDGET_STEPS, help="the budget in steps of batch 16 (the dense "
                                                                           "run's 384; smaller only for a smoke test)")
+    parser.add_argument("--budget", choices=("steps", "flops"), default="steps",
+                        help="how the budget sets each row's training steps: the dense run's steps of batch 16 "
+                             "(calibration windows counted as 1/16 step each), or its FLOPs, with the teacher's "
+                             "forwards and the packed student's smaller steps counted (module docstring)")
     parser.add_argument("--calibration", type=int, default=512,
                         help="calibration windows (calibration_samples; default 512: on this protocol 2,048 pick "
                              "the same heads and cost 96 recovery steps)")

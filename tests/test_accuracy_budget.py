@@ -89,3 +89,88 @@ def test_a_forced_split_keeps_the_heads_asked_for_and_fills_the_budget_with_neur
     assert neuron_keep.tolist() == [[False, True, True], [False, False, True]]  # 9 // 3 = 3 neurons, the best
     with pytest.raises(ValueError, match="3 heads cost more than the budget"):
         split.split_masks(est, costs, 29, heads=3)
+
+
+# --- the budget in FLOPs --------------------------------------------------------------------------------------
+
+
+def test_the_flop_model_counts_what_the_flop_counter_counts(bench, masked_checkpoint):
+    from pruning.bench import linear_flops
+    from pruning.checkpoint import load_model
+    from pruning.packing import pack
+    from pruning.sparsity import sparsity_report
+
+    import torch
+    from transformers import BertForQuestionAnswering
+
+    from pruning import importance
+
+    masked = load_model(masked_checkpoint)
+    assert bench.forward_flops(masked.config, 96) == linear_flops(masked, 96)
+    # A structured cut costs at most its share of the linear weights plus every head's attention products.
+    model = BertForQuestionAnswering(masked.config)
+    heads = torch.tensor([[True, False, True, True], [False, False, True, False]])
+    neurons = torch.arange(128).repeat(2, 1) % 3 == 0
+    importance.zero_removed_(model, heads, neurons)
+    importance.apply_structure_(model, heads, neurons)
+    share = sparsity_report(model).linear_density
+    flops = linear_flops(pack(model), 96)
+    assert flops < bench.forward_flops(masked.config, 96, share) < linear_flops(masked, 96)
+    # ... and exactly that when it removes no head.
+    model = BertForQuestionAnswering(masked.config)
+    importance.zero_removed_(model, torch.ones(2, 4, dtype=torch.bool), neurons)
+    importance.apply_structure_(model, torch.ones(2, 4, dtype=torch.bool), neurons)
+    share = sparsity_report(model).linear_density
+    assert linear_flops(pack(model), 96) == pytest.approx(bench.forward_flops(masked.config, 96, share))
+
+
+def test_a_flop_budget_charges_the_teacher_and_pays_packed_steps_their_size(bench, masked_checkpoint, tmp_path):
+    from pruning.checkpoint import load_model
+
+    config = load_model(masked_checkpoint).config
+    flops = ["--budget", "flops", "--set", "max_seq_length=96", "--set", "doc_stride=32", "--train-limit", "20"]
+    # A masked student pays the dense price, plus the teacher's forward: 4 forwards a window against the dense
+    # run's 3, after the 768 calibration and tuning windows.
+    masked = _config(bench, masked_checkpoint, tmp_path, "fisher_recovery", *flops)
+    assert masked.fill_steps == (384 * 16 * 3 - 768 * 3) // (16 * 4)
+    assert _config(bench, masked_checkpoint, tmp_path, "topk", *flops).max_steps == 384 * 3 // 4
+    dense, student = (bench.forward_flops(config, 96, share) for share in (1.0, 0.5))
+    packed = _config(bench, masked_checkpoint, tmp_path, "fisher_recovery", *flops, "--set", "fill_packed=true")
+    assert packed.fill_steps == int((384 * 16 - 768) * 3 * dense // (16 * (3 * student + dense)))
+    cached = _config(bench, masked_checkpoint, tmp_path, "fisher_recovery", *flops, "--set", "fill_packed=true",
+                     "--set", "teacher_cache=true", "--alpha-hidden", "0")
+    assert cached.teacher_cache and cached.alpha_hidden == 0 and cached.fill_steps > packed.fill_steps
+    # The cache pays the teacher once per window of the 20 questions; one step more would not fit.
+    from pruning import squad
+    from pruning.checkpoint import load_tokenizer
+    from pruning.resources import resolve_data
+
+    examples = squad.load_squad(resolve_data(cached.train_data), limit=20)
+    num_windows = bench.train_features(cached, examples, load_tokenizer(masked_checkpoint))["input_ids"].shape[0]
+    budget = bench.budget_flops(cached, config, 384)
+    for steps, fits in ((cached.fill_steps, True), (cached.fill_steps + 1, False)):
+        assert (bench.compute_used(cached, config, steps, student, teacher_windows=num_windows) <= budget) is fits
+    # The step count is unchanged where the budget counts steps.
+    assert _config(bench, masked_checkpoint, tmp_path, "fisher_recovery", "--set", "fill_packed=true").fill_steps \
+        == 384 - 48
+
+
+def test_a_row_reports_what_it_spent_within_the_budget(bench, masked_checkpoint, tokenizer, tmp_path):
+    from transformers import BertForQuestionAnswering
+
+    from pruning.checkpoint import load_model, save_model
+
+    teacher = save_model(BertForQuestionAnswering(load_model(masked_checkpoint).config), tokenizer,
+                         tmp_path / "teacher")
+    out = tmp_path / "out"
+    code = bench.main(["--teacher", str(teacher), "--rows", "fisher_recovery", "--densities", "0.5",
+                       "--budget", "flops", "--steps", "12", "--calibration", "16", "--tuning", "16",
+                       "--eval-limit", "4", "--train-limit", "6", "--repeats", "1", "--alpha-hidden", "0",
+                       "--set", "max_seq_length=96", "--set", "doc_stride=32", "--set", "fill_packed=true",
+                       "--set", "teacher_cache=true", "--out-dir", str(out)])
+    assert code == 0
+    import json
+
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["budget"] == "flops" and row["config"]["fill_packed"] and row["steps"] > 12 - 2
+    assert 0.5 < row["compute"] <= 1.0
