@@ -161,7 +161,8 @@ class RunConfig:
     temperature: float = 2.0
     alpha_hidden: float = 0.0  # weight of the layer-wise hidden-state MSE to the teacher (needs a teacher)
     # keep the teacher's logits of every training window after its first forward (pruning.teacher_cache): one
-    # teacher forward per distinct window instead of one per step. Logits only, so alpha_hidden must be 0.
+    # teacher forward per distinct window instead of one per step. Logits only, so alpha_hidden must be 0. Without
+    # a teacher it does nothing, like the other distillation keys.
     teacher_cache: bool = False
 
     # --- filled phase ---------------------------------------------------------------------------------------
@@ -299,8 +300,6 @@ def _check(cfg: RunConfig) -> None:
         if cfg.fisher_layer_floor > getattr(cfg, target_key):
             _fail("fisher_layer_floor", f"{cfg.fisher_layer_floor} exceeds {target_key} {getattr(cfg, target_key)}: "
                                         f"the floor alone would keep more than the target")
-    if cfg.teacher_cache and cfg.teacher is None:
-        _fail("teacher_cache", "is true, but there is no teacher to cache")
     if cfg.teacher_cache and cfg.alpha_hidden > 0:
         _fail("teacher_cache", f"keeps the teacher's logits only, but alpha_hidden is {cfg.alpha_hidden} (set it to 0)")
     if cfg.fill_packed and cfg.method is not Method.FISHER:

@@ -197,7 +197,6 @@ def test_a_cached_teacher_runs_once_per_window_and_trains_the_same(tmp_path):
 
 
 @pytest.mark.parametrize("values,message", [
-    (dict(teacher_cache=True), "teacher_cache: is true, but there is no teacher"),
     (dict(teacher_cache=True, teacher="t", alpha_hidden=0.5), "teacher_cache: keeps the teacher's logits only"),
     (dict(teacher_cache="yes", teacher="t"), "teacher_cache: must be true or false, got 'yes'"),
     (dict(fill_packed=True, method="topk"), "fill_packed: trains a fisher recovery packed, but method is topk"),

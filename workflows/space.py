@@ -86,12 +86,12 @@ _TOPK_ONLY = frozenset({"topk_scope"})
 _DENSITY_TARGET = frozenset({"target_density"})  # topk and fisher
 _SIGMOID_ONLY = frozenset({"initial_threshold", "final_threshold", "lambda_attention", "lambda_ffn", LAMBDA_KEY})
 _FISHER_ONLY = frozenset({"target_flops", "mask_rearrange", "mask_tuning_samples", "mask_tuning",
-                          "mask_tuning_damping", "fisher_stages", "fisher_layer_floor"})
+                          "mask_tuning_damping", "fisher_stages", "fisher_layer_floor", "fill_packed"})
 # Keys of the score-learning methods (topk, sigmoid_threshold) that a one-shot fisher run never reads.
 _MOVEMENT_ONLY = frozenset({"mask_lr", "mask_init", "mask_init_scale", "initial_warmup", "final_warmup"})
 _MASK_ONLY = (_TOPK_ONLY | _DENSITY_TARGET | _SIGMOID_ONLY | _FISHER_ONLY | _MOVEMENT_ONLY
               | {"attention_block", "fill_steps", "fill_learning_rate", "calibration_samples"})
-_DISTIL_ONLY = frozenset({"alpha_ce", "alpha_distil", "temperature", "alpha_hidden"})
+_DISTIL_ONLY = frozenset({"alpha_ce", "alpha_distil", "temperature", "alpha_hidden", "teacher_cache"})
 # Keys that cannot change the weights of a dense teacher run (left out of its fingerprint).
 _NOT_IN_FINGERPRINT = (frozenset({"output_dir", "device", "log_every", "save_every", "eval_every", "eval_batch_size",
                                   "max_windows", "teacher", "method", "cache_dir"}) | _MASK_ONLY | _DISTIL_ONLY)
@@ -919,7 +919,8 @@ def _teacher_values(base: Mapping[str, Any], teacher: TeacherSpec, output_dir: s
     values = dict(base)
     values.update(teacher.config)
     # The teacher is a plain dense fine-tune; evaluation only at its end unless its config asks for more.
-    values.update(method=Method.DENSE.value, teacher=None, fill_steps=0, output_dir=str(output_dir))
+    values.update(method=Method.DENSE.value, teacher=None, fill_steps=0, fill_packed=False, teacher_cache=False,
+                  output_dir=str(output_dir))
     for key in ("eval_every", "save_every"):
         if key not in teacher.config:
             values[key] = None
