@@ -7,9 +7,18 @@ O(weights) against O(tokens x weights) for the matrix products, so the target is
     python bench/train_overhead.py            # BERT-base shape (random weights) and the shipped MiniLM
     python bench/train_overhead.py --quick    # fewer repeats
     python bench/train_overhead.py --precision   # fp32 versus bf16 autocast, dense and masked steps
+    python bench/train_overhead.py --recovery 0.5 --batch-size 16 --seq-len 192   # a distilled recovery step
+
+``--recovery D`` times one distilled recovery step (0.1 CE + 0.9 KL to the dense teacher, AdamW) of MiniLM cut to
+linear density ``D`` (whole heads and FFN dimensions, chosen by a seeded random importance, so no checkpoint is
+needed) three ways: the masked model with the teacher's forward (the recovery before ``fill_packed``), the packed
+model with the teacher's forward (``fill_packed``), and the packed model with the teacher's logits cached
+(``fill_packed`` and ``teacher_cache``, once every window has been seen). Each is printed next to its FLOP limit
+(``(3F + F) / (3F_s + F)`` and ``(3F + F) / 3F_s``, ``F`` the dense forward, ``F_s`` the packed one).
 
 Last line: ``train_overhead masked/dense = X.XX`` for the BERT-base shape; with ``--precision``,
-``train_overhead fp32/bf16 = X.XX`` for the masked BERT-base-shaped step.
+``train_overhead fp32/bf16 = X.XX`` for the masked BERT-base-shaped step; with ``--recovery``,
+``train_overhead recovery masked/packed_cached = X.XX``.
 """
 
 from __future__ import annotations
@@ -23,11 +32,15 @@ import time
 import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
-from pruning import masks
+from pruning import importance, masks
+from pruning.bench import linear_flops
 from pruning.checkpoint import load_model
+from pruning.config import RunConfig
+from pruning.packing import pack_for_training
 from pruning.distill import qa_ce_loss
 from pruning.precision import autocast, resolve_precision
 from pruning.resources import shipped_model_dir
+from pruning.trainer import training_loss
 
 logger = logging.getLogger("train_overhead")
 
@@ -105,6 +118,65 @@ def measure_precision(name: str, dense: torch.nn.Module, batch_size: int, seq_le
     return f / b
 
 
+def cut(dense: torch.nn.Module, density: float, seed: int = 0) -> torch.nn.Module:
+    """A masked copy of ``dense`` keeping whole heads and FFN dimensions at linear density ``density``."""
+    config = dense.config
+    g = torch.Generator().manual_seed(seed)
+    heads = torch.rand(config.num_hidden_layers, config.num_attention_heads, generator=g)
+    neurons = torch.rand(config.num_hidden_layers, config.intermediate_size, generator=g) / 8
+    costs = importance.structure_costs(config, "density")
+    head_keep, neuron_keep = importance.search_mask(heads, neurons, costs, int(density * costs.total))
+    model = copy.deepcopy(dense)
+    importance.zero_removed_(model, head_keep, neuron_keep)
+    return importance.apply_structure_(model, head_keep, neuron_keep)
+
+
+def recovery_step(student: torch.nn.Module, teacher: torch.nn.Module, batch: dict[str, torch.Tensor],
+                  cached: tuple[torch.Tensor, torch.Tensor] | None):
+    cfg = RunConfig(teacher="teacher", alpha_ce=0.1, alpha_distil=0.9, temperature=2.0)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+    student.train()
+
+    def step() -> float:
+        started = time.perf_counter()
+        loss = training_loss(student, batch, cfg, teacher, teacher_logits=cached)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    return step
+
+
+def measure_recovery(dense: torch.nn.Module, density: float, batch_size: int, seq_len: int, repeats: int,
+                     warmup: int) -> float:
+    """Masked / packed step-time ratios of a distilled recovery step, and their FLOP limits."""
+    torch.manual_seed(0)
+    teacher = copy.deepcopy(dense).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    masked = cut(dense, density)
+    packed = pack_for_training(masked)
+    raw = random_batch(dense.config.vocab_size, batch_size, seq_len)
+    batch = {"input_ids": raw["input_ids"], "attention_mask": raw["attention_mask"],
+             "token_type_ids": torch.zeros_like(raw["input_ids"]), "start_positions": raw["start"],
+             "end_positions": raw["end"]}
+    with torch.no_grad():
+        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = (out.start_logits, out.end_logits)
+    medians = interleaved({"masked": recovery_step(masked, teacher, batch, None),
+                           "packed": recovery_step(packed, teacher, batch, None),
+                           "packed_cached": recovery_step(packed, teacher, batch, logits)}, repeats, warmup)
+    f, fs = linear_flops(dense, seq_len), linear_flops(packed, seq_len)
+    limits = {"packed": (4 * f) / (3 * fs + f), "packed_cached": (4 * f) / (3 * fs)}
+    m = medians["masked"]
+    print(f"MiniLM cut to {density:g} (packed FLOPs {fs / f:.3f} of dense): masked step {m * 1000:.0f} ms")
+    for key in ("packed", "packed_cached"):
+        print(f"  {key:<14} {medians[key] * 1000:8.0f} ms   masked/{key} {m / medians[key]:5.2f}   "
+              f"FLOP limit {limits[key]:5.2f}")
+    return m / medians["packed_cached"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=4)
@@ -113,6 +185,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--recovery", type=float, default=None, metavar="DENSITY",
+                        help="time distilled recovery steps of MiniLM cut to this linear density: masked, packed, "
+                             "packed with cached teacher logits")
     parser.add_argument("--precision", action="store_true",
                         help="compare fp32 and bf16 autocast steps instead of dense and masked ones")
     args = parser.parse_args()
@@ -124,6 +199,10 @@ def main() -> None:
     print(f"batch {args.batch_size} x seq {args.seq_len}, {args.repeats} repeats, {torch.get_num_threads()} threads")
 
     minilm = load_model(shipped_model_dir())
+    if args.recovery is not None:
+        ratio = measure_recovery(minilm, args.recovery, args.batch_size, args.seq_len, args.repeats, args.warmup)
+        print(f"train_overhead recovery masked/packed_cached = {ratio:.2f}")
+        return
     if args.precision:
         resolve_precision("bf16", "cpu")  # one clear line on a CPU without bf16 matrix instructions
         torch.manual_seed(0)

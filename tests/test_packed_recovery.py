@@ -205,3 +205,22 @@ def test_a_cached_teacher_runs_once_per_window_and_trains_the_same(tmp_path):
 def test_bad_cache_and_packing_settings_are_refused(values, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig(**values)
+
+
+def test_the_recovery_step_bench_cuts_to_the_density_and_times_all_three_steps(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from pruning.sparsity import sparsity_report
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "train_overhead.py"
+    spec = importlib.util.spec_from_file_location("train_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    dense = BertForQuestionAnswering(cut_model(torch.ones(LAYERS, HEADS, dtype=torch.bool)).config)
+    masked = bench.cut(dense, 0.5)
+    costs = imp.structure_costs(dense.config, "density")
+    assert 0.5 - costs.neuron / costs.total < sparsity_report(masked).linear_density <= 0.5
+    assert bench.measure_recovery(dense, 0.5, batch_size=2, seq_len=16, repeats=1, warmup=0) > 0
+    out = capsys.readouterr().out
+    assert "masked/packed " in out and "masked/packed_cached" in out and "FLOP limit" in out
