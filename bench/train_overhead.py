@@ -122,9 +122,10 @@ def cut(dense: torch.nn.Module, density: float, seed: int = 0) -> torch.nn.Modul
     """A masked copy of ``dense`` keeping whole heads and FFN dimensions at linear density ``density``."""
     config = dense.config
     g = torch.Generator().manual_seed(seed)
-    heads = torch.rand(config.num_hidden_layers, config.num_attention_heads, generator=g)
-    neurons = torch.rand(config.num_hidden_layers, config.intermediate_size, generator=g) / 8
     costs = importance.structure_costs(config, "density")
+    # Random importance per weight, so that heads and FFN dimensions are cut alike.
+    heads = torch.rand(config.num_hidden_layers, config.num_attention_heads, generator=g) * costs.head
+    neurons = torch.rand(config.num_hidden_layers, config.intermediate_size, generator=g) * costs.neuron
     head_keep, neuron_keep = importance.search_mask(heads, neurons, costs, int(density * costs.total))
     model = copy.deepcopy(dense)
     importance.zero_removed_(model, head_keep, neuron_keep)
