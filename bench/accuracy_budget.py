@@ -38,6 +38,8 @@ Usage:
     python bench/accuracy_budget.py --teacher runs/dense_minilm/final            # every row (hours on 2 cores)
     python bench/accuracy_budget.py --teacher DIR --rows fisher fisher_recovery --densities 0.5
     python bench/accuracy_budget.py                                              # trains the teacher first
+    python bench/accuracy_budget.py --teacher DIR --rows fisher_recovery --budget flops --alpha-hidden 0 \
+        --set fill_packed=true --set teacher_cache=true        # the packed, cached recovery in the FLOP budget
 """
 
 from __future__ import annotations
