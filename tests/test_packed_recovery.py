@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertForQuestionAnswering
+from transformers import BertForQuestionAnswering
 
 from pruning import importance as imp
 from pruning import masks
@@ -14,44 +14,24 @@ from pruning.packing import PackingError, pack, pack_for_training, unpack_into_
 from pruning.teacher_cache import TeacherLogits
 from pruning.trainer import train, training_loss
 
-HIDDEN, HEADS, LAYERS, INTER, VOCAB = 64, 4, 2, 128, 120
-TINY = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=INTER,
-            max_position_embeddings=128)
+from test_importance import HEADS, INTER, LAYERS, tiny_model, windows
+from test_importance import tiny_cfg as fisher_cfg
+
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def cut_model(head_keep: torch.Tensor, seed: int = 0) -> BertForQuestionAnswering:
     """A tiny random BERT with fixed masks: ``head_keep`` heads and every other FFN dimension of each layer."""
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                        intermediate_size=INTER, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    model = BertForQuestionAnswering(config).eval()
+    model = tiny_model(seed)
     neuron_keep = (torch.arange(INTER) % 2 == 0).repeat(LAYERS, 1)
     imp.zero_removed_(model, head_keep, neuron_keep)
     imp.apply_structure_(model, head_keep, neuron_keep)
     return model
 
 
-def windows(n: int = 10, width: int = 18, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Random windows of different lengths, padded at the end, with gold spans inside them."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(6, width + 1, (n,), generator=g)
-    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    ids = torch.randint(1, VOCAB, (n, width), generator=g) * mask
-    start = (torch.rand(n, generator=g) * (lengths - 1)).long()
-    return dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), start_positions=start,
-                end_positions=torch.minimum(start + 2, lengths - 1))
-
-
 def tiny_cfg(tmp_path, **overrides) -> RunConfig:
-    values = dict(model_config=TINY, train_data="dev", eval_data="dev", train_limit=16, eval_limit=6,
-                  max_seq_length=96, doc_stride=32, batch_size=8, learning_rate=1e-3, method="fisher",
-                  attention_block=[HIDDEN // HEADS, HIDDEN], calibration_samples=24, mask_tuning_samples=16,
-                  target_density=0.4, fill_steps=4, dropout=0.0, output_dir=str(tmp_path / "run"), log_every=100,
-                  eval_batch_size=32)
-    values.update(overrides)
-    return RunConfig(**values)
+    """A fisher cut to 0.4 with a 4-step recovery, without dropout (so that two runs can match step for step)."""
+    return fisher_cfg(tmp_path, **{"target_density": 0.4, "fill_steps": 4, "dropout": 0.0, **overrides})
 
 
 def logits(model, features) -> torch.Tensor:
