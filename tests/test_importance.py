@@ -426,10 +426,12 @@ class Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("stages", [1, 2])
-def test_recovery_resumes_with_the_same_structure_and_weights(tmp_path, stages):
-    # With two stages the run stops after step 2, just before the second cut.
-    common = dict(target_density=0.4, fill_steps=4, eval_every=2, fisher_stages=stages)
+@pytest.mark.parametrize("extra", [dict(fisher_stages=1), dict(fisher_stages=2),
+                                   dict(fill_packed=True, ema_decay=0.5)])
+def test_recovery_resumes_with_the_same_structure_and_weights(tmp_path, extra):
+    # With two stages the run stops after step 2, just before the second cut. A packed recovery resumes from the
+    # masked checkpoint it wrote, packed again, with its optimizer state and weight average.
+    common = dict(target_density=0.4, fill_steps=4, eval_every=2, **extra)
     full = train(tiny_cfg(tmp_path / "a", **common), progress=False)
 
     def stop_at_first(metrics, checkpoint):

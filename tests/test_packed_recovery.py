@@ -98,27 +98,6 @@ def test_a_packed_recovery_trains_what_the_masked_one_trains(tmp_path):
     assert seen[True][-1]["loss"] == pytest.approx(seen[False][-1]["loss"], rel=1e-4)
 
 
-class Stop(Exception):
-    pass
-
-
-def test_a_packed_recovery_resumes_to_the_same_weights(tmp_path):
-    common = dict(fill_packed=True, eval_every=2, dropout=None, ema_decay=0.5)
-    full = train(tiny_cfg(tmp_path / "a", **common), progress=False)
-
-    def stop(metrics, checkpoint):
-        raise Stop
-
-    cfg = tiny_cfg(tmp_path / "b", **common)
-    with pytest.raises(Stop):
-        train(cfg, report=stop, progress=False)
-    resumed = train(cfg, resume_from=tmp_path / "b" / "run" / "checkpoint", progress=False)
-    assert resumed["step"] == 4
-    a, b = load_model(full["model_dir"]), load_model(resumed["model_dir"])
-    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
-        assert torch.allclose(pa, pb, atol=1e-5), name
-
-
 # --- the teacher's logits, cached --------------------------------------------------------------------------
 
 
