@@ -61,6 +61,7 @@ from pruning import squad
 from pruning.bench import linear_flops
 from pruning.checkpoint import load_model, load_tokenizer
 from pruning.config import ConfigError, RunConfig, config_from_dict, load_config
+from pruning.importance import structure_costs
 from pruning.packing import pack_and_verify
 from pruning.resources import resolve_data
 from pruning.trainer import evaluate, train, train_features
@@ -99,10 +100,9 @@ def forward_flops(config: Any, seq_len: int, linear_share: float = 1.0) -> float
     """FLOPs of one forward over a window (as :func:`pruning.bench.linear_flops` counts them) of a model that keeps
     ``linear_share`` of the linear FLOPs and every head's attention products: at ``1.0`` the dense model, below an
     upper bound for any structure with that share of the linear weights (removed heads only lower it)."""
-    hidden, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
-    linear = layers * 2 * seq_len * (4 * hidden * hidden + 2 * hidden * config.intermediate_size)
-    attention = layers * 2 * 2 * seq_len * seq_len * hidden
-    return linear_share * linear + attention
+    total = structure_costs(config, "flops", seq_len).total
+    linear = 2 * seq_len * structure_costs(config, "density").total  # two FLOPs per weight and token
+    return linear_share * linear + (total - linear)
 
 
 def student_share(cfg: RunConfig) -> float:
@@ -164,9 +164,9 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
                                       "precision": args.precision,
                                       **({"train_limit": args.train_limit} if args.train_limit else {}),
                                       **({"seed": args.seed} if args.seed is not None else {})})
+    config = load_model(teacher).config if row.startswith("fisher") or args.budget == "flops" else None
     head_block = None
     if row.startswith("fisher"):
-        config = load_model(teacher).config
         head_block = [config.hidden_size // config.num_attention_heads, config.hidden_size]
     values: dict[str, Any]
     if row == "topk":
@@ -191,7 +191,7 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
         if cfg.teacher_cache:
             examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
             num_windows = int(train_features(cfg, examples, load_tokenizer(teacher))["input_ids"].shape[0])
-        steps_left = flop_steps_left(cfg, load_model(teacher).config, budget, num_windows)
+        steps_left = flop_steps_left(cfg, config, budget, num_windows)
     else:
         steps_left = training_steps_left(cfg, budget)
     if steps_left < 1:
@@ -230,7 +230,7 @@ def run_row(row: str, density: float, cfg: RunConfig, teacher_scores: dict[str, 
     masked = load_model(metrics["model_dir"])
     packed, packing = pack_and_verify(masked, batch_size=1, seq_len=cfg.max_seq_length, repeats=args.repeats)
     one_shot = float(metrics.get("prune_seconds", 0.0))
-    config = load_model(cfg.teacher).config
+    config = masked.config  # the student starts from the teacher: the same shape
     student = linear_flops(packed if cfg.fill_packed else masked, cfg.max_seq_length)
     used = compute_used(cfg, config, steps, student, float(metrics.get("teacher_forward_windows", 0.0)))
     return {

@@ -130,6 +130,12 @@ def _head_dim(layer: nn.Module, arch: Architecture, config) -> int:
     return int(getattr(attention, "attention_head_size", config.hidden_size // config.num_attention_heads))
 
 
+def _head_rows(heads: list[int] | torch.Tensor, head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Indices of the rows of ``heads`` in a query/key/value weight (and of their columns in the output's)."""
+    heads = torch.as_tensor(heads, dtype=torch.long, device=device)
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
+
+
 def _shrink_layer(layer: nn.Module, arch: Architecture, heads: list[int], ffn: list[int], head_dim: int) -> None:
     """Keep heads ``heads`` (indices into the layer's present heads) and FFN dimensions ``ffn``, in place."""
     attention = get_module(layer, arch.self_attention)
@@ -137,8 +143,7 @@ def _shrink_layer(layer: nn.Module, arch: Architecture, heads: list[int], ffn: l
     device = value.weight.device
     present_heads = int(getattr(attention, "num_attention_heads", value.out_features // head_dim))
     if len(heads) != present_heads:
-        rows = torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long,
-                            device=device)
+        rows = _head_rows(heads, head_dim, device)
         if heads:
             for path in arch.qkv:
                 set_module(layer, path, _select(get_module(layer, path), rows, 0))
@@ -226,8 +231,7 @@ def unpack_into_(masked: nn.Module, packed: nn.Module) -> nn.Module:
         layers = zip(encoder_layers(masked), encoder_layers(packed), report.layers)
         for i, (full, small, structure) in enumerate(layers):
             head_dim = _head_dim(full, arch, masked.config)
-            heads = structure.heads_kept.nonzero().flatten()
-            rows = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+            rows = _head_rows(structure.heads_kept.nonzero().flatten(), head_dim)
             ffn = structure.ffn_kept.nonzero().flatten()
             for path, index, dim in [(arch.query, rows, 0), (arch.key, rows, 0), (arch.value, rows, 0),
                                      (arch.attention_output, rows, 1), (arch.ffn_in, ffn, 0), (arch.ffn_out, ffn, 1)]:
