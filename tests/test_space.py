@@ -99,6 +99,9 @@ def test_cpu_main_space_fits_two_cores():
     assert space.resources["cpu"] * (space.max_concurrent or 1) <= 2
     assert cfg.method is Method.FISHER and cfg.train_limit and cfg.eval_limit and cfg.fill_steps > 0
     assert cfg.attention_block == (32, 384)  # one head of MiniLM (hidden 384, 12 heads)
+    # The recovery trains the packed model, which is what fits it in the time limit on CPUs without bf16, and
+    # nothing searched turns on what the teacher cache excludes.
+    assert cfg.fill_packed and cfg.teacher_cache and cfg.alpha_hidden == 0 and "alpha_hidden" not in space.search
     assert space.registry.policy == "best_f1_under_density" and space.registry.max_density == 0.4
     # Some trial can meet the registry's density cap.
     assert space.search["target_density"].low < space.registry.max_density
