@@ -8,6 +8,7 @@ O(weights) against O(tokens x weights) for the matrix products, so the target is
     python bench/train_overhead.py --quick    # fewer repeats
     python bench/train_overhead.py --precision   # fp32 versus bf16 autocast, dense and masked steps
     python bench/train_overhead.py --recovery 0.5 --batch-size 16 --seq-len 192   # a distilled recovery step
+    python bench/train_overhead.py --optimizer --batch-size 16 --seq-len 192      # AdamW: torch's loop vs fused
 
 ``--recovery D`` times one distilled recovery step (0.1 CE + 0.9 KL to the dense teacher, AdamW) of MiniLM cut to
 linear density ``D`` (whole heads and FFN dimensions, chosen by a seeded random importance, so no checkpoint is
@@ -16,9 +17,15 @@ model with the teacher's forward (``fill_packed``), and the packed model with th
 (``fill_packed`` and ``teacher_cache``, once every window has been seen). Each is printed next to its FLOP limit
 (``(3F + F) / (3F_s + F)`` and ``(3F + F) / 3F_s``, ``F`` the dense forward, ``F_s`` the packed one).
 
+``--optimizer`` times the same steps with the two AdamW implementations of torch, interleaved: the loop over
+parameters (torch's default on CPU) and the fused kernel (what the trainer uses where torch has it,
+:func:`pruning.trainer.fused_adamw`): a dense MiniLM step and a recovery step of MiniLM packed to ``--recovery``
+(default 0.5) with cached teacher logits, where the optimizer's share of the step is largest.
+
 Last line: ``train_overhead masked/dense = X.XX`` for the BERT-base shape; with ``--precision``,
 ``train_overhead fp32/bf16 = X.XX`` for the masked BERT-base-shaped step; with ``--recovery``,
-``train_overhead recovery masked/packed_cached = X.XX``.
+``train_overhead recovery masked/packed_cached = X.XX``; with ``--optimizer``,
+``train_overhead adamw loop/fused = X.XX`` for the packed recovery step.
 """
 
 from __future__ import annotations
@@ -40,13 +47,21 @@ from pruning.packing import pack_for_training
 from pruning.distill import qa_ce_loss
 from pruning.precision import autocast, resolve_precision
 from pruning.resources import shipped_model_dir
-from pruning.trainer import training_loss
+from pruning.trainer import fused_adamw, training_loss
 
 logger = logging.getLogger("train_overhead")
 
 
-def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], masked: bool, precision: str = "fp32"):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+def adamw(params: list[torch.nn.Parameter], loop: bool = False) -> torch.optim.AdamW:
+    """AdamW as the trainer builds it, or (``loop``) with torch's loop over parameters."""
+    if loop:
+        return torch.optim.AdamW(params, lr=1e-5, foreach=False)
+    return torch.optim.AdamW(params, lr=1e-5, fused=fused_adamw(params))
+
+
+def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], masked: bool, precision: str = "fp32",
+              loop: bool = False):
+    optimizer = adamw(list(model.parameters()), loop)
     model.train()
 
     def step() -> float:
@@ -133,9 +148,9 @@ def cut(dense: torch.nn.Module, density: float, seed: int = 0) -> torch.nn.Modul
 
 
 def recovery_step(student: torch.nn.Module, teacher: torch.nn.Module, batch: dict[str, torch.Tensor],
-                  cached: tuple[torch.Tensor, torch.Tensor] | None):
+                  cached: tuple[torch.Tensor, torch.Tensor] | None, loop: bool = False):
     cfg = RunConfig(teacher="teacher", alpha_ce=0.1, alpha_distil=0.9, temperature=2.0)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = adamw([p for p in student.parameters() if p.requires_grad], loop)
     student.train()
 
     def step() -> float:
@@ -149,9 +164,8 @@ def recovery_step(student: torch.nn.Module, teacher: torch.nn.Module, batch: dic
     return step
 
 
-def measure_recovery(dense: torch.nn.Module, density: float, batch_size: int, seq_len: int, repeats: int,
-                     warmup: int) -> float:
-    """Masked / packed step-time ratios of a distilled recovery step, and their FLOP limits."""
+def recovery_setup(dense: torch.nn.Module, density: float, batch_size: int, seq_len: int):
+    """The frozen teacher, the masked and the packed student at ``density``, a batch and its teacher logits."""
     torch.manual_seed(0)
     teacher = copy.deepcopy(dense).eval()
     for p in teacher.parameters():
@@ -164,7 +178,32 @@ def measure_recovery(dense: torch.nn.Module, density: float, batch_size: int, se
              "end_positions": raw["end"]}
     with torch.no_grad():
         out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = (out.start_logits, out.end_logits)
+    return teacher, masked, packed, batch, (out.start_logits, out.end_logits)
+
+
+def measure_optimizer(dense: torch.nn.Module, density: float, batch_size: int, seq_len: int, repeats: int,
+                      warmup: int) -> float:
+    """Step time with torch's loop AdamW / with the fused one: a dense step and a packed, cached recovery step."""
+    teacher, _, packed, batch, logits = recovery_setup(dense, density, batch_size, seq_len)
+    raw = random_batch(dense.config.vocab_size, batch_size, seq_len)
+    ratio = 0.0
+    for name, steps in (
+            ("MiniLM dense step", {"loop": make_step(copy.deepcopy(dense), raw, False, loop=True),
+                                   "fused": make_step(copy.deepcopy(dense), raw, False)}),
+            (f"packed {density:g} recovery, cached", {
+                "loop": recovery_step(copy.deepcopy(packed), teacher, batch, logits, loop=True),
+                "fused": recovery_step(copy.deepcopy(packed), teacher, batch, logits)})):
+        medians = interleaved(steps, repeats, warmup)
+        ratio = medians["loop"] / medians["fused"]
+        print(f"{name:<32} loop AdamW {medians['loop'] * 1000:7.0f} ms   fused {medians['fused'] * 1000:7.0f} ms"
+              f"   loop/fused {ratio:5.2f}")
+    return ratio
+
+
+def measure_recovery(dense: torch.nn.Module, density: float, batch_size: int, seq_len: int, repeats: int,
+                     warmup: int) -> float:
+    """Masked / packed step-time ratios of a distilled recovery step, and their FLOP limits."""
+    teacher, masked, packed, batch, logits = recovery_setup(dense, density, batch_size, seq_len)
     medians = interleaved({"masked": recovery_step(masked, teacher, batch, None),
                            "packed": recovery_step(packed, teacher, batch, None),
                            "packed_cached": recovery_step(packed, teacher, batch, logits)}, repeats, warmup)
@@ -189,6 +228,8 @@ def main() -> None:
     parser.add_argument("--recovery", type=float, default=None, metavar="DENSITY",
                         help="time distilled recovery steps of MiniLM cut to this linear density: masked, packed, "
                              "packed with cached teacher logits")
+    parser.add_argument("--optimizer", action="store_true",
+                        help="compare torch's loop AdamW with the fused one (dense and packed recovery steps)")
     parser.add_argument("--precision", action="store_true",
                         help="compare fp32 and bf16 autocast steps instead of dense and masked ones")
     args = parser.parse_args()
@@ -200,6 +241,11 @@ def main() -> None:
     print(f"batch {args.batch_size} x seq {args.seq_len}, {args.repeats} repeats, {torch.get_num_threads()} threads")
 
     minilm = load_model(shipped_model_dir())
+    if args.optimizer:
+        density = 0.5 if args.recovery is None else args.recovery
+        ratio = measure_optimizer(minilm, density, args.batch_size, args.seq_len, args.repeats, args.warmup)
+        print(f"train_overhead adamw loop/fused = {ratio:.2f}")
+        return
     if args.recovery is not None:
         ratio = measure_recovery(minilm, args.recovery, args.batch_size, args.seq_len, args.repeats, args.warmup)
         print(f"train_overhead recovery masked/packed_cached = {ratio:.2f}")

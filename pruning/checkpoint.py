@@ -270,13 +270,17 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tenso
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    fused = bool(optimizer.defaults.get("fused"))
     index = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
             prefix = f"state.{index}."
             entries = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             if entries:
-                optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in entries.items()}
+                # The loop over parameters keeps its step count on the CPU; the fused kernel wants it beside the
+                # parameter, in float32.
+                optimizer.state[p] = {k: v.to(p.device) if k != "step" else
+                                      v.to(p.device, torch.float32) if fused else v for k, v in entries.items()}
             index += 1
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])

@@ -183,3 +183,6 @@ def test_the_recovery_step_bench_cuts_to_the_density_and_times_all_three_steps(c
     assert bench.measure_recovery(dense, 0.5, batch_size=2, seq_len=16, repeats=1, warmup=0) > 0
     out = capsys.readouterr().out
     assert "masked/packed " in out and "masked/packed_cached" in out and "FLOP limit" in out
+    assert bench.measure_optimizer(dense, 0.5, batch_size=2, seq_len=16, repeats=1, warmup=0) > 0
+    out = capsys.readouterr().out
+    assert "MiniLM dense step" in out and "recovery, cached" in out and out.count("loop/fused") == 2

@@ -10,7 +10,7 @@ from pruning import masks
 from pruning.checkpoint import load_model, save_model
 from pruning.config import ConfigError, RunConfig
 from pruning.sparsity import sparsity_report
-from pruning.trainer import build_model, enter_fill_phase, mask_schedule, plan, train
+from pruning.trainer import build_model, enter_fill_phase, fused_adamw, mask_schedule, plan, train
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=128)
@@ -97,6 +97,35 @@ def test_resume_continues_the_schedule_with_identical_masks(tmp_path, method):
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.allclose(pa, pb, atol=1e-5), name
     assert resumed["f1"] == pytest.approx(full["f1"])
+
+
+def test_the_optimizer_steps_with_the_fused_kernel_and_matches_the_loop(tmp_path):
+    from pruning.trainer import _optimizer
+
+    cfg = tiny_cfg(tmp_path, method="topk", attention_block=[16, 16], target_density=0.5, weight_decay=0.1)
+    model, _ = build_model(cfg)
+    twin = build_model(cfg)[0]
+    twin.load_state_dict(model.state_dict())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fused = _optimizer(model, cfg)
+    assert fused.defaults["fused"] is True
+    loop = _optimizer(twin, cfg)
+    for group in loop.param_groups:  # the same groups, stepped by torch's loop over parameters instead
+        group["fused"], group["foreach"] = None, False
+    for step in range(3):
+        grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+        for net in (model, twin):
+            for name, param in net.named_parameters():
+                param.grad = grads[name].clone()
+        fused.step()
+        loop.step()
+    # All three groups moved (mask scores at their own rate, weights with decay, biases without), and alike.
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        assert not torch.equal(a, before[name]), name
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+    # Where torch has no fused kernel (the meta device of the device checks), torch's default stays.
+    assert fused_adamw([torch.zeros(2, device="meta")]) is None
+    assert fused_adamw([torch.zeros(2), torch.zeros(2, device="meta")]) is None
 
 
 def test_lambda_lowers_density_over_steps(tmp_path):
