@@ -269,6 +269,15 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tenso
     return out
 
 
+def _placed(key: str, value: torch.Tensor, param: torch.Tensor, fused: bool) -> torch.Tensor:
+    """One entry of a parameter's AdamW state, where the optimizer steps it."""
+    if key != "step":
+        return value.to(param.device)
+    # The loop over parameters keeps its step count on the CPU; the fused kernel wants it beside the parameter,
+    # in float32.
+    return value.to(param.device, torch.float32) if fused else value
+
+
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
     fused = bool(optimizer.defaults.get("fused"))
     index = 0
@@ -277,10 +286,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
             prefix = f"state.{index}."
             entries = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             if entries:
-                # The loop over parameters keeps its step count on the CPU; the fused kernel wants it beside the
-                # parameter, in float32.
-                optimizer.state[p] = {k: v.to(p.device) if k != "step" else
-                                      v.to(p.device, torch.float32) if fused else v for k, v in entries.items()}
+                optimizer.state[p] = {k: _placed(k, v, p, fused) for k, v in entries.items()}
             index += 1
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
