@@ -11,7 +11,9 @@ distilled training step about 4: the teacher's forward, the student's forward an
 ``--budget flops`` counts the same budget in matrix-product FLOPs instead (``F``: one dense forward of a window of
 ``max_seq_length`` tokens, :func:`pruning.bench.linear_flops`): the dense run's 384 x 16 windows at ``3F`` each
 (forward and backward); each calibration or tuning window ``3F``; each training window ``3F_s`` for the student
-and ``F`` for the teacher's forward. A masked student costs ``F_s = F`` (masks skip no work); a packed recovery
+and ``F`` for the teacher's forward, both at the width of its batch (the trainer cuts a batch to its longest window;
+with ``--set group_by_length=true`` batches hold windows of similar length, so most are shorter than
+``max_seq_length``; the steps are counted in the run's own batch order). A masked student costs ``F_s = F`` (masks skip no work); a packed recovery
 (``--set fill_packed=true``) costs what the packed model costs, bounded before the cut by the target's share of
 the linear FLOPs plus every head's attention products. With ``--set teacher_cache=true`` the teacher runs once
 per distinct window (counted as once per training window of the data). Every row reports ``compute``, what it
@@ -46,14 +48,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import itertools
 import json
 import logging
 import math
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -64,7 +69,7 @@ from pruning.config import ConfigError, RunConfig, config_from_dict, load_config
 from pruning.importance import structure_costs
 from pruning.packing import pack_and_verify
 from pruning.resources import resolve_data
-from pruning.trainer import evaluate, train, train_features
+from pruning.trainer import evaluate, micro_batches, train, train_features
 
 logger = logging.getLogger("accuracy_budget")
 
@@ -117,27 +122,62 @@ def budget_flops(cfg: RunConfig, config: Any, budget_steps: int) -> float:
     return budget_steps * BUDGET_BATCH * 3 * forward_flops(config, cfg.max_seq_length)
 
 
-def compute_used(cfg: RunConfig, config: Any, steps: int, student_flops: float, teacher_windows: float) -> float:
-    """FLOPs a row spent: calibration and tuning windows, the student's training windows (forward and backward at
-    ``student_flops`` each) and the teacher's forwards."""
-    dense = forward_flops(config, cfg.max_seq_length)
-    windows = steps * cfg.batch_size * cfg.grad_accum
-    return 3 * dense * calibration_windows(cfg) + 3 * student_flops * windows + dense * teacher_windows
+def row_features(cfg: RunConfig, teacher: str) -> dict[str, torch.Tensor]:
+    """The training windows a row's run will see (tokenized once, then read from the row's feature cache)."""
+    examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
+    return train_features(cfg, examples, load_tokenizer(teacher))
 
 
-def flop_steps_left(cfg: RunConfig, config: Any, budget_steps: int, num_windows: int) -> int:
-    """Optimizer steps whose FLOPs fit in the budget left after calibration, with the student's cost bounded by
-    :func:`student_share` and the teacher's forwards paid once per window of the data with ``teacher_cache``."""
-    dense = forward_flops(config, cfg.max_seq_length)
-    student = forward_flops(config, cfg.max_seq_length, student_share(cfg))
-    teacher = dense if cfg.teacher is not None else 0.0
-    left = budget_flops(cfg, config, budget_steps) - 3 * dense * calibration_windows(cfg)
-    if cfg.teacher_cache:
-        left -= teacher * num_windows
-        per_window = 3 * student
-    else:
-        per_window = 3 * student + teacher
-    return max(0, math.floor(left / (per_window * cfg.batch_size * cfg.grad_accum)))
+def step_widths(cfg: RunConfig, features: dict[str, torch.Tensor], steps: int | None = None) -> Iterator[Counter]:
+    """For each of the run's first ``steps`` optimizer steps (every step when None), how many windows it trains on
+    at each batch width: the trainer cuts every batch to its longest window, in the order of
+    :func:`pruning.trainer.micro_batches`."""
+    mask = features["attention_mask"]
+    batches = micro_batches(features, cfg)
+    for _ in itertools.count() if steps is None else range(steps):
+        widths: Counter = Counter()
+        for _ in range(cfg.grad_accum):
+            index = next(batches)
+            widths[int(mask[index].sum(dim=1).max())] += int(index.numel())
+        yield widths
+
+
+def training_flops(cfg: RunConfig, widths: Counter, student: Callable[[int], float],
+                   dense: Callable[[int], float]) -> float:
+    """FLOPs of training windows counted by batch width: the student's forward and backward (``3 x student(w)``)
+    and, without ``teacher_cache``, the teacher's forward at the same width."""
+    teacher = dense if cfg.teacher is not None and not cfg.teacher_cache else (lambda w: 0.0)
+    return sum(n * (3 * student(w) + teacher(w)) for w, n in widths.items())
+
+
+def compute_used(cfg: RunConfig, config: Any, widths: Counter, student: Callable[[int], float],
+                 teacher_windows: float) -> float:
+    """FLOPs a row spent: calibration and tuning windows at full width, the student's training windows at their
+    batches' widths (``widths``, windows per width; forward and backward at ``student(width)`` each) and the
+    teacher's forwards (``teacher_windows`` of full width when they are cached, else one per training window)."""
+    dense = functools.partial(forward_flops, config)
+    full = dense(cfg.max_seq_length)
+    cached = full * teacher_windows if cfg.teacher_cache else 0.0
+    return 3 * full * calibration_windows(cfg) + training_flops(cfg, widths, student, dense) + cached
+
+
+def flop_steps_left(cfg: RunConfig, config: Any, budget_steps: int, features: dict[str, torch.Tensor]) -> int:
+    """Optimizer steps whose FLOPs fit in the budget left after calibration, in the run's own batch order (each batch
+    at its width), with the student's cost bounded by :func:`student_share` and the teacher's forwards paid once
+    per window of the data with ``teacher_cache``."""
+    full = forward_flops(config, cfg.max_seq_length)
+    student = functools.lru_cache(maxsize=None)(lambda w: forward_flops(config, w, student_share(cfg)))
+    dense = functools.lru_cache(maxsize=None)(lambda w: forward_flops(config, w))
+    left = budget_flops(cfg, config, budget_steps) - 3 * full * calibration_windows(cfg)
+    if cfg.teacher_cache and cfg.teacher is not None:
+        left -= full * int(features["input_ids"].shape[0])
+    steps = 0
+    for widths in step_widths(cfg, features):  # every step costs more than 0, so this ends
+        left -= training_flops(cfg, widths, student, dense)
+        if left < 0:
+            return steps
+        steps += 1
+    return steps
 
 
 def override(item: str) -> tuple[str, Any]:
@@ -187,11 +227,7 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
     if args.set:
         cfg = config_from_dict(dict(args.set), source="--set", base=cfg)
     if args.budget == "flops":
-        num_windows = 0
-        if cfg.teacher_cache:
-            examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
-            num_windows = int(train_features(cfg, examples, load_tokenizer(teacher))["input_ids"].shape[0])
-        steps_left = flop_steps_left(cfg, config, budget, num_windows)
+        steps_left = flop_steps_left(cfg, config, budget, row_features(cfg, teacher))
     else:
         steps_left = training_steps_left(cfg, budget)
     if steps_left < 1:
@@ -231,8 +267,10 @@ def run_row(row: str, density: float, cfg: RunConfig, teacher_scores: dict[str, 
     packed, packing = pack_and_verify(masked, batch_size=1, seq_len=cfg.max_seq_length, repeats=args.repeats)
     one_shot = float(metrics.get("prune_seconds", 0.0))
     config = masked.config  # the student starts from the teacher: the same shape
-    student = linear_flops(packed if cfg.fill_packed else masked, cfg.max_seq_length)
-    used = compute_used(cfg, config, steps, student, float(metrics.get("teacher_forward_windows", 0.0)))
+    trained = packed if cfg.fill_packed else masked
+    widths = sum(step_widths(cfg, row_features(cfg, cfg.model), steps), Counter())
+    used = compute_used(cfg, config, widths, functools.partial(linear_flops, trained),
+                        float(metrics.get("teacher_forward_windows", 0.0)))
     return {
         "row": row, "density_target": density, "exact_match": metrics["exact_match"], "f1": metrics["f1"],
         "retention": metrics["f1"] / teacher_scores["f1"] if teacher_scores["f1"] else math.nan, "linear_density": metrics["linear_density"],

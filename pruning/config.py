@@ -90,6 +90,11 @@ class RunConfig:
     batch_size: int = 16
     eval_batch_size: int = 64
     grad_accum: int = 1
+    # batches of windows of similar length: each epoch's shuffled windows are taken in groups of 50 batches, each
+    # group sorted by length and cut into batches, and the batches shuffled. Every window still comes once an
+    # epoch; a batch is cut to its longest window, so on SQuAD (a third of the windows full, the rest shorter) a
+    # step costs about a fifth less than with batches drawn at random, whose longest window is nearly always full.
+    group_by_length: bool = False
     learning_rate: float = 3e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1  # linear warm-up of the learning rate, fraction of all steps
@@ -230,7 +235,7 @@ def _check(cfg: RunConfig) -> None:
     if cfg.mask_tuning_damping is not None and (not _is_number(cfg.mask_tuning_damping)
                                                 or not cfg.mask_tuning_damping > 0):
         _fail("mask_tuning_damping", f"must be a number > 0 or null, got {cfg.mask_tuning_damping!r}")
-    for key in ("mask_rearrange", "teacher_cache", "fill_packed"):
+    for key in ("mask_rearrange", "teacher_cache", "fill_packed", "group_by_length"):
         if not isinstance(getattr(cfg, key), bool):
             _fail(key, f"must be true or false, got {getattr(cfg, key)!r}")
     if not (_is_int(cfg.fisher_stages) and cfg.fisher_stages >= 1):

@@ -33,7 +33,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ from .sparsity import sparsity_report
 from .teacher_cache import TeacherLogits
 
 __all__ = ["Report", "TrainingPlan", "build_model", "plan", "mask_schedule", "train", "evaluate", "resolve_device",
-           "enter_fill_phase", "training_loss", "fused_adamw"]
+           "enter_fill_phase", "training_loss", "fused_adamw", "micro_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -205,20 +205,33 @@ def _lr_multiplier(cfg: RunConfig, p: TrainingPlan, step: int) -> float:
     return linear_warmup_decay(fill_step, p.fill_steps, int(round(cfg.warmup_ratio * p.fill_steps)))
 
 
-def _batch_order(num: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+LENGTH_GROUP = 50  # batches per length-sorted group of ``group_by_length``
+
+
+def _batch_order(num: int, batch_size: int, seed: int, epoch: int,
+                 lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
     order = torch.randperm(num, generator=generator)
-    return list(order.split(batch_size))
+    if lengths is None:
+        return list(order.split(batch_size))
+    batches: list[torch.Tensor] = []
+    for group in order.split(batch_size * LENGTH_GROUP):
+        ranked = group[torch.argsort(lengths[group], descending=True, stable=True)]
+        batches.extend(ranked.split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def _micro_batches(num: int, cfg: RunConfig, start_micro: int):
-    """Micro-batch index tensors from ``start_micro`` on; the same order whether a run was resumed or not."""
+def micro_batches(features: dict[str, torch.Tensor], cfg: RunConfig, start_micro: int = 0) -> Iterator[torch.Tensor]:
+    """Micro-batch index tensors of ``features`` from ``start_micro`` on, epoch after epoch: the same order whether
+    a run was resumed or not (it depends on ``seed``, the epoch and, with ``group_by_length``, the windows'
+    lengths)."""
+    num = int(features["input_ids"].shape[0])
+    lengths = features["attention_mask"].sum(dim=1) if cfg.group_by_length else None
     per_epoch = max(1, math.ceil(num / cfg.batch_size))
     micro = start_micro
     while True:
         epoch, offset = divmod(micro, per_epoch)
-        batches = _batch_order(num, cfg.batch_size, cfg.seed, epoch)
-        for index in batches[offset:]:
+        for index in _batch_order(num, cfg.batch_size, cfg.seed, epoch, lengths)[offset:]:
             yield index
             micro += 1
 
@@ -417,7 +430,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
 
     global_topk = cfg.topk_scope is TopkScope.GLOBAL and cfg.method is Method.TOPK
     stage_steps = fisher_stage_steps(cfg) if cfg.method is Method.FISHER else []
-    batches = _micro_batches(num_features, cfg, start_step * cfg.grad_accum)
+    batches = micro_batches(features, cfg, start_step * cfg.grad_accum)
     running: dict[str, float] = {}
     last_metrics: dict[str, Any] = {}
     started = time.time()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -124,35 +127,69 @@ def test_the_flop_model_counts_what_the_flop_counter_counts(bench, masked_checkp
     assert linear_flops(pack(model), 96) == pytest.approx(bench.forward_flops(masked.config, 96, share))
 
 
+def _windows(widths: list[int], max_len: int = 96) -> dict:
+    """Synthetic training windows whose real tokens number ``widths`` (the rest padding)."""
+    import torch
+
+    mask = (torch.arange(max_len) < torch.tensor(widths)[:, None]).long()
+    return {"input_ids": mask.clone(), "attention_mask": mask, "token_type_ids": torch.zeros_like(mask)}
+
+
 def test_a_flop_budget_charges_the_teacher_and_pays_packed_steps_their_size(bench, masked_checkpoint, tmp_path):
     from pruning.checkpoint import load_model
 
     config = load_model(masked_checkpoint).config
     flops = ["--budget", "flops", "--set", "max_seq_length=96", "--set", "doc_stride=32", "--train-limit", "20"]
-    # A masked student pays the dense price, plus the teacher's forward: 4 forwards a window against the dense
-    # run's 3, after the 768 calibration and tuning windows.
     masked = _config(bench, masked_checkpoint, tmp_path, "fisher_recovery", *flops)
-    assert masked.fill_steps == (384 * 16 * 3 - 768 * 3) // (16 * 4)
-    assert _config(bench, masked_checkpoint, tmp_path, "topk", *flops).max_steps == 384 * 3 // 4
     dense, student = (bench.forward_flops(config, 96, share) for share in (1.0, 0.5))
-    packed = _config(bench, masked_checkpoint, tmp_path, "fisher_recovery", *flops, "--set", "fill_packed=true")
-    assert packed.fill_steps == int((384 * 16 - 768) * 3 * dense // (16 * (3 * student + dense)))
-    cached = _config(bench, masked_checkpoint, tmp_path, "fisher_recovery", *flops, "--set", "fill_packed=true",
-                     "--set", "teacher_cache=true", "--alpha-hidden", "0")
-    assert cached.teacher_cache and cached.alpha_hidden == 0 and cached.fill_steps > packed.fill_steps
-    # The cache pays the teacher once per window of the 20 questions; one step more would not fit.
-    from pruning import squad
-    from pruning.checkpoint import load_tokenizer
-    from pruning.resources import resolve_data
-
-    examples = squad.load_squad(resolve_data(cached.train_data), limit=20)
-    num_windows = bench.train_features(cached, examples, load_tokenizer(masked_checkpoint))["input_ids"].shape[0]
-    budget = bench.budget_flops(cached, config, 384)
-    for steps, fits in ((cached.fill_steps, True), (cached.fill_steps + 1, False)):
-        assert (bench.compute_used(cached, config, steps, student, teacher_windows=num_windows) <= budget) is fits
+    # Hand-worked, on 64 full windows (every batch 16 windows of the full width): a masked student pays the dense
+    # price plus the teacher's forward, 4 forwards a window against the dense run's 3, after the 768 calibration and
+    # tuning windows; a packed one pays its share; the cached teacher runs once per window.
+    full = _windows([96] * 64)
+    assert bench.flop_steps_left(masked, config, 384, full) == (384 * 16 * 3 - 768 * 3) // (16 * 4)
+    packed = dataclasses.replace(masked, fill_packed=True)
+    assert bench.flop_steps_left(packed, config, 384, full) == int(
+        (384 * 16 - 768) * 3 * dense // (16 * (3 * student + dense)))
+    cached = dataclasses.replace(packed, teacher_cache=True, alpha_hidden=0.0)
+    assert bench.flop_steps_left(cached, config, 384, full) == int(
+        ((384 * 16 - 768) * 3 * dense - 64 * dense) // (16 * 3 * student))
+    # On the row's real windows, each row's steps are the most that fit: one more would not.
+    budget = bench.budget_flops(masked, config, 384)
+    rows = [_config(bench, masked_checkpoint, tmp_path, "fisher_recovery", *flops, *more) for more in
+            ((), ("--set", "fill_packed=true"),
+             ("--set", "fill_packed=true", "--set", "teacher_cache=true", "--alpha-hidden", "0"))]
+    assert rows[0].fill_steps < rows[1].fill_steps < rows[2].fill_steps
+    features = bench.row_features(rows[2], str(masked_checkpoint))
+    windows = int(features["input_ids"].shape[0])
+    for cfg in rows:
+        bound = functools.partial(bench.forward_flops, config, linear_share=bench.student_share(cfg))
+        for steps, fits in ((cfg.fill_steps, True), (cfg.fill_steps + 1, False)):
+            widths = sum(bench.step_widths(cfg, features, steps), Counter())
+            used = bench.compute_used(cfg, config, widths, bound, teacher_windows=windows)
+            assert (used <= budget) is fits
     # The step count is unchanged where the budget counts steps.
     assert _config(bench, masked_checkpoint, tmp_path, "fisher_recovery", "--set", "fill_packed=true").fill_steps \
         == 384 - 48
+
+
+def test_batches_grouped_by_length_buy_steps_in_a_flop_budget(bench, masked_checkpoint, tmp_path):
+    from pruning.checkpoint import load_model
+
+    config = load_model(masked_checkpoint).config
+    cfg = _config(bench, masked_checkpoint, tmp_path, "fisher_recovery", "--budget", "flops",
+                  "--set", "max_seq_length=96", "--set", "doc_stride=32", "--train-limit", "20")
+    # Half the windows full, half 48 tokens: batches drawn at random all hold a full window, grouped ones split
+    # 2 + 2 per epoch of 4 steps.
+    features = _windows([96, 48] * 32)
+    grouped = dataclasses.replace(cfg, group_by_length=True)
+    assert [max(w) for w in bench.step_widths(cfg, features, 8)] == [96] * 8
+    assert sorted(max(w) for w in bench.step_widths(grouped, features, 4)) == [48, 48, 96, 96]
+    left = (384 * 16 - 768) * 3 * bench.forward_flops(config, 96)
+    per_epoch = 32 * 4 * (bench.forward_flops(config, 96) + bench.forward_flops(config, 48))
+    epochs = int(left // per_epoch)
+    steps = bench.flop_steps_left(grouped, config, 384, features)
+    assert 4 * epochs <= steps < 4 * (epochs + 1)
+    assert steps > bench.flop_steps_left(cfg, config, 384, features)
 
 
 def test_a_row_reports_what_it_spent_within_the_budget(bench, masked_checkpoint, tokenizer, tmp_path):

@@ -128,6 +128,64 @@ def test_the_optimizer_steps_with_the_fused_kernel_and_matches_the_loop(tmp_path
     assert fused_adamw([torch.zeros(2), torch.zeros(2, device="meta")]) is None
 
 
+def _windows_of_lengths(lengths: torch.Tensor, width: int = 96) -> dict[str, torch.Tensor]:
+    mask = (torch.arange(width) < lengths[:, None]).long()
+    return {"input_ids": mask.clone(), "attention_mask": mask, "token_type_ids": torch.zeros_like(mask)}
+
+
+def _padded_tokens(batches, lengths) -> int:
+    return sum(len(b) * int(lengths[b].max()) for b in batches)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_window_comes_once_an_epoch_in_the_same_order_after_a_resume(tmp_path, grouped):
+    from itertools import islice
+
+    from pruning.trainer import micro_batches
+
+    lengths = torch.randint(20, 97, (203,), generator=torch.Generator().manual_seed(0))
+    features = _windows_of_lengths(lengths)
+    cfg = tiny_cfg(tmp_path, batch_size=8, group_by_length=grouped)
+    per_epoch = 26  # ceil(203 / 8): the last batch of an epoch holds 3 windows
+    batches = list(islice(micro_batches(features, cfg), 3 * per_epoch))
+    epochs = [torch.cat(batches[i * per_epoch:(i + 1) * per_epoch]) for i in range(3)]
+    for epoch in epochs:
+        assert torch.equal(epoch.sort().values, torch.arange(203))
+    assert not torch.equal(epochs[0], epochs[1])
+    assert sorted(len(b) for b in batches[:per_epoch]) == [3] + [8] * 25
+    resumed = list(islice(micro_batches(features, cfg, start_micro=37), 3 * per_epoch - 37))
+    assert all(torch.equal(a, b) for a, b in zip(resumed, batches[37:], strict=True))
+
+
+def test_batches_grouped_by_length_need_less_padding(tmp_path):
+    from itertools import islice
+
+    from pruning.trainer import micro_batches
+
+    # As SQuAD's windows: a third at the full width, the rest shorter.
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.where(torch.rand(600, generator=generator) < 1 / 3, 96,
+                          torch.randint(40, 96, (600,), generator=generator))
+    features = _windows_of_lengths(lengths)
+    padded = {}
+    for grouped in (False, True):
+        cfg = tiny_cfg(tmp_path, batch_size=16, group_by_length=grouped)
+        padded[grouped] = _padded_tokens(list(islice(micro_batches(features, cfg), 38)), lengths)
+    assert padded[False] == 600 * 96  # every batch drawn at random holds a full window
+    assert padded[True] < 0.9 * padded[False]
+    assert padded[True] >= int(lengths.sum())
+    with pytest.raises(ConfigError, match="group_by_length: must be true or false, got 'yes'"):
+        tiny_cfg(tmp_path, group_by_length="yes")
+
+
+def test_a_run_grouped_by_length_trains_and_saves(tmp_path):
+    steps = []
+    result = train(tiny_cfg(tmp_path, group_by_length=True, max_steps=3, train_limit=24),
+                   report=lambda m, c: steps.append(m["step"]), progress=False)
+    assert steps == [3] and 0.0 <= result["f1"] <= 100.0
+    assert sparsity_report(load_model(result["model_dir"])).linear_density == 1.0
+
+
 def test_lambda_lowers_density_over_steps(tmp_path):
     densities = []
     cfg = tiny_cfg(tmp_path, method="sigmoid_threshold", attention_block=[16, 16], max_steps=12, eval_every=4,
