@@ -94,6 +94,7 @@ class RunConfig:
     # group sorted by length and cut into batches, and the batches shuffled. Every window still comes once an
     # epoch; a batch is cut to its longest window, so on SQuAD (a third of the windows full, the rest shorter) a
     # step costs about a fifth less than with batches drawn at random, whose longest window is nearly always full.
+    # Off by default: on the accuracy bench its extra steps at equal FLOPs kept less F1 than random batches.
     group_by_length: bool = False
     learning_rate: float = 3e-5
     weight_decay: float = 0.0
