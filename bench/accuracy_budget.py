@@ -11,12 +11,12 @@ distilled training step about 4: the teacher's forward, the student's forward an
 ``--budget flops`` counts the same budget in matrix-product FLOPs instead (``F``: one dense forward of a window of
 ``max_seq_length`` tokens, :func:`pruning.bench.linear_flops`): the dense run's 384 x 16 windows at ``3F`` each
 (forward and backward); each calibration or tuning window ``3F``; each training window ``3F_s`` for the student
-and ``F`` for the teacher's forward, both at the width of its batch (the trainer cuts a batch to its longest window;
-with ``--set group_by_length=true`` batches hold windows of similar length, so most are shorter than
-``max_seq_length``; the steps are counted in the run's own batch order). A masked student costs ``F_s = F`` (masks skip no work); a packed recovery
-(``--set fill_packed=true``) costs what the packed model costs, bounded before the cut by the target's share of
-the linear FLOPs plus every head's attention products. With ``--set teacher_cache=true`` the teacher runs once
-per distinct window (counted as once per training window of the data). Every row reports ``compute``, what it
+and ``F`` for the teacher's forward, both at the width of its batch (the trainer cuts a batch to its longest
+window; with ``--set group_by_length=true`` batches hold windows of similar length, so most are shorter than
+``max_seq_length``; the steps are counted in the run's own batch order). A masked student costs ``F_s = F``
+(masks skip no work); a packed recovery (``--set fill_packed=true``) costs what the packed model costs, bounded
+before the cut by the target's share of the linear FLOPs plus every head's attention products. With ``--set
+teacher_cache=true`` the teacher runs once per distinct window (counted as once per training window of the data). Every row reports ``compute``, what it
 used as a share of the budget, counted this way from its final structure, whichever budget set its steps.
 
 Rows, at linear densities 0.5 and 0.3 (``--densities``):
