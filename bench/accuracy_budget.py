@@ -138,7 +138,7 @@ def step_widths(cfg: RunConfig, features: dict[str, torch.Tensor], steps: int | 
         widths: Counter = Counter()
         for _ in range(cfg.grad_accum):
             index = next(batches)
-            widths[int(mask[index].sum(dim=1).max())] += int(index.numel())
+            widths[squad.batch_width(mask[index])] += int(index.numel())
         yield widths
 
 

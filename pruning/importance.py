@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks as mask_lib
+from .squad import batch_width
 from .structure import architecture_for, encoder_layers, get_module
 
 __all__ = [
@@ -121,7 +122,7 @@ def length_batches(features: Batch, index: torch.Tensor, batch_size: int) -> lis
 
 def _batch(features: Batch, index: torch.Tensor, device: torch.device) -> Batch:
     batch = {k: v[index] for k, v in features.items()}
-    width = int(batch["attention_mask"].sum(dim=1).max())
+    width = batch_width(batch["attention_mask"])
     return {k: (v[:, :width] if v.ndim == 2 else v).to(device) for k, v in batch.items()}
 
 

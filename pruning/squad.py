@@ -36,6 +36,7 @@ __all__ = [
     "EvalFeatures",
     "fit_windows",
     "check_windows",
+    "batch_width",
     "load_squad",
     "load_predictions",
     "normalize_answer",
@@ -441,6 +442,12 @@ def _answer_tokens(offsets: np.ndarray, start_char: int, end_char: int) -> tuple
     return int(start), int(end)
 
 
+def batch_width(attention_mask: torch.Tensor) -> int:
+    """Tokens a batch of windows needs: its longest window's (windows are padded at the end to the same width, and
+    a padded position changes no real token's output, so the columns after this one can be cut)."""
+    return int(attention_mask.sum(dim=1).max())
+
+
 def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_length: int = 384,
                            doc_stride: int = 128) -> dict[str, torch.Tensor]:
     """Training windows with the token positions of each question's first gold answer.
@@ -645,7 +652,7 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
                               dynamic_ncols=True):
                 batch = features.model_inputs(slice(first, first + batch_size))
                 # Dynamic padding: run only up to the longest window of the batch, pad the logits back after.
-                used = int(batch["attention_mask"].sum(dim=1).max())
+                used = batch_width(batch["attention_mask"])
                 output = model(**{key: value[:, :used].to(device) for key, value in batch.items()})
                 pad = features.input_ids.shape[1] - used
                 for logits, out in ((output.start_logits, starts), (output.end_logits, ends)):

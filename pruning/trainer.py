@@ -472,7 +472,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             index = next(batches)
             batch = {k: v[index] for k, v in features.items()}
             # Dynamic padding: windows are padded to max_seq_length, a batch only needs its longest one.
-            width = int(batch["attention_mask"].sum(dim=1).max())
+            width = squad.batch_width(batch["attention_mask"])
             batch = {k: (v[:, :width] if v.ndim == 2 else v).to(device) for k, v in batch.items()}
             cached = cache(index, width) if cache is not None else None
             with autocast(precision, device):
