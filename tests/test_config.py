@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict, load_config
@@ -71,3 +73,16 @@ def test_run_configs_and_spaces_share_one_yaml_reader(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML \(.*duplicate key 'target_density'") as caught:
         load_config(path)
     assert "\n" not in str(caught.value)
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_run_config_loads(path):
+    load_config(path)  # a key the config no longer knows, or a value out of range, raises ConfigError
+
+
+def test_shipped_run_configs_write_to_distinct_directories():
+    dirs = [load_config(path).output_dir for path in SHIPPED_CONFIGS]
+    assert len(SHIPPED_CONFIGS) >= 5 and len(set(dirs)) == len(dirs), dirs
