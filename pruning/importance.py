@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks as mask_lib
-from .squad import batch_width
+from .squad import window_batch
 from .structure import architecture_for, encoder_layers, get_module
 
 __all__ = [
@@ -118,12 +118,6 @@ def length_batches(features: Batch, index: torch.Tensor, batch_size: int) -> lis
     lengths = features["attention_mask"][index].sum(dim=1)
     ordered = index[torch.argsort(lengths, stable=True)]
     return list(ordered.split(batch_size))
-
-
-def _batch(features: Batch, index: torch.Tensor, device: torch.device) -> Batch:
-    batch = {k: v[index] for k, v in features.items()}
-    width = batch_width(batch["attention_mask"])
-    return {k: (v[:, :width] if v.ndim == 2 else v).to(device) for k, v in batch.items()}
 
 
 def _inputs(batch: Batch) -> Batch:
@@ -265,7 +259,7 @@ def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, ba
     others = [teacher] if teacher is not None and teacher is not model else []
     with _frozen(model, *others), variables.install():
         for rows in length_batches(features, index, batch_size):
-            batch = _batch(features, rows, device)
+            batch = window_batch(features, rows, device)
             n = batch["input_ids"].shape[0]
             variables.heads = [torch.ones(n, num_heads, device=device, requires_grad=True) for _ in range(num_layers)]
             variables.neurons = [torch.ones(n, inter, device=device, requires_grad=True) for _ in range(num_layers)]
@@ -637,7 +631,7 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
         # Layer inputs of both models for every batch, and the layer call's other arguments (attention mask).
         student_x, teacher_x, calls, token_rows = [], [], [], []
         for rows in length_batches(features, index, batch_size):
-            batch = _batch(features, rows, device)
+            batch = window_batch(features, rows, device)
             hidden, args, kwargs = _layer_call(model, batch)
             student_x.append(hidden)
             teacher_x.append(_layer_call(dense, batch)[0])
@@ -798,7 +792,7 @@ def reconstruction_errors(model: nn.Module, dense: nn.Module, features: Batch, i
         captures.append(_Capture(modules))
     with _frozen(model, dense), captures[0].install(), captures[1].install():
         for rows in length_batches(features, index, batch_size):
-            batch = _batch(features, rows, device)
+            batch = window_batch(features, rows, device)
             model(**_inputs(batch))
             dense(**_inputs(batch))
             keep = _token_rows(batch["attention_mask"])

@@ -37,6 +37,7 @@ __all__ = [
     "fit_windows",
     "check_windows",
     "batch_width",
+    "window_batch",
     "load_squad",
     "load_predictions",
     "normalize_answer",
@@ -446,6 +447,15 @@ def batch_width(attention_mask: torch.Tensor) -> int:
     """Tokens a batch of windows needs: its longest window's (windows are padded at the end to the same width, and
     a padded position changes no real token's output, so the columns after this one can be cut)."""
     return int(attention_mask.sum(dim=1).max())
+
+
+def window_batch(features: dict[str, torch.Tensor], index: torch.Tensor,
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The windows ``index`` of ``features`` as one batch on ``device``, every per-token tensor cut to
+    :func:`batch_width` (per-window tensors, such as answer positions, are kept whole)."""
+    batch = {k: v[index] for k, v in features.items()}
+    width = batch_width(batch["attention_mask"])
+    return {k: (v[:, :width] if v.ndim == 2 else v).to(device) for k, v in batch.items()}
 
 
 def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_length: int = 384,

@@ -470,10 +470,9 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         terms = {"loss_ce": 0.0, "loss_distil": 0.0, "loss_hidden": 0.0, "loss_reg": 0.0, "loss": 0.0}
         for _ in range(cfg.grad_accum):
             index = next(batches)
-            batch = {k: v[index] for k, v in features.items()}
             # Dynamic padding: windows are padded to max_seq_length, a batch only needs its longest one.
-            width = squad.batch_width(batch["attention_mask"])
-            batch = {k: (v[:, :width] if v.ndim == 2 else v).to(device) for k, v in batch.items()}
+            batch = squad.window_batch(features, index, device)
+            width = int(batch["attention_mask"].shape[1])
             cached = cache(index, width) if cache is not None else None
             with autocast(precision, device):
                 loss, ce, distil, hidden, reg = training_loss(model, batch, cfg, teacher, lam_att, lam_ffn,
