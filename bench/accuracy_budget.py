@@ -16,8 +16,9 @@ window; with ``--set group_by_length=true`` batches hold windows of similar leng
 ``max_seq_length``; the steps are counted in the run's own batch order). A masked student costs ``F_s = F``
 (masks skip no work); a packed recovery (``--set fill_packed=true``) costs what the packed model costs, bounded
 before the cut by the target's share of the linear FLOPs plus every head's attention products. With ``--set
-teacher_cache=true`` the teacher runs once per distinct window (counted as once per training window of the data). Every row reports ``compute``, what it
-used as a share of the budget, counted this way from its final structure, whichever budget set its steps.
+teacher_cache=true`` the teacher runs once per distinct window (counted as once per training window of the data).
+Every row reports ``compute``, what it used as a share of the budget, counted this way from its final structure,
+whichever budget set its steps.
 
 Rows, at linear densities 0.5 and 0.3 (``--densities``):
 
