@@ -98,6 +98,9 @@ class RunConfig:
     group_by_length: bool = False
     learning_rate: float = 3e-5
     weight_decay: float = 0.0
+    # keep the word embeddings as they are (not trained): they hold over half of a small BERT's weights, and a
+    # fine-tune on a few thousand questions moves only the rows of the tokens those questions contain.
+    freeze_embeddings: bool = False
     warmup_ratio: float = 0.1  # linear warm-up of the learning rate, fraction of all steps
     max_grad_norm: float = 1.0
     # dropout probability of every dropout layer of the student while it trains (hidden and attention); None: the
@@ -236,7 +239,7 @@ def _check(cfg: RunConfig) -> None:
     if cfg.mask_tuning_damping is not None and (not _is_number(cfg.mask_tuning_damping)
                                                 or not cfg.mask_tuning_damping > 0):
         _fail("mask_tuning_damping", f"must be a number > 0 or null, got {cfg.mask_tuning_damping!r}")
-    for key in ("mask_rearrange", "teacher_cache", "fill_packed", "group_by_length"):
+    for key in ("mask_rearrange", "teacher_cache", "fill_packed", "group_by_length", "freeze_embeddings"):
         if not isinstance(getattr(cfg, key), bool):
             _fail(key, f"must be true or false, got {getattr(cfg, key)!r}")
     if not (_is_int(cfg.fisher_stages) and cfg.fisher_stages >= 1):

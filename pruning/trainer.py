@@ -176,7 +176,13 @@ def fused_adamw(params: Iterable[torch.Tensor]) -> bool | None:
 
 
 def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """Three groups: mask scores (own learning rate, no decay), weights with decay, biases/LayerNorm without."""
+    """Three groups: mask scores (own learning rate, no decay), weights with decay, biases/LayerNorm without.
+
+    With ``freeze_embeddings`` the word embeddings stop taking gradients here, the one place that decides what trains
+    (every optimizer of a run, the packed model's too, is built by this function).
+    """
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     scores, decay, no_decay = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:

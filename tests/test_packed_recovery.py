@@ -186,3 +186,26 @@ def test_the_recovery_step_bench_cuts_to_the_density_and_times_all_three_steps(c
     assert bench.measure_optimizer(dense, 0.5, batch_size=2, seq_len=16, repeats=1, warmup=0) > 0
     out = capsys.readouterr().out
     assert "MiniLM dense step" in out and "recovery, cached" in out and out.count("loop/fused") == 2
+
+
+# --- frozen word embeddings --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_frozen_word_embeddings_stay_while_the_rest_trains(tmp_path, tokenizer, packed):
+    from transformers import BertConfig
+
+    from pruning.checkpoint import save_model
+    from test_importance import TINY
+
+    torch.manual_seed(5)
+    start = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, **TINY))
+    save_model(start, tokenizer, tmp_path / "start")
+    cfg = tiny_cfg(tmp_path, model=str(tmp_path / "start"), model_config=None, fill_packed=packed,
+                   freeze_embeddings=True)
+    trained = load_model(train(cfg, progress=False)["model_dir"])
+    before, after = start.bert.embeddings, trained.bert.embeddings
+    assert torch.equal(after.word_embeddings.weight, before.word_embeddings.weight)
+    assert not torch.equal(after.position_embeddings.weight, before.position_embeddings.weight)
+    with pytest.raises(ConfigError, match="freeze_embeddings: must be true or false, got 1"):
+        tiny_cfg(tmp_path, freeze_embeddings=1)
