@@ -47,6 +47,7 @@ from pruning.packing import pack_for_training
 from pruning.distill import qa_ce_loss
 from pruning.precision import autocast, resolve_precision
 from pruning.resources import shipped_model_dir
+from pruning.teacher_cache import TeacherOutputs
 from pruning.trainer import fused_adamw, training_loss
 
 logger = logging.getLogger("train_overhead")
@@ -148,14 +149,14 @@ def cut(dense: torch.nn.Module, density: float, seed: int = 0) -> torch.nn.Modul
 
 
 def recovery_step(student: torch.nn.Module, teacher: torch.nn.Module, batch: dict[str, torch.Tensor],
-                  cached: tuple[torch.Tensor, torch.Tensor] | None, loop: bool = False):
+                  cached: TeacherOutputs | None, loop: bool = False):
     cfg = RunConfig(teacher="teacher", alpha_ce=0.1, alpha_distil=0.9, temperature=2.0)
     optimizer = adamw([p for p in student.parameters() if p.requires_grad], loop)
     student.train()
 
     def step() -> float:
         started = time.perf_counter()
-        loss = training_loss(student, batch, cfg, teacher, teacher_logits=cached)[0]
+        loss = training_loss(student, batch, cfg, teacher, cached_teacher=cached)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -178,7 +179,7 @@ def recovery_setup(dense: torch.nn.Module, density: float, batch_size: int, seq_
              "end_positions": raw["end"]}
     with torch.no_grad():
         out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return teacher, masked, packed, batch, (out.start_logits, out.end_logits)
+    return teacher, masked, packed, batch, TeacherOutputs(out.start_logits, out.end_logits)
 
 
 def measure_optimizer(dense: torch.nn.Module, density: float, batch_size: int, seq_len: int, repeats: int,

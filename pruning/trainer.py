@@ -65,7 +65,7 @@ from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
 from .sparsity import sparsity_report
-from .teacher_cache import TeacherLogits
+from .teacher_cache import TeacherCache, TeacherOutputs
 
 __all__ = ["Report", "TrainingPlan", "build_model", "plan", "mask_schedule", "train", "evaluate", "resolve_device",
            "enter_fill_phase", "training_loss", "fused_adamw", "micro_batches"]
@@ -301,19 +301,19 @@ def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
 
 def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig, teacher: nn.Module | None = None,
                   lambda_attention: float = 0.0, lambda_ffn: float = 0.0, regularize: bool = True,
-                  teacher_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  cached_teacher: TeacherOutputs | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, span cross-entropy, distillation, hidden-state MSE, score regularisation) of one batch.
 
     ``loss = alpha_ce * ce + alpha_distil * distil + alpha_hidden * hidden`` with a teacher (``ce`` alone without
     one), plus the score penalty of :func:`pruning.masks.regularization_loss` for ``sigmoid_threshold`` when
     ``regularize`` is set. ``hidden`` is the layer-wise MSE of :func:`pruning.distill.hidden_mse` (computed only
-    when ``alpha_hidden > 0``). ``teacher_logits`` (start, end), when given, stand in for the teacher's forward
-    (:class:`pruning.teacher_cache.TeacherLogits`; logits only, so ``alpha_hidden`` must be 0).
+    when ``alpha_hidden > 0``). ``cached_teacher``, when given, stands in for the teacher's forward
+    (:class:`pruning.teacher_cache.TeacherCache`; with ``alpha_hidden > 0`` it must hold the hidden states).
     """
-    if teacher_logits is not None and cfg.alpha_hidden > 0:
-        raise ValueError("cached teacher logits carry no hidden states: alpha_hidden must be 0")
-    with_hidden = teacher is not None and cfg.alpha_hidden > 0
+    if cached_teacher is not None and cfg.alpha_hidden > 0 and cached_teacher.hidden_states is None:
+        raise ValueError(f"the cached teacher outputs hold no hidden states, but alpha_hidden is {cfg.alpha_hidden}")
+    with_hidden = (teacher is not None or cached_teacher is not None) and cfg.alpha_hidden > 0
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 token_type_ids=batch["token_type_ids"], output_hidden_states=with_hidden)
     start_logits, end_logits = out.start_logits.float(), out.end_logits.float()
@@ -321,18 +321,19 @@ def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConf
     zero = start_logits.new_zeros(())
     distil, hidden, reg = zero, zero, zero
     loss = ce
-    if teacher is not None or teacher_logits is not None:
-        if teacher_logits is None:
+    if teacher is not None or cached_teacher is not None:
+        if cached_teacher is None:
             with torch.no_grad():
                 t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 token_type_ids=batch["token_type_ids"], output_hidden_states=with_hidden)
-            teacher_logits = (t_out.start_logits, t_out.end_logits)
-        distil = (kd_loss(start_logits, teacher_logits[0].float(), cfg.temperature)
-                  + kd_loss(end_logits, teacher_logits[1].float(), cfg.temperature)) / 2
+            cached_teacher = TeacherOutputs(t_out.start_logits, t_out.end_logits,
+                                            t_out.hidden_states[1:] if with_hidden else None)
+        distil = (kd_loss(start_logits, cached_teacher.start_logits.float(), cfg.temperature)
+                  + kd_loss(end_logits, cached_teacher.end_logits.float(), cfg.temperature)) / 2
         loss = cfg.alpha_ce * ce + cfg.alpha_distil * distil
         if with_hidden:
             # Layer outputs only: the embeddings are not pruned.
-            hidden = hidden_mse(out.hidden_states[1:], t_out.hidden_states[1:], batch["attention_mask"])
+            hidden = hidden_mse(out.hidden_states[1:], cached_teacher.hidden_states, batch["attention_mask"])
             loss = loss + cfg.alpha_hidden * hidden
     if cfg.method is Method.SIGMOID_THRESHOLD and regularize:
         reg = mask_lib.regularization_loss(model, lambda_attention, lambda_ffn)
@@ -425,7 +426,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         skeleton.to("cpu")  # only written to, at checkpoints and at the end
         logger.info("recovery on the packed model: %d of %d parameters", sum(q.numel() for q in model.parameters()),
                     sum(q.numel() for q in skeleton.parameters()))
-    cache = (TeacherLogits(teacher, features, device, cfg.eval_batch_size, lambda: autocast(precision, device))
+    cache = (TeacherCache(teacher, features, device, cfg.eval_batch_size, lambda: autocast(precision, device),
+                          hidden=cfg.alpha_hidden > 0)
              if cfg.teacher_cache and teacher is not None else None)
     optimizer = _optimizer(model, cfg)
     if tensors is not None:
@@ -483,7 +485,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             with autocast(precision, device):
                 loss, ce, distil, hidden, reg = training_loss(model, batch, cfg, teacher, lam_att, lam_ffn,
                                                               regularize=step < p.prune_steps,
-                                                              teacher_logits=cached)
+                                                              cached_teacher=cached)
             (loss / cfg.grad_accum).backward()
             terms["loss_ce"] += float(ce.detach()) / cfg.grad_accum
             terms["loss_distil"] += float(distil.detach()) / cfg.grad_accum

@@ -110,14 +110,15 @@ def test_the_weight_average_stays_on_the_training_device():
 
 def test_a_packed_recovery_step_with_cached_teacher_logits_stays_on_the_training_device():
     from pruning.packing import pack_for_training
+    from pruning.teacher_cache import TeacherOutputs
 
     model = masked_model("topk", False, 0.4)
     enter_fill_phase(model)
     packed = pack_for_training(model).to(META)
-    logits = (torch.randn(2, 12).to(META), torch.randn(2, 12).to(META))
+    logits = TeacherOutputs(torch.randn(2, 12).to(META), torch.randn(2, 12).to(META))
     cfg = RunConfig(method="fisher", attention_block=(16, 64), model_config=TINY, fill_steps=1, fill_packed=True,
                     teacher="teacher", teacher_cache=True)
-    loss = training_loss(packed, meta_batch(), cfg, None, teacher_logits=logits)[0]
+    loss = training_loss(packed, meta_batch(), cfg, None, cached_teacher=logits)[0]
     assert loss.device == META
     loss.backward()
     assert all(p.grad is not None and p.grad.device == META for p in packed.parameters() if p.requires_grad)
