@@ -108,17 +108,20 @@ def test_the_weight_average_stays_on_the_training_device():
     forward_backward_on_meta(model, "topk")
 
 
-def test_a_packed_recovery_step_with_cached_teacher_logits_stays_on_the_training_device():
+@pytest.mark.parametrize("alpha_hidden", [0.0, 1.0])
+def test_a_packed_recovery_step_with_cached_teacher_logits_stays_on_the_training_device(alpha_hidden):
     from pruning.packing import pack_for_training
-    from pruning.teacher_cache import TeacherOutputs
+    from pruning.teacher_cache import HIDDEN_DTYPE, TeacherOutputs
 
     model = masked_model("topk", False, 0.4)
     enter_fill_phase(model)
     packed = pack_for_training(model).to(META)
-    logits = TeacherOutputs(torch.randn(2, 12).to(META), torch.randn(2, 12).to(META))
+    hidden = (tuple(torch.randn(2, 12, TINY["hidden_size"], dtype=HIDDEN_DTYPE).to(META)
+                    for _ in range(TINY["num_hidden_layers"])) if alpha_hidden else None)
+    logits = TeacherOutputs(torch.randn(2, 12).to(META), torch.randn(2, 12).to(META), hidden)
     cfg = RunConfig(method="fisher", attention_block=(16, 64), model_config=TINY, fill_steps=1, fill_packed=True,
-                    teacher="teacher", teacher_cache=True)
-    loss = training_loss(packed, meta_batch(), cfg, None, cached_teacher=logits)[0]
-    assert loss.device == META
+                    teacher="teacher", teacher_cache=True, alpha_hidden=alpha_hidden)
+    loss, _, _, hidden_loss, _ = training_loss(packed, meta_batch(), cfg, None, cached_teacher=logits)
+    assert loss.device == META and hidden_loss.device == META
     loss.backward()
     assert all(p.grad is not None and p.grad.device == META for p in packed.parameters() if p.requires_grad)
