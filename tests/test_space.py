@@ -285,6 +285,37 @@ def test_optuna_suggestions_stay_inside_the_space(tmp_path):
         alg.on_trial_complete(f"trial{i}", {"f1": 10.0 * i, "linear_density": params["target_density"]})
 
 
+@pytest.mark.parametrize("spec,kind,startup", [
+    (None, "TPESampler", 10),
+    ({"type": "tpe", "startup_trials": 3}, "TPESampler", 3),
+    ({"type": "gp", "startup_trials": 2}, "GPSampler", 2),
+    ({"type": "nsga2", "population_size": 4}, "NSGAIISampler", None),
+    ({"type": "random"}, "RandomSampler", None),
+])
+def test_the_optuna_sampler_is_the_one_the_space_names(tmp_path, spec, kind, startup):
+    space = load_space(write(tmp_path, variant(sampler=spec, seed=7)))
+    sampler = search_algorithm(space)._sampler  # no max_concurrent: the OptunaSearch itself
+    assert type(sampler).__name__ == kind
+    if startup is not None:
+        assert sampler._n_startup_trials == startup
+    if spec and spec["type"] == "nsga2":
+        assert sampler._population_size == 4
+    # Seeded by the space: two searchers of one space suggest the same first trial, inside the space; the model
+    # samplers keep suggesting valid trials once their startup trials are told.
+    first = []
+    for _ in range(2):
+        alg = search_algorithm(space)
+        alg.set_search_properties(None, None, param_space(space))
+        first.append(alg.suggest("trial0"))
+    assert first[0] == first[1]
+    alg.on_trial_complete("trial0", {"f1": 10.0, "linear_density": first[0]["target_density"]})
+    for i in range(1, 5):
+        params = alg.suggest(f"trial{i}")
+        assert 0.2 <= params["target_density"] <= 0.8 and params["temperature"] in (1, 2, 4)
+        alg.on_trial_complete(f"trial{i}", {"f1": 60.0 * params["target_density"] + i,
+                                            "linear_density": params["target_density"]})
+
+
 def test_objective_must_be_reported(tmp_path):
     space = load_space(write(tmp_path, variant(objectives=[["f1", "max"], ["speedup", "max"]])))
     with pytest.raises(SpaceError, match=r"objectives\[1\]: 'speedup' is not a metric the trials report"):
@@ -350,6 +381,15 @@ BAD_SPACES = [
      r"search\.target_density\.type: uniform cannot be enumerated by algorithm grid"),
     ("grid param with optuna", with_search(seed={"type": "grid", "values": [1, 2]}),
      r"search\.seed\.type: grid needs algorithm random or grid"),
+    ("unknown sampler", variant(sampler={"type": "cmaes"}), r"sampler\.type: unknown value 'cmaes'"),
+    ("sampler for algorithm random", variant(algorithm="random", sampler={"type": "gp"}),
+     r"sampler: only algorithm optuna takes a sampler, not random"),
+    ("startup trials of nsga2", variant(sampler={"type": "nsga2", "startup_trials": 4}),
+     r"sampler\.startup_trials: only tpe and gp start with random trials, not nsga2"),
+    ("population of tpe", variant(sampler={"population_size": 8}),
+     r"sampler\.population_size: only nsga2 has a population, not tpe"),
+    ("no startup trials", variant(sampler={"type": "gp", "startup_trials": 0}),
+     r"sampler\.startup_trials: must be an integer >= 1, got 0"),
     ("unknown policy", variant(registry={"policy": "best_speedup"}), r"registry\.policy: unknown value 'best_speedup'"),
     ("policy threshold it does not use", variant(registry={"policy": "best_f1_under_density", "max_f1_drop": 1}),
      r"registry\.max_f1_drop: is not used by policy best_f1_under_density"),

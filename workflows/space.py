@@ -41,9 +41,11 @@ __all__ = [
     "ParamSpec",
     "TeacherSpec",
     "SchedulerSpec",
+    "SamplerSpec",
     "RegistrySpec",
     "SweepSpace",
     "ALGORITHMS",
+    "SAMPLERS",
     "PARAM_TYPES",
     "POLICIES",
     "LAMBDA_KEY",
@@ -51,6 +53,7 @@ __all__ = [
     "load_space",
     "param_space",
     "search_algorithm",
+    "optuna_sampler",
     "scheduler",
     "tune_config_kwargs",
     "trial_config",
@@ -59,6 +62,7 @@ __all__ = [
 ]
 
 ALGORITHMS = ("optuna", "random", "grid")
+SAMPLERS = ("tpe", "gp", "nsga2", "random")  # Optuna samplers of algorithm optuna
 PARAM_TYPES = ("choice", "grid", "uniform", "quniform", "loguniform", "randint")
 POLICIES = {
     # policy -> the one numeric key it takes
@@ -71,7 +75,7 @@ LAMBDA_KEY = "lambda"  # searched pseudo-key: sets lambda_attention and lambda_f
 DEFAULT_OBJECTIVES = DENSITY_OBJECTIVES
 TIME_ATTR = "training_iteration"  # one iteration = one evaluation report of the trainer
 
-_TOP_KEYS = ("name", "base", "teacher", "search", "algorithm", "objectives", "scheduler", "num_samples",
+_TOP_KEYS = ("name", "base", "teacher", "search", "algorithm", "sampler", "objectives", "scheduler", "num_samples",
              "max_concurrent", "resources", "max_failures", "registry", "speedup", "seed", "reference_point")
 _SPEEDUP_DEFAULTS = {"batch_size": 1, "seq_len": 128, "repeats": 10}
 _RESOURCE_DEFAULTS = {"cpu": 1.0, "gpu": 0.0}
@@ -410,6 +414,28 @@ class SchedulerSpec(_Section):
         return self
 
 
+class SamplerSpec(_Section):
+    """The Optuna sampler of ``algorithm: optuna``, seeded with the sweep's search seed.
+
+    ``tpe`` (the default) models good and bad trials separately; ``gp`` fits a Gaussian process to the objectives
+    and, on a smooth space, needs fewer trials to find its frontier (bench/RESULTS.md, "Search efficiency");
+    ``nsga2`` evolves a population; ``random`` samples uniformly. ``startup_trials`` (tpe, gp) is how many random
+    trials come before the model (Optuna's default: 10); ``population_size`` (nsga2) is Optuna's 50 by default.
+    """
+
+    type: Annotated[str, _one_of(SAMPLERS)] = "tpe"
+    startup_trials: Annotated[int, _integer(1)] | None = None
+    population_size: Annotated[int, _integer(2)] | None = None
+
+    @model_validator(mode="after")
+    def _applicable(self) -> SamplerSpec:
+        if self.startup_trials is not None and self.type not in ("tpe", "gp"):
+            raise _Problem(f"only tpe and gp start with random trials, not {self.type}", "startup_trials")
+        if self.population_size is not None and self.type != "nsga2":
+            raise _Problem(f"only nsga2 has a population, not {self.type}", "population_size")
+        return self
+
+
 class RegistrySection(_Section):
     """The ``registry`` section as read: which trial becomes the registered champion, a policy and its one
     threshold. The space hands it on as the record's :class:`~workflows.record.RegistrySpec`."""
@@ -471,6 +497,7 @@ class SweepSpace(_Section):
     path: Path  # the file (not a key of it)
     base: dict[str, Any] = Field(default_factory=dict)  # RunConfig values shared by every trial (and the teacher)
     algorithm: Annotated[str, _one_of(ALGORITHMS)] = "optuna"
+    sampler: SamplerSpec | None = None  # algorithm optuna only; None: TPE with Optuna's defaults
     search: dict[str, ParamSpec]
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
     objectives: Annotated[list[tuple[str, str]], BeforeValidator(_objectives)] = Field(
@@ -625,6 +652,8 @@ class SweepSpace(_Section):
             if problem.at and problem.at[0] in self.teacher.config:
                 raise _Problem(problem.message, "teacher", "config", *problem.at) from None
             raise _Problem(_message(err), "teacher") from None
+        if self.sampler is not None and self.algorithm != "optuna":
+            raise _Problem(f"only algorithm optuna takes a sampler, not {self.algorithm}", "sampler")
         if self.scheduler is not None and base_cfg.eval_every is None:
             raise _Problem("ASHA acts on evaluation reports: set base.eval_every", "scheduler")
         if self.resources["cpu"] == 0 and self.resources["gpu"] == 0:
@@ -805,11 +834,27 @@ def param_space(space: SweepSpace) -> dict[str, Any]:
     return {key: spec.to_tune(enumerate_choices) for key, spec in space.search.items()}
 
 
+def optuna_sampler(spec: SamplerSpec | None, seed: int | None) -> Any:
+    """The Optuna sampler ``spec`` names (TPE with Optuna's defaults when None), seeded with ``seed``."""
+    import optuna
+
+    spec = spec or SamplerSpec()
+    startup = {} if spec.startup_trials is None else {"n_startup_trials": spec.startup_trials}
+    if spec.type == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, **startup)
+    if spec.type == "gp":
+        return optuna.samplers.GPSampler(seed=seed, **startup)
+    if spec.type == "nsga2":
+        population = {} if spec.population_size is None else {"population_size": spec.population_size}
+        return optuna.samplers.NSGAIISampler(seed=seed, **population)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
 def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = None) -> Any:
     """The Ray search algorithm for ``space``.
 
-    * ``optuna``: ``OptunaSearch`` with every objective (multi-objective when there are several; Optuna's TPE
-      sampler, seeded), wrapped in a ``ConcurrencyLimiter`` when ``max_concurrent`` is set. Optuna is told each
+    * ``optuna``: ``OptunaSearch`` with every objective (multi-objective when there are several) and the space's
+      ``sampler`` (:func:`optuna_sampler`: TPE unless the space names another, seeded), wrapped in a ``ConcurrencyLimiter`` when ``max_concurrent`` is set. Optuna is told each
       trial's last reported result, so the objectives must be in the trial's final report.
     * ``random`` / ``grid``: ``BasicVariantGenerator`` (seeded), which limits concurrency itself.
 
@@ -833,10 +878,11 @@ def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = Non
     if space.algorithm == "optuna":
         metrics = [name for name, _ in space.objectives]
         modes = [mode for _, mode in space.objectives]
+        sampler = optuna_sampler(space.sampler, space.search_seed)
         if len(metrics) == 1:
-            searcher = OptunaSearch(metric=metrics[0], mode=modes[0], seed=space.search_seed)
+            searcher = OptunaSearch(metric=metrics[0], mode=modes[0], sampler=sampler)
         else:
-            searcher = OptunaSearch(metric=metrics, mode=modes, seed=space.search_seed)
+            searcher = OptunaSearch(metric=metrics, mode=modes, sampler=sampler)
         if space.max_concurrent is not None:
             return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
         return searcher
