@@ -129,45 +129,58 @@ def measure(space_path: Path, out: Path, tracking_uri: str, storage_path: str) -
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _evenly_spaced(values: Sequence[float]) -> bool:
+    """True when the sorted values step evenly (within 10%)."""
+    steps = np.diff(sorted(float(v) for v in values))
+    return len(steps) < 2 or float(np.std(steps) / np.mean(steps)) < 0.1
+
+
 class Table:
-    """The measured grid: outcome lookup by nearest grid point."""
+    """The measured grid: outcome lookup by nearest grid point.
+
+    Each key is searched in the scale its grid values are even in: linear, log (``"log": true`` in the table), or,
+    when neither (e.g. 0, 32, 128, 512), the values' rank: a coordinate in [-0.5, n - 0.5] rounded to the nearest
+    index. Either way every grid value stands for a cell of equal width.
+    """
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.search: dict[str, dict[str, Any]] = data["search"]
         self.keys = list(self.search)
+        self.scale = {key: "log" if spec["log"] else "linear" if _evenly_spaced(spec["values"]) else "index"
+                      for key, spec in self.search.items()}
         self.objectives = [tuple(o) for o in data["objectives"]]
         self.reference = dict(data["reference_point"])
         self.trials = [r for r in data["rows"] if r["kind"] == "trial"]
         self.baseline = [r for r in data["rows"] if r["kind"] == "baseline"]
-        self._index = {self._grid_key(r): r for r in self.trials}
+        self._index = {tuple(row[key] for key in self.keys): row for row in self.trials}
         expected = math.prod(len(spec["values"]) for spec in self.search.values())
         if len(self._index) != expected:
             raise ValueError(f"table: {len(self._index)} distinct grid points, the grid has {expected}")
 
-    def _grid_key(self, row: dict[str, Any]) -> tuple[float, ...]:
-        return tuple(self._snap(key, row[key]) for key in self.keys)
+    def distribution(self, key: str) -> Any:
+        """The Optuna distribution a sampler searches for ``key``: the box its grid values' cells fill."""
+        from optuna.distributions import FloatDistribution
 
-    def _scaled(self, key: str, value: float) -> float:
-        return math.log(value) if self.search[key]["log"] else value
-
-    def _unscaled(self, key: str, value: float) -> float:
-        return math.exp(value) if self.search[key]["log"] else value
-
-    def bounds(self, key: str) -> tuple[float, float]:
-        """The box the grid values of ``key`` discretise: their cells' outer edges (in the key's scale)."""
-        values = sorted(self._scaled(key, v) for v in self.search[key]["values"])
+        values = sorted(float(v) for v in self.search[key]["values"])
+        if self.scale[key] == "index":
+            return FloatDistribution(-0.5, len(values) - 0.5)
         if len(values) == 1:
-            return self._unscaled(key, values[0]), self._unscaled(key, values[0])
-        low = values[0] - (values[1] - values[0]) / 2
-        high = values[-1] + (values[-1] - values[-2]) / 2
-        return self._unscaled(key, low), self._unscaled(key, high)
+            return FloatDistribution(values[0], values[0])
+        log = self.scale[key] == "log"
+        xs = np.log(values) if log else np.asarray(values)
+        low, high = xs[0] - (xs[1] - xs[0]) / 2, xs[-1] + (xs[-1] - xs[-2]) / 2
+        return FloatDistribution(*(np.exp([low, high]) if log else (low, high)), log=log)
 
-    def _snap(self, key: str, value: float) -> float:
-        values = self.search[key]["values"]
-        return min(values, key=lambda v: abs(self._scaled(key, v) - self._scaled(key, value)))
+    def _snap(self, key: str, coordinate: float) -> float:
+        values = sorted(float(v) for v in self.search[key]["values"])
+        if self.scale[key] == "index":
+            return values[min(max(int(round(coordinate)), 0), len(values) - 1)]
+        if self.scale[key] == "log":
+            return min(values, key=lambda v: abs(math.log(v) - math.log(coordinate)))
+        return min(values, key=lambda v: abs(v - coordinate))
 
     def outcome(self, params: dict[str, float]) -> dict[str, Any]:
-        """The measured trial nearest to ``params`` (per key, in the key's scale)."""
+        """The measured trial nearest to ``params`` (coordinates in each key's search scale)."""
         return self._index[tuple(self._snap(key, params[key]) for key in self.keys)]
 
     def point(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -179,25 +192,23 @@ class Table:
 
 
 def _optuna_sampler(name: str, seed: int):
-    import optuna
+    """``tpe``, ``gp``, ``nsga2`` (population 8) or ``random``, built as a sweep builds it; ``tpe:4`` and ``gp:4``
+    start the model after 4 random trials instead of Optuna's 10."""
+    from workflows.space import SamplerSpec, optuna_sampler
 
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    raise ValueError(f"unknown sampler {name!r}")
+    kind, _, startup = name.partition(":")
+    if kind not in ("random", *OPTUNA_SAMPLERS):
+        raise ValueError(f"unknown sampler {name!r}")
+    spec = SamplerSpec(type=kind, startup_trials=int(startup) if startup else None,
+                       population_size=8 if kind == "nsga2" else None)
+    return optuna_sampler(spec, seed)
 
 
 def _run_optuna(table: Table, name: str, seed: int, budget: int) -> list[dict[str, Any]]:
     import optuna
-    from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState
 
-    distributions = {key: FloatDistribution(*table.bounds(key), log=spec["log"]) for key, spec in table.search.items()}
+    distributions = {key: table.distribution(key) for key in table.keys}
     directions = ["maximize" if mode == "max" else "minimize" for _, mode in table.objectives]
     study = optuna.create_study(directions=directions, sampler=_optuna_sampler(name, seed))
     rows = []
@@ -289,7 +300,7 @@ def report(table: Table, curves: dict[str, list[list[float]]], budget: int, plot
     if plot is not None:
         _plot(curves, grid_hv, n_grid, plot)
     optuna = {name: results["samplers"][name]["trials_to_100pct"]["median"] for name in curves
-              if name in OPTUNA_SAMPLERS}
+              if name.partition(":")[0] in OPTUNA_SAMPLERS}
     best = min(optuna, key=optuna.get)
     ratio = optuna[best] / n_grid
     results.update({"best_optuna_sampler": best, "ratio": ratio})
@@ -356,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     table = load_table(args.table)
     budget = args.budget or 4 * len(table.trials)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
-    unknown = [s for s in samplers if s not in ("grid", "random", *OPTUNA_SAMPLERS)]
-    if unknown or not any(s in OPTUNA_SAMPLERS for s in samplers):
+    kinds = [s.partition(":")[0] for s in samplers]
+    unknown = [s for s, kind in zip(samplers, kinds) if kind not in ("grid", "random", *OPTUNA_SAMPLERS)]
+    if unknown or not any(kind in OPTUNA_SAMPLERS for kind in kinds):
         parser.error(f"--samplers: unknown {unknown} or no Optuna multi-objective sampler among {samplers}")
     curves: dict[str, list[list[float]]] = {}
     for name in samplers:

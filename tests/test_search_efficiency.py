@@ -1,0 +1,97 @@
+"""The search-efficiency replay: each key's search scale, nearest-point lookup, and what a replay can reach."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OBJECTIVES = [["f1", "max"], ["linear_density", "min"]]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("search_efficiency", ROOT / "bench" / "search_efficiency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_table(bench, f1):
+    """3 densities x 4 calibration sizes (log spaced) x 4 tuning sizes (neither linear nor log spaced)."""
+    search = {"target_density": {"values": [0.3, 0.5, 0.7], "log": False},
+              "calibration_samples": {"values": [16.0, 64.0, 256.0, 1024.0], "log": True},
+              "mask_tuning_samples": {"values": [0.0, 32.0, 128.0, 512.0], "log": False}}
+    rows = [{"kind": "baseline", "status": "finished", "f1": 60.0, "linear_density": 1.0}]
+    for d, c, t in itertools.product(*(spec["values"] for spec in search.values())):
+        rows.append({"kind": "trial", "status": "finished", "target_density": d, "calibration_samples": c,
+                     "mask_tuning_samples": t, "f1": f1(d, c, t), "linear_density": d})
+    return bench.Table({"search": search, "objectives": OBJECTIVES,
+                        "reference_point": {"f1": 0.0, "linear_density": 1.0}, "rows": rows})
+
+
+def smooth(d, c, t):
+    return 60 * d + np.log2(c) + np.log2(1 + t)
+
+
+def test_each_key_is_searched_in_the_scale_its_values_are_even_in(bench):
+    table = make_table(bench, smooth)
+    assert table.scale == {"target_density": "linear", "calibration_samples": "log", "mask_tuning_samples": "index"}
+    for key in table.keys:
+        dist = table.distribution(key)
+        values = sorted(table.search[key]["values"])
+        # A uniform draw over the key's box lands on each grid value equally often.
+        coordinates = (np.geomspace if dist.log else np.linspace)(dist.low, dist.high, 4001)[:-1]
+        counts = {v: 0 for v in values}
+        for x in coordinates:
+            counts[table._snap(key, float(x))] += 1
+        assert max(counts.values()) - min(counts.values()) <= 2, (key, counts)
+    assert table.outcome({"target_density": 0.41, "calibration_samples": 100.0, "mask_tuning_samples": 2.6}) \
+        == next(r for r in table.trials if (r["target_density"], r["calibration_samples"],
+                                             r["mask_tuning_samples"]) == (0.5, 64.0, 512.0))
+
+
+def test_a_shuffled_grid_reaches_the_grid_hypervolume_by_its_last_trial(bench):
+    table = make_table(bench, smooth)
+    grid_hv = table.grid_hypervolume()
+    # By hand: the dense point (60, 1) adds nothing; the frontier is the best cell per density, F1 = 60 d + 10 + 9.
+    best = {d: 60 * d + 10 + np.log2(513) for d in (0.3, 0.5, 0.7)}
+    assert grid_hv == pytest.approx(best[0.3] * 0.7 + (best[0.5] - best[0.3]) * 0.5 + (best[0.7] - best[0.5]) * 0.3)
+    curves = bench.replay(table, "grid", seeds=3, budget=len(table.trials))
+    for curve in curves:
+        assert curve == sorted(curve) and curve[-1] == pytest.approx(grid_hv)
+        assert bench.trials_to_reach(curve, grid_hv) <= len(table.trials)
+    assert bench.trials_to_reach([1.0, 2.0, 3.0], 3.0) == 3
+    assert bench.trials_to_reach([1.0, 2.0, 2.9], 3.0, tolerance=0.05) == 3
+    assert bench.trials_to_reach([1.0, 2.0], 3.0) == float("inf")
+
+
+@pytest.mark.parametrize("name,kind,startup", [("tpe", "TPESampler", 10), ("gp:3", "GPSampler", 3),
+                                               ("nsga2", "NSGAIISampler", None), ("random", "RandomSampler", None)])
+def test_replayed_samplers_are_built_as_a_sweep_builds_them(bench, name, kind, startup):
+    sampler = bench._optuna_sampler(name, seed=0)
+    assert type(sampler).__name__ == kind
+    if startup is not None:
+        assert sampler._n_startup_trials == startup
+
+
+def test_an_optuna_replay_only_sees_measured_outcomes(bench):
+    table = make_table(bench, smooth)
+    rows = bench._run_optuna(table, "tpe:4", seed=0, budget=12)
+    assert len(rows) == 12 and all(any(row is trial for trial in table.trials) for row in rows)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        bench._optuna_sampler("cmaes", seed=0)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "bench" / "results").glob("search_efficiency*_grid.json")),
+                         ids=lambda p: p.name)
+def test_the_committed_tables_are_whole_grids(bench, path):
+    table = bench.load_table(path)
+    assert len(table.trials) >= 48
+    assert table.grid_hypervolume() > 0
+    assert json.loads(path.read_text())["objectives"] == OBJECTIVES
