@@ -854,8 +854,9 @@ def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = Non
     """The Ray search algorithm for ``space``.
 
     * ``optuna``: ``OptunaSearch`` with every objective (multi-objective when there are several) and the space's
-      ``sampler`` (:func:`optuna_sampler`: TPE unless the space names another, seeded), wrapped in a ``ConcurrencyLimiter`` when ``max_concurrent`` is set. Optuna is told each
-      trial's last reported result, so the objectives must be in the trial's final report.
+      ``sampler`` (:func:`optuna_sampler`: TPE unless the space names another, seeded), wrapped in a
+      ``ConcurrencyLimiter`` when ``max_concurrent`` is set. Optuna is told each trial's last reported result, so
+      the objectives must be in the trial's final report.
     * ``random`` / ``grid``: ``BasicVariantGenerator`` (seeded), which limits concurrency itself.
 
     Args:
