@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     features = train_features(cfg, squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit), tokenizer)
     dev = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
-    index = importance.calibration_index(int(features["input_ids"].shape[0]), cfg.calibration_samples, cfg.seed)
+    index, tuning_index = importance.calibration_and_tuning_index(
+        int(features["input_ids"].shape[0]), cfg.calibration_samples, cfg.mask_tuning_samples, cfg.seed)
     # The student is the teacher before the cut: labels sampled from its own distribution, as in the fisher row.
     est = importance.fisher_importance(model, features, index, cfg.batch_size, labels="sampled", seed=cfg.seed)
     costs = importance.structure_costs(model.config, "density")
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         pruned, dense = copy.deepcopy(model), model
         with torch.no_grad():
             importance.zero_removed_(pruned, head_keep, neuron_keep)
-        importance.tune_masks_(pruned, dense, features, index[: cfg.mask_tuning_samples], head_keep, neuron_keep,
+        importance.tune_masks_(pruned, dense, features, tuning_index, head_keep, neuron_keep,
                                cfg.batch_size, mode=args.mask_tuning, damping=cfg.mask_tuning_damping)
         importance.apply_structure_(pruned, head_keep, neuron_keep)
         f1 = evaluate(pruned, tokenizer, dev, cfg, progress=False)["f1"]

@@ -143,7 +143,7 @@ class RunConfig:
     calibration_samples: int = 2048  # training windows whose squared mask gradients give the importance
     target_flops: float | None = None  # fisher: fraction of the encoder's FLOPs to keep (instead of target_density)
     mask_rearrange: bool = False  # fisher: re-choose each layer's heads/neurons with its block-diagonal Fisher
-    mask_tuning_samples: int = 256  # fisher: windows for the least-squares fit of kept heads/neurons; 0: off
+    mask_tuning_samples: int = 256  # fisher: windows of the least-squares fit (calibration windows first); 0: off
     # fisher: fit a scale per kept structure, or the kept weights. The weights fit closer and keep more F1 with no
     # training, but a recovery from them ends lower than from the scales (bench/RESULTS.md), hence auto.
     mask_tuning: MaskTuning = MaskTuning.AUTO

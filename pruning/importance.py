@@ -44,6 +44,7 @@ __all__ = [
     "LayerTuning",
     "StructureCosts",
     "calibration_index",
+    "calibration_and_tuning_index",
     "length_batches",
     "fisher_importance",
     "magnitude_block_importance",
@@ -111,6 +112,15 @@ def calibration_index(num_windows: int, count: int, seed: int) -> torch.Tensor:
         raise ValueError(f"calibration_samples: must be a positive integer, got {count}")
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(num_windows, generator=generator)[: min(count, num_windows)]
+
+
+def calibration_and_tuning_index(num_windows: int, calibration: int, tuning: int,
+                                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of the Fisher calibration and of the mask tuning after it: prefixes of one seeded permutation
+    (:func:`calibration_index`), so the tuning reuses the calibration's windows and draws fresh ones when it asks
+    for more than the calibration used. Each is capped at ``num_windows``; ``tuning`` may be 0."""
+    index = calibration_index(num_windows, max(calibration, tuning, 1), seed)
+    return index[:calibration], index[:tuning]
 
 
 def length_batches(features: Batch, index: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -634,7 +634,8 @@ def _fisher_cut(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, fea
         allowed_neurons = torch.stack([layer.ffn_kept for layer in report.layers]).bool()
         mask_lib.remove_masks_(model)
     num_windows = int(features["input_ids"].shape[0])
-    index = importance.calibration_index(num_windows, cfg.calibration_samples, cfg.seed + stage)
+    index, tuning_index = importance.calibration_and_tuning_index(
+        num_windows, cfg.calibration_samples, cfg.mask_tuning_samples, cfg.seed + stage)
     estimate = _fisher_estimate(cfg, model, teacher, features, index, device, trained=stage > 0)
     out["calibration_windows"] = out.get("calibration_windows", 0.0) + float(index.numel())
     out["calibration_seconds"] = out.get("calibration_seconds", 0.0) + time.time() - started
@@ -664,12 +665,13 @@ def _fisher_cut(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, fea
         importance.zero_removed_(model, head_keep, neuron_keep)
     if dense is not None:
         tuned = time.time()
-        logger.info("mask tuning (%s) on %d windows", cfg.tuning_mode.value, min(cfg.mask_tuning_samples, len(index)))
-        tuning = importance.tune_masks_(model, dense, features, index[: cfg.mask_tuning_samples], head_keep,
+        logger.info("mask tuning (%s) on %d windows", cfg.tuning_mode.value, len(tuning_index))
+        tuning = importance.tune_masks_(model, dense, features, tuning_index, head_keep,
                                         neuron_keep, cfg.batch_size, device=device, mode=cfg.tuning_mode.value,
                                         damping=cfg.mask_tuning_damping)
         del dense
         out["tuning_seconds"] = out.get("tuning_seconds", 0.0) + time.time() - tuned
+        out["tuning_windows"] = out.get("tuning_windows", 0.0) + float(tuning_index.numel())
         # The error of the last stage: against the model that stage started from.
         out["tuning_error_before"] = float(sum(t.attention_before + t.ffn_before for t in tuning))
         out["tuning_error_after"] = float(sum(t.attention_after + t.ffn_after for t in tuning))

@@ -376,6 +376,22 @@ def test_structure_survives_save_and_load(tmp_path, tokenizer):
         assert torch.allclose(model(**inputs).start_logits, loaded(**inputs).start_logits, atol=1e-6)
 
 
+def test_tuning_windows_extend_the_calibration_windows():
+    calibration, tuning = imp.calibration_and_tuning_index(100, 8, 20, seed=3)
+    assert torch.equal(calibration, imp.calibration_index(100, 8, seed=3))
+    assert torch.equal(tuning[:8], calibration) and len(set(tuning.tolist())) == 20
+    calibration, tuning = imp.calibration_and_tuning_index(100, 30, 10, seed=3)
+    assert torch.equal(calibration, imp.calibration_index(100, 30, seed=3)) and torch.equal(tuning, calibration[:10])
+    assert len(imp.calibration_and_tuning_index(100, 8, 0, seed=3)[1]) == 0
+    assert [len(i) for i in imp.calibration_and_tuning_index(12, 8, 20, seed=3)] == [8, 12]
+
+
+def test_mask_tuning_may_use_more_windows_than_the_calibration(tmp_path, tokenizer):
+    metrics = train(tiny_cfg(tmp_path, target_density=0.4, calibration_samples=4, mask_tuning_samples=20),
+                    progress=False)
+    assert metrics["calibration_windows"] == 4 and metrics["tuning_windows"] == 20
+
+
 # --- through the trainer ---------------------------------------------------------------------------------------
 
 
@@ -390,6 +406,7 @@ def test_one_shot_checkpoint_packs_to_the_same_logits(tmp_path, tokenizer, overr
     metrics = train(cfg, report=lambda m, c: seen.append(m), progress=False)
     assert len(seen) == cfg.fisher_stages and seen[-1]["f1"] == metrics["f1"]
     assert metrics["prune_seconds"] > 0 and metrics["calibration_windows"] == 24 * cfg.fisher_stages
+    assert metrics["tuning_windows"] == 16 * cfg.fisher_stages
     if cfg.fisher_stages == 2:  # the first stage keeps sqrt(0.3) of the weights until the second cuts to 0.3
         assert seen[0]["linear_density"] == pytest.approx(0.3 ** 0.5, abs=0.02)
         assert seen[0]["heads_removed"] <= seen[1]["heads_removed"]
