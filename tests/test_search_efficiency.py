@@ -95,3 +95,19 @@ def test_the_committed_tables_are_whole_grids(bench, path):
     assert len(table.trials) >= 48
     assert table.grid_hypervolume() > 0
     assert json.loads(path.read_text())["objectives"] == OBJECTIVES
+
+
+def test_the_smoothed_table_is_the_additive_fit(bench):
+    additive = make_table(bench, smooth)
+    smoothed = additive.smoothed()
+    for row, fit in zip(additive.trials, smoothed.trials):
+        assert fit["f1"] == pytest.approx(row["f1"]) and fit["linear_density"] == pytest.approx(row["linear_density"])
+
+    def interacting(d, c, t):  # one cell far above an additive landscape
+        return smooth(d, c, t) + (20.0 if (d, c, t) == (0.5, 64.0, 0.0) else 0.0)
+
+    table = make_table(bench, interacting)
+    fits = {(r["target_density"], r["calibration_samples"], r["mask_tuning_samples"]): r["f1"]
+            for r in table.smoothed().trials}
+    assert fits[(0.5, 64.0, 0.0)] < interacting(0.5, 64.0, 0.0) - 10  # the lucky cell is no longer an outlier
+    assert table.smoothed().baseline == table.baseline
