@@ -418,7 +418,7 @@ class SamplerSpec(_Section):
     """The Optuna sampler of ``algorithm: optuna``, seeded with the sweep's search seed.
 
     ``tpe`` (the default) models good and bad trials separately; ``gp`` fits a Gaussian process to the objectives
-    and, on a smooth space, needs fewer trials to find its frontier (bench/RESULTS.md, "Search efficiency");
+    and, on a smooth space, finds most of its frontier in fewer trials (bench/RESULTS.md, "Search efficiency");
     ``nsga2`` evolves a population; ``random`` samples uniformly. ``startup_trials`` (tpe, gp) is how many random
     trials come before the model (Optuna's default: 10); ``population_size`` (nsga2) is Optuna's 50 by default.
     """
