@@ -1,9 +1,11 @@
-"""Shared fixtures: a tiny random BERT configuration, a masked checkpoint of one, the shipped tokenizer, and a slice
-of the shipped dev set."""
+"""Shared fixtures: a tiny random BERT configuration, a masked checkpoint of one, the shipped tokenizer, a slice
+of the shipped dev set, and the bench scripts as modules."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -16,6 +18,20 @@ from pruning.resources import shipped_model_dir, squad_file
 from pruning.trainer import build_model
 
 DEV_SUBSET_SIZE = 40
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """Import a script of bench/ as a module: ``bench_script("accuracy_budget")``."""
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture

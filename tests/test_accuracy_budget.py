@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("accuracy_budget", ROOT / "bench" / "accuracy_budget.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(bench_script):
+    return bench_script("accuracy_budget")
 
 
 def _config(bench, masked_checkpoint, tmp_path, row, *argv):
@@ -77,14 +70,12 @@ def test_a_bad_value_is_one_line_and_exit_2_before_any_training(bench, masked_ch
                                      "searches a layer floor")
 
 
-def test_a_forced_split_keeps_the_heads_asked_for_and_fills_the_budget_with_neurons():
+def test_a_forced_split_keeps_the_heads_asked_for_and_fills_the_budget_with_neurons(bench_script):
     import torch
 
     from pruning.importance import Importance, StructureCosts
 
-    spec = importlib.util.spec_from_file_location("fisher_split", ROOT / "bench" / "fisher_split.py")
-    split = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(split)
+    split = bench_script("fisher_split")
     est = Importance(torch.tensor([[3.0, 1.0], [2.0, 0.5]]), torch.tensor([[0.1, 0.4, 0.3], [0.2, 0.05, 0.6]]), 8)
     costs = StructureCosts(head=10, neuron=3, total=4 * 10 + 6 * 3)
     head_keep, neuron_keep = split.split_masks(est, costs, 29, heads=2)

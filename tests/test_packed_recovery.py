@@ -195,16 +195,10 @@ def test_bad_cache_and_packing_settings_are_refused(values, message):
         RunConfig(**values)
 
 
-def test_the_recovery_step_bench_cuts_to_the_density_and_times_all_three_steps(capsys):
-    import importlib.util
-    from pathlib import Path
-
+def test_the_recovery_step_bench_cuts_to_the_density_and_times_all_three_steps(capsys, bench_script):
     from pruning.sparsity import sparsity_report
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "train_overhead.py"
-    spec = importlib.util.spec_from_file_location("train_overhead", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("train_overhead")
     dense = BertForQuestionAnswering(cut_model(torch.ones(LAYERS, HEADS, dtype=torch.bool)).config)
     masked = bench.cut(dense, 0.5)
     costs = imp.structure_costs(dense.config, "density")
