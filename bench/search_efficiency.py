@@ -70,17 +70,18 @@ def _labels() -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _unevenness(values: Sequence[float]) -> float:
+    """How unevenly the sorted values step: the steps' standard deviation over their mean (0 when even)."""
+    steps = np.diff(sorted(float(v) for v in values))
+    return float(np.std(steps) / np.mean(steps)) if len(steps) > 1 else 0.0
+
+
 def _log_spaced(values: Sequence[float]) -> bool:
     """True when the grid values are more evenly spaced in log scale than in linear scale."""
     values = sorted(float(v) for v in values)
     if len(values) < 3 or values[0] <= 0:
         return False
-
-    def unevenness(xs: Sequence[float]) -> float:
-        steps = np.diff(xs)
-        return float(np.std(steps) / np.mean(steps))
-
-    return unevenness(np.log(values)) < unevenness(values)
+    return _unevenness(np.log(values)) < _unevenness(values)
 
 
 def measure(space_path: Path, out: Path, tracking_uri: str, storage_path: str) -> dict[str, Any]:
@@ -136,12 +137,6 @@ def measure(space_path: Path, out: Path, tracking_uri: str, storage_path: str) -
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _evenly_spaced(values: Sequence[float]) -> bool:
-    """True when the sorted values step evenly (within 10%)."""
-    steps = np.diff(sorted(float(v) for v in values))
-    return len(steps) < 2 or float(np.std(steps) / np.mean(steps)) < 0.1
-
-
 class Table:
     """The measured grid: outcome lookup by nearest grid point.
 
@@ -153,7 +148,9 @@ class Table:
     def __init__(self, data: dict[str, Any]) -> None:
         self.search: dict[str, dict[str, Any]] = data["search"]
         self.keys = list(self.search)
-        self.scale = {key: "log" if spec["log"] else "linear" if _evenly_spaced(spec["values"]) else "index"
+        self.values = {key: sorted(float(v) for v in spec["values"]) for key, spec in self.search.items()}
+        # Linear when the values step evenly within 10%.
+        self.scale = {key: "log" if spec["log"] else "linear" if _unevenness(spec["values"]) < 0.1 else "index"
                       for key, spec in self.search.items()}
         self.objectives = [tuple(o) for o in data["objectives"]]
         self.reference = dict(data["reference_point"])
@@ -168,7 +165,7 @@ class Table:
         """The Optuna distribution a sampler searches for ``key``: the box its grid values' cells fill."""
         from optuna.distributions import FloatDistribution
 
-        values = sorted(float(v) for v in self.search[key]["values"])
+        values = self.values[key]
         if self.scale[key] == "index":
             return FloatDistribution(-0.5, len(values) - 0.5)
         if len(values) == 1:
@@ -179,7 +176,7 @@ class Table:
         return FloatDistribution(*(np.exp([low, high]) if log else (low, high)), log=log)
 
     def _snap(self, key: str, coordinate: float) -> float:
-        values = sorted(float(v) for v in self.search[key]["values"])
+        values = self.values[key]
         if self.scale[key] == "index":
             return values[min(max(int(round(coordinate)), 0), len(values) - 1)]
         if self.scale[key] == "log":
@@ -221,10 +218,10 @@ class Table:
 def _optuna_sampler(name: str, seed: int):
     """``tpe``, ``gp``, ``nsga2`` (population 8) or ``random``, built as a sweep builds it; ``tpe:4`` and ``gp:4``
     start the model after 4 random trials instead of Optuna's 10."""
-    from workflows.space import SamplerSpec, optuna_sampler
+    from workflows.space import SAMPLERS, SamplerSpec, optuna_sampler
 
     kind, _, startup = name.partition(":")
-    if kind not in ("random", *OPTUNA_SAMPLERS):
+    if kind not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}")
     spec = SamplerSpec(type=kind, startup_trials=int(startup) if startup else None,
                        population_size=8 if kind == "nsga2" else None)
