@@ -216,7 +216,10 @@ def _assert_sweep_is_whole(world: dict, parent: str, samples: int, summary: dict
                                       for r in trials]
     assert all(r.data.tags.get("fineprune.status") == "finished" for r in finished)
     configurations = [_configuration(r) for r in trials]
-    assert all(configurations) and len(set(configurations)) == len(configurations), "a configuration logged twice"
+    table = [(r.data.tags.get("fineprune.trial_id"), r.data.tags.get("fineprune.took_over_trial_id"), r.info.status,
+              r.data.tags.get("fineprune.status"), _configuration(r)) for r in trials]
+    assert all(configurations), ("a trial run without its configuration", table)
+    assert len(set(configurations)) == len(configurations), ("a configuration logged twice", table)
     assert len({r.data.tags["fineprune.trial_id"] for r in trials}) == len(trials)
     for run in finished:
         for key in ("exact_match", "f1", "linear_density", "speedup"):
@@ -446,3 +449,55 @@ def test_a_resumed_sweep_joins_mlflow_with_what_tune_restored(tmp_path):
     assert by_trial["t4"].info.run_id not in {r.info.run_id for r in left.values()}
     configurations = [r.data.params["searched.target_density"] for r in runs.values()]
     assert len(configurations) == len(set(configurations)) == 5
+
+
+def test_a_run_whose_params_a_dead_driver_never_logged_is_still_taken_over(tmp_path):
+    """A driver killed between creating a trial's run and logging its params leaves a run with tags only.
+
+    The run names its configuration from the moment it exists, so the resumed sweep's trial that runs that
+    configuration again continues it (and logs its params) instead of opening a second run beside an empty one.
+    """
+    from mlflow.tracking import MlflowClient
+    from ray.tune.experiment import Trial
+
+    from workflows.tracking import MlflowTrialCallback, start_parent_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("halfway", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = start_parent_run(client, "halfway", str(tmp_path / "sweep"), {}, resume=False)
+    config = {"target_density": 0.37, "temperature": 2}
+
+    def params_of(config):
+        return {"method": "topk", **{f"searched.{k}": v for k, v in config.items()}}
+
+    def died_before_params(config):  # what the dead driver got written: the run, not its params
+        raise RuntimeError("the driver died here")
+
+    def trial(trial_id):
+        return Trial("trial_main", config=dict(config), trial_id=trial_id, stub=True)
+
+    dead = MlflowTrialCallback(uri, "halfway", parent, died_before_params, outage_limit=30)
+    dead.on_step_begin(iteration=0, trials=[])
+    dead.on_trial_start(iteration=0, trials=[], trial=trial("lost"))
+    dead.flush()
+    experiment_id = client.get_experiment_by_name("halfway").experiment_id
+    (left,) = client.search_runs([experiment_id], "tags.`fineprune.kind` = 'trial'")
+    assert not left.data.params and left.info.status == "RUNNING"
+
+    resumed = MlflowTrialCallback(uri, "halfway", parent, params_of, outage_limit=30)
+    resumed.on_step_begin(iteration=0, trials=[])
+    again = trial("again")
+    resumed.on_trial_start(iteration=0, trials=[again], trial=again)
+    result = {"step": 6, "f1": 12.0, "linear_density": 0.37, "final": False, "timestamp": int(time.time())}
+    again.update_last_result(result)
+    resumed.on_trial_result(iteration=0, trials=[again], trial=again, result=result)
+    again.set_status(Trial.TERMINATED)
+    resumed.on_trial_complete(iteration=0, trials=[again], trial=again)
+    resumed.on_experiment_end(trials=[again])
+    assert resumed.failure is None
+
+    (run,) = client.search_runs([experiment_id], "tags.`fineprune.kind` = 'trial'")
+    assert run.info.run_id == left.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["fineprune.trial_id"] == "again" and run.data.tags["fineprune.took_over_trial_id"] == "lost"
+    assert run.data.params["searched.target_density"] == "0.37" and run.data.params["searched.temperature"] == "2"

@@ -37,6 +37,7 @@ __all__ = [
     "STATUS_FINISHED", "STATUS_STOPPED_EARLY", "STATUS_FAILED", "STATUS_INTERRUPTED", "STATUS_ORPHANED", "STATUSES",
     "TAG_PARETO", "TAG_PARETO_SPEED", "FRONTIER_TAGS", "TAG_NODE", "TAG_PID", "TAG_PRECISION", "TAG_RETRIES",
     "TAG_TOOK_OVER",
+    "TAG_CONFIGURATION",
     "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR",
     # tags of registered versions, the alias
     "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_VERSION_PRECISION", "TAG_ONNX", "ALIAS",
@@ -79,6 +80,7 @@ TAG_PID = "fineprune.pid"  # the trial's worker process (the last one, after ret
 TAG_PRECISION = "fineprune.precision"  # the precision the final metrics were measured in (fp32 or bf16)
 TAG_RETRIES = "fineprune.retries"  # how often the trial's worker died and the trial went on from its checkpoint
 TAG_TOOK_OVER = "fineprune.took_over_trial_id"  # the lost trial whose run this trial continued
+TAG_CONFIGURATION = "fineprune.configuration"  # a trial run's searched values (JSON), set as the run is created
 TAG_PACKED_ARTIFACT = "fineprune.packed_artifact"  # set once the packed model is logged: its artifact path
 TAG_MODEL_DIR = "fineprune.model_dir"  # the baseline's model directory
 TAG_ERROR_FILE = "fineprune.error_file"  # Tune's error file of a failed trial

@@ -33,7 +33,8 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               STATUS_STOPPED_EARLY, STEP, SWEEP_COMPLETE, SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_ERROR,
                               TAG_ERROR_FILE, TAG_KIND, TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT,
                               TAG_PID, TAG_PRECISION, TAG_RETRIES, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP,
-                              TAG_SWEEP_STATE, TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, flat_params)
+                              TAG_SWEEP_STATE, TAG_CONFIGURATION, TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY,
+                              flat_params)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, is_transient,
                              quick_http_failures)
 
@@ -213,6 +214,27 @@ def _config_key(params: dict[str, str]) -> tuple:
     return tuple(sorted((k, v) for k, v in params.items() if k.startswith(PARAM_SEARCHED)))
 
 
+def _trial_config_key(config: dict[str, Any]) -> tuple:
+    """The key of a trial's config (what Tune sampled), in the form :func:`_config_key` reads back."""
+    return _config_key(flat_params({f"{PARAM_SEARCHED}{k}": v for k, v in config.items()}))
+
+
+def _run_config_key(run) -> tuple:
+    """The configuration a trial run belongs to: its ``fineprune.configuration`` tag, set with the run itself.
+
+    The tag makes a run and its configuration one write; a driver that dies between creating a run and logging its
+    params leaves a run that the next trial of that configuration still finds. Runs without the tag (written before
+    it existed) are keyed by their params.
+    """
+    tagged = run.data.tags.get(TAG_CONFIGURATION)
+    if tagged:
+        try:
+            return tuple(tuple(pair) for pair in json.loads(tagged))
+        except (ValueError, TypeError):
+            logger.warning("run %s: unreadable %s tag; keyed by its params", run.info.run_id, TAG_CONFIGURATION)
+    return _config_key(run.data.params)
+
+
 class MlflowTrialCallback(tune.Callback):
     """Logs every trial as a nested MLflow run of the sweep's parent run.
 
@@ -334,7 +356,7 @@ class MlflowTrialCallback(tune.Callback):
         experiment_id = _experiment_id(self.client, self.experiment)
         runs = _find_runs(self.client, experiment_id, f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' and "
                                                       f"tags.`{TAG_KIND}` = '{KIND_TRIAL}'")
-        self._orphans = {r.info.run_id: _config_key(r.data.params) for r in runs
+        self._orphans = {r.info.run_id: _run_config_key(r) for r in runs
                          if r.data.tags.get(TAG_TRIAL) not in known}
         if self._orphans:
             logger.info("%d run(s) of this sweep belong to trials its Tune state does not know (its driver died); "
@@ -352,7 +374,8 @@ class MlflowTrialCallback(tune.Callback):
             else:
                 run_id = self._take_over(trial_id, config) or self.client.create_run(experiment_id, tags={
                     TAG_PARENT: self.parent_run_id, TAG_KIND: KIND_TRIAL, TAG_TRIAL: trial_id,
-                    TAG_RUN_NAME: f"trial-{trial_id}"}).info.run_id
+                    TAG_RUN_NAME: f"trial-{trial_id}",
+                    TAG_CONFIGURATION: json.dumps(_trial_config_key(config))}).info.run_id
             self._runs[trial_id] = run_id
         if trial_id not in self._described:
             try:
@@ -367,7 +390,7 @@ class MlflowTrialCallback(tune.Callback):
         return run_id
 
     def _take_over(self, trial_id: str, config: dict[str, Any]) -> str | None:
-        key = _config_key(flat_params({f"{PARAM_SEARCHED}{k}": v for k, v in config.items()}))
+        key = _trial_config_key(config)
         run_id = next((r for r, k in self._orphans.items() if k and k == key), None)
         if run_id is None:
             return None
