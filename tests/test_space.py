@@ -250,10 +250,13 @@ def test_search_algorithm_and_scheduler(tmp_path):
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from workflows.distinct import DistinctConfigurations
+
     values = variant(max_concurrent=2, scheduler={"type": "asha", "metric": "f1", "grace_period": 1, "max_t": 2})
     space = load_space(write(tmp_path, values))
     alg = search_algorithm(space, ["f1", "linear_density", "speedup"])
-    assert isinstance(alg, ConcurrencyLimiter) and isinstance(alg.searcher, OptunaSearch)
+    assert isinstance(alg, ConcurrencyLimiter) and isinstance(alg.searcher, DistinctConfigurations)
+    assert isinstance(alg.searcher.searcher, OptunaSearch) and alg.searcher.size is None  # a continuous key
     assert alg.searcher.metric == ["f1", "linear_density"] and alg.searcher.mode == ["max", "min"]
     sched = scheduler(space)
     assert isinstance(sched, ASHAScheduler) and sched.metric == "f1"
@@ -294,7 +297,7 @@ def test_optuna_suggestions_stay_inside_the_space(tmp_path):
 ])
 def test_the_optuna_sampler_is_the_one_the_space_names(tmp_path, spec, kind, startup):
     space = load_space(write(tmp_path, variant(sampler=spec, seed=7)))
-    sampler = search_algorithm(space)._sampler  # no max_concurrent: the OptunaSearch itself
+    sampler = search_algorithm(space).searcher._sampler  # no max_concurrent: the OptunaSearch in its wrapper
     assert type(sampler).__name__ == kind
     if startup is not None:
         assert sampler._n_startup_trials == startup

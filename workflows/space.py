@@ -33,6 +33,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict, read_yaml
 from pruning.schedules import warmup_steps
+from workflows.distinct import DistinctConfigurations
 from workflows.frontier import reference_point as _reference_point
 from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, RegistrySpec
 
@@ -317,6 +318,16 @@ class ParamSpec(_Section):
         if self.values is not None:
             return [(f"values[{i}]", v) for i, v in enumerate(self.values)]
         return [("low", self.low), ("high", self.high)]
+
+    def size(self) -> int | None:
+        """How many values a trial can get; None for a continuous range."""
+        if self.values is not None:
+            return len(self.values)
+        if self.type == "randint":
+            return int(self.high) - int(self.low) + 1
+        if self.type == "quniform":
+            return int(round((self.high - self.low) / self.q)) + 1
+        return None
 
     def to_tune(self, enumerate_choices: bool = False) -> Any:
         """The Ray Tune sample object; ``enumerate_choices`` turns a choice into a grid (grid algorithm)."""
@@ -682,6 +693,12 @@ class SweepSpace(_Section):
         return config_from_dict(self.base, source=f"{self.path}: base")
 
     @property
+    def configurations(self) -> int | None:
+        """How many distinct configurations the searched keys allow; None when a key is continuous."""
+        sizes = [spec.size() for spec in self.search.values()]
+        return None if None in sizes else math.prod(sizes)
+
+    @property
     def search_seed(self) -> int:
         """The seed handed to the search algorithm's sampler."""
         return self.seed if self.seed is not None else self.base_config.seed
@@ -854,8 +871,9 @@ def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = Non
     """The Ray search algorithm for ``space``.
 
     * ``optuna``: ``OptunaSearch`` with every objective (multi-objective when there are several) and the space's
-      ``sampler`` (:func:`optuna_sampler`: TPE unless the space names another, seeded), wrapped in a
-      ``ConcurrencyLimiter`` when ``max_concurrent`` is set. Optuna is told each trial's last reported result, so
+      ``sampler`` (:func:`optuna_sampler`: TPE unless the space names another, seeded), wrapped in
+      :class:`~workflows.distinct.DistinctConfigurations` (no configuration runs twice; a repeated suggestion is told
+      the result its configuration has) and in a ``ConcurrencyLimiter`` when ``max_concurrent`` is set. Optuna is told each trial's last reported result, so
       the objectives must be in the trial's final report.
     * ``random`` / ``grid``: ``BasicVariantGenerator`` (seeded), which limits concurrency itself.
 
@@ -884,6 +902,7 @@ def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = Non
             searcher = OptunaSearch(metric=metrics[0], mode=modes[0], sampler=sampler)
         else:
             searcher = OptunaSearch(metric=metrics, mode=modes, sampler=sampler)
+        searcher = DistinctConfigurations(searcher, size=space.configurations)
         if space.max_concurrent is not None:
             return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
         return searcher
