@@ -7,8 +7,10 @@ against the table: a configuration it samples gets the outcome of the nearest me
 key's own scale: log for keys whose grid values are spaced geometrically). The samplers search the box the grid
 discretises: each grid value stands for its cell, from halfway to its lower neighbour to halfway to its upper one
 (the outer cells as wide as their inner halves), so every grid point has the same share of the box and uniform
-random sampling draws the grid's points with equal chances. Replays cost no training, so every algorithm runs
-with 10 seeds.
+random sampling draws the grid's points with equal chances. As in a sweep
+(:class:`workflows.distinct.DistinctConfigurations`), no grid point runs twice: a sampler that proposes a measured
+point again is told its outcome and asked again (``--repeats`` counts such proposals as trials instead). Replays
+cost no training, so every algorithm runs with 10 seeds.
 
 Algorithms: ``grid`` (the measured grid in a random order per seed), ``random`` (Optuna's RandomSampler), and
 Optuna's multi-objective samplers ``tpe`` (TPESampler, what ``algorithm: optuna`` uses) and ``nsga2``
@@ -228,15 +230,26 @@ def _optuna_sampler(name: str, seed: int):
     return optuna_sampler(spec, seed)
 
 
-def _run_optuna(table: Table, name: str, seed: int, budget: int) -> list[dict[str, Any]]:
+def _run_optuna(table: Table, name: str, seed: int, budget: int, distinct: bool = True) -> list[dict[str, Any]]:
+    """The trials an Optuna sampler runs against the table, in order.
+
+    ``distinct``: as the sweep does (:class:`workflows.distinct.DistinctConfigurations`), a grid point already
+    measured is not run again: the sampler is told its outcome and asked again, and the search ends when it offers
+    nothing new ``DEFAULT_PATIENCE`` times in a row, or when every grid point ran. Otherwise each suggestion is a
+    trial, repeats included.
+    """
     import optuna
     from optuna.trial import TrialState
+
+    from workflows.distinct import DEFAULT_PATIENCE
 
     distributions = {key: table.distribution(key) for key in table.keys}
     directions = ["maximize" if mode == "max" else "minimize" for _, mode in table.objectives]
     study = optuna.create_study(directions=directions, sampler=_optuna_sampler(name, seed))
-    rows = []
-    for _ in range(budget):
+    rows: list[dict[str, Any]] = []
+    ran: set[int] = set()
+    in_a_row = 0
+    while len(rows) < budget and len(ran) < len(table.trials):
         trial = study.ask(distributions)
         row = table.outcome(trial.params)
         point = table.point(row)
@@ -244,6 +257,14 @@ def _run_optuna(table: Table, name: str, seed: int, budget: int) -> list[dict[st
             study.tell(trial, [point[metric] for metric, _ in table.objectives])
         else:
             study.tell(trial, state=TrialState.FAIL)
+        if distinct and id(row) in ran:
+            in_a_row += 1
+            if in_a_row >= DEFAULT_PATIENCE:
+                break
+            continue
+        in_a_row = 0
+        if distinct:
+            ran.add(id(row))
         rows.append(row)
     return rows
 
@@ -254,14 +275,17 @@ def _run_grid(table: Table, seed: int, budget: int) -> list[dict[str, Any]]:
     return order[:budget]
 
 
-def replay(table: Table, sampler: str, seeds: int, budget: int) -> list[list[float]]:
-    """Hypervolume after each trial, one list per seed (the dense baseline counts from the start, as in a sweep)."""
+def replay(table: Table, sampler: str, seeds: int, budget: int, distinct: bool = True) -> list[list[float]]:
+    """Hypervolume after each of ``budget`` trials, one list per seed (the dense baseline counts from the start, as
+    in a sweep); a search that ends sooner keeps its last value."""
     curves = []
     for seed in range(seeds):
-        rows = _run_grid(table, seed, budget) if sampler == "grid" else _run_optuna(table, sampler, seed, budget)
+        rows = (_run_grid(table, seed, budget) if sampler == "grid"
+                else _run_optuna(table, sampler, seed, budget, distinct))
         start = [table.point(r) for r in table.baseline]
         curve = hypervolume_progress(start + [table.point(r) for r in rows], table.objectives, table.reference)
-        curves.append(curve[len(start):])
+        curve = curve[len(start):] or [hypervolume(start, table.objectives, table.reference)]
+        curves.append(curve + [curve[-1]] * (budget - len(curve)))
     return curves
 
 
@@ -381,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                              "start the model after N random trials (Optuna's default: 10)")
     parser.add_argument("--smooth", action="store_true",
                         help="replay the table's additive fit (no noise, no interactions) instead of its outcomes")
+    parser.add_argument("--repeats", action="store_true",
+                        help="count a sampler's repeated grid points as trials (the sweep runs each configuration "
+                             "once)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="draw the median curves here (PNG)")
     args = parser.parse_args(argv)
@@ -408,9 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     curves: dict[str, list[list[float]]] = {}
     for name in samplers:
         started = time.time()
-        curves[name] = replay(table, name, args.seeds, min(budget, len(table.trials)) if name == "grid" else budget)
-        if name == "grid":  # the grid is done after its last trial: its hypervolume stays
-            curves[name] = [run + [run[-1]] * (budget - len(run)) for run in curves[name]]
+        curves[name] = replay(table, name, args.seeds, budget, distinct=not args.repeats)
         logger.info("replayed %s: %d seeds x %d trials in %.1f s", name, args.seeds, budget, time.time() - started)
     results = report(table, curves, budget, args.plot)
     if args.json:

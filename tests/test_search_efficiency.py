@@ -80,6 +80,7 @@ def test_an_optuna_replay_only_sees_measured_outcomes(bench):
     table = make_table(bench, smooth)
     rows = bench._run_optuna(table, "tpe:4", seed=0, budget=12)
     assert len(rows) == 12 and all(any(row is trial for trial in table.trials) for row in rows)
+    assert len({id(row) for row in rows}) == 12  # as in a sweep, no grid point runs twice
     with pytest.raises(ValueError, match="unknown sampler"):
         bench._optuna_sampler("cmaes", seed=0)
 
@@ -107,3 +108,30 @@ def test_the_smoothed_table_is_the_additive_fit(bench):
             for r in table.smoothed().trials}
     assert fits[(0.5, 64.0, 0.0)] < interacting(0.5, 64.0, 0.0) - 10  # the lucky cell is no longer an outlier
     assert table.smoothed().baseline == table.baseline
+
+
+def test_a_replay_runs_each_grid_point_once_unless_asked_to_count_repeats(bench):
+    """A random sampler over 48 cells repeats cells within a few dozen draws; the sweep would not run them."""
+    table = make_table(bench, smooth)
+    once = bench._run_optuna(table, "random", seed=0, budget=200)
+    assert len(once) == len(table.trials) and len({id(r) for r in once}) == len(table.trials)
+    counted = bench._run_optuna(table, "random", seed=0, budget=200, distinct=False)
+    assert len(counted) == 200 and len({id(r) for r in counted}) < 200
+    # Every cell ran: the curve reaches the grid's volume and stays there to the budget's end.
+    (curve,) = bench.replay(table, "random", seeds=1, budget=60)
+    assert len(curve) == 60 and curve[-1] == pytest.approx(table.grid_hypervolume())
+    assert bench.trials_to_reach(curve, table.grid_hypervolume()) <= len(table.trials)
+
+
+def test_a_replay_ends_when_the_sampler_offers_only_repeats(bench, monkeypatch):
+    """A sampler stuck on one cell: the search ends after DEFAULT_PATIENCE repeats in a row, as the sweep's does."""
+    import optuna
+
+    class Stuck(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, name, distribution):
+            return distribution.low
+
+    table = make_table(bench, smooth)
+    monkeypatch.setattr(bench, "_optuna_sampler", lambda name, seed: Stuck(seed=seed))
+    rows = bench._run_optuna(table, "stuck", seed=0, budget=10)
+    assert len(rows) == 1
