@@ -1,8 +1,8 @@
 """One trial per configuration: a searcher wrapper that never runs a configuration twice.
 
 A model-based sampler over a discrete space (``choice``, ``grid``-like ladders, ``randint``) suggests configurations
-it has already seen, more so as it converges: on a 48-configuration space TPE asked for a repeat in most of its
-suggestions after a few dozen trials (bench/RESULTS.md, "One trial per configuration"). Each repeat would be a whole
+it has already seen, more so as it converges: of 200 TPE suggestions over a 48-configuration space, 34.5 were
+distinct (median of 10 seeds; bench/RESULTS.md, "One trial per configuration"). Each repeat would be a whole
 training run whose outcome the sweep already has. :class:`DistinctConfigurations` answers a repeated suggestion
 with the result its configuration already has (or, while that trial still runs, with the result it will have) and
 asks the sampler again, so every trial a sweep spends is a configuration it has not measured.
