@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+from test_space import BASE_SPACE
 
 from workflows.distinct import DistinctConfigurations, configuration_key
 from workflows.space import load_space, param_space, search_algorithm
@@ -20,16 +22,22 @@ DISCRETE = {"target_density": {"type": "choice", "values": [0.3, 0.5]},
 
 
 def _space(tmp_path: Path, search: dict, **top) -> Path:
-    values = {
-        "base": {"model_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                                  "intermediate_size": 64, "max_position_embeddings": 128},
-                 "train_data": "dev", "train_limit": 8, "eval_data": "dev", "eval_limit": 4, "max_seq_length": 64,
-                 "doc_stride": 32, "max_steps": 10, "eval_every": 5, "method": "topk", "attention_block": [16, 16],
-                 "device": "cpu"},
-        "search": search, "sampler": {"type": "random"}, "seed": 3, **top}
+    """The tiny space of test_space.py with these searched keys, a random sampler and a fixed seed."""
+    values = {**copy.deepcopy(BASE_SPACE), "search": search, "sampler": {"type": "random"}, "seed": 3, **top}
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(values, sort_keys=False))
     return path
+
+
+def _one_configuration(tmp_path: Path, patience: int) -> tuple[DistinctConfigurations, OptunaSearch]:
+    """A wrapper that is not told its space has a single configuration, ready to suggest."""
+    space = load_space(_space(tmp_path, {"target_density": {"type": "choice", "values": [0.4]},
+                                         "temperature": {"type": "choice", "values": [2]}}))
+    inner = OptunaSearch(metric=["f1", "linear_density"], mode=["max", "min"],
+                         sampler=optuna.samplers.RandomSampler(seed=0))
+    alg = DistinctConfigurations(inner, size=None, patience=patience)
+    alg.set_search_properties(None, None, param_space(space))
+    return alg, inner
 
 
 def _outcome(config: dict) -> dict:
@@ -79,12 +87,7 @@ def test_a_repeat_of_a_running_configuration_waits_for_its_result(tmp_path):
     """One configuration in a space the wrapper is not told is finite: while its trial runs, repeats wait for the
     trial's result (the searcher says 'nothing now', not 'finished'); once the trial ends they all get it, and
     the search ends when the sampler offers nothing new ``patience`` times in a row."""
-    space = load_space(_space(tmp_path, {"target_density": {"type": "choice", "values": [0.4]},
-                                         "temperature": {"type": "choice", "values": [2]}}))
-    inner = OptunaSearch(metric=["f1", "linear_density"], mode=["max", "min"],
-                         sampler=optuna.samplers.RandomSampler(seed=0))
-    alg = DistinctConfigurations(inner, size=None, patience=5)
-    alg.set_search_properties(None, None, param_space(space))
+    alg, inner = _one_configuration(tmp_path, patience=5)
     config = alg.suggest("only")
     assert config == {"target_density": 0.4, "temperature": 2}
     assert alg.suggest("second") is None and alg.repeats == 5
@@ -97,12 +100,7 @@ def test_a_repeat_of_a_running_configuration_waits_for_its_result(tmp_path):
 
 
 def test_a_failed_configuration_is_not_run_again(tmp_path):
-    space = load_space(_space(tmp_path, {"target_density": {"type": "choice", "values": [0.4]},
-                                         "temperature": {"type": "choice", "values": [2]}}))
-    inner = OptunaSearch(metric=["f1", "linear_density"], mode=["max", "min"],
-                         sampler=optuna.samplers.RandomSampler(seed=0))
-    alg = DistinctConfigurations(inner, size=None, patience=3)
-    alg.set_search_properties(None, None, param_space(space))
+    alg, inner = _one_configuration(tmp_path, patience=3)
     assert alg.suggest("only") is not None
     alg.on_trial_complete("only", None, error=True)
     assert alg.suggest("again") == Searcher.FINISHED
