@@ -137,7 +137,7 @@ def world():
     space = yaml.safe_load((REPO / "tune_spaces" / "smoke.yaml").read_text())
     space.update(max_failures=1, scheduler=None)  # every trial runs to its end; one retry after a lost worker
     spaces = {}
-    # A's trials report every 3 of 12 steps, so that one killed after its first report has most of its work ahead.
+    # A's trials report every 3 of 12 steps: one killed after its first or second report has half its work ahead.
     for name, values in (("a", {"num_samples": 4, "base": {**space["base"], "max_steps": 12}}),
                          ("b", {"num_samples": 6})):
         spaces[name] = root / f"smoke_{name}.yaml"
@@ -256,14 +256,19 @@ def test_sweeps_survive_killed_trials_killed_drivers_and_tracking_outages(world)
     _wait_until(lambda: _sweeps(world), 300, "sweep A's parent run", alive=driver)
     parent_a = _sweeps(world)[0].info.run_id
 
-    def first_report():  # a trial that reported once (step 3 of 12, with a checkpoint) and is still running
+    def first_report():  # a running trial with a checkpoint and at least half its work ahead (step 3 or 6 of 12)
         for run in _trials(world, parent_a):
             tags, metrics = run.data.tags, run.data.metrics
-            if run.info.status == "RUNNING" and metrics.get("step") == 3 and tags.get("fineprune.pid"):
+            if run.info.status == "RUNNING" and metrics.get("step") in (3, 6) and tags.get("fineprune.pid"):
                 return run
         return None
 
-    victim = _wait_until(first_report, 300, "a trial's first report", poll=0.2, alive=driver)
+    try:
+        victim = _wait_until(first_report, 300, "a trial's first report", poll=0.2, alive=driver)
+    except AssertionError as err:  # say what the trials did meanwhile
+        steps = {r.data.tags.get("fineprune.trial_id"): (r.info.status, [m.step for m in client.get_metric_history(
+            r.info.run_id, "step")]) for r in _trials(world, parent_a)}
+        raise AssertionError(f"{err}; the trials' statuses and reported steps: {steps}") from None
     victim_pid = int(victim.data.tags["fineprune.pid"])
     os.kill(victim_pid, signal.SIGKILL)
     killed_at = time.time()
