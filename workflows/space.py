@@ -873,8 +873,8 @@ def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = Non
     * ``optuna``: ``OptunaSearch`` with every objective (multi-objective when there are several) and the space's
       ``sampler`` (:func:`optuna_sampler`: TPE unless the space names another, seeded), wrapped in
       :class:`~workflows.distinct.DistinctConfigurations` (no configuration runs twice; a repeated suggestion is told
-      the result its configuration has) and in a ``ConcurrencyLimiter`` when ``max_concurrent`` is set. Optuna is told each trial's last reported result, so
-      the objectives must be in the trial's final report.
+      the result its configuration has) and in a ``ConcurrencyLimiter`` when ``max_concurrent`` is set. Optuna is
+      told each trial's last reported result, so the objectives must be in the trial's final report.
     * ``random`` / ``grid``: ``BasicVariantGenerator`` (seeded), which limits concurrency itself.
 
     Args:

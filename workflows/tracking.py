@@ -30,10 +30,10 @@ from workflows.frontier import hypervolume_progress
 from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMOVED, HYPERVOLUME, HYPERVOLUME_COMPUTE,
                               KIND_BASELINE, KIND_SWEEP, KIND_TRIAL, LINEAR_DENSITY, PARAM_SEARCHED, SPEEDUP,
                               STATUS_FAILED, STATUS_FINISHED, STATUS_INTERRUPTED, STATUS_ORPHANED,
-                              STATUS_STOPPED_EARLY, STEP, SWEEP_COMPLETE, SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_ERROR,
-                              TAG_ERROR_FILE, TAG_KIND, TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT,
-                              TAG_PID, TAG_PRECISION, TAG_RETRIES, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP,
-                              TAG_SWEEP_STATE, TAG_CONFIGURATION, TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY,
+                              STATUS_STOPPED_EARLY, STEP, SWEEP_COMPLETE, SWEEP_INTERRUPTED, SWEEP_RUNNING,
+                              TAG_CONFIGURATION, TAG_ERROR, TAG_ERROR_FILE, TAG_KIND, TAG_MODEL_DIR, TAG_NODE,
+                              TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION, TAG_RETRIES, TAG_RUN_NAME,
+                              TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE, TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY,
                               flat_params)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, is_transient,
                              quick_http_failures)
