@@ -9,8 +9,9 @@ discretises: each grid value stands for its cell, from halfway to its lower neig
 (the outer cells as wide as their inner halves), so every grid point has the same share of the box and uniform
 random sampling draws the grid's points with equal chances. As in a sweep
 (:class:`workflows.distinct.DistinctConfigurations`), no grid point runs twice: a sampler that proposes a measured
-point again is told its outcome and asked again (``--repeats`` counts such proposals as trials instead). Replays
-cost no training, so every algorithm runs with 10 seeds.
+point again is told its outcome, and the next trial is the nearest grid point not yet run (``--ask-again`` asks the
+sampler again instead; ``--repeats`` counts such proposals as trials). Replays cost no training, so every algorithm
+runs with 10 seeds.
 
 Algorithms: ``grid`` (the measured grid in a random order per seed), ``random`` (Optuna's RandomSampler), and
 Optuna's multi-objective samplers ``tpe`` (TPESampler, what ``algorithm: optuna`` uses) and ``nsga2``
@@ -34,6 +35,7 @@ import json
 import logging
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -185,6 +187,15 @@ class Table:
             return min(values, key=lambda v: abs(math.log(v) - math.log(coordinate)))
         return min(values, key=lambda v: abs(v - coordinate))
 
+    def cell(self, row: dict[str, Any]) -> dict[str, float]:
+        """A row's grid point: searched key -> grid value."""
+        return {key: row[key] for key in self.keys}
+
+    def coordinates(self, cell: dict[str, float]) -> dict[str, float]:
+        """A grid point in the samplers' coordinates (its rank for a key searched by rank)."""
+        return {key: float(self.values[key].index(cell[key])) if self.scale[key] == "index" else cell[key]
+                for key in self.keys}
+
     def outcome(self, params: dict[str, float]) -> dict[str, Any]:
         """The measured trial nearest to ``params`` (coordinates in each key's search scale)."""
         return self._index[tuple(self._snap(key, params[key]) for key in self.keys)]
@@ -230,24 +241,28 @@ def _optuna_sampler(name: str, seed: int):
     return optuna_sampler(spec, seed)
 
 
-def _run_optuna(table: Table, name: str, seed: int, budget: int, distinct: bool = True) -> list[dict[str, Any]]:
+def _run_optuna(table: Table, name: str, seed: int, budget: int, distinct: bool = True,
+                steer: bool = True) -> list[dict[str, Any]]:
     """The trials an Optuna sampler runs against the table, in order.
 
     ``distinct``: as the sweep does (:class:`workflows.distinct.DistinctConfigurations`), a grid point already
-    measured is not run again: the sampler is told its outcome and asked again, and the search ends when it offers
-    nothing new ``DEFAULT_PATIENCE`` times in a row, or when every grid point ran. Otherwise each suggestion is a
-    trial, repeats included.
+    measured is not run again: the sampler is told its outcome and, with ``steer``, told to suggest next the nearest
+    grid point not yet run (:func:`workflows.distinct.nearest_untried`); without, it is asked again, and the search
+    ends when it offers nothing new ``DEFAULT_PATIENCE`` times in a row. Either way it ends when every grid point
+    ran. Otherwise each suggestion is a trial, repeats included.
     """
     import optuna
     from optuna.trial import TrialState
 
-    from workflows.distinct import DEFAULT_PATIENCE
+    from workflows.distinct import DEFAULT_PATIENCE, configuration_key, nearest_untried
 
     distributions = {key: table.distribution(key) for key in table.keys}
     directions = ["maximize" if mode == "max" else "minimize" for _, mode in table.objectives]
     study = optuna.create_study(directions=directions, sampler=_optuna_sampler(name, seed))
+    ladders = {key: table.values[key] for key in table.keys}
+    rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
-    ran: set[int] = set()
+    ran: set[str] = set()
     in_a_row = 0
     while len(rows) < budget and len(ran) < len(table.trials):
         trial = study.ask(distributions)
@@ -257,14 +272,18 @@ def _run_optuna(table: Table, name: str, seed: int, budget: int, distinct: bool 
             study.tell(trial, [point[metric] for metric, _ in table.objectives])
         else:
             study.tell(trial, state=TrialState.FAIL)
-        if distinct and id(row) in ran:
+        key = configuration_key(table.cell(row))
+        if distinct and key in ran:
             in_a_row += 1
             if in_a_row >= DEFAULT_PATIENCE:
                 break
+            nearest = nearest_untried(table.cell(row), ladders, ran, rng) if steer else None
+            if nearest is not None:
+                study.enqueue_trial(table.coordinates(nearest))
             continue
         in_a_row = 0
         if distinct:
-            ran.add(id(row))
+            ran.add(key)
         rows.append(row)
     return rows
 
@@ -275,13 +294,14 @@ def _run_grid(table: Table, seed: int, budget: int) -> list[dict[str, Any]]:
     return order[:budget]
 
 
-def replay(table: Table, sampler: str, seeds: int, budget: int, distinct: bool = True) -> list[list[float]]:
+def replay(table: Table, sampler: str, seeds: int, budget: int, distinct: bool = True,
+           steer: bool = True) -> list[list[float]]:
     """Hypervolume after each of ``budget`` trials, one list per seed (the dense baseline counts from the start, as
     in a sweep); a search that ends sooner keeps its last value."""
     curves = []
     for seed in range(seeds):
         rows = (_run_grid(table, seed, budget) if sampler == "grid"
-                else _run_optuna(table, sampler, seed, budget, distinct))
+                else _run_optuna(table, sampler, seed, budget, distinct, steer))
         start = [table.point(r) for r in table.baseline]
         curve = hypervolume_progress(start + [table.point(r) for r in rows], table.objectives, table.reference)
         curve = curve[len(start):] or [hypervolume(start, table.objectives, table.reference)]
@@ -408,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", action="store_true",
                         help="count a sampler's repeated grid points as trials (the sweep runs each configuration "
                              "once)")
+    parser.add_argument("--ask-again", action="store_true",
+                        help="answer a repeated grid point by asking the sampler again, not with the nearest grid "
+                             "point not yet run")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="draw the median curves here (PNG)")
     args = parser.parse_args(argv)
@@ -435,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     curves: dict[str, list[list[float]]] = {}
     for name in samplers:
         started = time.time()
-        curves[name] = replay(table, name, args.seeds, budget, distinct=not args.repeats)
+        curves[name] = replay(table, name, args.seeds, budget, distinct=not args.repeats, steer=not args.ask_again)
         logger.info("replayed %s: %d seeds x %d trials in %.1f s", name, args.seeds, budget, time.time() - started)
     results = report(table, curves, budget, args.plot)
     if args.json:

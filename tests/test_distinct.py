@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 from pathlib import Path
 
 import optuna
@@ -14,7 +15,8 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from test_space import BASE_SPACE
 
-from workflows.distinct import DistinctConfigurations, configuration_key
+from workflows.distinct import (DistinctConfigurations, EnqueueingOptunaSearch, configuration_key, nearest_untried,
+                                snap)
 from workflows.space import load_space, param_space, search_algorithm
 
 DISCRETE = {"target_density": {"type": "choice", "values": [0.3, 0.5]},
@@ -156,6 +158,83 @@ def test_a_tune_run_over_a_small_discrete_space_runs_each_configuration_once(tmp
     assert not results.errors and len(configs) == 4
     assert {configuration_key(c) for c in configs} == {
         configuration_key({"target_density": d, "temperature": t}) for d in (0.3, 0.5) for t in (2, 8)}
+
+
+LADDERS = {"a": [1, 2, 3, 4], "b": ["x", "y"]}
+
+
+def _keys(*configs: tuple) -> set[str]:
+    return {configuration_key({"a": a, "b": b}) for a, b in configs}
+
+
+def test_the_nearest_untried_configuration_counts_steps_along_the_ladders():
+    """Numbers count one per step of their sorted values, other values one when they differ; ties go to the rng."""
+    rng = random.Random(0)
+    here = {"a": 2, "b": "x"}
+    found = {configuration_key(nearest_untried(here, LADDERS, _keys((2, "x")), rng)) for _ in range(30)}
+    assert found == _keys((1, "x"), (3, "x"), (2, "y"))  # distance 1, each chosen in turn
+    tried = _keys((2, "x"), (1, "x"), (3, "x"), (2, "y"))
+    assert nearest_untried(here, LADDERS, tried | _keys((1, "y"), (3, "y")), rng) == {"a": 4, "b": "x"}
+    found = {configuration_key(nearest_untried(here, LADDERS, tried, rng)) for _ in range(30)}
+    assert found == _keys((4, "x"), (1, "y"), (3, "y"))  # distance 2
+    assert nearest_untried({"a": 2.4, "b": "x"}, LADDERS, _keys((2, "x")), rng)["a"] in (1, 2, 3)  # 2.4 sits at 2
+    every = _keys(*[(a, b) for a in LADDERS["a"] for b in LADDERS["b"]])
+    assert nearest_untried(here, LADDERS, every, rng) is None
+    assert nearest_untried(here, LADDERS, set(), rng, limit=7) is None  # 8 configurations: too many to enumerate
+
+
+def test_a_sampler_rounding_a_value_differently_still_names_the_same_configuration():
+    ladders = {"alpha_distil": [0.5, 0.6, 0.7], "block": [[32, 32], [32, 384]]}
+    assert snap({"alpha_distil": 0.7000000000000001, "block": [32, 384]}, ladders) == {"alpha_distil": 0.7,
+                                                                                       "block": [32, 384]}
+
+
+def test_the_space_lists_each_finite_keys_values(tmp_path):
+    search = {"target_density": {"type": "choice", "values": [0.5, 0.3, 0.1]},
+              "topk_scope": {"type": "choice", "values": ["per_matrix", "global"]},
+              "calibration_samples": {"type": "randint", "low": 16, "high": 18},
+              "alpha_distil": {"type": "quniform", "low": 0.5, "high": 0.9, "q": 0.1}}
+    assert load_space(_space(tmp_path, search)).ladders == {
+        "target_density": (0.1, 0.3, 0.5), "topk_scope": ("per_matrix", "global"),
+        "calibration_samples": (16, 17, 18), "alpha_distil": (0.5, 0.6, 0.7, 0.8, 0.9)}
+    continuous = {**search, "temperature": {"type": "uniform", "low": 1, "high": 8}}
+    assert load_space(_space(tmp_path, continuous)).ladders is None
+
+
+def test_a_sampler_sure_of_one_configuration_is_steered_outwards_from_it(tmp_path):
+    """A sampler that only ever proposes the centre of a 3 x 3 space: the centre runs, then the untried configuration
+    nearest to it each time, four at one step and then the four corners, until the space is used up; each ran once
+    and the sampler's study holds every result."""
+    space = load_space(_space(tmp_path, {"target_density": {"type": "choice", "values": [0.3, 0.5, 0.7]},
+                                         "temperature": {"type": "choice", "values": [2, 4, 8]}}))
+    centre = {"target_density": 0.5, "temperature": 4}
+    sampler = optuna.samplers.PartialFixedSampler(centre, optuna.samplers.RandomSampler(seed=0))
+    inner = EnqueueingOptunaSearch(metric=["f1", "linear_density"], mode=["max", "min"], sampler=sampler)
+    alg = DistinctConfigurations(inner, ladders=space.ladders, seed=1)
+    assert alg.size == 9
+    alg.set_search_properties(None, None, param_space(space))
+    ran = []
+    while (config := alg.suggest(f"t{len(ran)}")) != Searcher.FINISHED:
+        assert config is not None
+        ran.append(config)
+        alg.on_trial_complete(f"t{len(ran) - 1}", _outcome(config))
+    steps = [abs([0.3, 0.5, 0.7].index(c["target_density"]) - 1) + abs([2, 4, 8].index(c["temperature"]) - 1)
+             for c in ran]
+    assert steps == [0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert len({configuration_key(c) for c in ran}) == 9 and alg.steered == 8 and alg.repeats == 8
+    completed = [t for t in inner._ot_study.trials if t.state == TrialState.COMPLETE]
+    assert len(completed) == 9 + 8  # each configuration, and each repeat told the centre's result
+    assert all(t.values == [_outcome(t.params)["f1"], _outcome(t.params)["linear_density"]] for t in completed)
+
+
+def test_a_sweep_over_a_finite_space_is_steered(tmp_path):
+    space = load_space(_space(tmp_path, DISCRETE))
+    alg = search_algorithm(space)
+    assert isinstance(alg.searcher, EnqueueingOptunaSearch) and alg.ladders == {
+        "target_density": [0.3, 0.5], "temperature": [2, 8]}
+    continuous = load_space(_space(tmp_path, {**DISCRETE, "alpha_distil": {"type": "uniform", "low": 0.5,
+                                                                             "high": 0.9}}))
+    assert search_algorithm(continuous).ladders is None
 
 
 @pytest.mark.parametrize("size,patience", [(0, 5), (None, 0)])

@@ -123,8 +123,10 @@ def test_a_replay_runs_each_grid_point_once_unless_asked_to_count_repeats(bench)
     assert bench.trials_to_reach(curve, table.grid_hypervolume()) <= len(table.trials)
 
 
-def test_a_replay_ends_when_the_sampler_offers_only_repeats(bench, monkeypatch):
-    """A sampler stuck on one cell: the search ends after DEFAULT_PATIENCE repeats in a row, as the sweep's does."""
+def test_a_sampler_stuck_on_one_cell_is_steered_outwards_or_stops(bench, monkeypatch):
+    """A sampler stuck on one cell: as in a sweep, each repeat is followed by the nearest cell not yet run (steps
+    along each key's grid values), until the budget is spent; asked again instead, the search ends after
+    DEFAULT_PATIENCE repeats in a row."""
     import optuna
 
     class Stuck(optuna.samplers.RandomSampler):
@@ -134,4 +136,6 @@ def test_a_replay_ends_when_the_sampler_offers_only_repeats(bench, monkeypatch):
     table = make_table(bench, smooth)
     monkeypatch.setattr(bench, "_optuna_sampler", lambda name, seed: Stuck(seed=seed))
     rows = bench._run_optuna(table, "stuck", seed=0, budget=10)
-    assert len(rows) == 1
+    steps = [sum(table.values[key].index(row[key]) for key in table.keys) for row in rows]  # from the low corner
+    assert len({id(r) for r in rows}) == 10 and steps == sorted(steps) and steps[:4] == [0, 1, 1, 1]
+    assert len(bench._run_optuna(table, "stuck", seed=0, budget=10, steer=False)) == 1

@@ -29,11 +29,10 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
 from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict, read_yaml
 from pruning.schedules import warmup_steps
-from workflows.distinct import DistinctConfigurations
+from workflows.distinct import DistinctConfigurations, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
 from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, RegistrySpec
 
@@ -327,6 +326,17 @@ class ParamSpec(_Section):
             return int(self.high) - int(self.low) + 1
         if self.type == "quniform":
             return int(round((self.high - self.low) / self.q)) + 1
+        return None
+
+    def ladder(self) -> tuple[Any, ...] | None:
+        """Every value a trial can get (numbers in ascending order); None for a continuous range."""
+        if self.values is not None:
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.values)
+            return tuple(sorted(self.values)) if numeric else self.values
+        if self.type == "randint":
+            return tuple(range(int(self.low), int(self.high) + 1))
+        if self.type == "quniform":
+            return tuple(round(self.low + i * self.q, 12) for i in range(self.size()))
         return None
 
     def to_tune(self, enumerate_choices: bool = False) -> Any:
@@ -699,6 +709,12 @@ class SweepSpace(_Section):
         return None if None in sizes else math.prod(sizes)
 
     @property
+    def ladders(self) -> dict[str, tuple[Any, ...]] | None:
+        """Every value of each searched key (:meth:`ParamSpec.ladder`); None when a key is continuous."""
+        ladders = {key: spec.ladder() for key, spec in self.search.items()}
+        return None if any(v is None for v in ladders.values()) else ladders
+
+    @property
     def search_seed(self) -> int:
         """The seed handed to the search algorithm's sampler."""
         return self.seed if self.seed is not None else self.base_config.seed
@@ -873,8 +889,9 @@ def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = Non
     * ``optuna``: ``OptunaSearch`` with every objective (multi-objective when there are several) and the space's
       ``sampler`` (:func:`optuna_sampler`: TPE unless the space names another, seeded), wrapped in
       :class:`~workflows.distinct.DistinctConfigurations` (no configuration runs twice; a repeated suggestion is told
-      the result its configuration has) and in a ``ConcurrencyLimiter`` when ``max_concurrent`` is set. Optuna is
-      told each trial's last reported result, so the objectives must be in the trial's final report.
+      the result its configuration has and, in a finite space, followed by the nearest untried configuration) and
+      in a ``ConcurrencyLimiter`` when ``max_concurrent`` is set. Optuna is told each trial's last reported result,
+      so the objectives must be in the trial's final report.
     * ``random`` / ``grid``: ``BasicVariantGenerator`` (seeded), which limits concurrency itself.
 
     Args:
@@ -899,10 +916,11 @@ def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = Non
         modes = [mode for _, mode in space.objectives]
         sampler = optuna_sampler(space.sampler, space.search_seed)
         if len(metrics) == 1:
-            searcher = OptunaSearch(metric=metrics[0], mode=modes[0], sampler=sampler)
+            searcher = EnqueueingOptunaSearch(metric=metrics[0], mode=modes[0], sampler=sampler)
         else:
-            searcher = OptunaSearch(metric=metrics, mode=modes, sampler=sampler)
-        searcher = DistinctConfigurations(searcher, size=space.configurations)
+            searcher = EnqueueingOptunaSearch(metric=metrics, mode=modes, sampler=sampler)
+        searcher = DistinctConfigurations(searcher, size=space.configurations, ladders=space.ladders,
+                                          seed=space.search_seed)
         if space.max_concurrent is not None:
             return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
         return searcher
