@@ -208,7 +208,12 @@ def test_a_sampler_sure_of_one_configuration_is_steered_outwards_from_it(tmp_pat
     space = load_space(_space(tmp_path, {"target_density": {"type": "choice", "values": [0.3, 0.5, 0.7]},
                                          "temperature": {"type": "choice", "values": [2, 4, 8]}}))
     centre = {"target_density": 0.5, "temperature": 4}
-    sampler = optuna.samplers.PartialFixedSampler(centre, optuna.samplers.RandomSampler(seed=0))
+
+    class Sure(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, name, distribution):
+            return centre[name]
+
+    sampler = Sure(seed=0)
     inner = EnqueueingOptunaSearch(metric=["f1", "linear_density"], mode=["max", "min"], sampler=sampler)
     alg = DistinctConfigurations(inner, ladders=space.ladders, seed=1)
     assert alg.size == 9
