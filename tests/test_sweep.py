@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -195,3 +196,47 @@ def test_frontier_follows_the_space_objectives(tmp_path):
     assert {name for name, t in tags.items() if t["pareto_speedup"] == "true"} == {"a", "c"}
     assert [row["name"] for row in summary["frontier_speedup"]] == ["a", "c"]
     assert summary["trials"] == 3
+
+
+def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_line(tmp_path):
+    """Six configurations and eight samples asked for: the search ends when all six ran, and the sweep is finished
+    (not 'interrupted', nothing to resume). The command's stdout is its one JSON line: Tune's progress tables and
+    the workers' output go to stderr."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows import record
+
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    space.update(name="finite", scheduler=None, num_samples=8, sampler={"type": "random"},
+                 search={"target_density": {"type": "choice", "values": [0.3, 0.5, 0.7]},
+                         "temperature": {"type": "choice", "values": [1, 4]}})
+    space_path = tmp_path / "finite.yaml"
+    space_path.write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(space_path),
+                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout[:2000]
+    summary = json.loads(lines[0])
+    assert summary["status"] == "finished" and summary["trials"] == 6
+    assert "Configuration for experiment" in proc.stderr  # Tune's table, on stderr
+    assert "the search ended after 6 of 8 trials" in proc.stderr
+    parent = MlflowClient(tracking_uri=uri).get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags[record.TAG_SWEEP_STATE] == record.SWEEP_COMPLETE
+
+
+@pytest.mark.parametrize("statuses,over,complete", [
+    (["TERMINATED"] * 4, None, True),                     # all the samples asked for
+    (["TERMINATED"] * 3, None, False),                    # stopped short: resumable
+    (["TERMINATED"] * 3, "exhausted", True),              # the space had three configurations
+    (["TERMINATED"] * 3, "converged", True),              # the sampler had nothing new
+    (["TERMINATED", "ERROR", "TERMINATED"], "exhausted", False),  # a failed trial: resume retries it
+    ([], "exhausted", False),
+])
+def test_a_sweep_is_complete_when_every_trial_ended_and_the_search_did(statuses, over, complete):
+    from workflows.sweep import sweep_complete
+
+    assert sweep_complete(statuses, 4, over) is complete

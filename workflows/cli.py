@@ -12,13 +12,14 @@ them, so that ``fineprune --help`` and light commands such as ``score`` start at
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 from workflows.record import RUNTIMES
 from workflows.retry import TrackingUnavailable
@@ -74,10 +75,16 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+# Where results go: the process's stdout, while everything else a command prints (Ray Tune's progress tables, the
+# workers' output Ray forwards, any library's print) is sent to stderr by main().
+_results: TextIO | None = None
+
+
 def _emit(values: dict[str, Any]) -> None:
-    """The command's result, as one strict JSON line on stdout (the last line)."""
-    sys.stdout.write(json.dumps(_plain(values), sort_keys=True, allow_nan=False) + "\n")
-    sys.stdout.flush()
+    """The command's result, as one strict JSON line on stdout (the only line)."""
+    stream = _results or sys.stdout
+    stream.write(json.dumps(_plain(values), sort_keys=True, allow_nan=False) + "\n")
+    stream.flush()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -457,8 +464,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    global _results
+    _results = sys.stdout
     try:
-        return int(args.func(args) or 0)
+        with contextlib.redirect_stdout(sys.stderr):
+            return int(args.func(args) or 0)
     except TrackingUnavailable as err:  # the environment, not the input: exit 1, still one line
         sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
         return 1
@@ -467,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
         return 2
+    finally:
+        _results = None
 
 
 if __name__ == "__main__":  # pragma: no cover

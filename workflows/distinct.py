@@ -131,6 +131,9 @@ class DistinctConfigurations(Searcher):
 
     Attributes:
         repeats: how many suggestions were repeats, answered without a trial.
+        over: None while the search goes on; ``"exhausted"`` once every configuration of the space has run (or
+            runs), ``"converged"`` once the sampler offered only repeats ``patience`` times in a row. Either way
+            the sweep is complete with fewer trials than it asked for.
     """
 
     def __init__(self, searcher: Searcher, size: int | None = None, patience: int = DEFAULT_PATIENCE,
@@ -149,7 +152,8 @@ class DistinctConfigurations(Searcher):
         self.ladders = None if ladders is None else {k: list(v) for k, v in ladders.items()}
         self.rng = random.Random(seed)
         self.repeats = 0
-        self.steered = 0  # configurations run because they were nearest to a repeat
+        self.steered = 0  # untried configurations the searcher was told to suggest next, each after a repeat
+        self.over: str | None = None  # why the search ended: "exhausted" (every configuration ran) or "converged"
         self._live: dict[str, str] = {}  # trial id -> configuration key of a trial that runs
         self._inner: dict[str, str] = {}  # trial id -> the id the wrapped searcher knows its suggestion by
         self._results: dict[str, dict[str, Any] | None] = {}  # configuration key -> last result (None: it failed)
@@ -173,6 +177,7 @@ class DistinctConfigurations(Searcher):
         for attempt in range(self.patience):
             if self.size is not None and len(self._results) + len(self._live) >= self.size:
                 logger.info("every one of the space's %d configurations has run: the search is over", self.size)
+                self.over = "exhausted"
                 return Searcher.FINISHED
             inner_id = trial_id if attempt == 0 else f"{trial_id}~{attempt}"
             config = self.searcher.suggest(inner_id)
@@ -197,6 +202,7 @@ class DistinctConfigurations(Searcher):
             return None
         logger.warning("the searcher suggested only configurations that already ran, %d times in a row: the search "
                        "is over after %d configurations", self.patience, len(self._results))
+        self.over = "converged"
         return Searcher.FINISHED
 
     def _key(self, config: dict[str, Any]) -> str:

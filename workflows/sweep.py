@@ -40,13 +40,14 @@ from pruning.packing import PACK_METRICS, pack_and_verify, save_packed
 from pruning.resources import resolve_data
 from pruning.trainer import evaluate, resolve_device, train
 from workflows import frontier, record, registry, tracking
+from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
 from workflows.retry import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV, TrackingUnavailable, quick_http_failures
 from workflows.space import (EVAL_METRICS, SweepSpace, load_space, param_space, teacher_config, teacher_fingerprint,
                              trial_config, tune_config_kwargs)
 
-__all__ = ["run_sweep", "trial_main", "ensure_teacher", "frontier_summary", "FAULT_ENV", "TRIAL_METRICS",
-           "RayUnavailable", "ResumeError", "RAY_CONNECT_TIMEOUT_S"]
+__all__ = ["run_sweep", "trial_main", "ensure_teacher", "frontier_summary", "sweep_complete", "FAULT_ENV",
+           "TRIAL_METRICS", "RayUnavailable", "ResumeError", "RAY_CONNECT_TIMEOUT_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -330,6 +331,25 @@ def _tuner(space: SweepSpace, trainable: Any, callback: tracking.MlflowTrialCall
                       tune_config=tune.TuneConfig(**tune_config_kwargs(space, TRIAL_METRICS)), run_config=run_config)
 
 
+def _search_over(tuner: tune.Tuner) -> str | None:
+    """Why the sweep's searcher ended the search before ``num_samples`` trials (``DistinctConfigurations.over``:
+    "exhausted", "converged"), or None. The Tuner runs the search algorithm of its config, restored or not."""
+    searcher = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
+    searcher = getattr(searcher, "search_alg", None)
+    while searcher is not None and not isinstance(searcher, DistinctConfigurations):
+        searcher = getattr(searcher, "searcher", None)
+    return None if searcher is None else searcher.over
+
+
+def sweep_complete(statuses: list[str], num_samples: int, search_over: str | None) -> bool:
+    """Whether a sweep whose Tune run returned is complete: every trial ended normally, and either all
+    ``num_samples`` trials ran or the search ended on its own (``search_over``: a finite space used up, or a sampler
+    with nothing new to offer). Otherwise the run was interrupted and can be resumed."""
+    if not all(status == "TERMINATED" for status in statuses):
+        return False
+    return len(statuses) >= num_samples or (search_over is not None and len(statuses) > 0)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The sweep
 # --------------------------------------------------------------------------------------------------------------
@@ -408,12 +428,17 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         trainable = tune.with_parameters(trial_main, space=space, teacher=teacher_dir,
                                          cache_dir=str(storage / "cache"))
         trainable = tune.with_resources(trainable, _tune_resources(space.resources))
+        tuner = _tuner(space, trainable, callback, sweep_dir, storage_root, bool(resume))
         with quick_http_failures():
-            _tuner(space, trainable, callback, sweep_dir, storage_root, bool(resume)).fit()
+            tuner.fit()
         if callback.failure is not None:
             raise callback.failure
-        statuses = list(callback.trial_statuses.values())
-        complete = len(statuses) >= space.num_samples and all(s == "TERMINATED" for s in statuses)
+        statuses, over = list(callback.trial_statuses.values()), _search_over(tuner)
+        complete = sweep_complete(statuses, space.num_samples, over)
+        if complete and len(statuses) < space.num_samples:
+            logger.info("the search ended after %d of %d trials: %s", len(statuses), space.num_samples,
+                        "every configuration of the space ran" if over == "exhausted"
+                        else "the sampler offered only configurations that already ran")
 
         # 4. Frontier, registry, report.
         runs = tracking.trial_runs(client, experiment, parent, include_baseline=True)
