@@ -33,7 +33,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import flatten_dict
 
-__all__ = ["DistinctConfigurations", "EnqueueingOptunaSearch", "configuration_key", "nearest_untried",
+__all__ = ["DistinctConfigurations", "EnqueueingOptunaSearch", "configuration_key", "nearest_untried", "snap",
            "DEFAULT_PATIENCE", "MAX_ENUMERATED"]
 
 logger = logging.getLogger(__name__)
