@@ -226,6 +226,11 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     assert "the search ended after 6 of 8 trials" in proc.stderr
     parent = MlflowClient(tracking_uri=uri).get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags[record.TAG_SWEEP_STATE] == record.SWEEP_COMPLETE
+    search = summary["search"]
+    assert search["over"] == "exhausted" and 0 <= search["steered"] <= search["repeats"]
+    assert parent.data.tags[record.TAG_SEARCH_OVER] == "exhausted"
+    assert parent.data.metrics[record.SEARCH_REPEATS] == search["repeats"]
+    assert parent.data.metrics[record.SEARCH_STEERED] == search["steered"]
 
 
 @pytest.mark.parametrize("statuses,over,complete", [

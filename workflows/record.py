@@ -33,7 +33,8 @@ __all__ = [
     "DEFAULT_TRACKING_URI", "tracking_uri", "RecordError",
     # tags of runs
     "TAG_KIND", "KIND_SWEEP", "KIND_TRIAL", "KIND_BASELINE", "TAG_PARENT", "TAG_RUN_NAME", "TAG_SWEEP",
-    "TAG_SWEEP_STATE", "SWEEP_RUNNING", "SWEEP_INTERRUPTED", "SWEEP_COMPLETE", "TAG_TRIAL", "TAG_STATUS",
+    "TAG_SWEEP_STATE", "SWEEP_RUNNING", "SWEEP_INTERRUPTED", "SWEEP_COMPLETE", "TAG_SEARCH_OVER", "TAG_TRIAL",
+    "TAG_STATUS",
     "STATUS_FINISHED", "STATUS_STOPPED_EARLY", "STATUS_FAILED", "STATUS_INTERRUPTED", "STATUS_ORPHANED", "STATUSES",
     "TAG_PARETO", "TAG_PARETO_SPEED", "FRONTIER_TAGS", "TAG_NODE", "TAG_PID", "TAG_PRECISION", "TAG_RETRIES",
     "TAG_TOOK_OVER",
@@ -46,7 +47,8 @@ __all__ = [
     "flat_params", "params_under", "search_types", "sweep_objectives",
     # metrics
     "EXACT_MATCH", "F1", "LINEAR_DENSITY", "TOTAL_DENSITY", "HEADS_REMOVED", "SPEEDUP", "MAX_LOGIT_DIFF",
-    "PARAMS_AFTER", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "FINAL_METRICS", "EVAL_METRICS",
+    "PARAMS_AFTER", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "SEARCH_REPEATS", "SEARCH_STEERED",
+    "FINAL_METRICS", "EVAL_METRICS",
     "DENSITY_OBJECTIVES", "SPEED_OBJECTIVES",
     # artifacts
     "ARTIFACT_PACKED_MODEL", "ARTIFACT_FRONTIER", "ARTIFACT_FRONTIER_SPEED",
@@ -67,6 +69,7 @@ TAG_RUN_NAME = "mlflow.runName"
 TAG_SWEEP = "fineprune.sweep"  # the sweep's storage path: identifies a sweep across resumes
 TAG_SWEEP_STATE = "fineprune.sweep_state"  # on the parent run: whether `--resume` has work to do
 SWEEP_RUNNING, SWEEP_INTERRUPTED, SWEEP_COMPLETE = "running", "interrupted", "complete"
+TAG_SEARCH_OVER = "fineprune.search_over"  # on the parent run: why the search ended early (exhausted, converged)
 TAG_TRIAL = "fineprune.trial_id"
 TAG_STATUS = "fineprune.status"  # how a trial ended
 STATUS_FINISHED, STATUS_STOPPED_EARLY, STATUS_FAILED = "finished", "stopped_early", "failed"
@@ -116,6 +119,8 @@ STEP = "step"
 LOSS = "loss"
 HYPERVOLUME = "hypervolume"  # on the parent run, step = trials completed
 HYPERVOLUME_COMPUTE = "hypervolume_by_compute_s"  # the same values, step = trial seconds spent so far
+SEARCH_REPEATS = "search_repeats"  # on the parent run: suggestions of configurations that already ran
+SEARCH_STEERED = "search_steered"  # on the parent run: untried configurations run in their place
 # What every finished trial (and the baseline) reports: the metrics a registered version is tagged with.
 FINAL_METRICS = (EXACT_MATCH, F1, LINEAR_DENSITY, TOTAL_DENSITY, HEADS_REMOVED, SPEEDUP)
 # Scalars the trainer reports at every evaluation: the only metrics a scheduler can act on.

@@ -331,14 +331,21 @@ def _tuner(space: SweepSpace, trainable: Any, callback: tracking.MlflowTrialCall
                       tune_config=tune.TuneConfig(**tune_config_kwargs(space, TRIAL_METRICS)), run_config=run_config)
 
 
-def _search_over(tuner: tune.Tuner) -> str | None:
-    """Why the sweep's searcher ended the search before ``num_samples`` trials (``DistinctConfigurations.over``:
-    "exhausted", "converged"), or None. The Tuner runs the search algorithm of its config, restored or not."""
+def _distinct(tuner: tune.Tuner) -> DistinctConfigurations | None:
+    """The sweep's :class:`DistinctConfigurations` (algorithm optuna), as the Tuner ran it, restored or not."""
     searcher = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
     searcher = getattr(searcher, "search_alg", None)
     while searcher is not None and not isinstance(searcher, DistinctConfigurations):
         searcher = getattr(searcher, "searcher", None)
-    return None if searcher is None else searcher.over
+    return searcher
+
+
+def _search_stats(distinct: DistinctConfigurations | None) -> dict[str, Any] | None:
+    """How the search went: repeated suggestions answered without a trial, untried configurations run in their
+    place, and why the search ended early (``over``: "exhausted", "converged", or None)."""
+    if distinct is None:
+        return None
+    return {"repeats": distinct.repeats, "steered": distinct.steered, "over": distinct.over}
 
 
 def sweep_complete(statuses: list[str], num_samples: int, search_over: str | None) -> bool:
@@ -433,7 +440,8 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             tuner.fit()
         if callback.failure is not None:
             raise callback.failure
-        statuses, over = list(callback.trial_statuses.values()), _search_over(tuner)
+        statuses, search = list(callback.trial_statuses.values()), _search_stats(_distinct(tuner))
+        over = search and search["over"]
         complete = sweep_complete(statuses, space.num_samples, over)
         if complete and len(statuses) < space.num_samples:
             logger.info("the search ended after %d of %d trials: %s", len(statuses), space.num_samples,
@@ -449,6 +457,9 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
                                              frontier.reference_point(space.objectives, space.reference_point))
         tracking.log_hypervolume(client, parent, series)
         summary["hypervolume"] = series[-1]["hypervolume"]
+        if search is not None:
+            summary["search"] = search
+            tracking.log_search(client, parent, search)
         summary["frontier_versions"] = registry.register_frontier(client, experiment, parent, space.registry.name,
                                                                 space.registry.onnx)
         summary["champion"] = registry.register_champion(

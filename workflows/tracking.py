@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,13 +29,13 @@ from ray import tune
 
 from workflows.frontier import hypervolume_progress
 from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMOVED, HYPERVOLUME, HYPERVOLUME_COMPUTE,
-                              KIND_BASELINE, KIND_SWEEP, KIND_TRIAL, LINEAR_DENSITY, PARAM_SEARCHED, SPEEDUP,
-                              STATUS_FAILED, STATUS_FINISHED, STATUS_INTERRUPTED, STATUS_ORPHANED,
-                              STATUS_STOPPED_EARLY, STEP, SWEEP_COMPLETE, SWEEP_INTERRUPTED, SWEEP_RUNNING,
-                              TAG_CONFIGURATION, TAG_ERROR, TAG_ERROR_FILE, TAG_KIND, TAG_MODEL_DIR, TAG_NODE,
-                              TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION, TAG_RETRIES, TAG_RUN_NAME,
-                              TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE, TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY,
-                              flat_params)
+                              KIND_BASELINE, KIND_SWEEP, KIND_TRIAL, LINEAR_DENSITY, PARAM_SEARCHED, SEARCH_REPEATS,
+                              SEARCH_STEERED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUS_INTERRUPTED,
+                              STATUS_ORPHANED, STATUS_STOPPED_EARLY, STEP, SWEEP_COMPLETE, SWEEP_INTERRUPTED,
+                              SWEEP_RUNNING, TAG_CONFIGURATION, TAG_ERROR, TAG_ERROR_FILE, TAG_KIND, TAG_MODEL_DIR,
+                              TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION, TAG_RETRIES,
+                              TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE, TAG_TOOK_OVER,
+                              TAG_TRIAL, TOTAL_DENSITY, flat_params)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, is_transient,
                              quick_http_failures)
 
@@ -50,6 +51,7 @@ __all__ = [
     "finish_parent_run",
     "hypervolume_series",
     "log_hypervolume",
+    "log_search",
 ]
 
 logger = logging.getLogger(__name__)
@@ -565,6 +567,18 @@ def hypervolume_series(runs: Iterable, objectives, reference: dict[str, float]) 
             when = run.info.end_time
         rows.append({"trials": n, "compute_s": round(seconds, 3), "hypervolume": value, "time_ms": int(when)})
     return rows
+
+
+def log_search(client: MlflowClient, run_id: str, search: dict[str, Any]) -> None:
+    """Log how the sweep's search went on its parent run (:func:`workflows.sweep.run_sweep`'s ``search``): metrics
+    ``search_repeats`` (suggestions of configurations that already ran, answered without a trial) and
+    ``search_steered`` (untried configurations run in their place), and the tag ``fineprune.search_over`` when the
+    search ended on its own before ``num_samples`` trials."""
+    now = int(time.time() * 1000)
+    metrics = [mlflow.entities.Metric(name, float(search[key]), now, 0)
+               for name, key in ((SEARCH_REPEATS, "repeats"), (SEARCH_STEERED, "steered"))]
+    tags = [mlflow.entities.RunTag(TAG_SEARCH_OVER, search["over"])] if search.get("over") else []
+    client.log_batch(run_id, metrics=metrics, tags=tags)
 
 
 def log_hypervolume(client: MlflowClient, run_id: str, series: list[dict[str, float]]) -> None:
