@@ -201,6 +201,16 @@ def test_the_space_lists_each_finite_keys_values(tmp_path):
     assert load_space(_space(tmp_path, continuous)).ladders is None
 
 
+def test_a_space_too_large_to_steer_in_lists_no_values(tmp_path):
+    """A wide randint: the space still counts its configurations (the search ends when they run out), but its values
+    are never listed and repeats are not steered."""
+    space = load_space(_space(tmp_path, {**DISCRETE, "calibration_samples": {"type": "randint", "low": 1,
+                                                                              "high": 10**9}}))
+    assert space.configurations == 4 * 10**9 and space.ladders is None
+    alg = search_algorithm(space)
+    assert alg.size == space.configurations and alg.ladders is None
+
+
 def test_a_sampler_sure_of_one_configuration_is_steered_outwards_from_it(tmp_path):
     """A sampler that only ever proposes the centre of a 3 x 3 space: the centre runs, then the untried configuration
     nearest to it each time, four at one step and then the four corners, until the space is used up; each ran once

@@ -32,7 +32,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict, read_yaml
 from pruning.schedules import warmup_steps
-from workflows.distinct import DistinctConfigurations, EnqueueingOptunaSearch
+from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
 from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, RegistrySpec
 
@@ -710,9 +710,13 @@ class SweepSpace(_Section):
 
     @property
     def ladders(self) -> dict[str, tuple[Any, ...]] | None:
-        """Every value of each searched key (:meth:`ParamSpec.ladder`); None when a key is continuous."""
-        ladders = {key: spec.ladder() for key, spec in self.search.items()}
-        return None if any(v is None for v in ladders.values()) else ladders
+        """Every value of each searched key (:meth:`ParamSpec.ladder`); None when a key is continuous or the space
+        has more configurations than a nearest untried one is searched among (``MAX_ENUMERATED``: its values are
+        never listed, so a wide ``randint`` costs nothing)."""
+        size = self.configurations
+        if size is None or size > MAX_ENUMERATED:
+            return None
+        return {key: spec.ladder() for key, spec in self.search.items()}
 
     @property
     def search_seed(self) -> int:
