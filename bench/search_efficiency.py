@@ -15,9 +15,11 @@ runs with 10 seeds.
 
 Algorithms: ``grid`` (the measured grid in a random order per seed), ``random`` (Optuna's RandomSampler), and
 Optuna's multi-objective samplers ``tpe`` (TPESampler, what ``algorithm: optuna`` uses) and ``nsga2``
-(NSGAIISampler, population 8); ``gp`` (GPSampler) on request. Each optimises the space's objectives (F1 up,
-linear density down); progress is the hypervolume of the frontier found after n trials
-(:func:`workflows.frontier.hypervolume_progress`, reference F1 0 and linear density 1).
+(NSGAIISampler, population 8); ``gp`` (GPSampler) on request. Each optimises the space's objectives (F1 up, linear
+density down); progress is the hypervolume of the frontier found after n trials
+(:func:`workflows.frontier.hypervolume_progress`, reference F1 0 and linear density 1). ``oracle`` and
+``oracle:pairs`` are no samplers but a reference: a search that knows the table's fitted landscape before its first
+trial (:func:`_run_oracle`).
 
 Last line: ``search_efficiency trials_to_grid_hypervolume optuna/grid = X.XX``: the trials the best Optuna sampler
 needs (median over seeds) to reach the whole grid's hypervolume, as a fraction of the grid's trials.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import itertools
 import math
 import os
 import random
@@ -207,16 +210,22 @@ class Table:
     def grid_hypervolume(self) -> float:
         return hypervolume([self.point(r) for r in self.trials], self.objectives, self.reference)
 
-    def smoothed(self) -> Table:
+    def smoothed(self, interactions: bool = False) -> Table:
         """The same grid with each objective replaced by its additive fit over the keys (a least-squares value per
         grid value of each key, summed): no noise and no interactions, the landscape a model-based sampler learns
         best. Replaying it separates what the samplers lose to the measured table's noise from what they lose to
-        having to hit single cells of a grid."""
+        having to hit single cells of a grid. ``interactions`` adds a value per pair of grid values of every two
+        keys (what each key's best value does as another key changes)."""
         finished = [r for r in self.trials if r["status"] == "finished"]
-        columns = [(key, v) for key in self.keys for v in self.search[key]["values"]]
+        columns: list[tuple[tuple[str, Any], ...]] = [((key, v),) for key in self.keys
+                                                      for v in self.search[key]["values"]]
+        if interactions:
+            columns += [((a, v), (b, w)) for a, b in itertools.combinations(self.keys, 2)
+                        for v in self.search[a]["values"] for w in self.search[b]["values"]]
 
         def design(rows: list[dict[str, Any]]) -> np.ndarray:
-            return np.array([[1.0] + [float(r[key] == v) for key, v in columns] for r in rows])
+            return np.array([[1.0] + [float(all(r[key] == v for key, v in column)) for column in columns]
+                             for r in rows])
 
         rows = [dict(r) for r in self.trials]
         for metric, _ in self.objectives:
@@ -294,14 +303,63 @@ def _run_grid(table: Table, seed: int, budget: int) -> list[dict[str, Any]]:
     return order[:budget]
 
 
+ORACLES = {"oracle": False, "oracle:pairs": True}  # name -> the fit it knows has pairwise interactions
+
+
+def _run_oracle(table: Table, budget: int, interactions: bool = False) -> list[dict[str, Any]]:
+    """The trials of a search that knows the table's fitted landscape before its first trial (``oracle``: the
+    additive fit of :meth:`Table.smoothed`; ``oracle:pairs``: with every pairwise interaction) but not its noise.
+
+    Each trial is the grid point not yet run whose fitted outcome would add the most to the hypervolume of the
+    outcomes measured so far; when none would add any, the one whose fitted outcome falls least short of that
+    frontier (the smallest step, each objective in units of its range over the table, that would take it out of
+    the region the measured points dominate). No sampler can know the fit, which takes the whole table to make;
+    the oracle shows what knowing a landscape of that shape is worth, not a bound for every search.
+    """
+    fitted = table.smoothed(interactions).trials
+    signs = [1.0 if mode == "max" else -1.0 for _, mode in table.objectives]
+    metrics = [metric for metric, _ in table.objectives]
+    spans = []
+    for metric in metrics:
+        values = [r[metric] for r in table.trials if r["status"] == "finished"]
+        spans.append((max(values) - min(values)) or 1.0)
+
+    def shortfall(candidate: dict[str, Any], front: list[dict[str, Any]]) -> float:
+        # To escape a point that dominates it, a candidate must pass it in one objective: the smallest gap.
+        gaps = [min(max(sign * (p[m] - candidate[m]) / span, 0.0) for m, sign, span in zip(metrics, signs, spans))
+                for p in front if p]
+        return max(gaps, default=0.0)
+
+    points = [table.point(r) for r in table.baseline]  # measured outcomes so far
+    untried = list(range(len(table.trials)))
+    rows: list[dict[str, Any]] = []
+    while untried and len(rows) < budget:
+        base = hypervolume(points, table.objectives, table.reference)
+
+        def value(i: int) -> tuple[float, float]:
+            guess = table.point(fitted[i])
+            gain = hypervolume(points + [guess], table.objectives, table.reference) - base
+            return gain, -shortfall(guess, points)
+
+        best = max(untried, key=value)
+        untried.remove(best)
+        rows.append(table.trials[best])
+        points.append(table.point(table.trials[best]))
+    return rows
+
+
 def replay(table: Table, sampler: str, seeds: int, budget: int, distinct: bool = True,
            steer: bool = True) -> list[list[float]]:
     """Hypervolume after each of ``budget`` trials, one list per seed (the dense baseline counts from the start, as
     in a sweep); a search that ends sooner keeps its last value."""
     curves = []
     for seed in range(seeds):
-        rows = (_run_grid(table, seed, budget) if sampler == "grid"
-                else _run_optuna(table, sampler, seed, budget, distinct, steer))
+        if sampler == "grid":
+            rows = _run_grid(table, seed, budget)
+        elif sampler in ORACLES:
+            rows = _run_oracle(table, budget, ORACLES[sampler])
+        else:
+            rows = _run_optuna(table, sampler, seed, budget, distinct, steer)
         start = [table.point(r) for r in table.baseline]
         curve = hypervolume_progress(start + [table.point(r) for r in rows], table.objectives, table.reference)
         curve = curve[len(start):] or [hypervolume(start, table.objectives, table.reference)]
@@ -422,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=None, help="trials per replay (default: 4 x the grid)")
     parser.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS),
                         help=f"comma-separated, of grid, random, {', '.join(OPTUNA_SAMPLERS)}; tpe:N and gp:N "
-                             "start the model after N random trials (Optuna's default: 10)")
+                             "start the model after N random trials (Optuna's default: 10); oracle and oracle:pairs "
+                             "know the table's fitted landscape beforehand (a reference, not a sampler)")
     parser.add_argument("--smooth", action="store_true",
                         help="replay the table's additive fit (no noise, no interactions) instead of its outcomes")
     parser.add_argument("--repeats", action="store_true",
@@ -452,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget or 4 * len(table.trials)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     kinds = [s.partition(":")[0] for s in samplers]
-    unknown = [s for s, kind in zip(samplers, kinds) if kind not in ("grid", "random", *OPTUNA_SAMPLERS)]
+    unknown = [s for s, kind in zip(samplers, kinds)
+               if kind not in ("grid", "random", *OPTUNA_SAMPLERS) and s not in ORACLES]
     if unknown or not any(kind in OPTUNA_SAMPLERS for kind in kinds):
         parser.error(f"--samplers: unknown {unknown} or no Optuna multi-objective sampler among {samplers}")
     curves: dict[str, list[list[float]]] = {}

@@ -139,3 +139,35 @@ def test_a_sampler_stuck_on_one_cell_is_steered_outwards_or_stops(bench, monkeyp
     steps = [sum(table.values[key].index(row[key]) for key in table.keys) for row in rows]  # from the low corner
     assert len({id(r) for r in rows}) == 10 and steps == sorted(steps) and steps[:4] == [0, 1, 1, 1]
     assert len(bench._run_optuna(table, "stuck", seed=0, budget=10, steer=False)) == 1
+
+
+def pairwise(d, c, t):
+    """Mask tuning helps most at low density; the best calibration size moves with density: every best cell of a
+    density is a different (calibration, tuning) pair, which no additive landscape places."""
+    return smooth(d, c, t) + (0.7 - d) * 10 * np.log2(1 + t) / 9 - 3 * abs(np.log2(c) - (4 + 10 * (d - 0.3)))
+
+
+def test_the_fit_with_interactions_reproduces_a_pairwise_landscape(bench):
+    table = make_table(bench, pairwise)
+    for row, fit in zip(table.trials, table.smoothed(interactions=True).trials):
+        assert fit["f1"] == pytest.approx(row["f1"], abs=1e-9)
+    additive = [fit["f1"] - row["f1"] for row, fit in zip(table.trials, table.smoothed().trials)]
+    assert max(map(abs, additive)) > 1.0  # the additive fit cannot
+
+
+def test_an_oracle_that_knows_the_landscape_runs_only_frontier_cells(bench):
+    table = make_table(bench, pairwise)
+    grid_hv = table.grid_hypervolume()
+    best = {}  # by hand: the best cell of each density is the whole frontier
+    for row in table.trials:
+        if row["f1"] > best.get(row["target_density"], {"f1": -np.inf})["f1"]:
+            best[row["target_density"]] = row
+    rows = bench._run_oracle(table, budget=len(table.trials), interactions=True)
+    assert {id(r) for r in rows[:3]} == {id(r) for r in best.values()}
+    assert len(rows) == len(table.trials) and len({id(r) for r in rows}) == len(rows)  # each cell once
+    (curve,) = bench.replay(table, "oracle:pairs", seeds=1, budget=10)
+    assert bench.trials_to_reach(curve, grid_hv) == 3 and len(curve) == 10
+    # Knowing only the main effects, the oracle misses at least one of them at first.
+    (additive,) = bench.replay(table, "oracle", seeds=1, budget=48)
+    assert bench.trials_to_reach(additive, grid_hv) > 3
+    assert len(bench._run_oracle(table, budget=5)) == 5
