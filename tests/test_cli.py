@@ -93,7 +93,7 @@ def test_prune_rejects_a_dense_config(tmp_path):
 
 def test_eval_writes_official_predictions_and_fits_windows_to_the_model(masked_checkpoint, tmp_path):
     predictions = tmp_path / "out" / "predictions.json"
-    proc = fineprune("eval", str(masked_checkpoint), "--limit", "5", "--no-progress", "--predictions", str(predictions))
+    proc = fineprune("eval", str(masked_checkpoint), "--eval-limit", "5", "--no-progress", "--predictions", str(predictions))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     # The model has 128 positions: the default 384-token windows are cut to it, the stride to half a window.

@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("eval", cmd_eval, "EM/F1 of a dense, masked, packed or exported model")
     p.add_argument("model_dir", help="model directory, or 'minilm'")
     eval_data(p, "dev", "the questions evaluated on")
-    p.add_argument("--limit", type=int, metavar="N", help="evaluate on the first N questions (default: all)")
+    p.add_argument("--eval-limit", "--limit", dest="limit", type=int, metavar="N",
+                   help="evaluate on the first N questions, as train and prune's --eval-limit (default: all)")
     windows(p)
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
