@@ -191,6 +191,39 @@ def test_a_budget_nothing_meets_leaves_the_alias_as_it_was(record, registered, c
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == wide
 
 
+@pytest.mark.parametrize("alias", ["latest", "V2", "two words", ""])
+def test_an_alias_the_registry_refuses_is_a_one_line_error_before_any_timing(record, registered, capsys, caplog,
+                                                                            alias):
+    caplog.set_level(logging.INFO, logger="workflows.registry")
+    client = record["client"]
+    wide = str(_versions(client)[record["runs"][WIDE]].version)
+    client.set_registered_model_alias(NAME, "champion", wide)
+    code, out, err = _select(capsys, record, 1e6, alias)
+    assert code == 2 and out == ""
+    lines = [line for line in err.splitlines() if line.startswith("fineprune select: error:")]
+    assert len(lines) == 1 and "--alias" in lines[0], err
+    assert not any("loaded" in r.getMessage() for r in caplog.records)  # refused before loading and timing
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == wide
+
+
+def test_the_budget_is_checked_once_on_the_unrounded_latency(record, registered, monkeypatch):
+    """A version 0.4 ns over the budget shows 5.0 ms once rounded: it is not within a 5 ms budget, and is not
+    chosen; a budget it meets chooses it and says so."""
+    import pruning.bench
+
+    def timed(models, **_):  # every version 5.0000004 ms, the dense shapes 20 ms
+        return {key: [0.0050000004] * 3 if key.startswith("v") else [0.02] * 3 for key in models}
+
+    monkeypatch.setattr(pruning.bench, "interleaved_latency", timed)
+    client = record["client"]
+    with pytest.raises(registry.SelectionError, match="fastest: version .* at 5 ms"):
+        registry.select_by_latency(client, NAME, 5.0, seq_len=32, repeats=1, warmup=0, alias="edge")
+    result = registry.select_by_latency(client, NAME, 5.000001, seq_len=32, repeats=1, warmup=0, alias="edge")
+    rows = {row["version"]: row for row in result["versions"]}
+    assert rows[result["version"]]["within_budget"] is True and result["latency_ms"] == 5.0
+    assert all(row["within_budget"] for row in rows.values())
+
+
 def test_select_on_a_missing_model_is_a_one_line_error(record, capsys):
     code = main(["select", "--registered-model", "no-such-model", "--max-latency-ms", "10",
                  "--tracking-uri", record["uri"]])

@@ -59,8 +59,8 @@ from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTI
 from workflows.space import load_space
 
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
-           "select_by_latency", "latency_settings", "SelectionError", "PackedQAModel", "PIP_REQUIREMENTS",
-           "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model", "export_for_serving", "ONNX_VARIANTS",
+           "select_by_latency", "latency_settings", "check_alias", "SelectionError", "PackedQAModel",
+           "PIP_REQUIREMENTS", "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model", "export_for_serving", "ONNX_VARIANTS",
            "RUNTIMES", "served_variant", "measured_precision", "serving_precision"]
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,18 @@ class SelectionError(ValueError):
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_alias(alias: str) -> None:
+    """A one-line :class:`SelectionError` for an alias the registry would refuse (empty, bad characters, too long,
+    ``latest`` or a version's ``vN``), before anything is loaded or timed."""
+    from mlflow.utils import validation
+
+    try:
+        validation._validate_model_alias_name(alias)
+        validation._validate_model_alias_name_reserved(alias)
+    except MlflowException as err:
+        raise SelectionError(f"--alias {alias!r}: {str(err).splitlines()[0]}") from None
 
 
 def select_champion(points: list[dict[str, Any]], policy: str, dense_f1: float | None = None,
@@ -605,6 +617,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
 
     if not max_latency_ms > 0:
         raise SelectionError(f"--max-latency-ms must be > 0, got {max_latency_ms}")
+    check_alias(alias)
     if runtime not in RUNTIMES:
         raise SelectionError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     try:
@@ -657,6 +670,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         logger.info("loaded %d versions of %s in %.1f s; timed them and %d dense shape(s), %d rounds, in %.1f s",
                     len(dense_of), name, loaded - started, len(models) - len(dense_of), warmup + repeats,
                     time.perf_counter() - loaded)
+    exact: dict[str, float] = {}  # unrounded latencies: the budget is checked once, on these
     for row in rows:
         if row["version"] not in dense_of:
             continue
@@ -665,19 +679,26 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         row.update({"latency_ms": round(own, 4), "dense_latency_ms": round(dense, 4),
                     "measured_speedup": round(dense / own, 4) if own > 0 else None,
                     "within_budget": own <= max_latency_ms})
+        exact[row["version"]] = own
     settings = {"name": name, "alias": alias, "max_latency_ms": max_latency_ms, "batch_size": batch_size,
                 "seq_len": seq_len, "threads": threads, "repeats": repeats, "runtime": runtime}
-    chosen = select_champion(rows, "best_f1_under_latency", max_latency_ms=max_latency_ms)
-    if chosen is None:
+    within = [{**row, "latency_ms": exact[row["version"]]} for row in rows if row.get("within_budget")]
+    chosen = select_champion(within, "best_f1_under_latency", max_latency_ms=max_latency_ms)
+    if chosen is not None:
+        chosen = next(row for row in rows if row["version"] == chosen["version"])
+    else:
         timed = [r for r in rows if "latency_ms" in r]
-        fastest = min(timed, key=lambda r: r["latency_ms"])
-        reason = ("none of them has an F1 tag" if fastest["latency_ms"] <= max_latency_ms else
-                  f"fastest: version {fastest['version']} at {fastest['latency_ms']:.2f} ms")
+        fastest = min(timed, key=lambda r: exact[r["version"]])
+        reason = ("none of them has an F1 tag" if fastest["within_budget"] else
+                  f"fastest: version {fastest['version']} at {exact[fastest['version']]:.4g} ms")
         for row in rows:
             logger.info("version %s: %s", row["version"], json.dumps(row, sort_keys=True))
         raise SelectionError(f"no version of {name!r} is within {max_latency_ms:g} ms at batch {batch_size}, "
                              f"sequence {seq_len}, {threads} threads ({reason}); alias {alias!r} left as it was")
-    client.set_registered_model_alias(name, alias, chosen["version"])
+    try:
+        client.set_registered_model_alias(name, alias, chosen["version"])
+    except MlflowException as err:
+        raise SelectionError(f"alias {alias!r} of {name!r}: {str(err).splitlines()[0]}") from None
     logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get(F1),
                 chosen["latency_ms"], max_latency_ms)
     return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
