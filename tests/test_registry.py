@@ -224,6 +224,29 @@ def test_the_budget_is_checked_once_on_the_unrounded_latency(record, registered,
     assert all(row["within_budget"] for row in rows.values())
 
 
+def test_a_version_whose_trial_left_the_frontier_is_untagged_and_no_longer_a_candidate(record, registered):
+    """A resumed sweep's later trials can dominate a point registered before: registering the frontier again turns
+    its version's frontier tags false, and the sweep's latency policy no longer chooses among it."""
+    client, runs = record["client"], record["runs"]
+    client.set_tag(runs[NARROWEST], "pareto", "false")
+    try:
+        again = registry.register_frontier(client, "tiny", record["parent"], NAME)
+        assert {row["run_id"] for row in again} == {runs[WIDE], runs[NARROW]}
+        versions = _versions(client)
+        assert len(versions) == 3  # the version and its model stay
+        assert {run: v.tags["pareto"] for run, v in versions.items()} == {
+            runs[WIDE]: "true", runs[NARROW]: "true", runs[NARROWEST]: "false"}
+        chosen = registry.select_by_latency(client, NAME, 1e6, seq_len=32, repeats=1, warmup=0, alias="left",
+                                            sweep_run_id=record["parent"], runtime="torch")
+        assert {row["run_id"] for row in chosen["versions"]} == {runs[WIDE], runs[NARROW]}
+        assert chosen["run_id"] == runs[WIDE]
+    finally:  # back on the frontier, as the other tests expect
+        client.set_tag(runs[NARROWEST], "pareto", "true")
+        registry.register_frontier(client, "tiny", record["parent"], NAME)
+        client.delete_registered_model_alias(NAME, "left")
+    assert _versions(client)[runs[NARROWEST]].tags["pareto"] == "true"
+
+
 def test_select_on_a_missing_model_is_a_one_line_error(record, capsys):
     code = main(["select", "--registered-model", "no-such-model", "--max-latency-ms", "10",
                  "--tracking-uri", record["uri"]])

@@ -491,7 +491,9 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str,
     """Register every finished trial on one of the sweep's Pareto frontiers as a version of ``name`` (idempotent).
 
     The frontiers are those the sweep tagged (``pareto``: the space's objectives; ``pareto_speedup``: F1 against
-    measured speedup). A trial already registered keeps its version; its tags are refreshed. No alias is set.
+    measured speedup). A trial already registered keeps its version; its tags are refreshed. A version this sweep
+    registered earlier whose trial has left the frontiers since (a resumed sweep's later trials dominate it) keeps
+    its version and model but its frontier tags turn ``false``. No alias is set.
     ``onnx``: export each new version for ONNX Runtime (False: they serve through PyTorch).
 
     Returns:
@@ -508,6 +510,7 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str,
     if not runs:
         logger.warning("sweep run %s has no finished frontier trial with a packed model; nothing registered",
                        parent_run_id)
+        _untag_left_frontier(client, name, parent_run_id, set())
         return []
     _ensure_model(client, name)
     rows = []
@@ -517,9 +520,26 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str,
                      {tag: run.data.tags.get(tag, "false") for tag in FRONTIER_TAGS})
         rows.append({"version": str(version.version), "model_uri": f"models:/{name}/{version.version}",
                      "run_id": run.info.run_id, **{k: run.data.metrics.get(k) for k in FINAL_METRICS}})
+    _untag_left_frontier(client, name, parent_run_id, {row["run_id"] for row in rows})
     logger.info("registered the frontier of sweep run %s: %d versions of %s (%s)", parent_run_id, len(rows), name,
                 ", ".join(row["version"] for row in rows))
     return rows
+
+
+def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str]) -> None:
+    """Turn the frontier tags ``false`` on the versions this sweep registered whose trials are not in ``current``."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:  # no such model yet: nothing was registered
+        return
+    for version in versions:
+        tags = version.tags
+        if (tags.get(TAG_SWEEP_RUN) == parent_run_id and tags.get(TAG_TRIAL_RUN) not in current
+                and any(tags.get(tag) == "true" for tag in FRONTIER_TAGS)):
+            for tag in FRONTIER_TAGS:
+                client.set_model_version_tag(name, version.version, tag, "false")
+            logger.info("version %s of %s (trial run %s) has left the frontier of sweep run %s", version.version,
+                        name, tags.get(TAG_TRIAL_RUN), parent_run_id)
 
 
 def _tag_float(tags: dict[str, str], key: str) -> float | None:
@@ -597,7 +617,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         threads: torch threads while timing (default: torch's current setting).
         alias: the alias to set on the chosen version.
         repeats, warmup: timed and untimed rounds.
-        sweep_run_id: only the versions registered by this sweep (default: every version).
+        sweep_run_id: only the versions registered by this sweep and on one of its frontiers now (default: every
+            version).
         runtime: ``served`` or ``torch``, see above.
 
     Returns:
@@ -625,10 +646,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     except MlflowException as err:
         raise SelectionError(f"registered model {name!r}: {str(err).splitlines()[0]}") from None
     if sweep_run_id is not None:
-        versions = [v for v in versions if v.tags.get(TAG_SWEEP_RUN) == sweep_run_id]
+        versions = [v for v in versions if v.tags.get(TAG_SWEEP_RUN) == sweep_run_id
+                    and any(v.tags.get(tag) == "true" for tag in FRONTIER_TAGS)]
     versions = sorted(versions, key=lambda v: int(v.version))
     if not versions:
-        where = f" from sweep run {sweep_run_id}" if sweep_run_id else ""
+        where = f" on the frontier of sweep run {sweep_run_id}" if sweep_run_id else ""
         raise SelectionError(f"registered model {name!r} has no versions{where} in {client.tracking_uri}")
 
     previous_threads = torch.get_num_threads()
