@@ -132,6 +132,39 @@ def test_a_restored_searcher_remembers_what_ran(tmp_path):
     assert len(keys) == len(set(keys)) == 4
 
 
+def test_a_failed_trial_run_again_on_resume_records_its_result(tmp_path):
+    """A resumed sweep runs an errored trial again under its id, without asking for a configuration; when it
+    succeeds, the configuration has that result (not the failure) and the sampler's study holds it."""
+    space = load_space(_space(tmp_path, DISCRETE))
+    alg = search_algorithm(space)
+    alg.set_search_properties(None, None, param_space(space))
+    config = alg.suggest("a")
+    alg.on_trial_complete("a", None, error=True)
+    state, saved = alg.get_state(), str(tmp_path / "searcher.pkl")
+    alg.save(saved)
+
+    restored = search_algorithm(space)
+    restored.set_state(state)
+    restored.restore(saved)
+    key = configuration_key(config)
+    assert restored._results[key] is None
+    restored.on_trial_result("a", _outcome(config))  # it runs again
+    restored.on_trial_complete("a", {**_outcome(config), "config": config})
+    assert restored._results[key] == _outcome(config)
+    complete = [t for t in _study(restored).trials if t.state == TrialState.COMPLETE]
+    assert [(t.params, t.values) for t in complete] == [
+        (config, [_outcome(config)["f1"], _outcome(config)["linear_density"]])]
+    # The rest of the space runs once each, and a repeat of the re-run configuration is told its result.
+    later = []
+    while (suggested := restored.suggest(f"c{len(later)}")) != Searcher.FINISHED:
+        later.append(suggested)
+        restored.on_trial_complete(f"c{len(later) - 1}", _outcome(suggested))
+    keys = [configuration_key(c) for c in [config] + later]
+    assert len(keys) == len(set(keys)) == 4
+    assert all(t.state == TrialState.COMPLETE for t in _study(restored).trials if t.params == config
+               and t.number > complete[0].number)
+
+
 def test_a_tune_run_over_a_small_discrete_space_runs_each_configuration_once(tmp_path):
     """Real Tune on a local Ray: 10 samples asked of a 4-configuration space give 4 trials, one per configuration."""
     import ray

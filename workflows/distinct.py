@@ -29,6 +29,7 @@ import numbers
 import random
 from typing import Any, Mapping, Sequence
 
+import optuna as ot
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import flatten_dict
@@ -158,6 +159,8 @@ class DistinctConfigurations(Searcher):
         self._inner: dict[str, str] = {}  # trial id -> the id the wrapped searcher knows its suggestion by
         self._results: dict[str, dict[str, Any] | None] = {}  # configuration key -> last result (None: it failed)
         self._waiting: dict[str, list[str]] = {}  # key of a running configuration -> repeats waiting for its result
+        self._configs: dict[str, dict[str, Any]] = {}  # trial id -> configuration, while it runs or after it failed
+        self._failed: dict[str, str] = {}  # trial id -> configuration key of a trial that failed (it may run again)
         self._stalled = False  # only repeats came: ask again once a trial ends
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
@@ -187,6 +190,7 @@ class DistinctConfigurations(Searcher):
             if key not in self._results and key not in self._live.values():
                 self._live[trial_id] = key
                 self._inner[trial_id] = inner_id
+                self._configs[trial_id] = copy.deepcopy(config)
                 return config
             self.repeats += 1
             if key in self._results:
@@ -221,16 +225,32 @@ class DistinctConfigurations(Searcher):
             logger.info("next: %s, the nearest configuration not yet run", configuration_key(nearest))
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        # A failed trial that runs again (a resumed sweep) stays failed until it completes: a ConcurrencyLimiter
+        # above drops the completion of a trial it did not suggest, and a configuration marked running would then
+        # run for ever. The searcher has the failure on record and no open trial to report to.
+        if trial_id in self._failed:
+            return
         self.searcher.on_trial_result(self._inner.get(trial_id, trial_id), result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        self.searcher.on_trial_complete(self._inner.pop(trial_id, trial_id), result=result, error=error)
+        # Tune ran a failed trial again, under its id and without a suggest (``resume_errored``). Under a
+        # ConcurrencyLimiter (``max_concurrent``) that completion never arrives: the limiter drops it.
+        rerun = self._failed.pop(trial_id, None)
+        if rerun is None:
+            self.searcher.on_trial_complete(self._inner.pop(trial_id, trial_id), result=result, error=error)
         self._stalled = False
-        key = self._live.pop(trial_id, None)
+        key = self._live.pop(trial_id, None) or rerun
         if key is None:
             return
         outcome = None if error or not result else _outcome(result)
         self._results[key] = outcome
+        if outcome is None:
+            self._failed[trial_id] = key
+        else:
+            config = self._configs.pop(trial_id, None)
+            add = getattr(self.searcher, "add_outcome", None)
+            if rerun is not None and config is not None and add is not None:
+                add(config, outcome)  # the searcher learns the result it was told was a failure
         for waiting in self._waiting.pop(key, []):
             self.searcher.on_trial_complete(waiting, result=copy.deepcopy(outcome), error=outcome is None)
 
@@ -267,3 +287,15 @@ class EnqueueingOptunaSearch(OptunaSearch):
 
     def enqueue(self, config: dict[str, Any]) -> None:
         self._ot_study.enqueue_trial(flatten_dict(config))
+
+    def add_outcome(self, config: dict[str, Any], result: dict[str, Any]) -> None:
+        """Add a finished trial of ``config`` to the study (``add_evaluated_point`` takes a single objective)."""
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [result.get(metric) for metric in metrics]
+        if any(value is None for value in values):
+            return
+        params = flatten_dict(config)
+        self._ot_study.add_trial(ot.trial.create_trial(
+            state=ot.trial.TrialState.COMPLETE, values=values,
+            params={k: v for k, v in params.items() if k in self._space},
+            distributions={k: d for k, d in self._space.items() if k in params}))
