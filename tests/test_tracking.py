@@ -103,3 +103,61 @@ def test_a_refused_upload_fails_its_trial_and_the_champion_is_chosen_without_it(
     assert list(table["status"]) == ["failed"]
     chosen = register_champion(client, "refused", parent, record.RegistrySpec("m", max_density=1.0))
     assert chosen == {"registered": False, "policy": "best_f1_under_density", "name": "m"}
+
+
+def test_a_resumed_sweeps_hypervolume_extends_the_series_logged_before(tmp_path):
+    """Session 1: trial a finishes, b is interrupted. Session 2 (a resume, 1.5 s later): c finishes, then b. The
+    interrupted b is no step of the first series, so the second extends it; the 1.5 s b stood ended are no compute."""
+    from workflows.frontier import reference_point
+    from workflows.tracking import hypervolume_series, log_hypervolume, trial_runs
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_experiment("resumed", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = start_parent_run(client, "resumed", str(tmp_path / "sweep"), {}, resume=False)
+    objectives = record.DENSITY_OBJECTIVES
+    reference = reference_point(objectives)
+
+    def series():
+        rows = hypervolume_series(trial_runs(client, "resumed", parent, include_baseline=True), objectives, reference)
+        log_hypervolume(client, parent, rows)
+        return rows
+
+    a = _finished_trial("a", 0.5, _packed_dir(tmp_path / "a"))
+    b = Trial("trial_main", config={"target_density": 0.2}, trial_id="b", stub=True)
+    first = MlflowTrialCallback(client.tracking_uri, "resumed", parent, _params_of, outage_limit=30)
+    first.on_step_begin(iteration=0, trials=[])
+    for trial in (a, b):
+        first.on_trial_start(iteration=0, trials=[a, b], trial=trial)
+    b.update_last_result({"step": 3, "f1": 10.0, "linear_density": 0.2, "timestamp": int(time.time())})
+    first.on_trial_result(iteration=0, trials=[a, b], trial=b, result=b.last_result)
+    first.on_trial_result(iteration=0, trials=[a, b], trial=a, result=a.last_result)
+    first.on_trial_complete(iteration=0, trials=[a, b], trial=a)
+    first.on_experiment_end(trials=[a, b])  # b still runs: its run ends "interrupted"
+    assert _runs_by_trial(client, parent)["b"].data.tags[record.TAG_STATUS] == "interrupted"
+    before = series()
+    assert [row["trials"] for row in before] == [0, 1]
+
+    time.sleep(1.5)
+    c = _finished_trial("c", 0.4, _packed_dir(tmp_path / "c"))
+    b_again = _finished_trial("b", 0.2, _packed_dir(tmp_path / "b"))
+    second = MlflowTrialCallback(client.tracking_uri, "resumed", parent, _params_of, outage_limit=30)
+    second.on_step_begin(iteration=0, trials=[b_again])
+    for trial in (b_again, c):
+        second.on_trial_start(iteration=0, trials=[b_again, c], trial=trial)
+    for trial in (c, b_again):
+        second.on_trial_result(iteration=0, trials=[b_again, c], trial=trial, result=trial.last_result)
+        second.on_trial_complete(iteration=0, trials=[b_again, c], trial=trial)
+    second.on_experiment_end(trials=[b_again, c])
+    after = series()
+
+    assert [row["trials"] for row in after] == [0, 1, 2, 3]
+    assert after[:2] == before  # the steps logged before keep their values
+    runs = _runs_by_trial(client, parent)
+    assert runs["b"].data.metrics[record.PAUSED_S] >= 1.4 and record.PAUSED_S not in runs["c"].data.metrics
+    wall = {t: (r.info.end_time - r.info.start_time) / 1000 for t, r in runs.items()}
+    assert after[-1]["compute_s"] == pytest.approx(sum(wall.values()) - runs["b"].data.metrics[record.PAUSED_S],
+                                                   abs=0.01)
+    for name in (record.HYPERVOLUME, record.HYPERVOLUME_COMPUTE):  # one value per step, never falling
+        history = record.metric_history(client, parent, name)
+        assert [value for _, value in history] == sorted(value for _, value in history), name
+    assert len(record.metric_history(client, parent, record.HYPERVOLUME)) == 4

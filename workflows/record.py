@@ -48,7 +48,7 @@ __all__ = [
     # metrics
     "EXACT_MATCH", "F1", "LINEAR_DENSITY", "TOTAL_DENSITY", "HEADS_REMOVED", "SPEEDUP", "MAX_LOGIT_DIFF",
     "PARAMS_AFTER", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "SEARCH_REPEATS", "SEARCH_STEERED",
-    "FINAL_METRICS", "EVAL_METRICS",
+    "PAUSED_S", "FINAL_METRICS", "EVAL_METRICS",
     "DENSITY_OBJECTIVES", "SPEED_OBJECTIVES",
     # artifacts
     "ARTIFACT_PACKED_MODEL", "ARTIFACT_FRONTIER", "ARTIFACT_FRONTIER_SPEED",
@@ -121,6 +121,7 @@ HYPERVOLUME = "hypervolume"  # on the parent run, step = trials completed
 HYPERVOLUME_COMPUTE = "hypervolume_by_compute_s"  # the same values, step = trial seconds spent so far
 SEARCH_REPEATS = "search_repeats"  # on the parent run: suggestions of configurations that already ran
 SEARCH_STEERED = "search_steered"  # on the parent run: untried configurations run in their place
+PAUSED_S = "paused_s"  # trial runs: seconds the run stood ended between sweep sessions (a resume reopened it)
 # What every finished trial (and the baseline) reports: the metrics a registered version is tagged with.
 FINAL_METRICS = (EXACT_MATCH, F1, LINEAR_DENSITY, TOTAL_DENSITY, HEADS_REMOVED, SPEEDUP)
 # Scalars the trainer reports at every evaluation: the only metrics a scheduler can act on.

@@ -29,7 +29,8 @@ from ray import tune
 
 from workflows.frontier import hypervolume_progress
 from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMOVED, HYPERVOLUME, HYPERVOLUME_COMPUTE,
-                              KIND_BASELINE, KIND_SWEEP, KIND_TRIAL, LINEAR_DENSITY, PARAM_SEARCHED, SEARCH_REPEATS,
+                              KIND_BASELINE, KIND_SWEEP, KIND_TRIAL, LINEAR_DENSITY, PARAM_SEARCHED, PAUSED_S,
+                              SEARCH_REPEATS,
                               SEARCH_STEERED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUS_INTERRUPTED,
                               STATUS_ORPHANED, STATUS_STOPPED_EARLY, STEP, SWEEP_COMPLETE, SWEEP_INTERRUPTED,
                               SWEEP_RUNNING, TAG_CONFIGURATION, TAG_ERROR, TAG_ERROR_FILE, TAG_KIND, TAG_MODEL_DIR,
@@ -367,6 +368,7 @@ class MlflowTrialCallback(tune.Callback):
     def _run_for(self, trial_id: str, config: dict[str, Any], reopen: bool = False) -> str:
         """The trial's run: its own, one a lost trial with the same configuration left, or a new one."""
         run_id = self._runs.get(trial_id)
+        earlier = run_id is None  # a run found, not made, here belongs to an earlier session of the sweep
         if run_id is None:
             experiment_id = _experiment_id(self.client, self.experiment)
             existing = _find_runs(self.client, experiment_id, f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' and "
@@ -374,7 +376,9 @@ class MlflowTrialCallback(tune.Callback):
             if existing:
                 run_id = existing[0].info.run_id
             else:
-                run_id = self._take_over(trial_id, config) or self.client.create_run(experiment_id, tags={
+                run_id = self._take_over(trial_id, config)
+                earlier = run_id is not None
+                run_id = run_id or self.client.create_run(experiment_id, tags={
                     TAG_PARENT: self.parent_run_id, TAG_KIND: KIND_TRIAL, TAG_TRIAL: trial_id,
                     TAG_RUN_NAME: f"trial-{trial_id}",
                     TAG_CONFIGURATION: json.dumps(_trial_config_key(config))}).info.run_id
@@ -387,9 +391,27 @@ class MlflowTrialCallback(tune.Callback):
             else:
                 _log_params(self.client, run_id, params)
             self._described.add(trial_id)
-        if reopen and self.client.get_run(run_id).info.status != "RUNNING":
-            self.client.update_run(run_id, status="RUNNING")
+        if reopen:
+            run = self.client.get_run(run_id)
+            if earlier:
+                self._log_pause(run)
+            if run.info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
         return run_id
+
+    def _log_pause(self, run) -> None:
+        """Add to the run's ``paused_s`` the time since an earlier session last had it: since it was ended (the
+        sweep was interrupted), or since its last report (the driver died and left it RUNNING). That time is no
+        trial's compute, and the hypervolume's compute steps leave it out."""
+        if run.info.status == "RUNNING":
+            reports = self.client.get_metric_history(run.info.run_id, STEP)
+            last = max([m.timestamp for m in reports] + [run.info.start_time or 0])
+        else:
+            last = run.info.end_time or 0
+        if not last:
+            return
+        paused = run.data.metrics.get(PAUSED_S, 0.0) + max(0.0, time.time() - last / 1000)
+        self.client.log_metric(run.info.run_id, PAUSED_S, round(paused, 3))
 
     def _take_over(self, trial_id: str, config: dict[str, Any]) -> str | None:
         key = _trial_config_key(config)
@@ -537,9 +559,11 @@ def tag_runs(client: MlflowClient, runs: Iterable, tag: str, chosen: set[str]) -
 def hypervolume_series(runs: Iterable, objectives, reference: dict[str, float]) -> list[dict[str, float]]:
     """The frontier's hypervolume as the sweep's trials completed, from their runs.
 
-    Trials count in the order they ended (any status: a failed or stopped trial adds a step but no volume); only
-    finished trials take part in the frontier, as for the ``pareto`` tags. The dense baseline, when among ``runs``,
-    is the starting point (step 0). Compute seconds are the summed wall time of the trial runs that ended so far.
+    Trials count in the order they ended (any status: a failed or stopped trial adds a step but no volume); an
+    interrupted trial has not ended (a resume continues it), so a resumed sweep's series extends the one logged
+    before. Only finished trials take part in the frontier, as for the ``pareto`` tags. The dense baseline, when
+    among ``runs``, is the starting point (step 0). Compute seconds are the summed wall time of the trial runs that
+    ended so far, less the time a run stood ended between sessions (``paused_s``).
 
     Returns:
         One ``{"trials", "compute_s", "hypervolume", "time_ms"}`` row per step, starting with step 0 (``time_ms``:
@@ -547,7 +571,8 @@ def hypervolume_series(runs: Iterable, objectives, reference: dict[str, float]) 
     """
     runs = list(runs)
     baseline = [r for r in runs if r.data.tags.get(TAG_KIND) == KIND_BASELINE]
-    ended = sorted((r for r in runs if r.data.tags.get(TAG_KIND) == KIND_TRIAL and r.info.end_time),
+    ended = sorted((r for r in runs if r.data.tags.get(TAG_KIND) == KIND_TRIAL and r.info.end_time
+                    and r.data.tags.get(TAG_STATUS) != STATUS_INTERRUPTED),
                    key=lambda r: (r.info.end_time, r.info.run_id))
 
     def point(run) -> dict[str, Any]:
@@ -563,7 +588,8 @@ def hypervolume_series(runs: Iterable, objectives, reference: dict[str, float]) 
     for n, value in enumerate(values):
         if n:
             run = ended[n - 1]
-            seconds += max(0.0, (run.info.end_time - run.info.start_time) / 1000.0)
+            wall = (run.info.end_time - run.info.start_time) / 1000.0
+            seconds += max(0.0, wall - run.data.metrics.get(PAUSED_S, 0.0))
             when = run.info.end_time
         rows.append({"trials": n, "compute_s": round(seconds, 3), "hypervolume": value, "time_ms": int(when)})
     return rows
