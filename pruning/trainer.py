@@ -24,6 +24,7 @@ Ray Tune, a plain script can log it. Nothing here knows about Ray or MLflow.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -67,8 +68,8 @@ from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
 from .sparsity import sparsity_report
 from .teacher_cache import TeacherCache, TeacherOutputs
 
-__all__ = ["Report", "TrainingPlan", "build_model", "plan", "mask_schedule", "train", "evaluate", "resolve_device",
-           "enter_fill_phase", "training_loss", "fused_adamw", "micro_batches"]
+__all__ = ["Report", "TrainingPlan", "build_model", "fit_to_model", "plan", "mask_schedule", "train", "evaluate",
+           "resolve_device", "enter_fill_phase", "training_loss", "fused_adamw", "micro_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +243,24 @@ def micro_batches(features: dict[str, torch.Tensor], cfg: RunConfig, start_micro
             micro += 1
 
 
+def fit_to_model(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None = None) -> RunConfig:
+    """``cfg`` with its windows cut to the position embeddings of ``model`` (and of the ``teacher``, which sees the
+    same windows), by :func:`pruning.squad.fit_windows`, as evaluation cuts them; ``cfg`` itself when they fit.
+
+    A cut is logged as a warning: training and evaluation then use shorter windows than ``max_seq_length``.
+    """
+    limits = {"the model": int(model.config.max_position_embeddings)}
+    if teacher is not None:
+        limits["the teacher"] = int(teacher.config.max_position_embeddings)
+    owner, positions = min(limits.items(), key=lambda item: item[1])
+    if cfg.max_seq_length <= positions:
+        return cfg
+    seq, stride = squad.fit_windows(cfg.max_seq_length, cfg.doc_stride, positions)
+    logger.warning("max_seq_length %d exceeds the %d position embeddings of %s: training and evaluation use windows "
+                   "of %d tokens with doc_stride %d", cfg.max_seq_length, positions, owner, seq, stride)
+    return dataclasses.replace(cfg, max_seq_length=seq, doc_stride=stride)
+
+
 def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
     """Tokenized training windows, cached as safetensors under ``cfg.cache_dir`` when it is set.
 
@@ -274,12 +293,17 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: lis
              device: torch.device | None = None, progress: bool = True) -> dict[str, float]:
     """EM/F1 (official SQuAD v1.1 metric) of ``model`` on ``examples``, plus its sparsity metrics.
 
-    The forward passes run in the config's precision on ``device`` (default: the model's).
+    The forward passes run in the config's precision on ``device`` (default: the model's), on windows cut to the
+    model's position embeddings when ``max_seq_length`` exceeds them (:func:`pruning.squad.fit_windows`).
     """
     run_device = device if device is not None else next(model.parameters()).device
+    seq, stride = cfg.max_seq_length, cfg.doc_stride
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions is not None and seq > positions:
+        seq, stride = squad.fit_windows(seq, stride, positions)
     with autocast(resolve_precision(cfg.precision, run_device), run_device):
-        predictions = squad.predict(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
-                                    doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
+        predictions = squad.predict(model, tokenizer, examples, max_seq_length=seq,
+                                    doc_stride=stride, batch_size=cfg.eval_batch_size,
                                     max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, device=device,
                                     progress=progress)
     metrics = dict(squad.evaluate(examples, predictions))
@@ -404,6 +428,9 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     else:
         model, tokenizer = build_model(cfg)
         tensors = None
+    teacher = _load_teacher(cfg, device)
+    saved_cfg = cfg  # what checkpoints record: the run's config as given, not its windows cut to the model
+    cfg = fit_to_model(cfg, model, teacher)
 
     features = train_features(cfg, train_examples, tokenizer)
     num_features = int(features["input_ids"].shape[0])
@@ -414,7 +441,6 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     model.to(device)
     if cfg.dropout is not None:
         set_dropout_(model, cfg.dropout)
-    teacher = _load_teacher(cfg, device)
     pruning_metrics: dict[str, float] = {}
     if resume_from is None and cfg.masked:
         pruning_metrics = _initial_masks(cfg, model, teacher, features, device)
@@ -536,8 +562,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             if skeleton is not None:
                 unpack_into_(skeleton, model)
             saved = model if skeleton is None else skeleton
-            checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, saved, tokenizer, optimizer, cfg,
-                                                  done, history, pruning_metrics, average))
+            checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, saved, tokenizer, optimizer,
+                                                  saved_cfg, done, history, pruning_metrics, average))
         if do_eval:
             last_metrics = metrics
             if report is not None:

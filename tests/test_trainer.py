@@ -288,3 +288,28 @@ def test_dropout_override_makes_training_passes_deterministic_and_leaves_the_sav
     for bad in (1.0, -0.1, "x"):
         with pytest.raises(ConfigError, match="dropout: must be in \\[0, 1\\) or null"):
             RunConfig(dropout=bad)
+
+
+@pytest.mark.parametrize("source", ["model_config", "model_dir", "teacher"])
+def test_windows_longer_than_the_model_are_cut_to_its_positions(tmp_path, caplog, source):
+    import logging
+    import math
+
+    short = {**TINY, "max_position_embeddings": 64}
+    model, tok = build_model(tiny_cfg(tmp_path, model_config=short))
+    save_model(model, tok, tmp_path / "short")
+    overrides = {"model_config": dict(model_config=short),
+                 "model_dir": dict(model=str(tmp_path / "short"), model_config=None),
+                 "teacher": dict(teacher=str(tmp_path / "short"))}[source]
+    cfg = tiny_cfg(tmp_path, max_seq_length=96, doc_stride=48, max_steps=2, train_limit=4, eval_limit=2,
+                   **overrides)
+    with caplog.at_level(logging.WARNING, logger="pruning.trainer"):
+        metrics = train(cfg, progress=False)
+    cut = [r.getMessage() for r in caplog.records if "max_seq_length 96 exceeds" in r.getMessage()]
+    owner = "the teacher" if source == "teacher" else "the model"
+    assert cut == [f"max_seq_length 96 exceeds the 64 position embeddings of {owner}: training and evaluation use "
+                   f"windows of 64 tokens with doc_stride 32"]
+    assert math.isfinite(metrics["f1"]) and metrics["step"] == 2
+    # The checkpoint records the config as given, so that the run resumes with the same one.
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert (state["config"]["max_seq_length"], state["config"]["doc_stride"]) == (96, 48)
