@@ -10,7 +10,9 @@ trainer reads nothing else. Unknown keys are an error naming the key, and every 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
+import functools
 import math
 import re
 from dataclasses import dataclass, fields
@@ -295,6 +297,8 @@ def _check(cfg: RunConfig) -> None:
         _fail("alpha_ce", "alpha_ce + alpha_distil must be > 0")
     if cfg.model_config is not None and not isinstance(cfg.model_config, Mapping):
         _fail("model_config", f"must be a mapping of BertConfig fields, got {type(cfg.model_config).__name__}")
+    if cfg.model_config is not None:
+        _check_bert_keys(cfg.model_config)
     if not cfg.masked and cfg.fill_steps:
         _fail("fill_steps", "a filled phase needs a pruning method (topk, sigmoid_threshold or fisher)")
     if cfg.dropout is not None and (not _is_number(cfg.dropout) or not 0 <= cfg.dropout < 1):
@@ -326,6 +330,24 @@ def _check(cfg: RunConfig) -> None:
             _fail("model_config.hidden_size", f"{hidden} is not a multiple of num_attention_heads {heads}")
         if cfg.method is Method.FISHER:
             check_head_shaped(cfg.attention_block, hidden // heads, hidden)
+
+
+@functools.cache
+def _bert_config_keys() -> frozenset[str]:
+    from transformers import BertConfig  # only for configs that build a random model: keeps this module light
+
+    return frozenset(BertConfig().to_dict())
+
+
+def _check_bert_keys(values: Mapping[Any, Any]) -> None:
+    """Every key of ``model_config`` must be a field of BertConfig, which would otherwise keep a typo silently."""
+    known = _bert_config_keys()
+    unknown = sorted((key for key in values if key not in known), key=str)
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        more = f"; and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+        _fail("model_config", f"unknown key {unknown[0]!r}{hint}: BertConfig has no such field{more}")
 
 
 def check_head_shaped(block: tuple[int, int], head_dim: int, hidden: int) -> None:

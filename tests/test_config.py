@@ -86,3 +86,18 @@ def test_every_shipped_run_config_loads(path):
 def test_shipped_run_configs_write_to_distinct_directories():
     dirs = [load_config(path).output_dir for path in SHIPPED_CONFIGS]
     assert len(SHIPPED_CONFIGS) >= 5 and len(set(dirs)) == len(dirs), dirs
+
+
+def test_model_config_keys_must_be_bert_config_fields(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_config: {hidden_size: 64, num_hidden_layer: 2, num_attention_heads: 4}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: model_config: unknown key 'num_hidden_layer' (did you mean "
+                              f"'num_hidden_layers'?): BertConfig has no such field")
+    path.write_text("model_config: {hidden_size: 64, zzz: 1, num_attention_heads: 4}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: model_config: unknown key 'zzz': BertConfig has no such field$"):
+        load_config(path)
+    good = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+            "max_position_embeddings": 128, "vocab_size": 100, "hidden_dropout_prob": 0.0}
+    assert RunConfig(model_config=good).model_config == good
