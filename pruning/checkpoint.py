@@ -39,6 +39,7 @@ __all__ = [
     "mask_settings",
     "restore_masks_",
     "read_json",
+    "staging_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,10 +107,29 @@ def mask_settings(model: nn.Module) -> dict[str, Any] | None:
     }
 
 
-def _atomic_dir(out_dir: Path):
-    """A temporary sibling directory that replaces ``out_dir`` only once it is complete."""
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o077)  # set back at once; only where the umask cannot be read otherwise
+    os.umask(old)
+    return old
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A temporary sibling directory that replaces ``out_dir`` only once it is complete.
+
+    It has the mode a plain ``mkdir`` gives (``0o777`` less the umask), not ``mkdtemp``'s 0700, so that the model
+    directory it becomes can be read by whoever may read its parent's other directories.
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
@@ -137,7 +157,7 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
         masks: mask settings to record; default: read off the model.
     """
     out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir)
+    tmp = staging_dir(out_dir)
     try:
         config = model.config.to_dict()
         settings = masks if masks is not None else mask_settings(model)

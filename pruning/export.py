@@ -51,7 +51,7 @@ from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
 from . import masks as mask_lib
 from .bench import eval_mode
-from .checkpoint import load_model, load_tokenizer
+from .checkpoint import load_model, load_tokenizer, staging_dir
 from .packing import pack
 from .resources import resolve_data, resolve_model
 from .squad import check_windows, load_squad
@@ -525,8 +525,7 @@ def export_checkpoint(model_dir: str | Path, out_dir: str | Path, quantize: str 
     tokenizer = load_tokenizer(source)
     inputs = check_windows(load_squad(resolve_data(data), limit=questions), tokenizer,
                            int(model.config.max_position_embeddings))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         report = export_model(model, tmp, quantize=quantize, opset=opset, inputs=inputs)
         report.packed_on_export = packed_on_export

@@ -205,3 +205,18 @@ def test_export_eval_and_ask_from_the_command_line(masked_checkpoint, tmp_path, 
     line = one_line_error(proc.returncode, proc.stderr)
     assert FILES["int8"] in line and "corrupted" in line
     assert last_json(run_cli(capsys, "eval", str(out), "--variant", "fp32", *window))["f1"] == fp32_metrics["f1"]
+
+
+def test_the_exported_directory_gets_the_mode_mkdir_gives(masked_checkpoint, tmp_path):
+    import os
+    import stat
+
+    from pruning.export import export_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        result = export_checkpoint(masked_checkpoint, tmp_path / "exported", questions=2)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "exported").stat().st_mode) == 0o755
+    assert is_exported_dir(result["out_dir"])

@@ -313,3 +313,19 @@ def test_windows_longer_than_the_model_are_cut_to_its_positions(tmp_path, caplog
     # The checkpoint records the config as given, so that the run resumes with the same one.
     state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
     assert (state["config"]["max_seq_length"], state["config"]["doc_stride"]) == (96, 48)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o002, 0o775)], ids=["umask022", "umask002"])
+def test_model_directories_get_the_mode_mkdir_gives(tmp_path, umask, mode):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        metrics = train(tiny_cfg(tmp_path, max_steps=1, train_limit=2, eval_limit=1), progress=False)
+        train(tiny_cfg(tmp_path, max_steps=1, train_limit=2, eval_limit=1), progress=False)  # replaces both
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "run" / "final", tmp_path / "run" / "checkpoint"):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+    assert metrics["model_dir"] == str(tmp_path / "run" / "final")
