@@ -57,6 +57,7 @@ from .checkpoint import (
     load_tokenizer,
     load_training_state,
     optimizer_tensors,
+    read_json,
     restore_optimizer,
     save_model,
 )
@@ -69,7 +70,7 @@ from .sparsity import sparsity_report
 from .teacher_cache import TeacherCache, TeacherOutputs
 
 __all__ = ["Report", "TrainingPlan", "build_model", "fit_to_model", "plan", "mask_schedule", "train", "evaluate",
-           "resolve_device", "enter_fill_phase", "training_loss", "fused_adamw", "micro_batches"]
+           "resolve_device", "enter_fill_phase", "check_resume_config", "training_loss", "fused_adamw", "micro_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -409,6 +410,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)  # fails before any data or model is loaded
+    if resume_from is not None:
+        check_resume_config(cfg, resume_from)  # before anything is written
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -588,6 +591,70 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     last_metrics["model_dir"] = str(final_dir)
     last_metrics["precision"] = precision  # what the metrics were measured in: fp32 or bf16, never auto
     return last_metrics
+
+
+# What a resumed run must share with the run that wrote its checkpoint: the model and the training windows, and what
+# gives the masks their meaning and places the steps on the pruning schedule. Anything else (output_dir, evaluation,
+# logging, checkpoints, the device, precision, learning rates, distillation) may change on resume.
+RESUME_KEYS = ("model", "model_config", "tokenizer", "train_data", "train_limit", "max_seq_length", "doc_stride",
+               "method")
+_SCHEDULE_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "fill_steps", "initial_warmup", "final_warmup",
+                  "attention_block")
+RESUME_METHOD_KEYS = {
+    Method.DENSE: (),
+    Method.TOPK: _SCHEDULE_KEYS + ("target_density", "topk_scope"),
+    Method.SIGMOID_THRESHOLD: _SCHEDULE_KEYS + ("initial_threshold", "final_threshold"),
+    Method.FISHER: ("fill_steps", "attention_block", "target_density", "target_flops", "fisher_stages",
+                    "fisher_layer_floor", "mask_rearrange"),
+}
+
+
+def _same_setting(key: str, old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    if not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    try:  # the same file or directory under two names ("minilm" and its path, a relative and an absolute path)
+        if key == "model":
+            return resolve_model(old).resolve() == resolve_model(new).resolve()
+        if key == "train_data":
+            return resolve_data(old).resolve() == resolve_data(new).resolve()
+        if key == "tokenizer":
+            return Path(old).resolve() == Path(new).resolve()
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
+    """Refuse to resume ``checkpoint_dir`` under ``cfg`` when a setting of :data:`RESUME_KEYS` (or of the method's
+    :data:`RESUME_METHOD_KEYS`) differs from the config its ``trainer_state.json`` records.
+
+    Raises:
+        CheckpointError: the state file is missing or unreadable.
+        ConfigError: naming the checkpoint and every differing key with both values.
+    """
+    path = Path(checkpoint_dir) / STATE
+    stored = read_json(path).get("config")
+    if not isinstance(stored, dict):
+        logger.warning("%s: records no run config; resuming without checking that it matches", path)
+        return
+    defaults = config_to_dict(RunConfig())  # a key a checkpoint lacks had its default when it was written
+    given = config_to_dict(cfg)
+    methods = {cfg.method}
+    try:
+        methods.add(Method(stored.get("method", defaults["method"])))
+    except ValueError:
+        pass
+    keys = list(RESUME_KEYS) + [k for m in Method if m in methods for k in RESUME_METHOD_KEYS[m]]
+    differing = []
+    for key in dict.fromkeys(keys):
+        old = stored.get(key, defaults[key])
+        if not _same_setting(key, old, given[key]):
+            differing.append(f"{key} {json.dumps(old)} there, {json.dumps(given[key])} here")
+    if differing:
+        raise ConfigError(f"{Path(checkpoint_dir)}: written under a different run config ({'; '.join(differing)}); "
+                          f"resume with the config it was written with")
 
 
 def _same_model(a: str, b: str | None) -> bool:

@@ -329,3 +329,27 @@ def test_model_directories_get_the_mode_mkdir_gives(tmp_path, umask, mode):
     for path in (tmp_path / "run" / "final", tmp_path / "run" / "checkpoint"):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
     assert metrics["model_dir"] == str(tmp_path / "run" / "final")
+
+
+def test_resuming_under_a_different_run_config_is_refused(tmp_path):
+    import dataclasses
+
+    cfg = tiny_cfg(tmp_path, method="topk", attention_block=[16, 64], max_steps=2, train_limit=4, eval_limit=1)
+    train(cfg, progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    written = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+    other = tiny_cfg(tmp_path / "other", method="sigmoid_threshold", attention_block=[16, 16], max_steps=2,
+                     train_limit=4, eval_limit=1)
+    with pytest.raises(ConfigError) as err:
+        train(other, resume_from=checkpoint, progress=False)
+    assert str(err.value) == (f'{checkpoint}: written under a different run config (method "topk" there, '
+                              f'"sigmoid_threshold" here; attention_block [16, 64] there, [16, 16] here); resume '
+                              f'with the config it was written with')
+    assert not (tmp_path / "other").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match=r"\(train_limit 4 there, 8 here\)"):
+        train(dataclasses.replace(cfg, train_limit=8), resume_from=checkpoint, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == written
+    # Where the outputs go, evaluation, logging and the device may change on resume.
+    again = dataclasses.replace(cfg, output_dir=str(tmp_path / "again"), eval_limit=2, eval_every=1, log_every=1,
+                                device="cpu")
+    assert train(again, resume_from=checkpoint, progress=False)["step"] == 2
