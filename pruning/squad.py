@@ -390,14 +390,18 @@ def _check_question_lengths(examples: Sequence[Example], questions: list[str], t
     are tokenized here.
     """
     room = max_seq_length - tokenizer.num_special_tokens_to_add(pair=True) - doc_stride
+    if room < 2:
+        raise SquadFormatError(f"max_seq_length {max_seq_length} and doc_stride {doc_stride} leave no room for a "
+                               "question: raise max_seq_length or lower doc_stride")
     suspects = [i for i, q in enumerate(questions) if len(q.encode("utf-8")) >= room]
     if not suspects:
         return
     lengths = tokenizer([questions[i] for i in suspects], add_special_tokens=False)["input_ids"]
     for i, ids in zip(suspects, lengths):
         if len(ids) >= room:
-            raise ValueError(f"question {examples[i].id} has {len(ids)} tokens: with max_seq_length "
-                             f"{max_seq_length} and doc_stride {doc_stride} a question may have at most {room - 1}")
+            raise SquadFormatError(f"question {examples[i].id} has {len(ids)} tokens: with max_seq_length "
+                                   f"{max_seq_length} and doc_stride {doc_stride} a question may have at most "
+                                   f"{room - 1} (raise max_seq_length or lower doc_stride)")
 
 
 def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int,

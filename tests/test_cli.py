@@ -169,3 +169,84 @@ def test_commands_print_no_mlflow_type_hint_warning(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "type hint" not in proc.stderr
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_smoke.yaml")
+
+
+def _one_line_error(capsys, argv: list[str], status: int = 2) -> str:
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("fineprune ")]
+    assert code == status and captured.out == "", captured.err
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    # --model names the student even when the config builds a random one (model_config).
+    (["prune", "--config", TINY, "--model", "no/such/model", "--output-dir", "{tmp}/out"],
+     "no/such/model: model directory not found"),
+    (["eval", "no/such/model", "--device", "sideways"], "'sideways' is not a device"),
+    (["eval", "no/such/model", "--eval-limit", "0"], "--eval-limit must be >= 1"),
+    (["eval", "no/such/model", "--predictions", "{tmp}"], "is a directory"),
+    (["score", "dev", "{tmp}/no-predictions.json"], "no-predictions.json"),
+    (["sweep", "--space", "no/such.yaml", "--tracking-timeout", "0"], "--tracking-timeout must be a positive"),
+    (["report", "--experiment", "e", "--out", "{tmp}/a-file"], "exists and is not a directory"),
+    (["pack", "{tmp}/model", "{tmp}/model/packed", "--overwrite"], "overlaps the model directory"),
+    (["export", "{tmp}/model", "{tmp}", "--overwrite"], "overlaps the model directory"),
+])
+def test_more_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, needle):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    line = _one_line_error(capsys, [arg.replace("{tmp}", str(tmp_path)) for arg in argv])
+    assert needle in line
+    assert (tmp_path / "model" / "config.json").read_text() == "{}"  # nothing written over
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_a_cuda_device_on_a_machine_without_one_is_one_line(capsys, tmp_path):
+    assert "CUDA is not available" in _one_line_error(capsys, ["eval", "no/such/model", "--device", "cuda"])
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--device", "cuda:0", "--output-dir", str(tmp_path)])
+    assert TINY in line and "CUDA is not available" in line
+
+
+def test_training_refuses_an_output_dir_that_holds_an_earlier_run(capsys, tmp_path):
+    earlier = tmp_path / "final" / "model.safetensors"
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"earlier run")
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--output-dir", str(tmp_path)])
+    assert str(tmp_path) in line and "--overwrite" in line and "--resume" in line
+    assert earlier.read_bytes() == b"earlier run"
+
+
+def test_a_question_too_long_for_the_window_is_one_line(capsys, masked_checkpoint, tmp_path):
+    question = " ".join(["which"] * 60) + "?"
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
+        {"id": "long-q", "question": question, "answers": [{"text": "the mat", "answer_start": 15}]}]}]}]}
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(data))
+    line = _one_line_error(capsys, ["eval", str(masked_checkpoint), "--eval-data", str(path), "--max-seq-length", "64",
+                                    "--no-progress"])
+    assert "question long-q has" in line and "max_seq_length 64" in line
+    line = _one_line_error(capsys, ["eval", str(masked_checkpoint), "--eval-data", str(path), "--max-seq-length", "5",
+                                    "--doc-stride", "2", "--no-progress"])
+    assert "leave no room for a question" in line
+
+
+def test_a_tracking_server_that_does_not_answer_is_exit_1_in_seconds(capsys):
+    line = _one_line_error(capsys, ["select", "--registered-model", "m", "--max-latency-ms", "5",
+                                    "--tracking-uri", "http://127.0.0.1:9"], status=1)
+    assert "http://127.0.0.1:9" in line
+
+
+def test_score_reads_the_shipped_dev_set_by_name(capsys, tmp_path):
+    questions = squad.load_squad(squad_file("dev"), limit=3)
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps({q.id: q.answers[0] for q in questions}))
+    assert cli.main(["score", "dev", str(predictions)]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    total = len(squad.load_squad(squad_file("dev")))
+    assert scored["exact_match"] == pytest.approx(100 * 3 / total)

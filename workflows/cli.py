@@ -45,6 +45,7 @@ _USER_ERRORS = (
     ("workflows.sweep", "ResumeError"),
 )
 PRECISIONS = ("fp32", "bf16", "auto")
+REACH_TIMEOUT_S = 15.0  # how long register, select and report wait for a tracking server that does not answer
 PRECISION_HELP = "fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (bf16 where supported)"
 
 
@@ -99,6 +100,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key, None)
         if value is not None:
             out[key] = value
+    if "model" in out:  # the model named on the command line, not the config's random one
+        out["model_config"] = None
     return out
 
 
@@ -107,6 +110,11 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     from pruning.trainer import train
 
     cfg = load_config(args.config, _overrides(args))
+    _check_device(cfg.device, f"{args.config}: device")
+    out = Path(cfg.output_dir)
+    if args.resume is None and not args.overwrite and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out}: output_dir holds an earlier run (pass --overwrite to replace it, --resume DIR to "
+                        "continue one, or another --output-dir)")
     if method_required and cfg.method is Method.DENSE:
         raise UserError(f"{args.config}: method: `fineprune prune` needs topk, sigmoid_threshold or fisher "
                         "(use `fineprune train` for a dense fine-tune)")
@@ -160,12 +168,62 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
+def _check_device(name: str | None, what: str) -> None:
+    """A one-line error for a device this machine cannot run on, before any work."""
+    if name is None or name == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{what} {name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{what} {name}: CUDA is not available on this machine (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UserError(f"{what} {name!r}: only cpu and cuda devices are supported")
+
+
+def _check_output_file(path: Path, flag: str) -> None:
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory, not a file")
+
+
+def _check_not_inside(source: str | Path, out: str | Path, flag: str) -> None:
+    """Refuse an output directory that is, holds or lies inside the model directory it is made from."""
+    source, out = Path(source).resolve(), Path(out).resolve()
+    if out == source or source.is_relative_to(out) or out.is_relative_to(source):
+        raise UserError(f"{flag} {out}: is or overlaps the model directory {source} it is made from")
+
+
+def _tracking_client(uri: str | None):
+    """A client of the tracking store, once it answers (a server that does not: exit 1 in seconds)."""
+    from mlflow.exceptions import MlflowException
+
+    from workflows import record, tracking
+
+    uri = record.tracking_uri(uri)
+    client = tracking.client_for(uri)
+    try:
+        tracking.check_reachable(client, REACH_TIMEOUT_S)
+    except MlflowException as err:
+        raise UserError(f"--tracking-uri {uri}: {str(err).splitlines()[0]}") from None
+    return client
+
+
 def _write_json(path: Path, values: dict[str, Any]) -> None:
     """Write a JSON file whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(values, ensure_ascii=False, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -175,9 +233,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pruning.resources import resolve_data
     from pruning.sparsity import sparsity_report
 
-    _check_positive(args, "limit", "max_seq_length", "doc_stride", "batch_size")
+    _check_positive(args, "eval_limit", "max_seq_length", "doc_stride", "batch_size")
+    _check_device(args.device, "--device")
+    if args.predictions is not None:
+        _check_output_file(Path(args.predictions), "--predictions")
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant, args.device)
-    examples = squad.load_squad(resolve_data(args.eval_data), limit=args.limit)
+    examples = squad.load_squad(resolve_data(args.eval_data), limit=args.eval_limit)
     # The same windows, span search and metric for every kind of model, cut to what the model takes.
     seq, stride = squad.fit_windows(args.max_seq_length, args.doc_stride, model.config.max_position_embeddings)
     with autocast(precision, device):
@@ -211,9 +272,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from pruning.resources import resolve_data
     from pruning.squad import score_files
 
-    _emit(score_files(args.data, args.predictions))
+    _emit(score_files(resolve_data(args.data), args.predictions))
     return 0
 
 
@@ -229,6 +291,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     precision = resolve_precision(args.precision, "cpu")  # settings first, then the work
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
+    _check_not_inside(args.checkpoint, out, "out_dir")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
     masked = load_model(args.checkpoint)
@@ -248,6 +311,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pruning.export import export_checkpoint
 
     _check_positive(args, "questions")
+    _check_not_inside(args.model_dir, args.out_dir, "out_dir")
     _emit(export_checkpoint(args.model_dir, args.out_dir, quantize=args.quantize, opset=args.opset,
                             data=args.eval_data, questions=args.questions, overwrite=args.overwrite))
     return 0
@@ -256,9 +320,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from workflows.sweep import run_sweep
 
+    from workflows.retry import OUTAGE_LIMIT_ENV
+
+    timeout, where = args.tracking_timeout, "--tracking-timeout"
+    if timeout is None and os.environ.get(OUTAGE_LIMIT_ENV):
+        where = OUTAGE_LIMIT_ENV
+        try:
+            timeout = float(os.environ[OUTAGE_LIMIT_ENV])
+        except ValueError:
+            raise UserError(f"{where}={os.environ[OUTAGE_LIMIT_ENV]!r} is not a number of seconds") from None
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        raise UserError(f"{where} must be a positive number of seconds, got {timeout:g}")
     summary = run_sweep(args.space, experiment=args.experiment, tracking_uri=args.tracking_uri,
                         address=args.address, resume=args.resume or False, storage_path=args.storage_path,
-                        tracking_timeout=args.tracking_timeout)
+                        tracking_timeout=timeout)
     _emit(summary)
     return 0
 
@@ -266,6 +341,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from workflows.registry import register_from_experiment
 
+    _tracking_client(args.tracking_uri)
     result = register_from_experiment(args.experiment, tracking_uri=args.tracking_uri, space=args.space,
                                       frontier=args.frontier, onnx=False if args.no_onnx else None)
     _emit(result)
@@ -274,10 +350,9 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     _check_positive(args, "batch_size", "seq_len", "repeats", "threads")
-    from workflows import record, tracking
     from workflows.registry import select_by_latency
 
-    client = tracking.client_for(record.tracking_uri(args.tracking_uri))
+    client = _tracking_client(args.tracking_uri)
     result = select_by_latency(client, args.registered_model, args.max_latency_ms, batch_size=args.batch_size,
                                seq_len=args.seq_len, threads=args.threads, alias=args.alias, repeats=args.repeats,
                                runtime=args.runtime)
@@ -288,6 +363,10 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from workflows.report import write_report
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    _tracking_client(args.tracking_uri)
     paths = write_report(args.experiment, out_dir=args.out, tracking_uri=args.tracking_uri)
     _emit({k: str(v) for k, v in paths.items()})
     return 0
@@ -360,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precision", choices=PRECISIONS, help=f"{PRECISION_HELP} (default: the config's)")
         p.add_argument("--resume", metavar="DIR",
                        help="training checkpoint directory to continue from (default: start afresh)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="write over an output_dir that holds an earlier run (default: refuse it)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     training("train", cmd_train, "dense fine-tune (teacher and baseline)")
@@ -368,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("eval", cmd_eval, "EM/F1 of a dense, masked, packed or exported model")
     p.add_argument("model_dir", help="model directory, or 'minilm'")
     eval_data(p, "dev", "the questions evaluated on")
-    p.add_argument("--eval-limit", "--limit", dest="limit", type=int, metavar="N",
+    p.add_argument("--eval-limit", "--limit", dest="eval_limit", type=int, metavar="N",
                    help="evaluate on the first N questions, as train and prune's --eval-limit (default: all)")
     windows(p)
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
