@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="model directory, or 'minilm'")
     eval_data(p, "dev", "the questions evaluated on")
     p.add_argument("--eval-limit", "--limit", dest="eval_limit", type=int, metavar="N",
-                   help="evaluate on the first N questions, as train and prune's --eval-limit (default: all)")
+                   help="evaluate on the first N questions (default: all)")
     windows(p)
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
