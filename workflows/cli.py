@@ -433,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use the first N training questions (default: the config's)")
         p.add_argument("--eval-limit", type=int, metavar="N",
                        help="evaluate on the first N questions (default: the config's)")
-        p.add_argument("--max-steps", type=int, metavar="N", help="training steps (default: the config's)")
+        p.add_argument("--max-steps", type=int, metavar="N",
+                       help="training steps, before the config's fill_steps of the filled phase (default: the "
+                            "config's)")
         p.add_argument("--output-dir", metavar="DIR", help="where the run writes (default: the config's)")
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's)")
         p.add_argument("--precision", choices=PRECISIONS, help=f"{PRECISION_HELP} (default: the config's)")
