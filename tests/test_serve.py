@@ -167,6 +167,17 @@ def test_a_bad_record_among_good_ones_gets_a_one_line_400_naming_it(server, dev_
     _check(_predict(server, records), records)  # the same records, repaired, are answered in order
 
 
+@pytest.mark.parametrize("sent,needle", [
+    ([{"question": "Who?"}], "missing: context"),
+    ([{"context": "Paris is in France."}], "missing: question"),
+    ([], "no records"),
+])
+def test_a_request_without_a_field_or_records_gets_a_one_line_400(server, sent, needle):
+    reply = invoke(server, sent)
+    assert reply.status == 400, reply
+    assert needle in reply.body["message"] and "\n" not in reply.body["message"], reply.body
+
+
 def test_the_champion_under_load_with_malformed_requests(server, dev_subset, tokenizer):
     # 40 requests from 4 clients; 6 malformed ones (every kind: empty, null and oversized contexts and questions).
     # Valid records: whole dev contexts, with questions that fit the smoke model's windows (64 tokens overlapping

@@ -293,9 +293,11 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         from pruning.inference import RecordError, answer_records  # lazy: see load_context
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if frame.empty:
+            raise RequestError("no records: send at least one {question, context} record")
         missing = {"question", "context"} - set(frame.columns)
         if missing:
-            raise RequestError(f"input needs the columns question and context (missing: {', '.join(sorted(missing))})")
+            raise RequestError(f"every record needs a question and a context (missing: {', '.join(sorted(missing))})")
         try:
             answers = answer_records(self.run_windows, self._tokenizer(), _column(frame, "question"),
                                      _column(frame, "context"), max_seq_length=self.max_seq_length,
@@ -306,7 +308,10 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"answer": [a.text for a in answers], "score": [float(a.score) for a in answers]})
 
 
-SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "question"), ColSpec("string", "context")]),
+# The input columns are optional to MLflow's schema check, whose refusal of a missing column is a multi-line message:
+# :meth:`PackedQAModel.predict` refuses it in one line naming the column instead.
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "question", required=False),
+                                          ColSpec("string", "context", required=False)]),
                            outputs=Schema([ColSpec("string", "answer"), ColSpec("double", "score")]))
 
 
