@@ -250,3 +250,25 @@ def test_score_reads_the_shipped_dev_set_by_name(capsys, tmp_path):
     scored = json.loads(capsys.readouterr().out)
     total = len(squad.load_squad(squad_file("dev")))
     assert scored["exact_match"] == pytest.approx(100 * 3 / total)
+
+
+def test_a_command_reading_a_sweep_creates_no_tracking_database(capsys, tmp_path):
+    database = tmp_path / "absent.db"
+    for argv in (["register", "--experiment", "e"], ["report", "--experiment", "e", "--out", str(tmp_path / "r")],
+                 ["select", "--registered-model", "m", "--max-latency-ms", "5"]):
+        line = _one_line_error(capsys, [*argv, "--tracking-uri", f"sqlite:///{database}"])
+        assert "no MLflow database" in line and str(database) in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_training_run_that_fails_before_writing_leaves_no_output_dir(capsys, tmp_path):
+    question = " ".join(["which"] * 200) + "?"
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
+        {"id": "long-q", "question": question, "answers": [{"text": "the mat", "answer_start": 15}]}]}]}]}
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--train-data", str(path), "--eval-data", str(path),
+                                    "--output-dir", str(out), "--no-progress"])
+    assert "question long-q has" in line
+    assert not out.exists()

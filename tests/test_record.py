@@ -112,6 +112,7 @@ def test_latest_sweep_names_what_is_missing(client, tmp_path):
 def test_an_unknown_experiment_is_one_line_and_exit_2(command, tmp_path, monkeypatch, capsys):
     """Both commands read the store ``MLFLOW_TRACKING_URI`` names, as ``sweep`` does."""
     uri = f"sqlite:///{tmp_path}/env.db"
+    MlflowClient(tracking_uri=uri).search_experiments()  # a store that holds no such experiment
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     assert main(command) == 2

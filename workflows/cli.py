@@ -120,10 +120,14 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
                         "(use `fineprune train` for a dense fine-tune)")
     if not method_required and cfg.method is not Method.DENSE:
         raise UserError(f"{args.config}: method: {cfg.method.value} is a pruning method; use `fineprune prune`")
+    existed = out.exists()
     try:
         metrics = train(cfg, report=None, resume_from=args.resume, progress=not args.no_progress)
     except ConfigError as err:  # found once the model is known (e.g. a block shape that does not fit it)
         raise UserError(f"{args.config}: {err}") from None
+    finally:
+        if not existed and out.is_dir() and not any(out.iterdir()):  # a run that wrote nothing leaves nothing
+            out.rmdir()
     _emit(metrics)
     return 0
 
@@ -206,6 +210,10 @@ def _tracking_client(uri: str | None):
     from workflows import record, tracking
 
     uri = record.tracking_uri(uri)
+    if uri.startswith("sqlite:///"):  # these commands read a sweep's record: an absent database holds none
+        database = Path(uri[len("sqlite:///"):])
+        if not database.is_file():
+            raise UserError(f"tracking URI {uri}: no MLflow database at {database} (pass the sweep's --tracking-uri)")
     client = tracking.client_for(uri)
     try:
         tracking.check_reachable(client, REACH_TIMEOUT_S)
