@@ -33,9 +33,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
-import itertools
 import math
 import os
 import random

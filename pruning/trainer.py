@@ -298,13 +298,10 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: lis
     model's position embeddings when ``max_seq_length`` exceeds them (:func:`pruning.squad.fit_windows`).
     """
     run_device = device if device is not None else next(model.parameters()).device
-    seq, stride = cfg.max_seq_length, cfg.doc_stride
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if positions is not None and seq > positions:
-        seq, stride = squad.fit_windows(seq, stride, positions)
+    cfg = fit_to_model(cfg, model)
     with autocast(resolve_precision(cfg.precision, run_device), run_device):
-        predictions = squad.predict(model, tokenizer, examples, max_seq_length=seq,
-                                    doc_stride=stride, batch_size=cfg.eval_batch_size,
+        predictions = squad.predict(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
+                                    doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
                                     max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, device=device,
                                     progress=progress)
     metrics = dict(squad.evaluate(examples, predictions))
@@ -614,9 +611,9 @@ def _same_setting(key: str, old: Any, new: Any) -> bool:
         return True
     if not (isinstance(old, str) and isinstance(new, str)):
         return False
-    try:  # the same file or directory under two names ("minilm" and its path, a relative and an absolute path)
-        if key == "model":
-            return resolve_model(old).resolve() == resolve_model(new).resolve()
+    if key == "model":  # "minilm" and its path, a relative and an absolute path: one model
+        return _same_model(old, new)
+    try:  # the same file under two names
         if key == "train_data":
             return resolve_data(old).resolve() == resolve_data(new).resolve()
         if key == "tokenizer":

@@ -272,3 +272,13 @@ def test_a_training_run_that_fails_before_writing_leaves_no_output_dir(capsys, t
                                     "--output-dir", str(out), "--no-progress"])
     assert "question long-q has" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value,needle", [("abc", "FINEPRUNE_TRACKING_TIMEOUT='abc' is not a number of seconds"),
+                                          ("-5", "FINEPRUNE_TRACKING_TIMEOUT must be a positive number")])
+def test_a_bad_tracking_timeout_in_the_environment_is_one_line(capsys, monkeypatch, tmp_path, value, needle):
+    monkeypatch.setenv("FINEPRUNE_TRACKING_TIMEOUT", value)
+    line = _one_line_error(capsys, ["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"),
+                                    "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    assert needle in line
+    assert list(tmp_path.iterdir()) == []  # refused before the tracking store was touched

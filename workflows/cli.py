@@ -43,6 +43,7 @@ _USER_ERRORS = (
     ("workflows.registry", "SelectionError"),
     ("workflows.sweep", "RayUnavailable"),
     ("workflows.sweep", "ResumeError"),
+    ("workflows.retry", "OutageLimitError"),
 )
 PRECISIONS = ("fp32", "bf16", "auto")
 REACH_TIMEOUT_S = 15.0  # how long register, select and report wait for a tracking server that does not answer
@@ -218,7 +219,7 @@ def _tracking_client(uri: str | None):
     try:
         tracking.check_reachable(client, REACH_TIMEOUT_S)
     except MlflowException as err:
-        raise UserError(f"--tracking-uri {uri}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"tracking URI {uri}: {str(err).splitlines()[0]}") from None
     return client
 
 
@@ -326,19 +327,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from workflows.retry import outage_limit
     from workflows.sweep import run_sweep
 
-    from workflows.retry import OUTAGE_LIMIT_ENV
-
-    timeout, where = args.tracking_timeout, "--tracking-timeout"
-    if timeout is None and os.environ.get(OUTAGE_LIMIT_ENV):
-        where = OUTAGE_LIMIT_ENV
-        try:
-            timeout = float(os.environ[OUTAGE_LIMIT_ENV])
-        except ValueError:
-            raise UserError(f"{where}={os.environ[OUTAGE_LIMIT_ENV]!r} is not a number of seconds") from None
-    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
-        raise UserError(f"{where} must be a positive number of seconds, got {timeout:g}")
+    timeout = None if args.tracking_timeout is None else outage_limit(args.tracking_timeout, "--tracking-timeout")
     summary = run_sweep(args.space, experiment=args.experiment, tracking_uri=args.tracking_uri,
                         address=args.address, resume=args.resume or False, storage_path=args.storage_path,
                         tracking_timeout=timeout)

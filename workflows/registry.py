@@ -531,6 +531,11 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str,
     return rows
 
 
+def _on_frontier(tags: Mapping[str, str]) -> bool:
+    """Whether a version's (or run's) tags put it on one of its sweep's frontiers."""
+    return any(tags.get(tag) == "true" for tag in FRONTIER_TAGS)
+
+
 def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str]) -> None:
     """Turn the frontier tags ``false`` on the versions this sweep registered whose trials are not in ``current``."""
     try:
@@ -539,8 +544,7 @@ def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str
         return
     for version in versions:
         tags = version.tags
-        if (tags.get(TAG_SWEEP_RUN) == parent_run_id and tags.get(TAG_TRIAL_RUN) not in current
-                and any(tags.get(tag) == "true" for tag in FRONTIER_TAGS)):
+        if tags.get(TAG_SWEEP_RUN) == parent_run_id and tags.get(TAG_TRIAL_RUN) not in current and _on_frontier(tags):
             for tag in FRONTIER_TAGS:
                 client.set_model_version_tag(name, version.version, tag, "false")
             logger.info("version %s of %s (trial run %s) has left the frontier of sweep run %s", version.version,
@@ -651,8 +655,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     except MlflowException as err:
         raise SelectionError(f"registered model {name!r}: {str(err).splitlines()[0]}") from None
     if sweep_run_id is not None:
-        versions = [v for v in versions if v.tags.get(TAG_SWEEP_RUN) == sweep_run_id
-                    and any(v.tags.get(tag) == "true" for tag in FRONTIER_TAGS)]
+        versions = [v for v in versions if v.tags.get(TAG_SWEEP_RUN) == sweep_run_id and _on_frontier(v.tags)]
     versions = sorted(versions, key=lambda v: int(v.version))
     if not versions:
         where = f" on the frontier of sweep run {sweep_run_id}" if sweep_run_id else ""
@@ -697,27 +700,26 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         logger.info("loaded %d versions of %s in %.1f s; timed them and %d dense shape(s), %d rounds, in %.1f s",
                     len(dense_of), name, loaded - started, len(models) - len(dense_of), warmup + repeats,
                     time.perf_counter() - loaded)
-    exact: dict[str, float] = {}  # unrounded latencies: the budget is checked once, on these
     for row in rows:
         if row["version"] not in dense_of:
             continue
         own = statistics.median(times[f"v{row['version']}"]) * 1000.0
         dense = statistics.median(times[dense_of[row["version"]]]) * 1000.0
-        row.update({"latency_ms": round(own, 4), "dense_latency_ms": round(dense, 4),
-                    "measured_speedup": round(dense / own, 4) if own > 0 else None,
-                    "within_budget": own <= max_latency_ms})
-        exact[row["version"]] = own
+        row.update({"latency_ms": own, "dense_latency_ms": dense,
+                    "measured_speedup": dense / own if own > 0 else None, "within_budget": own <= max_latency_ms})
     settings = {"name": name, "alias": alias, "max_latency_ms": max_latency_ms, "batch_size": batch_size,
                 "seq_len": seq_len, "threads": threads, "repeats": repeats, "runtime": runtime}
-    within = [{**row, "latency_ms": exact[row["version"]]} for row in rows if row.get("within_budget")]
-    chosen = select_champion(within, "best_f1_under_latency", max_latency_ms=max_latency_ms)
-    if chosen is not None:
-        chosen = next(row for row in rows if row["version"] == chosen["version"])
-    else:
-        timed = [r for r in rows if "latency_ms" in r]
-        fastest = min(timed, key=lambda r: exact[r["version"]])
+    # The budget is checked once, on the unrounded latencies; the record keeps them to 4 decimals.
+    chosen = select_champion(rows, "best_f1_under_latency", max_latency_ms=max_latency_ms)
+    if chosen is None:
+        fastest = min((r for r in rows if "latency_ms" in r), key=lambda r: r["latency_ms"])
         reason = ("none of them has an F1 tag" if fastest["within_budget"] else
-                  f"fastest: version {fastest['version']} at {exact[fastest['version']]:.4g} ms")
+                  f"fastest: version {fastest['version']} at {fastest['latency_ms']:.4g} ms")
+    for row in rows:
+        for key in ("latency_ms", "dense_latency_ms", "measured_speedup"):
+            if row.get(key) is not None:
+                row[key] = round(row[key], 4)
+    if chosen is None:
         for row in rows:
             logger.info("version %s: %s", row["version"], json.dumps(row, sort_keys=True))
         raise SelectionError(f"no version of {name!r} is within {max_latency_ms:g} ms at batch {batch_size}, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
 import threading
@@ -19,7 +20,7 @@ import time
 from typing import Any, Callable, Iterator, TypeVar
 
 __all__ = ["TrackingUnavailable", "LogQueue", "call_with_retries", "is_transient", "quick_http_failures",
-           "DEFAULT_OUTAGE_LIMIT_S", "OUTAGE_LIMIT_ENV"]
+           "outage_limit", "OutageLimitError", "DEFAULT_OUTAGE_LIMIT_S", "OUTAGE_LIMIT_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,31 @@ BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 10.0
 
 T = TypeVar("T")
+
+
+class OutageLimitError(ValueError):
+    """The tracking timeout given (flag or ``FINEPRUNE_TRACKING_TIMEOUT``) is not a positive number of seconds."""
+
+
+def outage_limit(given: float | None = None, flag: str = "tracking_timeout") -> float:
+    """How long the tracking server may be away, in seconds: ``given``, else ``$FINEPRUNE_TRACKING_TIMEOUT``, else
+    :data:`DEFAULT_OUTAGE_LIMIT_S`. ``flag`` names ``given`` in the error.
+
+    Raises:
+        OutageLimitError: the value is not a positive, finite number.
+    """
+    if given is None:
+        text = os.environ.get(OUTAGE_LIMIT_ENV)
+        if not text:
+            return DEFAULT_OUTAGE_LIMIT_S
+        try:
+            given = float(text)
+        except ValueError:
+            raise OutageLimitError(f"{OUTAGE_LIMIT_ENV}={text!r} is not a number of seconds") from None
+        flag = OUTAGE_LIMIT_ENV
+    if not (given > 0 and math.isfinite(given)):
+        raise OutageLimitError(f"{flag} must be a positive number of seconds, got {given:g}")
+    return float(given)
 
 
 class TrackingUnavailable(RuntimeError):

@@ -42,7 +42,7 @@ from pruning.trainer import evaluate, resolve_device, train
 from workflows import frontier, record, registry, tracking
 from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
-from workflows.retry import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV, TrackingUnavailable, quick_http_failures
+from workflows.retry import TrackingUnavailable, outage_limit, quick_http_failures
 from workflows.space import (EVAL_METRICS, SweepSpace, load_space, param_space, teacher_config, teacher_fingerprint,
                              trial_config, tune_config_kwargs)
 
@@ -391,7 +391,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         _check_ray_answers(cluster)
     experiment = experiment or space.name
     tracking_uri = record.tracking_uri(tracking_uri)
-    limit = float(tracking_timeout or os.environ.get(OUTAGE_LIMIT_ENV) or DEFAULT_OUTAGE_LIMIT_S)
+    limit = outage_limit(tracking_timeout)
     started = time.time()
     client = tracking.client_for(tracking_uri)
     tracking.check_reachable(client, limit)

@@ -30,13 +30,12 @@ from ray import tune
 from workflows.frontier import hypervolume_progress
 from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMOVED, HYPERVOLUME, HYPERVOLUME_COMPUTE,
                               KIND_BASELINE, KIND_SWEEP, KIND_TRIAL, LINEAR_DENSITY, PARAM_SEARCHED, PAUSED_S,
-                              SEARCH_REPEATS,
-                              SEARCH_STEERED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUS_INTERRUPTED,
-                              STATUS_ORPHANED, STATUS_STOPPED_EARLY, STEP, SWEEP_COMPLETE, SWEEP_INTERRUPTED,
-                              SWEEP_RUNNING, TAG_CONFIGURATION, TAG_ERROR, TAG_ERROR_FILE, TAG_KIND, TAG_MODEL_DIR,
-                              TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION, TAG_RETRIES,
-                              TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE, TAG_TOOK_OVER,
-                              TAG_TRIAL, TOTAL_DENSITY, flat_params)
+                              SEARCH_REPEATS, SEARCH_STEERED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED,
+                              STATUS_INTERRUPTED, STATUS_ORPHANED, STATUS_STOPPED_EARLY, STEP, SWEEP_COMPLETE,
+                              SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_CONFIGURATION, TAG_ERROR, TAG_ERROR_FILE, TAG_KIND,
+                              TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION,
+                              TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
+                              TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, flat_params)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, is_transient,
                              quick_http_failures)
 
@@ -368,17 +367,15 @@ class MlflowTrialCallback(tune.Callback):
     def _run_for(self, trial_id: str, config: dict[str, Any], reopen: bool = False) -> str:
         """The trial's run: its own, one a lost trial with the same configuration left, or a new one."""
         run_id = self._runs.get(trial_id)
-        earlier = run_id is None  # a run found, not made, here belongs to an earlier session of the sweep
+        earlier = False  # the run was found, not made, here: an earlier session of the sweep had it
         if run_id is None:
             experiment_id = _experiment_id(self.client, self.experiment)
             existing = _find_runs(self.client, experiment_id, f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' and "
                                                               f"tags.`{TAG_TRIAL}` = '{trial_id}'")
-            if existing:
-                run_id = existing[0].info.run_id
-            else:
-                run_id = self._take_over(trial_id, config)
-                earlier = run_id is not None
-                run_id = run_id or self.client.create_run(experiment_id, tags={
+            run_id = existing[0].info.run_id if existing else self._take_over(trial_id, config)
+            earlier = run_id is not None
+            if run_id is None:
+                run_id = self.client.create_run(experiment_id, tags={
                     TAG_PARENT: self.parent_run_id, TAG_KIND: KIND_TRIAL, TAG_TRIAL: trial_id,
                     TAG_RUN_NAME: f"trial-{trial_id}",
                     TAG_CONFIGURATION: json.dumps(_trial_config_key(config))}).info.run_id
