@@ -46,6 +46,23 @@ def _outcome(config: dict) -> dict:
     return {"f1": 100 * config["target_density"] + config["temperature"], "linear_density": config["target_density"]}
 
 
+def _wrappers(alg) -> list:
+    """The searcher and every searcher it wraps, but the innermost: the layers whose state Tune saves apart."""
+    layers = []
+    while hasattr(alg, "searcher"):
+        layers.append(alg)
+        alg = alg.searcher
+    return layers
+
+
+def _wrapper_states(alg) -> list[dict]:
+    return [layer.get_state() for layer in _wrappers(alg)]
+
+
+def _distinct(alg) -> DistinctConfigurations:
+    return next(layer for layer in _wrappers(alg) if isinstance(layer, DistinctConfigurations))
+
+
 def _study(alg) -> optuna.Study:
     while not isinstance(alg, OptunaSearch):
         alg = alg.searcher
@@ -132,25 +149,29 @@ def test_a_restored_searcher_remembers_what_ran(tmp_path):
     assert len(keys) == len(set(keys)) == 4
 
 
-def test_a_failed_trial_run_again_on_resume_records_its_result(tmp_path):
+@pytest.mark.parametrize("max_concurrent", [None, 2])
+def test_a_failed_trial_run_again_on_resume_records_its_result(tmp_path, max_concurrent):
     """A resumed sweep runs an errored trial again under its id, without asking for a configuration; when it
-    succeeds, the configuration has that result (not the failure) and the sampler's study holds it."""
-    space = load_space(_space(tmp_path, DISCRETE))
+    succeeds, the configuration has that result (not the failure) and the sampler's study holds it. Under a
+    concurrency limit too, whose limiter did not let that run through."""
+    space = load_space(_space(tmp_path, DISCRETE, max_concurrent=max_concurrent))
     alg = search_algorithm(space)
     alg.set_search_properties(None, None, param_space(space))
     config = alg.suggest("a")
     alg.on_trial_complete("a", None, error=True)
-    state, saved = alg.get_state(), str(tmp_path / "searcher.pkl")
+    states, saved = _wrapper_states(alg), str(tmp_path / "searcher.pkl")
     alg.save(saved)
 
     restored = search_algorithm(space)
-    restored.set_state(state)
+    for wrapper, state in zip(_wrappers(restored), states, strict=True):  # as Tune restores a sweep
+        wrapper.set_state(state)
     restored.restore(saved)
+    distinct = _distinct(restored)
     key = configuration_key(config)
-    assert restored._results[key] is None
+    assert distinct._results[key] is None
     restored.on_trial_result("a", _outcome(config))  # it runs again
     restored.on_trial_complete("a", {**_outcome(config), "config": config})
-    assert restored._results[key] == _outcome(config)
+    assert distinct._results[key] == _outcome(config)
     complete = [t for t in _study(restored).trials if t.state == TrialState.COMPLETE]
     assert [(t.params, t.values) for t in complete] == [
         (config, [_outcome(config)["f1"], _outcome(config)["linear_density"]])]

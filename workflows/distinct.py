@@ -30,7 +30,7 @@ import random
 from typing import Any, Mapping, Sequence
 
 import optuna as ot
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import flatten_dict
 
@@ -224,17 +224,19 @@ class DistinctConfigurations(Searcher):
             self.steered += 1
             logger.info("next: %s, the nearest configuration not yet run", configuration_key(nearest))
 
+    def failed(self, trial_id: str) -> bool:
+        """Whether ``trial_id`` is a trial that failed, and that a resumed sweep may run again."""
+        return trial_id in self._failed
+
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        # A failed trial that runs again (a resumed sweep) stays failed until it completes: a ConcurrencyLimiter
-        # above drops the completion of a trial it did not suggest, and a configuration marked running would then
-        # run for ever. The searcher has the failure on record and no open trial to report to.
+        # A failed trial that runs again (a resumed sweep) stays failed until it completes: the searcher has the
+        # failure on record and no open trial to report to.
         if trial_id in self._failed:
             return
         self.searcher.on_trial_result(self._inner.get(trial_id, trial_id), result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        # Tune ran a failed trial again, under its id and without a suggest (``resume_errored``). Under a
-        # ConcurrencyLimiter (``max_concurrent``) that completion never arrives: the limiter drops it.
+        # Tune ran a failed trial again, under its id and without a suggest (``resume_errored``).
         rerun = self._failed.pop(trial_id, None)
         if rerun is None:
             self.searcher.on_trial_complete(self._inner.pop(trial_id, trial_id), result=result, error=error)
@@ -279,6 +281,19 @@ class DistinctConfigurations(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         self.searcher.restore(checkpoint_path)
+
+
+class DistinctLimiter(ConcurrencyLimiter):
+    """``ConcurrencyLimiter`` over :class:`DistinctConfigurations` that also passes on the completion of a failed
+    trial a resumed sweep runs again. Tune runs it without asking for a configuration, so Ray's limiter, which
+    passes on only the trials it let through, would drop it, and its configuration would stay failed for the
+    search."""
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id not in self.live_trials and self.searcher.failed(trial_id):
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 class EnqueueingOptunaSearch(OptunaSearch):

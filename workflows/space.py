@@ -28,11 +28,11 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
                       model_validator)
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search import BasicVariantGenerator
 
 from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict, read_yaml
 from pruning.schedules import warmup_steps
-from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, EnqueueingOptunaSearch
+from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
 from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, RegistrySpec
 
@@ -894,8 +894,8 @@ def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = Non
       ``sampler`` (:func:`optuna_sampler`: TPE unless the space names another, seeded), wrapped in
       :class:`~workflows.distinct.DistinctConfigurations` (no configuration runs twice; a repeated suggestion is told
       the result its configuration has and, in a finite space, followed by the nearest untried configuration) and
-      in a ``ConcurrencyLimiter`` when ``max_concurrent`` is set. Optuna is told each trial's last reported result,
-      so the objectives must be in the trial's final report.
+      in a ``ConcurrencyLimiter`` (:class:`~workflows.distinct.DistinctLimiter`) when ``max_concurrent`` is set.
+      Optuna is told each trial's last reported result, so the objectives must be in the trial's final report.
     * ``random`` / ``grid``: ``BasicVariantGenerator`` (seeded), which limits concurrency itself.
 
     Args:
@@ -926,7 +926,7 @@ def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = Non
         searcher = DistinctConfigurations(searcher, size=space.configurations, ladders=space.ladders,
                                           seed=space.search_seed)
         if space.max_concurrent is not None:
-            return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
+            return DistinctLimiter(searcher, max_concurrent=space.max_concurrent)
         return searcher
     return BasicVariantGenerator(max_concurrent=space.max_concurrent or 0, random_state=space.search_seed)
 
