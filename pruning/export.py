@@ -220,7 +220,10 @@ def to_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> P
     sample = (torch.randint(0, vocab, (2, 16), generator=generator), torch.ones(2, 16, dtype=torch.long),
               torch.zeros(2, 16, dtype=torch.long))
     axes = {name: {0: "batch", 1: "sequence"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)}
-    with warnings.catch_warnings(), torch.no_grad(), eval_mode(graph):
+    # The wrapper is made in train mode: switching it (and so the model) to eval for the trace must give the model
+    # back in the mode it came in, not the wrapper's.
+    with warnings.catch_warnings(), torch.no_grad(), eval_mode(model):
+        graph.eval()
         # The TorchScript exporter is deprecated in favour of the dynamo one, whose graphs ORT does not fuse.
         warnings.simplefilter("ignore")
         try:

@@ -129,6 +129,22 @@ def test_exported_answers_are_the_pytorch_answers(tokenizer, dev_subset, tmp_pat
     assert [a.score for a in ours] == pytest.approx([a.score for a in theirs], abs=2e-4)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_export_gives_the_model_back_in_its_mode(training, dev_windows, tmp_path):
+    # With dropout, a model left in train mode answers differently on every call.
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
+                        intermediate_size=INTER, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    model = BertForQuestionAnswering(config).train(training)
+    inputs = dev_windows.model_inputs(slice(0, 2))
+    export_model(model, tmp_path, inputs=inputs)
+    assert all(module.training == training for module in model.modules())
+    if not training:
+        with torch.no_grad():
+            first, second = model(**inputs).start_logits, model(**inputs).start_logits
+        assert torch.equal(first, second)
+
+
 def test_bad_opset_and_quantize_are_refused(tmp_path):
     model = pruned_model([[]], [INTER])
     with pytest.raises(ExportError, match="--opset"):
