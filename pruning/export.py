@@ -320,9 +320,11 @@ class OrtQAModel(nn.Module):
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # ORT raises its own types (InvalidProtobuf, Fail, ...) for a bad file
             raise ExportError(f"{self.path}: corrupted or not an ONNX model ({_first_line(error)})") from None
-        names = {i.name for i in self.session.get_inputs()}
-        if names != set(INPUT_NAMES):
-            raise ExportError(f"{self.path}: model inputs {sorted(names)} are not {list(INPUT_NAMES)}")
+        # A graph keeps only the inputs it reads: a model without any head has no use for the attention mask.
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        if "input_ids" not in self.inputs or not set(self.inputs) <= set(INPUT_NAMES):
+            raise ExportError(f"{self.path}: model inputs {sorted(self.inputs)} are not {list(INPUT_NAMES)} "
+                              "(or those of them the graph reads)")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, **_: Any) -> QuestionAnsweringModelOutput:
@@ -334,7 +336,7 @@ class OrtQAModel(nn.Module):
             "token_type_ids": (np.zeros_like(ids) if token_type_ids is None
                                else token_type_ids.detach().cpu().numpy().astype(np.int64, copy=False)),
         }
-        start, end = self.session.run(list(OUTPUT_NAMES), feeds)
+        start, end = self.session.run(list(OUTPUT_NAMES), {name: feeds[name] for name in self.inputs})
         return QuestionAnsweringModelOutput(start_logits=torch.from_numpy(start), end_logits=torch.from_numpy(end))
 
     def extra_repr(self) -> str:

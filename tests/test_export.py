@@ -66,6 +66,7 @@ def logits_of(model, features) -> np.ndarray:
 @pytest.mark.parametrize("heads_removed,ffn_kept", [
     ([[1, 3], [0, 1, 2, 3], [0], []], [INTER, 40, 0, 7]),  # uneven heads, a layer without heads, one without FFN
     ([[], [], []], [INTER, INTER, INTER]),  # nothing pruned: a dense model packed as is
+    ([[0, 1, 2, 3], [0, 1, 2, 3]], [INTER, 9]),  # no heads left at all: the graph reads no attention mask
 ])
 def test_packed_model_exports_fused_per_layer_and_matches_pytorch(heads_removed, ffn_kept, dev_windows, tmp_path):
     packed = pack(pruned_model(heads_removed, ffn_kept))
