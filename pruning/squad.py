@@ -413,9 +413,11 @@ def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int,
     _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride)
     for first in range(0, len(examples), _TOKENIZE_CHUNK):
         chunk = slice(first, first + _TOKENIZE_CHUNK)
+        # token_type_ids asked for: a tokenizer whose model_input_names leave them out still has them for BERT.
         encoding = tokenizer(questions[chunk], [ex.context for ex in examples[chunk]], truncation="only_second",
                              max_length=max_seq_length, stride=doc_stride, return_overflowing_tokens=True,
-                             return_offsets_mapping=True, padding="max_length", return_tensors="np")
+                             return_offsets_mapping=True, return_token_type_ids=True, padding="max_length",
+                             return_tensors="np")
         yield first, encoding
 
 

@@ -1,9 +1,12 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 from transformers import BertForQuestionAnswering
 
 from pruning import masks, squad
+from pruning.checkpoint import load_tokenizer
 from pruning.inference import (Answer, RecordError, answer, answer_batch, answer_records, check_records,
                                count_windows, run_windows, torch_runner)
 
@@ -84,6 +87,20 @@ def test_batch_matches_single_answers_and_evaluation(tiny_qa_model, tokenizer, d
     # the same windows and span search as evaluation
     predictions = squad.predict(tiny_qa_model, tokenizer, examples, max_seq_length=96, doc_stride=32, progress=False)
     assert [predictions[ex.id] for ex in examples] == [result.text for result in batch]
+
+
+def test_a_tokenizer_that_leaves_out_token_type_ids_answers_the_same(tiny_qa_model, tokenizer, tmp_path):
+    # Some BERT tokenizers are saved with model_input_names that name no token_type_ids.
+    tokenizer.save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    settings["model_input_names"] = ["input_ids", "attention_mask"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    plain = load_tokenizer(tmp_path)
+    assert "token_type_ids" not in plain("Who?", "Ann.")
+    question, context = "How large is the basin?", " ".join([CONTEXT] * 3)
+    ours = answer(tiny_qa_model, plain, question, context, max_seq_length=64, doc_stride=16)
+    theirs = answer(tiny_qa_model, tokenizer, question, context, max_seq_length=64, doc_stride=16)
+    assert (ours.text, ours.start, ours.end, ours.score) == (theirs.text, theirs.start, theirs.end, theirs.score)
 
 
 def test_masked_model(tiny_bert_config, tokenizer):
