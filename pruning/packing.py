@@ -35,7 +35,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from .bench import compare_latency, eval_mode, flop_ratio, random_inputs
-from .masks import remove_masks_
+from .masks import MaskedLinear, remove_masks_
 from .precision import resolve_precision
 from .sparsity import sparsity_report
 from .structure import Architecture, architecture_for, encoder_layers, get_module, set_module
@@ -196,17 +196,29 @@ def pack(model: nn.Module) -> nn.Module:
     return packed.eval()
 
 
+def _bias_masked_out(linear: nn.Module) -> bool:
+    """Whether a masked linear's bias mask hides its whole bias (it follows the blocks of its rows)."""
+    if not isinstance(linear, MaskedLinear) or linear.bias is None:
+        return False
+    with torch.no_grad():
+        return not bool(linear.bias_mask(linear.block_mask()).any())
+
+
 def pack_for_training(masked: nn.Module) -> nn.Module:
     """:func:`pack` for training in the masked model's place, with :func:`unpack_into_` writing the result back.
 
     A masked linear with nothing kept drops its bias (its bias mask follows its blocks), while the packed
     ``Linear(0, hidden)`` would add it: that bias is frozen at the zero packing gave it, so that the trained packed
-    model stays one the masked model can compute. The result is in train mode.
+    model stays one the masked model can compute. The second FFN linear's bias is never masked: it trains in both,
+    also in a layer without FFN dimensions. The result is in train mode.
     """
+    arch = architecture_for(masked)
     packed = pack(masked)
-    for module in packed.modules():
-        if isinstance(module, nn.Linear) and module.in_features == 0 and module.bias is not None:
-            module.bias.requires_grad_(False)
+    for full, small in zip(encoder_layers(masked), encoder_layers(packed)):
+        for path in (*arch.attention_linears, arch.ffn_in, arch.ffn_out):
+            linear = get_module(small, path)
+            if linear.in_features == 0 and linear.bias is not None and _bias_masked_out(get_module(full, path)):
+                linear.bias.requires_grad_(False)
     return packed.train()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import BertForQuestionAnswering
@@ -64,6 +66,31 @@ def test_trained_packed_weights_go_back_into_the_masked_model(heads):
     again = dict(pack(masked).named_parameters())
     for name, p in packed.named_parameters():
         assert torch.equal(again[name], p), name
+
+
+def test_a_layer_without_ffn_trains_its_output_bias_packed_as_masked():
+    # Layer 0 keeps no head, layer 1 no FFN dimension: one SGD step on each model, then the packed one written back.
+    head_keep = torch.tensor([[False] * HEADS, [True, False, True, True]])
+    neuron_keep = torch.ones(LAYERS, INTER, dtype=torch.bool)
+    neuron_keep[1] = False
+    masked = tiny_model(0)
+    imp.zero_removed_(masked, head_keep, neuron_keep)
+    imp.apply_structure_(masked, head_keep, neuron_keep)
+    packed = pack_for_training(masked)
+    frozen = [n for n, p in packed.named_parameters() if not p.requires_grad]
+    assert frozen == ["bert.encoder.layer.0.attention.output.dense.bias"]
+    features = {k: windows()[k] for k in INPUTS}
+    for model in (masked, packed):
+        model.train()
+        model.zero_grad()
+        model(**features).start_logits.sum().backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad and p.grad is not None:
+                    p.sub_(0.01 * p.grad)
+    trained = copy.deepcopy(masked)
+    unpack_into_(masked, packed)
+    assert float((logits(masked, features) - logits(trained, features)).abs().max()) <= 1e-4
 
 
 def test_unpacking_into_another_structure_is_refused():
