@@ -171,6 +171,8 @@ def test_a_bad_record_among_good_ones_gets_a_one_line_400_naming_it(server, dev_
     ([{"question": "Who?"}], "missing: context"),
     ([{"context": "Paris is in France."}], "missing: question"),
     ([], "no records"),
+    ([{"query": "Who?", "text": "Ann."}], "no records with a question or a context"),  # every field misnamed
+    ([{"question": "Who?", "context": "Ann."}] * 257, "257 records in one request: at most 256"),
 ])
 def test_a_request_without_a_field_or_records_gets_a_one_line_400(server, sent, needle):
     reply = invoke(server, sent)

@@ -75,6 +75,9 @@ _SERVE_PARAMS = {"max_seq_length": "max_seq_length", "doc_stride": "doc_stride",
                  "batch_size": "eval_batch_size"}
 # For runs that lack a key (logged before it existed): the run config's defaults.
 SERVE_DEFAULTS = {key: RunConfig.__dataclass_fields__[param].default for key, param in _SERVE_PARAMS.items()}
+# The most records one request may hold (the inference config's ``max_records``): every window of a request is
+# built before the first batch runs, so an unbounded request could take the server's memory.
+MAX_RECORDS = 256
 
 
 def serve_settings(params: dict[str, str]) -> dict[str, int]:
@@ -235,7 +238,8 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
     context that is missing, not a string, empty, or a context needing more than ``max_windows`` windows is an HTTP
     400 naming the record's index and the field. The windows of all records of a request run together,
     ``batch_size`` at a time. Settings (``model_config`` of the logged model, from the trial's run config):
-    ``max_seq_length``, ``doc_stride``, ``max_windows``, ``batch_size``; ``onnx_variant`` (``int8``, ``fp32``
+    ``max_seq_length``, ``doc_stride``, ``max_windows``, ``batch_size``; ``max_records``, the most records one
+    request may hold (default :data:`MAX_RECORDS`; more is an HTTP 400); ``onnx_variant`` (``int8``, ``fp32``
     or ``none``), which of the exported models ONNX Runtime runs (default: int8 when the version carries them;
     ``none``: the PyTorch model); and ``precision``, the one the version was measured in, which the PyTorch model
     runs in where this CPU supports it (see :func:`serving_precision`).
@@ -274,6 +278,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
             settings.get("doc_stride", SERVE_DEFAULTS["doc_stride"]), self.model.config.max_position_embeddings)
         self.max_windows = int(settings.get("max_windows", SERVE_DEFAULTS["max_windows"]))
         self.batch_size = int(settings.get("batch_size", SERVE_DEFAULTS["batch_size"]))
+        self.max_records = int(settings.get("max_records", MAX_RECORDS))
         self.run_windows = run
         self._threads = threading.local()
 
@@ -293,8 +298,14 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         from pruning.inference import RecordError, answer_records  # lazy: see load_context
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if frame.empty:
-            raise RequestError("no records: send at least one {question, context} record")
+        # MLflow's schema check drops the columns it does not know: records whose fields are all misnamed arrive as
+        # no records at all.
+        if len(frame) == 0:
+            raise RequestError("no records with a question or a context field: send at least one "
+                               "{question, context} record")
+        if len(frame) > self.max_records:
+            raise RequestError(f"{len(frame)} records in one request: at most {self.max_records} (inference config "
+                               "max_records); send them in several requests")
         missing = {"question", "context"} - set(frame.columns)
         if missing:
             raise RequestError(f"every record needs a question and a context (missing: {', '.join(sorted(missing))})")
