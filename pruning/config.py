@@ -104,7 +104,7 @@ class RunConfig:
     # fine-tune on a few thousand questions moves only the rows of the tokens those questions contain.
     freeze_embeddings: bool = False
     warmup_ratio: float = 0.1  # linear warm-up of the learning rate, fraction of all steps
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # clip the weights' gradient norm to this; 0 or null: no clipping
     # dropout probability of every dropout layer of the student while it trains (hidden and attention); None: the
     # model's own (0.1 for BERT). Saved models keep their own config.
     dropout: float | None = None
@@ -252,7 +252,9 @@ def _check(cfg: RunConfig) -> None:
     if cfg.doc_stride >= cfg.max_seq_length:
         _fail("doc_stride", f"must be smaller than max_seq_length ({cfg.max_seq_length}), got {cfg.doc_stride}")
 
-    non_negative = ["epochs", "weight_decay", "max_grad_norm", "lambda_attention", "lambda_ffn",
+    if cfg.max_grad_norm is not None and (not _is_number(cfg.max_grad_norm) or cfg.max_grad_norm < 0):
+        _fail("max_grad_norm", f"must be a number >= 0 (0: no clipping) or null, got {cfg.max_grad_norm!r}")
+    non_negative = ["epochs", "weight_decay", "lambda_attention", "lambda_ffn",
                     "alpha_ce", "alpha_distil", "alpha_hidden", "initial_warmup", "final_warmup"]
     for key in non_negative:
         value = getattr(cfg, key)

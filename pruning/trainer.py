@@ -518,8 +518,9 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             terms["loss_hidden"] += float(hidden.detach()) / cfg.grad_accum
             terms["loss_reg"] += float(reg.detach()) / cfg.grad_accum
             terms["loss"] += float(loss.detach()) / cfg.grad_accum
-        torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups if g["name"] != "mask_scores"
-                                        for q in g["params"]], cfg.max_grad_norm)
+        if cfg.max_grad_norm:  # 0 or None: no clipping (a clip to norm 0 would zero every gradient)
+            torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups if g["name"] != "mask_scores"
+                                            for q in g["params"]], cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if average is not None:

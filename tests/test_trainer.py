@@ -353,3 +353,18 @@ def test_resuming_under_a_different_run_config_is_refused(tmp_path):
     again = dataclasses.replace(cfg, output_dir=str(tmp_path / "again"), eval_limit=2, eval_every=1, log_every=1,
                                 device="cpu")
     assert train(again, resume_from=checkpoint, progress=False)["step"] == 2
+
+
+@pytest.mark.parametrize("max_grad_norm", [0, None])
+def test_max_grad_norm_zero_or_null_turns_clipping_off_and_the_weights_train(tmp_path, max_grad_norm):
+    from pruning.trainer import seed_everything
+
+    cfg = tiny_cfg(tmp_path, max_steps=2, max_grad_norm=max_grad_norm, warmup_ratio=0.0)
+    seed_everything(cfg.seed)
+    start = build_model(cfg)[0].state_dict()
+    trained = load_model(train(cfg, progress=False)["model_dir"]).state_dict()
+    moved = [name for name, value in start.items() if value.is_floating_point()
+             and not torch.equal(value, trained[name])]
+    assert "bert.encoder.layer.0.attention.self.query.weight" in moved and "qa_outputs.weight" in moved
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        tiny_cfg(tmp_path, max_grad_norm=-1.0)
