@@ -14,6 +14,7 @@ import difflib
 import enum
 import functools
 import math
+import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -201,6 +202,9 @@ class RunConfig:
 
 
 _ENUMS = {"method": Method, "topk_scope": TopkScope, "mask_tuning": MaskTuning}
+# Keys naming a file, a directory or a shipped resource; the optional ones may be null.
+_PATH_KEYS = ("model", "tokenizer", "train_data", "eval_data", "output_dir", "cache_dir", "teacher")
+_OPTIONAL_PATH_KEYS = ("tokenizer", "cache_dir", "teacher")
 
 
 def _fail(key: str, message: str) -> None:
@@ -224,6 +228,14 @@ def _check(cfg: RunConfig) -> None:
         _fail("attention_block", f"must be two positive integers [rows, cols], got {cfg.attention_block!r}")
     object.__setattr__(cfg, "attention_block", (int(block[0]), int(block[1])))
 
+    for key in _PATH_KEYS:
+        value = getattr(cfg, key)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+            object.__setattr__(cfg, key, value)
+        if not (isinstance(value, str) and value) and not (value is None and key in _OPTIONAL_PATH_KEYS):
+            allowed = "a path or name" + (" or null" if key in _OPTIONAL_PATH_KEYS else "")
+            _fail(key, f"must be {allowed}, got {value!r}")
     positive_ints = ["max_seq_length", "doc_stride", "max_answer_length", "n_best", "max_windows", "batch_size",
                      "eval_batch_size", "grad_accum", "log_every"]
     for key in positive_ints:
@@ -301,6 +313,7 @@ def _check(cfg: RunConfig) -> None:
         _fail("model_config", f"must be a mapping of BertConfig fields, got {type(cfg.model_config).__name__}")
     if cfg.model_config is not None:
         _check_bert_keys(cfg.model_config)
+        _check_bert_values(cfg.model_config)
     if not cfg.masked and cfg.fill_steps:
         _fail("fill_steps", "a filled phase needs a pruning method (topk, sigmoid_threshold or fisher)")
     if cfg.dropout is not None and (not _is_number(cfg.dropout) or not 0 <= cfg.dropout < 1):
@@ -339,6 +352,22 @@ def _bert_config_keys() -> frozenset[str]:
     from transformers import BertConfig  # only for configs that build a random model: keeps this module light
 
     return frozenset(BertConfig().to_dict())
+
+
+# BertConfig fields a random model is built from: sizes (integers >= 1) and dropout probabilities ([0, 1)).
+_BERT_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "type_vocab_size")
+_BERT_PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def _check_bert_values(values: Mapping[Any, Any]) -> None:
+    """The sizes and probabilities of ``model_config`` that BertConfig takes unchecked and the model fails on."""
+    for key in _BERT_SIZES:
+        if key in values and not (_is_int(values[key]) and values[key] > 0):
+            _fail(f"model_config.{key}", f"must be a positive integer, got {values[key]!r}")
+    for key in _BERT_PROBABILITIES:
+        if key in values and not (_is_number(values[key]) and 0 <= values[key] < 1):
+            _fail(f"model_config.{key}", f"must be in [0, 1), got {values[key]!r}")
 
 
 def _check_bert_keys(values: Mapping[Any, Any]) -> None:

@@ -98,6 +98,9 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if cfg.model_config is not None:
         tokenizer = load_tokenizer(cfg.tokenizer or shipped_model_dir())
         values = {"vocab_size": tokenizer.vocab_size, **dict(cfg.model_config)}
+        if values["vocab_size"] < len(tokenizer):  # token ids past the embeddings fail at the first forward
+            raise ConfigError(f"model_config.vocab_size: {values['vocab_size']} is smaller than the tokenizer's "
+                              f"{len(tokenizer)} tokens")
         model = BertForQuestionAnswering(BertConfig(**values))
     else:
         model_dir = resolve_model(cfg.model)

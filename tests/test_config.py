@@ -45,6 +45,15 @@ def test_unknown_key_is_named(tmp_path):
         ({"max_windows": 0}, "max_windows"),
         ({"precision": "fp8"}, "precision"),
         ({"fill_steps": 10}, "fill_steps"),  # needs a pruning method
+        ({"model": 5}, "model: must be a path or name, got 5"),
+        ({"eval_data": None}, "eval_data: must be a path or name, got None"),
+        ({"teacher": True}, "teacher: must be a path or name or null, got True"),
+        ({"cache_dir": 5}, "cache_dir"),
+        ({"output_dir": None}, "output_dir"),
+        ({"model_config": {"num_attention_heads": 0}}, "model_config.num_attention_heads: must be a positive integer"),
+        ({"model_config": {"hidden_size": "64"}}, "model_config.hidden_size: must be a positive integer, got '64'"),
+        ({"model_config": {"num_hidden_layers": 0}}, "model_config.num_hidden_layers"),
+        ({"model_config": {"hidden_dropout_prob": 2}}, r"model_config.hidden_dropout_prob: must be in \[0, 1\)"),
     ],
 )
 def test_bad_values_name_their_key(values, key):
@@ -101,3 +110,9 @@ def test_model_config_keys_must_be_bert_config_fields(tmp_path):
     good = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
             "max_position_embeddings": 128, "vocab_size": 100, "hidden_dropout_prob": 0.0}
     assert RunConfig(model_config=good).model_config == good
+
+
+def test_path_keys_take_path_objects_as_strings(tmp_path):
+    cfg = RunConfig(teacher=tmp_path / "teacher", output_dir=tmp_path / "out", train_data=tmp_path / "train.json")
+    assert (cfg.teacher, cfg.output_dir, cfg.train_data) == (str(tmp_path / "teacher"), str(tmp_path / "out"),
+                                                             str(tmp_path / "train.json"))

@@ -368,3 +368,9 @@ def test_max_grad_norm_zero_or_null_turns_clipping_off_and_the_weights_train(tmp
     assert "bert.encoder.layer.0.attention.self.query.weight" in moved and "qa_outputs.weight" in moved
     with pytest.raises(ConfigError, match="max_grad_norm"):
         tiny_cfg(tmp_path, max_grad_norm=-1.0)
+
+
+def test_a_random_model_with_fewer_embeddings_than_the_tokenizer_has_tokens_is_refused(tmp_path):
+    cfg = tiny_cfg(tmp_path, model_config={**TINY, "vocab_size": 100})
+    with pytest.raises(ConfigError, match=r"model_config.vocab_size: 100 is smaller than the tokenizer's 30522 tokens"):
+        build_model(cfg)
