@@ -48,6 +48,7 @@ MASKS_KEY = "fineprune_masks"
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
+_PARAMS = "params"  # in the optimizer tensors: how many parameters the optimizer stepped
 
 
 class CheckpointError(ValueError):
@@ -268,9 +269,19 @@ def _refix(model: nn.Module, settings: dict[str, Any]) -> None:
 
 
 def load_training_state(checkpoint_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(trainer_state.json, optimizer/RNG tensors) of a training checkpoint."""
+    """(trainer_state.json, optimizer/RNG tensors) of a training checkpoint.
+
+    Raises:
+        CheckpointError: a file is missing or unreadable, or the state's ``step`` (an integer >= 0) or ``history``
+            (a list) is not what a training checkpoint writes.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     state = read_json(checkpoint_dir / STATE)
+    step = state.get("step")
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise CheckpointError(f"{checkpoint_dir / STATE}: step must be an integer >= 0, got {step!r}")
+    if not isinstance(state.get("history", []), list):
+        raise CheckpointError(f"{checkpoint_dir / STATE}: history must be a list")
     tensors = _load_weights(checkpoint_dir / OPTIMIZER)
     return state, tensors
 
@@ -285,6 +296,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tenso
                 tensor = value if torch.is_tensor(value) else torch.tensor(value)
                 out[f"state.{index}.{key}"] = tensor.detach().reshape(tensor.shape).cpu()
             index += 1
+    out[_PARAMS] = torch.tensor(index, dtype=torch.int64)
     out["rng.torch"] = torch.get_rng_state()
     return out
 
@@ -298,16 +310,32 @@ def _placed(key: str, value: torch.Tensor, param: torch.Tensor, fused: bool) -> 
     return value.to(param.device, torch.float32) if fused else value
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                      source: str = "checkpoint") -> None:
+    """Put the state of :func:`optimizer_tensors` (read back from ``source``) into ``optimizer``, and the RNG state.
+
+    Raises:
+        CheckpointError: the state was written for another list of trained parameters (another number of them, or
+            a moment whose shape is not its parameter's), which would give each parameter another's moments.
+    """
     fused = bool(optimizer.defaults.get("fused"))
-    index = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            prefix = f"state.{index}."
-            entries = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if entries:
-                optimizer.state[p] = {k: _placed(k, v, p, fused) for k, v in entries.items()}
-            index += 1
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    indices = {int(k.split(".")[1]) for k in tensors if k.startswith("state.")}
+    count = int(tensors[_PARAMS]) if _PARAMS in tensors else max(indices, default=-1) + 1
+    if count > len(params) or (_PARAMS in tensors and count != len(params)):
+        raise CheckpointError(f"{source}: optimizer state for {count} trained parameters, but this run trains "
+                              f"{len(params)} (the run config decides which parameters train)")
+    staged: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+    for index, p in enumerate(params):
+        prefix = f"state.{index}."
+        entries = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        for key, value in entries.items():
+            if key != "step" and tuple(value.shape) != tuple(p.shape):
+                raise CheckpointError(f"{source}: optimizer state {prefix}{key} has shape {tuple(value.shape)}, but "
+                                      f"trained parameter {index} has shape {tuple(p.shape)}")
+        if entries:
+            staged[p] = {k: _placed(k, v, p, fused) for k, v in entries.items()}
+    optimizer.state.update(staged)
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
 

@@ -460,7 +460,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
              if cfg.teacher_cache and teacher is not None else None)
     optimizer = _optimizer(model, cfg)
     if tensors is not None:
-        restore_optimizer(optimizer, tensors)
+        restore_optimizer(optimizer, tensors, source=str(Path(resume_from) / OPTIMIZER))
     average = _start_average(cfg, model)
     if average is not None and tensors is not None and any(k.startswith(AVERAGE_PREFIX) for k in tensors):
         average.load(tensors, source=str(resume_from))
@@ -594,11 +594,12 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     return last_metrics
 
 
-# What a resumed run must share with the run that wrote its checkpoint: the model and the training windows, and what
-# gives the masks their meaning and places the steps on the pruning schedule. Anything else (output_dir, evaluation,
-# logging, checkpoints, the device, precision, learning rates, distillation) may change on resume.
+# What a resumed run must share with the run that wrote its checkpoint: the model and the training windows, what
+# gives the masks their meaning and places the steps on the pruning schedule, and which parameters train (the
+# optimizer state is theirs). Anything else (output_dir, evaluation, logging, checkpoints, the device, precision,
+# learning rates, distillation) may change on resume.
 RESUME_KEYS = ("model", "model_config", "tokenizer", "train_data", "train_limit", "max_seq_length", "doc_stride",
-               "method")
+               "method", "freeze_embeddings")
 _SCHEDULE_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "fill_steps", "initial_warmup", "final_warmup",
                   "attention_block")
 RESUME_METHOD_KEYS = {

@@ -1,5 +1,6 @@
 """The training loop on a tiny random BERT and real SQuAD dev questions."""
 
+import dataclasses
 import json
 
 import pytest
@@ -374,3 +375,52 @@ def test_a_random_model_with_fewer_embeddings_than_the_tokenizer_has_tokens_is_r
     cfg = tiny_cfg(tmp_path, model_config={**TINY, "vocab_size": 100})
     with pytest.raises(ConfigError, match=r"model_config.vocab_size: 100 is smaller than the tokenizer's 30522 tokens"):
         build_model(cfg)
+
+
+def test_optimizer_state_of_another_parameter_list_is_refused_not_shifted(tmp_path):
+    """Moments numbered for one list of trained parameters must not land on the parameters of another."""
+    from pruning.checkpoint import CheckpointError, optimizer_tensors, restore_optimizer
+    from pruning.trainer import _optimizer
+
+    cfg = tiny_cfg(tmp_path, method="sigmoid_threshold", attention_block=[16, 16])
+    model = build_model(cfg)[0]
+    optimizer = _optimizer(model, cfg)
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()
+    tensors = optimizer_tensors(optimizer)
+    twin = build_model(cfg)[0]
+    restore_optimizer(_optimizer(twin, cfg), tensors)  # the same parameters: accepted
+    frozen = _optimizer(build_model(cfg)[0], dataclasses.replace(cfg, freeze_embeddings=True))
+    with pytest.raises(CheckpointError, match=r"^opt.safetensors: optimizer state for \d+ trained parameters, but "
+                                              r"this run trains \d+"):
+        restore_optimizer(frozen, tensors, source="opt.safetensors")
+    assert not frozen.state  # nothing half-restored
+    # The other way round, from a checkpoint written before the count was recorded: the shapes tell.
+    for param in frozen.param_groups[1]["params"] + frozen.param_groups[2]["params"]:
+        param.grad = torch.ones_like(param)
+    frozen.step()
+    older = {k: v for k, v in optimizer_tensors(frozen).items() if k != "params"}
+    unfrozen = _optimizer(twin, cfg)
+    with pytest.raises(CheckpointError, match=r"optimizer state state\.\d+\.exp_avg has shape \(128, 64\), but "
+                                              r"trained parameter \d+ has shape \(30522, 64\)"):
+        restore_optimizer(unfrozen, older, source="opt.safetensors")
+
+
+def test_resuming_with_other_trained_parameters_or_a_damaged_state_file_is_a_clear_error(tmp_path):
+    from pruning.checkpoint import CheckpointError
+
+    cfg = tiny_cfg(tmp_path, max_steps=2, train_limit=4, eval_limit=1)
+    train(cfg, progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    with pytest.raises(ConfigError, match=r"\(freeze_embeddings false there, true here\)"):
+        train(dataclasses.replace(cfg, freeze_embeddings=True), resume_from=checkpoint, progress=False)
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for bad, message in [({"step": "2"}, "step must be an integer >= 0, got '2'"),
+                         ({"step": -1}, "step must be an integer >= 0, got -1"),
+                         ({"step": None}, "step must be an integer >= 0, got None"),
+                         ({"history": {}}, "history must be a list")]:
+        state_file.write_text(json.dumps({**state, **bad}))
+        with pytest.raises(CheckpointError, match=f"trainer_state.json: {message}$"):
+            train(cfg, resume_from=checkpoint, progress=False)
