@@ -324,6 +324,30 @@ def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
     return teacher
 
 
+def _check_teacher(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                   teacher: nn.Module | None) -> None:
+    """Refuse, before the first step, a distillation that the teacher cannot give: ``alpha_hidden`` without a
+    teacher or with a teacher of another depth or width, and a teacher whose embeddings lack the tokenizer's ids.
+
+    Raises:
+        ConfigError: naming ``alpha_hidden`` or ``teacher``.
+    """
+    if teacher is None:
+        if cfg.alpha_hidden > 0:
+            raise ConfigError(f"alpha_hidden: {cfg.alpha_hidden} weighs a hidden-state MSE to the teacher, but no "
+                              "teacher is set")
+        return
+    if teacher.config.vocab_size < len(tokenizer):
+        raise ConfigError(f"teacher: {cfg.teacher} embeds {teacher.config.vocab_size} tokens, fewer than the "
+                          f"student's tokenizer has ({len(tokenizer)}): it needs the student's vocabulary")
+    student_shape = (model.config.num_hidden_layers, model.config.hidden_size)
+    teacher_shape = (teacher.config.num_hidden_layers, teacher.config.hidden_size)
+    if cfg.alpha_hidden > 0 and student_shape != teacher_shape:
+        raise ConfigError(f"alpha_hidden: the hidden-state MSE needs a teacher with the student's layers and width, "
+                          f"but the teacher has {teacher_shape[0]} layers of {teacher_shape[1]} and the student "
+                          f"{student_shape[0]} of {student_shape[1]}")
+
+
 def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig, teacher: nn.Module | None = None,
                   lambda_attention: float = 0.0, lambda_ffn: float = 0.0, regularize: bool = True,
                   cached_teacher: TeacherOutputs | None = None,
@@ -432,6 +456,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         model, tokenizer = build_model(cfg)
         tensors = None
     teacher = _load_teacher(cfg, device)
+    _check_teacher(cfg, model, tokenizer, teacher)
     saved_cfg = cfg  # what checkpoints record: the run's config as given, not its windows cut to the model
     cfg = fit_to_model(cfg, model, teacher)
 

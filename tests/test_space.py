@@ -206,11 +206,12 @@ def test_teacher_config_overrides_and_forces_dense(tmp_path):
 
 def test_a_packed_cached_recovery_in_base_leaves_the_teacher_a_plain_dense_run(tmp_path):
     base = {**BASE_SPACE["base"], "method": "fisher", "attention_block": [16, 32], "fill_steps": 2,
-            "fill_packed": True, "teacher_cache": True}
+            "fill_packed": True, "teacher_cache": True, "alpha_hidden": 1.0}
     space = load_space(write(tmp_path, variant(base=base, search={
         "target_density": {"type": "uniform", "low": 0.2, "high": 0.8}})))
     cfg = teacher_config(space, tmp_path / "teacher")
     assert cfg.method is Method.DENSE and not cfg.fill_packed and not cfg.teacher_cache
+    assert cfg.alpha_hidden == 0.0  # no teacher of its own to distil hidden states from
     for key in ("fill_packed", "teacher_cache"):  # neither applies to the dense teacher
         bad = variant(base=base, teacher={"config": {"max_steps": 4, key: True}})
         with pytest.raises(SpaceError, match=f"{key}: does not apply to the dense teacher"):

@@ -424,3 +424,27 @@ def test_resuming_with_other_trained_parameters_or_a_damaged_state_file_is_a_cle
         state_file.write_text(json.dumps({**state, **bad}))
         with pytest.raises(CheckpointError, match=f"trainer_state.json: {message}$"):
             train(cfg, resume_from=checkpoint, progress=False)
+
+
+def test_a_distillation_the_teacher_cannot_give_is_refused_before_the_first_step(tmp_path):
+    with pytest.raises(ConfigError, match=r"^alpha_hidden: 0.5 weighs a hidden-state MSE to the teacher, but no "
+                                          r"teacher is set$"):
+        train(tiny_cfg(tmp_path / "none", alpha_hidden=0.5), progress=False)
+    narrow = tiny_cfg(tmp_path / "t", model_config={**TINY, "hidden_size": 32, "num_attention_heads": 2}, max_steps=1,
+                      train_limit=2, eval_limit=1)
+    teacher = train(narrow, progress=False)["model_dir"]
+    with pytest.raises(ConfigError, match=r"^alpha_hidden: the hidden-state MSE needs a teacher with the student's "
+                                          r"layers and width, but the teacher has 2 layers of 32 and the student 2 "
+                                          r"of 64$"):
+        train(tiny_cfg(tmp_path / "s", teacher=teacher, alpha_hidden=1.0), progress=False)
+    assert not (tmp_path / "s" / "run" / "checkpoint").exists()
+    # Logit distillation alone takes a teacher of any shape.
+    assert train(tiny_cfg(tmp_path / "s", teacher=teacher, max_steps=1, train_limit=2, eval_limit=1),
+                 progress=False)["step"] == 1
+    small_vocab = tiny_cfg(tmp_path / "v", model_config={**TINY, "vocab_size": 30522}, max_steps=1)
+    model, tokenizer = build_model(small_vocab)
+    model.resize_token_embeddings(1000)
+    save_model(model, tokenizer, tmp_path / "small-vocab")
+    with pytest.raises(ConfigError, match=r"teacher: .*small-vocab embeds 1000 tokens, fewer than the student's "
+                                          r"tokenizer has \(30522\)"):
+        train(tiny_cfg(tmp_path / "s2", teacher=str(tmp_path / "small-vocab")), progress=False)

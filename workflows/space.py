@@ -1007,8 +1007,8 @@ def _teacher_values(base: Mapping[str, Any], teacher: TeacherSpec, output_dir: s
     values = dict(base)
     values.update(teacher.config)
     # The teacher is a plain dense fine-tune; evaluation only at its end unless its config asks for more.
-    values.update(method=Method.DENSE.value, teacher=None, fill_steps=0, fill_packed=False, teacher_cache=False,
-                  output_dir=str(output_dir))
+    values.update(method=Method.DENSE.value, teacher=None, alpha_hidden=0.0, fill_steps=0, fill_packed=False,
+                  teacher_cache=False, output_dir=str(output_dir))
     for key in ("eval_every", "save_every"):
         if key not in teacher.config:
             values[key] = None
