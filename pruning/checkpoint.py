@@ -196,8 +196,9 @@ def _config(model_dir: Path) -> tuple[dict[str, Any], BertConfig]:
     clean = {k: v for k, v in raw.items() if k != MASKS_KEY}
     try:
         return raw, BertConfig.from_dict(clean)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{model_dir / 'config.json'}: invalid BERT config ({err})") from None
+    except Exception as err:  # TypeError, ValueError, or the strict field checks of recent transformers
+        message = " ".join(str(err).split())
+        raise CheckpointError(f"{model_dir / 'config.json'}: invalid BERT config ({message})") from None
 
 
 def load_model(model_dir: str | Path) -> nn.Module:
@@ -223,8 +224,13 @@ def load_model(model_dir: str | Path) -> nn.Module:
             raise CheckpointError(f"{model_dir}: cannot load model ({str(err).splitlines()[0]})") from None
         return model.eval()
     model = BertForQuestionAnswering(config)
-    restore_masks_(model, settings)
+    restore_masks_(model, settings, source=str(model_dir / "config.json"))
     state = _load_weights(model_dir / WEIGHTS)
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{model_dir / WEIGHTS}: weights do not match the config ({name} has shape "
+                                  f"{tuple(tensor.shape)}, the config gives {tuple(expected[name].shape)})")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         names = (missing or unexpected)[:3]
@@ -235,22 +241,35 @@ def load_model(model_dir: str | Path) -> nn.Module:
     return model.eval()
 
 
-def restore_masks_(model: nn.Module, settings: dict[str, Any]) -> None:
-    """Wrap ``model``'s linears with masks as recorded in a checkpoint's config, in place."""
+def restore_masks_(model: nn.Module, settings: dict[str, Any], source: str = "config.json") -> None:
+    """Wrap ``model``'s linears with masks as recorded in a checkpoint's config (``source``), in place.
+
+    Raises:
+        CheckpointError: naming ``source`` and the entry of ``fineprune_masks`` that is not what a checkpoint writes.
+    """
+    where = f"{source}: {MASKS_KEY}"
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{where}: expected an object, got {settings!r}")
+    block = settings.get("attention_block", (32, 32))
+    if not (isinstance(block, list | tuple) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise CheckpointError(f"{where}.attention_block: invalid value {block!r}")
     mode = settings.get("mode")
     fill_from = settings.get("fill_from")
     if mode not in mask_lib.MODES or (mode == "fixed" and not isinstance(fill_from, dict)):
-        raise CheckpointError(f"config.json {MASKS_KEY}.mode: invalid value {mode!r}")
-    try:
-        mask_lib.apply_masks_(model, "topk" if mode == "topk" else "sigmoid_threshold",
-                              tuple(settings.get("attention_block", (32, 32))))
-    except ValueError as err:
-        raise CheckpointError(f"config.json {MASKS_KEY}: {err}") from None
+        raise CheckpointError(f"{where}.mode: invalid value {mode!r}")
     first = fill_from if mode == "fixed" else settings
+    if first.get("mode") not in mask_lib.MODES or first.get("mode") == "fixed":
+        raise CheckpointError(f"{where}.fill_from.mode: invalid value {first.get('mode')!r}")
     try:
         threshold = float(first["threshold"])
     except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"config.json {MASKS_KEY}.threshold: invalid value {first.get('threshold')!r}") from None
+        key = "fill_from.threshold" if mode == "fixed" else "threshold"
+        raise CheckpointError(f"{where}.{key}: invalid value {first.get('threshold')!r}") from None
+    try:
+        mask_lib.apply_masks_(model, "topk" if mode == "topk" else "sigmoid_threshold", tuple(block))
+    except ValueError as err:
+        raise CheckpointError(f"{where}: {err}") from None
     for _, module in mask_lib.masked_modules(model):
         if first["mode"] == "cutoff":
             module.set_cutoff(threshold)
@@ -280,8 +299,9 @@ def load_training_state(checkpoint_dir: str | Path) -> tuple[dict[str, Any], dic
     step = state.get("step")
     if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
         raise CheckpointError(f"{checkpoint_dir / STATE}: step must be an integer >= 0, got {step!r}")
-    if not isinstance(state.get("history", []), list):
-        raise CheckpointError(f"{checkpoint_dir / STATE}: history must be a list")
+    for key, kind in (("history", list), ("pruning", dict)):
+        if not isinstance(state.get(key, kind()), kind):
+            raise CheckpointError(f"{checkpoint_dir / STATE}: {key} must be a {'list' if kind is list else 'mapping'}")
     tensors = _load_weights(checkpoint_dir / OPTIMIZER)
     return state, tensors
 

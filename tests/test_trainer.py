@@ -448,3 +448,45 @@ def test_a_distillation_the_teacher_cannot_give_is_refused_before_the_first_step
     with pytest.raises(ConfigError, match=r"teacher: .*small-vocab embeds 1000 tokens, fewer than the student's "
                                           r"tokenizer has \(30522\)"):
         train(tiny_cfg(tmp_path / "s2", teacher=str(tmp_path / "small-vocab")), progress=False)
+
+
+def _damage_config(path, change):
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(fineprune_masks="x"), "fineprune_masks: expected an object, got 'x'"),
+    (lambda c: c["fineprune_masks"].update(attention_block="ab"), "fineprune_masks.attention_block: invalid value 'ab'"),
+    (lambda c: c["fineprune_masks"].update(mode="fixed", fill_from={"mode": "bogus", "threshold": 0.4}),
+     "fineprune_masks.fill_from.mode: invalid value 'bogus'"),
+    (lambda c: c.update(hidden_size="x"), "invalid BERT config"),
+], ids=["masks", "block", "fill_from", "hidden_size"])
+def test_a_masked_checkpoint_with_a_damaged_config_names_the_file_and_entry(tmp_path, masked_checkpoint, change,
+                                                                            message):
+    import shutil
+
+    from pruning.checkpoint import CheckpointError
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(masked_checkpoint, damaged)
+    _damage_config(damaged, change)
+    with pytest.raises(CheckpointError) as err:
+        load_model(damaged)
+    assert str(err.value).startswith(f"{damaged / 'config.json'}: ") and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_masked_checkpoint_whose_weights_do_not_fit_its_block_shape_names_the_tensor(tmp_path, masked_checkpoint):
+    import shutil
+
+    from pruning.checkpoint import CheckpointError
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(masked_checkpoint, damaged)
+    _damage_config(damaged, lambda c: c["fineprune_masks"].update(attention_block=[32, 32]))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: weights do not match the config \(bert\.encoder\."
+                                              r"layer\.0\.attention\.[\w.]+\.mask_scores has shape \(4, 4\), the "
+                                              r"config gives \(2, 2\)\)$"):
+        load_model(damaged)
