@@ -632,7 +632,7 @@ RESUME_METHOD_KEYS = {
     Method.TOPK: _SCHEDULE_KEYS + ("target_density", "topk_scope"),
     Method.SIGMOID_THRESHOLD: _SCHEDULE_KEYS + ("initial_threshold", "final_threshold"),
     Method.FISHER: ("fill_steps", "attention_block", "target_density", "target_flops", "fisher_stages",
-                    "fisher_layer_floor", "mask_rearrange"),
+                    "fisher_layer_floor", "mask_rearrange", "fill_packed"),
 }
 
 

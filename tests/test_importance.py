@@ -466,6 +466,24 @@ def test_recovery_resumes_with_the_same_structure_and_weights(tmp_path, extra):
         assert torch.allclose(pa, pb, atol=1e-5), name
 
 
+def test_a_packed_recovery_resumes_only_packed(tmp_path):
+    """Its optimizer state belongs to the packed model's parameters: a resume must train the same ones."""
+    import dataclasses
+
+    from pruning.config import ConfigError
+
+    cfg = tiny_cfg(tmp_path, target_density=0.4, fill_steps=4, eval_every=2, fill_packed=True)
+
+    def stop_at_first(metrics, checkpoint):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, report=stop_at_first, progress=False)
+    with pytest.raises(ConfigError, match=r"\(fill_packed true there, false here\)"):
+        train(dataclasses.replace(cfg, fill_packed=False), resume_from=tmp_path / "run" / "checkpoint",
+              progress=False)
+
+
 @pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])
 @pytest.mark.parametrize("source", ["fisher", "magnitude"])
 def test_warm_start_orders_the_scores(tmp_path, method, source):
