@@ -3,8 +3,8 @@
 A checkpoint is a standard Hugging Face directory (``config.json``, ``model.safetensors``, tokenizer files). A masked
 model's ``config.json`` carries a ``fineprune_masks`` entry (method, block shape, current threshold, phase) and its
 ``model.safetensors`` holds the mask scores beside the weights. A training checkpoint adds ``trainer_state.json``
-and ``optimizer.safetensors`` (optimizer moments and the RNG state), so a run resumes at the same step with the same
-masks. :func:`load_model` opens any of them: a dense HF BERT, a masked checkpoint or a packed directory.
+and ``optimizer.safetensors`` (optimizer moments and the RNG states of the CPU and of any CUDA device in use), so
+a run resumes at the same step with the same masks and dropout draws. :func:`load_model` opens any of them: a dense HF BERT, a masked checkpoint or a packed directory.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
 _PARAMS = "params"  # in the optimizer tensors: how many parameters the optimizer stepped
+_CUDA_RNG = "rng.cuda."  # in the optimizer tensors: the generator state of each CUDA device, by index
 
 
 class CheckpointError(ValueError):
@@ -318,6 +319,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tenso
             index += 1
     out[_PARAMS] = torch.tensor(index, dtype=torch.int64)
     out["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_initialized():  # dropout on a GPU draws from that device's generator, not the CPU's
+        for device, rng in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"{_CUDA_RNG}{device}"] = rng
     return out
 
 
@@ -332,7 +336,7 @@ def _placed(key: str, value: torch.Tensor, param: torch.Tensor, fused: bool) -> 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                       source: str = "checkpoint") -> None:
-    """Put the state of :func:`optimizer_tensors` (read back from ``source``) into ``optimizer``, and the RNG state.
+    """Put the state of :func:`optimizer_tensors` (read back from ``source``) into ``optimizer``, and the RNG states.
 
     Raises:
         CheckpointError: the state was written for another list of trained parameters (another number of them, or
@@ -358,4 +362,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     optimizer.state.update(staged)
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        for device in range(torch.cuda.device_count()):
+            if f"{_CUDA_RNG}{device}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"{_CUDA_RNG}{device}"], device)
 

@@ -490,3 +490,19 @@ def test_a_masked_checkpoint_whose_weights_do_not_fit_its_block_shape_names_the_
                                               r"layer\.0\.attention\.[\w.]+\.mask_scores has shape \(4, 4\), the "
                                               r"config gives \(2, 2\)\)$"):
         load_model(damaged)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_checkpoint_carries_the_cuda_generator_so_dropout_resumes_with_the_same_draws(tmp_path):
+    from pruning.checkpoint import optimizer_tensors, restore_optimizer
+    from pruning.trainer import _optimizer
+
+    cfg = tiny_cfg(tmp_path, device="cuda")
+    model = build_model(cfg)[0].to("cuda")
+    optimizer = _optimizer(model, cfg)
+    torch.rand(3, device="cuda")
+    tensors = optimizer_tensors(optimizer)
+    expected = torch.rand(1000, device="cuda")  # what the next dropout of the uninterrupted run draws from
+    torch.cuda.manual_seed_all(cfg.seed)  # a resumed process starts from the seed
+    restore_optimizer(_optimizer(model, cfg), tensors)
+    assert torch.equal(torch.rand(1000, device="cuda"), expected)
