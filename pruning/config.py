@@ -272,6 +272,10 @@ def _check(cfg: RunConfig) -> None:
         value = getattr(cfg, key)
         if not _is_number(value) or value < 0:
             _fail(key, f"must be a number >= 0, got {value!r}")
+    for key in ("initial_warmup", "final_warmup"):
+        value = getattr(cfg, key)
+        if value >= 1 and value != int(value):
+            _fail(key, f"must be a fraction of the pruning steps (< 1) or a whole number of steps, got {value!r}")
     if isinstance(cfg.mask_init, MaskInit):
         pass
     elif isinstance(cfg.mask_init, str):

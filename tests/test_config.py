@@ -45,6 +45,7 @@ def test_unknown_key_is_named(tmp_path):
         ({"max_windows": 0}, "max_windows"),
         ({"precision": "fp8"}, "precision"),
         ({"fill_steps": 10}, "fill_steps"),  # needs a pruning method
+        ({"initial_warmup": 1.5}, r"initial_warmup: must be a fraction of the pruning steps \(< 1\) or a whole number"),
         ({"model": 5}, "model: must be a path or name, got 5"),
         ({"eval_data": None}, "eval_data: must be a path or name, got None"),
         ({"teacher": True}, "teacher: must be a path or name or null, got True"),
