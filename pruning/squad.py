@@ -127,8 +127,8 @@ def _get(obj: Any, key: str, kind: type, fail: Callable[[str], SquadFormatError]
 def load_squad(path: str | Path, limit: int | None = None) -> list[Example]:
     """Read and validate a SQuAD v1.1 JSON file.
 
-    Every question must have an ``id`` (unique in the file), a non-empty ``question`` and at least one answer whose
-    ``answer_start`` points at its ``text`` in the paragraph's ``context``.
+    The file must hold at least one question. Every question must have an ``id`` (unique in the file), a non-empty
+    ``question`` and at least one answer whose ``answer_start`` points at its ``text`` in the paragraph's ``context``.
 
     Args:
         path: the JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``).
@@ -138,8 +138,8 @@ def load_squad(path: str | Path, limit: int | None = None) -> list[Example]:
         The questions in file order.
 
     Raises:
-        SquadFormatError: the file is missing, empty, not UTF-8, not JSON, or malformed; the message names the file
-            and the question id (or its JSON path when the id itself is missing).
+        SquadFormatError: the file is missing, empty, not UTF-8, not JSON, malformed or holds no question; the message
+            names the file and the question id (or its JSON path when the id itself is missing).
     """
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
@@ -180,6 +180,8 @@ def load_squad(path: str | Path, limit: int | None = None) -> list[Example]:
                 examples.append(example)
                 if limit is not None and len(examples) == limit:
                     return examples
+    if not examples:
+        raise SquadFormatError(f"{path}: data: no questions (the file holds no paragraph with a question)")
     return examples
 
 

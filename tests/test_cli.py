@@ -206,6 +206,18 @@ def test_more_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, needle):
     assert (tmp_path / "model" / "config.json").read_text() == "{}"  # nothing written over
 
 
+def test_a_data_file_without_questions_is_one_line(capsys, tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"version": "1.1", "data": []}))
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text("{}")
+    assert f"{empty}: data: no questions" in _one_line_error(capsys, ["score", str(empty), str(predictions)])
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--train-data", str(empty),
+                                    "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    assert f"{empty}: data: no questions" in line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_a_cuda_device_on_a_machine_without_one_is_one_line(capsys, tmp_path):
     assert "CUDA is not available" in _one_line_error(capsys, ["eval", "no/such/model", "--device", "cuda"])

@@ -216,6 +216,8 @@ def test_malformed_dataset(tmp_path, edit, names, problem):
     (b'{"data": [\xff\xfe]}', "invalid UTF-8 at byte 10"),
     (b'{"data": [}', "invalid JSON at line 1"),
     (b"[1, 2]", "missing 'data'"),
+    (b'{"data": []}', "data: no questions"),
+    (b'{"data": [{"title": "t", "paragraphs": [{"context": "c", "qas": []}]}]}', "data: no questions"),
 ])
 def test_unreadable_dataset(tmp_path, content, problem):
     path = tmp_path / "bad.json"
