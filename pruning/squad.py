@@ -565,8 +565,9 @@ def _best_in_window(start_logits: np.ndarray, end_logits: np.ndarray, is_context
 def fit_windows(max_seq_length: int, doc_stride: int, max_positions: int) -> tuple[int, int]:
     """The windows a model can take: ``(max_seq_length, doc_stride)`` cut to its position embeddings.
 
-    A window is at most ``max_positions`` tokens long, and the stride at most half a window, so that a window cut
-    short still moves on by less than it holds. Evaluation, ``ask`` and the served model all use this rule.
+    A window is at most ``max_positions`` tokens long, and the stride (the overlap of consecutive windows) at most
+    half a window, so that a window cut short still leaves room for the question and moves on by some context.
+    Evaluation, ``ask`` and the served model all use this rule.
     """
     seq = min(int(max_seq_length), int(max_positions))
     return seq, min(int(doc_stride), seq // 2)

@@ -151,6 +151,12 @@ def test_every_option_has_a_help_text_that_says_its_default(capsys):
             assert action.required or "default" in entry.group(1), f"{name} {flag}: {entry.group(1)}"
 
 
+def test_doc_stride_help_says_it_is_the_overlap(capsys):
+    for name in ("eval", "ask"):
+        text = " ".join(_help_of(name, capsys).split())
+        assert "consecutive windows of one context share (their overlap)" in text
+
+
 def test_a_flag_means_the_same_in_every_sub_command():
     seen: dict[str, tuple] = {}
     for name, actions in _options().items():

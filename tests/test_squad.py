@@ -308,6 +308,16 @@ def test_train_features_at_a_window_edge(tokenizer, straddle):
             assert (start, end) == (0, 0)
 
 
+def test_doc_stride_is_the_overlap_of_consecutive_windows(tokenizer):
+    context = " ".join(["river", "mill", "village", "green", "sea"] * 30)
+    example = Example(id="long", title="t", context=context, question="Where?", answers=("sea",),
+                      answer_starts=(context.index("sea"),))
+    features = squad.prepare_eval_features([example], tokenizer, max_seq_length=48, doc_stride=12)
+    windows = [{tuple(span) for span in features.offsets[f][features.context_mask[f]]} for f in range(len(features))]
+    assert len(windows) > 2
+    assert all(len(a & b) == 12 for a, b in zip(windows, windows[1:]))
+
+
 def test_eval_features_map_windows_back(tokenizer, dev_subset):
     features = squad.prepare_eval_features(dev_subset, tokenizer, max_seq_length=96, doc_stride=32)
     assert len(features) > len(dev_subset)  # some contexts need several windows

@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-seq-length", type=int, default=384,
                        help="tokens per window, cut to the model's position embeddings")
         p.add_argument("--doc-stride", type=int, default=128,
-                       help="tokens between window starts, at most half a window once it is cut")
+                       help="context tokens that consecutive windows of one context share (their overlap), at most "
+                            "half a window once it is cut")
 
     def training(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> None:
         p = command(name, func, help_text)
