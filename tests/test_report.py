@@ -147,6 +147,19 @@ def test_markdown_lists_every_trial_with_its_status_and_the_frontiers():
     assert layers == [["0", "3/4: [0, 1, 3]", "100/128"], ["1", "1/4: [2]", "40/128"], ["2", "0/4: []", "0/128"]]
 
 
+def test_the_trial_count_of_an_unended_sweep_adds_up():
+    data = _sweep()
+    runs = data.runs.copy()
+    runs.loc[runs["run_id"] == "c", "status"] = "interrupted"
+    runs.loc[runs["run_id"] == "e", "status"] = "orphaned"
+    data = ReportData(experiment="exp", sweep_run_id="parent", runs=runs)
+    expected = "5 (2 finished, 1 stopped early, 0 failed, 1 interrupted, 1 orphaned)"
+    assert f"- **Trials**: {expected}" in render_markdown(data)
+    page = render_html(data)
+    assert f"<dt>Trials</dt><dd>{expected}</dd>" in page
+    assert '<span class="badge st-interrupted">interrupted</span>' in page
+
+
 def test_markdown_escapes_table_separators():
     text = render_markdown(_sweep(name="odd|name"))
     assert "odd\\|name" in text

@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from workflows.record import (EXACT_MATCH, F1, HEADS_REMOVED, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
-                              PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUS_STOPPED_EARLY,
-                              TAG_PARETO, TAG_PARETO_SPEED, TOTAL_DENSITY)
+                              PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUS_INTERRUPTED,
+                              STATUS_ORPHANED, STATUS_STOPPED_EARLY, TAG_PARETO, TAG_PARETO_SPEED, TOTAL_DENSITY)
 
 __all__ = ["COLOURS", "STATUS_LABELS", "METRIC_LABELS", "metric_label", "frontier_axes", "numeric_values",
            "frontier_figure", "structure_figure", "hypervolume_figure", "learned_figure"]
@@ -35,7 +35,8 @@ COLOURS = {STATUS_FINISHED: "#4c72b0", STATUS_STOPPED_EARLY: "#8c8c8c", STATUS_F
            "frontier": "#d62728", "baseline": "#222222", "champion": "#e6a100", "kept": "#4c72b0",
            "removed": "#e8e8ee"}
 STATUS_LABELS = {STATUS_FINISHED: "finished", STATUS_STOPPED_EARLY: "stopped early", STATUS_FAILED: "failed",
-                 "running": "running", KIND_BASELINE: "dense baseline"}
+                 "running": "running", STATUS_INTERRUPTED: "interrupted", STATUS_ORPHANED: "orphaned",
+                 KIND_BASELINE: "dense baseline"}
 METRIC_LABELS = {F1: "F1", EXACT_MATCH: "exact match", LINEAR_DENSITY: "linear density", TOTAL_DENSITY: "total density",
                  HEADS_REMOVED: "heads removed", SPEEDUP: "speedup"}
 _MARKS = ((STATUS_FINISHED, "o", True), (STATUS_STOPPED_EARLY, "o", False), (STATUS_FAILED, "X", True))

@@ -293,9 +293,12 @@ def _serve_command(card: ChampionCard) -> str:
 def _summary_lines(data: ReportData) -> list[tuple[str, str]]:
     """(label, plain text) facts shown at the top of both reports."""
     counts = _counts(data)
+    # A trial of a sweep that has not ended (running, interrupted, orphaned) is counted too, so the parts add up.
+    unended = "".join(f", {n} {plots.STATUS_LABELS.get(status, status)}" for status, n in counts.items()
+                      if status not in STATUSES and n)
     facts = [("Experiment", data.experiment), ("Sweep run", data.sweep_run_id),
              ("Trials", f"{len(data.trials)} ({counts['finished']} finished, {counts['stopped_early']} stopped "
-                        f"early, {counts['failed']} failed)")]
+                        f"early, {counts['failed']} failed{unended})")]
     base = data.baseline
     if base is not None:
         facts.append(("Dense baseline", f"F1 {_fmt(_value(base, F1))}, EM {_fmt(_value(base, EXACT_MATCH))}"))
