@@ -160,6 +160,22 @@ def test_the_trial_count_of_an_unended_sweep_adds_up():
     assert '<span class="badge st-interrupted">interrupted</span>' in page
 
 
+def test_a_sweep_that_has_not_tagged_its_frontier_says_so():
+    data = _sweep()
+    runs = data.runs.copy()
+    runs["pareto"] = False
+    runs["pareto_speedup"] = False
+    untagged = ReportData(experiment="exp", sweep_run_id="parent", runs=runs)
+    text = render_markdown(untagged)
+    note = "No run is tagged on this frontier although 3 trial(s) finished"
+    assert text.count(note) == 2 and "No finished trial." not in text
+    assert note in render_html(untagged)
+    assert note not in render_markdown(data) and note not in render_html(data)
+    runs["status"] = runs["status"].where(runs["kind"] == "baseline", "failed")
+    none_finished = render_markdown(ReportData(experiment="exp", sweep_run_id="parent", runs=runs))
+    assert none_finished.count("No finished trial.") == 2
+
+
 def test_markdown_escapes_table_separators():
     text = render_markdown(_sweep(name="odd|name"))
     assert "odd\\|name" in text

@@ -37,8 +37,8 @@ from workflows import plots, record
 from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR, ARTIFACT_REPORT_HTML,
                               ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, HEADS_REMOVED,
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
-                              PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUSES, TAG_PARETO, TAG_PARETO_SPEED,
-                              TAG_SWEEP_RUN, TAG_TRIAL_RUN, TOTAL_DENSITY, RegistrySpec)
+                              PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FINISHED, STATUSES, TAG_PARETO,
+                              TAG_PARETO_SPEED, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TOTAL_DENSITY, RegistrySpec)
 
 __all__ = [
     "ChampionCard",
@@ -328,6 +328,16 @@ def _frontier_rows(data: ReportData, tag: str) -> list[pd.Series]:
     return sorted(front, key=lambda r: (_value(r, x) is None, _value(r, x) or 0.0))
 
 
+def _untagged_note(data: ReportData, tag: str) -> str | None:
+    """Why a frontier with finished trials shows no run: the sweep tags its frontiers when it ends (an
+    interrupted or still running sweep has not); None when the frontier has runs or there is no finished trial."""
+    finished = int((data.trials["status"] == STATUS_FINISHED).sum())
+    if not finished or len(data.frontier(tag)):
+        return None
+    return (f"No run is tagged on this frontier although {finished} trial(s) finished: the sweep tags its "
+            "frontiers when it ends (`fineprune sweep --resume` finishes an interrupted one).")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------------------------------------------
@@ -373,16 +383,16 @@ def render_markdown(data: ReportData) -> str:
     extra = [name for name, _ in data.objectives if name not in shown]
     header = ("name", *(title for _, title, _ in _FRONTIER_COLUMNS), *(plots.metric_label(m) for m in extra))
 
-    def table(rows: list[pd.Series]) -> list[str]:
+    def table(rows: list[pd.Series], tag: str) -> list[str]:
         if not rows:
-            return ["No finished trial."]
+            return [_untagged_note(data, tag) or "No finished trial."]
         return _md_table(header, ([str(r["name"]), *(_fmt(_value(r, m), d) for m, _, d in _FRONTIER_COLUMNS),
                                    *(_fmt(_value(r, m), 3) for m in extra)] for r in rows))
 
     out += ["", f"## Pareto frontier: {plots.metric_label(y)} against {plots.metric_label(x)}", ""]
-    out += table(_frontier_rows(data, TAG_PARETO))
+    out += table(_frontier_rows(data, TAG_PARETO), TAG_PARETO)
     out += ["", "## Pareto frontier: F1 against measured speedup", ""]
-    out += table(_frontier_rows(data, TAG_PARETO_SPEED))
+    out += table(_frontier_rows(data, TAG_PARETO_SPEED), TAG_PARETO_SPEED)
 
     card = data.champion
     out += ["", "## Champion", ""]
@@ -515,6 +525,7 @@ def render_html(data: ReportData) -> str:
         csp=_CSP, experiment=data.experiment, sweep_run_id=data.sweep_run_id, sweep_url=data.sweep_url,
         generated=data.generated, facts=_summary_lines(data),
         frontier_svg=Markup(plots.frontier_figure(data.runs, data.objectives, champion_id)),
+        frontier_note=_untagged_note(data, TAG_PARETO),
         x_label=plots.metric_label(x), y_label=plots.metric_label(y), second_label=plots.metric_label(second),
         hypervolume_svg=Markup(hypervolume) if hypervolume else None,
         any_url=any(row["url"] for row in rows), columns=columns, rows=rows,
