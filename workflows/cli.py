@@ -113,6 +113,7 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     cfg = load_config(args.config, _overrides(args))
     _check_device(cfg.device, f"{args.config}: device")
     out = Path(cfg.output_dir)
+    _check_output_path(out, "output_dir", directory=True)
     if args.resume is None and not args.overwrite and out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out}: output_dir holds an earlier run (pass --overwrite to replace it, --resume DIR to "
                         "continue one, or another --output-dir)")
@@ -192,9 +193,19 @@ def _check_device(name: str | None, what: str) -> None:
         raise UserError(f"{what} {name!r}: only cpu and cuda devices are supported")
 
 
-def _check_output_file(path: Path, flag: str) -> None:
-    if path.is_dir():
-        raise UserError(f"{flag} {path}: is a directory, not a file")
+def _check_output_path(path: str | Path, flag: str, directory: bool) -> None:
+    """A one-line error, before any work, for an output that cannot be made: a file where a directory goes, a
+    directory where a file goes, or a path under a file."""
+    path = Path(path)
+    if path.exists():
+        if directory and not path.is_dir():
+            raise UserError(f"{flag} {path}: exists and is not a directory")
+        if not directory and path.is_dir():
+            raise UserError(f"{flag} {path}: is a directory, not a file")
+        return
+    ancestor = next((a for a in path.parents if a.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise UserError(f"{flag} {path}: {ancestor} is a file, not a directory")
 
 
 def _check_not_inside(source: str | Path, out: str | Path, flag: str) -> None:
@@ -245,7 +256,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_positive(args, "eval_limit", "max_seq_length", "doc_stride", "batch_size")
     _check_device(args.device, "--device")
     if args.predictions is not None:
-        _check_output_file(Path(args.predictions), "--predictions")
+        _check_output_path(args.predictions, "--predictions", directory=False)
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant, args.device)
     examples = squad.load_squad(resolve_data(args.eval_data), limit=args.eval_limit)
     # The same windows, span search and metric for every kind of model, cut to what the model takes.
@@ -298,8 +309,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     _check_positive(args, "questions", "repeats")
     out = Path(args.out_dir)
     precision = resolve_precision(args.precision, "cpu")  # settings first, then the work
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
+    _check_output_path(out, "out_dir", directory=True)
     _check_not_inside(args.checkpoint, out, "out_dir")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
@@ -320,6 +330,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pruning.export import export_checkpoint
 
     _check_positive(args, "questions")
+    _check_output_path(args.out_dir, "out_dir", directory=True)
     _check_not_inside(args.model_dir, args.out_dir, "out_dir")
     _emit(export_checkpoint(args.model_dir, args.out_dir, quantize=args.quantize, opset=args.opset,
                             data=args.eval_data, questions=args.questions, overwrite=args.overwrite))
@@ -364,8 +375,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from workflows.report import write_report
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
+    _check_output_path(out, "--out", directory=True)
     _tracking_client(args.tracking_uri)
     paths = write_report(args.experiment, out_dir=args.out, tracking_uri=args.tracking_uri)
     _emit({k: str(v) for k, v in paths.items()})
