@@ -108,6 +108,28 @@ def test_eval_writes_official_predictions_and_fits_windows_to_the_model(masked_c
     assert scored["f1"] * len(squad.load_squad(squad_file("dev"))) == pytest.approx(result["f1"] * 5, abs=1e-6)
 
 
+def test_eval_and_ask_take_the_span_search_of_the_run_config(masked_checkpoint, tmp_path):
+    """--max-answer-length and --n-best reach the span search: answers of at most one token hold no space."""
+    answers = {}
+    for length in ("30", "1"):
+        predictions = tmp_path / f"predictions_{length}.json"
+        proc = fineprune("eval", str(masked_checkpoint), "--eval-limit", "12", "--no-progress", "--max-answer-length",
+                         length, "--n-best", "5", "--predictions", str(predictions))
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert (result["max_answer_length"], result["n_best"]) == (int(length), 5)
+        answers[length] = json.loads(predictions.read_text())
+    assert any(" " in a.strip() for a in answers["30"].values())  # the random model answers with longer spans
+    assert not any(" " in a.strip() for a in answers["1"].values())
+    context = " ".join(["The quick brown fox jumps over the lazy dog."] * 3)
+    proc = fineprune("ask", str(masked_checkpoint), "--question", "What jumps?", "--context", context,
+                     "--max-answer-length", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert " " not in json.loads(proc.stdout.strip().splitlines()[-1])["answer"].strip()
+    proc = fineprune("eval", str(masked_checkpoint), "--n-best", "0")
+    assert proc.returncode == 2 and "--n-best must be >= 1" in proc.stderr
+
+
 def test_ask_fits_its_windows_to_the_model(masked_checkpoint):
     context = " ".join(["The quick brown fox jumps over the lazy dog."] * 40)  # ~400 tokens, 128 positions
     proc = fineprune("ask", str(masked_checkpoint), "--question", "What jumps?", "--context", context)

@@ -253,7 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pruning.resources import resolve_data
     from pruning.sparsity import sparsity_report
 
-    _check_positive(args, "eval_limit", "max_seq_length", "doc_stride", "batch_size")
+    _check_positive(args, "eval_limit", "max_seq_length", "doc_stride", "batch_size", "max_answer_length", "n_best")
     _check_device(args.device, "--device")
     if args.predictions is not None:
         _check_output_path(args.predictions, "--predictions", directory=False)
@@ -263,8 +263,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seq, stride = squad.fit_windows(args.max_seq_length, args.doc_stride, model.config.max_position_embeddings)
     with autocast(precision, device):
         metrics, predictions = squad.evaluate_model(model, tokenizer, examples, max_seq_length=seq, doc_stride=stride,
-                                                    batch_size=args.batch_size, device=device,
-                                                    progress=not args.no_progress)
+                                                    batch_size=args.batch_size,
+                                                    max_answer_length=args.max_answer_length, n_best=args.n_best,
+                                                    device=device, progress=not args.no_progress)
     if isinstance(model, OrtQAModel):
         metrics["variant"] = model.variant
     else:
@@ -272,7 +273,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.predictions is not None:
         _write_json(Path(args.predictions), predictions)
         metrics["predictions"] = str(args.predictions)
-    metrics.update(questions=len(examples), max_seq_length=seq, doc_stride=stride, precision=precision)
+    metrics.update(questions=len(examples), max_seq_length=seq, doc_stride=stride,
+                   max_answer_length=args.max_answer_length, n_best=args.n_best, precision=precision)
     _emit(metrics)
     return 0
 
@@ -282,11 +284,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from pruning.precision import autocast
     from pruning.squad import fit_windows
 
-    _check_positive(args, "max_seq_length", "doc_stride")
+    _check_positive(args, "max_seq_length", "doc_stride", "max_answer_length", "n_best")
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant)
     seq, stride = fit_windows(args.max_seq_length, args.doc_stride, model.config.max_position_embeddings)
     with autocast(precision, device):
-        result = answer(model, tokenizer, args.question, args.context, max_seq_length=seq, doc_stride=stride)
+        result = answer(model, tokenizer, args.question, args.context, max_seq_length=seq, doc_stride=stride,
+                        max_answer_length=args.max_answer_length, n_best=args.n_best)
     _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end})
     return 0
 
@@ -431,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="context tokens that consecutive windows of one context share (their overlap), at most "
                             "half a window once it is cut")
 
+    def span_search(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-answer-length", type=int, default=30,
+                       help="longest answer in tokens (the run config's max_answer_length)")
+        p.add_argument("--n-best", type=int, default=20,
+                       help="start and end positions of each window tried (the run config's n_best)")
+
     def training(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> None:
         p = command(name, func, help_text)
         p.add_argument("--config", required=True, metavar="YAML", help="run config (see configs/)")
@@ -465,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", "--limit", dest="eval_limit", type=int, metavar="N",
                    help="evaluate on the first N questions (default: all)")
     windows(p)
+    span_search(p)
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     precision(p, "for the forward passes")
@@ -478,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", required=True, help="the question")
     p.add_argument("--context", required=True, help="the text holding the answer")
     windows(p)
+    span_search(p)
     precision(p, "for the forward passes")
     variant(p)
 
