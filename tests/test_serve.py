@@ -207,9 +207,24 @@ def test_the_served_model_answers_from_many_threads_at_once(smoke_sweep, dev_sub
     assert answers == [expected[i % 8] for i in range(160)]
 
 
+def test_the_served_model_searches_spans_as_its_run_did(smoke_sweep, dev_subset):
+    """max_answer_length (logged from the run config, or set in the inference config) bounds the answers."""
+    mlflow.set_tracking_uri(smoke_sweep["tracking_uri"])
+    uri = smoke_sweep["champion"]["model_uri"]
+    assert mlflow.pyfunc.load_model(uri).model_config["max_answer_length"] == 30
+    frame = pd.DataFrame(_short_records(dev_subset, 8))
+    longest = mlflow.pyfunc.load_model(uri).predict(frame)["answer"].tolist()
+    single = mlflow.pyfunc.load_model(uri, model_config={"max_answer_length": 1}).predict(frame)["answer"].tolist()
+    assert any(" " in a.strip() for a in longest)
+    assert not any(" " in a.strip() for a in single)
+
+
 def test_serve_settings_come_from_the_run_config_with_defaults():
-    params = {"max_seq_length": "128", "doc_stride": "32", "eval_batch_size": "16", "learning_rate": "0.001"}
-    assert serve_settings(params) == {"max_seq_length": 128, "doc_stride": 32, "max_windows": 64, "batch_size": 16}
+    params = {"max_seq_length": "128", "doc_stride": "32", "eval_batch_size": "16", "learning_rate": "0.001",
+              "max_answer_length": "12"}
+    assert serve_settings(params) == {"max_seq_length": 128, "doc_stride": 32, "max_windows": 64, "batch_size": 16,
+                                      "max_answer_length": 12, "n_best": 20}
     assert serve_settings({"max_windows": "8"})["max_windows"] == 8
     assert serve_settings({}) == SERVE_DEFAULTS == {"max_seq_length": 384, "doc_stride": 128, "max_windows": 64,
+                                                    "max_answer_length": 30, "n_best": 20,
                                                     "batch_size": 64}
