@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,6 +466,13 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     p = plan(cfg, num_features)
     logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s, %s",
                 len(train_examples), num_features, p.total_steps, p.prune_steps, p.fill_steps, device, precision)
+
+    previous = output_dir / FINAL_DIR
+    if resume_from is None and previous.is_dir():
+        # An earlier run's model (the output_dir was given over to this run): gone before this run trains, so that
+        # a stopped or failed run does not leave it beside its own checkpoint as if it were this run's.
+        logger.warning("%s: removing the earlier run's final model", previous)
+        shutil.rmtree(previous)
 
     model.to(device)
     if cfg.dropout is not None:

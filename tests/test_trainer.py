@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +37,21 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     train(cfg, report=lambda m, c: seen.append(m["loss"]), progress=False)
     assert len(seen) == 12
     assert sum(seen[-3:]) / 3 < 0.8 * sum(seen[:3]) / 3
+
+
+def test_a_new_run_in_an_earlier_runs_directory_removes_its_final_model_before_it_trains(tmp_path):
+    """A run stopped part-way must not leave the earlier run's final model beside its own checkpoint."""
+    first = train(tiny_cfg(tmp_path, max_steps=2), progress=False)
+    final = Path(first["model_dir"])
+    assert (final / "model.safetensors").is_file()
+
+    def stop(metrics, checkpoint):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny_cfg(tmp_path, max_steps=4, eval_every=2), report=stop, progress=False)
+    assert not final.exists()
+    assert (tmp_path / "run" / "checkpoint" / "trainer_state.json").is_file()
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path, tokenizer):
