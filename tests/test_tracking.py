@@ -6,6 +6,7 @@ Real SQLite MLflow stores and Ray's own ``Trial`` objects, driven through the ca
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -16,6 +17,8 @@ from ray.tune.experiment import Trial
 from workflows import record
 from workflows.registry import register_champion
 from workflows.tracking import MlflowTrialCallback, start_parent_run
+
+SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
 
 def _params_of(config):
@@ -161,3 +164,21 @@ def test_a_resumed_sweeps_hypervolume_extends_the_series_logged_before(tmp_path)
         history = record.metric_history(client, parent, name)
         assert [value for _, value in history] == sorted(value for _, value in history), name
     assert len(record.metric_history(client, parent, record.HYPERVOLUME)) == 4
+
+
+@pytest.mark.parametrize("uri", ["file:///{tmp}/mlruns", "{tmp}/mlruns", "mysql://user@127.0.0.1/mlflow"])
+def test_a_tracking_uri_with_no_store_behind_it_stops_the_sweep_in_one_line(tmp_path, monkeypatch, capsys, uri):
+    """A file store (which MLflow refuses) or a database without its driver: exit 2, one line naming the URI,
+    before anything is written."""
+    from workflows import cli
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    uri = uri.format(tmp=tmp_path)
+    status = cli.main(["sweep", "--space", str(SPACES / "smoke.yaml"), "--tracking-uri", uri,
+                       "--storage-path", str(tmp_path / "ray")])
+    assert status == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"fineprune sweep: error: tracking URI {uri}: "), lines[-1]
+    assert "Traceback" not in "\n".join(lines)
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlruns").exists()

@@ -40,6 +40,7 @@ from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailab
                              quick_http_failures)
 
 __all__ = [
+    "TrackingStoreError",
     "client_for",
     "check_reachable",
     "find_sweep",
@@ -56,9 +57,32 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
+class TrackingStoreError(ValueError):
+    """The tracking URI names a store MLflow cannot open or a server that refuses the client; one line naming it."""
+
+
+def _store_error(uri: str, err: BaseException) -> TrackingStoreError:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    what = lines[0] if lines else ""
+    if not isinstance(err, mlflow.exceptions.MlflowException):
+        what = f"{type(err).__name__}: {what}" if what else type(err).__name__
+    return TrackingStoreError(f"tracking URI {uri}: {what}")
+
+
 def client_for(tracking_uri: str) -> MlflowClient:
+    """A client of ``tracking_uri`` (see :func:`check_reachable` for whether anything answers there).
+
+    Raises:
+        TrackingStoreError: MLflow cannot open a store of that kind (a file store it refuses, a database without
+            its driver).
+    """
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri)
+    except Exception as err:  # noqa: BLE001 - permanent: the URI names no store MLflow opens
+        raise _store_error(tracking_uri, err) from err
     mlflow.set_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri=tracking_uri)
+    return client
 
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -91,10 +115,17 @@ def check_reachable(client: MlflowClient, limit: float = DEFAULT_OUTAGE_LIMIT_S)
 
     Raises:
         TrackingUnavailable: it did not answer in time; the message names the URI.
+        TrackingStoreError: the URI names no store MLflow can open (a file store MLflow refuses, a database
+            without its driver) or the server refuses the request (not an MLflow server, no access).
     """
-    with quick_http_failures():
-        call_with_retries(lambda: client.search_experiments(max_results=1), client.tracking_uri, limit,
-                          what="reaching the tracking server")
+    try:
+        with quick_http_failures():
+            call_with_retries(lambda: client.search_experiments(max_results=1), client.tracking_uri, limit,
+                              what="reaching the tracking server")
+    except TrackingUnavailable:
+        raise
+    except Exception as err:  # noqa: BLE001 - permanent: no store behind the URI (a retry cannot change that)
+        raise _store_error(client.tracking_uri, err) from err
 
 
 def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None):
