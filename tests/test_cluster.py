@@ -467,3 +467,52 @@ def test_smoke_sweep_as_a_job_on_two_nodes(two_node_cluster):
     version = client.get_model_version_by_alias(name, "champion")
     assert version.run_id in {run.info.run_id for run in trials}
     assert summary["champion"]["registered"] and summary["champion"]["version"] == str(version.version)
+
+
+@pytest.fixture
+def token_head():
+    """A one-CPU head that requires a Ray token (its own temp dir and ports), the token, and an environment without
+    any of Ray's variables; every process it started is stopped by id at teardown."""
+    root = Path(tempfile.mkdtemp(prefix="fpt-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    token = secrets.token_hex(32)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    clean.update(HOME=str(root / "home"), RAY_USAGE_STATS_ENABLED="0",
+                 PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                 RAY_gcs_server_port_wait_time_s="2")  # a refused client gives up after two tries, not twenty
+    (root / "home").mkdir()
+    (gcs_port,) = _free_ports(1)
+    try:
+        _ray_start(["--head", f"--port={gcs_port}", "--include-dashboard=false", f"--temp-dir={root / 'head'}",
+                    "--num-cpus=1", "--num-gpus=0", f"--object-store-memory={100 * 1024 ** 2}",
+                    "--node-ip-address=127.0.0.1", "--disable-usage-stats", *_node_ports(head=False)],
+                   {**clean, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+        yield {"root": root, "address": f"127.0.0.1:{gcs_port}", "token": token, "env": clean}
+    finally:
+        _stop_processes_mentioning(root)
+        assert not _processes_mentioning(root), "processes of the test head outlived its teardown"
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the head's processes in /proc")
+def test_joining_a_cluster_that_requires_a_token_says_what_is_missing(token_head):
+    """Without RAY_AUTH_MODE=token, with it but no token, with a wrong token: exit 2 and one line saying which, and
+    no sweep left RUNNING in MLflow (Ray itself says only "failed to connect", or raises a traceback)."""
+    from mlflow.tracking import MlflowClient
+
+    root, address = token_head["root"], token_head["address"]
+    database = root / "mlflow.db"
+    command = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
+               "--address", address, "--tracking-uri", f"sqlite:///{database}", "--storage-path", str(root / "ray")]
+    cases = [({}, "the cluster requires token authentication and RAY_AUTH_MODE is unset: set RAY_AUTH_MODE=token"),
+             ({"RAY_AUTH_MODE": "token"}, "RAY_AUTH_MODE=token but no Ray token was found"),
+             ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "the cluster refused this client's Ray token")]
+    for extra, expected in cases:
+        done = subprocess.run(command, cwd=root, env={**token_head["env"], **extra}, capture_output=True, text=True,
+                              timeout=240)
+        assert done.returncode == 2, done.stderr[-3000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"fineprune sweep: error: Ray address {address}: ") and expected in last, last
+    client = MlflowClient(tracking_uri=f"sqlite:///{database}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]

@@ -32,6 +32,7 @@ import ray
 import torch
 from ray import tune
 from ray._private.services import canonicalize_bootstrap_address_or_die
+from ray.exceptions import AuthenticationError
 
 from pruning import squad
 from pruning.checkpoint import load_model, load_tokenizer
@@ -59,6 +60,8 @@ RAY_CONNECT_TIMEOUT_S = 10.0  # how long an explicit Ray address may take to acc
 # What a trial's final report holds besides the run's bookkeeping: an objective must be one of these.
 TRIAL_METRICS = (*EVAL_METRICS, *PACK_METRICS)
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's token authentication: "token" sends the token to an explicit address
+_TOKEN_PLACES = "RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token"
 
 
 class RayUnavailable(Exception):
@@ -267,10 +270,29 @@ def _init_ray(cluster: str | None) -> None:
         kwargs["address"] = cluster
     else:
         kwargs.update(address="local", include_dashboard=False)
+    mode = os.environ.get(AUTH_MODE_ENV)  # read first: ray.init may set it
     try:
         ray.init(**kwargs)
-    except ConnectionError as err:
-        raise RayUnavailable(f"Ray address {cluster}: {err}") from err
+    except (ConnectionError, AuthenticationError) as err:
+        raise RayUnavailable(_connect_failure(cluster, err, mode)) from err
+
+
+def _connect_failure(cluster: str | None, err: BaseException, mode: str | None) -> str:
+    """Why joining ``cluster`` failed, in one line; a refused or missing Ray token said as such (Ray's own
+    message about it comes wrapped in a generic "failed to connect")."""
+    where = f"Ray address {cluster}"
+    if isinstance(err, AuthenticationError) and "no authentication token" in str(err):
+        return f"{where}: RAY_AUTH_MODE=token but no Ray token was found (give the cluster's token in {_TOKEN_PLACES})"
+    chain, seen = [], err
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any(isinstance(e, AuthenticationError) or "InvalidAuthToken" in str(e) for e in chain):
+        if (mode or "").lower() != "token":
+            return (f"{where}: the cluster requires token authentication and RAY_AUTH_MODE is "
+                    f"{mode or 'unset'}: set RAY_AUTH_MODE=token and give the cluster's token in {_TOKEN_PLACES}")
+        return f"{where}: the cluster refused this client's Ray token (from {_TOKEN_PLACES}): give the one it uses"
+    return f"{where}: {' '.join(str(err).split())}"
 
 
 def _forwarded_env() -> dict[str, str]:
