@@ -15,6 +15,7 @@ in (0, 1], got 1.5)``.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -126,6 +127,14 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _hint(word: Any, allowed: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the allowed word closest to a misspelt ``word``, else ``""``."""
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(allowed), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -172,7 +181,7 @@ def _one_of(allowed: Iterable[str]) -> BeforeValidator:
 
     def check(value: Any) -> Any:
         if value not in allowed:
-            raise _Problem(f"unknown value {value!r} (allowed: {', '.join(allowed)})")
+            raise _Problem(f"unknown value {value!r}{_hint(value, allowed)} (allowed: {', '.join(allowed)})")
         return value
 
     return BeforeValidator(check)
@@ -193,7 +202,7 @@ def _known_keys(value: Any, allowed: Iterable[str], what: str = "a mapping") -> 
     allowed = tuple(allowed)
     for key in value:
         if key not in allowed:
-            raise _Problem(f"unknown key (allowed: {', '.join(allowed)})", key)
+            raise _Problem(f"unknown key{_hint(key, allowed)} (allowed: {', '.join(allowed)})", key)
     return dict(value)
 
 
@@ -205,7 +214,7 @@ def _run_config_keys(value: Any) -> dict[str, Any]:
         raise _Problem(f"expected a mapping of RunConfig keys, got {_kind(value)}")
     for key in value:
         if key not in _KINDS or key == LAMBDA_KEY:
-            raise _Problem("unknown RunConfig key", key)
+            raise _Problem(f"unknown RunConfig key{_hint(key, set(_KINDS) - {LAMBDA_KEY})}", key)
     return dict(value)
 
 
@@ -277,7 +286,8 @@ class ParamSpec(_Section):
             raise _Problem(f"expected a mapping with a type ({', '.join(PARAM_TYPES)}), got {_kind(data)}")
         kind = data.get("type")
         if kind not in PARAM_TYPES:
-            raise _Problem(f"unknown or missing type {kind!r} (allowed: {', '.join(PARAM_TYPES)})", "type")
+            raise _Problem(f"unknown or missing type {kind!r}{_hint(kind, PARAM_TYPES)} "
+                           f"(allowed: {', '.join(PARAM_TYPES)})", "type")
         if kind in ("choice", "grid"):
             data = _known_keys(data, ("type", "values"))
             if not isinstance(data.get("values"), list) or not data["values"]:
@@ -418,7 +428,8 @@ class SchedulerSpec(_Section):
     @classmethod
     def _reported(cls, value: Any) -> Any:
         if value not in EVAL_METRICS:
-            raise _Problem(f"{value!r} is not reported at each evaluation (allowed: {', '.join(EVAL_METRICS)})")
+            raise _Problem(f"{value!r} is not reported at each evaluation{_hint(value, EVAL_METRICS)} "
+                           f"(allowed: {', '.join(EVAL_METRICS)})")
         return value
 
     @field_validator("mode", mode="before")
@@ -592,7 +603,7 @@ class SweepSpace(_Section):
             raise _Problem("expected a non-empty mapping of searched RunConfig keys")
         for key in value:
             if key not in _KINDS:
-                raise _Problem("not a RunConfig key", key)
+                raise _Problem(f"not a RunConfig key{_hint(key, _KINDS)}", key)
             if key in _NOT_SEARCHABLE:
                 raise _Problem("cannot be searched (it must be the same for every trial; set it in base)", key)
         if LAMBDA_KEY in value:
