@@ -245,3 +245,12 @@ def test_a_sweep_is_complete_when_every_trial_ended_and_the_search_did(statuses,
     from workflows.sweep import sweep_complete
 
     assert sweep_complete(statuses, 4, over) is complete
+
+
+def test_every_metric_a_trial_reports_has_its_better_direction():
+    """The space checks objectives and scheduler modes against record.METRIC_MODES: it must know every metric a
+    trial reports, and nothing else."""
+    from workflows.record import METRIC_MODES
+    from workflows.sweep import TRIAL_METRICS
+
+    assert set(TRIAL_METRICS) == set(METRIC_MODES)

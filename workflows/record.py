@@ -48,7 +48,7 @@ __all__ = [
     # metrics
     "EXACT_MATCH", "F1", "LINEAR_DENSITY", "TOTAL_DENSITY", "HEADS_REMOVED", "SPEEDUP", "MAX_LOGIT_DIFF",
     "PARAMS_AFTER", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "SEARCH_REPEATS", "SEARCH_STEERED",
-    "PAUSED_S", "FINAL_METRICS", "EVAL_METRICS",
+    "PAUSED_S", "FINAL_METRICS", "EVAL_METRICS", "METRIC_MODES",
     "DENSITY_OBJECTIVES", "SPEED_OBJECTIVES",
     # artifacts
     "ARTIFACT_PACKED_MODEL", "ARTIFACT_FRONTIER", "ARTIFACT_FRONTIER_SPEED",
@@ -126,6 +126,10 @@ PAUSED_S = "paused_s"  # trial runs: seconds the run stood ended between sweep s
 FINAL_METRICS = (EXACT_MATCH, F1, LINEAR_DENSITY, TOTAL_DENSITY, HEADS_REMOVED, SPEEDUP)
 # Scalars the trainer reports at every evaluation: the only metrics a scheduler can act on.
 EVAL_METRICS = (EXACT_MATCH, F1, LINEAR_DENSITY, TOTAL_DENSITY, HEADS_REMOVED, LOSS, "loss_ce", "loss_distil")
+# Which way each metric a trial reports is better: an objective or a scheduler metric must be optimised this way.
+METRIC_MODES: dict[str, str] = {EXACT_MATCH: "max", F1: "max", HEADS_REMOVED: "max", SPEEDUP: "max",
+                                LINEAR_DENSITY: "min", TOTAL_DENSITY: "min", LOSS: "min", "loss_ce": "min",
+                                "loss_distil": "min", MAX_LOGIT_DIFF: "min", PARAMS_AFTER: "min"}
 DENSITY_OBJECTIVES: tuple[tuple[str, str], ...] = ((F1, "max"), (LINEAR_DENSITY, "min"))  # the default objectives
 SPEED_OBJECTIVES: tuple[tuple[str, str], ...] = ((F1, "max"), (SPEEDUP, "max"))  # the second frontier
 

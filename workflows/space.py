@@ -35,7 +35,7 @@ from pruning.config import ConfigError, Method, RunConfig, config_from_dict, con
 from pruning.schedules import warmup_steps
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
-from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, RegistrySpec
+from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_MODES, RegistrySpec
 
 __all__ = [
     "SpaceError",
@@ -441,6 +441,8 @@ class SchedulerSpec(_Section):
 
     @model_validator(mode="after")
     def _rungs(self) -> SchedulerSpec:
+        if self.mode != METRIC_MODES[self.metric]:
+            raise _Problem(_wrong_way(self.metric, self.mode), "mode")
         if self.grace_period > self.max_t:
             raise _Problem(f"{self.grace_period} exceeds max_t {self.max_t}", "grace_period")
         return self
@@ -498,6 +500,12 @@ class RegistrySection(_Section):
         return self
 
 
+def _wrong_way(metric: str, mode: str) -> str:
+    better = METRIC_MODES[metric]
+    return (f"{metric} is better when {'larger' if better == 'max' else 'smaller'}: {mode} would seek the worst trials "
+            f"(use {better})")
+
+
 def _objectives(value: Any) -> Any:
     if value is None:
         return list(DEFAULT_OBJECTIVES)
@@ -507,8 +515,13 @@ def _objectives(value: Any) -> Any:
     for i, item in enumerate(value):
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
             raise _Problem(f"expected [metric, max|min], got {item!r}", i)
+        if item[0] not in METRIC_MODES:
+            raise _Problem(f"{item[0]!r} is not a metric the trials report{_hint(item[0], METRIC_MODES)} "
+                           f"(reported: {', '.join(METRIC_MODES)})", i)
         if item[1] not in ("max", "min"):
             raise _Problem(f"mode must be max or min, got {item[1]!r}", i)
+        if item[1] != METRIC_MODES[item[0]]:
+            raise _Problem(_wrong_way(item[0], item[1]), i)
         if any(item[0] == name for name, _ in out):
             raise _Problem(f"{item[0]!r} is listed twice", i)
         out.append((item[0], item[1]))
