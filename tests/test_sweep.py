@@ -254,3 +254,16 @@ def test_every_metric_a_trial_reports_has_its_better_direction():
     from workflows.sweep import TRIAL_METRICS
 
     assert set(TRIAL_METRICS) == set(METRIC_MODES)
+
+
+@pytest.mark.parametrize("statuses,expected", [
+    (["TERMINATED", "ERROR", "TERMINATED"], "1 of 3 trials failed (the fineprune.error tag of each run says why)"),
+    (["TERMINATED", "ERROR", "RUNNING"], "1 of 3 trials failed (the fineprune.error tag of each run says why); "
+                                         "the sweep stopped before all its trials ended"),
+    (["TERMINATED", "PENDING"], "the sweep stopped before all its trials ended"),
+    (["TERMINATED"] * 2, "the sweep stopped before all its trials ended"),
+])
+def test_an_incomplete_sweep_says_whether_trials_failed_or_it_was_stopped(statuses, expected):
+    from workflows.sweep import _what_is_left
+
+    assert _what_is_left(statuses) == expected

@@ -182,3 +182,56 @@ def test_a_tracking_uri_with_no_store_behind_it_stops_the_sweep_in_one_line(tmp_
     assert lines[-1].startswith(f"fineprune sweep: error: tracking URI {uri}: "), lines[-1]
     assert "Traceback" not in "\n".join(lines)
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_a_crashed_trial_fails_with_its_exception_and_an_error_file_that_outlives_the_driver(tmp_path):
+    """A trial whose trainable raised: its run ends FAILED, tagged with the exception's line and the error file in
+    the sweep's storage (not the driver's copy under Ray's session directory, which goes with the session); the
+    other trial finishes. Run again by a resume, the run loses the stale error tags."""
+    import logging
+
+    import ray
+    from ray.train._internal.storage import StorageContext
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_experiment("crash", artifact_location=(tmp_path / "artifacts").as_uri())
+    sweep = tmp_path / "storage" / "crash-1"
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        storage = StorageContext(storage_path=str(sweep.parent), experiment_dir_name=sweep.name,
+                                 trial_dir_name="trial_main_bad")
+        crashed = Trial("trial_main", config={"target_density": 0.6}, trial_id="bad", stub=True, storage=storage)
+        Path(crashed.local_path).mkdir(parents=True)  # the driver's staging directory, as Tune makes it
+        crashed.handle_error(RuntimeError("attention_block: 24x24 does not divide the 32x32 matrix"))
+        crashed.set_status(Trial.ERROR)
+        staged = crashed.error_file
+        good = _finished_trial("good", 0.3, _packed_dir(tmp_path / "good"))
+        parent = start_parent_run(client, "crash", str(sweep), {}, resume=False)
+        callback = MlflowTrialCallback(client.tracking_uri, "crash", parent, _params_of, outage_limit=30)
+        trials = [good, crashed]
+        callback.on_step_begin(iteration=0, trials=[])
+        for trial in trials:
+            callback.on_trial_start(iteration=0, trials=trials, trial=trial)
+        callback.on_trial_result(iteration=0, trials=trials, trial=good, result=good.last_result)
+        callback.on_trial_complete(iteration=0, trials=trials, trial=good)
+        callback.on_trial_error(iteration=0, trials=trials, trial=crashed)
+        callback.on_experiment_end(trials=trials)
+        assert callback.failure is None
+    finally:
+        ray.shutdown()
+
+    runs = _runs_by_trial(client, parent)
+    assert runs["good"].info.status == "FINISHED"
+    failed = runs["bad"]
+    assert failed.info.status == "FAILED" and failed.data.tags[record.TAG_STATUS] == "failed"
+    assert failed.data.tags[record.TAG_ERROR] == "attention_block: 24x24 does not divide the 32x32 matrix"
+    error_file = failed.data.tags[record.TAG_ERROR_FILE]
+    assert error_file == f"{sweep}/trial_main_bad/error.txt" and error_file != staged
+
+    # A resume runs the failed trial again in its run: the error of its last end is gone.
+    callback = MlflowTrialCallback(client.tracking_uri, "crash", parent, _params_of, outage_limit=30)
+    callback.on_step_begin(iteration=0, trials=[crashed])
+    callback.on_trial_start(iteration=0, trials=[crashed], trial=crashed)
+    callback.flush()
+    tags = client.get_run(failed.info.run_id).data.tags
+    assert record.TAG_ERROR not in tags and record.TAG_ERROR_FILE not in tags

@@ -86,8 +86,8 @@ TAG_TOOK_OVER = "fineprune.took_over_trial_id"  # the lost trial whose run this 
 TAG_CONFIGURATION = "fineprune.configuration"  # a trial run's searched values (JSON), set as the run is created
 TAG_PACKED_ARTIFACT = "fineprune.packed_artifact"  # set once the packed model is logged: its artifact path
 TAG_MODEL_DIR = "fineprune.model_dir"  # the baseline's model directory
-TAG_ERROR_FILE = "fineprune.error_file"  # Tune's error file of a failed trial
-TAG_ERROR = "fineprune.error"  # one line: why the trial failed after training (e.g. its packed model upload)
+TAG_ERROR_FILE = "fineprune.error_file"  # a failed trial's error file (traceback), in the sweep's storage
+TAG_ERROR = "fineprune.error"  # one line: why the trial failed (its exception, or e.g. its packed model upload)
 
 # ---- tags of registered model versions ------------------------------------------------------------------------
 TAG_TRIAL_RUN = "fineprune.trial_run_id"

@@ -493,8 +493,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         if complete:
             tracking.finish_parent_run(client, parent)
         else:
-            logger.warning("the sweep stopped before all %d trials ended; continue it with --resume %s",
-                           space.num_samples, parent)
+            logger.warning("%s; --resume %s runs what is left", _what_is_left(statuses), parent)
             tracking.finish_parent_run(client, parent, status="KILLED", state="interrupted")
     except TrackingUnavailable as err:
         raise TrackingUnavailable(f"{err}; the sweep stopped (start the server again, then "
@@ -508,6 +507,16 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
                     "ui": f"mlflow ui --backend-store-uri {tracking_uri} -h 127.0.0.1"})
     _log_summary(summary)
     return summary
+
+
+def _what_is_left(statuses: list[str]) -> str:
+    """Why a sweep whose Tune run returned is not complete (see :func:`sweep_complete`), in words."""
+    failed = sum(status == "ERROR" for status in statuses)
+    unfinished = any(status not in ("TERMINATED", "ERROR") for status in statuses)
+    parts = [f"{failed} of {len(statuses)} trials failed (the {record.TAG_ERROR} tag of each run says why)"]
+    if unfinished or not failed:
+        parts.append("the sweep stopped before all its trials ended")
+    return "; ".join(parts[0 if failed else 1:])
 
 
 def _sweep_to_resume(client, experiment: str, run_id: str | None, tracking_uri: str):

@@ -233,13 +233,24 @@ class TrialSnapshot:
     status: str  # Tune's: PENDING, RUNNING, PAUSED, TERMINATED, ERROR
     last_result: dict[str, Any]
     checkpoint: Any  # ray.tune.Checkpoint or None
-    error_file: str | None
+    error_file: str | None  # the error file's name within the sweep's storage (``<trial dir>/error.txt``)
     num_failures: int
+    error: str | None = None  # the last line of the trial's error: the exception that ended it
 
     @classmethod
     def of(cls, trial) -> "TrialSnapshot":
+        error_file, error = None, None
+        if getattr(trial, "error_file", None):  # the driver's staging copy, under Ray's session directory
+            staged = Path(trial.error_file)
+            # The copy that outlives the driver is the one Tune syncs to the sweep's storage, beside the checkpoints.
+            error_file = f"{trial.storage.trial_dir_name}/{staged.name}"
+            try:
+                lines = [line.strip() for line in staged.read_text(errors="replace").splitlines() if line.strip()]
+            except OSError:
+                lines = []
+            error = lines[-1] if lines else None
         return cls(trial.trial_id, dict(trial.config), trial.status, dict(trial.last_result or {}), trial.checkpoint,
-                   getattr(trial, "error_file", None), int(getattr(trial, "num_failures", 0) or 0))
+                   error_file, int(getattr(trial, "num_failures", 0) or 0), error)
 
 
 def _config_key(params: dict[str, str]) -> tuple:
@@ -423,6 +434,9 @@ class MlflowTrialCallback(tune.Callback):
             run = self.client.get_run(run_id)
             if earlier:
                 self._log_pause(run)
+            for stale in (TAG_ERROR, TAG_ERROR_FILE):  # a failed run that runs again: its last end no longer holds
+                if stale in run.data.tags:
+                    self.client.delete_tag(run_id, stale)
             if run.info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
         return run_id
@@ -483,9 +497,13 @@ class MlflowTrialCallback(tune.Callback):
         if trial.status == "ERROR":
             self.client.set_tag(run_id, TAG_STATUS, STATUS_FAILED)
             if trial.error_file:
-                self.client.set_tag(run_id, TAG_ERROR_FILE, str(trial.error_file))
+                sweep = self.client.get_run(self.parent_run_id).data.tags.get(TAG_SWEEP)
+                where = f"{sweep}/{trial.error_file}" if sweep else trial.error_file
+                self.client.set_tag(run_id, TAG_ERROR_FILE, where)
+            if trial.error:
+                self.client.set_tag(run_id, TAG_ERROR, trial.error[:5000])
             self.client.set_terminated(run_id, "FAILED")
-            logger.warning("trial %s failed", trial.trial_id)
+            logger.warning("trial %s failed: %s", trial.trial_id, trial.error or "see its error file")
             return
         final = bool(result.get("final"))
         if final:
