@@ -267,3 +267,36 @@ def test_an_incomplete_sweep_says_whether_trials_failed_or_it_was_stopped(status
     from workflows.sweep import _what_is_left
 
     assert _what_is_left(statuses) == expected
+
+
+def test_resuming_with_a_changed_space_is_refused_before_anything_runs(tmp_path):
+    """A resume whose space differs in what trials compute (here base.max_steps) would mix trials of two sweeps under
+    one record: one line naming the key, its value then and now; nothing started. A registry change is fine."""
+    import ray
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from workflows import record, tracking
+    from workflows.space import load_space
+    from workflows.sweep import ResumeError, run_sweep
+
+    values = yaml.safe_load((Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml").read_text())
+    first = tmp_path / "smoke.yaml"
+    first.write_text(yaml.safe_dump(values))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    sweep_dir = str(tmp_path / "ray" / "smoke-1")
+    parent = tracking.start_parent_run(client, "smoke", sweep_dir, load_space(first).summary(), resume=False)
+    tracking.finish_parent_run(client, parent, status="KILLED", state=record.SWEEP_INTERRUPTED)
+
+    values["base"]["max_steps"] = 8
+    values["registry"]["max_density"] = 0.7
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(values))
+    with pytest.raises(ResumeError) as info:
+        run_sweep(changed, experiment="smoke", tracking_uri=uri, resume=parent, address="local")
+    message = str(info.value)
+    assert "\n" not in message and f"{changed}: base.max_steps is 8 but the sweep started with 6" in message
+    assert not ray.is_initialized() and not (tmp_path / "ray").exists()
+    run = client.get_run(parent)
+    assert run.info.status == "KILLED" and run.data.params["base.max_steps"] == "6"

@@ -421,6 +421,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     if resume:
         previous = _sweep_to_resume(client, experiment, None if resume is True else str(resume), tracking_uri)
         experiment = client.get_experiment(previous.info.experiment_id).name
+        _check_same_space(space, previous)
         sweep_dir = previous.data.tags[record.TAG_SWEEP]
         if tracking.sweep_state(previous) == record.SWEEP_COMPLETE:
             logger.info("the sweep %s of experiment %r (run %s) already finished; nothing to resume",
@@ -517,6 +518,28 @@ def _what_is_left(statuses: list[str]) -> str:
     if unfinished or not failed:
         parts.append("the sweep stopped before all its trials ended")
     return "; ".join(parts[0 if failed else 1:])
+
+
+# Space keys a resume may change: they decide how trials are scheduled and judged, not what a trial computes.
+_RESUMABLE_CHANGES = ("name", "registry", "max_concurrent", "max_failures", "resources", "reference_point")
+
+
+def _check_same_space(space: SweepSpace, previous) -> None:
+    """Refuse to resume a sweep with a space that differs from the one it started with (as its run's params hold
+    it) in anything a trial's result depends on: the restored trials and the new ones would not be comparable, and
+    the sweep's record would describe only the first.
+
+    Raises:
+        ResumeError: names the first differing key, its value then and now.
+    """
+    then = previous.data.params
+    for key, value in record.flat_params(space.summary()).items():
+        if key.split(".", 1)[0] in _RESUMABLE_CHANGES or key[:250] not in then:
+            continue
+        if then[key[:250]] != value[:6000]:
+            raise ResumeError(f"--resume {previous.info.run_id}: {space.path}: {key} is {value[:200]} but the sweep "
+                              f"started with {then[key[:250]][:200]} (resume with the space it started with, or start "
+                              "a new sweep)")
 
 
 def _sweep_to_resume(client, experiment: str, run_id: str | None, tracking_uri: str):
