@@ -421,13 +421,13 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     if resume:
         previous = _sweep_to_resume(client, experiment, None if resume is True else str(resume), tracking_uri)
         experiment = client.get_experiment(previous.info.experiment_id).name
-        _check_same_space(space, previous)
         sweep_dir = previous.data.tags[record.TAG_SWEEP]
         if tracking.sweep_state(previous) == record.SWEEP_COMPLETE:
             logger.info("the sweep %s of experiment %r (run %s) already finished; nothing to resume",
                         sweep_dir, experiment, previous.info.run_id)
             return {"experiment": experiment, "parent_run_id": previous.info.run_id, "tracking_uri": tracking_uri,
                     "sweep_dir": sweep_dir, "status": "already finished"}
+        _check_same_space(space, previous)
         storage_root = sweep_dir.rsplit("/", 1)[0]
         storage = _storage_roots(storage_path or storage_root)[1]
         logger.info("resuming the sweep %s (MLflow run %s)", sweep_dir, previous.info.run_id)
