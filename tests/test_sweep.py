@@ -300,3 +300,35 @@ def test_resuming_with_a_changed_space_is_refused_before_anything_runs(tmp_path)
     assert not ray.is_initialized() and not (tmp_path / "ray").exists()
     run = client.get_run(parent)
     assert run.info.status == "KILLED" and run.data.params["base.max_steps"] == "6"
+
+
+def test_a_teacher_that_cannot_be_had_stops_the_sweep_in_one_line_and_ends_its_run(tmp_path):
+    """teacher.path names no model: the error raised in the teacher's Ray task reaches the user as its own one-line
+    error (not Ray's multi-line wrapper), and the sweep's MLflow run ends FAILED, resumable, not RUNNING forever."""
+    import logging
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from workflows import record
+    from workflows.sweep import run_sweep
+
+    values = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    values["teacher"] = {"path": str(tmp_path / "no_such_model"), "student_init": True}
+    space = tmp_path / "smoke.yaml"
+    space.write_text(yaml.safe_dump(values))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        with pytest.raises(Exception) as info:
+            run_sweep(space, experiment="smoke", tracking_uri=uri, storage_path=str(tmp_path / "ray"),
+                      address="local")
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    assert type(info.value).__name__ == "CheckpointError"
+    assert str(info.value) == f"{tmp_path / 'no_such_model'}: model directory not found"
+    client = MlflowClient(tracking_uri=uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[record.TAG_SWEEP_STATE] == record.SWEEP_INTERRUPTED

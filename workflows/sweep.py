@@ -199,7 +199,13 @@ def ensure_teacher(space: SweepSpace, root: Path) -> tuple[str, dict[str, Any]]:
     logger.info("%s the dense teacher %s", "evaluating" if given else "fine-tuning", model_dir)
     task = _dense_teacher.options(num_cpus=_teacher_cpus(space.resources),
                                   num_gpus=space.resources.get("gpu", 0) or 0)
-    metrics = ray.get(task.remote(cfg, given))
+    try:
+        metrics = ray.get(task.remote(cfg, given))
+    except ray.exceptions.RayTaskError as err:
+        # The task's own error (a teacher directory that is not there, a bad value), not Ray's multi-line wrapper.
+        if isinstance(err.cause, Exception):
+            raise err.cause from err
+        raise
     clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(clean, indent=2))
@@ -499,6 +505,14 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     except TrackingUnavailable as err:
         raise TrackingUnavailable(f"{err}; the sweep stopped (start the server again, then "
                                   f"`fineprune sweep --space {space_path} --resume {parent}`)") from err
+    except BaseException as err:
+        # The sweep's run must not stay RUNNING: `--resume` continues it once the cause is mended.
+        try:
+            tracking.finish_parent_run(client, parent, status="KILLED" if isinstance(err, KeyboardInterrupt)
+                                       else "FAILED", state=record.SWEEP_INTERRUPTED)
+        except Exception as mlflow_err:  # noqa: BLE001 - the first error is the one to report
+            logger.warning("could not end the sweep's MLflow run %s: %s", parent, mlflow_err)
+        raise
     finally:
         if not cluster:
             ray.shutdown()
