@@ -481,6 +481,14 @@ class RegistrySection(_Section):
     max_latency_ms: Number | None = None  # best_f1_under_latency: measured latency of the registered version
     onnx: Flag = True  # export each new version for ONNX Runtime (false: versions serve through PyTorch)
 
+    @field_validator("name")
+    @classmethod
+    def _registrable(cls, value: str) -> str:
+        # What the MLflow registry refuses, found now rather than when the sweep's trials are done.
+        if "/" in value or ":" in value or value in (".", ".."):
+            raise _Problem(f"{value!r}: a registered model name cannot contain '/' or ':', nor be '.' or '..'")
+        return value
+
     @model_validator(mode="after")
     def _one_threshold(self) -> RegistrySection:
         needed = POLICIES[self.policy]
