@@ -48,7 +48,7 @@ __all__ = [
     # metrics
     "EXACT_MATCH", "F1", "LINEAR_DENSITY", "TOTAL_DENSITY", "HEADS_REMOVED", "SPEEDUP", "MAX_LOGIT_DIFF",
     "PARAMS_AFTER", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "SEARCH_REPEATS", "SEARCH_STEERED",
-    "PAUSED_S", "FINAL_METRICS", "EVAL_METRICS", "METRIC_MODES",
+    "PAUSED_S", "FINAL_METRICS", "EVAL_METRICS", "METRIC_MODES", "METRIC_BEST",
     "DENSITY_OBJECTIVES", "SPEED_OBJECTIVES",
     # artifacts
     "ARTIFACT_PACKED_MODEL", "ARTIFACT_FRONTIER", "ARTIFACT_FRONTIER_SPEED",
@@ -130,6 +130,9 @@ EVAL_METRICS = (EXACT_MATCH, F1, LINEAR_DENSITY, TOTAL_DENSITY, HEADS_REMOVED, L
 METRIC_MODES: dict[str, str] = {EXACT_MATCH: "max", F1: "max", HEADS_REMOVED: "max", SPEEDUP: "max",
                                 LINEAR_DENSITY: "min", TOTAL_DENSITY: "min", LOSS: "min", "loss_ce": "min",
                                 "loss_distil": "min", MAX_LOGIT_DIFF: "min", PARAMS_AFTER: "min"}
+# The best value a metric can take, where it has one (scores in points, densities and losses at zero).
+METRIC_BEST: dict[str, float] = {EXACT_MATCH: 100.0, F1: 100.0, LINEAR_DENSITY: 0.0, TOTAL_DENSITY: 0.0, LOSS: 0.0,
+                                 "loss_ce": 0.0, "loss_distil": 0.0, MAX_LOGIT_DIFF: 0.0, PARAMS_AFTER: 0.0}
 DENSITY_OBJECTIVES: tuple[tuple[str, str], ...] = ((F1, "max"), (LINEAR_DENSITY, "min"))  # the default objectives
 SPEED_OBJECTIVES: tuple[tuple[str, str], ...] = ((F1, "max"), (SPEEDUP, "max"))  # the second frontier
 

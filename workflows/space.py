@@ -35,7 +35,7 @@ from pruning.config import ConfigError, Method, RunConfig, config_from_dict, con
 from pruning.schedules import warmup_steps
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
-from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_MODES, RegistrySpec
+from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES, RegistrySpec
 
 __all__ = [
     "SpaceError",
@@ -686,6 +686,10 @@ class SweepSpace(_Section):
                 out[key] = float(_number(v))
             except _Problem as err:
                 raise _Problem(err.message, key) from None
+            best, mode = METRIC_BEST.get(key), dict(objectives)[key]
+            if best is not None and (out[key] >= best if mode == "max" else out[key] <= best):
+                raise _Problem(f"{v!r} is at or beyond the best {key} a trial can have ({best:g}): no trial would "
+                               "add to the hypervolume", key)
         try:
             _reference_point(objectives, out)
         except ValueError as err:
