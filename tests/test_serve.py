@@ -219,6 +219,34 @@ def test_the_served_model_searches_spans_as_its_run_did(smoke_sweep, dev_subset)
     assert not any(" " in a.strip() for a in single)
 
 
+def test_a_version_logged_on_a_trial_run_keeps_the_runs_params_and_says_nothing_of_them(tmp_path, tokenizer,
+                                                                                       tiny_bert_config, caplog):
+    """The served batch (the run's eval_batch_size) is not the run's training batch_size: MLflow's copy of the
+    model's settings into the run's params fails on it; the run keeps its params, and no warning says so."""
+    from transformers import BertForQuestionAnswering
+
+    model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_params({"batch_size": "8", "eval_batch_size": "32"})
+            info = log_qa_model(model_dir, serve_settings({"batch_size": "8", "eval_batch_size": "32"}))
+        params = MlflowClient(tracking_uri=uri).get_run(run.info.run_id).data.params
+        settings = mlflow.pyfunc.load_model(info.model_uri).model_config
+        fewer = mlflow.pyfunc.load_model(info.model_uri, model_config={"max_records": 2})
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert params == {"batch_size": "8", "eval_batch_size": "32"}
+    assert not [r for r in caplog.records if "model config as params" in r.getMessage()]
+    assert settings["batch_size"] == 32 and settings["max_records"] == 256
+    records = pd.DataFrame([{"question": "Who?", "context": "Ann wrote it."}] * 3)
+    with pytest.raises(Exception, match="3 records in one request: at most 2"):
+        fewer.predict(records)
+
+
 def test_serve_settings_come_from_the_run_config_with_defaults():
     params = {"max_seq_length": "128", "doc_stride": "32", "eval_batch_size": "16", "learning_rate": "0.001",
               "max_answer_length": "12"}

@@ -399,6 +399,15 @@ def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | N
     return Path(out_dir), ",".join(report["files"])
 
 
+class _DropParamMirror(logging.Filter):
+    """Drops MLflow's warning that it could not copy a logged model's ``model_config`` into the run's params: the
+    trial run's params are its run config, whose ``batch_size`` (the training batch) differs from the served one,
+    and the served settings are kept in the model itself."""
+
+    def filter(self, record_: logging.LogRecord) -> bool:
+        return not record_.getMessage().startswith("Failed to log model config as params")
+
+
 def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str | Path | None = None):
     """Log a QA model directory as the :class:`PackedQAModel` pyfunc ``qa_model`` of the active run.
 
@@ -415,18 +424,24 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
     artifacts = {ARTIFACT_MODEL_DIR: str(model_dir)}
     if onnx_dir is not None:
         artifacts[ARTIFACT_ONNX_DIR] = str(onnx_dir)
-    return mlflow.pyfunc.log_model(
-        name=ARTIFACT_QA_MODEL,
-        python_model=PackedQAModel(),
-        artifacts=artifacts,
-        code_paths=[str(package_dir)],
-        pip_requirements=PIP_REQUIREMENTS,
-        signature=SIGNATURE,
-        # Logged so that it can be overridden at load (MLflow only overrides logged keys), e.g. with
-        # MLFLOW_PYFUNC_INFERENCE_CONFIG='{"onnx_variant": "fp32"}' for `mlflow models serve`.
-        model_config={**settings, "onnx_variant": ONNX_VARIANTS[0] if onnx_dir is not None else "none"},
-        input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
-    )
+    mirror, drop = logging.getLogger("mlflow.models.model"), _DropParamMirror()
+    mirror.addFilter(drop)
+    try:
+        return mlflow.pyfunc.log_model(
+            name=ARTIFACT_QA_MODEL,
+            python_model=PackedQAModel(),
+            artifacts=artifacts,
+            code_paths=[str(package_dir)],
+            pip_requirements=PIP_REQUIREMENTS,
+            signature=SIGNATURE,
+            # Logged so that it can be overridden at load (MLflow only overrides logged keys), e.g. with
+            # MLFLOW_PYFUNC_INFERENCE_CONFIG='{"onnx_variant": "fp32"}' for `mlflow models serve`.
+            model_config={"max_records": MAX_RECORDS, **settings,
+                          "onnx_variant": ONNX_VARIANTS[0] if onnx_dir is not None else "none"},
+            input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
+        )
+    finally:
+        mirror.removeFilter(drop)
 
 
 def _ensure_model(client, name: str) -> None:
