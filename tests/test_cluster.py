@@ -498,6 +498,7 @@ def token_head():
 def test_joining_a_cluster_that_requires_a_token_says_what_is_missing(token_head):
     """Without RAY_AUTH_MODE=token, with it but no token, with a wrong token: exit 2 and one line saying which, and
     no sweep left RUNNING in MLflow (Ray itself says only "failed to connect", or raises a traceback)."""
+    from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
     root, address = token_head["root"], token_head["address"]
@@ -513,6 +514,9 @@ def test_joining_a_cluster_that_requires_a_token_says_what_is_missing(token_head
         assert done.returncode == 2, done.stderr[-3000:]
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith(f"fineprune sweep: error: Ray address {address}: ") and expected in last, last
+    # Nothing ran: no sweep run is left for `--resume` to take for the last sweep.
     client = MlflowClient(tracking_uri=f"sqlite:///{database}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(experiments)
+    deleted = client.search_runs(experiments, run_view_type=ViewType.DELETED_ONLY)
+    assert len(deleted) == len(cases) and all(r.info.status == "FAILED" for r in deleted)

@@ -447,7 +447,10 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     try:
         _init_ray(cluster)
     except RayUnavailable:
-        tracking.finish_parent_run(client, parent, status="FAILED", state="interrupted")
+        if resume:
+            tracking.finish_parent_run(client, parent, status="FAILED", state=record.SWEEP_INTERRUPTED)
+        else:  # nothing ran: no empty sweep for `--resume` to take for the last one
+            tracking.discard_parent_run(client, parent)
         raise
     try:
         # 2. The teacher.

@@ -186,6 +186,13 @@ def finish_parent_run(client: MlflowClient, run_id: str, status: str = "FINISHED
     client.set_terminated(run_id, status=status)
 
 
+def discard_parent_run(client: MlflowClient, run_id: str) -> None:
+    """End and delete the run of a new sweep that could not start (Ray did not take it): it holds nothing, and
+    ``--resume`` must find the experiment's last sweep that ran instead."""
+    finish_parent_run(client, run_id, status="FAILED", state=SWEEP_INTERRUPTED)
+    client.delete_run(run_id)
+
+
 def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     flat = flat_params(params)
     existing = client.get_run(run_id).data.params
