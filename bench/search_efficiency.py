@@ -53,6 +53,9 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 
 from workflows.frontier import hypervolume, hypervolume_progress, reference_point  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from script_input import InputError, check_output, one_line_errors, read_json, write_text  # noqa: E402
+
 __all__ = ["measure", "load_table", "replay", "main"]
 
 logger = logging.getLogger("search_efficiency")
@@ -394,7 +397,8 @@ def report(table: Table, curves: dict[str, list[list[float]]], budget: int, plot
     print(f"grid: {n_grid} measured trials, {sum(r['status'] == 'finished' for r in table.trials)} finished, "
           f"hypervolume {grid_hv:.4f} (reference {table.reference})")
     print()
-    print("Median fraction of the grid's hypervolume after n trials (10 seeds; min-max in brackets):")
+    seeds = len(next(iter(curves.values())))
+    print(f"Median fraction of the grid's hypervolume after n trials ({seeds} seeds; min-max in brackets):")
     print()
     print("| sampler | " + " | ".join(f"n={n}" for n in checkpoints) + " |")
     print("|---|" + "---|" * len(checkpoints))
@@ -461,14 +465,35 @@ def _plot(curves: dict[str, list[list[float]]], grid_hv: float, n_grid: int, pat
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
-def load_table(path: Path) -> Table:
-    return Table(json.loads(path.read_text(encoding="utf-8")))
+def load_table(path: Path, flag: str = "--table") -> Table:
+    """The replay table in ``path``; a missing, malformed or incomplete file is an :class:`InputError` naming it."""
+    data = read_json(path, flag)
+    try:
+        return Table(data)
+    except KeyError as err:
+        raise InputError(f"{flag} {path}: not a replay table: no field {err}") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise InputError(f"{flag} {path}: not a replay table: {err}") from None
 
 
+def _sampler_problem(name: str) -> str | None:
+    """Why ``name`` is not a sampler the replay knows (None when it is one)."""
+    if name in ORACLES:
+        return None
+    kind, colon, startup = name.partition(":")
+    if kind not in ("grid", "random", *OPTUNA_SAMPLERS):
+        return f"{name!r} is not one of grid, random, {', '.join(OPTUNA_SAMPLERS)}, {', '.join(ORACLES)}"
+    if colon and (kind not in ("tpe", "gp") or not startup.isdigit()):
+        return f"{name!r}: only tpe:N and gp:N take a count of startup trials (N a whole number)"
+    return None
+
+
+@one_line_errors("search_efficiency")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measure", action="store_true", help="run the grid sweep for real and write the table")
@@ -493,6 +518,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="draw the median curves here (PNG)")
     args = parser.parse_args(argv)
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    problems = [problem for problem in map(_sampler_problem, samplers) if problem]
+    if problems:
+        parser.error(f"--samplers: {problems[0]}")
+    if not any(s.partition(":")[0] in OPTUNA_SAMPLERS for s in samplers):
+        parser.error(f"--samplers: no Optuna multi-objective sampler ({', '.join(OPTUNA_SAMPLERS)}) among {samplers}")
+    if args.seeds < 1 or (args.budget is not None and args.budget < 1):
+        parser.error("--seeds and --budget must be >= 1")
+    check_output(args.json, "--json")
+    check_output(args.plot, "--plot")
+    if args.measure:
+        check_output(args.table, "--table")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -509,12 +546,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.smooth:
         table = table.smoothed()
     budget = args.budget or 4 * len(table.trials)
-    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
-    kinds = [s.partition(":")[0] for s in samplers]
-    unknown = [s for s, kind in zip(samplers, kinds)
-               if kind not in ("grid", "random", *OPTUNA_SAMPLERS) and s not in ORACLES]
-    if unknown or not any(kind in OPTUNA_SAMPLERS for kind in kinds):
-        parser.error(f"--samplers: unknown {unknown} or no Optuna multi-objective sampler among {samplers}")
     curves: dict[str, list[list[float]]] = {}
     for name in samplers:
         started = time.time()
@@ -522,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("replayed %s: %d seeds x %d trials in %.1f s", name, args.seeds, budget, time.time() - started)
     results = report(table, curves, budget, args.plot)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+        write_text(args.json, json.dumps(results, indent=1, default=str) + "\n")
     return 0
 
 

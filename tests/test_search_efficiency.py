@@ -171,3 +171,63 @@ def test_an_oracle_that_knows_the_landscape_runs_only_frontier_cells(bench):
     (additive,) = bench.replay(table, "oracle", seeds=1, budget=48)
     assert bench.trials_to_reach(additive, grid_hv) > 3
     assert len(bench._run_oracle(table, budget=5)) == 5
+
+
+def _table_file(bench, path):
+    table = make_table(bench, smooth)
+    rows = table.baseline + table.trials
+    path.write_text(json.dumps({"search": table.search, "objectives": OBJECTIVES,
+                                "reference_point": table.reference, "rows": rows}))
+    return path
+
+
+def test_a_replay_writes_its_results_where_asked_and_says_how_many_seeds_it_ran(bench, tmp_path, capsys):
+    table = _table_file(bench, tmp_path / "grid.json")
+    out = tmp_path / "new" / "dir" / "results.json"
+    code = bench.main(["--table", str(table), "--samplers", "grid,tpe:4", "--seeds", "2", "--budget", "6",
+                       "--json", str(out), "--plot", str(tmp_path / "new" / "plot.png")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "after n trials (2 seeds;" in printed
+    results = json.loads(out.read_text())
+    assert results["budget"] == 6 and set(results["samplers"]) == {"grid", "tpe:4"}
+    assert len(results["samplers"]["grid"]["trials_to_100pct"]["all"]) == 2
+    assert (tmp_path / "new" / "plot.png").is_file()
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "no such file"),
+    ('{"rows": [', "not valid JSON (Expecting value: line 1 column 11"),
+    ('{"search": {}}', "not a replay table: no field 'objectives'"),
+    ('[1, 2]', "not a replay table: "),
+])
+def test_a_missing_or_malformed_table_is_one_line_and_exit_2(bench, tmp_path, capsys, content, message):
+    path = tmp_path / "table.json"
+    if content is not None:
+        path.write_text(content)
+    code = bench.main(["--table", str(path), "--samplers", "grid,tpe", "--seeds", "1", "--budget", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith(f"search_efficiency: --table {path}: {message}")
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--samplers", "grid,tpe:x"], "'tpe:x': only tpe:N and gp:N take a count"),
+    (["--samplers", "grid,cmaes"], "'cmaes' is not one of"),
+    (["--samplers", "grid,random"], "no Optuna multi-objective sampler"),
+    (["--seeds", "0"], "--seeds and --budget must be >= 1"),
+])
+def test_bad_arguments_are_refused_before_the_table_is_read(bench, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--table", str(tmp_path / "absent.json"), *argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_replay(bench, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code = bench.main(["--table", str(tmp_path / "absent.json"), "--json", str(tmp_path / "file" / "r.json")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"search_efficiency: --json {tmp_path / 'file' / 'r.json'}: {tmp_path / 'file'} is a file, not a directory")

@@ -1,0 +1,134 @@
+"""Input and output of the bench scripts: bad input is one line on stderr and exit status 2, checked before any work
+where it can be.
+
+A script's ``main`` is wrapped in :func:`one_line_errors`; the library's own input errors (a missing model
+directory, a bad config value, a malformed SQuAD file) and :class:`InputError` (a missing or malformed JSON file, a
+path that cannot be written, a device this machine does not have) then print as ``SCRIPT: message``. Needs only
+torch (the GPU scripts run on machines with nothing but torch and transformers).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["InputError", "one_line_errors", "read_json", "require", "check_output", "write_text", "check_device"]
+
+# The library's input errors, counted only where the script imported their module (importing them all would pull in
+# packages a bare GPU machine does not have).
+_LIBRARY_ERRORS = (
+    ("pruning.config", "ConfigError"),
+    ("pruning.checkpoint", "CheckpointError"),
+    ("pruning.resources", "ResourceError"),
+    ("pruning.squad", "SquadFormatError"),
+    ("pruning.packing", "PackingError"),
+    ("pruning.export", "ExportError"),
+    ("workflows.space", "SpaceError"),
+)
+
+
+class InputError(ValueError):
+    """Bad input to a bench script; printed as one line, exit status 2."""
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [InputError]
+    for module, name in _LIBRARY_ERRORS:
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
+def one_line_errors(script: str) -> Callable[[Callable[..., int | None]], Callable[..., int]]:
+    """Decorate a script's ``main``: an input error becomes ``SCRIPT: message`` on stderr and the return value 2."""
+
+    def wrap(main: Callable[..., int | None]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args: Any, **kwargs: Any) -> int:
+            try:
+                return int(main(*args, **kwargs) or 0)
+            except Exception as err:
+                if not isinstance(err, _input_errors()):
+                    raise
+                message = str(err).splitlines()[0] if str(err) else type(err).__name__
+                print(f"{script}: {message}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap
+
+
+def read_json(path: str | Path, flag: str) -> Any:
+    """The JSON value in ``path`` (named on the command line by ``flag``), or an :class:`InputError` naming both."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{flag} {path}: is a directory, not a file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{flag} {path}: not a UTF-8 text file") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{flag} {path}: not valid JSON ({err})") from None
+
+
+def require(value: Any, fields: dict[str, type | tuple[type, ...]], where: str) -> None:
+    """Check that ``value`` is a JSON object with each of ``fields`` of its type; ``where`` names the file and the
+    object for the error (``--results FILE: students[2]``)."""
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(value).__name__}")
+    for name, kind in fields.items():
+        if name not in value:
+            raise InputError(f"{where}: no field {name!r}")
+        if not isinstance(value[name], kind) or (isinstance(value[name], bool) and bool not in _as_tuple(kind)):
+            names = " or ".join(k.__name__ for k in _as_tuple(kind))
+            raise InputError(f"{where}: field {name!r} must be {names}, got {type(value[name]).__name__}")
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def check_output(path: str | Path | None, flag: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: a directory there, or a file above it."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path}: is a directory, not a file")
+    ancestor = next((a for a in path.parents if a.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise InputError(f"{flag} {path}: {ancestor} is a file, not a directory")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write an output file, making its directory first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def check_device(name: str, flag: str = "--device") -> None:
+    """Refuse a device this machine cannot run on (``auto`` always passes): one line, before any work."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"{flag} {name!r}: not a device (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{flag} {name}: CUDA is not available on this machine (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise InputError(f"{flag} {name!r}: only cpu and cuda devices are supported")
