@@ -1,0 +1,76 @@
+"""The GPU bench scripts on a machine without CUDA: they read what the GPU run wrote, and refuse bad input and a
+device the machine does not have in one line, before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "bench" / "results" / "gpu_reference.json"
+# MiniLM's shape (6 layers, 12 heads, FFN 1536), but 8 dimensions a head: the recorded packed shapes fit it.
+SMALL_MINILM = dict(vocab_size=100, hidden_size=96, num_hidden_layers=6, num_attention_heads=12,
+                    intermediate_size=1536, max_position_embeddings=512, model_type="bert")
+
+
+@pytest.fixture(scope="module")
+def latency(bench_script):
+    return bench_script("gpu_latency")
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SMALL_MINILM))
+    return path
+
+
+def test_latency_reads_the_recorded_reference_run_and_writes_one_row_a_student(latency, config_file, tmp_path):
+    out = tmp_path / "new" / "gpu_latency.json"
+    code = latency.main(["--results", str(REFERENCE), "--config", str(config_file), "--out", str(out),
+                         "--batch-size", "1", "--seq-len", "8", "--repeats", "1", "--device", "cpu"])
+    assert code == 0
+    written = json.loads(out.read_text())
+    recorded = json.loads(REFERENCE.read_text())["students"]
+    assert written["device"] == "cpu" and (written["batch_size"], written["seq_len"]) == (1, 8)
+    assert [row["index"] for row in written["students"]] == [s["index"] for s in recorded]
+    for row, student in zip(written["students"], recorded):
+        assert row["flop_limit"] > 1 and set(row) == {"index", "linear_density", "flop_limit", "fp32"}
+        assert row["fp32"]["speedup"] == pytest.approx(row["fp32"]["dense_ms"] / row["fp32"]["packed_ms"])
+
+
+@pytest.mark.parametrize("results,message", [
+    (None, "no such file"),
+    ("{", "not valid JSON"),
+    ('{"teacher": {}}', "no field 'students'"),
+    ('{"students": [{"index": 0, "linear_density": 0.5, "heads_kept_per_layer": [12, 12],'
+     ' "ffn_kept_per_layer": [9, 9]}]}', "students[0]: heads_kept_per_layer must hold 6 counts from 0 to 12"),
+    ('{"students": [{"index": 0, "linear_density": 0.5}]}', "students[0]: no field 'heads_kept_per_layer'"),
+])
+def test_latency_refuses_a_missing_or_malformed_results_file_in_one_line(latency, config_file, tmp_path, capsys,
+                                                                         results, message):
+    path = tmp_path / "gpu_reference.json"
+    if results is not None:
+        path.write_text(results)
+    code = latency.main(["--results", str(path), "--config", str(config_file), "--out", str(tmp_path / "o.json"),
+                         "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"gpu_latency: --results {path}") and message in err[0]
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_latency_refuses_a_missing_config_and_a_device_this_machine_lacks(latency, config_file, tmp_path, capsys):
+    argv = ["--results", str(REFERENCE), "--out", str(tmp_path / "o.json")]
+    assert latency.main([*argv, "--config", str(tmp_path / "absent.json"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == f"gpu_latency: --config {tmp_path / 'absent.json'}: no such file"
+    if not torch.cuda.is_available():
+        assert latency.main([*argv, "--config", str(config_file), "--device", "cuda:0"]) == 2
+        assert capsys.readouterr().err.strip() == ("gpu_latency: --device cuda:0: CUDA is not available on this "
+                                                   "machine (use cpu)")
+    assert latency.main([*argv, "--config", str(config_file), "--device", "tpu"]) == 2
+    assert "not a device" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
