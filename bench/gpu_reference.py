@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import lzma
+import math
 import os
 import shutil
 import subprocess
@@ -31,10 +32,41 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+from script_input import InputError, check_device, one_line_errors  # noqa: E402
+
 logger = logging.getLogger("gpu_reference")
 
 # (topk density target, attention block): "heads" = one head's rows of q/k/v and its columns of the output.
 DEFAULT_STUDENTS = "0.15:heads,0.25:32,0.33:heads,0.40:32,0.50:heads,0.60:32"
+
+
+def parse_students(text: str) -> list[tuple[float, str]]:
+    """``--students``: comma-separated ``TARGET[:BLOCK]`` (target density in (0, 1], block ``heads`` or a size)."""
+    students = []
+    for item in text.split(","):
+        target, _, block = item.strip().partition(":")
+        block = block or "32"
+        try:
+            density = float(target)
+        except ValueError:
+            density = math.nan
+        if not 0 < density <= 1 or not (block == "heads" or (block.isdigit() and int(block) > 0)):
+            raise InputError(f"--students: {item.strip()!r}: expected TARGET:BLOCK, a density in (0, 1] and heads "
+                             "or a block size")
+        students.append((density, block))
+    return students
+
+
+def check_carry(carry: Path, work: Path) -> None:
+    """Refuse, before any work, a run whose model or data is neither staged in ``work`` nor carried in ``carry``."""
+    needed = [("minilm/model.safetensors", "minilm/model.safetensors"), ("minilm/config.json", "minilm/config.json"),
+              ("train-v1.1.json.xz", "train-v1.1.json"), ("dev-v1.1.json.xz", "dev-v1.1.json")]
+    missing = [str(carry / carried) for carried, staged in needed
+               if not (work / staged).exists() and not (carry / carried).is_file()]
+    if missing:
+        raise InputError(f"--carry {carry}: no {', '.join(missing)} (make them with `bash bench/gpu_reference.sh "
+                         "--prepare`)")
 
 
 def stage(carry: Path, work: Path) -> tuple[Path, Path, Path]:
@@ -250,7 +282,8 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> None:
         logger.warning("no plot: %s", err)
 
 
-def main() -> None:
+@one_line_errors("gpu_reference")
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", nargs="?", default="all", choices=["all", "student"])
     parser.add_argument("--carry", default=str(ROOT / ".carry"))
@@ -277,7 +310,11 @@ def main() -> None:
     parser.add_argument("--target", type=float)
     parser.add_argument("--block", default="32")
     parser.add_argument("--teacher-dir")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_device(args.device)
+    if args.mode == "student" and (args.index is None or args.target is None or args.teacher_dir is None):
+        parser.error("student mode needs --index, --target and --teacher-dir")
+    students_spec = parse_students(args.students)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.rehearsal:
         args.train_limit, args.eval_limit = args.train_limit or 64, args.eval_limit or 32
@@ -286,12 +323,13 @@ def main() -> None:
         args.latency_batch, args.repeats = 2, 3
     if args.mode == "student":
         run_student(args)
-        return
+        return 0
 
     import torch
 
     started = time.time()
     work, out = Path(args.work), Path(args.out)
+    check_carry(Path(args.carry), work)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     model_dir, train_json, dev_json = stage(Path(args.carry), work)
@@ -301,8 +339,7 @@ def main() -> None:
     teacher_dir = teacher["model_dir"]
     logger.info("teacher: EM %.2f F1 %.2f", teacher["exact_match"], teacher["f1"])
 
-    students_spec = [item.split(":") for item in args.students.split(",")]
-    targets = [float(spec[0]) for spec in students_spec]
+    targets = [target for target, _ in students_spec]
     procs = []
     common = [sys.executable, str(Path(__file__).resolve()), "student", "--work", str(work), "--teacher-dir",
               teacher_dir]
@@ -312,11 +349,10 @@ def main() -> None:
         if value is not None:
             common += [f"--{flag.replace('_', '-')}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // max(1, len(targets))))}
-    for index, spec in enumerate(students_spec):
+    for index, (target, block) in enumerate(students_spec):
         log = open(work / f"student-{index}.log", "w")
-        block = spec[1] if len(spec) > 1 else "32"
-        procs.append((subprocess.Popen(common + ["--index", str(index), "--target", spec[0], "--block", block], stdout=log,
-                                       stderr=subprocess.STDOUT, env=env), log))
+        procs.append((subprocess.Popen(common + ["--index", str(index), "--target", str(target), "--block", block],
+                                       stdout=log, stderr=subprocess.STDOUT, env=env), log))
     for proc, log in procs:
         proc.wait()
         log.close()
@@ -349,7 +385,8 @@ def main() -> None:
     (out / "gpu_reference.json").write_text(json.dumps(results, indent=2))
     logger.info("done in %.0f s; results in %s", time.time() - started, out)
     print((out / "gpu_reference.md").read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -74,3 +74,38 @@ def test_latency_refuses_a_missing_config_and_a_device_this_machine_lacks(latenc
     assert latency.main([*argv, "--config", str(config_file), "--device", "tpu"]) == 2
     assert "not a device" in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
+
+
+@pytest.fixture(scope="module")
+def reference(bench_script):
+    return bench_script("gpu_reference")
+
+
+def test_reference_reads_each_student_as_a_target_and_a_block(reference):
+    assert reference.parse_students(reference.DEFAULT_STUDENTS)[:2] == [(0.15, "heads"), (0.25, "32")]
+    assert reference.parse_students("0.5") == [(0.5, "32")]
+    for bad in ("0.5:abc", "x:heads", "1.5:32", "0.5:0", ""):
+        with pytest.raises(reference.InputError, match="--students: "):
+            reference.parse_students(bad)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--students", "0.5:heads,0.3:3x2"], "gpu_reference: --students: '0.3:3x2': expected TARGET:BLOCK"),
+    (["--carry", "{tmp}/absent"], "gpu_reference: --carry {tmp}/absent: no {tmp}/absent/minilm/model.safetensors"),
+    (["--device", "gpu"], "gpu_reference: --device 'gpu': not a device"),
+])
+def test_reference_refuses_bad_input_in_one_line_before_any_work(reference, tmp_path, capsys, argv, message):
+    """A typo in --students used to surface as a traceback only after the teacher had trained (GPU minutes)."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code = reference.main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(message.replace("{tmp}", str(tmp_path)))
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_reference_refuses_cuda_on_a_machine_without_it(reference, tmp_path, capsys):
+    code = reference.main(["--device", "cuda", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == ("gpu_reference: --device cuda: CUDA is not available on this machine "
+                                               "(use cpu)")
