@@ -35,7 +35,8 @@ Columns: EM, F1, retention (pruned F1 / teacher F1), linear density, heads remov
 against the packed model, batch 1, 192 tokens, interleaved medians), steps, compute (FLOPs used / the budget's),
 and the wall time of the pruning itself (calibration, search and tuning) and of the training. Finished rows are kept in ``--json``; a rerun skips them.
 
-The last line is ``accuracy_budget retention@0.5 = X.XXX retention@0.3 = Y.YYY``: the best method at each density.
+The last line is ``accuracy_budget retention@0.5 = X.XXX retention@0.3 = Y.YYY``: the best method at each density
+of ``--densities``.
 
 Usage:
     python bench/accuracy_budget.py --teacher runs/dense_minilm/final            # every row (hours on 2 cores)
@@ -71,6 +72,9 @@ from pruning.importance import structure_costs
 from pruning.packing import pack_and_verify
 from pruning.resources import resolve_data
 from pruning.trainer import evaluate, micro_batches, train, train_features
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_input import check_output, one_line_errors, read_json, require  # noqa: E402
 
 logger = logging.getLogger("accuracy_budget")
 
@@ -322,9 +326,9 @@ def format_table(teacher_scores: dict[str, float], rows: list[dict[str, Any]]) -
     return "\n".join(lines)
 
 
-def summary_line(rows: list[dict[str, Any]]) -> str:
+def summary_line(rows: list[dict[str, Any]], densities: list[float]) -> str:
     parts = []
-    for density in (0.5, 0.3):
+    for density in densities:
         best = [r["retention"] for r in rows if abs(r["density_target"] - density) < 1e-9]
         parts.append(f"retention@{density:g} = " + (f"{max(best):.3f}" if best else "n/a"))
     return "accuracy_budget " + " ".join(parts)
@@ -373,6 +377,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_results(path: Path, flag: str) -> dict[str, Any]:
+    """The results file of earlier runs (empty when there is none), or a one-line error naming it."""
+    if not path.exists():
+        return {"rows": []}
+    stored = read_json(path, flag)
+    require(stored, {"rows": list}, f"{flag} {path}")
+    for i, row in enumerate(stored["rows"]):
+        require(row, {"row": str, "density_target": (int, float)}, f"{flag} {path}: rows[{i}]")
+    return stored
+
+
+@one_line_errors("accuracy_budget")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -381,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
     results_path = Path(args.json) if args.json else out_dir / "results.json"
+    flag = "--json" if args.json else "results file"
+    check_output(results_path, flag)
+    stored = read_results(results_path, flag)  # a malformed file fails here, not after the first row's training
     teacher = args.teacher
     if teacher is None:
         dense_cfg = load_config(DENSE_CONFIG, {"output_dir": str(out_dir / "teacher"), "eval_limit": args.eval_limit})
@@ -396,7 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     teacher_scores = teacher_f1(teacher, base, out_dir / "teacher_scores.json")
     logger.info("teacher %s: EM %.2f F1 %.2f", teacher, teacher_scores["exact_match"], teacher_scores["f1"])
 
-    stored = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": []}
     rows = [r for r in stored["rows"] if r.get("teacher") == teacher]
     for density in args.densities:
         for row in args.rows:
@@ -411,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [r for r in rows if r["row"] in args.rows and any(abs(r["density_target"] - d) < 1e-9
                                                                for d in args.densities)]
     print(format_table(teacher_scores, chosen))
-    print(summary_line(chosen))
+    print(summary_line(chosen, args.densities))
     return 0
 
 

@@ -202,3 +202,29 @@ def test_a_row_reports_what_it_spent_within_the_budget(bench, masked_checkpoint,
     (row,) = json.loads((out / "results.json").read_text())["rows"]
     assert row["budget"] == "flops" and row["config"]["fill_packed"] and row["steps"] > 12 - 2
     assert 0.5 < row["compute"] <= 1.0
+
+
+def test_a_malformed_results_file_is_one_line_before_any_work(bench, masked_checkpoint, tmp_path, capsys):
+    results = tmp_path / "results.json"
+    for content, message in (('{"rows": [', "not valid JSON"), ('{"rows": [{"row": "fisher"}]}',
+                                                                 "rows[0]: no field 'density_target'")):
+        results.write_text(content)
+        code = bench.main(["--teacher", str(masked_checkpoint), "--rows", "fisher", "--json", str(results),
+                           "--out-dir", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err[-1].startswith(f"accuracy_budget: --json {results}: ") and message in err[-1]
+        assert not (tmp_path / "out").exists()  # the teacher was not scored
+        assert results.read_text() == content  # and nothing was written over the file
+
+
+def test_a_missing_teacher_is_one_line(bench, tmp_path, capsys):
+    code = bench.main(["--teacher", str(tmp_path / "absent"), "--rows", "topk", "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"accuracy_budget: {tmp_path / 'absent'}: model directory not found"
+
+
+def test_the_last_line_reports_the_densities_that_ran(bench):
+    rows = [{"row": "fisher", "density_target": 0.4, "retention": 0.8},
+            {"row": "fisher_recovery", "density_target": 0.4, "retention": 0.9}]
+    assert bench.summary_line(rows, [0.4]) == "accuracy_budget retention@0.4 = 0.900"
+    assert bench.summary_line(rows, [0.5, 0.3]) == "accuracy_budget retention@0.5 = n/a retention@0.3 = n/a"
