@@ -42,6 +42,9 @@ from pruning.packing import pack_and_verify, save_packed  # noqa: E402
 from pruning.precision import autocast, bf16_supported  # noqa: E402
 from pruning.trainer import FINAL_DIR, train  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_input import check_device, one_line_errors  # noqa: E402
+
 logger = logging.getLogger("gpu_smoke")
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "squad_mini.json"
@@ -232,11 +235,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="work directory, kept afterwards (default: a temporary directory, removed at the end)")
     parser.add_argument("--verbose", action="store_true", help="log the library's progress and failures' tracebacks")
     args = parser.parse_args(argv)
+    check_device(args.device)
     if args.precisions is None:
         args.precisions = ["fp32", "bf16"] if bf16_supported(args.device) else ["fp32"]
     return args
 
 
+@one_line_errors("gpu_smoke")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -109,3 +109,17 @@ def test_reference_refuses_cuda_on_a_machine_without_it(reference, tmp_path, cap
     assert code == 2
     assert capsys.readouterr().err.strip() == ("gpu_reference: --device cuda: CUDA is not available on this machine "
                                                "(use cpu)")
+
+
+@pytest.mark.parametrize("device,message", [
+    ("cuda", "gpu_smoke: --device cuda: CUDA is not available on this machine (use cpu)"),
+    ("meta", "gpu_smoke: --device 'meta': only cpu and cuda devices are supported"),
+])
+def test_smoke_refuses_a_device_it_cannot_run_on_in_one_line(bench_script, tmp_path, capsys, device, message):
+    """Before, every stage ran and failed on its own line (exit 1), as if the library were broken."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a machine without CUDA")
+    code = bench_script("gpu_smoke").main(["--device", device, "--out", str(tmp_path / "work")])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.strip() == message and captured.out == ""
+    assert not (tmp_path / "work").exists()
