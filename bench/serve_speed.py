@@ -2,7 +2,7 @@
 
 One question at a time (batch 1), end to end as a server answers it: tokenize the question and its context into a
 window, run the model, search the span and cut the answer text (:func:`pruning.inference.answer`). Contexts are cut
-so that each question fills one window of about 384 (then 128) tokens. Four ways of serving are timed interleaved
+so that each question fills one window of about 384 (then 128) tokens. Five ways of serving are timed interleaved
 (one question each, in rotating order, repeated; medians):
 
   dense eager      the unpruned-shape model in PyTorch (its pruned structure as zeros)
@@ -47,7 +47,6 @@ from typing import Any
 
 import torch
 import transformers
-from pack_speed import REFERENCE, bert_base_patterns, ffn_width_for, warn_if_busy, zero_structure_
 from transformers import BertConfig, BertForQuestionAnswering
 
 from pruning import masks as mask_lib
@@ -58,6 +57,10 @@ from pruning.inference import answer
 from pruning.packing import is_packed, pack
 from pruning.precision import Bf16Inference, cpu_supports_bf16
 from pruning.resources import resolve_data, shipped_model_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts, as when run from bench/
+from pack_speed import REFERENCE, bert_base_patterns, ffn_width_for, warn_if_busy, zero_structure_  # noqa: E402
+from script_input import InputError, check_output, one_line_errors, write_text  # noqa: E402
 
 logger = logging.getLogger("serve_speed")
 
@@ -221,12 +224,18 @@ def bert_base_rows(args: argparse.Namespace, tokenizer, examples, work: Path) ->
                        None)
 
 
-def minilm_rows(args: argparse.Namespace, examples, work: Path) -> tuple[list[Row], Int8Drop | None]:
-    model = load_model(args.checkpoint)
-    tokenizer = load_tokenizer(args.checkpoint)
+def load_checkpoint(path: str) -> tuple[torch.nn.Module, Any]:
+    """The pruned checkpoint and its tokenizer; a missing, unreadable or packed one is an input error."""
+    model = load_model(path)
+    tokenizer = load_tokenizer(path)
     if is_packed(model):
-        raise SystemExit(f"{args.checkpoint}: a packed directory; pass the pruned checkpoint it was packed from "
+        raise InputError(f"--checkpoint {path}: a packed directory; pass the pruned checkpoint it was packed from "
                          "(the dense-shape row needs it)")
+    return model, tokenizer
+
+
+def minilm_rows(args: argparse.Namespace, model: torch.nn.Module, tokenizer, examples,
+                work: Path) -> tuple[list[Row], Int8Drop | None]:
     packed = pack(model)
     dense = mask_lib.remove_masks_(copy.deepcopy(model)).eval() if mask_lib.is_masked(model) else model
     check = squad.prepare_eval_features(examples[:16], tokenizer, 384, 128).model_inputs()
@@ -294,11 +303,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--no-minilm and --no-bert-base leave nothing to measure")
     if args.repeats < 1 or args.warmup < 0 or args.questions < 1 or args.threads < 1:
         parser.error("--repeats, --questions and --threads must be >= 1, --warmup >= 0")
+    if not all(32 <= n <= 512 for n in args.seq_lens):
+        parser.error("--seq-lens must be from 32 to 512 tokens (512: the models' positions)")
     return args
 
 
+@one_line_errors("serve_speed")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_output(args.json, "--json")
+    checkpoint = None if args.no_minilm else load_checkpoint(args.checkpoint)  # before the BERT-base rows
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     transformers.logging.set_verbosity_error()
@@ -315,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += bert_base_rows(args, load_tokenizer(shipped_model_dir()), examples, Path(tmp) / "bert")
         if not args.no_minilm:
             (Path(tmp) / "minilm").mkdir()
-            minilm, drop = minilm_rows(args, examples, Path(tmp) / "minilm")
+            minilm, drop = minilm_rows(args, *checkpoint, examples, Path(tmp) / "minilm")
             rows += minilm
     warn_if_busy(args.threads)
     print(format_table(rows))
@@ -323,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         record: Any = [asdict(r) for r in rows]
         if drop is not None:
             record = {"rows": record, "int8_drop": asdict(drop)}
-        Path(args.json).write_text(json.dumps(record, indent=2))
+        write_text(args.json, json.dumps(record, indent=2))
     reference = next((r.speedup for r in rows if r.model == "bert-base pattern" and r.row == "packed ort int8"
                       and r.seq_len == max(args.seq_lens)), float("nan"))
     f1 = {r.row: r.f1 for r in rows if r.model.startswith("minilm") and r.f1 is not None}

@@ -4,6 +4,7 @@ of the shipped dev set, and the bench scripts as modules."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -28,6 +29,7 @@ def bench_script():
     def load(name: str) -> ModuleType:
         spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # as for an import: dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
 

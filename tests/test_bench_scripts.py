@@ -1,0 +1,75 @@
+"""The CPU bench scripts' command lines: a short run writes what it says where it says, and bad input (a missing or
+packed checkpoint, an output path that cannot be written, an impossible size) is one line and exit 2 before any
+work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pruning import masks
+from pruning.checkpoint import save_model
+from pruning.config import RunConfig
+from pruning.packing import pack, save_packed
+from pruning.trainer import build_model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny masked checkpoint with the shipped tokenizer and 512 positions (the bench's windows are 384 tokens),
+    and the packed directory made from it."""
+    torch.manual_seed(0)
+    cfg = RunConfig(model_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, max_position_embeddings=512),
+                    method="topk", attention_block=(16, 16))
+    model, tokenizer = build_model(cfg)
+    with torch.no_grad():
+        for score in masks.mask_score_parameters(model):
+            score.copy_(torch.randn_like(score))
+    masks.set_threshold(model, 0.4)
+    root = tmp_path_factory.mktemp("bench_ckpt")
+    masked = save_model(model, tokenizer, root / "masked")
+    save_packed(pack(model), tokenizer, root / "packed")
+    return {"masked": masked, "packed": root / "packed"}
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err), err
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def serve_speed(bench_script):
+    return bench_script("serve_speed")
+
+
+def test_serve_speed_writes_its_rows_and_the_int8_drop_where_asked(serve_speed, checkpoints, tmp_path, capsys):
+    out = tmp_path / "new" / "serve_speed.json"
+    code = serve_speed.main(["--checkpoint", str(checkpoints["masked"]), "--no-bert-base", "--quick",
+                             "--questions", "3", "--drop-questions", "4", "--seq-lens", "64", "--json", str(out)])
+    assert code == 0
+    written = json.loads(out.read_text())
+    assert {row["row"] for row in written["rows"]} >= {"dense eager", "packed eager", "packed ort fp32",
+                                                      "packed ort int8"}
+    assert all(row["seq_len"] == 64 and row["f1"] is not None for row in written["rows"])
+    assert written["int8_drop"]["questions"] == 4
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("serve_speedup dense_eager/packed_int8 = nan")
+
+
+def test_serve_speed_refuses_bad_input_before_the_bert_base_rows(serve_speed, checkpoints, tmp_path, capsys):
+    """These used to fail as tracebacks, the checkpoint's only after the BERT-base rows (minutes) and --json after
+    every row."""
+    absent = tmp_path / "absent"
+    assert serve_speed.main(["--checkpoint", str(absent)]) == 2
+    assert _one_line(capsys) == f"serve_speed: {absent}: model directory not found"
+    assert serve_speed.main(["--checkpoint", str(checkpoints["packed"])]) == 2
+    assert _one_line(capsys).startswith(f"serve_speed: --checkpoint {checkpoints['packed']}: a packed directory")
+    (tmp_path / "file").write_text("")
+    assert serve_speed.main(["--checkpoint", str(checkpoints["masked"]), "--json", str(tmp_path / "file" / "x")]) == 2
+    assert _one_line(capsys).endswith(f"{tmp_path / 'file'} is a file, not a directory")
+    with pytest.raises(SystemExit) as exit_:
+        serve_speed.main(["--checkpoint", str(checkpoints["masked"]), "--seq-lens", "600"])
+    assert exit_.value.code == 2 and "--seq-lens must be from 32 to 512" in capsys.readouterr().err
