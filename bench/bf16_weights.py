@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,11 @@ from pruning.checkpoint import load_model
 from pruning.packing import is_packed, pack
 from pruning.precision import Bf16Inference, autocast
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_input import InputError, one_line_errors  # noqa: E402
 
+
+@one_line_errors("bf16_weights")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a masked or packed QA checkpoint")
@@ -29,8 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[384, 128])
     args = parser.parse_args(argv)
+    if args.threads < 1 or args.repeats < 1:
+        parser.error("--threads and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint)
+    too_long = [n for n in args.seq_lens if not 1 <= n <= model.config.max_position_embeddings]
+    if too_long:
+        raise InputError(f"--seq-lens {too_long[0]}: {args.checkpoint} has "
+                         f"{model.config.max_position_embeddings} positions")
     packed = (model if is_packed(model) else pack(model)).eval()
     stored = Bf16Inference(copy.deepcopy(packed)).eval()
     ratio = float("nan")

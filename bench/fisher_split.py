@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy_budget  # noqa: E402  (the protocol's row config)
+from script_input import one_line_errors  # noqa: E402
 
 from pruning import importance, squad  # noqa: E402
 from pruning.resources import resolve_data  # noqa: E402
@@ -44,6 +45,7 @@ def split_masks(est: importance.Importance, costs: importance.StructureCosts, bu
     return head_keep.view_as(est.heads), neuron_keep.view_as(est.neurons)
 
 
+@one_line_errors("fisher_split")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="dense QA model directory (the protocol's teacher)")

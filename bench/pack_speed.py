@@ -37,6 +37,9 @@ from pruning.resources import ResourceError, shipped_model_dir
 from pruning.sparsity import sparsity_report
 from pruning.structure import architecture_for, encoder_layers, get_module
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from script_input import check_output, one_line_errors, write_text  # noqa: E402
+
 logger = logging.getLogger("pack_speed")
 
 REFERENCE = "bert-base 96/144 heads, 36%"
@@ -198,11 +201,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.repeats_batch8 < 1 or args.warmup < 0:
         parser.error("--repeats and --repeats-batch8 must be >= 1, --warmup >= 0")
+    if not 1 <= args.seq_len <= BertConfig().max_position_embeddings:
+        parser.error(f"--seq-len must be from 1 to {BertConfig().max_position_embeddings} (the models' positions)")
     return args
 
 
+@one_line_errors("pack_speed")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_output(args.json, "--json")  # before the measurements, not after them
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     transformers.logging.set_verbosity_error()  # the shipped encoder gets a fresh QA head; that is expected here
@@ -235,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     warn_if_busy(torch.get_num_threads())
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump([asdict(r) | {"of_limit": r.of_limit} for r in rows], handle, indent=2)
+        write_text(args.json, json.dumps([asdict(r) | {"of_limit": r.of_limit} for r in rows], indent=2))
     reference = next(r for r in rows if r.pattern == REFERENCE and r.batch_size == 1)
     print(f"pack_speedup dense/packed = {reference.speedup:.2f} (flop limit {reference.flop_limit:.2f})")
     return 0

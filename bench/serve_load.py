@@ -35,6 +35,9 @@ from pruning.resources import resolve_data, resolve_model
 from workflows.registry import ALIAS, SERVE_DEFAULTS, log_qa_model
 from workflows.serving import ModelServer, invoke, ping, run_load
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_input import one_line_errors  # noqa: E402
+
 logger = logging.getLogger("serve_load")
 
 
@@ -80,6 +83,7 @@ def batching(url: str, records: list[dict], per_request: int, rounds: int) -> di
     return {"one": statistics.median(rates[1]), "many": statistics.median(rates[per_request]), "same": same}
 
 
+@one_line_errors("serve_load")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-uri", help="a registered model (needs --tracking-uri)")

@@ -34,7 +34,9 @@ import argparse
 import copy
 import logging
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertForQuestionAnswering
@@ -49,6 +51,9 @@ from pruning.precision import autocast, resolve_precision
 from pruning.resources import shipped_model_dir
 from pruning.teacher_cache import TeacherOutputs
 from pruning.trainer import fused_adamw, training_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_input import one_line_errors  # noqa: E402
 
 logger = logging.getLogger("train_overhead")
 
@@ -218,7 +223,8 @@ def measure_recovery(dense: torch.nn.Module, density: float, batch_size: int, se
     return m / medians["packed_cached"]
 
 
-def main() -> None:
+@one_line_errors("train_overhead")
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -233,7 +239,13 @@ def main() -> None:
                         help="compare torch's loop AdamW with the fused one (dense and packed recovery steps)")
     parser.add_argument("--precision", action="store_true",
                         help="compare fp32 and bf16 autocast steps instead of dense and masked ones")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.seq_len < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--batch-size, --seq-len and --repeats must be >= 1, --warmup >= 0")
+    if args.seq_len > BertConfig().max_position_embeddings:
+        parser.error(f"--seq-len {args.seq_len}: the models have {BertConfig().max_position_embeddings} positions")
+    if args.recovery is not None and not 0 < args.recovery < 1:
+        parser.error(f"--recovery {args.recovery}: a linear density between 0 and 1")
     logging.basicConfig(level=logging.WARNING)
     if args.quick:
         args.repeats, args.warmup = 3, 1
@@ -246,11 +258,11 @@ def main() -> None:
         density = 0.5 if args.recovery is None else args.recovery
         ratio = measure_optimizer(minilm, density, args.batch_size, args.seq_len, args.repeats, args.warmup)
         print(f"train_overhead adamw loop/fused = {ratio:.2f}")
-        return
+        return 0
     if args.recovery is not None:
         ratio = measure_recovery(minilm, args.recovery, args.batch_size, args.seq_len, args.repeats, args.warmup)
         print(f"train_overhead recovery masked/packed_cached = {ratio:.2f}")
-        return
+        return 0
     if args.precision:
         resolve_precision("bf16", "cpu")  # one clear line on a CPU without bf16 matrix instructions
         torch.manual_seed(0)
@@ -260,7 +272,7 @@ def main() -> None:
                 ratio = measure_precision(name, model, args.batch_size, args.seq_len, args.repeats, args.warmup,
                                           masked)
         print(f"train_overhead fp32/bf16 = {ratio:.2f}")
-        return
+        return 0
     for method in ("sigmoid_threshold", "topk"):
         measure("MiniLM (shipped)", copy.deepcopy(minilm), args.batch_size, args.seq_len, args.repeats,
                 args.warmup, method)
@@ -271,7 +283,8 @@ def main() -> None:
     ratio = measure("BERT-base shape (random)", base, args.batch_size, args.seq_len, args.repeats, args.warmup,
                     "sigmoid_threshold")
     print(f"train_overhead masked/dense = {ratio:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

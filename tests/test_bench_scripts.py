@@ -73,3 +73,45 @@ def test_serve_speed_refuses_bad_input_before_the_bert_base_rows(serve_speed, ch
     with pytest.raises(SystemExit) as exit_:
         serve_speed.main(["--checkpoint", str(checkpoints["masked"]), "--seq-lens", "600"])
     assert exit_.value.code == 2 and "--seq-lens must be from 32 to 512" in capsys.readouterr().err
+
+
+def test_pack_speed_writes_its_rows_where_asked(bench_script, tmp_path, capsys):
+    out = tmp_path / "new" / "pack_speed.json"
+    code = bench_script("pack_speed").main(["--quick", "--no-minilm", "--seq-len", "16", "--warmup", "0",
+                                            "--json", str(out)])
+    assert code == 0
+    (row,) = json.loads(out.read_text())
+    assert row["speedup"] == pytest.approx(row["dense_ms"] / row["packed_ms"], rel=1e-6)
+    assert row["of_limit"] == pytest.approx(row["speedup"] / row["flop_limit"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"pack_speedup dense/packed = {row['speedup']:.2f} (flop limit {row['flop_limit']:.2f})")
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("pack_speed", ["--json", "{tmp}/file/x.json"], "pack_speed: --json {tmp}/file/x.json: {tmp}/file is a file"),
+    ("bf16_weights", ["--checkpoint", "{tmp}/absent"], "bf16_weights: {tmp}/absent: model directory not found"),
+    ("bf16_weights", ["--checkpoint", "{masked}", "--seq-lens", "600"], "bf16_weights: --seq-lens 600: "),
+    ("fisher_split", ["--teacher", "{tmp}/absent", "--heads", "4"],
+     "fisher_split: {tmp}/absent: model directory not found"),
+    ("serve_load", ["--model-dir", "{tmp}/absent"], "serve_load: {tmp}/absent: model directory not found"),
+])
+def test_bad_input_is_one_line_and_exit_2(bench_script, checkpoints, tmp_path, capsys, script, argv, message):
+    """Each of these was a Python traceback (pack_speed's --json only after minutes of measurements)."""
+    (tmp_path / "file").write_text("")
+
+    def fill(text: str) -> str:
+        return text.replace("{tmp}", str(tmp_path)).replace("{masked}", str(checkpoints["masked"]))
+
+    assert bench_script(script).main([fill(a) for a in argv]) == 2
+    assert _one_line(capsys).startswith(fill(message))
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("pack_speed", ["--seq-len", "600"], "--seq-len must be from 1 to 512"),
+    ("train_overhead", ["--recovery", "1.5"], "--recovery 1.5: a linear density between 0 and 1"),
+    ("train_overhead", ["--seq-len", "600"], "--seq-len 600: the models have 512 positions"),
+])
+def test_impossible_sizes_are_refused_before_any_model_is_built(bench_script, capsys, script, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        bench_script(script).main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
