@@ -245,17 +245,23 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
     return cfg
 
 
+# What the teacher's score depends on beside the teacher: the questions, the windows and the span search.
+EVALUATION_KEYS = ("eval_data", "eval_limit", "max_seq_length", "doc_stride", "max_answer_length", "n_best",
+                   "precision")
+
+
 def teacher_f1(teacher: str, cfg: RunConfig, cache: Path) -> dict[str, float]:
-    """The teacher's EM/F1 on the protocol's dev questions (kept in ``cache``)."""
+    """The teacher's EM/F1 on the protocol's dev questions, evaluated as ``cfg`` evaluates (kept in ``cache``, and
+    taken from it only when it was scored the same way)."""
+    settings = {key: getattr(cfg, key) for key in EVALUATION_KEYS}
     if cache.is_file():
         stored = json.loads(cache.read_text())
-        if stored.get("teacher") == teacher and stored.get("eval_limit") == cfg.eval_limit:
+        if stored.get("teacher") == teacher and all(stored.get(k) == v for k, v in settings.items()):
             return stored
     model = load_model(teacher)
     examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
     metrics = evaluate(model, load_tokenizer(teacher), examples, cfg, progress=False)
-    stored = {"teacher": teacher, "eval_limit": cfg.eval_limit, "exact_match": metrics["exact_match"],
-              "f1": metrics["f1"]}
+    stored = {"teacher": teacher, **settings, "exact_match": metrics["exact_match"], "f1": metrics["f1"]}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(stored, indent=2))
     return stored
