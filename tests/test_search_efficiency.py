@@ -67,13 +67,16 @@ def test_a_shuffled_grid_reaches_the_grid_hypervolume_by_its_last_trial(bench):
     assert bench.trials_to_reach([1.0, 2.0], 3.0) == float("inf")
 
 
-@pytest.mark.parametrize("name,kind,startup", [("tpe", "TPESampler", 10), ("gp:3", "GPSampler", 3),
-                                               ("nsga2", "NSGAIISampler", None), ("random", "RandomSampler", None)])
+@pytest.mark.parametrize("name,kind,startup", [("tpe", "TPESampler", 10), ("mvtpe:4", "TPESampler", 4),
+                                               ("gp:3", "GPSampler", 3), ("nsga2", "NSGAIISampler", None),
+                                               ("random", "RandomSampler", None)])
 def test_replayed_samplers_are_built_as_a_sweep_builds_them(bench, name, kind, startup):
     sampler = bench._optuna_sampler(name, seed=0)
     assert type(sampler).__name__ == kind
     if startup is not None:
         assert sampler._n_startup_trials == startup
+    if kind == "TPESampler":
+        assert bool(sampler._multivariate) == name.startswith("mvtpe")
 
 
 def test_an_optuna_replay_only_sees_measured_outcomes(bench):
@@ -213,7 +216,7 @@ def test_a_missing_or_malformed_table_is_one_line_and_exit_2(bench, tmp_path, ca
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--samplers", "grid,tpe:x"], "'tpe:x': only tpe:N and gp:N take a count"),
+    (["--samplers", "grid,tpe:x"], "'tpe:x': only tpe:N, mvtpe:N and gp:N take a count"),
     (["--samplers", "grid,cmaes"], "'cmaes' is not one of"),
     (["--samplers", "grid,random"], "no Optuna multi-objective sampler"),
     (["--seeds", "0"], "--seeds and --budget must be >= 1"),

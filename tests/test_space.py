@@ -292,6 +292,7 @@ def test_optuna_suggestions_stay_inside_the_space(tmp_path):
 @pytest.mark.parametrize("spec,kind,startup", [
     (None, "TPESampler", 10),
     ({"type": "tpe", "startup_trials": 3}, "TPESampler", 3),
+    ({"type": "tpe", "multivariate": True, "startup_trials": 4}, "TPESampler", 4),
     ({"type": "gp", "startup_trials": 2}, "GPSampler", 2),
     ({"type": "nsga2", "population_size": 4}, "NSGAIISampler", None),
     ({"type": "random"}, "RandomSampler", None),
@@ -304,6 +305,8 @@ def test_the_optuna_sampler_is_the_one_the_space_names(tmp_path, spec, kind, sta
         assert sampler._n_startup_trials == startup
     if spec and spec["type"] == "nsga2":
         assert sampler._population_size == 4
+    if kind == "TPESampler":
+        assert bool(sampler._multivariate) == bool(spec and spec.get("multivariate"))
     # Seeded by the space: two searchers of one space suggest the same first trial, inside the space; the model
     # samplers keep suggesting valid trials once their startup trials are told.
     first = []
@@ -392,6 +395,8 @@ BAD_SPACES = [
      r"sampler\.startup_trials: only tpe and gp start with random trials, not nsga2"),
     ("population of tpe", variant(sampler={"population_size": 8}),
      r"sampler\.population_size: only nsga2 has a population, not tpe"),
+    ("multivariate gp", variant(sampler={"type": "gp", "multivariate": True}),
+     r"sampler\.multivariate: only tpe models the keys jointly, not gp"),
     ("no startup trials", variant(sampler={"type": "gp", "startup_trials": 0}),
      r"sampler\.startup_trials: must be an integer >= 1, got 0"),
     ("unknown policy", variant(registry={"policy": "best_speedup"}), r"registry\.policy: unknown value 'best_speedup'"),

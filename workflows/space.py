@@ -22,6 +22,7 @@ import json
 import math
 import re
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Mapping
 
@@ -454,17 +455,23 @@ class SamplerSpec(_Section):
     ``tpe`` (the default) models good and bad trials separately; ``gp`` fits a Gaussian process to the objectives
     and, on a smooth space, finds most of its frontier in fewer trials (bench/RESULTS.md, "Search efficiency");
     ``nsga2`` evolves a population; ``random`` samples uniformly. ``startup_trials`` (tpe, gp) is how many random
-    trials come before the model (Optuna's default: 10); ``population_size`` (nsga2) is Optuna's 50 by default.
+    trials come before the model (Optuna's default: 10); ``population_size`` (nsga2) is Optuna's 50 by default;
+    ``multivariate`` (tpe) models the searched keys jointly.
     """
 
     type: Annotated[str, _one_of(SAMPLERS)] = "tpe"
     startup_trials: Annotated[int, _integer(1)] | None = None
     population_size: Annotated[int, _integer(2)] | None = None
+    # tpe: one density over all the searched keys together instead of one per key, so that it can learn which
+    # values go well together (Optuna's multivariate TPE)
+    multivariate: Flag = False
 
     @model_validator(mode="after")
     def _applicable(self) -> SamplerSpec:
         if self.startup_trials is not None and self.type not in ("tpe", "gp"):
             raise _Problem(f"only tpe and gp start with random trials, not {self.type}", "startup_trials")
+        if self.multivariate and self.type != "tpe":
+            raise _Problem(f"only tpe models the keys jointly, not {self.type}", "multivariate")
         if self.population_size is not None and self.type != "nsga2":
             raise _Problem(f"only nsga2 has a population, not {self.type}", "population_size")
         return self
@@ -914,7 +921,11 @@ def optuna_sampler(spec: SamplerSpec | None, seed: int | None) -> Any:
     spec = spec or SamplerSpec()
     startup = {} if spec.startup_trials is None else {"n_startup_trials": spec.startup_trials}
     if spec.type == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, **startup)
+        if not spec.multivariate:
+            return optuna.samplers.TPESampler(seed=seed, **startup)
+        with warnings.catch_warnings():  # Optuna marks the option experimental; it is documented and measured here
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, **startup)
     if spec.type == "gp":
         return optuna.samplers.GPSampler(seed=seed, **startup)
     if spec.type == "nsga2":
