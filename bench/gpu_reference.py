@@ -282,6 +282,17 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> None:
         logger.warning("no plot: %s", err)
 
 
+def rehearse(args: argparse.Namespace) -> None:
+    """Tiny settings for every phase, on the CPU unless ``--device`` names another: a rehearsal checks the script,
+    not the accelerator's time."""
+    args.train_limit, args.eval_limit = args.train_limit or 64, args.eval_limit or 32
+    args.seq_len, args.doc_stride, args.batch_size = 128, 32, 8
+    args.teacher_seconds, args.student_seconds, args.probe_steps = 20, 15, 6
+    args.latency_batch, args.repeats = 2, 3
+    if args.device == "auto":
+        args.device = "cpu"
+
+
 @one_line_errors("gpu_reference")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -304,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-limit", type=int)
     parser.add_argument("--latency-batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--rehearsal", action="store_true", help="tiny CPU run of every phase")
+    parser.add_argument("--rehearsal", action="store_true",
+                        help="tiny run of every phase, on the CPU unless --device names another")
     # student mode
     parser.add_argument("--index", type=int)
     parser.add_argument("--target", type=float)
@@ -317,10 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     students_spec = parse_students(args.students)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.rehearsal:
-        args.train_limit, args.eval_limit = args.train_limit or 64, args.eval_limit or 32
-        args.seq_len, args.doc_stride, args.batch_size = 128, 32, 8
-        args.teacher_seconds, args.student_seconds, args.probe_steps = 20, 15, 6
-        args.latency_batch, args.repeats = 2, 3
+        rehearse(args)
     if args.mode == "student":
         run_student(args)
         return 0

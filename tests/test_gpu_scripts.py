@@ -123,3 +123,13 @@ def test_smoke_refuses_a_device_it_cannot_run_on_in_one_line(bench_script, tmp_p
     captured = capsys.readouterr()
     assert code == 2 and captured.err.strip() == message and captured.out == ""
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("device,expected", [("auto", "cpu"), ("cuda", "cuda")])
+def test_a_rehearsal_runs_on_the_cpu_unless_told_otherwise(bench_script, device, expected):
+    import argparse
+
+    reference = bench_script("gpu_reference")
+    args = argparse.Namespace(device=device, train_limit=None, eval_limit=None)
+    reference.rehearse(args)
+    assert args.device == expected and (args.train_limit, args.eval_limit, args.seq_len) == (64, 32, 128)
