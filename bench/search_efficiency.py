@@ -448,6 +448,18 @@ def report(table: Table, curves: dict[str, list[list[float]]], budget: int, plot
     return results
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every infinite or NaN float as None: "never" in the results file is ``null``, which any JSON
+    reader takes (``Infinity`` is Python's own extension)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _plot(curves: dict[str, list[list[float]]], grid_hv: float, n_grid: int, path: Path) -> None:
     import matplotlib
 
@@ -556,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("replayed %s: %d seeds x %d trials in %.1f s", name, args.seeds, budget, time.time() - started)
     results = report(table, curves, budget, args.plot)
     if args.json:
-        write_text(args.json, json.dumps(results, indent=1, default=str) + "\n")
+        write_text(args.json, json.dumps(_finite(results), indent=1, default=str, allow_nan=False) + "\n")
     return 0
 
 

@@ -192,8 +192,9 @@ def test_a_replay_writes_its_results_where_asked_and_says_how_many_seeds_it_ran(
     printed = capsys.readouterr().out
     assert code == 0
     assert "after n trials (2 seeds;" in printed
-    results = json.loads(out.read_text())
+    results = json.loads(out.read_text(), parse_constant=lambda constant: pytest.fail(f"not JSON: {constant}"))
     assert results["budget"] == 6 and set(results["samplers"]) == {"grid", "tpe:4"}
+    assert None in results["samplers"]["tpe:4"]["trials_to_100pct"]["all"]  # "never" within 6 trials: null
     assert len(results["samplers"]["grid"]["trials_to_100pct"]["all"]) == 2
     assert (tmp_path / "new" / "plot.png").is_file()
 
