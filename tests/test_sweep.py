@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -332,3 +333,37 @@ def test_a_teacher_that_cannot_be_had_stops_the_sweep_in_one_line_and_ends_its_r
     (parent,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     assert parent.info.status == "FAILED"
     assert parent.data.tags[record.TAG_SWEEP_STATE] == record.SWEEP_INTERRUPTED
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda v: v["base"].update(fill_steps=2), "base.fill_steps is 2 but the sweep started with it not given"),
+    (lambda v: v["base"].pop("eval_limit"), "base.eval_limit is not given but the sweep started with 12"),
+    (lambda v: v["teacher"]["config"].pop("max_steps"),
+     "teacher.config.max_steps is not given but the sweep started with 6"),
+    (lambda v: v["search"].pop("temperature"),
+     "search.temperature is not searched but the sweep started with it searched"),
+])
+def test_resuming_with_a_key_added_to_or_removed_from_the_space_is_refused(tmp_path, edit, message):
+    """A key given on one side only changes what trials compute as much as a changed value does."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from workflows import record, tracking
+    from workflows.space import load_space
+    from workflows.sweep import ResumeError, run_sweep
+
+    values = yaml.safe_load((Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml").read_text())
+    first = tmp_path / "smoke.yaml"
+    first.write_text(yaml.safe_dump(values))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    parent = tracking.start_parent_run(client, "smoke", str(tmp_path / "ray" / "smoke-1"),
+                                       load_space(first).summary(), resume=False)
+    tracking.finish_parent_run(client, parent, status="KILLED", state=record.SWEEP_INTERRUPTED)
+
+    edit(values)
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(values))
+    with pytest.raises(ResumeError, match=re.escape(f"{changed}: {message}")):
+        run_sweep(changed, experiment="smoke", tracking_uri=uri, resume=parent, address="local")
+    assert not (tmp_path / "ray").exists()

@@ -539,6 +539,8 @@ def _what_is_left(statuses: list[str]) -> str:
 
 # Space keys a resume may change: they decide how trials are scheduled and judged, not what a trial computes.
 _RESUMABLE_CHANGES = ("name", "registry", "max_concurrent", "max_failures", "resources", "reference_point")
+# Mappings of the space whose every entry is one the file gives (flattened params under these prefixes).
+_GIVEN_ENTRIES = ("base.", "teacher.config.")
 
 
 def _check_same_space(space: SweepSpace, previous) -> None:
@@ -550,13 +552,26 @@ def _check_same_space(space: SweepSpace, previous) -> None:
         ResumeError: names the first differing key, its value then and now.
     """
     then = previous.data.params
-    for key, value in record.flat_params(space.summary()).items():
-        if key.split(".", 1)[0] in _RESUMABLE_CHANGES or key[:250] not in then:
-            continue
-        if then[key[:250]] != value[:6000]:
-            raise ResumeError(f"--resume {previous.info.run_id}: {space.path}: {key} is {value[:200]} but the sweep "
-                              f"started with {then[key[:250]][:200]} (resume with the space it started with, or start "
-                              "a new sweep)")
+    now = {key[:250]: value[:6000] for key, value in record.flat_params(space.summary()).items()}  # as logged
+
+    def refuse(key: str, value_now: str, value_then: str) -> None:
+        raise ResumeError(f"--resume {previous.info.run_id}: {space.path}: {key} is {value_now[:200]} but the sweep "
+                          f"started with {value_then[:200]} (resume with the space it started with, or start a new "
+                          "sweep)")
+
+    for key, value in now.items():
+        if key.split(".", 1)[0] not in _RESUMABLE_CHANGES and key in then and then[key] != value:
+            refuse(key, value, then[key])
+    # An entry that one side gives and the other does not is a change too. (Elsewhere a key absent from the sweep's
+    # params is one its space schema did not have yet.)
+    for prefix in _GIVEN_ENTRIES:
+        for key in sorted({k for k in now if k.startswith(prefix)} ^ {k for k in then if k.startswith(prefix)}):
+            refuse(key, now.get(key, "not given"), then.get(key, "it not given"))
+    searched_now, searched_then = ({key.split(".")[1] for key in params if key.startswith("search.")}
+                                   for params in (now, then))
+    for name in sorted(searched_now ^ searched_then):
+        refuse(f"search.{name}", "searched" if name in searched_now else "not searched",
+               "it searched" if name in searched_then else "it not searched")
 
 
 def _sweep_to_resume(client, experiment: str, run_id: str | None, tracking_uri: str):
