@@ -503,8 +503,8 @@ def _sampler_problem(name: str) -> str | None:
     kind, colon, startup = name.partition(":")
     if kind not in ("grid", "random", *OPTUNA_SAMPLERS):
         return f"{name!r} is not one of grid, random, {', '.join(OPTUNA_SAMPLERS)}, {', '.join(ORACLES)}"
-    if colon and (kind not in ("tpe", "mvtpe", "gp") or not startup.isdigit()):
-        return f"{name!r}: only tpe:N, mvtpe:N and gp:N take a count of startup trials (N a whole number)"
+    if colon and (kind not in ("tpe", "mvtpe", "gp") or not startup.isdigit() or int(startup) < 1):
+        return f"{name!r}: only tpe:N, mvtpe:N and gp:N take a count of startup trials (N a whole number >= 1)"
     return None
 
 

@@ -218,6 +218,7 @@ def test_a_missing_or_malformed_table_is_one_line_and_exit_2(bench, tmp_path, ca
 
 @pytest.mark.parametrize("argv,message", [
     (["--samplers", "grid,tpe:x"], "'tpe:x': only tpe:N, mvtpe:N and gp:N take a count"),
+    (["--samplers", "grid,gp:0"], "'gp:0': only tpe:N, mvtpe:N and gp:N take a count"),
     (["--samplers", "grid,cmaes"], "'cmaes' is not one of"),
     (["--samplers", "grid,random"], "no Optuna multi-objective sampler"),
     (["--seeds", "0"], "--seeds and --budget must be >= 1"),
