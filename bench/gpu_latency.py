@@ -24,10 +24,11 @@ from transformers import BertConfig, BertForQuestionAnswering  # noqa: E402
 
 from pruning.bench import compare_latency, flop_ratio  # noqa: E402
 from pruning.packing import pack  # noqa: E402
+from pruning.trainer import check_device  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from script_input import (InputError, check_device, check_output, one_line_errors, read_json,  # noqa: E402
-                          require, write_text)
+from script_input import (InputError, check_output, one_line_errors, read_json, require,  # noqa: E402
+                          write_text)
 
 
 def packed_shape(dense: torch.nn.Module, heads_kept: list[int], ffn_kept: list[int]) -> torch.nn.Module:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.seq_len < 1 or args.repeats < 1:
         parser.error("--batch-size, --seq-len and --repeats must be >= 1")
-    check_device(args.device)
+    check_device(args.device, "--device")
     check_output(args.out, "--out")
     config = read_config(args.config)
     if args.seq_len > config.max_position_embeddings:

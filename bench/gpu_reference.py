@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
-from script_input import InputError, check_device, one_line_errors  # noqa: E402
+from script_input import InputError, one_line_errors  # noqa: E402
 
 logger = logging.getLogger("gpu_reference")
 
@@ -323,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", default="32")
     parser.add_argument("--teacher-dir")
     args = parser.parse_args(argv)
-    check_device(args.device)
+    from pruning.trainer import check_device
+
+    check_device(args.device, "--device")
     if args.mode == "student" and (args.index is None or args.target is None or args.teacher_dir is None):
         parser.error("student mode needs --index, --target and --teacher-dir")
     students_spec = parse_students(args.students)

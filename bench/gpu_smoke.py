@@ -40,10 +40,10 @@ from pruning.inference import answer  # noqa: E402
 from pruning.masks import masked_modules  # noqa: E402
 from pruning.packing import pack_and_verify, save_packed  # noqa: E402
 from pruning.precision import autocast, bf16_supported  # noqa: E402
-from pruning.trainer import FINAL_DIR, train  # noqa: E402
+from pruning.trainer import FINAL_DIR, check_device, train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from script_input import check_device, one_line_errors  # noqa: E402
+from script_input import one_line_errors  # noqa: E402
 
 logger = logging.getLogger("gpu_smoke")
 
@@ -235,7 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="work directory, kept afterwards (default: a temporary directory, removed at the end)")
     parser.add_argument("--verbose", action="store_true", help="log the library's progress and failures' tracebacks")
     args = parser.parse_args(argv)
-    check_device(args.device)
+    check_device(args.device, "--device")
     if args.precisions is None:
         args.precisions = ["fp32", "bf16"] if bf16_supported(args.device) else ["fp32"]
     return args

@@ -15,9 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
-__all__ = ["InputError", "one_line_errors", "read_json", "require", "check_output", "write_text", "check_device"]
+__all__ = ["InputError", "one_line_errors", "read_json", "require", "check_output", "write_text"]
 
 # The library's input errors, counted only where the script imported their module (importing them all would pull in
 # packages a bare GPU machine does not have).
@@ -115,20 +113,3 @@ def write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
-
-
-def check_device(name: str, flag: str = "--device") -> None:
-    """Refuse a device this machine cannot run on (``auto`` always passes): one line, before any work."""
-    if name == "auto":
-        return
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise InputError(f"{flag} {name!r}: not a device (cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"{flag} {name}: CUDA is not available on this machine (use cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise InputError(f"{flag} {name!r}: only cpu and cuda devices are supported")

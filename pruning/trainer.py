@@ -71,7 +71,8 @@ from .sparsity import sparsity_report
 from .teacher_cache import TeacherCache, TeacherOutputs
 
 __all__ = ["Report", "TrainingPlan", "build_model", "fit_to_model", "plan", "mask_schedule", "train", "evaluate",
-           "resolve_device", "enter_fill_phase", "check_resume_config", "training_loss", "fused_adamw", "micro_batches"]
+           "resolve_device", "check_device", "enter_fill_phase", "check_resume_config", "training_loss", "fused_adamw",
+           "micro_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,27 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_device(name: str | None, what: str = "device") -> None:
+    """Refuse, before any work, a device this machine cannot run on (None and ``auto`` always pass).
+
+    Raises:
+        ConfigError: one line, ``what`` (the flag or config key that gave ``name``) first.
+    """
+    if name is None or name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{what} {name!r}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{what} {name}: CUDA is not available on this machine (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"{what} {name!r}: only cpu and cuda devices are supported")
 
 
 def seed_everything(seed: int) -> None:

@@ -216,7 +216,7 @@ def _one_line_error(capsys, argv: list[str], status: int = 2) -> str:
     # --model names the student even when the config builds a random one (model_config).
     (["prune", "--config", TINY, "--model", "no/such/model", "--output-dir", "{tmp}/out"],
      "no/such/model: model directory not found"),
-    (["eval", "no/such/model", "--device", "sideways"], "'sideways' is not a device"),
+    (["eval", "no/such/model", "--device", "sideways"], "--device 'sideways': not a device"),
     (["eval", "no/such/model", "--eval-limit", "0"], "--eval-limit must be >= 1"),
     (["eval", "no/such/model", "--predictions", "{tmp}"], "is a directory"),
     (["score", "dev", "{tmp}/no-predictions.json"], "no-predictions.json"),

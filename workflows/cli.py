@@ -176,22 +176,10 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def _check_device(name: str | None, what: str) -> None:
-    """A one-line error for a device this machine cannot run on, before any work."""
-    if name is None or name == "auto":
-        return
-    import torch
+    """A one-line error (ConfigError) for a device this machine cannot run on, before any work."""
+    from pruning.trainer import check_device
 
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"{what} {name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"{what} {name}: CUDA is not available on this machine (use cpu or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise UserError(f"{what} {name!r}: only cpu and cuda devices are supported")
+    check_device(name, what)
 
 
 def _check_output_path(path: str | Path, flag: str, directory: bool) -> None:
