@@ -40,7 +40,7 @@ from pruning.inference import answer  # noqa: E402
 from pruning.masks import masked_modules  # noqa: E402
 from pruning.packing import pack_and_verify, save_packed  # noqa: E402
 from pruning.precision import autocast, bf16_supported  # noqa: E402
-from pruning.trainer import FINAL_DIR, check_device, train  # noqa: E402
+from pruning.trainer import FINAL_DIR, check_device, resolve_device, train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from script_input import one_line_errors  # noqa: E402
@@ -227,7 +227,7 @@ def run_in(args: argparse.Namespace, work: Path) -> Smoke:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device to run on (default: cuda when available, else cpu)")
+                        help="torch device to run on: auto, cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16"],
                         help="precisions to run (default: fp32, and bf16 where the device supports it)")
     parser.add_argument("--modes", nargs="+", default=[name for name, _ in MODES], choices=[name for name, _ in MODES],
@@ -236,6 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="log the library's progress and failures' tracebacks")
     args = parser.parse_args(argv)
     check_device(args.device, "--device")
+    args.device = str(resolve_device(args.device))  # auto: cuda when available, as the trainer takes it
     if args.precisions is None:
         args.precisions = ["fp32", "bf16"] if bf16_supported(args.device) else ["fp32"]
     return args

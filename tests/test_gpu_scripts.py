@@ -133,3 +133,8 @@ def test_a_rehearsal_runs_on_the_cpu_unless_told_otherwise(bench_script, device,
     args = argparse.Namespace(device=device, train_limit=None, eval_limit=None)
     reference.rehearse(args)
     assert args.device == expected and (args.train_limit, args.eval_limit, args.seq_len) == (64, 32, 128)
+
+
+def test_smoke_takes_auto_as_the_trainer_does(bench_script):
+    args = bench_script("gpu_smoke").parse_args(["--device", "auto"])
+    assert args.device == ("cuda" if torch.cuda.is_available() else "cpu")

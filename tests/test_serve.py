@@ -237,6 +237,8 @@ def test_a_version_logged_on_a_trial_run_keeps_the_runs_params_and_says_nothing_
         params = MlflowClient(tracking_uri=uri).get_run(run.info.run_id).data.params
         settings = mlflow.pyfunc.load_model(info.model_uri).model_config
         fewer = mlflow.pyfunc.load_model(info.model_uri, model_config={"max_records": 2})
+        with pytest.raises(Exception, match="max_records: must be >= 1, got 0"):
+            mlflow.pyfunc.load_model(info.model_uri, model_config={"max_records": 0})
     finally:
         mlflow.set_tracking_uri(before)
     assert params == {"batch_size": "8", "eval_batch_size": "32"}

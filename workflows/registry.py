@@ -280,6 +280,8 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         self.max_windows = int(settings.get("max_windows", SERVE_DEFAULTS["max_windows"]))
         self.batch_size = int(settings.get("batch_size", SERVE_DEFAULTS["batch_size"]))
         self.max_records = int(settings.get("max_records", MAX_RECORDS))
+        if self.max_records < 1:
+            raise ValueError(f"model_config max_records: must be >= 1, got {self.max_records}")
         # The span search the run evaluated with.
         self.max_answer_length = int(settings.get("max_answer_length", SERVE_DEFAULTS["max_answer_length"]))
         self.n_best = int(settings.get("n_best", SERVE_DEFAULTS["n_best"]))
