@@ -4,7 +4,7 @@ where it can be.
 A script's ``main`` is wrapped in :func:`one_line_errors`; the library's own input errors (a missing model
 directory, a bad config value, a malformed SQuAD file) and :class:`InputError` (a missing or malformed JSON file, a
 path that cannot be written, a device this machine does not have) then print as ``SCRIPT: message``. Needs only
-torch (the GPU scripts run on machines with nothing but torch and transformers).
+the standard library (the GPU scripts run on machines with nothing but torch and transformers).
 """
 
 from __future__ import annotations
@@ -15,31 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:  # a bare checkout, nothing installed
+    sys.path.insert(0, _ROOT)
+from workflows.user_errors import user_errors  # noqa: E402  (the standard library only)
+
 __all__ = ["InputError", "one_line_errors", "read_json", "require", "check_output", "write_text"]
-
-# The library's input errors, counted only where the script imported their module (importing them all would pull in
-# packages a bare GPU machine does not have).
-_LIBRARY_ERRORS = (
-    ("pruning.config", "ConfigError"),
-    ("pruning.checkpoint", "CheckpointError"),
-    ("pruning.resources", "ResourceError"),
-    ("pruning.squad", "SquadFormatError"),
-    ("pruning.packing", "PackingError"),
-    ("pruning.export", "ExportError"),
-    ("workflows.space", "SpaceError"),
-)
-
 
 class InputError(ValueError):
     """Bad input to a bench script; printed as one line, exit status 2."""
-
-
-def _input_errors() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = [InputError]
-    for module, name in _LIBRARY_ERRORS:
-        if module in sys.modules:
-            found.append(getattr(sys.modules[module], name))
-    return tuple(found)
 
 
 def one_line_errors(script: str) -> Callable[[Callable[..., int | None]], Callable[..., int]]:
@@ -51,7 +35,7 @@ def one_line_errors(script: str) -> Callable[[Callable[..., int | None]], Callab
             try:
                 return int(main(*args, **kwargs) or 0)
             except Exception as err:
-                if not isinstance(err, _input_errors()):
+                if not isinstance(err, user_errors(InputError)):
                     raise
                 message = str(err).splitlines()[0] if str(err) else type(err).__name__
                 print(f"{script}: {message}", file=sys.stderr)

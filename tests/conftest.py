@@ -44,22 +44,25 @@ def tiny_bert_config() -> BertConfig:
                       attention_probs_dropout_prob=0.0)
 
 
-@pytest.fixture(scope="session")
-def masked_checkpoint(tmp_path_factory) -> Path:
-    """A saved 2-layer topk checkpoint with random scores cut at 0.4: some blocks, heads and FFN columns masked.
-
-    Read-only: tests that change a checkpoint copy it first.
-    """
+def random_masked_model(positions: int = 128):
+    """A 2-layer topk model with random scores cut at 0.4 (some blocks, heads and FFN columns masked), and the
+    shipped tokenizer."""
     torch.manual_seed(0)
     cfg = RunConfig(model_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=128, max_position_embeddings=128),
+                                      intermediate_size=128, max_position_embeddings=positions),
                     method="topk", attention_block=(16, 16))
     model, tokenizer = build_model(cfg)
     with torch.no_grad():
         for score in masks.mask_score_parameters(model):
             score.copy_(torch.randn_like(score))
     masks.set_threshold(model, 0.4)
-    return save_model(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "masked")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def masked_checkpoint(tmp_path_factory) -> Path:
+    """:func:`random_masked_model` saved. Read-only: tests that change a checkpoint copy it first."""
+    return save_model(*random_masked_model(), tmp_path_factory.mktemp("ckpt") / "masked")
 
 
 @pytest.fixture(scope="session")

@@ -7,28 +7,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from pruning import masks
+from conftest import random_masked_model
+
 from pruning.checkpoint import save_model
-from pruning.config import RunConfig
 from pruning.packing import pack, save_packed
-from pruning.trainer import build_model
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A tiny masked checkpoint with the shipped tokenizer and 512 positions (the bench's windows are 384 tokens),
     and the packed directory made from it."""
-    torch.manual_seed(0)
-    cfg = RunConfig(model_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=128, max_position_embeddings=512),
-                    method="topk", attention_block=(16, 16))
-    model, tokenizer = build_model(cfg)
-    with torch.no_grad():
-        for score in masks.mask_score_parameters(model):
-            score.copy_(torch.randn_like(score))
-    masks.set_threshold(model, 0.4)
+    model, tokenizer = random_masked_model(positions=512)
     root = tmp_path_factory.mktemp("bench_ckpt")
     masked = save_model(model, tokenizer, root / "masked")
     save_packed(pack(model), tokenizer, root / "packed")

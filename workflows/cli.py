@@ -23,29 +23,12 @@ from typing import Any, Callable, TextIO
 
 from workflows.record import RUNTIMES
 from workflows.retry import TrackingUnavailable
+from workflows.user_errors import user_errors
 
 __all__ = ["main", "build_parser", "UserError"]
 
 logger = logging.getLogger("fineprune")
 
-# Errors of bad input, by module: printed as one line, exit status 2. Looked up among the modules already imported
-# (an error can only come from a module that was), so that catching them imports nothing.
-_USER_ERRORS = (
-    ("pruning.config", "ConfigError"),
-    ("pruning.checkpoint", "CheckpointError"),
-    ("pruning.resources", "ResourceError"),
-    ("pruning.squad", "SquadFormatError"),
-    ("pruning.packing", "PackingError"),
-    ("pruning.export", "ExportError"),
-    ("pruning.inference", "RecordError"),
-    ("workflows.record", "RecordError"),
-    ("workflows.space", "SpaceError"),
-    ("workflows.registry", "SelectionError"),
-    ("workflows.sweep", "RayUnavailable"),
-    ("workflows.sweep", "ResumeError"),
-    ("workflows.retry", "OutageLimitError"),
-    ("workflows.tracking", "TrackingStoreError"),
-)
 PRECISIONS = ("fp32", "bf16", "auto")
 REACH_TIMEOUT_S = 15.0  # how long register, select and report wait for a tracking server that does not answer
 PRECISION_HELP = "fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (bf16 where supported)"
@@ -53,14 +36,6 @@ PRECISION_HELP = "fp32, bf16 (autocast; on a CPU only with bf16 matrix instructi
 
 class UserError(Exception):
     """Raised for bad input; printed as one line, exit status 2."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = [UserError]
-    for module, name in _USER_ERRORS:
-        if module in sys.modules:
-            found.append(getattr(sys.modules[module], name))
-    return tuple(found)
 
 
 def _plain(value: Any) -> Any:
@@ -564,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
         return 1
     except Exception as err:
-        if not isinstance(err, _user_errors()):
+        if not isinstance(err, user_errors(UserError)):
             raise
         sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
         return 2

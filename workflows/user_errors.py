@@ -1,0 +1,38 @@
+"""The errors of bad input: the command line and the bench scripts print each as one line, exit status 2.
+
+Looked up among the modules already imported (an error can only come from a module that was), so that catching
+them imports nothing: a bench script on a machine with only torch and transformers never pulls in Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["USER_ERRORS", "user_errors"]
+
+# (module, exception class) of every library error that means bad input.
+USER_ERRORS = (
+    ("pruning.config", "ConfigError"),
+    ("pruning.checkpoint", "CheckpointError"),
+    ("pruning.resources", "ResourceError"),
+    ("pruning.squad", "SquadFormatError"),
+    ("pruning.packing", "PackingError"),
+    ("pruning.export", "ExportError"),
+    ("pruning.inference", "RecordError"),
+    ("workflows.record", "RecordError"),
+    ("workflows.space", "SpaceError"),
+    ("workflows.registry", "SelectionError"),
+    ("workflows.sweep", "RayUnavailable"),
+    ("workflows.sweep", "ResumeError"),
+    ("workflows.retry", "OutageLimitError"),
+    ("workflows.tracking", "TrackingStoreError"),
+)
+
+
+def user_errors(*own: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """``own`` (the caller's error classes) and those of :data:`USER_ERRORS` whose module is imported."""
+    found = list(own)
+    for module, name in USER_ERRORS:
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
