@@ -18,7 +18,7 @@ from typing import Any, Callable
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:  # a bare checkout, nothing installed
     sys.path.insert(0, _ROOT)
-from workflows.user_errors import user_errors  # noqa: E402  (the standard library only)
+from workflows.user_errors import output_path_problem, user_errors  # noqa: E402  (the standard library only)
 
 __all__ = ["InputError", "one_line_errors", "read_json", "require", "check_output", "write_text"]
 
@@ -84,12 +84,9 @@ def check_output(path: str | Path | None, flag: str) -> None:
     """Refuse, before any work, an output file that cannot be written: a directory there, or a file above it."""
     if path is None:
         return
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{flag} {path}: is a directory, not a file")
-    ancestor = next((a for a in path.parents if a.exists()), None)
-    if ancestor is not None and not ancestor.is_dir():
-        raise InputError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    problem = output_path_problem(path, directory=False)
+    if problem is not None:
+        raise InputError(f"{flag} {path}: {problem}")
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Callable, TextIO
 
 from workflows.record import RUNTIMES
 from workflows.retry import TrackingUnavailable
-from workflows.user_errors import user_errors
+from workflows.user_errors import output_path_problem, user_errors
 
 __all__ = ["main", "build_parser", "UserError"]
 
@@ -160,16 +160,9 @@ def _check_device(name: str | None, what: str) -> None:
 def _check_output_path(path: str | Path, flag: str, directory: bool) -> None:
     """A one-line error, before any work, for an output that cannot be made: a file where a directory goes, a
     directory where a file goes, or a path under a file."""
-    path = Path(path)
-    if path.exists():
-        if directory and not path.is_dir():
-            raise UserError(f"{flag} {path}: exists and is not a directory")
-        if not directory and path.is_dir():
-            raise UserError(f"{flag} {path}: is a directory, not a file")
-        return
-    ancestor = next((a for a in path.parents if a.exists()), None)
-    if ancestor is not None and not ancestor.is_dir():
-        raise UserError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    problem = output_path_problem(path, directory)
+    if problem is not None:
+        raise UserError(f"{flag} {path}: {problem}")
 
 
 def _check_not_inside(source: str | Path, out: str | Path, flag: str) -> None:

@@ -7,8 +7,9 @@ them imports nothing: a bench script on a machine with only torch and transforme
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-__all__ = ["USER_ERRORS", "user_errors"]
+__all__ = ["USER_ERRORS", "user_errors", "output_path_problem"]
 
 # (module, exception class) of every library error that means bad input.
 USER_ERRORS = (
@@ -36,3 +37,19 @@ def user_errors(*own: type[BaseException]) -> tuple[type[BaseException], ...]:
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))
     return tuple(found)
+
+
+def output_path_problem(path: str | Path, directory: bool) -> str | None:
+    """Why ``path`` cannot be made as an output (a directory when ``directory``, else a file), or None: a file
+    where a directory goes, a directory where a file goes, or a file above it. Checked before any work."""
+    path = Path(path)
+    if path.exists():
+        if directory and not path.is_dir():
+            return "exists and is not a directory"
+        if not directory and path.is_dir():
+            return "is a directory, not a file"
+        return None
+    ancestor = next((a for a in path.parents if a.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        return f"{ancestor} is a file, not a directory"
+    return None
