@@ -531,10 +531,12 @@ def _what_is_left(statuses: list[str]) -> str:
     """Why a sweep whose Tune run returned is not complete (see :func:`sweep_complete`), in words."""
     failed = sum(status == "ERROR" for status in statuses)
     unfinished = any(status not in ("TERMINATED", "ERROR") for status in statuses)
-    parts = [f"{failed} of {len(statuses)} trials failed (the {record.TAG_ERROR} tag of each run says why)"]
+    parts = []
+    if failed:
+        parts.append(f"{failed} of {len(statuses)} trials failed (the {record.TAG_ERROR} tag of each run says why)")
     if unfinished or not failed:
         parts.append("the sweep stopped before all its trials ended")
-    return "; ".join(parts[0 if failed else 1:])
+    return "; ".join(parts)
 
 
 # Space keys a resume may change: they decide how trials are scheduled and judged, not what a trial computes.
