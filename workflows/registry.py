@@ -239,11 +239,10 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
     400 naming the record's index and the field. The windows of all records of a request run together,
     ``batch_size`` at a time. Settings (``model_config`` of the logged model, from the trial's run config):
     ``max_seq_length``, ``doc_stride``, ``max_windows``, ``batch_size``, ``max_answer_length``, ``n_best``;
-    ``max_records``, the most records one
-    request may hold (default :data:`MAX_RECORDS`; more is an HTTP 400); ``onnx_variant`` (``int8``, ``fp32``
-    or ``none``), which of the exported models ONNX Runtime runs (default: int8 when the version carries them;
-    ``none``: the PyTorch model); and ``precision``, the one the version was measured in, which the PyTorch model
-    runs in where this CPU supports it (see :func:`serving_precision`).
+    ``max_records``, the most records one request may hold (default :data:`MAX_RECORDS`; more is an HTTP 400);
+    ``onnx_variant`` (``int8``, ``fp32`` or ``none``), which of the exported models ONNX Runtime runs (default:
+    int8 when the version carries them; ``none``: the PyTorch model); and ``precision``, the one the version was
+    measured in, which the PyTorch model runs in where this CPU supports it (see :func:`serving_precision`).
 
     After loading, ``runtime`` is ``onnxruntime`` or ``torch`` and ``precision`` what the model computes in:
     ``int8`` or ``fp32`` through ONNX Runtime, ``bf16`` or ``fp32`` through PyTorch.
