@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .bench import eval_mode
-from .squad import Answer, EvalFeatures, Example, postprocess_predictions, prepare_eval_features
+from .squad import Answer, EvalFeatures, Example, longest_question, postprocess_predictions, prepare_eval_features
 
 __all__ = ["Answer", "RecordError", "WindowRunner", "check_records", "count_windows", "torch_runner", "run_windows",
            "answer_records", "answer_batch", "answer"]
@@ -129,12 +129,12 @@ def count_windows(tokenizer: Any, question: str, context: str, max_seq_length: i
         ValueError: the windows leave no room for a question.
     """
     specials = tokenizer.num_special_tokens_to_add(pair=True)
-    longest_question = max_seq_length - specials - doc_stride - 1
-    if longest_question < 1:
+    most = longest_question(tokenizer, max_seq_length, doc_stride)
+    if most < 1:
         raise ValueError(f"windows of {max_seq_length} tokens overlapping by {doc_stride} leave no room for a question")
-    question_tokens = _count_tokens(tokenizer, question.lstrip(), longest_question)
-    if question_tokens > longest_question:
-        raise RecordError(index, "question", f"is too long: more than {longest_question} tokens (windows of "
+    question_tokens = _count_tokens(tokenizer, question.lstrip(), most)
+    if question_tokens > most:
+        raise RecordError(index, "question", f"is too long: more than {most} tokens (windows of "
                                              f"{max_seq_length} tokens overlapping by {doc_stride})")
     if question_tokens == 0:
         raise RecordError(index, "question", "has no tokens the model reads")

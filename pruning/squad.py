@@ -35,6 +35,7 @@ __all__ = [
     "Answer",
     "EvalFeatures",
     "fit_windows",
+    "longest_question",
     "check_windows",
     "batch_width",
     "window_batch",
@@ -391,7 +392,7 @@ def _check_question_lengths(examples: Sequence[Example], questions: list[str], t
     The tokenizer itself panics in that case. Tokens never outnumber UTF-8 bytes, so only the few long questions
     are tokenized here.
     """
-    room = max_seq_length - tokenizer.num_special_tokens_to_add(pair=True) - doc_stride
+    room = longest_question(tokenizer, max_seq_length, doc_stride) + 1
     if room < 2:
         raise SquadFormatError(f"max_seq_length {max_seq_length} and doc_stride {doc_stride} leave no room for a "
                                "question: raise max_seq_length or lower doc_stride")
@@ -571,6 +572,13 @@ def fit_windows(max_seq_length: int, doc_stride: int, max_positions: int) -> tup
     """
     seq = min(int(max_seq_length), int(max_positions))
     return seq, min(int(doc_stride), seq // 2)
+
+
+def longest_question(tokenizer: Any, max_seq_length: int, doc_stride: int) -> int:
+    """The most question tokens a window of ``max_seq_length`` tokens overlapping the next by ``doc_stride`` takes
+    (it must keep more than ``doc_stride`` tokens for the context); below 1 when the windows have no room for a
+    question at all."""
+    return max_seq_length - tokenizer.num_special_tokens_to_add(pair=True) - doc_stride - 1
 
 
 def check_windows(examples: Sequence[Example], tokenizer: Any, max_positions: int) -> dict[str, torch.Tensor]:

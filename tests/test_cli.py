@@ -285,6 +285,16 @@ def test_a_question_too_long_for_the_window_is_one_line(capsys, masked_checkpoin
     assert "leave no room for a question" in line
 
 
+@pytest.mark.parametrize("window", [["--max-seq-length", "5"], ["--max-seq-length", "8"],
+                                    ["--max-seq-length", "6", "--doc-stride", "2"]])
+def test_windows_without_room_for_a_question_are_one_line_in_ask_and_eval(capsys, masked_checkpoint, window):
+    ask = ["ask", str(masked_checkpoint), "--question", "Who?", "--context", "It was written by Ann.", *window]
+    evaluate = ["eval", str(masked_checkpoint), "--eval-limit", "1", "--no-progress", *window]
+    for argv in (ask, evaluate):
+        line = _one_line_error(capsys, argv)
+        assert "leave no room for a question" in line and "--max-seq-length" in line and "--doc-stride" in line
+
+
 def test_a_tracking_server_that_does_not_answer_is_exit_1_in_seconds(capsys):
     line = _one_line_error(capsys, ["select", "--registered-model", "m", "--max-latency-ms", "5",
                                     "--tracking-uri", "http://127.0.0.1:9"], status=1)

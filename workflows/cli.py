@@ -172,6 +172,19 @@ def _check_not_inside(source: str | Path, out: str | Path, flag: str) -> None:
         raise UserError(f"{flag} {out}: is or overlaps the model directory {source} it is made from")
 
 
+def _windows(args: argparse.Namespace, model, tokenizer) -> tuple[int, int]:
+    """``--max-seq-length`` and ``--doc-stride`` cut to the model (see :func:`pruning.squad.fit_windows`), with a
+    one-line error, before any work, for windows that leave no room for a question."""
+    from pruning.squad import fit_windows, longest_question
+
+    seq, stride = fit_windows(args.max_seq_length, args.doc_stride, model.config.max_position_embeddings)
+    if longest_question(tokenizer, seq, stride) < 1:
+        raise UserError(f"--max-seq-length {args.max_seq_length}, --doc-stride {args.doc_stride}: windows of {seq} "
+                        f"tokens overlapping by {stride} leave no room for a question (raise --max-seq-length or "
+                        "lower --doc-stride)")
+    return seq, stride
+
+
 def _tracking_client(uri: str | None):
     """A client of the tracking store, once it answers (a server that does not: exit 1 in seconds)."""
     from workflows import record, tracking
@@ -212,7 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant, args.device)
     examples = squad.load_squad(resolve_data(args.eval_data), limit=args.eval_limit)
     # The same windows, span search and metric for every kind of model, cut to what the model takes.
-    seq, stride = squad.fit_windows(args.max_seq_length, args.doc_stride, model.config.max_position_embeddings)
+    seq, stride = _windows(args, model, tokenizer)
     with autocast(precision, device):
         metrics, predictions = squad.evaluate_model(model, tokenizer, examples, max_seq_length=seq, doc_stride=stride,
                                                     batch_size=args.batch_size,
@@ -234,11 +247,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from pruning.inference import answer
     from pruning.precision import autocast
-    from pruning.squad import fit_windows
 
     _check_positive(args, "max_seq_length", "doc_stride", "max_answer_length", "n_best")
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant)
-    seq, stride = fit_windows(args.max_seq_length, args.doc_stride, model.config.max_position_embeddings)
+    seq, stride = _windows(args, model, tokenizer)
     with autocast(precision, device):
         result = answer(model, tokenizer, args.question, args.context, max_seq_length=seq, doc_stride=stride,
                         max_answer_length=args.max_answer_length, n_best=args.n_best)
