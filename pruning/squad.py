@@ -566,12 +566,17 @@ def _best_in_window(start_logits: np.ndarray, end_logits: np.ndarray, is_context
 def fit_windows(max_seq_length: int, doc_stride: int, max_positions: int) -> tuple[int, int]:
     """The windows a model can take: ``(max_seq_length, doc_stride)`` cut to its position embeddings.
 
-    A window is at most ``max_positions`` tokens long, and the stride (the overlap of consecutive windows) at most
-    half a window, so that a window cut short still leaves room for the question and moves on by some context.
-    Evaluation, ``ask`` and the served model all use this rule.
+    A window is at most ``max_positions`` tokens long. Windows that fit the model, with a stride (the overlap of
+    consecutive windows) shorter than a window, are kept as they are, so that a model is evaluated and served with
+    the windows its run config names. Otherwise the stride is at most half the (cut) window, so that a window still
+    leaves room for the question and moves on by some context. Training, evaluation, ``ask`` and the served model
+    all use this rule.
     """
-    seq = min(int(max_seq_length), int(max_positions))
-    return seq, min(int(doc_stride), seq // 2)
+    seq, stride = int(max_seq_length), int(doc_stride)
+    if seq <= int(max_positions) and stride < seq:
+        return seq, stride
+    seq = min(seq, int(max_positions))
+    return seq, min(stride, seq // 2)
 
 
 def longest_question(tokenizer: Any, max_seq_length: int, doc_stride: int) -> int:

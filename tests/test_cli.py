@@ -108,6 +108,14 @@ def test_eval_writes_official_predictions_and_fits_windows_to_the_model(masked_c
     assert scored["f1"] * len(squad.load_squad(squad_file("dev"))) == pytest.approx(result["f1"] * 5, abs=1e-6)
 
 
+def test_eval_keeps_a_stride_over_half_a_window_that_fits_the_model(capsys, masked_checkpoint):
+    # 96-token windows fit the model's 128 positions: evaluated as a run with these windows was, not at stride 48.
+    assert cli.main(["eval", str(masked_checkpoint), "--eval-limit", "2", "--no-progress", "--max-seq-length", "96",
+                     "--doc-stride", "64"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["max_seq_length"], result["doc_stride"]) == (96, 64)
+
+
 def test_eval_and_ask_take_the_span_search_of_the_run_config(masked_checkpoint, tmp_path):
     """--max-answer-length and --n-best reach the span search: answers of at most one token hold no space."""
     answers = {}

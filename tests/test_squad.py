@@ -357,6 +357,29 @@ def test_feature_arguments_are_checked(tokenizer, dev_subset):
         squad.prepare_train_features([long_question], tokenizer, max_seq_length=128, doc_stride=32)
 
 
+@pytest.mark.parametrize("max_seq_length, doc_stride, positions, expected", [
+    (128, 96, 512, (128, 96)),   # fits: the run config's windows, stride included
+    (384, 128, 512, (384, 128)),
+    (512, 300, 512, (512, 300)),
+    (384, 128, 128, (128, 64)),  # cut to the positions: the stride to half the cut window
+    (384, 32, 128, (128, 32)),
+    (64, 128, 512, (64, 32)),    # a stride no shorter than the window: half the window
+])
+def test_fit_windows_keeps_windows_that_fit(max_seq_length, doc_stride, positions, expected):
+    from types import SimpleNamespace
+
+    from pruning.config import RunConfig
+    from pruning.trainer import fit_to_model
+
+    assert squad.fit_windows(max_seq_length, doc_stride, positions) == expected
+    if doc_stride >= max_seq_length:
+        return  # not a valid run config
+    # The served model and `eval` fit the windows by this rule; a run's training and evaluation the same way.
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=positions))
+    cfg = fit_to_model(RunConfig(max_seq_length=max_seq_length, doc_stride=doc_stride), model)
+    assert (cfg.max_seq_length, cfg.doc_stride) == expected
+
+
 # --- post-processing --------------------------------------------------------------------------------------------
 
 def _hand_features(context):

@@ -395,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-seq-length", type=int, default=384,
                        help="tokens per window, cut to the model's position embeddings")
         p.add_argument("--doc-stride", type=int, default=128,
-                       help="context tokens that consecutive windows of one context share (their overlap), at most "
-                            "half a window once it is cut")
+                       help="context tokens that consecutive windows of one context share (their overlap); half a "
+                            "window when the window is cut to the model or the stride is not shorter than it")
 
     def span_search(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-answer-length", type=int, default=30,
