@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import string
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -640,9 +641,21 @@ def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures,
             results[ex.id] = Answer(text="", score=float("-inf"), start=0, end=0)
             continue
         score, f, s, e = best
-        start_char, end_char = int(features.offsets[f, s, 0]), int(features.offsets[f, e, 1])
+        start_char = int(features.offsets[f, s, 0])
+        end_char = _with_marks(ex.context, int(features.offsets[f, e, 1]))
         results[ex.id] = Answer(text=ex.context[start_char:end_char], score=score, start=start_char, end=end_char)
     return results
+
+
+def _with_marks(context: str, end: int) -> int:
+    """``end`` moved past the combining marks that follow it.
+
+    A tokenizer that strips accents drops a decomposed accent (a base letter followed by a combining mark, as in
+    NFD text) from its tokens' offsets, so a span ending on an accented letter would lose the accent.
+    """
+    while end < len(context) and unicodedata.category(context[end]) == "Mn":
+        end += 1
+    return end
 
 
 def _as_numpy(logits: Any) -> np.ndarray:

@@ -413,6 +413,35 @@ def test_postprocess_by_hand():
     assert best == squad.Answer(text="f", score=55.5, start=5, end=6)
 
 
+def _span_marked(tokenizer, context, answer):
+    """The answer postprocessing picks when a model marks the first and the last token of ``answer`` in
+    ``context``."""
+    example = Example(id="x", title="", context=context, question="Who?")
+    features = squad.prepare_eval_features([example], tokenizer, max_seq_length=64, doc_stride=16)
+    begin = context.index(answer)
+    offsets = features.offsets[0]
+    start = np.zeros(offsets.shape[0], dtype=np.float32)
+    end = np.zeros(offsets.shape[0], dtype=np.float32)
+    start[np.flatnonzero(offsets[:, 0] == begin)[0]] = 10.0
+    end[np.flatnonzero((offsets[:, 0] >= begin) & (offsets[:, 1] <= begin + len(answer)))[-1]] = 10.0
+    return squad.postprocess_predictions([example], features, start[None], end[None])["x"]
+
+
+@pytest.mark.parametrize("cased", [False, True], ids=["uncased", "cased"])
+@pytest.mark.parametrize("answer", ["Zoe\u0308", "re\u0301sume\u0301", "Andre\u0301 Previn", "Noe\u0308l"])
+def test_an_answer_ending_on_a_decomposed_accent_keeps_it(tokenizer, cased, answer):
+    # NFD text: a base letter and a combining mark. An accent-stripping (uncased) tokenizer leaves the mark out of
+    # its token's offsets; the answer is still the whole of the original text.
+    from transformers import BertTokenizerFast
+
+    if cased:
+        tokenizer = BertTokenizerFast(tokenizer.vocab_file, do_lower_case=False)
+    context = f"The  prize went to {answer}, after a long wait."
+    best = _span_marked(tokenizer, context, answer)
+    assert best.text == answer and context[best.start:best.end] == answer
+    assert squad.exact_match_score(best.text, answer) == 1.0
+
+
 def _brute_force(context, features, start, end, max_answer_length):
     best = None
     for f in range(len(features)):
