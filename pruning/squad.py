@@ -126,7 +126,7 @@ def _get(obj: Any, key: str, kind: type, fail: Callable[[str], SquadFormatError]
     return value
 
 
-def load_squad(path: str | Path, limit: int | None = None) -> list[Example]:
+def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -> list[Example]:
     """Read and validate a SQuAD v1.1 JSON file.
 
     The file must hold at least one question. Every question must have an ``id`` (unique in the file), a non-empty
@@ -135,6 +135,9 @@ def load_squad(path: str | Path, limit: int | None = None) -> list[Example]:
     Args:
         path: the JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``).
         limit: keep only the first ``limit`` questions (only those are validated); None keeps all.
+        spans: check that each ``answer_start`` points at its text. Training needs that; the metric reads the
+            answer texts only, so scoring (as the official evaluation script does) takes a file whose
+            ``answer_start`` values are off.
 
     Returns:
         The questions in file order.
@@ -175,7 +178,7 @@ def load_squad(path: str | Path, limit: int | None = None) -> list[Example]:
                 qid = _get(qa, "id", str, at(where))
                 if not qid:
                     raise at(where)("empty 'id'")
-                example = _parse_question(qa, qid, title, context, at(f"question {qid} ({where})"))
+                example = _parse_question(qa, qid, title, context, at(f"question {qid} ({where})"), spans)
                 if qid in first_seen:
                     raise at(f"question {qid} ({where})")(f"duplicate id (first at {first_seen[qid]})")
                 first_seen[qid] = where
@@ -187,7 +190,8 @@ def load_squad(path: str | Path, limit: int | None = None) -> list[Example]:
     return examples
 
 
-def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable[[str], SquadFormatError]) -> Example:
+def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable[[str], SquadFormatError],
+                    spans: bool = True) -> Example:
     question = _get(qa, "question", str, fail)
     if not question.strip():
         raise fail("empty question")
@@ -200,7 +204,7 @@ def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable
         start = _get(answer, "answer_start", int, fail)
         if not text:
             raise fail(f"answer {k} has an empty text")
-        if not 0 <= start <= len(context) - len(text) or context[start:start + len(text)] != text:
+        if spans and (not 0 <= start <= len(context) - len(text) or context[start:start + len(text)] != text):
             found = context.find(text)
             hint = f" (the text occurs at {found})" if found >= 0 else " (the text is not in the context)"
             raise fail(f"answer {k} {_short(text)} is not at answer_start {start} of its context{hint}")
@@ -327,8 +331,9 @@ def evaluate(examples_or_dataset: Any, predictions: Mapping[str, str]) -> dict[s
 
 
 def score_files(data_path: str | Path, predictions_path: str | Path) -> dict[str, float]:
-    """Score an official-format predictions file against a SQuAD v1.1 data file (both validated)."""
-    return evaluate(load_squad(data_path), load_predictions(predictions_path))
+    """Score an official-format predictions file against a SQuAD v1.1 data file (both validated; the answers'
+    ``answer_start`` values are not read, as the official evaluation script does not read them)."""
+    return evaluate(load_squad(data_path, spans=False), load_predictions(predictions_path))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -116,6 +116,14 @@ def test_eval_keeps_a_stride_over_half_a_window_that_fits_the_model(capsys, mask
     assert (result["max_seq_length"], result["doc_stride"]) == (96, 64)
 
 
+def test_eval_reads_no_answer_start(capsys, masked_checkpoint, tmp_path):
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
+        {"id": "q1", "question": "Where?", "answers": [{"text": "the mat", "answer_start": 3}]}]}]}]}
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    assert cli.main(["eval", str(masked_checkpoint), "--eval-data", str(tmp_path / "d.json"), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["questions"] == 1
+
+
 def test_eval_and_ask_take_the_span_search_of_the_run_config(masked_checkpoint, tmp_path):
     """--max-answer-length and --n-best reach the span search: answers of at most one token hold no space."""
     answers = {}

@@ -128,6 +128,20 @@ def test_score_files(tmp_path, dev_subset):
     assert squad.score_files(tmp_path / "data.json", tmp_path / "pred.json") == {"exact_match": 50.0, "f1": 50.0}
 
 
+def test_scoring_reads_no_answer_start(tmp_path, dev_subset):
+    """The metric compares texts: a file whose answer_start values are off scores as the official script scores it
+    (training still refuses it)."""
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": ex.context, "qas": [{"id": ex.id, "question": ex.question, "answers": [
+            {"text": ex.answers[0], "answer_start": ex.answer_starts[0] + 1}]}]}
+        for ex in dev_subset[:2]]}]}
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    (tmp_path / "pred.json").write_text(json.dumps({dev_subset[0].id: dev_subset[0].answers[0]}))
+    assert squad.score_files(tmp_path / "data.json", tmp_path / "pred.json") == {"exact_match": 50.0, "f1": 50.0}
+    with pytest.raises(SquadFormatError, match="is not at answer_start"):
+        squad.load_squad(tmp_path / "data.json")
+
+
 # --- malformed files --------------------------------------------------------------------------------------------
 
 CONTEXT = "The Broncos beat the Panthers 24-10."
