@@ -72,7 +72,7 @@ from .teacher_cache import TeacherCache, TeacherOutputs
 
 __all__ = ["Report", "TrainingPlan", "build_model", "fit_to_model", "plan", "mask_schedule", "train", "evaluate",
            "resolve_device", "check_device", "enter_fill_phase", "check_resume_config", "training_loss", "fused_adamw",
-           "micro_batches"]
+           "micro_batches", "TrainingDiverged"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,29 @@ _FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel runs (and i
 Report = Callable[[dict[str, float], "str | None"], None]
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoint"
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss or the gradient norm stopped being finite: the run's settings make it diverge.
+
+    Raised before the optimizer applies the step, so the weights and the last checkpoint stay finite.
+    """
+
+
+def _check_finite(step: int, terms: dict[str, float], grad_norm: float | None, cfg: RunConfig,
+                  saved_step: int | None) -> None:
+    """Stop a diverged run at its first non-finite step, in one line: what went non-finite, what to change."""
+    if math.isfinite(terms["loss"]) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    if math.isfinite(terms["loss"]):
+        what = f"the gradient norm is {grad_norm}"
+    else:
+        parts = ", ".join(f"{name.removeprefix('loss_')} {terms[name]:.4g}"
+                          for name in ("loss_ce", "loss_distil", "loss_hidden", "loss_reg"))
+        what = f"the training loss is {terms['loss']} ({parts})"
+    kept = "" if saved_step is None else f"; the last checkpoint, of step {saved_step}, is kept"
+    raise TrainingDiverged(f"step {step}: {what}: training diverged at learning_rate {cfg.learning_rate:g} "
+                           f"(lower it, or set max_grad_norm){kept}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -525,6 +548,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     batches = micro_batches(features, cfg, start_step * cfg.grad_accum)
     running: dict[str, float] = {}
     last_metrics: dict[str, Any] = {}
+    saved_step = start_step if resume_from is not None else None  # the last checkpoint a diverged run leaves
     started = time.time()
     bar = tqdm(total=p.total_steps, initial=start_step, desc="train", disable=not progress, dynamic_ncols=True)
 
@@ -576,9 +600,12 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             terms["loss_hidden"] += float(hidden.detach()) / cfg.grad_accum
             terms["loss_reg"] += float(reg.detach()) / cfg.grad_accum
             terms["loss"] += float(loss.detach()) / cfg.grad_accum
+        grad_norm = None
         if cfg.max_grad_norm:  # 0 or None: no clipping (a clip to norm 0 would zero every gradient)
-            torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups if g["name"] != "mask_scores"
-                                            for q in g["params"]], cfg.max_grad_norm)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [q for g in optimizer.param_groups if g["name"] != "mask_scores" for q in g["params"]],
+                cfg.max_grad_norm))
+        _check_finite(step + 1, terms, grad_norm, cfg, saved_step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if average is not None:
@@ -623,6 +650,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             saved = model if skeleton is None else skeleton
             checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, saved, tokenizer, optimizer,
                                                   saved_cfg, done, history, pruning_metrics, average))
+            saved_step = done
         if do_eval:
             last_metrics = metrics
             if report is not None:

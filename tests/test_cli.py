@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from pruning import squad
 from pruning.resources import squad_file
@@ -357,3 +358,13 @@ def test_a_bad_tracking_timeout_in_the_environment_is_one_line(capsys, monkeypat
                                     "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
     assert needle in line
     assert list(tmp_path.iterdir()) == []  # refused before the tracking store was touched
+
+
+def test_a_diverging_run_is_one_line_and_exit_2(capsys, tmp_path):
+    config = tmp_path / "diverge.yaml"
+    values = yaml.safe_load((ROOT / "configs" / "tiny_smoke.yaml").read_text())
+    config.write_text(yaml.safe_dump({**values, "learning_rate": 1e30, "warmup_ratio": 0.0, "max_grad_norm": None}))
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--output-dir", str(tmp_path / "run"),
+                                    "--no-progress"])
+    assert re.search(r"fineprune prune: error: step \d+: the training loss is nan .*training diverged", line), line
+    assert not (tmp_path / "run" / "final").exists()

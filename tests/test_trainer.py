@@ -522,3 +522,27 @@ def test_a_checkpoint_carries_the_cuda_generator_so_dropout_resumes_with_the_sam
     torch.cuda.manual_seed_all(cfg.seed)  # a resumed process starts from the seed
     restore_optimizer(_optimizer(model, cfg), tensors)
     assert torch.equal(torch.rand(1000, device="cuda"), expected)
+
+
+def test_a_run_that_diverges_stops_at_its_first_non_finite_step_and_keeps_its_last_checkpoint(tmp_path):
+    from pruning.trainer import TrainingDiverged
+
+    cfg = tiny_cfg(tmp_path, max_steps=6, save_every=1, learning_rate=1e30, warmup_ratio=0.0, max_grad_norm=None)
+    with pytest.raises(TrainingDiverged, match=r"^step 2: the training loss is nan \(ce nan, .*learning_rate 1e\+30 "
+                                               r".*the last checkpoint, of step 1, is kept$"):
+        train(cfg, progress=False)
+    run = Path(cfg.output_dir)
+    assert not (run / "final").exists()
+    state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 1
+    kept = load_model(run / "checkpoint")
+    assert all(torch.isfinite(value).all() for value in kept.state_dict().values() if value.is_floating_point())
+
+
+def test_a_clipped_run_whose_gradients_overflow_stops_on_the_gradient_norm(tmp_path):
+    from pruning.trainer import TrainingDiverged
+
+    cfg = tiny_cfg(tmp_path, max_steps=3, learning_rate=1e30, warmup_ratio=0.0, max_grad_norm=1.0)
+    with pytest.raises(TrainingDiverged, match=r"^step \d: the (training loss|gradient norm) is (nan|inf)"):
+        train(cfg, progress=False)
+    assert not (Path(cfg.output_dir) / "final").exists()

@@ -15,6 +15,7 @@ __all__ = ["USER_ERRORS", "user_errors", "output_path_problem"]
 USER_ERRORS = (
     ("pruning.config", "ConfigError"),
     ("pruning.checkpoint", "CheckpointError"),
+    ("pruning.trainer", "TrainingDiverged"),
     ("pruning.resources", "ResourceError"),
     ("pruning.squad", "SquadFormatError"),
     ("pruning.packing", "PackingError"),
