@@ -204,6 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pruning.precision import autocast
     from pruning.resources import resolve_data
     from pruning.sparsity import sparsity_report
+    from pruning.structure import max_positions
 
     _check_positive(args, "eval_limit", "max_seq_length", "doc_stride", "batch_size", "max_answer_length", "n_best")
     _check_device(args.device, "--device")
@@ -212,7 +213,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant, args.device)
     examples = squad.load_squad(resolve_data(args.eval_data), limit=args.eval_limit)
     # The same windows, span search and metric for every kind of model, cut to what the model takes.
-    seq, stride = squad.fit_windows(args.max_seq_length, args.doc_stride, model.config.max_position_embeddings)
+    seq, stride = squad.fit_windows(args.max_seq_length, args.doc_stride, max_positions(model.config))
     with autocast(precision, device):
         metrics, predictions = squad.evaluate_model(model, tokenizer, examples, max_seq_length=seq, doc_stride=stride,
                                                     batch_size=args.batch_size,
@@ -235,10 +236,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from pruning.inference import answer
     from pruning.precision import autocast
     from pruning.squad import fit_windows
+    from pruning.structure import max_positions
 
     _check_positive(args, "max_seq_length", "doc_stride", "max_answer_length", "n_best")
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant)
-    seq, stride = fit_windows(args.max_seq_length, args.doc_stride, model.config.max_position_embeddings)
+    seq, stride = fit_windows(args.max_seq_length, args.doc_stride, max_positions(model.config))
     with autocast(precision, device):
         result = answer(model, tokenizer, args.question, args.context, max_seq_length=seq, doc_stride=stride,
                         max_answer_length=args.max_answer_length, n_best=args.n_best)
@@ -260,6 +262,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from pruning.packing import pack_and_verify, save_packed, weights_bytes
     from pruning.precision import resolve_precision
     from pruning.resources import resolve_data
+    from pruning.structure import max_positions
 
     _check_positive(args, "questions", "repeats")
     out = Path(args.out_dir)
@@ -270,7 +273,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
     masked = load_model(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)
-    limit = int(masked.config.max_position_embeddings)
+    limit = max_positions(masked.config)
     inputs = squad.check_windows(squad.load_squad(resolve_data(args.eval_data), limit=args.questions), tokenizer, limit)
     # The dense shape against the packed model at batch 1 and the longest window the model takes (at most 384).
     packed, report = pack_and_verify(masked, inputs, batch_size=1, seq_len=min(384, limit), repeats=args.repeats,

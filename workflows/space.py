@@ -727,10 +727,14 @@ class SweepSpace(_Section):
         if base_cfg.device == "cpu" and self.resources["gpu"] > 0:
             raise _Problem("base.device is cpu: a GPU per trial would sit idle", "resources", "gpu")
         if base_cfg.model_config is not None:
-            limit = base_cfg.model_config.get("max_position_embeddings", 512)
+            # pruning.structure imports torch and transformers: only a space that builds a random model needs it.
+            from pruning.structure import DEFAULT_MODEL_TYPE, config_class, max_positions
+
+            values = dict(base_cfg.model_config)
+            limit = max_positions(config_class(values.pop("model_type", DEFAULT_MODEL_TYPE))(**values))
             if self.speedup["seq_len"] > limit:
-                raise _Problem(f"{self.speedup['seq_len']} exceeds the model's max_position_embeddings {limit}",
-                               "speedup", "seq_len")
+                raise _Problem(f"{self.speedup['seq_len']} exceeds the model's {limit} positions "
+                               "(max_position_embeddings)", "speedup", "seq_len")
         return self
 
     @property
