@@ -69,8 +69,8 @@ class RunConfig:
     """Everything one training run needs. Defaults follow the paper's hybrid setting where one applies."""
 
     # --- model and data -----------------------------------------------------------------------------------
-    # a local HF QA (or encoder) directory of a supported model_type (bert, roberta, xlm-roberta, camembert), or
-    # "minilm" (the shipped all-MiniLM-L6-v2)
+    # a local HF QA (or encoder) directory of a model_type in pruning.structure (bert, roberta, xlm-roberta,
+    # camembert, electra), or "minilm" (the shipped all-MiniLM-L6-v2)
     model: str = SHIPPED_MODEL
     # config kwargs (model_type: bert unless given): build a random model instead of loading one
     model_config: dict[str, Any] | None = None

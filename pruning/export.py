@@ -143,6 +143,9 @@ class _ExportGraph(nn.Module):
         x = (embeddings.word_embeddings(input_ids) + embeddings.token_type_embeddings(token_type_ids)
              + embeddings.position_embeddings(positions))
         x = embeddings.LayerNorm(x)
+        project = getattr(get_module(self.model, self.arch.base), "embeddings_project", None)
+        if project is not None:  # ELECTRA: embeddings narrower than the layers
+            x = project(x)
         # The additive mask in the form ORT's attention fusion recognises; -10000 and the dtype minimum both give
         # padded keys a softmax weight of exactly 0 in float32.
         mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0

@@ -4,10 +4,12 @@ The trainer, the mask code and the packer never spell module names themselves; t
 architecture whose layers look like BERT's (four attention projections, a two-linear feed-forward block) is one
 more entry.
 
-Supported ``model_type`` values: ``bert``, and the RoBERTa family (``roberta``, ``xlm-roberta``, ``camembert``),
+Supported ``model_type`` values: ``bert``; the RoBERTa family (``roberta``, ``xlm-roberta``, ``camembert``),
 whose encoder is BERT's under the prefix ``roberta`` but whose position ids count the non-padding tokens from
 ``pad_token_id + 1`` (:func:`position_ids`), so that ``pad_token_id + 1`` of its position embeddings are never
-used by a window (:func:`max_positions`).
+used by a window (:func:`max_positions`); and ``electra``, BERT's encoder under the prefix ``electra`` whose
+embeddings may be narrower than the layers (``embedding_size``), projected to the hidden size by
+``embeddings_project``.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "roberta": _roberta_family("RobertaForQuestionAnswering"),
     "xlm-roberta": _roberta_family("XLMRobertaForQuestionAnswering"),
     "camembert": _roberta_family("CamembertForQuestionAnswering"),
+    "electra": Architecture(qa_class="ElectraForQuestionAnswering", base="electra", layers="electra.encoder.layer",
+                            **_LAYER),
 }
 
 

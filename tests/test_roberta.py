@@ -1,7 +1,9 @@
 """The RoBERTa family (RoBERTa, XLM-RoBERTa, CamemBERT) through the whole path: windows from a byte-level BPE
-tokenizer, masks, packing, checkpoints, training, ONNX export and serving.
+tokenizer, masks, packing, checkpoints, training, ONNX export and serving; ELECTRA (embeddings projected to the
+hidden size) through masks, packing, checkpoints and export.
 
-The models are tiny and random; the tokenizer is a byte-level BPE trained here, offline, on a few dev contexts.
+The models are tiny and random; the RoBERTa tokenizer is a byte-level BPE trained here, offline, on a few dev
+contexts, and ELECTRA takes the shipped WordPiece tokenizer.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pruning.config import ConfigError, RunConfig
 from pruning.export import FILES, OrtQAModel, export_model
 from pruning.packing import load_packed, pack, pack_and_verify, save_packed
 from pruning.sparsity import sparsity_report
-from pruning.structure import ARCHITECTURES, config_class, max_positions, position_ids, qa_model_class
+from pruning.structure import ARCHITECTURES, config_class, encoder_layers, max_positions, position_ids, qa_model_class
 from pruning.trainer import build_model, train
 from workflows.cli import main as cli_main
 from workflows.registry import export_for_serving, log_qa_model, serve_settings
@@ -48,11 +50,14 @@ def bpe_tokenizer(dev_subset, tmp_path_factory) -> RobertaTokenizerFast:
     return tokenizer
 
 
-def tiny_config(model_type: str = "roberta", vocab: int = 600, positions: int = 130):
-    return config_class(model_type)(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                    num_attention_heads=HEADS, intermediate_size=INTER,
-                                    max_position_embeddings=positions, type_vocab_size=1, pad_token_id=1,
-                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+def tiny_config(model_type: str = "roberta", positions: int = 130):
+    if model_type == "electra":  # the shipped WordPiece vocabulary, embeddings half as wide as the layers
+        extra = dict(vocab_size=30522, embedding_size=HIDDEN // 2, type_vocab_size=2, pad_token_id=0)
+    else:
+        extra = dict(vocab_size=600, type_vocab_size=1, pad_token_id=1)
+    return config_class(model_type)(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                    intermediate_size=INTER, max_position_embeddings=positions,
+                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra)
 
 
 def tiny_model(model_type: str = "roberta", seed: int = 0, positions: int = 130):
@@ -74,7 +79,7 @@ def pruned_model(model_type: str = "roberta", method: str = "sigmoid_threshold",
         for score in masks.mask_score_parameters(model):
             sign = torch.where(torch.rand(score.shape, generator=g) < 0.2, -1.0, 1.0)
             score.copy_(sign * (5.0 + torch.rand(score.shape, generator=g)))
-        first, second = model.roberta.encoder.layer
+        first, second = encoder_layers(model)
         for linear in (first.attention.self.query, first.attention.self.key, first.attention.self.value):
             linear.mask_scores.fill_(-5.0)
         for h in (0, 2):
@@ -93,6 +98,16 @@ def pruned_model(model_type: str = "roberta", method: str = "sigmoid_threshold",
 def windows(bpe_tokenizer, dev_subset) -> squad.EvalFeatures:
     """Real dev windows of the BPE tokenizer: several per long context, the short ones padded on the right."""
     return squad.prepare_eval_features(dev_subset[:8], bpe_tokenizer, max_seq_length=128, doc_stride=48)
+
+
+@pytest.fixture(scope="module")
+def wordpiece_windows(tokenizer, dev_subset) -> squad.EvalFeatures:
+    """Real dev windows of the shipped WordPiece tokenizer, for ELECTRA."""
+    return squad.prepare_eval_features(dev_subset[:8], tokenizer, max_seq_length=128, doc_stride=48)
+
+
+def windows_for(model_type: str, request) -> squad.EvalFeatures:
+    return request.getfixturevalue("wordpiece_windows" if model_type == "electra" else "windows")
 
 
 def logits(model, inputs) -> torch.Tensor:
@@ -143,9 +158,10 @@ def test_position_ids_and_window_limit_are_the_models(model_type, windows):
     assert max_positions(qa_model_class("bert")(config_class("bert")(max_position_embeddings=40)).config) == 40
 
 
-@pytest.mark.parametrize("model_type", FAMILY)
+@pytest.mark.parametrize("model_type", [*FAMILY, "electra"])
 @pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])
-def test_packed_logits_equal_masked_logits_with_empty_heads_and_ffn(model_type, method, windows):
+def test_packed_logits_equal_masked_logits_with_empty_heads_and_ffn(model_type, method, request):
+    windows = windows_for(model_type, request)
     model = pruned_model(model_type, method)
     report = sparsity_report(model)
     assert report.layers[0].heads_kept.sum() == 0 and report.layers[1].ffn_kept.sum() == 0
@@ -180,6 +196,18 @@ def test_masked_checkpoint_saves_loads_packs_and_the_packed_directory_loads(bpe_
     torch.testing.assert_close(logits(load_model(tmp_path / "dense"), inputs), logits(dense, inputs))
 
 
+def test_a_masked_electra_checkpoint_loads_and_packs(tokenizer, wordpiece_windows, tmp_path):
+    model = pruned_model("electra", "sigmoid_threshold")
+    assert model.electra.embeddings_project.in_features == HIDDEN // 2
+    inputs = wordpiece_windows.model_inputs(slice(0, 8))
+    loaded = load_model(save_model(model, tokenizer, tmp_path / "masked"))
+    assert type(loaded).__name__ == "ElectraForQuestionAnswering" and masks.is_masked(loaded)
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=0, rtol=0)
+    save_packed(pack(loaded), tokenizer, tmp_path / "packed")
+    torch.testing.assert_close(logits(load_model(tmp_path / "packed"), inputs), logits(model, inputs), atol=1e-5,
+                               rtol=0)
+
+
 def test_an_unsupported_model_type_is_one_line_naming_config_json_and_the_field(tmp_path):
     save_model(tiny_model("roberta"), None, tmp_path / "m")
     config_file = tmp_path / "m" / "config.json"
@@ -208,15 +236,16 @@ def test_a_random_model_config_builds_the_model_type_with_the_tokenizers_pad_id(
         RunConfig(model_config={"model_type": "roberta", "hiden_size": 8})
 
 
-@pytest.mark.parametrize("model_type", FAMILY)
-def test_export_logits_equal_the_models_and_attention_is_fused(model_type, windows, tmp_path):
+@pytest.mark.parametrize("model_type", [*FAMILY, "electra"])
+def test_export_logits_equal_the_models_and_attention_is_fused(model_type, request, tmp_path):
+    windows = windows_for(model_type, request)
     packed = pack(pruned_model(model_type, "sigmoid_threshold"))
     inputs = windows.model_inputs()
     assert (inputs["attention_mask"] == 0).any()  # padded windows: positions and masks are both exercised
     report = export_model(packed, tmp_path, quantize="int8", inputs=inputs)
     assert report.max_logit_diff["fp32"] <= 1e-4
-    # ORT fuses RoBERTa's attention and layer norms; its embedding fusion does not take RoBERTa's positions, so
-    # they stay as the traced graph computes them.
+    # ORT fuses RoBERTa's (and ELECTRA's) attention and layer norms; its embedding fusion does not take RoBERTa's
+    # positions (nor ELECTRA's projection), so they stay as the traced graph computes them.
     assert report.attention_fused and report.fused_attention_heads == [h for h in report.heads_per_layer if h]
     exported = OrtQAModel(tmp_path / FILES["fp32"], packed.config)
     got = logits(exported, inputs).numpy()
@@ -251,6 +280,10 @@ def test_end_to_end_from_the_command_line(bpe_tokenizer, tmp_path, capsys):
                   "32", "--device", "cpu", "--no-progress"])
     assert 0 <= scored["exact_match"] <= scored["f1"] <= 100 and scored["questions"] == 8
     assert scored["f1"] == pytest.approx(pruned["f1"], abs=1e-6)  # the packed model answers as the masked one
+    # Windows longer than the model takes are cut to its 98 positions (100 less RoBERTa's pad id + 1), not to 100.
+    longest = run(["eval", str(tmp_path / "packed"), "--eval-limit", "2", "--max-seq-length", "384", "--device", "cpu",
+                   "--no-progress"])
+    assert longest["max_seq_length"] == 98
     run(["export", str(tmp_path / "packed"), str(tmp_path / "onnx"), "--questions", "4"])
     exported = run(["eval", str(tmp_path / "onnx"), "--eval-limit", "8", "--max-seq-length", "96", "--doc-stride",
                     "32", "--no-progress"])
