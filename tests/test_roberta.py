@@ -326,3 +326,21 @@ def test_a_roberta_model_serves_from_the_registry_through_torch_and_onnx(bpe_tok
     finally:
         mlflow.set_tracking_uri(before)
     assert answers["fp32"] == answers["none"] and all(isinstance(a, str) for a in answers["none"])
+
+
+def test_a_sweep_space_times_a_random_roberta_model_within_its_positions(tmp_path):
+    import yaml
+
+    from workflows.space import SpaceError, load_space
+
+    base = {"model_config": {"model_type": "roberta", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+                             "num_attention_heads": HEADS, "intermediate_size": INTER, "max_position_embeddings": 130},
+            "train_data": "dev", "eval_data": "dev", "max_seq_length": 64, "doc_stride": 32, "max_steps": 4,
+            "method": "topk", "attention_block": [8, 8], "device": "cpu"}
+    space = {"base": base, "search": {"target_density": {"type": "uniform", "low": 0.2, "high": 0.8}}}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({**space, "speedup": {"seq_len": 128}}))
+    assert load_space(path).speedup["seq_len"] == 128
+    path.write_text(yaml.safe_dump({**space, "speedup": {"seq_len": 130}}))  # 130 embeddings, 128 positions
+    with pytest.raises(SpaceError, match=r"speedup\.seq_len: 130 exceeds the model's 128 positions"):
+        load_space(path)

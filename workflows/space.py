@@ -24,6 +24,7 @@ import re
 import typing
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, Callable, Iterable, Literal, Mapping
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
@@ -730,8 +731,12 @@ class SweepSpace(_Section):
             # pruning.structure imports torch and transformers: only a space that builds a random model needs it.
             from pruning.structure import DEFAULT_MODEL_TYPE, config_class, max_positions
 
-            values = dict(base_cfg.model_config)
-            limit = max_positions(config_class(values.pop("model_type", DEFAULT_MODEL_TYPE))(**values))
+            values = base_cfg.model_config
+            model_type = values.get("model_type", DEFAULT_MODEL_TYPE)
+            defaults = config_class(model_type)()
+            limit = max_positions(SimpleNamespace(
+                model_type=model_type, pad_token_id=values.get("pad_token_id", defaults.pad_token_id),
+                max_position_embeddings=values.get("max_position_embeddings", defaults.max_position_embeddings)))
             if self.speedup["seq_len"] > limit:
                 raise _Problem(f"{self.speedup['seq_len']} exceeds the model's {limit} positions "
                                "(max_position_embeddings)", "speedup", "seq_len")
