@@ -4,9 +4,9 @@ A checkpoint is a standard Hugging Face directory (``config.json``, ``model.safe
 model's ``config.json`` carries a ``fineprune_masks`` entry (method, block shape, current threshold, phase) and its
 ``model.safetensors`` holds the mask scores beside the weights. A training checkpoint adds ``trainer_state.json``
 and ``optimizer.safetensors`` (optimizer moments and the RNG states of the CPU and of any CUDA device in use), so
-a run resumes at the same step with the same masks and dropout draws. :func:`load_model` opens any of them: a dense HF
-QA model of a type in :mod:`pruning.structure` (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA), a masked checkpoint or a
-packed directory.
+a run resumes at the same step with the same masks and dropout draws. :func:`load_model` opens any of them: a dense
+HF QA model of a type in :mod:`pruning.structure` (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA), a masked
+checkpoint or a packed directory.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ import transformers
 from torch import nn
 
 __all__ = ["Architecture", "ARCHITECTURES", "DEFAULT_MODEL_TYPE", "architecture_for", "architecture_of_type",
-           "qa_model_class", "config_class", "max_positions", "position_ids", "get_module", "set_module", "encoder_layers"]
+           "qa_model_class", "config_class", "max_positions", "position_ids", "get_module", "set_module",
+           "encoder_layers"]
 
 DEFAULT_MODEL_TYPE = "bert"  # what a config.json without ``model_type`` is taken for
 
@@ -67,7 +68,7 @@ _LAYER = dict(
     ffn_activation="intermediate",
     attention_norm="attention.output.LayerNorm",
     ffn_norm="output.LayerNorm",
-)  # the modules of one encoder layer, the same in BERT and in the RoBERTa family
+)  # the modules of one encoder layer, the same in BERT, the RoBERTa family and ELECTRA
 
 BERT = Architecture(qa_class="BertForQuestionAnswering", base="bert", layers="bert.encoder.layer", **_LAYER)
 
@@ -93,7 +94,7 @@ def architecture_of_type(model_type: str | None) -> Architecture:
     Raises:
         ValueError: one line naming the type and the supported ones.
     """
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise ValueError(f"model_type {model_type!r} is not supported (supported: {supported})")
     return ARCHITECTURES[model_type]
