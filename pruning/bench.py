@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .precision import autocast
-from .structure import architecture_for, encoder_layers, get_module
+from .structure import architecture_for, encoder_layers, get_module, max_positions
 
 __all__ = ["eval_mode", "random_inputs", "latency", "compare_latency", "interleaved_latency", "linear_flops",
            "flop_ratio"]
@@ -52,9 +52,9 @@ def _check_shape(model: nn.Module, batch_size: int, seq_len: int, repeats: int, 
         raise ValueError(f"batch_size and seq_len must be >= 1 (got {batch_size}, {seq_len})")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and seq_len > limit:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {limit}")
+    limit = max_positions(model.config)
+    if seq_len > limit:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's {limit} positions (max_position_embeddings)")
 
 
 def random_inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:

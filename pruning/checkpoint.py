@@ -4,7 +4,9 @@ A checkpoint is a standard Hugging Face directory (``config.json``, ``model.safe
 model's ``config.json`` carries a ``fineprune_masks`` entry (method, block shape, current threshold, phase) and its
 ``model.safetensors`` holds the mask scores beside the weights. A training checkpoint adds ``trainer_state.json``
 and ``optimizer.safetensors`` (optimizer moments and the RNG states of the CPU and of any CUDA device in use), so
-a run resumes at the same step with the same masks and dropout draws. :func:`load_model` opens any of them: a dense HF BERT, a masked checkpoint or a packed directory.
+a run resumes at the same step with the same masks and dropout draws. :func:`load_model` opens any of them: a dense
+HF QA model of a type in :mod:`pruning.structure` (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA), a masked
+checkpoint or a packed directory.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from . import masks as mask_lib
 from .packing import PACKED_FLAG, load_packed
 from .sparsity import sparsity_report
+from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE, config_class, qa_model_class
 
 __all__ = [
     "CheckpointError",
@@ -189,17 +192,19 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
 
 
-def _config(model_dir: Path) -> tuple[dict[str, Any], BertConfig]:
-    raw = read_json(model_dir / "config.json")
-    model_type = raw.get("model_type")
-    if model_type not in (None, "bert"):
-        raise CheckpointError(f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported (bert)")
+def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:
+    config_file = model_dir / "config.json"
+    raw = read_json(config_file)
+    model_type = raw.get("model_type", DEFAULT_MODEL_TYPE)
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported "
+                              f"({', '.join(sorted(ARCHITECTURES))})")
     clean = {k: v for k, v in raw.items() if k != MASKS_KEY}
     try:
-        return raw, BertConfig.from_dict(clean)
+        return raw, config_class(model_type).from_dict(clean)
     except Exception as err:  # TypeError, ValueError, or the strict field checks of recent transformers
         message = " ".join(str(err).split())
-        raise CheckpointError(f"{model_dir / 'config.json'}: invalid BERT config ({message})") from None
+        raise CheckpointError(f"{config_file}: invalid {model_type} config ({message})") from None
 
 
 def load_model(model_dir: str | Path) -> nn.Module:
@@ -220,11 +225,11 @@ def load_model(model_dir: str | Path) -> nn.Module:
     if settings is None:
         _check_weights(model_dir / WEIGHTS)  # a clear error for a corrupted file before transformers reads it
         try:
-            model = BertForQuestionAnswering.from_pretrained(str(model_dir), local_files_only=True)
+            model = qa_model_class(config.model_type).from_pretrained(str(model_dir), local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{model_dir}: cannot load model ({str(err).splitlines()[0]})") from None
         return model.eval()
-    model = BertForQuestionAnswering(config)
+    model = qa_model_class(config.model_type)(config)
     restore_masks_(model, settings, source=str(model_dir / "config.json"))
     state = _load_weights(model_dir / WEIGHTS)
     expected = model.state_dict()

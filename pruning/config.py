@@ -69,8 +69,11 @@ class RunConfig:
     """Everything one training run needs. Defaults follow the paper's hybrid setting where one applies."""
 
     # --- model and data -----------------------------------------------------------------------------------
-    model: str = SHIPPED_MODEL  # a local HF BERT directory, or "minilm" (the shipped all-MiniLM-L6-v2)
-    model_config: dict[str, Any] | None = None  # BertConfig kwargs: build a random model instead of loading one
+    # a local HF QA (or encoder) directory of a model_type in pruning.structure (bert, roberta, xlm-roberta,
+    # camembert, electra), or "minilm" (the shipped all-MiniLM-L6-v2)
+    model: str = SHIPPED_MODEL
+    # config kwargs (model_type: bert unless given): build a random model instead of loading one
+    model_config: dict[str, Any] | None = None
     tokenizer: str | None = None  # tokenizer directory; default: the model's (the shipped one for random models)
     train_data: str = "train"  # SQuAD v1.1 JSON path, or "train"/"dev" for the shipped files
     eval_data: str = "dev"
@@ -314,10 +317,10 @@ def _check(cfg: RunConfig) -> None:
     if cfg.alpha_ce + cfg.alpha_distil <= 0:
         _fail("alpha_ce", "alpha_ce + alpha_distil must be > 0")
     if cfg.model_config is not None and not isinstance(cfg.model_config, Mapping):
-        _fail("model_config", f"must be a mapping of BertConfig fields, got {type(cfg.model_config).__name__}")
+        _fail("model_config", f"must be a mapping of config fields, got {type(cfg.model_config).__name__}")
     if cfg.model_config is not None:
-        _check_bert_keys(cfg.model_config)
-        _check_bert_values(cfg.model_config)
+        _check_model_keys(cfg.model_config)
+        _check_model_values(cfg.model_config)
     if not cfg.masked and cfg.fill_steps:
         _fail("fill_steps", "a filled phase needs a pruning method (topk, sigmoid_threshold or fisher)")
     if cfg.dropout is not None and (not _is_number(cfg.dropout) or not 0 <= cfg.dropout < 1):
@@ -351,38 +354,52 @@ def _check(cfg: RunConfig) -> None:
             check_head_shaped(cfg.attention_block, hidden // heads, hidden)
 
 
+def _model_type(values: Mapping[Any, Any]) -> str:
+    """The ``model_type`` of ``model_config`` (bert unless given), one the structure table knows."""
+    # pruning.structure imports torch and transformers: only configs that build a random model need it.
+    from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE
+
+    model_type = values.get("model_type", DEFAULT_MODEL_TYPE)
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        _fail("model_config.model_type", f"{model_type!r} is not supported ({', '.join(sorted(ARCHITECTURES))})")
+    return model_type
+
+
 @functools.cache
-def _bert_config_keys() -> frozenset[str]:
-    from transformers import BertConfig  # only for configs that build a random model: keeps this module light
+def _config_fields(model_type: str) -> tuple[str, frozenset[str]]:
+    """The config class name of ``model_type`` and its fields."""
+    from .structure import config_class  # only for configs that build a random model: keeps this module light
 
-    return frozenset(BertConfig().to_dict())
-
-
-# BertConfig fields a random model is built from: sizes (integers >= 1) and dropout probabilities ([0, 1)).
-_BERT_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-               "max_position_embeddings", "type_vocab_size")
-_BERT_PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+    cls = config_class(model_type)
+    return cls.__name__, frozenset(cls().to_dict())
 
 
-def _check_bert_values(values: Mapping[Any, Any]) -> None:
-    """The sizes and probabilities of ``model_config`` that BertConfig takes unchecked and the model fails on."""
-    for key in _BERT_SIZES:
+# Config fields a random model is built from: sizes (integers >= 1) and dropout probabilities ([0, 1)).
+_MODEL_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size")
+_MODEL_PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def _check_model_values(values: Mapping[Any, Any]) -> None:
+    """The sizes and probabilities of ``model_config`` that the config takes unchecked and the model fails on."""
+    for key in _MODEL_SIZES:
         if key in values and not (_is_int(values[key]) and values[key] > 0):
             _fail(f"model_config.{key}", f"must be a positive integer, got {values[key]!r}")
-    for key in _BERT_PROBABILITIES:
+    for key in _MODEL_PROBABILITIES:
         if key in values and not (_is_number(values[key]) and 0 <= values[key] < 1):
             _fail(f"model_config.{key}", f"must be in [0, 1), got {values[key]!r}")
 
 
-def _check_bert_keys(values: Mapping[Any, Any]) -> None:
-    """Every key of ``model_config`` must be a field of BertConfig, which would otherwise keep a typo silently."""
-    known = _bert_config_keys()
+def _check_model_keys(values: Mapping[Any, Any]) -> None:
+    """Every key of ``model_config`` must be a field of its model_type's config, which would otherwise keep a typo
+    silently."""
+    name, known = _config_fields(_model_type(values))
     unknown = sorted((key for key in values if key not in known), key=str)
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         more = f"; and {len(unknown) - 1} more" if len(unknown) > 1 else ""
-        _fail("model_config", f"unknown key {unknown[0]!r}{hint}: BertConfig has no such field{more}")
+        _fail("model_config", f"unknown key {unknown[0]!r}{hint}: {name} has no such field{more}")
 
 
 def check_head_shaped(block: tuple[int, int], head_dim: int, hidden: int) -> None:

@@ -9,8 +9,10 @@ the bias of its second linear, so the graph holds no zero-sized initializer. The
 fused). The batch and sequence axes are dynamic.
 
 :func:`optimize_onnx` then runs ORT's transformer optimizer (``model_type="bert"``, head count and hidden size
-detected per layer); :func:`fused_attention_heads` reads back the head count of every fused attention node, and
-:func:`export_model` checks it against the model's heads layer by layer. :func:`quantize_onnx` quantizes the
+detected per layer). A RoBERTa-family graph gets the same attention, LayerNorm and GELU fusions; its embeddings
+stay unfused (ORT's embedding fusion computes BERT's positions, not RoBERTa's), as traced.
+:func:`fused_attention_heads` reads back the head count of every fused attention node, and :func:`export_model`
+checks it against the model's heads layer by layer. :func:`quantize_onnx` quantizes the
 optimized graph dynamically (int8 weights, activations quantized at run time), which turns the fused attention into
 ``QAttention``.
 
@@ -46,7 +48,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.optimizer import optimize_model
 from torch import nn
-from transformers import BertConfig
+from transformers import PretrainedConfig
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
 from . import masks as mask_lib
@@ -55,7 +57,8 @@ from .checkpoint import load_model, load_tokenizer, staging_dir
 from .packing import pack
 from .resources import resolve_data, resolve_model
 from .squad import check_windows, load_squad
-from .structure import architecture_for, encoder_layers, get_module
+from .structure import (DEFAULT_MODEL_TYPE, architecture_for, config_class, encoder_layers, get_module, max_positions,
+                        position_ids)
 
 __all__ = [
     "ExportError",
@@ -108,10 +111,12 @@ def _first_line(error: BaseException) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 class _ExportGraph(nn.Module):
-    """BERT question answering written for tracing: explicit head counts, empty parts folded to their biases.
+    """BERT-family question answering written for tracing: explicit head counts, empty parts folded to their biases.
 
-    It computes what ``BertForQuestionAnswering`` computes (eval mode, absolute positions, padding on the right)
-    with the same modules, so the exported weights are the model's own.
+    It computes what the model's transformers QA class (``BertForQuestionAnswering``, ``RobertaForQuestionAnswering``
+    ...) computes in eval mode with absolute positions, with the same modules, so the exported weights are the
+    model's own. Positions are those of :func:`pruning.structure.position_ids`: a BERT token's index, or, in the
+    RoBERTa family, counted over the non-padding tokens from ``pad_token_id + 1``.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -129,13 +134,18 @@ class _ExportGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        bert = self.model.bert
-        embeddings = bert.embeddings
+        embeddings = get_module(self.model, self.arch.base).embeddings
         batch, seq = input_ids.shape
-        positions = embeddings.position_ids[:, :seq]
+        if self.arch.positions_after_padding:
+            positions = position_ids(self.model.config, input_ids)
+        else:
+            positions = embeddings.position_ids[:, :seq]  # the slice ORT's embedding fusion recognises
         x = (embeddings.word_embeddings(input_ids) + embeddings.token_type_embeddings(token_type_ids)
              + embeddings.position_embeddings(positions))
         x = embeddings.LayerNorm(x)
+        project = getattr(get_module(self.model, self.arch.base), "embeddings_project", None)
+        if project is not None:  # ELECTRA: embeddings narrower than the layers
+            x = project(x)
         # The additive mask in the form ORT's attention fusion recognises; -10000 and the dtype minimum both give
         # padded keys a softmax weight of exactly 0 in float32.
         mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0
@@ -152,13 +162,13 @@ class _ExportGraph(nn.Module):
                 attended = out(context.transpose(1, 2).reshape(batch, seq, heads * size))
             else:
                 attended = out.bias  # an empty context: the projection yields just its bias
-            x = layer.attention.output.LayerNorm(attended + x)
+            x = get_module(layer, self.arch.attention_norm)(attended + x)
             first, second = get_module(layer, self.arch.ffn_in), get_module(layer, self.arch.ffn_out)
             if first.out_features:
-                hidden = second(layer.intermediate.intermediate_act_fn(first(x)))
+                hidden = second(get_module(layer, self.arch.ffn_activation).intermediate_act_fn(first(x)))
             else:
                 hidden = second.bias
-            x = layer.output.LayerNorm(hidden + x)
+            x = get_module(layer, self.arch.ffn_norm)(hidden + x)
         logits = self.model.qa_outputs(x)
         start, end = logits.split(1, dim=-1)
         return start.squeeze(-1), end.squeeze(-1)
@@ -288,12 +298,12 @@ class OrtQAModel(nn.Module):
     nothing. ``config`` is the exported model's config.
     """
 
-    def __init__(self, path: str | Path, config: BertConfig, variant: str = "fp32",
+    def __init__(self, path: str | Path, config: PretrainedConfig, variant: str = "fp32",
                  threads: int | None = None, spin: bool = True) -> None:
         """
         Args:
             path: the ``.onnx`` file.
-            config: the model's config (``max_position_embeddings`` bounds the windows).
+            config: the model's config (its positions bound the windows).
             variant: ``fp32`` or ``int8``, for reports.
             threads: ORT intra-op threads; default: torch's current count.
             spin: let ORT's worker threads busy-wait for the next operator. That is ORT's default and the fastest
@@ -393,9 +403,10 @@ def load_exported(model_dir: str | Path, variant: str | None = None, threads: in
                           f"(exported: {', '.join(manifest['files'])})")
     config_file = model_dir / "config.json"
     try:
-        config = BertConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as error:
-        raise ExportError(f"{config_file}: missing or not a BERT config ({_first_line(error)})") from None
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        config = config_class(raw.get("model_type", DEFAULT_MODEL_TYPE)).from_dict(raw)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as error:
+        raise ExportError(f"{config_file}: missing or not a supported model config ({_first_line(error)})") from None
     return OrtQAModel(model_dir / manifest["files"][chosen], config, variant=chosen, threads=threads, spin=spin)
 
 
@@ -529,7 +540,7 @@ def export_checkpoint(model_dir: str | Path, out_dir: str | Path, quantize: str 
         model = pack(model)
     tokenizer = load_tokenizer(source)
     inputs = check_windows(load_squad(resolve_data(data), limit=questions), tokenizer,
-                           int(model.config.max_position_embeddings))
+                           max_positions(model.config))
     tmp = staging_dir(out)
     try:
         report = export_model(model, tmp, quantize=quantize, opset=opset, inputs=inputs)

@@ -38,7 +38,7 @@ from .bench import compare_latency, eval_mode, flop_ratio, random_inputs
 from .masks import MaskedLinear, remove_masks_
 from .precision import resolve_precision
 from .sparsity import sparsity_report
-from .structure import Architecture, architecture_for, encoder_layers, get_module, set_module
+from .structure import Architecture, architecture_for, encoder_layers, get_module, max_positions, set_module
 
 __all__ = [
     "PackingError",
@@ -603,7 +603,7 @@ def pack_and_verify(model: nn.Module, inputs: dict[str, torch.Tensor] | None = N
     """
     device = _device(model)
     precision = resolve_precision(precision, device)  # fails before any work
-    limit = int(getattr(model.config, "max_position_embeddings", seq_len))
+    limit = max_positions(model.config)
     seq_len = min(seq_len, limit)
     dense = remove_masks_(copy.deepcopy(model)).eval()
     packed = pack(dense)

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import BertConfig, BertForQuestionAnswering, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from . import importance
 from . import masks as mask_lib
@@ -68,6 +68,7 @@ from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
 from .sparsity import sparsity_report
+from .structure import DEFAULT_MODEL_TYPE, config_class, max_positions, qa_model_class
 from .teacher_cache import TeacherCache, TeacherOutputs
 
 __all__ = ["Report", "TrainingPlan", "build_model", "fit_to_model", "plan", "mask_schedule", "train", "evaluate",
@@ -147,7 +148,11 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
         if values["vocab_size"] < len(tokenizer):  # token ids past the embeddings fail at the first forward
             raise ConfigError(f"model_config.vocab_size: {values['vocab_size']} is smaller than the tokenizer's "
                               f"{len(tokenizer)} tokens")
-        model = BertForQuestionAnswering(BertConfig(**values))
+        if tokenizer.pad_token_id is not None:
+            # A RoBERTa-family model counts positions from its pad id: it must be the id the windows are padded with.
+            values.setdefault("pad_token_id", tokenizer.pad_token_id)
+        model_type = values.pop("model_type", DEFAULT_MODEL_TYPE)
+        model = qa_model_class(model_type)(config_class(model_type)(**values))
     else:
         model_dir = resolve_model(cfg.model)
         model = load_model(model_dir)
@@ -299,9 +304,9 @@ def fit_to_model(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None = N
 
     A cut is logged as a warning: training and evaluation then use shorter windows than ``max_seq_length``.
     """
-    limits = {"the model": int(model.config.max_position_embeddings)}
+    limits = {"the model": max_positions(model.config)}
     if teacher is not None:
-        limits["the teacher"] = int(teacher.config.max_position_embeddings)
+        limits["the teacher"] = max_positions(teacher.config)
     owner, positions = min(limits.items(), key=lambda item: item[1])
     if cfg.max_seq_length <= positions:
         return cfg

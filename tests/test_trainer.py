@@ -477,7 +477,7 @@ def _damage_config(path, change):
     (lambda c: c["fineprune_masks"].update(attention_block="ab"), "fineprune_masks.attention_block: invalid value 'ab'"),
     (lambda c: c["fineprune_masks"].update(mode="fixed", fill_from={"mode": "bogus", "threshold": 0.4}),
      "fineprune_masks.fill_from.mode: invalid value 'bogus'"),
-    (lambda c: c.update(hidden_size="x"), "invalid BERT config"),
+    (lambda c: c.update(hidden_size="x"), "invalid bert config"),
 ], ids=["masks", "block", "fill_from", "hidden_size"])
 def test_a_masked_checkpoint_with_a_damaged_config_names_the_file_and_entry(tmp_path, masked_checkpoint, change,
                                                                             message):

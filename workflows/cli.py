@@ -176,8 +176,9 @@ def _windows(args: argparse.Namespace, model, tokenizer) -> tuple[int, int]:
     """``--max-seq-length`` and ``--doc-stride`` cut to the model (see :func:`pruning.squad.fit_windows`), with a
     one-line error, before any work, for windows that leave no room for a question."""
     from pruning.squad import fit_windows, longest_question
+    from pruning.structure import max_positions
 
-    seq, stride = fit_windows(args.max_seq_length, args.doc_stride, model.config.max_position_embeddings)
+    seq, stride = fit_windows(args.max_seq_length, args.doc_stride, max_positions(model.config))
     if longest_question(tokenizer, seq, stride) < 1:
         raise UserError(f"--max-seq-length {args.max_seq_length}, --doc-stride {args.doc_stride}: windows of {seq} "
                         f"tokens overlapping by {stride} leave no room for a question (raise --max-seq-length or "
@@ -272,6 +273,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from pruning.packing import pack_and_verify, save_packed, weights_bytes
     from pruning.precision import resolve_precision
     from pruning.resources import resolve_data
+    from pruning.structure import max_positions
 
     _check_positive(args, "questions", "repeats")
     out = Path(args.out_dir)
@@ -282,7 +284,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
     masked = load_model(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)
-    limit = int(masked.config.max_position_embeddings)
+    limit = max_positions(masked.config)
     inputs = squad.check_windows(squad.load_squad(resolve_data(args.eval_data), limit=args.questions), tokenizer, limit)
     # The dense shape against the packed model at batch 1 and the longest window the model takes (at most 384).
     packed, report = pack_and_verify(masked, inputs, batch_size=1, seq_len=min(384, limit), repeats=args.repeats,

@@ -254,6 +254,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         from pruning.export import load_exported
         from pruning.inference import torch_runner
         from pruning.squad import fit_windows
+        from pruning.structure import max_positions
 
         model_dir = context.artifacts[ARTIFACT_MODEL_DIR]
         settings = dict(getattr(context, "model_config", None) or {})
@@ -275,7 +276,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         # The windows the model was trained and evaluated with, never longer than its position embeddings.
         self.max_seq_length, self.doc_stride = fit_windows(
             settings.get("max_seq_length", SERVE_DEFAULTS["max_seq_length"]),
-            settings.get("doc_stride", SERVE_DEFAULTS["doc_stride"]), self.model.config.max_position_embeddings)
+            settings.get("doc_stride", SERVE_DEFAULTS["doc_stride"]), max_positions(self.model.config))
         self.max_windows = int(settings.get("max_windows", SERVE_DEFAULTS["max_windows"]))
         self.batch_size = int(settings.get("batch_size", SERVE_DEFAULTS["batch_size"]))
         self.max_records = int(settings.get("max_records", MAX_RECORDS))
@@ -676,6 +677,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     from transformers import AutoModelForQuestionAnswering
 
     from pruning.bench import interleaved_latency
+    from pruning.structure import max_positions
 
     if not max_latency_ms > 0:
         raise SelectionError(f"--max-latency-ms must be > 0, got {max_latency_ms}")
@@ -710,10 +712,10 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                 logger.warning("version %s of %s cannot be loaded: %s", v.version, name, err)
                 rows.append({**row, "error": str(err).splitlines()[0] if str(err) else type(err).__name__})
                 continue
-            limit = getattr(model.config, "max_position_embeddings", None)
-            if limit is not None and seq_len > limit:
-                raise SelectionError(f"--seq-len {seq_len} exceeds version {v.version}'s max_position_embeddings "
-                                     f"{limit}")
+            limit = max_positions(model.config)
+            if seq_len > limit:
+                raise SelectionError(f"--seq-len {seq_len} exceeds the {limit} positions (max_position_embeddings) "
+                                     f"of version {v.version}")
             key, config = _dense_shape(model)
             if key not in models:
                 models[key] = AutoModelForQuestionAnswering.from_config(config).eval()

@@ -24,6 +24,7 @@ import re
 import typing
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, Callable, Iterable, Literal, Mapping
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
@@ -727,10 +728,18 @@ class SweepSpace(_Section):
         if base_cfg.device == "cpu" and self.resources["gpu"] > 0:
             raise _Problem("base.device is cpu: a GPU per trial would sit idle", "resources", "gpu")
         if base_cfg.model_config is not None:
-            limit = base_cfg.model_config.get("max_position_embeddings", 512)
+            # pruning.structure imports torch and transformers: only a space that builds a random model needs it.
+            from pruning.structure import DEFAULT_MODEL_TYPE, config_class, max_positions
+
+            values = base_cfg.model_config
+            model_type = values.get("model_type", DEFAULT_MODEL_TYPE)
+            defaults = config_class(model_type)()
+            limit = max_positions(SimpleNamespace(
+                model_type=model_type, pad_token_id=values.get("pad_token_id", defaults.pad_token_id),
+                max_position_embeddings=values.get("max_position_embeddings", defaults.max_position_embeddings)))
             if self.speedup["seq_len"] > limit:
-                raise _Problem(f"{self.speedup['seq_len']} exceeds the model's max_position_embeddings {limit}",
-                               "speedup", "seq_len")
+                raise _Problem(f"{self.speedup['seq_len']} exceeds the model's {limit} positions "
+                               "(max_position_embeddings)", "speedup", "seq_len")
         return self
 
     @property

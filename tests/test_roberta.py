@@ -1,0 +1,346 @@
+"""The RoBERTa family (RoBERTa, XLM-RoBERTa, CamemBERT) through the whole path: windows from a byte-level BPE
+tokenizer, masks, packing, checkpoints, training, ONNX export and serving; ELECTRA (embeddings projected to the
+hidden size) through masks, packing, checkpoints and export.
+
+The models are tiny and random; the RoBERTa tokenizer is a byte-level BPE trained here, offline, on a few dev
+contexts, and ELECTRA takes the shipped WordPiece tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from tokenizers import ByteLevelBPETokenizer
+from transformers import RobertaTokenizerFast
+
+from pruning import masks, squad
+from pruning.checkpoint import CheckpointError, load_model, load_tokenizer, save_model
+from pruning.config import ConfigError, RunConfig
+from pruning.export import FILES, OrtQAModel, export_model
+from pruning.packing import load_packed, pack, pack_and_verify, save_packed
+from pruning.sparsity import sparsity_report
+from pruning.structure import ARCHITECTURES, config_class, encoder_layers, max_positions, position_ids, qa_model_class
+from pruning.trainer import build_model, train
+from workflows.cli import main as cli_main
+from workflows.registry import export_for_serving, log_qa_model, serve_settings
+
+HIDDEN, LAYERS, HEADS, INTER = 32, 2, 4, 64
+HEAD_DIM = HIDDEN // HEADS
+FAMILY = ("roberta", "xlm-roberta", "camembert")
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids: cls 0, pad 1, sep 2
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(dev_subset, tmp_path_factory) -> RobertaTokenizerFast:
+    """A byte-level BPE of 600 tokens trained on the dev subset, as a RoBERTa tokenizer (saved, then loaded)."""
+    texts = sorted({ex.context for ex in dev_subset}) + [ex.question for ex in dev_subset]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=600, min_frequency=2, special_tokens=SPECIALS, show_progress=False)
+    directory = tmp_path_factory.mktemp("bpe")
+    bpe.save_model(str(directory))
+    tokenizer = RobertaTokenizerFast.from_pretrained(str(directory))
+    assert (tokenizer.cls_token_id, tokenizer.pad_token_id, tokenizer.sep_token_id) == (0, 1, 2)
+    return tokenizer
+
+
+def tiny_config(model_type: str = "roberta", positions: int = 130):
+    if model_type == "electra":  # the shipped WordPiece vocabulary, embeddings half as wide as the layers
+        extra = dict(vocab_size=30522, embedding_size=HIDDEN // 2, type_vocab_size=2, pad_token_id=0)
+    else:
+        extra = dict(vocab_size=600, type_vocab_size=1, pad_token_id=1)
+    return config_class(model_type)(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                    intermediate_size=INTER, max_position_embeddings=positions,
+                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra)
+
+
+def tiny_model(model_type: str = "roberta", seed: int = 0, positions: int = 130):
+    """A random tiny QA model of ``model_type`` with non-trivial biases and norms."""
+    torch.manual_seed(seed)
+    model = qa_model_class(model_type)(tiny_config(model_type, positions=positions)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def pruned_model(model_type: str = "roberta", method: str = "sigmoid_threshold", seed: int = 0):
+    """A masked tiny model: layer 0 keeps no head and part of its FFN, layer 1 keeps heads 1 and 3 (or fewer) and no
+    FFN dimension, and a random fifth of the remaining blocks is masked too (topk: more, to its global quota)."""
+    model = masks.apply_masks_(tiny_model(model_type, seed), method, (8, 8), 5.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for score in masks.mask_score_parameters(model):
+            sign = torch.where(torch.rand(score.shape, generator=g) < 0.2, -1.0, 1.0)
+            score.copy_(sign * (5.0 + torch.rand(score.shape, generator=g)))
+        first, second = encoder_layers(model)
+        for linear in (first.attention.self.query, first.attention.self.key, first.attention.self.value):
+            linear.mask_scores.fill_(-5.0)
+        for h in (0, 2):
+            for linear in (second.attention.self.query, second.attention.self.key, second.attention.self.value):
+                linear.mask_scores[h * HEAD_DIM // 8:(h + 1) * HEAD_DIM // 8] = -5.0
+        first.intermediate.dense.mask_scores[: INTER // 2] = -5.0
+        second.intermediate.dense.mask_scores.fill_(-5.0)
+    if method == "topk":  # the top 20% of all weights: only positive scores, and no head kept by a per-matrix quota
+        masks.set_threshold(model, 0.2, global_topk=True)
+    else:
+        masks.set_threshold(model, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def windows(bpe_tokenizer, dev_subset) -> squad.EvalFeatures:
+    """Real dev windows of the BPE tokenizer: several per long context, the short ones padded on the right."""
+    return squad.prepare_eval_features(dev_subset[:8], bpe_tokenizer, max_seq_length=128, doc_stride=48)
+
+
+@pytest.fixture(scope="module")
+def wordpiece_windows(tokenizer, dev_subset) -> squad.EvalFeatures:
+    """Real dev windows of the shipped WordPiece tokenizer, for ELECTRA."""
+    return squad.prepare_eval_features(dev_subset[:8], tokenizer, max_seq_length=128, doc_stride=48)
+
+
+def windows_for(model_type: str, request) -> squad.EvalFeatures:
+    return request.getfixturevalue("wordpiece_windows" if model_type == "electra" else "windows")
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.inference_mode():
+        out = model(**inputs)
+    return torch.stack([out.start_logits, out.end_logits])
+
+
+def test_bpe_windows_put_cls_first_pad_right_and_map_answers_back(bpe_tokenizer, dev_subset, windows):
+    ids, mask = windows.input_ids, windows.attention_mask
+    assert (ids[:, 0] == bpe_tokenizer.cls_token_id).all()
+    assert (windows.token_type_ids == 0).all()  # the one segment a RoBERTa model embeds
+    lengths = mask.sum(dim=1)
+    assert (lengths < ids.shape[1]).any(), "some window must be padded"
+    for row, length in zip(range(len(windows)), lengths.tolist()):
+        assert (mask[row, :length] == 1).all() and (mask[row, length:] == 0).all()  # padding on the right
+        assert (ids[row, length:] == bpe_tokenizer.pad_token_id).all()
+        assert (ids[row, :length] != bpe_tokenizer.pad_token_id).all()
+    # Offsets: question, special and padding tokens are not context; the train windows' answer tokens cut the gold
+    # answer back out of the context.
+    assert not windows.context_mask[:, 0].any()
+    train = squad.prepare_train_features(dev_subset[:8], bpe_tokenizer, max_seq_length=128, doc_stride=48)
+    assert torch.equal(train["input_ids"], windows.input_ids)  # the same windows, row for row
+    found = 0
+    for row in range(train["input_ids"].shape[0]):
+        start, end = int(train["start_positions"][row]), int(train["end_positions"][row])
+        if start == 0:
+            continue
+        example = dev_subset[int(windows.example_index[row])]
+        offsets = windows.token_offsets(row)
+        text = example.context[offsets[start][0]:offsets[end][1]]
+        assert text.strip() == example.answers[0].strip()
+        found += 1
+    assert found >= 4
+
+
+@pytest.mark.parametrize("model_type", FAMILY)
+def test_position_ids_and_window_limit_are_the_models(model_type, windows):
+    model = tiny_model(model_type, positions=40)
+    config = model.config
+    assert max_positions(config) == 40 - 2  # positions 0 and 1 (the pad id) are never a token's
+    inputs = windows.model_inputs(slice(0, 4))
+    inputs = {k: v[:, :38] for k, v in inputs.items()}
+    embeddings = model.roberta.embeddings
+    expected = embeddings.create_position_ids_from_input_ids(inputs["input_ids"], embeddings.padding_idx)
+    assert torch.equal(position_ids(config, inputs["input_ids"]), expected)
+    logits(model, inputs)  # a window of max_positions tokens fits
+    assert max_positions(qa_model_class("bert")(config_class("bert")(max_position_embeddings=40)).config) == 40
+
+
+@pytest.mark.parametrize("model_type", [*FAMILY, "electra"])
+@pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])
+def test_packed_logits_equal_masked_logits_with_empty_heads_and_ffn(model_type, method, request):
+    windows = windows_for(model_type, request)
+    model = pruned_model(model_type, method)
+    report = sparsity_report(model)
+    assert report.layers[0].heads_kept.sum() == 0 and report.layers[1].ffn_kept.sum() == 0
+    packed = pack(model)
+    heads = packed.config.fineprune_heads_kept
+    assert heads[0] == [] and len(heads[1]) < HEADS and packed.config.fineprune_ffn_widths[1] == 0
+    assert type(packed).__name__ == ARCHITECTURES[model_type].qa_class
+    inputs = windows.model_inputs(slice(0, 8))
+    torch.testing.assert_close(logits(packed, inputs), logits(model, inputs), atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in packed.parameters()) < sum(
+        p.numel() for n, p in model.named_parameters() if not n.endswith("mask_scores"))
+
+
+def test_masked_checkpoint_saves_loads_packs_and_the_packed_directory_loads(bpe_tokenizer, windows, tmp_path):
+    model = pruned_model("roberta", "topk")
+    inputs = windows.model_inputs(slice(0, 8))
+    expected = logits(model, inputs)
+    directory = save_model(model, bpe_tokenizer, tmp_path / "masked")
+    assert json.loads((directory / "config.json").read_text())["model_type"] == "roberta"
+    loaded = load_model(directory)
+    assert type(loaded).__name__ == "RobertaForQuestionAnswering" and masks.is_masked(loaded)
+    torch.testing.assert_close(logits(loaded, inputs), expected, atol=0, rtol=0)
+    packed, report = pack_and_verify(loaded, inputs, time_latency=False, tolerance=1e-5)
+    assert report.heads_removed == HEADS + 2 and report.max_logit_diff <= 1e-5
+    save_packed(packed, load_tokenizer(directory), tmp_path / "packed")
+    again = load_model(tmp_path / "packed")
+    torch.testing.assert_close(logits(again, inputs), expected, atol=1e-5, rtol=0)
+    assert type(load_packed(tmp_path / "packed")).__name__ == "RobertaForQuestionAnswering"
+    # A dense RoBERTa directory loads as the RoBERTa QA class, with its own weights.
+    dense = tiny_model("roberta")
+    save_model(dense, bpe_tokenizer, tmp_path / "dense")
+    torch.testing.assert_close(logits(load_model(tmp_path / "dense"), inputs), logits(dense, inputs))
+
+
+def test_a_masked_electra_checkpoint_loads_and_packs(tokenizer, wordpiece_windows, tmp_path):
+    model = pruned_model("electra", "sigmoid_threshold")
+    assert model.electra.embeddings_project.in_features == HIDDEN // 2
+    inputs = wordpiece_windows.model_inputs(slice(0, 8))
+    loaded = load_model(save_model(model, tokenizer, tmp_path / "masked"))
+    assert type(loaded).__name__ == "ElectraForQuestionAnswering" and masks.is_masked(loaded)
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=0, rtol=0)
+    save_packed(pack(loaded), tokenizer, tmp_path / "packed")
+    torch.testing.assert_close(logits(load_model(tmp_path / "packed"), inputs), logits(model, inputs), atol=1e-5,
+                               rtol=0)
+
+
+def test_an_unsupported_model_type_is_one_line_naming_config_json_and_the_field(tmp_path):
+    save_model(tiny_model("roberta"), None, tmp_path / "m")
+    config_file = tmp_path / "m" / "config.json"
+    raw = json.loads(config_file.read_text())
+    for bad in ("gpt2", ["roberta"]):
+        config_file.write_text(json.dumps({**raw, "model_type": bad}))
+        with pytest.raises(CheckpointError) as err:
+            load_model(tmp_path / "m")
+        message = str(err.value)
+        assert message.startswith(f"{config_file}: model_type {bad!r} is not supported (")
+        assert "roberta" in message and "bert" in message and "\n" not in message
+
+
+def test_a_random_model_config_builds_the_model_type_with_the_tokenizers_pad_id(bpe_tokenizer, tmp_path):
+    bpe_tokenizer.save_pretrained(str(tmp_path / "tok"))
+    cfg = RunConfig(model_config={"model_type": "roberta", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+                                  "num_attention_heads": HEADS, "intermediate_size": INTER,
+                                  "max_position_embeddings": 130, "type_vocab_size": 1},
+                    tokenizer=str(tmp_path / "tok"), method="topk", attention_block=(8, 8))
+    model, tokenizer = build_model(cfg)
+    assert type(model).__name__ == "RobertaForQuestionAnswering" and masks.is_masked(model)
+    assert model.config.pad_token_id == tokenizer.pad_token_id and model.config.vocab_size == len(tokenizer)
+    with pytest.raises(ConfigError, match=r"model_config\.model_type: 'gpt2' is not supported \(.*roberta"):
+        RunConfig(model_config={"model_type": "gpt2"})
+    with pytest.raises(ConfigError, match="unknown key 'hiden_size'.*RobertaConfig has no such field"):
+        RunConfig(model_config={"model_type": "roberta", "hiden_size": 8})
+
+
+@pytest.mark.parametrize("model_type", [*FAMILY, "electra"])
+def test_export_logits_equal_the_models_and_attention_is_fused(model_type, request, tmp_path):
+    windows = windows_for(model_type, request)
+    packed = pack(pruned_model(model_type, "sigmoid_threshold"))
+    inputs = windows.model_inputs()
+    assert (inputs["attention_mask"] == 0).any()  # padded windows: positions and masks are both exercised
+    report = export_model(packed, tmp_path, quantize="int8", inputs=inputs)
+    assert report.max_logit_diff["fp32"] <= 1e-4
+    # ORT fuses RoBERTa's (and ELECTRA's) attention and layer norms; its embedding fusion does not take RoBERTa's
+    # positions (nor ELECTRA's projection), so they stay as the traced graph computes them.
+    assert report.attention_fused and report.fused_attention_heads == [h for h in report.heads_per_layer if h]
+    exported = OrtQAModel(tmp_path / FILES["fp32"], packed.config)
+    got = logits(exported, inputs).numpy()
+    want = logits(packed, inputs).numpy()
+    real = inputs["attention_mask"].bool().numpy()
+    assert np.abs(got - want)[:, real].max() <= 1e-4
+
+
+def test_end_to_end_from_the_command_line(bpe_tokenizer, tmp_path, capsys):
+    """train (dense) -> prune (topk) -> pack -> eval -> export -> eval of a tiny RoBERTa model directory."""
+    base = tmp_path / "roberta"
+    save_model(tiny_model("roberta", positions=100), bpe_tokenizer, base)
+    config = tmp_path / "run.yaml"
+    config.write_text("train_data: dev\neval_data: dev\ntrain_limit: 16\neval_limit: 8\nmax_seq_length: 96\n"
+                      "doc_stride: 32\nbatch_size: 8\nmax_steps: 4\neval_every: 4\nlearning_rate: 1.0e-3\n"
+                      "method: dense\n")
+
+    def run(argv: list[str]) -> dict:
+        assert cli_main(argv) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    dense = run(["train", "--config", str(config), "--model", str(base), "--output-dir", str(tmp_path / "dense"),
+                 "--no-progress"])
+    config.write_text(config.read_text().replace("method: dense", "method: topk\nattention_block: [8, 8]\n"
+                                                 "target_density: 0.5\nfill_steps: 2\nmask_lr: 0.1"))
+    pruned = run(["prune", "--config", str(config), "--model", dense["model_dir"], "--output-dir",
+                  str(tmp_path / "pruned"), "--no-progress"])
+    assert type(load_model(pruned["model_dir"])).__name__ == "RobertaForQuestionAnswering"
+    packed = run(["pack", pruned["model_dir"], str(tmp_path / "packed"), "--questions", "4", "--repeats", "1"])
+    assert packed["max_logit_diff"] <= 1e-3
+    scored = run(["eval", str(tmp_path / "packed"), "--eval-limit", "8", "--max-seq-length", "96", "--doc-stride",
+                  "32", "--device", "cpu", "--no-progress"])
+    assert 0 <= scored["exact_match"] <= scored["f1"] <= 100 and scored["questions"] == 8
+    assert scored["f1"] == pytest.approx(pruned["f1"], abs=1e-6)  # the packed model answers as the masked one
+    # Windows longer than the model takes are cut to its 98 positions (100 less RoBERTa's pad id + 1), not to 100.
+    longest = run(["eval", str(tmp_path / "packed"), "--eval-limit", "2", "--max-seq-length", "384", "--device", "cpu",
+                   "--no-progress"])
+    assert longest["max_seq_length"] == 98
+    run(["export", str(tmp_path / "packed"), str(tmp_path / "onnx"), "--questions", "4"])
+    exported = run(["eval", str(tmp_path / "onnx"), "--eval-limit", "8", "--max-seq-length", "96", "--doc-stride",
+                    "32", "--no-progress"])
+    assert exported["f1"] == pytest.approx(scored["f1"], abs=1e-6)
+
+
+def test_fisher_with_packed_recovery_trains_a_roberta_model(bpe_tokenizer, tmp_path):
+    bpe_tokenizer.save_pretrained(str(tmp_path / "tok"))
+    cfg = RunConfig(model_config={"model_type": "roberta", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+                                  "num_attention_heads": HEADS, "intermediate_size": INTER,
+                                  "max_position_embeddings": 130, "type_vocab_size": 1},
+                    tokenizer=str(tmp_path / "tok"), method="fisher", attention_block=(HEAD_DIM, HIDDEN),
+                    target_density=0.5, fill_steps=3, fill_packed=True, train_data="dev", eval_data="dev",
+                    train_limit=12, eval_limit=6, max_seq_length=96, doc_stride=32, batch_size=4,
+                    output_dir=str(tmp_path / "run"))
+    metrics = train(cfg, progress=False)
+    model = load_model(metrics["model_dir"])
+    assert type(model).__name__ == "RobertaForQuestionAnswering" and masks.is_masked(model)
+    assert metrics["linear_density"] < 0.9
+
+
+def test_a_roberta_model_serves_from_the_registry_through_torch_and_onnx(bpe_tokenizer, dev_subset, tmp_path):
+    model_dir = save_packed(pack(pruned_model("roberta")), bpe_tokenizer, tmp_path / "packed")
+    onnx_dir, exported = export_for_serving(model_dir, tmp_path / "onnx")
+    assert onnx_dir is not None, exported
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment = MlflowClient(tracking_uri=uri).create_experiment("roberta",
+                                                                  artifact_location=(tmp_path / "art").as_uri())
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_qa_model(model_dir, serve_settings({"max_seq_length": "96", "doc_stride": "32"}), onnx_dir)
+        records = pd.DataFrame({"question": [ex.question for ex in dev_subset[:3]],
+                                "context": [ex.context for ex in dev_subset[:3]]})
+        answers = {}
+        for variant in ("fp32", "none"):
+            served = mlflow.pyfunc.load_model(info.model_uri, model_config={"onnx_variant": variant})
+            answers[variant] = list(pd.DataFrame(served.predict(records))["answer"])
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert answers["fp32"] == answers["none"] and all(isinstance(a, str) for a in answers["none"])
+
+
+def test_a_sweep_space_times_a_random_roberta_model_within_its_positions(tmp_path):
+    import yaml
+
+    from workflows.space import SpaceError, load_space
+
+    base = {"model_config": {"model_type": "roberta", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+                             "num_attention_heads": HEADS, "intermediate_size": INTER, "max_position_embeddings": 130},
+            "train_data": "dev", "eval_data": "dev", "max_seq_length": 64, "doc_stride": 32, "max_steps": 4,
+            "method": "topk", "attention_block": [8, 8], "device": "cpu"}
+    space = {"base": base, "search": {"target_density": {"type": "uniform", "low": 0.2, "high": 0.8}}}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({**space, "speedup": {"seq_len": 128}}))
+    assert load_space(path).speedup["seq_len"] == 128
+    path.write_text(yaml.safe_dump({**space, "speedup": {"seq_len": 130}}))  # 130 embeddings, 128 positions
+    with pytest.raises(SpaceError, match=r"speedup\.seq_len: 130 exceeds the model's 128 positions"):
+        load_space(path)
