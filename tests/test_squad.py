@@ -389,7 +389,7 @@ def test_fit_windows_keeps_windows_that_fit(max_seq_length, doc_stride, position
     if doc_stride >= max_seq_length:
         return  # not a valid run config
     # The served model and `eval` fit the windows by this rule; a run's training and evaluation the same way.
-    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=positions))
+    model = SimpleNamespace(config=SimpleNamespace(model_type="bert", max_position_embeddings=positions))
     cfg = fit_to_model(RunConfig(max_seq_length=max_seq_length, doc_stride=doc_stride), model)
     assert (cfg.max_seq_length, cfg.doc_stride) == expected
 
