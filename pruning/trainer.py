@@ -391,12 +391,36 @@ def _check_teacher(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokeni
     if teacher.config.vocab_size < len(tokenizer):
         raise ConfigError(f"teacher: {cfg.teacher} embeds {teacher.config.vocab_size} tokens, fewer than the "
                           f"student's tokenizer has ({len(tokenizer)}): it needs the student's vocabulary")
+    _check_teacher_vocabulary(cfg, tokenizer)
     student_shape = (model.config.num_hidden_layers, model.config.hidden_size)
     teacher_shape = (teacher.config.num_hidden_layers, teacher.config.hidden_size)
     if cfg.alpha_hidden > 0 and student_shape != teacher_shape:
         raise ConfigError(f"alpha_hidden: the hidden-state MSE needs a teacher with the student's layers and width, "
                           f"but the teacher has {teacher_shape[0]} layers of {teacher_shape[1]} and the student "
                           f"{student_shape[0]} of {student_shape[1]}")
+
+
+def _check_teacher_vocabulary(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a teacher whose own tokenizer numbers the tokens differently: fed the student's ids, it would read
+    other words (a BERT teacher for a RoBERTa student, a cased teacher for an uncased student) and distil noise.
+    A teacher directory without tokenizer files is not checked."""
+    teacher_dir = resolve_model(cfg.teacher)
+    if not any((teacher_dir / name).is_file() for name in _TOKENIZER_FILES):
+        return
+    try:
+        theirs = load_tokenizer(teacher_dir).get_vocab()
+    except CheckpointError as err:
+        logger.warning("the teacher's vocabulary is not checked against the student's: %s", err)
+        return
+    ours = tokenizer.get_vocab()
+    if theirs != ours:
+        differ = sum(1 for token, index in ours.items() if theirs.get(token) != index)
+        raise ConfigError(f"teacher: {cfg.teacher} has a tokenizer of {len(theirs)} tokens that numbers "
+                          f"{differ} of the student's {len(ours)} tokens differently: the teacher must read the "
+                          "student's token ids (distil from a teacher fine-tuned with the student's tokenizer)")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 
 
 def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig, teacher: nn.Module | None = None,

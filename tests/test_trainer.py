@@ -546,3 +546,25 @@ def test_a_clipped_run_whose_gradients_overflow_stops_on_the_gradient_norm(tmp_p
     with pytest.raises(TrainingDiverged, match=r"^step \d: the (training loss|gradient norm) is (nan|inf)"):
         train(cfg, progress=False)
     assert not (Path(cfg.output_dir) / "final").exists()
+
+
+def test_a_teacher_whose_tokenizer_numbers_tokens_otherwise_is_refused(tmp_path):
+    """Same vocabulary size, other ids: the teacher would read other words from the student's ids."""
+    cfg = tiny_cfg(tmp_path / "t", max_steps=1, train_limit=2, eval_limit=1)
+    model, tokenizer = build_model(cfg)
+    save_model(model, tokenizer, tmp_path / "other-ids")
+    tokenizer_file = tmp_path / "other-ids" / "tokenizer.json"
+    spec = json.loads(tokenizer_file.read_text())
+    vocab = spec["model"]["vocab"]
+    moved = sorted(vocab, key=vocab.get)[1000:2000]  # ordinary word pieces; the special tokens keep their ids
+    for token, index in zip(moved, reversed([vocab[t] for t in moved])):
+        vocab[token] = index
+    tokenizer_file.write_text(json.dumps(spec))
+    (tmp_path / "other-ids" / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
+    with pytest.raises(ConfigError, match=r"^teacher: .*other-ids has a tokenizer of 30522 tokens that numbers 1000 "
+                                          r"of the student's 30522 tokens differently"):
+        train(tiny_cfg(tmp_path / "s", teacher=str(tmp_path / "other-ids")), progress=False)
+    assert not (tmp_path / "s" / "run" / "checkpoint").exists()
+    save_model(model, tokenizer, tmp_path / "same-ids")  # the student's own tokenizer passes
+    assert train(tiny_cfg(tmp_path / "s", teacher=str(tmp_path / "same-ids"), max_steps=1, train_limit=2,
+                          eval_limit=1), progress=False)["step"] == 1
