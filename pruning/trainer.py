@@ -140,6 +140,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _check_token_types(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a tokenizer that marks the context with a token type the model has no embedding for (a BERT
+    tokenizer for a RoBERTa-family model, whose ``type_vocab_size`` is 1): every window would fail at the first
+    forward with an index error."""
+    types = tokenizer("q", "c", return_token_type_ids=True).get("token_type_ids") or [0]
+    limit = int(getattr(model.config, "type_vocab_size", 0) or 0)
+    if limit and max(types) >= limit:
+        source = cfg.tokenizer or (cfg.model if cfg.model_config is None else "the shipped tokenizer (minilm)")
+        raise ConfigError(f"tokenizer: {source} gives the context token type {max(types)}, but the model has "
+                          f"type_vocab_size {limit}: use the model's own tokenizer")
+
+
 def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The student (masked when the method asks for it) and its tokenizer, on the CPU."""
     if cfg.model_config is not None:
@@ -159,6 +171,7 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
         tokenizer = load_tokenizer(cfg.tokenizer or model_dir)
     if mask_lib.is_masked(model):
         raise CheckpointError(f"{cfg.model}: is a masked checkpoint; start from a dense model or use --resume")
+    _check_token_types(cfg, model, tokenizer)
     if cfg.method is Method.FISHER:
         # Pruned in one shot by train() once the calibration windows exist; the masks come with the structure.
         config = model.config

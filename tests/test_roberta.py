@@ -344,3 +344,15 @@ def test_a_sweep_space_times_a_random_roberta_model_within_its_positions(tmp_pat
     path.write_text(yaml.safe_dump({**space, "speedup": {"seq_len": 130}}))  # 130 embeddings, 128 positions
     with pytest.raises(SpaceError, match=r"speedup\.seq_len: 130 exceeds the model's 128 positions"):
         load_space(path)
+
+
+def test_a_tokenizer_with_more_token_types_than_the_model_is_refused():
+    """The shipped BERT tokenizer marks the context with token type 1; a RoBERTa model embeds type 0 alone."""
+    cfg = RunConfig(model_config={"model_type": "roberta", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+                                  "num_attention_heads": HEADS, "intermediate_size": INTER,
+                                  "max_position_embeddings": 130, "type_vocab_size": 1})
+    with pytest.raises(ConfigError, match=r"^tokenizer: the shipped tokenizer \(minilm\) gives the context token type 1, but the model "
+                                          r"has type_vocab_size 1: use the model's own tokenizer$"):
+        build_model(cfg)
+    two_types = RunConfig(model_config={**cfg.model_config, "type_vocab_size": 2})
+    assert build_model(two_types)[0].config.type_vocab_size == 2
