@@ -338,7 +338,11 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: lis
 def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
     if cfg.teacher is None:
         return None
-    teacher = load_model(resolve_model(cfg.teacher))
+    path = resolve_model(cfg.teacher)
+    try:
+        teacher = load_model(path, qa_head=True)
+    except CheckpointError as err:  # named as the config key it comes from
+        raise CheckpointError(f"teacher: {err}") from None
     if mask_lib.is_masked(teacher):
         mask_lib.remove_masks_(teacher)
     teacher.to(device).eval()

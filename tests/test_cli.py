@@ -331,3 +331,41 @@ def test_a_bad_tracking_timeout_in_the_environment_is_one_line(capsys, monkeypat
                                     "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
     assert needle in line
     assert list(tmp_path.iterdir()) == []  # refused before the tracking store was touched
+
+
+@pytest.fixture
+def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
+    """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""
+    from transformers import BertModel
+
+    path = tmp_path / "encoder"
+    BertModel(tiny_bert_config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def test_a_model_without_a_qa_head_is_refused_where_answers_are_needed(encoder_dir, tmp_path, capsys):
+    """A pre-trained encoder evaluated, asked, packed or exported would answer from a freshly drawn random head:
+    each command refuses it in one line naming the directory, and writes nothing."""
+    expected = f"{encoder_dir}: not a question-answering model (model.safetensors has no qa_outputs.weight"
+    for args in (["eval", str(encoder_dir), "--eval-limit", "2", "--no-progress"],
+                 ["ask", str(encoder_dir), "--question", "Who?", "--context", "Ann wrote it."],
+                 ["pack", str(encoder_dir), str(tmp_path / "packed")],
+                 ["export", str(encoder_dir), str(tmp_path / "onnx")]):
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"fineprune {args[0]}: error: {expected}"), err[-1]
+    assert not (tmp_path / "packed").exists() and not (tmp_path / "onnx").exists()
+
+
+def test_a_teacher_without_a_qa_head_is_refused_before_training(encoder_dir, tmp_path, capsys):
+    """Distilling from an encoder's random head would train the student towards noise; the student itself may be an
+    encoder (a fine-tune gives it its head)."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {encoder_dir}\nteacher: {encoder_dir}\ntrain_data: dev\ntrain_limit: 4\n"
+                      f"eval_limit: 2\nmax_seq_length: 64\ndoc_stride: 32\nmax_steps: 1\nmethod: topk\n"
+                      f"attention_block: [16, 16]\ndevice: cpu\noutput_dir: {tmp_path / 'run'}\n")
+    assert cli.main(["prune", "--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"fineprune prune: error: teacher: {encoder_dir}: not a question-answering model")
+    assert not (tmp_path / "run").exists()

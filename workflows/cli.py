@@ -139,7 +139,7 @@ def _load_any(model_dir: str, precision: str, variant: str | None, device: str =
         raise UserError(f"{path}: --variant applies to exported directories (see `fineprune export`)")
     run_device = resolve_device(device)
     precision = resolve_precision(precision, run_device)
-    return load_model(path).to(run_device), load_tokenizer(path), precision, run_device
+    return load_model(path, qa_head=True).to(run_device), load_tokenizer(path), precision, run_device
 
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -268,7 +268,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     _check_not_inside(args.checkpoint, out, "out_dir")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
-    masked = load_model(args.checkpoint)
+    masked = load_model(args.checkpoint, qa_head=True)
     tokenizer = load_tokenizer(args.checkpoint)
     limit = int(masked.config.max_position_embeddings)
     inputs = squad.check_windows(squad.load_squad(resolve_data(args.eval_data), limit=args.questions), tokenizer, limit)
@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     training("prune", cmd_prune, "one fine-pruning run (topk, sigmoid_threshold or fisher)")
 
     p = command("eval", cmd_eval, "EM/F1 of a dense, masked, packed or exported model")
-    p.add_argument("model_dir", help="model directory, or 'minilm'")
+    p.add_argument("model_dir", help="question-answering model directory: dense, masked, packed or exported")
     eval_data(p, "dev", "the questions evaluated on")
     p.add_argument("--eval-limit", "--limit", dest="eval_limit", type=int, metavar="N",
                    help="evaluate on the first N questions (default: all)")
@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = command("ask", cmd_ask, "answer one question from a context")
-    p.add_argument("model_dir", help="model directory, or 'minilm'")
+    p.add_argument("model_dir", help="question-answering model directory: dense, masked, packed or exported")
     p.add_argument("--question", required=True, help="the question")
     p.add_argument("--context", required=True, help="the text holding the answer")
     windows(p)
