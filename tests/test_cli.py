@@ -271,6 +271,25 @@ def test_training_refuses_an_output_dir_that_holds_an_earlier_run(capsys, tmp_pa
     assert earlier.read_bytes() == b"earlier run"
 
 
+def test_resuming_from_a_run_directory_or_its_final_model_names_the_checkpoint(capsys, tmp_path):
+    """The checkpoint to resume is the run's checkpoint/; the output_dir or final/ given instead is named, with it."""
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "trainer_state.json").write_text(json.dumps({"step": 5}))
+    (run / "final").mkdir()
+    (run / "final" / "config.json").write_text("{}")
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--output-dir", str(run)])
+    assert f"--resume {run / 'checkpoint'} to continue it" in line
+    for given in (run, run / "final"):
+        line = _one_line_error(capsys, ["prune", "--config", TINY, "--output-dir", str(run), "--resume", str(given)])
+        assert f"{given}: not a training checkpoint (no trainer_state.json)" in line
+        assert line.endswith(f"checkpoint {run / 'checkpoint'}")
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--output-dir", str(run), "--resume",
+                                    str(tmp_path / "absent")])
+    assert line.endswith(f"{tmp_path / 'absent'}: checkpoint directory not found")
+    assert (run / "final" / "config.json").read_text() == "{}"  # nothing written over
+
+
 def test_a_question_too_long_for_the_window_is_one_line(capsys, masked_checkpoint, tmp_path):
     question = " ".join(["which"] * 60) + "?"
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [

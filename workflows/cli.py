@@ -84,15 +84,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     from pruning.config import ConfigError, Method, load_config
-    from pruning.trainer import train
+    from pruning.trainer import CHECKPOINT_DIR, train
 
     cfg = load_config(args.config, _overrides(args))
     _check_device(cfg.device, f"{args.config}: device")
     out = Path(cfg.output_dir)
     _check_output_path(out, "output_dir", directory=True)
     if args.resume is None and not args.overwrite and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"{out}: output_dir holds an earlier run (pass --overwrite to replace it, --resume DIR to "
-                        "continue one, or another --output-dir)")
+        checkpoint = out / CHECKPOINT_DIR
+        resume = f"--resume {checkpoint}" if checkpoint.is_dir() else "--resume CHECKPOINT_DIR"
+        raise UserError(f"{out}: output_dir holds an earlier run (pass --overwrite to replace it, {resume} to "
+                        "continue it, or another --output-dir)")
     if method_required and cfg.method is Method.DENSE:
         raise UserError(f"{args.config}: method: `fineprune prune` needs topk, sigmoid_threshold or fisher "
                         "(use `fineprune train` for a dense fine-tune)")
