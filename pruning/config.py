@@ -443,9 +443,12 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config", base: Ru
     if not isinstance(values, Mapping):
         raise ConfigError(f"{source}: expected a mapping of config keys, got {type(values).__name__}")
     known = {f.name for f in fields(RunConfig)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known, key=str)  # YAML keys may be numbers or booleans too
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        close = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}{more}{hint}")
     values = dict(values)
     if "output_dir" in values and values["output_dir"] is not None:
         values["output_dir"] = str(values["output_dir"])

@@ -26,8 +26,19 @@ def test_yaml_round_trip(tmp_path):
 def test_unknown_key_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("method: topk\ntarget_densty: 0.5\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'target_densty'"):
+    with pytest.raises(ConfigError) as err:
         load_config(path)
+    assert str(err.value) == f"{path}: unknown key 'target_densty'; did you mean 'target_density'?"  # as spaces say
+
+
+def test_unknown_keys_of_mixed_types_are_one_error(tmp_path):
+    """YAML keys need not be strings (``1:``, ``yes:``): several unknown ones are named in one line, not a
+    TypeError from ordering an int against a str."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train_limit: 3\n1: 2\nmax_step: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: unknown key 1 (and 1 more)"
 
 
 @pytest.mark.parametrize(
