@@ -388,3 +388,50 @@ def test_a_teacher_without_a_qa_head_is_refused_before_training(encoder_dir, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"fineprune prune: error: teacher: {encoder_dir}: not a question-answering model")
     assert not (tmp_path / "run").exists()
+
+
+DOCS = ["README.md", "docs/cluster.md", "tune_spaces/README.md", *sorted(f"configs/{p.name}" for p in
+                                                                     (ROOT / "configs").glob("*.yaml")),
+        *sorted(f"tune_spaces/{p.name}" for p in (ROOT / "tune_spaces").glob("*.yaml"))]
+
+
+def _documented_commands() -> list[tuple[str, str, str]]:
+    """(document, sub-command, the rest of its line) of every ``fineprune CMD ...`` the documents show."""
+    found = []
+    for doc in DOCS:
+        for line in (ROOT / doc).read_text(encoding="utf-8").splitlines():
+            for match in re.finditer(r"fineprune ([a-z]+)([^`]*)", line):
+                found.append((doc, match.group(1), match.group(2)))
+    return found
+
+
+def test_every_documented_command_line_names_a_command_and_its_flags():
+    """The command lines of the README, the cluster page, the space README and the files' own usage comments: each
+    names a sub-command, every flag it shows is one of that sub-command's, and every config it runs exists and is
+    of the command's kind (dense for train, a pruning method for prune)."""
+    from pruning.config import Method, load_config
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    documented = _documented_commands()
+    assert {cmd for _, cmd, _ in documented} >= set(commands) - {"score"}  # the scan sees the command lines
+    for doc, cmd, rest in documented:
+        assert cmd in commands, f"{doc}: fineprune {cmd}: no such sub-command"
+        flags = {o for a in commands[cmd]._actions for o in a.option_strings}
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest):
+            assert flag in flags, f"{doc}: fineprune {cmd} {flag}: no such flag"
+        config = re.search(r"--config (\S+\.yaml)", rest)
+        if config:
+            cfg = load_config(ROOT / config.group(1))
+            assert (cfg.method is Method.DENSE) == (cmd == "train"), f"{doc}: fineprune {cmd} --config {config[1]}"
+
+
+def test_the_flags_the_readme_lists_for_train_and_prune_are_theirs():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    sentence = re.search(r"`train` and `prune` take (.*?)\), and refuse", text, re.S)
+    assert sentence, "the README's sentence on the training flags moved: update this test"
+    listed = set(re.findall(r"`(--[a-z-]+)", sentence.group(1)))
+    assert {"--model", "--train-data", "--resume"} <= listed
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for cmd in ("train", "prune"):
+        assert listed <= {o for a in commands[cmd]._actions for o in a.option_strings}
