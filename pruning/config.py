@@ -18,12 +18,12 @@ import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Hashable, Mapping
+from typing import Any, Hashable, Iterable, Mapping
 
 import yaml
 
 __all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunConfig", "read_yaml", "load_config",
-           "config_from_dict", "config_to_dict", "check_head_shaped"]
+           "config_from_dict", "config_to_dict", "check_head_shaped", "check_keys_apply", "METHOD_KEYS"]
 
 
 class ConfigError(ValueError):
@@ -462,8 +462,44 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config", base: Ru
         raise ConfigError(f"{source}: {err}") from None
 
 
+_PRUNING = frozenset({Method.TOPK, Method.SIGMOID_THRESHOLD, Method.FISHER})
+_MOVEMENT = frozenset({Method.TOPK, Method.SIGMOID_THRESHOLD})
+# The methods that read each mask key (every other RunConfig key applies to every method).
+METHOD_KEYS: dict[str, frozenset[Method]] = {
+    **dict.fromkeys(("attention_block", "fill_steps", "fill_learning_rate", "calibration_samples"), _PRUNING),
+    "target_density": frozenset({Method.TOPK, Method.FISHER}),
+    "topk_scope": frozenset({Method.TOPK}),
+    **dict.fromkeys(("initial_threshold", "final_threshold", "lambda_attention", "lambda_ffn"),
+                    frozenset({Method.SIGMOID_THRESHOLD})),
+    **dict.fromkeys(("mask_lr", "mask_init", "mask_init_scale", "initial_warmup", "final_warmup"), _MOVEMENT),
+    **dict.fromkeys(("target_flops", "mask_rearrange", "mask_tuning_samples", "mask_tuning", "mask_tuning_damping",
+                     "fisher_stages", "fisher_layer_floor", "fill_packed"), frozenset({Method.FISHER})),
+}
+
+
+def check_keys_apply(cfg: RunConfig, keys: Iterable[str]) -> None:
+    """Refuse a key given in ``keys`` with a value of its own that ``cfg.method`` never reads, such as
+    ``target_density: 0.3`` with ``sigmoid_threshold`` (whose density follows its lambdas): the run would silently
+    do something else. A key at its default changes nothing either way (a config written out whole holds them all).
+
+    Raises:
+        ConfigError: naming the first such key, the method, and the methods that read it.
+    """
+    defaults = RunConfig()
+    for key in keys:
+        if key not in METHOD_KEYS or getattr(cfg, key) == getattr(defaults, key):
+            continue
+        methods = METHOD_KEYS[key]
+        if cfg.method not in methods:
+            readers = " and ".join(m.value for m in Method if m in methods)
+            _fail(key, f"has no effect with method {cfg.method.value} (read by {readers} only)")
+        if key == "target_density" and cfg.method is Method.FISHER and cfg.target_flops is not None:
+            _fail(key, "has no effect beside target_flops (method fisher keeps one target)")
+
+
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a YAML config file; ``overrides`` (already typed) replace its values."""
+    """Read a YAML config file; ``overrides`` (already typed) replace its values. A key the config's method never
+    reads is an error (:func:`check_keys_apply`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -474,7 +510,12 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     values = dict(values)
     values.update(overrides or {})
-    return config_from_dict(values, source=str(path))
+    cfg = config_from_dict(values, source=str(path))
+    try:
+        check_keys_apply(cfg, values)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return cfg
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
