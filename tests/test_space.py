@@ -432,6 +432,8 @@ BAD_SPACES = [
     ("dense base", variant(base={**BASE_SPACE["base"], "method": "dense"}), r"base\.method: a sweep prunes"),
     ("key the method ignores", with_search(lambda_ffn={"type": "uniform", "low": 1, "high": 2}),
      r"search\.lambda_ffn: has no effect with method topk"),
+    ("base key the method ignores", variant(base={**BASE_SPACE["base"], "lambda_attention": 5.0}),
+     r"base\.lambda_attention: has no effect with method topk \(read by sigmoid_threshold only\)$"),
     ("teacher config sets a mask key", variant(teacher={"config": {"target_density": 0.3}}),
      r"teacher\.config\.target_density: does not apply to the dense teacher"),
     ("teacher path and config", variant(teacher={"path": "m", "config": {"max_steps": 3}}),
@@ -573,3 +575,11 @@ def test_fisher_keys_are_rejected_for_movement_pruning(tmp_path):
         load_space(write(tmp_path, with_search(mask_tuning_samples={"type": "choice", "values": [128, 256]})))
     with pytest.raises(SpaceError, match=r"search\.fisher_stages: has no effect with method topk"):
         load_space(write(tmp_path, with_search(fisher_stages={"type": "choice", "values": [1, 2]})))
+
+
+def test_a_base_key_another_searched_method_reads_is_allowed(tmp_path):
+    """With the method searched, a base key belongs to one of the searched methods: lambdas for sigmoid_threshold
+    beside a topk base."""
+    values = variant(base={**BASE_SPACE["base"], "lambda_attention": 5.0, "lambda_ffn": 5.0})
+    values["search"] = {"method": {"type": "choice", "values": ["topk", "sigmoid_threshold"]}}
+    assert load_space(write(tmp_path, values)).base["lambda_attention"] == 5.0

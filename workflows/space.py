@@ -32,7 +32,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict, read_yaml
+from pruning.config import (ConfigError, Method, RunConfig, check_keys_apply, config_from_dict, config_to_dict,
+                            read_yaml)
 from pruning.schedules import warmup_steps
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
@@ -708,6 +709,11 @@ class SweepSpace(_Section):
         """What one section can only be checked against another: everything a trial or the teacher will get."""
         base_cfg = self.base_config
         _check_applicable(self.search, base_cfg)
+        if "method" not in self.search:  # a searched method may read what the base method does not
+            try:
+                check_keys_apply(base_cfg, self.base)
+            except ConfigError as err:
+                raise _config_problem(err, "base") from None
         _check_extremes(self.base, self.search)
         try:
             _teacher_values(self.base, self.teacher, "teacher")
