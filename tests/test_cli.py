@@ -435,3 +435,15 @@ def test_the_flags_the_readme_lists_for_train_and_prune_are_theirs():
     commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     for cmd in ("train", "prune"):
         assert listed <= {o for a in commands[cmd]._actions for o in a.option_strings}
+
+
+def test_packing_an_exported_directory_names_its_source(capsys, masked_checkpoint, tmp_path):
+    exported = tmp_path / "onnx"
+    exported.mkdir()
+    (exported / "fineprune_export.json").write_text(json.dumps({"source": str(masked_checkpoint), "files": {
+        "fp32": "model.onnx"}, "default": "fp32"}))
+    (exported / "config.json").write_text(json.dumps({"model_type": "bert", "fineprune_packed": True}))
+    line = _one_line_error(capsys, ["pack", str(exported), str(tmp_path / "packed")])
+    assert line.endswith(f"{exported}: an exported ONNX model, not a PyTorch checkpoint; pack the model it was "
+                         f"exported from ({masked_checkpoint})")
+    assert not (tmp_path / "packed").exists()

@@ -259,6 +259,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from pruning import squad
     from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.export import is_exported_dir, read_manifest
     from pruning.packing import pack_and_verify, save_packed, weights_bytes
     from pruning.precision import resolve_precision
     from pruning.resources import resolve_data
@@ -270,6 +271,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
     _check_not_inside(args.checkpoint, out, "out_dir")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
+    if is_exported_dir(args.checkpoint):
+        source = read_manifest(args.checkpoint).get("source")
+        raise UserError(f"{args.checkpoint}: an exported ONNX model, not a PyTorch checkpoint; pack the model it was "
+                        "exported from" + (f" ({source})" if source else ""))
     masked = load_model(args.checkpoint, qa_head=True)
     tokenizer = load_tokenizer(args.checkpoint)
     limit = int(masked.config.max_position_embeddings)
