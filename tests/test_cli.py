@@ -271,6 +271,25 @@ def test_training_refuses_an_output_dir_that_holds_an_earlier_run(capsys, tmp_pa
     assert earlier.read_bytes() == b"earlier run"
 
 
+def test_a_missing_model_or_data_file_is_named_by_its_flag_or_config_key(capsys, tmp_path):
+    """A path that is not there, named as the user gave it: the flag, or the config file and key."""
+    config = tmp_path / "run.yaml"
+    config.write_text(Path(TINY).read_text().replace("train_data: dev", "train_data: data/train.json")
+                      + f"teacher: {tmp_path / 'teacher'}\n")
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--output-dir", str(tmp_path / "out")])
+    assert line.endswith(f"{config}: train_data: data/train.json: SQuAD data file not found")
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--train-data", "dev", "--eval-data",
+                                    str(tmp_path / "dev.json"), "--output-dir", str(tmp_path / "out")])
+    assert line.endswith(f"--eval-data: {tmp_path / 'dev.json'}: SQuAD data file not found")
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--train-data", "dev", "--output-dir",
+                                    str(tmp_path / "out")])
+    assert line.endswith(f"{config}: teacher: {tmp_path / 'teacher'}: model directory not found")
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--model", str(tmp_path), "--output-dir",
+                                    str(tmp_path / "out")])
+    assert line.endswith(f"--model: {tmp_path}: not a model directory (no config.json)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_resuming_from_a_run_directory_or_its_final_model_names_the_checkpoint(capsys, tmp_path):
     """The checkpoint to resume is the run's checkpoint/; the output_dir or final/ given instead is named, with it."""
     run = tmp_path / "run"

@@ -86,8 +86,10 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     from pruning.config import ConfigError, Method, load_config
     from pruning.trainer import CHECKPOINT_DIR, train
 
-    cfg = load_config(args.config, _overrides(args))
+    overrides = _overrides(args)
+    cfg = load_config(args.config, overrides)
     _check_device(cfg.device, f"{args.config}: device")
+    _check_inputs(cfg, overrides, args.config)
     out = Path(cfg.output_dir)
     _check_output_path(out, "output_dir", directory=True)
     if args.resume is None and not args.overwrite and out.is_dir() and any(out.iterdir()):
@@ -110,6 +112,25 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
             out.rmdir()
     _emit(metrics)
     return 0
+
+
+def _check_inputs(cfg: Any, overrides: dict[str, Any], config: str) -> None:
+    """The run's model, teacher and data files exist, before any work; a missing one is named by the flag or the
+    config key that gave it."""
+    from pruning.resources import ResourceError, resolve_data, resolve_model
+
+    checks = [("train_data", resolve_data), ("eval_data", resolve_data), ("teacher", resolve_model)]
+    if cfg.model_config is None:
+        checks.insert(0, ("model", resolve_model))
+    for key, resolve in checks:
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        try:
+            resolve(value)
+        except ResourceError as err:
+            where = f"--{key.replace('_', '-')}" if key in overrides else f"{config}: {key}"
+            raise UserError(f"{where}: {err}") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
