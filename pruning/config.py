@@ -474,6 +474,8 @@ METHOD_KEYS: dict[str, frozenset[Method]] = {
     **dict.fromkeys(("mask_lr", "mask_init", "mask_init_scale", "initial_warmup", "final_warmup"), _MOVEMENT),
     **dict.fromkeys(("target_flops", "mask_rearrange", "mask_tuning_samples", "mask_tuning", "mask_tuning_damping",
                      "fisher_stages", "fisher_layer_floor", "fill_packed"), frozenset({Method.FISHER})),
+    # fisher prunes before the first step: it trains its fill_steps only
+    **dict.fromkeys(("epochs", "max_steps"), frozenset({Method.DENSE, Method.TOPK, Method.SIGMOID_THRESHOLD})),
 }
 
 
@@ -491,15 +493,17 @@ def check_keys_apply(cfg: RunConfig, keys: Iterable[str]) -> None:
             continue
         methods = METHOD_KEYS[key]
         if cfg.method not in methods:
-            readers = " and ".join(m.value for m in Method if m in methods)
-            _fail(key, f"has no effect with method {cfg.method.value} (read by {readers} only)")
+            readers = [m.value for m in Method if m in methods]
+            readers = " and ".join(filter(None, (", ".join(readers[:-1]), readers[-1])))
+            steps = "; a fisher run trains its fill_steps" if key in ("epochs", "max_steps") else ""
+            _fail(key, f"has no effect with method {cfg.method.value} (read by {readers} only{steps})")
         if key == "target_density" and cfg.method is Method.FISHER and cfg.target_flops is not None:
             _fail(key, "has no effect beside target_flops (method fisher keeps one target)")
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a YAML config file; ``overrides`` (already typed) replace its values. A key the config's method never
-    reads is an error (:func:`check_keys_apply`)."""
+    """Read a YAML config file; ``overrides`` (already typed) replace its values. A key of the file that the
+    config's method never reads is an error (:func:`check_keys_apply`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -508,11 +512,11 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         values = {}
     if not isinstance(values, Mapping):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    values = dict(values)
-    values.update(overrides or {})
+    given = list(values)
+    values = {**values, **(overrides or {})}
     cfg = config_from_dict(values, source=str(path))
     try:
-        check_keys_apply(cfg, values)
+        check_keys_apply(cfg, given)  # the overrides' caller names its own keys (see check_keys_apply)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return cfg

@@ -466,3 +466,13 @@ def test_packing_an_exported_directory_names_its_source(capsys, masked_checkpoin
     assert line.endswith(f"{exported}: an exported ONNX model, not a PyTorch checkpoint; pack the model it was "
                          f"exported from ({masked_checkpoint})")
     assert not (tmp_path / "packed").exists()
+
+
+def test_max_steps_for_a_fisher_run_is_refused_not_ignored(capsys, tmp_path):
+    """A fisher run prunes before its first step and trains only its fill_steps: --max-steps would change nothing."""
+    config = str(ROOT / "configs" / "prune_fisher50.yaml")
+    line = _one_line_error(capsys, ["prune", "--config", config, "--max-steps", "10",
+                                    "--output-dir", str(tmp_path / "out")])
+    assert line.endswith(f"{config}: --max-steps: has no effect with method fisher (read by dense, topk and "
+                         "sigmoid_threshold only; a fisher run trains its fill_steps)")
+    assert not (tmp_path / "out").exists()

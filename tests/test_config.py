@@ -106,6 +106,8 @@ def test_run_configs_and_spaces_share_one_yaml_reader(tmp_path):
     ("method: topk\nmask_tuning: weights\n", "mask_tuning: has no effect with method topk (read by fisher only)"),
     ("method: dense\ntarget_density: 0.3\n", "target_density: has no effect with method dense (read by topk and "
                                                "fisher only)"),
+    ("method: fisher\nattention_block: [32, 384]\nepochs: 3\n", "epochs: has no effect with method fisher (read by "
+     "dense, topk and sigmoid_threshold only; a fisher run trains its fill_steps)"),
     ("method: fisher\nattention_block: [32, 384]\ntarget_density: 0.3\ntarget_flops: 0.4\n",
      "target_density: has no effect beside target_flops (method fisher keeps one target)"),
 ])

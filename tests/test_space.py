@@ -577,6 +577,16 @@ def test_fisher_keys_are_rejected_for_movement_pruning(tmp_path):
         load_space(write(tmp_path, with_search(fisher_stages={"type": "choice", "values": [1, 2]})))
 
 
+def test_base_steps_of_a_fisher_sweep_are_the_teachers_unless_it_is_given(tmp_path):
+    """A fisher trial trains only its fill_steps, but the teacher the sweep trains reads base.max_steps."""
+    values = variant(base={**BASE_SPACE["base"], "method": "fisher", "attention_block": [16, 32]})
+    values["search"] = {"fill_steps": {"type": "randint", "low": 0, "high": 4}}
+    assert load_space(write(tmp_path, values)).base["max_steps"] == 10
+    values["teacher"] = {"path": "models/teacher"}
+    with pytest.raises(SpaceError, match=r"base\.max_steps: has no effect with method fisher"):
+        load_space(write(tmp_path, values))
+
+
 def test_a_base_key_another_searched_method_reads_is_allowed(tmp_path):
     """With the method searched, a base key belongs to one of the searched methods: lambdas for sigmoid_threshold
     beside a topk base."""

@@ -83,11 +83,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_training(args: argparse.Namespace, method_required: bool) -> int:
-    from pruning.config import ConfigError, Method, load_config
+    from pruning.config import ConfigError, Method, check_keys_apply, load_config
     from pruning.trainer import CHECKPOINT_DIR, train
 
     overrides = _overrides(args)
     cfg = load_config(args.config, overrides)
+    try:
+        check_keys_apply(cfg, overrides)
+    except ConfigError as err:  # "max_steps: has no effect ..." about the flag that gave it
+        key, _, problem = str(err).partition(": ")
+        raise UserError(f"{args.config}: --{key.replace('_', '-')}: {problem}") from None
     _check_device(cfg.device, f"{args.config}: device")
     _check_inputs(cfg, overrides, args.config)
     out = Path(cfg.output_dir)
@@ -434,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--eval-limit", type=int, metavar="N",
                        help="evaluate on the first N questions (default: the config's)")
         p.add_argument("--max-steps", type=int, metavar="N",
-                       help="training steps, before the config's fill_steps of the filled phase (default: the "
-                            "config's)")
+                       help="training steps, before the config's fill_steps of the filled phase; method fisher "
+                            "trains its fill_steps only (default: the config's)")
         p.add_argument("--output-dir", metavar="DIR", help="where the run writes (default: the config's)")
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's)")
         p.add_argument("--precision", choices=PRECISIONS, help=f"{PRECISION_HELP} (default: the config's)")

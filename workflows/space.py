@@ -710,8 +710,10 @@ class SweepSpace(_Section):
         base_cfg = self.base_config
         _check_applicable(self.search, base_cfg)
         if "method" not in self.search:  # a searched method may read what the base method does not
+            # A teacher the sweep trains reads the base's steps whatever the trials' method.
+            keys = [k for k in self.base if self.teacher.path or k not in ("epochs", "max_steps")]
             try:
-                check_keys_apply(base_cfg, self.base)
+                check_keys_apply(base_cfg, keys)
             except ConfigError as err:
                 raise _config_problem(err, "base") from None
         _check_extremes(self.base, self.search)
