@@ -582,6 +582,10 @@ def test_base_steps_of_a_fisher_sweep_are_the_teachers_unless_it_is_given(tmp_pa
     values = variant(base={**BASE_SPACE["base"], "method": "fisher", "attention_block": [16, 32]})
     values["search"] = {"fill_steps": {"type": "randint", "low": 0, "high": 4}}
     assert load_space(write(tmp_path, values)).base["max_steps"] == 10
+    values["search"]["max_steps"] = {"type": "choice", "values": [10, 20]}
+    with pytest.raises(SpaceError, match=r"search\.max_steps: has no effect with method fisher"):
+        load_space(write(tmp_path, values))
+    del values["search"]["max_steps"]
     values["teacher"] = {"path": "models/teacher"}
     with pytest.raises(SpaceError, match=r"base\.max_steps: has no effect with method fisher"):
         load_space(write(tmp_path, values))

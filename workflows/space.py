@@ -852,6 +852,7 @@ def _check_applicable(search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> N
                 or (key in _SIGMOID_ONLY and method is not Method.SIGMOID_THRESHOLD)
                 or (key in _FISHER_ONLY and method is not Method.FISHER)
                 or (key in _MOVEMENT_ONLY and method is Method.FISHER)
+                or (key in ("epochs", "max_steps") and method is Method.FISHER)  # fisher trains its fill_steps
                 or (key == "target_density" and base_cfg.target_flops is not None)):
             raise _Problem(f"has no effect with method {method.value}"
                            + (" and a target_flops" if key == "target_density" and base_cfg.target_flops else ""),
