@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     variant(p)
 
     p = command("score", cmd_score, "official SQuAD v1.1 EM/F1 of a predictions file")
-    p.add_argument("data", help="SQuAD v1.1 JSON with the gold answers")
+    p.add_argument("data", help="SQuAD v1.1 JSON with the gold answers, or 'dev'/'train' for the shipped files")
     p.add_argument("predictions", help="JSON of {question id: answer}")
 
     p = command("pack", cmd_pack, "pack a pruned checkpoint into a smaller dense model")
