@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 MASKS_KEY = "fineprune_masks"
 WEIGHTS = "model.safetensors"
+QA_HEAD = "qa_outputs.weight"  # the span head of BertForQuestionAnswering; a pre-trained encoder has none
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
 _PARAMS = "params"  # in the optimizer tensors: how many parameters the optimizer stepped
@@ -80,13 +81,14 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: corrupted or unreadable safetensors file ({err})") from None
 
 
-def _check_weights(path: Path) -> None:
-    """Read only the safetensors header (names, shapes, offsets); the tensors are left for the real load."""
+def _check_weights(path: Path) -> set[str]:
+    """Read only the safetensors header (names, shapes, offsets); the tensors are left for the real load. Returns
+    the tensor names."""
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            handle.keys()
+            return set(handle.keys())
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: corrupted or unreadable safetensors file ({err})") from None
 
@@ -207,13 +209,16 @@ def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:
         raise CheckpointError(f"{config_file}: invalid {model_type} config ({message})") from None
 
 
-def load_model(model_dir: str | Path) -> nn.Module:
+def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
     """Open a dense, masked or packed QA model directory, in eval mode on the CPU.
 
-    A dense directory without a QA head (a pre-trained encoder) gets a freshly initialised ``qa_outputs``.
+    A dense directory without a QA head (a pre-trained encoder) gets a freshly initialised ``qa_outputs`` (the
+    start of a fine-tune), unless ``qa_head`` asks for a model that answers questions as it is (a teacher, a model
+    to evaluate, pack or export): then it is an error.
 
     Raises:
-        CheckpointError: the directory, its config or its weights are missing or corrupted.
+        CheckpointError: the directory, its config or its weights are missing or corrupted, or (with ``qa_head``)
+            the weights hold no QA head.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -223,7 +228,11 @@ def load_model(model_dir: str | Path) -> nn.Module:
         return load_packed(model_dir)
     settings = raw.get(MASKS_KEY)
     if settings is None:
-        _check_weights(model_dir / WEIGHTS)  # a clear error for a corrupted file before transformers reads it
+        names = _check_weights(model_dir / WEIGHTS)  # a clear error for a corrupted file before transformers reads it
+        if qa_head and not any(name.endswith(QA_HEAD) for name in names):
+            raise CheckpointError(f"{model_dir}: not a question-answering model ({WEIGHTS} has no {QA_HEAD}: a "
+                                  "pre-trained encoder, whose answers would come from a random head); fine-tune it "
+                                  "with `fineprune train` first")
         try:
             model = qa_model_class(config.model_type).from_pretrained(str(model_dir), local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:

@@ -18,12 +18,12 @@ import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Hashable, Mapping
+from typing import Any, Hashable, Iterable, Mapping
 
 import yaml
 
 __all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunConfig", "read_yaml", "load_config",
-           "config_from_dict", "config_to_dict", "check_head_shaped"]
+           "config_from_dict", "config_to_dict", "check_head_shaped", "check_keys_apply", "METHOD_KEYS"]
 
 
 class ConfigError(ValueError):
@@ -460,9 +460,12 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config", base: Ru
     if not isinstance(values, Mapping):
         raise ConfigError(f"{source}: expected a mapping of config keys, got {type(values).__name__}")
     known = {f.name for f in fields(RunConfig)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known, key=str)  # YAML keys may be numbers or booleans too
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        close = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}{more}{hint}")
     values = dict(values)
     if "output_dir" in values and values["output_dir"] is not None:
         values["output_dir"] = str(values["output_dir"])
@@ -476,8 +479,48 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config", base: Ru
         raise ConfigError(f"{source}: {err}") from None
 
 
+_PRUNING = frozenset({Method.TOPK, Method.SIGMOID_THRESHOLD, Method.FISHER})
+_MOVEMENT = frozenset({Method.TOPK, Method.SIGMOID_THRESHOLD})
+# The methods that read each mask key (every other RunConfig key applies to every method).
+METHOD_KEYS: dict[str, frozenset[Method]] = {
+    **dict.fromkeys(("attention_block", "fill_steps", "fill_learning_rate", "calibration_samples"), _PRUNING),
+    "target_density": frozenset({Method.TOPK, Method.FISHER}),
+    "topk_scope": frozenset({Method.TOPK}),
+    **dict.fromkeys(("initial_threshold", "final_threshold", "lambda_attention", "lambda_ffn"),
+                    frozenset({Method.SIGMOID_THRESHOLD})),
+    **dict.fromkeys(("mask_lr", "mask_init", "mask_init_scale", "initial_warmup", "final_warmup"), _MOVEMENT),
+    **dict.fromkeys(("target_flops", "mask_rearrange", "mask_tuning_samples", "mask_tuning", "mask_tuning_damping",
+                     "fisher_stages", "fisher_layer_floor", "fill_packed"), frozenset({Method.FISHER})),
+    # fisher prunes before the first step: it trains its fill_steps only
+    **dict.fromkeys(("epochs", "max_steps"), frozenset({Method.DENSE, Method.TOPK, Method.SIGMOID_THRESHOLD})),
+}
+
+
+def check_keys_apply(cfg: RunConfig, keys: Iterable[str]) -> None:
+    """Refuse a key given in ``keys`` with a value of its own that ``cfg.method`` never reads, such as
+    ``target_density: 0.3`` with ``sigmoid_threshold`` (whose density follows its lambdas): the run would silently
+    do something else. A key at its default changes nothing either way (a config written out whole holds them all).
+
+    Raises:
+        ConfigError: naming the first such key, the method, and the methods that read it.
+    """
+    defaults = RunConfig()
+    for key in keys:
+        if key not in METHOD_KEYS or getattr(cfg, key) == getattr(defaults, key):
+            continue
+        methods = METHOD_KEYS[key]
+        if cfg.method not in methods:
+            readers = [m.value for m in Method if m in methods]
+            readers = " and ".join(filter(None, (", ".join(readers[:-1]), readers[-1])))
+            steps = "; a fisher run trains its fill_steps" if key in ("epochs", "max_steps") else ""
+            _fail(key, f"has no effect with method {cfg.method.value} (read by {readers} only{steps})")
+        if key == "target_density" and cfg.method is Method.FISHER and cfg.target_flops is not None:
+            _fail(key, "has no effect beside target_flops (method fisher keeps one target)")
+
+
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a YAML config file; ``overrides`` (already typed) replace its values."""
+    """Read a YAML config file; ``overrides`` (already typed) replace its values. A key of the file that the
+    config's method never reads is an error (:func:`check_keys_apply`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -486,9 +529,14 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         values = {}
     if not isinstance(values, Mapping):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    values = dict(values)
-    values.update(overrides or {})
-    return config_from_dict(values, source=str(path))
+    given = list(values)
+    values = {**values, **(overrides or {})}
+    cfg = config_from_dict(values, source=str(path))
+    try:
+        check_keys_apply(cfg, given)  # the overrides' caller names its own keys (see check_keys_apply)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return cfg
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

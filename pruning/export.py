@@ -533,7 +533,7 @@ def export_checkpoint(model_dir: str | Path, out_dir: str | Path, quantize: str 
     source = resolve_model(str(model_dir))
     if is_exported_dir(source):
         raise ExportError(f"{source / MANIFEST_NAME}: the model is already exported")
-    model = load_model(source)
+    model = load_model(source, qa_head=True)
     packed_on_export = mask_lib.is_masked(model)
     if packed_on_export:
         logger.info("%s holds a masked model: packing it before export", source)

@@ -379,7 +379,11 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: lis
 def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
     if cfg.teacher is None:
         return None
-    teacher = load_model(resolve_model(cfg.teacher))
+    path = resolve_model(cfg.teacher)
+    try:
+        teacher = load_model(path, qa_head=True)
+    except CheckpointError as err:  # named as the config key it comes from
+        raise CheckpointError(f"teacher: {err}") from None
     if mask_lib.is_masked(teacher):
         mask_lib.remove_masks_(teacher)
     teacher.to(device).eval()
@@ -762,6 +766,10 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
         ConfigError: naming the checkpoint and every differing key with both values.
     """
     path = Path(checkpoint_dir) / STATE
+    if not Path(checkpoint_dir).is_dir():
+        raise CheckpointError(f"{checkpoint_dir}: checkpoint directory not found")
+    if not path.exists():
+        raise CheckpointError(_not_a_checkpoint(Path(checkpoint_dir)))
     stored = read_json(path).get("config")
     if not isinstance(stored, dict):
         logger.warning("%s: records no run config; resuming without checking that it matches", path)
@@ -782,6 +790,17 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
     if differing:
         raise ConfigError(f"{Path(checkpoint_dir)}: written under a different run config ({'; '.join(differing)}); "
                           f"resume with the config it was written with")
+
+
+def _not_a_checkpoint(directory: Path) -> str:
+    """Why ``directory`` (which has no trainer_state.json) cannot be resumed, naming the checkpoint meant when the
+    directory is a run's output_dir or its final model."""
+    message = f"{directory}: not a training checkpoint (no {STATE})"
+    if (directory / CHECKPOINT_DIR / STATE).is_file():  # the run's output_dir
+        return f"{message}; resume from the run's checkpoint {directory / CHECKPOINT_DIR}"
+    if directory.name == FINAL_DIR and (directory.parent / CHECKPOINT_DIR / STATE).is_file():
+        return f"{message}, a final model; resume from its run's checkpoint {directory.parent / CHECKPOINT_DIR}"
+    return message
 
 
 def _same_model(a: str, b: str | None) -> bool:

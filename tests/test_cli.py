@@ -288,6 +288,44 @@ def test_training_refuses_an_output_dir_that_holds_an_earlier_run(capsys, tmp_pa
     assert earlier.read_bytes() == b"earlier run"
 
 
+def test_a_missing_model_or_data_file_is_named_by_its_flag_or_config_key(capsys, tmp_path):
+    """A path that is not there, named as the user gave it: the flag, or the config file and key."""
+    config = tmp_path / "run.yaml"
+    config.write_text(Path(TINY).read_text().replace("train_data: dev", "train_data: data/train.json")
+                      + f"teacher: {tmp_path / 'teacher'}\n")
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--output-dir", str(tmp_path / "out")])
+    assert line.endswith(f"{config}: train_data: data/train.json: SQuAD data file not found")
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--train-data", "dev", "--eval-data",
+                                    str(tmp_path / "dev.json"), "--output-dir", str(tmp_path / "out")])
+    assert line.endswith(f"--eval-data: {tmp_path / 'dev.json'}: SQuAD data file not found")
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--train-data", "dev", "--output-dir",
+                                    str(tmp_path / "out")])
+    assert line.endswith(f"{config}: teacher: {tmp_path / 'teacher'}: model directory not found")
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--model", str(tmp_path), "--output-dir",
+                                    str(tmp_path / "out")])
+    assert line.endswith(f"--model: {tmp_path}: not a model directory (no config.json)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_resuming_from_a_run_directory_or_its_final_model_names_the_checkpoint(capsys, tmp_path):
+    """The checkpoint to resume is the run's checkpoint/; the output_dir or final/ given instead is named, with it."""
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "trainer_state.json").write_text(json.dumps({"step": 5}))
+    (run / "final").mkdir()
+    (run / "final" / "config.json").write_text("{}")
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--output-dir", str(run)])
+    assert f"--resume {run / 'checkpoint'} to continue it" in line
+    for given in (run, run / "final"):
+        line = _one_line_error(capsys, ["prune", "--config", TINY, "--output-dir", str(run), "--resume", str(given)])
+        assert f"{given}: not a training checkpoint (no trainer_state.json)" in line
+        assert line.endswith(f"checkpoint {run / 'checkpoint'}")
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--output-dir", str(run), "--resume",
+                                    str(tmp_path / "absent")])
+    assert line.endswith(f"{tmp_path / 'absent'}: checkpoint directory not found")
+    assert (run / "final" / "config.json").read_text() == "{}"  # nothing written over
+
+
 def test_a_question_too_long_for_the_window_is_one_line(capsys, masked_checkpoint, tmp_path):
     question = " ".join(["which"] * 60) + "?"
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
@@ -368,3 +406,110 @@ def test_a_diverging_run_is_one_line_and_exit_2(capsys, tmp_path):
                                     "--no-progress"])
     assert re.search(r"fineprune prune: error: step \d+: the training loss is nan .*training diverged", line), line
     assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.fixture
+def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
+    """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""
+    from transformers import BertModel
+
+    path = tmp_path / "encoder"
+    BertModel(tiny_bert_config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def test_a_model_without_a_qa_head_is_refused_where_answers_are_needed(encoder_dir, tmp_path, capsys):
+    """A pre-trained encoder evaluated, asked, packed or exported would answer from a freshly drawn random head:
+    each command refuses it in one line naming the directory, and writes nothing."""
+    expected = f"{encoder_dir}: not a question-answering model (model.safetensors has no qa_outputs.weight"
+    for args in (["eval", str(encoder_dir), "--eval-limit", "2", "--no-progress"],
+                 ["ask", str(encoder_dir), "--question", "Who?", "--context", "Ann wrote it."],
+                 ["pack", str(encoder_dir), str(tmp_path / "packed")],
+                 ["export", str(encoder_dir), str(tmp_path / "onnx")]):
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"fineprune {args[0]}: error: {expected}"), err[-1]
+    assert not (tmp_path / "packed").exists() and not (tmp_path / "onnx").exists()
+
+
+def test_a_teacher_without_a_qa_head_is_refused_before_training(encoder_dir, tmp_path, capsys):
+    """Distilling from an encoder's random head would train the student towards noise; the student itself may be an
+    encoder (a fine-tune gives it its head)."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {encoder_dir}\nteacher: {encoder_dir}\ntrain_data: dev\ntrain_limit: 4\n"
+                      f"eval_limit: 2\nmax_seq_length: 64\ndoc_stride: 32\nmax_steps: 1\nmethod: topk\n"
+                      f"attention_block: [16, 16]\ndevice: cpu\noutput_dir: {tmp_path / 'run'}\n")
+    assert cli.main(["prune", "--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"fineprune prune: error: teacher: {encoder_dir}: not a question-answering model")
+    assert not (tmp_path / "run").exists()
+
+
+DOCS = ["README.md", "docs/cluster.md", "tune_spaces/README.md", *sorted(f"configs/{p.name}" for p in
+                                                                     (ROOT / "configs").glob("*.yaml")),
+        *sorted(f"tune_spaces/{p.name}" for p in (ROOT / "tune_spaces").glob("*.yaml"))]
+
+
+def _documented_commands() -> list[tuple[str, str, str]]:
+    """(document, sub-command, the rest of its line) of every ``fineprune CMD ...`` the documents show."""
+    found = []
+    for doc in DOCS:
+        for line in (ROOT / doc).read_text(encoding="utf-8").splitlines():
+            for match in re.finditer(r"fineprune ([a-z]+)([^`]*)", line):
+                found.append((doc, match.group(1), match.group(2)))
+    return found
+
+
+def test_every_documented_command_line_names_a_command_and_its_flags():
+    """The command lines of the README, the cluster page, the space README and the files' own usage comments: each
+    names a sub-command, every flag it shows is one of that sub-command's, and every config it runs exists and is
+    of the command's kind (dense for train, a pruning method for prune)."""
+    from pruning.config import Method, load_config
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    documented = _documented_commands()
+    assert {cmd for _, cmd, _ in documented} >= set(commands) - {"score"}  # the scan sees the command lines
+    for doc, cmd, rest in documented:
+        assert cmd in commands, f"{doc}: fineprune {cmd}: no such sub-command"
+        flags = {o for a in commands[cmd]._actions for o in a.option_strings}
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest):
+            assert flag in flags, f"{doc}: fineprune {cmd} {flag}: no such flag"
+        config = re.search(r"--config (\S+\.yaml)", rest)
+        if config:
+            cfg = load_config(ROOT / config.group(1))
+            assert (cfg.method is Method.DENSE) == (cmd == "train"), f"{doc}: fineprune {cmd} --config {config[1]}"
+
+
+def test_the_flags_the_readme_lists_for_train_and_prune_are_theirs():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    sentence = re.search(r"`train` and `prune` take (.*?)\), and refuse", text, re.S)
+    assert sentence, "the README's sentence on the training flags moved: update this test"
+    listed = set(re.findall(r"`(--[a-z-]+)", sentence.group(1)))
+    assert {"--model", "--train-data", "--resume"} <= listed
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for cmd in ("train", "prune"):
+        assert listed <= {o for a in commands[cmd]._actions for o in a.option_strings}
+
+
+def test_packing_an_exported_directory_names_its_source(capsys, masked_checkpoint, tmp_path):
+    exported = tmp_path / "onnx"
+    exported.mkdir()
+    (exported / "fineprune_export.json").write_text(json.dumps({"source": str(masked_checkpoint), "files": {
+        "fp32": "model.onnx"}, "default": "fp32"}))
+    (exported / "config.json").write_text(json.dumps({"model_type": "bert", "fineprune_packed": True}))
+    line = _one_line_error(capsys, ["pack", str(exported), str(tmp_path / "packed")])
+    assert line.endswith(f"{exported}: an exported ONNX model, not a PyTorch checkpoint; pack the model it was "
+                         f"exported from ({masked_checkpoint})")
+    assert not (tmp_path / "packed").exists()
+
+
+def test_max_steps_for_a_fisher_run_is_refused_not_ignored(capsys, tmp_path):
+    """A fisher run prunes before its first step and trains only its fill_steps: --max-steps would change nothing."""
+    config = str(ROOT / "configs" / "prune_fisher50.yaml")
+    line = _one_line_error(capsys, ["prune", "--config", config, "--max-steps", "10",
+                                    "--output-dir", str(tmp_path / "out")])
+    assert line.endswith(f"{config}: --max-steps: has no effect with method fisher (read by dense, topk and "
+                         "sigmoid_threshold only; a fisher run trains its fill_steps)")
+    assert not (tmp_path / "out").exists()

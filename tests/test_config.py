@@ -26,8 +26,19 @@ def test_yaml_round_trip(tmp_path):
 def test_unknown_key_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("method: topk\ntarget_densty: 0.5\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'target_densty'"):
+    with pytest.raises(ConfigError) as err:
         load_config(path)
+    assert str(err.value) == f"{path}: unknown key 'target_densty'; did you mean 'target_density'?"  # as spaces say
+
+
+def test_unknown_keys_of_mixed_types_are_one_error(tmp_path):
+    """YAML keys need not be strings (``1:``, ``yes:``): several unknown ones are named in one line, not a
+    TypeError from ordering an int against a str."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train_limit: 3\n1: 2\nmax_step: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: unknown key 1 (and 1 more)"
 
 
 @pytest.mark.parametrize(
@@ -83,6 +94,40 @@ def test_run_configs_and_spaces_share_one_yaml_reader(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML \(.*duplicate key 'target_density'") as caught:
         load_config(path)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("method: sigmoid_threshold\ntarget_density: 0.3\n",
+     "target_density: has no effect with method sigmoid_threshold (read by topk and fisher only)"),
+    ("method: topk\nlambda_attention: 20\n", "lambda_attention: has no effect with method topk (read by "
+                                               "sigmoid_threshold only)"),
+    ("method: fisher\nattention_block: [32, 384]\nmask_lr: 0.1\n", "mask_lr: has no effect with method fisher "
+                                                                     "(read by topk and sigmoid_threshold only)"),
+    ("method: topk\nmask_tuning: weights\n", "mask_tuning: has no effect with method topk (read by fisher only)"),
+    ("method: dense\ntarget_density: 0.3\n", "target_density: has no effect with method dense (read by topk and "
+                                               "fisher only)"),
+    ("method: fisher\nattention_block: [32, 384]\nepochs: 3\n", "epochs: has no effect with method fisher (read by "
+     "dense, topk and sigmoid_threshold only; a fisher run trains its fill_steps)"),
+    ("method: fisher\nattention_block: [32, 384]\ntarget_density: 0.3\ntarget_flops: 0.4\n",
+     "target_density: has no effect beside target_flops (method fisher keeps one target)"),
+])
+def test_a_key_the_method_never_reads_is_named(tmp_path, text, message):
+    """A value the run would silently ignore (a density target for a method whose density follows its lambdas)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_a_key_at_its_default_may_be_written_for_any_method(tmp_path):
+    """A config written out whole (every key) loads whatever its method."""
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    values = {**config_to_dict(RunConfig()), "method": "sigmoid_threshold", "lambda_attention": 20.0}
+    path.write_text(yaml.safe_dump(values))
+    assert load_config(path).lambda_attention == 20.0
 
 
 SHIPPED_CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))

@@ -432,6 +432,8 @@ BAD_SPACES = [
     ("dense base", variant(base={**BASE_SPACE["base"], "method": "dense"}), r"base\.method: a sweep prunes"),
     ("key the method ignores", with_search(lambda_ffn={"type": "uniform", "low": 1, "high": 2}),
      r"search\.lambda_ffn: has no effect with method topk"),
+    ("base key the method ignores", variant(base={**BASE_SPACE["base"], "lambda_attention": 5.0}),
+     r"base\.lambda_attention: has no effect with method topk \(read by sigmoid_threshold only\)$"),
     ("teacher config sets a mask key", variant(teacher={"config": {"target_density": 0.3}}),
      r"teacher\.config\.target_density: does not apply to the dense teacher"),
     ("teacher path and config", variant(teacher={"path": "m", "config": {"max_steps": 3}}),
@@ -573,3 +575,25 @@ def test_fisher_keys_are_rejected_for_movement_pruning(tmp_path):
         load_space(write(tmp_path, with_search(mask_tuning_samples={"type": "choice", "values": [128, 256]})))
     with pytest.raises(SpaceError, match=r"search\.fisher_stages: has no effect with method topk"):
         load_space(write(tmp_path, with_search(fisher_stages={"type": "choice", "values": [1, 2]})))
+
+
+def test_base_steps_of_a_fisher_sweep_are_the_teachers_unless_it_is_given(tmp_path):
+    """A fisher trial trains only its fill_steps, but the teacher the sweep trains reads base.max_steps."""
+    values = variant(base={**BASE_SPACE["base"], "method": "fisher", "attention_block": [16, 32]})
+    values["search"] = {"fill_steps": {"type": "randint", "low": 0, "high": 4}}
+    assert load_space(write(tmp_path, values)).base["max_steps"] == 10
+    values["search"]["max_steps"] = {"type": "choice", "values": [10, 20]}
+    with pytest.raises(SpaceError, match=r"search\.max_steps: has no effect with method fisher"):
+        load_space(write(tmp_path, values))
+    del values["search"]["max_steps"]
+    values["teacher"] = {"path": "models/teacher"}
+    with pytest.raises(SpaceError, match=r"base\.max_steps: has no effect with method fisher"):
+        load_space(write(tmp_path, values))
+
+
+def test_a_base_key_another_searched_method_reads_is_allowed(tmp_path):
+    """With the method searched, a base key belongs to one of the searched methods: lambdas for sigmoid_threshold
+    beside a topk base."""
+    values = variant(base={**BASE_SPACE["base"], "lambda_attention": 5.0, "lambda_ffn": 5.0})
+    values["search"] = {"method": {"type": "choice", "values": ["topk", "sigmoid_threshold"]}}
+    assert load_space(write(tmp_path, values)).base["lambda_attention"] == 5.0

@@ -83,16 +83,25 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_training(args: argparse.Namespace, method_required: bool) -> int:
-    from pruning.config import ConfigError, Method, load_config
-    from pruning.trainer import train
+    from pruning.config import ConfigError, Method, check_keys_apply, load_config
+    from pruning.trainer import CHECKPOINT_DIR, train
 
-    cfg = load_config(args.config, _overrides(args))
+    overrides = _overrides(args)
+    cfg = load_config(args.config, overrides)
+    try:
+        check_keys_apply(cfg, overrides)
+    except ConfigError as err:  # "max_steps: has no effect ..." about the flag that gave it
+        key, _, problem = str(err).partition(": ")
+        raise UserError(f"{args.config}: --{key.replace('_', '-')}: {problem}") from None
     _check_device(cfg.device, f"{args.config}: device")
+    _check_inputs(cfg, overrides, args.config)
     out = Path(cfg.output_dir)
     _check_output_path(out, "output_dir", directory=True)
     if args.resume is None and not args.overwrite and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"{out}: output_dir holds an earlier run (pass --overwrite to replace it, --resume DIR to "
-                        "continue one, or another --output-dir)")
+        checkpoint = out / CHECKPOINT_DIR
+        resume = f"--resume {checkpoint}" if checkpoint.is_dir() else "--resume CHECKPOINT_DIR"
+        raise UserError(f"{out}: output_dir holds an earlier run (pass --overwrite to replace it, {resume} to "
+                        "continue it, or another --output-dir)")
     if method_required and cfg.method is Method.DENSE:
         raise UserError(f"{args.config}: method: `fineprune prune` needs topk, sigmoid_threshold or fisher "
                         "(use `fineprune train` for a dense fine-tune)")
@@ -108,6 +117,25 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
             out.rmdir()
     _emit(metrics)
     return 0
+
+
+def _check_inputs(cfg: Any, overrides: dict[str, Any], config: str) -> None:
+    """The run's model, teacher and data files exist, before any work; a missing one is named by the flag or the
+    config key that gave it."""
+    from pruning.resources import ResourceError, resolve_data, resolve_model
+
+    checks = [("train_data", resolve_data), ("eval_data", resolve_data), ("teacher", resolve_model)]
+    if cfg.model_config is None:
+        checks.insert(0, ("model", resolve_model))
+    for key, resolve in checks:
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        try:
+            resolve(value)
+        except ResourceError as err:
+            where = f"--{key.replace('_', '-')}" if key in overrides else f"{config}: {key}"
+            raise UserError(f"{where}: {err}") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -139,7 +167,7 @@ def _load_any(model_dir: str, precision: str, variant: str | None, device: str =
         raise UserError(f"{path}: --variant applies to exported directories (see `fineprune export`)")
     run_device = resolve_device(device)
     precision = resolve_precision(precision, run_device)
-    return load_model(path).to(run_device), load_tokenizer(path), precision, run_device
+    return load_model(path, qa_head=True).to(run_device), load_tokenizer(path), precision, run_device
 
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -270,6 +298,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from pruning import squad
     from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.export import is_exported_dir, read_manifest
     from pruning.packing import pack_and_verify, save_packed, weights_bytes
     from pruning.precision import resolve_precision
     from pruning.resources import resolve_data
@@ -282,7 +311,11 @@ def cmd_pack(args: argparse.Namespace) -> int:
     _check_not_inside(args.checkpoint, out, "out_dir")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
-    masked = load_model(args.checkpoint)
+    if is_exported_dir(args.checkpoint):
+        source = read_manifest(args.checkpoint).get("source")
+        raise UserError(f"{args.checkpoint}: an exported ONNX model, not a PyTorch checkpoint; pack the model it was "
+                        "exported from" + (f" ({source})" if source else ""))
+    masked = load_model(args.checkpoint, qa_head=True)
     tokenizer = load_tokenizer(args.checkpoint)
     limit = max_positions(masked.config)
     inputs = squad.check_windows(squad.load_squad(resolve_data(args.eval_data), limit=args.questions), tokenizer, limit)
@@ -420,8 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--eval-limit", type=int, metavar="N",
                        help="evaluate on the first N questions (default: the config's)")
         p.add_argument("--max-steps", type=int, metavar="N",
-                       help="training steps, before the config's fill_steps of the filled phase (default: the "
-                            "config's)")
+                       help="training steps, before the config's fill_steps of the filled phase; method fisher "
+                            "trains its fill_steps only (default: the config's)")
         p.add_argument("--output-dir", metavar="DIR", help="where the run writes (default: the config's)")
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's)")
         p.add_argument("--precision", choices=PRECISIONS, help=f"{PRECISION_HELP} (default: the config's)")
@@ -436,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     training("prune", cmd_prune, "one fine-pruning run (topk, sigmoid_threshold or fisher)")
 
     p = command("eval", cmd_eval, "EM/F1 of a dense, masked, packed or exported model")
-    p.add_argument("model_dir", help="model directory, or 'minilm'")
+    p.add_argument("model_dir", help="question-answering model directory: dense, masked, packed or exported")
     eval_data(p, "dev", "the questions evaluated on")
     p.add_argument("--eval-limit", "--limit", dest="eval_limit", type=int, metavar="N",
                    help="evaluate on the first N questions (default: all)")
@@ -451,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = command("ask", cmd_ask, "answer one question from a context")
-    p.add_argument("model_dir", help="model directory, or 'minilm'")
+    p.add_argument("model_dir", help="question-answering model directory: dense, masked, packed or exported")
     p.add_argument("--question", required=True, help="the question")
     p.add_argument("--context", required=True, help="the text holding the answer")
     windows(p)
@@ -460,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     variant(p)
 
     p = command("score", cmd_score, "official SQuAD v1.1 EM/F1 of a predictions file")
-    p.add_argument("data", help="SQuAD v1.1 JSON with the gold answers")
+    p.add_argument("data", help="SQuAD v1.1 JSON with the gold answers, or 'dev'/'train' for the shipped files")
     p.add_argument("predictions", help="JSON of {question id: answer}")
 
     p = command("pack", cmd_pack, "pack a pruned checkpoint into a smaller dense model")
@@ -514,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-latency-ms", type=float, required=True, help="budget per forward pass, in milliseconds")
     p.add_argument("--batch-size", type=int, default=1, help="batch of the timed input")
     p.add_argument("--seq-len", type=int, default=128, help="tokens of the timed input")
-    p.add_argument("--threads", type=int, help="torch threads while timing (default: torch's default here)")
+    p.add_argument("--threads", type=int, help="threads of torch and ONNX Runtime while timing (default: torch's default here)")
     p.add_argument("--alias", default="champion", help="alias to point at the chosen version")
     p.add_argument("--repeats", type=int, default=10, help="timed passes per version (medians are compared)")
     p.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],

@@ -656,7 +656,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         name: the registered model.
         max_latency_ms: the budget, in milliseconds per forward pass.
         batch_size, seq_len: the input shape the budget is for.
-        threads: torch threads while timing (default: torch's current setting).
+        threads: threads of torch and of ONNX Runtime while timing (default: torch's current setting).
         alias: the alias to set on the chosen version.
         repeats, warmup: timed and untimed rounds.
         sweep_run_id: only the versions registered by this sweep and on one of its frontiers now (default: every

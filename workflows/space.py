@@ -33,7 +33,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict, read_yaml
+from pruning.config import (ConfigError, Method, RunConfig, check_keys_apply, config_from_dict, config_to_dict,
+                            read_yaml)
 from pruning.schedules import warmup_steps
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
@@ -709,6 +710,13 @@ class SweepSpace(_Section):
         """What one section can only be checked against another: everything a trial or the teacher will get."""
         base_cfg = self.base_config
         _check_applicable(self.search, base_cfg)
+        if "method" not in self.search:  # a searched method may read what the base method does not
+            # A teacher the sweep trains reads the base's steps whatever the trials' method.
+            keys = [k for k in self.base if self.teacher.path or k not in ("epochs", "max_steps")]
+            try:
+                check_keys_apply(base_cfg, keys)
+            except ConfigError as err:
+                raise _config_problem(err, "base") from None
         _check_extremes(self.base, self.search)
         try:
             _teacher_values(self.base, self.teacher, "teacher")
@@ -853,6 +861,7 @@ def _check_applicable(search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> N
                 or (key in _SIGMOID_ONLY and method is not Method.SIGMOID_THRESHOLD)
                 or (key in _FISHER_ONLY and method is not Method.FISHER)
                 or (key in _MOVEMENT_ONLY and method is Method.FISHER)
+                or (key in ("epochs", "max_steps") and method is Method.FISHER)  # fisher trains its fill_steps
                 or (key == "target_density" and base_cfg.target_flops is not None)):
             raise _Problem(f"has no effect with method {method.value}"
                            + (" and a target_flops" if key == "target_density" and base_cfg.target_flops else ""),
