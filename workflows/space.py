@@ -33,8 +33,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pruning.config import (ConfigError, Method, RunConfig, check_keys_apply, config_from_dict, config_to_dict,
-                            read_yaml)
+from pruning.config import (METHOD_KEYS, ConfigError, Method, RunConfig, check_keys_apply, config_from_dict,
+                            config_to_dict, read_yaml)
 from pruning.schedules import warmup_steps
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
@@ -90,15 +90,9 @@ _SWEEP_OWNED = ("output_dir", "teacher")
 _NOT_SEARCHABLE = _SWEEP_OWNED + ("model", "model_config", "tokenizer", "train_data", "eval_data", "eval_limit",
                                   "n_best", "max_answer_length", "max_windows", "eval_every", "save_every",
                                   "log_every", "device", "cache_dir")
-_TOPK_ONLY = frozenset({"topk_scope"})
-_DENSITY_TARGET = frozenset({"target_density"})  # topk and fisher
-_SIGMOID_ONLY = frozenset({"initial_threshold", "final_threshold", "lambda_attention", "lambda_ffn", LAMBDA_KEY})
-_FISHER_ONLY = frozenset({"target_flops", "mask_rearrange", "mask_tuning_samples", "mask_tuning",
-                          "mask_tuning_damping", "fisher_stages", "fisher_layer_floor", "fill_packed"})
-# Keys of the score-learning methods (topk, sigmoid_threshold) that a one-shot fisher run never reads.
-_MOVEMENT_ONLY = frozenset({"mask_lr", "mask_init", "mask_init_scale", "initial_warmup", "final_warmup"})
-_MASK_ONLY = (_TOPK_ONLY | _DENSITY_TARGET | _SIGMOID_ONLY | _FISHER_ONLY | _MOVEMENT_ONLY
-              | {"attention_block", "fill_steps", "fill_learning_rate", "calibration_samples"})
+# Keys only the pruning methods read (pruning.config.METHOD_KEYS: which methods read each key); the lambda pseudo-key
+# stands for lambda_attention and lambda_ffn.
+_MASK_ONLY = frozenset({key for key, methods in METHOD_KEYS.items() if Method.DENSE not in methods} | {LAMBDA_KEY})
 _DISTIL_ONLY = frozenset({"alpha_ce", "alpha_distil", "temperature", "alpha_hidden", "teacher_cache"})
 # Keys that cannot change the weights of a dense teacher run (left out of its fingerprint).
 _NOT_IN_FINGERPRINT = (frozenset({"output_dir", "device", "log_every", "save_every", "eval_every", "eval_batch_size",
@@ -856,12 +850,8 @@ def _check_applicable(search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> N
         return
     method = base_cfg.method
     for key in search:
-        if ((key in _TOPK_ONLY and method is not Method.TOPK)
-                or (key in _DENSITY_TARGET and method not in (Method.TOPK, Method.FISHER))
-                or (key in _SIGMOID_ONLY and method is not Method.SIGMOID_THRESHOLD)
-                or (key in _FISHER_ONLY and method is not Method.FISHER)
-                or (key in _MOVEMENT_ONLY and method is Method.FISHER)
-                or (key in ("epochs", "max_steps") and method is Method.FISHER)  # fisher trains its fill_steps
+        readers = METHOD_KEYS.get("lambda_attention" if key == LAMBDA_KEY else key)
+        if ((readers is not None and method not in readers)
                 or (key == "target_density" and base_cfg.target_flops is not None)):
             raise _Problem(f"has no effect with method {method.value}"
                            + (" and a target_flops" if key == "target_density" and base_cfg.target_flops else ""),
