@@ -535,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--space", metavar="YAML",
-                   help="search space whose registry policy to use (default: the one the sweep logged)")
+                   help="search space whose registry section to use, its model name included (default: the one "
+                        "the sweep logged)")
     p.add_argument("--frontier", action="store_true",
                    help="also register every Pareto point of the sweep as a version (idempotent)")
     p.add_argument("--no-onnx", action="store_true",
