@@ -392,6 +392,14 @@ def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
     return teacher
 
 
+def _warn_if_not_held_out(train_examples: list[squad.Example], eval_examples: list[squad.Example]) -> None:
+    """Say so when the run is scored on questions it trains on (the same file, or splits that share ids)."""
+    shared = {ex.id for ex in train_examples} & {ex.id for ex in eval_examples}
+    if shared:
+        logger.warning("%d of the %d evaluation questions are training questions too (e.g. %s): the EM and F1 this "
+                       "run reports are not held out", len(shared), len(eval_examples), min(shared))
+
+
 def _check_teacher(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                    teacher: nn.Module | None) -> None:
     """Refuse, before the first step, a distillation that the teacher cannot give: ``alpha_hidden`` without a
@@ -533,6 +541,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
 
     train_examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
     eval_examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
+    _warn_if_not_held_out(train_examples, eval_examples)
 
     start_step = 0
     history: list[dict[str, Any]] = []

@@ -568,3 +568,14 @@ def test_a_teacher_whose_tokenizer_numbers_tokens_otherwise_is_refused(tmp_path)
     save_model(model, tokenizer, tmp_path / "same-ids")  # the student's own tokenizer passes
     assert train(tiny_cfg(tmp_path / "s", teacher=str(tmp_path / "same-ids"), max_steps=1, train_limit=2,
                           eval_limit=1), progress=False)["step"] == 1
+
+
+def test_a_run_scored_on_its_own_training_questions_says_so(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="pruning.trainer"):
+        train(tiny_cfg(tmp_path / "same", max_steps=1, train_limit=4, eval_limit=2), progress=False)
+    assert "2 of the 2 evaluation questions are training questions too" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pruning.trainer"):
+        train(tiny_cfg(tmp_path / "held-out", max_steps=1, train_data="train", train_limit=4, eval_limit=2),
+              progress=False)
+    assert "evaluation questions are training questions" not in caplog.text
