@@ -329,11 +329,20 @@ def fit_to_model(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None = N
     return dataclasses.replace(cfg, max_seq_length=seq, doc_stride=stride)
 
 
+def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what decides a tokenizer's ids: a fast tokenizer's whole definition (vocabulary, merges, special
+    tokens, post-processor), else its vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
     """Tokenized training windows, cached as safetensors under ``cfg.cache_dir`` when it is set.
 
-    The cache key covers the data file (path, size, modification time), the question limit, the tokenizer and the
-    window settings, so trials of a sweep that share data tokenize it once.
+    The cache key covers the data file (path, size, modification time), the question limit, the tokenizer (its
+    whole definition, so one retrained into the same directory is a new key) and the window settings, so trials of
+    a sweep that share data tokenize it once.
     """
     if cfg.cache_dir is None:
         return squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
@@ -341,7 +350,8 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
     data = resolve_data(cfg.train_data)
     stat = data.stat()
     key = json.dumps([str(data.resolve()), stat.st_size, int(stat.st_mtime), cfg.train_limit, tokenizer.name_or_path,
-                      len(tokenizer), cfg.max_seq_length, cfg.doc_stride, squad.__name__])
+                      len(tokenizer), _tokenizer_digest(tokenizer), cfg.max_seq_length, cfg.doc_stride,
+                      squad.__name__])
     path = Path(cfg.cache_dir) / f"train-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         try:

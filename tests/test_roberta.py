@@ -356,3 +356,30 @@ def test_a_tokenizer_with_more_token_types_than_the_model_is_refused():
         build_model(cfg)
     two_types = RunConfig(model_config={**cfg.model_config, "type_vocab_size": 2})
     assert build_model(two_types)[0].config.type_vocab_size == 2
+
+
+def test_the_feature_cache_follows_a_tokenizer_retrained_in_the_same_directory(dev_subset, tmp_path):
+    """A tokenizer directory rewritten by a second BPE training (the same size, other merges) must not get the
+    first tokenizer's cached windows: they would train the model on ids its evaluation never gives."""
+    from pruning.checkpoint import load_tokenizer
+    from pruning.trainer import train_features
+
+    def trained(texts: list[str]) -> RobertaTokenizerFast:
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(texts, vocab_size=400, min_frequency=1, special_tokens=SPECIALS, show_progress=False)
+        scratch = tmp_path / f"bpe{len(list(tmp_path.iterdir()))}"
+        scratch.mkdir()
+        bpe.save_model(str(scratch))
+        return RobertaTokenizerFast.from_pretrained(str(scratch))
+
+    contexts = sorted({ex.context for ex in dev_subset})
+    directory = tmp_path / "tok"
+    cfg = RunConfig(train_data="dev", train_limit=4, max_seq_length=64, doc_stride=24,
+                    cache_dir=str(tmp_path / "cache"))
+    for texts in (contexts[: len(contexts) // 2], contexts[len(contexts) // 2:]):
+        trained(texts).save_pretrained(str(directory))
+        tokenizer = load_tokenizer(directory)
+        assert len(tokenizer) == 400
+        expected = squad.prepare_train_features(dev_subset[:4], tokenizer, max_seq_length=64, doc_stride=24)
+        cached = train_features(cfg, dev_subset[:4], tokenizer)
+        assert torch.equal(cached["input_ids"], expected["input_ids"])
