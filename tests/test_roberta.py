@@ -383,3 +383,14 @@ def test_the_feature_cache_follows_a_tokenizer_retrained_in_the_same_directory(d
         expected = squad.prepare_train_features(dev_subset[:4], tokenizer, max_seq_length=64, doc_stride=24)
         cached = train_features(cfg, dev_subset[:4], tokenizer)
         assert torch.equal(cached["input_ids"], expected["input_ids"])
+
+
+def test_bf16_weights_bench_refuses_a_length_past_a_roberta_models_positions(bench_script, bpe_tokenizer, tmp_path,
+                                                                             capsys):
+    """130 position embeddings are 128 positions: a length of 130 was let through and failed as an IndexError
+    traceback inside the embeddings."""
+    checkpoint = save_model(pruned_model("roberta"), bpe_tokenizer, tmp_path / "masked")
+    assert bench_script("bf16_weights").main(["--checkpoint", str(checkpoint), "--seq-lens", "130"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err)
+    assert err[-1] == f"bf16_weights: --seq-lens 130: {checkpoint} has 128 positions"
