@@ -394,3 +394,27 @@ def test_bf16_weights_bench_refuses_a_length_past_a_roberta_models_positions(ben
     err = capsys.readouterr().err.strip().splitlines()
     assert not any("Traceback" in line for line in err)
     assert err[-1] == f"bf16_weights: --seq-lens 130: {checkpoint} has 128 positions"
+
+
+def test_a_bare_tokenizers_file_is_refused_in_one_line_naming_the_directory(dev_subset, tmp_path, capsys):
+    """A BPE saved by the tokenizers library alone (``Tokenizer.save``) loads without pad or CLS token and without a
+    pair template: as a model's ``tokenizer:`` it failed as a traceback at the first padded window (or, with
+    ``type_vocab_size: 1``, was blamed on its token types)."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(sorted({ex.context for ex in dev_subset}), vocab_size=400, min_frequency=1,
+                            special_tokens=SPECIALS, show_progress=False)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    bpe.save(str(bare / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=rf"^{bare}: the tokenizer \(\w+\) has no pad token: save it with "):
+        load_tokenizer(bare)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_config: {{model_type: roberta, hidden_size: {HIDDEN}, num_hidden_layers: {LAYERS}, "
+                      f"num_attention_heads: {HEADS}, intermediate_size: {INTER}, max_position_embeddings: 130}}\n"
+                      f"tokenizer: {bare}\ntrain_data: dev\neval_data: dev\ntrain_limit: 4\neval_limit: 2\n"
+                      "max_seq_length: 64\ndoc_stride: 24\nmax_steps: 1\nmethod: dense\n")
+    assert cli_main(["train", "--config", str(config), "--output-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err)
+    assert err[-1].startswith(f"fineprune train: error: {bare}: the tokenizer (") and "no pad token" in err[-1]
+    assert not (tmp_path / "run").exists()
