@@ -68,7 +68,7 @@ from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
 from .sparsity import sparsity_report
-from .structure import DEFAULT_MODEL_TYPE, config_class, max_positions, qa_model_class
+from .structure import DEFAULT_MODEL_TYPE, architecture_for, config_class, max_positions, qa_model_class
 from .teacher_cache import TeacherCache, TeacherOutputs
 
 __all__ = ["Report", "TrainingPlan", "build_model", "fit_to_model", "plan", "mask_schedule", "train", "evaluate",
@@ -152,6 +152,24 @@ def _check_token_types(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTo
                           f"type_vocab_size {limit}: use the model's own tokenizer")
 
 
+def _check_pad_id(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a RoBERTa-family model whose ``pad_token_id`` is not the id its windows are padded with: it would
+    count positions from another token (a CLS token taken for padding gets the zero position embedding) without a
+    word."""
+    if not architecture_for(model).positions_after_padding:
+        return
+    ours, theirs = model.config.pad_token_id, tokenizer.pad_token_id
+    if ours == theirs:
+        return
+    source = cfg.tokenizer or (cfg.model if cfg.model_config is None else "the shipped tokenizer (minilm)")
+    if cfg.model_config is not None:
+        raise ConfigError(f"model_config.pad_token_id: {ours} is not the pad id of the tokenizer {source} "
+                          f"({theirs}): a {model.config.model_type} model counts positions from its pad id (leave "
+                          "pad_token_id out to take the tokenizer's)")
+    raise ConfigError(f"tokenizer: {source} pads with id {theirs}, but {resolve_model(cfg.model) / 'config.json'} "
+                      f"has pad_token_id {ours}: a {model.config.model_type} model counts positions from its pad id")
+
+
 def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The student (masked when the method asks for it) and its tokenizer, on the CPU."""
     if cfg.model_config is not None:
@@ -172,6 +190,7 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if mask_lib.is_masked(model):
         raise CheckpointError(f"{cfg.model}: is a masked checkpoint; start from a dense model or use --resume")
     _check_token_types(cfg, model, tokenizer)
+    _check_pad_id(cfg, model, tokenizer)
     if cfg.method is Method.FISHER:
         # Pruned in one shot by train() once the calibration windows exist; the masks come with the structure.
         config = model.config

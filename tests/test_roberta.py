@@ -25,6 +25,7 @@ from pruning.checkpoint import CheckpointError, load_model, load_tokenizer, save
 from pruning.config import ConfigError, RunConfig
 from pruning.export import FILES, OrtQAModel, export_model
 from pruning.packing import load_packed, pack, pack_and_verify, save_packed
+from pruning.resources import shipped_model_dir
 from pruning.sparsity import sparsity_report
 from pruning.structure import ARCHITECTURES, config_class, encoder_layers, max_positions, position_ids, qa_model_class
 from pruning.trainer import build_model, train
@@ -418,3 +419,29 @@ def test_a_bare_tokenizers_file_is_refused_in_one_line_naming_the_directory(dev_
     assert not any("Traceback" in line for line in err)
     assert err[-1].startswith(f"fineprune train: error: {bare}: the tokenizer (") and "no pad token" in err[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_roberta_pad_id_other_than_the_tokenizers_is_refused(bpe_tokenizer, tmp_path):
+    """A RoBERTa model counts positions from its pad id: with pad_token_id 0 (the BPE's <s>) and windows padded
+    with id 1, every window's CLS token was taken for padding (the zero position embedding) without a word."""
+    bpe_tokenizer.save_pretrained(str(tmp_path / "tok"))
+    shape = {"model_type": "roberta", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+             "num_attention_heads": HEADS, "intermediate_size": INTER, "max_position_embeddings": 130,
+             "type_vocab_size": 1}
+    cfg = RunConfig(model_config={**shape, "pad_token_id": 0}, tokenizer=str(tmp_path / "tok"))
+    with pytest.raises(ConfigError, match=rf"^model_config\.pad_token_id: 0 is not the pad id of the tokenizer "
+                                          rf"{tmp_path / 'tok'} \(1\): a roberta model counts positions"):
+        build_model(cfg)
+    assert build_model(RunConfig(model_config={**shape, "pad_token_id": 1},
+                                 tokenizer=str(tmp_path / "tok")))[0].config.pad_token_id == 1
+    model = tiny_model("roberta")
+    model.config.pad_token_id = 0
+    save_model(model, bpe_tokenizer, tmp_path / "dense")
+    with pytest.raises(ConfigError, match=rf"^tokenizer: {tmp_path / 'dense'} pads with id 1, but "
+                                          rf"{tmp_path / 'dense' / 'config.json'} has pad_token_id 0"):
+        build_model(RunConfig(model=str(tmp_path / "dense")))
+    # ELECTRA (and BERT) count positions by index: their pad id is not checked.
+    electra = tiny_model("electra")
+    electra.config.pad_token_id = 5
+    save_model(electra, None, tmp_path / "electra")
+    build_model(RunConfig(model=str(tmp_path / "electra"), tokenizer=str(shipped_model_dir())))
