@@ -21,6 +21,7 @@ from pruning.bench import compare_latency, random_inputs
 from pruning.checkpoint import load_model
 from pruning.packing import is_packed, pack
 from pruning.precision import Bf16Inference, autocast
+from pruning.structure import max_positions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from script_input import InputError, one_line_errors  # noqa: E402
@@ -38,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint)
-    too_long = [n for n in args.seq_lens if not 1 <= n <= model.config.max_position_embeddings]
+    limit = max_positions(model.config)  # a RoBERTa-family model has fewer than its position embeddings
+    too_long = [n for n in args.seq_lens if not 1 <= n <= limit]
     if too_long:
-        raise InputError(f"--seq-lens {too_long[0]}: {args.checkpoint} has "
-                         f"{model.config.max_position_embeddings} positions")
+        raise InputError(f"--seq-lens {too_long[0]}: {args.checkpoint} has {limit} positions")
     packed = (model if is_packed(model) else pack(model)).eval()
     stored = Bf16Inference(copy.deepcopy(packed)).eval()
     ratio = float("nan")

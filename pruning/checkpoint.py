@@ -188,10 +188,30 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``model_dir``, one that makes question-answering windows.
+
+    Raises:
+        CheckpointError: no tokenizer loads from the directory, or the one that loads lacks what the windows need:
+            character offsets (a fast tokenizer), a pad token, and a CLS token first in a question-context pair
+            (the position of "no answer"). A bare ``tokenizers`` file (``tokenizer.json`` written by
+            ``Tokenizer.save``) has neither special tokens nor a pair template: it must be saved through its
+            model's tokenizer class (e.g. ``RobertaTokenizerFast(tokenizer_object=...).save_pretrained(dir)``).
+    """
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
+    problem = None
+    if not getattr(tokenizer, "is_fast", False):
+        problem = "is not a fast tokenizer (the windows need character offsets)"
+    elif tokenizer.pad_token_id is None:
+        problem = "has no pad token"
+    elif tokenizer.cls_token_id is None or tokenizer("q", "c")["input_ids"][:1] != [tokenizer.cls_token_id]:
+        problem = "does not put a CLS token first in a question-context pair"
+    if problem is not None:
+        raise CheckpointError(f"{model_dir}: the tokenizer ({type(tokenizer).__name__}) {problem}: save it with "
+                              "its model's tokenizer class (e.g. RobertaTokenizerFast) and save_pretrained")
+    return tokenizer
 
 
 def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:

@@ -68,7 +68,7 @@ from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
 from .sparsity import sparsity_report
-from .structure import DEFAULT_MODEL_TYPE, config_class, max_positions, qa_model_class
+from .structure import DEFAULT_MODEL_TYPE, architecture_for, config_class, max_positions, qa_model_class
 from .teacher_cache import TeacherCache, TeacherOutputs
 
 __all__ = ["Report", "TrainingPlan", "build_model", "fit_to_model", "plan", "mask_schedule", "train", "evaluate",
@@ -152,6 +152,24 @@ def _check_token_types(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTo
                           f"type_vocab_size {limit}: use the model's own tokenizer")
 
 
+def _check_pad_id(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a RoBERTa-family model whose ``pad_token_id`` is not the id its windows are padded with: it would
+    count positions from another token (a CLS token taken for padding gets the zero position embedding) without a
+    word."""
+    if not architecture_for(model).positions_after_padding:
+        return
+    ours, theirs = model.config.pad_token_id, tokenizer.pad_token_id
+    if ours == theirs:
+        return
+    source = cfg.tokenizer or (cfg.model if cfg.model_config is None else "the shipped tokenizer (minilm)")
+    if cfg.model_config is not None:
+        raise ConfigError(f"model_config.pad_token_id: {ours} is not the pad id of the tokenizer {source} "
+                          f"({theirs}): a {model.config.model_type} model counts positions from its pad id (leave "
+                          "pad_token_id out to take the tokenizer's)")
+    raise ConfigError(f"tokenizer: {source} pads with id {theirs}, but {resolve_model(cfg.model) / 'config.json'} "
+                      f"has pad_token_id {ours}: a {model.config.model_type} model counts positions from its pad id")
+
+
 def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The student (masked when the method asks for it) and its tokenizer, on the CPU."""
     if cfg.model_config is not None:
@@ -172,6 +190,7 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if mask_lib.is_masked(model):
         raise CheckpointError(f"{cfg.model}: is a masked checkpoint; start from a dense model or use --resume")
     _check_token_types(cfg, model, tokenizer)
+    _check_pad_id(cfg, model, tokenizer)
     if cfg.method is Method.FISHER:
         # Pruned in one shot by train() once the calibration windows exist; the masks come with the structure.
         config = model.config
@@ -329,11 +348,20 @@ def fit_to_model(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None = N
     return dataclasses.replace(cfg, max_seq_length=seq, doc_stride=stride)
 
 
+def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what decides a tokenizer's ids: a fast tokenizer's whole definition (vocabulary, merges, special
+    tokens, post-processor), else its vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
     """Tokenized training windows, cached as safetensors under ``cfg.cache_dir`` when it is set.
 
-    The cache key covers the data file (path, size, modification time), the question limit, the tokenizer and the
-    window settings, so trials of a sweep that share data tokenize it once.
+    The cache key covers the data file (path, size, modification time), the question limit, the tokenizer (its
+    whole definition, so one retrained into the same directory is a new key) and the window settings, so trials of
+    a sweep that share data tokenize it once.
     """
     if cfg.cache_dir is None:
         return squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
@@ -341,7 +369,8 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
     data = resolve_data(cfg.train_data)
     stat = data.stat()
     key = json.dumps([str(data.resolve()), stat.st_size, int(stat.st_mtime), cfg.train_limit, tokenizer.name_or_path,
-                      len(tokenizer), cfg.max_seq_length, cfg.doc_stride, squad.__name__])
+                      len(tokenizer), _tokenizer_digest(tokenizer), cfg.max_seq_length, cfg.doc_stride,
+                      squad.__name__])
     path = Path(cfg.cache_dir) / f"train-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         try:

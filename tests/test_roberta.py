@@ -25,6 +25,7 @@ from pruning.checkpoint import CheckpointError, load_model, load_tokenizer, save
 from pruning.config import ConfigError, RunConfig
 from pruning.export import FILES, OrtQAModel, export_model
 from pruning.packing import load_packed, pack, pack_and_verify, save_packed
+from pruning.resources import shipped_model_dir
 from pruning.sparsity import sparsity_report
 from pruning.structure import ARCHITECTURES, config_class, encoder_layers, max_positions, position_ids, qa_model_class
 from pruning.trainer import build_model, train
@@ -356,3 +357,91 @@ def test_a_tokenizer_with_more_token_types_than_the_model_is_refused():
         build_model(cfg)
     two_types = RunConfig(model_config={**cfg.model_config, "type_vocab_size": 2})
     assert build_model(two_types)[0].config.type_vocab_size == 2
+
+
+def test_the_feature_cache_follows_a_tokenizer_retrained_in_the_same_directory(dev_subset, tmp_path):
+    """A tokenizer directory rewritten by a second BPE training (the same size, other merges) must not get the
+    first tokenizer's cached windows: they would train the model on ids its evaluation never gives."""
+    from pruning.checkpoint import load_tokenizer
+    from pruning.trainer import train_features
+
+    def trained(texts: list[str]) -> RobertaTokenizerFast:
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(texts, vocab_size=400, min_frequency=1, special_tokens=SPECIALS, show_progress=False)
+        scratch = tmp_path / f"bpe{len(list(tmp_path.iterdir()))}"
+        scratch.mkdir()
+        bpe.save_model(str(scratch))
+        return RobertaTokenizerFast.from_pretrained(str(scratch))
+
+    contexts = sorted({ex.context for ex in dev_subset})
+    directory = tmp_path / "tok"
+    cfg = RunConfig(train_data="dev", train_limit=4, max_seq_length=64, doc_stride=24,
+                    cache_dir=str(tmp_path / "cache"))
+    for texts in (contexts[: len(contexts) // 2], contexts[len(contexts) // 2:]):
+        trained(texts).save_pretrained(str(directory))
+        tokenizer = load_tokenizer(directory)
+        assert len(tokenizer) == 400
+        expected = squad.prepare_train_features(dev_subset[:4], tokenizer, max_seq_length=64, doc_stride=24)
+        cached = train_features(cfg, dev_subset[:4], tokenizer)
+        assert torch.equal(cached["input_ids"], expected["input_ids"])
+
+
+def test_bf16_weights_bench_refuses_a_length_past_a_roberta_models_positions(bench_script, bpe_tokenizer, tmp_path,
+                                                                             capsys):
+    """130 position embeddings are 128 positions: a length of 130 was let through and failed as an IndexError
+    traceback inside the embeddings."""
+    checkpoint = save_model(pruned_model("roberta"), bpe_tokenizer, tmp_path / "masked")
+    assert bench_script("bf16_weights").main(["--checkpoint", str(checkpoint), "--seq-lens", "130"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err)
+    assert err[-1] == f"bf16_weights: --seq-lens 130: {checkpoint} has 128 positions"
+
+
+def test_a_bare_tokenizers_file_is_refused_in_one_line_naming_the_directory(dev_subset, tmp_path, capsys):
+    """A BPE saved by the tokenizers library alone (``Tokenizer.save``) loads without pad or CLS token and without a
+    pair template: as a model's ``tokenizer:`` it failed as a traceback at the first padded window (or, with
+    ``type_vocab_size: 1``, was blamed on its token types)."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(sorted({ex.context for ex in dev_subset}), vocab_size=400, min_frequency=1,
+                            special_tokens=SPECIALS, show_progress=False)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    bpe.save(str(bare / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=rf"^{bare}: the tokenizer \(\w+\) has no pad token: save it with "):
+        load_tokenizer(bare)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_config: {{model_type: roberta, hidden_size: {HIDDEN}, num_hidden_layers: {LAYERS}, "
+                      f"num_attention_heads: {HEADS}, intermediate_size: {INTER}, max_position_embeddings: 130}}\n"
+                      f"tokenizer: {bare}\ntrain_data: dev\neval_data: dev\ntrain_limit: 4\neval_limit: 2\n"
+                      "max_seq_length: 64\ndoc_stride: 24\nmax_steps: 1\nmethod: dense\n")
+    assert cli_main(["train", "--config", str(config), "--output-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err)
+    assert err[-1].startswith(f"fineprune train: error: {bare}: the tokenizer (") and "no pad token" in err[-1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_roberta_pad_id_other_than_the_tokenizers_is_refused(bpe_tokenizer, tmp_path):
+    """A RoBERTa model counts positions from its pad id: with pad_token_id 0 (the BPE's <s>) and windows padded
+    with id 1, every window's CLS token was taken for padding (the zero position embedding) without a word."""
+    bpe_tokenizer.save_pretrained(str(tmp_path / "tok"))
+    shape = {"model_type": "roberta", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+             "num_attention_heads": HEADS, "intermediate_size": INTER, "max_position_embeddings": 130,
+             "type_vocab_size": 1}
+    cfg = RunConfig(model_config={**shape, "pad_token_id": 0}, tokenizer=str(tmp_path / "tok"))
+    with pytest.raises(ConfigError, match=rf"^model_config\.pad_token_id: 0 is not the pad id of the tokenizer "
+                                          rf"{tmp_path / 'tok'} \(1\): a roberta model counts positions"):
+        build_model(cfg)
+    assert build_model(RunConfig(model_config={**shape, "pad_token_id": 1},
+                                 tokenizer=str(tmp_path / "tok")))[0].config.pad_token_id == 1
+    model = tiny_model("roberta")
+    model.config.pad_token_id = 0
+    save_model(model, bpe_tokenizer, tmp_path / "dense")
+    with pytest.raises(ConfigError, match=rf"^tokenizer: {tmp_path / 'dense'} pads with id 1, but "
+                                          rf"{tmp_path / 'dense' / 'config.json'} has pad_token_id 0"):
+        build_model(RunConfig(model=str(tmp_path / "dense")))
+    # ELECTRA (and BERT) count positions by index: their pad id is not checked.
+    electra = tiny_model("electra")
+    electra.config.pad_token_id = 5
+    save_model(electra, None, tmp_path / "electra")
+    build_model(RunConfig(model=str(tmp_path / "electra"), tokenizer=str(shipped_model_dir())))
