@@ -54,7 +54,7 @@ def _check_shape(model: nn.Module, batch_size: int, seq_len: int, repeats: int, 
         raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
     limit = max_positions(model.config)
     if seq_len > limit:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's {limit} positions (max_position_embeddings)")
+        raise ValueError(f"seq_len {seq_len} exceeds the {limit} positions the model takes")
 
 
 def random_inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:

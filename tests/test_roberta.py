@@ -340,11 +340,23 @@ def test_a_sweep_space_times_a_random_roberta_model_within_its_positions(tmp_pat
             "method": "topk", "attention_block": [8, 8], "device": "cpu"}
     space = {"base": base, "search": {"target_density": {"type": "uniform", "low": 0.2, "high": 0.8}}}
     path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump({**space, "speedup": {"seq_len": 128}}))
-    assert load_space(path).speedup["seq_len"] == 128
-    path.write_text(yaml.safe_dump({**space, "speedup": {"seq_len": 130}}))  # 130 embeddings, 128 positions
-    with pytest.raises(SpaceError, match=r"speedup\.seq_len: 130 exceeds the model's 128 positions"):
+    # The shipped tokenizer pads with id 0, so the trials' model counts 130 - 0 - 1 = 129 positions.
+    path.write_text(yaml.safe_dump({**space, "speedup": {"seq_len": 129}}))
+    assert load_space(path).speedup["seq_len"] == 129
+    path.write_text(yaml.safe_dump({**space, "speedup": {"seq_len": 130}}))
+    with pytest.raises(SpaceError, match=r"speedup\.seq_len: 130 exceeds the 129 positions the model takes"):
         load_space(path)
+    # A model directory: its own config.json (pad id 1, so 128 positions).
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(tiny_config("roberta").to_json_string())
+    directory_base = {k: v for k, v in base.items() if k != "model_config"} | {"model": str(model_dir)}
+    path.write_text(yaml.safe_dump({**space, "base": directory_base, "speedup": {"seq_len": 129}}))
+    with pytest.raises(SpaceError, match=r"speedup\.seq_len: 129 exceeds the 128 positions the model takes"):
+        load_space(path)
+    path.write_text(yaml.safe_dump({**space, "base": directory_base | {"model": str(tmp_path / "elsewhere")},
+                                    "speedup": {"seq_len": 129}}))
+    assert load_space(path).speedup["seq_len"] == 129  # a directory only the cluster's machines have: not checked
 
 
 def test_a_tokenizer_with_more_token_types_than_the_model_is_refused():

@@ -714,7 +714,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                 continue
             limit = max_positions(model.config)
             if seq_len > limit:
-                raise SelectionError(f"--seq-len {seq_len} exceeds the {limit} positions (max_position_embeddings) "
+                raise SelectionError(f"--seq-len {seq_len} exceeds the {limit} positions the model takes "
                                      f"of version {v.version}")
             key, config = _dense_shape(model)
             if key not in models:

@@ -729,19 +729,10 @@ class SweepSpace(_Section):
             raise _Problem(f"base.device is {base_cfg.device} but trials get no GPU", "resources", "gpu")
         if base_cfg.device == "cpu" and self.resources["gpu"] > 0:
             raise _Problem("base.device is cpu: a GPU per trial would sit idle", "resources", "gpu")
-        if base_cfg.model_config is not None:
-            # pruning.structure imports torch and transformers: only a space that builds a random model needs it.
-            from pruning.structure import DEFAULT_MODEL_TYPE, config_class, max_positions
-
-            values = base_cfg.model_config
-            model_type = values.get("model_type", DEFAULT_MODEL_TYPE)
-            defaults = config_class(model_type)()
-            limit = max_positions(SimpleNamespace(
-                model_type=model_type, pad_token_id=values.get("pad_token_id", defaults.pad_token_id),
-                max_position_embeddings=values.get("max_position_embeddings", defaults.max_position_embeddings)))
-            if self.speedup["seq_len"] > limit:
-                raise _Problem(f"{self.speedup['seq_len']} exceeds the model's {limit} positions "
-                               "(max_position_embeddings)", "speedup", "seq_len")
+        limit = _model_positions(base_cfg)
+        if limit is not None and self.speedup["seq_len"] > limit:
+            raise _Problem(f"{self.speedup['seq_len']} exceeds the {limit} positions the model takes",
+                           "speedup", "seq_len")
         return self
 
     @property
@@ -838,6 +829,51 @@ def load_space(path: str | Path) -> SweepSpace:
         return SweepSpace.model_validate(raw, context={"path": path})
     except ValidationError as err:
         raise SpaceError(f"{path}: {_describe(err.errors()[0])}") from None
+
+
+def _model_positions(base_cfg: RunConfig) -> int | None:
+    """The longest window the sweep's model takes (:func:`pruning.structure.max_positions`), or None when it cannot
+    be told here: a model directory that exists only on the cluster's machines, or a tokenizer that does not load
+    (the trial says why).
+
+    A random model (``model_config``) of the RoBERTa family counts its positions after the pad id, which is the
+    tokenizer's unless the config gives one, as the trainer builds it.
+    """
+    # pruning imports torch and transformers: only a space whose limits are checked needs them.
+    from pruning.checkpoint import CheckpointError, load_tokenizer, read_json
+    from pruning.resources import ResourceError, resolve_model, shipped_model_dir
+    from pruning.structure import DEFAULT_MODEL_TYPE, architecture_of_type, config_class, max_positions
+
+    if base_cfg.model_config is not None:
+        values = dict(base_cfg.model_config)
+        model_type = values.get("model_type", DEFAULT_MODEL_TYPE)
+        defaults = config_class(model_type)()
+        pad = values.get("pad_token_id")
+        if pad is None and architecture_of_type(model_type).positions_after_padding:
+            try:
+                pad = load_tokenizer(base_cfg.tokenizer or shipped_model_dir()).pad_token_id
+            except (CheckpointError, OSError):
+                return None
+        config = {"model_type": model_type, "pad_token_id": defaults.pad_token_id if pad is None else pad,
+                  "max_position_embeddings": values.get("max_position_embeddings",
+                                                        defaults.max_position_embeddings)}
+    else:
+        try:
+            raw = read_json(resolve_model(base_cfg.model) / "config.json")
+        except (ResourceError, CheckpointError, OSError):
+            return None
+        model_type = raw.get("model_type", DEFAULT_MODEL_TYPE)
+        if not isinstance(model_type, str) or not isinstance(raw.get("max_position_embeddings"), int):
+            return None  # the trial's loader names what is wrong with the config
+        try:
+            architecture_of_type(model_type)
+        except ValueError:
+            return None
+        pad = raw.get("pad_token_id")
+        config = {"model_type": model_type,
+                  "pad_token_id": pad if isinstance(pad, int) else config_class(model_type)().pad_token_id,
+                  "max_position_embeddings": raw["max_position_embeddings"]}
+    return max_positions(SimpleNamespace(**config))
 
 
 def _check_applicable(search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> None:
