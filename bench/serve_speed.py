@@ -57,6 +57,7 @@ from pruning.inference import answer
 from pruning.packing import is_packed, pack
 from pruning.precision import Bf16Inference, cpu_supports_bf16
 from pruning.resources import resolve_data, shipped_model_dir
+from pruning.structure import max_positions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts, as when run from bench/
 from pack_speed import REFERENCE, bert_base_patterns, ffn_width_for, warn_if_busy, zero_structure_  # noqa: E402
@@ -64,6 +65,7 @@ from script_input import InputError, check_output, one_line_errors, write_text  
 
 logger = logging.getLogger("serve_speed")
 
+EVAL_WINDOW = 384  # the windows (stride 128) every row's F1 is measured on, and the check inputs' length
 ROWS = ("dense eager", "packed eager", "packed ort fp32", "packed ort int8", "packed eager bf16")
 
 
@@ -94,8 +96,8 @@ def per_question_f1(model: torch.nn.Module, tokenizer, examples: list[squad.Exam
     todo = [ex for ex in examples if ex.id not in known]
     predictions = dict(known)
     if todo:
-        predictions.update(squad.evaluate_model(model, tokenizer, todo, max_seq_length=384, doc_stride=128,
-                                                batch_size=16, progress=False)[1])
+        predictions.update(squad.evaluate_model(model, tokenizer, todo, max_seq_length=EVAL_WINDOW,
+                                                doc_stride=128, batch_size=16, progress=False)[1])
     return [100.0 * squad.metric_max_over_ground_truths(squad.f1_score, predictions[ex.id], ex.answers)
             for ex in examples]
 
@@ -196,8 +198,9 @@ def bench_model(label: str, models: dict[str, torch.nn.Module], tokenizer, examp
     if eval_examples:
         for name in (name for name in ROWS if name in models):
             started = time.perf_counter()
-            metrics, predicted = squad.evaluate_model(models[name], tokenizer, eval_examples, max_seq_length=384,
-                                                      doc_stride=128, batch_size=16, progress=False)
+            metrics, predicted = squad.evaluate_model(models[name], tokenizer, eval_examples,
+                                                      max_seq_length=EVAL_WINDOW, doc_stride=128, batch_size=16,
+                                                      progress=False)
             if predictions is not None:
                 predictions[name] = predicted
             logger.info("%s / %s: EM %.2f F1 %.2f (%.0f s)", label, name, metrics["exact_match"], metrics["f1"],
@@ -218,7 +221,7 @@ def bert_base_rows(args: argparse.Namespace, tokenizer, examples, work: Path) ->
                                                                   pattern.density), args.seed)
     packed = pack(zeroed)
     del zeroed
-    check = squad.prepare_eval_features(examples[:4], tokenizer, 384, 128).model_inputs()
+    check = squad.prepare_eval_features(examples[:4], tokenizer, EVAL_WINDOW, 128).model_inputs()
     models = serving_models(dense, packed, work, args.threads, check)
     return bench_model("bert-base pattern", models, tokenizer, examples, args.seq_lens, args.repeats, args.warmup,
                        None)
@@ -231,14 +234,25 @@ def load_checkpoint(path: str) -> tuple[torch.nn.Module, Any]:
     if is_packed(model):
         raise InputError(f"--checkpoint {path}: a packed directory; pass the pruned checkpoint it was packed from "
                          "(the dense-shape row needs it)")
+    if max_positions(model.config) < EVAL_WINDOW:
+        raise InputError(f"--checkpoint {path}: the model takes {max_positions(model.config)} positions; its F1 is "
+                         f"measured on {EVAL_WINDOW}-token windows")
     return model, tokenizer
+
+
+def check_lengths(seq_lens: list[int], model: torch.nn.Module) -> None:
+    """Every timed length within the positions of the checkpoint's model."""
+    limit = max_positions(model.config)
+    too_long = [n for n in seq_lens if n > limit]
+    if too_long:
+        raise InputError(f"--seq-lens {too_long[0]}: the checkpoint's model takes {limit} positions")
 
 
 def minilm_rows(args: argparse.Namespace, model: torch.nn.Module, tokenizer, examples,
                 work: Path) -> tuple[list[Row], Int8Drop | None]:
     packed = pack(model)
     dense = mask_lib.remove_masks_(copy.deepcopy(model)).eval() if mask_lib.is_masked(model) else model
-    check = squad.prepare_eval_features(examples[:16], tokenizer, 384, 128).model_inputs()
+    check = squad.prepare_eval_features(examples[:16], tokenizer, EVAL_WINDOW, 128).model_inputs()
     models = serving_models(dense, packed, work, args.threads, check)
     predictions: dict[str, dict[str, str]] = {}
     rows = bench_model("minilm (pruned)", models, tokenizer, examples, args.seq_lens, args.repeats, args.warmup,
@@ -313,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_output(args.json, "--json")
     checkpoint = None if args.no_minilm else load_checkpoint(args.checkpoint)  # before the BERT-base rows
+    if checkpoint is not None:
+        check_lengths(args.seq_lens, checkpoint[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     transformers.logging.set_verbosity_error()

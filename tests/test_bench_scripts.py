@@ -60,6 +60,13 @@ def test_serve_speed_refuses_bad_input_before_the_bert_base_rows(serve_speed, ch
     (tmp_path / "file").write_text("")
     assert serve_speed.main(["--checkpoint", str(checkpoints["masked"]), "--json", str(tmp_path / "file" / "x")]) == 2
     assert _one_line(capsys).endswith(f"{tmp_path / 'file'} is a file, not a directory")
+    short = save_model(*random_masked_model(positions=128), tmp_path / "short")
+    assert serve_speed.main(["--checkpoint", str(short), "--no-bert-base", "--quick"]) == 2
+    assert _one_line(capsys) == (f"serve_speed: --checkpoint {short}: the model takes 128 positions; its F1 is "
+                                 "measured on 384-token windows")
+    shorter = save_model(*random_masked_model(positions=400), tmp_path / "shorter")
+    assert serve_speed.main(["--checkpoint", str(shorter), "--seq-lens", "128", "450"]) == 2
+    assert _one_line(capsys) == "serve_speed: --seq-lens 450: the checkpoint's model takes 400 positions"
     with pytest.raises(SystemExit) as exit_:
         serve_speed.main(["--checkpoint", str(checkpoints["masked"]), "--seq-lens", "600"])
     assert exit_.value.code == 2 and "--seq-lens must be from 32 to 512" in capsys.readouterr().err
