@@ -4,6 +4,7 @@ Every sub-command that fails on user input (a bad config, a malformed SQuAD file
 corrupted checkpoint, an invalid search space) prints one line naming the file and the field and exits with 2.
 Each command's result is one strict JSON line on stdout (a value that is not a finite number is ``null``); logs go
 to stderr. A flag means the same in every sub-command that takes it, and ``--help`` shows every default.
+Ctrl-C (SIGINT) or SIGTERM stops a command with one line and status 128 + the signal's number.
 
 The library and the orchestration (torch, transformers, Ray, MLflow) are imported inside the sub-commands that use
 them, so that ``fineprune --help`` and light commands such as ``score`` start at once.
@@ -17,7 +18,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -517,6 +520,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it stops as on Ctrl-C: what it was writing is removed, the
+    runs it had open are ended, and the output it replaces is left as it was."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise _Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -525,9 +537,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     global _results
     _results = sys.stdout
+    on_term = None
+    if threading.current_thread() is threading.main_thread():  # where Python lets a handler be set
+        on_term = signal.signal(signal.SIGTERM, _stop)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             return int(args.func(args) or 0)
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, and the shell's status for the signal
+        signum = err.args[0] if isinstance(err, _Stopped) else signal.SIGINT
+        sys.stderr.write(f"fineprune {args.command}: interrupted by {signal.Signals(signum).name}\n")
+        return 128 + int(signum)
     except TrackingUnavailable as err:  # the environment, not the input: exit 1, still one line
         sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
         return 1
@@ -538,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         _results = None
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
 
 
 if __name__ == "__main__":  # pragma: no cover
