@@ -73,3 +73,75 @@ def test_a_stopped_training_run_says_so_in_one_line_and_resumes_from_its_checkpo
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["step"] == step + 2 and (Path(result["model_dir"]) / "model.safetensors").is_file()
+
+
+def _sweep_record(root: Path, tokenizer) -> dict:
+    """A sweep's parent run and one finished trial on its frontier, with a packed model, in a SQLite store."""
+    import torch
+    from mlflow.tracking import MlflowClient
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from pruning.packing import pack, save_packed
+    from workflows.record import TAG_KIND, TAG_PARENT, TAG_STATUS
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment_id = client.create_experiment("tiny", artifact_location=(root / "artifacts").as_uri())
+    parent = client.create_run(experiment_id, tags={TAG_KIND: "sweep"}).info.run_id
+    for key, value in {"registry.name": "tiny-kill", "registry.policy": "best_f1_under_density",
+                       "registry.max_density": "0.9"}.items():
+        client.log_param(parent, key, value)
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=64,
+                                                max_position_embeddings=128)).eval()
+    packed = save_packed(pack(model), tokenizer, root / "packed")
+    trial = client.create_run(experiment_id, tags={TAG_KIND: "trial", TAG_PARENT: parent, TAG_STATUS: "finished",
+                                                   "fineprune.packed_artifact": "packed_model", "pareto": "true",
+                                                   "pareto_speedup": "true"}).info.run_id
+    client.log_artifacts(trial, str(packed), "packed_model")
+    for key, value in {"f1": 50.0, "exact_match": 40.0, "linear_density": 0.5, "speedup": 1.5}.items():
+        client.log_metric(trial, key, value)
+    client.set_terminated(trial)
+    return {"client": client, "uri": uri, "trial": trial, "end": client.get_run(trial).info.end_time}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_a_registration_stopped_while_it_logs_the_model_leaves_the_trial_run_as_it_ended(tmp_path, tokenizer, sig):
+    """The trial's run is reopened to log its served model on it: a registration stopped meanwhile must not leave
+    it FAILED or RUNNING, and the next one registers it once, with the alias on that version."""
+    from mlflow.exceptions import MlflowException
+
+    from workflows.cli import main
+
+    rec = _sweep_record(tmp_path, tokenizer)
+    client, trial = rec["client"], rec["trial"]
+    args = ["register", "--experiment", "tiny", "--tracking-uri", rec["uri"], "--frontier", "--no-onnx"]
+    process = _start(args, tmp_path)
+    deadline = time.monotonic() + 240
+    while client.get_run(trial).info.status != "RUNNING":  # the run is open: the model is being logged on it
+        assert process.poll() is None, f"register ended (status {process.returncode}) before it opened the run"
+        assert time.monotonic() < deadline, "register did not open the trial's run"
+        time.sleep(0.01)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+        run = client.get_run(trial)
+        assert (run.info.status, run.info.end_time) == ("FINISHED", rec["end"])
+    try:  # an alias never names a version that is not there
+        model = client.get_registered_model("tiny-kill")
+        for version in model.aliases.values():
+            assert client.get_model_version("tiny-kill", version).status == "READY"
+    except MlflowException:
+        pass
+
+    assert main(args) == 0
+    run = client.get_run(trial)
+    assert (run.info.status, run.info.end_time) == ("FINISHED", rec["end"])
+    assert main(args) == 0  # again: nothing changes
+    versions = client.search_model_versions("name = 'tiny-kill'")
+    assert len(versions) == 1 and versions[0].run_id == trial
+    assert client.get_model_version_by_alias("tiny-kill", "champion").version == versions[0].version
+    run = client.get_run(trial)
+    assert (run.info.status, run.info.end_time) == ("FINISHED", rec["end"])
