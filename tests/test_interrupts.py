@@ -145,3 +145,56 @@ def test_a_registration_stopped_while_it_logs_the_model_leaves_the_trial_run_as_
     assert client.get_model_version_by_alias("tiny-kill", "champion").version == versions[0].version
     run = client.get_run(trial)
     assert (run.info.status, run.info.end_time) == ("FINISHED", rec["end"])
+
+
+def _run_with_file_limit(args: list[str], cwd: Path, limit: int) -> subprocess.CompletedProcess:
+    """The command with files capped at ``limit`` bytes: a write past it fails (EFBIG), as on a full disk."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=300, preexec_fn=cap)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_a_full_disk_while_pack_overwrites_a_model_is_one_line_and_keeps_the_earlier_model(tmp_path,
+                                                                                          masked_checkpoint):
+    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.packing import load_packed, pack, save_packed
+
+    out = save_packed(pack(load_model(masked_checkpoint)), load_tokenizer(masked_checkpoint), tmp_path / "packed")
+    (out / "notes.txt").write_text("kept")
+    before = _files(out)
+    done = _run_with_file_limit(["pack", str(masked_checkpoint), str(out), "--overwrite", "--questions", "2",
+                                 "--repeats", "1"], tmp_path, limit=2_000_000)  # the weights are ~8 MB
+    assert done.returncode == 1 and done.stdout == "" and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == f"fineprune pack: error: {out}: cannot write (File too large)"
+    assert _files(out) == before  # the earlier model, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]  # no staging directory left
+    load_packed(out)
+
+    done = _run_with_file_limit(["pack", str(masked_checkpoint), str(out), "--overwrite", "--questions", "2",
+                                 "--repeats", "1"], tmp_path, limit=2**40)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "notes.txt").read_text() == "kept" and load_packed(out) is not None
+
+
+def test_a_full_disk_while_training_writes_a_checkpoint_is_one_line_and_keeps_the_earlier_one(tmp_path):
+    config, out = _dense_config(tmp_path), tmp_path / "out"
+    train = ["train", "--config", str(config), "--output-dir", str(out), "--no-progress"]
+    first = subprocess.run([sys.executable, "-m", "workflows.cli", *train, "--max-steps", "2"], cwd=tmp_path,
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = out / "checkpoint"
+    before = _files(checkpoint)
+    done = _run_with_file_limit([*train, "--max-steps", "4", "--resume", str(checkpoint)], tmp_path,
+                                limit=2_000_000)  # the weights are ~8 MB
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == f"fineprune train: error: {checkpoint}: cannot write (File too large)"
+    assert _files(checkpoint) == before
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "final"]  # no staging directory left

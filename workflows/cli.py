@@ -4,7 +4,9 @@ Every sub-command that fails on user input (a bad config, a malformed SQuAD file
 corrupted checkpoint, an invalid search space) prints one line naming the file and the field and exits with 2.
 Each command's result is one strict JSON line on stdout (a value that is not a finite number is ``null``); logs go
 to stderr. A flag means the same in every sub-command that takes it, and ``--help`` shows every default.
-Ctrl-C (SIGINT) or SIGTERM stops a command with one line and status 128 + the signal's number.
+An output that cannot be written (a full disk, a directory without write permission) is one line and status 1;
+the output it would have replaced is left as it was. Ctrl-C (SIGINT) or SIGTERM stops a command with one line and
+status 128 + the signal's number.
 
 The library and the orchestration (torch, transformers, Ray, MLflow) are imported inside the sub-commands that use
 them, so that ``fineprune --help`` and light commands such as ``score`` start at once.
@@ -547,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         signum = err.args[0] if isinstance(err, _Stopped) else signal.SIGINT
         sys.stderr.write(f"fineprune {args.command}: interrupted by {signal.Signals(signum).name}\n")
         return 128 + int(signum)
-    except TrackingUnavailable as err:  # the environment, not the input: exit 1, still one line
+    except (TrackingUnavailable, OSError) as err:  # the environment (a full disk, a read-only directory): exit 1
         sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
         return 1
     except Exception as err:
