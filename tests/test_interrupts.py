@@ -198,3 +198,33 @@ def test_a_full_disk_while_training_writes_a_checkpoint_is_one_line_and_keeps_th
     assert done.stderr.splitlines()[-1] == f"fineprune train: error: {checkpoint}: cannot write (File too large)"
     assert _files(checkpoint) == before
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "final"]  # no staging directory left
+
+
+def test_a_text_file_that_cannot_be_written_whole_leaves_the_earlier_one(tmp_path):
+    import resource
+
+    from pruning.atomic import WriteError, write_text
+
+    path = tmp_path / "metrics.json"
+    write_text(path, '{"f1": 1.0}')
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # a write past it fails (EFBIG), as on a full disk
+    try:
+        with pytest.raises(WriteError, match=rf"{path}: cannot write \(File too large\)"):
+            write_text(path, "x" * 10000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert path.read_text() == '{"f1": 1.0}' and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_teacher_metrics_file_cut_short_is_computed_again_not_a_crash(tmp_path):
+    """A sweep stopped (or out of disk) while it wrote the teacher's metrics must not fail every later sweep."""
+    from workflows.sweep import _teacher_metrics
+
+    path = tmp_path / "metrics.json"
+    assert _teacher_metrics(path) is None
+    for damaged in ("", '{"f1": 8', "[1, 2]"):
+        path.write_text(damaged)
+        assert _teacher_metrics(path) is None
+    path.write_text('{"f1": 8.5}')
+    assert _teacher_metrics(path) == {"f1": 8.5}
