@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -309,10 +310,15 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
             logger.warning("ignoring unreadable feature cache %s: %s", path, err)
     features = squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
                                             doc_stride=cfg.doc_stride)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:  # a full disk: the run goes on, the next one tokenizes again
+        tmp.unlink(missing_ok=True)
+        logger.warning("cannot write the feature cache %s (%s); going on without it", path,
+                       str(err).splitlines()[0] if str(err) else type(err).__name__)
     return features
 
 

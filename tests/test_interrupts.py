@@ -228,3 +228,24 @@ def test_a_teacher_metrics_file_cut_short_is_computed_again_not_a_crash(tmp_path
         assert _teacher_metrics(path) is None
     path.write_text('{"f1": 8.5}')
     assert _teacher_metrics(path) == {"f1": 8.5}
+
+
+def test_a_feature_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_path, tokenizer, dev_subset, caplog):
+    """The cache only saves tokenizing again: a full disk where it goes must not stop the run."""
+    import resource
+
+    from pruning.config import RunConfig
+    from pruning.trainer import train_features
+
+    cfg = RunConfig(train_data="dev", train_limit=8, max_seq_length=96, doc_stride=32, cache_dir=str(tmp_path))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # the features take more: the write fails (EFBIG)
+    try:
+        features = train_features(cfg, dev_subset[:8], tokenizer)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert features["input_ids"].shape[0] >= 8
+    assert "cannot write the feature cache" in caplog.text and list(tmp_path.iterdir()) == []
+    again = train_features(cfg, dev_subset[:8], tokenizer)  # now it is written, and read back the next time
+    assert [p.suffix for p in tmp_path.iterdir()] == [".safetensors"]
+    assert all((again[k] == features[k]).all() for k in features)
