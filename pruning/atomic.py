@@ -7,16 +7,21 @@ of a new one in its place.
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from safetensors import SafetensorError
 
-__all__ = ["WriteError", "staging_dir", "replace_dir", "staged_dir", "write_text"]
+__all__ = ["WriteError", "staging_dir", "replace_dir", "staged_dir", "tidy", "write_text"]
+
+logger = logging.getLogger(__name__)
 
 
 class WriteError(OSError):
@@ -43,7 +48,9 @@ def staging_dir(out_dir: Path) -> Path:
     directory it becomes can be read by whoever may read its parent's other directories.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # The writer's process and machine in the name: what a killed one leaves can be told from what one writes now.
+    writer = f"{os.getpid()}@{socket.gethostname()}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{writer}.", dir=out_dir.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 
@@ -76,16 +83,51 @@ def _write_error(target: Path, err: BaseException) -> WriteError:
     return error
 
 
+def _writer_ended(staging: Path, name: str) -> bool:
+    """Whether ``staging`` is a staging directory of output ``name`` whose writer, a process of this machine, has
+    ended (a directory whose writer may still run, here or elsewhere, is never taken for a leftover)."""
+    pid, _, rest = staging.name[len(name) + 2:].partition("@")
+    host = rest.rpartition(".")[0]
+    if not pid.isdigit() or host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def tidy(out_dir: str | Path, restore: bool = False) -> None:
+    """Clear up what a writer of ``out_dir`` killed part-way (SIGKILL, the OOM killer) left beside it: its staging
+    directories, each as large as the output, are removed. With ``restore``, where it was killed between moving the
+    earlier ``out_dir`` aside and giving the new one its name, the earlier one is put back.
+    """
+    out_dir = Path(out_dir)
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if restore and not out_dir.exists() and old.is_dir():
+        logger.warning("%s: putting back the earlier directory a stopped write had moved aside (%s)", out_dir, old)
+        os.replace(old, out_dir)
+    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*@*"):
+        if path.is_dir() and not path.is_symlink() and _writer_ended(path, out_dir.name):
+            logger.warning("%s: removing what a killed write of %s left", path, out_dir.name)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     """A staging directory to write ``out_dir``'s files into; it becomes ``out_dir`` when the block ends normally.
 
     However the block ends otherwise (an error, Ctrl-C), the staging directory is removed and ``out_dir`` is left as
-    it was; an error writing a file is raised as :class:`WriteError` naming ``out_dir``.
+    it was; an error writing a file is raised as :class:`WriteError` naming ``out_dir``. What an earlier writer
+    killed part-way left is cleared up first (:func:`tidy`).
     """
     out_dir = Path(out_dir)
     tmp = None
     try:
+        if out_dir.parent.is_dir():
+            tidy(out_dir)
         tmp = staging_dir(out_dir)
         yield tmp
         replace_dir(tmp, out_dir)

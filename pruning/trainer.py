@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import BertConfig, BertForQuestionAnswering, PreTrainedTokenizerBase
 
-from . import importance
+from . import atomic, importance
 from . import masks as mask_lib
 from . import squad
 from .packing import pack_for_training, unpack_into_
@@ -464,6 +464,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)  # fails before any data or model is loaded
     if resume_from is not None:
+        atomic.tidy(resume_from, restore=True)  # a checkpoint a killed writer had moved aside is put back
         check_resume_config(cfg, resume_from)  # before anything is written
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -249,3 +249,43 @@ def test_a_feature_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_pa
     again = train_features(cfg, dev_subset[:8], tokenizer)  # now it is written, and read back the next time
     assert [p.suffix for p in tmp_path.iterdir()] == [".safetensors"]
     assert all((again[k] == features[k]).all() for k in features)
+
+
+@pytest.mark.parametrize("moved_aside", [False, True])
+def test_what_a_killed_checkpoint_write_leaves_is_cleared_and_the_run_resumes(tmp_path, moved_aside):
+    """A training process killed while it writes a checkpoint leaves a staging directory as large as the checkpoint
+    beside it (and, killed between its two renames, the earlier checkpoint moved aside): the resumed run puts the
+    checkpoint back, resumes from it, and removes the rest."""
+    from pruning.config import RunConfig
+    from pruning.trainer import train
+
+    values = dict(model_config=TINY["model_config"], train_data="dev", eval_data="dev", train_limit=8, eval_limit=2,
+                  max_seq_length=96, doc_stride=32, batch_size=8, max_steps=2, save_every=2,
+                  output_dir=str(tmp_path / "run"), log_every=100)
+    train(RunConfig(**values), progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    # A writer of the next checkpoint, killed with its staging directory half-written (and maybe the earlier
+    # checkpoint moved aside, as just before the new one takes its name).
+    move_aside = "os.replace(out, out.with_name('.checkpoint.old'))" if moved_aside else ""
+    script = "\n".join(["import os, pathlib, signal", "from pruning.atomic import staging_dir",
+                        f"out = pathlib.Path({str(checkpoint)!r})", "tmp = staging_dir(out)",
+                        "(tmp / 'model.safetensors').write_bytes(b'cut short')", move_aside,
+                        "os.kill(os.getpid(), signal.SIGKILL)"])
+    killed = subprocess.run([sys.executable, "-c", script], env=_env(), timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert any(p.name.startswith(".checkpoint.") for p in (tmp_path / "run").iterdir())
+    assert checkpoint.exists() != moved_aside
+    result = train(RunConfig(**{**values, "max_steps": 4}), resume_from=checkpoint, progress=False)
+    assert result["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint", "final"]
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_a_staging_directory_whose_writer_still_runs_is_left_alone(tmp_path):
+    """Two processes writing one output (two sweeps training one teacher) must not remove each other's work."""
+    from pruning.atomic import staging_dir, tidy
+
+    out = tmp_path / "final"
+    mine = staging_dir(out)  # this process writes it
+    tidy(out)
+    assert mine.is_dir()
