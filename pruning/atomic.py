@@ -124,6 +124,8 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     killed part-way left is cleared up first (:func:`tidy`).
     """
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():  # the directory it points to is replaced, beside itself; the link stays
+        out_dir = out_dir.resolve()
     tmp = None
     try:
         if out_dir.parent.is_dir():

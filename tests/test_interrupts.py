@@ -289,3 +289,22 @@ def test_a_staging_directory_whose_writer_still_runs_is_left_alone(tmp_path):
     mine = staging_dir(out)  # this process writes it
     tidy(out)
     assert mine.is_dir()
+
+
+def test_an_output_given_as_a_link_is_replaced_where_the_link_points(tmp_path, tokenizer):
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from pruning.packing import is_packed_dir, pack, save_packed
+
+    target, link = tmp_path / "disk" / "packed", tmp_path / "packed"
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text("kept")
+    link.symlink_to(target, target_is_directory=True)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=64,
+                                                max_position_embeddings=64))
+    save_packed(pack(model), None, link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert is_packed_dir(target) and (target / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "packed"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["packed"]
