@@ -549,14 +549,15 @@ def main(argv: list[str] | None = None) -> int:
         signum = err.args[0] if isinstance(err, _Stopped) else signal.SIGINT
         sys.stderr.write(f"fineprune {args.command}: interrupted by {signal.Signals(signum).name}\n")
         return 128 + int(signum)
-    except (TrackingUnavailable, OSError) as err:  # the environment (a full disk, a read-only directory): exit 1
-        sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
-        return 1
     except Exception as err:
-        if not isinstance(err, user_errors(UserError)):
+        if isinstance(err, user_errors(UserError)):  # some are OSErrors too (a file that is not there)
+            status = 2
+        elif isinstance(err, (TrackingUnavailable, OSError)):  # the environment (a full disk, a tracking server
+            status = 1                                            # away), not the input
+        else:
             raise
         sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
-        return 2
+        return status
     finally:
         _results = None
         if on_term is not None:
