@@ -308,3 +308,15 @@ def test_an_output_given_as_a_link_is_replaced_where_the_link_points(tmp_path, t
     assert is_packed_dir(target) and (target / "notes.txt").read_text() == "kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "packed"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["packed"]
+
+
+def test_predictions_that_cannot_be_written_are_one_line_naming_the_file_and_leave_the_earlier_ones(
+        tmp_path, masked_checkpoint):
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text('{"earlier": "run"}')
+    done = _run_with_file_limit(["eval", str(masked_checkpoint), "--eval-limit", "4", "--max-seq-length", "128",
+                                 "--no-progress", "--predictions", str(predictions)], tmp_path, limit=24)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == f"fineprune eval: error: {predictions}: cannot write (File too large)"
+    assert predictions.read_text() == '{"earlier": "run"}' and [p.name for p in tmp_path.iterdir()] == [
+        "predictions.json"]

@@ -192,15 +192,10 @@ def _tracking_client(uri: str | None):
 
 
 def _write_json(path: Path, values: dict[str, Any]) -> None:
-    """Write a JSON file whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(values, ensure_ascii=False, indent=1, sort_keys=True), encoding="utf-8")
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a JSON file whole or not at all; a failure names ``path``."""
+    from pruning.atomic import write_text
+
+    write_text(path, json.dumps(values, ensure_ascii=False, indent=1, sort_keys=True))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
