@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -320,3 +321,82 @@ def test_predictions_that_cannot_be_written_are_one_line_naming_the_file_and_lea
     assert done.stderr.splitlines()[-1] == f"fineprune eval: error: {predictions}: cannot write (File too large)"
     assert predictions.read_text() == '{"earlier": "run"}' and [p.name for p in tmp_path.iterdir()] == [
         "predictions.json"]
+
+
+def _processes_mentioning(root: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if str(root) in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweep's processes in /proc")
+def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes():
+    """SIGTERM (a scheduler's stop, ``timeout``, ``kill``) stops a sweep as Ctrl-C does: one line, status 143, its
+    MLflow run KILLED and resumable; ``--resume`` then finishes it with every trial run once."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    root = Path(tempfile.mkdtemp(prefix="fpk-", dir="/tmp" if os.path.isdir("/tmp") else None))  # short: Ray sockets
+    (root / "rt").mkdir()
+    env = {k: v for k, v in _env().items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0")
+    space = yaml.safe_load((REPO / "tune_spaces" / "smoke.yaml").read_text())
+    space.update(scheduler=None, num_samples=4)
+    space["base"].update(max_steps=12)
+    (root / "space.yaml").write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("smoke", artifact_location=(root / "artifacts").as_uri())
+    command = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(root / "space.yaml"), "--tracking-uri",
+               uri, "--storage-path", str(root / "ray")]
+
+    def runs(kind: str) -> list:
+        return client.search_runs([experiment], filter_string=f"tags.`fineprune.kind` = '{kind}'")
+
+    with open(root / "driver.err", "wb") as err:  # a file, not a pipe: Tune writes more than a pipe holds
+        driver = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not any(r.info.status == "FINISHED" for r in runs("trial")):
+            assert driver.poll() is None, (root / "driver.err").read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "no trial finished"
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGTERM)
+        driver.wait(timeout=300)
+        stderr = (root / "driver.err").read_text(errors="replace")
+        assert driver.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1] == "fineprune sweep: interrupted by SIGTERM"
+        (parent,) = runs("sweep")
+        assert parent.info.status == "KILLED" and parent.data.tags["fineprune.sweep_state"] == "interrupted"
+
+        done = subprocess.run([*command, "--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads(done.stdout)
+        assert summary["status"] == "finished" and summary["parent_run_id"] == parent.info.run_id
+        trials = runs("trial")
+        assert sorted(r.info.status for r in trials if r.data.tags.get("fineprune.status") == "finished") == [
+            "FINISHED"] * 4
+        assert not [r for r in client.search_runs([experiment]) if r.info.status == "RUNNING"]
+        versions = client.search_model_versions(f"name = '{summary['champion']['name']}'")
+        registered = [v.tags.get("fineprune.trial_run_id") for v in versions]
+        assert len(registered) == len(set(registered)), "a trial's model registered twice"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=30)
+        for pid in _processes_mentioning(root):  # what is left of the sweep's private Ray
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(root, ignore_errors=True)

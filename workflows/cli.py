@@ -517,13 +517,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Stopped(KeyboardInterrupt):
-    """SIGTERM, raised where the command is, so that it stops as on Ctrl-C: what it was writing is removed, the
-    runs it had open are ended, and the output it replaces is left as it was."""
+_terminated = False  # SIGTERM came: the KeyboardInterrupt that stops the command is its
 
 
 def _stop(signum: int, frame: Any) -> None:
-    raise _Stopped(signum)
+    """SIGTERM, raised where the command is as Ctrl-C is, so that it stops as on Ctrl-C: what it was writing is
+    removed, the runs it had open are ended, and the output it replaces is left as it was. (Raised in Ray's or
+    Tune's code, it may come out as another KeyboardInterrupt: the flag says which signal it was.)"""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -532,16 +535,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    global _results
-    _results = sys.stdout
+    global _results, _terminated
+    _results, _terminated = sys.stdout, False
     on_term = None
     if threading.current_thread() is threading.main_thread():  # where Python lets a handler be set
         on_term = signal.signal(signal.SIGTERM, _stop)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             return int(args.func(args) or 0)
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, and the shell's status for the signal
-        signum = err.args[0] if isinstance(err, _Stopped) else signal.SIGINT
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, and the shell's status for the signal
+        signum = signal.SIGTERM if _terminated else signal.SIGINT
         sys.stderr.write(f"fineprune {args.command}: interrupted by {signal.Signals(signum).name}\n")
         return 128 + int(signum)
     except Exception as err:

@@ -21,8 +21,10 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -293,10 +295,17 @@ def _init_ray(cluster: str | None) -> None:
     else:
         kwargs.update(address="local", include_dashboard=False)
     mode = os.environ.get(AUTH_MODE_ENV)  # read first: ray.init may set it
+    # ray.init makes SIGTERM a sys.exit (and its core logs a crash report for it); a handler the caller set (the
+    # command line's, which stops the sweep as Ctrl-C does) is set back.
+    main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main else None
     try:
         ray.init(**kwargs)
     except (ConnectionError, AuthenticationError) as err:
         raise RayUnavailable(_connect_failure(cluster, err, mode)) from err
+    finally:
+        if callable(on_term):
+            signal.signal(signal.SIGTERM, on_term)
 
 
 def _connect_failure(cluster: str | None, err: BaseException, mode: str | None) -> str:
