@@ -496,12 +496,14 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s, %s",
                 len(train_examples), num_features, p.total_steps, p.prune_steps, p.fill_steps, device, precision)
 
-    previous = output_dir / FINAL_DIR
-    if resume_from is None and previous.is_dir():
-        # An earlier run's model (the output_dir was given over to this run): gone before this run trains, so that
-        # a stopped or failed run does not leave it beside its own checkpoint as if it were this run's.
-        logger.warning("%s: removing the earlier run's final model", previous)
-        shutil.rmtree(previous)
+    for name, what in ((FINAL_DIR, "final model"), (CHECKPOINT_DIR, "checkpoint")):
+        previous = output_dir / name
+        if resume_from is None and previous.is_dir():
+            # An earlier run's output (the output_dir was given over to this run): gone before this run trains, so
+            # that a run stopped before it writes its own does not leave it as if it were this run's (a --resume of
+            # that checkpoint would continue the earlier run).
+            logger.warning("%s: removing the earlier run's %s", previous, what)
+            shutil.rmtree(previous)
 
     model.to(device)
     if cfg.dropout is not None:

@@ -400,3 +400,26 @@ def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes
             except ProcessLookupError:
                 pass
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_run_over_an_earlier_one_stopped_before_its_first_checkpoint_leaves_none_of_the_earlier_run(tmp_path):
+    """With --overwrite the earlier run's checkpoint goes with its final model: left behind, a --resume of it would
+    continue the earlier run as if it were the stopped one."""
+    config, out = _dense_config(tmp_path), tmp_path / "out"
+    first = subprocess.run([sys.executable, "-m", "workflows.cli", "train", "--config", str(config), "--output-dir",
+                            str(out), "--max-steps", "2", "--no-progress"], cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    config.write_text(config.read_text().replace("save_every: 2", "save_every: 100000"))
+    process = _start(["train", "--config", str(config), "--output-dir", str(out), "--overwrite", "--no-progress"],
+                     tmp_path)
+    deadline = time.monotonic() + 240
+    while (out / "final").exists():  # gone once the new run starts training
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the earlier run's final model was not removed"
+        time.sleep(0.05)
+    time.sleep(1.0)  # training
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert list(out.iterdir()) == []

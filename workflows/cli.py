@@ -414,8 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", metavar="DIR",
                        help="training checkpoint directory to continue from (default: start afresh)")
         p.add_argument("--overwrite", action="store_true",
-                       help="write over an output_dir that holds an earlier run, whose final model is removed "
-                            "when training starts (default: refuse it)")
+                       help="write over an output_dir that holds an earlier run, whose final model and "
+                            "checkpoint are removed when training starts (default: refuse it)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     training("train", cmd_train, "dense fine-tune (teacher and baseline)")
