@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from . import masks as mask_lib
+from .atomic import staged_dir
 from .packing import PACKED_FLAG, load_packed
 from .sparsity import sparsity_report
 from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE, config_class, qa_model_class
@@ -42,7 +40,6 @@ __all__ = [
     "mask_settings",
     "restore_masks_",
     "read_json",
-    "staging_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -114,42 +111,6 @@ def mask_settings(model: nn.Module) -> dict[str, Any] | None:
     }
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``)."""
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    old = os.umask(0o077)  # set back at once; only where the umask cannot be read otherwise
-    os.umask(old)
-    return old
-
-
-def staging_dir(out_dir: Path) -> Path:
-    """A temporary sibling directory that replaces ``out_dir`` only once it is complete.
-
-    It has the mode a plain ``mkdir`` gives (``0o777`` less the umask), not ``mkdtemp``'s 0700, so that the model
-    directory it becomes can be read by whoever may read its parent's other directories.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    return tmp
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path,
                extra_files: dict[str, Any] | None = None, tensors: dict[str, dict[str, torch.Tensor]] | None = None,
                masks: dict[str, Any] | None = None) -> Path:
@@ -164,8 +125,7 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
         masks: mask settings to record; default: read off the model.
     """
     out_dir = Path(out_dir)
-    tmp = staging_dir(out_dir)
-    try:
+    with staged_dir(out_dir) as tmp:
         config = model.config.to_dict()
         settings = masks if masks is not None else mask_settings(model)
         config.pop(MASKS_KEY, None)
@@ -180,10 +140,6 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
             (tmp / name).write_text(json.dumps(value, indent=2), encoding="utf-8")
         for name, value in (tensors or {}).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in value.items()}, str(tmp / name))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -33,8 +33,6 @@ import copy
 import json
 import logging
 import math
-import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -53,7 +51,8 @@ from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
 from . import masks as mask_lib
 from .bench import eval_mode
-from .checkpoint import load_model, load_tokenizer, staging_dir
+from .atomic import staged_dir
+from .checkpoint import load_model, load_tokenizer
 from .packing import pack
 from .resources import resolve_data, resolve_model
 from .squad import check_windows, load_squad
@@ -541,20 +540,13 @@ def export_checkpoint(model_dir: str | Path, out_dir: str | Path, quantize: str 
     tokenizer = load_tokenizer(source)
     inputs = check_windows(load_squad(resolve_data(data), limit=questions), tokenizer,
                            max_positions(model.config))
-    tmp = staging_dir(out)
-    try:
+    with staged_dir(out) as tmp:  # an earlier export there is replaced only by a complete one
         report = export_model(model, tmp, quantize=quantize, opset=opset, inputs=inputs)
         report.packed_on_export = packed_on_export
         model.config.to_json_file(str(tmp / "config.json"))
         tokenizer.save_pretrained(str(tmp))
         manifest = {"format": _FORMAT, "source": str(source), **report.to_dict()}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result = report.to_dict()
     result.update(out_dir=str(out), source=str(source))
     return result

@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import json
 import logging
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig
 
+from .atomic import staged_dir
 from .bench import compare_latency, eval_mode, flop_ratio, random_inputs
 from .masks import MaskedLinear, remove_masks_
 from .precision import resolve_precision
@@ -272,10 +274,15 @@ def unpack_into_(masked: nn.Module, packed: nn.Module) -> nn.Module:
     return masked
 
 
-def _clear_stale_weights(out_dir: Path) -> None:
-    for pattern in _STALE_WEIGHTS:
-        for path in out_dir.glob(pattern):
-            path.unlink()
+def _keep_others(out_dir: Path, staging: Path) -> None:
+    """Copy what ``out_dir`` holds besides a model's weights into ``staging``, the directory that replaces it."""
+    for entry in out_dir.iterdir():
+        if any(entry.match(pattern) for pattern in _STALE_WEIGHTS):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, staging / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, staging / entry.name, follow_symlinks=False)
 
 
 def save_packed(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -284,8 +291,10 @@ def save_packed(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, ov
     Args:
         model: a model returned by :func:`pack` or :func:`load_packed`.
         tokenizer: saved alongside when given (anything with ``save_pretrained``).
-        out_dir: target directory; created if missing.
-        overwrite: allow writing into a non-empty directory (its old weight files are replaced).
+        out_dir: target directory; created if missing. It is written whole or not at all: the model goes into a
+            staging directory that takes its name once complete.
+        overwrite: allow writing into a non-empty directory (its old weight files are replaced, its other files
+            kept).
 
     Returns:
         The directory.
@@ -298,14 +307,14 @@ def save_packed(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, ov
         raise PackingError(f"{out}: refusing to save an unpacked model as packed (call pack() first)")
     if out.exists() and not out.is_dir():
         raise PackingError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise PackingError(f"{out}: directory is not empty (pass overwrite=True to replace its contents)")
-        _clear_stale_weights(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise PackingError(f"{out}: directory is not empty (pass overwrite=True to replace its contents)")
+    with staged_dir(out) as tmp:  # an earlier model there stays whole until the new one is
+        if out.is_dir():
+            _keep_others(out, tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     logger.info("saved packed model to %s", out)
     return out
 

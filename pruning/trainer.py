@@ -39,12 +39,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from . import importance
+from . import atomic, importance
 from . import masks as mask_lib
 from . import squad
 from .packing import pack_for_training, unpack_into_
@@ -379,10 +380,15 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
             logger.warning("ignoring unreadable feature cache %s: %s", path, err)
     features = squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
                                             doc_stride=cfg.doc_stride)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:  # a full disk: the run goes on, the next one tokenizes again
+        tmp.unlink(missing_ok=True)
+        logger.warning("cannot write the feature cache %s (%s); going on without it", path,
+                       str(err).splitlines()[0] if str(err) else type(err).__name__)
     return features
 
 
@@ -564,6 +570,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)  # fails before any data or model is loaded
     if resume_from is not None:
+        atomic.tidy(resume_from, restore=True)  # a checkpoint a killed writer had moved aside is put back
         check_resume_config(cfg, resume_from)  # before anything is written
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -596,12 +603,14 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s, %s",
                 len(train_examples), num_features, p.total_steps, p.prune_steps, p.fill_steps, device, precision)
 
-    previous = output_dir / FINAL_DIR
-    if resume_from is None and previous.is_dir():
-        # An earlier run's model (the output_dir was given over to this run): gone before this run trains, so that
-        # a stopped or failed run does not leave it beside its own checkpoint as if it were this run's.
-        logger.warning("%s: removing the earlier run's final model", previous)
-        shutil.rmtree(previous)
+    for name, what in ((FINAL_DIR, "final model"), (CHECKPOINT_DIR, "checkpoint")):
+        previous = output_dir / name
+        if resume_from is None and previous.is_dir():
+            # An earlier run's output (the output_dir was given over to this run): gone before this run trains, so
+            # that a run stopped before it writes its own does not leave it as if it were this run's (a --resume of
+            # that checkpoint would continue the earlier run).
+            logger.warning("%s: removing the earlier run's %s", previous, what)
+            shutil.rmtree(previous)
 
     model.to(device)
     if cfg.dropout is not None:

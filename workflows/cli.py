@@ -4,6 +4,9 @@ Every sub-command that fails on user input (a bad config, a malformed SQuAD file
 corrupted checkpoint, an invalid search space) prints one line naming the file and the field and exits with 2.
 Each command's result is one strict JSON line on stdout (a value that is not a finite number is ``null``); logs go
 to stderr. A flag means the same in every sub-command that takes it, and ``--help`` shows every default.
+An output that cannot be written (a full disk, a directory without write permission) is one line and status 1;
+the output it would have replaced is left as it was. Ctrl-C (SIGINT) or SIGTERM stops a command with one line and
+status 128 + the signal's number.
 
 The library and the orchestration (torch, transformers, Ray, MLflow) are imported inside the sub-commands that use
 them, so that ``fineprune --help`` and light commands such as ``score`` start at once.
@@ -17,7 +20,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -229,15 +234,10 @@ def _tracking_client(uri: str | None):
 
 
 def _write_json(path: Path, values: dict[str, Any]) -> None:
-    """Write a JSON file whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(values, ensure_ascii=False, indent=1, sort_keys=True), encoding="utf-8")
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a JSON file whole or not at all; a failure names ``path``."""
+    from pruning.atomic import write_text
+
+    write_text(path, json.dumps(values, ensure_ascii=False, indent=1, sort_keys=True))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -461,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", metavar="DIR",
                        help="training checkpoint directory to continue from (default: start afresh)")
         p.add_argument("--overwrite", action="store_true",
-                       help="write over an output_dir that holds an earlier run, whose final model is removed "
-                            "when training starts (default: refuse it)")
+                       help="write over an output_dir that holds an earlier run, whose final model and "
+                            "checkpoint are removed when training starts (default: refuse it)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     training("train", cmd_train, "dense fine-tune (teacher and baseline)")
@@ -565,27 +565,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_terminated = False  # SIGTERM came: the KeyboardInterrupt that stops the command is its
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """SIGTERM, raised where the command is as Ctrl-C is, so that it stops as on Ctrl-C: what it was writing is
+    removed, the runs it had open are ended, and the output it replaces is left as it was. (Raised in Ray's or
+    Tune's code, it may come out as another KeyboardInterrupt: the flag says which signal it was.)"""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    global _results
-    _results = sys.stdout
+    global _results, _terminated
+    _results, _terminated = sys.stdout, False
+    on_term = None
+    if threading.current_thread() is threading.main_thread():  # where Python lets a handler be set
+        on_term = signal.signal(signal.SIGTERM, _stop)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             return int(args.func(args) or 0)
-    except TrackingUnavailable as err:  # the environment, not the input: exit 1, still one line
-        sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
-        return 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, and the shell's status for the signal
+        signum = signal.SIGTERM if _terminated else signal.SIGINT
+        sys.stderr.write(f"fineprune {args.command}: interrupted by {signal.Signals(signum).name}\n")
+        return 128 + int(signum)
     except Exception as err:
-        if not isinstance(err, user_errors(UserError)):
+        if isinstance(err, user_errors(UserError)):  # some are OSErrors too (a file that is not there)
+            status = 2
+        elif isinstance(err, (TrackingUnavailable, OSError)):  # the environment (a full disk, a tracking server
+            status = 1                                            # away), not the input
+        else:
             raise
         sys.stderr.write(f"fineprune {args.command}: error: {err}\n")
-        return 2
+        return status
     finally:
         _results = None
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
 
 
 if __name__ == "__main__":  # pragma: no cover

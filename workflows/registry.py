@@ -55,7 +55,8 @@ from workflows import record
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
                               EXACT_MATCH, F1, FINAL_METRICS, FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY,
                               PARAM_RESOURCES, PARAM_SPEEDUP, RUNTIMES, SPEEDUP, STATUS_FINISHED, TAG_ONNX, TAG_POLICY,
-                              TAG_PRECISION, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TAG_VERSION_PRECISION, RegistrySpec)
+                              TAG_PRECISION, TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TAG_VERSION_PRECISION,
+                              RegistrySpec)
 from workflows.space import load_space
 
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
@@ -486,10 +487,17 @@ def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
             logger.info("the packed model of trial run %s: not exported for ONNX Runtime (onnx: false); it serves "
                         "through PyTorch", run_id)
         precision = measured_precision(run)
-        with mlflow.start_run(run_id=run_id):
-            info = log_qa_model(local, {**serve_settings(run.data.params), "precision": precision}, onnx_dir)
-        if run.info.end_time:  # reopening the run moved its end; the trial's duration is part of the record
-            client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
+        # The model is logged on the trial's run, which is reopened for it: its status and end are set back
+        # however the logging ends (an error or Ctrl-C would leave it FAILED and ended now). A registration killed
+        # outright leaves it RUNNING with its end kept; it ended as its fineprune.status tag says (a finished trial:
+        # the only kind registered), which the next registration sets back.
+        status = "FINISHED" if run.data.tags.get(TAG_STATUS) == STATUS_FINISHED else run.info.status
+        try:
+            with mlflow.start_run(run_id=run_id):
+                info = log_qa_model(local, {**serve_settings(run.data.params), "precision": precision}, onnx_dir)
+        finally:
+            if run.info.end_time:  # the trial's duration is part of the record
+                client.set_terminated(run_id, status=status, end_time=run.info.end_time)
         return client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
                                            tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: onnx_tag})
 

@@ -33,6 +33,7 @@ from markupsafe import Markup
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pruning import atomic
 from workflows import plots, record
 from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR, ARTIFACT_REPORT_HTML,
                               ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, HEADS_REMOVED,
@@ -674,8 +675,9 @@ def write_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"html": out / ARTIFACT_REPORT_HTML, "markdown": out / ARTIFACT_REPORT_MARKDOWN}
-    paths["html"].write_text(render_html(data), encoding="utf-8")
-    paths["markdown"].write_text(render_markdown(data), encoding="utf-8")
+    html, markdown = render_html(data), render_markdown(data)
+    atomic.write_text(paths["html"], html)  # a stop part-way leaves the earlier report, not half of this one
+    atomic.write_text(paths["markdown"], markdown)
     client = MlflowClient(tracking_uri=data.tracking_uri, registry_uri=data.tracking_uri)
     for path in paths.values():
         client.log_artifact(data.sweep_run_id, str(path), artifact_path=ARTIFACT_REPORT_DIR)

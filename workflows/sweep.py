@@ -21,8 +21,10 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +36,7 @@ from ray import tune
 from ray._private.services import canonicalize_bootstrap_address_or_die
 from ray.exceptions import AuthenticationError
 
-from pruning import squad
+from pruning import atomic, squad
 from pruning.checkpoint import load_model, load_tokenizer
 from pruning.config import config_to_dict
 from pruning.packing import PACK_METRICS, pack_and_verify, save_packed
@@ -191,9 +193,10 @@ def ensure_teacher(space: SweepSpace, root: Path) -> tuple[str, dict[str, Any]]:
         model_dir = run_dir / "final"
         metrics_file = run_dir / "metrics.json"
         cfg = teacher_config(space, str(run_dir))
-    if metrics_file.exists() and (model_dir / "config.json").exists():
+    cached = _teacher_metrics(metrics_file) if (model_dir / "config.json").exists() else None
+    if cached is not None:
         logger.info("reusing the dense teacher in %s", model_dir)
-        return str(model_dir), json.loads(metrics_file.read_text())
+        return str(model_dir), cached
 
     given = str(model_dir) if space.teacher.path else None
     logger.info("%s the dense teacher %s", "evaluating" if given else "fine-tuning", model_dir)
@@ -207,9 +210,24 @@ def ensure_teacher(space: SweepSpace, root: Path) -> tuple[str, dict[str, Any]]:
             raise err.cause from err
         raise
     clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    metrics_file.write_text(json.dumps(clean, indent=2))
+    atomic.write_text(metrics_file, json.dumps(clean, indent=2))
     return str(model_dir), clean
+
+
+def _teacher_metrics(metrics_file: Path) -> dict[str, Any] | None:
+    """The teacher's cached dense metrics, or None when there are none to trust: no file, or one that is not the
+    JSON object a sweep writes (then the teacher is evaluated again, and the file written anew)."""
+    if not metrics_file.is_file():
+        return None
+    try:
+        value = json.loads(metrics_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        logger.warning("%s: unreadable (%s); the teacher's metrics are computed again", metrics_file, err)
+        return None
+    if not isinstance(value, dict):
+        logger.warning("%s: not a JSON object; the teacher's metrics are computed again", metrics_file)
+        return None
+    return value
 
 
 def _teacher_cpus(resources: dict[str, Any]) -> float:
@@ -277,10 +295,17 @@ def _init_ray(cluster: str | None) -> None:
     else:
         kwargs.update(address="local", include_dashboard=False)
     mode = os.environ.get(AUTH_MODE_ENV)  # read first: ray.init may set it
+    # ray.init makes SIGTERM a sys.exit (and its core logs a crash report for it); a handler the caller set (the
+    # command line's, which stops the sweep as Ctrl-C does) is set back.
+    main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main else None
     try:
         ray.init(**kwargs)
     except (ConnectionError, AuthenticationError) as err:
         raise RayUnavailable(_connect_failure(cluster, err, mode)) from err
+    finally:
+        if callable(on_term):
+            signal.signal(signal.SIGTERM, on_term)
 
 
 def _connect_failure(cluster: str | None, err: BaseException, mode: str | None) -> str:

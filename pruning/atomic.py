@@ -1,0 +1,156 @@
+"""Outputs written whole or not at all: a temporary sibling that takes the target's name only once it is complete.
+
+A process stopped part-way (Ctrl-C, SIGTERM, SIGKILL, a full disk) leaves the earlier output as it was, never half
+of a new one in its place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from safetensors import SafetensorError
+
+__all__ = ["WriteError", "staging_dir", "replace_dir", "staged_dir", "tidy", "write_text"]
+
+logger = logging.getLogger(__name__)
+
+
+class WriteError(OSError):
+    """An output could not be written (a full disk, a directory without write permission); names the output."""
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o077)  # set back at once; only where the umask cannot be read otherwise
+    os.umask(old)
+    return old
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A temporary sibling directory that replaces ``out_dir`` only once it is complete.
+
+    It has the mode a plain ``mkdir`` gives (``0o777`` less the umask), not ``mkdtemp``'s 0700, so that the model
+    directory it becomes can be read by whoever may read its parent's other directories.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # The writer's process and machine in the name: what a killed one leaves can be told from what one writes now.
+    writer = f"{os.getpid()}@{socket.gethostname()}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{writer}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Give the complete directory ``tmp`` the name ``out_dir``; an earlier ``out_dir`` is removed."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def _write_error(target: Path, err: BaseException) -> WriteError:
+    """``err`` (an OSError, or safetensors' error for one) as one line naming the output ``target``."""
+    code = getattr(err, "errno", None)
+    found = re.search(r"\(os error (\d+)\)", str(err))  # how safetensors' error gives the system's
+    if code is None and found:
+        code = int(found.group(1))
+    if code is not None:
+        reason = os.strerror(code)
+    else:
+        lines = str(err).strip().splitlines()
+        reason = lines[0] if lines else type(err).__name__
+    error = WriteError(f"{target}: cannot write ({reason})")
+    error.errno = code
+    return error
+
+
+def _writer_ended(staging: Path, name: str) -> bool:
+    """Whether ``staging`` is a staging directory of output ``name`` whose writer, a process of this machine, has
+    ended (a directory whose writer may still run, here or elsewhere, is never taken for a leftover)."""
+    pid, _, rest = staging.name[len(name) + 2:].partition("@")
+    host = rest.rpartition(".")[0]
+    if not pid.isdigit() or host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def tidy(out_dir: str | Path, restore: bool = False) -> None:
+    """Clear up what a writer of ``out_dir`` killed part-way (SIGKILL, the OOM killer) left beside it: its staging
+    directories, each as large as the output, are removed. With ``restore``, where it was killed between moving the
+    earlier ``out_dir`` aside and giving the new one its name, the earlier one is put back.
+    """
+    out_dir = Path(out_dir)
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if restore and not out_dir.exists() and old.is_dir():
+        logger.warning("%s: putting back the earlier directory a stopped write had moved aside (%s)", out_dir, old)
+        os.replace(old, out_dir)
+    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*@*"):
+        if path.is_dir() and not path.is_symlink() and _writer_ended(path, out_dir.name):
+            logger.warning("%s: removing what a killed write of %s left", path, out_dir.name)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: str | Path) -> Iterator[Path]:
+    """A staging directory to write ``out_dir``'s files into; it becomes ``out_dir`` when the block ends normally.
+
+    However the block ends otherwise (an error, Ctrl-C), the staging directory is removed and ``out_dir`` is left as
+    it was; an error writing a file is raised as :class:`WriteError` naming ``out_dir``. What an earlier writer
+    killed part-way left is cleared up first (:func:`tidy`).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink():  # the directory it points to is replaced, beside itself; the link stays
+        out_dir = out_dir.resolve()
+    tmp = None
+    try:
+        if out_dir.parent.is_dir():
+            tidy(out_dir)
+        tmp = staging_dir(out_dir)
+        yield tmp
+        replace_dir(tmp, out_dir)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, (OSError, SafetensorError)) and not isinstance(err, WriteError):
+            raise _write_error(out_dir, err) from err
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file whole or not at all (a temporary sibling renamed over it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise _write_error(path, err) from err
+        raise

@@ -1,0 +1,425 @@
+"""Commands stopped by real signals: Ctrl-C (SIGINT) and SIGTERM give one line and the shell's status for the
+signal, and what a command had already written stays whole and usable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = yaml.safe_load((REPO / "configs" / "tiny_smoke.yaml").read_text())
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    # SIGINT as a terminal's Ctrl-C delivers it: a shell without job control starts its background jobs with SIGINT
+    # ignored, so the handler is set back to the default, as a foreground job has it.
+    return subprocess.Popen([sys.executable, "-m", "workflows.cli", *args], cwd=cwd, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the command ended (status {process.returncode}) before {path} appeared:\n"
+                                 f"{process.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def _dense_config(tmp_path: Path) -> Path:
+    config = {k: v for k, v in TINY.items() if k not in ("method", "attention_block", "mask_lr", "lambda_attention",
+                                                         "lambda_ffn", "fill_steps")}
+    config.update(method="dense", max_steps=100000, eval_every=None, save_every=2, log_every=1000)
+    path = tmp_path / "dense.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_training_run_says_so_in_one_line_and_resumes_from_its_checkpoint(tmp_path, sig):
+    config, out = _dense_config(tmp_path), tmp_path / "out"
+    process = _start(["train", "--config", str(config), "--output-dir", str(out), "--no-progress"], tmp_path)
+    _wait_for(out / "checkpoint" / "trainer_state.json", process)
+    time.sleep(1.0)  # a few more steps and checkpoints: the signal may come while one is written
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + sig, stderr[-3000:]
+    assert stdout == "" and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-1] == f"fineprune train: interrupted by {signal.Signals(sig).name}"
+    # Nothing half-written is left: the checkpoint is whole, no staging directory beside it, no final model.
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]
+    step = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
+    assert step >= 2 and step % 2 == 0
+
+    done = subprocess.run([sys.executable, "-m", "workflows.cli", "train", "--config", str(config), "--output-dir",
+                           str(out), "--resume", str(out / "checkpoint"), "--max-steps", str(step + 2),
+                           "--no-progress"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["step"] == step + 2 and (Path(result["model_dir"]) / "model.safetensors").is_file()
+
+
+def _sweep_record(root: Path, tokenizer) -> dict:
+    """A sweep's parent run and one finished trial on its frontier, with a packed model, in a SQLite store."""
+    import torch
+    from mlflow.tracking import MlflowClient
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from pruning.packing import pack, save_packed
+    from workflows.record import TAG_KIND, TAG_PARENT, TAG_STATUS
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment_id = client.create_experiment("tiny", artifact_location=(root / "artifacts").as_uri())
+    parent = client.create_run(experiment_id, tags={TAG_KIND: "sweep"}).info.run_id
+    for key, value in {"registry.name": "tiny-kill", "registry.policy": "best_f1_under_density",
+                       "registry.max_density": "0.9"}.items():
+        client.log_param(parent, key, value)
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=64,
+                                                max_position_embeddings=128)).eval()
+    packed = save_packed(pack(model), tokenizer, root / "packed")
+    trial = client.create_run(experiment_id, tags={TAG_KIND: "trial", TAG_PARENT: parent, TAG_STATUS: "finished",
+                                                   "fineprune.packed_artifact": "packed_model", "pareto": "true",
+                                                   "pareto_speedup": "true"}).info.run_id
+    client.log_artifacts(trial, str(packed), "packed_model")
+    for key, value in {"f1": 50.0, "exact_match": 40.0, "linear_density": 0.5, "speedup": 1.5}.items():
+        client.log_metric(trial, key, value)
+    client.set_terminated(trial)
+    return {"client": client, "uri": uri, "trial": trial, "end": client.get_run(trial).info.end_time}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_a_registration_stopped_while_it_logs_the_model_leaves_the_trial_run_as_it_ended(tmp_path, tokenizer, sig):
+    """The trial's run is reopened to log its served model on it: a registration stopped meanwhile must not leave
+    it FAILED or RUNNING, and the next one registers it once, with the alias on that version."""
+    from mlflow.exceptions import MlflowException
+
+    from workflows.cli import main
+
+    rec = _sweep_record(tmp_path, tokenizer)
+    client, trial = rec["client"], rec["trial"]
+    args = ["register", "--experiment", "tiny", "--tracking-uri", rec["uri"], "--frontier", "--no-onnx"]
+    process = _start(args, tmp_path)
+    deadline = time.monotonic() + 240
+    while client.get_run(trial).info.status != "RUNNING":  # the run is open: the model is being logged on it
+        assert process.poll() is None, f"register ended (status {process.returncode}) before it opened the run"
+        assert time.monotonic() < deadline, "register did not open the trial's run"
+        time.sleep(0.01)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+        run = client.get_run(trial)
+        assert (run.info.status, run.info.end_time) == ("FINISHED", rec["end"])
+    try:  # an alias never names a version that is not there
+        model = client.get_registered_model("tiny-kill")
+        for version in model.aliases.values():
+            assert client.get_model_version("tiny-kill", version).status == "READY"
+    except MlflowException:
+        pass
+
+    assert main(args) == 0
+    run = client.get_run(trial)
+    assert (run.info.status, run.info.end_time) == ("FINISHED", rec["end"])
+    assert main(args) == 0  # again: nothing changes
+    versions = client.search_model_versions("name = 'tiny-kill'")
+    assert len(versions) == 1 and versions[0].run_id == trial
+    assert client.get_model_version_by_alias("tiny-kill", "champion").version == versions[0].version
+    run = client.get_run(trial)
+    assert (run.info.status, run.info.end_time) == ("FINISHED", rec["end"])
+
+
+def _run_with_file_limit(args: list[str], cwd: Path, limit: int) -> subprocess.CompletedProcess:
+    """The command with files capped at ``limit`` bytes: a write past it fails (EFBIG), as on a full disk."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=300, preexec_fn=cap)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_a_full_disk_while_pack_overwrites_a_model_is_one_line_and_keeps_the_earlier_model(tmp_path,
+                                                                                          masked_checkpoint):
+    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.packing import load_packed, pack, save_packed
+
+    out = save_packed(pack(load_model(masked_checkpoint)), load_tokenizer(masked_checkpoint), tmp_path / "packed")
+    (out / "notes.txt").write_text("kept")
+    before = _files(out)
+    done = _run_with_file_limit(["pack", str(masked_checkpoint), str(out), "--overwrite", "--questions", "2",
+                                 "--repeats", "1"], tmp_path, limit=2_000_000)  # the weights are ~8 MB
+    assert done.returncode == 1 and done.stdout == "" and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == f"fineprune pack: error: {out}: cannot write (File too large)"
+    assert _files(out) == before  # the earlier model, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]  # no staging directory left
+    load_packed(out)
+
+    done = _run_with_file_limit(["pack", str(masked_checkpoint), str(out), "--overwrite", "--questions", "2",
+                                 "--repeats", "1"], tmp_path, limit=2**40)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "notes.txt").read_text() == "kept" and load_packed(out) is not None
+
+
+def test_a_full_disk_while_training_writes_a_checkpoint_is_one_line_and_keeps_the_earlier_one(tmp_path):
+    config, out = _dense_config(tmp_path), tmp_path / "out"
+    train = ["train", "--config", str(config), "--output-dir", str(out), "--no-progress"]
+    first = subprocess.run([sys.executable, "-m", "workflows.cli", *train, "--max-steps", "2"], cwd=tmp_path,
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = out / "checkpoint"
+    before = _files(checkpoint)
+    done = _run_with_file_limit([*train, "--max-steps", "4", "--resume", str(checkpoint)], tmp_path,
+                                limit=2_000_000)  # the weights are ~8 MB
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == f"fineprune train: error: {checkpoint}: cannot write (File too large)"
+    assert _files(checkpoint) == before
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "final"]  # no staging directory left
+
+
+def test_a_text_file_that_cannot_be_written_whole_leaves_the_earlier_one(tmp_path):
+    import resource
+
+    from pruning.atomic import WriteError, write_text
+
+    path = tmp_path / "metrics.json"
+    write_text(path, '{"f1": 1.0}')
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # a write past it fails (EFBIG), as on a full disk
+    try:
+        with pytest.raises(WriteError, match=rf"{path}: cannot write \(File too large\)"):
+            write_text(path, "x" * 10000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert path.read_text() == '{"f1": 1.0}' and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_teacher_metrics_file_cut_short_is_computed_again_not_a_crash(tmp_path):
+    """A sweep stopped (or out of disk) while it wrote the teacher's metrics must not fail every later sweep."""
+    from workflows.sweep import _teacher_metrics
+
+    path = tmp_path / "metrics.json"
+    assert _teacher_metrics(path) is None
+    for damaged in ("", '{"f1": 8', "[1, 2]"):
+        path.write_text(damaged)
+        assert _teacher_metrics(path) is None
+    path.write_text('{"f1": 8.5}')
+    assert _teacher_metrics(path) == {"f1": 8.5}
+
+
+def test_a_feature_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_path, tokenizer, dev_subset, caplog):
+    """The cache only saves tokenizing again: a full disk where it goes must not stop the run."""
+    import resource
+
+    from pruning.config import RunConfig
+    from pruning.trainer import train_features
+
+    cfg = RunConfig(train_data="dev", train_limit=8, max_seq_length=96, doc_stride=32, cache_dir=str(tmp_path))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # the features take more: the write fails (EFBIG)
+    try:
+        features = train_features(cfg, dev_subset[:8], tokenizer)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert features["input_ids"].shape[0] >= 8
+    assert "cannot write the feature cache" in caplog.text and list(tmp_path.iterdir()) == []
+    again = train_features(cfg, dev_subset[:8], tokenizer)  # now it is written, and read back the next time
+    assert [p.suffix for p in tmp_path.iterdir()] == [".safetensors"]
+    assert all((again[k] == features[k]).all() for k in features)
+
+
+@pytest.mark.parametrize("moved_aside", [False, True])
+def test_what_a_killed_checkpoint_write_leaves_is_cleared_and_the_run_resumes(tmp_path, moved_aside):
+    """A training process killed while it writes a checkpoint leaves a staging directory as large as the checkpoint
+    beside it (and, killed between its two renames, the earlier checkpoint moved aside): the resumed run puts the
+    checkpoint back, resumes from it, and removes the rest."""
+    from pruning.config import RunConfig
+    from pruning.trainer import train
+
+    values = dict(model_config=TINY["model_config"], train_data="dev", eval_data="dev", train_limit=8, eval_limit=2,
+                  max_seq_length=96, doc_stride=32, batch_size=8, max_steps=2, save_every=2,
+                  output_dir=str(tmp_path / "run"), log_every=100)
+    train(RunConfig(**values), progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    # A writer of the next checkpoint, killed with its staging directory half-written (and maybe the earlier
+    # checkpoint moved aside, as just before the new one takes its name).
+    move_aside = "os.replace(out, out.with_name('.checkpoint.old'))" if moved_aside else ""
+    script = "\n".join(["import os, pathlib, signal", "from pruning.atomic import staging_dir",
+                        f"out = pathlib.Path({str(checkpoint)!r})", "tmp = staging_dir(out)",
+                        "(tmp / 'model.safetensors').write_bytes(b'cut short')", move_aside,
+                        "os.kill(os.getpid(), signal.SIGKILL)"])
+    killed = subprocess.run([sys.executable, "-c", script], env=_env(), timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert any(p.name.startswith(".checkpoint.") for p in (tmp_path / "run").iterdir())
+    assert checkpoint.exists() != moved_aside
+    result = train(RunConfig(**{**values, "max_steps": 4}), resume_from=checkpoint, progress=False)
+    assert result["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint", "final"]
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_a_staging_directory_whose_writer_still_runs_is_left_alone(tmp_path):
+    """Two processes writing one output (two sweeps training one teacher) must not remove each other's work."""
+    from pruning.atomic import staging_dir, tidy
+
+    out = tmp_path / "final"
+    mine = staging_dir(out)  # this process writes it
+    tidy(out)
+    assert mine.is_dir()
+
+
+def test_an_output_given_as_a_link_is_replaced_where_the_link_points(tmp_path, tokenizer):
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from pruning.packing import is_packed_dir, pack, save_packed
+
+    target, link = tmp_path / "disk" / "packed", tmp_path / "packed"
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text("kept")
+    link.symlink_to(target, target_is_directory=True)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=64,
+                                                max_position_embeddings=64))
+    save_packed(pack(model), None, link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert is_packed_dir(target) and (target / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "packed"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["packed"]
+
+
+def test_predictions_that_cannot_be_written_are_one_line_naming_the_file_and_leave_the_earlier_ones(
+        tmp_path, masked_checkpoint):
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text('{"earlier": "run"}')
+    done = _run_with_file_limit(["eval", str(masked_checkpoint), "--eval-limit", "4", "--max-seq-length", "128",
+                                 "--no-progress", "--predictions", str(predictions)], tmp_path, limit=24)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == f"fineprune eval: error: {predictions}: cannot write (File too large)"
+    assert predictions.read_text() == '{"earlier": "run"}' and [p.name for p in tmp_path.iterdir()] == [
+        "predictions.json"]
+
+
+def _processes_mentioning(root: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if str(root) in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweep's processes in /proc")
+def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes():
+    """SIGTERM (a scheduler's stop, ``timeout``, ``kill``) stops a sweep as Ctrl-C does: one line, status 143, its
+    MLflow run KILLED and resumable; ``--resume`` then finishes it with every trial run once."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    root = Path(tempfile.mkdtemp(prefix="fpk-", dir="/tmp" if os.path.isdir("/tmp") else None))  # short: Ray sockets
+    (root / "rt").mkdir()
+    env = {k: v for k, v in _env().items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0")
+    space = yaml.safe_load((REPO / "tune_spaces" / "smoke.yaml").read_text())
+    space.update(scheduler=None, num_samples=4)
+    space["base"].update(max_steps=12)
+    (root / "space.yaml").write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("smoke", artifact_location=(root / "artifacts").as_uri())
+    command = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(root / "space.yaml"), "--tracking-uri",
+               uri, "--storage-path", str(root / "ray")]
+
+    def runs(kind: str) -> list:
+        return client.search_runs([experiment], filter_string=f"tags.`fineprune.kind` = '{kind}'")
+
+    with open(root / "driver.err", "wb") as err:  # a file, not a pipe: Tune writes more than a pipe holds
+        driver = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not any(r.info.status == "FINISHED" for r in runs("trial")):
+            assert driver.poll() is None, (root / "driver.err").read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "no trial finished"
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGTERM)
+        driver.wait(timeout=300)
+        stderr = (root / "driver.err").read_text(errors="replace")
+        assert driver.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1] == "fineprune sweep: interrupted by SIGTERM"
+        (parent,) = runs("sweep")
+        assert parent.info.status == "KILLED" and parent.data.tags["fineprune.sweep_state"] == "interrupted"
+
+        done = subprocess.run([*command, "--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads(done.stdout)
+        assert summary["status"] == "finished" and summary["parent_run_id"] == parent.info.run_id
+        trials = runs("trial")
+        assert sorted(r.info.status for r in trials if r.data.tags.get("fineprune.status") == "finished") == [
+            "FINISHED"] * 4
+        assert not [r for r in client.search_runs([experiment]) if r.info.status == "RUNNING"]
+        versions = client.search_model_versions(f"name = '{summary['champion']['name']}'")
+        registered = [v.tags.get("fineprune.trial_run_id") for v in versions]
+        assert len(registered) == len(set(registered)), "a trial's model registered twice"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=30)
+        for pid in _processes_mentioning(root):  # what is left of the sweep's private Ray
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_run_over_an_earlier_one_stopped_before_its_first_checkpoint_leaves_none_of_the_earlier_run(tmp_path):
+    """With --overwrite the earlier run's checkpoint goes with its final model: left behind, a --resume of it would
+    continue the earlier run as if it were the stopped one."""
+    config, out = _dense_config(tmp_path), tmp_path / "out"
+    first = subprocess.run([sys.executable, "-m", "workflows.cli", "train", "--config", str(config), "--output-dir",
+                            str(out), "--max-steps", "2", "--no-progress"], cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    config.write_text(config.read_text().replace("save_every: 2", "save_every: 100000"))
+    process = _start(["train", "--config", str(config), "--output-dir", str(out), "--overwrite", "--no-progress"],
+                     tmp_path)
+    deadline = time.monotonic() + 240
+    while (out / "final").exists():  # gone once the new run starts training
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the earlier run's final model was not removed"
+        time.sleep(0.05)
+    time.sleep(1.0)  # training
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert list(out.iterdir()) == []
