@@ -19,7 +19,7 @@ from typing import Iterator
 
 from safetensors import SafetensorError
 
-__all__ = ["WriteError", "staging_dir", "replace_dir", "staged_dir", "tidy", "write_text"]
+__all__ = ["WriteError", "save_tensors", "staging_dir", "replace_dir", "staged_dir", "tidy", "write_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,18 @@ def _umask() -> int:
     old = os.umask(0o077)  # set back at once; only where the umask cannot be read otherwise
     os.umask(old)
     return old
+
+
+def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the mode a plain ``open`` gives (``0o666`` less the umask).
+
+    safetensors writes its files 0600, so weights in a shared run directory could be read by their writer alone
+    while the configs and tokenizers beside them could be read by everyone the umask lets in.
+    """
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def staging_dir(out_dir: Path) -> Path:

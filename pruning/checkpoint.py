@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from . import masks as mask_lib
-from .atomic import staged_dir
+from .atomic import save_tensors, staged_dir
 from .packing import PACKED_FLAG, load_packed
 from .sparsity import sparsity_report
 from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE, config_class, qa_model_class
@@ -133,13 +133,13 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
             config[MASKS_KEY] = settings
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_tensors(state, tmp / WEIGHTS, metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for name, value in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(value, indent=2), encoding="utf-8")
         for name, value in (tensors or {}).items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in value.items()}, str(tmp / name))
+            save_tensors({k: v.detach().contiguous().cpu() for k, v in value.items()}, tmp / name)
     return out_dir
 
 

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -51,6 +51,7 @@ from . import squad
 from .packing import pack_for_training, unpack_into_
 from .averaging import PREFIX as AVERAGE_PREFIX
 from .averaging import WeightAverage
+from .atomic import save_tensors
 from .checkpoint import (
     STATE,
     OPTIMIZER,
@@ -383,7 +384,7 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))
+        save_tensors({k: v.contiguous() for k, v in features.items()}, tmp)
         os.replace(tmp, path)
     except (OSError, SafetensorError) as err:  # a full disk: the run goes on, the next one tokenizes again
         tmp.unlink(missing_ok=True)

@@ -333,7 +333,7 @@ def test_windows_longer_than_the_model_are_cut_to_its_positions(tmp_path, caplog
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o002, 0o775)], ids=["umask022", "umask002"])
-def test_model_directories_get_the_mode_mkdir_gives(tmp_path, umask, mode):
+def test_model_directories_and_their_files_get_the_modes_mkdir_and_open_give(tmp_path, umask, mode):
     import os
     import stat
 
@@ -345,6 +345,9 @@ def test_model_directories_get_the_mode_mkdir_gives(tmp_path, umask, mode):
         os.umask(old)
     for path in (tmp_path / "run" / "final", tmp_path / "run" / "checkpoint"):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
+        # Every file, the weights (which safetensors writes 0600) included, has the mode open gives.
+        for file in path.iterdir():
+            assert stat.S_IMODE(file.stat().st_mode) == mode & 0o666, file
     assert metrics["model_dir"] == str(tmp_path / "run" / "final")
 
 
