@@ -367,3 +367,32 @@ def test_resuming_with_a_key_added_to_or_removed_from_the_space_is_refused(tmp_p
     with pytest.raises(ResumeError, match=re.escape(f"{changed}: {message}")):
         run_sweep(changed, experiment="smoke", tracking_uri=uri, resume=parent, address="local")
     assert not (tmp_path / "ray").exists()
+
+
+def test_a_sweep_whose_trials_diverge_ends_incomplete_with_each_reason_and_exit_3(tmp_path):
+    """Every trial trains at a learning rate that sends its loss to nan: each stops at that step and its run fails
+    with the one line that says so; the sweep prints its summary and exits 3, which a script tells from 0."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows import record
+
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    space["base"]["learning_rate"] = 1e30
+    space["teacher"]["config"]["learning_rate"] = 1e-3  # the teacher trains as usual
+    space.update(name="diverge", scheduler=None, num_samples=1, max_concurrent=1)
+    space_path = tmp_path / "diverge.yaml"
+    space_path.write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(space_path),
+                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["status"] == "interrupted" and summary["champion"]["registered"] is False
+    client = MlflowClient(tracking_uri=uri)
+    (trial,) = [r for r in client.search_runs([client.get_experiment_by_name("diverge").experiment_id])
+                if r.data.tags.get(record.TAG_KIND) == "trial"]
+    assert trial.info.status == "FAILED"
+    assert re.search(r"TrainingDiverged: step \d+: the training loss is nan .*training diverged at learning_rate "
+                     r"1e\+30", trial.data.tags[record.TAG_ERROR])

@@ -39,6 +39,9 @@ REACH_TIMEOUT_S = 15.0  # how long register, select and report wait for a tracki
 PRECISION_HELP = "fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (bf16 where supported)"
 
 
+INCOMPLETE_SWEEP = 3  # exit status of a sweep that ended with trials failed or left to run (--resume continues it)
+
+
 class UserError(Exception):
     """Raised for bad input; printed as one line, exit status 2."""
 
@@ -348,7 +351,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                         address=args.address, resume=args.resume or False, storage_path=args.storage_path,
                         tracking_timeout=timeout)
     _emit(summary)
-    return 0
+    # The summary is printed either way; a script must still tell a sweep to resume from one that is done.
+    return INCOMPLETE_SWEEP if summary.get("status") == "interrupted" else 0
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -516,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty out_dir")
 
     p = command("sweep", cmd_sweep, "Ray Tune sweep with MLflow tracking")
+    p.epilog = (f"Exit status 0 when the sweep finished; {INCOMPLETE_SWEEP} when it ended with trials failed or left "
+                "to run (Ctrl-C), its summary printed all the same: --resume continues it.")
     p.add_argument("--space", required=True, metavar="YAML", help="search space (see tune_spaces/)")
     p.add_argument("--experiment", help="MLflow experiment name (default: the space's name)")
     p.add_argument("--tracking-uri", metavar="URI",
