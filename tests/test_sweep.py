@@ -396,3 +396,26 @@ def test_a_sweep_whose_trials_diverge_ends_incomplete_with_each_reason_and_exit_
     assert trial.info.status == "FAILED"
     assert re.search(r"TrainingDiverged: step \d+: the training loss is nan .*training diverged at learning_rate "
                      r"1e\+30", trial.data.tags[record.TAG_ERROR])
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: s["base"].update(train_data="data/train.json"),
+     "base.train_data: data/train.json: SQuAD data file not found"),
+    (lambda s: s["teacher"]["config"].update(eval_data="nowhere.json"),
+     "teacher.config.eval_data: nowhere.json: SQuAD data file not found"),
+    (lambda s: s["teacher"].update(path="models/teacher", config={}),
+     "teacher.path: models/teacher: model directory not found"),
+])
+def test_a_local_sweep_whose_paths_are_not_here_fails_before_ray_starts(tmp_path, edit, needle):
+    """On a private local Ray the trials run here: a path that is not here is one line naming the key, exit 2, with
+    nothing written (not a failed teacher or trial after Ray and the sweep's run started)."""
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    edit(space)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(path), "--tracking-uri",
+                           f"sqlite:///{tmp_path}/m.db", "--storage-path", str(tmp_path / "ray")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"fineprune sweep: error: {path}: {needle}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]

@@ -62,6 +62,7 @@ __all__ = [
     "tune_config_kwargs",
     "trial_config",
     "teacher_config",
+    "check_local_paths",
     "teacher_fingerprint",
 ]
 
@@ -829,6 +830,29 @@ def load_space(path: str | Path) -> SweepSpace:
         return SweepSpace.model_validate(raw, context={"path": path})
     except ValidationError as err:
         raise SpaceError(f"{path}: {_describe(err.errors()[0])}") from None
+
+
+def check_local_paths(space: SweepSpace) -> None:
+    """The model, tokenizer, data and teacher the space names exist on this machine: a sweep on a private local Ray
+    checks them before it starts (on a cluster they need only exist on the workers, where the trials say so).
+
+    Raises:
+        SpaceError: one line naming the space file, the key and the path.
+    """
+    from pruning.resources import ResourceError, resolve_data, resolve_model
+
+    sections = [("base", space.base), ("teacher.config", space.teacher.config)]
+    checks = [(f"{where}.{key}", value, resolve) for where, values in sections
+              for key, resolve in (("model", resolve_model), ("tokenizer", resolve_model),
+                                   ("train_data", resolve_data), ("eval_data", resolve_data))
+              if isinstance(value := values.get(key), str)]
+    if space.teacher.path is not None:
+        checks.append(("teacher.path", space.teacher.path, resolve_model))
+    for key, value, resolve in checks:
+        try:
+            resolve(value)
+        except ResourceError as err:
+            raise SpaceError(f"{space.path}: {key}: {err}") from None
 
 
 def _model_positions(base_cfg: RunConfig) -> int | None:

@@ -46,8 +46,8 @@ from workflows import frontier, record, registry, tracking
 from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
 from workflows.retry import TrackingUnavailable, outage_limit, quick_http_failures
-from workflows.space import (EVAL_METRICS, SweepSpace, load_space, param_space, teacher_config, teacher_fingerprint,
-                             trial_config, tune_config_kwargs)
+from workflows.space import (EVAL_METRICS, SweepSpace, check_local_paths, load_space, param_space, teacher_config,
+                             teacher_fingerprint, trial_config, tune_config_kwargs)
 
 __all__ = ["run_sweep", "trial_main", "ensure_teacher", "frontier_summary", "sweep_complete", "FAULT_ENV",
            "TRIAL_METRICS", "RayUnavailable", "ResumeError", "RAY_CONNECT_TIMEOUT_S"]
@@ -442,6 +442,8 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     cluster = _cluster_address(address)
     if cluster:
         _check_ray_answers(cluster)
+    else:
+        check_local_paths(space)  # on a cluster they need only exist on the workers
     experiment = experiment or space.name
     tracking_uri = record.tracking_uri(tracking_uri)
     limit = outage_limit(tracking_timeout)
