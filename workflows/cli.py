@@ -554,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-latency-ms", type=float, required=True, help="budget per forward pass, in milliseconds")
     p.add_argument("--batch-size", type=int, default=1, help="batch of the timed input")
     p.add_argument("--seq-len", type=int, default=128, help="tokens of the timed input")
-    p.add_argument("--threads", type=int, help="threads of torch and ONNX Runtime while timing (default: torch's default here)")
+    p.add_argument("--threads", type=int,
+                   help="threads of torch and ONNX Runtime while timing (default: torch's default here)")
     p.add_argument("--alias", default="champion", help="alias to point at the chosen version")
     p.add_argument("--repeats", type=int, default=10, help="timed passes per version (medians are compared)")
     p.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],
