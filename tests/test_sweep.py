@@ -223,6 +223,7 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     assert len(lines) == 1, proc.stdout[:2000]
     summary = json.loads(lines[0])
     assert summary["status"] == "finished" and summary["trials"] == 6
+    assert not (Path(tempfile.gettempdir()) / "fineprune-trials" / Path(summary["sweep_dir"]).name).exists()
     assert "Configuration for experiment" in proc.stderr  # Tune's table, on stderr
     assert "the search ended after 6 of 8 trials" in proc.stderr
     parent = MlflowClient(tracking_uri=uri).get_run(summary["parent_run_id"])
@@ -396,6 +397,8 @@ def test_a_sweep_whose_trials_diverge_ends_incomplete_with_each_reason_and_exit_
     assert trial.info.status == "FAILED"
     assert re.search(r"TrainingDiverged: step \d+: the training loss is nan .*training diverged at learning_rate "
                      r"1e\+30", trial.data.tags[record.TAG_ERROR])
+    # The failed trial's local files (its checkpoints) are gone with it.
+    assert not (Path(tempfile.gettempdir()) / "fineprune-trials" / Path(summary["sweep_dir"]).name).exists()
 
 
 @pytest.mark.parametrize("edit, needle", [

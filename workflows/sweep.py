@@ -15,6 +15,7 @@ Run it as ``fineprune sweep --space FILE`` (or, on a cluster head, through ``wor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -126,10 +127,15 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
                 os._exit(1)
 
     logger.info("trial %s: %s", context.get_trial_id(), ", ".join(f"{k}={v}" for k, v in config.items()))
-    # No progress bars in a worker: Ray prints each redraw as a line; the trainer logs every log_every steps.
-    metrics = train(cfg, report=report, resume_from=resume_from, progress=False)
     packed_dir = work_dir / "packed"
-    final = _pack_and_measure(metrics, packed_dir, space, cfg.device, cfg.precision)
+    try:
+        # No progress bars in a worker: Ray prints each redraw as a line; the trainer logs every log_every steps.
+        metrics = train(cfg, report=report, resume_from=resume_from, progress=False)
+        final = _pack_and_measure(metrics, packed_dir, space, cfg.device, cfg.precision)
+    except BaseException:
+        # What it reported is in the sweep's storage, which a retry or a resume restores from.
+        _remove_work_dir(work_dir)
+        raise
     final.update({"node_id": node_id, "final": True})
     (packed_dir / CHECKPOINT_KIND).write_text(json.dumps({"kind": "packed", "metrics": final}))
     # Every checkpoint reported so far is already in the sweep's storage; the training run's files (hundreds of
@@ -137,7 +143,14 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
     for stale in (work_dir / "run", work_dir / "restored"):
         shutil.rmtree(stale, ignore_errors=True)
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(packed_dir)))
-    shutil.rmtree(work_dir, ignore_errors=True)  # the packed copy, now in storage too
+    _remove_work_dir(work_dir)  # the packed copy, now in storage too
+
+
+def _remove_work_dir(work_dir: Path) -> None:
+    """A trial's local files, and the sweep's directory of them once no other trial of this machine has one."""
+    shutil.rmtree(work_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # another trial's files are still there
+        work_dir.parent.rmdir()
 
 
 def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space: SweepSpace, device: str,
