@@ -4,6 +4,7 @@ of the shipped dev set, and the bench scripts as modules."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +35,22 @@ def bench_script():
         return module
 
     return load
+
+
+def processes_mentioning(root: Path) -> list[int]:
+    """Ids of the processes (this one aside) whose command line names ``root``: what is left of a private Ray or a
+    test cluster whose temp dir or storage is under it, and a driver given a path under it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if str(root) in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 @pytest.fixture

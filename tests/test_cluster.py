@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import processes_mentioning
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 BIN = Path(sys.executable).parent  # the environment's console scripts: ray, mlflow, fineprune
@@ -298,22 +300,6 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _processes_mentioning(root: Path) -> list[int]:
-    """Ids of the processes whose command line names ``root``: every Ray process of a cluster whose temp dir is
-    under it, and the job's driver (its storage path is under it)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if str(root) in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 def _signal(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:
@@ -323,13 +309,13 @@ def _signal(pids: list[int], sig: int) -> None:
 
 
 def _stop_processes_mentioning(root: Path) -> None:
-    _signal(_processes_mentioning(root), signal.SIGTERM)
+    _signal(processes_mentioning(root), signal.SIGTERM)
     deadline = time.monotonic() + 5
-    while _processes_mentioning(root) and time.monotonic() < deadline:
+    while processes_mentioning(root) and time.monotonic() < deadline:
         time.sleep(0.5)
-    _signal(_processes_mentioning(root), signal.SIGKILL)
+    _signal(processes_mentioning(root), signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while _processes_mentioning(root) and time.monotonic() < deadline:
+    while processes_mentioning(root) and time.monotonic() < deadline:
         time.sleep(0.5)
 
 
@@ -405,7 +391,7 @@ def two_node_cluster():
                     os.killpg(server.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        assert not _processes_mentioning(root), "processes of the test cluster outlived its teardown"
+        assert not processes_mentioning(root), "processes of the test cluster outlived its teardown"
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -489,7 +475,7 @@ def token_head():
         yield {"root": root, "address": f"127.0.0.1:{gcs_port}", "token": token, "env": clean}
     finally:
         _stop_processes_mentioning(root)
-        assert not _processes_mentioning(root), "processes of the test head outlived its teardown"
+        assert not processes_mentioning(root), "processes of the test head outlived its teardown"
         shutil.rmtree(root, ignore_errors=True)
 
 

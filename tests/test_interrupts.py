@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import processes_mentioning
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((REPO / "configs" / "tiny_smoke.yaml").read_text())
 
@@ -323,19 +325,6 @@ def test_predictions_that_cannot_be_written_are_one_line_naming_the_file_and_lea
         "predictions.json"]
 
 
-def _processes_mentioning(root: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if str(root) in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweep's processes in /proc")
 def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes():
@@ -394,7 +383,7 @@ def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes
         if driver.poll() is None:
             driver.kill()
             driver.wait(timeout=30)
-        for pid in _processes_mentioning(root):  # what is left of the sweep's private Ray
+        for pid in processes_mentioning(root):  # what is left of the sweep's private Ray
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -17,6 +17,19 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def sweep_command(space: dict, tmp_path: Path, name: str) -> tuple[subprocess.CompletedProcess, str]:
+    """``fineprune sweep`` of ``space`` (written to ``tmp_path/name.yaml``) as a user runs it, with a SQLite store
+    and Tune storage under ``tmp_path``; the finished process and the tracking URI."""
+    space_path = tmp_path / f"{name}.yaml"
+    space_path.write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(space_path),
+                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return proc, uri
+
+
 @pytest.fixture(scope="module")
 def retried_sweep(tmp_path_factory):
     """The smoke space with one retry per trial, and a fault that kills every trial's worker once."""
@@ -211,13 +224,7 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     space.update(name="finite", scheduler=None, num_samples=8, sampler={"type": "random"},
                  search={"target_density": {"type": "choice", "values": [0.3, 0.5, 0.7]},
                          "temperature": {"type": "choice", "values": [1, 4]}})
-    space_path = tmp_path / "finite.yaml"
-    space_path.write_text(yaml.safe_dump(space))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(space_path),
-                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc, uri = sweep_command(space, tmp_path, "finite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, proc.stdout[:2000]
@@ -381,13 +388,7 @@ def test_a_sweep_whose_trials_diverge_ends_incomplete_with_each_reason_and_exit_
     space["base"]["learning_rate"] = 1e30
     space["teacher"]["config"]["learning_rate"] = 1e-3  # the teacher trains as usual
     space.update(name="diverge", scheduler=None, num_samples=1, max_concurrent=1)
-    space_path = tmp_path / "diverge.yaml"
-    space_path.write_text(yaml.safe_dump(space))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(space_path),
-                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc, uri = sweep_command(space, tmp_path, "diverge")
     assert proc.returncode == 3, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["status"] == "interrupted" and summary["champion"]["registered"] is False
@@ -414,11 +415,7 @@ def test_a_local_sweep_whose_paths_are_not_here_fails_before_ray_starts(tmp_path
     nothing written (not a failed teacher or trial after Ray and the sweep's run started)."""
     space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
     edit(space)
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
-    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(path), "--tracking-uri",
-                           f"sqlite:///{tmp_path}/m.db", "--storage-path", str(tmp_path / "ray")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc, _ = sweep_command(space, tmp_path, "space")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == f"fineprune sweep: error: {path}: {needle}"
+    assert proc.stderr.strip().splitlines()[-1] == f"fineprune sweep: error: {tmp_path / 'space.yaml'}: {needle}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]

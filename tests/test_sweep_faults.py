@@ -32,6 +32,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import processes_mentioning
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 EXPERIMENT = "faults"
@@ -42,20 +44,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _processes_mentioning(root: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(root) in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def _kill(pids: list[int], sig: int) -> None:
@@ -153,8 +141,8 @@ def world():
                 _kill([driver.pid], signal.SIGKILL)
                 driver.wait(timeout=30)
         server.stop()
-        _kill(_processes_mentioning(root), signal.SIGKILL)  # what is left of the sweeps' private Ray
-        _wait_until(lambda: not _processes_mentioning(root), 30, "the test's processes to end")
+        _kill(processes_mentioning(root), signal.SIGKILL)  # what is left of the sweeps' private Ray
+        _wait_until(lambda: not processes_mentioning(root), 30, "the test's processes to end")
         shutil.rmtree(root, ignore_errors=True)
 
 
