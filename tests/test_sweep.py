@@ -312,8 +312,9 @@ def test_resuming_with_a_changed_space_is_refused_before_anything_runs(tmp_path)
 
 
 def test_a_teacher_that_cannot_be_had_stops_the_sweep_in_one_line_and_ends_its_run(tmp_path):
-    """teacher.path names no model: the error raised in the teacher's Ray task reaches the user as its own one-line
-    error (not Ray's multi-line wrapper), and the sweep's MLflow run ends FAILED, resumable, not RUNNING forever."""
+    """teacher.path names a directory the teacher's Ray task cannot load (a missing one is refused before Ray starts):
+    the error raised in that task reaches the user as its own one-line error (not Ray's multi-line wrapper), and the
+    sweep's MLflow run ends FAILED, resumable, not RUNNING forever."""
     import logging
 
     import ray
@@ -323,7 +324,9 @@ def test_a_teacher_that_cannot_be_had_stops_the_sweep_in_one_line_and_ends_its_r
     from workflows.sweep import run_sweep
 
     values = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
-    values["teacher"] = {"path": str(tmp_path / "no_such_model"), "student_init": True}
+    (tmp_path / "not_a_qa_model").mkdir()
+    (tmp_path / "not_a_qa_model" / "config.json").write_text('{"model_type": "gpt2"}')
+    values["teacher"] = {"path": str(tmp_path / "not_a_qa_model"), "student_init": True}
     space = tmp_path / "smoke.yaml"
     space.write_text(yaml.safe_dump(values))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -336,7 +339,8 @@ def test_a_teacher_that_cannot_be_had_stops_the_sweep_in_one_line_and_ends_its_r
         if ray.is_initialized():
             ray.shutdown()
     assert type(info.value).__name__ == "CheckpointError"
-    assert str(info.value) == f"{tmp_path / 'no_such_model'}: model directory not found"
+    assert str(info.value).startswith(f"{tmp_path / 'not_a_qa_model' / 'config.json'}: model_type 'gpt2' is not "
+                                      "supported")
     client = MlflowClient(tracking_uri=uri)
     (parent,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     assert parent.info.status == "FAILED"
