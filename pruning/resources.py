@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 from .config import SHIPPED_MODEL
 
-__all__ = ["ResourceError", "shipped_model_dir", "squad_file", "resolve_model", "resolve_data"]
+__all__ = ["ResourceError", "shipped_model_dir", "squad_file", "resolve_model", "resolve_data", "first_missing"]
 
 
 class ResourceError(FileNotFoundError):
@@ -55,3 +56,22 @@ def resolve_data(name: str) -> Path:
     if not path.is_file():
         raise ResourceError(f"{path}: SQuAD data file not found")
     return path
+
+
+# The run-config keys that name an input on this machine, and how each is found.
+_INPUTS = {"model": resolve_model, "tokenizer": resolve_model, "teacher": resolve_model,
+           "train_data": resolve_data, "eval_data": resolve_data}
+
+
+def first_missing(values: Mapping[str, Any], keys: Iterable[str]) -> tuple[str, ResourceError] | None:
+    """The first of ``keys`` (model, tokenizer, teacher, train_data, eval_data) whose path in ``values`` is not on
+    this machine, with the error that says so; None when all are there (a key absent or None is not checked)."""
+    for key in keys:
+        value = values.get(key)
+        if not isinstance(value, str):
+            continue
+        try:
+            _INPUTS[key](value)
+        except ResourceError as err:
+            return key, err
+    return None

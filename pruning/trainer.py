@@ -51,7 +51,6 @@ from . import squad
 from .packing import pack_for_training, unpack_into_
 from .averaging import PREFIX as AVERAGE_PREFIX
 from .averaging import WeightAverage
-from .atomic import save_tensors
 from .checkpoint import (
     STATE,
     OPTIMIZER,
@@ -142,6 +141,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _tokenizer_source(cfg: RunConfig) -> str:
+    """Where the run's tokenizer comes from, as :func:`build_model` finds it, for a message."""
+    return cfg.tokenizer or (cfg.model if cfg.model_config is None else "the shipped tokenizer (minilm)")
+
+
 def _check_token_types(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuse a tokenizer that marks the context with a token type the model has no embedding for (a BERT
     tokenizer for a RoBERTa-family model, whose ``type_vocab_size`` is 1): every window would fail at the first
@@ -149,7 +153,7 @@ def _check_token_types(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTo
     types = tokenizer("q", "c", return_token_type_ids=True).get("token_type_ids") or [0]
     limit = int(getattr(model.config, "type_vocab_size", 0) or 0)
     if limit and max(types) >= limit:
-        source = cfg.tokenizer or (cfg.model if cfg.model_config is None else "the shipped tokenizer (minilm)")
+        source = _tokenizer_source(cfg)
         raise ConfigError(f"tokenizer: {source} gives the context token type {max(types)}, but the model has "
                           f"type_vocab_size {limit}: use the model's own tokenizer")
 
@@ -163,7 +167,7 @@ def _check_pad_id(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokeniz
     ours, theirs = model.config.pad_token_id, tokenizer.pad_token_id
     if ours == theirs:
         return
-    source = cfg.tokenizer or (cfg.model if cfg.model_config is None else "the shipped tokenizer (minilm)")
+    source = _tokenizer_source(cfg)
     if cfg.model_config is not None:
         raise ConfigError(f"model_config.pad_token_id: {ours} is not the pad id of the tokenizer {source} "
                           f"({theirs}): a {model.config.model_type} model counts positions from its pad id (leave "
@@ -384,7 +388,7 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_tensors({k: v.contiguous() for k, v in features.items()}, tmp)
+        atomic.save_tensors({k: v.contiguous() for k, v in features.items()}, tmp)
         os.replace(tmp, path)
     except (OSError, SafetensorError) as err:  # a full disk: the run goes on, the next one tokenizes again
         tmp.unlink(missing_ok=True)

@@ -130,20 +130,14 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
 def _check_inputs(cfg: Any, overrides: dict[str, Any], config: str) -> None:
     """The run's model, teacher and data files exist, before any work; a missing one is named by the flag or the
     config key that gave it."""
-    from pruning.resources import ResourceError, resolve_data, resolve_model
+    from pruning.resources import first_missing
 
-    checks = [("train_data", resolve_data), ("eval_data", resolve_data), ("teacher", resolve_model)]
-    if cfg.model_config is None:
-        checks.insert(0, ("model", resolve_model))
-    for key, resolve in checks:
-        value = getattr(cfg, key)
-        if value is None:
-            continue
-        try:
-            resolve(value)
-        except ResourceError as err:
-            where = f"--{key.replace('_', '-')}" if key in overrides else f"{config}: {key}"
-            raise UserError(f"{where}: {err}") from None
+    keys = ("model",) * (cfg.model_config is None) + ("train_data", "eval_data", "teacher")
+    missing = first_missing({key: getattr(cfg, key) for key in keys}, keys)
+    if missing is not None:
+        key, err = missing
+        where = f"--{key.replace('_', '-')}" if key in overrides else f"{config}: {key}"
+        raise UserError(f"{where}: {err}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

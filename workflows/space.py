@@ -839,20 +839,15 @@ def check_local_paths(space: SweepSpace) -> None:
     Raises:
         SpaceError: one line naming the space file, the key and the path.
     """
-    from pruning.resources import ResourceError, resolve_data, resolve_model
+    from pruning.resources import first_missing
 
-    sections = [("base", space.base), ("teacher.config", space.teacher.config)]
-    checks = [(f"{where}.{key}", value, resolve) for where, values in sections
-              for key, resolve in (("model", resolve_model), ("tokenizer", resolve_model),
-                                   ("train_data", resolve_data), ("eval_data", resolve_data))
-              if isinstance(value := values.get(key), str)]
-    if space.teacher.path is not None:
-        checks.append(("teacher.path", space.teacher.path, resolve_model))
-    for key, value, resolve in checks:
-        try:
-            resolve(value)
-        except ResourceError as err:
-            raise SpaceError(f"{space.path}: {key}: {err}") from None
+    for where, values in (("base", space.base), ("teacher.config", space.teacher.config)):
+        missing = first_missing(values, ("model", "tokenizer", "train_data", "eval_data"))
+        if missing is not None:
+            raise SpaceError(f"{space.path}: {where}.{missing[0]}: {missing[1]}")
+    missing = first_missing({"teacher": space.teacher.path}, ("teacher",))
+    if missing is not None:
+        raise SpaceError(f"{space.path}: teacher.path: {missing[1]}")
 
 
 def _model_positions(base_cfg: RunConfig) -> int | None:
