@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 
@@ -354,6 +355,55 @@ def test_teacher_fingerprint_is_stable_and_follows_model_and_data(tmp_path):
     shipped = teacher_fingerprint(load_space(write(tmp_path, model_values, "m1.yaml")))
     model_values["base"]["model"] = "models/other"
     assert teacher_fingerprint(load_space(write(tmp_path, model_values, "m2.yaml"))) != shipped
+
+
+def test_teacher_fingerprint_follows_the_contents_of_the_data_and_model(tmp_path):
+    """A data file edited in place, or a model directory replaced by another, keeps its path but is a new teacher."""
+    data = tmp_path / "data.json"
+    data.write_text('{"version": "1.1", "data": []}')
+    values = variant()
+    values["base"]["train_data"] = str(data)
+    path = write(tmp_path, values)
+    first = teacher_fingerprint(load_space(path))
+    assert teacher_fingerprint(load_space(path)) == first  # unchanged file, unchanged teacher
+
+    data.write_text('{"version": "1.1", "data": [ ]}')  # same path, new bytes
+    edited = teacher_fingerprint(load_space(path))
+    assert edited != first
+    os.utime(data, ns=(1, 1))  # a new modification time alone is not a new teacher
+    assert teacher_fingerprint(load_space(path)) == edited
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bert", "hidden_size": 32}')
+    values = variant()
+    values["base"].pop("model_config")
+    values["base"]["model"] = str(model)
+    path = write(tmp_path, values, "model.yaml")
+    first = teacher_fingerprint(load_space(path))
+    (model / "model.safetensors").write_bytes(b"other weights")
+    assert teacher_fingerprint(load_space(path)) != first
+
+
+def test_a_given_teachers_fingerprint_follows_its_contents_and_evaluation(tmp_path):
+    """The dense metrics of teacher.path are cached under this key: a replaced directory or other evaluation data
+    must be scored again."""
+    given = tmp_path / "teacher"
+    given.mkdir()
+    (given / "config.json").write_text('{"model_type": "bert"}')
+    path = write(tmp_path, variant(teacher={"path": str(given)}))
+    first = teacher_fingerprint(load_space(path))
+    assert teacher_fingerprint(load_space(path)) == first
+    (given / "config.json").write_text('{"model_type": "bert", "hidden_size": 64}')
+    replaced = teacher_fingerprint(load_space(path))
+    assert replaced != first
+
+    values = variant(teacher={"path": str(given)})
+    values["base"]["eval_limit"] = 8
+    assert teacher_fingerprint(load_space(write(tmp_path, values, "limit.yaml"))) != replaced
+    values["base"]["eval_limit"] = 4
+    values["base"]["learning_rate"] = 1e-3  # training keys do not change how a given teacher scores
+    assert teacher_fingerprint(load_space(write(tmp_path, values, "lr.yaml"))) == replaced
 
 
 # --- invalid spaces -------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import logging
 import math
 import re
 import typing
@@ -33,9 +34,11 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pruning.config import (METHOD_KEYS, ConfigError, Method, RunConfig, check_keys_apply, config_from_dict,
-                            config_to_dict, read_yaml)
+from pruning.config import (METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, RunConfig, check_keys_apply,
+                            config_from_dict, config_to_dict, read_yaml)
+from pruning.resources import ResourceError, first_missing, resolve_data, resolve_model
 from pruning.schedules import warmup_steps
+from workflows.contents import content_digest
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
 from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES, RegistrySpec
@@ -98,9 +101,14 @@ _DISTIL_ONLY = frozenset({"alpha_ce", "alpha_distil", "temperature", "alpha_hidd
 # Keys that cannot change the weights of a dense teacher run (left out of its fingerprint).
 _NOT_IN_FINGERPRINT = (frozenset({"output_dir", "device", "log_every", "save_every", "eval_every", "eval_batch_size",
                                   "max_windows", "teacher", "method", "cache_dir"}) | _MASK_ONLY | _DISTIL_ONLY)
-_FINGERPRINT_VERSION = "teacher-v1"
+_FINGERPRINT_VERSION = "teacher-v2"
+# What scores a given teacher (teacher.path): the evaluation data and the settings evaluate() reads.
+_GIVEN_TEACHER_EVALUATION = ("eval_data", "eval_limit", "max_seq_length", "doc_stride", "max_answer_length", "n_best",
+                             "precision")
 _CORNER_LIMIT = 4096  # above this many corners of the search box only single extremes are checked
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+logger = logging.getLogger(__name__)
 
 
 class SpaceError(ValueError):
@@ -839,8 +847,6 @@ def check_local_paths(space: SweepSpace) -> None:
     Raises:
         SpaceError: one line naming the space file, the key and the path.
     """
-    from pruning.resources import first_missing
-
     for where, values in (("base", space.base), ("teacher.config", space.teacher.config)):
         missing = first_missing(values, ("model", "tokenizer", "train_data", "eval_data"))
         if missing is not None:
@@ -1143,18 +1149,41 @@ def teacher_config(space: SweepSpace, output_dir: str | Path) -> RunConfig:
 
 
 def teacher_fingerprint(space: SweepSpace) -> str:
-    """A stable 16-hex-digit hash of what determines the teacher, to reuse a teacher trained earlier.
+    """A stable 16-hex-digit hash of what determines the teacher and its scores, to reuse a teacher (and its dense
+    metrics) from an earlier sweep.
 
-    For a trained teacher it covers the model, data and every value of :func:`teacher_config` that can change
-    the teacher's weights or its evaluation (not the output directory, device, feature cache, logging/checkpoint
-    cadence, nor mask and distillation keys, which a dense run ignores). It hashes values, not file contents. For
-    ``teacher.path`` it is the hash of that path.
+    For a trained teacher it covers the contents of the model, tokenizer and data files and every value of
+    :func:`teacher_config` that can change the teacher's weights or its evaluation (not the output directory,
+    device, feature cache, logging/checkpoint cadence, nor mask and distillation keys, which a dense run ignores).
+    For ``teacher.path`` it covers that directory's contents, the evaluation data's and the evaluation settings.
+    A file edited in place or a directory replaced by another is a new teacher. An input that is not on this
+    machine (a cluster's workers may hold paths the driver does not) counts by its path.
     """
+    cfg = teacher_config(space, "-")
+    values = config_to_dict(cfg)
     if space.teacher.path is not None:
-        payload: Any = {"path": space.teacher.path}
+        payload: dict[str, Any] = {k: values[k] for k in _GIVEN_TEACHER_EVALUATION}
+        inputs = {"teacher": (space.teacher.path, resolve_model), "eval_data": (cfg.eval_data, resolve_data)}
     else:
-        values = config_to_dict(teacher_config(space, "-"))
         payload = {k: v for k, v in sorted(values.items()) if k not in _NOT_IN_FINGERPRINT}
+        tokenizer = cfg.tokenizer or (SHIPPED_MODEL if cfg.model_config is not None else None)
+        inputs = {"model": (None if cfg.model_config is not None else cfg.model, resolve_model),
+                  "tokenizer": (tokenizer, resolve_model),
+                  "train_data": (cfg.train_data, resolve_data), "eval_data": (cfg.eval_data, resolve_data)}
+    payload["contents"] = {key: _input_digest(name, resolve) for key, (name, resolve) in inputs.items()
+                           if name is not None}
     text = json.dumps([_FINGERPRINT_VERSION, payload], sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
+
+def _input_digest(name: str, resolve: Callable[[str], Path]) -> str:
+    """The contents of a model directory or data file, or its absolute path when it is not on this machine."""
+    try:
+        path = resolve(name)
+    except ResourceError:
+        return f"path:{Path(name).resolve()}"
+    try:
+        return content_digest(path)
+    except OSError as err:  # unreadable here: the run that reads it says why
+        logger.warning("%s: cannot read it to tell whether it changed (%s); it counts by its path", path, err)
+        return f"path:{path.resolve()}"

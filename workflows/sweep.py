@@ -16,7 +16,6 @@ Run it as ``fineprune sweep --space FILE`` (or, on a cluster head, through ``wor
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -193,16 +192,17 @@ def ensure_teacher(space: SweepSpace, root: Path) -> tuple[str, dict[str, Any]]:
 
     The work runs as a Ray task with the trials' resources (a GPU on a GPU cluster); its metrics are cached as
     ``metrics.json`` under the sweep's teacher directory, so a second sweep over the same model/data/config starts
-    at once. A given teacher directory is only read.
+    at once (:func:`~workflows.space.teacher_fingerprint`: the same contents, not only the same paths). A given
+    teacher directory is only read; its metrics are computed again when it or the evaluation data changes.
     """
+    fingerprint = teacher_fingerprint(space)
     if space.teacher.path:
         # The user's model directory is only read; its dense metrics are cached beside the sweep's own teachers.
         model_dir = Path(space.teacher.path)
-        key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
-        metrics_file = root / f"given-{key}" / "metrics.json"
-        cfg = teacher_config(space, str(root / f"given-{key}"))
+        metrics_file = root / f"given-{fingerprint}" / "metrics.json"
+        cfg = teacher_config(space, str(root / f"given-{fingerprint}"))
     else:
-        run_dir = root / teacher_fingerprint(space)
+        run_dir = root / fingerprint
         model_dir = run_dir / "final"
         metrics_file = run_dir / "metrics.json"
         cfg = teacher_config(space, str(run_dir))
