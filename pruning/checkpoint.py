@@ -33,6 +33,7 @@ __all__ = [
     "MASKS_KEY",
     "save_model",
     "load_model",
+    "load_config",
     "load_tokenizer",
     "load_training_state",
     "optimizer_tensors",
@@ -183,6 +184,15 @@ def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:
     except Exception as err:  # TypeError, ValueError, or the strict field checks of recent transformers
         message = " ".join(str(err).split())
         raise CheckpointError(f"{config_file}: invalid {model_type} config ({message})") from None
+
+
+def load_config(model_dir: str | Path) -> PretrainedConfig:
+    """The transformers config of a model directory, as :func:`load_model` builds the model from it.
+
+    Raises:
+        CheckpointError: ``config.json`` is missing, not JSON, of an unsupported model type, or invalid.
+    """
+    return _config(Path(model_dir))[1]
 
 
 def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:

@@ -15,13 +15,14 @@ embeddings may be narrower than the layers (``embedding_size``), projected to th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import transformers
 from torch import nn
 
 __all__ = ["Architecture", "ARCHITECTURES", "DEFAULT_MODEL_TYPE", "architecture_for", "architecture_of_type",
-           "qa_model_class", "config_class", "max_positions", "position_ids", "get_module", "set_module",
+           "qa_model_class", "config_class", "scratch_config", "max_positions", "position_ids", "get_module", "set_module",
            "encoder_layers"]
 
 DEFAULT_MODEL_TYPE = "bert"  # what a config.json without ``model_type`` is taken for
@@ -114,6 +115,16 @@ def config_class(model_type: str) -> type:
     """The transformers config class of a supported ``model_type``."""
     architecture_of_type(model_type)
     return transformers.CONFIG_MAPPING[model_type]
+
+
+def scratch_config(values: Mapping[str, Any], tokenizer) -> transformers.PretrainedConfig:
+    """The config of a model built from scratch (a run's ``model_config``: config kwargs, ``model_type`` bert unless
+    given) for ``tokenizer``: its vocabulary size and pad id unless ``values`` give them. A RoBERTa-family model
+    counts positions from its pad id, which must be the id the windows are padded with."""
+    values = {"vocab_size": tokenizer.vocab_size, **values}
+    if tokenizer.pad_token_id is not None:
+        values.setdefault("pad_token_id", tokenizer.pad_token_id)
+    return config_class(values.pop("model_type", DEFAULT_MODEL_TYPE))(**values)
 
 
 def max_positions(config) -> int:

@@ -69,7 +69,7 @@ from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
 from .sparsity import sparsity_report
-from .structure import DEFAULT_MODEL_TYPE, architecture_for, config_class, max_positions, qa_model_class
+from .structure import architecture_for, max_positions, qa_model_class, scratch_config
 from .teacher_cache import TeacherCache, TeacherOutputs
 
 __all__ = ["Report", "TrainingPlan", "build_model", "fit_to_model", "plan", "mask_schedule", "train", "evaluate",
@@ -180,15 +180,11 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The student (masked when the method asks for it) and its tokenizer, on the CPU."""
     if cfg.model_config is not None:
         tokenizer = load_tokenizer(cfg.tokenizer or shipped_model_dir())
-        values = {"vocab_size": tokenizer.vocab_size, **dict(cfg.model_config)}
-        if values["vocab_size"] < len(tokenizer):  # token ids past the embeddings fail at the first forward
-            raise ConfigError(f"model_config.vocab_size: {values['vocab_size']} is smaller than the tokenizer's "
+        config = scratch_config(cfg.model_config, tokenizer)
+        if config.vocab_size < len(tokenizer):  # token ids past the embeddings fail at the first forward
+            raise ConfigError(f"model_config.vocab_size: {config.vocab_size} is smaller than the tokenizer's "
                               f"{len(tokenizer)} tokens")
-        if tokenizer.pad_token_id is not None:
-            # A RoBERTa-family model counts positions from its pad id: it must be the id the windows are padded with.
-            values.setdefault("pad_token_id", tokenizer.pad_token_id)
-        model_type = values.pop("model_type", DEFAULT_MODEL_TYPE)
-        model = qa_model_class(model_type)(config_class(model_type)(**values))
+        model = qa_model_class(config.model_type)(config)
     else:
         model_dir = resolve_model(cfg.model)
         model = load_model(model_dir)

@@ -25,7 +25,6 @@ import re
 import typing
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated, Any, Callable, Iterable, Literal, Mapping
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
@@ -857,48 +856,24 @@ def check_local_paths(space: SweepSpace) -> None:
 
 
 def _model_positions(base_cfg: RunConfig) -> int | None:
-    """The longest window the sweep's model takes (:func:`pruning.structure.max_positions`), or None when it cannot
-    be told here: a model directory that exists only on the cluster's machines, or a tokenizer that does not load
-    (the trial says why).
-
-    A random model (``model_config``) of the RoBERTa family counts its positions after the pad id, which is the
-    tokenizer's unless the config gives one, as the trainer builds it.
+    """The longest window the sweep's model takes (:func:`pruning.structure.max_positions` of the config the trainer
+    builds the model from), or None when it cannot be told here: a model directory that exists only on the cluster's
+    machines, or a config or tokenizer that does not load (the trial says why).
     """
     # pruning imports torch and transformers: only a space whose limits are checked needs them.
-    from pruning.checkpoint import CheckpointError, load_tokenizer, read_json
-    from pruning.resources import ResourceError, resolve_model, shipped_model_dir
-    from pruning.structure import DEFAULT_MODEL_TYPE, architecture_of_type, config_class, max_positions
+    from pruning.checkpoint import CheckpointError, load_config, load_tokenizer
+    from pruning.resources import shipped_model_dir
+    from pruning.structure import max_positions, scratch_config
 
-    if base_cfg.model_config is not None:
-        values = dict(base_cfg.model_config)
-        model_type = values.get("model_type", DEFAULT_MODEL_TYPE)
-        defaults = config_class(model_type)()
-        pad = values.get("pad_token_id")
-        if pad is None and architecture_of_type(model_type).positions_after_padding:
-            try:
-                pad = load_tokenizer(base_cfg.tokenizer or shipped_model_dir()).pad_token_id
-            except (CheckpointError, OSError):
-                return None
-        config = {"model_type": model_type, "pad_token_id": defaults.pad_token_id if pad is None else pad,
-                  "max_position_embeddings": values.get("max_position_embeddings",
-                                                        defaults.max_position_embeddings)}
-    else:
-        try:
-            raw = read_json(resolve_model(base_cfg.model) / "config.json")
-        except (ResourceError, CheckpointError, OSError):
-            return None
-        model_type = raw.get("model_type", DEFAULT_MODEL_TYPE)
-        if not isinstance(model_type, str) or not isinstance(raw.get("max_position_embeddings"), int):
-            return None  # the trial's loader names what is wrong with the config
-        try:
-            architecture_of_type(model_type)
-        except ValueError:
-            return None
-        pad = raw.get("pad_token_id")
-        config = {"model_type": model_type,
-                  "pad_token_id": pad if isinstance(pad, int) else config_class(model_type)().pad_token_id,
-                  "max_position_embeddings": raw["max_position_embeddings"]}
-    return max_positions(SimpleNamespace(**config))
+    try:
+        if base_cfg.model_config is None:
+            config = load_config(resolve_model(base_cfg.model))
+        else:
+            tokenizer = load_tokenizer(base_cfg.tokenizer or shipped_model_dir())
+            config = scratch_config(base_cfg.model_config, tokenizer)
+        return max_positions(config)
+    except (ResourceError, CheckpointError, OSError, TypeError, ValueError):
+        return None
 
 
 def _check_applicable(search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> None:
