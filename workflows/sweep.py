@@ -609,6 +609,13 @@ def _check_same_space(space: SweepSpace, previous) -> None:
     for prefix in _GIVEN_ENTRIES:
         for key in sorted({k for k in now if k.startswith(prefix)} ^ {k for k in then if k.startswith(prefix)}):
             refuse(key, now.get(key, "not given"), then.get(key, "it not given"))
+    # A section that is null on one side and given on the other (a scheduler or a sampler added or removed) is one
+    # param on that side and several, under its name, on the other. A restored sweep keeps the scheduler and
+    # searcher it started with, so such a change would be ignored.
+    for one, other, value_one, value_other in ((then, now, "given", "none"), (now, then, "not given", "one")):
+        for key in sorted(k for k, v in one.items() if v == "None" and k not in other):
+            if key.split(".", 1)[0] not in _RESUMABLE_CHANGES and any(k.startswith(f"{key}.") for k in other):
+                refuse(key, value_one, value_other)
     searched_now, searched_then = ({key.split(".")[1] for key in params if key.startswith("search.")}
                                    for params in (now, then))
     for name in sorted(searched_now ^ searched_then):
