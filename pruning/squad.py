@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "SquadFormatError",
+    "NonFiniteLogits",
     "Example",
     "Answer",
     "EvalFeatures",
@@ -70,6 +71,10 @@ _WHITESPACE = re.compile(r"\s")
 
 class SquadFormatError(ValueError):
     """A SQuAD data or predictions file is unreadable or malformed; the message names the file and the question."""
+
+
+class NonFiniteLogits(ValueError):
+    """A model gave NaN or infinite start/end logits on context tokens, where no span can be ranked."""
 
 
 @dataclass(frozen=True)
@@ -694,6 +699,10 @@ def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures,
 
     Returns:
         question id -> :class:`Answer` (an empty text with score ``-inf`` only for a question without context tokens).
+
+    Raises:
+        NonFiniteLogits: a start or end logit of a context token is NaN or infinite (a model whose weights hold NaN
+            or inf); the one-line message gives how many windows and the first question.
     """
     if n_best <= 0 or max_answer_length <= 0:
         raise ValueError(f"n_best and max_answer_length must be positive, got {n_best} and {max_answer_length}")
@@ -707,6 +716,12 @@ def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures,
     for feature, example in enumerate(features.example_index):
         windows[int(example)].append(feature)
     is_context = features.context_mask
+    broken = ~(np.isfinite(start_logits) & np.isfinite(end_logits)) & is_context
+    if broken.any():
+        windows_hit = np.flatnonzero(broken.any(axis=1))
+        raise NonFiniteLogits(f"the model gave NaN or infinite start/end logits in {len(windows_hit)} of "
+                              f"{len(features)} windows (first: question {features.example_ids[windows_hit[0]]}): "
+                              "its weights hold NaN or inf, or its precision overflows")
 
     results: dict[str, Answer] = {}
     for example, ex in enumerate(examples):

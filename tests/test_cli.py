@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pruning import squad
@@ -540,3 +541,20 @@ def test_max_steps_for_a_fisher_run_is_refused_not_ignored(capsys, tmp_path):
     assert line.endswith(f"{config}: --max-steps: has no effect with method fisher (read by dense, topk and "
                          "sigmoid_threshold only; a fisher run trains its fill_steps)")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_non_finite_logits_is_one_line_naming_it_in_eval_and_ask(tmp_path, tiny_bert_config, tokenizer,
+                                                                              capsys):
+    from transformers import BertForQuestionAnswering
+
+    from pruning.checkpoint import save_model
+
+    model = BertForQuestionAnswering(tiny_bert_config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    model_dir = save_model(model, tokenizer, tmp_path / "nan-model")
+    for argv in (["eval", str(model_dir), "--eval-limit", "2", "--no-progress"],
+                 ["ask", str(model_dir), "--question", "Who?", "--context", "It was written by Ann."]):
+        line = _one_line_error(capsys, argv)
+        assert f"{model_dir}: the model gave NaN or infinite start/end logits" in line

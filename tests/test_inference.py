@@ -273,3 +273,10 @@ def test_windows_without_room_for_a_question_are_a_setting_error(tokenizer):
     with pytest.raises(ValueError, match="leave no room for a question") as raised:
         check_records(tokenizer, ["Who?"], [CONTEXT], max_seq_length=64, doc_stride=64)
     assert not isinstance(raised.value, RecordError)
+
+
+def test_non_finite_logits_are_an_error_not_an_arbitrary_answer(tiny_qa_model, tokenizer):
+    with torch.no_grad():
+        tiny_qa_model.bert.encoder.layer[0].attention.self.query.weight.fill_(float("nan"))
+    with pytest.raises(squad.NonFiniteLogits, match="NaN or infinite start/end logits in 1 of 1 windows"):
+        answer(tiny_qa_model, tokenizer, "Which nations?", CONTEXT)

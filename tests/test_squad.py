@@ -587,3 +587,30 @@ def test_predict_spans_agree_with_the_logits(tiny_qa_model, tokenizer, dev_subse
     for ex in examples:
         span = spans[ex.id]
         assert ex.context[span.start:span.end] == span.text
+
+
+def _nan_model(config) -> BertForQuestionAnswering:
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(config).eval()
+    with torch.no_grad():
+        model.qa_outputs.weight.fill_(float("nan"))
+    return model
+
+
+def test_non_finite_logits_are_an_error_not_an_arbitrary_span(tiny_bert_config, tokenizer, dev_subset):
+    model = _nan_model(tiny_bert_config)
+    examples = dev_subset[:3]
+    with pytest.raises(squad.NonFiniteLogits, match=r"^the model gave NaN or infinite start/end logits in (\d+) "
+                                                    rf"of \1 windows \(first: question {examples[0].id}\)"):
+        squad.evaluate_model(model, tokenizer, examples, max_seq_length=96, doc_stride=32, progress=False)
+    # One infinite logit on a context token is enough; non-finite values outside the context are never read.
+    features = squad.prepare_eval_features(examples, tokenizer, max_seq_length=96, doc_stride=32)
+    start = np.zeros(features.offsets.shape[:2], dtype=np.float32)
+    end = start.copy()
+    start[~features.context_mask] = np.nan
+    assert set(squad.postprocess_predictions(examples, features, start, end)) == {ex.id for ex in examples}
+    f, t = np.argwhere(features.context_mask)[-1]
+    end[f, t] = np.inf
+    with pytest.raises(squad.NonFiniteLogits, match=rf"in 1 of {len(features)} windows \(first: question "
+                                                    rf"{features.example_ids[f]}\)"):
+        squad.postprocess_predictions(examples, features, start, end)

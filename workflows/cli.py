@@ -216,6 +216,17 @@ def _windows(args: argparse.Namespace, model, tokenizer) -> tuple[int, int]:
     return seq, stride
 
 
+@contextlib.contextmanager
+def _names_model(model_dir: str):
+    """A model's logits that are not finite, as a one-line error naming the model directory."""
+    from pruning.squad import NonFiniteLogits
+
+    try:
+        yield
+    except NonFiniteLogits as err:
+        raise UserError(f"{model_dir}: {err}") from None
+
+
 def _tracking_client(uri: str | None):
     """A client of the tracking store, once it answers (a server that does not: exit 1 in seconds)."""
     from workflows import record, tracking
@@ -253,7 +264,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     examples = squad.load_squad(resolve_data(args.eval_data), limit=args.eval_limit, spans=False)
     # The same windows, span search and metric for every kind of model, cut to what the model takes.
     seq, stride = _windows(args, model, tokenizer)
-    with autocast(precision, device):
+    with _names_model(args.model_dir), autocast(precision, device):
         metrics, predictions = squad.evaluate_model(model, tokenizer, examples, max_seq_length=seq, doc_stride=stride,
                                                     batch_size=args.batch_size,
                                                     max_answer_length=args.max_answer_length, n_best=args.n_best,
@@ -280,7 +291,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     _check_positive(args, "max_seq_length", "doc_stride", "max_query_length", "max_answer_length", "n_best")
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant)
     seq, stride = _windows(args, model, tokenizer)
-    with autocast(precision, device):
+    with _names_model(args.model_dir), autocast(precision, device):
         result = answer(model, tokenizer, args.question, args.context, max_seq_length=seq, doc_stride=stride,
                         max_answer_length=args.max_answer_length, n_best=args.n_best,
                         max_query_length=args.max_query_length)
