@@ -348,6 +348,9 @@ def test_teacher_fingerprint_is_stable_and_follows_model_and_data(tmp_path):
     assert changed("base", "target_density", 0.3) == first
     assert changed("base", "attention_block", [32, 32]) == first
     assert changed("base", "eval_every", 2) == first
+    # A key added later changes it only away from its default, so a teacher trained before it is still reused.
+    assert changed("base", "max_query_length", 64) == first
+    assert changed("base", "max_query_length", 32) != first
 
     model_values = variant()
     model_values["base"].pop("model_config")

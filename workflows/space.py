@@ -99,6 +99,9 @@ _DISTIL_ONLY = frozenset({"alpha_ce", "alpha_distil", "temperature", "alpha_hidd
 _NOT_IN_FINGERPRINT = (frozenset({"output_dir", "device", "log_every", "save_every", "eval_every", "eval_batch_size",
                                   "max_windows", "teacher", "method", "cache_dir"}) | _MASK_ONLY | _DISTIL_ONLY)
 _FINGERPRINT_VERSION = "teacher-v1"
+# Keys added to the run config after this fingerprint's version: left out at their default, so that a teacher
+# trained before a key existed keeps its fingerprint (and is reused, not trained again).
+_LATER_KEYS = ("max_query_length",)
 _CORNER_LIMIT = 4096  # above this many corners of the search box only single extremes are checked
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -1154,7 +1157,8 @@ def teacher_fingerprint(space: SweepSpace) -> str:
         payload: Any = {"path": space.teacher.path}
     else:
         values = config_to_dict(teacher_config(space, "-"))
-        payload = {k: v for k, v in sorted(values.items()) if k not in _NOT_IN_FINGERPRINT}
+        payload = {k: v for k, v in sorted(values.items()) if k not in _NOT_IN_FINGERPRINT
+                   and not (k in _LATER_KEYS and v == RunConfig.__dataclass_fields__[k].default)}
     text = json.dumps([_FINGERPRINT_VERSION, payload], sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
