@@ -86,6 +86,9 @@ class RunConfig:
     # --- features and post-processing ---------------------------------------------------------------------
     max_seq_length: int = 384
     doc_stride: int = 128
+    # a question with more tokens is cut to its first max_query_length (as in the BERT SQuAD recipe), one warning
+    # giving how many were cut
+    max_query_length: int = 64
     max_answer_length: int = 30
     n_best: int = 20
     max_windows: int = 64  # served model: the most windows one context may need (longer ones are refused)
@@ -239,8 +242,8 @@ def _check(cfg: RunConfig) -> None:
         if not (isinstance(value, str) and value) and not (value is None and key in _OPTIONAL_PATH_KEYS):
             allowed = "a path or name" + (" or null" if key in _OPTIONAL_PATH_KEYS else "")
             _fail(key, f"must be {allowed}, got {value!r}")
-    positive_ints = ["max_seq_length", "doc_stride", "max_answer_length", "n_best", "max_windows", "batch_size",
-                     "eval_batch_size", "grad_accum", "log_every"]
+    positive_ints = ["max_seq_length", "doc_stride", "max_query_length", "max_answer_length", "n_best", "max_windows",
+                     "batch_size", "eval_batch_size", "grad_accum", "log_every"]
     for key in positive_ints:
         if not (_is_int(getattr(cfg, key)) and getattr(cfg, key) > 0):
             _fail(key, f"must be a positive integer, got {getattr(cfg, key)!r}")

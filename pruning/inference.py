@@ -6,7 +6,8 @@ exactly what the model would be scored on for the same question and context.
 Answering a list of records takes three steps, none of which depends on what runs the model:
 
 1. :func:`check_records` checks every record before any model work: the question and the context are non-empty
-   strings, and the context fits in ``max_windows`` windows. Windows are counted with the tokenizer alone, on a
+   strings, and the context fits in ``max_windows`` windows (a question is cut to ``max_query_length`` tokens, as in
+   evaluation). Windows are counted with the tokenizer alone, on a
    prefix of the text just long enough to decide, so an oversized context costs little. A bad record raises a
    :class:`RecordError` naming the record's index and the field.
 2. :func:`run_windows` stacks the windows of all records, sorts them by length and runs them in batches of up to
@@ -30,7 +31,8 @@ import torch
 from torch import nn
 
 from .bench import eval_mode
-from .squad import Answer, EvalFeatures, Example, longest_question, postprocess_predictions, prepare_eval_features
+from .squad import (Answer, EvalFeatures, Example, cut_question, longest_question, postprocess_predictions,
+                    prepare_eval_features)
 
 __all__ = ["Answer", "RecordError", "WindowRunner", "check_records", "count_windows", "torch_runner", "run_windows",
            "answer_records", "answer_batch", "answer"]
@@ -107,11 +109,12 @@ def _count_tokens(tokenizer: Any, text: str, cap: int | None) -> int:
 
 
 def count_windows(tokenizer: Any, question: str, context: str, max_seq_length: int = 384, doc_stride: int = 128,
-                  max_windows: int | None = None, index: int | None = None) -> int:
+                  max_windows: int | None = None, index: int | None = None, max_query_length: int = 64) -> int:
     """Windows :func:`pruning.squad.prepare_eval_features` makes of one record, counted with the tokenizer only.
 
-    A window holds the special tokens, the question and ``max_seq_length - specials - question`` context tokens;
-    each next window starts ``doc_stride`` tokens before the previous one ends.
+    A window holds the special tokens, the question (cut to ``max_query_length`` tokens) and
+    ``max_seq_length - specials - question`` context tokens; each next window starts ``doc_stride`` tokens before
+    the previous one ends.
 
     Args:
         tokenizer: the model's fast tokenizer.
@@ -119,12 +122,13 @@ def count_windows(tokenizer: Any, question: str, context: str, max_seq_length: i
         max_seq_length, doc_stride: the windows.
         max_windows: refuse a context needing more windows; only as much of it is tokenized as it takes to tell.
         index: the record's position, for the error message.
+        max_query_length: the most question tokens a window takes (a longer question is cut).
 
     Returns:
         The number of windows (at least 1).
 
     Raises:
-        RecordError: the question leaves no more than ``doc_stride`` tokens for the context, the question or the
+        RecordError: the (cut) question leaves no more than ``doc_stride`` tokens for the context, the question or the
             context has no tokens, or the context needs more than ``max_windows`` windows.
         ValueError: the windows leave no room for a question.
     """
@@ -132,10 +136,11 @@ def count_windows(tokenizer: Any, question: str, context: str, max_seq_length: i
     most = longest_question(tokenizer, max_seq_length, doc_stride)
     if most < 1:
         raise ValueError(f"windows of {max_seq_length} tokens overlapping by {doc_stride} leave no room for a question")
-    question_tokens = _count_tokens(tokenizer, question.lstrip(), most)
+    question_tokens = _count_tokens(tokenizer, cut_question(tokenizer, question, max_query_length), most)
     if question_tokens > most:
         raise RecordError(index, "question", f"is too long: more than {most} tokens (windows of "
-                                             f"{max_seq_length} tokens overlapping by {doc_stride})")
+                                             f"{max_seq_length} tokens overlapping by {doc_stride}; "
+                                             f"max_query_length {max_query_length})")
     if question_tokens == 0:
         raise RecordError(index, "question", "has no tokens the model reads")
     room = max_seq_length - specials - question_tokens  # context tokens per window, > doc_stride
@@ -151,7 +156,7 @@ def count_windows(tokenizer: Any, question: str, context: str, max_seq_length: i
 
 
 def check_records(tokenizer: Any, questions: Sequence[Any], contexts: Sequence[Any], max_seq_length: int = 384,
-                  doc_stride: int = 128, max_windows: int | None = None) -> list[int]:
+                  doc_stride: int = 128, max_windows: int | None = None, max_query_length: int = 64) -> list[int]:
     """Check every record before any model work; see :func:`count_windows`.
 
     Returns:
@@ -172,7 +177,8 @@ def check_records(tokenizer: Any, questions: Sequence[Any], contexts: Sequence[A
     for i, (question, context) in enumerate(zip(questions, contexts)):
         _check_text("question", question, i)
         _check_text("context", context, i)
-    return [count_windows(tokenizer, question, context, max_seq_length, doc_stride, max_windows, index=i)
+    return [count_windows(tokenizer, question, context, max_seq_length, doc_stride, max_windows, index=i,
+                          max_query_length=max_query_length)
             for i, (question, context) in enumerate(zip(questions, contexts))]
 
 
@@ -241,7 +247,8 @@ def run_windows(run: WindowRunner, features: EvalFeatures, batch_size: int = 64)
 
 def answer_records(run: WindowRunner, tokenizer: Any, questions: Sequence[Any], contexts: Sequence[Any],
                    max_seq_length: int = 384, doc_stride: int = 128, max_windows: int | None = None,
-                   batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20) -> list[Answer]:
+                   batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
+                   max_query_length: int = 64) -> list[Answer]:
     """Answer each question from its context, with the windows of all records run together.
 
     Args:
@@ -252,6 +259,7 @@ def answer_records(run: WindowRunner, tokenizer: Any, questions: Sequence[Any], 
         max_windows: the most windows one context may need; None: no limit.
         batch_size: windows per call of ``run``.
         max_answer_length, n_best: the span search (see :func:`pruning.squad.postprocess_predictions`).
+        max_query_length: a question is cut to this many tokens (see :func:`pruning.squad.cut_question`).
 
     Returns:
         One :class:`Answer` per question, in order, with ``context[answer.start:answer.end] == answer.text``.
@@ -260,10 +268,11 @@ def answer_records(run: WindowRunner, tokenizer: Any, questions: Sequence[Any], 
         RecordError: a record is invalid (see :func:`check_records`); nothing has been run.
         ValueError: the two lists differ in length.
     """
-    check_records(tokenizer, questions, contexts, max_seq_length, doc_stride, max_windows)
+    check_records(tokenizer, questions, contexts, max_seq_length, doc_stride, max_windows, max_query_length)
     examples = [Example(id=str(i), title="", context=context, question=question)
                 for i, (question, context) in enumerate(zip(questions, contexts))]
-    features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride)
+    features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
+                                     max_query_length=max_query_length)
     start_logits, end_logits = run_windows(run, features, batch_size=batch_size)
     spans = postprocess_predictions(examples, features, start_logits, end_logits, n_best=n_best,
                                     max_answer_length=max_answer_length)
@@ -273,7 +282,7 @@ def answer_records(run: WindowRunner, tokenizer: Any, questions: Sequence[Any], 
 def answer_batch(model: nn.Module, tokenizer: Any, questions: Sequence[str], contexts: Sequence[str],
                  max_seq_length: int = 384, doc_stride: int = 128, max_answer_length: int = 30, n_best: int = 20,
                  batch_size: int = 64, device: str | torch.device | None = None,
-                 max_windows: int | None = None) -> list[Answer]:
+                 max_windows: int | None = None, max_query_length: int = 64) -> list[Answer]:
     """Answer each question from its context with a PyTorch model; see :func:`answer_records`.
 
     Args:
@@ -289,12 +298,14 @@ def answer_batch(model: nn.Module, tokenizer: Any, questions: Sequence[str], con
     with eval_mode(model):
         return answer_records(torch_runner(model, device), tokenizer, questions, contexts,
                               max_seq_length=max_seq_length, doc_stride=doc_stride, max_windows=max_windows,
-                              batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best)
+                              batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best,
+                              max_query_length=max_query_length)
 
 
 def answer(model: nn.Module, tokenizer: Any, question: str, context: str, max_seq_length: int = 384,
            doc_stride: int = 128, max_answer_length: int = 30, n_best: int = 20,
-           device: str | torch.device | None = None, max_windows: int | None = None) -> Answer:
+           device: str | torch.device | None = None, max_windows: int | None = None,
+           max_query_length: int = 64) -> Answer:
     """Answer one question from its context; see :func:`answer_batch`.
 
     Returns:
@@ -307,6 +318,6 @@ def answer(model: nn.Module, tokenizer: Any, question: str, context: str, max_se
     try:
         return answer_batch(model, tokenizer, [question], [context], max_seq_length=max_seq_length,
                             doc_stride=doc_stride, max_answer_length=max_answer_length, n_best=n_best, device=device,
-                            max_windows=max_windows)[0]
+                            max_windows=max_windows, max_query_length=max_query_length)[0]
     except RecordError as err:  # one record: no index to name
         raise RecordError(None, err.field, err.problem) from None

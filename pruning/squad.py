@@ -32,11 +32,13 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "SquadFormatError",
+    "NonFiniteLogits",
     "Example",
     "Answer",
     "EvalFeatures",
     "fit_windows",
     "longest_question",
+    "cut_question",
     "check_windows",
     "batch_width",
     "window_batch",
@@ -61,10 +63,18 @@ logger = logging.getLogger(__name__)
 
 # Examples per tokenizer call: large enough for the fast tokenizer's batching, small enough to bound memory.
 _TOKENIZE_CHUNK = 1000
+# Characters of a long question tokenized first, per token kept (English averages under 5 characters a token); the
+# prefix doubles until it holds more tokens than are kept, or the whole question.
+_CHARS_PER_TOKEN = 8
+_WHITESPACE = re.compile(r"\s")
 
 
 class SquadFormatError(ValueError):
     """A SQuAD data or predictions file is unreadable or malformed; the message names the file and the question."""
+
+
+class NonFiniteLogits(ValueError):
+    """A model gave NaN or infinite start/end logits on context tokens, where no span can be ranked."""
 
 
 @dataclass(frozen=True)
@@ -391,9 +401,73 @@ def _check_window(tokenizer: Any, max_seq_length: int, doc_stride: int) -> None:
         raise ValueError("the tokenizer must pad on the right (question first, context second)")
 
 
+def _prefix(text: str, size: int) -> str:
+    """The first ``size`` characters of ``text``, cut back to the whitespace before them (where a tokenizer splits
+    words anyway, so the prefix's tokens are the text's first ones), or on to the next whitespace after a long word."""
+    if size >= len(text):
+        return text
+    cut = max(text.rfind(char, 0, size) for char in (" ", "\n", "\t", "\r"))
+    if cut <= 0:
+        after = _WHITESPACE.search(text, size)
+        cut = after.start() if after is not None else len(text)
+    return text[:cut]
+
+
+def cut_question(tokenizer: Any, question: str, max_query_length: int = 64) -> str:
+    """``question`` without its leading whitespace, cut after its first ``max_query_length`` tokens (as the BERT
+    SQuAD recipe truncates queries); unchanged when it has no more tokens. Only a prefix of a long question is
+    tokenized."""
+    if not isinstance(max_query_length, int) or isinstance(max_query_length, bool) or max_query_length <= 0:
+        raise ValueError(f"max_query_length must be a positive integer, got {max_query_length!r}")
+    text = question.lstrip()
+    size = _CHARS_PER_TOKEN * (max_query_length + 1)
+    while True:
+        prefix = _prefix(text, size)
+        offsets = tokenizer(prefix, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) > max_query_length:
+            break
+        if len(prefix) == len(text):
+            return text
+        size = 2 * max(size, len(prefix))
+    # Cut after the last token kept. A tokenizer may split the cut text differently, so cut again until it fits
+    # (at least one character each time, as several tokens may share one character).
+    text = prefix
+    while len(offsets) > max_query_length:
+        text = text[:min(int(offsets[max_query_length - 1][1]), len(text) - 1)].rstrip()
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text
+
+
+def _cut_questions(examples: Sequence[Example], tokenizer: Any, max_query_length: int) -> list[str]:
+    """The questions of ``examples`` as the windows take them: leading whitespace removed, cut to
+    ``max_query_length`` tokens (one warning gives how many were cut).
+
+    Tokens never outnumber UTF-8 bytes, and a question's first characters tell whether it is short, so only the
+    questions that may be long are tokenized, and only their beginnings, in one batch.
+    """
+    # Leading spaces of a question only waste window room (one SQuAD train question has thousands).
+    questions = [ex.question.lstrip() for ex in examples]
+    suspects = [i for i, q in enumerate(questions) if len(q.encode("utf-8")) > max_query_length]
+    if not suspects:
+        return questions
+    size = _CHARS_PER_TOKEN * (max_query_length + 1)
+    heads = tokenizer([questions[i][:size] for i in suspects], add_special_tokens=False)["input_ids"]
+    cut = 0
+    for i, head in zip(suspects, heads):
+        if len(head) > max_query_length or len(questions[i]) > size:
+            shorter = cut_question(tokenizer, questions[i], max_query_length)
+            cut += shorter != questions[i]
+            questions[i] = shorter
+    if cut:
+        logger.warning("%d of %d questions have more than max_query_length (%d) tokens: each is cut to its first %d",
+                       cut, len(questions), max_query_length, max_query_length)
+    return questions
+
+
 def _check_question_lengths(examples: Sequence[Example], questions: list[str], tokenizer: Any, max_seq_length: int,
-                            doc_stride: int) -> None:
-    """Fail clearly on a question too long to leave more than ``doc_stride`` tokens of context in a window.
+                            doc_stride: int, max_query_length: int) -> None:
+    """Fail clearly on a question (cut to ``max_query_length`` tokens) too long to leave more than ``doc_stride``
+    tokens of context in a window.
 
     The tokenizer itself panics in that case. Tokens never outnumber UTF-8 bytes, so only the few long questions
     are tokenized here.
@@ -402,6 +476,8 @@ def _check_question_lengths(examples: Sequence[Example], questions: list[str], t
     if room < 2:
         raise SquadFormatError(f"max_seq_length {max_seq_length} and doc_stride {doc_stride} leave no room for a "
                                "question: raise max_seq_length or lower doc_stride")
+    if max_query_length < room:  # every question has been cut short enough
+        return
     suspects = [i for i, q in enumerate(questions) if len(q.encode("utf-8")) >= room]
     if not suspects:
         return
@@ -410,16 +486,18 @@ def _check_question_lengths(examples: Sequence[Example], questions: list[str], t
         if len(ids) >= room:
             raise SquadFormatError(f"question {examples[i].id} has {len(ids)} tokens: with max_seq_length "
                                    f"{max_seq_length} and doc_stride {doc_stride} a question may have at most "
-                                   f"{room - 1} (raise max_seq_length or lower doc_stride)")
+                                   f"{room - 1} (lower max_query_length ({max_query_length}), raise max_seq_length "
+                                   "or lower doc_stride)")
 
 
-def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int,
-              doc_stride: int) -> Iterator[tuple[int, Any]]:
+def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int, doc_stride: int,
+              max_query_length: int) -> Iterator[tuple[int, Any]]:
     """Yield (index of the chunk's first example, encoding) for chunks of examples; windows of all questions."""
     _check_window(tokenizer, max_seq_length, doc_stride)
-    # Leading spaces of a question only waste window room (one SQuAD train question has thousands).
-    questions = [ex.question.lstrip() for ex in examples]
-    _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride)
+    if not isinstance(max_query_length, int) or isinstance(max_query_length, bool) or max_query_length <= 0:
+        raise ValueError(f"max_query_length must be a positive integer, got {max_query_length!r}")
+    questions = _cut_questions(examples, tokenizer, max_query_length)
+    _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride, max_query_length)
     for first in range(0, len(examples), _TOKENIZE_CHUNK):
         chunk = slice(first, first + _TOKENIZE_CHUNK)
         # token_type_ids asked for: a tokenizer whose model_input_names leave them out still has them for BERT.
@@ -474,7 +552,7 @@ def window_batch(features: dict[str, torch.Tensor], index: torch.Tensor,
 
 
 def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_length: int = 384,
-                           doc_stride: int = 128) -> dict[str, torch.Tensor]:
+                           doc_stride: int = 128, max_query_length: int = 64) -> dict[str, torch.Tensor]:
     """Training windows with the token positions of each question's first gold answer.
 
     A context longer than one window is split into windows overlapping by ``doc_stride`` tokens. A window that
@@ -485,6 +563,9 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
         tokenizer: a fast tokenizer that pads on the right.
         max_seq_length: tokens per window (question + context + special tokens).
         doc_stride: overlap, in tokens, of consecutive windows of one context.
+        max_query_length: a question with more tokens is cut to its first ``max_query_length`` (one warning gives
+            how many were); a question that, cut, still leaves no more than ``doc_stride`` context tokens in a
+            window raises :class:`SquadFormatError`.
 
     Returns:
         int64 tensors ``input_ids``, ``attention_mask``, ``token_type_ids`` of shape ``(F, max_seq_length)`` and
@@ -496,7 +577,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
     parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
     starts: list[int] = []
     ends: list[int] = []
-    for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride):
+    for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride, max_query_length):
         for key, chunks in parts.items():
             chunks.append(encoding[key])
         offsets = _context_offsets(encoding)
@@ -513,7 +594,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
 
 
 def prepare_eval_features(examples: Sequence[Example], tokenizer: Any, max_seq_length: int = 384,
-                          doc_stride: int = 128) -> EvalFeatures:
+                          doc_stride: int = 128, max_query_length: int = 64) -> EvalFeatures:
     """Evaluation windows of every question, with the map from windows and tokens back to the contexts.
 
     Args: as for :func:`prepare_train_features` (gold answers are not needed).
@@ -524,7 +605,7 @@ def prepare_eval_features(examples: Sequence[Example], tokenizer: Any, max_seq_l
     parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
     example_index: list[np.ndarray] = []
     offsets: list[np.ndarray] = []
-    for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride):
+    for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride, max_query_length):
         for key, chunks in parts.items():
             chunks.append(encoding[key])
         example_index.append(np.asarray(encoding["overflow_to_sample_mapping"], dtype=np.int64) + first)
@@ -618,6 +699,10 @@ def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures,
 
     Returns:
         question id -> :class:`Answer` (an empty text with score ``-inf`` only for a question without context tokens).
+
+    Raises:
+        NonFiniteLogits: a start or end logit of a context token is NaN or infinite (a model whose weights hold NaN
+            or inf); the one-line message gives how many windows and the first question.
     """
     if n_best <= 0 or max_answer_length <= 0:
         raise ValueError(f"n_best and max_answer_length must be positive, got {n_best} and {max_answer_length}")
@@ -631,6 +716,12 @@ def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures,
     for feature, example in enumerate(features.example_index):
         windows[int(example)].append(feature)
     is_context = features.context_mask
+    broken = ~(np.isfinite(start_logits) & np.isfinite(end_logits)) & is_context
+    if broken.any():
+        windows_hit = np.flatnonzero(broken.any(axis=1))
+        raise NonFiniteLogits(f"the model gave NaN or infinite start/end logits in {len(windows_hit)} of "
+                              f"{len(features)} windows (first: question {features.example_ids[windows_hit[0]]}): "
+                              "its weights hold NaN or inf, or its precision overflows")
 
     results: dict[str, Answer] = {}
     for example, ex in enumerate(examples):
@@ -719,9 +810,11 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
 
 def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_seq_length: int = 384,
                   doc_stride: int = 128, batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
-                  device: str | torch.device | None = None, progress: bool = True) -> dict[str, Answer]:
+                  device: str | torch.device | None = None, progress: bool = True,
+                  max_query_length: int = 64) -> dict[str, Answer]:
     """Answer spans (text, score, character offsets) of a QA model for every question; see :func:`predict`."""
-    features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride)
+    features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
+                                     max_query_length=max_query_length)
     start_logits, end_logits = compute_logits(model, features, batch_size=batch_size, device=device,
                                               progress=progress)
     return postprocess_predictions(examples, features, start_logits, end_logits, n_best=n_best,
@@ -730,7 +823,8 @@ def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
 
 def predict(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_seq_length: int = 384,
             doc_stride: int = 128, batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
-            device: str | torch.device | None = None, progress: bool = True) -> dict[str, str]:
+            device: str | torch.device | None = None, progress: bool = True,
+            max_query_length: int = 64) -> dict[str, str]:
     """Predicted answer text of a QA model for every question (official predictions format).
 
     Args:
@@ -743,20 +837,21 @@ def predict(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_s
         max_answer_length, n_best: the span search (see :func:`postprocess_predictions`).
         device: where to run; default: the model's device.
         progress: show a tqdm bar.
+        max_query_length: questions are cut to this many tokens (see :func:`prepare_train_features`).
 
     Returns:
         question id -> answer text.
     """
     spans = predict_spans(model, tokenizer, examples, max_seq_length=max_seq_length, doc_stride=doc_stride,
                           batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best, device=device,
-                          progress=progress)
+                          progress=progress, max_query_length=max_query_length)
     return {qid: span.text for qid, span in spans.items()}
 
 
 def evaluate_model(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_seq_length: int = 384,
                    doc_stride: int = 128, batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
-                   device: str | torch.device | None = None,
-                   progress: bool = True) -> tuple[dict[str, float], dict[str, str]]:
+                   device: str | torch.device | None = None, progress: bool = True,
+                   max_query_length: int = 64) -> tuple[dict[str, float], dict[str, str]]:
     """Predict every question and score the predictions with the official metric.
 
     Args: as for :func:`predict`.
@@ -766,5 +861,5 @@ def evaluate_model(model: nn.Module, tokenizer: Any, examples: Sequence[Example]
     """
     predictions = predict(model, tokenizer, examples, max_seq_length=max_seq_length, doc_stride=doc_stride,
                           batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best, device=device,
-                          progress=progress)
+                          progress=progress, max_query_length=max_query_length)
     return evaluate(examples, predictions), predictions

@@ -367,12 +367,12 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
     """
     if cfg.cache_dir is None:
         return squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
-                                            doc_stride=cfg.doc_stride)
+                                            doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length)
     data = resolve_data(cfg.train_data)
     stat = data.stat()
     key = json.dumps([str(data.resolve()), stat.st_size, int(stat.st_mtime), cfg.train_limit, tokenizer.name_or_path,
                       len(tokenizer), _tokenizer_digest(tokenizer), cfg.max_seq_length, cfg.doc_stride,
-                      squad.__name__])
+                      cfg.max_query_length, squad.__name__])
     path = Path(cfg.cache_dir) / f"train-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         try:
@@ -380,7 +380,7 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
         except Exception as err:  # a damaged cache is rebuilt, never trusted
             logger.warning("ignoring unreadable feature cache %s: %s", path, err)
     features = squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
-                                            doc_stride=cfg.doc_stride)
+                                            doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -406,7 +406,7 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: lis
         predictions = squad.predict(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
                                     doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
                                     max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, device=device,
-                                    progress=progress)
+                                    progress=progress, max_query_length=cfg.max_query_length)
     metrics = dict(squad.evaluate(examples, predictions))
     metrics.update(sparsity_report(model).metrics())
     return metrics
@@ -776,7 +776,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
 # optimizer state is theirs). Anything else (output_dir, evaluation, logging, checkpoints, the device, precision,
 # learning rates, distillation) may change on resume.
 RESUME_KEYS = ("model", "model_config", "tokenizer", "train_data", "train_limit", "max_seq_length", "doc_stride",
-               "method", "freeze_embeddings")
+               "max_query_length", "method", "freeze_embeddings")
 _SCHEDULE_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "fill_steps", "initial_warmup", "final_warmup",
                   "attention_block")
 RESUME_METHOD_KEYS = {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pruning import squad
@@ -340,6 +341,33 @@ def test_a_question_too_long_for_the_window_is_one_line(capsys, masked_checkpoin
     assert "leave no room for a question" in line
 
 
+def test_a_long_question_is_cut_to_max_query_length_in_eval_and_ask(capsys, caplog, masked_checkpoint, tmp_path):
+    question = " ".join(["which"] * 70) + "?"
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
+        {"id": "long-q", "question": question, "answers": [{"text": "the mat", "answer_start": 15}]},
+        {"id": "short-q", "question": "Where?", "answers": [{"text": "the mat", "answer_start": 15}]}]}]}]}
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(data))
+    # The model's 128 positions leave room for 60 question tokens: the default cut to 64 is not enough.
+    line = _one_line_error(capsys, ["eval", str(masked_checkpoint), "--eval-data", str(path), "--no-progress"])
+    assert "question long-q has 64 tokens" in line and "lower max_query_length (64)" in line
+    assert cli.main(["eval", str(masked_checkpoint), "--eval-data", str(path), "--no-progress",
+                     "--max-query-length", "40"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert (result["questions"], result["max_query_length"]) == (2, 40)
+    assert "1 of 2 questions have more than max_query_length (40) tokens" in caplog.text
+    assert cli.main(["ask", str(masked_checkpoint), "--question", question, "--context", "The cat sat on the mat.",
+                     "--max-query-length", "40"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["answer"] == "The cat sat on the mat."[answer["start"]:answer["end"]] != ""
+    line = _one_line_error(capsys, ["ask", str(masked_checkpoint), "--question", question, "--context", "A cat."])
+    assert "question is too long" in line and "max_query_length 64" in line
+    line = _one_line_error(capsys, ["ask", str(masked_checkpoint), "--question", "Who?", "--context", "A cat.",
+                                    "--max-query-length", "0"])
+    assert "--max-query-length must be >= 1" in line
+
+
 @pytest.mark.parametrize("window", [["--max-seq-length", "5"], ["--max-seq-length", "8"],
                                     ["--max-seq-length", "6", "--doc-stride", "2"]])
 def test_windows_without_room_for_a_question_are_one_line_in_ask_and_eval(capsys, masked_checkpoint, window):
@@ -513,3 +541,20 @@ def test_max_steps_for_a_fisher_run_is_refused_not_ignored(capsys, tmp_path):
     assert line.endswith(f"{config}: --max-steps: has no effect with method fisher (read by dense, topk and "
                          "sigmoid_threshold only; a fisher run trains its fill_steps)")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_non_finite_logits_is_one_line_naming_it_in_eval_and_ask(tmp_path, tiny_bert_config, tokenizer,
+                                                                              capsys):
+    from transformers import BertForQuestionAnswering
+
+    from pruning.checkpoint import save_model
+
+    model = BertForQuestionAnswering(tiny_bert_config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    model_dir = save_model(model, tokenizer, tmp_path / "nan-model")
+    for argv in (["eval", str(model_dir), "--eval-limit", "2", "--no-progress"],
+                 ["ask", str(model_dir), "--question", "Who?", "--context", "It was written by Ann."]):
+        line = _one_line_error(capsys, argv)
+        assert f"{model_dir}: the model gave NaN or infinite start/end logits" in line

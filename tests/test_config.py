@@ -54,6 +54,8 @@ def test_unknown_keys_of_mixed_types_are_one_error(tmp_path):
         ({"final_threshold": 1.2}, "final_threshold"),
         ({"batch_size": 0}, "batch_size"),
         ({"max_windows": 0}, "max_windows"),
+        ({"max_query_length": 0}, "max_query_length: must be a positive integer, got 0"),
+        ({"max_query_length": 6.5}, "max_query_length: must be a positive integer"),
         ({"precision": "fp8"}, "precision"),
         ({"fill_steps": 10}, "fill_steps"),  # needs a pruning method
         ({"initial_warmup": 1.5}, r"initial_warmup: must be a fraction of the pruning steps \(< 1\) or a whole number"),

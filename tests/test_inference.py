@@ -175,9 +175,30 @@ def test_an_oversized_context_is_refused_from_a_prefix(tokenizer):
     with pytest.raises(RecordError, match=r"^record 3: context is too long: more than 64 windows of 384 tokens"):
         count_windows(counting, "Where?", context, 384, 128, max_windows=64, index=3)
     assert 0 < counting.characters < len(context) / 5
-    # A long question is refused the same way, naming the question.
-    with pytest.raises(RecordError, match=r"^question is too long"):
-        count_windows(counting, " ".join(["why"] * 100_000), "A short context.", 384, 128, max_windows=64)
+    # A long question is cut to max_query_length tokens from a prefix of it.
+    counting.characters = 0
+    question = " ".join(["why"] * 100_000)
+    assert count_windows(counting, question, "A short context.", 384, 128, max_windows=64) == 1
+    assert 0 < counting.characters < len(question) / 5
+    # One that, cut, still leaves no more than doc_stride context tokens is refused, naming the question.
+    with pytest.raises(RecordError, match=r"^question is too long: more than 60 tokens .*max_query_length 64"):
+        count_windows(counting, question, "A short context.", 128, 64, max_windows=64)
+
+
+def test_a_long_question_is_cut_as_in_evaluation(tiny_qa_model, tokenizer, caplog):
+    question = "Which country holds most of the forest? " * 40
+    cut = squad.cut_question(tokenizer, question, 64)
+    assert len(tokenizer(cut, add_special_tokens=False)["input_ids"]) == 64
+    with caplog.at_level("WARNING", logger="pruning.squad"):
+        long = answer(tiny_qa_model, tokenizer, question, CONTEXT, max_seq_length=96, doc_stride=16)
+    assert "1 of 1 questions have more than max_query_length (64) tokens" in caplog.text
+    assert long == answer(tiny_qa_model, tokenizer, cut, CONTEXT, max_seq_length=96, doc_stride=16)
+    assert _consistent(long, CONTEXT)
+    context = " ".join([CONTEXT] * 3)
+    features = squad.prepare_eval_features([squad.Example("0", "", context, question)], tokenizer, 96, 16)
+    assert count_windows(tokenizer, question, context, 96, 16) == len(features) > 1
+    # A shorter max_query_length leaves more context in each window.
+    assert count_windows(tokenizer, question, context, 96, 16, max_query_length=8) < len(features)
 
 
 @pytest.mark.parametrize("question, context, field, problem", [
@@ -252,3 +273,10 @@ def test_windows_without_room_for_a_question_are_a_setting_error(tokenizer):
     with pytest.raises(ValueError, match="leave no room for a question") as raised:
         check_records(tokenizer, ["Who?"], [CONTEXT], max_seq_length=64, doc_stride=64)
     assert not isinstance(raised.value, RecordError)
+
+
+def test_non_finite_logits_are_an_error_not_an_arbitrary_answer(tiny_qa_model, tokenizer):
+    with torch.no_grad():
+        tiny_qa_model.bert.encoder.layer[0].attention.self.query.weight.fill_(float("nan"))
+    with pytest.raises(squad.NonFiniteLogits, match="NaN or infinite start/end logits in 1 of 1 windows"):
+        answer(tiny_qa_model, tokenizer, "Which nations?", CONTEXT)

@@ -458,3 +458,16 @@ def test_a_roberta_pad_id_other_than_the_tokenizers_is_refused(bpe_tokenizer, tm
     electra.config.pad_token_id = 5
     save_model(electra, None, tmp_path / "electra")
     build_model(RunConfig(model=str(tmp_path / "electra"), tokenizer=str(shipped_model_dir())))
+
+
+@pytest.mark.parametrize("question", ["Which team won the game and " * 20, "日本語の質問です" * 40,
+                                      "emoji 🎉🎉🎉 and more " * 30])
+def test_a_long_question_is_cut_to_max_query_length_with_byte_level_bpe(bpe_tokenizer, dev_subset, question):
+    cut = squad.cut_question(bpe_tokenizer, question, 16)
+    assert question.startswith(cut)
+    assert 0 < len(bpe_tokenizer(cut, add_special_tokens=False)["input_ids"]) <= 16
+    example = dev_subset[0]
+    features = squad.prepare_eval_features([squad.Example("q", "", example.context, question)], bpe_tokenizer, 96,
+                                           32, max_query_length=16)
+    by_hand = squad.prepare_eval_features([squad.Example("q", "", example.context, cut)], bpe_tokenizer, 96, 32)
+    assert torch.equal(features.input_ids, by_hand.input_ids)

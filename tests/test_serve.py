@@ -252,9 +252,10 @@ def test_a_version_logged_on_a_trial_run_keeps_the_runs_params_and_says_nothing_
 def test_serve_settings_come_from_the_run_config_with_defaults():
     params = {"max_seq_length": "128", "doc_stride": "32", "eval_batch_size": "16", "learning_rate": "0.001",
               "max_answer_length": "12"}
-    assert serve_settings(params) == {"max_seq_length": 128, "doc_stride": 32, "max_windows": 64, "batch_size": 16,
-                                      "max_answer_length": 12, "n_best": 20}
+    assert serve_settings(params) == {"max_seq_length": 128, "doc_stride": 32, "max_query_length": 64,
+                                      "max_windows": 64, "batch_size": 16, "max_answer_length": 12, "n_best": 20}
     assert serve_settings({"max_windows": "8"})["max_windows"] == 8
-    assert serve_settings({}) == SERVE_DEFAULTS == {"max_seq_length": 384, "doc_stride": 128, "max_windows": 64,
+    assert serve_settings({}) == SERVE_DEFAULTS == {"max_seq_length": 384, "doc_stride": 128, "max_query_length": 64,
+                                                    "max_windows": 64,
                                                     "max_answer_length": 30, "n_best": 20,
                                                     "batch_size": 64}

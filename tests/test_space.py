@@ -349,6 +349,9 @@ def test_teacher_fingerprint_is_stable_and_follows_model_and_data(tmp_path):
     assert changed("base", "target_density", 0.3) == first
     assert changed("base", "attention_block", [32, 32]) == first
     assert changed("base", "eval_every", 2) == first
+    # The question cut changes the teacher's windows; the default is the same teacher.
+    assert changed("base", "max_query_length", 64) == first
+    assert changed("base", "max_query_length", 32) != first
 
     model_values = variant()
     model_values["base"].pop("model_config")

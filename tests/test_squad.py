@@ -366,9 +366,69 @@ def test_question_leading_spaces_are_stripped(tokenizer, dev_subset):
 def test_feature_arguments_are_checked(tokenizer, dev_subset):
     with pytest.raises(ValueError, match="doc_stride"):
         squad.prepare_eval_features(dev_subset[:1], tokenizer, max_seq_length=64, doc_stride=64)
+    with pytest.raises(ValueError, match="max_query_length must be a positive integer"):
+        squad.prepare_eval_features(dev_subset[:1], tokenizer, max_query_length=0)
+    # A question that, cut to max_query_length, still leaves no more than doc_stride context tokens: one line.
     long_question = Example("long", "", "A short context.", "why " * 100, ("short",), (2,))
-    with pytest.raises(ValueError, match="question long has"):
-        squad.prepare_train_features([long_question], tokenizer, max_seq_length=128, doc_stride=32)
+    with pytest.raises(SquadFormatError, match=r"^question long has 100 tokens: .* at most 92 \(lower "
+                                               r"max_query_length \(100\)") as raised:
+        squad.prepare_train_features([long_question], tokenizer, max_seq_length=128, doc_stride=32,
+                                     max_query_length=100)
+    assert "\n" not in str(raised.value)
+
+
+def _question_tokens(features, f: int) -> int:
+    """Question tokens of window ``f``: the tokens of type 0 that are neither special nor padding."""
+    real = features.attention_mask[f].bool() & (features.token_type_ids[f] == 0)
+    return int(real.sum()) - 2  # [CLS] and the first [SEP]
+
+
+def test_a_long_question_is_cut_to_max_query_length(tokenizer, dev_subset, caplog):
+    # A question longer than a window's room used to stop the whole run; now it is cut to its first 64 tokens.
+    example = dev_subset[0]
+    long_question = Example("long", example.title, example.context, "   " + "which of the teams " * 60 + "won?",
+                            example.answers, example.answer_starts)
+    examples = [dev_subset[1], long_question, dev_subset[2]]
+    with caplog.at_level(logging.WARNING, logger="pruning.squad"):
+        features = squad.prepare_eval_features(examples, tokenizer, max_seq_length=128, doc_stride=32)
+        train = squad.prepare_train_features(examples, tokenizer, max_seq_length=128, doc_stride=32)
+    warnings = [r.getMessage() for r in caplog.records if "max_query_length" in r.getMessage()]
+    assert warnings == ["1 of 3 questions have more than max_query_length (64) tokens: each is cut to its first 64"] * 2
+    cut = [f for f in range(len(features)) if features.example_ids[f] == "long"]
+    assert cut and all(_question_tokens(features, f) == 64 for f in cut)
+    assert tokenizer.decode(features.input_ids[cut[0], 1:65]) == ("which of the teams " * 16).strip()
+    # Training still finds the gold answer in the windows of the cut question.
+    answers = [tokenizer.decode(train["input_ids"][f, train["start_positions"][f]:train["end_positions"][f] + 1])
+               for f in cut if train["start_positions"][f] > 0]
+    assert answers and set(answers) == {example.answers[0].lower()}
+    # Its windows are those of the question cut by hand.
+    by_hand = Example("long", "", example.context, squad.cut_question(tokenizer, long_question.question, 64))
+    assert torch.equal(squad.prepare_eval_features([by_hand], tokenizer, 128, 32).input_ids, features.input_ids[cut])
+
+
+def test_short_questions_are_not_cut(tokenizer, dev_subset, caplog):
+    with caplog.at_level(logging.WARNING, logger="pruning.squad"):
+        cut = squad.prepare_eval_features(dev_subset, tokenizer, max_seq_length=128, doc_stride=32)
+        whole = squad.prepare_eval_features(dev_subset, tokenizer, max_seq_length=128, doc_stride=32,
+                                            max_query_length=90)
+    assert not caplog.records
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(getattr(cut, key), getattr(whole, key))
+    assert np.array_equal(cut.offsets, whole.offsets)
+    short = "Which NFL team represented the AFC at Super Bowl 50?"
+    assert squad.cut_question(tokenizer, "  " + short, 64) == short
+    n = len(tokenizer(short, add_special_tokens=False)["input_ids"])
+    assert squad.cut_question(tokenizer, short, n) == short
+    assert len(tokenizer(squad.cut_question(tokenizer, short, n - 1), add_special_tokens=False)["input_ids"]) == n - 1
+
+
+@pytest.mark.parametrize("question", ["why " * 100_000, "x" * 5000 + " why", "日本語の質問です" * 200,
+                                      "e\u0301t\u00e9 " * 300, "\u200b " * 50 + "who " * 100])
+def test_cut_question_keeps_at_most_max_query_length_tokens(tokenizer, question):
+    cut = squad.cut_question(tokenizer, question, 16)
+    assert question.lstrip().startswith(cut)
+    tokens = len(tokenizer(cut, add_special_tokens=False)["input_ids"])
+    assert 0 < tokens <= 16
 
 
 @pytest.mark.parametrize("max_seq_length, doc_stride, positions, expected", [
@@ -527,3 +587,30 @@ def test_predict_spans_agree_with_the_logits(tiny_qa_model, tokenizer, dev_subse
     for ex in examples:
         span = spans[ex.id]
         assert ex.context[span.start:span.end] == span.text
+
+
+def _nan_model(config) -> BertForQuestionAnswering:
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(config).eval()
+    with torch.no_grad():
+        model.qa_outputs.weight.fill_(float("nan"))
+    return model
+
+
+def test_non_finite_logits_are_an_error_not_an_arbitrary_span(tiny_bert_config, tokenizer, dev_subset):
+    model = _nan_model(tiny_bert_config)
+    examples = dev_subset[:3]
+    with pytest.raises(squad.NonFiniteLogits, match=r"^the model gave NaN or infinite start/end logits in (\d+) "
+                                                    rf"of \1 windows \(first: question {examples[0].id}\)"):
+        squad.evaluate_model(model, tokenizer, examples, max_seq_length=96, doc_stride=32, progress=False)
+    # One infinite logit on a context token is enough; non-finite values outside the context are never read.
+    features = squad.prepare_eval_features(examples, tokenizer, max_seq_length=96, doc_stride=32)
+    start = np.zeros(features.offsets.shape[:2], dtype=np.float32)
+    end = start.copy()
+    start[~features.context_mask] = np.nan
+    assert set(squad.postprocess_predictions(examples, features, start, end)) == {ex.id for ex in examples}
+    f, t = np.argwhere(features.context_mask)[-1]
+    end[f, t] = np.inf
+    with pytest.raises(squad.NonFiniteLogits, match=rf"in 1 of {len(features)} windows \(first: question "
+                                                    rf"{features.example_ids[f]}\)"):
+        squad.postprocess_predictions(examples, features, start, end)

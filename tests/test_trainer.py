@@ -582,3 +582,18 @@ def test_a_run_scored_on_its_own_training_questions_says_so(tmp_path, caplog):
         train(tiny_cfg(tmp_path / "held-out", max_steps=1, train_data="train", train_limit=4, eval_limit=2),
               progress=False)
     assert "evaluation questions are training questions" not in caplog.text
+
+
+def test_training_windows_cut_questions_to_the_run_configs_max_query_length(tokenizer, dev_subset, tmp_path):
+    from pruning import squad
+    from pruning.trainer import train_features
+
+    examples = dev_subset[:4]
+    for cache_dir in (None, str(tmp_path / "cache")):
+        for length in (64, 6):
+            cfg = RunConfig(train_data="dev", train_limit=4, max_seq_length=96, doc_stride=32,
+                            max_query_length=length, cache_dir=cache_dir)
+            expected = squad.prepare_train_features(examples, tokenizer, 96, 32, max_query_length=length)
+            features = train_features(cfg, examples, tokenizer)  # the cache keeps one set of windows per length
+            assert all(torch.equal(features[key], expected[key]) for key in expected)
+    assert len(list((tmp_path / "cache").iterdir())) == 2

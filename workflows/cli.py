@@ -216,6 +216,17 @@ def _windows(args: argparse.Namespace, model, tokenizer) -> tuple[int, int]:
     return seq, stride
 
 
+@contextlib.contextmanager
+def _names_model(model_dir: str):
+    """A model's logits that are not finite, as a one-line error naming the model directory."""
+    from pruning.squad import NonFiniteLogits
+
+    try:
+        yield
+    except NonFiniteLogits as err:
+        raise UserError(f"{model_dir}: {err}") from None
+
+
 def _tracking_client(uri: str | None):
     """A client of the tracking store, once it answers (a server that does not: exit 1 in seconds)."""
     from workflows import record, tracking
@@ -244,7 +255,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pruning.resources import resolve_data
     from pruning.sparsity import sparsity_report
 
-    _check_positive(args, "eval_limit", "max_seq_length", "doc_stride", "batch_size", "max_answer_length", "n_best")
+    _check_positive(args, "eval_limit", "max_seq_length", "doc_stride", "max_query_length", "batch_size",
+                    "max_answer_length", "n_best")
     _check_device(args.device, "--device")
     if args.predictions is not None:
         _check_output_path(args.predictions, "--predictions", directory=False)
@@ -252,11 +264,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     examples = squad.load_squad(resolve_data(args.eval_data), limit=args.eval_limit, spans=False)
     # The same windows, span search and metric for every kind of model, cut to what the model takes.
     seq, stride = _windows(args, model, tokenizer)
-    with autocast(precision, device):
+    with _names_model(args.model_dir), autocast(precision, device):
         metrics, predictions = squad.evaluate_model(model, tokenizer, examples, max_seq_length=seq, doc_stride=stride,
                                                     batch_size=args.batch_size,
                                                     max_answer_length=args.max_answer_length, n_best=args.n_best,
-                                                    device=device, progress=not args.no_progress)
+                                                    device=device, progress=not args.no_progress,
+                                                    max_query_length=args.max_query_length)
     if isinstance(model, OrtQAModel):
         metrics["variant"] = model.variant
     else:
@@ -265,7 +278,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _write_json(Path(args.predictions), predictions)
         metrics["predictions"] = str(args.predictions)
     metrics.update(questions=len(examples), max_seq_length=seq, doc_stride=stride,
-                   max_answer_length=args.max_answer_length, n_best=args.n_best, precision=precision)
+                   max_query_length=args.max_query_length, max_answer_length=args.max_answer_length,
+                   n_best=args.n_best, precision=precision)
     _emit(metrics)
     return 0
 
@@ -274,12 +288,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from pruning.inference import answer
     from pruning.precision import autocast
 
-    _check_positive(args, "max_seq_length", "doc_stride", "max_answer_length", "n_best")
+    _check_positive(args, "max_seq_length", "doc_stride", "max_query_length", "max_answer_length", "n_best")
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant)
     seq, stride = _windows(args, model, tokenizer)
-    with autocast(precision, device):
+    with _names_model(args.model_dir), autocast(precision, device):
         result = answer(model, tokenizer, args.question, args.context, max_seq_length=seq, doc_stride=stride,
-                        max_answer_length=args.max_answer_length, n_best=args.n_best)
+                        max_answer_length=args.max_answer_length, n_best=args.n_best,
+                        max_query_length=args.max_query_length)
     _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end})
     return 0
 
@@ -430,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--doc-stride", type=int, default=128,
                        help="context tokens that consecutive windows of one context share (their overlap); half a "
                             "window when the window is cut to the model or the stride is not shorter than it")
+        p.add_argument("--max-query-length", type=int, default=64,
+                       help="a longer question is cut to this many tokens (the run config's max_query_length)")
 
     def span_search(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-answer-length", type=int, default=30,

@@ -72,8 +72,9 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4",
 ONNX_VARIANTS = ("int8", "fp32", "none")  # what the served model runs: ORT int8 (default), ORT fp32, or PyTorch
 ONNX_SKIPPED = "skipped"  # the onnx tag of a version registered without its export (onnx: false)
 # Served-model setting -> the run config key it is read from (a trial's params are its run config).
-_SERVE_PARAMS = {"max_seq_length": "max_seq_length", "doc_stride": "doc_stride", "max_windows": "max_windows",
-                 "batch_size": "eval_batch_size", "max_answer_length": "max_answer_length", "n_best": "n_best"}
+_SERVE_PARAMS = {"max_seq_length": "max_seq_length", "doc_stride": "doc_stride", "max_query_length": "max_query_length",
+                 "max_windows": "max_windows", "batch_size": "eval_batch_size", "max_answer_length": "max_answer_length",
+                 "n_best": "n_best"}
 # For runs that lack a key (logged before it existed): the run config's defaults.
 SERVE_DEFAULTS = {key: RunConfig.__dataclass_fields__[param].default for key, param in _SERVE_PARAMS.items()}
 # The most records one request may hold (the inference config's ``max_records``): every window of a request is
@@ -239,7 +240,8 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
     context that is missing, not a string, empty, or a context needing more than ``max_windows`` windows is an HTTP
     400 naming the record's index and the field. The windows of all records of a request run together,
     ``batch_size`` at a time. Settings (``model_config`` of the logged model, from the trial's run config):
-    ``max_seq_length``, ``doc_stride``, ``max_windows``, ``batch_size``, ``max_answer_length``, ``n_best``;
+    ``max_seq_length``, ``doc_stride``, ``max_query_length``, ``max_windows``, ``batch_size``,
+    ``max_answer_length``, ``n_best``;
     ``max_records``, the most records one request may hold (default :data:`MAX_RECORDS`; more is an HTTP 400);
     ``onnx_variant`` (``int8``, ``fp32`` or ``none``), which of the exported models ONNX Runtime runs (default:
     int8 when the version carries them; ``none``: the PyTorch model); and ``precision``, the one the version was
@@ -278,6 +280,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         self.max_seq_length, self.doc_stride = fit_windows(
             settings.get("max_seq_length", SERVE_DEFAULTS["max_seq_length"]),
             settings.get("doc_stride", SERVE_DEFAULTS["doc_stride"]), max_positions(self.model.config))
+        self.max_query_length = int(settings.get("max_query_length", SERVE_DEFAULTS["max_query_length"]))
         self.max_windows = int(settings.get("max_windows", SERVE_DEFAULTS["max_windows"]))
         self.batch_size = int(settings.get("batch_size", SERVE_DEFAULTS["batch_size"]))
         self.max_records = int(settings.get("max_records", MAX_RECORDS))
@@ -321,7 +324,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
                                      _column(frame, "context"), max_seq_length=self.max_seq_length,
                                      doc_stride=self.doc_stride, max_windows=self.max_windows,
                                      batch_size=self.batch_size, max_answer_length=self.max_answer_length,
-                                     n_best=self.n_best)
+                                     n_best=self.n_best, max_query_length=self.max_query_length)
         except RecordError as err:
             raise RequestError(str(err)) from None
         return pd.DataFrame({"answer": [a.text for a in answers], "score": [float(a.score) for a in answers]})

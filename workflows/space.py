@@ -102,8 +102,8 @@ _NOT_IN_FINGERPRINT = (frozenset({"output_dir", "device", "log_every", "save_eve
                                   "max_windows", "teacher", "method", "cache_dir"}) | _MASK_ONLY | _DISTIL_ONLY)
 _FINGERPRINT_VERSION = "teacher-v2"
 # What scores a given teacher (teacher.path): the evaluation data and the settings evaluate() reads.
-_GIVEN_TEACHER_EVALUATION = ("eval_data", "eval_limit", "max_seq_length", "doc_stride", "max_answer_length", "n_best",
-                             "precision")
+_GIVEN_TEACHER_EVALUATION = ("eval_data", "eval_limit", "max_seq_length", "doc_stride", "max_query_length",
+                             "max_answer_length", "n_best", "precision")
 _CORNER_LIMIT = 4096  # above this many corners of the search box only single extremes are checked
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 

@@ -18,6 +18,7 @@ USER_ERRORS = (
     ("pruning.trainer", "TrainingDiverged"),
     ("pruning.resources", "ResourceError"),
     ("pruning.squad", "SquadFormatError"),
+    ("pruning.squad", "NonFiniteLogits"),
     ("pruning.packing", "PackingError"),
     ("pruning.export", "ExportError"),
     ("pruning.inference", "RecordError"),
