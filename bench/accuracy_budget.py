@@ -380,7 +380,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "own --json file, since rows are keyed by method and density")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rerun", action="store_true", help="run rows again even when the results file has them")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Before any training: the latency pairs are timed only after a row has trained.
+    if args.repeats < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--repeats and --threads must be >= 1")
+    return args
 
 
 def read_results(path: Path, flag: str) -> dict[str, Any]:
