@@ -55,7 +55,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -64,7 +63,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from pruning import squad
+from pruning import atomic, squad
 from pruning.bench import linear_flops
 from pruning.checkpoint import load_model, load_tokenizer
 from pruning.config import ConfigError, RunConfig, config_from_dict, load_config
@@ -310,10 +309,8 @@ def save_row(path: Path, teacher_scores: dict[str, float], result: dict[str, Any
                 and abs(r["density_target"] - result["density_target"]) < 1e-9)
 
     rows = [r for r in stored["rows"] if not same(r)] + [result]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"teacher_scores": teacher_scores, "rows": rows}, indent=2))
-    os.replace(tmp, path)
+    # Whole and on the disk before it replaces the file: it holds every finished row (hours of training each).
+    atomic.write_text(path, json.dumps({"teacher_scores": teacher_scores, "rows": rows}, indent=2))
     return [r for r in rows if r.get("teacher") == result["teacher"]]
 
 
@@ -380,7 +377,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "own --json file, since rows are keyed by method and density")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rerun", action="store_true", help="run rows again even when the results file has them")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Before any training: the latency pairs are timed only after a row has trained.
+    if args.repeats < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--repeats and --threads must be >= 1")
+    return args
 
 
 def read_results(path: Path, flag: str) -> dict[str, Any]:

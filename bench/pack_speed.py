@@ -201,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.repeats_batch8 < 1 or args.warmup < 0:
         parser.error("--repeats and --repeats-batch8 must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
     if not 1 <= args.seq_len <= BertConfig().max_position_embeddings:
         parser.error(f"--seq-len must be from 1 to {BertConfig().max_position_embeddings} (the models' positions)")
     return args

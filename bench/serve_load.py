@@ -106,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.model_uri and not args.tracking_uri:
         parser.error("--model-uri needs --tracking-uri")
+    # Before the server starts (a minute), not after it has served the load.
+    if min(args.requests, args.clients, args.workers, args.per_request) < 1 or args.rounds < 0:
+        parser.error("--requests, --clients, --workers and --per-request must be >= 1, --rounds >= 0")
+    if not 0 <= args.bad_fraction <= 1:
+        parser.error(f"--bad-fraction {args.bad_fraction}: a fraction from 0 to 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
 
     examples = squad.load_squad(resolve_data(args.data), limit=max(args.requests, args.per_request))
     records = [{"question": ex.question, "context": ex.context} for ex in examples]

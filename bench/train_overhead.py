@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.seq_len < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--batch-size, --seq-len and --repeats must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
     if args.seq_len > BertConfig().max_position_embeddings:
         parser.error(f"--seq-len {args.seq_len}: the models have {BertConfig().max_position_embeddings} positions")
     if args.recovery is not None and not 0 < args.recovery < 1:

@@ -1,12 +1,15 @@
 """Outputs written whole or not at all: a temporary sibling that takes the target's name only once it is complete.
 
 A process stopped part-way (Ctrl-C, SIGTERM, SIGKILL, a full disk) leaves the earlier output as it was, never half
-of a new one in its place.
+of a new one in its place. The staged files are flushed to the disk (``fsync``) before the rename, and the directory
+that holds the new name after it, so that a power cut or a machine crash cannot leave an output whose rename survived
+but whose contents did not (an empty or truncated checkpoint under the final name).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import logging
 import os
@@ -19,13 +22,56 @@ from typing import Iterator
 
 from safetensors import SafetensorError
 
-__all__ = ["WriteError", "save_tensors", "staging_dir", "replace_dir", "staged_dir", "tidy", "write_text"]
+__all__ = ["WriteError", "fsync_dir", "fsync_file", "save_tensors", "staging_dir", "replace_dir", "staged_dir", "tidy",
+           "write_text"]
 
 logger = logging.getLogger(__name__)
 
 
 class WriteError(OSError):
     """An output could not be written (a full disk, a directory without write permission); names the output."""
+
+
+# What fsync on a directory answers where the file system or platform cannot flush one: nothing to do there.
+_NO_DIR_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES, errno.EPERM, errno.EISDIR}
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush the file ``path``'s contents to the disk (an error, such as EIO, is raised: the data may be lost)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush the directory ``path`` (the names in it) to the disk; skipped where a directory cannot be opened or
+    flushed (Windows, some network file systems)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _NO_DIR_SYNC:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, then each directory from the deepest up to ``root`` itself."""
+    dirs = []
+    for here, _, files in os.walk(root):
+        dirs.append(here)
+        for name in files:
+            path = os.path.join(here, name)
+            if not os.path.islink(path):
+                fsync_file(path)
+    for here in reversed(dirs):
+        fsync_dir(here)
 
 
 def _umask() -> int:
@@ -51,6 +97,7 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | Non
 
     save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, 0o666 & ~_umask())
+    fsync_file(path)  # on the disk before a caller renames it into place
 
 
 def staging_dir(out_dir: Path) -> Path:
@@ -68,15 +115,22 @@ def staging_dir(out_dir: Path) -> Path:
 
 
 def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Give the complete directory ``tmp`` the name ``out_dir``; an earlier ``out_dir`` is removed."""
+    """Give the complete directory ``tmp`` the name ``out_dir``; an earlier ``out_dir`` is removed.
+
+    ``tmp``'s files are flushed to the disk before the rename and the parent directory after it, so that once this
+    returns the new ``out_dir`` survives a power cut whole.
+    """
+    _fsync_tree(tmp)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
 
 
 def _write_error(target: Path, err: BaseException) -> WriteError:
@@ -159,8 +213,12 @@ def write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())  # on the disk before it takes the name
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError) and not isinstance(err, WriteError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 MASKS_KEY = "fineprune_masks"
 WEIGHTS = "model.safetensors"
 QA_HEAD = "qa_outputs.weight"  # the span head of BertForQuestionAnswering; a pre-trained encoder has none
+_ENCODER_LAYER = re.compile(r"(^|\.)encoder\.layer\.\d+\.")  # a tensor of one of the encoder's layers
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
 _PARAMS = "params"  # in the optimizer tensors: how many parameters the optimizer stepped
@@ -220,9 +222,13 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
                                   "pre-trained encoder, whose answers would come from a random head); fine-tune it "
                                   "with `fineprune train` first")
         try:
-            model = qa_model_class(config.model_type).from_pretrained(str(model_dir), local_files_only=True)
+            # Mismatched shapes come back in the loading info (checked below) rather than as an error that points
+            # at a table in the log.
+            model, info = qa_model_class(config.model_type).from_pretrained(
+                str(model_dir), local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True)
         except (OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{model_dir}: cannot load model ({str(err).splitlines()[0]})") from None
+        _check_loading_info(model_dir / WEIGHTS, info)
         return model.eval()
     model = qa_model_class(config.model_type)(config)
     restore_masks_(model, settings, source=str(model_dir / "config.json"))
@@ -240,6 +246,33 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
     if settings.get("mode") == "fixed":
         _refix(model, settings)
     return model.eval()
+
+
+def _check_loading_info(weights: Path, info: dict[str, Any]) -> None:
+    """Refuse a dense model whose weights are not the ones its config describes (another model's weights, or a
+    config.json edited or copied from another model): transformers would give the missing or mismatched tensors
+    random values, and the model random answers.
+
+    Missing: only the QA head may be (a pre-trained encoder gets a fresh one). Unexpected: a pre-trained checkpoint's
+    pooler and pre-training heads are dropped as transformers drops them, but not encoder layers beyond the config's.
+    """
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda entry: entry[0])
+    if mismatched:
+        name, stored, wanted = mismatched[0][:3]
+        raise CheckpointError(f"{weights}: weights do not match the config ({name} has shape {tuple(stored)}, the "
+                              f"config gives {tuple(wanted)}" + _more(len(mismatched)) + ")")
+    missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith("qa_outputs."))
+    if missing:
+        raise CheckpointError(f"{weights}: weights do not match the config (missing: {missing[0]}"
+                              + _more(len(missing)) + ")")
+    extra = sorted(k for k in info.get("unexpected_keys") or [] if _ENCODER_LAYER.search(k))
+    if extra:
+        raise CheckpointError(f"{weights}: weights do not match the config (unexpected: {extra[0]}"
+                              + _more(len(extra)) + ")")
+
+
+def _more(count: int) -> str:
+    return f" and {count - 1} more" if count > 1 else ""
 
 
 def restore_masks_(model: nn.Module, settings: dict[str, Any], source: str = "config.json") -> None:

@@ -13,7 +13,8 @@ A packed directory is a standard transformers directory (``config.json``, ``mode
 whose config also records the kept heads of every layer (``fineprune_heads_kept``, indices into the original
 heads), the FFN widths (``fineprune_ffn_widths``) and ``fineprune_packed: true``. :func:`load_packed` rebuilds the
 smaller modules from that record on the meta device and assigns the stored tensors; nothing is built or padded at
-the original sizes.
+the original sizes. Layers of several widths are beyond what transformers' ``from_pretrained`` builds from a config
+(it stops on the mismatched sizes): :func:`load_packed` is how a packed directory is opened.
 """
 
 from __future__ import annotations

@@ -243,3 +243,27 @@ def test_the_teacher_is_scored_again_when_the_rows_evaluate_otherwise(bench, mas
         assert again["f1"] != -1.0, changed
         cache.write_text(cache.read_text().replace(f'"f1": {again["f1"]}', '"f1": -1.0'))
         cfg = dataclasses.replace(cfg, **changed)
+
+
+def test_the_results_file_is_on_the_disk_before_it_replaces_the_earlier_one(bench, tmp_path, monkeypatch):
+    """It holds every finished row: a power cut just after it is replaced must not leave it empty or cut short."""
+    import json
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        synced.append((st.st_ino, st.st_size))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = tmp_path / "results.json"
+    row = {"row": "fisher", "teacher": "t", "density_target": 0.5, "f1": 80.0}
+    for density in (0.5, 0.3):
+        synced.clear()
+        bench.save_row(path, {"exact_match": 80.0, "f1": 88.0}, {**row, "density_target": density})
+        assert (path.stat().st_ino, path.stat().st_size) in synced
+    assert [r["density_target"] for r in json.loads(path.read_text())["rows"]] == [0.5, 0.3]
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -107,6 +107,17 @@ def test_bad_input_is_one_line_and_exit_2(bench_script, checkpoints, tmp_path, c
     ("pack_speed", ["--seq-len", "600"], "--seq-len must be from 1 to 512"),
     ("train_overhead", ["--recovery", "1.5"], "--recovery 1.5: a linear density between 0 and 1"),
     ("train_overhead", ["--seq-len", "600"], "--seq-len 600: the models have 512 positions"),
+    # These were tracebacks: --threads from torch at once; the others only after a row had trained (accuracy_budget)
+    # or after the server had started and served the load (serve_load).
+    ("pack_speed", ["--threads", "-1"], "--threads must be >= 1"),
+    ("train_overhead", ["--threads", "-2"], "--threads must be >= 1"),
+    ("accuracy_budget", ["--repeats", "0"], "--repeats and --threads must be >= 1"),
+    ("accuracy_budget", ["--threads", "-1"], "--repeats and --threads must be >= 1"),
+    ("serve_load", ["--clients", "0"], "--clients, --workers and --per-request must be >= 1"),
+    ("serve_load", ["--requests", "0"], "--clients, --workers and --per-request must be >= 1"),
+    ("serve_load", ["--rounds", "-1"], "--rounds >= 0"),
+    ("serve_load", ["--bad-fraction", "1.5"], "--bad-fraction 1.5: a fraction from 0 to 1"),
+    ("serve_load", ["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_impossible_sizes_are_refused_before_any_model_is_built(bench_script, capsys, script, argv, message):
     with pytest.raises(SystemExit) as exit_:

@@ -412,3 +412,90 @@ def test_a_run_over_an_earlier_one_stopped_before_its_first_checkpoint_leaves_no
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]
     assert list(out.iterdir()) == []
+
+
+class _Syncs:
+    """``os.fsync`` and ``os.replace`` as they are, each call noted in order: for each fsync, the flushed file's
+    inode and the size it had then; for each rename, its two paths."""
+
+    def __init__(self, monkeypatch):
+        self.events: list[tuple] = []
+        real_fsync, real_replace = os.fsync, os.replace
+
+        def fsync(fd):
+            st = os.fstat(fd)
+            self.events.append(("fsync", (st.st_dev, st.st_ino), st.st_size))
+            return real_fsync(fd)
+
+        def replace(src, dst, **kw):
+            real_replace(src, dst, **kw)
+            self.events.append(("replace", Path(src), Path(dst)))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def index(self, kind: str, *match) -> int:
+        """The place of the first event of ``kind`` matching ``match`` (AssertionError when there is none)."""
+        for i, event in enumerate(self.events):
+            if event[0] == kind and event[1:1 + len(match)] == match:
+                return i
+        raise AssertionError(f"no {kind} {match} in {self.events}")
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def test_a_staged_output_is_on_the_disk_before_it_takes_its_name(tmp_path, monkeypatch):
+    """A power cut just after the rename must not leave an empty or truncated checkpoint under the final name: every
+    file (whole) and directory of the staged output is flushed before the rename, and the parent after it."""
+    import torch
+
+    from pruning.atomic import save_tensors, staged_dir
+
+    out = tmp_path / "checkpoint"
+    for round_ in range(2):  # a new output, then one that replaces an earlier one
+        syncs = _Syncs(monkeypatch)
+        with staged_dir(out) as tmp:
+            save_tensors({"w": torch.arange(1000.0 + round_)}, tmp / "model.safetensors")
+            (tmp / "config.json").write_text('{"hidden_size": 8}')
+            (tmp / "tokenizer").mkdir()
+            (tmp / "tokenizer" / "vocab.txt").write_text("[PAD]\n[UNK]\n" * 50)
+        renamed = syncs.index("replace", tmp, out)
+        files = [p for p in out.rglob("*") if p.is_file()]
+        assert len(files) == 3
+        for path in [*files, out / "tokenizer", out]:
+            assert syncs.index("fsync", _inode(path), path.stat().st_size) < renamed, path
+        assert syncs.index("fsync", _inode(tmp_path)) > renamed
+        monkeypatch.undo()
+
+
+def test_a_text_output_is_on_the_disk_before_it_takes_its_name(tmp_path, monkeypatch):
+    from pruning.atomic import write_text
+
+    path = tmp_path / "metrics.json"
+    text = '{"f1": 88.5}' * 100
+    syncs = _Syncs(monkeypatch)
+    write_text(path, text)
+    renamed = syncs.index("replace", path.with_name(f".{path.name}.{os.getpid()}.tmp"), path)
+    assert syncs.index("fsync", _inode(path), len(text)) < renamed
+    assert syncs.index("fsync", _inode(tmp_path)) > renamed
+
+
+def test_where_a_directory_cannot_be_opened_the_output_is_still_written(tmp_path, monkeypatch):
+    """Windows (and some network file systems) cannot open a directory to flush it: the write goes on without."""
+    from pruning import atomic
+
+    real_open = os.open
+
+    def open_no_dirs(path, flags, *args, **kw):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(atomic.os, "open", open_no_dirs)
+    atomic.write_text(tmp_path / "a.txt", "a")
+    with atomic.staged_dir(tmp_path / "out") as tmp:
+        (tmp / "b.txt").write_text("b")
+    assert (tmp_path / "a.txt").read_text() == "a" and (tmp_path / "out" / "b.txt").read_text() == "b"
