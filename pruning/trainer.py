@@ -63,6 +63,7 @@ from .checkpoint import (
     restore_optimizer,
     save_model,
 )
+from .contents import content_digest
 from .config import ConfigError, MaskInit, Method, RunConfig, TopkScope, check_head_shaped, config_to_dict
 from .distill import hidden_mse, kd_loss, qa_ce_loss
 from .precision import autocast, resolve_precision
@@ -352,16 +353,26 @@ def fit_to_model(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None = N
 
 def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of what decides a tokenizer's ids: a fast tokenizer's whole definition (vocabulary, merges, special
-    tokens, post-processor), else its vocabulary."""
+    tokens, post-processor), else its vocabulary.
+
+    The truncation and padding a call leaves set on a fast tokenizer are left out: windows set their own, and a
+    tokenizer that has cut one set of windows is still the same tokenizer.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        text = json.dumps(definition, sort_keys=True)
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
     """Tokenized training windows, cached as safetensors under ``cfg.cache_dir`` when it is set.
 
-    The cache key covers the data file (path, size, modification time), the question limit, the tokenizer (its
+    The cache key covers the data file's contents (an in-place edit is a new key), the question limit, the tokenizer (its
     whole definition, so one retrained into the same directory is a new key) and the window settings, so trials of
     a sweep that share data tokenize it once.
     """
@@ -369,8 +380,7 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
         return squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
                                             doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length)
     data = resolve_data(cfg.train_data)
-    stat = data.stat()
-    key = json.dumps([str(data.resolve()), stat.st_size, int(stat.st_mtime), cfg.train_limit, tokenizer.name_or_path,
+    key = json.dumps([content_digest(data), cfg.train_limit, tokenizer.name_or_path,
                       len(tokenizer), _tokenizer_digest(tokenizer), cfg.max_seq_length, cfg.doc_stride,
                       cfg.max_query_length, squad.__name__])
     path = Path(cfg.cache_dir) / f"train-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"

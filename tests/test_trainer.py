@@ -597,3 +597,33 @@ def test_training_windows_cut_questions_to_the_run_configs_max_query_length(toke
             features = train_features(cfg, examples, tokenizer)  # the cache keeps one set of windows per length
             assert all(torch.equal(features[key], expected[key]) for key in expected)
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_the_feature_cache_follows_the_data_files_contents(tokenizer, tmp_path):
+    """An in-place edit that keeps the file's size and modification second must not reuse the old windows."""
+    import os
+
+    from pruning import squad
+    from pruning.trainer import train_features
+
+    def squad_file(answer: str) -> dict:
+        context = f"The capital of France is {answer}."
+        return {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+            {"id": "q1", "question": "What is the capital of France?",
+             "answers": [{"text": answer, "answer_start": context.index(answer)}]}]}]}]}
+
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(squad_file("Paris")))
+    stat = data.stat()
+    cfg = RunConfig(train_data=str(data), max_seq_length=64, doc_stride=16, cache_dir=str(tmp_path / "cache"))
+    first = train_features(cfg, squad.load_squad(data), tokenizer)
+    assert all(torch.equal(train_features(cfg, [], tokenizer)[key], first[key]) for key in first)  # read back
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    data.write_text(json.dumps(squad_file("Lyon.")))  # same length, a different answer span
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data.stat().st_size == stat.st_size
+    examples = squad.load_squad(data)
+    again = train_features(cfg, examples, tokenizer)
+    expected = squad.prepare_train_features(examples, tokenizer, max_seq_length=64, doc_stride=16)
+    assert all(torch.equal(again[key], expected[key]) for key in expected)
+    assert not all(torch.equal(again[key], first[key]) for key in first)

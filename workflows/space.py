@@ -37,7 +37,7 @@ from pruning.config import (METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, Run
                             config_from_dict, config_to_dict, read_yaml)
 from pruning.resources import ResourceError, first_missing, resolve_data, resolve_model
 from pruning.schedules import warmup_steps
-from workflows.contents import content_digest
+from pruning.contents import content_digest
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
 from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES, RegistrySpec

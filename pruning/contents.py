@@ -1,8 +1,10 @@
-"""What a file or a model directory holds, as one hash: the key of what a sweep reuses (its dense teacher).
+"""What a file or a model directory holds, as one hash: the key of what is reused across runs (a sweep's dense
+teacher, tokenized training windows).
 
 A path says where an input is, not what it is: a data file edited in place, or a model directory replaced by
 another, keeps its path. :func:`content_digest` hashes the bytes. Within a process a file is hashed again only
-when its size, modification time or inode changed, so asking twice for a large model costs one read.
+when its size, modification or change time, or inode changed (every write sets the change time, which, unlike the
+modification time, cannot be set back), so asking twice for a large model costs one read.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from pathlib import Path
 __all__ = ["content_digest"]
 
 _CHUNK = 1 << 20
-_FILE_DIGESTS: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime_ns, inode) -> sha256 of the bytes
+_FILE_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}  # (path, size, mtime, ctime, inode) -> sha256
 
 
 def _file_digest(path: Path) -> str:
     stat = path.stat()  # follows a link: a cache's snapshot directory links to its blobs
-    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     digest = _FILE_DIGESTS.get(key)
     if digest is None:
         sha = hashlib.sha256()
