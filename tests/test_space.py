@@ -138,6 +138,14 @@ def test_defaults(tmp_path):
     assert space.teacher.path is None and not space.teacher.student_init
 
 
+def test_a_file_name_that_cannot_name_the_sweep_asks_for_a_name_key(tmp_path):
+    with pytest.raises(SpaceError, match=r"my space\.yaml: name: not given, and the file's name 'my space' cannot"):
+        load_space(write(tmp_path, variant(), "my space.yaml"))
+    assert load_space(write(tmp_path, variant(name="my-sweep"), "my space.yaml")).name == "my-sweep"
+    with pytest.raises(SpaceError, match=r"name: 'my sweep': use letters"):  # a given name is checked as before
+        load_space(write(tmp_path, variant(name="my sweep"), "space.yaml"))
+
+
 def test_latency_policy_and_reference_point(tmp_path):
     space = load_space(write(tmp_path, variant(registry={"policy": "best_f1_under_latency", "max_latency_ms": 12.5},
                                                reference_point={"f1": 20})))

@@ -591,7 +591,12 @@ class SweepSpace(_Section):
         data = _known_keys(data, _TOP_KEYS)
         data["path"] = Path(path)
         name = data.get("name")
-        data["name"] = Path(path).stem if name is None else name
+        if name is None:
+            name = Path(path).stem
+            if not _NAME_RE.fullmatch(name):
+                raise _Problem(f"not given, and the file's name {name!r} cannot stand for it: set name to letters, "
+                               "digits, '_', '.', '-' (it names directories)", "name")
+        data["name"] = name
         data.setdefault("num_samples", 1 if data.get("algorithm") == "grid" else 8)
         registry = data.get("registry")
         if registry is None or isinstance(registry, Mapping):
