@@ -444,6 +444,10 @@ BAD_SPACES = [
     ("quniform bound off the step", with_search(
         target_density={"type": "quniform", "low": 0.25, "high": 0.75, "q": 0.1}),
      r"search\.target_density\.low: 0\.25 is not a multiple of q=0\.1"),
+    ("randint past 64 bits", with_search(fill_steps={"type": "randint", "low": 0, "high": 10 ** 30}),
+     r"search\.fill_steps\.high: 1000000000000000000000000000000 is out of the range of a 64-bit integer"),
+    ("one number twice", with_search(temperature={"type": "choice", "values": [1, 2, 1.0]}),
+     r"search\.temperature\.values: has duplicates"),
     ("unknown algorithm", variant(algorithm="hyperopt"), r"algorithm: unknown value 'hyperopt'"),
     ("grid algorithm with a uniform param", variant(algorithm="grid"),
      r"search\.target_density\.type: uniform cannot be enumerated by algorithm grid"),

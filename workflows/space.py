@@ -307,13 +307,19 @@ class ParamSpec(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> ParamSpec:
         if self.values is not None:
-            canonical = [json.dumps(v, sort_keys=True, default=str) for v in self.values]
+            # 1 and 1.0 are one value to a trial's config.
+            canonical = [json.dumps(float(v) if _is_number(v) else v, sort_keys=True, default=str)
+                         for v in self.values]
             if len(set(canonical)) != len(canonical):
                 raise _Problem("has duplicates", "values")
             return self
         low, high = self.low, self.high
         if self.type == "randint" and not (_is_int(low) and _is_int(high)):
             raise _Problem(f"randint bounds must be integers, got {low!r}, {high!r}", "low")
+        if self.type == "randint":
+            for bound, v in (("low", low), ("high", high)):
+                if not -(2 ** 63) <= v < 2 ** 63 - 1:  # the samplers draw 64-bit integers (high + 1 included)
+                    raise _Problem(f"{v!r} is out of the range of a 64-bit integer", bound)
         if not low < high:
             raise _Problem(f"must be < high ({low!r} >= {high!r})", "low")
         if self.type == "loguniform" and low <= 0:
