@@ -32,10 +32,16 @@ def test_direction_matters():
     assert pareto_front(points, [("a", "max"), ("b", "min")]) == [0, 1]
 
 
-def test_identical_points_are_both_kept():
-    points = [{"f1": 70.0, "linear_density": 0.3}, {"f1": 70.0, "linear_density": 0.3},
-              {"f1": 60.0, "linear_density": 0.3}]
-    assert pareto_front(points, F1_DENSITY) == [0, 1]
+def test_identical_points_are_one_frontier_point_the_first_given():
+    points = [{"f1": 60.0, "linear_density": 0.3}, {"f1": 70.0, "linear_density": 0.3, "name": "a"},
+              {"f1": 70.0, "linear_density": 0.3, "name": "b"}, {"f1": 80.0, "linear_density": 0.6},
+              {"f1": 80.0, "linear_density": 0.6}]
+    assert pareto_front(points, F1_DENSITY) == [1, 3]
+    assert pareto_front(points[::-1], F1_DENSITY) == [0, 2]  # the first given, whatever the order
+    assert [row["name"] for row in frontier_table(points, F1_DENSITY, ["name"])] == ["a", None]
+    # A tie with a point that is not on the frontier changes nothing; the hypervolume counts the point once.
+    assert pareto_front([*points, {"f1": 60.0, "linear_density": 0.3}], F1_DENSITY) == [1, 3]
+    assert hypervolume(points, F1_DENSITY) == pytest.approx(hypervolume([points[1], points[3]], F1_DENSITY))
 
 
 def test_invalid_points_take_no_part():
@@ -57,9 +63,9 @@ def test_empty_and_single():
     assert pareto_front([{"f1": float("nan"), "linear_density": 1.0}], F1_DENSITY) == []
 
 
-def test_single_objective_keeps_every_best():
+def test_single_objective_keeps_the_first_best():
     points = [{"f1": 3.0}, {"f1": 5.0}, {"f1": 5.0}, {"f1": 4.0}]
-    assert pareto_front(points, [("f1", "max")]) == [1, 2]
+    assert pareto_front(points, [("f1", "max")]) == [1]
 
 
 def test_three_objectives():
@@ -114,8 +120,12 @@ def _brute_force(points, objectives):
         return (all(better_eq(p[k], q[k], m) for k, m in objectives)
                 and any(strictly(p[k], q[k], m) for k, m in objectives))
 
+    def same(p, q):
+        return all(p[k] == q[k] for k, _ in objectives)
+
     valid = [i for i, p in enumerate(points) if good(p)]
-    return [i for i in valid if not any(dominates(points[j], points[i]) for j in valid if j != i)]
+    return [i for i in valid if not any(dominates(points[j], points[i]) for j in valid if j != i)
+            and not any(same(points[j], points[i]) for j in valid if j < i)]
 
 
 # Few distinct values make ties and dominated points common; NaN and missing keys make invalid points.

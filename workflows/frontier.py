@@ -2,8 +2,10 @@
 
 A point ``a`` dominates ``b`` when ``a`` is at least as good as ``b`` on every objective (in each objective's
 direction, ``max`` or ``min``) and strictly better on at least one. The frontier is the set of points no other
-point dominates; identical points do not dominate each other, so ties are all kept. A point whose value for an
-objective is missing, not a number, NaN or infinite takes no part: it is neither on the frontier nor dominates.
+point dominates. Points with exactly equal values in every objective are one point of objective space, so the
+frontier holds one of them: the first one given (the others would register and report the same trade-off twice).
+A point whose value for an objective is missing, not a number, NaN or infinite takes no part: it is neither on the
+frontier nor dominates.
 
 The hypervolume of a set of points is the volume of objective space they dominate, bounded by a reference point
 that is worse than any point worth counting (by default F1 0 and linear density 1: the dense model adds nothing).
@@ -53,7 +55,8 @@ def pareto_front(points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple
         objectives: ``(metric, "max" | "min")`` pairs.
 
     Returns:
-        The indices (into ``points``, ascending) of the valid points that no other valid point dominates.
+        The indices (into ``points``, ascending) of the valid points that no other valid point dominates; of
+        valid points equal in every objective, only the first (the lowest index) is on the frontier.
 
     Raises:
         ValueError: ``objectives`` is empty or has a mode other than max/min.
@@ -75,12 +78,14 @@ def pareto_front(points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple
 
 
 def _non_dominated(scores: np.ndarray) -> list[int]:
-    """Row indices of ``scores`` (larger is better in every column) that no other row dominates."""
+    """Row indices of ``scores`` (larger is better in every column) that no other row dominates, the first of
+    equal rows only."""
     front = []
     for i, row in enumerate(scores):
         at_least = np.all(scores >= row, axis=1)
         better = np.any(scores > row, axis=1)
-        if not np.any(at_least & better):
+        equal_before = at_least[:i] & ~better[:i]
+        if not np.any(at_least & better) and not np.any(equal_before):
             front.append(i)
     return front
 
