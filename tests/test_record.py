@@ -74,21 +74,26 @@ def test_trials_is_the_sweeps_runs_table(client):
     client.set_tag(first, record.TAG_PARETO, "true")
     client.set_tag(first, record.TAG_PACKED_ARTIFACT, record.ARTIFACT_PACKED_MODEL)
     baseline = tracking.log_baseline(client, "exp", parent, {"f1": 60.0}, {"model": "m"}, None)
+    failed = _trial(client, parent, "trial-3", {}, {}, status="failed")
+    client.set_tag(failed, record.TAG_ERROR, "ValueError: bad <input>")
+    client.set_tag(failed, record.TAG_ERROR_FILE, "/sweeps/a/trial-3/error.txt")
     other = tracking.start_parent_run(client, "exp", "/sweeps/b", {}, resume=False)
     _trial(client, other, "elsewhere", {"f1": 1.0}, {})  # another sweep's trial: not in this table
 
     table = record.trials(client, parent)
     assert isinstance(table, pd.DataFrame)
-    assert list(table["run_id"]) == [baseline, first, second]  # the baseline, then trials as they started
+    assert list(table["run_id"]) == [baseline, first, second, failed]  # the baseline, then trials as they started
     assert list(table.columns[:len(record.COLUMNS)]) == list(record.COLUMNS)
     by_id = table.set_index("run_id")
-    assert list(by_id["kind"]) == ["baseline", "trial", "trial"]
-    assert list(by_id["status"]) == ["finished", "finished", "stopped_early"]
+    assert list(by_id["kind"]) == ["baseline", "trial", "trial", "trial"]
+    assert list(by_id["status"]) == ["finished", "finished", "stopped_early", "failed"]
+    assert by_id.loc[failed, "error"] == "ValueError: bad <input>" and pd.isna(by_id.loc[first, "error"])
+    assert by_id.loc[failed, "error_file"] == "/sweeps/a/trial-3/error.txt"
     assert by_id.loc[first, "pareto"] and not by_id.loc[second, "pareto"] and by_id.loc[first, "packed"]
     assert table["pareto"].dtype == bool and table["packed"].dtype == bool
     assert by_id.loc[baseline, "speedup"] == 1.0 and math.isnan(by_id.loc[second, "linear_density"])
     assert by_id.loc[second, "searched.temperature"] == "2" and pd.isna(by_id.loc[first, "searched.temperature"])
-    assert list(record.trials(client, parent, include_baseline=False)["run_id"]) == [first, second]
+    assert list(record.trials(client, parent, include_baseline=False)["run_id"]) == [first, second, failed]
 
 
 def test_latest_sweep_names_what_is_missing(client, tmp_path):

@@ -173,7 +173,35 @@ def test_a_sweep_that_has_not_tagged_its_frontier_says_so():
     assert note not in render_markdown(data) and note not in render_html(data)
     runs["status"] = runs["status"].where(runs["kind"] == "baseline", "failed")
     none_finished = render_markdown(ReportData(experiment="exp", sweep_run_id="parent", runs=runs))
-    assert none_finished.count("No finished trial.") == 2
+    assert none_finished.count("No trial finished (5 failed), so no pruned model is on this frontier.") == 2
+
+
+def test_a_sweep_where_no_trial_finished_says_so_and_why_each_failed():
+    """Every trial failed: the frontier holds only the dense baseline, and both pages say so and list each failure
+    with its recorded reason, escaped (an exception's text holds <, & and backticks)."""
+    error = "RuntimeError: expected <class 'int'> & got `x` in\n  line 2 <b>bold</b>"
+    base = _row("base", "dense-baseline", "baseline", "finished", {}, _metrics(80.0, 70.0, 1.0, 1.0), None, True,
+                True)
+    failed = [{**_row("a", "trial-a", "trial", "failed", {}, {}, None), "error": error,
+               "error_file": "sweep/trial_a/error.txt"},
+              {**_row("b", "trial-<b>", "trial", "failed", {}, {}, None), "error": None, "error_file": None}]
+    data = ReportData(experiment="exp", sweep_run_id="parent", runs=pd.DataFrame([base, *failed]))
+    note = "No trial finished (2 failed), so no pruned model is on this frontier; it holds only the dense baseline."
+    one_line = "RuntimeError: expected <class 'int'> & got `x` in line 2 <b>bold</b>"
+
+    page = render_html(data)
+    parsed = _parse(page)
+    text = " ".join(" ".join(parsed.text).split())
+    assert note in text and "Failed trials" in text
+    assert one_line in text and "sweep/trial_a/error.txt" in text
+    assert "trial-<b>: no reason was recorded" in text
+    assert "b" not in [t for t, _ in parsed.tags] and "class" not in [t for t, _ in parsed.tags]
+
+    markdown = render_markdown(data)
+    assert markdown.count(note) == 2
+    failures = markdown.split("## Failed trials", 1)[1].strip().splitlines()
+    assert failures == [f"- trial-a: ``{one_line}`` (traceback: `sweep/trial_a/error.txt`)",
+                        "- trial-<b>: no reason was recorded"]
 
 
 def test_markdown_escapes_table_separators():

@@ -149,7 +149,7 @@ ARTIFACT_ONNX_DIR = "onnx_dir"  # the pyfunc model's own artifact: the model exp
 
 # The columns of :func:`trials` before the metric and ``searched.*`` columns.
 COLUMNS = ("run_id", "name", "kind", "status", "run_status", TAG_PARETO, TAG_PARETO_SPEED, "packed", "start_time",
-           "end_time")
+           "end_time", "error", "error_file")
 _SEARCH_PAGE = 1000
 
 
@@ -321,7 +321,8 @@ def trials(client: MlflowClient, sweep: Run | str, include_baseline: bool = True
 
     Columns: :data:`COLUMNS` (``status`` is the ``fineprune.status`` tag, or what MLflow says of a run the sweep
     did not end; ``pareto`` and ``pareto_speedup`` are the frontier tags as booleans; ``packed``: the packed model
-    is logged), then one column per metric any run logged (NaN where a run lacks it), then ``searched.<key>`` per
+    is logged; ``error`` and ``error_file``: why a failed trial failed and where its traceback is, None when the
+    run has no such tag), then one column per metric any run logged (NaN where a run lacks it), then ``searched.<key>`` per
     searched value (strings as logged; missing, ``pd.isna``, where a run lacks it). Rows: the baseline first, then
     the trials in the order they started.
 
@@ -346,7 +347,8 @@ def trials(client: MlflowClient, sweep: Run | str, include_baseline: bool = True
             "run_id": run.info.run_id, "name": tags.get(TAG_RUN_NAME, run.info.run_id), "kind": tags[TAG_KIND],
             "status": _status(run), "run_status": run.info.status, TAG_PARETO: tags.get(TAG_PARETO) == "true",
             TAG_PARETO_SPEED: tags.get(TAG_PARETO_SPEED) == "true", "packed": bool(tags.get(TAG_PACKED_ARTIFACT)),
-            "start_time": run.info.start_time, "end_time": run.info.end_time}
+            "start_time": run.info.start_time, "end_time": run.info.end_time, "error": tags.get(TAG_ERROR),
+            "error_file": tags.get(TAG_ERROR_FILE)}
         row.update({key: run.data.metrics.get(key, math.nan) for key in metrics})
         row.update({name: run.data.params.get(name) for name in searched})
         rows.append(row)

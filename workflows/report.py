@@ -38,8 +38,8 @@ from workflows import plots, record
 from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR, ARTIFACT_REPORT_HTML,
                               ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, HEADS_REMOVED,
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
-                              PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FINISHED, STATUSES, TAG_PARETO,
-                              TAG_PARETO_SPEED, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TOTAL_DENSITY, RegistrySpec)
+                              PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
+                              TAG_PARETO, TAG_PARETO_SPEED, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TOTAL_DENSITY, RegistrySpec)
 
 __all__ = [
     "ChampionCard",
@@ -329,6 +329,40 @@ def _frontier_rows(data: ReportData, tag: str) -> list[pd.Series]:
     return sorted(front, key=lambda r: (_value(r, x) is None, _value(r, x) or 0.0))
 
 
+def _frontier_note(data: ReportData, tag: str) -> str | None:
+    """What a reader must know about a frontier before its table or plot: that no trial finished (so the frontier
+    holds no pruned model, at most the dense baseline), or that the sweep has not tagged it yet; None otherwise."""
+    trials = data.trials
+    if int((trials["status"] == STATUS_FINISHED).sum()):
+        return _untagged_note(data, tag)
+    if not len(trials):
+        return "The sweep has no trial yet, so no pruned model is on this frontier."
+    counts = ", ".join(f"{n} {plots.STATUS_LABELS.get(status, status)}" for status, n in _counts(data).items() if n)
+    only_baseline = bool(len(data.frontier(tag)))
+    return (f"No trial finished ({counts}), so no pruned model is on this frontier"
+            + ("; it holds only the dense baseline." if only_baseline else ".")
+            + (" Why each trial failed is listed under Failed trials." if _counts(data)[STATUS_FAILED] else ""))
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """An error message as one line of at most ``limit`` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def _failures(data: ReportData) -> list[dict[str, Any]]:
+    """The failed trials, each with why it failed and where its traceback is (as the sweep recorded them)."""
+    out = []
+    for row in _rows(data.trials):
+        if row["status"] != STATUS_FAILED:
+            continue
+        error, where = row.get("error"), row.get("error_file")
+        out.append({"name": str(row["name"]), "url": _url(row),
+                    "error": _one_line(error) if isinstance(error, str) and error.strip() else None,
+                    "error_file": where if isinstance(where, str) and where else None})
+    return out
+
+
 def _untagged_note(data: ReportData, tag: str) -> str | None:
     """Why a frontier with finished trials shows no run: the sweep tags its frontiers when it ends (an
     interrupted or still running sweep has not); None when the frontier has runs or there is no finished trial."""
@@ -346,6 +380,13 @@ def _untagged_note(data: ReportData, tag: str) -> str | None:
 
 def _md_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _md_code(text: str) -> str:
+    """``text`` as an inline code span, shown verbatim (no markup or HTML inside it is interpreted)."""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -385,9 +426,10 @@ def render_markdown(data: ReportData) -> str:
     header = ("name", *(title for _, title, _ in _FRONTIER_COLUMNS), *(plots.metric_label(m) for m in extra))
 
     def table(rows: list[pd.Series], tag: str) -> list[str]:
+        note = _frontier_note(data, tag)
         if not rows:
-            return [_untagged_note(data, tag) or "No finished trial."]
-        return _md_table(header, ([str(r["name"]), *(_fmt(_value(r, m), d) for m, _, d in _FRONTIER_COLUMNS),
+            return [note or "No finished trial."]
+        return ([note, ""] if note else []) + _md_table(header, ([str(r["name"]), *(_fmt(_value(r, m), d) for m, _, d in _FRONTIER_COLUMNS),
                                    *(_fmt(_value(r, m), 3) for m in extra)] for r in rows))
 
     out += ["", f"## Pareto frontier: {plots.metric_label(y)} against {plots.metric_label(x)}", ""]
@@ -437,6 +479,14 @@ def render_markdown(data: ReportData) -> str:
 
     out += ["", "## Trials", ""]
     out += _md_table(_trial_header(data), (_trial_cells(data, r) for r in _rows(data.runs)))
+    failures = _failures(data)
+    if failures:
+        out += ["", "## Failed trials", ""]
+        for failure in failures:
+            name = f"[{failure['name']}]({failure['url']})" if failure["url"] else failure["name"]
+            reason = _md_code(failure["error"]) if failure["error"] else "no reason was recorded"
+            where = f" (traceback: {_md_code(failure['error_file'])})" if failure["error_file"] else ""
+            out.append(f"- {name}: {reason}{where}")
     out.append("")
     return "\n".join(out)
 
@@ -526,7 +576,7 @@ def render_html(data: ReportData) -> str:
         csp=_CSP, experiment=data.experiment, sweep_run_id=data.sweep_run_id, sweep_url=data.sweep_url,
         generated=data.generated, facts=_summary_lines(data),
         frontier_svg=Markup(plots.frontier_figure(data.runs, data.objectives, champion_id)),
-        frontier_note=_untagged_note(data, TAG_PARETO),
+        frontier_note=_frontier_note(data, TAG_PARETO), failures=_failures(data),
         x_label=plots.metric_label(x), y_label=plots.metric_label(y), second_label=plots.metric_label(second),
         hypervolume_svg=Markup(hypervolume) if hypervolume else None,
         any_url=any(row["url"] for row in rows), columns=columns, rows=rows,
