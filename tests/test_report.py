@@ -127,6 +127,20 @@ def test_the_report_shows_the_frontier_the_sweep_tagged_for_any_objectives():
     assert labels[0].startswith("exact match and F1 against total density")
 
 
+def test_what_the_search_learned_is_plotted_against_the_objectives_searched_for():
+    """A sweep over exact match and total density shows each searched value against those two metrics."""
+    from dataclasses import replace
+
+    default = _parse(render_html(_sweep()))
+    labels = [a["aria-label"] for t, a in default.tags if t == "svg" and "aria-label" in a]
+    assert "each searched parameter against F1 and linear density" in labels
+    assert "against F1 (top) and linear density (bottom)" in " ".join(" ".join(default.text).split())
+    parsed = _parse(render_html(replace(_sweep(), objectives=[("exact_match", "max"), ("total_density", "min")])))
+    labels = [a["aria-label"] for t, a in parsed.tags if t == "svg" and "aria-label" in a]
+    assert "each searched parameter against exact match and total density" in labels
+    assert "against exact match (top) and total density (bottom)" in " ".join(" ".join(parsed.text).split())
+
+
 def test_markdown_lists_every_trial_with_its_status_and_the_frontiers():
     data = _sweep()
     text = render_markdown(data)

@@ -276,12 +276,15 @@ def numeric_values(values: pd.Series) -> bool:
 
 
 def learned_figure(runs: pd.DataFrame, searched: Sequence[str], param_types: dict[str, str],
-                   champion_id: str | None) -> str | None:
-    """Each searched value against F1 (top row) and linear density (bottom row); None when nothing was searched."""
+                   champion_id: str | None,
+                   objectives: Sequence[tuple[str, str]] = ((F1, "max"), (LINEAR_DENSITY, "min"))) -> str | None:
+    """Each searched value against the objectives the frontier plot shows (:func:`frontier_axes`: by default F1 in
+    the top row, linear density in the bottom one); None when nothing was searched."""
     keys = list(searched)
     if not keys:
         return None
-    metrics = ((F1, "F1"), (LINEAR_DENSITY, "linear density"))
+    x, y = frontier_axes(objectives)
+    metrics = ((y, metric_label(y)), (x, metric_label(x)))
     fig, axes = _new_figure(max(2.6 * len(keys), 11.0), 4.8, ncols=len(keys), nrows=len(metrics), sharey="row")
     trials = runs[runs["kind"] == KIND_TRIAL]
     base = runs[runs["kind"] == KIND_BASELINE]
@@ -332,4 +335,4 @@ def learned_figure(runs: pd.DataFrame, searched: Sequence[str], param_types: dic
                 ax.set_title(key, fontsize=9)
             _style(ax)
     _figure_legend(fig, axes)
-    return _svg(fig, "each searched parameter against F1 and linear density", "learned")
+    return _svg(fig, f"each searched parameter against {metrics[0][1]} and {metrics[1][1]}", "learned")

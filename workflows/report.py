@@ -569,7 +569,7 @@ def render_html(data: ReportData) -> str:
     x, y = plots.frontier_axes(data.objectives)
     second = EXACT_MATCH if y != EXACT_MATCH else F1
     hypervolume = plots.hypervolume_figure(data.hypervolume, data.hypervolume_compute)
-    learned = plots.learned_figure(data.runs, data.searched, dict(data.param_types), champion_id)
+    learned = plots.learned_figure(data.runs, data.searched, dict(data.param_types), champion_id, data.objectives)
     columns, rows = _table(data)
     # The SVGs are matplotlib's output with labels escaped where they are written (workflows.plots): markup.
     return _TEMPLATES.get_template("report.html.j2").render(
