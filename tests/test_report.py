@@ -215,7 +215,7 @@ def test_a_sweep_where_no_trial_finished_says_so_and_why_each_failed():
     assert markdown.count(note) == 2
     failures = markdown.split("## Failed trials", 1)[1].strip().splitlines()
     assert failures == [f"- trial-a: ``{one_line}`` (traceback: `sweep/trial_a/error.txt`)",
-                        "- trial-<b>: no reason was recorded"]
+                        "- trial-&lt;b&gt;: no reason was recorded"]  # the name reads as written once rendered
 
 
 def test_markdown_escapes_table_separators():
@@ -490,3 +490,20 @@ def test_the_report_renders_and_sorts_in_chromium(smoke_sweep, chromium, tmp_pat
     # The console check above can fail: an error logged now is seen.
     chromium.execute_script("console.error('probe')")
     assert any("probe" in e["message"] for e in chromium.get_log("browser") if e["level"] == "SEVERE")
+
+
+def test_user_given_names_read_as_written_in_the_markdown_report():
+    """An experiment or trial name with HTML or Markdown in it is shown as written, not as markup, once rendered."""
+    from dataclasses import replace
+
+    from markdown_it import MarkdownIt
+
+    data = _sweep(name="b<i>|[1]*x*")
+    data = replace(data, experiment="exp<b>&amp;`code`")
+    page = _Page()
+    page.feed(MarkdownIt("commonmark").enable("table").render(render_markdown(data)))
+    tags = {tag for tag, _ in page.tags}
+    assert not tags & {"b", "i", "em"}  # no markup from the names
+    text = [t.strip() for t in page.text]
+    assert "Sweep report: exp<b>&amp;`code`" in text
+    assert "b<i>|[1]*x*" in text  # a cell of the trial table, pipe and brackets included

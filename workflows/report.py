@@ -382,6 +382,15 @@ def _md_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "*": "&#42;", "[": "&#91;", "]": "&#93;", "`": "&#96;"}
+
+
+def _md_text(text: str) -> str:
+    """User-given ``text`` (an experiment's, a trial's or a searched value's name) shown as written: HTML and the
+    Markdown that would change how it reads (emphasis, links, code) become character references."""
+    return re.sub(r"[&<>*\[\]`]", lambda m: _MD_ENTITIES[m.group()], str(text))
+
+
 def _md_code(text: str) -> str:
     """``text`` as an inline code span, shown verbatim (no markup or HTML inside it is interpreted)."""
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
@@ -397,8 +406,9 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]
 
 def _trial_cells(data: ReportData, row: pd.Series) -> list[str]:
     url = _url(row)
-    cells = [f"[{row['name']}]({url})" if url else str(row["name"]), _status_label(row)]
-    cells += [_fmt_param(_param(row, k)) for k in data.searched]
+    name = _md_text(row["name"])
+    cells = [f"[{name}]({url})" if url else name, _status_label(row)]
+    cells += [_md_text(_fmt_param(_param(row, k))) for k in data.searched]
     cells += [_fmt(_value(row, m), d) for m, _, d in _METRIC_COLUMNS]
     cells += ["yes" if bool(row.get(tag)) is True else "" for tag in (TAG_PARETO, TAG_PARETO_SPEED)]
     return cells
@@ -418,8 +428,8 @@ def render_markdown(data: ReportData) -> str:
     Returns:
         Markdown text (GitHub flavour tables).
     """
-    out = [f"# Sweep report: {data.experiment}", ""]
-    out += [f"- **{label}**: {text}" for label, text in _summary_lines(data)]
+    out = [f"# Sweep report: {_md_text(data.experiment)}", ""]
+    out += [f"- **{label}**: {_md_text(text)}" for label, text in _summary_lines(data)]
     x, y = plots.frontier_axes(data.objectives)
     shown = [metric for metric, _, _ in _FRONTIER_COLUMNS]
     extra = [name for name, _ in data.objectives if name not in shown]
@@ -429,7 +439,7 @@ def render_markdown(data: ReportData) -> str:
         note = _frontier_note(data, tag)
         if not rows:
             return [note or "No finished trial."]
-        return ([note, ""] if note else []) + _md_table(header, ([str(r["name"]), *(_fmt(_value(r, m), d) for m, _, d in _FRONTIER_COLUMNS),
+        return ([note, ""] if note else []) + _md_table(header, ([_md_text(r["name"]), *(_fmt(_value(r, m), d) for m, _, d in _FRONTIER_COLUMNS),
                                    *(_fmt(_value(r, m), 3) for m in extra)] for r in rows))
 
     out += ["", f"## Pareto frontier: {plots.metric_label(y)} against {plots.metric_label(x)}", ""]
@@ -483,7 +493,8 @@ def render_markdown(data: ReportData) -> str:
     if failures:
         out += ["", "## Failed trials", ""]
         for failure in failures:
-            name = f"[{failure['name']}]({failure['url']})" if failure["url"] else failure["name"]
+            name = _md_text(failure["name"])
+            name = f"[{name}]({failure['url']})" if failure["url"] else name
             reason = _md_code(failure["error"]) if failure["error"] else "no reason was recorded"
             where = f" (traceback: {_md_code(failure['error_file'])})" if failure["error_file"] else ""
             out.append(f"- {name}: {reason}{where}")
