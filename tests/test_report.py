@@ -507,3 +507,17 @@ def test_user_given_names_read_as_written_in_the_markdown_report():
     text = [t.strip() for t in page.text]
     assert "Sweep report: exp<b>&amp;`code`" in text
     assert "b<i>|[1]*x*" in text  # a cell of the trial table, pipe and brackets included
+
+
+def test_the_report_command_reports_the_sweep_run_it_is_given(smoke_sweep, tmp_path, capsys):
+    from workflows.cli import main
+
+    common = ["report", "--experiment", smoke_sweep["experiment"], "--tracking-uri", smoke_sweep["tracking_uri"]]
+    assert main([*common, "--out", str(tmp_path / "given"), "--sweep-run", smoke_sweep["parent_run_id"]]) == 0
+    text = (tmp_path / "given" / "report.md").read_text(encoding="utf-8")
+    assert f"- **Sweep run**: {smoke_sweep['parent_run_id']}" in text
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "other"), "--sweep-run", "0" * 32]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"run {'0' * 32} is not a sweep of experiment 'smoke' in {smoke_sweep['tracking_uri']}")
+    assert not (tmp_path / "other").exists()

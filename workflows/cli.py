@@ -392,7 +392,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_output_path(out, "--out", directory=True)
     _tracking_client(args.tracking_uri)
-    paths = write_report(args.experiment, out_dir=args.out, tracking_uri=args.tracking_uri)
+    paths = write_report(args.experiment, out_dir=args.out, tracking_uri=args.tracking_uri,
+                         sweep_run_id=args.sweep_run)
     _emit({k: str(v) for k, v in paths.items()})
     return 0
 
@@ -580,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--sweep-run", metavar="RUN_ID",
+                   help="the sweep's parent run, for an experiment that holds several sweeps (default: its latest)")
     return parser
 
 
