@@ -310,6 +310,53 @@ def test_a_registered_trial_is_neither_logged_nor_exported_again(record, registe
     assert [len(_logged_models(record, run_id)) for run_id in frontier] == [1, 1, 1]
 
 
+# Loads a registered model by alias as a process without this project would: the package `workflows` cannot be
+# imported (nor the installed project's `pruning`: the one the model ships as code is used).
+_FRESH_PROCESS = """
+import json, sys
+from importlib.abc import MetaPathFinder
+
+
+class WithoutTheProject(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "workflows":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path = [WithoutTheProject()] + [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+import mlflow
+import pandas as pd
+
+model = mlflow.pyfunc.load_model(sys.argv[1])
+frame = pd.DataFrame(json.loads(sys.argv[2]))
+answers = model.predict(frame)
+import pruning
+print(json.dumps({"answers": answers["answer"].tolist(), "pruning": pruning.__file__,
+                  "runtime": model.unwrap_python_model().runtime}))
+"""
+
+
+def test_a_registered_model_loads_by_alias_in_a_process_without_the_project(record, registered, dev_subset, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    client = record["client"]
+    client.set_registered_model_alias(NAME, "fresh", _versions(client)[record["runs"][NARROW]].version)
+    frame = _records(dev_subset, 2)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(MLFLOW_TRACKING_URI=record["uri"], HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-I", "-c", _FRESH_PROCESS, f"models:/{NAME}@fresh",
+                           frame.to_json(orient="records")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded["runtime"] == "onnxruntime"
+    assert not Path(loaded["pruning"]).is_relative_to(ROOT)  # the package the model carries
+    assert all(answer in context for answer, context in zip(loaded["answers"], frame["context"]))
+
+
 def _records(dev_subset, count: int = 6) -> pd.DataFrame:
     """Dev questions with 200 characters of context around the gold answer: one window of the tiny models."""
     rows = []

@@ -36,12 +36,14 @@ import json
 import logging
 import math
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import cloudpickle
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -429,6 +431,10 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
         artifacts[ARTIFACT_ONNX_DIR] = str(onnx_dir)
     mirror, drop = logging.getLogger("mlflow.models.model"), _DropParamMirror()
     mirror.addFilter(drop)
+    # The model's class and the helpers it calls are pickled by value: a process that loads the model (a server
+    # MLflow builds from the pip requirements, another machine) has mlflow, pandas and the pruning package shipped
+    # as code, but not this package, which also needs Ray and the rest of the sweep's dependencies.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         return mlflow.pyfunc.log_model(
             name=ARTIFACT_QA_MODEL,
@@ -444,6 +450,7 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
             input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
         )
     finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
         mirror.removeFilter(drop)
 
 
