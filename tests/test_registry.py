@@ -310,6 +310,36 @@ def test_a_registered_trial_is_neither_logged_nor_exported_again(record, registe
     assert [len(_logged_models(record, run_id)) for run_id in frontier] == [1, 1, 1]
 
 
+def test_a_trial_registered_again_reuses_the_model_logged_on_its_run(record, tokenizer):
+    client, root = record["client"], record["root"]
+    run_id = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id
+    client.log_artifacts(run_id, str(_packed_dir(root / "reused", tokenizer, 1, 32)), "packed_model")
+    client.set_terminated(run_id)
+    artifacts = root / "artifacts"
+
+    def register(name: str, onnx: bool) -> tuple[object, int, int]:
+        result = registry.register_run(client, run_id, name, record["parent"], "best_f1_under_density", onnx)
+        files = sum(1 for p in artifacts.rglob("*") if p.is_file())
+        return client.get_model_version(name, result["version"]), len(_logged_models(record, run_id)), files
+
+    first, logged, files = register("tiny-reused", onnx=False)
+    assert logged == 1 and first.tags["onnx"] == "skipped"
+    # Under another name: a version of the same logged model, nothing logged or stored again.
+    other, *counts = register("tiny-reused-too", onnx=False)
+    assert counts == [1, files] and other.source == first.source
+    # A version deleted (as a registration stopped before it made one leaves the model): made again from it.
+    client.delete_model_version("tiny-reused", first.version)
+    again, *counts = register("tiny-reused", onnx=False)
+    assert counts == [1, files] and again.source == first.source and again.version != first.version
+    assert client.get_model_version_by_alias("tiny-reused", "champion").version == again.version
+    # Served through ONNX Runtime: the model without the export does not do; one with it is logged, once.
+    exported, logged, files = register("tiny-reused-onnx", onnx=True)
+    assert logged == 2 and exported.source != first.source and exported.tags["onnx"] == "fp32,int8"
+    exported_too, *counts = register("tiny-reused-onnx-too", onnx=True)
+    assert counts == [2, files] and exported_too.source == exported.source
+    assert exported_too.tags["onnx"] == "fp32,int8"
+
+
 # Loads a registered model by alias as a process without this project would: the package `workflows` cannot be
 # imported (nor the installed project's `pruning`: the one the model ships as code is used).
 _FRESH_PROCESS = """

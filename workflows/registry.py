@@ -24,7 +24,9 @@ fp32 or int8) whatever the recorded one: bf16 applies to the PyTorch model only.
 Every point of the sweep's Pareto frontiers becomes a version (:func:`register_frontier`), tagged with its EM,
 F1, densities, heads removed, speedup, precision, the trial's run id and the sweep's run id. The champion gets the alias
 ``champion``; no other version gets an alias unless :func:`select_by_latency` is asked to set one. Registering
-the same trial twice adds no version.
+the same trial twice adds no version, and a trial's served model is logged on its run once: a version of it under
+another name, or made again (its version deleted, or a registration stopped before making it), reuses that model
+when it serves as asked (exported for ONNX Runtime, or ``skipped``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import Any, Iterator, Mapping
 import cloudpickle
 import mlflow
 import pandas as pd
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -413,7 +416,8 @@ class _DropParamMirror(logging.Filter):
         return not record_.getMessage().startswith("Failed to log model config as params")
 
 
-def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str | Path | None = None):
+def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str | Path | None = None,
+                 tags: dict[str, str] | None = None):
     """Log a QA model directory as the :class:`PackedQAModel` pyfunc ``qa_model`` of the active run.
 
     Args:
@@ -421,6 +425,7 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
         settings: the served model's ``model_config`` (see :func:`serve_settings`, plus ``precision``);
             ``onnx_variant`` is added.
         onnx_dir: the model exported for ONNX Runtime (see :func:`export_for_serving`), served when given.
+        tags: tags of the logged model.
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri``, ``model_id``).
@@ -448,6 +453,7 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
             model_config={"max_records": MAX_RECORDS, **settings,
                           "onnx_variant": ONNX_VARIANTS[0] if onnx_dir is not None else "none"},
             input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
+            tags=tags,
         )
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
@@ -472,16 +478,41 @@ def _fluent_store(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(before)
 
 
+def _logged_qa_model(client, run, onnx: bool):
+    """The served model an earlier registration logged on the trial ``run`` (whole, and exported for ONNX Runtime
+    as ``onnx`` asks: tried, or ``skipped``), or None."""
+    try:
+        models = client.search_logged_models([run.info.experiment_id],
+                                             filter_string=f"source_run_id = '{run.info.run_id}' "
+                                                           f"AND name = '{ARTIFACT_QA_MODEL}'")
+    except MlflowException:
+        return None
+    for model in sorted(models, key=lambda m: m.creation_timestamp or 0):
+        tag = model.tags.get(TAG_ONNX)
+        if model.status == LoggedModelStatus.READY and tag is not None and (tag == ONNX_SKIPPED) != onnx:
+            return model
+    return None
+
+
 def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
-    """The version of ``name`` made from the trial ``run``: the existing one, else a new one (logged as a pyfunc
-    model on the trial's run from its ``packed_model`` artifact, exported for ONNX Runtime unless ``onnx`` is
-    False; its ``onnx`` tag then reads ``skipped``)."""
+    """The version of ``name`` made from the trial ``run``: the existing one, else a new one of the served model
+    logged on the trial's run: the one an earlier registration logged there (under another name, or stopped
+    before its version was made), else one logged now from its ``packed_model`` artifact, exported for ONNX
+    Runtime unless ``onnx`` is False (its ``onnx`` tag then reads ``skipped``)."""
     run_id = run.info.run_id
     existing = sorted((v for v in client.search_model_versions(f"name = '{name}'")
                        if v.tags.get(TAG_TRIAL_RUN) == run_id), key=lambda v: int(v.version))
     if existing:
         logger.info("trial run %s is already version %s of %s", run_id, existing[0].version, name)
         return existing[0]
+    logged = _logged_qa_model(client, run, onnx)
+    if logged is not None:
+        logger.info("trial run %s: a new version of %s from the model logged on it before (%s)", run_id, name,
+                    logged.model_id)
+        with _fluent_store(client.tracking_uri):  # which resolves the version's source, as below
+            return client.create_model_version(name, source=logged.model_uri, run_id=run_id,
+                                               model_id=logged.model_id,
+                                               tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: logged.tags[TAG_ONNX]})
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
         local = client.download_artifacts(run_id, ARTIFACT_PACKED_MODEL, tmp)
@@ -501,7 +532,8 @@ def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
         status = "FINISHED" if run.data.tags.get(TAG_STATUS) == STATUS_FINISHED else run.info.status
         try:
             with mlflow.start_run(run_id=run_id):
-                info = log_qa_model(local, {**serve_settings(run.data.params), "precision": precision}, onnx_dir)
+                info = log_qa_model(local, {**serve_settings(run.data.params), "precision": precision}, onnx_dir,
+                                    tags={TAG_ONNX: onnx_tag})
         finally:
             if run.info.end_time:  # the trial's duration is part of the record
                 client.set_terminated(run_id, status=status, end_time=run.info.end_time)
