@@ -340,6 +340,27 @@ def test_a_trial_registered_again_reuses_the_model_logged_on_its_run(record, tok
     assert exported_too.tags["onnx"] == "fp32,int8"
 
 
+def test_select_over_versions_whose_files_are_spoilt_names_each_and_leaves_the_alias(record, tokenizer, capsys):
+    client, root, name = record["client"], record["root"], "tiny-spoilt"
+    run_id = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id
+    client.log_artifacts(run_id, str(_packed_dir(root / "spoilt", tokenizer, 1, 32)), "packed_model")
+    client.set_terminated(run_id)
+    version = registry.register_run(client, run_id, name, record["parent"], "best_f1_under_density", onnx=False)
+    model_id = client.get_model_version(name, version["version"]).source.removeprefix("models:/")
+    stored = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    weights = next(stored.rglob("model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a copy that did not finish
+
+    code, out, err = _select(capsys, record, 1e6, "fast", name=name)
+    assert code == 2 and out == ""
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"fineprune select: error: no version of '{name}' could be loaded (version 1: "
+                           f"models:/{name}/1/artifacts/packed_model/model.safetensors: cannot be read"), line
+    assert line.endswith("alias 'fast' left as it was")
+    assert "fast" not in client.get_registered_model(name).aliases
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+
 # Loads a registered model by alias as a process without this project would: the package `workflows` cannot be
 # imported (nor the installed project's `pruning`: the one the model ships as code is used).
 _FRESH_PROCESS = """

@@ -752,12 +752,16 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         for v in versions:
             row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
                    **{k: _tag_float(v.tags, k) for k in FINAL_METRICS}}
+            local = Path(tmp) / str(v.version)
             try:
-                model, row["runtime"] = _load_version(name, str(v.version), client.tracking_uri,
-                                                      str(Path(tmp) / str(v.version)), runtime, threads)
+                model, row["runtime"] = _load_version(name, str(v.version), client.tracking_uri, str(local),
+                                                      runtime, threads)
             except Exception as err:  # a version that cannot be loaded is reported, not chosen
-                logger.warning("version %s of %s cannot be loaded: %s", v.version, name, err)
-                rows.append({**row, "error": str(err).splitlines()[0] if str(err) else type(err).__name__})
+                # Its files named as they are in the version, not in the temporary copy, which is gone by then.
+                lines = str(err).replace(str(local), f"models:/{name}/{v.version}").splitlines()
+                row["error"] = lines[0] if lines else type(err).__name__
+                logger.warning("version %s of %s cannot be loaded: %s", v.version, name, row["error"])
+                rows.append(row)
                 continue
             limit = max_positions(model.config)
             if seq_len > limit:
@@ -770,7 +774,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             models[f"v{v.version}"] = model
             rows.append(row)
         if not dense_of:
-            raise SelectionError(f"no version of {name!r} could be loaded")
+            reasons = "; ".join(f"version {row['version']}: {row['error']}" for row in rows)
+            raise SelectionError(f"no version of {name!r} could be loaded ({reasons}); alias {alias!r} left as it "
+                                 "was")
         loaded = time.perf_counter()
         torch.set_num_threads(threads)
         try:
