@@ -210,6 +210,24 @@ def _column(frame: pd.DataFrame, name: str) -> list[Any]:
             for value in frame[name].tolist()]
 
 
+def _count_setting(settings: Mapping[str, Any], key: str, default: int) -> int:
+    """The served model's setting ``key``: a whole number >= 1 (an integer, or its string), ``default`` if unset.
+
+    Raises:
+        ValueError: the setting is anything else, in one line naming it.
+    """
+    value = settings.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        number = None if isinstance(value, bool) else int(str(value).strip())
+    except ValueError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"model_config {key}: must be a whole number >= 1, got {value!r}")
+    return number
+
+
 def torch_served(model, settings: Mapping[str, Any]):
     """``(model, precision)``: a version's packed PyTorch model as its pyfunc serves it, in the precision
     :func:`serving_precision` chooses for the version's ``precision`` setting (bf16: a
@@ -249,6 +267,8 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
     ``onnx_variant`` (``int8``, ``fp32`` or ``none``), which of the exported models ONNX Runtime runs (default:
     int8 when the version carries them; ``none``: the PyTorch model); and ``precision``, the one the version was
     measured in, which the PyTorch model runs in where this CPU supports it (see :func:`serving_precision`).
+    The counts must be whole numbers >= 1 and the windows leave room for a question: anything else is a one-line
+    ValueError when the model loads.
 
     After loading, ``runtime`` is ``onnxruntime`` or ``torch`` and ``precision`` what the model computes in:
     ``int8`` or ``fp32`` through ONNX Runtime, ``bf16`` or ``fp32`` through PyTorch.
@@ -259,7 +279,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         from pruning.checkpoint import load_model, load_tokenizer
         from pruning.export import load_exported
         from pruning.inference import torch_runner
-        from pruning.squad import fit_windows
+        from pruning.squad import fit_windows, longest_question
         from pruning.structure import max_positions
 
         model_dir = context.artifacts[ARTIFACT_MODEL_DIR]
@@ -279,18 +299,21 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
             run = torch_runner(self.model)
             logger.info("serving through PyTorch in %s (measured in %s)", self.precision, recorded)
         self.tokenizer = load_tokenizer(model_dir)
+        # Every setting is checked here: one set wrong (in the inference config) stops the model from loading,
+        # rather than failing every request as if the request were at fault.
+        given = {key: _count_setting(settings, key, default)
+                 for key, default in {**SERVE_DEFAULTS, "max_records": MAX_RECORDS}.items()}
         # The windows the model was trained and evaluated with, never longer than its position embeddings.
-        self.max_seq_length, self.doc_stride = fit_windows(
-            settings.get("max_seq_length", SERVE_DEFAULTS["max_seq_length"]),
-            settings.get("doc_stride", SERVE_DEFAULTS["doc_stride"]), max_positions(self.model.config))
-        self.max_windows = int(settings.get("max_windows", SERVE_DEFAULTS["max_windows"]))
-        self.batch_size = int(settings.get("batch_size", SERVE_DEFAULTS["batch_size"]))
-        self.max_records = int(settings.get("max_records", MAX_RECORDS))
-        if self.max_records < 1:
-            raise ValueError(f"model_config max_records: must be >= 1, got {self.max_records}")
+        self.max_seq_length, self.doc_stride = fit_windows(given["max_seq_length"], given["doc_stride"],
+                                                           max_positions(self.model.config))
+        if longest_question(self.tokenizer, self.max_seq_length, self.doc_stride) < 1:
+            raise ValueError(f"model_config max_seq_length {given['max_seq_length']}, doc_stride "
+                             f"{given['doc_stride']}: windows of {self.max_seq_length} tokens overlapping by "
+                             f"{self.doc_stride} leave no room for a question")
+        self.max_windows, self.batch_size, self.max_records = (given[key] for key in ("max_windows", "batch_size",
+                                                                                      "max_records"))
         # The span search the run evaluated with.
-        self.max_answer_length = int(settings.get("max_answer_length", SERVE_DEFAULTS["max_answer_length"]))
-        self.n_best = int(settings.get("n_best", SERVE_DEFAULTS["n_best"]))
+        self.max_answer_length, self.n_best = given["max_answer_length"], given["n_best"]
         self.run_windows = run
         self._threads = threading.local()
 
