@@ -180,6 +180,20 @@ def test_select_can_time_the_packed_pytorch_models(record, registered, capsys):
     assert latency[runs[WIDE]] > max(latency[runs[NARROW]], latency[runs[NARROWEST]])
 
 
+def test_select_looks_for_the_versions_in_the_tracking_store_whatever_the_registry_variable(record, registered,
+                                                                                          capsys, monkeypatch,
+                                                                                          tmp_path):
+    # The registry is the tracking store for every command (a sweep registers there, as register does): a registry
+    # named elsewhere in the environment must not send select to another store.
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path}/elsewhere.db")
+    code, out, err = _select(capsys, record, 1e6, "anywhere")
+    assert code == 0, err[-2000:]
+    chosen = json.loads(out.strip().splitlines()[-1])
+    assert chosen["run_id"] == record["runs"][WIDE]
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI")
+    assert str(record["client"].get_model_version_by_alias(NAME, "anywhere").version) == chosen["version"]
+
+
 def test_a_budget_nothing_meets_leaves_the_alias_as_it_was(record, registered, capsys):
     client = record["client"]
     wide = str(_versions(client)[record["runs"][WIDE]].version)

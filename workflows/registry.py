@@ -662,8 +662,7 @@ def _tag_float(tags: dict[str, str], key: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _load_version(name: str, version: str, tracking_uri: str, dst: str, runtime: str = "served",
-                  threads: int | None = None):
+def _load_version(client, name: str, version: str, dst: str, runtime: str = "served", threads: int | None = None):
     """The model a registered version serves, read from the version's own artifacts, and how it runs.
 
     ``runtime="served"``: what the version's pyfunc serves by default: its ONNX Runtime model (the ``onnx_variant``
@@ -672,14 +671,27 @@ def _load_version(name: str, version: str, tracking_uri: str, dst: str, runtime:
     model in fp32. Returns ``(model, label)`` with label ``onnxruntime-int8``, ``onnxruntime-fp32``, ``torch-bf16``
     or ``torch``.
     """
+    # From where the client's registry says the version's files are: MLflow resolves a models:/ URI through the
+    # registry of its environment (MLFLOW_REGISTRY_URI), which need not be the client's.
+    local = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri(name, version),
+                                                dst_path=dst, tracking_uri=client.tracking_uri)
+    try:
+        return _open_version(local, name, version, runtime, threads)
+    except Exception as err:
+        # Its files named as they are in the version, not in the temporary copy, which is gone by the time one reads
+        # the message.
+        lines = str(err).replace(str(local), f"models:/{name}/{version}").splitlines()
+        raise SelectionError(lines[0] if lines else type(err).__name__) from err
+
+
+def _open_version(local: str, name: str, version: str, runtime: str, threads: int | None):
+    """The model of a version's files downloaded to ``local``, and how it runs (see :func:`_load_version`)."""
     # torch and the library are needed only to time models; the registry module stays light without them.
     from mlflow.models import Model
 
     from pruning.checkpoint import load_model
     from pruning.export import load_exported
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dst,
-                                                tracking_uri=tracking_uri, registry_uri=tracking_uri)
     flavor = Model.load(local).flavors.get("python_function", {})
     artifacts = flavor.get("artifacts") or {}
     onnx_dir = artifacts.get(ARTIFACT_ONNX_DIR, {}).get("path")
@@ -775,13 +787,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         for v in versions:
             row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
                    **{k: _tag_float(v.tags, k) for k in FINAL_METRICS}}
-            local = Path(tmp) / str(v.version)
             try:
-                model, row["runtime"] = _load_version(name, str(v.version), client.tracking_uri, str(local),
+                model, row["runtime"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
                                                       runtime, threads)
             except Exception as err:  # a version that cannot be loaded is reported, not chosen
-                # Its files named as they are in the version, not in the temporary copy, which is gone by then.
-                lines = str(err).replace(str(local), f"models:/{name}/{v.version}").splitlines()
+                lines = str(err).splitlines()
                 row["error"] = lines[0] if lines else type(err).__name__
                 logger.warning("version %s of %s cannot be loaded: %s", v.version, name, row["error"])
                 rows.append(row)
