@@ -375,6 +375,34 @@ def test_select_over_versions_whose_files_are_spoilt_names_each_and_leaves_the_a
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
 
+def test_a_trial_whose_packed_model_is_missing_or_spoilt_is_not_registered(record, tokenizer):
+    from pruning.checkpoint import CheckpointError
+    from pruning.packing import PackingError
+    from workflows.record import RecordError
+    from workflows.user_errors import user_errors
+
+    client, root, name = record["client"], record["root"], "tiny-unreadable"
+    missing = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id
+    client.set_terminated(missing)
+    with pytest.raises(RecordError, match=f"^trial run {missing}: its 'packed_model' artifact cannot be read .*; "
+                                          "not registered$") as refused:
+        registry.register_run(client, missing, name, record["parent"], "best_f1_under_density", onnx=False)
+    assert isinstance(refused.value, user_errors())  # one line and exit status 2 on the command line
+
+    model_dir = _packed_dir(root / "unreadable", tokenizer, 1, 32)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # cut short, as by an upload that did not finish
+    spoilt = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id
+    client.log_artifacts(spoilt, str(model_dir), "packed_model")
+    client.set_terminated(spoilt)
+    for onnx in (False, True):  # whether or not an export would have tried (and failed) to read it
+        with pytest.raises((CheckpointError, PackingError), match=f"^trial run {spoilt}: runs:/{spoilt}/packed_model/"
+                                                                  "model.safetensors: .*; not registered$"):
+            registry.register_run(client, spoilt, name, record["parent"], "best_f1_under_density", onnx=onnx)
+    assert client.search_model_versions(f"name = '{name}'") == []
+    assert _logged_models(record, spoilt) == []
+
+
 # Loads a registered model by alias as a process without this project would: the package `workflows` cannot be
 # imported (nor the installed project's `pruning`: the one the model ships as code is used).
 _FRESH_PROCESS = """

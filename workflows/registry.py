@@ -517,6 +517,34 @@ def _logged_qa_model(client, run, onnx: bool):
     return None
 
 
+def _packed_model_of(client, run_id: str, dst: str) -> str:
+    """The trial's ``packed_model`` artifact downloaded into ``dst``, its model and tokenizer checked to load: a
+    version is never made of a model that cannot be served.
+
+    Raises:
+        RecordError: the run holds no such artifact (or the artifact store cannot give it).
+        CheckpointError, PackingError: the model or its tokenizer cannot be read; the file is named in the run
+            (``runs:/RUN_ID/packed_model/...``).
+    """
+    # torch and the library are needed only for a new version; the registry module stays light without them.
+    from pruning.checkpoint import CheckpointError, load_model, load_tokenizer
+    from pruning.packing import PackingError
+
+    try:
+        local = client.download_artifacts(run_id, ARTIFACT_PACKED_MODEL, dst)
+    except (MlflowException, OSError) as err:
+        lines = str(err).strip().splitlines()
+        raise record.RecordError(f"trial run {run_id}: its {ARTIFACT_PACKED_MODEL!r} artifact cannot be read "
+                                 f"({lines[0] if lines else type(err).__name__}); not registered") from None
+    try:
+        load_model(local)
+        load_tokenizer(local)
+    except (CheckpointError, PackingError) as err:
+        where = str(err).replace(str(local), f"runs:/{run_id}/{ARTIFACT_PACKED_MODEL}").splitlines()[0]
+        raise type(err)(f"trial run {run_id}: {where}; not registered") from None
+    return local
+
+
 def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
     """The version of ``name`` made from the trial ``run``: the existing one, else a new one of the served model
     logged on the trial's run: the one an earlier registration logged there (under another name, or stopped
@@ -538,7 +566,7 @@ def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
                                                tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: logged.tags[TAG_ONNX]})
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
-        local = client.download_artifacts(run_id, ARTIFACT_PACKED_MODEL, tmp)
+        local = _packed_model_of(client, run_id, tmp)
         # Only here, for a new version: a registered trial is never exported again.
         if onnx:
             onnx_dir, onnx_tag = export_for_serving(local, Path(tmp) / "onnx_model",
