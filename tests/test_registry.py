@@ -180,6 +180,20 @@ def test_select_can_time_the_packed_pytorch_models(record, registered, capsys):
     assert latency[runs[WIDE]] > max(latency[runs[NARROW]], latency[runs[NARROWEST]])
 
 
+def test_select_looks_for_the_versions_in_the_tracking_store_whatever_the_registry_variable(record, registered,
+                                                                                          capsys, monkeypatch,
+                                                                                          tmp_path):
+    # The registry is the tracking store for every command (a sweep registers there, as register does): a registry
+    # named elsewhere in the environment must not send select to another store.
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path}/elsewhere.db")
+    code, out, err = _select(capsys, record, 1e6, "anywhere")
+    assert code == 0, err[-2000:]
+    chosen = json.loads(out.strip().splitlines()[-1])
+    assert chosen["run_id"] == record["runs"][WIDE]
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI")
+    assert str(record["client"].get_model_version_by_alias(NAME, "anywhere").version) == chosen["version"]
+
+
 def test_a_budget_nothing_meets_leaves_the_alias_as_it_was(record, registered, capsys):
     client = record["client"]
     wide = str(_versions(client)[record["runs"][WIDE]].version)
@@ -308,6 +322,132 @@ def test_a_registered_trial_is_neither_logged_nor_exported_again(record, registe
     assert exports == [], [r.getMessage() for r in exports]
     assert sum("is already version" in r.getMessage() for r in caplog.records) == 3
     assert [len(_logged_models(record, run_id)) for run_id in frontier] == [1, 1, 1]
+
+
+def test_a_trial_registered_again_reuses_the_model_logged_on_its_run(record, tokenizer):
+    client, root = record["client"], record["root"]
+    run_id = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id
+    client.log_artifacts(run_id, str(_packed_dir(root / "reused", tokenizer, 1, 32)), "packed_model")
+    client.set_terminated(run_id)
+    artifacts = root / "artifacts"
+
+    def register(name: str, onnx: bool) -> tuple[object, int, int]:
+        result = registry.register_run(client, run_id, name, record["parent"], "best_f1_under_density", onnx)
+        files = sum(1 for p in artifacts.rglob("*") if p.is_file())
+        return client.get_model_version(name, result["version"]), len(_logged_models(record, run_id)), files
+
+    first, logged, files = register("tiny-reused", onnx=False)
+    assert logged == 1 and first.tags["onnx"] == "skipped"
+    # Under another name: a version of the same logged model, nothing logged or stored again.
+    other, *counts = register("tiny-reused-too", onnx=False)
+    assert counts == [1, files] and other.source == first.source
+    # A version deleted (as a registration stopped before it made one leaves the model): made again from it.
+    client.delete_model_version("tiny-reused", first.version)
+    again, *counts = register("tiny-reused", onnx=False)
+    assert counts == [1, files] and again.source == first.source and again.version != first.version
+    assert client.get_model_version_by_alias("tiny-reused", "champion").version == again.version
+    # Served through ONNX Runtime: the model without the export does not do; one with it is logged, once.
+    exported, logged, files = register("tiny-reused-onnx", onnx=True)
+    assert logged == 2 and exported.source != first.source and exported.tags["onnx"] == "fp32,int8"
+    exported_too, *counts = register("tiny-reused-onnx-too", onnx=True)
+    assert counts == [2, files] and exported_too.source == exported.source
+    assert exported_too.tags["onnx"] == "fp32,int8"
+
+
+def test_select_over_versions_whose_files_are_spoilt_names_each_and_leaves_the_alias(record, tokenizer, capsys):
+    client, root, name = record["client"], record["root"], "tiny-spoilt"
+    run_id = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id
+    client.log_artifacts(run_id, str(_packed_dir(root / "spoilt", tokenizer, 1, 32)), "packed_model")
+    client.set_terminated(run_id)
+    version = registry.register_run(client, run_id, name, record["parent"], "best_f1_under_density", onnx=False)
+    model_id = client.get_model_version(name, version["version"]).source.removeprefix("models:/")
+    stored = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    weights = next(stored.rglob("model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a copy that did not finish
+
+    code, out, err = _select(capsys, record, 1e6, "fast", name=name)
+    assert code == 2 and out == ""
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"fineprune select: error: no version of '{name}' could be loaded (version 1: "
+                           f"models:/{name}/1/artifacts/packed_model/model.safetensors: cannot be read"), line
+    assert line.endswith("alias 'fast' left as it was")
+    assert "fast" not in client.get_registered_model(name).aliases
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+
+def test_a_trial_whose_packed_model_is_missing_or_spoilt_is_not_registered(record, tokenizer):
+    from pruning.checkpoint import CheckpointError
+    from pruning.packing import PackingError
+    from workflows.record import RecordError
+    from workflows.user_errors import user_errors
+
+    client, root, name = record["client"], record["root"], "tiny-unreadable"
+    missing = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id
+    client.set_terminated(missing)
+    with pytest.raises(RecordError, match=f"^trial run {missing}: its 'packed_model' artifact cannot be read .*; "
+                                          "not registered$") as refused:
+        registry.register_run(client, missing, name, record["parent"], "best_f1_under_density", onnx=False)
+    assert isinstance(refused.value, user_errors())  # one line and exit status 2 on the command line
+
+    model_dir = _packed_dir(root / "unreadable", tokenizer, 1, 32)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # cut short, as by an upload that did not finish
+    spoilt = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id
+    client.log_artifacts(spoilt, str(model_dir), "packed_model")
+    client.set_terminated(spoilt)
+    for onnx in (False, True):  # whether or not an export would have tried (and failed) to read it
+        with pytest.raises((CheckpointError, PackingError), match=f"^trial run {spoilt}: runs:/{spoilt}/packed_model/"
+                                                                  "model.safetensors: .*; not registered$"):
+            registry.register_run(client, spoilt, name, record["parent"], "best_f1_under_density", onnx=onnx)
+    assert client.search_model_versions(f"name = '{name}'") == []
+    assert _logged_models(record, spoilt) == []
+
+
+# Loads a registered model by alias as a process without this project would: the package `workflows` cannot be
+# imported (nor the installed project's `pruning`: the one the model ships as code is used).
+_FRESH_PROCESS = """
+import json, sys
+from importlib.abc import MetaPathFinder
+
+
+class WithoutTheProject(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "workflows":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path = [WithoutTheProject()] + [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+import mlflow
+import pandas as pd
+
+model = mlflow.pyfunc.load_model(sys.argv[1])
+frame = pd.DataFrame(json.loads(sys.argv[2]))
+answers = model.predict(frame)
+import pruning
+print(json.dumps({"answers": answers["answer"].tolist(), "pruning": pruning.__file__,
+                  "runtime": model.unwrap_python_model().runtime}))
+"""
+
+
+def test_a_registered_model_loads_by_alias_in_a_process_without_the_project(record, registered, dev_subset, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    client = record["client"]
+    client.set_registered_model_alias(NAME, "fresh", _versions(client)[record["runs"][NARROW]].version)
+    frame = _records(dev_subset, 2)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(MLFLOW_TRACKING_URI=record["uri"], HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-I", "-c", _FRESH_PROCESS, f"models:/{NAME}@fresh",
+                           frame.to_json(orient="records")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded["runtime"] == "onnxruntime"
+    assert not Path(loaded["pruning"]).is_relative_to(ROOT)  # the package the model carries
+    assert all(answer in context for answer, context in zip(loaded["answers"], frame["context"]))
 
 
 def _records(dev_subset, count: int = 6) -> pd.DataFrame:

@@ -237,8 +237,24 @@ def test_a_version_logged_on_a_trial_run_keeps_the_runs_params_and_says_nothing_
         params = MlflowClient(tracking_uri=uri).get_run(run.info.run_id).data.params
         settings = mlflow.pyfunc.load_model(info.model_uri).model_config
         fewer = mlflow.pyfunc.load_model(info.model_uri, model_config={"max_records": 2})
-        with pytest.raises(Exception, match="max_records: must be >= 1, got 0"):
+        with pytest.raises(Exception, match="max_records: must be a whole number >= 1, got 0"):
             mlflow.pyfunc.load_model(info.model_uri, model_config={"max_records": 0})
+        # A setting of the inference config that no request could be answered with stops the model from loading,
+        # in one line, instead of failing every request as if the request were wrong.
+        for config, message in [({"batch_size": 0}, "model_config batch_size: must be a whole number >= 1, got 0"),
+                                ({"max_windows": -1}, "model_config max_windows: must be a whole number >= 1"),
+                                ({"n_best": 0}, "model_config n_best: must be"),
+                                ({"max_answer_length": "many"}, "model_config max_answer_length: must be a whole "
+                                                                "number >= 1, got 'many'"),
+                                ({"batch_size": 2.5}, "model_config batch_size: must be a whole number >= 1, got 2.5"),
+                                ({"max_seq_length": 8, "doc_stride": 128},
+                                 "model_config max_seq_length 8, doc_stride 128: windows of 8 tokens overlapping by "
+                                 "4 leave no room for a question")]:
+            with pytest.raises(ValueError) as refused:
+                mlflow.pyfunc.load_model(info.model_uri, model_config=config)
+            assert str(refused.value).startswith(message) and "\n" not in str(refused.value), config
+        as_text = mlflow.pyfunc.load_model(info.model_uri, model_config={"batch_size": "4", "n_best": 5.0})
+        assert (as_text.unwrap_python_model().batch_size, as_text.unwrap_python_model().n_best) == (4, 5)
     finally:
         mlflow.set_tracking_uri(before)
     assert params == {"batch_size": "8", "eval_batch_size": "32"}

@@ -24,7 +24,9 @@ fp32 or int8) whatever the recorded one: bf16 applies to the PyTorch model only.
 Every point of the sweep's Pareto frontiers becomes a version (:func:`register_frontier`), tagged with its EM,
 F1, densities, heads removed, speedup, precision, the trial's run id and the sweep's run id. The champion gets the alias
 ``champion``; no other version gets an alias unless :func:`select_by_latency` is asked to set one. Registering
-the same trial twice adds no version.
+the same trial twice adds no version, and a trial's served model is logged on its run once: a version of it under
+another name, or made again (its version deleted, or a registration stopped before making it), reuses that model
+when it serves as asked (exported for ONNX Runtime, or ``skipped``).
 """
 
 from __future__ import annotations
@@ -36,14 +38,17 @@ import json
 import logging
 import math
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import cloudpickle
 import mlflow
 import pandas as pd
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -206,6 +211,24 @@ def _column(frame: pd.DataFrame, name: str) -> list[Any]:
             for value in frame[name].tolist()]
 
 
+def _count_setting(settings: Mapping[str, Any], key: str, default: int) -> int:
+    """The served model's setting ``key``: a whole number >= 1 (an integer, or its string), ``default`` if unset.
+
+    Raises:
+        ValueError: the setting is anything else, in one line naming it.
+    """
+    value = settings.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        number = None if isinstance(value, bool) else int(str(value).strip())
+    except ValueError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"model_config {key}: must be a whole number >= 1, got {value!r}")
+    return number
+
+
 def torch_served(model, settings: Mapping[str, Any]):
     """``(model, precision)``: a version's packed PyTorch model as its pyfunc serves it, in the precision
     :func:`serving_precision` chooses for the version's ``precision`` setting (bf16: a
@@ -246,6 +269,8 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
     ``onnx_variant`` (``int8``, ``fp32`` or ``none``), which of the exported models ONNX Runtime runs (default:
     int8 when the version carries them; ``none``: the PyTorch model); and ``precision``, the one the version was
     measured in, which the PyTorch model runs in where this CPU supports it (see :func:`serving_precision`).
+    The counts must be whole numbers >= 1 and the windows leave room for a question: anything else is a one-line
+    ValueError when the model loads.
 
     After loading, ``runtime`` is ``onnxruntime`` or ``torch`` and ``precision`` what the model computes in:
     ``int8`` or ``fp32`` through ONNX Runtime, ``bf16`` or ``fp32`` through PyTorch.
@@ -256,7 +281,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         from pruning.checkpoint import load_model, load_tokenizer
         from pruning.export import load_exported
         from pruning.inference import torch_runner
-        from pruning.squad import fit_windows
+        from pruning.squad import fit_windows, longest_question
         from pruning.structure import max_positions
 
         model_dir = context.artifacts[ARTIFACT_MODEL_DIR]
@@ -276,19 +301,21 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
             run = torch_runner(self.model)
             logger.info("serving through PyTorch in %s (measured in %s)", self.precision, recorded)
         self.tokenizer = load_tokenizer(model_dir)
+        # Every setting is checked here: one set wrong (in the inference config) stops the model from loading,
+        # rather than failing every request as if the request were at fault.
+        given = {key: _count_setting(settings, key, default)
+                 for key, default in {**SERVE_DEFAULTS, "max_records": MAX_RECORDS}.items()}
         # The windows the model was trained and evaluated with, never longer than its position embeddings.
-        self.max_seq_length, self.doc_stride = fit_windows(
-            settings.get("max_seq_length", SERVE_DEFAULTS["max_seq_length"]),
-            settings.get("doc_stride", SERVE_DEFAULTS["doc_stride"]), max_positions(self.model.config))
-        self.max_query_length = int(settings.get("max_query_length", SERVE_DEFAULTS["max_query_length"]))
-        self.max_windows = int(settings.get("max_windows", SERVE_DEFAULTS["max_windows"]))
-        self.batch_size = int(settings.get("batch_size", SERVE_DEFAULTS["batch_size"]))
-        self.max_records = int(settings.get("max_records", MAX_RECORDS))
-        if self.max_records < 1:
-            raise ValueError(f"model_config max_records: must be >= 1, got {self.max_records}")
+        self.max_seq_length, self.doc_stride = fit_windows(given["max_seq_length"], given["doc_stride"],
+                                                           max_positions(self.model.config))
+        if longest_question(self.tokenizer, self.max_seq_length, self.doc_stride) < 1:
+            raise ValueError(f"model_config max_seq_length {given['max_seq_length']}, doc_stride "
+                             f"{given['doc_stride']}: windows of {self.max_seq_length} tokens overlapping by "
+                             f"{self.doc_stride} leave no room for a question")
+        self.max_query_length, self.max_windows, self.batch_size, self.max_records = (
+            given[key] for key in ("max_query_length", "max_windows", "batch_size", "max_records"))
         # The span search the run evaluated with.
-        self.max_answer_length = int(settings.get("max_answer_length", SERVE_DEFAULTS["max_answer_length"]))
-        self.n_best = int(settings.get("n_best", SERVE_DEFAULTS["n_best"]))
+        self.max_answer_length, self.n_best = given["max_answer_length"], given["n_best"]
         self.run_windows = run
         self._threads = threading.local()
 
@@ -414,7 +441,8 @@ class _DropParamMirror(logging.Filter):
         return not record_.getMessage().startswith("Failed to log model config as params")
 
 
-def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str | Path | None = None):
+def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str | Path | None = None,
+                 tags: dict[str, str] | None = None):
     """Log a QA model directory as the :class:`PackedQAModel` pyfunc ``qa_model`` of the active run.
 
     Args:
@@ -422,6 +450,7 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
         settings: the served model's ``model_config`` (see :func:`serve_settings`, plus ``precision``);
             ``onnx_variant`` is added.
         onnx_dir: the model exported for ONNX Runtime (see :func:`export_for_serving`), served when given.
+        tags: tags of the logged model.
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri``, ``model_id``).
@@ -432,6 +461,10 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
         artifacts[ARTIFACT_ONNX_DIR] = str(onnx_dir)
     mirror, drop = logging.getLogger("mlflow.models.model"), _DropParamMirror()
     mirror.addFilter(drop)
+    # The model's class and the helpers it calls are pickled by value: a process that loads the model (a server
+    # MLflow builds from the pip requirements, another machine) has mlflow, pandas and the pruning package shipped
+    # as code, but not this package, which also needs Ray and the rest of the sweep's dependencies.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         return mlflow.pyfunc.log_model(
             name=ARTIFACT_QA_MODEL,
@@ -445,8 +478,10 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
             model_config={"max_records": MAX_RECORDS, **settings,
                           "onnx_variant": ONNX_VARIANTS[0] if onnx_dir is not None else "none"},
             input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
+            tags=tags,
         )
     finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
         mirror.removeFilter(drop)
 
 
@@ -468,19 +503,72 @@ def _fluent_store(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(before)
 
 
+def _logged_qa_model(client, run, onnx: bool):
+    """The served model an earlier registration logged on the trial ``run`` (whole, and exported for ONNX Runtime
+    as ``onnx`` asks: tried, or ``skipped``), or None."""
+    try:
+        models = client.search_logged_models([run.info.experiment_id],
+                                             filter_string=f"source_run_id = '{run.info.run_id}' "
+                                                           f"AND name = '{ARTIFACT_QA_MODEL}'")
+    except MlflowException:
+        return None
+    for model in sorted(models, key=lambda m: m.creation_timestamp or 0):
+        tag = model.tags.get(TAG_ONNX)
+        if model.status == LoggedModelStatus.READY and tag is not None and (tag == ONNX_SKIPPED) != onnx:
+            return model
+    return None
+
+
+def _packed_model_of(client, run_id: str, dst: str) -> str:
+    """The trial's ``packed_model`` artifact downloaded into ``dst``, its model and tokenizer checked to load: a
+    version is never made of a model that cannot be served.
+
+    Raises:
+        RecordError: the run holds no such artifact (or the artifact store cannot give it).
+        CheckpointError, PackingError: the model or its tokenizer cannot be read; the file is named in the run
+            (``runs:/RUN_ID/packed_model/...``).
+    """
+    # torch and the library are needed only for a new version; the registry module stays light without them.
+    from pruning.checkpoint import CheckpointError, load_model, load_tokenizer
+    from pruning.packing import PackingError
+
+    try:
+        local = client.download_artifacts(run_id, ARTIFACT_PACKED_MODEL, dst)
+    except (MlflowException, OSError) as err:
+        lines = str(err).strip().splitlines()
+        raise record.RecordError(f"trial run {run_id}: its {ARTIFACT_PACKED_MODEL!r} artifact cannot be read "
+                                 f"({lines[0] if lines else type(err).__name__}); not registered") from None
+    try:
+        load_model(local)
+        load_tokenizer(local)
+    except (CheckpointError, PackingError) as err:
+        where = str(err).replace(str(local), f"runs:/{run_id}/{ARTIFACT_PACKED_MODEL}").splitlines()[0]
+        raise type(err)(f"trial run {run_id}: {where}; not registered") from None
+    return local
+
+
 def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
-    """The version of ``name`` made from the trial ``run``: the existing one, else a new one (logged as a pyfunc
-    model on the trial's run from its ``packed_model`` artifact, exported for ONNX Runtime unless ``onnx`` is
-    False; its ``onnx`` tag then reads ``skipped``)."""
+    """The version of ``name`` made from the trial ``run``: the existing one, else a new one of the served model
+    logged on the trial's run: the one an earlier registration logged there (under another name, or stopped
+    before its version was made), else one logged now from its ``packed_model`` artifact, exported for ONNX
+    Runtime unless ``onnx`` is False (its ``onnx`` tag then reads ``skipped``)."""
     run_id = run.info.run_id
     existing = sorted((v for v in client.search_model_versions(f"name = '{name}'")
                        if v.tags.get(TAG_TRIAL_RUN) == run_id), key=lambda v: int(v.version))
     if existing:
         logger.info("trial run %s is already version %s of %s", run_id, existing[0].version, name)
         return existing[0]
+    logged = _logged_qa_model(client, run, onnx)
+    if logged is not None:
+        logger.info("trial run %s: a new version of %s from the model logged on it before (%s)", run_id, name,
+                    logged.model_id)
+        with _fluent_store(client.tracking_uri):  # which resolves the version's source, as below
+            return client.create_model_version(name, source=logged.model_uri, run_id=run_id,
+                                               model_id=logged.model_id,
+                                               tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: logged.tags[TAG_ONNX]})
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
-        local = client.download_artifacts(run_id, ARTIFACT_PACKED_MODEL, tmp)
+        local = _packed_model_of(client, run_id, tmp)
         # Only here, for a new version: a registered trial is never exported again.
         if onnx:
             onnx_dir, onnx_tag = export_for_serving(local, Path(tmp) / "onnx_model",
@@ -497,7 +585,8 @@ def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
         status = "FINISHED" if run.data.tags.get(TAG_STATUS) == STATUS_FINISHED else run.info.status
         try:
             with mlflow.start_run(run_id=run_id):
-                info = log_qa_model(local, {**serve_settings(run.data.params), "precision": precision}, onnx_dir)
+                info = log_qa_model(local, {**serve_settings(run.data.params), "precision": precision}, onnx_dir,
+                                    tags={TAG_ONNX: onnx_tag})
         finally:
             if run.info.end_time:  # the trial's duration is part of the record
                 client.set_terminated(run_id, status=status, end_time=run.info.end_time)
@@ -603,8 +692,7 @@ def _tag_float(tags: dict[str, str], key: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _load_version(name: str, version: str, tracking_uri: str, dst: str, runtime: str = "served",
-                  threads: int | None = None):
+def _load_version(client, name: str, version: str, dst: str, runtime: str = "served", threads: int | None = None):
     """The model a registered version serves, read from the version's own artifacts, and how it runs.
 
     ``runtime="served"``: what the version's pyfunc serves by default: its ONNX Runtime model (the ``onnx_variant``
@@ -613,14 +701,27 @@ def _load_version(name: str, version: str, tracking_uri: str, dst: str, runtime:
     model in fp32. Returns ``(model, label)`` with label ``onnxruntime-int8``, ``onnxruntime-fp32``, ``torch-bf16``
     or ``torch``.
     """
+    # From where the client's registry says the version's files are: MLflow resolves a models:/ URI through the
+    # registry of its environment (MLFLOW_REGISTRY_URI), which need not be the client's.
+    local = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri(name, version),
+                                                dst_path=dst, tracking_uri=client.tracking_uri)
+    try:
+        return _open_version(local, name, version, runtime, threads)
+    except Exception as err:
+        # Its files named as they are in the version, not in the temporary copy, which is gone by the time one reads
+        # the message.
+        lines = str(err).replace(str(local), f"models:/{name}/{version}").splitlines()
+        raise SelectionError(lines[0] if lines else type(err).__name__) from err
+
+
+def _open_version(local: str, name: str, version: str, runtime: str, threads: int | None):
+    """The model of a version's files downloaded to ``local``, and how it runs (see :func:`_load_version`)."""
     # torch and the library are needed only to time models; the registry module stays light without them.
     from mlflow.models import Model
 
     from pruning.checkpoint import load_model
     from pruning.export import load_exported
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dst,
-                                                tracking_uri=tracking_uri, registry_uri=tracking_uri)
     flavor = Model.load(local).flavors.get("python_function", {})
     artifacts = flavor.get("artifacts") or {}
     onnx_dir = artifacts.get(ARTIFACT_ONNX_DIR, {}).get("path")
@@ -717,11 +818,13 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
                    **{k: _tag_float(v.tags, k) for k in FINAL_METRICS}}
             try:
-                model, row["runtime"] = _load_version(name, str(v.version), client.tracking_uri,
-                                                      str(Path(tmp) / str(v.version)), runtime, threads)
+                model, row["runtime"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
+                                                      runtime, threads)
             except Exception as err:  # a version that cannot be loaded is reported, not chosen
-                logger.warning("version %s of %s cannot be loaded: %s", v.version, name, err)
-                rows.append({**row, "error": str(err).splitlines()[0] if str(err) else type(err).__name__})
+                lines = str(err).splitlines()
+                row["error"] = lines[0] if lines else type(err).__name__
+                logger.warning("version %s of %s cannot be loaded: %s", v.version, name, row["error"])
+                rows.append(row)
                 continue
             limit = max_positions(model.config)
             if seq_len > limit:
@@ -734,7 +837,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             models[f"v{v.version}"] = model
             rows.append(row)
         if not dense_of:
-            raise SelectionError(f"no version of {name!r} could be loaded")
+            reasons = "; ".join(f"version {row['version']}: {row['error']}" for row in rows)
+            raise SelectionError(f"no version of {name!r} could be loaded ({reasons}); alias {alias!r} left as it "
+                                 "was")
         loaded = time.perf_counter()
         torch.set_num_threads(threads)
         try:

@@ -502,8 +502,12 @@ class RegistrySection(_Section):
     @classmethod
     def _registrable(cls, value: str) -> str:
         # What the MLflow registry refuses, found now rather than when the sweep's trials are done.
-        if "/" in value or ":" in value or value in (".", ".."):
-            raise _Problem(f"{value!r}: a registered model name cannot contain '/' or ':', nor be '.' or '..'")
+        if "/" in value or ":" in value or value in (".", "..") or value.startswith(".."):
+            raise _Problem(f"{value!r}: a registered model name cannot contain '/' or ':', nor start with '..'")
+        # Names MLflow takes but its search of a model's versions cannot match (the quotes of its filter strings).
+        if any(c in value for c in "'\"\\"):
+            raise _Problem(f"{value!r}: a registered model name cannot contain quotes or backslashes (MLflow cannot "
+                           "search its versions)")
         return value
 
     @model_validator(mode="after")

@@ -71,14 +71,16 @@ def _store_error(uri: str, err: BaseException) -> TrackingStoreError:
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
-    """A client of ``tracking_uri`` (see :func:`check_reachable` for whether anything answers there).
+    """A client of ``tracking_uri`` (see :func:`check_reachable` for whether anything answers there), whose model
+    registry is the same store: a sweep registers its versions where ``fineprune register``, ``select`` and
+    ``report`` look for them, whatever ``MLFLOW_REGISTRY_URI`` says.
 
     Raises:
         TrackingStoreError: MLflow cannot open a store of that kind (a file store it refuses, a database without
             its driver).
     """
     try:
-        client = MlflowClient(tracking_uri=tracking_uri)
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     except Exception as err:  # noqa: BLE001 - permanent: the URI names no store MLflow opens
         raise _store_error(tracking_uri, err) from err
     mlflow.set_tracking_uri(tracking_uri)
