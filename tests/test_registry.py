@@ -376,8 +376,6 @@ def test_select_over_versions_whose_files_are_spoilt_names_each_and_leaves_the_a
 
 
 def test_a_trial_whose_packed_model_is_missing_or_spoilt_is_not_registered(record, tokenizer):
-    from pruning.checkpoint import CheckpointError
-    from pruning.packing import PackingError
     from workflows.record import RecordError
     from workflows.user_errors import user_errors
 
@@ -396,11 +394,35 @@ def test_a_trial_whose_packed_model_is_missing_or_spoilt_is_not_registered(recor
     client.log_artifacts(spoilt, str(model_dir), "packed_model")
     client.set_terminated(spoilt)
     for onnx in (False, True):  # whether or not an export would have tried (and failed) to read it
-        with pytest.raises((CheckpointError, PackingError), match=f"^trial run {spoilt}: runs:/{spoilt}/packed_model/"
-                                                                  "model.safetensors: .*; not registered$"):
+        with pytest.raises(RecordError, match=f"^trial run {spoilt}: runs:/{spoilt}/packed_model/"
+                                              "model.safetensors: .*; not registered$"):
             registry.register_run(client, spoilt, name, record["parent"], "best_f1_under_density", onnx=onnx)
     assert client.search_model_versions(f"name = '{name}'") == []
     assert _logged_models(record, spoilt) == []
+
+
+def test_a_spoilt_frontier_trial_is_left_out_and_the_rest_of_the_frontier_registered(record, tokenizer, caplog):
+    client, root, name = record["client"], record["root"], "tiny-partly-spoilt"
+    parent = client.create_run(record["experiment_id"], tags={TAG_KIND: "sweep"}).info.run_id
+    trials = {}
+    for label, density in (("good", 0.3), ("spoilt", 0.2)):
+        run_id = client.create_run(record["experiment_id"], tags={
+            TAG_KIND: "trial", TAG_PARENT: parent, TAG_STATUS: "finished", "fineprune.packed_artifact": "packed_model",
+            "pareto": "true", "pareto_speedup": "false"}).info.run_id
+        model_dir = _packed_dir(root / f"frontier-{label}", tokenizer, 1, 32)
+        if label == "spoilt":
+            weights = model_dir / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:-1000])
+        client.log_artifacts(run_id, str(model_dir), "packed_model")
+        for key, value in {"f1": 50.0 + 10 * density, "linear_density": density}.items():
+            client.log_metric(run_id, key, value)
+        client.set_terminated(run_id)
+        trials[label] = run_id
+    with caplog.at_level("WARNING", logger="workflows.registry"):
+        rows = registry.register_frontier(client, "tiny", parent, name, onnx=False)
+    assert [row["run_id"] for row in rows] == [trials["good"]]
+    assert {v.tags[TAG_TRIAL_RUN] for v in client.search_model_versions(f"name = '{name}'")} == {trials["good"]}
+    assert f"trial run {trials['spoilt']}: runs:/{trials['spoilt']}/packed_model/model.safetensors" in caplog.text
 
 
 # Loads a registered model by alias as a process without this project would: the package `workflows` cannot be

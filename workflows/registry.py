@@ -519,14 +519,17 @@ def _logged_qa_model(client, run, onnx: bool):
     return None
 
 
+class UnreadableTrial(record.RecordError):
+    """A trial's packed model is missing from its run or cannot be read: it cannot become a version."""
+
+
 def _packed_model_of(client, run_id: str, dst: str) -> str:
     """The trial's ``packed_model`` artifact downloaded into ``dst``, its model and tokenizer checked to load: a
     version is never made of a model that cannot be served.
 
     Raises:
-        RecordError: the run holds no such artifact (or the artifact store cannot give it).
-        CheckpointError, PackingError: the model or its tokenizer cannot be read; the file is named in the run
-            (``runs:/RUN_ID/packed_model/...``).
+        UnreadableTrial: the run holds no such artifact (or the artifact store cannot give it), or the model or its
+            tokenizer cannot be read; the file is named in the run (``runs:/RUN_ID/packed_model/...``).
     """
     # torch and the library are needed only for a new version; the registry module stays light without them.
     from pruning.checkpoint import CheckpointError, load_model, load_tokenizer
@@ -536,14 +539,14 @@ def _packed_model_of(client, run_id: str, dst: str) -> str:
         local = client.download_artifacts(run_id, ARTIFACT_PACKED_MODEL, dst)
     except (MlflowException, OSError) as err:
         lines = str(err).strip().splitlines()
-        raise record.RecordError(f"trial run {run_id}: its {ARTIFACT_PACKED_MODEL!r} artifact cannot be read "
+        raise UnreadableTrial(f"trial run {run_id}: its {ARTIFACT_PACKED_MODEL!r} artifact cannot be read "
                                  f"({lines[0] if lines else type(err).__name__}); not registered") from None
     try:
         load_model(local)
         load_tokenizer(local)
     except (CheckpointError, PackingError) as err:
         where = str(err).replace(str(local), f"runs:/{run_id}/{ARTIFACT_PACKED_MODEL}").splitlines()[0]
-        raise type(err)(f"trial run {run_id}: {where}; not registered") from None
+        raise UnreadableTrial(f"trial run {run_id}: {where}; not registered") from None
     return local
 
 
@@ -631,7 +634,8 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str,
     The frontiers are those the sweep tagged (``pareto``: the space's objectives; ``pareto_speedup``: F1 against
     measured speedup). A trial already registered keeps its version; its tags are refreshed. A version this sweep
     registered earlier whose trial has left the frontiers since (a resumed sweep's later trials dominate it) keeps
-    its version and model but its frontier tags turn ``false``. No alias is set.
+    its version and model but its frontier tags turn ``false``. A trial whose packed model is missing or cannot be
+    read is left out with a warning; the other points are registered. No alias is set.
     ``onnx``: export each new version for ONNX Runtime (False: they serve through PyTorch).
 
     Returns:
@@ -653,7 +657,11 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str,
     _ensure_model(client, name)
     rows = []
     for run in runs:
-        version = _version_of_run(client, name, run, onnx)
+        try:
+            version = _version_of_run(client, name, run, onnx)
+        except UnreadableTrial as err:  # one spoilt trial costs its own point, not the rest of the frontier
+            logger.warning("%s; the frontier's other points are registered", err)
+            continue
         _tag_version(client, name, version.version, run, parent_run_id,
                      {tag: run.data.tags.get(tag, "false") for tag in FRONTIER_TAGS})
         rows.append({"version": str(version.version), "model_uri": f"models:/{name}/{version.version}",
