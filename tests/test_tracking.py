@@ -235,3 +235,17 @@ def test_a_crashed_trial_fails_with_its_exception_and_an_error_file_that_outlive
     callback.flush()
     tags = client.get_run(failed.info.run_id).data.tags
     assert record.TAG_ERROR not in tags and record.TAG_ERROR_FILE not in tags
+
+
+def test_runs_are_found_past_one_page_of_search_results(tmp_path):
+    """A sweep can hold more runs than one MLflow search returns: each page is read, in MLflow's order."""
+    from workflows.tracking import _find_runs
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = client.create_experiment("many", artifact_location=(tmp_path / "artifacts").as_uri())
+    made = [client.create_run(experiment_id, tags={"mlflow.parentRunId": "p"}).info.run_id for _ in range(5)]
+    client.create_run(experiment_id, tags={"mlflow.parentRunId": "other"})
+    paged = _find_runs(client, experiment_id, "tags.`mlflow.parentRunId` = 'p'", page_size=2)
+    whole = client.search_runs([experiment_id], filter_string="tags.`mlflow.parentRunId` = 'p'")
+    assert [r.info.run_id for r in paged] == [r.info.run_id for r in whole]
+    assert sorted(r.info.run_id for r in paged) == sorted(made)

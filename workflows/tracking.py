@@ -108,8 +108,18 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     return experiment.experiment_id
 
 
-def _find_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
-    return client.search_runs([experiment_id], filter_string=filter_string, max_results=1000)
+def _find_runs(client: MlflowClient, experiment_id: str, filter_string: str, page_size: int = 1000) -> list:
+    """Every run of the experiment that matches the filter, in MLflow's order (latest started first), page by
+    page: a sweep may hold more runs than one search returns."""
+    runs: list = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=page_size,
+                                  page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def check_reachable(client: MlflowClient, limit: float = DEFAULT_OUTAGE_LIMIT_S) -> None:
