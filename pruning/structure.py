@@ -22,8 +22,8 @@ import transformers
 from torch import nn
 
 __all__ = ["Architecture", "ARCHITECTURES", "DEFAULT_MODEL_TYPE", "architecture_for", "architecture_of_type",
-           "qa_model_class", "config_class", "scratch_config", "max_positions", "position_ids", "get_module", "set_module",
-           "encoder_layers"]
+           "qa_model_class", "config_class", "scratch_config", "max_positions", "position_ids", "get_module",
+           "set_module", "encoder_layers"]
 
 DEFAULT_MODEL_TYPE = "bert"  # what a config.json without ``model_type`` is taken for
 

@@ -372,9 +372,9 @@ def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
 def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
     """Tokenized training windows, cached as safetensors under ``cfg.cache_dir`` when it is set.
 
-    The cache key covers the data file's contents (an in-place edit is a new key), the question limit, the tokenizer (its
-    whole definition, so one retrained into the same directory is a new key) and the window settings, so trials of
-    a sweep that share data tokenize it once.
+    The cache key covers the data file's contents (an in-place edit is a new key), the question limit, the tokenizer
+    (its whole definition, so one retrained into the same directory is a new key) and the window settings, so
+    trials of a sweep that share data tokenize it once.
     """
     if cfg.cache_dir is None:
         return squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,

@@ -322,9 +322,9 @@ def trials(client: MlflowClient, sweep: Run | str, include_baseline: bool = True
     Columns: :data:`COLUMNS` (``status`` is the ``fineprune.status`` tag, or what MLflow says of a run the sweep
     did not end; ``pareto`` and ``pareto_speedup`` are the frontier tags as booleans; ``packed``: the packed model
     is logged; ``error`` and ``error_file``: why a failed trial failed and where its traceback is, None when the
-    run has no such tag), then one column per metric any run logged (NaN where a run lacks it), then ``searched.<key>`` per
-    searched value (strings as logged; missing, ``pd.isna``, where a run lacks it). Rows: the baseline first, then
-    the trials in the order they started.
+    run has no such tag), then one column per metric any run logged (NaN where a run lacks it), then
+    ``searched.<key>`` per searched value (strings as logged; missing, ``pd.isna``, where a run lacks it). Rows: the
+    baseline first, then the trials in the order they started.
 
     Args:
         client: a client of the tracking store.

@@ -77,9 +77,9 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4",
 ONNX_VARIANTS = ("int8", "fp32", "none")  # what the served model runs: ORT int8 (default), ORT fp32, or PyTorch
 ONNX_SKIPPED = "skipped"  # the onnx tag of a version registered without its export (onnx: false)
 # Served-model setting -> the run config key it is read from (a trial's params are its run config).
-_SERVE_PARAMS = {"max_seq_length": "max_seq_length", "doc_stride": "doc_stride", "max_query_length": "max_query_length",
-                 "max_windows": "max_windows", "batch_size": "eval_batch_size", "max_answer_length": "max_answer_length",
-                 "n_best": "n_best"}
+_SERVE_PARAMS = {"max_seq_length": "max_seq_length", "doc_stride": "doc_stride",
+                 "max_query_length": "max_query_length", "max_windows": "max_windows", "batch_size": "eval_batch_size",
+                 "max_answer_length": "max_answer_length", "n_best": "n_best"}
 # For runs that lack a key (logged before it existed): the run config's defaults.
 SERVE_DEFAULTS = {key: RunConfig.__dataclass_fields__[param].default for key, param in _SERVE_PARAMS.items()}
 # The most records one request may hold (the inference config's ``max_records``): every window of a request is

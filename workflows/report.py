@@ -439,8 +439,9 @@ def render_markdown(data: ReportData) -> str:
         note = _frontier_note(data, tag)
         if not rows:
             return [note or "No finished trial."]
-        return ([note, ""] if note else []) + _md_table(header, ([_md_text(r["name"]), *(_fmt(_value(r, m), d) for m, _, d in _FRONTIER_COLUMNS),
-                                   *(_fmt(_value(r, m), 3) for m in extra)] for r in rows))
+        cells = ([_md_text(r["name"]), *(_fmt(_value(r, m), d) for m, _, d in _FRONTIER_COLUMNS),
+                  *(_fmt(_value(r, m), 3) for m in extra)] for r in rows)
+        return ([note, ""] if note else []) + _md_table(header, cells)
 
     out += ["", f"## Pareto frontier: {plots.metric_label(y)} against {plots.metric_label(x)}", ""]
     out += table(_frontier_rows(data, TAG_PARETO), TAG_PARETO)
