@@ -124,8 +124,8 @@ def window_questions(examples: list[squad.Example], tokenizer, seq_len: int, cou
     """
     pairs = []
     for ex in examples:
-        encoding = tokenizer(ex.question, ex.context, truncation="only_second", max_length=seq_len,
-                             return_offsets_mapping=True)
+        encoding = squad.tokenize_text(tokenizer, ex.question, ex.context, truncation="only_second",
+                                       max_length=seq_len, return_offsets_mapping=True)
         if len(encoding["input_ids"]) < seq_len:
             continue  # the context is too short to fill the window
         context_ends = [end for (start, end), seq in zip(encoding["offset_mapping"], encoding.sequence_ids())

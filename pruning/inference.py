@@ -32,7 +32,7 @@ from torch import nn
 
 from .bench import eval_mode
 from .squad import (Answer, EvalFeatures, Example, cut_question, longest_question, postprocess_predictions,
-                    prepare_eval_features)
+                    prepare_eval_features, tokenize_text)
 
 __all__ = ["Answer", "RecordError", "WindowRunner", "check_records", "count_windows", "torch_runner", "run_windows",
            "answer_records", "answer_batch", "answer"]
@@ -98,11 +98,11 @@ def _count_tokens(tokenizer: Any, text: str, cap: int | None) -> int:
     size = len(text) if cap is None else _CHARS_PER_TOKEN * (cap + 1)
     while True:
         if size >= len(text):
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            return len(tokenize_text(tokenizer, text, add_special_tokens=False)["input_ids"])
         cut = _whitespace_before(text, size)
         if cut <= 0:  # one long word: take it whole
             cut = _whitespace_from(text, size)
-        tokens = len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"])
+        tokens = len(tokenize_text(tokenizer, text[:cut], add_special_tokens=False)["input_ids"])
         if tokens > cap:
             return tokens
         size = 2 * max(size, cut)

@@ -38,6 +38,7 @@ __all__ = [
     "EvalFeatures",
     "fit_windows",
     "longest_question",
+    "tokenize_text",
     "cut_question",
     "check_windows",
     "batch_width",
@@ -413,6 +414,17 @@ def _prefix(text: str, size: int) -> str:
     return text[:cut]
 
 
+def tokenize_text(tokenizer: Any, *texts: Any, **kwargs: Any) -> Any:
+    """``tokenizer(*texts, **kwargs)`` reading questions and contexts as plain text.
+
+    A text holding the literal text of a special token ("[SEP]", "[CLS]", "[PAD]", or "<s>", "</s>", "<pad>" for a
+    byte-level BPE) is split into that text's ordinary tokens instead of becoming the special token, so the model
+    sees the words it was given and no answer is made of a marker. Training, evaluation, ``ask`` and serving all
+    tokenize through here, so they agree.
+    """
+    return tokenizer(*texts, split_special_tokens=True, **kwargs)
+
+
 def cut_question(tokenizer: Any, question: str, max_query_length: int = 64) -> str:
     """``question`` without its leading whitespace, cut after its first ``max_query_length`` tokens (as the BERT
     SQuAD recipe truncates queries); unchanged when it has no more tokens. Only a prefix of a long question is
@@ -423,7 +435,7 @@ def cut_question(tokenizer: Any, question: str, max_query_length: int = 64) -> s
     size = _CHARS_PER_TOKEN * (max_query_length + 1)
     while True:
         prefix = _prefix(text, size)
-        offsets = tokenizer(prefix, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        offsets = tokenize_text(tokenizer, prefix, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         if len(offsets) > max_query_length:
             break
         if len(prefix) == len(text):
@@ -434,7 +446,7 @@ def cut_question(tokenizer: Any, question: str, max_query_length: int = 64) -> s
     text = prefix
     while len(offsets) > max_query_length:
         text = text[:min(int(offsets[max_query_length - 1][1]), len(text) - 1)].rstrip()
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        offsets = tokenize_text(tokenizer, text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     return text
 
 
@@ -451,7 +463,7 @@ def _cut_questions(examples: Sequence[Example], tokenizer: Any, max_query_length
     if not suspects:
         return questions
     size = _CHARS_PER_TOKEN * (max_query_length + 1)
-    heads = tokenizer([questions[i][:size] for i in suspects], add_special_tokens=False)["input_ids"]
+    heads = tokenize_text(tokenizer, [questions[i][:size] for i in suspects], add_special_tokens=False)["input_ids"]
     cut = 0
     for i, head in zip(suspects, heads):
         if len(head) > max_query_length or len(questions[i]) > size:
@@ -481,7 +493,7 @@ def _check_question_lengths(examples: Sequence[Example], questions: list[str], t
     suspects = [i for i, q in enumerate(questions) if len(q.encode("utf-8")) >= room]
     if not suspects:
         return
-    lengths = tokenizer([questions[i] for i in suspects], add_special_tokens=False)["input_ids"]
+    lengths = tokenize_text(tokenizer, [questions[i] for i in suspects], add_special_tokens=False)["input_ids"]
     for i, ids in zip(suspects, lengths):
         if len(ids) >= room:
             raise SquadFormatError(f"question {examples[i].id} has {len(ids)} tokens: with max_seq_length "
@@ -501,8 +513,8 @@ def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int, 
     for first in range(0, len(examples), _TOKENIZE_CHUNK):
         chunk = slice(first, first + _TOKENIZE_CHUNK)
         # token_type_ids asked for: a tokenizer whose model_input_names leave them out still has them for BERT.
-        encoding = tokenizer(questions[chunk], [ex.context for ex in examples[chunk]], truncation="only_second",
-                             max_length=max_seq_length, stride=doc_stride, return_overflowing_tokens=True,
+        encoding = tokenize_text(tokenizer, questions[chunk], [ex.context for ex in examples[chunk]],
+                               truncation="only_second", max_length=max_seq_length, stride=doc_stride, return_overflowing_tokens=True,
                              return_offsets_mapping=True, return_token_type_ids=True, padding="max_length",
                              return_tensors="np")
         yield first, encoding

@@ -280,3 +280,45 @@ def test_non_finite_logits_are_an_error_not_an_arbitrary_answer(tiny_qa_model, t
         tiny_qa_model.bert.encoder.layer[0].attention.self.query.weight.fill_(float("nan"))
     with pytest.raises(squad.NonFiniteLogits, match="NaN or infinite start/end logits in 1 of 1 windows"):
         answer(tiny_qa_model, tokenizer, "Which nations?", CONTEXT)
+
+
+def _bpe_tokenizer(tmp_path, texts):
+    """A small byte-level BPE saved and loaded as a RoBERTa tokenizer (<s> </s> <pad> are its specials)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=400, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    bpe.save_model(str(tmp_path))
+    return RobertaTokenizerFast.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["wordpiece", "bpe"])
+def test_special_token_literals_in_user_text_are_read_as_text(tokenizer, dev_subset, tmp_path, family):
+    """A question or context holding "[SEP]", "[CLS]", "[PAD]" (or "<s>", "</s>", "<pad>") gives the model those
+    characters, not the special tokens: a window holds only the special tokens of the pair template, in training,
+    evaluation and the window count alike."""
+    if family == "bpe":
+        tokenizer = _bpe_tokenizer(tmp_path, [ex.context for ex in dev_subset])
+    literals = " ".join(tokenizer.all_special_tokens)
+    question = f"What is {literals}?"
+    context = f"Markers {literals} appear here. " * 3
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    example = squad.Example("0", "", context, question, answers=(literals,), answer_starts=(8,))
+    evaluation = squad.prepare_eval_features([example], tokenizer, 384, 128)
+    train = squad.prepare_train_features([example], tokenizer, 384, 128)
+    for ids, mask in ((evaluation.input_ids, evaluation.attention_mask),
+                      (train["input_ids"], train["attention_mask"])):
+        real = ids[0][mask[0].bool()]
+        assert int(torch.isin(real, special_ids).sum()) == specials
+    # The gold span covers the literals' own tokens, not one special token each.
+    start, end = int(train["start_positions"][0]), int(train["end_positions"][0])
+    offsets = evaluation.offsets[0]
+    assert (offsets[start, 0], offsets[end, 1]) == (8, 8 + len(literals))
+    assert end - start + 1 > len(tokenizer.all_special_tokens)
+    long_context = context * 40
+    windows = count_windows(tokenizer, question, long_context, 64, 16)
+    assert windows == len(squad.prepare_eval_features([squad.Example("0", "", long_context, question)], tokenizer,
+                                                      64, 16))

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from pruning.checkpoint import save_model
 from pruning.export import FILES, OrtQAModel
 from workflows.registry import SERVE_DEFAULTS, export_for_serving, log_qa_model, serve_settings
-from workflows.serving import BAD_KINDS, ModelServer, ServerError, invoke, ping, run_load, spoil
+from workflows.serving import BAD_KINDS, ModelServer, ServerError, invoke, ping, post, run_load, spoil
 
 STARTUP_SECONDS = 240  # loading torch, transformers and the model in a fresh process on a busy 2-core machine
 
@@ -111,6 +111,39 @@ def test_the_served_model_answers_known_dev_questions_with_their_gold_answers(an
     order = [3, 0, 5, 1, 4, 2]
     assert [p["answer"] for p in _predict(answer_key_server, [records[i] for i in order])] == [gold[i] for i in order]
     assert [p["answer"] for p in _predict(answer_key_server, records[4:5])] == gold[4:5]
+
+
+def _answers(reply) -> list[str]:
+    assert reply.status == 200, reply
+    predictions = reply.body["predictions"] if isinstance(reply.body, dict) else reply.body
+    return [p["answer"] for p in predictions]
+
+
+def test_every_request_form_answers_the_same(answer_key_server, known_answers):
+    records = [{"question": e.question, "context": e.context} for e in known_answers[:3]]
+    gold = [e.answers[0] for e in known_answers[:3]]
+    columns = {"question": [r["question"] for r in records], "context": [r["context"] for r in records]}
+    for payload in ({"dataframe_records": records}, {"inputs": records}, {"inputs": columns},
+                    {"instances": records},
+                    {"dataframe_split": {"columns": ["question", "context"],
+                                         "data": [[r["question"], r["context"]] for r in records]}}):
+        assert _answers(post(answer_key_server, payload)) == gold, payload
+
+
+@pytest.mark.parametrize("form", ["dataframe_records", "inputs", "inputs columns", "instances"])
+@pytest.mark.parametrize("value, kind", [(5, "int"), (None, "null"), (2.5, "float"), (True, "bool"),
+                                         (["Ann"], "list")])
+def test_every_request_form_refuses_a_field_that_is_not_text(answer_key_server, form, value, kind):
+    """MLflow casts the values of an ``inputs`` request to the signature's column types before the model sees them:
+    a number or null must still be refused as it is with ``dataframe_records``, not answered as its text."""
+    record = {"question": "Who wrote it?", "context": value}
+    if form == "inputs columns":
+        payload = {"inputs": {"question": [record["question"]], "context": [value]}}
+    else:
+        payload = {form: [record]}
+    reply = post(answer_key_server, payload)
+    assert reply.status == 400, (payload, reply)
+    assert reply.body["message"] == f"record 0: context must be a string, got {kind}", reply.body
 
 
 def test_the_champion_answers_questions_on_long_contexts(server, dev_subset):

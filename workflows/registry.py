@@ -47,6 +47,7 @@ from typing import Any, Iterator, Mapping
 
 import cloudpickle
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
@@ -54,6 +55,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import AnyType
 
 from pruning.config import RunConfig
 from workflows import record
@@ -211,6 +213,25 @@ def _column(frame: pd.DataFrame, name: str) -> list[Any]:
             for value in frame[name].tolist()]
 
 
+def _records(frame: pd.DataFrame) -> pd.DataFrame:
+    """The request as one row per record.
+
+    MLflow hands the column form of a request (``{"inputs": {"question": [...], "context": [...]}}``) over as one
+    row whose fields are the lists: such a row is spread into its records. Any other row is a record as it is.
+    """
+    fields = [name for name in ("question", "context") if name in frame.columns]
+    if len(frame) != 1 or not fields:
+        return frame
+    values = [frame[name].iloc[0] for name in fields]
+    if not all(isinstance(value, (list, tuple, np.ndarray)) for value in values):
+        return frame
+    lengths = [len(value) for value in values]
+    if len(set(lengths)) > 1:
+        raise RequestError(f"the question and context columns hold {lengths[0]} and {lengths[1]} values: give one "
+                           "of each per record")
+    return pd.DataFrame({name: list(value) for name, value in zip(fields, values)})
+
+
 def _count_setting(settings: Mapping[str, Any], key: str, default: int) -> int:
     """The served model's setting ``key``: a whole number >= 1 (an integer, or its string), ``default`` if unset.
 
@@ -334,7 +355,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from pruning.inference import RecordError, answer_records  # lazy: see load_context
 
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        frame = _records(model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input))
         # MLflow's schema check drops the columns it does not know: records whose fields are all misnamed arrive as
         # no records at all.
         if len(frame) == 0:
@@ -358,9 +379,11 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
 
 
 # The input columns are optional to MLflow's schema check, whose refusal of a missing column is a multi-line message:
-# :meth:`PackedQAModel.predict` refuses it in one line naming the column instead.
-SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "question", required=False),
-                                          ColSpec("string", "context", required=False)]),
+# :meth:`PackedQAModel.predict` refuses it in one line naming the column instead. Their type is "any": MLflow casts
+# every value of an `inputs` request to the column's type first (5 and null would arrive as the strings "5" and
+# "None"), so the values must reach predict as sent, where every field is checked to be a string.
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec(AnyType(), "question", required=False),
+                                          ColSpec(AnyType(), "context", required=False)]),
                            outputs=Schema([ColSpec("string", "answer"), ColSpec("double", "score")]))
 
 

@@ -2,7 +2,8 @@
 
 :class:`ModelServer` starts the server as a user would (``--env-manager local``, this environment's ``mlflow`` and
 ``uvicorn`` first on PATH) on a free port, waits for ``/ping`` and stops the whole process group it started.
-:func:`invoke` posts records to ``/invocations`` and returns the status and the decoded body, errors included.
+:func:`invoke` posts records to ``/invocations`` (:func:`post`: any request form) and returns the status and the
+decoded body, errors included.
 :func:`run_load` sends a bounded number of requests from concurrent clients, some of them malformed on purpose, and
 counts what came back (used by ``bench/serve_load.py`` and the tests).
 """
@@ -26,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["ServerError", "ModelServer", "Reply", "free_port", "invoke", "ping", "BAD_KINDS", "spoil", "LoadResult",
-           "run_load"]
+__all__ = ["ServerError", "ModelServer", "Reply", "free_port", "invoke", "post", "ping", "BAD_KINDS", "spoil",
+           "LoadResult", "run_load"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,13 @@ class Reply:
 
 def invoke(base_url: str, records: Sequence[Mapping[str, Any]], timeout: float = 120.0) -> Reply:
     """POST ``{"dataframe_records": records}`` to ``/invocations``; HTTP errors are returned, not raised."""
-    data = json.dumps({"dataframe_records": list(records)}).encode("utf-8")
+    return post(base_url, {"dataframe_records": list(records)}, timeout=timeout)
+
+
+def post(base_url: str, payload: Any, timeout: float = 120.0) -> Reply:
+    """POST ``payload`` as JSON to ``/invocations`` (any of MLflow's request forms: ``dataframe_records``,
+    ``dataframe_split``, ``inputs``, ``instances``); HTTP errors are returned, not raised."""
+    data = json.dumps(payload).encode("utf-8")
     request = urllib.request.Request(f"{base_url}/invocations", data=data, method="POST",
                                      headers={"Content-Type": "application/json"})
     start = time.perf_counter()
