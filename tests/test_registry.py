@@ -403,10 +403,12 @@ def test_a_trial_whose_packed_model_is_missing_or_spoilt_is_not_registered(recor
 
 def test_a_spoilt_frontier_trial_is_left_out_and_the_rest_of_the_frontier_registered(record, tokenizer, caplog):
     client, root, name = record["client"], record["root"], "tiny-partly-spoilt"
-    parent = client.create_run(record["experiment_id"], tags={TAG_KIND: "sweep"}).info.run_id
+    # A sweep of its own experiment: the module's other tests read the latest sweep of theirs.
+    experiment_id = client.create_experiment("tiny-partly-spoilt", artifact_location=(root / "spoilt").as_uri())
+    parent = client.create_run(experiment_id, tags={TAG_KIND: "sweep"}).info.run_id
     trials = {}
     for label, density in (("good", 0.3), ("spoilt", 0.2)):
-        run_id = client.create_run(record["experiment_id"], tags={
+        run_id = client.create_run(experiment_id, tags={
             TAG_KIND: "trial", TAG_PARENT: parent, TAG_STATUS: "finished", "fineprune.packed_artifact": "packed_model",
             "pareto": "true", "pareto_speedup": "false"}).info.run_id
         model_dir = _packed_dir(root / f"frontier-{label}", tokenizer, 1, 32)
@@ -419,7 +421,7 @@ def test_a_spoilt_frontier_trial_is_left_out_and_the_rest_of_the_frontier_regist
         client.set_terminated(run_id)
         trials[label] = run_id
     with caplog.at_level("WARNING", logger="workflows.registry"):
-        rows = registry.register_frontier(client, "tiny", parent, name, onnx=False)
+        rows = registry.register_frontier(client, "tiny-partly-spoilt", parent, name, onnx=False)
     assert [row["run_id"] for row in rows] == [trials["good"]]
     assert {v.tags[TAG_TRIAL_RUN] for v in client.search_model_versions(f"name = '{name}'")} == {trials["good"]}
     assert f"trial run {trials['spoilt']}: runs:/{trials['spoilt']}/packed_model/model.safetensors" in caplog.text
