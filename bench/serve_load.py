@@ -2,7 +2,9 @@
 
 Serves a registered model (``--model-uri`` with ``--tracking-uri``, e.g. the champion after ``make demo``), or
 registers a QA model directory first (``--model-dir``, default: the shipped MiniLM with a fresh QA head: its answers
-mean nothing, its speed is that of a 6-layer 384-wide BERT) in a temporary SQLite store. Then:
+mean nothing, its speed is that of a 6-layer 384-wide BERT) in a temporary SQLite store. A directory registered here
+serves through PyTorch (no ONNX export is made), while a sweep's registered versions serve through ONNX Runtime:
+time those with ``--model-uri``. Then:
 
 1. load: ``--requests`` one-record requests of real SQuAD dev questions from ``--clients`` concurrent clients,
    ``--bad-fraction`` of them malformed (empty, null and 200,000-word fields); counts answered requests,
