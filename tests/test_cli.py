@@ -289,6 +289,27 @@ def test_training_refuses_an_output_dir_that_holds_an_earlier_run(capsys, tmp_pa
     assert earlier.read_bytes() == b"earlier run"
 
 
+def test_resuming_a_checkpoint_into_another_runs_output_dir_is_refused(capsys, tmp_path):
+    """--resume continues the run of its output_dir: the checkpoint of another run, resumed into an output_dir that
+    holds an earlier run (e.g. the config's, when the run was started with --output-dir), leaves that run as it was."""
+    small = ["--config", TINY, "--max-steps", "2", "--train-limit", "8", "--eval-limit", "2", "--no-progress"]
+    first = tmp_path / "first"
+    assert cli.main(["prune", *small, "--output-dir", str(first)]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other"
+    earlier = other / "final" / "model.safetensors"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"earlier run")
+    line = _one_line_error(capsys, ["prune", *small, "--output-dir", str(other), "--resume",
+                                    str(first / "checkpoint")])
+    assert f"{other}: output_dir holds another run than the checkpoint {first / 'checkpoint'}" in line
+    assert "--overwrite" in line
+    assert earlier.read_bytes() == b"earlier run" and sorted(p.name for p in other.iterdir()) == ["final"]
+    # In its own output_dir (however spelt) the checkpoint resumes.
+    spelt = tmp_path / "first" / ".." / "first" / "checkpoint"
+    assert cli.main(["prune", *small, "--output-dir", str(first), "--resume", str(spelt)]) == 0
+
+
 def test_a_missing_model_or_data_file_is_named_by_its_flag_or_config_key(capsys, tmp_path):
     """A path that is not there, named as the user gave it: the flag, or the config file and key."""
     config = tmp_path / "run.yaml"

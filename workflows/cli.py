@@ -105,8 +105,16 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     _check_inputs(cfg, overrides, args.config)
     out = Path(cfg.output_dir)
     _check_output_path(out, "output_dir", directory=True)
-    if args.resume is None and not args.overwrite and out.is_dir() and any(out.iterdir()):
-        checkpoint = out / CHECKPOINT_DIR
+    checkpoint = out / CHECKPOINT_DIR
+    # --resume continues the run of output_dir; another run's checkpoint resumed there would write over this one.
+    # (A path that is no checkpoint, or one inside output_dir, is named by the trainer's checks instead.)
+    foreign = (args.resume is not None and Path(args.resume).is_dir()
+               and not Path(args.resume).resolve().is_relative_to(out.resolve()))
+    if (args.resume is None or foreign) and not args.overwrite and out.is_dir() and any(out.iterdir()):
+        if foreign:
+            raise UserError(f"{out}: output_dir holds another run than the checkpoint {args.resume} (pass the "
+                            "--output-dir that checkpoint's run wrote to, --overwrite to replace this one, or "
+                            "another --output-dir)")
         resume = f"--resume {checkpoint}" if checkpoint.is_dir() else "--resume CHECKPOINT_DIR"
         raise UserError(f"{out}: output_dir holds an earlier run (pass --overwrite to replace it, {resume} to "
                         "continue it, or another --output-dir)")
