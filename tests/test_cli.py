@@ -235,6 +235,12 @@ def _one_line_error(capsys, argv: list[str], status: int = 2) -> str:
     (["prune", "--config", TINY, "--model", "no/such/model", "--output-dir", "{tmp}/out"],
      "no/such/model: model directory not found"),
     (["eval", "no/such/model", "--device", "sideways"], "--device 'sideways': not a device"),
+    # A bad value of a flag is named by the flag, not by the config file whose value it replaced.
+    (["prune", "--config", TINY, "--max-steps", "0", "--output-dir", "{tmp}/out"],
+     "error: --max-steps: must be a positive integer"),
+    (["train", "--config", TINY, "--eval-limit", "-3", "--output-dir", "{tmp}/out"],
+     "error: --eval-limit: must be a positive integer"),
+    (["prune", "--config", TINY, "--device", "gpu", "--output-dir", "{tmp}/out"], "error: --device: must be auto"),
     (["eval", "no/such/model", "--eval-limit", "0"], "--eval-limit must be >= 1"),
     (["eval", "no/such/model", "--predictions", "{tmp}"], "is a directory"),
     (["score", "dev", "{tmp}/no-predictions.json"], "no-predictions.json"),

@@ -95,7 +95,13 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     from pruning.trainer import CHECKPOINT_DIR, train
 
     overrides = _overrides(args)
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:  # a bad value of a flag ("max_steps: must be ...") is named by the flag, not the file
+        key, _, problem = str(err).removeprefix(f"{args.config}: ").partition(": ")
+        if key in overrides and key != "model_config":
+            raise UserError(f"--{key.replace('_', '-')}: {problem}") from None
+        raise
     try:
         check_keys_apply(cfg, overrides)
     except ConfigError as err:  # "max_steps: has no effect ..." about the flag that gave it
