@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -314,6 +315,21 @@ def test_resuming_a_checkpoint_into_another_runs_output_dir_is_refused(capsys, t
     # In its own output_dir (however spelt) the checkpoint resumes.
     spelt = tmp_path / "first" / ".." / "first" / "checkpoint"
     assert cli.main(["prune", *small, "--output-dir", str(first), "--resume", str(spelt)]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--model", "--teacher"])
+def test_an_output_dir_holding_the_model_the_run_reads_is_refused(capsys, masked_checkpoint, tmp_path, flag):
+    """A run replaces its output_dir's final/ and checkpoint/ (with --overwrite, before it trains): pointed at the
+    run whose final model it reads as student or teacher, it would remove that model."""
+    run = tmp_path / "run"
+    shutil.copytree(masked_checkpoint, run / "final")
+    before = (run / "final" / "model.safetensors").read_bytes()
+    line = _one_line_error(capsys, ["prune", "--config", TINY, flag, str(run / "final"), "--output-dir", str(run),
+                                    "--overwrite", "--max-steps", "2", "--train-limit", "8", "--eval-limit", "2",
+                                    "--no-progress"])
+    assert f"output_dir {run}: is or holds the {flag[2:]} directory {run / 'final'} the run reads ({flag})" in line
+    assert (run / "final" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["final"]
 
 
 def test_a_missing_model_or_data_file_is_named_by_its_flag_or_config_key(capsys, tmp_path):

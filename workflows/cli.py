@@ -111,6 +111,7 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     _check_inputs(cfg, overrides, args.config)
     out = Path(cfg.output_dir)
     _check_output_path(out, "output_dir", directory=True)
+    _check_reads_outside(cfg, overrides, args.config, out)
     checkpoint = out / CHECKPOINT_DIR
     # --resume continues the run of output_dir; another run's checkpoint resumed there would write over this one.
     # (A path that is no checkpoint, or one inside output_dir, is named by the trainer's checks instead.)
@@ -152,6 +153,23 @@ def _check_inputs(cfg: Any, overrides: dict[str, Any], config: str) -> None:
         key, err = missing
         where = f"--{key.replace('_', '-')}" if key in overrides else f"{config}: {key}"
         raise UserError(f"{where}: {err}")
+
+
+def _check_reads_outside(cfg: Any, overrides: dict[str, Any], config: str, out: Path) -> None:
+    """Refuse an output_dir that is or holds the run's student, teacher or tokenizer directory: the run (with
+    --overwrite, before it trains) replaces its final/ and checkpoint/, and would remove the model it reads."""
+    from pruning.resources import resolve_model
+
+    keys = ("model",) * (cfg.model_config is None) + ("teacher", "tokenizer")
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        source = resolve_model(value).resolve() if key != "tokenizer" else Path(value).resolve()
+        if source.is_relative_to(out.resolve()):
+            where = f"--{key}" if key in overrides else f"{config}: {key}"
+            raise UserError(f"output_dir {out}: is or holds the {key} directory {value} the run reads ({where}); "
+                            "pass another --output-dir")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
