@@ -156,20 +156,22 @@ def _check_inputs(cfg: Any, overrides: dict[str, Any], config: str) -> None:
 
 
 def _check_reads_outside(cfg: Any, overrides: dict[str, Any], config: str, out: Path) -> None:
-    """Refuse an output_dir that is or holds the run's student, teacher or tokenizer directory: the run (with
-    --overwrite, before it trains) replaces its final/ and checkpoint/, and would remove the model it reads."""
+    """Refuse an output_dir whose final/ or checkpoint/ holds the run's student, teacher or tokenizer directory: the
+    run replaces them (with --overwrite, before it trains), and would remove the model it reads."""
     from pruning.resources import resolve_model
+    from pruning.trainer import CHECKPOINT_DIR, FINAL_DIR
 
     keys = ("model",) * (cfg.model_config is None) + ("teacher", "tokenizer")
+    replaced = [(out / name).resolve() for name in (FINAL_DIR, CHECKPOINT_DIR)]
     for key in keys:
         value = getattr(cfg, key)
         if value is None:
             continue
         source = resolve_model(value).resolve() if key != "tokenizer" else Path(value).resolve()
-        if source.is_relative_to(out.resolve()):
+        if any(source.is_relative_to(path) for path in replaced):
             where = f"--{key}" if key in overrides else f"{config}: {key}"
-            raise UserError(f"output_dir {out}: is or holds the {key} directory {value} the run reads ({where}); "
-                            "pass another --output-dir")
+            raise UserError(f"output_dir {out}: holds the {key} directory {value} the run reads ({where}), which "
+                            "the run would replace; pass another --output-dir")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
