@@ -94,6 +94,21 @@ def test_prune_rejects_a_dense_config(tmp_path):
     assert proc.returncode == 2 and "method" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_the_wrong_command_for_a_config_is_named_before_its_output_dir(capsys, tmp_path):
+    """A dense config given to prune (or a pruning one to train) is the error, not the output_dir it would write:
+    --overwrite, which that error asks for, would only lead to the next one."""
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    dense = tmp_path / "dense.yaml"
+    dense.write_text(f"method: dense\noutput_dir: {run}\n")
+    line = _one_line_error(capsys, ["prune", "--config", str(dense)])
+    assert "method: `fineprune prune` needs topk" in line
+    line = _one_line_error(capsys, ["train", "--config", TINY, "--output-dir", str(run)])
+    assert "method: sigmoid_threshold is a pruning method; use `fineprune prune`" in line
+    assert (run / "final" / "config.json").read_text() == "{}"
+
+
 def test_eval_writes_official_predictions_and_fits_windows_to_the_model(masked_checkpoint, tmp_path):
     predictions = tmp_path / "out" / "predictions.json"
     proc = fineprune("eval", str(masked_checkpoint), "--eval-limit", "5", "--no-progress", "--predictions", str(predictions))

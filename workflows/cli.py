@@ -107,6 +107,11 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     except ConfigError as err:  # "max_steps: has no effect ..." about the flag that gave it
         key, _, problem = str(err).partition(": ")
         raise UserError(f"{args.config}: --{key.replace('_', '-')}: {problem}") from None
+    if method_required and cfg.method is Method.DENSE:
+        raise UserError(f"{args.config}: method: `fineprune prune` needs topk, sigmoid_threshold or fisher "
+                        "(use `fineprune train` for a dense fine-tune)")
+    if not method_required and cfg.method is not Method.DENSE:
+        raise UserError(f"{args.config}: method: {cfg.method.value} is a pruning method; use `fineprune prune`")
     _check_device(cfg.device, f"{args.config}: device")
     _check_inputs(cfg, overrides, args.config)
     out = Path(cfg.output_dir)
@@ -125,11 +130,6 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
         resume = f"--resume {checkpoint}" if checkpoint.is_dir() else "--resume CHECKPOINT_DIR"
         raise UserError(f"{out}: output_dir holds an earlier run (pass --overwrite to replace it, {resume} to "
                         "continue it, or another --output-dir)")
-    if method_required and cfg.method is Method.DENSE:
-        raise UserError(f"{args.config}: method: `fineprune prune` needs topk, sigmoid_threshold or fisher "
-                        "(use `fineprune train` for a dense fine-tune)")
-    if not method_required and cfg.method is not Method.DENSE:
-        raise UserError(f"{args.config}: method: {cfg.method.value} is a pruning method; use `fineprune prune`")
     existed = out.exists()
     try:
         metrics = train(cfg, report=None, resume_from=args.resume, progress=not args.no_progress)
