@@ -347,6 +347,23 @@ def test_an_output_dir_holding_the_model_the_run_reads_is_refused(capsys, masked
     assert sorted(p.name for p in run.iterdir()) == ["final"]
 
 
+def test_what_a_killed_first_checkpoint_write_left_is_not_taken_for_an_earlier_run(capsys, tmp_path):
+    """A run killed outright (SIGKILL, the OOM killer) while it wrote its first checkpoint leaves only the staging
+    directory of that write: the same command run again clears it and trains, rather than asking for --overwrite or
+    a --resume of a checkpoint there is none of."""
+    out = tmp_path / "run"
+    out.mkdir()
+    script = "\n".join(["import os, pathlib, signal", "from pruning.atomic import staging_dir",
+                        f"tmp = staging_dir(pathlib.Path({str(out / 'checkpoint')!r}))",
+                        "(tmp / 'model.safetensors').write_bytes(b'cut short')", "os.kill(os.getpid(), signal.SIGKILL)"])
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run([sys.executable, "-c", script], env=env, timeout=120).returncode == -9
+    assert [p.name.startswith(".checkpoint.") for p in out.iterdir()] == [True]
+    assert cli.main(["prune", "--config", TINY, "--output-dir", str(out), "--max-steps", "2", "--train-limit", "8",
+                     "--eval-limit", "2", "--no-progress"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "final"]
+
+
 def test_a_missing_model_or_data_file_is_named_by_its_flag_or_config_key(capsys, tmp_path):
     """A path that is not there, named as the user gave it: the flag, or the config file and key."""
     config = tmp_path / "run.yaml"

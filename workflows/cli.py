@@ -92,7 +92,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     from pruning.config import ConfigError, Method, check_keys_apply, load_config
-    from pruning.trainer import CHECKPOINT_DIR, train
+    from pruning import atomic
+    from pruning.trainer import CHECKPOINT_DIR, FINAL_DIR, train
 
     overrides = _overrides(args)
     try:
@@ -118,6 +119,9 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     _check_output_path(out, "output_dir", directory=True)
     _check_reads_outside(cfg, overrides, args.config, out)
     checkpoint = out / CHECKPOINT_DIR
+    if out.is_dir():  # a write of final/ or checkpoint/ killed outright: its leftovers cleared, a moved-aside one back
+        for name in (FINAL_DIR, CHECKPOINT_DIR):
+            atomic.tidy(out / name, restore=True)
     # --resume continues the run of output_dir; another run's checkpoint resumed there would write over this one.
     # (A path that is no checkpoint, or one inside output_dir, is named by the trainer's checks instead.)
     foreign = (args.resume is not None and Path(args.resume).is_dir()
