@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -356,8 +358,8 @@ def test_what_a_killed_first_checkpoint_write_left_is_not_taken_for_an_earlier_r
     script = "\n".join(["import os, pathlib, signal", "from pruning.atomic import staging_dir",
                         f"tmp = staging_dir(pathlib.Path({str(out / 'checkpoint')!r}))",
                         "(tmp / 'model.safetensors').write_bytes(b'cut short')", "os.kill(os.getpid(), signal.SIGKILL)"])
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
-    assert subprocess.run([sys.executable, "-c", script], env=env, timeout=120).returncode == -9
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run([sys.executable, "-c", script], env=env, timeout=120).returncode == -signal.SIGKILL
     assert [p.name.startswith(".checkpoint.") for p in out.iterdir()] == [True]
     assert cli.main(["prune", "--config", TINY, "--output-dir", str(out), "--max-steps", "2", "--train-limit", "8",
                      "--eval-limit", "2", "--no-progress"]) == 0, capsys.readouterr().err
