@@ -598,6 +598,19 @@ def test_the_flags_the_readme_lists_for_train_and_prune_are_theirs():
         assert listed <= {o for a in commands[cmd]._actions for o in a.option_strings}
 
 
+def test_packing_over_an_exported_directory_is_refused(capsys, masked_checkpoint, tmp_path):
+    """pack --overwrite keeps the other files of its out_dir: over an export, eval and ask would go on running the
+    old ONNX model instead of the packed one."""
+    exported = tmp_path / "onnx"
+    exported.mkdir()
+    (exported / "fineprune_export.json").write_text("{}")
+    (exported / "model.onnx").write_bytes(b"an earlier export")
+    line = _one_line_error(capsys, ["pack", str(masked_checkpoint), str(exported), "--overwrite", "--questions", "2",
+                                    "--repeats", "1"])
+    assert f"{exported}: holds an exported ONNX model (fineprune_export.json)" in line
+    assert sorted(p.name for p in exported.iterdir()) == ["fineprune_export.json", "model.onnx"]
+
+
 def test_packing_an_exported_directory_names_its_source(capsys, masked_checkpoint, tmp_path):
     exported = tmp_path / "onnx"
     exported.mkdir()

@@ -348,7 +348,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from pruning import squad
     from pruning.checkpoint import load_model, load_tokenizer
-    from pruning.export import is_exported_dir, read_manifest
+    from pruning.export import MANIFEST_NAME, is_exported_dir, read_manifest
     from pruning.packing import pack_and_verify, save_packed, weights_bytes
     from pruning.precision import resolve_precision
     from pruning.resources import resolve_data
@@ -361,6 +361,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
     _check_not_inside(args.checkpoint, out, "out_dir")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
+    if is_exported_dir(out):  # --overwrite keeps the other files: eval, ask and export would read the old export
+        raise UserError(f"{out}: holds an exported ONNX model ({MANIFEST_NAME}), which eval, ask and export would "
+                        "go on reading instead of the packed one; pack into another out_dir")
     if is_exported_dir(args.checkpoint):
         source = read_manifest(args.checkpoint).get("source")
         raise UserError(f"{args.checkpoint}: an exported ONNX model, not a PyTorch checkpoint; pack the model it was "
