@@ -272,7 +272,7 @@ def _one_line_error(capsys, argv: list[str], status: int = 2) -> str:
     (["export", "{tmp}/model", "{tmp}/a-file/onnx"], "{tmp}/a-file is a file, not a directory"),
     (["export", "{tmp}/model", "{tmp}/a-file"], "exists and is not a directory"),
     (["prune", "--config", TINY, "--output-dir", "{tmp}/a-file/run"], "{tmp}/a-file is a file, not a directory"),
-    (["train", "--config", TINY, "--output-dir", "{tmp}/a-file"], "output_dir {tmp}/a-file: exists and is not a"),
+    (["prune", "--config", TINY, "--output-dir", "{tmp}/a-file"], "output_dir {tmp}/a-file: exists and is not a"),
     (["report", "--experiment", "e", "--out", "{tmp}/a-file/r"], "{tmp}/a-file is a file, not a directory"),
 ])
 def test_more_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, needle):
