@@ -120,7 +120,8 @@ class RunConfig:
     # None: off.
     ema_decay: float | None = None
     eval_every: int | None = None  # steps between evaluations; None: only at the end
-    save_every: int | None = None  # steps between checkpoints; None: only at the end
+    # steps between checkpoints; one is also written at every evaluation and at the end (None: only then)
+    save_every: int | None = None
     log_every: int = 10
 
     # --- masks (ignored for method: dense) ------------------------------------------------------------------

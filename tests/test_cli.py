@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +94,21 @@ def test_prune_rejects_a_dense_config(tmp_path):
     cfg.write_text("method: dense\n")
     proc = fineprune("prune", "--config", str(cfg))
     assert proc.returncode == 2 and "method" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_the_wrong_command_for_a_config_is_named_before_its_output_dir(capsys, tmp_path):
+    """A dense config given to prune (or a pruning one to train) is the error, not the output_dir it would write:
+    --overwrite, which that error asks for, would only lead to the next one."""
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    dense = tmp_path / "dense.yaml"
+    dense.write_text(f"method: dense\noutput_dir: {run}\n")
+    line = _one_line_error(capsys, ["prune", "--config", str(dense)])
+    assert "method: `fineprune prune` needs topk" in line
+    line = _one_line_error(capsys, ["train", "--config", TINY, "--output-dir", str(run)])
+    assert "method: sigmoid_threshold is a pruning method; use `fineprune prune`" in line
+    assert (run / "final" / "config.json").read_text() == "{}"
 
 
 def test_eval_writes_official_predictions_and_fits_windows_to_the_model(masked_checkpoint, tmp_path):
@@ -235,6 +253,12 @@ def _one_line_error(capsys, argv: list[str], status: int = 2) -> str:
     (["prune", "--config", TINY, "--model", "no/such/model", "--output-dir", "{tmp}/out"],
      "no/such/model: model directory not found"),
     (["eval", "no/such/model", "--device", "sideways"], "--device 'sideways': not a device"),
+    # A bad value of a flag is named by the flag, not by the config file whose value it replaced.
+    (["prune", "--config", TINY, "--max-steps", "0", "--output-dir", "{tmp}/out"],
+     "error: --max-steps: must be a positive integer"),
+    (["train", "--config", TINY, "--eval-limit", "-3", "--output-dir", "{tmp}/out"],
+     "error: --eval-limit: must be a positive integer"),
+    (["prune", "--config", TINY, "--device", "gpu", "--output-dir", "{tmp}/out"], "error: --device: must be auto"),
     (["eval", "no/such/model", "--eval-limit", "0"], "--eval-limit must be >= 1"),
     (["eval", "no/such/model", "--predictions", "{tmp}"], "is a directory"),
     (["score", "dev", "{tmp}/no-predictions.json"], "no-predictions.json"),
@@ -248,7 +272,7 @@ def _one_line_error(capsys, argv: list[str], status: int = 2) -> str:
     (["export", "{tmp}/model", "{tmp}/a-file/onnx"], "{tmp}/a-file is a file, not a directory"),
     (["export", "{tmp}/model", "{tmp}/a-file"], "exists and is not a directory"),
     (["prune", "--config", TINY, "--output-dir", "{tmp}/a-file/run"], "{tmp}/a-file is a file, not a directory"),
-    (["train", "--config", TINY, "--output-dir", "{tmp}/a-file"], "output_dir {tmp}/a-file: exists and is not a"),
+    (["prune", "--config", TINY, "--output-dir", "{tmp}/a-file"], "output_dir {tmp}/a-file: exists and is not a"),
     (["report", "--experiment", "e", "--out", "{tmp}/a-file/r"], "{tmp}/a-file is a file, not a directory"),
 ])
 def test_more_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, needle):
@@ -287,6 +311,59 @@ def test_training_refuses_an_output_dir_that_holds_an_earlier_run(capsys, tmp_pa
     line = _one_line_error(capsys, ["prune", "--config", TINY, "--output-dir", str(tmp_path)])
     assert str(tmp_path) in line and "--overwrite" in line and "--resume" in line
     assert earlier.read_bytes() == b"earlier run"
+
+
+def test_resuming_a_checkpoint_into_another_runs_output_dir_is_refused(capsys, tmp_path):
+    """--resume continues the run of its output_dir: the checkpoint of another run, resumed into an output_dir that
+    holds an earlier run (e.g. the config's, when the run was started with --output-dir), leaves that run as it was."""
+    small = ["--config", TINY, "--max-steps", "2", "--train-limit", "8", "--eval-limit", "2", "--no-progress"]
+    first = tmp_path / "first"
+    assert cli.main(["prune", *small, "--output-dir", str(first)]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other"
+    earlier = other / "final" / "model.safetensors"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"earlier run")
+    line = _one_line_error(capsys, ["prune", *small, "--output-dir", str(other), "--resume",
+                                    str(first / "checkpoint")])
+    assert f"{other}: output_dir holds another run than the checkpoint {first / 'checkpoint'}" in line
+    assert "--overwrite" in line
+    assert earlier.read_bytes() == b"earlier run" and sorted(p.name for p in other.iterdir()) == ["final"]
+    # In its own output_dir (however spelt) the checkpoint resumes.
+    spelt = tmp_path / "first" / ".." / "first" / "checkpoint"
+    assert cli.main(["prune", *small, "--output-dir", str(first), "--resume", str(spelt)]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--model", "--teacher"])
+def test_an_output_dir_holding_the_model_the_run_reads_is_refused(capsys, masked_checkpoint, tmp_path, flag):
+    """A run replaces its output_dir's final/ and checkpoint/ (with --overwrite, before it trains): pointed at the
+    run whose final model it reads as student or teacher, it would remove that model."""
+    run = tmp_path / "run"
+    shutil.copytree(masked_checkpoint, run / "final")
+    before = (run / "final" / "model.safetensors").read_bytes()
+    line = _one_line_error(capsys, ["prune", "--config", TINY, flag, str(run / "final"), "--output-dir", str(run),
+                                    "--overwrite", "--max-steps", "2", "--train-limit", "8", "--eval-limit", "2",
+                                    "--no-progress"])
+    assert f"output_dir {run}: holds the {flag[2:]} directory {run / 'final'} the run reads ({flag})" in line
+    assert (run / "final" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["final"]
+
+
+def test_what_a_killed_first_checkpoint_write_left_is_not_taken_for_an_earlier_run(capsys, tmp_path):
+    """A run killed outright (SIGKILL, the OOM killer) while it wrote its first checkpoint leaves only the staging
+    directory of that write: the same command run again clears it and trains, rather than asking for --overwrite or
+    a --resume of a checkpoint there is none of."""
+    out = tmp_path / "run"
+    out.mkdir()
+    script = "\n".join(["import os, pathlib, signal", "from pruning.atomic import staging_dir",
+                        f"tmp = staging_dir(pathlib.Path({str(out / 'checkpoint')!r}))",
+                        "(tmp / 'model.safetensors').write_bytes(b'cut short')", "os.kill(os.getpid(), signal.SIGKILL)"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run([sys.executable, "-c", script], env=env, timeout=120).returncode == -signal.SIGKILL
+    assert [p.name.startswith(".checkpoint.") for p in out.iterdir()] == [True]
+    assert cli.main(["prune", "--config", TINY, "--output-dir", str(out), "--max-steps", "2", "--train-limit", "8",
+                     "--eval-limit", "2", "--no-progress"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "final"]
 
 
 def test_a_missing_model_or_data_file_is_named_by_its_flag_or_config_key(capsys, tmp_path):
@@ -519,6 +596,19 @@ def test_the_flags_the_readme_lists_for_train_and_prune_are_theirs():
     commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     for cmd in ("train", "prune"):
         assert listed <= {o for a in commands[cmd]._actions for o in a.option_strings}
+
+
+def test_packing_over_an_exported_directory_is_refused(capsys, masked_checkpoint, tmp_path):
+    """pack --overwrite keeps the other files of its out_dir: over an export, eval and ask would go on running the
+    old ONNX model instead of the packed one."""
+    exported = tmp_path / "onnx"
+    exported.mkdir()
+    (exported / "fineprune_export.json").write_text("{}")
+    (exported / "model.onnx").write_bytes(b"an earlier export")
+    line = _one_line_error(capsys, ["pack", str(masked_checkpoint), str(exported), "--overwrite", "--questions", "2",
+                                    "--repeats", "1"])
+    assert f"{exported}: holds an exported ONNX model (fineprune_export.json)" in line
+    assert sorted(p.name for p in exported.iterdir()) == ["fineprune_export.json", "model.onnx"]
 
 
 def test_packing_an_exported_directory_names_its_source(capsys, masked_checkpoint, tmp_path):

@@ -92,29 +92,48 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     from pruning.config import ConfigError, Method, check_keys_apply, load_config
-    from pruning.trainer import CHECKPOINT_DIR, train
+    from pruning import atomic
+    from pruning.trainer import CHECKPOINT_DIR, FINAL_DIR, train
 
     overrides = _overrides(args)
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:  # a bad value of a flag ("max_steps: must be ...") is named by the flag, not the file
+        key, _, problem = str(err).removeprefix(f"{args.config}: ").partition(": ")
+        if key in overrides and key != "model_config":
+            raise UserError(f"--{key.replace('_', '-')}: {problem}") from None
+        raise
     try:
         check_keys_apply(cfg, overrides)
     except ConfigError as err:  # "max_steps: has no effect ..." about the flag that gave it
         key, _, problem = str(err).partition(": ")
         raise UserError(f"{args.config}: --{key.replace('_', '-')}: {problem}") from None
-    _check_device(cfg.device, f"{args.config}: device")
-    _check_inputs(cfg, overrides, args.config)
-    out = Path(cfg.output_dir)
-    _check_output_path(out, "output_dir", directory=True)
-    if args.resume is None and not args.overwrite and out.is_dir() and any(out.iterdir()):
-        checkpoint = out / CHECKPOINT_DIR
-        resume = f"--resume {checkpoint}" if checkpoint.is_dir() else "--resume CHECKPOINT_DIR"
-        raise UserError(f"{out}: output_dir holds an earlier run (pass --overwrite to replace it, {resume} to "
-                        "continue it, or another --output-dir)")
     if method_required and cfg.method is Method.DENSE:
         raise UserError(f"{args.config}: method: `fineprune prune` needs topk, sigmoid_threshold or fisher "
                         "(use `fineprune train` for a dense fine-tune)")
     if not method_required and cfg.method is not Method.DENSE:
         raise UserError(f"{args.config}: method: {cfg.method.value} is a pruning method; use `fineprune prune`")
+    _check_device(cfg.device, f"{args.config}: device")
+    _check_inputs(cfg, overrides, args.config)
+    out = Path(cfg.output_dir)
+    _check_output_path(out, "output_dir", directory=True)
+    _check_reads_outside(cfg, overrides, args.config, out)
+    checkpoint = out / CHECKPOINT_DIR
+    if out.is_dir():  # a write of final/ or checkpoint/ killed outright: its leftovers cleared, a moved-aside one back
+        for name in (FINAL_DIR, CHECKPOINT_DIR):
+            atomic.tidy(out / name, restore=True)
+    # --resume continues the run of output_dir; another run's checkpoint resumed there would write over this one.
+    # (A path that is no checkpoint, or one inside output_dir, is named by the trainer's checks instead.)
+    foreign = (args.resume is not None and Path(args.resume).is_dir()
+               and not Path(args.resume).resolve().is_relative_to(out.resolve()))
+    if (args.resume is None or foreign) and not args.overwrite and out.is_dir() and any(out.iterdir()):
+        if foreign:
+            raise UserError(f"{out}: output_dir holds another run than the checkpoint {args.resume} (pass the "
+                            "--output-dir that checkpoint's run wrote to, --overwrite to replace this one, or "
+                            "another --output-dir)")
+        resume = f"--resume {checkpoint}" if checkpoint.is_dir() else "--resume CHECKPOINT_DIR"
+        raise UserError(f"{out}: output_dir holds an earlier run (pass --overwrite to replace it, {resume} to "
+                        "continue it, or another --output-dir)")
     existed = out.exists()
     try:
         metrics = train(cfg, report=None, resume_from=args.resume, progress=not args.no_progress)
@@ -138,6 +157,25 @@ def _check_inputs(cfg: Any, overrides: dict[str, Any], config: str) -> None:
         key, err = missing
         where = f"--{key.replace('_', '-')}" if key in overrides else f"{config}: {key}"
         raise UserError(f"{where}: {err}")
+
+
+def _check_reads_outside(cfg: Any, overrides: dict[str, Any], config: str, out: Path) -> None:
+    """Refuse an output_dir whose final/ or checkpoint/ holds the run's student, teacher or tokenizer directory: the
+    run replaces them (with --overwrite, before it trains), and would remove the model it reads."""
+    from pruning.resources import resolve_model
+    from pruning.trainer import CHECKPOINT_DIR, FINAL_DIR
+
+    keys = ("model",) * (cfg.model_config is None) + ("teacher", "tokenizer")
+    replaced = [(out / name).resolve() for name in (FINAL_DIR, CHECKPOINT_DIR)]
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        source = resolve_model(value).resolve() if key != "tokenizer" else Path(value).resolve()
+        if any(source.is_relative_to(path) for path in replaced):
+            where = f"--{key}" if key in overrides else f"{config}: {key}"
+            raise UserError(f"output_dir {out}: holds the {key} directory {value} the run reads ({where}), which "
+                            "the run would replace; pass another --output-dir")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -310,7 +348,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from pruning import squad
     from pruning.checkpoint import load_model, load_tokenizer
-    from pruning.export import is_exported_dir, read_manifest
+    from pruning.export import MANIFEST_NAME, is_exported_dir, read_manifest
     from pruning.packing import pack_and_verify, save_packed, weights_bytes
     from pruning.precision import resolve_precision
     from pruning.resources import resolve_data
@@ -323,6 +361,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
     _check_not_inside(args.checkpoint, out, "out_dir")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
+    if is_exported_dir(out):  # --overwrite keeps the other files: eval, ask and export would read the old export
+        raise UserError(f"{out}: holds an exported ONNX model ({MANIFEST_NAME}), which eval, ask and export would "
+                        "go on reading instead of the packed one; pack into another out_dir")
     if is_exported_dir(args.checkpoint):
         source = read_manifest(args.checkpoint).get("source")
         raise UserError(f"{args.checkpoint}: an exported ONNX model, not a PyTorch checkpoint; pack the model it was "
