@@ -333,7 +333,7 @@ def load_training_state(checkpoint_dir: str | Path) -> tuple[dict[str, Any], dic
     step = state.get("step")
     if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
         raise CheckpointError(f"{checkpoint_dir / STATE}: step must be an integer >= 0, got {step!r}")
-    for key, kind in (("history", list), ("pruning", dict)):
+    for key, kind in (("history", list), ("pruning", dict), ("counters", dict)):
         if not isinstance(state.get(key, kind()), kind):
             raise CheckpointError(f"{checkpoint_dir / STATE}: {key} must be a {'list' if kind is list else 'mapping'}")
     tensors = _load_weights(checkpoint_dir / OPTIMIZER)

@@ -600,10 +600,13 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         tokenizer = load_tokenizer(resume_from)
         start_step = int(state["step"])
         history = list(state.get("history", []))
+        # The work of the runs before this one, so that the final figures count the whole run.
+        carried = {k: float(v) for k, v in state.get("counters", {}).items() if isinstance(v, (int, float))}
         logger.info("resuming from %s at step %d", resume_from, start_step)
     else:
         model, tokenizer = build_model(cfg)
         tensors = None
+        carried = {}
     teacher = _load_teacher(cfg, device)
     _check_teacher(cfg, model, tokenizer, teacher)
     saved_cfg = cfg  # what checkpoints record: the run's config as given, not its windows cut to the model
@@ -738,9 +741,10 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                                    "lambda_attention": lam_att, "lambda_ffn": lam_ffn,
                                    "learning_rate": optimizer.param_groups[1]["lr"], **terms,
                                    "phase_fill": float(step >= p.prune_steps),
-                                   "train_seconds": time.time() - started, **pruning_metrics}
-        if teacher is not None:  # the teacher's forwards of this process (the cache is not kept across a resume)
-            metrics["teacher_forward_windows"] = float(
+                                   "train_seconds": carried.get("train_seconds", 0.0) + time.time() - started,
+                                   **pruning_metrics}
+        if teacher is not None:  # the teacher's forwards (a resumed run's cache is built again: its forwards count)
+            metrics["teacher_forward_windows"] = carried.get("teacher_forward_windows", 0.0) + float(
                 cache.forwards if cache is not None
                 else (done - start_step) * cfg.batch_size * cfg.grad_accum)
         if do_eval:
@@ -753,8 +757,9 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             if skeleton is not None:
                 unpack_into_(skeleton, model)
             saved = model if skeleton is None else skeleton
+            counters = {k: metrics[k] for k in ("train_seconds", "teacher_forward_windows") if k in metrics}
             checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, saved, tokenizer, optimizer,
-                                                  saved_cfg, done, history, pruning_metrics, average))
+                                                  saved_cfg, done, history, pruning_metrics, average, counters))
             saved_step = done
         if do_eval:
             last_metrics = metrics
@@ -1008,8 +1013,10 @@ def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.opt
 
 def _save_checkpoint(path: Path, model: nn.Module, tokenizer, optimizer, cfg: RunConfig, step: int,
                      history: list[dict[str, Any]], pruning: dict[str, float] | None = None,
-                     average: WeightAverage | None = None) -> Path:
-    state = {"step": step, "config": config_to_dict(cfg), "history": history, "pruning": pruning or {}}
+                     average: WeightAverage | None = None, counters: dict[str, float] | None = None) -> Path:
+    # counters: the run's training seconds and teacher forwards so far, carried on by a resume.
+    state = {"step": step, "config": config_to_dict(cfg), "history": history, "pruning": pruning or {},
+             "counters": counters or {}}
     # Weights are saved from the CPU copy of the state dict; the model itself stays on its device. The live
     # weights go into the checkpoint (training continues from them), their average beside the optimizer state.
     tensors = optimizer_tensors(optimizer)

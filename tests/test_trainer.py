@@ -627,3 +627,23 @@ def test_the_feature_cache_follows_the_data_files_contents(tokenizer, tmp_path):
     expected = squad.prepare_train_features(examples, tokenizer, max_seq_length=64, doc_stride=16)
     assert all(torch.equal(again[key], expected[key]) for key in expected)
     assert not all(torch.equal(again[key], first[key]) for key in first)
+
+
+def test_a_resumed_runs_figures_count_the_work_before_the_resume(tmp_path):
+    """train_seconds and teacher_forward_windows describe the whole run, not the part after a resume."""
+    teacher = train(tiny_cfg(tmp_path, method="dense", max_steps=2, output_dir=str(tmp_path / "teacher")),
+                    progress=False)["model_dir"]
+    cfg = tiny_cfg(tmp_path / "student", method="topk", attention_block=[16, 16], target_density=0.5, max_steps=6,
+                   eval_every=3, teacher=teacher)
+
+    def stop_at_first(metrics, checkpoint):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, report=stop_at_first, progress=False)
+    checkpoint = Path(cfg.output_dir) / "checkpoint"
+    before = json.loads((checkpoint / "trainer_state.json").read_text())["counters"]
+    assert before["teacher_forward_windows"] == 3 * cfg.batch_size and before["train_seconds"] > 0
+    resumed = train(cfg, resume_from=checkpoint, progress=False)
+    assert resumed["teacher_forward_windows"] == 6 * cfg.batch_size  # as many as an uninterrupted run's
+    assert resumed["train_seconds"] > before["train_seconds"]
