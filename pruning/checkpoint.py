@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 MASKS_KEY = "fineprune_masks"
 WEIGHTS = "model.safetensors"
+EXPORT_MANIFEST = "fineprune_export.json"  # what marks an ONNX export (pruning.export), which holds no such weights
 QA_HEAD = "qa_outputs.weight"  # the span head of BertForQuestionAnswering; a pre-trained encoder has none
 _ENCODER_LAYER = re.compile(r"(^|\.)encoder\.layer\.\d+\.")  # a tensor of one of the encoder's layers
 OPTIMIZER = "optimizer.safetensors"
@@ -211,6 +212,9 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model directory not found")
+    if (model_dir / EXPORT_MANIFEST).is_file() and not (model_dir / WEIGHTS).is_file():
+        raise CheckpointError(f"{model_dir}: is an ONNX export ({EXPORT_MANIFEST}), which eval, ask and serving run; "
+                              "give the PyTorch model directory it was exported from")
     raw, config = _config(model_dir)
     if raw.get(PACKED_FLAG):
         return load_packed(model_dir)

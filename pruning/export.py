@@ -52,7 +52,7 @@ from transformers.modeling_outputs import QuestionAnsweringModelOutput
 from . import masks as mask_lib
 from .bench import eval_mode
 from .atomic import staged_dir
-from .checkpoint import load_model, load_tokenizer
+from .checkpoint import EXPORT_MANIFEST, load_model, load_tokenizer
 from .packing import pack
 from .resources import resolve_data, resolve_model
 from .squad import check_windows, load_squad
@@ -83,7 +83,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "fineprune_export.json"
+MANIFEST_NAME = EXPORT_MANIFEST
 FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
 VARIANTS = tuple(FILES)
 DEFAULT_OPSET = 17  # LayerNormalization is one op from 17 on; the TorchScript exporter goes up to 20

@@ -197,6 +197,10 @@ def test_export_eval_and_ask_from_the_command_line(masked_checkpoint, tmp_path, 
     assert is_exported_dir(out) and (out / "tokenizer.json").is_file()
     assert load_exported(out).variant == "int8" and load_exported(out, "fp32").variant == "fp32"
     assert "already exported" in cli_error(capsys, "export", str(out), str(tmp_path / "again"))
+    # Given where a PyTorch model is read (train/prune --model, a teacher, pack): named for what it is.
+    from pruning.checkpoint import CheckpointError, load_model
+    with pytest.raises(CheckpointError, match=f"^{out}: is an ONNX export \\(fineprune_export.json\\)"):
+        load_model(out)
     # Nothing already written is lost: a second export into the same directory is refused.
     assert "not an empty directory" in cli_error(capsys, "export", str(masked_checkpoint), str(out))
 
