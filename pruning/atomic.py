@@ -125,9 +125,22 @@ def replace_dir(tmp: Path, out_dir: Path) -> None:
         old = out_dir.with_name(f".{out_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        fsync_dir(out_dir.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:  # a Ctrl-C between the two renames: the earlier output goes back in its place
+            if not out_dir.exists():
+                os.replace(old, out_dir)
+            raise
+        try:
+            fsync_dir(out_dir.parent)
+        finally:
+            # The new output is in place: the earlier one goes however this ends, a Ctrl-C while it is removed
+            # included (it would leave part of it beside the new one).
+            try:
+                shutil.rmtree(old, ignore_errors=True)
+            except BaseException:
+                shutil.rmtree(old, ignore_errors=True)
+                raise
     else:
         os.replace(tmp, out_dir)
         fsync_dir(out_dir.parent)

@@ -499,3 +499,50 @@ def test_where_a_directory_cannot_be_opened_the_output_is_still_written(tmp_path
     with atomic.staged_dir(tmp_path / "out") as tmp:
         (tmp / "b.txt").write_text("b")
     assert (tmp_path / "a.txt").read_text() == "a" and (tmp_path / "out" / "b.txt").read_text() == "b"
+
+
+@pytest.mark.parametrize("where", ["between the renames", "while the parent is flushed",
+                                   "while the earlier output is removed"])
+def test_a_ctrl_c_while_an_output_is_replaced_leaves_one_whole_output_and_nothing_beside_it(tmp_path, monkeypatch,
+                                                                                            where):
+    """The signal comes at each step of putting a new output in place of an earlier one (as a real SIGINT did, now
+    and then, in a training run's checkpoint): either the earlier output or the new one is left, whole, alone."""
+    from pruning import atomic
+
+    out = tmp_path / "checkpoint"
+    with atomic.staged_dir(out) as tmp:
+        (tmp / "state.json").write_text("earlier")
+        for i in range(50):
+            (tmp / f"shard-{i}.bin").write_bytes(b"x" * 100)
+    real_replace, real_rmtree, real_fsync_dir = os.replace, shutil.rmtree, atomic.fsync_dir
+    replaces = []
+
+    def replace(src, dst):
+        replaces.append(src)
+        if where == "between the renames" and len(replaces) == 2:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    def fsync_dir(path):
+        if where == "while the parent is flushed" and len(replaces) == 2:  # after the new output took its name
+            raise KeyboardInterrupt
+        return real_fsync_dir(path)
+
+    def rmtree(path, *args, **kwargs):
+        if where == "while the earlier output is removed" and Path(path).name == ".checkpoint.old" \
+                and Path(path).exists() and not getattr(rmtree, "stopped", False):
+            rmtree.stopped = True
+            (Path(path) / "shard-0.bin").unlink()  # part of it removed when the signal comes
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    monkeypatch.setattr(atomic, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(atomic.shutil, "rmtree", rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.staged_dir(out) as tmp:
+            (tmp / "state.json").write_text("new")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+    expected = "earlier" if where == "between the renames" else "new"
+    assert (out / "state.json").read_text() == expected
