@@ -101,13 +101,13 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     except ConfigError as err:  # a bad value of a flag ("max_steps: must be ...") is named by the flag, not the file
         key, _, problem = str(err).removeprefix(f"{args.config}: ").partition(": ")
         if key in overrides and key != "model_config":
-            raise UserError(f"--{key.replace('_', '-')}: {problem}") from None
+            raise UserError(f"{_flag(key)}: {problem}") from None
         raise
     try:
         check_keys_apply(cfg, overrides)
     except ConfigError as err:  # "max_steps: has no effect ..." about the flag that gave it
         key, _, problem = str(err).partition(": ")
-        raise UserError(f"{args.config}: --{key.replace('_', '-')}: {problem}") from None
+        raise UserError(f"{args.config}: {_flag(key)}: {problem}") from None
     if method_required and cfg.method is Method.DENSE:
         raise UserError(f"{args.config}: method: `fineprune prune` needs topk, sigmoid_threshold or fisher "
                         "(use `fineprune train` for a dense fine-tune)")
@@ -146,6 +146,16 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     return 0
 
 
+def _flag(key: str) -> str:
+    """The command-line flag of the run-config key ``key``."""
+    return f"--{key.replace('_', '-')}"
+
+
+def _given_by(key: str, overrides: dict[str, Any], config: str) -> str:
+    """Where the run's ``key`` came from: its flag, else the config file's key."""
+    return _flag(key) if key in overrides else f"{config}: {key}"
+
+
 def _check_inputs(cfg: Any, overrides: dict[str, Any], config: str) -> None:
     """The run's model, teacher and data files exist, before any work; a missing one is named by the flag or the
     config key that gave it."""
@@ -155,8 +165,7 @@ def _check_inputs(cfg: Any, overrides: dict[str, Any], config: str) -> None:
     missing = first_missing({key: getattr(cfg, key) for key in keys}, keys)
     if missing is not None:
         key, err = missing
-        where = f"--{key.replace('_', '-')}" if key in overrides else f"{config}: {key}"
-        raise UserError(f"{where}: {err}")
+        raise UserError(f"{_given_by(key, overrides, config)}: {err}")
 
 
 def _check_reads_outside(cfg: Any, overrides: dict[str, Any], config: str, out: Path) -> None:
@@ -173,7 +182,7 @@ def _check_reads_outside(cfg: Any, overrides: dict[str, Any], config: str, out: 
             continue
         source = resolve_model(value).resolve() if key != "tokenizer" else Path(value).resolve()
         if any(source.is_relative_to(path) for path in replaced):
-            where = f"--{key}" if key in overrides else f"{config}: {key}"
+            where = _given_by(key, overrides, config)
             raise UserError(f"output_dir {out}: holds the {key} directory {value} the run reads ({where}), which "
                             "the run would replace; pass another --output-dir")
 
@@ -215,7 +224,7 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise UserError(f"{_flag(name)} must be >= 1, got {value}")
 
 
 def _check_device(name: str | None, what: str) -> None:
