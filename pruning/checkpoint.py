@@ -199,7 +199,10 @@ def load_config(model_dir: str | Path) -> PretrainedConfig:
 
 
 def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
-    """Open a dense, masked or packed QA model directory, in eval mode on the CPU.
+    """Open a dense, masked or packed QA model directory, in eval mode on the CPU, in float32.
+
+    Weights stored in half precision (a config.json with ``dtype: bfloat16``, say) are widened: parameters, mask
+    scores and optimizer state are float32, whatever the run's ``precision`` autocasts.
 
     A dense directory without a QA head (a pre-trained encoder) gets a freshly initialised ``qa_outputs`` (the
     start of a fine-tune), unless ``qa_head`` asks for a model that answers questions as it is (a teacher, a model
@@ -217,7 +220,7 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
                               "give the PyTorch model directory it was exported from")
     raw, config = _config(model_dir)
     if raw.get(PACKED_FLAG):
-        return load_packed(model_dir)
+        return load_packed(model_dir).float()
     settings = raw.get(MASKS_KEY)
     if settings is None:
         names = _check_weights(model_dir / WEIGHTS)  # a clear error for a corrupted file before transformers reads it
@@ -229,7 +232,8 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
             # Mismatched shapes come back in the loading info (checked below) rather than as an error that points
             # at a table in the log.
             model, info = qa_model_class(config.model_type).from_pretrained(
-                str(model_dir), local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True)
+                str(model_dir), local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
+                dtype=torch.float32)
         except (OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{model_dir}: cannot load model ({str(err).splitlines()[0]})") from None
         _check_loading_info(model_dir / WEIGHTS, info)

@@ -10,7 +10,8 @@ import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
 from pruning import masks, precision
-from pruning.checkpoint import load_model
+from pruning.checkpoint import load_model, save_model
+from pruning.packing import pack, save_packed
 from pruning.config import ConfigError, RunConfig
 from pruning.precision import PrecisionError, autocast, cpu_supports_bf16, resolve_precision
 from pruning.trainer import train
@@ -115,3 +116,31 @@ def test_bf16_inference_answers_as_autocast_does_with_the_weights_cast_once(mask
     assert torch.equal(got.start_logits, expected.start_logits)
     assert torch.equal(got.end_logits, expected.end_logits)
     assert served.config is model.config or served.config.to_dict() == model.config.to_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_saved_in_half_precision_opens_and_trains_in_fp32(tmp_path, tokenizer, dtype):
+    # A checkpoint written from a half-precision model records its dtype in config.json; transformers would open
+    # it in that dtype, and the student, its mask scores and their optimizer would then train in half precision
+    # whatever `precision` says (AdamW updates below a bf16 weight's rounding step are lost).
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), **TINY)
+    half_dir = tmp_path / "half"
+    BertForQuestionAnswering(config).to(dtype).save_pretrained(half_dir)
+    tokenizer.save_pretrained(half_dir)
+    dense = load_model(half_dir)
+    assert {p.dtype for p in dense.parameters()} == {torch.float32}
+
+    from pruning.trainer import build_model
+
+    student, _ = build_model(RunConfig(model=str(half_dir), method="topk", attention_block=(16, 16)))
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    assert all(s.dtype == torch.float32 for s in masks.mask_score_parameters(student))
+
+    # A masked and a packed checkpoint of a half-precision model open in float32 too.
+    half = student.to(dtype)
+    masks.set_threshold(half, 0.5)
+    save_model(half, None, tmp_path / "masked")
+    save_packed(pack(half), None, tmp_path / "packed")
+    for directory in ("masked", "packed"):
+        assert {p.dtype for p in load_model(tmp_path / directory).parameters()} == {torch.float32}, directory
