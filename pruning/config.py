@@ -314,7 +314,7 @@ def _check(cfg: RunConfig) -> None:
             _fail(key, f"must be in [0, 1), got {value!r}")
     if cfg.precision not in ("fp32", "bf16", "auto"):
         _fail("precision", f"unknown value {cfg.precision!r} (allowed: fp32, bf16, auto)")
-    if not isinstance(cfg.device, str) or not (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")):
+    if not isinstance(cfg.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         _fail("device", f"must be auto, cpu or cuda[:N], got {cfg.device!r}")
     if cfg.epochs == 0 and cfg.max_steps is None:
         _fail("epochs", "is 0 and max_steps is not set: nothing to train")

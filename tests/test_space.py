@@ -668,3 +668,28 @@ def test_a_base_key_another_searched_method_reads_is_allowed(tmp_path):
     values = variant(base={**BASE_SPACE["base"], "lambda_attention": 5.0, "lambda_ffn": 5.0})
     values["search"] = {"method": {"type": "choice", "values": ["topk", "sigmoid_threshold"]}}
     assert load_space(write(tmp_path, values)).base["lambda_attention"] == 5.0
+
+
+@pytest.mark.parametrize("device,gpu,pattern", [
+    ("cuda:1", 1, r"base\.device: cuda:1: a trial sees only the GPU Ray gives it, as cuda:0"),
+    ("cuda", 2, r"resources\.gpu: 2: a trial trains on one device"),
+    ("cudax", 1, r"base\.device: must be auto, cpu or cuda\[:N\], got 'cudax'"),
+])
+def test_a_device_no_trial_can_use_is_refused(tmp_path, device, gpu, pattern):
+    # Ray hides every GPU but the trial's own: cuda:1 fails in every trial (and the teacher) at the first .to().
+    path = write(tmp_path, variant(base={**BASE_SPACE["base"], "device": device}, resources={"cpu": 1, "gpu": gpu}))
+    with pytest.raises(SpaceError, match=pattern):
+        load_space(path)
+    for fine in ("cuda", "cuda:0"):
+        load_space(write(tmp_path, variant(base={**BASE_SPACE["base"], "device": fine},
+                                           resources={"cpu": 1, "gpu": 0.5}), f"{fine.replace(':', '-')}.yaml"))
+
+
+@pytest.mark.parametrize("gpu,expected", [(0, "cpu"), (0.5, "cuda"), (1, "cuda")])
+def test_device_auto_runs_a_trial_and_the_teacher_where_its_resources_are(tmp_path, gpu, expected):
+    # A trial without a GPU share still sees the node's GPUs (Ray hides them only from a task that holds one):
+    # auto must not put it on a GPU that Ray gave another trial.
+    space = load_space(write(tmp_path, variant(base={**BASE_SPACE["base"], "device": "auto"},
+                                               resources={"cpu": 1, "gpu": gpu})))
+    assert trial_config(space, {}, tmp_path / "trial", None).device == expected
+    assert teacher_config(space, tmp_path / "teacher").device == expected

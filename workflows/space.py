@@ -15,6 +15,7 @@ in (0, 1], got 1.5)``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import itertools
@@ -752,6 +753,13 @@ class SweepSpace(_Section):
             raise _Problem(f"base.device is {base_cfg.device} but trials get no GPU", "resources", "gpu")
         if base_cfg.device == "cpu" and self.resources["gpu"] > 0:
             raise _Problem("base.device is cpu: a GPU per trial would sit idle", "resources", "gpu")
+        if self.resources["gpu"] > 1:
+            raise _Problem(f"{self.resources['gpu']:g}: a trial trains on one device; the other GPUs it holds would "
+                           "sit idle (use gpu: 1, or a fraction to share a GPU)", "resources", "gpu")
+        index = _cuda_index(base_cfg.device)
+        if index:  # Ray shows a trial only its own GPU, as cuda:0
+            raise _Problem(f"{base_cfg.device}: a trial sees only the GPU Ray gives it, as cuda:0 (use cuda; Ray "
+                           "chooses the GPU)", "base", "device")
         limit = _model_positions(base_cfg)
         if limit is not None and self.speedup["seq_len"] > limit:
             raise _Problem(f"{self.speedup['seq_len']} exceeds the {limit} positions the model takes",
@@ -1070,6 +1078,23 @@ def tune_config_kwargs(space: SweepSpace, metric_names: Iterable[str] | None = N
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _cuda_index(device: str) -> int | None:
+    """N of ``cuda:N``; None for any other device."""
+    prefix, _, index = device.partition(":")
+    return int(index) if prefix == "cuda" and index.isdigit() else None
+
+
+def _placed(cfg: RunConfig, resources: Mapping[str, float]) -> RunConfig:
+    """``cfg`` with device ``auto`` made the device Ray gives a trial: ``cuda`` with a GPU share, else ``cpu``.
+
+    Ray hides the other GPUs only from a task that holds one: a trial without a GPU still sees every GPU of its
+    node, and ``auto`` would put it (and every other trial of the node) on the first, which Ray never gave it.
+    """
+    if cfg.device != "auto":
+        return cfg
+    return dataclasses.replace(cfg, device="cuda" if resources.get("gpu", 0) else "cpu")
+
+
 def trial_config(space: SweepSpace, params: Mapping[str, Any], output_dir: str | Path,
                  teacher: str | Path | None) -> RunConfig:
     """The RunConfig of one trial: ``base`` overlaid with the trial's sampled values.
@@ -1077,6 +1102,7 @@ def trial_config(space: SweepSpace, params: Mapping[str, Any], output_dir: str |
     Searching ``alpha_distil`` without ``alpha_ce`` sets ``alpha_ce = 1 - alpha_distil`` (one "hardness" knob). The
     pseudo-key ``lambda`` sets both ``lambda_attention`` and ``lambda_ffn``. With ``teacher.student_init`` the
     trial starts from the teacher's weights (``model`` = ``teacher``; ``model_config`` and ``tokenizer`` cleared).
+    Device ``auto`` becomes ``cuda`` when the trial has a GPU share and ``cpu`` when it has none.
 
     Args:
         space: a loaded space.
@@ -1103,7 +1129,7 @@ def trial_config(space: SweepSpace, params: Mapping[str, Any], output_dir: str |
             raise SpaceError(f"{space.path}: teacher.student_init: the trial has no teacher to start from")
         values.update(model=str(teacher), model_config=None, tokenizer=None)
     try:
-        return config_from_dict(values, source="-", base=space.base_config)
+        return _placed(config_from_dict(values, source="-", base=space.base_config), space.resources)
     except ConfigError as err:
         label = ", ".join(f"{k}={v!r}" for k, v in params.items())
         raise SpaceError(f"{space.path}: trial {label}: {_message(err)}") from None
@@ -1133,7 +1159,7 @@ def teacher_config(space: SweepSpace, output_dir: str | Path) -> RunConfig:
         if space.teacher.path is not None:
             cfg = config_from_dict({"model": space.teacher.path, "model_config": None, "tokenizer": None},
                                    source="-", base=cfg)
-        return cfg
+        return _placed(cfg, space.resources)
     except ConfigError as err:
         raise SpaceError(f"{space.path}: teacher.config: {_message(err)}") from None
 
