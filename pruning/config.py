@@ -170,7 +170,8 @@ class RunConfig:
     # --- hardware -----------------------------------------------------------------------------------------
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     # "fp32", "bf16" (autocast of the matrix work; masks, scores, losses and optimizer state stay fp32; on a CPU
-    # only where it has bf16 matrix instructions) or "auto" (bf16 where supported, else fp32). See pruning.precision.
+    # only where it has bf16 matrix instructions, on a GPU from compute capability 8.0) or "auto" (bf16 where
+    # supported, else fp32). See pruning.precision.
     precision: str = "fp32"
 
     # --- distillation -------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 ``precision`` is one of ``fp32``, ``bf16`` and ``auto``. bf16 runs the matrix products (linears, attention) under
 ``torch.autocast``; parameters, mask scores, their gradients, the losses and the optimizer state stay fp32. On a
 CPU, bf16 is used only where the processor has bf16 matrix instructions (AVX512-BF16 or AMX), detected at run
-time: elsewhere autocast would emulate bf16 and run slower than fp32. ``auto`` picks bf16 where it is supported
-and fp32 elsewhere; asking for ``bf16`` where it is not supported is an error.
+time: elsewhere autocast would emulate bf16 and run slower than fp32. On CUDA, only where the GPU has bf16
+tensor cores (compute capability 8.0 on, Ampere and later): a V100 or T4 would emulate it too. ``auto`` picks
+bf16 where it is supported and fp32 elsewhere; asking for ``bf16`` where it is not supported is an error.
 """
 
 from __future__ import annotations
@@ -39,11 +40,18 @@ def cpu_supports_bf16() -> bool:
 def bf16_supported(device: torch.device | str, cpu_check: Callable[[], bool] | None = None) -> bool:
     """Whether bf16 autocast is worth running on ``device``.
 
-    CUDA: the GPU supports bf16. CPU: ``cpu_check()``, by default :func:`cpu_supports_bf16`.
+    CUDA: the GPU ``device`` names (the current one for plain ``cuda``) has bf16 tensor cores, compute capability
+    8.0 or above (``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated). CPU:
+    ``cpu_check()``, by default :func:`cpu_supports_bf16`.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        if torch.version.hip:  # every ROCm GPU torch runs on computes bf16
+            return True
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return index < torch.cuda.device_count() and torch.cuda.get_device_capability(index)[0] >= 8
     if device.type == "cpu":
         return (cpu_check or cpu_supports_bf16)()
     return False
@@ -71,7 +79,7 @@ def resolve_precision(precision: str, device: torch.device | str,
     if not supported:
         device = torch.device(device)
         what = ("this CPU has no bf16 matrix instructions (avx512_bf16 or AMX)" if device.type == "cpu"
-                else f"device {device} does not support bf16")
+                else f"device {device} has no bf16 tensor cores (compute capability 8.0 or above)")
         raise PrecisionError(f"precision: bf16 asked for, but {what}; use fp32 or auto")
     return "bf16"
 

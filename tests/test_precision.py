@@ -144,3 +144,22 @@ def test_a_model_saved_in_half_precision_opens_and_trains_in_fp32(tmp_path, toke
     save_packed(pack(half), None, tmp_path / "packed")
     for directory in ("masked", "packed"):
         assert {p.dtype for p in load_model(tmp_path / directory).parameters()} == {torch.float32}, directory
+
+
+@pytest.mark.parametrize("capability,expected",
+                         [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_takes_bf16_only_on_a_gpu_with_bf16_tensor_cores(monkeypatch, capability, expected):
+    # torch.cuda.is_bf16_supported() says yes on a V100 or T4 too, where bf16 is emulated and runs slower than fp32.
+    # Two GPUs: the one asked for decides, not the current one.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda index=None: capability if index == 1 else (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert resolve_precision("auto", "cuda:1") == expected
+    assert resolve_precision("auto", "cuda:0") == "bf16"
+    if expected == "fp32":
+        with pytest.raises(PrecisionError, match=r"bf16 asked for, but device cuda:1 has no bf16 tensor cores"):
+            resolve_precision("bf16", "cuda:1")
