@@ -369,7 +369,8 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tenso
 def _placed(key: str, value: torch.Tensor, param: torch.Tensor, fused: bool) -> torch.Tensor:
     """One entry of a parameter's AdamW state, where the optimizer steps it."""
     if key != "step":
-        return value.to(param.device)
+        # In the parameter's dtype too: moments a half-precision model kept step its float32 reload.
+        return value.to(param.device, param.dtype)
     # The loop over parameters keeps its step count on the CPU; the fused kernel wants it beside the parameter,
     # in float32.
     return value.to(param.device, torch.float32) if fused else value

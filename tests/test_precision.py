@@ -163,3 +163,26 @@ def test_auto_takes_bf16_only_on_a_gpu_with_bf16_tensor_cores(monkeypatch, capab
     if expected == "fp32":
         with pytest.raises(PrecisionError, match=r"bf16 asked for, but device cuda:1 has no bf16 tensor cores"):
             resolve_precision("bf16", "cuda:1")
+
+
+def test_optimizer_moments_kept_in_half_precision_resume_on_float32_parameters():
+    # A checkpoint of a run that trained a half-precision model holds bf16 moments; the model now opens in fp32,
+    # and the fused AdamW step refused the mix ("expected scalar type Float but found BFloat16").
+    from pruning.checkpoint import optimizer_tensors, restore_optimizer
+
+    torch.manual_seed(0)
+    half = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(half.parameters(), fused=True)
+    for param in half.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()
+    tensors = optimizer_tensors(optimizer)
+    assert tensors["state.0.exp_avg"].dtype == torch.bfloat16
+
+    model = torch.nn.Linear(8, 4)
+    resumed = torch.optim.AdamW(model.parameters(), fused=True)
+    restore_optimizer(resumed, tensors)
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    resumed.step()
+    assert all(state["exp_avg"].dtype == torch.float32 for state in resumed.state.values())
