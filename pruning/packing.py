@@ -482,9 +482,24 @@ def _logit_tensors(output: Any) -> list[torch.Tensor]:
     return [value for key, value in items if key.endswith("logits") and isinstance(value, torch.Tensor)]
 
 
+@contextlib.contextmanager
+def _full_fp32() -> Iterator[None]:
+    """fp32 matrix products at full precision inside, whatever the process set (TF32 rounds them to a 10-bit
+    mantissa on a GPU); the setting comes back afterwards."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def max_logit_diff(model_a: nn.Module, model_b: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
-    """Largest absolute difference between the logits of two models on ``inputs`` (float64 comparison)."""
-    with eval_mode(model_a), eval_mode(model_b), torch.inference_mode():
+    """Largest absolute difference between the logits of two models on ``inputs`` (float64 comparison).
+
+    Both run with full-precision fp32 matrix products (no TF32), so the difference is the summation order alone.
+    """
+    with eval_mode(model_a), eval_mode(model_b), torch.inference_mode(), _full_fp32():
         out_a = _logit_tensors(model_a(**inputs))
         out_b = _logit_tensors(model_b(**inputs))
     if not out_a or len(out_a) != len(out_b):

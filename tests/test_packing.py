@@ -378,3 +378,21 @@ def test_pack_and_verify_times_in_the_precision_asked_for():
     if not cpu_supports_bf16():
         with pytest.raises(PrecisionError, match="bf16"):
             pack_and_verify(model, precision="bf16")
+
+
+def test_the_logit_check_multiplies_in_full_fp32_whatever_the_process_set():
+    # torch.set_float32_matmul_precision("high") (TF32 on a GPU, which PyTorch suggests on Ampere and later) rounds
+    # fp32 products to a 10-bit mantissa: the masked and the packed model, summing in different orders, would then
+    # differ by more than the 1e-3 the check allows, and every trial would fail its packing.
+    model = tiny_model()
+    seen: list[str] = []
+    handle = model.register_forward_pre_hook(lambda *_: seen.append(torch.get_float32_matmul_precision()))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert max_logit_diff(model, copy.deepcopy(model), sample_inputs()) == 0.0
+        assert seen == ["highest", "highest"]  # both models (the copy has the hook too)
+        assert torch.get_float32_matmul_precision() == "high"  # given back
+    finally:
+        torch.set_float32_matmul_precision(previous)
+        handle.remove()
