@@ -23,7 +23,8 @@ from typing import Any, Hashable, Iterable, Mapping
 import yaml
 
 __all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunConfig", "read_yaml", "load_config",
-           "config_from_dict", "config_to_dict", "check_head_shaped", "check_keys_apply", "METHOD_KEYS"]
+           "config_from_dict", "config_to_dict", "check_head_shaped", "check_keys_apply", "METHOD_KEYS",
+           "EVALUATION_KEYS", "evaluation_settings"]
 
 
 class ConfigError(ValueError):
@@ -556,3 +557,14 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
             value = dict(value)
         out[f.name] = value
     return out
+
+
+# The run-config keys that decide a model's EM/F1 beyond its weights and questions: the evaluation windows and the
+# span search. A training run's model directories record them (pruning.checkpoint), ``fineprune eval`` and
+# ``ask`` default to that record, and a registered version serves with the trial's values.
+EVALUATION_KEYS = ("max_seq_length", "doc_stride", "max_query_length", "max_answer_length", "n_best")
+
+
+def evaluation_settings(cfg: RunConfig) -> dict[str, int]:
+    """The :data:`EVALUATION_KEYS` of ``cfg``, by name."""
+    return {key: getattr(cfg, key) for key in EVALUATION_KEYS}
