@@ -145,8 +145,9 @@ class RunConfig:
     # regularization_final_lambda (group lambdas 1), so the published values (2.5 to 40) transfer unchanged.
     lambda_attention: float = 10.0
     lambda_ffn: float = 10.0
-    # cubic schedule: hold for initial_warmup, ramp, hold for the last final_warmup. A value < 1 is a fraction
-    # of the pruning steps, a value >= 1 a number of steps.
+    # cubic schedule: hold for initial_warmup, ramp, hold for the last final_warmup (with 0, the ramp ends at the
+    # last pruning step, which is at the target). A value < 1 is a fraction of the pruning steps, a value >= 1 a
+    # number of steps.
     initial_warmup: float = 0.1
     final_warmup: float = 0.2
 

@@ -236,6 +236,9 @@ def plan(cfg: RunConfig, num_features: int) -> TrainingPlan:
     final = warmup_steps(cfg.final_warmup, main)
     if cfg.masked and initial + final > main:
         raise ConfigError(f"initial_warmup + final_warmup: {initial} + {final} steps exceed the {main} pruning steps")
+    if cfg.masked and final == 0 and initial >= main:  # the last step would be held at the start, not the target
+        raise ConfigError(f"initial_warmup: {initial} steps leave none of the {main} pruning steps to reach the "
+                          "target (final_warmup is 0)")
     return TrainingPlan(steps_per_epoch, main, cfg.fill_steps, int(round(cfg.warmup_ratio * main)), initial, final)
 
 
