@@ -2,7 +2,10 @@
 
 A checkpoint is a standard Hugging Face directory (``config.json``, ``model.safetensors``, tokenizer files). A masked
 model's ``config.json`` carries a ``fineprune_masks`` entry (method, block shape, current threshold, phase) and its
-``model.safetensors`` holds the mask scores beside the weights. A training checkpoint adds ``trainer_state.json``
+``model.safetensors`` holds the mask scores beside the weights. A model a training run wrote (its checkpoint and
+final model) records in ``config.json`` under ``fineprune_evaluation`` the windows and span search it was evaluated
+with (:data:`pruning.config.EVALUATION_KEYS`); the entry is part of the model's config, so packing and export
+carry it on, and :func:`read_evaluation` reads it back. A training checkpoint adds ``trainer_state.json``
 and ``optimizer.safetensors`` (optimizer moments and the RNG states of the CPU and of any CUDA device in use), so
 a run resumes at the same step with the same masks and dropout draws. :func:`load_model` opens any of them: a dense
 HF QA model of a type in :mod:`pruning.structure` (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA), a masked
@@ -25,6 +28,7 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 
 from . import masks as mask_lib
 from .atomic import save_tensors, staged_dir
+from .config import EVALUATION_KEYS
 from .packing import PACKED_FLAG, load_packed
 from .sparsity import sparsity_report
 from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE, config_class, qa_model_class
@@ -32,6 +36,8 @@ from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE, config_class, qa_model
 __all__ = [
     "CheckpointError",
     "MASKS_KEY",
+    "EVALUATION_KEY",
+    "read_evaluation",
     "save_model",
     "load_model",
     "load_config",
@@ -47,6 +53,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MASKS_KEY = "fineprune_masks"
+EVALUATION_KEY = "fineprune_evaluation"  # in config.json: the windows and span search of the run that wrote it
 WEIGHTS = "model.safetensors"
 EXPORT_MANIFEST = "fineprune_export.json"  # what marks an ONNX export (pruning.export), which holds no such weights
 QA_HEAD = "qa_outputs.weight"  # the span head of BertForQuestionAnswering; a pre-trained encoder has none
@@ -117,7 +124,7 @@ def mask_settings(model: nn.Module) -> dict[str, Any] | None:
 
 def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path,
                extra_files: dict[str, Any] | None = None, tensors: dict[str, dict[str, torch.Tensor]] | None = None,
-               masks: dict[str, Any] | None = None) -> Path:
+               masks: dict[str, Any] | None = None, evaluation: dict[str, int] | None = None) -> Path:
     """Write ``model`` (and its mask scores) as an HF directory, atomically: a crash never leaves half a checkpoint.
 
     Args:
@@ -127,6 +134,8 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
         extra_files: JSON files to add (name -> object).
         tensors: extra safetensors files to add (name -> tensors).
         masks: mask settings to record; default: read off the model.
+        evaluation: the windows and span search the model is evaluated with (see :func:`read_evaluation`), recorded
+            in config.json; default: what the model's config already records, if anything.
     """
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:
@@ -135,6 +144,8 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
         config.pop(MASKS_KEY, None)
         if settings is not None:
             config[MASKS_KEY] = settings
+        if evaluation is not None:
+            config[EVALUATION_KEY] = dict(evaluation)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_tensors(state, tmp / WEIGHTS, metadata={"format": "pt"})
@@ -145,6 +156,33 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
         for name, value in (tensors or {}).items():
             save_tensors({k: v.detach().contiguous().cpu() for k, v in value.items()}, tmp / name)
     return out_dir
+
+
+def read_evaluation(model_dir: str | Path) -> dict[str, int]:
+    """The evaluation windows and span search ``model_dir`` records (``fineprune_evaluation`` in its config.json):
+    those of the training run that wrote the model, kept by packing and export. Empty for a directory without the
+    record (written by another tool, or before models recorded it).
+
+    Raises:
+        CheckpointError: config.json is missing or unreadable, or the record is not an object of whole numbers
+            >= 1 (naming the file and the key).
+    """
+    config_file = Path(model_dir) / "config.json"
+    record = read_json(config_file).get(EVALUATION_KEY)
+    if record is None:
+        return {}
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{config_file}: {EVALUATION_KEY}: expected an object, got {record!r}")
+    settings = {}
+    for key in EVALUATION_KEYS:
+        value = record.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"{config_file}: {EVALUATION_KEY}.{key}: must be a whole number >= 1, "
+                                  f"got {value!r}")
+        settings[key] = value
+    return settings
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:

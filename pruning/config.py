@@ -23,7 +23,8 @@ from typing import Any, Hashable, Iterable, Mapping
 import yaml
 
 __all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunConfig", "read_yaml", "load_config",
-           "config_from_dict", "config_to_dict", "check_head_shaped", "check_keys_apply", "METHOD_KEYS"]
+           "config_from_dict", "config_to_dict", "check_head_shaped", "check_keys_apply", "METHOD_KEYS",
+           "EVALUATION_KEYS", "evaluation_settings"]
 
 
 class ConfigError(ValueError):
@@ -144,8 +145,9 @@ class RunConfig:
     # regularization_final_lambda (group lambdas 1), so the published values (2.5 to 40) transfer unchanged.
     lambda_attention: float = 10.0
     lambda_ffn: float = 10.0
-    # cubic schedule: hold for initial_warmup, ramp, hold for the last final_warmup. A value < 1 is a fraction
-    # of the pruning steps, a value >= 1 a number of steps.
+    # cubic schedule: hold for initial_warmup, ramp, hold for the last final_warmup (with 0, the ramp ends at the
+    # last pruning step, which is at the target). A value < 1 is a fraction of the pruning steps, a value >= 1 a
+    # number of steps.
     initial_warmup: float = 0.1
     final_warmup: float = 0.2
 
@@ -557,3 +559,14 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
             value = dict(value)
         out[f.name] = value
     return out
+
+
+# The run-config keys that decide a model's EM/F1 beyond its weights and questions: the evaluation windows and the
+# span search. A training run's model directories record them (pruning.checkpoint), ``fineprune eval`` and
+# ``ask`` default to that record, and a registered version serves with the trial's values.
+EVALUATION_KEYS = ("max_seq_length", "doc_stride", "max_query_length", "max_answer_length", "n_best")
+
+
+def evaluation_settings(cfg: RunConfig) -> dict[str, int]:
+    """The :data:`EVALUATION_KEYS` of ``cfg``, by name."""
+    return {key: getattr(cfg, key) for key in EVALUATION_KEYS}

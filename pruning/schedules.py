@@ -20,16 +20,18 @@ def cubic_schedule(step: int, total: int, initial: float, final: float, initial_
 
         v(s) = final + (initial - final) * (1 - p) ** 3,   p = (s - initial_warmup) / ramp,
 
-    with ``ramp = total - initial_warmup - final_warmup``, and holds at ``final`` for the last ``final_warmup``
-    steps (from step ``total - final_warmup`` on). The ramp moves fast at first and flattens as it nears the final
-    value, which gives the network time to recover from the last pruned blocks. Steps outside [0, total] are
-    clamped. When the warm-ups leave no ramp the value jumps to ``final`` after the initial warm-up.
+    with ``ramp = end - initial_warmup``, and holds at ``final`` from step ``end`` on: the last ``final_warmup``
+    steps, ``end = total - final_warmup``. Without a final warm-up the ramp ends at the last step of the schedule
+    (``end = total - 1``), which is then at ``final``: the steps are 0 to ``total - 1``, and a step ``total`` is
+    never taken. The ramp moves fast at first and flattens as it nears the final value, which gives the network
+    time to recover from the last pruned blocks. Steps outside [0, total] are clamped. When the warm-ups leave no
+    ramp the value jumps to ``final`` after the initial warm-up.
 
     Args:
         step: current optimisation step (0-based).
         total: number of steps of the schedule.
         initial: value during the initial warm-up.
-        final: value reached at ``total - final_warmup`` and held afterwards.
+        final: value reached at ``end`` and held afterwards.
         initial_warmup: steps held at ``initial``.
         final_warmup: steps held at ``final`` at the end.
 
@@ -39,10 +41,11 @@ def cubic_schedule(step: int, total: int, initial: float, final: float, initial_
     if total <= 0:
         return final
     step = min(max(step, 0), total)
-    ramp = total - initial_warmup - final_warmup
+    end = total - max(final_warmup, 1)
+    ramp = end - initial_warmup
     if step < initial_warmup:
         return initial
-    if ramp <= 0 or step >= total - final_warmup:
+    if ramp <= 0 or step >= end:
         return final
     progress = (step - initial_warmup) / ramp
     return final + (initial - final) * (1.0 - progress) ** 3

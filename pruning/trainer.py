@@ -64,7 +64,8 @@ from .checkpoint import (
     save_model,
 )
 from .contents import content_digest
-from .config import ConfigError, MaskInit, Method, RunConfig, TopkScope, check_head_shaped, config_to_dict
+from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, check_head_shaped, config_to_dict,
+                     evaluation_settings)
 from .distill import hidden_mse, kd_loss, qa_ce_loss
 from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, shipped_model_dir
@@ -235,6 +236,9 @@ def plan(cfg: RunConfig, num_features: int) -> TrainingPlan:
     final = warmup_steps(cfg.final_warmup, main)
     if cfg.masked and initial + final > main:
         raise ConfigError(f"initial_warmup + final_warmup: {initial} + {final} steps exceed the {main} pruning steps")
+    if cfg.masked and final == 0 and initial >= main:  # the last step would be held at the start, not the target
+        raise ConfigError(f"initial_warmup: {initial} steps leave none of the {main} pruning steps to reach the "
+                          "target (final_warmup is 0)")
     return TrainingPlan(steps_per_epoch, main, cfg.fill_steps, int(round(cfg.warmup_ratio * main)), initial, final)
 
 
@@ -759,7 +763,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             saved = model if skeleton is None else skeleton
             counters = {k: metrics[k] for k in ("train_seconds", "teacher_forward_windows") if k in metrics}
             checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, saved, tokenizer, optimizer,
-                                                  saved_cfg, done, history, pruning_metrics, average, counters))
+                                                  saved_cfg, done, history, pruning_metrics, average, counters,
+                                                  evaluation=evaluation_settings(cfg)))
             saved_step = done
         if do_eval:
             last_metrics = metrics
@@ -780,7 +785,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     if skeleton is not None:
         model = unpack_into_(skeleton, model)
     model.to("cpu")
-    save_model(model, tokenizer, final_dir)
+    # The windows (as cut to the model) and span search of the run's evaluations: what eval and ask default to.
+    save_model(model, tokenizer, final_dir, evaluation=evaluation_settings(cfg))
     last_metrics = dict(last_metrics)
     last_metrics["model_dir"] = str(final_dir)
     last_metrics["precision"] = precision  # what the metrics were measured in: fp32 or bf16, never auto
@@ -1013,7 +1019,8 @@ def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.opt
 
 def _save_checkpoint(path: Path, model: nn.Module, tokenizer, optimizer, cfg: RunConfig, step: int,
                      history: list[dict[str, Any]], pruning: dict[str, float] | None = None,
-                     average: WeightAverage | None = None, counters: dict[str, float] | None = None) -> Path:
+                     average: WeightAverage | None = None, counters: dict[str, float] | None = None,
+                     evaluation: dict[str, int] | None = None) -> Path:
     # counters: the run's training seconds and teacher forwards so far, carried on by a resume.
     state = {"step": step, "config": config_to_dict(cfg), "history": history, "pruning": pruning or {},
              "counters": counters or {}}
@@ -1022,4 +1029,5 @@ def _save_checkpoint(path: Path, model: nn.Module, tokenizer, optimizer, cfg: Ru
     tensors = optimizer_tensors(optimizer)
     if average is not None:
         tensors.update(average.tensors())
-    return save_model(model, tokenizer, path, extra_files={STATE: state}, tensors={OPTIMIZER: tensors})
+    return save_model(model, tokenizer, path, extra_files={STATE: state}, tensors={OPTIMIZER: tensors},
+                      evaluation=evaluation)

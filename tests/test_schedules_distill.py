@@ -22,6 +22,26 @@ def test_cubic_schedule_endpoints_and_monotonic(initial, final):
     assert quarter == pytest.approx(final + (initial - final) * 0.75**3)
 
 
+@pytest.mark.parametrize("total,w0", [(1, 0), (2, 0), (10, 0), (10, 3), (120, 10)])
+def test_cubic_schedule_without_final_warmup_ends_at_final_on_the_last_step(total, w0):
+    """Steps run 0..total-1: the last one is at the final value, and the ramp before it is still cubic."""
+    values = [cubic_schedule(s, total, 1.0, 0.3, w0, 0) for s in range(total)]
+    assert values[-1] == 0.3
+    assert all(v == 1.0 for v in values[:w0])
+    assert all(b <= a for a, b in zip(values, values[1:]))
+    ramp = total - 1 - w0
+    if ramp >= 4:
+        assert values[w0 + ramp // 2] == pytest.approx(0.3 + 0.7 * (1 - (ramp // 2) / ramp) ** 3)
+
+
+def test_cubic_schedule_with_a_final_warmup_reaches_final_at_its_start():
+    # A final warm-up of w1 steps: the ramp spans total - w0 - w1 steps and the last w1 steps are at the final value.
+    total, w0, w1 = 20, 2, 3
+    values = [cubic_schedule(s, total, 1.0, 0.5, w0, w1) for s in range(total)]
+    assert values[total - w1 - 1] > 0.5 and all(v == 0.5 for v in values[total - w1:])
+    assert values[w0 + 5] == pytest.approx(0.5 + 0.5 * (1 - 5 / (total - w0 - w1)) ** 3)
+
+
 def test_cubic_schedule_clamps_and_degenerate():
     assert cubic_schedule(-5, 10, 0.0, 1.0, 2, 2) == 0.0
     assert cubic_schedule(50, 10, 0.0, 1.0, 2, 2) == 1.0

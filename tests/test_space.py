@@ -514,6 +514,9 @@ BAD_SPACES = [
      r"teacher\.config\.learning_rate: must be a number > 0"),
     ("warm-ups longer than the run", with_search(final_warmup={"type": "choice", "values": [0.2, 12]}),
      r"search\.final_warmup\.values\[1\]: initial_warmup \+ final_warmup"),
+    ("an initial warm-up over the whole run", variant(base={**BASE_SPACE["base"], "final_warmup": 0},
+                                                      search={"initial_warmup": {"type": "choice", "values": [1, 10]}}),
+     r"search\.initial_warmup\.values\[1\]: initial_warmup \(10 steps\) leaves none of the 10 pruning steps"),
     ("invalid corner", variant(base={**BASE_SPACE["base"], "max_seq_length": 128}, search={
         "max_seq_length": {"type": "choice", "values": [64, 128]},
         "doc_stride": {"type": "choice", "values": [32, 96]}}),

@@ -9,7 +9,7 @@ import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
 from pruning import masks
-from pruning.checkpoint import load_model, save_model
+from pruning.checkpoint import MASKS_KEY, load_model, save_model
 from pruning.config import ConfigError, RunConfig
 from pruning.sparsity import sparsity_report
 from pruning.trainer import build_model, enter_fill_phase, fused_adamw, mask_schedule, plan, train
@@ -232,6 +232,32 @@ def test_topk_reaches_the_target_at_the_end_and_fill_keeps_structure(tmp_path):
         value = layer.attention.self.value.to_linear().weight.reshape(4, 16, 64)
         for head, kept in enumerate(s.heads_kept.tolist()):
             assert bool((value[head] != 0).all()) == kept
+
+
+@pytest.mark.parametrize("method,target", [("topk", {"target_density": 0.5}),
+                                           ("sigmoid_threshold", {"final_threshold": 0.9})])
+@pytest.mark.parametrize("fill_steps", [0, 1])
+def test_a_run_without_final_warmup_ends_at_its_target(tmp_path, method, target, fill_steps):
+    """The last pruning step is at the schedule's target, so the final masks are too, with or without a filled
+    phase after it."""
+    seen = []
+    cfg = tiny_cfg(tmp_path, method=method, attention_block=[16, 16], max_steps=4, eval_every=1,
+                   fill_steps=fill_steps, initial_warmup=0, final_warmup=0, **target)
+    result = train(cfg, report=lambda m, c: seen.append(m), progress=False)
+    final_value = next(iter(target.values()))
+    assert [m["threshold"] for m in seen][3] == final_value  # step 4, the last pruning step
+    recorded = json.loads((Path(result["model_dir"]) / "config.json").read_text())[MASKS_KEY]
+    kept_at = recorded["fill_from"]["threshold"] if fill_steps else recorded["threshold"]
+    assert kept_at == final_value
+    if method == "topk":
+        report = sparsity_report(load_model(result["model_dir"]))
+        assert all(int(s.ffn_kept.sum()) == 64 for s in report.layers)  # exactly half of the 128 FFN dims
+
+
+def test_an_initial_warmup_over_every_pruning_step_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="initial_warmup: 6 steps leave none of the 6 pruning steps"):
+        plan(tiny_cfg(tmp_path, method="topk", initial_warmup=6, final_warmup=0, max_steps=6), 10)
+    assert plan(tiny_cfg(tmp_path, method="topk", initial_warmup=5, final_warmup=1, max_steps=6), 10).prune_steps == 6
 
 
 def test_distillation_term_is_reported(tmp_path):

@@ -249,6 +249,30 @@ def _check_not_inside(source: str | Path, out: str | Path, flag: str) -> None:
         raise UserError(f"{flag} {out}: is or overlaps the model directory {source} it is made from")
 
 
+def _recorded_settings(args: argparse.Namespace) -> None:
+    """Fill in each window and span-search option not given (None) from what the model directory records of the run
+    that wrote it (:func:`pruning.checkpoint.read_evaluation`), else the run config's default, so that a run's own
+    model is scored as the run scored it; a given flag wins."""
+    from pruning.checkpoint import read_evaluation
+    from pruning.config import EVALUATION_KEYS, RunConfig
+    from pruning.resources import resolve_model
+
+    path = resolve_model(args.model_dir)
+    recorded = read_evaluation(path)
+    taken = {}
+    for key in EVALUATION_KEYS:
+        if getattr(args, key) is None:
+            value = recorded.get(key)
+            if value is not None:
+                taken[key] = value
+            else:
+                value = RunConfig.__dataclass_fields__[key].default
+            setattr(args, key, value)
+    if taken:
+        logger.info("%s records the settings its run evaluated with: %s", path / "config.json",
+                    ", ".join(f"{key} {value}" for key, value in taken.items()))
+
+
 def _windows(args: argparse.Namespace, model, tokenizer) -> tuple[int, int]:
     """``--max-seq-length`` and ``--doc-stride`` cut to the model (see :func:`pruning.squad.fit_windows`), with a
     one-line error, before any work, for windows that leave no room for a question."""
@@ -308,6 +332,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.predictions is not None:
         _check_output_path(args.predictions, "--predictions", directory=False)
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant, args.device)
+    _recorded_settings(args)
     examples = squad.load_squad(resolve_data(args.eval_data), limit=args.eval_limit, spans=False)
     # The same windows, span search and metric for every kind of model, cut to what the model takes.
     seq, stride = _windows(args, model, tokenizer)
@@ -337,6 +362,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     _check_positive(args, "max_seq_length", "doc_stride", "max_query_length", "max_answer_length", "n_best")
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant)
+    _recorded_settings(args)
     seq, stride = _windows(args, model, tokenizer)
     with _names_model(args.model_dir), autocast(precision, device):
         result = answer(model, tokenizer, args.question, args.context, max_seq_length=seq, doc_stride=stride,
@@ -490,20 +516,32 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--variant", choices=("fp32", "int8"),
                        help="which model of an exported directory to run (default: int8 when it was quantized)")
 
+    # Without the flag: the value the model directory records of the run that wrote it, else the run config's
+    # default (see _recorded_settings).
+    def recorded(key: str) -> str:
+        from pruning.config import RunConfig  # pure and light: yaml and the standard library
+
+        default = RunConfig.__dataclass_fields__[key].default
+        return f"(default: what the model directory records of its run, else {default})"
+
     def windows(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--max-seq-length", type=int, default=384,
-                       help="tokens per window, cut to the model's position embeddings")
-        p.add_argument("--doc-stride", type=int, default=128,
+        p.add_argument("--max-seq-length", type=int,
+                       help="tokens per window, cut to the model's position embeddings " + recorded("max_seq_length"))
+        p.add_argument("--doc-stride", type=int,
                        help="context tokens that consecutive windows of one context share (their overlap); half a "
-                            "window when the window is cut to the model or the stride is not shorter than it")
-        p.add_argument("--max-query-length", type=int, default=64,
-                       help="a longer question is cut to this many tokens (the run config's max_query_length)")
+                            "window when the window is cut to the model or the stride is not shorter than it "
+                            + recorded("doc_stride"))
+        p.add_argument("--max-query-length", type=int,
+                       help="a longer question is cut to this many tokens (the run config's max_query_length) "
+                            + recorded("max_query_length"))
 
     def span_search(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--max-answer-length", type=int, default=30,
-                       help="longest answer in tokens (the run config's max_answer_length)")
-        p.add_argument("--n-best", type=int, default=20,
-                       help="start and end positions of each window tried (the run config's n_best)")
+        p.add_argument("--max-answer-length", type=int,
+                       help="longest answer in tokens (the run config's max_answer_length) "
+                            + recorded("max_answer_length"))
+        p.add_argument("--n-best", type=int,
+                       help="start and end positions of each window tried (the run config's n_best) "
+                            + recorded("n_best"))
 
     def training(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> None:
         p = command(name, func, help_text)

@@ -57,7 +57,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType
 
-from pruning.config import RunConfig
+from pruning.config import EVALUATION_KEYS, RunConfig
 from workflows import record
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
                               EXACT_MATCH, F1, FINAL_METRICS, FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY,
@@ -78,10 +78,9 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4",
                     "tqdm>=4.66", "onnx==1.23.2", "onnxruntime==1.32.0"]
 ONNX_VARIANTS = ("int8", "fp32", "none")  # what the served model runs: ORT int8 (default), ORT fp32, or PyTorch
 ONNX_SKIPPED = "skipped"  # the onnx tag of a version registered without its export (onnx: false)
-# Served-model setting -> the run config key it is read from (a trial's params are its run config).
-_SERVE_PARAMS = {"max_seq_length": "max_seq_length", "doc_stride": "doc_stride",
-                 "max_query_length": "max_query_length", "max_windows": "max_windows", "batch_size": "eval_batch_size",
-                 "max_answer_length": "max_answer_length", "n_best": "n_best"}
+# Served-model setting -> the run config key it is read from (a trial's params are its run config): the windows and
+# span search the trial was evaluated with, and the serving limits.
+_SERVE_PARAMS = {**{key: key for key in EVALUATION_KEYS}, "max_windows": "max_windows", "batch_size": "eval_batch_size"}
 # For runs that lack a key (logged before it existed): the run config's defaults.
 SERVE_DEFAULTS = {key: RunConfig.__dataclass_fields__[param].default for key, param in _SERVE_PARAMS.items()}
 # The most records one request may hold (the inference config's ``max_records``): every window of a request is

@@ -941,6 +941,9 @@ def _check_plan(cfg: RunConfig, *at: str) -> None:
     if initial + final > cfg.max_steps:
         raise _Problem(f"initial_warmup + final_warmup ({initial} + {final} steps) exceed the "
                        f"{cfg.max_steps} pruning steps", *at)
+    if final == 0 and initial >= cfg.max_steps:
+        raise _Problem(f"initial_warmup ({initial} steps) leaves none of the {cfg.max_steps} pruning steps to reach "
+                       "the target (final_warmup is 0)", *at)
 
 
 def _check_extremes(base: Mapping[str, Any], search: Mapping[str, ParamSpec]) -> None:

@@ -1,0 +1,136 @@
+"""What a model directory records about how its run evaluated it, and `fineprune eval`/`ask` reading it back:
+a run's own model, packed or exported, is scored as the run scored it without repeating its settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pruning.checkpoint import EVALUATION_KEY, CheckpointError, read_evaluation
+from pruning.config import EVALUATION_KEYS, RunConfig
+from pruning.trainer import train
+from workflows import cli
+
+# Settings that differ from every default of eval and ask (384, 128, 64, 30, 20).
+SETTINGS = dict(max_seq_length=96, doc_stride=24, max_query_length=16, max_answer_length=4, n_best=3)
+EVAL_LIMIT = 16
+
+
+def run_cfg(tmp_path: Path, **overrides) -> RunConfig:
+    values = dict(model_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                    max_position_embeddings=128),
+                  train_data="dev", eval_data="dev", train_limit=16, eval_limit=EVAL_LIMIT, batch_size=8,
+                  max_steps=4, learning_rate=1e-3, method="topk", attention_block=(16, 16), target_density=0.5,
+                  initial_warmup=0, final_warmup=1, output_dir=str(tmp_path / "run"), log_every=100, **SETTINGS)
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    """One tiny topk run with non-default windows and span search: its final metrics."""
+    return train(run_cfg(tmp_path_factory.mktemp("record")), progress=False)
+
+
+def evaluated(capsys, model_dir: str | Path, *flags: str) -> dict:
+    assert cli.main(["eval", str(model_dir), "--eval-limit", str(EVAL_LIMIT), "--no-progress", *flags]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_the_final_model_and_checkpoint_record_the_runs_evaluation(run):
+    final = Path(run["model_dir"])
+    assert read_evaluation(final) == SETTINGS
+    assert read_evaluation(final.parent / "checkpoint") == SETTINGS
+
+
+def test_eval_of_a_runs_own_models_reproduces_its_figures(run, capsys, tmp_path):
+    final = Path(run["model_dir"])
+    result = evaluated(capsys, final)
+    assert {key: result[key] for key in EVALUATION_KEYS} == SETTINGS
+    assert (result["exact_match"], result["f1"]) == pytest.approx((run["exact_match"], run["f1"]), abs=1e-9)
+
+    packed = tmp_path / "packed"
+    assert cli.main(["pack", str(final), str(packed), "--questions", "2", "--repeats", "1"]) == 0
+    capsys.readouterr()
+    assert read_evaluation(packed) == SETTINGS
+    result = evaluated(capsys, packed)
+    assert {key: result[key] for key in EVALUATION_KEYS} == SETTINGS
+    assert (result["exact_match"], result["f1"]) == pytest.approx((run["exact_match"], run["f1"]), abs=1e-9)
+
+    exported = tmp_path / "exported"
+    assert cli.main(["export", str(packed), str(exported), "--questions", "2"]) == 0
+    capsys.readouterr()
+    assert read_evaluation(exported) == SETTINGS
+    result = evaluated(capsys, exported, "--variant", "fp32")
+    assert {key: result[key] for key in EVALUATION_KEYS} == SETTINGS
+
+
+def test_a_flag_wins_over_the_record(run, capsys):
+    result = evaluated(capsys, run["model_dir"], "--doc-stride", "40", "--n-best", "7")
+    assert {key: result[key] for key in EVALUATION_KEYS} == {**SETTINGS, "doc_stride": 40, "n_best": 7}
+
+
+def test_ask_takes_the_recorded_span_search(run, capsys):
+    context = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 3)
+    answers = {}
+    for flags in ((), ("--max-answer-length", "4"), ("--max-answer-length", "30")):
+        assert cli.main(["ask", run["model_dir"], "--question", "What jumps?", "--context", context, *flags]) == 0
+        answers[flags] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answers[()] == answers[("--max-answer-length", "4")]
+    assert answers[()] != answers[("--max-answer-length", "30")]  # the random model prefers a longer span
+
+
+def test_a_directory_without_the_record_keeps_the_defaults(run, capsys, tmp_path):
+    final = Path(run["model_dir"])
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for entry in final.iterdir():
+        (bare / entry.name).write_bytes(entry.read_bytes())
+    config = json.loads((bare / "config.json").read_text())
+    del config[EVALUATION_KEY]
+    (bare / "config.json").write_text(json.dumps(config))
+    assert read_evaluation(bare) == {}
+    result = evaluated(capsys, bare)
+    # 384-token windows cut to the model's 128 positions, the stride to half a window.
+    assert {key: result[key] for key in EVALUATION_KEYS} == dict(max_seq_length=128, doc_stride=64,
+                                                                  max_query_length=64, max_answer_length=30, n_best=20)
+
+
+@pytest.mark.parametrize("record,needle", [([96], "fineprune_evaluation: expected an object"),
+                                           ({"n_best": 0}, "fineprune_evaluation.n_best: must be a whole number"),
+                                           ({"doc_stride": "32"}, "fineprune_evaluation.doc_stride")])
+def test_a_broken_record_is_one_line_naming_the_file(run, capsys, tmp_path, record, needle):
+    final = Path(run["model_dir"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for entry in final.iterdir():
+        (broken / entry.name).write_bytes(entry.read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    config[EVALUATION_KEY] = record
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json"):
+        read_evaluation(broken)
+    assert cli.main(["eval", str(broken), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert needle in err[-1] and str(broken / "config.json") in err[-1]
+
+
+def test_a_resumed_run_records_its_own_evaluation(tmp_path):
+    """The span search may change on resume: the final model records what the resumed run evaluated with."""
+    cfg = run_cfg(tmp_path, eval_every=2)
+    step_two = tmp_path / "step_two"
+
+    def keep_step_two(metrics, checkpoint_dir):
+        if metrics["step"] == 2:
+            shutil.copytree(checkpoint_dir, step_two)
+
+    train(cfg, report=keep_step_two, progress=False)
+    assert read_evaluation(step_two) == SETTINGS
+    changed = dataclasses.replace(cfg, output_dir=str(tmp_path / "resumed"), n_best=6, max_answer_length=8)
+    result = train(changed, resume_from=step_two, progress=False)
+    assert result["step"] == 4
+    assert read_evaluation(result["model_dir"]) == {**SETTINGS, "n_best": 6, "max_answer_length": 8}
