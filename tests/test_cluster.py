@@ -284,6 +284,15 @@ def test_forwarded_env_leaves_a_jobs_own_variables_to_the_job(monkeypatch):
     assert "HF_HUB_OFFLINE" not in env and env["RAY_CHDIR_TO_TRIAL_DIR"] == "0"
 
 
+def test_the_ui_of_a_tracking_server_is_its_address():
+    """`mlflow ui --backend-store-uri http://...` fails (no registry store for http): a server's UI is its address."""
+    from workflows.sweep import _ui_hint
+
+    assert _ui_hint("http://10.0.0.10:5000") == "http://10.0.0.10:5000"
+    assert _ui_hint("https://mlflow.example.org/") == "https://mlflow.example.org/"
+    assert _ui_hint("sqlite:///mlflow.db") == "mlflow ui --backend-store-uri sqlite:///mlflow.db -h 127.0.0.1"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # A two-node cluster on one machine
 # --------------------------------------------------------------------------------------------------------------
@@ -453,6 +462,8 @@ def test_smoke_sweep_as_a_job_on_two_nodes(two_node_cluster):
     version = client.get_model_version_by_alias(name, "champion")
     assert version.run_id in {run.info.run_id for run in trials}
     assert summary["champion"]["registered"] and summary["champion"]["version"] == str(version.version)
+    # The UI the summary names is the server itself.
+    assert summary["ui"] == cluster["tracking_uri"]
 
 
 @pytest.fixture
