@@ -413,6 +413,7 @@ def _cluster_node_ids(cluster: dict) -> set[str]:
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the cluster's processes in /proc")
 def test_smoke_sweep_as_a_job_on_two_nodes(two_node_cluster):
+    import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
     cluster = two_node_cluster
@@ -464,6 +465,15 @@ def test_smoke_sweep_as_a_job_on_two_nodes(two_node_cluster):
     assert summary["champion"]["registered"] and summary["champion"]["version"] == str(version.version)
     # The UI the summary names is the server itself.
     assert summary["ui"] == cluster["tracking_uri"]
+
+    # The report went to the job's temporary working directory on the head, named in full, and to the server: the
+    # summary says where to fetch it from.
+    assert Path(summary["report"]["html"]).is_absolute()
+    assert summary["report"]["artifacts"] == f"runs:/{parent.info.run_id}/report"
+    fetched = Path(mlflow.artifacts.download_artifacts(artifact_uri=summary["report"]["artifacts"],
+                                                       tracking_uri=cluster["tracking_uri"],
+                                                       dst_path=str(cluster["root"] / "fetched")))
+    assert {path.name for path in fetched.iterdir()} == {"report.html", "report.md"}
 
 
 @pytest.fixture

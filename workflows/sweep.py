@@ -538,9 +538,12 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         summary["champion"] = registry.register_champion(
             client, experiment, parent, space.registry, dense_metrics,
             latency=registry.latency_settings(space.speedup, space.resources))
-        out = Path(report_dir or Path("reports") / experiment)
-        summary["report"] = {k: str(v) for k, v in write_report(experiment, out_dir=out, tracking_uri=tracking_uri,
-                                                                sweep_run_id=parent).items()}
+        # Where the driver ran: under `ray job submit` that is the job's temporary copy of the working directory on
+        # the head, so the summary names the files in full and their copy on the sweep's run as well.
+        out = Path(report_dir or Path("reports") / experiment).resolve()
+        written = write_report(experiment, out_dir=out, tracking_uri=tracking_uri, sweep_run_id=parent)
+        summary["report"] = {**{k: str(v) for k, v in written.items()},
+                             "artifacts": f"runs:/{parent}/{record.ARTIFACT_REPORT_DIR}"}
         if complete:
             tracking.finish_parent_run(client, parent)
         else:
