@@ -239,6 +239,20 @@ def test_cluster_runs_mlflow_and_token_auth_on_every_node(cluster_config):
     assert _exports(cluster_config, "setup_commands")["RAY_AUTH_MODE"] == "token"
 
 
+def test_the_guide_forwards_the_mlflow_port_to_the_address_the_server_listens_on(cluster_config):
+    """`ray attach -p PORT` forwards to the head's localhost, where a server on the private address is not; and
+    `ray get-head-ip` gives the public address (unless the provider uses internal IPs), not the private one."""
+    guide = (REPO / "docs" / "cluster.md").read_text(encoding="utf-8")
+    server = _options(_the_command(_commands(cluster_config, "head_start_ray_commands"), "mlflow", "server"))
+    port = server["--port"]
+    assert server["--host"] not in ("127.0.0.1", "localhost", "::1")
+    assert not re.search(rf"ray attach \S+( -\S+)* -p {port}`", guide)
+    forwards = re.findall(rf"-L {port}:(\S+):{port}", guide)
+    assert forwards and not {"localhost", "127.0.0.1"} & set(forwards)
+    if not cluster_config["provider"].get("use_internal_ips"):
+        assert not re.search(r"private\s+IP\s+\(`ray get-head-ip", guide)
+
+
 def test_reference_space_trials_fit_a_gpu_worker(cluster_config):
     """Trials take the space's resources: the reference space's trial must fit one node type, or it never runs."""
     from workflows.space import load_space
