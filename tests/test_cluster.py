@@ -253,6 +253,21 @@ def test_the_guide_forwards_the_mlflow_port_to_the_address_the_server_listens_on
         assert not re.search(r"private\s+IP\s+\(`ray get-head-ip", guide)
 
 
+def test_the_driver_that_ray_submit_starts_outlives_the_ssh_connection(cluster_config):
+    """`ray submit` runs its command over `ssh -tt`: a dropped connection sends the driver SIGHUP, which ends a
+    day-long sweep at once. Every documented `ray submit` runs it in tmux on the head, and every node has tmux."""
+    texts = {path: (REPO / path).read_text(encoding="utf-8")
+             for path in ("docs/cluster.md", "cluster.yaml", "README.md", "workflows/submit.py")}
+    submits = [(path, line) for path, text in texts.items() for line in re.findall(r"ray submit [^`\n]*", text)
+               if re.search(r"ray submit (--\S+ )*\S+\.yaml", line)]
+    assert submits
+    for path, line in submits:
+        assert re.search(r"ray submit (--\S+ )*--tmux\b", line), f"{path}: {line}"
+    installed = [argv for argv in _commands(cluster_config, "setup_commands") if argv[:2] == ["apt-get", "-o"]
+                 and "install" in argv]
+    assert installed and "tmux" in installed[0]
+
+
 def test_reference_space_trials_fit_a_gpu_worker(cluster_config):
     """Trials take the space's resources: the reference space's trial must fit one node type, or it never runs."""
     from workflows.space import load_space
