@@ -239,6 +239,35 @@ def test_cluster_runs_mlflow_and_token_auth_on_every_node(cluster_config):
     assert _exports(cluster_config, "setup_commands")["RAY_AUTH_MODE"] == "token"
 
 
+def test_the_guide_forwards_the_mlflow_port_to_the_address_the_server_listens_on(cluster_config):
+    """`ray attach -p PORT` forwards to the head's localhost, where a server on the private address is not; and
+    `ray get-head-ip` gives the public address (unless the provider uses internal IPs), not the private one."""
+    guide = (REPO / "docs" / "cluster.md").read_text(encoding="utf-8")
+    server = _options(_the_command(_commands(cluster_config, "head_start_ray_commands"), "mlflow", "server"))
+    port = server["--port"]
+    assert server["--host"] not in ("127.0.0.1", "localhost", "::1")
+    assert not re.search(rf"ray attach \S+( -\S+)* -p {port}`", guide)
+    forwards = re.findall(rf"-L {port}:(\S+):{port}", guide)
+    assert forwards and not {"localhost", "127.0.0.1"} & set(forwards)
+    if not cluster_config["provider"].get("use_internal_ips"):
+        assert not re.search(r"private\s+IP\s+\(`ray get-head-ip", guide)
+
+
+def test_the_driver_that_ray_submit_starts_outlives_the_ssh_connection(cluster_config):
+    """`ray submit` runs its command over `ssh -tt`: a dropped connection sends the driver SIGHUP, which ends a
+    day-long sweep at once. Every documented `ray submit` runs it in tmux on the head, and every node has tmux."""
+    texts = {path: (REPO / path).read_text(encoding="utf-8")
+             for path in ("docs/cluster.md", "cluster.yaml", "README.md", "workflows/submit.py")}
+    submits = [(path, line) for path, text in texts.items() for line in re.findall(r"ray submit [^`\n]*", text)
+               if re.search(r"ray submit (--\S+ )*\S+\.yaml", line)]
+    assert submits
+    for path, line in submits:
+        assert re.search(r"ray submit (--\S+ )*--tmux\b", line), f"{path}: {line}"
+    installed = [argv for argv in _commands(cluster_config, "setup_commands") if argv[:2] == ["apt-get", "-o"]
+                 and "install" in argv]
+    assert installed and "tmux" in installed[0]
+
+
 def test_reference_space_trials_fit_a_gpu_worker(cluster_config):
     """Trials take the space's resources: the reference space's trial must fit one node type, or it never runs."""
     from workflows.space import load_space
@@ -282,6 +311,15 @@ def test_forwarded_env_leaves_a_jobs_own_variables_to_the_job(monkeypatch):
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     env = _forwarded_env()
     assert "HF_HUB_OFFLINE" not in env and env["RAY_CHDIR_TO_TRIAL_DIR"] == "0"
+
+
+def test_the_ui_of_a_tracking_server_is_its_address():
+    """`mlflow ui --backend-store-uri http://...` fails (no registry store for http): a server's UI is its address."""
+    from workflows.sweep import _ui_hint
+
+    assert _ui_hint("http://10.0.0.10:5000") == "http://10.0.0.10:5000"
+    assert _ui_hint("https://mlflow.example.org/") == "https://mlflow.example.org/"
+    assert _ui_hint("sqlite:///mlflow.db") == "mlflow ui --backend-store-uri sqlite:///mlflow.db -h 127.0.0.1"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -404,6 +442,7 @@ def _cluster_node_ids(cluster: dict) -> set[str]:
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the cluster's processes in /proc")
 def test_smoke_sweep_as_a_job_on_two_nodes(two_node_cluster):
+    import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
     cluster = two_node_cluster
@@ -453,6 +492,17 @@ def test_smoke_sweep_as_a_job_on_two_nodes(two_node_cluster):
     version = client.get_model_version_by_alias(name, "champion")
     assert version.run_id in {run.info.run_id for run in trials}
     assert summary["champion"]["registered"] and summary["champion"]["version"] == str(version.version)
+    # The UI the summary names is the server itself.
+    assert summary["ui"] == cluster["tracking_uri"]
+
+    # The report went to the job's temporary working directory on the head, named in full, and to the server: the
+    # summary says where to fetch it from.
+    assert Path(summary["report"]["html"]).is_absolute()
+    assert summary["report"]["artifacts"] == f"runs:/{parent.info.run_id}/report"
+    fetched = Path(mlflow.artifacts.download_artifacts(artifact_uri=summary["report"]["artifacts"],
+                                                       tracking_uri=cluster["tracking_uri"],
+                                                       dst_path=str(cluster["root"] / "fetched")))
+    assert {path.name for path in fetched.iterdir()} == {"report.html", "report.md"}
 
 
 @pytest.fixture

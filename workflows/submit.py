@@ -1,4 +1,4 @@
-"""The sweep driver for a cluster's head node: ``ray submit cluster.yaml workflows/submit.py -- --space FILE ...``.
+"""The sweep driver for a cluster's head node: ``ray submit --tmux cluster.yaml workflows/submit.py -- --space FILE``.
 
 ``ray submit`` copies this one file to the head and runs it there with the project's Python. Run from a checkout, it
 puts the checkout first on the import path; run as a lone copy (``~/submit.py``), it changes to the installed

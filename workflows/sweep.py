@@ -26,6 +26,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.parse
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -537,9 +538,12 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         summary["champion"] = registry.register_champion(
             client, experiment, parent, space.registry, dense_metrics,
             latency=registry.latency_settings(space.speedup, space.resources))
-        out = Path(report_dir or Path("reports") / experiment)
-        summary["report"] = {k: str(v) for k, v in write_report(experiment, out_dir=out, tracking_uri=tracking_uri,
-                                                                sweep_run_id=parent).items()}
+        # Where the driver ran: under `ray job submit` that is the job's temporary copy of the working directory on
+        # the head, so the summary names the files in full and their copy on the sweep's run as well.
+        out = Path(report_dir or Path("reports") / experiment).resolve()
+        written = write_report(experiment, out_dir=out, tracking_uri=tracking_uri, sweep_run_id=parent)
+        summary["report"] = {**{k: str(v) for k, v in written.items()},
+                             "artifacts": f"runs:/{parent}/{record.ARTIFACT_REPORT_DIR}"}
         if complete:
             tracking.finish_parent_run(client, parent)
         else:
@@ -562,9 +566,17 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     summary.update({"experiment": experiment, "parent_run_id": parent, "tracking_uri": tracking_uri,
                     "sweep_dir": str(sweep_dir), "status": "finished" if complete else "interrupted",
                     "wall_seconds": round(time.time() - started, 1),
-                    "ui": f"mlflow ui --backend-store-uri {tracking_uri} -h 127.0.0.1"})
+                    "ui": _ui_hint(tracking_uri)})
     _log_summary(summary)
     return summary
+
+
+def _ui_hint(tracking_uri: str) -> str:
+    """Where to see a sweep in MLflow's UI: a tracking server's own address, else the ``mlflow ui`` command that
+    opens the store (``mlflow ui`` takes a database or directory, and refuses a server's ``http://`` URI)."""
+    if urllib.parse.urlparse(tracking_uri).scheme in ("http", "https"):
+        return tracking_uri
+    return f"mlflow ui --backend-store-uri {tracking_uri} -h 127.0.0.1"
 
 
 def _what_is_left(statuses: list[str]) -> str:
