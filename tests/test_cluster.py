@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 import urllib.request
@@ -556,3 +557,39 @@ def test_joining_a_cluster_that_requires_a_token_says_what_is_missing(token_head
     assert not client.search_runs(experiments)
     deleted = client.search_runs(experiments, run_view_type=ViewType.DELETED_ONLY)
     assert len(deleted) == len(cases) and all(r.info.status == "FAILED" for r in deleted)
+
+
+def test_a_head_restart_waits_for_the_old_mlflow_server_to_exit(cluster_config, tmp_path):
+    """The head's start commands stop the MLflow server a previous start left, then start a new one on the same
+    port. A server still finishing a request after SIGTERM holds that port: the stop has to wait for its process
+    group to be gone, or the new server fails with 'address already in use'."""
+    stop = next(line for line in cluster_config["head_start_ray_commands"]
+                if isinstance(line, str) and "server.pid" in line and "mlflow server" not in line)
+    pid_file = tmp_path / "mlflow" / "server.pid"
+    pid_file.parent.mkdir()
+    env = {**os.environ, "HOME": str(tmp_path)}
+    # A stand-in server that takes two seconds to exit after SIGTERM, in its own process group as setsid makes it.
+    old = subprocess.Popen(["bash", "-c", 'echo $$ > "$HOME/mlflow/server.pid"; trap "sleep 2; exit 0" TERM; '
+                                          "while :; do sleep 0.1; done"], env=env, start_new_session=True)
+    reaper = threading.Thread(target=old.wait)  # reaps it as soon as it exits, as init does on the head
+    reaper.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text().strip()):
+            assert time.monotonic() < deadline, "the stand-in server never wrote its pid"
+            time.sleep(0.05)
+        subprocess.run(["bash", "-c", stop], env=env, check=True, timeout=120)
+        assert _group_is_gone(old.pid), "the stop returned while the old server still ran"
+        assert not pid_file.exists()
+    finally:
+        if not _group_is_gone(old.pid):
+            os.killpg(old.pid, signal.SIGKILL)
+        reaper.join(timeout=30)
+
+
+def _group_is_gone(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return True
+    return False
