@@ -343,8 +343,30 @@ def evaluate(examples_or_dataset: Any, predictions: Mapping[str, str]) -> dict[s
 
 def score_files(data_path: str | Path, predictions_path: str | Path) -> dict[str, float]:
     """Score an official-format predictions file against a SQuAD v1.1 data file (both validated; the answers'
-    ``answer_start`` values are not read, as the official evaluation script does not read them)."""
-    return evaluate(load_squad(data_path, spans=False), load_predictions(predictions_path))
+    ``answer_start`` values are not read, as the official evaluation script does not read them).
+
+    Predictions may cover only some of the questions (those left out score 0, as in :func:`evaluate`); predictions
+    for questions the data file does not hold are ignored, with one warning giving their number.
+
+    Raises:
+        SquadFormatError: either file is malformed, or no prediction is for a question of the data file (the
+            predictions of another dataset, or an empty object), which would score 0 for every question.
+    """
+    examples = load_squad(data_path, spans=False)
+    predictions = load_predictions(predictions_path)
+    questions = {ex.id for ex in examples}
+    unknown = [qid for qid in predictions if qid not in questions]
+    if not predictions:
+        raise SquadFormatError(f"{predictions_path}: no predictions (an empty object): every question of {data_path} "
+                               "would score 0")
+    if len(unknown) == len(predictions):
+        raise SquadFormatError(f"{predictions_path}: none of its {len(predictions)} question ids (first: "
+                               f"{_short(unknown[0])}) is in {data_path} (first there: {_short(examples[0].id)}); "
+                               "predictions for another dataset?")
+    if unknown:
+        logger.warning("%s: %d of %d predictions are for questions not in %s (first: %s); they are ignored",
+                       predictions_path, len(unknown), len(predictions), data_path, _short(unknown[0]))
+    return evaluate(examples, predictions)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -128,6 +128,31 @@ def test_score_files(tmp_path, dev_subset):
     assert squad.score_files(tmp_path / "data.json", tmp_path / "pred.json") == {"exact_match": 50.0, "f1": 50.0}
 
 
+@pytest.mark.parametrize("predictions, problem", [
+    ({"56be4db0acb8001400a502ec": "Denver Broncos"}, "none of its 1 question ids (first: '56be4db0acb8001400a502ec')"),
+    ({}, "no predictions (an empty object)"),
+], ids=["other-dataset", "empty"])
+def test_predictions_for_no_question_of_the_data_are_an_error(tmp_path, predictions, problem):
+    """Predictions that answer none of the file's questions would score 0 as if the model were wrong: a
+    predictions file of another dataset is refused, naming both files."""
+    (tmp_path / "data.json").write_text(json.dumps(_valid_dataset()))
+    (tmp_path / "pred.json").write_text(json.dumps(predictions))
+    with pytest.raises(SquadFormatError) as info:
+        squad.score_files(tmp_path / "data.json", tmp_path / "pred.json")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'pred.json'}: ") and problem in message
+    assert str(tmp_path / "data.json") in message and "\n" not in message
+
+
+def test_predictions_for_unknown_questions_are_ignored_with_a_warning(tmp_path, caplog):
+    (tmp_path / "data.json").write_text(json.dumps(_valid_dataset()))
+    (tmp_path / "pred.json").write_text(json.dumps({"q-first": "Broncos", "q-other": "x", "q-third": "y"}))
+    with caplog.at_level(logging.WARNING, logger="pruning.squad"):
+        result = squad.score_files(tmp_path / "data.json", tmp_path / "pred.json")
+    assert result == {"exact_match": 50.0, "f1": 50.0}
+    assert "2 of 3 predictions are for questions not in" in caplog.text and "'q-other'" in caplog.text
+
+
 def test_scoring_reads_no_answer_start(tmp_path, dev_subset):
     """The metric compares texts: a file whose answer_start values are off scores as the official script scores it
     (training still refuses it)."""
