@@ -15,11 +15,13 @@ tests share one implementation:
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import re
 import string
 import unicodedata
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +70,7 @@ _TOKENIZE_CHUNK = 1000
 # prefix doubles until it holds more tokens than are kept, or the whole question.
 _CHARS_PER_TOKEN = 8
 _WHITESPACE = re.compile(r"\s")
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class SquadFormatError(ValueError):
@@ -114,6 +117,11 @@ def _read_json(path: Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], 
         raw = path.read_bytes()
     except OSError as exc:
         raise SquadFormatError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    if raw[:2] == _GZIP_MAGIC:  # a compressed download (train-v1.1.json.gz) is read as it is
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise SquadFormatError(f"{path}: a damaged gzip file ({exc})") from None
     if not raw.strip():
         raise SquadFormatError(f"{path}: empty file")
     try:
@@ -138,7 +146,7 @@ def _get(obj: Any, key: str, kind: type, fail: Callable[[str], SquadFormatError]
 
 
 def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -> list[Example]:
-    """Read and validate a SQuAD v1.1 JSON file.
+    """Read and validate a SQuAD v1.1 JSON file (gzip-compressed or not).
 
     The file must hold at least one question. Every question must have an ``id`` (unique in the file), a non-empty
     ``question`` and at least one answer whose ``answer_start`` points at its ``text`` in the paragraph's ``context``.
@@ -226,7 +234,7 @@ def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable
 
 
 def load_predictions(path: str | Path) -> dict[str, str]:
-    """Read official-format predictions: one JSON object ``{question id: answer text}``.
+    """Read official-format predictions: one JSON object ``{question id: answer text}`` (gzip-compressed or not).
 
     Raises:
         SquadFormatError: the file is missing, empty, not UTF-8, not JSON, not an object of strings, or repeats an id.

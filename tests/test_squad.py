@@ -1,4 +1,5 @@
 import copy
+import gzip
 import json
 import logging
 
@@ -264,6 +265,21 @@ def test_unreadable_dataset(tmp_path, content, problem):
     with pytest.raises(SquadFormatError, match="^" + str(path)) as info:
         squad.load_squad(path)
     assert problem in str(info.value)
+
+
+def test_a_gzip_compressed_file_reads_as_the_plain_one(tmp_path):
+    plain = tmp_path / "data.json"
+    plain.write_text(json.dumps(_valid_dataset()))
+    packed = tmp_path / "data.json.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert squad.load_squad(packed) == squad.load_squad(plain)
+    predictions = tmp_path / "pred.json.gz"
+    predictions.write_bytes(gzip.compress(json.dumps({"q-first": "Broncos"}).encode()))
+    assert squad.score_files(packed, predictions) == {"exact_match": 50.0, "f1": 50.0}
+    damaged = tmp_path / "damaged.json.gz"
+    damaged.write_bytes(packed.read_bytes()[:-12])
+    with pytest.raises(SquadFormatError, match=f"^{damaged}: a damaged gzip file"):
+        squad.load_squad(damaged)
 
 
 def test_missing_file_is_a_format_error(tmp_path):
