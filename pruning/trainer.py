@@ -588,7 +588,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     output_dir.mkdir(parents=True, exist_ok=True)
 
     train_examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
-    eval_examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
+    # The metric reads answer texts only, as `fineprune eval` does: no answer_start is checked.
+    eval_examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit, spans=False)
     _warn_if_not_held_out(train_examples, eval_examples)
 
     start_step = 0

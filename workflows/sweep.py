@@ -182,7 +182,7 @@ def _dense_teacher(cfg, given: str | None) -> dict[str, Any]:
         return train(cfg, progress=False)  # progress by log lines, not bars (see trial_main)
     device = resolve_device(cfg.device)
     model = load_model(given, qa_head=True).to(device)
-    examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
+    examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit, spans=False)
     return {**evaluate(model, load_tokenizer(given), examples, cfg, device=device, progress=False),
             "model_dir": given}
 
