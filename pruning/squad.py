@@ -153,7 +153,8 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
 
     Args:
         path: the JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``).
-        limit: keep only the first ``limit`` questions (only those are validated); None keeps all.
+        limit: keep only the first ``limit`` questions (only those are validated); None keeps all. A file with
+            fewer questions is read whole, with one warning that says so.
         spans: check that each ``answer_start`` points at its text. Training needs that; the metric reads the
             answer texts only, so scoring (as the official evaluation script does) takes a file whose
             ``answer_start`` values are off.
@@ -206,6 +207,9 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
                     return examples
     if not examples:
         raise SquadFormatError(f"{path}: data: no questions (the file holds no paragraph with a question)")
+    if limit is not None:
+        logger.warning("%s: holds %d questions, fewer than the %d asked for: all %d are used", path, len(examples),
+                       limit, len(examples))
     return examples
 
 

@@ -116,6 +116,18 @@ def test_limit_keeps_the_first_questions(dev_subset):
         squad.load_squad(squad_file("dev"), limit=0)
 
 
+def test_a_limit_above_the_questions_of_the_file_is_said(tmp_path, caplog):
+    """A question limit (train_limit, eval_limit, --eval-limit) larger than the file: every question is used, and
+    one warning gives how many, so a run does not pass for one on the number asked."""
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(_valid_dataset()))
+    with caplog.at_level(logging.WARNING, logger="pruning.squad"):
+        assert len(squad.load_squad(path, limit=2)) == 2
+        assert "fewer than" not in caplog.text
+        assert [ex.id for ex in squad.load_squad(path, limit=500)] == ["q-first", "q-second"]
+    assert f"{path}: holds 2 questions, fewer than the 500 asked for" in caplog.text
+
+
 def test_score_files(tmp_path, dev_subset):
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
         {"context": ex.context, "qas": [{"id": ex.id, "question": ex.question,
