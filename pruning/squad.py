@@ -131,7 +131,22 @@ def _read_json(path: Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], 
     try:
         return json.loads(text, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as exc:
-        raise SquadFormatError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        # One JSON value per line (JSON Lines) parses up to its first line break, then finds more.
+        lines = " (JSON Lines? the file must be one JSON object)" if exc.msg == "Extra data" and exc.colno == 1 else ""
+        raise SquadFormatError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+                               f"{lines}") from None
+
+
+# A question written as one flat record, as HuggingFace ``datasets`` writes SQuAD, instead of nested in paragraphs.
+_FLAT_KEYS = frozenset({"context", "question", "answers"})
+_NESTED = "SQuAD v1.1 nests questions as {\"data\": [{\"title\", \"paragraphs\": [{\"context\", \"qas\": [...]}]}]}"
+
+
+def _flat_record(value: Any) -> bool:
+    """Whether ``value`` (or the first item of a list) is a flat per-question record."""
+    if isinstance(value, list) and value:
+        value = value[0]
+    return isinstance(value, dict) and _FLAT_KEYS <= value.keys()
 
 
 def _get(obj: Any, key: str, kind: type, fail: Callable[[str], SquadFormatError]) -> Any:
@@ -174,6 +189,8 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
     def at(where: str) -> Callable[[str], SquadFormatError]:
         return lambda message: SquadFormatError(f"{path}: {where}: {message}")
 
+    if _flat_record(root):
+        raise SquadFormatError(f"{path}: one flat record per question (HuggingFace datasets layout); {_NESTED}")
     if not isinstance(root, dict) or "data" not in root:
         raise SquadFormatError(f"{path}: missing 'data' (not a SQuAD v1.1 file)")
     data = _get(root, "data", list, at("top level"))
@@ -185,6 +202,8 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
     first_seen: dict[str, str] = {}
     for a, article in enumerate(data):
         where = f"data[{a}]"
+        if _flat_record(article) and "paragraphs" not in article:
+            raise at(where)(f"a flat question record (HuggingFace datasets layout), not an article; {_NESTED}")
         paragraphs = _get(article, "paragraphs", list, at(where))
         title = article.get("title", "")
         if not isinstance(title, str):

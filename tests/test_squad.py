@@ -294,6 +294,28 @@ def test_a_gzip_compressed_file_reads_as_the_plain_one(tmp_path):
         squad.load_squad(damaged)
 
 
+_FLAT = {"id": "q1", "title": "t", "context": CONTEXT, "question": "Who won?",
+         "answers": {"text": ["Broncos"], "answer_start": [4]}}
+
+
+@pytest.mark.parametrize("content, problem", [
+    (json.dumps(_FLAT) + "\n" + json.dumps(_FLAT) + "\n", "line 2 column 1: Extra data (JSON Lines?"),
+    (json.dumps(_FLAT) + "\n", "one flat record per question (HuggingFace datasets layout)"),
+    (json.dumps([_FLAT]), "one flat record per question (HuggingFace datasets layout)"),
+    (json.dumps({"data": [_FLAT]}), "data[0]: a flat question record (HuggingFace datasets layout)"),
+], ids=["json-lines", "one-line", "list", "data-list"])
+def test_other_layouts_of_squad_are_named(tmp_path, content, problem):
+    """The layouts SQuAD also comes in (JSON Lines, HuggingFace datasets' flat records) are refused saying which
+    they are and what SQuAD v1.1 looks like, not as a missing key."""
+    path = tmp_path / "other.json"
+    path.write_text(content)
+    with pytest.raises(SquadFormatError) as info:
+        squad.load_squad(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and problem in message and "\n" not in message
+    assert "paragraphs" in message or "JSON Lines" in message
+
+
 def test_missing_file_is_a_format_error(tmp_path):
     with pytest.raises(SquadFormatError, match="cannot read"):
         squad.load_squad(tmp_path / "absent.json")
