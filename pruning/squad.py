@@ -15,6 +15,7 @@ tests share one implementation:
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import logging
@@ -124,10 +125,13 @@ def _read_json(path: Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], 
             raise SquadFormatError(f"{path}: a damaged gzip file ({exc})") from None
     if not raw.strip():
         raise SquadFormatError(f"{path}: empty file")
+    # UTF-8, with or without a byte-order mark; UTF-16 only with its mark (what Windows editors and PowerShell's
+    # redirection write).
+    utf16 = raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
     try:
-        text = raw.decode("utf-8-sig")  # tolerate a byte-order mark
+        text = raw.decode("utf-16" if utf16 else "utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise SquadFormatError(f"{path}: invalid UTF-8 at byte {exc.start}") from None
+        raise SquadFormatError(f"{path}: invalid {'UTF-16' if utf16 else 'UTF-8'} at byte {exc.start}") from None
     try:
         return json.loads(text, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as exc:

@@ -1,3 +1,4 @@
+import codecs
 import copy
 import gzip
 import json
@@ -277,6 +278,19 @@ def test_unreadable_dataset(tmp_path, content, problem):
     with pytest.raises(SquadFormatError, match="^" + str(path)) as info:
         squad.load_squad(path)
     assert problem in str(info.value)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-be"])
+def test_a_file_with_a_byte_order_mark_reads_as_the_plain_one(tmp_path, encoding):
+    """UTF-8 with a byte-order mark, and UTF-16 (what Windows editors and PowerShell's `>` write), with its mark."""
+    plain = tmp_path / "data.json"
+    plain.write_text(json.dumps(_valid_dataset(), ensure_ascii=False).replace("Who won?", "Who wön? 😀"),
+                     encoding="utf-8")
+    marked = tmp_path / "marked.json"
+    text = plain.read_text(encoding="utf-8")
+    marked.write_bytes(codecs.BOM_UTF16_BE + text.encode(encoding) if encoding == "utf-16-be" else text.encode(encoding))
+    assert squad.load_squad(marked) == squad.load_squad(plain)
+    assert squad.load_squad(marked)[0].question == "Who wön? 😀"
 
 
 def test_a_gzip_compressed_file_reads_as_the_plain_one(tmp_path):
