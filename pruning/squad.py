@@ -605,6 +605,16 @@ def _answer_tokens(offsets: np.ndarray, start_char: int, end_char: int) -> tuple
     return int(start), int(end)
 
 
+def _trimmed_span(text: str, start: int) -> tuple[int, int]:
+    """Characters ``[start, end)`` of an answer without its leading and trailing whitespace, which no token covers:
+    a window that holds the words of an answer selected with a space around it holds the answer."""
+    stripped = text.strip()
+    if not stripped:
+        return start, start + len(text)
+    begin = start + text.index(stripped)
+    return begin, begin + len(stripped)
+
+
 def batch_width(attention_mask: torch.Tensor) -> int:
     """Tokens a batch of windows needs: its longest window's (windows are padded at the end to the same width, and
     a padded position changes no real token's output, so the columns after this one can be cut)."""
@@ -652,8 +662,8 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
         offsets = _context_offsets(encoding)
         for i, sample in enumerate(encoding["overflow_to_sample_mapping"]):
             ex = examples[first + int(sample)]
-            start_char = ex.answer_starts[0]
-            start, end = _answer_tokens(offsets[i], start_char, start_char + len(ex.answers[0]))
+            start_char, end_char = _trimmed_span(ex.answers[0], ex.answer_starts[0])
+            start, end = _answer_tokens(offsets[i], start_char, end_char)
             starts.append(start)
             ends.append(end)
     features = {key: _concat(chunks, max_seq_length) for key, chunks in parts.items()}

@@ -411,6 +411,22 @@ def test_train_features_at_a_window_edge(tokenizer, straddle):
             assert (start, end) == (0, 0)
 
 
+def test_an_answer_selected_with_spaces_around_it_is_labelled_where_its_words_are(tokenizer):
+    """Hand-made answers often carry the spaces or line break around the selection: a window that ends on the
+    answer's last word, or starts on its first, holds it, and labels the same tokens as for the bare answer."""
+    max_seq_length, doc_stride = 48, 16
+    bare = _edge_example(tokenizer, False, max_seq_length, doc_stride)  # the answer ends the first window
+    start = bare.answer_starts[0]
+    padded = Example(id="padded", title="", context=bare.context, question=bare.question,
+                     answers=(bare.context[start - 1:start + len(ANSWER) + 1],), answer_starts=(start - 1,))
+    assert padded.answers[0] == f" {ANSWER} "
+    expected = squad.prepare_train_features([bare], tokenizer, max_seq_length, doc_stride)
+    got = squad.prepare_train_features([padded], tokenizer, max_seq_length, doc_stride)
+    assert expected["start_positions"][0] > 0
+    for key in ("start_positions", "end_positions"):
+        assert torch.equal(got[key], expected[key])
+
+
 def test_doc_stride_is_the_overlap_of_consecutive_windows(tokenizer):
     context = " ".join(["river", "mill", "village", "green", "sea"] * 30)
     example = Example(id="long", title="t", context=context, question="Where?", answers=("sea",),
