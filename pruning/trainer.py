@@ -380,10 +380,11 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
         return squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
                                             doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length)
     data = resolve_data(cfg.train_data)
+    # The last items say how text is tokenized and answers labelled: a change there is a new key.
     key = json.dumps([content_digest(data), cfg.train_limit, tokenizer.name_or_path,
                       len(tokenizer), _tokenizer_digest(tokenizer), cfg.max_seq_length, cfg.doc_stride,
                       cfg.max_query_length, squad.__name__,
-                      "special-token literals as text"])  # how text is tokenized: a change is a new key
+                      "special-token literals as text", "answers without outer whitespace"])
     path = Path(cfg.cache_dir) / f"train-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         try:
