@@ -538,7 +538,7 @@ def export_checkpoint(model_dir: str | Path, out_dir: str | Path, quantize: str 
         logger.info("%s holds a masked model: packing it before export", source)
         model = pack(model)
     tokenizer = load_tokenizer(source)
-    inputs = check_windows(load_squad(resolve_data(data), limit=questions), tokenizer,
+    inputs = check_windows(load_squad(resolve_data(data), limit=questions, spans=False), tokenizer,
                            max_positions(model.config))
     with staged_dir(out) as tmp:  # an earlier export there is replaced only by a complete one
         report = export_model(model, tmp, quantize=quantize, opset=opset, inputs=inputs)

@@ -15,11 +15,14 @@ tests share one implementation:
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import json
 import logging
 import re
 import string
 import unicodedata
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +71,7 @@ _TOKENIZE_CHUNK = 1000
 # prefix doubles until it holds more tokens than are kept, or the whole question.
 _CHARS_PER_TOKEN = 8
 _WHITESPACE = re.compile(r"\s")
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class SquadFormatError(ValueError):
@@ -114,16 +118,39 @@ def _read_json(path: Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], 
         raw = path.read_bytes()
     except OSError as exc:
         raise SquadFormatError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    if raw[:2] == _GZIP_MAGIC:  # a compressed download (train-v1.1.json.gz) is read as it is
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise SquadFormatError(f"{path}: a damaged gzip file ({exc})") from None
     if not raw.strip():
         raise SquadFormatError(f"{path}: empty file")
+    # UTF-8, with or without a byte-order mark; UTF-16 only with its mark (what Windows editors and PowerShell's
+    # redirection write).
+    utf16 = raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
     try:
-        text = raw.decode("utf-8-sig")  # tolerate a byte-order mark
+        text = raw.decode("utf-16" if utf16 else "utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise SquadFormatError(f"{path}: invalid UTF-8 at byte {exc.start}") from None
+        raise SquadFormatError(f"{path}: invalid {'UTF-16' if utf16 else 'UTF-8'} at byte {exc.start}") from None
     try:
         return json.loads(text, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as exc:
-        raise SquadFormatError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        # One JSON value per line (JSON Lines) parses up to its first line break, then finds more.
+        lines = " (JSON Lines? the file must be one JSON object)" if exc.msg == "Extra data" and exc.colno == 1 else ""
+        raise SquadFormatError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+                               f"{lines}") from None
+
+
+# A question written as one flat record, as HuggingFace ``datasets`` writes SQuAD, instead of nested in paragraphs.
+_FLAT_KEYS = frozenset({"context", "question", "answers"})
+_NESTED = "SQuAD v1.1 nests questions as {\"data\": [{\"title\", \"paragraphs\": [{\"context\", \"qas\": [...]}]}]}"
+
+
+def _flat_record(value: Any) -> bool:
+    """Whether ``value`` (or the first item of a list) is a flat per-question record."""
+    if isinstance(value, list) and value:
+        value = value[0]
+    return isinstance(value, dict) and _FLAT_KEYS <= value.keys()
 
 
 def _get(obj: Any, key: str, kind: type, fail: Callable[[str], SquadFormatError]) -> Any:
@@ -138,14 +165,15 @@ def _get(obj: Any, key: str, kind: type, fail: Callable[[str], SquadFormatError]
 
 
 def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -> list[Example]:
-    """Read and validate a SQuAD v1.1 JSON file.
+    """Read and validate a SQuAD v1.1 JSON file (gzip-compressed or not).
 
     The file must hold at least one question. Every question must have an ``id`` (unique in the file), a non-empty
     ``question`` and at least one answer whose ``answer_start`` points at its ``text`` in the paragraph's ``context``.
 
     Args:
         path: the JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``).
-        limit: keep only the first ``limit`` questions (only those are validated); None keeps all.
+        limit: keep only the first ``limit`` questions (only those are validated); None keeps all. A file with
+            fewer questions is read whole, with one warning that says so.
         spans: check that each ``answer_start`` points at its text. Training needs that; the metric reads the
             answer texts only, so scoring (as the official evaluation script does) takes a file whose
             ``answer_start`` values are off.
@@ -165,6 +193,8 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
     def at(where: str) -> Callable[[str], SquadFormatError]:
         return lambda message: SquadFormatError(f"{path}: {where}: {message}")
 
+    if _flat_record(root):
+        raise SquadFormatError(f"{path}: one flat record per question (HuggingFace datasets layout); {_NESTED}")
     if not isinstance(root, dict) or "data" not in root:
         raise SquadFormatError(f"{path}: missing 'data' (not a SQuAD v1.1 file)")
     data = _get(root, "data", list, at("top level"))
@@ -176,6 +206,8 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
     first_seen: dict[str, str] = {}
     for a, article in enumerate(data):
         where = f"data[{a}]"
+        if _flat_record(article) and "paragraphs" not in article:
+            raise at(where)(f"a flat question record (HuggingFace datasets layout), not an article; {_NESTED}")
         paragraphs = _get(article, "paragraphs", list, at(where))
         title = article.get("title", "")
         if not isinstance(title, str):
@@ -198,6 +230,9 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
                     return examples
     if not examples:
         raise SquadFormatError(f"{path}: data: no questions (the file holds no paragraph with a question)")
+    if limit is not None:
+        logger.warning("%s: holds %d questions, fewer than the %d asked for: all %d are used", path, len(examples),
+                       limit, len(examples))
     return examples
 
 
@@ -226,7 +261,7 @@ def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable
 
 
 def load_predictions(path: str | Path) -> dict[str, str]:
-    """Read official-format predictions: one JSON object ``{question id: answer text}``.
+    """Read official-format predictions: one JSON object ``{question id: answer text}`` (gzip-compressed or not).
 
     Raises:
         SquadFormatError: the file is missing, empty, not UTF-8, not JSON, not an object of strings, or repeats an id.
@@ -343,8 +378,30 @@ def evaluate(examples_or_dataset: Any, predictions: Mapping[str, str]) -> dict[s
 
 def score_files(data_path: str | Path, predictions_path: str | Path) -> dict[str, float]:
     """Score an official-format predictions file against a SQuAD v1.1 data file (both validated; the answers'
-    ``answer_start`` values are not read, as the official evaluation script does not read them)."""
-    return evaluate(load_squad(data_path, spans=False), load_predictions(predictions_path))
+    ``answer_start`` values are not read, as the official evaluation script does not read them).
+
+    Predictions may cover only some of the questions (those left out score 0, as in :func:`evaluate`); predictions
+    for questions the data file does not hold are ignored, with one warning giving their number.
+
+    Raises:
+        SquadFormatError: either file is malformed, or no prediction is for a question of the data file (the
+            predictions of another dataset, or an empty object), which would score 0 for every question.
+    """
+    examples = load_squad(data_path, spans=False)
+    predictions = load_predictions(predictions_path)
+    questions = {ex.id for ex in examples}
+    unknown = [qid for qid in predictions if qid not in questions]
+    if not predictions:
+        raise SquadFormatError(f"{predictions_path}: no predictions (an empty object): every question of {data_path} "
+                               "would score 0")
+    if len(unknown) == len(predictions):
+        raise SquadFormatError(f"{predictions_path}: none of its {len(predictions)} question ids (first: "
+                               f"{_short(unknown[0])}) is in {data_path} (first there: {_short(examples[0].id)}); "
+                               "predictions for another dataset?")
+    if unknown:
+        logger.warning("%s: %d of %d predictions are for questions not in %s (first: %s); they are ignored",
+                       predictions_path, len(unknown), len(predictions), data_path, _short(unknown[0]))
+    return evaluate(examples, predictions)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -548,6 +605,16 @@ def _answer_tokens(offsets: np.ndarray, start_char: int, end_char: int) -> tuple
     return int(start), int(end)
 
 
+def _trimmed_span(text: str, start: int) -> tuple[int, int]:
+    """Characters ``[start, end)`` of an answer without its leading and trailing whitespace, which no token covers:
+    a window that holds the words of an answer selected with a space around it holds the answer."""
+    stripped = text.strip()
+    if not stripped:
+        return start, start + len(text)
+    begin = start + text.index(stripped)
+    return begin, begin + len(stripped)
+
+
 def batch_width(attention_mask: torch.Tensor) -> int:
     """Tokens a batch of windows needs: its longest window's (windows are padded at the end to the same width, and
     a padded position changes no real token's output, so the columns after this one can be cut)."""
@@ -595,8 +662,8 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
         offsets = _context_offsets(encoding)
         for i, sample in enumerate(encoding["overflow_to_sample_mapping"]):
             ex = examples[first + int(sample)]
-            start_char = ex.answer_starts[0]
-            start, end = _answer_tokens(offsets[i], start_char, start_char + len(ex.answers[0]))
+            start_char, end_char = _trimmed_span(ex.answers[0], ex.answer_starts[0])
+            start, end = _answer_tokens(offsets[i], start_char, end_char)
             starts.append(start)
             ends.append(end)
     features = {key: _concat(chunks, max_seq_length) for key, chunks in parts.items()}

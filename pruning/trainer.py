@@ -384,10 +384,11 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
         return squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
                                             doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length)
     data = resolve_data(cfg.train_data)
+    # The last items say how text is tokenized and answers labelled: a change there is a new key.
     key = json.dumps([content_digest(data), cfg.train_limit, tokenizer.name_or_path,
                       len(tokenizer), _tokenizer_digest(tokenizer), cfg.max_seq_length, cfg.doc_stride,
                       cfg.max_query_length, squad.__name__,
-                      "special-token literals as text"])  # how text is tokenized: a change is a new key
+                      "special-token literals as text", "answers without outer whitespace"])
     path = Path(cfg.cache_dir) / f"train-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         try:
@@ -592,7 +593,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     output_dir.mkdir(parents=True, exist_ok=True)
 
     train_examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
-    eval_examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
+    # The metric reads answer texts only, as `fineprune eval` does: no answer_start is checked.
+    eval_examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit, spans=False)
     _warn_if_not_held_out(train_examples, eval_examples)
 
     start_step = 0

@@ -648,3 +648,24 @@ def test_a_model_with_non_finite_logits_is_one_line_naming_it_in_eval_and_ask(tm
                  ["ask", str(model_dir), "--question", "Who?", "--context", "It was written by Ann."]):
         line = _one_line_error(capsys, argv)
         assert f"{model_dir}: the model gave NaN or infinite start/end logits" in line
+
+
+def test_eval_data_is_read_for_its_answer_texts_only(capsys, masked_checkpoint, tmp_path):
+    """Evaluation data whose answer_start values are off (hand-made data) is taken wherever only the questions or
+    the answer texts are read: `eval`, `pack` and a training run's evaluation, as `score` takes it."""
+    dev = squad.load_squad(squad_file("dev"), limit=4)
+    data = tmp_path / "drift.json"
+    data.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": ex.context, "qas": [{"id": ex.id, "question": ex.question, "answers": [
+            {"text": ex.answers[0], "answer_start": ex.answer_starts[0] + 1}]}]} for ex in dev]}]}))
+    with pytest.raises(squad.SquadFormatError, match="is not at answer_start"):
+        squad.load_squad(data)  # what training on it still refuses
+    assert cli.main(["eval", str(masked_checkpoint), "--eval-data", str(data), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["questions"] == 4
+    assert cli.main(["pack", str(masked_checkpoint), str(tmp_path / "packed"), "--eval-data", str(data),
+                     "--questions", "2", "--repeats", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_logit_diff"] <= 1e-3
+    run = tmp_path / "run"
+    assert cli.main(["prune", "--config", TINY, "--eval-data", str(data), "--max-steps", "2", "--output-dir",
+                     str(run), "--no-progress"]) == 0
+    assert (run / "final" / "config.json").is_file()

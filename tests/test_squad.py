@@ -1,4 +1,6 @@
+import codecs
 import copy
+import gzip
 import json
 import logging
 
@@ -115,6 +117,18 @@ def test_limit_keeps_the_first_questions(dev_subset):
         squad.load_squad(squad_file("dev"), limit=0)
 
 
+def test_a_limit_above_the_questions_of_the_file_is_said(tmp_path, caplog):
+    """A question limit (train_limit, eval_limit, --eval-limit) larger than the file: every question is used, and
+    one warning gives how many, so a run does not pass for one on the number asked."""
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(_valid_dataset()))
+    with caplog.at_level(logging.WARNING, logger="pruning.squad"):
+        assert len(squad.load_squad(path, limit=2)) == 2
+        assert "fewer than" not in caplog.text
+        assert [ex.id for ex in squad.load_squad(path, limit=500)] == ["q-first", "q-second"]
+    assert f"{path}: holds 2 questions, fewer than the 500 asked for" in caplog.text
+
+
 def test_score_files(tmp_path, dev_subset):
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
         {"context": ex.context, "qas": [{"id": ex.id, "question": ex.question,
@@ -126,6 +140,31 @@ def test_score_files(tmp_path, dev_subset):
     (tmp_path / "pred.json").write_text(json.dumps(predictions))
     assert squad.load_predictions(tmp_path / "pred.json") == predictions
     assert squad.score_files(tmp_path / "data.json", tmp_path / "pred.json") == {"exact_match": 50.0, "f1": 50.0}
+
+
+@pytest.mark.parametrize("predictions, problem", [
+    ({"56be4db0acb8001400a502ec": "Denver Broncos"}, "none of its 1 question ids (first: '56be4db0acb8001400a502ec')"),
+    ({}, "no predictions (an empty object)"),
+], ids=["other-dataset", "empty"])
+def test_predictions_for_no_question_of_the_data_are_an_error(tmp_path, predictions, problem):
+    """Predictions that answer none of the file's questions would score 0 as if the model were wrong: a
+    predictions file of another dataset is refused, naming both files."""
+    (tmp_path / "data.json").write_text(json.dumps(_valid_dataset()))
+    (tmp_path / "pred.json").write_text(json.dumps(predictions))
+    with pytest.raises(SquadFormatError) as info:
+        squad.score_files(tmp_path / "data.json", tmp_path / "pred.json")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'pred.json'}: ") and problem in message
+    assert str(tmp_path / "data.json") in message and "\n" not in message
+
+
+def test_predictions_for_unknown_questions_are_ignored_with_a_warning(tmp_path, caplog):
+    (tmp_path / "data.json").write_text(json.dumps(_valid_dataset()))
+    (tmp_path / "pred.json").write_text(json.dumps({"q-first": "Broncos", "q-other": "x", "q-third": "y"}))
+    with caplog.at_level(logging.WARNING, logger="pruning.squad"):
+        result = squad.score_files(tmp_path / "data.json", tmp_path / "pred.json")
+    assert result == {"exact_match": 50.0, "f1": 50.0}
+    assert "2 of 3 predictions are for questions not in" in caplog.text and "'q-other'" in caplog.text
 
 
 def test_scoring_reads_no_answer_start(tmp_path, dev_subset):
@@ -241,6 +280,56 @@ def test_unreadable_dataset(tmp_path, content, problem):
     assert problem in str(info.value)
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-be"])
+def test_a_file_with_a_byte_order_mark_reads_as_the_plain_one(tmp_path, encoding):
+    """UTF-8 with a byte-order mark, and UTF-16 (what Windows editors and PowerShell's `>` write), with its mark."""
+    plain = tmp_path / "data.json"
+    plain.write_text(json.dumps(_valid_dataset(), ensure_ascii=False).replace("Who won?", "Who wön? 😀"),
+                     encoding="utf-8")
+    marked = tmp_path / "marked.json"
+    text = plain.read_text(encoding="utf-8")
+    marked.write_bytes(codecs.BOM_UTF16_BE + text.encode(encoding) if encoding == "utf-16-be" else text.encode(encoding))
+    assert squad.load_squad(marked) == squad.load_squad(plain)
+    assert squad.load_squad(marked)[0].question == "Who wön? 😀"
+
+
+def test_a_gzip_compressed_file_reads_as_the_plain_one(tmp_path):
+    plain = tmp_path / "data.json"
+    plain.write_text(json.dumps(_valid_dataset()))
+    packed = tmp_path / "data.json.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert squad.load_squad(packed) == squad.load_squad(plain)
+    predictions = tmp_path / "pred.json.gz"
+    predictions.write_bytes(gzip.compress(json.dumps({"q-first": "Broncos"}).encode()))
+    assert squad.score_files(packed, predictions) == {"exact_match": 50.0, "f1": 50.0}
+    damaged = tmp_path / "damaged.json.gz"
+    damaged.write_bytes(packed.read_bytes()[:-12])
+    with pytest.raises(SquadFormatError, match=f"^{damaged}: a damaged gzip file"):
+        squad.load_squad(damaged)
+
+
+_FLAT = {"id": "q1", "title": "t", "context": CONTEXT, "question": "Who won?",
+         "answers": {"text": ["Broncos"], "answer_start": [4]}}
+
+
+@pytest.mark.parametrize("content, problem", [
+    (json.dumps(_FLAT) + "\n" + json.dumps(_FLAT) + "\n", "line 2 column 1: Extra data (JSON Lines?"),
+    (json.dumps(_FLAT) + "\n", "one flat record per question (HuggingFace datasets layout)"),
+    (json.dumps([_FLAT]), "one flat record per question (HuggingFace datasets layout)"),
+    (json.dumps({"data": [_FLAT]}), "data[0]: a flat question record (HuggingFace datasets layout)"),
+], ids=["json-lines", "one-line", "list", "data-list"])
+def test_other_layouts_of_squad_are_named(tmp_path, content, problem):
+    """The layouts SQuAD also comes in (JSON Lines, HuggingFace datasets' flat records) are refused saying which
+    they are and what SQuAD v1.1 looks like, not as a missing key."""
+    path = tmp_path / "other.json"
+    path.write_text(content)
+    with pytest.raises(SquadFormatError) as info:
+        squad.load_squad(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and problem in message and "\n" not in message
+    assert "paragraphs" in message or "JSON Lines" in message
+
+
 def test_missing_file_is_a_format_error(tmp_path):
     with pytest.raises(SquadFormatError, match="cannot read"):
         squad.load_squad(tmp_path / "absent.json")
@@ -320,6 +409,22 @@ def test_train_features_at_a_window_edge(tokenizer, straddle):
             assert decoded == ANSWER.lower()
         else:
             assert (start, end) == (0, 0)
+
+
+def test_an_answer_selected_with_spaces_around_it_is_labelled_where_its_words_are(tokenizer):
+    """Hand-made answers often carry the spaces or line break around the selection: a window that ends on the
+    answer's last word, or starts on its first, holds it, and labels the same tokens as for the bare answer."""
+    max_seq_length, doc_stride = 48, 16
+    bare = _edge_example(tokenizer, False, max_seq_length, doc_stride)  # the answer ends the first window
+    start = bare.answer_starts[0]
+    padded = Example(id="padded", title="", context=bare.context, question=bare.question,
+                     answers=(bare.context[start - 1:start + len(ANSWER) + 1],), answer_starts=(start - 1,))
+    assert padded.answers[0] == f" {ANSWER} "
+    expected = squad.prepare_train_features([bare], tokenizer, max_seq_length, doc_stride)
+    got = squad.prepare_train_features([padded], tokenizer, max_seq_length, doc_stride)
+    assert expected["start_positions"][0] > 0
+    for key in ("start_positions", "end_positions"):
+        assert torch.equal(got[key], expected[key])
 
 
 def test_doc_stride_is_the_overlap_of_consecutive_windows(tokenizer):

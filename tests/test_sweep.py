@@ -429,3 +429,66 @@ def test_a_local_sweep_whose_paths_are_not_here_fails_before_ray_starts(tmp_path
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == f"fineprune sweep: error: {tmp_path / 'space.yaml'}: {needle}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+
+
+def _written(path: Path, text: str) -> str:
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def _small_squad(path: Path, drift: int = 0, unanswerable: bool = False) -> str:
+    """Three dev questions as a SQuAD file, their answer_start moved by ``drift``, the third without answers (as SQuAD
+    v2 writes an unanswerable question) when ``unanswerable``."""
+    from pruning import squad
+    from pruning.resources import squad_file
+
+    qas = [{"id": ex.id, "question": ex.question, "context": ex.context,
+            "answers": [{"text": ex.answers[0], "answer_start": ex.answer_starts[0] + drift}]}
+           for ex in squad.load_squad(squad_file("dev"), limit=3)]
+    if unanswerable:
+        qas[2].update(answers=[], is_impossible=True)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": qa.pop("context"), "qas": [qa]} for qa in qas]}]}))
+    return str(path)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s, d: s["base"].update(train_data=_small_squad(d / "v2.json", unanswerable=True), train_limit=None),
+     "base.train_data: {d}/v2.json: question 56be4db0acb8001400a502ee (data[0].paragraphs[2].qas[0]): no answers"),
+    (lambda s, d: s["teacher"]["config"].update(train_data=_small_squad(d / "drift.json", drift=1)),
+     "teacher.config.train_data: {d}/drift.json: question 56be4db0acb8001400a502ec (data[0].paragraphs[0].qas[0]): "
+     "answer 0 'Denver Broncos' is not at answer_start 178"),
+    (lambda s, d: s["base"].update(eval_data=_written(d / "dev.jsonl", '{"id": "1"}\n{"id": "2"}\n')),
+     "base.eval_data: {d}/dev.jsonl: invalid JSON at line 2 column 1: Extra data"),
+], ids=["v2-train", "teacher-train-offsets", "eval-json-lines"])
+def test_a_local_sweep_whose_data_does_not_load_fails_before_ray_starts(tmp_path, edit, needle):
+    """A data file the teacher or the trials would refuse is refused before Ray starts, naming the key, the file and
+    the question: not found after a teacher is fine-tuned for nothing and every trial has failed on it."""
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    edit(space, tmp_path / "data")
+    proc, _ = sweep_command(space, tmp_path, "space")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"fineprune sweep: error: {tmp_path / 'space.yaml'}: "
+                           + needle.format(d=tmp_path / "data")), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "space.yaml"]
+
+
+def test_the_data_check_reads_as_many_training_questions_as_a_trial_may(tmp_path):
+    """A searched train_limit: the file is checked up to the largest limit a trial may draw, no further."""
+    from workflows.space import SpaceError, load_space
+    from workflows.sweep import _check_local_data
+
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    space["base"]["train_data"] = _small_squad(tmp_path / "data" / "v2.json", unanswerable=True)
+    space["teacher"]["config"]["train_data"] = "dev"
+    for values, refused in (([1, 2], False), ([2, 3], True), ([1, None], True)):
+        space["search"]["train_limit"] = {"type": "choice", "values": values}
+        (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+        if refused:
+            with pytest.raises(SpaceError, match="base.train_data: .*v2.json: question .*: no answers"):
+                _check_local_data(load_space(tmp_path / "space.yaml"))
+        else:
+            _check_local_data(load_space(tmp_path / "space.yaml"))

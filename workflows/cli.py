@@ -406,7 +406,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     masked = load_model(args.checkpoint, qa_head=True)
     tokenizer = load_tokenizer(args.checkpoint)
     limit = max_positions(masked.config)
-    inputs = squad.check_windows(squad.load_squad(resolve_data(args.eval_data), limit=args.questions), tokenizer, limit)
+    inputs = squad.check_windows(squad.load_squad(resolve_data(args.eval_data), limit=args.questions, spans=False),
+                                 tokenizer, limit)
     # The dense shape against the packed model at batch 1 and the longest window the model takes (at most 384).
     packed, report = pack_and_verify(masked, inputs, batch_size=1, seq_len=min(384, limit), repeats=args.repeats,
                                      precision=precision)

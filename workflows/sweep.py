@@ -47,8 +47,8 @@ from workflows import frontier, record, registry, tracking
 from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
 from workflows.retry import TrackingUnavailable, outage_limit, quick_http_failures
-from workflows.space import (EVAL_METRICS, SweepSpace, check_local_paths, load_space, param_space, teacher_config,
-                             teacher_fingerprint, trial_config, tune_config_kwargs)
+from workflows.space import (EVAL_METRICS, SpaceError, SweepSpace, check_local_paths, load_space, param_space,
+                             teacher_config, teacher_fingerprint, trial_config, tune_config_kwargs)
 
 __all__ = ["run_sweep", "trial_main", "ensure_teacher", "frontier_summary", "sweep_complete", "FAULT_ENV",
            "TRIAL_METRICS", "RayUnavailable", "ResumeError", "RAY_CONNECT_TIMEOUT_S"]
@@ -183,9 +183,49 @@ def _dense_teacher(cfg, given: str | None) -> dict[str, Any]:
         return train(cfg, progress=False)  # progress by log lines, not bars (see trial_main)
     device = resolve_device(cfg.device)
     model = load_model(given, qa_head=True).to(device)
-    examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
+    examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit, spans=False)
     return {**evaluate(model, load_tokenizer(given), examples, cfg, device=device, progress=False),
             "model_dir": given}
+
+
+def _largest_train_limit(space: SweepSpace) -> int | None:
+    """The most training questions a trial reads: the base ``train_limit``, or the largest one searched (None: all)."""
+    spec = space.search.get("train_limit")
+    if spec is None:
+        return space.base_config.train_limit
+    if spec.values is not None:
+        return None if None in spec.values else max(int(v) for v in spec.values)
+    return int(spec.high)
+
+
+def _check_local_data(space: SweepSpace) -> None:
+    """The SQuAD files the teacher and the trials read load as they will read them, before Ray starts: a malformed
+    file (a SQuAD v2 question without answers, an answer_start off its text, ...) is one line, not a teacher
+    fine-tuned for nothing and then every trial failed.
+
+    Raises:
+        SpaceError: one line naming the space file, the key, the data file and the question.
+    """
+    teacher = teacher_config(space, "-")
+    base = space.base_config
+    reads: list[tuple[str, str, int | None, bool]] = []  # (key, file, limit, spans)
+    if space.teacher.path is None:
+        where = "teacher.config" if "train_data" in space.teacher.config else "base"
+        reads.append((f"{where}.train_data", teacher.train_data, teacher.train_limit, True))
+    where = "teacher.config" if "eval_data" in space.teacher.config else "base"
+    reads.append((f"{where}.eval_data", teacher.eval_data, teacher.eval_limit, False))
+    reads.append(("base.train_data", base.train_data, _largest_train_limit(space), True))
+    reads.append(("base.eval_data", base.eval_data, base.eval_limit, False))
+    done: set[tuple[Path, int | None, bool]] = set()
+    for key, name, limit, spans in reads:
+        path = resolve_data(name)
+        if (path, limit, spans) in done:
+            continue
+        done.add((path, limit, spans))
+        try:
+            squad.load_squad(path, limit=limit, spans=spans)
+        except squad.SquadFormatError as err:
+            raise SpaceError(f"{space.path}: {key}: {err}") from None
 
 
 def ensure_teacher(space: SweepSpace, root: Path) -> tuple[str, dict[str, Any]]:
@@ -458,6 +498,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         _check_ray_answers(cluster)
     else:
         check_local_paths(space)  # on a cluster they need only exist on the workers
+        _check_local_data(space)
     experiment = experiment or space.name
     tracking_uri = record.tracking_uri(tracking_uri)
     limit = outage_limit(tracking_timeout)
