@@ -198,6 +198,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _load_any(model_dir: str, precision: str, variant: str | None, device: str = "cpu"):
     """A PyTorch model directory (on ``device``), or an exported one (run by ONNX Runtime on the CPU): the model,
     its tokenizer, the resolved precision and the device. The settings are checked before any weights are read."""
+    from pruning.averaging import holds_average
     from pruning.checkpoint import load_model, load_tokenizer
     from pruning.export import is_exported_dir, load_exported
     from pruning.precision import resolve_precision
@@ -214,6 +215,10 @@ def _load_any(model_dir: str, precision: str, variant: str | None, device: str =
         return load_exported(path, variant=variant), load_tokenizer(path), "fp32", resolve_device("cpu")
     if variant is not None:
         raise UserError(f"{path}: --variant applies to exported directories (see `fineprune export`)")
+    if holds_average(path):
+        logger.warning("%s is a training checkpoint of a run with ema_decay: these are its live weights, while the "
+                       "run evaluated their average, which its final model holds; use the final model for the "
+                       "run's figures", path)
     run_device = resolve_device(device)
     precision = resolve_precision(precision, run_device)
     return load_model(path, qa_head=True).to(run_device), load_tokenizer(path), precision, run_device
