@@ -14,17 +14,33 @@ cut): averaging weights whose masks still move would mix different models.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import OPTIMIZER, CheckpointError
 
-__all__ = ["WeightAverage", "PREFIX"]
+__all__ = ["WeightAverage", "PREFIX", "holds_average"]
 
 PREFIX = "average."  # the shadow's names in a checkpoint's tensors file
 _COUNT = PREFIX + "_updates"
+
+
+def holds_average(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` is a training checkpoint that carries a weight average beside its live weights: the
+    run's evaluations at that step, and its final model, are of the average, while loading the directory gives the
+    live weights. Reads only the header of the checkpoint's optimizer file; False for any other directory."""
+    path = Path(model_dir) / OPTIMIZER
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return _COUNT in handle.keys()
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return False  # an unreadable optimizer file is the resume's concern, not the model's
 
 
 def _averaged(model: nn.Module) -> dict[str, nn.Parameter]:

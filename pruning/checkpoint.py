@@ -4,8 +4,9 @@ A checkpoint is a standard Hugging Face directory (``config.json``, ``model.safe
 model's ``config.json`` carries a ``fineprune_masks`` entry (method, block shape, current threshold, phase) and its
 ``model.safetensors`` holds the mask scores beside the weights. A model a training run wrote (its checkpoint and
 final model) records in ``config.json`` under ``fineprune_evaluation`` the windows and span search it was evaluated
-with (:data:`pruning.config.EVALUATION_KEYS`); the entry is part of the model's config, so packing and export
-carry it on, and :func:`read_evaluation` reads it back. A training checkpoint adds ``trainer_state.json``
+with (:data:`pruning.config.EVALUATION_KEYS`) and the precision of its evaluations (``precision``: ``fp32`` or
+``bf16``); the entry is part of the model's config, so packing and export carry it on, and
+:func:`read_evaluation` and :func:`read_precision` read it back. A training checkpoint adds ``trainer_state.json``
 and ``optimizer.safetensors`` (optimizer moments and the RNG states of the CPU and of any CUDA device in use), so
 a run resumes at the same step with the same masks and dropout draws. :func:`load_model` opens any of them: a dense
 HF QA model of a type in :mod:`pruning.structure` (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA), a masked
@@ -38,6 +39,7 @@ __all__ = [
     "MASKS_KEY",
     "EVALUATION_KEY",
     "read_evaluation",
+    "read_precision",
     "save_model",
     "load_model",
     "load_config",
@@ -124,7 +126,7 @@ def mask_settings(model: nn.Module) -> dict[str, Any] | None:
 
 def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path,
                extra_files: dict[str, Any] | None = None, tensors: dict[str, dict[str, torch.Tensor]] | None = None,
-               masks: dict[str, Any] | None = None, evaluation: dict[str, int] | None = None) -> Path:
+               masks: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (and its mask scores) as an HF directory, atomically: a crash never leaves half a checkpoint.
 
     Args:
@@ -134,8 +136,8 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
         extra_files: JSON files to add (name -> object).
         tensors: extra safetensors files to add (name -> tensors).
         masks: mask settings to record; default: read off the model.
-        evaluation: the windows and span search the model is evaluated with (see :func:`read_evaluation`), recorded
-            in config.json; default: what the model's config already records, if anything.
+        evaluation: the windows, span search and precision the model is evaluated with (see
+            :func:`read_evaluation` and :func:`read_precision`), recorded in config.json; default: what the model's config already records, if anything.
     """
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:
@@ -183,6 +185,21 @@ def read_evaluation(model_dir: str | Path) -> dict[str, int]:
                                   f"got {value!r}")
         settings[key] = value
     return settings
+
+
+def read_precision(model_dir: str | Path) -> str | None:
+    """The precision the run that wrote ``model_dir`` evaluated it in (``fineprune_evaluation.precision`` in its
+    config.json: ``fp32`` or ``bf16``, what ``auto`` became), or None for a directory without it.
+
+    Raises:
+        CheckpointError: config.json is missing or unreadable, or the value is neither (naming the file and key).
+    """
+    config_file = Path(model_dir) / "config.json"
+    record = read_json(config_file).get(EVALUATION_KEY)
+    value = record.get("precision") if isinstance(record, dict) else None
+    if value is not None and value not in ("fp32", "bf16"):
+        raise CheckpointError(f"{config_file}: {EVALUATION_KEY}.precision: must be fp32 or bf16, got {value!r}")
+    return value
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:

@@ -766,7 +766,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             counters = {k: metrics[k] for k in ("train_seconds", "teacher_forward_windows") if k in metrics}
             checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, saved, tokenizer, optimizer,
                                                   saved_cfg, done, history, pruning_metrics, average, counters,
-                                                  evaluation=evaluation_settings(cfg)))
+                                                  evaluation={**evaluation_settings(cfg),
+                                                              "precision": precision}))
             saved_step = done
         if do_eval:
             last_metrics = metrics
@@ -787,8 +788,9 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     if skeleton is not None:
         model = unpack_into_(skeleton, model)
     model.to("cpu")
-    # The windows (as cut to the model) and span search of the run's evaluations: what eval and ask default to.
-    save_model(model, tokenizer, final_dir, evaluation=evaluation_settings(cfg))
+    # The windows (as cut to the model), span search and precision of the run's evaluations: what eval and ask
+    # default to.
+    save_model(model, tokenizer, final_dir, evaluation={**evaluation_settings(cfg), "precision": precision})
     last_metrics = dict(last_metrics)
     last_metrics["model_dir"] = str(final_dir)
     last_metrics["precision"] = precision  # what the metrics were measured in: fp32 or bf16, never auto
@@ -1022,7 +1024,7 @@ def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.opt
 def _save_checkpoint(path: Path, model: nn.Module, tokenizer, optimizer, cfg: RunConfig, step: int,
                      history: list[dict[str, Any]], pruning: dict[str, float] | None = None,
                      average: WeightAverage | None = None, counters: dict[str, float] | None = None,
-                     evaluation: dict[str, int] | None = None) -> Path:
+                     evaluation: dict[str, Any] | None = None) -> Path:
     # counters: the run's training seconds and teacher forwards so far, carried on by a resume.
     state = {"step": step, "config": config_to_dict(cfg), "history": history, "pruning": pruning or {},
              "counters": counters or {}}

@@ -113,3 +113,34 @@ def test_masked_runs_average_only_the_filled_phase_and_resume_exactly(tmp_path):
 def test_ema_decay_outside_the_open_unit_interval_is_a_config_error(bad):
     with pytest.raises(ConfigError, match="ema_decay: must be in \\(0, 1\\) or null"):
         RunConfig(ema_decay=bad)
+
+
+def test_eval_of_a_checkpoint_holding_an_average_says_it_scores_the_live_weights(tmp_path, capsys, caplog):
+    import json
+    import logging
+
+    from pruning.averaging import holds_average
+    from workflows.cli import main
+
+    metrics = train(tiny_cfg(tmp_path / "ema", ema_decay=0.8, max_steps=2, learning_rate=3e-3, eval_limit=2),
+                    progress=False)
+    checkpoint = tmp_path / "ema" / "run" / "checkpoint"
+    assert holds_average(checkpoint) and not holds_average(metrics["model_dir"])
+    train(tiny_cfg(tmp_path / "plain", max_steps=1, eval_limit=1), progress=False)
+    assert not holds_average(tmp_path / "plain" / "run" / "checkpoint")
+
+    def warnings(model_dir) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="workflows.cli"):
+            assert main(["eval", str(model_dir), "--eval-limit", "2", "--no-progress"]) == 0
+        capsys.readouterr()
+        return [r.getMessage() for r in caplog.records if "ema_decay" in r.getMessage()]
+
+    assert warnings(checkpoint) == [f"{checkpoint} is a training checkpoint of a run with ema_decay: these are its "
+                                    "live weights, while the run evaluated their average, which its final model "
+                                    "holds; use the final model for the run's figures"]
+    assert warnings(metrics["model_dir"]) == []
+    assert warnings(tmp_path / "plain" / "run" / "checkpoint") == []
+    assert main(["eval", metrics["model_dir"], "--eval-limit", "2", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["exact_match"], result["f1"]) == pytest.approx((metrics["exact_match"], metrics["f1"]))

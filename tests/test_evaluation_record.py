@@ -134,3 +134,54 @@ def test_a_resumed_run_records_its_own_evaluation(tmp_path):
     result = train(changed, resume_from=step_two, progress=False)
     assert result["step"] == 4
     assert read_evaluation(result["model_dir"]) == {**SETTINGS, "n_best": 6, "max_answer_length": 8}
+
+
+def test_eval_runs_a_model_in_the_precision_its_run_evaluated_it_in_where_it_can(run, capsys, caplog, monkeypatch,
+                                                                                  tmp_path):
+    import logging
+
+    from pruning import precision
+    from pruning.checkpoint import read_precision
+
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)  # the capability check, simulated
+    bf16_run = train(run_cfg(tmp_path, precision="bf16", device="cpu"), progress=False)
+    final = Path(bf16_run["model_dir"])
+    assert bf16_run["precision"] == "bf16"
+    assert read_precision(final) == read_precision(final.parent / "checkpoint") == "bf16"
+    assert read_precision(run["model_dir"]) == "fp32"
+    packed = tmp_path / "packed"
+    assert cli.main(["pack", str(final), str(packed), "--questions", "2", "--repeats", "1"]) == 0
+    capsys.readouterr()
+    assert read_precision(packed) == "bf16"
+
+    result = evaluated(capsys, final, "--device", "cpu")
+    assert result["precision"] == "bf16"
+    assert (result["exact_match"], result["f1"]) == pytest.approx((bf16_run["exact_match"], bf16_run["f1"]),
+                                                                  abs=1e-9)
+    assert evaluated(capsys, packed, "--device", "cpu")["precision"] == "bf16"
+    assert evaluated(capsys, final, "--device", "cpu", "--precision", "fp32")["precision"] == "fp32"  # a flag wins
+    assert evaluated(capsys, run["model_dir"], "--device", "cpu")["precision"] == "fp32"
+
+    # Where the CPU has no bf16 matrix units: fp32, with one warning, not an error.
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="workflows.cli"):
+        assert evaluated(capsys, final, "--device", "cpu")["precision"] == "fp32"
+    warnings = [r.getMessage() for r in caplog.records if "bf16" in r.getMessage()]
+    assert warnings == [f"{final / 'config.json'} records that its run evaluated it in bf16, but cpu has no bf16 "
+                        "matrix units: running it in fp32 (the figures may differ slightly from the run's)"]
+
+
+def test_a_broken_recorded_precision_is_one_line_naming_the_file(run, capsys, tmp_path):
+    final = Path(run["model_dir"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for entry in final.iterdir():
+        (broken / entry.name).write_bytes(entry.read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    config[EVALUATION_KEY]["precision"] = "fp16"
+    (broken / "config.json").write_text(json.dumps(config))
+    assert cli.main(["eval", str(broken), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "fineprune_evaluation.precision: must be fp32 or bf16, got 'fp16'" in err
+    assert str(broken / "config.json") in err

@@ -563,6 +563,50 @@ def test_a_model_that_cannot_be_exported_is_registered_to_serve_through_pytorch(
         mlflow.pyfunc.load_model(result["model_uri"], model_config={"onnx_variant": "int8"})
 
 
+def test_a_version_serves_with_the_windows_its_trial_was_scored_with(record, dev_subset, capsys, tmp_path):
+    """A teacher of 64 positions cuts the student's 96-token windows (its run config, the trial's params) to 64 in
+    training and evaluation: the version windows at 64 too, and answers as `fineprune ask` on the packed model."""
+    from pruning.config import RunConfig
+    from pruning.trainer import train
+
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    common = dict(train_data="dev", eval_data="dev", train_limit=4, eval_limit=2, batch_size=4, max_steps=1,
+                  max_seq_length=96, doc_stride=48, log_every=100)
+    teacher = train(RunConfig(model_config={**tiny, "max_position_embeddings": 64},
+                              output_dir=str(tmp_path / "teacher"), **common), progress=False)["model_dir"]
+    student = train(RunConfig(model_config={**tiny, "max_position_embeddings": 128}, teacher=teacher,
+                              method="topk", attention_block=(16, 16), target_density=0.5, initial_warmup=0,
+                              final_warmup=0, output_dir=str(tmp_path / "student"), **common), progress=False)
+    packed = tmp_path / "packed"
+    assert main(["pack", student["model_dir"], str(packed), "--questions", "2", "--repeats", "1"]) == 0
+    capsys.readouterr()
+
+    client = record["client"]
+    run_id = client.create_run(record["experiment_id"], tags={
+        TAG_KIND: "trial", TAG_PARENT: record["parent"], TAG_STATUS: "finished",
+        "fineprune.packed_artifact": "packed_model"}).info.run_id
+    client.log_artifacts(run_id, str(packed), "packed_model")
+    for key in ("max_seq_length", "doc_stride"):  # the run config as given, as a sweep logs it
+        client.log_param(run_id, key, str(common[key]))
+    client.set_terminated(run_id)
+    result = registry.register_run(client, run_id, "tiny-cut-windows", record["parent"], "best_f1_under_density",
+                                   onnx=False)
+    mlflow.set_tracking_uri(record["uri"])
+    loaded = mlflow.pyfunc.load_model(result["model_uri"])
+    assert {k: loaded.model_config[k] for k in ("max_seq_length", "doc_stride")} == {"max_seq_length": 64,
+                                                                                    "doc_stride": 32}
+    served = loaded.unwrap_python_model()
+    assert (served.max_seq_length, served.doc_stride) == (64, 32)
+
+    # Contexts of several 64-token windows, so that the windows decide the answers.
+    frame = pd.DataFrame([{"question": e.question, "context": e.context[:900]} for e in dev_subset[:4]])
+    answers = loaded.predict(frame)
+    for row, (answer, score) in zip(frame.itertuples(), zip(answers["answer"], answers["score"])):
+        assert main(["ask", str(packed), "--question", row.question, "--context", row.context]) == 0
+        asked = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (answer, score) == (asked["answer"], pytest.approx(asked["score"], abs=1e-5))
+
+
 # Last in this module: it logs a second model on the frontier trials' runs, which the tests above count.
 def test_a_frontier_registered_without_onnx_serves_and_is_timed_through_pytorch(record, registered, monkeypatch,
                                                                                capsys, caplog):

@@ -198,6 +198,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _load_any(model_dir: str, precision: str, variant: str | None, device: str = "cpu"):
     """A PyTorch model directory (on ``device``), or an exported one (run by ONNX Runtime on the CPU): the model,
     its tokenizer, the resolved precision and the device. The settings are checked before any weights are read."""
+    from pruning.averaging import holds_average
     from pruning.checkpoint import load_model, load_tokenizer
     from pruning.export import is_exported_dir, load_exported
     from pruning.precision import resolve_precision
@@ -214,9 +215,33 @@ def _load_any(model_dir: str, precision: str, variant: str | None, device: str =
         return load_exported(path, variant=variant), load_tokenizer(path), "fp32", resolve_device("cpu")
     if variant is not None:
         raise UserError(f"{path}: --variant applies to exported directories (see `fineprune export`)")
+    if precision is None:  # no --precision: the one the run that wrote the model evaluated it in, where it runs
+        precision = _recorded_precision(path, device)
+    if holds_average(path):
+        logger.warning("%s is a training checkpoint of a run with ema_decay: these are its live weights, while the "
+                       "run evaluated their average, which its final model holds; use the final model for the "
+                       "run's figures", path)
     run_device = resolve_device(device)
     precision = resolve_precision(precision, run_device)
     return load_model(path, qa_head=True).to(run_device), load_tokenizer(path), precision, run_device
+
+
+def _recorded_precision(path: Path, device: str) -> str:
+    """The precision ``path`` records of its run's evaluations (:func:`pruning.checkpoint.read_precision`), as
+    ``device`` can run it: ``bf16`` where it has bf16 matrix units, else ``fp32`` with a warning (the figures may
+    differ slightly from the run's); ``fp32`` for a model without the record."""
+    from pruning.checkpoint import read_precision
+    from pruning.precision import resolve_precision
+    from pruning.trainer import resolve_device
+
+    if read_precision(path) != "bf16":
+        return "fp32"
+    if resolve_precision("auto", resolve_device(device)) == "bf16":
+        logger.info("%s records that its run evaluated it in bf16: running it in bf16", path / "config.json")
+        return "bf16"
+    logger.warning("%s records that its run evaluated it in bf16, but %s has no bf16 matrix units: running it in fp32 "
+                   "(the figures may differ slightly from the run's)", path / "config.json", device)
+    return "fp32"
 
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -510,8 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--eval-data", default=default, metavar="PATH",
                        help=f"SQuAD v1.1 JSON, or 'dev'/'train' for the shipped files: {what}")
 
-    def precision(p: argparse.ArgumentParser, what: str) -> None:
-        p.add_argument("--precision", default="fp32", choices=PRECISIONS, help=f"{PRECISION_HELP}, {what}")
+    def precision(p: argparse.ArgumentParser, what: str, default: str | None = "fp32") -> None:
+        given = (f"default: {default}" if default else
+                 "default: the precision the model directory records of its run where this device runs it, else fp32")
+        p.add_argument("--precision", default=default, choices=PRECISIONS, help=f"{PRECISION_HELP}, {what} ({given})")
 
     def variant(p: argparse.ArgumentParser) -> None:
         p.add_argument("--variant", choices=("fp32", "int8"),
@@ -582,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     span_search(p)
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    precision(p, "for the forward passes")
+    precision(p, "for the forward passes", default=None)
     variant(p)
     p.add_argument("--predictions", metavar="PATH",
                    help="also write the predictions as the official {question id: answer} JSON (default: none)")
@@ -594,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", required=True, help="the text holding the answer")
     windows(p)
     span_search(p)
-    precision(p, "for the forward passes")
+    precision(p, "for the forward passes", default=None)
     variant(p)
 
     p = command("score", cmd_score, "official SQuAD v1.1 EM/F1 of a predictions file")

@@ -88,10 +88,18 @@ SERVE_DEFAULTS = {key: RunConfig.__dataclass_fields__[param].default for key, pa
 MAX_RECORDS = 256
 
 
-def serve_settings(params: dict[str, str]) -> dict[str, int]:
-    """The served model's settings (``model_config``) from a trial run's params, defaults for those it lacks."""
-    return {key: int(params[param]) if param in params else SERVE_DEFAULTS[key]
-            for key, param in _SERVE_PARAMS.items()}
+def serve_settings(params: dict[str, str], evaluation: Mapping[str, int] | None = None) -> dict[str, int]:
+    """The served model's settings (``model_config``) from a trial run's params, defaults for those it lacks.
+
+    ``evaluation``: what the trial's packed model records of the windows and span search its run evaluated with
+    (:func:`pruning.checkpoint.read_evaluation`); each key it holds wins over the param. The params are the run
+    config as given, whose windows the trainer may have cut to the model's or the teacher's position embeddings:
+    the record holds the windows the trial was scored with.
+    """
+    settings = {key: int(params[param]) if param in params else SERVE_DEFAULTS[key]
+                for key, param in _SERVE_PARAMS.items()}
+    settings.update({key: int(value) for key, value in (evaluation or {}).items() if key in EVALUATION_KEYS})
+    return settings
 
 
 def measured_precision(run) -> str:
@@ -282,8 +290,9 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
     Every record is checked before any model work (see :func:`pruning.inference.check_records`): a question or
     context that is missing, not a string, empty, or a context needing more than ``max_windows`` windows is an HTTP
     400 naming the record's index and the field. The windows of all records of a request run together,
-    ``batch_size`` at a time. Settings (``model_config`` of the logged model, from the trial's run config):
-    ``max_seq_length``, ``doc_stride``, ``max_query_length``, ``max_windows``, ``batch_size``,
+    ``batch_size`` at a time. Settings (``model_config`` of the logged model, see :func:`serve_settings`: the
+    windows and span search its packed model records of the trial's evaluation, the rest from the trial's run
+    config): ``max_seq_length``, ``doc_stride``, ``max_query_length``, ``max_windows``, ``batch_size``,
     ``max_answer_length``, ``n_best``;
     ``max_records``, the most records one request may hold (default :data:`MAX_RECORDS`; more is an HTTP 400);
     ``onnx_variant`` (``int8``, ``fp32`` or ``none``), which of the exported models ONNX Runtime runs (default:
@@ -545,16 +554,18 @@ class UnreadableTrial(record.RecordError):
     """A trial's packed model is missing from its run or cannot be read: it cannot become a version."""
 
 
-def _packed_model_of(client, run_id: str, dst: str) -> str:
-    """The trial's ``packed_model`` artifact downloaded into ``dst``, its model and tokenizer checked to load: a
-    version is never made of a model that cannot be served.
+def _packed_model_of(client, run_id: str, dst: str) -> tuple[str, dict[str, int]]:
+    """The trial's ``packed_model`` artifact downloaded into ``dst``, its model and tokenizer checked to load (a
+    version is never made of a model that cannot be served), and the evaluation settings it records
+    (:func:`pruning.checkpoint.read_evaluation`; empty for a model written before models recorded them).
 
     Raises:
-        UnreadableTrial: the run holds no such artifact (or the artifact store cannot give it), or the model or its
-            tokenizer cannot be read; the file is named in the run (``runs:/RUN_ID/packed_model/...``).
+        UnreadableTrial: the run holds no such artifact (or the artifact store cannot give it), or the model, its
+            tokenizer or its evaluation record cannot be read; the file is named in the run
+            (``runs:/RUN_ID/packed_model/...``).
     """
     # torch and the library are needed only for a new version; the registry module stays light without them.
-    from pruning.checkpoint import CheckpointError, load_model, load_tokenizer
+    from pruning.checkpoint import CheckpointError, load_model, load_tokenizer, read_evaluation
     from pruning.packing import PackingError
 
     try:
@@ -566,10 +577,11 @@ def _packed_model_of(client, run_id: str, dst: str) -> str:
     try:
         load_model(local)
         load_tokenizer(local)
+        evaluation = read_evaluation(local)
     except (CheckpointError, PackingError) as err:
         where = str(err).replace(str(local), f"runs:/{run_id}/{ARTIFACT_PACKED_MODEL}").splitlines()[0]
         raise UnreadableTrial(f"trial run {run_id}: {where}; not registered") from None
-    return local
+    return local, evaluation
 
 
 def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
@@ -593,7 +605,7 @@ def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
                                                tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: logged.tags[TAG_ONNX]})
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
-        local = _packed_model_of(client, run_id, tmp)
+        local, evaluation = _packed_model_of(client, run_id, tmp)
         # Only here, for a new version: a registered trial is never exported again.
         if onnx:
             onnx_dir, onnx_tag = export_for_serving(local, Path(tmp) / "onnx_model",
@@ -610,8 +622,10 @@ def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
         status = "FINISHED" if run.data.tags.get(TAG_STATUS) == STATUS_FINISHED else run.info.status
         try:
             with mlflow.start_run(run_id=run_id):
-                info = log_qa_model(local, {**serve_settings(run.data.params), "precision": precision}, onnx_dir,
-                                    tags={TAG_ONNX: onnx_tag})
+                # The windows and span search the trial was scored with: those its packed model records, which
+                # are cut to the position embeddings of the model and of its teacher, not the params as given.
+                settings = serve_settings(run.data.params, evaluation)
+                info = log_qa_model(local, {**settings, "precision": precision}, onnx_dir, tags={TAG_ONNX: onnx_tag})
         finally:
             if run.info.end_time:  # the trial's duration is part of the record
                 client.set_terminated(run_id, status=status, end_time=run.info.end_time)
