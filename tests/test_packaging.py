@@ -6,6 +6,7 @@ The wheel is built from a copy of the tracked files with setuptools' own backend
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -66,3 +67,29 @@ def test_building_the_wheel_leaves_nothing_git_would_pick_up(built):
     assert check.returncode in (0, 1), check.stderr
     missed = set(added) - set(check.stdout.split())
     assert not missed, f"not ignored by .gitignore: {sorted(missed)}"
+
+
+@pytest.mark.parametrize("layout", ["wheel", "checkout"])
+def test_the_cluster_driver_script_reads_the_space_where_the_project_keeps_its_paths(tmp_path, layout):
+    """``ray submit`` runs a lone copy of ``workflows/submit.py``. Against an editable install (``make setup``) it
+    works from the checkout, as the cluster docs say; against a wheel in site-packages it keeps the caller's working
+    directory instead of moving into site-packages, where the space is not and ``runs/`` must not go."""
+    installed, caller, lone = tmp_path / "installed", tmp_path / "caller", tmp_path / "lone"
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, installed / package, ignore=shutil.ignore_patterns("__pycache__"))
+    if layout == "checkout":
+        shutil.copy2(ROOT / "pyproject.toml", installed / "pyproject.toml")
+    lone.mkdir()
+    shutil.copy2(ROOT / "workflows" / "submit.py", lone / "submit.py")
+    # The space exists only where the driver should read it; the schema error it gives (no pruning method) shows
+    # the file was found and read, and stops the driver before it looks for a cluster.
+    where = installed if layout == "checkout" else caller
+    (where / "spaces").mkdir(parents=True)
+    (where / "spaces" / "space.yaml").write_text("name: lone\nbase: {}\n")
+    caller.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(installed)
+    done = subprocess.run([sys.executable, str(lone / "submit.py"), "--space", "spaces/space.yaml"], cwd=caller,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "spaces/space.yaml: base.method" in done.stderr, done.stderr[-2000:]
