@@ -7,6 +7,10 @@ hidden behind a lazy import counts as much as one at the top of a file.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import re
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -116,3 +120,32 @@ def test_the_library_never_imports_the_orchestration_ray_or_mlflow():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             for imported in names:
                 assert imported.split(".")[0] not in ("workflows", "ray", "mlflow"), f"{name} imports {imported}"
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_package_the_code_imports_is_a_declared_dependency():
+    """A package imported only because another dependency happens to pull it in breaks an install the day that
+    dependency stops pulling it in: everything ``pruning`` and ``workflows`` import is in pyproject's list."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = {_requirement_name(requirement) for requirement in project["dependencies"]}
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                imported = [node.module or ""]
+            else:
+                continue
+            for top in {module.split(".")[0] for module in imported}:
+                if top in sys.stdlib_module_names or top in PACKAGES or top == "__future__":
+                    continue
+                owners = {_requirement_name(dist) for dist in distributions.get(top, [])}
+                assert owners, f"{name} imports {top}, which no installed distribution provides"
+                if not owners & declared:
+                    undeclared.append(f"{name} imports {top} ({', '.join(sorted(owners))})")
+    assert not undeclared, "not in pyproject's dependencies: " + "; ".join(sorted(set(undeclared)))
