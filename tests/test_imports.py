@@ -126,14 +126,12 @@ def _requirement_name(requirement: str) -> str:
     return re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
-def test_every_package_the_code_imports_is_a_declared_dependency():
-    """A package imported only because another dependency happens to pull it in breaks an install the day that
-    dependency stops pulling it in: everything ``pruning`` and ``workflows`` import is in pyproject's list."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    declared = {_requirement_name(requirement) for requirement in project["dependencies"]}
+def _undeclared_imports(files: dict[str, Path], declared: set[str], local: set[str]) -> list[str]:
+    """``name imports top (distribution)`` for each third-party package the files import that no distribution in
+    ``declared`` provides (``local``: top-level names of the files' own directory)."""
     distributions = importlib.metadata.packages_distributions()
     undeclared = []
-    for name, path in _modules().items():
+    for name, path in files.items():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 imported = [alias.name for alias in node.names]
@@ -142,10 +140,30 @@ def test_every_package_the_code_imports_is_a_declared_dependency():
             else:
                 continue
             for top in {module.split(".")[0] for module in imported}:
-                if top in sys.stdlib_module_names or top in PACKAGES or top == "__future__":
+                if top in sys.stdlib_module_names or top in PACKAGES or top in local or top == "__future__":
                     continue
                 owners = {_requirement_name(dist) for dist in distributions.get(top, [])}
                 assert owners, f"{name} imports {top}, which no installed distribution provides"
                 if not owners & declared:
                     undeclared.append(f"{name} imports {top} ({', '.join(sorted(owners))})")
-    assert not undeclared, "not in pyproject's dependencies: " + "; ".join(sorted(set(undeclared)))
+    return sorted(set(undeclared))
+
+
+def test_every_package_the_code_imports_is_a_declared_dependency():
+    """A package imported only because another dependency happens to pull it in breaks an install the day that
+    dependency stops pulling it in: everything ``pruning`` and ``workflows`` import is in pyproject's list."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = {_requirement_name(requirement) for requirement in project["dependencies"]}
+    undeclared = _undeclared_imports(_modules(), declared, set())
+    assert not undeclared, "not in pyproject's dependencies: " + "; ".join(undeclared)
+
+
+def test_every_package_the_tests_import_is_declared_for_them():
+    """The same for the tests, against the dependencies plus the ``test`` extra that ``make setup`` installs."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = {_requirement_name(requirement)
+                for requirement in project["dependencies"] + project["optional-dependencies"]["test"]}
+    files = {f"tests/{path.name}": path for path in sorted((ROOT / "tests").glob("*.py"))}
+    local = {path.stem for path in files.values()}
+    undeclared = _undeclared_imports(files, declared, local)
+    assert not undeclared, "not in pyproject's test extra: " + "; ".join(undeclared)
