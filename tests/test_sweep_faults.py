@@ -494,3 +494,42 @@ def test_a_run_whose_params_a_dead_driver_never_logged_is_still_taken_over(tmp_p
     assert run.info.run_id == left.info.run_id and run.info.status == "FINISHED"
     assert run.data.tags["fineprune.trial_id"] == "again" and run.data.tags["fineprune.took_over_trial_id"] == "lost"
     assert run.data.params["searched.target_density"] == "0.37" and run.data.params["searched.temperature"] == "2"
+
+
+def test_an_error_file_cut_short_by_a_full_disk_does_not_end_the_sweep_in_a_traceback(tmp_path):
+    """When the storage's disk fills, Tune writes a failed trial's pickled error cut short; ``Tuner.fit`` then raises
+    reading it back into the results it returns (which the sweep does not use), after every trial ended and was
+    logged. The sweep goes on from its MLflow record, with a warning; an error of the Tune loop itself is raised."""
+    import logging
+
+    import ray
+    from ray import tune
+
+    from workflows.sweep import _fit
+
+    class CutShort(tune.Callback):  # what a full disk leaves of the error file Tune synced to the storage
+        def on_experiment_end(self, trials, **info):
+            for trial in trials:
+                pickled = Path(trial.storage.trial_fs_path) / "error.pkl"
+                pickled.write_bytes(pickled.read_bytes()[:40])
+
+    class Broken(tune.Callback):
+        def on_step_begin(self, iteration, trials, **info):
+            raise RuntimeError("the Tune loop broke")
+
+    def trainable(config):
+        raise OSError(28, "No space left on device")
+
+    def tuner(name: str, callback: tune.Callback) -> tune.Tuner:
+        return tune.Tuner(trainable, run_config=tune.RunConfig(name=name, storage_path=str(tmp_path),
+                                                               callbacks=[callback], verbose=0))
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        with pytest.raises(Exception, match="truncated|ran out of input"):  # the fault, as Tune meets it
+            tuner("plain", CutShort()).fit()
+        _fit(tuner("swept", CutShort()), str(tmp_path / "swept"))
+        with pytest.raises(RuntimeError, match="the Tune loop broke"):
+            _fit(tuner("broken", Broken()), str(tmp_path / "broken"))
+    finally:
+        ray.shutdown()

@@ -26,6 +26,7 @@ import socket
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -397,6 +398,28 @@ def _tuner(space: SweepSpace, trainable: Any, callback: tracking.MlflowTrialCall
                       tune_config=tune.TuneConfig(**tune_config_kwargs(space, TRIAL_METRICS)), run_config=run_config)
 
 
+# Where Tuner.fit reads the trials' files back once the Tune run has ended (its ResultGrid, unused by the sweep).
+_READ_BACK_MODULES = ("ray.tune.result_grid", "ray.tune.analysis.experiment_analysis")
+
+
+def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
+    """Run the Tune loop.
+
+    ``Tuner.fit`` ends by reading every trial's files back from the sweep's storage into a ResultGrid, which the
+    sweep does not use: its record is what the callback logged. A file that cannot be read back then (an error file
+    cut short when the storage's disk filled) is a warning, not a traceback ending a sweep whose trials all ended.
+    """
+    try:
+        tuner.fit()
+    except Exception as err:  # noqa: BLE001 - raised again unless it came from reading the results back
+        raised_in = {frame.f_globals.get("__name__") for frame, _ in traceback.walk_tb(err.__traceback__)}
+        if not raised_in & set(_READ_BACK_MODULES):
+            raise
+        text = " ".join(str(err).split())[:300]
+        logger.warning("Ray Tune could not read its trials' files back from %s (%s: %s); the sweep goes on from what "
+                       "MLflow recorded", sweep_dir, type(err).__name__, text)
+
+
 def _distinct(tuner: tune.Tuner) -> DistinctConfigurations | None:
     """The sweep's :class:`DistinctConfigurations` (algorithm optuna), as the Tuner ran it, restored or not."""
     searcher = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
@@ -509,7 +532,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         trainable = tune.with_resources(trainable, _tune_resources(space.resources))
         tuner = _tuner(space, trainable, callback, sweep_dir, storage_root, bool(resume))
         with quick_http_failures():
-            tuner.fit()
+            _fit(tuner, sweep_dir)
         if callback.failure is not None:
             raise callback.failure
         statuses, search = list(callback.trial_statuses.values()), _search_stats(_distinct(tuner))
