@@ -533,3 +533,40 @@ def test_an_error_file_cut_short_by_a_full_disk_does_not_end_the_sweep_in_a_trac
             _fit(tuner("broken", Broken()), str(tmp_path / "broken"))
     finally:
         ray.shutdown()
+
+
+def test_resuming_a_sweep_whose_tune_state_a_full_disk_cut_short_is_one_line_naming_the_file(tmp_path):
+    """A disk that filled while Tune saved the sweep's state leaves the JSON cut short. Restored from it, Tune logged
+    the failure, went on without the state and stopped in a traceback from its search; ``--resume`` now says which
+    file it cannot read, before Ray starts, and leaves the sweep's run as it was."""
+    import pickle
+
+    from mlflow.tracking import MlflowClient
+
+    from workflows import record, tracking
+    from workflows.space import load_space
+
+    space_path = REPO / "tune_spaces" / "smoke.yaml"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    sweep_dir = tmp_path / "ray" / "smoke-20260101-000000-abcdef"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "tuner.pkl").write_bytes(pickle.dumps({"tuner": "as Tune saved it"}))
+    state = sweep_dir / "experiment_state-2026-01-01_00-00-00.json"
+    state.write_text('{"trial_data": [["{\\"trial_id\\": \\"6be2d1db\\", \\"config\\": {\\"target_den')
+    parent = tracking.start_parent_run(client, "smoke", str(sweep_dir), load_space(space_path).summary(), False)
+    tracking.finish_parent_run(client, parent, status="FAILED", state=record.SWEEP_INTERRUPTED)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(space_path),
+                           "--tracking-uri", uri, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert lines[-1].startswith(f"fineprune sweep: error: --resume {parent}: {state}: "), lines[-1]
+    run = client.get_run(parent)
+    assert run.info.status == "FAILED" and run.data.tags[record.TAG_SWEEP_STATE] == record.SWEEP_INTERRUPTED
+    assert not (tmp_path / "ray" / "teachers").exists()  # nothing ran

@@ -497,6 +497,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             return {"experiment": experiment, "parent_run_id": previous.info.run_id, "tracking_uri": tracking_uri,
                     "sweep_dir": sweep_dir, "status": "already finished"}
         _check_same_space(space, previous)
+        _check_tune_state(sweep_dir, previous.info.run_id)
         storage_root = sweep_dir.rsplit("/", 1)[0]
         storage = _storage_roots(storage_path or storage_root)[1]
         logger.info("resuming the sweep %s (MLflow run %s)", sweep_dir, previous.info.run_id)
@@ -646,6 +647,42 @@ def _check_same_space(space: SweepSpace, previous) -> None:
     for name in sorted(searched_now ^ searched_then):
         refuse(f"search.{name}", "searched" if name in searched_now else "not searched",
                "it searched" if name in searched_then else "it not searched")
+
+
+# The files a restored Tune run reads, newest first within each pattern: its state, its search's, and the Tuner.
+_TUNE_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "basic-variant-state-*.json",
+               "searcher-state-*.pkl", "tuner.pkl")
+
+
+def _check_tune_state(sweep_dir: str, run_id: str) -> None:
+    """Refuse to resume a sweep whose Ray Tune state (local storage) is cut short, as a disk that filled while Tune
+    wrote it leaves it: Tune would log the failure, go on without the state, and stop in a traceback from its search.
+
+    Raises:
+        ResumeError: names the file.
+    """
+    if "://" in sweep_dir or not Path(sweep_dir, "tuner.pkl").is_file():
+        return  # state elsewhere (Tune reads it), or none saved yet: the sweep starts its Tune run again
+    for pattern in _TUNE_STATE:
+        newest = max(Path(sweep_dir).glob(pattern), default=None)
+        problem = None if newest is None else _cut_short(newest)
+        if problem:
+            raise ResumeError(f"--resume {run_id}: {newest}: the sweep's Ray Tune state cannot be read ({problem}; "
+                              "a disk that filled while it was written leaves it so): this sweep cannot go on, start "
+                              "a new one")
+
+
+def _cut_short(path: Path) -> str | None:
+    """Why a JSON or pickle file Tune wrote cannot be whole, or None."""
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".json":
+            json.loads(data)
+        elif not data.endswith(b"."):  # every pickle ends with its STOP opcode
+            return "it ends before its data does"
+    except (OSError, ValueError) as err:
+        return " ".join(str(err).split())
+    return None
 
 
 def _sweep_to_resume(client, experiment: str, run_id: str | None, tracking_uri: str):
