@@ -570,3 +570,57 @@ def test_resuming_a_sweep_whose_tune_state_a_full_disk_cut_short_is_one_line_nam
     run = client.get_run(parent)
     assert run.info.status == "FAILED" and run.data.tags[record.TAG_SWEEP_STATE] == record.SWEEP_INTERRUPTED
     assert not (tmp_path / "ray" / "teachers").exists()  # nothing ran
+
+
+def _sweep_cli(tmp_path: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space",
+                           str(REPO / "tune_spaces" / "smoke.yaml"), "--tracking-uri", uri, "--storage-path",
+                           str(tmp_path / "ray"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_tracking_store_that_refuses_writes_stops_a_sweep_in_one_line_before_ray_starts(tmp_path):
+    """A SQLite store the sweep may read but not write (a file of another user, a read-only mount; here opened
+    read-only by its URI, which gives the same database error) was a traceback, and MLflow's own log of it, from
+    the sweep's first write: now one line naming the URI and the database's reason, exit 2, nothing started."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    uri = f"sqlite:///file:{tmp_path}/mlflow.db?mode=ro&uri=true"
+    done = _sweep_cli(tmp_path, uri)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        f"fineprune sweep: error: tracking URI {uri}: (sqlite3.OperationalError) attempt to write a readonly "
+        "database"], done.stderr[-3000:]
+    assert not client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert not (tmp_path / "ray" / "teachers").exists()
+
+
+@pytest.mark.slow
+def test_a_tracking_store_locked_at_the_start_is_waited_for_then_one_line(tmp_path):
+    """Another process holds the SQLite store's write lock (a sweep writing, a backup): the sweep's first write,
+    after SQLite's own wait, is retried for --tracking-timeout seconds and then stops in one line (exit 1) naming
+    the store and the lock, instead of a traceback; no run is left behind."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the write lock; reads go on
+        done = _sweep_cli(tmp_path, uri, "--tracking-timeout", "5")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fineprune sweep: error: the tracking server {uri} did not answer") and \
+        "database is locked" in last, last
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not client.search_runs([experiment])

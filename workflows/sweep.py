@@ -507,7 +507,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         sweep_dir = f"{storage_root}/{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
     # The sweep's identity, before anything else starts: what `--resume` finds even if the driver dies right away.
-    parent = tracking.start_parent_run(client, experiment, sweep_dir, space.summary(), bool(resume))
+    parent = tracking.open_parent_run(client, experiment, sweep_dir, space.summary(), bool(resume), limit)
     try:
         _init_ray(cluster)
     except RayUnavailable:
