@@ -624,3 +624,54 @@ def test_a_tracking_store_locked_at_the_start_is_waited_for_then_one_line(tmp_pa
         "database is locked" in last, last
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert not client.search_runs([experiment])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweep's processes in /proc")
+def test_a_tracking_store_locked_while_the_sweep_records_its_frontier_is_waited_for(tmp_path):
+    """Every trial ended; while the sweep tags, registers and reports its frontier, another process holds the SQLite
+    store's write lock for longer than SQLite waits. Those steps were not retried: the sweep ended in a traceback
+    with its run left RUNNING. They are now waited for as the trials' logging is, and the sweep finishes whole."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    root = Path(tempfile.mkdtemp(prefix="fpl-", dir="/tmp" if os.path.isdir("/tmp") else None))  # short: Ray sockets
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("smoke", artifact_location=(root / "artifacts").as_uri())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0")
+    (root / "rt").mkdir()
+    command = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
+               "--tracking-uri", uri, "--storage-path", str(root / "ray")]
+    with open(root / "driver.out", "wb") as out, open(root / "driver.err", "wb") as err:
+        driver = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=err, start_new_session=True)
+    try:
+        tagged = lambda: client.search_runs([experiment], "tags.pareto = 'true'")  # noqa: E731
+        _wait_until(tagged, 600, "the sweep's frontier tags", poll=0.2, alive=driver)
+        holder = sqlite3.connect(root / "mlflow.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            time.sleep(45)  # past SQLite's own 20 s wait
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        driver.wait(timeout=600)
+        stderr = (root / "driver.err").read_text(errors="replace")
+        assert driver.returncode == 0, stderr[-3000:]
+        assert "database is locked" in stderr  # it did meet the lock
+        summary = json.loads((root / "driver.out").read_text().strip().splitlines()[-1])
+        assert summary["status"] == "finished" and summary["champion"]["registered"]
+        assert not [r for r in client.search_runs([experiment]) if r.info.status == "RUNNING"]
+        assert client.get_run(summary["parent_run_id"]).data.tags["fineprune.sweep_state"] == "complete"
+        versions = client.search_model_versions(f"name = '{summary['champion']['name']}'")
+        registered = [v.tags.get("fineprune.trial_run_id") for v in versions]
+        assert len(registered) == len(set(registered)), "a trial's model registered twice"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=30)
+        _kill(processes_mentioning(root), signal.SIGKILL)  # what is left of the sweep's private Ray
+        shutil.rmtree(root, ignore_errors=True)

@@ -104,8 +104,10 @@ def _unavailable(uri: str, seconds: float, err: BaseException | None) -> Trackin
 
 
 def call_with_retries(fn: Callable[[], T], uri: str, limit: float, what: str = "MLflow call",
-                      sleep: Callable[[float], None] = time.sleep) -> T:
-    """``fn()``, retried with exponential backoff while it fails transiently, for at most ``limit`` seconds.
+                      sleep: Callable[[float], None] = time.sleep,
+                      transient: Callable[[BaseException], bool] = is_transient) -> T:
+    """``fn()``, retried with exponential backoff while it fails transiently (``transient``), for at most ``limit``
+    seconds.
 
     Raises:
         TrackingUnavailable: it kept failing for longer than ``limit``.
@@ -117,7 +119,7 @@ def call_with_retries(fn: Callable[[], T], uri: str, limit: float, what: str = "
         try:
             result = fn()
         except Exception as err:  # noqa: BLE001 - classified just below
-            if not is_transient(err):
+            if not transient(err):
                 raise
             now = time.monotonic()
             if started is None:

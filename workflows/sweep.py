@@ -31,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import ray
 import torch
 from ray import tune
@@ -46,7 +47,7 @@ from pruning.trainer import evaluate, resolve_device, train
 from workflows import frontier, record, registry, tracking
 from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
-from workflows.retry import TrackingUnavailable, outage_limit, quick_http_failures
+from workflows.retry import TrackingUnavailable, call_with_retries, is_transient, outage_limit, quick_http_failures
 from workflows.space import (EVAL_METRICS, SweepSpace, check_local_paths, load_space, param_space, teacher_config,
                              teacher_fingerprint, trial_config, tune_config_kwargs)
 
@@ -544,31 +545,21 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
                         "every configuration of the space ran" if over == "exhausted"
                         else "the sampler offered only configurations that already ran")
 
-        # 4. Frontier, registry, report.
-        runs = tracking.trial_runs(client, experiment, parent, include_baseline=True)
-        summary = frontier_summary(client, runs, space)
-        tracking.log_json(client, parent, summary["frontier"], record.ARTIFACT_FRONTIER)
-        tracking.log_json(client, parent, summary["frontier_speedup"], record.ARTIFACT_FRONTIER_SPEED)
-        series = tracking.hypervolume_series(runs, space.objectives,
-                                             frontier.reference_point(space.objectives, space.reference_point))
-        tracking.log_hypervolume(client, parent, series)
-        summary["hypervolume"] = series[-1]["hypervolume"]
-        if search is not None:
-            summary["search"] = search
-            tracking.log_search(client, parent, search)
-        summary["frontier_versions"] = registry.register_frontier(client, experiment, parent, space.registry.name,
-                                                                space.registry.onnx)
-        summary["champion"] = registry.register_champion(
-            client, experiment, parent, space.registry, dense_metrics,
-            latency=registry.latency_settings(space.speedup, space.resources))
-        out = Path(report_dir or Path("reports") / experiment)
-        summary["report"] = {k: str(v) for k, v in write_report(experiment, out_dir=out, tracking_uri=tracking_uri,
-                                                                sweep_run_id=parent).items()}
-        if complete:
-            tracking.finish_parent_run(client, parent)
-        else:
+        # 4. Frontier, registry, report: each step may be done again (a resume does them all again), so a tracking
+        # store that is away or locked meanwhile is waited for as during the trials.
+        def conclude() -> dict[str, Any]:
+            return _conclude(client, experiment, parent, space, dense_metrics, search, tracking_uri,
+                             Path(report_dir or Path("reports") / experiment))
+
+        with quick_http_failures():
+            summary = call_with_retries(conclude, tracking_uri, limit, what="recording the sweep's frontier",
+                                        transient=_tracking_outage)
+        if not complete:
             logger.warning("%s; --resume %s runs what is left", _what_is_left(statuses), parent)
-            tracking.finish_parent_run(client, parent, status="KILLED", state="interrupted")
+        ending = {} if complete else {"status": "KILLED", "state": record.SWEEP_INTERRUPTED}
+        with quick_http_failures():
+            call_with_retries(lambda: tracking.finish_parent_run(client, parent, **ending), tracking_uri, limit,
+                              what="ending the sweep's MLflow run", transient=_tracking_outage)
     except TrackingUnavailable as err:
         raise TrackingUnavailable(f"{err}; the sweep stopped (start the server again, then "
                                   f"`fineprune sweep --space {space_path} --resume {parent}`)") from err
@@ -588,6 +579,36 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
                     "wall_seconds": round(time.time() - started, 1),
                     "ui": f"mlflow ui --backend-store-uri {tracking_uri} -h 127.0.0.1"})
     _log_summary(summary)
+    return summary
+
+
+def _tracking_outage(err: BaseException) -> bool:
+    """Whether an error of the sweep's last steps is the tracking store away or locked (not a full disk, a bug)."""
+    return isinstance(err, mlflow.exceptions.MlflowException) and is_transient(err)
+
+
+def _conclude(client, experiment: str, parent: str, space: SweepSpace, dense_metrics: dict[str, Any],
+              search: dict[str, Any] | None, tracking_uri: str, report_dir: Path) -> dict[str, Any]:
+    """Tag the frontier, log it and its hypervolume, register its models and the champion, write the report: the
+    sweep's summary."""
+    runs = tracking.trial_runs(client, experiment, parent, include_baseline=True)
+    summary = frontier_summary(client, runs, space)
+    tracking.log_json(client, parent, summary["frontier"], record.ARTIFACT_FRONTIER)
+    tracking.log_json(client, parent, summary["frontier_speedup"], record.ARTIFACT_FRONTIER_SPEED)
+    series = tracking.hypervolume_series(runs, space.objectives,
+                                         frontier.reference_point(space.objectives, space.reference_point))
+    tracking.log_hypervolume(client, parent, series)
+    summary["hypervolume"] = series[-1]["hypervolume"]
+    if search is not None:
+        summary["search"] = search
+        tracking.log_search(client, parent, search)
+    summary["frontier_versions"] = registry.register_frontier(client, experiment, parent, space.registry.name,
+                                                            space.registry.onnx)
+    summary["champion"] = registry.register_champion(
+        client, experiment, parent, space.registry, dense_metrics,
+        latency=registry.latency_settings(space.speedup, space.resources))
+    summary["report"] = {k: str(v) for k, v in write_report(experiment, out_dir=report_dir, tracking_uri=tracking_uri,
+                                                            sweep_run_id=parent).items()}
     return summary
 
 
