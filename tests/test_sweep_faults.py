@@ -494,3 +494,184 @@ def test_a_run_whose_params_a_dead_driver_never_logged_is_still_taken_over(tmp_p
     assert run.info.run_id == left.info.run_id and run.info.status == "FINISHED"
     assert run.data.tags["fineprune.trial_id"] == "again" and run.data.tags["fineprune.took_over_trial_id"] == "lost"
     assert run.data.params["searched.target_density"] == "0.37" and run.data.params["searched.temperature"] == "2"
+
+
+def test_an_error_file_cut_short_by_a_full_disk_does_not_end_the_sweep_in_a_traceback(tmp_path):
+    """When the storage's disk fills, Tune writes a failed trial's pickled error cut short; ``Tuner.fit`` then raises
+    reading it back into the results it returns (which the sweep does not use), after every trial ended and was
+    logged. The sweep goes on from its MLflow record, with a warning; an error of the Tune loop itself is raised."""
+    import logging
+
+    import ray
+    from ray import tune
+
+    from workflows.sweep import _fit
+
+    class CutShort(tune.Callback):  # what a full disk leaves of the error file Tune synced to the storage
+        def on_experiment_end(self, trials, **info):
+            for trial in trials:
+                pickled = Path(trial.storage.trial_fs_path) / "error.pkl"
+                pickled.write_bytes(pickled.read_bytes()[:40])
+
+    class Broken(tune.Callback):
+        def on_step_begin(self, iteration, trials, **info):
+            raise RuntimeError("the Tune loop broke")
+
+    def trainable(config):
+        raise OSError(28, "No space left on device")
+
+    def tuner(name: str, callback: tune.Callback) -> tune.Tuner:
+        return tune.Tuner(trainable, run_config=tune.RunConfig(name=name, storage_path=str(tmp_path),
+                                                               callbacks=[callback], verbose=0))
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        with pytest.raises(Exception, match="truncated|ran out of input"):  # the fault, as Tune meets it
+            tuner("plain", CutShort()).fit()
+        _fit(tuner("swept", CutShort()), str(tmp_path / "swept"))
+        with pytest.raises(RuntimeError, match="the Tune loop broke"):
+            _fit(tuner("broken", Broken()), str(tmp_path / "broken"))
+    finally:
+        ray.shutdown()
+
+
+def test_resuming_a_sweep_whose_tune_state_a_full_disk_cut_short_is_one_line_naming_the_file(tmp_path):
+    """A disk that filled while Tune saved the sweep's state leaves the JSON cut short. Restored from it, Tune logged
+    the failure, went on without the state and stopped in a traceback from its search; ``--resume`` now says which
+    file it cannot read, before Ray starts, and leaves the sweep's run as it was."""
+    import pickle
+
+    from mlflow.tracking import MlflowClient
+
+    from workflows import record, tracking
+    from workflows.space import load_space
+
+    space_path = REPO / "tune_spaces" / "smoke.yaml"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    sweep_dir = tmp_path / "ray" / "smoke-20260101-000000-abcdef"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "tuner.pkl").write_bytes(pickle.dumps({"tuner": "as Tune saved it"}))
+    state = sweep_dir / "experiment_state-2026-01-01_00-00-00.json"
+    state.write_text('{"trial_data": [["{\\"trial_id\\": \\"6be2d1db\\", \\"config\\": {\\"target_den')
+    parent = tracking.start_parent_run(client, "smoke", str(sweep_dir), load_space(space_path).summary(), False)
+    tracking.finish_parent_run(client, parent, status="FAILED", state=record.SWEEP_INTERRUPTED)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(space_path),
+                           "--tracking-uri", uri, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert lines[-1].startswith(f"fineprune sweep: error: --resume {parent}: {state}: "), lines[-1]
+    run = client.get_run(parent)
+    assert run.info.status == "FAILED" and run.data.tags[record.TAG_SWEEP_STATE] == record.SWEEP_INTERRUPTED
+    assert not (tmp_path / "ray" / "teachers").exists()  # nothing ran
+
+
+def _sweep_cli(tmp_path: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space",
+                           str(REPO / "tune_spaces" / "smoke.yaml"), "--tracking-uri", uri, "--storage-path",
+                           str(tmp_path / "ray"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_tracking_store_that_refuses_writes_stops_a_sweep_in_one_line_before_ray_starts(tmp_path):
+    """A SQLite store the sweep may read but not write (a file of another user, a read-only mount; here opened
+    read-only by its URI, which gives the same database error) was a traceback, and MLflow's own log of it, from
+    the sweep's first write: now one line naming the URI and the database's reason, exit 2, nothing started."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    uri = f"sqlite:///file:{tmp_path}/mlflow.db?mode=ro&uri=true"
+    done = _sweep_cli(tmp_path, uri)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        f"fineprune sweep: error: tracking URI {uri}: (sqlite3.OperationalError) attempt to write a readonly "
+        "database"], done.stderr[-3000:]
+    assert not client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert not (tmp_path / "ray" / "teachers").exists()
+
+
+@pytest.mark.slow
+def test_a_tracking_store_locked_at_the_start_is_waited_for_then_one_line(tmp_path):
+    """Another process holds the SQLite store's write lock (a sweep writing, a backup): the sweep's first write,
+    after SQLite's own wait, is retried for --tracking-timeout seconds and then stops in one line (exit 1) naming
+    the store and the lock, instead of a traceback; no run is left behind."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the write lock; reads go on
+        done = _sweep_cli(tmp_path, uri, "--tracking-timeout", "5")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fineprune sweep: error: the tracking server {uri} did not answer") and \
+        "database is locked" in last, last
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not client.search_runs([experiment])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweep's processes in /proc")
+def test_a_tracking_store_locked_while_the_sweep_records_its_frontier_is_waited_for(tmp_path):
+    """Every trial ended; while the sweep tags, registers and reports its frontier, another process holds the SQLite
+    store's write lock for longer than SQLite waits. Those steps were not retried: the sweep ended in a traceback
+    with its run left RUNNING. They are now waited for as the trials' logging is, and the sweep finishes whole."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    root = Path(tempfile.mkdtemp(prefix="fpl-", dir="/tmp" if os.path.isdir("/tmp") else None))  # short: Ray sockets
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("smoke", artifact_location=(root / "artifacts").as_uri())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0")
+    (root / "rt").mkdir()
+    command = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
+               "--tracking-uri", uri, "--storage-path", str(root / "ray")]
+    with open(root / "driver.out", "wb") as out, open(root / "driver.err", "wb") as err:
+        driver = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=err, start_new_session=True)
+    try:
+        tagged = lambda: client.search_runs([experiment], "tags.pareto = 'true'")  # noqa: E731
+        _wait_until(tagged, 600, "the sweep's frontier tags", poll=0.2, alive=driver)
+        holder = sqlite3.connect(root / "mlflow.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            time.sleep(45)  # past SQLite's own 20 s wait
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        driver.wait(timeout=600)
+        stderr = (root / "driver.err").read_text(errors="replace")
+        assert driver.returncode == 0, stderr[-3000:]
+        assert "database is locked" in stderr  # it did meet the lock
+        summary = json.loads((root / "driver.out").read_text().strip().splitlines()[-1])
+        assert summary["status"] == "finished" and summary["champion"]["registered"]
+        assert not [r for r in client.search_runs([experiment]) if r.info.status == "RUNNING"]
+        assert client.get_run(summary["parent_run_id"]).data.tags["fineprune.sweep_state"] == "complete"
+        versions = client.search_model_versions(f"name = '{summary['champion']['name']}'")
+        registered = [v.tags.get("fineprune.trial_run_id") for v in versions]
+        assert len(registered) == len(set(registered)), "a trial's model registered twice"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=30)
+        _kill(processes_mentioning(root), signal.SIGKILL)  # what is left of the sweep's private Ray
+        shutil.rmtree(root, ignore_errors=True)

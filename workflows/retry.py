@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, TypeVar
 
-__all__ = ["TrackingUnavailable", "LogQueue", "call_with_retries", "is_transient", "quick_http_failures",
+__all__ = ["TrackingUnavailable", "LogQueue", "call_with_retries", "is_transient", "error_lines", "quick_http_failures",
            "outage_limit", "OutageLimitError", "DEFAULT_OUTAGE_LIMIT_S", "OUTAGE_LIMIT_ENV"]
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,10 @@ OUTAGE_LIMIT_ENV = "FINEPRUNE_TRACKING_TIMEOUT"
 PERMANENT_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
                              "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "NOT_FOUND",
                              "ENDPOINT_NOT_FOUND", "FEATURE_DISABLED"})
+# A database error that is about the store itself, not a passing state of it: no retry changes it.
+PERMANENT_DATABASE_ERRORS = ("attempt to write a readonly database", "unable to open database file")
+# What SQLAlchemy puts before the database's own message when an autoflush failed.
+_AUTOFLUSH_NOTE = "(raised as a result of Query-invoked autoflush"
 # OSErrors about a local path (a checkpoint to upload, a local artifact store), not about the connection.
 _LOCAL_FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 BACKOFF_FIRST_S = 1.0
@@ -74,6 +78,8 @@ def is_transient(err: BaseException) -> bool:
     A missing, existing or refused local file is not, and neither is anything else (a bug).
     """
     code = getattr(err, "error_code", None)
+    if any(text in str(err) for text in PERMANENT_DATABASE_ERRORS):  # MLflow calls every database error transient
+        return False
     if code is not None:
         return code not in PERMANENT_CODES
     if isinstance(err, _LOCAL_FILE_ERRORS):  # a file that is missing or refused here stays so
@@ -81,8 +87,14 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy")
 
 
+def error_lines(err: BaseException) -> list[str]:
+    """The lines of the error's message, without the note SQLAlchemy puts before the database's own words."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return [line for line in lines if not line.startswith(_AUTOFLUSH_NOTE)]
+
+
 def _short(err: BaseException) -> str:
-    text = " ".join(str(err).split())
+    text = " ".join(" ".join(error_lines(err)).split())
     return f"{type(err).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
 
 
@@ -92,8 +104,10 @@ def _unavailable(uri: str, seconds: float, err: BaseException | None) -> Trackin
 
 
 def call_with_retries(fn: Callable[[], T], uri: str, limit: float, what: str = "MLflow call",
-                      sleep: Callable[[float], None] = time.sleep) -> T:
-    """``fn()``, retried with exponential backoff while it fails transiently, for at most ``limit`` seconds.
+                      sleep: Callable[[float], None] = time.sleep,
+                      transient: Callable[[BaseException], bool] = is_transient) -> T:
+    """``fn()``, retried with exponential backoff while it fails transiently (``transient``), for at most ``limit``
+    seconds.
 
     Raises:
         TrackingUnavailable: it kept failing for longer than ``limit``.
@@ -105,7 +119,7 @@ def call_with_retries(fn: Callable[[], T], uri: str, limit: float, what: str = "
         try:
             result = fn()
         except Exception as err:  # noqa: BLE001 - classified just below
-            if not is_transient(err):
+            if not transient(err):
                 raise
             now = time.monotonic()
             if started is None:

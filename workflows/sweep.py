@@ -26,11 +26,13 @@ import socket
 import tempfile
 import threading
 import time
+import traceback
 import urllib.parse
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import ray
 import torch
 from ray import tune
@@ -46,7 +48,7 @@ from pruning.trainer import evaluate, resolve_device, train
 from workflows import frontier, record, registry, tracking
 from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
-from workflows.retry import TrackingUnavailable, outage_limit, quick_http_failures
+from workflows.retry import TrackingUnavailable, call_with_retries, is_transient, outage_limit, quick_http_failures
 from workflows.space import (EVAL_METRICS, SpaceError, SweepSpace, check_local_paths, load_space, param_space,
                              teacher_config, teacher_fingerprint, trial_config, tune_config_kwargs)
 
@@ -438,6 +440,28 @@ def _tuner(space: SweepSpace, trainable: Any, callback: tracking.MlflowTrialCall
                       tune_config=tune.TuneConfig(**tune_config_kwargs(space, TRIAL_METRICS)), run_config=run_config)
 
 
+# Where Tuner.fit reads the trials' files back once the Tune run has ended (its ResultGrid, unused by the sweep).
+_READ_BACK_MODULES = ("ray.tune.result_grid", "ray.tune.analysis.experiment_analysis")
+
+
+def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
+    """Run the Tune loop.
+
+    ``Tuner.fit`` ends by reading every trial's files back from the sweep's storage into a ResultGrid, which the
+    sweep does not use: its record is what the callback logged. A file that cannot be read back then (an error file
+    cut short when the storage's disk filled) is a warning, not a traceback ending a sweep whose trials all ended.
+    """
+    try:
+        tuner.fit()
+    except Exception as err:  # noqa: BLE001 - raised again unless it came from reading the results back
+        raised_in = {frame.f_globals.get("__name__") for frame, _ in traceback.walk_tb(err.__traceback__)}
+        if not raised_in & set(_READ_BACK_MODULES):
+            raise
+        text = " ".join(str(err).split())[:300]
+        logger.warning("Ray Tune could not read its trials' files back from %s (%s: %s); the sweep goes on from what "
+                       "MLflow recorded", sweep_dir, type(err).__name__, text)
+
+
 def _distinct(tuner: tune.Tuner) -> DistinctConfigurations | None:
     """The sweep's :class:`DistinctConfigurations` (algorithm optuna), as the Tuner ran it, restored or not."""
     searcher = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
@@ -516,6 +540,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             return {"experiment": experiment, "parent_run_id": previous.info.run_id, "tracking_uri": tracking_uri,
                     "sweep_dir": sweep_dir, "status": "already finished"}
         _check_same_space(space, previous)
+        _check_tune_state(sweep_dir, previous.info.run_id)
         storage_root = sweep_dir.rsplit("/", 1)[0]
         storage = _storage_roots(storage_path or storage_root)[1]
         logger.info("resuming the sweep %s (MLflow run %s)", sweep_dir, previous.info.run_id)
@@ -525,7 +550,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         sweep_dir = f"{storage_root}/{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
     # The sweep's identity, before anything else starts: what `--resume` finds even if the driver dies right away.
-    parent = tracking.start_parent_run(client, experiment, sweep_dir, space.summary(), bool(resume))
+    parent = tracking.open_parent_run(client, experiment, sweep_dir, space.summary(), bool(resume), limit)
     try:
         _init_ray(cluster)
     except RayUnavailable:
@@ -551,7 +576,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         trainable = tune.with_resources(trainable, _tune_resources(space.resources))
         tuner = _tuner(space, trainable, callback, sweep_dir, storage_root, bool(resume))
         with quick_http_failures():
-            tuner.fit()
+            _fit(tuner, sweep_dir)
         if callback.failure is not None:
             raise callback.failure
         statuses, search = list(callback.trial_statuses.values()), _search_stats(_distinct(tuner))
@@ -562,34 +587,21 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
                         "every configuration of the space ran" if over == "exhausted"
                         else "the sampler offered only configurations that already ran")
 
-        # 4. Frontier, registry, report.
-        runs = tracking.trial_runs(client, experiment, parent, include_baseline=True)
-        summary = frontier_summary(client, runs, space)
-        tracking.log_json(client, parent, summary["frontier"], record.ARTIFACT_FRONTIER)
-        tracking.log_json(client, parent, summary["frontier_speedup"], record.ARTIFACT_FRONTIER_SPEED)
-        series = tracking.hypervolume_series(runs, space.objectives,
-                                             frontier.reference_point(space.objectives, space.reference_point))
-        tracking.log_hypervolume(client, parent, series)
-        summary["hypervolume"] = series[-1]["hypervolume"]
-        if search is not None:
-            summary["search"] = search
-            tracking.log_search(client, parent, search)
-        summary["frontier_versions"] = registry.register_frontier(client, experiment, parent, space.registry.name,
-                                                                space.registry.onnx)
-        summary["champion"] = registry.register_champion(
-            client, experiment, parent, space.registry, dense_metrics,
-            latency=registry.latency_settings(space.speedup, space.resources))
-        # Where the driver ran: under `ray job submit` that is the job's temporary copy of the working directory on
-        # the head, so the summary names the files in full and their copy on the sweep's run as well.
-        out = Path(report_dir or Path("reports") / experiment).resolve()
-        written = write_report(experiment, out_dir=out, tracking_uri=tracking_uri, sweep_run_id=parent)
-        summary["report"] = {**{k: str(v) for k, v in written.items()},
-                             "artifacts": f"runs:/{parent}/{record.ARTIFACT_REPORT_DIR}"}
-        if complete:
-            tracking.finish_parent_run(client, parent)
-        else:
+        # 4. Frontier, registry, report: each step may be done again (a resume does them all again), so a tracking
+        # store that is away or locked meanwhile is waited for as during the trials.
+        def conclude() -> dict[str, Any]:
+            return _conclude(client, experiment, parent, space, dense_metrics, search, tracking_uri,
+                             Path(report_dir or Path("reports") / experiment).resolve())
+
+        with quick_http_failures():
+            summary = call_with_retries(conclude, tracking_uri, limit, what="recording the sweep's frontier",
+                                        transient=_tracking_outage)
+        if not complete:
             logger.warning("%s; --resume %s runs what is left", _what_is_left(statuses), parent)
-            tracking.finish_parent_run(client, parent, status="KILLED", state="interrupted")
+        ending = {} if complete else {"status": "KILLED", "state": record.SWEEP_INTERRUPTED}
+        with quick_http_failures():
+            call_with_retries(lambda: tracking.finish_parent_run(client, parent, **ending), tracking_uri, limit,
+                              what="ending the sweep's MLflow run", transient=_tracking_outage)
     except TrackingUnavailable as err:
         raise TrackingUnavailable(f"{err}; the sweep stopped (start the server again, then "
                                   f"`fineprune sweep --space {space_path} --resume {parent}`)") from err
@@ -618,6 +630,39 @@ def _ui_hint(tracking_uri: str) -> str:
     if urllib.parse.urlparse(tracking_uri).scheme in ("http", "https"):
         return tracking_uri
     return f"mlflow ui --backend-store-uri {tracking_uri} -h 127.0.0.1"
+
+
+def _tracking_outage(err: BaseException) -> bool:
+    """Whether an error of the sweep's last steps is the tracking store away or locked (not a full disk, a bug)."""
+    return isinstance(err, mlflow.exceptions.MlflowException) and is_transient(err)
+
+
+def _conclude(client, experiment: str, parent: str, space: SweepSpace, dense_metrics: dict[str, Any],
+              search: dict[str, Any] | None, tracking_uri: str, report_dir: Path) -> dict[str, Any]:
+    """Tag the frontier, log it and its hypervolume, register its models and the champion, write the report: the
+    sweep's summary."""
+    runs = tracking.trial_runs(client, experiment, parent, include_baseline=True)
+    summary = frontier_summary(client, runs, space)
+    tracking.log_json(client, parent, summary["frontier"], record.ARTIFACT_FRONTIER)
+    tracking.log_json(client, parent, summary["frontier_speedup"], record.ARTIFACT_FRONTIER_SPEED)
+    series = tracking.hypervolume_series(runs, space.objectives,
+                                         frontier.reference_point(space.objectives, space.reference_point))
+    tracking.log_hypervolume(client, parent, series)
+    summary["hypervolume"] = series[-1]["hypervolume"]
+    if search is not None:
+        summary["search"] = search
+        tracking.log_search(client, parent, search)
+    summary["frontier_versions"] = registry.register_frontier(client, experiment, parent, space.registry.name,
+                                                            space.registry.onnx)
+    summary["champion"] = registry.register_champion(
+        client, experiment, parent, space.registry, dense_metrics,
+        latency=registry.latency_settings(space.speedup, space.resources))
+    # Where the driver ran: under `ray job submit` that is the job's temporary copy of the working directory on the
+    # head, so the summary names the files in full and their copy on the sweep's run as well.
+    written = write_report(experiment, out_dir=report_dir, tracking_uri=tracking_uri, sweep_run_id=parent)
+    summary["report"] = {**{k: str(v) for k, v in written.items()},
+                         "artifacts": f"runs:/{parent}/{record.ARTIFACT_REPORT_DIR}"}
+    return summary
 
 
 def _what_is_left(statuses: list[str]) -> str:
@@ -676,6 +721,42 @@ def _check_same_space(space: SweepSpace, previous) -> None:
     for name in sorted(searched_now ^ searched_then):
         refuse(f"search.{name}", "searched" if name in searched_now else "not searched",
                "it searched" if name in searched_then else "it not searched")
+
+
+# The files a restored Tune run reads, newest first within each pattern: its state, its search's, and the Tuner.
+_TUNE_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "basic-variant-state-*.json",
+               "searcher-state-*.pkl", "tuner.pkl")
+
+
+def _check_tune_state(sweep_dir: str, run_id: str) -> None:
+    """Refuse to resume a sweep whose Ray Tune state (local storage) is cut short, as a disk that filled while Tune
+    wrote it leaves it: Tune would log the failure, go on without the state, and stop in a traceback from its search.
+
+    Raises:
+        ResumeError: names the file.
+    """
+    if "://" in sweep_dir or not Path(sweep_dir, "tuner.pkl").is_file():
+        return  # state elsewhere (Tune reads it), or none saved yet: the sweep starts its Tune run again
+    for pattern in _TUNE_STATE:
+        newest = max(Path(sweep_dir).glob(pattern), default=None)
+        problem = None if newest is None else _cut_short(newest)
+        if problem:
+            raise ResumeError(f"--resume {run_id}: {newest}: the sweep's Ray Tune state cannot be read ({problem}; "
+                              "a disk that filled while it was written leaves it so): this sweep cannot go on, start "
+                              "a new one")
+
+
+def _cut_short(path: Path) -> str | None:
+    """Why a JSON or pickle file Tune wrote cannot be whole, or None."""
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".json":
+            json.loads(data)
+        elif not data.endswith(b"."):  # every pickle ends with its STOP opcode
+            return "it ends before its data does"
+    except (OSError, ValueError) as err:
+        return " ".join(str(err).split())
+    return None
 
 
 def _sweep_to_resume(client, experiment: str, run_id: str | None, tracking_uri: str):

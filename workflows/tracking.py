@@ -36,8 +36,8 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION,
                               TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
                               TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, flat_params)
-from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, is_transient,
-                             quick_http_failures)
+from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
+                             is_transient, quick_http_failures)
 
 __all__ = [
     "TrackingStoreError",
@@ -46,6 +46,7 @@ __all__ = [
     "find_sweep",
     "sweep_state",
     "start_parent_run",
+    "open_parent_run",
     "log_baseline",
     "MlflowTrialCallback",
     "trial_runs",
@@ -63,7 +64,7 @@ class TrackingStoreError(ValueError):
 
 
 def _store_error(uri: str, err: BaseException) -> TrackingStoreError:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = error_lines(err)
     what = lines[0] if lines else ""
     if not isinstance(err, mlflow.exceptions.MlflowException):
         what = f"{type(err).__name__}: {what}" if what else type(err).__name__
@@ -191,6 +192,34 @@ def start_parent_run(client: MlflowClient, experiment: str, sweep_key: str, para
                                                  TAG_RUN_NAME: f"sweep-{Path(sweep_key).name}"})
     _log_params(client, run.info.run_id, params)
     return run.info.run_id
+
+
+def open_parent_run(client: MlflowClient, experiment: str, sweep_key: str, params: dict[str, Any], resume: bool,
+                    limit: float = DEFAULT_OUTAGE_LIMIT_S) -> str:
+    """:func:`start_parent_run`, the sweep's first writes: retried while the store is away or locked (at most
+    ``limit`` seconds; a retry finds the run an earlier attempt made rather than making another).
+
+    Raises:
+        TrackingUnavailable: the store stayed away or locked for longer than ``limit``.
+        TrackingStoreError: the store refuses the writes (a read-only database, a server that refuses them).
+    """
+    attempts = []
+
+    def start() -> str:
+        attempts.append(None)
+        return start_parent_run(client, experiment, sweep_key, params, resume or len(attempts) > 1)
+
+    # MLflow logs each database error with its traceback before raising it; the retries, or the one line, say it.
+    database_log = logging.getLogger("mlflow.store.db.utils")
+    level = database_log.level
+    database_log.setLevel(logging.CRITICAL)
+    try:
+        with quick_http_failures():
+            return call_with_retries(start, client.tracking_uri, limit, what="starting the sweep's MLflow run")
+    except mlflow.exceptions.MlflowException as err:  # permanent (a transient one ends as TrackingUnavailable)
+        raise _store_error(client.tracking_uri, err) from err
+    finally:
+        database_log.setLevel(level)
 
 
 def finish_parent_run(client: MlflowClient, run_id: str, status: str = "FINISHED", state: str = SWEEP_COMPLETE) -> None:
