@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -570,6 +571,40 @@ def test_resuming_a_sweep_whose_tune_state_a_full_disk_cut_short_is_one_line_nam
     run = client.get_run(parent)
     assert run.info.status == "FAILED" and run.data.tags[record.TAG_SWEEP_STATE] == record.SWEEP_INTERRUPTED
     assert not (tmp_path / "ray" / "teachers").exists()  # nothing ran
+
+
+def test_the_state_tune_saves_for_its_searchers_passes_the_resume_check(tmp_path):
+    """Tune writes its searchers' state as pickles under ``.json`` names (``search_gen_state-*.json``,
+    ``basic-variant-state-*.json``): the check before a resume reads each file as what it holds, so a whole state
+    passes (it refused every resume of an Optuna or grid sweep as 'cannot be read') and one cut short does not."""
+    import pickle
+
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.search_generator import SearchGenerator
+
+    from workflows.sweep import ResumeError, _check_tune_state
+
+    session = "2026-01-01_00-00-00"
+    (tmp_path / "tuner.pkl").write_bytes(pickle.dumps({"tuner": "as Tune saved it"}))
+    (tmp_path / f"experiment_state-{session}.json").write_text('{"trial_data": []}')
+    BasicVariantGenerator().save_to_dir(str(tmp_path), session_str=session)
+    searcher = OptunaSearch(metric="f1", mode="max")
+    searcher.set_search_properties("f1", "max", {"x": tune.uniform(0.0, 1.0)})
+    SearchGenerator(searcher).save_to_dir(str(tmp_path), session_str=session)
+    saved = sorted(path.name for path in tmp_path.iterdir())
+    assert f"search_gen_state-{session}.json" in saved and f"basic-variant-state-{session}.json" in saved, saved
+
+    _check_tune_state(str(tmp_path), "run-1")  # whole: no error
+
+    for name in (f"search_gen_state-{session}.json", f"basic-variant-state-{session}.json", "tuner.pkl"):
+        state = tmp_path / name
+        whole = state.read_bytes()
+        state.write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(ResumeError, match=re.escape(str(state))):
+            _check_tune_state(str(tmp_path), "run-1")
+        state.write_bytes(whole)
 
 
 def _sweep_cli(tmp_path: Path, uri: str, *args: str) -> subprocess.CompletedProcess:

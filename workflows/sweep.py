@@ -747,13 +747,15 @@ def _check_tune_state(sweep_dir: str, run_id: str) -> None:
 
 
 def _cut_short(path: Path) -> str | None:
-    """Why a JSON or pickle file Tune wrote cannot be whole, or None."""
+    """Why a JSON or pickle file Tune wrote cannot be whole, or None. What a file holds decides, not its name: Tune
+    writes its searchers' state (``search_gen_state-*.json``, ``basic-variant-state-*.json``) as pickles."""
     try:
         data = path.read_bytes()
-        if path.suffix == ".json":
+        if data.startswith(b"\x80") or path.suffix != ".json":  # a pickle (protocol 2 and later open with PROTO)
+            if not data.endswith(b"."):  # every pickle ends with its STOP opcode
+                return "it ends before its data does"
+        else:
             json.loads(data)
-        elif not data.endswith(b"."):  # every pickle ends with its STOP opcode
-            return "it ends before its data does"
     except (OSError, ValueError) as err:
         return " ".join(str(err).split())
     return None
