@@ -111,7 +111,9 @@ class RunConfig:
     # keep the word embeddings as they are (not trained): they hold over half of a small BERT's weights, and a
     # fine-tune on a few thousand questions moves only the rows of the tokens those questions contain.
     freeze_embeddings: bool = False
-    warmup_ratio: float = 0.1  # linear warm-up of the learning rate, fraction of all steps
+    # linear warm-up (then linear decay) of the learning rate, as a fraction of the training steps before the filled
+    # phase; the filled phase (and a fisher recovery) warms up again over the same fraction of its fill_steps
+    warmup_ratio: float = 0.1
     max_grad_norm: float | None = 1.0  # clip the weights' gradient norm to this; 0 or null: no clipping
     # dropout probability of every dropout layer of the student while it trains (hidden and attention); None: the
     # model's own (0.1 for BERT). Saved models keep their own config.

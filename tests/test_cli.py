@@ -557,12 +557,17 @@ DOCS = ["README.md", "docs/cluster.md", "tune_spaces/README.md", *sorted(f"confi
 
 
 def _documented_commands() -> list[tuple[str, str, str]]:
-    """(document, sub-command, the rest of its line) of every ``fineprune CMD ...`` the documents show."""
+    """(document, sub-command, the rest of its line) of every ``fineprune CMD ...`` the documents show, and of every
+    code span that starts with a sub-command's name and a flag (``pack --overwrite``)."""
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     found = []
     for doc in DOCS:
         for line in (ROOT / doc).read_text(encoding="utf-8").splitlines():
             for match in re.finditer(r"fineprune ([a-z]+)([^`]*)", line):
                 found.append((doc, match.group(1), match.group(2)))
+            for match in re.finditer(r"`([a-z]+)( --[^`]*)`", line):
+                if match.group(1) in commands:
+                    found.append((doc, match.group(1), match.group(2)))
     return found
 
 

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict, load_config
 
@@ -164,3 +165,31 @@ def test_path_keys_take_path_objects_as_strings(tmp_path):
     cfg = RunConfig(teacher=tmp_path / "teacher", output_dir=tmp_path / "out", train_data=tmp_path / "train.json")
     assert (cfg.teacher, cfg.output_dir, cfg.train_data) == (str(tmp_path / "teacher"), str(tmp_path / "out"),
                                                              str(tmp_path / "train.json"))
+
+
+def test_the_config_keys_the_readme_names_are_run_config_fields():
+    """README's Configs section: every ``key: value`` it shows is a RunConfig field given a value the config takes,
+    and every other snake_case name in code is a field or one of the config's enum values."""
+    import enum
+    import re
+    from dataclasses import fields
+
+    import pruning.config as config
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "\n## Configs\n" in text, "README.md has no Configs section: update this test"
+    section = text.split("\n## Configs\n", 1)[1].split("\n## ", 1)[0]
+    known = {f.name for f in fields(RunConfig)}
+    values = {m.value for e in vars(config).values()
+              if isinstance(e, type) and issubclass(e, enum.Enum) and e.__module__ == config.__name__ for m in e}
+    spans = re.findall(r"`([^`]+)`", section)
+    assert len(spans) > 20, "the scan sees the section's code"
+    for span in spans:
+        pair = re.fullmatch(r"([a-z][a-z0-9_]*): (.+)", span)
+        if pair:
+            assert pair.group(1) in known, f"README: {span}: no such config key"
+            value = yaml.safe_load(pair.group(2))
+            if not (isinstance(value, list) and not all(isinstance(v, int) for v in value)):  # [head_dim, hidden]
+                config_from_dict({"method": "topk", pair.group(1): value})
+        elif re.fullmatch(r"[a-z][a-z0-9]*_[a-z0-9_]+", span):
+            assert span in known | values, f"README: {span}: neither a config key nor a value of one"

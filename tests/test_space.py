@@ -696,3 +696,71 @@ def test_device_auto_runs_a_trial_and_the_teacher_where_its_resources_are(tmp_pa
                                                resources={"cpu": 1, "gpu": gpu})))
     assert trial_config(space, {}, tmp_path / "trial", None).device == expected
     assert teacher_config(space, tmp_path / "teacher").device == expected
+
+
+def _readme_section(title: str) -> str:
+    text = (SPACES_DIR / "README.md").read_text(encoding="utf-8")
+    assert f"\n## {title}\n" in text, f"tune_spaces/README.md has no section {title!r}: update this test"
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_space_readme_lists_every_top_level_key_with_its_default(tmp_path):
+    """The README's table of top-level keys names exactly the keys the schema takes, and a default written as one
+    YAML value is the one a space without the key gets."""
+    from workflows.space import _TOP_KEYS
+
+    rows = re.findall(r"^\| `([a-z][a-z_0-9]*)` \| (.*?) \|", _readme_section("Top-level keys"), re.M)
+    assert [key for key, _ in rows] == list(_TOP_KEYS)
+    space = load_space(write(tmp_path, BASE_SPACE)).model_dump(by_alias=True)
+    for key, default in rows:
+        written = re.fullmatch(r"`([^`]*)`(?: \(.*\))?|(\d+)(?: \(.*\))?", default)
+        if written is None or key in BASE_SPACE:
+            continue  # said in words ("the file's stem", "see below"), or given by the space loaded here
+        value = yaml.safe_load(written.group(1) or written.group(2))
+        if isinstance(value, str) and "." in value:
+            continue  # another key's value (base.seed)
+        if key == "objectives":
+            value = [tuple(pair) for pair in value]
+        assert space[key] == value, f"{key}: the README says {default}, a space gets {space[key]!r}"
+
+
+def test_the_space_readme_names_the_keys_that_cannot_be_searched():
+    from workflows.space import _NOT_SEARCHABLE
+
+    sentence = re.search(r"cannot be searched: (.*?)\.\n", _readme_section("Search"), re.S)
+    assert sentence, "the README's sentence on keys that cannot be searched moved: update this test"
+    assert set(re.findall(r"`([a-z][a-z_0-9]*)`", sentence.group(1))) == set(_NOT_SEARCHABLE)
+
+
+def test_the_space_readme_names_the_metrics_the_schema_takes():
+    """The scheduler's metrics, the objectives' directions, the registry keys and the hypervolume reference
+    defaults, as tune_spaces/README.md gives them, against workflows.record, workflows.space and frontier."""
+    from workflows.frontier import DEFAULT_REFERENCE
+    from workflows.record import EVAL_METRICS, METRIC_MODES
+    from workflows.space import RegistrySection, SchedulerSpec
+
+    block = re.search(r"```yaml\nscheduler:\n(.*?)```", _readme_section("Scheduler"), re.S).group(1)
+    keys = re.findall(r"^  ([a-z_]+):", block, re.M)
+    assert set(keys) == set(SchedulerSpec.model_fields)
+    metrics = re.search(r"# reported at every evaluation: (.*?)\n  mode:", block, re.S).group(1)
+    assert re.findall(r"[a-z][a-z_0-9]*", metrics) == list(EVAL_METRICS)
+
+    directions = re.search(r"`max` for (.*?); `min` for (.*?) and the losses", _readme_section("Top-level keys"))
+    assert directions, "the README's sentence on objective directions moved: update this test"
+    better_max = set(re.findall(r"`([a-z][a-z_0-9]*)`", directions.group(1)))
+    better_min = set(re.findall(r"`([a-z][a-z_0-9]*)`", directions.group(2)))
+    assert better_max == {m for m, mode in METRIC_MODES.items() if mode == "max"}
+    assert better_min == {m for m, mode in METRIC_MODES.items() if mode == "min" and not m.startswith("loss")}
+
+    block = re.search(r"```yaml\nregistry:\n(.*?)```", _readme_section("registry"), re.S).group(1)
+    assert set(re.findall(r"^  ([a-z_]+):", block, re.M)) | {"max_f1_drop", "max_latency_ms"} == set(
+        RegistrySection.model_fields)
+    policies = re.findall(r"^\| `([a-z_0-9]+)` \| `([a-z][a-z_0-9]*)`", _readme_section("registry"), re.M)
+    from workflows.space import POLICIES
+    assert dict(policies) == POLICIES
+
+    defaults = re.search(r"Defaults:\s(.*?)\. An objective", _readme_section("reference_point"), re.S).group(1)
+    documented = {}
+    for names, value in re.findall(r"((?:`[a-z][a-z_0-9]*`(?: and )?)+) (\d+)", defaults):
+        documented.update(dict.fromkeys(re.findall(r"`([a-z][a-z_0-9]*)`", names), float(value)))
+    assert documented == DEFAULT_REFERENCE
