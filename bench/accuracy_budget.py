@@ -66,6 +66,7 @@ import torch
 from pruning import atomic, squad
 from pruning.bench import linear_flops
 from pruning.checkpoint import load_model, load_tokenizer
+from pruning import config as run_config
 from pruning.config import ConfigError, RunConfig, config_from_dict, load_config
 from pruning.importance import structure_costs
 from pruning.packing import pack_and_verify
@@ -244,9 +245,9 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
     return cfg
 
 
-# What the teacher's score depends on beside the teacher: the questions, the windows and the span search.
-EVALUATION_KEYS = ("eval_data", "eval_limit", "max_seq_length", "doc_stride", "max_answer_length", "n_best",
-                   "precision")
+# What the teacher's score depends on beside the teacher: the questions, the windows (with the question's cut) and
+# the span search, and the precision.
+EVALUATION_KEYS = ("eval_data", "eval_limit", *run_config.EVALUATION_KEYS, "precision")
 
 
 def teacher_f1(teacher: str, cfg: RunConfig, cache: Path) -> dict[str, float]:

@@ -3,8 +3,10 @@
 Serves a registered model (``--model-uri`` with ``--tracking-uri``, e.g. the champion after ``make demo``), or
 registers a QA model directory first (``--model-dir``, default: the shipped MiniLM with a fresh QA head: its answers
 mean nothing, its speed is that of a 6-layer 384-wide BERT) in a temporary SQLite store. A directory registered here
-serves through PyTorch (no ONNX export is made), while a sweep's registered versions serve through ONNX Runtime:
-time those with ``--model-uri``. Then:
+serves with the windows, span search and precision its run recorded in it (``fineprune_evaluation`` in its
+config.json, as a registered version of it would), the serving defaults where it records none, and the flags given
+over both; it serves through PyTorch (no ONNX export is made), while a sweep's registered versions serve through ONNX
+Runtime: time those with ``--model-uri``. Then:
 
 1. load: ``--requests`` one-record requests of real SQuAD dev questions from ``--clients`` concurrent clients,
    ``--bad-fraction`` of them malformed (empty, null and 200,000-word fields); counts answered requests,
@@ -33,8 +35,9 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pruning import squad
+from pruning.checkpoint import read_evaluation, read_precision
 from pruning.resources import resolve_data, resolve_model
-from workflows.registry import ALIAS, SERVE_DEFAULTS, log_qa_model
+from workflows.registry import ALIAS, SERVE_DEFAULTS, log_qa_model, serve_settings
 from workflows.serving import ModelServer, invoke, ping, run_load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,7 +46,7 @@ from script_input import one_line_errors  # noqa: E402
 logger = logging.getLogger("serve_load")
 
 
-def register_dir(model_dir: Path, root: Path, settings: dict[str, int]) -> tuple[str, str]:
+def register_dir(model_dir: Path, root: Path, settings: dict[str, int | str]) -> tuple[str, str]:
     """Log ``model_dir`` as the QA pyfunc in a new SQLite store under ``root`` and register it: (model URI,
     tracking URI)."""
     tracking_uri = f"sqlite:///{root}/mlflow.db"
@@ -57,6 +60,18 @@ def register_dir(model_dir: Path, root: Path, settings: dict[str, int]) -> tuple
                                           model_id=info.model_id)
     client.set_registered_model_alias("serve-load", ALIAS, version.version)
     return f"models:/serve-load@{ALIAS}", tracking_uri
+
+
+def dir_settings(model_dir: Path, given: dict[str, int | None]) -> dict[str, int | str]:
+    """The served settings of ``model_dir``: the windows, span search and precision it records of its run's
+    evaluations (:func:`pruning.checkpoint.read_evaluation`, :func:`~pruning.checkpoint.read_precision`), the serving
+    defaults for those it lacks, and each of ``given`` that is not None over both."""
+    settings: dict[str, int | str] = dict(serve_settings({}, read_evaluation(model_dir)))
+    precision = read_precision(model_dir)
+    if precision is not None:
+        settings["precision"] = precision
+    settings.update({key: value for key, value in given.items() if value is not None})
+    return settings
 
 
 def batching(url: str, records: list[dict], per_request: int, rounds: int) -> dict[str, float]:
@@ -91,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-uri", help="a registered model (needs --tracking-uri)")
     parser.add_argument("--tracking-uri")
     parser.add_argument("--model-dir", default="minilm", help="register this QA model directory first")
-    parser.add_argument("--max-seq-length", type=int, default=SERVE_DEFAULTS["max_seq_length"])
-    parser.add_argument("--doc-stride", type=int, default=SERVE_DEFAULTS["doc_stride"])
-    parser.add_argument("--max-windows", type=int, default=SERVE_DEFAULTS["max_windows"])
-    parser.add_argument("--batch-size", type=int, default=SERVE_DEFAULTS["batch_size"])
+    recorded = "default: what --model-dir records, else {}"
+    parser.add_argument("--max-seq-length", type=int, help=recorded.format(SERVE_DEFAULTS["max_seq_length"]))
+    parser.add_argument("--doc-stride", type=int, help=recorded.format(SERVE_DEFAULTS["doc_stride"]))
+    parser.add_argument("--max-windows", type=int, help=f"default: {SERVE_DEFAULTS['max_windows']}")
+    parser.add_argument("--batch-size", type=int, help=f"default: {SERVE_DEFAULTS['batch_size']}")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--bad-fraction", type=float, default=0.05)
@@ -116,16 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
 
+    settings = None
+    if not args.model_uri:  # the directory's record read before the server starts
+        model_dir = resolve_model(args.model_dir)
+        settings = dir_settings(model_dir, {"max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride,
+                                            "max_windows": args.max_windows, "batch_size": args.batch_size})
+        logger.info("serving %s with %s", model_dir, ", ".join(f"{k} {v}" for k, v in sorted(settings.items())))
     examples = squad.load_squad(resolve_data(args.data), limit=max(args.requests, args.per_request))
     records = [{"question": ex.question, "context": ex.context} for ex in examples]
     with tempfile.TemporaryDirectory(prefix="serve_load-") as tmp:
         root = Path(tmp)
-        if args.model_uri:
+        if settings is None:
             model_uri, tracking_uri = args.model_uri, args.tracking_uri
         else:
-            settings = {"max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride,
-                        "max_windows": args.max_windows, "batch_size": args.batch_size}
-            model_uri, tracking_uri = register_dir(resolve_model(args.model_dir), root, settings)
+            model_uri, tracking_uri = register_dir(model_dir, root, settings)
         env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
         with ModelServer(model_uri, tracking_uri, root / "serve.log", workers=args.workers, env=env) as server:
             for record in records[:3]:  # warm-up

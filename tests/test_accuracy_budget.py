@@ -231,14 +231,16 @@ def test_the_last_line_reports_the_densities_that_ran(bench):
 
 
 def test_the_teacher_is_scored_again_when_the_rows_evaluate_otherwise(bench, masked_checkpoint, tmp_path):
-    """The teacher's cached score is reused only for the same questions, windows and span search."""
+    """The teacher's cached score is reused only for the same questions, windows (and question cut) and span
+    search."""
     cache = tmp_path / "teacher_scores.json"
     cfg = dataclasses.replace(_config(bench, masked_checkpoint, tmp_path, "fisher_recovery"), eval_limit=4,
                               max_seq_length=64, doc_stride=16)
     first = bench.teacher_f1(str(masked_checkpoint), cfg, cache)
     cache.write_text(cache.read_text().replace(f'"f1": {first["f1"]}', '"f1": -1.0'))  # marks the cached entry
     assert bench.teacher_f1(str(masked_checkpoint), cfg, cache)["f1"] == -1.0
-    for changed in ({"max_seq_length": 96}, {"doc_stride": 32}, {"max_answer_length": 5}, {"eval_limit": 3}):
+    for changed in ({"max_seq_length": 96}, {"doc_stride": 32}, {"max_answer_length": 5}, {"eval_limit": 3},
+                    {"max_query_length": 16}):
         again = bench.teacher_f1(str(masked_checkpoint), dataclasses.replace(cfg, **changed), cache)
         assert again["f1"] != -1.0, changed
         cache.write_text(cache.read_text().replace(f'"f1": {again["f1"]}', '"f1": -1.0'))

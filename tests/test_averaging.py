@@ -1,5 +1,7 @@
 """The weight average: hand-worked updates, the swap for evaluation, and its place in the training loop."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -144,3 +146,31 @@ def test_eval_of_a_checkpoint_holding_an_average_says_it_scores_the_live_weights
     assert main(["eval", metrics["model_dir"], "--eval-limit", "2", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["exact_match"], result["f1"]) == pytest.approx((metrics["exact_match"], metrics["f1"]))
+
+
+def test_pack_and_export_of_a_checkpoint_holding_an_average_say_they_take_the_live_weights(tmp_path, capsys, caplog):
+    import logging
+
+    from pruning.averaging import holds_average
+    from workflows.cli import main
+
+    metrics = train(tiny_cfg(tmp_path / "ema", ema_decay=0.8, max_steps=2, learning_rate=3e-3, eval_limit=2),
+                    progress=False)
+    checkpoint = tmp_path / "ema" / "run" / "checkpoint"
+    final = Path(metrics["model_dir"])
+    assert holds_average(checkpoint) and final == checkpoint.parent / "final"
+
+    def warnings(*args: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="workflows.cli"):
+            assert main(list(args)) == 0
+        capsys.readouterr()
+        return [r.getMessage() for r in caplog.records if "ema_decay" in r.getMessage()]
+
+    for command in ("pack", "export"):
+        flags = ("--questions", "1") + (("--repeats", "1") if command == "pack" else ())
+        assert warnings(command, str(checkpoint), str(tmp_path / f"{command}-checkpoint"), *flags) == [
+            f"{checkpoint} is a training checkpoint of a run with ema_decay: {command} takes its live weights, while "
+            f"the run evaluated their average, which its final model {final} holds; {command} that one for the model "
+            "the run scored"]
+        assert warnings(command, str(final), str(tmp_path / f"{command}-final"), *flags) == []

@@ -123,3 +123,43 @@ def test_impossible_sizes_are_refused_before_any_model_is_built(bench_script, ca
     with pytest.raises(SystemExit) as exit_:
         bench_script(script).main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_load_serves_a_model_directory_with_the_settings_it_records(bench_script, checkpoints, tmp_path,
+                                                                          capsys):
+    """A directory registered by serve_load serves with the windows, span search and precision its run recorded in
+    it (a flag given wins), as a registered version of it would; a spoilt record is one line before any server."""
+    import shutil
+
+    import mlflow
+
+    from pruning.checkpoint import EVALUATION_KEY
+    from workflows.registry import SERVE_DEFAULTS
+
+    serve_load = bench_script("serve_load")
+    model_dir = tmp_path / "recorded"
+    shutil.copytree(checkpoints["packed"], model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    evaluation = {"max_seq_length": 256, "doc_stride": 64, "max_query_length": 32, "max_answer_length": 12,
+                  "n_best": 5}
+    (model_dir / "config.json").write_text(json.dumps({**config, EVALUATION_KEY: {**evaluation,
+                                                                                  "precision": "bf16"}}))
+    unset = {"max_seq_length": None, "doc_stride": None, "max_windows": None, "batch_size": None}
+    settings = serve_load.dir_settings(model_dir, unset)
+    assert settings == {**SERVE_DEFAULTS, **evaluation, "precision": "bf16"}
+    assert serve_load.dir_settings(model_dir, {**unset, "doc_stride": 32})["doc_stride"] == 32
+    assert serve_load.dir_settings(checkpoints["packed"], unset) == SERVE_DEFAULTS
+
+    before = mlflow.get_tracking_uri()
+    try:
+        model_uri, _ = serve_load.register_dir(model_dir, tmp_path / "store", settings)
+        served = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert (served.max_seq_length, served.doc_stride, served.max_query_length, served.max_answer_length,
+            served.n_best) == tuple(evaluation.values())
+
+    (model_dir / "config.json").write_text(json.dumps({**config, EVALUATION_KEY: {"doc_stride": 0}}))
+    assert serve_load.main(["--model-dir", str(model_dir)]) == 2
+    assert _one_line(capsys) == (f"serve_load: {model_dir / 'config.json'}: {EVALUATION_KEY}.doc_stride: must be a "
+                                 "whole number >= 1, got 0")

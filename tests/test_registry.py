@@ -354,6 +354,55 @@ def test_a_trial_registered_again_reuses_the_model_logged_on_its_run(record, tok
     assert exported_too.tags["onnx"] == "fp32,int8"
 
 
+def test_a_model_logged_with_other_settings_than_registering_now_gives_is_not_reused(record, tokenizer, caplog):
+    """A model logged on a trial's run with the windows of its params (as registrations did before the served
+    settings came from the packed model's record), or in another precision, is not what registering the trial now
+    serves: a new model is logged, and reused by the next registration."""
+    from pruning.checkpoint import EVALUATION_KEY
+
+    client, root = record["client"], record["root"]
+    model_dir = _packed_dir(root / "restated", tokenizer, 1, 32)
+    config = json.loads((model_dir / "config.json").read_text())
+    evaluation = {"max_seq_length": 64, "doc_stride": 32, "max_query_length": 16, "max_answer_length": 30,
+                  "n_best": 20}
+    (model_dir / "config.json").write_text(json.dumps({**config, EVALUATION_KEY: evaluation}))
+    run_id = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id
+    client.log_artifacts(run_id, str(model_dir), "packed_model")
+    params = {"max_seq_length": "96", "doc_stride": "48"}  # the run config as given, longer than the teacher's
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    client.set_terminated(run_id)
+    mlflow.set_tracking_uri(record["uri"])
+    with mlflow.start_run(run_id=run_id):
+        old = registry.log_qa_model(model_dir, {**registry.serve_settings(params), "precision": "fp32"},
+                                    tags={"onnx": "skipped"})
+    client.set_terminated(run_id)
+
+    def register(name: str) -> dict:
+        with caplog.at_level(logging.INFO, logger="workflows.registry"):
+            result = registry.register_run(client, run_id, name, record["parent"], "best_f1_under_density",
+                                           onnx=False)
+        version = client.get_model_version(name, result["version"])
+        return mlflow.pyfunc.load_model(version.source).model_config, version
+
+    served, first = register("tiny-restated")
+    assert {key: served[key] for key in evaluation} == evaluation
+    assert first.source != old.model_uri and len(_logged_models(record, run_id)) == 2
+    assert f"the model logged on it before serves other settings than registering it now would ({old.model_id}: " \
+        in caplog.text
+    assert "max_seq_length 96 -> 64" in caplog.text
+    # The same again under another name: the new model is reused, nothing logged.
+    caplog.clear()
+    _, again = register("tiny-restated-too")
+    assert again.source == first.source and len(_logged_models(record, run_id)) == 2
+    assert "serves other settings" not in caplog.text
+    # The trial now records that its metrics were measured in bf16: neither model serves that.
+    client.set_tag(run_id, TAG_PRECISION, "bf16")
+    served, bf16 = register("tiny-restated-bf16")
+    assert served["precision"] == "bf16" and len(_logged_models(record, run_id)) == 3
+    assert bf16.source not in (old.model_uri, first.source)
+
+
 def test_select_over_versions_whose_files_are_spoilt_names_each_and_leaves_the_alias(record, tokenizer, capsys):
     client, root, name = record["client"], record["root"], "tiny-spoilt"
     run_id = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id

@@ -226,6 +226,19 @@ def _load_any(model_dir: str, precision: str, variant: str | None, device: str =
     return load_model(path, qa_head=True).to(run_device), load_tokenizer(path), precision, run_device
 
 
+def _warn_live_weights(model_dir: str | Path, command: str) -> None:
+    """One warning where ``model_dir`` is a training checkpoint of a run with ``ema_decay``: ``command`` (pack,
+    export) takes its live weights, while the run's evaluations and its final model are of their average."""
+    from pruning.averaging import holds_average
+    from pruning.trainer import FINAL_DIR
+
+    path = Path(model_dir)
+    if holds_average(path):
+        logger.warning("%s is a training checkpoint of a run with ema_decay: %s takes its live weights, while the run "
+                       "evaluated their average, which its final model %s holds; %s that one for the model the run "
+                       "scored", path, command, path.parent / FINAL_DIR, command)
+
+
 def _recorded_precision(path: Path, device: str) -> str:
     """The precision ``path`` records of its run's evaluations (:func:`pruning.checkpoint.read_precision`), as
     ``device`` can run it: ``bf16`` where it has bf16 matrix units, else ``fp32`` with a warning (the figures may
@@ -428,6 +441,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         source = read_manifest(args.checkpoint).get("source")
         raise UserError(f"{args.checkpoint}: an exported ONNX model, not a PyTorch checkpoint; pack the model it was "
                         "exported from" + (f" ({source})" if source else ""))
+    _warn_live_weights(args.checkpoint, "pack")
     masked = load_model(args.checkpoint, qa_head=True)
     tokenizer = load_tokenizer(args.checkpoint)
     limit = max_positions(masked.config)
@@ -448,6 +462,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_positive(args, "questions")
     _check_output_path(args.out_dir, "out_dir", directory=True)
     _check_not_inside(args.model_dir, args.out_dir, "out_dir")
+    _warn_live_weights(args.model_dir, "export")
     _emit(export_checkpoint(args.model_dir, args.out_dir, quantize=args.quantize, opset=args.opset,
                             data=args.eval_data, questions=args.questions, overwrite=args.overwrite))
     return 0

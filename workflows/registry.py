@@ -26,7 +26,9 @@ F1, densities, heads removed, speedup, precision, the trial's run id and the swe
 ``champion``; no other version gets an alias unless :func:`select_by_latency` is asked to set one. Registering
 the same trial twice adds no version, and a trial's served model is logged on its run once: a version of it under
 another name, or made again (its version deleted, or a registration stopped before making it), reuses that model
-when it serves as asked (exported for ONNX Runtime, or ``skipped``).
+when it serves as asked (exported for ONNX Runtime, or ``skipped``) and as one logged now would (its ``model_config``:
+windows, span search, limits, ONNX variant and precision); a model logged with other settings (before they came
+from the packed model's record, say) is left as it is and a new one logged, with a line saying so.
 """
 
 from __future__ import annotations
@@ -534,19 +536,53 @@ def _fluent_store(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(before)
 
 
-def _logged_qa_model(client, run, onnx: bool):
+def _served_by(settings: Mapping[str, Any], has_onnx: bool) -> dict[str, Any] | None:
+    """What a served model's ``model_config`` makes it serve, as :class:`PackedQAModel` reads it (defaults for the
+    keys it lacks), or None when it would not load."""
+    try:
+        counts = {key: _count_setting(settings, key, default)
+                  for key, default in {**SERVE_DEFAULTS, "max_records": MAX_RECORDS}.items()}
+        variant = served_variant(settings, has_onnx)
+    except ValueError:
+        return None
+    return {**counts, "onnx_variant": variant, "precision": str(settings.get("precision", "fp32"))}
+
+
+def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any]):
     """The served model an earlier registration logged on the trial ``run`` (whole, and exported for ONNX Runtime
-    as ``onnx`` asks: tried, or ``skipped``), or None."""
+    as ``onnx`` asks: tried, or ``skipped``) that serves as one logged now with ``settings`` (its ``model_config``
+    but ``onnx_variant``) would, or None."""
+    from mlflow.models import Model
+
     try:
         models = client.search_logged_models([run.info.experiment_id],
                                              filter_string=f"source_run_id = '{run.info.run_id}' "
                                                            f"AND name = '{ARTIFACT_QA_MODEL}'")
     except MlflowException:
         return None
+    stale = []
     for model in sorted(models, key=lambda m: m.creation_timestamp or 0):
         tag = model.tags.get(TAG_ONNX)
-        if model.status == LoggedModelStatus.READY and tag is not None and (tag == ONNX_SKIPPED) != onnx:
+        if model.status != LoggedModelStatus.READY or tag is None or (tag == ONNX_SKIPPED) == onnx:
+            continue
+        try:
+            with _fluent_store(client.tracking_uri):  # which resolves the model's files
+                flavor = Model.load(model.model_uri).flavors.get("python_function", {})
+        except (MlflowException, OSError):  # its files are gone: not a model to serve
+            continue
+        has_onnx = ARTIFACT_ONNX_DIR in (flavor.get("artifacts") or {})
+        served = _served_by(flavor.get("config") or {}, has_onnx)
+        wanted = _served_by({"max_records": MAX_RECORDS, **settings,
+                             "onnx_variant": ONNX_VARIANTS[0] if has_onnx else "none"}, has_onnx)
+        if served is not None and served == wanted:
             return model
+        stale.append((model.model_id, {key: (value, (served or {}).get(key)) for key, value in (wanted or {}).items()
+                                       if (served or {}).get(key) != value}))
+    if stale:
+        changes = ("; ".join(f"{model_id}: " + ", ".join(f"{key} {was} -> {now}" for key, (now, was) in changed.items())
+                             for model_id, changed in stale))
+        logger.info("trial run %s: the model logged on it before serves other settings than registering it now "
+                    "would (%s): logging a new one", run.info.run_id, changes)
     return None
 
 
@@ -554,18 +590,45 @@ class UnreadableTrial(record.RecordError):
     """A trial's packed model is missing from its run or cannot be read: it cannot become a version."""
 
 
-def _packed_model_of(client, run_id: str, dst: str) -> tuple[str, dict[str, int]]:
-    """The trial's ``packed_model`` artifact downloaded into ``dst``, its model and tokenizer checked to load (a
-    version is never made of a model that cannot be served), and the evaluation settings it records
-    (:func:`pruning.checkpoint.read_evaluation`; empty for a model written before models recorded them).
+def _settings_of(client, run) -> dict[str, Any]:
+    """The ``model_config`` (but ``onnx_variant``) a served model logged now for the trial ``run`` gets: the windows
+    and span search its packed model records (:func:`serve_settings`) and the precision its metrics were measured
+    in (:func:`measured_precision`).
 
     Raises:
-        UnreadableTrial: the run holds no such artifact (or the artifact store cannot give it), or the model, its
-            tokenizer or its evaluation record cannot be read; the file is named in the run
-            (``runs:/RUN_ID/packed_model/...``).
+        UnreadableTrial: the packed model's config.json cannot be read, or its record is not valid.
     """
     # torch and the library are needed only for a new version; the registry module stays light without them.
-    from pruning.checkpoint import CheckpointError, load_model, load_tokenizer, read_evaluation
+    from pruning.checkpoint import CheckpointError, read_evaluation
+
+    run_id = run.info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            config_file = Path(client.download_artifacts(run_id, f"{ARTIFACT_PACKED_MODEL}/config.json", tmp))
+        except (MlflowException, OSError) as err:
+            lines = str(err).strip().splitlines()
+            raise UnreadableTrial(f"trial run {run_id}: its {ARTIFACT_PACKED_MODEL!r} artifact cannot be read "
+                                  f"({lines[0] if lines else type(err).__name__}); not registered") from None
+        try:
+            evaluation = read_evaluation(config_file.parent)
+        except CheckpointError as err:
+            where = str(err).replace(str(config_file.parent), f"runs:/{run_id}/{ARTIFACT_PACKED_MODEL}")
+            raise UnreadableTrial(f"trial run {run_id}: {where.splitlines()[0]}; not registered") from None
+    # The windows and span search the trial was scored with: those its packed model records, which are cut to the
+    # position embeddings of the model and of its teacher, not the params as given.
+    return {**serve_settings(run.data.params, evaluation), "precision": measured_precision(run)}
+
+
+def _packed_model_of(client, run_id: str, dst: str) -> str:
+    """The trial's ``packed_model`` artifact downloaded into ``dst``, its model and tokenizer checked to load (a
+    version is never made of a model that cannot be served).
+
+    Raises:
+        UnreadableTrial: the run holds no such artifact (or the artifact store cannot give it), or the model or its
+            tokenizer cannot be read; the file is named in the run (``runs:/RUN_ID/packed_model/...``).
+    """
+    # torch and the library are needed only for a new version; the registry module stays light without them.
+    from pruning.checkpoint import CheckpointError, load_model, load_tokenizer
     from pruning.packing import PackingError
 
     try:
@@ -577,11 +640,10 @@ def _packed_model_of(client, run_id: str, dst: str) -> tuple[str, dict[str, int]
     try:
         load_model(local)
         load_tokenizer(local)
-        evaluation = read_evaluation(local)
     except (CheckpointError, PackingError) as err:
         where = str(err).replace(str(local), f"runs:/{run_id}/{ARTIFACT_PACKED_MODEL}").splitlines()[0]
         raise UnreadableTrial(f"trial run {run_id}: {where}; not registered") from None
-    return local, evaluation
+    return local
 
 
 def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
@@ -595,7 +657,8 @@ def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
     if existing:
         logger.info("trial run %s is already version %s of %s", run_id, existing[0].version, name)
         return existing[0]
-    logged = _logged_qa_model(client, run, onnx)
+    settings = _settings_of(client, run)
+    logged = _logged_qa_model(client, run, onnx, settings)
     if logged is not None:
         logger.info("trial run %s: a new version of %s from the model logged on it before (%s)", run_id, name,
                     logged.model_id)
@@ -605,7 +668,7 @@ def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
                                                tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: logged.tags[TAG_ONNX]})
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
-        local, evaluation = _packed_model_of(client, run_id, tmp)
+        local = _packed_model_of(client, run_id, tmp)
         # Only here, for a new version: a registered trial is never exported again.
         if onnx:
             onnx_dir, onnx_tag = export_for_serving(local, Path(tmp) / "onnx_model",
@@ -614,7 +677,6 @@ def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
             onnx_dir, onnx_tag = None, ONNX_SKIPPED
             logger.info("the packed model of trial run %s: not exported for ONNX Runtime (onnx: false); it serves "
                         "through PyTorch", run_id)
-        precision = measured_precision(run)
         # The model is logged on the trial's run, which is reopened for it: its status and end are set back
         # however the logging ends (an error or Ctrl-C would leave it FAILED and ended now). A registration killed
         # outright leaves it RUNNING with its end kept; it ended as its fineprune.status tag says (a finished trial:
@@ -622,10 +684,7 @@ def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
         status = "FINISHED" if run.data.tags.get(TAG_STATUS) == STATUS_FINISHED else run.info.status
         try:
             with mlflow.start_run(run_id=run_id):
-                # The windows and span search the trial was scored with: those its packed model records, which
-                # are cut to the position embeddings of the model and of its teacher, not the params as given.
-                settings = serve_settings(run.data.params, evaluation)
-                info = log_qa_model(local, {**settings, "precision": precision}, onnx_dir, tags={TAG_ONNX: onnx_tag})
+                info = log_qa_model(local, settings, onnx_dir, tags={TAG_ONNX: onnx_tag})
         finally:
             if run.info.end_time:  # the trial's duration is part of the record
                 client.set_terminated(run_id, status=status, end_time=run.info.end_time)
