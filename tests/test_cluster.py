@@ -593,3 +593,24 @@ def _group_is_gone(group: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def test_every_space_the_guides_submit_is_shipped_or_written_by_the_guide(tmp_path):
+    """A pasted `--space PATH` must find its file: a shipped one, or one an earlier command of the guide writes;
+    the guide's cluster copy of the BERT-base space names the models by their path on the nodes."""
+    for guide in ("docs/cluster.md", "README.md"):
+        text = (REPO / guide).read_text(encoding="utf-8")
+        written = set(re.findall(r">\s*(tune_spaces/\S+\.yaml)", text))
+        for space in re.findall(r"--space\s+(tune_spaces/[\w./-]+\.yaml)", text):
+            assert (REPO / space).is_file() or space in written, f"{guide}: {space} is neither shipped nor written"
+    text = (REPO / "docs" / "cluster.md").read_text(encoding="utf-8")
+    command = re.search(r"^(sed .*?)\\\n\s*> tune_spaces/bert_base_squad_cluster\.yaml", text, re.M | re.S).group(1)
+    copy = tmp_path / "bert_base_squad_cluster.yaml"
+    with copy.open("w") as out:
+        subprocess.run(["bash", "-c", command], cwd=REPO, stdout=out, check=True)
+    from workflows.space import load_space
+
+    space = load_space(copy)
+    assert space.base["model"] == "/home/ubuntu/fineprune/models/bert-base-uncased"
+    assert space.teacher.path == "/home/ubuntu/fineprune/models/bert-base-uncased-squad"
+    assert f"\"~/fineprune\": \".\"" in (REPO / "cluster.yaml").read_text(encoding="utf-8")  # where the nodes keep it
