@@ -62,7 +62,9 @@ def _wait_until(condition, timeout: float, what: str, poll: float = 0.5, alive: 
         if value:
             return value
         if alive is not None and alive.poll() is not None:
-            raise AssertionError(f"the process ended (status {alive.returncode}) while waiting for {what}")
+            err = getattr(alive, "err_path", None)  # a driver's stderr says why it ended
+            tail = err.read_text(errors="replace")[-4000:] if err is not None and err.exists() else ""
+            raise AssertionError(f"the process ended (status {alive.returncode}) while waiting for {what}\n{tail}")
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -155,7 +157,7 @@ def _sweep(world: dict, space: str, *args: str) -> subprocess.Popen:
                *args]
     with open(root / f"{name}.out", "wb") as out, open(root / f"{name}.err", "wb") as err:
         driver = subprocess.Popen(command, cwd=root, env=world["env"], stdout=out, stderr=err, start_new_session=True)
-    driver.name = name
+    driver.name, driver.err_path = name, root / f"{name}.err"
     world["drivers"].append(driver)
     return driver
 
