@@ -197,6 +197,13 @@ def _help_of(command: str, capsys) -> str:
     return capsys.readouterr().out
 
 
+def test_the_top_level_help_says_what_the_tool_does_in_plain_words(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "question-answering" in out and "prune" in out
+
+
 def test_every_option_has_a_help_text_that_says_its_default(capsys):
     for name, actions in _options().items():
         # The options section on one line (argparse wraps it at the terminal width).

@@ -39,6 +39,9 @@ REACH_TIMEOUT_S = 15.0  # how long register, select and report wait for a tracki
 PRECISION_HELP = "fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (bf16 where supported)"
 
 
+DESCRIPTION = ("Block movement fine-pruning of BERT-family question-answering models: train or prune a model, pack "
+               "it into a smaller dense one, evaluate, export and ask it, and sweep, register and select "
+               "pruned models with Ray Tune and MLflow.")
 INCOMPLETE_SWEEP = 3  # exit status of a sweep that ended with trials failed or left to run (--resume continues it)
 
 
@@ -535,8 +538,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fineprune", description=__doc__.splitlines()[0],
-                                     formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(prog="fineprune", description=DESCRIPTION, formatter_class=_HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
