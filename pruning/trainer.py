@@ -76,7 +76,7 @@ from .teacher_cache import TeacherCache, TeacherOutputs
 
 __all__ = ["Report", "TrainingPlan", "build_model", "fit_to_model", "plan", "mask_schedule", "train", "evaluate",
            "resolve_device", "check_device", "enter_fill_phase", "check_resume_config", "training_loss", "fused_adamw",
-           "micro_batches", "TrainingDiverged"]
+           "micro_batches", "TrainingDiverged", "warn_if_not_held_out"]
 
 logger = logging.getLogger(__name__)
 
@@ -444,12 +444,14 @@ def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
     return teacher
 
 
-def _warn_if_not_held_out(train_examples: list[squad.Example], eval_examples: list[squad.Example]) -> None:
-    """Say so when the run is scored on questions it trains on (the same file, or splits that share ids)."""
+def warn_if_not_held_out(train_examples: list[squad.Example], eval_examples: list[squad.Example],
+                         scored: str = "this run") -> None:
+    """Say so when ``scored`` (a run, a sweep's trials) is scored on questions it trains on (the same file, or
+    splits that share ids)."""
     shared = {ex.id for ex in train_examples} & {ex.id for ex in eval_examples}
     if shared:
-        logger.warning("%d of the %d evaluation questions are training questions too (e.g. %s): the EM and F1 this "
-                       "run reports are not held out", len(shared), len(eval_examples), min(shared))
+        logger.warning("%d of the %d evaluation questions are training questions too (e.g. %s): the EM and F1 of %s "
+                       "are not held out", len(shared), len(eval_examples), min(shared), scored)
 
 
 def _check_teacher(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -568,7 +570,7 @@ def enter_fill_phase(model: nn.Module) -> None:
 
 
 def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, held_out_warning: bool = True) -> dict[str, Any]:
     """Run one fine-tuning (dense) or fine-pruning (masked) job described by ``cfg``.
 
     Args:
@@ -578,6 +580,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         resume_from: a training checkpoint directory; training continues at its step with the same optimizer
             state, data order and masks.
         progress: show tqdm progress bars.
+        held_out_warning: warn when evaluation questions are training questions too (a sweep checks that once for
+            all its runs, and turns it off in each).
 
     Returns:
         The final metrics (``exact_match``, ``f1``, densities, heads removed, ...), plus ``step``,
@@ -595,7 +599,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     train_examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
     # The metric reads answer texts only, as `fineprune eval` does: no answer_start is checked.
     eval_examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit, spans=False)
-    _warn_if_not_held_out(train_examples, eval_examples)
+    if held_out_warning:
+        warn_if_not_held_out(train_examples, eval_examples)
 
     start_step = 0
     history: list[dict[str, Any]] = []
