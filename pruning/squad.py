@@ -631,7 +631,8 @@ def window_batch(features: dict[str, torch.Tensor], index: torch.Tensor,
 
 
 def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_length: int = 384,
-                           doc_stride: int = 128, max_query_length: int = 64) -> dict[str, torch.Tensor]:
+                           doc_stride: int = 128, max_query_length: int = 64,
+                           progress: bool = False) -> dict[str, torch.Tensor]:
     """Training windows with the token positions of each question's first gold answer.
 
     A context longer than one window is split into windows overlapping by ``doc_stride`` tokens. A window that
@@ -645,6 +646,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
         max_query_length: a question with more tokens is cut to its first ``max_query_length`` (one warning gives
             how many were); a question that, cut, still leaves no more than ``doc_stride`` context tokens in a
             window raises :class:`SquadFormatError`.
+        progress: show a tqdm bar of the questions tokenized (the whole SQuAD training set takes minutes).
 
     Returns:
         int64 tensors ``input_ids``, ``attention_mask``, ``token_type_ids`` of shape ``(F, max_seq_length)`` and
@@ -656,6 +658,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
     parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
     starts: list[int] = []
     ends: list[int] = []
+    bar = tqdm(total=len(examples), desc="tokenize", unit="question", disable=not progress, dynamic_ncols=True)
     for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride, max_query_length):
         for key, chunks in parts.items():
             chunks.append(encoding[key])
@@ -666,6 +669,8 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
             start, end = _answer_tokens(offsets[i], start_char, end_char)
             starts.append(start)
             ends.append(end)
+        bar.update(min(_TOKENIZE_CHUNK, len(examples) - first))
+    bar.close()
     features = {key: _concat(chunks, max_seq_length) for key, chunks in parts.items()}
     features["start_positions"] = torch.tensor(starts, dtype=torch.long)
     features["end_positions"] = torch.tensor(ends, dtype=torch.long)

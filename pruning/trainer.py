@@ -373,16 +373,24 @@ def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
-    """Tokenized training windows, cached as safetensors under ``cfg.cache_dir`` when it is set.
+def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenizerBase,
+                   progress: bool = False) -> dict[str, torch.Tensor]:
+    """Tokenized training windows, cached as safetensors under ``cfg.cache_dir`` when it is set. Tokenizing (minutes
+    for the whole SQuAD training set) is logged first, with a tqdm bar when ``progress``.
 
     The cache key covers the data file's contents (an in-place edit is a new key), the question limit, the tokenizer
     (its whole definition, so one retrained into the same directory is a new key) and the window settings, so
     trials of a sweep that share data tokenize it once.
     """
-    if cfg.cache_dir is None:
+    def tokenize() -> dict[str, torch.Tensor]:
+        logger.info("tokenizing %d training questions into windows of %d tokens (stride %d)", len(examples),
+                    cfg.max_seq_length, cfg.doc_stride)
         return squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
-                                            doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length)
+                                            doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length,
+                                            progress=progress)
+
+    if cfg.cache_dir is None:
+        return tokenize()
     data = resolve_data(cfg.train_data)
     # The last items say how text is tokenized and answers labelled: a change there is a new key.
     key = json.dumps([content_digest(data), cfg.train_limit, tokenizer.name_or_path,
@@ -395,8 +403,7 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
             return dict(load_file(str(path)))
         except Exception as err:  # a damaged cache is rebuilt, never trusted
             logger.warning("ignoring unreadable feature cache %s: %s", path, err)
-    features = squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
-                                            doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length)
+    features = tokenize()
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -623,7 +630,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     saved_cfg = cfg  # what checkpoints record: the run's config as given, not its windows cut to the model
     cfg = fit_to_model(cfg, model, teacher)
 
-    features = train_features(cfg, train_examples, tokenizer)
+    features = train_features(cfg, train_examples, tokenizer, progress=progress)
     num_features = int(features["input_ids"].shape[0])
     p = plan(cfg, num_features)
     logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s, %s",
