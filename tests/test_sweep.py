@@ -31,6 +31,12 @@ def sweep_command(space: dict, tmp_path: Path, name: str) -> tuple[subprocess.Co
     return proc, uri
 
 
+def _worker_progress_bars(stderr: str) -> list[str]:
+    """The tqdm bars in a sweep's stderr that Ray forwarded from a worker (a bar starts with a carriage return,
+    which text mode reads as a line break after the worker's prefix)."""
+    return re.findall(r"\((?:trial_main|_dense_teacher) pid=\d+\)\S* *[\r\n]?[^\r\n]*?\d+%\|[^\r\n]*", stderr)
+
+
 @pytest.fixture(scope="module")
 def retried_sweep(tmp_path_factory):
     """The smoke space with one retry per trial, and a fault that kills every trial's worker once."""
@@ -236,6 +242,8 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     assert "the search ended after 6 of 8 trials" in proc.stderr
     # The trials train and score on the same dev questions: said once by the sweep, not by the teacher and each trial.
     assert proc.stderr.count("evaluation questions are training questions too") == 1, proc.stderr[-5000:]
+    # Ray forwards every redraw of a worker's progress bar as a line: the teacher and the trials draw none.
+    assert not _worker_progress_bars(proc.stderr), _worker_progress_bars(proc.stderr)[:5]
     parent = MlflowClient(tracking_uri=uri).get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags[record.TAG_SWEEP_STATE] == record.SWEEP_COMPLETE
     search = summary["search"]

@@ -33,6 +33,7 @@ from typing import Any
 
 import ray
 import torch
+import transformers
 from ray import tune
 from ray._private.services import canonicalize_bootstrap_address_or_die
 from ray.exceptions import AuthenticationError
@@ -63,6 +64,14 @@ RAY_CONNECT_TIMEOUT_S = 10.0  # how long an explicit Ray address may take to acc
 # What a trial's final report holds besides the run's bookkeeping: an objective must be one of these.
 TRIAL_METRICS = (*EVAL_METRICS, *PACK_METRICS)
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _worker_output() -> None:
+    """What a Ray worker (the teacher's, a trial's) prints: log lines, and no progress bars. Ray forwards each
+    redraw of a bar as a line of its own, so the trainer runs without them, and transformers' bars of loading and
+    saving a model ("Loading weights", "Writing model shards": several each trial) are turned off too."""
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    transformers.utils.logging.disable_progress_bar()
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's token authentication: "token" sends the token to an explicit address
 _TOKEN_PLACES = "RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token"
 
@@ -90,7 +99,7 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
 
     ``held_out_checked``: the driver has said whether the trials are scored on questions they train on, so the
     trial does not say it again (once per trial)."""
-    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    _worker_output()
     context = tune.get_context()
     # Training writes (and atomically replaces) checkpoints; keep that churn out of the directory Tune syncs.
     work_dir = Path(tempfile.gettempdir()) / "fineprune-trials" / context.get_experiment_name() / context.get_trial_id()
@@ -183,7 +192,7 @@ def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space: SweepSpa
 def _dense_teacher(cfg, given: str | None, held_out_checked: bool = False) -> dict[str, Any]:
     """Fine-tune the dense teacher (``given`` None) or evaluate the given one, in a Ray worker."""
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    _worker_output()
     if given is None:
         # Progress by log lines, not bars (see trial_main).
         return train(cfg, progress=False, held_out_warning=not held_out_checked)
