@@ -961,6 +961,9 @@ def _fisher_cut(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, fea
     num_windows = int(features["input_ids"].shape[0])
     index, tuning_index = importance.calibration_and_tuning_index(
         num_windows, cfg.calibration_samples, cfg.mask_tuning_samples, cfg.seed + stage)
+    # Said before the passes, which take minutes on a large model while the step count stands still.
+    logger.info("fisher stage %d/%d: importance of the heads and FFN neurons on %d calibration windows", stage + 1,
+                cfg.fisher_stages, index.numel())
     estimate = _fisher_estimate(cfg, model, teacher, features, index, device, trained=stage > 0)
     out["calibration_windows"] = out.get("calibration_windows", 0.0) + float(index.numel())
     out["calibration_seconds"] = out.get("calibration_seconds", 0.0) + time.time() - started
