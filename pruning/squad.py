@@ -678,7 +678,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
 
 
 def prepare_eval_features(examples: Sequence[Example], tokenizer: Any, max_seq_length: int = 384,
-                          doc_stride: int = 128, max_query_length: int = 64) -> EvalFeatures:
+                          doc_stride: int = 128, max_query_length: int = 64, progress: bool = False) -> EvalFeatures:
     """Evaluation windows of every question, with the map from windows and tokens back to the contexts.
 
     Args: as for :func:`prepare_train_features` (gold answers are not needed).
@@ -689,11 +689,14 @@ def prepare_eval_features(examples: Sequence[Example], tokenizer: Any, max_seq_l
     parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
     example_index: list[np.ndarray] = []
     offsets: list[np.ndarray] = []
+    bar = tqdm(total=len(examples), desc="tokenize", unit="question", disable=not progress, dynamic_ncols=True)
     for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride, max_query_length):
         for key, chunks in parts.items():
             chunks.append(encoding[key])
         example_index.append(np.asarray(encoding["overflow_to_sample_mapping"], dtype=np.int64) + first)
         offsets.append(_context_offsets(encoding))
+        bar.update(min(_TOKENIZE_CHUNK, len(examples) - first))
+    bar.close()
     index = np.concatenate(example_index) if example_index else np.zeros(0, dtype=np.int64)
     return EvalFeatures(
         input_ids=_concat(parts["input_ids"], max_seq_length),
@@ -898,7 +901,7 @@ def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
                   max_query_length: int = 64) -> dict[str, Answer]:
     """Answer spans (text, score, character offsets) of a QA model for every question; see :func:`predict`."""
     features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
-                                     max_query_length=max_query_length)
+                                     max_query_length=max_query_length, progress=progress)
     start_logits, end_logits = compute_logits(model, features, batch_size=batch_size, device=device,
                                               progress=progress)
     return postprocess_predictions(examples, features, start_logits, end_logits, n_best=n_best,
