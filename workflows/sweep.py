@@ -64,14 +64,20 @@ RAY_CONNECT_TIMEOUT_S = 10.0  # how long an explicit Ray address may take to acc
 # What a trial's final report holds besides the run's bookkeeping: an objective must be one of these.
 TRIAL_METRICS = (*EVAL_METRICS, *PACK_METRICS)
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Where Ray Train logs each checkpoint it persists (its two storage modules).
+_RAY_CHECKPOINT_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")
 
 
 def _worker_output() -> None:
     """What a Ray worker (the teacher's, a trial's) prints: log lines, and no progress bars. Ray forwards each
     redraw of a bar as a line of its own, so the trainer runs without them, and transformers' bars of loading and
-    saving a model ("Loading weights", "Writing model shards": several each trial) are turned off too."""
+    saving a model ("Loading weights", "Writing model shards": several each trial) are turned off too. So is Ray's
+    line for each checkpoint a trial reports ("Checkpoint successfully created at: Checkpoint(...)", a repr at
+    every evaluation of every trial): the sweep's directory, logged when it starts, holds them all."""
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
     transformers.utils.logging.disable_progress_bar()
+    for name in _RAY_CHECKPOINT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's token authentication: "token" sends the token to an explicit address
 _TOKEN_PLACES = "RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token"
 
