@@ -66,6 +66,8 @@ TRIAL_METRICS = (*EVAL_METRICS, *PACK_METRICS)
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Where Ray Train logs each checkpoint it persists (its two storage modules).
 _RAY_CHECKPOINT_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's token authentication: "token" sends the token to an explicit address
+_TOKEN_PLACES = "RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token"
 
 
 def _worker_output() -> None:
@@ -78,8 +80,6 @@ def _worker_output() -> None:
     transformers.utils.logging.disable_progress_bar()
     for name in _RAY_CHECKPOINT_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's token authentication: "token" sends the token to an explicit address
-_TOKEN_PLACES = "RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token"
 
 
 class RayUnavailable(Exception):
