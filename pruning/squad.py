@@ -631,7 +631,8 @@ def window_batch(features: dict[str, torch.Tensor], index: torch.Tensor,
 
 
 def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_length: int = 384,
-                           doc_stride: int = 128, max_query_length: int = 64) -> dict[str, torch.Tensor]:
+                           doc_stride: int = 128, max_query_length: int = 64,
+                           progress: bool = False) -> dict[str, torch.Tensor]:
     """Training windows with the token positions of each question's first gold answer.
 
     A context longer than one window is split into windows overlapping by ``doc_stride`` tokens. A window that
@@ -645,6 +646,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
         max_query_length: a question with more tokens is cut to its first ``max_query_length`` (one warning gives
             how many were); a question that, cut, still leaves no more than ``doc_stride`` context tokens in a
             window raises :class:`SquadFormatError`.
+        progress: show a tqdm bar of the questions tokenized (the whole SQuAD training set takes minutes).
 
     Returns:
         int64 tensors ``input_ids``, ``attention_mask``, ``token_type_ids`` of shape ``(F, max_seq_length)`` and
@@ -656,6 +658,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
     parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
     starts: list[int] = []
     ends: list[int] = []
+    bar = tqdm(total=len(examples), desc="tokenize", unit="question", disable=not progress, dynamic_ncols=True)
     for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride, max_query_length):
         for key, chunks in parts.items():
             chunks.append(encoding[key])
@@ -666,6 +669,8 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
             start, end = _answer_tokens(offsets[i], start_char, end_char)
             starts.append(start)
             ends.append(end)
+        bar.update(min(_TOKENIZE_CHUNK, len(examples) - first))
+    bar.close()
     features = {key: _concat(chunks, max_seq_length) for key, chunks in parts.items()}
     features["start_positions"] = torch.tensor(starts, dtype=torch.long)
     features["end_positions"] = torch.tensor(ends, dtype=torch.long)
@@ -673,7 +678,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
 
 
 def prepare_eval_features(examples: Sequence[Example], tokenizer: Any, max_seq_length: int = 384,
-                          doc_stride: int = 128, max_query_length: int = 64) -> EvalFeatures:
+                          doc_stride: int = 128, max_query_length: int = 64, progress: bool = False) -> EvalFeatures:
     """Evaluation windows of every question, with the map from windows and tokens back to the contexts.
 
     Args: as for :func:`prepare_train_features` (gold answers are not needed).
@@ -684,11 +689,14 @@ def prepare_eval_features(examples: Sequence[Example], tokenizer: Any, max_seq_l
     parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
     example_index: list[np.ndarray] = []
     offsets: list[np.ndarray] = []
+    bar = tqdm(total=len(examples), desc="tokenize", unit="question", disable=not progress, dynamic_ncols=True)
     for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride, max_query_length):
         for key, chunks in parts.items():
             chunks.append(encoding[key])
         example_index.append(np.asarray(encoding["overflow_to_sample_mapping"], dtype=np.int64) + first)
         offsets.append(_context_offsets(encoding))
+        bar.update(min(_TOKENIZE_CHUNK, len(examples) - first))
+    bar.close()
     index = np.concatenate(example_index) if example_index else np.zeros(0, dtype=np.int64)
     return EvalFeatures(
         input_ids=_concat(parts["input_ids"], max_seq_length),
@@ -893,7 +901,7 @@ def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
                   max_query_length: int = 64) -> dict[str, Answer]:
     """Answer spans (text, score, character offsets) of a QA model for every question; see :func:`predict`."""
     features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
-                                     max_query_length=max_query_length)
+                                     max_query_length=max_query_length, progress=progress)
     start_logits, end_logits = compute_logits(model, features, batch_size=batch_size, device=device,
                                               progress=progress)
     return postprocess_predictions(examples, features, start_logits, end_logits, n_best=n_best,

@@ -76,7 +76,7 @@ from .teacher_cache import TeacherCache, TeacherOutputs
 
 __all__ = ["Report", "TrainingPlan", "build_model", "fit_to_model", "plan", "mask_schedule", "train", "evaluate",
            "resolve_device", "check_device", "enter_fill_phase", "check_resume_config", "training_loss", "fused_adamw",
-           "micro_batches", "TrainingDiverged"]
+           "micro_batches", "TrainingDiverged", "warn_if_not_held_out"]
 
 logger = logging.getLogger(__name__)
 
@@ -373,16 +373,24 @@ def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
-    """Tokenized training windows, cached as safetensors under ``cfg.cache_dir`` when it is set.
+def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenizerBase,
+                   progress: bool = False) -> dict[str, torch.Tensor]:
+    """Tokenized training windows, cached as safetensors under ``cfg.cache_dir`` when it is set. Tokenizing (minutes
+    for the whole SQuAD training set) is logged first, with a tqdm bar when ``progress``.
 
     The cache key covers the data file's contents (an in-place edit is a new key), the question limit, the tokenizer
     (its whole definition, so one retrained into the same directory is a new key) and the window settings, so
     trials of a sweep that share data tokenize it once.
     """
-    if cfg.cache_dir is None:
+    def tokenize() -> dict[str, torch.Tensor]:
+        logger.info("tokenizing %d training questions into windows of %d tokens (stride %d)", len(examples),
+                    cfg.max_seq_length, cfg.doc_stride)
         return squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
-                                            doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length)
+                                            doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length,
+                                            progress=progress)
+
+    if cfg.cache_dir is None:
+        return tokenize()
     data = resolve_data(cfg.train_data)
     # The last items say how text is tokenized and answers labelled: a change there is a new key.
     key = json.dumps([content_digest(data), cfg.train_limit, tokenizer.name_or_path,
@@ -395,8 +403,7 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
             return dict(load_file(str(path)))
         except Exception as err:  # a damaged cache is rebuilt, never trusted
             logger.warning("ignoring unreadable feature cache %s: %s", path, err)
-    features = squad.prepare_train_features(examples, tokenizer, max_seq_length=cfg.max_seq_length,
-                                            doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length)
+    features = tokenize()
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -444,12 +451,14 @@ def _load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
     return teacher
 
 
-def _warn_if_not_held_out(train_examples: list[squad.Example], eval_examples: list[squad.Example]) -> None:
-    """Say so when the run is scored on questions it trains on (the same file, or splits that share ids)."""
+def warn_if_not_held_out(train_examples: list[squad.Example], eval_examples: list[squad.Example],
+                         scored: str = "this run") -> None:
+    """Say so when ``scored`` (a run, a sweep's trials) is scored on questions it trains on (the same file, or
+    splits that share ids)."""
     shared = {ex.id for ex in train_examples} & {ex.id for ex in eval_examples}
     if shared:
-        logger.warning("%d of the %d evaluation questions are training questions too (e.g. %s): the EM and F1 this "
-                       "run reports are not held out", len(shared), len(eval_examples), min(shared))
+        logger.warning("%d of the %d evaluation questions are training questions too (e.g. %s): the EM and F1 of %s "
+                       "are not held out", len(shared), len(eval_examples), min(shared), scored)
 
 
 def _check_teacher(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -568,7 +577,7 @@ def enter_fill_phase(model: nn.Module) -> None:
 
 
 def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, held_out_warning: bool = True) -> dict[str, Any]:
     """Run one fine-tuning (dense) or fine-pruning (masked) job described by ``cfg``.
 
     Args:
@@ -578,6 +587,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         resume_from: a training checkpoint directory; training continues at its step with the same optimizer
             state, data order and masks.
         progress: show tqdm progress bars.
+        held_out_warning: warn when evaluation questions are training questions too (a sweep checks that once for
+            all its runs, and turns it off in each).
 
     Returns:
         The final metrics (``exact_match``, ``f1``, densities, heads removed, ...), plus ``step``,
@@ -595,7 +606,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     train_examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
     # The metric reads answer texts only, as `fineprune eval` does: no answer_start is checked.
     eval_examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit, spans=False)
-    _warn_if_not_held_out(train_examples, eval_examples)
+    if held_out_warning:
+        warn_if_not_held_out(train_examples, eval_examples)
 
     start_step = 0
     history: list[dict[str, Any]] = []
@@ -618,7 +630,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     saved_cfg = cfg  # what checkpoints record: the run's config as given, not its windows cut to the model
     cfg = fit_to_model(cfg, model, teacher)
 
-    features = train_features(cfg, train_examples, tokenizer)
+    features = train_features(cfg, train_examples, tokenizer, progress=progress)
     num_features = int(features["input_ids"].shape[0])
     p = plan(cfg, num_features)
     logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s, %s",
@@ -949,6 +961,9 @@ def _fisher_cut(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, fea
     num_windows = int(features["input_ids"].shape[0])
     index, tuning_index = importance.calibration_and_tuning_index(
         num_windows, cfg.calibration_samples, cfg.mask_tuning_samples, cfg.seed + stage)
+    # Said before the passes, which take minutes on a large model while the step count stands still.
+    logger.info("fisher stage %d/%d: importance of the heads and FFN neurons on %d calibration windows", stage + 1,
+                cfg.fisher_stages, index.numel())
     estimate = _fisher_estimate(cfg, model, teacher, features, index, device, trained=stage > 0)
     out["calibration_windows"] = out.get("calibration_windows", 0.0) + float(index.numel())
     out["calibration_seconds"] = out.get("calibration_seconds", 0.0) + time.time() - started

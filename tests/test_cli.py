@@ -681,3 +681,15 @@ def test_eval_data_is_read_for_its_answer_texts_only(capsys, masked_checkpoint, 
     assert cli.main(["prune", "--config", TINY, "--eval-data", str(data), "--max-steps", "2", "--output-dir",
                      str(run), "--no-progress"]) == 0
     assert (run / "final" / "config.json").is_file()
+
+
+def test_a_line_logged_during_training_is_not_glued_to_the_progress_bar(tmp_path):
+    # The trainer logs the loss and EM/F1 while its progress bar is drawn: each record must start a line of its own
+    # (tqdm clears the bar first), not follow the bar's text on the bar's line.
+    proc = fineprune("prune", "--config", TINY, "--max-steps", "4", "--train-limit", "8", "--eval-limit", "4",
+                     "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    logged = [seg for seg in re.split(r"[\r\n]", proc.stderr) if " INFO pruning.trainer: step " in seg]
+    assert logged, proc.stderr
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", seg) for seg in logged), logged
+    json.loads(proc.stdout)

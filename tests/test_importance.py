@@ -392,6 +392,21 @@ def test_mask_tuning_may_use_more_windows_than_the_calibration(tmp_path, tokeniz
     assert metrics["calibration_windows"] == 4 and metrics["tuning_windows"] == 20
 
 
+def test_each_fisher_stage_says_it_computes_importance_before_its_passes(tmp_path, caplog):
+    """The calibration passes take minutes on a large model while the step count stands still: each stage says
+    what it computes first, then what it keeps."""
+    with caplog.at_level("INFO", logger="pruning.trainer"):
+        train(tiny_cfg(tmp_path, target_density=0.3, fill_steps=4, fisher_stages=2, calibration_samples=4,
+                       mask_tuning_samples=4), progress=False)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fisher stage")]
+    importance_lines = [m for m in said if "importance" in m]
+    assert importance_lines == [f"fisher stage {i}/2: importance of the heads and FFN neurons on 4 calibration windows"
+                                for i in (1, 2)], said
+    for i in (1, 2):
+        assert said.index(importance_lines[i - 1]) < min(k for k, m in enumerate(said)
+                                                         if m.startswith(f"fisher stage {i}/2: keeping"))
+
+
 # --- through the trainer ---------------------------------------------------------------------------------------
 
 

@@ -719,3 +719,13 @@ def test_non_finite_logits_are_an_error_not_an_arbitrary_span(tiny_bert_config, 
     with pytest.raises(squad.NonFiniteLogits, match=rf"in 1 of {len(features)} windows \(first: question "
                                                     rf"{features.example_ids[f]}\)"):
         squad.postprocess_predictions(examples, features, start, end)
+
+
+def test_evaluation_tokenizing_draws_a_bar_when_progress_is_asked(tokenizer, dev_subset, tiny_bert_config, capsys):
+    """Tokenizing a whole dev set takes a while before the first forward pass: predicting with progress shows it."""
+    model = BertForQuestionAnswering(tiny_bert_config).eval()
+    squad.predict_spans(model, tokenizer, dev_subset[:4], max_seq_length=96, doc_stride=32, progress=True)
+    err = capsys.readouterr().err
+    assert "tokenize: 100%" in err and err.index("tokenize") < err.index("predict")
+    squad.predict_spans(model, tokenizer, dev_subset[:4], max_seq_length=96, doc_stride=32, progress=False)
+    assert "tokenize" not in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -28,6 +29,12 @@ def sweep_command(space: dict, tmp_path: Path, name: str) -> tuple[subprocess.Co
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     return proc, uri
+
+
+def _worker_progress_bars(stderr: str) -> list[str]:
+    """The tqdm bars in a sweep's stderr that Ray forwarded from a worker (a bar starts with a carriage return,
+    which text mode reads as a line break after the worker's prefix)."""
+    return re.findall(r"\((?:trial_main|_dense_teacher) pid=\d+\)\S* *[\r\n]?[^\r\n]*?\d+%\|[^\r\n]*", stderr)
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +240,11 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     assert not (Path(tempfile.gettempdir()) / "fineprune-trials" / Path(summary["sweep_dir"]).name).exists()
     assert "Configuration for experiment" in proc.stderr  # Tune's table, on stderr
     assert "the search ended after 6 of 8 trials" in proc.stderr
+    # The trials train and score on the same dev questions: said once by the sweep, not by the teacher and each trial.
+    assert proc.stderr.count("evaluation questions are training questions too") == 1, proc.stderr[-5000:]
+    # Ray forwards every redraw of a worker's progress bar as a line: the teacher and the trials draw none.
+    assert not _worker_progress_bars(proc.stderr), _worker_progress_bars(proc.stderr)[:5]
+    assert "Checkpoint successfully created" not in proc.stderr  # Ray's repr of each checkpoint reported
     parent = MlflowClient(tracking_uri=uri).get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags[record.TAG_SWEEP_STATE] == record.SWEEP_COMPLETE
     search = summary["search"]
@@ -492,3 +504,26 @@ def test_the_data_check_reads_as_many_training_questions_as_a_trial_may(tmp_path
                 _check_local_data(load_space(tmp_path / "space.yaml"))
         else:
             _check_local_data(load_space(tmp_path / "space.yaml"))
+
+
+def test_the_data_check_says_once_that_the_trials_are_not_scored_on_held_out_questions(caplog, tmp_path):
+    """The sweep says it for the trials (and for a teacher trained on other questions) before Ray starts; the
+    teacher and the trials then do not say it again."""
+    from workflows.space import load_space
+    from workflows.sweep import _check_local_data
+
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    with caplog.at_level(logging.WARNING, logger="pruning.trainer"):
+        _check_local_data(load_space(tmp_path / "space.yaml"))
+    said = [r.getMessage() for r in caplog.records if "training questions too" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("the EM and F1 of the trials are not held out"), said
+
+    space["teacher"]["config"]["train_limit"] = 30  # the teacher trains on more questions than the trials
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pruning.trainer"):
+        _check_local_data(load_space(tmp_path / "space.yaml"))
+    said = [r.getMessage() for r in caplog.records if "training questions too" in r.getMessage()]
+    assert [m.rsplit("F1 ", 1)[1] for m in said] == ["of the trials are not held out",
+                                                     "of the dense teacher are not held out"], said

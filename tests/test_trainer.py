@@ -655,6 +655,23 @@ def test_the_feature_cache_follows_the_data_files_contents(tokenizer, tmp_path):
     assert not all(torch.equal(again[key], first[key]) for key in first)
 
 
+def test_tokenizing_the_training_questions_is_said_and_shown_as_it_goes(tokenizer, dev_subset, tmp_path, caplog,
+                                                                        capsys):
+    """Tokenizing the whole training set takes minutes: a run says so first and draws a bar of the questions done
+    (none when it reads the windows back from its cache)."""
+    from pruning.trainer import train_features
+
+    cfg = RunConfig(train_data="dev", train_limit=8, max_seq_length=96, doc_stride=32, cache_dir=str(tmp_path))
+    with caplog.at_level("INFO", logger="pruning.trainer"):
+        train_features(cfg, dev_subset[:8], tokenizer, progress=True)
+    assert "tokenizing 8 training questions into windows of 96 tokens (stride 32)" in caplog.text
+    assert "tokenize: 100%" in capsys.readouterr().err
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pruning.trainer"):
+        train_features(cfg, dev_subset[:8], tokenizer, progress=True)  # from the cache
+    assert "tokenizing" not in caplog.text and "tokenize" not in capsys.readouterr().err
+
+
 def test_a_resumed_runs_figures_count_the_work_before_the_resume(tmp_path):
     """train_seconds and teacher_forward_windows describe the whole run, not the part after a resume."""
     teacher = train(tiny_cfg(tmp_path, method="dense", max_steps=2, output_dir=str(tmp_path / "teacher")),

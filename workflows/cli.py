@@ -24,7 +24,9 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from workflows.record import RUNTIMES
 from workflows.retry import TrackingUnavailable
@@ -719,6 +721,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _logs_above_progress_bars() -> Iterator[None]:
+    """Log records written to the console through ``tqdm.write`` while a command runs: a line logged while a
+    progress bar is drawn (a training step's loss, an evaluation's EM/F1) goes on its own line above the bar instead
+    of being glued to the bar's end. Does nothing where the records go to no console stream (a caller's handlers)."""
+    consoles = [h for h in logging.root.handlers
+                if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)]
+    if not consoles:
+        yield
+        return
+    with logging_redirect_tqdm():
+        yield
+
+
 _terminated = False  # SIGTERM came: the KeyboardInterrupt that stops the command is its
 
 
@@ -743,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():  # where Python lets a handler be set
         on_term = signal.signal(signal.SIGTERM, _stop)
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _logs_above_progress_bars():
             return int(args.func(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, and the shell's status for the signal
         signum = signal.SIGTERM if _terminated else signal.SIGINT

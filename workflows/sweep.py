@@ -35,6 +35,7 @@ from typing import Any
 import mlflow
 import ray
 import torch
+import transformers
 from ray import tune
 from ray._private.services import canonicalize_bootstrap_address_or_die
 from ray.exceptions import AuthenticationError
@@ -44,7 +45,7 @@ from pruning.checkpoint import load_model, load_tokenizer
 from pruning.config import config_to_dict
 from pruning.packing import PACK_METRICS, pack_and_verify, save_packed
 from pruning.resources import resolve_data
-from pruning.trainer import evaluate, resolve_device, train
+from pruning.trainer import evaluate, resolve_device, train, warn_if_not_held_out
 from workflows import frontier, record, registry, tracking
 from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
@@ -65,8 +66,22 @@ RAY_CONNECT_TIMEOUT_S = 10.0  # how long an explicit Ray address may take to acc
 # What a trial's final report holds besides the run's bookkeeping: an objective must be one of these.
 TRIAL_METRICS = (*EVAL_METRICS, *PACK_METRICS)
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Where Ray Train logs each checkpoint it persists (its two storage modules).
+_RAY_CHECKPOINT_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's token authentication: "token" sends the token to an explicit address
 _TOKEN_PLACES = "RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token"
+
+
+def _worker_output() -> None:
+    """What a Ray worker (the teacher's, a trial's) prints: log lines, and no progress bars. Ray forwards each
+    redraw of a bar as a line of its own, so the trainer runs without them, and transformers' bars of loading and
+    saving a model ("Loading weights", "Writing model shards": several each trial) are turned off too. So is Ray's
+    line for each checkpoint a trial reports ("Checkpoint successfully created at: Checkpoint(...)", a repr at
+    every evaluation of every trial): the sweep's directory, logged when it starts, holds them all."""
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    transformers.utils.logging.disable_progress_bar()
+    for name in _RAY_CHECKPOINT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class RayUnavailable(Exception):
@@ -86,9 +101,13 @@ def _report_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
-def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, cache_dir: str | None = None) -> None:
-    """The Tune function trainable: one fine-pruning run, then packing and the final report."""
-    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, cache_dir: str | None = None,
+               held_out_checked: bool = False) -> None:
+    """The Tune function trainable: one fine-pruning run, then packing and the final report.
+
+    ``held_out_checked``: the driver has said whether the trials are scored on questions they train on, so the
+    trial does not say it again (once per trial)."""
+    _worker_output()
     context = tune.get_context()
     # Training writes (and atomically replaces) checkpoints; keep that churn out of the directory Tune syncs.
     work_dir = Path(tempfile.gettempdir()) / "fineprune-trials" / context.get_experiment_name() / context.get_trial_id()
@@ -132,7 +151,8 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
     packed_dir = work_dir / "packed"
     try:
         # No progress bars in a worker: Ray prints each redraw as a line; the trainer logs every log_every steps.
-        metrics = train(cfg, report=report, resume_from=resume_from, progress=False)
+        metrics = train(cfg, report=report, resume_from=resume_from, progress=False,
+                        held_out_warning=not held_out_checked)
         final = _pack_and_measure(metrics, packed_dir, space, cfg.device, cfg.precision)
     except BaseException:
         # What it reported is in the sweep's storage, which a retry or a resume restores from.
@@ -177,12 +197,13 @@ def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space: SweepSpa
 
 
 @ray.remote(max_retries=0)
-def _dense_teacher(cfg, given: str | None) -> dict[str, Any]:
+def _dense_teacher(cfg, given: str | None, held_out_checked: bool = False) -> dict[str, Any]:
     """Fine-tune the dense teacher (``given`` None) or evaluate the given one, in a Ray worker."""
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    _worker_output()
     if given is None:
-        return train(cfg, progress=False)  # progress by log lines, not bars (see trial_main)
+        # Progress by log lines, not bars (see trial_main).
+        return train(cfg, progress=False, held_out_warning=not held_out_checked)
     device = resolve_device(cfg.device)
     model = load_model(given, qa_head=True).to(device)
     examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit, spans=False)
@@ -203,7 +224,9 @@ def _largest_train_limit(space: SweepSpace) -> int | None:
 def _check_local_data(space: SweepSpace) -> None:
     """The SQuAD files the teacher and the trials read load as they will read them, before Ray starts: a malformed
     file (a SQuAD v2 question without answers, an answer_start off its text, ...) is one line, not a teacher
-    fine-tuned for nothing and then every trial failed.
+    fine-tuned for nothing and then every trial failed. Evaluation questions that are training questions too are
+    said here once (for the trials at their largest ``train_limit``, and for a teacher trained on other data),
+    rather than by the teacher and again by every trial.
 
     Raises:
         SpaceError: one line naming the space file, the key, the data file and the question.
@@ -218,19 +241,23 @@ def _check_local_data(space: SweepSpace) -> None:
     reads.append((f"{where}.eval_data", teacher.eval_data, teacher.eval_limit, False))
     reads.append(("base.train_data", base.train_data, _largest_train_limit(space), True))
     reads.append(("base.eval_data", base.eval_data, base.eval_limit, False))
-    done: set[tuple[Path, int | None, bool]] = set()
+    loaded: dict[tuple[Path, int | None, bool], list[squad.Example]] = {}
+    examples: list[list[squad.Example]] = []  # in the order of `reads`; a file read twice is the same list
     for key, name, limit, spans in reads:
         path = resolve_data(name)
-        if (path, limit, spans) in done:
-            continue
-        done.add((path, limit, spans))
-        try:
-            squad.load_squad(path, limit=limit, spans=spans)
-        except squad.SquadFormatError as err:
-            raise SpaceError(f"{space.path}: {key}: {err}") from None
+        if (path, limit, spans) not in loaded:
+            try:
+                loaded[path, limit, spans] = squad.load_squad(path, limit=limit, spans=spans)
+            except squad.SquadFormatError as err:
+                raise SpaceError(f"{space.path}: {key}: {err}") from None
+        examples.append(loaded[path, limit, spans])
+    *teacher_reads, trials_train, trials_eval = examples
+    warn_if_not_held_out(trials_train, trials_eval, scored="the trials")
+    if len(teacher_reads) == 2 and (teacher_reads[0] is not trials_train or teacher_reads[1] is not trials_eval):
+        warn_if_not_held_out(*teacher_reads, scored="the dense teacher")
 
 
-def ensure_teacher(space: SweepSpace, root: Path) -> tuple[str, dict[str, Any]]:
+def ensure_teacher(space: SweepSpace, root: Path, held_out_checked: bool = False) -> tuple[str, dict[str, Any]]:
     """The teacher directory and its dense EM/F1: the space's own, or one fine-tuned once and then reused.
 
     The work runs as a Ray task with the trials' resources (a GPU on a GPU cluster); its metrics are cached as
@@ -259,7 +286,7 @@ def ensure_teacher(space: SweepSpace, root: Path) -> tuple[str, dict[str, Any]]:
     task = _dense_teacher.options(num_cpus=_teacher_cpus(space.resources),
                                   num_gpus=space.resources.get("gpu", 0) or 0)
     try:
-        metrics = ray.get(task.remote(cfg, given))
+        metrics = ray.get(task.remote(cfg, given, held_out_checked))
     except ray.exceptions.RayTaskError as err:
         # The task's own error (a teacher directory that is not there, a bad value), not Ray's multi-line wrapper.
         if isinstance(err.cause, Exception):
@@ -561,7 +588,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         raise
     try:
         # 2. The teacher.
-        teacher_dir, dense_metrics = ensure_teacher(space, storage / "teachers")
+        teacher_dir, dense_metrics = ensure_teacher(space, storage / "teachers", held_out_checked=not cluster)
         tracking.log_baseline(client, experiment, parent, dense_metrics, {"model": space.base.get("model", "")},
                               teacher_dir)
 
@@ -572,7 +599,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
 
         callback = tracking.MlflowTrialCallback(tracking_uri, experiment, parent, params_of, outage_limit=limit)
         trainable = tune.with_parameters(trial_main, space=space, teacher=teacher_dir,
-                                         cache_dir=str(storage / "cache"))
+                                         cache_dir=str(storage / "cache"), held_out_checked=not cluster)
         trainable = tune.with_resources(trainable, _tune_resources(space.resources))
         tuner = _tuner(space, trainable, callback, sweep_dir, storage_root, bool(resume))
         with quick_http_failures():
