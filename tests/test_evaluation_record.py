@@ -84,15 +84,20 @@ def test_ask_takes_the_recorded_span_search(run, capsys):
     assert answers[()] != answers[("--max-answer-length", "30")]  # the random model prefers a longer span
 
 
+def _copy_with_record(model_dir: Path, dest: Path, edit) -> Path:
+    """A copy of a model directory whose config.json ``edit`` (a function of the parsed config) has changed."""
+    dest.mkdir()
+    for entry in model_dir.iterdir():
+        (dest / entry.name).write_bytes(entry.read_bytes())
+    config = json.loads((dest / "config.json").read_text())
+    edit(config)
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
 def test_a_directory_without_the_record_keeps_the_defaults(run, capsys, tmp_path):
     final = Path(run["model_dir"])
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for entry in final.iterdir():
-        (bare / entry.name).write_bytes(entry.read_bytes())
-    config = json.loads((bare / "config.json").read_text())
-    del config[EVALUATION_KEY]
-    (bare / "config.json").write_text(json.dumps(config))
+    bare = _copy_with_record(final, tmp_path / "bare", lambda config: config.pop(EVALUATION_KEY))
     assert read_evaluation(bare) == {}
     result = evaluated(capsys, bare)
     # 384-token windows cut to the model's 128 positions, the stride to half a window.
@@ -104,14 +109,8 @@ def test_a_directory_without_the_record_keeps_the_defaults(run, capsys, tmp_path
                                            ({"n_best": 0}, "fineprune_evaluation.n_best: must be a whole number"),
                                            ({"doc_stride": "32"}, "fineprune_evaluation.doc_stride")])
 def test_a_broken_record_is_one_line_naming_the_file(run, capsys, tmp_path, record, needle):
-    final = Path(run["model_dir"])
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for entry in final.iterdir():
-        (broken / entry.name).write_bytes(entry.read_bytes())
-    config = json.loads((broken / "config.json").read_text())
-    config[EVALUATION_KEY] = record
-    (broken / "config.json").write_text(json.dumps(config))
+    broken = _copy_with_record(Path(run["model_dir"]), tmp_path / "broken",
+                               lambda config: config.__setitem__(EVALUATION_KEY, record))
     with pytest.raises(CheckpointError, match="config.json"):
         read_evaluation(broken)
     assert cli.main(["eval", str(broken), "--no-progress"]) == 2
@@ -173,14 +172,8 @@ def test_eval_runs_a_model_in_the_precision_its_run_evaluated_it_in_where_it_can
 
 
 def test_a_broken_recorded_precision_is_one_line_naming_the_file(run, capsys, tmp_path):
-    final = Path(run["model_dir"])
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for entry in final.iterdir():
-        (broken / entry.name).write_bytes(entry.read_bytes())
-    config = json.loads((broken / "config.json").read_text())
-    config[EVALUATION_KEY]["precision"] = "fp16"
-    (broken / "config.json").write_text(json.dumps(config))
+    broken = _copy_with_record(Path(run["model_dir"]), tmp_path / "broken",
+                               lambda config: config[EVALUATION_KEY].__setitem__("precision", "fp16"))
     assert cli.main(["eval", str(broken), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "fineprune_evaluation.precision: must be fp32 or bf16, got 'fp16'" in err
