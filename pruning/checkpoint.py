@@ -137,7 +137,8 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
         tensors: extra safetensors files to add (name -> tensors).
         masks: mask settings to record; default: read off the model.
         evaluation: the windows, span search and precision the model is evaluated with (see
-            :func:`read_evaluation` and :func:`read_precision`), recorded in config.json; default: what the model's config already records, if anything.
+            :func:`read_evaluation` and :func:`read_precision`), recorded in config.json; default: what the
+            model's config already records, if anything.
     """
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:
@@ -160,6 +161,12 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
     return out_dir
 
 
+def _evaluation_record(model_dir: str | Path) -> tuple[Path, Any]:
+    """``model_dir``'s config.json and its ``fineprune_evaluation`` entry as stored (None when it has none)."""
+    config_file = Path(model_dir) / "config.json"
+    return config_file, read_json(config_file).get(EVALUATION_KEY)
+
+
 def read_evaluation(model_dir: str | Path) -> dict[str, int]:
     """The evaluation windows and span search ``model_dir`` records (``fineprune_evaluation`` in its config.json):
     those of the training run that wrote the model, kept by packing and export. Empty for a directory without the
@@ -169,8 +176,7 @@ def read_evaluation(model_dir: str | Path) -> dict[str, int]:
         CheckpointError: config.json is missing or unreadable, or the record is not an object of whole numbers
             >= 1 (naming the file and the key).
     """
-    config_file = Path(model_dir) / "config.json"
-    record = read_json(config_file).get(EVALUATION_KEY)
+    config_file, record = _evaluation_record(model_dir)
     if record is None:
         return {}
     if not isinstance(record, dict):
@@ -194,8 +200,7 @@ def read_precision(model_dir: str | Path) -> str | None:
     Raises:
         CheckpointError: config.json is missing or unreadable, or the value is neither (naming the file and key).
     """
-    config_file = Path(model_dir) / "config.json"
-    record = read_json(config_file).get(EVALUATION_KEY)
+    config_file, record = _evaluation_record(model_dir)
     value = record.get("precision") if isinstance(record, dict) else None
     if value is not None and value not in ("fp32", "bf16"):
         raise CheckpointError(f"{config_file}: {EVALUATION_KEY}.precision: must be fp32 or bf16, got {value!r}")

@@ -560,21 +560,25 @@ def _check_question_lengths(examples: Sequence[Example], questions: list[str], t
 
 
 def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int, doc_stride: int,
-              max_query_length: int) -> Iterator[tuple[int, Any]]:
-    """Yield (index of the chunk's first example, encoding) for chunks of examples; windows of all questions."""
+              max_query_length: int, progress: bool = False) -> Iterator[tuple[int, Any]]:
+    """Yield (index of the chunk's first example, encoding) for chunks of examples; windows of all questions.
+    ``progress``: a tqdm bar of the questions done (the whole SQuAD training set takes minutes)."""
     _check_window(tokenizer, max_seq_length, doc_stride)
     if not isinstance(max_query_length, int) or isinstance(max_query_length, bool) or max_query_length <= 0:
         raise ValueError(f"max_query_length must be a positive integer, got {max_query_length!r}")
     questions = _cut_questions(examples, tokenizer, max_query_length)
     _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride, max_query_length)
-    for first in range(0, len(examples), _TOKENIZE_CHUNK):
-        chunk = slice(first, first + _TOKENIZE_CHUNK)
-        # token_type_ids asked for: a tokenizer whose model_input_names leave them out still has them for BERT.
-        encoding = tokenize_text(tokenizer, questions[chunk], [ex.context for ex in examples[chunk]],
-                               truncation="only_second", max_length=max_seq_length, stride=doc_stride, return_overflowing_tokens=True,
-                             return_offsets_mapping=True, return_token_type_ids=True, padding="max_length",
-                             return_tensors="np")
-        yield first, encoding
+    with tqdm(total=len(examples), desc="tokenize", unit="question", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for first in range(0, len(examples), _TOKENIZE_CHUNK):
+            chunk = slice(first, first + _TOKENIZE_CHUNK)
+            # token_type_ids asked for: a tokenizer whose model_input_names leave them out still has them for BERT.
+            encoding = tokenize_text(tokenizer, questions[chunk], [ex.context for ex in examples[chunk]],
+                                     truncation="only_second", max_length=max_seq_length, stride=doc_stride,
+                                     return_overflowing_tokens=True, return_offsets_mapping=True,
+                                     return_token_type_ids=True, padding="max_length", return_tensors="np")
+            yield first, encoding
+            bar.update(len(questions[chunk]))
 
 
 def _context_offsets(encoding: Any) -> np.ndarray:
@@ -658,8 +662,8 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
     parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
     starts: list[int] = []
     ends: list[int] = []
-    bar = tqdm(total=len(examples), desc="tokenize", unit="question", disable=not progress, dynamic_ncols=True)
-    for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride, max_query_length):
+    for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride, max_query_length,
+                                     progress):
         for key, chunks in parts.items():
             chunks.append(encoding[key])
         offsets = _context_offsets(encoding)
@@ -669,8 +673,6 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
             start, end = _answer_tokens(offsets[i], start_char, end_char)
             starts.append(start)
             ends.append(end)
-        bar.update(min(_TOKENIZE_CHUNK, len(examples) - first))
-    bar.close()
     features = {key: _concat(chunks, max_seq_length) for key, chunks in parts.items()}
     features["start_positions"] = torch.tensor(starts, dtype=torch.long)
     features["end_positions"] = torch.tensor(ends, dtype=torch.long)
@@ -689,14 +691,12 @@ def prepare_eval_features(examples: Sequence[Example], tokenizer: Any, max_seq_l
     parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
     example_index: list[np.ndarray] = []
     offsets: list[np.ndarray] = []
-    bar = tqdm(total=len(examples), desc="tokenize", unit="question", disable=not progress, dynamic_ncols=True)
-    for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride, max_query_length):
+    for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride, max_query_length,
+                                     progress):
         for key, chunks in parts.items():
             chunks.append(encoding[key])
         example_index.append(np.asarray(encoding["overflow_to_sample_mapping"], dtype=np.int64) + first)
         offsets.append(_context_offsets(encoding))
-        bar.update(min(_TOKENIZE_CHUNK, len(examples) - first))
-    bar.close()
     index = np.concatenate(example_index) if example_index else np.zeros(0, dtype=np.int64)
     return EvalFeatures(
         input_ids=_concat(parts["input_ids"], max_seq_length),

@@ -629,6 +629,9 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     _check_teacher(cfg, model, tokenizer, teacher)
     saved_cfg = cfg  # what checkpoints record: the run's config as given, not its windows cut to the model
     cfg = fit_to_model(cfg, model, teacher)
+    # What checkpoints and the final model record of the run's evaluations (windows as cut to the model, span
+    # search, precision): what eval and ask default to.
+    evaluation = {**evaluation_settings(cfg), "precision": precision}
 
     features = train_features(cfg, train_examples, tokenizer, progress=progress)
     num_features = int(features["input_ids"].shape[0])
@@ -778,8 +781,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             counters = {k: metrics[k] for k in ("train_seconds", "teacher_forward_windows") if k in metrics}
             checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, saved, tokenizer, optimizer,
                                                   saved_cfg, done, history, pruning_metrics, average, counters,
-                                                  evaluation={**evaluation_settings(cfg),
-                                                              "precision": precision}))
+                                                  evaluation))
             saved_step = done
         if do_eval:
             last_metrics = metrics
@@ -800,9 +802,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     if skeleton is not None:
         model = unpack_into_(skeleton, model)
     model.to("cpu")
-    # The windows (as cut to the model), span search and precision of the run's evaluations: what eval and ask
-    # default to.
-    save_model(model, tokenizer, final_dir, evaluation={**evaluation_settings(cfg), "precision": precision})
+    save_model(model, tokenizer, final_dir, evaluation=evaluation)
     last_metrics = dict(last_metrics)
     last_metrics["model_dir"] = str(final_dir)
     last_metrics["precision"] = precision  # what the metrics were measured in: fp32 or bf16, never auto
