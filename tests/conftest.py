@@ -216,3 +216,9 @@ def answer_key_model(tokenizer, known_answers):
         model.qa_outputs.weight[0, 0] = 10.0
         model.qa_outputs.weight[1, 1] = 10.0
     return model
+
+
+def assert_each_trial_registered_once(client, name: str) -> None:
+    """No trial's model is more than one version of the registered model ``name``."""
+    registered = [v.tags.get("fineprune.trial_run_id") for v in client.search_model_versions(f"name = '{name}'")]
+    assert len(registered) == len(set(registered)), "a trial's model registered twice"

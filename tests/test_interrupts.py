@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import processes_mentioning
+from conftest import assert_each_trial_registered_once, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((REPO / "configs" / "tiny_smoke.yaml").read_text())
@@ -376,9 +376,7 @@ def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes
         assert sorted(r.info.status for r in trials if r.data.tags.get("fineprune.status") == "finished") == [
             "FINISHED"] * 4
         assert not [r for r in client.search_runs([experiment]) if r.info.status == "RUNNING"]
-        versions = client.search_model_versions(f"name = '{summary['champion']['name']}'")
-        registered = [v.tags.get("fineprune.trial_run_id") for v in versions]
-        assert len(registered) == len(set(registered)), "a trial's model registered twice"
+        assert_each_trial_registered_once(client, summary["champion"]["name"])
     finally:
         if driver.poll() is None:
             driver.kill()

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import processes_mentioning
+from conftest import assert_each_trial_registered_once, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -232,9 +232,7 @@ def _assert_sweep_is_whole(world: dict, parent: str, samples: int, summary: dict
     assert parent_run.info.status == "FINISHED" and parent_run.data.tags["fineprune.sweep_state"] == "complete"
     champion = summary["champion"]
     assert champion["registered"] and champion["run_id"] in {r.info.run_id for r in finished}
-    versions = client.search_model_versions(f"name = '{champion['name']}'")
-    registered = [v.tags.get("fineprune.trial_run_id") for v in versions]
-    assert len(registered) == len(set(registered)), "a trial's model registered twice"
+    assert_each_trial_registered_once(client, champion["name"])
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweeps' processes in /proc")
@@ -709,9 +707,7 @@ def test_a_tracking_store_locked_while_the_sweep_records_its_frontier_is_waited_
         assert summary["status"] == "finished" and summary["champion"]["registered"]
         assert not [r for r in client.search_runs([experiment]) if r.info.status == "RUNNING"]
         assert client.get_run(summary["parent_run_id"]).data.tags["fineprune.sweep_state"] == "complete"
-        versions = client.search_model_versions(f"name = '{summary['champion']['name']}'")
-        registered = [v.tags.get("fineprune.trial_run_id") for v in versions]
-        assert len(registered) == len(set(registered)), "a trial's model registered twice"
+        assert_each_trial_registered_once(client, summary["champion"]["name"])
     finally:
         if driver.poll() is None:
             driver.kill()
