@@ -77,7 +77,8 @@ LOGIT_TOLERANCE = 1e-3  # packed against masked logits: only the summation order
 PACK_METRICS = ("speedup", "max_logit_diff", "params_after")
 CONFIG_NAME = "config.json"
 # Weight files a fresh save replaces; stale ones next to a new model.safetensors would confuse loaders.
-_STALE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "pytorch_model*.bin")
+_WEIGHT_FILES = ("model.safetensors", "model-*.safetensors", "pytorch_model*.bin")
+_STALE_WEIGHTS = (*_WEIGHT_FILES, "model.safetensors.index.json")
 
 
 class PackingError(ValueError):
@@ -468,11 +469,13 @@ def _model_params(model: nn.Module) -> int:
 
 
 def weights_bytes(model_dir: str | Path) -> int:
-    """Total size of the weight files (``*.safetensors``, ``*.bin``) in a model directory."""
+    """Total size of the model's weight files (``model.safetensors``, its shards, ``pytorch_model*.bin``) in a model
+    directory; a training checkpoint's optimizer state beside them is not the model's."""
     path = Path(model_dir)
     if not path.is_dir():
         raise PackingError(f"{path}: model directory not found")
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin"))
+    return sum(f.stat().st_size for f in path.iterdir()
+               if f.is_file() and any(f.match(pattern) for pattern in _WEIGHT_FILES))
 
 
 def _logit_tensors(output: Any) -> list[torch.Tensor]:

@@ -1,5 +1,6 @@
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
 from pruning import masks
+from pruning.checkpoint import OPTIMIZER
 from pruning.precision import PrecisionError, cpu_supports_bf16
 from pruning.bench import compare_latency, flop_ratio, interleaved_latency, latency, linear_flops
 from pruning.packing import (
@@ -25,6 +27,10 @@ from pruning.packing import (
 )
 from pruning.resources import shipped_model_dir
 from pruning.sparsity import sparsity_report
+from pruning.trainer import train
+from workflows.cli import main
+
+from test_trainer import tiny_cfg
 
 HIDDEN, LAYERS, INTER, VOCAB = 64, 2, 128, 100
 
@@ -396,3 +402,17 @@ def test_the_logit_check_multiplies_in_full_fp32_whatever_the_process_set():
     finally:
         torch.set_float32_matmul_precision(previous)
         handle.remove()
+
+
+def test_pack_of_a_training_checkpoint_sizes_its_model_not_its_optimizer_state(tmp_path, capsys):
+    metrics = train(tiny_cfg(tmp_path / "run", method="topk", attention_block=(16, 16), target_density=0.3,
+                             max_steps=2, eval_limit=2), progress=False)
+    final = Path(metrics["model_dir"])
+    checkpoint = final.parent / "checkpoint"
+    assert (checkpoint / OPTIMIZER).is_file()
+    for source in (checkpoint, final):
+        out = tmp_path / f"packed-{source.name}"
+        assert main(["pack", str(source), str(out), "--questions", "1", "--repeats", "1"]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["dense_file_bytes"] == (source / "model.safetensors").stat().st_size
+        assert report["packed_file_bytes"] == (out / "model.safetensors").stat().st_size
