@@ -41,7 +41,8 @@ from .bench import compare_latency, eval_mode, flop_ratio, random_inputs
 from .masks import MaskedLinear, remove_masks_
 from .precision import resolve_precision
 from .sparsity import sparsity_report
-from .structure import Architecture, architecture_for, encoder_layers, get_module, max_positions, set_module
+from .structure import (Architecture, architecture_for, architecture_of_type, encoder_layers, get_module, max_positions,
+                        set_module)
 
 __all__ = [
     "PackingError",
@@ -420,16 +421,27 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
         config = AutoConfig.from_pretrained(str(path))
     except Exception as error:  # transformers raises several types for a bad config
         raise PackingError(f"{config_file}: cannot be read ({_first_line(error)})") from error
+    try:
+        arch = architecture_of_type(getattr(config, "model_type", None))
+    except ValueError as error:
+        raise PackingError(f"{config_file}: {error}") from None
     heads, widths = _check_record(config, config_file)
     cls = _model_class(config, config_file)
     weights_file = path / WEIGHTS_NAME
     if not weights_file.is_file():
         raise PackingError(f"{weights_file}: not found")
 
-    with _parameters_on_meta():
-        model = cls(config)
-    arch = architecture_for(model)
-    for layer, kept, width in zip(encoder_layers(model), heads, widths):
+    try:
+        with _parameters_on_meta():
+            model = cls(config)
+    except Exception as error:  # the modules check their config values (an activation's name, say) as they build
+        raise PackingError(f"{config_file}: {cls.__name__} cannot be built from it ({_first_line(error)})") from error
+    try:
+        layers = get_module(model, arch.layers)
+    except AttributeError:
+        raise PackingError(f"{config_file}: 'architectures' names {cls.__name__}, which has no {arch.layers} of a "
+                           f"{config.model_type} model") from None
+    for layer, kept, width in zip(layers, heads, widths):
         # Shapes are all that matter here: keep the first heads and dimensions of the meta modules.
         _shrink_layer(layer, arch, list(range(len(kept))), list(range(width)), _head_dim(layer, arch, config))
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
 from pruning import masks
-from pruning.checkpoint import OPTIMIZER
+from pruning.checkpoint import OPTIMIZER, CheckpointError, load_model
 from pruning.precision import PrecisionError, cpu_supports_bf16
 from pruning.bench import compare_latency, flop_ratio, interleaved_latency, latency, linear_flops
 from pruning.packing import (
@@ -288,6 +288,24 @@ def test_missing_and_broken_directories_raise_packing_error(tmp_path):
     config_file.write_text(json.dumps(record))
     with pytest.raises(PackingError, match="config.json"):
         load_packed(packed_dir)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"model_type": "roberta"}, "BertForQuestionAnswering"),  # another supported type than the weights'
+    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({"architectures": ["BertModel"]}, "BertModel"),  # no QA head, no bert. prefix
+    ({"architectures": ["RobertaForQuestionAnswering"]}, "RobertaForQuestionAnswering"),
+    ({"hidden_act": "no-such-activation"}, "no-such-activation"),
+])
+def test_an_edited_config_is_one_line_naming_config_json(tmp_path, edit, needle):
+    packed_dir = save_packed(pack(masked_model(*ALL_GONE)), None, tmp_path / "packed")
+    config_file = packed_dir / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **edit}))
+    for load in (load_packed, load_model):
+        with pytest.raises((PackingError, CheckpointError)) as caught:
+            load(packed_dir)
+        message = str(caught.value)
+        assert message.startswith(f"{config_file}: ") and needle in message and "\n" not in message
 
 
 def test_an_unpacked_directory_is_refused(tmp_path):
