@@ -406,7 +406,8 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
 
     Raises:
         PackingError: the directory, config.json or model.safetensors is missing or unreadable, the config does
-            not describe a packed model, or a stored tensor is missing, unexpected or of the wrong shape.
+            not describe a packed model, or a stored tensor is missing, unexpected or of the wrong shape or kind
+            (integers for a model's floating-point weights).
     """
     path = Path(model_dir)
     if not path.is_dir():
@@ -456,6 +457,9 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise PackingError(f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)}, the config "
                                f"implies {tuple(expected[name].shape)}")
+        if tensor.is_floating_point() != expected[name].is_floating_point():
+            raise PackingError(f"{weights_file}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                               f"where the model holds {str(expected[name].dtype).removeprefix('torch.')}")
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     missing = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]

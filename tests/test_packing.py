@@ -290,6 +290,22 @@ def test_missing_and_broken_directories_raise_packing_error(tmp_path):
         load_packed(packed_dir)
 
 
+def test_a_stored_tensor_of_integers_is_one_line_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    packed_dir = save_packed(pack(masked_model(*ALL_GONE)), None, tmp_path / "packed")
+    weights = packed_dir / "model.safetensors"
+    state = load_file(str(weights))
+    state["qa_outputs.weight"] = state["qa_outputs.weight"].to(torch.int64)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    for load in (load_packed, load_model):
+        with pytest.raises(PackingError) as caught:
+            load(packed_dir)
+        message = str(caught.value)
+        assert message.startswith(f"{weights}: tensor 'qa_outputs.weight' ") and "int64" in message
+        assert "\n" not in message
+
+
 @pytest.mark.parametrize("edit,needle", [
     ({"model_type": "roberta"}, "BertForQuestionAnswering"),  # another supported type than the weights'
     ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
