@@ -349,6 +349,10 @@ def _model_class(config, config_file: Path) -> type:
     raise PackingError(f"{config_file}: no known model class in 'architectures' ({names or 'missing'})")
 
 
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true and false are no counts
+
+
 def _check_record(config, config_file: Path) -> tuple[list[list[int]], list[int]]:
     """The kept heads and FFN widths from a packed config, validated against its original sizes."""
     heads = getattr(config, HEADS_KEPT_KEY, None)
@@ -359,12 +363,12 @@ def _check_record(config, config_file: Path) -> tuple[list[list[int]], list[int]
     if not isinstance(widths, list) or len(widths) != layers:
         raise PackingError(f"{config_file}: '{FFN_WIDTHS_KEY}' must give the FFN width of all {layers} layers")
     for i, kept in enumerate(heads):
-        if (not isinstance(kept, list) or kept != sorted(set(kept))
-                or any(not isinstance(h, int) or not 0 <= h < num_heads for h in kept)):
+        if (not isinstance(kept, list) or any(not _is_index(h) or not 0 <= h < num_heads for h in kept)
+                or kept != sorted(set(kept))):
             raise PackingError(f"{config_file}: '{HEADS_KEPT_KEY}' of layer {i} must be increasing head indices "
                                f"in [0, {num_heads})")
     for i, width in enumerate(widths):
-        if not isinstance(width, int) or not 0 <= width <= config.intermediate_size:
+        if not _is_index(width) or not 0 <= width <= config.intermediate_size:
             raise PackingError(f"{config_file}: '{FFN_WIDTHS_KEY}' of layer {i} must be in "
                                f"[0, {config.intermediate_size}]")
     return heads, widths

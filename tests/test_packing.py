@@ -312,6 +312,10 @@ def test_a_stored_tensor_of_integers_is_one_line_naming_it(tmp_path):
     ({"architectures": ["BertModel"]}, "BertModel"),  # no QA head, no bert. prefix
     ({"architectures": ["RobertaForQuestionAnswering"]}, "RobertaForQuestionAnswering"),
     ({"hidden_act": "no-such-activation"}, "no-such-activation"),
+    ({"fineprune_heads_kept": [[], [True, 2, 3]]}, "fineprune_heads_kept"),  # JSON true is no head index
+    ({"fineprune_heads_kept": [[], ["0", 2, 3]]}, "fineprune_heads_kept"),
+    ({"fineprune_heads_kept": [[], [[0], 2, 3]]}, "fineprune_heads_kept"),
+    ({"fineprune_ffn_widths": [INTER, False]}, "fineprune_ffn_widths"),
 ])
 def test_an_edited_config_is_one_line_naming_config_json(tmp_path, edit, needle):
     packed_dir = save_packed(pack(masked_model(*ALL_GONE)), None, tmp_path / "packed")
