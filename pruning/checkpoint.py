@@ -211,7 +211,8 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer of ``model_dir``, one that makes question-answering windows.
 
     Raises:
-        CheckpointError: no tokenizer loads from the directory, or the one that loads lacks what the windows need:
+        CheckpointError: no tokenizer loads from the directory (or only the vocabulary-less one transformers builds
+            from a config.json without tokenizer files), or the one that loads lacks what the windows need:
             character offsets (a fast tokenizer), a pad token, and a CLS token first in a question-context pair
             (the position of "no answer"). A bare ``tokenizers`` file (``tokenizer.json`` written by
             ``Tokenizer.save``) has neither special tokens nor a pair template: it must be saved through its
@@ -221,6 +222,10 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
+    specials = len(set(tokenizer.all_special_ids))
+    if len(tokenizer) <= specials:  # what transformers builds from a config.json alone: every word is unknown
+        raise CheckpointError(f"{model_dir}: no tokenizer files (the tokenizer its config gives knows only its "
+                              f"{specials} special tokens); save the model's tokenizer into it with save_pretrained")
     problem = None
     if not getattr(tokenizer, "is_fast", False):
         problem = "is not a fast tokenizer (the windows need character offsets)"

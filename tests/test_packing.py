@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
 from pruning import masks
-from pruning.checkpoint import OPTIMIZER, CheckpointError, load_model
+from pruning.checkpoint import OPTIMIZER, CheckpointError, load_model, load_tokenizer
 from pruning.precision import PrecisionError, cpu_supports_bf16
 from pruning.bench import compare_latency, flop_ratio, interleaved_latency, latency, linear_flops
 from pruning.packing import (
@@ -454,3 +454,18 @@ def test_pack_of_a_training_checkpoint_sizes_its_model_not_its_optimizer_state(t
         report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert report["dense_file_bytes"] == (source / "model.safetensors").stat().st_size
         assert report["packed_file_bytes"] == (out / "model.safetensors").stat().st_size
+
+
+def test_a_packed_directory_saved_without_its_tokenizer_is_refused_not_evaluated_with_an_empty_one(tmp_path, capsys):
+    # Without tokenizer files, transformers builds a tokenizer from config.json alone that knows only its special
+    # tokens: every word of every question and context would be [UNK], and the EM/F1 those of a blind model.
+    packed_dir = save_packed(pack(masked_model(*NOTHING_GONE)), None, tmp_path / "packed")
+    with pytest.raises(CheckpointError, match="tokenizer") as caught:
+        load_tokenizer(packed_dir)
+    assert str(caught.value).startswith(f"{packed_dir}: ") and "\n" not in str(caught.value)
+    for argv in (["eval", str(packed_dir), "--eval-limit", "1", "--no-progress"],
+                 ["ask", str(packed_dir), "--question", "Who?", "--context", "Ann wrote it."]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and "Traceback" not in captured.err
+        assert f"error: {packed_dir}: " in captured.err and "tokenizer" in captured.err
