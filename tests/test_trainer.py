@@ -690,3 +690,42 @@ def test_a_resumed_runs_figures_count_the_work_before_the_resume(tmp_path):
     resumed = train(cfg, resume_from=checkpoint, progress=False)
     assert resumed["teacher_forward_windows"] == 6 * cfg.batch_size  # as many as an uninterrupted run's
     assert resumed["train_seconds"] > before["train_seconds"]
+
+
+class _HostReads:
+    """Counts reads of floating-point tensor values into Python (``float``, ``item``, ``tolist``, ``bool``, ``int``,
+    ``numpy``): on a GPU each one waits for all the work queued before it. The integer window bookkeeping is left
+    out: it reads CPU tensors, on a GPU run too."""
+
+    METHODS = ("__float__", "item", "tolist", "__bool__", "__int__", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.METHODS:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(getattr(torch.Tensor, name)))
+
+    def _counted(self, method):
+        def read(tensor, *args, **kwargs):
+            if tensor.is_floating_point():
+                self.count += 1
+            return method(tensor, *args, **kwargs)
+        return read
+
+
+@pytest.mark.parametrize("grad_accum,max_grad_norm", [(3, 1.0), (2, None)])
+def test_a_training_step_reads_the_device_once_whatever_its_micro_batches(tmp_path, monkeypatch, grad_accum,
+                                                                          max_grad_norm):
+    """The loss terms of every micro-batch and the gradient norm come back in one read a step; the figures a run
+    reports are the means over its micro-batches, as before."""
+    reads = _HostReads(monkeypatch)
+    counts, reported = {}, {}
+    for steps in (1, 5):  # the same evaluation at the end: the difference is what the 4 steps more read
+        cfg = tiny_cfg(tmp_path / str(steps), method="dense", max_steps=steps, batch_size=2, grad_accum=grad_accum,
+                       max_grad_norm=max_grad_norm, eval_limit=2, train_limit=8, dropout=0.0)
+        before = reads.count
+        reported[steps] = train(cfg, progress=False)
+        counts[steps] = reads.count - before
+    assert (counts[5] - counts[1]) == 4
+    for metrics in reported.values():  # no teacher, no penalty: the loss is the span cross-entropy
+        assert metrics["loss"] == metrics["loss_ce"] > 0
+        assert metrics["loss_distil"] == metrics["loss_hidden"] == metrics["loss_reg"] == 0.0
