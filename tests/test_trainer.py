@@ -553,6 +553,31 @@ def test_a_checkpoint_carries_the_cuda_generator_so_dropout_resumes_with_the_sam
     assert torch.equal(torch.rand(1000, device="cuda"), expected)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_a_checkpoint_of_a_gpu_run_resumes_on_the_cpu_and_says_its_dropout_draws_differ(tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    def stop(metrics, checkpoint):
+        raise Stop
+
+    cfg = tiny_cfg(tmp_path, max_steps=4, eval_every=2, eval_limit=2, train_limit=8)
+    with pytest.raises(Stop):
+        train(cfg, report=stop, progress=False)
+    checkpoint = Path(cfg.output_dir) / "checkpoint"
+    tensors = load_file(str(checkpoint / "optimizer.safetensors"))
+    assert not any(k.startswith("rng.cuda.") for k in tensors)  # a CPU run draws from the CPU's generator alone
+    # What a run on a machine with two GPUs writes beside it: each device's generator state (seed and offset).
+    for device in (0, 1):
+        tensors[f"rng.cuda.{device}"] = torch.arange(16, dtype=torch.uint8)
+    save_file(tensors, str(checkpoint / "optimizer.safetensors"))
+    with caplog.at_level("WARNING", logger="pruning.checkpoint"):
+        resumed = train(cfg, resume_from=checkpoint, progress=False)
+    assert resumed["step"] == 4
+    lines = [r.getMessage() for r in caplog.records if r.name == "pruning.checkpoint"]
+    assert lines == [f"{checkpoint / 'optimizer.safetensors'}: written by a run on a GPU, resumed on the CPU: dropout "
+                     "after the resume draws other numbers than the uninterrupted run would"]
+
+
 def test_a_run_that_diverges_stops_at_its_first_non_finite_step_and_keeps_its_last_checkpoint(tmp_path):
     from pruning.trainer import TrainingDiverged
 
