@@ -3,8 +3,11 @@
 Needs only torch and transformers (no Ray, no MLflow, no installed model or data): a tiny random BERT, a WordPiece
 vocabulary built from the fixture's own text, and 23 SQuAD v1.1 dev questions in ``bench/fixtures/squad_mini.json``.
 For each precision it trains a dense teacher, then for each pruning mode (topk per matrix, global topk,
-sigmoid_threshold): prunes with a filled phase, stops inside the filled phase and resumes from that checkpoint,
-packs the result, evaluates the masked and the packed model (their EM/F1 must be equal) and answers a question.
+sigmoid_threshold; topk warm-started from the fisher importance and distilled with the hidden-state loss from the
+teacher cache over two micro-batches a step; a fisher cut recovered on the packed model with a weight average, and a
+fisher cut in two rearranged stages): prunes with a filled phase, stops inside the filled phase and resumes from that
+checkpoint, packs the result, evaluates the masked and the packed model (their EM/F1 must be equal) and answers a
+question.
 
     python bench/gpu_smoke.py                 # cuda when available
     python bench/gpu_smoke.py --device cpu    # what CI runs
@@ -52,14 +55,26 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=128)
 WINDOW = dict(max_seq_length=96, doc_stride=32)
+PRUNE_STEPS, FILL_STEPS = 8, 4
+CALIBRATION = dict(calibration_samples=16, mask_tuning_samples=16)  # windows of the importance passes and tuning
+HEAD_BLOCK = [TINY["hidden_size"] // TINY["num_attention_heads"], TINY["hidden_size"]]  # fisher cuts whole heads
 # (name, config overrides)
 MODES = [
     ("topk", dict(method="topk", target_density=0.5)),
     ("topk_global", dict(method="topk", target_density=0.4, topk_scope="global")),
     ("sigmoid_threshold", dict(method="sigmoid_threshold", final_threshold=0.5, lambda_attention=1.0,
                                lambda_ffn=1.0, mask_lr=0.1)),
+    # Scores warm-started from the fisher importance; the teacher's logits and layer outputs kept between steps for
+    # the hidden-state loss; two micro-batches a step.
+    ("topk_distil", dict(method="topk", target_density=0.5, mask_init="fisher", teacher_cache=True,
+                         alpha_hidden=0.5, grad_accum=2, **CALIBRATION)),
+    # Fisher cuts (tuned) and their recoveries, as many steps as the others, all of them filled: one cut whose
+    # recovery trains the packed model with a weight average, and two rearranged cuts, the second one mid-recovery.
+    ("fisher_packed", dict(method="fisher", target_density=0.5, attention_block=HEAD_BLOCK, fill_packed=True,
+                           ema_decay=0.9, fill_steps=PRUNE_STEPS + FILL_STEPS, **CALIBRATION)),
+    ("fisher_staged", dict(method="fisher", target_density=0.5, attention_block=HEAD_BLOCK, fisher_stages=2,
+                           mask_rearrange=True, fill_steps=PRUNE_STEPS + FILL_STEPS, **CALIBRATION)),
 ]
-PRUNE_STEPS, FILL_STEPS = 8, 4
 
 
 class StopInFill(Exception):
@@ -161,8 +176,8 @@ def run_in(args: argparse.Namespace, work: Path) -> Smoke:
             run_dir = root / name
             common = dict(model=str(dense_dir), teacher=str(dense_dir), model_config=None, tokenizer=None,
                           max_steps=PRUNE_STEPS,
-                          fill_steps=FILL_STEPS, initial_warmup=1, final_warmup=2, eval_every=PRUNE_STEPS + 2,
-                          **overrides)
+                          fill_steps=FILL_STEPS, initial_warmup=1, final_warmup=2, eval_every=PRUNE_STEPS + 2)
+            common.update(overrides)
             cfg = base_config(args, tokenizer_dir, run_dir, precision, **common)
             state: dict[str, Any] = {}
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every pruning mode end to end on a GPU (or with --device cpu), with nothing but torch and transformers installed:
-# dense -> topk (per matrix, global) and sigmoid_threshold, each with a filled phase -> checkpoint -> resume ->
-# pack -> eval of masked and packed (equal EM/F1) -> ask, in fp32 and bf16. Last line:
+# dense -> topk (per matrix, global, distilled from the teacher cache), sigmoid_threshold and fisher (recovered
+# packed, or in two stages), each with a filled phase -> checkpoint -> resume -> pack -> eval of masked and packed
+# (equal EM/F1) -> ask, in fp32 and bf16. Last line:
 # `gpu_smoke stages passed = N/N`. Arguments go to bench/gpu_smoke.py (--device, --precisions, --out, --verbose).
 set -euo pipefail
 cd "$(dirname "$0")/.."

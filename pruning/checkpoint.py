@@ -469,8 +469,25 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     optimizer.state.update(staged)
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available():
-        for device in range(torch.cuda.device_count()):
-            if f"{_CUDA_RNG}{device}" in tensors:
-                torch.cuda.set_rng_state(tensors[f"{_CUDA_RNG}{device}"], device)
+    _restore_cuda_rng(tensors, params[0].device if params else torch.device("cpu"), source)
 
+
+def _restore_cuda_rng(tensors: dict[str, torch.Tensor], device: torch.device, source: str) -> None:
+    """Put back the CUDA generator states of :func:`optimizer_tensors` on the devices this machine has, and say in
+    one line when the run, training on ``device``, cannot continue the dropout draws of the run that wrote them (a
+    GPU run resumed on the CPU or on a machine without that GPU, a CPU run resumed on a GPU)."""
+    saved = sorted(int(k[len(_CUDA_RNG):]) for k in tensors
+                   if k.startswith(_CUDA_RNG) and k[len(_CUDA_RNG):].isdigit())
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index in saved:
+        if index < present:
+            torch.cuda.set_rng_state(tensors[f"{_CUDA_RNG}{index}"], index)
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index not in saved:
+            written = f"on a machine with {len(saved)} GPU(s)" if saved else "by a run on the CPU"
+            logger.warning("%s: holds no generator state of cuda:%d (written %s): dropout after the resume draws "
+                           "other numbers than the uninterrupted run would", source, index, written)
+    elif saved:
+        logger.warning("%s: written by a run on a GPU, resumed on the %s: dropout after the resume draws other "
+                       "numbers than the uninterrupted run would", source, device.type.upper())

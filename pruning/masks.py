@@ -331,8 +331,10 @@ def set_threshold(model: nn.Module, value: float, global_topk: bool = False) -> 
     total = sum(m.mask_scores.numel() * m.weights_per_score for m in modules)
     order = torch.argsort(scores, descending=True)
     kept = torch.cumsum(sizes[order], 0)
-    target = torch.tensor([int(round(float(value) * total))], dtype=kept.dtype, device=kept.device)
-    index = torch.searchsorted(kept, target).clamp(max=len(kept) - 1)
+    # The target count goes in as a number: a tensor made of it would be copied from the host every step, and on a
+    # GPU that copy waits for the work queued before it. The index stays a one-element tensor (a 0-d one would be
+    # read back to the host to index with).
+    index = torch.searchsorted(kept, int(round(float(value) * total))).reshape(1).clamp(max=len(kept) - 1)
     cutoff = scores[order[index]].reshape(())
     for module in modules:
         module.set_cutoff(cutoff)

@@ -110,6 +110,24 @@ def _check_finite(step: int, terms: dict[str, float], grad_norm: float | None, c
                            f"(lower it, or set max_grad_norm){kept}")
 
 
+_TERMS = ("loss_ce", "loss_distil", "loss_hidden", "loss_reg", "loss")  # the order of a micro-batch's terms
+
+
+def _host_terms(values: list[float], cfg: RunConfig) -> tuple[dict[str, float], float | None]:
+    """A step's loss terms (means over its micro-batches) and gradient norm (None without clipping), from the one
+    read of the device that gives them all: each micro-batch's terms in :data:`_TERMS` order, then the norm.
+
+    On a GPU every read waits for the work queued before it; a read per term and micro-batch would stall the queue
+    between micro-batches, so the loop keeps them on the device until the step is done.
+    """
+    terms = dict.fromkeys(_TERMS, 0.0)
+    for micro in range(cfg.grad_accum):
+        for offset, name in enumerate(_TERMS):
+            terms[name] += values[micro * len(_TERMS) + offset] / cfg.grad_accum
+    grad_norm = values[cfg.grad_accum * len(_TERMS)] if cfg.max_grad_norm else None
+    return terms, grad_norm
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -712,7 +730,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             group["lr"] = base * multiplier
 
         model.train()
-        terms = {"loss_ce": 0.0, "loss_distil": 0.0, "loss_hidden": 0.0, "loss_reg": 0.0, "loss": 0.0}
+        parts = []  # each micro-batch's loss terms, left on the device: read back once, after the clip
         for _ in range(cfg.grad_accum):
             index = next(batches)
             # Dynamic padding: windows are padded to max_seq_length, a batch only needs its longest one.
@@ -724,16 +742,12 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                                                               regularize=step < p.prune_steps,
                                                               cached_teacher=cached)
             (loss / cfg.grad_accum).backward()
-            terms["loss_ce"] += float(ce.detach()) / cfg.grad_accum
-            terms["loss_distil"] += float(distil.detach()) / cfg.grad_accum
-            terms["loss_hidden"] += float(hidden.detach()) / cfg.grad_accum
-            terms["loss_reg"] += float(reg.detach()) / cfg.grad_accum
-            terms["loss"] += float(loss.detach()) / cfg.grad_accum
-        grad_norm = None
+            parts.append(torch.stack([t.detach().double() for t in (ce, distil, hidden, reg, loss)]))
         if cfg.max_grad_norm:  # 0 or None: no clipping (a clip to norm 0 would zero every gradient)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            parts.append(torch.nn.utils.clip_grad_norm_(
                 [q for g in optimizer.param_groups if g["name"] != "mask_scores" for q in g["params"]],
-                cfg.max_grad_norm))
+                cfg.max_grad_norm).detach().double().reshape(1))
+        terms, grad_norm = _host_terms(torch.cat(parts).tolist(), cfg)
         _check_finite(step + 1, terms, grad_norm, cfg, saved_step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

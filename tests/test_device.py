@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import BertConfig, BertForQuestionAnswering
 
 from pruning import masks
@@ -76,6 +77,43 @@ def test_pruning_modes_run_on_another_device(method, global_topk, value):
     masks.set_threshold(model, value, global_topk=global_topk)
     forward_backward_on_meta(model, method, teacher=tiny_model(seed=1))
     assert all(s.grad is not None for s in masks.mask_score_parameters(model))
+
+
+class HostToDevice(TorchFunctionMode):
+    """Records the tensors made from host values on another device, and the copies from the CPU to it: on a GPU
+    each one waits for the work queued before it (reads back to the host fail on ``meta`` by themselves)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        device = kwargs.get("device")
+        if name in ("tensor", "as_tensor") and device is not None and torch.device(device).type != "cpu":
+            self.copies.append(f"torch.{name}(..., device={device})")
+        out = func(*args, **kwargs)
+        if name in ("to", "copy_") and args and isinstance(out, torch.Tensor):
+            source = args[1] if name == "copy_" else args[0]
+            if isinstance(source, torch.Tensor) and source.device.type == "cpu" and out.device.type != "cpu":
+                self.copies.append(f"Tensor.{name} from the CPU")
+        return out
+
+
+@pytest.mark.parametrize("method,global_topk,value", MODES)
+def test_a_pruning_step_copies_nothing_from_the_host_to_the_device(method, global_topk, value):
+    """Setting the schedule's threshold (global topk's cut-off too), the loss and its backward pass of a step run
+    on the training device from its batch alone."""
+    model = masked_model(method, global_topk, value).to(META)
+    teacher = tiny_model(seed=1).to(META)
+    batch = meta_batch()
+    cfg = RunConfig(method=method, model_config=TINY, teacher="teacher", alpha_hidden=1.0)
+    with HostToDevice() as watch:
+        masks.set_threshold(model, value * 0.9, global_topk=global_topk)
+        loss = training_loss(model.train(), batch, cfg, teacher, lambda_attention=1.0, lambda_ffn=1.0)[0]
+        loss.backward()
+    assert watch.copies == []
 
 
 @pytest.mark.parametrize("method,global_topk,value", MODES)

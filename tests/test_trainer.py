@@ -553,6 +553,31 @@ def test_a_checkpoint_carries_the_cuda_generator_so_dropout_resumes_with_the_sam
     assert torch.equal(torch.rand(1000, device="cuda"), expected)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_a_checkpoint_of_a_gpu_run_resumes_on_the_cpu_and_says_its_dropout_draws_differ(tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    def stop(metrics, checkpoint):
+        raise Stop
+
+    cfg = tiny_cfg(tmp_path, max_steps=4, eval_every=2, eval_limit=2, train_limit=8)
+    with pytest.raises(Stop):
+        train(cfg, report=stop, progress=False)
+    checkpoint = Path(cfg.output_dir) / "checkpoint"
+    tensors = load_file(str(checkpoint / "optimizer.safetensors"))
+    assert not any(k.startswith("rng.cuda.") for k in tensors)  # a CPU run draws from the CPU's generator alone
+    # What a run on a machine with two GPUs writes beside it: each device's generator state (seed and offset).
+    for device in (0, 1):
+        tensors[f"rng.cuda.{device}"] = torch.arange(16, dtype=torch.uint8)
+    save_file(tensors, str(checkpoint / "optimizer.safetensors"))
+    with caplog.at_level("WARNING", logger="pruning.checkpoint"):
+        resumed = train(cfg, resume_from=checkpoint, progress=False)
+    assert resumed["step"] == 4
+    lines = [r.getMessage() for r in caplog.records if r.name == "pruning.checkpoint"]
+    assert lines == [f"{checkpoint / 'optimizer.safetensors'}: written by a run on a GPU, resumed on the CPU: dropout "
+                     "after the resume draws other numbers than the uninterrupted run would"]
+
+
 def test_a_run_that_diverges_stops_at_its_first_non_finite_step_and_keeps_its_last_checkpoint(tmp_path):
     from pruning.trainer import TrainingDiverged
 
@@ -690,3 +715,42 @@ def test_a_resumed_runs_figures_count_the_work_before_the_resume(tmp_path):
     resumed = train(cfg, resume_from=checkpoint, progress=False)
     assert resumed["teacher_forward_windows"] == 6 * cfg.batch_size  # as many as an uninterrupted run's
     assert resumed["train_seconds"] > before["train_seconds"]
+
+
+class _HostReads:
+    """Counts reads of floating-point tensor values into Python (``float``, ``item``, ``tolist``, ``bool``, ``int``,
+    ``numpy``): on a GPU each one waits for all the work queued before it. The integer window bookkeeping is left
+    out: it reads CPU tensors, on a GPU run too."""
+
+    METHODS = ("__float__", "item", "tolist", "__bool__", "__int__", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.METHODS:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(getattr(torch.Tensor, name)))
+
+    def _counted(self, method):
+        def read(tensor, *args, **kwargs):
+            if tensor.is_floating_point():
+                self.count += 1
+            return method(tensor, *args, **kwargs)
+        return read
+
+
+@pytest.mark.parametrize("grad_accum,max_grad_norm", [(3, 1.0), (2, None)])
+def test_a_training_step_reads_the_device_once_whatever_its_micro_batches(tmp_path, monkeypatch, grad_accum,
+                                                                          max_grad_norm):
+    """The loss terms of every micro-batch and the gradient norm come back in one read a step; the figures a run
+    reports are the means over its micro-batches, as before."""
+    reads = _HostReads(monkeypatch)
+    counts, reported = {}, {}
+    for steps in (1, 5):  # the same evaluation at the end: the difference is what the 4 steps more read
+        cfg = tiny_cfg(tmp_path / str(steps), method="dense", max_steps=steps, batch_size=2, grad_accum=grad_accum,
+                       max_grad_norm=max_grad_norm, eval_limit=2, train_limit=8, dropout=0.0)
+        before = reads.count
+        reported[steps] = train(cfg, progress=False)
+        counts[steps] = reads.count - before
+    assert (counts[5] - counts[1]) == 4
+    for metrics in reported.values():  # no teacher, no penalty: the loss is the span cross-entropy
+        assert metrics["loss"] == metrics["loss_ce"] > 0
+        assert metrics["loss_distil"] == metrics["loss_hidden"] == metrics["loss_reg"] == 0.0
