@@ -128,16 +128,19 @@ def test_an_unknown_experiment_is_one_line_and_exit_2(command, tmp_path, monkeyp
     assert not (tmp_path / "mlflow.db").exists()  # the default store was never touched
 
 
-def test_register_reads_the_spec_the_sweep_recorded(client, tmp_path, monkeypatch, capsys):
-    """``fineprune register`` with the store from the environment: the recorded policy, nothing qualifies."""
+def test_register_reads_the_spec_the_sweep_recorded(client, tmp_path, monkeypatch, capsys, caplog):
+    """``fineprune register`` with the store from the environment: the recorded policy, nothing qualifies. The
+    result is printed all the same, but the command exits 4, not 0: a script that goes on to serve the champion
+    must not take a registration that chose nothing for one that did."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     spec = RegistrySpec("exp-model", "best_f1_under_density", max_density=0.2)
     parent = tracking.start_parent_run(client, "exp", "/sweeps/a", {"registry": asdict(spec)}, resume=False)
     run_id = _trial(client, parent, "trial-1", {"f1": 50.0, "linear_density": 0.5}, {})
     client.set_tag(run_id, record.TAG_PACKED_ARTIFACT, record.ARTIFACT_PACKED_MODEL)
-    assert main(["register", "--experiment", "exp"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result == {"registered": False, "policy": "best_f1_under_density", "name": "exp-model"}
+    assert main(["register", "--experiment", "exp"]) == 4
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"registered": False, "policy": "best_f1_under_density", "name": "exp-model"}
+    assert "Traceback" not in err and any("satisfies the registry policy" in r.getMessage() for r in caplog.records)
 
 
 def test_the_report_draws_the_frontier_the_sweep_tagged_for_its_objectives(client):
