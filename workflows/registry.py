@@ -933,6 +933,14 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             if seq_len > limit:
                 raise SelectionError(f"--seq-len {seq_len} exceeds the {limit} positions the model takes "
                                      f"of version {v.version}")
+            try:  # one pass first: a version that loads but fails when run must not stop the timing of the others
+                interleaved_latency({"probe": model}, batch_size=batch_size, seq_len=seq_len, repeats=1, warmup=0)
+            except Exception as err:
+                lines = str(err).strip().splitlines()
+                row["error"] = f"cannot be timed: {lines[0] if lines else type(err).__name__}"
+                logger.warning("version %s of %s %s", v.version, name, row["error"])
+                rows.append(row)
+                continue
             key, config = _dense_shape(model)
             if key not in models:
                 models[key] = AutoModelForQuestionAnswering.from_config(config).eval()
@@ -941,7 +949,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             rows.append(row)
         if not dense_of:
             reasons = "; ".join(f"version {row['version']}: {row['error']}" for row in rows)
-            raise SelectionError(f"no version of {name!r} could be loaded ({reasons}); alias {alias!r} left as it "
+            untimed = [row["error"].startswith("cannot be timed: ") for row in rows]
+            what = " or ".join(word for word, seen in (("loaded", not all(untimed)), ("timed", any(untimed))) if seen)
+            raise SelectionError(f"no version of {name!r} could be {what} ({reasons}); alias {alias!r} left as it "
                                  "was")
         loaded = time.perf_counter()
         torch.set_num_threads(threads)
