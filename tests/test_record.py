@@ -143,6 +143,27 @@ def test_register_reads_the_spec_the_sweep_recorded(client, tmp_path, monkeypatc
     assert "Traceback" not in err and any("satisfies the registry policy" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("policy", ["min_density_within_f1_drop", "fastest_within_f1_drop"])
+def test_register_under_an_f1_drop_policy_without_a_dense_f1_is_one_line(client, monkeypatch, capsys, policy):
+    """A sweep stopped before its teacher was scored has no baseline run: a policy measured from the dense F1
+    cannot choose among its trials, which is one line naming the sweep and the policy (exit 2), not a traceback;
+    with no trial to choose from, nothing meets the policy (exit 4)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    spec = RegistrySpec("exp-model", policy, max_f1_drop=2.0)
+    parent = tracking.start_parent_run(client, "exp", "/sweeps/a", {"registry": asdict(spec)}, resume=False)
+    assert main(["register", "--experiment", "exp"]) == 4
+    assert json.loads(capsys.readouterr().out)["registered"] is False
+    run_id = _trial(client, parent, "trial-1", {"f1": 50.0, "linear_density": 0.5, "speedup": 2.0}, {})
+    client.set_tag(run_id, record.TAG_PACKED_ARTIFACT, record.ARTIFACT_PACKED_MODEL)
+    assert main(["register", "--experiment", "exp"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"fineprune register: error: sweep run {parent} records no F1 of its dense baseline (no baseline run with an "
+        f"f1 metric), which the registry policy {policy} needs; nothing registered as champion (pass --space with "
+        "another policy)")
+
+
 def test_the_report_draws_the_frontier_the_sweep_tagged_for_its_objectives(client):
     """A sweep over exact match and total density: the report's frontier is its ``pareto`` tags, not the
     frontier of F1 and linear density."""

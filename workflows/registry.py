@@ -427,8 +427,15 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
     if dense_f1 is None and F1 in runs.columns:
         baseline = runs.loc[runs["kind"] == KIND_BASELINE, F1].dropna()
         dense_f1 = float(baseline.iloc[0]) if len(baseline) else None
-    chosen = select_champion(points, policy, dense_f1=dense_f1, max_density=spec.max_density,
-                             max_f1_drop=spec.max_f1_drop)
+    if dense_f1 is None and policy in ("min_density_within_f1_drop", "fastest_within_f1_drop"):
+        if points:  # the policy cannot tell which of them are within its F1 drop
+            raise record.RecordError(f"sweep run {parent_run_id} records no F1 of its dense baseline (no baseline "
+                                     f"run with an f1 metric), which the registry policy {policy} needs; nothing "
+                                     "registered as champion (pass --space with another policy)")
+        chosen = None
+    else:
+        chosen = select_champion(points, policy, dense_f1=dense_f1, max_density=spec.max_density,
+                                 max_f1_drop=spec.max_f1_drop)
     if chosen is None:
         logger.warning("no trial of experiment %r satisfies the registry policy %s; nothing registered", experiment,
                        policy)
