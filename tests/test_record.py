@@ -164,6 +164,33 @@ def test_register_under_an_f1_drop_policy_without_a_dense_f1_is_one_line(client,
         "another policy)")
 
 
+def test_the_report_shows_the_version_the_sweep_made_champion_after_the_alias_moved_on(client, tmp_path):
+    """A later sweep under the same registered model moved the ``champion`` alias: an earlier sweep's report shows
+    the version that sweep chose (tagged with its policy), pinned, not merely its newest frontier version; a sweep
+    that chose none reports none, whatever versions its frontier got."""
+    spec = RegistrySpec("shared-model", "best_f1_under_density", max_density=0.5)
+    parents = [tracking.start_parent_run(client, "exp", f"/sweeps/{i}", {"registry": asdict(spec)}, resume=False)
+               for i in range(3)]
+    client.create_registered_model("shared-model")
+
+    def version(parent: str, policy: bool) -> str:
+        trial = _trial(client, parent, "trial", {"f1": 50.0, "linear_density": 0.4}, {})
+        tags = {"sweep_run_id": parent, "fineprune.trial_run_id": trial, "pareto": "true",
+                **({"policy": spec.policy} if policy else {})}
+        return client.create_model_version("shared-model", source=(tmp_path / trial).as_uri(), run_id=trial,
+                                           tags=tags).version
+
+    chose, _ = version(parents[0], policy=True), version(parents[0], policy=False)  # the champion, then a frontier point
+    version(parents[1], policy=False)  # a frontier, but no trial met the policy
+    client.set_registered_model_alias("shared-model", "champion", version(parents[2], policy=True))
+
+    card = collect_report_data("exp", client.tracking_uri, parents[0]).champion
+    assert card is not None and card.version == str(chose) and not card.alias_current
+    assert card.model_uri == f"models:/shared-model/{chose}"
+    assert collect_report_data("exp", client.tracking_uri, parents[1]).champion is None
+    assert collect_report_data("exp", client.tracking_uri, parents[2]).champion.alias_current
+
+
 def test_the_report_draws_the_frontier_the_sweep_tagged_for_its_objectives(client):
     """A sweep over exact match and total density: the report's frontier is its ``pareto`` tags, not the
     frontier of F1 and linear density."""
