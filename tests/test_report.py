@@ -282,6 +282,23 @@ def test_html_without_champion_or_searched_values():
     assert [t for t, _ in _parse(page).tags].count("svg") == 1
 
 
+def test_a_sweep_without_trials_yet_is_reported_without_warnings():
+    """A sweep stopped before its first trial: its searched keys have no value yet. The page says so and draws
+    empty panels, with no plotting library warning on the command's stderr."""
+    import warnings
+
+    base = _row("base", "dense-baseline", "baseline", "finished", {}, _metrics(80.0, 70.0, 1.0, 1.0), None, True,
+                True)
+    data = ReportData(experiment="exp", sweep_run_id="parent", runs=pd.DataFrame([base]),
+                      searched=["target_density", "temperature"],
+                      param_types={"target_density": "uniform", "temperature": "choice"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        page = render_html(data)
+        render_markdown(data)
+    assert "The sweep has no trial yet" in " ".join(_parse(page).text)
+
+
 def test_the_champion_card_shows_how_to_load_it(page):
     text = " ".join(_parse(page).text)
     assert 'mlflow.pyfunc.load_model("models:/qa-small@champion")' in text
