@@ -888,11 +888,12 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     Returns:
         The chosen version (``version``, ``model_uri``, ``latency_ms``, ``f1``, ...), the settings, and
         ``versions``: every version's measured ``latency_ms``, ``dense_latency_ms``, ``speedup`` and whether it
-        is ``within_budget``.
+        is ``within_budget``, or for a version that cannot be loaded or fails when run here, its ``error`` (it is
+        not chosen, and the others are timed).
 
     Raises:
-        SelectionError: the model or its versions do not exist, or no version is within the budget; the alias
-            is then left as it was.
+        SelectionError: the model or its versions do not exist, none can be loaded and run, or no version is
+            within the budget; the alias is then left as it was.
     """
     # torch and the library are needed only to time models; the registry module stays light without them.
     import torch
