@@ -289,7 +289,7 @@ def _load_snippet(card: ChampionCard) -> str:
 
 def _serve_command(card: ChampionCard) -> str:
     env = f"MLFLOW_TRACKING_URI={shlex.quote(card.tracking_uri)} " if card.tracking_uri else ""
-    return f'{env}mlflow models serve -m "{card.model_uri}" --env-manager local -h 127.0.0.1 -p 5000'
+    return f"{env}mlflow models serve -m {shlex.quote(card.model_uri)} --env-manager local -h 127.0.0.1 -p 5000"
 
 
 def _summary_lines(data: ReportData) -> list[tuple[str, str]]:
