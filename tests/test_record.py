@@ -128,16 +128,67 @@ def test_an_unknown_experiment_is_one_line_and_exit_2(command, tmp_path, monkeyp
     assert not (tmp_path / "mlflow.db").exists()  # the default store was never touched
 
 
-def test_register_reads_the_spec_the_sweep_recorded(client, tmp_path, monkeypatch, capsys):
-    """``fineprune register`` with the store from the environment: the recorded policy, nothing qualifies."""
+def test_register_reads_the_spec_the_sweep_recorded(client, tmp_path, monkeypatch, capsys, caplog):
+    """``fineprune register`` with the store from the environment: the recorded policy, nothing qualifies. The
+    result is printed all the same, but the command exits 4, not 0: a script that goes on to serve the champion
+    must not take a registration that chose nothing for one that did."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     spec = RegistrySpec("exp-model", "best_f1_under_density", max_density=0.2)
     parent = tracking.start_parent_run(client, "exp", "/sweeps/a", {"registry": asdict(spec)}, resume=False)
     run_id = _trial(client, parent, "trial-1", {"f1": 50.0, "linear_density": 0.5}, {})
     client.set_tag(run_id, record.TAG_PACKED_ARTIFACT, record.ARTIFACT_PACKED_MODEL)
-    assert main(["register", "--experiment", "exp"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result == {"registered": False, "policy": "best_f1_under_density", "name": "exp-model"}
+    assert main(["register", "--experiment", "exp"]) == 4
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"registered": False, "policy": "best_f1_under_density", "name": "exp-model"}
+    assert "Traceback" not in err and any("satisfies the registry policy" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("policy", ["min_density_within_f1_drop", "fastest_within_f1_drop"])
+def test_register_under_an_f1_drop_policy_without_a_dense_f1_is_one_line(client, monkeypatch, capsys, policy):
+    """A sweep stopped before its teacher was scored has no baseline run: a policy measured from the dense F1
+    cannot choose among its trials, which is one line naming the sweep and the policy (exit 2), not a traceback;
+    with no trial to choose from, nothing meets the policy (exit 4)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    spec = RegistrySpec("exp-model", policy, max_f1_drop=2.0)
+    parent = tracking.start_parent_run(client, "exp", "/sweeps/a", {"registry": asdict(spec)}, resume=False)
+    assert main(["register", "--experiment", "exp"]) == 4
+    assert json.loads(capsys.readouterr().out)["registered"] is False
+    run_id = _trial(client, parent, "trial-1", {"f1": 50.0, "linear_density": 0.5, "speedup": 2.0}, {})
+    client.set_tag(run_id, record.TAG_PACKED_ARTIFACT, record.ARTIFACT_PACKED_MODEL)
+    assert main(["register", "--experiment", "exp"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"fineprune register: error: sweep run {parent} records no F1 of its dense baseline (no baseline run with an "
+        f"f1 metric), which the registry policy {policy} needs; nothing registered as champion (pass --space with "
+        "another policy)")
+
+
+def test_the_report_shows_the_version_the_sweep_made_champion_after_the_alias_moved_on(client, tmp_path):
+    """A later sweep under the same registered model moved the ``champion`` alias: an earlier sweep's report shows
+    the version that sweep chose (tagged with its policy), pinned, not merely its newest frontier version; a sweep
+    that chose none reports none, whatever versions its frontier got."""
+    spec = RegistrySpec("shared-model", "best_f1_under_density", max_density=0.5)
+    parents = [tracking.start_parent_run(client, "exp", f"/sweeps/{i}", {"registry": asdict(spec)}, resume=False)
+               for i in range(3)]
+    client.create_registered_model("shared-model")
+
+    def version(parent: str, policy: bool) -> str:
+        trial = _trial(client, parent, "trial", {"f1": 50.0, "linear_density": 0.4}, {})
+        tags = {"sweep_run_id": parent, "fineprune.trial_run_id": trial, "pareto": "true",
+                **({"policy": spec.policy} if policy else {})}
+        return client.create_model_version("shared-model", source=(tmp_path / trial).as_uri(), run_id=trial,
+                                           tags=tags).version
+
+    chose, _ = version(parents[0], policy=True), version(parents[0], policy=False)  # the champion, then a frontier point
+    version(parents[1], policy=False)  # a frontier, but no trial met the policy
+    client.set_registered_model_alias("shared-model", "champion", version(parents[2], policy=True))
+
+    card = collect_report_data("exp", client.tracking_uri, parents[0]).champion
+    assert card is not None and card.version == str(chose) and not card.alias_current
+    assert card.model_uri == f"models:/shared-model/{chose}"
+    assert collect_report_data("exp", client.tracking_uri, parents[1]).champion is None
+    assert collect_report_data("exp", client.tracking_uri, parents[2]).champion.alias_current
 
 
 def test_the_report_draws_the_frontier_the_sweep_tagged_for_its_objectives(client):

@@ -424,6 +424,40 @@ def test_select_over_versions_whose_files_are_spoilt_names_each_and_leaves_the_a
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
 
+def test_a_version_that_loads_but_cannot_be_timed_is_named_and_not_chosen(record, registered, tokenizer, capsys):
+    """A version whose exported model loads but fails when run (here its config claims a vocabulary its ONNX graph
+    does not hold, so the timed token ids fall outside it) is reported with why, not chosen, and does not stop the
+    timing of the others; when it is the only one, select is the one-line error and the alias stays where it was."""
+    client, root, name = record["client"], record["root"], "tiny-untimable"
+    run_id = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id
+    client.log_artifacts(run_id, str(_packed_dir(root / "untimable", tokenizer, 1, 32)), "packed_model")
+    client.log_metric(run_id, "f1", 99.0)  # the most accurate: chosen if it could be timed
+    client.set_terminated(run_id)
+    registry.register_run(client, run_id, name, record["parent"], "best_f1_under_density")
+    model_id = client.get_model_version(name, "1").source.removeprefix("models:/")
+    stored = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    config_file = next(stored.rglob("onnx_model/config.json"))
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config_file.write_text(json.dumps({**config, "vocab_size": 50 * config["vocab_size"]}), encoding="utf-8")
+
+    code, out, err = _select(capsys, record, 1e6, "fast", name=name)
+    assert code == 2 and out == "", err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"fineprune select: error: no version of '{name}' could be timed (version 1: "), line
+    assert line.endswith("alias 'fast' left as it was") and "Traceback" not in err
+    assert "fast" not in client.get_registered_model(name).aliases
+
+    registry.register_run(client, record["runs"][NARROW], name, record["parent"], "best_f1_under_density")
+    code, out, err = _select(capsys, record, 1e6, "fast", name=name)
+    assert code == 0, err[-3000:]
+    chosen = json.loads(out)
+    assert chosen["version"] == "2" and chosen["run_id"] == record["runs"][NARROW]
+    rows = {row["version"]: row for row in chosen["versions"]}
+    assert "latency_ms" not in rows["1"] and rows["1"]["error"].startswith("cannot be timed: ")
+    assert rows["2"]["within_budget"] is True
+    assert str(client.get_model_version_by_alias(name, "fast").version) == "2"
+
+
 def test_a_trial_whose_packed_model_is_missing_or_spoilt_is_not_registered(record, tokenizer):
     from workflows.record import RecordError
     from workflows.user_errors import user_errors

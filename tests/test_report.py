@@ -282,10 +282,27 @@ def test_html_without_champion_or_searched_values():
     assert [t for t, _ in _parse(page).tags].count("svg") == 1
 
 
+def test_a_sweep_without_trials_yet_is_reported_without_warnings():
+    """A sweep stopped before its first trial: its searched keys have no value yet. The page says so and draws
+    empty panels, with no plotting library warning on the command's stderr."""
+    import warnings
+
+    base = _row("base", "dense-baseline", "baseline", "finished", {}, _metrics(80.0, 70.0, 1.0, 1.0), None, True,
+                True)
+    data = ReportData(experiment="exp", sweep_run_id="parent", runs=pd.DataFrame([base]),
+                      searched=["target_density", "temperature"],
+                      param_types={"target_density": "uniform", "temperature": "choice"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        page = render_html(data)
+        render_markdown(data)
+    assert "The sweep has no trial yet" in " ".join(_parse(page).text)
+
+
 def test_the_champion_card_shows_how_to_load_it(page):
     text = " ".join(_parse(page).text)
     assert 'mlflow.pyfunc.load_model("models:/qa-small@champion")' in text
-    assert 'mlflow models serve -m "models:/qa-small@champion" --env-manager local' in text
+    assert "mlflow models serve -m models:/qa-small@champion --env-manager local" in text
     assert "5.0 MiB" in text and "4.0 MiB" in text
 
 
@@ -323,6 +340,20 @@ def test_the_template_ships_in_the_wheel(tmp_path):
     templates = {f"workflows/templates/{path.name}" for path in (root / "workflows" / "templates").iterdir()}
     assert "workflows/templates/report.html.j2" in templates
     assert templates <= set(zipfile.ZipFile(wheel).namelist())
+
+
+def test_the_serve_command_passes_the_model_uri_as_written_to_the_shell():
+    """A registered model name may hold characters a shell expands inside double quotes ($, `): the command the
+    report shows, pasted into bash, still names the model."""
+    from workflows.report import _serve_command
+
+    for name in ("qa-small", "qa$HOME", "qa`id`", "two words"):
+        card = ChampionCard(model_name=name, version="2", run_id="b", tracking_uri="sqlite:///my db.db")
+        command = _serve_command(card)
+        assert command.startswith("MLFLOW_TRACKING_URI=") and " mlflow models serve -m " in command
+        echoed = subprocess.run(["bash", "-c", command.replace(" mlflow models serve ", " printf '%s\\n' ", 1)],
+                                capture_output=True, text=True, check=True).stdout.splitlines()
+        assert echoed[:2] == ["-m", f"models:/{name}@champion"], command
 
 
 def test_an_alias_moved_elsewhere_pins_the_version():

@@ -45,6 +45,7 @@ DESCRIPTION = ("Block movement fine-pruning of BERT-family question-answering mo
                "it into a smaller dense one, evaluate, export and ask it, and sweep, register and select "
                "pruned models with Ray Tune and MLflow.")
 INCOMPLETE_SWEEP = 3  # exit status of a sweep that ended with trials failed or left to run (--resume continues it)
+NO_CHAMPION = 4  # exit status of a registration that found no trial (or version) meeting the registry policy
 
 
 class UserError(Exception):
@@ -493,7 +494,9 @@ def cmd_register(args: argparse.Namespace) -> int:
     result = register_from_experiment(args.experiment, tracking_uri=args.tracking_uri, space=args.space,
                                       frontier=args.frontier, onnx=False if args.no_onnx else None)
     _emit(result)
-    return 0
+    # The result is printed either way (with --frontier, the versions it registered); a script must still tell a
+    # registration that left the alias where it was from one that moved it.
+    return 0 if result.get("registered") else NO_CHAMPION
 
 
 def cmd_select(args: argparse.Namespace) -> int:
@@ -684,6 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "FINEPRUNE_TRACKING_TIMEOUT, else 300)")
 
     p = command("register", cmd_register, "register the best trial's packed model")
+    p.epilog = (f"Exit status 0 when the champion was registered; {NO_CHAMPION} when no trial meets the registry "
+                "policy (no version within the budget, for best_f1_under_latency): nothing is registered as "
+                "champion and the alias is left where it was, the result (\"registered\": false) printed all the "
+                "same.")
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")

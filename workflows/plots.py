@@ -324,7 +324,7 @@ def learned_figure(runs: pd.DataFrame, searched: Sequence[str], param_types: dic
                            label="dense baseline")
             if numeric and param_types.get(key) == "loguniform":
                 ax.set_xscale("log")
-            if not numeric:
+            if not numeric and categories:  # none before any trial logged the key: no axis to lay out
                 ax.set_xticks(range(len(categories)), categories)
                 ax.set_xlim(-0.5, len(categories) - 0.5)
             if col == 0:

@@ -427,8 +427,15 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
     if dense_f1 is None and F1 in runs.columns:
         baseline = runs.loc[runs["kind"] == KIND_BASELINE, F1].dropna()
         dense_f1 = float(baseline.iloc[0]) if len(baseline) else None
-    chosen = select_champion(points, policy, dense_f1=dense_f1, max_density=spec.max_density,
-                             max_f1_drop=spec.max_f1_drop)
+    if dense_f1 is None and policy in ("min_density_within_f1_drop", "fastest_within_f1_drop"):
+        if points:  # the policy cannot tell which of them are within its F1 drop
+            raise record.RecordError(f"sweep run {parent_run_id} records no F1 of its dense baseline (no baseline "
+                                     f"run with an f1 metric), which the registry policy {policy} needs; nothing "
+                                     "registered as champion (pass --space with another policy)")
+        chosen = None
+    else:
+        chosen = select_champion(points, policy, dense_f1=dense_f1, max_density=spec.max_density,
+                                 max_f1_drop=spec.max_f1_drop)
     if chosen is None:
         logger.warning("no trial of experiment %r satisfies the registry policy %s; nothing registered", experiment,
                        policy)
@@ -881,11 +888,12 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     Returns:
         The chosen version (``version``, ``model_uri``, ``latency_ms``, ``f1``, ...), the settings, and
         ``versions``: every version's measured ``latency_ms``, ``dense_latency_ms``, ``speedup`` and whether it
-        is ``within_budget``.
+        is ``within_budget``, or for a version that cannot be loaded or fails when run here, its ``error`` (it is
+        not chosen, and the others are timed).
 
     Raises:
-        SelectionError: the model or its versions do not exist, or no version is within the budget; the alias
-            is then left as it was.
+        SelectionError: the model or its versions do not exist, none can be loaded and run, or no version is
+            within the budget; the alias is then left as it was.
     """
     # torch and the library are needed only to time models; the registry module stays light without them.
     import torch
@@ -933,6 +941,14 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             if seq_len > limit:
                 raise SelectionError(f"--seq-len {seq_len} exceeds the {limit} positions the model takes "
                                      f"of version {v.version}")
+            try:  # one pass first: a version that loads but fails when run must not stop the timing of the others
+                interleaved_latency({"probe": model}, batch_size=batch_size, seq_len=seq_len, repeats=1, warmup=0)
+            except Exception as err:
+                lines = str(err).strip().splitlines()
+                row["error"] = f"cannot be timed: {lines[0] if lines else type(err).__name__}"
+                logger.warning("version %s of %s %s", v.version, name, row["error"])
+                rows.append(row)
+                continue
             key, config = _dense_shape(model)
             if key not in models:
                 models[key] = AutoModelForQuestionAnswering.from_config(config).eval()
@@ -941,7 +957,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             rows.append(row)
         if not dense_of:
             reasons = "; ".join(f"version {row['version']}: {row['error']}" for row in rows)
-            raise SelectionError(f"no version of {name!r} could be loaded ({reasons}); alias {alias!r} left as it "
+            untimed = [row["error"].startswith("cannot be timed: ") for row in rows]
+            what = " or ".join(word for word, seen in (("loaded", not all(untimed)), ("timed", any(untimed))) if seen)
+            raise SelectionError(f"no version of {name!r} could be {what} ({reasons}); alias {alias!r} left as it "
                                  "was")
         loaded = time.perf_counter()
         torch.set_num_threads(threads)

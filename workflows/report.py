@@ -39,7 +39,8 @@ from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR,
                               ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, HEADS_REMOVED,
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
-                              TAG_PARETO, TAG_PARETO_SPEED, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TOTAL_DENSITY, RegistrySpec)
+                              TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TOTAL_DENSITY,
+                              RegistrySpec)
 
 __all__ = [
     "ChampionCard",
@@ -288,7 +289,7 @@ def _load_snippet(card: ChampionCard) -> str:
 
 def _serve_command(card: ChampionCard) -> str:
     env = f"MLFLOW_TRACKING_URI={shlex.quote(card.tracking_uri)} " if card.tracking_uri else ""
-    return f'{env}mlflow models serve -m "{card.model_uri}" --env-manager local -h 127.0.0.1 -p 5000'
+    return f"{env}mlflow models serve -m {shlex.quote(card.model_uri)} --env-manager local -h 127.0.0.1 -p 5000"
 
 
 def _summary_lines(data: ReportData) -> list[tuple[str, str]]:
@@ -621,7 +622,12 @@ def _champion(client: MlflowClient, parent, tracking_uri: str) -> ChampionCard |
     if aliased is not None and aliased.tags.get(TAG_SWEEP_RUN) == parent_id:
         version, current = aliased, True
     else:
-        version, current = max(versions, key=lambda v: int(v.version)), False
+        # The alias has moved on: the version this sweep made champion carries the policy that chose it (its other
+        # versions are frontier points); none when no trial met the policy.
+        chosen = [v for v in versions if v.tags.get(TAG_POLICY)]
+        if not chosen:
+            return None
+        version, current = max(chosen, key=lambda v: int(v.version)), False
     run_id = version.tags.get(TAG_TRIAL_RUN) or version.run_id
     structure = _packed_structure(client, run_id)
     server = _server(tracking_uri)
