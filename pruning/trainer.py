@@ -657,7 +657,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     elif resume_from is not None:
         pruning_metrics = {k: v for k, v in state.get("pruning", {}).items() if isinstance(v, (int, float))}
     skeleton = None  # with fill_packed: the masked model whose structure the packed one trains
-    if cfg.fill_packed and p.fill_steps > start_step:
+    # Packed on a resume at the very end too: the checkpoint's optimizer state and average are the packed model's.
+    if cfg.fill_packed and p.fill_steps > 0:
         skeleton, model = model, pack_for_training(model).to(device)
         skeleton.to("cpu")  # only written to, at checkpoints and at the end
         logger.info("recovery on the packed model: %d of %d parameters", sum(q.numel() for q in model.parameters()),
