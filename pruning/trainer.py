@@ -671,7 +671,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         restore_optimizer(optimizer, tensors, source=str(Path(resume_from) / OPTIMIZER))
     average = _start_average(cfg, model)
     if average is not None and tensors is not None and any(k.startswith(AVERAGE_PREFIX) for k in tensors):
-        average.load(tensors, source=str(resume_from))
+        average.load(tensors, source=str(Path(resume_from) / OPTIMIZER))
 
     global_topk = cfg.topk_scope is TopkScope.GLOBAL and cfg.method is Method.TOPK
     stage_steps = fisher_stage_steps(cfg) if cfg.method is Method.FISHER else []

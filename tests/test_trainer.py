@@ -690,3 +690,27 @@ def test_a_resumed_runs_figures_count_the_work_before_the_resume(tmp_path):
     resumed = train(cfg, resume_from=checkpoint, progress=False)
     assert resumed["teacher_forward_windows"] == 6 * cfg.batch_size  # as many as an uninterrupted run's
     assert resumed["train_seconds"] > before["train_seconds"]
+
+
+def _edit_tensors(path, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 3)], ids=["broadcasts", "other"])
+def test_a_checkpoint_whose_weight_average_has_another_shape_is_refused_naming_the_tensor(tmp_path, shape):
+    """A tensor that broadcasts would have filled the average with one value, and the final model with it."""
+    from pruning.checkpoint import CheckpointError
+
+    cfg = tiny_cfg(tmp_path, max_steps=2, train_limit=4, eval_limit=1, ema_decay=0.9)
+    train(cfg, progress=False)
+    optimizer_file = tmp_path / "run" / "checkpoint" / "optimizer.safetensors"
+    name = "average.qa_outputs.weight"
+    _edit_tensors(optimizer_file, lambda tensors: tensors.__setitem__(name, torch.zeros(shape)))
+    with pytest.raises(CheckpointError) as err:
+        train(cfg, resume_from=optimizer_file.parent, progress=False)
+    assert str(err.value) == (f"{optimizer_file}: {name} has shape {shape}, but the trained parameter has shape "
+                              "(2, 64)")
