@@ -714,3 +714,21 @@ def test_a_checkpoint_whose_weight_average_has_another_shape_is_refused_naming_t
         train(cfg, resume_from=optimizer_file.parent, progress=False)
     assert str(err.value) == (f"{optimizer_file}: {name} has shape {shape}, but the trained parameter has shape "
                               "(2, 64)")
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("rng.torch", torch.zeros(3), r"rng\.torch must be a random generator state \(uint8 of shape \(\d+,\)\), got "
+                                  r"float32 of shape \(3,\)"),
+    ("params", torch.zeros(2, 2), r"params must be one whole number, got float32 of shape \(2, 2\)"),
+    ("state.0.step", torch.zeros(3), r"state\.0\.step must be one number \(the parameter's step count\), got shape "
+                                     r"\(3,\)"),
+], ids=["rng", "params", "step"])
+def test_a_checkpoint_whose_optimizer_file_holds_an_edited_tensor_is_refused_naming_it(tmp_path, name, value, says):
+    from pruning.checkpoint import CheckpointError
+
+    cfg = tiny_cfg(tmp_path, max_steps=2, train_limit=4, eval_limit=1)
+    train(cfg, progress=False)
+    optimizer_file = tmp_path / "run" / "checkpoint" / "optimizer.safetensors"
+    _edit_tensors(optimizer_file, lambda tensors: tensors.__setitem__(name, value))
+    with pytest.raises(CheckpointError, match=rf"^{optimizer_file}: {says}$"):
+        train(dataclasses.replace(cfg, max_steps=3), resume_from=optimizer_file.parent, progress=False)
