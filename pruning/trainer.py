@@ -604,6 +604,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     output_dir.mkdir(parents=True, exist_ok=True)
 
     train_examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
+    # Recorded in checkpoints: a resume on the same path with other contents (other windows) is refused.
+    data_digest = content_digest(resolve_data(cfg.train_data))
     # The metric reads answer texts only, as `fineprune eval` does: no answer_start is checked.
     eval_examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit, spans=False)
     if held_out_warning:
@@ -782,7 +784,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             counters = {k: metrics[k] for k in ("train_seconds", "teacher_forward_windows") if k in metrics}
             checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, saved, tokenizer, optimizer,
                                                   saved_cfg, done, history, pruning_metrics, average, counters,
-                                                  evaluation))
+                                                  evaluation, data_digest))
             saved_step = done
         if do_eval:
             last_metrics = metrics
@@ -827,6 +829,9 @@ RESUME_METHOD_KEYS = {
 }
 
 
+DATA_DIGEST = "train_data_digest"  # in trainer_state.json: the sha256 of the training file's contents
+
+
 def _same_setting(key: str, old: Any, new: Any) -> bool:
     if old == new:
         return True
@@ -857,7 +862,8 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
         raise CheckpointError(f"{checkpoint_dir}: checkpoint directory not found")
     if not path.exists():
         raise CheckpointError(_not_a_checkpoint(Path(checkpoint_dir)))
-    stored = read_json(path).get("config")
+    state = read_json(path)
+    stored = state.get("config")
     if not isinstance(stored, dict):
         logger.warning("%s: records no run config; resuming without checking that it matches", path)
         return
@@ -874,9 +880,24 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
         old = stored.get(key, defaults[key])
         if not _same_setting(key, old, given[key]):
             differing.append(f"{key} {json.dumps(old)} there, {json.dumps(given[key])} here")
+        elif key == "train_data" and _data_changed(given[key], state.get(DATA_DIGEST)):
+            differing.append(f"train_data {json.dumps(given[key])}: its contents differ from those the checkpoint "
+                             "was trained on")
     if differing:
         raise ConfigError(f"{Path(checkpoint_dir)}: written under a different run config ({'; '.join(differing)}); "
                           f"resume with the config it was written with")
+
+
+def _data_changed(train_data: str, digest: Any) -> bool:
+    """Whether the file ``train_data`` names no longer holds the contents of sha256 ``digest`` (False where the
+    checkpoint records none, written before checkpoints did, or where the file cannot be read: the run's load of it
+    says so)."""
+    if not isinstance(digest, str):
+        return False
+    try:
+        return content_digest(resolve_data(train_data)) != digest
+    except OSError:
+        return False
 
 
 def _not_a_checkpoint(directory: Path) -> str:
@@ -1040,10 +1061,12 @@ def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.opt
 def _save_checkpoint(path: Path, model: nn.Module, tokenizer, optimizer, cfg: RunConfig, step: int,
                      history: list[dict[str, Any]], pruning: dict[str, float] | None = None,
                      average: WeightAverage | None = None, counters: dict[str, float] | None = None,
-                     evaluation: dict[str, Any] | None = None) -> Path:
+                     evaluation: dict[str, Any] | None = None, data_digest: str | None = None) -> Path:
     # counters: the run's training seconds and teacher forwards so far, carried on by a resume.
     state = {"step": step, "config": config_to_dict(cfg), "history": history, "pruning": pruning or {},
              "counters": counters or {}}
+    if data_digest is not None:
+        state[DATA_DIGEST] = data_digest
     # Weights are saved from the CPU copy of the state dict; the model itself stays on its device. The live
     # weights go into the checkpoint (training continues from them), their average beside the optimizer state.
     tensors = optimizer_tensors(optimizer)

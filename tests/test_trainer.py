@@ -732,3 +732,28 @@ def test_a_checkpoint_whose_optimizer_file_holds_an_edited_tensor_is_refused_nam
     _edit_tensors(optimizer_file, lambda tensors: tensors.__setitem__(name, value))
     with pytest.raises(CheckpointError, match=rf"^{optimizer_file}: {says}$"):
         train(dataclasses.replace(cfg, max_steps=3), resume_from=optimizer_file.parent, progress=False)
+
+
+def test_resuming_on_a_training_file_whose_questions_changed_is_refused(tmp_path):
+    """The same train_data path with other contents gives other windows: the resumed run would index into them
+    with the data order and step of the first."""
+    from pruning.resources import squad_file
+
+    dev = json.loads(squad_file("dev").read_text(encoding="utf-8"))
+    data = tmp_path / "train.json"
+
+    def write(articles):
+        data.write_text(json.dumps({"version": dev["version"], "data": articles}), encoding="utf-8")
+
+    write(dev["data"][:1])
+    cfg = tiny_cfg(tmp_path, train_data=str(data), max_steps=2, train_limit=8, eval_limit=1)
+    train(cfg, progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    write(dev["data"][1:2])
+    with pytest.raises(ConfigError) as err:
+        train(dataclasses.replace(cfg, max_steps=3), resume_from=checkpoint, progress=False)
+    assert str(err.value) == (f"{checkpoint}: written under a different run config (train_data {json.dumps(str(data))}"
+                              f": its contents differ from those the checkpoint was trained on); resume with the "
+                              f"config it was written with")
+    write(dev["data"][:1])  # the same questions written again: the same run
+    assert train(dataclasses.replace(cfg, max_steps=3), resume_from=checkpoint, progress=False)["step"] == 3
