@@ -221,6 +221,11 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
+    vocabulary = tokenizer.get_vocab()
+    if set(vocabulary) <= set(tokenizer.all_special_tokens):
+        # What transformers builds from config.json alone: every word would be the unknown token.
+        raise CheckpointError(f"{model_dir}: no tokenizer files (what loads from config.json alone holds only its "
+                              f"{len(vocabulary)} special tokens)")
     problem = None
     if not getattr(tokenizer, "is_fast", False):
         problem = "is not a fast tokenizer (the windows need character offsets)"

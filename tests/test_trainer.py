@@ -757,3 +757,21 @@ def test_resuming_on_a_training_file_whose_questions_changed_is_refused(tmp_path
                               f"config it was written with")
     write(dev["data"][:1])  # the same questions written again: the same run
     assert train(dataclasses.replace(cfg, max_steps=3), resume_from=checkpoint, progress=False)["step"] == 3
+
+
+def test_a_checkpoint_without_its_tokenizer_files_is_refused_not_resumed_on_unknown_tokens(tmp_path):
+    """transformers builds a tokenizer of its five special tokens from config.json alone: every word would be
+    [UNK], and the run would go on training on windows of nothing but [UNK]."""
+    from pruning.checkpoint import CheckpointError, load_tokenizer
+
+    cfg = tiny_cfg(tmp_path, max_steps=2, train_limit=4, eval_limit=1)
+    train(cfg, progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (checkpoint / name).unlink()
+    says = rf"^{checkpoint}: no tokenizer files \(what loads from config\.json alone holds only its \d+ special tokens\)$"
+    with pytest.raises(CheckpointError, match=says):
+        load_tokenizer(checkpoint)
+    with pytest.raises(CheckpointError, match=says):
+        train(dataclasses.replace(cfg, max_steps=3), resume_from=checkpoint, progress=False)
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
