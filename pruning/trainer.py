@@ -638,6 +638,9 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     features = train_features(cfg, train_examples, tokenizer, progress=progress)
     num_features = int(features["input_ids"].shape[0])
     p = plan(cfg, num_features)
+    if start_step > p.total_steps:  # a dense run resumed with fewer steps: its model has trained past the end
+        raise CheckpointError(f"{Path(resume_from) / STATE}: step {start_step} is past the {p.total_steps} steps the "
+                              "run config trains")
     logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s, %s",
                 len(train_examples), num_features, p.total_steps, p.prune_steps, p.fill_steps, device, precision)
 

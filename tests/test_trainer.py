@@ -775,3 +775,19 @@ def test_a_checkpoint_without_its_tokenizer_files_is_refused_not_resumed_on_unkn
     with pytest.raises(CheckpointError, match=says):
         train(dataclasses.replace(cfg, max_steps=3), resume_from=checkpoint, progress=False)
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_a_checkpoint_past_the_steps_of_the_run_config_is_refused_not_reported_as_the_last_step(tmp_path):
+    """A dense run may be resumed with another max_steps, but not with fewer steps than the checkpoint has trained:
+    its final model would be reported at a step it has passed."""
+    from pruning.checkpoint import CheckpointError
+
+    cfg = tiny_cfg(tmp_path, max_steps=4, train_limit=4, eval_limit=1)
+    train(cfg, progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    final = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "final").iterdir()}
+    with pytest.raises(CheckpointError, match=rf"^{checkpoint / 'trainer_state.json'}: step 4 is past the 2 steps "
+                                              r"the run config trains$"):
+        train(dataclasses.replace(cfg, max_steps=2), resume_from=checkpoint, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "final").iterdir()} == final
+    assert train(dataclasses.replace(cfg, max_steps=5), resume_from=checkpoint, progress=False)["step"] == 5
