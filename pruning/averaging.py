@@ -97,8 +97,14 @@ class WeightAverage:
     def load(self, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Restore from :meth:`tensors` (as read back from ``source``); a checkpoint of another model is an error."""
         names = {k[len(PREFIX):] for k in tensors if k.startswith(PREFIX) and k != _COUNT}
-        if names != self.shadow.keys() or _COUNT not in tensors:
+        if names != self.shadow.keys() or _COUNT not in tensors or tensors[_COUNT].numel() != 1:
             raise CheckpointError(f"{source}: the weight average does not match the model's trainable parameters")
+        for name, t in self.shadow.items():
+            # A tensor that broadcasts (one value) would fill the parameter's average without an error.
+            stored = tuple(tensors[PREFIX + name].shape)
+            if stored != tuple(t.shape):
+                raise CheckpointError(f"{source}: {PREFIX}{name} has shape {stored}, but the trained parameter has "
+                                      f"shape {tuple(t.shape)}")
         for name, t in self.shadow.items():
             t.copy_(tensors[PREFIX + name].to(t.device, t.dtype))
         self.updates = int(tensors[_COUNT])

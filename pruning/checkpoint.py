@@ -222,10 +222,11 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
-    specials = len(set(tokenizer.all_special_ids))
-    if len(tokenizer) <= specials:  # what transformers builds from a config.json alone: every word is unknown
-        raise CheckpointError(f"{model_dir}: no tokenizer files (the tokenizer its config gives knows only its "
-                              f"{specials} special tokens); save the model's tokenizer into it with save_pretrained")
+    vocabulary = tokenizer.get_vocab()
+    if set(vocabulary) <= set(tokenizer.all_special_tokens):
+        # What transformers builds from config.json alone: every word would be the unknown token.
+        raise CheckpointError(f"{model_dir}: no tokenizer files (what loads from config.json alone holds only its "
+                              f"{len(vocabulary)} special tokens)")
     problem = None
     if not getattr(tokenizer, "is_fast", False):
         problem = "is not a fast tokenizer (the windows need character offsets)"
@@ -441,6 +442,32 @@ def _placed(key: str, value: torch.Tensor, param: torch.Tensor, fused: bool) -> 
     return value.to(param.device, torch.float32) if fused else value
 
 
+def _check_optimizer_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse, before anything is restored, tensors that are not what :func:`optimizer_tensors` writes (an edited
+    or damaged file), which would otherwise fail deep inside torch or AdamW's first step."""
+    def kind(value: torch.Tensor) -> str:
+        return f"{str(value.dtype).removeprefix('torch.')} of shape {tuple(value.shape)}"
+
+    size = torch.get_rng_state().numel()
+    for key, value in tensors.items():
+        if key == "rng.torch" or key.startswith(_CUDA_RNG):
+            if value.dtype != torch.uint8 or value.ndim != 1 or (key == "rng.torch" and value.numel() != size):
+                shape = f"({size},)" if key == "rng.torch" else "(n,)"
+                raise CheckpointError(f"{source}: {key} must be a random generator state (uint8 of shape {shape}), "
+                                      f"got {kind(value)}")
+        elif key == _PARAMS:
+            if value.numel() != 1 or value.is_floating_point() or value.is_complex():
+                raise CheckpointError(f"{source}: {key} must be one whole number, got {kind(value)}")
+        elif key.startswith("state."):
+            parts = key.split(".")
+            if len(parts) != 3 or not parts[1].isdigit():
+                raise CheckpointError(f"{source}: {key}: not a name the optimizer state is written under "
+                                      "(state.INDEX.NAME)")
+            if parts[2] == "step" and value.numel() != 1:
+                raise CheckpointError(f"{source}: {key} must be one number (the parameter's step count), got shape "
+                                      f"{tuple(value.shape)}")
+
+
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                       source: str = "checkpoint") -> None:
     """Put the state of :func:`optimizer_tensors` (read back from ``source``) into ``optimizer``, and the RNG states.
@@ -449,6 +476,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
         CheckpointError: the state was written for another list of trained parameters (another number of them, or
             a moment whose shape is not its parameter's), which would give each parameter another's moments.
     """
+    _check_optimizer_tensors(tensors, source)
     fused = bool(optimizer.defaults.get("fused"))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     indices = {int(k.split(".")[1]) for k in tensors if k.startswith("state.")}

@@ -622,6 +622,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     output_dir.mkdir(parents=True, exist_ok=True)
 
     train_examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
+    # Recorded in checkpoints: a resume on the same path with other contents (other windows) is refused.
+    data_digest = content_digest(resolve_data(cfg.train_data))
     # The metric reads answer texts only, as `fineprune eval` does: no answer_start is checked.
     eval_examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit, spans=False)
     if held_out_warning:
@@ -654,6 +656,9 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     features = train_features(cfg, train_examples, tokenizer, progress=progress)
     num_features = int(features["input_ids"].shape[0])
     p = plan(cfg, num_features)
+    if start_step > p.total_steps:  # a dense run resumed with fewer steps: its model has trained past the end
+        raise CheckpointError(f"{Path(resume_from) / STATE}: step {start_step} is past the {p.total_steps} steps the "
+                              "run config trains")
     logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s, %s",
                 len(train_examples), num_features, p.total_steps, p.prune_steps, p.fill_steps, device, precision)
 
@@ -675,7 +680,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     elif resume_from is not None:
         pruning_metrics = {k: v for k, v in state.get("pruning", {}).items() if isinstance(v, (int, float))}
     skeleton = None  # with fill_packed: the masked model whose structure the packed one trains
-    if cfg.fill_packed and p.fill_steps > start_step:
+    # Packed on a resume at the very end too: the checkpoint's optimizer state and average are the packed model's.
+    if cfg.fill_packed and p.fill_steps > 0:
         skeleton, model = model, pack_for_training(model).to(device)
         skeleton.to("cpu")  # only written to, at checkpoints and at the end
         logger.info("recovery on the packed model: %d of %d parameters", sum(q.numel() for q in model.parameters()),
@@ -688,7 +694,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         restore_optimizer(optimizer, tensors, source=str(Path(resume_from) / OPTIMIZER))
     average = _start_average(cfg, model)
     if average is not None and tensors is not None and any(k.startswith(AVERAGE_PREFIX) for k in tensors):
-        average.load(tensors, source=str(resume_from))
+        average.load(tensors, source=str(Path(resume_from) / OPTIMIZER))
 
     global_topk = cfg.topk_scope is TopkScope.GLOBAL and cfg.method is Method.TOPK
     stage_steps = fisher_stage_steps(cfg) if cfg.method is Method.FISHER else []
@@ -795,7 +801,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             counters = {k: metrics[k] for k in ("train_seconds", "teacher_forward_windows") if k in metrics}
             checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, saved, tokenizer, optimizer,
                                                   saved_cfg, done, history, pruning_metrics, average, counters,
-                                                  evaluation))
+                                                  evaluation, data_digest))
             saved_step = done
         if do_eval:
             last_metrics = metrics
@@ -840,6 +846,9 @@ RESUME_METHOD_KEYS = {
 }
 
 
+DATA_DIGEST = "train_data_digest"  # in trainer_state.json: the sha256 of the training file's contents
+
+
 def _same_setting(key: str, old: Any, new: Any) -> bool:
     if old == new:
         return True
@@ -870,7 +879,8 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
         raise CheckpointError(f"{checkpoint_dir}: checkpoint directory not found")
     if not path.exists():
         raise CheckpointError(_not_a_checkpoint(Path(checkpoint_dir)))
-    stored = read_json(path).get("config")
+    state = read_json(path)
+    stored = state.get("config")
     if not isinstance(stored, dict):
         logger.warning("%s: records no run config; resuming without checking that it matches", path)
         return
@@ -887,9 +897,24 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
         old = stored.get(key, defaults[key])
         if not _same_setting(key, old, given[key]):
             differing.append(f"{key} {json.dumps(old)} there, {json.dumps(given[key])} here")
+        elif key == "train_data" and _data_changed(given[key], state.get(DATA_DIGEST)):
+            differing.append(f"train_data {json.dumps(given[key])}: its contents differ from those the checkpoint "
+                             "was trained on")
     if differing:
         raise ConfigError(f"{Path(checkpoint_dir)}: written under a different run config ({'; '.join(differing)}); "
                           f"resume with the config it was written with")
+
+
+def _data_changed(train_data: str, digest: Any) -> bool:
+    """Whether the file ``train_data`` names no longer holds the contents of sha256 ``digest`` (False where the
+    checkpoint records none, written before checkpoints did, or where the file cannot be read: the run's load of it
+    says so)."""
+    if not isinstance(digest, str):
+        return False
+    try:
+        return content_digest(resolve_data(train_data)) != digest
+    except OSError:
+        return False
 
 
 def _not_a_checkpoint(directory: Path) -> str:
@@ -1053,10 +1078,12 @@ def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.opt
 def _save_checkpoint(path: Path, model: nn.Module, tokenizer, optimizer, cfg: RunConfig, step: int,
                      history: list[dict[str, Any]], pruning: dict[str, float] | None = None,
                      average: WeightAverage | None = None, counters: dict[str, float] | None = None,
-                     evaluation: dict[str, Any] | None = None) -> Path:
+                     evaluation: dict[str, Any] | None = None, data_digest: str | None = None) -> Path:
     # counters: the run's training seconds and teacher forwards so far, carried on by a resume.
     state = {"step": step, "config": config_to_dict(cfg), "history": history, "pruning": pruning or {},
              "counters": counters or {}}
+    if data_digest is not None:
+        state[DATA_DIGEST] = data_digest
     # Weights are saved from the CPU copy of the state dict; the model itself stays on its device. The live
     # weights go into the checkpoint (training continues from them), their average beside the optimizer state.
     tensors = optimizer_tensors(optimizer)

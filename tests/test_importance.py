@@ -481,6 +481,21 @@ def test_recovery_resumes_with_the_same_structure_and_weights(tmp_path, extra):
         assert torch.allclose(pa, pb, atol=1e-5), name
 
 
+def test_a_packed_recovery_stopped_after_its_last_checkpoint_resumes_to_its_final_model(tmp_path):
+    """Killed after the last step's checkpoint, before final/ was written: the resume writes the final model."""
+    import shutil
+
+    cfg = tiny_cfg(tmp_path, target_density=0.4, fill_steps=2, fill_packed=True, ema_decay=0.5)
+    full = train(cfg, progress=False)
+    final = Path(full["model_dir"])
+    expected = load_model(final)
+    shutil.rmtree(final)
+    resumed = train(cfg, resume_from=tmp_path / "run" / "checkpoint", progress=False)
+    assert resumed["step"] == 2 and resumed["f1"] == full["f1"]
+    for (name, pa), (_, pb) in zip(expected.named_parameters(), load_model(final).named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
 def test_a_packed_recovery_resumes_only_packed(tmp_path):
     """Its optimizer state belongs to the packed model's parameters: a resume must train the same ones."""
     import dataclasses

@@ -754,3 +754,104 @@ def test_a_training_step_reads_the_device_once_whatever_its_micro_batches(tmp_pa
     for metrics in reported.values():  # no teacher, no penalty: the loss is the span cross-entropy
         assert metrics["loss"] == metrics["loss_ce"] > 0
         assert metrics["loss_distil"] == metrics["loss_hidden"] == metrics["loss_reg"] == 0.0
+
+
+def _edit_tensors(path, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 3)], ids=["broadcasts", "other"])
+def test_a_checkpoint_whose_weight_average_has_another_shape_is_refused_naming_the_tensor(tmp_path, shape):
+    """A tensor that broadcasts would have filled the average with one value, and the final model with it."""
+    from pruning.checkpoint import CheckpointError
+
+    cfg = tiny_cfg(tmp_path, max_steps=2, train_limit=4, eval_limit=1, ema_decay=0.9)
+    train(cfg, progress=False)
+    optimizer_file = tmp_path / "run" / "checkpoint" / "optimizer.safetensors"
+    name = "average.qa_outputs.weight"
+    _edit_tensors(optimizer_file, lambda tensors: tensors.__setitem__(name, torch.zeros(shape)))
+    with pytest.raises(CheckpointError) as err:
+        train(cfg, resume_from=optimizer_file.parent, progress=False)
+    assert str(err.value) == (f"{optimizer_file}: {name} has shape {shape}, but the trained parameter has shape "
+                              "(2, 64)")
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("rng.torch", torch.zeros(3), r"rng\.torch must be a random generator state \(uint8 of shape \(\d+,\)\), got "
+                                  r"float32 of shape \(3,\)"),
+    ("params", torch.zeros(2, 2), r"params must be one whole number, got float32 of shape \(2, 2\)"),
+    ("state.0.step", torch.zeros(3), r"state\.0\.step must be one number \(the parameter's step count\), got shape "
+                                     r"\(3,\)"),
+], ids=["rng", "params", "step"])
+def test_a_checkpoint_whose_optimizer_file_holds_an_edited_tensor_is_refused_naming_it(tmp_path, name, value, says):
+    from pruning.checkpoint import CheckpointError
+
+    cfg = tiny_cfg(tmp_path, max_steps=2, train_limit=4, eval_limit=1)
+    train(cfg, progress=False)
+    optimizer_file = tmp_path / "run" / "checkpoint" / "optimizer.safetensors"
+    _edit_tensors(optimizer_file, lambda tensors: tensors.__setitem__(name, value))
+    with pytest.raises(CheckpointError, match=rf"^{optimizer_file}: {says}$"):
+        train(dataclasses.replace(cfg, max_steps=3), resume_from=optimizer_file.parent, progress=False)
+
+
+def test_resuming_on_a_training_file_whose_questions_changed_is_refused(tmp_path):
+    """The same train_data path with other contents gives other windows: the resumed run would index into them
+    with the data order and step of the first."""
+    from pruning.resources import squad_file
+
+    dev = json.loads(squad_file("dev").read_text(encoding="utf-8"))
+    data = tmp_path / "train.json"
+
+    def write(articles):
+        data.write_text(json.dumps({"version": dev["version"], "data": articles}), encoding="utf-8")
+
+    write(dev["data"][:1])
+    cfg = tiny_cfg(tmp_path, train_data=str(data), max_steps=2, train_limit=8, eval_limit=1)
+    train(cfg, progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    write(dev["data"][1:2])
+    with pytest.raises(ConfigError) as err:
+        train(dataclasses.replace(cfg, max_steps=3), resume_from=checkpoint, progress=False)
+    assert str(err.value) == (f"{checkpoint}: written under a different run config (train_data {json.dumps(str(data))}"
+                              f": its contents differ from those the checkpoint was trained on); resume with the "
+                              f"config it was written with")
+    write(dev["data"][:1])  # the same questions written again: the same run
+    assert train(dataclasses.replace(cfg, max_steps=3), resume_from=checkpoint, progress=False)["step"] == 3
+
+
+def test_a_checkpoint_without_its_tokenizer_files_is_refused_not_resumed_on_unknown_tokens(tmp_path):
+    """transformers builds a tokenizer of its five special tokens from config.json alone: every word would be
+    [UNK], and the run would go on training on windows of nothing but [UNK]."""
+    from pruning.checkpoint import CheckpointError, load_tokenizer
+
+    cfg = tiny_cfg(tmp_path, max_steps=2, train_limit=4, eval_limit=1)
+    train(cfg, progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (checkpoint / name).unlink()
+    says = rf"^{checkpoint}: no tokenizer files \(what loads from config\.json alone holds only its \d+ special tokens\)$"
+    with pytest.raises(CheckpointError, match=says):
+        load_tokenizer(checkpoint)
+    with pytest.raises(CheckpointError, match=says):
+        train(dataclasses.replace(cfg, max_steps=3), resume_from=checkpoint, progress=False)
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_a_checkpoint_past_the_steps_of_the_run_config_is_refused_not_reported_as_the_last_step(tmp_path):
+    """A dense run may be resumed with another max_steps, but not with fewer steps than the checkpoint has trained:
+    its final model would be reported at a step it has passed."""
+    from pruning.checkpoint import CheckpointError
+
+    cfg = tiny_cfg(tmp_path, max_steps=4, train_limit=4, eval_limit=1)
+    train(cfg, progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    final = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "final").iterdir()}
+    with pytest.raises(CheckpointError, match=rf"^{checkpoint / 'trainer_state.json'}: step 4 is past the 2 steps "
+                                              r"the run config trains$"):
+        train(dataclasses.replace(cfg, max_steps=2), resume_from=checkpoint, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "final").iterdir()} == final
+    assert train(dataclasses.replace(cfg, max_steps=5), resume_from=checkpoint, progress=False)["step"] == 5
