@@ -789,14 +789,16 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                 cache.forwards if cache is not None
                 else (done - start_step) * cfg.batch_size * cfg.grad_accum)
         if do_eval:
-            metrics.update(_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress))
+            with _generators_kept(device):
+                metrics.update(_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress))
             logger.info("step %d: exact_match %.2f f1 %.2f linear_density %.3f heads_removed %d", done,
                         metrics["exact_match"], metrics["f1"], metrics["linear_density"], metrics["heads_removed"])
             history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         checkpoint_dir = None
         if do_save:
             if skeleton is not None:
-                unpack_into_(skeleton, model)
+                with _generators_kept(device):
+                    unpack_into_(skeleton, model)
             saved = model if skeleton is None else skeleton
             counters = {k: metrics[k] for k in ("train_seconds", "teacher_forward_windows") if k in metrics}
             checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, saved, tokenizer, optimizer,
@@ -1055,6 +1057,16 @@ def _start_average(cfg: RunConfig, model: nn.Module) -> WeightAverage | None:
     if cfg.ema_decay is None or (cfg.masked and not _is_fixed(model)):
         return None
     return WeightAverage(model, cfg.ema_decay)
+
+
+def _generators_kept(device: torch.device):
+    """A context in which the random generators the training draws from (the CPU's, and ``device``'s on a GPU) end
+    as they began: reading the masked weights builds layers, and a layer's initialisation draws, so without it how
+    often a run evaluates or saves would change the dropout of every later step."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.random.fork_rng(devices=[index])
+    return torch.random.fork_rng(devices=[])
 
 
 def _evaluate_averaged(model: nn.Module, average: WeightAverage | None, tokenizer: PreTrainedTokenizerBase,

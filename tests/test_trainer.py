@@ -855,3 +855,26 @@ def test_a_checkpoint_past_the_steps_of_the_run_config_is_refused_not_reported_a
         train(dataclasses.replace(cfg, max_steps=2), resume_from=checkpoint, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "final").iterdir()} == final
     assert train(dataclasses.replace(cfg, max_steps=5), resume_from=checkpoint, progress=False)["step"] == 5
+
+
+@pytest.mark.parametrize("method,extra", [("topk", dict(attention_block=[16, 16])),
+                                          ("sigmoid_threshold", dict(attention_block=[16, 16])),
+                                          ("fisher", dict(attention_block=[16, 64], fill_steps=4, fill_packed=True,
+                                                     calibration_samples=8, mask_tuning_samples=8))],
+                         ids=["topk", "sigmoid_threshold", "fisher_fill_packed"])
+def test_evaluating_and_saving_mid_run_leave_the_training_as_it_would_be_without(tmp_path, method, extra):
+    """An evaluation reads the masked weights and a checkpoint of a packed recovery writes them back into the masked
+    model: neither may draw from the random generators the dropout of the next steps draws from, or how often a run
+    evaluates or saves would change what it trains."""
+    from safetensors.torch import load_file
+
+    common = dict(method=method, target_density=0.5, max_steps=6, train_limit=8,
+                  eval_limit=2, batch_size=4, **extra)
+    plain = train(tiny_cfg(tmp_path / "plain", **common), progress=False)
+    often = train(tiny_cfg(tmp_path / "often", eval_every=2, save_every=2, **common), progress=False)
+    first = load_file(str(Path(plain["model_dir"]) / "model.safetensors"))
+    second = load_file(str(Path(often["model_dir"]) / "model.safetensors"))
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert often["f1"] == plain["f1"] and often["loss"] == plain["loss"]
