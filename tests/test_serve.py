@@ -4,6 +4,10 @@ model whose answers to known dev questions are fixed by its weights."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -15,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from pruning.checkpoint import save_model
 from pruning.export import FILES, OrtQAModel
 from workflows.registry import SERVE_DEFAULTS, export_for_serving, log_qa_model, serve_settings
-from workflows.serving import BAD_KINDS, ModelServer, ServerError, invoke, ping, post, run_load, spoil
+from workflows.serving import BAD_KINDS, ModelServer, ServerError, free_port, invoke, ping, post, run_load, spoil
 
 STARTUP_SECONDS = 240  # loading torch, transformers and the model in a fresh process on a busy 2-core machine
 
@@ -111,6 +115,26 @@ def test_the_served_model_answers_known_dev_questions_with_their_gold_answers(an
     order = [3, 0, 5, 1, 4, 2]
     assert [p["answer"] for p in _predict(answer_key_server, [records[i] for i in order])] == [gold[i] for i in order]
     assert [p["answer"] for p in _predict(answer_key_server, records[4:5])] == gold[4:5]
+
+
+def test_the_client_reaches_the_local_server_where_the_environment_names_an_http_proxy(answer_key_server,
+                                                                                     known_answers):
+    """A machine behind a proxy has http_proxy set; the server listens on 127.0.0.1, which no proxy reaches: ping,
+    and so ModelServer's wait for it, and every request went to the proxy (here: a port nothing listens on)."""
+    record = {"question": known_answers[0].question, "context": known_answers[0].context}
+    script = ("import json, sys\n"
+              "from workflows.serving import invoke, ping\n"
+              "reply = invoke(sys.argv[1], [json.loads(sys.argv[2])])\n"
+              "print(json.dumps([ping(sys.argv[1]), reply.status, reply.body]))\n")
+    proxy = f"http://127.0.0.1:{free_port()}"
+    env = {key: value for key, value in os.environ.items() if key.lower() != "no_proxy"}
+    env.update(http_proxy=proxy, HTTP_PROXY=proxy)
+    done = subprocess.run([sys.executable, "-c", script, answer_key_server, json.dumps(record)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    alive, status, body = json.loads(done.stdout)
+    assert (alive, status) == (True, 200), body
+    assert body["predictions"][0]["answer"] == known_answers[0].answers[0]
 
 
 def _answers(reply) -> list[str]:

@@ -32,6 +32,10 @@ __all__ = ["ServerError", "ModelServer", "Reply", "free_port", "invoke", "post",
 
 logger = logging.getLogger(__name__)
 
+# The server listens on 127.0.0.1, which no proxy reaches: requests to it never go through one that the environment
+# names (http_proxy on a machine behind a proxy, without a no_proxy entry for 127.0.0.1).
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 class ServerError(RuntimeError):
     """The model server exited or did not answer ``/ping`` in time; the message ends with its log."""
@@ -47,7 +51,7 @@ def free_port() -> int:
 def ping(base_url: str, timeout: float = 5.0) -> bool:
     """Whether the server answers ``GET /ping`` with 200."""
     try:
-        with urllib.request.urlopen(f"{base_url}/ping", timeout=timeout) as response:
+        with _DIRECT.open(f"{base_url}/ping", timeout=timeout) as response:
             return response.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
@@ -75,7 +79,7 @@ def post(base_url: str, payload: Any, timeout: float = 120.0) -> Reply:
                                      headers={"Content-Type": "application/json"})
     start = time.perf_counter()
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _DIRECT.open(request, timeout=timeout) as response:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as err:
         status, raw = err.code, err.read()
