@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     # Before the server starts (a minute), not after it has served the load.
     if min(args.requests, args.clients, args.workers, args.per_request) < 1 or args.rounds < 0:
         parser.error("--requests, --clients, --workers and --per-request must be >= 1, --rounds >= 0")
+    if args.rounds and args.per_request < 2:
+        parser.error(f"--per-request {args.per_request}: the batching phase compares one record per request with "
+                     "more; give 2 or more (or --rounds 0 to skip it)")
     if not 0 <= args.bad_fraction <= 1:
         parser.error(f"--bad-fraction {args.bad_fraction}: a fraction from 0 to 1")
     if args.threads is not None and args.threads < 1:
