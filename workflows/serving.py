@@ -133,7 +133,8 @@ class ModelServer:
         """Start the server and wait until it answers ``/ping``.
 
         Raises:
-            ServerError: it exited or did not answer within ``startup_seconds`` (it is stopped then).
+            ServerError: it exited or did not answer within ``startup_seconds`` (it is stopped then, as it is when
+                the wait ends in any other way, Ctrl-C included).
         """
         bin_dir = Path(sys.executable).parent  # this environment's bin: mlflow, and the uvicorn it starts
         mlflow_cli = bin_dir / "mlflow"
@@ -149,17 +150,24 @@ class ModelServer:
         with self.log_path.open("wb") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
-        logger.info("serving %s on %s (log: %s)", self.model_uri, self.url, self.log_path)
+        try:
+            logger.info("serving %s on %s (log: %s)", self.model_uri, self.url, self.log_path)
+            self._wait_until_ready()
+        except BaseException:
+            # Ctrl-C while waiting reaches only this process (the server leads a session of its own), and a
+            # context manager whose entry fails is never left: stopped here, the server would run on.
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.startup_seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                code = self.process.returncode
-                self.stop()
-                raise ServerError(f"the model server exited with {code}:\n{self.log_tail()}")
+                raise ServerError(f"the model server exited with {self.process.returncode}:\n{self.log_tail()}")
             if ping(self.url):
-                return self
+                return
             time.sleep(1.0)
-        self.stop()
         raise ServerError(f"the model server did not answer /ping within {self.startup_seconds:.0f} s:\n"
                           f"{self.log_tail()}")
 
