@@ -155,9 +155,10 @@ def _serving_processes(port: int) -> list[int]:
     return found
 
 
-def _signal_once_serving(command: list[str], signum: int) -> None:
+def _signal_once_serving(command: list[str], signum: int) -> tuple[int, str]:
     """Run ``command`` (a client that starts a ModelServer and logs its URL on stderr), send it ``signum`` once its
-    server has started, and check that no process of that server is left."""
+    server has started, and check that no process of that server is left: the client's exit status and the rest of
+    its stderr."""
     client = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     port = None
     try:
@@ -178,6 +179,7 @@ def _signal_once_serving(command: list[str], signum: int) -> None:
             time.sleep(0.5)
         left = _serving_processes(port)
         assert not left, f"server processes {left} run on after the client got signal {signum}:\n{err[-2000:]}"
+        return client.returncode, err
     finally:
         if client.poll() is None:
             client.kill()
@@ -214,6 +216,19 @@ def test_an_interrupt_while_the_server_starts_stops_the_server(tmp_path, tokeniz
               "with ModelServer(sys.argv[1], sys.argv[2], sys.argv[3]):\n"
               "    pass\n")
     _signal_once_serving([sys.executable, "-c", script, model_uri, uri, str(tmp_path / "serve.log")], signal.SIGINT)
+
+
+def test_serve_load_stopped_by_sigterm_stops_its_server(tmp_path, tokenizer, tiny_bert_config):
+    """``timeout``, ``kill`` and a job scheduler stop a script with SIGTERM, which ended serve_load at once, its
+    server left running."""
+    from transformers import BertForQuestionAnswering
+
+    model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
+    script = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
+    code, err = _signal_once_serving([sys.executable, str(script), "--model-dir", str(model_dir), "--requests",
+                                      "2000", "--clients", "1", "--rounds", "0"], signal.SIGTERM)
+    assert code == 143 and err.strip().splitlines()[-1] == ("serve_load: interrupted by SIGTERM; the model server "
+                                                            "is stopped"), err[-2000:]
 
 
 def _answers(reply) -> list[str]:
