@@ -24,7 +24,9 @@ The last line is ``serve_load ok = A/B bad_rejected = C/D other = E rps = X.X p9
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import statistics
 import sys
 import tempfile
@@ -100,6 +102,21 @@ def batching(url: str, records: list[dict], per_request: int, rounds: int) -> di
     return {"one": statistics.median(rates[1]), "many": statistics.median(rates[per_request]), "same": same}
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (``timeout``, ``kill``, a job scheduler) raised as Ctrl-C is, so that the model server, which leads a
+    session of its own and gets neither, is stopped on the way out as on Ctrl-C; its default ends the script at once
+    and leaves the server running."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @one_line_errors("serve_load")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -127,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     # Before the server starts (a minute), not after it has served the load.
     if min(args.requests, args.clients, args.workers, args.per_request) < 1 or args.rounds < 0:
         parser.error("--requests, --clients, --workers and --per-request must be >= 1, --rounds >= 0")
+    if args.rounds and args.per_request < 2:
+        parser.error(f"--per-request {args.per_request}: the batching phase compares one record per request with "
+                     "more; give 2 or more (or --rounds 0 to skip it)")
     if not 0 <= args.bad_fraction <= 1:
         parser.error(f"--bad-fraction {args.bad_fraction}: a fraction from 0 to 1")
     if args.threads is not None and args.threads < 1:
@@ -140,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("serving %s with %s", model_dir, ", ".join(f"{k} {v}" for k, v in sorted(settings.items())))
     examples = squad.load_squad(resolve_data(args.data), limit=max(args.requests, args.per_request))
     records = [{"question": ex.question, "context": ex.context} for ex in examples]
-    with tempfile.TemporaryDirectory(prefix="serve_load-") as tmp:
+    with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="serve_load-") as tmp:
         root = Path(tmp)
         if settings is None:
             model_uri, tracking_uri = args.model_uri, args.tracking_uri
@@ -177,4 +197,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as stop:
+        name = str(stop) or "SIGINT"
+        print(f"serve_load: interrupted by {name}; the model server is stopped", file=sys.stderr)
+        sys.exit(128 + signal.Signals[name].value)

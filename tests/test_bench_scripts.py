@@ -118,6 +118,9 @@ def test_bad_input_is_one_line_and_exit_2(bench_script, checkpoints, tmp_path, c
     ("serve_load", ["--rounds", "-1"], "--rounds >= 0"),
     ("serve_load", ["--bad-fraction", "1.5"], "--bad-fraction 1.5: a fraction from 0 to 1"),
     ("serve_load", ["--threads", "0"], "--threads must be >= 1"),
+    # The batching phase compares one record a request with --per-request: one against one stopped it with a
+    # NameError after the load phase.
+    ("serve_load", ["--per-request", "1", "--model-dir", "absent-model"], "--per-request 1: the batching phase"),
 ])
 def test_impossible_sizes_are_refused_before_any_model_is_built(bench_script, capsys, script, argv, message):
     with pytest.raises(SystemExit) as exit_:

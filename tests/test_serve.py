@@ -4,6 +4,13 @@ model whose answers to known dev questions are fixed by its weights."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -15,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from pruning.checkpoint import save_model
 from pruning.export import FILES, OrtQAModel
 from workflows.registry import SERVE_DEFAULTS, export_for_serving, log_qa_model, serve_settings
-from workflows.serving import BAD_KINDS, ModelServer, ServerError, invoke, ping, post, run_load, spoil
+from workflows.serving import BAD_KINDS, ModelServer, ServerError, free_port, invoke, ping, post, run_load, spoil
 
 STARTUP_SECONDS = 240  # loading torch, transformers and the model in a fresh process on a busy 2-core machine
 
@@ -111,6 +118,117 @@ def test_the_served_model_answers_known_dev_questions_with_their_gold_answers(an
     order = [3, 0, 5, 1, 4, 2]
     assert [p["answer"] for p in _predict(answer_key_server, [records[i] for i in order])] == [gold[i] for i in order]
     assert [p["answer"] for p in _predict(answer_key_server, records[4:5])] == gold[4:5]
+
+
+def test_the_client_reaches_the_local_server_where_the_environment_names_an_http_proxy(answer_key_server,
+                                                                                     known_answers):
+    """A machine behind a proxy has http_proxy set; the server listens on 127.0.0.1, which no proxy reaches: ping,
+    and so ModelServer's wait for it, and every request went to the proxy (here: a port nothing listens on)."""
+    record = {"question": known_answers[0].question, "context": known_answers[0].context}
+    script = ("import json, sys\n"
+              "from workflows.serving import invoke, ping\n"
+              "reply = invoke(sys.argv[1], [json.loads(sys.argv[2])])\n"
+              "print(json.dumps([ping(sys.argv[1]), reply.status, reply.body]))\n")
+    proxy = f"http://127.0.0.1:{free_port()}"
+    env = {key: value for key, value in os.environ.items() if key.lower() != "no_proxy"}
+    env.update(http_proxy=proxy, HTTP_PROXY=proxy)
+    done = subprocess.run([sys.executable, "-c", script, answer_key_server, json.dumps(record)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    alive, status, body = json.loads(done.stdout)
+    assert (alive, status) == (True, 200), body
+    assert body["predictions"][0]["answer"] == known_answers[0].answers[0]
+
+
+def _serving_processes(port: int) -> list[int]:
+    """Process ids of the ``mlflow models serve`` processes started on ``port`` (the leader's and its workers')."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in command and str(port).encode() in command:
+            found.append(int(entry.name))
+    return found
+
+
+def _signal_once_serving(command: list[str], signum: int) -> tuple[int, str]:
+    """Run ``command`` (a client that starts a ModelServer and logs its URL on stderr), send it ``signum`` once its
+    server has started, and check that no process of that server is left: the client's exit status and the rest of
+    its stderr."""
+    client = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    port = None
+    try:
+        for line in client.stderr:
+            if line.startswith("serving ") and " on http://127.0.0.1:" in line:
+                port = int(line.split(" on http://127.0.0.1:")[1].split()[0])
+                break
+        assert port is not None, "the client never started the server"
+        deadline = time.monotonic() + 30
+        while not _serving_processes(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _serving_processes(port), "no server process found"
+        client.send_signal(signum)
+        _, err = client.communicate(timeout=120)
+        assert client.returncode != 0
+        deadline = time.monotonic() + 30
+        while _serving_processes(port) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _serving_processes(port)
+        assert not left, f"server processes {left} run on after the client got signal {signum}:\n{err[-2000:]}"
+        return client.returncode, err
+    finally:
+        if client.poll() is None:
+            client.kill()
+        for pid in _serving_processes(port) if port else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def _logged_tiny_model(tmp_path, tokenizer, config) -> tuple[str, str, Path]:
+    """A tiny random QA model saved and logged as the served pyfunc: (model URI, tracking URI, model directory)."""
+    from transformers import BertForQuestionAnswering
+
+    model_dir = save_model(BertForQuestionAnswering(config).eval(), tokenizer, tmp_path / "model")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment = MlflowClient(tracking_uri=uri).create_experiment("stop", artifact_location=(tmp_path / "a").as_uri())
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_qa_model(model_dir, serve_settings({}))
+    finally:
+        mlflow.set_tracking_uri(before)
+    return info.model_uri, uri, model_dir
+
+
+def test_an_interrupt_while_the_server_starts_stops_the_server(tmp_path, tokenizer, tiny_bert_config):
+    """Ctrl-C while ModelServer waits for /ping (a minute on a busy machine) reaches only the client: the server runs
+    in a session of its own. It was left serving, holding its port and the model's memory, after the client had
+    gone."""
+    model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
+    script = ("import logging, sys\n"
+              "from workflows.serving import ModelServer\n"
+              "logging.basicConfig(level=logging.INFO, stream=sys.stderr, format='%(message)s')\n"
+              "with ModelServer(sys.argv[1], sys.argv[2], sys.argv[3]):\n"
+              "    pass\n")
+    _signal_once_serving([sys.executable, "-c", script, model_uri, uri, str(tmp_path / "serve.log")], signal.SIGINT)
+
+
+def test_serve_load_stopped_by_sigterm_stops_its_server(tmp_path, tokenizer, tiny_bert_config):
+    """``timeout``, ``kill`` and a job scheduler stop a script with SIGTERM, which ended serve_load at once, its
+    server left running."""
+    from transformers import BertForQuestionAnswering
+
+    model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
+    script = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
+    code, err = _signal_once_serving([sys.executable, str(script), "--model-dir", str(model_dir), "--requests",
+                                      "2000", "--clients", "1", "--rounds", "0"], signal.SIGTERM)
+    assert code == 143 and err.strip().splitlines()[-1] == ("serve_load: interrupted by SIGTERM; the model server "
+                                                            "is stopped"), err[-2000:]
 
 
 def _answers(reply) -> list[str]:

@@ -32,6 +32,10 @@ __all__ = ["ServerError", "ModelServer", "Reply", "free_port", "invoke", "post",
 
 logger = logging.getLogger(__name__)
 
+# The server listens on 127.0.0.1, which no proxy reaches: requests to it never go through one that the environment
+# names (http_proxy on a machine behind a proxy, without a no_proxy entry for 127.0.0.1).
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 class ServerError(RuntimeError):
     """The model server exited or did not answer ``/ping`` in time; the message ends with its log."""
@@ -47,7 +51,7 @@ def free_port() -> int:
 def ping(base_url: str, timeout: float = 5.0) -> bool:
     """Whether the server answers ``GET /ping`` with 200."""
     try:
-        with urllib.request.urlopen(f"{base_url}/ping", timeout=timeout) as response:
+        with _DIRECT.open(f"{base_url}/ping", timeout=timeout) as response:
             return response.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
@@ -75,7 +79,7 @@ def post(base_url: str, payload: Any, timeout: float = 120.0) -> Reply:
                                      headers={"Content-Type": "application/json"})
     start = time.perf_counter()
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _DIRECT.open(request, timeout=timeout) as response:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as err:
         status, raw = err.code, err.read()
@@ -129,7 +133,8 @@ class ModelServer:
         """Start the server and wait until it answers ``/ping``.
 
         Raises:
-            ServerError: it exited or did not answer within ``startup_seconds`` (it is stopped then).
+            ServerError: it exited or did not answer within ``startup_seconds`` (it is stopped then, as it is when
+                the wait ends in any other way, Ctrl-C included).
         """
         bin_dir = Path(sys.executable).parent  # this environment's bin: mlflow, and the uvicorn it starts
         mlflow_cli = bin_dir / "mlflow"
@@ -145,17 +150,24 @@ class ModelServer:
         with self.log_path.open("wb") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
-        logger.info("serving %s on %s (log: %s)", self.model_uri, self.url, self.log_path)
+        try:
+            logger.info("serving %s on %s (log: %s)", self.model_uri, self.url, self.log_path)
+            self._wait_until_ready()
+        except BaseException:
+            # Ctrl-C while waiting reaches only this process (the server leads a session of its own), and a
+            # context manager whose entry fails is never left: stopped here, the server would run on.
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.startup_seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                code = self.process.returncode
-                self.stop()
-                raise ServerError(f"the model server exited with {code}:\n{self.log_tail()}")
+                raise ServerError(f"the model server exited with {self.process.returncode}:\n{self.log_tail()}")
             if ping(self.url):
-                return self
+                return
             time.sleep(1.0)
-        self.stop()
         raise ServerError(f"the model server did not answer /ping within {self.startup_seconds:.0f} s:\n"
                           f"{self.log_tail()}")
 
