@@ -426,3 +426,31 @@ def test_serve_settings_come_from_the_run_config_with_defaults():
                                                     "max_windows": 64,
                                                     "max_answer_length": 30, "n_best": 20,
                                                     "batch_size": 64}
+
+
+def test_a_reply_cut_short_by_the_server_is_an_answer_of_status_0_not_an_exception():
+    """A server that dies while it answers (its worker killed, out of memory) sends a truncated reply: the load
+    test counts it as a failed request instead of stopping."""
+    import socket
+    import threading
+
+    from workflows.serving import post
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer_half():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pre")
+
+    thread = threading.Thread(target=answer_half, daemon=True)
+    thread.start()
+    try:
+        reply = post(f"http://127.0.0.1:{port}", {"inputs": []}, timeout=30)
+    finally:
+        thread.join(timeout=30)
+        listener.close()
+    assert reply.status == 0
+    assert reply.body.startswith("IncompleteRead")

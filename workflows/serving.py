@@ -10,6 +10,7 @@ counts what came back (used by ``bench/serve_load.py`` and the tests).
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
@@ -83,7 +84,7 @@ def post(base_url: str, payload: Any, timeout: float = 120.0) -> Reply:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as err:
         status, raw = err.code, err.read()
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:  # no answer, or one cut short
         return Reply(0, f"{type(err).__name__}: {err}", time.perf_counter() - start)
     seconds = time.perf_counter() - start
     try:
