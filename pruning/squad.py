@@ -895,13 +895,29 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
     return np.concatenate(starts), np.concatenate(ends)
 
 
+def _check_features(examples: Sequence[Example], features: EvalFeatures, max_seq_length: int) -> None:
+    """Refuse windows that are not those of ``examples`` (a window of another question, a question without one) or
+    not ``max_seq_length`` tokens wide."""
+    if features.input_ids.shape[1] != max_seq_length:
+        raise ValueError(f"the windows given are {features.input_ids.shape[1]} tokens wide, not max_seq_length "
+                         f"{max_seq_length}")
+    index = features.example_index
+    covered = np.unique(index)
+    if (len(covered) != len(examples) or (len(covered) and (covered[0] < 0 or covered[-1] >= len(examples)))
+            or features.example_ids != [examples[int(i)].id for i in index]):
+        raise ValueError(f"the windows given are not those of these {len(examples)} questions")
+
+
 def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_seq_length: int = 384,
                   doc_stride: int = 128, batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
                   device: str | torch.device | None = None, progress: bool = True,
-                  max_query_length: int = 64) -> dict[str, Answer]:
+                  max_query_length: int = 64, features: EvalFeatures | None = None) -> dict[str, Answer]:
     """Answer spans (text, score, character offsets) of a QA model for every question; see :func:`predict`."""
-    features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
-                                     max_query_length=max_query_length, progress=progress)
+    if features is None:
+        features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
+                                         max_query_length=max_query_length, progress=progress)
+    else:
+        _check_features(examples, features, max_seq_length)
     start_logits, end_logits = compute_logits(model, features, batch_size=batch_size, device=device,
                                               progress=progress)
     return postprocess_predictions(examples, features, start_logits, end_logits, n_best=n_best,
@@ -911,7 +927,7 @@ def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
 def predict(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_seq_length: int = 384,
             doc_stride: int = 128, batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
             device: str | torch.device | None = None, progress: bool = True,
-            max_query_length: int = 64) -> dict[str, str]:
+            max_query_length: int = 64, features: EvalFeatures | None = None) -> dict[str, str]:
     """Predicted answer text of a QA model for every question (official predictions format).
 
     Args:
@@ -925,13 +941,19 @@ def predict(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_s
         device: where to run; default: the model's device.
         progress: show a tqdm bar.
         max_query_length: questions are cut to this many tokens (see :func:`prepare_train_features`).
+        features: the windows of ``examples``, as :func:`prepare_eval_features` built them with these window
+            settings, so that a caller scoring the same questions again (a run evaluating every few steps) tokenizes
+            them once; None builds them here.
 
     Returns:
         question id -> answer text.
+
+    Raises:
+        ValueError: ``features`` are not the windows of ``examples``, or not ``max_seq_length`` tokens wide.
     """
     spans = predict_spans(model, tokenizer, examples, max_seq_length=max_seq_length, doc_stride=doc_stride,
                           batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best, device=device,
-                          progress=progress, max_query_length=max_query_length)
+                          progress=progress, max_query_length=max_query_length, features=features)
     return {qid: span.text for qid, span in spans.items()}
 
 

@@ -435,11 +435,15 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
 
 
 def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list, cfg: RunConfig,
-             device: torch.device | None = None, progress: bool = True) -> dict[str, float]:
+             device: torch.device | None = None, progress: bool = True,
+             features: squad.EvalFeatures | None = None) -> dict[str, float]:
     """EM/F1 (official SQuAD v1.1 metric) of ``model`` on ``examples``, plus its sparsity metrics.
 
     The forward passes run in the config's precision on ``device`` (default: the model's), on windows cut to the
     model's position embeddings when ``max_seq_length`` exceeds them (:func:`pruning.squad.fit_windows`).
+    ``features``: those windows (:func:`pruning.squad.prepare_eval_features` of ``examples`` with the config's
+    window settings, cut to the model), built once by a run that evaluates the same questions again and again; None
+    tokenizes the questions here.
     """
     run_device = device if device is not None else next(model.parameters()).device
     cfg = fit_to_model(cfg, model)
@@ -447,7 +451,7 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: lis
         predictions = squad.predict(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
                                     doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
                                     max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, device=device,
-                                    progress=progress, max_query_length=cfg.max_query_length)
+                                    progress=progress, max_query_length=cfg.max_query_length, features=features)
     metrics = dict(squad.evaluate(examples, predictions))
     metrics.update(sparsity_report(model).metrics())
     return metrics
@@ -654,6 +658,10 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     evaluation = {**evaluation_settings(cfg), "precision": precision}
 
     features = train_features(cfg, train_examples, tokenizer, progress=progress)
+    # The windows of the evaluation questions: the same at every evaluation of the run, so tokenized once.
+    eval_windows = squad.prepare_eval_features(eval_examples, tokenizer, max_seq_length=cfg.max_seq_length,
+                                               doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length,
+                                               progress=progress)
     num_features = int(features["input_ids"].shape[0])
     p = plan(cfg, num_features)
     if start_step > p.total_steps:  # a dense run resumed with fewer steps: its model has trained past the end
@@ -790,7 +798,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                 else (done - start_step) * cfg.batch_size * cfg.grad_accum)
         if do_eval:
             with _generators_kept(device):
-                metrics.update(_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress))
+                metrics.update(_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress,
+                                                  eval_windows))
             logger.info("step %d: exact_match %.2f f1 %.2f linear_density %.3f heads_removed %d", done,
                         metrics["exact_match"], metrics["f1"], metrics["linear_density"], metrics["heads_removed"])
             history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -813,7 +822,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
 
     if not last_metrics:  # nothing trained: a one-shot run without recovery, or resumed at the very end
         last_metrics = {"step": p.total_steps, **pruning_metrics,
-                        **_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress)}
+                        **_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress,
+                                             eval_windows)}
         if resume_from is None:
             history.append({k: v for k, v in last_metrics.items() if isinstance(v, (int, float))})
             if report is not None:
@@ -1070,11 +1080,12 @@ def _generators_kept(device: torch.device):
 
 
 def _evaluate_averaged(model: nn.Module, average: WeightAverage | None, tokenizer: PreTrainedTokenizerBase,
-                       examples: list, cfg: RunConfig, device: torch.device, progress: bool) -> dict[str, float]:
+                       examples: list, cfg: RunConfig, device: torch.device, progress: bool,
+                       features: squad.EvalFeatures | None = None) -> dict[str, float]:
     if average is None:
-        return evaluate(model, tokenizer, examples, cfg, device=device, progress=progress)
+        return evaluate(model, tokenizer, examples, cfg, device=device, progress=progress, features=features)
     with average.applied(model):
-        return evaluate(model, tokenizer, examples, cfg, device=device, progress=progress)
+        return evaluate(model, tokenizer, examples, cfg, device=device, progress=progress, features=features)
 
 
 def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -694,6 +694,23 @@ def test_predict_spans_agree_with_the_logits(tiny_qa_model, tokenizer, dev_subse
         assert ex.context[span.start:span.end] == span.text
 
 
+
+def test_predict_on_windows_built_once_answers_as_on_its_own(tiny_qa_model, tokenizer, dev_subset):
+    """Windows built once are reused for the same questions (evaluation during training); windows of other
+    questions or of another width are refused, not read as these questions'."""
+    examples = dev_subset[:8]
+    kwargs = dict(max_seq_length=96, doc_stride=32, progress=False)
+    features = squad.prepare_eval_features(examples, tokenizer, max_seq_length=96, doc_stride=32)
+    own = squad.predict(tiny_qa_model, tokenizer, examples, **kwargs)
+    assert squad.predict(tiny_qa_model, tokenizer, examples, features=features, **kwargs) == own
+    with pytest.raises(ValueError, match="not those of these 7 questions"):
+        squad.predict(tiny_qa_model, tokenizer, examples[:7], features=features, **kwargs)
+    with pytest.raises(ValueError, match="not those of these 8 questions"):
+        squad.predict(tiny_qa_model, tokenizer, examples[::-1], features=features, **kwargs)
+    with pytest.raises(ValueError, match="64 tokens wide, not max_seq_length 96"):
+        squad.predict(tiny_qa_model, tokenizer, examples, features=squad.prepare_eval_features(
+            examples, tokenizer, max_seq_length=64, doc_stride=16), **kwargs)
+
 def _nan_model(config) -> BertForQuestionAnswering:
     torch.manual_seed(0)
     model = BertForQuestionAnswering(config).eval()

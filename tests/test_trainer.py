@@ -878,3 +878,44 @@ def test_evaluating_and_saving_mid_run_leave_the_training_as_it_would_be_without
     for name in first:
         assert torch.equal(first[name], second[name]), name
     assert often["f1"] == plain["f1"] and often["loss"] == plain["loss"]
+
+
+def test_a_run_tokenizes_its_evaluation_questions_once_however_often_it_evaluates(tmp_path, monkeypatch):
+    """The windows of the evaluation questions are the same at every evaluation of a run: a run evaluating after
+    each of 4 steps calls the tokenizer as often as a run of 1 step evaluating once, and every evaluation scores
+    exactly what a fresh evaluation of that step's checkpoint (on windows of its own) scores."""
+    from pruning import squad
+    from pruning.checkpoint import load_tokenizer
+    from pruning.resources import resolve_data
+    from pruning.trainer import evaluate
+
+    calls = {"run": 0, "check": 0}
+    counting = ["run"]
+    tokenize = squad.tokenize_text
+
+    def counted(*args, **kwargs):
+        calls[counting[-1]] += 1
+        return tokenize(*args, **kwargs)
+
+    monkeypatch.setattr(squad, "tokenize_text", counted)
+    checked = []
+
+    def check(metrics, checkpoint_dir):
+        counting.append("check")
+        examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit, spans=False)
+        fresh = evaluate(load_model(checkpoint_dir), load_tokenizer(checkpoint_dir), examples, cfg, progress=False)
+        counting.pop()
+        checked.append((metrics["step"], metrics["exact_match"], metrics["f1"], fresh["exact_match"], fresh["f1"]))
+
+    counts = {}
+    for steps, every in ((1, None), (4, 1)):
+        cfg = tiny_cfg(tmp_path / str(steps), method="dense", max_steps=steps, eval_every=every, train_limit=8,
+                       eval_limit=12, batch_size=4, dropout=0.0)
+        before = calls["run"]
+        train(cfg, report=check, progress=False)
+        counts[steps] = calls["run"] - before
+    assert counts[4] == counts[1] > 0
+    assert calls["check"] > 0
+    assert [row[0] for row in checked] == [1, 1, 2, 3, 4]
+    for step, em, f1, fresh_em, fresh_f1 in checked:
+        assert (em, f1) == (fresh_em, fresh_f1), step
