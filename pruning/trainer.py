@@ -989,11 +989,12 @@ def _same_setting(key: str, old: Any, new: Any) -> bool:
 
 def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
     """Refuse to resume ``checkpoint_dir`` under ``cfg`` when a setting of :data:`RESUME_KEYS` (or of the method's
-    :data:`RESUME_METHOD_KEYS`) differs from the config its ``trainer_state.json`` records.
+    :data:`RESUME_METHOD_KEYS`) differs from the config its ``trainer_state.json`` records, and a dense run without
+    ``max_steps`` under another ``batch_size`` or ``grad_accum`` (its step count would stand for other epochs).
 
     Raises:
         CheckpointError: the state file is missing or unreadable.
-        ConfigError: naming the checkpoint and every differing key with both values.
+        ConfigError: naming the checkpoint and every differing key with both values (or the batch key).
     """
     path = Path(checkpoint_dir) / STATE
     if not Path(checkpoint_dir).is_dir():
@@ -1024,6 +1025,14 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
     if differing:
         raise ConfigError(f"{Path(checkpoint_dir)}: written under a different run config ({'; '.join(differing)}); "
                           f"resume with the config it was written with")
+    if cfg.method is Method.DENSE and cfg.max_steps is None:  # its steps: its epochs in batches of its settings
+        for key in ("batch_size", "grad_accum"):
+            old = stored.get(key, defaults[key])
+            if old != given[key]:
+                raise ConfigError(f"{Path(checkpoint_dir)}: {key} {json.dumps(old)} there, {json.dumps(given[key])} "
+                                  "here: a run without max_steps counts its epochs in steps of its batches, so it "
+                                  "would train another number of epochs; resume with the same batches, or set "
+                                  "max_steps")
 
 
 def _data_changed(train_data: str, digest: Any) -> bool:

@@ -1043,3 +1043,28 @@ def test_an_edited_data_position_is_refused_naming_the_file_and_field(tmp_path, 
     with pytest.raises(CheckpointError) as err:
         train(dataclasses.replace(cfg, max_steps=4), resume_from=path.parent, progress=False)
     assert str(err.value) == f"{path}: {says}"
+
+
+def test_a_run_of_epochs_resumed_with_other_batches_is_refused_naming_the_key(tmp_path, monkeypatch):
+    """A run without max_steps has as many steps as its epochs hold batches of its settings: resumed with other
+    batches it would train another number of epochs (with batches twice as large, the 3 steps left of 6 were counted
+    done and the second half of the epoch never trained). Resumed with max_steps it trains to that step."""
+    windows = _record_trained_windows(monkeypatch)
+    cfg = tiny_cfg(tmp_path, method="dense", train_limit=16, eval_limit=1, batch_size=8, max_steps=None, epochs=1,
+                   eval_every=3)
+    with pytest.raises(Stop):
+        train(cfg, report=_stopped_at(3), progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    written = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+    for change, says in ((dict(batch_size=16), "batch_size 8 there, 16 here"),
+                         (dict(grad_accum=2), "grad_accum 1 there, 2 here")):
+        with pytest.raises(ConfigError) as err:
+            train(dataclasses.replace(cfg, **change), resume_from=checkpoint, progress=False)
+        assert str(err.value) == (f"{checkpoint}: {says}: a run without max_steps counts its epochs in steps of its "
+                                  "batches, so it would train another number of epochs; resume with the same batches, "
+                                  "or set max_steps")
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == written
+    first = _flat(windows)
+    windows.clear()
+    result = train(dataclasses.replace(cfg, batch_size=16, max_steps=5), resume_from=checkpoint, progress=False)
+    assert result["step"] == 5 and sorted(first + _flat(windows)) == list(range(48))
