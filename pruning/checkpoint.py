@@ -8,7 +8,8 @@ with (:data:`pruning.config.EVALUATION_KEYS`) and the precision of its evaluatio
 ``bf16``); the entry is part of the model's config, so packing and export carry it on, and
 :func:`read_evaluation` and :func:`read_precision` read it back. A training checkpoint adds ``trainer_state.json``
 and ``optimizer.safetensors`` (optimizer moments and the RNG states of the CPU and of any CUDA device in use), so
-a run resumes at the same step with the same masks and dropout draws. :func:`load_model` opens any of them: a dense
+a run resumes at the same step with the same masks and dropout draws; ``trainer_state.json`` records the run config
+and where the run stands in its training windows (``data_position``). :func:`load_model` opens any of them: a dense
 HF QA model of a type in :mod:`pruning.structure` (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA), a masked
 checkpoint or a packed directory.
 """

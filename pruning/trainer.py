@@ -76,7 +76,7 @@ from .teacher_cache import TeacherCache, TeacherOutputs
 
 __all__ = ["Report", "TrainingPlan", "build_model", "fit_to_model", "plan", "mask_schedule", "train", "evaluate",
            "resolve_device", "check_device", "enter_fill_phase", "check_resume_config", "training_loss", "fused_adamw",
-           "micro_batches", "TrainingDiverged", "warn_if_not_held_out"]
+           "micro_batches", "DataPosition", "WindowBatches", "TrainingDiverged", "warn_if_not_held_out"]
 
 logger = logging.getLogger(__name__)
 
@@ -340,19 +340,87 @@ def _batch_order(num: int, batch_size: int, seed: int, epoch: int,
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def micro_batches(features: dict[str, torch.Tensor], cfg: RunConfig, start_micro: int = 0) -> Iterator[torch.Tensor]:
-    """Micro-batch index tensors of ``features`` from ``start_micro`` on, epoch after epoch: the same order whether
-    a run was resumed or not (it depends on ``seed``, the epoch and, with ``group_by_length``, the windows'
-    lengths)."""
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a run stands in its training windows: ``window`` windows of epoch ``epoch`` are trained, in the order
+    that ``seed``, ``batch_size`` and ``group_by_length`` gave the epoch (those of the run that started it)."""
+
+    epoch: int
+    window: int
+    seed: int
+    batch_size: int
+    group_by_length: bool
+
+    @classmethod
+    def start(cls, cfg: RunConfig, epoch: int = 0) -> DataPosition:
+        return cls(epoch, 0, cfg.seed, cfg.batch_size, cfg.group_by_length)
+
+
+def _window_lengths(features: dict[str, torch.Tensor]) -> torch.Tensor:
+    return features["attention_mask"].sum(dim=1)
+
+
+def _micro_position(features: dict[str, torch.Tensor], seed: int, batch_size: int, group_by_length: bool,
+                    micro: int) -> DataPosition:
+    """The position after ``micro`` micro-batches of a run that has kept these settings from its first step."""
     num = int(features["input_ids"].shape[0])
-    lengths = features["attention_mask"].sum(dim=1) if cfg.group_by_length else None
-    per_epoch = max(1, math.ceil(num / cfg.batch_size))
-    micro = start_micro
-    while True:
-        epoch, offset = divmod(micro, per_epoch)
-        for index in _batch_order(num, cfg.batch_size, cfg.seed, epoch, lengths)[offset:]:
-            yield index
-            micro += 1
+    epoch, offset = divmod(micro, max(1, math.ceil(num / batch_size)))
+    lengths = _window_lengths(features) if group_by_length else None
+    window = sum(len(index) for index in _batch_order(num, batch_size, seed, epoch, lengths)[:offset])
+    return DataPosition(epoch, window, seed, batch_size, group_by_length)
+
+
+class WindowBatches(Iterator[torch.Tensor]):
+    """Micro-batch index tensors of the training windows, epoch after epoch, and :attr:`position`, where they stand.
+
+    Every epoch trains each window once, in an order that depends on ``seed``, the epoch and, with
+    ``group_by_length``, the windows' lengths and the batch size (:func:`_batch_order`). From a ``position`` (a
+    resumed run) the epoch it names goes on in the order it was started with, at its next untrained window: in its
+    own batches where ``batch_size`` is the one that ordered it (a run resumed with the same settings trains what
+    the uninterrupted run does), else cut into batches of ``cfg.batch_size``. The epochs after it take ``cfg``'s
+    settings.
+    """
+
+    def __init__(self, features: dict[str, torch.Tensor], cfg: RunConfig, position: DataPosition | None = None):
+        self._num = int(features["input_ids"].shape[0])
+        self._lengths = _window_lengths(features) if cfg.group_by_length or (
+            position is not None and position.group_by_length) else None
+        self._cfg = cfg
+        self.position = position if position is not None else DataPosition.start(cfg)
+        self._pending: list[torch.Tensor] = []  # the rest of the position's epoch, last batch first
+
+    def _rest_of_epoch(self, at: DataPosition) -> list[torch.Tensor]:
+        lengths = self._lengths if at.group_by_length else None
+        batches = _batch_order(self._num, at.batch_size, at.seed, at.epoch, lengths)
+        first, skip = 0, at.window
+        while first < len(batches) and skip >= len(batches[first]):
+            skip -= len(batches[first])
+            first += 1
+        rest = batches[first:]
+        if skip:
+            rest[0] = rest[0][skip:]
+        if at.batch_size != self._cfg.batch_size and rest:
+            rest = list(torch.cat(rest).split(self._cfg.batch_size))
+        return rest[::-1]
+
+    def __next__(self) -> torch.Tensor:
+        if not self._pending:
+            self._pending = self._rest_of_epoch(self.position)
+        index = self._pending.pop()
+        window = self.position.window + len(index)
+        if window < self._num:
+            self.position = dataclasses.replace(self.position, window=window)
+        else:  # the epoch is done: the next one is ordered by this run's settings
+            self.position = DataPosition.start(self._cfg, self.position.epoch + 1)
+        return index
+
+
+def micro_batches(features: dict[str, torch.Tensor], cfg: RunConfig, start_micro: int = 0) -> Iterator[torch.Tensor]:
+    """Micro-batch index tensors of ``features`` from ``start_micro`` on, epoch after epoch, for a run that keeps
+    ``cfg``'s settings: the same order whether it was resumed or not (it depends on ``seed``, the epoch and, with
+    ``group_by_length``, the windows' lengths). A :class:`WindowBatches`, whose ``position`` says where it stands."""
+    return WindowBatches(features, cfg, _micro_position(features, cfg.seed, cfg.batch_size, cfg.group_by_length,
+                                                         start_micro))
 
 
 def fit_to_model(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None = None) -> RunConfig:
@@ -706,7 +774,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
 
     global_topk = cfg.topk_scope is TopkScope.GLOBAL and cfg.method is Method.TOPK
     stage_steps = fisher_stage_steps(cfg) if cfg.method is Method.FISHER else []
-    batches = micro_batches(features, cfg, start_step * cfg.grad_accum)
+    batches = WindowBatches(features, cfg,
+                            None if resume_from is None else _resume_position(state, resume_from, cfg, features))
     running: dict[str, float] = {}
     last_metrics: dict[str, Any] = {}
     saved_step = start_step if resume_from is not None else None  # the last checkpoint a diverged run leaves
@@ -812,7 +881,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             counters = {k: metrics[k] for k in ("train_seconds", "teacher_forward_windows") if k in metrics}
             checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, saved, tokenizer, optimizer,
                                                   saved_cfg, done, history, pruning_metrics, average, counters,
-                                                  evaluation, data_digest))
+                                                  evaluation, data_digest, batches.position))
             saved_step = done
         if do_eval:
             last_metrics = metrics
@@ -859,6 +928,56 @@ RESUME_METHOD_KEYS = {
 
 
 DATA_DIGEST = "train_data_digest"  # in trainer_state.json: the sha256 of the training file's contents
+DATA_POSITION = "data_position"  # in trainer_state.json: the DataPosition of the next window to train
+
+
+def _resume_position(state: dict[str, Any], checkpoint_dir: Path, cfg: RunConfig,
+                     features: dict[str, torch.Tensor]) -> DataPosition:
+    """Where in its training windows the run of ``state`` (a checkpoint's trainer_state.json) stopped.
+
+    A checkpoint written before checkpoints recorded it stopped after ``step * grad_accum`` micro-batches in the
+    order of the seed, batch size and group_by_length of the config it records (a key it lacks had its default; a
+    checkpoint without a config is placed by this run's).
+
+    Raises:
+        CheckpointError: a record that is not a position in these windows, naming the file and the field.
+    """
+    path = checkpoint_dir / STATE
+    record = state.get(DATA_POSITION)
+    if record is None:
+        stored = state.get("config")
+        defaults = config_to_dict(RunConfig())
+        if not isinstance(stored, dict):
+            stored, defaults = {}, config_to_dict(cfg)
+        settings = {key: stored.get(key, defaults[key])
+                    for key in ("seed", "batch_size", "grad_accum", "group_by_length")}
+        _check_position_fields(path, "config", settings)
+        return _micro_position(features, settings["seed"], settings["batch_size"], settings["group_by_length"],
+                               int(state["step"]) * settings["grad_accum"])
+    keys = [f.name for f in dataclasses.fields(DataPosition)]
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: {DATA_POSITION} must be an object, got {json.dumps(record)}")
+    _check_position_fields(path, DATA_POSITION, {key: record.get(key) for key in keys})
+    num = int(features["input_ids"].shape[0])
+    if record["window"] >= num:
+        raise CheckpointError(f"{path}: {DATA_POSITION}.window {record['window']} is past the {num} training windows "
+                              "of an epoch")
+    return DataPosition(**{key: record[key] for key in keys})
+
+
+_LEAST = {"epoch": 0, "window": 0, "seed": None, "batch_size": 1, "grad_accum": 1}  # None: any integer
+
+
+def _check_position_fields(path: Path, name: str, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if key == "group_by_length":
+            fits, wanted = isinstance(value, bool), "true or false"
+        else:
+            least = _LEAST[key]
+            fits = isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
+            wanted = "an integer" if least is None else f"an integer of at least {least}"
+        if not fits:
+            raise CheckpointError(f"{path}: {name}.{key} must be {wanted}, got {json.dumps(value)}")
 
 
 def _same_setting(key: str, old: Any, new: Any) -> bool:
@@ -880,11 +999,12 @@ def _same_setting(key: str, old: Any, new: Any) -> bool:
 
 def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
     """Refuse to resume ``checkpoint_dir`` under ``cfg`` when a setting of :data:`RESUME_KEYS` (or of the method's
-    :data:`RESUME_METHOD_KEYS`) differs from the config its ``trainer_state.json`` records.
+    :data:`RESUME_METHOD_KEYS`) differs from the config its ``trainer_state.json`` records, and a dense run without
+    ``max_steps`` under another ``batch_size`` or ``grad_accum`` (its step count would stand for other epochs).
 
     Raises:
         CheckpointError: the state file is missing or unreadable.
-        ConfigError: naming the checkpoint and every differing key with both values.
+        ConfigError: naming the checkpoint and every differing key with both values (or the batch key).
     """
     path = Path(checkpoint_dir) / STATE
     if not Path(checkpoint_dir).is_dir():
@@ -915,6 +1035,14 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
     if differing:
         raise ConfigError(f"{Path(checkpoint_dir)}: written under a different run config ({'; '.join(differing)}); "
                           f"resume with the config it was written with")
+    if cfg.method is Method.DENSE and cfg.max_steps is None:  # its steps: its epochs in batches of its settings
+        for key in ("batch_size", "grad_accum"):
+            old = stored.get(key, defaults[key])
+            if old != given[key]:
+                raise ConfigError(f"{Path(checkpoint_dir)}: {key} {json.dumps(old)} there, {json.dumps(given[key])} "
+                                  "here: a run without max_steps counts its epochs in steps of its batches, so it "
+                                  "would train another number of epochs; resume with the same batches, or set "
+                                  "max_steps")
 
 
 def _data_changed(train_data: str, digest: Any) -> bool:
@@ -1101,12 +1229,15 @@ def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.opt
 def _save_checkpoint(path: Path, model: nn.Module, tokenizer, optimizer, cfg: RunConfig, step: int,
                      history: list[dict[str, Any]], pruning: dict[str, float] | None = None,
                      average: WeightAverage | None = None, counters: dict[str, float] | None = None,
-                     evaluation: dict[str, Any] | None = None, data_digest: str | None = None) -> Path:
+                     evaluation: dict[str, Any] | None = None, data_digest: str | None = None,
+                     position: DataPosition | None = None) -> Path:
     # counters: the run's training seconds and teacher forwards so far, carried on by a resume.
     state = {"step": step, "config": config_to_dict(cfg), "history": history, "pruning": pruning or {},
              "counters": counters or {}}
     if data_digest is not None:
         state[DATA_DIGEST] = data_digest
+    if position is not None:
+        state[DATA_POSITION] = dataclasses.asdict(position)
     # Weights are saved from the CPU copy of the state dict; the model itself stays on its device. The live
     # weights go into the checkpoint (training continues from them), their average beside the optimizer state.
     tensors = optimizer_tensors(optimizer)

@@ -919,3 +919,193 @@ def test_a_run_tokenizes_its_evaluation_questions_once_however_often_it_evaluate
     assert [row[0] for row in checked] == [1, 1, 2, 3, 4]
     for step, em, f1, fresh_em, fresh_f1 in checked:
         assert (em, f1) == (fresh_em, fresh_f1), step
+
+
+def _record_trained_windows(monkeypatch) -> list[list[int]]:
+    """The windows of every micro-batch the runs after this call train on, in order (each batch goes through
+    :func:`pruning.squad.window_batch`, which is called as before)."""
+    from pruning import squad
+
+    batches: list[list[int]] = []
+    build = squad.window_batch
+
+    def recorded(features, index, device):
+        batches.append(index.tolist())
+        return build(features, index, device)
+
+    monkeypatch.setattr(squad, "window_batch", recorded)
+    return batches
+
+
+def _stopped_at(step):
+    def stop(metrics, checkpoint):
+        assert metrics["step"] == step and checkpoint is not None
+        raise Stop
+    return stop
+
+
+def _flat(batches) -> list[int]:
+    return [window for batch in batches for window in batch]
+
+
+@pytest.mark.parametrize("change", [dict(batch_size=4), dict(grad_accum=2), dict(batch_size=4, grad_accum=2),
+                                    dict(batch_size=16)],
+                         ids=["batch_size_halved", "grad_accum_doubled", "both", "batch_size_doubled"])
+def test_a_dense_resume_with_other_batches_goes_on_at_the_next_untrained_window(tmp_path, monkeypatch, change):
+    """The 16 questions give 48 windows, 6 batches of 8 an epoch. A run stopped after 3 steps has trained the first
+    24 windows of its first epoch: resumed with other batch settings it trains the other 24, none twice, and then
+    the next epochs, each window once an epoch, in the order an uninterrupted run trains them."""
+    windows = _record_trained_windows(monkeypatch)
+    cfg = tiny_cfg(tmp_path, method="dense", train_limit=16, eval_limit=1, batch_size=8, max_steps=10, eval_every=3)
+    train(dataclasses.replace(cfg, output_dir=str(tmp_path / "plain"), eval_every=None), progress=False)
+    plain = _flat(windows)
+    assert len(plain) == 80 and sorted(plain[:48]) == list(range(48))
+    windows.clear()
+    with pytest.raises(Stop):
+        train(cfg, report=_stopped_at(3), progress=False)
+    assert _flat(windows) == plain[:24]
+    resumed_cfg = dataclasses.replace(cfg, eval_every=None, **change)
+    result = train(resumed_cfg, resume_from=tmp_path / "run" / "checkpoint", progress=False)
+    assert result["step"] == 10
+    assert len(windows) == 3 + 7 * resumed_cfg.grad_accum
+    assert all(len(batch) <= resumed_cfg.batch_size for batch in windows[3:])
+    trained = _flat(windows)
+    for start in range(0, len(trained) - 47, 48):  # every whole epoch holds each window once
+        assert sorted(trained[start:start + 48]) == list(range(48)), start
+    shared = min(len(trained), len(plain))
+    assert trained[:shared] == plain[:shared]
+
+
+@pytest.mark.parametrize("method,change", [("topk", dict(seed=7)), ("topk", dict(group_by_length=True)),
+                                           ("dense", dict(seed=7, batch_size=4, grad_accum=2))],
+                         ids=["topk_seed", "topk_group_by_length", "dense_seed_and_batches"])
+def test_a_resume_with_another_order_finishes_the_epoch_in_its_order_then_takes_the_new_one(tmp_path, monkeypatch,
+                                                                                          method, change):
+    """The windows the first run trained of its epoch are those of its order: the resumed run trains the rest of
+    that order, and orders the next epochs by its own settings, as a run started with them does."""
+    windows = _record_trained_windows(monkeypatch)
+    extra = dict(attention_block=[16, 16], target_density=0.5) if method == "topk" else {}
+    cfg = tiny_cfg(tmp_path, method=method, train_limit=16, eval_limit=1, batch_size=8, max_steps=10, eval_every=3,
+                   **extra)
+    train(dataclasses.replace(cfg, output_dir=str(tmp_path / "plain"), eval_every=None), progress=False)
+    plain = _flat(windows)
+    windows.clear()
+    train(dataclasses.replace(cfg, output_dir=str(tmp_path / "other"), eval_every=None, **change), progress=False)
+    other = _flat(windows)
+    assert other[:48] != plain[:48]
+    windows.clear()
+    with pytest.raises(Stop):
+        train(cfg, report=_stopped_at(3), progress=False)
+    train(dataclasses.replace(cfg, eval_every=None, **change), resume_from=tmp_path / "run" / "checkpoint",
+          progress=False)
+    trained = _flat(windows)
+    assert trained[:48] == plain[:48]
+    assert trained[48:80] == other[48:80]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_position_in_an_epoch_cut_into_other_batches_resumes_as_the_run_would_go_on(tmp_path, grouped):
+    """A run resumed with other settings saves its position inside the epoch it finishes in the first run's order:
+    resumed from there with its own settings it trains what it would have trained without the stop."""
+    from itertools import islice
+
+    from pruning.trainer import DataPosition, WindowBatches
+
+    features = _windows_of_lengths(torch.randint(20, 97, (203,), generator=torch.Generator().manual_seed(0)))
+    first = WindowBatches(features, tiny_cfg(tmp_path, batch_size=8, group_by_length=grouped))
+    started = list(islice(first, 5))
+    then = tiny_cfg(tmp_path, batch_size=12, group_by_length=not grouped, seed=5)
+    going = WindowBatches(features, then, first.position)
+    batches, positions = [], []
+    for _ in range(60):
+        positions.append(going.position)
+        batches.append(next(going))
+    left = 203 - sum(len(b) for b in started)  # the rest of the first epoch, in its order, cut into batches of 12
+    rest = -(-left // 12)
+    assert [len(b) for b in batches[:rest]] == [12] * (rest - 1) + [left - 12 * (rest - 1)]
+    assert sorted(torch.cat(started + batches[:rest]).tolist()) == list(range(203))
+    assert positions[rest] == DataPosition(1, 0, 5, 12, not grouped)  # the next epochs in the new settings
+    assert sorted(torch.cat(batches[rest:rest + 17]).tolist()) == list(range(203))
+    for k in (1, 7, rest - 1, rest, rest + 5):
+        again = list(islice(WindowBatches(features, then, positions[k]), 60 - k))
+        assert all(torch.equal(a, b) for a, b in zip(again, batches[k:], strict=True)), k
+
+
+def test_a_checkpoint_that_records_no_data_position_resumes_where_its_config_places_it(tmp_path, monkeypatch):
+    """A checkpoint written before checkpoints recorded their position in the windows stopped after its step's
+    micro-batches in the order of the config it records: resumed with that config it trains what the uninterrupted
+    run does, with other batches it goes on at the next untrained window."""
+    import shutil
+
+    windows = _record_trained_windows(monkeypatch)
+    cfg = tiny_cfg(tmp_path, method="dense", train_limit=16, eval_limit=1, batch_size=8, max_steps=10, eval_every=3)
+    full = train(dataclasses.replace(cfg, output_dir=str(tmp_path / "plain")), progress=False)
+    plain = _flat(windows)
+    with pytest.raises(Stop):
+        train(cfg, report=_stopped_at(3), progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["data_position"] == dict(epoch=0, window=24, seed=42, batch_size=8, group_by_length=False)
+    del state["data_position"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    shutil.copytree(checkpoint, tmp_path / "older")
+    windows.clear()
+    resumed = train(cfg, resume_from=checkpoint, progress=False)
+    assert _flat(windows) == plain[24:]
+    a, b = load_model(full["model_dir"]), load_model(resumed["model_dir"])
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+    windows.clear()
+    train(dataclasses.replace(cfg, output_dir=str(tmp_path / "halved"), batch_size=4), resume_from=tmp_path / "older",
+          progress=False)
+    assert _flat(windows) == plain[24:52]
+
+
+@pytest.mark.parametrize("record,says", [
+    ([0, 24], "data_position must be an object, got [0, 24]"),
+    (dict(epoch=0, window=48, seed=42, batch_size=8, group_by_length=False),
+     "data_position.window 48 is past the 48 training windows of an epoch"),
+    (dict(epoch=0, window=24, seed=42, batch_size=0, group_by_length=False),
+     "data_position.batch_size must be an integer of at least 1, got 0"),
+    (dict(epoch=0, window=24, seed=42, batch_size=8, group_by_length="no"),
+     'data_position.group_by_length must be true or false, got "no"'),
+    (dict(epoch=0, window=24, seed=42, group_by_length=False), "data_position.batch_size must be an integer of at "
+                                                               "least 1, got null"),
+])
+def test_an_edited_data_position_is_refused_naming_the_file_and_field(tmp_path, record, says):
+    from pruning.checkpoint import CheckpointError
+
+    cfg = tiny_cfg(tmp_path, method="dense", train_limit=16, eval_limit=1, max_steps=3)
+    train(cfg, progress=False)
+    path = tmp_path / "run" / "checkpoint" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state["data_position"] = record
+    path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError) as err:
+        train(dataclasses.replace(cfg, max_steps=4), resume_from=path.parent, progress=False)
+    assert str(err.value) == f"{path}: {says}"
+
+
+def test_a_run_of_epochs_resumed_with_other_batches_is_refused_naming_the_key(tmp_path, monkeypatch):
+    """A run without max_steps has as many steps as its epochs hold batches of its settings: resumed with other
+    batches it would train another number of epochs (with batches twice as large, the 3 steps left of 6 were counted
+    done and the second half of the epoch never trained). Resumed with max_steps it trains to that step."""
+    windows = _record_trained_windows(monkeypatch)
+    cfg = tiny_cfg(tmp_path, method="dense", train_limit=16, eval_limit=1, batch_size=8, max_steps=None, epochs=1,
+                   eval_every=3)
+    with pytest.raises(Stop):
+        train(cfg, report=_stopped_at(3), progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    written = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+    for change, says in ((dict(batch_size=16), "batch_size 8 there, 16 here"),
+                         (dict(grad_accum=2), "grad_accum 1 there, 2 here")):
+        with pytest.raises(ConfigError) as err:
+            train(dataclasses.replace(cfg, **change), resume_from=checkpoint, progress=False)
+        assert str(err.value) == (f"{checkpoint}: {says}: a run without max_steps counts its epochs in steps of its "
+                                  "batches, so it would train another number of epochs; resume with the same batches, "
+                                  "or set max_steps")
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == written
+    first = _flat(windows)
+    windows.clear()
+    result = train(dataclasses.replace(cfg, batch_size=16, max_steps=5), resume_from=checkpoint, progress=False)
+    assert result["step"] == 5 and sorted(first + _flat(windows)) == list(range(48))
