@@ -764,3 +764,78 @@ def test_the_space_readme_names_the_metrics_the_schema_takes():
     for names, value in re.findall(r"((?:`[a-z][a-z_0-9]*`(?: and )?)+) (\d+)", defaults):
         documented.update(dict.fromkeys(re.findall(r"`([a-z][a-z_0-9]*)`", names), float(value)))
     assert documented == DEFAULT_REFERENCE
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory) -> Path:
+    """A saved dense QA model of the shape of BASE_SPACE's model_config (hidden 32 in 2 heads of 16)."""
+    from pruning.checkpoint import save_model
+    from pruning.trainer import build_model
+
+    model, tokenizer = build_model(RunConfig(model_config=BASE_SPACE["base"]["model_config"]))
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("model") / "small")
+
+
+def _on_model(model_dir: Path, **base) -> dict:
+    """BASE_SPACE trained from the model directory ``model_dir`` (not a model_config), ``base`` overlaid."""
+    values = copy.deepcopy(BASE_SPACE)
+    values["base"].pop("model_config")
+    values["base"].update(model=str(model_dir), **base)
+    return values
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("model_config", r"base\.attention_block: 24x24 does not divide the 32x32 attention matrices of the model_config "
+                     r"\(hidden_size 32\)$"),
+    ("directory", r"base\.attention_block: 24x24 does not divide the 32x32 attention matrices of the model \S+small "
+                  r"\(hidden_size 32\)$"),
+    ("fisher", r"base\.attention_block: method fisher needs head-shaped blocks \[head_dim, hidden\] = \[16, 32\], "
+               r"got \[16, 16\]$"),
+    ("searched method", r"search\.method\.values\[1\]: 'fisher' gives an invalid config \(attention_block: method "
+                        r"fisher needs head-shaped blocks \[head_dim, hidden\] = \[16, 32\], got \[16, 16\]\)$"),
+    ("searched block", r"search\.attention_block\.values\[1\]: \[24, 24\] gives an invalid config \(attention_block: "
+                       r"24x24 does not divide the 32x32 attention matrices of the model \S+small"),
+    ("student_init", r"base\.attention_block: 64x64 does not divide the 32x32 attention matrices of the model "
+                     r"\S+small \(hidden_size 32\)$"),
+])
+def test_attention_blocks_that_do_not_fit_the_model_are_refused_when_the_space_loads(tmp_path, small_model_dir, case,
+                                                                                      pattern):
+    """Every trial would fail building its masked model; the space names the key instead, reading only the model's
+    config (config.json of a model directory)."""
+    if case == "model_config":
+        values = variant(base={**BASE_SPACE["base"], "attention_block": [24, 24]})
+    elif case == "directory":
+        values = _on_model(small_model_dir, attention_block=[24, 24])
+    elif case == "fisher":
+        values = _on_model(small_model_dir, method="fisher", attention_block=[16, 16])
+        values["base"].pop("max_steps")
+        values["search"] = {"target_density": {"type": "uniform", "low": 0.3, "high": 0.6}}
+    elif case == "searched method":
+        values = _on_model(small_model_dir)
+        values["search"] = {"method": {"type": "choice", "values": ["topk", "fisher"]}}
+    elif case == "searched block":
+        values = _on_model(small_model_dir)
+        values.update(algorithm="grid", search={"attention_block": {"type": "grid", "values": [[16, 16], [24, 24]]}})
+    else:  # the trials start from a given teacher of another width than base.model_config
+        values = variant(base={**BASE_SPACE["base"], "attention_block": [64, 64],
+                               "model_config": {**BASE_SPACE["base"]["model_config"], "hidden_size": 64}},
+                         teacher={"path": str(small_model_dir), "student_init": True})
+    path = write(tmp_path, values)
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert re.search(pattern, message), message
+
+
+def test_blocks_that_fit_the_model_load(tmp_path, small_model_dir):
+    load_space(write(tmp_path, _on_model(small_model_dir), "topk.yaml"))
+    values = _on_model(small_model_dir)
+    values.update(algorithm="grid", search={"attention_block": {"type": "grid", "values": [[16, 16], [32, 32]]}})
+    load_space(write(tmp_path, values, "grid.yaml"))
+    values = _on_model(small_model_dir, method="fisher", attention_block=[16, 32])
+    values["base"].pop("max_steps")
+    values["search"] = {"target_density": {"type": "uniform", "low": 0.3, "high": 0.6}}
+    load_space(write(tmp_path, values, "fisher.yaml"))
+    # A model directory that is not here (on a cluster's workers only) is not read: the trials check it.
+    load_space(write(tmp_path, _on_model(tmp_path / "elsewhere", attention_block=[24, 24]), "elsewhere.yaml"))

@@ -34,8 +34,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pruning.config import (METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, RunConfig, check_keys_apply,
-                            config_from_dict, config_to_dict, read_yaml)
+from pruning.config import (METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, RunConfig, check_head_shaped,
+                            check_keys_apply, config_from_dict, config_to_dict, read_yaml)
 from pruning.resources import ResourceError, first_missing, resolve_data, resolve_model
 from pruning.schedules import warmup_steps
 from pruning.contents import content_digest
@@ -735,7 +735,16 @@ class SweepSpace(_Section):
                 check_keys_apply(base_cfg, keys)
             except ConfigError as err:
                 raise _config_problem(err, "base") from None
-        _check_extremes(self.base, self.search)
+        trial_model = self._trial_model(base_cfg)
+        model = _model_config(trial_model)
+        label = "the model_config" if trial_model.model_config is not None else f"the model {trial_model.model}"
+        fits = None if model is None else (lambda cfg: _check_blocks(cfg, model, label))
+        if fits is not None and not {"method", "attention_block"} & set(self.search):
+            try:
+                fits(base_cfg)
+            except ConfigError as err:
+                raise _config_problem(err, "base") from None
+        _check_extremes(self.base, self.search, fits)
         try:
             _teacher_values(self.base, self.teacher, "teacher")
         except ConfigError as err:
@@ -760,11 +769,24 @@ class SweepSpace(_Section):
         if index:  # Ray shows a trial only its own GPU, as cuda:0
             raise _Problem(f"{base_cfg.device}: a trial sees only the GPU Ray gives it, as cuda:0 (use cuda; Ray "
                            "chooses the GPU)", "base", "device")
-        limit = _model_positions(base_cfg)
+        limit = _model_positions(base_cfg) if self.teacher.student_init else _positions(model)
         if limit is not None and self.speedup["seq_len"] > limit:
             raise _Problem(f"{self.speedup['seq_len']} exceeds the {limit} positions the model takes",
                            "speedup", "seq_len")
         return self
+
+    def _trial_model(self, base_cfg: RunConfig) -> RunConfig:
+        """A config whose ``model``/``model_config`` name the model every trial starts from: the base's, or with
+        ``teacher.student_init`` the teacher's (``teacher.path``, or the base overlaid with ``teacher.config``)."""
+        if not self.teacher.student_init:
+            return base_cfg
+        if self.teacher.path is not None:
+            return config_from_dict({"model": self.teacher.path, "model_config": None, "tokenizer": None},
+                                    source="-", base=base_cfg)
+        try:
+            return _teacher_values(self.base, self.teacher, "teacher")
+        except ConfigError:  # said below, naming the teacher's key
+            return base_cfg
 
     @property
     def registry(self) -> RegistrySpec:
@@ -878,25 +900,66 @@ def check_local_paths(space: SweepSpace) -> None:
         raise SpaceError(f"{space.path}: teacher.path: {missing[1]}")
 
 
-def _model_positions(base_cfg: RunConfig) -> int | None:
-    """The longest window the sweep's model takes (:func:`pruning.structure.max_positions` of the config the trainer
-    builds the model from), or None when it cannot be told here: a model directory that exists only on the cluster's
+def _model_config(cfg: RunConfig) -> Any:
+    """The transformers config the trainer builds ``cfg``'s model from (``config.json`` of its directory, or its
+    ``model_config``), or None when it cannot be told here: a model directory that exists only on the cluster's
     machines, or a config or tokenizer that does not load (the trial says why).
     """
     # pruning imports torch and transformers: only a space whose limits are checked needs them.
     from pruning.checkpoint import CheckpointError, load_config, load_tokenizer
     from pruning.resources import shipped_model_dir
-    from pruning.structure import max_positions, scratch_config
+    from pruning.structure import scratch_config
 
     try:
-        if base_cfg.model_config is None:
-            config = load_config(resolve_model(base_cfg.model))
-        else:
-            tokenizer = load_tokenizer(base_cfg.tokenizer or shipped_model_dir())
-            config = scratch_config(base_cfg.model_config, tokenizer)
-        return max_positions(config)
+        if cfg.model_config is None:
+            return load_config(resolve_model(cfg.model))
+        tokenizer = load_tokenizer(cfg.tokenizer or shipped_model_dir())
+        return scratch_config(cfg.model_config, tokenizer)
     except (ResourceError, CheckpointError, OSError, TypeError, ValueError):
         return None
+
+
+def _positions(config: Any) -> int | None:
+    """:func:`pruning.structure.max_positions` of a model config; None for no config, or one it cannot read."""
+    from pruning.structure import max_positions
+
+    if config is None:
+        return None
+    try:
+        return max_positions(config)
+    except (TypeError, ValueError):
+        return None
+
+
+def _model_positions(base_cfg: RunConfig) -> int | None:
+    """The longest window the sweep's model takes (:func:`pruning.structure.max_positions` of the config the trainer
+    builds the model from), or None when it cannot be told here (see :func:`_model_config`)."""
+    return _positions(_model_config(base_cfg))
+
+
+def _check_blocks(cfg: RunConfig, model: Any, label: str) -> None:
+    """The attention blocks of ``cfg``'s method fit the attention matrices of ``model`` (a transformers config, of
+    the model ``label`` names), as the trainer requires when it builds the masked model: topk and sigmoid_threshold
+    blocks divide the matrices, fisher blocks are one head.
+
+    Raises:
+        ConfigError: naming ``attention_block``.
+    """
+    if not cfg.masked:
+        return
+    try:
+        hidden, heads = int(model.hidden_size), int(model.num_attention_heads)
+    except (AttributeError, TypeError, ValueError):
+        return
+    if heads <= 0 or hidden % heads:  # the model does not build; the trial says why
+        return
+    if cfg.method is Method.FISHER:
+        check_head_shaped(cfg.attention_block, hidden // heads, hidden)
+        return
+    rows, cols = cfg.attention_block
+    if hidden % rows or hidden % cols:
+        raise ConfigError(f"attention_block: {rows}x{cols} does not divide the {hidden}x{hidden} attention matrices "
+                          f"of {label} (hidden_size {hidden})")
 
 
 def _check_applicable(search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> None:
@@ -946,13 +1009,17 @@ def _check_plan(cfg: RunConfig, *at: str) -> None:
                        "the target (final_warmup is 0)", *at)
 
 
-def _check_extremes(base: Mapping[str, Any], search: Mapping[str, ParamSpec]) -> None:
-    """Every extreme of every searched value, then every corner of the search box, must make a valid config."""
+def _check_extremes(base: Mapping[str, Any], search: Mapping[str, ParamSpec],
+                    fits: Callable[[RunConfig], None] | None = None) -> None:
+    """Every extreme of every searched value, then every corner of the search box, must make a valid config (and
+    one that ``fits`` the model, when given: it raises ConfigError)."""
     base_cfg = config_from_dict(base, source="-")
+    fits = fits or (lambda cfg: None)
     for key, spec in search.items():
         for suffix, value in spec.extremes():
             try:
                 cfg = config_from_dict(_overlay({key: value}, search), source="-", base=base_cfg)
+                fits(cfg)
             except ConfigError as err:
                 raise _Problem(f"{value!r} gives an invalid config ({_message(err)})", "search", key, suffix) from None
             _check_plan(cfg, "search", key, suffix)
@@ -964,6 +1031,7 @@ def _check_extremes(base: Mapping[str, Any], search: Mapping[str, ParamSpec]) ->
         label = ", ".join(f"{k}={v!r}" for k, v in params.items())
         try:
             cfg = config_from_dict(_overlay(params, search), source="-", base=base_cfg)
+            fits(cfg)
         except ConfigError as err:
             raise _Problem(f"the combination {label} gives an invalid config ({_message(err)})", "search") from None
         _check_plan(cfg, "search")
