@@ -839,3 +839,36 @@ def test_blocks_that_fit_the_model_load(tmp_path, small_model_dir):
     load_space(write(tmp_path, values, "fisher.yaml"))
     # A model directory that is not here (on a cluster's workers only) is not read: the trials check it.
     load_space(write(tmp_path, _on_model(tmp_path / "elsewhere", attention_block=[24, 24]), "elsewhere.yaml"))
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("base", r"base\.alpha_hidden: 1\.0 weighs a hidden-state MSE that needs a teacher with the student's layers and "
+             r"width, but the teacher \S+small has 2 layers of 32 and the student 2 of 64$"),
+    ("searched", r"search\.alpha_hidden\.high: 2\.0 gives an invalid config \(alpha_hidden: 2\.0 weighs a hidden-state "
+                 r"MSE .* but the teacher \S+small has 2 layers of 32 and the student 2 of 64\)$"),
+    ("trained", r"base\.alpha_hidden: 1\.0 weighs .* but the teacher the sweep trains has 1 layers of 64 and the "
+                r"student 2 of 64$"),
+])
+def test_a_hidden_state_loss_to_a_teacher_of_another_shape_is_refused_when_the_space_loads(tmp_path, small_model_dir,
+                                                                                           case, pattern):
+    """Every trial would stop before its first step; the teacher's config.json (or the model_config it is trained
+    from) tells it before Ray starts."""
+    wide = {**BASE_SPACE["base"]["model_config"], "hidden_size": 64}
+    values = variant(base={**BASE_SPACE["base"], "model_config": wide}, teacher={"path": str(small_model_dir)})
+    if case == "base":
+        values["base"]["alpha_hidden"] = 1.0
+    elif case == "searched":
+        values["search"]["alpha_hidden"] = {"type": "uniform", "low": 0.0, "high": 2.0}
+    else:
+        values["base"]["alpha_hidden"] = 1.0
+        values["teacher"] = {"config": {"max_steps": 4, "model_config": {**wide, "num_hidden_layers": 1}}}
+    path = write(tmp_path, values)
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert re.search(pattern, message), message
+    # Without the hidden-state loss the teacher's logits alone are distilled, which any width gives.
+    values["base"].pop("alpha_hidden", None)
+    values["search"].pop("alpha_hidden", None)
+    load_space(write(tmp_path, values, "logits.yaml"))

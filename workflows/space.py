@@ -738,13 +738,27 @@ class SweepSpace(_Section):
         trial_model = self._trial_model(base_cfg)
         model = _model_config(trial_model)
         label = "the model_config" if trial_model.model_config is not None else f"the model {trial_model.model}"
-        fits = None if model is None else (lambda cfg: _check_blocks(cfg, model, label))
-        if fits is not None and not {"method", "attention_block"} & set(self.search):
+        teacher_model = None
+        teacher_cfg = None if self.teacher.student_init else self._teacher_model(base_cfg)
+        if model is not None and teacher_cfg is not None and (teacher_cfg.model, teacher_cfg.model_config) != (
+                trial_model.model, trial_model.model_config):
+            teacher_model = _model_config(teacher_cfg)
+        teacher_label = (f"the teacher {self.teacher.path}" if self.teacher.path is not None
+                         else "the teacher the sweep trains")
+
+        def fits(cfg: RunConfig) -> None:
+            _check_blocks(cfg, model, label)
+            _check_teacher_shape(cfg, model, teacher_model, teacher_label)
+
+        if model is not None:
             try:
-                fits(base_cfg)
+                if not {"method", "attention_block"} & set(self.search):
+                    _check_blocks(base_cfg, model, label)
+                if "alpha_hidden" not in self.search:
+                    _check_teacher_shape(base_cfg, model, teacher_model, teacher_label)
             except ConfigError as err:
                 raise _config_problem(err, "base") from None
-        _check_extremes(self.base, self.search, fits)
+        _check_extremes(self.base, self.search, None if model is None else fits)
         try:
             _teacher_values(self.base, self.teacher, "teacher")
         except ConfigError as err:
@@ -775,18 +789,24 @@ class SweepSpace(_Section):
                            "speedup", "seq_len")
         return self
 
-    def _trial_model(self, base_cfg: RunConfig) -> RunConfig:
-        """A config whose ``model``/``model_config`` name the model every trial starts from: the base's, or with
-        ``teacher.student_init`` the teacher's (``teacher.path``, or the base overlaid with ``teacher.config``)."""
-        if not self.teacher.student_init:
-            return base_cfg
+    def _teacher_model(self, base_cfg: RunConfig) -> RunConfig | None:
+        """A config whose ``model``/``model_config`` name the teacher: ``teacher.path``, or the model the sweep
+        trains it from (the base overlaid with ``teacher.config``); None when that config is invalid (said below,
+        naming the teacher's key)."""
         if self.teacher.path is not None:
             return config_from_dict({"model": self.teacher.path, "model_config": None, "tokenizer": None},
                                     source="-", base=base_cfg)
         try:
             return _teacher_values(self.base, self.teacher, "teacher")
-        except ConfigError:  # said below, naming the teacher's key
+        except ConfigError:
+            return None
+
+    def _trial_model(self, base_cfg: RunConfig) -> RunConfig:
+        """A config whose ``model``/``model_config`` name the model every trial starts from: the base's, or with
+        ``teacher.student_init`` the teacher's."""
+        if not self.teacher.student_init:
             return base_cfg
+        return self._teacher_model(base_cfg) or base_cfg
 
     @property
     def registry(self) -> RegistrySpec:
@@ -960,6 +980,26 @@ def _check_blocks(cfg: RunConfig, model: Any, label: str) -> None:
     if hidden % rows or hidden % cols:
         raise ConfigError(f"attention_block: {rows}x{cols} does not divide the {hidden}x{hidden} attention matrices "
                           f"of {label} (hidden_size {hidden})")
+
+
+def _check_teacher_shape(cfg: RunConfig, model: Any, teacher: Any, label: str) -> None:
+    """``alpha_hidden`` > 0 needs a teacher of the student's layers and width, as the trainer requires before the
+    first step; ``model`` and ``teacher`` are transformers configs (``teacher`` None: not known here).
+
+    Raises:
+        ConfigError: naming ``alpha_hidden``.
+    """
+    if teacher is None or not cfg.alpha_hidden > 0:
+        return
+    try:
+        ours = (int(model.num_hidden_layers), int(model.hidden_size))
+        theirs = (int(teacher.num_hidden_layers), int(teacher.hidden_size))
+    except (AttributeError, TypeError, ValueError):
+        return
+    if ours != theirs:
+        raise ConfigError(f"alpha_hidden: {cfg.alpha_hidden} weighs a hidden-state MSE that needs a teacher with the "
+                          f"student's layers and width, but {label} has {theirs[0]} layers of {theirs[1]} and the "
+                          f"student {ours[0]} of {ours[1]}")
 
 
 def _check_applicable(search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> None:
