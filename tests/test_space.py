@@ -872,3 +872,25 @@ def test_a_hidden_state_loss_to_a_teacher_of_another_shape_is_refused_when_the_s
     values["base"].pop("alpha_hidden", None)
     values["search"].pop("alpha_hidden", None)
     load_space(write(tmp_path, values, "logits.yaml"))
+
+
+@pytest.mark.parametrize("search,base,pattern", [
+    ({"target_density": {"type": "uniform", "low": 0.3, "high": 0.6}}, {"fisher_layer_floor": 0.3},
+     r"search\.target_density\.low: 0\.3 gives an invalid config \(fisher_layer_floor: 0\.3 keeps 1 of the 2 heads and "
+     r"20 of the 64 FFN neurons of every layer of the model_config, 0\.4062 of its linear weights, more than the "
+     r"target_density 0\.3\)$"),
+    ({"fisher_layer_floor": {"type": "uniform", "low": 0.0, "high": 0.4}}, {"target_density": 0.45},
+     r"search\.fisher_layer_floor\.high: 0\.4 gives an invalid config \(fisher_layer_floor: 0\.4 keeps 1 of the 2 "
+     r"heads and 26 of the 64 FFN neurons"),
+    ({"fisher_layer_floor": {"type": "choice", "values": [0.1, 0.2]},
+      "target_density": {"type": "choice", "values": [0.35, 0.6]}}, {},
+     r"search: the combination fisher_layer_floor=0\.2, target_density=0\.35 gives an invalid config "
+     r"\(fisher_layer_floor: 0\.2 keeps 1 of the 2 heads"),
+])
+def test_a_layer_floor_the_density_cannot_hold_is_refused_when_the_space_loads(tmp_path, search, base, pattern):
+    """A floor keeps ceil(floor * n) of each layer's heads: with 2 heads any floor keeps half of them, more than a
+    low target holds, and every trial would stop after its importance passes."""
+    with pytest.raises(SpaceError, match=pattern):
+        load_space(write(tmp_path, fisher_space(search, **base)))
+    load_space(write(tmp_path, fisher_space({"fisher_layer_floor": {"type": "uniform", "low": 0.0, "high": 0.3}},
+                                            target_density=0.6), "fits.yaml"))

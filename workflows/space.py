@@ -749,6 +749,7 @@ class SweepSpace(_Section):
         def fits(cfg: RunConfig) -> None:
             _check_blocks(cfg, model, label)
             _check_teacher_shape(cfg, model, teacher_model, teacher_label)
+            _check_layer_floor(cfg, model, label)
 
         if model is not None:
             try:
@@ -756,6 +757,8 @@ class SweepSpace(_Section):
                     _check_blocks(base_cfg, model, label)
                 if "alpha_hidden" not in self.search:
                     _check_teacher_shape(base_cfg, model, teacher_model, teacher_label)
+                if not {"method", "fisher_layer_floor", "target_density"} & set(self.search):
+                    _check_layer_floor(base_cfg, model, label)
             except ConfigError as err:
                 raise _config_problem(err, "base") from None
         _check_extremes(self.base, self.search, None if model is None else fits)
@@ -1000,6 +1003,35 @@ def _check_teacher_shape(cfg: RunConfig, model: Any, teacher: Any, label: str) -
         raise ConfigError(f"alpha_hidden: {cfg.alpha_hidden} weighs a hidden-state MSE that needs a teacher with the "
                           f"student's layers and width, but {label} has {theirs[0]} layers of {theirs[1]} and the "
                           f"student {ours[0]} of {ours[1]}")
+
+
+def _check_layer_floor(cfg: RunConfig, model: Any, label: str) -> None:
+    """A fisher ``fisher_layer_floor`` keeps ``ceil(floor * n)`` of each layer's ``n`` heads and FFN neurons, which
+    must fit in the ``target_density`` budget of the cut, as the trainer requires after the importance passes
+    (:func:`pruning.importance.search_mask`); the floor's structures are kept by every stage, so the last stage,
+    whose budget is the target itself, is the one to fit. A FLOP target depends on the windows the trial cuts and
+    is left to the trial.
+
+    Raises:
+        ConfigError: naming ``fisher_layer_floor``.
+    """
+    if cfg.method is not Method.FISHER or not cfg.fisher_layer_floor > 0 or cfg.target_flops is not None:
+        return
+    from pruning.importance import structure_costs
+
+    try:
+        costs = structure_costs(model, "density")
+        layers, heads, inter = int(model.num_hidden_layers), int(model.num_attention_heads), int(model.intermediate_size)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return
+    floor = cfg.fisher_layer_floor
+    kept_heads, kept_neurons = math.ceil(floor * heads - 1e-9), math.ceil(floor * inter - 1e-9)
+    cost = layers * (kept_heads * costs.head + kept_neurons * costs.neuron)
+    budget = int(math.floor(cfg.target_density * costs.total + 1e-6))
+    if cost > budget:
+        raise ConfigError(f"fisher_layer_floor: {floor} keeps {kept_heads} of the {heads} heads and {kept_neurons} of "
+                          f"the {inter} FFN neurons of every layer of {label}, {cost / costs.total:.4g} of its linear "
+                          f"weights, more than the target_density {cfg.target_density}")
 
 
 def _check_applicable(search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> None:
