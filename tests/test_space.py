@@ -894,3 +894,17 @@ def test_a_layer_floor_the_density_cannot_hold_is_refused_when_the_space_loads(t
         load_space(write(tmp_path, fisher_space(search, **base)))
     load_space(write(tmp_path, fisher_space({"fisher_layer_floor": {"type": "uniform", "low": 0.0, "high": 0.3}},
                                             target_density=0.6), "fits.yaml"))
+
+
+@pytest.mark.parametrize("base", [{"target_flops": 0.5}, {"fisher_stages": 2, "fill_steps": 4},
+                                  {"fisher_layer_floor": 0.1}], ids=["target_flops", "fisher_stages", "layer_floor"])
+def test_a_fisher_base_may_set_the_keys_only_fisher_reads(tmp_path, base):
+    """The trials are fisher runs that read these keys; the teacher, a dense run of the same base, leaves them out
+    instead of refusing the space."""
+    space = load_space(write(tmp_path, fisher_space({"alpha_distil": {"type": "uniform", "low": 0.5, "high": 0.9}},
+                                                    **base)))
+    trial = trial_config(space, {"alpha_distil": 0.7}, tmp_path / "trial", "teacher")
+    assert all(getattr(trial, key) == value for key, value in base.items())
+    teacher = teacher_config(space, tmp_path / "teacher")
+    assert teacher.method is Method.DENSE and teacher.target_flops is None and teacher.fisher_stages == 1
+    assert teacher.fisher_layer_floor == 0 and teacher.fill_steps == 0

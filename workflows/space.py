@@ -1282,8 +1282,10 @@ def _teacher_values(base: Mapping[str, Any], teacher: TeacherSpec, output_dir: s
     values = dict(base)
     values.update(teacher.config)
     # The teacher is a plain dense fine-tune; evaluation only at its end unless its config asks for more.
+    # A base's fisher keys (FLOP target, stages, layer floor) are the trials'; a dense run takes none of them.
     values.update(method=Method.DENSE.value, teacher=None, alpha_hidden=0.0, fill_steps=0, fill_packed=False,
-                  teacher_cache=False, output_dir=str(output_dir))
+                  teacher_cache=False, target_flops=None, fisher_stages=1, fisher_layer_floor=0.0,
+                  output_dir=str(output_dir))
     for key in ("eval_every", "save_every"):
         if key not in teacher.config:
             values[key] = None
