@@ -908,3 +908,15 @@ def test_a_fisher_base_may_set_the_keys_only_fisher_reads(tmp_path, base):
     teacher = teacher_config(space, tmp_path / "teacher")
     assert teacher.method is Method.DENSE and teacher.target_flops is None and teacher.fisher_stages == 1
     assert teacher.fisher_layer_floor == 0 and teacher.fill_steps == 0
+
+
+def test_a_model_config_too_small_for_the_tokenizer_is_refused_when_the_space_loads(tmp_path):
+    """The teacher and every trial would stop building the model; the space names the key before Ray starts."""
+    small = {**BASE_SPACE["base"]["model_config"], "vocab_size": 1000}
+    path = write(tmp_path, variant(base={**BASE_SPACE["base"], "model_config": small}))
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    assert str(info.value) == (f"{path}: base.model_config.vocab_size: 1000 is smaller than the tokenizer's 30522 "
+                               "tokens")
+    load_space(write(tmp_path, variant(base={**BASE_SPACE["base"], "model_config": {**small, "vocab_size": 30522}}),
+                     "fits.yaml"))

@@ -735,6 +735,10 @@ class SweepSpace(_Section):
                 check_keys_apply(base_cfg, keys)
             except ConfigError as err:
                 raise _config_problem(err, "base") from None
+        if base_cfg.model_config is not None:  # the trials' model or the teacher's is built from it
+            problem = _vocabulary_problem(base_cfg)
+            if problem is not None:
+                raise _Problem(problem, "base", "model_config", "vocab_size")
         trial_model = self._trial_model(base_cfg)
         model = _model_config(trial_model)
         label = "the model_config" if trial_model.model_config is not None else f"the model {trial_model.model}"
@@ -940,6 +944,23 @@ def _model_config(cfg: RunConfig) -> Any:
         return scratch_config(cfg.model_config, tokenizer)
     except (ResourceError, CheckpointError, OSError, TypeError, ValueError):
         return None
+
+
+def _vocabulary_problem(cfg: RunConfig) -> str | None:
+    """Why a model built from ``cfg.model_config`` cannot embed its tokenizer's ids (the trainer refuses it before
+    the first step), or None (also when the tokenizer does not load here: the run says why)."""
+    from pruning.checkpoint import CheckpointError, load_tokenizer
+    from pruning.resources import shipped_model_dir
+    from pruning.structure import scratch_config
+
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer or shipped_model_dir())
+        size = int(scratch_config(cfg.model_config, tokenizer).vocab_size)
+    except (ResourceError, CheckpointError, OSError, TypeError, ValueError):
+        return None
+    if size < len(tokenizer):
+        return f"{size} is smaller than the tokenizer's {len(tokenizer)} tokens"
+    return None
 
 
 def _positions(config: Any) -> int | None:
