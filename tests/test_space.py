@@ -920,3 +920,35 @@ def test_a_model_config_too_small_for_the_tokenizer_is_refused_when_the_space_lo
                                "tokens")
     load_space(write(tmp_path, variant(base={**BASE_SPACE["base"], "model_config": {**small, "vocab_size": 30522}}),
                      "fits.yaml"))
+
+
+def test_a_given_teacher_that_cannot_read_the_students_token_ids_is_refused_when_the_space_loads(tmp_path,
+                                                                                                  small_model_dir):
+    """Every trial would stop before its first step distilling from it; the teacher's files tell it before Ray
+    starts."""
+    import json
+    import shutil
+
+    other = tmp_path / "other-ids"
+    shutil.copytree(small_model_dir, other)
+    tokenizer_file = other / "tokenizer.json"
+    spec = json.loads(tokenizer_file.read_text())
+    vocab = spec["model"]["vocab"]
+    moved = sorted(vocab, key=vocab.get)[1000:2000]  # ordinary word pieces; the special tokens keep their ids
+    for token, index in zip(moved, reversed([vocab[t] for t in moved])):
+        vocab[token] = index
+    tokenizer_file.write_text(json.dumps(spec))
+    (other / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
+    path = write(tmp_path, variant(teacher={"path": str(other)}))
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    assert str(info.value) == (f"{path}: teacher.path: {other} has a tokenizer of 30522 tokens that numbers 1000 of "
+                               "the student's 30522 tokens differently: the teacher must read the student's token ids")
+    config = json.loads((small_model_dir / "config.json").read_text())
+    narrow = tmp_path / "narrow"
+    shutil.copytree(small_model_dir, narrow)
+    (narrow / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    with pytest.raises(SpaceError, match=r"teacher\.path: \S+narrow embeds 1000 tokens, fewer than the student's "
+                                         r"tokenizer has \(30522\)"):
+        load_space(write(tmp_path, variant(teacher={"path": str(narrow)}), "narrow.yaml"))
+    load_space(write(tmp_path, variant(teacher={"path": str(small_model_dir)}), "same.yaml"))

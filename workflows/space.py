@@ -766,6 +766,10 @@ class SweepSpace(_Section):
             except ConfigError as err:
                 raise _config_problem(err, "base") from None
         _check_extremes(self.base, self.search, None if model is None else fits)
+        if self.teacher.path is not None and not self.teacher.student_init:
+            problem = _teacher_vocabulary_problem(base_cfg, self.teacher.path)
+            if problem is not None:
+                raise _Problem(problem, "teacher", "path")
         try:
             _teacher_values(self.base, self.teacher, "teacher")
         except ConfigError as err:
@@ -961,6 +965,40 @@ def _vocabulary_problem(cfg: RunConfig) -> str | None:
     if size < len(tokenizer):
         return f"{size} is smaller than the tokenizer's {len(tokenizer)} tokens"
     return None
+
+
+def _teacher_vocabulary_problem(cfg: RunConfig, teacher: str) -> str | None:
+    """Why the teacher directory ``teacher`` cannot read the token ids of ``cfg``'s student (fewer embeddings than the
+    student's tokenizer has tokens, or a tokenizer of its own that numbers them otherwise), as the trainer refuses it
+    before a trial's first step; None when it can, or when either is not here to read (the trial says why)."""
+    from pruning.checkpoint import CheckpointError, load_config, load_tokenizer
+    from pruning.resources import shipped_model_dir
+
+    try:
+        teacher_dir = resolve_model(teacher)
+        own = shipped_model_dir() if cfg.model_config is not None else resolve_model(cfg.model)
+        ours = load_tokenizer(cfg.tokenizer or own)
+        embedded = int(load_config(teacher_dir).vocab_size)
+    except (ResourceError, CheckpointError, OSError, TypeError, ValueError, AttributeError):
+        return None
+    if embedded < len(ours):
+        return (f"{teacher} embeds {embedded} tokens, fewer than the student's tokenizer has ({len(ours)}): it needs "
+                "the student's vocabulary")
+    if not any((teacher_dir / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    try:
+        theirs = load_tokenizer(teacher_dir).get_vocab()
+    except (CheckpointError, OSError, ValueError):
+        return None
+    vocabulary = ours.get_vocab()
+    differ = sum(1 for token, index in vocabulary.items() if theirs.get(token) != index)
+    if differ:
+        return (f"{teacher} has a tokenizer of {len(theirs)} tokens that numbers {differ} of the student's "
+                f"{len(vocabulary)} tokens differently: the teacher must read the student's token ids")
+    return None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")  # as the trainer reads them
 
 
 def _positions(config: Any) -> int | None:
