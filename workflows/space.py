@@ -1080,7 +1080,8 @@ def _check_layer_floor(cfg: RunConfig, model: Any, label: str) -> None:
 
     try:
         costs = structure_costs(model, "density")
-        layers, heads, inter = int(model.num_hidden_layers), int(model.num_attention_heads), int(model.intermediate_size)
+        layers, heads = int(model.num_hidden_layers), int(model.num_attention_heads)
+        inter = int(model.intermediate_size)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError):
         return
     floor = cfg.fisher_layer_floor
