@@ -952,3 +952,19 @@ def test_a_given_teacher_that_cannot_read_the_students_token_ids_is_refused_when
                                          r"tokenizer has \(30522\)"):
         load_space(write(tmp_path, variant(teacher={"path": str(narrow)}), "narrow.yaml"))
     load_space(write(tmp_path, variant(teacher={"path": str(small_model_dir)}), "same.yaml"))
+
+
+def test_a_layer_floor_the_flop_target_cannot_hold_is_refused_on_the_windows_the_trials_cut(tmp_path):
+    """A FLOP target counts the windows the trainer cuts to the model's 128 positions, not max_seq_length's 256."""
+    search = {"alpha_distil": {"type": "uniform", "low": 0.5, "high": 0.9}}
+    path = write(tmp_path, fisher_space(search, target_flops=0.3, fisher_layer_floor=0.3, max_seq_length=256))
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    # A head: 8 * 128 * 32 * 16 + 4 * 128^2 * 16 FLOPs, a neuron 4 * 128 * 32; the floor keeps 1 of 2 and 20 of 64.
+    head, neuron = 8 * 128 * 32 * 16 + 4 * 128 ** 2 * 16, 4 * 128 * 32
+    share = (head + 20 * neuron) / (2 * head + 64 * neuron)
+    assert str(info.value) == (f"{path}: base.fisher_layer_floor: 0.3 keeps 1 of the 2 heads and 20 of the 64 FFN "
+                               f"neurons of every layer of the model_config, {share:.4g} of its FLOPs on windows of "
+                               "128 tokens, more than the target_flops 0.3")
+    load_space(write(tmp_path, fisher_space(search, target_flops=0.6, fisher_layer_floor=0.3, max_seq_length=256),
+                     "fits.yaml"))

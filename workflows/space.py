@@ -749,11 +749,17 @@ class SweepSpace(_Section):
             teacher_model = _model_config(teacher_cfg)
         teacher_label = (f"the teacher {self.teacher.path}" if self.teacher.path is not None
                          else "the teacher the sweep trains")
+        # The positions the trials' windows are cut to: the student's and the teacher's (None: not known here).
+        limits = [_positions(model)]
+        if teacher_cfg is not None and (teacher_cfg.model, teacher_cfg.model_config) != (
+                trial_model.model, trial_model.model_config):
+            limits.append(_positions(teacher_model))
+        positions = None if None in limits else min(limits)
 
         def fits(cfg: RunConfig) -> None:
             _check_blocks(cfg, model, label)
             _check_teacher_shape(cfg, model, teacher_model, teacher_label)
-            _check_layer_floor(cfg, model, label)
+            _check_layer_floor(cfg, model, label, positions)
 
         if model is not None:
             try:
@@ -761,8 +767,9 @@ class SweepSpace(_Section):
                     _check_blocks(base_cfg, model, label)
                 if "alpha_hidden" not in self.search:
                     _check_teacher_shape(base_cfg, model, teacher_model, teacher_label)
-                if not {"method", "fisher_layer_floor", "target_density"} & set(self.search):
-                    _check_layer_floor(base_cfg, model, label)
+                if not {"method", "fisher_layer_floor", "target_density", "target_flops", "max_seq_length"} & set(
+                        self.search):
+                    _check_layer_floor(base_cfg, model, label, positions)
             except ConfigError as err:
                 raise _config_problem(err, "base") from None
         _check_extremes(self.base, self.search, None if model is None else fits)
@@ -1064,22 +1071,30 @@ def _check_teacher_shape(cfg: RunConfig, model: Any, teacher: Any, label: str) -
                           f"student {ours[0]} of {ours[1]}")
 
 
-def _check_layer_floor(cfg: RunConfig, model: Any, label: str) -> None:
+def _check_layer_floor(cfg: RunConfig, model: Any, label: str, positions: int | None) -> None:
     """A fisher ``fisher_layer_floor`` keeps ``ceil(floor * n)`` of each layer's ``n`` heads and FFN neurons, which
-    must fit in the ``target_density`` budget of the cut, as the trainer requires after the importance passes
-    (:func:`pruning.importance.search_mask`); the floor's structures are kept by every stage, so the last stage,
-    whose budget is the target itself, is the one to fit. A FLOP target depends on the windows the trial cuts and
-    is left to the trial.
+    must fit in the ``target_density`` (or ``target_flops``) budget of the cut, as the trainer requires after the
+    importance passes (:func:`pruning.importance.search_mask`); the floor's structures are kept by every stage, so
+    the last stage, whose budget is the target itself, is the one to fit. FLOPs are counted on the windows the
+    trainer cuts to ``positions`` (the student's and the teacher's); with ``positions`` None a FLOP target is left
+    to the trial.
 
     Raises:
         ConfigError: naming ``fisher_layer_floor``.
     """
-    if cfg.method is not Method.FISHER or not cfg.fisher_layer_floor > 0 or cfg.target_flops is not None:
+    if cfg.method is not Method.FISHER or not cfg.fisher_layer_floor > 0:
         return
     from pruning.importance import structure_costs
+    from pruning.squad import fit_windows
 
+    by_flops = cfg.target_flops is not None
+    if by_flops and positions is None:
+        return
+    seq = cfg.max_seq_length
+    if by_flops and seq > positions:  # as the trainer cuts the windows (pruning.trainer.fit_to_model)
+        seq = fit_windows(cfg.max_seq_length, cfg.doc_stride, positions)[0]
     try:
-        costs = structure_costs(model, "density")
+        costs = structure_costs(model, "flops" if by_flops else "density", seq)
         layers, heads = int(model.num_hidden_layers), int(model.num_attention_heads)
         inter = int(model.intermediate_size)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError):
@@ -1087,11 +1102,13 @@ def _check_layer_floor(cfg: RunConfig, model: Any, label: str) -> None:
     floor = cfg.fisher_layer_floor
     kept_heads, kept_neurons = math.ceil(floor * heads - 1e-9), math.ceil(floor * inter - 1e-9)
     cost = layers * (kept_heads * costs.head + kept_neurons * costs.neuron)
-    budget = int(math.floor(cfg.target_density * costs.total + 1e-6))
+    target_key = "target_flops" if by_flops else "target_density"
+    budget = int(math.floor(getattr(cfg, target_key) * costs.total + 1e-6))
     if cost > budget:
+        share = f"FLOPs on windows of {seq} tokens" if by_flops else "linear weights"
         raise ConfigError(f"fisher_layer_floor: {floor} keeps {kept_heads} of the {heads} heads and {kept_neurons} of "
-                          f"the {inter} FFN neurons of every layer of {label}, {cost / costs.total:.4g} of its linear "
-                          f"weights, more than the target_density {cfg.target_density}")
+                          f"the {inter} FFN neurons of every layer of {label}, {cost / costs.total:.4g} of its "
+                          f"{share}, more than the {target_key} {getattr(cfg, target_key)}")
 
 
 def _check_applicable(search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> None:
