@@ -355,8 +355,9 @@ def _check(cfg: RunConfig) -> None:
         _fail("fisher_stages", f"{cfg.fisher_stages} stages need at least {cfg.fisher_stages} fill_steps (recovery "
                                f"after each), got {cfg.fill_steps}")
     if cfg.model_config is not None:
-        hidden = cfg.model_config.get("hidden_size", 768)
-        heads = cfg.model_config.get("num_attention_heads", 12)
+        default_hidden, default_heads = _attention_defaults(_model_type(cfg.model_config))
+        hidden = cfg.model_config.get("hidden_size", default_hidden)
+        heads = cfg.model_config.get("num_attention_heads", default_heads)
         if hidden % heads:
             _fail("model_config.hidden_size", f"{hidden} is not a multiple of num_attention_heads {heads}")
         if cfg.method is Method.FISHER:
@@ -381,6 +382,15 @@ def _config_fields(model_type: str) -> tuple[str, frozenset[str]]:
 
     cls = config_class(model_type)
     return cls.__name__, frozenset(cls().to_dict())
+
+
+@functools.cache
+def _attention_defaults(model_type: str) -> tuple[int, int]:
+    """``hidden_size`` and ``num_attention_heads`` of ``model_type``'s config when ``model_config`` leaves them out."""
+    from .structure import config_class  # only for configs that build a random model: keeps this module light
+
+    defaults = config_class(model_type)()
+    return int(defaults.hidden_size), int(defaults.num_attention_heads)
 
 
 # Config fields a random model is built from: sizes (integers >= 1) and dropout probabilities ([0, 1)).

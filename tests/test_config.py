@@ -161,6 +161,22 @@ def test_model_config_keys_must_be_bert_config_fields(tmp_path):
     assert RunConfig(model_config=good).model_config == good
 
 
+def test_a_model_config_without_its_sizes_takes_its_model_types_defaults():
+    """ELECTRA's config is 256 wide in 4 heads when model_config leaves them out, not BERT's 768 in 12: a fisher
+    block is one head of the model the trainer builds."""
+    from pruning.trainer import build_model
+
+    electra = {"model_type": "electra", "num_hidden_layers": 1, "intermediate_size": 64}
+    cfg = RunConfig(model_config=electra, method="fisher", attention_block=(64, 256))
+    model, _ = build_model(cfg)
+    assert (model.config.hidden_size, model.config.num_attention_heads) == (256, 4)
+    with pytest.raises(ConfigError, match=r"attention_block: method fisher needs head-shaped blocks \[head_dim, "
+                                          r"hidden\] = \[64, 256\], got \[64, 768\]"):
+        RunConfig(model_config=electra, method="fisher", attention_block=(64, 768))
+    with pytest.raises(ConfigError, match=r"model_config\.hidden_size: 256 is not a multiple of num_attention_heads 5"):
+        RunConfig(model_config={**electra, "num_attention_heads": 5})
+
+
 def test_path_keys_take_path_objects_as_strings(tmp_path):
     cfg = RunConfig(teacher=tmp_path / "teacher", output_dir=tmp_path / "out", train_data=tmp_path / "train.json")
     assert (cfg.teacher, cfg.output_dir, cfg.train_data) == (str(tmp_path / "teacher"), str(tmp_path / "out"),

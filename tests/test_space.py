@@ -764,3 +764,207 @@ def test_the_space_readme_names_the_metrics_the_schema_takes():
     for names, value in re.findall(r"((?:`[a-z][a-z_0-9]*`(?: and )?)+) (\d+)", defaults):
         documented.update(dict.fromkeys(re.findall(r"`([a-z][a-z_0-9]*)`", names), float(value)))
     assert documented == DEFAULT_REFERENCE
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory) -> Path:
+    """A saved dense QA model of the shape of BASE_SPACE's model_config (hidden 32 in 2 heads of 16)."""
+    from pruning.checkpoint import save_model
+    from pruning.trainer import build_model
+
+    model, tokenizer = build_model(RunConfig(model_config=BASE_SPACE["base"]["model_config"]))
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("model") / "small")
+
+
+def _on_model(model_dir: Path, **base) -> dict:
+    """BASE_SPACE trained from the model directory ``model_dir`` (not a model_config), ``base`` overlaid."""
+    values = copy.deepcopy(BASE_SPACE)
+    values["base"].pop("model_config")
+    values["base"].update(model=str(model_dir), **base)
+    return values
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("model_config", r"base\.attention_block: 24x24 does not divide the 32x32 attention matrices of the model_config "
+                     r"\(hidden_size 32\)$"),
+    ("directory", r"base\.attention_block: 24x24 does not divide the 32x32 attention matrices of the model \S+small "
+                  r"\(hidden_size 32\)$"),
+    ("fisher", r"base\.attention_block: method fisher needs head-shaped blocks \[head_dim, hidden\] = \[16, 32\], "
+               r"got \[16, 16\]$"),
+    ("searched method", r"search\.method\.values\[1\]: 'fisher' gives an invalid config \(attention_block: method "
+                        r"fisher needs head-shaped blocks \[head_dim, hidden\] = \[16, 32\], got \[16, 16\]\)$"),
+    ("searched block", r"search\.attention_block\.values\[1\]: \[24, 24\] gives an invalid config \(attention_block: "
+                       r"24x24 does not divide the 32x32 attention matrices of the model \S+small"),
+    ("student_init", r"base\.attention_block: 64x64 does not divide the 32x32 attention matrices of the model "
+                     r"\S+small \(hidden_size 32\)$"),
+])
+def test_attention_blocks_that_do_not_fit_the_model_are_refused_when_the_space_loads(tmp_path, small_model_dir, case,
+                                                                                      pattern):
+    """Every trial would fail building its masked model; the space names the key instead, reading only the model's
+    config (config.json of a model directory)."""
+    if case == "model_config":
+        values = variant(base={**BASE_SPACE["base"], "attention_block": [24, 24]})
+    elif case == "directory":
+        values = _on_model(small_model_dir, attention_block=[24, 24])
+    elif case == "fisher":
+        values = _on_model(small_model_dir, method="fisher", attention_block=[16, 16])
+        values["base"].pop("max_steps")
+        values["search"] = {"target_density": {"type": "uniform", "low": 0.3, "high": 0.6}}
+    elif case == "searched method":
+        values = _on_model(small_model_dir)
+        values["search"] = {"method": {"type": "choice", "values": ["topk", "fisher"]}}
+    elif case == "searched block":
+        values = _on_model(small_model_dir)
+        values.update(algorithm="grid", search={"attention_block": {"type": "grid", "values": [[16, 16], [24, 24]]}})
+    else:  # the trials start from a given teacher of another width than base.model_config
+        values = variant(base={**BASE_SPACE["base"], "attention_block": [64, 64],
+                               "model_config": {**BASE_SPACE["base"]["model_config"], "hidden_size": 64}},
+                         teacher={"path": str(small_model_dir), "student_init": True})
+    path = write(tmp_path, values)
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert re.search(pattern, message), message
+
+
+def test_blocks_that_fit_the_model_load(tmp_path, small_model_dir):
+    load_space(write(tmp_path, _on_model(small_model_dir), "topk.yaml"))
+    values = _on_model(small_model_dir)
+    values.update(algorithm="grid", search={"attention_block": {"type": "grid", "values": [[16, 16], [32, 32]]}})
+    load_space(write(tmp_path, values, "grid.yaml"))
+    values = _on_model(small_model_dir, method="fisher", attention_block=[16, 32])
+    values["base"].pop("max_steps")
+    values["search"] = {"target_density": {"type": "uniform", "low": 0.3, "high": 0.6}}
+    load_space(write(tmp_path, values, "fisher.yaml"))
+    # A model directory that is not here (on a cluster's workers only) is not read: the trials check it.
+    load_space(write(tmp_path, _on_model(tmp_path / "elsewhere", attention_block=[24, 24]), "elsewhere.yaml"))
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("base", r"base\.alpha_hidden: 1\.0 weighs a hidden-state MSE that needs a teacher with the student's layers and "
+             r"width, but the teacher \S+small has 2 layers of 32 and the student 2 of 64$"),
+    ("searched", r"search\.alpha_hidden\.high: 2\.0 gives an invalid config \(alpha_hidden: 2\.0 weighs a hidden-state "
+                 r"MSE .* but the teacher \S+small has 2 layers of 32 and the student 2 of 64\)$"),
+    ("trained", r"base\.alpha_hidden: 1\.0 weighs .* but the teacher the sweep trains has 1 layers of 64 and the "
+                r"student 2 of 64$"),
+])
+def test_a_hidden_state_loss_to_a_teacher_of_another_shape_is_refused_when_the_space_loads(tmp_path, small_model_dir,
+                                                                                           case, pattern):
+    """Every trial would stop before its first step; the teacher's config.json (or the model_config it is trained
+    from) tells it before Ray starts."""
+    wide = {**BASE_SPACE["base"]["model_config"], "hidden_size": 64}
+    values = variant(base={**BASE_SPACE["base"], "model_config": wide}, teacher={"path": str(small_model_dir)})
+    if case == "base":
+        values["base"]["alpha_hidden"] = 1.0
+    elif case == "searched":
+        values["search"]["alpha_hidden"] = {"type": "uniform", "low": 0.0, "high": 2.0}
+    else:
+        values["base"]["alpha_hidden"] = 1.0
+        values["teacher"] = {"config": {"max_steps": 4, "model_config": {**wide, "num_hidden_layers": 1}}}
+    path = write(tmp_path, values)
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert re.search(pattern, message), message
+    # Without the hidden-state loss the teacher's logits alone are distilled, which any width gives.
+    values["base"].pop("alpha_hidden", None)
+    values["search"].pop("alpha_hidden", None)
+    load_space(write(tmp_path, values, "logits.yaml"))
+
+
+@pytest.mark.parametrize("search,base,pattern", [
+    ({"target_density": {"type": "uniform", "low": 0.3, "high": 0.6}}, {"fisher_layer_floor": 0.3},
+     r"search\.target_density\.low: 0\.3 gives an invalid config \(fisher_layer_floor: 0\.3 keeps 1 of the 2 heads and "
+     r"20 of the 64 FFN neurons of every layer of the model_config, 0\.4062 of its linear weights, more than the "
+     r"target_density 0\.3\)$"),
+    ({"fisher_layer_floor": {"type": "uniform", "low": 0.0, "high": 0.4}}, {"target_density": 0.45},
+     r"search\.fisher_layer_floor\.high: 0\.4 gives an invalid config \(fisher_layer_floor: 0\.4 keeps 1 of the 2 "
+     r"heads and 26 of the 64 FFN neurons"),
+    ({"fisher_layer_floor": {"type": "choice", "values": [0.1, 0.2]},
+      "target_density": {"type": "choice", "values": [0.35, 0.6]}}, {},
+     r"search: the combination fisher_layer_floor=0\.2, target_density=0\.35 gives an invalid config "
+     r"\(fisher_layer_floor: 0\.2 keeps 1 of the 2 heads"),
+])
+def test_a_layer_floor_the_density_cannot_hold_is_refused_when_the_space_loads(tmp_path, search, base, pattern):
+    """A floor keeps ceil(floor * n) of each layer's heads: with 2 heads any floor keeps half of them, more than a
+    low target holds, and every trial would stop after its importance passes."""
+    with pytest.raises(SpaceError, match=pattern):
+        load_space(write(tmp_path, fisher_space(search, **base)))
+    load_space(write(tmp_path, fisher_space({"fisher_layer_floor": {"type": "uniform", "low": 0.0, "high": 0.3}},
+                                            target_density=0.6), "fits.yaml"))
+
+
+@pytest.mark.parametrize("base", [{"target_flops": 0.5}, {"fisher_stages": 2, "fill_steps": 4},
+                                  {"fisher_layer_floor": 0.1}], ids=["target_flops", "fisher_stages", "layer_floor"])
+def test_a_fisher_base_may_set_the_keys_only_fisher_reads(tmp_path, base):
+    """The trials are fisher runs that read these keys; the teacher, a dense run of the same base, leaves them out
+    instead of refusing the space."""
+    space = load_space(write(tmp_path, fisher_space({"alpha_distil": {"type": "uniform", "low": 0.5, "high": 0.9}},
+                                                    **base)))
+    trial = trial_config(space, {"alpha_distil": 0.7}, tmp_path / "trial", "teacher")
+    assert all(getattr(trial, key) == value for key, value in base.items())
+    teacher = teacher_config(space, tmp_path / "teacher")
+    assert teacher.method is Method.DENSE and teacher.target_flops is None and teacher.fisher_stages == 1
+    assert teacher.fisher_layer_floor == 0 and teacher.fill_steps == 0
+
+
+def test_a_model_config_too_small_for_the_tokenizer_is_refused_when_the_space_loads(tmp_path):
+    """The teacher and every trial would stop building the model; the space names the key before Ray starts."""
+    small = {**BASE_SPACE["base"]["model_config"], "vocab_size": 1000}
+    path = write(tmp_path, variant(base={**BASE_SPACE["base"], "model_config": small}))
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    assert str(info.value) == (f"{path}: base.model_config.vocab_size: 1000 is smaller than the tokenizer's 30522 "
+                               "tokens")
+    load_space(write(tmp_path, variant(base={**BASE_SPACE["base"], "model_config": {**small, "vocab_size": 30522}}),
+                     "fits.yaml"))
+
+
+def test_a_given_teacher_that_cannot_read_the_students_token_ids_is_refused_when_the_space_loads(tmp_path,
+                                                                                                  small_model_dir):
+    """Every trial would stop before its first step distilling from it; the teacher's files tell it before Ray
+    starts."""
+    import json
+    import shutil
+
+    other = tmp_path / "other-ids"
+    shutil.copytree(small_model_dir, other)
+    tokenizer_file = other / "tokenizer.json"
+    spec = json.loads(tokenizer_file.read_text())
+    vocab = spec["model"]["vocab"]
+    moved = sorted(vocab, key=vocab.get)[1000:2000]  # ordinary word pieces; the special tokens keep their ids
+    for token, index in zip(moved, reversed([vocab[t] for t in moved])):
+        vocab[token] = index
+    tokenizer_file.write_text(json.dumps(spec))
+    (other / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
+    path = write(tmp_path, variant(teacher={"path": str(other)}))
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    assert str(info.value) == (f"{path}: teacher.path: {other} has a tokenizer of 30522 tokens that numbers 1000 of "
+                               "the student's 30522 tokens differently: the teacher must read the student's token ids")
+    config = json.loads((small_model_dir / "config.json").read_text())
+    narrow = tmp_path / "narrow"
+    shutil.copytree(small_model_dir, narrow)
+    (narrow / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    with pytest.raises(SpaceError, match=r"teacher\.path: \S+narrow embeds 1000 tokens, fewer than the student's "
+                                         r"tokenizer has \(30522\)"):
+        load_space(write(tmp_path, variant(teacher={"path": str(narrow)}), "narrow.yaml"))
+    load_space(write(tmp_path, variant(teacher={"path": str(small_model_dir)}), "same.yaml"))
+
+
+def test_a_layer_floor_the_flop_target_cannot_hold_is_refused_on_the_windows_the_trials_cut(tmp_path):
+    """A FLOP target counts the windows the trainer cuts to the model's 128 positions, not max_seq_length's 256."""
+    search = {"alpha_distil": {"type": "uniform", "low": 0.5, "high": 0.9}}
+    path = write(tmp_path, fisher_space(search, target_flops=0.3, fisher_layer_floor=0.3, max_seq_length=256))
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    # A head: 8 * 128 * 32 * 16 + 4 * 128^2 * 16 FLOPs, a neuron 4 * 128 * 32; the floor keeps 1 of 2 and 20 of 64.
+    head, neuron = 8 * 128 * 32 * 16 + 4 * 128 ** 2 * 16, 4 * 128 * 32
+    share = (head + 20 * neuron) / (2 * head + 64 * neuron)
+    assert str(info.value) == (f"{path}: base.fisher_layer_floor: 0.3 keeps 1 of the 2 heads and 20 of the 64 FFN "
+                               f"neurons of every layer of the model_config, {share:.4g} of its FLOPs on windows of "
+                               "128 tokens, more than the target_flops 0.3")
+    load_space(write(tmp_path, fisher_space(search, target_flops=0.6, fisher_layer_floor=0.3, max_seq_length=256),
+                     "fits.yaml"))

@@ -443,6 +443,19 @@ def test_a_local_sweep_whose_paths_are_not_here_fails_before_ray_starts(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
 
 
+def test_a_sweep_whose_blocks_do_not_fit_its_model_fails_before_ray_starts(tmp_path):
+    """Blocks that do not divide the model's attention matrices would fail every trial once Ray, the teacher and
+    the model had started; the sweep refuses them in one line naming the key, exit 2, with nothing written."""
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    space["base"]["attention_block"] = [24, 24]
+    proc, _ = sweep_command(space, tmp_path, "space")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"fineprune sweep: error: {tmp_path / 'space.yaml'}: base.attention_block: 24x24 does not divide the 32x32 "
+        "attention matrices of the model_config (hidden_size 32)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+
+
 def _written(path: Path, text: str) -> str:
     path.parent.mkdir(exist_ok=True)
     path.write_text(text)

@@ -34,8 +34,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pruning.config import (METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, RunConfig, check_keys_apply,
-                            config_from_dict, config_to_dict, read_yaml)
+from pruning.config import (METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, RunConfig, check_head_shaped,
+                            check_keys_apply, config_from_dict, config_to_dict, read_yaml)
 from pruning.resources import ResourceError, first_missing, resolve_data, resolve_model
 from pruning.schedules import warmup_steps
 from pruning.contents import content_digest
@@ -735,7 +735,48 @@ class SweepSpace(_Section):
                 check_keys_apply(base_cfg, keys)
             except ConfigError as err:
                 raise _config_problem(err, "base") from None
-        _check_extremes(self.base, self.search)
+        if base_cfg.model_config is not None:  # the trials' model or the teacher's is built from it
+            problem = _vocabulary_problem(base_cfg)
+            if problem is not None:
+                raise _Problem(problem, "base", "model_config", "vocab_size")
+        trial_model = self._trial_model(base_cfg)
+        model = _model_config(trial_model)
+        label = "the model_config" if trial_model.model_config is not None else f"the model {trial_model.model}"
+        teacher_model = None
+        teacher_cfg = None if self.teacher.student_init else self._teacher_model(base_cfg)
+        if model is not None and teacher_cfg is not None and (teacher_cfg.model, teacher_cfg.model_config) != (
+                trial_model.model, trial_model.model_config):
+            teacher_model = _model_config(teacher_cfg)
+        teacher_label = (f"the teacher {self.teacher.path}" if self.teacher.path is not None
+                         else "the teacher the sweep trains")
+        # The positions the trials' windows are cut to: the student's and the teacher's (None: not known here).
+        limits = [_positions(model)]
+        if teacher_cfg is not None and (teacher_cfg.model, teacher_cfg.model_config) != (
+                trial_model.model, trial_model.model_config):
+            limits.append(_positions(teacher_model))
+        positions = None if None in limits else min(limits)
+
+        def fits(cfg: RunConfig) -> None:
+            _check_blocks(cfg, model, label)
+            _check_teacher_shape(cfg, model, teacher_model, teacher_label)
+            _check_layer_floor(cfg, model, label, positions)
+
+        if model is not None:
+            try:
+                if not {"method", "attention_block"} & set(self.search):
+                    _check_blocks(base_cfg, model, label)
+                if "alpha_hidden" not in self.search:
+                    _check_teacher_shape(base_cfg, model, teacher_model, teacher_label)
+                if not {"method", "fisher_layer_floor", "target_density", "target_flops", "max_seq_length"} & set(
+                        self.search):
+                    _check_layer_floor(base_cfg, model, label, positions)
+            except ConfigError as err:
+                raise _config_problem(err, "base") from None
+        _check_extremes(self.base, self.search, None if model is None else fits)
+        if self.teacher.path is not None and not self.teacher.student_init:
+            problem = _teacher_vocabulary_problem(base_cfg, self.teacher.path)
+            if problem is not None:
+                raise _Problem(problem, "teacher", "path")
         try:
             _teacher_values(self.base, self.teacher, "teacher")
         except ConfigError as err:
@@ -760,11 +801,30 @@ class SweepSpace(_Section):
         if index:  # Ray shows a trial only its own GPU, as cuda:0
             raise _Problem(f"{base_cfg.device}: a trial sees only the GPU Ray gives it, as cuda:0 (use cuda; Ray "
                            "chooses the GPU)", "base", "device")
-        limit = _model_positions(base_cfg)
+        limit = _model_positions(base_cfg) if self.teacher.student_init else _positions(model)
         if limit is not None and self.speedup["seq_len"] > limit:
             raise _Problem(f"{self.speedup['seq_len']} exceeds the {limit} positions the model takes",
                            "speedup", "seq_len")
         return self
+
+    def _teacher_model(self, base_cfg: RunConfig) -> RunConfig | None:
+        """A config whose ``model``/``model_config`` name the teacher: ``teacher.path``, or the model the sweep
+        trains it from (the base overlaid with ``teacher.config``); None when that config is invalid (said below,
+        naming the teacher's key)."""
+        if self.teacher.path is not None:
+            return config_from_dict({"model": self.teacher.path, "model_config": None, "tokenizer": None},
+                                    source="-", base=base_cfg)
+        try:
+            return _teacher_values(self.base, self.teacher, "teacher")
+        except ConfigError:
+            return None
+
+    def _trial_model(self, base_cfg: RunConfig) -> RunConfig:
+        """A config whose ``model``/``model_config`` name the model every trial starts from: the base's, or with
+        ``teacher.student_init`` the teacher's."""
+        if not self.teacher.student_init:
+            return base_cfg
+        return self._teacher_model(base_cfg) or base_cfg
 
     @property
     def registry(self) -> RegistrySpec:
@@ -878,25 +938,177 @@ def check_local_paths(space: SweepSpace) -> None:
         raise SpaceError(f"{space.path}: teacher.path: {missing[1]}")
 
 
-def _model_positions(base_cfg: RunConfig) -> int | None:
-    """The longest window the sweep's model takes (:func:`pruning.structure.max_positions` of the config the trainer
-    builds the model from), or None when it cannot be told here: a model directory that exists only on the cluster's
+def _model_config(cfg: RunConfig) -> Any:
+    """The transformers config the trainer builds ``cfg``'s model from (``config.json`` of its directory, or its
+    ``model_config``), or None when it cannot be told here: a model directory that exists only on the cluster's
     machines, or a config or tokenizer that does not load (the trial says why).
     """
     # pruning imports torch and transformers: only a space whose limits are checked needs them.
     from pruning.checkpoint import CheckpointError, load_config, load_tokenizer
     from pruning.resources import shipped_model_dir
-    from pruning.structure import max_positions, scratch_config
+    from pruning.structure import scratch_config
 
     try:
-        if base_cfg.model_config is None:
-            config = load_config(resolve_model(base_cfg.model))
-        else:
-            tokenizer = load_tokenizer(base_cfg.tokenizer or shipped_model_dir())
-            config = scratch_config(base_cfg.model_config, tokenizer)
-        return max_positions(config)
+        if cfg.model_config is None:
+            return load_config(resolve_model(cfg.model))
+        tokenizer = load_tokenizer(cfg.tokenizer or shipped_model_dir())
+        return scratch_config(cfg.model_config, tokenizer)
     except (ResourceError, CheckpointError, OSError, TypeError, ValueError):
         return None
+
+
+def _vocabulary_problem(cfg: RunConfig) -> str | None:
+    """Why a model built from ``cfg.model_config`` cannot embed its tokenizer's ids (the trainer refuses it before
+    the first step), or None (also when the tokenizer does not load here: the run says why)."""
+    from pruning.checkpoint import CheckpointError, load_tokenizer
+    from pruning.resources import shipped_model_dir
+    from pruning.structure import scratch_config
+
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer or shipped_model_dir())
+        size = int(scratch_config(cfg.model_config, tokenizer).vocab_size)
+    except (ResourceError, CheckpointError, OSError, TypeError, ValueError):
+        return None
+    if size < len(tokenizer):
+        return f"{size} is smaller than the tokenizer's {len(tokenizer)} tokens"
+    return None
+
+
+def _teacher_vocabulary_problem(cfg: RunConfig, teacher: str) -> str | None:
+    """Why the teacher directory ``teacher`` cannot read the token ids of ``cfg``'s student (fewer embeddings than the
+    student's tokenizer has tokens, or a tokenizer of its own that numbers them otherwise), as the trainer refuses it
+    before a trial's first step; None when it can, or when either is not here to read (the trial says why)."""
+    from pruning.checkpoint import CheckpointError, load_config, load_tokenizer
+    from pruning.resources import shipped_model_dir
+
+    try:
+        teacher_dir = resolve_model(teacher)
+        own = shipped_model_dir() if cfg.model_config is not None else resolve_model(cfg.model)
+        ours = load_tokenizer(cfg.tokenizer or own)
+        embedded = int(load_config(teacher_dir).vocab_size)
+    except (ResourceError, CheckpointError, OSError, TypeError, ValueError, AttributeError):
+        return None
+    if embedded < len(ours):
+        return (f"{teacher} embeds {embedded} tokens, fewer than the student's tokenizer has ({len(ours)}): it needs "
+                "the student's vocabulary")
+    if not any((teacher_dir / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    try:
+        theirs = load_tokenizer(teacher_dir).get_vocab()
+    except (CheckpointError, OSError, ValueError):
+        return None
+    vocabulary = ours.get_vocab()
+    differ = sum(1 for token, index in vocabulary.items() if theirs.get(token) != index)
+    if differ:
+        return (f"{teacher} has a tokenizer of {len(theirs)} tokens that numbers {differ} of the student's "
+                f"{len(vocabulary)} tokens differently: the teacher must read the student's token ids")
+    return None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")  # as the trainer reads them
+
+
+def _positions(config: Any) -> int | None:
+    """:func:`pruning.structure.max_positions` of a model config; None for no config, or one it cannot read."""
+    from pruning.structure import max_positions
+
+    if config is None:
+        return None
+    try:
+        return max_positions(config)
+    except (TypeError, ValueError):
+        return None
+
+
+def _model_positions(base_cfg: RunConfig) -> int | None:
+    """The longest window the sweep's model takes (:func:`pruning.structure.max_positions` of the config the trainer
+    builds the model from), or None when it cannot be told here (see :func:`_model_config`)."""
+    return _positions(_model_config(base_cfg))
+
+
+def _check_blocks(cfg: RunConfig, model: Any, label: str) -> None:
+    """The attention blocks of ``cfg``'s method fit the attention matrices of ``model`` (a transformers config, of
+    the model ``label`` names), as the trainer requires when it builds the masked model: topk and sigmoid_threshold
+    blocks divide the matrices, fisher blocks are one head.
+
+    Raises:
+        ConfigError: naming ``attention_block``.
+    """
+    if not cfg.masked:
+        return
+    try:
+        hidden, heads = int(model.hidden_size), int(model.num_attention_heads)
+    except (AttributeError, TypeError, ValueError):
+        return
+    if heads <= 0 or hidden % heads:  # the model does not build; the trial says why
+        return
+    if cfg.method is Method.FISHER:
+        check_head_shaped(cfg.attention_block, hidden // heads, hidden)
+        return
+    rows, cols = cfg.attention_block
+    if hidden % rows or hidden % cols:
+        raise ConfigError(f"attention_block: {rows}x{cols} does not divide the {hidden}x{hidden} attention matrices "
+                          f"of {label} (hidden_size {hidden})")
+
+
+def _check_teacher_shape(cfg: RunConfig, model: Any, teacher: Any, label: str) -> None:
+    """``alpha_hidden`` > 0 needs a teacher of the student's layers and width, as the trainer requires before the
+    first step; ``model`` and ``teacher`` are transformers configs (``teacher`` None: not known here).
+
+    Raises:
+        ConfigError: naming ``alpha_hidden``.
+    """
+    if teacher is None or not cfg.alpha_hidden > 0:
+        return
+    try:
+        ours = (int(model.num_hidden_layers), int(model.hidden_size))
+        theirs = (int(teacher.num_hidden_layers), int(teacher.hidden_size))
+    except (AttributeError, TypeError, ValueError):
+        return
+    if ours != theirs:
+        raise ConfigError(f"alpha_hidden: {cfg.alpha_hidden} weighs a hidden-state MSE that needs a teacher with the "
+                          f"student's layers and width, but {label} has {theirs[0]} layers of {theirs[1]} and the "
+                          f"student {ours[0]} of {ours[1]}")
+
+
+def _check_layer_floor(cfg: RunConfig, model: Any, label: str, positions: int | None) -> None:
+    """A fisher ``fisher_layer_floor`` keeps ``ceil(floor * n)`` of each layer's ``n`` heads and FFN neurons, which
+    must fit in the ``target_density`` (or ``target_flops``) budget of the cut, as the trainer requires after the
+    importance passes (:func:`pruning.importance.search_mask`); the floor's structures are kept by every stage, so
+    the last stage, whose budget is the target itself, is the one to fit. FLOPs are counted on the windows the
+    trainer cuts to ``positions`` (the student's and the teacher's); with ``positions`` None a FLOP target is left
+    to the trial.
+
+    Raises:
+        ConfigError: naming ``fisher_layer_floor``.
+    """
+    if cfg.method is not Method.FISHER or not cfg.fisher_layer_floor > 0:
+        return
+    from pruning.importance import structure_costs
+    from pruning.squad import fit_windows
+
+    by_flops = cfg.target_flops is not None
+    if by_flops and positions is None:
+        return
+    seq = cfg.max_seq_length
+    if by_flops and seq > positions:  # as the trainer cuts the windows (pruning.trainer.fit_to_model)
+        seq = fit_windows(cfg.max_seq_length, cfg.doc_stride, positions)[0]
+    try:
+        costs = structure_costs(model, "flops" if by_flops else "density", seq)
+        layers, heads = int(model.num_hidden_layers), int(model.num_attention_heads)
+        inter = int(model.intermediate_size)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return
+    floor = cfg.fisher_layer_floor
+    kept_heads, kept_neurons = math.ceil(floor * heads - 1e-9), math.ceil(floor * inter - 1e-9)
+    cost = layers * (kept_heads * costs.head + kept_neurons * costs.neuron)
+    target_key = "target_flops" if by_flops else "target_density"
+    budget = int(math.floor(getattr(cfg, target_key) * costs.total + 1e-6))
+    if cost > budget:
+        share = f"FLOPs on windows of {seq} tokens" if by_flops else "linear weights"
+        raise ConfigError(f"fisher_layer_floor: {floor} keeps {kept_heads} of the {heads} heads and {kept_neurons} of "
+                          f"the {inter} FFN neurons of every layer of {label}, {cost / costs.total:.4g} of its "
+                          f"{share}, more than the {target_key} {getattr(cfg, target_key)}")
 
 
 def _check_applicable(search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> None:
@@ -946,13 +1158,17 @@ def _check_plan(cfg: RunConfig, *at: str) -> None:
                        "the target (final_warmup is 0)", *at)
 
 
-def _check_extremes(base: Mapping[str, Any], search: Mapping[str, ParamSpec]) -> None:
-    """Every extreme of every searched value, then every corner of the search box, must make a valid config."""
+def _check_extremes(base: Mapping[str, Any], search: Mapping[str, ParamSpec],
+                    fits: Callable[[RunConfig], None] | None = None) -> None:
+    """Every extreme of every searched value, then every corner of the search box, must make a valid config (and
+    one that ``fits`` the model, when given: it raises ConfigError)."""
     base_cfg = config_from_dict(base, source="-")
+    fits = fits or (lambda cfg: None)
     for key, spec in search.items():
         for suffix, value in spec.extremes():
             try:
                 cfg = config_from_dict(_overlay({key: value}, search), source="-", base=base_cfg)
+                fits(cfg)
             except ConfigError as err:
                 raise _Problem(f"{value!r} gives an invalid config ({_message(err)})", "search", key, suffix) from None
             _check_plan(cfg, "search", key, suffix)
@@ -964,6 +1180,7 @@ def _check_extremes(base: Mapping[str, Any], search: Mapping[str, ParamSpec]) ->
         label = ", ".join(f"{k}={v!r}" for k, v in params.items())
         try:
             cfg = config_from_dict(_overlay(params, search), source="-", base=base_cfg)
+            fits(cfg)
         except ConfigError as err:
             raise _Problem(f"the combination {label} gives an invalid config ({_message(err)})", "search") from None
         _check_plan(cfg, "search")
@@ -1142,8 +1359,10 @@ def _teacher_values(base: Mapping[str, Any], teacher: TeacherSpec, output_dir: s
     values = dict(base)
     values.update(teacher.config)
     # The teacher is a plain dense fine-tune; evaluation only at its end unless its config asks for more.
+    # A base's fisher keys (FLOP target, stages, layer floor) are the trials'; a dense run takes none of them.
     values.update(method=Method.DENSE.value, teacher=None, alpha_hidden=0.0, fill_steps=0, fill_packed=False,
-                  teacher_cache=False, output_dir=str(output_dir))
+                  teacher_cache=False, target_flops=None, fisher_stages=1, fisher_layer_floor=0.0,
+                  output_dir=str(output_dir))
     for key in ("eval_every", "save_every"):
         if key not in teacher.config:
             values[key] = None
