@@ -589,8 +589,9 @@ def _check_teacher_vocabulary(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase
         logger.warning("the teacher's vocabulary is not checked against the student's: %s", err)
         return
     ours = tokenizer.get_vocab()
-    if theirs != ours:
-        differ = sum(1 for token, index in ours.items() if theirs.get(token) != index)
+    # Tokens of the teacher's own beyond the student's are never fed to it: only the student's ids must match.
+    differ = sum(1 for token, index in ours.items() if theirs.get(token) != index)
+    if differ:
         raise ConfigError(f"teacher: {cfg.teacher} has a tokenizer of {len(theirs)} tokens that numbers "
                           f"{differ} of the student's {len(ours)} tokens differently: the teacher must read the "
                           "student's token ids (distil from a teacher fine-tuned with the student's tokenizer)")

@@ -624,6 +624,17 @@ def test_a_teacher_whose_tokenizer_numbers_tokens_otherwise_is_refused(tmp_path)
                           eval_limit=1), progress=False)["step"] == 1
 
 
+def test_a_teacher_whose_tokenizer_adds_tokens_to_the_students_is_accepted(tmp_path):
+    """Extra tokens after the student's, every student token at its own id: the teacher reads the student's ids as
+    the student does (a sweep's space check passes it too), so it is no reason to refuse the run."""
+    cfg = tiny_cfg(tmp_path / "t", max_steps=1, train_limit=2, eval_limit=1)
+    model, tokenizer = build_model(cfg)
+    tokenizer.add_tokens(["zzqqxx"])
+    save_model(model, tokenizer, tmp_path / "more-tokens")
+    assert train(tiny_cfg(tmp_path / "s", teacher=str(tmp_path / "more-tokens"), max_steps=1, train_limit=2,
+                          eval_limit=1), progress=False)["step"] == 1
+
+
 def test_a_run_scored_on_its_own_training_questions_says_so(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="pruning.trainer"):
         train(tiny_cfg(tmp_path / "same", max_steps=1, train_limit=4, eval_limit=2), progress=False)
