@@ -45,6 +45,7 @@ __all__ = [
     "load_model",
     "load_config",
     "load_tokenizer",
+    "TOKENIZER_FILES",
     "load_training_state",
     "optimizer_tensors",
     "restore_optimizer",
@@ -63,6 +64,8 @@ QA_HEAD = "qa_outputs.weight"  # the span head of BertForQuestionAnswering; a pr
 _ENCODER_LAYER = re.compile(r"(^|\.)encoder\.layer\.\d+\.")  # a tensor of one of the encoder's layers
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
+# The files a directory's own tokenizer is read from (without any, transformers builds one from config.json alone).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 _PARAMS = "params"  # in the optimizer tensors: how many parameters the optimizer stepped
 _CUDA_RNG = "rng.cuda."  # in the optimizer tensors: the generator state of each CUDA device, by index
 

@@ -54,6 +54,7 @@ from .averaging import WeightAverage
 from .checkpoint import (
     STATE,
     OPTIMIZER,
+    TOKENIZER_FILES,
     CheckpointError,
     load_model,
     load_tokenizer,
@@ -581,7 +582,7 @@ def _check_teacher_vocabulary(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase
     other words (a BERT teacher for a RoBERTa student, a cased teacher for an uncased student) and distil noise.
     A teacher directory without tokenizer files is not checked."""
     teacher_dir = resolve_model(cfg.teacher)
-    if not any((teacher_dir / name).is_file() for name in _TOKENIZER_FILES):
+    if not any((teacher_dir / name).is_file() for name in TOKENIZER_FILES):
         return
     try:
         theirs = load_tokenizer(teacher_dir).get_vocab()
@@ -595,9 +596,6 @@ def _check_teacher_vocabulary(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase
         raise ConfigError(f"teacher: {cfg.teacher} has a tokenizer of {len(theirs)} tokens that numbers "
                           f"{differ} of the student's {len(ours)} tokens differently: the teacher must read the "
                           "student's token ids (distil from a teacher fine-tuned with the student's tokenizer)")
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 
 
 def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig, teacher: nn.Module | None = None,

@@ -978,7 +978,7 @@ def _teacher_vocabulary_problem(cfg: RunConfig, teacher: str) -> str | None:
     """Why the teacher directory ``teacher`` cannot read the token ids of ``cfg``'s student (fewer embeddings than the
     student's tokenizer has tokens, or a tokenizer of its own that numbers them otherwise), as the trainer refuses it
     before a trial's first step; None when it can, or when either is not here to read (the trial says why)."""
-    from pruning.checkpoint import CheckpointError, load_config, load_tokenizer
+    from pruning.checkpoint import TOKENIZER_FILES, CheckpointError, load_config, load_tokenizer
     from pruning.resources import shipped_model_dir
 
     try:
@@ -991,7 +991,7 @@ def _teacher_vocabulary_problem(cfg: RunConfig, teacher: str) -> str | None:
     if embedded < len(ours):
         return (f"{teacher} embeds {embedded} tokens, fewer than the student's tokenizer has ({len(ours)}): it needs "
                 "the student's vocabulary")
-    if not any((teacher_dir / name).is_file() for name in _TOKENIZER_FILES):
+    if not any((teacher_dir / name).is_file() for name in TOKENIZER_FILES):
         return None
     try:
         theirs = load_tokenizer(teacher_dir).get_vocab()
@@ -1003,9 +1003,6 @@ def _teacher_vocabulary_problem(cfg: RunConfig, teacher: str) -> str | None:
         return (f"{teacher} has a tokenizer of {len(theirs)} tokens that numbers {differ} of the student's "
                 f"{len(vocabulary)} tokens differently: the teacher must read the student's token ids")
     return None
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")  # as the trainer reads them
 
 
 def _positions(config: Any) -> int | None:
