@@ -968,3 +968,17 @@ def test_a_layer_floor_the_flop_target_cannot_hold_is_refused_on_the_windows_the
                                "128 tokens, more than the target_flops 0.3")
     load_space(write(tmp_path, fisher_space(search, target_flops=0.6, fisher_layer_floor=0.3, max_seq_length=256),
                      "fits.yaml"))
+
+
+def test_speedup_seq_len_is_checked_against_the_teacher_the_trials_start_from(tmp_path, small_model_dir):
+    """With teacher.student_init every trial starts from the teacher (here a directory of 128 positions), so its
+    packed models are timed at speedup.seq_len on the teacher's positions, whatever base.model_config says."""
+    def space(positions: int, seq_len: int) -> dict:
+        model_config = {**BASE_SPACE["base"]["model_config"], "max_position_embeddings": positions}
+        return variant(base={**BASE_SPACE["base"], "model_config": model_config},
+                       teacher={"path": str(small_model_dir), "student_init": True}, speedup={"seq_len": seq_len})
+
+    assert load_space(write(tmp_path, space(64, 128))).speedup["seq_len"] == 128
+    path = write(tmp_path, space(512, 256))
+    with pytest.raises(SpaceError, match=r"speedup\.seq_len: 256 exceeds the 128 positions the model takes"):
+        load_space(path)

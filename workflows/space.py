@@ -801,7 +801,7 @@ class SweepSpace(_Section):
         if index:  # Ray shows a trial only its own GPU, as cuda:0
             raise _Problem(f"{base_cfg.device}: a trial sees only the GPU Ray gives it, as cuda:0 (use cuda; Ray "
                            "chooses the GPU)", "base", "device")
-        limit = _model_positions(base_cfg) if self.teacher.student_init else _positions(model)
+        limit = _positions(model)  # of the model every trial starts from, and whose packed copies are timed
         if limit is not None and self.speedup["seq_len"] > limit:
             raise _Problem(f"{self.speedup['seq_len']} exceeds the {limit} positions the model takes",
                            "speedup", "seq_len")
@@ -1015,12 +1015,6 @@ def _positions(config: Any) -> int | None:
         return max_positions(config)
     except (TypeError, ValueError):
         return None
-
-
-def _model_positions(base_cfg: RunConfig) -> int | None:
-    """The longest window the sweep's model takes (:func:`pruning.structure.max_positions` of the config the trainer
-    builds the model from), or None when it cannot be told here (see :func:`_model_config`)."""
-    return _positions(_model_config(base_cfg))
 
 
 def _check_blocks(cfg: RunConfig, model: Any, label: str) -> None:
