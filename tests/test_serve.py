@@ -436,19 +436,26 @@ def test_a_reply_cut_short_by_the_server_is_an_answer_of_status_0_not_an_excepti
 
     from workflows.serving import post
 
+    payload = {"inputs": []}
+    body = json.dumps(payload).encode("utf-8")
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
 
     def answer_half():
         connection, _ = listener.accept()
         with connection:
-            connection.recv(65536)
+            request = b""
+            while b"\r\n\r\n" not in request or len(request.partition(b"\r\n\r\n")[2]) < len(body):
+                request += connection.recv(65536)  # the whole request read: closing on unread bytes resets
             connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pre")
+            connection.shutdown(socket.SHUT_WR)  # the end of the reply, 95 bytes short
+            while connection.recv(65536):
+                pass
 
     thread = threading.Thread(target=answer_half, daemon=True)
     thread.start()
     try:
-        reply = post(f"http://127.0.0.1:{port}", {"inputs": []}, timeout=30)
+        reply = post(f"http://127.0.0.1:{port}", payload, timeout=30)
     finally:
         thread.join(timeout=30)
         listener.close()
