@@ -222,3 +222,18 @@ def assert_each_trial_registered_once(client, name: str) -> None:
     """No trial's model is more than one version of the registered model ``name``."""
     registered = [v.tags.get("fineprune.trial_run_id") for v in client.search_model_versions(f"name = '{name}'")]
     assert len(registered) == len(set(registered)), "a trial's model registered twice"
+
+
+def renumber_tokens(model_dir: Path) -> None:
+    """Gives 1000 ordinary word pieces of ``model_dir``'s tokenizer each other's ids (the special tokens keep theirs):
+    a tokenizer of the same size that reads other words from the same ids."""
+    import json
+
+    tokenizer_file = model_dir / "tokenizer.json"
+    spec = json.loads(tokenizer_file.read_text())
+    vocab = spec["model"]["vocab"]
+    moved = sorted(vocab, key=vocab.get)[1000:2000]
+    for token, index in zip(moved, reversed([vocab[t] for t in moved])):
+        vocab[token] = index
+    tokenizer_file.write_text(json.dumps(spec))
+    (model_dir / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")

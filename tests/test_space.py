@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import renumber_tokens
 from pruning.config import Method, RunConfig
 from workflows.space import (
     LAMBDA_KEY,
@@ -56,6 +57,15 @@ def variant(**changes) -> dict:
         else:
             values[key] = value
     return values
+
+
+def assert_refused(path: Path, pattern: str) -> None:
+    """Loading the space file ``path`` fails in one line that starts with the path and matches ``pattern``."""
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert re.search(pattern, message), message
 
 
 def with_search(**params) -> dict:
@@ -563,13 +573,7 @@ BAD_SPACES = [
 
 @pytest.mark.parametrize("values,pattern", [(v, p) for _, v, p in BAD_SPACES], ids=[n for n, _, _ in BAD_SPACES])
 def test_invalid_space_names_the_key(tmp_path, values, pattern):
-    path = write(tmp_path, values)
-    with pytest.raises(SpaceError) as info:
-        load_space(path)
-    message = str(info.value)
-    assert message.startswith(f"{path}: ")
-    assert "\n" not in message
-    assert re.search(pattern, message), message
+    assert_refused(write(tmp_path, values), pattern)
 
 
 @pytest.mark.parametrize("text,pattern", [
@@ -821,11 +825,7 @@ def test_attention_blocks_that_do_not_fit_the_model_are_refused_when_the_space_l
                                "model_config": {**BASE_SPACE["base"]["model_config"], "hidden_size": 64}},
                          teacher={"path": str(small_model_dir), "student_init": True})
     path = write(tmp_path, values)
-    with pytest.raises(SpaceError) as info:
-        load_space(path)
-    message = str(info.value)
-    assert message.startswith(f"{path}: ") and "\n" not in message
-    assert re.search(pattern, message), message
+    assert_refused(path, pattern)
 
 
 def test_blocks_that_fit_the_model_load(tmp_path, small_model_dir):
@@ -863,11 +863,7 @@ def test_a_hidden_state_loss_to_a_teacher_of_another_shape_is_refused_when_the_s
         values["base"]["alpha_hidden"] = 1.0
         values["teacher"] = {"config": {"max_steps": 4, "model_config": {**wide, "num_hidden_layers": 1}}}
     path = write(tmp_path, values)
-    with pytest.raises(SpaceError) as info:
-        load_space(path)
-    message = str(info.value)
-    assert message.startswith(f"{path}: ") and "\n" not in message
-    assert re.search(pattern, message), message
+    assert_refused(path, pattern)
     # Without the hidden-state loss the teacher's logits alone are distilled, which any width gives.
     values["base"].pop("alpha_hidden", None)
     values["search"].pop("alpha_hidden", None)
@@ -931,14 +927,7 @@ def test_a_given_teacher_that_cannot_read_the_students_token_ids_is_refused_when
 
     other = tmp_path / "other-ids"
     shutil.copytree(small_model_dir, other)
-    tokenizer_file = other / "tokenizer.json"
-    spec = json.loads(tokenizer_file.read_text())
-    vocab = spec["model"]["vocab"]
-    moved = sorted(vocab, key=vocab.get)[1000:2000]  # ordinary word pieces; the special tokens keep their ids
-    for token, index in zip(moved, reversed([vocab[t] for t in moved])):
-        vocab[token] = index
-    tokenizer_file.write_text(json.dumps(spec))
-    (other / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
+    renumber_tokens(other)
     path = write(tmp_path, variant(teacher={"path": str(other)}))
     with pytest.raises(SpaceError) as info:
         load_space(path)

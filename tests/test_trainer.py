@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
+from conftest import renumber_tokens
 from pruning import masks
 from pruning.checkpoint import MASKS_KEY, load_model, save_model
 from pruning.config import ConfigError, RunConfig
@@ -607,14 +608,7 @@ def test_a_teacher_whose_tokenizer_numbers_tokens_otherwise_is_refused(tmp_path)
     cfg = tiny_cfg(tmp_path / "t", max_steps=1, train_limit=2, eval_limit=1)
     model, tokenizer = build_model(cfg)
     save_model(model, tokenizer, tmp_path / "other-ids")
-    tokenizer_file = tmp_path / "other-ids" / "tokenizer.json"
-    spec = json.loads(tokenizer_file.read_text())
-    vocab = spec["model"]["vocab"]
-    moved = sorted(vocab, key=vocab.get)[1000:2000]  # ordinary word pieces; the special tokens keep their ids
-    for token, index in zip(moved, reversed([vocab[t] for t in moved])):
-        vocab[token] = index
-    tokenizer_file.write_text(json.dumps(spec))
-    (tmp_path / "other-ids" / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
+    renumber_tokens(tmp_path / "other-ids")
     with pytest.raises(ConfigError, match=r"^teacher: .*other-ids has a tokenizer of 30522 tokens that numbers 1000 "
                                           r"of the student's 30522 tokens differently"):
         train(tiny_cfg(tmp_path / "s", teacher=str(tmp_path / "other-ids")), progress=False)
