@@ -802,7 +802,9 @@ def frontier_summary(client, runs: list, space: SweepSpace) -> dict[str, Any]:
     """Tag the Pareto-optimal runs and return the frontier tables.
 
     ``frontier`` is the frontier of the space's objectives (by default F1 against linear density), sorted by its
-    density objective; ``frontier_speedup`` is the frontier of (f1, speedup), fastest first.
+    density objective; ``frontier_speedup`` is the frontier of (f1, speedup), fastest first. ``trials`` counts the
+    sweep's trials however they ended (finished, stopped early, failed, interrupted), as the report does; only the
+    finished ones take part in the frontiers.
     """
     objectives = list(space.objectives)
     speed_objectives = list(record.SPEED_OBJECTIVES)
@@ -817,8 +819,8 @@ def frontier_summary(client, runs: list, space: SweepSpace) -> dict[str, Any]:
     table_speed.sort(key=lambda row: -(row.get(record.SPEEDUP) or 0))
     tracking.tag_runs(client, finished, record.TAG_PARETO, {row["run_id"] for row in table})
     tracking.tag_runs(client, finished, record.TAG_PARETO_SPEED, {row["run_id"] for row in table_speed})
-    return {"frontier": table, "frontier_speedup": table_speed, "trials": len([p for p in points
-                                                                               if p["kind"] == record.KIND_TRIAL])}
+    trials = sum(r.data.tags.get(record.TAG_KIND) == record.KIND_TRIAL for r in runs)
+    return {"frontier": table, "frontier_speedup": table_speed, "trials": trials}
 
 
 def _log_summary(summary: dict[str, Any]) -> None:
