@@ -732,3 +732,32 @@ def test_register_no_onnx_registers_the_champion_without_its_export(record, regi
     assert code == 0 and result["registered"] and result["run_id"] == record["runs"][NARROW]
     version = record["client"].get_model_version("fineprune-smoke", result["version"])
     assert version.tags["onnx"] == "skipped"
+
+
+def test_a_version_is_tagged_with_its_trial_s_figures_unrounded_and_select_reports_them(record, tokenizer, capsys):
+    """EM 200/3 and F1 250/3 points on a dev subset: the version's tags, `fineprune register` and `fineprune
+    select` all give the trial's own figures, not ones cut to six digits."""
+    client, root, name = record["client"], record["root"], "tiny-figures"
+    experiment_id = client.create_experiment("figures", artifact_location=(root / "figures").as_uri())
+    parent = client.create_run(experiment_id, tags={TAG_KIND: "sweep"}).info.run_id
+    run_id = client.create_run(experiment_id, tags={TAG_KIND: "trial", TAG_PARENT: parent, TAG_STATUS: "finished",
+                                                    "fineprune.packed_artifact": "packed_model"}).info.run_id
+    client.log_artifacts(run_id, str(_packed_dir(root / "figures-packed", tokenizer, 1, 32)), "packed_model")
+    figures = {"exact_match": 200 / 3, "f1": 250 / 3, "linear_density": 0.123456789, "total_density": 0.987654321,
+               "heads_removed": 6.0, "speedup": 1.23456789}
+    for key, value in figures.items():
+        client.log_metric(run_id, key, value)
+    client.set_terminated(run_id)
+
+    registered = registry.register_run(client, run_id, name, parent, "best_f1_under_density", onnx=False)
+    assert {key: registered[key] for key in ("exact_match", "f1", "linear_density", "speedup")} == \
+        {key: figures[key] for key in ("exact_match", "f1", "linear_density", "speedup")}
+    tags = client.get_model_version(name, registered["version"]).tags
+    assert {key: float(tags[key]) for key in figures} == figures
+    assert tags["heads_removed"] == "6"  # a count reads as one
+
+    code, out, _ = _select(capsys, record, 1e6, "fastest", name=name)
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert {key: result[key] for key in figures} == figures
+    assert {key: result["versions"][0][key] for key in figures} == figures

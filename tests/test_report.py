@@ -127,6 +127,23 @@ def test_the_report_shows_the_frontier_the_sweep_tagged_for_any_objectives():
     assert labels[0].startswith("exact match and F1 against total density")
 
 
+def test_the_trial_table_names_the_objective_its_pareto_column_is_on():
+    """The trial table shows linear and total density side by side: its frontier column says which one (or which
+    other metric) the space's frontier is on, in the Markdown and the HTML alike."""
+    from dataclasses import replace
+
+    for objectives, title in ((F1_DENSITY, "linear density"),
+                              ([("exact_match", "max"), ("total_density", "min")], "total density"),
+                              ([("f1", "max"), ("heads_removed", "max")], "heads removed")):
+        data = replace(_sweep(), objectives=objectives)
+        header = render_markdown(data).split("## Trials", 1)[1].strip().splitlines()[0]
+        assert header.endswith(f"| Pareto ({title}) | Pareto (speedup) |"), header
+        parsed = _parse(render_html(data))
+        text = [t.strip() for t in parsed.text if t.strip()]
+        assert f"Pareto: {title}" in text and "Pareto: speedup" in text
+        assert "Pareto: density" not in text
+
+
 def test_what_the_search_learned_is_plotted_against_the_objectives_searched_for():
     """A sweep over exact match and total density shows each searched value against those two metrics."""
     from dataclasses import replace

@@ -219,6 +219,64 @@ def test_frontier_follows_the_space_objectives(tmp_path):
     assert summary["trials"] == 3
 
 
+def test_the_summary_counts_every_trial_as_the_report_does(tmp_path):
+    """A trial ASHA stopped early and one that failed are trials of the sweep: the summary's `trials` is the
+    count the report gives ("Trials: 3 (1 finished, 1 stopped early, 1 failed)"), not only the finished ones."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows import record, tracking
+    from workflows.report import collect_report_data, render_markdown
+    from workflows.space import load_space
+    from workflows.sweep import frontier_summary
+
+    loaded = load_space(ROOT / "tune_spaces" / "smoke.yaml")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("counts")
+    parent = client.create_run(experiment, tags={record.TAG_KIND: record.KIND_SWEEP}).info.run_id
+    baseline = client.create_run(experiment, tags={record.TAG_KIND: record.KIND_BASELINE, record.TAG_PARENT: parent,
+                                                   record.TAG_STATUS: record.STATUS_FINISHED}).info.run_id
+    client.log_metric(baseline, "f1", 50.0)
+    client.log_metric(baseline, "linear_density", 1.0)
+    client.set_terminated(baseline)
+    for status, f1 in ((record.STATUS_FINISHED, 40.0), (record.STATUS_STOPPED_EARLY, 10.0),
+                       (record.STATUS_FAILED, None)):
+        run_id = client.create_run(experiment, tags={record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent,
+                                                     record.TAG_STATUS: status}).info.run_id
+        if f1 is not None:
+            client.log_metric(run_id, "f1", f1)
+            client.log_metric(run_id, "linear_density", 0.4)
+        client.set_terminated(run_id, "FAILED" if status == record.STATUS_FAILED else "FINISHED")
+
+    runs = tracking.trial_runs(client, "counts", parent, include_baseline=True)
+    summary = frontier_summary(client, runs, loaded)
+    assert summary["trials"] == 3
+    report = render_markdown(collect_report_data("counts", tracking_uri=uri, sweep_run_id=parent))
+    assert "- **Trials**: 3 (1 finished, 1 stopped early, 1 failed)" in report
+
+
+def test_the_frontier_the_sweep_logs_is_named_by_the_space_objectives(caplog):
+    """A sweep over exact match and total density logs its frontier as such, each point with its total density,
+    not as 'f1 up, linear_density down' over points sorted by another density."""
+    from workflows.sweep import _log_summary
+
+    frontier = [{"name": "trial-a", "f1": 60.0, "exact_match": 50.0, "linear_density": 0.3, "total_density": 0.5,
+                 "speedup": 2.0},
+                {"name": "trial-b", "f1": 55.0, "exact_match": 55.0, "linear_density": 0.45, "total_density": 0.6,
+                 "speedup": None}]
+    with caplog.at_level(logging.INFO, logger="workflows.sweep"):
+        _log_summary({"frontier": frontier, "ui": "-"}, [("exact_match", "max"), ("total_density", "min")])
+    lines = [r.getMessage() for r in caplog.records if r.name == "workflows.sweep"]
+    assert lines[0] == "frontier (exact_match up, total_density down):"
+    assert lines[1].split() == ["trial-a", "f1", "60", "exact_match", "50", "linear_density", "0.300", "speedup", "2",
+                                "total_density", "0.500"]
+    assert lines[2].split()[-4:] == ["speedup", "-", "total_density", "0.600"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="workflows.sweep"):
+        _log_summary({"frontier": frontier[:1], "ui": "-"}, [("f1", "max"), ("linear_density", "min")])
+    assert caplog.records[0].getMessage() == "frontier (f1 up, linear_density down):"
+
+
 def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_line(tmp_path):
     """Six configurations and eight samples asked for: the search ends when all six ran, and the sweep is finished
     (not 'interrupted', nothing to resume). The command's stdout is its one JSON line: Tune's progress tables and

@@ -699,13 +699,21 @@ def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
                                            tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: onnx_tag})
 
 
+def _metric_tag(value: float) -> str:
+    """A metric as a version's tag: the run's value itself (``repr``, which reads back as the same float), a whole
+    number without its ``.0``. Rounded, ``fineprune select`` would report and rank by other figures than the
+    trial's."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 def _tag_version(client, name: str, version: str, run, parent_run_id: str, extra: dict[str, str]) -> None:
     metrics = run.data.metrics
     tags = {TAG_SWEEP_RUN: parent_run_id, TAG_TRIAL_RUN: run.info.run_id,
             TAG_VERSION_PRECISION: measured_precision(run), **extra}
     for key in FINAL_METRICS:
         if key in metrics:
-            tags[key] = f"{metrics[key]:.6g}"
+            tags[key] = _metric_tag(metrics[key])
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
 

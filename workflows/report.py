@@ -415,9 +415,16 @@ def _trial_cells(data: ReportData, row: pd.Series) -> list[str]:
     return cells
 
 
+def _pareto_titles(data: ReportData) -> tuple[str, str]:
+    """What the trial table's two frontier columns are on: the space's objectives (named by the metric across the
+    frontier plot, which density or other), and F1 against speedup."""
+    x, _ = plots.frontier_axes(data.objectives)
+    return plots.metric_label(x), plots.metric_label(SPEEDUP)
+
+
 def _trial_header(data: ReportData) -> list[str]:
     return (["trial", "status", *data.searched, *(title for _, title, _ in _METRIC_COLUMNS),
-             "Pareto (density)", "Pareto (speedup)"])
+             *(f"Pareto ({title})" for title in _pareto_titles(data))])
 
 
 def render_markdown(data: ReportData) -> str:
@@ -524,7 +531,7 @@ def _table(data: ReportData) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
                {"title": "status", "text": True, "searched": False}]
     columns += [{"title": key, "text": not numeric[key], "searched": True} for key in data.searched]
     columns += [{"title": title, "text": False, "searched": False} for _, title, _ in _METRIC_COLUMNS]
-    columns += [{"title": title, "text": True, "searched": False} for title in ("Pareto: density", "Pareto: speedup")]
+    columns += [{"title": f"Pareto: {title}", "text": True, "searched": False} for title in _pareto_titles(data)]
     champion_id = data.champion.run_id if data.champion else None
     rows = []
     for row in _rows(data.runs):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -647,7 +648,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
                     "sweep_dir": str(sweep_dir), "status": "finished" if complete else "interrupted",
                     "wall_seconds": round(time.time() - started, 1),
                     "ui": _ui_hint(tracking_uri)})
-    _log_summary(summary)
+    _log_summary(summary, space.objectives)
     return summary
 
 
@@ -802,7 +803,9 @@ def frontier_summary(client, runs: list, space: SweepSpace) -> dict[str, Any]:
     """Tag the Pareto-optimal runs and return the frontier tables.
 
     ``frontier`` is the frontier of the space's objectives (by default F1 against linear density), sorted by its
-    density objective; ``frontier_speedup`` is the frontier of (f1, speedup), fastest first.
+    density objective; ``frontier_speedup`` is the frontier of (f1, speedup), fastest first. ``trials`` counts the
+    sweep's trials however they ended (finished, stopped early, failed, interrupted), as the report does; only the
+    finished ones take part in the frontiers.
     """
     objectives = list(space.objectives)
     speed_objectives = list(record.SPEED_OBJECTIVES)
@@ -817,17 +820,31 @@ def frontier_summary(client, runs: list, space: SweepSpace) -> dict[str, Any]:
     table_speed.sort(key=lambda row: -(row.get(record.SPEEDUP) or 0))
     tracking.tag_runs(client, finished, record.TAG_PARETO, {row["run_id"] for row in table})
     tracking.tag_runs(client, finished, record.TAG_PARETO_SPEED, {row["run_id"] for row in table_speed})
-    return {"frontier": table, "frontier_speedup": table_speed, "trials": len([p for p in points
-                                                                               if p["kind"] == record.KIND_TRIAL])}
+    trials = sum(r.data.tags.get(record.TAG_KIND) == record.KIND_TRIAL for r in runs)
+    return {"frontier": table, "frontier_speedup": table_speed, "trials": trials}
 
 
-def _log_summary(summary: dict[str, Any]) -> None:
-    logger.info("frontier (f1 up, linear_density down):")
+def _log_summary(summary: dict[str, Any],
+                 objectives: list[tuple[str, str]] | tuple = record.DENSITY_OBJECTIVES) -> None:
+    """The frontier of the space's ``objectives`` (each named with its direction and shown for every point, beside
+    EM, F1, linear density and speedup), the champion and where to look."""
+    directions = {"max": "up", "min": "down"}
+    logger.info("frontier (%s):", ", ".join(f"{name} {directions.get(mode, mode)}" for name, mode in objectives))
+    shown = [record.F1, record.EXACT_MATCH, record.LINEAR_DENSITY, record.SPEEDUP]
+    shown += [name for name, _ in objectives if name not in shown]
     for row in summary.get("frontier", []):
-        logger.info("  %-24s f1 %6.2f  em %6.2f  linear_density %.3f  speedup %s", row.get("name"),
-                    row.get("f1") or 0, row.get("exact_match") or 0, row.get("linear_density") or 0,
-                    f"{row['speedup']:.2f}" if row.get("speedup") else "-")
+        values = "  ".join(f"{name} {_figure(row.get(name))}" for name in shown)
+        logger.info("  %-24s %s", row.get("name"), values)
     champion = summary.get("champion") or {}
     if champion.get("model_uri"):
         logger.info("champion: %s (version %s)", champion["model_uri"], champion.get("version"))
     logger.info("open the UI: %s", summary.get("ui"))
+
+
+def _figure(value: Any) -> str:
+    """A frontier figure for the log: scores with 2 decimals, fractions with 3, counts whole, '-' when missing."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "-"
+    if float(value).is_integer():
+        return f"{value:.0f}"
+    return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}"
