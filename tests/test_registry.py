@@ -225,6 +225,28 @@ def test_select_looks_for_the_versions_in_the_tracking_store_whatever_the_regist
     assert str(record["client"].get_model_version_by_alias(NAME, "anywhere").version) == chosen["version"]
 
 
+@pytest.mark.parametrize("runtime", ["served", "torch"])
+def test_timing_a_version_downloads_only_the_model_it_times(record, registered, tmp_path, runtime):
+    """`fineprune select` times every version of a frontier: each one's download is the model it times (the int8
+    ONNX file served, or the packed PyTorch model), not the whole version with the other variant and the code."""
+    client = record["client"]
+    version = _versions(client)[record["runs"][WIDE]]
+    model_id = version.source.removeprefix("models:/")
+    stored = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    model, label = registry._load_version(client, NAME, str(version.version), str(tmp_path), runtime, threads=1)
+    assert label == ("onnxruntime-int8" if runtime == "served" else "torch")
+    fetched = {str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file()}
+    if runtime == "served":
+        assert fetched == {"MLmodel", "artifacts/onnx_model/fineprune_export.json",
+                           "artifacts/onnx_model/config.json", "artifacts/onnx_model/model_int8.onnx"}
+    else:
+        packed = {str(path.relative_to(stored)) for path in (stored / "artifacts" / "packed_model").rglob("*")
+                  if path.is_file()}
+        assert fetched == {"MLmodel", *packed}
+    whole = sum(path.stat().st_size for path in stored.rglob("*") if path.is_file())
+    assert sum((tmp_path / path).stat().st_size for path in fetched) < whole / 2
+
+
 def test_a_budget_nothing_meets_leaves_the_alias_as_it_was(record, registered, capsys):
     client = record["client"]
     wide = str(_versions(client)[record["runs"][WIDE]].version)

@@ -843,27 +843,38 @@ def _load_version(client, name: str, version: str, dst: str, runtime: str = "ser
     measured in bf16 and this CPU supports it (as its pyfunc serves it). ``runtime="torch"``: the packed PyTorch
     model in fp32. Returns ``(model, label)`` with label ``onnxruntime-int8``, ``onnxruntime-fp32``, ``torch-bf16``
     or ``torch``.
+
+    Only the files that model is read from are downloaded into ``dst`` (the version's ``MLmodel``, then the one ONNX
+    file it serves with its config and manifest, or the packed model directory), not the whole version: a version
+    also carries the packed weights, both ONNX variants and the project's code, several times what one model needs.
     """
     # From where the client's registry says the version's files are: MLflow resolves a models:/ URI through the
     # registry of its environment (MLFLOW_REGISTRY_URI), which need not be the client's.
-    local = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri(name, version),
-                                                dst_path=dst, tracking_uri=client.tracking_uri)
+    root = client.get_model_version_download_uri(name, version).rstrip("/")
+
+    def fetch(path: str) -> None:
+        """One file or directory of the version, at the same path under ``dst``."""
+        mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{path}", dst_path=str(Path(dst, path).parent),
+                                            tracking_uri=client.tracking_uri)
+
     try:
-        return _open_version(local, name, version, runtime, threads)
+        fetch("MLmodel")
+        return _open_version(dst, name, version, runtime, threads, fetch)
     except Exception as err:
         # Its files named as they are in the version, not in the temporary copy, which is gone by the time one reads
         # the message.
-        lines = str(err).replace(str(local), f"models:/{name}/{version}").splitlines()
+        lines = str(err).replace(str(dst), f"models:/{name}/{version}").splitlines()
         raise SelectionError(lines[0] if lines else type(err).__name__) from err
 
 
-def _open_version(local: str, name: str, version: str, runtime: str, threads: int | None):
-    """The model of a version's files downloaded to ``local``, and how it runs (see :func:`_load_version`)."""
+def _open_version(local: str, name: str, version: str, runtime: str, threads: int | None, fetch):
+    """The model of a version whose ``MLmodel`` is in ``local``, and how it runs (see :func:`_load_version`);
+    ``fetch(path)`` brings the version's file or directory ``path`` into ``local``."""
     # torch and the library are needed only to time models; the registry module stays light without them.
     from mlflow.models import Model
 
     from pruning.checkpoint import load_model
-    from pruning.export import load_exported
+    from pruning.export import MANIFEST_NAME, load_exported, read_manifest
 
     flavor = Model.load(local).flavors.get("python_function", {})
     artifacts = flavor.get("artifacts") or {}
@@ -871,12 +882,18 @@ def _open_version(local: str, name: str, version: str, runtime: str, threads: in
     settings = flavor.get("config") or {}
     variant = served_variant(settings, onnx_dir is not None)
     if runtime == "served" and variant != "none":
+        for path in (MANIFEST_NAME, "config.json"):
+            fetch(f"{onnx_dir}/{path}")
+        onnx_file = read_manifest(Path(local) / onnx_dir)["files"].get(variant)
+        if onnx_file:  # else load_exported names the variant the export lacks
+            fetch(f"{onnx_dir}/{onnx_file}")
         # Timed round-robin with other models: ORT's threads must not spin between calls.
         return load_exported(Path(local) / onnx_dir, variant=variant, threads=threads, spin=False), \
             f"onnxruntime-{variant}"
     model_dir = artifacts.get(ARTIFACT_MODEL_DIR, {}).get("path")
     if not model_dir:
         raise SelectionError(f"version {version} of {name} holds no packed model (no model_dir artifact)")
+    fetch(model_dir)
     model = load_model(Path(local) / model_dir)
     if runtime != "served":
         return model, "torch"
