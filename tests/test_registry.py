@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
+from conftest import CountingClient
 from pruning import precision
 from pruning.export import OrtQAModel
 from pruning.packing import pack, save_packed
@@ -131,32 +132,12 @@ def test_frontier_registration_is_idempotent_and_tagged(record, registered):
         assert run.info.status == "FINISHED" and run.info.end_time == record["ends"][run_id]
 
 
-class _CountingClient:
-    """A client of the fixture's store that counts the registry calls made through it (and makes them)."""
-
-    COUNTED = ("search_model_versions", "set_model_version_tag", "create_model_version")
-
-    def __init__(self, client) -> None:
-        self._client = client
-        self.calls = dict.fromkeys(self.COUNTED, 0)
-
-    def __getattr__(self, name: str):
-        method = getattr(self._client, name)
-        if name not in self.COUNTED:
-            return method
-
-        def counted(*args, **kwargs):
-            self.calls[name] += 1
-            return method(*args, **kwargs)
-        return counted
-
-
 def test_registering_a_registered_frontier_again_searches_once_and_writes_nothing(record, registered):
     """`fineprune register --frontier` run again on a sweep: one search of the model's versions for the whole
     frontier (not one per frontier point, each reading every version of the model), and no tag written again."""
     client = record["client"]
     registry.register_frontier(client, "tiny", record["parent"], NAME)  # the tags as the record has them now
-    counting = _CountingClient(client)
+    counting = CountingClient(client, "search_model_versions", "set_model_version_tag", "create_model_version")
     rows = registry.register_frontier(counting, "tiny", record["parent"], NAME)
     assert rows == registered[0]
     assert counting.calls == {"search_model_versions": 1, "set_model_version_tag": 0, "create_model_version": 0}
