@@ -218,6 +218,24 @@ def answer_key_model(tokenizer, known_answers):
     return model
 
 
+class CountingClient:
+    """An MLflow client that counts the calls made through it of the ``counted`` methods (and makes them)."""
+
+    def __init__(self, client, *counted: str) -> None:
+        self._client = client
+        self.calls = dict.fromkeys(counted, 0)
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        if name not in self.calls:
+            return method
+
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return method(*args, **kwargs)
+        return counted
+
+
 def assert_each_trial_registered_once(client, name: str) -> None:
     """No trial's model is more than one version of the registered model ``name``."""
     registered = [v.tags.get("fineprune.trial_run_id") for v in client.search_model_versions(f"name = '{name}'")]

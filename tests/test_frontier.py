@@ -231,3 +231,46 @@ def test_hypervolume_matches_optuna(points, three):
     expected = float(optuna_hv.compute_hypervolume(losses, ref)) if len(losses) else 0.0
     assert hypervolume(points, objectives) == pytest.approx(expected, rel=1e-9, abs=1e-9)
     assert hypervolume_progress(points, objectives)[-1:] == pytest.approx([expected] if points else [])
+
+
+@settings(max_examples=60, deadline=None)
+@given(points=st.lists(st.fixed_dictionaries({"f1": _metric, "linear_density": _density, "speedup": _metric,
+                                              "exact_match": _metric}), max_size=10),
+       three=st.booleans())
+def test_hypervolume_progress_is_the_hypervolume_of_each_prefix(points, three):
+    objectives = [("f1", "max"), ("linear_density", "min"), ("speedup", "max")] + \
+        ([] if three else [("exact_match", "max")])
+    progress = hypervolume_progress(points, objectives)
+    assert progress == pytest.approx([hypervolume(points[:n + 1], objectives) for n in range(len(points))],
+                                     rel=1e-9, abs=1e-9)
+    assert progress == sorted(progress)
+
+
+def test_the_hypervolume_of_a_long_sweep_in_four_objectives_is_measured_point_by_point(monkeypatch):
+    """300 trials over four objectives, a frontier of about a hundred of them: each trial that moves the frontier
+    measures the volume only it adds, a few box slices, not the whole frontier again (hundreds of thousands of
+    slices a trial, minutes for the sweep)."""
+    import random
+
+    from workflows import frontier
+
+    rng = random.Random(0)
+    points = []
+    for _ in range(300):
+        density = rng.uniform(0.05, 1.0)
+        f1 = 90 * density ** 0.2 + rng.gauss(0, 2)
+        points.append({"f1": f1, "linear_density": density, "speedup": 1 / density ** 0.7 + rng.gauss(0, 0.3),
+                       "exact_match": f1 - 10 + rng.gauss(0, 3)})
+    objectives = [("f1", "max"), ("linear_density", "min"), ("speedup", "max"), ("exact_match", "max")]
+    volume, slices = frontier._volume, []
+
+    def counted(gains):
+        slices.append(len(gains))
+        return volume(gains)
+
+    monkeypatch.setattr(frontier, "_volume", counted)
+    progress = hypervolume_progress(points, objectives)
+    assert len(pareto_front(points, objectives)) > 60
+    assert len(slices) < 200 * len(points)
+    monkeypatch.undo()
+    assert progress[-1] == pytest.approx(hypervolume(points, objectives), rel=1e-9)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
+from conftest import CountingClient
 from pruning import precision
 from pruning.export import OrtQAModel
 from pruning.packing import pack, save_packed
@@ -131,6 +132,17 @@ def test_frontier_registration_is_idempotent_and_tagged(record, registered):
         assert run.info.status == "FINISHED" and run.info.end_time == record["ends"][run_id]
 
 
+def test_registering_a_registered_frontier_again_searches_once_and_writes_nothing(record, registered):
+    """`fineprune register --frontier` run again on a sweep: one search of the model's versions for the whole
+    frontier (not one per frontier point, each reading every version of the model), and no tag written again."""
+    client = record["client"]
+    registry.register_frontier(client, "tiny", record["parent"], NAME)  # the tags as the record has them now
+    counting = CountingClient(client, "search_model_versions", "set_model_version_tag", "create_model_version")
+    rows = registry.register_frontier(counting, "tiny", record["parent"], NAME)
+    assert rows == registered[0]
+    assert counting.calls == {"search_model_versions": 1, "set_model_version_tag": 0, "create_model_version": 0}
+
+
 def _select(capsys, record, budget: float, alias: str = "champion", *extra: str,
             name: str = NAME) -> tuple[int, str, str]:
     code = main(["select", "--registered-model", name, "--max-latency-ms", str(budget), "--batch-size", "1",
@@ -192,6 +204,28 @@ def test_select_looks_for_the_versions_in_the_tracking_store_whatever_the_regist
     assert chosen["run_id"] == record["runs"][WIDE]
     monkeypatch.delenv("MLFLOW_REGISTRY_URI")
     assert str(record["client"].get_model_version_by_alias(NAME, "anywhere").version) == chosen["version"]
+
+
+@pytest.mark.parametrize("runtime", ["served", "torch"])
+def test_timing_a_version_downloads_only_the_model_it_times(record, registered, tmp_path, runtime):
+    """`fineprune select` times every version of a frontier: each one's download is the model it times (the int8
+    ONNX file served, or the packed PyTorch model), not the whole version with the other variant and the code."""
+    client = record["client"]
+    version = _versions(client)[record["runs"][WIDE]]
+    model_id = version.source.removeprefix("models:/")
+    stored = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    model, label = registry._load_version(client, NAME, str(version.version), str(tmp_path), runtime, threads=1)
+    assert label == ("onnxruntime-int8" if runtime == "served" else "torch")
+    fetched = {str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file()}
+    if runtime == "served":
+        assert fetched == {"MLmodel", "artifacts/onnx_model/fineprune_export.json",
+                           "artifacts/onnx_model/config.json", "artifacts/onnx_model/model_int8.onnx"}
+    else:
+        packed = {str(path.relative_to(stored)) for path in (stored / "artifacts" / "packed_model").rglob("*")
+                  if path.is_file()}
+        assert fetched == {"MLmodel", *packed}
+    whole = sum(path.stat().st_size for path in stored.rglob("*") if path.is_file())
+    assert sum((tmp_path / path).stat().st_size for path in fetched) < whole / 2
 
 
 def test_a_budget_nothing_meets_leaves_the_alias_as_it_was(record, registered, capsys):

@@ -334,10 +334,29 @@ def test_the_hypervolume_is_plotted_and_tabled_when_logged():
     assert len(labels) == 4 and any(label.startswith("hypervolume") for label in labels)
     ids = [a["id"] for _, a in parsed.tags if "id" in a]
     assert len(ids) == len(set(ids))
-    assert _markdown_table(render_markdown(data), "## Search progress") == [
-        ["0", "0", "0"], ["1", "40", "20"], ["2", "75", "20"], ["3", "130", "31.5"]]
+    assert _markdown_table(render_markdown(data), "## Search progress") == [  # step 2 did not grow it
+        ["0", "0", "0"], ["1", "40", "20"], ["3", "130", "31.5"]]
     assert "No hypervolume was logged" in render_markdown(_sweep())
     assert "No hypervolume was logged" in " ".join(_parse(render_html(_sweep())).text)
+
+
+def test_the_hypervolume_table_of_a_long_sweep_lists_the_trials_that_grew_it():
+    """500 trials of which 7 grew the frontier: the Markdown table has the first step, those 7 and the last, not
+    one row per trial."""
+    from dataclasses import replace
+
+    grew = {3: 10.0, 9: 12.5, 40: 20.0, 41: 21.0, 120: 30.0, 300: 31.0, 301: 31.25}
+    values, value = [], 0.0
+    for step in range(501):
+        value = grew.get(step, value)
+        values.append(value)
+    data = replace(_sweep(), hypervolume=[(float(i), v) for i, v in enumerate(values)],
+                   hypervolume_compute=[(60.0 * i, v) for i, v in enumerate(values)])
+    text = render_markdown(data)
+    rows = _markdown_table(text, "## Search progress")
+    assert [row[0] for row in rows] == ["0", "3", "9", "40", "41", "120", "300", "301", "500"]
+    assert rows[-1] == ["500", "30000", "31.25"] and rows[3] == ["40", "2400", "20"]
+    assert "Only the trials that grew the hypervolume are listed" in text
 
 
 def test_the_template_ships_in_the_wheel(tmp_path):

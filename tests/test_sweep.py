@@ -277,6 +277,47 @@ def test_the_frontier_the_sweep_logs_is_named_by_the_space_objectives(caplog):
     assert caplog.records[0].getMessage() == "frontier (f1 up, linear_density down):"
 
 
+def test_the_frontier_tags_are_written_once_per_run_and_not_again(tmp_path):
+    """A sweep tags its frontiers at each end (a resumed sweep ends again): each run whose tags change is written
+    once, for both tags, and a run whose tags hold is not written at all."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from conftest import CountingClient
+    from workflows import record
+    from workflows.space import load_space
+    from workflows.sweep import frontier_summary
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("tags", artifact_location=(tmp_path / "artifacts").as_uri())
+    space = load_space(ROOT / "tune_spaces" / "smoke.yaml")
+    ids = []
+    for i in range(30):
+        density = (i + 1) / 31
+        tags = {record.TAG_KIND: "trial", record.TAG_STATUS: "finished"}
+        run_id = client.create_run(experiment, tags=tags).info.run_id
+        client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in (
+            ("f1", 90 * density ** (0.2 if i % 2 else 0.5)), ("linear_density", density),
+            ("speedup", 1 / density ** (0.5 if i % 3 else 0.6)))])
+        ids.append(run_id)
+
+    def conclude() -> dict:
+        counting = CountingClient(client, "set_tag", "log_batch")
+        summary = frontier_summary(counting, [client.get_run(run_id) for run_id in ids], space)
+        return {**counting.calls, "front": {row["run_id"] for row in summary["frontier"]}}
+
+    first = conclude()
+    assert first["set_tag"] == 0 and first["log_batch"] == 30  # one write per run, both tags in it
+    again = conclude()
+    assert again == {"set_tag": 0, "log_batch": 0, "front": first["front"]}
+    tags = {run_id: client.get_run(run_id).data.tags for run_id in ids}
+    assert {run_id for run_id, t in tags.items() if t["pareto"] == "true"} == first["front"]
+    assert all(t["pareto_speedup"] in ("true", "false") for t in tags.values())
+    client.set_tag(ids[0], "pareto", "stale")  # one run's tag changed since: only that run is written
+    assert conclude()["log_batch"] == 1
+    assert client.get_run(ids[0]).data.tags["pareto"] in ("true", "false")
+
+
 def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_line(tmp_path):
     """Six configurations and eight samples asked for: the search ends when all six ran, and the sweep is finished
     (not 'interrupted', nothing to resume). The command's stdout is its one JSON line: Tune's progress tables and

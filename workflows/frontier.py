@@ -218,6 +218,11 @@ def hypervolume_progress(points: Sequence[Mapping[str, Any]], objectives: Sequen
 
     Pass the trials in the order they completed; a trial that failed or stopped early (no valid metrics) repeats
     the previous value. The list never decreases.
+
+    A point that pushes the frontier out adds the volume only it dominates: its own box less the part the frontier
+    already covers (the boxes of the frontier's points cut to its box, of which only the few not dominated among
+    themselves count). Measuring the whole frontier again after each point would cost O(f^(d-1)) box slices for a
+    frontier of f points in d objectives, each time: minutes for a few hundred trials in four objectives.
     """
     ref = reference_point(objectives, reference)
     front = np.zeros((0, len(objectives)))
@@ -226,8 +231,10 @@ def hypervolume_progress(points: Sequence[Mapping[str, Any]], objectives: Sequen
     for point in points:
         gain = _gains([point], objectives, ref)
         if len(gain) and not np.any(np.all(front >= gain[0], axis=1)):  # it pushes the frontier out
+            covered = np.minimum(front, gain[0])
+            covered = covered[np.all(covered > 0, axis=1)]
+            volume += max(0.0, float(np.prod(gain[0])) - _volume(covered[_non_dominated(covered)]))
             front = np.vstack([front, gain])
             front = front[_non_dominated(front)]
-            volume = _volume(front)
         out.append(volume)
     return out

@@ -653,17 +653,47 @@ def _packed_model_of(client, run_id: str, dst: str) -> str:
     return local
 
 
-def _version_of_run(client, name: str, run, onnx: bool = True) -> Any:
+def _model_versions(client, name: str) -> list:
+    """Every version of ``name``, in one search; none when the model does not exist yet."""
+    try:
+        return list(client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:  # no such model yet: nothing was registered
+        return []
+
+
+def _versions_by_trial(versions) -> dict[str, Any]:
+    """``versions`` by the trial run each was made from (a trial's first version)."""
+    out: dict[str, Any] = {}
+    for version in sorted(versions, key=lambda v: int(v.version)):
+        trial = version.tags.get(TAG_TRIAL_RUN)
+        if trial:
+            out.setdefault(trial, version)
+    return out
+
+
+def _version_of_run(client, name: str, run, onnx: bool = True, known: dict[str, Any] | None = None) -> Any:
     """The version of ``name`` made from the trial ``run``: the existing one, else a new one of the served model
     logged on the trial's run: the one an earlier registration logged there (under another name, or stopped
     before its version was made), else one logged now from its ``packed_model`` artifact, exported for ONNX
-    Runtime unless ``onnx`` is False (its ``onnx`` tag then reads ``skipped``)."""
+    Runtime unless ``onnx`` is False (its ``onnx`` tag then reads ``skipped``).
+
+    ``known``: the model's versions by trial run (:func:`_versions_by_trial`), read once by a caller that
+    registers several trials; a version made here is added to it. Default: searched here.
+    """
     run_id = run.info.run_id
-    existing = sorted((v for v in client.search_model_versions(f"name = '{name}'")
-                       if v.tags.get(TAG_TRIAL_RUN) == run_id), key=lambda v: int(v.version))
-    if existing:
-        logger.info("trial run %s is already version %s of %s", run_id, existing[0].version, name)
-        return existing[0]
+    if known is None:
+        known = _versions_by_trial(_model_versions(client, name))
+    if run_id in known:
+        logger.info("trial run %s is already version %s of %s", run_id, known[run_id].version, name)
+        return known[run_id]
+    version = _new_version_of_run(client, name, run, onnx)
+    known[run_id] = version
+    return version
+
+
+def _new_version_of_run(client, name: str, run, onnx: bool) -> Any:
+    """A new version of ``name`` made from the trial ``run`` (see :func:`_version_of_run`)."""
+    run_id = run.info.run_id
     settings = _settings_of(client, run)
     logged = _logged_qa_model(client, run, onnx, settings)
     if logged is not None:
@@ -707,15 +737,19 @@ def _metric_tag(value: float) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
-def _tag_version(client, name: str, version: str, run, parent_run_id: str, extra: dict[str, str]) -> None:
+def _tag_version(client, name: str, version, run, parent_run_id: str, extra: dict[str, str]) -> None:
+    """Tag ``version`` (a model version) with its trial's metrics, precision and run ids and ``extra``: only the
+    tags it lacks or holds with another value are written, so registering a sweep again writes nothing new."""
     metrics = run.data.metrics
     tags = {TAG_SWEEP_RUN: parent_run_id, TAG_TRIAL_RUN: run.info.run_id,
             TAG_VERSION_PRECISION: measured_precision(run), **extra}
     for key in FINAL_METRICS:
         if key in metrics:
             tags[key] = _metric_tag(metrics[key])
+    current = version.tags or {}
     for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+        if current.get(key) != value:
+            client.set_model_version_tag(name, version.version, key, value)
 
 
 def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str,
@@ -727,7 +761,7 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
     _ensure_model(client, name)
     run = client.get_run(run_id)
     version = _version_of_run(client, name, run, onnx)
-    _tag_version(client, name, version.version, run, parent_run_id, {TAG_POLICY: policy})
+    _tag_version(client, name, version, run, parent_run_id, {TAG_POLICY: policy})
     client.set_registered_model_alias(name, ALIAS, version.version)
     uri = f"models:/{name}@{ALIAS}"
     metrics = run.data.metrics
@@ -762,21 +796,23 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str,
     if not runs:
         logger.warning("sweep run %s has no finished frontier trial with a packed model; nothing registered",
                        parent_run_id)
-        _untag_left_frontier(client, name, parent_run_id, set())
+        _untag_left_frontier(client, name, parent_run_id, set(), _model_versions(client, name))
         return []
     _ensure_model(client, name)
+    before = _model_versions(client, name)  # one search for the whole frontier
+    known = _versions_by_trial(before)
     rows = []
     for run in runs:
         try:
-            version = _version_of_run(client, name, run, onnx)
+            version = _version_of_run(client, name, run, onnx, known)
         except UnreadableTrial as err:  # one spoilt trial costs its own point, not the rest of the frontier
             logger.warning("%s; the frontier's other points are registered", err)
             continue
-        _tag_version(client, name, version.version, run, parent_run_id,
+        _tag_version(client, name, version, run, parent_run_id,
                      {tag: run.data.tags.get(tag, "false") for tag in FRONTIER_TAGS})
         rows.append({"version": str(version.version), "model_uri": f"models:/{name}/{version.version}",
                      "run_id": run.info.run_id, **{k: run.data.metrics.get(k) for k in FINAL_METRICS}})
-    _untag_left_frontier(client, name, parent_run_id, {row["run_id"] for row in rows})
+    _untag_left_frontier(client, name, parent_run_id, {row["run_id"] for row in rows}, before)
     logger.info("registered the frontier of sweep run %s: %d versions of %s (%s)", parent_run_id, len(rows), name,
                 ", ".join(row["version"] for row in rows))
     return rows
@@ -787,12 +823,9 @@ def _on_frontier(tags: Mapping[str, str]) -> bool:
     return any(tags.get(tag) == "true" for tag in FRONTIER_TAGS)
 
 
-def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str]) -> None:
-    """Turn the frontier tags ``false`` on the versions this sweep registered whose trials are not in ``current``."""
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except MlflowException:  # no such model yet: nothing was registered
-        return
+def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str], versions) -> None:
+    """Turn the frontier tags ``false`` on the ``versions`` (of ``name``, as read before this registration) this
+    sweep registered whose trials are not in ``current``."""
     for version in versions:
         tags = version.tags
         if tags.get(TAG_SWEEP_RUN) == parent_run_id and tags.get(TAG_TRIAL_RUN) not in current and _on_frontier(tags):
@@ -818,27 +851,38 @@ def _load_version(client, name: str, version: str, dst: str, runtime: str = "ser
     measured in bf16 and this CPU supports it (as its pyfunc serves it). ``runtime="torch"``: the packed PyTorch
     model in fp32. Returns ``(model, label)`` with label ``onnxruntime-int8``, ``onnxruntime-fp32``, ``torch-bf16``
     or ``torch``.
+
+    Only the files that model is read from are downloaded into ``dst`` (the version's ``MLmodel``, then the one ONNX
+    file it serves with its config and manifest, or the packed model directory), not the whole version: a version
+    also carries the packed weights, both ONNX variants and the project's code, several times what one model needs.
     """
     # From where the client's registry says the version's files are: MLflow resolves a models:/ URI through the
     # registry of its environment (MLFLOW_REGISTRY_URI), which need not be the client's.
-    local = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri(name, version),
-                                                dst_path=dst, tracking_uri=client.tracking_uri)
+    root = client.get_model_version_download_uri(name, version).rstrip("/")
+
+    def fetch(path: str) -> None:
+        """One file or directory of the version, at the same path under ``dst``."""
+        mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{path}", dst_path=str(Path(dst, path).parent),
+                                            tracking_uri=client.tracking_uri)
+
     try:
-        return _open_version(local, name, version, runtime, threads)
+        fetch("MLmodel")
+        return _open_version(dst, name, version, runtime, threads, fetch)
     except Exception as err:
         # Its files named as they are in the version, not in the temporary copy, which is gone by the time one reads
         # the message.
-        lines = str(err).replace(str(local), f"models:/{name}/{version}").splitlines()
+        lines = str(err).replace(str(dst), f"models:/{name}/{version}").splitlines()
         raise SelectionError(lines[0] if lines else type(err).__name__) from err
 
 
-def _open_version(local: str, name: str, version: str, runtime: str, threads: int | None):
-    """The model of a version's files downloaded to ``local``, and how it runs (see :func:`_load_version`)."""
+def _open_version(local: str, name: str, version: str, runtime: str, threads: int | None, fetch):
+    """The model of a version whose ``MLmodel`` is in ``local``, and how it runs (see :func:`_load_version`);
+    ``fetch(path)`` brings the version's file or directory ``path`` into ``local``."""
     # torch and the library are needed only to time models; the registry module stays light without them.
     from mlflow.models import Model
 
     from pruning.checkpoint import load_model
-    from pruning.export import load_exported
+    from pruning.export import MANIFEST_NAME, load_exported, read_manifest
 
     flavor = Model.load(local).flavors.get("python_function", {})
     artifacts = flavor.get("artifacts") or {}
@@ -846,12 +890,18 @@ def _open_version(local: str, name: str, version: str, runtime: str, threads: in
     settings = flavor.get("config") or {}
     variant = served_variant(settings, onnx_dir is not None)
     if runtime == "served" and variant != "none":
+        for path in (MANIFEST_NAME, "config.json"):
+            fetch(f"{onnx_dir}/{path}")
+        onnx_file = read_manifest(Path(local) / onnx_dir)["files"].get(variant)
+        if onnx_file:  # else load_exported names the variant the export lacks
+            fetch(f"{onnx_dir}/{onnx_file}")
         # Timed round-robin with other models: ORT's threads must not spin between calls.
         return load_exported(Path(local) / onnx_dir, variant=variant, threads=threads, spin=False), \
             f"onnxruntime-{variant}"
     model_dir = artifacts.get(ARTIFACT_MODEL_DIR, {}).get("path")
     if not model_dir:
         raise SelectionError(f"version {version} of {name} holds no packed model (no model_dir artifact)")
+    fetch(model_dir)
     model = load_model(Path(local) / model_dir)
     if runtime != "served":
         return model, "torch"

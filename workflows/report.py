@@ -490,9 +490,16 @@ def render_markdown(data: ReportData) -> str:
         # Both series come from the same steps; pair them only when none was lost.
         same = len(data.hypervolume_compute) == len(data.hypervolume)
         seconds = dict(enumerate(s for s, _ in data.hypervolume_compute)) if same else {}
+        # One row per step that moved the frontier (and the first and last): a sweep of hundreds of trials would
+        # otherwise repeat the same value row after row.
+        last = len(data.hypervolume) - 1
+        kept = [i for i, (_, value) in enumerate(data.hypervolume)
+                if i in (0, last) or value != data.hypervolume[i - 1][1]]
+        if len(kept) < len(data.hypervolume):
+            out += ["Only the trials that grew the hypervolume are listed, and the last one.", ""]
         out += _md_table(("trials completed", "trial compute (s)", "hypervolume"),
-                         ([f"{trials:.0f}", _fmt(seconds.get(i), 0), f"{value:.6g}"]
-                          for i, (trials, value) in enumerate(data.hypervolume)))
+                         ([f"{data.hypervolume[i][0]:.0f}", _fmt(seconds.get(i), 0),
+                           f"{data.hypervolume[i][1]:.6g}"] for i in kept))
     else:
         out.append("No hypervolume was logged for this sweep.")
 

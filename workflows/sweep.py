@@ -818,8 +818,8 @@ def frontier_summary(client, runs: list, space: SweepSpace) -> dict[str, Any]:
     table = frontier.frontier_table(points, objectives, columns)
     table_speed = frontier.frontier_table(points, speed_objectives, columns)
     table_speed.sort(key=lambda row: -(row.get(record.SPEEDUP) or 0))
-    tracking.tag_runs(client, finished, record.TAG_PARETO, {row["run_id"] for row in table})
-    tracking.tag_runs(client, finished, record.TAG_PARETO_SPEED, {row["run_id"] for row in table_speed})
+    tracking.tag_frontiers(client, finished, {record.TAG_PARETO: {row["run_id"] for row in table},
+                                              record.TAG_PARETO_SPEED: {row["run_id"] for row in table_speed}})
     trials = sum(r.data.tags.get(record.TAG_KIND) == record.KIND_TRIAL for r in runs)
     return {"frontier": table, "frontier_speedup": table_speed, "trials": trials}
 

@@ -50,6 +50,8 @@ __all__ = [
     "log_baseline",
     "MlflowTrialCallback",
     "trial_runs",
+    "tag_runs",
+    "tag_frontiers",
     "finish_parent_run",
     "hypervolume_series",
     "log_hypervolume",
@@ -646,8 +648,23 @@ def log_json(client: MlflowClient, run_id: str, value: Any, name: str) -> None:
 
 
 def tag_runs(client: MlflowClient, runs: Iterable, tag: str, chosen: set[str]) -> None:
+    """Tag each of ``runs`` ``tag=true`` when it is in ``chosen``, else ``false`` (see :func:`tag_frontiers`)."""
+    tag_frontiers(client, runs, {tag: chosen})
+
+
+def tag_frontiers(client: MlflowClient, runs: Iterable, chosen: dict[str, set[str]]) -> None:
+    """Tag each of ``runs`` with every ``tag`` of ``chosen``: ``true`` when the run is in its set, else ``false``.
+
+    A run is written to only where one of its tags (as ``runs`` hold them) changes, and once for all of them: a
+    sweep's runs are tagged again at every end of the sweep (each resume), and most of them keep their tags.
+    """
     for run in runs:
-        client.set_tag(run.info.run_id, tag, "true" if run.info.run_id in chosen else "false")
+        run_id = run.info.run_id
+        tags = [mlflow.entities.RunTag(tag, value) for tag, value in
+                ((tag, "true" if run_id in ids else "false") for tag, ids in chosen.items())
+                if run.data.tags.get(tag) != value]
+        if tags:
+            client.log_batch(run_id, tags=tags)
 
 
 def hypervolume_series(runs: Iterable, objectives, reference: dict[str, float]) -> list[dict[str, float]]:
