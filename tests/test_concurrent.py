@@ -1,0 +1,54 @@
+"""Two of anything at once: processes that share a tracking store, a sweep's storage or an output directory.
+
+Each test starts real processes that wait for one signal file, so that they do the shared part at the same moment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_together(scripts: list[str], tmp_path: Path, settle: float = 6.0) -> list[subprocess.CompletedProcess]:
+    """Run each Python ``script`` in a process of its own; each waits (after its imports) for one file, made once
+    all have had ``settle`` seconds to start, then runs on. Their results, in order."""
+    go = tmp_path / "go"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    wait = (f"import time, pathlib\nwhile not pathlib.Path({str(go)!r}).exists():\n    time.sleep(0.002)\n")
+    procs = []
+    for i, script in enumerate(scripts):
+        head, _, body = script.partition("# go\n")
+        out = open(tmp_path / f"proc{i}.out", "w+")
+        procs.append((subprocess.Popen([sys.executable, "-c", head + wait + body], cwd=tmp_path, env=env,
+                                       stdout=out, stderr=subprocess.STDOUT, text=True), out))
+    time.sleep(settle)
+    go.touch()
+    results = []
+    for proc, out in procs:
+        proc.wait(timeout=240)
+        out.seek(0)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), ""))
+        out.close()
+    return results
+
+
+def test_sweeps_started_at_once_on_a_new_sqlite_store_all_open_it(tmp_path):
+    """MLflow makes a new database's tables when a process first opens it: three processes (sweeps, a register)
+    opening one new store at once all open it, instead of all but one stopping with "duplicate column name"."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    script = ("from workflows import tracking\n# go\n"
+              f"client = tracking.client_for({uri!r})\n"
+              "tracking.check_reachable(client, 30)\n"
+              "client.search_registered_models()\n"
+              "print('opened')\n")
+    results = start_together([script] * 3, tmp_path)
+    for result in results:
+        assert result.returncode == 0 and "opened" in result.stdout, result.stdout[-2000:]
+    assert not list(tmp_path.glob(".mlflow.db.lock*"))  # the lock file goes with its holder
