@@ -52,3 +52,30 @@ def test_sweeps_started_at_once_on_a_new_sqlite_store_all_open_it(tmp_path):
     for result in results:
         assert result.returncode == 0 and "opened" in result.stdout, result.stdout[-2000:]
     assert not list(tmp_path.glob(".mlflow.db.lock*"))  # the lock file goes with its holder
+
+
+def test_sweeps_that_need_one_teacher_at_once_train_it_once_and_share_it(tmp_path):
+    """Two sweeps (each with its own Ray) that need the same dense teacher at the same moment: one fine-tunes it, the
+    other waits and reuses it, instead of both training it into one directory, the second removing the final model
+    the first sweep's trials read."""
+    space = ROOT / "tune_spaces" / "smoke.yaml"
+    script = ("import logging, ray\n"
+              "from pathlib import Path\n"
+              "from workflows.space import load_space\n"
+              "from workflows.sweep import ensure_teacher\n"
+              "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')\n"
+              f"space = load_space({str(space)!r})\n"
+              "ray.init(address='local', num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)\n"
+              "# go\n"
+              f"model_dir, metrics = ensure_teacher(space, Path({str(tmp_path / 'teachers')!r}))\n"
+              "print('teacher', model_dir, metrics['f1'])\n")
+    results = start_together([script] * 2, tmp_path, settle=12.0)
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:]
+    logs = [result.stdout for result in results]
+    assert sum("fine-tuning the dense teacher" in log for log in logs) == 1, logs
+    assert sum("reusing the dense teacher" in log for log in logs) == 1, logs
+    assert not any("removing the earlier run's" in log for log in logs)
+    (first,), (second,) = ([line for line in log.splitlines() if line.startswith("teacher ")] for log in logs)
+    assert first == second  # one directory, one set of metrics
+    assert not list((tmp_path / "teachers").glob(".*.lock"))
