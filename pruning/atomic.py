@@ -60,6 +60,7 @@ def _open_lock(path: Path, wait: bool) -> int | None:
 
 
 def _holder(path: Path) -> str:
+    """Who holds the lock file ``path``, as it says (``process PID@HOST``)."""
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError:
@@ -82,16 +83,15 @@ def locked(path: str | Path, what: str, wait: bool = False, waiting: str | None 
         waiting: logged (with the holder) when the block waits.
 
     Raises:
-        Busy: (``wait`` False) another process holds it; one line naming ``what`` and the holder (``pid@host``).
+        Busy: (``wait`` False) another process holds it; one line naming ``what`` and the holder (``PID@HOST``).
     """
     path = Path(path)
     fd = _open_lock(path, wait=False)
     if fd is None:
         holder = _holder(path)
         if not wait:
-            raise Busy(f"{what}: another run is writing it ({holder}); wait for it to end, or "
-                                    "choose another")
-        logger.info("%s (%s holds it)", waiting or f"{what}: waiting for another run writing it", holder)
+            raise Busy(f"{what}: {holder} is writing it; wait for it to end, or write elsewhere")
+        logger.info("%s (%s holds it)", waiting or f"{what}: waiting for the process writing it", holder)
         fd = _open_lock(path, wait=True)
     try:
         os.ftruncate(fd, 0)

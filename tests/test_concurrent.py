@@ -79,3 +79,43 @@ def test_sweeps_that_need_one_teacher_at_once_train_it_once_and_share_it(tmp_pat
     (first,), (second,) = ([line for line in log.splitlines() if line.startswith("teacher ")] for log in logs)
     assert first == second  # one directory, one set of metrics
     assert not list((tmp_path / "teachers").glob(".*.lock"))
+
+
+def _cli(*args: str) -> str:
+    """A script that runs ``fineprune ARGS`` once the processes are let go, and exits with its status."""
+    return ("import sys\nfrom workflows import cli\nimport pruning.trainer, pruning.packing, pruning.export\n# go\n"
+            f"sys.exit(cli.main({list(args)!r}))\n")
+
+
+def _one_refused(results: list[subprocess.CompletedProcess], out: Path) -> None:
+    """One command wrote ``out``; the other was refused in one line naming it, exit status 1."""
+    codes = sorted(result.returncode for result in results)
+    assert codes == [0, 1], [result.stdout[-2000:] for result in results]
+    refused = next(result for result in results if result.returncode == 1)
+    (line,) = [line for line in refused.stdout.splitlines() if "error:" in line]
+    assert f"error: {out.resolve()}: process " in line and "is writing it; wait for it to end" in line
+    assert not list(out.parent.glob(f".{out.name}.lock"))
+
+
+def test_two_runs_into_one_output_dir_at_once_the_second_is_refused(tmp_path):
+    """Two `fineprune prune` runs given the same new output_dir at the same moment both found it empty, both
+    trained, and the directory ended with one run's final model beside the other's checkpoint (both exit 0); the
+    second is now refused in one line while the first holds the directory."""
+    out = tmp_path / "run"
+    config = ROOT / "configs" / "tiny_smoke.yaml"
+    results = start_together([_cli("prune", "--config", str(config), "--output-dir", str(out), "--max-steps", "40",
+                                   "--no-progress")] * 2, tmp_path)
+    _one_refused(results, out)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "final"]
+
+
+def test_two_packs_into_one_out_dir_at_once_the_second_is_refused(tmp_path, masked_checkpoint):
+    """Two `fineprune pack --overwrite` into one out_dir at the same moment both replaced it (the later silently,
+    or one failed renaming the other's directory aside); the second is now refused in one line."""
+    out = tmp_path / "packed"
+    out.mkdir()
+    (out / "notes.txt").write_text("kept\n")
+    results = start_together([_cli("pack", str(masked_checkpoint), str(out), "--overwrite", "--questions", "4",
+                                   "--repeats", "40")] * 2, tmp_path)
+    _one_refused(results, out)
+    assert (out / "notes.txt").read_text() == "kept\n" and (out / "config.json").is_file()
