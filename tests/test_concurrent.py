@@ -5,6 +5,7 @@ Each test starts real processes that wait for one signal file, so that they do t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -119,3 +120,53 @@ def test_two_packs_into_one_out_dir_at_once_the_second_is_refused(tmp_path, mask
                                    "--repeats", "40")] * 2, tmp_path)
     _one_refused(results, out)
     assert (out / "notes.txt").read_text() == "kept\n" and (out / "config.json").is_file()
+
+
+def test_two_registrations_at_once_make_one_version_of_a_trial(tmp_path, masked_checkpoint):
+    """Two `fineprune register` (or a register beside a sweep's own) at the same moment both found the champion's
+    trial unregistered and each made a version of it: the trial was versions 1 and 2. Now the later one is deleted
+    and both registrations name the first, with the alias on it."""
+    from mlflow.tracking import MlflowClient
+
+    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.packing import pack, save_packed
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.experiment import Trial
+
+    from workflows import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.client_for(uri)
+    client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
+    packed = save_packed(pack(load_model(masked_checkpoint)), load_tokenizer(masked_checkpoint), tmp_path / "packed")
+    # A sweep's record of one finished trial whose final checkpoint is the packed model.
+    parent = tracking.start_parent_run(client, "exp", str(tmp_path / "sweep"), {}, resume=False)
+    trial = Trial("trial_main", config={"target_density": 0.4}, trial_id="t1", stub=True)
+    result = {"step": 6, "f1": 60.0, "linear_density": 0.4, "final": True, "timestamp": int(time.time())}
+    trial.run_metadata.checkpoint_manager.register_checkpoint(
+        _TrainingResult(checkpoint=tune.Checkpoint.from_directory(str(packed)), metrics=result))
+    trial.update_last_result(result)
+    trial.set_status(Trial.TERMINATED)
+    callback = tracking.MlflowTrialCallback(uri, "exp", parent, lambda config: {"method": "topk"}, outage_limit=30)
+    callback.on_step_begin(iteration=0, trials=[])
+    callback.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    callback.on_trial_result(iteration=0, trials=[trial], trial=trial, result=result)
+    callback.on_trial_complete(iteration=0, trials=[trial], trial=trial)
+    callback.on_experiment_end(trials=[trial])
+    assert callback.failure is None
+    script = ("import json\nfrom workflows import record, registry, tracking\n"
+              f"client = tracking.client_for({uri!r})\n# go\n"
+              f"result = registry.register_champion(client, 'exp', {parent!r}, "
+              "record.RegistrySpec('m', max_density=1.0, onnx=False))\n"
+              "print('result', json.dumps(result))\n")
+    results = start_together([script] * 2, tmp_path)
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:]
+    versions = MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions("name = 'm'")
+    assert [str(v.version) for v in versions] == ["1"], [result.stdout[-2000:] for result in results]
+    registered = [json.loads(line.split(" ", 1)[1]) for result in results for line in result.stdout.splitlines()
+                  if line.startswith("result ")]
+    assert [r["version"] for r in registered] == ["1", "1"]
+    champion = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("m", "champion")
+    assert str(champion.version) == "1"
