@@ -104,8 +104,8 @@ def test_two_runs_into_one_output_dir_at_once_the_second_is_refused(tmp_path):
     second is now refused in one line while the first holds the directory."""
     out = tmp_path / "run"
     config = ROOT / "configs" / "tiny_smoke.yaml"
-    results = start_together([_cli("prune", "--config", str(config), "--output-dir", str(out), "--max-steps", "40",
-                                   "--no-progress")] * 2, tmp_path)
+    results = start_together([_cli("prune", "--config", str(config), "--output-dir", str(out), "--max-steps", "10",
+                                   "--train-limit", "8", "--eval-limit", "4", "--no-progress")] * 2, tmp_path)
     _one_refused(results, out)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "final"]
 
