@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import Iterator
 
 from safetensors import SafetensorError
 
-__all__ = ["WriteError", "fsync_dir", "fsync_file", "save_tensors", "staging_dir", "replace_dir", "staged_dir", "tidy",
+__all__ = ["WriteError", "Busy", "locked", "fsync_dir", "fsync_file", "save_tensors", "staging_dir", "replace_dir", "staged_dir", "tidy",
            "write_text"]
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,76 @@ logger = logging.getLogger(__name__)
 
 class WriteError(OSError):
     """An output could not be written (a full disk, a directory without write permission); names the output."""
+
+
+class Busy(OSError):
+    """Another process holds the lock of an output (:func:`locked` without ``wait``); names the output and it."""
+
+
+def _open_lock(path: Path, wait: bool) -> int | None:
+    """A descriptor of the lock file ``path`` holding its exclusive lock, or None where another process holds it
+    (and ``wait`` is False). A lock file its holder removed on release meanwhile is opened again."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        os.close(fd)  # the file of a holder that has since let go and removed it: lock the one in its place
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock file ``path``, as it says (``process PID@HOST``)."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        text = ""
+    return f"process {text}" if text else "another process"
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, what: str, wait: bool = False, waiting: str | None = None) -> Iterator[None]:
+    """Hold the exclusive lock of ``what`` (the file ``path``, made beside it and removed on release) while the
+    block runs, so that two processes, of this machine or of others sharing the file system, never write it at once.
+
+    The lock is the kernel's (``flock``): a holder killed outright (SIGKILL, the OOM killer) lets go of it, and the
+    file it leaves is taken over by the next one.
+
+    Args:
+        path: the lock file.
+        what: the output it guards, as the refusal names it.
+        wait: wait until the holder lets go, instead of refusing.
+        waiting: logged (with the holder) when the block waits.
+
+    Raises:
+        Busy: (``wait`` False) another process holds it; one line naming ``what`` and the holder (``PID@HOST``).
+    """
+    path = Path(path)
+    fd = _open_lock(path, wait=False)
+    if fd is None:
+        holder = _holder(path)
+        if not wait:
+            raise Busy(f"{what}: {holder} is writing it; wait for it to end, or write elsewhere")
+        logger.info("%s (%s holds it)", waiting or f"{what}: waiting for the process writing it", holder)
+        fd = _open_lock(path, wait=True)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held: a process that opened it meanwhile opens the next one
+        os.close(fd)
 
 
 # What fsync on a directory answers where the file system or platform cannot flush one: nothing to do there.

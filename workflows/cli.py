@@ -98,8 +98,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     from pruning.config import ConfigError, Method, check_keys_apply, load_config
-    from pruning import atomic
-    from pruning.trainer import CHECKPOINT_DIR, FINAL_DIR, train
 
     overrides = _overrides(args)
     try:
@@ -124,6 +122,17 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     out = Path(cfg.output_dir)
     _check_output_path(out, "output_dir", directory=True)
     _check_reads_outside(cfg, overrides, args.config, out)
+    with _writing(out):
+        return _train_into(args, cfg, out)
+
+
+def _train_into(args: argparse.Namespace, cfg: Any, out: Path) -> int:
+    """The run of :func:`_run_training` once it holds ``out``'s lock: checked against what ``out`` holds, then
+    trained."""
+    from pruning import atomic
+    from pruning.config import ConfigError
+    from pruning.trainer import CHECKPOINT_DIR, FINAL_DIR, train
+
     checkpoint = out / CHECKPOINT_DIR
     if out.is_dir():  # a write of final/ or checkpoint/ killed outright: its leftovers cleared, a moved-aside one back
         for name in (FINAL_DIR, CHECKPOINT_DIR):
@@ -286,6 +295,17 @@ def _check_output_path(path: str | Path, flag: str, directory: bool) -> None:
         raise UserError(f"{flag} {path}: {problem}")
 
 
+def _writing(out: str | Path) -> contextlib.AbstractContextManager:
+    """Hold ``out``'s lock (a file beside it) while a command checks and writes it: a second command writing the
+    same directory meanwhile is refused in one line naming it, rather than both passing the check for an earlier
+    output and the later one silently replacing (or mixing its files into) the first one's."""
+    from pruning import atomic
+
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic.locked(out.with_name(f".{out.name}.lock"), str(out))
+
+
 def _check_not_inside(source: str | Path, out: str | Path, flag: str) -> None:
     """Refuse an output directory that is, holds or lies inside the model directory it is made from."""
     source, out = Path(source).resolve(), Path(out).resolve()
@@ -425,19 +445,26 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from pruning import squad
-    from pruning.checkpoint import load_model, load_tokenizer
-    from pruning.export import MANIFEST_NAME, is_exported_dir, read_manifest
-    from pruning.packing import pack_and_verify, save_packed, weights_bytes
     from pruning.precision import resolve_precision
-    from pruning.resources import resolve_data
-    from pruning.structure import max_positions
 
     _check_positive(args, "questions", "repeats")
     out = Path(args.out_dir)
     precision = resolve_precision(args.precision, "cpu")  # settings first, then the work
     _check_output_path(out, "out_dir", directory=True)
     _check_not_inside(args.checkpoint, out, "out_dir")
+    with _writing(out):
+        return _pack_into(args, out, precision)
+
+
+def _pack_into(args: argparse.Namespace, out: Path, precision: str) -> int:
+    """:func:`cmd_pack` once it holds ``out``'s lock."""
+    from pruning import squad
+    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.export import MANIFEST_NAME, is_exported_dir, read_manifest
+    from pruning.packing import pack_and_verify, save_packed, weights_bytes
+    from pruning.resources import resolve_data
+    from pruning.structure import max_positions
+
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
     if is_exported_dir(out):  # --overwrite keeps the other files: eval, ask and export would read the old export
@@ -469,8 +496,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_output_path(args.out_dir, "out_dir", directory=True)
     _check_not_inside(args.model_dir, args.out_dir, "out_dir")
     _warn_live_weights(args.model_dir, "export")
-    _emit(export_checkpoint(args.model_dir, args.out_dir, quantize=args.quantize, opset=args.opset,
-                            data=args.eval_data, questions=args.questions, overwrite=args.overwrite))
+    with _writing(args.out_dir):
+        _emit(export_checkpoint(args.model_dir, args.out_dir, quantize=args.quantize, opset=args.opset,
+                                data=args.eval_data, questions=args.questions, overwrite=args.overwrite))
     return 0
 
 

@@ -529,7 +529,30 @@ def _ensure_model(client, name: str) -> None:
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="Packed fine-pruned QA models chosen by fineprune sweeps")
+        try:
+            client.create_registered_model(name, description="Packed fine-pruned QA models chosen by fineprune sweeps")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":  # made meanwhile by a registration running beside this
+                raise
+
+
+def _versions_of_trial(client, name: str, run_id: str) -> list:
+    """The versions of ``name`` made from the trial run ``run_id``, oldest first."""
+    return sorted((v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(TAG_TRIAL_RUN) == run_id),
+                  key=lambda v: int(v.version))
+
+
+def _one_version(client, name: str, run_id: str, made) -> Any:
+    """The version ``made`` of the trial ``run_id``, unless a registration running beside this one (another
+    ``fineprune register``, a sweep) made one of the same trial first: then that one, and ``made`` is deleted, so
+    that a trial is never two versions."""
+    first = _versions_of_trial(client, name, run_id)[0]
+    if int(first.version) < int(made.version):
+        logger.info("trial run %s became version %s of %s meanwhile (another registration); version %s is deleted",
+                    run_id, first.version, name, made.version)
+        client.delete_model_version(name, made.version)
+        return first
+    return made
 
 
 @contextlib.contextmanager
@@ -700,9 +723,10 @@ def _new_version_of_run(client, name: str, run, onnx: bool) -> Any:
         logger.info("trial run %s: a new version of %s from the model logged on it before (%s)", run_id, name,
                     logged.model_id)
         with _fluent_store(client.tracking_uri):  # which resolves the version's source, as below
-            return client.create_model_version(name, source=logged.model_uri, run_id=run_id,
+            made = client.create_model_version(name, source=logged.model_uri, run_id=run_id,
                                                model_id=logged.model_id,
                                                tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: logged.tags[TAG_ONNX]})
+        return _one_version(client, name, run_id, made)
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
         local = _packed_model_of(client, run_id, tmp)
@@ -725,8 +749,9 @@ def _new_version_of_run(client, name: str, run, onnx: bool) -> Any:
         finally:
             if run.info.end_time:  # the trial's duration is part of the record
                 client.set_terminated(run_id, status=status, end_time=run.info.end_time)
-        return client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+        made = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
                                            tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: onnx_tag})
+    return _one_version(client, name, run_id, made)
 
 
 def _metric_tag(value: float) -> str:

@@ -264,7 +264,8 @@ def ensure_teacher(space: SweepSpace, root: Path, held_out_checked: bool = False
     The work runs as a Ray task with the trials' resources (a GPU on a GPU cluster); its metrics are cached as
     ``metrics.json`` under the sweep's teacher directory, so a second sweep over the same model/data/config starts
     at once (:func:`~workflows.space.teacher_fingerprint`: the same contents, not only the same paths). A given
-    teacher directory is only read; its metrics are computed again when it or the evaluation data changes.
+    teacher directory is only read; its metrics are computed again when it or the evaluation data changes. Sweeps
+    that need the same teacher at once take turns: the first makes it, the others wait for it and reuse it.
     """
     fingerprint = teacher_fingerprint(space)
     if space.teacher.path:
@@ -277,6 +278,19 @@ def ensure_teacher(space: SweepSpace, root: Path, held_out_checked: bool = False
         model_dir = run_dir / "final"
         metrics_file = run_dir / "metrics.json"
         cfg = teacher_config(space, str(run_dir))
+    # Sweeps started at once that need the same teacher: one trains (or evaluates) it, the others wait and reuse it,
+    # rather than each training it into the same directory and removing the one another's trials read.
+    root.mkdir(parents=True, exist_ok=True)
+    lock = metrics_file.parent.with_name(f".{metrics_file.parent.name}.lock")
+    with atomic.locked(lock, str(metrics_file.parent), wait=True,
+                       waiting=f"waiting for the dense teacher {model_dir}, which another sweep is making"):
+        return _make_teacher(space, cfg, model_dir, metrics_file, held_out_checked)
+
+
+def _make_teacher(space: SweepSpace, cfg, model_dir: Path, metrics_file: Path,
+                  held_out_checked: bool) -> tuple[str, dict[str, Any]]:
+    """The teacher of :func:`ensure_teacher` (under its lock): reused when its metrics are cached, else fine-tuned
+    or evaluated now."""
     cached = _teacher_metrics(metrics_file) if (model_dir / "config.json").exists() else None
     if cached is not None:
         logger.info("reusing the dense teacher in %s", model_dir)

@@ -14,6 +14,7 @@ same configuration again, and a run that nothing takes over is ended KILLED (``f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,11 +22,13 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import mlflow
 from mlflow.tracking import MlflowClient
 from ray import tune
+
+from pruning import atomic
 
 from workflows.frontier import hypervolume_progress
 from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMOVED, HYPERVOLUME, HYPERVOLUME_COMPUTE,
@@ -82,12 +85,39 @@ def client_for(tracking_uri: str) -> MlflowClient:
         TrackingStoreError: MLflow cannot open a store of that kind (a file store it refuses, a database without
             its driver).
     """
-    try:
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    except Exception as err:  # noqa: BLE001 - permanent: the URI names no store MLflow opens
-        raise _store_error(tracking_uri, err) from err
+    with _store_lock(tracking_uri):
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        except Exception as err:  # noqa: BLE001 - permanent: the URI names no store MLflow opens
+            raise _store_error(tracking_uri, err) from err
+        if tracking_uri.startswith("sqlite:///"):
+            with contextlib.suppress(Exception):  # said by the caller's first request, which retries a locked one
+                client.search_registered_models(max_results=1)  # the registry's tables, made on first use
     mlflow.set_tracking_uri(tracking_uri)
     return client
+
+
+@contextlib.contextmanager
+def _store_lock(tracking_uri: str) -> Iterator[None]:
+    """Open a ``sqlite:///`` store one process at a time.
+
+    MLflow creates (and upgrades) a database's tables when a process first opens it, with no lock of its own: two
+    sweeps started at once on a new store both created them, and one stopped with "duplicate column name" or "table
+    already exists". While a process opens the store it holds a lock file beside the database; the others wait for
+    it and find the tables made. Other stores (a server, which makes its tables once) take no lock.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(atomic.locked(
+                database.with_name(f".{database.name}.lock"), str(database), wait=True,
+                waiting=f"{database}: waiting while another process creates or upgrades its tables"))
+        except OSError:  # no lock file can be made there (a read-only directory): MLflow says what it makes of it
+            pass
+        yield
 
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:

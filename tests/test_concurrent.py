@@ -1,0 +1,172 @@
+"""Two of anything at once: processes that share a tracking store, a sweep's storage or an output directory.
+
+Each test starts real processes that wait for one signal file, so that they do the shared part at the same moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_together(scripts: list[str], tmp_path: Path, settle: float = 6.0) -> list[subprocess.CompletedProcess]:
+    """Run each Python ``script`` in a process of its own; each waits (after its imports) for one file, made once
+    all have had ``settle`` seconds to start, then runs on. Their results, in order."""
+    go = tmp_path / "go"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    wait = (f"import time, pathlib\nwhile not pathlib.Path({str(go)!r}).exists():\n    time.sleep(0.002)\n")
+    procs = []
+    for i, script in enumerate(scripts):
+        head, _, body = script.partition("# go\n")
+        out = open(tmp_path / f"proc{i}.out", "w+")
+        procs.append((subprocess.Popen([sys.executable, "-c", head + wait + body], cwd=tmp_path, env=env,
+                                       stdout=out, stderr=subprocess.STDOUT, text=True), out))
+    time.sleep(settle)
+    go.touch()
+    results = []
+    for proc, out in procs:
+        proc.wait(timeout=240)
+        out.seek(0)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), ""))
+        out.close()
+    return results
+
+
+def test_sweeps_started_at_once_on_a_new_sqlite_store_all_open_it(tmp_path):
+    """MLflow makes a new database's tables when a process first opens it: three processes (sweeps, a register)
+    opening one new store at once all open it, instead of all but one stopping with "duplicate column name"."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    script = ("from workflows import tracking\n# go\n"
+              f"client = tracking.client_for({uri!r})\n"
+              "tracking.check_reachable(client, 30)\n"
+              "client.search_registered_models()\n"
+              "print('opened')\n")
+    results = start_together([script] * 3, tmp_path)
+    for result in results:
+        assert result.returncode == 0 and "opened" in result.stdout, result.stdout[-2000:]
+    assert not list(tmp_path.glob(".mlflow.db.lock*"))  # the lock file goes with its holder
+
+
+def test_sweeps_that_need_one_teacher_at_once_train_it_once_and_share_it(tmp_path):
+    """Two sweeps (each with its own Ray) that need the same dense teacher at the same moment: one fine-tunes it, the
+    other waits and reuses it, instead of both training it into one directory, the second removing the final model
+    the first sweep's trials read."""
+    space = ROOT / "tune_spaces" / "smoke.yaml"
+    script = ("import logging, ray\n"
+              "from pathlib import Path\n"
+              "from workflows.space import load_space\n"
+              "from workflows.sweep import ensure_teacher\n"
+              "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')\n"
+              f"space = load_space({str(space)!r})\n"
+              "ray.init(address='local', num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)\n"
+              "# go\n"
+              f"model_dir, metrics = ensure_teacher(space, Path({str(tmp_path / 'teachers')!r}))\n"
+              "print('teacher', model_dir, metrics['f1'])\n")
+    results = start_together([script] * 2, tmp_path, settle=12.0)
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:]
+    logs = [result.stdout for result in results]
+    assert sum("fine-tuning the dense teacher" in log for log in logs) == 1, logs
+    assert sum("reusing the dense teacher" in log for log in logs) == 1, logs
+    assert not any("removing the earlier run's" in log for log in logs)
+    (first,), (second,) = ([line for line in log.splitlines() if line.startswith("teacher ")] for log in logs)
+    assert first == second  # one directory, one set of metrics
+    assert not list((tmp_path / "teachers").glob(".*.lock"))
+
+
+def _cli(*args: str) -> str:
+    """A script that runs ``fineprune ARGS`` once the processes are let go, and exits with its status."""
+    return ("import sys\nfrom workflows import cli\nimport pruning.trainer, pruning.packing, pruning.export\n# go\n"
+            f"sys.exit(cli.main({list(args)!r}))\n")
+
+
+def _one_refused(results: list[subprocess.CompletedProcess], out: Path) -> None:
+    """One command wrote ``out``; the other was refused in one line naming it, exit status 1."""
+    codes = sorted(result.returncode for result in results)
+    assert codes == [0, 1], [result.stdout[-2000:] for result in results]
+    refused = next(result for result in results if result.returncode == 1)
+    (line,) = [line for line in refused.stdout.splitlines() if "error:" in line]
+    assert f"error: {out.resolve()}: process " in line and "is writing it; wait for it to end" in line
+    assert not list(out.parent.glob(f".{out.name}.lock"))
+
+
+def test_two_runs_into_one_output_dir_at_once_the_second_is_refused(tmp_path):
+    """Two `fineprune prune` runs given the same new output_dir at the same moment both found it empty, both
+    trained, and the directory ended with one run's final model beside the other's checkpoint (both exit 0); the
+    second is now refused in one line while the first holds the directory."""
+    out = tmp_path / "run"
+    config = ROOT / "configs" / "tiny_smoke.yaml"
+    results = start_together([_cli("prune", "--config", str(config), "--output-dir", str(out), "--max-steps", "10",
+                                   "--train-limit", "8", "--eval-limit", "4", "--no-progress")] * 2, tmp_path)
+    _one_refused(results, out)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "final"]
+
+
+def test_two_packs_into_one_out_dir_at_once_the_second_is_refused(tmp_path, masked_checkpoint):
+    """Two `fineprune pack --overwrite` into one out_dir at the same moment both replaced it (the later silently,
+    or one failed renaming the other's directory aside); the second is now refused in one line."""
+    out = tmp_path / "packed"
+    out.mkdir()
+    (out / "notes.txt").write_text("kept\n")
+    results = start_together([_cli("pack", str(masked_checkpoint), str(out), "--overwrite", "--questions", "4",
+                                   "--repeats", "40")] * 2, tmp_path)
+    _one_refused(results, out)
+    assert (out / "notes.txt").read_text() == "kept\n" and (out / "config.json").is_file()
+
+
+def test_two_registrations_at_once_make_one_version_of_a_trial(tmp_path, masked_checkpoint):
+    """Two `fineprune register` (or a register beside a sweep's own) at the same moment both found the champion's
+    trial unregistered and each made a version of it: the trial was versions 1 and 2. Now the later one is deleted
+    and both registrations name the first, with the alias on it."""
+    from mlflow.tracking import MlflowClient
+
+    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.packing import pack, save_packed
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.experiment import Trial
+
+    from workflows import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.client_for(uri)
+    client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
+    packed = save_packed(pack(load_model(masked_checkpoint)), load_tokenizer(masked_checkpoint), tmp_path / "packed")
+    # A sweep's record of one finished trial whose final checkpoint is the packed model.
+    parent = tracking.start_parent_run(client, "exp", str(tmp_path / "sweep"), {}, resume=False)
+    trial = Trial("trial_main", config={"target_density": 0.4}, trial_id="t1", stub=True)
+    result = {"step": 6, "f1": 60.0, "linear_density": 0.4, "final": True, "timestamp": int(time.time())}
+    trial.run_metadata.checkpoint_manager.register_checkpoint(
+        _TrainingResult(checkpoint=tune.Checkpoint.from_directory(str(packed)), metrics=result))
+    trial.update_last_result(result)
+    trial.set_status(Trial.TERMINATED)
+    callback = tracking.MlflowTrialCallback(uri, "exp", parent, lambda config: {"method": "topk"}, outage_limit=30)
+    callback.on_step_begin(iteration=0, trials=[])
+    callback.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    callback.on_trial_result(iteration=0, trials=[trial], trial=trial, result=result)
+    callback.on_trial_complete(iteration=0, trials=[trial], trial=trial)
+    callback.on_experiment_end(trials=[trial])
+    assert callback.failure is None
+    script = ("import json\nfrom workflows import record, registry, tracking\n"
+              f"client = tracking.client_for({uri!r})\n# go\n"
+              f"result = registry.register_champion(client, 'exp', {parent!r}, "
+              "record.RegistrySpec('m', max_density=1.0, onnx=False))\n"
+              "print('result', json.dumps(result))\n")
+    results = start_together([script] * 2, tmp_path)
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:]
+    versions = MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions("name = 'm'")
+    assert [str(v.version) for v in versions] == ["1"], [result.stdout[-2000:] for result in results]
+    registered = [json.loads(line.split(" ", 1)[1]) for result in results for line in result.stdout.splitlines()
+                  if line.startswith("result ")]
+    assert [r["version"] for r in registered] == ["1", "1"]
+    champion = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("m", "champion")
+    assert str(champion.version) == "1"
