@@ -33,6 +33,10 @@ class WriteError(OSError):
     """An output could not be written (a full disk, a directory without write permission); names the output."""
 
 
+# What flock answers on a file system that keeps no locks (NFS without a lock daemon, some FUSE mounts).
+_NO_LOCKS = {errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
 class Busy(OSError):
     """Another process holds the lock of an output (:func:`locked` without ``wait``); names the output and it."""
 
@@ -86,7 +90,18 @@ def locked(path: str | Path, what: str, wait: bool = False, waiting: str | None 
         Busy: (``wait`` False) another process holds it; one line naming ``what`` and the holder (``PID@HOST``).
     """
     path = Path(path)
-    fd = _open_lock(path, wait=False)
+    try:
+        fd = _open_lock(path, wait=False)
+    except OSError as err:
+        if err.errno not in _NO_LOCKS:
+            raise
+        # A file system without locks (some NFS mounts): the output is written as before locks, unguarded.
+        logger.warning("%s: the file system of %s takes no locks (%s); writing it without one", what, path.parent,
+                       err.strerror or err)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        yield
+        return
     if fd is None:
         holder = _holder(path)
         if not wait:

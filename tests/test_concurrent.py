@@ -170,3 +170,32 @@ def test_two_registrations_at_once_make_one_version_of_a_trial(tmp_path, masked_
     assert [r["version"] for r in registered] == ["1", "1"]
     champion = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("m", "champion")
     assert str(champion.version) == "1"
+
+
+def test_an_output_on_a_file_system_without_locks_is_written_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Some file systems (NFS without its lock daemon) answer flock with ENOLCK: the output is still written, with
+    one warning, instead of every pack, export, run and sweep stopping there."""
+    import errno
+    import fcntl
+    import logging
+
+    from pruning import atomic
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="pruning.atomic"):
+        with atomic.locked(tmp_path / ".out.lock", str(tmp_path / "out")):
+            (tmp_path / "out").mkdir()
+    assert (tmp_path / "out").is_dir() and not (tmp_path / ".out.lock").exists()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'out'}: the file system of {tmp_path} takes no locks (No locks available); writing it without one"]
+
+    def other_error(fd, operation):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fcntl, "flock", other_error)
+    with pytest.raises(OSError, match="Input/output error"):
+        with atomic.locked(tmp_path / ".out.lock", str(tmp_path / "out")):
+            pass
