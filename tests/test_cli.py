@@ -635,6 +635,23 @@ def test_packing_an_exported_directory_names_its_source(capsys, masked_checkpoin
     assert not (tmp_path / "packed").exists()
 
 
+def test_packing_a_packed_directory_is_refused_not_timed_against_itself(capsys, masked_checkpoint, tmp_path):
+    """A packed directory packed again was timed against its own shape and reported speedup ~1 and param_ratio 1.0,
+    as if packing had gained nothing; it is refused in one line, as eval, ask and export take it as it is."""
+    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.packing import pack_and_verify, save_packed
+
+    packed = tmp_path / "packed"
+    save_packed(pack_and_verify(load_model(masked_checkpoint), time_latency=False)[0],
+                load_tokenizer(masked_checkpoint), packed)
+    line = _one_line_error(capsys, ["pack", str(packed), str(tmp_path / "again"), "--questions", "2",
+                                    "--repeats", "1"])
+    assert line.endswith(f"{packed}: already a packed model (fineprune_packed in config.json); eval, ask and export "
+                         "take it as it is, and its speedup is measured by packing the masked checkpoint it was made "
+                         "from")
+    assert not (tmp_path / "again").exists()
+
+
 def test_max_steps_for_a_fisher_run_is_refused_not_ignored(capsys, tmp_path):
     """A fisher run prunes before its first step and trains only its fill_steps: --max-steps would change nothing."""
     config = str(ROOT / "configs" / "prune_fisher50.yaml")

@@ -15,6 +15,7 @@ from pruning.config import Method, RunConfig
 from workflows.space import (
     LAMBDA_KEY,
     SpaceError,
+    baseline_config,
     load_space,
     param_space,
     scheduler,
@@ -425,6 +426,34 @@ def test_a_given_teachers_fingerprint_follows_its_contents_and_evaluation(tmp_pa
     values["base"]["eval_limit"] = 4
     values["base"]["learning_rate"] = 1e-3  # training keys do not change how a given teacher scores
     assert teacher_fingerprint(load_space(write(tmp_path, values, "lr.yaml"))) == replaced
+
+
+def test_the_dense_baseline_is_windowed_as_the_trials_are(tmp_path):
+    """A trial cuts its windows to its own positions and the teacher's (the trainer's fit_to_model); the dense
+    baseline is the teacher scored alone, so its windows are cut to the trials' model beforehand when that model
+    takes fewer positions than the teacher, and a given teacher's cached score follows that model."""
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from pruning.checkpoint import load_model, load_tokenizer, save_model
+    from pruning.config import evaluation_settings
+    from pruning.resources import shipped_model_dir
+    from pruning.trainer import build_model, fit_to_model
+
+    given = save_model(BertForQuestionAnswering(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                           intermediate_size=64, max_position_embeddings=128)),
+                       load_tokenizer(shipped_model_dir()), tmp_path / "teacher")
+    values = variant(teacher={"path": str(given)}, speedup={"seq_len": 32})
+    values["base"]["model_config"]["max_position_embeddings"] = 48  # the trials' model: windows of 64 do not fit
+    space = load_space(write(tmp_path, values, "short.yaml"))
+    trial = trial_config(space, {}, output_dir="-", teacher=str(given))
+    teacher = load_model(given)
+    trials = evaluation_settings(fit_to_model(trial, build_model(trial)[0], teacher))
+    assert (trials["max_seq_length"], trials["doc_stride"]) == (48, 24)
+    assert evaluation_settings(fit_to_model(baseline_config(space, "-"), teacher)) == trials
+
+    short = teacher_fingerprint(space)
+    values["base"]["model_config"]["max_position_embeddings"] = 128  # the trials take windows of 64 again
+    assert teacher_fingerprint(load_space(write(tmp_path, values, "long.yaml"))) != short
 
 
 # --- invalid spaces -------------------------------------------------------------------------------------------

@@ -639,3 +639,59 @@ def test_the_data_check_says_once_that_the_trials_are_not_scored_on_held_out_que
     said = [r.getMessage() for r in caplog.records if "training questions too" in r.getMessage()]
     assert [m.rsplit("F1 ", 1)[1] for m in said] == ["of the trials are not held out",
                                                      "of the dense teacher are not held out"], said
+
+
+def _eval_stdout(capsys, *args: str) -> dict:
+    """``fineprune eval`` as a user runs it (in this process): its JSON line."""
+    from workflows import cli
+
+    capsys.readouterr()
+    assert cli.main(["eval", *args, "--no-progress"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_the_dense_baseline_is_scored_on_the_trials_questions_whatever_the_teacher_was_trained_with(tmp_path,
+                                                                                                     capsys):
+    """teacher.config trains (and scores) the teacher on 6 questions with n_best 5, the trials are scored on 12 with
+    n_best 20: the dense baseline the sweep records (its report, frontier and F1-drop policies read it) is what
+    `fineprune eval` of the teacher gives with the trials' settings, not the teacher's own score. A later sweep
+    that reuses the teacher with other evaluation settings scores it with those, not with a score cached earlier."""
+    import ray
+
+    from workflows import tracking
+    from workflows.space import load_space
+    from workflows.sweep import ensure_teacher, run_sweep
+
+    values = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    values.update(name="baseline", num_samples=1, scheduler=None)
+    values["teacher"]["config"] = {"max_steps": 6, "eval_limit": 6, "n_best": 5}
+    values["registry"]["onnx"] = False
+    space_path = tmp_path / "baseline.yaml"
+    space_path.write_text(yaml.safe_dump(values))
+    summary = run_sweep(space_path, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", storage_path=str(tmp_path / "ray"),
+                        report_dir=tmp_path / "report", address="local")
+    (baseline,) = [r for r in _runs(summary) if r.data.tags["fineprune.kind"] == "baseline"]
+    teacher = baseline.data.tags["fineprune.model_dir"]
+
+    windows = ("--eval-data", "dev", "--max-seq-length", "64", "--doc-stride", "32", "--max-query-length", "64",
+               "--max-answer-length", "30")
+    trials = _eval_stdout(capsys, teacher, *windows, "--eval-limit", "12", "--n-best", "20")
+    own = _eval_stdout(capsys, teacher, *windows, "--eval-limit", "6", "--n-best", "5")
+    assert (own["exact_match"], own["f1"]) != (trials["exact_match"], trials["f1"])  # the two settings tell apart
+    assert baseline.data.metrics["f1"] == pytest.approx(trials["f1"], abs=1e-9)
+    assert baseline.data.metrics["exact_match"] == pytest.approx(trials["exact_match"], abs=1e-9)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"**Dense baseline**: F1 {trials['f1']:.2f}, EM {trials['exact_match']:.2f}" in report
+
+    # The same teacher (same fingerprint), trials scored on 9 questions: scored again, on those.
+    values["base"]["eval_limit"] = 9
+    space_path.write_text(yaml.safe_dump(values))
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        again_dir, again = ensure_teacher(load_space(space_path), tmp_path / "ray" / "teachers")
+    finally:
+        ray.shutdown()
+    assert again_dir == teacher
+    nine = _eval_stdout(capsys, teacher, *windows, "--eval-limit", "9", "--n-best", "20")
+    assert again["f1"] == pytest.approx(nine["f1"], abs=1e-9)
+    assert again["exact_match"] == pytest.approx(nine["exact_match"], abs=1e-9)

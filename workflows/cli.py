@@ -461,7 +461,7 @@ def _pack_into(args: argparse.Namespace, out: Path, precision: str) -> int:
     from pruning import squad
     from pruning.checkpoint import load_model, load_tokenizer
     from pruning.export import MANIFEST_NAME, is_exported_dir, read_manifest
-    from pruning.packing import pack_and_verify, save_packed, weights_bytes
+    from pruning.packing import PACKED_FLAG, is_packed_dir, pack_and_verify, save_packed, weights_bytes
     from pruning.resources import resolve_data
     from pruning.structure import max_positions
 
@@ -474,6 +474,11 @@ def _pack_into(args: argparse.Namespace, out: Path, precision: str) -> int:
         source = read_manifest(args.checkpoint).get("source")
         raise UserError(f"{args.checkpoint}: an exported ONNX model, not a PyTorch checkpoint; pack the model it was "
                         "exported from" + (f" ({source})" if source else ""))
+    if is_packed_dir(args.checkpoint):
+        # Packed again it would be timed against itself (its own shape as the "dense" one): a speedup of about 1.
+        raise UserError(f"{args.checkpoint}: already a packed model ({PACKED_FLAG} in config.json); eval, ask and "
+                        "export take it as it is, and its speedup is measured by packing the masked checkpoint it "
+                        "was made from")
     _warn_live_weights(args.checkpoint, "pack")
     masked = load_model(args.checkpoint, qa_head=True)
     tokenizer = load_tokenizer(args.checkpoint)

@@ -65,8 +65,11 @@ __all__ = [
     "tune_config_kwargs",
     "trial_config",
     "teacher_config",
+    "baseline_config",
     "check_local_paths",
     "teacher_fingerprint",
+    "scoring_fingerprint",
+    "EVALUATION",
 ]
 
 ALGORITHMS = ("optuna", "random", "grid")
@@ -102,9 +105,10 @@ _DISTIL_ONLY = frozenset({"alpha_ce", "alpha_distil", "temperature", "alpha_hidd
 _NOT_IN_FINGERPRINT = (frozenset({"output_dir", "device", "log_every", "save_every", "eval_every", "eval_batch_size",
                                   "max_windows", "teacher", "method", "cache_dir"}) | _MASK_ONLY | _DISTIL_ONLY)
 _FINGERPRINT_VERSION = "teacher-v2"
-# What scores a given teacher (teacher.path): the evaluation data and the settings evaluate() reads.
-_GIVEN_TEACHER_EVALUATION = ("eval_data", "eval_limit", "max_seq_length", "doc_stride", "max_query_length",
-                             "max_answer_length", "n_best", "precision")
+# What a model is scored with: the evaluation data and the settings evaluate() reads. The trials take them from the
+# base; the dense baseline is the teacher scored with the same (baseline_config).
+EVALUATION = ("eval_data", "eval_limit", "max_seq_length", "doc_stride", "max_query_length", "max_answer_length",
+              "n_best", "precision")
 _CORNER_LIMIT = 4096  # above this many corners of the search box only single extremes are checked
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -1377,6 +1381,27 @@ def teacher_config(space: SweepSpace, output_dir: str | Path) -> RunConfig:
         raise SpaceError(f"{space.path}: teacher.config: {_message(err)}") from None
 
 
+def baseline_config(space: SweepSpace, output_dir: str | Path) -> RunConfig:
+    """The RunConfig that scores the dense teacher as the trials are scored: the dense baseline's.
+
+    It is :func:`teacher_config` with the base's evaluation data and settings (:data:`EVALUATION`): ``teacher.config``
+    may train the teacher on other questions or windows, which score only the teacher's own run. The windows are cut
+    to the positions of the model the trials start from when that model takes fewer than the teacher (a trial cuts
+    its windows to its own positions and the teacher's; the evaluation cuts them to the teacher's); where that
+    model cannot be read here (a path only a cluster's workers hold) they are left to the evaluation.
+    """
+    cfg = teacher_config(space, output_dir)
+    base = space.base_config
+    values = {key: getattr(base, key) for key in EVALUATION}
+    student = _positions(_model_config(space._trial_model(base)))
+    teacher = _positions(_model_config(cfg))
+    if student is not None and (teacher is None or student < teacher):
+        from pruning.squad import fit_windows  # pruning.squad imports torch: only a space scored here needs it
+
+        values["max_seq_length"], values["doc_stride"] = fit_windows(base.max_seq_length, base.doc_stride, student)
+    return dataclasses.replace(cfg, **values)
+
+
 def teacher_fingerprint(space: SweepSpace) -> str:
     """A stable 16-hex-digit hash of what determines the teacher and its scores, to reuse a teacher (and its dense
     metrics) from an earlier sweep.
@@ -1384,16 +1409,18 @@ def teacher_fingerprint(space: SweepSpace) -> str:
     For a trained teacher it covers the contents of the model, tokenizer and data files and every value of
     :func:`teacher_config` that can change the teacher's weights or its evaluation (not the output directory,
     device, feature cache, logging/checkpoint cadence, nor mask and distillation keys, which a dense run ignores).
-    For ``teacher.path`` it covers that directory's contents, the evaluation data's and the evaluation settings.
-    A file edited in place or a directory replaced by another is a new teacher. An input that is not on this
-    machine (a cluster's workers may hold paths the driver does not) counts by its path.
+    For ``teacher.path`` it covers that directory's contents, the evaluation data's and the evaluation settings of
+    :func:`baseline_config`. A file edited in place or a directory replaced by another is a new teacher. An input
+    that is not on this machine (a cluster's workers may hold paths the driver does not) counts by its path.
     """
-    cfg = teacher_config(space, "-")
-    values = config_to_dict(cfg)
     if space.teacher.path is not None:
-        payload: dict[str, Any] = {k: values[k] for k in _GIVEN_TEACHER_EVALUATION}
+        cfg = baseline_config(space, "-")
+        values = config_to_dict(cfg)
+        payload: dict[str, Any] = {k: values[k] for k in EVALUATION}
         inputs = {"teacher": (space.teacher.path, resolve_model), "eval_data": (cfg.eval_data, resolve_data)}
     else:
+        cfg = teacher_config(space, "-")
+        values = config_to_dict(cfg)
         payload = {k: v for k, v in sorted(values.items()) if k not in _NOT_IN_FINGERPRINT}
         tokenizer = cfg.tokenizer or (SHIPPED_MODEL if cfg.model_config is not None else None)
         inputs = {"model": (None if cfg.model_config is not None else cfg.model, resolve_model),
@@ -1402,6 +1429,16 @@ def teacher_fingerprint(space: SweepSpace) -> str:
     payload["contents"] = {key: _input_digest(name, resolve) for key, (name, resolve) in inputs.items()
                            if name is not None}
     text = json.dumps([_FINGERPRINT_VERSION, payload], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def scoring_fingerprint(cfg: RunConfig) -> str:
+    """A stable 16-hex-digit hash of what a model is scored with under ``cfg``: its :data:`EVALUATION` settings and
+    the contents of its evaluation data (the path, for data that is not on this machine)."""
+    values = config_to_dict(cfg)
+    payload = {key: values[key] for key in EVALUATION}
+    payload["contents"] = _input_digest(cfg.eval_data, resolve_data)
+    text = json.dumps(["scores-v1", payload], sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 

@@ -51,8 +51,9 @@ from workflows import frontier, record, registry, tracking
 from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
 from workflows.retry import TrackingUnavailable, call_with_retries, is_transient, outage_limit, quick_http_failures
-from workflows.space import (EVAL_METRICS, SpaceError, SweepSpace, check_local_paths, load_space, param_space,
-                             teacher_config, teacher_fingerprint, trial_config, tune_config_kwargs)
+from workflows.space import (EVAL_METRICS, EVALUATION, SpaceError, SweepSpace, baseline_config, check_local_paths,
+                             load_space, param_space, scoring_fingerprint, teacher_config, teacher_fingerprint,
+                             trial_config, tune_config_kwargs)
 
 __all__ = ["run_sweep", "trial_main", "ensure_teacher", "frontier_summary", "sweep_complete", "FAULT_ENV",
            "TRIAL_METRICS", "RayUnavailable", "ResumeError", "RAY_CONNECT_TIMEOUT_S"]
@@ -226,8 +227,8 @@ def _check_local_data(space: SweepSpace) -> None:
     """The SQuAD files the teacher and the trials read load as they will read them, before Ray starts: a malformed
     file (a SQuAD v2 question without answers, an answer_start off its text, ...) is one line, not a teacher
     fine-tuned for nothing and then every trial failed. Evaluation questions that are training questions too are
-    said here once (for the trials at their largest ``train_limit``, and for a teacher trained on other data),
-    rather than by the teacher and again by every trial.
+    said here once (for the trials at their largest ``train_limit``, and for a teacher trained on other data: the
+    dense baseline is scored on the trials' questions), rather than by the teacher and again by every trial.
 
     Raises:
         SpaceError: one line naming the space file, the key, the data file and the question.
@@ -254,50 +255,79 @@ def _check_local_data(space: SweepSpace) -> None:
         examples.append(loaded[path, limit, spans])
     *teacher_reads, trials_train, trials_eval = examples
     warn_if_not_held_out(trials_train, trials_eval, scored="the trials")
-    if len(teacher_reads) == 2 and (teacher_reads[0] is not trials_train or teacher_reads[1] is not trials_eval):
-        warn_if_not_held_out(*teacher_reads, scored="the dense teacher")
+    if len(teacher_reads) == 2 and teacher_reads[0] is not trials_train:
+        warn_if_not_held_out(teacher_reads[0], trials_eval, scored="the dense teacher")
 
 
 def ensure_teacher(space: SweepSpace, root: Path, held_out_checked: bool = False) -> tuple[str, dict[str, Any]]:
     """The teacher directory and its dense EM/F1: the space's own, or one fine-tuned once and then reused.
 
+    The EM/F1 are the dense baseline's: the teacher scored as the trials are (:func:`~workflows.space.baseline_config`:
+    the base's evaluation data and settings), whatever ``teacher.config`` trained and scored the teacher with.
     The work runs as a Ray task with the trials' resources (a GPU on a GPU cluster); its metrics are cached as
     ``metrics.json`` under the sweep's teacher directory, so a second sweep over the same model/data/config starts
-    at once (:func:`~workflows.space.teacher_fingerprint`: the same contents, not only the same paths). A given
-    teacher directory is only read; its metrics are computed again when it or the evaluation data changes. Sweeps
-    that need the same teacher at once take turns: the first makes it, the others wait for it and reuse it.
+    at once (:func:`~workflows.space.teacher_fingerprint`: the same contents, not only the same paths). A teacher
+    trained with other evaluation settings than the trials' is scored again with theirs, and that score is cached
+    beside it under ``scores/``, by those settings and the evaluation data's contents
+    (:func:`~workflows.space.scoring_fingerprint`). A given teacher directory is only read; its metrics are computed
+    again when it or the evaluation data changes. Sweeps that need the same teacher at once take turns: the first
+    makes (or scores) it, the others wait for it and reuse it.
     """
     fingerprint = teacher_fingerprint(space)
-    if space.teacher.path:
-        # The user's model directory is only read; its dense metrics are cached beside the sweep's own teachers.
-        model_dir = Path(space.teacher.path)
-        metrics_file = root / f"given-{fingerprint}" / "metrics.json"
-        cfg = teacher_config(space, str(root / f"given-{fingerprint}"))
-    else:
-        run_dir = root / fingerprint
-        model_dir = run_dir / "final"
-        metrics_file = run_dir / "metrics.json"
-        cfg = teacher_config(space, str(run_dir))
+    run_dir = root / (f"given-{fingerprint}" if space.teacher.path else fingerprint)
     # Sweeps started at once that need the same teacher: one trains (or evaluates) it, the others wait and reuse it,
     # rather than each training it into the same directory and removing the one another's trials read.
     root.mkdir(parents=True, exist_ok=True)
-    lock = metrics_file.parent.with_name(f".{metrics_file.parent.name}.lock")
-    with atomic.locked(lock, str(metrics_file.parent), wait=True,
-                       waiting=f"waiting for the dense teacher {model_dir}, which another sweep is making"):
-        return _make_teacher(space, cfg, model_dir, metrics_file, held_out_checked)
+    with atomic.locked(run_dir.with_name(f".{run_dir.name}.lock"), str(run_dir), wait=True,
+                       waiting=f"waiting for the dense teacher in {run_dir}, which another sweep is making"):
+        return _make_teacher(space, run_dir, held_out_checked)
 
 
-def _make_teacher(space: SweepSpace, cfg, model_dir: Path, metrics_file: Path,
-                  held_out_checked: bool) -> tuple[str, dict[str, Any]]:
-    """The teacher of :func:`ensure_teacher` (under its lock): reused when its metrics are cached, else fine-tuned
-    or evaluated now."""
+def _make_teacher(space: SweepSpace, run_dir: Path, held_out_checked: bool) -> tuple[str, dict[str, Any]]:
+    """The teacher of :func:`ensure_teacher` and its baseline scores (under its lock): reused when cached, else
+    fine-tuned or evaluated now."""
+    metrics_file = run_dir / "metrics.json"
+    if space.teacher.path:
+        # The user's model directory is only read; its dense metrics are cached beside the sweep's own teachers.
+        model_dir = Path(space.teacher.path)
+        cfg = baseline_config(space, str(run_dir))
+        return str(model_dir), _scored(space, cfg, model_dir, metrics_file, held_out_checked)
+    model_dir = run_dir / "final"
+    cfg = teacher_config(space, str(run_dir))
+    trained = _teacher_metrics(metrics_file) if (model_dir / "config.json").exists() else None
+    if trained is not None:
+        logger.info("reusing the dense teacher in %s", model_dir)
+    else:
+        logger.info("fine-tuning the dense teacher %s", model_dir)
+        trained = _teacher_task(space, cfg, None, held_out_checked)
+        atomic.write_text(metrics_file, json.dumps(trained, indent=2))
+    scoring = baseline_config(space, str(run_dir))
+    differ = [key for key in EVALUATION if getattr(cfg, key) != getattr(scoring, key)]
+    if not differ:  # the teacher's own run scored it as the trials are scored
+        return str(model_dir), trained
+    logger.info("the dense teacher's run scored it with %s; the dense baseline is scored as the trials are, with %s",
+                ", ".join(f"{key} {getattr(cfg, key)}" for key in differ),
+                ", ".join(f"{key} {getattr(scoring, key)}" for key in differ))
+    scores_file = run_dir / "scores" / f"{scoring_fingerprint(scoring)}.json"
+    return str(model_dir), {**trained, **_scored(space, scoring, model_dir, scores_file, held_out_checked)}
+
+
+def _scored(space: SweepSpace, cfg, model_dir: Path, metrics_file: Path, held_out_checked: bool) -> dict[str, Any]:
+    """The dense metrics of the model in ``model_dir`` scored with ``cfg``'s evaluation data and settings: cached in
+    ``metrics_file``, else computed (and then cached there)."""
     cached = _teacher_metrics(metrics_file) if (model_dir / "config.json").exists() else None
     if cached is not None:
-        logger.info("reusing the dense teacher in %s", model_dir)
-        return str(model_dir), cached
+        logger.info("reusing the dense teacher's scores in %s", metrics_file)
+        return cached
+    logger.info("evaluating the dense teacher %s", model_dir)
+    metrics = _teacher_task(space, cfg, str(model_dir), held_out_checked)
+    atomic.write_text(metrics_file, json.dumps(metrics, indent=2))
+    return metrics
 
-    given = str(model_dir) if space.teacher.path else None
-    logger.info("%s the dense teacher %s", "evaluating" if given else "fine-tuning", model_dir)
+
+def _teacher_task(space: SweepSpace, cfg, given: str | None, held_out_checked: bool) -> dict[str, Any]:
+    """Fine-tune the dense teacher (``given`` None) or score the model in ``given``, as a Ray task with the trials'
+    resources; its numeric metrics."""
     task = _dense_teacher.options(num_cpus=_teacher_cpus(space.resources),
                                   num_gpus=space.resources.get("gpu", 0) or 0)
     try:
@@ -307,9 +337,7 @@ def _make_teacher(space: SweepSpace, cfg, model_dir: Path, metrics_file: Path,
         if isinstance(err.cause, Exception):
             raise err.cause from err
         raise
-    clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    atomic.write_text(metrics_file, json.dumps(clean, indent=2))
-    return str(model_dir), clean
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _teacher_metrics(metrics_file: Path) -> dict[str, Any] | None:
