@@ -191,6 +191,24 @@ def test_the_trial_count_of_an_unended_sweep_adds_up():
     assert '<span class="badge st-interrupted">interrupted</span>' in page
 
 
+@pytest.mark.parametrize("objectives", [[("f1", "max"), ("speedup", "max")], [("speedup", "max"), ("f1", "max")],
+                                        [("f1", "max"), ("heads_removed", "max")], F1_DENSITY])
+def test_the_report_lists_the_frontier_in_the_order_of_frontier_json(objectives):
+    """The sweep's frontier.json and summary (frontier_table) and the report list the same points in one order."""
+    from workflows.frontier import frontier_table
+
+    points = [{"name": "a", "f1": 80.0, "speedup": 1.0, "heads_removed": 1.0, "linear_density": 0.9},
+              {"name": "b", "f1": 60.0, "speedup": 3.0, "heads_removed": 6.0, "linear_density": 0.2},
+              {"name": "c", "f1": 70.0, "speedup": 2.0, "heads_removed": 3.0, "linear_density": 0.5}]
+    rows = [_row(p["name"], p["name"], "trial", "finished", {},
+                 _metrics(p["f1"], 1.0, p["linear_density"], p["speedup"], p["heads_removed"]), None, True)
+            for p in points]
+    data = ReportData(experiment="exp", sweep_run_id="parent", runs=pd.DataFrame(rows), objectives=objectives)
+    heading = next(line for line in render_markdown(data).splitlines() if line.startswith("## Pareto frontier: "))
+    listed = [row[0] for row in _markdown_table(render_markdown(data), heading)]
+    assert listed == [row["name"] for row in frontier_table(points, objectives, ["name"])]
+
+
 def test_a_sweep_that_has_not_tagged_its_frontier_says_so():
     data = _sweep()
     runs = data.runs.copy()

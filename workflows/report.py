@@ -35,6 +35,7 @@ from mlflow.tracking import MlflowClient
 
 from pruning import atomic
 from workflows import plots, record
+from workflows.frontier import frontier_order
 from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR, ARTIFACT_REPORT_HTML,
                               ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, HEADS_REMOVED,
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
@@ -322,12 +323,13 @@ def _summary_lines(data: ReportData) -> list[tuple[str, str]]:
 
 
 def _frontier_rows(data: ReportData, tag: str) -> list[pd.Series]:
-    """The tagged frontier's runs: by the density axis, or fastest first for the speedup frontier."""
+    """The tagged frontier's runs, in the order ``frontier.json`` and the sweep's summary list them
+    (:func:`workflows.frontier.frontier_order`), or fastest first for the speedup frontier."""
     front = _rows(data.frontier(tag))
     if tag == TAG_PARETO_SPEED:
         return sorted(front, key=lambda r: -(_value(r, SPEEDUP) or 0.0))
-    x, _ = plots.frontier_axes(data.objectives)
-    return sorted(front, key=lambda r: (_value(r, x) is None, _value(r, x) or 0.0))
+    points = [{name: _value(r, name) for name, _ in data.objectives} for r in front]
+    return [front[i] for i in frontier_order(points, data.objectives)]
 
 
 def _frontier_note(data: ReportData, tag: str) -> str | None:
