@@ -377,6 +377,60 @@ def test_the_hypervolume_table_of_a_long_sweep_lists_the_trials_that_grew_it():
     assert "Only the trials that grew the hypervolume are listed" in text
 
 
+def _recorded_sweep(root: Path, experiment: str = "recorded", compute_ms=(300, 300, 300)):
+    """A sweep's record in a real SQLite MLflow store, as the sweep writes it: its parent run, the dense baseline and
+    one finished trial per ``compute_ms`` (each run that long, one after another); returns the client, the store's
+    URI and the parent run's id."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows import record, tracking
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri())
+    parent = tracking.start_parent_run(client, experiment, str(root / "sweep"), {
+        "registry": {"name": "qa-small", "policy": "best_f1_under_density", "max_density": 0.5}}, resume=False)
+    start = 1_700_000_000_000
+    runs = [("dense-baseline", record.KIND_BASELINE, 80.0, 1.0, 0)]
+    runs += [(f"trial-{i}", record.KIND_TRIAL, 70.0 - 10 * i, 0.6 - 0.2 * i, ms) for i, ms in enumerate(compute_ms)]
+    for name, kind, f1, density, ms in runs:
+        run = client.create_run(experiment_id, start_time=start, tags={
+            record.TAG_KIND: kind, record.TAG_PARENT: parent, record.TAG_STATUS: record.STATUS_FINISHED,
+            record.TAG_RUN_NAME: name})
+        client.log_batch(run.info.run_id, metrics=[mlflow_metric(record.F1, f1), mlflow_metric(
+            record.LINEAR_DENSITY, density)])
+        start += ms
+        client.set_terminated(run.info.run_id, end_time=start)
+    return client, uri, parent
+
+
+def mlflow_metric(name: str, value: float):
+    from mlflow.entities import Metric
+
+    return Metric(name, value, 1_700_000_000_000, 0)
+
+
+def test_trials_ending_within_one_second_of_compute_keep_their_own_seconds_in_the_report(tmp_path):
+    """Three trials of 0.3 s each: the compute steps round to whole seconds and share one, yet the report still
+    pairs every step of the hypervolume with its trial compute seconds (not a '–' in every cell, nor one point)."""
+    from workflows import record, tracking
+    from workflows.frontier import reference_point
+
+    client, uri, parent = _recorded_sweep(tmp_path)
+    runs = tracking.trial_runs(client, "recorded", parent, include_baseline=True)
+    series = tracking.hypervolume_series(runs, F1_DENSITY, reference_point(F1_DENSITY))
+    tracking.log_hypervolume(client, parent, series)
+    tracking.log_hypervolume(client, parent, series)  # a resumed sweep logs the same steps again: nothing new
+    assert [s for s, _ in record.metric_history(client, parent, record.HYPERVOLUME_COMPUTE)] == [0.0, 1.0]
+
+    data = collect_report_data("recorded", tracking_uri=uri)
+    assert [step for step, _ in data.hypervolume] == [0.0, 1.0, 2.0, 3.0]
+    assert [seconds for seconds, _ in data.hypervolume_compute] == pytest.approx([0.0, 0.3, 0.6, 0.9])
+    assert [value for _, value in data.hypervolume_compute] == [value for _, value in data.hypervolume]
+    assert _markdown_table(render_markdown(data), "## Search progress") == [
+        ["0", "0", "0"], ["1", "0", "28"], ["2", "1", "40"], ["3", "1", "50"]]
+
+
 def test_the_template_ships_in_the_wheel(tmp_path):
     """The page's template, style sheet and script are package data: a wheel built from pyproject.toml has them."""
     root = Path(__file__).resolve().parents[1]

@@ -47,7 +47,8 @@ __all__ = [
     "flat_params", "params_under", "search_types", "sweep_objectives",
     # metrics
     "EXACT_MATCH", "F1", "LINEAR_DENSITY", "TOTAL_DENSITY", "HEADS_REMOVED", "SPEEDUP", "MAX_LOGIT_DIFF",
-    "PARAMS_AFTER", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "SEARCH_REPEATS", "SEARCH_STEERED",
+    "PARAMS_AFTER", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "TRIAL_COMPUTE",
+    "SEARCH_REPEATS", "SEARCH_STEERED",
     "PAUSED_S", "FINAL_METRICS", "EVAL_METRICS", "METRIC_MODES", "METRIC_BEST",
     "DENSITY_OBJECTIVES", "SPEED_OBJECTIVES",
     # artifacts
@@ -118,7 +119,8 @@ PARAMS_AFTER = "params_after"  # parameters of the packed model (pruning.packing
 STEP = "step"
 LOSS = "loss"
 HYPERVOLUME = "hypervolume"  # on the parent run, step = trials completed
-HYPERVOLUME_COMPUTE = "hypervolume_by_compute_s"  # the same values, step = trial seconds spent so far
+HYPERVOLUME_COMPUTE = "hypervolume_by_compute_s"  # the same values, step = trial seconds spent so far (whole ones)
+TRIAL_COMPUTE = "trial_compute_s"  # on the parent run, step = trials completed: the trial seconds spent so far
 SEARCH_REPEATS = "search_repeats"  # on the parent run: suggestions of configurations that already ran
 SEARCH_STEERED = "search_steered"  # on the parent run: untried configurations run in their place
 PAUSED_S = "paused_s"  # trial runs: seconds the run stood ended between sweep sessions (a resume reopened it)

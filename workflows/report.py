@@ -41,7 +41,7 @@ from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR,
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
                               TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TOTAL_DENSITY,
-                              RegistrySpec)
+                              TRIAL_COMPUTE, RegistrySpec)
 
 __all__ = [
     "ChampionCard",
@@ -730,13 +730,24 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
         value = params.get(f"{PARAM_REGISTRY}{key}")
         if policy and value not in (None, "", "None"):
             policy += f" ({key} {value})"
+    hypervolume = record.metric_history(client, parent_id, HYPERVOLUME)
     return ReportData(
         experiment=experiment, sweep_run_id=parent_id, runs=runs, searched=keys, param_types=types,
         objectives=record.sweep_objectives(params), champion=_champion(client, parent, uri), policy=policy,
         tracking_uri=uri, sweep_url=run_url(uri, experiment_id, parent_id),
         generated=time.strftime("%Y-%m-%d %H:%M:%S"),
-        hypervolume=record.metric_history(client, parent_id, HYPERVOLUME),
-        hypervolume_compute=record.metric_history(client, parent_id, HYPERVOLUME_COMPUTE))
+        hypervolume=hypervolume, hypervolume_compute=_hypervolume_by_compute(client, parent_id, hypervolume))
+
+
+def _hypervolume_by_compute(client: MlflowClient, parent_id: str,
+                            by_trials: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The hypervolume against the trial compute seconds spent, one point per step of ``by_trials``: each step's
+    seconds as the sweep logged them (``trial_compute_s``). A sweep logged before them gives its
+    ``hypervolume_by_compute_s`` history, stepped by whole seconds (trials that ended within one share a step)."""
+    seconds = dict(record.metric_history(client, parent_id, TRIAL_COMPUTE))
+    if by_trials and all(trials in seconds for trials, _ in by_trials):
+        return [(seconds[trials], value) for trials, value in by_trials]
+    return record.metric_history(client, parent_id, HYPERVOLUME_COMPUTE)
 
 
 def write_report(experiment: str, out_dir: str | Path, tracking_uri: str | None = None,
