@@ -431,6 +431,21 @@ def test_trials_ending_within_one_second_of_compute_keep_their_own_seconds_in_th
         ["0", "0", "0"], ["1", "0", "28"], ["2", "1", "40"], ["3", "1", "50"]]
 
 
+def test_a_report_of_a_running_sweep_says_it_runs_and_of_an_interrupted_one_that_it_was(tmp_path):
+    """Finished trials, no frontier tagged yet: while the sweep's run is RUNNING the report says the sweep still
+    runs, not that it was interrupted; once it was (its run KILLED), that `--resume` finishes it."""
+    from workflows import record, tracking
+
+    client, uri, parent = _recorded_sweep(tmp_path)
+    running = render_markdown(collect_report_data("recorded", tracking_uri=uri))
+    assert running.count("it is still running (its MLflow run is RUNNING") == 2
+    assert "interrupted" not in running
+    tracking.finish_parent_run(client, parent, status="KILLED", state=record.SWEEP_INTERRUPTED)
+    stopped = render_markdown(collect_report_data("recorded", tracking_uri=uri))
+    assert stopped.count("it was interrupted (its MLflow run is KILLED): `fineprune sweep --resume` finishes it") == 2
+    assert "still running" not in stopped
+
+
 def test_the_template_ships_in_the_wheel(tmp_path):
     """The page's template, style sheet and script are package data: a wheel built from pyproject.toml has them."""
     root = Path(__file__).resolve().parents[1]

@@ -132,6 +132,8 @@ class ReportData:
         generated: when the report was made (text).
         hypervolume: the frontier's hypervolume after each completed trial, as ``(trials, hypervolume)`` pairs.
         hypervolume_compute: the same values against the trial compute seconds spent, ``(seconds, hypervolume)``.
+        sweep_status: the MLflow status of the sweep's run (``RUNNING`` while it runs, or after its process was
+            killed; ``FINISHED``; ``KILLED`` or ``FAILED`` when it was interrupted), if known.
     """
 
     experiment: str
@@ -147,6 +149,7 @@ class ReportData:
     generated: str = ""
     hypervolume: Sequence[tuple[float, float]] = ()
     hypervolume_compute: Sequence[tuple[float, float]] = ()
+    sweep_status: str | None = None
 
     @property
     def trials(self) -> pd.DataFrame:
@@ -372,8 +375,14 @@ def _untagged_note(data: ReportData, tag: str) -> str | None:
     finished = int((data.trials["status"] == STATUS_FINISHED).sum())
     if not finished or len(data.frontier(tag)):
         return None
-    return (f"No run is tagged on this frontier although {finished} trial(s) finished: the sweep tags its "
-            "frontiers when it ends (`fineprune sweep --resume` finishes an interrupted one).")
+    note = f"No run is tagged on this frontier although {finished} trial(s) finished: the sweep tags its frontiers"
+    if data.sweep_status == "RUNNING":
+        return (f"{note} when it ends, and it is still running (its MLflow run is RUNNING; if its process was killed, "
+                "`fineprune sweep --resume` finishes it).")
+    if data.sweep_status in ("KILLED", "FAILED"):
+        return (f"{note} when it ends, and it was interrupted (its MLflow run is {data.sweep_status}): "
+                "`fineprune sweep --resume` finishes it.")
+    return f"{note} when it ends (`fineprune sweep --resume` finishes an interrupted one)."
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -736,7 +745,8 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
         objectives=record.sweep_objectives(params), champion=_champion(client, parent, uri), policy=policy,
         tracking_uri=uri, sweep_url=run_url(uri, experiment_id, parent_id),
         generated=time.strftime("%Y-%m-%d %H:%M:%S"),
-        hypervolume=hypervolume, hypervolume_compute=_hypervolume_by_compute(client, parent_id, hypervolume))
+        hypervolume=hypervolume, hypervolume_compute=_hypervolume_by_compute(client, parent_id, hypervolume),
+        sweep_status=parent.info.status)
 
 
 def _hypervolume_by_compute(client: MlflowClient, parent_id: str,
