@@ -396,7 +396,8 @@ def _recorded_sweep(root: Path, experiment: str = "recorded", compute_ms=(300, 3
     for name, kind, f1, density, ms in runs:
         run = client.create_run(experiment_id, start_time=start, tags={
             record.TAG_KIND: kind, record.TAG_PARENT: parent, record.TAG_STATUS: record.STATUS_FINISHED,
-            record.TAG_RUN_NAME: name})
+            record.TAG_RUN_NAME: name, **({record.TAG_PACKED_ARTIFACT: record.ARTIFACT_PACKED_MODEL}
+                                          if kind == record.KIND_TRIAL else {})})
         client.log_batch(run.info.run_id, metrics=[mlflow_metric(record.F1, f1), mlflow_metric(
             record.LINEAR_DENSITY, density)])
         start += ms
@@ -444,6 +445,31 @@ def test_a_report_of_a_running_sweep_says_it_runs_and_of_an_interrupted_one_that
     stopped = render_markdown(collect_report_data("recorded", tracking_uri=uri))
     assert stopped.count("it was interrupted (its MLflow run is KILLED): `fineprune sweep --resume` finishes it") == 2
     assert "still running" not in stopped
+
+
+def test_the_report_names_the_policy_that_made_the_champion_not_the_sweeps(tmp_path):
+    """`fineprune register --space other.yaml` moved the champion under another policy: the report names that
+    one, as the version's tags record it, not the sweep's."""
+    from workflows import record
+    from workflows.registry import register_champion
+
+    client, uri, parent = _recorded_sweep(tmp_path)
+    client.create_registered_model("qa-small")
+    for run in client.search_runs([client.get_experiment_by_name("recorded").experiment_id],
+                                  filter_string=f"tags.`{record.TAG_KIND}` = 'trial'"):
+        client.create_model_version("qa-small", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
+                                    tags={record.TAG_TRIAL_RUN: run.info.run_id})  # the frontier's versions
+
+    spec = record.RegistrySpec.from_params(client.get_run(parent).data.params)
+    assert register_champion(client, "recorded", parent, spec)["registered"]  # the sweep's own choice
+    assert collect_report_data("recorded", tracking_uri=uri).policy == "best_f1_under_density (max_density 0.5)"
+
+    other = record.RegistrySpec("qa-small", policy="min_density_within_f1_drop", max_f1_drop=35.0)
+    moved = register_champion(client, "recorded", parent, other)
+    data = collect_report_data("recorded", tracking_uri=uri)
+    assert data.champion.version == moved["version"] and data.champion_row["name"] == "trial-2"
+    assert data.policy == "min_density_within_f1_drop (max_f1_drop 35)"
+    assert "- **Policy**: min_density_within_f1_drop (max_f1_drop 35)" in render_markdown(data)
 
 
 def test_the_template_ships_in_the_wheel(tmp_path):

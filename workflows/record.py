@@ -41,7 +41,8 @@ __all__ = [
     "TAG_CONFIGURATION",
     "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR",
     # tags of registered versions, the alias
-    "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_VERSION_PRECISION", "TAG_ONNX", "ALIAS",
+    "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "TAG_VERSION_PRECISION", "TAG_ONNX",
+    "ALIAS",
     # params
     "PARAM_SEARCHED", "PARAM_REGISTRY", "PARAM_SPEEDUP", "PARAM_RESOURCES", "PARAM_SEARCH", "PARAM_OBJECTIVES",
     "flat_params", "params_under", "search_types", "sweep_objectives",
@@ -56,7 +57,7 @@ __all__ = [
     "ARTIFACT_REPORT_DIR", "ARTIFACT_REPORT_HTML", "ARTIFACT_REPORT_MARKDOWN", "ARTIFACT_QA_MODEL",
     "ARTIFACT_MODEL_DIR", "ARTIFACT_ONNX_DIR",
     # the registry spec, the readers
-    "RegistrySpec", "latest_sweep", "trials", "metric_history", "COLUMNS",
+    "RegistrySpec", "POLICY_THRESHOLDS", "policy_text", "latest_sweep", "trials", "metric_history", "COLUMNS",
 ]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -93,7 +94,8 @@ TAG_ERROR = "fineprune.error"  # one line: why the trial failed (its exception, 
 # ---- tags of registered model versions ------------------------------------------------------------------------
 TAG_TRIAL_RUN = "fineprune.trial_run_id"
 TAG_SWEEP_RUN = "sweep_run_id"
-TAG_POLICY = "policy"
+TAG_POLICY = "policy"  # the champion policy that made the version champion
+TAG_POLICY_THRESHOLD = "policy_threshold"  # and its threshold as text, e.g. "max_density 0.5"
 TAG_VERSION_PRECISION = "precision"  # the precision the version's EM/F1 were measured in
 TAG_ONNX = "onnx"  # the ONNX Runtime variants the version carries ("fp32,int8"), or why it carries none
 ALIAS = "champion"
@@ -212,6 +214,16 @@ def _optional_float(value: str | None) -> float | None:
     return float(value)
 
 
+# The threshold each champion policy reads.
+POLICY_THRESHOLDS = {"best_f1_under_density": "max_density", "min_density_within_f1_drop": "max_f1_drop",
+                     "fastest_within_f1_drop": "max_f1_drop", "best_f1_under_latency": "max_latency_ms"}
+
+
+def policy_text(policy: str, threshold: str | None) -> str:
+    """A champion policy as the report shows it: ``"best_f1_under_density (max_density 0.5)"``."""
+    return f"{policy} ({threshold})" if threshold else policy
+
+
 @dataclass(frozen=True)
 class RegistrySpec:
     """Which trial becomes the registered champion: a policy and its one threshold.
@@ -226,6 +238,16 @@ class RegistrySpec:
     max_f1_drop: float | None = None  # *_within_f1_drop: F1 points below the dense teacher's F1
     max_latency_ms: float | None = None  # best_f1_under_latency: measured latency of the registered version
     onnx: bool = True  # export each new version for ONNX Runtime; False: new versions serve through PyTorch
+
+    def threshold(self) -> str:
+        """The policy's threshold as text, ``"max_density 0.5"`` (empty when the policy has none given)."""
+        key = POLICY_THRESHOLDS.get(self.policy)
+        value = getattr(self, key) if key else None
+        return "" if value is None else f"{key} {value:g}"
+
+    def describe(self) -> str:
+        """The policy with its threshold, ``"best_f1_under_density (max_density 0.5)"``."""
+        return policy_text(self.policy, self.threshold())
 
     def to_params(self) -> dict[str, str]:
         """The spec as the parent run's params (the same names and values as the flattened space)."""

@@ -64,8 +64,8 @@ from workflows import record
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
                               EXACT_MATCH, F1, FINAL_METRICS, FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY,
                               PARAM_RESOURCES, PARAM_SPEEDUP, RUNTIMES, SPEEDUP, STATUS_FINISHED, TAG_ONNX, TAG_POLICY,
-                              TAG_PRECISION, TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TAG_VERSION_PRECISION,
-                              RegistrySpec)
+                              TAG_POLICY_THRESHOLD, TAG_PRECISION, TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN,
+                              TAG_VERSION_PRECISION, RegistrySpec)
 from workflows.space import load_space
 
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
@@ -415,7 +415,6 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         except SelectionError as err:
             logger.warning("registry policy %s: %s; no champion", policy, err)
             return {"registered": False, "policy": policy, "name": name}
-        client.set_model_version_tag(name, chosen["version"], TAG_POLICY, policy)
         keep = ("name", "version", "model_uri", "run_id", F1, EXACT_MATCH, LINEAR_DENSITY, SPEEDUP, "latency_ms")
         return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}}
 
@@ -440,7 +439,7 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         logger.warning("no trial of experiment %r satisfies the registry policy %s; nothing registered", experiment,
                        policy)
         return {"registered": False, "policy": policy, "name": name}
-    return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx)
+    return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx, spec.threshold())
 
 
 def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | None = None) -> tuple[Path | None, str]:
@@ -778,15 +777,16 @@ def _tag_version(client, name: str, version, run, parent_run_id: str, extra: dic
 
 
 def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str,
-                 onnx: bool = True) -> dict[str, Any]:
+                 onnx: bool = True, threshold: str = "") -> dict[str, Any]:
     """Register a trial run's packed model under ``name`` with alias ``champion``; reuse an existing version.
 
-    ``onnx``: export a new version for ONNX Runtime (False: it serves through PyTorch).
+    ``onnx``: export a new version for ONNX Runtime (False: it serves through PyTorch). The version is tagged with
+    the ``policy`` that chose it and its ``threshold`` (:meth:`RegistrySpec.threshold`).
     """
     _ensure_model(client, name)
     run = client.get_run(run_id)
     version = _version_of_run(client, name, run, onnx)
-    _tag_version(client, name, version, run, parent_run_id, {TAG_POLICY: policy})
+    _tag_version(client, name, version, run, parent_run_id, {TAG_POLICY: policy, TAG_POLICY_THRESHOLD: threshold})
     client.set_registered_model_alias(name, ALIAS, version.version)
     uri = f"models:/{name}@{ALIAS}"
     metrics = run.data.metrics
@@ -1079,6 +1079,10 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         raise SelectionError(f"no version of {name!r} is within {max_latency_ms:g} ms at batch {batch_size}, "
                              f"sequence {seq_len}, {threads} threads ({reason}); alias {alias!r} left as it was")
     try:
+        if alias == ALIAS:  # the champion: its version records the policy that made it one
+            for key, value in ((TAG_POLICY, "best_f1_under_latency"),
+                               (TAG_POLICY_THRESHOLD, f"max_latency_ms {max_latency_ms:g}")):
+                client.set_model_version_tag(name, chosen["version"], key, value)
         client.set_registered_model_alias(name, alias, chosen["version"])
     except MlflowException as err:
         raise SelectionError(f"alias {alias!r} of {name!r}: {str(err).splitlines()[0]}") from None

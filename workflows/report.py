@@ -40,8 +40,8 @@ from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR,
                               ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, HEADS_REMOVED,
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
-                              TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TOTAL_DENSITY,
-                              TRIAL_COMPUTE, RegistrySpec)
+                              TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_SWEEP_RUN,
+                              TAG_TRIAL_RUN, TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec)
 
 __all__ = [
     "ChampionCard",
@@ -89,6 +89,8 @@ class ChampionCard:
         alias_current: the ``champion`` alias points at this version (False when a later sweep moved it).
         tracking_uri: where the registry lives (for the loading snippet); None to leave it out.
         url: link to the model version in the MLflow UI, when a tracking server is known.
+        policy: the policy that made this version champion and its threshold, as the version's tags record them
+            (``fineprune register --space`` or ``fineprune select`` may have used another than the sweep's).
     """
 
     model_name: str
@@ -103,6 +105,7 @@ class ChampionCard:
     alias_current: bool = True
     tracking_uri: str | None = None
     url: str | None = None
+    policy: str | None = None
 
     @property
     def model_uri(self) -> str:
@@ -655,11 +658,28 @@ def _champion(client: MlflowClient, parent, tracking_uri: str) -> ChampionCard |
         version, current = max(chosen, key=lambda v: int(v.version)), False
     run_id = version.tags.get(TAG_TRIAL_RUN) or version.run_id
     structure = _packed_structure(client, run_id)
+    policy = version.tags.get(TAG_POLICY) or None
+    if policy is not None:
+        threshold = version.tags.get(TAG_POLICY_THRESHOLD)
+        sweep = _sweep_policy(parent.data.params)
+        if threshold is None and sweep is not None and sweep.policy == policy:
+            threshold = sweep.threshold()  # a version tagged before versions recorded the threshold
+        policy = record.policy_text(policy, threshold)
     server = _server(tracking_uri)
     return ChampionCard(
         model_name=name, version=str(version.version), run_id=run_id, alias_current=current,
         tracking_uri=None if tracking_uri == "databricks" else tracking_uri,
-        url=None if server is None else f"{server}/#/models/{name}/versions/{version.version}", **structure)
+        url=None if server is None else f"{server}/#/models/{name}/versions/{version.version}", policy=policy,
+        **structure)
+
+
+def _sweep_policy(params: Mapping[str, str]) -> RegistrySpec | None:
+    """The registry policy the sweep's run records, or None."""
+    try:
+        spec = RegistrySpec.from_params(params)
+    except record.RecordError:
+        return None
+    return spec if params.get(f"{PARAM_REGISTRY}policy") else None
 
 
 def _packed_structure(client: MlflowClient, run_id: str) -> dict[str, Any]:
@@ -734,15 +754,19 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
     types = record.search_types(params)
     logged = [c[len(PARAM_SEARCHED):] for c in runs.columns if c.startswith(PARAM_SEARCHED)]
     keys = [*types, *(k for k in logged if k not in types)]  # keys the parent does not describe (older sweeps)
-    policy = params.get(f"{PARAM_REGISTRY}policy")
-    for key in ("max_density", "max_f1_drop", "max_latency_ms"):
-        value = params.get(f"{PARAM_REGISTRY}{key}")
-        if policy and value not in (None, "", "None"):
-            policy += f" ({key} {value})"
+    champion = _champion(client, parent, uri)
+    if champion is not None:  # what made it champion, which may be another policy than the sweep's
+        policy = champion.policy
+    else:  # the sweep's policy, which chose none
+        policy = params.get(f"{PARAM_REGISTRY}policy")
+        for key in ("max_density", "max_f1_drop", "max_latency_ms"):
+            value = params.get(f"{PARAM_REGISTRY}{key}")
+            if policy and value not in (None, "", "None"):
+                policy += f" ({key} {value})"
     hypervolume = record.metric_history(client, parent_id, HYPERVOLUME)
     return ReportData(
         experiment=experiment, sweep_run_id=parent_id, runs=runs, searched=keys, param_types=types,
-        objectives=record.sweep_objectives(params), champion=_champion(client, parent, uri), policy=policy,
+        objectives=record.sweep_objectives(params), champion=champion, policy=policy,
         tracking_uri=uri, sweep_url=run_url(uri, experiment_id, parent_id),
         generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         hypervolume=hypervolume, hypervolume_compute=_hypervolume_by_compute(client, parent_id, hypervolume),
