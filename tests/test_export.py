@@ -228,6 +228,18 @@ def test_export_eval_and_ask_from_the_command_line(masked_checkpoint, tmp_path, 
     assert last_json(run_cli(capsys, "eval", str(out), "--variant", "fp32", *window))["f1"] == fp32_metrics["f1"]
 
 
+def test_eval_of_an_export_reports_the_precision_of_the_variant_it_ran(masked_checkpoint, tmp_path, capsys):
+    """The int8 model computes in int8, as the served model reports it: not ``"precision": "fp32"``."""
+    from pruning.export import export_checkpoint
+
+    out = tmp_path / "onnx"
+    export_checkpoint(masked_checkpoint, out, quantize="int8", questions=2)
+    window = ("--limit", "2", "--max-seq-length", "128", "--doc-stride", "32", "--no-progress")
+    for given, variant in ((), "int8"), (("--variant", "fp32"), "fp32"), (("--variant", "int8"), "int8"):
+        metrics = last_json(run_cli(capsys, "eval", str(out), *given, *window))
+        assert (metrics["variant"], metrics["precision"]) == (variant, variant), given
+
+
 def test_the_exported_directory_gets_the_mode_mkdir_gives(masked_checkpoint, tmp_path):
     import os
     import stat

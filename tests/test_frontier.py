@@ -97,10 +97,11 @@ def test_frontier_table_sorted_by_density_with_chosen_columns():
     assert frontier_table(points, F1_DENSITY)[0] == {"f1": 50.0, "linear_density": 0.1}
 
 
-def test_frontier_table_without_a_density_objective_sorts_by_the_first():
+def test_frontier_table_without_a_density_objective_sorts_along_the_plots_x_axis():
+    """The last objective, as the frontier plot shows it across and the report lists it."""
     points = [{"f1": 80.0, "speedup": 1.0}, {"f1": 60.0, "speedup": 3.0}, {"f1": 70.0, "speedup": 2.0}]
     rows = frontier_table(points, [("f1", "max"), ("speedup", "max")], ["f1"])
-    assert [r["f1"] for r in rows] == [60.0, 70.0, 80.0]
+    assert [r["f1"] for r in rows] == [80.0, 70.0, 60.0]
 
 
 # --- property test against the definition ----------------------------------------------------------------------

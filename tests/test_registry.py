@@ -272,6 +272,34 @@ def test_the_budget_is_checked_once_on_the_unrounded_latency(record, registered,
     assert all(row["within_budget"] for row in rows.values())
 
 
+def test_select_of_the_champion_records_the_policy_that_chose_it(record, registered):
+    """`fineprune select` moving the champion tags the version with its policy and budget, as a registration
+    does, so that the sweep's report names what chose it; another alias leaves the policy tags alone."""
+    client = record["client"]
+    chosen = registry.select_by_latency(client, NAME, 1e4, seq_len=32, repeats=1, warmup=0, runtime="torch")
+    tags = client.get_model_version(NAME, chosen["version"]).tags
+    assert (tags["policy"], tags["policy_threshold"]) == ("best_f1_under_latency", "max_latency_ms 10000")
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == chosen["version"]
+    other = registry.select_by_latency(client, NAME, 1e6, seq_len=32, repeats=1, warmup=0, runtime="torch",
+                                       alias="edge")
+    assert other["version"] == chosen["version"]  # the most accurate, within both budgets
+    assert client.get_model_version(NAME, other["version"]).tags["policy_threshold"] == "max_latency_ms 10000"
+    client.delete_registered_model_alias(NAME, "edge")
+
+
+def test_select_names_the_speedup_it_timed_apart_from_the_trials(record, registered):
+    """The chosen version and every listed one give the speedup timed here as `served_speedup` (dense latency over
+    the version's, as it serves) beside the trial's own `speedup` (1.0 in this record), never under one name."""
+    client = record["client"]
+    result = registry.select_by_latency(client, NAME, 1e6, seq_len=32, repeats=1, warmup=0, runtime="torch",
+                                        alias="speeds")
+    client.delete_registered_model_alias(NAME, "speeds")
+    for row in (result, *result["versions"]):
+        assert "measured_speedup" not in row and row["speedup"] == 1.0  # the trial's, as its version's tag has it
+        assert row["served_speedup"] == pytest.approx(row["dense_latency_ms"] / row["latency_ms"], rel=1e-3)
+    assert result["served_by"] == "torch"
+
+
 def test_a_version_whose_trial_left_the_frontier_is_untagged_and_no_longer_a_candidate(record, registered):
     """A resumed sweep's later trials can dominate a point registered before: registering the frontier again turns
     its version's frontier tags false, and the sweep's latency policy no longer chooses among it."""

@@ -191,6 +191,24 @@ def test_the_trial_count_of_an_unended_sweep_adds_up():
     assert '<span class="badge st-interrupted">interrupted</span>' in page
 
 
+@pytest.mark.parametrize("objectives", [[("f1", "max"), ("speedup", "max")], [("speedup", "max"), ("f1", "max")],
+                                        [("f1", "max"), ("heads_removed", "max")], F1_DENSITY])
+def test_the_report_lists_the_frontier_in_the_order_of_frontier_json(objectives):
+    """The sweep's frontier.json and summary (frontier_table) and the report list the same points in one order."""
+    from workflows.frontier import frontier_table
+
+    points = [{"name": "a", "f1": 80.0, "speedup": 1.0, "heads_removed": 1.0, "linear_density": 0.9},
+              {"name": "b", "f1": 60.0, "speedup": 3.0, "heads_removed": 6.0, "linear_density": 0.2},
+              {"name": "c", "f1": 70.0, "speedup": 2.0, "heads_removed": 3.0, "linear_density": 0.5}]
+    rows = [_row(p["name"], p["name"], "trial", "finished", {},
+                 _metrics(p["f1"], 1.0, p["linear_density"], p["speedup"], p["heads_removed"]), None, True)
+            for p in points]
+    data = ReportData(experiment="exp", sweep_run_id="parent", runs=pd.DataFrame(rows), objectives=objectives)
+    heading = next(line for line in render_markdown(data).splitlines() if line.startswith("## Pareto frontier: "))
+    listed = [row[0] for row in _markdown_table(render_markdown(data), heading)]
+    assert listed == [row["name"] for row in frontier_table(points, objectives, ["name"])]
+
+
 def test_a_sweep_that_has_not_tagged_its_frontier_says_so():
     data = _sweep()
     runs = data.runs.copy()
@@ -357,6 +375,101 @@ def test_the_hypervolume_table_of_a_long_sweep_lists_the_trials_that_grew_it():
     assert [row[0] for row in rows] == ["0", "3", "9", "40", "41", "120", "300", "301", "500"]
     assert rows[-1] == ["500", "30000", "31.25"] and rows[3] == ["40", "2400", "20"]
     assert "Only the trials that grew the hypervolume are listed" in text
+
+
+def _recorded_sweep(root: Path, experiment: str = "recorded", compute_ms=(300, 300, 300)):
+    """A sweep's record in a real SQLite MLflow store, as the sweep writes it: its parent run, the dense baseline and
+    one finished trial per ``compute_ms`` (each run that long, one after another); returns the client, the store's
+    URI and the parent run's id."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows import record, tracking
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri())
+    parent = tracking.start_parent_run(client, experiment, str(root / "sweep"), {
+        "registry": {"name": "qa-small", "policy": "best_f1_under_density", "max_density": 0.5}}, resume=False)
+    start = 1_700_000_000_000
+    runs = [("dense-baseline", record.KIND_BASELINE, 80.0, 1.0, 0)]
+    runs += [(f"trial-{i}", record.KIND_TRIAL, 70.0 - 10 * i, 0.6 - 0.2 * i, ms) for i, ms in enumerate(compute_ms)]
+    for name, kind, f1, density, ms in runs:
+        run = client.create_run(experiment_id, start_time=start, tags={
+            record.TAG_KIND: kind, record.TAG_PARENT: parent, record.TAG_STATUS: record.STATUS_FINISHED,
+            record.TAG_RUN_NAME: name, **({record.TAG_PACKED_ARTIFACT: record.ARTIFACT_PACKED_MODEL}
+                                          if kind == record.KIND_TRIAL else {})})
+        client.log_batch(run.info.run_id, metrics=[mlflow_metric(record.F1, f1), mlflow_metric(
+            record.LINEAR_DENSITY, density)])
+        start += ms
+        client.set_terminated(run.info.run_id, end_time=start)
+    return client, uri, parent
+
+
+def mlflow_metric(name: str, value: float):
+    from mlflow.entities import Metric
+
+    return Metric(name, value, 1_700_000_000_000, 0)
+
+
+def test_trials_ending_within_one_second_of_compute_keep_their_own_seconds_in_the_report(tmp_path):
+    """Three trials of 0.3 s each: the compute steps round to whole seconds and share one, yet the report still
+    pairs every step of the hypervolume with its trial compute seconds (not a '–' in every cell, nor one point)."""
+    from workflows import record, tracking
+    from workflows.frontier import reference_point
+
+    client, uri, parent = _recorded_sweep(tmp_path)
+    runs = tracking.trial_runs(client, "recorded", parent, include_baseline=True)
+    series = tracking.hypervolume_series(runs, F1_DENSITY, reference_point(F1_DENSITY))
+    tracking.log_hypervolume(client, parent, series)
+    tracking.log_hypervolume(client, parent, series)  # a resumed sweep logs the same steps again: nothing new
+    assert [s for s, _ in record.metric_history(client, parent, record.HYPERVOLUME_COMPUTE)] == [0.0, 1.0]
+
+    data = collect_report_data("recorded", tracking_uri=uri)
+    assert [step for step, _ in data.hypervolume] == [0.0, 1.0, 2.0, 3.0]
+    assert [seconds for seconds, _ in data.hypervolume_compute] == pytest.approx([0.0, 0.3, 0.6, 0.9])
+    assert [value for _, value in data.hypervolume_compute] == [value for _, value in data.hypervolume]
+    assert _markdown_table(render_markdown(data), "## Search progress") == [
+        ["0", "0", "0"], ["1", "0", "28"], ["2", "1", "40"], ["3", "1", "50"]]
+
+
+def test_a_report_of_a_running_sweep_says_it_runs_and_of_an_interrupted_one_that_it_was(tmp_path):
+    """Finished trials, no frontier tagged yet: while the sweep's run is RUNNING the report says the sweep still
+    runs, not that it was interrupted; once it was (its run KILLED), that `--resume` finishes it."""
+    from workflows import record, tracking
+
+    client, uri, parent = _recorded_sweep(tmp_path)
+    running = render_markdown(collect_report_data("recorded", tracking_uri=uri))
+    assert running.count("it is still running (its MLflow run is RUNNING") == 2
+    assert "interrupted" not in running
+    tracking.finish_parent_run(client, parent, status="KILLED", state=record.SWEEP_INTERRUPTED)
+    stopped = render_markdown(collect_report_data("recorded", tracking_uri=uri))
+    assert stopped.count("it was interrupted (its MLflow run is KILLED): `fineprune sweep --resume` finishes it") == 2
+    assert "still running" not in stopped
+
+
+def test_the_report_names_the_policy_that_made_the_champion_not_the_sweeps(tmp_path):
+    """`fineprune register --space other.yaml` moved the champion under another policy: the report names that
+    one, as the version's tags record it, not the sweep's."""
+    from workflows import record
+    from workflows.registry import register_champion
+
+    client, uri, parent = _recorded_sweep(tmp_path)
+    client.create_registered_model("qa-small")
+    for run in client.search_runs([client.get_experiment_by_name("recorded").experiment_id],
+                                  filter_string=f"tags.`{record.TAG_KIND}` = 'trial'"):
+        client.create_model_version("qa-small", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
+                                    tags={record.TAG_TRIAL_RUN: run.info.run_id})  # the frontier's versions
+
+    spec = record.RegistrySpec.from_params(client.get_run(parent).data.params)
+    assert register_champion(client, "recorded", parent, spec)["registered"]  # the sweep's own choice
+    assert collect_report_data("recorded", tracking_uri=uri).policy == "best_f1_under_density (max_density 0.5)"
+
+    other = record.RegistrySpec("qa-small", policy="min_density_within_f1_drop", max_f1_drop=35.0)
+    moved = register_champion(client, "recorded", parent, other)
+    data = collect_report_data("recorded", tracking_uri=uri)
+    assert data.champion.version == moved["version"] and data.champion_row["name"] == "trial-2"
+    assert data.policy == "min_density_within_f1_drop (max_f1_drop 35)"
+    assert "- **Policy**: min_density_within_f1_drop (max_f1_drop 35)" in render_markdown(data)
 
 
 def test_the_template_ships_in_the_wheel(tmp_path):

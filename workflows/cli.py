@@ -212,7 +212,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def _load_any(model_dir: str, precision: str, variant: str | None, device: str = "cpu"):
     """A PyTorch model directory (on ``device``), or an exported one (run by ONNX Runtime on the CPU): the model,
-    its tokenizer, the resolved precision and the device. The settings are checked before any weights are read."""
+    its tokenizer, the resolved precision (an exported model's: its variant, ``fp32`` or ``int8``) and the device.
+    The settings are checked before any weights are read."""
     from pruning.averaging import holds_average
     from pruning.checkpoint import load_model, load_tokenizer
     from pruning.export import is_exported_dir, load_exported
@@ -227,7 +228,9 @@ def _load_any(model_dir: str, precision: str, variant: str | None, device: str =
         if precision == "bf16":
             raise UserError("--precision bf16: an exported model runs at the precision it was exported with "
                             "(--variant fp32 or int8)")
-        return load_exported(path, variant=variant), load_tokenizer(path), "fp32", resolve_device("cpu")
+        model = load_exported(path, variant=variant)
+        # It computes in its variant (fp32 or int8), as the served model reports its precision.
+        return model, load_tokenizer(path), model.variant, resolve_device("cpu")
     if variant is not None:
         raise UserError(f"{path}: --variant applies to exported directories (see `fineprune export`)")
     if precision is None:  # no --precision: the one the run that wrote the model evaluated it in, where it runs

@@ -23,8 +23,8 @@ import numpy as np
 
 from workflows.record import EXACT_MATCH, F1, HEADS_REMOVED, LINEAR_DENSITY, SPEEDUP, TOTAL_DENSITY
 
-__all__ = ["pareto_front", "frontier_table", "DEFAULT_REFERENCE", "reference_point", "hypervolume",
-           "hypervolume_progress"]
+__all__ = ["pareto_front", "frontier_axis", "frontier_order", "frontier_table", "DEFAULT_REFERENCE", "reference_point",
+           "hypervolume", "hypervolume_progress"]
 
 # Reference values of the metrics a sweep may optimise: the worst value that still counts.
 DEFAULT_REFERENCE: dict[str, float] = {F1: 0.0, EXACT_MATCH: 0.0, LINEAR_DENSITY: 1.0, TOTAL_DENSITY: 1.0,
@@ -90,19 +90,39 @@ def _non_dominated(scores: np.ndarray) -> list[int]:
     return front
 
 
-def _density_objective(objectives: Sequence[tuple[str, str]]) -> tuple[str, str]:
-    for name, mode in objectives:
-        if "density" in name:
-            return name, mode
-    return objectives[0]
+def frontier_axis(objectives: Sequence[tuple[str, str]]) -> str:
+    """The objective a frontier is laid out along: the first whose name contains ``density``, else the last one.
+
+    The frontier plot shows it across, and every listing of a frontier (``frontier.json``, the sweep's summary and
+    log, the report's tables) is sorted along it by :func:`frontier_order`.
+    """
+    _check_objectives(objectives)
+    names = [name for name, _ in objectives]
+    return next((name for name in names if "density" in name), names[-1])
+
+
+def frontier_order(points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]]) -> list[int]:
+    """Indices of ``points`` in the order a frontier is listed: ascending along :func:`frontier_axis` (as the plot
+    reads left to right), ties by the other objectives, best first, then as given. A point missing a value (not a
+    finite number) goes after those that have it."""
+    axis = frontier_axis(objectives)
+    others = [(name, mode) for name, mode in objectives if name != axis]
+
+    def key(index: int) -> tuple[Any, ...]:
+        point = points[index]
+        out: list[Any] = []
+        for name, sign in ((axis, 1.0), *((name, -1.0 if mode == "max" else 1.0) for name, mode in others)):
+            value = _value(point, name)
+            out += [value is None, 0.0 if value is None else sign * value]
+        return (*out, index)
+
+    return sorted(range(len(points)), key=key)
 
 
 def frontier_table(points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],
                    columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """The frontier's points as table rows, sorted by density.
-
-    Rows are sorted by the first objective whose name contains ``density`` (the first objective when none does),
-    ascending; ties are ordered by the other objectives, best first.
+    """The frontier's points as table rows, in :func:`frontier_order`: ascending along :func:`frontier_axis` (the
+    first density objective, else the last objective), ties by the other objectives, best first.
 
     Args:
         points: one mapping per trial, as for :func:`pareto_front`.
@@ -114,16 +134,8 @@ def frontier_table(points: Sequence[Mapping[str, Any]], objectives: Sequence[tup
     """
     front = pareto_front(points, objectives)
     columns = list(columns) if columns is not None else [name for name, _ in objectives]
-    sort_name, _ = _density_objective(objectives)
-    others = [(name, mode) for name, mode in objectives if name != sort_name]
-
-    def key(index: int) -> tuple[float, ...]:
-        # Frontier points have every objective as a finite number.
-        point = points[index]
-        rest = [(-1.0 if mode == "max" else 1.0) * float(point[name]) for name, mode in others]
-        return (float(point[sort_name]), *rest, float(index))
-
-    return [{column: points[i].get(column) for column in columns} for i in sorted(front, key=key)]
+    order = frontier_order([points[i] for i in front], objectives)
+    return [{column: points[front[i]].get(column) for column in columns} for i in order]
 
 
 def reference_point(objectives: Sequence[tuple[str, str]],

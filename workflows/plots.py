@@ -23,6 +23,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from workflows.frontier import frontier_axis
 from workflows.record import (EXACT_MATCH, F1, HEADS_REMOVED, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
                               PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUS_INTERRUPTED,
                               STATUS_ORPHANED, STATUS_STOPPED_EARLY, TAG_PARETO, TAG_PARETO_SPEED, TOTAL_DENSITY)
@@ -48,10 +49,11 @@ def metric_label(metric: str) -> str:
 
 
 def frontier_axes(objectives: Sequence[tuple[str, str]]) -> tuple[str, str]:
-    """The ``(x, y)`` metrics that show the frontier of ``objectives``: a density objective across (else the last
-    objective), the first other objective up (F1 when there is only one objective)."""
+    """The ``(x, y)`` metrics that show the frontier of ``objectives``: :func:`workflows.frontier.frontier_axis`
+    across (a density objective, else the last objective), the first other objective up (F1 when there is only
+    one objective)."""
     names = [name for name, _ in objectives]
-    x = next((name for name in names if "density" in name), names[-1])
+    x = frontier_axis(objectives)
     y = next((name for name in names if name != x), F1 if x != F1 else LINEAR_DENSITY)
     return x, y
 

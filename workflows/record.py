@@ -41,13 +41,15 @@ __all__ = [
     "TAG_CONFIGURATION",
     "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR",
     # tags of registered versions, the alias
-    "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_VERSION_PRECISION", "TAG_ONNX", "ALIAS",
+    "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "TAG_VERSION_PRECISION", "TAG_ONNX",
+    "ALIAS",
     # params
     "PARAM_SEARCHED", "PARAM_REGISTRY", "PARAM_SPEEDUP", "PARAM_RESOURCES", "PARAM_SEARCH", "PARAM_OBJECTIVES",
     "flat_params", "params_under", "search_types", "sweep_objectives",
     # metrics
     "EXACT_MATCH", "F1", "LINEAR_DENSITY", "TOTAL_DENSITY", "HEADS_REMOVED", "SPEEDUP", "MAX_LOGIT_DIFF",
-    "PARAMS_AFTER", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "SEARCH_REPEATS", "SEARCH_STEERED",
+    "PARAMS_AFTER", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "TRIAL_COMPUTE",
+    "SEARCH_REPEATS", "SEARCH_STEERED",
     "PAUSED_S", "FINAL_METRICS", "EVAL_METRICS", "METRIC_MODES", "METRIC_BEST",
     "DENSITY_OBJECTIVES", "SPEED_OBJECTIVES",
     # artifacts
@@ -55,7 +57,7 @@ __all__ = [
     "ARTIFACT_REPORT_DIR", "ARTIFACT_REPORT_HTML", "ARTIFACT_REPORT_MARKDOWN", "ARTIFACT_QA_MODEL",
     "ARTIFACT_MODEL_DIR", "ARTIFACT_ONNX_DIR",
     # the registry spec, the readers
-    "RegistrySpec", "latest_sweep", "trials", "metric_history", "COLUMNS",
+    "RegistrySpec", "POLICY_THRESHOLDS", "policy_text", "latest_sweep", "trials", "metric_history", "COLUMNS",
 ]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -92,7 +94,8 @@ TAG_ERROR = "fineprune.error"  # one line: why the trial failed (its exception, 
 # ---- tags of registered model versions ------------------------------------------------------------------------
 TAG_TRIAL_RUN = "fineprune.trial_run_id"
 TAG_SWEEP_RUN = "sweep_run_id"
-TAG_POLICY = "policy"
+TAG_POLICY = "policy"  # the champion policy that made the version champion
+TAG_POLICY_THRESHOLD = "policy_threshold"  # and its threshold as text, e.g. "max_density 0.5"
 TAG_VERSION_PRECISION = "precision"  # the precision the version's EM/F1 were measured in
 TAG_ONNX = "onnx"  # the ONNX Runtime variants the version carries ("fp32,int8"), or why it carries none
 ALIAS = "champion"
@@ -118,7 +121,8 @@ PARAMS_AFTER = "params_after"  # parameters of the packed model (pruning.packing
 STEP = "step"
 LOSS = "loss"
 HYPERVOLUME = "hypervolume"  # on the parent run, step = trials completed
-HYPERVOLUME_COMPUTE = "hypervolume_by_compute_s"  # the same values, step = trial seconds spent so far
+HYPERVOLUME_COMPUTE = "hypervolume_by_compute_s"  # the same values, step = trial seconds spent so far (whole ones)
+TRIAL_COMPUTE = "trial_compute_s"  # on the parent run, step = trials completed: the trial seconds spent so far
 SEARCH_REPEATS = "search_repeats"  # on the parent run: suggestions of configurations that already ran
 SEARCH_STEERED = "search_steered"  # on the parent run: untried configurations run in their place
 PAUSED_S = "paused_s"  # trial runs: seconds the run stood ended between sweep sessions (a resume reopened it)
@@ -210,6 +214,16 @@ def _optional_float(value: str | None) -> float | None:
     return float(value)
 
 
+# The threshold each champion policy reads.
+POLICY_THRESHOLDS = {"best_f1_under_density": "max_density", "min_density_within_f1_drop": "max_f1_drop",
+                     "fastest_within_f1_drop": "max_f1_drop", "best_f1_under_latency": "max_latency_ms"}
+
+
+def policy_text(policy: str, threshold: str | None) -> str:
+    """A champion policy as the report shows it: ``"best_f1_under_density (max_density 0.5)"``."""
+    return f"{policy} ({threshold})" if threshold else policy
+
+
 @dataclass(frozen=True)
 class RegistrySpec:
     """Which trial becomes the registered champion: a policy and its one threshold.
@@ -224,6 +238,16 @@ class RegistrySpec:
     max_f1_drop: float | None = None  # *_within_f1_drop: F1 points below the dense teacher's F1
     max_latency_ms: float | None = None  # best_f1_under_latency: measured latency of the registered version
     onnx: bool = True  # export each new version for ONNX Runtime; False: new versions serve through PyTorch
+
+    def threshold(self) -> str:
+        """The policy's threshold as text, ``"max_density 0.5"`` (empty when the policy has none given)."""
+        key = POLICY_THRESHOLDS.get(self.policy)
+        value = getattr(self, key) if key else None
+        return "" if value is None else f"{key} {value:g}"
+
+    def describe(self) -> str:
+        """The policy with its threshold, ``"best_f1_under_density (max_density 0.5)"``."""
+        return policy_text(self.policy, self.threshold())
 
     def to_params(self) -> dict[str, str]:
         """The spec as the parent run's params (the same names and values as the flattened space)."""

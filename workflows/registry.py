@@ -64,8 +64,8 @@ from workflows import record
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
                               EXACT_MATCH, F1, FINAL_METRICS, FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY,
                               PARAM_RESOURCES, PARAM_SPEEDUP, RUNTIMES, SPEEDUP, STATUS_FINISHED, TAG_ONNX, TAG_POLICY,
-                              TAG_PRECISION, TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TAG_VERSION_PRECISION,
-                              RegistrySpec)
+                              TAG_POLICY_THRESHOLD, TAG_PRECISION, TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN,
+                              TAG_VERSION_PRECISION, RegistrySpec)
 from workflows.space import load_space
 
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
@@ -415,8 +415,8 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         except SelectionError as err:
             logger.warning("registry policy %s: %s; no champion", policy, err)
             return {"registered": False, "policy": policy, "name": name}
-        client.set_model_version_tag(name, chosen["version"], TAG_POLICY, policy)
-        keep = ("name", "version", "model_uri", "run_id", F1, EXACT_MATCH, LINEAR_DENSITY, SPEEDUP, "latency_ms")
+        keep = ("name", "version", "model_uri", "run_id", F1, EXACT_MATCH, LINEAR_DENSITY, SPEEDUP, "latency_ms",
+                "served_speedup")
         return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}}
 
     runs = record.trials(client, parent_run_id)
@@ -440,7 +440,7 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         logger.warning("no trial of experiment %r satisfies the registry policy %s; nothing registered", experiment,
                        policy)
         return {"registered": False, "policy": policy, "name": name}
-    return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx)
+    return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx, spec.threshold())
 
 
 def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | None = None) -> tuple[Path | None, str]:
@@ -778,15 +778,16 @@ def _tag_version(client, name: str, version, run, parent_run_id: str, extra: dic
 
 
 def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str,
-                 onnx: bool = True) -> dict[str, Any]:
+                 onnx: bool = True, threshold: str = "") -> dict[str, Any]:
     """Register a trial run's packed model under ``name`` with alias ``champion``; reuse an existing version.
 
-    ``onnx``: export a new version for ONNX Runtime (False: it serves through PyTorch).
+    ``onnx``: export a new version for ONNX Runtime (False: it serves through PyTorch). The version is tagged with
+    the ``policy`` that chose it and its ``threshold`` (:meth:`RegistrySpec.threshold`).
     """
     _ensure_model(client, name)
     run = client.get_run(run_id)
     version = _version_of_run(client, name, run, onnx)
-    _tag_version(client, name, version, run, parent_run_id, {TAG_POLICY: policy})
+    _tag_version(client, name, version, run, parent_run_id, {TAG_POLICY: policy, TAG_POLICY_THRESHOLD: threshold})
     client.set_registered_model_alias(name, ALIAS, version.version)
     uri = f"models:/{name}@{ALIAS}"
     metrics = run.data.metrics
@@ -968,11 +969,18 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             version).
         runtime: ``served`` or ``torch``, see above.
 
+    Two speedups, of different things: ``speedup`` is the trial's, as its version's tag records it (its packed
+    PyTorch model against the dense shape, in the trial's precision, timed where the trial ran); ``served_speedup``
+    is timed here, ``dense_latency_ms / latency_ms``: the version as it runs here (``served_by``:
+    ``onnxruntime-int8``, ``onnxruntime-fp32``, ``torch-bf16`` or ``torch``) against the dense shape in PyTorch
+    fp32, so it holds the runtime's and the precision's gain as well as the pruning's.
+
     Returns:
-        The chosen version (``version``, ``model_uri``, ``latency_ms``, ``f1``, ...), the settings, and
-        ``versions``: every version's measured ``latency_ms``, ``dense_latency_ms``, ``speedup`` and whether it
-        is ``within_budget``, or for a version that cannot be loaded or fails when run here, its ``error`` (it is
-        not chosen, and the others are timed).
+        The chosen version (``version``, ``model_uri``, ``served_by``, ``latency_ms``, ``dense_latency_ms``,
+        ``served_speedup``, and its trial's ``f1``, ``speedup``, ...), the settings, and ``versions``: every
+        version's trial figures with its ``latency_ms``, ``dense_latency_ms``, ``served_speedup`` timed here and
+        whether it is ``within_budget``, or for a version that cannot be loaded or fails when run here, its
+        ``error`` (it is not chosen, and the others are timed).
 
     Raises:
         SelectionError: the model or its versions do not exist, none can be loaded and run, or no version is
@@ -1060,7 +1068,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         own = statistics.median(times[f"v{row['version']}"]) * 1000.0
         dense = statistics.median(times[dense_of[row["version"]]]) * 1000.0
         row.update({"latency_ms": own, "dense_latency_ms": dense,
-                    "measured_speedup": dense / own if own > 0 else None, "within_budget": own <= max_latency_ms})
+                    "served_speedup": dense / own if own > 0 else None, "within_budget": own <= max_latency_ms})
     settings = {"name": name, "alias": alias, "max_latency_ms": max_latency_ms, "batch_size": batch_size,
                 "seq_len": seq_len, "threads": threads, "repeats": repeats, "runtime": runtime}
     # The budget is checked once, on the unrounded latencies; the record keeps them to 4 decimals.
@@ -1070,7 +1078,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         reason = ("none of them has an F1 tag" if fastest["within_budget"] else
                   f"fastest: version {fastest['version']} at {fastest['latency_ms']:.4g} ms")
     for row in rows:
-        for key in ("latency_ms", "dense_latency_ms", "measured_speedup"):
+        for key in ("latency_ms", "dense_latency_ms", "served_speedup"):
             if row.get(key) is not None:
                 row[key] = round(row[key], 4)
     if chosen is None:
@@ -1079,13 +1087,18 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         raise SelectionError(f"no version of {name!r} is within {max_latency_ms:g} ms at batch {batch_size}, "
                              f"sequence {seq_len}, {threads} threads ({reason}); alias {alias!r} left as it was")
     try:
+        if alias == ALIAS:  # the champion: its version records the policy that made it one
+            for key, value in ((TAG_POLICY, "best_f1_under_latency"),
+                               (TAG_POLICY_THRESHOLD, f"max_latency_ms {max_latency_ms:g}")):
+                client.set_model_version_tag(name, chosen["version"], key, value)
         client.set_registered_model_alias(name, alias, chosen["version"])
     except MlflowException as err:
         raise SelectionError(f"alias {alias!r} of {name!r}: {str(err).splitlines()[0]}") from None
     logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get(F1),
                 chosen["latency_ms"], max_latency_ms)
     return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
-            "run_id": chosen["run_id"], "latency_ms": chosen["latency_ms"], "served_by": chosen["runtime"],
+            "run_id": chosen["run_id"], "served_by": chosen["runtime"], "latency_ms": chosen["latency_ms"],
+            "dense_latency_ms": chosen["dense_latency_ms"], "served_speedup": chosen["served_speedup"],
             **{k: chosen.get(k) for k in FINAL_METRICS}, "versions": rows}
 
 

@@ -35,12 +35,13 @@ from mlflow.tracking import MlflowClient
 
 from pruning import atomic
 from workflows import plots, record
+from workflows.frontier import frontier_order
 from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR, ARTIFACT_REPORT_HTML,
                               ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, HEADS_REMOVED,
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
-                              TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TOTAL_DENSITY,
-                              RegistrySpec)
+                              TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_SWEEP_RUN,
+                              TAG_TRIAL_RUN, TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec)
 
 __all__ = [
     "ChampionCard",
@@ -88,6 +89,8 @@ class ChampionCard:
         alias_current: the ``champion`` alias points at this version (False when a later sweep moved it).
         tracking_uri: where the registry lives (for the loading snippet); None to leave it out.
         url: link to the model version in the MLflow UI, when a tracking server is known.
+        policy: the policy that made this version champion and its threshold, as the version's tags record them
+            (``fineprune register --space`` or ``fineprune select`` may have used another than the sweep's).
     """
 
     model_name: str
@@ -102,6 +105,7 @@ class ChampionCard:
     alias_current: bool = True
     tracking_uri: str | None = None
     url: str | None = None
+    policy: str | None = None
 
     @property
     def model_uri(self) -> str:
@@ -131,6 +135,8 @@ class ReportData:
         generated: when the report was made (text).
         hypervolume: the frontier's hypervolume after each completed trial, as ``(trials, hypervolume)`` pairs.
         hypervolume_compute: the same values against the trial compute seconds spent, ``(seconds, hypervolume)``.
+        sweep_status: the MLflow status of the sweep's run (``RUNNING`` while it runs, or after its process was
+            killed; ``FINISHED``; ``KILLED`` or ``FAILED`` when it was interrupted), if known.
     """
 
     experiment: str
@@ -146,6 +152,7 @@ class ReportData:
     generated: str = ""
     hypervolume: Sequence[tuple[float, float]] = ()
     hypervolume_compute: Sequence[tuple[float, float]] = ()
+    sweep_status: str | None = None
 
     @property
     def trials(self) -> pd.DataFrame:
@@ -322,12 +329,13 @@ def _summary_lines(data: ReportData) -> list[tuple[str, str]]:
 
 
 def _frontier_rows(data: ReportData, tag: str) -> list[pd.Series]:
-    """The tagged frontier's runs: by the density axis, or fastest first for the speedup frontier."""
+    """The tagged frontier's runs, in the order ``frontier.json`` and the sweep's summary list them
+    (:func:`workflows.frontier.frontier_order`), or fastest first for the speedup frontier."""
     front = _rows(data.frontier(tag))
     if tag == TAG_PARETO_SPEED:
         return sorted(front, key=lambda r: -(_value(r, SPEEDUP) or 0.0))
-    x, _ = plots.frontier_axes(data.objectives)
-    return sorted(front, key=lambda r: (_value(r, x) is None, _value(r, x) or 0.0))
+    points = [{name: _value(r, name) for name, _ in data.objectives} for r in front]
+    return [front[i] for i in frontier_order(points, data.objectives)]
 
 
 def _frontier_note(data: ReportData, tag: str) -> str | None:
@@ -370,8 +378,14 @@ def _untagged_note(data: ReportData, tag: str) -> str | None:
     finished = int((data.trials["status"] == STATUS_FINISHED).sum())
     if not finished or len(data.frontier(tag)):
         return None
-    return (f"No run is tagged on this frontier although {finished} trial(s) finished: the sweep tags its "
-            "frontiers when it ends (`fineprune sweep --resume` finishes an interrupted one).")
+    note = f"No run is tagged on this frontier although {finished} trial(s) finished: the sweep tags its frontiers"
+    if data.sweep_status == "RUNNING":
+        return (f"{note} when it ends, and it is still running (its MLflow run is RUNNING; if its process was killed, "
+                "`fineprune sweep --resume` finishes it).")
+    if data.sweep_status in ("KILLED", "FAILED"):
+        return (f"{note} when it ends, and it was interrupted (its MLflow run is {data.sweep_status}): "
+                "`fineprune sweep --resume` finishes it.")
+    return f"{note} when it ends (`fineprune sweep --resume` finishes an interrupted one)."
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -644,11 +658,28 @@ def _champion(client: MlflowClient, parent, tracking_uri: str) -> ChampionCard |
         version, current = max(chosen, key=lambda v: int(v.version)), False
     run_id = version.tags.get(TAG_TRIAL_RUN) or version.run_id
     structure = _packed_structure(client, run_id)
+    policy = version.tags.get(TAG_POLICY) or None
+    if policy is not None:
+        threshold = version.tags.get(TAG_POLICY_THRESHOLD)
+        sweep = _sweep_policy(parent.data.params)
+        if threshold is None and sweep is not None and sweep.policy == policy:
+            threshold = sweep.threshold()  # a version tagged before versions recorded the threshold
+        policy = record.policy_text(policy, threshold)
     server = _server(tracking_uri)
     return ChampionCard(
         model_name=name, version=str(version.version), run_id=run_id, alias_current=current,
         tracking_uri=None if tracking_uri == "databricks" else tracking_uri,
-        url=None if server is None else f"{server}/#/models/{name}/versions/{version.version}", **structure)
+        url=None if server is None else f"{server}/#/models/{name}/versions/{version.version}", policy=policy,
+        **structure)
+
+
+def _sweep_policy(params: Mapping[str, str]) -> RegistrySpec | None:
+    """The registry policy the sweep's run records, or None."""
+    try:
+        spec = RegistrySpec.from_params(params)
+    except record.RecordError:
+        return None
+    return spec if params.get(f"{PARAM_REGISTRY}policy") else None
 
 
 def _packed_structure(client: MlflowClient, run_id: str) -> dict[str, Any]:
@@ -723,18 +754,34 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
     types = record.search_types(params)
     logged = [c[len(PARAM_SEARCHED):] for c in runs.columns if c.startswith(PARAM_SEARCHED)]
     keys = [*types, *(k for k in logged if k not in types)]  # keys the parent does not describe (older sweeps)
-    policy = params.get(f"{PARAM_REGISTRY}policy")
-    for key in ("max_density", "max_f1_drop", "max_latency_ms"):
-        value = params.get(f"{PARAM_REGISTRY}{key}")
-        if policy and value not in (None, "", "None"):
-            policy += f" ({key} {value})"
+    champion = _champion(client, parent, uri)
+    if champion is not None:  # what made it champion, which may be another policy than the sweep's
+        policy = champion.policy
+    else:  # the sweep's policy, which chose none
+        policy = params.get(f"{PARAM_REGISTRY}policy")
+        for key in ("max_density", "max_f1_drop", "max_latency_ms"):
+            value = params.get(f"{PARAM_REGISTRY}{key}")
+            if policy and value not in (None, "", "None"):
+                policy += f" ({key} {value})"
+    hypervolume = record.metric_history(client, parent_id, HYPERVOLUME)
     return ReportData(
         experiment=experiment, sweep_run_id=parent_id, runs=runs, searched=keys, param_types=types,
-        objectives=record.sweep_objectives(params), champion=_champion(client, parent, uri), policy=policy,
+        objectives=record.sweep_objectives(params), champion=champion, policy=policy,
         tracking_uri=uri, sweep_url=run_url(uri, experiment_id, parent_id),
         generated=time.strftime("%Y-%m-%d %H:%M:%S"),
-        hypervolume=record.metric_history(client, parent_id, HYPERVOLUME),
-        hypervolume_compute=record.metric_history(client, parent_id, HYPERVOLUME_COMPUTE))
+        hypervolume=hypervolume, hypervolume_compute=_hypervolume_by_compute(client, parent_id, hypervolume),
+        sweep_status=parent.info.status)
+
+
+def _hypervolume_by_compute(client: MlflowClient, parent_id: str,
+                            by_trials: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The hypervolume against the trial compute seconds spent, one point per step of ``by_trials``: each step's
+    seconds as the sweep logged them (``trial_compute_s``). A sweep logged before them gives its
+    ``hypervolume_by_compute_s`` history, stepped by whole seconds (trials that ended within one share a step)."""
+    seconds = dict(record.metric_history(client, parent_id, TRIAL_COMPUTE))
+    if by_trials and all(trials in seconds for trials, _ in by_trials):
+        return [(seconds[trials], value) for trials, value in by_trials]
+    return record.metric_history(client, parent_id, HYPERVOLUME_COMPUTE)
 
 
 def write_report(experiment: str, out_dir: str | Path, tracking_uri: str | None = None,

@@ -844,8 +844,9 @@ def _sweep_to_resume(client, experiment: str, run_id: str | None, tracking_uri: 
 def frontier_summary(client, runs: list, space: SweepSpace) -> dict[str, Any]:
     """Tag the Pareto-optimal runs and return the frontier tables.
 
-    ``frontier`` is the frontier of the space's objectives (by default F1 against linear density), sorted by its
-    density objective; ``frontier_speedup`` is the frontier of (f1, speedup), fastest first. ``trials`` counts the
+    ``frontier`` is the frontier of the space's objectives (by default F1 against linear density), in
+    :func:`workflows.frontier.frontier_order` (along its density objective, as the report lists it);
+    ``frontier_speedup`` is the frontier of (f1, speedup), fastest first. ``trials`` counts the
     sweep's trials however they ended (finished, stopped early, failed, interrupted), as the report does; only the
     finished ones take part in the frontiers.
     """

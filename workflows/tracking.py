@@ -38,7 +38,7 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_CONFIGURATION, TAG_ERROR, TAG_ERROR_FILE, TAG_KIND,
                               TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION,
                               TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
-                              TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, flat_params)
+                              TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, TRIAL_COMPUTE, flat_params)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
                              is_transient, quick_http_failures)
 
@@ -750,14 +750,19 @@ def log_search(client: MlflowClient, run_id: str, search: dict[str, Any]) -> Non
 
 def log_hypervolume(client: MlflowClient, run_id: str, series: list[dict[str, float]]) -> None:
     """Log a :func:`hypervolume_series` on the sweep's parent run, twice: stepped by completed trials
-    (``hypervolume``) and by trial compute seconds (``hypervolume_by_compute_s``).
+    (``hypervolume``) and by trial compute seconds (``hypervolume_by_compute_s``), and the compute seconds of each
+    step by completed trials (``trial_compute_s``).
 
-    Entries already in the run's history (a resumed sweep) are not logged again.
+    MLflow's steps are whole numbers: the compute steps are whole seconds, where trials that end within the same
+    second share one (the latest value), while ``trial_compute_s`` keeps each step's seconds as they are, which the
+    report pairs with ``hypervolume``. Entries already in the run's history (a resumed sweep) are not logged again.
     """
-    for name, step_key in ((HYPERVOLUME, "trials"), (HYPERVOLUME_COMPUTE, "compute_s")):
+    for name, step_key, value_key in ((HYPERVOLUME, "trials", "hypervolume"),
+                                      (HYPERVOLUME_COMPUTE, "compute_s", "hypervolume"),
+                                      (TRIAL_COMPUTE, "trials", "compute_s")):
         logged = {(m.step, m.value) for m in client.get_metric_history(run_id, name)}
-        batch = [mlflow.entities.Metric(name, float(row["hypervolume"]), int(row.get("time_ms", 0)),
+        batch = [mlflow.entities.Metric(name, float(row[value_key]), int(row.get("time_ms", 0)),
                                         int(round(row[step_key])))
-                 for row in series if (int(round(row[step_key])), float(row["hypervolume"])) not in logged]
+                 for row in series if (int(round(row[step_key])), float(row[value_key])) not in logged]
         for i in range(0, len(batch), 1000):
             client.log_batch(run_id, metrics=batch[i:i + 1000])
