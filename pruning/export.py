@@ -9,10 +9,11 @@ the bias of its second linear, so the graph holds no zero-sized initializer. The
 fused). The batch and sequence axes are dynamic.
 
 :func:`optimize_onnx` then runs ORT's transformer optimizer (``model_type="bert"``, head count and hidden size
-detected per layer). A RoBERTa-family graph gets the same attention, LayerNorm and GELU fusions; its embeddings
-stay unfused (ORT's embedding fusion computes BERT's positions, not RoBERTa's), as traced.
-:func:`fused_attention_heads` reads back the head count of every fused attention node, and :func:`export_model`
-checks it against the model's heads layer by layer. :func:`quantize_onnx` quantizes the
+detected per layer), without the pass that merges equal subexpressions (it merged the query and key projections of
+a layer whose query and key weights were all pruned, and so kept that layer unfused). A RoBERTa-family graph gets the
+same attention, LayerNorm and GELU fusions; its embeddings stay unfused (ORT's embedding fusion computes BERT's
+positions, not RoBERTa's), as traced. :func:`fused_attention_heads` reads back the head count of every fused attention
+node, and :func:`export_model` checks it against the model's heads layer by layer. :func:`quantize_onnx` quantizes the
 optimized graph dynamically (int8 weights, activations quantized at run time), which turns the fused attention into
 ``QAttention``.
 
@@ -44,7 +45,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
-from onnxruntime.transformers.optimizer import optimize_model
+from onnxruntime.transformers.optimizer import optimize_by_onnxruntime, optimize_model
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
@@ -94,6 +95,10 @@ OUTPUT_NAMES = ("start_logits", "end_logits")
 LOGIT_TOLERANCE = 1e-4
 _FORMAT = 1
 _ATTENTION_OPS = ("Attention", "QAttention", "MultiHeadAttention")
+# ORT's basic optimizations that the export leaves out: "ConstantSharing", as optimize_model does, and the common
+# subexpression elimination, which merges a layer's query and key projections when their weights are equal (both
+# pruned to zeros) and so keeps that layer's attention from being fused.
+_DISABLED_ORT_OPTIMIZERS = ("ConstantSharing", "CommonSubexpressionElimination")
 
 
 class ExportError(ValueError):
@@ -251,11 +256,20 @@ def to_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> P
 def optimize_onnx(src: str | Path, dst: str | Path) -> list[int]:
     """ORT's transformer optimizer (BERT fusions, head counts detected per layer) from ``src`` into ``dst``.
 
+    It runs what ``optimize_model(model_type="bert")`` runs by default, ORT's basic graph optimizations and then the
+    Python fusions, except ORT's common subexpression elimination (:data:`_DISABLED_ORT_OPTIMIZERS`). A pruned layer
+    can keep heads (their values and outputs) whose query and key weights were all pruned: its query and key
+    projections are then the same zeros, that pass merges them into one, and the attention fusion, which looks for
+    three projections of the layer's input, leaves the layer unfused (a smoke sweep's champion with one head a layer
+    had attention fused in one layer of two).
+
     Returns:
         The head count of every fused attention node, in graph order (see :func:`fused_attention_heads`).
     """
-    with _quiet_onnxruntime():
-        optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0)
+    with _quiet_onnxruntime(), tempfile.TemporaryDirectory(prefix="fineprune-optimize-") as tmp:
+        basic = optimize_by_onnxruntime(str(src), optimized_model_path=str(Path(tmp) / "basic.onnx"), opt_level=1,
+                                        disabled_optimizers=list(_DISABLED_ORT_OPTIMIZERS))
+        optimized = optimize_model(basic, model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
         optimized.save_model_to_file(str(dst))
     return fused_attention_heads(dst)
 

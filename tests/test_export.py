@@ -101,6 +101,31 @@ def test_packed_model_exports_fused_per_layer_and_matches_pytorch(heads_removed,
     assert np.abs(int8 - reference)[real].max() < 0.1 * np.abs(reference)[real].max() + 0.05
 
 
+@pytest.mark.parametrize("heads_removed,no_query_key", [
+    ([[0, 1, 2], [0, 1, 2]], [1]),  # one head a layer, as a smoke sweep's champion: the last layer's Q/K pruned
+    ([[1, 3], [0], [0, 1, 2], []], [0, 2]),  # uneven heads, the first layer and a one-head layer without Q/K
+])
+def test_a_layer_whose_query_and_key_are_pruned_is_fused(heads_removed, no_query_key, dev_windows, tmp_path):
+    # Block pruning masks Q and K apart from V and O: a kept head (its values and outputs) can lose all its query
+    # and key weights. Its scores are then constant and its attention an average of the values: an ordinary
+    # attention that must be fused like any other, with the layer's own head count.
+    model = pruned_model(heads_removed, [INTER] * len(heads_removed))
+    with torch.no_grad():
+        for i in no_query_key:
+            attention = model.bert.encoder.layer[i].attention.self
+            for linear in (attention.query, attention.key):
+                linear.weight.zero_()
+                linear.bias.zero_()
+    packed = pack(model)
+    expected = [HEADS - len(h) for h in heads_removed]
+    assert packed.config.fineprune_heads_kept and [len(k) for k in packed.config.fineprune_heads_kept] == expected
+    report = export_model(packed, tmp_path, quantize="int8", inputs=dev_windows.model_inputs(slice(0, 6)))
+
+    assert report.fused_attention_heads == expected and report.attention_fused
+    assert fused_attention_heads(tmp_path / FILES["int8"]) == expected
+    assert report.max_logit_diff["fp32"] <= 1e-4
+
+
 def test_a_masked_model_is_packed_before_export(dev_windows, tmp_path):
     torch.manual_seed(0)
     model, _ = build_model(RunConfig(model_config=dict(hidden_size=HIDDEN, num_hidden_layers=2,
