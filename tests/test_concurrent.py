@@ -199,3 +199,33 @@ def test_an_output_on_a_file_system_without_locks_is_written_unguarded_with_a_wa
     with pytest.raises(OSError, match="Input/output error"):
         with atomic.locked(tmp_path / ".out.lock", str(tmp_path / "out")):
             pass
+
+
+def test_two_sweeps_that_make_one_new_experiment_at_once_both_start(tmp_path):
+    """Two sweeps started together into an experiment the store does not hold yet: both look it up, find none, and
+    create it; the later create is refused as existing. That sweep now takes the experiment the other made instead of
+    stopping with "Experiment(name=...) already exists". The other sweep's create is made to fall between this one's
+    look-up and its create (with processes started together it did so in two of three tries)."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    other = MlflowClient(tracking_uri=uri)
+
+    class LookedBeforeTheOther(MlflowClient):
+        """A client whose first look-up came just before the other sweep's create."""
+        looked = False
+
+        def get_experiment_by_name(self, name):
+            if not self.looked:
+                self.looked = True
+                tracking.start_parent_run(other, name, "/sweeps/a", {}, resume=False)
+                return None
+            return super().get_experiment_by_name(name)
+
+    client = LookedBeforeTheOther(tracking_uri=uri)
+    run_id = tracking.start_parent_run(client, "new", "/sweeps/b", {}, resume=False)
+    experiment = other.get_experiment_by_name("new")
+    assert client.looked and other.get_run(run_id).info.experiment_id == experiment.experiment_id
+    assert len(other.search_runs([experiment.experiment_id])) == 2

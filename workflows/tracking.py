@@ -135,7 +135,13 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
 def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+        except mlflow.exceptions.MlflowException as err:
+            # Made meanwhile by another process (two sweeps or commands started together on a new experiment).
+            experiment = client.get_experiment_by_name(name) if err.error_code == "RESOURCE_ALREADY_EXISTS" else None
+            if experiment is None:
+                raise
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
