@@ -188,21 +188,24 @@ def _signal_once_serving(command: list[str], signum: int) -> tuple[int, str]:
                 os.killpg(pid, signal.SIGKILL)
 
 
-def _logged_tiny_model(tmp_path, tokenizer, config) -> tuple[str, str, Path]:
-    """A tiny random QA model saved and logged as the served pyfunc: (model URI, tracking URI, model directory)."""
+def _logged_tiny_model(tmp_path, tokenizer, config, params: dict[str, str] | None = None) -> tuple[str, str, str]:
+    """A tiny random QA model saved and logged as the served pyfunc on a new run whose params are ``params`` (served
+    with the settings they give): (model URI, tracking URI, run id)."""
     from transformers import BertForQuestionAnswering
 
     model_dir = save_model(BertForQuestionAnswering(config).eval(), tokenizer, tmp_path / "model")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    experiment = MlflowClient(tracking_uri=uri).create_experiment("stop", artifact_location=(tmp_path / "a").as_uri())
+    experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        with mlflow.start_run(experiment_id=experiment):
-            info = log_qa_model(model_dir, serve_settings({}))
+        with mlflow.start_run(experiment_id=experiment) as run:
+            if params:
+                mlflow.log_params(params)
+            info = log_qa_model(model_dir, serve_settings(params or {}))
     finally:
         mlflow.set_tracking_uri(before)
-    return info.model_uri, uri, model_dir
+    return info.model_uri, uri, run.info.run_id
 
 
 def test_an_interrupt_while_the_server_starts_stops_the_server(tmp_path, tokenizer, tiny_bert_config):
@@ -374,22 +377,16 @@ def test_a_version_logged_on_a_trial_run_keeps_the_runs_params_and_says_nothing_
                                                                                        tiny_bert_config, caplog):
     """The served batch (the run's eval_batch_size) is not the run's training batch_size: MLflow's copy of the
     model's settings into the run's params fails on it; the run keeps its params, and no warning says so."""
-    from transformers import BertForQuestionAnswering
-
-    model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
+    model_uri, uri, run_id = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config,
+                                                {"batch_size": "8", "eval_batch_size": "32"})
+    params = MlflowClient(tracking_uri=uri).get_run(run_id).data.params
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        with mlflow.start_run(experiment_id=experiment) as run:
-            mlflow.log_params({"batch_size": "8", "eval_batch_size": "32"})
-            info = log_qa_model(model_dir, serve_settings({"batch_size": "8", "eval_batch_size": "32"}))
-        params = MlflowClient(tracking_uri=uri).get_run(run.info.run_id).data.params
-        settings = mlflow.pyfunc.load_model(info.model_uri).model_config
-        fewer = mlflow.pyfunc.load_model(info.model_uri, model_config={"max_records": 2})
+        settings = mlflow.pyfunc.load_model(model_uri).model_config
+        fewer = mlflow.pyfunc.load_model(model_uri, model_config={"max_records": 2})
         with pytest.raises(Exception, match="max_records: must be a whole number >= 1, got 0"):
-            mlflow.pyfunc.load_model(info.model_uri, model_config={"max_records": 0})
+            mlflow.pyfunc.load_model(model_uri, model_config={"max_records": 0})
         # A setting of the inference config that no request could be answered with stops the model from loading,
         # in one line, instead of failing every request as if the request were wrong.
         for config, message in [({"batch_size": 0}, "model_config batch_size: must be a whole number >= 1, got 0"),
@@ -402,9 +399,9 @@ def test_a_version_logged_on_a_trial_run_keeps_the_runs_params_and_says_nothing_
                                  "model_config max_seq_length 8, doc_stride 128: windows of 8 tokens overlapping by "
                                  "4 leave no room for a question")]:
             with pytest.raises(ValueError) as refused:
-                mlflow.pyfunc.load_model(info.model_uri, model_config=config)
+                mlflow.pyfunc.load_model(model_uri, model_config=config)
             assert str(refused.value).startswith(message) and "\n" not in str(refused.value), config
-        as_text = mlflow.pyfunc.load_model(info.model_uri, model_config={"batch_size": "4", "n_best": 5.0})
+        as_text = mlflow.pyfunc.load_model(model_uri, model_config={"batch_size": "4", "n_best": 5.0})
         assert (as_text.unwrap_python_model().batch_size, as_text.unwrap_python_model().n_best) == (4, 5)
     finally:
         mlflow.set_tracking_uri(before)
