@@ -15,6 +15,7 @@ import glob
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -306,11 +307,18 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
         raise
 
 
+def temporary_sibling(path: Path) -> Path:
+    """A name beside ``path`` for writing it before it takes its name: one of its own for every writer (two threads
+    of one process, or processes of one pid on two hosts that share the directory), so that no writer renames or
+    removes another's half-written file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write a text file whole or not at all (a temporary sibling renamed over it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_sibling(path)
     try:
         with open(tmp, "w", encoding="utf-8") as file:
             file.write(text)

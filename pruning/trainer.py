@@ -491,7 +491,7 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
         except Exception as err:  # a damaged cache is rebuilt, never trusted
             logger.warning("ignoring unreadable feature cache %s: %s", path, err)
     features = tokenize()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp = atomic.temporary_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic.save_tensors({k: v.contiguous() for k, v in features.items()}, tmp)
