@@ -150,6 +150,31 @@ def test_a_registration_stopped_while_it_logs_the_model_leaves_the_trial_run_as_
     assert (run.info.status, run.info.end_time) == ("FINISHED", rec["end"])
 
 
+def test_a_ctrl_c_as_the_trial_run_is_ended_again_still_ends_it(tmp_path, tokenizer):
+    """The Ctrl-C of the test above, landing just after the model is logged, while the reopened run is being ended
+    as it had ended: the run was left RUNNING. The Ctrl-C is here raised as that write starts."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows import registry
+
+    rec = _sweep_record(tmp_path, tokenizer)
+
+    class CtrlCAsTheRunEnds(MlflowClient):
+        interrupted = False
+
+        def set_terminated(self, run_id, status=None, end_time=None):
+            if not self.interrupted:
+                self.interrupted = True
+                raise KeyboardInterrupt
+            return super().set_terminated(run_id, status=status, end_time=end_time)
+
+    client = CtrlCAsTheRunEnds(tracking_uri=rec["uri"], registry_uri=rec["uri"])
+    with pytest.raises(KeyboardInterrupt):
+        registry._new_version_of_run(client, "tiny-kill", client.get_run(rec["trial"]), onnx=False)
+    run = client.get_run(rec["trial"])
+    assert client.interrupted and (run.info.status, run.info.end_time) == ("FINISHED", rec["end"])
+
+
 def _run_with_file_limit(args: list[str], cwd: Path, limit: int) -> subprocess.CompletedProcess:
     """The command with files capped at ``limit`` bytes: a write past it fails (EFBIG), as on a full disk."""
     import resource

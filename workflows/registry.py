@@ -748,10 +748,21 @@ def _new_version_of_run(client, name: str, run, onnx: bool) -> Any:
                 info = log_qa_model(local, settings, onnx_dir, tags={TAG_ONNX: onnx_tag})
         finally:
             if run.info.end_time:  # the trial's duration is part of the record
-                client.set_terminated(run_id, status=status, end_time=run.info.end_time)
+                _set_back(client, run_id, status, run.info.end_time)
         made = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
                                            tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: onnx_tag})
     return _one_version(client, name, run_id, made)
+
+
+def _set_back(client, run_id: str, status: str, end_time: int) -> None:
+    """End the reopened trial run ``run_id`` as it had ended. A Ctrl-C while this is written (it lands here when
+    the model's logging has just finished) would leave the run RUNNING: the write is made again, then the Ctrl-C
+    goes on."""
+    try:
+        client.set_terminated(run_id, status=status, end_time=end_time)
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, status=status, end_time=end_time)
+        raise
 
 
 def _metric_tag(value: float) -> str:
