@@ -211,6 +211,31 @@ def read_precision(model_dir: str | Path) -> str | None:
     return value
 
 
+# tokenizer.json's BertNormalizer fields, by the tokenizer_config.json keys a BERT-family tokenizer is built from.
+_NORMALIZER_KEYS = {"do_lower_case": ("lowercase", True), "strip_accents": ("strip_accents", None),
+                    "tokenize_chinese_chars": ("handle_chinese_chars", True)}
+
+
+def _normalizer_settings(model_dir: Path) -> dict[str, Any]:
+    """The casing, accent and Chinese-character settings of the BERT normalizer ``tokenizer.json`` records, those
+    ``tokenizer_config.json`` does not give.
+
+    transformers builds a BERT-family tokenizer's normalizer from ``tokenizer_config.json``'s settings, and from its
+    class's defaults (lower case, accents stripped) where that file does not give them, not from ``tokenizer.json``'s
+    own normalizer: a cased ``tokenizer.json`` saved on its own would be read as an uncased one.
+    """
+    try:
+        normalizer = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer")
+        given = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8")) \
+            if (model_dir / "tokenizer_config.json").is_file() else {}
+    except (OSError, ValueError, AttributeError):  # no such file, or one transformers itself names
+        return {}
+    if not isinstance(normalizer, dict) or normalizer.get("type") != "BertNormalizer" or not isinstance(given, dict):
+        return {}
+    return {key: normalizer.get(field, default) for key, (field, default) in _NORMALIZER_KEYS.items()
+            if key not in given}
+
+
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer of ``model_dir``, one that makes question-answering windows.
 
@@ -221,9 +246,13 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
             (the position of "no answer"). A bare ``tokenizers`` file (``tokenizer.json`` written by
             ``Tokenizer.save``) has neither special tokens nor a pair template: it must be saved through its
             model's tokenizer class (e.g. ``RobertaTokenizerFast(tokenizer_object=...).save_pretrained(dir)``).
+
+    A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped) where
+    ``tokenizer_config.json`` does not say otherwise.
     """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True,
+                                                  **_normalizer_settings(Path(model_dir)))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
     vocabulary = tokenizer.get_vocab()
