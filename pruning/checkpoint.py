@@ -270,7 +270,28 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     if problem is not None:
         raise CheckpointError(f"{model_dir}: the tokenizer ({type(tokenizer).__name__}) {problem}: save it with "
                               "its model's tokenizer class (e.g. RobertaTokenizerFast) and save_pretrained")
+    _warn_unreachable_vocabulary(Path(model_dir), tokenizer)
     return tokenizer
+
+
+def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """One warning for a bare ``vocab.txt`` whose tokens hold capitals or accents that the tokenizer, lower-casing
+    by transformers' default since no file says otherwise, never produces: a cased vocabulary read as an uncased
+    one, whose cased words all become other tokens."""
+    if any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    if normalizer is None:
+        return
+    special = set(tokenizer.all_special_tokens)
+    pieces = [token.removeprefix("##") for token in tokenizer.get_vocab() if token not in special]
+    unreachable = [piece for piece in pieces if piece and normalizer.normalize_str(piece).strip() != piece]
+    if unreachable:
+        logger.warning("%s: %d of its %d tokens (e.g. %r) hold capitals or accents, which the tokenizer never "
+                       "produces: without tokenizer_config.json it lower-cases and strips accents; for a cased "
+                       "vocabulary add tokenizer_config.json with {\"do_lower_case\": false} (or save the tokenizer "
+                       "with save_pretrained)", model_dir / "vocab.txt", len(unreachable), len(pieces),
+                       unreachable[0])
 
 
 def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:

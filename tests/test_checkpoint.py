@@ -2,6 +2,7 @@
 never loaded with random tensors in their place; a directory's tokenizer reads its text as its files say."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -101,3 +102,22 @@ def test_tokenizer_config_still_decides_the_casing(tmp_path):
     settings.update(do_lower_case=True, strip_accents=None)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
     assert _tokens(load_tokenizer(tmp_path), "Zoë works") == ["[UNK]", "works"]
+
+
+def test_a_cased_vocab_txt_read_lower_cased_is_said(tmp_path, caplog):
+    from pruning.checkpoint import load_tokenizer
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_CASED_WORDS]
+    (tmp_path / "vocab.txt").write_text("".join(f"{word}\n" for word in words), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
+        load_tokenizer(tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(tmp_path / "vocab.txt") in warnings[0] and "do_lower_case" in warnings[0]
+    # an uncased vocabulary (the shipped one's words) is read without a word
+    caplog.clear()
+    uncased = [*words[:5], "elodie", "zoe", "malmo", "apple", "works", "москва", "京"]
+    (tmp_path / "vocab.txt").write_text("".join(f"{word}\n" for word in uncased), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
+        load_tokenizer(tmp_path)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
