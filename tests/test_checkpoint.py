@@ -121,3 +121,23 @@ def test_a_cased_vocab_txt_read_lower_cased_is_said(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
         load_tokenizer(tmp_path)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("file, content, says", [
+    ("tokenizer_config.json", '{"do_lower_case": "false"}', "do_lower_case must be true or false, got 'false'"),
+    ("tokenizer_config.json", '{"strip_accents": 0}', "strip_accents must be true or false, got 0"),
+    ("tokenizer_config.json", "[]", "expected a JSON object, got list"),
+    ("tokenizer_config.json", '{"do_lower_case": ', "not valid JSON"),
+    ("tokenizer.json", '{"normalizer": ', "not valid JSON"),
+], ids=["string-for-a-boolean", "number-for-a-boolean", "not-an-object", "config-cut-short", "tokenizer-cut-short"])
+def test_a_malformed_tokenizer_file_is_one_line_naming_it(tmp_path, file, content, says):
+    # a hand-written tokenizer_config.json ("false" in quotes) failed inside transformers with a traceback
+    from pruning.checkpoint import load_tokenizer
+
+    _cased_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / file).write_text(content)
+    with pytest.raises(CheckpointError) as caught:
+        load_tokenizer(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / file}: ") and says in message and "\n" not in message
