@@ -252,7 +252,15 @@ def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable
             raise fail(f"answer {k} has an empty text")
         if spans and (not 0 <= start <= len(context) - len(text) or context[start:start + len(text)] != text):
             found = context.find(text)
-            hint = f" (the text occurs at {found})" if found >= 0 else " (the text is not in the context)"
+            if found >= 0:
+                hint = f" (the text occurs at {found})"
+            elif unicodedata.normalize("NFC", text) in unicodedata.normalize("NFC", context):
+                # The same letters written another way: composed (é) in one, a base letter and a combining mark
+                # (e + U+0301) in the other, as macOS and some editors write them.
+                hint = (" (the text is in the context with its accents composed differently: normalize the file's "
+                        "texts to one Unicode form, NFC)")
+            else:
+                hint = " (the text is not in the context)"
             raise fail(f"answer {k} {_short(text)} is not at answer_start {start} of its context{hint}")
         texts.append(text)
         starts.append(start)

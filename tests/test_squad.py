@@ -777,3 +777,16 @@ def test_evaluation_tokenizing_draws_a_bar_when_progress_is_asked(tokenizer, dev
     assert "tokenize: 100%" in err and err.index("tokenize") < err.index("predict")
     squad.predict_spans(model, tokenizer, dev_subset[:4], max_seq_length=96, doc_stride=32, progress=False)
     assert "tokenize" not in capsys.readouterr().err
+
+
+def test_an_answer_written_in_another_unicode_form_than_its_context_is_named_so(tmp_path):
+    # "Zoë" typed composed in the answer, decomposed (e + U+0308) in a context pasted from elsewhere: they look the
+    # same, and "the text is not in the context" left the user looking at two identical words
+    data = {"data": [{"title": "t", "paragraphs": [{"context": "The singer Zoe\u0308 sang.", "qas": [
+        {"id": "a", "question": "Who sang?", "answers": [{"text": "Zo\u00eb", "answer_start": 11}]}]}]}]}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(SquadFormatError) as caught:
+        squad.load_squad(path)
+    assert "Unicode form, NFC" in str(caught.value) and str(path) in str(caught.value)
+    assert squad.load_squad(path, spans=False)[0].answers == ("Zo\u00eb",)
