@@ -211,20 +211,77 @@ def read_precision(model_dir: str | Path) -> str | None:
     return value
 
 
+# tokenizer.json's BertNormalizer fields, by the tokenizer_config.json keys a BERT-family tokenizer is built from.
+_NORMALIZER_KEYS = {"do_lower_case": ("lowercase", True), "strip_accents": ("strip_accents", None),
+                    "tokenize_chinese_chars": ("handle_chinese_chars", True)}
+
+
+# tokenizer_config.json keys transformers hands to the normalizer as they are: anything but a boolean (or null, for
+# strip_accents) fails there with a traceback.
+_BOOLEAN_SETTINGS = {"do_lower_case": False, "tokenize_chinese_chars": False, "strip_accents": True}
+
+
+def _tokenizer_file(path: Path) -> dict[str, Any] | None:
+    """The JSON object of the tokenizer file ``path``, None when there is no such file.
+
+    Raises:
+        CheckpointError: the file is not a JSON object, or (``tokenizer_config.json``) holds a casing or accent
+            setting that is not a boolean, naming the file and the key.
+    """
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    if path.name == "tokenizer_config.json":
+        for key, nullable in _BOOLEAN_SETTINGS.items():
+            if key in value and not (isinstance(value[key], bool) or (nullable and value[key] is None)):
+                raise CheckpointError(f"{path}: {key} must be true or false, got {value[key]!r}")
+    return value
+
+
+def _normalizer_settings(model_dir: Path) -> dict[str, Any]:
+    """The casing, accent and Chinese-character settings of the BERT normalizer ``tokenizer.json`` records, those
+    ``tokenizer_config.json`` does not give.
+
+    transformers builds a BERT-family tokenizer's normalizer from ``tokenizer_config.json``'s settings, and from its
+    class's defaults (lower case, accents stripped) where that file does not give them, not from ``tokenizer.json``'s
+    own normalizer: a cased ``tokenizer.json`` saved on its own would be read as an uncased one.
+
+    Raises:
+        CheckpointError: either file is not a JSON object, or a setting of ``tokenizer_config.json`` is not a boolean.
+    """
+    given = _tokenizer_file(model_dir / "tokenizer_config.json") or {}
+    normalizer = (_tokenizer_file(model_dir / "tokenizer.json") or {}).get("normalizer")
+    if not isinstance(normalizer, dict) or normalizer.get("type") != "BertNormalizer":
+        return {}
+    return {key: normalizer.get(field, default) for key, (field, default) in _NORMALIZER_KEYS.items()
+            if key not in given}
+
+
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer of ``model_dir``, one that makes question-answering windows.
 
     Raises:
-        CheckpointError: no tokenizer loads from the directory (or only the vocabulary-less one transformers builds
+        CheckpointError: a tokenizer file is not a JSON object, or ``tokenizer_config.json`` gives ``do_lower_case``,
+            ``strip_accents`` or ``tokenize_chinese_chars`` a value that is not a boolean (naming the file and key);
+            no tokenizer loads from the directory (or only the vocabulary-less one transformers builds
             from a config.json without tokenizer files), or the one that loads lacks what the windows need:
             character offsets (a fast tokenizer), a pad token, and a CLS token first in a question-context pair
             (the position of "no answer"). A bare ``tokenizers`` file (``tokenizer.json`` written by
             ``Tokenizer.save``) has neither special tokens nor a pair template: it must be saved through its
             model's tokenizer class (e.g. ``RobertaTokenizerFast(tokenizer_object=...).save_pretrained(dir)``).
+
+    A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped) where
+    ``tokenizer_config.json`` does not say otherwise.
     """
+    settings = _normalizer_settings(Path(model_dir))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as err:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, **settings)
+    except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
     vocabulary = tokenizer.get_vocab()
     if set(vocabulary) <= set(tokenizer.all_special_tokens):
@@ -241,7 +298,28 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     if problem is not None:
         raise CheckpointError(f"{model_dir}: the tokenizer ({type(tokenizer).__name__}) {problem}: save it with "
                               "its model's tokenizer class (e.g. RobertaTokenizerFast) and save_pretrained")
+    _warn_unreachable_vocabulary(Path(model_dir), tokenizer)
     return tokenizer
+
+
+def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """One warning for a bare ``vocab.txt`` whose tokens hold capitals or accents that the tokenizer, lower-casing
+    by transformers' default since no file says otherwise, never produces: a cased vocabulary read as an uncased
+    one, whose cased words all become other tokens."""
+    if any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    if normalizer is None:
+        return
+    special = set(tokenizer.all_special_tokens)
+    pieces = [token.removeprefix("##") for token in tokenizer.get_vocab() if token not in special]
+    unreachable = [piece for piece in pieces if piece and normalizer.normalize_str(piece).strip() != piece]
+    if unreachable:
+        logger.warning("%s: %d of its %d tokens (e.g. %r) hold capitals or accents, which the tokenizer never "
+                       "produces: without tokenizer_config.json it lower-cases and strips accents; for a cased "
+                       "vocabulary add tokenizer_config.json with {\"do_lower_case\": false} (or save the tokenizer "
+                       "with save_pretrained)", model_dir / "vocab.txt", len(unreachable), len(pieces),
+                       unreachable[0])
 
 
 def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:

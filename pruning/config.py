@@ -245,6 +245,9 @@ def _check(cfg: RunConfig) -> None:
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
             object.__setattr__(cfg, key, value)
+        if isinstance(value, str) and value.startswith("~"):  # the home directory, as a shell reads it (YAML has none)
+            value = os.path.expanduser(value)
+            object.__setattr__(cfg, key, value)
         if not (isinstance(value, str) and value) and not (value is None and key in _OPTIONAL_PATH_KEYS):
             allowed = "a path or name" + (" or null" if key in _OPTIONAL_PATH_KEYS else "")
             _fail(key, f"must be {allowed}, got {value!r}")

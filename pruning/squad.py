@@ -252,7 +252,15 @@ def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable
             raise fail(f"answer {k} has an empty text")
         if spans and (not 0 <= start <= len(context) - len(text) or context[start:start + len(text)] != text):
             found = context.find(text)
-            hint = f" (the text occurs at {found})" if found >= 0 else " (the text is not in the context)"
+            if found >= 0:
+                hint = f" (the text occurs at {found})"
+            elif unicodedata.normalize("NFC", text) in unicodedata.normalize("NFC", context):
+                # The same letters written another way: composed (é) in one, a base letter and a combining mark
+                # (e + U+0301) in the other, as macOS and some editors write them.
+                hint = (" (the text is in the context with its accents composed differently: normalize the file's "
+                        "texts to one Unicode form, NFC)")
+            else:
+                hint = " (the text is not in the context)"
             raise fail(f"answer {k} {_short(text)} is not at answer_start {start} of its context{hint}")
         texts.append(text)
         starts.append(start)
@@ -596,6 +604,21 @@ def _concat(parts: list[np.ndarray], width: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
 
 
+def _token_span(offsets: np.ndarray, start_char: int, end_char: int) -> tuple[int, int] | None:
+    """Characters ``[start, end)`` from the first to the last context token that overlaps ``[start_char,
+    end_char)``, in the windows ``offsets`` ``(W, L, 2)`` of one context; None when no token does.
+
+    A tokenizer's normalizer drops some characters from its tokens (a combining accent an uncased tokenizer strips,
+    a zero-width space, a soft hyphen): an answer that begins or ends with one at the context's edge is still held by
+    the window that holds its tokens.
+    """
+    tokens = offsets.reshape(-1, 2)
+    hit = tokens[(tokens[:, 0] >= 0) & (tokens[:, 1] > start_char) & (tokens[:, 0] < end_char)]
+    if hit.size == 0:
+        return None
+    return int(hit[:, 0].min()), int(hit[:, 1].max())
+
+
 def _answer_tokens(offsets: np.ndarray, start_char: int, end_char: int) -> tuple[int, int]:
     """Token indices of the first and last token of ``[start_char, end_char)`` in one window, or (0, 0) (CLS)."""
     context = np.flatnonzero(offsets[:, 0] >= 0)
@@ -667,10 +690,14 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
         for key, chunks in parts.items():
             chunks.append(encoding[key])
         offsets = _context_offsets(encoding)
-        for i, sample in enumerate(encoding["overflow_to_sample_mapping"]):
-            ex = examples[first + int(sample)]
-            start_char, end_char = _trimmed_span(ex.answers[0], ex.answer_starts[0])
-            start, end = _answer_tokens(offsets[i], start_char, end_char)
+        mapping = np.asarray(encoding["overflow_to_sample_mapping"])
+        spans: dict[int, tuple[int, int] | None] = {}
+        for i, sample in enumerate(mapping.tolist()):
+            if sample not in spans:  # the answer's characters as its tokens cover them, over all its windows
+                ex = examples[first + sample]
+                spans[sample] = _token_span(offsets[mapping == sample], *_trimmed_span(ex.answers[0],
+                                                                                       ex.answer_starts[0]))
+            start, end = (0, 0) if spans[sample] is None else _answer_tokens(offsets[i], *spans[sample])
             starts.append(start)
             ends.append(end)
     features = {key: _concat(chunks, max_seq_length) for key, chunks in parts.items()}

@@ -483,7 +483,8 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
     key = json.dumps([content_digest(data), cfg.train_limit, tokenizer.name_or_path,
                       len(tokenizer), _tokenizer_digest(tokenizer), cfg.max_seq_length, cfg.doc_stride,
                       cfg.max_query_length, squad.__name__,
-                      "special-token literals as text", "answers without outer whitespace"])
+                      "special-token literals as text", "answers without outer whitespace",
+                      "answers as their tokens cover them"])
     path = Path(cfg.cache_dir) / f"train-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         try:

@@ -1,6 +1,8 @@
 """Model directories whose weights are not the ones their config describes are refused in one line naming the file,
-never loaded with random tensors in their place."""
+never loaded with random tensors in their place; a directory's tokenizer reads its text as its files say."""
 
+import json
+import logging
 import shutil
 
 import pytest
@@ -52,3 +54,90 @@ def test_a_pre_trained_encoder_still_loads_with_a_fresh_qa_head(tmp_path):
     dense = tiny()
     save_model(dense, None, tmp_path / "dense")
     assert torch.equal(load_model(tmp_path / "dense", qa_head=True).qa_outputs.weight, dense.qa_outputs.weight)
+
+
+# A user's own cased WordPiece vocabulary: capitals and accents are tokens of their own.
+_CASED_WORDS = ["Élodie", "Zoë", "Malmö", "Apple", "apple", "works", "at", "in", "met", "Москва", "東", "京"]
+
+
+def _cased_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import BertTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_CASED_WORDS])}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return BertTokenizerFast(tokenizer_object=backend, do_lower_case=False, strip_accents=False)
+
+
+def _tokens(tokenizer, text):
+    return tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_a_cased_tokenizer_json_saved_on_its_own_stays_cased(tmp_path):
+    # tokenizer.json alone (no tokenizer_config.json), as Tokenizer.save or a copy of the one file leaves it:
+    # transformers would rebuild its normalizer lower-casing and stripping accents.
+    from pruning.checkpoint import load_tokenizer
+
+    _cased_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    tokenizer = load_tokenizer(tmp_path)
+    text = "Élodie met Zoë in Malmö at Apple"
+    assert _tokens(tokenizer, text) == ["Élodie", "met", "Zoë", "in", "Malmö", "at", "Apple"]
+    # what a run saves beside its model reads the same
+    tokenizer.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "config.json").write_text('{"model_type": "bert"}')
+    assert _tokens(load_tokenizer(tmp_path / "saved"), text) == _tokens(tokenizer, text)
+
+
+def test_tokenizer_config_still_decides_the_casing(tmp_path):
+    from pruning.checkpoint import load_tokenizer
+
+    _cased_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    assert _tokens(load_tokenizer(tmp_path), "Zoë works") == ["Zoë", "works"]
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    settings.update(do_lower_case=True, strip_accents=None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert _tokens(load_tokenizer(tmp_path), "Zoë works") == ["[UNK]", "works"]
+
+
+def test_a_cased_vocab_txt_read_lower_cased_is_said(tmp_path, caplog):
+    from pruning.checkpoint import load_tokenizer
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_CASED_WORDS]
+    (tmp_path / "vocab.txt").write_text("".join(f"{word}\n" for word in words), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
+        load_tokenizer(tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(tmp_path / "vocab.txt") in warnings[0] and "do_lower_case" in warnings[0]
+    # an uncased vocabulary (the shipped one's words) is read without a word
+    caplog.clear()
+    uncased = [*words[:5], "elodie", "zoe", "malmo", "apple", "works", "москва", "京"]
+    (tmp_path / "vocab.txt").write_text("".join(f"{word}\n" for word in uncased), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
+        load_tokenizer(tmp_path)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("file, content, says", [
+    ("tokenizer_config.json", '{"do_lower_case": "false"}', "do_lower_case must be true or false, got 'false'"),
+    ("tokenizer_config.json", '{"strip_accents": 0}', "strip_accents must be true or false, got 0"),
+    ("tokenizer_config.json", "[]", "expected a JSON object, got list"),
+    ("tokenizer_config.json", '{"do_lower_case": ', "not valid JSON"),
+    ("tokenizer.json", '{"normalizer": ', "not valid JSON"),
+], ids=["string-for-a-boolean", "number-for-a-boolean", "not-an-object", "config-cut-short", "tokenizer-cut-short"])
+def test_a_malformed_tokenizer_file_is_one_line_naming_it(tmp_path, file, content, says):
+    # a hand-written tokenizer_config.json ("false" in quotes) failed inside transformers with a traceback
+    from pruning.checkpoint import load_tokenizer
+
+    _cased_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / file).write_text(content)
+    with pytest.raises(CheckpointError) as caught:
+        load_tokenizer(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / file}: ") and says in message and "\n" not in message

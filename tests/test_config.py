@@ -209,3 +209,19 @@ def test_the_config_keys_the_readme_names_are_run_config_fields():
                 config_from_dict({"method": "topk", pair.group(1): value})
         elif re.fullmatch(r"[a-z][a-z0-9]*_[a-z0-9_]+", span):
             assert span in known | values, f"README: {span}: neither a config key nor a value of one"
+
+
+def test_a_path_from_the_home_directory_is_read_as_a_shell_reads_it(tmp_path, monkeypatch):
+    # YAML has no shell to expand "~": the run wrote into a directory named "~" under the working directory, and
+    # named "~/runs/mine/final" as its model, where nothing was
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text("model: ~/models/mine\ntrain_data: ~/data/train ü.json\neval_data: dev\n"
+                      "output_dir: ~/runs/mine\n")
+    cfg = load_config(config)
+    home = tmp_path / "home"
+    assert (cfg.model, cfg.train_data, cfg.output_dir) == (str(home / "models/mine"), str(home / "data/train ü.json"),
+                                                           str(home / "runs/mine"))
+    assert cfg.eval_data == "dev"
+    assert load_config(config, {"output_dir": "~/runs/other"}).output_dir == str(home / "runs/other")

@@ -1000,3 +1000,13 @@ def test_speedup_seq_len_is_checked_against_the_teacher_the_trials_start_from(tm
     path = write(tmp_path, space(512, 256))
     with pytest.raises(SpaceError, match=r"speedup\.seq_len: 256 exceeds the 128 positions the model takes"):
         load_space(path)
+
+
+def test_home_directory_paths_of_a_space_are_read_as_a_shell_reads_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    values = variant(teacher={"path": "~/teacher/final", "student_init": True})
+    values["base"]["train_data"] = "~/data/train.json"
+    space = load_space(write(tmp_path, values))
+    assert space.teacher.path == str(tmp_path / "home/teacher/final")
+    cfg = trial_config(space, {"target_density": 0.5}, "o", space.teacher.path)
+    assert cfg.train_data == str(tmp_path / "home/data/train.json") and cfg.teacher == space.teacher.path

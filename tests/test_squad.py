@@ -427,6 +427,37 @@ def test_an_answer_selected_with_spaces_around_it_is_labelled_where_its_words_ar
         assert torch.equal(got[key], expected[key])
 
 
+
+@pytest.mark.parametrize("cased", [False, True], ids=["uncased", "cased"])
+@pytest.mark.parametrize("where, answer", [
+    ("end", "Zoe\u0308"),             # a decomposed accent at the very end of the context
+    ("end", "Malmo\u0308\u200b"),      # a zero-width space after it
+    ("start", "\u200bParis"),         # a zero-width space first in the context
+    ("start", "\ufeffParis"),         # a byte-order mark first in the context
+], ids=["accent-at-end", "zero-width-at-end", "zero-width-at-start", "bom-at-start"])
+def test_an_answer_at_the_context_edge_with_characters_no_token_covers_is_labelled(tokenizer, cased, where, answer):
+    """A normalizer drops some characters from its tokens (an uncased one a combining accent, every BERT one a
+    zero-width space): an answer at the very start or end of a context, beginning or ending with one, is still in
+    the window that holds its tokens, not labelled as no answer in every window."""
+    from transformers import BertTokenizerFast
+
+    if cased:
+        tokenizer = BertTokenizerFast(tokenizer.vocab_file, do_lower_case=False)
+    filler = " ".join(["river", "mill", "village", "green", "sea"] * 24)
+    context = f"{answer} {filler}" if where == "start" else f"{filler} {answer}"
+    start_char = context.index(answer)
+    example = Example(id="edge", title="", context=context, question="Who?", answers=(answer,),
+                      answer_starts=(start_char,))
+    train = squad.prepare_train_features([example], tokenizer, max_seq_length=48, doc_stride=16)
+    evals = squad.prepare_eval_features([example], tokenizer, max_seq_length=48, doc_stride=16)
+    assert len(evals) > 2
+    labelled = [f for f in range(len(evals)) if int(train["start_positions"][f]) > 0]
+    assert labelled == ([0] if where == "start" else [len(evals) - 1])
+    f = labelled[0]
+    start, end = int(train["start_positions"][f]), int(train["end_positions"][f])
+    covered = context[evals.offsets[f, start, 0]:evals.offsets[f, end, 1]]
+    assert covered and covered in answer and covered.strip("\u200b\ufeff")[:3] == answer.strip("\u200b\ufeff")[:3]
+
 def test_doc_stride_is_the_overlap_of_consecutive_windows(tokenizer):
     context = " ".join(["river", "mill", "village", "green", "sea"] * 30)
     example = Example(id="long", title="t", context=context, question="Where?", answers=("sea",),
@@ -746,3 +777,16 @@ def test_evaluation_tokenizing_draws_a_bar_when_progress_is_asked(tokenizer, dev
     assert "tokenize: 100%" in err and err.index("tokenize") < err.index("predict")
     squad.predict_spans(model, tokenizer, dev_subset[:4], max_seq_length=96, doc_stride=32, progress=False)
     assert "tokenize" not in capsys.readouterr().err
+
+
+def test_an_answer_written_in_another_unicode_form_than_its_context_is_named_so(tmp_path):
+    # "Zoë" typed composed in the answer, decomposed (e + U+0308) in a context pasted from elsewhere: they look the
+    # same, and "the text is not in the context" left the user looking at two identical words
+    data = {"data": [{"title": "t", "paragraphs": [{"context": "The singer Zoe\u0308 sang.", "qas": [
+        {"id": "a", "question": "Who sang?", "answers": [{"text": "Zo\u00eb", "answer_start": 11}]}]}]}]}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(SquadFormatError) as caught:
+        squad.load_squad(path)
+    assert "Unicode form, NFC" in str(caught.value) and str(path) in str(caught.value)
+    assert squad.load_squad(path, spans=False)[0].answers == ("Zo\u00eb",)

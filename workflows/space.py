@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 import typing
 import warnings
@@ -402,6 +403,12 @@ class TeacherSpec(_Section):
         if isinstance(data, str):  # shorthand: `teacher: path/to/model`
             data = {"path": data}
         return super()._mapping(data)
+
+    @field_validator("path")
+    @classmethod
+    def _home(cls, value: str | None) -> str | None:
+        """``~`` is the home directory, as in every path of the run config."""
+        return os.path.expanduser(value) if value is not None and value.startswith("~") else value
 
     @field_validator("config", mode="before")
     @classmethod
