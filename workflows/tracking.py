@@ -38,7 +38,8 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_CONFIGURATION, TAG_ERROR, TAG_ERROR_FILE, TAG_KIND,
                               TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION,
                               TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
-                              TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, TRIAL_COMPUTE, flat_params)
+                              TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, TRIAL_COMPUTE, RecordError, deleted_experiment,
+                              deleted_run, flat_params)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
                              is_transient, quick_http_failures)
 
@@ -132,7 +133,14 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     return None
 
 
-def _experiment_id(client: MlflowClient, name: str) -> str:
+def _experiment_id(client: MlflowClient, name: str, new_sweep: bool = False) -> str:
+    """The id of the experiment ``name``, made when the store does not hold it.
+
+    An experiment deleted by hand (the MLflow UI, ``mlflow experiments delete``) keeps its name, and restoring it
+    brings back every run it held, those deleted one by one before included: a sweep starting (``new_sweep``) is
+    refused in one line (:class:`~workflows.record.RecordError`) rather than mixed into them; one deleted while its
+    sweep runs is restored for the rest of the sweep, with a warning.
+    """
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
@@ -143,6 +151,10 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
             if experiment is None:
                 raise
     if experiment.lifecycle_stage == "deleted":
+        if new_sweep:
+            raise RecordError(deleted_experiment(name, experiment.experiment_id, client.tracking_uri))
+        logger.warning("experiment %r was deleted while its sweep ran: restored, with the runs it held",
+                       name)
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
 
@@ -186,7 +198,7 @@ def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None)
         The parent run, or None when ``experiment`` has no sweep.
 
     Raises:
-        ValueError: ``run_id`` is not a sweep's parent run.
+        ValueError: ``run_id`` is not a sweep's parent run, or it (or the experiment) was deleted.
     """
     if run_id is not None:
         try:
@@ -195,10 +207,18 @@ def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None)
             raise ValueError(f"--resume {run_id}: no such run in {client.tracking_uri}") from err
         if run.data.tags.get(TAG_KIND) != KIND_SWEEP or not run.data.tags.get(TAG_SWEEP):
             raise ValueError(f"--resume {run_id}: run {run_id} is not a sweep (tag {TAG_KIND}={KIND_SWEEP})")
+        found = client.get_experiment(run.info.experiment_id)
+        if found.lifecycle_stage == "deleted":
+            raise ValueError(f"--resume {run_id}: " + deleted_experiment(found.name, found.experiment_id,
+                                                                         client.tracking_uri))
+        if run.info.lifecycle_stage == "deleted":
+            raise ValueError(f"--resume {run_id}: " + deleted_run(run_id, f"a sweep of experiment {found.name!r}"))
         return run
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
+    if found.lifecycle_stage == "deleted":
+        raise ValueError("--resume: " + deleted_experiment(experiment, found.experiment_id, client.tracking_uri))
     runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
@@ -215,7 +235,7 @@ def sweep_state(run) -> str:
 def start_parent_run(client: MlflowClient, experiment: str, sweep_key: str, params: dict[str, Any],
                      resume: bool) -> str:
     """The sweep's parent run: created, or (on resume) the existing one for the same sweep reopened."""
-    experiment_id = _experiment_id(client, experiment)
+    experiment_id = _experiment_id(client, experiment, new_sweep=True)
     if resume:
         existing = _find_runs(client, experiment_id, f"tags.`{TAG_SWEEP}` = '{sweep_key}' and "
                                                      f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'")
