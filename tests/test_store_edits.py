@@ -71,3 +71,106 @@ def test_a_deleted_sweep_run_named_by_id_is_one_line(tmp_path, monkeypatch, caps
     assert _last_error(capsys) == (f"fineprune report: error: run {gone} (a sweep of experiment 'smoke') was deleted; "
                                    f"restore it (`mlflow runs restore --run-id {gone}`) to use it again")
     assert not (tmp_path / "r" / "report.md").exists()
+
+
+# ---- a sweep's record with registered versions ---------------------------------------------------------------
+
+NAME = "store-edits"
+# trial name -> (heads kept per layer, FFN width kept, F1, linear density, on the density frontier)
+TRIALS = {"wide": (2, 64, 80.0, 0.5, True), "narrow": (1, 32, 60.0, 0.3, True), "dominated": (1, 16, 20.0, 0.4, False)}
+
+
+def _sweep_record(root: Path, tokenizer) -> dict:
+    """A sweep's parent run (registry policy best_f1_under_density 0.6, no ONNX export), its dense baseline and three
+    finished trials whose packed models are tiny packed BERTs; ``wide`` is the policy's champion."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from pruning.packing import pack, save_packed
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment_id = client.create_experiment("exp", artifact_location=(root / "artifacts").as_uri())
+    spec = {"registry": {"name": NAME, "policy": "best_f1_under_density", "max_density": 0.6, "onnx": False}}
+    parent = tracking.start_parent_run(client, "exp", str(root / "sweep"), spec, resume=False)
+    baseline = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_BASELINE,
+                                                      record.TAG_PARENT: parent, record.TAG_STATUS: "finished"})
+    client.log_metric(baseline.info.run_id, "f1", 95.0)
+    client.set_terminated(baseline.info.run_id)
+    runs = {}
+    for name, (heads, ffn, f1, density, on_front) in TRIALS.items():
+        torch.manual_seed(0)
+        model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=128, max_position_embeddings=128)).eval()
+        with torch.no_grad():
+            for layer in model.bert.encoder.layer:
+                layer.attention.output.dense.weight[:, heads * 32:] = 0
+                layer.output.dense.weight[:, ffn:] = 0
+        save_packed(pack(model), tokenizer, root / name)
+        run_id = client.create_run(experiment_id, tags={
+            record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent, record.TAG_STATUS: "finished",
+            record.TAG_PACKED_ARTIFACT: "packed_model", "pareto": str(on_front).lower(), "pareto_speedup": "false",
+            record.TAG_RUN_NAME: name}).info.run_id
+        client.log_artifacts(run_id, str(root / name), "packed_model")
+        for key, value in {"f1": f1, "exact_match": f1 - 10, "linear_density": density, "total_density": density,
+                           "heads_removed": 2 - heads, "speedup": 2 - density}.items():
+            client.log_metric(run_id, key, value)
+        client.log_param(run_id, "max_seq_length", "64")
+        client.set_terminated(run_id)
+        runs[name] = run_id
+    tracking.finish_parent_run(client, parent)
+    return {"client": client, "uri": uri, "parent": parent, "runs": runs}
+
+
+def _register(capsys, uri: str, *flags: str) -> tuple[int, str, str]:
+    status = main(["register", "--experiment", "exp", "--tracking-uri", uri, *flags])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return status, out, err
+
+
+def _version_of(client, run_id: str):
+    return next(v for v in client.search_model_versions(f"name = '{NAME}'") if v.tags[record.TAG_TRIAL_RUN] == run_id)
+
+
+def test_a_version_whose_files_were_deleted_is_never_made_champion_again(tmp_path, tokenizer, capsys, caplog):
+    """The packed model of the champion's version removed from the artifact store by hand: `register` reused the
+    version as it was and pointed the alias at a model that no longer loads; it now stops with one line (the alias
+    stays where it was), `register --frontier` leaves that point out with a warning, and once the version is
+    deleted, registering makes it anew from the trial's packed model."""
+    import shutil
+
+    made = _sweep_record(tmp_path, tokenizer)
+    client, uri, runs = made["client"], made["uri"], made["runs"]
+    status, out, _ = _register(capsys, uri, "--frontier")
+    assert status == 0
+    wide, narrow = _version_of(client, runs["wide"]), _version_of(client, runs["narrow"])
+    client.set_registered_model_alias(NAME, "champion", narrow.version)  # moved by hand meanwhile
+    files = client.get_model_version_download_uri(NAME, wide.version)
+    shutil.rmtree(Path(files.replace("file://", "")) / "artifacts" / "packed_model")
+
+    status, out, err = _register(capsys, uri)
+    assert status == 2 and out == ""
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"fineprune register: error: version {wide.version} of {NAME} (trial run {runs['wide']}) "
+                           "cannot be served: its model_dir (artifacts/packed_model) is gone from ")
+    assert line.endswith("alias 'champion' left where it was")
+    assert client.get_model_version_by_alias(NAME, "champion").version == narrow.version
+
+    status, out, err = _register(capsys, uri, "--frontier")
+    assert status == 2
+    assert [r.getMessage().split(" cannot be served")[0] for r in caplog.records if r.levelname == "WARNING"
+            and r.name == "workflows.registry"] == [f"version {wide.version} of {NAME} (trial run {runs['wide']})"]
+    assert _version_of(client, runs["wide"]).tags["pareto"] == "true"  # still a point of the frontier
+
+    client.delete_model_version(NAME, wide.version)
+    status, out, _ = _register(capsys, uri)
+    assert status == 0
+    again = _version_of(client, runs["wide"])
+    assert int(again.version) > int(narrow.version) and client.get_model_version_by_alias(NAME, "champion").version \
+        == again.version
+    from workflows.registry import _lost_files
+
+    assert _lost_files(client.get_model_version_download_uri(NAME, again.version), uri) is None
+
