@@ -7,6 +7,7 @@ Real SQLite MLflow stores in a temporary directory, edited with MlflowClient as 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -173,4 +174,64 @@ def test_a_version_whose_files_were_deleted_is_never_made_champion_again(tmp_pat
     from workflows.registry import _lost_files
 
     assert _lost_files(client.get_model_version_download_uri(NAME, again.version), uri) is None
+
+
+def test_a_resumed_sweep_leaves_out_a_trial_whose_run_was_deleted(tmp_path, caplog):
+    """A finished trial's run deleted in the UI while the sweep stood interrupted: the resumed sweep's callback,
+    given the trial as Tune restored it, logged it again in a new run (its packed model uploaded again, so that
+    the sweep's end tagged and registered it again); it now leaves the trial out, with one warning."""
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.experiment import Trial
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = tracking.start_parent_run(client, "exp", str(tmp_path / "sweep"), {}, resume=False)
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "config.json").write_text("{}")
+
+    def params_of(config):
+        return {"method": "topk", **{f"searched.{k}": v for k, v in config.items()}}
+
+    def trial(trial_id: str, density: float, final: bool) -> Trial:
+        t = Trial("trial_main", config={"target_density": density}, trial_id=trial_id, stub=True)
+        result = {"step": 6 if final else 3, "f1": 50.0, "linear_density": density, "final": final}
+        if final:
+            t.run_metadata.checkpoint_manager.register_checkpoint(
+                _TrainingResult(checkpoint=tune.Checkpoint.from_directory(str(packed)), metrics=result))
+        t.update_last_result(result)
+        t.set_status(Trial.TERMINATED if final else Trial.RUNNING)
+        return t
+
+    # The first session: t1 finished, t2 running when the sweep was interrupted.
+    first = tracking.MlflowTrialCallback(uri, "exp", parent, params_of, outage_limit=30)
+    t1, t2 = trial("t1", 0.3, True), trial("t2", 0.5, False)
+    first.on_step_begin(iteration=0, trials=[])
+    for t in (t1, t2):
+        first.on_trial_start(iteration=0, trials=[t1, t2], trial=t)
+        first.on_trial_result(iteration=0, trials=[t1, t2], trial=t, result=t.last_result)
+    first.on_trial_complete(iteration=0, trials=[t1, t2], trial=t1)
+    first.on_experiment_end(trials=[t1, t2])
+    runs = {r.data.tags[record.TAG_TRIAL]: r.info.run_id for r in client.search_runs([experiment_id],
+                                                                                   "tags.`fineprune.kind` = 'trial'")}
+    client.delete_run(runs["t1"])
+
+    # The resume: Tune restored t1 (ended) and t2, which runs on and finishes.
+    t1, t2 = trial("t1", 0.3, True), trial("t2", 0.5, False)
+    resumed = tracking.MlflowTrialCallback(uri, "exp", parent, params_of, outage_limit=30)
+    resumed.on_step_begin(iteration=0, trials=[t1, t2])
+    resumed.on_trial_start(iteration=0, trials=[t1, t2], trial=t2)
+    t2 = trial("t2", 0.5, True)
+    resumed.on_trial_result(iteration=0, trials=[t1, t2], trial=t2, result=t2.last_result)
+    resumed.on_trial_complete(iteration=0, trials=[t1, t2], trial=t2)
+    resumed.on_experiment_end(trials=[t1, t2])
+    assert resumed.failure is None
+
+    table = record.trials(client, parent, include_baseline=False)
+    assert list(table["run_id"]) == [runs["t2"]] and list(table["status"]) == ["finished"]
+    assert client.get_run(runs["t1"]).info.lifecycle_stage == "deleted"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "was deleted" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"trial t1: its MLflow run {runs['t1']} was deleted")
 
