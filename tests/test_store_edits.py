@@ -235,3 +235,27 @@ def test_a_resumed_sweep_leaves_out_a_trial_whose_run_was_deleted(tmp_path, capl
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "was deleted" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith(f"trial t1: its MLflow run {runs['t1']} was deleted")
 
+
+def test_select_says_which_version_it_cannot_rank_for_an_f1_tag_edited_by_hand(tmp_path, tokenizer, capsys, caplog):
+    """The most accurate version's f1 tag set to text (or removed) in the UI: `select` passed it over without a word
+    and chose a less accurate one; it still cannot rank it, but now says so, naming the version and the tag."""
+    made = _sweep_record(tmp_path, tokenizer)
+    client, uri, runs = made["client"], made["uri"], made["runs"]
+    assert _register(capsys, uri, "--frontier")[0] == 0
+    wide, narrow = _version_of(client, runs["wide"]), _version_of(client, runs["narrow"])
+    client.set_model_version_tag(NAME, wide.version, "f1", "high")
+    client.delete_model_version_tag(NAME, narrow.version, "f1")
+    status = main(["select", "--registered-model", NAME, "--max-latency-ms", "10000", "--repeats", "1",
+                   "--seq-len", "32", "--tracking-uri", uri])
+    out, err = capsys.readouterr()
+    assert status == 2 and "Traceback" not in err
+    warnings = sorted(r.getMessage().split(", so")[0] for r in caplog.records
+                      if r.levelname == "WARNING" and r.name == "workflows.registry")
+    assert warnings == sorted([f"version {wide.version} of {NAME}: its f1 tag 'high' is not a number",
+                               f"version {narrow.version} of {NAME}: it has no f1 tag"])
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == str(wide.version)  # left as it was
+    # Registering the frontier again writes the tags from the trials; then the most accurate version is chosen.
+    assert _register(capsys, uri, "--frontier")[0] == 0
+    assert main(["select", "--registered-model", NAME, "--max-latency-ms", "10000", "--repeats", "1",
+                 "--seq-len", "32", "--tracking-uri", uri]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == str(wide.version)

@@ -1086,6 +1086,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         for v in versions:
             row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
                    **{k: _tag_float(v.tags, k) for k in FINAL_METRICS}}
+            if row[F1] is None:  # removed or edited by hand: the version cannot be ranked, so it is never chosen
+                what = f"its {F1} tag {v.tags[F1]!r} is not a number" if F1 in v.tags else f"it has no {F1} tag"
+                logger.warning("version %s of %s: %s, so it cannot be chosen (`fineprune register --frontier` "
+                               "writes the tag again from its trial while it is on its sweep's frontier)", v.version,
+                               name, what)
             try:
                 model, row["runtime"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
                                                       runtime, threads)
