@@ -259,3 +259,43 @@ def test_select_says_which_version_it_cannot_rank_for_an_f1_tag_edited_by_hand(t
     assert main(["select", "--registered-model", NAME, "--max-latency-ms", "10000", "--repeats", "1",
                  "--seq-len", "32", "--tracking-uri", uri]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == str(wide.version)
+
+
+def test_the_report_names_no_deleted_trials_version_as_champion_and_says_where_the_alias_is(tmp_path):
+    """`select` moved the alias to another version of the sweep (which then records its policy), and that version was
+    deleted by hand, taking the alias with it: the report named the sweep's earlier champion and said the alias "has
+    since moved to another version" (it points at none); once that trial's run was deleted too, the report still
+    named its version as the champion. It now says the alias points at no version, and names no version of a
+    deleted trial."""
+    from dataclasses import asdict
+
+    from workflows.record import RegistrySpec
+    from workflows.report import collect_report_data, render_html, render_markdown
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment_id = client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
+    spec = RegistrySpec(NAME, "best_f1_under_density", max_density=0.5)
+    parent = tracking.start_parent_run(client, "exp", "/sweeps/a", {"registry": asdict(spec)}, resume=False)
+    client.create_registered_model(NAME)
+    versions = {}
+    for name, policy in (("first", "best_f1_under_density"), ("chosen", "best_f1_under_latency")):
+        trial = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent,
+                                                       record.TAG_STATUS: "finished", record.TAG_RUN_NAME: name})
+        client.set_terminated(trial.info.run_id)
+        versions[name] = (trial.info.run_id, client.create_model_version(
+            NAME, source=(tmp_path / name).as_uri(), run_id=trial.info.run_id,
+            tags={"sweep_run_id": parent, "fineprune.trial_run_id": trial.info.run_id, "policy": policy}).version)
+    client.set_registered_model_alias(NAME, "champion", versions["chosen"][1])
+    client.delete_model_version(NAME, versions["chosen"][1])  # and the alias with it
+
+    data = collect_report_data("exp", uri)
+    assert data.champion.version == str(versions["first"][1]) and not data.champion.alias_current
+    note = "alias points at no version now (the version it pointed at was deleted, or the alias removed)"
+    assert note in render_markdown(data) and "has since moved" not in render_markdown(data)
+    assert "<code>champion</code> alias points at no version now" in render_html(data)
+
+    client.delete_run(versions["first"][0])
+    data = collect_report_data("exp", uri)
+    assert data.champion is None
+    assert "- **Champion**: none registered" in render_markdown(data)
