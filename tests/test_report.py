@@ -457,6 +457,7 @@ def test_the_report_names_the_policy_that_made_the_champion_not_the_sweeps(tmp_p
     client.create_registered_model("qa-small")
     for run in client.search_runs([client.get_experiment_by_name("recorded").experiment_id],
                                   filter_string=f"tags.`{record.TAG_KIND}` = 'trial'"):
+        client.log_text(run.info.run_id, "flavors:\n  python_function: {}\n", "model/MLmodel")  # a model to serve
         client.create_model_version("qa-small", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
                                     tags={record.TAG_TRIAL_RUN: run.info.run_id})  # the frontier's versions
 

@@ -57,7 +57,8 @@ __all__ = [
     "ARTIFACT_REPORT_DIR", "ARTIFACT_REPORT_HTML", "ARTIFACT_REPORT_MARKDOWN", "ARTIFACT_QA_MODEL",
     "ARTIFACT_MODEL_DIR", "ARTIFACT_ONNX_DIR",
     # the registry spec, the readers
-    "RegistrySpec", "POLICY_THRESHOLDS", "policy_text", "latest_sweep", "trials", "metric_history", "COLUMNS",
+    "RegistrySpec", "POLICY_THRESHOLDS", "policy_text", "latest_sweep", "deleted_run", "deleted_experiment", "trials",
+    "metric_history", "COLUMNS",
 ]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -310,12 +311,28 @@ def latest_sweep(client: MlflowClient, experiment: str, run_id: str | None = Non
         if run is None or run.info.experiment_id != found.experiment_id or \
                 run.data.tags.get(TAG_KIND) != KIND_SWEEP:
             raise RecordError(f"run {run_id} is not a sweep of experiment {experiment!r} in {client.tracking_uri}")
+        if run.info.lifecycle_stage == "deleted":
+            raise RecordError(deleted_run(run_id, f"a sweep of experiment {experiment!r}"))
         return run
     runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise RecordError(f"experiment {experiment!r} in {client.tracking_uri} has no sweep run")
     return runs[0]
+
+
+def deleted_run(run_id: str, what: str) -> str:
+    """The one line that says the run ``run_id`` (``what`` it is) was deleted, and how to have it back."""
+    return (f"run {run_id} ({what}) was deleted; restore it (`mlflow runs restore --run-id {run_id}`) to use it "
+            "again")
+
+
+def deleted_experiment(name: str, experiment_id: str, tracking_uri: str) -> str:
+    """The one line that says the experiment ``name`` was deleted, and the ways on: MLflow keeps a deleted
+    experiment's name (and its runs) until it is removed for good."""
+    return (f"experiment {name!r} in {tracking_uri} was deleted (id {experiment_id}): restore it (`mlflow experiments "
+            f"restore --experiment-id {experiment_id}`, which brings its runs back), remove it for good (`mlflow gc "
+            f"--backend-store-uri {tracking_uri} --experiment-ids {experiment_id}`), or pass another --experiment")
 
 
 def _child_runs(client: MlflowClient, sweep: Run) -> list[Run]:

@@ -600,6 +600,11 @@ def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any]):
                 flavor = Model.load(model.model_uri).flavors.get("python_function", {})
         except (MlflowException, OSError):  # its files are gone: not a model to serve
             continue
+        lost = _lost_files(model.artifact_location, client.tracking_uri)
+        if lost is not None:
+            logger.info("trial run %s: the model logged on it before (%s) cannot be served (%s): logging a new one",
+                        run.info.run_id, model.model_id, lost)
+            continue
         has_onnx = ARTIFACT_ONNX_DIR in (flavor.get("artifacts") or {})
         served = _served_by(flavor.get("config") or {}, has_onnx)
         wanted = _served_by({"max_records": MAX_RECORDS, **settings,
@@ -618,6 +623,45 @@ def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any]):
 
 class UnreadableTrial(record.RecordError):
     """A trial's packed model is missing from its run or cannot be read: it cannot become a version."""
+
+
+class LostVersion(UnreadableTrial):
+    """A trial's version has lost files its served model loads (deleted from the artifact store by hand)."""
+
+
+def _lost_files(root: str, tracking_uri: str) -> str | None:
+    """What of a served model's files is gone from ``root`` (a version's or a logged model's artifact location):
+    its ``MLmodel``, or a file or directory its pyfunc loads (the pickled model, the code, the packed model, the
+    ONNX export); None when all of them are there. Files deleted from the artifact store by hand leave the version
+    in the registry, but it can no longer be loaded or served."""
+    from mlflow.models import Model
+
+    root = root.rstrip("/")
+
+    def listing(path: str) -> list:
+        try:
+            return list(mlflow.artifacts.list_artifacts(artifact_uri=f"{root}/{path}".rstrip("/"),
+                                                        tracking_uri=tracking_uri))
+        except (MlflowException, OSError):
+            return []
+
+    def present(path: str) -> bool:
+        parent, _, leaf = path.strip("/").rpartition("/")
+        found = [info for info in listing(parent) if info.path.rstrip("/").rsplit("/", 1)[-1] == leaf]
+        return bool(found) and (not found[0].is_dir or bool(listing(path)))  # an emptied directory is gone too
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=tmp, tracking_uri=tracking_uri)
+            flavor = Model.load(tmp).flavors.get("python_function", {})
+        except (MlflowException, OSError, ValueError):
+            return f"its MLmodel is gone from {root}"
+    needed = [(what, flavor.get(what)) for what in ("python_model", "code")]
+    needed += [(key, (spec or {}).get("path")) for key, spec in (flavor.get("artifacts") or {}).items()]
+    for what, path in needed:
+        if path and not present(str(path)):
+            return f"its {what} ({path}) is gone from {root}"
+    return None
 
 
 def _settings_of(client, run) -> dict[str, Any]:
@@ -707,8 +751,13 @@ def _version_of_run(client, name: str, run, onnx: bool = True, known: dict[str, 
     if known is None:
         known = _versions_by_trial(_model_versions(client, name))
     if run_id in known:
-        logger.info("trial run %s is already version %s of %s", run_id, known[run_id].version, name)
-        return known[run_id]
+        version = known[run_id]
+        lost = _lost_files(client.get_model_version_download_uri(name, version.version), client.tracking_uri)
+        if lost is not None:  # deleted from the artifact store by hand: the version cannot be served
+            raise LostVersion(f"version {version.version} of {name} (trial run {run_id}) cannot be served: {lost}; "
+                              "delete the version and register again to make it anew from the trial's packed model")
+        logger.info("trial run %s is already version %s of %s", run_id, version.version, name)
+        return version
     version = _new_version_of_run(client, name, run, onnx)
     known[run_id] = version
     return version
@@ -797,7 +846,10 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
     """
     _ensure_model(client, name)
     run = client.get_run(run_id)
-    version = _version_of_run(client, name, run, onnx)
+    try:
+        version = _version_of_run(client, name, run, onnx)
+    except LostVersion as err:
+        raise LostVersion(f"{err}; alias {ALIAS!r} left where it was") from None
     _tag_version(client, name, version, run, parent_run_id, {TAG_POLICY: policy, TAG_POLICY_THRESHOLD: threshold})
     client.set_registered_model_alias(name, ALIAS, version.version)
     uri = f"models:/{name}@{ALIAS}"
@@ -849,7 +901,8 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str,
                      {tag: run.data.tags.get(tag, "false") for tag in FRONTIER_TAGS})
         rows.append({"version": str(version.version), "model_uri": f"models:/{name}/{version.version}",
                      "run_id": run.info.run_id, **{k: run.data.metrics.get(k) for k in FINAL_METRICS}})
-    _untag_left_frontier(client, name, parent_run_id, {row["run_id"] for row in rows}, before)
+    # A point whose version cannot be served (its files gone) is still on the frontier: its tags stay.
+    _untag_left_frontier(client, name, parent_run_id, {run.info.run_id for run in runs}, before)
     logger.info("registered the frontier of sweep run %s: %d versions of %s (%s)", parent_run_id, len(rows), name,
                 ", ".join(row["version"] for row in rows))
     return rows
@@ -903,6 +956,9 @@ def _load_version(client, name: str, version: str, dst: str, runtime: str = "ser
                                             tracking_uri=client.tracking_uri)
 
     try:
+        lost = _lost_files(root, client.tracking_uri)  # a file the served model needs, which this timing may not
+        if lost is not None:
+            raise SelectionError(lost)
         fetch("MLmodel")
         return _open_version(dst, name, version, runtime, threads, fetch)
     except Exception as err:
@@ -1030,6 +1086,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         for v in versions:
             row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
                    **{k: _tag_float(v.tags, k) for k in FINAL_METRICS}}
+            if row[F1] is None:  # removed or edited by hand: the version cannot be ranked, so it is never chosen
+                what = f"its {F1} tag {v.tags[F1]!r} is not a number" if F1 in v.tags else f"it has no {F1} tag"
+                logger.warning("version %s of %s: %s, so it cannot be chosen (`fineprune register --frontier` "
+                               "writes the tag again from its trial while it is on its sweep's frontier)", v.version,
+                               name, what)
             try:
                 model, row["runtime"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
                                                       runtime, threads)

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined
-from markupsafe import Markup
+from markupsafe import Markup, escape
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -87,6 +87,8 @@ class ChampionCard:
         size_bytes: the packed model directory on disk (weights, config, tokenizer).
         weights_bytes: the weight files alone.
         alias_current: the ``champion`` alias points at this version (False when a later sweep moved it).
+        alias_version: where the alias points instead when not at this version; None when it points at no version
+            (the version it pointed at was deleted, or the alias removed, by hand).
         tracking_uri: where the registry lives (for the loading snippet); None to leave it out.
         url: link to the model version in the MLflow UI, when a tracking server is known.
         policy: the policy that made this version champion and its threshold, as the version's tags record them
@@ -103,6 +105,7 @@ class ChampionCard:
     size_bytes: int | None = None
     weights_bytes: int | None = None
     alias_current: bool = True
+    alias_version: str | None = None
     tracking_uri: str | None = None
     url: str | None = None
     policy: str | None = None
@@ -281,6 +284,14 @@ def _counts(data: ReportData) -> dict[str, int]:
     for status in data.trials["status"]:
         counts[status] = counts.get(status, 0) + 1
     return counts
+
+
+def _alias_note(card: ChampionCard) -> str:
+    """Where the ``champion`` alias points when not at the sweep's champion (plain text, code in backticks)."""
+    if card.alias_version is not None:
+        return f"The `{ALIAS}` alias has since moved to version {card.alias_version}; the URI above pins this one."
+    return (f"The `{ALIAS}` alias points at no version now (the version it pointed at was deleted, or the alias "
+            "removed); the URI above pins this one.")
 
 
 def _load_snippet(card: ChampionCard) -> str:
@@ -484,7 +495,7 @@ def render_markdown(data: ReportData) -> str:
                        f"EM {_fmt(_value(row, EXACT_MATCH))}, "
                        f"linear density {_fmt(_value(row, LINEAR_DENSITY), 3)}")
         if not card.alias_current:
-            out.append("- The `champion` alias has since moved to another version; the URI above pins this one.")
+            out.append(f"- {_alias_note(card)}")
         if card.heads_kept or card.ffn_widths:
             out += [""]
             layers = max(len(card.heads_kept), len(card.ffn_widths))
@@ -594,6 +605,7 @@ def _champion_view(data: ReportData) -> dict[str, Any] | None:
             "trial": str(row["name"]) if row is not None else card.run_id,
             "trial_url": _url(row) if row is not None else None, "stats": stats,
             "alias_current": card.alias_current, "structure_svg": structure,
+            "alias_note": Markup(re.sub(r"`([^`]*)`", r"<code>\1</code>", str(escape(_alias_note(card))))),
             "load_snippet": _load_snippet(card), "serve_command": _serve_command(card)}
 
 
@@ -630,7 +642,11 @@ def render_html(data: ReportData) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _champion(client: MlflowClient, parent, tracking_uri: str) -> ChampionCard | None:
+def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[str]) -> ChampionCard | None:
+    """The version the sweep made champion: the one the ``champion`` alias points at when it is one of the sweep's,
+    else the newest this sweep's policy chose (tag ``policy``) whose trial run is still among ``trial_ids`` (a
+    version of a trial deleted by hand, or one a later choice of the same sweep replaced and its trial deleted, is
+    not named champion); None when there is none."""
     try:
         name = RegistrySpec.from_params(parent.data.params).name
     except record.RecordError:
@@ -652,7 +668,8 @@ def _champion(client: MlflowClient, parent, tracking_uri: str) -> ChampionCard |
     else:
         # The alias has moved on: the version this sweep made champion carries the policy that chose it (its other
         # versions are frontier points); none when no trial met the policy.
-        chosen = [v for v in versions if v.tags.get(TAG_POLICY)]
+        chosen = [v for v in versions if v.tags.get(TAG_POLICY)
+                  and (v.tags.get(TAG_TRIAL_RUN) or v.run_id) in trial_ids]
         if not chosen:
             return None
         version, current = max(chosen, key=lambda v: int(v.version)), False
@@ -668,6 +685,7 @@ def _champion(client: MlflowClient, parent, tracking_uri: str) -> ChampionCard |
     server = _server(tracking_uri)
     return ChampionCard(
         model_name=name, version=str(version.version), run_id=run_id, alias_current=current,
+        alias_version=None if current or aliased is None else str(aliased.version),
         tracking_uri=None if tracking_uri == "databricks" else tracking_uri,
         url=None if server is None else f"{server}/#/models/{name}/versions/{version.version}", policy=policy,
         **structure)
@@ -754,7 +772,7 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
     types = record.search_types(params)
     logged = [c[len(PARAM_SEARCHED):] for c in runs.columns if c.startswith(PARAM_SEARCHED)]
     keys = [*types, *(k for k in logged if k not in types)]  # keys the parent does not describe (older sweeps)
-    champion = _champion(client, parent, uri)
+    champion = _champion(client, parent, uri, set(runs.loc[runs["kind"] == KIND_TRIAL, "run_id"]))
     if champion is not None:  # what made it champion, which may be another policy than the sweep's
         policy = champion.policy
     else:  # the sweep's policy, which chose none

@@ -38,7 +38,8 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_CONFIGURATION, TAG_ERROR, TAG_ERROR_FILE, TAG_KIND,
                               TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION,
                               TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
-                              TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, TRIAL_COMPUTE, flat_params)
+                              TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, TRIAL_COMPUTE, RecordError, deleted_experiment,
+                              deleted_run, flat_params)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
                              is_transient, quick_http_failures)
 
@@ -132,7 +133,14 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     return None
 
 
-def _experiment_id(client: MlflowClient, name: str) -> str:
+def _experiment_id(client: MlflowClient, name: str, new_sweep: bool = False) -> str:
+    """The id of the experiment ``name``, made when the store does not hold it.
+
+    An experiment deleted by hand (the MLflow UI, ``mlflow experiments delete``) keeps its name, and restoring it
+    brings back every run it held, those deleted one by one before included: a sweep starting (``new_sweep``) is
+    refused in one line (:class:`~workflows.record.RecordError`) rather than mixed into them; one deleted while its
+    sweep runs is restored for the rest of the sweep, with a warning.
+    """
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
@@ -143,18 +151,24 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
             if experiment is None:
                 raise
     if experiment.lifecycle_stage == "deleted":
+        if new_sweep:
+            raise RecordError(deleted_experiment(name, experiment.experiment_id, client.tracking_uri))
+        logger.warning("experiment %r was deleted while its sweep ran: restored, with the runs it held",
+                       name)
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
 
 
-def _find_runs(client: MlflowClient, experiment_id: str, filter_string: str, page_size: int = 1000) -> list:
+def _find_runs(client: MlflowClient, experiment_id: str, filter_string: str, page_size: int = 1000,
+               deleted: bool = False) -> list:
     """Every run of the experiment that matches the filter, in MLflow's order (latest started first), page by
-    page: a sweep may hold more runs than one search returns."""
+    page: a sweep may hold more runs than one search returns. ``deleted``: the runs deleted by hand too."""
     runs: list = []
     token = None
+    view = mlflow.entities.ViewType.ALL if deleted else mlflow.entities.ViewType.ACTIVE_ONLY
     while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=page_size,
-                                  page_token=token)
+        page = client.search_runs([experiment_id], filter_string=filter_string, run_view_type=view,
+                                  max_results=page_size, page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
@@ -186,7 +200,7 @@ def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None)
         The parent run, or None when ``experiment`` has no sweep.
 
     Raises:
-        ValueError: ``run_id`` is not a sweep's parent run.
+        ValueError: ``run_id`` is not a sweep's parent run, or it (or the experiment) was deleted.
     """
     if run_id is not None:
         try:
@@ -195,10 +209,18 @@ def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None)
             raise ValueError(f"--resume {run_id}: no such run in {client.tracking_uri}") from err
         if run.data.tags.get(TAG_KIND) != KIND_SWEEP or not run.data.tags.get(TAG_SWEEP):
             raise ValueError(f"--resume {run_id}: run {run_id} is not a sweep (tag {TAG_KIND}={KIND_SWEEP})")
+        found = client.get_experiment(run.info.experiment_id)
+        if found.lifecycle_stage == "deleted":
+            raise ValueError(f"--resume {run_id}: " + deleted_experiment(found.name, found.experiment_id,
+                                                                         client.tracking_uri))
+        if run.info.lifecycle_stage == "deleted":
+            raise ValueError(f"--resume {run_id}: " + deleted_run(run_id, f"a sweep of experiment {found.name!r}"))
         return run
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
+    if found.lifecycle_stage == "deleted":
+        raise ValueError("--resume: " + deleted_experiment(experiment, found.experiment_id, client.tracking_uri))
     runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
@@ -215,7 +237,7 @@ def sweep_state(run) -> str:
 def start_parent_run(client: MlflowClient, experiment: str, sweep_key: str, params: dict[str, Any],
                      resume: bool) -> str:
     """The sweep's parent run: created, or (on resume) the existing one for the same sweep reopened."""
-    experiment_id = _experiment_id(client, experiment)
+    experiment_id = _experiment_id(client, experiment, new_sweep=True)
     if resume:
         existing = _find_runs(client, experiment_id, f"tags.`{TAG_SWEEP}` = '{sweep_key}' and "
                                                      f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'")
@@ -392,6 +414,7 @@ class MlflowTrialCallback(tune.Callback):
         self._runs: dict[str, str] = {}  # trial id -> run id; touched by the logging thread only
         self._described: set[str] = set()  # trials whose run has its params (logging thread only)
         self._orphans: dict[str, tuple] = {}  # run id -> config key of runs no trial of this Tune run owns
+        self._deleted: set[str] = set()  # trials whose run was deleted by hand: left out (logging thread only)
         self._client: MlflowClient | None = None
         self._queue: LogQueue | None = None
         self._known: set[str] | None = None
@@ -456,8 +479,7 @@ class MlflowTrialCallback(tune.Callback):
     def on_trial_recover(self, iteration, trials, trial, **info):
         trial_id, config, failures = trial.trial_id, dict(trial.config), int(trial.num_failures)
         logger.warning("trial %s lost its worker (failure %d); it goes on from its last checkpoint", trial_id, failures)
-        self._submit(lambda: self.client.set_tag(self._run_for(trial_id, config), TAG_RETRIES, str(failures)),
-                     f"tagging the retry of trial {trial_id}")
+        self._submit(lambda: self._tag_retry(trial_id, config, failures), f"tagging the retry of trial {trial_id}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         snapshot = replace(TrialSnapshot.of(trial), status="TERMINATED")
@@ -492,14 +514,31 @@ class MlflowTrialCallback(tune.Callback):
             logger.info("%d run(s) of this sweep belong to trials its Tune state does not know (its driver died); "
                         "a trial with the same configuration continues each", len(self._orphans))
 
-    def _run_for(self, trial_id: str, config: dict[str, Any], reopen: bool = False) -> str:
-        """The trial's run: its own, one a lost trial with the same configuration left, or a new one."""
+    def _tag_retry(self, trial_id: str, config: dict[str, Any], failures: int) -> None:
+        run_id = self._run_for(trial_id, config)
+        if run_id is not None:
+            self.client.set_tag(run_id, TAG_RETRIES, str(failures))
+
+    def _run_for(self, trial_id: str, config: dict[str, Any], reopen: bool = False) -> str | None:
+        """The trial's run: its own, one a lost trial with the same configuration left, or a new one; None when its
+        own run was deleted by hand (the MLflow UI) between sessions of the sweep: the trial is left out of the
+        record, with one warning, rather than logged again in a new run (and registered again)."""
+        if trial_id in self._deleted:
+            return None
         run_id = self._runs.get(trial_id)
         earlier = False  # the run was found, not made, here: an earlier session of the sweep had it
         if run_id is None:
             experiment_id = _experiment_id(self.client, self.experiment)
             existing = _find_runs(self.client, experiment_id, f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' and "
-                                                              f"tags.`{TAG_TRIAL}` = '{trial_id}'")
+                                                              f"tags.`{TAG_TRIAL}` = '{trial_id}'", deleted=True)
+            active = [r for r in existing if r.info.lifecycle_stage != "deleted"]
+            if existing and not active:
+                self._deleted.add(trial_id)
+                logger.warning("trial %s: its MLflow run %s was deleted; the trial is left out of the sweep's record "
+                               "(restore the run, `mlflow runs restore --run-id %s`, before a resume to keep it)",
+                               trial_id, existing[0].info.run_id, existing[0].info.run_id)
+                return None
+            existing = active
             run_id = existing[0].info.run_id if existing else self._take_over(trial_id, config)
             earlier = run_id is not None
             if run_id is None:
@@ -557,6 +596,8 @@ class MlflowTrialCallback(tune.Callback):
 
     def _log_result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
         run_id = self._run_for(trial_id, config)
+        if run_id is None:
+            return
         values = _numeric(result)
         step = int(values.get(STEP, result.get("training_iteration", 0)))
         keep = {k: v for k, v in values.items() if not k.startswith(("time_", "timestamp", "pid", "iterations_"))
@@ -577,6 +618,8 @@ class MlflowTrialCallback(tune.Callback):
         finished. A transient failure (the server is away) is raised, and the queue retries the whole call.
         """
         run_id = self._run_for(trial.trial_id, trial.config)
+        if run_id is None:
+            return
         result = trial.last_result
         if log_result and result:
             self._log_result(trial.trial_id, trial.config, result)
@@ -634,6 +677,8 @@ class MlflowTrialCallback(tune.Callback):
         """
         for trial in trials:
             run_id = self._run_for(trial.trial_id, trial.config)
+            if run_id is None:
+                continue
             run = self.client.get_run(run_id)
             tags = run.data.tags
             if trial.status == "TERMINATED":

@@ -1,0 +1,301 @@
+"""The store as a person leaves it: runs, versions, experiments and files deleted or edited by hand (the MLflow UI,
+``mlflow`` commands) between fineprune commands. Each command skips what is gone with a warning, or stops with one
+line naming it (exit 2); none restores, registers or reports what was deleted as if it were there.
+
+Real SQLite MLflow stores in a temporary directory, edited with MlflowClient as the UI edits them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from workflows import record, tracking
+from workflows.cli import main
+
+SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
+
+
+def _last_error(capsys) -> str:
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_a_new_sweep_into_a_deleted_experiment_is_refused_and_leaves_its_runs_deleted(tmp_path, monkeypatch, capsys):
+    """MLflow keeps a deleted experiment's name: restoring it would bring back every run it held (one deleted by hand
+    before the experiment, too) and mix the new sweep into them."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    old = tracking.start_parent_run(client, "smoke", "/sweeps/old", {}, resume=False)
+    removed = client.create_run(experiment_id).info.run_id
+    client.delete_run(removed)
+    client.delete_experiment(experiment_id)
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--space", str(SPACES / "smoke.yaml"), "--tracking-uri", uri]) == 2
+    line = _last_error(capsys)
+    assert line.startswith(f"fineprune sweep: error: experiment 'smoke' in {uri} was deleted (id {experiment_id}): ")
+    assert "mlflow experiments restore" in line and "--experiment" in line
+    assert client.get_experiment(experiment_id).lifecycle_stage == "deleted"
+    assert {client.get_run(run_id).info.lifecycle_stage for run_id in (old, removed)} == {"deleted"}
+    assert len(client.search_runs([experiment_id], run_view_type=3)) == 2  # no new run
+    # --resume finds no sweep to continue there either, and says why.
+    assert main(["sweep", "--space", str(SPACES / "smoke.yaml"), "--tracking-uri", uri, "--resume"]) == 2
+    assert "experiment 'smoke'" in (line := _last_error(capsys)) and "was deleted" in line
+    assert main(["sweep", "--space", str(SPACES / "smoke.yaml"), "--tracking-uri", uri, "--resume", old]) == 2
+    assert f"--resume {old}: experiment 'smoke'" in _last_error(capsys)
+    assert client.get_experiment(experiment_id).lifecycle_stage == "deleted"
+
+
+def test_a_deleted_sweep_run_named_by_id_is_one_line(tmp_path, monkeypatch, capsys):
+    """``--resume RUN_ID`` of a deleted sweep would start another parent run beside it (whose trials would run
+    again in new runs); ``report --sweep-run`` would report it as if it were there."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    kept = tracking.start_parent_run(client, "smoke", "/sweeps/kept", {}, resume=False)
+    tracking.finish_parent_run(client, kept)
+    gone = tracking.start_parent_run(client, "smoke", "/sweeps/gone", {}, resume=False)
+    tracking.finish_parent_run(client, gone, status="KILLED", state=record.SWEEP_INTERRUPTED)
+    client.delete_run(gone)
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--space", str(SPACES / "smoke.yaml"), "--tracking-uri", uri, "--resume", gone]) == 2
+    line = _last_error(capsys)
+    assert line == (f"fineprune sweep: error: --resume {gone}: run {gone} (a sweep of experiment 'smoke') was deleted; "
+                    f"restore it (`mlflow runs restore --run-id {gone}`) to use it again")
+    assert [r.info.run_id for r in client.search_runs([experiment_id])] == [kept]  # no parent run made beside it
+    assert main(["report", "--experiment", "smoke", "--tracking-uri", uri, "--out", "r", "--sweep-run", gone]) == 2
+    assert _last_error(capsys) == (f"fineprune report: error: run {gone} (a sweep of experiment 'smoke') was deleted; "
+                                   f"restore it (`mlflow runs restore --run-id {gone}`) to use it again")
+    assert not (tmp_path / "r" / "report.md").exists()
+
+
+# ---- a sweep's record with registered versions ---------------------------------------------------------------
+
+NAME = "store-edits"
+# trial name -> (heads kept per layer, FFN width kept, F1, linear density, on the density frontier)
+TRIALS = {"wide": (2, 64, 80.0, 0.5, True), "narrow": (1, 32, 60.0, 0.3, True), "dominated": (1, 16, 20.0, 0.4, False)}
+
+
+def _sweep_record(root: Path, tokenizer) -> dict:
+    """A sweep's parent run (registry policy best_f1_under_density 0.6, no ONNX export), its dense baseline and three
+    finished trials whose packed models are tiny packed BERTs; ``wide`` is the policy's champion."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from pruning.packing import pack, save_packed
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment_id = client.create_experiment("exp", artifact_location=(root / "artifacts").as_uri())
+    spec = {"registry": {"name": NAME, "policy": "best_f1_under_density", "max_density": 0.6, "onnx": False}}
+    parent = tracking.start_parent_run(client, "exp", str(root / "sweep"), spec, resume=False)
+    baseline = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_BASELINE,
+                                                      record.TAG_PARENT: parent, record.TAG_STATUS: "finished"})
+    client.log_metric(baseline.info.run_id, "f1", 95.0)
+    client.set_terminated(baseline.info.run_id)
+    runs = {}
+    for name, (heads, ffn, f1, density, on_front) in TRIALS.items():
+        torch.manual_seed(0)
+        model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=128, max_position_embeddings=128)).eval()
+        with torch.no_grad():
+            for layer in model.bert.encoder.layer:
+                layer.attention.output.dense.weight[:, heads * 32:] = 0
+                layer.output.dense.weight[:, ffn:] = 0
+        save_packed(pack(model), tokenizer, root / name)
+        run_id = client.create_run(experiment_id, tags={
+            record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent, record.TAG_STATUS: "finished",
+            record.TAG_PACKED_ARTIFACT: "packed_model", "pareto": str(on_front).lower(), "pareto_speedup": "false",
+            record.TAG_RUN_NAME: name}).info.run_id
+        client.log_artifacts(run_id, str(root / name), "packed_model")
+        for key, value in {"f1": f1, "exact_match": f1 - 10, "linear_density": density, "total_density": density,
+                           "heads_removed": 2 - heads, "speedup": 2 - density}.items():
+            client.log_metric(run_id, key, value)
+        client.log_param(run_id, "max_seq_length", "64")
+        client.set_terminated(run_id)
+        runs[name] = run_id
+    tracking.finish_parent_run(client, parent)
+    return {"client": client, "uri": uri, "parent": parent, "runs": runs}
+
+
+def _register(capsys, uri: str, *flags: str) -> tuple[int, str, str]:
+    status = main(["register", "--experiment", "exp", "--tracking-uri", uri, *flags])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return status, out, err
+
+
+def _version_of(client, run_id: str):
+    return next(v for v in client.search_model_versions(f"name = '{NAME}'") if v.tags[record.TAG_TRIAL_RUN] == run_id)
+
+
+def test_a_version_whose_files_were_deleted_is_never_made_champion_again(tmp_path, tokenizer, capsys, caplog):
+    """The packed model of the champion's version removed from the artifact store by hand: `register` reused the
+    version as it was and pointed the alias at a model that no longer loads; it now stops with one line (the alias
+    stays where it was), `register --frontier` leaves that point out with a warning, and once the version is
+    deleted, registering makes it anew from the trial's packed model."""
+    import shutil
+
+    made = _sweep_record(tmp_path, tokenizer)
+    client, uri, runs = made["client"], made["uri"], made["runs"]
+    status, out, _ = _register(capsys, uri, "--frontier")
+    assert status == 0
+    wide, narrow = _version_of(client, runs["wide"]), _version_of(client, runs["narrow"])
+    client.set_registered_model_alias(NAME, "champion", narrow.version)  # moved by hand meanwhile
+    files = client.get_model_version_download_uri(NAME, wide.version)
+    shutil.rmtree(Path(files.replace("file://", "")) / "artifacts" / "packed_model")
+
+    status, out, err = _register(capsys, uri)
+    assert status == 2 and out == ""
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"fineprune register: error: version {wide.version} of {NAME} (trial run {runs['wide']}) "
+                           "cannot be served: its model_dir (artifacts/packed_model) is gone from ")
+    assert line.endswith("alias 'champion' left where it was")
+    assert client.get_model_version_by_alias(NAME, "champion").version == narrow.version
+
+    status, out, err = _register(capsys, uri, "--frontier")
+    assert status == 2
+    assert [r.getMessage().split(" cannot be served")[0] for r in caplog.records if r.levelname == "WARNING"
+            and r.name == "workflows.registry"] == [f"version {wide.version} of {NAME} (trial run {runs['wide']})"]
+    assert _version_of(client, runs["wide"]).tags["pareto"] == "true"  # still a point of the frontier
+
+    client.delete_model_version(NAME, wide.version)
+    status, out, _ = _register(capsys, uri)
+    assert status == 0
+    again = _version_of(client, runs["wide"])
+    assert int(again.version) > int(narrow.version) and client.get_model_version_by_alias(NAME, "champion").version \
+        == again.version
+    from workflows.registry import _lost_files
+
+    assert _lost_files(client.get_model_version_download_uri(NAME, again.version), uri) is None
+
+
+def test_a_resumed_sweep_leaves_out_a_trial_whose_run_was_deleted(tmp_path, caplog):
+    """A finished trial's run deleted in the UI while the sweep stood interrupted: the resumed sweep's callback,
+    given the trial as Tune restored it, logged it again in a new run (its packed model uploaded again, so that
+    the sweep's end tagged and registered it again); it now leaves the trial out, with one warning."""
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.experiment import Trial
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = tracking.start_parent_run(client, "exp", str(tmp_path / "sweep"), {}, resume=False)
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "config.json").write_text("{}")
+
+    def params_of(config):
+        return {"method": "topk", **{f"searched.{k}": v for k, v in config.items()}}
+
+    def trial(trial_id: str, density: float, final: bool) -> Trial:
+        t = Trial("trial_main", config={"target_density": density}, trial_id=trial_id, stub=True)
+        result = {"step": 6 if final else 3, "f1": 50.0, "linear_density": density, "final": final}
+        if final:
+            t.run_metadata.checkpoint_manager.register_checkpoint(
+                _TrainingResult(checkpoint=tune.Checkpoint.from_directory(str(packed)), metrics=result))
+        t.update_last_result(result)
+        t.set_status(Trial.TERMINATED if final else Trial.RUNNING)
+        return t
+
+    # The first session: t1 finished, t2 running when the sweep was interrupted.
+    first = tracking.MlflowTrialCallback(uri, "exp", parent, params_of, outage_limit=30)
+    t1, t2 = trial("t1", 0.3, True), trial("t2", 0.5, False)
+    first.on_step_begin(iteration=0, trials=[])
+    for t in (t1, t2):
+        first.on_trial_start(iteration=0, trials=[t1, t2], trial=t)
+        first.on_trial_result(iteration=0, trials=[t1, t2], trial=t, result=t.last_result)
+    first.on_trial_complete(iteration=0, trials=[t1, t2], trial=t1)
+    first.on_experiment_end(trials=[t1, t2])
+    runs = {r.data.tags[record.TAG_TRIAL]: r.info.run_id for r in client.search_runs([experiment_id],
+                                                                                   "tags.`fineprune.kind` = 'trial'")}
+    client.delete_run(runs["t1"])
+
+    # The resume: Tune restored t1 (ended) and t2, which runs on and finishes.
+    t1, t2 = trial("t1", 0.3, True), trial("t2", 0.5, False)
+    resumed = tracking.MlflowTrialCallback(uri, "exp", parent, params_of, outage_limit=30)
+    resumed.on_step_begin(iteration=0, trials=[t1, t2])
+    resumed.on_trial_start(iteration=0, trials=[t1, t2], trial=t2)
+    t2 = trial("t2", 0.5, True)
+    resumed.on_trial_result(iteration=0, trials=[t1, t2], trial=t2, result=t2.last_result)
+    resumed.on_trial_complete(iteration=0, trials=[t1, t2], trial=t2)
+    resumed.on_experiment_end(trials=[t1, t2])
+    assert resumed.failure is None
+
+    table = record.trials(client, parent, include_baseline=False)
+    assert list(table["run_id"]) == [runs["t2"]] and list(table["status"]) == ["finished"]
+    assert client.get_run(runs["t1"]).info.lifecycle_stage == "deleted"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "was deleted" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"trial t1: its MLflow run {runs['t1']} was deleted")
+
+
+def test_select_says_which_version_it_cannot_rank_for_an_f1_tag_edited_by_hand(tmp_path, tokenizer, capsys, caplog):
+    """The most accurate version's f1 tag set to text (or removed) in the UI: `select` passed it over without a word
+    and chose a less accurate one; it still cannot rank it, but now says so, naming the version and the tag."""
+    made = _sweep_record(tmp_path, tokenizer)
+    client, uri, runs = made["client"], made["uri"], made["runs"]
+    assert _register(capsys, uri, "--frontier")[0] == 0
+    wide, narrow = _version_of(client, runs["wide"]), _version_of(client, runs["narrow"])
+    client.set_model_version_tag(NAME, wide.version, "f1", "high")
+    client.delete_model_version_tag(NAME, narrow.version, "f1")
+    status = main(["select", "--registered-model", NAME, "--max-latency-ms", "10000", "--repeats", "1",
+                   "--seq-len", "32", "--tracking-uri", uri])
+    out, err = capsys.readouterr()
+    assert status == 2 and "Traceback" not in err
+    warnings = sorted(r.getMessage().split(", so")[0] for r in caplog.records
+                      if r.levelname == "WARNING" and r.name == "workflows.registry")
+    assert warnings == sorted([f"version {wide.version} of {NAME}: its f1 tag 'high' is not a number",
+                               f"version {narrow.version} of {NAME}: it has no f1 tag"])
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == str(wide.version)  # left as it was
+    # Registering the frontier again writes the tags from the trials; then the most accurate version is chosen.
+    assert _register(capsys, uri, "--frontier")[0] == 0
+    assert main(["select", "--registered-model", NAME, "--max-latency-ms", "10000", "--repeats", "1",
+                 "--seq-len", "32", "--tracking-uri", uri]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == str(wide.version)
+
+
+def test_the_report_names_no_deleted_trials_version_as_champion_and_says_where_the_alias_is(tmp_path):
+    """`select` moved the alias to another version of the sweep (which then records its policy), and that version was
+    deleted by hand, taking the alias with it: the report named the sweep's earlier champion and said the alias "has
+    since moved to another version" (it points at none); once that trial's run was deleted too, the report still
+    named its version as the champion. It now says the alias points at no version, and names no version of a
+    deleted trial."""
+    from dataclasses import asdict
+
+    from workflows.record import RegistrySpec
+    from workflows.report import collect_report_data, render_html, render_markdown
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment_id = client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
+    spec = RegistrySpec(NAME, "best_f1_under_density", max_density=0.5)
+    parent = tracking.start_parent_run(client, "exp", "/sweeps/a", {"registry": asdict(spec)}, resume=False)
+    client.create_registered_model(NAME)
+    versions = {}
+    for name, policy in (("first", "best_f1_under_density"), ("chosen", "best_f1_under_latency")):
+        trial = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent,
+                                                       record.TAG_STATUS: "finished", record.TAG_RUN_NAME: name})
+        client.set_terminated(trial.info.run_id)
+        versions[name] = (trial.info.run_id, client.create_model_version(
+            NAME, source=(tmp_path / name).as_uri(), run_id=trial.info.run_id,
+            tags={"sweep_run_id": parent, "fineprune.trial_run_id": trial.info.run_id, "policy": policy}).version)
+    client.set_registered_model_alias(NAME, "champion", versions["chosen"][1])
+    client.delete_model_version(NAME, versions["chosen"][1])  # and the alias with it
+
+    data = collect_report_data("exp", uri)
+    assert data.champion.version == str(versions["first"][1]) and not data.champion.alias_current
+    note = "alias points at no version now (the version it pointed at was deleted, or the alias removed)"
+    assert note in render_markdown(data) and "has since moved" not in render_markdown(data)
+    assert "<code>champion</code> alias points at no version now" in render_html(data)
+
+    client.delete_run(versions["first"][0])
+    data = collect_report_data("exp", uri)
+    assert data.champion is None
+    assert "- **Champion**: none registered" in render_markdown(data)
