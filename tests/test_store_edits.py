@@ -74,6 +74,23 @@ def test_a_deleted_sweep_run_named_by_id_is_one_line(tmp_path, monkeypatch, caps
     assert not (tmp_path / "r" / "report.md").exists()
 
 
+@pytest.mark.parametrize("command", [["register"], ["report", "--out", "r"]])
+def test_register_and_report_say_the_experiment_was_deleted(command, tmp_path, monkeypatch, capsys):
+    """An experiment deleted in the UI is still in the store (MLflow keeps its name): "not found" sent the user
+    looking for a typo; the line now says it was deleted, and how to have it back."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    tracking.finish_parent_run(client, tracking.start_parent_run(client, "smoke", "/sweeps/a", {}, resume=False))
+    client.delete_experiment(experiment_id)
+    monkeypatch.chdir(tmp_path)
+    assert main([command[0], "--experiment", "smoke", "--tracking-uri", uri, *command[1:]]) == 2
+    assert _last_error(capsys) == f"fineprune {command[0]}: error: " + record.deleted_experiment("smoke", experiment_id,
+                                                                                                 uri)
+    assert client.get_experiment(experiment_id).lifecycle_stage == "deleted"
+    assert not (tmp_path / "r").exists()
+
+
 # ---- a sweep's record with registered versions ---------------------------------------------------------------
 
 NAME = "store-edits"

@@ -294,12 +294,14 @@ def latest_sweep(client: MlflowClient, experiment: str, run_id: str | None = Non
     """A sweep's parent run: ``run_id`` (checked to be a sweep of ``experiment``), else the experiment's latest.
 
     Raises:
-        RecordError: the experiment does not exist, has no sweep, or ``run_id`` is not one of its sweeps; the
-            message is one line naming the experiment and the tracking URI.
+        RecordError: the experiment does not exist (or was deleted), has no sweep, or ``run_id`` is not one of its
+            sweeps (or was deleted); the message is one line naming the experiment and the tracking URI.
     """
     found = client.get_experiment_by_name(experiment)
-    if found is None or found.lifecycle_stage == "deleted":
+    if found is None:
         raise RecordError(f"experiment {experiment!r} not found in {client.tracking_uri}")
+    if found.lifecycle_stage == "deleted":
+        raise RecordError(deleted_experiment(experiment, found.experiment_id, client.tracking_uri))
     if run_id is not None:
         # Lazy: the space schema imports this module's names, and loading a space stays free of MLflow's import.
         from mlflow.exceptions import MlflowException
