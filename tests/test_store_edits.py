@@ -193,6 +193,42 @@ def test_a_version_whose_files_were_deleted_is_never_made_champion_again(tmp_pat
     assert _lost_files(client.get_model_version_download_uri(NAME, again.version), uri) is None
 
 
+def test_register_and_report_name_the_sweep_they_use_when_a_later_one_was_deleted(tmp_path, tokenizer, monkeypatch,
+                                                                                   capsys, caplog):
+    """The experiment's latest sweep run deleted in the UI: `register` took the sweep before it and moved the alias
+    to that sweep's champion without a word of which sweep it used. A deleted sweep is one set aside, so the
+    latest left is still used, by `register` and `report` alike, but each names it and the deleted one, and
+    `register`'s result names the sweep; `--sweep-run` picks another."""
+    made = _sweep_record(tmp_path, tokenizer)
+    client, uri, first = made["client"], made["uri"], made["parent"]
+    later = tracking.start_parent_run(client, "exp", str(tmp_path / "later"), {}, resume=False)
+    tracking.finish_parent_run(client, later)
+    client.delete_run(later)
+    warning = (f"experiment 'exp': using sweep run {first}, the latest left: the later sweep run {later} was deleted "
+               "(restore one with `mlflow runs restore --run-id RUN_ID`, or pass --sweep-run)")
+
+    status, out, _ = _register(capsys, uri)
+    assert status == 0 and json.loads(out)["sweep_run_id"] == first
+    assert client.get_model_version_by_alias(NAME, "champion").tags[record.TAG_TRIAL_RUN] == made["runs"]["wide"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.record"] \
+        == [warning]
+    caplog.clear()
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--experiment", "exp", "--tracking-uri", uri, "--out", "r"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.record"] \
+        == [warning]
+    assert first in (tmp_path / "r" / "report.md").read_text()
+    capsys.readouterr()
+
+    status, out, _ = _register(capsys, uri, "--sweep-run", later)
+    assert status == 2 and out == ""
+    client.delete_run(first)
+    status, out, err = _register(capsys, uri)
+    assert status == 2 and err.strip().splitlines()[-1] == (
+        f"fineprune register: error: experiment 'exp' in {uri} has no sweep run left: "
+        + record.deleted_run(later, "its latest sweep"))
+
+
 def test_a_resumed_sweep_leaves_out_a_trial_whose_run_was_deleted(tmp_path, caplog):
     """A finished trial's run deleted in the UI while the sweep stood interrupted: the resumed sweep's callback,
     given the trial as Tune restored it, logged it again in a new run (its packed model uploaded again, so that

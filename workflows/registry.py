@@ -1175,8 +1175,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
 
 
 def register_from_experiment(experiment: str, tracking_uri: str | None = None, space: str | None = None,
-                             frontier: bool = False, onnx: bool | None = None) -> dict[str, Any]:
-    """``fineprune register``: the latest sweep of ``experiment``, its policy (or ``space``'s), its champion.
+                             frontier: bool = False, onnx: bool | None = None,
+                             sweep_run_id: str | None = None) -> dict[str, Any]:
+    """``fineprune register``: the latest sweep of ``experiment`` (or the sweep ``sweep_run_id``; a later sweep
+    deleted by hand is passed over with a warning, see :func:`record.latest_sweep`), its policy (or ``space``'s),
+    its champion. The result names the sweep (``sweep_run_id``).
 
     With ``frontier`` every point of the sweep's frontiers is registered first (``frontier`` in the result).
     ``onnx`` overrides the policy's ``onnx`` (whether new versions are exported for ONNX Runtime).
@@ -1184,7 +1187,7 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
     uri = record.tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)  # the fluent API logs the versions' models
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    parent = record.latest_sweep(client, experiment)
+    parent = record.latest_sweep(client, experiment, sweep_run_id)
     params = parent.data.params
     if space is not None:
         loaded = load_space(space)
@@ -1200,7 +1203,8 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
     if onnx is not None:
         spec = dataclasses.replace(spec, onnx=onnx)
     rows = register_frontier(client, experiment, parent.info.run_id, spec.name, spec.onnx) if frontier else None
-    result = register_champion(client, experiment, parent.info.run_id, spec, latency=latency)
+    result = {**register_champion(client, experiment, parent.info.run_id, spec, latency=latency),
+              "sweep_run_id": parent.info.run_id}
     return result if rows is None else {**result, "frontier": rows}
 
 
