@@ -314,6 +314,23 @@ def test_select_says_which_version_it_cannot_rank_for_an_f1_tag_edited_by_hand(t
     assert json.loads(capsys.readouterr().out)["version"] == str(wide.version)
 
 
+def test_select_says_a_deleted_registered_model_does_not_exist(tmp_path, capsys):
+    """A registered model deleted in the UI goes with its versions: `select` said it "has no versions", as of a model
+    whose versions alone were deleted; it now says the model does not exist (the registry keeps no trace of it)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model(NAME)
+    version = client.create_model_version(NAME, source=(tmp_path / "model").as_uri()).version
+    argv = ["select", "--registered-model", NAME, "--max-latency-ms", "10", "--tracking-uri", uri]
+    client.delete_model_version(NAME, version)
+    assert main(argv) == 2
+    assert _last_error(capsys) == f"fineprune select: error: registered model {NAME!r} has no versions in {uri}"
+    client.delete_registered_model(NAME)
+    assert main(argv) == 2
+    assert _last_error(capsys) == (f"fineprune select: error: registered model {NAME!r} does not exist in {uri} (it "
+                                   "was deleted, or never registered)")
+
+
 def test_the_report_names_no_deleted_trials_version_as_champion_and_says_where_the_alias_is(tmp_path):
     """`select` moved the alias to another version of the sweep (which then records its policy), and that version was
     deleted by hand, taking the alias with it: the report named the sweep's earlier champion and said the alias "has

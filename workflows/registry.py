@@ -1066,8 +1066,13 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     if runtime not in RUNTIMES:
         raise SelectionError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     try:
+        if sweep_run_id is None:  # `fineprune select`: a model deleted by hand goes with its versions
+            client.get_registered_model(name)
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # the registry forgets a deleted model outright
+            raise SelectionError(f"registered model {name!r} does not exist in {client.tracking_uri} (it was deleted, "
+                                 "or never registered)") from None
         raise SelectionError(f"registered model {name!r}: {str(err).splitlines()[0]}") from None
     if sweep_run_id is not None:
         versions = [v for v in versions if v.tags.get(TAG_SWEEP_RUN) == sweep_run_id and _on_frontier(v.tags)]
