@@ -229,6 +229,26 @@ def test_register_and_report_name_the_sweep_they_use_when_a_later_one_was_delete
         + record.deleted_run(later, "its latest sweep"))
 
 
+def test_register_frontier_says_a_versions_trial_run_was_deleted(tmp_path, tokenizer, capsys, caplog):
+    """A frontier version's trial run deleted in the UI: `register --frontier` turned its frontier tags false and
+    logged that it "has left the frontier", which it had not; it now says its trial run was deleted."""
+    made = _sweep_record(tmp_path, tokenizer)
+    client, uri, runs, parent = made["client"], made["uri"], made["runs"], made["parent"]
+    assert _register(capsys, uri, "--frontier")[0] == 0
+    narrow = _version_of(client, runs["narrow"])
+    client.delete_run(runs["narrow"])
+    caplog.clear()
+    caplog.set_level("INFO", logger="workflows.registry")
+    status, out, _ = _register(capsys, uri, "--frontier")
+    assert status == 0 and [row["run_id"] for row in json.loads(out)["frontier"]] == [runs["wide"]]
+    said = [r for r in caplog.records if r.name == "workflows.registry"
+            and r.getMessage().startswith(f"version {narrow.version} of ")]
+    assert [(r.levelname, r.getMessage().split(" (its")[0]) for r in said] == [(
+        "WARNING", f"version {narrow.version} of {NAME}: its trial run {runs['narrow']} was deleted, so it is no "
+                   f"longer a point of the frontier of sweep run {parent}")]
+    assert _version_of(client, runs["narrow"]).tags["pareto"] == "false"
+
+
 def test_a_resumed_sweep_leaves_out_a_trial_whose_run_was_deleted(tmp_path, caplog):
     """A finished trial's run deleted in the UI while the sweep stood interrupted: the resumed sweep's callback,
     given the trial as Tune restored it, logged it again in a new run (its packed model uploaded again, so that

@@ -915,14 +915,31 @@ def _on_frontier(tags: Mapping[str, str]) -> bool:
 
 def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str], versions) -> None:
     """Turn the frontier tags ``false`` on the ``versions`` (of ``name``, as read before this registration) this
-    sweep registered whose trials are not in ``current``."""
+    sweep registered whose trials are not in ``current`` (left the frontier, or their runs deleted by hand)."""
     for version in versions:
         tags = version.tags
         if tags.get(TAG_SWEEP_RUN) == parent_run_id and tags.get(TAG_TRIAL_RUN) not in current and _on_frontier(tags):
             for tag in FRONTIER_TAGS:
                 client.set_model_version_tag(name, version.version, tag, "false")
-            logger.info("version %s of %s (trial run %s) has left the frontier of sweep run %s", version.version,
-                        name, tags.get(TAG_TRIAL_RUN), parent_run_id)
+            trial = tags.get(TAG_TRIAL_RUN)
+            if _run_deleted(client, trial):  # the sweep's record no longer holds it: it did not leave the frontier
+                logger.warning("version %s of %s: its trial run %s was deleted, so it is no longer a point of the "
+                               "frontier of sweep run %s (its frontier tags turn false; restore the run, `mlflow runs "
+                               "restore --run-id %s`, and register the frontier again to have it back)",
+                               version.version, name, trial, parent_run_id, trial)
+            else:
+                logger.info("version %s of %s (trial run %s) has left the frontier of sweep run %s", version.version,
+                            name, trial, parent_run_id)
+
+
+def _run_deleted(client, run_id: str | None) -> bool:
+    """Whether the run ``run_id`` was deleted (in the UI, or removed for good since)."""
+    if not run_id:
+        return False
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "deleted"
+    except MlflowException as err:
+        return err.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
 def _tag_float(tags: dict[str, str], key: str) -> float | None:
