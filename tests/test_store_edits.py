@@ -91,6 +91,31 @@ def test_register_and_report_say_the_experiment_was_deleted(command, tmp_path, m
     assert not (tmp_path / "r").exists()
 
 
+def test_resume_says_it_passes_over_a_deleted_latest_sweep(tmp_path, monkeypatch, capsys, caplog):
+    """`sweep --resume` after the experiment's latest sweep run was deleted in the UI went on with the sweep before
+    it without a word (as `register` and `report` did); it still takes the latest sweep left, but says which, and
+    that the later one was deleted; with none left, it says the latest was deleted rather than that there is none."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    done = tracking.start_parent_run(client, "smoke", "/sweeps/done", {}, resume=False)
+    tracking.finish_parent_run(client, done)
+    later = tracking.start_parent_run(client, "smoke", "/sweeps/later", {}, resume=False)
+    tracking.finish_parent_run(client, later, status="KILLED", state=record.SWEEP_INTERRUPTED)
+    client.delete_run(later)
+    monkeypatch.chdir(tmp_path)
+    argv = ["sweep", "--space", str(SPACES / "smoke.yaml"), "--tracking-uri", uri, "--resume"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["parent_run_id"] == done
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.record"] == [
+        f"experiment 'smoke': using sweep run {done}, the latest left: the later sweep run {later} was deleted "
+        "(restore one with `mlflow runs restore --run-id RUN_ID`, or pass --resume RUN_ID)"]
+    client.delete_run(done)
+    assert main(argv) == 2
+    assert _last_error(capsys) == ("fineprune sweep: error: --resume: experiment 'smoke' has no sweep left to resume: "
+                                   + record.deleted_run(later, "its latest sweep"))
+
+
 # ---- a sweep's record with registered versions ---------------------------------------------------------------
 
 NAME = "store-edits"

@@ -58,8 +58,8 @@ __all__ = [
     "ARTIFACT_REPORT_DIR", "ARTIFACT_REPORT_HTML", "ARTIFACT_REPORT_MARKDOWN", "ARTIFACT_QA_MODEL",
     "ARTIFACT_MODEL_DIR", "ARTIFACT_ONNX_DIR",
     # the registry spec, the readers
-    "RegistrySpec", "POLICY_THRESHOLDS", "policy_text", "latest_sweep", "deleted_run", "deleted_experiment", "trials",
-    "metric_history", "COLUMNS",
+    "RegistrySpec", "POLICY_THRESHOLDS", "policy_text", "latest_sweep", "latest_sweep_left", "deleted_run",
+    "deleted_experiment", "trials", "metric_history", "COLUMNS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -322,30 +322,39 @@ def latest_sweep(client: MlflowClient, experiment: str, run_id: str | None = Non
         if run.info.lifecycle_stage == "deleted":
             raise RecordError(deleted_run(run_id, f"a sweep of experiment {experiment!r}"))
         return run
-    from mlflow.entities import ViewType  # lazy, as above
+    run, deleted = latest_sweep_left(client, found.experiment_id, experiment)
+    if run is not None:
+        return run
+    if deleted:
+        raise RecordError(f"experiment {experiment!r} in {client.tracking_uri} has no sweep run left: "
+                          + deleted_run(deleted[0], "its latest sweep"))
+    raise RecordError(f"experiment {experiment!r} in {client.tracking_uri} has no sweep run")
 
-    # The sweeps deleted by hand since the latest one left are searched too, so that using an earlier one is said.
+
+def latest_sweep_left(client: MlflowClient, experiment_id: str, experiment: str,
+                      flag: str = "--sweep-run") -> tuple[Run | None, list[str]]:
+    """The latest sweep run of the experiment that was not deleted by hand (None when there is none), and the
+    sweep runs deleted since it started, latest first. Passing over deleted ones logs a warning naming both and
+    ``flag``, the option that names another sweep."""
+    from mlflow.entities import ViewType  # lazy, as in latest_sweep
+
     deleted: list[str] = []
     token = None
     while True:
-        page = client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
+        page = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
                                   run_view_type=ViewType.ALL, order_by=["attributes.start_time DESC"],
                                   max_results=_SEARCH_PAGE, page_token=token)
         for run in page:
             if run.info.lifecycle_stage != "deleted":
                 if deleted:
                     logger.warning("experiment %r: using sweep run %s, the latest left: the later %s deleted "
-                                   "(restore one with `mlflow runs restore --run-id RUN_ID`, or pass --sweep-run)",
-                                   experiment, run.info.run_id, _deleted_sweeps(deleted))
-                return run
+                                   "(restore one with `mlflow runs restore --run-id RUN_ID`, or pass %s)",
+                                   experiment, run.info.run_id, _deleted_sweeps(deleted), flag)
+                return run, deleted
             deleted.append(run.info.run_id)
         token = page.token
         if not token:
-            break
-    if deleted:
-        raise RecordError(f"experiment {experiment!r} in {client.tracking_uri} has no sweep run left: "
-                          + deleted_run(deleted[0], "its latest sweep"))
-    raise RecordError(f"experiment {experiment!r} in {client.tracking_uri} has no sweep run")
+            return None, deleted
 
 
 def _deleted_sweeps(run_ids: list[str]) -> str:
