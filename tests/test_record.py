@@ -139,7 +139,8 @@ def test_register_reads_the_spec_the_sweep_recorded(client, tmp_path, monkeypatc
     client.set_tag(run_id, record.TAG_PACKED_ARTIFACT, record.ARTIFACT_PACKED_MODEL)
     assert main(["register", "--experiment", "exp"]) == 4
     out, err = capsys.readouterr()
-    assert json.loads(out) == {"registered": False, "policy": "best_f1_under_density", "name": "exp-model"}
+    assert json.loads(out) == {"registered": False, "policy": "best_f1_under_density", "name": "exp-model",
+                               "sweep_run_id": parent}
     assert "Traceback" not in err and any("satisfies the registry policy" in r.getMessage() for r in caplog.records)
 
 

@@ -74,6 +74,48 @@ def test_a_deleted_sweep_run_named_by_id_is_one_line(tmp_path, monkeypatch, caps
     assert not (tmp_path / "r" / "report.md").exists()
 
 
+@pytest.mark.parametrize("command", [["register"], ["report", "--out", "r"]])
+def test_register_and_report_say_the_experiment_was_deleted(command, tmp_path, monkeypatch, capsys):
+    """An experiment deleted in the UI is still in the store (MLflow keeps its name): "not found" sent the user
+    looking for a typo; the line now says it was deleted, and how to have it back."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    tracking.finish_parent_run(client, tracking.start_parent_run(client, "smoke", "/sweeps/a", {}, resume=False))
+    client.delete_experiment(experiment_id)
+    monkeypatch.chdir(tmp_path)
+    assert main([command[0], "--experiment", "smoke", "--tracking-uri", uri, *command[1:]]) == 2
+    assert _last_error(capsys) == f"fineprune {command[0]}: error: " + record.deleted_experiment("smoke", experiment_id,
+                                                                                                 uri)
+    assert client.get_experiment(experiment_id).lifecycle_stage == "deleted"
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_says_it_passes_over_a_deleted_latest_sweep(tmp_path, monkeypatch, capsys, caplog):
+    """`sweep --resume` after the experiment's latest sweep run was deleted in the UI went on with the sweep before
+    it without a word (as `register` and `report` did); it still takes the latest sweep left, but says which, and
+    that the later one was deleted; with none left, it says the latest was deleted rather than that there is none."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    done = tracking.start_parent_run(client, "smoke", "/sweeps/done", {}, resume=False)
+    tracking.finish_parent_run(client, done)
+    later = tracking.start_parent_run(client, "smoke", "/sweeps/later", {}, resume=False)
+    tracking.finish_parent_run(client, later, status="KILLED", state=record.SWEEP_INTERRUPTED)
+    client.delete_run(later)
+    monkeypatch.chdir(tmp_path)
+    argv = ["sweep", "--space", str(SPACES / "smoke.yaml"), "--tracking-uri", uri, "--resume"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["parent_run_id"] == done
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.record"] == [
+        f"experiment 'smoke': using sweep run {done}, the latest left: the later sweep run {later} was deleted "
+        "(restore one with `mlflow runs restore --run-id RUN_ID`, or pass --resume RUN_ID)"]
+    client.delete_run(done)
+    assert main(argv) == 2
+    assert _last_error(capsys) == ("fineprune sweep: error: --resume: experiment 'smoke' has no sweep left to resume: "
+                                   + record.deleted_run(later, "its latest sweep"))
+
+
 # ---- a sweep's record with registered versions ---------------------------------------------------------------
 
 NAME = "store-edits"
@@ -176,6 +218,62 @@ def test_a_version_whose_files_were_deleted_is_never_made_champion_again(tmp_pat
     assert _lost_files(client.get_model_version_download_uri(NAME, again.version), uri) is None
 
 
+def test_register_and_report_name_the_sweep_they_use_when_a_later_one_was_deleted(tmp_path, tokenizer, monkeypatch,
+                                                                                   capsys, caplog):
+    """The experiment's latest sweep run deleted in the UI: `register` took the sweep before it and moved the alias
+    to that sweep's champion without a word of which sweep it used. A deleted sweep is one set aside, so the
+    latest left is still used, by `register` and `report` alike, but each names it and the deleted one, and
+    `register`'s result names the sweep; `--sweep-run` picks another."""
+    made = _sweep_record(tmp_path, tokenizer)
+    client, uri, first = made["client"], made["uri"], made["parent"]
+    later = tracking.start_parent_run(client, "exp", str(tmp_path / "later"), {}, resume=False)
+    tracking.finish_parent_run(client, later)
+    client.delete_run(later)
+    warning = (f"experiment 'exp': using sweep run {first}, the latest left: the later sweep run {later} was deleted "
+               "(restore one with `mlflow runs restore --run-id RUN_ID`, or pass --sweep-run)")
+
+    status, out, _ = _register(capsys, uri)
+    assert status == 0 and json.loads(out)["sweep_run_id"] == first
+    assert client.get_model_version_by_alias(NAME, "champion").tags[record.TAG_TRIAL_RUN] == made["runs"]["wide"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.record"] \
+        == [warning]
+    caplog.clear()
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--experiment", "exp", "--tracking-uri", uri, "--out", "r"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.record"] \
+        == [warning]
+    assert first in (tmp_path / "r" / "report.md").read_text()
+    capsys.readouterr()
+
+    status, out, _ = _register(capsys, uri, "--sweep-run", later)
+    assert status == 2 and out == ""
+    client.delete_run(first)
+    status, out, err = _register(capsys, uri)
+    assert status == 2 and err.strip().splitlines()[-1] == (
+        f"fineprune register: error: experiment 'exp' in {uri} has no sweep run left: "
+        + record.deleted_run(later, "its latest sweep"))
+
+
+def test_register_frontier_says_a_versions_trial_run_was_deleted(tmp_path, tokenizer, capsys, caplog):
+    """A frontier version's trial run deleted in the UI: `register --frontier` turned its frontier tags false and
+    logged that it "has left the frontier", which it had not; it now says its trial run was deleted."""
+    made = _sweep_record(tmp_path, tokenizer)
+    client, uri, runs, parent = made["client"], made["uri"], made["runs"], made["parent"]
+    assert _register(capsys, uri, "--frontier")[0] == 0
+    narrow = _version_of(client, runs["narrow"])
+    client.delete_run(runs["narrow"])
+    caplog.clear()
+    caplog.set_level("INFO", logger="workflows.registry")
+    status, out, _ = _register(capsys, uri, "--frontier")
+    assert status == 0 and [row["run_id"] for row in json.loads(out)["frontier"]] == [runs["wide"]]
+    said = [r for r in caplog.records if r.name == "workflows.registry"
+            and r.getMessage().startswith(f"version {narrow.version} of ")]
+    assert [(r.levelname, r.getMessage().split(" (its")[0]) for r in said] == [(
+        "WARNING", f"version {narrow.version} of {NAME}: its trial run {runs['narrow']} was deleted, so it is no "
+                   f"longer a point of the frontier of sweep run {parent}")]
+    assert _version_of(client, runs["narrow"]).tags["pareto"] == "false"
+
+
 def test_a_resumed_sweep_leaves_out_a_trial_whose_run_was_deleted(tmp_path, caplog):
     """A finished trial's run deleted in the UI while the sweep stood interrupted: the resumed sweep's callback,
     given the trial as Tune restored it, logged it again in a new run (its packed model uploaded again, so that
@@ -259,6 +357,23 @@ def test_select_says_which_version_it_cannot_rank_for_an_f1_tag_edited_by_hand(t
     assert main(["select", "--registered-model", NAME, "--max-latency-ms", "10000", "--repeats", "1",
                  "--seq-len", "32", "--tracking-uri", uri]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == str(wide.version)
+
+
+def test_select_says_a_deleted_registered_model_does_not_exist(tmp_path, capsys):
+    """A registered model deleted in the UI goes with its versions: `select` said it "has no versions", as of a model
+    whose versions alone were deleted; it now says the model does not exist (the registry keeps no trace of it)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model(NAME)
+    version = client.create_model_version(NAME, source=(tmp_path / "model").as_uri()).version
+    argv = ["select", "--registered-model", NAME, "--max-latency-ms", "10", "--tracking-uri", uri]
+    client.delete_model_version(NAME, version)
+    assert main(argv) == 2
+    assert _last_error(capsys) == f"fineprune select: error: registered model {NAME!r} has no versions in {uri}"
+    client.delete_registered_model(NAME)
+    assert main(argv) == 2
+    assert _last_error(capsys) == (f"fineprune select: error: registered model {NAME!r} does not exist in {uri} (it "
+                                   "was deleted, or never registered)")
 
 
 def test_the_report_names_no_deleted_trials_version_as_champion_and_says_where_the_alias_is(tmp_path):

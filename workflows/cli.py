@@ -528,7 +528,8 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     _tracking_client(args.tracking_uri)
     result = register_from_experiment(args.experiment, tracking_uri=args.tracking_uri, space=args.space,
-                                      frontier=args.frontier, onnx=False if args.no_onnx else None)
+                                      frontier=args.frontier, onnx=False if args.no_onnx else None,
+                                      sweep_run_id=args.sweep_run)
     _emit(result)
     # The result is printed either way (with --frontier, the versions it registered); a script must still tell a
     # registration that left the alias where it was from one that moved it.
@@ -738,6 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-onnx", action="store_true",
                    help="register new versions without their ONNX Runtime export: they serve through PyTorch "
                         "(default: the policy's onnx, true unless the space says false)")
+    p.add_argument("--sweep-run", metavar="RUN_ID",
+                   help="the sweep's parent run, for an experiment that holds several sweeps (default: its latest)")
 
     p = command("select", cmd_select, "time the registered versions here and alias the best within a latency budget")
     p.add_argument("--registered-model", required=True, metavar="NAME", help="registered model name")

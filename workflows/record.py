@@ -18,6 +18,7 @@ module.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -57,9 +58,11 @@ __all__ = [
     "ARTIFACT_REPORT_DIR", "ARTIFACT_REPORT_HTML", "ARTIFACT_REPORT_MARKDOWN", "ARTIFACT_QA_MODEL",
     "ARTIFACT_MODEL_DIR", "ARTIFACT_ONNX_DIR",
     # the registry spec, the readers
-    "RegistrySpec", "POLICY_THRESHOLDS", "policy_text", "latest_sweep", "deleted_run", "deleted_experiment", "trials",
-    "metric_history", "COLUMNS",
+    "RegistrySpec", "POLICY_THRESHOLDS", "policy_text", "latest_sweep", "latest_sweep_left", "deleted_run",
+    "deleted_experiment", "trials", "metric_history", "COLUMNS",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -293,13 +296,18 @@ class RegistrySpec:
 def latest_sweep(client: MlflowClient, experiment: str, run_id: str | None = None) -> Run:
     """A sweep's parent run: ``run_id`` (checked to be a sweep of ``experiment``), else the experiment's latest.
 
+    A sweep run deleted by hand (the MLflow UI) is one the user has set aside: the latest is the latest left, and
+    a warning names it and the later ones deleted.
+
     Raises:
-        RecordError: the experiment does not exist, has no sweep, or ``run_id`` is not one of its sweeps; the
-            message is one line naming the experiment and the tracking URI.
+        RecordError: the experiment does not exist (or was deleted), has no sweep, or ``run_id`` is not one of its
+            sweeps (or was deleted); the message is one line naming the experiment and the tracking URI.
     """
     found = client.get_experiment_by_name(experiment)
-    if found is None or found.lifecycle_stage == "deleted":
+    if found is None:
         raise RecordError(f"experiment {experiment!r} not found in {client.tracking_uri}")
+    if found.lifecycle_stage == "deleted":
+        raise RecordError(deleted_experiment(experiment, found.experiment_id, client.tracking_uri))
     if run_id is not None:
         # Lazy: the space schema imports this module's names, and loading a space stays free of MLflow's import.
         from mlflow.exceptions import MlflowException
@@ -314,11 +322,44 @@ def latest_sweep(client: MlflowClient, experiment: str, run_id: str | None = Non
         if run.info.lifecycle_stage == "deleted":
             raise RecordError(deleted_run(run_id, f"a sweep of experiment {experiment!r}"))
         return run
-    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise RecordError(f"experiment {experiment!r} in {client.tracking_uri} has no sweep run")
-    return runs[0]
+    run, deleted = latest_sweep_left(client, found.experiment_id, experiment)
+    if run is not None:
+        return run
+    if deleted:
+        raise RecordError(f"experiment {experiment!r} in {client.tracking_uri} has no sweep run left: "
+                          + deleted_run(deleted[0], "its latest sweep"))
+    raise RecordError(f"experiment {experiment!r} in {client.tracking_uri} has no sweep run")
+
+
+def latest_sweep_left(client: MlflowClient, experiment_id: str, experiment: str,
+                      flag: str = "--sweep-run") -> tuple[Run | None, list[str]]:
+    """The latest sweep run of the experiment that was not deleted by hand (None when there is none), and the
+    sweep runs deleted since it started, latest first. Passing over deleted ones logs a warning naming both and
+    ``flag``, the option that names another sweep."""
+    from mlflow.entities import ViewType  # lazy, as in latest_sweep
+
+    deleted: list[str] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
+                                  run_view_type=ViewType.ALL, order_by=["attributes.start_time DESC"],
+                                  max_results=_SEARCH_PAGE, page_token=token)
+        for run in page:
+            if run.info.lifecycle_stage != "deleted":
+                if deleted:
+                    logger.warning("experiment %r: using sweep run %s, the latest left: the later %s deleted "
+                                   "(restore one with `mlflow runs restore --run-id RUN_ID`, or pass %s)",
+                                   experiment, run.info.run_id, _deleted_sweeps(deleted), flag)
+                return run, deleted
+            deleted.append(run.info.run_id)
+        token = page.token
+        if not token:
+            return None, deleted
+
+
+def _deleted_sweeps(run_ids: list[str]) -> str:
+    """``sweep run X was`` / ``sweep runs X, Y were``: the sweeps deleted by hand, latest first."""
+    return f"sweep run {run_ids[0]} was" if len(run_ids) == 1 else f"sweep runs {', '.join(run_ids)} were"
 
 
 def deleted_run(run_id: str, what: str) -> str:

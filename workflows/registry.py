@@ -915,14 +915,31 @@ def _on_frontier(tags: Mapping[str, str]) -> bool:
 
 def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str], versions) -> None:
     """Turn the frontier tags ``false`` on the ``versions`` (of ``name``, as read before this registration) this
-    sweep registered whose trials are not in ``current``."""
+    sweep registered whose trials are not in ``current`` (left the frontier, or their runs deleted by hand)."""
     for version in versions:
         tags = version.tags
         if tags.get(TAG_SWEEP_RUN) == parent_run_id and tags.get(TAG_TRIAL_RUN) not in current and _on_frontier(tags):
             for tag in FRONTIER_TAGS:
                 client.set_model_version_tag(name, version.version, tag, "false")
-            logger.info("version %s of %s (trial run %s) has left the frontier of sweep run %s", version.version,
-                        name, tags.get(TAG_TRIAL_RUN), parent_run_id)
+            trial = tags.get(TAG_TRIAL_RUN)
+            if _run_deleted(client, trial):  # the sweep's record no longer holds it: it did not leave the frontier
+                logger.warning("version %s of %s: its trial run %s was deleted, so it is no longer a point of the "
+                               "frontier of sweep run %s (its frontier tags turn false; restore the run, `mlflow runs "
+                               "restore --run-id %s`, and register the frontier again to have it back)",
+                               version.version, name, trial, parent_run_id, trial)
+            else:
+                logger.info("version %s of %s (trial run %s) has left the frontier of sweep run %s", version.version,
+                            name, trial, parent_run_id)
+
+
+def _run_deleted(client, run_id: str | None) -> bool:
+    """Whether the run ``run_id`` was deleted (in the UI, or removed for good since)."""
+    if not run_id:
+        return False
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "deleted"
+    except MlflowException as err:
+        return err.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
 def _tag_float(tags: dict[str, str], key: str) -> float | None:
@@ -1066,8 +1083,13 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     if runtime not in RUNTIMES:
         raise SelectionError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     try:
+        if sweep_run_id is None:  # `fineprune select`: a model deleted by hand goes with its versions
+            client.get_registered_model(name)
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # the registry forgets a deleted model outright
+            raise SelectionError(f"registered model {name!r} does not exist in {client.tracking_uri} (it was deleted, "
+                                 "or never registered)") from None
         raise SelectionError(f"registered model {name!r}: {str(err).splitlines()[0]}") from None
     if sweep_run_id is not None:
         versions = [v for v in versions if v.tags.get(TAG_SWEEP_RUN) == sweep_run_id and _on_frontier(v.tags)]
@@ -1175,8 +1197,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
 
 
 def register_from_experiment(experiment: str, tracking_uri: str | None = None, space: str | None = None,
-                             frontier: bool = False, onnx: bool | None = None) -> dict[str, Any]:
-    """``fineprune register``: the latest sweep of ``experiment``, its policy (or ``space``'s), its champion.
+                             frontier: bool = False, onnx: bool | None = None,
+                             sweep_run_id: str | None = None) -> dict[str, Any]:
+    """``fineprune register``: the latest sweep of ``experiment`` (or the sweep ``sweep_run_id``; a later sweep
+    deleted by hand is passed over with a warning, see :func:`record.latest_sweep`), its policy (or ``space``'s),
+    its champion. The result names the sweep (``sweep_run_id``).
 
     With ``frontier`` every point of the sweep's frontiers is registered first (``frontier`` in the result).
     ``onnx`` overrides the policy's ``onnx`` (whether new versions are exported for ONNX Runtime).
@@ -1184,7 +1209,7 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
     uri = record.tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)  # the fluent API logs the versions' models
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    parent = record.latest_sweep(client, experiment)
+    parent = record.latest_sweep(client, experiment, sweep_run_id)
     params = parent.data.params
     if space is not None:
         loaded = load_space(space)
@@ -1200,7 +1225,8 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
     if onnx is not None:
         spec = dataclasses.replace(spec, onnx=onnx)
     rows = register_frontier(client, experiment, parent.info.run_id, spec.name, spec.onnx) if frontier else None
-    result = register_champion(client, experiment, parent.info.run_id, spec, latency=latency)
+    result = {**register_champion(client, experiment, parent.info.run_id, spec, latency=latency),
+              "sweep_run_id": parent.info.run_id}
     return result if rows is None else {**result, "frontier": rows}
 
 

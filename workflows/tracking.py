@@ -39,7 +39,7 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION,
                               TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
                               TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, TRIAL_COMPUTE, RecordError, deleted_experiment,
-                              deleted_run, flat_params)
+                              deleted_run, flat_params, latest_sweep_left)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
                              is_transient, quick_http_failures)
 
@@ -194,7 +194,8 @@ def check_reachable(client: MlflowClient, limit: float = DEFAULT_OUTAGE_LIMIT_S)
 
 
 def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None):
-    """The sweep to resume: the parent run ``run_id``, or else the last sweep started in ``experiment``.
+    """The sweep to resume: the parent run ``run_id``, or else the last sweep started in ``experiment`` that was
+    not deleted by hand (a warning names it and the later ones deleted).
 
     Returns:
         The parent run, or None when ``experiment`` has no sweep.
@@ -221,9 +222,11 @@ def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None)
         return None
     if found.lifecycle_stage == "deleted":
         raise ValueError("--resume: " + deleted_experiment(experiment, found.experiment_id, client.tracking_uri))
-    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
+    run, deleted = latest_sweep_left(client, found.experiment_id, experiment, flag="--resume RUN_ID")
+    if run is None and deleted:
+        raise ValueError(f"--resume: experiment {experiment!r} has no sweep left to resume: "
+                         + deleted_run(deleted[0], "its latest sweep"))
+    return run
 
 
 def sweep_state(run) -> str:
