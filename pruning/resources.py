@@ -53,6 +53,8 @@ def resolve_model(name: str) -> Path:
 def resolve_data(name: str) -> Path:
     """``train``, ``dev`` or a path to a SQuAD v1.1-format JSON file."""
     path = squad_file(name) if name in ("train", "dev") else Path(name)
+    if path.is_dir():  # a folder of data files, or the one holding the file
+        raise ResourceError(f"{path}: is a directory; a SQuAD JSON file is expected")
     if not path.is_file():
         raise ResourceError(f"{path}: SQuAD data file not found")
     return path
