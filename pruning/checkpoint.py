@@ -303,23 +303,55 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
 
 
 def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    """One warning for a bare ``vocab.txt`` whose tokens hold capitals or accents that the tokenizer, lower-casing
-    by transformers' default since no file says otherwise, never produces: a cased vocabulary read as an uncased
-    one, whose cased words all become other tokens."""
-    if any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        return
+    """One warning for a vocabulary whose tokens hold capitals or accents that the tokenizer, lower-casing or
+    stripping accents, never produces: a cased vocabulary read as an uncased one, whose cased words all become other
+    tokens. Whatever gave the settings is named: ``tokenizer_config.json``, ``tokenizer.json``'s normalizer, or
+    transformers' defaults where no file gives them (a bare ``vocab.txt``, a ``tokenizer_config.json`` that gives
+    ``strip_accents`` but not ``do_lower_case``)."""
     normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
     if normalizer is None:
         return
     special = set(tokenizer.all_special_tokens)
     pieces = [token.removeprefix("##") for token in tokenizer.get_vocab() if token not in special]
     unreachable = [piece for piece in pieces if piece and normalizer.normalize_str(piece).strip() != piece]
-    if unreachable:
-        logger.warning("%s: %d of its %d tokens (e.g. %r) hold capitals or accents, which the tokenizer never "
-                       "produces: without tokenizer_config.json it lower-cases and strips accents; for a cased "
-                       "vocabulary add tokenizer_config.json with {\"do_lower_case\": false} (or save the tokenizer "
-                       "with save_pretrained)", model_dir / "vocab.txt", len(unreachable), len(pieces),
-                       unreachable[0])
+    if not unreachable:
+        return
+    vocabulary = model_dir / ("vocab.txt" if (model_dir / "vocab.txt").is_file() else "tokenizer.json")
+    logger.warning("%s: %d of its %d tokens (e.g. %r) hold capitals or accents, which the tokenizer never produces: "
+                   "%s", vocabulary, len(unreachable), len(pieces), unreachable[0], _normalizing(model_dir, normalizer))
+
+
+def _normalizing(model_dir: Path, normalizer: Any) -> str:
+    """What the tokenizer's normalizer does to a cased vocabulary, which file (or default) says so, and the
+    ``tokenizer_config.json`` settings that keep the vocabulary's capitals and accents."""
+    if type(normalizer).__name__ != "BertNormalizer":
+        return f"its normalizer ({type(normalizer).__name__}, in tokenizer.json) changes them"
+    given = _tokenizer_file(model_dir / "tokenizer_config.json") or {}
+    recorded = (_tokenizer_file(model_dir / "tokenizer.json") or {}).get("normalizer")
+    in_file = isinstance(recorded, dict) and recorded.get("type") == "BertNormalizer"  # else transformers' default
+
+    def origin(key: str) -> str:
+        if key in given:
+            return "in tokenizer_config.json"
+        if in_file:
+            return "from tokenizer.json's normalizer"
+        return "by default: no tokenizer file gives it"
+
+    lower = bool(normalizer.lowercase)
+    strip = normalizer.strip_accents
+    done, keys = [], []
+    if lower:
+        done.append(f"lower-cases (do_lower_case true, {origin('do_lower_case')})")
+        keys.append('"do_lower_case": false')
+    if strip or (strip is None and lower):
+        follows = ", which follows do_lower_case" if strip is None else ""
+        done.append(f"strips accents (strip_accents {json.dumps(strip)}{follows}, {origin('strip_accents')})")
+        if strip:
+            keys.append('"strip_accents": false')
+    if not done:
+        return "its normalizer changes them"
+    return (f"it {' and '.join(done)}; for a cased vocabulary set {', '.join(keys)} in tokenizer_config.json "
+            "(or save the tokenizer with save_pretrained)")
 
 
 def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:

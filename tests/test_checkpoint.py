@@ -123,6 +123,58 @@ def test_a_cased_vocab_txt_read_lower_cased_is_said(tmp_path, caplog):
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
+@pytest.mark.parametrize("config, says", [
+    ({"strip_accents": False}, "it lower-cases (do_lower_case true, by default: no tokenizer file gives it)"),
+    ({"do_lower_case": True, "strip_accents": None},
+     "it lower-cases (do_lower_case true, in tokenizer_config.json) and strips accents (strip_accents null, which "
+     "follows do_lower_case, in tokenizer_config.json)"),
+    ({"do_lower_case": False, "strip_accents": True}, "strips accents (strip_accents true, in tokenizer_config.json)"),
+], ids=["config-without-casing", "config-lower-casing", "config-stripping-accents"])
+def test_a_cased_vocab_txt_read_lower_cased_is_said_whatever_file_gave_the_settings(tmp_path, caplog, config, says):
+    # a tokenizer_config.json without do_lower_case left the cased vocab.txt read lower-cased without a word
+    from pruning.checkpoint import load_tokenizer
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_CASED_WORDS]
+    (tmp_path / "vocab.txt").write_text("".join(f"{word}\n" for word in words), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
+        load_tokenizer(tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{tmp_path / 'vocab.txt'}: "), warnings
+    assert says in warnings[0] and "in tokenizer_config.json" in warnings[0]
+
+
+def test_a_cased_tokenizer_json_that_lower_cases_is_said_and_the_shipped_model_is_not(tmp_path, caplog):
+    from tokenizers import normalizers
+
+    from pruning.checkpoint import load_tokenizer
+    from pruning.resources import shipped_model_dir
+
+    tokenizer = _cased_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "vocab.txt").unlink(missing_ok=True)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
+        load_tokenizer(tmp_path)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and warnings[0].startswith(f"{tmp_path / 'tokenizer.json'}: "), warnings
+        assert "lower-cases (do_lower_case true, from tokenizer.json's normalizer)" in warnings[0]
+        caplog.clear()
+        # a normalizer of another kind gives no do_lower_case: transformers' default does
+        tokenizer.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.NFC()])
+        tokenizer.save_pretrained(tmp_path)
+        (tmp_path / "tokenizer_config.json").write_text('{"strip_accents": false}')
+        load_tokenizer(tmp_path)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "lower-cases (do_lower_case true, by default" in warnings[0], warnings
+        caplog.clear()
+        load_tokenizer(shipped_model_dir())  # uncased: its vocabulary holds no capitals
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 @pytest.mark.parametrize("file, content, says", [
     ("tokenizer_config.json", '{"do_lower_case": "false"}', "do_lower_case must be true or false, got 'false'"),
     ("tokenizer_config.json", '{"strip_accents": 0}', "strip_accents must be true or false, got 0"),
