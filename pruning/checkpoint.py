@@ -283,6 +283,7 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, **settings)
     except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
+    _keep_pre_tokenizer(Path(model_dir), tokenizer)
     vocabulary = tokenizer.get_vocab()
     if set(vocabulary) <= set(tokenizer.all_special_tokens):
         # What transformers builds from config.json alone: every word would be the unknown token.
@@ -300,6 +301,24 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
                               "its model's tokenizer class (e.g. RobertaTokenizerFast) and save_pretrained")
     _warn_unreachable_vocabulary(Path(model_dir), tokenizer)
     return tokenizer
+
+
+def _keep_pre_tokenizer(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Put back the pre-tokenizer ``tokenizer.json`` records where transformers replaced it with BERT's.
+
+    transformers builds a BERT-family tokenizer's pipeline from its class, not from ``tokenizer.json``: its
+    ``BertPreTokenizer`` splits words at whitespace and at every punctuation character, so a tokenizer saved with
+    another pre-tokenizer (``WhitespaceSplit``, for a vocabulary holding "it's" or "cat.") would cut text into other
+    words than the ones its vocabulary was made from. Only BERT's is replaced: other classes (RoBERTa's byte-level
+    one) build theirs from ``tokenizer_config.json``'s settings, as transformers documents.
+    """
+    path = model_dir / "tokenizer.json"
+    recorded = (_tokenizer_file(path) or {}).get("pre_tokenizer")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (not isinstance(recorded, dict) or recorded.get("type") == "BertPreTokenizer"
+            or type(getattr(backend, "pre_tokenizer", None)).__name__ != "BertPreTokenizer"):
+        return
+    backend.pre_tokenizer = type(backend).from_file(str(path)).pre_tokenizer  # a tokenizers.Tokenizer
 
 
 def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:

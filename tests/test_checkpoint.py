@@ -92,6 +92,35 @@ def test_a_cased_tokenizer_json_saved_on_its_own_stays_cased(tmp_path):
     assert _tokens(load_tokenizer(tmp_path / "saved"), text) == _tokens(tokenizer, text)
 
 
+@pytest.mark.parametrize("alone", [False, True], ids=["with-tokenizer-config", "tokenizer-json-alone"])
+def test_a_tokenizer_json_keeps_its_own_pre_tokenizer(tmp_path, alone):
+    # transformers rebuilt it as BERT's, which splits at punctuation: "it's" and "cat." became it ' s and cat .
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import BertTokenizerFast
+
+    from pruning.checkpoint import load_tokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "it's", "a", "cat.", "who?", "it", "'", "s", "cat", "."]
+    backend = Tokenizer(models.WordPiece({token: i for i, token in enumerate(words)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=False)
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    BertTokenizerFast(tokenizer_object=backend, do_lower_case=False).save_pretrained(tmp_path)
+    if alone:
+        (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    tokenizer = load_tokenizer(tmp_path)
+    context = "it's a cat."
+    assert _tokens(tokenizer, context) == ["it's", "a", "cat."]
+    encoded = tokenizer("who?", context, return_offsets_mapping=True)
+    pieces = [context[start:end] for (start, end), kind in zip(encoded["offset_mapping"], encoded.sequence_ids())
+              if kind == 1]
+    assert pieces == ["it's", "a", "cat."]
+    # what a run saves beside its model reads the same
+    tokenizer.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "config.json").write_text('{"model_type": "bert"}')
+    assert _tokens(load_tokenizer(tmp_path / "saved"), context) == ["it's", "a", "cat."]
+
+
 def test_tokenizer_config_still_decides_the_casing(tmp_path):
     from pruning.checkpoint import load_tokenizer
 
