@@ -275,15 +275,15 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
             ``Tokenizer.save``) has neither special tokens nor a pair template: it must be saved through its
             model's tokenizer class (e.g. ``RobertaTokenizerFast(tokenizer_object=...).save_pretrained(dir)``).
 
-    A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped) where
-    ``tokenizer_config.json`` does not say otherwise.
+    A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped, of another
+    kind or none) where ``tokenizer_config.json`` does not say otherwise, and its own pre-tokenizer.
     """
     settings = _normalizer_settings(Path(model_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, **settings)
     except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
-    _keep_pre_tokenizer(Path(model_dir), tokenizer)
+    _keep_recorded_pipeline(Path(model_dir), tokenizer)
     vocabulary = tokenizer.get_vocab()
     if set(vocabulary) <= set(tokenizer.all_special_tokens):
         # What transformers builds from config.json alone: every word would be the unknown token.
@@ -303,22 +303,48 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _keep_pre_tokenizer(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Put back the pre-tokenizer ``tokenizer.json`` records where transformers replaced it with BERT's.
+def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Put back the normalizer and pre-tokenizer ``tokenizer.json`` records where transformers replaced them with
+    BERT's.
 
-    transformers builds a BERT-family tokenizer's pipeline from its class, not from ``tokenizer.json``: its
-    ``BertPreTokenizer`` splits words at whitespace and at every punctuation character, so a tokenizer saved with
-    another pre-tokenizer (``WhitespaceSplit``, for a vocabulary holding "it's" or "cat.") would cut text into other
-    words than the ones its vocabulary was made from. Only BERT's is replaced: other classes (RoBERTa's byte-level
-    one) build theirs from ``tokenizer_config.json``'s settings, as transformers documents.
+    transformers builds a BERT-family tokenizer's pipeline from its class, not from ``tokenizer.json``:
+
+    * its ``BertPreTokenizer`` splits words at whitespace and at every punctuation character, so a tokenizer saved
+      with another pre-tokenizer (``WhitespaceSplit``, for a vocabulary holding "it's" or "cat.") would cut text into
+      other words than the ones its vocabulary was made from;
+    * its ``BertNormalizer`` comes from ``tokenizer_config.json``'s settings and the class's defaults (lower case,
+      accents stripped): a normalizer of another kind (``Sequence([NFD, StripAccents])``, which keeps the case, or
+      none at all) is kept where ``tokenizer_config.json`` gives none of those settings (where it gives one, it
+      decides, as in transformers; a ``BertNormalizer`` of the file is kept by :func:`_normalizer_settings`).
+
+    Only BERT's parts are replaced: other classes (RoBERTa's byte-level pre-tokenizer) build theirs from
+    ``tokenizer_config.json``'s settings, as transformers documents.
     """
     path = model_dir / "tokenizer.json"
-    recorded = (_tokenizer_file(path) or {}).get("pre_tokenizer")
+    recorded = _tokenizer_file(path) or {}
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if (not isinstance(recorded, dict) or recorded.get("type") == "BertPreTokenizer"
-            or type(getattr(backend, "pre_tokenizer", None)).__name__ != "BertPreTokenizer"):
+    pre_tokenizer = recorded.get("pre_tokenizer")
+    keep_pre_tokenizer = (isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") != "BertPreTokenizer"
+                          and type(getattr(backend, "pre_tokenizer", None)).__name__ == "BertPreTokenizer")
+    normalizer = recorded.get("normalizer", "absent")
+    given = _tokenizer_file(model_dir / "tokenizer_config.json") or {}
+    other_normalizer = normalizer is None or isinstance(normalizer, dict) and normalizer.get("type") != "BertNormalizer"
+    keep_normalizer = (other_normalizer and type(getattr(backend, "normalizer", None)).__name__ == "BertNormalizer"
+                       and not any(key in given for key in _NORMALIZER_KEYS))
+    if not (keep_pre_tokenizer or keep_normalizer):
         return
-    backend.pre_tokenizer = type(backend).from_file(str(path)).pre_tokenizer  # a tokenizers.Tokenizer
+    try:
+        own = type(backend).from_file(str(path))  # a tokenizers.Tokenizer, as the file describes it
+    except Exception as err:  # noqa: BLE001 - the Rust parser's own error type
+        raise CheckpointError(f"{path}: not a tokenizer file ({str(err).splitlines()[0]})") from None
+    if keep_pre_tokenizer:
+        backend.pre_tokenizer = own.pre_tokenizer
+    if keep_normalizer:
+        backend.normalizer = own.normalizer
+        # The class's settings describe the normalizer replaced: saved in tokenizer_config.json beside a run's model,
+        # they would decide when it is read again.
+        for key in _NORMALIZER_KEYS:
+            tokenizer.init_kwargs.pop(key, None)
 
 
 def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:

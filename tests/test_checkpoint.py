@@ -121,6 +121,31 @@ def test_a_tokenizer_json_keeps_its_own_pre_tokenizer(tmp_path, alone):
     assert _tokens(load_tokenizer(tmp_path / "saved"), context) == ["it's", "a", "cat."]
 
 
+@pytest.mark.parametrize("kind", ["keeps-case-strips-accents", "none"])
+def test_a_tokenizer_json_keeps_a_normalizer_of_another_kind(tmp_path, kind):
+    # transformers put BERT's in its place, lower-casing with accents stripped: "Zoë" and "Apple" became [UNK]
+    from tokenizers import normalizers
+
+    from pruning.checkpoint import load_tokenizer
+
+    tokenizer = _cased_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = (normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents()])
+                                              if kind != "none" else None)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    text = "Zoë met Élodie at Apple"
+    wanted = ["[UNK]", "met", "[UNK]", "at", "Apple"] if kind != "none" else ["Zoë", "met", "Élodie", "at", "Apple"]
+    loaded = load_tokenizer(tmp_path)
+    assert _tokens(loaded, text) == wanted
+    loaded.save_pretrained(tmp_path / "saved")  # what a run saves beside its model reads the same
+    (tmp_path / "saved" / "config.json").write_text('{"model_type": "bert"}')
+    assert _tokens(load_tokenizer(tmp_path / "saved"), text) == wanted
+    # a tokenizer_config.json that gives the casing still decides, as in transformers
+    (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": true}')
+    assert _tokens(load_tokenizer(tmp_path), text) == ["[UNK]", "met", "[UNK]", "at", "apple"]
+
+
 def test_tokenizer_config_still_decides_the_casing(tmp_path):
     from pruning.checkpoint import load_tokenizer
 
