@@ -43,6 +43,8 @@ def squad_file(split: str) -> Path:
 def resolve_model(name: str) -> Path:
     """``minilm`` or a local directory holding ``config.json``."""
     path = shipped_model_dir() if name == SHIPPED_MODEL else Path(name)
+    if path.is_file():  # its config.json or weights file, say
+        raise ResourceError(f"{path}: is a file; a model directory is expected")
     if not path.is_dir():
         raise ResourceError(f"{path}: model directory not found")
     if not (path / "config.json").is_file():

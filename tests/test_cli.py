@@ -541,6 +541,17 @@ def test_a_directory_given_as_data_is_named_as_one(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.json", "space.yaml", "squad"]
 
 
+def test_a_file_given_as_a_model_is_named_as_one(capsys, tmp_path):
+    """A model's config.json given where its directory goes was "model directory not found", while it was there."""
+    model = tmp_path / "config.json"
+    model.write_text('{"model_type": "bert"}')
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--model", str(model), "--output-dir",
+                                    str(tmp_path / "out")])
+    assert line.endswith(f"error: --model: {model}: is a file; a model directory is expected"), line
+    line = _one_line_error(capsys, ["eval", str(model), "--eval-limit", "2"])
+    assert line.endswith(f"error: {model}: is a file; a model directory is expected"), line
+
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""
