@@ -275,14 +275,15 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
             ``Tokenizer.save``) has neither special tokens nor a pair template: it must be saved through its
             model's tokenizer class (e.g. ``RobertaTokenizerFast(tokenizer_object=...).save_pretrained(dir)``).
 
-    A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped) where
-    ``tokenizer_config.json`` does not say otherwise.
+    A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped, of another
+    kind or none) where ``tokenizer_config.json`` does not say otherwise, and its own pre-tokenizer.
     """
     settings = _normalizer_settings(Path(model_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, **settings)
     except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
+    _keep_recorded_pipeline(Path(model_dir), tokenizer)
     vocabulary = tokenizer.get_vocab()
     if set(vocabulary) <= set(tokenizer.all_special_tokens):
         # What transformers builds from config.json alone: every word would be the unknown token.
@@ -302,24 +303,100 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    """One warning for a bare ``vocab.txt`` whose tokens hold capitals or accents that the tokenizer, lower-casing
-    by transformers' default since no file says otherwise, never produces: a cased vocabulary read as an uncased
-    one, whose cased words all become other tokens."""
-    if any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Put back the normalizer and pre-tokenizer ``tokenizer.json`` records where transformers replaced them with
+    BERT's.
+
+    transformers builds a BERT-family tokenizer's pipeline from its class, not from ``tokenizer.json``:
+
+    * its ``BertPreTokenizer`` splits words at whitespace and at every punctuation character, so a tokenizer saved
+      with another pre-tokenizer (``WhitespaceSplit``, for a vocabulary holding "it's" or "cat.") would cut text into
+      other words than the ones its vocabulary was made from;
+    * its ``BertNormalizer`` comes from ``tokenizer_config.json``'s settings and the class's defaults (lower case,
+      accents stripped): a normalizer of another kind (``Sequence([NFD, StripAccents])``, which keeps the case, or
+      none at all) is kept where ``tokenizer_config.json`` gives none of those settings (where it gives one, it
+      decides, as in transformers; a ``BertNormalizer`` of the file is kept by :func:`_normalizer_settings`).
+
+    Only BERT's parts are replaced: other classes (RoBERTa's byte-level pre-tokenizer) build theirs from
+    ``tokenizer_config.json``'s settings, as transformers documents.
+    """
+    path = model_dir / "tokenizer.json"
+    recorded = _tokenizer_file(path) or {}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre_tokenizer = recorded.get("pre_tokenizer")
+    keep_pre_tokenizer = (isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") != "BertPreTokenizer"
+                          and type(getattr(backend, "pre_tokenizer", None)).__name__ == "BertPreTokenizer")
+    normalizer = recorded.get("normalizer", "absent")
+    given = _tokenizer_file(model_dir / "tokenizer_config.json") or {}
+    other_normalizer = normalizer is None or isinstance(normalizer, dict) and normalizer.get("type") != "BertNormalizer"
+    keep_normalizer = (other_normalizer and type(getattr(backend, "normalizer", None)).__name__ == "BertNormalizer"
+                       and not any(key in given for key in _NORMALIZER_KEYS))
+    if not (keep_pre_tokenizer or keep_normalizer):
         return
+    try:
+        own = type(backend).from_file(str(path))  # a tokenizers.Tokenizer, as the file describes it
+    except Exception as err:  # noqa: BLE001 - the Rust parser's own error type
+        raise CheckpointError(f"{path}: not a tokenizer file ({str(err).splitlines()[0]})") from None
+    if keep_pre_tokenizer:
+        backend.pre_tokenizer = own.pre_tokenizer
+    if keep_normalizer:
+        backend.normalizer = own.normalizer
+        # The class's settings describe the normalizer replaced: saved in tokenizer_config.json beside a run's model,
+        # they would decide when it is read again.
+        for key in _NORMALIZER_KEYS:
+            tokenizer.init_kwargs.pop(key, None)
+
+
+def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """One warning for a vocabulary whose tokens hold capitals or accents that the tokenizer, lower-casing or
+    stripping accents, never produces: a cased vocabulary read as an uncased one, whose cased words all become other
+    tokens. Whatever gave the settings is named: ``tokenizer_config.json``, ``tokenizer.json``'s normalizer, or
+    transformers' defaults where no file gives them (a bare ``vocab.txt``, a ``tokenizer_config.json`` that gives
+    ``strip_accents`` but not ``do_lower_case``)."""
     normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
     if normalizer is None:
         return
     special = set(tokenizer.all_special_tokens)
     pieces = [token.removeprefix("##") for token in tokenizer.get_vocab() if token not in special]
     unreachable = [piece for piece in pieces if piece and normalizer.normalize_str(piece).strip() != piece]
-    if unreachable:
-        logger.warning("%s: %d of its %d tokens (e.g. %r) hold capitals or accents, which the tokenizer never "
-                       "produces: without tokenizer_config.json it lower-cases and strips accents; for a cased "
-                       "vocabulary add tokenizer_config.json with {\"do_lower_case\": false} (or save the tokenizer "
-                       "with save_pretrained)", model_dir / "vocab.txt", len(unreachable), len(pieces),
-                       unreachable[0])
+    if not unreachable:
+        return
+    vocabulary = model_dir / ("vocab.txt" if (model_dir / "vocab.txt").is_file() else "tokenizer.json")
+    logger.warning("%s: %d of its %d tokens (e.g. %r) hold capitals or accents, which the tokenizer never produces: "
+                   "%s", vocabulary, len(unreachable), len(pieces), unreachable[0], _normalizing(model_dir, normalizer))
+
+
+def _normalizing(model_dir: Path, normalizer: Any) -> str:
+    """What the tokenizer's normalizer does to a cased vocabulary, which file (or default) says so, and the
+    ``tokenizer_config.json`` settings that keep the vocabulary's capitals and accents."""
+    if type(normalizer).__name__ != "BertNormalizer":
+        return f"its normalizer ({type(normalizer).__name__}, in tokenizer.json) changes them"
+    given = _tokenizer_file(model_dir / "tokenizer_config.json") or {}
+    recorded = (_tokenizer_file(model_dir / "tokenizer.json") or {}).get("normalizer")
+    in_file = isinstance(recorded, dict) and recorded.get("type") == "BertNormalizer"  # else transformers' default
+
+    def origin(key: str) -> str:
+        if key in given:
+            return "in tokenizer_config.json"
+        if in_file:
+            return "from tokenizer.json's normalizer"
+        return "by default: no tokenizer file gives it"
+
+    lower = bool(normalizer.lowercase)
+    strip = normalizer.strip_accents
+    done, keys = [], []
+    if lower:
+        done.append(f"lower-cases (do_lower_case true, {origin('do_lower_case')})")
+        keys.append('"do_lower_case": false')
+    if strip or (strip is None and lower):
+        follows = ", which follows do_lower_case" if strip is None else ""
+        done.append(f"strips accents (strip_accents {json.dumps(strip)}{follows}, {origin('strip_accents')})")
+        if strip:
+            keys.append('"strip_accents": false')
+    if not done:
+        return "its normalizer changes them"
+    return (f"it {' and '.join(done)}; for a cased vocabulary set {', '.join(keys)} in tokenizer_config.json "
+            "(or save the tokenizer with save_pretrained)")
 
 
 def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:

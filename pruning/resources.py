@@ -43,6 +43,8 @@ def squad_file(split: str) -> Path:
 def resolve_model(name: str) -> Path:
     """``minilm`` or a local directory holding ``config.json``."""
     path = shipped_model_dir() if name == SHIPPED_MODEL else Path(name)
+    if path.is_file():  # its config.json or weights file, say
+        raise ResourceError(f"{path}: is a file; a model directory is expected")
     if not path.is_dir():
         raise ResourceError(f"{path}: model directory not found")
     if not (path / "config.json").is_file():
@@ -53,6 +55,8 @@ def resolve_model(name: str) -> Path:
 def resolve_data(name: str) -> Path:
     """``train``, ``dev`` or a path to a SQuAD v1.1-format JSON file."""
     path = squad_file(name) if name in ("train", "dev") else Path(name)
+    if path.is_dir():  # a folder of data files, or the one holding the file
+        raise ResourceError(f"{path}: is a directory; a SQuAD JSON file is expected")
     if not path.is_file():
         raise ResourceError(f"{path}: SQuAD data file not found")
     return path

@@ -92,6 +92,60 @@ def test_a_cased_tokenizer_json_saved_on_its_own_stays_cased(tmp_path):
     assert _tokens(load_tokenizer(tmp_path / "saved"), text) == _tokens(tokenizer, text)
 
 
+@pytest.mark.parametrize("alone", [False, True], ids=["with-tokenizer-config", "tokenizer-json-alone"])
+def test_a_tokenizer_json_keeps_its_own_pre_tokenizer(tmp_path, alone):
+    # transformers rebuilt it as BERT's, which splits at punctuation: "it's" and "cat." became it ' s and cat .
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import BertTokenizerFast
+
+    from pruning.checkpoint import load_tokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "it's", "a", "cat.", "who?", "it", "'", "s", "cat", "."]
+    backend = Tokenizer(models.WordPiece({token: i for i, token in enumerate(words)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=False)
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    BertTokenizerFast(tokenizer_object=backend, do_lower_case=False).save_pretrained(tmp_path)
+    if alone:
+        (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    tokenizer = load_tokenizer(tmp_path)
+    context = "it's a cat."
+    assert _tokens(tokenizer, context) == ["it's", "a", "cat."]
+    encoded = tokenizer("who?", context, return_offsets_mapping=True)
+    pieces = [context[start:end] for (start, end), kind in zip(encoded["offset_mapping"], encoded.sequence_ids())
+              if kind == 1]
+    assert pieces == ["it's", "a", "cat."]
+    # what a run saves beside its model reads the same
+    tokenizer.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "config.json").write_text('{"model_type": "bert"}')
+    assert _tokens(load_tokenizer(tmp_path / "saved"), context) == ["it's", "a", "cat."]
+
+
+@pytest.mark.parametrize("kind", ["keeps-case-strips-accents", "none"])
+def test_a_tokenizer_json_keeps_a_normalizer_of_another_kind(tmp_path, kind):
+    # transformers put BERT's in its place, lower-casing with accents stripped: "Zoë" and "Apple" became [UNK]
+    from tokenizers import normalizers
+
+    from pruning.checkpoint import load_tokenizer
+
+    tokenizer = _cased_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = (normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents()])
+                                              if kind != "none" else None)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    text = "Zoë met Élodie at Apple"
+    wanted = ["[UNK]", "met", "[UNK]", "at", "Apple"] if kind != "none" else ["Zoë", "met", "Élodie", "at", "Apple"]
+    loaded = load_tokenizer(tmp_path)
+    assert _tokens(loaded, text) == wanted
+    loaded.save_pretrained(tmp_path / "saved")  # what a run saves beside its model reads the same
+    (tmp_path / "saved" / "config.json").write_text('{"model_type": "bert"}')
+    assert _tokens(load_tokenizer(tmp_path / "saved"), text) == wanted
+    # a tokenizer_config.json that gives the casing still decides, as in transformers
+    (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": true}')
+    assert _tokens(load_tokenizer(tmp_path), text) == ["[UNK]", "met", "[UNK]", "at", "apple"]
+
+
 def test_tokenizer_config_still_decides_the_casing(tmp_path):
     from pruning.checkpoint import load_tokenizer
 
@@ -120,6 +174,58 @@ def test_a_cased_vocab_txt_read_lower_cased_is_said(tmp_path, caplog):
     (tmp_path / "vocab.txt").write_text("".join(f"{word}\n" for word in uncased), encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
         load_tokenizer(tmp_path)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"strip_accents": False}, "it lower-cases (do_lower_case true, by default: no tokenizer file gives it)"),
+    ({"do_lower_case": True, "strip_accents": None},
+     "it lower-cases (do_lower_case true, in tokenizer_config.json) and strips accents (strip_accents null, which "
+     "follows do_lower_case, in tokenizer_config.json)"),
+    ({"do_lower_case": False, "strip_accents": True}, "strips accents (strip_accents true, in tokenizer_config.json)"),
+], ids=["config-without-casing", "config-lower-casing", "config-stripping-accents"])
+def test_a_cased_vocab_txt_read_lower_cased_is_said_whatever_file_gave_the_settings(tmp_path, caplog, config, says):
+    # a tokenizer_config.json without do_lower_case left the cased vocab.txt read lower-cased without a word
+    from pruning.checkpoint import load_tokenizer
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_CASED_WORDS]
+    (tmp_path / "vocab.txt").write_text("".join(f"{word}\n" for word in words), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
+        load_tokenizer(tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{tmp_path / 'vocab.txt'}: "), warnings
+    assert says in warnings[0] and "in tokenizer_config.json" in warnings[0]
+
+
+def test_a_cased_tokenizer_json_that_lower_cases_is_said_and_the_shipped_model_is_not(tmp_path, caplog):
+    from tokenizers import normalizers
+
+    from pruning.checkpoint import load_tokenizer
+    from pruning.resources import shipped_model_dir
+
+    tokenizer = _cased_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "vocab.txt").unlink(missing_ok=True)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
+        load_tokenizer(tmp_path)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and warnings[0].startswith(f"{tmp_path / 'tokenizer.json'}: "), warnings
+        assert "lower-cases (do_lower_case true, from tokenizer.json's normalizer)" in warnings[0]
+        caplog.clear()
+        # a normalizer of another kind gives no do_lower_case: transformers' default does
+        tokenizer.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.NFC()])
+        tokenizer.save_pretrained(tmp_path)
+        (tmp_path / "tokenizer_config.json").write_text('{"strip_accents": false}')
+        load_tokenizer(tmp_path)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "lower-cases (do_lower_case true, by default" in warnings[0], warnings
+        caplog.clear()
+        load_tokenizer(shipped_model_dir())  # uncased: its vocabulary holds no capitals
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 

@@ -520,6 +520,38 @@ def test_a_diverging_run_is_one_line_and_exit_2(capsys, tmp_path):
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_a_directory_given_as_data_is_named_as_one(capsys, tmp_path):
+    """A folder given where a SQuAD file goes was "SQuAD data file not found", while it was there."""
+    from workflows.space import SpaceError, check_local_paths, load_space
+
+    data = tmp_path / "squad"
+    data.mkdir()
+    says = f"{data}: is a directory; a SQuAD JSON file is expected"
+    (tmp_path / "predictions.json").write_text("{}")
+    assert _one_line_error(capsys, ["score", str(data), str(tmp_path / "predictions.json")]).endswith(f"error: {says}")
+    for flag in ("--train-data", "--eval-data"):
+        line = _one_line_error(capsys, ["prune", "--config", TINY, flag, str(data), "--output-dir",
+                                        str(tmp_path / "out")])
+        assert line.endswith(f"error: {flag}: {says}"), line
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    space["base"]["eval_data"] = str(data)
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    with pytest.raises(SpaceError, match=f"^{tmp_path / 'space.yaml'}: base.eval_data: {says}$"):
+        check_local_paths(load_space(tmp_path / "space.yaml"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.json", "space.yaml", "squad"]
+
+
+def test_a_file_given_as_a_model_is_named_as_one(capsys, tmp_path):
+    """A model's config.json given where its directory goes was "model directory not found", while it was there."""
+    model = tmp_path / "config.json"
+    model.write_text('{"model_type": "bert"}')
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--model", str(model), "--output-dir",
+                                    str(tmp_path / "out")])
+    assert line.endswith(f"error: --model: {model}: is a file; a model directory is expected"), line
+    line = _one_line_error(capsys, ["eval", str(model), "--eval-limit", "2"])
+    assert line.endswith(f"error: {model}: is a file; a model directory is expected"), line
+
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""

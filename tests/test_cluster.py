@@ -287,7 +287,7 @@ def test_reference_space_trials_fit_a_gpu_worker(cluster_config):
 
 
 def test_storage_uris_are_kept_and_local_paths_resolved(tmp_path, monkeypatch):
-    from workflows.sweep import _storage_roots
+    from workflows.sweep import StorageError, _storage_roots
 
     monkeypatch.chdir(tmp_path)
     root, local = _storage_roots("s3://bucket/fineprune/ray/")
@@ -298,6 +298,21 @@ def test_storage_uris_are_kept_and_local_paths_resolved(tmp_path, monkeypatch):
     root, local = _storage_roots(f"file://{tmp_path}/nfs")
     assert root == str(tmp_path / "nfs") and local == tmp_path / "nfs"
     assert _storage_roots(None) == (str(tmp_path / "runs" / "ray"), tmp_path / "runs" / "ray")
+
+
+def test_a_file_uri_storage_path_is_the_directory_it_names(tmp_path, monkeypatch):
+    # percent-escapes were kept (a directory named "my%20runs"), and file://localhost/... or file:/... were read as
+    # paths relative to the working directory
+    from workflows.sweep import StorageError, _storage_roots
+
+    monkeypatch.chdir(tmp_path)
+    wanted = tmp_path / "my runs" / "ray"
+    for uri in (f"file://{tmp_path}/my%20runs/ray", f"file://localhost{tmp_path}/my%20runs/ray/",
+                f"file:{tmp_path}/my%20runs/ray"):
+        assert _storage_roots(uri) == (str(wanted), wanted), uri
+    assert [p.name for p in tmp_path.iterdir()] == ["my runs"] and wanted.is_dir()
+    with pytest.raises(StorageError, match=r"^--storage-path file://nas/ray: a file URI of the host 'nas'"):
+        _storage_roots("file://nas/ray")
 
 
 def test_forwarded_env_leaves_a_jobs_own_variables_to_the_job(monkeypatch):

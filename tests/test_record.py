@@ -128,6 +128,22 @@ def test_an_unknown_experiment_is_one_line_and_exit_2(command, tmp_path, monkeyp
     assert not (tmp_path / "mlflow.db").exists()  # the default store was never touched
 
 
+@pytest.mark.parametrize("written", ["my%20runs/mlflow.db", "my%20runs/mlflow.db?timeout=20"])
+def test_a_sqlite_uri_with_escapes_or_options_is_the_database_mlflow_opens(written, tmp_path, monkeypatch, capsys):
+    # the database was taken as "my%20runs/mlflow.db" (or "mlflow.db?timeout=20"): report and register said there
+    # was none, and a new experiment kept its artifacts in a directory named "my%20runs"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my runs").mkdir()
+    uri = f"sqlite:///{written}"
+    tracking.client_for(uri).search_experiments()
+    assert (tmp_path / "my runs" / "mlflow.db").is_file()
+    assert main(["report", "--experiment", "nope", "--out", "report", "--tracking-uri", uri]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"fineprune report: error: experiment 'nope' not found in {uri}"
+    assert tracking.artifact_location(uri, "e") == (tmp_path / "my runs" / "mlartifacts" / "e").as_uri()
+    assert record.sqlite_database(uri) == Path("my runs/mlflow.db")
+
+
 def test_register_reads_the_spec_the_sweep_recorded(client, tmp_path, monkeypatch, capsys, caplog):
     """``fineprune register`` with the store from the environment: the recorded policy, nothing qualifies. The
     result is printed all the same, but the command exits 4, not 0: a script that goes on to serve the champion

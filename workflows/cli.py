@@ -370,8 +370,8 @@ def _tracking_client(uri: str | None):
     from workflows import record, tracking
 
     uri = record.tracking_uri(uri)
-    if uri.startswith("sqlite:///"):  # these commands read a sweep's record: an absent database holds none
-        database = Path(uri[len("sqlite:///"):])
+    database = record.sqlite_database(uri)
+    if database is not None:  # these commands read a sweep's record: an absent database holds none
         if not database.is_file():
             raise UserError(f"tracking URI {uri}: no MLflow database at {database} (pass the sweep's --tracking-uri)")
     client = tracking.client_for(uri)

@@ -21,7 +21,10 @@ import json
 import logging
 import math
 import os
+import urllib.parse
+import urllib.request
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     # where the record lives
-    "DEFAULT_TRACKING_URI", "tracking_uri", "RecordError",
+    "DEFAULT_TRACKING_URI", "tracking_uri", "sqlite_database", "file_uri_path", "RecordError",
     # tags of runs
     "TAG_KIND", "KIND_SWEEP", "KIND_TRIAL", "KIND_BASELINE", "TAG_PARENT", "TAG_RUN_NAME", "TAG_SWEEP",
     "TAG_SWEEP_STATE", "SWEEP_RUNNING", "SWEEP_INTERRUPTED", "SWEEP_COMPLETE", "TAG_SEARCH_OVER", "TAG_TRIAL",
@@ -168,6 +171,31 @@ class RecordError(ValueError):
 def tracking_uri(given: str | None = None) -> str:
     """The tracking URI to use: ``given``, else ``$MLFLOW_TRACKING_URI``, else :data:`DEFAULT_TRACKING_URI`."""
     return given or os.environ.get(TRACKING_URI_ENV) or DEFAULT_TRACKING_URI
+
+
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI, the one SQLAlchemy (and so MLflow) opens: percent-escapes
+    decoded (``sqlite:///my%20runs/mlflow.db`` is ``my runs/mlflow.db``), options after ``?`` left out. None for a
+    store of another kind."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(urllib.parse.unquote(uri[len("sqlite:///"):].split("?", 1)[0]))
+
+
+def file_uri_path(uri: str) -> str | None:
+    """The local path a ``file:`` URI names (``file:///a%20b``, ``file://localhost/a%20b`` and ``file:/a%20b`` are
+    all ``/a b``), percent-escapes decoded as Ray and MLflow read them; None for anything else (a plain path, an
+    ``s3://`` URI).
+
+    Raises:
+        ValueError: the URI names another host, which no path of this machine reaches.
+    """
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme.lower() != "file":
+        return None
+    if parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"{uri}: a file URI of the host {parsed.netloc!r}, not of this machine (write file:///PATH)")
+    return urllib.request.url2pathname(parsed.path)
 
 
 # --------------------------------------------------------------------------------------------------------------

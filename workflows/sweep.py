@@ -56,7 +56,7 @@ from workflows.space import (EVAL_METRICS, EVALUATION, SpaceError, SweepSpace, b
                              trial_config, tune_config_kwargs)
 
 __all__ = ["run_sweep", "trial_main", "ensure_teacher", "frontier_summary", "sweep_complete", "FAULT_ENV",
-           "TRIAL_METRICS", "RayUnavailable", "ResumeError", "RAY_CONNECT_TIMEOUT_S"]
+           "TRIAL_METRICS", "RayUnavailable", "ResumeError", "StorageError", "RAY_CONNECT_TIMEOUT_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,10 @@ class RayUnavailable(Exception):
 
 class ResumeError(Exception):
     """``--resume`` names nothing to resume; one line."""
+
+
+class StorageError(ValueError):
+    """``--storage-path`` names no storage this machine reaches; one line."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -472,11 +476,24 @@ def _tune_resources(resources: dict[str, Any]) -> dict[str, float]:
     return {"cpu": float(resources.get("cpu", 1) or 0), "gpu": float(resources.get("gpu", 0) or 0)}
 
 
+def _local_storage(storage_path: str | None) -> str | None:
+    """``--storage-path`` with a ``file:`` URI (``file:///shared/my%20runs``) as the local path it names, its
+    percent-escapes decoded: taken as it was, the sweep wrote into a directory named ``my%20runs``.
+
+    Raises:
+        StorageError: a ``file:`` URI of another host.
+    """
+    try:
+        local = storage_path and record.file_uri_path(storage_path)
+    except ValueError as err:
+        raise StorageError(f"--storage-path {err}") from None
+    return local or storage_path
+
+
 def _storage_roots(storage_path: str | None) -> tuple[str, Path]:
     """Tune's storage root (an absolute local path, or a URI such as ``s3://bucket/prefix`` kept as it is) and the
     local directory for what trials read by file path (trained teachers, the feature cache)."""
-    if storage_path and storage_path.startswith("file://"):
-        storage_path = storage_path[len("file://"):]
+    storage_path = _local_storage(storage_path)
     if storage_path and "://" in storage_path:
         local = Path("runs/ray").resolve()
         logger.info("checkpoints go to %s; teachers and caches stay in %s on each node (on a multi-node cluster, "
@@ -593,6 +610,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     else:
         check_local_paths(space)  # on a cluster they need only exist on the workers
         _check_local_data(space)
+    _local_storage(storage_path)
     experiment = experiment or space.name
     tracking_uri = record.tracking_uri(tracking_uri)
     limit = outage_limit(tracking_timeout)

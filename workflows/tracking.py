@@ -39,7 +39,7 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION,
                               TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
                               TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, TRIAL_COMPUTE, RecordError, deleted_experiment,
-                              deleted_run, flat_params, latest_sweep_left)
+                              deleted_run, flat_params, latest_sweep_left, sqlite_database)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
                              is_transient, quick_http_failures)
 
@@ -107,10 +107,10 @@ def _store_lock(tracking_uri: str) -> Iterator[None]:
     already exists". While a process opens the store it holds a lock file beside the database; the others wait for
     it and find the tables made. Other stores (a server, which makes its tables once) take no lock.
     """
-    if not tracking_uri.startswith("sqlite:///"):
+    database = sqlite_database(tracking_uri)
+    if database is None:
         yield
         return
-    database = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(atomic.locked(
@@ -127,9 +127,9 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     Without this, a SQLite-backed experiment writes its artifacts to ``./mlruns`` of whatever directory the
     driver happens to run in.
     """
-    if tracking_uri.startswith("sqlite:///"):
-        database = Path(tracking_uri[len("sqlite:///"):]).resolve()
-        return (database.parent / "mlartifacts" / experiment).as_uri()
+    database = sqlite_database(tracking_uri)
+    if database is not None:
+        return (database.resolve().parent / "mlartifacts" / experiment).as_uri()
     return None
 
 

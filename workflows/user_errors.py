@@ -27,6 +27,7 @@ USER_ERRORS = (
     ("workflows.registry", "SelectionError"),
     ("workflows.sweep", "RayUnavailable"),
     ("workflows.sweep", "ResumeError"),
+    ("workflows.sweep", "StorageError"),
     ("workflows.retry", "OutageLimitError"),
     ("workflows.tracking", "TrackingStoreError"),
 )
