@@ -79,10 +79,10 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: file not found")
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -230,12 +230,7 @@ def _tokenizer_file(path: Path) -> dict[str, Any] | None:
     """
     if not path.is_file():
         return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    value = read_json(path)
     if path.name == "tokenizer_config.json":
         for key, nullable in _BOOLEAN_SETTINGS.items():
             if key in value and not (isinstance(value[key], bool) or (nullable and value[key] is None)):
