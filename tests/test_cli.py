@@ -227,12 +227,37 @@ def test_a_flag_means_the_same_in_every_sub_command():
     for name, actions in _options().items():
         for action in actions:
             meaning = (action.dest, action.type, action.choices)
-            if action.dest != "resume":  # continue what the command runs: a training checkpoint, or a sweep
+            if action.dest == "resume":  # continue what the command runs: a training checkpoint, or a sweep
+                meaning = (action.dest, action.choices)
+            else:
                 meaning += (action.nargs,)
             for flag in action.option_strings:
                 assert seen.setdefault(flag, meaning) == meaning, f"{flag} differs in {name}"
     assert "--data" not in seen  # once training data here and evaluation data there
     assert {"--train-data", "--eval-data", "--model", "--registered-model"} <= set(seen)
+
+
+def test_a_path_typed_with_a_tilde_is_under_the_home_directory(capsys, monkeypatch, tmp_path):
+    """A shell leaves `--out=~/report` or a quoted `"~/my data.json"` as typed; the command reads `~` as the home
+    directory, as it does in a run config or search space."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat.", "qas": [
+        {"id": "q1", "question": "Who sat?", "answers": [{"text": "The cat", "answer_start": 0}]}]}]}]}
+    (tmp_path / "my data.json").write_text(json.dumps(data))
+    (tmp_path / "p.json").write_text(json.dumps({"q1": "the cat"}))
+    assert cli.main(["score", "~/my data.json", "~/p.json"]) == 0
+    assert json.loads(capsys.readouterr().out)["exact_match"] == pytest.approx(100.0)
+    # Every option and argument naming a file or directory reads it so.
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    paths = [(name, a.dest) for name, sub in commands.items() for a in sub._actions
+             if a.metavar in ("PATH", "DIR", "YAML") or a.dest in ("model_dir", "out_dir", "checkpoint", "data",
+                                                                     "predictions")]
+    assert len(paths) >= 20 and ("sweep", "storage_path") in paths and ("report", "out") in paths
+    for name, dest in paths:
+        action = next(a for a in commands[name]._actions if a.dest == dest)
+        assert action.type is not None and action.type("~/x") == str(tmp_path / "x"), f"{name} {dest}"
+        assert action.type("minilm") == "minilm" and action.type("a~b") == "a~b"
 
 
 def test_commands_print_no_mlflow_type_hint_warning(tmp_path):

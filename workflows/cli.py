@@ -565,6 +565,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _user_path(value: str) -> str:
+    """A path on the command line as a shell reads it: ``~`` is the home directory, also where the shell left it
+    as typed (``--out=~/report``, a quoted path), as in the paths of a run config or search space."""
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default: the value, ``off`` for a flag; an option without a default value
     (None) says in its own words what happens without it."""
@@ -591,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # One meaning per flag in every sub-command that takes it.
     def eval_data(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
-        p.add_argument("--eval-data", default=default, metavar="PATH",
+        p.add_argument("--eval-data", default=default, metavar="PATH", type=_user_path,
                        help=f"SQuAD v1.1 JSON, or 'dev'/'train' for the shipped files: {what}")
 
     def precision(p: argparse.ArgumentParser, what: str, default: str | None = "fp32") -> None:
@@ -632,10 +638,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def training(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> None:
         p = command(name, func, help_text)
-        p.add_argument("--config", required=True, metavar="YAML", help="run config (see configs/)")
-        p.add_argument("--model", metavar="DIR", help="student model directory or 'minilm' (default: the config's)")
-        p.add_argument("--teacher", metavar="DIR", help="teacher QA model directory (default: the config's)")
-        p.add_argument("--train-data", metavar="PATH",
+        p.add_argument("--config", required=True, metavar="YAML", type=_user_path, help="run config (see configs/)")
+        p.add_argument("--model", metavar="DIR", type=_user_path,
+                       help="student model directory or 'minilm' (default: the config's)")
+        p.add_argument("--teacher", metavar="DIR", type=_user_path,
+                       help="teacher QA model directory (default: the config's)")
+        p.add_argument("--train-data", metavar="PATH", type=_user_path,
                        help="SQuAD v1.1 JSON, or 'train'/'dev' for the shipped files: the training questions "
                             "(default: the config's)")
         eval_data(p, None, "the questions evaluated on (default: the config's)")
@@ -646,10 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-steps", type=int, metavar="N",
                        help="training steps, before the config's fill_steps of the filled phase; method fisher "
                             "trains its fill_steps only (default: the config's)")
-        p.add_argument("--output-dir", metavar="DIR", help="where the run writes (default: the config's)")
+        p.add_argument("--output-dir", metavar="DIR", type=_user_path,
+                       help="where the run writes (default: the config's)")
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's)")
         p.add_argument("--precision", choices=PRECISIONS, help=f"{PRECISION_HELP} (default: the config's)")
-        p.add_argument("--resume", metavar="DIR",
+        p.add_argument("--resume", metavar="DIR", type=_user_path,
                        help="training checkpoint directory to continue from (default: start afresh)")
         p.add_argument("--overwrite", action="store_true",
                        help="write over an output_dir that holds an earlier run, whose final model and "
@@ -660,7 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     training("prune", cmd_prune, "one fine-pruning run (topk, sigmoid_threshold or fisher)")
 
     p = command("eval", cmd_eval, "EM/F1 of a dense, masked, packed or exported model")
-    p.add_argument("model_dir", help="question-answering model directory: dense, masked, packed or exported")
+    p.add_argument("model_dir", type=_user_path,
+                   help="question-answering model directory: dense, masked, packed or exported")
     eval_data(p, "dev", "the questions evaluated on")
     p.add_argument("--eval-limit", "--limit", dest="eval_limit", type=int, metavar="N",
                    help="evaluate on the first N questions (default: all)")
@@ -670,12 +680,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     precision(p, "for the forward passes", default=None)
     variant(p)
-    p.add_argument("--predictions", metavar="PATH",
+    p.add_argument("--predictions", metavar="PATH", type=_user_path,
                    help="also write the predictions as the official {question id: answer} JSON (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = command("ask", cmd_ask, "answer one question from a context")
-    p.add_argument("model_dir", help="question-answering model directory: dense, masked, packed or exported")
+    p.add_argument("model_dir", type=_user_path,
+                   help="question-answering model directory: dense, masked, packed or exported")
     p.add_argument("--question", required=True, help="the question")
     p.add_argument("--context", required=True, help="the text holding the answer")
     windows(p)
@@ -684,12 +695,13 @@ def build_parser() -> argparse.ArgumentParser:
     variant(p)
 
     p = command("score", cmd_score, "official SQuAD v1.1 EM/F1 of a predictions file")
-    p.add_argument("data", help="SQuAD v1.1 JSON with the gold answers, or 'dev'/'train' for the shipped files")
-    p.add_argument("predictions", help="JSON of {question id: answer}")
+    p.add_argument("data", type=_user_path,
+                   help="SQuAD v1.1 JSON with the gold answers, or 'dev'/'train' for the shipped files")
+    p.add_argument("predictions", type=_user_path, help="JSON of {question id: answer}")
 
     p = command("pack", cmd_pack, "pack a pruned checkpoint into a smaller dense model")
-    p.add_argument("checkpoint", help="masked (or dense) model directory")
-    p.add_argument("out_dir", help="where the packed model goes (must be empty unless --overwrite)")
+    p.add_argument("checkpoint", type=_user_path, help="masked (or dense) model directory")
+    p.add_argument("out_dir", type=_user_path, help="where the packed model goes (must be empty unless --overwrite)")
     eval_data(p, "dev", "the questions whose windows the logits are compared on")
     p.add_argument("--questions", type=int, default=16, metavar="N", help="how many questions to compare on")
     p.add_argument("--repeats", type=int, default=10, metavar="N", help="timed passes of each model")
@@ -697,8 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     precision(p, "for the latency timing")
 
     p = command("export", cmd_export, "export a packed (or dense) model to ONNX for ONNX Runtime")
-    p.add_argument("model_dir", help="packed, dense or masked (packed first) model directory")
-    p.add_argument("out_dir", help="where the exported model goes (must be empty unless --overwrite)")
+    p.add_argument("model_dir", type=_user_path, help="packed, dense or masked (packed first) model directory")
+    p.add_argument("out_dir", type=_user_path, help="where the exported model goes (must be empty unless --overwrite)")
     p.add_argument("--quantize", choices=("int8",), help="also write a dynamically quantized int8 model "
                                                          "(default: fp32 only)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 to 20")
@@ -709,13 +721,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("sweep", cmd_sweep, "Ray Tune sweep with MLflow tracking")
     p.epilog = (f"Exit status 0 when the sweep finished; {INCOMPLETE_SWEEP} when it ended with trials failed or left "
                 "to run (Ctrl-C), its summary printed all the same: --resume continues it.")
-    p.add_argument("--space", required=True, metavar="YAML", help="search space (see tune_spaces/)")
+    p.add_argument("--space", required=True, metavar="YAML", type=_user_path, help="search space (see tune_spaces/)")
     p.add_argument("--experiment", help="MLflow experiment name (default: the space's name)")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (default: RAY_ADDRESS; without it, a private local Ray)")
-    p.add_argument("--storage-path", metavar="PATH", help="shared storage for trial checkpoints (default: ./runs/ray)")
+    p.add_argument("--storage-path", metavar="PATH", type=_user_path,
+                   help="shared storage for trial checkpoints (default: ./runs/ray)")
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_ID",
                    help="continue the experiment's last sweep started, or the sweep with this MLflow parent run "
                         "(default: start a new sweep)")
@@ -731,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--space", metavar="YAML",
+    p.add_argument("--space", metavar="YAML", type=_user_path,
                    help="search space whose registry section to use, its model name included (default: the one "
                         "the sweep logged)")
     p.add_argument("--frontier", action="store_true",
@@ -761,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--out", required=True, metavar="DIR", type=_user_path, help="output directory")
     p.add_argument("--sweep-run", metavar="RUN_ID",
                    help="the sweep's parent run, for an experiment that holds several sweeps (default: its latest)")
     return parser
