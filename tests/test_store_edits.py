@@ -25,6 +25,20 @@ def _last_error(capsys) -> str:
     return err.strip().splitlines()[-1]
 
 
+def _sweeps_with_the_later_deleted(tmp_path: Path) -> tuple[str, MlflowClient, str, str, str]:
+    """Experiment 'smoke' with a finished sweep and a later, interrupted one deleted by hand: (uri, client,
+    experiment id, finished sweep run, deleted sweep run)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    done = tracking.start_parent_run(client, "smoke", "/sweeps/done", {}, resume=False)
+    tracking.finish_parent_run(client, done)
+    later = tracking.start_parent_run(client, "smoke", "/sweeps/later", {}, resume=False)
+    tracking.finish_parent_run(client, later, status="KILLED", state=record.SWEEP_INTERRUPTED)
+    client.delete_run(later)
+    return uri, client, experiment_id, done, later
+
+
 def test_a_new_sweep_into_a_deleted_experiment_is_refused_and_leaves_its_runs_deleted(tmp_path, monkeypatch, capsys):
     """MLflow keeps a deleted experiment's name: restoring it would bring back every run it held (one deleted by hand
     before the experiment, too) and mix the new sweep into them."""
@@ -54,14 +68,7 @@ def test_a_new_sweep_into_a_deleted_experiment_is_refused_and_leaves_its_runs_de
 def test_a_deleted_sweep_run_named_by_id_is_one_line(tmp_path, monkeypatch, capsys):
     """``--resume RUN_ID`` of a deleted sweep would start another parent run beside it (whose trials would run
     again in new runs); ``report --sweep-run`` would report it as if it were there."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
-    kept = tracking.start_parent_run(client, "smoke", "/sweeps/kept", {}, resume=False)
-    tracking.finish_parent_run(client, kept)
-    gone = tracking.start_parent_run(client, "smoke", "/sweeps/gone", {}, resume=False)
-    tracking.finish_parent_run(client, gone, status="KILLED", state=record.SWEEP_INTERRUPTED)
-    client.delete_run(gone)
+    uri, client, experiment_id, kept, gone = _sweeps_with_the_later_deleted(tmp_path)
     monkeypatch.chdir(tmp_path)
     assert main(["sweep", "--space", str(SPACES / "smoke.yaml"), "--tracking-uri", uri, "--resume", gone]) == 2
     line = _last_error(capsys)
@@ -95,14 +102,7 @@ def test_resume_says_it_passes_over_a_deleted_latest_sweep(tmp_path, monkeypatch
     """`sweep --resume` after the experiment's latest sweep run was deleted in the UI went on with the sweep before
     it without a word (as `register` and `report` did); it still takes the latest sweep left, but says which, and
     that the later one was deleted; with none left, it says the latest was deleted rather than that there is none."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
-    done = tracking.start_parent_run(client, "smoke", "/sweeps/done", {}, resume=False)
-    tracking.finish_parent_run(client, done)
-    later = tracking.start_parent_run(client, "smoke", "/sweeps/later", {}, resume=False)
-    tracking.finish_parent_run(client, later, status="KILLED", state=record.SWEEP_INTERRUPTED)
-    client.delete_run(later)
+    uri, client, _, done, later = _sweeps_with_the_later_deleted(tmp_path)
     monkeypatch.chdir(tmp_path)
     argv = ["sweep", "--space", str(SPACES / "smoke.yaml"), "--tracking-uri", uri, "--resume"]
     assert main(argv) == 0
