@@ -238,19 +238,15 @@ def _tokenizer_file(path: Path) -> dict[str, Any] | None:
     return value
 
 
-def _normalizer_settings(model_dir: Path) -> dict[str, Any]:
-    """The casing, accent and Chinese-character settings of the BERT normalizer ``tokenizer.json`` records, those
-    ``tokenizer_config.json`` does not give.
+def _normalizer_settings(given: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+    """The casing, accent and Chinese-character settings of the BERT normalizer ``tokenizer.json`` records
+    (``recorded``), those ``tokenizer_config.json`` (``given``) does not give.
 
     transformers builds a BERT-family tokenizer's normalizer from ``tokenizer_config.json``'s settings, and from its
     class's defaults (lower case, accents stripped) where that file does not give them, not from ``tokenizer.json``'s
     own normalizer: a cased ``tokenizer.json`` saved on its own would be read as an uncased one.
-
-    Raises:
-        CheckpointError: either file is not a JSON object, or a setting of ``tokenizer_config.json`` is not a boolean.
     """
-    given = _tokenizer_file(model_dir / "tokenizer_config.json") or {}
-    normalizer = (_tokenizer_file(model_dir / "tokenizer.json") or {}).get("normalizer")
+    normalizer = recorded.get("normalizer")
     if not isinstance(normalizer, dict) or normalizer.get("type") != "BertNormalizer":
         return {}
     return {key: normalizer.get(field, default) for key, (field, default) in _NORMALIZER_KEYS.items()
@@ -273,14 +269,18 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped, of another
     kind or none) where ``tokenizer_config.json`` does not say otherwise, and its own pre-tokenizer.
     """
-    settings = _normalizer_settings(Path(model_dir))
+    directory = Path(model_dir)
+    given = _tokenizer_file(directory / "tokenizer_config.json") or {}  # each file read once, here
+    recorded = _tokenizer_file(directory / "tokenizer.json") or {}
+    settings = _normalizer_settings(given, recorded)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, **settings)
     except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
-    _keep_recorded_pipeline(Path(model_dir), tokenizer)
-    vocabulary = tokenizer.get_vocab()
-    if set(vocabulary) <= set(tokenizer.all_special_tokens):
+    _keep_recorded_pipeline(directory, tokenizer, given, recorded)
+    special = set(tokenizer.all_special_tokens)
+    # The vocabulary is listed only where its own part is no larger than the special tokens (listing it is slow).
+    if tokenizer.vocab_size <= len(special) and set(vocabulary := tokenizer.get_vocab()) <= special:
         # What transformers builds from config.json alone: every word would be the unknown token.
         raise CheckpointError(f"{model_dir}: no tokenizer files (what loads from config.json alone holds only its "
                               f"{len(vocabulary)} special tokens)")
@@ -294,44 +294,40 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     if problem is not None:
         raise CheckpointError(f"{model_dir}: the tokenizer ({type(tokenizer).__name__}) {problem}: save it with "
                               "its model's tokenizer class (e.g. RobertaTokenizerFast) and save_pretrained")
-    _warn_unreachable_vocabulary(Path(model_dir), tokenizer)
+    _warn_unreachable_vocabulary(directory, tokenizer, special, given, recorded)
     return tokenizer
 
 
-def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Put back the normalizer and pre-tokenizer ``tokenizer.json`` records where transformers replaced them with
-    BERT's.
+def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase, given: dict[str, Any],
+                            recorded: dict[str, Any]) -> None:
+    """Put back the normalizer and pre-tokenizer ``tokenizer.json`` (``recorded``) records where transformers
+    replaced them with BERT's.
 
     transformers builds a BERT-family tokenizer's pipeline from its class, not from ``tokenizer.json``:
 
     * its ``BertPreTokenizer`` splits words at whitespace and at every punctuation character, so a tokenizer saved
       with another pre-tokenizer (``WhitespaceSplit``, for a vocabulary holding "it's" or "cat.") would cut text into
       other words than the ones its vocabulary was made from;
-    * its ``BertNormalizer`` comes from ``tokenizer_config.json``'s settings and the class's defaults (lower case,
-      accents stripped): a normalizer of another kind (``Sequence([NFD, StripAccents])``, which keeps the case, or
-      none at all) is kept where ``tokenizer_config.json`` gives none of those settings (where it gives one, it
-      decides, as in transformers; a ``BertNormalizer`` of the file is kept by :func:`_normalizer_settings`).
+    * its ``BertNormalizer`` comes from ``tokenizer_config.json``'s settings (``given``) and the class's defaults
+      (lower case, accents stripped): a normalizer of another kind (``Sequence([NFD, StripAccents])``, which keeps
+      the case, or none at all) is kept where ``tokenizer_config.json`` gives none of those settings (where it gives
+      one, it decides, as in transformers; a ``BertNormalizer`` of the file is kept by :func:`_normalizer_settings`).
 
     Only BERT's parts are replaced: other classes (RoBERTa's byte-level pre-tokenizer) build theirs from
     ``tokenizer_config.json``'s settings, as transformers documents.
     """
     path = model_dir / "tokenizer.json"
-    recorded = _tokenizer_file(path) or {}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     pre_tokenizer = recorded.get("pre_tokenizer")
     keep_pre_tokenizer = (isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") != "BertPreTokenizer"
                           and type(getattr(backend, "pre_tokenizer", None)).__name__ == "BertPreTokenizer")
     normalizer = recorded.get("normalizer", "absent")
-    given = _tokenizer_file(model_dir / "tokenizer_config.json") or {}
     other_normalizer = normalizer is None or isinstance(normalizer, dict) and normalizer.get("type") != "BertNormalizer"
     keep_normalizer = (other_normalizer and type(getattr(backend, "normalizer", None)).__name__ == "BertNormalizer"
                        and not any(key in given for key in _NORMALIZER_KEYS))
     if not (keep_pre_tokenizer or keep_normalizer):
         return
-    try:
-        own = type(backend).from_file(str(path))  # a tokenizers.Tokenizer, as the file describes it
-    except Exception as err:  # noqa: BLE001 - the Rust parser's own error type
-        raise CheckpointError(f"{path}: not a tokenizer file ({str(err).splitlines()[0]})") from None
+    own = _recorded_pipeline(path, recorded)
     if keep_pre_tokenizer:
         backend.pre_tokenizer = own.pre_tokenizer
     if keep_normalizer:
@@ -342,7 +338,35 @@ def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase)
             tokenizer.init_kwargs.pop(key, None)
 
 
-def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+def _recorded_pipeline(path: Path, recorded: dict[str, Any]) -> Any:
+    """The ``tokenizers.Tokenizer`` that ``tokenizer.json`` (``path``, read as ``recorded``) describes, built
+    without its vocabulary where its model allows (as transformers does): its normalizer, pre-tokenizer, model
+    settings, post-processor and decoder, without parsing the file again.
+
+    Raises:
+        CheckpointError: the tokenizers library refuses the file, naming it.
+    """
+    from tokenizers import Tokenizer
+
+    model = recorded.get("model")
+    try:
+        if isinstance(model, dict) and model.get("type") in ("WordPiece", "BPE", "WordLevel"):
+            empty = {"vocab": {}, **({"merges": []} if model.get("type") == "BPE" else {})}
+            return Tokenizer.from_str(json.dumps({**recorded, "model": {**model, **empty}, "added_tokens": []}))
+        return Tokenizer.from_file(str(path))  # a Unigram vocabulary cannot be left out
+    except Exception as err:  # noqa: BLE001 - the Rust parser's own error type
+        raise CheckpointError(f"{path}: not a tokenizer file ({str(err).splitlines()[0]})") from None
+
+
+# A token BERT's normalizer leaves as it is, whatever its settings: printable ASCII without spaces or capitals.
+# Only the others need normalizing to see whether the tokenizer can produce them (most of an English vocabulary
+# is of this kind); where it does not lower-case, capitals are left as they are too.
+_PLAIN = re.compile(r"[!-@\[-~]+")
+_PLAIN_CASED = re.compile(r"[!-~]+")
+
+
+def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase, special: set[str],
+                                 given: dict[str, Any], recorded: dict[str, Any]) -> None:
     """One warning for a vocabulary whose tokens hold capitals or accents that the tokenizer, lower-casing or
     stripping accents, never produces: a cased vocabulary read as an uncased one, whose cased words all become other
     tokens. Whatever gave the settings is named: ``tokenizer_config.json``, ``tokenizer.json``'s normalizer, or
@@ -351,24 +375,27 @@ def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizer
     normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
     if normalizer is None:
         return
-    special = set(tokenizer.all_special_tokens)
+    plain = None
+    if type(normalizer).__name__ == "BertNormalizer":
+        plain = (_PLAIN if normalizer.lowercase else _PLAIN_CASED).fullmatch
     pieces = [token.removeprefix("##") for token in tokenizer.get_vocab() if token not in special]
-    unreachable = [piece for piece in pieces if piece and normalizer.normalize_str(piece).strip() != piece]
+    unreachable = [piece for piece in pieces if piece and not (plain and plain(piece))
+                   and normalizer.normalize_str(piece).strip() != piece]
     if not unreachable:
         return
     vocabulary = model_dir / ("vocab.txt" if (model_dir / "vocab.txt").is_file() else "tokenizer.json")
     logger.warning("%s: %d of its %d tokens (e.g. %r) hold capitals or accents, which the tokenizer never produces: "
-                   "%s", vocabulary, len(unreachable), len(pieces), unreachable[0], _normalizing(model_dir, normalizer))
+                   "%s", vocabulary, len(unreachable), len(pieces), unreachable[0],
+                   _normalizing(normalizer, given, recorded))
 
 
-def _normalizing(model_dir: Path, normalizer: Any) -> str:
+def _normalizing(normalizer: Any, given: dict[str, Any], recorded: dict[str, Any]) -> str:
     """What the tokenizer's normalizer does to a cased vocabulary, which file (or default) says so, and the
     ``tokenizer_config.json`` settings that keep the vocabulary's capitals and accents."""
     if type(normalizer).__name__ != "BertNormalizer":
         return f"its normalizer ({type(normalizer).__name__}, in tokenizer.json) changes them"
-    given = _tokenizer_file(model_dir / "tokenizer_config.json") or {}
-    recorded = (_tokenizer_file(model_dir / "tokenizer.json") or {}).get("normalizer")
-    in_file = isinstance(recorded, dict) and recorded.get("type") == "BertNormalizer"  # else transformers' default
+    normalizer_recorded = recorded.get("normalizer")
+    in_file = isinstance(normalizer_recorded, dict) and normalizer_recorded.get("type") == "BertNormalizer"
 
     def origin(key: str) -> str:
         if key in given:

@@ -247,3 +247,25 @@ def test_a_malformed_tokenizer_file_is_one_line_naming_it(tmp_path, file, conten
         load_tokenizer(tmp_path)
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / file}: ") and says in message and "\n" not in message
+
+
+@pytest.mark.parametrize("lower", [True, False], ids=["lower-cased", "cased"])
+def test_the_casing_warning_counts_every_token_the_normalizer_changes(tmp_path, caplog, lower):
+    # the check normalizes only tokens that are not plain ASCII; its count is that of normalizing every one
+    from tokenizers import normalizers
+
+    from pruning.checkpoint import load_tokenizer
+
+    odd = ["Hello", "hello", "HELLO", "é", "Zoë", "東京", "東", "a\x7fb", "a\u200bb", "[x]", "@", "~tilde", "`",
+           "_", "{}", "Ⅻ", "ǅ", "ß", "İ", "ﬁ", "##Abc", "##abc", "a\u0301"]
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "q", "c", *odd]
+    (tmp_path / "vocab.txt").write_text("".join(f"{word}\n" for word in words), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lower}))
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    normalizer = normalizers.BertNormalizer(lowercase=lower)
+    pieces = [word.removeprefix("##") for word in words[5:]]
+    changed = [piece for piece in pieces if normalizer.normalize_str(piece).strip() != piece]
+    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
+        load_tokenizer(tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f": {len(changed)} of its {len(pieces)} tokens (e.g. " in warnings[0], warnings
