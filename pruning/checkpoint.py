@@ -265,6 +265,7 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
             (the position of "no answer"). A bare ``tokenizers`` file (``tokenizer.json`` written by
             ``Tokenizer.save``) has neither special tokens nor a pair template: it must be saved through its
             model's tokenizer class (e.g. ``RobertaTokenizerFast(tokenizer_object=...).save_pretrained(dir)``).
+            A ``tokenizer.json`` the tokenizers library refuses (a field of the wrong type) is named with its error.
 
     A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped, of another
     kind or none) where ``tokenizer_config.json`` does not say otherwise, and its own pre-tokenizer.
@@ -273,11 +274,14 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     given = _tokenizer_file(directory / "tokenizer_config.json") or {}  # each file read once, here
     recorded = _tokenizer_file(directory / "tokenizer.json") or {}
     settings = _normalizer_settings(given, recorded)
+    # What the tokenizers library refuses in tokenizer.json (a word limit written "100") is said here, in one line,
+    # rather than in transformers' traceback.
+    own = _recorded_pipeline(directory / "tokenizer.json", recorded, whole=False) if recorded else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, **settings)
     except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
-    _keep_recorded_pipeline(directory, tokenizer, given, recorded)
+    _keep_recorded_pipeline(directory, tokenizer, given, recorded, own)
     special = set(tokenizer.all_special_tokens)
     # The vocabulary is listed only where its own part is no larger than the special tokens (listing it is slow).
     if tokenizer.vocab_size <= len(special) and set(vocabulary := tokenizer.get_vocab()) <= special:
@@ -299,9 +303,9 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
 
 
 def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase, given: dict[str, Any],
-                            recorded: dict[str, Any]) -> None:
-    """Put back the normalizer and pre-tokenizer ``tokenizer.json`` (``recorded``) records where transformers
-    replaced them with BERT's.
+                            recorded: dict[str, Any], own: Any = None) -> None:
+    """Put back the normalizer and pre-tokenizer ``tokenizer.json`` (``recorded``; ``own``: the pipeline
+    :func:`_recorded_pipeline` built from it, if any) records where transformers replaced them with BERT's.
 
     transformers builds a BERT-family tokenizer's pipeline from its class, not from ``tokenizer.json``:
 
@@ -327,7 +331,7 @@ def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase,
                        and not any(key in given for key in _NORMALIZER_KEYS))
     if not (keep_pre_tokenizer or keep_normalizer):
         return
-    own = _recorded_pipeline(path, recorded)
+    own = own or _recorded_pipeline(path, recorded)
     if keep_pre_tokenizer:
         backend.pre_tokenizer = own.pre_tokenizer
     if keep_normalizer:
@@ -338,10 +342,11 @@ def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase,
             tokenizer.init_kwargs.pop(key, None)
 
 
-def _recorded_pipeline(path: Path, recorded: dict[str, Any]) -> Any:
+def _recorded_pipeline(path: Path, recorded: dict[str, Any], whole: bool = True) -> Any:
     """The ``tokenizers.Tokenizer`` that ``tokenizer.json`` (``path``, read as ``recorded``) describes, built
     without its vocabulary where its model allows (as transformers does): its normalizer, pre-tokenizer, model
-    settings, post-processor and decoder, without parsing the file again.
+    settings, post-processor and decoder, without parsing the file again. Where the vocabulary cannot be left out
+    (a Unigram model), the whole file is parsed, or with ``whole`` false None is returned.
 
     Raises:
         CheckpointError: the tokenizers library refuses the file, naming it.
@@ -349,13 +354,31 @@ def _recorded_pipeline(path: Path, recorded: dict[str, Any]) -> Any:
     from tokenizers import Tokenizer
 
     model = recorded.get("model")
+    small = isinstance(model, dict) and model.get("type") in ("WordPiece", "BPE", "WordLevel")
+    if not (small or whole):
+        return None
+    if small:
+        empty = {"vocab": {}, **({"merges": []} if model.get("type") == "BPE" else {})}
+        recorded = {**recorded, "model": {**model, **empty}, "added_tokens": []}
     try:
-        if isinstance(model, dict) and model.get("type") in ("WordPiece", "BPE", "WordLevel"):
-            empty = {"vocab": {}, **({"merges": []} if model.get("type") == "BPE" else {})}
-            return Tokenizer.from_str(json.dumps({**recorded, "model": {**model, **empty}, "added_tokens": []}))
-        return Tokenizer.from_file(str(path))  # a Unigram vocabulary cannot be left out
+        return Tokenizer.from_str(json.dumps(recorded)) if small else Tokenizer.from_file(str(path))
     except Exception as err:  # noqa: BLE001 - the Rust parser's own error type
-        raise CheckpointError(f"{path}: not a tokenizer file ({str(err).splitlines()[0]})") from None
+        error = str(err).splitlines()[0]
+    for part in (_PARTS if small else ()):  # the part refused: the one without which the rest is read
+        try:
+            Tokenizer.from_str(json.dumps({**recorded, part: None}))
+        except Exception:  # noqa: BLE001
+            continue
+        error = f"{part}: {error}"
+        break
+    else:
+        if small:
+            error = f"model: {error}"
+    raise CheckpointError(f"{path}: not a tokenizer file ({error})")
+
+
+# The parts of tokenizer.json besides its model, any of which may be null.
+_PARTS = ("normalizer", "pre_tokenizer", "post_processor", "decoder", "truncation", "padding")
 
 
 # A token BERT's normalizer leaves as it is, whatever its settings: printable ASCII without spaces or capitals.

@@ -269,3 +269,28 @@ def test_the_casing_warning_counts_every_token_the_normalizer_changes(tmp_path, 
         load_tokenizer(tmp_path)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and f": {len(changed)} of its {len(pieces)} tokens (e.g. " in warnings[0], warnings
+
+
+@pytest.mark.parametrize("part, field, value, says", [
+    ("model", "max_input_chars_per_word", "100", 'model: invalid type: string "100", expected usize'),
+    ("model", "continuing_subword_prefix", 2, "model: invalid type: integer `2`, expected a string"),
+    ("decoder", "prefix", None, "decoder: data did not match any variant"),
+], ids=["word-limit-in-quotes", "prefix-a-number", "decoder-prefix-null"])
+def test_a_tokenizer_json_field_of_the_wrong_type_is_one_line_naming_it(tmp_path, part, field, value, says):
+    # the tokenizers library's refusal came out of transformers as a traceback
+    from tokenizers import decoders
+
+    from pruning.checkpoint import load_tokenizer
+
+    tokenizer = _cased_tokenizer()
+    tokenizer.backend_tokenizer.decoder = decoders.WordPiece()
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    recorded = json.loads((tmp_path / "tokenizer.json").read_text())
+    recorded[part][field] = value
+    (tmp_path / "tokenizer.json").write_text(json.dumps(recorded))
+    with pytest.raises(CheckpointError) as caught:
+        load_tokenizer(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'tokenizer.json'}: not a tokenizer file (") and says in message
+    assert "\n" not in message
