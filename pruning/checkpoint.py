@@ -268,7 +268,8 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
             A ``tokenizer.json`` the tokenizers library refuses (a field of the wrong type) is named with its error.
 
     A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped, of another
-    kind or none) where ``tokenizer_config.json`` does not say otherwise, and its own pre-tokenizer.
+    kind or none) where ``tokenizer_config.json`` does not say otherwise, its own pre-tokenizer, WordPiece settings
+    (subword prefix, longest word) and decoder.
     """
     directory = Path(model_dir)
     given = _tokenizer_file(directory / "tokenizer_config.json") or {}  # each file read once, here
@@ -304,8 +305,9 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
 
 def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase, given: dict[str, Any],
                             recorded: dict[str, Any], own: Any = None) -> None:
-    """Put back the normalizer and pre-tokenizer ``tokenizer.json`` (``recorded``; ``own``: the pipeline
-    :func:`_recorded_pipeline` built from it, if any) records where transformers replaced them with BERT's.
+    """Put back the normalizer, pre-tokenizer, WordPiece settings and decoder ``tokenizer.json`` (``recorded``;
+    ``own``: the pipeline :func:`_recorded_pipeline` built from it, if any) records where transformers replaced them
+    with BERT's.
 
     transformers builds a BERT-family tokenizer's pipeline from its class, not from ``tokenizer.json``:
 
@@ -315,8 +317,13 @@ def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase,
     * its ``BertNormalizer`` comes from ``tokenizer_config.json``'s settings (``given``) and the class's defaults
       (lower case, accents stripped): a normalizer of another kind (``Sequence([NFD, StripAccents])``, which keeps
       the case, or none at all) is kept where ``tokenizer_config.json`` gives none of those settings (where it gives
-      one, it decides, as in transformers; a ``BertNormalizer`` of the file is kept by :func:`_normalizer_settings`).
+      one, it decides, as in transformers; a ``BertNormalizer`` of the file is kept by :func:`_normalizer_settings`);
+    * its WordPiece model marks word pieces with ``##`` and reads a word of more than 100 characters as the unknown
+      token, whatever the file's ``continuing_subword_prefix`` and ``max_input_chars_per_word``: a vocabulary whose
+      pieces start with another prefix ("@@ing") would cut words into other pieces, most of them unknown;
+    * its decoder is BERT's ``WordPiece(prefix="##")``, whatever ``tokenizer.json``'s.
 
+    The post-processor (which special tokens wrap a question-context pair) transformers takes from the file.
     Only BERT's parts are replaced: other classes (RoBERTa's byte-level pre-tokenizer) build theirs from
     ``tokenizer_config.json``'s settings, as transformers documents.
     """
@@ -325,6 +332,7 @@ def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase,
     pre_tokenizer = recorded.get("pre_tokenizer")
     keep_pre_tokenizer = (isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") != "BertPreTokenizer"
                           and type(getattr(backend, "pre_tokenizer", None)).__name__ == "BertPreTokenizer")
+    _keep_recorded_word_pieces(tokenizer, recorded, own)
     normalizer = recorded.get("normalizer", "absent")
     other_normalizer = normalizer is None or isinstance(normalizer, dict) and normalizer.get("type") != "BertNormalizer"
     keep_normalizer = (other_normalizer and type(getattr(backend, "normalizer", None)).__name__ == "BertNormalizer"
@@ -340,6 +348,21 @@ def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase,
         # they would decide when it is read again.
         for key in _NORMALIZER_KEYS:
             tokenizer.init_kwargs.pop(key, None)
+
+
+def _keep_recorded_word_pieces(tokenizer: PreTrainedTokenizerBase, recorded: dict[str, Any], own: Any) -> None:
+    """Put back the WordPiece settings (subword prefix, longest word) and decoder of ``tokenizer.json``
+    (``recorded``, built as ``own``) where transformers rebuilt the model as BERT's; the settings a run saves with
+    its model are then the file's too."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if own is None or type(model).__name__ != "WordPiece" or type(own.model).__name__ != "WordPiece":
+        return
+    for setting in ("continuing_subword_prefix", "max_input_chars_per_word"):
+        if getattr(model, setting) != getattr(own.model, setting):
+            setattr(model, setting, getattr(own.model, setting))  # the backend's own model, changed in place
+    if "decoder" in recorded:
+        backend.decoder = own.decoder
 
 
 def _recorded_pipeline(path: Path, recorded: dict[str, Any], whole: bool = True) -> Any:
@@ -401,7 +424,8 @@ def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizer
     plain = None
     if type(normalizer).__name__ == "BertNormalizer":
         plain = (_PLAIN if normalizer.lowercase else _PLAIN_CASED).fullmatch
-    pieces = [token.removeprefix("##") for token in tokenizer.get_vocab() if token not in special]
+    prefix = getattr(tokenizer.backend_tokenizer.model, "continuing_subword_prefix", None) or "##"
+    pieces = [token.removeprefix(prefix) for token in tokenizer.get_vocab() if token not in special]
     unreachable = [piece for piece in pieces if piece and not (plain and plain(piece))
                    and normalizer.normalize_str(piece).strip() != piece]
     if not unreachable:

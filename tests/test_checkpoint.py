@@ -294,3 +294,82 @@ def test_a_tokenizer_json_field_of_the_wrong_type_is_one_line_naming_it(tmp_path
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / 'tokenizer.json'}: not a tokenizer file (") and says in message
     assert "\n" not in message
+
+
+# A WordPiece vocabulary whose word pieces are marked "@@" (not BERT's "##"), and a word of 24 characters.
+_PIECES = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "who", "wrote", "the", "play", "in", "which", "year", "?", ".",
+           ",", "shake", "@@speare", "@@s", "@@ing", "@@ed", "play", "write", "act", "hamlet", "in", "1600", "he",
+           "a", "@@a", "@@b", "@@c", "b", "c", "sing", "s", "##s", "##ing", "##speare", "antidisestablishmentism"]
+
+
+def _word_piece_dir(path, config, prefix="@@", longest=20, unk="[UNK]", decoder_cleanup=False):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import BertTokenizerFast
+
+    vocab = {}
+    for token in _PIECES:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordPiece(vocab, unk_token=unk, continuing_subword_prefix=prefix,
+                                         max_input_chars_per_word=longest))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix=prefix, cleanup=decoder_cleanup)
+    BertTokenizerFast(tokenizer_object=backend, unk_token=unk).save_pretrained(path)
+    if not config:
+        (path / "tokenizer_config.json").unlink()
+    (path / "config.json").write_text('{"model_type": "bert"}')
+    return path
+
+
+_QUESTION = "Who wrote the play, in which year?"
+_CONTEXT = ("Shakespeare wrote Hamlet in 1600 . He acted , singing plays ; antidisestablishmentism abc . " * 3).strip()
+
+
+def _reads_as_its_file(tokenizer, path):
+    """``tokenizer`` gives what the tokenizers library gives from ``path``'s tokenizer.json: tokens, ids, type ids
+    and offsets of a text, of a question-context pair and of its SQuAD windows, and the decoded text."""
+    from tokenizers import Tokenizer
+
+    from pruning.squad import tokenize_text
+
+    own = Tokenizer.from_file(str(path / "tokenizer.json"))
+    own.encode_special_tokens = True  # as tokenize_text reads questions and contexts
+    for texts in [(_CONTEXT,), (_QUESTION, _CONTEXT)]:
+        wanted = own.encode(*texts)
+        got = tokenize_text(tokenizer, *texts, return_offsets_mapping=True, return_token_type_ids=True)
+        assert tokenizer.convert_ids_to_tokens(got["input_ids"]) == wanted.tokens
+        assert got["input_ids"] == wanted.ids and got["token_type_ids"] == wanted.type_ids
+        assert [tuple(o) for o in got["offset_mapping"]] == wanted.offsets
+    own.enable_truncation(24, stride=6, strategy="only_second")
+    wanted = own.encode(_QUESTION, _CONTEXT)
+    wanted = [wanted, *wanted.overflowing]
+    got = tokenize_text(tokenizer, [_QUESTION], [_CONTEXT], truncation="only_second", max_length=24, stride=6,
+                        return_overflowing_tokens=True, return_offsets_mapping=True, return_token_type_ids=True)
+    assert len(got["input_ids"]) == len(wanted) > 2
+    for i, window in enumerate(wanted):
+        assert got["input_ids"][i] == window.ids and got["token_type_ids"][i] == window.type_ids
+        assert [tuple(o) for o in got["offset_mapping"][i]] == window.offsets
+        assert got.sequence_ids(i) == window.sequence_ids
+    own.no_truncation()
+    ids = own.encode(_CONTEXT, add_special_tokens=False).ids
+    assert tokenizer.decode(ids) == own.decode(ids, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("config", [True, False], ids=["with-tokenizer-config", "tokenizer-json-alone"])
+def test_a_tokenizer_json_keeps_its_own_word_pieces_and_decoder(tmp_path, config):
+    # transformers rebuilt its WordPiece as BERT's ("##" pieces, words of up to 100 characters) with BERT's decoder:
+    # "Shakespeare" became shake ##speare, "antidisestablishmentism" a token though the file says [UNK]
+    from pruning.checkpoint import load_tokenizer
+
+    path = _word_piece_dir(tmp_path / "own", config)
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.tokenize("Shakespeare antidisestablishmentism") == ["shake", "@@speare", "[UNK]"]
+    _reads_as_its_file(tokenizer, path)
+    tokenizer.save_pretrained(tmp_path / "saved")  # what a run saves beside its model reads the same
+    (tmp_path / "saved" / "config.json").write_text('{"model_type": "bert"}')
+    _reads_as_its_file(load_tokenizer(tmp_path / "saved"), path)
+    # BERT's own settings read as before
+    path = _word_piece_dir(tmp_path / "bert", config, prefix="##", longest=100, decoder_cleanup=True)
+    assert load_tokenizer(path).tokenize("Shakespeare antidisestablishmentism") == ["shake", "##speare",
+                                                                                    "antidisestablishmentism"]
+    _reads_as_its_file(load_tokenizer(path), path)
