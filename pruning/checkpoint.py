@@ -253,6 +253,47 @@ def _normalizer_settings(given: dict[str, Any], recorded: dict[str, Any]) -> dic
             if key not in given}
 
 
+def _unknown_token_setting(named: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+    """The unknown token of the WordPiece model ``tokenizer.json`` records, where no other tokenizer file names one
+    (``named``: the ``unk_token`` of each, None where it gives none).
+
+    transformers builds a BERT-family tokenizer's WordPiece model with the unknown token those files name, and
+    "[UNK]" where none does, not with ``tokenizer.json``'s own: a vocabulary whose unknown token is "<unk>" saved
+    on its own would fail at its first unknown word.
+    """
+    model = recorded.get("model")
+    if any(value is not None for value in named.values()) or not isinstance(model, dict):
+        return {}
+    unknown = model.get("unk_token")
+    return {"unk_token": unknown} if model.get("type") == "WordPiece" and isinstance(unknown, str) else {}
+
+
+def _check_unknown_token(model_dir: Path, tokenizer: PreTrainedTokenizerBase, named: dict[str, Any],
+                         recorded: dict[str, Any]) -> None:
+    """Refuse a WordPiece tokenizer whose unknown token is not in its vocabulary (named by ``tokenizer_config.json``
+    or ``special_tokens_map.json``, or transformers' "[UNK]" where no file names one), naming the file that gave
+    it: every word outside the vocabulary would stop a run with the tokenizers library's traceback.
+
+    Raises:
+        CheckpointError: as above.
+    """
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    if type(model).__name__ != "WordPiece" or model.token_to_id(model.unk_token) is not None:
+        return
+    vocabulary = "tokenizer.json" if recorded else "vocab.txt"
+    recorded_model = recorded.get("model")
+    own = recorded_model.get("unk_token") if isinstance(recorded_model, dict) else None
+    hint = f" (its own is {own!r})" if isinstance(own, str) and model.token_to_id(own) is not None else ""
+    for name, value in named.items():
+        value = value.get("content") if isinstance(value, dict) else value
+        if value == model.unk_token:
+            raise CheckpointError(f"{model_dir / name}: unk_token {value!r} is not in the vocabulary of "
+                                  f"{vocabulary}{hint}")
+    raise CheckpointError(f"{model_dir / vocabulary}: the vocabulary has no unknown token {model.unk_token!r} "
+                          "(transformers' default where no file names one): give yours as unk_token in "
+                          "tokenizer_config.json")
+
+
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer of ``model_dir``, one that makes question-answering windows.
 
@@ -266,15 +307,19 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
             ``Tokenizer.save``) has neither special tokens nor a pair template: it must be saved through its
             model's tokenizer class (e.g. ``RobertaTokenizerFast(tokenizer_object=...).save_pretrained(dir)``).
             A ``tokenizer.json`` the tokenizers library refuses (a field of the wrong type) is named with its error.
+            A WordPiece vocabulary without the unknown token the files name (or transformers' "[UNK]" where none
+            does) is refused naming the file that gave it.
 
     A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped, of another
     kind or none) where ``tokenizer_config.json`` does not say otherwise, its own pre-tokenizer, WordPiece settings
-    (subword prefix, longest word) and decoder.
+    (subword prefix, longest word) and decoder, and its own unknown token where no other file names one.
     """
     directory = Path(model_dir)
     given = _tokenizer_file(directory / "tokenizer_config.json") or {}  # each file read once, here
     recorded = _tokenizer_file(directory / "tokenizer.json") or {}
-    settings = _normalizer_settings(given, recorded)
+    named = {"tokenizer_config.json": given.get("unk_token"),
+             "special_tokens_map.json": (_tokenizer_file(directory / "special_tokens_map.json") or {}).get("unk_token")}
+    settings = {**_normalizer_settings(given, recorded), **_unknown_token_setting(named, recorded)}
     # What the tokenizers library refuses in tokenizer.json (a word limit written "100") is said here, in one line,
     # rather than in transformers' traceback.
     own = _recorded_pipeline(directory / "tokenizer.json", recorded, whole=False) if recorded else None
@@ -283,6 +328,7 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
     _keep_recorded_pipeline(directory, tokenizer, given, recorded, own)
+    _check_unknown_token(directory, tokenizer, named, recorded)
     special = set(tokenizer.all_special_tokens)
     # The vocabulary is listed only where its own part is no larger than the special tokens (listing it is slow).
     if tokenizer.vocab_size <= len(special) and set(vocabulary := tokenizer.get_vocab()) <= special:

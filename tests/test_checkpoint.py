@@ -308,7 +308,7 @@ def _word_piece_dir(path, config, prefix="@@", longest=20, unk="[UNK]", decoder_
 
     vocab = {}
     for token in _PIECES:
-        vocab.setdefault(token, len(vocab))
+        vocab.setdefault(unk if token == "[UNK]" else token, len(vocab))
     backend = Tokenizer(models.WordPiece(vocab, unk_token=unk, continuing_subword_prefix=prefix,
                                          max_input_chars_per_word=longest))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -373,3 +373,47 @@ def test_a_tokenizer_json_keeps_its_own_word_pieces_and_decoder(tmp_path, config
     assert load_tokenizer(path).tokenize("Shakespeare antidisestablishmentism") == ["shake", "##speare",
                                                                                     "antidisestablishmentism"]
     _reads_as_its_file(load_tokenizer(path), path)
+
+
+@pytest.mark.parametrize("config", [None, "{}", '{"do_lower_case": true}'],
+                         ids=["tokenizer-json-alone", "empty-config", "config-without-unk"])
+def test_a_tokenizer_json_keeps_its_own_unknown_token(tmp_path, config):
+    # transformers built its WordPiece with "[UNK]", which its vocabulary lacks: the tokenizers library's traceback
+    # ("Missing [UNK] token from the vocabulary") at the first unknown word, in training, eval or serving
+    from pruning.checkpoint import load_tokenizer
+
+    path = _word_piece_dir(tmp_path / "own", config=False, unk="<unk>")
+    if config is not None:
+        (path / "tokenizer_config.json").write_text(config)
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.unk_token == "<unk>" and tokenizer.tokenize("hamlet zzz") == ["hamlet", "<unk>"]
+    assert "[UNK]" not in tokenizer.get_vocab()
+    _reads_as_its_file(tokenizer, path)
+    tokenizer.save_pretrained(tmp_path / "saved")  # what a run saves beside its model reads the same
+    (tmp_path / "saved" / "config.json").write_text('{"model_type": "bert"}')
+    _reads_as_its_file(load_tokenizer(tmp_path / "saved"), path)
+
+
+@pytest.mark.parametrize("file", ["tokenizer_config.json", "special_tokens_map.json", "vocab.txt"])
+def test_an_unknown_token_the_vocabulary_lacks_is_one_line_naming_the_file(tmp_path, file):
+    # the tokenizer loaded, and the first word outside the vocabulary stopped the run with a traceback
+    from pruning.checkpoint import load_tokenizer
+
+    path = _word_piece_dir(tmp_path, config=True, unk="<unk>")
+    if file == "vocab.txt":  # a vocab.txt alone: transformers' "[UNK]"
+        vocab = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (path / name).unlink(missing_ok=True)
+        (path / "vocab.txt").write_text("".join(f"{token}\n" for token in sorted(vocab, key=vocab.get)))
+        says = "the vocabulary has no unknown token '[UNK]' (transformers' default where no file names one)"
+    else:
+        settings = json.loads((path / "tokenizer_config.json").read_text())
+        settings.pop("unk_token")
+        (path / "tokenizer_config.json").write_text(json.dumps(settings))
+        given = json.loads((path / file).read_text()) if (path / file).is_file() else {}
+        (path / file).write_text(json.dumps({**given, "unk_token": "[UNK]"}))
+        says = "unk_token '[UNK]' is not in the vocabulary of tokenizer.json (its own is '<unk>')"
+    with pytest.raises(CheckpointError) as caught:
+        load_tokenizer(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path / file}: ") and says in message and "\n" not in message, message
