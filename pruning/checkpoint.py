@@ -312,7 +312,8 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
 
     A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped, of another
     kind or none) where ``tokenizer_config.json`` does not say otherwise, its own pre-tokenizer, WordPiece settings
-    (subword prefix, longest word) and decoder, and its own unknown token where no other file names one.
+    (subword prefix, longest word), decoder and post-processor, and its own unknown token where no other file names
+    one.
     """
     directory = Path(model_dir)
     given = _tokenizer_file(directory / "tokenizer_config.json") or {}  # each file read once, here
@@ -327,7 +328,7 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, **settings)
     except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
-    _keep_recorded_pipeline(directory, tokenizer, given, recorded, own)
+    kept_post_processor = _keep_recorded_pipeline(directory, tokenizer, given, recorded, own)
     _check_unknown_token(directory, tokenizer, named, recorded)
     special = set(tokenizer.all_special_tokens)
     # The vocabulary is listed only where its own part is no larger than the special tokens (listing it is slow).
@@ -340,8 +341,14 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
         problem = "is not a fast tokenizer (the windows need character offsets)"
     elif tokenizer.pad_token_id is None:
         problem = "has no pad token"
-    elif tokenizer.cls_token_id is None or tokenizer("q", "c")["input_ids"][:1] != [tokenizer.cls_token_id]:
+    elif tokenizer.cls_token_id is None or (first := tokenizer("q", "c")["input_ids"][:1]) != [tokenizer.cls_token_id]:
         problem = "does not put a CLS token first in a question-context pair"
+        if kept_post_processor and tokenizer.cls_token_id is not None:
+            raise CheckpointError(f"{directory / 'tokenizer.json'}: its post_processor puts "
+                                  f"{tokenizer.convert_ids_to_tokens(first[0])!r} first in a question-context pair, "
+                                  f"not the CLS token {tokenizer.cls_token!r}, whose position the windows read as "
+                                  "\"no answer\" (where that token is the model's CLS token, give it as cls_token in "
+                                  "tokenizer_config.json)")
     if problem is not None:
         raise CheckpointError(f"{model_dir}: the tokenizer ({type(tokenizer).__name__}) {problem}: save it with "
                               "its model's tokenizer class (e.g. RobertaTokenizerFast) and save_pretrained")
@@ -350,10 +357,10 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
 
 
 def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase, given: dict[str, Any],
-                            recorded: dict[str, Any], own: Any = None) -> None:
-    """Put back the normalizer, pre-tokenizer, WordPiece settings and decoder ``tokenizer.json`` (``recorded``;
-    ``own``: the pipeline :func:`_recorded_pipeline` built from it, if any) records where transformers replaced them
-    with BERT's.
+                            recorded: dict[str, Any], own: Any = None) -> bool:
+    """Put back the normalizer, pre-tokenizer, WordPiece settings, decoder and post-processor ``tokenizer.json``
+    (``recorded``; ``own``: the pipeline :func:`_recorded_pipeline` built from it, if any) records where
+    transformers replaced them with BERT's; True where its post-processor is kept.
 
     transformers builds a BERT-family tokenizer's pipeline from its class, not from ``tokenizer.json``:
 
@@ -367,9 +374,11 @@ def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase,
     * its WordPiece model marks word pieces with ``##`` and reads a word of more than 100 characters as the unknown
       token, whatever the file's ``continuing_subword_prefix`` and ``max_input_chars_per_word``: a vocabulary whose
       pieces start with another prefix ("@@ing") would cut words into other pieces, most of them unknown;
-    * its decoder is BERT's ``WordPiece(prefix="##")``, whatever ``tokenizer.json``'s.
+    * its decoder is BERT's ``WordPiece(prefix="##")``, whatever ``tokenizer.json``'s;
+    * its post-processor wraps a question-context pair as ``[CLS] A [SEP] B [SEP]`` with type ids 0 then 1,
+      whatever the file's template (type ids all 0, for a model of one token type; two [SEP] between the texts;
+      other special tokens or ids).
 
-    The post-processor (which special tokens wrap a question-context pair) transformers takes from the file.
     Only BERT's parts are replaced: other classes (RoBERTa's byte-level pre-tokenizer) build theirs from
     ``tokenizer_config.json``'s settings, as transformers documents.
     """
@@ -378,13 +387,13 @@ def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase,
     pre_tokenizer = recorded.get("pre_tokenizer")
     keep_pre_tokenizer = (isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") != "BertPreTokenizer"
                           and type(getattr(backend, "pre_tokenizer", None)).__name__ == "BertPreTokenizer")
-    _keep_recorded_word_pieces(tokenizer, recorded, own)
+    kept_post_processor = _keep_recorded_model_parts(tokenizer, recorded, own)
     normalizer = recorded.get("normalizer", "absent")
     other_normalizer = normalizer is None or isinstance(normalizer, dict) and normalizer.get("type") != "BertNormalizer"
     keep_normalizer = (other_normalizer and type(getattr(backend, "normalizer", None)).__name__ == "BertNormalizer"
                        and not any(key in given for key in _NORMALIZER_KEYS))
     if not (keep_pre_tokenizer or keep_normalizer):
-        return
+        return kept_post_processor
     own = own or _recorded_pipeline(path, recorded)
     if keep_pre_tokenizer:
         backend.pre_tokenizer = own.pre_tokenizer
@@ -394,21 +403,27 @@ def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase,
         # they would decide when it is read again.
         for key in _NORMALIZER_KEYS:
             tokenizer.init_kwargs.pop(key, None)
+    return kept_post_processor
 
 
-def _keep_recorded_word_pieces(tokenizer: PreTrainedTokenizerBase, recorded: dict[str, Any], own: Any) -> None:
-    """Put back the WordPiece settings (subword prefix, longest word) and decoder of ``tokenizer.json``
-    (``recorded``, built as ``own``) where transformers rebuilt the model as BERT's; the settings a run saves with
-    its model are then the file's too."""
+def _keep_recorded_model_parts(tokenizer: PreTrainedTokenizerBase, recorded: dict[str, Any], own: Any) -> bool:
+    """Put back the WordPiece settings (subword prefix, longest word), decoder and post-processor of
+    ``tokenizer.json`` (``recorded``, built as ``own``) where transformers rebuilt them as BERT's; the settings a run
+    saves with its model are then the file's too. A file without a post-processor keeps BERT's ``[CLS] A [SEP] B
+    [SEP]``, which the windows need. True where the file's post-processor is kept."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     model = getattr(backend, "model", None)
     if own is None or type(model).__name__ != "WordPiece" or type(own.model).__name__ != "WordPiece":
-        return
+        return False
     for setting in ("continuing_subword_prefix", "max_input_chars_per_word"):
         if getattr(model, setting) != getattr(own.model, setting):
             setattr(model, setting, getattr(own.model, setting))  # the backend's own model, changed in place
     if "decoder" in recorded:
         backend.decoder = own.decoder
+    if isinstance(recorded.get("post_processor"), dict):
+        backend.post_processor = own.post_processor
+        return True
+    return False
 
 
 def _recorded_pipeline(path: Path, recorded: dict[str, Any], whole: bool = True) -> Any:

@@ -417,3 +417,56 @@ def test_an_unknown_token_the_vocabulary_lacks_is_one_line_naming_the_file(tmp_p
         load_tokenizer(path)
     message = str(caught.value)
     assert message.startswith(f"{path / file}: ") and says in message and "\n" not in message, message
+
+
+def _with_template(path, pair, special_tokens):
+    from tokenizers import processors
+
+    template = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair=pair, special_tokens=special_tokens)
+    recorded = json.loads((path / "tokenizer.json").read_text())
+    recorded["post_processor"] = json.loads(template.__getstate__())
+    (path / "tokenizer.json").write_text(json.dumps(recorded))
+    return path
+
+
+@pytest.mark.parametrize("config", [True, False], ids=["with-tokenizer-config", "tokenizer-json-alone"])
+@pytest.mark.parametrize("pair", ["[CLS] $A [SEP] $B [SEP]", "[CLS] $A [SEP] [SEP] $B:1 [SEP]:1"],
+                         ids=["one-token-type", "two-seps"])
+def test_a_tokenizer_json_keeps_its_own_post_processor(tmp_path, config, pair):
+    # transformers rebuilt it as BERT's [CLS] A [SEP] B:1 [SEP]:1: a model of one token type (type_vocab_size 1)
+    # met type id 1 (index out of range), and a model trained with two [SEP] between the texts windows without them
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from pruning.checkpoint import load_tokenizer
+    from pruning.squad import Example, prepare_eval_features
+
+    path = _with_template(_word_piece_dir(tmp_path / "own", config), pair, [("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = load_tokenizer(path)
+    _reads_as_its_file(tokenizer, path)
+    tokenizer.save_pretrained(tmp_path / "saved")  # what a run saves beside its model reads the same
+    (tmp_path / "saved" / "config.json").write_text('{"model_type": "bert"}')
+    _reads_as_its_file(load_tokenizer(tmp_path / "saved"), path)
+    if "$B [SEP]" in pair:
+        torch.manual_seed(0)
+        model = BertForQuestionAnswering(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64,
+                                                    max_position_embeddings=64, type_vocab_size=1)).eval()
+        # every window, not only a context's first, as the tokenizers library gives them (tokenizers#1908)
+        windows = prepare_eval_features([Example("x", "", _CONTEXT, _QUESTION)], tokenizer, max_seq_length=32,
+                                        doc_stride=8)
+        assert len(windows.input_ids) > 2 and (windows.token_type_ids == 0).all()
+        with torch.no_grad():
+            model(input_ids=windows.input_ids, token_type_ids=windows.token_type_ids,
+                  attention_mask=windows.attention_mask)
+
+
+def test_a_post_processor_that_does_not_put_the_cls_token_first_is_one_line_naming_it(tmp_path):
+    from pruning.checkpoint import load_tokenizer
+
+    path = _with_template(_word_piece_dir(tmp_path, config=True), "[SEP] $A [CLS] $B:1 [SEP]:1",
+                          [("[CLS]", 2), ("[SEP]", 3)])
+    with pytest.raises(CheckpointError) as caught:
+        load_tokenizer(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path / 'tokenizer.json'}: its post_processor puts '[SEP]' first in a "
+                              "question-context pair, not the CLS token '[CLS]'") and "\n" not in message
