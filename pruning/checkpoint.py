@@ -238,23 +238,60 @@ def _tokenizer_file(path: Path) -> dict[str, Any] | None:
     return value
 
 
-def _normalizer_settings(model_dir: Path) -> dict[str, Any]:
-    """The casing, accent and Chinese-character settings of the BERT normalizer ``tokenizer.json`` records, those
-    ``tokenizer_config.json`` does not give.
+def _normalizer_settings(given: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+    """The casing, accent and Chinese-character settings of the BERT normalizer ``tokenizer.json`` records
+    (``recorded``), those ``tokenizer_config.json`` (``given``) does not give.
 
     transformers builds a BERT-family tokenizer's normalizer from ``tokenizer_config.json``'s settings, and from its
     class's defaults (lower case, accents stripped) where that file does not give them, not from ``tokenizer.json``'s
     own normalizer: a cased ``tokenizer.json`` saved on its own would be read as an uncased one.
-
-    Raises:
-        CheckpointError: either file is not a JSON object, or a setting of ``tokenizer_config.json`` is not a boolean.
     """
-    given = _tokenizer_file(model_dir / "tokenizer_config.json") or {}
-    normalizer = (_tokenizer_file(model_dir / "tokenizer.json") or {}).get("normalizer")
+    normalizer = recorded.get("normalizer")
     if not isinstance(normalizer, dict) or normalizer.get("type") != "BertNormalizer":
         return {}
     return {key: normalizer.get(field, default) for key, (field, default) in _NORMALIZER_KEYS.items()
             if key not in given}
+
+
+def _unknown_token_setting(named: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+    """The unknown token of the WordPiece model ``tokenizer.json`` records, where no other tokenizer file names one
+    (``named``: the ``unk_token`` of each, None where it gives none).
+
+    transformers builds a BERT-family tokenizer's WordPiece model with the unknown token those files name, and
+    "[UNK]" where none does, not with ``tokenizer.json``'s own: a vocabulary whose unknown token is "<unk>" saved
+    on its own would fail at its first unknown word.
+    """
+    model = recorded.get("model")
+    if any(value is not None for value in named.values()) or not isinstance(model, dict):
+        return {}
+    unknown = model.get("unk_token")
+    return {"unk_token": unknown} if model.get("type") == "WordPiece" and isinstance(unknown, str) else {}
+
+
+def _check_unknown_token(model_dir: Path, tokenizer: PreTrainedTokenizerBase, named: dict[str, Any],
+                         recorded: dict[str, Any]) -> None:
+    """Refuse a WordPiece tokenizer whose unknown token is not in its vocabulary (named by ``tokenizer_config.json``
+    or ``special_tokens_map.json``, or transformers' "[UNK]" where no file names one), naming the file that gave
+    it: every word outside the vocabulary would stop a run with the tokenizers library's traceback.
+
+    Raises:
+        CheckpointError: as above.
+    """
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    if type(model).__name__ != "WordPiece" or model.token_to_id(model.unk_token) is not None:
+        return
+    vocabulary = "tokenizer.json" if recorded else "vocab.txt"
+    recorded_model = recorded.get("model")
+    own = recorded_model.get("unk_token") if isinstance(recorded_model, dict) else None
+    hint = f" (its own is {own!r})" if isinstance(own, str) and model.token_to_id(own) is not None else ""
+    for name, value in named.items():
+        value = value.get("content") if isinstance(value, dict) else value
+        if value == model.unk_token:
+            raise CheckpointError(f"{model_dir / name}: unk_token {value!r} is not in the vocabulary of "
+                                  f"{vocabulary}{hint}")
+    raise CheckpointError(f"{model_dir / vocabulary}: the vocabulary has no unknown token {model.unk_token!r} "
+                          "(transformers' default where no file names one): give yours as unk_token in "
+                          "tokenizer_config.json")
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
@@ -269,18 +306,33 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
             (the position of "no answer"). A bare ``tokenizers`` file (``tokenizer.json`` written by
             ``Tokenizer.save``) has neither special tokens nor a pair template: it must be saved through its
             model's tokenizer class (e.g. ``RobertaTokenizerFast(tokenizer_object=...).save_pretrained(dir)``).
+            A ``tokenizer.json`` the tokenizers library refuses (a field of the wrong type) is named with its error.
+            A WordPiece vocabulary without the unknown token the files name (or transformers' "[UNK]" where none
+            does) is refused naming the file that gave it.
 
     A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped, of another
-    kind or none) where ``tokenizer_config.json`` does not say otherwise, and its own pre-tokenizer.
+    kind or none) where ``tokenizer_config.json`` does not say otherwise, its own pre-tokenizer, WordPiece settings
+    (subword prefix, longest word), decoder and post-processor, and its own unknown token where no other file names
+    one.
     """
-    settings = _normalizer_settings(Path(model_dir))
+    directory = Path(model_dir)
+    given = _tokenizer_file(directory / "tokenizer_config.json") or {}  # each file read once, here
+    recorded = _tokenizer_file(directory / "tokenizer.json") or {}
+    named = {"tokenizer_config.json": given.get("unk_token"),
+             "special_tokens_map.json": (_tokenizer_file(directory / "special_tokens_map.json") or {}).get("unk_token")}
+    settings = {**_normalizer_settings(given, recorded), **_unknown_token_setting(named, recorded)}
+    # What the tokenizers library refuses in tokenizer.json (a word limit written "100") is said here, in one line,
+    # rather than in transformers' traceback.
+    own = _recorded_pipeline(directory / "tokenizer.json", recorded, whole=False) if recorded else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, **settings)
     except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
-    _keep_recorded_pipeline(Path(model_dir), tokenizer)
-    vocabulary = tokenizer.get_vocab()
-    if set(vocabulary) <= set(tokenizer.all_special_tokens):
+    kept_post_processor = _keep_recorded_pipeline(directory, tokenizer, given, recorded, own)
+    _check_unknown_token(directory, tokenizer, named, recorded)
+    special = set(tokenizer.all_special_tokens)
+    # The vocabulary is listed only where its own part is no larger than the special tokens (listing it is slow).
+    if tokenizer.vocab_size <= len(special) and set(vocabulary := tokenizer.get_vocab()) <= special:
         # What transformers builds from config.json alone: every word would be the unknown token.
         raise CheckpointError(f"{model_dir}: no tokenizer files (what loads from config.json alone holds only its "
                               f"{len(vocabulary)} special tokens)")
@@ -289,49 +341,60 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
         problem = "is not a fast tokenizer (the windows need character offsets)"
     elif tokenizer.pad_token_id is None:
         problem = "has no pad token"
-    elif tokenizer.cls_token_id is None or tokenizer("q", "c")["input_ids"][:1] != [tokenizer.cls_token_id]:
+    elif tokenizer.cls_token_id is None or (first := tokenizer("q", "c")["input_ids"][:1]) != [tokenizer.cls_token_id]:
         problem = "does not put a CLS token first in a question-context pair"
+        if kept_post_processor and tokenizer.cls_token_id is not None:
+            raise CheckpointError(f"{directory / 'tokenizer.json'}: its post_processor puts "
+                                  f"{tokenizer.convert_ids_to_tokens(first[0])!r} first in a question-context pair, "
+                                  f"not the CLS token {tokenizer.cls_token!r}, whose position the windows read as "
+                                  "\"no answer\" (where that token is the model's CLS token, give it as cls_token in "
+                                  "tokenizer_config.json)")
     if problem is not None:
         raise CheckpointError(f"{model_dir}: the tokenizer ({type(tokenizer).__name__}) {problem}: save it with "
                               "its model's tokenizer class (e.g. RobertaTokenizerFast) and save_pretrained")
-    _warn_unreachable_vocabulary(Path(model_dir), tokenizer)
+    _warn_unreachable_vocabulary(directory, tokenizer, special, given, recorded)
     return tokenizer
 
 
-def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Put back the normalizer and pre-tokenizer ``tokenizer.json`` records where transformers replaced them with
-    BERT's.
+def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase, given: dict[str, Any],
+                            recorded: dict[str, Any], own: Any = None) -> bool:
+    """Put back the normalizer, pre-tokenizer, WordPiece settings, decoder and post-processor ``tokenizer.json``
+    (``recorded``; ``own``: the pipeline :func:`_recorded_pipeline` built from it, if any) records where
+    transformers replaced them with BERT's; True where its post-processor is kept.
 
     transformers builds a BERT-family tokenizer's pipeline from its class, not from ``tokenizer.json``:
 
     * its ``BertPreTokenizer`` splits words at whitespace and at every punctuation character, so a tokenizer saved
       with another pre-tokenizer (``WhitespaceSplit``, for a vocabulary holding "it's" or "cat.") would cut text into
       other words than the ones its vocabulary was made from;
-    * its ``BertNormalizer`` comes from ``tokenizer_config.json``'s settings and the class's defaults (lower case,
-      accents stripped): a normalizer of another kind (``Sequence([NFD, StripAccents])``, which keeps the case, or
-      none at all) is kept where ``tokenizer_config.json`` gives none of those settings (where it gives one, it
-      decides, as in transformers; a ``BertNormalizer`` of the file is kept by :func:`_normalizer_settings`).
+    * its ``BertNormalizer`` comes from ``tokenizer_config.json``'s settings (``given``) and the class's defaults
+      (lower case, accents stripped): a normalizer of another kind (``Sequence([NFD, StripAccents])``, which keeps
+      the case, or none at all) is kept where ``tokenizer_config.json`` gives none of those settings (where it gives
+      one, it decides, as in transformers; a ``BertNormalizer`` of the file is kept by :func:`_normalizer_settings`);
+    * its WordPiece model marks word pieces with ``##`` and reads a word of more than 100 characters as the unknown
+      token, whatever the file's ``continuing_subword_prefix`` and ``max_input_chars_per_word``: a vocabulary whose
+      pieces start with another prefix ("@@ing") would cut words into other pieces, most of them unknown;
+    * its decoder is BERT's ``WordPiece(prefix="##")``, whatever ``tokenizer.json``'s;
+    * its post-processor wraps a question-context pair as ``[CLS] A [SEP] B [SEP]`` with type ids 0 then 1,
+      whatever the file's template (type ids all 0, for a model of one token type; two [SEP] between the texts;
+      other special tokens or ids).
 
     Only BERT's parts are replaced: other classes (RoBERTa's byte-level pre-tokenizer) build theirs from
     ``tokenizer_config.json``'s settings, as transformers documents.
     """
     path = model_dir / "tokenizer.json"
-    recorded = _tokenizer_file(path) or {}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     pre_tokenizer = recorded.get("pre_tokenizer")
     keep_pre_tokenizer = (isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") != "BertPreTokenizer"
                           and type(getattr(backend, "pre_tokenizer", None)).__name__ == "BertPreTokenizer")
+    kept_post_processor = _keep_recorded_model_parts(tokenizer, recorded, own)
     normalizer = recorded.get("normalizer", "absent")
-    given = _tokenizer_file(model_dir / "tokenizer_config.json") or {}
     other_normalizer = normalizer is None or isinstance(normalizer, dict) and normalizer.get("type") != "BertNormalizer"
     keep_normalizer = (other_normalizer and type(getattr(backend, "normalizer", None)).__name__ == "BertNormalizer"
                        and not any(key in given for key in _NORMALIZER_KEYS))
     if not (keep_pre_tokenizer or keep_normalizer):
-        return
-    try:
-        own = type(backend).from_file(str(path))  # a tokenizers.Tokenizer, as the file describes it
-    except Exception as err:  # noqa: BLE001 - the Rust parser's own error type
-        raise CheckpointError(f"{path}: not a tokenizer file ({str(err).splitlines()[0]})") from None
+        return kept_post_processor
+    own = own or _recorded_pipeline(path, recorded)
     if keep_pre_tokenizer:
         backend.pre_tokenizer = own.pre_tokenizer
     if keep_normalizer:
@@ -340,9 +403,77 @@ def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase)
         # they would decide when it is read again.
         for key in _NORMALIZER_KEYS:
             tokenizer.init_kwargs.pop(key, None)
+    return kept_post_processor
 
 
-def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+def _keep_recorded_model_parts(tokenizer: PreTrainedTokenizerBase, recorded: dict[str, Any], own: Any) -> bool:
+    """Put back the WordPiece settings (subword prefix, longest word), decoder and post-processor of
+    ``tokenizer.json`` (``recorded``, built as ``own``) where transformers rebuilt them as BERT's; the settings a run
+    saves with its model are then the file's too. A file without a post-processor keeps BERT's ``[CLS] A [SEP] B
+    [SEP]``, which the windows need. True where the file's post-processor is kept."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if own is None or type(model).__name__ != "WordPiece" or type(own.model).__name__ != "WordPiece":
+        return False
+    for setting in ("continuing_subword_prefix", "max_input_chars_per_word"):
+        if getattr(model, setting) != getattr(own.model, setting):
+            setattr(model, setting, getattr(own.model, setting))  # the backend's own model, changed in place
+    if "decoder" in recorded:
+        backend.decoder = own.decoder
+    if isinstance(recorded.get("post_processor"), dict):
+        backend.post_processor = own.post_processor
+        return True
+    return False
+
+
+def _recorded_pipeline(path: Path, recorded: dict[str, Any], whole: bool = True) -> Any:
+    """The ``tokenizers.Tokenizer`` that ``tokenizer.json`` (``path``, read as ``recorded``) describes, built
+    without its vocabulary where its model allows (as transformers does): its normalizer, pre-tokenizer, model
+    settings, post-processor and decoder, without parsing the file again. Where the vocabulary cannot be left out
+    (a Unigram model), the whole file is parsed, or with ``whole`` false None is returned.
+
+    Raises:
+        CheckpointError: the tokenizers library refuses the file, naming it.
+    """
+    from tokenizers import Tokenizer
+
+    model = recorded.get("model")
+    small = isinstance(model, dict) and model.get("type") in ("WordPiece", "BPE", "WordLevel")
+    if not (small or whole):
+        return None
+    if small:
+        empty = {"vocab": {}, **({"merges": []} if model.get("type") == "BPE" else {})}
+        recorded = {**recorded, "model": {**model, **empty}, "added_tokens": []}
+    try:
+        return Tokenizer.from_str(json.dumps(recorded)) if small else Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 - the Rust parser's own error type
+        error = str(err).splitlines()[0]
+    for part in (_PARTS if small else ()):  # the part refused: the one without which the rest is read
+        try:
+            Tokenizer.from_str(json.dumps({**recorded, part: None}))
+        except Exception:  # noqa: BLE001
+            continue
+        error = f"{part}: {error}"
+        break
+    else:
+        if small:
+            error = f"model: {error}"
+    raise CheckpointError(f"{path}: not a tokenizer file ({error})")
+
+
+# The parts of tokenizer.json besides its model, any of which may be null.
+_PARTS = ("normalizer", "pre_tokenizer", "post_processor", "decoder", "truncation", "padding")
+
+
+# A token BERT's normalizer leaves as it is, whatever its settings: printable ASCII without spaces or capitals.
+# Only the others need normalizing to see whether the tokenizer can produce them (most of an English vocabulary
+# is of this kind); where it does not lower-case, capitals are left as they are too.
+_PLAIN = re.compile(r"[!-@\[-~]+")
+_PLAIN_CASED = re.compile(r"[!-~]+")
+
+
+def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase, special: set[str],
+                                 given: dict[str, Any], recorded: dict[str, Any]) -> None:
     """One warning for a vocabulary whose tokens hold capitals or accents that the tokenizer, lower-casing or
     stripping accents, never produces: a cased vocabulary read as an uncased one, whose cased words all become other
     tokens. Whatever gave the settings is named: ``tokenizer_config.json``, ``tokenizer.json``'s normalizer, or
@@ -351,24 +482,28 @@ def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizer
     normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
     if normalizer is None:
         return
-    special = set(tokenizer.all_special_tokens)
-    pieces = [token.removeprefix("##") for token in tokenizer.get_vocab() if token not in special]
-    unreachable = [piece for piece in pieces if piece and normalizer.normalize_str(piece).strip() != piece]
+    plain = None
+    if type(normalizer).__name__ == "BertNormalizer":
+        plain = (_PLAIN if normalizer.lowercase else _PLAIN_CASED).fullmatch
+    prefix = getattr(tokenizer.backend_tokenizer.model, "continuing_subword_prefix", None) or "##"
+    pieces = [token.removeprefix(prefix) for token in tokenizer.get_vocab() if token not in special]
+    unreachable = [piece for piece in pieces if piece and not (plain and plain(piece))
+                   and normalizer.normalize_str(piece).strip() != piece]
     if not unreachable:
         return
     vocabulary = model_dir / ("vocab.txt" if (model_dir / "vocab.txt").is_file() else "tokenizer.json")
     logger.warning("%s: %d of its %d tokens (e.g. %r) hold capitals or accents, which the tokenizer never produces: "
-                   "%s", vocabulary, len(unreachable), len(pieces), unreachable[0], _normalizing(model_dir, normalizer))
+                   "%s", vocabulary, len(unreachable), len(pieces), unreachable[0],
+                   _normalizing(normalizer, given, recorded))
 
 
-def _normalizing(model_dir: Path, normalizer: Any) -> str:
+def _normalizing(normalizer: Any, given: dict[str, Any], recorded: dict[str, Any]) -> str:
     """What the tokenizer's normalizer does to a cased vocabulary, which file (or default) says so, and the
     ``tokenizer_config.json`` settings that keep the vocabulary's capitals and accents."""
     if type(normalizer).__name__ != "BertNormalizer":
         return f"its normalizer ({type(normalizer).__name__}, in tokenizer.json) changes them"
-    given = _tokenizer_file(model_dir / "tokenizer_config.json") or {}
-    recorded = (_tokenizer_file(model_dir / "tokenizer.json") or {}).get("normalizer")
-    in_file = isinstance(recorded, dict) and recorded.get("type") == "BertNormalizer"  # else transformers' default
+    normalizer_recorded = recorded.get("normalizer")
+    in_file = isinstance(normalizer_recorded, dict) and normalizer_recorded.get("type") == "BertNormalizer"
 
     def origin(key: str) -> str:
         if key in given:

@@ -576,6 +576,7 @@ def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int, 
         raise ValueError(f"max_query_length must be a positive integer, got {max_query_length!r}")
     questions = _cut_questions(examples, tokenizer, max_query_length)
     _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride, max_query_length)
+    types = _pair_types(tokenizer)
     with tqdm(total=len(examples), desc="tokenize", unit="question", disable=not progress,
               dynamic_ncols=True) as bar:
         for first in range(0, len(examples), _TOKENIZE_CHUNK):
@@ -585,8 +586,32 @@ def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int, 
                                      truncation="only_second", max_length=max_seq_length, stride=doc_stride,
                                      return_overflowing_tokens=True, return_offsets_mapping=True,
                                      return_token_type_ids=True, padding="max_length", return_tensors="np")
+            if types != (0, 1) and (types != (0, 0) or encoding["token_type_ids"].any()):  # RoBERTa's: all 0
+                _retype_windows(encoding, types)
             yield first, encoding
             bar.update(len(questions[chunk]))
+
+
+def _pair_types(tokenizer: Any) -> tuple[int, int]:
+    """The token types the tokenizer's pair template gives a question and a context: (0, 1) for BERT's, (0, 0) for
+    a template of one token type (``[CLS] $A [SEP] $B [SEP]``) or for RoBERTa."""
+    encoding = tokenize_text(tokenizer, "q", "c", return_token_type_ids=True)
+    pieces, types = encoding.sequence_ids(), encoding["token_type_ids"]
+    return types[pieces.index(0)], types[pieces.index(1)]
+
+
+def _retype_windows(encoding: Any, types: tuple[int, int]) -> None:
+    """Give the question and context tokens of every window the token types of the pair template (``types``).
+
+    The tokenizers library gives them only to a context's first window: its later (overflowing) windows keep type 0
+    for the question and 1 for the context whatever the template says (huggingface/tokenizers#1908), which a model
+    of one token type cannot embed.
+    """
+    token_types = encoding["token_type_ids"]
+    for i in range(token_types.shape[0]):
+        pieces = np.array([-1 if p is None else p for p in encoding.sequence_ids(i)])
+        for piece, kind in enumerate(types):
+            token_types[i, pieces == piece] = kind
 
 
 def _context_offsets(encoding: Any) -> np.ndarray:

@@ -247,3 +247,226 @@ def test_a_malformed_tokenizer_file_is_one_line_naming_it(tmp_path, file, conten
         load_tokenizer(tmp_path)
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / file}: ") and says in message and "\n" not in message
+
+
+@pytest.mark.parametrize("lower", [True, False], ids=["lower-cased", "cased"])
+def test_the_casing_warning_counts_every_token_the_normalizer_changes(tmp_path, caplog, lower):
+    # the check normalizes only tokens that are not plain ASCII; its count is that of normalizing every one
+    from tokenizers import normalizers
+
+    from pruning.checkpoint import load_tokenizer
+
+    odd = ["Hello", "hello", "HELLO", "é", "Zoë", "東京", "東", "a\x7fb", "a\u200bb", "[x]", "@", "~tilde", "`",
+           "_", "{}", "Ⅻ", "ǅ", "ß", "İ", "ﬁ", "##Abc", "##abc", "a\u0301"]
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "q", "c", *odd]
+    (tmp_path / "vocab.txt").write_text("".join(f"{word}\n" for word in words), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lower}))
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    normalizer = normalizers.BertNormalizer(lowercase=lower)
+    pieces = [word.removeprefix("##") for word in words[5:]]
+    changed = [piece for piece in pieces if normalizer.normalize_str(piece).strip() != piece]
+    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
+        load_tokenizer(tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f": {len(changed)} of its {len(pieces)} tokens (e.g. " in warnings[0], warnings
+
+
+@pytest.mark.parametrize("part, field, value, says", [
+    ("model", "max_input_chars_per_word", "100", 'model: invalid type: string "100", expected usize'),
+    ("model", "continuing_subword_prefix", 2, "model: invalid type: integer `2`, expected a string"),
+    ("decoder", "prefix", None, "decoder: data did not match any variant"),
+], ids=["word-limit-in-quotes", "prefix-a-number", "decoder-prefix-null"])
+def test_a_tokenizer_json_field_of_the_wrong_type_is_one_line_naming_it(tmp_path, part, field, value, says):
+    # the tokenizers library's refusal came out of transformers as a traceback
+    from tokenizers import decoders
+
+    from pruning.checkpoint import load_tokenizer
+
+    tokenizer = _cased_tokenizer()
+    tokenizer.backend_tokenizer.decoder = decoders.WordPiece()
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    recorded = json.loads((tmp_path / "tokenizer.json").read_text())
+    recorded[part][field] = value
+    (tmp_path / "tokenizer.json").write_text(json.dumps(recorded))
+    with pytest.raises(CheckpointError) as caught:
+        load_tokenizer(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'tokenizer.json'}: not a tokenizer file (") and says in message
+    assert "\n" not in message
+
+
+# A WordPiece vocabulary whose word pieces are marked "@@" (not BERT's "##"), and a word of 24 characters.
+_PIECES = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "who", "wrote", "the", "play", "in", "which", "year", "?", ".",
+           ",", "shake", "@@speare", "@@s", "@@ing", "@@ed", "play", "write", "act", "hamlet", "in", "1600", "he",
+           "a", "@@a", "@@b", "@@c", "b", "c", "sing", "s", "##s", "##ing", "##speare", "antidisestablishmentism"]
+
+
+def _word_piece_dir(path, config, prefix="@@", longest=20, unk="[UNK]", decoder_cleanup=False):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import BertTokenizerFast
+
+    vocab = {}
+    for token in _PIECES:
+        vocab.setdefault(unk if token == "[UNK]" else token, len(vocab))
+    backend = Tokenizer(models.WordPiece(vocab, unk_token=unk, continuing_subword_prefix=prefix,
+                                         max_input_chars_per_word=longest))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix=prefix, cleanup=decoder_cleanup)
+    BertTokenizerFast(tokenizer_object=backend, unk_token=unk).save_pretrained(path)
+    if not config:
+        (path / "tokenizer_config.json").unlink()
+    (path / "config.json").write_text('{"model_type": "bert"}')
+    return path
+
+
+_QUESTION = "Who wrote the play, in which year?"
+_CONTEXT = ("Shakespeare wrote Hamlet in 1600 . He acted , singing plays ; antidisestablishmentism abc . " * 3).strip()
+
+
+def _reads_as_its_file(tokenizer, path):
+    """``tokenizer`` gives what the tokenizers library gives from ``path``'s tokenizer.json: tokens, ids, type ids
+    and offsets of a text, of a question-context pair and of its SQuAD windows, and the decoded text."""
+    from tokenizers import Tokenizer
+
+    from pruning.squad import tokenize_text
+
+    own = Tokenizer.from_file(str(path / "tokenizer.json"))
+    own.encode_special_tokens = True  # as tokenize_text reads questions and contexts
+    for texts in [(_CONTEXT,), (_QUESTION, _CONTEXT)]:
+        wanted = own.encode(*texts)
+        got = tokenize_text(tokenizer, *texts, return_offsets_mapping=True, return_token_type_ids=True)
+        assert tokenizer.convert_ids_to_tokens(got["input_ids"]) == wanted.tokens
+        assert got["input_ids"] == wanted.ids and got["token_type_ids"] == wanted.type_ids
+        assert [tuple(o) for o in got["offset_mapping"]] == wanted.offsets
+    own.enable_truncation(24, stride=6, strategy="only_second")
+    wanted = own.encode(_QUESTION, _CONTEXT)
+    wanted = [wanted, *wanted.overflowing]
+    got = tokenize_text(tokenizer, [_QUESTION], [_CONTEXT], truncation="only_second", max_length=24, stride=6,
+                        return_overflowing_tokens=True, return_offsets_mapping=True, return_token_type_ids=True)
+    assert len(got["input_ids"]) == len(wanted) > 2
+    for i, window in enumerate(wanted):
+        assert got["input_ids"][i] == window.ids and got["token_type_ids"][i] == window.type_ids
+        assert [tuple(o) for o in got["offset_mapping"][i]] == window.offsets
+        assert got.sequence_ids(i) == window.sequence_ids
+    own.no_truncation()
+    ids = own.encode(_CONTEXT, add_special_tokens=False).ids
+    assert tokenizer.decode(ids) == own.decode(ids, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("config", [True, False], ids=["with-tokenizer-config", "tokenizer-json-alone"])
+def test_a_tokenizer_json_keeps_its_own_word_pieces_and_decoder(tmp_path, config):
+    # transformers rebuilt its WordPiece as BERT's ("##" pieces, words of up to 100 characters) with BERT's decoder:
+    # "Shakespeare" became shake ##speare, "antidisestablishmentism" a token though the file says [UNK]
+    from pruning.checkpoint import load_tokenizer
+
+    path = _word_piece_dir(tmp_path / "own", config)
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.tokenize("Shakespeare antidisestablishmentism") == ["shake", "@@speare", "[UNK]"]
+    _reads_as_its_file(tokenizer, path)
+    tokenizer.save_pretrained(tmp_path / "saved")  # what a run saves beside its model reads the same
+    (tmp_path / "saved" / "config.json").write_text('{"model_type": "bert"}')
+    _reads_as_its_file(load_tokenizer(tmp_path / "saved"), path)
+    # BERT's own settings read as before
+    path = _word_piece_dir(tmp_path / "bert", config, prefix="##", longest=100, decoder_cleanup=True)
+    assert load_tokenizer(path).tokenize("Shakespeare antidisestablishmentism") == ["shake", "##speare",
+                                                                                    "antidisestablishmentism"]
+    _reads_as_its_file(load_tokenizer(path), path)
+
+
+@pytest.mark.parametrize("config", [None, "{}", '{"do_lower_case": true}'],
+                         ids=["tokenizer-json-alone", "empty-config", "config-without-unk"])
+def test_a_tokenizer_json_keeps_its_own_unknown_token(tmp_path, config):
+    # transformers built its WordPiece with "[UNK]", which its vocabulary lacks: the tokenizers library's traceback
+    # ("Missing [UNK] token from the vocabulary") at the first unknown word, in training, eval or serving
+    from pruning.checkpoint import load_tokenizer
+
+    path = _word_piece_dir(tmp_path / "own", config=False, unk="<unk>")
+    if config is not None:
+        (path / "tokenizer_config.json").write_text(config)
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.unk_token == "<unk>" and tokenizer.tokenize("hamlet zzz") == ["hamlet", "<unk>"]
+    assert "[UNK]" not in tokenizer.get_vocab()
+    _reads_as_its_file(tokenizer, path)
+    tokenizer.save_pretrained(tmp_path / "saved")  # what a run saves beside its model reads the same
+    (tmp_path / "saved" / "config.json").write_text('{"model_type": "bert"}')
+    _reads_as_its_file(load_tokenizer(tmp_path / "saved"), path)
+
+
+@pytest.mark.parametrize("file", ["tokenizer_config.json", "special_tokens_map.json", "vocab.txt"])
+def test_an_unknown_token_the_vocabulary_lacks_is_one_line_naming_the_file(tmp_path, file):
+    # the tokenizer loaded, and the first word outside the vocabulary stopped the run with a traceback
+    from pruning.checkpoint import load_tokenizer
+
+    path = _word_piece_dir(tmp_path, config=True, unk="<unk>")
+    if file == "vocab.txt":  # a vocab.txt alone: transformers' "[UNK]"
+        vocab = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (path / name).unlink(missing_ok=True)
+        (path / "vocab.txt").write_text("".join(f"{token}\n" for token in sorted(vocab, key=vocab.get)))
+        says = "the vocabulary has no unknown token '[UNK]' (transformers' default where no file names one)"
+    else:
+        settings = json.loads((path / "tokenizer_config.json").read_text())
+        settings.pop("unk_token")
+        (path / "tokenizer_config.json").write_text(json.dumps(settings))
+        given = json.loads((path / file).read_text()) if (path / file).is_file() else {}
+        (path / file).write_text(json.dumps({**given, "unk_token": "[UNK]"}))
+        says = "unk_token '[UNK]' is not in the vocabulary of tokenizer.json (its own is '<unk>')"
+    with pytest.raises(CheckpointError) as caught:
+        load_tokenizer(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path / file}: ") and says in message and "\n" not in message, message
+
+
+def _with_template(path, pair, special_tokens):
+    from tokenizers import processors
+
+    template = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair=pair, special_tokens=special_tokens)
+    recorded = json.loads((path / "tokenizer.json").read_text())
+    recorded["post_processor"] = json.loads(template.__getstate__())
+    (path / "tokenizer.json").write_text(json.dumps(recorded))
+    return path
+
+
+@pytest.mark.parametrize("config", [True, False], ids=["with-tokenizer-config", "tokenizer-json-alone"])
+@pytest.mark.parametrize("pair", ["[CLS] $A [SEP] $B [SEP]", "[CLS] $A [SEP] [SEP] $B:1 [SEP]:1"],
+                         ids=["one-token-type", "two-seps"])
+def test_a_tokenizer_json_keeps_its_own_post_processor(tmp_path, config, pair):
+    # transformers rebuilt it as BERT's [CLS] A [SEP] B:1 [SEP]:1: a model of one token type (type_vocab_size 1)
+    # met type id 1 (index out of range), and a model trained with two [SEP] between the texts windows without them
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from pruning.checkpoint import load_tokenizer
+    from pruning.squad import Example, prepare_eval_features
+
+    path = _with_template(_word_piece_dir(tmp_path / "own", config), pair, [("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = load_tokenizer(path)
+    _reads_as_its_file(tokenizer, path)
+    tokenizer.save_pretrained(tmp_path / "saved")  # what a run saves beside its model reads the same
+    (tmp_path / "saved" / "config.json").write_text('{"model_type": "bert"}')
+    _reads_as_its_file(load_tokenizer(tmp_path / "saved"), path)
+    if "$B [SEP]" in pair:
+        torch.manual_seed(0)
+        model = BertForQuestionAnswering(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64,
+                                                    max_position_embeddings=64, type_vocab_size=1)).eval()
+        # every window, not only a context's first, as the tokenizers library gives them (tokenizers#1908)
+        windows = prepare_eval_features([Example("x", "", _CONTEXT, _QUESTION)], tokenizer, max_seq_length=32,
+                                        doc_stride=8)
+        assert len(windows.input_ids) > 2 and (windows.token_type_ids == 0).all()
+        with torch.no_grad():
+            model(input_ids=windows.input_ids, token_type_ids=windows.token_type_ids,
+                  attention_mask=windows.attention_mask)
+
+
+def test_a_post_processor_that_does_not_put_the_cls_token_first_is_one_line_naming_it(tmp_path):
+    from pruning.checkpoint import load_tokenizer
+
+    path = _with_template(_word_piece_dir(tmp_path, config=True), "[SEP] $A [CLS] $B:1 [SEP]:1",
+                          [("[CLS]", 2), ("[SEP]", 3)])
+    with pytest.raises(CheckpointError) as caught:
+        load_tokenizer(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path / 'tokenizer.json'}: its post_processor puts '[SEP]' first in a "
+                              "question-context pair, not the CLS token '[CLS]'") and "\n" not in message
