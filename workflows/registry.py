@@ -629,11 +629,14 @@ class LostVersion(UnreadableTrial):
     """A trial's version has lost files its served model loads (deleted from the artifact store by hand)."""
 
 
-def _lost_files(root: str, tracking_uri: str) -> str | None:
+def _lost_files(root: str, tracking_uri: str, dst: str | None = None) -> str | None:
     """What of a served model's files is gone from ``root`` (a version's or a logged model's artifact location):
     its ``MLmodel``, or a file or directory its pyfunc loads (the pickled model, the code, the packed model, the
     ONNX export); None when all of them are there. Files deleted from the artifact store by hand leave the version
-    in the registry, but it can no longer be loaded or served."""
+    in the registry, but it can no longer be loaded or served.
+
+    ``dst``: where the ``MLmodel`` read for the check is kept, for a caller that goes on to load the model from
+    there (default: a temporary directory, removed)."""
     from mlflow.models import Model
 
     root = root.rstrip("/")
@@ -650,10 +653,12 @@ def _lost_files(root: str, tracking_uri: str) -> str | None:
         found = [info for info in listing(parent) if info.path.rstrip("/").rsplit("/", 1)[-1] == leaf]
         return bool(found) and (not found[0].is_dir or bool(listing(path)))  # an emptied directory is gone too
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        where = dst if dst is not None else stack.enter_context(tempfile.TemporaryDirectory())
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=tmp, tracking_uri=tracking_uri)
-            flavor = Model.load(tmp).flavors.get("python_function", {})
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=where,
+                                                tracking_uri=tracking_uri)
+            flavor = Model.load(where).flavors.get("python_function", {})
         except (MlflowException, OSError, ValueError):
             return f"its MLmodel is gone from {root}"
     needed = [(what, flavor.get(what)) for what in ("python_model", "code")]
@@ -973,10 +978,10 @@ def _load_version(client, name: str, version: str, dst: str, runtime: str = "ser
                                             tracking_uri=client.tracking_uri)
 
     try:
-        lost = _lost_files(root, client.tracking_uri)  # a file the served model needs, which this timing may not
+        # A file the served model needs, which this timing may not: the check brings the version's MLmodel into dst.
+        lost = _lost_files(root, client.tracking_uri, dst)
         if lost is not None:
             raise SelectionError(lost)
-        fetch("MLmodel")
         return _open_version(dst, name, version, runtime, threads, fetch)
     except Exception as err:
         # Its files named as they are in the version, not in the temporary copy, which is gone by the time one reads

@@ -1,0 +1,142 @@
+"""`fineprune register` and `fineprune select` on a store a person has used: several sweeps registered under one
+model, runs deleted in the MLflow UI, and what each command reads from the artifact store.
+
+Real SQLite MLflow stores in a temporary directory, with sweeps shaped like a sweep's record (a parent run, a dense
+baseline, finished trials whose packed models are tiny packed BERTs), registered without their ONNX export.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from workflows import record, registry, tracking
+from workflows.cli import main
+
+NAME = "store-registry"
+
+
+def _packed(path: Path, tokenizer, heads: int, ffn: int) -> Path:
+    """A 2-layer BERT (hidden 64, 2 heads of 32, FFN 128) with heads and FFN dimensions zeroed, then packed."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from pruning.packing import pack, save_packed
+
+    if not path.exists():
+        torch.manual_seed(0)
+        model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=128, max_position_embeddings=128)).eval()
+        with torch.no_grad():
+            for layer in model.bert.encoder.layer:
+                layer.attention.output.dense.weight[:, heads * 32:] = 0
+                layer.output.dense.weight[:, ffn:] = 0
+        save_packed(pack(model), tokenizer, path)
+    return path
+
+
+def _sweep(client: MlflowClient, root: Path, tokenizer, key: str, trials: dict[str, tuple]) -> dict:
+    """A finished sweep of experiment ``exp`` (registry policy best_f1_under_density 0.6, no ONNX export): its parent
+    run, its dense baseline and ``trials`` (name -> (heads, FFN width, F1, linear density, on the density frontier)),
+    finished with packed models. Returns the parent run id and the trials' run ids."""
+    spec = {"registry": {"name": NAME, "policy": "best_f1_under_density", "max_density": 0.6, "onnx": False}}
+    parent = tracking.start_parent_run(client, "exp", str(root / key), spec, resume=False)
+    experiment_id = client.get_run(parent).info.experiment_id
+    baseline = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_BASELINE,
+                                                      record.TAG_PARENT: parent, record.TAG_STATUS: "finished"})
+    client.log_metric(baseline.info.run_id, "f1", 95.0)
+    client.set_terminated(baseline.info.run_id)
+    runs = {}
+    for name, (heads, ffn, f1, density, on_front) in trials.items():
+        run_id = client.create_run(experiment_id, tags={
+            record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent, record.TAG_STATUS: "finished",
+            record.TAG_PACKED_ARTIFACT: "packed_model", "pareto": str(on_front).lower(), "pareto_speedup": "false",
+            record.TAG_RUN_NAME: name}).info.run_id
+        client.log_artifacts(run_id, str(_packed(root / "models" / f"{heads}-{ffn}", tokenizer, heads, ffn)),
+                             "packed_model")
+        for metric, value in {"f1": f1, "exact_match": f1 - 10, "linear_density": density,
+                              "total_density": density, "heads_removed": 2 - heads, "speedup": 2 - density}.items():
+            client.log_metric(run_id, metric, value)
+        client.log_param(run_id, "max_seq_length", "64")
+        client.set_terminated(run_id)
+        runs[name] = run_id
+    tracking.finish_parent_run(client, parent)
+    return {"parent": parent, "runs": runs}
+
+
+@pytest.fixture
+def store(tmp_path) -> dict:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
+    return {"client": client, "uri": uri, "root": tmp_path}
+
+
+def _register(capsys, store: dict, *flags: str) -> tuple[int, dict | None, str]:
+    status = main(["register", "--experiment", "exp", "--tracking-uri", store["uri"], *flags])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return status, (json.loads(out) if out.strip() else None), err
+
+
+def _select(capsys, store: dict, *flags: str) -> tuple[int, dict | None, str]:
+    status = main(["select", "--registered-model", NAME, "--max-latency-ms", "10000", "--repeats", "1",
+                   "--seq-len", "32", "--threads", "1", "--tracking-uri", store["uri"], *flags])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return status, (json.loads(out) if out.strip() else None), err
+
+
+def _version_of(client, run_id: str) -> str:
+    return next(str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")
+                if v.tags[record.TAG_TRIAL_RUN] == run_id)
+
+
+def _champion(client) -> str:
+    return str(client.get_model_version_by_alias(NAME, "champion").version)
+
+
+# name -> (heads kept per layer, FFN width kept, F1, linear density, on the density frontier)
+TRIALS = {"wide": (2, 64, 80.0, 0.5, True), "narrow": (1, 32, 60.0, 0.3, True), "dominated": (1, 16, 20.0, 0.4, False)}
+
+
+class _Downloads:
+    """MLflow's artifact downloads and listings, made as they are, counted by the file or directory they name."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.downloads, self.listings = Counter(), Counter()
+        download, listing = mlflow.artifacts.download_artifacts, mlflow.artifacts.list_artifacts
+
+        def counted_download(*args, **kwargs):
+            self.downloads[str(kwargs.get("artifact_uri")).rsplit("/", 1)[-1]] += 1
+            return download(*args, **kwargs)
+
+        def counted_listing(*args, **kwargs):
+            self.listings[str(kwargs.get("artifact_uri"))] += 1
+            return listing(*args, **kwargs)
+
+        monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counted_download)
+        monkeypatch.setattr(mlflow.artifacts, "list_artifacts", counted_listing)
+
+    def clear(self) -> None:
+        self.downloads.clear()
+        self.listings.clear()
+
+
+def test_select_reads_each_versions_mlmodel_once(store, tokenizer, capsys, monkeypatch):
+    """`select` downloaded every version's MLmodel twice (once to check that the files its served model loads are
+    still there, once to load it); the check's copy is the one loaded now, and the choice is the same."""
+    made = _sweep(store["client"], store["root"], tokenizer, "a", TRIALS)
+    assert _register(capsys, store, "--frontier")[0] == 0
+    counted = _Downloads(monkeypatch)
+    status, chosen, _ = _select(capsys, store, "--alias", "fast")
+    assert status == 0 and chosen["run_id"] == made["runs"]["wide"]
+    assert [row["run_id"] for row in chosen["versions"]] == [made["runs"]["narrow"], made["runs"]["wide"]]
+    assert all("latency_ms" in row for row in chosen["versions"])
+    assert counted.downloads == {"MLmodel": 2, "packed_model": 2}  # one of each per version
