@@ -140,3 +140,43 @@ def test_select_reads_each_versions_mlmodel_once(store, tokenizer, capsys, monke
     assert [row["run_id"] for row in chosen["versions"]] == [made["runs"]["narrow"], made["runs"]["wide"]]
     assert all("latency_ms" in row for row in chosen["versions"])
     assert counted.downloads == {"MLmodel": 2, "packed_model": 2}  # one of each per version
+
+
+def test_registering_again_lists_each_directory_of_a_version_once_and_still_finds_what_is_gone(store, tokenizer,
+                                                                                               capsys, monkeypatch):
+    """Registering a registered sweep again checks that every version it reuses can still be served: that took five
+    listings of the artifact store per version (the root twice, `artifacts` once per directory under it); each
+    directory it reads is now listed once, three in all, and a file removed or a directory emptied is still found."""
+    import shutil
+
+    made = _sweep(store["client"], store["root"], tokenizer, "a", TRIALS)
+    client = store["client"]
+    assert _register(capsys, store, "--frontier")[0] == 0
+    counted = _Downloads(monkeypatch)
+    status, result, _ = _register(capsys, store, "--frontier")
+    assert status == 0 and result["version"] == _version_of(client, made["runs"]["wide"])
+    # The two frontier versions, then the champion's: the root, its code and the packed model, once each.
+    checked = [client.get_model_version_download_uri(NAME, row["version"]).rstrip("/") for row in result["frontier"]]
+    checked.append(client.get_model_version_download_uri(NAME, result["version"]).rstrip("/"))
+    assert counted.downloads == Counter({"MLmodel": 3})
+    assert counted.listings == Counter(f"{root}{path}" for root in checked
+                                       for path in ("", "/code", "/artifacts/packed_model"))
+
+    root = Path(checked[-1].removeprefix("file://"))
+    spoilt = {"python_model.pkl": "its python_model (python_model.pkl) is gone",
+              "code": "its code (code) is gone",
+              "artifacts/packed_model": "its model_dir (artifacts/packed_model) is gone",
+              "MLmodel": "its MLmodel is gone"}
+    for path, said in spoilt.items():
+        kept = store["root"] / "kept"
+        shutil.copytree(root, kept)
+        target = root / path
+        if target.is_dir():  # emptied, as a copy that never finished leaves it
+            shutil.rmtree(target)
+            target.mkdir()
+        else:
+            target.unlink()
+        assert registry._lost_files(checked[-1], store["uri"]) == f"{said} from {checked[-1]}", path
+        shutil.rmtree(root)
+        kept.rename(root)
+    assert registry._lost_files(checked[-1], store["uri"]) is None

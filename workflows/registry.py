@@ -640,18 +640,28 @@ def _lost_files(root: str, tracking_uri: str, dst: str | None = None) -> str | N
     from mlflow.models import Model
 
     root = root.rstrip("/")
+    listed: dict[str, list] = {}  # each directory is listed once, however many of the needed files it holds
 
     def listing(path: str) -> list:
-        try:
-            return list(mlflow.artifacts.list_artifacts(artifact_uri=f"{root}/{path}".rstrip("/"),
-                                                        tracking_uri=tracking_uri))
-        except (MlflowException, OSError):
-            return []
+        if path not in listed:
+            try:
+                listed[path] = list(mlflow.artifacts.list_artifacts(artifact_uri=f"{root}/{path}".rstrip("/"),
+                                                                    tracking_uri=tracking_uri))
+            except (MlflowException, OSError):
+                listed[path] = []
+        return listed[path]
+
+    def named(infos: list, leaf: str) -> list:
+        return [info for info in infos if info.path.rstrip("/").rsplit("/", 1)[-1] == leaf]
 
     def present(path: str) -> bool:
-        parent, _, leaf = path.strip("/").rpartition("/")
-        found = [info for info in listing(parent) if info.path.rstrip("/").rsplit("/", 1)[-1] == leaf]
-        return bool(found) and (not found[0].is_dir or bool(listing(path)))  # an emptied directory is gone too
+        path = path.strip("/")
+        parent, _, leaf = path.rpartition("/")
+        if not parent or parent in listed:  # the files beside the MLmodel: the root's one listing names them all
+            found = named(listing(parent), leaf)
+            return bool(found) and (not found[0].is_dir or bool(listing(path)))  # an emptied directory is gone too
+        # A directory deeper down is listed itself; what lists nothing is a file (named in its parent) or gone.
+        return bool(listing(path)) or any(not info.is_dir for info in named(listing(parent), leaf))
 
     with contextlib.ExitStack() as stack:
         where = dst if dst is not None else stack.enter_context(tempfile.TemporaryDirectory())
