@@ -180,3 +180,44 @@ def test_registering_again_lists_each_directory_of_a_version_once_and_still_find
         shutil.rmtree(root)
         kept.rename(root)
     assert registry._lost_files(checked[-1], store["uri"]) is None
+
+
+def test_select_does_not_choose_a_version_whose_trial_or_sweep_run_was_deleted(store, tokenizer, capsys, caplog):
+    """`select` without a sweep chose among every version of the model, one whose trial run was deleted in the MLflow
+    UI too (the most accurate here), and said nothing; a version whose trial or sweep run was deleted (set aside, as
+    `register` passes a deleted sweep over) is now listed with why, with one warning naming it and the run, and not
+    loaded or chosen."""
+    client = store["client"]
+    first = _sweep(client, store["root"], tokenizer, "a", TRIALS)
+    assert _register(capsys, store, "--frontier")[0] == 0
+    later = _sweep(client, store["root"], tokenizer, "b", {"best": (2, 64, 90.0, 0.5, True)})
+    assert _register(capsys, store, "--frontier")[0] == 0
+    wide, narrow = _version_of(client, first["runs"]["wide"]), _version_of(client, first["runs"]["narrow"])
+    best = _version_of(client, later["runs"]["best"])
+    client.delete_run(first["runs"]["wide"])
+    client.delete_run(later["parent"])
+    caplog.clear()
+
+    status, chosen, _ = _select(capsys, store, "--alias", "fast")
+    assert status == 0 and chosen["version"] == narrow and chosen["run_id"] == first["runs"]["narrow"]
+    rows = {row["version"]: row for row in chosen["versions"]}
+    gone = {wide: ("trial", first["runs"]["wide"]), best: ("sweep", later["parent"])}
+    for version, (what, run_id) in gone.items():
+        assert rows[version]["error"] == (f"its {what} run {run_id} was deleted (restore it, `mlflow runs restore "
+                                          f"--run-id {run_id}`, to have the version chosen again)")
+        assert "latency_ms" not in rows[version]
+    assert "latency_ms" in rows[narrow]
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                      and r.name == "workflows.registry")
+    assert warnings == sorted(f"version {version} of {NAME}: {rows[version]['error']}, so it is not chosen"
+                              for version in gone)
+    assert str(client.get_model_version_by_alias(NAME, "fast").version) == narrow
+
+    client.delete_run(first["runs"]["narrow"])  # none left: one line, the alias where it was
+    status, out, err = _select(capsys, store, "--alias", "fast")
+    assert status == 2 and out is None
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"fineprune select: error: no version of {NAME!r} could be chosen (version {narrow}: its "
+                           f"trial run {first['runs']['narrow']} was deleted"), line
+    assert line.endswith("alias 'fast' left as it was")
+    assert str(client.get_model_version_by_alias(NAME, "fast").version) == narrow

@@ -957,6 +957,24 @@ def _run_deleted(client, run_id: str | None) -> bool:
         return err.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
+def _deleted_source(client, tags: Mapping[str, str], trial_run_id: str | None,
+                    lifecycle: dict[str, bool]) -> str | None:
+    """Why a version is not to be chosen when its trial run, or the sweep run it was registered from, was deleted
+    (in the MLflow UI: set aside, as `fineprune register` passes a deleted sweep over), else None. ``lifecycle``
+    caches whether each run read was deleted."""
+    def deleted(run_id: str | None) -> bool:
+        if run_id and run_id not in lifecycle:
+            lifecycle[run_id] = _run_deleted(client, run_id)
+        return bool(run_id) and lifecycle[run_id]
+
+    sweep = tags.get(TAG_SWEEP_RUN)
+    for run_id, what in ((trial_run_id, "trial"), (sweep, "sweep")):
+        if deleted(run_id):
+            return (f"its {what} run {run_id} was deleted (restore it, `mlflow runs restore --run-id {run_id}`, to "
+                    "have the version chosen again)")
+    return None
+
+
 def _tag_float(tags: dict[str, str], key: str) -> float | None:
     try:
         value = float(tags[key])
@@ -1078,8 +1096,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         The chosen version (``version``, ``model_uri``, ``served_by``, ``latency_ms``, ``dense_latency_ms``,
         ``served_speedup``, and its trial's ``f1``, ``speedup``, ...), the settings, and ``versions``: every
         version's trial figures with its ``latency_ms``, ``dense_latency_ms``, ``served_speedup`` timed here and
-        whether it is ``within_budget``, or for a version that cannot be loaded or fails when run here, its
-        ``error`` (it is not chosen, and the others are timed).
+        whether it is ``within_budget``, or for a version that cannot be loaded or fails when run here, or whose
+        trial run or sweep run was deleted (set aside in the MLflow UI; it is not loaded), its ``error`` (it is not
+        chosen, and the others are timed).
 
     Raises:
         SelectionError: the model or its versions do not exist, none can be loaded and run, or no version is
@@ -1119,10 +1138,19 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
     dense_of: dict[str, str] = {}
+    lifecycle: dict[str, bool] = {}  # run id -> deleted, each run read once
+    set_aside: set[str] = set()  # the versions whose trial or sweep run was deleted
     with tempfile.TemporaryDirectory() as tmp:
         for v in versions:
             row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
                    **{k: _tag_float(v.tags, k) for k in FINAL_METRICS}}
+            gone = _deleted_source(client, v.tags, row["run_id"], lifecycle)
+            if gone is not None:  # set aside in the MLflow UI: neither loaded nor chosen
+                row["error"] = gone
+                set_aside.add(row["version"])
+                logger.warning("version %s of %s: %s, so it is not chosen", v.version, name, gone)
+                rows.append(row)
+                continue
             if row[F1] is None:  # removed or edited by hand: the version cannot be ranked, so it is never chosen
                 what = f"its {F1} tag {v.tags[F1]!r} is not a number" if F1 in v.tags else f"it has no {F1} tag"
                 logger.warning("version %s of %s: %s, so it cannot be chosen (`fineprune register --frontier` "
@@ -1157,8 +1185,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             rows.append(row)
         if not dense_of:
             reasons = "; ".join(f"version {row['version']}: {row['error']}" for row in rows)
-            untimed = [row["error"].startswith("cannot be timed: ") for row in rows]
-            what = " or ".join(word for word, seen in (("loaded", not all(untimed)), ("timed", any(untimed))) if seen)
+            kinds = {"chosen" if row["version"] in set_aside else
+                     "timed" if row["error"].startswith("cannot be timed: ") else "loaded" for row in rows}
+            what = " or ".join(word for word in ("loaded", "timed", "chosen") if word in kinds)
             raise SelectionError(f"no version of {name!r} could be {what} ({reasons}); alias {alias!r} left as it "
                                  "was")
         loaded = time.perf_counter()
