@@ -41,12 +41,13 @@ def _packed(path: Path, tokenizer, heads: int, ffn: int) -> Path:
     return path
 
 
-def _sweep(client: MlflowClient, root: Path, tokenizer, key: str, trials: dict[str, tuple]) -> dict:
-    """A finished sweep of experiment ``exp`` (registry policy best_f1_under_density 0.6, no ONNX export): its parent
+def _sweep(client: MlflowClient, root: Path, tokenizer, key: str, trials: dict[str, tuple],
+           experiment: str = "exp") -> dict:
+    """A finished sweep of ``experiment`` (registry policy best_f1_under_density 0.6, no ONNX export): its parent
     run, its dense baseline and ``trials`` (name -> (heads, FFN width, F1, linear density, on the density frontier)),
     finished with packed models. Returns the parent run id and the trials' run ids."""
     spec = {"registry": {"name": NAME, "policy": "best_f1_under_density", "max_density": 0.6, "onnx": False}}
-    parent = tracking.start_parent_run(client, "exp", str(root / key), spec, resume=False)
+    parent = tracking.start_parent_run(client, experiment, str(root / key), spec, resume=False)
     experiment_id = client.get_run(parent).info.experiment_id
     baseline = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_BASELINE,
                                                       record.TAG_PARENT: parent, record.TAG_STATUS: "finished"})
@@ -221,3 +222,44 @@ def test_select_does_not_choose_a_version_whose_trial_or_sweep_run_was_deleted(s
                            f"trial run {first['runs']['narrow']} was deleted"), line
     assert line.endswith("alias 'fast' left as it was")
     assert str(client.get_model_version_by_alias(NAME, "fast").version) == narrow
+
+
+def test_register_does_not_take_the_champion_back_to_an_earlier_sweep_unasked(store, tokenizer, capsys):
+    """The champion registered by the latest sweep, whose run was then deleted in the MLflow UI: `register` took the
+    sweep before it and moved the alias to that sweep's champion, an older and less accurate model, on a warning
+    alone. It now stops with one line naming the version and the deleted sweep (exit 2), registers nothing and
+    leaves the alias; `--sweep-run` moves it, and once the alias is on a version of a sweep left, `register` goes
+    on as before."""
+    client = store["client"]
+    first = _sweep(client, store["root"], tokenizer, "a", TRIALS)
+    assert _register(capsys, store)[0] == 0
+    later = _sweep(client, store["root"], tokenizer, "b", {"best": (2, 64, 90.0, 0.5, True)})
+    assert _register(capsys, store)[0] == 0
+    best = _version_of(client, later["runs"]["best"])
+    assert _champion(client) == best
+    client.delete_run(later["parent"])
+    versions = len(client.search_model_versions(f"name = '{NAME}'"))
+
+    for flags in ((), ("--frontier",)):
+        status, out, err = _register(capsys, store, *flags)
+        assert status == 2 and out is None
+        assert err.strip().splitlines()[-1] == (
+            f"fineprune register: error: alias 'champion' of {NAME} points at version {best}, of sweep run "
+            f"{later['parent']}, which was deleted; the latest sweep left, {first['parent']}, is an earlier one: pass "
+            f"--sweep-run {first['parent']} to move the alias to its champion, or restore sweep run "
+            f"{later['parent']} (`mlflow runs restore --run-id {later['parent']}`); nothing registered")
+        assert _champion(client) == best and len(client.search_model_versions(f"name = '{NAME}'")) == versions
+
+    status, result, _ = _register(capsys, store, "--sweep-run", first["parent"])
+    assert status == 0 and result["run_id"] == first["runs"]["wide"]
+    assert _champion(client) == result["version"] == _version_of(client, first["runs"]["wide"])
+    assert _register(capsys, store)[0] == 0 and _champion(client) == result["version"]
+
+    # A deleted sweep of another experiment that registers under the same name was never passed over here.
+    other = _sweep(client, store["root"], tokenizer, "c", {"other": (2, 64, 95.0, 0.5, True)}, experiment="other")
+    assert main(["register", "--experiment", "other", "--tracking-uri", store["uri"]]) == 0
+    assert _champion(client) == _version_of(client, other["runs"]["other"])
+    client.delete_run(other["parent"])
+    capsys.readouterr()
+    status, again, _ = _register(capsys, store)
+    assert status == 0 and _champion(client) == again["version"] == result["version"]

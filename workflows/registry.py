@@ -1245,7 +1245,9 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
                              sweep_run_id: str | None = None) -> dict[str, Any]:
     """``fineprune register``: the latest sweep of ``experiment`` (or the sweep ``sweep_run_id``; a later sweep
     deleted by hand is passed over with a warning, see :func:`record.latest_sweep`), its policy (or ``space``'s),
-    its champion. The result names the sweep (``sweep_run_id``).
+    its champion. The result names the sweep (``sweep_run_id``). Without ``sweep_run_id``, a champion alias on a
+    version of a later sweep that was deleted is not moved back to the earlier sweep's champion: see
+    :func:`_check_alias_not_taken_back`.
 
     With ``frontier`` every point of the sweep's frontiers is registered first (``frontier`` in the result).
     ``onnx`` overrides the policy's ``onnx`` (whether new versions are exported for ONNX Runtime).
@@ -1268,10 +1270,43 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
                                    record.params_under(params, PARAM_RESOURCES))
     if onnx is not None:
         spec = dataclasses.replace(spec, onnx=onnx)
+    if sweep_run_id is None:
+        _check_alias_not_taken_back(client, spec.name, parent)
     rows = register_frontier(client, experiment, parent.info.run_id, spec.name, spec.onnx) if frontier else None
     result = {**register_champion(client, experiment, parent.info.run_id, spec, latency=latency),
               "sweep_run_id": parent.info.run_id}
     return result if rows is None else {**result, "frontier": rows}
+
+
+def _check_alias_not_taken_back(client, name: str, parent) -> None:
+    """Refuse to move the champion back to an earlier sweep unasked: the alias points at a version of a sweep of
+    the same experiment started after ``parent`` (the latest sweep left, taken without ``--sweep-run``) whose run
+    was deleted.
+
+    The latest sweep was passed over for being deleted; the alias on its version may be what serves now, and
+    moving it to an older, perhaps less accurate, model is not to be done on a warning.
+
+    Raises:
+        record.RecordError: in one line naming the version, the deleted sweep, and the two ways on.
+    """
+    try:
+        current = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:  # no such model, or no champion
+        return
+    sweep = current.tags.get(TAG_SWEEP_RUN)
+    if not sweep or sweep == parent.info.run_id:
+        return
+    try:
+        run = client.get_run(sweep)
+    except MlflowException:  # removed for good: set aside for good
+        return
+    if run.info.lifecycle_stage == "deleted" and run.info.experiment_id == parent.info.experiment_id \
+            and (run.info.start_time or 0) > (parent.info.start_time or 0):  # passed over by record.latest_sweep
+        raise record.RecordError(
+            f"alias {ALIAS!r} of {name} points at version {current.version}, of sweep run {sweep}, which was "
+            f"deleted; the latest sweep left, {parent.info.run_id}, is an earlier one: pass --sweep-run "
+            f"{parent.info.run_id} to move the alias to its champion, or restore sweep run {sweep} (`mlflow runs "
+            f"restore --run-id {sweep}`); nothing registered")
 
 
 def latency_settings(speedup: Mapping[str, Any], resources: Mapping[str, Any]) -> dict[str, int]:
