@@ -1094,11 +1094,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
 
     Returns:
         The chosen version (``version``, ``model_uri``, ``served_by``, ``latency_ms``, ``dense_latency_ms``,
-        ``served_speedup``, and its trial's ``f1``, ``speedup``, ...), the settings, and ``versions``: every
-        version's trial figures with its ``latency_ms``, ``dense_latency_ms``, ``served_speedup`` timed here and
-        whether it is ``within_budget``, or for a version that cannot be loaded or fails when run here, or whose
-        trial run or sweep run was deleted (set aside in the MLflow UI; it is not loaded), its ``error`` (it is not
-        chosen, and the others are timed).
+        ``served_speedup``, and its trial's ``f1``, ``speedup``, ...), the settings (``runtime`` among them: the
+        option given), and ``versions``: every version's trial figures with how it ran (``served_by``) and its
+        ``latency_ms``, ``dense_latency_ms``, ``served_speedup`` timed here and whether it is ``within_budget``, or
+        for a version that cannot be loaded or fails when run here, or whose trial run or sweep run was deleted (set
+        aside in the MLflow UI; it is not loaded), its ``error`` (it is not chosen, and the others are timed).
 
     Raises:
         SelectionError: the model or its versions do not exist, none can be loaded and run, or no version is
@@ -1157,8 +1157,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                                "writes the tag again from its trial while it is on its sweep's frontier)", v.version,
                                name, what)
             try:
-                model, row["runtime"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
-                                                      runtime, threads)
+                model, row["served_by"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
+                                                        runtime, threads)
             except Exception as err:  # a version that cannot be loaded is reported, not chosen
                 lines = str(err).splitlines()
                 row["error"] = lines[0] if lines else type(err).__name__
@@ -1235,7 +1235,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get(F1),
                 chosen["latency_ms"], max_latency_ms)
     return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
-            "run_id": chosen["run_id"], "served_by": chosen["runtime"], "latency_ms": chosen["latency_ms"],
+            "run_id": chosen["run_id"], "served_by": chosen["served_by"], "latency_ms": chosen["latency_ms"],
             "dense_latency_ms": chosen["dense_latency_ms"], "served_speedup": chosen["served_speedup"],
             **{k: chosen.get(k) for k in FINAL_METRICS}, "versions": rows}
 
