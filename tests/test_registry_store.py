@@ -263,3 +263,27 @@ def test_register_does_not_take_the_champion_back_to_an_earlier_sweep_unasked(st
     capsys.readouterr()
     status, again, _ = _register(capsys, store)
     assert status == 0 and _champion(client) == again["version"] == result["version"]
+
+
+def test_register_without_a_champion_says_the_alias_is_left_on_a_version_whose_trial_was_deleted(store, tokenizer,
+                                                                                                capsys, caplog):
+    """The champion's trial run (and the other trials) deleted in the MLflow UI: `register` found no trial to
+    register, said only that none satisfies the policy and left the alias, on the deleted trial's version, without a
+    word; it still leaves it (what serves is not taken away), but warns that the alias is on a version nothing
+    would choose now, naming the run and how to restore it."""
+    client = store["client"]
+    made = _sweep(client, store["root"], tokenizer, "a", TRIALS)
+    assert _register(capsys, store)[0] == 0
+    wide = _version_of(client, made["runs"]["wide"])
+    for run_id in made["runs"].values():
+        client.delete_run(run_id)
+    caplog.clear()
+    status, result, _ = _register(capsys, store)
+    assert status == 4 and result["registered"] is False and _champion(client) == wide
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.registry"]
+    run_id = made["runs"]["wide"]
+    assert warnings == ["no trial of experiment 'exp' satisfies the registry policy best_f1_under_density; nothing "
+                        "registered",
+                        f"alias 'champion' of {NAME} is left on version {wide}, which nothing chooses now: its trial "
+                        f"run {run_id} was deleted (restore it, `mlflow runs restore --run-id {run_id}`, to have the "
+                        "version chosen again)"]

@@ -414,6 +414,7 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
                                        sweep_run_id=parent_run_id, **(latency or {}))
         except SelectionError as err:
             logger.warning("registry policy %s: %s; no champion", policy, err)
+            _warn_alias_set_aside(client, name)
             return {"registered": False, "policy": policy, "name": name}
         keep = ("name", "version", "model_uri", "run_id", F1, EXACT_MATCH, LINEAR_DENSITY, SPEEDUP, "latency_ms",
                 "served_speedup")
@@ -439,8 +440,22 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
     if chosen is None:
         logger.warning("no trial of experiment %r satisfies the registry policy %s; nothing registered", experiment,
                        policy)
+        _warn_alias_set_aside(client, name)
         return {"registered": False, "policy": policy, "name": name}
     return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx, spec.threshold())
+
+
+def _warn_alias_set_aside(client, name: str) -> None:
+    """Say so when the champion alias, left where it was for want of a new champion, is on a version whose trial
+    run or sweep run was deleted (set aside: no registration or selection would choose it now)."""
+    try:
+        current = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:  # no such model, or no champion
+        return
+    reason = _deleted_source(client, current.tags, current.tags.get(TAG_TRIAL_RUN) or current.run_id, {})
+    if reason is not None:
+        logger.warning("alias %r of %s is left on version %s, which nothing chooses now: %s", ALIAS, name,
+                       current.version, reason)
 
 
 def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | None = None) -> tuple[Path | None, str]:
