@@ -34,6 +34,7 @@ from the packed model's record, say) is left as it is and a new one logged, with
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import json
@@ -644,6 +645,21 @@ class LostVersion(UnreadableTrial):
     """A trial's version has lost files its served model loads (deleted from the artifact store by hand)."""
 
 
+# The versions (artifact locations) found whole so far by one registration, while :func:`_checked_once` holds.
+_WHOLE: contextvars.ContextVar[set | None] = contextvars.ContextVar("fineprune_whole_versions", default=None)
+
+
+@contextlib.contextmanager
+def _checked_once() -> Iterator[None]:
+    """Check each version's files once while this holds: ``register --frontier`` checks every frontier version it
+    reuses, then the champion's, one of them, and ``best_f1_under_latency`` loads them all to time them after."""
+    token = _WHOLE.set(set())
+    try:
+        yield
+    finally:
+        _WHOLE.reset(token)
+
+
 def _lost_files(root: str, tracking_uri: str, dst: str | None = None) -> str | None:
     """What of a served model's files is gone from ``root`` (a version's or a logged model's artifact location):
     its ``MLmodel``, or a file or directory its pyfunc loads (the pickled model, the code, the packed model, the
@@ -651,10 +667,15 @@ def _lost_files(root: str, tracking_uri: str, dst: str | None = None) -> str | N
     in the registry, but it can no longer be loaded or served.
 
     ``dst``: where the ``MLmodel`` read for the check is kept, for a caller that goes on to load the model from
-    there (default: a temporary directory, removed)."""
+    there (default: a temporary directory, removed). A version found whole earlier under :func:`_checked_once` is
+    not listed again."""
     from mlflow.models import Model
 
     root = root.rstrip("/")
+    whole = _WHOLE.get()
+    seen = whole is not None and (tracking_uri, root) in whole
+    if seen and dst is None:
+        return None
     listed: dict[str, list] = {}  # each directory is listed once, however many of the needed files it holds
 
     def listing(path: str) -> list:
@@ -686,11 +707,15 @@ def _lost_files(root: str, tracking_uri: str, dst: str | None = None) -> str | N
             flavor = Model.load(where).flavors.get("python_function", {})
         except (MlflowException, OSError, ValueError):
             return f"its MLmodel is gone from {root}"
+    if seen:
+        return None
     needed = [(what, flavor.get(what)) for what in ("python_model", "code")]
     needed += [(key, (spec or {}).get("path")) for key, spec in (flavor.get("artifacts") or {}).items()]
     for what, path in needed:
         if path and not present(str(path)):
             return f"its {what} ({path}) is gone from {root}"
+    if whole is not None:
+        whole.add((tracking_uri, root))
     return None
 
 
@@ -1287,9 +1312,10 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
         spec = dataclasses.replace(spec, onnx=onnx)
     if sweep_run_id is None:
         _check_alias_not_taken_back(client, spec.name, parent)
-    rows = register_frontier(client, experiment, parent.info.run_id, spec.name, spec.onnx) if frontier else None
-    result = {**register_champion(client, experiment, parent.info.run_id, spec, latency=latency),
-              "sweep_run_id": parent.info.run_id}
+    with _checked_once():
+        rows = register_frontier(client, experiment, parent.info.run_id, spec.name, spec.onnx) if frontier else None
+        result = {**register_champion(client, experiment, parent.info.run_id, spec, latency=latency),
+                  "sweep_run_id": parent.info.run_id}
     return result if rows is None else {**result, "frontier": rows}
 
 
