@@ -34,6 +34,7 @@ from the packed model's record, say) is left as it is and a new one logged, with
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import json
@@ -414,6 +415,7 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
                                        sweep_run_id=parent_run_id, **(latency or {}))
         except SelectionError as err:
             logger.warning("registry policy %s: %s; no champion", policy, err)
+            _warn_alias_set_aside(client, name)
             return {"registered": False, "policy": policy, "name": name}
         keep = ("name", "version", "model_uri", "run_id", F1, EXACT_MATCH, LINEAR_DENSITY, SPEEDUP, "latency_ms",
                 "served_speedup")
@@ -439,8 +441,22 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
     if chosen is None:
         logger.warning("no trial of experiment %r satisfies the registry policy %s; nothing registered", experiment,
                        policy)
+        _warn_alias_set_aside(client, name)
         return {"registered": False, "policy": policy, "name": name}
     return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx, spec.threshold())
+
+
+def _warn_alias_set_aside(client, name: str) -> None:
+    """Say so when the champion alias, left where it was for want of a new champion, is on a version whose trial
+    run or sweep run was deleted (set aside: no registration or selection would choose it now)."""
+    try:
+        current = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:  # no such model, or no champion
+        return
+    reason = _deleted_source(client, current.tags, current.tags.get(TAG_TRIAL_RUN) or current.run_id, {})
+    if reason is not None:
+        logger.warning("alias %r of %s is left on version %s, which nothing chooses now: %s", ALIAS, name,
+                       current.version, reason)
 
 
 def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | None = None) -> tuple[Path | None, str]:
@@ -629,38 +645,77 @@ class LostVersion(UnreadableTrial):
     """A trial's version has lost files its served model loads (deleted from the artifact store by hand)."""
 
 
-def _lost_files(root: str, tracking_uri: str) -> str | None:
+# The versions (artifact locations) found whole so far by one registration, while :func:`_checked_once` holds.
+_WHOLE: contextvars.ContextVar[set | None] = contextvars.ContextVar("fineprune_whole_versions", default=None)
+
+
+@contextlib.contextmanager
+def _checked_once() -> Iterator[None]:
+    """Check each version's files once while this holds: ``register --frontier`` checks every frontier version it
+    reuses, then the champion's, one of them, and ``best_f1_under_latency`` loads them all to time them after."""
+    token = _WHOLE.set(set())
+    try:
+        yield
+    finally:
+        _WHOLE.reset(token)
+
+
+def _lost_files(root: str, tracking_uri: str, dst: str | None = None) -> str | None:
     """What of a served model's files is gone from ``root`` (a version's or a logged model's artifact location):
     its ``MLmodel``, or a file or directory its pyfunc loads (the pickled model, the code, the packed model, the
     ONNX export); None when all of them are there. Files deleted from the artifact store by hand leave the version
-    in the registry, but it can no longer be loaded or served."""
+    in the registry, but it can no longer be loaded or served.
+
+    ``dst``: where the ``MLmodel`` read for the check is kept, for a caller that goes on to load the model from
+    there (default: a temporary directory, removed). A version found whole earlier under :func:`_checked_once` is
+    not listed again."""
     from mlflow.models import Model
 
     root = root.rstrip("/")
+    whole = _WHOLE.get()
+    seen = whole is not None and (tracking_uri, root) in whole
+    if seen and dst is None:
+        return None
+    listed: dict[str, list] = {}  # each directory is listed once, however many of the needed files it holds
 
     def listing(path: str) -> list:
-        try:
-            return list(mlflow.artifacts.list_artifacts(artifact_uri=f"{root}/{path}".rstrip("/"),
-                                                        tracking_uri=tracking_uri))
-        except (MlflowException, OSError):
-            return []
+        if path not in listed:
+            try:
+                listed[path] = list(mlflow.artifacts.list_artifacts(artifact_uri=f"{root}/{path}".rstrip("/"),
+                                                                    tracking_uri=tracking_uri))
+            except (MlflowException, OSError):
+                listed[path] = []
+        return listed[path]
+
+    def named(infos: list, leaf: str) -> list:
+        return [info for info in infos if info.path.rstrip("/").rsplit("/", 1)[-1] == leaf]
 
     def present(path: str) -> bool:
-        parent, _, leaf = path.strip("/").rpartition("/")
-        found = [info for info in listing(parent) if info.path.rstrip("/").rsplit("/", 1)[-1] == leaf]
-        return bool(found) and (not found[0].is_dir or bool(listing(path)))  # an emptied directory is gone too
+        path = path.strip("/")
+        parent, _, leaf = path.rpartition("/")
+        if not parent or parent in listed:  # the files beside the MLmodel: the root's one listing names them all
+            found = named(listing(parent), leaf)
+            return bool(found) and (not found[0].is_dir or bool(listing(path)))  # an emptied directory is gone too
+        # A directory deeper down is listed itself; what lists nothing is a file (named in its parent) or gone.
+        return bool(listing(path)) or any(not info.is_dir for info in named(listing(parent), leaf))
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        where = dst if dst is not None else stack.enter_context(tempfile.TemporaryDirectory())
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=tmp, tracking_uri=tracking_uri)
-            flavor = Model.load(tmp).flavors.get("python_function", {})
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=where,
+                                                tracking_uri=tracking_uri)
+            flavor = Model.load(where).flavors.get("python_function", {})
         except (MlflowException, OSError, ValueError):
             return f"its MLmodel is gone from {root}"
+    if seen:
+        return None
     needed = [(what, flavor.get(what)) for what in ("python_model", "code")]
     needed += [(key, (spec or {}).get("path")) for key, spec in (flavor.get("artifacts") or {}).items()]
     for what, path in needed:
         if path and not present(str(path)):
             return f"its {what} ({path}) is gone from {root}"
+    if whole is not None:
+        whole.add((tracking_uri, root))
     return None
 
 
@@ -942,6 +997,24 @@ def _run_deleted(client, run_id: str | None) -> bool:
         return err.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
+def _deleted_source(client, tags: Mapping[str, str], trial_run_id: str | None,
+                    lifecycle: dict[str, bool]) -> str | None:
+    """Why a version is not to be chosen when its trial run, or the sweep run it was registered from, was deleted
+    (in the MLflow UI: set aside, as `fineprune register` passes a deleted sweep over), else None. ``lifecycle``
+    caches whether each run read was deleted."""
+    def deleted(run_id: str | None) -> bool:
+        if run_id and run_id not in lifecycle:
+            lifecycle[run_id] = _run_deleted(client, run_id)
+        return bool(run_id) and lifecycle[run_id]
+
+    sweep = tags.get(TAG_SWEEP_RUN)
+    for run_id, what in ((trial_run_id, "trial"), (sweep, "sweep")):
+        if deleted(run_id):
+            return (f"its {what} run {run_id} was deleted (restore it, `mlflow runs restore --run-id {run_id}`, to "
+                    "have the version chosen again)")
+    return None
+
+
 def _tag_float(tags: dict[str, str], key: str) -> float | None:
     try:
         value = float(tags[key])
@@ -973,10 +1046,10 @@ def _load_version(client, name: str, version: str, dst: str, runtime: str = "ser
                                             tracking_uri=client.tracking_uri)
 
     try:
-        lost = _lost_files(root, client.tracking_uri)  # a file the served model needs, which this timing may not
+        # A file the served model needs, which this timing may not: the check brings the version's MLmodel into dst.
+        lost = _lost_files(root, client.tracking_uri, dst)
         if lost is not None:
             raise SelectionError(lost)
-        fetch("MLmodel")
         return _open_version(dst, name, version, runtime, threads, fetch)
     except Exception as err:
         # Its files named as they are in the version, not in the temporary copy, which is gone by the time one reads
@@ -1061,10 +1134,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
 
     Returns:
         The chosen version (``version``, ``model_uri``, ``served_by``, ``latency_ms``, ``dense_latency_ms``,
-        ``served_speedup``, and its trial's ``f1``, ``speedup``, ...), the settings, and ``versions``: every
-        version's trial figures with its ``latency_ms``, ``dense_latency_ms``, ``served_speedup`` timed here and
-        whether it is ``within_budget``, or for a version that cannot be loaded or fails when run here, its
-        ``error`` (it is not chosen, and the others are timed).
+        ``served_speedup``, and its trial's ``f1``, ``speedup``, ...), the settings (``runtime`` among them: the
+        option given), and ``versions``: every version's trial figures with how it ran (``served_by``) and its
+        ``latency_ms``, ``dense_latency_ms``, ``served_speedup`` timed here and whether it is ``within_budget``, or
+        for a version that cannot be loaded or fails when run here, or whose trial run or sweep run was deleted (set
+        aside in the MLflow UI; it is not loaded), its ``error`` (it is not chosen, and the others are timed).
 
     Raises:
         SelectionError: the model or its versions do not exist, none can be loaded and run, or no version is
@@ -1104,18 +1178,27 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
     dense_of: dict[str, str] = {}
+    lifecycle: dict[str, bool] = {}  # run id -> deleted, each run read once
+    set_aside: set[str] = set()  # the versions whose trial or sweep run was deleted
     with tempfile.TemporaryDirectory() as tmp:
         for v in versions:
             row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
                    **{k: _tag_float(v.tags, k) for k in FINAL_METRICS}}
+            gone = _deleted_source(client, v.tags, row["run_id"], lifecycle)
+            if gone is not None:  # set aside in the MLflow UI: neither loaded nor chosen
+                row["error"] = gone
+                set_aside.add(row["version"])
+                logger.warning("version %s of %s: %s, so it is not chosen", v.version, name, gone)
+                rows.append(row)
+                continue
             if row[F1] is None:  # removed or edited by hand: the version cannot be ranked, so it is never chosen
                 what = f"its {F1} tag {v.tags[F1]!r} is not a number" if F1 in v.tags else f"it has no {F1} tag"
                 logger.warning("version %s of %s: %s, so it cannot be chosen (`fineprune register --frontier` "
                                "writes the tag again from its trial while it is on its sweep's frontier)", v.version,
                                name, what)
             try:
-                model, row["runtime"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
-                                                      runtime, threads)
+                model, row["served_by"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
+                                                        runtime, threads)
             except Exception as err:  # a version that cannot be loaded is reported, not chosen
                 lines = str(err).splitlines()
                 row["error"] = lines[0] if lines else type(err).__name__
@@ -1142,8 +1225,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             rows.append(row)
         if not dense_of:
             reasons = "; ".join(f"version {row['version']}: {row['error']}" for row in rows)
-            untimed = [row["error"].startswith("cannot be timed: ") for row in rows]
-            what = " or ".join(word for word, seen in (("loaded", not all(untimed)), ("timed", any(untimed))) if seen)
+            kinds = {"chosen" if row["version"] in set_aside else
+                     "timed" if row["error"].startswith("cannot be timed: ") else "loaded" for row in rows}
+            what = " or ".join(word for word in ("loaded", "timed", "chosen") if word in kinds)
             raise SelectionError(f"no version of {name!r} could be {what} ({reasons}); alias {alias!r} left as it "
                                  "was")
         loaded = time.perf_counter()
@@ -1191,7 +1275,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get(F1),
                 chosen["latency_ms"], max_latency_ms)
     return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
-            "run_id": chosen["run_id"], "served_by": chosen["runtime"], "latency_ms": chosen["latency_ms"],
+            "run_id": chosen["run_id"], "served_by": chosen["served_by"], "latency_ms": chosen["latency_ms"],
             "dense_latency_ms": chosen["dense_latency_ms"], "served_speedup": chosen["served_speedup"],
             **{k: chosen.get(k) for k in FINAL_METRICS}, "versions": rows}
 
@@ -1201,7 +1285,9 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
                              sweep_run_id: str | None = None) -> dict[str, Any]:
     """``fineprune register``: the latest sweep of ``experiment`` (or the sweep ``sweep_run_id``; a later sweep
     deleted by hand is passed over with a warning, see :func:`record.latest_sweep`), its policy (or ``space``'s),
-    its champion. The result names the sweep (``sweep_run_id``).
+    its champion. The result names the sweep (``sweep_run_id``). Without ``sweep_run_id``, a champion alias on a
+    version of a later sweep that was deleted is not moved back to the earlier sweep's champion: see
+    :func:`_check_alias_not_taken_back`.
 
     With ``frontier`` every point of the sweep's frontiers is registered first (``frontier`` in the result).
     ``onnx`` overrides the policy's ``onnx`` (whether new versions are exported for ONNX Runtime).
@@ -1224,10 +1310,44 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
                                    record.params_under(params, PARAM_RESOURCES))
     if onnx is not None:
         spec = dataclasses.replace(spec, onnx=onnx)
-    rows = register_frontier(client, experiment, parent.info.run_id, spec.name, spec.onnx) if frontier else None
-    result = {**register_champion(client, experiment, parent.info.run_id, spec, latency=latency),
-              "sweep_run_id": parent.info.run_id}
+    if sweep_run_id is None:
+        _check_alias_not_taken_back(client, spec.name, parent)
+    with _checked_once():
+        rows = register_frontier(client, experiment, parent.info.run_id, spec.name, spec.onnx) if frontier else None
+        result = {**register_champion(client, experiment, parent.info.run_id, spec, latency=latency),
+                  "sweep_run_id": parent.info.run_id}
     return result if rows is None else {**result, "frontier": rows}
+
+
+def _check_alias_not_taken_back(client, name: str, parent) -> None:
+    """Refuse to move the champion back to an earlier sweep unasked: the alias points at a version of a sweep of
+    the same experiment started after ``parent`` (the latest sweep left, taken without ``--sweep-run``) whose run
+    was deleted.
+
+    The latest sweep was passed over for being deleted; the alias on its version may be what serves now, and
+    moving it to an older, perhaps less accurate, model is not to be done on a warning.
+
+    Raises:
+        record.RecordError: in one line naming the version, the deleted sweep, and the two ways on.
+    """
+    try:
+        current = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:  # no such model, or no champion
+        return
+    sweep = current.tags.get(TAG_SWEEP_RUN)
+    if not sweep or sweep == parent.info.run_id:
+        return
+    try:
+        run = client.get_run(sweep)
+    except MlflowException:  # removed for good: set aside for good
+        return
+    if run.info.lifecycle_stage == "deleted" and run.info.experiment_id == parent.info.experiment_id \
+            and (run.info.start_time or 0) > (parent.info.start_time or 0):  # passed over by record.latest_sweep
+        raise record.RecordError(
+            f"alias {ALIAS!r} of {name} points at version {current.version}, of sweep run {sweep}, which was "
+            f"deleted; the latest sweep left, {parent.info.run_id}, is an earlier one: pass --sweep-run "
+            f"{parent.info.run_id} to move the alias to its champion, or restore sweep run {sweep} (`mlflow runs "
+            f"restore --run-id {sweep}`); nothing registered")
 
 
 def latency_settings(speedup: Mapping[str, Any], resources: Mapping[str, Any]) -> dict[str, int]:

@@ -1,0 +1,292 @@
+"""`fineprune register` and `fineprune select` on a store a person has used: several sweeps registered under one
+model, runs deleted in the MLflow UI, and what each command reads from the artifact store.
+
+Real SQLite MLflow stores in a temporary directory, with sweeps shaped like a sweep's record (a parent run, a dense
+baseline, finished trials whose packed models are tiny packed BERTs), registered without their ONNX export.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from workflows import record, registry, tracking
+from workflows.cli import main
+
+NAME = "store-registry"
+
+
+def _packed(path: Path, tokenizer, heads: int, ffn: int) -> Path:
+    """A 2-layer BERT (hidden 64, 2 heads of 32, FFN 128) with heads and FFN dimensions zeroed, then packed."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from pruning.packing import pack, save_packed
+
+    if not path.exists():
+        torch.manual_seed(0)
+        model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=128, max_position_embeddings=128)).eval()
+        with torch.no_grad():
+            for layer in model.bert.encoder.layer:
+                layer.attention.output.dense.weight[:, heads * 32:] = 0
+                layer.output.dense.weight[:, ffn:] = 0
+        save_packed(pack(model), tokenizer, path)
+    return path
+
+
+def _sweep(client: MlflowClient, root: Path, tokenizer, key: str, trials: dict[str, tuple],
+           experiment: str = "exp") -> dict:
+    """A finished sweep of ``experiment`` (registry policy best_f1_under_density 0.6, no ONNX export): its parent
+    run, its dense baseline and ``trials`` (name -> (heads, FFN width, F1, linear density, on the density frontier)),
+    finished with packed models. Returns the parent run id and the trials' run ids."""
+    spec = {"registry": {"name": NAME, "policy": "best_f1_under_density", "max_density": 0.6, "onnx": False}}
+    parent = tracking.start_parent_run(client, experiment, str(root / key), spec, resume=False)
+    experiment_id = client.get_run(parent).info.experiment_id
+    baseline = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_BASELINE,
+                                                      record.TAG_PARENT: parent, record.TAG_STATUS: "finished"})
+    client.log_metric(baseline.info.run_id, "f1", 95.0)
+    client.set_terminated(baseline.info.run_id)
+    runs = {}
+    for name, (heads, ffn, f1, density, on_front) in trials.items():
+        run_id = client.create_run(experiment_id, tags={
+            record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent, record.TAG_STATUS: "finished",
+            record.TAG_PACKED_ARTIFACT: "packed_model", "pareto": str(on_front).lower(), "pareto_speedup": "false",
+            record.TAG_RUN_NAME: name}).info.run_id
+        client.log_artifacts(run_id, str(_packed(root / "models" / f"{heads}-{ffn}", tokenizer, heads, ffn)),
+                             "packed_model")
+        for metric, value in {"f1": f1, "exact_match": f1 - 10, "linear_density": density,
+                              "total_density": density, "heads_removed": 2 - heads, "speedup": 2 - density}.items():
+            client.log_metric(run_id, metric, value)
+        client.log_param(run_id, "max_seq_length", "64")
+        client.set_terminated(run_id)
+        runs[name] = run_id
+    tracking.finish_parent_run(client, parent)
+    return {"parent": parent, "runs": runs}
+
+
+@pytest.fixture
+def store(tmp_path) -> dict:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
+    return {"client": client, "uri": uri, "root": tmp_path}
+
+
+def _register(capsys, store: dict, *flags: str) -> tuple[int, dict | None, str]:
+    status = main(["register", "--experiment", "exp", "--tracking-uri", store["uri"], *flags])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return status, (json.loads(out) if out.strip() else None), err
+
+
+def _select(capsys, store: dict, *flags: str) -> tuple[int, dict | None, str]:
+    status = main(["select", "--registered-model", NAME, "--max-latency-ms", "10000", "--repeats", "1",
+                   "--seq-len", "32", "--threads", "1", "--tracking-uri", store["uri"], *flags])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return status, (json.loads(out) if out.strip() else None), err
+
+
+def _version_of(client, run_id: str) -> str:
+    return next(str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")
+                if v.tags[record.TAG_TRIAL_RUN] == run_id)
+
+
+def _champion(client) -> str:
+    return str(client.get_model_version_by_alias(NAME, "champion").version)
+
+
+# name -> (heads kept per layer, FFN width kept, F1, linear density, on the density frontier)
+TRIALS = {"wide": (2, 64, 80.0, 0.5, True), "narrow": (1, 32, 60.0, 0.3, True), "dominated": (1, 16, 20.0, 0.4, False)}
+
+
+class _Downloads:
+    """MLflow's artifact downloads and listings, made as they are, counted by the file or directory they name."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.downloads, self.listings = Counter(), Counter()
+        download, listing = mlflow.artifacts.download_artifacts, mlflow.artifacts.list_artifacts
+
+        def counted_download(*args, **kwargs):
+            self.downloads[str(kwargs.get("artifact_uri")).rsplit("/", 1)[-1]] += 1
+            return download(*args, **kwargs)
+
+        def counted_listing(*args, **kwargs):
+            self.listings[str(kwargs.get("artifact_uri"))] += 1
+            return listing(*args, **kwargs)
+
+        monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counted_download)
+        monkeypatch.setattr(mlflow.artifacts, "list_artifacts", counted_listing)
+
+    def clear(self) -> None:
+        self.downloads.clear()
+        self.listings.clear()
+
+
+def test_select_reads_each_versions_mlmodel_once(store, tokenizer, capsys, monkeypatch):
+    """`select` downloaded every version's MLmodel twice (once to check that the files its served model loads are
+    still there, once to load it); the check's copy is the one loaded now, and the choice is the same."""
+    made = _sweep(store["client"], store["root"], tokenizer, "a", TRIALS)
+    assert _register(capsys, store, "--frontier")[0] == 0
+    counted = _Downloads(monkeypatch)
+    status, chosen, _ = _select(capsys, store, "--alias", "fast")
+    assert status == 0 and chosen["run_id"] == made["runs"]["wide"]
+    assert [row["run_id"] for row in chosen["versions"]] == [made["runs"]["narrow"], made["runs"]["wide"]]
+    assert all("latency_ms" in row for row in chosen["versions"])
+    assert counted.downloads == {"MLmodel": 2, "packed_model": 2}  # one of each per version
+
+
+def test_registering_again_lists_each_directory_of_a_version_once_and_still_finds_what_is_gone(store, tokenizer,
+                                                                                               capsys, monkeypatch):
+    """Registering a registered sweep again checks that every version it reuses can still be served: that took five
+    listings of the artifact store per version (the root twice, `artifacts` once per directory under it), and the
+    champion's version was checked again after the frontier's; each directory it reads is now listed once, three in
+    all, each version is checked once, and a file removed or a directory emptied is still found."""
+    import shutil
+
+    made = _sweep(store["client"], store["root"], tokenizer, "a", TRIALS)
+    client = store["client"]
+    assert _register(capsys, store, "--frontier")[0] == 0
+    counted = _Downloads(monkeypatch)
+    status, result, _ = _register(capsys, store, "--frontier")
+    assert status == 0 and result["version"] == _version_of(client, made["runs"]["wide"])
+    # The two frontier versions: the root, its code and the packed model, once each; the champion's version, one
+    # of them, is not checked again.
+    checked = [client.get_model_version_download_uri(NAME, row["version"]).rstrip("/") for row in result["frontier"]]
+    champion = client.get_model_version_download_uri(NAME, result["version"]).rstrip("/")
+    assert champion in checked
+    assert counted.downloads == Counter({"MLmodel": 2})
+    assert counted.listings == Counter(f"{root}{path}" for root in checked
+                                       for path in ("", "/code", "/artifacts/packed_model"))
+
+    root = Path(champion.removeprefix("file://"))
+    spoilt = {"python_model.pkl": "its python_model (python_model.pkl) is gone",
+              "code": "its code (code) is gone",
+              "artifacts/packed_model": "its model_dir (artifacts/packed_model) is gone",
+              "MLmodel": "its MLmodel is gone"}
+    for path, said in spoilt.items():
+        kept = store["root"] / "kept"
+        shutil.copytree(root, kept)
+        target = root / path
+        if target.is_dir():  # emptied, as a copy that never finished leaves it
+            shutil.rmtree(target)
+            target.mkdir()
+        else:
+            target.unlink()
+        assert registry._lost_files(champion, store["uri"]) == f"{said} from {champion}", path
+        shutil.rmtree(root)
+        kept.rename(root)
+    assert registry._lost_files(champion, store["uri"]) is None
+
+
+def test_select_does_not_choose_a_version_whose_trial_or_sweep_run_was_deleted(store, tokenizer, capsys, caplog):
+    """`select` without a sweep chose among every version of the model, one whose trial run was deleted in the MLflow
+    UI too (the most accurate here), and said nothing; a version whose trial or sweep run was deleted (set aside, as
+    `register` passes a deleted sweep over) is now listed with why, with one warning naming it and the run, and not
+    loaded or chosen."""
+    client = store["client"]
+    first = _sweep(client, store["root"], tokenizer, "a", TRIALS)
+    assert _register(capsys, store, "--frontier")[0] == 0
+    later = _sweep(client, store["root"], tokenizer, "b", {"best": (2, 64, 90.0, 0.5, True)})
+    assert _register(capsys, store, "--frontier")[0] == 0
+    wide, narrow = _version_of(client, first["runs"]["wide"]), _version_of(client, first["runs"]["narrow"])
+    best = _version_of(client, later["runs"]["best"])
+    client.delete_run(first["runs"]["wide"])
+    client.delete_run(later["parent"])
+    caplog.clear()
+
+    status, chosen, _ = _select(capsys, store, "--alias", "fast")
+    assert status == 0 and chosen["version"] == narrow and chosen["run_id"] == first["runs"]["narrow"]
+    rows = {row["version"]: row for row in chosen["versions"]}
+    gone = {wide: ("trial", first["runs"]["wide"]), best: ("sweep", later["parent"])}
+    for version, (what, run_id) in gone.items():
+        assert rows[version]["error"] == (f"its {what} run {run_id} was deleted (restore it, `mlflow runs restore "
+                                          f"--run-id {run_id}`, to have the version chosen again)")
+        assert "latency_ms" not in rows[version]
+    assert "latency_ms" in rows[narrow]
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                      and r.name == "workflows.registry")
+    assert warnings == sorted(f"version {version} of {NAME}: {rows[version]['error']}, so it is not chosen"
+                              for version in gone)
+    assert str(client.get_model_version_by_alias(NAME, "fast").version) == narrow
+
+    client.delete_run(first["runs"]["narrow"])  # none left: one line, the alias where it was
+    status, out, err = _select(capsys, store, "--alias", "fast")
+    assert status == 2 and out is None
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"fineprune select: error: no version of {NAME!r} could be chosen (version {narrow}: its "
+                           f"trial run {first['runs']['narrow']} was deleted"), line
+    assert line.endswith("alias 'fast' left as it was")
+    assert str(client.get_model_version_by_alias(NAME, "fast").version) == narrow
+
+
+def test_register_does_not_take_the_champion_back_to_an_earlier_sweep_unasked(store, tokenizer, capsys):
+    """The champion registered by the latest sweep, whose run was then deleted in the MLflow UI: `register` took the
+    sweep before it and moved the alias to that sweep's champion, an older and less accurate model, on a warning
+    alone. It now stops with one line naming the version and the deleted sweep (exit 2), registers nothing and
+    leaves the alias; `--sweep-run` moves it, and once the alias is on a version of a sweep left, `register` goes
+    on as before."""
+    client = store["client"]
+    first = _sweep(client, store["root"], tokenizer, "a", TRIALS)
+    assert _register(capsys, store)[0] == 0
+    later = _sweep(client, store["root"], tokenizer, "b", {"best": (2, 64, 90.0, 0.5, True)})
+    assert _register(capsys, store)[0] == 0
+    best = _version_of(client, later["runs"]["best"])
+    assert _champion(client) == best
+    client.delete_run(later["parent"])
+    versions = len(client.search_model_versions(f"name = '{NAME}'"))
+
+    for flags in ((), ("--frontier",)):
+        status, out, err = _register(capsys, store, *flags)
+        assert status == 2 and out is None
+        assert err.strip().splitlines()[-1] == (
+            f"fineprune register: error: alias 'champion' of {NAME} points at version {best}, of sweep run "
+            f"{later['parent']}, which was deleted; the latest sweep left, {first['parent']}, is an earlier one: pass "
+            f"--sweep-run {first['parent']} to move the alias to its champion, or restore sweep run "
+            f"{later['parent']} (`mlflow runs restore --run-id {later['parent']}`); nothing registered")
+        assert _champion(client) == best and len(client.search_model_versions(f"name = '{NAME}'")) == versions
+
+    status, result, _ = _register(capsys, store, "--sweep-run", first["parent"])
+    assert status == 0 and result["run_id"] == first["runs"]["wide"]
+    assert _champion(client) == result["version"] == _version_of(client, first["runs"]["wide"])
+    assert _register(capsys, store)[0] == 0 and _champion(client) == result["version"]
+
+    # A deleted sweep of another experiment that registers under the same name was never passed over here.
+    other = _sweep(client, store["root"], tokenizer, "c", {"other": (2, 64, 95.0, 0.5, True)}, experiment="other")
+    assert main(["register", "--experiment", "other", "--tracking-uri", store["uri"]]) == 0
+    assert _champion(client) == _version_of(client, other["runs"]["other"])
+    client.delete_run(other["parent"])
+    capsys.readouterr()
+    status, again, _ = _register(capsys, store)
+    assert status == 0 and _champion(client) == again["version"] == result["version"]
+
+
+def test_register_without_a_champion_says_the_alias_is_left_on_a_version_whose_trial_was_deleted(store, tokenizer,
+                                                                                                capsys, caplog):
+    """The champion's trial run (and the other trials) deleted in the MLflow UI: `register` found no trial to
+    register, said only that none satisfies the policy and left the alias, on the deleted trial's version, without a
+    word; it still leaves it (what serves is not taken away), but warns that the alias is on a version nothing
+    would choose now, naming the run and how to restore it."""
+    client = store["client"]
+    made = _sweep(client, store["root"], tokenizer, "a", TRIALS)
+    assert _register(capsys, store)[0] == 0
+    wide = _version_of(client, made["runs"]["wide"])
+    for run_id in made["runs"].values():
+        client.delete_run(run_id)
+    caplog.clear()
+    status, result, _ = _register(capsys, store)
+    assert status == 4 and result["registered"] is False and _champion(client) == wide
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.registry"]
+    run_id = made["runs"]["wide"]
+    assert warnings == ["no trial of experiment 'exp' satisfies the registry policy best_f1_under_density; nothing "
+                        "registered",
+                        f"alias 'champion' of {NAME} is left on version {wide}, which nothing chooses now: its trial "
+                        f"run {run_id} was deleted (restore it, `mlflow runs restore --run-id {run_id}`, to have the "
+                        "version chosen again)"]
