@@ -323,11 +323,18 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     settings = {**_normalizer_settings(given, recorded), **_unknown_token_setting(named, recorded)}
     # What the tokenizers library refuses in tokenizer.json (a word limit written "100") is said here, in one line,
     # rather than in transformers' traceback.
-    own = _recorded_pipeline(directory / "tokenizer.json", recorded, whole=False) if recorded else None
+    own = _recorded_pipeline(directory / "tokenizer.json", recorded) if recorded else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, **settings)
     except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
         raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        if type(err) is not Exception or not recorded:
+            raise
+        # The tokenizers library's own error, in a part of tokenizer.json not read above (a Unigram vocabulary
+        # entry past the unknown token): the whole file names it.
+        _recorded_pipeline(directory / "tokenizer.json", recorded, whole=True)
+        raise
     kept_post_processor = _keep_recorded_pipeline(directory, tokenizer, given, recorded, own)
     _check_unknown_token(directory, tokenizer, named, recorded)
     special = set(tokenizer.all_special_tokens)
@@ -426,29 +433,37 @@ def _keep_recorded_model_parts(tokenizer: PreTrainedTokenizerBase, recorded: dic
     return False
 
 
-def _recorded_pipeline(path: Path, recorded: dict[str, Any], whole: bool = True) -> Any:
+def _recorded_pipeline(path: Path, recorded: dict[str, Any], whole: bool = False) -> Any:
     """The ``tokenizers.Tokenizer`` that ``tokenizer.json`` (``path``, read as ``recorded``) describes, built
     without its vocabulary where its model allows (as transformers does): its normalizer, pre-tokenizer, model
-    settings, post-processor and decoder, without parsing the file again. Where the vocabulary cannot be left out
-    (a Unigram model), the whole file is parsed, or with ``whole`` false None is returned.
+    settings, post-processor and decoder, without parsing the file again. A Unigram model keeps the first entries of
+    its vocabulary, up to its unknown token's, the least it is read with. With ``whole``, or where the vocabulary
+    cannot be left out, the whole file is parsed.
 
     Raises:
-        CheckpointError: the tokenizers library refuses the file, naming it.
+        CheckpointError: the tokenizers library refuses the file, naming it and the part refused.
     """
     from tokenizers import Tokenizer
 
     model = recorded.get("model")
-    small = isinstance(model, dict) and model.get("type") in ("WordPiece", "BPE", "WordLevel")
-    if not (small or whole):
-        return None
+    kind = model.get("type") if isinstance(model, dict) else None
+    unknown = model.get("unk_id") if kind == "Unigram" else None
+    small = not whole and (kind in ("WordPiece", "BPE", "WordLevel") or (
+        isinstance(unknown, int) and not isinstance(unknown, bool) and unknown >= 0
+        and isinstance(model.get("vocab"), list)))
     if small:
-        empty = {"vocab": {}, **({"merges": []} if model.get("type") == "BPE" else {})}
+        if kind == "Unigram":
+            empty = {"vocab": model["vocab"][:unknown + 1]}
+        else:
+            empty = {"vocab": {}, **({"merges": []} if kind == "BPE" else {})}
         recorded = {**recorded, "model": {**model, **empty}, "added_tokens": []}
     try:
         return Tokenizer.from_str(json.dumps(recorded)) if small else Tokenizer.from_file(str(path))
     except Exception as err:  # noqa: BLE001 - the Rust parser's own error type
         error = str(err).splitlines()[0]
-    for part in (_PARTS if small else ()):  # the part refused: the one without which the rest is read
+    if small:  # a line and column of the text rebuilt here, not of the file
+        error = re.sub(r" at line \d+ column \d+$", "", error)
+    for part in _PARTS:  # the part refused: the one without which the rest is read
         try:
             Tokenizer.from_str(json.dumps({**recorded, part: None}))
         except Exception:  # noqa: BLE001
@@ -456,8 +471,7 @@ def _recorded_pipeline(path: Path, recorded: dict[str, Any], whole: bool = True)
         error = f"{part}: {error}"
         break
     else:
-        if small:
-            error = f"model: {error}"
+        error = f"model: {error}"
     raise CheckpointError(f"{path}: not a tokenizer file ({error})")
 
 

@@ -471,3 +471,63 @@ def test_a_long_question_is_cut_to_max_query_length_with_byte_level_bpe(bpe_toke
                                            32, max_query_length=16)
     by_hand = squad.prepare_eval_features([squad.Example("q", "", example.context, cut)], bpe_tokenizer, 96, 32)
     assert torch.equal(features.input_ids, by_hand.input_ids)
+
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France and its largest city.",
+         "Question answering windows map answers through offsets.", "Zoë went to Köln in 1998 by train."]
+
+
+def unigram_directory(directory: Path, tokenizer_class: str = "XLMRobertaTokenizer", unknown_first: bool = False,
+                      normalizer=None, edit=None) -> Path:
+    """A Unigram (SentencePiece-style) tokenizer of about 120 pieces trained here on TEXTS, saved as the tokenizers
+    library writes it (``Tokenizer.save``) beside a ``tokenizer_config.json`` naming ``tokenizer_class``; ``edit``
+    changes the saved JSON."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<unk>", "<s>", "<pad>", "</s>", "<mask>"] if unknown_first else SPECIALS
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.train_from_iterator(TEXTS * 3, trainers.UnigramTrainer(vocab_size=120, special_tokens=specials,
+                                                                      unk_token="<unk>", show_progress=False))
+    cls, sep = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                             special_tokens=[("<s>", cls), ("</s>", sep)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    if edit is not None:
+        recorded = json.loads((directory / "tokenizer.json").read_text())
+        edit(recorded)
+        (directory / "tokenizer.json").write_text(json.dumps(recorded))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": tokenizer_class}))
+    return directory
+
+
+def _set(part: str, field: str, value):
+    def edit(recorded: dict) -> None:
+        recorded[part][field] = value
+    return edit
+
+
+def _score_of_entry(index: int, value):
+    def edit(recorded: dict) -> None:
+        recorded["model"]["vocab"][index][1] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, says", [
+    (_set("model", "unk_id", "3"), 'model: invalid type: string "3", expected usize'),
+    (_set("model", "byte_fallback", "no"), 'model: invalid type: string "no", expected a boolean'),
+    (_score_of_entry(40, "low"), 'model: invalid type: string "low", expected f64'),
+    (_set("pre_tokenizer", "prepend_scheme", 3), "pre_tokenizer: invalid type: integer `3`"),
+], ids=["unk-id-in-quotes", "byte-fallback-a-string", "a-score-a-string", "prepend-scheme-a-number"])
+@pytest.mark.parametrize("tokenizer_class", ["XLMRobertaTokenizer", "CamembertTokenizer"])
+def test_a_unigram_tokenizer_json_field_of_the_wrong_type_is_one_line_naming_it(tmp_path, edit, says,
+                                                                                tokenizer_class):
+    # the tokenizers library's refusal came out of transformers as a traceback (a bare Exception)
+    directory = unigram_directory(tmp_path / "tok", tokenizer_class, edit=edit)
+    with pytest.raises(CheckpointError) as caught:
+        load_tokenizer(directory)
+    message = str(caught.value)
+    assert message.startswith(f"{directory / 'tokenizer.json'}: not a tokenizer file (") and says in message, message
