@@ -313,7 +313,8 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped, of another
     kind or none) where ``tokenizer_config.json`` does not say otherwise, its own pre-tokenizer, WordPiece settings
     (subword prefix, longest word), decoder and post-processor, and its own unknown token where no other file names
-    one.
+    one. A RoBERTa-family ``tokenizer.json`` keeps its model settings (a Unigram model's ``unk_id`` and
+    ``byte_fallback``, a BPE model's all but ``dropout``).
     """
     directory = Path(model_dir)
     given = _tokenizer_file(directory / "tokenizer_config.json") or {}  # each file read once, here
@@ -336,6 +337,7 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
         _recorded_pipeline(directory / "tokenizer.json", recorded, whole=True)
         raise
     kept_post_processor = _keep_recorded_pipeline(directory, tokenizer, given, recorded, own)
+    _keep_recorded_family_model(tokenizer, recorded, own)
     _check_unknown_token(directory, tokenizer, named, recorded)
     special = set(tokenizer.all_special_tokens)
     # The vocabulary is listed only where its own part is no larger than the special tokens (listing it is slow).
@@ -431,6 +433,47 @@ def _keep_recorded_model_parts(tokenizer: PreTrainedTokenizerBase, recorded: dic
         backend.post_processor = own.post_processor
         return True
     return False
+
+
+# transformers' RoBERTa-family tokenizer classes, which build their model from the vocabulary of tokenizer.json and
+# their own defaults.
+_FAMILY = ("RobertaTokenizer", "XLMRobertaTokenizer", "CamembertTokenizer")
+# The settings of a BPE model beside its vocabulary and merges (dropout aside: windows read the same every time).
+_BPE_SETTINGS = ("unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback",
+                 "ignore_merges")
+# A character no vocabulary holds, whose token shows which id a Unigram model gives an unknown character.
+_PROBE = "\U0010fffd"
+
+
+def _keep_recorded_family_model(tokenizer: PreTrainedTokenizerBase, recorded: dict[str, Any], own: Any) -> None:
+    """Put back the model settings of ``tokenizer.json`` (``recorded``, built as ``own``) where a RoBERTa-family
+    class rebuilt its model with its own.
+
+    transformers' XLM-RoBERTa class gives a Unigram model the unknown id 3 (CamemBERT's: its unknown token's id) and no
+    byte fallback, whatever the file's ``unk_id`` and ``byte_fallback``: a vocabulary whose unknown token is at
+    id 0 read every character outside it as the token at id 3 (``</s>`` in a context), and one with byte fallback
+    read such a character as the unknown token rather than its bytes. Its RoBERTa class gives a BPE model no unknown
+    token, subword prefix or word suffix, fuse_unk, byte fallback or ignore_merges, whatever the file's.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = recorded.get("model")
+    if type(tokenizer).__name__ not in _FAMILY or own is None or not isinstance(model, dict):
+        return
+    kind = type(backend.model).__name__
+    if kind == "BPE" and type(own.model).__name__ == "BPE":
+        for setting in _BPE_SETTINGS:
+            if getattr(backend.model, setting) != getattr(own.model, setting):
+                setattr(backend.model, setting, getattr(own.model, setting))
+        return
+    unknown, fallback = model.get("unk_id"), model.get("byte_fallback") is True
+    if kind != "Unigram" or model.get("type") != "Unigram" or unknown is None:
+        return
+    if not fallback and backend.model.token_to_id(_PROBE) is None and [
+            token.id for token in backend.model.tokenize(_PROBE)] == [unknown]:
+        return  # transformers' model reads an unknown character as the file's does
+    from tokenizers import models
+
+    backend.model = models.Unigram([tuple(entry) for entry in model["vocab"]], unknown, fallback)
 
 
 def _recorded_pipeline(path: Path, recorded: dict[str, Any], whole: bool = False) -> Any:

@@ -531,3 +531,33 @@ def test_a_unigram_tokenizer_json_field_of_the_wrong_type_is_one_line_naming_it(
         load_tokenizer(directory)
     message = str(caught.value)
     assert message.startswith(f"{directory / 'tokenizer.json'}: not a tokenizer file (") and says in message, message
+
+
+def _with_byte_pieces(recorded: dict) -> None:
+    """Byte fallback, with the 256 byte pieces it reads a character outside the vocabulary as."""
+    recorded["model"]["byte_fallback"] = True
+    recorded["model"]["vocab"] += [[f"<0x{byte:02X}>", -20.0] for byte in range(256)]
+
+
+@pytest.mark.parametrize("tokenizer_class", ["XLMRobertaTokenizer", "CamembertTokenizer"])
+@pytest.mark.parametrize("setting", ["unk-id-0", "byte-fallback"])
+def test_a_unigram_tokenizer_reads_characters_outside_its_vocabulary_as_its_file_says(tmp_path, tokenizer_class,
+                                                                                   setting):
+    # XLM-R's class gave the unknown id 3 (here </s>, a separator in the middle of a context) and neither class
+    # read such a character as its bytes
+    directory = unigram_directory(tmp_path / "tok", tokenizer_class, unknown_first=setting == "unk-id-0",
+                                  edit=_with_byte_pieces if setting == "byte-fallback" else None)
+    tokenizer = load_tokenizer(directory)
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    question, context = "Where is Würzburg?", "Würzburg (€ 5) is on the Main."
+    for pair in [(context,), (question, context)]:
+        assert tokenizer(*pair)["input_ids"] == reference.encode(*pair).ids
+    ids = tokenizer(question, context)["input_ids"]
+    if setting == "unk-id-0":
+        assert tokenizer.sep_token_id not in ids[1:ids.index(tokenizer.sep_token_id)]
+    else:
+        assert "<0xE2>" in tokenizer.convert_ids_to_tokens(ids)  # the first byte of €
+    tokenizer.save_pretrained(tmp_path / "saved")  # as a run saves it with its model
+    assert load_tokenizer(tmp_path / "saved")(question, context)["input_ids"] == ids
