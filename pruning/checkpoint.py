@@ -314,7 +314,9 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     kind or none) where ``tokenizer_config.json`` does not say otherwise, its own pre-tokenizer, WordPiece settings
     (subword prefix, longest word), decoder and post-processor, and its own unknown token where no other file names
     one. A RoBERTa-family ``tokenizer.json`` keeps its model settings (a Unigram model's ``unk_id`` and
-    ``byte_fallback``, a BPE model's all but ``dropout``).
+    ``byte_fallback``, a BPE model's all but ``dropout``), its normalizer, pre-tokenizer, decoder and
+    post-processor, with the ``add_prefix_space`` and ``trim_offsets`` of ``tokenizer_config.json`` applied where it
+    gives them.
     """
     directory = Path(model_dir)
     given = _tokenizer_file(directory / "tokenizer_config.json") or {}  # each file read once, here
@@ -338,6 +340,8 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
         raise
     kept_post_processor = _keep_recorded_pipeline(directory, tokenizer, given, recorded, own)
     _keep_recorded_family_model(tokenizer, recorded, own)
+    if _keep_recorded_family_pipeline(directory, tokenizer, given, recorded, own):
+        kept_post_processor = True
     _check_unknown_token(directory, tokenizer, named, recorded)
     special = set(tokenizer.all_special_tokens)
     # The vocabulary is listed only where its own part is no larger than the special tokens (listing it is slow).
@@ -388,8 +392,8 @@ def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase,
       whatever the file's template (type ids all 0, for a model of one token type; two [SEP] between the texts;
       other special tokens or ids).
 
-    Only BERT's parts are replaced: other classes (RoBERTa's byte-level pre-tokenizer) build theirs from
-    ``tokenizer_config.json``'s settings, as transformers documents.
+    Only BERT's parts are replaced here; :func:`_keep_recorded_family_pipeline` puts back those of the RoBERTa
+    family.
     """
     path = model_dir / "tokenizer.json"
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -476,6 +480,65 @@ def _keep_recorded_family_model(tokenizer: PreTrainedTokenizerBase, recorded: di
     backend.model = models.Unigram([tuple(entry) for entry in model["vocab"]], unknown, fallback)
 
 
+# The tokenizer_config.json settings from which transformers builds a RoBERTa-family pipeline.
+_FAMILY_SETTINGS = ("add_prefix_space", "trim_offsets")
+
+
+def _keep_recorded_family_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase, given: dict[str, Any],
+                                   recorded: dict[str, Any], own: Any) -> bool:
+    """Put back the normalizer, pre-tokenizer, decoder and post-processor of ``tokenizer.json`` (``recorded``, built
+    as ``own``) where a RoBERTa-family class rebuilt them with its own; True where its post-processor is kept.
+
+    transformers' RoBERTa, XLM-RoBERTa and CamemBERT classes build their pipeline from ``tokenizer_config.json``'s
+    ``add_prefix_space`` and ``trim_offsets`` (``given``) and their defaults, not from ``tokenizer.json``: no
+    normalizer (a lower-casing one dropped: "Paris" read as other tokens than "paris"), a ``ByteLevel`` or
+    ``WhitespaceSplit`` + ``Metaspace`` pre-tokenizer without the file's prefix space, and RoBERTa's
+    ``RobertaProcessing`` (offsets trimmed of their spaces, whatever the file's ``trim_offsets``) or XLM-R's
+    ``<s> A </s></s> B </s>`` in place of the file's template. The file's parts are kept, with the
+    ``add_prefix_space`` and ``trim_offsets`` that ``tokenizer_config.json`` gives applied to them, as
+    transformers 4 did; the class's defaults for those two are dropped from the settings a run saves with its
+    model, which would otherwise decide when it is read again.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if type(tokenizer).__name__ not in _FAMILY or own is None or backend is None:
+        return False
+    settings = {key: given[key] for key in _FAMILY_SETTINGS if isinstance(given.get(key), bool)}
+    if settings:
+        parts = {part: _with_settings(recorded.get(part), settings, part == "post_processor")
+                 for part in ("pre_tokenizer", "decoder", "post_processor")}
+        own = _recorded_pipeline(model_dir / "tokenizer.json", {**recorded, **parts})
+    if "normalizer" in recorded:
+        backend.normalizer = own.normalizer
+    if "pre_tokenizer" in recorded:
+        backend.pre_tokenizer = own.pre_tokenizer
+    if "decoder" in recorded:
+        backend.decoder = own.decoder
+    for key in _FAMILY_SETTINGS:
+        if key not in settings:
+            tokenizer.init_kwargs.pop(key, None)
+    if not isinstance(recorded.get("post_processor"), dict):
+        return False  # the class's, which the windows need
+    backend.post_processor = own.post_processor
+    return True
+
+
+def _with_settings(part: Any, settings: dict[str, bool], post_processor: bool) -> Any:
+    """A copy of the JSON of a pipeline part (and of the parts of a ``Sequence``) with ``tokenizer_config.json``'s
+    ``add_prefix_space`` and, in a post-processor, ``trim_offsets`` (``settings``) applied where it has them."""
+    if isinstance(part, list):
+        return [_with_settings(item, settings, post_processor) for item in part]
+    if not isinstance(part, dict):
+        return part
+    part = {key: _with_settings(value, settings, post_processor) if isinstance(value, list) else value
+            for key, value in part.items()}
+    if part.get("type") in ("ByteLevel", "RobertaProcessing"):
+        part.update({key: value for key, value in settings.items()
+                     if key == "add_prefix_space" or post_processor})
+    elif part.get("type") == "Metaspace" and "add_prefix_space" in settings:
+        part["prepend_scheme"] = "always" if settings["add_prefix_space"] else "never"
+    return part
+
+
 def _recorded_pipeline(path: Path, recorded: dict[str, Any], whole: bool = False) -> Any:
     """The ``tokenizers.Tokenizer`` that ``tokenizer.json`` (``path``, read as ``recorded``) describes, built
     without its vocabulary where its model allows (as transformers does): its normalizer, pre-tokenizer, model
@@ -527,6 +590,7 @@ _PARTS = ("normalizer", "pre_tokenizer", "post_processor", "decoder", "truncatio
 # is of this kind); where it does not lower-case, capitals are left as they are too.
 _PLAIN = re.compile(r"[!-@\[-~]+")
 _PLAIN_CASED = re.compile(r"[!-~]+")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # a byte piece (byte fallback), not text
 
 
 def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase, special: set[str],
@@ -536,14 +600,16 @@ def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizer
     tokens. Whatever gave the settings is named: ``tokenizer_config.json``, ``tokenizer.json``'s normalizer, or
     transformers' defaults where no file gives them (a bare ``vocab.txt``, a ``tokenizer_config.json`` that gives
     ``strip_accents`` but not ``do_lower_case``)."""
-    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
-    if normalizer is None:
-        return
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalizer = getattr(backend, "normalizer", None)
+    if normalizer is None or "ByteLevel(" in repr(backend.pre_tokenizer):
+        return  # a byte-level vocabulary holds bytes shown as characters ("Ã" for 0xC3), not normalized text
     plain = None
     if type(normalizer).__name__ == "BertNormalizer":
         plain = (_PLAIN if normalizer.lowercase else _PLAIN_CASED).fullmatch
     prefix = getattr(tokenizer.backend_tokenizer.model, "continuing_subword_prefix", None) or "##"
-    pieces = [token.removeprefix(prefix) for token in tokenizer.get_vocab() if token not in special]
+    pieces = [token.removeprefix(prefix) for token in tokenizer.get_vocab() if token not in special
+              and not _BYTE_PIECE.fullmatch(token)]
     unreachable = [piece for piece in pieces if piece and not (plain and plain(piece))
                    and normalizer.normalize_str(piece).strip() != piece]
     if not unreachable:

@@ -9,6 +9,7 @@ contexts, and ELECTRA takes the shipped WordPiece tokenizer.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import mlflow
@@ -561,3 +562,126 @@ def test_a_unigram_tokenizer_reads_characters_outside_its_vocabulary_as_its_file
         assert "<0xE2>" in tokenizer.convert_ids_to_tokens(ids)  # the first byte of €
     tokenizer.save_pretrained(tmp_path / "saved")  # as a run saves it with its model
     assert load_tokenizer(tmp_path / "saved")(question, context)["input_ids"] == ids
+
+
+def bpe_directory(directory: Path, lowercase: bool = False, prefix_space: bool = False, post_processor=None,
+                  config: dict | None = None) -> Path:
+    """A byte-level BPE trained here on TEXTS (as ``ByteLevelBPETokenizer`` builds it: ``lowercase`` gives it a
+    lower-casing normalizer, ``prefix_space`` a pre-tokenizer that adds a space before the first word), with
+    ``post_processor`` (by default the tokenizers library's ``RobertaProcessing``), saved as the tokenizers library
+    writes it beside a ``tokenizer_config.json`` naming RobertaTokenizer (and holding ``config``)."""
+    from tokenizers import Tokenizer, processors
+
+    bpe = ByteLevelBPETokenizer(lowercase=lowercase, add_prefix_space=prefix_space)
+    bpe.train_from_iterator(TEXTS * 3, vocab_size=300, min_frequency=1, special_tokens=SPECIALS,
+                            show_progress=False)
+    tokenizer = Tokenizer.from_str(bpe._tokenizer.to_str())
+    tokenizer.post_processor = post_processor or processors.RobertaProcessing(("</s>", 2), ("<s>", 0),
+                                                                              add_prefix_space=prefix_space)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "RobertaTokenizer",
+                                                                 **(config or {})}))
+    return directory
+
+
+def _encodings_agree(directory: Path, tokenizer, texts) -> None:
+    """The ids, offsets and sequence of each token ``tokenizer`` gives each text (or question-context pair) are the
+    ones the tokenizers library gives reading ``directory``'s tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    for text in texts:
+        pair = (text,) if isinstance(text, str) else text
+        expected, got = reference.encode(*pair), tokenizer(*pair, return_offsets_mapping=True)
+        assert (got["input_ids"], [tuple(o) for o in got["offset_mapping"]], got.sequence_ids()) == (
+            expected.ids, expected.offsets, expected.sequence_ids), pair
+
+
+def _windows_agree(directory: Path, tokenizer, examples, max_seq_length: int = 40, doc_stride: int = 12) -> None:
+    """The SQuAD windows of ``examples`` (ids and context offsets) are the ones the tokenizers library makes from
+    ``directory``'s tokenizer.json, truncating the context with the same stride."""
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    reference.enable_truncation(max_seq_length, stride=doc_stride, strategy="only_second")
+    features = squad.prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length,
+                                           doc_stride=doc_stride)
+    expected = []
+    for ex in examples:
+        first = reference.encode(ex.question, ex.context)
+        expected += [first, *first.overflowing]
+    assert len(features) == len(expected)
+    for row, encoding in enumerate(expected):
+        width = len(encoding.ids)
+        assert features.input_ids[row, :width].tolist() == encoding.ids, row
+        context = [offsets if piece == 1 else None for offsets, piece in zip(encoding.offsets,
+                                                                              encoding.sequence_ids)]
+        assert features.token_offsets(row)[:width] == context, row
+
+
+_CONTEXT = ("Paris is the capital of France and its largest city. The quick brown fox jumps over the lazy dog. "
+            "Zoë went to Köln in 1998 by train.")
+_EXAMPLES = [squad.Example("q0", "t", _CONTEXT, "What is the capital of France?", ("Paris",), (0,)),
+             squad.Example("q1", "t", _CONTEXT, "Where did Zoë go in 1998?", ("Köln",), (_CONTEXT.index("Köln"),))]
+_TEXTS = ["Paris is the capital of France.", " The quick  fox.", ("Where is Paris?", " Paris is in France."),
+          ("What is the capital?", "PARIS  is the capital of France")]
+
+
+@pytest.mark.parametrize("case", ["roberta-untrimmed-offsets", "roberta-prefix-space", "roberta-lowercase",
+                                  "roberta-one-separator", "xlm-roberta-lowercase", "camembert-lowercase"])
+def test_a_roberta_family_tokenizer_json_reads_texts_pairs_and_windows_as_its_file_says(tmp_path, case, caplog):
+    # transformers' classes rebuilt the normalizer (none), pre-tokenizer, decoder and post-processor from their
+    # defaults: trimmed offsets, no prefix space, "Paris" read with capitals a lower-cased vocabulary never has,
+    # two </s> between the texts
+    from tokenizers import normalizers, processors
+
+    directory = tmp_path / "tok"
+    if case == "roberta-untrimmed-offsets":
+        bpe_directory(directory, post_processor=processors.RobertaProcessing(("</s>", 2), ("<s>", 0),
+                                                                             trim_offsets=False))
+    elif case == "roberta-prefix-space":
+        bpe_directory(directory, prefix_space=True)
+    elif case == "roberta-lowercase":
+        bpe_directory(directory, lowercase=True)
+    elif case == "roberta-one-separator":
+        bpe_directory(directory, post_processor=processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]))
+    else:
+        xlm = case.startswith("xlm")  # CamemBERT's with byte fallback: its byte pieces (<0xC3>) are not text
+        unigram_directory(directory, "XLMRobertaTokenizer" if xlm else "CamembertTokenizer",
+                          normalizer=normalizers.Lowercase(), edit=None if xlm else _with_byte_pieces)
+    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
+        tokenizer = load_tokenizer(directory)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no "tokens the tokenizer never produces"
+    _encodings_agree(directory, tokenizer, _TEXTS)
+    _windows_agree(directory, tokenizer, _EXAMPLES)
+    train = squad.prepare_train_features(_EXAMPLES, tokenizer, max_seq_length=40, doc_stride=12)
+    features = squad.prepare_eval_features(_EXAMPLES, tokenizer, max_seq_length=40, doc_stride=12)
+    held = train["start_positions"] > 0
+    assert held.any()
+    for row in torch.nonzero(held).flatten().tolist():  # every window that holds an answer points at its characters
+        ex = _EXAMPLES[int(features.example_index[row])]
+        start, end = int(train["start_positions"][row]), int(train["end_positions"][row])
+        text = ex.context[features.offsets[row, start, 0]:features.offsets[row, end, 1]]
+        assert text.strip() == ex.answers[0], (row, text)
+    tokenizer.save_pretrained(tmp_path / "saved")  # as a run saves it with its model: read the same again
+    _encodings_agree(directory, load_tokenizer(tmp_path / "saved"), _TEXTS)
+
+
+def test_tokenizer_config_add_prefix_space_and_trim_offsets_decide_over_a_roberta_tokenizer_json(tmp_path):
+    """As in transformers, where tokenizer_config.json gives add_prefix_space or trim_offsets they decide; the rest
+    of the file's pipeline (here its one-separator template) is kept."""
+    from tokenizers import processors
+
+    template = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> $B </s>",
+                                             special_tokens=[("<s>", 0), ("</s>", 2)])
+    directory = bpe_directory(tmp_path / "tok", post_processor=template, config={"add_prefix_space": True})
+    tokenizer = load_tokenizer(directory)
+    ids = tokenizer("Paris", "France")["input_ids"]
+    assert ids.count(2) == 2  # the file's template: one </s> between the texts
+    assert tokenizer.convert_ids_to_tokens(ids)[1].startswith("Ġ")  # a space before the first word
+    directory = bpe_directory(tmp_path / "tok2", post_processor=processors.RobertaProcessing(
+        ("</s>", 2), ("<s>", 0), trim_offsets=False), config={"trim_offsets": True})
+    offsets = load_tokenizer(directory)("Paris is", return_offsets_mapping=True)["offset_mapping"]
+    assert all(start == end or " " not in "Paris is"[start:end] for start, end in offsets)  # trimmed
