@@ -321,23 +321,21 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     directory = Path(model_dir)
     given = _tokenizer_file(directory / "tokenizer_config.json") or {}  # each file read once, here
     recorded = _tokenizer_file(directory / "tokenizer.json") or {}
-    named = {"tokenizer_config.json": given.get("unk_token"),
-             "special_tokens_map.json": (_tokenizer_file(directory / "special_tokens_map.json") or {}).get("unk_token")}
+    special_map = _tokenizer_file(directory / "special_tokens_map.json") or {}
+    named = {"tokenizer_config.json": given.get("unk_token"), "special_tokens_map.json": special_map.get("unk_token")}
     settings = {**_normalizer_settings(given, recorded), **_unknown_token_setting(named, recorded)}
     # What the tokenizers library refuses in tokenizer.json (a word limit written "100") is said here, in one line,
     # rather than in transformers' traceback.
     own = _recorded_pipeline(directory / "tokenizer.json", recorded) if recorded else None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, **settings)
-    except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
-        raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
-    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
-        if type(err) is not Exception or not recorded:
-            raise
-        # The tokenizers library's own error, in a part of tokenizer.json not read above (a Unigram vocabulary
-        # entry past the unknown token): the whole file names it.
-        _recorded_pipeline(directory / "tokenizer.json", recorded, whole=True)
-        raise
+    tokenizer = _auto_tokenizer(directory, recorded, settings)
+    if (type(tokenizer).__name__ == "CamembertTokenizer" and recorded
+            and not any(key in files for key in _EXTRA_TOKEN_KEYS for files in (given, special_map))):
+        # transformers' CamemBERT class adds its default extra tokens where tokenizer.json lacks them: tokens past
+        # the vocabulary (and the model's embeddings), which make len(tokenizer) larger than both.
+        kept = [token for token in _CAMEMBERT_TOKENS
+                if (index := tokenizer.convert_tokens_to_ids(token)) is not None and index < tokenizer.vocab_size]
+        if len(kept) < len(_CAMEMBERT_TOKENS):
+            tokenizer = _auto_tokenizer(directory, recorded, {**settings, "additional_special_tokens": kept})
     kept_post_processor = _keep_recorded_pipeline(directory, tokenizer, given, recorded, own)
     _keep_recorded_family_model(tokenizer, recorded, own)
     if _keep_recorded_family_pipeline(directory, tokenizer, given, recorded, own):
@@ -367,6 +365,30 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
                               "its model's tokenizer class (e.g. RobertaTokenizerFast) and save_pretrained")
     _warn_unreachable_vocabulary(directory, tokenizer, special, given, recorded)
     return tokenizer
+
+
+# The extra special tokens transformers' CamemBERT class adds where no tokenizer file names any.
+_CAMEMBERT_TOKENS = ("<s>NOTUSED", "</s>NOTUSED", "<unk>NOTUSED")
+_EXTRA_TOKEN_KEYS = ("additional_special_tokens", "extra_special_tokens")
+
+
+def _auto_tokenizer(directory: Path, recorded: dict[str, Any], settings: dict[str, Any]) -> PreTrainedTokenizerBase:
+    """The tokenizer transformers loads from ``directory`` with ``settings``.
+
+    Raises:
+        CheckpointError: no tokenizer loads from the directory, or the tokenizers library refuses a part of
+            ``tokenizer.json`` (``recorded``) that :func:`_recorded_pipeline` did not read (a Unigram vocabulary
+            entry past the unknown token), naming it.
+    """
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **settings)
+    except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
+        raise CheckpointError(f"{directory}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        if type(err) is not Exception or not recorded:
+            raise
+        _recorded_pipeline(directory / "tokenizer.json", recorded, whole=True)  # names the file and the part
+        raise
 
 
 def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase, given: dict[str, Any],

@@ -685,3 +685,28 @@ def test_tokenizer_config_add_prefix_space_and_trim_offsets_decide_over_a_robert
         ("</s>", 2), ("<s>", 0), trim_offsets=False), config={"trim_offsets": True})
     offsets = load_tokenizer(directory)("Paris is", return_offsets_mapping=True)["offset_mapping"]
     assert all(start == end or " " not in "Paris is"[start:end] for start, end in offsets)  # trimmed
+
+
+def test_a_camembert_tokenizer_json_gets_no_tokens_past_its_vocabulary(tmp_path):
+    """transformers' CamemBERT class added <s>NOTUSED, </s>NOTUSED and <unk>NOTUSED to a tokenizer.json without them,
+    past its vocabulary: a random model sized to the vocabulary was refused ("model_config.vocab_size: N is smaller
+    than the tokenizer's N+3 tokens", a size no one gave), as was a teacher embedding the file's vocabulary."""
+    directory = unigram_directory(tmp_path / "tok", "CamembertTokenizer")
+    size = len(json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"])
+    tokenizer = load_tokenizer(directory)
+    assert len(tokenizer) == tokenizer.vocab_size == size
+    config = RunConfig(model_config={"model_type": "camembert", "hidden_size": HIDDEN, "num_hidden_layers": 1,
+                                     "num_attention_heads": HEADS, "intermediate_size": INTER,
+                                     "max_position_embeddings": 130},
+                       tokenizer=str(directory), train_data="dev", eval_data="dev", method="dense",
+                       max_seq_length=64, doc_stride=24)
+    model, _ = build_model(config)
+    assert model.config.vocab_size == size
+    tokenizer.save_pretrained(tmp_path / "saved")  # as a run saves it with its model
+    assert len(load_tokenizer(tmp_path / "saved")) == size
+
+    def with_unused(recorded: dict) -> None:  # a vocabulary that holds them (camembert-base's) keeps them
+        recorded["model"]["vocab"] += [[token, 0.0] for token in ("<s>NOTUSED", "</s>NOTUSED", "<unk>NOTUSED")]
+    directory = unigram_directory(tmp_path / "unused", "CamembertTokenizer", edit=with_unused)
+    tokenizer = load_tokenizer(directory)
+    assert len(tokenizer) == size + 3 and "<unk>NOTUSED" in tokenizer.all_special_tokens
