@@ -710,3 +710,28 @@ def test_a_camembert_tokenizer_json_gets_no_tokens_past_its_vocabulary(tmp_path)
     directory = unigram_directory(tmp_path / "unused", "CamembertTokenizer", edit=with_unused)
     tokenizer = load_tokenizer(directory)
     assert len(tokenizer) == size + 3 and "<unk>NOTUSED" in tokenizer.all_special_tokens
+
+
+@pytest.mark.parametrize("case", ["xlm-roberta-metaspace", "roberta-untrimmed-offsets"])
+def test_an_answer_read_through_offsets_that_hold_a_space_does_not_begin_with_it(tmp_path, case):
+    """A SentencePiece tokenizer.json's Metaspace alone (XLM-R's own) and a byte-level BPE with trim_offsets false
+    give a word's token the space before it: the answer cut by those offsets began with a space (" Köln")."""
+    from tokenizers import processors
+
+    if case.startswith("xlm"):
+        directory = unigram_directory(tmp_path / "tok")
+    else:
+        directory = bpe_directory(tmp_path / "tok", post_processor=processors.RobertaProcessing(
+            ("</s>", 2), ("<s>", 0), trim_offsets=False))
+    tokenizer = load_tokenizer(directory)
+    example = _EXAMPLES[1]
+    begin = example.answer_starts[0]
+    features = squad.prepare_eval_features([example], tokenizer, max_seq_length=128, doc_stride=32)
+    assert len(features) == 1
+    offsets = features.offsets[0]
+    start = int(np.flatnonzero(offsets[:, 0] == begin - 1)[0])  # the token that holds the space before the answer
+    end = int(np.flatnonzero(offsets[:, 1] == begin + len("Köln"))[0])
+    start_logits, end_logits = np.zeros((1, 128), np.float32), np.zeros((1, 128), np.float32)
+    start_logits[0, start], end_logits[0, end] = 10.0, 10.0
+    answer = squad.postprocess_predictions([example], features, start_logits, end_logits)[example.id]
+    assert (answer.text, answer.start, answer.end) == ("Köln", begin, begin + len("Köln"))
