@@ -313,22 +313,33 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     A BERT-family ``tokenizer.json`` keeps its own normalizer (cased or not, accents kept or stripped, of another
     kind or none) where ``tokenizer_config.json`` does not say otherwise, its own pre-tokenizer, WordPiece settings
     (subword prefix, longest word), decoder and post-processor, and its own unknown token where no other file names
-    one.
+    one. A RoBERTa-family ``tokenizer.json`` keeps its model settings (a Unigram model's ``unk_id`` and
+    ``byte_fallback``, a BPE model's all but ``dropout``), its normalizer, pre-tokenizer, decoder and
+    post-processor, with the ``add_prefix_space`` and ``trim_offsets`` of ``tokenizer_config.json`` applied where it
+    gives them.
     """
     directory = Path(model_dir)
     given = _tokenizer_file(directory / "tokenizer_config.json") or {}  # each file read once, here
     recorded = _tokenizer_file(directory / "tokenizer.json") or {}
-    named = {"tokenizer_config.json": given.get("unk_token"),
-             "special_tokens_map.json": (_tokenizer_file(directory / "special_tokens_map.json") or {}).get("unk_token")}
+    special_map = _tokenizer_file(directory / "special_tokens_map.json") or {}
+    named = {"tokenizer_config.json": given.get("unk_token"), "special_tokens_map.json": special_map.get("unk_token")}
     settings = {**_normalizer_settings(given, recorded), **_unknown_token_setting(named, recorded)}
     # What the tokenizers library refuses in tokenizer.json (a word limit written "100") is said here, in one line,
     # rather than in transformers' traceback.
-    own = _recorded_pipeline(directory / "tokenizer.json", recorded, whole=False) if recorded else None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, **settings)
-    except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
-        raise CheckpointError(f"{model_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
+    own = _recorded_pipeline(directory / "tokenizer.json", recorded) if recorded else None
+    tokenizer = _auto_tokenizer(directory, recorded, settings)
+    if (type(tokenizer).__name__ == "CamembertTokenizer" and recorded
+            and not any(key in files for key in _EXTRA_TOKEN_KEYS for files in (given, special_map))):
+        # transformers' CamemBERT class adds its default extra tokens where tokenizer.json lacks them: tokens past
+        # the vocabulary (and the model's embeddings), which make len(tokenizer) larger than both.
+        kept = [token for token in _CAMEMBERT_TOKENS
+                if (index := tokenizer.convert_tokens_to_ids(token)) is not None and index < tokenizer.vocab_size]
+        if len(kept) < len(_CAMEMBERT_TOKENS):
+            tokenizer = _auto_tokenizer(directory, recorded, {**settings, "additional_special_tokens": kept})
     kept_post_processor = _keep_recorded_pipeline(directory, tokenizer, given, recorded, own)
+    _keep_recorded_family_model(tokenizer, recorded, own)
+    if _keep_recorded_family_pipeline(directory, tokenizer, given, recorded, own):
+        kept_post_processor = True
     _check_unknown_token(directory, tokenizer, named, recorded)
     special = set(tokenizer.all_special_tokens)
     # The vocabulary is listed only where its own part is no larger than the special tokens (listing it is slow).
@@ -356,6 +367,30 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+# The extra special tokens transformers' CamemBERT class adds where no tokenizer file names any.
+_CAMEMBERT_TOKENS = ("<s>NOTUSED", "</s>NOTUSED", "<unk>NOTUSED")
+_EXTRA_TOKEN_KEYS = ("additional_special_tokens", "extra_special_tokens")
+
+
+def _auto_tokenizer(directory: Path, recorded: dict[str, Any], settings: dict[str, Any]) -> PreTrainedTokenizerBase:
+    """The tokenizer transformers loads from ``directory`` with ``settings``.
+
+    Raises:
+        CheckpointError: no tokenizer loads from the directory, or the tokenizers library refuses a part of
+            ``tokenizer.json`` (``recorded``) that :func:`_recorded_pipeline` did not read (a Unigram vocabulary
+            entry past the unknown token), naming it.
+    """
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **settings)
+    except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
+        raise CheckpointError(f"{directory}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        if type(err) is not Exception or not recorded:
+            raise
+        _recorded_pipeline(directory / "tokenizer.json", recorded, whole=True)  # names the file and the part
+        raise
+
+
 def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase, given: dict[str, Any],
                             recorded: dict[str, Any], own: Any = None) -> bool:
     """Put back the normalizer, pre-tokenizer, WordPiece settings, decoder and post-processor ``tokenizer.json``
@@ -379,8 +414,8 @@ def _keep_recorded_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase,
       whatever the file's template (type ids all 0, for a model of one token type; two [SEP] between the texts;
       other special tokens or ids).
 
-    Only BERT's parts are replaced: other classes (RoBERTa's byte-level pre-tokenizer) build theirs from
-    ``tokenizer_config.json``'s settings, as transformers documents.
+    Only BERT's parts are replaced here; :func:`_keep_recorded_family_pipeline` puts back those of the RoBERTa
+    family.
     """
     path = model_dir / "tokenizer.json"
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -426,29 +461,137 @@ def _keep_recorded_model_parts(tokenizer: PreTrainedTokenizerBase, recorded: dic
     return False
 
 
-def _recorded_pipeline(path: Path, recorded: dict[str, Any], whole: bool = True) -> Any:
+# transformers' RoBERTa-family tokenizer classes, which build their model from the vocabulary of tokenizer.json and
+# their own defaults.
+_FAMILY = ("RobertaTokenizer", "XLMRobertaTokenizer", "CamembertTokenizer")
+# The settings of a BPE model beside its vocabulary and merges (dropout aside: windows read the same every time).
+_BPE_SETTINGS = ("unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback",
+                 "ignore_merges")
+# A character no vocabulary holds, whose token shows which id a Unigram model gives an unknown character.
+_PROBE = "\U0010fffd"
+
+
+def _keep_recorded_family_model(tokenizer: PreTrainedTokenizerBase, recorded: dict[str, Any], own: Any) -> None:
+    """Put back the model settings of ``tokenizer.json`` (``recorded``, built as ``own``) where a RoBERTa-family
+    class rebuilt its model with its own.
+
+    transformers' XLM-RoBERTa class gives a Unigram model the unknown id 3 (CamemBERT's: its unknown token's id) and no
+    byte fallback, whatever the file's ``unk_id`` and ``byte_fallback``: a vocabulary whose unknown token is at
+    id 0 read every character outside it as the token at id 3 (``</s>`` in a context), and one with byte fallback
+    read such a character as the unknown token rather than its bytes. Its RoBERTa class gives a BPE model no unknown
+    token, subword prefix or word suffix, fuse_unk, byte fallback or ignore_merges, whatever the file's.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = recorded.get("model")
+    if type(tokenizer).__name__ not in _FAMILY or own is None or not isinstance(model, dict):
+        return
+    kind = type(backend.model).__name__
+    if kind == "BPE" and type(own.model).__name__ == "BPE":
+        for setting in _BPE_SETTINGS:
+            if getattr(backend.model, setting) != getattr(own.model, setting):
+                setattr(backend.model, setting, getattr(own.model, setting))
+        return
+    unknown, fallback = model.get("unk_id"), model.get("byte_fallback") is True
+    if kind != "Unigram" or model.get("type") != "Unigram" or unknown is None:
+        return
+    if not fallback and backend.model.token_to_id(_PROBE) is None and [
+            token.id for token in backend.model.tokenize(_PROBE)] == [unknown]:
+        return  # transformers' model reads an unknown character as the file's does
+    from tokenizers import models
+
+    backend.model = models.Unigram([tuple(entry) for entry in model["vocab"]], unknown, fallback)
+
+
+# The tokenizer_config.json settings from which transformers builds a RoBERTa-family pipeline.
+_FAMILY_SETTINGS = ("add_prefix_space", "trim_offsets")
+
+
+def _keep_recorded_family_pipeline(model_dir: Path, tokenizer: PreTrainedTokenizerBase, given: dict[str, Any],
+                                   recorded: dict[str, Any], own: Any) -> bool:
+    """Put back the normalizer, pre-tokenizer, decoder and post-processor of ``tokenizer.json`` (``recorded``, built
+    as ``own``) where a RoBERTa-family class rebuilt them with its own; True where its post-processor is kept.
+
+    transformers' RoBERTa, XLM-RoBERTa and CamemBERT classes build their pipeline from ``tokenizer_config.json``'s
+    ``add_prefix_space`` and ``trim_offsets`` (``given``) and their defaults, not from ``tokenizer.json``: no
+    normalizer (a lower-casing one dropped: "Paris" read as other tokens than "paris"), a ``ByteLevel`` or
+    ``WhitespaceSplit`` + ``Metaspace`` pre-tokenizer without the file's prefix space, and RoBERTa's
+    ``RobertaProcessing`` (offsets trimmed of their spaces, whatever the file's ``trim_offsets``) or XLM-R's
+    ``<s> A </s></s> B </s>`` in place of the file's template. The file's parts are kept, with the
+    ``add_prefix_space`` and ``trim_offsets`` that ``tokenizer_config.json`` gives applied to them, as
+    transformers 4 did; the class's defaults for those two are dropped from the settings a run saves with its
+    model, which would otherwise decide when it is read again.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if type(tokenizer).__name__ not in _FAMILY or own is None or backend is None:
+        return False
+    settings = {key: given[key] for key in _FAMILY_SETTINGS if isinstance(given.get(key), bool)}
+    if settings:
+        parts = {part: _with_settings(recorded.get(part), settings, part == "post_processor")
+                 for part in ("pre_tokenizer", "decoder", "post_processor")}
+        own = _recorded_pipeline(model_dir / "tokenizer.json", {**recorded, **parts})
+    if "normalizer" in recorded:
+        backend.normalizer = own.normalizer
+    if "pre_tokenizer" in recorded:
+        backend.pre_tokenizer = own.pre_tokenizer
+    if "decoder" in recorded:
+        backend.decoder = own.decoder
+    for key in _FAMILY_SETTINGS:
+        if key not in settings:
+            tokenizer.init_kwargs.pop(key, None)
+    if not isinstance(recorded.get("post_processor"), dict):
+        return False  # the class's, which the windows need
+    backend.post_processor = own.post_processor
+    return True
+
+
+def _with_settings(part: Any, settings: dict[str, bool], post_processor: bool) -> Any:
+    """A copy of the JSON of a pipeline part (and of the parts of a ``Sequence``) with ``tokenizer_config.json``'s
+    ``add_prefix_space`` and, in a post-processor, ``trim_offsets`` (``settings``) applied where it has them."""
+    if isinstance(part, list):
+        return [_with_settings(item, settings, post_processor) for item in part]
+    if not isinstance(part, dict):
+        return part
+    part = {key: _with_settings(value, settings, post_processor) if isinstance(value, list) else value
+            for key, value in part.items()}
+    if part.get("type") in ("ByteLevel", "RobertaProcessing"):
+        part.update({key: value for key, value in settings.items()
+                     if key == "add_prefix_space" or post_processor})
+    elif part.get("type") == "Metaspace" and "add_prefix_space" in settings:
+        part["prepend_scheme"] = "always" if settings["add_prefix_space"] else "never"
+    return part
+
+
+def _recorded_pipeline(path: Path, recorded: dict[str, Any], whole: bool = False) -> Any:
     """The ``tokenizers.Tokenizer`` that ``tokenizer.json`` (``path``, read as ``recorded``) describes, built
     without its vocabulary where its model allows (as transformers does): its normalizer, pre-tokenizer, model
-    settings, post-processor and decoder, without parsing the file again. Where the vocabulary cannot be left out
-    (a Unigram model), the whole file is parsed, or with ``whole`` false None is returned.
+    settings, post-processor and decoder, without parsing the file again. A Unigram model keeps the first entries of
+    its vocabulary, up to its unknown token's, the least it is read with. With ``whole``, or where the vocabulary
+    cannot be left out, the whole file is parsed.
 
     Raises:
-        CheckpointError: the tokenizers library refuses the file, naming it.
+        CheckpointError: the tokenizers library refuses the file, naming it and the part refused.
     """
     from tokenizers import Tokenizer
 
     model = recorded.get("model")
-    small = isinstance(model, dict) and model.get("type") in ("WordPiece", "BPE", "WordLevel")
-    if not (small or whole):
-        return None
+    kind = model.get("type") if isinstance(model, dict) else None
+    unknown = model.get("unk_id") if kind == "Unigram" else None
+    small = not whole and (kind in ("WordPiece", "BPE", "WordLevel") or (
+        isinstance(unknown, int) and not isinstance(unknown, bool) and unknown >= 0
+        and isinstance(model.get("vocab"), list)))
     if small:
-        empty = {"vocab": {}, **({"merges": []} if model.get("type") == "BPE" else {})}
+        if kind == "Unigram":
+            empty = {"vocab": model["vocab"][:unknown + 1]}
+        else:
+            empty = {"vocab": {}, **({"merges": []} if kind == "BPE" else {})}
         recorded = {**recorded, "model": {**model, **empty}, "added_tokens": []}
     try:
         return Tokenizer.from_str(json.dumps(recorded)) if small else Tokenizer.from_file(str(path))
     except Exception as err:  # noqa: BLE001 - the Rust parser's own error type
         error = str(err).splitlines()[0]
-    for part in (_PARTS if small else ()):  # the part refused: the one without which the rest is read
+    if small:  # a line and column of the text rebuilt here, not of the file
+        error = re.sub(r" at line \d+ column \d+$", "", error)
+    for part in _PARTS:  # the part refused: the one without which the rest is read
         try:
             Tokenizer.from_str(json.dumps({**recorded, part: None}))
         except Exception:  # noqa: BLE001
@@ -456,8 +599,7 @@ def _recorded_pipeline(path: Path, recorded: dict[str, Any], whole: bool = True)
         error = f"{part}: {error}"
         break
     else:
-        if small:
-            error = f"model: {error}"
+        error = f"model: {error}"
     raise CheckpointError(f"{path}: not a tokenizer file ({error})")
 
 
@@ -470,6 +612,7 @@ _PARTS = ("normalizer", "pre_tokenizer", "post_processor", "decoder", "truncatio
 # is of this kind); where it does not lower-case, capitals are left as they are too.
 _PLAIN = re.compile(r"[!-@\[-~]+")
 _PLAIN_CASED = re.compile(r"[!-~]+")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # a byte piece (byte fallback), not text
 
 
 def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase, special: set[str],
@@ -479,14 +622,16 @@ def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizer
     tokens. Whatever gave the settings is named: ``tokenizer_config.json``, ``tokenizer.json``'s normalizer, or
     transformers' defaults where no file gives them (a bare ``vocab.txt``, a ``tokenizer_config.json`` that gives
     ``strip_accents`` but not ``do_lower_case``)."""
-    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
-    if normalizer is None:
-        return
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalizer = getattr(backend, "normalizer", None)
+    if normalizer is None or "ByteLevel(" in repr(backend.pre_tokenizer):
+        return  # a byte-level vocabulary holds bytes shown as characters ("Ã" for 0xC3), not normalized text
     plain = None
     if type(normalizer).__name__ == "BertNormalizer":
         plain = (_PLAIN if normalizer.lowercase else _PLAIN_CASED).fullmatch
     prefix = getattr(tokenizer.backend_tokenizer.model, "continuing_subword_prefix", None) or "##"
-    pieces = [token.removeprefix(prefix) for token in tokenizer.get_vocab() if token not in special]
+    pieces = [token.removeprefix(prefix) for token in tokenizer.get_vocab() if token not in special
+              and not _BYTE_PIECE.fullmatch(token)]
     unreachable = [piece for piece in pieces if piece and not (plain and plain(piece))
                    and normalizer.normalize_str(piece).strip() != piece]
     if not unreachable:

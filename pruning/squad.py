@@ -876,10 +876,22 @@ def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures,
             results[ex.id] = Answer(text="", score=float("-inf"), start=0, end=0)
             continue
         score, f, s, e = best
-        start_char = int(features.offsets[f, s, 0])
-        end_char = _with_marks(ex.context, int(features.offsets[f, e, 1]))
+        start_char, end_char = _without_spaces(ex.context, int(features.offsets[f, s, 0]),
+                                               _with_marks(ex.context, int(features.offsets[f, e, 1])))
         results[ex.id] = Answer(text=ex.context[start_char:end_char], score=score, start=start_char, end=end_char)
     return results
+
+
+def _without_spaces(context: str, start: int, end: int) -> tuple[int, int]:
+    """``[start, end)`` without the whitespace at its ends, unless it holds nothing else.
+
+    A tokenizer whose offsets hold the space before a word (a SentencePiece ``Metaspace`` "▁Köln", a byte-level BPE
+    with ``trim_offsets`` false) would begin an answer with that space.
+    """
+    text = context[start:end]
+    if not text.strip():
+        return start, end
+    return start + len(text) - len(text.lstrip()), end - (len(text) - len(text.rstrip()))
 
 
 def _with_marks(context: str, end: int) -> int:

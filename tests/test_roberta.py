@@ -9,6 +9,7 @@ contexts, and ELECTRA takes the shipped WordPiece tokenizer.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import mlflow
@@ -471,3 +472,266 @@ def test_a_long_question_is_cut_to_max_query_length_with_byte_level_bpe(bpe_toke
                                            32, max_query_length=16)
     by_hand = squad.prepare_eval_features([squad.Example("q", "", example.context, cut)], bpe_tokenizer, 96, 32)
     assert torch.equal(features.input_ids, by_hand.input_ids)
+
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France and its largest city.",
+         "Question answering windows map answers through offsets.", "Zoë went to Köln in 1998 by train."]
+
+
+def unigram_directory(directory: Path, tokenizer_class: str = "XLMRobertaTokenizer", unknown_first: bool = False,
+                      normalizer=None, edit=None) -> Path:
+    """A Unigram (SentencePiece-style) tokenizer of about 120 pieces trained here on TEXTS, saved as the tokenizers
+    library writes it (``Tokenizer.save``) beside a ``tokenizer_config.json`` naming ``tokenizer_class``; ``edit``
+    changes the saved JSON."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<unk>", "<s>", "<pad>", "</s>", "<mask>"] if unknown_first else SPECIALS
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.train_from_iterator(TEXTS * 3, trainers.UnigramTrainer(vocab_size=120, special_tokens=specials,
+                                                                      unk_token="<unk>", show_progress=False))
+    cls, sep = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                             special_tokens=[("<s>", cls), ("</s>", sep)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    if edit is not None:
+        recorded = json.loads((directory / "tokenizer.json").read_text())
+        edit(recorded)
+        (directory / "tokenizer.json").write_text(json.dumps(recorded))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": tokenizer_class}))
+    return directory
+
+
+def _set(part: str, field: str, value):
+    def edit(recorded: dict) -> None:
+        recorded[part][field] = value
+    return edit
+
+
+def _score_of_entry(index: int, value):
+    def edit(recorded: dict) -> None:
+        recorded["model"]["vocab"][index][1] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, says", [
+    (_set("model", "unk_id", "3"), 'model: invalid type: string "3", expected usize'),
+    (_set("model", "byte_fallback", "no"), 'model: invalid type: string "no", expected a boolean'),
+    (_score_of_entry(40, "low"), 'model: invalid type: string "low", expected f64'),
+    (_set("pre_tokenizer", "prepend_scheme", 3), "pre_tokenizer: invalid type: integer `3`"),
+], ids=["unk-id-in-quotes", "byte-fallback-a-string", "a-score-a-string", "prepend-scheme-a-number"])
+@pytest.mark.parametrize("tokenizer_class", ["XLMRobertaTokenizer", "CamembertTokenizer"])
+def test_a_unigram_tokenizer_json_field_of_the_wrong_type_is_one_line_naming_it(tmp_path, edit, says,
+                                                                                tokenizer_class):
+    # the tokenizers library's refusal came out of transformers as a traceback (a bare Exception)
+    directory = unigram_directory(tmp_path / "tok", tokenizer_class, edit=edit)
+    with pytest.raises(CheckpointError) as caught:
+        load_tokenizer(directory)
+    message = str(caught.value)
+    assert message.startswith(f"{directory / 'tokenizer.json'}: not a tokenizer file (") and says in message, message
+
+
+def _with_byte_pieces(recorded: dict) -> None:
+    """Byte fallback, with the 256 byte pieces it reads a character outside the vocabulary as."""
+    recorded["model"]["byte_fallback"] = True
+    recorded["model"]["vocab"] += [[f"<0x{byte:02X}>", -20.0] for byte in range(256)]
+
+
+@pytest.mark.parametrize("tokenizer_class", ["XLMRobertaTokenizer", "CamembertTokenizer"])
+@pytest.mark.parametrize("setting", ["unk-id-0", "byte-fallback"])
+def test_a_unigram_tokenizer_reads_characters_outside_its_vocabulary_as_its_file_says(tmp_path, tokenizer_class,
+                                                                                   setting):
+    # XLM-R's class gave the unknown id 3 (here </s>, a separator in the middle of a context) and neither class
+    # read such a character as its bytes
+    directory = unigram_directory(tmp_path / "tok", tokenizer_class, unknown_first=setting == "unk-id-0",
+                                  edit=_with_byte_pieces if setting == "byte-fallback" else None)
+    tokenizer = load_tokenizer(directory)
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    question, context = "Where is Würzburg?", "Würzburg (€ 5) is on the Main."
+    for pair in [(context,), (question, context)]:
+        assert tokenizer(*pair)["input_ids"] == reference.encode(*pair).ids
+    ids = tokenizer(question, context)["input_ids"]
+    if setting == "unk-id-0":
+        assert tokenizer.sep_token_id not in ids[1:ids.index(tokenizer.sep_token_id)]
+    else:
+        assert "<0xE2>" in tokenizer.convert_ids_to_tokens(ids)  # the first byte of €
+    tokenizer.save_pretrained(tmp_path / "saved")  # as a run saves it with its model
+    assert load_tokenizer(tmp_path / "saved")(question, context)["input_ids"] == ids
+
+
+def bpe_directory(directory: Path, lowercase: bool = False, prefix_space: bool = False, post_processor=None,
+                  config: dict | None = None) -> Path:
+    """A byte-level BPE trained here on TEXTS (as ``ByteLevelBPETokenizer`` builds it: ``lowercase`` gives it a
+    lower-casing normalizer, ``prefix_space`` a pre-tokenizer that adds a space before the first word), with
+    ``post_processor`` (by default the tokenizers library's ``RobertaProcessing``), saved as the tokenizers library
+    writes it beside a ``tokenizer_config.json`` naming RobertaTokenizer (and holding ``config``)."""
+    from tokenizers import Tokenizer, processors
+
+    bpe = ByteLevelBPETokenizer(lowercase=lowercase, add_prefix_space=prefix_space)
+    bpe.train_from_iterator(TEXTS * 3, vocab_size=300, min_frequency=1, special_tokens=SPECIALS,
+                            show_progress=False)
+    tokenizer = Tokenizer.from_str(bpe._tokenizer.to_str())
+    tokenizer.post_processor = post_processor or processors.RobertaProcessing(("</s>", 2), ("<s>", 0),
+                                                                              add_prefix_space=prefix_space)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "RobertaTokenizer",
+                                                                 **(config or {})}))
+    return directory
+
+
+def _encodings_agree(directory: Path, tokenizer, texts) -> None:
+    """The ids, offsets and sequence of each token ``tokenizer`` gives each text (or question-context pair) are the
+    ones the tokenizers library gives reading ``directory``'s tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    for text in texts:
+        pair = (text,) if isinstance(text, str) else text
+        expected, got = reference.encode(*pair), tokenizer(*pair, return_offsets_mapping=True)
+        assert (got["input_ids"], [tuple(o) for o in got["offset_mapping"]], got.sequence_ids()) == (
+            expected.ids, expected.offsets, expected.sequence_ids), pair
+
+
+def _windows_agree(directory: Path, tokenizer, examples, max_seq_length: int = 40, doc_stride: int = 12) -> None:
+    """The SQuAD windows of ``examples`` (ids and context offsets) are the ones the tokenizers library makes from
+    ``directory``'s tokenizer.json, truncating the context with the same stride."""
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    reference.enable_truncation(max_seq_length, stride=doc_stride, strategy="only_second")
+    features = squad.prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length,
+                                           doc_stride=doc_stride)
+    expected = []
+    for ex in examples:
+        first = reference.encode(ex.question, ex.context)
+        expected += [first, *first.overflowing]
+    assert len(features) == len(expected)
+    for row, encoding in enumerate(expected):
+        width = len(encoding.ids)
+        assert features.input_ids[row, :width].tolist() == encoding.ids, row
+        context = [offsets if piece == 1 else None for offsets, piece in zip(encoding.offsets,
+                                                                              encoding.sequence_ids)]
+        assert features.token_offsets(row)[:width] == context, row
+
+
+_CONTEXT = ("Paris is the capital of France and its largest city. The quick brown fox jumps over the lazy dog. "
+            "Zoë went to Köln in 1998 by train.")
+_EXAMPLES = [squad.Example("q0", "t", _CONTEXT, "What is the capital of France?", ("Paris",), (0,)),
+             squad.Example("q1", "t", _CONTEXT, "Where did Zoë go in 1998?", ("Köln",), (_CONTEXT.index("Köln"),))]
+_TEXTS = ["Paris is the capital of France.", " The quick  fox.", ("Where is Paris?", " Paris is in France."),
+          ("What is the capital?", "PARIS  is the capital of France")]
+
+
+@pytest.mark.parametrize("case", ["roberta-untrimmed-offsets", "roberta-prefix-space", "roberta-lowercase",
+                                  "roberta-one-separator", "xlm-roberta-lowercase", "camembert-lowercase"])
+def test_a_roberta_family_tokenizer_json_reads_texts_pairs_and_windows_as_its_file_says(tmp_path, case, caplog):
+    # transformers' classes rebuilt the normalizer (none), pre-tokenizer, decoder and post-processor from their
+    # defaults: trimmed offsets, no prefix space, "Paris" read with capitals a lower-cased vocabulary never has,
+    # two </s> between the texts
+    from tokenizers import normalizers, processors
+
+    directory = tmp_path / "tok"
+    if case == "roberta-untrimmed-offsets":
+        bpe_directory(directory, post_processor=processors.RobertaProcessing(("</s>", 2), ("<s>", 0),
+                                                                             trim_offsets=False))
+    elif case == "roberta-prefix-space":
+        bpe_directory(directory, prefix_space=True)
+    elif case == "roberta-lowercase":
+        bpe_directory(directory, lowercase=True)
+    elif case == "roberta-one-separator":
+        bpe_directory(directory, post_processor=processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]))
+    else:
+        xlm = case.startswith("xlm")  # CamemBERT's with byte fallback: its byte pieces (<0xC3>) are not text
+        unigram_directory(directory, "XLMRobertaTokenizer" if xlm else "CamembertTokenizer",
+                          normalizer=normalizers.Lowercase(), edit=None if xlm else _with_byte_pieces)
+    with caplog.at_level(logging.WARNING, logger="pruning.checkpoint"):
+        tokenizer = load_tokenizer(directory)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no "tokens the tokenizer never produces"
+    _encodings_agree(directory, tokenizer, _TEXTS)
+    _windows_agree(directory, tokenizer, _EXAMPLES)
+    train = squad.prepare_train_features(_EXAMPLES, tokenizer, max_seq_length=40, doc_stride=12)
+    features = squad.prepare_eval_features(_EXAMPLES, tokenizer, max_seq_length=40, doc_stride=12)
+    held = train["start_positions"] > 0
+    assert held.any()
+    for row in torch.nonzero(held).flatten().tolist():  # every window that holds an answer points at its characters
+        ex = _EXAMPLES[int(features.example_index[row])]
+        start, end = int(train["start_positions"][row]), int(train["end_positions"][row])
+        text = ex.context[features.offsets[row, start, 0]:features.offsets[row, end, 1]]
+        assert text.strip() == ex.answers[0], (row, text)
+    tokenizer.save_pretrained(tmp_path / "saved")  # as a run saves it with its model: read the same again
+    _encodings_agree(directory, load_tokenizer(tmp_path / "saved"), _TEXTS)
+
+
+def test_tokenizer_config_add_prefix_space_and_trim_offsets_decide_over_a_roberta_tokenizer_json(tmp_path):
+    """As in transformers, where tokenizer_config.json gives add_prefix_space or trim_offsets they decide; the rest
+    of the file's pipeline (here its one-separator template) is kept."""
+    from tokenizers import processors
+
+    template = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> $B </s>",
+                                             special_tokens=[("<s>", 0), ("</s>", 2)])
+    directory = bpe_directory(tmp_path / "tok", post_processor=template, config={"add_prefix_space": True})
+    tokenizer = load_tokenizer(directory)
+    ids = tokenizer("Paris", "France")["input_ids"]
+    assert ids.count(2) == 2  # the file's template: one </s> between the texts
+    assert tokenizer.convert_ids_to_tokens(ids)[1].startswith("Ġ")  # a space before the first word
+    directory = bpe_directory(tmp_path / "tok2", post_processor=processors.RobertaProcessing(
+        ("</s>", 2), ("<s>", 0), trim_offsets=False), config={"trim_offsets": True})
+    offsets = load_tokenizer(directory)("Paris is", return_offsets_mapping=True)["offset_mapping"]
+    assert all(start == end or " " not in "Paris is"[start:end] for start, end in offsets)  # trimmed
+
+
+def test_a_camembert_tokenizer_json_gets_no_tokens_past_its_vocabulary(tmp_path):
+    """transformers' CamemBERT class added <s>NOTUSED, </s>NOTUSED and <unk>NOTUSED to a tokenizer.json without them,
+    past its vocabulary: a random model sized to the vocabulary was refused ("model_config.vocab_size: N is smaller
+    than the tokenizer's N+3 tokens", a size no one gave), as was a teacher embedding the file's vocabulary."""
+    directory = unigram_directory(tmp_path / "tok", "CamembertTokenizer")
+    size = len(json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"])
+    tokenizer = load_tokenizer(directory)
+    assert len(tokenizer) == tokenizer.vocab_size == size
+    config = RunConfig(model_config={"model_type": "camembert", "hidden_size": HIDDEN, "num_hidden_layers": 1,
+                                     "num_attention_heads": HEADS, "intermediate_size": INTER,
+                                     "max_position_embeddings": 130},
+                       tokenizer=str(directory), train_data="dev", eval_data="dev", method="dense",
+                       max_seq_length=64, doc_stride=24)
+    model, _ = build_model(config)
+    assert model.config.vocab_size == size
+    tokenizer.save_pretrained(tmp_path / "saved")  # as a run saves it with its model
+    assert len(load_tokenizer(tmp_path / "saved")) == size
+
+    def with_unused(recorded: dict) -> None:  # a vocabulary that holds them (camembert-base's) keeps them
+        recorded["model"]["vocab"] += [[token, 0.0] for token in ("<s>NOTUSED", "</s>NOTUSED", "<unk>NOTUSED")]
+    directory = unigram_directory(tmp_path / "unused", "CamembertTokenizer", edit=with_unused)
+    tokenizer = load_tokenizer(directory)
+    assert len(tokenizer) == size + 3 and "<unk>NOTUSED" in tokenizer.all_special_tokens
+
+
+@pytest.mark.parametrize("case", ["xlm-roberta-metaspace", "roberta-untrimmed-offsets"])
+def test_an_answer_read_through_offsets_that_hold_a_space_does_not_begin_with_it(tmp_path, case):
+    """A SentencePiece tokenizer.json's Metaspace alone (XLM-R's own) and a byte-level BPE with trim_offsets false
+    give a word's token the space before it: the answer cut by those offsets began with a space (" Köln")."""
+    from tokenizers import processors
+
+    if case.startswith("xlm"):
+        directory = unigram_directory(tmp_path / "tok")
+    else:
+        directory = bpe_directory(tmp_path / "tok", post_processor=processors.RobertaProcessing(
+            ("</s>", 2), ("<s>", 0), trim_offsets=False))
+    tokenizer = load_tokenizer(directory)
+    example = _EXAMPLES[1]
+    begin = example.answer_starts[0]
+    features = squad.prepare_eval_features([example], tokenizer, max_seq_length=128, doc_stride=32)
+    assert len(features) == 1
+    offsets = features.offsets[0]
+    start = int(np.flatnonzero(offsets[:, 0] == begin - 1)[0])  # the token that holds the space before the answer
+    end = int(np.flatnonzero(offsets[:, 1] == begin + len("Köln"))[0])
+    start_logits, end_logits = np.zeros((1, 128), np.float32), np.zeros((1, 128), np.float32)
+    start_logits[0, start], end_logits[0, end] = 10.0, 10.0
+    answer = squad.postprocess_predictions([example], features, start_logits, end_logits)[example.id]
+    assert (answer.text, answer.start, answer.end) == ("Köln", begin, begin + len("Köln"))
