@@ -290,3 +290,45 @@ def test_register_without_a_champion_says_the_alias_is_left_on_a_version_whose_t
                         f"alias 'champion' of {NAME} is left on version {wide}, which nothing chooses now: its trial "
                         f"run {run_id} was deleted (restore it, `mlflow runs restore --run-id {run_id}`, to have the "
                         "version chosen again)"]
+
+
+def _space(root: Path, **registry) -> Path:
+    """tune_spaces/smoke.yaml registering under this file's model name, as the sweeps above do (no ONNX export)."""
+    import yaml
+
+    values = yaml.safe_load((Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml").read_text())
+    values["registry"] = {"name": NAME, "policy": "best_f1_under_density", "max_density": 0.6, "onnx": False,
+                          **registry}
+    path = root / "space.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _conclude(store: dict, parent: str, space: Path) -> dict:
+    """What a sweep does once its trials have ended (a resumed one too): frontier, registry, report."""
+    from workflows import sweep
+    from workflows.space import load_space
+
+    return sweep._conclude(store["client"], "exp", parent, load_space(space), {"f1": 95.0}, None, store["uri"],
+                           store["root"] / "report")
+
+
+def test_a_sweeps_end_checks_each_versions_files_once(store, tokenizer, capsys, monkeypatch):
+    """A sweep's end registers its frontier, then its champion: a resumed sweep (whose versions were made before)
+    checked the champion's version twice, as `register` did before it checked each version once; it now checks each
+    once too (three listings of the artifact store per frontier version), and registers the same champion."""
+    made = _sweep(store["client"], store["root"], tokenizer, "a", TRIALS)
+    client = store["client"]
+    space = _space(store["root"])
+    first = _conclude(store, made["parent"], space)
+    assert first["champion"]["version"] == _version_of(client, made["runs"]["wide"])
+    counted = _Downloads(monkeypatch)
+    summary = _conclude(store, made["parent"], space)
+    assert summary["champion"]["version"] == first["champion"]["version"] == _champion(client)
+    checked = [client.get_model_version_download_uri(NAME, row["version"]).rstrip("/")
+               for row in summary["frontier_versions"]]
+    assert len(checked) == 2
+    versions = [client.get_model_version_download_uri(NAME, v.version).rstrip("/")
+                for v in client.search_model_versions(f"name = '{NAME}'")]
+    read = Counter({uri: n for uri, n in counted.listings.items() if any(uri.startswith(v) for v in versions)})
+    assert read == Counter(f"{root}{path}" for root in checked for path in ("", "/code", "/artifacts/packed_model"))

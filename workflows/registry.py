@@ -70,6 +70,7 @@ from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTI
 from workflows.space import load_space
 
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
+           "register_sweep",
            "select_by_latency", "latency_settings", "check_alias", "SelectionError", "PackedQAModel",
            "PIP_REQUIREMENTS", "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model", "export_for_serving", "ONNX_VARIANTS",
            "RUNTIMES", "served_variant", "measured_precision", "serving_precision"]
@@ -1312,11 +1313,27 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
         spec = dataclasses.replace(spec, onnx=onnx)
     if sweep_run_id is None:
         _check_alias_not_taken_back(client, spec.name, parent)
+    registered = register_sweep(client, experiment, parent.info.run_id, spec, frontier=frontier, latency=latency)
+    result = {**registered["champion"], "sweep_run_id": parent.info.run_id}
+    return result if registered["frontier"] is None else {**result, "frontier": registered["frontier"]}
+
+
+def register_sweep(client, experiment: str, parent_run_id: str, spec: RegistrySpec, frontier: bool = True,
+                   dense_metrics: dict[str, Any] | None = None,
+                   latency: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Register a sweep: every point of its frontiers (with ``frontier``, :func:`register_frontier`), then its
+    champion (:func:`register_champion`), what ``fineprune register`` and a sweep's end do. Each version's files are
+    checked once, though the frontier's versions, the champion's and (``best_f1_under_latency``) the versions timed
+    are read in turn.
+
+    Returns:
+        ``champion``: :func:`register_champion`'s result; ``frontier``: the frontier's rows, or None without
+        ``frontier``.
+    """
     with _checked_once():
-        rows = register_frontier(client, experiment, parent.info.run_id, spec.name, spec.onnx) if frontier else None
-        result = {**register_champion(client, experiment, parent.info.run_id, spec, latency=latency),
-                  "sweep_run_id": parent.info.run_id}
-    return result if rows is None else {**result, "frontier": rows}
+        rows = register_frontier(client, experiment, parent_run_id, spec.name, spec.onnx) if frontier else None
+        champion = register_champion(client, experiment, parent_run_id, spec, dense_metrics, latency=latency)
+    return {"champion": champion, "frontier": rows}
 
 
 def _check_alias_not_taken_back(client, name: str, parent) -> None:

@@ -740,11 +740,9 @@ def _conclude(client, experiment: str, parent: str, space: SweepSpace, dense_met
     if search is not None:
         summary["search"] = search
         tracking.log_search(client, parent, search)
-    summary["frontier_versions"] = registry.register_frontier(client, experiment, parent, space.registry.name,
-                                                            space.registry.onnx)
-    summary["champion"] = registry.register_champion(
-        client, experiment, parent, space.registry, dense_metrics,
-        latency=registry.latency_settings(space.speedup, space.resources))
+    registered = registry.register_sweep(client, experiment, parent, space.registry, dense_metrics=dense_metrics,
+                                         latency=registry.latency_settings(space.speedup, space.resources))
+    summary["frontier_versions"], summary["champion"] = registered["frontier"], registered["champion"]
     # Where the driver ran: under `ray job submit` that is the job's temporary copy of the working directory on the
     # head, so the summary names the files in full and their copy on the sweep's run as well.
     written = write_report(experiment, out_dir=report_dir, tracking_uri=tracking_uri, sweep_run_id=parent)
