@@ -304,13 +304,13 @@ def _space(root: Path, **registry) -> Path:
     return path
 
 
-def _conclude(store: dict, parent: str, space: Path) -> dict:
+def _conclude(store: dict, parent: str, space: Path, latest_left: bool = False) -> dict:
     """What a sweep does once its trials have ended (a resumed one too): frontier, registry, report."""
     from workflows import sweep
     from workflows.space import load_space
 
     return sweep._conclude(store["client"], "exp", parent, load_space(space), {"f1": 95.0}, None, store["uri"],
-                           store["root"] / "report")
+                           store["root"] / "report", latest_left=latest_left)
 
 
 def test_a_sweeps_end_checks_each_versions_files_once(store, tokenizer, capsys, monkeypatch):
@@ -332,3 +332,35 @@ def test_a_sweeps_end_checks_each_versions_files_once(store, tokenizer, capsys, 
                 for v in client.search_model_versions(f"name = '{NAME}'")]
     read = Counter({uri: n for uri, n in counted.listings.items() if any(uri.startswith(v) for v in versions)})
     assert read == Counter(f"{root}{path}" for root in checked for path in ("", "/code", "/artifacts/packed_model"))
+
+
+def test_a_sweep_resumed_as_the_latest_left_does_not_take_the_champion_back(store, tokenizer, capsys, caplog):
+    """`sweep --resume` after the experiment's later sweep was deleted resumes the sweep before it, and at its end
+    moved the champion alias from the deleted sweep's version back to its own champion, which `register` refuses.
+    It now leaves the alias, as `register` does, with one warning that says how to move it; its frontier is still
+    registered and its summary says no champion was registered, and why. `--resume RUN_ID` names the sweep, as
+    `register --sweep-run` does, and moves it."""
+    client = store["client"]
+    first = _sweep(client, store["root"], tokenizer, "a", TRIALS)
+    assert _register(capsys, store)[0] == 0
+    later = _sweep(client, store["root"], tokenizer, "b", {"best": (2, 64, 90.0, 0.5, True)})
+    assert _register(capsys, store)[0] == 0
+    best = _version_of(client, later["runs"]["best"])
+    client.delete_run(later["parent"])
+    space = _space(store["root"])
+    caplog.clear()
+
+    summary = _conclude(store, first["parent"], space, latest_left=True)
+    assert _champion(client) == best
+    line = (f"alias 'champion' of {NAME} is left on version {best}, of sweep run {later['parent']}, which was "
+            f"deleted: this sweep, {first['parent']}, is an earlier one (`fineprune register --experiment exp "
+            f"--sweep-run {first['parent']}` moves the alias to its champion; or restore sweep run {later['parent']}, "
+            f"`mlflow runs restore --run-id {later['parent']}`); no champion registered")
+    assert summary["champion"] == {"registered": False, "policy": "best_f1_under_density", "name": NAME,
+                                   "alias_left": line}
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+            and r.name == "workflows.registry"] == [line]
+    assert [row["run_id"] for row in summary["frontier_versions"]] == [first["runs"]["narrow"], first["runs"]["wide"]]
+
+    summary = _conclude(store, first["parent"], space)  # --resume RUN_ID
+    assert summary["champion"]["registered"] and _champion(client) == _version_of(client, first["runs"]["wide"])

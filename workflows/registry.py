@@ -1319,12 +1319,18 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
 
 
 def register_sweep(client, experiment: str, parent_run_id: str, spec: RegistrySpec, frontier: bool = True,
-                   dense_metrics: dict[str, Any] | None = None,
-                   latency: dict[str, Any] | None = None) -> dict[str, Any]:
+                   dense_metrics: dict[str, Any] | None = None, latency: dict[str, Any] | None = None,
+                   latest_left: bool = False) -> dict[str, Any]:
     """Register a sweep: every point of its frontiers (with ``frontier``, :func:`register_frontier`), then its
     champion (:func:`register_champion`), what ``fineprune register`` and a sweep's end do. Each version's files are
     checked once, though the frontier's versions, the champion's and (``best_f1_under_latency``) the versions timed
     are read in turn.
+
+    ``latest_left``: the sweep was taken as its experiment's latest sweep left (``fineprune sweep --resume`` without
+    a run id), a later one deleted. Where the champion alias points at a version of such a later, deleted sweep, the
+    alias is left there, as ``fineprune register`` leaves it (:func:`_check_alias_not_taken_back`): the frontier is
+    registered, the champion is not, with a warning that says how to move it (the result's ``champion`` gives the
+    line as ``alias_left``).
 
     Returns:
         ``champion``: :func:`register_champion`'s result; ``frontier``: the frontier's rows, or None without
@@ -1332,7 +1338,17 @@ def register_sweep(client, experiment: str, parent_run_id: str, spec: RegistrySp
     """
     with _checked_once():
         rows = register_frontier(client, experiment, parent_run_id, spec.name, spec.onnx) if frontier else None
-        champion = register_champion(client, experiment, parent_run_id, spec, dense_metrics, latency=latency)
+        held = _alias_taken_back(client, spec.name, client.get_run(parent_run_id)) if latest_left else None
+        if held is not None:
+            version, sweep = held
+            line = (f"alias {ALIAS!r} of {spec.name} is left on version {version}, of sweep run {sweep}, which was "
+                    f"deleted: this sweep, {parent_run_id}, is an earlier one (`fineprune register --experiment "
+                    f"{experiment} --sweep-run {parent_run_id}` moves the alias to its champion; or restore sweep "
+                    f"run {sweep}, `mlflow runs restore --run-id {sweep}`); no champion registered")
+            logger.warning("%s", line)
+            champion = {"registered": False, "policy": spec.policy, "name": spec.name, "alias_left": line}
+        else:
+            champion = register_champion(client, experiment, parent_run_id, spec, dense_metrics, latency=latency)
     return {"champion": champion, "frontier": rows}
 
 
@@ -1347,24 +1363,34 @@ def _check_alias_not_taken_back(client, name: str, parent) -> None:
     Raises:
         record.RecordError: in one line naming the version, the deleted sweep, and the two ways on.
     """
-    try:
-        current = client.get_model_version_by_alias(name, ALIAS)
-    except MlflowException:  # no such model, or no champion
-        return
-    sweep = current.tags.get(TAG_SWEEP_RUN)
-    if not sweep or sweep == parent.info.run_id:
-        return
-    try:
-        run = client.get_run(sweep)
-    except MlflowException:  # removed for good: set aside for good
-        return
-    if run.info.lifecycle_stage == "deleted" and run.info.experiment_id == parent.info.experiment_id \
-            and (run.info.start_time or 0) > (parent.info.start_time or 0):  # passed over by record.latest_sweep
+    held = _alias_taken_back(client, name, parent)
+    if held is not None:
+        version, sweep = held
         raise record.RecordError(
-            f"alias {ALIAS!r} of {name} points at version {current.version}, of sweep run {sweep}, which was "
+            f"alias {ALIAS!r} of {name} points at version {version}, of sweep run {sweep}, which was "
             f"deleted; the latest sweep left, {parent.info.run_id}, is an earlier one: pass --sweep-run "
             f"{parent.info.run_id} to move the alias to its champion, or restore sweep run {sweep} (`mlflow runs "
             f"restore --run-id {sweep}`); nothing registered")
+
+
+def _alias_taken_back(client, name: str, parent) -> tuple[str, str] | None:
+    """``(version, sweep run id)`` when the champion alias of ``name`` points at a version of a sweep of the same
+    experiment started after ``parent`` (a sweep run) whose run was deleted, else None."""
+    try:
+        current = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:  # no such model, or no champion
+        return None
+    sweep = current.tags.get(TAG_SWEEP_RUN)
+    if not sweep or sweep == parent.info.run_id:
+        return None
+    try:
+        run = client.get_run(sweep)
+    except MlflowException:  # removed for good: set aside for good
+        return None
+    if run.info.lifecycle_stage == "deleted" and run.info.experiment_id == parent.info.experiment_id \
+            and (run.info.start_time or 0) > (parent.info.start_time or 0):  # passed over by record.latest_sweep
+        return str(current.version), sweep
+    return None
 
 
 def latency_settings(speedup: Mapping[str, Any], resources: Mapping[str, Any]) -> dict[str, int]:
