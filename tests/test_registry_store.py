@@ -21,8 +21,9 @@ from workflows.cli import main
 NAME = "store-registry"
 
 
-def _packed(path: Path, tokenizer, heads: int, ffn: int) -> Path:
-    """A 2-layer BERT (hidden 64, 2 heads of 32, FFN 128) with heads and FFN dimensions zeroed, then packed."""
+def _packed(path: Path, tokenizer, heads: int, ffn: int, positions: int = 128) -> Path:
+    """A 2-layer BERT (hidden 64, 2 heads of 32, FFN 128, ``positions`` position embeddings) with heads and FFN
+    dimensions zeroed, then packed."""
     import torch
     from transformers import BertConfig, BertForQuestionAnswering
 
@@ -32,7 +33,8 @@ def _packed(path: Path, tokenizer, heads: int, ffn: int) -> Path:
         torch.manual_seed(0)
         model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64,
                                                     num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=128, max_position_embeddings=128)).eval()
+                                                    intermediate_size=128,
+                                                    max_position_embeddings=positions)).eval()
         with torch.no_grad():
             for layer in model.bert.encoder.layer:
                 layer.attention.output.dense.weight[:, heads * 32:] = 0
@@ -44,8 +46,9 @@ def _packed(path: Path, tokenizer, heads: int, ffn: int) -> Path:
 def _sweep(client: MlflowClient, root: Path, tokenizer, key: str, trials: dict[str, tuple],
            experiment: str = "exp") -> dict:
     """A finished sweep of ``experiment`` (registry policy best_f1_under_density 0.6, no ONNX export): its parent
-    run, its dense baseline and ``trials`` (name -> (heads, FFN width, F1, linear density, on the density frontier)),
-    finished with packed models. Returns the parent run id and the trials' run ids."""
+    run, its dense baseline and ``trials`` (name -> (heads, FFN width, F1, linear density, on the density frontier,
+    and optionally the model's positions, 128 unless given)), finished with packed models. Returns the parent run id
+    and the trials' run ids."""
     spec = {"registry": {"name": NAME, "policy": "best_f1_under_density", "max_density": 0.6, "onnx": False}}
     parent = tracking.start_parent_run(client, experiment, str(root / key), spec, resume=False)
     experiment_id = client.get_run(parent).info.experiment_id
@@ -54,13 +57,14 @@ def _sweep(client: MlflowClient, root: Path, tokenizer, key: str, trials: dict[s
     client.log_metric(baseline.info.run_id, "f1", 95.0)
     client.set_terminated(baseline.info.run_id)
     runs = {}
-    for name, (heads, ffn, f1, density, on_front) in trials.items():
+    for name, (heads, ffn, f1, density, on_front, *positions) in trials.items():
         run_id = client.create_run(experiment_id, tags={
             record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent, record.TAG_STATUS: "finished",
             record.TAG_PACKED_ARTIFACT: "packed_model", "pareto": str(on_front).lower(), "pareto_speedup": "false",
             record.TAG_RUN_NAME: name}).info.run_id
-        client.log_artifacts(run_id, str(_packed(root / "models" / f"{heads}-{ffn}", tokenizer, heads, ffn)),
-                             "packed_model")
+        positions = positions[0] if positions else 128
+        model_dir = _packed(root / "models" / f"{heads}-{ffn}-{positions}", tokenizer, heads, ffn, positions)
+        client.log_artifacts(run_id, str(model_dir), "packed_model")
         for metric, value in {"f1": f1, "exact_match": f1 - 10, "linear_density": density,
                               "total_density": density, "heads_removed": 2 - heads, "speedup": 2 - density}.items():
             client.log_metric(run_id, metric, value)
@@ -364,3 +368,34 @@ def test_a_sweep_resumed_as_the_latest_left_does_not_take_the_champion_back(stor
 
     summary = _conclude(store, first["parent"], space)  # --resume RUN_ID
     assert summary["champion"]["registered"] and _champion(client) == _version_of(client, first["runs"]["wide"])
+
+
+def test_select_lists_a_version_shorter_than_seq_len_and_chooses_among_the_others(store, tokenizer, capsys, caplog):
+    """`select --seq-len N` stopped at the first version whose model takes fewer than N positions ("--seq-len N
+    exceeds ..."), exit 2, though the other versions could be timed; such a version is now listed with why, as one
+    that cannot be loaded is, with a warning, and the most accurate of the others is chosen. With none left, the line
+    names each version's reason."""
+    client = store["client"]
+    first = _sweep(client, store["root"], tokenizer, "a", TRIALS)
+    assert _register(capsys, store, "--frontier")[0] == 0
+    later = _sweep(client, store["root"], tokenizer, "b", {"short": (2, 64, 90.0, 0.5, True, 32)})
+    assert _register(capsys, store, "--frontier")[0] == 0
+    short = _version_of(client, later["runs"]["short"])
+    caplog.clear()
+
+    status, chosen, _ = _select(capsys, store, "--alias", "fast", "--seq-len", "64")
+    assert status == 0 and chosen["run_id"] == first["runs"]["wide"]
+    rows = {row["version"]: row for row in chosen["versions"]}
+    reason = "cannot be timed: its model takes at most 32 positions, fewer than --seq-len 64"
+    assert rows[short]["error"] == reason and "latency_ms" not in rows[short]
+    assert all("latency_ms" in row for version, row in rows.items() if version != short)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+            and r.name == "workflows.registry"] == [f"version {short} of {NAME} {reason}"]
+    assert str(client.get_model_version_by_alias(NAME, "fast").version) == chosen["version"]
+
+    status, out, err = _select(capsys, store, "--alias", "fast", "--seq-len", "200")
+    assert status == 2 and out is None
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"fineprune select: error: no version of {NAME!r} could be timed (version "), line
+    assert f"version {short}: cannot be timed: its model takes at most 32 positions, fewer than --seq-len 200" in line
+    assert line.endswith("alias 'fast' left as it was")

@@ -1138,8 +1138,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         ``served_speedup``, and its trial's ``f1``, ``speedup``, ...), the settings (``runtime`` among them: the
         option given), and ``versions``: every version's trial figures with how it ran (``served_by``) and its
         ``latency_ms``, ``dense_latency_ms``, ``served_speedup`` timed here and whether it is ``within_budget``, or
-        for a version that cannot be loaded or fails when run here, or whose trial run or sweep run was deleted (set
-        aside in the MLflow UI; it is not loaded), its ``error`` (it is not chosen, and the others are timed).
+        for a version that cannot be loaded or fails when run here, whose model takes fewer positions than
+        ``seq_len``, or whose trial run or sweep run was deleted (set aside in the MLflow UI; it is not loaded), its
+        ``error`` (it is not chosen, and the others are timed).
 
     Raises:
         SelectionError: the model or its versions do not exist, none can be loaded and run, or no version is
@@ -1207,9 +1208,12 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                 rows.append(row)
                 continue
             limit = max_positions(model.config)
-            if seq_len > limit:
-                raise SelectionError(f"--seq-len {seq_len} exceeds the {limit} positions the model takes "
-                                     f"of version {v.version}")
+            if seq_len > limit:  # another version, of a model with more positions, may still be timed
+                row["error"] = (f"cannot be timed: its model takes at most {limit} positions, fewer than --seq-len "
+                                f"{seq_len}")
+                logger.warning("version %s of %s %s", v.version, name, row["error"])
+                rows.append(row)
+                continue
             try:  # one pass first: a version that loads but fails when run must not stop the timing of the others
                 interleaved_latency({"probe": model}, batch_size=batch_size, seq_len=seq_len, repeats=1, warmup=0)
             except Exception as err:
