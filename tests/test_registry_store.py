@@ -301,8 +301,8 @@ def _space(root: Path, **registry) -> Path:
     import yaml
 
     values = yaml.safe_load((Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml").read_text())
-    values["registry"] = {"name": NAME, "policy": "best_f1_under_density", "max_density": 0.6, "onnx": False,
-                          **registry}
+    values["registry"] = {"name": NAME, "onnx": False,
+                          **(registry or {"policy": "best_f1_under_density", "max_density": 0.6})}
     path = root / "space.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
@@ -399,3 +399,30 @@ def test_select_lists_a_version_shorter_than_seq_len_and_chooses_among_the_other
     assert line.startswith(f"fineprune select: error: no version of {NAME!r} could be timed (version "), line
     assert f"version {short}: cannot be timed: its model takes at most 32 positions, fewer than --seq-len 200" in line
     assert line.endswith("alias 'fast' left as it was")
+
+
+def test_a_seq_len_longer_than_the_versions_take_names_the_space_field(store, tokenizer, capsys, caplog):
+    """With the best_f1_under_latency policy, a space whose speedup.seq_len is longer than the versions' models take
+    (64 positions asked, 32 taken) was reported as "no champion", exit 4, naming a --seq-len flag `register` does not
+    have; it is now one line naming the space file and field, exit 2, and the alias is left. A sweep's end, whose
+    trials are recorded, warns with that line and registers no champion, its frontier registered."""
+    client = store["client"]
+    made = _sweep(client, store["root"], tokenizer, "a", {"short": (2, 64, 90.0, 0.5, True, 32)})
+    assert _register(capsys, store)[0] == 0
+    champion = _champion(client)
+    space = _space(store["root"], policy="best_f1_under_latency", max_latency_ms=10000)
+    line = (f"{space}: speedup.seq_len: 64 exceeds the 32 positions the model of version {champion} of {NAME} takes; "
+            "no champion registered")
+
+    status, out, err = _register(capsys, store, "--space", str(space))
+    assert status == 2 and out is None
+    assert err.strip().splitlines()[-1] == f"fineprune register: error: {line}"
+    assert _champion(client) == champion
+
+    caplog.clear()
+    summary = _conclude(store, made["parent"], space)
+    assert summary["champion"] == {"registered": False, "policy": "best_f1_under_latency", "name": NAME,
+                                   "error": line}
+    assert [row["run_id"] for row in summary["frontier_versions"]] == [made["runs"]["short"]]
+    assert f"registry policy best_f1_under_latency: {line}" in [r.getMessage() for r in caplog.records
+                                                                if r.levelname == "WARNING"]

@@ -746,8 +746,9 @@ def _conclude(client, experiment: str, parent: str, space: SweepSpace, dense_met
         summary["search"] = search
         tracking.log_search(client, parent, search)
     registered = registry.register_sweep(client, experiment, parent, space.registry, dense_metrics=dense_metrics,
-                                         latency=registry.latency_settings(space.speedup, space.resources),
-                                         latest_left=latest_left)
+                                         latency=registry.latency_settings(space.speedup, space.resources,
+                                                                           source=str(space.path)),
+                                         latest_left=latest_left, keep_going=True)
     summary["frontier_versions"], summary["champion"] = registered["frontier"], registered["champion"]
     # Where the driver ran: under `ray job submit` that is the job's temporary copy of the working directory on the
     # head, so the summary names the files in full and their copy on the sweep's run as well.
