@@ -21,8 +21,9 @@ from workflows.cli import main
 NAME = "store-registry"
 
 
-def _packed(path: Path, tokenizer, heads: int, ffn: int) -> Path:
-    """A 2-layer BERT (hidden 64, 2 heads of 32, FFN 128) with heads and FFN dimensions zeroed, then packed."""
+def _packed(path: Path, tokenizer, heads: int, ffn: int, positions: int = 128) -> Path:
+    """A 2-layer BERT (hidden 64, 2 heads of 32, FFN 128, ``positions`` position embeddings) with heads and FFN
+    dimensions zeroed, then packed."""
     import torch
     from transformers import BertConfig, BertForQuestionAnswering
 
@@ -32,7 +33,8 @@ def _packed(path: Path, tokenizer, heads: int, ffn: int) -> Path:
         torch.manual_seed(0)
         model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64,
                                                     num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=128, max_position_embeddings=128)).eval()
+                                                    intermediate_size=128,
+                                                    max_position_embeddings=positions)).eval()
         with torch.no_grad():
             for layer in model.bert.encoder.layer:
                 layer.attention.output.dense.weight[:, heads * 32:] = 0
@@ -44,8 +46,9 @@ def _packed(path: Path, tokenizer, heads: int, ffn: int) -> Path:
 def _sweep(client: MlflowClient, root: Path, tokenizer, key: str, trials: dict[str, tuple],
            experiment: str = "exp") -> dict:
     """A finished sweep of ``experiment`` (registry policy best_f1_under_density 0.6, no ONNX export): its parent
-    run, its dense baseline and ``trials`` (name -> (heads, FFN width, F1, linear density, on the density frontier)),
-    finished with packed models. Returns the parent run id and the trials' run ids."""
+    run, its dense baseline and ``trials`` (name -> (heads, FFN width, F1, linear density, on the density frontier,
+    and optionally the model's positions, 128 unless given)), finished with packed models. Returns the parent run id
+    and the trials' run ids."""
     spec = {"registry": {"name": NAME, "policy": "best_f1_under_density", "max_density": 0.6, "onnx": False}}
     parent = tracking.start_parent_run(client, experiment, str(root / key), spec, resume=False)
     experiment_id = client.get_run(parent).info.experiment_id
@@ -54,13 +57,14 @@ def _sweep(client: MlflowClient, root: Path, tokenizer, key: str, trials: dict[s
     client.log_metric(baseline.info.run_id, "f1", 95.0)
     client.set_terminated(baseline.info.run_id)
     runs = {}
-    for name, (heads, ffn, f1, density, on_front) in trials.items():
+    for name, (heads, ffn, f1, density, on_front, *positions) in trials.items():
         run_id = client.create_run(experiment_id, tags={
             record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent, record.TAG_STATUS: "finished",
             record.TAG_PACKED_ARTIFACT: "packed_model", "pareto": str(on_front).lower(), "pareto_speedup": "false",
             record.TAG_RUN_NAME: name}).info.run_id
-        client.log_artifacts(run_id, str(_packed(root / "models" / f"{heads}-{ffn}", tokenizer, heads, ffn)),
-                             "packed_model")
+        positions = positions[0] if positions else 128
+        model_dir = _packed(root / "models" / f"{heads}-{ffn}-{positions}", tokenizer, heads, ffn, positions)
+        client.log_artifacts(run_id, str(model_dir), "packed_model")
         for metric, value in {"f1": f1, "exact_match": f1 - 10, "linear_density": density,
                               "total_density": density, "heads_removed": 2 - heads, "speedup": 2 - density}.items():
             client.log_metric(run_id, metric, value)
@@ -290,3 +294,135 @@ def test_register_without_a_champion_says_the_alias_is_left_on_a_version_whose_t
                         f"alias 'champion' of {NAME} is left on version {wide}, which nothing chooses now: its trial "
                         f"run {run_id} was deleted (restore it, `mlflow runs restore --run-id {run_id}`, to have the "
                         "version chosen again)"]
+
+
+def _space(root: Path, **registry) -> Path:
+    """tune_spaces/smoke.yaml registering under this file's model name, as the sweeps above do (no ONNX export)."""
+    import yaml
+
+    values = yaml.safe_load((Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml").read_text())
+    values["registry"] = {"name": NAME, "onnx": False,
+                          **(registry or {"policy": "best_f1_under_density", "max_density": 0.6})}
+    path = root / "space.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _conclude(store: dict, parent: str, space: Path, latest_left: bool = False) -> dict:
+    """What a sweep does once its trials have ended (a resumed one too): frontier, registry, report."""
+    from workflows import sweep
+    from workflows.space import load_space
+
+    return sweep._conclude(store["client"], "exp", parent, load_space(space), {"f1": 95.0}, None, store["uri"],
+                           store["root"] / "report", latest_left=latest_left)
+
+
+def test_a_sweeps_end_checks_each_versions_files_once(store, tokenizer, capsys, monkeypatch):
+    """A sweep's end registers its frontier, then its champion: a resumed sweep (whose versions were made before)
+    checked the champion's version twice, as `register` did before it checked each version once; it now checks each
+    once too (three listings of the artifact store per frontier version), and registers the same champion."""
+    made = _sweep(store["client"], store["root"], tokenizer, "a", TRIALS)
+    client = store["client"]
+    space = _space(store["root"])
+    first = _conclude(store, made["parent"], space)
+    assert first["champion"]["version"] == _version_of(client, made["runs"]["wide"])
+    counted = _Downloads(monkeypatch)
+    summary = _conclude(store, made["parent"], space)
+    assert summary["champion"]["version"] == first["champion"]["version"] == _champion(client)
+    checked = [client.get_model_version_download_uri(NAME, row["version"]).rstrip("/")
+               for row in summary["frontier_versions"]]
+    assert len(checked) == 2
+    versions = [client.get_model_version_download_uri(NAME, v.version).rstrip("/")
+                for v in client.search_model_versions(f"name = '{NAME}'")]
+    read = Counter({uri: n for uri, n in counted.listings.items() if any(uri.startswith(v) for v in versions)})
+    assert read == Counter(f"{root}{path}" for root in checked for path in ("", "/code", "/artifacts/packed_model"))
+
+
+def test_a_sweep_resumed_as_the_latest_left_does_not_take_the_champion_back(store, tokenizer, capsys, caplog):
+    """`sweep --resume` after the experiment's later sweep was deleted resumes the sweep before it, and at its end
+    moved the champion alias from the deleted sweep's version back to its own champion, which `register` refuses.
+    It now leaves the alias, as `register` does, with one warning that says how to move it; its frontier is still
+    registered and its summary says no champion was registered, and why. `--resume RUN_ID` names the sweep, as
+    `register --sweep-run` does, and moves it."""
+    client = store["client"]
+    first = _sweep(client, store["root"], tokenizer, "a", TRIALS)
+    assert _register(capsys, store)[0] == 0
+    later = _sweep(client, store["root"], tokenizer, "b", {"best": (2, 64, 90.0, 0.5, True)})
+    assert _register(capsys, store)[0] == 0
+    best = _version_of(client, later["runs"]["best"])
+    client.delete_run(later["parent"])
+    space = _space(store["root"])
+    caplog.clear()
+
+    summary = _conclude(store, first["parent"], space, latest_left=True)
+    assert _champion(client) == best
+    line = (f"alias 'champion' of {NAME} is left on version {best}, of sweep run {later['parent']}, which was "
+            f"deleted: this sweep, {first['parent']}, is an earlier one (`fineprune register --experiment exp "
+            f"--sweep-run {first['parent']}` moves the alias to its champion; or restore sweep run {later['parent']}, "
+            f"`mlflow runs restore --run-id {later['parent']}`); no champion registered")
+    assert summary["champion"] == {"registered": False, "policy": "best_f1_under_density", "name": NAME,
+                                   "alias_left": line}
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+            and r.name == "workflows.registry"] == [line]
+    assert [row["run_id"] for row in summary["frontier_versions"]] == [first["runs"]["narrow"], first["runs"]["wide"]]
+
+    summary = _conclude(store, first["parent"], space)  # --resume RUN_ID
+    assert summary["champion"]["registered"] and _champion(client) == _version_of(client, first["runs"]["wide"])
+
+
+def test_select_lists_a_version_shorter_than_seq_len_and_chooses_among_the_others(store, tokenizer, capsys, caplog):
+    """`select --seq-len N` stopped at the first version whose model takes fewer than N positions ("--seq-len N
+    exceeds ..."), exit 2, though the other versions could be timed; such a version is now listed with why, as one
+    that cannot be loaded is, with a warning, and the most accurate of the others is chosen. With none left, the line
+    names each version's reason."""
+    client = store["client"]
+    first = _sweep(client, store["root"], tokenizer, "a", TRIALS)
+    assert _register(capsys, store, "--frontier")[0] == 0
+    later = _sweep(client, store["root"], tokenizer, "b", {"short": (2, 64, 90.0, 0.5, True, 32)})
+    assert _register(capsys, store, "--frontier")[0] == 0
+    short = _version_of(client, later["runs"]["short"])
+    caplog.clear()
+
+    status, chosen, _ = _select(capsys, store, "--alias", "fast", "--seq-len", "64")
+    assert status == 0 and chosen["run_id"] == first["runs"]["wide"]
+    rows = {row["version"]: row for row in chosen["versions"]}
+    reason = "cannot be timed: its model takes at most 32 positions, fewer than --seq-len 64"
+    assert rows[short]["error"] == reason and "latency_ms" not in rows[short]
+    assert all("latency_ms" in row for version, row in rows.items() if version != short)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+            and r.name == "workflows.registry"] == [f"version {short} of {NAME} {reason}"]
+    assert str(client.get_model_version_by_alias(NAME, "fast").version) == chosen["version"]
+
+    status, out, err = _select(capsys, store, "--alias", "fast", "--seq-len", "200")
+    assert status == 2 and out is None
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"fineprune select: error: no version of {NAME!r} could be timed (version "), line
+    assert f"version {short}: cannot be timed: its model takes at most 32 positions, fewer than --seq-len 200" in line
+    assert line.endswith("alias 'fast' left as it was")
+
+
+def test_a_seq_len_longer_than_the_versions_take_names_the_space_field(store, tokenizer, capsys, caplog):
+    """With the best_f1_under_latency policy, a space whose speedup.seq_len is longer than the versions' models take
+    (64 positions asked, 32 taken) was reported as "no champion", exit 4, naming a --seq-len flag `register` does not
+    have; it is now one line naming the space file and field, exit 2, and the alias is left. A sweep's end, whose
+    trials are recorded, warns with that line and registers no champion, its frontier registered."""
+    client = store["client"]
+    made = _sweep(client, store["root"], tokenizer, "a", {"short": (2, 64, 90.0, 0.5, True, 32)})
+    assert _register(capsys, store)[0] == 0
+    champion = _champion(client)
+    space = _space(store["root"], policy="best_f1_under_latency", max_latency_ms=10000)
+    line = (f"{space}: speedup.seq_len: 64 exceeds the 32 positions the model of version {champion} of {NAME} takes; "
+            "no champion registered")
+
+    status, out, err = _register(capsys, store, "--space", str(space))
+    assert status == 2 and out is None
+    assert err.strip().splitlines()[-1] == f"fineprune register: error: {line}"
+    assert _champion(client) == champion
+
+    caplog.clear()
+    summary = _conclude(store, made["parent"], space)
+    assert summary["champion"] == {"registered": False, "policy": "best_f1_under_latency", "name": NAME,
+                                   "error": line}
+    assert [row["run_id"] for row in summary["frontier_versions"]] == [made["runs"]["short"]]
+    assert f"registry policy best_f1_under_latency: {line}" in [r.getMessage() for r in caplog.records
+                                                                if r.levelname == "WARNING"]

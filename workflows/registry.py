@@ -70,7 +70,8 @@ from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTI
 from workflows.space import load_space
 
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
-           "select_by_latency", "latency_settings", "check_alias", "SelectionError", "PackedQAModel",
+           "register_sweep",
+           "select_by_latency", "latency_settings", "check_alias", "SelectionError", "SeqLenError", "PackedQAModel",
            "PIP_REQUIREMENTS", "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model", "export_for_serving", "ONNX_VARIANTS",
            "RUNTIMES", "served_variant", "measured_precision", "serving_precision"]
 
@@ -147,6 +148,11 @@ def serving_precision(recorded: str, cpu_check=None) -> str:
 
 class SelectionError(ValueError):
     """No registered version meets a latency budget, or the model to choose from does not exist."""
+
+
+class SeqLenError(record.RecordError):
+    """A registration's timing length (its space's ``speedup.seq_len``) is longer than a version's model takes: the
+    space's field is at fault, not the versions (one line naming it)."""
 
 
 def _finite(value: Any) -> bool:
@@ -1104,7 +1110,8 @@ def _dense_shape(model):
 
 def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int = 1, seq_len: int = 128,
                       threads: int | None = None, alias: str = ALIAS, repeats: int = 10, warmup: int = 2,
-                      sweep_run_id: str | None = None, runtime: str = "served") -> dict[str, Any]:
+                      sweep_run_id: str | None = None, runtime: str = "served",
+                      seq_len_from: str | None = None) -> dict[str, Any]:
     """Time every registered version of ``name`` here and point ``alias`` at the most accurate within budget.
 
     Each version is timed as it serves (``runtime="served"``: through ONNX Runtime when it carries the exported
@@ -1125,6 +1132,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         sweep_run_id: only the versions registered by this sweep and on one of its frontiers now (default: every
             version).
         runtime: ``served`` or ``torch``, see above.
+        seq_len_from: what gave ``seq_len`` when a registration times the versions (``FILE: speedup.seq_len``): a
+            version whose model takes fewer positions is then that field's error, :class:`SeqLenError`; without it
+            (``fineprune select --seq-len``) such a version is listed with why, and not chosen.
 
     Two speedups, of different things: ``speedup`` is the trial's, as its version's tag records it (its packed
     PyTorch model against the dense shape, in the trial's precision, timed where the trial ran); ``served_speedup``
@@ -1137,8 +1147,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         ``served_speedup``, and its trial's ``f1``, ``speedup``, ...), the settings (``runtime`` among them: the
         option given), and ``versions``: every version's trial figures with how it ran (``served_by``) and its
         ``latency_ms``, ``dense_latency_ms``, ``served_speedup`` timed here and whether it is ``within_budget``, or
-        for a version that cannot be loaded or fails when run here, or whose trial run or sweep run was deleted (set
-        aside in the MLflow UI; it is not loaded), its ``error`` (it is not chosen, and the others are timed).
+        for a version that cannot be loaded or fails when run here, whose model takes fewer positions than
+        ``seq_len``, or whose trial run or sweep run was deleted (set aside in the MLflow UI; it is not loaded), its
+        ``error`` (it is not chosen, and the others are timed).
 
     Raises:
         SelectionError: the model or its versions do not exist, none can be loaded and run, or no version is
@@ -1206,9 +1217,15 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                 rows.append(row)
                 continue
             limit = max_positions(model.config)
-            if seq_len > limit:
-                raise SelectionError(f"--seq-len {seq_len} exceeds the {limit} positions the model takes "
-                                     f"of version {v.version}")
+            if seq_len > limit and seq_len_from is not None:
+                raise SeqLenError(f"{seq_len_from}: {seq_len} exceeds the {limit} positions the model of version "
+                                  f"{v.version} of {name} takes; no champion registered")
+            if seq_len > limit:  # another version, of a model with more positions, may still be timed
+                row["error"] = (f"cannot be timed: its model takes at most {limit} positions, fewer than --seq-len "
+                                f"{seq_len}")
+                logger.warning("version %s of %s %s", v.version, name, row["error"])
+                rows.append(row)
+                continue
             try:  # one pass first: a version that loads but fails when run must not stop the timing of the others
                 interleaved_latency({"probe": model}, batch_size=batch_size, seq_len=seq_len, repeats=1, warmup=0)
             except Exception as err:
@@ -1300,23 +1317,67 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
     if space is not None:
         loaded = load_space(space)
         spec = loaded.registry
-        latency = latency_settings(loaded.speedup, loaded.resources)
+        latency = latency_settings(loaded.speedup, loaded.resources, source=str(loaded.path))
     else:
         try:
             spec = RegistrySpec.from_params(params)
         except record.RecordError as err:
             raise record.RecordError(f"sweep run {parent.info.run_id}: {err}; pass --space") from None
         latency = latency_settings(record.params_under(params, PARAM_SPEEDUP),
-                                   record.params_under(params, PARAM_RESOURCES))
+                                   record.params_under(params, PARAM_RESOURCES),
+                                   source=f"sweep run {parent.info.run_id}")
     if onnx is not None:
         spec = dataclasses.replace(spec, onnx=onnx)
     if sweep_run_id is None:
         _check_alias_not_taken_back(client, spec.name, parent)
+    registered = register_sweep(client, experiment, parent.info.run_id, spec, frontier=frontier, latency=latency)
+    result = {**registered["champion"], "sweep_run_id": parent.info.run_id}
+    return result if registered["frontier"] is None else {**result, "frontier": registered["frontier"]}
+
+
+def register_sweep(client, experiment: str, parent_run_id: str, spec: RegistrySpec, frontier: bool = True,
+                   dense_metrics: dict[str, Any] | None = None, latency: dict[str, Any] | None = None,
+                   latest_left: bool = False, keep_going: bool = False) -> dict[str, Any]:
+    """Register a sweep: every point of its frontiers (with ``frontier``, :func:`register_frontier`), then its
+    champion (:func:`register_champion`), what ``fineprune register`` and a sweep's end do. Each version's files are
+    checked once, though the frontier's versions, the champion's and (``best_f1_under_latency``) the versions timed
+    are read in turn.
+
+    ``latest_left``: the sweep was taken as its experiment's latest sweep left (``fineprune sweep --resume`` without
+    a run id), a later one deleted. Where the champion alias points at a version of such a later, deleted sweep, the
+    alias is left there, as ``fineprune register`` leaves it (:func:`_check_alias_not_taken_back`): the frontier is
+    registered, the champion is not, with a warning that says how to move it (the result's ``champion`` gives the
+    line as ``alias_left``).
+
+    ``keep_going``: a sweep's end, whose trials' results are recorded whatever registering them gives: a champion
+    that cannot be chosen for a field of the space (:class:`SeqLenError`) is a warning and no champion (the line as
+    the champion's ``error``), not an error.
+
+    Returns:
+        ``champion``: :func:`register_champion`'s result; ``frontier``: the frontier's rows, or None without
+        ``frontier``.
+    """
     with _checked_once():
-        rows = register_frontier(client, experiment, parent.info.run_id, spec.name, spec.onnx) if frontier else None
-        result = {**register_champion(client, experiment, parent.info.run_id, spec, latency=latency),
-                  "sweep_run_id": parent.info.run_id}
-    return result if rows is None else {**result, "frontier": rows}
+        rows = register_frontier(client, experiment, parent_run_id, spec.name, spec.onnx) if frontier else None
+        held = _alias_taken_back(client, spec.name, client.get_run(parent_run_id)) if latest_left else None
+        if held is not None:
+            version, sweep = held
+            line = (f"alias {ALIAS!r} of {spec.name} is left on version {version}, of sweep run {sweep}, which was "
+                    f"deleted: this sweep, {parent_run_id}, is an earlier one (`fineprune register --experiment "
+                    f"{experiment} --sweep-run {parent_run_id}` moves the alias to its champion; or restore sweep "
+                    f"run {sweep}, `mlflow runs restore --run-id {sweep}`); no champion registered")
+            logger.warning("%s", line)
+            champion = {"registered": False, "policy": spec.policy, "name": spec.name, "alias_left": line}
+        else:
+            try:
+                champion = register_champion(client, experiment, parent_run_id, spec, dense_metrics,
+                                             latency=latency)
+            except SeqLenError as err:
+                if not keep_going:
+                    raise
+                logger.warning("registry policy %s: %s", spec.policy, err)
+                champion = {"registered": False, "policy": spec.policy, "name": spec.name, "error": str(err)}
+    return {"champion": champion, "frontier": rows}
 
 
 def _check_alias_not_taken_back(client, name: str, parent) -> None:
@@ -1330,32 +1391,50 @@ def _check_alias_not_taken_back(client, name: str, parent) -> None:
     Raises:
         record.RecordError: in one line naming the version, the deleted sweep, and the two ways on.
     """
-    try:
-        current = client.get_model_version_by_alias(name, ALIAS)
-    except MlflowException:  # no such model, or no champion
-        return
-    sweep = current.tags.get(TAG_SWEEP_RUN)
-    if not sweep or sweep == parent.info.run_id:
-        return
-    try:
-        run = client.get_run(sweep)
-    except MlflowException:  # removed for good: set aside for good
-        return
-    if run.info.lifecycle_stage == "deleted" and run.info.experiment_id == parent.info.experiment_id \
-            and (run.info.start_time or 0) > (parent.info.start_time or 0):  # passed over by record.latest_sweep
+    held = _alias_taken_back(client, name, parent)
+    if held is not None:
+        version, sweep = held
         raise record.RecordError(
-            f"alias {ALIAS!r} of {name} points at version {current.version}, of sweep run {sweep}, which was "
+            f"alias {ALIAS!r} of {name} points at version {version}, of sweep run {sweep}, which was "
             f"deleted; the latest sweep left, {parent.info.run_id}, is an earlier one: pass --sweep-run "
             f"{parent.info.run_id} to move the alias to its champion, or restore sweep run {sweep} (`mlflow runs "
             f"restore --run-id {sweep}`); nothing registered")
 
 
-def latency_settings(speedup: Mapping[str, Any], resources: Mapping[str, Any]) -> dict[str, int]:
+def _alias_taken_back(client, name: str, parent) -> tuple[str, str] | None:
+    """``(version, sweep run id)`` when the champion alias of ``name`` points at a version of a sweep of the same
+    experiment started after ``parent`` (a sweep run) whose run was deleted, else None."""
+    try:
+        current = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:  # no such model, or no champion
+        return None
+    sweep = current.tags.get(TAG_SWEEP_RUN)
+    if not sweep or sweep == parent.info.run_id:
+        return None
+    try:
+        run = client.get_run(sweep)
+    except MlflowException:  # removed for good: set aside for good
+        return None
+    if run.info.lifecycle_stage == "deleted" and run.info.experiment_id == parent.info.experiment_id \
+            and (run.info.start_time or 0) > (parent.info.start_time or 0):  # passed over by record.latest_sweep
+        return str(current.version), sweep
+    return None
+
+
+def latency_settings(speedup: Mapping[str, Any], resources: Mapping[str, Any],
+                     source: str | None = None) -> dict[str, Any]:
     """How ``best_f1_under_latency`` times versions in a sweep: the space's ``speedup`` shape and repeats, with the
-    threads of one trial (``resources.cpu``). Values may be numbers or params as logged (strings)."""
+    threads of one trial (``resources.cpu``). Values may be numbers or params as logged (strings). ``source`` names
+    where they come from (the space file, or the sweep run that logged them): a ``speedup.seq_len`` longer than a
+    version's model takes is then an error naming it (see :func:`select_by_latency`'s ``seq_len_from``)."""
     def number(values: Mapping[str, Any], key: str, default: float) -> int:
         value = values.get(key)
         return int(float(value)) if value not in (None, "", "None") else int(default)
 
-    return {"batch_size": number(speedup, "batch_size", 1), "seq_len": number(speedup, "seq_len", 128),
-            "repeats": max(number(speedup, "repeats", 10), 10), "threads": max(1, number(resources, "cpu", 1))}
+    settings: dict[str, Any] = {"batch_size": number(speedup, "batch_size", 1),
+                                "seq_len": number(speedup, "seq_len", 128),
+                                "repeats": max(number(speedup, "repeats", 10), 10),
+                                "threads": max(1, number(resources, "cpu", 1))}
+    if source is not None:
+        settings["seq_len_from"] = f"{source}: {PARAM_SPEEDUP}seq_len"
+    return settings

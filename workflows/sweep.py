@@ -679,7 +679,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         # store that is away or locked meanwhile is waited for as during the trials.
         def conclude() -> dict[str, Any]:
             return _conclude(client, experiment, parent, space, dense_metrics, search, tracking_uri,
-                             Path(report_dir or Path("reports") / experiment).resolve())
+                             Path(report_dir or Path("reports") / experiment).resolve(), latest_left=resume is True)
 
         with quick_http_failures():
             summary = call_with_retries(conclude, tracking_uri, limit, what="recording the sweep's frontier",
@@ -726,9 +726,14 @@ def _tracking_outage(err: BaseException) -> bool:
 
 
 def _conclude(client, experiment: str, parent: str, space: SweepSpace, dense_metrics: dict[str, Any],
-              search: dict[str, Any] | None, tracking_uri: str, report_dir: Path) -> dict[str, Any]:
+              search: dict[str, Any] | None, tracking_uri: str, report_dir: Path,
+              latest_left: bool = False) -> dict[str, Any]:
     """Tag the frontier, log it and its hypervolume, register its models and the champion, write the report: the
-    sweep's summary."""
+    sweep's summary.
+
+    ``latest_left``: the sweep was resumed as the experiment's latest left (``--resume`` without a run id): a
+    champion alias on a version of a later sweep that was deleted stays there, as ``fineprune register`` leaves it
+    (see :func:`registry.register_sweep`); the trials' results are recorded all the same."""
     runs = tracking.trial_runs(client, experiment, parent, include_baseline=True)
     summary = frontier_summary(client, runs, space)
     tracking.log_json(client, parent, summary["frontier"], record.ARTIFACT_FRONTIER)
@@ -740,11 +745,11 @@ def _conclude(client, experiment: str, parent: str, space: SweepSpace, dense_met
     if search is not None:
         summary["search"] = search
         tracking.log_search(client, parent, search)
-    summary["frontier_versions"] = registry.register_frontier(client, experiment, parent, space.registry.name,
-                                                            space.registry.onnx)
-    summary["champion"] = registry.register_champion(
-        client, experiment, parent, space.registry, dense_metrics,
-        latency=registry.latency_settings(space.speedup, space.resources))
+    registered = registry.register_sweep(client, experiment, parent, space.registry, dense_metrics=dense_metrics,
+                                         latency=registry.latency_settings(space.speedup, space.resources,
+                                                                           source=str(space.path)),
+                                         latest_left=latest_left, keep_going=True)
+    summary["frontier_versions"], summary["champion"] = registered["frontier"], registered["champion"]
     # Where the driver ran: under `ray job submit` that is the job's temporary copy of the working directory on the
     # head, so the summary names the files in full and their copy on the sweep's run as well.
     written = write_report(experiment, out_dir=report_dir, tracking_uri=tracking_uri, sweep_run_id=parent)
