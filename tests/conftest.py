@@ -255,3 +255,60 @@ def renumber_tokens(model_dir: Path) -> None:
         vocab[token] = index
     tokenizer_file.write_text(json.dumps(spec))
     (model_dir / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
+
+
+def packed_tiny_bert(path: Path, tokenizer, heads: int, ffn: int, positions: int = 128) -> Path:
+    """A 2-layer BERT (hidden 64, 2 heads of 32, FFN 128, ``positions`` position embeddings) with heads and FFN
+    dimensions zeroed, then packed into ``path`` (once: a path that exists is taken as made)."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from pruning.packing import pack, save_packed
+
+    if not path.exists():
+        torch.manual_seed(0)
+        model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=128,
+                                                    max_position_embeddings=positions)).eval()
+        with torch.no_grad():
+            for layer in model.bert.encoder.layer:
+                layer.attention.output.dense.weight[:, heads * 32:] = 0
+                layer.output.dense.weight[:, ffn:] = 0
+        save_packed(pack(model), tokenizer, path)
+    return path
+
+
+def sweep_record(client, root: Path, tokenizer, name: str, key: str, trials: dict[str, tuple],
+                 experiment: str = "exp") -> dict:
+    """A finished sweep of ``experiment`` (registered model ``name``, policy best_f1_under_density 0.6, no ONNX
+    export), shaped as a sweep's record: its parent run (storage ``root / key``), its dense baseline and ``trials``
+    (trial name -> (heads kept per layer, FFN width kept, F1, linear density, on the density frontier, and optionally
+    the model's positions, 128 unless given)), finished with packed models (:func:`packed_tiny_bert`, kept under
+    ``root / "models"``). Returns the parent run id and the trials' run ids."""
+    from workflows import record, tracking
+
+    spec = {"registry": {"name": name, "policy": "best_f1_under_density", "max_density": 0.6, "onnx": False}}
+    parent = tracking.start_parent_run(client, experiment, str(root / key), spec, resume=False)
+    experiment_id = client.get_run(parent).info.experiment_id
+    baseline = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_BASELINE,
+                                                      record.TAG_PARENT: parent, record.TAG_STATUS: "finished"})
+    client.log_metric(baseline.info.run_id, "f1", 95.0)
+    client.set_terminated(baseline.info.run_id)
+    runs = {}
+    for trial, (heads, ffn, f1, density, on_front, *positions) in trials.items():
+        run_id = client.create_run(experiment_id, tags={
+            record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent, record.TAG_STATUS: "finished",
+            record.TAG_PACKED_ARTIFACT: "packed_model", "pareto": str(on_front).lower(), "pareto_speedup": "false",
+            record.TAG_RUN_NAME: trial}).info.run_id
+        positions = positions[0] if positions else 128
+        model_dir = packed_tiny_bert(root / "models" / f"{heads}-{ffn}-{positions}", tokenizer, heads, ffn, positions)
+        client.log_artifacts(run_id, str(model_dir), "packed_model")
+        for metric, value in {"f1": f1, "exact_match": f1 - 10, "linear_density": density,
+                              "total_density": density, "heads_removed": 2 - heads, "speedup": 2 - density}.items():
+            client.log_metric(run_id, metric, value)
+        client.log_param(run_id, "max_seq_length", "64")
+        client.set_terminated(run_id)
+        runs[trial] = run_id
+    tracking.finish_parent_run(client, parent)
+    return {"parent": parent, "runs": runs}

@@ -18,61 +18,9 @@ from mlflow.tracking import MlflowClient
 from workflows import record, registry, tracking
 from workflows.cli import main
 
+from conftest import sweep_record
+
 NAME = "store-registry"
-
-
-def _packed(path: Path, tokenizer, heads: int, ffn: int, positions: int = 128) -> Path:
-    """A 2-layer BERT (hidden 64, 2 heads of 32, FFN 128, ``positions`` position embeddings) with heads and FFN
-    dimensions zeroed, then packed."""
-    import torch
-    from transformers import BertConfig, BertForQuestionAnswering
-
-    from pruning.packing import pack, save_packed
-
-    if not path.exists():
-        torch.manual_seed(0)
-        model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64,
-                                                    num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=128,
-                                                    max_position_embeddings=positions)).eval()
-        with torch.no_grad():
-            for layer in model.bert.encoder.layer:
-                layer.attention.output.dense.weight[:, heads * 32:] = 0
-                layer.output.dense.weight[:, ffn:] = 0
-        save_packed(pack(model), tokenizer, path)
-    return path
-
-
-def _sweep(client: MlflowClient, root: Path, tokenizer, key: str, trials: dict[str, tuple],
-           experiment: str = "exp") -> dict:
-    """A finished sweep of ``experiment`` (registry policy best_f1_under_density 0.6, no ONNX export): its parent
-    run, its dense baseline and ``trials`` (name -> (heads, FFN width, F1, linear density, on the density frontier,
-    and optionally the model's positions, 128 unless given)), finished with packed models. Returns the parent run id
-    and the trials' run ids."""
-    spec = {"registry": {"name": NAME, "policy": "best_f1_under_density", "max_density": 0.6, "onnx": False}}
-    parent = tracking.start_parent_run(client, experiment, str(root / key), spec, resume=False)
-    experiment_id = client.get_run(parent).info.experiment_id
-    baseline = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_BASELINE,
-                                                      record.TAG_PARENT: parent, record.TAG_STATUS: "finished"})
-    client.log_metric(baseline.info.run_id, "f1", 95.0)
-    client.set_terminated(baseline.info.run_id)
-    runs = {}
-    for name, (heads, ffn, f1, density, on_front, *positions) in trials.items():
-        run_id = client.create_run(experiment_id, tags={
-            record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent, record.TAG_STATUS: "finished",
-            record.TAG_PACKED_ARTIFACT: "packed_model", "pareto": str(on_front).lower(), "pareto_speedup": "false",
-            record.TAG_RUN_NAME: name}).info.run_id
-        positions = positions[0] if positions else 128
-        model_dir = _packed(root / "models" / f"{heads}-{ffn}-{positions}", tokenizer, heads, ffn, positions)
-        client.log_artifacts(run_id, str(model_dir), "packed_model")
-        for metric, value in {"f1": f1, "exact_match": f1 - 10, "linear_density": density,
-                              "total_density": density, "heads_removed": 2 - heads, "speedup": 2 - density}.items():
-            client.log_metric(run_id, metric, value)
-        client.log_param(run_id, "max_seq_length", "64")
-        client.set_terminated(run_id)
-        runs[name] = run_id
-    tracking.finish_parent_run(client, parent)
-    return {"parent": parent, "runs": runs}
 
 
 @pytest.fixture
@@ -137,7 +85,7 @@ class _Downloads:
 def test_select_reads_each_versions_mlmodel_once(store, tokenizer, capsys, monkeypatch):
     """`select` downloaded every version's MLmodel twice (once to check that the files its served model loads are
     still there, once to load it); the check's copy is the one loaded now, and the choice is the same."""
-    made = _sweep(store["client"], store["root"], tokenizer, "a", TRIALS)
+    made = sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
     assert _register(capsys, store, "--frontier")[0] == 0
     counted = _Downloads(monkeypatch)
     status, chosen, _ = _select(capsys, store, "--alias", "fast")
@@ -155,7 +103,7 @@ def test_registering_again_lists_each_directory_of_a_version_once_and_still_find
     all, each version is checked once, and a file removed or a directory emptied is still found."""
     import shutil
 
-    made = _sweep(store["client"], store["root"], tokenizer, "a", TRIALS)
+    made = sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
     client = store["client"]
     assert _register(capsys, store, "--frontier")[0] == 0
     counted = _Downloads(monkeypatch)
@@ -196,9 +144,9 @@ def test_select_does_not_choose_a_version_whose_trial_or_sweep_run_was_deleted(s
     `register` passes a deleted sweep over) is now listed with why, with one warning naming it and the run, and not
     loaded or chosen."""
     client = store["client"]
-    first = _sweep(client, store["root"], tokenizer, "a", TRIALS)
+    first = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
     assert _register(capsys, store, "--frontier")[0] == 0
-    later = _sweep(client, store["root"], tokenizer, "b", {"best": (2, 64, 90.0, 0.5, True)})
+    later = sweep_record(client, store["root"], tokenizer, NAME, "b", {"best": (2, 64, 90.0, 0.5, True)})
     assert _register(capsys, store, "--frontier")[0] == 0
     wide, narrow = _version_of(client, first["runs"]["wide"]), _version_of(client, first["runs"]["narrow"])
     best = _version_of(client, later["runs"]["best"])
@@ -231,6 +179,20 @@ def test_select_does_not_choose_a_version_whose_trial_or_sweep_run_was_deleted(s
     assert str(client.get_model_version_by_alias(NAME, "fast").version) == narrow
 
 
+def _champion_of_a_deleted_later_sweep(store: dict, tokenizer, capsys) -> tuple[dict, dict, str]:
+    """Two sweeps registered in turn, the later one's champion (``best``) holding the alias, then the later sweep's
+    run deleted in the MLflow UI: (first sweep, later sweep, the alias's version)."""
+    client = store["client"]
+    first = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    assert _register(capsys, store)[0] == 0
+    later = sweep_record(client, store["root"], tokenizer, NAME, "b", {"best": (2, 64, 90.0, 0.5, True)})
+    assert _register(capsys, store)[0] == 0
+    best = _version_of(client, later["runs"]["best"])
+    assert _champion(client) == best
+    client.delete_run(later["parent"])
+    return first, later, best
+
+
 def test_register_does_not_take_the_champion_back_to_an_earlier_sweep_unasked(store, tokenizer, capsys):
     """The champion registered by the latest sweep, whose run was then deleted in the MLflow UI: `register` took the
     sweep before it and moved the alias to that sweep's champion, an older and less accurate model, on a warning
@@ -238,13 +200,7 @@ def test_register_does_not_take_the_champion_back_to_an_earlier_sweep_unasked(st
     leaves the alias; `--sweep-run` moves it, and once the alias is on a version of a sweep left, `register` goes
     on as before."""
     client = store["client"]
-    first = _sweep(client, store["root"], tokenizer, "a", TRIALS)
-    assert _register(capsys, store)[0] == 0
-    later = _sweep(client, store["root"], tokenizer, "b", {"best": (2, 64, 90.0, 0.5, True)})
-    assert _register(capsys, store)[0] == 0
-    best = _version_of(client, later["runs"]["best"])
-    assert _champion(client) == best
-    client.delete_run(later["parent"])
+    first, later, best = _champion_of_a_deleted_later_sweep(store, tokenizer, capsys)
     versions = len(client.search_model_versions(f"name = '{NAME}'"))
 
     for flags in ((), ("--frontier",)):
@@ -263,7 +219,7 @@ def test_register_does_not_take_the_champion_back_to_an_earlier_sweep_unasked(st
     assert _register(capsys, store)[0] == 0 and _champion(client) == result["version"]
 
     # A deleted sweep of another experiment that registers under the same name was never passed over here.
-    other = _sweep(client, store["root"], tokenizer, "c", {"other": (2, 64, 95.0, 0.5, True)}, experiment="other")
+    other = sweep_record(client, store["root"], tokenizer, NAME, "c", {"other": (2, 64, 95.0, 0.5, True)}, experiment="other")
     assert main(["register", "--experiment", "other", "--tracking-uri", store["uri"]]) == 0
     assert _champion(client) == _version_of(client, other["runs"]["other"])
     client.delete_run(other["parent"])
@@ -279,7 +235,7 @@ def test_register_without_a_champion_says_the_alias_is_left_on_a_version_whose_t
     word; it still leaves it (what serves is not taken away), but warns that the alias is on a version nothing
     would choose now, naming the run and how to restore it."""
     client = store["client"]
-    made = _sweep(client, store["root"], tokenizer, "a", TRIALS)
+    made = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
     assert _register(capsys, store)[0] == 0
     wide = _version_of(client, made["runs"]["wide"])
     for run_id in made["runs"].values():
@@ -321,7 +277,7 @@ def test_a_sweeps_end_checks_each_versions_files_once(store, tokenizer, capsys, 
     """A sweep's end registers its frontier, then its champion: a resumed sweep (whose versions were made before)
     checked the champion's version twice, as `register` did before it checked each version once; it now checks each
     once too (three listings of the artifact store per frontier version), and registers the same champion."""
-    made = _sweep(store["client"], store["root"], tokenizer, "a", TRIALS)
+    made = sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
     client = store["client"]
     space = _space(store["root"])
     first = _conclude(store, made["parent"], space)
@@ -345,12 +301,7 @@ def test_a_sweep_resumed_as_the_latest_left_does_not_take_the_champion_back(stor
     registered and its summary says no champion was registered, and why. `--resume RUN_ID` names the sweep, as
     `register --sweep-run` does, and moves it."""
     client = store["client"]
-    first = _sweep(client, store["root"], tokenizer, "a", TRIALS)
-    assert _register(capsys, store)[0] == 0
-    later = _sweep(client, store["root"], tokenizer, "b", {"best": (2, 64, 90.0, 0.5, True)})
-    assert _register(capsys, store)[0] == 0
-    best = _version_of(client, later["runs"]["best"])
-    client.delete_run(later["parent"])
+    first, later, best = _champion_of_a_deleted_later_sweep(store, tokenizer, capsys)
     space = _space(store["root"])
     caplog.clear()
 
@@ -376,9 +327,9 @@ def test_select_lists_a_version_shorter_than_seq_len_and_chooses_among_the_other
     that cannot be loaded is, with a warning, and the most accurate of the others is chosen. With none left, the line
     names each version's reason."""
     client = store["client"]
-    first = _sweep(client, store["root"], tokenizer, "a", TRIALS)
+    first = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
     assert _register(capsys, store, "--frontier")[0] == 0
-    later = _sweep(client, store["root"], tokenizer, "b", {"short": (2, 64, 90.0, 0.5, True, 32)})
+    later = sweep_record(client, store["root"], tokenizer, NAME, "b", {"short": (2, 64, 90.0, 0.5, True, 32)})
     assert _register(capsys, store, "--frontier")[0] == 0
     short = _version_of(client, later["runs"]["short"])
     caplog.clear()
@@ -407,7 +358,7 @@ def test_a_seq_len_longer_than_the_versions_take_names_the_space_field(store, to
     have; it is now one line naming the space file and field, exit 2, and the alias is left. A sweep's end, whose
     trials are recorded, warns with that line and registers no champion, its frontier registered."""
     client = store["client"]
-    made = _sweep(client, store["root"], tokenizer, "a", {"short": (2, 64, 90.0, 0.5, True, 32)})
+    made = sweep_record(client, store["root"], tokenizer, NAME, "a", {"short": (2, 64, 90.0, 0.5, True, 32)})
     assert _register(capsys, store)[0] == 0
     champion = _champion(client)
     space = _space(store["root"], policy="best_f1_under_latency", max_latency_ms=10000)

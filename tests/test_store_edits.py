@@ -16,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from workflows import record, tracking
 from workflows.cli import main
 
+from conftest import sweep_record
+
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
 
@@ -126,44 +128,10 @@ TRIALS = {"wide": (2, 64, 80.0, 0.5, True), "narrow": (1, 32, 60.0, 0.3, True), 
 def _sweep_record(root: Path, tokenizer) -> dict:
     """A sweep's parent run (registry policy best_f1_under_density 0.6, no ONNX export), its dense baseline and three
     finished trials whose packed models are tiny packed BERTs; ``wide`` is the policy's champion."""
-    import torch
-    from transformers import BertConfig, BertForQuestionAnswering
-
-    from pruning.packing import pack, save_packed
-
     uri = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    experiment_id = client.create_experiment("exp", artifact_location=(root / "artifacts").as_uri())
-    spec = {"registry": {"name": NAME, "policy": "best_f1_under_density", "max_density": 0.6, "onnx": False}}
-    parent = tracking.start_parent_run(client, "exp", str(root / "sweep"), spec, resume=False)
-    baseline = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_BASELINE,
-                                                      record.TAG_PARENT: parent, record.TAG_STATUS: "finished"})
-    client.log_metric(baseline.info.run_id, "f1", 95.0)
-    client.set_terminated(baseline.info.run_id)
-    runs = {}
-    for name, (heads, ffn, f1, density, on_front) in TRIALS.items():
-        torch.manual_seed(0)
-        model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64,
-                                                    num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=128, max_position_embeddings=128)).eval()
-        with torch.no_grad():
-            for layer in model.bert.encoder.layer:
-                layer.attention.output.dense.weight[:, heads * 32:] = 0
-                layer.output.dense.weight[:, ffn:] = 0
-        save_packed(pack(model), tokenizer, root / name)
-        run_id = client.create_run(experiment_id, tags={
-            record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent, record.TAG_STATUS: "finished",
-            record.TAG_PACKED_ARTIFACT: "packed_model", "pareto": str(on_front).lower(), "pareto_speedup": "false",
-            record.TAG_RUN_NAME: name}).info.run_id
-        client.log_artifacts(run_id, str(root / name), "packed_model")
-        for key, value in {"f1": f1, "exact_match": f1 - 10, "linear_density": density, "total_density": density,
-                           "heads_removed": 2 - heads, "speedup": 2 - density}.items():
-            client.log_metric(run_id, key, value)
-        client.log_param(run_id, "max_seq_length", "64")
-        client.set_terminated(run_id)
-        runs[name] = run_id
-    tracking.finish_parent_run(client, parent)
-    return {"client": client, "uri": uri, "parent": parent, "runs": runs}
+    client.create_experiment("exp", artifact_location=(root / "artifacts").as_uri())
+    return {"client": client, "uri": uri, **sweep_record(client, root, tokenizer, NAME, "sweep", TRIALS)}
 
 
 def _register(capsys, uri: str, *flags: str) -> tuple[int, str, str]:
