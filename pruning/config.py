@@ -544,6 +544,8 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     """Read a YAML config file; ``overrides`` (already typed) replace its values. A key of the file that the
     config's method never reads is an error (:func:`check_keys_apply`)."""
     path = Path(path)
+    if path.is_dir():  # the configs/ folder, or a run's output_dir
+        raise ConfigError(f"{path}: is a directory; a YAML run config file is expected")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     values = read_yaml(path)

@@ -1007,6 +1007,8 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
         ConfigError: naming the checkpoint and every differing key with both values (or the batch key).
     """
     path = Path(checkpoint_dir) / STATE
+    if Path(checkpoint_dir).is_file():  # a file of the checkpoint, say its trainer_state.json
+        raise CheckpointError(f"{checkpoint_dir}: is a file; a training checkpoint directory is expected")
     if not Path(checkpoint_dir).is_dir():
         raise CheckpointError(f"{checkpoint_dir}: checkpoint directory not found")
     if not path.exists():

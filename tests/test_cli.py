@@ -577,6 +577,23 @@ def test_a_file_given_as_a_model_is_named_as_one(capsys, tmp_path):
     assert line.endswith(f"error: {model}: is a file; a model directory is expected"), line
 
 
+
+def test_a_directory_given_as_a_config_or_space_and_a_file_as_a_checkpoint_are_named_as_such(capsys, tmp_path):
+    """The configs/ folder given as --config (tune_spaces/ as --space) was "config file not found" while it was
+    there, and a checkpoint's trainer_state.json given as --resume "checkpoint directory not found"."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    line = _one_line_error(capsys, ["prune", "--config", str(folder)])
+    assert line.endswith(f"error: {folder}: is a directory; a YAML run config file is expected"), line
+    line = _one_line_error(capsys, ["sweep", "--space", str(folder)])
+    assert line.endswith(f"error: {folder}: is a directory; a YAML search-space file is expected"), line
+    state = tmp_path / "trainer_state.json"
+    state.write_text("{}")
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--resume", str(state), "--output-dir",
+                                    str(tmp_path / "out"), "--no-progress"])
+    assert line.endswith(f"error: {state}: is a file; a training checkpoint directory is expected"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "trainer_state.json"]
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""

@@ -921,6 +921,8 @@ def load_space(path: str | Path) -> SweepSpace:
             sweep whose trials (or teacher) would not get a valid RunConfig.
     """
     path = Path(path)
+    if path.is_dir():  # tune_spaces/ itself, say
+        raise SpaceError(f"{path}: is a directory; a YAML search-space file is expected")
     if not path.is_file():
         raise SpaceError(f"{path}: search-space file not found")
     try:
