@@ -410,6 +410,30 @@ def _check_model_values(values: Mapping[Any, Any]) -> None:
     for key in _MODEL_PROBABILITIES:
         if key in values and not (_is_number(values[key]) and 0 <= values[key] < 1):
             _fail(f"model_config.{key}", f"must be in [0, 1), got {values[key]!r}")
+    problem = _model_config_problem(dict(values))
+    if problem is not None:
+        _fail(*problem)
+
+
+def _model_config_problem(values: dict[Any, Any]) -> tuple[str, str] | None:
+    """The key of ``model_config`` and why its model's config cannot be made from it (a value of the wrong type)
+    or the model built (an activation transformers does not have), or None: found here, not as a traceback from
+    transformers once the run has started."""
+    # transformers: only configs that build a random model need it, which keeps this module light.
+    from transformers.activations import ACT2FN
+
+    from .structure import config_class
+
+    values = {"model_type": _model_type(values), **values}
+    act = values.get("hidden_act")
+    if act is not None and not (isinstance(act, str) and act in ACT2FN):
+        return "model_config.hidden_act", f"unknown activation {act!r} (one of {', '.join(sorted(ACT2FN))})"
+    cls = config_class(values.pop("model_type"))
+    try:
+        cls(**values)
+    except Exception as err:  # TypeError, ValueError, or the strict field checks of recent transformers
+        return "model_config", f"invalid {cls.__name__} ({' '.join(str(err).split())})"
+    return None
 
 
 def _check_model_keys(values: Mapping[Any, Any]) -> None:

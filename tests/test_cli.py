@@ -594,6 +594,22 @@ def test_a_directory_given_as_a_config_or_space_and_a_file_as_a_checkpoint_are_n
     assert line.endswith(f"error: {state}: is a file; a training checkpoint directory is expected"), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "trainer_state.json"]
 
+
+@pytest.mark.parametrize("value,needle", [
+    ("hidden_act: bogus", "model_config.hidden_act: unknown activation 'bogus' (one of gelu, "),
+    ("layer_norm_eps: tiny", "model_config: invalid BertConfig (Validation error for field 'layer_norm_eps': "),
+])
+def test_a_model_config_value_transformers_cannot_build_is_one_line(capsys, tmp_path, value, needle):
+    """A random model's model_config with an activation transformers lacks, or a value of the wrong type, passed the
+    config's checks and stopped the run with a traceback from transformers."""
+    config = tmp_path / "run.yaml"
+    config.write_text("model_config: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+                      f"intermediate_size: 64, max_position_embeddings: 128, {value}}}\n"
+                      f"train_data: dev\ntrain_limit: 4\nmax_steps: 1\noutput_dir: {tmp_path / 'out'}\n")
+    line = _one_line_error(capsys, ["train", "--config", str(config), "--no-progress"])
+    assert f"error: {config}: {needle}" in line, line
+    assert not (tmp_path / "out").exists()
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""
