@@ -610,6 +610,35 @@ def test_a_model_config_value_transformers_cannot_build_is_one_line(capsys, tmp_
     assert f"error: {config}: {needle}" in line, line
     assert not (tmp_path / "out").exists()
 
+
+@pytest.mark.parametrize("kind,edit,needle", [
+    ("masked", {"num_attention_heads": 3}, "(ValueError: The hidden size (64) is not a multiple of the number of "
+                                           "attention heads (3))"),
+    ("masked", {"hidden_act": "bogus"}, "(KeyError: 'bogus')"),
+    ("dense", {"hidden_act": "bogus"}, "(KeyError: 'bogus')"),
+])
+def test_a_config_json_no_model_can_be_built_from_is_one_line(capsys, masked_checkpoint, tiny_bert_config, tokenizer,
+                                                              tmp_path, kind, edit, needle):
+    """A model directory whose config.json transformers reads but builds no model from (heads that do not divide
+    the hidden size, an activation it lacks: a file edited by hand) was a traceback in eval, ask, pack and export."""
+    from transformers import BertForQuestionAnswering
+
+    from pruning.checkpoint import save_model
+
+    model = tmp_path / kind
+    if kind == "masked":
+        shutil.copytree(masked_checkpoint, model)
+    else:
+        save_model(BertForQuestionAnswering(tiny_bert_config), tokenizer, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **edit}))
+    says = f"error: {model / 'config.json'}: BertForQuestionAnswering cannot be built from it {needle}"
+    line = _one_line_error(capsys, ["eval", str(model), "--eval-limit", "2", "--no-progress"])
+    assert line.endswith(says), line
+    line = _one_line_error(capsys, ["pack", str(model), str(tmp_path / "packed"), "--questions", "2"])
+    assert line.endswith(says), line
+    assert not (tmp_path / "packed").exists()
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""
