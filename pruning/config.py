@@ -24,7 +24,7 @@ import yaml
 
 __all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunConfig", "read_yaml", "load_config",
            "config_from_dict", "config_to_dict", "check_head_shaped", "check_keys_apply", "METHOD_KEYS",
-           "EVALUATION_KEYS", "evaluation_settings"]
+           "EVALUATION_KEYS", "evaluation_settings", "MAX_SEED"]
 
 
 class ConfigError(ValueError):
@@ -82,7 +82,7 @@ class RunConfig:
     eval_limit: int | None = None
     output_dir: str = "runs/default"
     cache_dir: str | None = None  # where tokenized training windows are cached (shared by a sweep's trials)
-    seed: int = 42
+    seed: int = 42  # 0 to 2**32 - 1 (MAX_SEED)
 
     # --- features and post-processing ---------------------------------------------------------------------
     max_seq_length: int = 384
@@ -274,8 +274,8 @@ def _check(cfg: RunConfig) -> None:
             _fail(key, f"must be true or false, got {getattr(cfg, key)!r}")
     if not (_is_int(cfg.fisher_stages) and cfg.fisher_stages >= 1):
         _fail("fisher_stages", f"must be an integer >= 1, got {cfg.fisher_stages!r}")
-    if not _is_int(cfg.seed):
-        _fail("seed", f"must be an integer, got {cfg.seed!r}")
+    if not (_is_int(cfg.seed) and 0 <= cfg.seed <= MAX_SEED):
+        _fail("seed", f"must be an integer from 0 to {MAX_SEED}, got {cfg.seed!r}")
     if cfg.doc_stride >= cfg.max_seq_length:
         _fail("doc_stride", f"must be smaller than max_seq_length ({cfg.max_seq_length}), got {cfg.doc_stride}")
 
@@ -457,6 +457,11 @@ def check_head_shaped(block: tuple[int, int], head_dim: int, hidden: int) -> Non
     if tuple(block) != (head_dim, hidden):
         _fail("attention_block", f"method fisher needs head-shaped blocks [head_dim, hidden] = [{head_dim}, "
                                  f"{hidden}], got {list(block)}")
+
+
+# The largest seed: NumPy's, Optuna's samplers' and Ray's search generator's (a sweep without a seed of its own
+# seeds its search with base.seed) take 0 .. 2**32 - 1, and torch no more than 2**63 - 1.
+MAX_SEED = 2**32 - 1
 
 
 def _is_int(value: Any) -> bool:

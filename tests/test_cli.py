@@ -639,6 +639,17 @@ def test_a_config_json_no_model_can_be_built_from_is_one_line(capsys, masked_che
     assert line.endswith(says), line
     assert not (tmp_path / "packed").exists()
 
+
+def test_a_seed_torch_cannot_take_is_one_line(capsys, tmp_path):
+    """A run config's seed past what torch and NumPy take stopped the run with a traceback once it had started."""
+    config = tmp_path / "run.yaml"
+    config.write_text((ROOT / "configs" / "tiny_smoke.yaml").read_text() + "seed: 9223372036854775808\n")
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--output-dir", str(tmp_path / "out"),
+                                    "--no-progress"])
+    assert line.endswith(f"error: {config}: seed: must be an integer from 0 to 4294967295, got "
+                         "9223372036854775808"), line
+    assert not (tmp_path / "out").exists()
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""
