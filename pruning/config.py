@@ -518,7 +518,8 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config", base: Ru
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}{more}{hint}")
     values = dict(values)
-    if "output_dir" in values and values["output_dir"] is not None:
+    # A number is a name (output_dir: 2024); a list, mapping or boolean is no path, and left to the path check.
+    if isinstance(values.get("output_dir"), (int, float)) and not isinstance(values["output_dir"], bool):
         values["output_dir"] = str(values["output_dir"])
     try:
         if base is None:

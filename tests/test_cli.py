@@ -650,6 +650,23 @@ def test_a_seed_torch_cannot_take_is_one_line(capsys, tmp_path):
                          "9223372036854775808"), line
     assert not (tmp_path / "out").exists()
 
+
+@pytest.mark.parametrize("value,shown", [("true", "True"), ("[runs, a]", "['runs', 'a']"), ("{a: 1}", "{'a': 1}")])
+def test_an_output_dir_that_is_no_path_is_one_line(capsys, monkeypatch, tmp_path, value, shown):
+    """A run config's output_dir given as a boolean, list or mapping was written out as text, and the run trained
+    into a directory named True or ['runs', 'a'] in the working directory; a number is still a name."""
+    from pruning.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text((ROOT / "configs" / "tiny_smoke.yaml").read_text().replace("output_dir: runs/tiny_smoke",
+                                                                                 f"output_dir: {value}"))
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--max-steps", "1", "--no-progress"])
+    assert line.endswith(f"error: {config}: output_dir: must be a path or name, got {shown}"), line
+    assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]
+    config.write_text("output_dir: 2024\n")
+    assert load_config(config).output_dir == "2024"
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""
