@@ -667,6 +667,21 @@ def test_an_output_dir_that_is_no_path_is_one_line(capsys, monkeypatch, tmp_path
     config.write_text("output_dir: 2024\n")
     assert load_config(config).output_dir == "2024"
 
+
+@pytest.mark.parametrize("storage", ["a-file", "a-file/ray", "file://{tmp}/a-file"])
+def test_a_storage_path_that_is_a_file_is_one_line_before_the_sweep_starts(capsys, tmp_path, storage):
+    """A --storage-path that was a file (or under one) was "[Errno 17] File exists", status 1, once the sweep had
+    made its tracking store."""
+    (tmp_path / "a-file").write_text("x")
+    storage = storage.replace("{tmp}", str(tmp_path))
+    path = storage if "://" in storage else str(tmp_path / storage)
+    line = _one_line_error(capsys, ["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--storage-path",
+                                    path, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    problem = "exists and is not a directory" if path.endswith("a-file") else f"{tmp_path / 'a-file'} is a file"
+    assert line.startswith(f"fineprune sweep: error: --storage-path {path}: {problem}"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert (tmp_path / "a-file").read_text() == "x"
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""
