@@ -682,6 +682,17 @@ def test_a_storage_path_that_is_a_file_is_one_line_before_the_sweep_starts(capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
     assert (tmp_path / "a-file").read_text() == "x"
 
+
+def test_an_experiment_name_with_a_slash_is_refused_before_the_sweep_starts(capsys, tmp_path):
+    """`sweep --experiment team/a` recorded its sweep directory as <storage>/team/a-<time>, while Tune wrote it to
+    <storage>/a-<time>: the summary, the record and --resume named a directory that does not exist. (The address
+    that does not answer is checked later: a sweep that got past the name would stop there.)"""
+    line = _one_line_error(capsys, ["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--experiment",
+                                    "team/a", "--address", "127.0.0.1:1", "--storage-path", str(tmp_path / "ray"),
+                                    "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert line.startswith("fineprune sweep: error: --experiment 'team/a': must not hold '/'"), line
+    assert list(tmp_path.iterdir()) == []
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""

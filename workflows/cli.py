@@ -514,6 +514,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from workflows.retry import outage_limit
     from workflows.sweep import run_sweep
 
+    if args.experiment and "/" in args.experiment:  # it names the sweep's directories, which Tune keeps flat
+        raise UserError(f"--experiment {args.experiment!r}: must not hold '/' (it names the sweep's directory under "
+                        "--storage-path and its report's under reports/)")
     timeout = None if args.tracking_timeout is None else outage_limit(args.tracking_timeout, "--tracking-timeout")
     summary = run_sweep(args.space, experiment=args.experiment, tracking_uri=args.tracking_uri,
                         address=args.address, resume=args.resume or False, storage_path=args.storage_path,
