@@ -693,6 +693,35 @@ def test_an_experiment_name_with_a_slash_is_refused_before_the_sweep_starts(caps
     assert line.startswith("fineprune sweep: error: --experiment 'team/a': must not hold '/'"), line
     assert list(tmp_path.iterdir()) == []
 
+
+def test_eval_predictions_never_replace_the_data_or_the_model_they_come_from(capsys, masked_checkpoint, tmp_path):
+    """`eval --predictions` given the --eval-data file (or a path to it, or the file a link given as the data names)
+    replaced the SQuAD file with the predictions, and given a file of the model directory (its config.json) broke
+    the model; both are refused in one line and left as they were."""
+    data = json.loads(squad_file("dev").read_text())
+    data["data"] = data["data"][:1]
+    data["data"][0]["paragraphs"] = data["data"][0]["paragraphs"][:1]
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps(data))
+    (tmp_path / "link.json").symlink_to(questions)
+    model = tmp_path / "model"
+    shutil.copytree(masked_checkpoint, model)
+    config = (model / "config.json").read_text()
+    for given, predictions in ((questions, questions), (questions, tmp_path / "." / "questions.json"),
+                               (tmp_path / "link.json", questions)):
+        line = _one_line_error(capsys, ["eval", str(model), "--eval-data", str(given), "--eval-limit", "2",
+                                        "--no-progress", "--predictions", str(predictions)])
+        assert line.endswith(f"error: --predictions {predictions}: is the --eval-data file {given} the questions are "
+                             "read from, which the predictions would replace; write them to another file"), line
+    line = _one_line_error(capsys, ["eval", str(model), "--eval-data", str(questions), "--eval-limit", "2",
+                                    "--no-progress", "--predictions", str(model / "config.json")])
+    assert line.endswith(f"error: --predictions {model / 'config.json'}: is a file of the model directory {model} "
+                         "evaluated, which the predictions would replace; write them to another file"), line
+    assert json.loads(questions.read_text()) == data and (model / "config.json").read_text() == config
+    assert cli.main(["eval", str(model), "--eval-data", str(questions), "--eval-limit", "2", "--no-progress",
+                     "--predictions", str(model / "predictions.json")]) == 0  # a new file beside the model is fine
+    assert len(json.loads((model / "predictions.json").read_text())) == 2
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""
