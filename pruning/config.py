@@ -579,8 +579,8 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     values = read_yaml(path)
-    if values is None:
-        values = {}
+    if values is None:  # an empty file (or comments only): every default, a MiniLM on the whole SQuAD training set
+        raise ConfigError(f"{path}: empty (no config keys; write {{}} to take every default)")
     if not isinstance(values, Mapping):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     given = list(values)
