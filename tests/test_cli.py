@@ -722,6 +722,36 @@ def test_eval_predictions_never_replace_the_data_or_the_model_they_come_from(cap
                      "--predictions", str(model / "predictions.json")]) == 0  # a new file beside the model is fine
     assert len(json.loads((model / "predictions.json").read_text())) == 2
 
+
+@pytest.fixture
+def unwritable_dir(tmp_path) -> Path:
+    """A directory nothing can be written into: without write permission, or (for root, whom permissions do not
+    stop) immutable."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("no way to make a directory root cannot write into here (chattr +i)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_an_output_dir_that_cannot_be_written_is_named_not_its_lock_file(capsys, masked_checkpoint, unwritable_dir):
+    """pack, export, train and prune into a directory without write permission said "[Errno 13] Permission denied:
+    '.../.packed.lock'", naming a lock file the user never gave instead of the output."""
+    for argv, out in ((["pack", str(masked_checkpoint)], "packed"), (["export", str(masked_checkpoint)], "onnx"),
+                      (["prune", "--config", TINY, "--no-progress", "--output-dir"], "run")):
+        line = _one_line_error(capsys, [*argv, str(unwritable_dir / out)], status=1)
+        assert re.fullmatch(rf"fineprune \w+: error: {re.escape(str(unwritable_dir / out))}: cannot write \(.+\)",
+                            line), line
+    assert list(unwritable_dir.iterdir()) == []
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""
