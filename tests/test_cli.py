@@ -752,6 +752,24 @@ def test_an_output_dir_that_cannot_be_written_is_named_not_its_lock_file(capsys,
                             line), line
     assert list(unwritable_dir.iterdir()) == []
 
+
+def test_pruning_a_packed_model_is_refused_before_training(capsys, masked_checkpoint, tmp_path):
+    """`prune --model PACKED` trained for the whole run and wrote a final model and checkpoint that eval, pack and
+    --resume could not read (mask scores beside the packed record); it is refused in one line before training."""
+    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.packing import pack_and_verify, save_packed
+
+    packed = tmp_path / "packed"
+    save_packed(pack_and_verify(load_model(masked_checkpoint), time_latency=False)[0],
+                load_tokenizer(masked_checkpoint), packed)
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--model", str(packed), "--output-dir",
+                                    str(tmp_path / "run"), "--max-steps", "2", "--train-limit", "8", "--eval-limit",
+                                    "2", "--no-progress"])
+    assert line.endswith(f"error: {packed}: is a packed model (fineprune_packed in config.json), whose layers "
+                         "differ in width; method sigmoid_threshold prunes a model of the original shape: prune the "
+                         "model it was packed from (a packed model can be fine-tuned with `fineprune train`)"), line
+    assert not (tmp_path / "run").exists()
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""
