@@ -770,6 +770,23 @@ def test_pruning_a_packed_model_is_refused_before_training(capsys, masked_checkp
                          "model it was packed from (a packed model can be fine-tuned with `fineprune train`)"), line
     assert not (tmp_path / "run").exists()
 
+
+def test_a_run_directory_or_a_file_given_as_the_model_is_named_as_such(capsys, masked_checkpoint, tmp_path):
+    """A training run's output_dir given for its model (`eval runs/x` for `runs/x/final`) said only "not a model
+    directory", and pack said "runs/x/config.json: file not found"; pack given a file said "model directory not
+    found" while the file was there. Each now says what the path is, and pack names them as the others do."""
+    run = tmp_path / "run"
+    shutil.copytree(masked_checkpoint, run / "final")
+    says = f"error: {run}: not a model directory (no config.json); a training run's directory: its model is {run}/final"
+    for argv in (["eval", str(run), "--eval-limit", "2"], ["pack", str(run), str(tmp_path / "packed")],
+                 ["export", str(run), str(tmp_path / "onnx")]):
+        line = _one_line_error(capsys, argv)
+        assert line.endswith(says), line
+    weights = run / "final" / "model.safetensors"
+    line = _one_line_error(capsys, ["pack", str(weights), str(tmp_path / "packed")])
+    assert line.endswith(f"error: {weights}: is a file; a model directory is expected"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""

@@ -476,8 +476,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from pruning.precision import resolve_precision
+    from pruning.resources import resolve_model
 
     _check_positive(args, "questions", "repeats")
+    resolve_model(args.checkpoint)  # a file, or a run's directory, named as such as the other commands name them
     out = Path(args.out_dir)
     precision = resolve_precision(args.precision, "cpu")  # settings first, then the work
     _check_output_path(out, "out_dir", directory=True)
