@@ -89,13 +89,14 @@ def locked(path: str | Path, what: str, wait: bool = False, waiting: str | None 
 
     Raises:
         Busy: (``wait`` False) another process holds it; one line naming ``what`` and the holder (``PID@HOST``).
+        WriteError: the lock file cannot be made (a directory without write permission); one line naming ``what``.
     """
     path = Path(path)
     try:
         fd = _open_lock(path, wait=False)
     except OSError as err:
-        if err.errno not in _NO_LOCKS:
-            raise
+        if err.errno not in _NO_LOCKS:  # no lock file can be made beside it: named by the output, not the lock file
+            raise _write_error(Path(what), err) from err
         # A file system without locks (some NFS mounts): the output is written as before locks, unguarded.
         logger.warning("%s: the file system of %s takes no locks (%s); writing it without one", what, path.parent,
                        err.strerror or err)

@@ -736,9 +736,14 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
                 dtype=torch.float32)
         except (OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{model_dir}: cannot load model ({str(err).splitlines()[0]})") from None
+        except Exception as err:  # the modules check their config values (an activation's name, say) as they build
+            raise CheckpointError(_cannot_build(model_dir, config, err)) from None
         _check_loading_info(model_dir / WEIGHTS, info)
         return model.eval()
-    model = qa_model_class(config.model_type)(config)
+    try:
+        model = qa_model_class(config.model_type)(config)
+    except Exception as err:  # as above: heads that do not divide the hidden size, an unknown activation
+        raise CheckpointError(_cannot_build(model_dir, config, err)) from None
     restore_masks_(model, settings, source=str(model_dir / "config.json"))
     state = _load_weights(model_dir / WEIGHTS)
     expected = model.state_dict()
@@ -754,6 +759,13 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
     if settings.get("mode") == "fixed":
         _refix(model, settings)
     return model.eval()
+
+
+def _cannot_build(model_dir: Path, config: PretrainedConfig, err: Exception) -> str:
+    """The one line of a ``config.json`` that transformers reads but builds no model from."""
+    name = qa_model_class(config.model_type).__name__
+    message = " ".join(str(err).split()) or type(err).__name__
+    return f"{model_dir / 'config.json'}: {name} cannot be built from it ({type(err).__name__}: {message})"
 
 
 def _check_loading_info(weights: Path, info: dict[str, Any]) -> None:

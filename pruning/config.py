@@ -24,7 +24,7 @@ import yaml
 
 __all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunConfig", "read_yaml", "load_config",
            "config_from_dict", "config_to_dict", "check_head_shaped", "check_keys_apply", "METHOD_KEYS",
-           "EVALUATION_KEYS", "evaluation_settings"]
+           "EVALUATION_KEYS", "evaluation_settings", "MAX_SEED"]
 
 
 class ConfigError(ValueError):
@@ -82,7 +82,7 @@ class RunConfig:
     eval_limit: int | None = None
     output_dir: str = "runs/default"
     cache_dir: str | None = None  # where tokenized training windows are cached (shared by a sweep's trials)
-    seed: int = 42
+    seed: int = 42  # 0 to 2**32 - 1 (MAX_SEED)
 
     # --- features and post-processing ---------------------------------------------------------------------
     max_seq_length: int = 384
@@ -274,8 +274,8 @@ def _check(cfg: RunConfig) -> None:
             _fail(key, f"must be true or false, got {getattr(cfg, key)!r}")
     if not (_is_int(cfg.fisher_stages) and cfg.fisher_stages >= 1):
         _fail("fisher_stages", f"must be an integer >= 1, got {cfg.fisher_stages!r}")
-    if not _is_int(cfg.seed):
-        _fail("seed", f"must be an integer, got {cfg.seed!r}")
+    if not (_is_int(cfg.seed) and 0 <= cfg.seed <= MAX_SEED):
+        _fail("seed", f"must be an integer from 0 to {MAX_SEED}, got {cfg.seed!r}")
     if cfg.doc_stride >= cfg.max_seq_length:
         _fail("doc_stride", f"must be smaller than max_seq_length ({cfg.max_seq_length}), got {cfg.doc_stride}")
 
@@ -410,6 +410,30 @@ def _check_model_values(values: Mapping[Any, Any]) -> None:
     for key in _MODEL_PROBABILITIES:
         if key in values and not (_is_number(values[key]) and 0 <= values[key] < 1):
             _fail(f"model_config.{key}", f"must be in [0, 1), got {values[key]!r}")
+    problem = _model_config_problem(dict(values))
+    if problem is not None:
+        _fail(*problem)
+
+
+def _model_config_problem(values: dict[Any, Any]) -> tuple[str, str] | None:
+    """The key of ``model_config`` and why its model's config cannot be made from it (a value of the wrong type)
+    or the model built (an activation transformers does not have), or None: found here, not as a traceback from
+    transformers once the run has started."""
+    # transformers: only configs that build a random model need it, which keeps this module light.
+    from transformers.activations import ACT2FN
+
+    from .structure import config_class
+
+    values = {"model_type": _model_type(values), **values}
+    act = values.get("hidden_act")
+    if act is not None and not (isinstance(act, str) and act in ACT2FN):
+        return "model_config.hidden_act", f"unknown activation {act!r} (one of {', '.join(sorted(ACT2FN))})"
+    cls = config_class(values.pop("model_type"))
+    try:
+        cls(**values)
+    except Exception as err:  # TypeError, ValueError, or the strict field checks of recent transformers
+        return "model_config", f"invalid {cls.__name__} ({' '.join(str(err).split())})"
+    return None
 
 
 def _check_model_keys(values: Mapping[Any, Any]) -> None:
@@ -433,6 +457,11 @@ def check_head_shaped(block: tuple[int, int], head_dim: int, hidden: int) -> Non
     if tuple(block) != (head_dim, hidden):
         _fail("attention_block", f"method fisher needs head-shaped blocks [head_dim, hidden] = [{head_dim}, "
                                  f"{hidden}], got {list(block)}")
+
+
+# The largest seed: NumPy's, Optuna's samplers' and Ray's search generator's (a sweep without a seed of its own
+# seeds its search with base.seed) take 0 .. 2**32 - 1, and torch no more than 2**63 - 1.
+MAX_SEED = 2**32 - 1
 
 
 def _is_int(value: Any) -> bool:
@@ -489,7 +518,8 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config", base: Ru
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}{more}{hint}")
     values = dict(values)
-    if "output_dir" in values and values["output_dir"] is not None:
+    # A number is a name (output_dir: 2024); a list, mapping or boolean is no path, and left to the path check.
+    if isinstance(values.get("output_dir"), (int, float)) and not isinstance(values["output_dir"], bool):
         values["output_dir"] = str(values["output_dir"])
     try:
         if base is None:
@@ -544,11 +574,13 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     """Read a YAML config file; ``overrides`` (already typed) replace its values. A key of the file that the
     config's method never reads is an error (:func:`check_keys_apply`)."""
     path = Path(path)
+    if path.is_dir():  # the configs/ folder, or a run's output_dir
+        raise ConfigError(f"{path}: is a directory; a YAML run config file is expected")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     values = read_yaml(path)
-    if values is None:
-        values = {}
+    if values is None:  # an empty file (or comments only): every default, a MiniLM on the whole SQuAD training set
+        raise ConfigError(f"{path}: empty (no config keys; write {{}} to take every default)")
     if not isinstance(values, Mapping):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     given = list(values)

@@ -48,7 +48,10 @@ def resolve_model(name: str) -> Path:
     if not path.is_dir():
         raise ResourceError(f"{path}: model directory not found")
     if not (path / "config.json").is_file():
-        raise ResourceError(f"{path}: not a model directory (no config.json)")
+        # A training run's output_dir given for the model it wrote (its final/, and its checkpoint/).
+        models = [path / name for name in ("final", "checkpoint") if (path / name / "config.json").is_file()]
+        hint = f"; a training run's directory: its model is {models[0]}" if models else ""
+        raise ResourceError(f"{path}: not a model directory (no config.json){hint}")
     return path
 
 

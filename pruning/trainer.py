@@ -48,7 +48,7 @@ from transformers import PreTrainedTokenizerBase
 from . import atomic, importance
 from . import masks as mask_lib
 from . import squad
-from .packing import pack_for_training, unpack_into_
+from .packing import PACKED_FLAG, is_packed_dir, pack_for_training, unpack_into_
 from .averaging import PREFIX as AVERAGE_PREFIX
 from .averaging import WeightAverage
 from .checkpoint import (
@@ -208,6 +208,13 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
         model = qa_model_class(config.model_type)(config)
     else:
         model_dir = resolve_model(cfg.model)
+        if cfg.masked and is_packed_dir(model_dir):
+            # Its layers differ in width: a fisher cut fails on them, and masks trained on them were saved with the
+            # packed record into a final model and checkpoint that nothing reads back.
+            raise CheckpointError(f"{cfg.model}: is a packed model ({PACKED_FLAG} in config.json), whose layers "
+                                  f"differ in width; method {cfg.method.value} prunes a model of the original "
+                                  "shape: prune the model it was packed from (a packed model can be fine-tuned "
+                                  "with `fineprune train`)")
         model = load_model(model_dir)
         tokenizer = load_tokenizer(cfg.tokenizer or model_dir)
     if mask_lib.is_masked(model):
@@ -1007,6 +1014,8 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
         ConfigError: naming the checkpoint and every differing key with both values (or the batch key).
     """
     path = Path(checkpoint_dir) / STATE
+    if Path(checkpoint_dir).is_file():  # a file of the checkpoint, say its trainer_state.json
+        raise CheckpointError(f"{checkpoint_dir}: is a file; a training checkpoint directory is expected")
     if not Path(checkpoint_dir).is_dir():
         raise CheckpointError(f"{checkpoint_dir}: checkpoint directory not found")
     if not path.exists():

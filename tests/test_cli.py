@@ -577,6 +577,216 @@ def test_a_file_given_as_a_model_is_named_as_one(capsys, tmp_path):
     assert line.endswith(f"error: {model}: is a file; a model directory is expected"), line
 
 
+
+def test_a_directory_given_as_a_config_or_space_and_a_file_as_a_checkpoint_are_named_as_such(capsys, tmp_path):
+    """The configs/ folder given as --config (tune_spaces/ as --space) was "config file not found" while it was
+    there, and a checkpoint's trainer_state.json given as --resume "checkpoint directory not found"."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    line = _one_line_error(capsys, ["prune", "--config", str(folder)])
+    assert line.endswith(f"error: {folder}: is a directory; a YAML run config file is expected"), line
+    line = _one_line_error(capsys, ["sweep", "--space", str(folder)])
+    assert line.endswith(f"error: {folder}: is a directory; a YAML search-space file is expected"), line
+    state = tmp_path / "trainer_state.json"
+    state.write_text("{}")
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--resume", str(state), "--output-dir",
+                                    str(tmp_path / "out"), "--no-progress"])
+    assert line.endswith(f"error: {state}: is a file; a training checkpoint directory is expected"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "trainer_state.json"]
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("hidden_act: bogus", "model_config.hidden_act: unknown activation 'bogus' (one of gelu, "),
+    ("layer_norm_eps: tiny", "model_config: invalid BertConfig (Validation error for field 'layer_norm_eps': "),
+])
+def test_a_model_config_value_transformers_cannot_build_is_one_line(capsys, tmp_path, value, needle):
+    """A random model's model_config with an activation transformers lacks, or a value of the wrong type, passed the
+    config's checks and stopped the run with a traceback from transformers."""
+    config = tmp_path / "run.yaml"
+    config.write_text("model_config: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+                      f"intermediate_size: 64, max_position_embeddings: 128, {value}}}\n"
+                      f"train_data: dev\ntrain_limit: 4\nmax_steps: 1\noutput_dir: {tmp_path / 'out'}\n")
+    line = _one_line_error(capsys, ["train", "--config", str(config), "--no-progress"])
+    assert f"error: {config}: {needle}" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind,edit,needle", [
+    ("masked", {"num_attention_heads": 3}, "(ValueError: The hidden size (64) is not a multiple of the number of "
+                                           "attention heads (3))"),
+    ("masked", {"hidden_act": "bogus"}, "(KeyError: 'bogus')"),
+    ("dense", {"hidden_act": "bogus"}, "(KeyError: 'bogus')"),
+])
+def test_a_config_json_no_model_can_be_built_from_is_one_line(capsys, masked_checkpoint, tiny_bert_config, tokenizer,
+                                                              tmp_path, kind, edit, needle):
+    """A model directory whose config.json transformers reads but builds no model from (heads that do not divide
+    the hidden size, an activation it lacks: a file edited by hand) was a traceback in eval, ask, pack and export."""
+    from transformers import BertForQuestionAnswering
+
+    from pruning.checkpoint import save_model
+
+    model = tmp_path / kind
+    if kind == "masked":
+        shutil.copytree(masked_checkpoint, model)
+    else:
+        save_model(BertForQuestionAnswering(tiny_bert_config), tokenizer, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **edit}))
+    says = f"error: {model / 'config.json'}: BertForQuestionAnswering cannot be built from it {needle}"
+    line = _one_line_error(capsys, ["eval", str(model), "--eval-limit", "2", "--no-progress"])
+    assert line.endswith(says), line
+    line = _one_line_error(capsys, ["pack", str(model), str(tmp_path / "packed"), "--questions", "2"])
+    assert line.endswith(says), line
+    assert not (tmp_path / "packed").exists()
+
+
+def test_a_seed_torch_cannot_take_is_one_line(capsys, tmp_path):
+    """A run config's seed past what torch and NumPy take stopped the run with a traceback once it had started."""
+    config = tmp_path / "run.yaml"
+    config.write_text((ROOT / "configs" / "tiny_smoke.yaml").read_text() + "seed: 9223372036854775808\n")
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--output-dir", str(tmp_path / "out"),
+                                    "--no-progress"])
+    assert line.endswith(f"error: {config}: seed: must be an integer from 0 to 4294967295, got "
+                         "9223372036854775808"), line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value,shown", [("true", "True"), ("[runs, a]", "['runs', 'a']"), ("{a: 1}", "{'a': 1}")])
+def test_an_output_dir_that_is_no_path_is_one_line(capsys, monkeypatch, tmp_path, value, shown):
+    """A run config's output_dir given as a boolean, list or mapping was written out as text, and the run trained
+    into a directory named True or ['runs', 'a'] in the working directory; a number is still a name."""
+    from pruning.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text((ROOT / "configs" / "tiny_smoke.yaml").read_text().replace("output_dir: runs/tiny_smoke",
+                                                                                 f"output_dir: {value}"))
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--max-steps", "1", "--no-progress"])
+    assert line.endswith(f"error: {config}: output_dir: must be a path or name, got {shown}"), line
+    assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]
+    config.write_text("output_dir: 2024\n")
+    assert load_config(config).output_dir == "2024"
+
+
+@pytest.mark.parametrize("storage", ["a-file", "a-file/ray", "file://{tmp}/a-file"])
+def test_a_storage_path_that_is_a_file_is_one_line_before_the_sweep_starts(capsys, tmp_path, storage):
+    """A --storage-path that was a file (or under one) was "[Errno 17] File exists", status 1, once the sweep had
+    made its tracking store."""
+    (tmp_path / "a-file").write_text("x")
+    storage = storage.replace("{tmp}", str(tmp_path))
+    path = storage if "://" in storage else str(tmp_path / storage)
+    line = _one_line_error(capsys, ["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--storage-path",
+                                    path, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    problem = "exists and is not a directory" if path.endswith("a-file") else f"{tmp_path / 'a-file'} is a file"
+    assert line.startswith(f"fineprune sweep: error: --storage-path {path}: {problem}"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_an_experiment_name_with_a_slash_is_refused_before_the_sweep_starts(capsys, tmp_path):
+    """`sweep --experiment team/a` recorded its sweep directory as <storage>/team/a-<time>, while Tune wrote it to
+    <storage>/a-<time>: the summary, the record and --resume named a directory that does not exist. (The address
+    that does not answer is checked later: a sweep that got past the name would stop there.)"""
+    line = _one_line_error(capsys, ["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--experiment",
+                                    "team/a", "--address", "127.0.0.1:1", "--storage-path", str(tmp_path / "ray"),
+                                    "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert line.startswith("fineprune sweep: error: --experiment 'team/a': must not hold '/'"), line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_predictions_never_replace_the_data_or_the_model_they_come_from(capsys, masked_checkpoint, tmp_path):
+    """`eval --predictions` given the --eval-data file (or a path to it, or the file a link given as the data names)
+    replaced the SQuAD file with the predictions, and given a file of the model directory (its config.json) broke
+    the model; both are refused in one line and left as they were."""
+    data = json.loads(squad_file("dev").read_text())
+    data["data"] = data["data"][:1]
+    data["data"][0]["paragraphs"] = data["data"][0]["paragraphs"][:1]
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps(data))
+    (tmp_path / "link.json").symlink_to(questions)
+    model = tmp_path / "model"
+    shutil.copytree(masked_checkpoint, model)
+    config = (model / "config.json").read_text()
+    for given, predictions in ((questions, questions), (questions, tmp_path / "." / "questions.json"),
+                               (tmp_path / "link.json", questions)):
+        line = _one_line_error(capsys, ["eval", str(model), "--eval-data", str(given), "--eval-limit", "2",
+                                        "--no-progress", "--predictions", str(predictions)])
+        assert line.endswith(f"error: --predictions {predictions}: is the --eval-data file {given} the questions are "
+                             "read from, which the predictions would replace; write them to another file"), line
+    line = _one_line_error(capsys, ["eval", str(model), "--eval-data", str(questions), "--eval-limit", "2",
+                                    "--no-progress", "--predictions", str(model / "config.json")])
+    assert line.endswith(f"error: --predictions {model / 'config.json'}: is a file of the model directory {model} "
+                         "evaluated, which the predictions would replace; write them to another file"), line
+    assert json.loads(questions.read_text()) == data and (model / "config.json").read_text() == config
+    assert cli.main(["eval", str(model), "--eval-data", str(questions), "--eval-limit", "2", "--no-progress",
+                     "--predictions", str(model / "predictions.json")]) == 0  # a new file beside the model is fine
+    assert len(json.loads((model / "predictions.json").read_text())) == 2
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path) -> Path:
+    """A directory nothing can be written into: without write permission, or (for root, whom permissions do not
+    stop) immutable."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("no way to make a directory root cannot write into here (chattr +i)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_an_output_dir_that_cannot_be_written_is_named_not_its_lock_file(capsys, masked_checkpoint, unwritable_dir):
+    """pack, export, train and prune into a directory without write permission said "[Errno 13] Permission denied:
+    '.../.packed.lock'", naming a lock file the user never gave instead of the output."""
+    for argv, out in ((["pack", str(masked_checkpoint)], "packed"), (["export", str(masked_checkpoint)], "onnx"),
+                      (["prune", "--config", TINY, "--no-progress", "--output-dir"], "run")):
+        line = _one_line_error(capsys, [*argv, str(unwritable_dir / out)], status=1)
+        assert re.fullmatch(rf"fineprune \w+: error: {re.escape(str(unwritable_dir / out))}: cannot write \(.+\)",
+                            line), line
+    assert list(unwritable_dir.iterdir()) == []
+
+
+def test_pruning_a_packed_model_is_refused_before_training(capsys, masked_checkpoint, tmp_path):
+    """`prune --model PACKED` trained for the whole run and wrote a final model and checkpoint that eval, pack and
+    --resume could not read (mask scores beside the packed record); it is refused in one line before training."""
+    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.packing import pack_and_verify, save_packed
+
+    packed = tmp_path / "packed"
+    save_packed(pack_and_verify(load_model(masked_checkpoint), time_latency=False)[0],
+                load_tokenizer(masked_checkpoint), packed)
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--model", str(packed), "--output-dir",
+                                    str(tmp_path / "run"), "--max-steps", "2", "--train-limit", "8", "--eval-limit",
+                                    "2", "--no-progress"])
+    assert line.endswith(f"error: {packed}: is a packed model (fineprune_packed in config.json), whose layers "
+                         "differ in width; method sigmoid_threshold prunes a model of the original shape: prune the "
+                         "model it was packed from (a packed model can be fine-tuned with `fineprune train`)"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_or_a_file_given_as_the_model_is_named_as_such(capsys, masked_checkpoint, tmp_path):
+    """A training run's output_dir given for its model (`eval runs/x` for `runs/x/final`) said only "not a model
+    directory", and pack said "runs/x/config.json: file not found"; pack given a file said "model directory not
+    found" while the file was there. Each now says what the path is, and pack names them as the others do."""
+    run = tmp_path / "run"
+    shutil.copytree(masked_checkpoint, run / "final")
+    says = f"error: {run}: not a model directory (no config.json); a training run's directory: its model is {run}/final"
+    for argv in (["eval", str(run), "--eval-limit", "2"], ["pack", str(run), str(tmp_path / "packed")],
+                 ["export", str(run), str(tmp_path / "onnx")]):
+        line = _one_line_error(capsys, argv)
+        assert line.endswith(says), line
+    weights = run / "final" / "model.safetensors"
+    line = _one_line_error(capsys, ["pack", str(weights), str(tmp_path / "packed")])
+    assert line.endswith(f"error: {weights}: is a file; a model directory is expected"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
 @pytest.fixture
 def encoder_dir(tmp_path, tiny_bert_config, tokenizer) -> Path:
     """A pre-trained encoder as it comes (a BertModel: no question-answering head), with its tokenizer."""

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,19 @@ def test_overrides_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(bad)
 
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# method: topk\n"])
+def test_an_empty_config_file_is_refused_not_read_as_every_default(tmp_path, text):
+    """An empty config (a file saved empty, or all its keys commented out) was every default: `fineprune train`
+    started fine-tuning MiniLM on the whole SQuAD training set."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: empty \(no config keys; write {{}} to take "
+                                          r"every default\)$"):
+        load_config(path)
+    path.write_text("{}\n")
+    assert load_config(path) == RunConfig()
 
 def test_run_configs_and_spaces_share_one_yaml_reader(tmp_path):
     path = tmp_path / "c.yaml"

@@ -617,6 +617,17 @@ def test_malformed_files(tmp_path, text, pattern):
         load_space(path)
 
 
+
+def test_a_seed_the_search_cannot_take_is_one_line(tmp_path):
+    """A negative seed (or one past 2**32 - 1), the space's or base.seed that seeds the search without one, passed
+    the space's checks, and the sweep stopped with a traceback from Optuna's sampler."""
+    assert_refused(write(tmp_path, variant(seed=-1)), r"^\S+: seed: must be an integer from 0 to 4294967295 or null, "
+                                                      r"got -1$")
+    base = {**BASE_SPACE["base"], "seed": 2**32}
+    assert_refused(write(tmp_path, variant(base=base)), r": base\.seed: must be an integer from 0 to 4294967295, got "
+                                                        r"4294967296$")
+    assert load_space(write(tmp_path, variant(seed=2**32 - 1))).search_seed == 2**32 - 1
+
 def test_missing_file(tmp_path):
     with pytest.raises(SpaceError, match=r"nothere\.yaml: search-space file not found"):
         load_space(tmp_path / "nothere.yaml")

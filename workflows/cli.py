@@ -398,6 +398,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_device(args.device, "--device")
     if args.predictions is not None:
         _check_output_path(args.predictions, "--predictions", directory=False)
+        _check_predictions_replace_no_input(args)
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant, args.device)
     _recorded_settings(args)
     examples = squad.load_squad(resolve_data(args.eval_data), limit=args.eval_limit, spans=False)
@@ -421,6 +422,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    n_best=args.n_best, precision=precision)
     _emit(metrics)
     return 0
+
+
+def _check_predictions_replace_no_input(args: argparse.Namespace) -> None:
+    """Refuse a ``--predictions`` file that would replace what eval reads: its ``--eval-data`` file, or a file of the
+    model directory (its config.json, say), which the predictions would take the place of."""
+    from pruning.resources import ResourceError, resolve_data, resolve_model
+
+    def entry(path: str | Path) -> Path:  # the directory entry a write replaces (a link, not what it points at)
+        path = Path(path)
+        return path.parent.resolve() / path.name
+
+    target = entry(args.predictions)
+    try:
+        data = resolve_data(args.eval_data)
+    except ResourceError:  # named when the data is read
+        data = None
+    if data is not None and target in (entry(data), data.resolve()):  # the file, or the one its link names
+        raise UserError(f"--predictions {args.predictions}: is the --eval-data file {args.eval_data} the questions "
+                        "are read from, which the predictions would replace; write them to another file")
+    try:
+        model = resolve_model(args.model_dir).resolve()
+    except ResourceError:  # named when the model is loaded
+        return
+    if target.exists() and target.is_relative_to(model):
+        raise UserError(f"--predictions {args.predictions}: is a file of the model directory {args.model_dir} "
+                        "evaluated, which the predictions would replace; write them to another file")
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -449,8 +476,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from pruning.precision import resolve_precision
+    from pruning.resources import resolve_model
 
     _check_positive(args, "questions", "repeats")
+    resolve_model(args.checkpoint)  # a file, or a run's directory, named as such as the other commands name them
     out = Path(args.out_dir)
     precision = resolve_precision(args.precision, "cpu")  # settings first, then the work
     _check_output_path(out, "out_dir", directory=True)
@@ -514,6 +543,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from workflows.retry import outage_limit
     from workflows.sweep import run_sweep
 
+    if args.experiment and "/" in args.experiment:  # it names the sweep's directories, which Tune keeps flat
+        raise UserError(f"--experiment {args.experiment!r}: must not hold '/' (it names the sweep's directory under "
+                        "--storage-path and its report's under reports/)")
     timeout = None if args.tracking_timeout is None else outage_limit(args.tracking_timeout, "--tracking-timeout")
     summary = run_sweep(args.space, experiment=args.experiment, tracking_uri=args.tracking_uri,
                         address=args.address, resume=args.resume or False, storage_path=args.storage_path,

@@ -35,7 +35,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pruning.config import (METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, RunConfig, check_head_shaped,
+from pruning.config import (MAX_SEED, METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, RunConfig, check_head_shaped,
                             check_keys_apply, config_from_dict, config_to_dict, read_yaml)
 from pruning.resources import ResourceError, first_missing, resolve_data, resolve_model
 from pruning.schedules import warmup_steps
@@ -707,8 +707,8 @@ class SweepSpace(_Section):
     @field_validator("seed", mode="before")
     @classmethod
     def _seed(cls, value: Any) -> Any:
-        if value is not None and not _is_int(value):
-            raise _Problem(f"must be an integer or null, got {value!r}")
+        if value is not None and not (_is_int(value) and 0 <= value <= MAX_SEED):
+            raise _Problem(f"must be an integer from 0 to {MAX_SEED} or null, got {value!r}")
         return value
 
     @field_validator("reference_point", mode="before")
@@ -921,6 +921,8 @@ def load_space(path: str | Path) -> SweepSpace:
             sweep whose trials (or teacher) would not get a valid RunConfig.
     """
     path = Path(path)
+    if path.is_dir():  # tune_spaces/ itself, say
+        raise SpaceError(f"{path}: is a directory; a YAML search-space file is expected")
     if not path.is_file():
         raise SpaceError(f"{path}: search-space file not found")
     try:

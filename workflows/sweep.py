@@ -54,6 +54,7 @@ from workflows.retry import TrackingUnavailable, call_with_retries, is_transient
 from workflows.space import (EVAL_METRICS, EVALUATION, SpaceError, SweepSpace, baseline_config, check_local_paths,
                              load_space, param_space, scoring_fingerprint, teacher_config, teacher_fingerprint,
                              trial_config, tune_config_kwargs)
+from workflows.user_errors import output_path_problem
 
 __all__ = ["run_sweep", "trial_main", "ensure_teacher", "frontier_summary", "sweep_complete", "FAULT_ENV",
            "TRIAL_METRICS", "RayUnavailable", "ResumeError", "StorageError", "RAY_CONNECT_TIMEOUT_S"]
@@ -92,6 +93,9 @@ class RayUnavailable(Exception):
 
 class ResumeError(Exception):
     """``--resume`` names nothing to resume; one line."""
+
+
+DEFAULT_STORAGE = "runs/ray"  # the sweeps' storage without --storage-path, under the working directory
 
 
 class StorageError(ValueError):
@@ -481,13 +485,20 @@ def _local_storage(storage_path: str | None) -> str | None:
     percent-escapes decoded: taken as it was, the sweep wrote into a directory named ``my%20runs``.
 
     Raises:
-        StorageError: a ``file:`` URI of another host.
+        StorageError: a ``file:`` URI of another host, or a local path that is a file or lies under one.
     """
     try:
         local = storage_path and record.file_uri_path(storage_path)
     except ValueError as err:
         raise StorageError(f"--storage-path {err}") from None
-    return local or storage_path
+    local = local or storage_path
+    if not (local and "://" in local):  # a directory of this machine, which the sweep makes
+        problem = output_path_problem(local or DEFAULT_STORAGE, directory=True)
+        if problem is not None:
+            where = (f"--storage-path {storage_path}" if storage_path
+                     else f"{DEFAULT_STORAGE} (the default --storage-path)")
+            raise StorageError(f"{where}: {problem}")
+    return local
 
 
 def _storage_roots(storage_path: str | None) -> tuple[str, Path]:
@@ -495,12 +506,12 @@ def _storage_roots(storage_path: str | None) -> tuple[str, Path]:
     local directory for what trials read by file path (trained teachers, the feature cache)."""
     storage_path = _local_storage(storage_path)
     if storage_path and "://" in storage_path:
-        local = Path("runs/ray").resolve()
+        local = Path(DEFAULT_STORAGE).resolve()
         logger.info("checkpoints go to %s; teachers and caches stay in %s on each node (on a multi-node cluster, "
                     "give teacher.path on a filesystem every node reads)", storage_path, local)
         root = storage_path.rstrip("/")
     else:
-        local = Path(storage_path or "runs/ray").resolve()
+        local = Path(storage_path or DEFAULT_STORAGE).resolve()
         root = str(local)
     local.mkdir(parents=True, exist_ok=True)
     return root, local
