@@ -512,6 +512,19 @@ def test_a_command_reading_a_sweep_creates_no_tracking_database(capsys, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_command_reading_a_sweep_leaves_an_empty_file_as_it_was(capsys, tmp_path):
+    """`select --tracking-uri sqlite:///EMPTY` (and register, report) made MLflow's tables in a 0-byte file that was
+    no MLflow database, and then said the experiment or model was not in it; it is refused as a file that is not one."""
+    database = tmp_path / "empty.db"
+    database.touch()
+    for argv in (["register", "--experiment", "e"], ["report", "--experiment", "e", "--out", str(tmp_path / "r")],
+                 ["select", "--registered-model", "m", "--max-latency-ms", "5"]):
+        line = _one_line_error(capsys, [*argv, "--tracking-uri", f"sqlite:///{database}"])
+        assert line.endswith(f"{database} is an empty file, not an MLflow database (pass the sweep's "
+                             "--tracking-uri)"), line
+    assert database.stat().st_size == 0 and sorted(tmp_path.iterdir()) == [database]
+
+
 def test_a_training_run_that_fails_before_writing_leaves_no_output_dir(capsys, tmp_path):
     question = " ".join(["which"] * 200) + "?"
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [

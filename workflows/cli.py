@@ -374,6 +374,9 @@ def _tracking_client(uri: str | None):
     if database is not None:  # these commands read a sweep's record: an absent database holds none
         if not database.is_file():
             raise UserError(f"tracking URI {uri}: no MLflow database at {database} (pass the sweep's --tracking-uri)")
+        if database.stat().st_size == 0:  # MLflow would make its tables in it, and read it as an empty record
+            raise UserError(f"tracking URI {uri}: {database} is an empty file, not an MLflow database (pass the "
+                            "sweep's --tracking-uri)")
     client = tracking.client_for(uri)
     tracking.check_reachable(client, REACH_TIMEOUT_S)  # a URI with no store behind it: TrackingStoreError
     return client
