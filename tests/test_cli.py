@@ -512,6 +512,26 @@ def test_a_command_reading_a_sweep_creates_no_tracking_database(capsys, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ask_and_eval_write_only_their_own_output(capsys, tokenizer, masked_checkpoint, tmp_path):
+    """ask and eval of a dense model directory wrote transformers' "Loading weights" bar to stderr, and pack its
+    "Writing model shards" bar: a command's output is its own (the answer on stdout, its log on stderr)."""
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    dense = tmp_path / "dense"
+    BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=64)).save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    capsys.readouterr()
+    assert cli.main(["ask", str(dense), "--question", "Who went home?", "--context", "Bob went home."]) == 0
+    captured = capsys.readouterr()
+    assert set(json.loads(captured.out)) == {"answer", "start", "end", "score"} and captured.err == ""
+    assert cli.main(["eval", str(dense), "--eval-limit", "2", "--no-progress"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
+    assert cli.main(["pack", str(masked_checkpoint), str(tmp_path / "packed"), "--questions", "2"]) == 0
+    assert "Writing model shards" not in capsys.readouterr().err
+
+
 def test_a_command_reading_a_sweep_leaves_an_empty_file_as_it_was(capsys, tmp_path):
     """`select --tracking-uri sqlite:///EMPTY` (and register, report) made MLflow's tables in a 0-byte file that was
     no MLflow database, and then said the experiment or model was not in it; it is refused as a file that is not one."""
