@@ -716,6 +716,20 @@ def test_a_storage_path_that_is_a_file_is_one_line_before_the_sweep_starts(capsy
     assert (tmp_path / "a-file").read_text() == "x"
 
 
+@pytest.mark.parametrize("under", ["", "ray"])
+def test_a_storage_path_that_cannot_be_written_is_one_line_before_the_sweep_starts(capsys, tmp_path, unwritable_dir,
+                                                                                     under):
+    """A --storage-path in a directory nothing can be written into made the sweep's tracking database, then stopped
+    with "[Errno 1] Operation not permitted", status 1."""
+    path = unwritable_dir / under if under else unwritable_dir
+    line = _one_line_error(capsys, ["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--storage-path",
+                                    str(path), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    problem = (f"cannot be made ({unwritable_dir} takes no new files)" if under
+               else "cannot be written (no permission to write into it)")
+    assert line == f"fineprune sweep: error: --storage-path {path}: {problem}", line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [unwritable_dir.name]
+
+
 def test_an_experiment_name_with_a_slash_is_refused_before_the_sweep_starts(capsys, tmp_path):
     """`sweep --experiment team/a` recorded its sweep directory as <storage>/team/a-<time>, while Tune wrote it to
     <storage>/a-<time>: the summary, the record and --resume named a directory that does not exist. (The address
