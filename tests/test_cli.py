@@ -800,6 +800,26 @@ def test_an_output_dir_that_cannot_be_written_is_named_not_its_lock_file(capsys,
     assert list(unwritable_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("under", ["", "report"])
+def test_a_report_into_a_directory_that_cannot_be_written_is_one_line(capsys, tokenizer, tmp_path, unwritable_dir,
+                                                                      under):
+    """`report --out DIR` into a directory nothing can be written into said "[Errno 1] Operation not permitted",
+    status 1, naming a file of the report rather than --out."""
+    from conftest import sweep_record
+    from workflows import tracking
+
+    database = tmp_path / "mlflow.db"
+    sweep_record(tracking.client_for(f"sqlite:///{database}"), tmp_path / "store", tokenizer, "m", "a",
+                 {"t1": (1, 64, 80.0, 0.5, True)})
+    out = unwritable_dir / under if under else unwritable_dir
+    line = _one_line_error(capsys, ["report", "--experiment", "exp", "--out", str(out), "--tracking-uri",
+                                    f"sqlite:///{database}"])
+    problem = (f"cannot be made ({unwritable_dir} takes no new files)" if under
+               else "cannot be written (no permission to write into it)")
+    assert line == f"fineprune report: error: --out {out}: {problem}", line
+    assert list(unwritable_dir.iterdir()) == []
+
+
 def test_pruning_a_packed_model_is_refused_before_training(capsys, masked_checkpoint, tmp_path):
     """`prune --model PACKED` trained for the whole run and wrote a final model and checkpoint that eval, pack and
     --resume could not read (mask scores beside the packed record); it is refused in one line before training."""
