@@ -33,7 +33,7 @@ from .atomic import save_tensors, staged_dir
 from .config import EVALUATION_KEYS
 from .packing import PACKED_FLAG, load_packed
 from .sparsity import sparsity_report
-from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE, config_class, qa_model_class
+from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE, config_class, qa_model_class, quiet_transformers
 
 __all__ = [
     "CheckpointError",
@@ -731,9 +731,10 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
         try:
             # Mismatched shapes come back in the loading info (checked below) rather than as an error that points
             # at a table in the log.
-            model, info = qa_model_class(config.model_type).from_pretrained(
-                str(model_dir), local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
-                dtype=torch.float32)
+            with quiet_transformers():
+                model, info = qa_model_class(config.model_type).from_pretrained(
+                    str(model_dir), local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
+                    dtype=torch.float32)
         except (OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{model_dir}: cannot load model ({str(err).splitlines()[0]})") from None
         except Exception as err:  # the modules check their config values (an activation's name, say) as they build

@@ -42,7 +42,7 @@ from .masks import MaskedLinear, remove_masks_
 from .precision import resolve_precision
 from .sparsity import sparsity_report
 from .structure import (Architecture, architecture_for, architecture_of_type, encoder_layers, get_module, max_positions,
-                        set_module)
+                        quiet_transformers, set_module)
 
 __all__ = [
     "PackingError",
@@ -315,7 +315,8 @@ def save_packed(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, ov
     with staged_dir(out) as tmp:  # an earlier model there stays whole until the new one is
         if out.is_dir():
             _keep_others(out, tmp)
-        model.save_pretrained(tmp, safe_serialization=True)
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     logger.info("saved packed model to %s", out)

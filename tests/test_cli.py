@@ -512,6 +512,39 @@ def test_a_command_reading_a_sweep_creates_no_tracking_database(capsys, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ask_and_eval_write_only_their_own_output(capsys, tokenizer, masked_checkpoint, tmp_path):
+    """ask and eval of a dense model directory wrote transformers' "Loading weights" bar to stderr, and pack its
+    "Writing model shards" bar: a command's output is its own (the answer on stdout, its log on stderr)."""
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    dense = tmp_path / "dense"
+    BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=64)).save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    capsys.readouterr()
+    assert cli.main(["ask", str(dense), "--question", "Who went home?", "--context", "Bob went home."]) == 0
+    captured = capsys.readouterr()
+    assert set(json.loads(captured.out)) == {"answer", "start", "end", "score"} and captured.err == ""
+    assert cli.main(["eval", str(dense), "--eval-limit", "2", "--no-progress"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
+    assert cli.main(["pack", str(masked_checkpoint), str(tmp_path / "packed"), "--questions", "2"]) == 0
+    assert "Writing model shards" not in capsys.readouterr().err
+
+
+def test_a_command_reading_a_sweep_leaves_an_empty_file_as_it_was(capsys, tmp_path):
+    """`select --tracking-uri sqlite:///EMPTY` (and register, report) made MLflow's tables in a 0-byte file that was
+    no MLflow database, and then said the experiment or model was not in it; it is refused as a file that is not one."""
+    database = tmp_path / "empty.db"
+    database.touch()
+    for argv in (["register", "--experiment", "e"], ["report", "--experiment", "e", "--out", str(tmp_path / "r")],
+                 ["select", "--registered-model", "m", "--max-latency-ms", "5"]):
+        line = _one_line_error(capsys, [*argv, "--tracking-uri", f"sqlite:///{database}"])
+        assert line.endswith(f"{database} is an empty file, not an MLflow database (pass the sweep's "
+                             "--tracking-uri)"), line
+    assert database.stat().st_size == 0 and sorted(tmp_path.iterdir()) == [database]
+
+
 def test_a_training_run_that_fails_before_writing_leaves_no_output_dir(capsys, tmp_path):
     question = " ".join(["which"] * 200) + "?"
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
@@ -683,6 +716,20 @@ def test_a_storage_path_that_is_a_file_is_one_line_before_the_sweep_starts(capsy
     assert (tmp_path / "a-file").read_text() == "x"
 
 
+@pytest.mark.parametrize("under", ["", "ray"])
+def test_a_storage_path_that_cannot_be_written_is_one_line_before_the_sweep_starts(capsys, tmp_path, unwritable_dir,
+                                                                                     under):
+    """A --storage-path in a directory nothing can be written into made the sweep's tracking database, then stopped
+    with "[Errno 1] Operation not permitted", status 1."""
+    path = unwritable_dir / under if under else unwritable_dir
+    line = _one_line_error(capsys, ["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--storage-path",
+                                    str(path), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    problem = (f"cannot be made ({unwritable_dir} takes no new files)" if under
+               else "cannot be written (no permission to write into it)")
+    assert line == f"fineprune sweep: error: --storage-path {path}: {problem}", line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [unwritable_dir.name]
+
+
 def test_an_experiment_name_with_a_slash_is_refused_before_the_sweep_starts(capsys, tmp_path):
     """`sweep --experiment team/a` recorded its sweep directory as <storage>/team/a-<time>, while Tune wrote it to
     <storage>/a-<time>: the summary, the record and --resume named a directory that does not exist. (The address
@@ -750,6 +797,26 @@ def test_an_output_dir_that_cannot_be_written_is_named_not_its_lock_file(capsys,
         line = _one_line_error(capsys, [*argv, str(unwritable_dir / out)], status=1)
         assert re.fullmatch(rf"fineprune \w+: error: {re.escape(str(unwritable_dir / out))}: cannot write \(.+\)",
                             line), line
+    assert list(unwritable_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("under", ["", "report"])
+def test_a_report_into_a_directory_that_cannot_be_written_is_one_line(capsys, tokenizer, tmp_path, unwritable_dir,
+                                                                      under):
+    """`report --out DIR` into a directory nothing can be written into said "[Errno 1] Operation not permitted",
+    status 1, naming a file of the report rather than --out."""
+    from conftest import sweep_record
+    from workflows import tracking
+
+    database = tmp_path / "mlflow.db"
+    sweep_record(tracking.client_for(f"sqlite:///{database}"), tmp_path / "store", tokenizer, "m", "a",
+                 {"t1": (1, 64, 80.0, 0.5, True)})
+    out = unwritable_dir / under if under else unwritable_dir
+    line = _one_line_error(capsys, ["report", "--experiment", "exp", "--out", str(out), "--tracking-uri",
+                                    f"sqlite:///{database}"])
+    problem = (f"cannot be made ({unwritable_dir} takes no new files)" if under
+               else "cannot be written (no permission to write into it)")
+    assert line == f"fineprune report: error: --out {out}: {problem}", line
     assert list(unwritable_dir.iterdir()) == []
 
 

@@ -1021,3 +1021,33 @@ def test_home_directory_paths_of_a_space_are_read_as_a_shell_reads_them(tmp_path
     assert space.teacher.path == str(tmp_path / "home/teacher/final")
     cfg = trial_config(space, {"target_density": 0.5}, "o", space.teacher.path)
     assert cfg.train_data == str(tmp_path / "home/data/train.json") and cfg.teacher == space.teacher.path
+
+
+@pytest.mark.parametrize("where", ["base.model", "teacher.path", "teacher.config.model"])
+def test_a_packed_model_the_trials_would_start_from_is_refused_when_the_space_is_read(tmp_path, tokenizer, where):
+    """A space whose trials start from a packed model directory (as `fineprune pack` writes it) passed its check,
+    and every trial then stopped with "a packed model cannot be pruned"."""
+    from conftest import packed_tiny_bert
+
+    packed = str(packed_tiny_bert(tmp_path / "packed", tokenizer, heads=1, ffn=64))
+    values = copy.deepcopy(BASE_SPACE)
+    del values["base"]["model_config"]
+    values["base"]["attention_block"] = [32, 32]
+    if where == "base.model":
+        values["base"]["model"] = packed
+    elif where == "teacher.path":
+        values["teacher"] = {"path": packed, "student_init": True}
+    else:
+        values["teacher"] = {"student_init": True, "config": {"max_steps": 4, "model": packed}}
+    path = write(tmp_path, values)
+    with pytest.raises(SpaceError) as err:
+        load_space(path)
+    assert str(err.value) == (f"{path}: {where}: {packed}: is a packed model (fineprune_packed in config.json), whose "
+                              "layers differ in width; the trials prune a model of the original shape: give the "
+                              "model it was packed from")
+    # The trials of a sweep that only distils from it start from the base model, which is not packed.
+    values["teacher"] = {"path": packed}
+    if where != "teacher.path":
+        return
+    values["base"]["model_config"] = BASE_SPACE["base"]["model_config"] | {"hidden_size": 64}
+    assert load_space(write(tmp_path, values)).teacher.path == packed

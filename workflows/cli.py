@@ -30,7 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from workflows.record import RUNTIMES
 from workflows.retry import TrackingUnavailable
-from workflows.user_errors import output_path_problem, user_errors
+from workflows.user_errors import output_path_problem, user_errors, write_problem
 
 __all__ = ["main", "build_parser", "UserError"]
 
@@ -290,10 +290,11 @@ def _check_device(name: str | None, what: str) -> None:
     check_device(name, what)
 
 
-def _check_output_path(path: str | Path, flag: str, directory: bool) -> None:
+def _check_output_path(path: str | Path, flag: str, directory: bool, writable: bool = False) -> None:
     """A one-line error, before any work, for an output that cannot be made: a file where a directory goes, a
-    directory where a file goes, or a path under a file."""
-    problem = output_path_problem(path, directory)
+    directory where a file goes, or a path under a file; with ``writable``, also a directory (or the one it would be
+    made in) that takes no new files."""
+    problem = output_path_problem(path, directory) or (write_problem(path) if writable else None)
     if problem is not None:
         raise UserError(f"{flag} {path}: {problem}")
 
@@ -374,6 +375,9 @@ def _tracking_client(uri: str | None):
     if database is not None:  # these commands read a sweep's record: an absent database holds none
         if not database.is_file():
             raise UserError(f"tracking URI {uri}: no MLflow database at {database} (pass the sweep's --tracking-uri)")
+        if database.stat().st_size == 0:  # MLflow would make its tables in it, and read it as an empty record
+            raise UserError(f"tracking URI {uri}: {database} is an empty file, not an MLflow database (pass the "
+                            "sweep's --tracking-uri)")
     client = tracking.client_for(uri)
     tracking.check_reachable(client, REACH_TIMEOUT_S)  # a URI with no store behind it: TrackingStoreError
     return client
@@ -584,7 +588,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from workflows.report import write_report
 
     out = Path(args.out)
-    _check_output_path(out, "--out", directory=True)
+    _check_output_path(out, "--out", directory=True, writable=True)
     _tracking_client(args.tracking_uri)
     paths = write_report(args.experiment, out_dir=args.out, tracking_uri=args.tracking_uri,
                          sweep_run_id=args.sweep_run)

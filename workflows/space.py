@@ -751,6 +751,11 @@ class SweepSpace(_Section):
             if problem is not None:
                 raise _Problem(problem, "base", "model_config", "vocab_size")
         trial_model = self._trial_model(base_cfg)
+        if trial_model.model_config is None and _is_packed(trial_model.model):
+            # Every trial would stop before its first step (the trainer refuses to prune a packed model).
+            raise _Problem(f"{trial_model.model}: is a packed model (fineprune_packed in config.json), whose layers "
+                           "differ in width; the trials prune a model of the original shape: give the model it "
+                           "was packed from", *self._trial_model_key())
         model = _model_config(trial_model)
         label = "the model_config" if trial_model.model_config is not None else f"the model {trial_model.model}"
         teacher_model = None
@@ -836,6 +841,14 @@ class SweepSpace(_Section):
         if not self.teacher.student_init:
             return base_cfg
         return self._teacher_model(base_cfg) or base_cfg
+
+    def _trial_model_key(self) -> tuple[str, ...]:
+        """Where the space names the model every trial starts from (:meth:`_trial_model`)."""
+        if self.teacher.student_init and self.teacher.path is not None:
+            return ("teacher", "path")
+        if self.teacher.student_init and "model" in self.teacher.config:
+            return ("teacher", "config", "model")
+        return ("base", "model")
 
     @property
     def registry(self) -> RegistrySpec:
@@ -949,6 +962,17 @@ def check_local_paths(space: SweepSpace) -> None:
     missing = first_missing({"teacher": space.teacher.path}, ("teacher",))
     if missing is not None:
         raise SpaceError(f"{space.path}: teacher.path: {missing[1]}")
+
+
+def _is_packed(model: str) -> bool:
+    """Whether the model directory ``model`` names holds a packed model (False when it is not here to read: on a
+    cluster's machines, the trial says so)."""
+    from pruning.packing import is_packed_dir
+
+    try:
+        return is_packed_dir(resolve_model(model))
+    except (ResourceError, OSError, ValueError):
+        return False
 
 
 def _model_config(cfg: RunConfig) -> Any:

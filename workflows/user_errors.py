@@ -6,10 +6,11 @@ them imports nothing: a bench script on a machine with only torch and transforme
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-__all__ = ["USER_ERRORS", "user_errors", "output_path_problem"]
+__all__ = ["USER_ERRORS", "user_errors", "output_path_problem", "write_problem"]
 
 # (module, exception class) of every library error that means bad input.
 USER_ERRORS = (
@@ -56,3 +57,15 @@ def output_path_problem(path: str | Path, directory: bool) -> str | None:
     if ancestor is not None and not ancestor.is_dir():
         return f"{ancestor} is a file, not a directory"
     return None
+
+
+def write_problem(path: str | Path) -> str | None:
+    """Why nothing can be written at the directory ``path``, or None: the nearest directory of it that exists (itself
+    or the one its missing parents would be made in) takes no new files (no write permission, an immutable directory,
+    a read-only filesystem). Checked before any work, with :func:`output_path_problem` first."""
+    path = Path(path).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or os.access(existing, os.W_OK | os.X_OK):
+        return None
+    return "cannot be written (no permission to write into it)" if existing == path else (
+        f"cannot be made ({existing} takes no new files)")
