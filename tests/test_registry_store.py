@@ -377,3 +377,30 @@ def test_a_seq_len_longer_than_the_versions_take_names_the_space_field(store, to
     assert [row["run_id"] for row in summary["frontier_versions"]] == [made["runs"]["short"]]
     assert f"registry policy best_f1_under_latency: {line}" in [r.getMessage() for r in caplog.records
                                                                 if r.levelname == "WARNING"]
+
+
+def test_a_latency_registration_registers_the_frontier_once(store, tokenizer):
+    """With the best_f1_under_latency policy, registering a sweep with its frontier (`register --frontier`, a
+    sweep's end) registered the frontier twice, once before the champion and again to time its versions: the
+    model's versions were searched and the frontier's runs read twice; they are now read once, and a sweep
+    registered again writes no tag (the chosen version holds the policy's already)."""
+    from conftest import CountingClient
+
+    made = sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
+    mlflow.set_tracking_uri(store["uri"])  # the fluent API logs the versions' models
+    spec = record.RegistrySpec(NAME, "best_f1_under_latency", max_latency_ms=10000.0, onnx=False)
+    latency = {"batch_size": 1, "seq_len": 32, "repeats": 1, "threads": 1}
+    counted = ("search_model_versions", "set_model_version_tag", "create_model_version", "get_run")
+    calls = []
+    for _ in range(2):
+        counting = CountingClient(store["client"], *counted)
+        result = registry.register_sweep(counting, "exp", made["parent"], spec, latency=latency)
+        assert result["champion"]["run_id"] == made["runs"]["wide"]
+        assert [row["run_id"] for row in result["frontier"]] == [made["runs"]["narrow"], made["runs"]["wide"]]
+        calls.append(counting.calls)
+    # Made: one search for the frontier, one per new version (to find it made once), one to time them.
+    assert calls[0] == {"search_model_versions": 4, "set_model_version_tag": 22, "create_model_version": 2,
+                        "get_run": 6}
+    assert calls[1] == {"search_model_versions": 2, "set_model_version_tag": 0, "create_model_version": 0,
+                        "get_run": 6}
+    assert _champion(store["client"]) == _version_of(store["client"], made["runs"]["wide"])

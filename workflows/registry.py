@@ -406,16 +406,18 @@ SIGNATURE = ModelSignature(inputs=Schema([ColSpec(AnyType(), "question", require
 
 def register_champion(client, experiment: str, parent_run_id: str, spec: RegistrySpec,
                       dense_metrics: dict[str, Any] | None = None,
-                      latency: dict[str, Any] | None = None) -> dict[str, Any]:
+                      latency: dict[str, Any] | None = None, frontier_registered: bool = False) -> dict[str, Any]:
     """Select the champion among the sweep's finished trials and register its packed model (idempotent).
 
-    With ``best_f1_under_latency`` the sweep's frontier is registered first and the champion is the most accurate
-    of its versions within ``max_latency_ms``, timed here with ``latency`` (``batch_size``, ``seq_len``,
-    ``threads``, ``repeats``; see :func:`select_by_latency`).
+    With ``best_f1_under_latency`` the sweep's frontier is registered first (unless ``frontier_registered``: the
+    caller has just registered it) and the champion is the most accurate of its versions within
+    ``max_latency_ms``, timed here with ``latency`` (``batch_size``, ``seq_len``, ``threads``, ``repeats``; see
+    :func:`select_by_latency`).
     """
     policy, name = spec.policy, spec.name
     if policy == "best_f1_under_latency":
-        register_frontier(client, experiment, parent_run_id, name, spec.onnx)
+        if not frontier_registered:
+            register_frontier(client, experiment, parent_run_id, name, spec.onnx)
         try:
             chosen = select_by_latency(client, name, float(spec.max_latency_ms), alias=ALIAS,
                                        sweep_run_id=parent_run_id, **(latency or {}))
@@ -1283,9 +1285,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                              f"sequence {seq_len}, {threads} threads ({reason}); alias {alias!r} left as it was")
     try:
         if alias == ALIAS:  # the champion: its version records the policy that made it one
+            held = next(v.tags for v in versions if str(v.version) == chosen["version"]) or {}
             for key, value in ((TAG_POLICY, "best_f1_under_latency"),
                                (TAG_POLICY_THRESHOLD, f"max_latency_ms {max_latency_ms:g}")):
-                client.set_model_version_tag(name, chosen["version"], key, value)
+                if held.get(key) != value:  # registering the sweep again writes nothing new
+                    client.set_model_version_tag(name, chosen["version"], key, value)
         client.set_registered_model_alias(name, alias, chosen["version"])
     except MlflowException as err:
         raise SelectionError(f"alias {alias!r} of {name!r}: {str(err).splitlines()[0]}") from None
@@ -1371,7 +1375,7 @@ def register_sweep(client, experiment: str, parent_run_id: str, spec: RegistrySp
         else:
             try:
                 champion = register_champion(client, experiment, parent_run_id, spec, dense_metrics,
-                                             latency=latency)
+                                             latency=latency, frontier_registered=frontier)
             except SeqLenError as err:
                 if not keep_going:
                     raise
