@@ -92,7 +92,9 @@ def test_select_reads_each_versions_mlmodel_once(store, tokenizer, capsys, monke
     assert status == 0 and chosen["run_id"] == made["runs"]["wide"]
     assert [row["run_id"] for row in chosen["versions"]] == [made["runs"]["narrow"], made["runs"]["wide"]]
     assert all("latency_ms" in row for row in chosen["versions"])
-    assert counted.downloads == {"MLmodel": 2, "packed_model": 2}  # one of each per version
+    # One of each per version: its MLmodel, its packed model's config (the positions it takes, read before its
+    # weights) and its packed model.
+    assert counted.downloads == {"MLmodel": 2, "config.json": 2, "packed_model": 2}
 
 
 def test_registering_again_lists_each_directory_of_a_version_once_and_still_finds_what_is_gone(store, tokenizer,
@@ -404,3 +406,23 @@ def test_a_latency_registration_registers_the_frontier_once(store, tokenizer):
     assert calls[1] == {"search_model_versions": 2, "set_model_version_tag": 0, "create_model_version": 0,
                         "get_run": 6}
     assert _champion(store["client"]) == _version_of(store["client"], made["runs"]["wide"])
+
+
+def test_select_finds_a_version_shorter_than_seq_len_without_downloading_its_model(store, tokenizer, capsys,
+                                                                                     monkeypatch):
+    """`select --seq-len 64` downloaded and loaded the whole model of a version that takes 32 positions before
+    finding it too short; the version's config (its packed model's config.json) is read first now, and the version
+    is listed as one that cannot be timed without its weights downloaded."""
+    client = store["client"]
+    first = sweep_record(client, store["root"], tokenizer, NAME, "a", {"wide": (2, 64, 80.0, 0.5, True)})
+    assert _register(capsys, store, "--frontier")[0] == 0
+    later = sweep_record(client, store["root"], tokenizer, NAME, "b", {"short": (2, 64, 90.0, 0.5, True, 32)})
+    assert _register(capsys, store, "--frontier")[0] == 0
+    short = _version_of(client, later["runs"]["short"])
+    counted = _Downloads(monkeypatch)
+    status, chosen, _ = _select(capsys, store, "--alias", "fast", "--seq-len", "64")
+    assert status == 0 and chosen["run_id"] == first["runs"]["wide"]
+    rows = {row["version"]: row for row in chosen["versions"]}
+    assert rows[short]["error"] == "cannot be timed: its model takes at most 32 positions, fewer than --seq-len 64"
+    # Each version's MLmodel and config; the packed model of the one timed only.
+    assert counted.downloads == {"MLmodel": 2, "config.json": 2, "packed_model": 1}

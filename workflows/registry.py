@@ -1031,7 +1031,37 @@ def _tag_float(tags: dict[str, str], key: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _load_version(client, name: str, version: str, dst: str, runtime: str = "served", threads: int | None = None):
+class _FewerPositions(Exception):
+    """A version's model takes fewer positions (``limit``) than the input it is to be timed on."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def _positions_of(local: str, fetch) -> int | None:
+    """The longest window the packed model of a version whose ``MLmodel`` is in ``local`` takes, read from its
+    ``config.json`` alone (``fetch(path)`` brings the version's file ``path`` into ``local``); None when it cannot
+    be read (loading the model then says why)."""
+    from types import SimpleNamespace
+
+    from mlflow.models import Model
+
+    from pruning.structure import max_positions
+
+    try:
+        flavor = Model.load(local).flavors.get("python_function", {})
+        model_dir = ((flavor.get("artifacts") or {}).get(ARTIFACT_MODEL_DIR) or {}).get("path")
+        if not model_dir:
+            return None
+        fetch(f"{model_dir}/config.json")
+        return max_positions(SimpleNamespace(**json.loads((Path(local) / model_dir / "config.json").read_text())))
+    except Exception:  # noqa: BLE001 - whatever is wrong with it, loading the model names it
+        return None
+
+
+def _load_version(client, name: str, version: str, dst: str, runtime: str = "served", threads: int | None = None,
+                  seq_len: int | None = None):
     """The model a registered version serves, read from the version's own artifacts, and how it runs.
 
     ``runtime="served"``: what the version's pyfunc serves by default: its ONNX Runtime model (the ``onnx_variant``
@@ -1043,6 +1073,9 @@ def _load_version(client, name: str, version: str, dst: str, runtime: str = "ser
     Only the files that model is read from are downloaded into ``dst`` (the version's ``MLmodel``, then the one ONNX
     file it serves with its config and manifest, or the packed model directory), not the whole version: a version
     also carries the packed weights, both ONNX variants and the project's code, several times what one model needs.
+
+    ``seq_len``: the input it is to be timed on. A version whose model takes fewer positions (its packed model's
+    ``config.json`` says so) is found before its weights are downloaded: :class:`_FewerPositions`.
     """
     # From where the client's registry says the version's files are: MLflow resolves a models:/ URI through the
     # registry of its environment (MLFLOW_REGISTRY_URI), which need not be the client's.
@@ -1058,7 +1091,12 @@ def _load_version(client, name: str, version: str, dst: str, runtime: str = "ser
         lost = _lost_files(root, client.tracking_uri, dst)
         if lost is not None:
             raise SelectionError(lost)
+        limit = _positions_of(dst, fetch) if seq_len is not None else None
+        if limit is not None and seq_len > limit:
+            raise _FewerPositions(limit)
         return _open_version(dst, name, version, runtime, threads, fetch)
+    except _FewerPositions:
+        raise
     except Exception as err:
         # Its files named as they are in the version, not in the temporary copy, which is gone by the time one reads
         # the message.
@@ -1209,16 +1247,18 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                 logger.warning("version %s of %s: %s, so it cannot be chosen (`fineprune register --frontier` "
                                "writes the tag again from its trial while it is on its sweep's frontier)", v.version,
                                name, what)
-            try:
+            try:  # a model that takes fewer positions than seq_len is found from its config, before its weights
                 model, row["served_by"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
-                                                        runtime, threads)
+                                                        runtime, threads, seq_len=seq_len)
+                limit = max_positions(model.config)
+            except _FewerPositions as short:
+                limit = short.limit
             except Exception as err:  # a version that cannot be loaded is reported, not chosen
                 lines = str(err).splitlines()
                 row["error"] = lines[0] if lines else type(err).__name__
                 logger.warning("version %s of %s cannot be loaded: %s", v.version, name, row["error"])
                 rows.append(row)
                 continue
-            limit = max_positions(model.config)
             if seq_len > limit and seq_len_from is not None:
                 raise SeqLenError(f"{seq_len_from}: {seq_len} exceeds the {limit} positions the model of version "
                                   f"{v.version} of {name} takes; no champion registered")
