@@ -426,3 +426,43 @@ def test_select_finds_a_version_shorter_than_seq_len_without_downloading_its_mod
     assert rows[short]["error"] == "cannot be timed: its model takes at most 32 positions, fewer than --seq-len 64"
     # Each version's MLmodel and config; the packed model of the one timed only.
     assert counted.downloads == {"MLmodel": 2, "config.json": 2, "packed_model": 1}
+
+
+def test_a_sweeps_closing_lines_say_why_no_champion_was_registered(store, tokenizer, capsys, caplog):
+    """The lines a sweep logs as it ends named the champion only when one was registered: with the alias left on a
+    later, deleted sweep's version, a policy no trial met, or a `speedup.seq_len` longer than the models take, they
+    said nothing of it, the reason only in a warning among the registry's lines before; they now say in one line
+    that no champion was registered, and why."""
+    import logging
+
+    from workflows import sweep
+
+    first, later, best = _champion_of_a_deleted_later_sweep(store, tokenizer, capsys)
+
+    def closing(space: Path, latest_left: bool = False, parent: str = first["parent"]) -> tuple[dict, list[str]]:
+        summary = _conclude(store, parent, space, latest_left=latest_left)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="workflows.sweep"):
+            sweep._log_summary({**summary, "ui": "-"})
+        return summary["champion"], [r.getMessage() for r in caplog.records
+                                     if r.name == "workflows.sweep" and r.getMessage().startswith("champion")]
+
+    champion, lines = closing(_space(store["root"]), latest_left=True)
+    assert lines == [f"champion: none registered: {champion['alias_left'].removesuffix('; no champion registered')}"]
+    assert f"sweep run {later['parent']}" in lines[0]
+
+    champion, lines = closing(_space(store["root"], policy="best_f1_under_density", max_density=0.1))
+    assert lines == ["champion: none registered: no trial satisfies the registry policy best_f1_under_density "
+                     "(max_density 0.1)"]
+    assert champion["reason"] == lines[0].removeprefix("champion: none registered: ")
+
+    champion, lines = closing(_space(store["root"], policy="best_f1_under_latency", max_latency_ms=1e-6))
+    assert champion["reason"].startswith(f"no version of {NAME!r} is within 1e-06 ms")
+    assert lines == [f"champion: none registered: {champion['reason']}"]
+
+    short = sweep_record(store["client"], store["root"], tokenizer, NAME, "c", {"short": (2, 64, 90.0, 0.5, True, 32)})
+    space = _space(store["root"], policy="best_f1_under_latency", max_latency_ms=10000)
+    champion, lines = closing(space, parent=short["parent"])  # the space times 64 positions, the model takes 32
+    assert champion["error"].startswith(f"{space}: speedup.seq_len: 64 exceeds the 32 positions")
+    assert lines == [f"champion: none registered: {champion['error'].removesuffix('; no champion registered')}"]
+    assert _champion(store["client"]) == best  # left where it was throughout

@@ -424,7 +424,7 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         except SelectionError as err:
             logger.warning("registry policy %s: %s; no champion", policy, err)
             _warn_alias_set_aside(client, name)
-            return {"registered": False, "policy": policy, "name": name}
+            return {"registered": False, "policy": policy, "name": name, "reason": str(err)}
         keep = ("name", "version", "model_uri", "run_id", F1, EXACT_MATCH, LINEAR_DENSITY, SPEEDUP, "latency_ms",
                 "served_speedup")
         return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}}
@@ -450,7 +450,8 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         logger.warning("no trial of experiment %r satisfies the registry policy %s; nothing registered", experiment,
                        policy)
         _warn_alias_set_aside(client, name)
-        return {"registered": False, "policy": policy, "name": name}
+        return {"registered": False, "policy": policy, "name": name,
+                "reason": f"no trial satisfies the registry policy {spec.describe()}"}
     return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx, spec.threshold())
 
 
