@@ -156,7 +156,8 @@ def test_register_reads_the_spec_the_sweep_recorded(client, tmp_path, monkeypatc
     assert main(["register", "--experiment", "exp"]) == 4
     out, err = capsys.readouterr()
     assert json.loads(out) == {"registered": False, "policy": "best_f1_under_density", "name": "exp-model",
-                               "sweep_run_id": parent}
+                               "reason": "no trial satisfies the registry policy best_f1_under_density "
+                                         "(max_density 0.2)", "sweep_run_id": parent}
     assert "Traceback" not in err and any("satisfies the registry policy" in r.getMessage() for r in caplog.records)
 
 

@@ -92,7 +92,9 @@ def test_select_reads_each_versions_mlmodel_once(store, tokenizer, capsys, monke
     assert status == 0 and chosen["run_id"] == made["runs"]["wide"]
     assert [row["run_id"] for row in chosen["versions"]] == [made["runs"]["narrow"], made["runs"]["wide"]]
     assert all("latency_ms" in row for row in chosen["versions"])
-    assert counted.downloads == {"MLmodel": 2, "packed_model": 2}  # one of each per version
+    # One of each per version: its MLmodel, its packed model's config (the positions it takes, read before its
+    # weights) and its packed model.
+    assert counted.downloads == {"MLmodel": 2, "config.json": 2, "packed_model": 2}
 
 
 def test_registering_again_lists_each_directory_of_a_version_once_and_still_finds_what_is_gone(store, tokenizer,
@@ -377,3 +379,90 @@ def test_a_seq_len_longer_than_the_versions_take_names_the_space_field(store, to
     assert [row["run_id"] for row in summary["frontier_versions"]] == [made["runs"]["short"]]
     assert f"registry policy best_f1_under_latency: {line}" in [r.getMessage() for r in caplog.records
                                                                 if r.levelname == "WARNING"]
+
+
+def test_a_latency_registration_registers_the_frontier_once(store, tokenizer):
+    """With the best_f1_under_latency policy, registering a sweep with its frontier (`register --frontier`, a
+    sweep's end) registered the frontier twice, once before the champion and again to time its versions: the
+    model's versions were searched and the frontier's runs read twice; they are now read once, and a sweep
+    registered again writes no tag (the chosen version holds the policy's already)."""
+    from conftest import CountingClient
+
+    made = sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
+    mlflow.set_tracking_uri(store["uri"])  # the fluent API logs the versions' models
+    spec = record.RegistrySpec(NAME, "best_f1_under_latency", max_latency_ms=10000.0, onnx=False)
+    latency = {"batch_size": 1, "seq_len": 32, "repeats": 1, "threads": 1}
+    counted = ("search_model_versions", "set_model_version_tag", "create_model_version", "get_run")
+    calls = []
+    for _ in range(2):
+        counting = CountingClient(store["client"], *counted)
+        result = registry.register_sweep(counting, "exp", made["parent"], spec, latency=latency)
+        assert result["champion"]["run_id"] == made["runs"]["wide"]
+        assert [row["run_id"] for row in result["frontier"]] == [made["runs"]["narrow"], made["runs"]["wide"]]
+        calls.append(counting.calls)
+    # Made: one search for the frontier, one per new version (to find it made once), one to time them.
+    assert calls[0] == {"search_model_versions": 4, "set_model_version_tag": 22, "create_model_version": 2,
+                        "get_run": 6}
+    assert calls[1] == {"search_model_versions": 2, "set_model_version_tag": 0, "create_model_version": 0,
+                        "get_run": 6}
+    assert _champion(store["client"]) == _version_of(store["client"], made["runs"]["wide"])
+
+
+def test_select_finds_a_version_shorter_than_seq_len_without_downloading_its_model(store, tokenizer, capsys,
+                                                                                     monkeypatch):
+    """`select --seq-len 64` downloaded and loaded the whole model of a version that takes 32 positions before
+    finding it too short; the version's config (its packed model's config.json) is read first now, and the version
+    is listed as one that cannot be timed without its weights downloaded."""
+    client = store["client"]
+    first = sweep_record(client, store["root"], tokenizer, NAME, "a", {"wide": (2, 64, 80.0, 0.5, True)})
+    assert _register(capsys, store, "--frontier")[0] == 0
+    later = sweep_record(client, store["root"], tokenizer, NAME, "b", {"short": (2, 64, 90.0, 0.5, True, 32)})
+    assert _register(capsys, store, "--frontier")[0] == 0
+    short = _version_of(client, later["runs"]["short"])
+    counted = _Downloads(monkeypatch)
+    status, chosen, _ = _select(capsys, store, "--alias", "fast", "--seq-len", "64")
+    assert status == 0 and chosen["run_id"] == first["runs"]["wide"]
+    rows = {row["version"]: row for row in chosen["versions"]}
+    assert rows[short]["error"] == "cannot be timed: its model takes at most 32 positions, fewer than --seq-len 64"
+    # Each version's MLmodel and config; the packed model of the one timed only.
+    assert counted.downloads == {"MLmodel": 2, "config.json": 2, "packed_model": 1}
+
+
+def test_a_sweeps_closing_lines_say_why_no_champion_was_registered(store, tokenizer, capsys, caplog):
+    """The lines a sweep logs as it ends named the champion only when one was registered: with the alias left on a
+    later, deleted sweep's version, a policy no trial met, or a `speedup.seq_len` longer than the models take, they
+    said nothing of it, the reason only in a warning among the registry's lines before; they now say in one line
+    that no champion was registered, and why."""
+    import logging
+
+    from workflows import sweep
+
+    first, later, best = _champion_of_a_deleted_later_sweep(store, tokenizer, capsys)
+
+    def closing(space: Path, latest_left: bool = False, parent: str = first["parent"]) -> tuple[dict, list[str]]:
+        summary = _conclude(store, parent, space, latest_left=latest_left)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="workflows.sweep"):
+            sweep._log_summary({**summary, "ui": "-"})
+        return summary["champion"], [r.getMessage() for r in caplog.records
+                                     if r.name == "workflows.sweep" and r.getMessage().startswith("champion")]
+
+    champion, lines = closing(_space(store["root"]), latest_left=True)
+    assert lines == [f"champion: none registered: {champion['alias_left'].removesuffix('; no champion registered')}"]
+    assert f"sweep run {later['parent']}" in lines[0]
+
+    champion, lines = closing(_space(store["root"], policy="best_f1_under_density", max_density=0.1))
+    assert lines == ["champion: none registered: no trial satisfies the registry policy best_f1_under_density "
+                     "(max_density 0.1)"]
+    assert champion["reason"] == lines[0].removeprefix("champion: none registered: ")
+
+    champion, lines = closing(_space(store["root"], policy="best_f1_under_latency", max_latency_ms=1e-6))
+    assert champion["reason"].startswith(f"no version of {NAME!r} is within 1e-06 ms")
+    assert lines == [f"champion: none registered: {champion['reason']}"]
+
+    short = sweep_record(store["client"], store["root"], tokenizer, NAME, "c", {"short": (2, 64, 90.0, 0.5, True, 32)})
+    space = _space(store["root"], policy="best_f1_under_latency", max_latency_ms=10000)
+    champion, lines = closing(space, parent=short["parent"])  # the space times 64 positions, the model takes 32
+    assert champion["error"].startswith(f"{space}: speedup.seq_len: 64 exceeds the 32 positions")
+    assert lines == [f"champion: none registered: {champion['error'].removesuffix('; no champion registered')}"]
+    assert _champion(store["client"]) == best  # left where it was throughout

@@ -406,23 +406,25 @@ SIGNATURE = ModelSignature(inputs=Schema([ColSpec(AnyType(), "question", require
 
 def register_champion(client, experiment: str, parent_run_id: str, spec: RegistrySpec,
                       dense_metrics: dict[str, Any] | None = None,
-                      latency: dict[str, Any] | None = None) -> dict[str, Any]:
+                      latency: dict[str, Any] | None = None, frontier_registered: bool = False) -> dict[str, Any]:
     """Select the champion among the sweep's finished trials and register its packed model (idempotent).
 
-    With ``best_f1_under_latency`` the sweep's frontier is registered first and the champion is the most accurate
-    of its versions within ``max_latency_ms``, timed here with ``latency`` (``batch_size``, ``seq_len``,
-    ``threads``, ``repeats``; see :func:`select_by_latency`).
+    With ``best_f1_under_latency`` the sweep's frontier is registered first (unless ``frontier_registered``: the
+    caller has just registered it) and the champion is the most accurate of its versions within
+    ``max_latency_ms``, timed here with ``latency`` (``batch_size``, ``seq_len``, ``threads``, ``repeats``; see
+    :func:`select_by_latency`).
     """
     policy, name = spec.policy, spec.name
     if policy == "best_f1_under_latency":
-        register_frontier(client, experiment, parent_run_id, name, spec.onnx)
+        if not frontier_registered:
+            register_frontier(client, experiment, parent_run_id, name, spec.onnx)
         try:
             chosen = select_by_latency(client, name, float(spec.max_latency_ms), alias=ALIAS,
                                        sweep_run_id=parent_run_id, **(latency or {}))
         except SelectionError as err:
             logger.warning("registry policy %s: %s; no champion", policy, err)
             _warn_alias_set_aside(client, name)
-            return {"registered": False, "policy": policy, "name": name}
+            return {"registered": False, "policy": policy, "name": name, "reason": str(err)}
         keep = ("name", "version", "model_uri", "run_id", F1, EXACT_MATCH, LINEAR_DENSITY, SPEEDUP, "latency_ms",
                 "served_speedup")
         return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}}
@@ -448,7 +450,8 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         logger.warning("no trial of experiment %r satisfies the registry policy %s; nothing registered", experiment,
                        policy)
         _warn_alias_set_aside(client, name)
-        return {"registered": False, "policy": policy, "name": name}
+        return {"registered": False, "policy": policy, "name": name,
+                "reason": f"no trial satisfies the registry policy {spec.describe()}"}
     return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx, spec.threshold())
 
 
@@ -1029,7 +1032,37 @@ def _tag_float(tags: dict[str, str], key: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _load_version(client, name: str, version: str, dst: str, runtime: str = "served", threads: int | None = None):
+class _FewerPositions(Exception):
+    """A version's model takes fewer positions (``limit``) than the input it is to be timed on."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def _positions_of(local: str, fetch) -> int | None:
+    """The longest window the packed model of a version whose ``MLmodel`` is in ``local`` takes, read from its
+    ``config.json`` alone (``fetch(path)`` brings the version's file ``path`` into ``local``); None when it cannot
+    be read (loading the model then says why)."""
+    from types import SimpleNamespace
+
+    from mlflow.models import Model
+
+    from pruning.structure import max_positions
+
+    try:
+        flavor = Model.load(local).flavors.get("python_function", {})
+        model_dir = ((flavor.get("artifacts") or {}).get(ARTIFACT_MODEL_DIR) or {}).get("path")
+        if not model_dir:
+            return None
+        fetch(f"{model_dir}/config.json")
+        return max_positions(SimpleNamespace(**json.loads((Path(local) / model_dir / "config.json").read_text())))
+    except Exception:  # noqa: BLE001 - whatever is wrong with it, loading the model names it
+        return None
+
+
+def _load_version(client, name: str, version: str, dst: str, runtime: str = "served", threads: int | None = None,
+                  seq_len: int | None = None):
     """The model a registered version serves, read from the version's own artifacts, and how it runs.
 
     ``runtime="served"``: what the version's pyfunc serves by default: its ONNX Runtime model (the ``onnx_variant``
@@ -1041,6 +1074,9 @@ def _load_version(client, name: str, version: str, dst: str, runtime: str = "ser
     Only the files that model is read from are downloaded into ``dst`` (the version's ``MLmodel``, then the one ONNX
     file it serves with its config and manifest, or the packed model directory), not the whole version: a version
     also carries the packed weights, both ONNX variants and the project's code, several times what one model needs.
+
+    ``seq_len``: the input it is to be timed on. A version whose model takes fewer positions (its packed model's
+    ``config.json`` says so) is found before its weights are downloaded: :class:`_FewerPositions`.
     """
     # From where the client's registry says the version's files are: MLflow resolves a models:/ URI through the
     # registry of its environment (MLFLOW_REGISTRY_URI), which need not be the client's.
@@ -1056,7 +1092,12 @@ def _load_version(client, name: str, version: str, dst: str, runtime: str = "ser
         lost = _lost_files(root, client.tracking_uri, dst)
         if lost is not None:
             raise SelectionError(lost)
+        limit = _positions_of(dst, fetch) if seq_len is not None else None
+        if limit is not None and seq_len > limit:
+            raise _FewerPositions(limit)
         return _open_version(dst, name, version, runtime, threads, fetch)
+    except _FewerPositions:
+        raise
     except Exception as err:
         # Its files named as they are in the version, not in the temporary copy, which is gone by the time one reads
         # the message.
@@ -1207,16 +1248,18 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                 logger.warning("version %s of %s: %s, so it cannot be chosen (`fineprune register --frontier` "
                                "writes the tag again from its trial while it is on its sweep's frontier)", v.version,
                                name, what)
-            try:
+            try:  # a model that takes fewer positions than seq_len is found from its config, before its weights
                 model, row["served_by"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
-                                                        runtime, threads)
+                                                        runtime, threads, seq_len=seq_len)
+                limit = max_positions(model.config)
+            except _FewerPositions as short:
+                limit = short.limit
             except Exception as err:  # a version that cannot be loaded is reported, not chosen
                 lines = str(err).splitlines()
                 row["error"] = lines[0] if lines else type(err).__name__
                 logger.warning("version %s of %s cannot be loaded: %s", v.version, name, row["error"])
                 rows.append(row)
                 continue
-            limit = max_positions(model.config)
             if seq_len > limit and seq_len_from is not None:
                 raise SeqLenError(f"{seq_len_from}: {seq_len} exceeds the {limit} positions the model of version "
                                   f"{v.version} of {name} takes; no champion registered")
@@ -1283,9 +1326,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                              f"sequence {seq_len}, {threads} threads ({reason}); alias {alias!r} left as it was")
     try:
         if alias == ALIAS:  # the champion: its version records the policy that made it one
+            held = next(v.tags for v in versions if str(v.version) == chosen["version"]) or {}
             for key, value in ((TAG_POLICY, "best_f1_under_latency"),
                                (TAG_POLICY_THRESHOLD, f"max_latency_ms {max_latency_ms:g}")):
-                client.set_model_version_tag(name, chosen["version"], key, value)
+                if held.get(key) != value:  # registering the sweep again writes nothing new
+                    client.set_model_version_tag(name, chosen["version"], key, value)
         client.set_registered_model_alias(name, alias, chosen["version"])
     except MlflowException as err:
         raise SelectionError(f"alias {alias!r} of {name!r}: {str(err).splitlines()[0]}") from None
@@ -1371,7 +1416,7 @@ def register_sweep(client, experiment: str, parent_run_id: str, spec: RegistrySp
         else:
             try:
                 champion = register_champion(client, experiment, parent_run_id, spec, dense_metrics,
-                                             latency=latency)
+                                             latency=latency, frontier_registered=frontier)
             except SeqLenError as err:
                 if not keep_going:
                     raise

@@ -906,7 +906,8 @@ def frontier_summary(client, runs: list, space: SweepSpace) -> dict[str, Any]:
 def _log_summary(summary: dict[str, Any],
                  objectives: list[tuple[str, str]] | tuple = record.DENSITY_OBJECTIVES) -> None:
     """The frontier of the space's ``objectives`` (each named with its direction and shown for every point, beside
-    EM, F1, linear density and speedup), the champion and where to look."""
+    EM, F1, linear density and speedup), the champion (or, in one line, why none was registered) and where to
+    look."""
     directions = {"max": "up", "min": "down"}
     logger.info("frontier (%s):", ", ".join(f"{name} {directions.get(mode, mode)}" for name, mode in objectives))
     shown = [record.F1, record.EXACT_MATCH, record.LINEAR_DENSITY, record.SPEEDUP]
@@ -917,6 +918,10 @@ def _log_summary(summary: dict[str, Any],
     champion = summary.get("champion") or {}
     if champion.get("model_uri"):
         logger.info("champion: %s (version %s)", champion["model_uri"], champion.get("version"))
+    elif champion:  # why, as the warning before said it: the alias left, a field of the space, the policy not met
+        why = next((champion[key] for key in ("alias_left", "error", "reason") if champion.get(key)), "")
+        why = why.removesuffix("; no champion registered")
+        logger.info("champion: none registered%s", f": {why}" if why else "")
     logger.info("open the UI: %s", summary.get("ui"))
 
 
