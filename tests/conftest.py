@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from types import ModuleType
 
@@ -51,6 +56,83 @@ def processes_mentioning(root: Path) -> list[int]:
         if str(root) in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def free_port() -> int:
+    """A port nothing on 127.0.0.1 listens on now (another process may take it before it is used)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a SQLite store and served artifacts under ``root``, its log in
+    ``root/mlflow-server.log``; stopped and started again on the same port and store.
+
+    Its port is one found free, which another process can take before the server binds it (a Ray node starting
+    beside it takes ports of the same range): the server then logs "address already in use" and exits with status 0.
+    Its first start then tries another port; a start again keeps the port, which is its point.
+    """
+
+    def __init__(self, root: Path, env: dict[str, str], tries: int = 3) -> None:
+        self.root, self.env, self.port, self.tries = root, env, free_port(), tries
+        self.process: subprocess.Popen | None = None
+        self._started = False
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def launch(self) -> None:
+        """Start the process, without waiting for it to answer (see :meth:`wait`)."""
+        with open(self.root / "mlflow-server.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [str(Path(sys.executable).parent / "mlflow"), "server", "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                 "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts", "-h", "127.0.0.1",
+                 "-p", str(self.port)],
+                env=self.env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+
+    def wait(self, timeout: float = 180) -> None:
+        """Until the server answers; on its first start, on another port where its own was taken meanwhile."""
+        deadline, tries = time.monotonic() + timeout, 1
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                taken = "address already in use" in self.log_tail(600)
+                if self._started or not taken or tries >= self.tries:
+                    raise AssertionError(f"the MLflow server exited (status {self.process.returncode}):\n"
+                                         f"{self.log_tail()}")
+                self.port, tries = free_port(), tries + 1
+                self.launch()
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=5) as response:
+                    if response.status == 200:
+                        self._started = True
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"the MLflow server did not answer at {self.uri} within {timeout:.0f} s")
+
+    def start(self) -> None:
+        self.launch()
+        self.wait()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+
+    def log_tail(self, chars: int = 3000) -> str:
+        log = self.root / "mlflow-server.log"
+        return log.read_text(errors="replace")[-chars:] if log.exists() else ""
 
 
 @pytest.fixture

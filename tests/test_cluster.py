@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import processes_mentioning
+from conftest import MlflowServer, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -387,18 +387,22 @@ def _node_ports(head: bool) -> list[str]:
     return [f"{name}={port}" for name, port in zip(names, _free_ports(len(names)))]
 
 
-def _wait_for_http(url: str, timeout: float, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "the MLflow server exited"
+def test_the_tests_mlflow_server_moves_to_another_port_when_its_own_is_taken(tmp_path):
+    """The port found free for the MLflow server of these tests can be taken before the server binds it (the Ray
+    nodes start beside it): the server exits 0 saying "address already in use", and its first start moves on."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = MlflowServer(tmp_path, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        server.port = taken.getsockname()[1]
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
+            server.start()
+            assert server.port != taken.getsockname()[1]
+            assert "address already in use" in server.log_tail()
+            with urllib.request.urlopen(f"{server.uri}/health", timeout=10) as response:
+                assert response.status == 200
+        finally:
+            server.stop()
 
 
 @pytest.fixture
@@ -412,17 +416,12 @@ def two_node_cluster():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
                MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    gcs_port, dashboard_port, mlflow_port = _free_ports(3)
+    gcs_port, dashboard_port = _free_ports(2)
     storage = root / "storage"
     storage.mkdir()
-    server = None
+    server = MlflowServer(root, env)
     try:
-        with open(root / "mlflow.log", "wb") as log:
-            server = subprocess.Popen(
-                [str(BIN / "mlflow"), "server", "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                 "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "-h", "127.0.0.1",
-                 "-p", str(mlflow_port)],
-                env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        server.launch()  # it starts while the nodes do; it may have to move to another port (MlflowServer)
         common = ["--num-cpus=1", "--num-gpus=0", f"--object-store-memory={200 * 1024 ** 2}",
                   "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
         # Each node gets its own temp dir, as on separate machines: a node deletes the job's unpacked working
@@ -431,20 +430,12 @@ def two_node_cluster():
                     f"--temp-dir={root / 'head'}", *common, *_node_ports(head=True)], env)
         _ray_start([f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={root / 'node'}", *common,
                     *_node_ports(head=False)], env)
-        _wait_for_http(f"http://127.0.0.1:{mlflow_port}/health", 180, server)
+        server.wait()
         yield {"root": root, "env": env, "dashboard": f"http://127.0.0.1:{dashboard_port}",
-               "tracking_uri": f"http://127.0.0.1:{mlflow_port}", "storage": storage}
+               "tracking_uri": server.uri, "storage": storage}
     finally:
         _stop_processes_mentioning(root)
-        if server is not None:
-            try:
-                os.killpg(server.pid, signal.SIGTERM)
-                server.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(server.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        server.stop()
         assert not processes_mentioning(root), "processes of the test cluster outlived its teardown"
         shutil.rmtree(root, ignore_errors=True)
 

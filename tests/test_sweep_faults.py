@@ -22,29 +22,21 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import assert_each_trial_registered_once, processes_mentioning
+from conftest import MlflowServer, assert_each_trial_registered_once, free_port, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 EXPERIMENT = "faults"
 OUTAGE_S = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kill(pids: list[int], sig: int) -> None:
@@ -69,49 +61,6 @@ def _wait_until(condition, timeout: float, what: str, poll: float = 0.5, alive: 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 with a SQLite store: stopped and started again on the same port and store."""
-
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
-        self.root, self.env, self.port = root, env, _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        log = open(self.root / "mlflow-server.log", "ab")  # noqa: SIM115 - the server writes it while it runs
-        self.process = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts", "-h", "127.0.0.1",
-             "-p", str(self.port)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-        log.close()
-
-        def healthy() -> bool:
-            assert self.process.poll() is None, f"the MLflow server exited:\n{self._log_tail()}"
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=5) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-
-        _wait_until(healthy, 180, "the MLflow server to answer")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-
-    def _log_tail(self) -> str:
-        return (self.root / "mlflow-server.log").read_text(errors="replace")[-3000:]
-
-
 @pytest.fixture
 def world():
     """A short directory (Ray's socket paths) with the store, the storage, a stale Ray record and the server."""
@@ -119,7 +68,7 @@ def world():
     ray_tmp = root / "rt"
     (ray_tmp / "ray").mkdir(parents=True)
     # A local Ray killed without `ray stop` leaves its address here; nothing answers there any more.
-    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env.update(RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
@@ -335,7 +284,7 @@ def test_sweeps_survive_killed_trials_killed_drivers_and_tracking_outages(world)
 
 def test_a_ray_address_that_does_not_answer_fails_fast_and_writes_nothing(tmp_path):
     """``--address`` (or ``RAY_ADDRESS``) where nothing listens: exit 2, one line naming it, no MLflow store."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     base = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
