@@ -19,6 +19,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -64,13 +65,21 @@ def _open_lock(path: Path, wait: bool) -> int | None:
         os.close(fd)  # the file of a holder that has since let go and removed it: lock the one in its place
 
 
-def _holder(path: Path) -> str:
-    """Who holds the lock file ``path``, as it says (``process PID@HOST``)."""
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError:
-        text = ""
-    return f"process {text}" if text else "another process"
+def _holder(path: Path, patience: float = 1.0) -> str:
+    """Who holds the lock file ``path``, as it says (``process PID@HOST``).
+
+    A holder writes that just after it takes the lock: a file still empty is read again for up to ``patience``
+    seconds, so that a refusal in that moment names the holder too.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError:  # let go of and removed meanwhile
+            return "another process"
+        if text or time.monotonic() >= deadline:
+            return f"process {text}" if text else "another process"
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager

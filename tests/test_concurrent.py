@@ -229,3 +229,26 @@ def test_two_sweeps_that_make_one_new_experiment_at_once_both_start(tmp_path):
     experiment = other.get_experiment_by_name("new")
     assert client.looked and other.get_run(run_id).info.experiment_id == experiment.experiment_id
     assert len(other.search_runs([experiment.experiment_id])) == 2
+
+
+def test_a_refusal_in_the_moment_a_holder_takes_the_lock_names_it(tmp_path):
+    """A holder writes its PID@HOST just after taking the lock; a second writer refused in between said "another
+    process" (seen once in a full run of the two-packs test); it now reads the file again for a moment."""
+    import fcntl
+    import threading
+
+    from pruning import atomic
+
+    lock = tmp_path / ".out.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held, and still empty
+    writes = threading.Timer(0.2, lambda: os.write(fd, b"4242@elsewhere\n"))
+    writes.start()
+    try:
+        with pytest.raises(atomic.Busy) as refused, atomic.locked(lock, str(tmp_path / "out")):
+            pass
+    finally:
+        writes.join()
+        os.close(fd)
+    assert str(refused.value) == (f"{tmp_path / 'out'}: process 4242@elsewhere is writing it; wait for it to end, "
+                                  "or write elsewhere")
