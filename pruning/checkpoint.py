@@ -450,15 +450,21 @@ def _keep_recorded_model_parts(tokenizer: PreTrainedTokenizerBase, recorded: dic
     model = getattr(backend, "model", None)
     if own is None or type(model).__name__ != "WordPiece" or type(own.model).__name__ != "WordPiece":
         return False
-    for setting in ("continuing_subword_prefix", "max_input_chars_per_word"):
-        if getattr(model, setting) != getattr(own.model, setting):
-            setattr(model, setting, getattr(own.model, setting))  # the backend's own model, changed in place
+    _copy_settings(own.model, model, ("continuing_subword_prefix", "max_input_chars_per_word"))
     if "decoder" in recorded:
         backend.decoder = own.decoder
     if isinstance(recorded.get("post_processor"), dict):
         backend.post_processor = own.post_processor
         return True
     return False
+
+
+def _copy_settings(source: Any, target: Any, names: tuple[str, ...]) -> None:
+    """Set each setting ``names`` of the tokenizers model ``target`` (the backend's own, changed in place) to
+    ``source``'s where they differ."""
+    for name in names:
+        if getattr(target, name) != getattr(source, name):
+            setattr(target, name, getattr(source, name))
 
 
 # transformers' RoBERTa-family tokenizer classes, which build their model from the vocabulary of tokenizer.json and
@@ -487,9 +493,7 @@ def _keep_recorded_family_model(tokenizer: PreTrainedTokenizerBase, recorded: di
         return
     kind = type(backend.model).__name__
     if kind == "BPE" and type(own.model).__name__ == "BPE":
-        for setting in _BPE_SETTINGS:
-            if getattr(backend.model, setting) != getattr(own.model, setting):
-                setattr(backend.model, setting, getattr(own.model, setting))
+        _copy_settings(own.model, backend.model, _BPE_SETTINGS)
         return
     unknown, fallback = model.get("unk_id"), model.get("byte_fallback") is True
     if kind != "Unigram" or model.get("type") != "Unigram" or unknown is None:
