@@ -30,7 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from workflows.record import RUNTIMES
 from workflows.retry import TrackingUnavailable
-from workflows.user_errors import output_path_problem, user_errors, write_problem
+from workflows.user_errors import output_path_problem, user_errors
 
 __all__ = ["main", "build_parser", "UserError"]
 
@@ -294,7 +294,7 @@ def _check_output_path(path: str | Path, flag: str, directory: bool, writable: b
     """A one-line error, before any work, for an output that cannot be made: a file where a directory goes, a
     directory where a file goes, or a path under a file; with ``writable``, also a directory (or the one it would be
     made in) that takes no new files."""
-    problem = output_path_problem(path, directory) or (write_problem(path) if writable else None)
+    problem = output_path_problem(path, directory, writable)
     if problem is not None:
         raise UserError(f"{flag} {path}: {problem}")
 

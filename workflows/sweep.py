@@ -54,7 +54,7 @@ from workflows.retry import TrackingUnavailable, call_with_retries, is_transient
 from workflows.space import (EVAL_METRICS, EVALUATION, SpaceError, SweepSpace, baseline_config, check_local_paths,
                              load_space, param_space, scoring_fingerprint, teacher_config, teacher_fingerprint,
                              trial_config, tune_config_kwargs)
-from workflows.user_errors import output_path_problem, write_problem
+from workflows.user_errors import output_path_problem
 
 __all__ = ["run_sweep", "trial_main", "ensure_teacher", "frontier_summary", "sweep_complete", "FAULT_ENV",
            "TRIAL_METRICS", "RayUnavailable", "ResumeError", "StorageError", "RAY_CONNECT_TIMEOUT_S"]
@@ -494,8 +494,7 @@ def _local_storage(storage_path: str | None) -> str | None:
         raise StorageError(f"--storage-path {err}") from None
     local = local or storage_path
     if not (local and "://" in local):  # a directory of this machine, which the sweep makes
-        problem = (output_path_problem(local or DEFAULT_STORAGE, directory=True)
-                   or write_problem(local or DEFAULT_STORAGE))
+        problem = output_path_problem(local or DEFAULT_STORAGE, directory=True, writable=True)
         if problem is not None:
             where = (f"--storage-path {storage_path}" if storage_path
                      else f"{DEFAULT_STORAGE} (the default --storage-path)")

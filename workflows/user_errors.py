@@ -43,26 +43,27 @@ def user_errors(*own: type[BaseException]) -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def output_path_problem(path: str | Path, directory: bool) -> str | None:
+def output_path_problem(path: str | Path, directory: bool, writable: bool = False) -> str | None:
     """Why ``path`` cannot be made as an output (a directory when ``directory``, else a file), or None: a file
-    where a directory goes, a directory where a file goes, or a file above it. Checked before any work."""
+    where a directory goes, a directory where a file goes, or a file above it; with ``writable`` (a directory), also
+    one that takes no new files (:func:`write_problem`). Checked before any work."""
     path = Path(path)
     if path.exists():
         if directory and not path.is_dir():
             return "exists and is not a directory"
         if not directory and path.is_dir():
             return "is a directory, not a file"
-        return None
-    ancestor = next((a for a in path.parents if a.exists()), None)
-    if ancestor is not None and not ancestor.is_dir():
-        return f"{ancestor} is a file, not a directory"
-    return None
+    else:
+        ancestor = next((a for a in path.parents if a.exists()), None)
+        if ancestor is not None and not ancestor.is_dir():
+            return f"{ancestor} is a file, not a directory"
+    return write_problem(path) if writable else None
 
 
 def write_problem(path: str | Path) -> str | None:
     """Why nothing can be written at the directory ``path``, or None: the nearest directory of it that exists (itself
     or the one its missing parents would be made in) takes no new files (no write permission, an immutable directory,
-    a read-only filesystem). Checked before any work, with :func:`output_path_problem` first."""
+    a read-only filesystem). Checked before any work, by :func:`output_path_problem` with ``writable``."""
     path = Path(path).absolute()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is None or not existing.is_dir() or os.access(existing, os.W_OK | os.X_OK):
