@@ -72,6 +72,9 @@ _TOKENIZE_CHUNK = 1000
 _CHARS_PER_TOKEN = 8
 _WHITESPACE = re.compile(r"\s")
 _GZIP_MAGIC = b"\x1f\x8b"
+# Half of a UTF-16 surrogate pair: JSON escapes it ("\\ud83d") and Python reads it, but it is no character, and
+# the tokenizer, like any UTF-8 writer, refuses it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class SquadFormatError(ValueError):
@@ -164,6 +167,17 @@ def _get(obj: Any, key: str, kind: type, fail: Callable[[str], SquadFormatError]
     return value
 
 
+def _text(obj: dict, key: str, fail: Callable[[str], SquadFormatError]) -> str:
+    """``obj[key]``, a string that holds only characters: a lone surrogate escape (half of an emoji cut where the
+    file was written) is refused."""
+    value = _get(obj, key, str, fail)
+    bad = _SURROGATE.search(value)
+    if bad is not None:
+        raise fail(f"{key!r} holds a lone surrogate \\u{ord(bad.group()):04x} at character {bad.start()}, which is "
+                   "not a character (half of one cut off where the file was written)")
+    return value
+
+
 def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -> list[Example]:
     """Read and validate a SQuAD v1.1 JSON file (gzip-compressed or not).
 
@@ -214,11 +228,11 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
             raise at(where)(f"'title' must be a str, got {type(title).__name__}")
         for p, paragraph in enumerate(paragraphs):
             where = f"data[{a}].paragraphs[{p}]"
-            context = _get(paragraph, "context", str, at(where))
+            context = _text(paragraph, "context", at(where))
             qas = _get(paragraph, "qas", list, at(where))
             for q, qa in enumerate(qas):
                 where = f"data[{a}].paragraphs[{p}].qas[{q}]"
-                qid = _get(qa, "id", str, at(where))
+                qid = _text(qa, "id", at(where))
                 if not qid:
                     raise at(where)("empty 'id'")
                 example = _parse_question(qa, qid, title, context, at(f"question {qid} ({where})"), spans)
@@ -238,7 +252,7 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
 
 def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable[[str], SquadFormatError],
                     spans: bool = True) -> Example:
-    question = _get(qa, "question", str, fail)
+    question = _text(qa, "question", fail)
     if not question.strip():
         raise fail("empty question")
     answers = _get(qa, "answers", list, fail)

@@ -263,6 +263,33 @@ def test_malformed_dataset(tmp_path, edit, names, problem):
         assert name in message
 
 
+@pytest.mark.parametrize("field, where", [
+    ("context", "data[0].paragraphs[0]: 'context'"),
+    ("question", "question q-second (data[0].paragraphs[0].qas[1]): 'question'"),
+    ("id", "data[0].paragraphs[0].qas[1]: 'id'"),
+])
+def test_a_lone_surrogate_is_named_not_met_in_the_tokenizer(tmp_path, tokenizer, field, where):
+    """Half of an emoji's surrogate pair, as a JSON writer that cut a string in UTF-16 units leaves it: Python reads
+    the escape, but the tokenizer (and any UTF-8 writer of the predictions) cannot take it."""
+    data = _valid_dataset()
+    target = data["data"][0]["paragraphs"][0] if field == "context" else _qa(data, 1)
+    target[field] = target[field][:-1] + "\ud83d" + target[field][-1:]
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps(data))  # ASCII: the surrogate written as its escape
+    assert "\\ud83d" in path.read_text()
+    with pytest.raises(SquadFormatError) as info:
+        squad.load_squad(path, spans=False)
+    assert str(info.value).startswith(f"{path}: {where} holds a lone surrogate \\ud83d at character ")
+    assert "\n" not in str(info.value)
+    # A whole pair is the one character it encodes, and is read.
+    whole = _valid_dataset()
+    _qa(whole, 1)["question"] = "Who lost? \U0001F600"
+    path.write_text(json.dumps(whole))
+    examples = squad.load_squad(path)
+    assert examples[1].question == "Who lost? \U0001F600"
+    assert len(squad.prepare_eval_features(examples, tokenizer, max_seq_length=64, doc_stride=16)) == 2
+
+
 @pytest.mark.parametrize("content, problem", [
     (b"", "empty file"),
     (b"  \n", "empty file"),
