@@ -42,6 +42,7 @@ __all__ = [
     "fit_windows",
     "longest_question",
     "tokenize_text",
+    "lone_surrogate",
     "cut_question",
     "check_windows",
     "batch_width",
@@ -167,14 +168,24 @@ def _get(obj: Any, key: str, kind: type, fail: Callable[[str], SquadFormatError]
     return value
 
 
+def lone_surrogate(text: str) -> str | None:
+    """Where ``text`` holds a lone surrogate, which no tokenizer takes: e.g. ``"\\ud83d at character 7"``; None when
+    it holds none.
+
+    JSON's ``"\\ud83d"`` escape without its partner (half of an emoji cut off where a file or request was written)
+    and a command-line argument that is not valid UTF-8 (Python keeps each undecodable byte as one) read as such.
+    """
+    bad = _SURROGATE.search(text)
+    return None if bad is None else f"\\u{ord(bad.group()):04x} at character {bad.start()}"
+
+
 def _text(obj: dict, key: str, fail: Callable[[str], SquadFormatError]) -> str:
-    """``obj[key]``, a string that holds only characters: a lone surrogate escape (half of an emoji cut where the
-    file was written) is refused."""
+    """``obj[key]``, a string that holds only characters: a lone surrogate escape is refused."""
     value = _get(obj, key, str, fail)
-    bad = _SURROGATE.search(value)
+    bad = lone_surrogate(value)
     if bad is not None:
-        raise fail(f"{key!r} holds a lone surrogate \\u{ord(bad.group()):04x} at character {bad.start()}, which is "
-                   "not a character (half of one cut off where the file was written)")
+        raise fail(f"{key!r} holds a lone surrogate {bad}, which is not a character (half of one cut off where "
+                   "the file was written)")
     return value
 
 

@@ -477,6 +477,18 @@ def test_a_long_question_is_cut_to_max_query_length_in_eval_and_ask(capsys, capl
     assert "--max-query-length must be >= 1" in line
 
 
+def test_a_question_or_context_that_is_not_unicode_text_is_one_line_in_ask(capsys, masked_checkpoint):
+    """A command-line argument that is not valid UTF-8 reaches Python with each undecodable byte as a lone
+    surrogate (\\udcff for the byte 0xff), which the tokenizer refuses with a TypeError."""
+    context = os.fsdecode(b"It was written by \xffAnn.")
+    assert context == "It was written by \udcffAnn."
+    line = _one_line_error(capsys, ["ask", str(masked_checkpoint), "--question", "Who?", "--context", context])
+    assert line == ("fineprune ask: error: context holds a lone surrogate \\udcff at character 18, which is not a "
+                    "character (half of a surrogate pair, or a byte that is not UTF-8)")
+    line = _one_line_error(capsys, ["ask", str(masked_checkpoint), "--question", "Who\ud83d?", "--context", "Ann."])
+    assert line.startswith("fineprune ask: error: question holds a lone surrogate \\ud83d at character 3")
+
+
 @pytest.mark.parametrize("window", [["--max-seq-length", "5"], ["--max-seq-length", "8"],
                                     ["--max-seq-length", "6", "--doc-stride", "2"]])
 def test_windows_without_room_for_a_question_are_one_line_in_ask_and_eval(capsys, masked_checkpoint, window):
