@@ -193,7 +193,8 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
     """Read and validate a SQuAD v1.1 JSON file (gzip-compressed or not).
 
     The file must hold at least one question. Every question must have an ``id`` (unique in the file), a non-empty
-    ``question`` and at least one answer whose ``answer_start`` points at its ``text`` in the paragraph's ``context``.
+    ``question``, a non-empty ``context`` and at least one answer whose ``answer_start`` points at its ``text`` in
+    the paragraph's ``context``.
 
     Args:
         path: the JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``).
@@ -241,6 +242,8 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
             where = f"data[{a}].paragraphs[{p}]"
             context = _text(paragraph, "context", at(where))
             qas = _get(paragraph, "qas", list, at(where))
+            if qas and not context.strip():  # its questions would score 0 with an empty answer, unexplained
+                raise at(where)(f"empty 'context' for {len(qas)} question{'s' if len(qas) > 1 else ''}")
             for q, qa in enumerate(qas):
                 where = f"data[{a}].paragraphs[{p}].qas[{q}]"
                 qid = _text(qa, "id", at(where))

@@ -263,6 +263,25 @@ def test_malformed_dataset(tmp_path, edit, names, problem):
         assert name in message
 
 
+@pytest.mark.parametrize("context", ["", " \n\t "])
+def test_an_empty_context_is_named_not_scored_as_unanswered(tmp_path, context):
+    """Evaluation reads no answer_start, so nothing else would stop a paragraph whose context was lost: its questions
+    would get empty answers and score 0 without a word."""
+    data = _valid_dataset()
+    data["data"][0]["paragraphs"][0]["context"] = context
+    # A paragraph without questions is nothing to answer, whatever its context.
+    data["data"][0]["paragraphs"].insert(0, {"context": "", "qas": []})
+    path = tmp_path / "lost.json"
+    path.write_text(json.dumps(data))
+    for spans in (False, True):
+        with pytest.raises(SquadFormatError) as info:
+            squad.load_squad(path, spans=spans)
+        assert str(info.value) == f"{path}: data[0].paragraphs[1]: empty 'context' for 2 questions"
+    data["data"][0]["paragraphs"][1]["context"] = CONTEXT
+    path.write_text(json.dumps(data))
+    assert [ex.id for ex in squad.load_squad(path)] == ["q-first", "q-second"]
+
+
 @pytest.mark.parametrize("field, where", [
     ("context", "data[0].paragraphs[0]: 'context'"),
     ("question", "question q-second (data[0].paragraphs[0].qas[1]): 'question'"),
