@@ -276,8 +276,8 @@ def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable
     for k, answer in enumerate(answers):
         text = _get(answer, "text", str, fail)
         start = _get(answer, "answer_start", int, fail)
-        if not text:
-            raise fail(f"answer {k} has an empty text")
+        if not text.strip():  # whitespace alone: no token to label, so training would take it for no answer
+            raise fail(f"answer {k} has an empty text{' (only whitespace)' if text else ''}")
         if spans and (not 0 <= start <= len(context) - len(text) or context[start:start + len(text)] != text):
             found = context.find(text)
             if found >= 0:

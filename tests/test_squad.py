@@ -229,6 +229,12 @@ def _no_answers(data):
     _qa(data, 0)["answers"] = []
 
 
+def _answer_text(text, start):
+    def edit(data):
+        _qa(data, 1)["answers"][1].update(text=text, answer_start=start)
+    return edit
+
+
 PARAGRAPH = ("data", 0, "paragraphs", 0)
 
 
@@ -246,8 +252,11 @@ PARAGRAPH = ("data", 0, "paragraphs", 0)
     (_set_answer_start(-1), ["q-second"], "answer_start -1"),
     (_set_answer_start("17"), ["q-second"], "'answer_start' must be a int"),
     (_duplicate, ["q-first", "data[0].paragraphs[0].qas[0]"], "duplicate id"),
+    (_answer_text("", 17), ["q-second"], "answer 1 has an empty text"),
+    # The space after "beat": no token holds it, so training would label the question as having no answer.
+    (_answer_text(" ", 16), ["q-second"], "answer 1 has an empty text (only whitespace)"),
 ], ids=["data", "paragraphs", "qas", "context", "id", "question", "answers", "empty-answers", "answer-elsewhere",
-        "answer-past-end", "negative-start", "start-type", "duplicate"])
+        "answer-past-end", "negative-start", "start-type", "duplicate", "empty-text", "whitespace-text"])
 def test_malformed_dataset(tmp_path, edit, names, problem):
     data = copy.deepcopy(_valid_dataset())
     edit(data)
