@@ -16,6 +16,7 @@ tests share one implementation:
 from __future__ import annotations
 
 import codecs
+import contextlib
 import gzip
 import json
 import logging
@@ -35,6 +36,8 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "SquadFormatError",
+    "QuestionTooLong",
+    "questions_of",
     "NonFiniteLogits",
     "Example",
     "Answer",
@@ -80,6 +83,21 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 class SquadFormatError(ValueError):
     """A SQuAD data or predictions file is unreadable or malformed; the message names the file and the question."""
+
+
+class QuestionTooLong(SquadFormatError):
+    """A question, cut to ``max_query_length`` tokens, leaves its windows no more than ``doc_stride`` context tokens;
+    the message names the question (and, through :func:`questions_of`, the file it is in)."""
+
+
+@contextlib.contextmanager
+def questions_of(path: str | Path) -> Iterator[None]:
+    """Name ``path``, the data file the questions come from, in a :class:`QuestionTooLong` raised within: the windows
+    know a question's id, not its file, which a run reading two files (training and evaluation) must say."""
+    try:
+        yield
+    except QuestionTooLong as err:
+        raise QuestionTooLong(f"{path}: {err}") from None
 
 
 class NonFiniteLogits(ValueError):
@@ -589,7 +607,7 @@ def _check_question_lengths(examples: Sequence[Example], questions: list[str], t
     lengths = tokenize_text(tokenizer, [questions[i] for i in suspects], add_special_tokens=False)["input_ids"]
     for i, ids in zip(suspects, lengths):
         if len(ids) >= room:
-            raise SquadFormatError(f"question {examples[i].id} has {len(ids)} tokens: with max_seq_length "
+            raise QuestionTooLong(f"question {examples[i].id} has {len(ids)} tokens: with max_seq_length "
                                    f"{max_seq_length} and doc_stride {doc_stride} a question may have at most "
                                    f"{room - 1} (lower max_query_length ({max_query_length}), raise max_seq_length "
                                    "or lower doc_stride)")
