@@ -6,9 +6,9 @@ exactly what the model would be scored on for the same question and context.
 Answering a list of records takes three steps, none of which depends on what runs the model:
 
 1. :func:`check_records` checks every record before any model work: the question and the context are non-empty
-   strings, and the context fits in ``max_windows`` windows (a question is cut to ``max_query_length`` tokens, as in
-   evaluation). Windows are counted with the tokenizer alone, on a
-   prefix of the text just long enough to decide, so an oversized context costs little. A bad record raises a
+   strings (without a lone surrogate), and the context fits in ``max_windows`` windows (a question is cut to
+   ``max_query_length`` tokens, as in evaluation). Windows are counted with the tokenizer alone, on a prefix of the
+   text just long enough to decide, so an oversized context costs little. A bad record raises a
    :class:`RecordError` naming the record's index and the field.
 2. :func:`run_windows` stacks the windows of all records, sorts them by length and runs them in batches of up to
    ``batch_size`` windows of similar length through a :data:`WindowRunner`, a function from one batch of windows
@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from .bench import eval_mode
-from .squad import (Answer, EvalFeatures, Example, cut_question, longest_question, postprocess_predictions,
-                    prepare_eval_features, tokenize_text)
+from .squad import (Answer, EvalFeatures, Example, cut_question, lone_surrogate, longest_question,
+                    postprocess_predictions, prepare_eval_features, tokenize_text)
 
 __all__ = ["Answer", "RecordError", "WindowRunner", "check_records", "count_windows", "torch_runner", "run_windows",
            "answer_records", "answer_batch", "answer"]
@@ -75,6 +75,10 @@ def _check_text(field: str, value: Any, index: int | None) -> None:
         raise RecordError(index, field, f"must be a string, got {_kind(value)}")
     if not value.strip():
         raise RecordError(index, field, "is empty")
+    bad = lone_surrogate(value)
+    if bad is not None:  # the tokenizer would stop with a TypeError
+        raise RecordError(index, field, f"holds a lone surrogate {bad}, which is not a character (half of a "
+                                        "surrogate pair, or a byte that is not UTF-8)")
 
 
 def _whitespace_before(text: str, end: int) -> int:

@@ -16,6 +16,7 @@ tests share one implementation:
 from __future__ import annotations
 
 import codecs
+import contextlib
 import gzip
 import json
 import logging
@@ -35,6 +36,8 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "SquadFormatError",
+    "QuestionTooLong",
+    "questions_of",
     "NonFiniteLogits",
     "Example",
     "Answer",
@@ -42,6 +45,7 @@ __all__ = [
     "fit_windows",
     "longest_question",
     "tokenize_text",
+    "lone_surrogate",
     "cut_question",
     "check_windows",
     "batch_width",
@@ -72,10 +76,28 @@ _TOKENIZE_CHUNK = 1000
 _CHARS_PER_TOKEN = 8
 _WHITESPACE = re.compile(r"\s")
 _GZIP_MAGIC = b"\x1f\x8b"
+# Half of a UTF-16 surrogate pair: JSON escapes it ("\\ud83d") and Python reads it, but it is no character, and
+# the tokenizer, like any UTF-8 writer, refuses it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class SquadFormatError(ValueError):
     """A SQuAD data or predictions file is unreadable or malformed; the message names the file and the question."""
+
+
+class QuestionTooLong(SquadFormatError):
+    """A question, cut to ``max_query_length`` tokens, leaves its windows no more than ``doc_stride`` context tokens;
+    the message names the question (and, through :func:`questions_of`, the file it is in)."""
+
+
+@contextlib.contextmanager
+def questions_of(path: str | Path) -> Iterator[None]:
+    """Name ``path``, the data file the questions come from, in a :class:`QuestionTooLong` raised within: the windows
+    know a question's id, not its file, which a run reading two files (training and evaluation) must say."""
+    try:
+        yield
+    except QuestionTooLong as err:
+        raise QuestionTooLong(f"{path}: {err}") from None
 
 
 class NonFiniteLogits(ValueError):
@@ -164,11 +186,33 @@ def _get(obj: Any, key: str, kind: type, fail: Callable[[str], SquadFormatError]
     return value
 
 
+def lone_surrogate(text: str) -> str | None:
+    """Where ``text`` holds a lone surrogate, which no tokenizer takes: e.g. ``"\\ud83d at character 7"``; None when
+    it holds none.
+
+    JSON's ``"\\ud83d"`` escape without its partner (half of an emoji cut off where a file or request was written)
+    and a command-line argument that is not valid UTF-8 (Python keeps each undecodable byte as one) read as such.
+    """
+    bad = _SURROGATE.search(text)
+    return None if bad is None else f"\\u{ord(bad.group()):04x} at character {bad.start()}"
+
+
+def _text(obj: dict, key: str, fail: Callable[[str], SquadFormatError]) -> str:
+    """``obj[key]``, a string that holds only characters: a lone surrogate escape is refused."""
+    value = _get(obj, key, str, fail)
+    bad = lone_surrogate(value)
+    if bad is not None:
+        raise fail(f"{key!r} holds a lone surrogate {bad}, which is not a character (half of one cut off where "
+                   "the file was written)")
+    return value
+
+
 def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -> list[Example]:
     """Read and validate a SQuAD v1.1 JSON file (gzip-compressed or not).
 
     The file must hold at least one question. Every question must have an ``id`` (unique in the file), a non-empty
-    ``question`` and at least one answer whose ``answer_start`` points at its ``text`` in the paragraph's ``context``.
+    ``question``, a non-empty ``context`` and at least one answer whose ``answer_start`` points at its ``text`` in
+    the paragraph's ``context``.
 
     Args:
         path: the JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``).
@@ -214,11 +258,13 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
             raise at(where)(f"'title' must be a str, got {type(title).__name__}")
         for p, paragraph in enumerate(paragraphs):
             where = f"data[{a}].paragraphs[{p}]"
-            context = _get(paragraph, "context", str, at(where))
+            context = _text(paragraph, "context", at(where))
             qas = _get(paragraph, "qas", list, at(where))
+            if qas and not context.strip():  # its questions would score 0 with an empty answer, unexplained
+                raise at(where)(f"empty 'context' for {len(qas)} question{'s' if len(qas) > 1 else ''}")
             for q, qa in enumerate(qas):
                 where = f"data[{a}].paragraphs[{p}].qas[{q}]"
-                qid = _get(qa, "id", str, at(where))
+                qid = _text(qa, "id", at(where))
                 if not qid:
                     raise at(where)("empty 'id'")
                 example = _parse_question(qa, qid, title, context, at(f"question {qid} ({where})"), spans)
@@ -238,7 +284,7 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
 
 def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable[[str], SquadFormatError],
                     spans: bool = True) -> Example:
-    question = _get(qa, "question", str, fail)
+    question = _text(qa, "question", fail)
     if not question.strip():
         raise fail("empty question")
     answers = _get(qa, "answers", list, fail)
@@ -248,8 +294,8 @@ def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable
     for k, answer in enumerate(answers):
         text = _get(answer, "text", str, fail)
         start = _get(answer, "answer_start", int, fail)
-        if not text:
-            raise fail(f"answer {k} has an empty text")
+        if not text.strip():  # whitespace alone: no token to label, so training would take it for no answer
+            raise fail(f"answer {k} has an empty text{' (only whitespace)' if text else ''}")
         if spans and (not 0 <= start <= len(context) - len(text) or context[start:start + len(text)] != text):
             found = context.find(text)
             if found >= 0:
@@ -561,7 +607,7 @@ def _check_question_lengths(examples: Sequence[Example], questions: list[str], t
     lengths = tokenize_text(tokenizer, [questions[i] for i in suspects], add_special_tokens=False)["input_ids"]
     for i, ids in zip(suspects, lengths):
         if len(ids) >= room:
-            raise SquadFormatError(f"question {examples[i].id} has {len(ids)} tokens: with max_seq_length "
+            raise QuestionTooLong(f"question {examples[i].id} has {len(ids)} tokens: with max_seq_length "
                                    f"{max_seq_length} and doc_stride {doc_stride} a question may have at most "
                                    f"{room - 1} (lower max_query_length ({max_query_length}), raise max_seq_length "
                                    "or lower doc_stride)")

@@ -732,11 +732,13 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     # search, precision): what eval and ask default to.
     evaluation = {**evaluation_settings(cfg), "precision": precision}
 
-    features = train_features(cfg, train_examples, tokenizer, progress=progress)
+    with squad.questions_of(resolve_data(cfg.train_data)):
+        features = train_features(cfg, train_examples, tokenizer, progress=progress)
     # The windows of the evaluation questions: the same at every evaluation of the run, so tokenized once.
-    eval_windows = squad.prepare_eval_features(eval_examples, tokenizer, max_seq_length=cfg.max_seq_length,
-                                               doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length,
-                                               progress=progress)
+    with squad.questions_of(resolve_data(cfg.eval_data)):
+        eval_windows = squad.prepare_eval_features(eval_examples, tokenizer, max_seq_length=cfg.max_seq_length,
+                                                   doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length,
+                                                   progress=progress)
     num_features = int(features["input_ids"].shape[0])
     p = plan(cfg, num_features)
     if start_step > p.total_steps:  # a dense run resumed with fewer steps: its model has trained past the end

@@ -450,6 +450,30 @@ def test_a_question_too_long_for_the_window_is_one_line(capsys, masked_checkpoin
     assert "leave no room for a question" in line
 
 
+def test_a_question_too_long_for_the_window_names_its_file(capsys, masked_checkpoint, tmp_path):
+    """The training and the evaluation file of a run may share question ids (the same questions, reworded): the
+    line names the file that holds the long one."""
+    context = "The cat sat on the mat."
+
+    def squad_file(name: str, question: str) -> Path:
+        path = tmp_path / name
+        qa = {"id": "q", "question": question, "answers": [{"text": "the mat", "answer_start": 15}]}
+        path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": context, "qas": [qa]}]}]}))
+        return path
+
+    short = squad_file("train.json", "Where did the cat sit?")
+    # tiny_smoke's windows (96 tokens, stride 32) take a question of at most 60 tokens; the cut to 64 leaves 63.
+    long = squad_file("eval.json", " ".join(["which"] * 62) + "?")
+    for train, evaluate in ((short, long), (long, short)):
+        line = _one_line_error(capsys, ["prune", "--config", TINY, "--train-data", str(train), "--eval-data",
+                                        str(evaluate), "--output-dir", str(tmp_path / "run")])
+        assert line.startswith(f"fineprune prune: error: {long}: question q has 63 tokens: with max_seq_length 96 ")
+        assert not (tmp_path / "run" / "final").exists()
+    line = _one_line_error(capsys, ["eval", str(masked_checkpoint), "--eval-data", str(long), "--max-seq-length", "96",
+                                    "--doc-stride", "32", "--no-progress"])
+    assert line.startswith(f"fineprune eval: error: {long}: question q has 63 tokens")
+
+
 def test_a_long_question_is_cut_to_max_query_length_in_eval_and_ask(capsys, caplog, masked_checkpoint, tmp_path):
     question = " ".join(["which"] * 70) + "?"
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
@@ -475,6 +499,18 @@ def test_a_long_question_is_cut_to_max_query_length_in_eval_and_ask(capsys, capl
     line = _one_line_error(capsys, ["ask", str(masked_checkpoint), "--question", "Who?", "--context", "A cat.",
                                     "--max-query-length", "0"])
     assert "--max-query-length must be >= 1" in line
+
+
+def test_a_question_or_context_that_is_not_unicode_text_is_one_line_in_ask(capsys, masked_checkpoint):
+    """A command-line argument that is not valid UTF-8 reaches Python with each undecodable byte as a lone
+    surrogate (\\udcff for the byte 0xff), which the tokenizer refuses with a TypeError."""
+    context = os.fsdecode(b"It was written by \xffAnn.")
+    assert context == "It was written by \udcffAnn."
+    line = _one_line_error(capsys, ["ask", str(masked_checkpoint), "--question", "Who?", "--context", context])
+    assert line == ("fineprune ask: error: context holds a lone surrogate \\udcff at character 18, which is not a "
+                    "character (half of a surrogate pair, or a byte that is not UTF-8)")
+    line = _one_line_error(capsys, ["ask", str(masked_checkpoint), "--question", "Who\ud83d?", "--context", "Ann."])
+    assert line.startswith("fineprune ask: error: question holds a lone surrogate \\ud83d at character 3")
 
 
 @pytest.mark.parametrize("window", [["--max-seq-length", "5"], ["--max-seq-length", "8"],

@@ -208,6 +208,8 @@ def test_a_long_question_is_cut_as_in_evaluation(tiny_qa_model, tokenizer, caplo
     (" \t", CONTEXT, "question", "is empty"),
     (7, CONTEXT, "question", "must be a string, got int"),
     ("Who?", "\u200b", "context", "has no tokens"),
+    ("Who won \ud83d?", CONTEXT, "question", "holds a lone surrogate \\ud83d at character 8"),
+    ("Who?", "Ann \udcff wrote it.", "context", "holds a lone surrogate \\udcff at character 4"),
     ("Who?", " ".join([CONTEXT] * 40), "context", "is too long"),
 ])
 def test_a_bad_record_is_named_and_nothing_runs(tiny_qa_model, tokenizer, question, context, field, problem):

@@ -229,6 +229,12 @@ def _no_answers(data):
     _qa(data, 0)["answers"] = []
 
 
+def _answer_text(text, start):
+    def edit(data):
+        _qa(data, 1)["answers"][1].update(text=text, answer_start=start)
+    return edit
+
+
 PARAGRAPH = ("data", 0, "paragraphs", 0)
 
 
@@ -246,8 +252,11 @@ PARAGRAPH = ("data", 0, "paragraphs", 0)
     (_set_answer_start(-1), ["q-second"], "answer_start -1"),
     (_set_answer_start("17"), ["q-second"], "'answer_start' must be a int"),
     (_duplicate, ["q-first", "data[0].paragraphs[0].qas[0]"], "duplicate id"),
+    (_answer_text("", 17), ["q-second"], "answer 1 has an empty text"),
+    # The space after "beat": no token holds it, so training would label the question as having no answer.
+    (_answer_text(" ", 16), ["q-second"], "answer 1 has an empty text (only whitespace)"),
 ], ids=["data", "paragraphs", "qas", "context", "id", "question", "answers", "empty-answers", "answer-elsewhere",
-        "answer-past-end", "negative-start", "start-type", "duplicate"])
+        "answer-past-end", "negative-start", "start-type", "duplicate", "empty-text", "whitespace-text"])
 def test_malformed_dataset(tmp_path, edit, names, problem):
     data = copy.deepcopy(_valid_dataset())
     edit(data)
@@ -261,6 +270,52 @@ def test_malformed_dataset(tmp_path, edit, names, problem):
     assert problem in message
     for name in names:
         assert name in message
+
+
+@pytest.mark.parametrize("context", ["", " \n\t "])
+def test_an_empty_context_is_named_not_scored_as_unanswered(tmp_path, context):
+    """Evaluation reads no answer_start, so nothing else would stop a paragraph whose context was lost: its questions
+    would get empty answers and score 0 without a word."""
+    data = _valid_dataset()
+    data["data"][0]["paragraphs"][0]["context"] = context
+    # A paragraph without questions is nothing to answer, whatever its context.
+    data["data"][0]["paragraphs"].insert(0, {"context": "", "qas": []})
+    path = tmp_path / "lost.json"
+    path.write_text(json.dumps(data))
+    for spans in (False, True):
+        with pytest.raises(SquadFormatError) as info:
+            squad.load_squad(path, spans=spans)
+        assert str(info.value) == f"{path}: data[0].paragraphs[1]: empty 'context' for 2 questions"
+    data["data"][0]["paragraphs"][1]["context"] = CONTEXT
+    path.write_text(json.dumps(data))
+    assert [ex.id for ex in squad.load_squad(path)] == ["q-first", "q-second"]
+
+
+@pytest.mark.parametrize("field, where", [
+    ("context", "data[0].paragraphs[0]: 'context'"),
+    ("question", "question q-second (data[0].paragraphs[0].qas[1]): 'question'"),
+    ("id", "data[0].paragraphs[0].qas[1]: 'id'"),
+])
+def test_a_lone_surrogate_is_named_not_met_in_the_tokenizer(tmp_path, tokenizer, field, where):
+    """Half of an emoji's surrogate pair, as a JSON writer that cut a string in UTF-16 units leaves it: Python reads
+    the escape, but the tokenizer (and any UTF-8 writer of the predictions) cannot take it."""
+    data = _valid_dataset()
+    target = data["data"][0]["paragraphs"][0] if field == "context" else _qa(data, 1)
+    target[field] = target[field][:-1] + "\ud83d" + target[field][-1:]
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps(data))  # ASCII: the surrogate written as its escape
+    assert "\\ud83d" in path.read_text()
+    with pytest.raises(SquadFormatError) as info:
+        squad.load_squad(path, spans=False)
+    assert str(info.value).startswith(f"{path}: {where} holds a lone surrogate \\ud83d at character ")
+    assert "\n" not in str(info.value)
+    # A whole pair is the one character it encodes, and is read.
+    whole = _valid_dataset()
+    _qa(whole, 1)["question"] = "Who lost? \U0001F600"
+    path.write_text(json.dumps(whole))
+    examples = squad.load_squad(path)
+    assert examples[1].question == "Who lost? \U0001F600"
+    assert len(squad.prepare_eval_features(examples, tokenizer, max_seq_length=64, doc_stride=16)) == 2
 
 
 @pytest.mark.parametrize("content, problem", [

@@ -405,10 +405,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _check_predictions_replace_no_input(args)
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant, args.device)
     _recorded_settings(args)
-    examples = squad.load_squad(resolve_data(args.eval_data), limit=args.eval_limit, spans=False)
+    data = resolve_data(args.eval_data)
+    examples = squad.load_squad(data, limit=args.eval_limit, spans=False)
     # The same windows, span search and metric for every kind of model, cut to what the model takes.
     seq, stride = _windows(args, model, tokenizer)
-    with _names_model(args.model_dir), autocast(precision, device):
+    with _names_model(args.model_dir), squad.questions_of(data), autocast(precision, device):
         metrics, predictions = squad.evaluate_model(model, tokenizer, examples, max_seq_length=seq, doc_stride=stride,
                                                     batch_size=args.batch_size,
                                                     max_answer_length=args.max_answer_length, n_best=args.n_best,
