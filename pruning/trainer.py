@@ -784,6 +784,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     batches = WindowBatches(features, cfg,
                             None if resume_from is None else _resume_position(state, resume_from, cfg, features))
     running: dict[str, float] = {}
+    teacher_windows = 0  # windows the teacher ran on in this process without a cache (a short last batch counts short)
     last_metrics: dict[str, Any] = {}
     saved_step = start_step if resume_from is not None else None  # the last checkpoint a diverged run leaves
     started = time.time()
@@ -827,6 +828,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             batch = squad.window_batch(features, index, device)
             width = int(batch["attention_mask"].shape[1])
             cached = cache(index, width) if cache is not None else None
+            if teacher is not None and cache is None:
+                teacher_windows += int(index.numel())
             with autocast(precision, device):
                 loss, ce, distil, hidden, reg = training_loss(model, batch, cfg, teacher, lam_att, lam_ffn,
                                                               regularize=step < p.prune_steps,
@@ -870,8 +873,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                                    **pruning_metrics}
         if teacher is not None:  # the teacher's forwards (a resumed run's cache is built again: its forwards count)
             metrics["teacher_forward_windows"] = carried.get("teacher_forward_windows", 0.0) + float(
-                cache.forwards if cache is not None
-                else (done - start_step) * cfg.batch_size * cfg.grad_accum)
+                cache.forwards if cache is not None else teacher_windows)
         if do_eval:
             with _generators_kept(device):
                 metrics.update(_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress,

@@ -9,11 +9,12 @@ import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
 from conftest import renumber_tokens
-from pruning import masks
+from pruning import masks, squad
 from pruning.checkpoint import MASKS_KEY, load_model, save_model
 from pruning.config import ConfigError, RunConfig
+from pruning.resources import resolve_data
 from pruning.sparsity import sparsity_report
-from pruning.trainer import build_model, enter_fill_phase, fused_adamw, mask_schedule, plan, train
+from pruning.trainer import build_model, enter_fill_phase, fused_adamw, mask_schedule, plan, train, train_features
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=128)
@@ -721,6 +722,21 @@ def test_a_resumed_runs_figures_count_the_work_before_the_resume(tmp_path):
     assert resumed["teacher_forward_windows"] == 6 * cfg.batch_size  # as many as an uninterrupted run's
     assert resumed["train_seconds"] > before["train_seconds"]
 
+
+
+def test_teacher_forward_windows_counts_the_short_last_batch_of_an_epoch(tmp_path, tokenizer):
+    """A distilled run without a teacher cache reports the windows its teacher ran on: an epoch whose windows do not
+    fill its last batch gives that batch's windows, not a full batch."""
+    teacher = train(tiny_cfg(tmp_path, method="dense", max_steps=1, output_dir=str(tmp_path / "teacher")),
+                    progress=False)["model_dir"]
+    cfg = tiny_cfg(tmp_path / "student", train_limit=3, max_steps=2, grad_accum=2, teacher=teacher)
+    windows = int(train_features(cfg, squad.load_squad(resolve_data("dev"), limit=3), tokenizer)["input_ids"].shape[0])
+    assert windows % cfg.batch_size  # the last batch of each epoch is short
+    epoch = [cfg.batch_size] * (windows // cfg.batch_size) + [windows % cfg.batch_size]
+    micro = cfg.max_steps * cfg.grad_accum
+    ran = sum((epoch * micro)[:micro])
+    assert ran < micro * cfg.batch_size
+    assert train(cfg, progress=False)["teacher_forward_windows"] == ran
 
 class _HostReads:
     """Counts reads of floating-point tensor values into Python (``float``, ``item``, ``tolist``, ``bool``, ``int``,
