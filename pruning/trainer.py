@@ -248,6 +248,22 @@ class TrainingPlan:
         return self.prune_steps + self.fill_steps
 
 
+def _warmups(cfg: RunConfig, main: int) -> tuple[int, int]:
+    """The initial and final warm-up of ``main`` pruning steps, in steps.
+
+    Raises:
+        ConfigError: for a masked run, warm-ups that leave the schedule no room to reach its target.
+    """
+    initial = warmup_steps(cfg.initial_warmup, main)
+    final = warmup_steps(cfg.final_warmup, main)
+    if cfg.masked and initial + final > main:
+        raise ConfigError(f"initial_warmup + final_warmup: {initial} + {final} steps exceed the {main} pruning steps")
+    if cfg.masked and final == 0 and initial >= main:  # the last step would be held at the start, not the target
+        raise ConfigError(f"initial_warmup: {initial} steps leave none of the {main} pruning steps to reach the "
+                          "target (final_warmup is 0)")
+    return initial, final
+
+
 def plan(cfg: RunConfig, num_features: int) -> TrainingPlan:
     """Step counts of a run, from the config and the number of training features.
 
@@ -258,13 +274,7 @@ def plan(cfg: RunConfig, num_features: int) -> TrainingPlan:
     if cfg.method is Method.FISHER:
         return TrainingPlan(steps_per_epoch, 0, cfg.fill_steps, 0, 0, 0)
     main = cfg.max_steps if cfg.max_steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
-    initial = warmup_steps(cfg.initial_warmup, main)
-    final = warmup_steps(cfg.final_warmup, main)
-    if cfg.masked and initial + final > main:
-        raise ConfigError(f"initial_warmup + final_warmup: {initial} + {final} steps exceed the {main} pruning steps")
-    if cfg.masked and final == 0 and initial >= main:  # the last step would be held at the start, not the target
-        raise ConfigError(f"initial_warmup: {initial} steps leave none of the {main} pruning steps to reach the "
-                          "target (final_warmup is 0)")
+    initial, final = _warmups(cfg, main)
     return TrainingPlan(steps_per_epoch, main, cfg.fill_steps, int(round(cfg.warmup_ratio * main)), initial, final)
 
 
@@ -694,6 +704,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)  # fails before any data or model is loaded
+    if cfg.max_steps is not None and cfg.method is not Method.FISHER:
+        _warmups(cfg, cfg.max_steps)  # the pruning steps are known: no need to read the data to check the warm-ups
     if resume_from is not None:
         atomic.tidy(resume_from, restore=True)  # a checkpoint a killed writer had moved aside is put back
         check_resume_config(cfg, resume_from)  # before anything is written

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,18 @@ def test_block_shape_must_divide_the_model(tmp_path):
 def test_warmups_longer_than_the_run_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match="initial_warmup"):
         plan(tiny_cfg(tmp_path, method="topk", initial_warmup=5, final_warmup=5, max_steps=6), 10)
+
+
+def test_warmups_over_a_run_of_known_steps_are_refused_before_the_data_is_read(tmp_path, caplog):
+    cfg = tiny_cfg(tmp_path, method="topk", attention_block=[16, 16], max_steps=6, initial_warmup=4, final_warmup=4)
+    with caplog.at_level(logging.INFO, logger="pruning"), pytest.raises(
+            ConfigError, match=r"^initial_warmup \+ final_warmup: 4 \+ 4 steps exceed the 6 pruning steps$"):
+        train(cfg, progress=False)
+    assert "tokenizing" not in caplog.text
+    assert not Path(cfg.output_dir).exists()
+    with caplog.at_level(logging.INFO, logger="pruning"), pytest.raises(ConfigError, match="initial_warmup: 6 steps"):
+        train(dataclasses.replace(cfg, initial_warmup=6, final_warmup=0), progress=False)
+    assert "tokenizing" not in caplog.text
 
 
 @pytest.mark.parametrize("method,global_topk", [("topk", False), ("topk", True), ("sigmoid_threshold", False)])
