@@ -942,7 +942,9 @@ _SCHEDULE_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "fill_steps
 RESUME_METHOD_KEYS = {
     Method.DENSE: (),
     Method.TOPK: _SCHEDULE_KEYS + ("target_density", "topk_scope"),
-    Method.SIGMOID_THRESHOLD: _SCHEDULE_KEYS + ("initial_threshold", "final_threshold"),
+    # the L1 weights ramp with the threshold and set the density the run reaches, as target_density does for topk
+    Method.SIGMOID_THRESHOLD: _SCHEDULE_KEYS + ("initial_threshold", "final_threshold", "lambda_attention",
+                                                "lambda_ffn"),
     Method.FISHER: ("fill_steps", "attention_block", "target_density", "target_flops", "fisher_stages",
                     "fisher_layer_floor", "mask_rearrange", "fill_packed"),
 }

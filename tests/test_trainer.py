@@ -416,6 +416,24 @@ def test_resuming_under_a_different_run_config_is_refused(tmp_path):
     assert train(again, resume_from=checkpoint, progress=False)["step"] == 2
 
 
+def test_a_sigmoid_threshold_run_resumed_with_other_lambdas_is_refused(tmp_path):
+    """The L1 weights ramp with the threshold and set the density the run reaches, as target_density does for
+    topk: a resume under other lambdas would not continue the run it names."""
+    cfg = tiny_cfg(tmp_path, method="sigmoid_threshold", attention_block=[16, 16], max_steps=4, eval_every=2,
+                   train_limit=4, eval_limit=1, lambda_attention=20.0, lambda_ffn=20.0, final_warmup=0)
+
+    def stop_at_first(metrics, checkpoint):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, report=stop_at_first, progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    for key in ("lambda_attention", "lambda_ffn"):
+        with pytest.raises(ConfigError, match=rf"\({key} 20\.0 there, 40\.0 here\); resume with the config"):
+            train(dataclasses.replace(cfg, **{key: 40.0}), resume_from=checkpoint, progress=False)
+    resumed = train(cfg, resume_from=checkpoint, progress=False)
+    assert resumed["step"] == 4 and resumed["lambda_attention"] == 20.0
+
 @pytest.mark.parametrize("max_grad_norm", [0, None])
 def test_max_grad_norm_zero_or_null_turns_clipping_off_and_the_weights_train(tmp_path, max_grad_norm):
     from pruning.trainer import seed_everything
