@@ -149,7 +149,7 @@ class RunConfig:
     lambda_ffn: float = 10.0
     # cubic schedule: hold for initial_warmup, ramp, hold for the last final_warmup (with 0, the ramp ends at the
     # last pruning step, which is at the target). A value < 1 is a fraction of the pruning steps, a value >= 1 a
-    # number of steps.
+    # number of steps; together they may not take more than every pruning step.
     initial_warmup: float = 0.1
     final_warmup: float = 0.2
 
@@ -291,6 +291,10 @@ def _check(cfg: RunConfig) -> None:
         value = getattr(cfg, key)
         if value >= 1 and value != int(value):
             _fail(key, f"must be a fraction of the pruning steps (< 1) or a whole number of steps, got {value!r}")
+    if (cfg.method in (Method.TOPK, Method.SIGMOID_THRESHOLD) and cfg.initial_warmup < 1 and cfg.final_warmup < 1
+            and cfg.initial_warmup + cfg.final_warmup > 1):
+        _fail("final_warmup", f"{cfg.final_warmup} of the pruning steps after an initial_warmup of "
+                              f"{cfg.initial_warmup}: the two warm-ups take more than every pruning step")
     if isinstance(cfg.mask_init, MaskInit):
         pass
     elif isinstance(cfg.mask_init, str):

@@ -143,6 +143,15 @@ class MaskedLinear(nn.Linear):
         # checkpoint records the threshold and rebuilds the fixed mask from the scores).
         self.register_buffer("cutoff", torch.zeros((), device=device, dtype=torch.float32), persistent=False)
         self.register_buffer("fixed_mask", None, persistent=False)  # block mask of "fixed" mode (filled phase)
+        self.fixed_block: tuple[int, int] | None = None  # what one entry of fixed_mask covers; None: ``block``
+
+    @property
+    def mask_block(self) -> tuple[int, int]:
+        """The (rows, cols) one entry of :meth:`block_mask` covers: ``block``, or in ``fixed`` mode the fixed mask's
+        own (one row or column of a head, see :func:`fix_masks_`)."""
+        if self.mode == "fixed" and self.fixed_block is not None:
+            return self.fixed_block
+        return self.block
 
     @property
     def weights_per_score(self) -> int:
@@ -183,15 +192,15 @@ class MaskedLinear(nn.Linear):
         return ThresholdBinarizer.apply(self.mask_scores, self.threshold, True)
 
     def weight_mask(self, block_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return _expand(self.block_mask() if block_mask is None else block_mask, self.block)
+        return _expand(self.block_mask() if block_mask is None else block_mask, self.mask_block)
 
     def bias_mask(self, block_mask: torch.Tensor) -> torch.Tensor:
         # A bias entry lives as long as any block of its row does; no gradient flows through this path.
-        return block_mask.detach().amax(dim=1).repeat_interleave(self.block[0])
+        return block_mask.detach().amax(dim=1).repeat_interleave(self.mask_block[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block_mask = self.block_mask()
-        weight = _apply_blocks(self.weight, block_mask, self.block)
+        weight = _apply_blocks(self.weight, block_mask, self.mask_block)
         bias = None if self.bias is None else self.bias * self.bias_mask(block_mask)
         return F.linear(x, weight, bias)
 
@@ -201,7 +210,7 @@ class MaskedLinear(nn.Linear):
         block_mask = self.block_mask().detach()
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)
-        linear.weight.copy_(_apply_blocks(self.weight, block_mask, self.block))
+        linear.weight.copy_(_apply_blocks(self.weight, block_mask, self.mask_block))
         if self.bias is not None:
             linear.bias.copy_(self.bias * self.bias_mask(block_mask))
         return linear
@@ -373,7 +382,7 @@ def bake_masks_(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, MaskedLinear):
             block_mask = module.block_mask().detach()
-            module.weight.copy_(_apply_blocks(module.weight, block_mask, module.block))
+            module.weight.copy_(_apply_blocks(module.weight, block_mask, module.mask_block))
             if module.bias is not None:
                 module.bias.mul_(module.bias_mask(block_mask))
         elif isinstance(module, TiedColumnMaskedLinear):
@@ -386,8 +395,10 @@ def fix_masks_(model: nn.Module, head_keep: list[torch.Tensor], ffn_keep: list[t
 
     ``head_keep[i]`` (bool per head) and ``ffn_keep[i]`` (bool per FFN dimension) give layer ``i``'s surviving
     structure, on any device. Query/key/value rows and output columns of a kept head become fully unmasked;
-    removed heads and FFN dimensions stay masked for good. Scores stop receiving gradients. The fixed masks are
-    buffers on each layer's device, so they follow ``model.to(...)``.
+    removed heads and FFN dimensions stay masked for good, also where a score block straddles a removed and a kept
+    head (a block that does not divide the head size): the attention masks are fixed per row (query/key/value) and
+    per column (output) of a head, not per block. Scores stop receiving gradients. The fixed masks are buffers on
+    each layer's device, so they follow ``model.to(...)``.
 
     The weights are not touched: to start the filled phase from exactly the pruned model, call
     :func:`bake_masks_` first (a checkpoint reloaded in the filled phase must not be baked again).
@@ -399,16 +410,16 @@ def fix_masks_(model: nn.Module, head_keep: list[torch.Tensor], ffn_keep: list[t
             module = get_module(layer, path)
             if not isinstance(module, MaskedLinear):
                 continue
-            br, bc = module.block
             head_dim = (module.out_features if path != arch.attention_output else module.in_features) // num_heads
             per_head = heads.to(device=module.weight.device, dtype=module.weight.dtype).repeat_interleave(head_dim)
+            # One entry a row (or column) of the matrix, not one a score block: a block that straddles a kept and a
+            # removed head would otherwise bring the removed head's weights back, and the head with them.
             if path == arch.attention_output:  # columns belong to heads
-                full = per_head.reshape(1, -1).expand(module.out_features, -1)
+                module.fixed_mask = per_head.reshape(1, -1).contiguous()
+                module.fixed_block = (module.out_features, 1)
             else:  # rows belong to heads
-                full = per_head.reshape(-1, 1).expand(-1, module.in_features)
-            # Blocks straddling two heads stay kept when either head is kept.
-            block = full.reshape(module.out_features // br, br, module.in_features // bc, bc).amax(dim=(1, 3))
-            module.fixed_mask = block.contiguous()
+                module.fixed_mask = per_head.reshape(-1, 1).contiguous()
+                module.fixed_block = (1, module.in_features)
             module.mode = "fixed"
             module.mask_scores.requires_grad_(False)
         first = get_module(layer, arch.ffn_in)

@@ -248,6 +248,22 @@ class TrainingPlan:
         return self.prune_steps + self.fill_steps
 
 
+def _warmups(cfg: RunConfig, main: int) -> tuple[int, int]:
+    """The initial and final warm-up of ``main`` pruning steps, in steps.
+
+    Raises:
+        ConfigError: for a masked run, warm-ups that leave the schedule no room to reach its target.
+    """
+    initial = warmup_steps(cfg.initial_warmup, main)
+    final = warmup_steps(cfg.final_warmup, main)
+    if cfg.masked and initial + final > main:
+        raise ConfigError(f"initial_warmup + final_warmup: {initial} + {final} steps exceed the {main} pruning steps")
+    if cfg.masked and final == 0 and initial >= main:  # the last step would be held at the start, not the target
+        raise ConfigError(f"initial_warmup: {initial} steps leave none of the {main} pruning steps to reach the "
+                          "target (final_warmup is 0)")
+    return initial, final
+
+
 def plan(cfg: RunConfig, num_features: int) -> TrainingPlan:
     """Step counts of a run, from the config and the number of training features.
 
@@ -258,13 +274,7 @@ def plan(cfg: RunConfig, num_features: int) -> TrainingPlan:
     if cfg.method is Method.FISHER:
         return TrainingPlan(steps_per_epoch, 0, cfg.fill_steps, 0, 0, 0)
     main = cfg.max_steps if cfg.max_steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
-    initial = warmup_steps(cfg.initial_warmup, main)
-    final = warmup_steps(cfg.final_warmup, main)
-    if cfg.masked and initial + final > main:
-        raise ConfigError(f"initial_warmup + final_warmup: {initial} + {final} steps exceed the {main} pruning steps")
-    if cfg.masked and final == 0 and initial >= main:  # the last step would be held at the start, not the target
-        raise ConfigError(f"initial_warmup: {initial} steps leave none of the {main} pruning steps to reach the "
-                          "target (final_warmup is 0)")
+    initial, final = _warmups(cfg, main)
     return TrainingPlan(steps_per_epoch, main, cfg.fill_steps, int(round(cfg.warmup_ratio * main)), initial, final)
 
 
@@ -694,6 +704,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)  # fails before any data or model is loaded
+    if cfg.max_steps is not None and cfg.method is not Method.FISHER:
+        _warmups(cfg, cfg.max_steps)  # the pruning steps are known: no need to read the data to check the warm-ups
     if resume_from is not None:
         atomic.tidy(resume_from, restore=True)  # a checkpoint a killed writer had moved aside is put back
         check_resume_config(cfg, resume_from)  # before anything is written
@@ -786,6 +798,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     batches = WindowBatches(features, cfg,
                             None if resume_from is None else _resume_position(state, resume_from, cfg, features))
     running: dict[str, float] = {}
+    teacher_windows = 0  # windows the teacher ran on in this process without a cache (a short last batch counts short)
     last_metrics: dict[str, Any] = {}
     saved_step = start_step if resume_from is not None else None  # the last checkpoint a diverged run leaves
     started = time.time()
@@ -829,6 +842,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             batch = squad.window_batch(features, index, device)
             width = int(batch["attention_mask"].shape[1])
             cached = cache(index, width) if cache is not None else None
+            if teacher is not None and cache is None:
+                teacher_windows += int(index.numel())
             with autocast(precision, device):
                 loss, ce, distil, hidden, reg = training_loss(model, batch, cfg, teacher, lam_att, lam_ffn,
                                                               regularize=step < p.prune_steps,
@@ -872,8 +887,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                                    **pruning_metrics}
         if teacher is not None:  # the teacher's forwards (a resumed run's cache is built again: its forwards count)
             metrics["teacher_forward_windows"] = carried.get("teacher_forward_windows", 0.0) + float(
-                cache.forwards if cache is not None
-                else (done - start_step) * cfg.batch_size * cfg.grad_accum)
+                cache.forwards if cache is not None else teacher_windows)
         if do_eval:
             with _generators_kept(device):
                 metrics.update(_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress,
@@ -930,7 +944,9 @@ _SCHEDULE_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "fill_steps
 RESUME_METHOD_KEYS = {
     Method.DENSE: (),
     Method.TOPK: _SCHEDULE_KEYS + ("target_density", "topk_scope"),
-    Method.SIGMOID_THRESHOLD: _SCHEDULE_KEYS + ("initial_threshold", "final_threshold"),
+    # the L1 weights ramp with the threshold and set the density the run reaches, as target_density does for topk
+    Method.SIGMOID_THRESHOLD: _SCHEDULE_KEYS + ("initial_threshold", "final_threshold", "lambda_attention",
+                                                "lambda_ffn"),
     Method.FISHER: ("fill_steps", "attention_block", "target_density", "target_flops", "fisher_stages",
                     "fisher_layer_floor", "mask_rearrange", "fill_packed"),
 }

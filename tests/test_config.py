@@ -239,3 +239,14 @@ def test_a_path_from_the_home_directory_is_read_as_a_shell_reads_it(tmp_path, mo
                                                            str(home / "runs/mine"))
     assert cfg.eval_data == "dev"
     assert load_config(config, {"output_dir": "~/runs/other"}).output_dir == str(home / "runs/other")
+
+
+@pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])
+def test_warmup_fractions_that_add_up_to_more_than_the_run_are_refused(method):
+    """Fractions of the pruning steps: they exceed a run of any length, known before its steps are counted."""
+    with pytest.raises(ConfigError, match=r"^final_warmup: 0\.6 of the pruning steps after an initial_warmup of 0\.5: "
+                                          r"the two warm-ups take more than every pruning step$"):
+        RunConfig(method=method, initial_warmup=0.5, final_warmup=0.6)
+    RunConfig(method=method, initial_warmup=0.4, final_warmup=0.6)  # a whole run held, no ramp: as before
+    RunConfig(method=method, initial_warmup=0.5, final_warmup=6)  # steps: checked once the steps are known
+    RunConfig(initial_warmup=0.5, final_warmup=0.6)  # a dense run has no schedule

@@ -250,3 +250,41 @@ def test_row_blocks_for_attention_stay_in_the_attention_group_and_reload(tmp_pat
     assert query.block == (1, 64) and reloaded.bert.encoder.layer[0].attention.output.dense.block == (64, 1)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**x).start_logits, before)
+
+
+def test_a_block_straddling_a_removed_and_a_kept_head_keeps_the_removed_head_out_of_the_filled_phase(tmp_path):
+    """Blocks of 24 rows over heads of 16: pruning value rows 0-23 removes head 0 (rows 0-15) while head 1 lives on
+    through rows 24-31. The filled phase trains kept heads densely and must not bring head 0 back: the structure,
+    and so the packed model, stays what pruning left, and the masked and packed models compute the same."""
+    from pruning.checkpoint import load_model, save_model
+    from pruning.packing import max_logit_diff, pack
+    from pruning.trainer import enter_fill_phase
+
+    model = tiny_model(hidden_size=48, num_attention_heads=3, intermediate_size=37, num_hidden_layers=1)
+    masks.apply_masks_(model, "sigmoid_threshold", (24, 48))
+    with torch.no_grad():
+        for name, module in masks.masked_modules(model):
+            module.mask_scores.fill_(5.0)
+            if name.endswith("attention.self.value"):
+                module.mask_scores[0] = -5.0
+    masks.set_threshold(model, 0.5)
+    enter_fill_phase(model)
+    assert sparsity_report(model).layers[0].heads_kept.tolist() == [False, True, True]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(3):
+        out = model(**inputs(seed=step))
+        (out.start_logits.square().mean() + out.end_logits.square().mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert sparsity_report(model).layers[0].heads_kept.tolist() == [False, True, True]
+    value = model.bert.encoder.layer[0].attention.self.value.to_linear()
+    assert not value.weight[:16].any() and not value.bias[:16].any()  # head 0 still masked
+    assert value.weight[16:32].all()  # head 1 dense again, also its rows inside the pruned block
+    packed = pack(model)
+    assert packed.config.fineprune_heads_kept == [[1, 2]]
+    assert max_logit_diff(model, packed, inputs()) < 1e-5
+    reloaded = load_model(save_model(model, None, tmp_path / "filled"))
+    assert sparsity_report(reloaded).layers[0].heads_kept.tolist() == [False, True, True]
+    assert max_logit_diff(model, reloaded, inputs()) == 0.0

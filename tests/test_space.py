@@ -553,6 +553,11 @@ BAD_SPACES = [
      r"teacher\.config\.learning_rate: must be a number > 0"),
     ("warm-ups longer than the run", with_search(final_warmup={"type": "choice", "values": [0.2, 12]}),
      r"search\.final_warmup\.values\[1\]: initial_warmup \+ final_warmup"),
+    ("warm-up fractions over every step of a run in epochs",
+     variant(base={**{k: v for k, v in BASE_SPACE["base"].items() if k != "max_steps"}, "epochs": 1.0,
+                   "initial_warmup": 0.5, "final_warmup": 0.6}),
+     r"base\.final_warmup: 0\.6 of the pruning steps after an initial_warmup of 0\.5: the two warm-ups take more "
+     r"than every pruning step"),
     ("an initial warm-up over the whole run", variant(base={**BASE_SPACE["base"], "final_warmup": 0},
                                                       search={"initial_warmup": {"type": "choice", "values": [1, 10]}}),
      r"search\.initial_warmup\.values\[1\]: initial_warmup \(10 steps\) leaves none of the 10 pruning steps"),

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,11 +10,12 @@ import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
 from conftest import renumber_tokens
-from pruning import masks
+from pruning import masks, squad
 from pruning.checkpoint import MASKS_KEY, load_model, save_model
 from pruning.config import ConfigError, RunConfig
+from pruning.resources import resolve_data
 from pruning.sparsity import sparsity_report
-from pruning.trainer import build_model, enter_fill_phase, fused_adamw, mask_schedule, plan, train
+from pruning.trainer import build_model, enter_fill_phase, fused_adamw, mask_schedule, plan, train, train_features
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=128)
@@ -281,6 +283,18 @@ def test_warmups_longer_than_the_run_are_rejected(tmp_path):
         plan(tiny_cfg(tmp_path, method="topk", initial_warmup=5, final_warmup=5, max_steps=6), 10)
 
 
+def test_warmups_over_a_run_of_known_steps_are_refused_before_the_data_is_read(tmp_path, caplog):
+    cfg = tiny_cfg(tmp_path, method="topk", attention_block=[16, 16], max_steps=6, initial_warmup=4, final_warmup=4)
+    with caplog.at_level(logging.INFO, logger="pruning"), pytest.raises(
+            ConfigError, match=r"^initial_warmup \+ final_warmup: 4 \+ 4 steps exceed the 6 pruning steps$"):
+        train(cfg, progress=False)
+    assert "tokenizing" not in caplog.text
+    assert not Path(cfg.output_dir).exists()
+    with caplog.at_level(logging.INFO, logger="pruning"), pytest.raises(ConfigError, match="initial_warmup: 6 steps"):
+        train(dataclasses.replace(cfg, initial_warmup=6, final_warmup=0), progress=False)
+    assert "tokenizing" not in caplog.text
+
+
 @pytest.mark.parametrize("method,global_topk", [("topk", False), ("topk", True), ("sigmoid_threshold", False)])
 def test_filled_phase_starts_from_exactly_the_pruned_model(method, global_topk):
     """Entering the filled phase changes no output: pruned weights inside kept heads come back as zeros."""
@@ -401,6 +415,24 @@ def test_resuming_under_a_different_run_config_is_refused(tmp_path):
                                 device="cpu")
     assert train(again, resume_from=checkpoint, progress=False)["step"] == 2
 
+
+def test_a_sigmoid_threshold_run_resumed_with_other_lambdas_is_refused(tmp_path):
+    """The L1 weights ramp with the threshold and set the density the run reaches, as target_density does for
+    topk: a resume under other lambdas would not continue the run it names."""
+    cfg = tiny_cfg(tmp_path, method="sigmoid_threshold", attention_block=[16, 16], max_steps=4, eval_every=2,
+                   train_limit=4, eval_limit=1, lambda_attention=20.0, lambda_ffn=20.0, final_warmup=0)
+
+    def stop_at_first(metrics, checkpoint):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, report=stop_at_first, progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    for key in ("lambda_attention", "lambda_ffn"):
+        with pytest.raises(ConfigError, match=rf"\({key} 20\.0 there, 40\.0 here\); resume with the config"):
+            train(dataclasses.replace(cfg, **{key: 40.0}), resume_from=checkpoint, progress=False)
+    resumed = train(cfg, resume_from=checkpoint, progress=False)
+    assert resumed["step"] == 4 and resumed["lambda_attention"] == 20.0
 
 @pytest.mark.parametrize("max_grad_norm", [0, None])
 def test_max_grad_norm_zero_or_null_turns_clipping_off_and_the_weights_train(tmp_path, max_grad_norm):
@@ -721,6 +753,21 @@ def test_a_resumed_runs_figures_count_the_work_before_the_resume(tmp_path):
     assert resumed["teacher_forward_windows"] == 6 * cfg.batch_size  # as many as an uninterrupted run's
     assert resumed["train_seconds"] > before["train_seconds"]
 
+
+
+def test_teacher_forward_windows_counts_the_short_last_batch_of_an_epoch(tmp_path, tokenizer):
+    """A distilled run without a teacher cache reports the windows its teacher ran on: an epoch whose windows do not
+    fill its last batch gives that batch's windows, not a full batch."""
+    teacher = train(tiny_cfg(tmp_path, method="dense", max_steps=1, output_dir=str(tmp_path / "teacher")),
+                    progress=False)["model_dir"]
+    cfg = tiny_cfg(tmp_path / "student", train_limit=3, max_steps=2, grad_accum=2, teacher=teacher)
+    windows = int(train_features(cfg, squad.load_squad(resolve_data("dev"), limit=3), tokenizer)["input_ids"].shape[0])
+    assert windows % cfg.batch_size  # the last batch of each epoch is short
+    epoch = [cfg.batch_size] * (windows // cfg.batch_size) + [windows % cfg.batch_size]
+    micro = cfg.max_steps * cfg.grad_accum
+    ran = sum((epoch * micro)[:micro])
+    assert ran < micro * cfg.batch_size
+    assert train(cfg, progress=False)["teacher_forward_windows"] == ran
 
 class _HostReads:
     """Counts reads of floating-point tensor values into Python (``float``, ``item``, ``tolist``, ``bool``, ``int``,
