@@ -980,6 +980,22 @@ def test_the_flags_the_readme_lists_for_train_and_prune_are_theirs():
         assert listed <= {o for a in commands[cmd]._actions for o in a.option_strings}
 
 
+def test_pack_overwrite_keeps_the_other_files_as_its_help_says(capsys, masked_checkpoint, tmp_path):
+    """The README says `pack --overwrite` keeps the other files of the directory it writes into; its help said it
+    replaced the directory's contents (as export's does)."""
+    out = tmp_path / "packed"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "model.safetensors").write_bytes(b"an earlier model")
+    assert cli.main(["pack", str(masked_checkpoint), str(out), "--overwrite", "--questions", "2",
+                     "--repeats", "1"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "model.safetensors").read_bytes() != b"an earlier model"
+    text = " ".join(_help_of("pack", capsys).split())
+    assert "its model files are replaced, its other files kept" in text
+    assert "replace the contents" not in text
+
+
 def test_packing_over_an_exported_directory_is_refused(capsys, masked_checkpoint, tmp_path):
     """pack --overwrite keeps the other files of its out_dir: over an export, eval and ask would go on running the
     old ONNX model instead of the packed one."""

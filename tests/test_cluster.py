@@ -176,6 +176,28 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config(cluster_config):
     assert cluster_config["provider"]["type"] == "aws"
 
 
+def test_the_guides_on_premises_config_is_one_ray_takes_with_each_key_once(tmp_path):
+    """docs/cluster.md makes cluster-onprem.yaml from cluster.yaml by replacing a range of its keys with a block
+    that starts with `cluster_name`; replacing from `max_workers` left the AWS `cluster_name` above it, so the file
+    named the cluster twice (YAML readers that refuse a repeated key refuse it; Ray took the last one)."""
+    from pruning.config import read_yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    guide = (REPO / "docs" / "cluster.md").read_text(encoding="utf-8")
+    section = guide.split("## On your own machines", 1)[1].split("\n## ", 1)[0]
+    first, last = re.search(r"Replace everything from `([a-z_]+)` through `([a-z_]+)`", section).groups()
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    lines = CLUSTER_YAML.read_text(encoding="utf-8").splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{first}:"))
+    end = next(i for i, line in enumerate(lines) if line.startswith(f"{last}:"))
+    onprem = tmp_path / "cluster-onprem.yaml"
+    onprem.write_text("".join(lines[:start]) + block + "".join(lines[end + 1:]), encoding="utf-8")
+    config = read_yaml(onprem)  # refuses a key given twice
+    assert config["cluster_name"] == "fineprune-onprem" and config["provider"]["type"] == "local"
+    assert {"file_mounts", "rsync_exclude", "setup_commands", "head_start_ray_commands"} <= set(config)
+    validate_config(prepare_config(config))  # what `ray up` checks, after it fills in the local provider's node types
+
+
 def test_cluster_has_a_cpu_head_and_autoscaling_one_gpu_workers(cluster_config):
     types = cluster_config["available_node_types"]
     head_name = cluster_config["head_node_type"]

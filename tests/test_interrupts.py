@@ -414,6 +414,51 @@ def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweep's processes in /proc")
+def test_a_sweeps_ctrl_c_prints_its_summary_and_exits_3_as_the_readme_says():
+    """The README said Ctrl-C stops any command with "interrupted by SIGINT" and status 130; a sweep's Ctrl-C stops
+    its trials, prints its summary and exits 3 (Tune takes the signal), and the README now says so."""
+    import re
+    import tempfile
+
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    sentence = re.search(r"Ctrl-C \(SIGINT\) or SIGTERM stops any command (.*?)\. ", readme)
+    assert sentence and "a sweep's Ctrl-C" in sentence.group(1) and "exits 3" in sentence.group(1)
+
+    root = Path(tempfile.mkdtemp(prefix="fpk-", dir="/tmp" if os.path.isdir("/tmp") else None))  # short: Ray sockets
+    (root / "rt").mkdir()
+    env = {k: v for k, v in _env().items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0")
+    command = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
+               "--tracking-uri", f"sqlite:///{root}/mlflow.db", "--storage-path", str(root / "ray")]
+    with open(root / "driver.out", "wb") as out, open(root / "driver.err", "wb") as err:  # Tune writes much
+        driver = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=err, start_new_session=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 600
+        while not re.search(r"trial_main.*step 3:", (root / "driver.err").read_text(errors="replace")):
+            assert driver.poll() is None, (root / "driver.err").read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "no trial evaluated"
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=300)
+        stderr = (root / "driver.err").read_text(errors="replace")
+        assert driver.returncode == 3, stderr[-3000:]
+        assert json.loads((root / "driver.out").read_text())["status"] == "interrupted"
+        assert "interrupted by SIGINT" not in stderr
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=30)
+        for pid in processes_mentioning(root):  # what is left of the sweep's private Ray
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_a_run_over_an_earlier_one_stopped_before_its_first_checkpoint_leaves_none_of_the_earlier_run(tmp_path):
     """With --overwrite the earlier run's checkpoint goes with its final model: left behind, a --resume of it would
     continue the earlier run as if it were the stopped one."""

@@ -161,8 +161,9 @@ def test_select_does_not_choose_a_version_whose_trial_or_sweep_run_was_deleted(s
     rows = {row["version"]: row for row in chosen["versions"]}
     gone = {wide: ("trial", first["runs"]["wide"]), best: ("sweep", later["parent"])}
     for version, (what, run_id) in gone.items():
-        assert rows[version]["error"] == (f"its {what} run {run_id} was deleted (restore it, `mlflow runs restore "
-                                          f"--run-id {run_id}`, to have the version chosen again)")
+        assert rows[version]["error"] == (f"its {what} run {run_id} was deleted (restore it, "
+                                          f"`{record.restore_command(client.tracking_uri, run_id)}`, to have the "
+                                          "version chosen again)")
         assert "latency_ms" not in rows[version]
     assert "latency_ms" in rows[narrow]
     warnings = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING"
@@ -212,7 +213,8 @@ def test_register_does_not_take_the_champion_back_to_an_earlier_sweep_unasked(st
             f"fineprune register: error: alias 'champion' of {NAME} points at version {best}, of sweep run "
             f"{later['parent']}, which was deleted; the latest sweep left, {first['parent']}, is an earlier one: pass "
             f"--sweep-run {first['parent']} to move the alias to its champion, or restore sweep run "
-            f"{later['parent']} (`mlflow runs restore --run-id {later['parent']}`); nothing registered")
+            f"{later['parent']} (`{record.restore_command(client.tracking_uri, later['parent'])}`); nothing "
+            "registered")
         assert _champion(client) == best and len(client.search_model_versions(f"name = '{NAME}'")) == versions
 
     status, result, _ = _register(capsys, store, "--sweep-run", first["parent"])
@@ -250,8 +252,8 @@ def test_register_without_a_champion_says_the_alias_is_left_on_a_version_whose_t
     assert warnings == ["no trial of experiment 'exp' satisfies the registry policy best_f1_under_density; nothing "
                         "registered",
                         f"alias 'champion' of {NAME} is left on version {wide}, which nothing chooses now: its trial "
-                        f"run {run_id} was deleted (restore it, `mlflow runs restore --run-id {run_id}`, to have the "
-                        "version chosen again)"]
+                        f"run {run_id} was deleted (restore it, "
+                        f"`{record.restore_command(client.tracking_uri, run_id)}`, to have the version chosen again)"]
 
 
 def _space(root: Path, **registry) -> Path:
@@ -312,7 +314,7 @@ def test_a_sweep_resumed_as_the_latest_left_does_not_take_the_champion_back(stor
     line = (f"alias 'champion' of {NAME} is left on version {best}, of sweep run {later['parent']}, which was "
             f"deleted: this sweep, {first['parent']}, is an earlier one (`fineprune register --experiment exp "
             f"--sweep-run {first['parent']}` moves the alias to its champion; or restore sweep run {later['parent']}, "
-            f"`mlflow runs restore --run-id {later['parent']}`); no champion registered")
+            f"`{record.restore_command(client.tracking_uri, later['parent'])}`); no champion registered")
     assert summary["champion"] == {"registered": False, "policy": "best_f1_under_density", "name": NAME,
                                    "alias_left": line}
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"

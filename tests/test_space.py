@@ -781,6 +781,30 @@ def test_the_space_readme_names_the_keys_that_cannot_be_searched():
     assert set(re.findall(r"`([a-z][a-z_0-9]*)`", sentence.group(1))) == set(_NOT_SEARCHABLE)
 
 
+def test_every_yaml_example_of_the_space_readme_loads(tmp_path):
+    """Each ``yaml`` block of tune_spaces/README.md, put into a space of the method its base names (topk unless it
+    says fisher, whose MiniLM head it gives), is a space the schema takes; a block that searches a ``grid`` key runs
+    under algorithm random, as its comment says."""
+    text = (SPACES_DIR / "README.md").read_text(encoding="utf-8")
+    blocks = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    assert len(blocks) >= 6 and any("search" in block for block in blocks)
+    for i, block in enumerate(blocks):
+        values = copy.deepcopy(BASE_SPACE)
+        base = block.pop("base", {})
+        if base.get("method") == "fisher":  # one step-free cut of the model whose head the block gives
+            values["base"] = {key: value for key, value in values["base"].items()
+                              if key not in ("model_config", "max_steps", "eval_every", "attention_block", "method")}
+            values["base"]["model"] = "minilm"
+        values["base"].update(base)
+        values.update(block)
+        if any(spec.get("type") == "grid" for spec in values["search"].values()):
+            values["algorithm"] = "random"
+        try:
+            load_space(write(tmp_path, values, f"block{i}.yaml"))
+        except SpaceError as err:
+            pytest.fail(f"tune_spaces/README.md, yaml block {i + 1}: {err}")
+
+
 def test_the_space_readme_names_the_metrics_the_schema_takes():
     """The scheduler's metrics, the objectives' directions, the registry keys and the hypervolume reference
     defaults, as tune_spaces/README.md gives them, against workflows.record, workflows.space and frontier."""

@@ -8,6 +8,10 @@ Real SQLite MLflow stores in a temporary directory, edited with MlflowClient as 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,12 +79,31 @@ def test_a_deleted_sweep_run_named_by_id_is_one_line(tmp_path, monkeypatch, caps
     assert main(["sweep", "--space", str(SPACES / "smoke.yaml"), "--tracking-uri", uri, "--resume", gone]) == 2
     line = _last_error(capsys)
     assert line == (f"fineprune sweep: error: --resume {gone}: run {gone} (a sweep of experiment 'smoke') was deleted; "
-                    f"restore it (`mlflow runs restore --run-id {gone}`) to use it again")
+                    f"restore it (`{record.restore_command(uri, gone)}`) to use it again")
     assert [r.info.run_id for r in client.search_runs([experiment_id])] == [kept]  # no parent run made beside it
     assert main(["report", "--experiment", "smoke", "--tracking-uri", uri, "--out", "r", "--sweep-run", gone]) == 2
     assert _last_error(capsys) == (f"fineprune report: error: run {gone} (a sweep of experiment 'smoke') was deleted; "
-                                   f"restore it (`mlflow runs restore --run-id {gone}`) to use it again")
+                                   f"restore it (`{record.restore_command(uri, gone)}`) to use it again")
     assert not (tmp_path / "r" / "report.md").exists()
+
+
+def test_the_restore_command_a_line_gives_restores_the_run_in_the_store_it_was_deleted_from(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """The line told a user of `--tracking-uri sqlite:///other.db` to run `mlflow runs restore --run-id RUN`, which
+    reads MLFLOW_TRACKING_URI only: it "restored" the run in the default store and left it deleted in theirs. The
+    command it gives now names the store, and run as given it brings the run back."""
+    uri, client, _, _, gone = _sweeps_with_the_later_deleted(tmp_path)
+    elsewhere = tmp_path / "elsewhere"  # where the user types it: mlflow's default store would be ./mlflow.db here
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["report", "--experiment", "smoke", "--tracking-uri", uri, "--out", "r", "--sweep-run", gone]) == 2
+    command = re.search(r"restore it \(`(.*?)`\)", _last_error(capsys)).group(1)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    done = subprocess.run(["bash", "-c", command], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert client.get_run(gone).info.lifecycle_stage == "active"
+    assert not (elsewhere / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize("command", [["register"], ["report", "--out", "r"]])
@@ -111,11 +134,11 @@ def test_resume_says_it_passes_over_a_deleted_latest_sweep(tmp_path, monkeypatch
     assert json.loads(capsys.readouterr().out)["parent_run_id"] == done
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.record"] == [
         f"experiment 'smoke': using sweep run {done}, the latest left: the later sweep run {later} was deleted "
-        "(restore one with `mlflow runs restore --run-id RUN_ID`, or pass --resume RUN_ID)"]
+        f"(restore one with `{record.restore_command(uri, 'RUN_ID')}`, or pass --resume RUN_ID)"]
     client.delete_run(done)
     assert main(argv) == 2
     assert _last_error(capsys) == ("fineprune sweep: error: --resume: experiment 'smoke' has no sweep left to resume: "
-                                   + record.deleted_run(later, "its latest sweep"))
+                                   + record.deleted_run(later, "its latest sweep", uri))
 
 
 # ---- a sweep's record with registered versions ---------------------------------------------------------------
@@ -198,7 +221,7 @@ def test_register_and_report_name_the_sweep_they_use_when_a_later_one_was_delete
     tracking.finish_parent_run(client, later)
     client.delete_run(later)
     warning = (f"experiment 'exp': using sweep run {first}, the latest left: the later sweep run {later} was deleted "
-               "(restore one with `mlflow runs restore --run-id RUN_ID`, or pass --sweep-run)")
+               f"(restore one with `{record.restore_command(uri, 'RUN_ID')}`, or pass --sweep-run)")
 
     status, out, _ = _register(capsys, uri)
     assert status == 0 and json.loads(out)["sweep_run_id"] == first
@@ -219,7 +242,7 @@ def test_register_and_report_name_the_sweep_they_use_when_a_later_one_was_delete
     status, out, err = _register(capsys, uri)
     assert status == 2 and err.strip().splitlines()[-1] == (
         f"fineprune register: error: experiment 'exp' in {uri} has no sweep run left: "
-        + record.deleted_run(later, "its latest sweep"))
+        + record.deleted_run(later, "its latest sweep", uri))
 
 
 def test_register_frontier_says_a_versions_trial_run_was_deleted(tmp_path, tokenizer, capsys, caplog):

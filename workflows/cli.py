@@ -742,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_data(p, "dev", "the questions whose windows the logits are compared on")
     p.add_argument("--questions", type=int, default=16, metavar="N", help="how many questions to compare on")
     p.add_argument("--repeats", type=int, default=10, metavar="N", help="timed passes of each model")
-    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty out_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty out_dir: its model files are replaced, its other files kept")
     precision(p, "for the latency timing")
 
     p = command("export", cmd_export, "export a packed (or dense) model to ONNX for ONNX Runtime")

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, fields
@@ -62,7 +63,7 @@ __all__ = [
     "ARTIFACT_MODEL_DIR", "ARTIFACT_ONNX_DIR",
     # the registry spec, the readers
     "RegistrySpec", "POLICY_THRESHOLDS", "policy_text", "latest_sweep", "latest_sweep_left", "deleted_run",
-    "deleted_experiment", "trials", "metric_history", "COLUMNS",
+    "deleted_experiment", "restore_command", "trials", "metric_history", "COLUMNS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -348,14 +349,14 @@ def latest_sweep(client: MlflowClient, experiment: str, run_id: str | None = Non
                 run.data.tags.get(TAG_KIND) != KIND_SWEEP:
             raise RecordError(f"run {run_id} is not a sweep of experiment {experiment!r} in {client.tracking_uri}")
         if run.info.lifecycle_stage == "deleted":
-            raise RecordError(deleted_run(run_id, f"a sweep of experiment {experiment!r}"))
+            raise RecordError(deleted_run(run_id, f"a sweep of experiment {experiment!r}", client.tracking_uri))
         return run
     run, deleted = latest_sweep_left(client, found.experiment_id, experiment)
     if run is not None:
         return run
     if deleted:
         raise RecordError(f"experiment {experiment!r} in {client.tracking_uri} has no sweep run left: "
-                          + deleted_run(deleted[0], "its latest sweep"))
+                          + deleted_run(deleted[0], "its latest sweep", client.tracking_uri))
     raise RecordError(f"experiment {experiment!r} in {client.tracking_uri} has no sweep run")
 
 
@@ -376,8 +377,8 @@ def latest_sweep_left(client: MlflowClient, experiment_id: str, experiment: str,
             if run.info.lifecycle_stage != "deleted":
                 if deleted:
                     logger.warning("experiment %r: using sweep run %s, the latest left: the later %s deleted "
-                                   "(restore one with `mlflow runs restore --run-id RUN_ID`, or pass %s)",
-                                   experiment, run.info.run_id, _deleted_sweeps(deleted), flag)
+                                   "(restore one with `%s`, or pass %s)", experiment, run.info.run_id,
+                                   _deleted_sweeps(deleted), restore_command(client.tracking_uri, "RUN_ID"), flag)
                 return run, deleted
             deleted.append(run.info.run_id)
         token = page.token
@@ -390,18 +391,26 @@ def _deleted_sweeps(run_ids: list[str]) -> str:
     return f"sweep run {run_ids[0]} was" if len(run_ids) == 1 else f"sweep runs {', '.join(run_ids)} were"
 
 
-def deleted_run(run_id: str, what: str) -> str:
+def restore_command(tracking_uri: str, run_id: str | None = None, experiment_id: str | None = None) -> str:
+    """The ``mlflow ... restore`` command line that brings the deleted run ``run_id`` (or experiment) back in the store
+    at ``tracking_uri``. MLflow's command line reads its store from ``MLFLOW_TRACKING_URI`` only, so the line sets
+    it: without it, the command restores in its default store and says so, while the run stays deleted here."""
+    what = f"runs restore --run-id {run_id}" if run_id else f"experiments restore --experiment-id {experiment_id}"
+    return f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} mlflow {what}"
+
+
+def deleted_run(run_id: str, what: str, tracking_uri: str) -> str:
     """The one line that says the run ``run_id`` (``what`` it is) was deleted, and how to have it back."""
-    return (f"run {run_id} ({what}) was deleted; restore it (`mlflow runs restore --run-id {run_id}`) to use it "
-            "again")
+    return f"run {run_id} ({what}) was deleted; restore it (`{restore_command(tracking_uri, run_id)}`) to use it again"
 
 
 def deleted_experiment(name: str, experiment_id: str, tracking_uri: str) -> str:
     """The one line that says the experiment ``name`` was deleted, and the ways on: MLflow keeps a deleted
     experiment's name (and its runs) until it is removed for good."""
-    return (f"experiment {name!r} in {tracking_uri} was deleted (id {experiment_id}): restore it (`mlflow experiments "
-            f"restore --experiment-id {experiment_id}`, which brings its runs back), remove it for good (`mlflow gc "
-            f"--backend-store-uri {tracking_uri} --experiment-ids {experiment_id}`), or pass another --experiment")
+    return (f"experiment {name!r} in {tracking_uri} was deleted (id {experiment_id}): restore it "
+            f"(`{restore_command(tracking_uri, experiment_id=experiment_id)}`, which brings its runs back), remove it "
+            f"for good (`mlflow gc --backend-store-uri {tracking_uri} --experiment-ids {experiment_id}`), or pass "
+            "another --experiment")
 
 
 def _child_runs(client: MlflowClient, sweep: Run) -> list[Run]:

@@ -988,9 +988,9 @@ def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str
             trial = tags.get(TAG_TRIAL_RUN)
             if _run_deleted(client, trial):  # the sweep's record no longer holds it: it did not leave the frontier
                 logger.warning("version %s of %s: its trial run %s was deleted, so it is no longer a point of the "
-                               "frontier of sweep run %s (its frontier tags turn false; restore the run, `mlflow runs "
-                               "restore --run-id %s`, and register the frontier again to have it back)",
-                               version.version, name, trial, parent_run_id, trial)
+                               "frontier of sweep run %s (its frontier tags turn false; restore the run, `%s`, and "
+                               "register the frontier again to have it back)", version.version, name, trial,
+                               parent_run_id, record.restore_command(client.tracking_uri, trial))
             else:
                 logger.info("version %s of %s (trial run %s) has left the frontier of sweep run %s", version.version,
                             name, trial, parent_run_id)
@@ -1019,8 +1019,8 @@ def _deleted_source(client, tags: Mapping[str, str], trial_run_id: str | None,
     sweep = tags.get(TAG_SWEEP_RUN)
     for run_id, what in ((trial_run_id, "trial"), (sweep, "sweep")):
         if deleted(run_id):
-            return (f"its {what} run {run_id} was deleted (restore it, `mlflow runs restore --run-id {run_id}`, to "
-                    "have the version chosen again)")
+            return (f"its {what} run {run_id} was deleted (restore it, "
+                    f"`{record.restore_command(client.tracking_uri, run_id)}`, to have the version chosen again)")
     return None
 
 
@@ -1410,7 +1410,7 @@ def register_sweep(client, experiment: str, parent_run_id: str, spec: RegistrySp
             line = (f"alias {ALIAS!r} of {spec.name} is left on version {version}, of sweep run {sweep}, which was "
                     f"deleted: this sweep, {parent_run_id}, is an earlier one (`fineprune register --experiment "
                     f"{experiment} --sweep-run {parent_run_id}` moves the alias to its champion; or restore sweep "
-                    f"run {sweep}, `mlflow runs restore --run-id {sweep}`); no champion registered")
+                    f"run {sweep}, `{record.restore_command(client.tracking_uri, sweep)}`); no champion registered")
             logger.warning("%s", line)
             champion = {"registered": False, "policy": spec.policy, "name": spec.name, "alias_left": line}
         else:
@@ -1442,8 +1442,8 @@ def _check_alias_not_taken_back(client, name: str, parent) -> None:
         raise record.RecordError(
             f"alias {ALIAS!r} of {name} points at version {version}, of sweep run {sweep}, which was "
             f"deleted; the latest sweep left, {parent.info.run_id}, is an earlier one: pass --sweep-run "
-            f"{parent.info.run_id} to move the alias to its champion, or restore sweep run {sweep} (`mlflow runs "
-            f"restore --run-id {sweep}`); nothing registered")
+            f"{parent.info.run_id} to move the alias to its champion, or restore sweep run {sweep} "
+            f"(`{record.restore_command(client.tracking_uri, sweep)}`); nothing registered")
 
 
 def _alias_taken_back(client, name: str, parent) -> tuple[str, str] | None:

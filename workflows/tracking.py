@@ -39,7 +39,7 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION,
                               TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
                               TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, TRIAL_COMPUTE, RecordError, deleted_experiment,
-                              deleted_run, flat_params, latest_sweep_left, sqlite_database)
+                              deleted_run, flat_params, latest_sweep_left, restore_command, sqlite_database)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
                              is_transient, quick_http_failures)
 
@@ -215,7 +215,8 @@ def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None)
             raise ValueError(f"--resume {run_id}: " + deleted_experiment(found.name, found.experiment_id,
                                                                          client.tracking_uri))
         if run.info.lifecycle_stage == "deleted":
-            raise ValueError(f"--resume {run_id}: " + deleted_run(run_id, f"a sweep of experiment {found.name!r}"))
+            raise ValueError(f"--resume {run_id}: " + deleted_run(run_id, f"a sweep of experiment {found.name!r}",
+                                                                client.tracking_uri))
         return run
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -225,7 +226,7 @@ def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None)
     run, deleted = latest_sweep_left(client, found.experiment_id, experiment, flag="--resume RUN_ID")
     if run is None and deleted:
         raise ValueError(f"--resume: experiment {experiment!r} has no sweep left to resume: "
-                         + deleted_run(deleted[0], "its latest sweep"))
+                         + deleted_run(deleted[0], "its latest sweep", client.tracking_uri))
     return run
 
 
@@ -538,8 +539,9 @@ class MlflowTrialCallback(tune.Callback):
             if existing and not active:
                 self._deleted.add(trial_id)
                 logger.warning("trial %s: its MLflow run %s was deleted; the trial is left out of the sweep's record "
-                               "(restore the run, `mlflow runs restore --run-id %s`, before a resume to keep it)",
-                               trial_id, existing[0].info.run_id, existing[0].info.run_id)
+                               "(restore the run, `%s`, before a resume to keep it)", trial_id,
+                               existing[0].info.run_id,
+                               restore_command(self.client.tracking_uri, existing[0].info.run_id))
                 return None
             existing = active
             run_id = existing[0].info.run_id if existing else self._take_over(trial_id, config)
