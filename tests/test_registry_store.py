@@ -466,3 +466,52 @@ def test_a_sweeps_closing_lines_say_why_no_champion_was_registered(store, tokeni
     assert champion["error"].startswith(f"{space}: speedup.seq_len: 64 exceeds the 32 positions")
     assert lines == [f"champion: none registered: {champion['error'].removesuffix('; no champion registered')}"]
     assert _champion(store["client"]) == best  # left where it was throughout
+
+
+def _gc(store: dict, *run_ids: str) -> None:
+    """``mlflow gc`` of the deleted ``run_ids``, as a person runs it: the runs and their artifacts removed for good."""
+    import subprocess
+    import sys
+
+    for run_id in run_ids:
+        store["client"].delete_run(run_id)
+    subprocess.run([str(Path(sys.executable).with_name("mlflow")), "gc", "--backend-store-uri", store["uri"],
+                    "--run-ids", ",".join(run_ids)], check=True, capture_output=True, timeout=120)
+
+
+def test_a_run_removed_for_good_is_not_said_to_be_restorable(store, tokenizer, capsys, caplog):
+    """A version whose trial run (or sweep run) was removed for good with `mlflow gc` was listed by `select`, and
+    named by `register`, as one whose run "was deleted (restore it, `mlflow runs restore ...`)", a command that
+    fails on a run gc removed; it now says the run was removed for good and cannot be restored."""
+    client = store["client"]
+    first = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    assert _register(capsys, store, "--frontier")[0] == 0
+    later = sweep_record(client, store["root"], tokenizer, NAME, "b", {"best": (2, 64, 90.0, 0.5, True)})
+    assert _register(capsys, store, "--frontier")[0] == 0
+    wide, best = _version_of(client, first["runs"]["wide"]), _version_of(client, later["runs"]["best"])
+    _gc(store, first["runs"]["wide"], later["parent"])
+    caplog.clear()
+
+    status, chosen, _ = _select(capsys, store, "--alias", "fast")
+    assert status == 0 and chosen["run_id"] == first["runs"]["narrow"]
+    rows = {row["version"]: row for row in chosen["versions"]}
+    for version, what, run_id in ((wide, "trial", first["runs"]["wide"]), (best, "sweep", later["parent"])):
+        assert rows[version]["error"] == (f"its {what} run {run_id} was removed for good (`mlflow gc`) and cannot "
+                                          "be restored"), rows[version]
+    assert not any("mlflow runs restore" in r.getMessage() for r in caplog.records)
+
+    # No trial left to register: the frontier's version of the removed trial and the alias, left on the removed
+    # sweep's version, are named as such.
+    client.delete_run(first["runs"]["narrow"])
+    client.delete_run(first["runs"]["dominated"])
+    caplog.clear()
+    status, _, _ = _register(capsys, store, "--frontier", "--sweep-run", first["parent"])
+    assert status == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.registry"]
+    assert (f"version {wide} of {NAME}: its trial run {first['runs']['wide']} was removed for good (`mlflow gc`), so "
+            f"it is no longer a point of the frontier of sweep run {first['parent']} (its frontier tags turn false)"
+            in warnings), warnings
+    assert (f"alias 'champion' of {NAME} is left on version {best}, which nothing chooses now: its sweep run "
+            f"{later['parent']} was removed for good (`mlflow gc`) and cannot be restored" in warnings), warnings
+    assert not any(f"--run-id {run_id}" in line for line in warnings for run_id in (first["runs"]["wide"],
+                                                                                    later["parent"]))

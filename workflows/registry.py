@@ -986,7 +986,12 @@ def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str
             for tag in FRONTIER_TAGS:
                 client.set_model_version_tag(name, version.version, tag, "false")
             trial = tags.get(TAG_TRIAL_RUN)
-            if _run_deleted(client, trial):  # the sweep's record no longer holds it: it did not leave the frontier
+            state = _run_deleted(client, trial)
+            if state == REMOVED:  # gone with its record: nothing brings it back
+                logger.warning("version %s of %s: its trial run %s was removed for good (`mlflow gc`), so it is no "
+                               "longer a point of the frontier of sweep run %s (its frontier tags turn false)",
+                               version.version, name, trial, parent_run_id)
+            elif state:  # the sweep's record no longer holds it: it did not leave the frontier
                 logger.warning("version %s of %s: its trial run %s was deleted, so it is no longer a point of the "
                                "frontier of sweep run %s (its frontier tags turn false; restore the run, `mlflow runs "
                                "restore --run-id %s`, and register the frontier again to have it back)",
@@ -996,29 +1001,36 @@ def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str
                             name, trial, parent_run_id)
 
 
-def _run_deleted(client, run_id: str | None) -> bool:
-    """Whether the run ``run_id`` was deleted (in the UI, or removed for good since)."""
+DELETED, REMOVED = "deleted", "removed"  # a run deleted (in the UI: restorable), or removed for good (`mlflow gc`)
+
+
+def _run_deleted(client, run_id: str | None) -> str | None:
+    """Whether the run ``run_id`` was deleted: :data:`DELETED` (in the UI, so that `mlflow runs restore` brings it
+    back), :data:`REMOVED` (removed for good since, by `mlflow gc`: the store no longer has it), else None."""
     if not run_id:
-        return False
+        return None
     try:
-        return client.get_run(run_id).info.lifecycle_stage == "deleted"
+        return DELETED if client.get_run(run_id).info.lifecycle_stage == "deleted" else None
     except MlflowException as err:
-        return err.error_code == "RESOURCE_DOES_NOT_EXIST"
+        return REMOVED if err.error_code == "RESOURCE_DOES_NOT_EXIST" else None
 
 
 def _deleted_source(client, tags: Mapping[str, str], trial_run_id: str | None,
-                    lifecycle: dict[str, bool]) -> str | None:
+                    lifecycle: dict[str, str | None]) -> str | None:
     """Why a version is not to be chosen when its trial run, or the sweep run it was registered from, was deleted
-    (in the MLflow UI: set aside, as `fineprune register` passes a deleted sweep over), else None. ``lifecycle``
-    caches whether each run read was deleted."""
-    def deleted(run_id: str | None) -> bool:
+    (in the MLflow UI: set aside, as `fineprune register` passes a deleted sweep over; or removed for good), else
+    None. ``lifecycle`` caches what :func:`_run_deleted` says of each run read."""
+    def deleted(run_id: str | None) -> str | None:
         if run_id and run_id not in lifecycle:
             lifecycle[run_id] = _run_deleted(client, run_id)
-        return bool(run_id) and lifecycle[run_id]
+        return lifecycle[run_id] if run_id else None
 
     sweep = tags.get(TAG_SWEEP_RUN)
     for run_id, what in ((trial_run_id, "trial"), (sweep, "sweep")):
-        if deleted(run_id):
+        state = deleted(run_id)
+        if state == REMOVED:
+            return f"its {what} run {run_id} was removed for good (`mlflow gc`) and cannot be restored"
+        if state == DELETED:
             return (f"its {what} run {run_id} was deleted (restore it, `mlflow runs restore --run-id {run_id}`, to "
                     "have the version chosen again)")
     return None
@@ -1230,7 +1242,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
     dense_of: dict[str, str] = {}
-    lifecycle: dict[str, bool] = {}  # run id -> deleted, each run read once
+    lifecycle: dict[str, str | None] = {}  # run id -> deleted or removed, each run read once
     set_aside: set[str] = set()  # the versions whose trial or sweep run was deleted
     with tempfile.TemporaryDirectory() as tmp:
         for v in versions:
