@@ -45,7 +45,8 @@ __all__ = [
     "TAG_CONFIGURATION",
     "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR",
     # tags of registered versions, the alias
-    "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "TAG_VERSION_PRECISION", "TAG_ONNX",
+    "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "FORMER_POLICY_TAGS",
+    "TAG_VERSION_PRECISION", "TAG_ONNX",
     "ALIAS",
     # params
     "PARAM_SEARCHED", "PARAM_REGISTRY", "PARAM_SPEEDUP", "PARAM_RESOURCES", "PARAM_SEARCH", "PARAM_OBJECTIVES",
@@ -103,6 +104,8 @@ TAG_TRIAL_RUN = "fineprune.trial_run_id"
 TAG_SWEEP_RUN = "sweep_run_id"
 TAG_POLICY = "policy"  # the champion policy that made the version champion
 TAG_POLICY_THRESHOLD = "policy_threshold"  # and its threshold as text, e.g. "max_density 0.5"
+# The two above, as a version the champion alias has left keeps them: only the champion says a policy chose it.
+FORMER_POLICY_TAGS = {TAG_POLICY: "former_champion_policy", TAG_POLICY_THRESHOLD: "former_champion_policy_threshold"}
 TAG_VERSION_PRECISION = "precision"  # the precision the version's EM/F1 were measured in
 TAG_ONNX = "onnx"  # the ONNX Runtime variants the version carries ("fp32,int8"), or why it carries none
 ALIAS = "champion"
