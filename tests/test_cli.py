@@ -812,6 +812,27 @@ def test_an_output_dir_that_cannot_be_written_is_one_line_before_any_work(capsys
     assert list(unwritable_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("store", ["mlflow.db", "runs/mlflow.db"])
+def test_a_sweeps_tracking_database_where_nothing_can_be_written_is_one_line_before_it_starts(tmp_path, unwritable_dir,
+                                                                                              monkeypatch, store):
+    """A sweep in a working directory nothing can be written into, with the default tracking store (mlflow.db
+    there) or a sqlite:/// one in such a directory, retried opening the database for about a minute and a half and
+    then stopped on SQLAlchemy's "unable to open database file"; it is now one line naming the tracking URI and the
+    directory, before Ray, MLflow or the teacher start (exit 2)."""
+    monkeypatch.chdir(unwritable_dir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    flags = [] if store == "mlflow.db" else ["--tracking-uri", f"sqlite:///{store}"]
+    done = fineprune("sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--storage-path",
+                     str(tmp_path / "ray"), *flags, cwd=unwritable_dir)
+    problem = f"cannot be made ({unwritable_dir} takes no new files)"
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"fineprune sweep: error: tracking URI sqlite:///{store}: the database {store} {problem} (pass another "
+        "--tracking-uri)"), done.stderr
+    assert "Traceback" not in done.stderr and "SQLAlchemy" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [unwritable_dir.name]
+
+
 @pytest.mark.parametrize("under", ["", "report"])
 def test_a_report_into_a_directory_that_cannot_be_written_is_one_line(capsys, tokenizer, tmp_path, unwritable_dir,
                                                                       under):
