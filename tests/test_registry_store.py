@@ -475,8 +475,10 @@ def _gc(store: dict, *run_ids: str) -> None:
 
     for run_id in run_ids:
         store["client"].delete_run(run_id)
-    subprocess.run([str(Path(sys.executable).with_name("mlflow")), "gc", "--backend-store-uri", store["uri"],
-                    "--run-ids", ",".join(run_ids)], check=True, capture_output=True, timeout=120)
+    done = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "gc", "--backend-store-uri", store["uri"],
+                           "--tracking-uri", store["uri"], "--run-ids", ",".join(run_ids)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_run_removed_for_good_is_not_said_to_be_restorable(store, tokenizer, capsys, caplog):
@@ -568,3 +570,16 @@ def test_only_the_champion_says_a_policy_chose_it(store, tokenizer, capsys):
     assert status == 0 and result["version"] == fast == _champion(client)
     assert _policy_tags(client) == {fast: latency, wide: former,
                                     best: {f"former_champion_{k}": v for k, v in latency.items()}}
+
+
+def test_a_sweep_run_removed_for_good_is_named_as_gone_not_as_another_experiments(store, tokenizer, capsys):
+    """`register --sweep-run` (and `report --sweep-run`) given a sweep run removed for good with `mlflow gc` said the
+    run "is not a sweep of experiment 'exp'", as if it were another experiment's or no sweep; it now says no such run
+    is in the store (removed for good, or never made)."""
+    made = sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
+    _gc(store, made["parent"])
+    status, out, err = _register(capsys, store, "--sweep-run", made["parent"])
+    assert status == 2 and out is None
+    assert err.strip().splitlines()[-1] == (
+        f"fineprune register: error: run {made['parent']} is not in {store['uri']} (removed for good, by `mlflow gc`, "
+        "or never made): pass a sweep run of experiment 'exp'"), err

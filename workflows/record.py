@@ -345,7 +345,10 @@ def latest_sweep(client: MlflowClient, experiment: str, run_id: str | None = Non
 
         try:
             run = client.get_run(run_id)
-        except MlflowException:
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # no such run: never made, or gone with `mlflow gc`
+                raise RecordError(f"run {run_id} is not in {client.tracking_uri} (removed for good, by `mlflow gc`, "
+                                  f"or never made): pass a sweep run of experiment {experiment!r}") from None
             run = None
         if run is None or run.info.experiment_id != found.experiment_id or \
                 run.data.tags.get(TAG_KIND) != KIND_SWEEP:
