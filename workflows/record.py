@@ -407,7 +407,8 @@ def deleted_experiment(name: str, experiment_id: str, tracking_uri: str) -> str:
     experiment's name (and its runs) until it is removed for good."""
     return (f"experiment {name!r} in {tracking_uri} was deleted (id {experiment_id}): restore it (`mlflow experiments "
             f"restore --experiment-id {experiment_id}`, which brings its runs back), remove it for good (`mlflow gc "
-            f"--backend-store-uri {tracking_uri} --experiment-ids {experiment_id}`), or pass another --experiment")
+            f"--backend-store-uri {tracking_uri} --tracking-uri {tracking_uri} --experiment-ids {experiment_id}`), or "
+            "pass another --experiment")
 
 
 def _child_runs(client: MlflowClient, sweep: Run) -> list[Run]:
