@@ -248,6 +248,9 @@ def _check(cfg: RunConfig) -> None:
         if isinstance(value, str) and value.startswith("~"):  # the home directory, as a shell reads it (YAML has none)
             value = os.path.expanduser(value)
             object.__setattr__(cfg, key, value)
+        if value is None and key not in _OPTIONAL_PATH_KEYS:  # `output_dir: ~` meant as the home directory
+            _fail(key, "must be a path or name, got null (YAML reads a bare ~ as null; write '~' in quotes for the "
+                       "home directory)")
         if not (isinstance(value, str) and value) and not (value is None and key in _OPTIONAL_PATH_KEYS):
             allowed = "a path or name" + (" or null" if key in _OPTIONAL_PATH_KEYS else "")
             _fail(key, f"must be {allowed}, got {value!r}")

@@ -825,15 +825,48 @@ def unwritable_dir(tmp_path) -> Path:
         subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
-def test_an_output_dir_that_cannot_be_written_is_named_not_its_lock_file(capsys, masked_checkpoint, unwritable_dir):
+@pytest.mark.parametrize("under", ["", "out"])
+def test_an_output_dir_that_cannot_be_written_is_one_line_before_any_work(capsys, masked_checkpoint, tmp_path,
+                                                                          unwritable_dir, under):
     """pack, export, train and prune into a directory without write permission said "[Errno 13] Permission denied:
-    '.../.packed.lock'", naming a lock file the user never gave instead of the output."""
-    for argv, out in ((["pack", str(masked_checkpoint)], "packed"), (["export", str(masked_checkpoint)], "onnx"),
-                      (["prune", "--config", TINY, "--no-progress", "--output-dir"], "run")):
-        line = _one_line_error(capsys, [*argv, str(unwritable_dir / out)], status=1)
-        assert re.fullmatch(rf"fineprune \w+: error: {re.escape(str(unwritable_dir / out))}: cannot write \(.+\)",
-                            line), line
+    '.../.packed.lock'", naming a lock file the user never gave; into such a directory that exists (an empty one),
+    they loaded, packed, exported or trained the model and then stopped with status 1 when they came to write it.
+    Each is now refused as sweep and report refuse theirs: one line naming the output, before any work (exit 2)."""
+    out = unwritable_dir / under if under else unwritable_dir
+    problem = (f"cannot be made ({unwritable_dir} takes no new files)" if under
+               else "cannot be written (no permission to write into it)")
+    dense = tmp_path / "dense.yaml"
+    dense.write_text(yaml.safe_dump({"model_config": {"hidden_size": 32, "num_hidden_layers": 1,
+                                                      "num_attention_heads": 2, "intermediate_size": 64},
+                                     "train_data": "dev", "eval_data": "dev", "train_limit": 8, "eval_limit": 4,
+                                     "max_steps": 2, "method": "dense"}))
+    for argv, flag in ((["pack", str(masked_checkpoint)], "out_dir"), (["export", str(masked_checkpoint)], "out_dir"),
+                       (["train", "--config", str(dense), "--no-progress", "--output-dir"], "output_dir"),
+                       (["prune", "--config", TINY, "--no-progress", "--output-dir"], "output_dir")):
+        line = _one_line_error(capsys, [*argv, str(out)])
+        assert line == f"fineprune {argv[0]}: error: {flag} {out}: {problem}", line
     assert list(unwritable_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("store", ["mlflow.db", "runs/mlflow.db"])
+def test_a_sweeps_tracking_database_where_nothing_can_be_written_is_one_line_before_it_starts(tmp_path, unwritable_dir,
+                                                                                              monkeypatch, store):
+    """A sweep in a working directory nothing can be written into, with the default tracking store (mlflow.db
+    there) or a sqlite:/// one in such a directory, retried opening the database for about a minute and a half and
+    then stopped on SQLAlchemy's "unable to open database file"; it is now one line naming the tracking URI and the
+    directory, before Ray, MLflow or the teacher start (exit 2)."""
+    monkeypatch.chdir(unwritable_dir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    flags = [] if store == "mlflow.db" else ["--tracking-uri", f"sqlite:///{store}"]
+    done = fineprune("sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--storage-path",
+                     str(tmp_path / "ray"), *flags, cwd=unwritable_dir)
+    problem = f"cannot be made ({unwritable_dir} takes no new files)"
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"fineprune sweep: error: tracking URI sqlite:///{store}: the database {store} {problem} (pass another "
+        "--tracking-uri)"), done.stderr
+    assert "Traceback" not in done.stderr and "SQLAlchemy" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [unwritable_dir.name]
 
 
 @pytest.mark.parametrize("under", ["", "report"])

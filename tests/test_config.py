@@ -62,7 +62,7 @@ def test_unknown_keys_of_mixed_types_are_one_error(tmp_path):
         ({"fill_steps": 10}, "fill_steps"),  # needs a pruning method
         ({"initial_warmup": 1.5}, r"initial_warmup: must be a fraction of the pruning steps \(< 1\) or a whole number"),
         ({"model": 5}, "model: must be a path or name, got 5"),
-        ({"eval_data": None}, "eval_data: must be a path or name, got None"),
+        ({"eval_data": None}, "eval_data: must be a path or name, got null"),
         ({"teacher": True}, "teacher: must be a path or name or null, got True"),
         ({"cache_dir": 5}, "cache_dir"),
         ({"output_dir": None}, "output_dir"),
@@ -250,3 +250,16 @@ def test_warmup_fractions_that_add_up_to_more_than_the_run_are_refused(method):
     RunConfig(method=method, initial_warmup=0.4, final_warmup=0.6)  # a whole run held, no ramp: as before
     RunConfig(method=method, initial_warmup=0.5, final_warmup=6)  # steps: checked once the steps are known
     RunConfig(initial_warmup=0.5, final_warmup=0.6)  # a dense run has no schedule
+
+
+@pytest.mark.parametrize("key", ["output_dir", "eval_data"])
+def test_a_bare_tilde_as_a_path_says_yaml_reads_it_as_null(tmp_path, key):
+    """`output_dir: ~` in a run config, where a path starting with ~ is under the home directory, said "must be a
+    path or name, got None": YAML reads a bare ~ as null, which the line now says, with how to write the home
+    directory."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"{key}: ~\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value) == (f"{config}: {key}: must be a path or name, got null (YAML reads a bare ~ as null; "
+                              "write '~' in quotes for the home directory)")

@@ -468,3 +468,120 @@ def test_a_sweeps_closing_lines_say_why_no_champion_was_registered(store, tokeni
     assert champion["error"].startswith(f"{space}: speedup.seq_len: 64 exceeds the 32 positions")
     assert lines == [f"champion: none registered: {champion['error'].removesuffix('; no champion registered')}"]
     assert _champion(store["client"]) == best  # left where it was throughout
+
+
+def _gc(store: dict, *run_ids: str) -> None:
+    """``mlflow gc`` of the deleted ``run_ids``, as a person runs it: the runs and their artifacts removed for good."""
+    import subprocess
+    import sys
+
+    for run_id in run_ids:
+        store["client"].delete_run(run_id)
+    done = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "gc", "--backend-store-uri", store["uri"],
+                           "--tracking-uri", store["uri"], "--run-ids", ",".join(run_ids)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_run_removed_for_good_is_not_said_to_be_restorable(store, tokenizer, capsys, caplog):
+    """A version whose trial run (or sweep run) was removed for good with `mlflow gc` was listed by `select`, and
+    named by `register`, as one whose run "was deleted (restore it, `mlflow runs restore ...`)", a command that
+    fails on a run gc removed; it now says the run was removed for good and cannot be restored."""
+    client = store["client"]
+    first = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    assert _register(capsys, store, "--frontier")[0] == 0
+    later = sweep_record(client, store["root"], tokenizer, NAME, "b", {"best": (2, 64, 90.0, 0.5, True)})
+    assert _register(capsys, store, "--frontier")[0] == 0
+    wide, best = _version_of(client, first["runs"]["wide"]), _version_of(client, later["runs"]["best"])
+    _gc(store, first["runs"]["wide"], later["parent"])
+    caplog.clear()
+
+    status, chosen, _ = _select(capsys, store, "--alias", "fast")
+    assert status == 0 and chosen["run_id"] == first["runs"]["narrow"]
+    rows = {row["version"]: row for row in chosen["versions"]}
+    for version, what, run_id in ((wide, "trial", first["runs"]["wide"]), (best, "sweep", later["parent"])):
+        assert rows[version]["error"] == (f"its {what} run {run_id} was removed for good (`mlflow gc`) and cannot "
+                                          "be restored"), rows[version]
+    assert not any("mlflow runs restore" in r.getMessage() for r in caplog.records)
+
+    # No trial left to register: the frontier's version of the removed trial and the alias, left on the removed
+    # sweep's version, are named as such.
+    client.delete_run(first["runs"]["narrow"])
+    client.delete_run(first["runs"]["dominated"])
+    caplog.clear()
+    status, _, _ = _register(capsys, store, "--frontier", "--sweep-run", first["parent"])
+    assert status == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.registry"]
+    assert (f"version {wide} of {NAME}: its trial run {first['runs']['wide']} was removed for good (`mlflow gc`), so "
+            f"it is no longer a point of the frontier of sweep run {first['parent']} (its frontier tags turn false)"
+            in warnings), warnings
+    assert (f"alias 'champion' of {NAME} is left on version {best}, which nothing chooses now: its sweep run "
+            f"{later['parent']} was removed for good (`mlflow gc`) and cannot be restored" in warnings), warnings
+    assert not any(f"--run-id {run_id}" in line for line in warnings for run_id in (first["runs"]["wide"],
+                                                                                    later["parent"]))
+
+
+def _policy_tags(client) -> dict[str, dict[str, str]]:
+    """The champion-policy tags of every version of the model, by version: those of the version chosen now and
+    those a version the alias has left keeps."""
+    keys = ("policy", "policy_threshold", "former_champion_policy", "former_champion_policy_threshold")
+    return {str(v.version): {k: v.tags[k] for k in keys if k in v.tags}
+            for v in client.search_model_versions(f"name = '{NAME}'") if any(k in v.tags for k in keys)}
+
+
+def test_only_the_champion_says_a_policy_chose_it(store, tokenizer, capsys):
+    """The `champion` alias moved to another version (by `register` of a later sweep, or `select`) left the version
+    it had been on with its `policy` and `policy_threshold` tags, so that two versions each said a policy chose them.
+    The version the alias leaves now keeps them as `former_champion_policy` and `former_champion_policy_threshold`,
+    the one it comes to (back) loses those, and the report of the earlier sweep still names its champion's policy."""
+    from workflows.report import collect_report_data
+
+    client = store["client"]
+    first = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    assert _register(capsys, store, "--frontier")[0] == 0
+    wide = _version_of(client, first["runs"]["wide"])
+    density = {"policy": "best_f1_under_density", "policy_threshold": "max_density 0.6"}
+    former = {f"former_champion_{key}": value for key, value in density.items()}
+    assert _policy_tags(client) == {wide: density}
+
+    later = sweep_record(client, store["root"], tokenizer, NAME, "b", {"best": (2, 64, 90.0, 0.5, True)})
+    assert _register(capsys, store, "--frontier")[0] == 0
+    best = _version_of(client, later["runs"]["best"])
+    assert _champion(client) == best
+    assert _policy_tags(client) == {best: density, wide: former}
+    card = collect_report_data("exp", store["uri"], first["parent"]).champion
+    assert (card.version, card.alias_current, card.policy) == (wide, False, "best_f1_under_density (max_density 0.6)")
+
+    status, chosen, _ = _select(capsys, store)  # the champion moved by latency: to the most accurate, `best`
+    assert status == 0 and chosen["version"] == best
+    latency = {"policy": "best_f1_under_latency", "policy_threshold": "max_latency_ms 10000"}
+    assert _policy_tags(client) == {best: latency, wide: former}
+    status, chosen, _ = _select(capsys, store, "--alias", "fast")  # another alias: no policy tag moves
+    assert status == 0 and _policy_tags(client) == {best: latency, wide: former}
+
+    # Back to the first sweep's champion: it says the policy chose it again, and `best` that it had been champion.
+    status, result, _ = _register(capsys, store, "--sweep-run", first["parent"])
+    assert status == 0 and result["version"] == wide == _champion(client)
+    assert _policy_tags(client) == {wide: density, best: {f"former_champion_{k}": v for k, v in latency.items()}}
+
+    # A later sweep registered by latency, which times its own versions only: the alias leaves `wide` all the same.
+    third = sweep_record(client, store["root"], tokenizer, NAME, "c", {"fast": (1, 32, 70.0, 0.3, True)})
+    space = _space(store["root"], policy="best_f1_under_latency", max_latency_ms=10000.0)
+    status, result, _ = _register(capsys, store, "--frontier", "--space", str(space), "--sweep-run", third["parent"])
+    fast = _version_of(client, third["runs"]["fast"])
+    assert status == 0 and result["version"] == fast == _champion(client)
+    assert _policy_tags(client) == {fast: latency, wide: former,
+                                    best: {f"former_champion_{k}": v for k, v in latency.items()}}
+
+
+def test_a_sweep_run_removed_for_good_is_named_as_gone_not_as_another_experiments(store, tokenizer, capsys):
+    """`register --sweep-run` (and `report --sweep-run`) given a sweep run removed for good with `mlflow gc` said the
+    run "is not a sweep of experiment 'exp'", as if it were another experiment's or no sweep; it now says no such run
+    is in the store (removed for good, or never made)."""
+    made = sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
+    _gc(store, made["parent"])
+    status, out, err = _register(capsys, store, "--sweep-run", made["parent"])
+    assert status == 2 and out is None
+    assert err.strip().splitlines()[-1] == (
+        f"fineprune register: error: run {made['parent']} is not in {store['uri']} (removed for good, by `mlflow gc`, "
+        "or never made): pass a sweep run of experiment 'exp'"), err

@@ -700,5 +700,6 @@ def test_the_report_command_reports_the_sweep_run_it_is_given(smoke_sweep, tmp_p
     capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "other"), "--sweep-run", "0" * 32]) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith(f"run {'0' * 32} is not a sweep of experiment 'smoke' in {smoke_sweep['tracking_uri']}")
+    assert err[-1].endswith(f"run {'0' * 32} is not in {smoke_sweep['tracking_uri']} (removed for good, by `mlflow "
+                            "gc`, or never made): pass a sweep run of experiment 'smoke'")
     assert not (tmp_path / "other").exists()

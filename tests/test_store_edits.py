@@ -405,3 +405,25 @@ def test_the_report_names_no_deleted_trials_version_as_champion_and_says_where_t
     data = collect_report_data("exp", uri)
     assert data.champion is None
     assert "- **Champion**: none registered" in render_markdown(data)
+
+
+def test_the_command_a_deleted_experiments_line_gives_to_remove_it_for_good_works(tmp_path):
+    """The line for a deleted experiment said to remove it for good with `mlflow gc --backend-store-uri URI
+    --experiment-ids ID`, which MLflow stops with "Tracking URL is not set" unless MLFLOW_TRACKING_URI is set; the
+    command it gives now runs as given and removes the experiment."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
+    client.delete_experiment(experiment_id)
+    line = record.deleted_experiment("smoke", experiment_id, uri)
+    command = next(part for part in line.split("`") if part.startswith("mlflow gc "))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    done = subprocess.run([str(Path(sys.executable).with_name("mlflow")), *shlex.split(command)[1:]], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert client.get_experiment_by_name("smoke") is None

@@ -4,8 +4,9 @@ Every sub-command that fails on user input (a bad config, a malformed SQuAD file
 corrupted checkpoint, an invalid search space) prints one line naming the file and the field and exits with 2.
 Each command's result is one strict JSON line on stdout (a value that is not a finite number is ``null``); logs go
 to stderr. A flag means the same in every sub-command that takes it, and ``--help`` shows every default.
-An output that cannot be written (a full disk, a directory without write permission) is one line and status 1;
-the output it would have replaced is left as it was. Ctrl-C (SIGINT) or SIGTERM stops a command with one line and
+An output directory that takes no new files (no write permission, an immutable or read-only one) is refused
+before any work, exit 2; an output that cannot be written once the work is done (a full disk) is one line and status
+1, and the output it would have replaced is left as it was. Ctrl-C (SIGINT) or SIGTERM stops a command with one line and
 status 128 + the signal's number.
 
 The library and the orchestration (torch, transformers, Ray, MLflow) are imported inside the sub-commands that use
@@ -120,7 +121,7 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     _check_device(cfg.device, f"{args.config}: device")
     _check_inputs(cfg, overrides, args.config)
     out = Path(cfg.output_dir)
-    _check_output_path(out, "output_dir", directory=True)
+    _check_output_path(out, "output_dir", directory=True, writable=True)
     _check_reads_outside(cfg, overrides, args.config, out)
     with _writing(out):
         return _train_into(args, cfg, out)
@@ -487,7 +488,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     resolve_model(args.checkpoint)  # a file, or a run's directory, named as such as the other commands name them
     out = Path(args.out_dir)
     precision = resolve_precision(args.precision, "cpu")  # settings first, then the work
-    _check_output_path(out, "out_dir", directory=True)
+    _check_output_path(out, "out_dir", directory=True, writable=True)
     _check_not_inside(args.checkpoint, out, "out_dir")
     with _writing(out):
         return _pack_into(args, out, precision)
@@ -535,7 +536,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pruning.export import export_checkpoint
 
     _check_positive(args, "questions")
-    _check_output_path(args.out_dir, "out_dir", directory=True)
+    _check_output_path(args.out_dir, "out_dir", directory=True, writable=True)
     _check_not_inside(args.model_dir, args.out_dir, "out_dir")
     _warn_live_weights(args.model_dir, "export")
     with _writing(args.out_dir):

@@ -46,7 +46,8 @@ __all__ = [
     "TAG_CONFIGURATION",
     "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR",
     # tags of registered versions, the alias
-    "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "TAG_VERSION_PRECISION", "TAG_ONNX",
+    "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "FORMER_POLICY_TAGS",
+    "TAG_VERSION_PRECISION", "TAG_ONNX",
     "ALIAS",
     # params
     "PARAM_SEARCHED", "PARAM_REGISTRY", "PARAM_SPEEDUP", "PARAM_RESOURCES", "PARAM_SEARCH", "PARAM_OBJECTIVES",
@@ -104,6 +105,8 @@ TAG_TRIAL_RUN = "fineprune.trial_run_id"
 TAG_SWEEP_RUN = "sweep_run_id"
 TAG_POLICY = "policy"  # the champion policy that made the version champion
 TAG_POLICY_THRESHOLD = "policy_threshold"  # and its threshold as text, e.g. "max_density 0.5"
+# The two above, as a version the champion alias has left keeps them: only the champion says a policy chose it.
+FORMER_POLICY_TAGS = {TAG_POLICY: "former_champion_policy", TAG_POLICY_THRESHOLD: "former_champion_policy_threshold"}
 TAG_VERSION_PRECISION = "precision"  # the precision the version's EM/F1 were measured in
 TAG_ONNX = "onnx"  # the ONNX Runtime variants the version carries ("fp32,int8"), or why it carries none
 ALIAS = "champion"
@@ -343,7 +346,10 @@ def latest_sweep(client: MlflowClient, experiment: str, run_id: str | None = Non
 
         try:
             run = client.get_run(run_id)
-        except MlflowException:
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # no such run: never made, or gone with `mlflow gc`
+                raise RecordError(f"run {run_id} is not in {client.tracking_uri} (removed for good, by `mlflow gc`, "
+                                  f"or never made): pass a sweep run of experiment {experiment!r}") from None
             run = None
         if run is None or run.info.experiment_id != found.experiment_id or \
                 run.data.tags.get(TAG_KIND) != KIND_SWEEP:
@@ -409,8 +415,8 @@ def deleted_experiment(name: str, experiment_id: str, tracking_uri: str) -> str:
     experiment's name (and its runs) until it is removed for good."""
     return (f"experiment {name!r} in {tracking_uri} was deleted (id {experiment_id}): restore it "
             f"(`{restore_command(tracking_uri, experiment_id=experiment_id)}`, which brings its runs back), remove it "
-            f"for good (`mlflow gc --backend-store-uri {tracking_uri} --experiment-ids {experiment_id}`), or pass "
-            "another --experiment")
+            f"for good (`mlflow gc --backend-store-uri {tracking_uri} --tracking-uri {tracking_uri} "
+            f"--experiment-ids {experiment_id}`), or pass another --experiment")
 
 
 def _child_runs(client: MlflowClient, sweep: Run) -> list[Run]:

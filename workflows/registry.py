@@ -63,7 +63,8 @@ from mlflow.types.schema import AnyType
 from pruning.config import EVALUATION_KEYS, RunConfig
 from workflows import record
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
-                              EXACT_MATCH, F1, FINAL_METRICS, FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY,
+                              EXACT_MATCH, F1, FINAL_METRICS, FORMER_POLICY_TAGS, FRONTIER_TAGS, KIND_BASELINE,
+                              LINEAR_DENSITY,
                               PARAM_RESOURCES, PARAM_SPEEDUP, RUNTIMES, SPEEDUP, STATUS_FINISHED, TAG_ONNX, TAG_POLICY,
                               TAG_POLICY_THRESHOLD, TAG_PRECISION, TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN,
                               TAG_VERSION_PRECISION, RegistrySpec)
@@ -910,18 +911,38 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
     """
     _ensure_model(client, name)
     run = client.get_run(run_id)
+    versions = _model_versions(client, name)  # one search: the trial's version, and those the alias leaves
     try:
-        version = _version_of_run(client, name, run, onnx)
+        version = _version_of_run(client, name, run, onnx, _versions_by_trial(versions))
     except LostVersion as err:
         raise LostVersion(f"{err}; alias {ALIAS!r} left where it was") from None
     _tag_version(client, name, version, run, parent_run_id, {TAG_POLICY: policy, TAG_POLICY_THRESHOLD: threshold})
-    client.set_registered_model_alias(name, ALIAS, version.version)
+    _make_champion(client, name, version, versions)
     uri = f"models:/{name}@{ALIAS}"
     metrics = run.data.metrics
     logger.info("registered %s (version %s, trial run %s)", uri, version.version, run_id)
     return {"registered": True, "name": name, "version": str(version.version), "model_uri": uri,
             "run_id": run_id, "policy": policy, **{k: metrics.get(k) for k in (F1, EXACT_MATCH, LINEAR_DENSITY,
                                                                                   SPEEDUP)}}
+
+
+def _make_champion(client, name: str, version, versions) -> None:
+    """Point the champion alias of ``name`` at ``version`` (tagged with the policy that chose it), and keep one
+    version saying a policy chose it: every other of ``versions`` (the model's, read before) holding the policy tags
+    (the version the alias leaves, or one it left before versions lost them) keeps them under
+    :data:`~workflows.record.FORMER_POLICY_TAGS`' names; ``version``, champion again, loses those."""
+    client.set_registered_model_alias(name, ALIAS, version.version)
+    for other in versions:
+        tags = other.tags or {}
+        if str(other.version) == str(version.version):
+            for former in FORMER_POLICY_TAGS.values():
+                if former in tags:
+                    client.delete_model_version_tag(name, other.version, former)
+            continue
+        for key, former in FORMER_POLICY_TAGS.items():
+            if key in tags:
+                client.set_model_version_tag(name, other.version, former, tags[key])
+                client.delete_model_version_tag(name, other.version, key)
 
 
 def register_frontier(client, experiment: str, parent_run_id: str, name: str,
@@ -986,7 +1007,12 @@ def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str
             for tag in FRONTIER_TAGS:
                 client.set_model_version_tag(name, version.version, tag, "false")
             trial = tags.get(TAG_TRIAL_RUN)
-            if _run_deleted(client, trial):  # the sweep's record no longer holds it: it did not leave the frontier
+            state = _run_deleted(client, trial)
+            if state == REMOVED:  # gone with its record: nothing brings it back
+                logger.warning("version %s of %s: its trial run %s was removed for good (`mlflow gc`), so it is no "
+                               "longer a point of the frontier of sweep run %s (its frontier tags turn false)",
+                               version.version, name, trial, parent_run_id)
+            elif state:  # the sweep's record no longer holds it: it did not leave the frontier
                 logger.warning("version %s of %s: its trial run %s was deleted, so it is no longer a point of the "
                                "frontier of sweep run %s (its frontier tags turn false; restore the run, `%s`, and "
                                "register the frontier again to have it back)", version.version, name, trial,
@@ -996,29 +1022,36 @@ def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str
                             name, trial, parent_run_id)
 
 
-def _run_deleted(client, run_id: str | None) -> bool:
-    """Whether the run ``run_id`` was deleted (in the UI, or removed for good since)."""
+DELETED, REMOVED = "deleted", "removed"  # a run deleted (in the UI: restorable), or removed for good (`mlflow gc`)
+
+
+def _run_deleted(client, run_id: str | None) -> str | None:
+    """Whether the run ``run_id`` was deleted: :data:`DELETED` (in the UI, so that `mlflow runs restore` brings it
+    back), :data:`REMOVED` (removed for good since, by `mlflow gc`: the store no longer has it), else None."""
     if not run_id:
-        return False
+        return None
     try:
-        return client.get_run(run_id).info.lifecycle_stage == "deleted"
+        return DELETED if client.get_run(run_id).info.lifecycle_stage == "deleted" else None
     except MlflowException as err:
-        return err.error_code == "RESOURCE_DOES_NOT_EXIST"
+        return REMOVED if err.error_code == "RESOURCE_DOES_NOT_EXIST" else None
 
 
 def _deleted_source(client, tags: Mapping[str, str], trial_run_id: str | None,
-                    lifecycle: dict[str, bool]) -> str | None:
+                    lifecycle: dict[str, str | None]) -> str | None:
     """Why a version is not to be chosen when its trial run, or the sweep run it was registered from, was deleted
-    (in the MLflow UI: set aside, as `fineprune register` passes a deleted sweep over), else None. ``lifecycle``
-    caches whether each run read was deleted."""
-    def deleted(run_id: str | None) -> bool:
+    (in the MLflow UI: set aside, as `fineprune register` passes a deleted sweep over; or removed for good), else
+    None. ``lifecycle`` caches what :func:`_run_deleted` says of each run read."""
+    def deleted(run_id: str | None) -> str | None:
         if run_id and run_id not in lifecycle:
             lifecycle[run_id] = _run_deleted(client, run_id)
-        return bool(run_id) and lifecycle[run_id]
+        return lifecycle[run_id] if run_id else None
 
     sweep = tags.get(TAG_SWEEP_RUN)
     for run_id, what in ((trial_run_id, "trial"), (sweep, "sweep")):
-        if deleted(run_id):
+        state = deleted(run_id)
+        if state == REMOVED:
+            return f"its {what} run {run_id} was removed for good (`mlflow gc`) and cannot be restored"
+        if state == DELETED:
             return (f"its {what} run {run_id} was deleted (restore it, "
                     f"`{record.restore_command(client.tracking_uri, run_id)}`, to have the version chosen again)")
     return None
@@ -1211,7 +1244,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     try:
         if sweep_run_id is None:  # `fineprune select`: a model deleted by hand goes with its versions
             client.get_registered_model(name)
-        versions = client.search_model_versions(f"name = '{name}'")
+        versions = every = client.search_model_versions(f"name = '{name}'")  # every: those the alias may leave
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # the registry forgets a deleted model outright
             raise SelectionError(f"registered model {name!r} does not exist in {client.tracking_uri} (it was deleted, "
@@ -1230,7 +1263,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
     dense_of: dict[str, str] = {}
-    lifecycle: dict[str, bool] = {}  # run id -> deleted, each run read once
+    lifecycle: dict[str, str | None] = {}  # run id -> deleted or removed, each run read once
     set_aside: set[str] = set()  # the versions whose trial or sweep run was deleted
     with tempfile.TemporaryDirectory() as tmp:
         for v in versions:
@@ -1325,13 +1358,16 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         raise SelectionError(f"no version of {name!r} is within {max_latency_ms:g} ms at batch {batch_size}, "
                              f"sequence {seq_len}, {threads} threads ({reason}); alias {alias!r} left as it was")
     try:
-        if alias == ALIAS:  # the champion: its version records the policy that made it one
-            held = next(v.tags for v in versions if str(v.version) == chosen["version"]) or {}
+        if alias == ALIAS:  # the champion: its version records the policy that made it one, and only it
+            version = next(v for v in versions if str(v.version) == chosen["version"])
+            held = version.tags or {}
             for key, value in ((TAG_POLICY, "best_f1_under_latency"),
                                (TAG_POLICY_THRESHOLD, f"max_latency_ms {max_latency_ms:g}")):
                 if held.get(key) != value:  # registering the sweep again writes nothing new
                     client.set_model_version_tag(name, chosen["version"], key, value)
-        client.set_registered_model_alias(name, alias, chosen["version"])
+            _make_champion(client, name, version, every)
+        else:
+            client.set_registered_model_alias(name, alias, chosen["version"])
     except MlflowException as err:
         raise SelectionError(f"alias {alias!r} of {name!r}: {str(err).splitlines()[0]}") from None
     logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get(F1),

@@ -37,7 +37,8 @@ from pruning import atomic
 from workflows import plots, record
 from workflows.frontier import frontier_order
 from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR, ARTIFACT_REPORT_HTML,
-                              ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, HEADS_REMOVED,
+                              ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, FORMER_POLICY_TAGS,
+                              HEADS_REMOVED,
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
                               TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_SWEEP_RUN,
@@ -644,9 +645,9 @@ def render_html(data: ReportData) -> str:
 
 def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[str]) -> ChampionCard | None:
     """The version the sweep made champion: the one the ``champion`` alias points at when it is one of the sweep's,
-    else the newest this sweep's policy chose (tag ``policy``) whose trial run is still among ``trial_ids`` (a
-    version of a trial deleted by hand, or one a later choice of the same sweep replaced and its trial deleted, is
-    not named champion); None when there is none."""
+    else the newest this sweep's policy chose (tag ``policy``; ``former_champion_policy`` once the alias has left
+    it) whose trial run is still among ``trial_ids`` (a version of a trial deleted by hand, or one a later choice of
+    the same sweep replaced and its trial deleted, is not named champion); None when there is none."""
     try:
         name = RegistrySpec.from_params(parent.data.params).name
     except record.RecordError:
@@ -668,16 +669,18 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
     else:
         # The alias has moved on: the version this sweep made champion carries the policy that chose it (its other
         # versions are frontier points); none when no trial met the policy.
-        chosen = [v for v in versions if v.tags.get(TAG_POLICY)
+        chosen = [v for v in versions if (v.tags.get(TAG_POLICY) or v.tags.get(FORMER_POLICY_TAGS[TAG_POLICY]))
                   and (v.tags.get(TAG_TRIAL_RUN) or v.run_id) in trial_ids]
         if not chosen:
             return None
         version, current = max(chosen, key=lambda v: int(v.version)), False
     run_id = version.tags.get(TAG_TRIAL_RUN) or version.run_id
     structure = _packed_structure(client, run_id)
-    policy = version.tags.get(TAG_POLICY) or None
+    held = version.tags if current or version.tags.get(TAG_POLICY) else {  # kept as it was when the alias left it
+        key: version.tags[former] for key, former in FORMER_POLICY_TAGS.items() if former in version.tags}
+    policy = held.get(TAG_POLICY) or None
     if policy is not None:
-        threshold = version.tags.get(TAG_POLICY_THRESHOLD)
+        threshold = held.get(TAG_POLICY_THRESHOLD)
         sweep = _sweep_policy(parent.data.params)
         if threshold is None and sweep is not None and sweep.policy == policy:
             threshold = sweep.threshold()  # a version tagged before versions recorded the threshold

@@ -625,6 +625,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     _local_storage(storage_path)
     experiment = experiment or space.name
     tracking_uri = record.tracking_uri(tracking_uri)
+    tracking.check_writable_store(tracking_uri)
     limit = outage_limit(tracking_timeout)
     started = time.time()
     client = tracking.client_for(tracking_uri)

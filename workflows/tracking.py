@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -42,10 +43,12 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               deleted_run, flat_params, latest_sweep_left, restore_command, sqlite_database)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
                              is_transient, quick_http_failures)
+from workflows.user_errors import output_path_problem, write_problem
 
 __all__ = [
     "TrackingStoreError",
     "client_for",
+    "check_writable_store",
     "check_reachable",
     "find_sweep",
     "sweep_state",
@@ -75,6 +78,31 @@ def _store_error(uri: str, err: BaseException) -> TrackingStoreError:
     if not isinstance(err, mlflow.exceptions.MlflowException):
         what = f"{type(err).__name__}: {what}" if what else type(err).__name__
     return TrackingStoreError(f"tracking URI {uri}: {what}")
+
+
+def check_writable_store(tracking_uri: str) -> None:
+    """Refuse, before any work, a ``sqlite:///`` store a sweep cannot write: its database a directory or under a
+    file, or where no file can be made (a directory without write permission, an immutable or read-only one, where
+    SQLite also writes its journal). MLflow would retry opening it for a minute and a half, then stop on
+    SQLAlchemy's "unable to open database file". Other stores are checked by :func:`check_reachable`.
+
+    Raises:
+        TrackingStoreError: one line naming the tracking URI and the database.
+    """
+    database = sqlite_database(tracking_uri)
+    if database is None:
+        return
+    problem = output_path_problem(database, directory=False)
+    if problem is None and not database.exists():
+        problem = write_problem(database)
+    elif problem is None:
+        if write_problem(database.parent) is not None:
+            problem = f"cannot be written ({database.absolute().parent} takes no new files)"
+        elif not os.access(database, os.W_OK):
+            problem = "cannot be written (no permission to write it)"
+    if problem is not None:
+        raise TrackingStoreError(f"tracking URI {tracking_uri}: the database {database} {problem} (pass another "
+                                 "--tracking-uri)")
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
