@@ -136,6 +136,25 @@ def test_eval_keeps_a_stride_over_half_a_window_that_fits_the_model(capsys, mask
     assert (result["max_seq_length"], result["doc_stride"]) == (96, 64)
 
 
+@pytest.mark.parametrize("command", ["eval", "ask"])
+def test_a_doc_stride_not_shorter_than_the_window_is_refused_as_a_run_config_refuses_it(capsys, masked_checkpoint,
+                                                                                       tmp_path, command):
+    """Halved in silence, it came back in the too-long-question error as a stride never given ("doc_stride 32" for
+    --doc-stride 64), whose advice to lower it would only have widened the overlap."""
+    question = " ".join(["which"] * 40) + "?"
+    data = {"data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
+        {"id": "long-q", "question": question, "answers": [{"text": "the mat", "answer_start": 15}]}]}]}]}
+    (tmp_path / "long.json").write_text(json.dumps(data))
+    inputs = {"eval": ["--eval-data", str(tmp_path / "long.json"), "--no-progress"],
+              "ask": ["--question", question, "--context", "The cat sat on the mat."]}[command]
+    line = _one_line_error(capsys, [command, str(masked_checkpoint), *inputs, "--max-seq-length", "64",
+                                    "--doc-stride", "64"])
+    assert line.endswith("error: --doc-stride 64: must be smaller than --max-seq-length (64): it is the overlap of "
+                         "consecutive windows")
+    line = _one_line_error(capsys, [command, str(masked_checkpoint), *inputs, "--doc-stride", "400"])
+    assert "--doc-stride 400: must be smaller than --max-seq-length (384 as the default)" in line
+
+
 def test_eval_reads_no_answer_start(capsys, masked_checkpoint, tmp_path):
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
         {"id": "q1", "question": "Where?", "answers": [{"text": "the mat", "answer_start": 3}]}]}]}]}
