@@ -106,7 +106,8 @@ class NonFiniteLogits(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One question with its context and gold answers (``answers[i]`` starts at character ``answer_starts[i]``)."""
+    """One question with its context and gold answers (``answers[i]`` starts at character ``answer_starts[i]``;
+    ``answer_starts`` is empty for a question read for scoring whose answers do not all give their start)."""
 
     id: str
     title: str
@@ -212,7 +213,7 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
 
     The file must hold at least one question. Every question must have an ``id`` (unique in the file), a non-empty
     ``question``, a non-empty ``context`` and at least one answer whose ``answer_start`` points at its ``text`` in
-    the paragraph's ``context``.
+    the paragraph's ``context`` (with ``spans`` False, an answer's ``answer_start`` may be off or left out).
 
     Args:
         path: the JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``).
@@ -220,7 +221,7 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
             fewer questions is read whole, with one warning that says so.
         spans: check that each ``answer_start`` points at its text. Training needs that; the metric reads the
             answer texts only, so scoring (as the official evaluation script does) takes a file whose
-            ``answer_start`` values are off.
+            ``answer_start`` values are off or left out.
 
     Returns:
         The questions in file order.
@@ -293,9 +294,12 @@ def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable
     texts, starts = [], []
     for k, answer in enumerate(answers):
         text = _get(answer, "text", str, fail)
-        start = _get(answer, "answer_start", int, fail)
         if not text.strip():  # whitespace alone: no token to label, so training would take it for no answer
             raise fail(f"answer {k} has an empty text{' (only whitespace)' if text else ''}")
+        texts.append(text)
+        if not spans and "answer_start" not in answer:  # the metric reads the text alone, as the official script
+            continue
+        start = _get(answer, "answer_start", int, fail)
         if spans and (not 0 <= start <= len(context) - len(text) or context[start:start + len(text)] != text):
             found = context.find(text)
             if found >= 0:
@@ -308,10 +312,9 @@ def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable
             else:
                 hint = " (the text is not in the context)"
             raise fail(f"answer {k} {_short(text)} is not at answer_start {start} of its context{hint}")
-        texts.append(text)
         starts.append(start)
     return Example(id=qid, title=title, context=context, question=question, answers=tuple(texts),
-                   answer_starts=tuple(starts))
+                   answer_starts=tuple(starts) if len(starts) == len(texts) else ())
 
 
 def load_predictions(path: str | Path) -> dict[str, str]:

@@ -41,6 +41,21 @@ def test_score_agrees_with_the_metric(tmp_path):
     assert result["f1"] == pytest.approx(100 * (1 + 2 * (1 * 1) / (1 + 2)) / 2)
 
 
+def test_score_takes_a_gold_file_without_answer_start(tmp_path, capsys, dev_subset):
+    """The official v1.1 evaluation reads the answer texts only: a gold file that leaves answer_start out (written
+    for scoring alone) scores (training still needs the starts)."""
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": ex.context, "qas": [{"id": ex.id, "question": ex.question, "answers": [{"text": ex.answers[0]}]}]}
+        for ex in dev_subset[:2]]}]}
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    (tmp_path / "pred.json").write_text(json.dumps({dev_subset[0].id: dev_subset[0].answers[0]}))
+    assert cli.main(["score", str(tmp_path / "data.json"), str(tmp_path / "pred.json")]) == 0
+    assert json.loads(capsys.readouterr().out) == {"exact_match": 50.0, "f1": 50.0}
+    assert squad.load_squad(tmp_path / "data.json", spans=False)[0].answer_starts == ()
+    with pytest.raises(squad.SquadFormatError, match="missing 'answer_start'"):
+        squad.load_squad(tmp_path / "data.json")
+
+
 def test_pack_eval_and_ask_on_a_packed_directory(masked_checkpoint, tmp_path):
     out = tmp_path / "packed"
     proc = fineprune("pack", str(masked_checkpoint), str(out), "--questions", "4")
