@@ -36,7 +36,9 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "SquadFormatError",
+    "QuestionError",
     "QuestionTooLong",
+    "QuestionWithoutTokens",
     "questions_of",
     "NonFiniteLogits",
     "Example",
@@ -85,19 +87,29 @@ class SquadFormatError(ValueError):
     """A SQuAD data or predictions file is unreadable or malformed; the message names the file and the question."""
 
 
-class QuestionTooLong(SquadFormatError):
-    """A question, cut to ``max_query_length`` tokens, leaves its windows no more than ``doc_stride`` context tokens;
-    the message names the question (and, through :func:`questions_of`, the file it is in)."""
+class QuestionError(SquadFormatError):
+    """A question its windows cannot take; the message names the question (and, through :func:`questions_of`, the
+    file it is in)."""
+
+
+class QuestionTooLong(QuestionError):
+    """A question, cut to ``max_query_length`` tokens, leaves its windows no more than ``doc_stride`` context
+    tokens."""
+
+
+class QuestionWithoutTokens(QuestionError):
+    """A question or its context is made only of characters the tokenizer drops (zero-width spaces, control
+    characters): its windows would hold none of it, and the question would be scored on nothing."""
 
 
 @contextlib.contextmanager
 def questions_of(path: str | Path) -> Iterator[None]:
-    """Name ``path``, the data file the questions come from, in a :class:`QuestionTooLong` raised within: the windows
+    """Name ``path``, the data file the questions come from, in a :class:`QuestionError` raised within: the windows
     know a question's id, not its file, which a run reading two files (training and evaluation) must say."""
     try:
         yield
-    except QuestionTooLong as err:
-        raise QuestionTooLong(f"{path}: {err}") from None
+    except QuestionError as err:
+        raise type(err)(f"{path}: {err}") from None
 
 
 class NonFiniteLogits(ValueError):
@@ -616,6 +628,28 @@ def _check_question_lengths(examples: Sequence[Example], questions: list[str], t
                                    "or lower doc_stride)")
 
 
+def _readable(text: str) -> bool:
+    """Whether ``text`` holds a letter, digit, punctuation mark or symbol, which every tokenizer keeps as a token
+    (an unknown one at worst); it stops at the first, so it costs next to nothing on real text."""
+    return any(unicodedata.category(char)[0] in "LNPS" for char in text)
+
+
+def _check_tokens(examples: Sequence[Example], questions: list[str], tokenizer: Any) -> None:
+    """Fail clearly on a question (as cut) or context with no token: made only of characters the tokenizer drops
+    (zero-width spaces, control characters, lone combining accents for an uncased one), it would be windowed as
+    nothing, trained on or scored without a word. Only the few texts without a readable character are tokenized."""
+    for field, texts in (("question", questions), ("context", [ex.context for ex in examples])):
+        suspects = [i for i, text in enumerate(texts) if not _readable(text)]
+        if not suspects:
+            continue
+        ids = tokenize_text(tokenizer, [texts[i] for i in suspects], add_special_tokens=False)["input_ids"]
+        for i, tokens in zip(suspects, ids):
+            if not tokens:
+                raise QuestionWithoutTokens(f"question {examples[i].id}: its {field} {_short(texts[i])} has no "
+                                            "tokens the model reads (only characters the tokenizer drops, such as "
+                                            "zero-width spaces or control characters)")
+
+
 def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int, doc_stride: int,
               max_query_length: int, progress: bool = False) -> Iterator[tuple[int, Any]]:
     """Yield (index of the chunk's first example, encoding) for chunks of examples; windows of all questions.
@@ -624,6 +658,7 @@ def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int, 
     if not isinstance(max_query_length, int) or isinstance(max_query_length, bool) or max_query_length <= 0:
         raise ValueError(f"max_query_length must be a positive integer, got {max_query_length!r}")
     questions = _cut_questions(examples, tokenizer, max_query_length)
+    _check_tokens(examples, questions, tokenizer)
     _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride, max_query_length)
     types = _pair_types(tokenizer)
     with tqdm(total=len(examples), desc="tokenize", unit="question", disable=not progress,

@@ -508,6 +508,30 @@ def test_a_question_too_long_for_the_window_names_its_file(capsys, masked_checkp
     assert line.startswith(f"fineprune eval: error: {long}: question q has 63 tokens")
 
 
+@pytest.mark.parametrize("question,context,field,shown", [
+    ("\u200b\u200b", "The cat sat on the mat.", "question", "'\\u200b\\u200b'"),
+    ("Where?", "\u200b\x01\u200b", "context", "'\\u200b\\x01\\u200b'"),
+], ids=["zero-width-question", "control-context"])
+def test_a_question_or_context_without_tokens_is_one_line_in_eval_and_prune_as_in_ask(
+        capsys, masked_checkpoint, tmp_path, question, context, field, shown):
+    """Made only of characters the tokenizer drops, it was windowed as nothing and scored 0 (or trained on) without
+    a word, while ask refused it."""
+    good = {"id": "ok", "question": "Where did the cat sit?", "answers": [{"text": "The cat", "answer_start": 0}]}
+    bad = {"id": "empty-q", "question": question, "answers": [{"text": context[:1], "answer_start": 0}]}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [
+        {"context": "The cat sat on the mat.", "qas": [good]}, {"context": context, "qas": [bad]}]}]}))
+    line = _one_line_error(capsys, ["eval", str(masked_checkpoint), "--eval-data", str(path), "--no-progress"])
+    assert line == (f"fineprune eval: error: {path}: question empty-q: its {field} {shown} has no tokens the model "
+                    "reads (only characters the tokenizer drops, such as zero-width spaces or control characters)")
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--train-data", str(path), "--eval-data", str(path),
+                                    "--output-dir", str(tmp_path / "run")])
+    assert line.startswith(f"fineprune prune: error: {path}: question empty-q: its {field} {shown} has no tokens")
+    assert not (tmp_path / "run" / "final").exists()
+    line = _one_line_error(capsys, ["ask", str(masked_checkpoint), "--question", question, "--context", context])
+    assert line == f"fineprune ask: error: {field} has no tokens the model reads"
+
+
 def test_a_long_question_is_cut_to_max_query_length_in_eval_and_ask(capsys, caplog, masked_checkpoint, tmp_path):
     question = " ".join(["which"] * 70) + "?"
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
