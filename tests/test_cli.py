@@ -532,6 +532,22 @@ def test_a_question_or_context_without_tokens_is_one_line_in_eval_and_prune_as_i
     assert line == f"fineprune ask: error: {field} has no tokens the model reads"
 
 
+def test_a_question_too_long_for_the_check_windows_of_pack_and_export_names_its_file(capsys, masked_checkpoint,
+                                                                                     tmp_path):
+    """pack and export compare logits on fixed windows (384 tokens fitted to the model's 128 positions: 60 question
+    tokens at most); a longer question there named no file."""
+    qa = {"id": "long-q", "question": " ".join(["which"] * 70) + "?",
+          "answers": [{"text": "the mat", "answer_start": 15}]}
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.",
+                                                                         "qas": [qa]}]}]}))
+    for command in ("pack", "export"):
+        out = tmp_path / command
+        line = _one_line_error(capsys, [command, str(masked_checkpoint), str(out), "--eval-data", str(path)])
+        assert line.startswith(f"fineprune {command}: error: {path}: question long-q has 64 tokens")
+        assert not out.exists()
+
+
 def test_a_long_question_is_cut_to_max_query_length_in_eval_and_ask(capsys, caplog, masked_checkpoint, tmp_path):
     question = " ".join(["which"] * 70) + "?"
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [

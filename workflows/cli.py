@@ -529,8 +529,9 @@ def _pack_into(args: argparse.Namespace, out: Path, precision: str) -> int:
     masked = load_model(args.checkpoint, qa_head=True)
     tokenizer = load_tokenizer(args.checkpoint)
     limit = max_positions(masked.config)
-    inputs = squad.check_windows(squad.load_squad(resolve_data(args.eval_data), limit=args.questions, spans=False),
-                                 tokenizer, limit)
+    data = resolve_data(args.eval_data)
+    with squad.questions_of(data):
+        inputs = squad.check_windows(squad.load_squad(data, limit=args.questions, spans=False), tokenizer, limit)
     # The dense shape against the packed model at batch 1 and the longest window the model takes (at most 384).
     packed, report = pack_and_verify(masked, inputs, batch_size=1, seq_len=min(384, limit), repeats=args.repeats,
                                      precision=precision)
