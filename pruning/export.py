@@ -56,7 +56,7 @@ from .atomic import staged_dir
 from .checkpoint import EXPORT_MANIFEST, load_model, load_tokenizer
 from .packing import pack
 from .resources import resolve_data, resolve_model
-from .squad import check_windows, load_squad
+from .squad import check_windows, load_squad, questions_of
 from .structure import (DEFAULT_MODEL_TYPE, architecture_for, config_class, encoder_layers, get_module, max_positions,
                         position_ids)
 
@@ -552,8 +552,9 @@ def export_checkpoint(model_dir: str | Path, out_dir: str | Path, quantize: str 
         logger.info("%s holds a masked model: packing it before export", source)
         model = pack(model)
     tokenizer = load_tokenizer(source)
-    inputs = check_windows(load_squad(resolve_data(data), limit=questions, spans=False), tokenizer,
-                           max_positions(model.config))
+    data = resolve_data(data)
+    with questions_of(data):
+        inputs = check_windows(load_squad(data, limit=questions, spans=False), tokenizer, max_positions(model.config))
     with staged_dir(out) as tmp:  # an earlier export there is replaced only by a complete one
         report = export_model(model, tmp, quantize=quantize, opset=opset, inputs=inputs)
         report.packed_on_export = packed_on_export

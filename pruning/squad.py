@@ -36,7 +36,9 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "SquadFormatError",
+    "QuestionError",
     "QuestionTooLong",
+    "QuestionWithoutTokens",
     "questions_of",
     "NonFiniteLogits",
     "Example",
@@ -85,19 +87,29 @@ class SquadFormatError(ValueError):
     """A SQuAD data or predictions file is unreadable or malformed; the message names the file and the question."""
 
 
-class QuestionTooLong(SquadFormatError):
-    """A question, cut to ``max_query_length`` tokens, leaves its windows no more than ``doc_stride`` context tokens;
-    the message names the question (and, through :func:`questions_of`, the file it is in)."""
+class QuestionError(SquadFormatError):
+    """A question its windows cannot take; the message names the question (and, through :func:`questions_of`, the
+    file it is in)."""
+
+
+class QuestionTooLong(QuestionError):
+    """A question, cut to ``max_query_length`` tokens, leaves its windows no more than ``doc_stride`` context
+    tokens."""
+
+
+class QuestionWithoutTokens(QuestionError):
+    """A question or its context is made only of characters the tokenizer drops (zero-width spaces, control
+    characters): its windows would hold none of it, and the question would be scored on nothing."""
 
 
 @contextlib.contextmanager
 def questions_of(path: str | Path) -> Iterator[None]:
-    """Name ``path``, the data file the questions come from, in a :class:`QuestionTooLong` raised within: the windows
+    """Name ``path``, the data file the questions come from, in a :class:`QuestionError` raised within: the windows
     know a question's id, not its file, which a run reading two files (training and evaluation) must say."""
     try:
         yield
-    except QuestionTooLong as err:
-        raise QuestionTooLong(f"{path}: {err}") from None
+    except QuestionError as err:
+        raise type(err)(f"{path}: {err}") from None
 
 
 class NonFiniteLogits(ValueError):
@@ -106,7 +118,8 @@ class NonFiniteLogits(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One question with its context and gold answers (``answers[i]`` starts at character ``answer_starts[i]``)."""
+    """One question with its context and gold answers (``answers[i]`` starts at character ``answer_starts[i]``;
+    ``answer_starts`` is empty for a question read for scoring whose answers do not all give their start)."""
 
     id: str
     title: str
@@ -212,7 +225,7 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
 
     The file must hold at least one question. Every question must have an ``id`` (unique in the file), a non-empty
     ``question``, a non-empty ``context`` and at least one answer whose ``answer_start`` points at its ``text`` in
-    the paragraph's ``context``.
+    the paragraph's ``context`` (with ``spans`` False, an answer's ``answer_start`` may be off or left out).
 
     Args:
         path: the JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``).
@@ -220,7 +233,7 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
             fewer questions is read whole, with one warning that says so.
         spans: check that each ``answer_start`` points at its text. Training needs that; the metric reads the
             answer texts only, so scoring (as the official evaluation script does) takes a file whose
-            ``answer_start`` values are off.
+            ``answer_start`` values are off or left out.
 
     Returns:
         The questions in file order.
@@ -293,9 +306,12 @@ def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable
     texts, starts = [], []
     for k, answer in enumerate(answers):
         text = _get(answer, "text", str, fail)
-        start = _get(answer, "answer_start", int, fail)
         if not text.strip():  # whitespace alone: no token to label, so training would take it for no answer
             raise fail(f"answer {k} has an empty text{' (only whitespace)' if text else ''}")
+        texts.append(text)
+        if not spans and "answer_start" not in answer:  # the metric reads the text alone, as the official script
+            continue
+        start = _get(answer, "answer_start", int, fail)
         if spans and (not 0 <= start <= len(context) - len(text) or context[start:start + len(text)] != text):
             found = context.find(text)
             if found >= 0:
@@ -308,10 +324,9 @@ def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable
             else:
                 hint = " (the text is not in the context)"
             raise fail(f"answer {k} {_short(text)} is not at answer_start {start} of its context{hint}")
-        texts.append(text)
         starts.append(start)
     return Example(id=qid, title=title, context=context, question=question, answers=tuple(texts),
-                   answer_starts=tuple(starts))
+                   answer_starts=tuple(starts) if len(starts) == len(texts) else ())
 
 
 def load_predictions(path: str | Path) -> dict[str, str]:
@@ -613,6 +628,28 @@ def _check_question_lengths(examples: Sequence[Example], questions: list[str], t
                                    "or lower doc_stride)")
 
 
+def _readable(text: str) -> bool:
+    """Whether ``text`` holds a letter, digit, punctuation mark or symbol, which every tokenizer keeps as a token
+    (an unknown one at worst); it stops at the first, so it costs next to nothing on real text."""
+    return any(unicodedata.category(char)[0] in "LNPS" for char in text)
+
+
+def _check_tokens(examples: Sequence[Example], questions: list[str], tokenizer: Any) -> None:
+    """Fail clearly on a question (as cut) or context with no token: made only of characters the tokenizer drops
+    (zero-width spaces, control characters, lone combining accents for an uncased one), it would be windowed as
+    nothing, trained on or scored without a word. Only the few texts without a readable character are tokenized."""
+    for field, texts in (("question", questions), ("context", [ex.context for ex in examples])):
+        suspects = [i for i, text in enumerate(texts) if not _readable(text)]
+        if not suspects:
+            continue
+        ids = tokenize_text(tokenizer, [texts[i] for i in suspects], add_special_tokens=False)["input_ids"]
+        for i, tokens in zip(suspects, ids):
+            if not tokens:
+                raise QuestionWithoutTokens(f"question {examples[i].id}: its {field} {_short(texts[i])} has no "
+                                            "tokens the model reads (only characters the tokenizer drops, such as "
+                                            "zero-width spaces or control characters)")
+
+
 def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int, doc_stride: int,
               max_query_length: int, progress: bool = False) -> Iterator[tuple[int, Any]]:
     """Yield (index of the chunk's first example, encoding) for chunks of examples; windows of all questions.
@@ -621,6 +658,7 @@ def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int, 
     if not isinstance(max_query_length, int) or isinstance(max_query_length, bool) or max_query_length <= 0:
         raise ValueError(f"max_query_length must be a positive integer, got {max_query_length!r}")
     questions = _cut_questions(examples, tokenizer, max_query_length)
+    _check_tokens(examples, questions, tokenizer)
     _check_question_lengths(examples, questions, tokenizer, max_seq_length, doc_stride, max_query_length)
     types = _pair_types(tokenizer)
     with tqdm(total=len(examples), desc="tokenize", unit="question", disable=not progress,

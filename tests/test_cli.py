@@ -41,6 +41,21 @@ def test_score_agrees_with_the_metric(tmp_path):
     assert result["f1"] == pytest.approx(100 * (1 + 2 * (1 * 1) / (1 + 2)) / 2)
 
 
+def test_score_takes_a_gold_file_without_answer_start(tmp_path, capsys, dev_subset):
+    """The official v1.1 evaluation reads the answer texts only: a gold file that leaves answer_start out (written
+    for scoring alone) scores (training still needs the starts)."""
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": ex.context, "qas": [{"id": ex.id, "question": ex.question, "answers": [{"text": ex.answers[0]}]}]}
+        for ex in dev_subset[:2]]}]}
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    (tmp_path / "pred.json").write_text(json.dumps({dev_subset[0].id: dev_subset[0].answers[0]}))
+    assert cli.main(["score", str(tmp_path / "data.json"), str(tmp_path / "pred.json")]) == 0
+    assert json.loads(capsys.readouterr().out) == {"exact_match": 50.0, "f1": 50.0}
+    assert squad.load_squad(tmp_path / "data.json", spans=False)[0].answer_starts == ()
+    with pytest.raises(squad.SquadFormatError, match="missing 'answer_start'"):
+        squad.load_squad(tmp_path / "data.json")
+
+
 def test_pack_eval_and_ask_on_a_packed_directory(masked_checkpoint, tmp_path):
     out = tmp_path / "packed"
     proc = fineprune("pack", str(masked_checkpoint), str(out), "--questions", "4")
@@ -134,6 +149,25 @@ def test_eval_keeps_a_stride_over_half_a_window_that_fits_the_model(capsys, mask
                      "--doc-stride", "64"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["max_seq_length"], result["doc_stride"]) == (96, 64)
+
+
+@pytest.mark.parametrize("command", ["eval", "ask"])
+def test_a_doc_stride_not_shorter_than_the_window_is_refused_as_a_run_config_refuses_it(capsys, masked_checkpoint,
+                                                                                       tmp_path, command):
+    """Halved in silence, it came back in the too-long-question error as a stride never given ("doc_stride 32" for
+    --doc-stride 64), whose advice to lower it would only have widened the overlap."""
+    question = " ".join(["which"] * 40) + "?"
+    data = {"data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
+        {"id": "long-q", "question": question, "answers": [{"text": "the mat", "answer_start": 15}]}]}]}]}
+    (tmp_path / "long.json").write_text(json.dumps(data))
+    inputs = {"eval": ["--eval-data", str(tmp_path / "long.json"), "--no-progress"],
+              "ask": ["--question", question, "--context", "The cat sat on the mat."]}[command]
+    line = _one_line_error(capsys, [command, str(masked_checkpoint), *inputs, "--max-seq-length", "64",
+                                    "--doc-stride", "64"])
+    assert line.endswith("error: --doc-stride 64: must be smaller than --max-seq-length (64): it is the overlap of "
+                         "consecutive windows")
+    line = _one_line_error(capsys, [command, str(masked_checkpoint), *inputs, "--doc-stride", "400"])
+    assert "--doc-stride 400: must be smaller than --max-seq-length (384 as the default)" in line
 
 
 def test_eval_reads_no_answer_start(capsys, masked_checkpoint, tmp_path):
@@ -472,6 +506,46 @@ def test_a_question_too_long_for_the_window_names_its_file(capsys, masked_checkp
     line = _one_line_error(capsys, ["eval", str(masked_checkpoint), "--eval-data", str(long), "--max-seq-length", "96",
                                     "--doc-stride", "32", "--no-progress"])
     assert line.startswith(f"fineprune eval: error: {long}: question q has 63 tokens")
+
+
+@pytest.mark.parametrize("question,context,field,shown", [
+    ("\u200b\u200b", "The cat sat on the mat.", "question", "'\\u200b\\u200b'"),
+    ("Where?", "\u200b\x01\u200b", "context", "'\\u200b\\x01\\u200b'"),
+], ids=["zero-width-question", "control-context"])
+def test_a_question_or_context_without_tokens_is_one_line_in_eval_and_prune_as_in_ask(
+        capsys, masked_checkpoint, tmp_path, question, context, field, shown):
+    """Made only of characters the tokenizer drops, it was windowed as nothing and scored 0 (or trained on) without
+    a word, while ask refused it."""
+    good = {"id": "ok", "question": "Where did the cat sit?", "answers": [{"text": "The cat", "answer_start": 0}]}
+    bad = {"id": "empty-q", "question": question, "answers": [{"text": context[:1], "answer_start": 0}]}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [
+        {"context": "The cat sat on the mat.", "qas": [good]}, {"context": context, "qas": [bad]}]}]}))
+    line = _one_line_error(capsys, ["eval", str(masked_checkpoint), "--eval-data", str(path), "--no-progress"])
+    assert line == (f"fineprune eval: error: {path}: question empty-q: its {field} {shown} has no tokens the model "
+                    "reads (only characters the tokenizer drops, such as zero-width spaces or control characters)")
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--train-data", str(path), "--eval-data", str(path),
+                                    "--output-dir", str(tmp_path / "run")])
+    assert line.startswith(f"fineprune prune: error: {path}: question empty-q: its {field} {shown} has no tokens")
+    assert not (tmp_path / "run" / "final").exists()
+    line = _one_line_error(capsys, ["ask", str(masked_checkpoint), "--question", question, "--context", context])
+    assert line == f"fineprune ask: error: {field} has no tokens the model reads"
+
+
+def test_a_question_too_long_for_the_check_windows_of_pack_and_export_names_its_file(capsys, masked_checkpoint,
+                                                                                     tmp_path):
+    """pack and export compare logits on fixed windows (384 tokens fitted to the model's 128 positions: 60 question
+    tokens at most); a longer question there named no file."""
+    qa = {"id": "long-q", "question": " ".join(["which"] * 70) + "?",
+          "answers": [{"text": "the mat", "answer_start": 15}]}
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.",
+                                                                         "qas": [qa]}]}]}))
+    for command in ("pack", "export"):
+        out = tmp_path / command
+        line = _one_line_error(capsys, [command, str(masked_checkpoint), str(out), "--eval-data", str(path)])
+        assert line.startswith(f"fineprune {command}: error: {path}: question long-q has 64 tokens")
+        assert not out.exists()
 
 
 def test_a_long_question_is_cut_to_max_query_length_in_eval_and_ask(capsys, caplog, masked_checkpoint, tmp_path):

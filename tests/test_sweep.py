@@ -695,3 +695,37 @@ def test_the_dense_baseline_is_scored_on_the_trials_questions_whatever_the_teach
     nine = _eval_stdout(capsys, teacher, *windows, "--eval-limit", "9", "--n-best", "20")
     assert again["f1"] == pytest.approx(nine["f1"], abs=1e-9)
     assert again["exact_match"] == pytest.approx(nine["exact_match"], abs=1e-9)
+
+
+def test_a_question_too_long_for_the_trials_windows_names_its_file_when_a_given_teacher_is_scored(tmp_path):
+    """A given teacher is scored on the trials' evaluation questions in a Ray task; a question too long for their
+    windows (64 tokens overlapping by 32: 28 question tokens at most) named no file there, as it does elsewhere."""
+    import ray
+    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+
+    from pruning import squad
+    from pruning.checkpoint import save_model
+    from pruning.resources import shipped_model_dir
+    from workflows.space import load_space
+    from workflows.sweep import ensure_teacher
+
+    values = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    teacher = tmp_path / "teacher"
+    save_model(BertForQuestionAnswering(BertConfig(**values["base"]["model_config"])),
+               AutoTokenizer.from_pretrained(shipped_model_dir()), teacher)
+    qa = {"id": "long-q", "question": " ".join(["which"] * 40) + "?",
+          "answers": [{"text": "the mat", "answer_start": 15}]}
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.",
+                                                                         "qas": [qa]}]}]}))
+    values["base"].update(eval_data=str(data), eval_limit=None)
+    values["teacher"] = {"path": str(teacher), "student_init": True}
+    space = tmp_path / "smoke.yaml"
+    space.write_text(yaml.safe_dump(values))
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        with pytest.raises(squad.QuestionTooLong) as info:
+            ensure_teacher(load_space(space), tmp_path / "teachers")
+    finally:
+        ray.shutdown()
+    assert str(info.value).startswith(f"{data}: question long-q has 41 tokens: with max_seq_length 64 ")

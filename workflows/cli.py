@@ -321,13 +321,17 @@ def _check_not_inside(source: str | Path, out: str | Path, flag: str) -> None:
 def _recorded_settings(args: argparse.Namespace) -> None:
     """Fill in each window and span-search option not given (None) from what the model directory records of the run
     that wrote it (:func:`pruning.checkpoint.read_evaluation`), else the run config's default, so that a run's own
-    model is scored as the run scored it; a given flag wins."""
+    model is scored as the run scored it; a given flag wins.
+
+    A ``--doc-stride`` given that is not shorter than the window is refused, as a run config refuses it: halved, it
+    would be a stride the user never gave, and lowering it a little would only widen the overlap."""
     from pruning.checkpoint import read_evaluation
     from pruning.config import EVALUATION_KEYS, RunConfig
     from pruning.resources import resolve_model
 
     path = resolve_model(args.model_dir)
     recorded = read_evaluation(path)
+    stride_given, seq_given = args.doc_stride is not None, args.max_seq_length is not None
     taken = {}
     for key in EVALUATION_KEYS:
         if getattr(args, key) is None:
@@ -340,6 +344,11 @@ def _recorded_settings(args: argparse.Namespace) -> None:
     if taken:
         logger.info("%s records the settings its run evaluated with: %s", path / "config.json",
                     ", ".join(f"{key} {value}" for key, value in taken.items()))
+    if stride_given and args.doc_stride >= args.max_seq_length:
+        window = ("" if seq_given else " as " + ("the model directory records it" if "max_seq_length" in taken
+                                                  else "the default"))
+        raise UserError(f"--doc-stride {args.doc_stride}: must be smaller than --max-seq-length "
+                        f"({args.max_seq_length}{window}): it is the overlap of consecutive windows")
 
 
 def _windows(args: argparse.Namespace, model, tokenizer) -> tuple[int, int]:
@@ -521,8 +530,9 @@ def _pack_into(args: argparse.Namespace, out: Path, precision: str) -> int:
     masked = load_model(args.checkpoint, qa_head=True)
     tokenizer = load_tokenizer(args.checkpoint)
     limit = max_positions(masked.config)
-    inputs = squad.check_windows(squad.load_squad(resolve_data(args.eval_data), limit=args.questions, spans=False),
-                                 tokenizer, limit)
+    data = resolve_data(args.eval_data)
+    with squad.questions_of(data):
+        inputs = squad.check_windows(squad.load_squad(data, limit=args.questions, spans=False), tokenizer, limit)
     # The dense shape against the packed model at batch 1 and the longest window the model takes (at most 384).
     packed, report = pack_and_verify(masked, inputs, batch_size=1, seq_len=min(384, limit), repeats=args.repeats,
                                      precision=precision)
@@ -659,8 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-seq-length", type=int,
                        help="tokens per window, cut to the model's position embeddings " + recorded("max_seq_length"))
         p.add_argument("--doc-stride", type=int,
-                       help="context tokens that consecutive windows of one context share (their overlap); half a "
-                            "window when the window is cut to the model or the stride is not shorter than it "
+                       help="context tokens that consecutive windows of one context share (their overlap), "
+                            "smaller than --max-seq-length; at most half a window when the window is cut to the "
+                            "model, as is a recorded or default stride not shorter than the window "
                             + recorded("doc_stride"))
         p.add_argument("--max-query-length", type=int,
                        help="a longer question is cut to this many tokens (the run config's max_query_length) "

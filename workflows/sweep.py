@@ -216,9 +216,11 @@ def _dense_teacher(cfg, given: str | None, held_out_checked: bool = False) -> di
         return train(cfg, progress=False, held_out_warning=not held_out_checked)
     device = resolve_device(cfg.device)
     model = load_model(given, qa_head=True).to(device)
-    examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit, spans=False)
-    return {**evaluate(model, load_tokenizer(given), examples, cfg, device=device, progress=False),
-            "model_dir": given}
+    data = resolve_data(cfg.eval_data)
+    examples = squad.load_squad(data, limit=cfg.eval_limit, spans=False)
+    with squad.questions_of(data):
+        metrics = evaluate(model, load_tokenizer(given), examples, cfg, device=device, progress=False)
+    return {**metrics, "model_dir": given}
 
 
 def _largest_train_limit(space: SweepSpace) -> int | None:
