@@ -70,7 +70,7 @@ from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, check_
 from .distill import hidden_mse, kd_loss, qa_ce_loss
 from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, shipped_model_dir
-from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
+from .schedules import cubic_schedule, linear_warmup_decay, warmups
 from .sparsity import sparsity_report
 from .structure import architecture_for, max_positions, qa_model_class, scratch_config
 from .teacher_cache import TeacherCache, TeacherOutputs
@@ -254,8 +254,7 @@ def _warmups(cfg: RunConfig, main: int) -> tuple[int, int]:
     Raises:
         ConfigError: for a masked run, warm-ups that leave the schedule no room to reach its target.
     """
-    initial = warmup_steps(cfg.initial_warmup, main)
-    final = warmup_steps(cfg.final_warmup, main)
+    initial, final = warmups(cfg.initial_warmup, cfg.final_warmup, main)
     if cfg.masked and initial + final > main:
         raise ConfigError(f"initial_warmup + final_warmup: {initial} + {final} steps exceed the {main} pruning steps")
     if cfg.masked and final == 0 and initial >= main:  # the last step would be held at the start, not the target

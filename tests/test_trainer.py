@@ -283,6 +283,17 @@ def test_warmups_longer_than_the_run_are_rejected(tmp_path):
         plan(tiny_cfg(tmp_path, method="topk", initial_warmup=5, final_warmup=5, max_steps=6), 10)
 
 
+@pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])
+def test_warmup_fractions_that_add_up_to_one_fit_a_run_of_odd_steps(tmp_path, method):
+    """0.5 and 0.5 of 7 steps are 3.5 each: both rounded up to 4 they took 8 of the 7 steps and the run was refused."""
+    for max_steps in (None, 7):
+        cfg = tiny_cfg(tmp_path, method=method, max_steps=max_steps, epochs=1.0, grad_accum=1, batch_size=1,
+                       initial_warmup=0.5, final_warmup=0.5)
+        p = plan(cfg, 7)
+        assert (p.prune_steps, p.initial_warmup, p.final_warmup) == (7, 4, 3)
+    assert plan(dataclasses.replace(cfg, max_steps=9), 7).final_warmup == 4  # 4.5 and 4.5: 4 + 4, as before
+
+
 def test_warmups_over_a_run_of_known_steps_are_refused_before_the_data_is_read(tmp_path, caplog):
     cfg = tiny_cfg(tmp_path, method="topk", attention_block=[16, 16], max_steps=6, initial_warmup=4, final_warmup=4)
     with caplog.at_level(logging.INFO, logger="pruning"), pytest.raises(
