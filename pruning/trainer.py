@@ -269,6 +269,11 @@ def plan(cfg: RunConfig, num_features: int) -> TrainingPlan:
     ``method: fisher`` prunes before the first step: it has no pruning steps, only its ``fill_steps``.
     """
     micro_batches = max(1, math.ceil(num_features / cfg.batch_size))
+    if cfg.max_steps is None and cfg.method is not Method.FISHER and cfg.grad_accum > micro_batches:
+        # A step would train more than an epoch: counted as one, the run trained other epochs than it was given.
+        raise ConfigError(f"grad_accum: {cfg.grad_accum} micro-batches a step exceed the {micro_batches} of an epoch "
+                          f"({num_features} training windows in batches of {cfg.batch_size}), so the run cannot "
+                          f"train its {cfg.epochs:g} epochs in steps; lower grad_accum or batch_size, or set max_steps")
     steps_per_epoch = max(1, micro_batches // cfg.grad_accum)
     if cfg.method is Method.FISHER:
         return TrainingPlan(steps_per_epoch, 0, cfg.fill_steps, 0, 0, 0)
@@ -878,7 +883,9 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         do_save = is_last or do_eval or (cfg.save_every is not None and done % cfg.save_every == 0)
         if not (do_eval or do_save):
             continue
-        metrics: dict[str, Any] = {"step": done, "epoch": done / p.steps_per_epoch, "threshold": threshold,
+        # The windows trained, in epochs: a step of grad_accum micro-batches need not end where an epoch does.
+        epoch = batches.position.epoch + batches.position.window / num_features
+        metrics: dict[str, Any] = {"step": done, "epoch": epoch, "threshold": threshold,
                                    "lambda_attention": lam_att, "lambda_ffn": lam_ffn,
                                    "learning_rate": optimizer.param_groups[1]["lr"], **terms,
                                    "phase_fill": float(step >= p.prune_steps),

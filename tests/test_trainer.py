@@ -1172,3 +1172,24 @@ def test_a_run_of_epochs_resumed_with_other_batches_is_refused_naming_the_key(tm
     windows.clear()
     result = train(dataclasses.replace(cfg, batch_size=16, max_steps=5), resume_from=checkpoint, progress=False)
     assert result["step"] == 5 and sorted(first + _flat(windows)) == list(range(48))
+
+
+def test_a_run_in_epochs_whose_step_takes_more_than_an_epoch_is_refused(tmp_path):
+    """3 micro-batches an epoch, 4 a step: counted as one step an epoch, the run trained 8 micro-batches (2.7 epochs)
+    for 2."""
+    cfg = tiny_cfg(tmp_path, max_steps=None, epochs=2.0, batch_size=8, grad_accum=4)
+    with pytest.raises(ConfigError, match=r"^grad_accum: 4 micro-batches a step exceed the 3 of an epoch \(24 "
+                                          r"training windows in batches of 8\), so the run cannot train its 2 epochs "
+                                          r"in steps; lower grad_accum or batch_size, or set max_steps$"):
+        plan(cfg, 24)
+    assert plan(dataclasses.replace(cfg, grad_accum=3), 24).prune_steps == 2  # a step an epoch, as before
+    assert plan(dataclasses.replace(cfg, max_steps=2), 24).prune_steps == 2  # steps given: 8 micro-batches
+
+
+def test_the_logged_epoch_counts_the_windows_trained(tmp_path):
+    """Steps of 4 micro-batches over epochs of 3 (24 windows in batches of 8): step 1 has trained 4/3 of an epoch,
+    not the one the step count made of it."""
+    seen = []
+    cfg = tiny_cfg(tmp_path, max_steps=2, eval_every=1, train_limit=8, eval_limit=2, batch_size=8, grad_accum=4)
+    train(cfg, report=lambda m, c: seen.append((m["step"], m["epoch"])), progress=False)
+    assert seen == [(1, pytest.approx(4 / 3)), (2, pytest.approx(8 / 3))]
