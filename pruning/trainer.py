@@ -60,6 +60,7 @@ from .checkpoint import (
     load_tokenizer,
     load_training_state,
     optimizer_tensors,
+    read_evaluation,
     read_json,
     restore_optimizer,
     save_model,
@@ -463,6 +464,26 @@ def fit_to_model(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None = N
     return dataclasses.replace(cfg, max_seq_length=seq, doc_stride=stride)
 
 
+def _check_resumed_windows(cfg: RunConfig, checkpoint_dir: Path, state: dict[str, Any]) -> None:
+    """Refuse a resume whose windows, as cut to the model and the teacher (``cfg`` from :func:`fit_to_model`), are
+    not those the checkpoint's run trained on: its config keeps ``max_seq_length`` and ``doc_stride``, but a teacher
+    with other position embeddings than the run's would cut them otherwise.
+
+    Raises:
+        ConfigError: naming the checkpoint, the teacher there and here, and both windows.
+    """
+    recorded = read_evaluation(checkpoint_dir)  # empty for a checkpoint written before models recorded it
+    there = (recorded.get("max_seq_length", cfg.max_seq_length), recorded.get("doc_stride", cfg.doc_stride))
+    here = (cfg.max_seq_length, cfg.doc_stride)
+    if there == here:
+        return
+    stored = state.get("config") if isinstance(state.get("config"), dict) else {}
+    raise ConfigError(f"{checkpoint_dir}: teacher {json.dumps(stored.get('teacher'))} there, "
+                      f"{json.dumps(cfg.teacher)} here: the run trained on windows of {there[0]} tokens (doc_stride "
+                      f"{there[1]}), which the position embeddings here make {here[0]} (doc_stride {here[1]}); "
+                      "resume with a teacher that keeps the windows")
+
+
 def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of what decides a tokenizer's ids: a fast tokenizer's whole definition (vocabulary, merges, special
     tokens, post-processor), else its vocabulary.
@@ -744,6 +765,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     _check_teacher(cfg, model, tokenizer, teacher)
     saved_cfg = cfg  # what checkpoints record: the run's config as given, not its windows cut to the model
     cfg = fit_to_model(cfg, model, teacher)
+    if resume_from is not None:
+        _check_resumed_windows(cfg, resume_from, state)
     # What checkpoints and the final model record of the run's evaluations (windows as cut to the model, span
     # search, precision): what eval and ask default to.
     evaluation = {**evaluation_settings(cfg), "precision": precision}
@@ -942,7 +965,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
 # What a resumed run must share with the run that wrote its checkpoint: the model and the training windows, what
 # gives the masks their meaning and places the steps on the pruning schedule, and which parameters train (the
 # optimizer state is theirs). Anything else (output_dir, evaluation, logging, checkpoints, the device, precision,
-# learning rates, distillation) may change on resume.
+# learning rates, distillation) may change on resume, but for a teacher that would cut the windows otherwise
+# (checked once it is loaded, by _check_resumed_windows).
 RESUME_KEYS = ("model", "model_config", "tokenizer", "train_data", "train_limit", "max_seq_length", "doc_stride",
                "max_query_length", "method", "freeze_embeddings")
 _SCHEDULE_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "fill_steps", "initial_warmup", "final_warmup",

@@ -1193,3 +1193,30 @@ def test_the_logged_epoch_counts_the_windows_trained(tmp_path):
     cfg = tiny_cfg(tmp_path, max_steps=2, eval_every=1, train_limit=8, eval_limit=2, batch_size=8, grad_accum=4)
     train(cfg, report=lambda m, c: seen.append((m["step"], m["epoch"])), progress=False)
     assert seen == [(1, pytest.approx(4 / 3)), (2, pytest.approx(8 / 3))]
+
+
+@pytest.mark.parametrize("first,then", [("long", "short"), ("short", None)])
+def test_a_resume_whose_teacher_would_cut_the_windows_otherwise_is_refused_naming_the_teacher(tmp_path, first, then):
+    """A run's windows of 96 tokens are cut to 64 by a teacher of 64 positions, not by one of 128: a resume given the
+    other teacher (or none) went on, on other windows, with no word but the cut's warning where it cut them."""
+    for name, positions in (("long", 128), ("short", 64)):
+        model, tok = build_model(tiny_cfg(tmp_path, model_config={**TINY, "max_position_embeddings": positions}))
+        save_model(model, tok, tmp_path / name)
+    cfg = tiny_cfg(tmp_path, max_seq_length=96, doc_stride=48, max_steps=4, eval_every=2, train_limit=4,
+                   eval_limit=2, teacher=str(tmp_path / first))
+    with pytest.raises(Stop):
+        train(cfg, report=_stopped_at(2), progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    written = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+    teacher = None if then is None else str(tmp_path / then)
+    windows = {"long": "96 tokens (doc_stride 48)", "short": "64 tokens (doc_stride 32)"}
+    with pytest.raises(ConfigError) as err:
+        train(dataclasses.replace(cfg, teacher=teacher), resume_from=checkpoint, progress=False)
+    assert str(err.value) == (f'{checkpoint}: teacher "{tmp_path / first}" there, {json.dumps(teacher)} here: the '
+                              f"run trained on windows of {windows[first]}, which the position embeddings here make "
+                              f"{windows[then or 'long'].replace(' tokens', '')}; resume with a teacher that keeps "
+                              "the windows")
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == written
+    # Distillation may change where the windows stay: the same teacher, or none after the long one.
+    other = None if first == "long" else str(tmp_path / first)
+    assert train(dataclasses.replace(cfg, teacher=other), resume_from=checkpoint, progress=False)["step"] == 4
