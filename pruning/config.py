@@ -99,7 +99,7 @@ class RunConfig:
     max_steps: int | None = None  # overrides epochs when set
     batch_size: int = 16
     eval_batch_size: int = 64
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches a step; a run in epochs needs at least as many in an epoch
     # batches of windows of similar length: each epoch's shuffled windows are taken in groups of 50 batches, each
     # group sorted by length and cut into batches, and the batches shuffled. Every window still comes once an
     # epoch; a batch is cut to its longest window, so on SQuAD (a third of the windows full, the rest shorter) a

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["cubic_schedule", "warmup_steps", "linear_warmup_decay"]
+__all__ = ["cubic_schedule", "warmup_steps", "warmups", "linear_warmup_decay"]
 
 
 def warmup_steps(value: float, total: int) -> int:
@@ -10,6 +10,16 @@ def warmup_steps(value: float, total: int) -> int:
     if value < 1:
         return int(round(value * total))
     return int(value)
+
+
+def warmups(initial: float, final: float, total: int) -> tuple[int, int]:
+    """The initial and final warm-ups of ``total`` steps, each by :func:`warmup_steps`, except that two fractions
+    adding up to at most 1 always fit: where both round a half up (0.5 and 0.5 of 7 steps, 3.5 + 3.5 -> 4 + 4), the
+    final warm-up takes the steps the initial one leaves."""
+    first, last = warmup_steps(initial, total), warmup_steps(final, total)
+    if initial < 1 and final < 1 and initial + final <= 1 and first + last > total:
+        last = total - first
+    return first, last
 
 
 def cubic_schedule(step: int, total: int, initial: float, final: float, initial_warmup: int = 0,

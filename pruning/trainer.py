@@ -60,6 +60,7 @@ from .checkpoint import (
     load_tokenizer,
     load_training_state,
     optimizer_tensors,
+    read_evaluation,
     read_json,
     restore_optimizer,
     save_model,
@@ -70,7 +71,7 @@ from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, check_
 from .distill import hidden_mse, kd_loss, qa_ce_loss
 from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, shipped_model_dir
-from .schedules import cubic_schedule, linear_warmup_decay, warmup_steps
+from .schedules import cubic_schedule, linear_warmup_decay, warmups
 from .sparsity import sparsity_report
 from .structure import architecture_for, max_positions, qa_model_class, scratch_config
 from .teacher_cache import TeacherCache, TeacherOutputs
@@ -254,8 +255,7 @@ def _warmups(cfg: RunConfig, main: int) -> tuple[int, int]:
     Raises:
         ConfigError: for a masked run, warm-ups that leave the schedule no room to reach its target.
     """
-    initial = warmup_steps(cfg.initial_warmup, main)
-    final = warmup_steps(cfg.final_warmup, main)
+    initial, final = warmups(cfg.initial_warmup, cfg.final_warmup, main)
     if cfg.masked and initial + final > main:
         raise ConfigError(f"initial_warmup + final_warmup: {initial} + {final} steps exceed the {main} pruning steps")
     if cfg.masked and final == 0 and initial >= main:  # the last step would be held at the start, not the target
@@ -270,6 +270,11 @@ def plan(cfg: RunConfig, num_features: int) -> TrainingPlan:
     ``method: fisher`` prunes before the first step: it has no pruning steps, only its ``fill_steps``.
     """
     micro_batches = max(1, math.ceil(num_features / cfg.batch_size))
+    if cfg.max_steps is None and cfg.method is not Method.FISHER and cfg.grad_accum > micro_batches:
+        # A step would train more than an epoch: counted as one, the run trained other epochs than it was given.
+        raise ConfigError(f"grad_accum: {cfg.grad_accum} micro-batches a step exceed the {micro_batches} of an epoch "
+                          f"({num_features} training windows in batches of {cfg.batch_size}), so the run cannot "
+                          f"train its {cfg.epochs:g} epochs in steps; lower grad_accum or batch_size, or set max_steps")
     steps_per_epoch = max(1, micro_batches // cfg.grad_accum)
     if cfg.method is Method.FISHER:
         return TrainingPlan(steps_per_epoch, 0, cfg.fill_steps, 0, 0, 0)
@@ -457,6 +462,26 @@ def fit_to_model(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None = N
     logger.warning("max_seq_length %d exceeds the %d position embeddings of %s: training and evaluation use windows "
                    "of %d tokens with doc_stride %d", cfg.max_seq_length, positions, owner, seq, stride)
     return dataclasses.replace(cfg, max_seq_length=seq, doc_stride=stride)
+
+
+def _check_resumed_windows(cfg: RunConfig, checkpoint_dir: Path, state: dict[str, Any]) -> None:
+    """Refuse a resume whose windows, as cut to the model and the teacher (``cfg`` from :func:`fit_to_model`), are
+    not those the checkpoint's run trained on: its config keeps ``max_seq_length`` and ``doc_stride``, but a teacher
+    with other position embeddings than the run's would cut them otherwise.
+
+    Raises:
+        ConfigError: naming the checkpoint, the teacher there and here, and both windows.
+    """
+    recorded = read_evaluation(checkpoint_dir)  # empty for a checkpoint written before models recorded it
+    there = (recorded.get("max_seq_length", cfg.max_seq_length), recorded.get("doc_stride", cfg.doc_stride))
+    here = (cfg.max_seq_length, cfg.doc_stride)
+    if there == here:
+        return
+    stored = state.get("config") if isinstance(state.get("config"), dict) else {}
+    raise ConfigError(f"{checkpoint_dir}: teacher {json.dumps(stored.get('teacher'))} there, "
+                      f"{json.dumps(cfg.teacher)} here: the run trained on windows of {there[0]} tokens (doc_stride "
+                      f"{there[1]}), which the position embeddings here make {here[0]} (doc_stride {here[1]}); "
+                      "resume with a teacher that keeps the windows")
 
 
 def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -740,6 +765,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     _check_teacher(cfg, model, tokenizer, teacher)
     saved_cfg = cfg  # what checkpoints record: the run's config as given, not its windows cut to the model
     cfg = fit_to_model(cfg, model, teacher)
+    if resume_from is not None:
+        _check_resumed_windows(cfg, resume_from, state)
     # What checkpoints and the final model record of the run's evaluations (windows as cut to the model, span
     # search, precision): what eval and ask default to.
     evaluation = {**evaluation_settings(cfg), "precision": precision}
@@ -879,7 +906,9 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         do_save = is_last or do_eval or (cfg.save_every is not None and done % cfg.save_every == 0)
         if not (do_eval or do_save):
             continue
-        metrics: dict[str, Any] = {"step": done, "epoch": done / p.steps_per_epoch, "threshold": threshold,
+        # The windows trained, in epochs: a step of grad_accum micro-batches need not end where an epoch does.
+        epoch = batches.position.epoch + batches.position.window / num_features
+        metrics: dict[str, Any] = {"step": done, "epoch": epoch, "threshold": threshold,
                                    "lambda_attention": lam_att, "lambda_ffn": lam_ffn,
                                    "learning_rate": optimizer.param_groups[1]["lr"], **terms,
                                    "phase_fill": float(step >= p.prune_steps),
@@ -936,7 +965,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
 # What a resumed run must share with the run that wrote its checkpoint: the model and the training windows, what
 # gives the masks their meaning and places the steps on the pruning schedule, and which parameters train (the
 # optimizer state is theirs). Anything else (output_dir, evaluation, logging, checkpoints, the device, precision,
-# learning rates, distillation) may change on resume.
+# learning rates, distillation) may change on resume, but for a teacher that would cut the windows otherwise
+# (checked once it is loaded, by _check_resumed_windows).
 RESUME_KEYS = ("model", "model_config", "tokenizer", "train_data", "train_limit", "max_seq_length", "doc_stride",
                "max_query_length", "method", "freeze_embeddings")
 _SCHEDULE_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "fill_steps", "initial_warmup", "final_warmup",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pruning.distill import kd_loss, qa_ce_loss
-from pruning.schedules import cubic_schedule, linear_warmup_decay, warmup_steps
+from pruning.schedules import cubic_schedule, linear_warmup_decay, warmup_steps, warmups
 
 
 @pytest.mark.parametrize("initial,final", [(0.0, 0.1), (1.0, 0.3)])
@@ -54,6 +54,24 @@ def test_warmup_steps_fraction_or_count():
     assert warmup_steps(0.1, 200) == 20
     assert warmup_steps(0, 200) == 0
     assert warmup_steps(30, 200) == 30
+
+
+@pytest.mark.parametrize("initial,final", [(0.5, 0.5), (0.3, 0.7), (0.25, 0.75), (0.1, 0.9), (0.5, 0.4), (0.5, 0)])
+def test_warmup_fractions_that_add_up_to_at_most_one_fit_any_number_of_steps(initial, final):
+    """Each fraction rounded alone, halves to even, can take a step more than the run has (0.5 + 0.5 of 7 steps)."""
+    for total in range(1, 60):
+        first, last = warmups(initial, final, total)
+        assert first + last <= total, total
+        assert first == warmup_steps(initial, total)
+        assert last >= warmup_steps(final, total) - 1
+
+
+def test_warmups_that_fit_are_counted_as_each_fraction_alone():
+    assert warmups(0.5, 0.5, 7) == (4, 3)
+    assert warmups(0.5, 0.5, 6) == (3, 3)
+    assert warmups(0.5, 0.5, 9) == (4, 4)  # 4.5 rounds to 4: they fit as they were
+    assert warmups(0.1, 0.2, 15) == (2, 3)
+    assert warmups(4, 4, 7) == (4, 4)  # steps: the caller refuses them
 
 
 def test_linear_warmup_decay():

@@ -1080,3 +1080,11 @@ def test_a_packed_model_the_trials_would_start_from_is_refused_when_the_space_is
         return
     values["base"]["model_config"] = BASE_SPACE["base"]["model_config"] | {"hidden_size": 64}
     assert load_space(write(tmp_path, values)).teacher.path == packed
+
+
+def test_warmup_fractions_that_add_up_to_one_fit_a_sweep_of_odd_steps(tmp_path):
+    """0.5 and 0.5 of 7 steps (3.5 each): rounded alone, halves to even, they read as 4 + 4 of the 7 steps."""
+    values = variant(base={**BASE_SPACE["base"], "max_steps": 7, "initial_warmup": 0.5},
+                     search={"final_warmup": {"type": "choice", "values": [0.2, 0.5]}})
+    space = load_space(write(tmp_path, values))
+    assert space.base["max_steps"] == 7

@@ -283,6 +283,17 @@ def test_warmups_longer_than_the_run_are_rejected(tmp_path):
         plan(tiny_cfg(tmp_path, method="topk", initial_warmup=5, final_warmup=5, max_steps=6), 10)
 
 
+@pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])
+def test_warmup_fractions_that_add_up_to_one_fit_a_run_of_odd_steps(tmp_path, method):
+    """0.5 and 0.5 of 7 steps are 3.5 each: both rounded up to 4 they took 8 of the 7 steps and the run was refused."""
+    for max_steps in (None, 7):
+        cfg = tiny_cfg(tmp_path, method=method, max_steps=max_steps, epochs=1.0, grad_accum=1, batch_size=1,
+                       initial_warmup=0.5, final_warmup=0.5)
+        p = plan(cfg, 7)
+        assert (p.prune_steps, p.initial_warmup, p.final_warmup) == (7, 4, 3)
+    assert plan(dataclasses.replace(cfg, max_steps=9), 7).final_warmup == 4  # 4.5 and 4.5: 4 + 4, as before
+
+
 def test_warmups_over_a_run_of_known_steps_are_refused_before_the_data_is_read(tmp_path, caplog):
     cfg = tiny_cfg(tmp_path, method="topk", attention_block=[16, 16], max_steps=6, initial_warmup=4, final_warmup=4)
     with caplog.at_level(logging.INFO, logger="pruning"), pytest.raises(
@@ -1161,3 +1172,51 @@ def test_a_run_of_epochs_resumed_with_other_batches_is_refused_naming_the_key(tm
     windows.clear()
     result = train(dataclasses.replace(cfg, batch_size=16, max_steps=5), resume_from=checkpoint, progress=False)
     assert result["step"] == 5 and sorted(first + _flat(windows)) == list(range(48))
+
+
+def test_a_run_in_epochs_whose_step_takes_more_than_an_epoch_is_refused(tmp_path):
+    """3 micro-batches an epoch, 4 a step: counted as one step an epoch, the run trained 8 micro-batches (2.7 epochs)
+    for 2."""
+    cfg = tiny_cfg(tmp_path, max_steps=None, epochs=2.0, batch_size=8, grad_accum=4)
+    with pytest.raises(ConfigError, match=r"^grad_accum: 4 micro-batches a step exceed the 3 of an epoch \(24 "
+                                          r"training windows in batches of 8\), so the run cannot train its 2 epochs "
+                                          r"in steps; lower grad_accum or batch_size, or set max_steps$"):
+        plan(cfg, 24)
+    assert plan(dataclasses.replace(cfg, grad_accum=3), 24).prune_steps == 2  # a step an epoch, as before
+    assert plan(dataclasses.replace(cfg, max_steps=2), 24).prune_steps == 2  # steps given: 8 micro-batches
+
+
+def test_the_logged_epoch_counts_the_windows_trained(tmp_path):
+    """Steps of 4 micro-batches over epochs of 3 (24 windows in batches of 8): step 1 has trained 4/3 of an epoch,
+    not the one the step count made of it."""
+    seen = []
+    cfg = tiny_cfg(tmp_path, max_steps=2, eval_every=1, train_limit=8, eval_limit=2, batch_size=8, grad_accum=4)
+    train(cfg, report=lambda m, c: seen.append((m["step"], m["epoch"])), progress=False)
+    assert seen == [(1, pytest.approx(4 / 3)), (2, pytest.approx(8 / 3))]
+
+
+@pytest.mark.parametrize("first,then", [("long", "short"), ("short", None)])
+def test_a_resume_whose_teacher_would_cut_the_windows_otherwise_is_refused_naming_the_teacher(tmp_path, first, then):
+    """A run's windows of 96 tokens are cut to 64 by a teacher of 64 positions, not by one of 128: a resume given the
+    other teacher (or none) went on, on other windows, with no word but the cut's warning where it cut them."""
+    for name, positions in (("long", 128), ("short", 64)):
+        model, tok = build_model(tiny_cfg(tmp_path, model_config={**TINY, "max_position_embeddings": positions}))
+        save_model(model, tok, tmp_path / name)
+    cfg = tiny_cfg(tmp_path, max_seq_length=96, doc_stride=48, max_steps=4, eval_every=2, train_limit=4,
+                   eval_limit=2, teacher=str(tmp_path / first))
+    with pytest.raises(Stop):
+        train(cfg, report=_stopped_at(2), progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    written = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+    teacher = None if then is None else str(tmp_path / then)
+    windows = {"long": "96 tokens (doc_stride 48)", "short": "64 tokens (doc_stride 32)"}
+    with pytest.raises(ConfigError) as err:
+        train(dataclasses.replace(cfg, teacher=teacher), resume_from=checkpoint, progress=False)
+    assert str(err.value) == (f'{checkpoint}: teacher "{tmp_path / first}" there, {json.dumps(teacher)} here: the '
+                              f"run trained on windows of {windows[first]}, which the position embeddings here make "
+                              f"{windows[then or 'long'].replace(' tokens', '')}; resume with a teacher that keeps "
+                              "the windows")
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == written
+    # Distillation may change where the windows stay: the same teacher, or none after the long one.
+    other = None if first == "long" else str(tmp_path / first)
+    assert train(dataclasses.replace(cfg, teacher=other), resume_from=checkpoint, progress=False)["step"] == 4

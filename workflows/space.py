@@ -38,7 +38,7 @@ from ray.tune.search import BasicVariantGenerator
 from pruning.config import (MAX_SEED, METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, RunConfig, check_head_shaped,
                             check_keys_apply, config_from_dict, config_to_dict, read_yaml)
 from pruning.resources import ResourceError, first_missing, resolve_data, resolve_model
-from pruning.schedules import warmup_steps
+from pruning.schedules import warmups
 from pruning.contents import content_digest
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
@@ -1177,7 +1177,7 @@ def _check_plan(cfg: RunConfig, *at: str) -> None:
     """The warm-up check the trainer makes, done here when the number of pruning steps is already known."""
     if not cfg.masked or cfg.max_steps is None or cfg.method is Method.FISHER:
         return
-    initial, final = warmup_steps(cfg.initial_warmup, cfg.max_steps), warmup_steps(cfg.final_warmup, cfg.max_steps)
+    initial, final = warmups(cfg.initial_warmup, cfg.final_warmup, cfg.max_steps)
     if initial + final > cfg.max_steps:
         raise _Problem(f"initial_warmup + final_warmup ({initial} + {final} steps) exceed the "
                        f"{cfg.max_steps} pruning steps", *at)
