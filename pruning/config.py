@@ -220,6 +220,8 @@ _OPTIONAL_PATH_KEYS = ("tokenizer", "cache_dir", "teacher")
 
 
 def _fail(key: str, message: str) -> None:
+    if message.endswith("got None"):  # `key: ~` or `key:` with no value: YAML's null, which Python calls None
+        message = message[:-len("None")] + "null (YAML reads ~ and a key with no value as null)"
     raise ConfigError(f"{key}: {message}")
 
 

@@ -263,3 +263,14 @@ def test_a_bare_tilde_as_a_path_says_yaml_reads_it_as_null(tmp_path, key):
         load_config(config)
     assert str(err.value) == (f"{config}: {key}: must be a path or name, got null (YAML reads a bare ~ as null; "
                               "write '~' in quotes for the home directory)")
+
+
+@pytest.mark.parametrize("text", ["max_seq_length: ~\n", "batch_size:\n", "learning_rate: null\n"])
+def test_a_null_value_is_called_null_as_yaml_writes_it(tmp_path, text):
+    """`max_seq_length: ~` (or a key with no value) said "got None", Python's word, which a YAML file never holds."""
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value).endswith("got null (YAML reads ~ and a key with no value as null)")
+    assert str(err.value).startswith(f"{config}: {text.split(':')[0]}: ")
