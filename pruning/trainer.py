@@ -783,8 +783,10 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     if start_step > p.total_steps:  # a dense run resumed with fewer steps: its model has trained past the end
         raise CheckpointError(f"{Path(resume_from) / STATE}: step {start_step} is past the {p.total_steps} steps the "
                               "run config trains")
-    logger.info("%d questions -> %d training features; %d steps (%d pruning + %d filled), device %s, %s",
-                len(train_examples), num_features, p.total_steps, p.prune_steps, p.fill_steps, device, precision)
+    steps = (f"{p.total_steps} steps" if not cfg.masked
+             else f"{p.total_steps} steps ({p.prune_steps} pruning + {p.fill_steps} filled)")
+    logger.info("%d questions -> %d training features; %s, device %s, %s", len(train_examples), num_features, steps,
+                device, precision)
 
     for name, what in ((FINAL_DIR, "final model"), (CHECKPOINT_DIR, "checkpoint")):
         previous = output_dir / name

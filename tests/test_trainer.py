@@ -1220,3 +1220,16 @@ def test_a_resume_whose_teacher_would_cut_the_windows_otherwise_is_refused_namin
     # Distillation may change where the windows stay: the same teacher, or none after the long one.
     other = None if first == "long" else str(tmp_path / first)
     assert train(dataclasses.replace(cfg, teacher=other), resume_from=checkpoint, progress=False)["step"] == 4
+
+
+@pytest.mark.parametrize("method", ["dense", "topk"])
+def test_the_planned_steps_are_logged_as_pruning_and_filled_only_for_a_masked_run(tmp_path, caplog, method):
+    """A dense run's log said "2 steps (2 pruning + 0 filled)", steps that prune nothing."""
+    cfg = tiny_cfg(tmp_path, method=method, max_steps=2, train_limit=4, eval_limit=2,
+                   **({"attention_block": [16, 16]} if method == "topk" else {}))
+    with caplog.at_level(logging.INFO, logger="pruning.trainer"):
+        train(cfg, progress=False)
+    planned = [r.getMessage() for r in caplog.records if "training features;" in r.getMessage()]
+    assert len(planned) == 1
+    assert ("2 steps (2 pruning + 0 filled)," in planned[0]) == (method == "topk")
+    assert "; 2 steps" in planned[0]
