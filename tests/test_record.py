@@ -107,9 +107,10 @@ def test_latest_sweep_names_what_is_missing(client, tmp_path):
     second = tracking.start_parent_run(client, "exp", "/sweeps/b", {}, resume=False)
     assert record.latest_sweep(client, "exp").info.run_id == second
     assert record.latest_sweep(client, "exp", first).info.run_id == first
-    for not_a_sweep in (trial, "0" * 32):
-        with pytest.raises(RecordError, match=f"run {not_a_sweep} is not a sweep"):
-            record.latest_sweep(client, "exp", not_a_sweep)
+    with pytest.raises(RecordError, match=f"run {trial} is not a sweep"):
+        record.latest_sweep(client, "exp", trial)
+    with pytest.raises(RecordError, match=f"run {'0' * 32} is not in {uri} \\(removed for good"):
+        record.latest_sweep(client, "exp", "0" * 32)
 
 
 @pytest.mark.parametrize("command", [["register", "--experiment", "nope"],
