@@ -64,7 +64,7 @@ __all__ = [
     "ARTIFACT_MODEL_DIR", "ARTIFACT_ONNX_DIR",
     # the registry spec, the readers
     "RegistrySpec", "POLICY_THRESHOLDS", "policy_text", "latest_sweep", "latest_sweep_left", "deleted_run",
-    "deleted_experiment", "restore_command", "trials", "metric_history", "COLUMNS",
+    "deleted_experiment", "restore_command", "fineprune_command", "trials", "metric_history", "COLUMNS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -403,6 +403,14 @@ def restore_command(tracking_uri: str, run_id: str | None = None, experiment_id:
     it: without it, the command restores in its default store and says so, while the run stays deleted here."""
     what = f"runs restore --run-id {run_id}" if run_id else f"experiments restore --experiment-id {experiment_id}"
     return f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} mlflow {what}"
+
+
+def fineprune_command(command: str, tracking_uri: str, *args: str) -> str:
+    """The ``fineprune COMMAND ARGS --tracking-uri URI`` line a message tells a user to run, quoted for a shell.
+
+    It names the store the message comes from: without ``--tracking-uri`` the command would read
+    ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` instead, and not find (or change) the sweep it is about."""
+    return shlex.join(["fineprune", command, *(str(a) for a in args), "--tracking-uri", tracking_uri])
 
 
 def deleted_run(run_id: str, what: str, tracking_uri: str) -> str:

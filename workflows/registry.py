@@ -1443,10 +1443,12 @@ def register_sweep(client, experiment: str, parent_run_id: str, spec: RegistrySp
         held = _alias_taken_back(client, spec.name, client.get_run(parent_run_id)) if latest_left else None
         if held is not None:
             version, sweep = held
+            move = record.fineprune_command("register", client.tracking_uri, "--experiment", experiment,
+                                            "--sweep-run", parent_run_id)
             line = (f"alias {ALIAS!r} of {spec.name} is left on version {version}, of sweep run {sweep}, which was "
-                    f"deleted: this sweep, {parent_run_id}, is an earlier one (`fineprune register --experiment "
-                    f"{experiment} --sweep-run {parent_run_id}` moves the alias to its champion; or restore sweep "
-                    f"run {sweep}, `{record.restore_command(client.tracking_uri, sweep)}`); no champion registered")
+                    f"deleted: this sweep, {parent_run_id}, is an earlier one (`{move}` moves the alias to its "
+                    f"champion; or restore sweep run {sweep}, `{record.restore_command(client.tracking_uri, sweep)}`"
+                    "); no champion registered")
             logger.warning("%s", line)
             champion = {"registered": False, "policy": spec.policy, "name": spec.name, "alias_left": line}
         else:
