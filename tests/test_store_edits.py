@@ -424,13 +424,16 @@ def test_the_report_names_no_deleted_trials_version_as_champion_and_says_where_t
 
 def test_the_command_a_deleted_experiments_line_gives_to_remove_it_for_good_works(tmp_path):
     """The line for a deleted experiment said to remove it for good with `mlflow gc --backend-store-uri URI
-    --experiment-ids ID`, which MLflow stops with "Tracking URL is not set" unless MLFLOW_TRACKING_URI is set; the
-    command it gives now runs as given and removes the experiment."""
+    --experiment-ids ID`, which MLflow stops with "Tracking URL is not set" unless MLFLOW_TRACKING_URI is set, and
+    gave a store in a directory with a space in its name unquoted ("Got unexpected extra arguments"); the command it
+    gives now runs as given and removes the experiment."""
     import os
     import shlex
     import subprocess
     import sys
 
+    tmp_path = tmp_path / "my runs"
+    tmp_path.mkdir()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())

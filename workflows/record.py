@@ -421,10 +421,11 @@ def deleted_run(run_id: str, what: str, tracking_uri: str) -> str:
 def deleted_experiment(name: str, experiment_id: str, tracking_uri: str) -> str:
     """The one line that says the experiment ``name`` was deleted, and the ways on: MLflow keeps a deleted
     experiment's name (and its runs) until it is removed for good."""
+    gc = shlex.join(["mlflow", "gc", "--backend-store-uri", tracking_uri, "--tracking-uri", tracking_uri,
+                     "--experiment-ids", str(experiment_id)])
     return (f"experiment {name!r} in {tracking_uri} was deleted (id {experiment_id}): restore it "
             f"(`{restore_command(tracking_uri, experiment_id=experiment_id)}`, which brings its runs back), remove it "
-            f"for good (`mlflow gc --backend-store-uri {tracking_uri} --tracking-uri {tracking_uri} "
-            f"--experiment-ids {experiment_id}`), or pass another --experiment")
+            f"for good (`{gc}`), or pass another --experiment")
 
 
 def _child_runs(client: MlflowClient, sweep: Run) -> list[Run]:

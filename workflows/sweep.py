@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -741,7 +742,7 @@ def _ui_hint(tracking_uri: str) -> str:
     opens the store (``mlflow ui`` takes a database or directory, and refuses a server's ``http://`` URI)."""
     if urllib.parse.urlparse(tracking_uri).scheme in ("http", "https"):
         return tracking_uri
-    return f"mlflow ui --backend-store-uri {tracking_uri} -h 127.0.0.1"
+    return shlex.join(["mlflow", "ui", "--backend-store-uri", tracking_uri, "-h", "127.0.0.1"])
 
 
 def _tracking_outage(err: BaseException) -> bool:
