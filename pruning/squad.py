@@ -898,9 +898,15 @@ def longest_question(tokenizer: Any, max_seq_length: int, doc_stride: int) -> in
 
 def check_windows(examples: Sequence[Example], tokenizer: Any, max_positions: int) -> dict[str, torch.Tensor]:
     """Model inputs of the windows of ``examples`` (384 tokens, stride 128, fitted to the model): the real
-    windows that packing and export compare a model's logits on."""
+    windows that packing and export compare a model's logits on.
+
+    Their questions are cut to 64 tokens (the run config's ``max_query_length``), or to what the fitted windows
+    take when that is fewer: the windows are fixed (``fineprune pack`` and ``export`` have no flags for them), so a
+    question longer than they take is cut as any long question is, not refused with advice no flag can follow."""
     seq, stride = fit_windows(384, 128, max_positions)
-    return prepare_eval_features(examples, tokenizer, max_seq_length=seq, doc_stride=stride).model_inputs()
+    query = min(64, longest_question(tokenizer, seq, stride))
+    return prepare_eval_features(examples, tokenizer, max_seq_length=seq, doc_stride=stride,
+                                 max_query_length=max(1, query)).model_inputs()
 
 
 def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures, all_start_logits: Any,

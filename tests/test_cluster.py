@@ -358,6 +358,9 @@ def test_the_ui_of_a_tracking_server_is_its_address():
     assert _ui_hint("http://10.0.0.10:5000") == "http://10.0.0.10:5000"
     assert _ui_hint("https://mlflow.example.org/") == "https://mlflow.example.org/"
     assert _ui_hint("sqlite:///mlflow.db") == "mlflow ui --backend-store-uri sqlite:///mlflow.db -h 127.0.0.1"
+    # A store in a directory whose name holds a space is one word of the command, as a shell splits it.
+    assert _ui_hint("sqlite:////home/u/my runs/mlflow.db").split("--backend-store-uri ")[1] == \
+        "'sqlite:////home/u/my runs/mlflow.db' -h 127.0.0.1"
 
 
 # --------------------------------------------------------------------------------------------------------------

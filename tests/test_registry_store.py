@@ -313,7 +313,8 @@ def test_a_sweep_resumed_as_the_latest_left_does_not_take_the_champion_back(stor
     assert _champion(client) == best
     line = (f"alias 'champion' of {NAME} is left on version {best}, of sweep run {later['parent']}, which was "
             f"deleted: this sweep, {first['parent']}, is an earlier one (`fineprune register --experiment exp "
-            f"--sweep-run {first['parent']}` moves the alias to its champion; or restore sweep run {later['parent']}, "
+            f"--sweep-run {first['parent']} --tracking-uri {store['uri']}` moves the alias to its champion; or "
+            f"restore sweep run {later['parent']}, "
             f"`{record.restore_command(client.tracking_uri, later['parent'])}`); no champion registered")
     assert summary["champion"] == {"registered": False, "policy": "best_f1_under_density", "name": NAME,
                                    "alias_left": line}
@@ -323,6 +324,33 @@ def test_a_sweep_resumed_as_the_latest_left_does_not_take_the_champion_back(stor
 
     summary = _conclude(store, first["parent"], space)  # --resume RUN_ID
     assert summary["champion"]["registered"] and _champion(client) == _version_of(client, first["runs"]["wide"])
+
+
+def _suggested(line: str, command: str) -> list[str]:
+    """The arguments of the ``fineprune COMMAND ...`` command a line gives between backticks, as a shell splits it."""
+    import shlex
+
+    given = [part for part in line.split("`")[1::2] if part.startswith(f"fineprune {command} ")]
+    assert len(given) == 1, line
+    return shlex.split(given[0])[1:]
+
+
+def test_the_command_that_moves_a_left_alias_reaches_the_sweeps_store(store, tokenizer, capsys, caplog, monkeypatch,
+                                                                       tmp_path_factory):
+    """The warning of a sweep resumed as the latest left said "`fineprune register --experiment exp --sweep-run P`
+    moves the alias", without the --tracking-uri of the sweep's store: run as written elsewhere (where
+    MLFLOW_TRACKING_URI is not set) it read sqlite:///mlflow.db there, found no database, and moved nothing. The
+    command it gives now names the store, and run as written it moves the alias to that sweep's champion."""
+    client = store["client"]
+    first, _, _ = _champion_of_a_deleted_later_sweep(store, tokenizer, capsys)
+    champion = _conclude(store, first["parent"], _space(store["root"]), latest_left=True)["champion"]
+    argv = _suggested(champion["alias_left"], "register")
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    status, out, err = main(argv), *capsys.readouterr()
+    assert status == 0, err
+    assert json.loads(out)["sweep_run_id"] == first["parent"]
+    assert _champion(client) == _version_of(client, first["runs"]["wide"])
 
 
 def test_select_lists_a_version_shorter_than_seq_len_and_chooses_among_the_others(store, tokenizer, capsys, caplog):

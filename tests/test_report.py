@@ -434,7 +434,9 @@ def test_trials_ending_within_one_second_of_compute_keep_their_own_seconds_in_th
 
 def test_a_report_of_a_running_sweep_says_it_runs_and_of_an_interrupted_one_that_it_was(tmp_path):
     """Finished trials, no frontier tagged yet: while the sweep's run is RUNNING the report says the sweep still
-    runs, not that it was interrupted; once it was (its run KILLED), that `--resume` finishes it."""
+    runs, not that it was interrupted; once it was (its run KILLED), that `--resume` finishes it. The command it
+    gave, `fineprune sweep --resume`, stopped on its required --space and named neither the sweep nor its store;
+    it now names both, and parses to them."""
     from workflows import record, tracking
 
     client, uri, parent = _recorded_sweep(tmp_path)
@@ -443,8 +445,16 @@ def test_a_report_of_a_running_sweep_says_it_runs_and_of_an_interrupted_one_that
     assert "interrupted" not in running
     tracking.finish_parent_run(client, parent, status="KILLED", state=record.SWEEP_INTERRUPTED)
     stopped = render_markdown(collect_report_data("recorded", tracking_uri=uri))
-    assert stopped.count("it was interrupted (its MLflow run is KILLED): `fineprune sweep --resume` finishes it") == 2
+    command = f"fineprune sweep --space SPACE --resume {parent} --tracking-uri {uri}"
+    assert stopped.count(f"it was interrupted (its MLflow run is KILLED): `{command}` finishes it (SPACE: the search "
+                         "space file the sweep ran)") == 2
     assert "still running" not in stopped
+    import shlex
+
+    from workflows.cli import build_parser
+
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert (args.resume, args.tracking_uri) == (parent, uri)
 
 
 def test_the_report_names_the_policy_that_made_the_champion_not_the_sweeps(tmp_path):

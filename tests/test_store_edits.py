@@ -325,9 +325,13 @@ def test_a_resumed_sweep_leaves_out_a_trial_whose_run_was_deleted(tmp_path, capl
     assert len(warnings) == 1 and warnings[0].startswith(f"trial t1: its MLflow run {runs['t1']} was deleted")
 
 
-def test_select_says_which_version_it_cannot_rank_for_an_f1_tag_edited_by_hand(tmp_path, tokenizer, capsys, caplog):
+def test_select_says_which_version_it_cannot_rank_for_an_f1_tag_edited_by_hand(tmp_path, tokenizer, capsys, caplog,
+                                                                               monkeypatch):
     """The most accurate version's f1 tag set to text (or removed) in the UI: `select` passed it over without a word
-    and chose a less accurate one; it still cannot rank it, but now says so, naming the version and the tag."""
+    and chose a less accurate one; it still cannot rank it, but now says so, naming the version and the tag. The
+    command the warning gives to write the tag again was "`fineprune register --frontier`", which stops on its
+    required --experiment (and read the default store); it now names the experiment, the sweep and the store, and
+    run as written elsewhere it writes the tags back."""
     made = _sweep_record(tmp_path, tokenizer)
     client, uri, runs = made["client"], made["uri"], made["runs"]
     assert _register(capsys, uri, "--frontier")[0] == 0
@@ -343,8 +347,19 @@ def test_select_says_which_version_it_cannot_rank_for_an_f1_tag_edited_by_hand(t
     assert warnings == sorted([f"version {wide.version} of {NAME}: its f1 tag 'high' is not a number",
                                f"version {narrow.version} of {NAME}: it has no f1 tag"])
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == str(wide.version)  # left as it was
-    # Registering the frontier again writes the tags from the trials; then the most accurate version is chosen.
-    assert _register(capsys, uri, "--frontier")[0] == 0
+    # Registering the frontier again, as the warnings say, writes the tags from the trials; then the most accurate
+    # version is chosen.
+    import shlex
+
+    commands = {part for r in caplog.records if r.name == "workflows.registry"
+                for part in r.getMessage().split("`")[1::2] if part.startswith("fineprune register")}
+    assert commands == {f"fineprune register --experiment exp --sweep-run {made['parent']} --frontier "
+                        f"--tracking-uri {uri}"}, commands
+    monkeypatch.chdir(tmp_path / "artifacts")  # elsewhere, with no store of its own
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(shlex.split(commands.pop())[1:]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert float(client.get_model_version(NAME, wide.version).tags["f1"]) == 80.0
     assert main(["select", "--registered-model", NAME, "--max-latency-ms", "10000", "--repeats", "1",
                  "--seq-len", "32", "--tracking-uri", uri]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == str(wide.version)
@@ -409,13 +424,16 @@ def test_the_report_names_no_deleted_trials_version_as_champion_and_says_where_t
 
 def test_the_command_a_deleted_experiments_line_gives_to_remove_it_for_good_works(tmp_path):
     """The line for a deleted experiment said to remove it for good with `mlflow gc --backend-store-uri URI
-    --experiment-ids ID`, which MLflow stops with "Tracking URL is not set" unless MLFLOW_TRACKING_URI is set; the
-    command it gives now runs as given and removes the experiment."""
+    --experiment-ids ID`, which MLflow stops with "Tracking URL is not set" unless MLFLOW_TRACKING_URI is set, and
+    gave a store in a directory with a space in its name unquoted ("Got unexpected extra arguments"); the command it
+    gives now runs as given and removes the experiment."""
     import os
     import shlex
     import subprocess
     import sys
 
+    tmp_path = tmp_path / "my runs"
+    tmp_path.mkdir()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())

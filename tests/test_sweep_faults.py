@@ -663,3 +663,75 @@ def test_a_tracking_store_locked_while_the_sweep_records_its_frontier_is_waited_
             driver.wait(timeout=30)
         _kill(processes_mentioning(root), signal.SIGKILL)  # what is left of the sweep's private Ray
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweep's processes in /proc")
+def test_the_resume_command_of_a_sweep_stopped_by_a_tracking_outage_resumes_it_as_written(tmp_path):
+    """A sweep given --tracking-uri stopped by a tracking outage said to run `fineprune sweep --space S --resume P`,
+    which reads MLFLOW_TRACKING_URI or sqlite:///mlflow.db instead: run as written elsewhere, it found no such sweep.
+    The command it gives now names the store, and run as written, from another directory, it finishes that sweep."""
+    import shlex
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    root = Path(tempfile.mkdtemp(prefix="fpr-", dir="/tmp" if os.path.isdir("/tmp") else None))  # short: Ray sockets
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("smoke", artifact_location=(root / "artifacts").as_uri())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0")
+    (root / "rt").mkdir()
+    (root / "elsewhere").mkdir()
+    command = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
+               "--tracking-uri", uri, "--storage-path", str(root / "ray"), "--tracking-timeout", "5"]
+    with open(root / "driver.err", "wb") as err:
+        driver = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                  start_new_session=True)
+    try:
+        trial = lambda: client.search_runs([experiment], "tags.`fineprune.kind` = 'trial'")  # noqa: E731
+        _wait_until(trial, 600, "a trial's run", poll=0.2, alive=driver)
+        holder = sqlite3.connect(root / "mlflow.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # the store away (locked) for longer than --tracking-timeout
+            driver.wait(timeout=300)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        last = (root / "driver.err").read_text(errors="replace").strip().splitlines()[-1]
+        assert driver.returncode == 1 and last.startswith("fineprune sweep: error: the tracking server"), last
+        parent = client.search_runs([experiment], "tags.`fineprune.kind` = 'sweep'")[0].info.run_id
+        suggested = shlex.split(last.split("`")[-2])
+        assert suggested[:2] == ["fineprune", "sweep"] and "--tracking-uri" in suggested, last
+        _kill(processes_mentioning(root / "rt"), signal.SIGKILL)  # what is left of the stopped sweep's private Ray
+
+        done = subprocess.run([sys.executable, "-m", "workflows.cli", *suggested[1:]], cwd=root / "elsewhere",
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        assert summary["parent_run_id"] == parent and summary["status"] == "finished", summary
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=30)
+        _kill(processes_mentioning(root), signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_resume_command_a_sweep_gives_names_its_store_and_its_cluster():
+    """The command a stopped or unfinished sweep gives parses to the same space, sweep run, store and Ray cluster
+    (a path or URI with spaces quoted); without the cluster's --address it would start a private local Ray."""
+    import shlex
+
+    from workflows.cli import build_parser
+    from workflows.sweep import _resume_command
+
+    line = _resume_command("my spaces/smoke.yaml", "abc123", "sqlite:////tmp/my store/mlflow.db", "ray://head:10001")
+    words = shlex.split(line)
+    assert words[:2] == ["fineprune", "sweep"]
+    args = build_parser().parse_args(words[1:])
+    assert (args.space, args.resume, args.tracking_uri, args.address) == (
+        "my spaces/smoke.yaml", "abc123", "sqlite:////tmp/my store/mlflow.db", "ray://head:10001")
+    assert "--address" not in _resume_command("smoke.yaml", "abc123", "sqlite:///mlflow.db", None)

@@ -64,7 +64,7 @@ __all__ = [
     "ARTIFACT_MODEL_DIR", "ARTIFACT_ONNX_DIR",
     # the registry spec, the readers
     "RegistrySpec", "POLICY_THRESHOLDS", "policy_text", "latest_sweep", "latest_sweep_left", "deleted_run",
-    "deleted_experiment", "restore_command", "trials", "metric_history", "COLUMNS",
+    "deleted_experiment", "restore_command", "fineprune_command", "trials", "metric_history", "COLUMNS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -405,6 +405,14 @@ def restore_command(tracking_uri: str, run_id: str | None = None, experiment_id:
     return f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} mlflow {what}"
 
 
+def fineprune_command(command: str, tracking_uri: str, *args: str) -> str:
+    """The ``fineprune COMMAND ARGS --tracking-uri URI`` line a message tells a user to run, quoted for a shell.
+
+    It names the store the message comes from: without ``--tracking-uri`` the command would read
+    ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` instead, and not find (or change) the sweep it is about."""
+    return shlex.join(["fineprune", command, *(str(a) for a in args), "--tracking-uri", tracking_uri])
+
+
 def deleted_run(run_id: str, what: str, tracking_uri: str) -> str:
     """The one line that says the run ``run_id`` (``what`` it is) was deleted, and how to have it back."""
     return f"run {run_id} ({what}) was deleted; restore it (`{restore_command(tracking_uri, run_id)}`) to use it again"
@@ -413,10 +421,11 @@ def deleted_run(run_id: str, what: str, tracking_uri: str) -> str:
 def deleted_experiment(name: str, experiment_id: str, tracking_uri: str) -> str:
     """The one line that says the experiment ``name`` was deleted, and the ways on: MLflow keeps a deleted
     experiment's name (and its runs) until it is removed for good."""
+    gc = shlex.join(["mlflow", "gc", "--backend-store-uri", tracking_uri, "--tracking-uri", tracking_uri,
+                     "--experiment-ids", str(experiment_id)])
     return (f"experiment {name!r} in {tracking_uri} was deleted (id {experiment_id}): restore it "
             f"(`{restore_command(tracking_uri, experiment_id=experiment_id)}`, which brings its runs back), remove it "
-            f"for good (`mlflow gc --backend-store-uri {tracking_uri} --tracking-uri {tracking_uri} "
-            f"--experiment-ids {experiment_id}`), or pass another --experiment")
+            f"for good (`{gc}`), or pass another --experiment")
 
 
 def _child_runs(client: MlflowClient, sweep: Run) -> list[Run]:

@@ -1057,6 +1057,19 @@ def _deleted_source(client, tags: Mapping[str, str], trial_run_id: str | None,
     return None
 
 
+def _register_frontier_command(client, sweep: str | None) -> str:
+    """The ``fineprune register --frontier`` command that registers the frontier of the sweep run ``sweep`` again,
+    in the store of ``client``: its experiment is required, and the sweep named, as it may not be the latest."""
+    if not sweep:  # a version no sweep registered: which experiment is the user's to say
+        return record.fineprune_command("register", client.tracking_uri, "--experiment", "EXPERIMENT", "--frontier")
+    try:
+        experiment = client.get_experiment(client.get_run(sweep).info.experiment_id).name
+    except MlflowException:  # the sweep removed for good
+        experiment = "EXPERIMENT"
+    return record.fineprune_command("register", client.tracking_uri, "--experiment", experiment, "--sweep-run", sweep,
+                                    "--frontier")
+
+
 def _tag_float(tags: dict[str, str], key: str) -> float | None:
     try:
         value = float(tags[key])
@@ -1278,9 +1291,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                 continue
             if row[F1] is None:  # removed or edited by hand: the version cannot be ranked, so it is never chosen
                 what = f"its {F1} tag {v.tags[F1]!r} is not a number" if F1 in v.tags else f"it has no {F1} tag"
-                logger.warning("version %s of %s: %s, so it cannot be chosen (`fineprune register --frontier` "
-                               "writes the tag again from its trial while it is on its sweep's frontier)", v.version,
-                               name, what)
+                logger.warning("version %s of %s: %s, so it cannot be chosen (`%s` writes the tag again from its "
+                               "trial while it is on its sweep's frontier)", v.version, name, what,
+                               _register_frontier_command(client, v.tags.get(TAG_SWEEP_RUN)))
             try:  # a model that takes fewer positions than seq_len is found from its config, before its weights
                 model, row["served_by"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
                                                         runtime, threads, seq_len=seq_len)
@@ -1443,10 +1456,12 @@ def register_sweep(client, experiment: str, parent_run_id: str, spec: RegistrySp
         held = _alias_taken_back(client, spec.name, client.get_run(parent_run_id)) if latest_left else None
         if held is not None:
             version, sweep = held
+            move = record.fineprune_command("register", client.tracking_uri, "--experiment", experiment,
+                                            "--sweep-run", parent_run_id)
             line = (f"alias {ALIAS!r} of {spec.name} is left on version {version}, of sweep run {sweep}, which was "
-                    f"deleted: this sweep, {parent_run_id}, is an earlier one (`fineprune register --experiment "
-                    f"{experiment} --sweep-run {parent_run_id}` moves the alias to its champion; or restore sweep "
-                    f"run {sweep}, `{record.restore_command(client.tracking_uri, sweep)}`); no champion registered")
+                    f"deleted: this sweep, {parent_run_id}, is an earlier one (`{move}` moves the alias to its "
+                    f"champion; or restore sweep run {sweep}, `{record.restore_command(client.tracking_uri, sweep)}`"
+                    "); no champion registered")
             logger.warning("%s", line)
             champion = {"registered": False, "policy": spec.policy, "name": spec.name, "alias_left": line}
         else:

@@ -391,13 +391,21 @@ def _untagged_note(data: ReportData, tag: str) -> str | None:
     if not finished or len(data.frontier(tag)):
         return None
     note = f"No run is tagged on this frontier although {finished} trial(s) finished: the sweep tags its frontiers"
+    resume, space = _resume_command(data), "SPACE: the search space file the sweep ran"
     if data.sweep_status == "RUNNING":
         return (f"{note} when it ends, and it is still running (its MLflow run is RUNNING; if its process was killed, "
-                "`fineprune sweep --resume` finishes it).")
+                f"`{resume}` finishes it, {space}).")
     if data.sweep_status in ("KILLED", "FAILED"):
         return (f"{note} when it ends, and it was interrupted (its MLflow run is {data.sweep_status}): "
-                "`fineprune sweep --resume` finishes it.")
-    return f"{note} when it ends (`fineprune sweep --resume` finishes an interrupted one)."
+                f"`{resume}` finishes it ({space}).")
+    return f"{note} when it ends (`{resume}` finishes an interrupted one; {space})."
+
+
+def _resume_command(data: ReportData) -> str:
+    """The command that resumes the report's sweep, in its store. `fineprune sweep` needs the space file, which the
+    sweep does not record: the command names it ``SPACE``."""
+    uri = data.tracking_uri or record.tracking_uri(None)
+    return record.fineprune_command("sweep", uri, "--space", "SPACE", "--resume", data.sweep_run_id)
 
 
 # --------------------------------------------------------------------------------------------------------------

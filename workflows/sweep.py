@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -700,14 +701,15 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             summary = call_with_retries(conclude, tracking_uri, limit, what="recording the sweep's frontier",
                                         transient=_tracking_outage)
         if not complete:
-            logger.warning("%s; --resume %s runs what is left", _what_is_left(statuses), parent)
+            logger.warning("%s; `%s` runs what is left", _what_is_left(statuses),
+                           _resume_command(space_path, parent, tracking_uri, cluster))
         ending = {} if complete else {"status": "KILLED", "state": record.SWEEP_INTERRUPTED}
         with quick_http_failures():
             call_with_retries(lambda: tracking.finish_parent_run(client, parent, **ending), tracking_uri, limit,
                               what="ending the sweep's MLflow run", transient=_tracking_outage)
     except TrackingUnavailable as err:
         raise TrackingUnavailable(f"{err}; the sweep stopped (start the server again, then "
-                                  f"`fineprune sweep --space {space_path} --resume {parent}`)") from err
+                                  f"`{_resume_command(space_path, parent, tracking_uri, cluster)}`)") from err
     except BaseException as err:
         # The sweep's run must not stay RUNNING: `--resume` continues it once the cause is mended.
         try:
@@ -727,12 +729,20 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     return summary
 
 
+def _resume_command(space_path: str | Path, parent: str, tracking_uri: str, cluster: str | None) -> str:
+    """The ``fineprune sweep ... --resume RUN_ID`` command that goes on with the sweep ``parent``: in its tracking
+    store (without ``--tracking-uri`` it would look in ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``, and not
+    find the sweep), and on the Ray cluster it ran on (without ``--address``, a private local Ray)."""
+    joins = ("--address", cluster) if cluster else ()
+    return record.fineprune_command("sweep", tracking_uri, "--space", space_path, "--resume", parent, *joins)
+
+
 def _ui_hint(tracking_uri: str) -> str:
     """Where to see a sweep in MLflow's UI: a tracking server's own address, else the ``mlflow ui`` command that
     opens the store (``mlflow ui`` takes a database or directory, and refuses a server's ``http://`` URI)."""
     if urllib.parse.urlparse(tracking_uri).scheme in ("http", "https"):
         return tracking_uri
-    return f"mlflow ui --backend-store-uri {tracking_uri} -h 127.0.0.1"
+    return shlex.join(["mlflow", "ui", "--backend-store-uri", tracking_uri, "-h", "127.0.0.1"])
 
 
 def _tracking_outage(err: BaseException) -> bool:
