@@ -380,6 +380,18 @@ def test_training_refuses_an_output_dir_that_holds_an_earlier_run(capsys, tmp_pa
     assert earlier.read_bytes() == b"earlier run"
 
 
+def test_the_resume_an_earlier_runs_line_gives_names_its_checkpoint_as_a_shell_reads_it(capsys, tmp_path):
+    """The line gave `--resume DIR/checkpoint` unquoted: for an output_dir whose name holds a space, a shell split it."""
+    import shlex
+
+    out = tmp_path / "my runs"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "model.safetensors").write_bytes(b"earlier run")
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--output-dir", str(out)])
+    words = shlex.split(line.split(", ")[1].removesuffix(" to continue it"))
+    assert words == ["--resume", str(out / "checkpoint")]
+
+
 def test_resuming_a_checkpoint_into_another_runs_output_dir_is_refused(capsys, tmp_path):
     """--resume continues the run of its output_dir: the checkpoint of another run, resumed into an output_dir that
     holds an earlier run (e.g. the config's, when the run was started with --output-dir), leaves that run as it was."""

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -147,7 +148,7 @@ def _train_into(args: argparse.Namespace, cfg: Any, out: Path) -> int:
             raise UserError(f"{out}: output_dir holds another run than the checkpoint {args.resume} (pass the "
                             "--output-dir that checkpoint's run wrote to, --overwrite to replace this one, or "
                             "another --output-dir)")
-        resume = f"--resume {checkpoint}" if checkpoint.is_dir() else "--resume CHECKPOINT_DIR"
+        resume = f"--resume {shlex.quote(str(checkpoint))}" if checkpoint.is_dir() else "--resume CHECKPOINT_DIR"
         raise UserError(f"{out}: output_dir holds an earlier run (pass --overwrite to replace it, {resume} to "
                         "continue it, or another --output-dir)")
     existed = out.exists()
