@@ -458,3 +458,25 @@ def test_a_reply_cut_short_by_the_server_is_an_answer_of_status_0_not_an_excepti
         listener.close()
     assert reply.status == 0
     assert reply.body.startswith("IncompleteRead")
+
+
+def test_answers_assigned_back_to_an_indexed_frame_stay_with_their_records(tmp_path, tokenizer, tiny_bert_config):
+    """A frame sampled or filtered from a larger one keeps its index (2, 0, 1): the answers came back indexed 0, 1,
+    2, so ``frame["answer"] = predict(frame)["answer"]`` gave each question the answer of another record."""
+    model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
+    frame = pd.DataFrame({"question": ["Who wrote it?", "When was it written?", "Where does she live?"],
+                          "context": ["It was written by Ann.", "That happened in 1999 after the war.",
+                                      "Ann lives in Paris now."]}, index=[2, 0, 1])
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+        alone = [model.predict(frame.iloc[[i]])["answer"].iloc[0] for i in range(len(frame))]
+        predictions = model.predict(frame)
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert predictions.index.tolist() == [2, 0, 1]
+    assert predictions["answer"].tolist() == alone  # in the records' order, as before
+    frame["answer"] = predictions["answer"]
+    assert frame["answer"].tolist() == alone
+    assert all(answer in context for answer, context in zip(frame["answer"], frame["context"]))

@@ -295,7 +295,7 @@ def served_variant(settings: Mapping[str, Any], has_onnx: bool) -> str:
 
 
 class PackedQAModel(mlflow.pyfunc.PythonModel):
-    """Extractive QA over a packed model: DataFrame(question, context) -> DataFrame(answer, score).
+    """Extractive QA over a packed model: DataFrame(question, context) -> DataFrame(answer, score), on its index.
 
     Every record is checked before any model work (see :func:`pruning.inference.check_records`): a question or
     context that is missing, not a string, empty, or a context needing more than ``max_windows`` windows is an HTTP
@@ -393,7 +393,10 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
                                      n_best=self.n_best, max_query_length=self.max_query_length)
         except RecordError as err:
             raise RequestError(str(err)) from None
-        return pd.DataFrame({"answer": [a.text for a in answers], "score": [float(a.score) for a in answers]})
+        # Indexed as the records are: a DataFrame's answers assigned back to it (``frame["answer"] =
+        # predict(frame)["answer"]``) align on its index, which need not run 0, 1, ... (a sample or a filter of one).
+        return pd.DataFrame({"answer": [a.text for a in answers], "score": [float(a.score) for a in answers]},
+                            index=frame.index)
 
 
 # The input columns are optional to MLflow's schema check, whose refusal of a missing column is a multi-line message:
