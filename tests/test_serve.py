@@ -480,3 +480,33 @@ def test_answers_assigned_back_to_an_indexed_frame_stay_with_their_records(tmp_p
     frame["answer"] = predictions["answer"]
     assert frame["answer"].tolist() == alone
     assert all(answer in context for answer, context in zip(frame["answer"], frame["context"]))
+
+
+def test_a_precision_mistyped_in_the_inference_config_is_refused_when_an_onnx_version_loads(tmp_path, tokenizer,
+                                                                                           tiny_bert_config):
+    """``precision`` was checked only where PyTorch serves the version: one served through ONNX Runtime loaded with
+    ``precision: fp16`` (or null) and answered in int8 without a word, and refused the same setting only once
+    switched to PyTorch."""
+    from transformers import BertForQuestionAnswering
+
+    model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
+    onnx_dir, exported = export_for_serving(model_dir, tmp_path / "onnx")
+    assert onnx_dir is not None, exported
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_qa_model(model_dir, {**serve_settings({}), "precision": "fp32"}, onnx_dir)
+        for variant in ("int8", "fp32", "none"):
+            for precision in ("fp16", None):
+                with pytest.raises(ValueError) as refused:
+                    mlflow.pyfunc.load_model(info.model_uri, model_config={"onnx_variant": variant,
+                                                                          "precision": precision})
+                assert str(refused.value) == (f"model_config precision: unknown value {str(precision)!r} (allowed: "
+                                              "fp32, bf16, auto)"), variant
+        served = mlflow.pyfunc.load_model(info.model_uri, model_config={"precision": "bf16"}).unwrap_python_model()
+        assert (served.runtime, served.precision) == ("onnxruntime", "int8")
+    finally:
+        mlflow.set_tracking_uri(before)
