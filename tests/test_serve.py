@@ -17,6 +17,7 @@ from typing import Iterator
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pruning.checkpoint import save_model
@@ -508,5 +509,35 @@ def test_a_precision_mistyped_in_the_inference_config_is_refused_when_an_onnx_ve
                                               "fp32, bf16, auto)"), variant
         served = mlflow.pyfunc.load_model(info.model_uri, model_config={"precision": "bf16"}).unwrap_python_model()
         assert (served.runtime, served.precision) == ("onnxruntime", "int8")
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def test_an_instances_request_pairs_its_records_fields_by_position_as_the_readme_says(tmp_path, tokenizer,
+                                                                                    tiny_bert_config):
+    """MLflow's `instances` parser (the scoring server's, before the model) gathers each field across the records:
+    a record without a field is not refused by its index, as `dataframe_records` and `inputs` refuse it."""
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+
+    from workflows.registry import RequestError
+
+    model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
+    question, context = "Where does Bob live?", "Bob lives in Rome near the old bridge."
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+        schema = model.metadata.get_input_schema()
+        paired = model.predict(infer_and_parse_data({"instances": [{"question": question}, {"context": context}]},
+                                                    schema))
+        alone = model.predict(pd.DataFrame([{"question": question, "context": context}]))
+        assert paired["answer"].tolist() == alone["answer"].tolist()  # one record: question A on context B
+        for form in ("dataframe_records", "inputs"):
+            with pytest.raises(RequestError, match="^record 0: context must be a string, got null$"):
+                model.predict(infer_and_parse_data({form: [{"question": question}, {"context": context}]}, schema))
+        with pytest.raises(MlflowException, match="Failed to enforce schema") as refused:  # MLflow's own message
+            model.predict(infer_and_parse_data({"instances": [{"question": question, "context": context},
+                                                              {"question": question}]}, schema))
+        assert not isinstance(refused.value, RequestError)
     finally:
         mlflow.set_tracking_uri(before)
