@@ -547,7 +547,13 @@ def tokenize_text(tokenizer: Any, *texts: Any, **kwargs: Any) -> Any:
     byte-level BPE) is split into that text's ordinary tokens instead of becoming the special token, so the model
     sees the words it was given and no answer is made of a marker. Training, evaluation, ``ask`` and serving all
     tokenize through here, so they agree.
+
+    Called without ``max_length`` or ``truncation``, it reads a whole text to count or cut its tokens, never to feed
+    it to the model as it is (windows are made with ``max_length``): transformers' warning that a text longer than
+    the model's positions "will result in indexing errors" is then false, and is not given.
     """
+    if "max_length" not in kwargs and "truncation" not in kwargs:
+        kwargs.setdefault("verbose", False)
     return tokenizer(*texts, split_special_tokens=True, **kwargs)
 
 

@@ -324,3 +324,22 @@ def test_special_token_literals_in_user_text_are_read_as_text(tokenizer, dev_sub
     windows = count_windows(tokenizer, question, long_context, 64, 16)
     assert windows == len(squad.prepare_eval_features([squad.Example("0", "", long_context, question)], tokenizer,
                                                       64, 16))
+
+
+def test_a_context_longer_than_the_models_positions_is_answered_without_a_warning_of_indexing_errors(
+        tiny_qa_model, capfd, caplog):
+    """A context of 780 tokens for a model of 512 positions is read in windows, yet counting its tokens made
+    transformers warn that running it through the model "will result in indexing errors" (``fineprune ask``, the
+    served model, an evaluation of long contexts)."""
+    from transformers import AutoTokenizer
+
+    from pruning.resources import shipped_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(shipped_model_dir())  # its own once-only warnings not yet given
+    context = " ".join(["It was written by Ann in Paris in 1999 after the war."] * 60)
+    assert tokenizer.model_max_length == 512
+    capfd.readouterr()
+    result = answer(tiny_qa_model, tokenizer, "Who wrote it?", context, max_seq_length=128, doc_stride=32)
+    assert _consistent(result, context)
+    said = capfd.readouterr().err + caplog.text
+    assert "indexing errors" not in said and "longer than the specified maximum" not in said, said

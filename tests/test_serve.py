@@ -17,6 +17,7 @@ from typing import Iterator
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pruning.checkpoint import save_model
@@ -458,3 +459,85 @@ def test_a_reply_cut_short_by_the_server_is_an_answer_of_status_0_not_an_excepti
         listener.close()
     assert reply.status == 0
     assert reply.body.startswith("IncompleteRead")
+
+
+def test_answers_assigned_back_to_an_indexed_frame_stay_with_their_records(tmp_path, tokenizer, tiny_bert_config):
+    """A frame sampled or filtered from a larger one keeps its index (2, 0, 1): the answers came back indexed 0, 1,
+    2, so ``frame["answer"] = predict(frame)["answer"]`` gave each question the answer of another record."""
+    model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
+    frame = pd.DataFrame({"question": ["Who wrote it?", "When was it written?", "Where does she live?"],
+                          "context": ["It was written by Ann.", "That happened in 1999 after the war.",
+                                      "Ann lives in Paris now."]}, index=[2, 0, 1])
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+        alone = [model.predict(frame.iloc[[i]])["answer"].iloc[0] for i in range(len(frame))]
+        predictions = model.predict(frame)
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert predictions.index.tolist() == [2, 0, 1]
+    assert predictions["answer"].tolist() == alone  # in the records' order, as before
+    frame["answer"] = predictions["answer"]
+    assert frame["answer"].tolist() == alone
+    assert all(answer in context for answer, context in zip(frame["answer"], frame["context"]))
+
+
+def test_a_precision_mistyped_in_the_inference_config_is_refused_when_an_onnx_version_loads(tmp_path, tokenizer,
+                                                                                           tiny_bert_config):
+    """``precision`` was checked only where PyTorch serves the version: one served through ONNX Runtime loaded with
+    ``precision: fp16`` (or null) and answered in int8 without a word, and refused the same setting only once
+    switched to PyTorch."""
+    from transformers import BertForQuestionAnswering
+
+    model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
+    onnx_dir, exported = export_for_serving(model_dir, tmp_path / "onnx")
+    assert onnx_dir is not None, exported
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_qa_model(model_dir, {**serve_settings({}), "precision": "fp32"}, onnx_dir)
+        for variant in ("int8", "fp32", "none"):
+            for precision in ("fp16", None):
+                with pytest.raises(ValueError) as refused:
+                    mlflow.pyfunc.load_model(info.model_uri, model_config={"onnx_variant": variant,
+                                                                          "precision": precision})
+                assert str(refused.value) == (f"model_config precision: unknown value {str(precision)!r} (allowed: "
+                                              "fp32, bf16, auto)"), variant
+        served = mlflow.pyfunc.load_model(info.model_uri, model_config={"precision": "bf16"}).unwrap_python_model()
+        assert (served.runtime, served.precision) == ("onnxruntime", "int8")
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def test_an_instances_request_pairs_its_records_fields_by_position_as_the_readme_says(tmp_path, tokenizer,
+                                                                                    tiny_bert_config):
+    """MLflow's `instances` parser (the scoring server's, before the model) gathers each field across the records:
+    a record without a field is not refused by its index, as `dataframe_records` and `inputs` refuse it."""
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+
+    from workflows.registry import RequestError
+
+    model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
+    question, context = "Where does Bob live?", "Bob lives in Rome near the old bridge."
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+        schema = model.metadata.get_input_schema()
+        paired = model.predict(infer_and_parse_data({"instances": [{"question": question}, {"context": context}]},
+                                                    schema))
+        alone = model.predict(pd.DataFrame([{"question": question, "context": context}]))
+        assert paired["answer"].tolist() == alone["answer"].tolist()  # one record: question A on context B
+        for form in ("dataframe_records", "inputs"):
+            with pytest.raises(RequestError, match="^record 0: context must be a string, got null$"):
+                model.predict(infer_and_parse_data({form: [{"question": question}, {"context": context}]}, schema))
+        with pytest.raises(MlflowException, match="Failed to enforce schema") as refused:  # MLflow's own message
+            model.predict(infer_and_parse_data({"instances": [{"question": question, "context": context},
+                                                              {"question": question}]}, schema))
+        assert not isinstance(refused.value, RequestError)
+    finally:
+        mlflow.set_tracking_uri(before)

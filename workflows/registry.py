@@ -120,6 +120,19 @@ def measured_precision(run) -> str:
     return run.data.params.get("precision", RunConfig.__dataclass_fields__["precision"].default)
 
 
+def _check_precision(recorded: str) -> None:
+    """Refuse a version's ``precision`` setting that is not ``fp32``, ``bf16`` or ``auto``.
+
+    Raises:
+        PrecisionError: in one line naming the setting.
+    """
+    # Imported here: the served model finds the pruning package through its code paths only once it is loaded.
+    from pruning.precision import PRECISIONS, PrecisionError
+
+    if recorded not in PRECISIONS:
+        raise PrecisionError(f"model_config precision: unknown value {recorded!r} (allowed: {', '.join(PRECISIONS)})")
+
+
 def serving_precision(recorded: str, cpu_check=None) -> str:
     """What the served PyTorch model computes in on this CPU, for the precision its version recorded.
 
@@ -134,10 +147,9 @@ def serving_precision(recorded: str, cpu_check=None) -> str:
         PrecisionError: ``recorded`` is none of the three.
     """
     # Imported here: the served model finds the pruning package through its code paths only once it is loaded.
-    from pruning.precision import PRECISIONS, PrecisionError, resolve_precision
+    from pruning.precision import resolve_precision
 
-    if recorded not in PRECISIONS:
-        raise PrecisionError(f"model_config precision: unknown value {recorded!r} (allowed: {', '.join(PRECISIONS)})")
+    _check_precision(recorded)
     if recorded == "fp32":
         return "fp32"
     chosen = resolve_precision("auto", "cpu", cpu_check)
@@ -295,7 +307,7 @@ def served_variant(settings: Mapping[str, Any], has_onnx: bool) -> str:
 
 
 class PackedQAModel(mlflow.pyfunc.PythonModel):
-    """Extractive QA over a packed model: DataFrame(question, context) -> DataFrame(answer, score).
+    """Extractive QA over a packed model: DataFrame(question, context) -> DataFrame(answer, score), on its index.
 
     Every record is checked before any model work (see :func:`pruning.inference.check_records`): a question or
     context that is missing, not a string, empty, or a context needing more than ``max_windows`` windows is an HTTP
@@ -328,6 +340,9 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         onnx_dir = context.artifacts.get(ARTIFACT_ONNX_DIR)
         variant = served_variant(settings, onnx_dir is not None)
         recorded = str(settings.get("precision", "fp32"))
+        # Checked whatever runs the model: ONNX Runtime does not use it, but a setting mistyped in the inference
+        # config is refused when the model loads, not only once the version serves through PyTorch.
+        _check_precision(recorded)
         if variant != "none":
             self.model = load_exported(onnx_dir, variant=variant)
             self.runtime, self.precision = "onnxruntime", variant
@@ -393,7 +408,10 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
                                      n_best=self.n_best, max_query_length=self.max_query_length)
         except RecordError as err:
             raise RequestError(str(err)) from None
-        return pd.DataFrame({"answer": [a.text for a in answers], "score": [float(a.score) for a in answers]})
+        # Indexed as the records are: a DataFrame's answers assigned back to it (``frame["answer"] =
+        # predict(frame)["answer"]``) align on its index, which need not run 0, 1, ... (a sample or a filter of one).
+        return pd.DataFrame({"answer": [a.text for a in answers], "score": [float(a.score) for a in answers]},
+                            index=frame.index)
 
 
 # The input columns are optional to MLflow's schema check, whose refusal of a missing column is a multi-line message:
