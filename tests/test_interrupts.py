@@ -350,19 +350,52 @@ def test_predictions_that_cannot_be_written_are_one_line_naming_the_file_and_lea
         "predictions.json"]
 
 
+def _sweep_root() -> tuple[Path, dict[str, str]]:
+    """A new directory for a sweep run as a process (short, for Ray's sockets) and that process's environment: a
+    private Ray under it, no Ray or MLflow settings of the caller's."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="fpk-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    (root / "rt").mkdir()
+    env = {k: v for k, v in _env().items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0")
+    return root, env
+
+
+def _signal_when(driver: subprocess.Popen, root: Path, ready, what: str, sig: int) -> str:
+    """Send ``sig`` to the sweep process ``driver`` once ``ready()`` holds (within 10 minutes, else fail with
+    ``what``); wait for it to end and give what it wrote to root/driver.err."""
+    deadline = time.monotonic() + 600
+    while not ready():
+        assert driver.poll() is None, (root / "driver.err").read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+    driver.send_signal(sig)
+    driver.wait(timeout=300)
+    return (root / "driver.err").read_text(errors="replace")
+
+
+def _end_sweep(driver: subprocess.Popen, root: Path) -> None:
+    """Stop the sweep process ``driver`` if it still runs, and what is left of its private Ray; remove ``root``."""
+    if driver.poll() is None:
+        driver.kill()
+        driver.wait(timeout=30)
+    for pid in processes_mentioning(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweep's processes in /proc")
 def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes():
     """SIGTERM (a scheduler's stop, ``timeout``, ``kill``) stops a sweep as Ctrl-C does: one line, status 143, its
     MLflow run KILLED and resumable; ``--resume`` then finishes it with every trial run once."""
-    import tempfile
-
     from mlflow.tracking import MlflowClient
 
-    root = Path(tempfile.mkdtemp(prefix="fpk-", dir="/tmp" if os.path.isdir("/tmp") else None))  # short: Ray sockets
-    (root / "rt").mkdir()
-    env = {k: v for k, v in _env().items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env.update(RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0")
+    root, env = _sweep_root()
     space = yaml.safe_load((REPO / "tune_spaces" / "smoke.yaml").read_text())
     space.update(scheduler=None, num_samples=4)
     space["base"].update(max_steps=12)
@@ -380,14 +413,8 @@ def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes
         driver = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=err,
                                   start_new_session=True)
     try:
-        deadline = time.monotonic() + 600
-        while not any(r.info.status == "FINISHED" for r in runs("trial")):
-            assert driver.poll() is None, (root / "driver.err").read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "no trial finished"
-            time.sleep(0.5)
-        driver.send_signal(signal.SIGTERM)
-        driver.wait(timeout=300)
-        stderr = (root / "driver.err").read_text(errors="replace")
+        stderr = _signal_when(driver, root, lambda: any(r.info.status == "FINISHED" for r in runs("trial")),
+                              "no trial finished", signal.SIGTERM)
         assert driver.returncode == 128 + signal.SIGTERM, stderr[-3000:]
         assert stderr.strip().splitlines()[-1] == "fineprune sweep: interrupted by SIGTERM"
         (parent,) = runs("sweep")
@@ -403,15 +430,7 @@ def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes
         assert not [r for r in client.search_runs([experiment]) if r.info.status == "RUNNING"]
         assert_each_trial_registered_once(client, summary["champion"]["name"])
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait(timeout=30)
-        for pid in processes_mentioning(root):  # what is left of the sweep's private Ray
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(root, ignore_errors=True)
+        _end_sweep(driver, root)
 
 
 @pytest.mark.slow
@@ -420,43 +439,25 @@ def test_a_sweeps_ctrl_c_prints_its_summary_and_exits_3_as_the_readme_says():
     """The README said Ctrl-C stops any command with "interrupted by SIGINT" and status 130; a sweep's Ctrl-C stops
     its trials, prints its summary and exits 3 (Tune takes the signal), and the README now says so."""
     import re
-    import tempfile
 
     readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
     sentence = re.search(r"Ctrl-C \(SIGINT\) or SIGTERM stops any command (.*?)\. ", readme)
     assert sentence and "a sweep's Ctrl-C" in sentence.group(1) and "exits 3" in sentence.group(1)
 
-    root = Path(tempfile.mkdtemp(prefix="fpk-", dir="/tmp" if os.path.isdir("/tmp") else None))  # short: Ray sockets
-    (root / "rt").mkdir()
-    env = {k: v for k, v in _env().items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env.update(RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0")
+    root, env = _sweep_root()
     command = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
                "--tracking-uri", f"sqlite:///{root}/mlflow.db", "--storage-path", str(root / "ray")]
     with open(root / "driver.out", "wb") as out, open(root / "driver.err", "wb") as err:  # Tune writes much
         driver = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=err, start_new_session=True,
                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.monotonic() + 600
-        while not re.search(r"trial_main.*step 3:", (root / "driver.err").read_text(errors="replace")):
-            assert driver.poll() is None, (root / "driver.err").read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "no trial evaluated"
-            time.sleep(0.5)
-        driver.send_signal(signal.SIGINT)
-        driver.wait(timeout=300)
-        stderr = (root / "driver.err").read_text(errors="replace")
+        stderr = _signal_when(driver, root, lambda: re.search(r"trial_main.*step 3:", (root / "driver.err").read_text(
+            errors="replace")), "no trial evaluated", signal.SIGINT)
         assert driver.returncode == 3, stderr[-3000:]
         assert json.loads((root / "driver.out").read_text())["status"] == "interrupted"
         assert "interrupted by SIGINT" not in stderr
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait(timeout=30)
-        for pid in processes_mentioning(root):  # what is left of the sweep's private Ray
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(root, ignore_errors=True)
+        _end_sweep(driver, root)
 
 
 def test_a_run_over_an_earlier_one_stopped_before_its_first_checkpoint_leaves_none_of_the_earlier_run(tmp_path):

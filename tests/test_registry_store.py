@@ -140,16 +140,23 @@ def test_registering_again_lists_each_directory_of_a_version_once_and_still_find
     assert registry._lost_files(champion, store["uri"]) is None
 
 
+def _two_sweeps_registered(store, tokenizer, capsys, *flags: str) -> tuple[dict, dict]:
+    """The records of two sweeps of NAME in ``store``, each registered (``flags`` to `register`) as it ended: the
+    first of TRIALS, the later one of a single, most accurate trial `best`."""
+    first = sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
+    assert _register(capsys, store, *flags)[0] == 0
+    later = sweep_record(store["client"], store["root"], tokenizer, NAME, "b", {"best": (2, 64, 90.0, 0.5, True)})
+    assert _register(capsys, store, *flags)[0] == 0
+    return first, later
+
+
 def test_select_does_not_choose_a_version_whose_trial_or_sweep_run_was_deleted(store, tokenizer, capsys, caplog):
     """`select` without a sweep chose among every version of the model, one whose trial run was deleted in the MLflow
     UI too (the most accurate here), and said nothing; a version whose trial or sweep run was deleted (set aside, as
     `register` passes a deleted sweep over) is now listed with why, with one warning naming it and the run, and not
     loaded or chosen."""
     client = store["client"]
-    first = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
-    assert _register(capsys, store, "--frontier")[0] == 0
-    later = sweep_record(client, store["root"], tokenizer, NAME, "b", {"best": (2, 64, 90.0, 0.5, True)})
-    assert _register(capsys, store, "--frontier")[0] == 0
+    first, later = _two_sweeps_registered(store, tokenizer, capsys, "--frontier")
     wide, narrow = _version_of(client, first["runs"]["wide"]), _version_of(client, first["runs"]["narrow"])
     best = _version_of(client, later["runs"]["best"])
     client.delete_run(first["runs"]["wide"])
@@ -186,10 +193,7 @@ def _champion_of_a_deleted_later_sweep(store: dict, tokenizer, capsys) -> tuple[
     """Two sweeps registered in turn, the later one's champion (``best``) holding the alias, then the later sweep's
     run deleted in the MLflow UI: (first sweep, later sweep, the alias's version)."""
     client = store["client"]
-    first = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
-    assert _register(capsys, store)[0] == 0
-    later = sweep_record(client, store["root"], tokenizer, NAME, "b", {"best": (2, 64, 90.0, 0.5, True)})
-    assert _register(capsys, store)[0] == 0
+    first, later = _two_sweeps_registered(store, tokenizer, capsys)
     best = _version_of(client, later["runs"]["best"])
     assert _champion(client) == best
     client.delete_run(later["parent"])
@@ -516,10 +520,7 @@ def test_a_run_removed_for_good_is_not_said_to_be_restorable(store, tokenizer, c
     named by `register`, as one whose run "was deleted (restore it, `mlflow runs restore ...`)", a command that
     fails on a run gc removed; it now says the run was removed for good and cannot be restored."""
     client = store["client"]
-    first = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
-    assert _register(capsys, store, "--frontier")[0] == 0
-    later = sweep_record(client, store["root"], tokenizer, NAME, "b", {"best": (2, 64, 90.0, 0.5, True)})
-    assert _register(capsys, store, "--frontier")[0] == 0
+    first, later = _two_sweeps_registered(store, tokenizer, capsys, "--frontier")
     wide, best = _version_of(client, first["runs"]["wide"]), _version_of(client, later["runs"]["best"])
     _gc(store, first["runs"]["wide"], later["parent"])
     caplog.clear()

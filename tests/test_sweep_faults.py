@@ -616,6 +616,23 @@ def test_a_tracking_store_locked_at_the_start_is_waited_for_then_one_line(tmp_pa
     assert not client.search_runs([experiment])
 
 
+def _sweep_root(prefix: str):
+    """A new directory (short, for Ray's sockets) for a sweep run as a process, with a SQLite store holding the
+    experiment `smoke`: (root, tracking URI, client, experiment id, the process's environment, with a private Ray
+    under root and no Ray or MLflow settings of the caller's)."""
+    from mlflow.tracking import MlflowClient
+
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None))
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("smoke", artifact_location=(root / "artifacts").as_uri())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0")
+    (root / "rt").mkdir()
+    return root, uri, client, experiment, env
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweep's processes in /proc")
 def test_a_tracking_store_locked_while_the_sweep_records_its_frontier_is_waited_for(tmp_path):
@@ -624,16 +641,7 @@ def test_a_tracking_store_locked_while_the_sweep_records_its_frontier_is_waited_
     with its run left RUNNING. They are now waited for as the trials' logging is, and the sweep finishes whole."""
     import sqlite3
 
-    from mlflow.tracking import MlflowClient
-
-    root = Path(tempfile.mkdtemp(prefix="fpl-", dir="/tmp" if os.path.isdir("/tmp") else None))  # short: Ray sockets
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("smoke", artifact_location=(root / "artifacts").as_uri())
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0")
-    (root / "rt").mkdir()
+    root, uri, client, experiment, env = _sweep_root("fpl-")
     command = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
                "--tracking-uri", uri, "--storage-path", str(root / "ray")]
     with open(root / "driver.out", "wb") as out, open(root / "driver.err", "wb") as err:
@@ -674,16 +682,7 @@ def test_the_resume_command_of_a_sweep_stopped_by_a_tracking_outage_resumes_it_a
     import shlex
     import sqlite3
 
-    from mlflow.tracking import MlflowClient
-
-    root = Path(tempfile.mkdtemp(prefix="fpr-", dir="/tmp" if os.path.isdir("/tmp") else None))  # short: Ray sockets
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("smoke", artifact_location=(root / "artifacts").as_uri())
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0")
-    (root / "rt").mkdir()
+    root, uri, client, experiment, env = _sweep_root("fpr-")
     (root / "elsewhere").mkdir()
     command = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
                "--tracking-uri", uri, "--storage-path", str(root / "ray"), "--tracking-timeout", "5"]
