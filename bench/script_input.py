@@ -21,7 +21,7 @@ if _ROOT not in sys.path:  # a bare checkout, nothing installed
     sys.path.insert(0, _ROOT)
 from workflows.user_errors import output_path_problem, user_errors, write_problem  # noqa: E402  (stdlib only)
 
-__all__ = ["InputError", "one_line_errors", "read_json", "require", "check_output", "write_text"]
+__all__ = ["InputError", "one_line_errors", "read_json", "require", "check_output", "check_output_dir", "write_text"]
 
 class InputError(ValueError):
     """Bad input to a bench script; printed as one line, exit status 2."""
@@ -92,6 +92,14 @@ def check_output(path: str | Path | None, flag: str) -> None:
     elif problem is None and not Path(path).exists() and write_problem(Path(path).absolute().parent) is not None:
         nearest = next(p for p in Path(path).absolute().parents if p.exists())
         problem = f"cannot be written ({nearest} takes no new files)"
+    if problem is not None:
+        raise InputError(f"{flag} {path}: {problem}")
+
+
+def check_output_dir(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, an output directory that cannot be made or written into: a file there or above it,
+    or a directory that takes no new files."""
+    problem = output_path_problem(path, directory=True, writable=True)
     if problem is not None:
         raise InputError(f"{flag} {path}: {problem}")
 
