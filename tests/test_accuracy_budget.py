@@ -86,6 +86,35 @@ def test_a_forced_split_keeps_the_heads_asked_for_and_fills_the_budget_with_neur
         split.split_masks(est, costs, 29, heads=3)
 
 
+@pytest.mark.parametrize("heads,message", [
+    ("-1", "--heads: head counts must be >= 0, got -1"),
+    ("9", "--heads 9: the --teacher model has 8 heads"),
+    ("8", "--heads 8: that many heads cost more than the --density 0.3 budget, which pays for at most 4"),
+])
+def test_a_head_count_the_split_cannot_keep_is_one_line_before_the_fisher_pass(bench_script, tiny_bert_config,
+                                                                                 tokenizer, tmp_path, monkeypatch,
+                                                                                 capsys, heads, message):
+    """fisher_split --heads -1 kept every head but one and reported the split as "heads": -1; a count beyond the
+    model's heads or what the --density budget pays stopped with a ValueError traceback after the Fisher pass. Each
+    is now one line naming --heads before the pass (exit 2)."""
+    from transformers import BertForQuestionAnswering
+
+    teacher = tmp_path / "teacher"  # a dense 2-layer model of 4 heads each
+    BertForQuestionAnswering(tiny_bert_config).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    monkeypatch.chdir(tmp_path)
+    split = bench_script("fisher_split")
+    argv = ["--teacher", str(teacher), "--density", "0.3", "--heads", "2", heads]
+    if heads.startswith("-"):
+        with pytest.raises(SystemExit) as exit_:
+            split.main(argv)
+        code = exit_.value.code
+    else:
+        code = split.main(argv)
+    err = capsys.readouterr()
+    assert code == 2 and message in err.err.strip().splitlines()[-1] and err.out == ""
+
+
 # --- the budget in FLOPs --------------------------------------------------------------------------------------
 
 
