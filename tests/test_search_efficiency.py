@@ -251,3 +251,15 @@ def test_an_output_in_a_directory_that_takes_no_new_files_is_refused_before_the_
     assert captured.err.strip().splitlines()[-1] == (
         f"search_efficiency: {flag} {out}: cannot be written ({unwritable_dir} takes no new files)")
     assert captured.out == ""  # refused before the replay
+
+
+def test_measuring_a_space_that_is_not_a_grid_is_one_line_before_anything_is_made(bench, tmp_path, capsys):
+    """--measure of a space whose algorithm is not grid printed the space's line without the script's name and
+    exited with status 1, after making the --storage-path directory."""
+    space = ROOT / "tune_spaces" / "smoke.yaml"
+    code = bench.main(["--measure", "--space", str(space), "--table", str(tmp_path / "table.json"),
+                       "--storage-path", str(tmp_path / "store")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"search_efficiency: --space {space}: algorithm: must be grid for a replay table, got optuna")
+    assert list(tmp_path.iterdir()) == []
