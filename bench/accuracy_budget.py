@@ -70,11 +70,11 @@ from pruning import config as run_config
 from pruning.config import ConfigError, RunConfig, config_from_dict, load_config
 from pruning.importance import structure_costs
 from pruning.packing import pack_and_verify
-from pruning.resources import resolve_data
+from pruning.resources import resolve_data, resolve_model
 from pruning.trainer import evaluate, micro_batches, train, train_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from script_input import check_output, one_line_errors, read_json, require  # noqa: E402
+from script_input import InputError, check_output, one_line_errors, read_json, require  # noqa: E402
 
 logger = logging.getLogger("accuracy_budget")
 
@@ -236,8 +236,8 @@ def row_config(row: str, density: float, teacher: str, out_dir: Path, args: argp
     else:
         steps_left = training_steps_left(cfg, budget)
     if steps_left < 1:
-        raise SystemExit(f"accuracy_budget: the calibration of {row} takes {calibration_steps(cfg)} of the "
-                         f"{budget} steps")
+        raise InputError(f"--calibration, --tuning, --stages, --steps: the calibration of {row} takes "
+                         f"{calibration_steps(cfg)} of the {budget} steps")
     if row in ("topk", "topk_fisher"):
         cfg = dataclasses.replace(cfg, max_steps=steps_left)
     elif row == "fisher_recovery":
@@ -409,11 +409,19 @@ def main(argv: list[str] | None = None) -> int:
     check_output(results_path, flag)
     stored = read_results(results_path, flag)  # a malformed file fails here, not after the first row's training
     teacher = args.teacher
-    if teacher is None:
-        dense_cfg = load_config(DENSE_CONFIG, {"output_dir": str(out_dir / "teacher"), "eval_limit": args.eval_limit})
-        final = out_dir / "teacher" / "final"
-        teacher = str(final) if (final / "config.json").is_file() else train(dense_cfg, progress=False)["model_dir"]
     try:  # every row's config, before any training: a bad --set value fails here, in one line
+        if teacher is None:
+            dense_cfg = load_config(DENSE_CONFIG, {"output_dir": str(out_dir / "teacher"),
+                                                   "eval_limit": args.eval_limit})
+            final = out_dir / "teacher" / "final"
+            if not (final / "config.json").is_file():
+                # Checked against the model the teacher is trained from (the same shape), not after its training.
+                stand_in = str(resolve_model(dense_cfg.model))
+                for density in args.densities:
+                    for row in args.rows:
+                        row_config(row, density, stand_in, out_dir, args)
+                final = Path(train(dense_cfg, progress=False)["model_dir"])
+            teacher = str(final)
         configs = {(row, density): row_config(row, density, teacher, out_dir, args)
                    for density in args.densities for row in args.rows}
     except ConfigError as err:

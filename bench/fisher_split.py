@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy_budget  # noqa: E402  (the protocol's row config)
-from script_input import one_line_errors  # noqa: E402
+from script_input import InputError, one_line_errors  # noqa: E402
 
 from pruning import importance, squad  # noqa: E402
 from pruning.resources import resolve_data  # noqa: E402
@@ -55,20 +55,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="the tuning after each cut (default scales: what the recovery recipe uses, and what the "
                              "recorded table measured)")
     args = parser.parse_args(argv)
+    if min(args.heads) < 0:
+        parser.error(f"--heads: head counts must be >= 0, got {min(args.heads)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     bench_args = accuracy_budget.parse_args(["--teacher", args.teacher])
     cfg = accuracy_budget.row_config("fisher", args.density, args.teacher, Path("runs") / "fisher_split", bench_args)
     model, tokenizer = build_model(cfg)
     model.eval()
+    costs = importance.structure_costs(model.config, "density")
+    budget = int(math.floor(args.density * costs.total + 1e-6))
+    heads_in_model = model.config.num_hidden_layers * model.config.num_attention_heads
+    for heads in args.heads:  # before the Fisher pass
+        if heads > heads_in_model:
+            raise InputError(f"--heads {heads}: the --teacher model has {heads_in_model} heads")
+        if heads * costs.head > budget:
+            raise InputError(f"--heads {heads}: that many heads cost more than the --density {args.density:g} "
+                             f"budget, which pays for at most {budget // costs.head}")
     features = train_features(cfg, squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit), tokenizer)
     dev = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
     index, tuning_index = importance.calibration_and_tuning_index(
         int(features["input_ids"].shape[0]), cfg.calibration_samples, cfg.mask_tuning_samples, cfg.seed)
     # The student is the teacher before the cut: labels sampled from its own distribution, as in the fisher row.
     est = importance.fisher_importance(model, features, index, cfg.batch_size, labels="sampled", seed=cfg.seed)
-    costs = importance.structure_costs(model.config, "density")
-    budget = int(math.floor(args.density * costs.total + 1e-6))
     search_heads = int(importance.search_mask(est.heads, est.neurons, costs, budget)[0].sum())
 
     results = {}

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
-from script_input import InputError, one_line_errors  # noqa: E402
+from script_input import InputError, check_output_dir, one_line_errors  # noqa: E402
 
 logger = logging.getLogger("gpu_reference")
 
@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     work, out = Path(args.work), Path(args.out)
+    check_output_dir(work, "--work")
+    check_output_dir(out, "--out")
     check_carry(Path(args.carry), work)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ from pruning.precision import autocast, bf16_supported  # noqa: E402
 from pruning.trainer import FINAL_DIR, check_device, resolve_device, train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from script_input import one_line_errors  # noqa: E402
+from script_input import check_output_dir, one_line_errors  # noqa: E402
 
 logger = logging.getLogger("gpu_smoke")
 
@@ -260,6 +260,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @one_line_errors("gpu_smoke")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     hf_logging.disable_progress_bar()

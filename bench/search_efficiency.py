@@ -94,17 +94,24 @@ def _log_spaced(values: Sequence[float]) -> bool:
     return _unevenness(np.log(values)) < _unevenness(values)
 
 
+def grid_space(space_path: Path) -> Any:
+    """The search space in ``space_path``, or an :class:`InputError` where it is not a grid (a replay table is)."""
+    from workflows.space import load_space
+
+    space = load_space(space_path)
+    if space.algorithm != "grid":
+        raise InputError(f"--space {space_path}: algorithm: must be grid for a replay table, got {space.algorithm}")
+    return space
+
+
 def measure(space_path: Path, out: Path, tracking_uri: str, storage_path: str) -> dict[str, Any]:
     """Run the grid sweep of ``space_path`` for real and write its trials' outcomes as the replay table."""
     from mlflow.tracking import MlflowClient
 
     from workflows import record, tracking
-    from workflows.space import load_space
     from workflows.sweep import run_sweep
 
-    space = load_space(space_path)
-    if space.algorithm != "grid":
-        raise SystemExit(f"{space_path}: algorithm: must be grid for a replay table, got {space.algorithm}")
+    space = grid_space(space_path)
     started = time.time()
     summary = run_sweep(space_path, tracking_uri=tracking_uri, storage_path=storage_path,
                         report_dir=Path(storage_path) / "report")
@@ -550,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if args.measure:
+        grid_space(args.space.resolve())  # before the storage directory is made
         storage = str(Path(args.storage_path).resolve())
         uri = args.tracking_uri or f"sqlite:///{storage}/mlflow.db"
         Path(storage).mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--bad-fraction {args.bad_fraction}: a fraction from 0 to 1")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
+    for flag in ("max_seq_length", "doc_stride", "max_windows", "batch_size"):  # else the server fails to start
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
 
     settings = None
     if not args.model_uri:  # the directory's record read before the server starts

@@ -7,6 +7,7 @@ import functools
 from collections import Counter
 
 import pytest
+import yaml
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,35 @@ def test_a_forced_split_keeps_the_heads_asked_for_and_fills_the_budget_with_neur
     assert neuron_keep.tolist() == [[False, True, True], [False, False, True]]  # 9 // 3 = 3 neurons, the best
     with pytest.raises(ValueError, match="3 heads cost more than the budget"):
         split.split_masks(est, costs, 29, heads=3)
+
+
+@pytest.mark.parametrize("heads,message", [
+    ("-1", "--heads: head counts must be >= 0, got -1"),
+    ("9", "--heads 9: the --teacher model has 8 heads"),
+    ("8", "--heads 8: that many heads cost more than the --density 0.3 budget, which pays for at most 4"),
+])
+def test_a_head_count_the_split_cannot_keep_is_one_line_before_the_fisher_pass(bench_script, tiny_bert_config,
+                                                                                 tokenizer, tmp_path, monkeypatch,
+                                                                                 capsys, heads, message):
+    """fisher_split --heads -1 kept every head but one and reported the split as "heads": -1; a count beyond the
+    model's heads or what the --density budget pays stopped with a ValueError traceback after the Fisher pass. Each
+    is now one line naming --heads before the pass (exit 2)."""
+    from transformers import BertForQuestionAnswering
+
+    teacher = tmp_path / "teacher"  # a dense 2-layer model of 4 heads each
+    BertForQuestionAnswering(tiny_bert_config).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    monkeypatch.chdir(tmp_path)
+    split = bench_script("fisher_split")
+    argv = ["--teacher", str(teacher), "--density", "0.3", "--heads", "2", heads]
+    if heads.startswith("-"):
+        with pytest.raises(SystemExit) as exit_:
+            split.main(argv)
+        code = exit_.value.code
+    else:
+        code = split.main(argv)
+    err = capsys.readouterr()
+    assert code == 2 and message in err.err.strip().splitlines()[-1] and err.out == ""
 
 
 # --- the budget in FLOPs --------------------------------------------------------------------------------------
@@ -269,3 +299,26 @@ def test_the_results_file_is_on_the_disk_before_it_replaces_the_earlier_one(benc
         assert (path.stat().st_ino, path.stat().st_size) in synced
     assert [r["density_target"] for r in json.loads(path.read_text())["rows"]] == [0.5, 0.3]
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rows", "topk", "--densities", "0"], "target_density: must be in (0, 1], got 0.0"),
+    (["--rows", "fisher", "--set", "alpha_ce=-1"], "--set: alpha_ce: must be a number >= 0, got -1"),
+    (["--rows", "fisher_recovery", "--calibration", "6144"],
+     "--calibration, --tuning, --stages, --steps: the calibration of fisher_recovery takes 400 of the 384 steps"),
+])
+def test_without_a_teacher_bad_values_are_refused_before_the_teacher_trains(bench, tmp_path, monkeypatch, capsys,
+                                                                             argv, message):
+    """Without --teacher the script first trains the dense teacher (53 minutes for the shipped config), and only
+    then found a density of 0, a bad --set value or a calibration that takes the whole budget; the last of these
+    was also exit status 1. Each is now one line and status 2 before the teacher's training starts."""
+    dense = tmp_path / "dense.yaml"  # a teacher that trains in seconds, so that a late refusal shows as one
+    dense.write_text(yaml.safe_dump({"model_config": {"hidden_size": 32, "num_hidden_layers": 1,
+                                                      "num_attention_heads": 2, "intermediate_size": 64},
+                                     "train_data": "dev", "eval_data": "dev", "train_limit": 4, "eval_limit": 2,
+                                     "max_seq_length": 64, "doc_stride": 32, "max_steps": 1, "method": "dense"}))
+    monkeypatch.setattr(bench, "DENSE_CONFIG", dense)
+    code = bench.main([*argv, "--out-dir", str(tmp_path / "out"), "--eval-limit", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("accuracy_budget: ") and err[-1].endswith(message), err[-1]
+    assert not (tmp_path / "out").exists()  # no teacher trained

@@ -118,6 +118,11 @@ def test_bad_input_is_one_line_and_exit_2(bench_script, checkpoints, tmp_path, c
     ("serve_load", ["--rounds", "-1"], "--rounds >= 0"),
     ("serve_load", ["--bad-fraction", "1.5"], "--bad-fraction 1.5: a fraction from 0 to 1"),
     ("serve_load", ["--threads", "0"], "--threads must be >= 1"),
+    # These registered the model and then stopped with the model server's start-up failure as a traceback.
+    ("serve_load", ["--max-seq-length", "0"], "--max-seq-length must be >= 1, got 0"),
+    ("serve_load", ["--doc-stride", "-1"], "--doc-stride must be >= 1, got -1"),
+    ("serve_load", ["--max-windows", "0"], "--max-windows must be >= 1, got 0"),
+    ("serve_load", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     # The batching phase compares one record a request with --per-request: one against one stopped it with a
     # NameError after the load phase.
     ("serve_load", ["--per-request", "1", "--model-dir", "absent-model"], "--per-request 1: the batching phase"),

@@ -899,25 +899,6 @@ def test_eval_predictions_never_replace_the_data_or_the_model_they_come_from(cap
     assert len(json.loads((model / "predictions.json").read_text())) == 2
 
 
-@pytest.fixture
-def unwritable_dir(tmp_path) -> Path:
-    """A directory nothing can be written into: without write permission, or (for root, whom permissions do not
-    stop) immutable."""
-    path = tmp_path / "read-only"
-    path.mkdir()
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        yield path
-        path.chmod(0o755)
-        return
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-        pytest.skip("no way to make a directory root cannot write into here (chattr +i)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
-
-
 @pytest.mark.parametrize("under", ["", "out"])
 def test_an_output_dir_that_cannot_be_written_is_one_line_before_any_work(capsys, masked_checkpoint, tmp_path,
                                                                           unwritable_dir, under):

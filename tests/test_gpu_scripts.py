@@ -103,6 +103,29 @@ def test_reference_refuses_bad_input_in_one_line_before_any_work(reference, tmp_
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("out,message", [
+    ("file", "exists and is not a directory"),
+    ("file/out", "{tmp}/file is a file, not a directory"),
+    ("read-only/out", "cannot be made ({tmp}/read-only takes no new files)"),
+])
+def test_reference_refuses_an_out_directory_it_cannot_write_in_one_line(reference, tmp_path, capsys, unwritable_dir,
+                                                                        out, message):
+    """An --out (on the GPU machine, $OUT) that is a file, or in a directory that takes no new files, was a
+    FileExistsError, NotADirectoryError or PermissionError traceback, status 1."""
+    work = tmp_path / "work"  # the model and data already staged, as a rerun finds them
+    for staged in ("minilm/model.safetensors", "minilm/config.json", "train-v1.1.json", "dev-v1.1.json"):
+        (work / staged).parent.mkdir(parents=True, exist_ok=True)
+        (work / staged).write_text("")
+    (tmp_path / "file").write_text("")
+    code = reference.main(["--rehearsal", "--work", str(work), "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"gpu_reference: --out {tmp_path / out}: {message.replace('{tmp}', str(tmp_path))}"]
+    assert reference.main(["--rehearsal", "--work", str(tmp_path / "file"), "--out", str(tmp_path / "o")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()
+    assert line == [f"gpu_reference: --work {tmp_path / 'file'}: exists and is not a directory"]
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
 def test_reference_refuses_cuda_on_a_machine_without_it(reference, tmp_path, capsys):
     code = reference.main(["--device", "cuda", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
@@ -123,6 +146,17 @@ def test_smoke_refuses_a_device_it_cannot_run_on_in_one_line(bench_script, tmp_p
     captured = capsys.readouterr()
     assert code == 2 and captured.err.strip() == message and captured.out == ""
     assert not (tmp_path / "work").exists()
+
+
+def test_smoke_refuses_an_out_directory_it_cannot_write_in_one_line(bench_script, tmp_path, capsys, unwritable_dir):
+    """--out a file, or in a directory that takes no new files, was a FileExistsError or PermissionError
+    traceback, status 1."""
+    (tmp_path / "file").write_text("")
+    for out, problem in ((tmp_path / "file", "exists and is not a directory"),
+                         (unwritable_dir / "work", f"cannot be made ({unwritable_dir} takes no new files)")):
+        code = bench_script("gpu_smoke").main(["--device", "cpu", "--out", str(out)])
+        captured = capsys.readouterr()
+        assert code == 2 and captured.err.strip() == f"gpu_smoke: --out {out}: {problem}" and captured.out == ""
 
 
 @pytest.mark.parametrize("device,expected", [("auto", "cpu"), ("cuda", "cuda")])

@@ -236,3 +236,30 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_replay(bench, tm
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"search_efficiency: --json {tmp_path / 'file' / 'r.json'}: {tmp_path / 'file'} is a file, not a directory")
+
+
+@pytest.mark.parametrize("flag,under", [("--json", ""), ("--json", "new"), ("--plot", "")])
+def test_an_output_in_a_directory_that_takes_no_new_files_is_refused_before_the_replay(bench, tmp_path, capsys,
+                                                                                        unwritable_dir, flag, under):
+    """--json or --plot in a directory nothing can be written into ran every replay, then stopped with a
+    PermissionError traceback when it came to write them."""
+    out = unwritable_dir / under / "r.out" if under else unwritable_dir / "r.out"
+    code = bench.main(["--table", str(_table_file(bench, tmp_path / "grid.json")), "--samplers", "grid,tpe",
+                       "--seeds", "1", "--budget", "2", flag, str(out)])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == (
+        f"search_efficiency: {flag} {out}: cannot be written ({unwritable_dir} takes no new files)")
+    assert captured.out == ""  # refused before the replay
+
+
+def test_measuring_a_space_that_is_not_a_grid_is_one_line_before_anything_is_made(bench, tmp_path, capsys):
+    """--measure of a space whose algorithm is not grid printed the space's line without the script's name and
+    exited with status 1, after making the --storage-path directory."""
+    space = ROOT / "tune_spaces" / "smoke.yaml"
+    code = bench.main(["--measure", "--space", str(space), "--table", str(tmp_path / "table.json"),
+                       "--storage-path", str(tmp_path / "store")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"search_efficiency: --space {space}: algorithm: must be grid for a replay table, got optuna")
+    assert list(tmp_path.iterdir()) == []
