@@ -39,6 +39,7 @@ from mlflow.tracking import MlflowClient
 from pruning import squad
 from pruning.checkpoint import read_evaluation, read_precision
 from pruning.resources import resolve_data, resolve_model
+from workflows.record import sqlite_database
 from workflows.registry import ALIAS, SERVE_DEFAULTS, log_qa_model, serve_settings
 from workflows.serving import ModelServer, invoke, ping, run_load
 
@@ -46,6 +47,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from script_input import one_line_errors  # noqa: E402
 
 logger = logging.getLogger("serve_load")
+
+
+def registered_problem(model_uri: str, tracking_uri: str) -> str | None:
+    """Why ``model_uri`` (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) cannot be served from the store
+    ``tracking_uri``, in one line; None when it can. A ``sqlite:///`` store that does not exist is not made."""
+    from mlflow.exceptions import MlflowException
+
+    ref = model_uri.removeprefix("models:/")
+    name, alias = ref.split("@", 1) if "@" in ref else (ref, None)
+    name, _, version = name.partition("/") if alias is None else (name, "", "")
+    if ref == model_uri or not name or not (alias or version):
+        return f"--model-uri {model_uri}: write models:/NAME/VERSION or models:/NAME@ALIAS"
+    database = sqlite_database(tracking_uri)
+    if database is not None and not database.is_file():
+        return f"--tracking-uri {tracking_uri}: no MLflow database at {database}"
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        if alias:
+            client.get_model_version_by_alias(name, alias)
+        else:
+            client.get_model_version(name, version)
+    except MlflowException as err:
+        return f"--model-uri {model_uri}: not in {tracking_uri} ({str(err).splitlines()[0]})"
+    return None
 
 
 def register_dir(model_dir: Path, root: Path, settings: dict[str, int | str]) -> tuple[str, str]:
@@ -155,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+
+    if args.model_uri:  # else the server starts, and stops on MLflow's traceback (a missing store made empty)
+        problem = registered_problem(args.model_uri, args.tracking_uri)
+        if problem:
+            parser.error(problem)
 
     settings = None
     if not args.model_uri:  # the directory's record read before the server starts

@@ -171,3 +171,27 @@ def test_serve_load_serves_a_model_directory_with_the_settings_it_records(bench_
     assert serve_load.main(["--model-dir", str(model_dir)]) == 2
     assert _one_line(capsys) == (f"serve_load: {model_dir / 'config.json'}: {EVALUATION_KEY}.doc_stride: must be a "
                                  "whole number >= 1, got 0")
+
+
+def test_serve_load_refuses_a_model_its_store_does_not_hold_before_the_server_starts(bench_script, tmp_path, capsys):
+    """A --model-uri in a store that does not exist (which the server then made, empty) or that lacks the model
+    stopped on MLflow's traceback once the model server had started."""
+    from mlflow.tracking import MlflowClient
+
+    missing = tmp_path / "none.db"
+    for argv, message in (
+            (["--model-uri", "models:/x/1", "--tracking-uri", f"sqlite:///{missing}"],
+             f"--tracking-uri sqlite:///{missing}: no MLflow database at {missing}"),
+            (["--model-uri", "x", "--tracking-uri", f"sqlite:///{missing}"], None),
+            (["--model-uri", "models:/x@champion", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
+             f"--model-uri models:/x@champion: not in sqlite:///{tmp_path}/mlflow.db ("),
+            (["--model-uri", "models:/x/1", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
+             f"--model-uri models:/x/1: not in sqlite:///{tmp_path}/mlflow.db (")):
+        if "mlflow.db" in argv[-1]:
+            MlflowClient(tracking_uri=argv[-1]).search_experiments()  # an MLflow store without the model
+        with pytest.raises(SystemExit) as exit_:
+            bench_script("serve_load").main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err
+        assert (message or "--model-uri x: write models:/NAME/VERSION or models:/NAME@ALIAS") in err
+    assert not missing.exists()
