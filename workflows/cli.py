@@ -845,16 +845,31 @@ def _logs_above_progress_bars() -> Iterator[None]:
         yield
 
 
-_terminated = False  # SIGTERM came: the KeyboardInterrupt that stops the command is its
+_signalled: int | None = None  # the signal (SIGINT or SIGTERM) that is stopping the command, once one came
 
 
 def _stop(signum: int, frame: Any) -> None:
-    """SIGTERM, raised where the command is as Ctrl-C is, so that it stops as on Ctrl-C: what it was writing is
-    removed, the runs it had open are ended, and the output it replaces is left as it was. (Raised in Ray's or
-    Tune's code, it may come out as another KeyboardInterrupt: the flag says which signal it was.)"""
-    global _terminated
-    _terminated = True
+    """Ctrl-C or SIGTERM, raised where the command is as a KeyboardInterrupt, so that it stops as on Ctrl-C: what it
+    was writing is removed, the runs it had open are ended, and the output it replaces is left as it was. (Raised in
+    Ray's or Tune's code, it may come out as another KeyboardInterrupt: the flag says which signal it was.)"""
+    global _signalled
+    _signalled = signum
     raise KeyboardInterrupt
+
+
+def _unraisable(report: Any) -> None:
+    """Python's report of an exception it cannot raise, but not of the KeyboardInterrupt of :func:`_stop` landing in
+    a finalizer (a ``__del__`` run by the garbage collector): Python prints it as a traceback and goes on, and
+    :func:`main` says the command was interrupted once it returns."""
+    if _signalled is not None and issubclass(report.exc_type, KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(report)
+
+
+def _interrupted(command: str, signum: int) -> int:
+    """The one line of a command stopped by ``signum``, and the shell's status for it."""
+    sys.stderr.write(f"fineprune {command}: interrupted by {signal.Signals(signum).name}\n")
+    return 128 + int(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -863,18 +878,21 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    global _results, _terminated
-    _results, _terminated = sys.stdout, False
-    on_term = None
+    global _results, _signalled
+    _results, _signalled = sys.stdout, None
+    handlers: dict[int, Any] = {}
+    hook = sys.unraisablehook
     if threading.current_thread() is threading.main_thread():  # where Python lets a handler be set
-        on_term = signal.signal(signal.SIGTERM, _stop)
+        handlers = {signum: signal.signal(signum, _stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+        sys.unraisablehook = _unraisable
     try:
         with contextlib.redirect_stdout(sys.stderr), _logs_above_progress_bars():
-            return int(args.func(args) or 0)
+            status = int(args.func(args) or 0)
+        if _signalled is not None:  # its KeyboardInterrupt was lost (in a finalizer): the command was stopped all
+            return _interrupted(args.command, _signalled)  # the same, though what it was doing got done
+        return status
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, and the shell's status for the signal
-        signum = signal.SIGTERM if _terminated else signal.SIGINT
-        sys.stderr.write(f"fineprune {args.command}: interrupted by {signal.Signals(signum).name}\n")
-        return 128 + int(signum)
+        return _interrupted(args.command, _signalled or signal.SIGINT)
     except Exception as err:
         if isinstance(err, user_errors(UserError)):  # some are OSErrors too (a file that is not there)
             status = 2
@@ -886,8 +904,9 @@ def main(argv: list[str] | None = None) -> int:
         return status
     finally:
         _results = None
-        if on_term is not None:
-            signal.signal(signal.SIGTERM, on_term)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        sys.unraisablehook = hook
 
 
 if __name__ == "__main__":  # pragma: no cover
