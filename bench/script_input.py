@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +18,7 @@ from typing import Any, Callable
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:  # a bare checkout, nothing installed
     sys.path.insert(0, _ROOT)
-from workflows.user_errors import output_path_problem, user_errors, write_problem  # noqa: E402  (stdlib only)
+from workflows.user_errors import output_path_problem, user_errors  # noqa: E402  (stdlib only)
 
 __all__ = ["InputError", "one_line_errors", "read_json", "require", "check_output", "check_output_dir", "write_text"]
 
@@ -86,12 +85,7 @@ def check_output(path: str | Path | None, flag: str) -> None:
     there that may not be replaced, or a directory it would go in (or be made in) that takes no new files."""
     if path is None:
         return
-    problem = output_path_problem(path, directory=False)
-    if problem is None and Path(path).is_file() and not os.access(path, os.W_OK):
-        problem = "cannot be written (no permission to replace it)"
-    elif problem is None and not Path(path).exists() and write_problem(Path(path).absolute().parent) is not None:
-        nearest = next(p for p in Path(path).absolute().parents if p.exists())
-        problem = f"cannot be written ({nearest} takes no new files)"
+    problem = output_path_problem(path, directory=False, writable=True)
     if problem is not None:
         raise InputError(f"{flag} {path}: {problem}")
 

@@ -5,6 +5,9 @@ work."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -195,3 +198,49 @@ def test_serve_load_refuses_a_model_its_store_does_not_hold_before_the_server_st
         assert exit_.value.code == 2 and "Traceback" not in err
         assert (message or "--model-uri x: write models:/NAME/VERSION or models:/NAME@ALIAS") in err
     assert not missing.exists()
+
+
+
+def _freeze(path, frozen: bool = True):
+    """Make ``path`` (a file or a directory) one nothing may write, or writable again: without write permission,
+    or (for root, whom permissions do not stop) immutable."""
+    if os.geteuid() != 0:
+        path.chmod((0o555 if path.is_dir() else 0o444) if frozen else 0o755)
+    elif shutil.which("chattr") is None or subprocess.run(["chattr", "+i" if frozen else "-i", str(path)],
+                                                          capture_output=True).returncode:
+        pytest.skip("no way to make a path root cannot write here (chattr +i)")
+
+
+@pytest.mark.parametrize("case", ["read-only file", "file in read-only directory", "new file", "new file under"])
+def test_an_output_file_and_a_tracking_database_are_refused_for_the_same_reason(bench_script, tmp_path, case):
+    """The check that an output file can be written was kept twice, for the bench scripts' --json/--plot and for a
+    sweep's sqlite:/// database: a file in a directory that took no new files passed it for one and not the other.
+    Both now give one reason, in one line naming the flag or the tracking URI and the file."""
+    from workflows.tracking import TrackingStoreError, check_writable_store
+
+    script_input = bench_script("script_input")
+    directory = tmp_path / "out"
+    directory.mkdir()
+    path, frozen, reason = {
+        "read-only file": (directory / "out.json", directory / "out.json",
+                           "cannot be written (no permission to write it)"),
+        "file in read-only directory": (directory / "out.json", directory,
+                                        f"cannot be written ({directory} takes no new files)"),
+        "new file": (directory / "new.json", directory, f"cannot be made ({directory} takes no new files)"),
+        "new file under": (directory / "sub" / "new.json", directory,
+                           f"cannot be made ({directory} takes no new files)"),
+    }[case]
+    (directory / "out.json").write_text("earlier")
+    _freeze(frozen)
+    try:
+        with pytest.raises(script_input.InputError) as refused:
+            script_input.check_output(path, "--json")
+        assert str(refused.value) == f"--json {path}: {reason}"
+        with pytest.raises(TrackingStoreError) as refused:
+            check_writable_store(f"sqlite:///{path}")
+        assert str(refused.value) == (f"tracking URI sqlite:///{path}: the database {path} {reason} (pass another "
+                                      "--tracking-uri)")
+    finally:
+        _freeze(frozen, False)
+    assert sorted(p.name for p in directory.iterdir()) == ["out.json"]
+    assert (directory / "out.json").read_text() == "earlier"
