@@ -7,11 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
 
+from conftest import frozen as frozen_path
 from conftest import random_masked_model
 
 from pruning.checkpoint import save_model
@@ -201,17 +201,6 @@ def test_serve_load_refuses_a_model_its_store_does_not_hold_before_the_server_st
     assert not missing.exists()
 
 
-
-def _freeze(path, frozen: bool = True):
-    """Make ``path`` (a file or a directory) one nothing may write, or writable again: without write permission,
-    or (for root, whom permissions do not stop) immutable."""
-    if os.geteuid() != 0:
-        path.chmod((0o555 if path.is_dir() else 0o444) if frozen else 0o755)
-    elif shutil.which("chattr") is None or subprocess.run(["chattr", "+i" if frozen else "-i", str(path)],
-                                                          capture_output=True).returncode:
-        pytest.skip("no way to make a path root cannot write here (chattr +i)")
-
-
 @pytest.mark.parametrize("case", ["read-only file", "file in read-only directory", "new file", "new file under"])
 def test_an_output_file_and_a_tracking_database_are_refused_for_the_same_reason(bench_script, tmp_path, case):
     """The check that an output file can be written was kept twice, for the bench scripts' --json/--plot and for a
@@ -232,8 +221,7 @@ def test_an_output_file_and_a_tracking_database_are_refused_for_the_same_reason(
                            f"cannot be made ({directory} takes no new files)"),
     }[case]
     (directory / "out.json").write_text("earlier")
-    _freeze(frozen)
-    try:
+    with frozen_path(frozen):
         with pytest.raises(script_input.InputError) as refused:
             script_input.check_output(path, "--json")
         assert str(refused.value) == f"--json {path}: {reason}"
@@ -241,8 +229,6 @@ def test_an_output_file_and_a_tracking_database_are_refused_for_the_same_reason(
             check_writable_store(f"sqlite:///{path}")
         assert str(refused.value) == (f"tracking URI sqlite:///{path}: the database {path} {reason} (pass another "
                                       "--tracking-uri)")
-    finally:
-        _freeze(frozen, False)
     assert sorted(p.name for p in directory.iterdir()) == ["out.json"]
     assert (directory / "out.json").read_text() == "earlier"
 
@@ -286,18 +272,12 @@ def test_an_output_that_cannot_be_written_once_the_work_is_done_is_one_line_and_
     @script_input.one_line_errors("bench")
     def main() -> int:
         script_input.check_output(path, "--json")  # passes: the change comes while the script runs
-        if change == "directory made read-only":
-            _freeze(out)
-        else:
-            path.mkdir()
-        script_input.write_text(path, "new")
-        return 0
+        with frozen_path(out) if change == "directory made read-only" else contextlib.nullcontext():
+            if change == "a directory in its place":
+                path.mkdir()
+            return script_input.write_text(path, "new") or 0
 
-    try:
-        assert main() == 1
-    finally:
-        if change == "directory made read-only":
-            _freeze(out, False)
+    assert main() == 1
     err = capsys.readouterr().err.strip().splitlines()
     reason = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
     assert err == [f"bench: {path}: cannot write ({reason if path.suffix == '.json' else 'Is a directory'})"], err
