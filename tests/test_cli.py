@@ -899,6 +899,20 @@ def test_eval_predictions_never_replace_the_data_or_the_model_they_come_from(cap
     assert len(json.loads((model / "predictions.json").read_text())) == 2
 
 
+@pytest.mark.parametrize("under", ["", "new"])
+def test_eval_predictions_that_cannot_be_written_are_one_line_before_the_evaluation(capsys, masked_checkpoint,
+                                                                                   unwritable_dir, under):
+    """`eval --predictions` into a directory that takes no new files evaluated every question, then stopped with
+    status 1 when it came to write them; it is now refused before the model is loaded, one line naming the flag and
+    the file (exit 2)."""
+    predictions = unwritable_dir / under / "predictions.json" if under else unwritable_dir / "predictions.json"
+    line = _one_line_error(capsys, ["eval", str(masked_checkpoint), "--eval-limit", "2", "--no-progress",
+                                    "--predictions", str(predictions)])
+    assert line == (f"fineprune eval: error: --predictions {predictions}: cannot be made ({unwritable_dir} takes no "
+                    "new files)"), line
+    assert list(unwritable_dir.iterdir()) == []
+
+
 @pytest.mark.parametrize("under", ["", "out"])
 def test_an_output_dir_that_cannot_be_written_is_one_line_before_any_work(capsys, masked_checkpoint, tmp_path,
                                                                           unwritable_dir, under):

@@ -421,7 +421,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     "max_answer_length", "n_best")
     _check_device(args.device, "--device")
     if args.predictions is not None:
-        _check_output_path(args.predictions, "--predictions", directory=False)
+        _check_output_path(args.predictions, "--predictions", directory=False, writable=True)
         _check_predictions_replace_no_input(args)
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant, args.device)
     _recorded_settings(args)
