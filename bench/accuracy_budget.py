@@ -262,8 +262,7 @@ def teacher_f1(teacher: str, cfg: RunConfig, cache: Path) -> dict[str, float]:
     examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit)
     metrics = evaluate(model, load_tokenizer(teacher), examples, cfg, progress=False)
     stored = {"teacher": teacher, **settings, "exact_match": metrics["exact_match"], "f1": metrics["f1"]}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(stored, indent=2))
+    atomic.write_text(cache, json.dumps(stored, indent=2))
     return stored
 
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
-from script_input import InputError, check_output_dir, one_line_errors  # noqa: E402
+from script_input import InputError, check_output_dir, one_line_errors, write_text  # noqa: E402
 
 logger = logging.getLogger("gpu_reference")
 
@@ -232,6 +232,9 @@ def measure_latency(args, teacher_dir: str, students: list[dict[str, Any]]) -> N
 
 
 def write_report(out_dir: Path, results: dict[str, Any]) -> None:
+    """Write the run's results, with its frontier, to ``gpu_reference.json`` first, then their table
+    (``gpu_reference.md``) and plot: a write that fails (a full disk) is one line, status 1, and leaves what was
+    already written, the results above all, which took the whole run."""
     from workflows.frontier import pareto_front
 
     dense = results["teacher"]
@@ -240,6 +243,7 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> None:
               *[{"name": f"student-{s['index']}", **s} for s in students]]
     front = pareto_front(points, [("f1", "max"), ("linear_density", "min")])
     results["frontier"] = [points[i]["name"] for i in front]
+    write_text(out_dir / "gpu_reference.json", json.dumps(results, indent=2))
     lines = [
         "# GPU reference: MiniLM on SQuAD v1.1",
         "",
@@ -262,7 +266,7 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> None:
             f"{s['exact_match']:.2f} | {s['f1']:.2f} | {s['f1'] - dense['f1']:+.2f} | "
             f"{lat['fp32']['speedup']:.2f} | {lat.get('bf16', {}).get('speedup', float('nan')):.2f} | "
             f"{s['flop_limit']:.2f} | {'yes' if name in results['frontier'] else ''} |")
-    (out_dir / "gpu_reference.md").write_text("\n".join(lines) + "\n")
+    write_text(out_dir / "gpu_reference.md", "\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -395,7 +399,6 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.time() - started,
     }
     write_report(out, results)
-    (out / "gpu_reference.json").write_text(json.dumps(results, indent=2))
     logger.info("done in %.0f s; results in %s", time.time() - started, out)
     print((out / "gpu_reference.md").read_text())
     return 0

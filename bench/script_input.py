@@ -1,17 +1,17 @@
 """Input and output of the bench scripts: bad input is one line on stderr and exit status 2, checked before any work
-where it can be.
+where it can be; an output that cannot be written once the work is done (a full disk) is one line and status 1.
 
 A script's ``main`` is wrapped in :func:`one_line_errors`; the library's own input errors (a missing model
 directory, a bad config value, a malformed SQuAD file) and :class:`InputError` (a missing or malformed JSON file, a
-path that cannot be written, a device this machine does not have) then print as ``SCRIPT: message``. Needs only
-the standard library (the GPU scripts run on machines with nothing but torch and transformers).
+path that cannot be written, a device this machine does not have) then print as ``SCRIPT: message``, and so does
+a write of :func:`write_text` or :func:`write_bytes` that fails. Needs only the standard library, and for writing
+``pruning.atomic`` (safetensors: the GPU scripts run on machines with nothing but torch and transformers).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -19,9 +19,10 @@ from typing import Any, Callable
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:  # a bare checkout, nothing installed
     sys.path.insert(0, _ROOT)
-from workflows.user_errors import output_path_problem, user_errors, write_problem  # noqa: E402  (stdlib only)
+from workflows.user_errors import output_path_problem, user_errors  # noqa: E402  (stdlib only)
 
-__all__ = ["InputError", "one_line_errors", "read_json", "require", "check_output", "check_output_dir", "write_text"]
+__all__ = ["InputError", "one_line_errors", "read_json", "require", "check_output", "check_output_dir", "write_text",
+           "write_bytes"]
 
 class InputError(ValueError):
     """Bad input to a bench script; printed as one line, exit status 2."""
@@ -36,15 +37,23 @@ def one_line_errors(script: str) -> Callable[[Callable[..., int | None]], Callab
             try:
                 return int(main(*args, **kwargs) or 0)
             except Exception as err:
-                if not isinstance(err, user_errors(InputError)):
+                failed_write = _is_write_error(err)
+                if not failed_write and not isinstance(err, user_errors(InputError)):
                     raise
                 message = str(err).splitlines()[0] if str(err) else type(err).__name__
                 print(f"{script}: {message}", file=sys.stderr)
-                return 2
+                return 1 if failed_write else 2
 
         return run
 
     return wrap
+
+
+def _is_write_error(err: BaseException) -> bool:
+    """Whether ``err`` is an output that could not be written once the work was done (looked up as
+    :func:`user_errors` looks up its classes: only a script that wrote through ``pruning.atomic`` can raise it)."""
+    atomic = sys.modules.get("pruning.atomic")
+    return atomic is not None and isinstance(err, atomic.WriteError)
 
 
 def read_json(path: str | Path, flag: str) -> Any:
@@ -86,12 +95,7 @@ def check_output(path: str | Path | None, flag: str) -> None:
     there that may not be replaced, or a directory it would go in (or be made in) that takes no new files."""
     if path is None:
         return
-    problem = output_path_problem(path, directory=False)
-    if problem is None and Path(path).is_file() and not os.access(path, os.W_OK):
-        problem = "cannot be written (no permission to replace it)"
-    elif problem is None and not Path(path).exists() and write_problem(Path(path).absolute().parent) is not None:
-        nearest = next(p for p in Path(path).absolute().parents if p.exists())
-        problem = f"cannot be written ({nearest} takes no new files)"
+    problem = output_path_problem(path, directory=False, writable=True)
     if problem is not None:
         raise InputError(f"{flag} {path}: {problem}")
 
@@ -105,7 +109,14 @@ def check_output_dir(path: str | Path, flag: str) -> None:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write an output file, making its directory first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    """Write an output file whole or not at all, making its directory first (:func:`write_bytes`)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write an output file whole or not at all, making its directory first: a write that fails (a full disk, a
+    directory made read-only meanwhile) leaves the file there before as it was, and is one line naming the file,
+    status 1, under :func:`one_line_errors`."""
+    from pruning import atomic  # here, not at the top: reading a script's input needs only the standard library
+
+    atomic.write_bytes(path, data)

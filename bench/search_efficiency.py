@@ -33,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import logging
@@ -54,7 +55,8 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 from workflows.frontier import hypervolume, hypervolume_progress, reference_point  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from script_input import InputError, check_output, one_line_errors, read_json, write_text  # noqa: E402
+from script_input import (InputError, check_output, one_line_errors, read_json, write_bytes,  # noqa: E402
+                          write_text)
 
 __all__ = ["measure", "load_table", "replay", "main"]
 
@@ -141,8 +143,7 @@ def measure(space_path: Path, out: Path, tracking_uri: str, storage_path: str) -
         "measured": time.strftime("%Y-%m-%d"),
         "rows": rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+    write_text(out, json.dumps(table, indent=1) + "\n")
     trials = [r for r in rows if r["kind"] == "trial"]
     logger.info("wrote %s: %d trials (%d finished), sweep wall %.0f s", out, len(trials),
                 sum(r["status"] == "finished" for r in trials), summary.get("wall_seconds") or 0)
@@ -487,9 +488,10 @@ def _plot(curves: dict[str, list[list[float]]], grid_hv: float, n_grid: int, pat
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    write_bytes(path, image.getvalue())
 
 
 def load_table(path: Path, flag: str = "--table") -> Table:

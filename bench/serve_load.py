@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
+import os
+import re
 import signal
 import statistics
 import sys
@@ -36,7 +39,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pruning import squad
+from pruning import atomic, squad
 from pruning.checkpoint import read_evaluation, read_precision
 from pruning.resources import resolve_data, resolve_model
 from workflows.record import sqlite_database
@@ -87,6 +90,32 @@ def register_dir(model_dir: Path, root: Path, settings: dict[str, int | str]) ->
                                           model_id=info.model_id)
     client.set_registered_model_alias("serve-load", ALIAS, version.version)
     return f"models:/serve-load@{ALIAS}", tracking_uri
+
+
+# What a write answers where the disk or the directory takes no more (full, over quota, read-only, no permission).
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def write_failure(err: BaseException) -> str | None:
+    """Why ``err`` (as MLflow raises it: its own exception, SQLAlchemy's, or the OSError it gathered into one) is a
+    write the disk refused, in a few words, or None when it is something else."""
+    stack, seen = [err], set()
+    while stack:
+        error = stack.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_ROOM:
+            return os.strerror(error.errno)
+        found = re.search(r"\[Errno (\d+)\]", str(error))
+        if found and int(found.group(1)) in _NO_ROOM:
+            return os.strerror(int(found.group(1)))
+        found = re.search(r"database or disk is full|attempt to write a readonly database|unable to open database "
+                          r"file", str(error))
+        if found:
+            return found.group(0)
+        stack += [error.__cause__, error.__context__, getattr(error, "orig", None)]
+    return None
 
 
 def dir_settings(model_dir: Path, given: dict[str, int | None]) -> dict[str, int | str]:
@@ -199,7 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         if settings is None:
             model_uri, tracking_uri = args.model_uri, args.tracking_uri
         else:
-            model_uri, tracking_uri = register_dir(model_dir, root, settings)
+            try:
+                model_uri, tracking_uri = register_dir(model_dir, root, settings)
+            except Exception as err:
+                reason = write_failure(err)
+                if reason is None:
+                    raise
+                raise atomic.WriteError(f"{root.parent}: cannot register {model_dir} in a temporary store there "
+                                        f"({reason}); set TMPDIR to a directory with room for a copy of it") from None
         env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
         with ModelServer(model_uri, tracking_uri, root / "serve.log", workers=args.workers, env=env) as server:
             for record in records[:3]:  # warm-up

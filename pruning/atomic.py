@@ -26,7 +26,7 @@ from typing import Iterator
 from safetensors import SafetensorError
 
 __all__ = ["WriteError", "Busy", "locked", "fsync_dir", "fsync_file", "save_tensors", "staging_dir", "replace_dir", "staged_dir", "tidy",
-           "write_text"]
+           "write_text", "write_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -326,18 +326,29 @@ def temporary_sibling(path: Path) -> Path:
 
 def write_text(path: str | Path, text: str) -> None:
     """Write a text file whole or not at all (a temporary sibling renamed over it)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file whole or not at all (a temporary sibling renamed over it).
+
+    Raises:
+        WriteError: it cannot be written (a full disk, a directory that takes no new files, a directory in its
+            place); one line naming ``path``. The file there before is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as file:
-            file.write(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as file:
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())  # on the disk before it takes the name
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         if isinstance(err, OSError) and not isinstance(err, WriteError):
             raise _write_error(path, err) from err
         raise

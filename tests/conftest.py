@@ -3,6 +3,7 @@ of the shipped dev set, and the bench scripts as modules."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -42,6 +43,26 @@ def unwritable_dir(tmp_path) -> Path:
         return
     if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
         pytest.skip("no way to make a directory root cannot write into here (chattr +i)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def frozen(path: Path):
+    """``path`` (a file or a directory, that exists) made one nothing may write while the block runs: without write
+    permission, or (for root, whom permissions do not stop) immutable; skips the test where neither can be done."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o555 if path.is_dir() else 0o444)
+        try:
+            yield path
+        finally:
+            path.chmod(mode)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("no way to make a path root cannot write here (chattr +i)")
     try:
         yield path
     finally:

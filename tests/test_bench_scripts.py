@@ -4,10 +4,14 @@ work."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 
 import pytest
 
+from conftest import frozen as frozen_path
 from conftest import random_masked_model
 
 from pruning.checkpoint import save_model
@@ -195,3 +199,130 @@ def test_serve_load_refuses_a_model_its_store_does_not_hold_before_the_server_st
         assert exit_.value.code == 2 and "Traceback" not in err
         assert (message or "--model-uri x: write models:/NAME/VERSION or models:/NAME@ALIAS") in err
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("case", ["read-only file", "file in read-only directory", "new file", "new file under"])
+def test_an_output_file_and_a_tracking_database_are_refused_for_the_same_reason(bench_script, tmp_path, case):
+    """The check that an output file can be written was kept twice, for the bench scripts' --json/--plot and for a
+    sweep's sqlite:/// database: a file in a directory that took no new files passed it for one and not the other.
+    Both now give one reason, in one line naming the flag or the tracking URI and the file."""
+    from workflows.tracking import TrackingStoreError, check_writable_store
+
+    script_input = bench_script("script_input")
+    directory = tmp_path / "out"
+    directory.mkdir()
+    path, frozen, reason = {
+        "read-only file": (directory / "out.json", directory / "out.json",
+                           "cannot be written (no permission to write it)"),
+        "file in read-only directory": (directory / "out.json", directory,
+                                        f"cannot be written ({directory} takes no new files)"),
+        "new file": (directory / "new.json", directory, f"cannot be made ({directory} takes no new files)"),
+        "new file under": (directory / "sub" / "new.json", directory,
+                           f"cannot be made ({directory} takes no new files)"),
+    }[case]
+    (directory / "out.json").write_text("earlier")
+    with frozen_path(frozen):
+        with pytest.raises(script_input.InputError) as refused:
+            script_input.check_output(path, "--json")
+        assert str(refused.value) == f"--json {path}: {reason}"
+        with pytest.raises(TrackingStoreError) as refused:
+            check_writable_store(f"sqlite:///{path}")
+        assert str(refused.value) == (f"tracking URI sqlite:///{path}: the database {path} {reason} (pass another "
+                                      "--tracking-uri)")
+    assert sorted(p.name for p in directory.iterdir()) == ["out.json"]
+    assert (directory / "out.json").read_text() == "earlier"
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory on a file system of its own, 64 KiB (a tmpfs), which :func:`_fill` leaves without room; skipped
+    where none can be mounted (not root, or a container that refuses)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode:
+        pytest.skip("no small file system can be mounted here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)  # a store MLflow keeps open
+
+
+def _fill(directory):
+    """Take every free block of the file system of ``directory``."""
+    with open(directory / "filler", "wb", buffering=0) as filler:
+        with contextlib.suppress(OSError):
+            while True:
+                filler.write(b"x" * 1024)
+
+
+@pytest.mark.parametrize("change", ["directory made read-only", "a directory in its place"])
+def test_an_output_that_cannot_be_written_once_the_work_is_done_is_one_line_and_status_1(bench_script, tmp_path,
+                                                                                         capsys, change):
+    """A --json or --plot that could no longer be written when a script came to it (its directory made read-only
+    while it ran, a directory put in its place) was a traceback; it is one line naming the file, status 1, and the
+    file there before is left as it was."""
+    script_input = bench_script("script_input")
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / ("results.json" if change == "directory made read-only" else "plot.png")
+    if change == "directory made read-only":
+        path.write_text("earlier")
+
+    @script_input.one_line_errors("bench")
+    def main() -> int:
+        script_input.check_output(path, "--json")  # passes: the change comes while the script runs
+        with frozen_path(out) if change == "directory made read-only" else contextlib.nullcontext():
+            if change == "a directory in its place":
+                path.mkdir()
+            return script_input.write_text(path, "new") or 0
+
+    assert main() == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    reason = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
+    assert err == [f"bench: {path}: cannot write ({reason if path.suffix == '.json' else 'Is a directory'})"], err
+    if change == "directory made read-only":
+        assert sorted(p.name for p in out.iterdir()) == ["results.json"] and path.read_text() == "earlier"
+    else:
+        assert path.is_dir() and list(path.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == ["plot.png"]
+
+
+def test_search_efficiency_on_a_full_disk_keeps_the_earlier_results(bench_script, tmp_path, full_disk, capsys):
+    """search_efficiency --json on a disk that filled up while it ran truncated the earlier results file to the
+    part of the new one that fitted (invalid JSON) and stopped on an OSError traceback; the earlier file is now left
+    whole, and the script says in one line that it could not write the new one, status 1."""
+    from test_search_efficiency import _table_file
+
+    bench = bench_script("search_efficiency")
+    table = _table_file(bench, tmp_path / "grid.json")
+    results = full_disk / "results.json"
+    results.write_text("earlier results\n")
+    _fill(full_disk)
+    # 60 seeds: results larger than the one block the earlier file held, which a write in place gave back first
+    assert bench.main(["--table", str(table), "--samplers", "grid,tpe:4", "--seeds", "60", "--budget", "6", "--json",
+                       str(results)]) == 1
+    assert _one_line(capsys) == f"search_efficiency: {results}: cannot write (No space left on device)"
+    assert results.read_text() == "earlier results\n"
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "results.json"]
+
+
+def test_serve_load_with_no_room_for_its_store_is_one_line(bench_script, checkpoints, full_disk, monkeypatch, capsys):
+    """serve_load registering a model directory in a temporary directory without room for the copy stopped on a
+    page of SQLAlchemy's (or MLflow's) traceback; it is one line naming the temporary directory and what to do."""
+    import tempfile
+
+    import mlflow
+
+    serve_load = bench_script("serve_load")
+    _fill(full_disk)
+    monkeypatch.setattr(tempfile, "tempdir", str(full_disk))  # as TMPDIR=full_disk does
+    before = mlflow.get_tracking_uri()
+    try:
+        assert serve_load.main(["--model-dir", str(checkpoints["packed"]), "--requests", "2", "--rounds", "0"]) == 1
+    finally:
+        mlflow.set_tracking_uri(before)
+    line = _one_line(capsys)
+    assert line.startswith(f"serve_load: {full_disk}: cannot register {checkpoints['packed']} in a temporary store "
+                           "there ("), line
+    assert line.endswith("); set TMPDIR to a directory with room for a copy of it"), line
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]

@@ -899,6 +899,20 @@ def test_eval_predictions_never_replace_the_data_or_the_model_they_come_from(cap
     assert len(json.loads((model / "predictions.json").read_text())) == 2
 
 
+@pytest.mark.parametrize("under", ["", "new"])
+def test_eval_predictions_that_cannot_be_written_are_one_line_before_the_evaluation(capsys, masked_checkpoint,
+                                                                                   unwritable_dir, under):
+    """`eval --predictions` into a directory that takes no new files evaluated every question, then stopped with
+    status 1 when it came to write them; it is now refused before the model is loaded, one line naming the flag and
+    the file (exit 2)."""
+    predictions = unwritable_dir / under / "predictions.json" if under else unwritable_dir / "predictions.json"
+    line = _one_line_error(capsys, ["eval", str(masked_checkpoint), "--eval-limit", "2", "--no-progress",
+                                    "--predictions", str(predictions)])
+    assert line == (f"fineprune eval: error: --predictions {predictions}: cannot be made ({unwritable_dir} takes no "
+                    "new files)"), line
+    assert list(unwritable_dir.iterdir()) == []
+
+
 @pytest.mark.parametrize("under", ["", "out"])
 def test_an_output_dir_that_cannot_be_written_is_one_line_before_any_work(capsys, masked_checkpoint, tmp_path,
                                                                           unwritable_dir, under):
@@ -920,6 +934,37 @@ def test_an_output_dir_that_cannot_be_written_is_one_line_before_any_work(capsys
         line = _one_line_error(capsys, [*argv, str(out)])
         assert line == f"fineprune {argv[0]}: error: {flag} {out}: {problem}", line
     assert list(unwritable_dir.iterdir()) == []
+
+
+def test_an_output_dir_whose_own_directory_takes_no_new_files_is_one_line_naming_its_lock(capsys, masked_checkpoint,
+                                                                                          tmp_path):
+    """pack, export, train and prune into an out_dir that can be written, inside a directory that cannot, passed the
+    check of out_dir and stopped with status 1 at the lock file kept beside it, "OUT: cannot write (Operation not
+    permitted)", about a directory that could be written. The lock stays beside out_dir (pack and export replace
+    out_dir whole from there; a lock inside it would go with it), so each is now one line naming the lock file and
+    the directory, before any work (exit 2), and out_dir is left as it was."""
+    from conftest import frozen
+
+    parent = tmp_path / "parent"
+    out = parent / "out"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("kept")
+    dense = tmp_path / "dense.yaml"
+    dense.write_text(yaml.safe_dump({"model_config": {"hidden_size": 32, "num_hidden_layers": 1,
+                                                      "num_attention_heads": 2, "intermediate_size": 64},
+                                     "train_data": "dev", "eval_data": "dev", "train_limit": 8, "eval_limit": 4,
+                                     "max_steps": 2, "method": "dense"}))
+    with frozen(parent):
+        for argv, flag in ((["pack", str(masked_checkpoint), "--overwrite"], "out_dir"),
+                           (["export", str(masked_checkpoint), "--overwrite"], "out_dir"),
+                           (["train", "--config", str(dense), "--no-progress", "--output-dir"], "output_dir"),
+                           (["prune", "--config", TINY, "--no-progress", "--output-dir"], "output_dir")):
+            line = _one_line_error(capsys, [*argv, str(out)])
+            assert line == (f"fineprune {argv[0]}: error: {flag} {out}: its lock file {parent / '.out.lock'} cannot "
+                            f"be made ({parent} takes no new files; a command writing a directory holds a lock "
+                            "beside it)"), line
+    assert sorted(p.name for p in parent.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.parametrize("store", ["mlflow.db", "runs/mlflow.db"])

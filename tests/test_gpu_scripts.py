@@ -126,6 +126,24 @@ def test_reference_refuses_an_out_directory_it_cannot_write_in_one_line(referenc
     assert not (tmp_path / "o").exists()
 
 
+def test_the_reference_results_are_written_before_their_table_that_may_fail(reference, tmp_path):
+    """gpu_reference wrote its table (gpu_reference.md) before the results of the whole run (gpu_reference.json):
+    a table that could not be written (a full disk, a directory in its place) stopped it on a traceback and the
+    results were never written. They are now written first, and the table's failure is one line naming it."""
+    from pruning.atomic import WriteError
+
+    results = json.loads(REFERENCE.read_text())
+    expected_frontier = results.pop("frontier", None)
+    out = tmp_path / "out"
+    (out / "gpu_reference.md").mkdir(parents=True)
+    with pytest.raises(WriteError) as failed:
+        reference.write_report(out, results)
+    assert str(failed.value) == f"{out / 'gpu_reference.md'}: cannot write (Is a directory)"
+    written = json.loads((out / "gpu_reference.json").read_text())
+    assert written["students"] == results["students"] and written["teacher"] == results["teacher"]
+    assert expected_frontier is None or written["frontier"] == expected_frontier
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
 def test_reference_refuses_cuda_on_a_machine_without_it(reference, tmp_path, capsys):
     code = reference.main(["--device", "cuda", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])

@@ -249,7 +249,7 @@ def test_an_output_in_a_directory_that_takes_no_new_files_is_refused_before_the_
     assert code == 2
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines()[-1] == (
-        f"search_efficiency: {flag} {out}: cannot be written ({unwritable_dir} takes no new files)")
+        f"search_efficiency: {flag} {out}: cannot be made ({unwritable_dir} takes no new files)")
     assert captured.out == ""  # refused before the replay
 
 

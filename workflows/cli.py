@@ -32,7 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from workflows.record import RUNTIMES
 from workflows.retry import TrackingUnavailable
-from workflows.user_errors import output_path_problem, user_errors
+from workflows.user_errors import output_path_problem, user_errors, write_problem
 
 __all__ = ["main", "build_parser", "UserError"]
 
@@ -124,7 +124,7 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     out = Path(cfg.output_dir)
     _check_output_path(out, "output_dir", directory=True, writable=True)
     _check_reads_outside(cfg, overrides, args.config, out)
-    with _writing(out):
+    with _writing(out, "output_dir"):
         return _train_into(args, cfg, out)
 
 
@@ -301,15 +301,24 @@ def _check_output_path(path: str | Path, flag: str, directory: bool, writable: b
         raise UserError(f"{flag} {path}: {problem}")
 
 
-def _writing(out: str | Path) -> contextlib.AbstractContextManager:
+def _writing(out: str | Path, flag: str) -> contextlib.AbstractContextManager:
     """Hold ``out``'s lock (a file beside it) while a command checks and writes it: a second command writing the
     same directory meanwhile is refused in one line naming it, rather than both passing the check for an earlier
-    output and the later one silently replacing (or mixing its files into) the first one's."""
+    output and the later one silently replacing (or mixing its files into) the first one's.
+
+    The lock stays beside ``out``, never inside it: a directory replaced whole (pack, export) would take a lock
+    inside it away, and one kept in either place by whether the parent takes new files (which can differ between
+    two users) would let two commands each hold a lock of their own. So ``out`` in a directory that takes no new
+    files is refused here, before any work, as an ``out`` that cannot be written is (named by ``flag``)."""
     from pruning import atomic
 
-    out = Path(out).resolve()
+    given, out = out, Path(out).resolve()
+    lock = out.with_name(f".{out.name}.lock")
+    if out.parent.exists() and write_problem(out.parent) is not None:
+        raise UserError(f"{flag} {given}: its lock file {lock} cannot be made ({out.parent} takes no new files; "
+                        "a command writing a directory holds a lock beside it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return atomic.locked(out.with_name(f".{out.name}.lock"), str(out))
+    return atomic.locked(lock, str(out))
 
 
 def _check_not_inside(source: str | Path, out: str | Path, flag: str) -> None:
@@ -412,7 +421,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     "max_answer_length", "n_best")
     _check_device(args.device, "--device")
     if args.predictions is not None:
-        _check_output_path(args.predictions, "--predictions", directory=False)
+        _check_output_path(args.predictions, "--predictions", directory=False, writable=True)
         _check_predictions_replace_no_input(args)
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant, args.device)
     _recorded_settings(args)
@@ -500,7 +509,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     precision = resolve_precision(args.precision, "cpu")  # settings first, then the work
     _check_output_path(out, "out_dir", directory=True, writable=True)
     _check_not_inside(args.checkpoint, out, "out_dir")
-    with _writing(out):
+    with _writing(out, "out_dir"):
         return _pack_into(args, out, precision)
 
 
@@ -550,7 +559,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_output_path(args.out_dir, "out_dir", directory=True, writable=True)
     _check_not_inside(args.model_dir, args.out_dir, "out_dir")
     _warn_live_weights(args.model_dir, "export")
-    with _writing(args.out_dir):
+    with _writing(args.out_dir, "out_dir"):
         _emit(export_checkpoint(args.model_dir, args.out_dir, quantize=args.quantize, opset=args.opset,
                                 data=args.eval_data, questions=args.questions, overwrite=args.overwrite))
     return 0

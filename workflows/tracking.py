@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -43,7 +42,7 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               deleted_run, flat_params, latest_sweep_left, restore_command, sqlite_database)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
                              is_transient, quick_http_failures)
-from workflows.user_errors import output_path_problem, write_problem
+from workflows.user_errors import output_path_problem
 
 __all__ = [
     "TrackingStoreError",
@@ -92,14 +91,7 @@ def check_writable_store(tracking_uri: str) -> None:
     database = sqlite_database(tracking_uri)
     if database is None:
         return
-    problem = output_path_problem(database, directory=False)
-    if problem is None and not database.exists():
-        problem = write_problem(database)
-    elif problem is None:
-        if write_problem(database.parent) is not None:
-            problem = f"cannot be written ({database.absolute().parent} takes no new files)"
-        elif not os.access(database, os.W_OK):
-            problem = "cannot be written (no permission to write it)"
+    problem = output_path_problem(database, directory=False, writable=True)
     if problem is not None:
         raise TrackingStoreError(f"tracking URI {tracking_uri}: the database {database} {problem} (pass another "
                                  "--tracking-uri)")

@@ -45,8 +45,10 @@ def user_errors(*own: type[BaseException]) -> tuple[type[BaseException], ...]:
 
 def output_path_problem(path: str | Path, directory: bool, writable: bool = False) -> str | None:
     """Why ``path`` cannot be made as an output (a directory when ``directory``, else a file), or None: a file
-    where a directory goes, a directory where a file goes, or a file above it; with ``writable`` (a directory), also
-    one that takes no new files (:func:`write_problem`). Checked before any work."""
+    where a directory goes, a directory where a file goes, or a file above it. With ``writable``, also one that
+    cannot be written: a directory that takes no new files, or would be made in one (:func:`write_problem`); a file
+    that may not be replaced, or whose directory (or the one it would be made in) takes no new files, where a file is
+    written beside it and renamed over it (and SQLite writes a database's journal). Checked before any work."""
     path = Path(path)
     if path.exists():
         if directory and not path.is_dir():
@@ -57,7 +59,17 @@ def output_path_problem(path: str | Path, directory: bool, writable: bool = Fals
         ancestor = next((a for a in path.parents if a.exists()), None)
         if ancestor is not None and not ancestor.is_dir():
             return f"{ancestor} is a file, not a directory"
-    return write_problem(path) if writable else None
+    if not writable:
+        return None
+    if directory:
+        return write_problem(path)
+    if path.exists() and not os.access(path, os.W_OK):
+        return "cannot be written (no permission to write it)"
+    parent = path.absolute().parent
+    if write_problem(parent) is None:
+        return None
+    nearest = next(p for p in (parent, *parent.parents) if p.exists())
+    return f"cannot be {'written' if path.exists() else 'made'} ({nearest} takes no new files)"
 
 
 def write_problem(path: str | Path) -> str | None:
