@@ -162,6 +162,41 @@ def test_plain_model_with_zeroed_structure_is_packed():
     assert (logits(model, x) - logits(packed, x)).abs().max() <= 1e-4
 
 
+def test_blocks_that_straddle_heads_pack_to_the_masked_logits_and_density_counts_the_packed_weights():
+    """Score blocks of 16 over heads of 12: a pruned block takes the end of one head and the start of the next. A
+    head goes when all its value rows or output columns go; a head that loses only some keeps them, as zeros. The
+    run's linear_density is the nonzero fraction of the packed model's linears, counted here weight by weight."""
+    torch.manual_seed(0)
+    hidden, inter = 48, 40
+    config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=inter, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = masks.apply_masks_(BertForQuestionAnswering(config).eval(), "sigmoid_threshold", (16, 16), 5.0)
+    masks.set_threshold(model, 0.5)
+    layer0, layer1 = model.bert.encoder.layer
+    with torch.no_grad():
+        layer0.attention.self.value.mask_scores[:2] = -5.0  # rows 0-31: heads 0 and 1, and 24-31 of head 2
+        layer0.intermediate.dense.mask_scores[::3] = -5.0  # 14 of 40 FFN dimensions
+        layer1.attention.output.dense.mask_scores[:, 1:] = -5.0  # columns 16-47: heads 2 and 3, and 16-23 of head 1
+        layer1.intermediate.dense.mask_scores.fill_(-5.0)  # every FFN dimension
+    packed = pack(model)
+    assert packed.config.fineprune_heads_kept == [[2, 3], [0, 1]]
+    assert packed.config.fineprune_ffn_widths == [inter - 14, 0]
+    x = sample_inputs()
+    assert (logits(model, x) - logits(packed, x)).abs().max() <= 1e-4
+
+    kept = packed.bert.encoder.layer
+    assert int((kept[0].attention.self.value.weight == 0).all(dim=1).sum()) == 8  # rows 24-31 of head 2
+    assert int((kept[1].attention.output.dense.weight == 0).all(dim=0).sum()) == 8  # columns 16-23 of head 1
+    nonzero = sum(int((linear.weight != 0).sum()) for layer in kept
+                  for linear in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
+                                 layer.attention.output.dense, layer.intermediate.dense, layer.output.dense))
+    density = nonzero / (2 * (4 * hidden * hidden + 2 * hidden * inter))
+    assert sparsity_report(model).linear_density == density
+    assert sparsity_report(packed).linear_density == density
+    assert pack_report(model, packed).heads_removed == 4
+
+
 def test_dense_model_keeps_every_shape():
     model = tiny_model()
     packed = pack(model)
