@@ -224,6 +224,17 @@ def _dense_teacher(cfg, given: str | None, held_out_checked: bool = False) -> di
     return {**metrics, "model_dir": given}
 
 
+def _check_local_gpu(space: SweepSpace) -> None:
+    """Refuse, before anything starts, a GPU share per trial on a machine without a GPU: the private local Ray runs
+    the trials here, and it would hold the teacher and every trial waiting for a GPU forever (its autoscaler saying
+    every half minute that no node fits the request)."""
+    gpu = float(space.resources.get("gpu", 0) or 0)
+    if gpu > 0 and torch.cuda.device_count() == 0:
+        raise SpaceError(f"{space.path}: resources.gpu: {gpu:g} per trial, but this machine has no GPU and the trials "
+                         "run here (a sweep without --address starts a private local Ray): set gpu: 0 with "
+                         "base.device cpu or auto, or join a cluster with GPUs with --address")
+
+
 def _largest_train_limit(space: SweepSpace) -> int | None:
     """The most training questions a trial reads: the base ``train_limit``, or the largest one searched (None: all)."""
     spec = space.search.get("train_limit")
@@ -624,6 +635,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         _check_ray_answers(cluster)
     else:
         check_local_paths(space)  # on a cluster they need only exist on the workers
+        _check_local_gpu(space)
         _check_local_data(space)
     _local_storage(storage_path)
     experiment = experiment or space.name
