@@ -32,7 +32,7 @@ from torch import nn
 
 from .bench import eval_mode
 from .squad import (Answer, EvalFeatures, Example, cut_question, lone_surrogate, longest_question,
-                    postprocess_predictions, prepare_eval_features, tokenize_text)
+                    postprocess_predictions, prepare_eval_features, to_device, tokenize_text)
 
 __all__ = ["Answer", "RecordError", "WindowRunner", "check_records", "count_windows", "torch_runner", "run_windows",
            "answer_records", "answer_batch", "answer"]
@@ -202,7 +202,7 @@ def torch_runner(model: nn.Module, device: str | torch.device | None = None) -> 
 
     def run(batch: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            output = model(**{key: value.to(device) for key, value in batch.items()})
+            output = model(**{key: to_device(value, device) for key, value in batch.items()})
         return output.start_logits.float().cpu().numpy(), output.end_logits.float().cpu().numpy()
 
     return run

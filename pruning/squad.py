@@ -51,6 +51,7 @@ __all__ = [
     "cut_question",
     "check_windows",
     "batch_width",
+    "to_device",
     "window_batch",
     "load_squad",
     "load_predictions",
@@ -763,13 +764,30 @@ def batch_width(attention_mask: torch.Tensor) -> int:
     return int(attention_mask.sum(dim=1).max())
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor``, a host tensor, on ``device``, as a DataLoader with ``pin_memory`` hands a batch to a GPU.
+
+    To a CUDA device the values go through page-locked (pinned) host memory and the host does not wait for the
+    copy: it is queued behind the GPU's work while the host goes on preparing the step (a copy from ordinary memory
+    holds the host until the GPU has taken it). Anywhere else (the CPU, ``meta``) it is ``tensor.to(device)``, the
+    same tensor on the CPU.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    pinned.copy_(tensor)  # contiguous too: a strided host view would be staged through ordinary memory again
+    return pinned.to(device, non_blocking=True)
+
+
 def window_batch(features: dict[str, torch.Tensor], index: torch.Tensor,
                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """The windows ``index`` of ``features`` as one batch on ``device``, every per-token tensor cut to
-    :func:`batch_width` (per-window tensors, such as answer positions, are kept whole)."""
+    """The windows ``index`` of ``features`` as one batch on ``device`` (by :func:`to_device`: through pinned
+    memory to a GPU), every per-token tensor cut to :func:`batch_width` (per-window tensors, such as answer
+    positions, are kept whole)."""
     batch = {k: v[index] for k, v in features.items()}
     width = batch_width(batch["attention_mask"])
-    return {k: (v[:, :width] if v.ndim == 2 else v).to(device) for k, v in batch.items()}
+    return {k: to_device(v[:, :width] if v.ndim == 2 else v, device) for k, v in batch.items()}
 
 
 def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_length: int = 384,
@@ -1041,7 +1059,7 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
                 batch = features.model_inputs(slice(first, first + batch_size))
                 # Dynamic padding: run only up to the longest window of the batch, pad the logits back after.
                 used = batch_width(batch["attention_mask"])
-                output = model(**{key: value[:, :used].to(device) for key, value in batch.items()})
+                output = model(**{key: to_device(value[:, :used], device) for key, value in batch.items()})
                 pad = features.input_ids.shape[1] - used
                 for logits, out in ((output.start_logits, starts), (output.end_logits, ends)):
                     values = logits.float().cpu().numpy()

@@ -22,6 +22,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from .squad import to_device
+
 __all__ = ["TeacherCache", "TeacherOutputs"]
 
 logger = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ class TeacherCache:
         index = index.cpu()
         missing = index[~self.known[index]].unique()
         for chunk in missing.split(self.batch_size) if missing.numel() else ():
-            batch = {k: v[chunk].to(self.device) for k, v in self.features.items()}
+            batch = {k: to_device(v[chunk], self.device) for k, v in self.features.items()}
             with torch.no_grad(), self.autocast():
                 out = self.teacher(**batch, output_hidden_states=self.hidden is not None)
             self.start[chunk] = out.start_logits.float().cpu()
@@ -86,8 +88,9 @@ class TeacherCache:
                 self.hidden[chunk] = torch.stack(out.hidden_states[1:], dim=1).to(HIDDEN_DTYPE).cpu()
             self.known[chunk] = True
             self.forwards += int(chunk.numel())
+        # Through pinned memory to a GPU: a copy from ordinary memory would hold the host until the GPU took it.
         hidden = None
         if self.hidden is not None:
-            hidden = self.hidden[index, :, :width].to(self.device, non_blocking=True).unbind(dim=1)
-        return TeacherOutputs(self.start[index, :width].to(self.device, non_blocking=True),
-                              self.end[index, :width].to(self.device, non_blocking=True), hidden)
+            hidden = to_device(self.hidden[index, :, :width], self.device).unbind(dim=1)
+        return TeacherOutputs(to_device(self.start[index, :width], self.device),
+                              to_device(self.end[index, :width], self.device), hidden)

@@ -1,4 +1,5 @@
-"""Device discipline on a machine without a GPU: every mask follows ``model.to(...)``.
+"""Device discipline on a machine without a GPU: every mask follows ``model.to(...)``, and batches go to a GPU as a
+DataLoader with ``pin_memory`` hands them over.
 
 The models are moved to the ``meta`` device, which refuses to mix with CPU tensors as CUDA does: a mask, cut-off or
 structure tensor left on the CPU fails a forward or backward pass here as it would on a GPU worker. Every pruning
@@ -163,3 +164,120 @@ def test_a_packed_recovery_step_with_cached_teacher_logits_stays_on_the_training
     assert loss.device == META and hidden_loss.device == META
     loss.backward()
     assert all(p.grad is not None and p.grad.device == META for p in packed.parameters() if p.requires_grad)
+
+
+# --- batches on their way to a GPU ----------------------------------------------------------------------------
+
+CUDA = torch.device("cuda")
+
+
+class CudaStandIn(TorchFunctionMode):
+    """Code written for a CUDA device, run where there is none: the CPU stands in for the GPU (a copy to ``cuda``
+    leaves the tensor where it is) and every copy to ``cuda`` is recorded with whether its source is pinned and
+    whether it waits. Pinned memory needs a GPU, so an allocation asked to be pinned is made in ordinary memory and
+    remembered as pinned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pinned: list[torch.Tensor] = []  # kept alive, so that no other tensor takes one's identity
+        self.copies: list[tuple[bool, bool]] = []  # (from pinned memory, non_blocking) of each copy to cuda
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if kwargs.get("pin_memory"):
+            out = func(*args, **{**kwargs, "pin_memory": False})
+            self.pinned.append(out)
+            return out
+        if name == "pin_memory":
+            out = args[0].clone()
+            self.pinned.append(out)
+            return out
+        if name in ("to", "cuda") and isinstance(args[0], torch.Tensor):
+            targets = [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, (str, torch.device))]
+            if name == "cuda" or (targets and torch.device(targets[0]).type == "cuda"):
+                source = args[0]
+                self.copies.append((any(source is p for p in self.pinned), bool(kwargs.get("non_blocking"))))
+                return source
+        return func(*args, **kwargs)
+
+
+def host_windows(n: int = 10, width: int = 16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(4, width + 1, (n,), generator=g)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    return dict(input_ids=torch.randint(1, 100, (n, width), generator=g) * mask, attention_mask=mask,
+                token_type_ids=torch.zeros(n, width, dtype=torch.long),
+                start_positions=torch.randint(0, 4, (n,), generator=g),
+                end_positions=torch.randint(4, 8, (n,), generator=g))
+
+
+def test_a_training_batch_goes_to_a_gpu_through_pinned_memory_without_waiting():
+    """As a DataLoader with pin_memory would: the trainer's and the Fisher passes' batches (squad.window_batch) go to
+    a CUDA device from page-locked memory with non_blocking copies, with the values they have on the CPU."""
+    from pruning.squad import window_batch
+
+    features = host_windows()
+    index = torch.tensor([3, 7, 1])
+    with CudaStandIn() as gpu:
+        batch = window_batch(features, index, CUDA)
+    assert gpu.copies == [(True, True)] * len(features)
+    expected = window_batch(features, index, "cpu")
+    assert batch.keys() == expected.keys() and all(torch.equal(batch[k], expected[k]) for k in batch)
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_cached_teacher_outputs_go_to_a_gpu_through_pinned_memory_without_waiting(hidden):
+    """The teacher cache keeps its logits (and hidden states) on the host; a step's share of them, and the windows
+    the teacher runs on, go to the GPU from page-locked memory with non_blocking copies."""
+    from pruning.teacher_cache import TeacherCache
+
+    features = host_windows()
+    teacher = tiny_model(seed=1)  # on the CPU, standing in for the GPU
+    index, width = torch.tensor([4, 0, 9]), 12
+    with CudaStandIn() as gpu:
+        out = TeacherCache(teacher, features, CUDA, batch_size=2, hidden=hidden)(index, width)
+    # Two chunks of the three windows' inputs, then the start and end logits and the hidden states.
+    assert gpu.copies and all(copy == (True, True) for copy in gpu.copies)
+    assert len(gpu.copies) == 2 * 3 + 2 + int(hidden)
+    expected = TeacherCache(teacher, features, torch.device("cpu"), batch_size=2, hidden=hidden)(index, width)
+    assert torch.equal(out.start_logits, expected.start_logits) and torch.equal(out.end_logits, expected.end_logits)
+    assert (out.hidden_states is None) == (not hidden)
+    if hidden:
+        assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, expected.hidden_states))
+
+
+def test_evaluation_batches_go_to_a_gpu_through_pinned_memory_without_waiting():
+    """The evaluation's windows (squad.compute_logits) and those of answer() go the same way."""
+    import numpy as np
+
+    from pruning.inference import torch_runner
+    from pruning.squad import EvalFeatures, compute_logits
+
+    windows = host_windows(n=7)
+    features = EvalFeatures(windows["input_ids"], windows["attention_mask"], windows["token_type_ids"],
+                            np.arange(7), [str(i) for i in range(7)], np.zeros((7, 16, 2), dtype=np.int32))
+    model = tiny_model()
+    with CudaStandIn() as gpu:
+        start, end = compute_logits(model, features, batch_size=3, device=CUDA, progress=False)
+    assert gpu.copies == [(True, True)] * 3 * 3  # three batches of three inputs
+    expected = compute_logits(model, features, batch_size=3, device="cpu", progress=False)
+    assert np.array_equal(start, expected[0]) and np.array_equal(end, expected[1])
+    # The runner of answer() and the served PyTorch model the same way.
+    inputs = {k: windows[k][:2] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with CudaStandIn() as gpu:
+        start, end = torch_runner(model, CUDA)(inputs)
+    assert gpu.copies == [(True, True)] * 3
+    assert np.array_equal(start, torch_runner(model, "cpu")(inputs)[0])
+
+
+def test_batches_to_the_cpu_or_meta_are_not_pinned():
+    """Pinning needs a GPU (here it would fail): a batch for the CPU is the host's own tensors, one for another
+    device a plain copy."""
+    from pruning.squad import window_batch
+
+    features = host_windows()
+    index = torch.tensor([3, 7, 1])
+    on_cpu = window_batch(features, index, torch.device("cpu"))
+    assert torch.equal(on_cpu["input_ids"], features["input_ids"][index, :on_cpu["input_ids"].shape[1]])
+    assert all(t.device == META for t in window_batch(features, index, META).values())

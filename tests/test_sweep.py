@@ -542,6 +542,39 @@ def test_a_local_sweep_whose_paths_are_not_here_fails_before_ray_starts(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
 
 
+@pytest.mark.skipif(__import__("torch").cuda.device_count() > 0, reason="this machine has a GPU")
+def test_a_local_sweep_asking_a_gpu_per_trial_on_a_machine_without_one_fails_before_ray_starts(tmp_path):
+    """The private local Ray has no GPU to give: the teacher and the trials would wait for one forever. The sweep
+    says so in one line naming the key, exit 2, with nothing written."""
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    space["base"]["device"] = "cuda"
+    space["resources"] = {"cpu": 1, "gpu": 0.5}
+    proc, _ = sweep_command(space, tmp_path, "space")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"fineprune sweep: error: {tmp_path / 'space.yaml'}: resources.gpu: 0.5 per trial, but this machine has no "
+        "GPU and the trials run here (a sweep without --address starts a private local Ray): set gpu: 0 with "
+        "base.device cpu or auto, or join a cluster with GPUs with --address")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+
+
+def test_a_local_sweep_asking_more_cpus_per_trial_than_the_machine_has_fails_before_ray_starts(tmp_path):
+    """The private local Ray cannot give a trial more CPUs than the machine has: the teacher and the trials would
+    wait for them forever. The sweep says so in one line naming the key, exit 2, with nothing written."""
+    from ray._private.utils import get_num_cpus
+
+    cpus = get_num_cpus()
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    space["resources"] = {"cpu": cpus + 1, "gpu": 0}
+    proc, _ = sweep_command(space, tmp_path, "space")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"fineprune sweep: error: {tmp_path / 'space.yaml'}: resources.cpu: {cpus + 1:g} per trial, but this machine "
+        f"has {cpus:g} and the trials run here (a sweep without --address starts a private local Ray): ask for at "
+        f"most {cpus:g}, or join a cluster with larger nodes with --address")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+
+
 def test_a_sweep_whose_blocks_do_not_fit_its_model_fails_before_ray_starts(tmp_path):
     """Blocks that do not divide the model's attention matrices would fail every trial once Ray, the teacher and
     the model had started; the sweep refuses them in one line naming the key, exit 2, with nothing written."""

@@ -40,6 +40,7 @@ import torch
 import transformers
 from ray import tune
 from ray._private.services import canonicalize_bootstrap_address_or_die
+from ray._private.utils import get_num_cpus
 from ray.exceptions import AuthenticationError
 
 from pruning import atomic, squad
@@ -222,6 +223,22 @@ def _dense_teacher(cfg, given: str | None, held_out_checked: bool = False) -> di
     with squad.questions_of(data):
         metrics = evaluate(model, load_tokenizer(given), examples, cfg, device=device, progress=False)
     return {**metrics, "model_dir": given}
+
+
+def _check_local_resources(space: SweepSpace) -> None:
+    """Refuse, before anything starts, trial resources this machine does not have (a GPU share without a GPU, more
+    CPUs than it has): the private local Ray runs the trials here, and it would hold the teacher and every trial
+    waiting for them forever (its autoscaler saying every half minute that no node fits the request)."""
+    cpu, cpus = float(space.resources.get("cpu", 1) or 0), get_num_cpus()  # the CPUs Ray counts (a container's)
+    if cpu > cpus:
+        raise SpaceError(f"{space.path}: resources.cpu: {cpu:g} per trial, but this machine has {cpus:g} and the "
+                         "trials run here (a sweep without --address starts a private local Ray): ask for at most "
+                         f"{cpus:g}, or join a cluster with larger nodes with --address")
+    gpu = float(space.resources.get("gpu", 0) or 0)
+    if gpu > 0 and torch.cuda.device_count() == 0:
+        raise SpaceError(f"{space.path}: resources.gpu: {gpu:g} per trial, but this machine has no GPU and the trials "
+                         "run here (a sweep without --address starts a private local Ray): set gpu: 0 with "
+                         "base.device cpu or auto, or join a cluster with GPUs with --address")
 
 
 def _largest_train_limit(space: SweepSpace) -> int | None:
@@ -624,6 +641,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         _check_ray_answers(cluster)
     else:
         check_local_paths(space)  # on a cluster they need only exist on the workers
+        _check_local_resources(space)
         _check_local_data(space)
     _local_storage(storage_path)
     experiment = experiment or space.name
