@@ -234,11 +234,13 @@ def _check_local_resources(space: SweepSpace) -> None:
         raise SpaceError(f"{space.path}: resources.cpu: {cpu:g} per trial, but this machine has {cpus:g} and the "
                          "trials run here (a sweep without --address starts a private local Ray): ask for at most "
                          f"{cpus:g}, or join a cluster with larger nodes with --address")
-    gpu = float(space.resources.get("gpu", 0) or 0)
-    if gpu > 0 and torch.cuda.device_count() == 0:
-        raise SpaceError(f"{space.path}: resources.gpu: {gpu:g} per trial, but this machine has no GPU and the trials "
-                         "run here (a sweep without --address starts a private local Ray): set gpu: 0 with "
-                         "base.device cpu or auto, or join a cluster with GPUs with --address")
+    gpu, gpus = float(space.resources.get("gpu", 0) or 0), torch.cuda.device_count()
+    if gpu > gpus:
+        have = "no GPU" if gpus == 0 else f"{gpus} GPU{'s' if gpus > 1 else ''}"
+        fix = "set gpu: 0 with base.device cpu or auto" if gpus == 0 else f"ask for at most {gpus}"
+        raise SpaceError(f"{space.path}: resources.gpu: {gpu:g} per trial, but this machine has {have} and the "
+                         f"trials run here (a sweep without --address starts a private local Ray): {fix}, or join a "
+                         "cluster with GPUs with --address")
 
 
 def _largest_train_limit(space: SweepSpace) -> int | None:
