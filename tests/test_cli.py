@@ -567,6 +567,29 @@ def test_a_question_too_long_for_the_check_windows_of_pack_and_export_is_cut_to_
         assert "1 of 1 questions have more than max_query_length (60) tokens" in caplog.text
 
 
+@pytest.mark.parametrize("answer,shown", [("\u200b", "'\\u200b'"), ("\x07", "'\\x07'")],
+                         ids=["zero-width", "control"])
+def test_a_trained_answer_without_tokens_is_one_line_in_prune_and_scored_as_the_official_script(
+        capsys, tmp_path, answer, shown):
+    """A gold answer made only of characters the tokenizer drops passed the check for an empty answer: no token
+    covers it, so training labelled every window of its question "no answer" without a word. The metric reads it as
+    a text, as the official evaluation script does, so score still takes it."""
+    context = f"The cat sat{answer} on the mat."
+    good = {"id": "ok", "question": "Where did the cat sit?", "answers": [{"text": "The cat", "answer_start": 0}]}
+    bad = {"id": "hidden", "question": "What is between sat and on?", "answers": [{"text": answer, "answer_start": 11}]}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": context, "qas": [good, bad]}]}]}))
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--train-data", str(path), "--eval-data", str(path),
+                                    "--output-dir", str(tmp_path / "run")])
+    assert line == (f"fineprune prune: error: {path}: question hidden: its answer {shown} has no tokens the model "
+                    "reads (only characters the tokenizer drops, such as zero-width spaces or control characters)")
+    assert not (tmp_path / "run" / "final").exists()
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps({"ok": "The cat", "hidden": answer}))
+    assert cli.main(["score", str(path), str(predictions)]) == 0
+    assert json.loads(capsys.readouterr().out)["exact_match"] == 100.0
+
+
 def test_a_long_question_is_cut_to_max_query_length_in_eval_and_ask(capsys, caplog, masked_checkpoint, tmp_path):
     question = " ".join(["which"] * 70) + "?"
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
