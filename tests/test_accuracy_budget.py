@@ -302,7 +302,7 @@ def test_the_results_file_is_on_the_disk_before_it_replaces_the_earlier_one(benc
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--rows", "topk", "--densities", "0"], "target_density: must be in (0, 1], got 0.0"),
+    (["--rows", "topk", "--densities", "0"], "--densities 0: a linear density must be in (0, 1]"),
     (["--rows", "fisher", "--set", "alpha_ce=-1"], "--set: alpha_ce: must be a number >= 0, got -1"),
     (["--rows", "fisher_recovery", "--calibration", "6144"],
      "--calibration, --tuning, --stages, --steps: the calibration of fisher_recovery takes 400 of the 384 steps"),
@@ -322,3 +322,14 @@ def test_without_a_teacher_bad_values_are_refused_before_the_teacher_trains(benc
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("accuracy_budget: ") and err[-1].endswith(message), err[-1]
     assert not (tmp_path / "out").exists()  # no teacher trained
+
+
+@pytest.mark.parametrize("density", ["0", "-0.2", "1.5", "nan"])
+def test_a_density_out_of_range_names_the_flag_it_came_from(bench, masked_checkpoint, tmp_path, capsys, density):
+    """--densities 0 was refused as the shipped config's "target_density: must be in (0, 1], got 0.0", a key the
+    command line never wrote."""
+    code = bench.main(["--teacher", str(masked_checkpoint), "--rows", "fisher", "--densities", "0.5", density,
+                       "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"accuracy_budget: --densities {float(density):g}: a linear density must be in (0, 1]"]
+    assert not (tmp_path / "out").exists()
