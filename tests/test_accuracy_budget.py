@@ -333,3 +333,16 @@ def test_a_density_out_of_range_names_the_flag_it_came_from(bench, masked_checkp
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [f"accuracy_budget: --densities {float(density):g}: a linear density must be in (0, 1]"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("density", ["0", "1.5"])
+def test_fisher_split_names_its_density_flag_too(bench_script, tmp_path, monkeypatch, capsys, density):
+    """fisher_split --density 0 was refused as the shipped config's target_density, before any model is read."""
+    monkeypatch.chdir(tmp_path)
+    code = bench_script("fisher_split").main(["--teacher", str(tmp_path / "absent"), "--density", density,
+                                              "--heads", "2"])
+    err = capsys.readouterr()
+    assert code == 2 and err.out == ""
+    assert err.err.strip().splitlines() == [f"fisher_split: --density {float(density):g}: a linear density must be in "
+                                            "(0, 1]"]
+    assert list(tmp_path.iterdir()) == []
