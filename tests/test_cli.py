@@ -1226,3 +1226,30 @@ def test_a_line_logged_during_training_is_not_glued_to_the_progress_bar(tmp_path
     assert logged, proc.stderr
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", seg) for seg in logged), logged
     json.loads(proc.stdout)
+
+
+def test_a_speedup_or_latency_timed_on_few_passes_is_said_to_be_noise(capsys, caplog, masked_checkpoint, tmp_path):
+    """pack --repeats 2 printed a speedup that another run of the same command gave anywhere from 0.8 to 5, without
+    a word; fewer than 5 passes now warn, in pack and in select, and the help says so."""
+    with caplog.at_level(logging.WARNING, logger="fineprune"):
+        assert cli.main(["pack", str(masked_checkpoint), str(tmp_path / "few"), "--questions", "1",
+                         "--repeats", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["speedup"] > 0  # still packed and timed
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fineprune"]
+    assert warnings == ["--repeats 2: each model's latency in the speedup is the median of 2 timed passes, which one "
+                        "slowed pass moves; give 5 or more (default 10) for a figure to compare"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fineprune"):
+        assert cli.main(["pack", str(masked_checkpoint), str(tmp_path / "enough"), "--questions", "1",
+                         "--repeats", "5"]) == 0
+    capsys.readouterr()
+    assert not [r for r in caplog.records if "--repeats" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fineprune"):  # said before the store is read
+        cli.main(["select", "--registered-model", "m", "--max-latency-ms", "10", "--repeats", "1",
+                  "--tracking-uri", f"sqlite:///{tmp_path}/absent.db"])
+    capsys.readouterr()
+    assert any(r.getMessage().startswith("--repeats 1: each version's latency is the median of 1 timed pass,")
+               for r in caplog.records)
+    for command in ("pack", "select"):
+        assert "noise below 5" in " ".join(_help_of(command, capsys).split())
