@@ -386,6 +386,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for density in args.densities:  # else refused as the target_density of a row config the user never wrote
         if not 0 < density <= 1:
             raise InputError(f"--densities {density:g}: a linear density must be in (0, 1]")
+    for flag, value in (("--eval-limit", args.eval_limit), ("--train-limit", args.train_limit)):
+        if value is not None and value < 1:  # a --train-limit of 0 was taken for none given
+            raise InputError(f"{flag} {value}: must be a number of questions >= 1")
     return args
 
 

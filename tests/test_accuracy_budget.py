@@ -346,3 +346,16 @@ def test_fisher_split_names_its_density_flag_too(bench_script, tmp_path, monkeyp
     assert err.err.strip().splitlines() == [f"fisher_split: --density {float(density):g}: a linear density must be in "
                                             "(0, 1]"]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag,value", [("--train-limit", "0"), ("--train-limit", "-5"), ("--eval-limit", "0")])
+def test_a_question_limit_below_one_names_its_flag_before_any_work(bench, masked_checkpoint, tmp_path, capsys, flag,
+                                                                    value):
+    """--train-limit 0 was taken for no limit given: the rows trained on the config's 2,000 questions; -5, or
+    --eval-limit 0, was refused as the shipped config's train_limit or eval_limit, keys the command line never
+    wrote."""
+    code = bench.main(["--teacher", str(masked_checkpoint), "--rows", "fisher", flag, value,
+                       "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"accuracy_budget: {flag} {value}: must be a number of questions >= 1"]
+    assert not (tmp_path / "out").exists()
