@@ -341,7 +341,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", help="dense QA teacher directory (default: train configs/dense_minilm.yaml)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
-    parser.add_argument("--densities", nargs="+", type=float, default=[0.5, 0.3])
+    parser.add_argument("--densities", nargs="+", type=float, default=[0.5, 0.3],
+                        help="linear density targets (target_density of every row), each in (0, 1]")
     parser.add_argument("--out-dir", default=str(ROOT / "runs" / "accuracy_budget"))
     parser.add_argument("--json", help="results file (default: OUT_DIR/results.json); finished rows are skipped")
     parser.add_argument("--eval-limit", type=int, default=500)
@@ -381,6 +382,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Before any training: the latency pairs are timed only after a row has trained.
     if args.repeats < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--repeats and --threads must be >= 1")
+    for density in args.densities:  # else refused as the target_density of a row config the user never wrote
+        if not 0 < density <= 1:
+            raise InputError(f"--densities {density:g}: a linear density must be in (0, 1]")
+    for flag, value in (("--eval-limit", args.eval_limit), ("--train-limit", args.train_limit)):
+        if value is not None and value < 1:  # a --train-limit of 0 was taken for none given
+            raise InputError(f"{flag} {value}: must be a number of questions >= 1")
     return args
 
 

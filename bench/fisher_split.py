@@ -49,7 +49,7 @@ def split_masks(est: importance.Importance, costs: importance.StructureCosts, bu
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="dense QA model directory (the protocol's teacher)")
-    parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--density", type=float, default=0.5, help="linear density budget, in (0, 1]")
     parser.add_argument("--heads", type=int, nargs="+", required=True, help="head counts to force")
     parser.add_argument("--mask-tuning", choices=tuple(importance.TUNING_DAMPING), default="scales",
                         help="the tuning after each cut (default scales: what the recovery recipe uses, and what the "
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.heads) < 0:
         parser.error(f"--heads: head counts must be >= 0, got {min(args.heads)}")
+    if not 0 < args.density <= 1:  # else refused as the target_density of a row config the user never wrote
+        raise InputError(f"--density {args.density:g}: a linear density must be in (0, 1]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     bench_args = accuracy_budget.parse_args(["--teacher", args.teacher])

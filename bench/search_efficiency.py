@@ -22,7 +22,9 @@ density down); progress is the hypervolume of the frontier found after n trials
 trial (:func:`_run_oracle`).
 
 Last line: ``search_efficiency trials_to_grid_hypervolume optuna/grid = X.XX``: the trials the best Optuna sampler
-needs (median over seeds) to reach the whole grid's hypervolume, as a fraction of the grid's trials.
+needs (median over seeds) to reach the whole grid's hypervolume, as a fraction of the grid's trials; ``inf`` when no
+Optuna sampler reached it within ``--budget`` trials in the median (its line before says "never reached within the
+budget"; the results file has ``null``).
 
 Usage::
 
@@ -447,10 +449,15 @@ def report(table: Table, curves: dict[str, list[list[float]]], budget: int, plot
                   if name.partition(":")[0] in OPTUNA_SAMPLERS}
         best = min(optuna, key=optuna.get)
         ratio = optuna[best] / n_grid
+        if math.isinf(ratio):  # every one "never": none is best, and the ratio is inf
+            best = None
+            print(f"best Optuna sampler to {label}% of the grid's hypervolume: none, never reached within the "
+                  f"budget of {budget} trials (median over seeds): inf")
+        else:
+            print(f"best Optuna sampler to {label}% of the grid's hypervolume: {best} ({_fmt(optuna[best])} "
+                  f"trials, median over seeds, of the grid's {n_grid}): {ratio:.2f} of the grid's trials")
         results[f"best_optuna_sampler_{label}pct"] = best
         results[f"ratio_{label}pct"] = ratio
-        print(f"best Optuna sampler to {label}% of the grid's hypervolume: {best} ({_fmt(optuna[best])} trials, "
-              f"median over seeds, of the grid's {n_grid}): {ratio:.2f} of the grid's trials")
     results.update({"best_optuna_sampler": best, "ratio": ratio})
     print(f"search_efficiency trials_to_grid_hypervolume optuna/grid = {ratio:.2f}")
     return results
@@ -526,7 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="for --measure (default sqlite:///<storage>/mlflow.db)")
     parser.add_argument("--storage-path", default="runs/search_efficiency", help="for --measure")
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--budget", type=int, default=None, help="trials per replay (default: 4 x the grid)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="trials per replay (default: 4 x the grid); a hypervolume never reached within them is "
+                             "'never' in the tables and inf in the last line")
     parser.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS),
                         help=f"comma-separated, of grid, random, {', '.join(OPTUNA_SAMPLERS)} (mvtpe: multivariate "
                              "TPE); tpe:N, mvtpe:N and gp:N start the model after N random trials (Optuna's default: 10); oracle and oracle:pairs "

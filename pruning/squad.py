@@ -811,6 +811,12 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
     Returns:
         int64 tensors ``input_ids``, ``attention_mask``, ``token_type_ids`` of shape ``(F, max_seq_length)`` and
         ``start_positions``, ``end_positions`` of shape ``(F,)``.
+
+    Raises:
+        QuestionWithoutTokens: a question or context has no token, or a first gold answer is made only of characters
+            the tokenizer drops (``"\\u200b"``, a control character): no token covers it, so every window would
+            label it as no answer. Its other answers are not trained on and are not checked (the metric, as the
+            official evaluation script, reads them as texts).
     """
     for ex in examples:
         if not ex.answers:
@@ -830,6 +836,10 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
                 ex = examples[first + sample]
                 spans[sample] = _token_span(offsets[mapping == sample], *_trimmed_span(ex.answers[0],
                                                                                        ex.answer_starts[0]))
+                if spans[sample] is None:  # every window would label it "no answer" (CLS): it is no span
+                    raise QuestionWithoutTokens(f"question {ex.id}: its answer {_short(ex.answers[0])} has no tokens "
+                                                "the model reads (only characters the tokenizer drops, such as "
+                                                "zero-width spaces or control characters)")
             start, end = (0, 0) if spans[sample] is None else _answer_tokens(offsets[i], *spans[sample])
             starts.append(start)
             ends.append(end)

@@ -302,7 +302,7 @@ def test_the_results_file_is_on_the_disk_before_it_replaces_the_earlier_one(benc
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--rows", "topk", "--densities", "0"], "target_density: must be in (0, 1], got 0.0"),
+    (["--rows", "topk", "--densities", "0"], "--densities 0: a linear density must be in (0, 1]"),
     (["--rows", "fisher", "--set", "alpha_ce=-1"], "--set: alpha_ce: must be a number >= 0, got -1"),
     (["--rows", "fisher_recovery", "--calibration", "6144"],
      "--calibration, --tuning, --stages, --steps: the calibration of fisher_recovery takes 400 of the 384 steps"),
@@ -322,3 +322,40 @@ def test_without_a_teacher_bad_values_are_refused_before_the_teacher_trains(benc
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("accuracy_budget: ") and err[-1].endswith(message), err[-1]
     assert not (tmp_path / "out").exists()  # no teacher trained
+
+
+@pytest.mark.parametrize("density", ["0", "-0.2", "1.5", "nan"])
+def test_a_density_out_of_range_names_the_flag_it_came_from(bench, masked_checkpoint, tmp_path, capsys, density):
+    """--densities 0 was refused as the shipped config's "target_density: must be in (0, 1], got 0.0", a key the
+    command line never wrote."""
+    code = bench.main(["--teacher", str(masked_checkpoint), "--rows", "fisher", "--densities", "0.5", density,
+                       "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"accuracy_budget: --densities {float(density):g}: a linear density must be in (0, 1]"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("density", ["0", "1.5"])
+def test_fisher_split_names_its_density_flag_too(bench_script, tmp_path, monkeypatch, capsys, density):
+    """fisher_split --density 0 was refused as the shipped config's target_density, before any model is read."""
+    monkeypatch.chdir(tmp_path)
+    code = bench_script("fisher_split").main(["--teacher", str(tmp_path / "absent"), "--density", density,
+                                              "--heads", "2"])
+    err = capsys.readouterr()
+    assert code == 2 and err.out == ""
+    assert err.err.strip().splitlines() == [f"fisher_split: --density {float(density):g}: a linear density must be in "
+                                            "(0, 1]"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag,value", [("--train-limit", "0"), ("--train-limit", "-5"), ("--eval-limit", "0")])
+def test_a_question_limit_below_one_names_its_flag_before_any_work(bench, masked_checkpoint, tmp_path, capsys, flag,
+                                                                    value):
+    """--train-limit 0 was taken for no limit given: the rows trained on the config's 2,000 questions; -5, or
+    --eval-limit 0, was refused as the shipped config's train_limit or eval_limit, keys the command line never
+    wrote."""
+    code = bench.main(["--teacher", str(masked_checkpoint), "--rows", "fisher", flag, value,
+                       "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"accuracy_budget: {flag} {value}: must be a number of questions >= 1"]
+    assert not (tmp_path / "out").exists()

@@ -567,6 +567,29 @@ def test_a_question_too_long_for_the_check_windows_of_pack_and_export_is_cut_to_
         assert "1 of 1 questions have more than max_query_length (60) tokens" in caplog.text
 
 
+@pytest.mark.parametrize("answer,shown", [("\u200b", "'\\u200b'"), ("\x07", "'\\x07'")],
+                         ids=["zero-width", "control"])
+def test_a_trained_answer_without_tokens_is_one_line_in_prune_and_scored_as_the_official_script(
+        capsys, tmp_path, answer, shown):
+    """A gold answer made only of characters the tokenizer drops passed the check for an empty answer: no token
+    covers it, so training labelled every window of its question "no answer" without a word. The metric reads it as
+    a text, as the official evaluation script does, so score still takes it."""
+    context = f"The cat sat{answer} on the mat."
+    good = {"id": "ok", "question": "Where did the cat sit?", "answers": [{"text": "The cat", "answer_start": 0}]}
+    bad = {"id": "hidden", "question": "What is between sat and on?", "answers": [{"text": answer, "answer_start": 11}]}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": context, "qas": [good, bad]}]}]}))
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--train-data", str(path), "--eval-data", str(path),
+                                    "--output-dir", str(tmp_path / "run")])
+    assert line == (f"fineprune prune: error: {path}: question hidden: its answer {shown} has no tokens the model "
+                    "reads (only characters the tokenizer drops, such as zero-width spaces or control characters)")
+    assert not (tmp_path / "run" / "final").exists()
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps({"ok": "The cat", "hidden": answer}))
+    assert cli.main(["score", str(path), str(predictions)]) == 0
+    assert json.loads(capsys.readouterr().out)["exact_match"] == 100.0
+
+
 def test_a_long_question_is_cut_to_max_query_length_in_eval_and_ask(capsys, caplog, masked_checkpoint, tmp_path):
     question = " ".join(["which"] * 70) + "?"
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
@@ -1248,3 +1271,30 @@ def test_a_line_logged_during_training_is_not_glued_to_the_progress_bar(tmp_path
     assert logged, proc.stderr
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", seg) for seg in logged), logged
     json.loads(proc.stdout)
+
+
+def test_a_speedup_or_latency_timed_on_few_passes_is_said_to_be_noise(capsys, caplog, masked_checkpoint, tmp_path):
+    """pack --repeats 2 printed a speedup that another run of the same command gave anywhere from 0.8 to 5, without
+    a word; fewer than 5 passes now warn, in pack and in select, and the help says so."""
+    with caplog.at_level(logging.WARNING, logger="fineprune"):
+        assert cli.main(["pack", str(masked_checkpoint), str(tmp_path / "few"), "--questions", "1",
+                         "--repeats", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["speedup"] > 0  # still packed and timed
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fineprune"]
+    assert warnings == ["--repeats 2: each model's latency in the speedup is the median of 2 timed passes, which one "
+                        "slowed pass moves; give 5 or more (default 10) for a figure to compare"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fineprune"):
+        assert cli.main(["pack", str(masked_checkpoint), str(tmp_path / "enough"), "--questions", "1",
+                         "--repeats", "5"]) == 0
+    capsys.readouterr()
+    assert not [r for r in caplog.records if "--repeats" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fineprune"):  # said before the store is read
+        cli.main(["select", "--registered-model", "m", "--max-latency-ms", "10", "--repeats", "1",
+                  "--tracking-uri", f"sqlite:///{tmp_path}/absent.db"])
+    capsys.readouterr()
+    assert any(r.getMessage().startswith("--repeats 1: each version's latency is the median of 1 timed pass,")
+               for r in caplog.records)
+    for command in ("pack", "select"):
+        assert "noise below 5" in " ".join(_help_of(command, capsys).split())

@@ -263,3 +263,27 @@ def test_measuring_a_space_that_is_not_a_grid_is_one_line_before_anything_is_mad
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"search_efficiency: --space {space}: algorithm: must be grid for a replay table, got optuna")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hypervolume_no_sampler_reached_is_said_to_be_never_reached_before_the_inf_of_the_last_line(
+        bench, tmp_path, capsys):
+    """With a budget no Optuna sampler reached the grid's hypervolume in, the lines before the last named a best
+    sampler it had not reached ("tpe (never trials, ...): inf of the grid's trials") and the last line said inf
+    with nothing to read it by."""
+    table = _table_file(bench, tmp_path / "grid.json")
+    out = tmp_path / "results.json"
+    assert bench.main(["--table", str(table), "--samplers", "grid,tpe", "--seeds", "1", "--budget", "2",
+                       "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-3:] == [
+        "best Optuna sampler to 99.99% of the grid's hypervolume: none, never reached within the budget of 2 trials "
+        "(median over seeds): inf",
+        "best Optuna sampler to 100% of the grid's hypervolume: none, never reached within the budget of 2 trials "
+        "(median over seeds): inf",
+        "search_efficiency trials_to_grid_hypervolume optuna/grid = inf"]
+    results = json.loads(out.read_text())
+    assert results["best_optuna_sampler"] is None and results["ratio"] is None
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    assert "never reached within them is 'never' in the tables and inf in the last line" in " ".join(
+        capsys.readouterr().out.split())

@@ -533,11 +533,39 @@ def test_an_instances_request_pairs_its_records_fields_by_position_as_the_readme
         alone = model.predict(pd.DataFrame([{"question": question, "context": context}]))
         assert paired["answer"].tolist() == alone["answer"].tolist()  # one record: question A on context B
         for form in ("dataframe_records", "inputs"):
-            with pytest.raises(RequestError, match="^record 0: context must be a string, got null$"):
+            with pytest.raises(RequestError, match=r"^record 0: context is missing \(the record has no context, or "
+                                                   r"it is null\)$"):
                 model.predict(infer_and_parse_data({form: [{"question": question}, {"context": context}]}, schema))
         with pytest.raises(MlflowException, match="Failed to enforce schema") as refused:  # MLflow's own message
             model.predict(infer_and_parse_data({"instances": [{"question": question, "context": context},
                                                               {"question": question}]}, schema))
         assert not isinstance(refused.value, RequestError)
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def test_a_record_without_a_field_is_said_to_miss_it_by_its_index_and_a_null_alone_is_null(tmp_path, tokenizer,
+                                                                                        tiny_bert_config):
+    """A record without a context, next to one with it, was refused as "context must be a string, got null", a
+    value it never sent. pandas fills the absent field with NaN (as it does a null next to texts), a null alone
+    reaches the model as None."""
+    from workflows.registry import RequestError
+
+    model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
+    question, context = "Who wrote it?", "It was written by Ann."
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+        records = [{"question": question, "context": context}, {"question": question}]
+        for sent, index in ((records, 1), (pd.DataFrame(records), 1), (records[::-1], 0)):
+            with pytest.raises(RequestError) as refused:
+                model.predict(sent)
+            assert str(refused.value) == (f"record {index}: context is missing (the record has no context, or it is "
+                                          "null)")
+        for sent in ([{"question": question, "context": None}], pd.DataFrame([{"question": None, "context": context}])):
+            field = "context" if isinstance(sent, list) else "question"
+            with pytest.raises(RequestError, match=f"^record 0: {field} must be a string, got null$"):
+                model.predict(sent)
     finally:
         mlflow.set_tracking_uri(before)

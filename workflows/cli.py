@@ -39,6 +39,7 @@ __all__ = ["main", "build_parser", "UserError"]
 logger = logging.getLogger("fineprune")
 
 PRECISIONS = ("fp32", "bf16", "auto")
+FEW_REPEATS = 5  # timed passes below which pack's speedup and select's latencies are noise (a warning says so)
 REACH_TIMEOUT_S = 15.0  # how long register, select and report wait for a tracking server that does not answer
 PRECISION_HELP = "fp32, bf16 (autocast; on a CPU only with bf16 matrix instructions) or auto (bf16 where supported)"
 
@@ -285,6 +286,16 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
             raise UserError(f"{_flag(name)} must be >= 1, got {value}")
 
 
+def _warn_few_repeats(repeats: int, figure: str) -> None:
+    """Warn that ``figure``, a median of ``repeats`` timed passes, is noise when they are fewer than
+    :data:`FEW_REPEATS`: one pass that another process or the clock's ramp slowed moves it by more than packing
+    gains (a tiny model packed with 2 passes: speedups from 0.8 to 5; with 20, 1.0 to 1.07)."""
+    if repeats < FEW_REPEATS:
+        logger.warning("--repeats %d: %s is the median of %d timed pass%s, which one slowed pass moves; give %d or "
+                       "more (default 10) for a figure to compare", repeats, figure, repeats,
+                       "" if repeats == 1 else "es", FEW_REPEATS)
+
+
 def _check_device(name: str | None, what: str) -> None:
     """A one-line error (ConfigError) for a device this machine cannot run on, before any work."""
     from pruning.trainer import check_device
@@ -504,6 +515,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from pruning.resources import resolve_model
 
     _check_positive(args, "questions", "repeats")
+    _warn_few_repeats(args.repeats, "each model's latency in the speedup")
     resolve_model(args.checkpoint)  # a file, or a run's directory, named as such as the other commands name them
     out = Path(args.out_dir)
     precision = resolve_precision(args.precision, "cpu")  # settings first, then the work
@@ -596,6 +608,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     _check_positive(args, "batch_size", "seq_len", "repeats", "threads")
+    _warn_few_repeats(args.repeats, "each version's latency")
     from workflows.registry import select_by_latency
 
     client = _tracking_client(args.tracking_uri)
@@ -763,7 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=_user_path, help="where the packed model goes (must be empty unless --overwrite)")
     eval_data(p, "dev", "the questions whose windows the logits are compared on")
     p.add_argument("--questions", type=int, default=16, metavar="N", help="how many questions to compare on")
-    p.add_argument("--repeats", type=int, default=10, metavar="N", help="timed passes of each model")
+    p.add_argument("--repeats", type=int, default=10, metavar="N",
+                   help="timed passes of each model; the speedup is the ratio of their medians, noise below "
+                        f"{FEW_REPEATS} (a warning says so; 1 packs and checks the model fastest)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty out_dir: its model files are replaced, its other files kept")
     precision(p, "for the latency timing")
@@ -823,7 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="threads of torch and ONNX Runtime while timing (default: torch's default here)")
     p.add_argument("--alias", default="champion", help="alias to point at the chosen version")
-    p.add_argument("--repeats", type=int, default=10, help="timed passes per version (medians are compared)")
+    p.add_argument("--repeats", type=int, default=10,
+                   help=f"timed passes per version (medians are compared; noise below {FEW_REPEATS}, with a warning)")
     p.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],
                    help="time each version as it serves (ONNX Runtime when it carries the exported model; default) "
                         "or its packed PyTorch model")

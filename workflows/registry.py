@@ -400,13 +400,20 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         missing = {"question", "context"} - set(frame.columns)
         if missing:
             raise RequestError(f"every record needs a question and a context (missing: {', '.join(sorted(missing))})")
+        fields = {name: _column(frame, name) for name in ("question", "context")}
         try:
-            answers = answer_records(self.run_windows, self._tokenizer(), _column(frame, "question"),
-                                     _column(frame, "context"), max_seq_length=self.max_seq_length,
-                                     doc_stride=self.doc_stride, max_windows=self.max_windows,
-                                     batch_size=self.batch_size, max_answer_length=self.max_answer_length,
-                                     n_best=self.n_best, max_query_length=self.max_query_length)
+            answers = answer_records(self.run_windows, self._tokenizer(), fields["question"], fields["context"],
+                                     max_seq_length=self.max_seq_length, doc_stride=self.doc_stride,
+                                     max_windows=self.max_windows, batch_size=self.batch_size,
+                                     max_answer_length=self.max_answer_length, n_best=self.n_best,
+                                     max_query_length=self.max_query_length)
         except RecordError as err:
+            if (err.index is not None and fields[err.field][err.index] is None
+                    and frame[err.field].iloc[err.index] is not None):
+                # NaN: pandas' mark of a record without the field (MLflow's parsers and a DataFrame made of records
+                # fill it in so), which a null next to texts becomes as well; a null left as None is one for sure.
+                raise RequestError(f"record {err.index}: {err.field} is missing (the record has no {err.field}, "
+                                   "or it is null)") from None
             raise RequestError(str(err)) from None
         # Indexed as the records are: a DataFrame's answers assigned back to it (``frame["answer"] =
         # predict(frame)["answer"]``) align on its index, which need not run 0, 1, ... (a sample or a filter of one).
