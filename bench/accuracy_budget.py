@@ -388,6 +388,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, value in (("--eval-limit", args.eval_limit), ("--train-limit", args.train_limit)):
         if value is not None and value < 1:  # a --train-limit of 0 was taken for none given
             raise InputError(f"{flag} {value}: must be a number of questions >= 1")
+    for flag, value, least in (("--steps", args.steps, 1), ("--calibration", args.calibration, 1),
+                               ("--tuning", args.tuning, 0), ("--stages", args.stages, 1)):
+        if value < least:  # else refused as a row config's key, or (--steps) as a budget the calibration overruns
+            raise InputError(f"{flag} {value}: must be an integer >= {least}")
+    for flag, value, positive in (("--alpha-hidden", args.alpha_hidden, False), ("--init-scale", args.init_scale, True),
+                                  ("--recovery-lr", args.recovery_lr, True)):
+        if value is not None and not (value > 0 if positive else value >= 0):  # nan fails both
+            raise InputError(f"{flag} {value:g}: must be a number {'> 0' if positive else '>= 0'}")
     return args
 
 

@@ -359,3 +359,19 @@ def test_a_question_limit_below_one_names_its_flag_before_any_work(bench, masked
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [f"accuracy_budget: {flag} {value}: must be a number of questions >= 1"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag,value,rule", [("--steps", "0", "an integer >= 1"), ("--calibration", "0", "an integer >= 1"),
+                                             ("--tuning", "-1", "an integer >= 0"), ("--stages", "0", "an integer >= 1"),
+                                             ("--alpha-hidden", "-1", "a number >= 0"),
+                                             ("--init-scale", "0", "a number > 0"),
+                                             ("--recovery-lr", "nan", "a number > 0")])
+def test_a_row_setting_out_of_range_names_its_flag_before_any_work(bench, masked_checkpoint, tmp_path, capsys, flag,
+                                                                   value, rule):
+    """--calibration 0, --tuning -1, --stages 0 or --alpha-hidden -1 were refused as a row config's key
+    (calibration_samples, ...) the command line never wrote, and --steps 0 as a budget the calibration overran."""
+    code = bench.main(["--teacher", str(masked_checkpoint), "--rows", "fisher_recovery", flag, value,
+                       "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"accuracy_budget: {flag} {float(value):g}: must be {rule}"]
+    assert not (tmp_path / "out").exists()
