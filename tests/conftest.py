@@ -32,21 +32,11 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 @pytest.fixture
 def unwritable_dir(tmp_path) -> Path:
-    """A directory nothing can be written into: without write permission, or (for root, whom permissions do not
-    stop) immutable."""
+    """A directory nothing can be written into (:func:`frozen`)."""
     path = tmp_path / "read-only"
     path.mkdir()
-    if os.geteuid() != 0:
-        path.chmod(0o555)
+    with frozen(path):
         yield path
-        path.chmod(0o755)
-        return
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-        pytest.skip("no way to make a directory root cannot write into here (chattr +i)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,17 @@ def server(smoke_sweep, tmp_path_factory):
         yield url
 
 
+
+@contextlib.contextmanager
+def _tracking(uri: str):
+    """MLflow's tracking URI set to ``uri`` while the block runs, the earlier one again after it."""
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
 @contextlib.contextmanager
 def _served(model_uri: str, tracking_uri: str, log_dir) -> Iterator[str]:
     """``mlflow models serve`` of ``model_uri`` on a free port: its base URL; every process stopped afterwards."""
@@ -61,9 +72,7 @@ def answer_key_server(answer_key_model, tokenizer, tmp_path_factory):
     uri = f"sqlite:///{root}/mlflow.db"
     experiment = MlflowClient(tracking_uri=uri).create_experiment("answer-key",
                                                                   artifact_location=(root / "artifacts").as_uri())
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with _tracking(uri):
         # As the registry makes a version: exported for ONNX Runtime, which serves it (int8, the default).
         onnx_dir, exported = export_for_serving(model_dir, root / "onnx")
         assert onnx_dir is not None, exported
@@ -71,8 +80,6 @@ def answer_key_server(answer_key_model, tokenizer, tmp_path_factory):
             # Windows of 128 tokens, overlapping by 32: every known context takes several.
             info = log_qa_model(model_dir, serve_settings({"max_seq_length": "128", "doc_stride": "32"}), onnx_dir)
         version = mlflow.register_model(info.model_uri, "answer-key")
-    finally:
-        mlflow.set_tracking_uri(before)
     with _served(f"models:/answer-key/{version.version}", uri, root) as url:
         yield url
 
@@ -197,15 +204,11 @@ def _logged_tiny_model(tmp_path, tokenizer, config, params: dict[str, str] | Non
     model_dir = save_model(BertForQuestionAnswering(config).eval(), tokenizer, tmp_path / "model")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with _tracking(uri):
         with mlflow.start_run(experiment_id=experiment) as run:
             if params:
                 mlflow.log_params(params)
             info = log_qa_model(model_dir, serve_settings(params or {}))
-    finally:
-        mlflow.set_tracking_uri(before)
     return info.model_uri, uri, run.info.run_id
 
 
@@ -381,9 +384,7 @@ def test_a_version_logged_on_a_trial_run_keeps_the_runs_params_and_says_nothing_
     model_uri, uri, run_id = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config,
                                                 {"batch_size": "8", "eval_batch_size": "32"})
     params = MlflowClient(tracking_uri=uri).get_run(run_id).data.params
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with _tracking(uri):
         settings = mlflow.pyfunc.load_model(model_uri).model_config
         fewer = mlflow.pyfunc.load_model(model_uri, model_config={"max_records": 2})
         with pytest.raises(Exception, match="max_records: must be a whole number >= 1, got 0"):
@@ -404,8 +405,6 @@ def test_a_version_logged_on_a_trial_run_keeps_the_runs_params_and_says_nothing_
             assert str(refused.value).startswith(message) and "\n" not in str(refused.value), config
         as_text = mlflow.pyfunc.load_model(model_uri, model_config={"batch_size": "4", "n_best": 5.0})
         assert (as_text.unwrap_python_model().batch_size, as_text.unwrap_python_model().n_best) == (4, 5)
-    finally:
-        mlflow.set_tracking_uri(before)
     assert params == {"batch_size": "8", "eval_batch_size": "32"}
     assert not [r for r in caplog.records if "model config as params" in r.getMessage()]
     assert settings["batch_size"] == 32 and settings["max_records"] == 256
@@ -468,14 +467,10 @@ def test_answers_assigned_back_to_an_indexed_frame_stay_with_their_records(tmp_p
     frame = pd.DataFrame({"question": ["Who wrote it?", "When was it written?", "Where does she live?"],
                           "context": ["It was written by Ann.", "That happened in 1999 after the war.",
                                       "Ann lives in Paris now."]}, index=[2, 0, 1])
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with _tracking(uri):
         model = mlflow.pyfunc.load_model(model_uri)
         alone = [model.predict(frame.iloc[[i]])["answer"].iloc[0] for i in range(len(frame))]
         predictions = model.predict(frame)
-    finally:
-        mlflow.set_tracking_uri(before)
     assert predictions.index.tolist() == [2, 0, 1]
     assert predictions["answer"].tolist() == alone  # in the records' order, as before
     frame["answer"] = predictions["answer"]
@@ -495,9 +490,7 @@ def test_a_precision_mistyped_in_the_inference_config_is_refused_when_an_onnx_ve
     assert onnx_dir is not None, exported
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with _tracking(uri):
         with mlflow.start_run(experiment_id=experiment):
             info = log_qa_model(model_dir, {**serve_settings({}), "precision": "fp32"}, onnx_dir)
         for variant in ("int8", "fp32", "none"):
@@ -509,8 +502,6 @@ def test_a_precision_mistyped_in_the_inference_config_is_refused_when_an_onnx_ve
                                               "fp32, bf16, auto)"), variant
         served = mlflow.pyfunc.load_model(info.model_uri, model_config={"precision": "bf16"}).unwrap_python_model()
         assert (served.runtime, served.precision) == ("onnxruntime", "int8")
-    finally:
-        mlflow.set_tracking_uri(before)
 
 
 def test_an_instances_request_pairs_its_records_fields_by_position_as_the_readme_says(tmp_path, tokenizer,
@@ -523,9 +514,7 @@ def test_an_instances_request_pairs_its_records_fields_by_position_as_the_readme
 
     model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
     question, context = "Where does Bob live?", "Bob lives in Rome near the old bridge."
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with _tracking(uri):
         model = mlflow.pyfunc.load_model(model_uri)
         schema = model.metadata.get_input_schema()
         paired = model.predict(infer_and_parse_data({"instances": [{"question": question}, {"context": context}]},
@@ -540,8 +529,6 @@ def test_an_instances_request_pairs_its_records_fields_by_position_as_the_readme
             model.predict(infer_and_parse_data({"instances": [{"question": question, "context": context},
                                                               {"question": question}]}, schema))
         assert not isinstance(refused.value, RequestError)
-    finally:
-        mlflow.set_tracking_uri(before)
 
 
 def test_a_record_without_a_field_is_said_to_miss_it_by_its_index_and_a_null_alone_is_null(tmp_path, tokenizer,
@@ -553,9 +540,7 @@ def test_a_record_without_a_field_is_said_to_miss_it_by_its_index_and_a_null_alo
 
     model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
     question, context = "Who wrote it?", "It was written by Ann."
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with _tracking(uri):
         model = mlflow.pyfunc.load_model(model_uri)
         records = [{"question": question, "context": context}, {"question": question}]
         for sent, index in ((records, 1), (pd.DataFrame(records), 1), (records[::-1], 0)):
@@ -567,5 +552,3 @@ def test_a_record_without_a_field_is_said_to_miss_it_by_its_index_and_a_null_alo
             field = "context" if isinstance(sent, list) else "question"
             with pytest.raises(RequestError, match=f"^record 0: {field} must be a string, got null$"):
                 model.predict(sent)
-    finally:
-        mlflow.set_tracking_uri(before)
