@@ -7,14 +7,19 @@ kept heads stay as zeros: they are not structure that a dense matrix product can
 
 A layer that loses every head gets an :class:`EmptySelfAttention` (its context is empty and the attention output,
 a ``Linear(0, hidden)``, yields just its bias); a layer that loses every FFN dimension gets ``Linear(hidden, 0)``
-and ``Linear(0, hidden)``. No head is kept artificially.
+and ``Linear(0, hidden)``. No head is kept artificially. The modules at packed sizes are built by
+:mod:`pruning.packed_modeling`, the one place that code lives.
 
 A packed directory is a standard transformers directory (``config.json``, ``model.safetensors``, tokenizer files)
 whose config also records the kept heads of every layer (``fineprune_heads_kept``, indices into the original
-heads), the FFN widths (``fineprune_ffn_widths``) and ``fineprune_packed: true``. :func:`load_packed` rebuilds the
-smaller modules from that record on the meta device and assigns the stored tensors; nothing is built or padded at
-the original sizes. Layers of several widths are beyond what transformers' ``from_pretrained`` builds from a config
-(it stops on the mismatched sizes): :func:`load_packed` is how a packed directory is opened.
+heads), the FFN widths (``fineprune_ffn_widths``) and ``fineprune_packed: true``. Its layers have several widths,
+which the stock classes cannot build from a config (``from_pretrained`` stops on the mismatched sizes), so
+:func:`save_packed` also copies ``packed_modeling.py`` into the directory and names its class of the model type in
+config.json's ``auto_map``: ``AutoModelForQuestionAnswering.from_pretrained(dir, trust_remote_code=True)`` opens
+it where fineprune is not installed. :func:`load_packed` opens it (and one written before the file was added)
+without running that copy: it rebuilds the smaller modules from the record with this package's own
+:mod:`pruning.packed_modeling` on the meta device and assigns the stored tensors; nothing is built or padded at the
+original sizes.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,13 +40,16 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig
 
+from . import packed_modeling
 from .atomic import staged_dir
 from .bench import compare_latency, eval_mode, flop_ratio, random_inputs
 from .masks import MaskedLinear, remove_masks_
+from .packed_modeling import (FFN_WIDTHS_KEY, HEADS_KEPT_KEY, PACKED_CLASSES, PACKED_FLAG, EmptySelfAttention,
+                              head_rows, layer_head_dim, shrink_layer, shrink_to_record)
 from .precision import resolve_precision
 from .sparsity import sparsity_report
-from .structure import (Architecture, architecture_for, architecture_of_type, encoder_layers, get_module, max_positions,
-                        quiet_transformers, set_module)
+from .structure import (architecture_for, architecture_of_type, encoder_layers, get_module, max_positions,
+                        quiet_transformers)
 
 __all__ = [
     "PackingError",
@@ -69,14 +76,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PACKED_FLAG = "fineprune_packed"
-HEADS_KEPT_KEY = "fineprune_heads_kept"
-FFN_WIDTHS_KEY = "fineprune_ffn_widths"
 WEIGHTS_NAME = "model.safetensors"
 LOGIT_TOLERANCE = 1e-3  # packed against masked logits: only the summation order differs
 # The measured scalars of a PackReport a sweep trial reports, under these (its field) names.
 PACK_METRICS = ("speedup", "max_logit_diff", "params_after")
 CONFIG_NAME = "config.json"
+AUTO_CLASS = "AutoModelForQuestionAnswering"  # the auto class config.json's auto_map names the packed class under
 # Weight files a fresh save replaces; stale ones next to a new model.safetensors would confuse loaders.
 _WEIGHT_FILES = ("model.safetensors", "model-*.safetensors", "pytorch_model*.bin")
 _STALE_WEIGHTS = (*_WEIGHT_FILES, "model.safetensors.index.json")
@@ -86,84 +91,9 @@ class PackingError(ValueError):
     """A model cannot be packed, saved or loaded; the message names the file or directory at fault."""
 
 
-class EmptySelfAttention(nn.Module):
-    """Self-attention of a layer that lost every head: an empty context, no computation.
-
-    The query/key/value linears are kept at zero output width so that the module table, the sparsity report and
-    the state dict look the same as for any other packed layer.
-    """
-
-    def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear, head_dim: int) -> None:
-        super().__init__()
-        self.query, self.key, self.value = query, key, value
-        self.num_attention_heads = 0
-        self.attention_head_size = head_dim
-        self.all_head_size = 0
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
-
-
 def is_packed(model: nn.Module) -> bool:
     """True for a model returned by :func:`pack` or :func:`load_packed`."""
     return bool(getattr(getattr(model, "config", None), PACKED_FLAG, False))
-
-
-def _select(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
-    """A new linear keeping the rows (``dim=0``) or columns (``dim=1``) of ``linear`` listed in ``index``.
-
-    Works on the meta device too, which is how :func:`load_packed` builds its modules without allocating them.
-    """
-    weight = linear.weight.detach().index_select(dim, index)
-    bias = None
-    if linear.bias is not None:
-        bias = linear.bias.detach().index_select(0, index) if dim == 0 else linear.bias.detach().clone()
-    out_features, in_features = weight.shape
-    # Built on meta so that no random init runs; the real tensors are assigned right after. Zero-width layers
-    # make the (skipped) init warn, which says nothing here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        new = nn.Linear(in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype)
-    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
-    if bias is not None:
-        new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
-    return new
-
-
-def _head_dim(layer: nn.Module, arch: Architecture, config) -> int:
-    attention = get_module(layer, arch.self_attention)
-    return int(getattr(attention, "attention_head_size", config.hidden_size // config.num_attention_heads))
-
-
-def _head_rows(heads: list[int] | torch.Tensor, head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Indices of the rows of ``heads`` in a query/key/value weight (and of their columns in the output's)."""
-    heads = torch.as_tensor(heads, dtype=torch.long, device=device)
-    return (heads[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
-
-
-def _shrink_layer(layer: nn.Module, arch: Architecture, heads: list[int], ffn: list[int], head_dim: int) -> None:
-    """Keep heads ``heads`` (indices into the layer's present heads) and FFN dimensions ``ffn``, in place."""
-    attention = get_module(layer, arch.self_attention)
-    value = get_module(layer, arch.value)
-    device = value.weight.device
-    present_heads = int(getattr(attention, "num_attention_heads", value.out_features // head_dim))
-    if len(heads) != present_heads:
-        rows = _head_rows(heads, head_dim, device)
-        if heads:
-            for path in arch.qkv:
-                set_module(layer, path, _select(get_module(layer, path), rows, 0))
-            attention.num_attention_heads = len(heads)
-            attention.all_head_size = len(heads) * head_dim
-        else:
-            # The stock module reshapes with view(..., -1, head_dim), which is undefined for zero heads.
-            empty = EmptySelfAttention(*(_select(get_module(layer, p), rows, 0) for p in arch.qkv), head_dim)
-            set_module(layer, arch.self_attention, empty)
-        set_module(layer, arch.attention_output, _select(get_module(layer, arch.attention_output), rows, 1))
-    first = get_module(layer, arch.ffn_in)
-    if len(ffn) != first.out_features:
-        index = torch.tensor(ffn, dtype=torch.long, device=device)
-        set_module(layer, arch.ffn_in, _select(first, index, 0))
-        set_module(layer, arch.ffn_out, _select(get_module(layer, arch.ffn_out), index, 1))
 
 
 def pack(model: nn.Module) -> nn.Module:
@@ -190,7 +120,7 @@ def pack(model: nn.Module) -> nn.Module:
     for i, (layer, structure) in enumerate(zip(encoder_layers(packed), report.layers)):
         local_heads = structure.heads_kept.nonzero().flatten().tolist()
         ffn = structure.ffn_kept.nonzero().flatten().tolist()
-        _shrink_layer(layer, arch, local_heads, ffn, _head_dim(layer, arch, config))
+        shrink_layer(layer, local_heads, ffn, layer_head_dim(layer, config, arch), arch)
         # Record indices into the original heads, also when packing an already packed model again.
         heads_kept.append([previous[i][h] for h in local_heads] if previous else local_heads)
         widths.append(len(ffn))
@@ -247,8 +177,8 @@ def unpack_into_(masked: nn.Module, packed: nn.Module) -> nn.Module:
     with torch.no_grad():
         layers = zip(encoder_layers(masked), encoder_layers(packed), report.layers)
         for i, (full, small, structure) in enumerate(layers):
-            head_dim = _head_dim(full, arch, masked.config)
-            rows = _head_rows(structure.heads_kept.nonzero().flatten(), head_dim)
+            head_dim = layer_head_dim(full, masked.config, arch)
+            rows = head_rows(structure.heads_kept.nonzero().flatten(), head_dim)
             ffn = structure.ffn_kept.nonzero().flatten()
             for path, index, dim in [(arch.query, rows, 0), (arch.key, rows, 0), (arch.value, rows, 0),
                                      (arch.attention_output, rows, 1), (arch.ffn_in, ffn, 0), (arch.ffn_out, ffn, 1)]:
@@ -288,8 +218,22 @@ def _keep_others(out_dir: Path, staging: Path) -> None:
             shutil.copy2(entry, staging / entry.name, follow_symlinks=False)
 
 
+def _add_remote_code(model_dir: Path, model_type: str) -> None:
+    """Copy packed_modeling.py into a saved packed model's directory and point config.json's ``auto_map`` at its
+    class, so that ``AutoModelForQuestionAnswering.from_pretrained(dir, trust_remote_code=True)`` builds it."""
+    source = Path(packed_modeling.__file__)
+    shutil.copyfile(source, model_dir / source.name)
+    config_file = model_dir / CONFIG_NAME
+    data = json.loads(config_file.read_text(encoding="utf-8"))
+    data["auto_map"] = {**(data.get("auto_map") or {}),
+                        AUTO_CLASS: f"{source.stem}.{PACKED_CLASSES[model_type].__name__}"}
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_packed(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a packed model as a standard transformers directory.
+    """Write a packed model as a standard transformers directory, with ``packed_modeling.py`` and config.json's
+    ``auto_map`` naming its class, so that ``AutoModelForQuestionAnswering.from_pretrained(out_dir,
+    trust_remote_code=True)`` opens it without fineprune.
 
     Args:
         model: a model returned by :func:`pack` or :func:`load_packed`.
@@ -317,6 +261,7 @@ def save_packed(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, ov
             _keep_others(out, tmp)
         with quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
+        _add_remote_code(tmp, model.config.model_type)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     logger.info("saved packed model to %s", out)
@@ -342,12 +287,25 @@ def _first_line(error: BaseException) -> str:
 
 
 def _model_class(config, config_file: Path) -> type:
+    """The stock transformers class named in the config's ``architectures`` (for a packed class, its base)."""
     names = list(getattr(config, "architectures", None) or [])
+    packed = {cls.__name__: cls.__bases__[0] for cls in PACKED_CLASSES.values()}
     for name in names:
-        cls = getattr(transformers, name, None)
+        cls = packed.get(name) or getattr(transformers, name, None)
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
     raise PackingError(f"{config_file}: no known model class in 'architectures' ({names or 'missing'})")
+
+
+def _drop_auto_map(config) -> None:
+    """Forget the config's pointer to a packed directory's packed_modeling.py: a model loaded here is saved by
+    :func:`save_packed`, which writes the file with the pointer, and never elsewhere (an export) without it."""
+    auto_map = dict(getattr(config, "auto_map", None) or {})
+    auto_map.pop(AUTO_CLASS, None)
+    if auto_map:
+        config.auto_map = auto_map
+    elif hasattr(config, "auto_map"):
+        del config.auto_map
 
 
 def _is_index(value: Any) -> bool:
@@ -431,7 +389,8 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
         arch = architecture_of_type(getattr(config, "model_type", None))
     except ValueError as error:
         raise PackingError(f"{config_file}: {error}") from None
-    heads, widths = _check_record(config, config_file)
+    _check_record(config, config_file)
+    _drop_auto_map(config)
     cls = _model_class(config, config_file)
     weights_file = path / WEIGHTS_NAME
     if not weights_file.is_file():
@@ -447,9 +406,8 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
     except AttributeError:
         raise PackingError(f"{config_file}: 'architectures' names {cls.__name__}, which has no {arch.layers} of a "
                            f"{config.model_type} model") from None
-    for layer, kept, width in zip(layers, heads, widths):
-        # Shapes are all that matter here: keep the first heads and dimensions of the meta modules.
-        _shrink_layer(layer, arch, list(range(len(kept))), list(range(width)), _head_dim(layer, arch, config))
+    # fineprune's own module building; the directory's copy of it (packed_modeling.py) is never run here.
+    shrink_to_record(model, layers, arch)
 
     try:
         state = load_file(str(weights_file), device=str(device))

@@ -15,12 +15,15 @@ embeddings may be narrower than the layers (``embedding_size``), projected to th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import torch
 import transformers
 from torch import nn
+
+from .packed_modeling import LAYER_PATHS
 
 __all__ = ["Architecture", "ARCHITECTURES", "DEFAULT_MODEL_TYPE", "architecture_for", "architecture_of_type",
            "qa_model_class", "config_class", "scratch_config", "max_positions", "position_ids", "get_module",
@@ -60,13 +63,7 @@ class Architecture:
 
 
 _LAYER = dict(
-    self_attention="attention.self",
-    query="attention.self.query",
-    key="attention.self.key",
-    value="attention.self.value",
-    attention_output="attention.output.dense",
-    ffn_in="intermediate.dense",
-    ffn_out="output.dense",
+    **dataclasses.asdict(LAYER_PATHS),  # the linears, where the packed models of packed_modeling.py find them
     ffn_activation="intermediate",
     attention_norm="attention.output.LayerNorm",
     ffn_norm="output.LayerNorm",

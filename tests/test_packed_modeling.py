@@ -1,0 +1,140 @@
+"""A packed directory opens with transformers alone: ``AutoModelForQuestionAnswering.from_pretrained(dir,
+trust_remote_code=True)`` builds the packed sizes from the directory's packed_modeling.py, in a Python that cannot
+import fineprune, with no missing or unexpected weights and the logits of :func:`pruning.packing.load_packed`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from pruning import packed_modeling
+from pruning.packing import load_packed, pack, save_packed
+from pruning.structure import ARCHITECTURES, encoder_layers, qa_model_class
+
+from test_roberta import pruned_model
+
+# Every packed model type the directory's file names a class for: the RoBERTa family shares one position rule.
+MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+
+# Run with -I (no PYTHONPATH, no script directory, no user site): fineprune is importable only through the
+# editable install, which the finder below refuses, so the directory's own file is all that can build the model.
+LOADER = textwrap.dedent("""
+    import importlib.abc, json, sys, warnings
+    import torch
+
+    class NoFineprune(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("pruning", "workflows"):
+                raise ImportError("fineprune is not installed here: " + name)
+            return None
+
+    sys.meta_path.insert(0, NoFineprune())
+    from transformers import AutoModelForQuestionAnswering
+
+    inputs = torch.load("inputs.pt")
+    result, logits = {}, {}
+    for name in sys.argv[1:]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, info = AutoModelForQuestionAnswering.from_pretrained(name, trust_remote_code=True,
+                                                                        output_loading_info=True)
+            with torch.no_grad():
+                out = model(**inputs[name])
+        logits[name] = torch.stack([out.start_logits, out.end_logits])
+        result[name] = {"class": type(model).__name__, "training": model.training,
+                        "warnings": [str(w.message) for w in caught],
+                        **{key: sorted(map(str, value)) for key, value in info.items()}}
+    torch.save(logits, "logits.pt")
+    result["fineprune imported"] = sorted(m for m in sys.modules if m.split(".")[0] in ("pruning", "workflows"))
+    print(json.dumps(result))
+""")
+
+
+def _inputs(config) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    pad = int(config.pad_token_id)
+    ids = torch.randint(pad + 2, 600, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    ids[1, 7:] = pad
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+
+
+def _logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return torch.stack([out.start_logits, out.end_logits])
+
+
+def test_from_pretrained_with_remote_code_opens_a_packed_directory_without_fineprune(tmp_path):
+    expected, inputs = {}, {}
+    for model_type in MODEL_TYPES:
+        packed = pack(pruned_model(model_type))
+        first, second = encoder_layers(packed)
+        # The layers the test is about: no head at all in one, no FFN dimension at all in the other.
+        assert first.attention.self.num_attention_heads == 0 and second.intermediate.dense.out_features == 0
+        out = save_packed(packed, None, tmp_path / model_type)
+        inputs[model_type] = _inputs(packed.config)
+        expected[model_type] = _logits(load_packed(out), inputs[model_type])
+    torch.save(inputs, tmp_path / "inputs.pt")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-I", "-c", LOADER, *MODEL_TYPES], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for word in ("MISSING", "UNEXPECTED", "MISMATCH", "newly initialized", "not used"):
+        assert word.lower() not in run.stderr.lower(), run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result.pop("fineprune imported") == []
+    logits = torch.load(tmp_path / "logits.pt")
+    for model_type in MODEL_TYPES:
+        record = json.loads((tmp_path / model_type / "config.json").read_text())  # every key of the record kept
+        assert record["fineprune_packed"] is True and record["fineprune_heads_kept"][0] == []
+        assert record["fineprune_ffn_widths"][1] == 0 and record["model_type"] == model_type
+        loaded = result[model_type]
+        assert loaded["class"].startswith("Packed") and loaded["training"] is False
+        assert (loaded["missing_keys"], loaded["unexpected_keys"], loaded["mismatched_keys"],
+                loaded["error_msgs"]) == ([], [], [], []), model_type
+        assert loaded["warnings"] == [], model_type
+        torch.testing.assert_close(logits[model_type], expected[model_type], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("edit", ["old directory", "packed class in architectures", "planted code"])
+def test_load_packed_builds_with_its_own_code_whatever_the_directory_holds(tmp_path, edit):
+    packed = pack(pruned_model("bert"))
+    out = save_packed(packed, None, tmp_path / "packed")
+    config_file = out / "config.json"
+    record = json.loads(config_file.read_text())
+    if edit == "old directory":  # written before packed directories held the file
+        (out / "packed_modeling.py").unlink()
+        del record["auto_map"]
+    elif edit == "packed class in architectures":  # saved by a model that from_pretrained built from the file
+        record["architectures"] = ["PackedBertForQuestionAnswering"]
+    else:  # load_packed never runs a directory's code
+        marker = tmp_path / "ran"
+        (out / "packed_modeling.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(9)\n")
+    config_file.write_text(json.dumps(record))
+
+    loaded = load_packed(out)
+    inputs = _inputs(packed.config)
+    torch.testing.assert_close(_logits(loaded, inputs), _logits(packed, inputs), atol=0, rtol=0)
+    assert not (tmp_path / "ran").exists()
+    # What load_packed returns saves (and exports) as a model of its own, not pointing at a file left behind.
+    assert "AutoModelForQuestionAnswering" not in (getattr(loaded.config, "auto_map", None) or {})
+    again = save_packed(loaded, None, tmp_path / "again")
+    assert json.loads((again / "config.json").read_text())["auto_map"] == {
+        "AutoModelForQuestionAnswering": "packed_modeling.PackedBertForQuestionAnswering"}
+    assert (again / "packed_modeling.py").read_text() == Path(packed_modeling.__file__).read_text()
+
+
+def test_every_supported_model_type_has_a_packed_class_of_its_question_answering_model():
+    assert set(packed_modeling.PACKED_CLASSES) == set(ARCHITECTURES)
+    for model_type, cls in packed_modeling.PACKED_CLASSES.items():
+        assert cls.__bases__ == (qa_model_class(model_type),)
