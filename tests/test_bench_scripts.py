@@ -326,3 +326,31 @@ def test_serve_load_with_no_room_for_its_store_is_one_line(bench_script, checkpo
                            "there ("), line
     assert line.endswith("); set TMPDIR to a directory with room for a copy of it"), line
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_search_efficiency_writes_into_a_pipe_given_as_its_json_and_leaves_it_a_pipe(bench_script, tmp_path, capsys):
+    """A --json that is a pipe or a device (``/dev/stdout`` into ``| jq``, ``/dev/null``) was refused where its
+    directory takes no new files, and elsewhere replaced by a regular file of its name (as root, ``/dev/null``
+    itself), the reader getting nothing; it is written into, as it was before results were written whole."""
+    from test_search_efficiency import _table_file
+
+    bench = bench_script("search_efficiency")
+    table = _table_file(bench, tmp_path / "grid.json")
+    directory = tmp_path / "pipes"
+    directory.mkdir()
+    pipe = directory / "results.json"
+    os.mkfifo(pipe)
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # there before the script opens it, as `| jq` is
+    received = []
+    try:
+        with frozen_path(directory):  # it takes no new files, as /dev does for a user
+            code = bench.main(["--table", str(table), "--samplers", "grid,tpe:4", "--seeds", "2", "--budget", "6",
+                               "--json", str(pipe)])
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(reader, 1 << 16):
+                received.append(chunk)
+    finally:
+        os.close(reader)
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(b"".join(received))["budget"] == 6
+    assert pipe.is_fifo() and sorted(p.name for p in directory.iterdir()) == ["results.json"]
