@@ -343,8 +343,9 @@ def write_text(path: str | Path, text: str) -> None:
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file whole or not at all (a temporary sibling renamed over it).
 
-    A device or a pipe (``/dev/null``, ``/dev/stdout``) is written into as it is, never replaced by a file of the
-    same name.
+    A symbolic link stays: the file it points to is replaced, beside itself (as :func:`staged_dir` replaces the
+    directory a link points to). A device or a pipe (``/dev/null``, ``/dev/stdout``) is written into as it is, never
+    replaced by a file of the same name.
 
     Raises:
         WriteError: it cannot be written (a full disk, a directory that takes no new files, a directory in its
@@ -358,6 +359,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         except OSError as err:
             raise _write_error(path, err) from err
         return
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     tmp = temporary_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,8 +49,11 @@ def output_path_problem(path: str | Path, directory: bool, writable: bool = Fals
     cannot be written: a directory that takes no new files, or would be made in one (:func:`write_problem`); a file
     that may not be replaced, or whose directory (or the one it would be made in) takes no new files, where a file is
     written beside it and renamed over it (and SQLite writes a database's journal); a device or a pipe
-    (``/dev/null``, ``/dev/stdout``), written into as it is, that may not be written. Checked before any work."""
+    (``/dev/null``, ``/dev/stdout``), written into as it is, that may not be written. A file given as a symbolic
+    link is checked where the link points, where it is written (the link stays). Checked before any work."""
     path = Path(path)
+    if not directory and path.is_symlink():
+        path = Path(os.path.realpath(path))
     if path.exists():
         if directory and not path.is_dir():
             return "exists and is not a directory"
