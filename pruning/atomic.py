@@ -343,9 +343,9 @@ def write_text(path: str | Path, text: str) -> None:
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file whole or not at all (a temporary sibling renamed over it).
 
-    A symbolic link stays: the file it points to is replaced, beside itself (as :func:`staged_dir` replaces the
-    directory a link points to). A device or a pipe (``/dev/null``, ``/dev/stdout``) is written into as it is, never
-    replaced by a file of the same name.
+    The file it replaces keeps its permissions. A symbolic link stays: the file it points to is replaced, beside
+    itself (as :func:`staged_dir` replaces the directory a link points to). A device or a pipe (``/dev/null``,
+    ``/dev/stdout``) is written into as it is, never replaced by a file of the same name.
 
     Raises:
         WriteError: it cannot be written (a full disk, a directory that takes no new files, a directory in its
@@ -368,6 +368,10 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())  # on the disk before it takes the name
+        with contextlib.suppress(FileNotFoundError):  # the file it replaces keeps its mode (0600 private, 0664 shared)
+            mode = os.stat(path).st_mode
+            if stat.S_ISREG(mode):
+                os.chmod(tmp, stat.S_IMODE(mode))
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as err:

@@ -399,3 +399,25 @@ def test_search_efficiency_writes_the_file_a_json_link_points_to_and_keeps_the_l
     assert link.is_symlink() and link.resolve() == runs / "results.json"
     assert json.loads((runs / "results.json").read_text())["budget"] == 6
     assert sorted(p.name for p in runs.iterdir()) == ["results.json"]
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o664])
+def test_search_efficiency_keeps_the_permissions_of_the_results_it_replaces(bench_script, tmp_path, capsys, mode):
+    """Results written again over a file kept private (0600) or shared with a group (0664) took the mode of a new
+    file (0644 under umask 022: readable by everyone, no longer writable by the group) since they came to be written
+    whole beside it; the file keeps its mode, as it did when it was written in place."""
+    from test_search_efficiency import _table_file
+
+    bench = bench_script("search_efficiency")
+    results = tmp_path / "results.json"
+    results.write_text("earlier")
+    results.chmod(mode)
+    old_umask = os.umask(0o022)
+    try:
+        code = bench.main(["--table", str(_table_file(bench, tmp_path / "grid.json")), "--samplers", "grid,tpe:4",
+                           "--seeds", "2", "--budget", "6", "--json", str(results)])
+    finally:
+        os.umask(old_umask)
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(results.read_text())["budget"] == 6
+    assert results.stat().st_mode & 0o777 == mode
