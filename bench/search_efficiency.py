@@ -495,8 +495,10 @@ def _plot(curves: dict[str, list[list[float]]], grid_hv: float, n_grid: int, pat
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=120, bbox_inches="tight")
+    image = io.BytesIO()  # drawn here, written whole: in the format its suffix names (.svg, .pdf), as savefig does
+    suffix = path.suffix[1:].lower()
+    fig.savefig(image, format=suffix if suffix in fig.canvas.get_supported_filetypes() else "png", dpi=120,
+                bbox_inches="tight")
     plt.close(fig)
     write_bytes(path, image.getvalue())
 
@@ -549,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="answer a repeated grid point by asking the sampler again, not with the nearest grid "
                              "point not yet run")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--plot", type=Path, help="draw the median curves here (PNG)")
+    parser.add_argument("--plot", type=Path,
+                        help="draw the median curves here (PNG, or the format its suffix names: .svg, .pdf)")
     args = parser.parse_args(argv)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     problems = [problem for problem in map(_sampler_problem, samplers) if problem]

@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Iterator
 from safetensors import SafetensorError
 
 __all__ = ["WriteError", "Busy", "locked", "fsync_dir", "fsync_file", "save_tensors", "staging_dir", "replace_dir", "staged_dir", "tidy",
-           "write_text", "write_bytes"]
+           "write_text", "write_bytes", "written_in_place"]
 
 logger = logging.getLogger(__name__)
 
@@ -324,19 +325,42 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+def written_in_place(path: str | Path) -> bool:
+    """Whether ``path`` (a link followed) is neither a regular file nor a directory, nor missing: a device or a pipe
+    (``/dev/null``, ``/dev/stdout`` into a pipe), which :func:`write_bytes` writes into rather than replaces."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def write_text(path: str | Path, text: str) -> None:
-    """Write a text file whole or not at all (a temporary sibling renamed over it)."""
+    """Write a text file whole or not at all (:func:`write_bytes`)."""
     write_bytes(path, text.encode("utf-8"))
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file whole or not at all (a temporary sibling renamed over it).
 
+    The file it replaces keeps its permissions. A symbolic link stays: the file it points to is replaced, beside
+    itself (as :func:`staged_dir` replaces the directory a link points to). A device or a pipe (``/dev/null``,
+    ``/dev/stdout``) is written into as it is, never replaced by a file of the same name.
+
     Raises:
         WriteError: it cannot be written (a full disk, a directory that takes no new files, a directory in its
             place); one line naming ``path``. The file there before is left as it was.
     """
     path = Path(path)
+    if written_in_place(path):
+        try:
+            with open(path, "wb") as stream:
+                stream.write(data)
+        except OSError as err:
+            raise _write_error(path, err) from err
+        return
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     tmp = temporary_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -344,6 +368,10 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())  # on the disk before it takes the name
+        with contextlib.suppress(FileNotFoundError):  # the file it replaces keeps its mode (0600 private, 0664 shared)
+            mode = os.stat(path).st_mode
+            if stat.S_ISREG(mode):
+                os.chmod(tmp, stat.S_IMODE(mode))
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as err:

@@ -233,6 +233,26 @@ def test_an_output_file_and_a_tracking_database_are_refused_for_the_same_reason(
     assert (directory / "out.json").read_text() == "earlier"
 
 
+def test_a_tracking_database_given_as_a_link_is_checked_where_sqlite_writes_it(tmp_path):
+    """A sqlite:/// database given as a link into a directory that takes new files, from one that takes none, was
+    refused as "cannot be written (LINKS takes no new files)", though SQLite writes the database and its journal
+    where the link points; it passes, and MLflow records into it."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows.tracking import check_writable_store
+
+    stores, links = tmp_path / "stores", tmp_path / "links"
+    stores.mkdir()
+    links.mkdir()
+    (links / "mlflow.db").symlink_to(stores / "mlflow.db")
+    uri = f"sqlite:///{links / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # the store made once, where the link points
+    with frozen_path(links):
+        check_writable_store(uri)
+        MlflowClient(uri).create_experiment("through-the-link")
+    assert MlflowClient(f"sqlite:///{stores / 'mlflow.db'}").get_experiment_by_name("through-the-link") is not None
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A directory on a file system of its own, 64 KiB (a tmpfs), which :func:`_fill` leaves without room; skipped
@@ -326,3 +346,78 @@ def test_serve_load_with_no_room_for_its_store_is_one_line(bench_script, checkpo
                            "there ("), line
     assert line.endswith("); set TMPDIR to a directory with room for a copy of it"), line
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_search_efficiency_writes_into_a_pipe_given_as_its_json_and_leaves_it_a_pipe(bench_script, tmp_path, capsys):
+    """A --json that is a pipe or a device (``/dev/stdout`` into ``| jq``, ``/dev/null``) was refused where its
+    directory takes no new files, and elsewhere replaced by a regular file of its name (as root, ``/dev/null``
+    itself), the reader getting nothing; it is written into, as it was before results were written whole."""
+    from test_search_efficiency import _table_file
+
+    bench = bench_script("search_efficiency")
+    table = _table_file(bench, tmp_path / "grid.json")
+    directory = tmp_path / "pipes"
+    directory.mkdir()
+    pipe = directory / "results.json"
+    os.mkfifo(pipe)
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # there before the script opens it, as `| jq` is
+    received = []
+    try:
+        with frozen_path(directory):  # it takes no new files, as /dev does for a user
+            code = bench.main(["--table", str(table), "--samplers", "grid,tpe:4", "--seeds", "2", "--budget", "6",
+                               "--json", str(pipe)])
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(reader, 1 << 16):
+                received.append(chunk)
+    finally:
+        os.close(reader)
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(b"".join(received))["budget"] == 6
+    assert pipe.is_fifo() and sorted(p.name for p in directory.iterdir()) == ["results.json"]
+
+
+@pytest.mark.parametrize("links", ["a directory that takes new files", "a directory that takes none"])
+def test_search_efficiency_writes_the_file_a_json_link_points_to_and_keeps_the_link(bench_script, tmp_path, capsys,
+                                                                                     links):
+    """A --json given as a symbolic link (``latest.json`` naming the run's file) was replaced by a regular file,
+    the file it named left as it was, and refused outright where the link's own directory takes no new files; the
+    file it points to is written, beside itself, and the link stays."""
+    from test_search_efficiency import _table_file
+
+    bench = bench_script("search_efficiency")
+    table = _table_file(bench, tmp_path / "grid.json")
+    runs, links_dir = tmp_path / "runs", tmp_path / "links"
+    runs.mkdir()
+    links_dir.mkdir()
+    (runs / "results.json").write_text("earlier")
+    link = links_dir / "latest.json"
+    link.symlink_to(runs / "results.json")
+    with frozen_path(links_dir) if links.endswith("none") else contextlib.nullcontext():
+        code = bench.main(["--table", str(table), "--samplers", "grid,tpe:4", "--seeds", "2", "--budget", "6",
+                           "--json", str(link)])
+    assert code == 0, capsys.readouterr().err
+    assert link.is_symlink() and link.resolve() == runs / "results.json"
+    assert json.loads((runs / "results.json").read_text())["budget"] == 6
+    assert sorted(p.name for p in runs.iterdir()) == ["results.json"]
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o664])
+def test_search_efficiency_keeps_the_permissions_of_the_results_it_replaces(bench_script, tmp_path, capsys, mode):
+    """Results written again over a file kept private (0600) or shared with a group (0664) took the mode of a new
+    file (0644 under umask 022: readable by everyone, no longer writable by the group) since they came to be written
+    whole beside it; the file keeps its mode, as it did when it was written in place."""
+    from test_search_efficiency import _table_file
+
+    bench = bench_script("search_efficiency")
+    results = tmp_path / "results.json"
+    results.write_text("earlier")
+    results.chmod(mode)
+    old_umask = os.umask(0o022)
+    try:
+        code = bench.main(["--table", str(_table_file(bench, tmp_path / "grid.json")), "--samplers", "grid,tpe:4",
+                           "--seeds", "2", "--budget", "6", "--json", str(results)])
+    finally:
+        os.umask(old_umask)
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(results.read_text())["budget"] == 6
+    assert results.stat().st_mode & 0o777 == mode

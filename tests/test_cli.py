@@ -916,6 +916,12 @@ def test_eval_predictions_never_replace_the_data_or_the_model_they_come_from(cap
                                     "--no-progress", "--predictions", str(model / "config.json")])
     assert line.endswith(f"error: --predictions {model / 'config.json'}: is a file of the model directory {model} "
                          "evaluated, which the predictions would replace; write them to another file"), line
+    # A link is kept and the file it names is written: a link to the data or to a model file is refused as they are.
+    (tmp_path / "to_config.json").symlink_to(model / "config.json")
+    for link, what in ((tmp_path / "link.json", "the --eval-data file"), (tmp_path / "to_config.json", "a file of")):
+        line = _one_line_error(capsys, ["eval", str(model), "--eval-data", str(questions), "--eval-limit", "2",
+                                        "--no-progress", "--predictions", str(link)])
+        assert f"error: --predictions {link}: is {what}" in line, line
     assert json.loads(questions.read_text()) == data and (model / "config.json").read_text() == config
     assert cli.main(["eval", str(model), "--eval-data", str(questions), "--eval-limit", "2", "--no-progress",
                      "--predictions", str(model / "predictions.json")]) == 0  # a new file beside the model is fine

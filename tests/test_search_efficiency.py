@@ -287,3 +287,13 @@ def test_a_hypervolume_no_sampler_reached_is_said_to_be_never_reached_before_the
         bench.main(["--help"])
     assert "never reached within them is 'never' in the tables and inf in the last line" in " ".join(
         capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("suffix,start", [(".svg", b"<?xml"), (".pdf", b"%PDF"), (".png", b"\x89PNG")])
+def test_the_plot_is_drawn_in_the_format_its_suffix_names(bench, tmp_path, suffix, start):
+    """--plot curves.svg (or .pdf) was written as PNG bytes under that name since the plot came to be written whole,
+    a file no viewer of SVG opens; it is drawn in the format its suffix names again, PNG by default."""
+    plot = tmp_path / f"curves{suffix}"
+    assert bench.main(["--table", str(_table_file(bench, tmp_path / "grid.json")), "--samplers", "grid,tpe:4",
+                       "--seeds", "2", "--budget", "6", "--plot", str(plot)]) == 0
+    assert plot.read_bytes().startswith(start)

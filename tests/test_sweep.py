@@ -575,6 +575,42 @@ def test_a_local_sweep_asking_more_cpus_per_trial_than_the_machine_has_fails_bef
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
 
 
+@pytest.mark.parametrize("given", ["more CPUs than the machine", "fewer CPUs than the machine"])
+def test_a_sweep_on_a_ray_already_running_here_checks_the_cpus_that_ray_has(tmp_path, given):
+    """A sweep run from Python where the caller started Ray (``ray.init(num_cpus=N)``), which it runs on, compared a
+    trial's CPUs with the machine's: a space that fits the Ray given more CPUs than the machine was refused, and one
+    asking more than a Ray given fewer passed, the trials then waiting forever. It compares them with that Ray's."""
+    import ray
+    from ray._private.utils import get_num_cpus
+
+    from conftest import frozen
+    from workflows.space import SpaceError
+    from workflows.sweep import run_sweep
+    from workflows.tracking import TrackingStoreError
+
+    machine = get_num_cpus()
+    ray_cpus, cpu = (machine + 2, machine + 1) if given.startswith("more") else (1, 2)
+    values = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    values["resources"] = {"cpu": cpu, "gpu": 0}
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(values))
+    store = tmp_path / "store"
+    store.mkdir()
+    ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        with frozen(store):  # a check after the resources' stops the sweep there, before anything starts
+            with pytest.raises((SpaceError, TrackingStoreError)) as stopped:
+                run_sweep(space, tracking_uri=f"sqlite:///{store / 'mlflow.db'}", storage_path=str(tmp_path / "ray"))
+    finally:
+        ray.shutdown()
+    if given.startswith("more"):
+        assert isinstance(stopped.value, TrackingStoreError), stopped.value
+    else:
+        assert str(stopped.value) == (f"{space}: resources.cpu: 2 per trial, but the Ray running in this process has "
+                                      "1 and the trials run there: ask for at most 1, or join a cluster with larger "
+                                      "nodes with --address")
+
+
 def test_a_sweep_whose_blocks_do_not_fit_its_model_fails_before_ray_starts(tmp_path):
     """Blocks that do not divide the model's attention matrices would fail every trial once Ray, the teacher and
     the model had started; the sweep refuses them in one line naming the key, exit 2, with nothing written."""

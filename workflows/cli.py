@@ -469,7 +469,7 @@ def _check_predictions_replace_no_input(args: argparse.Namespace) -> None:
         path = Path(path)
         return path.parent.resolve() / path.name
 
-    target = entry(args.predictions)
+    target = Path(args.predictions).resolve()  # a link stays: the file it points at is what the predictions replace
     try:
         data = resolve_data(args.eval_data)
     except ResourceError:  # named when the data is read

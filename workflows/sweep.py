@@ -226,21 +226,31 @@ def _dense_teacher(cfg, given: str | None, held_out_checked: bool = False) -> di
 
 
 def _check_local_resources(space: SweepSpace) -> None:
-    """Refuse, before anything starts, trial resources this machine does not have (a GPU share without a GPU, more
-    CPUs than it has): the private local Ray runs the trials here, and it would hold the teacher and every trial
-    waiting for them forever (its autoscaler saying every half minute that no node fits the request)."""
-    cpu, cpus = float(space.resources.get("cpu", 1) or 0), get_num_cpus()  # the CPUs Ray counts (a container's)
+    """Refuse, before anything starts, trial resources the local Ray does not have (a GPU share without a GPU, more
+    CPUs than it has): the trials run there, and it would hold the teacher and every trial waiting for them forever
+    (its autoscaler saying every half minute that no node fits the request).
+
+    The local Ray is the one already running in this process where the caller started one (which the sweep runs on,
+    with the CPUs and GPUs it was given, ``ray.init(num_cpus=...)``), else the private one the sweep starts here, with
+    this machine's CPUs (as Ray counts them: a container's) and GPUs."""
+    if ray.is_initialized():
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        cpus = max((float(node.get("CPU", 0)) for node in nodes), default=0.0)
+        gpus = max((float(node.get("GPU", 0)) for node in nodes), default=0.0)
+        where = "the Ray running in this process has", "the trials run there"
+    else:
+        cpus, gpus = float(get_num_cpus()), float(torch.cuda.device_count())
+        where = "this machine has", "the trials run here (a sweep without --address starts a private local Ray)"
+    cpu = float(space.resources.get("cpu", 1) or 0)
     if cpu > cpus:
-        raise SpaceError(f"{space.path}: resources.cpu: {cpu:g} per trial, but this machine has {cpus:g} and the "
-                         "trials run here (a sweep without --address starts a private local Ray): ask for at most "
-                         f"{cpus:g}, or join a cluster with larger nodes with --address")
-    gpu, gpus = float(space.resources.get("gpu", 0) or 0), torch.cuda.device_count()
+        raise SpaceError(f"{space.path}: resources.cpu: {cpu:g} per trial, but {where[0]} {cpus:g} and {where[1]}: "
+                         f"ask for at most {cpus:g}, or join a cluster with larger nodes with --address")
+    gpu = float(space.resources.get("gpu", 0) or 0)
     if gpu > gpus:
-        have = "no GPU" if gpus == 0 else f"{gpus} GPU{'s' if gpus > 1 else ''}"
-        fix = "set gpu: 0 with base.device cpu or auto" if gpus == 0 else f"ask for at most {gpus}"
-        raise SpaceError(f"{space.path}: resources.gpu: {gpu:g} per trial, but this machine has {have} and the "
-                         f"trials run here (a sweep without --address starts a private local Ray): {fix}, or join a "
-                         "cluster with GPUs with --address")
+        have = "no GPU" if gpus == 0 else f"{gpus:g} GPU{'s' if gpus > 1 else ''}"
+        fix = "set gpu: 0 with base.device cpu or auto" if gpus == 0 else f"ask for at most {gpus:g}"
+        raise SpaceError(f"{space.path}: resources.gpu: {gpu:g} per trial, but {where[0]} {have} and {where[1]}: "
+                         f"{fix}, or join a cluster with GPUs with --address")
 
 
 def _largest_train_limit(space: SweepSpace) -> int | None:

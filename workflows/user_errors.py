@@ -48,8 +48,12 @@ def output_path_problem(path: str | Path, directory: bool, writable: bool = Fals
     where a directory goes, a directory where a file goes, or a file above it. With ``writable``, also one that
     cannot be written: a directory that takes no new files, or would be made in one (:func:`write_problem`); a file
     that may not be replaced, or whose directory (or the one it would be made in) takes no new files, where a file is
-    written beside it and renamed over it (and SQLite writes a database's journal). Checked before any work."""
+    written beside it and renamed over it (and SQLite writes a database's journal); a device or a pipe
+    (``/dev/null``, ``/dev/stdout``), written into as it is, that may not be written. A file given as a symbolic
+    link is checked where the link points, where it is written (the link stays). Checked before any work."""
     path = Path(path)
+    if not directory and path.is_symlink():
+        path = Path(os.path.realpath(path))
     if path.exists():
         if directory and not path.is_dir():
             return "exists and is not a directory"
@@ -63,6 +67,8 @@ def output_path_problem(path: str | Path, directory: bool, writable: bool = Fals
         return None
     if directory:
         return write_problem(path)
+    if path.exists() and not path.is_file():  # a device or a pipe (/dev/null, /dev/stdout): written into, not replaced
+        return None if os.access(path, os.W_OK) else "cannot be written (no permission to write it)"
     if path.exists() and not os.access(path, os.W_OK):
         return "cannot be written (no permission to write it)"
     parent = path.absolute().parent
