@@ -614,3 +614,45 @@ def test_a_sweep_run_removed_for_good_is_named_as_gone_not_as_another_experiment
     assert err.strip().splitlines()[-1] == (
         f"fineprune register: error: run {made['parent']} is not in {store['uri']} (removed for good, by `mlflow gc`, "
         "or never made): pass a sweep run of experiment 'exp'"), err
+
+
+def test_register_says_when_it_moves_the_champion_alias_off_another_choice(store, tokenizer, capsys, caplog):
+    """`select` points the champion at the most accurate version within its budget; `register --frontier` of the
+    sweep (the command the warnings give to write a version's tags back) then moved the alias to the version the
+    sweep's policy picks, and so did `register` after the later sweep that held it was removed with `mlflow gc`,
+    each with no more than an info line. The move is now a warning naming both versions and what chose each (and
+    why the version left is set aside), and the result gives the version left as `alias_moved_from`."""
+    client = store["client"]
+    trials = {**TRIALS, "accurate": (2, 64, 90.0, 0.7, True)}
+    first = sweep_record(client, store["root"], tokenizer, NAME, "a", trials)
+    status, result, _ = _register(capsys, store, "--frontier")
+    wide, accurate = _version_of(client, first["runs"]["wide"]), _version_of(client, first["runs"]["accurate"])
+    assert status == 0 and result["version"] == wide and "alias_moved_from" not in result
+    status, chosen, _ = _select(capsys, store)
+    assert status == 0 and chosen["version"] == accurate == _champion(client) and chosen["alias_moved_from"] == wide
+
+    def moves() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.registry"
+                and " moved from version " in r.getMessage()]
+
+    caplog.clear()
+    status, result, _ = _register(capsys, store, "--frontier", "--sweep-run", first["parent"])
+    assert status == 0 and result["version"] == wide == _champion(client) and result["alias_moved_from"] == accurate
+    assert moves() == [f"alias 'champion' of {NAME} moved from version {accurate} (chosen by best_f1_under_latency "
+                       f"max_latency_ms 10000) to version {wide} (chosen by best_f1_under_density max_density 0.6)"]
+    caplog.clear()
+    status, result, _ = _register(capsys, store, "--frontier")  # where the policy puts it already: nothing moves
+    assert status == 0 and "alias_moved_from" not in result and moves() == []
+
+    later = sweep_record(client, store["root"], tokenizer, NAME, "b", {"best": (2, 64, 95.0, 0.5, True)})
+    status, result, _ = _register(capsys, store)  # a later sweep's champion takes the alias by the same policy
+    best = _version_of(client, later["runs"]["best"])
+    assert status == 0 and result["version"] == best and result["alias_moved_from"] == wide and moves() == []
+    _gc(store, later["parent"])
+    caplog.clear()
+    status, result, _ = _register(capsys, store)
+    assert status == 0 and result["version"] == wide == _champion(client) and result["alias_moved_from"] == best
+    assert moves() == [f"alias 'champion' of {NAME} moved from version {best} (chosen by best_f1_under_density "
+                       f"max_density 0.6) to version {wide} (chosen by best_f1_under_density max_density 0.6); "
+                       f"version {best}: its sweep run {later['parent']} was removed for good (`mlflow gc`) and "
+                       "cannot be restored"]

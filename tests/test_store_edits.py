@@ -265,10 +265,10 @@ def test_register_frontier_says_a_versions_trial_run_was_deleted(tmp_path, token
     assert _version_of(client, runs["narrow"]).tags["pareto"] == "false"
 
 
-def test_a_resumed_sweep_leaves_out_a_trial_whose_run_was_deleted(tmp_path, caplog):
-    """A finished trial's run deleted in the UI while the sweep stood interrupted: the resumed sweep's callback,
-    given the trial as Tune restored it, logged it again in a new run (its packed model uploaded again, so that
-    the sweep's end tagged and registered it again); it now leaves the trial out, with one warning."""
+def _resumed_without_t1(tmp_path, remove) -> tuple[MlflowClient, str, dict[str, str]]:
+    """A sweep interrupted with trial t1 finished and t2 running, ``remove(client, uri, t1's run id)`` done to t1's
+    run, then resumed (Tune restoring t1, ended, and t2, which finishes, and the callback's state as Tune saved it):
+    (the client, the sweep's run id, each trial's first run id)."""
     from ray import tune
     from ray.train._internal.session import _TrainingResult
     from ray.tune.experiment import Trial
@@ -305,11 +305,12 @@ def test_a_resumed_sweep_leaves_out_a_trial_whose_run_was_deleted(tmp_path, capl
     first.on_experiment_end(trials=[t1, t2])
     runs = {r.data.tags[record.TAG_TRIAL]: r.info.run_id for r in client.search_runs([experiment_id],
                                                                                    "tags.`fineprune.kind` = 'trial'")}
-    client.delete_run(runs["t1"])
+    remove(client, uri, runs["t1"])
 
-    # The resume: Tune restored t1 (ended) and t2, which runs on and finishes.
+    # The resume: Tune restored t1 (ended) and t2, which runs on and finishes, and the callback's state.
     t1, t2 = trial("t1", 0.3, True), trial("t2", 0.5, False)
     resumed = tracking.MlflowTrialCallback(uri, "exp", parent, params_of, outage_limit=30)
+    resumed.set_state(first.get_state())
     resumed.on_step_begin(iteration=0, trials=[t1, t2])
     resumed.on_trial_start(iteration=0, trials=[t1, t2], trial=t2)
     t2 = trial("t2", 0.5, True)
@@ -317,12 +318,41 @@ def test_a_resumed_sweep_leaves_out_a_trial_whose_run_was_deleted(tmp_path, capl
     resumed.on_trial_complete(iteration=0, trials=[t1, t2], trial=t2)
     resumed.on_experiment_end(trials=[t1, t2])
     assert resumed.failure is None
+    return client, parent, runs
 
+
+def test_a_resumed_sweep_leaves_out_a_trial_whose_run_was_deleted(tmp_path, caplog):
+    """A finished trial's run deleted in the UI while the sweep stood interrupted: the resumed sweep's callback,
+    given the trial as Tune restored it, logged it again in a new run (its packed model uploaded again, so that
+    the sweep's end tagged and registered it again); it now leaves the trial out, with one warning."""
+    client, parent, runs = _resumed_without_t1(tmp_path, lambda client, uri, run_id: client.delete_run(run_id))
     table = record.trials(client, parent, include_baseline=False)
     assert list(table["run_id"]) == [runs["t2"]] and list(table["status"]) == ["finished"]
     assert client.get_run(runs["t1"]).info.lifecycle_stage == "deleted"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "was deleted" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith(f"trial t1: its MLflow run {runs['t1']} was deleted")
+
+
+def test_a_resumed_sweep_leaves_out_a_trial_whose_run_was_removed_for_good(tmp_path, caplog):
+    """A finished trial's run deleted and then removed for good with `mlflow gc` while the sweep stood interrupted:
+    the resumed sweep found no run of the trial, deleted or not, so it logged the trial again in a new run, as if
+    its result had never been logged ("logging trial t1, which ended while its result could not be logged"), and
+    the sweep's end tagged and registered it again. The callback's state, which Tune saves with the sweep's, now
+    names the run each trial was logged in: a trial whose run is gone from the store is left out, with one warning
+    that says it was removed for good."""
+    def gc(client, uri, run_id):
+        client.delete_run(run_id)
+        done = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "gc", "--backend-store-uri", uri,
+                               "--tracking-uri", uri, "--run-ids", run_id], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+
+    client, parent, runs = _resumed_without_t1(tmp_path, gc)
+    table = record.trials(client, parent, include_baseline=False)
+    assert list(table["run_id"]) == [runs["t2"]] and list(table["status"]) == ["finished"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.tracking"]
+    assert warnings == [f"trial t1: its MLflow run {runs['t1']} was removed for good (`mlflow gc`); the trial is left "
+                        "out of the sweep's record"]
 
 
 def test_select_says_which_version_it_cannot_rank_for_an_f1_tag_edited_by_hand(tmp_path, tokenizer, capsys, caplog,

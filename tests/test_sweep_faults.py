@@ -525,15 +525,18 @@ def test_resuming_a_sweep_whose_tune_state_a_full_disk_cut_short_is_one_line_nam
 def test_the_state_tune_saves_for_its_searchers_passes_the_resume_check(tmp_path):
     """Tune writes its searchers' state as pickles under ``.json`` names (``search_gen_state-*.json``,
     ``basic-variant-state-*.json``): the check before a resume reads each file as what it holds, so a whole state
-    passes (it refused every resume of an Optuna or grid sweep as 'cannot be read') and one cut short does not."""
+    passes (it refused every resume of an Optuna or grid sweep as 'cannot be read') and one cut short does not; so
+    does the MLflow callback's state (the run each trial was logged in), which a restored Tune run reads too."""
     import pickle
 
     from ray import tune
+    from ray.tune.callback import CallbackList
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
     from ray.tune.search.search_generator import SearchGenerator
 
     from workflows.sweep import ResumeError, _check_tune_state
+    from workflows.tracking import MlflowTrialCallback
 
     session = "2026-01-01_00-00-00"
     (tmp_path / "tuner.pkl").write_bytes(pickle.dumps({"tuner": "as Tune saved it"}))
@@ -542,12 +545,17 @@ def test_the_state_tune_saves_for_its_searchers_passes_the_resume_check(tmp_path
     searcher = OptunaSearch(metric="f1", mode="max")
     searcher.set_search_properties("f1", "max", {"x": tune.uniform(0.0, 1.0)})
     SearchGenerator(searcher).save_to_dir(str(tmp_path), session_str=session)
+    callback = MlflowTrialCallback(f"sqlite:///{tmp_path}/mlflow.db", "exp", "parent", dict)
+    callback.set_state({"runs": {"t1": "run-of-t1"}})
+    CallbackList([callback]).save_to_dir(str(tmp_path), session_str=session)
     saved = sorted(path.name for path in tmp_path.iterdir())
     assert f"search_gen_state-{session}.json" in saved and f"basic-variant-state-{session}.json" in saved, saved
+    assert f"callback-states-{session}.pkl" in saved, saved
 
     _check_tune_state(str(tmp_path), "run-1")  # whole: no error
 
-    for name in (f"search_gen_state-{session}.json", f"basic-variant-state-{session}.json", "tuner.pkl"):
+    for name in (f"search_gen_state-{session}.json", f"basic-variant-state-{session}.json",
+                 f"callback-states-{session}.pkl", "tuner.pkl"):
         state = tmp_path / name
         whole = state.read_bytes()
         state.write_bytes(whole[: len(whole) // 2])

@@ -453,7 +453,8 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
             return {"registered": False, "policy": policy, "name": name, "reason": str(err)}
         keep = ("name", "version", "model_uri", "run_id", F1, EXACT_MATCH, LINEAR_DENSITY, SPEEDUP, "latency_ms",
                 "served_speedup")
-        return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}}
+        moved = {"alias_moved_from": chosen["alias_moved_from"]} if "alias_moved_from" in chosen else {}
+        return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}, **moved}
 
     runs = record.trials(client, parent_run_id)
     candidates = runs[(runs["kind"] != KIND_BASELINE) & (runs["status"] == STATUS_FINISHED) & runs["packed"]]
@@ -942,21 +943,49 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
     except LostVersion as err:
         raise LostVersion(f"{err}; alias {ALIAS!r} left where it was") from None
     _tag_version(client, name, version, run, parent_run_id, {TAG_POLICY: policy, TAG_POLICY_THRESHOLD: threshold})
-    _make_champion(client, name, version, versions)
+    left = _make_champion(client, name, version, versions, f"{policy} {threshold}".strip())
     uri = f"models:/{name}@{ALIAS}"
     metrics = run.data.metrics
     logger.info("registered %s (version %s, trial run %s)", uri, version.version, run_id)
-    return {"registered": True, "name": name, "version": str(version.version), "model_uri": uri,
-            "run_id": run_id, "policy": policy, **{k: metrics.get(k) for k in (F1, EXACT_MATCH, LINEAR_DENSITY,
-                                                                                  SPEEDUP)}}
+    result = {"registered": True, "name": name, "version": str(version.version), "model_uri": uri,
+              "run_id": run_id, "policy": policy, **{k: metrics.get(k) for k in (F1, EXACT_MATCH, LINEAR_DENSITY,
+                                                                                    SPEEDUP)}}
+    return result if left is None else {**result, "alias_moved_from": left}
 
 
-def _make_champion(client, name: str, version, versions) -> None:
+def _make_champion(client, name: str, version, versions, chosen_by: str | None = None) -> str | None:
     """Point the champion alias of ``name`` at ``version`` (tagged with the policy that chose it), and keep one
     version saying a policy chose it: every other of ``versions`` (the model's, read before) holding the policy tags
     (the version the alias leaves, or one it left before versions lost them) keeps them under
-    :data:`~workflows.record.FORMER_POLICY_TAGS`' names; ``version``, champion again, loses those."""
+    :data:`~workflows.record.FORMER_POLICY_TAGS`' names; ``version``, champion again, loses those.
+
+    ``chosen_by``: the policy and threshold a registration chose ``version`` by (as its tags hold them, e.g.
+    ``best_f1_under_density max_density 0.5``); None for
+    ``fineprune select``, which is asked to move the alias. A registration that moves the alias off a version
+    another choice put it on (``select``, another policy) or whose trial or sweep run was deleted or removed for
+    good says so in a warning naming both versions, so what serves does not change without a word.
+
+    Returns:
+        The version the alias left, or None when it was on no other version.
+    """
+    try:
+        current = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:  # no champion yet (or it was deleted by hand)
+        current = None
     client.set_registered_model_alias(name, ALIAS, version.version)
+    left = None
+    if current is not None and str(current.version) != str(version.version):
+        left = str(current.version)
+        held = current.tags or {}
+        before = f"{held.get(TAG_POLICY, '')} {held.get(TAG_POLICY_THRESHOLD, '')}".strip() \
+            if held.get(TAG_POLICY) else "no policy"
+        gone = _deleted_source(client, held, held.get(TAG_TRIAL_RUN) or current.run_id, {})
+        line = (f"alias {ALIAS!r} of {name} moved from version {left} (chosen by {before}) to version "
+                f"{version.version}" + (f" (chosen by {chosen_by})" if chosen_by else ""))
+        if chosen_by is not None and (before != chosen_by or gone is not None):
+            logger.warning("%s%s", line, f"; version {left}: {gone}" if gone else "")
+        else:
+            logger.info("%s", line)
     for other in versions:
         tags = other.tags or {}
         if str(other.version) == str(version.version):
@@ -968,6 +997,7 @@ def _make_champion(client, name: str, version, versions) -> None:
             if key in tags:
                 client.set_model_version_tag(name, other.version, former, tags[key])
                 client.delete_model_version_tag(name, other.version, key)
+    return left
 
 
 def register_frontier(client, experiment: str, parent_run_id: str, name: str,
@@ -1403,9 +1433,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                                (TAG_POLICY_THRESHOLD, f"max_latency_ms {max_latency_ms:g}")):
                 if held.get(key) != value:  # registering the sweep again writes nothing new
                     client.set_model_version_tag(name, chosen["version"], key, value)
-            _make_champion(client, name, version, every)
+            by = f"best_f1_under_latency max_latency_ms {max_latency_ms:g}" if sweep_run_id is not None else None
+            left = _make_champion(client, name, version, every, by)
         else:
             client.set_registered_model_alias(name, alias, chosen["version"])
+            left = None
     except MlflowException as err:
         raise SelectionError(f"alias {alias!r} of {name!r}: {str(err).splitlines()[0]}") from None
     logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get(F1),
@@ -1413,7 +1445,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
             "run_id": chosen["run_id"], "served_by": chosen["served_by"], "latency_ms": chosen["latency_ms"],
             "dense_latency_ms": chosen["dense_latency_ms"], "served_speedup": chosen["served_speedup"],
-            **{k: chosen.get(k) for k in FINAL_METRICS}, "versions": rows}
+            **{k: chosen.get(k) for k in FINAL_METRICS}, "versions": rows,
+            **({"alias_moved_from": left} if left is not None else {})}
 
 
 def register_from_experiment(experiment: str, tracking_uri: str | None = None, space: str | None = None,

@@ -871,9 +871,10 @@ def _check_same_space(space: SweepSpace, previous) -> None:
                "it searched" if name in searched_then else "it not searched")
 
 
-# The files a restored Tune run reads, newest first within each pattern: its state, its search's, and the Tuner.
+# The files a restored Tune run reads, newest first within each pattern: its state, its search's, its callbacks'
+# (the MLflow run each trial was logged in) and the Tuner.
 _TUNE_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "basic-variant-state-*.json",
-               "searcher-state-*.pkl", "tuner.pkl")
+               "searcher-state-*.pkl", "callback-states-*.pkl", "tuner.pkl")
 
 
 def _check_tune_state(sweep_dir: str, run_id: str) -> None:

@@ -439,6 +439,7 @@ class MlflowTrialCallback(tune.Callback):
         self._described: set[str] = set()  # trials whose run has its params (logging thread only)
         self._orphans: dict[str, tuple] = {}  # run id -> config key of runs no trial of this Tune run owns
         self._deleted: set[str] = set()  # trials whose run was deleted by hand: left out (logging thread only)
+        self._earlier: dict[str, str] = {}  # trial id -> run id that earlier sessions of the sweep made (Tune's state)
         self._client: MlflowClient | None = None
         self._queue: LogQueue | None = None
         self._known: set[str] | None = None
@@ -453,6 +454,14 @@ class MlflowTrialCallback(tune.Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._reset()
+
+    def get_state(self) -> dict[str, Any]:
+        """What Tune saves with the sweep's state: the run each trial was logged in, so that a resume knows a trial
+        whose run is no longer in the store at all (removed for good by ``mlflow gc``) from one that never had one."""
+        return {"runs": {**self._earlier, **dict(self._runs)}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._earlier = dict((state or {}).get("runs") or {})
 
     @property
     def client(self) -> MlflowClient:
@@ -563,6 +572,11 @@ class MlflowTrialCallback(tune.Callback):
                                existing[0].info.run_id,
                                restore_command(self.client.tracking_uri, existing[0].info.run_id))
                 return None
+            if not existing and self._removed(self._earlier.get(trial_id)):
+                self._deleted.add(trial_id)
+                logger.warning("trial %s: its MLflow run %s was removed for good (`mlflow gc`); the trial is left out "
+                               "of the sweep's record", trial_id, self._earlier[trial_id])
+                return None
             existing = active
             run_id = existing[0].info.run_id if existing else self._take_over(trial_id, config)
             earlier = run_id is not None
@@ -590,6 +604,18 @@ class MlflowTrialCallback(tune.Callback):
             if run.info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
         return run_id
+
+    def _removed(self, run_id: str | None) -> bool:
+        """Whether the run ``run_id``, which an earlier session of the sweep made, is no longer in the store."""
+        if not run_id:
+            return False
+        try:
+            self.client.get_run(run_id)
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return True
+            raise
+        return False
 
     def _log_pause(self, run) -> None:
         """Add to the run's ``paused_s`` the time since an earlier session last had it: since it was ended (the
