@@ -991,9 +991,11 @@ def test_an_output_dir_whose_own_directory_takes_no_new_files_is_one_line_naming
             line = _one_line_error(capsys, [*argv, str(out)])
             assert line == (f"fineprune {argv[0]}: error: {flag} {out}: its lock file {parent / '.out.lock'} cannot "
                             f"be made ({parent} takes no new files; a command writing a directory holds a lock "
-                            "beside it)"), line
+                            "beside it); name a new directory inside it instead"), line
+        code = cli.main(["pack", str(masked_checkpoint), str(out / "packed"), "--repeats", "1", "--questions", "2"])
+        assert code == 0  # as that line advises: out takes new files and its lock
     assert sorted(p.name for p in parent.iterdir()) == ["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "packed"]
 
 
 @pytest.mark.parametrize("store", ["mlflow.db", "runs/mlflow.db"])

@@ -326,8 +326,10 @@ def _writing(out: str | Path, flag: str) -> contextlib.AbstractContextManager:
     given, out = out, Path(out).resolve()
     lock = out.with_name(f".{out.name}.lock")
     if out.parent.exists() and write_problem(out.parent) is not None:
+        inside = out.is_dir() and write_problem(out) is None  # a volume mounted on a read-only root, say
         raise UserError(f"{flag} {given}: its lock file {lock} cannot be made ({out.parent} takes no new files; "
-                        "a command writing a directory holds a lock beside it)")
+                        "a command writing a directory holds a lock beside it)"
+                        + ("; name a new directory inside it instead" if inside else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     return atomic.locked(lock, str(out))
 
