@@ -97,6 +97,20 @@ def test_select_reads_each_versions_mlmodel_once(store, tokenizer, capsys, monke
     assert counted.downloads == {"MLmodel": 2, "config.json": 2, "packed_model": 2}
 
 
+
+def test_select_says_which_version_another_alias_moved_from(store, tokenizer, capsys):
+    """`select --alias fast` moved an alias set by hand (or by an earlier select) without saying from where, while
+    for the champion alias its result gives ``alias_moved_from``; it does for any alias now, and only when it moved."""
+    made = sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
+    client = store["client"]
+    assert _register(capsys, store, "--frontier")[0] == 0
+    narrow = _version_of(client, made["runs"]["narrow"])
+    client.set_registered_model_alias(NAME, "fast", narrow)
+    status, chosen, _ = _select(capsys, store, "--alias", "fast")
+    assert status == 0 and chosen["run_id"] == made["runs"]["wide"] and chosen["alias_moved_from"] == narrow
+    status, again, _ = _select(capsys, store, "--alias", "fast")
+    assert status == 0 and again["version"] == chosen["version"] and "alias_moved_from" not in again
+
 def test_registering_again_lists_each_directory_of_a_version_once_and_still_finds_what_is_gone(store, tokenizer,
                                                                                                capsys, monkeypatch):
     """Registering a registered sweep again checks that every version it reuses can still be served: that took five

@@ -1436,8 +1436,15 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             by = f"best_f1_under_latency max_latency_ms {max_latency_ms:g}" if sweep_run_id is not None else None
             left = _make_champion(client, name, version, every, by)
         else:
+            try:
+                held = str(client.get_model_version_by_alias(name, alias).version)
+            except MlflowException:  # the alias is on no version yet
+                held = None
             client.set_registered_model_alias(name, alias, chosen["version"])
-            left = None
+            left = held if held not in (None, chosen["version"]) else None
+            if left is not None:
+                logger.info("alias %r of %s moved from version %s to version %s", alias, name, left,
+                            chosen["version"])
     except MlflowException as err:
         raise SelectionError(f"alias {alias!r} of {name!r}: {str(err).splitlines()[0]}") from None
     logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get(F1),
