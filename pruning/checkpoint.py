@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 from . import masks as mask_lib
 from .atomic import save_tensors, staged_dir
 from .config import EVALUATION_KEYS
-from .packing import PACKED_FLAG, load_packed
+from .packing import PACKED_FLAG, add_remote_code, load_packed
 from .sparsity import sparsity_report
 from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE, config_class, qa_model_class, quiet_transformers
 
@@ -133,8 +133,12 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
                masks: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (and its mask scores) as an HF directory, atomically: a crash never leaves half a checkpoint.
 
+    A packed model (a training run continued from a packed directory) gets ``packed_modeling.py`` and config.json's
+    ``auto_map`` as :func:`pruning.packing.save_packed` writes them, so that its checkpoint and final model open with
+    ``AutoModelForQuestionAnswering.from_pretrained(dir, trust_remote_code=True)`` as the directory it started from.
+
     Args:
-        model: a dense or masked QA model.
+        model: a dense, masked or packed QA model.
         tokenizer: saved beside the weights when given.
         out_dir: target directory; replaced as a whole once the new one is complete.
         extra_files: JSON files to add (name -> object).
@@ -154,6 +158,8 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
         if evaluation is not None:
             config[EVALUATION_KEY] = dict(evaluation)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        if config.get(PACKED_FLAG):  # a packed directory opens without fineprune only with its modeling file
+            add_remote_code(tmp, model.config.model_type)
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_tensors(state, tmp / WEIGHTS, metadata={"format": "pt"})
         if tokenizer is not None:

@@ -63,6 +63,7 @@ __all__ = [
     "pack_for_training",
     "unpack_into_",
     "save_packed",
+    "add_remote_code",
     "load_packed",
     "is_packed_dir",
     "is_packed",
@@ -218,9 +219,14 @@ def _keep_others(out_dir: Path, staging: Path) -> None:
             shutil.copy2(entry, staging / entry.name, follow_symlinks=False)
 
 
-def _add_remote_code(model_dir: Path, model_type: str) -> None:
+def add_remote_code(model_dir: str | Path, model_type: str) -> None:
     """Copy packed_modeling.py into a saved packed model's directory and point config.json's ``auto_map`` at its
-    class, so that ``AutoModelForQuestionAnswering.from_pretrained(dir, trust_remote_code=True)`` builds it."""
+    class, so that ``AutoModelForQuestionAnswering.from_pretrained(dir, trust_remote_code=True)`` builds it.
+
+    :func:`save_packed` calls it, and so does :func:`pruning.checkpoint.save_model` for a packed model (a training
+    run continued from a packed directory writes its checkpoint and final model there).
+    """
+    model_dir = Path(model_dir)
     source = Path(packed_modeling.__file__)
     shutil.copyfile(source, model_dir / source.name)
     config_file = model_dir / CONFIG_NAME
@@ -261,7 +267,7 @@ def save_packed(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, ov
             _keep_others(out, tmp)
         with quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
-        _add_remote_code(tmp, model.config.model_type)
+        add_remote_code(tmp, model.config.model_type)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     logger.info("saved packed model to %s", out)

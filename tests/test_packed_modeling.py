@@ -138,3 +138,58 @@ def test_every_supported_model_type_has_a_packed_class_of_its_question_answering
     assert set(packed_modeling.PACKED_CLASSES) == set(ARCHITECTURES)
     for model_type, cls in packed_modeling.PACKED_CLASSES.items():
         assert cls.__bases__ == (qa_model_class(model_type),)
+
+
+def _open_without_fineprune(tmp_path: Path, names: list[str]) -> dict:
+    """Run :data:`LOADER` on the directories ``names`` (relative to ``tmp_path``, beside its ``inputs.pt``)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-I", "-c", LOADER, *names], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result.pop("fineprune imported") == []
+    return result
+
+
+@pytest.mark.parametrize("start", ["packed by fineprune", "saved by transformers", "packed before the file"])
+def test_a_training_run_continued_from_a_packed_directory_writes_models_that_open_without_fineprune(tmp_path, start):
+    from transformers import AutoModelForQuestionAnswering
+
+    from conftest import random_masked_model
+    from pruning.checkpoint import load_model
+    from pruning.config import RunConfig
+    from pruning.trainer import train
+
+    masked, tokenizer = random_masked_model()
+    packed_dir = save_packed(pack(masked), tokenizer, tmp_path / "packed")
+    if start == "saved by transformers":  # opened with its modeling file and saved again: a packed class named
+        model = AutoModelForQuestionAnswering.from_pretrained(packed_dir, trust_remote_code=True)
+        model.save_pretrained(tmp_path / "resaved")
+        tokenizer.save_pretrained(tmp_path / "resaved")
+        packed_dir = tmp_path / "resaved"
+    elif start == "packed before the file":  # an older packed directory: no packed_modeling.py, no auto_map
+        (packed_dir / "packed_modeling.py").unlink()
+        record = json.loads((packed_dir / "config.json").read_text())
+        del record["auto_map"]
+        (packed_dir / "config.json").write_text(json.dumps(record))
+    cfg = RunConfig(model=str(packed_dir), method="dense", train_data="dev", eval_data="dev", train_limit=4,
+                    eval_limit=2, max_seq_length=96, doc_stride=32, batch_size=4, max_steps=1,
+                    output_dir=str(tmp_path / "run"), log_every=100)
+    train(cfg, progress=False)
+    names = ["run/final", "run/checkpoint"]
+    inputs = {name: _inputs(masked.config) for name in names}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    for name in names:
+        record = json.loads((tmp_path / name / "config.json").read_text())
+        assert record["fineprune_packed"] is True and record["auto_map"] == {
+            "AutoModelForQuestionAnswering": "packed_modeling.PackedBertForQuestionAnswering"}
+        assert (tmp_path / name / "packed_modeling.py").read_text() == Path(packed_modeling.__file__).read_text()
+    result = _open_without_fineprune(tmp_path, names)
+    logits = torch.load(tmp_path / "logits.pt")
+    for name in names:
+        loaded = result[name]
+        assert loaded["class"] == "PackedBertForQuestionAnswering", name
+        assert (loaded["missing_keys"], loaded["unexpected_keys"], loaded["mismatched_keys"]) == ([], [], []), name
+        torch.testing.assert_close(logits[name], _logits(load_model(tmp_path / name), inputs[name]), atol=1e-5,
+                                   rtol=0)
