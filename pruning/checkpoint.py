@@ -57,6 +57,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MASKS_KEY = "fineprune_masks"
+AUTO_MAP = "auto_map"  # in config.json: the code files that build the model, for trust_remote_code=True
 EVALUATION_KEY = "fineprune_evaluation"  # in config.json: the windows and span search of the run that wrote it
 WEIGHTS = "model.safetensors"
 EXPORT_MANIFEST = "fineprune_export.json"  # what marks an ONNX export (pruning.export), which holds no such weights
@@ -153,6 +154,7 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
         config = model.config.to_dict()
         settings = masks if masks is not None else mask_settings(model)
         config.pop(MASKS_KEY, None)
+        config.pop(AUTO_MAP, None)  # its code files are not written here; a packed model's are added below
         if settings is not None:
             config[MASKS_KEY] = settings
         if evaluation is not None:
@@ -691,7 +693,9 @@ def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported "
                               f"({', '.join(sorted(ARCHITECTURES))})")
-    clean = {k: v for k, v in raw.items() if k != MASKS_KEY}
+    # auto_map names code files of this directory (a hub model's own classes): the model is built here with the
+    # stock class of its model_type, and a directory written from it carries none of them.
+    clean = {k: v for k, v in raw.items() if k not in (MASKS_KEY, AUTO_MAP)}
     try:
         return raw, config_class(model_type).from_dict(clean)
     except Exception as err:  # TypeError, ValueError, or the strict field checks of recent transformers
@@ -750,6 +754,8 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
         except Exception as err:  # the modules check their config values (an activation's name, say) as they build
             raise CheckpointError(_cannot_build(model_dir, config, err)) from None
         _check_loading_info(model_dir / WEIGHTS, info)
+        if hasattr(model.config, AUTO_MAP):  # read by from_pretrained itself: forgotten as _config forgets it
+            delattr(model.config, AUTO_MAP)
         return model.eval()
     try:
         model = qa_model_class(config.model_type)(config)

@@ -193,3 +193,45 @@ def test_a_training_run_continued_from_a_packed_directory_writes_models_that_ope
         assert (loaded["missing_keys"], loaded["unexpected_keys"], loaded["mismatched_keys"]) == ([], [], []), name
         torch.testing.assert_close(logits[name], _logits(load_model(tmp_path / name), inputs[name]), atol=1e-5,
                                    rtol=0)
+
+
+def test_a_model_whose_config_names_its_own_code_is_written_without_that_auto_map(tmp_path, tiny_bert_config,
+                                                                                    tokenizer):
+    """A model directory of a hub repository's own code names its files in config.json's auto_map. fineprune builds
+    the stock class of its model_type and copies none of those files, so nothing it writes (a run's checkpoint and
+    final model, a packed directory, an export) may name them: from_pretrained(trust_remote_code=True) would look
+    for them there."""
+    from transformers import BertForQuestionAnswering
+
+    from pruning.checkpoint import load_model, save_model
+    from workflows import cli
+
+    torch.manual_seed(0)
+    dense = tmp_path / "dense"
+    BertForQuestionAnswering(tiny_bert_config).save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    (dense / "configuration_mybert.py").write_text(
+        "from transformers import BertConfig\n\n\nclass MyBertConfig(BertConfig):\n    model_type = 'bert'\n")
+    (dense / "modeling_mybert.py").write_text(
+        "from transformers import BertForQuestionAnswering\n\nfrom .configuration_mybert import MyBertConfig\n\n\n"
+        "class MyBertForQuestionAnswering(BertForQuestionAnswering):\n    config_class = MyBertConfig\n")
+    record = json.loads((dense / "config.json").read_text())
+    record["auto_map"] = {"AutoConfig": "configuration_mybert.MyBertConfig",
+                          "AutoModelForQuestionAnswering": "modeling_mybert.MyBertForQuestionAnswering"}
+    (dense / "config.json").write_text(json.dumps(record))
+
+    assert not hasattr(load_model(dense).config, "auto_map")
+    save_model(load_model(dense), tokenizer, tmp_path / "trained")  # how a training run writes its models
+    assert "auto_map" not in json.loads((tmp_path / "trained" / "config.json").read_text())
+    assert cli.main(["pack", str(dense), str(tmp_path / "packed"), "--questions", "2", "--repeats", "1"]) == 0
+    assert json.loads((tmp_path / "packed" / "config.json").read_text())["auto_map"] == {
+        "AutoModelForQuestionAnswering": "packed_modeling.PackedBertForQuestionAnswering"}
+    assert cli.main(["export", str(dense), str(tmp_path / "onnx"), "--questions", "2"]) == 0
+    assert "auto_map" not in json.loads((tmp_path / "onnx" / "config.json").read_text())
+
+    inputs = {"packed": _inputs(tiny_bert_config)}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    result = _open_without_fineprune(tmp_path, ["packed"])
+    assert result["packed"]["class"] == "PackedBertForQuestionAnswering"
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt")["packed"],
+                               _logits(load_model(tmp_path / "packed"), inputs["packed"]), atol=1e-5, rtol=0)
