@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 from . import masks as mask_lib
 from .atomic import save_tensors, staged_dir
 from .config import EVALUATION_KEYS
-from .packing import PACKED_FLAG, load_packed
+from .packing import PACKED_FLAG, add_remote_code, load_packed
 from .sparsity import sparsity_report
 from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE, config_class, qa_model_class, quiet_transformers
 
@@ -57,6 +57,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MASKS_KEY = "fineprune_masks"
+AUTO_MAP = "auto_map"  # in config.json: the code files that build the model, for trust_remote_code=True
 EVALUATION_KEY = "fineprune_evaluation"  # in config.json: the windows and span search of the run that wrote it
 WEIGHTS = "model.safetensors"
 EXPORT_MANIFEST = "fineprune_export.json"  # what marks an ONNX export (pruning.export), which holds no such weights
@@ -133,8 +134,12 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
                masks: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (and its mask scores) as an HF directory, atomically: a crash never leaves half a checkpoint.
 
+    A packed model (a training run continued from a packed directory) gets ``packed_modeling.py`` and config.json's
+    ``auto_map`` as :func:`pruning.packing.save_packed` writes them, so that its checkpoint and final model open with
+    ``AutoModelForQuestionAnswering.from_pretrained(dir, trust_remote_code=True)`` as the directory it started from.
+
     Args:
-        model: a dense or masked QA model.
+        model: a dense, masked or packed QA model.
         tokenizer: saved beside the weights when given.
         out_dir: target directory; replaced as a whole once the new one is complete.
         extra_files: JSON files to add (name -> object).
@@ -149,11 +154,14 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
         config = model.config.to_dict()
         settings = masks if masks is not None else mask_settings(model)
         config.pop(MASKS_KEY, None)
+        config.pop(AUTO_MAP, None)  # its code files are not written here; a packed model's are added below
         if settings is not None:
             config[MASKS_KEY] = settings
         if evaluation is not None:
             config[EVALUATION_KEY] = dict(evaluation)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        if config.get(PACKED_FLAG):  # a packed directory opens without fineprune only with its modeling file
+            add_remote_code(tmp, model.config.model_type)
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_tensors(state, tmp / WEIGHTS, metadata={"format": "pt"})
         if tokenizer is not None:
@@ -685,7 +693,9 @@ def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported "
                               f"({', '.join(sorted(ARCHITECTURES))})")
-    clean = {k: v for k, v in raw.items() if k != MASKS_KEY}
+    # auto_map names code files of this directory (a hub model's own classes): the model is built here with the
+    # stock class of its model_type, and a directory written from it carries none of them.
+    clean = {k: v for k, v in raw.items() if k not in (MASKS_KEY, AUTO_MAP)}
     try:
         return raw, config_class(model_type).from_dict(clean)
     except Exception as err:  # TypeError, ValueError, or the strict field checks of recent transformers
@@ -744,6 +754,8 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
         except Exception as err:  # the modules check their config values (an activation's name, say) as they build
             raise CheckpointError(_cannot_build(model_dir, config, err)) from None
         _check_loading_info(model_dir / WEIGHTS, info)
+        if hasattr(model.config, AUTO_MAP):  # read by from_pretrained itself: forgotten as _config forgets it
+            delattr(model.config, AUTO_MAP)
         return model.eval()
     try:
         model = qa_model_class(config.model_type)(config)

@@ -63,6 +63,7 @@ __all__ = [
     "pack_for_training",
     "unpack_into_",
     "save_packed",
+    "add_remote_code",
     "load_packed",
     "is_packed_dir",
     "is_packed",
@@ -218,15 +219,21 @@ def _keep_others(out_dir: Path, staging: Path) -> None:
             shutil.copy2(entry, staging / entry.name, follow_symlinks=False)
 
 
-def _add_remote_code(model_dir: Path, model_type: str) -> None:
+def add_remote_code(model_dir: str | Path, model_type: str) -> None:
     """Copy packed_modeling.py into a saved packed model's directory and point config.json's ``auto_map`` at its
-    class, so that ``AutoModelForQuestionAnswering.from_pretrained(dir, trust_remote_code=True)`` builds it."""
+    class, so that ``AutoModelForQuestionAnswering.from_pretrained(dir, trust_remote_code=True)`` builds it.
+
+    :func:`save_packed` calls it, and so does :func:`pruning.checkpoint.save_model` for a packed model (a training
+    run continued from a packed directory writes its checkpoint and final model there).
+    """
+    model_dir = Path(model_dir)
     source = Path(packed_modeling.__file__)
     shutil.copyfile(source, model_dir / source.name)
     config_file = model_dir / CONFIG_NAME
     data = json.loads(config_file.read_text(encoding="utf-8"))
-    data["auto_map"] = {**(data.get("auto_map") or {}),
-                        AUTO_CLASS: f"{source.stem}.{PACKED_CLASSES[model_type].__name__}"}
+    # Only this entry: the directory holds no other code, so an entry the model's source named (a model of a hub
+    # repository's own code, say) would point at a file it lacks.
+    data["auto_map"] = {AUTO_CLASS: f"{source.stem}.{PACKED_CLASSES[model_type].__name__}"}
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -261,7 +268,7 @@ def save_packed(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, ov
             _keep_others(out, tmp)
         with quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
-        _add_remote_code(tmp, model.config.model_type)
+        add_remote_code(tmp, model.config.model_type)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     logger.info("saved packed model to %s", out)
@@ -298,13 +305,11 @@ def _model_class(config, config_file: Path) -> type:
 
 
 def _drop_auto_map(config) -> None:
-    """Forget the config's pointer to a packed directory's packed_modeling.py: a model loaded here is saved by
-    :func:`save_packed`, which writes the file with the pointer, and never elsewhere (an export) without it."""
-    auto_map = dict(getattr(config, "auto_map", None) or {})
-    auto_map.pop(AUTO_CLASS, None)
-    if auto_map:
-        config.auto_map = auto_map
-    elif hasattr(config, "auto_map"):
+    """Forget the config's ``auto_map``, which names code files of the directory it was read from (a packed
+    directory's packed_modeling.py): the model is built here with this package's classes, and a directory written
+    from it (a checkpoint, a packed model, an export) carries none of those files; :func:`save_packed` writes its
+    own file with its own entry."""
+    if hasattr(config, "auto_map"):
         del config.auto_map
 
 

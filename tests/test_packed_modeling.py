@@ -138,3 +138,100 @@ def test_every_supported_model_type_has_a_packed_class_of_its_question_answering
     assert set(packed_modeling.PACKED_CLASSES) == set(ARCHITECTURES)
     for model_type, cls in packed_modeling.PACKED_CLASSES.items():
         assert cls.__bases__ == (qa_model_class(model_type),)
+
+
+def _open_without_fineprune(tmp_path: Path, names: list[str]) -> dict:
+    """Run :data:`LOADER` on the directories ``names`` (relative to ``tmp_path``, beside its ``inputs.pt``)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-I", "-c", LOADER, *names], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result.pop("fineprune imported") == []
+    return result
+
+
+@pytest.mark.parametrize("start", ["packed by fineprune", "saved by transformers", "packed before the file"])
+def test_a_training_run_continued_from_a_packed_directory_writes_models_that_open_without_fineprune(tmp_path, start):
+    from transformers import AutoModelForQuestionAnswering
+
+    from conftest import random_masked_model
+    from pruning.checkpoint import load_model
+    from pruning.config import RunConfig
+    from pruning.trainer import train
+
+    masked, tokenizer = random_masked_model()
+    packed_dir = save_packed(pack(masked), tokenizer, tmp_path / "packed")
+    if start == "saved by transformers":  # opened with its modeling file and saved again: a packed class named
+        model = AutoModelForQuestionAnswering.from_pretrained(packed_dir, trust_remote_code=True)
+        model.save_pretrained(tmp_path / "resaved")
+        tokenizer.save_pretrained(tmp_path / "resaved")
+        packed_dir = tmp_path / "resaved"
+    elif start == "packed before the file":  # an older packed directory: no packed_modeling.py, no auto_map
+        (packed_dir / "packed_modeling.py").unlink()
+        record = json.loads((packed_dir / "config.json").read_text())
+        del record["auto_map"]
+        (packed_dir / "config.json").write_text(json.dumps(record))
+    cfg = RunConfig(model=str(packed_dir), method="dense", train_data="dev", eval_data="dev", train_limit=4,
+                    eval_limit=2, max_seq_length=96, doc_stride=32, batch_size=4, max_steps=1,
+                    output_dir=str(tmp_path / "run"), log_every=100)
+    train(cfg, progress=False)
+    names = ["run/final", "run/checkpoint"]
+    inputs = {name: _inputs(masked.config) for name in names}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    for name in names:
+        record = json.loads((tmp_path / name / "config.json").read_text())
+        assert record["fineprune_packed"] is True and record["auto_map"] == {
+            "AutoModelForQuestionAnswering": "packed_modeling.PackedBertForQuestionAnswering"}
+        assert (tmp_path / name / "packed_modeling.py").read_text() == Path(packed_modeling.__file__).read_text()
+    result = _open_without_fineprune(tmp_path, names)
+    logits = torch.load(tmp_path / "logits.pt")
+    for name in names:
+        loaded = result[name]
+        assert loaded["class"] == "PackedBertForQuestionAnswering", name
+        assert (loaded["missing_keys"], loaded["unexpected_keys"], loaded["mismatched_keys"]) == ([], [], []), name
+        torch.testing.assert_close(logits[name], _logits(load_model(tmp_path / name), inputs[name]), atol=1e-5,
+                                   rtol=0)
+
+
+def test_a_model_whose_config_names_its_own_code_is_written_without_that_auto_map(tmp_path, tiny_bert_config,
+                                                                                    tokenizer):
+    """A model directory of a hub repository's own code names its files in config.json's auto_map. fineprune builds
+    the stock class of its model_type and copies none of those files, so nothing it writes (a run's checkpoint and
+    final model, a packed directory, an export) may name them: from_pretrained(trust_remote_code=True) would look
+    for them there."""
+    from transformers import BertForQuestionAnswering
+
+    from pruning.checkpoint import load_model, save_model
+    from workflows import cli
+
+    torch.manual_seed(0)
+    dense = tmp_path / "dense"
+    BertForQuestionAnswering(tiny_bert_config).save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    (dense / "configuration_mybert.py").write_text(
+        "from transformers import BertConfig\n\n\nclass MyBertConfig(BertConfig):\n    model_type = 'bert'\n")
+    (dense / "modeling_mybert.py").write_text(
+        "from transformers import BertForQuestionAnswering\n\nfrom .configuration_mybert import MyBertConfig\n\n\n"
+        "class MyBertForQuestionAnswering(BertForQuestionAnswering):\n    config_class = MyBertConfig\n")
+    record = json.loads((dense / "config.json").read_text())
+    record["auto_map"] = {"AutoConfig": "configuration_mybert.MyBertConfig",
+                          "AutoModelForQuestionAnswering": "modeling_mybert.MyBertForQuestionAnswering"}
+    (dense / "config.json").write_text(json.dumps(record))
+
+    assert not hasattr(load_model(dense).config, "auto_map")
+    save_model(load_model(dense), tokenizer, tmp_path / "trained")  # how a training run writes its models
+    assert "auto_map" not in json.loads((tmp_path / "trained" / "config.json").read_text())
+    assert cli.main(["pack", str(dense), str(tmp_path / "packed"), "--questions", "2", "--repeats", "1"]) == 0
+    assert json.loads((tmp_path / "packed" / "config.json").read_text())["auto_map"] == {
+        "AutoModelForQuestionAnswering": "packed_modeling.PackedBertForQuestionAnswering"}
+    assert cli.main(["export", str(dense), str(tmp_path / "onnx"), "--questions", "2"]) == 0
+    assert "auto_map" not in json.loads((tmp_path / "onnx" / "config.json").read_text())
+
+    inputs = {"packed": _inputs(tiny_bert_config)}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    result = _open_without_fineprune(tmp_path, ["packed"])
+    assert result["packed"]["class"] == "PackedBertForQuestionAnswering"
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt")["packed"],
+                               _logits(load_model(tmp_path / "packed"), inputs["packed"]), atol=1e-5, rtol=0)
