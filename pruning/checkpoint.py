@@ -155,6 +155,7 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_
         settings = masks if masks is not None else mask_settings(model)
         config.pop(MASKS_KEY, None)
         config.pop(AUTO_MAP, None)  # its code files are not written here; a packed model's are added below
+        config.pop("_name_or_path", None)  # where it was read from here, as from_pretrained's own saves leave out
         if settings is not None:
             config[MASKS_KEY] = settings
         if evaluation is not None:

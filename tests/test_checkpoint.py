@@ -470,3 +470,17 @@ def test_a_post_processor_that_does_not_put_the_cls_token_first_is_one_line_nami
     message = str(caught.value)
     assert message.startswith(f"{path / 'tokenizer.json'}: its post_processor puts '[SEP]' first in a "
                               "question-context pair, not the CLS token '[CLS]'") and "\n" not in message
+
+
+def test_a_saved_model_does_not_record_the_directory_it_was_read_from(tmp_path):
+    """save_model wrote config.json's ``_name_or_path``, the path of the directory its model was read from on this
+    machine, into every checkpoint and final model (and so into the registry's copies), where transformers' own
+    save_pretrained leaves it out."""
+    source = tmp_path / "a user's models" / "dense"
+    save_model(tiny(), None, source)
+    model = load_model(source, qa_head=True)
+    assert model.config.name_or_path == str(source)
+    save_model(model, None, tmp_path / "final")
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert "_name_or_path" not in config and str(source) not in json.dumps(config)
+    assert torch.equal(load_model(tmp_path / "final", qa_head=True).qa_outputs.weight, model.qa_outputs.weight)
