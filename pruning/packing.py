@@ -397,6 +397,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
     _check_record(config, config_file)
     _drop_auto_map(config)
     cls = _model_class(config, config_file)
+    config.architectures = [cls.__name__]  # the class built here, not a packed one whose file stays behind
     weights_file = path / WEIGHTS_NAME
     if not weights_file.is_file():
         raise PackingError(f"{weights_file}: not found")

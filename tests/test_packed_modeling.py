@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pruning import packed_modeling
+from pruning.checkpoint import save_model
 from pruning.packing import load_packed, pack, save_packed
 from pruning.structure import ARCHITECTURES, encoder_layers, qa_model_class
 
@@ -128,6 +129,10 @@ def test_load_packed_builds_with_its_own_code_whatever_the_directory_holds(tmp_p
     assert not (tmp_path / "ran").exists()
     # What load_packed returns saves (and exports) as a model of its own, not pointing at a file left behind.
     assert "AutoModelForQuestionAnswering" not in (getattr(loaded.config, "auto_map", None) or {})
+    assert loaded.config.architectures == ["BertForQuestionAnswering"]  # the class it is, whatever the file named
+    save_model(loaded, None, tmp_path / "checkpoint")  # as a run continued from it saves: no class without its file
+    assert json.loads((tmp_path / "checkpoint" / "config.json").read_text())["architectures"] == [
+        "BertForQuestionAnswering"]
     again = save_packed(loaded, None, tmp_path / "again")
     assert json.loads((again / "config.json").read_text())["auto_map"] == {
         "AutoModelForQuestionAnswering": "packed_modeling.PackedBertForQuestionAnswering"}
@@ -203,7 +208,7 @@ def test_a_model_whose_config_names_its_own_code_is_written_without_that_auto_ma
     for them there."""
     from transformers import BertForQuestionAnswering
 
-    from pruning.checkpoint import load_model, save_model
+    from pruning.checkpoint import load_model
     from workflows import cli
 
     torch.manual_seed(0)
