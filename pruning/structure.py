@@ -23,7 +23,7 @@ import torch
 import transformers
 from torch import nn
 
-from .packed_modeling import LAYER_PATHS
+from .packed_modeling import LAYER_PATHS, LayerPaths
 
 __all__ = ["Architecture", "ARCHITECTURES", "DEFAULT_MODEL_TYPE", "architecture_for", "architecture_of_type",
            "qa_model_class", "config_class", "scratch_config", "max_positions", "position_ids", "get_module",
@@ -33,19 +33,13 @@ DEFAULT_MODEL_TYPE = "bert"  # what a config.json without ``model_type`` is take
 
 
 @dataclass(frozen=True)
-class Architecture:
-    """Module paths, relative to one encoder layer, plus the path of the layer list and how positions are counted."""
+class Architecture(LayerPaths):
+    """Module paths, relative to one encoder layer (the linears' as :class:`~pruning.packed_modeling.LayerPaths`
+    gives them, and the norms'), plus the path of the layer list and how positions are counted."""
 
     qa_class: str  # the transformers question-answering class of this model_type
     base: str  # the encoder model (embeddings, layers), relative to the QA model
     layers: str  # the ModuleList of encoder layers, relative to the QA model
-    self_attention: str  # the module holding query/key/value (replaced when a layer loses every head)
-    query: str
-    key: str
-    value: str
-    attention_output: str  # projects the concatenated heads back to the hidden size
-    ffn_in: str  # hidden -> intermediate; its rows are the FFN dimensions
-    ffn_out: str  # intermediate -> hidden; its columns are the FFN dimensions
     ffn_activation: str  # the module whose ``intermediate_act_fn`` follows ffn_in
     attention_norm: str  # the LayerNorm whose input is the attention sublayer's output plus its residual
     ffn_norm: str  # the LayerNorm whose input is the FFN sublayer's output plus its residual

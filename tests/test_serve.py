@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from pruning.checkpoint import save_model
 from pruning.export import FILES, OrtQAModel
-from workflows.registry import SERVE_DEFAULTS, export_for_serving, log_qa_model, serve_settings
+from workflows.registry import SERVE_DEFAULTS, _fluent_store, export_for_serving, log_qa_model, serve_settings
 from workflows.serving import BAD_KINDS, ModelServer, ServerError, free_port, invoke, ping, post, run_load, spoil
 
 STARTUP_SECONDS = 240  # loading torch, transformers and the model in a fresh process on a busy 2-core machine
@@ -36,17 +36,6 @@ def server(smoke_sweep, tmp_path_factory):
     with _served(champion["model_uri"], smoke_sweep["tracking_uri"], tmp_path_factory.mktemp("serve")) as url:
         yield url
 
-
-
-@contextlib.contextmanager
-def _tracking(uri: str):
-    """MLflow's tracking URI set to ``uri`` while the block runs, the earlier one again after it."""
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)
 
 @contextlib.contextmanager
 def _served(model_uri: str, tracking_uri: str, log_dir) -> Iterator[str]:
@@ -72,7 +61,7 @@ def answer_key_server(answer_key_model, tokenizer, tmp_path_factory):
     uri = f"sqlite:///{root}/mlflow.db"
     experiment = MlflowClient(tracking_uri=uri).create_experiment("answer-key",
                                                                   artifact_location=(root / "artifacts").as_uri())
-    with _tracking(uri):
+    with _fluent_store(uri):
         # As the registry makes a version: exported for ONNX Runtime, which serves it (int8, the default).
         onnx_dir, exported = export_for_serving(model_dir, root / "onnx")
         assert onnx_dir is not None, exported
@@ -204,7 +193,7 @@ def _logged_tiny_model(tmp_path, tokenizer, config, params: dict[str, str] | Non
     model_dir = save_model(BertForQuestionAnswering(config).eval(), tokenizer, tmp_path / "model")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
-    with _tracking(uri):
+    with _fluent_store(uri):
         with mlflow.start_run(experiment_id=experiment) as run:
             if params:
                 mlflow.log_params(params)
@@ -384,7 +373,7 @@ def test_a_version_logged_on_a_trial_run_keeps_the_runs_params_and_says_nothing_
     model_uri, uri, run_id = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config,
                                                 {"batch_size": "8", "eval_batch_size": "32"})
     params = MlflowClient(tracking_uri=uri).get_run(run_id).data.params
-    with _tracking(uri):
+    with _fluent_store(uri):
         settings = mlflow.pyfunc.load_model(model_uri).model_config
         fewer = mlflow.pyfunc.load_model(model_uri, model_config={"max_records": 2})
         with pytest.raises(Exception, match="max_records: must be a whole number >= 1, got 0"):
@@ -467,7 +456,7 @@ def test_answers_assigned_back_to_an_indexed_frame_stay_with_their_records(tmp_p
     frame = pd.DataFrame({"question": ["Who wrote it?", "When was it written?", "Where does she live?"],
                           "context": ["It was written by Ann.", "That happened in 1999 after the war.",
                                       "Ann lives in Paris now."]}, index=[2, 0, 1])
-    with _tracking(uri):
+    with _fluent_store(uri):
         model = mlflow.pyfunc.load_model(model_uri)
         alone = [model.predict(frame.iloc[[i]])["answer"].iloc[0] for i in range(len(frame))]
         predictions = model.predict(frame)
@@ -490,7 +479,7 @@ def test_a_precision_mistyped_in_the_inference_config_is_refused_when_an_onnx_ve
     assert onnx_dir is not None, exported
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
-    with _tracking(uri):
+    with _fluent_store(uri):
         with mlflow.start_run(experiment_id=experiment):
             info = log_qa_model(model_dir, {**serve_settings({}), "precision": "fp32"}, onnx_dir)
         for variant in ("int8", "fp32", "none"):
@@ -514,7 +503,7 @@ def test_an_instances_request_pairs_its_records_fields_by_position_as_the_readme
 
     model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
     question, context = "Where does Bob live?", "Bob lives in Rome near the old bridge."
-    with _tracking(uri):
+    with _fluent_store(uri):
         model = mlflow.pyfunc.load_model(model_uri)
         schema = model.metadata.get_input_schema()
         paired = model.predict(infer_and_parse_data({"instances": [{"question": question}, {"context": context}]},
@@ -540,7 +529,7 @@ def test_a_record_without_a_field_is_said_to_miss_it_by_its_index_and_a_null_alo
 
     model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
     question, context = "Who wrote it?", "It was written by Ann."
-    with _tracking(uri):
+    with _fluent_store(uri):
         model = mlflow.pyfunc.load_model(model_uri)
         records = [{"question": question, "context": context}, {"question": question}]
         for sent, index in ((records, 1), (pd.DataFrame(records), 1), (records[::-1], 0)):
