@@ -670,3 +670,20 @@ def test_register_says_when_it_moves_the_champion_alias_off_another_choice(store
                        f"max_density 0.6) to version {wide} (chosen by best_f1_under_density max_density 0.6); "
                        f"version {best}: its sweep run {later['parent']} was removed for good (`mlflow gc`) and "
                        "cannot be restored"]
+
+
+def test_a_report_whose_champions_trial_run_was_removed_for_good_says_so(store, tokenizer, capsys, caplog):
+    """The report of a sweep whose champion's trial run was then removed with `mlflow gc` logged MLflow's "cannot
+    list the packed model of run R: Run with id=R not found"; it says the run was removed for good, and what the
+    report lacks for it."""
+    made = sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
+    status, champion, _ = _register(capsys, store)
+    assert status == 0
+    _gc(store, champion["run_id"])
+    caplog.clear()
+    status = main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out",
+                   str(store["root"] / "report")])
+    assert status == 0 and made["parent"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.report"]
+    assert warnings == [f"the champion's trial run {champion['run_id']} was removed for good (`mlflow gc`): the "
+                        "report has no size or structure of its packed model"], warnings

@@ -720,7 +720,11 @@ def _packed_structure(client: MlflowClient, run_id: str) -> dict[str, Any]:
     try:
         files = _artifact_files(client, run_id, ARTIFACT_PACKED_MODEL)
     except (MlflowException, OSError) as err:
-        logger.warning("cannot list the packed model of run %s: %s", run_id, err)
+        if isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            logger.warning("the champion's trial run %s was removed for good (`mlflow gc`): the report has no size or "
+                           "structure of its packed model", run_id)
+        else:
+            logger.warning("cannot list the packed model of run %s: %s", run_id, err)
         return out
     if files:
         out["size_bytes"] = sum(size for _, size in files)
