@@ -67,10 +67,10 @@ def output_path_problem(path: str | Path, directory: bool, writable: bool = Fals
         return None
     if directory:
         return write_problem(path)
-    if path.exists() and not path.is_file():  # a device or a pipe (/dev/null, /dev/stdout): written into, not replaced
-        return None if os.access(path, os.W_OK) else "cannot be written (no permission to write it)"
     if path.exists() and not os.access(path, os.W_OK):
         return "cannot be written (no permission to write it)"
+    if path.exists() and not path.is_file():  # a device or a pipe (/dev/null, /dev/stdout): written into, not replaced
+        return None
     parent = path.absolute().parent
     if write_problem(parent) is None:
         return None
