@@ -252,3 +252,58 @@ def test_a_refusal_in_the_moment_a_holder_takes_the_lock_names_it(tmp_path):
         os.close(fd)
     assert str(refused.value) == (f"{tmp_path / 'out'}: process 4242@elsewhere is writing it; wait for it to end, "
                                   "or write elsewhere")
+
+
+@pytest.mark.parametrize("write", ["tag", "alias", "alias elsewhere"])
+def test_a_registry_write_another_registration_makes_at_the_same_moment_is_not_an_error(tmp_path, write):
+    """Two registrations of one sweep at once both found version 1 without its `precision` tag and both wrote it:
+    MLflow's store looks the tag up and then inserts it, so the second insert broke the unique key ("UNIQUE
+    constraint failed: model_version_tags") and that `fineprune register` stopped. Here the other registration's
+    write is made, through a store of its own, in the moment between this one's look-up and its insert; where the
+    other wrote something else (the alias on version 2), this one, written last, is what the store keeps."""
+    import sqlalchemy
+    from mlflow.store.model_registry.dbmodels.models import SqlModelVersionTag, SqlRegisteredModelAlias
+    from mlflow.tracking import MlflowClient
+
+    from workflows import registry
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m")
+    source = tmp_path / "model"
+    source.mkdir()
+    client.create_model_version("m", source.as_uri())
+    client.create_model_version("m", source.as_uri())
+    # The other registration: its own engine, so its write commits before this one's flush goes on.
+    other = sqlalchemy.create_engine(uri)
+    table, statement = {
+        "tag": (SqlModelVersionTag, "INSERT INTO model_version_tags (workspace, key, value, name, version) "
+                                    "VALUES (:w, 'precision', 'fp32', 'm', 1)"),
+        "alias": (SqlRegisteredModelAlias, "INSERT INTO registered_model_aliases (workspace, alias, version, name) "
+                                           "VALUES (:w, 'champion', 1, 'm')"),
+        "alias elsewhere": (SqlRegisteredModelAlias, "INSERT INTO registered_model_aliases (workspace, alias, "
+                                                     "version, name) VALUES (:w, 'champion', 2, 'm')"),
+    }[write]
+    raced = []
+
+    def meanwhile(mapper, connection, target):
+        if not raced:
+            raced.append(True)
+            with other.begin() as conn:
+                conn.execute(sqlalchemy.text(statement), {"w": getattr(target, "workspace", "default")})
+
+    sqlalchemy.event.listen(table, "before_insert", meanwhile)
+    try:
+        if write == "tag":
+            registry._set_version_tag(client, "m", "1", "precision", "fp32")
+        else:
+            registry._set_alias(client, "m", "champion", "1")
+    finally:
+        sqlalchemy.event.remove(table, "before_insert", meanwhile)
+        other.dispose()
+    assert raced == [True]
+    tags = client.get_model_version("m", "1").tags
+    if write == "tag":
+        assert tags["precision"] == "fp32"
+    else:
+        assert str(client.get_model_version_by_alias("m", "champion").version) == "1"

@@ -913,6 +913,35 @@ def _metric_tag(value: float) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
+def _written_once(write, done) -> None:
+    """Make one registry ``write`` that another registration (a second ``fineprune register``, a sweep's own) may be
+    making at the same moment. MLflow's stores look a tag or alias up and then insert it, so when both find it
+    missing the second insert breaks the store's unique key; that write was already made by the other, so ``done()``
+    (read again from the store) accepts it, and a write that still differs is made once more, over the row now
+    there. Any other failure raises from that second write."""
+    try:
+        write()
+    except MlflowException:
+        if not done():
+            write()
+
+
+def _set_version_tag(client, name: str, version, key: str, value: str) -> None:
+    """Set tag ``key`` of ``version`` of ``name`` to ``value``, as :func:`_written_once` makes a write."""
+    _written_once(lambda: client.set_model_version_tag(name, version, key, value),
+                  lambda: (client.get_model_version(name, str(version)).tags or {}).get(key) == value)
+
+
+def _set_alias(client, name: str, alias: str, version) -> None:
+    """Point ``alias`` of ``name`` at ``version``, which another registration may be doing at the same moment."""
+    def done() -> bool:
+        try:
+            return str(client.get_model_version_by_alias(name, alias).version) == str(version)
+        except MlflowException:
+            return False
+    _written_once(lambda: client.set_registered_model_alias(name, alias, version), done)
+
+
 def _tag_version(client, name: str, version, run, parent_run_id: str, extra: dict[str, str]) -> None:
     """Tag ``version`` (a model version) with its trial's metrics, precision and run ids and ``extra``: only the
     tags it lacks or holds with another value are written, so registering a sweep again writes nothing new."""
@@ -925,7 +954,7 @@ def _tag_version(client, name: str, version, run, parent_run_id: str, extra: dic
     current = version.tags or {}
     for key, value in tags.items():
         if current.get(key) != value:
-            client.set_model_version_tag(name, version.version, key, value)
+            _set_version_tag(client, name, version.version, key, value)
 
 
 def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str,
@@ -972,7 +1001,7 @@ def _make_champion(client, name: str, version, versions, chosen_by: str | None =
         current = client.get_model_version_by_alias(name, ALIAS)
     except MlflowException:  # no champion yet (or it was deleted by hand)
         current = None
-    client.set_registered_model_alias(name, ALIAS, version.version)
+    _set_alias(client, name, ALIAS, version.version)
     left = None
     if current is not None and str(current.version) != str(version.version):
         left = str(current.version)
@@ -995,7 +1024,7 @@ def _make_champion(client, name: str, version, versions, chosen_by: str | None =
             continue
         for key, former in FORMER_POLICY_TAGS.items():
             if key in tags:
-                client.set_model_version_tag(name, other.version, former, tags[key])
+                _set_version_tag(client, name, other.version, former, tags[key])
                 client.delete_model_version_tag(name, other.version, key)
     return left
 
@@ -1060,7 +1089,7 @@ def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str
         tags = version.tags
         if tags.get(TAG_SWEEP_RUN) == parent_run_id and tags.get(TAG_TRIAL_RUN) not in current and _on_frontier(tags):
             for tag in FRONTIER_TAGS:
-                client.set_model_version_tag(name, version.version, tag, "false")
+                _set_version_tag(client, name, version.version, tag, "false")
             trial = tags.get(TAG_TRIAL_RUN)
             state = _run_deleted(client, trial)
             if state == REMOVED:  # gone with its record: nothing brings it back
@@ -1432,7 +1461,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             for key, value in ((TAG_POLICY, "best_f1_under_latency"),
                                (TAG_POLICY_THRESHOLD, f"max_latency_ms {max_latency_ms:g}")):
                 if held.get(key) != value:  # registering the sweep again writes nothing new
-                    client.set_model_version_tag(name, chosen["version"], key, value)
+                    _set_version_tag(client, name, chosen["version"], key, value)
             by = f"best_f1_under_latency max_latency_ms {max_latency_ms:g}" if sweep_run_id is not None else None
             left = _make_champion(client, name, version, every, by)
         else:
@@ -1440,7 +1469,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                 held = str(client.get_model_version_by_alias(name, alias).version)
             except MlflowException:  # the alias is on no version yet
                 held = None
-            client.set_registered_model_alias(name, alias, chosen["version"])
+            _set_alias(client, name, alias, chosen["version"])
             left = held if held not in (None, chosen["version"]) else None
             if left is not None:
                 logger.info("alias %r of %s moved from version %s to version %s", alias, name, left,
