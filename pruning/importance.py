@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks as mask_lib
-from .squad import window_batch
+from .squad import to_device, window_batch
 from .structure import architecture_for, encoder_layers, get_module
 
 __all__ = [
@@ -220,11 +220,20 @@ class _MaskVariables:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _sampled_positions(logits: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One position per window drawn from ``softmax(logits)`` over its real (unpadded) tokens."""
+def _sampled_positions(logits: torch.Tensor, attention_mask: torch.Tensor,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One position per window drawn from ``softmax(logits)`` over its real (unpadded) tokens, and whether every
+    probability was finite (a tensor where the logits are).
+
+    The draw is the one ``torch.multinomial(probs, 1, generator=generator)`` makes of the probabilities on the CPU,
+    the position of the largest ``p / q`` for ``q`` exponential draws from the CPU ``generator``: the same positions
+    from the same random stream, but the draws go to the logits' device instead of the probabilities coming back to
+    the host, which on a GPU would wait for the whole forward pass every batch.
+    """
     masked = logits.float().masked_fill(attention_mask == 0, float("-inf"))
-    probs = torch.softmax(masked, dim=-1).cpu()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+    probs = torch.softmax(masked, dim=-1)
+    draws = torch.empty(probs.shape, dtype=probs.dtype).exponential_(generator=generator)
+    return torch.argmax(probs / to_device(draws, probs.device), dim=-1), torch.isfinite(probs).all()
 
 
 def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, batch_size: int = 16, *,
@@ -265,6 +274,7 @@ def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, ba
     neuron_blocks = (torch.zeros(num_layers, inter, inter, dtype=torch.float32, device=device)
                      if block_diagonal else None)
     generator = torch.Generator().manual_seed(seed)
+    finite = torch.ones((), dtype=torch.bool, device=device)  # every sampled distribution, checked at the end
     variables = _MaskVariables(model)
     others = [teacher] if teacher is not None and teacher is not model else []
     with _frozen(model, *others), variables.install():
@@ -288,8 +298,9 @@ def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, ba
                     t_start, t_end = t_out.start_logits, t_out.end_logits
                 else:
                     t_start, t_end = start.detach(), end.detach()
-                start_pos = _sampled_positions(t_start, batch["attention_mask"], generator)
-                end_pos = _sampled_positions(t_end, batch["attention_mask"], generator)
+                start_pos, start_finite = _sampled_positions(t_start, batch["attention_mask"], generator)
+                end_pos, end_finite = _sampled_positions(t_end, batch["attention_mask"], generator)
+                finite = finite & start_finite & end_finite
             # A sum over windows, so that each window's gradient is its own loss's.
             loss = (F.cross_entropy(start, start_pos, reduction="sum")
                     + F.cross_entropy(end, end_pos, reduction="sum")) / 2
@@ -304,6 +315,9 @@ def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, ba
                     neuron_blocks[i] += g_neuron.float().T @ g_neuron.float()
         variables.heads = [None] * num_layers
         variables.neurons = [None] * num_layers
+    if labels == "sampled" and not bool(finite):
+        raise RuntimeError("the label distribution of a calibration window holds an infinite or NaN probability "
+                           "(the model's logits are not finite): no span can be sampled from it")
     return Importance(heads.cpu(), neurons.cpu(), int(index.numel()),
                       None if head_blocks is None else head_blocks.cpu(),
                       None if neuron_blocks is None else neuron_blocks.cpu())

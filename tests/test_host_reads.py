@@ -1,0 +1,195 @@
+"""Passes over many batches read their results back from a GPU once, not once a batch.
+
+A read of a device value on the host (``.item()``, ``float()``, ``.cpu()``, ``.numpy()``, boolean-mask indexing,
+``nonzero``...) waits until the GPU has run everything queued before it, so the GPU idles while the host prepares
+the next batch. Without a GPU the CPU stands in for one (:class:`GpuStandIn`): what is copied to ``cuda``, made
+there or computed from the model's weights counts as on the device, and every read of such a value back to the host
+by the code under test is recorded. Reads that transformers' own forward pass makes (whether the attention mask
+can be skipped) are the model's and are not counted. The values are those the passes compute on the CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+from transformers import BertConfig, BertForQuestionAnswering
+
+from pruning import importance as imp
+from pruning.squad import window_batch
+
+CUDA = torch.device("cuda")
+TORCH_DIR = str(Path(torch.__file__).parent)
+# Reads of a value into the host, and operations whose result's size depends on the values (they wait the same).
+READS = {"item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__", "nonzero", "argwhere",
+         "masked_select", "unique", "unique_consecutive", "bincount", "multinomial"}
+
+
+def _is_cuda(value) -> bool:
+    return isinstance(value, (str, torch.device)) and torch.device(value).type == "cuda"
+
+
+class GpuStandIn(TorchFunctionMode):
+    """The CPU standing in for a GPU, recording the reads of device values back to the host.
+
+    A tensor is on the (stand-in) device when it was copied to ``cuda``, made with ``device=cuda``, given as
+    ``on_device`` (a model's weights), or computed from such a tensor; a copy to the CPU or a read of its values is
+    recorded in ``reads`` (function name and the caller's line), unless transformers' code asked for it.
+    """
+
+    def __init__(self, *on_device: torch.Tensor) -> None:
+        super().__init__()
+        self.kept: list[torch.Tensor] = []  # alive, so that no other tensor takes one's identity
+        self.device: set[int] = set()
+        self.reads: list[str] = []
+        for tensor in on_device:
+            self._mark(tensor)
+
+    def _mark(self, tensor) -> None:
+        if isinstance(tensor, torch.Tensor):
+            self.kept.append(tensor)
+            self.device.add(id(tensor))
+
+    def _on_device(self, value) -> bool:
+        return isinstance(value, torch.Tensor) and id(value) in self.device
+
+    def _record(self, name: str) -> None:
+        frame = sys._getframe(2)
+        while frame is not None and frame.f_code.co_filename.startswith(TORCH_DIR):
+            frame = frame.f_back
+        where = "?" if frame is None else f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
+        if frame is not None and "/transformers/" in frame.f_code.co_filename:
+            return  # the model's own forward pass
+        self.reads.append(f"{name} at {where}")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        from_device = any(self._on_device(t) for t in inputs)
+        made_there = _is_cuda(kwargs.get("device"))
+        if made_there:
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if name == "pin_memory":
+            return args[0].clone()
+        if name in ("to", "cuda") and isinstance(args[0], torch.Tensor):
+            targets = [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, (str, torch.device))]
+            if name == "cuda" or (targets and _is_cuda(targets[0])):
+                out = args[0].clone()
+                self._mark(out)
+                return out
+            if from_device and targets and torch.device(targets[0]).type == "cpu":
+                self._record(name)
+                return func(*args, **kwargs)
+        if name == "copy_" and self._on_device(args[1]) and not self._on_device(args[0]):
+            self._record("copy_ to the host" + (" (non_blocking)" if kwargs.get("non_blocking") else ""))
+        elif name in READS and from_device:
+            self._record(name)
+        elif name in ("__getitem__", "__setitem__", "index_put_") and any(
+                self._on_device(t) and t.dtype == torch.bool for t in inputs[1:]):
+            self._record(f"{name} with a boolean mask")
+        out = func(*args, **kwargs)
+        if (from_device or made_there) and name not in READS and name != "copy_":
+            for tensor in tree_flatten(out)[0]:
+                self._mark(tensor)
+        elif name == "copy_" and self._on_device(args[1]):
+            pass  # a copy into host memory stays on the host
+        elif from_device and name == "copy_":
+            self._mark(out)
+        return out
+
+
+def tiny_model(seed: int = 0) -> BertForQuestionAnswering:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertForQuestionAnswering(config).eval()
+
+
+def windows(n: int, width: int = 16, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, width + 1, (n,), generator=g)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, 120, (n, width), generator=g) * mask
+    start = (torch.rand(n, generator=g) * (lengths - 1)).long()
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), start_positions=start,
+                end_positions=torch.minimum(start + 2, lengths - 1))
+
+
+def weights(*models: torch.nn.Module) -> list[torch.Tensor]:
+    return [t for m in models for t in (*m.parameters(), *m.buffers())]
+
+
+# --- Fisher importance ------------------------------------------------------------------------------------------
+
+
+def fisher_reads(n: int, teacher: bool) -> list[str]:
+    model, other = tiny_model(), tiny_model(seed=5)
+    with GpuStandIn(*weights(model, other)) as gpu:
+        imp.fisher_importance(model, windows(n), torch.arange(n), batch_size=2, labels="sampled",
+                              teacher=other if teacher else None, device=CUDA)
+    return gpu.reads
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_the_fisher_pass_with_sampled_labels_reads_from_the_gpu_once(teacher):
+    """The labels are drawn where the logits are; the sums, and whether every distribution was finite, come back
+    at the end of the pass, however many batches it has."""
+    few, many = fisher_reads(4, teacher), fisher_reads(12, teacher)
+    assert len(few) == len(many) <= 3, many
+
+
+def test_the_fisher_pass_with_gold_labels_reads_only_its_sums():
+    model = tiny_model()
+    with GpuStandIn(*weights(model)) as gpu:
+        imp.fisher_importance(model, windows(6), torch.arange(6), batch_size=2, device=CUDA)
+    assert len(gpu.reads) == 2, gpu.reads
+
+
+def test_sampled_labels_are_the_draws_of_torch_multinomial_on_the_cpu():
+    """The labels a sampled pass draws are those torch.multinomial drew from the same seed, batch by batch, on the
+    probabilities copied to the host: its importance equals that of a gold pass given those draws as its spans."""
+    model, features = tiny_model(), windows(13, seed=4)
+    index = torch.randperm(13, generator=torch.Generator().manual_seed(0))[:11]
+    sampled = imp.fisher_importance(model, features, index, batch_size=4, labels="sampled", seed=3)
+    generator = torch.Generator().manual_seed(3)
+    drawn = {k: v.clone() for k, v in features.items()}
+    for rows in imp.length_batches(features, index, 4):
+        batch = window_batch(features, rows)
+        with torch.no_grad():
+            out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+        for key, logits in (("start_positions", out.start_logits), ("end_positions", out.end_logits)):
+            probs = torch.softmax(logits.float().masked_fill(batch["attention_mask"] == 0, float("-inf")), dim=-1)
+            drawn[key][rows] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    gold = imp.fisher_importance(model, drawn, index, batch_size=4, labels="gold")
+    assert torch.equal(sampled.heads, gold.heads) and torch.equal(sampled.neurons, gold.neurons)
+    assert sampled.heads.abs().sum() > 0
+
+
+def test_the_draws_follow_torch_multinomial_and_leave_the_generator_where_it_left_it():
+    g = torch.Generator().manual_seed(0)
+    for width in (2, 17, 384):
+        logits = torch.randn(7, width, generator=g) * 5
+        mask = (torch.arange(width)[None, :] < torch.randint(1, width + 1, (7, 1), generator=g)).long()
+        ours, theirs = torch.Generator().manual_seed(width), torch.Generator().manual_seed(width)
+        for _ in range(3):
+            positions, finite = imp._sampled_positions(logits, mask, ours)
+            probs = torch.softmax(logits.masked_fill(mask == 0, float("-inf")), dim=-1)
+            assert torch.equal(positions, torch.multinomial(probs, 1, generator=theirs).squeeze(1)) and finite
+        assert torch.equal(torch.rand(4, generator=ours), torch.rand(4, generator=theirs))
+
+
+def test_a_model_with_non_finite_logits_stops_the_sampled_pass():
+    model = tiny_model()
+    with torch.no_grad():
+        model.qa_outputs.bias.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="not finite"):
+        imp.fisher_importance(model, windows(4), torch.arange(4), batch_size=2, labels="sampled")
