@@ -597,8 +597,20 @@ def _stop_after(module: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-def _token_rows(attention_mask: torch.Tensor) -> torch.Tensor:
-    return attention_mask.reshape(-1).bool()
+def _token_rows(features: Batch, rows: torch.Tensor, batch: Batch, device: torch.device) -> torch.Tensor:
+    """The real tokens of ``batch`` (the windows ``rows`` of ``features``), as positions in its windows flattened
+    to ``(windows * width)``, on ``device``.
+
+    They are found in the host's attention mask and copied over: selecting them on the device with a boolean mask
+    would make the host wait for the GPU to count them, every batch.
+    """
+    mask = features["attention_mask"][rows][:, :batch["attention_mask"].shape[1]]
+    return to_device(mask.reshape(-1).nonzero().flatten(), device)
+
+
+def _kept(keep: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The positions of ``keep``'s True entries, found on the host, on ``device``."""
+    return to_device(keep.cpu().nonzero().flatten(), device)
 
 
 # The default relative ridge weight of each tuning mode.
@@ -660,11 +672,10 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
             student_x.append(hidden)
             teacher_x.append(_layer_call(dense, batch)[0])
             calls.append((args, kwargs))
-            token_rows.append(_token_rows(batch["attention_mask"]))
+            token_rows.append(_token_rows(features, rows, batch, device))
         for layer_index, (layer, dense_layer) in enumerate(zip(encoder_layers(model), encoder_layers(dense))):
-            kept_heads = head_keep[layer_index].to(device).nonzero().flatten()
-            kept_neurons = neuron_keep[layer_index].to(device).nonzero().flatten()
-            columns = (kept_heads[:, None] * head_dim + torch.arange(head_dim, device=device)[None, :]).flatten()
+            kept_neurons = _kept(neuron_keep[layer_index], device)
+            columns = _kept(_head_columns(head_keep[layer_index].cpu(), head_dim), device)
             out_proj = get_module(layer, arch.attention_output)
             second = get_module(layer, arch.ffn_out)
             att_sum, ffn_sum = get_module(layer, att_norm), get_module(layer, ffn_norm)
@@ -731,9 +742,10 @@ class _Fit:
 class _NormalEquations:
     """The least-squares system of a change to ``linear``'s kept input ``columns`` against the error of its sum.
 
-    ``add`` accumulates ``X^T X`` and ``X^T E`` in float64 over the calibration tokens (``X``: the kept columns'
-    inputs, with a constant when the linear has a bias; ``E``: the dense sum minus the pruned one). The columns come
-    in structures of ``group`` consecutive ones (a head's ``head_dim`` columns, one FFN neuron).
+    ``add`` accumulates ``X^T X``, ``X^T E`` and ``|E|^2`` in float64 over the calibration tokens (``X``: the kept
+    columns' inputs, with a constant when the linear has a bias; ``E``: the dense sum minus the pruned one), on the
+    linear's device: the host reads them when it solves, not every batch. The columns come in structures of
+    ``group`` consecutive ones (a head's ``head_dim`` columns, one FFN neuron).
     """
 
     def __init__(self, linear: nn.Linear, columns: torch.Tensor, group: int) -> None:
@@ -743,7 +755,13 @@ class _NormalEquations:
         device = linear.weight.device
         self.xtx = torch.zeros(size, size, dtype=torch.float64, device=device)
         self.xte = torch.zeros(size, out, dtype=torch.float64, device=device)
-        self.error, self.tokens = 0.0, 0
+        self.squared_error = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    @property
+    def error(self) -> float:
+        """The squared error of the sum over the calibration tokens, before the change."""
+        return float(self.squared_error)
 
     def add(self, x: torch.Tensor, error: torch.Tensor) -> None:
         x, error = x.double(), error.double()
@@ -751,7 +769,7 @@ class _NormalEquations:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         self.xtx += x.T @ x
         self.xte += x.T @ error
-        self.error += float(error.pow(2).sum())
+        self.squared_error += error.pow(2).sum()
         self.tokens += int(x.shape[0])
 
     def solve_(self, mode: str, damping: float) -> _Fit:
@@ -819,7 +837,7 @@ def reconstruction_errors(model: nn.Module, dense: nn.Module, features: Batch, i
             batch = window_batch(features, rows, device)
             model(**_inputs(batch))
             dense(**_inputs(batch))
-            keep = _token_rows(batch["attention_mask"])
+            keep = batch["attention_mask"].reshape(-1).bool()
             for i in range(num_layers):
                 for j, key in enumerate((f"att{i}", f"ffn{i}")):
                     a = captures[0].values[key].reshape(-1, captures[0].values[key].shape[-1])[keep]

@@ -193,3 +193,56 @@ def test_a_model_with_non_finite_logits_stops_the_sampled_pass():
         model.qa_outputs.bias.fill_(float("nan"))
     with pytest.raises(RuntimeError, match="not finite"):
         imp.fisher_importance(model, windows(4), torch.arange(4), batch_size=2, labels="sampled")
+
+
+# --- mask tuning and the layer errors ---------------------------------------------------------------------------
+
+
+def pruned_pair() -> tuple[BertForQuestionAnswering, BertForQuestionAnswering, torch.Tensor, torch.Tensor]:
+    """A dense model and a copy with some heads and FFN neurons zeroed."""
+    dense, pruned = tiny_model(), tiny_model()
+    head_keep = torch.ones(2, 4, dtype=torch.bool)
+    head_keep[0, 1] = head_keep[1, 3] = False
+    neuron_keep = torch.rand(2, 64, generator=torch.Generator().manual_seed(0)) > 0.4
+    with torch.no_grad():
+        imp.zero_removed_(pruned, head_keep, neuron_keep)
+    return dense, pruned, head_keep, neuron_keep
+
+
+def tuning_reads(n: int, mode: str) -> list[str]:
+    dense, pruned, head_keep, neuron_keep = pruned_pair()
+    with GpuStandIn(*weights(pruned, dense)) as gpu:
+        imp.tune_masks_(pruned, dense, windows(n), torch.arange(n), head_keep, neuron_keep, batch_size=2,
+                        device=CUDA, mode=mode)
+    return gpu.reads
+
+
+@pytest.mark.parametrize("mode", ["scales", "weights"])
+def test_mask_tuning_reads_from_the_gpu_per_layer_not_per_batch(mode):
+    """The normal equations and the squared errors add up on the device and the real tokens of a batch are picked
+    by positions found on the host: the host reads the device when it solves a layer's systems, not every batch."""
+    few, many = tuning_reads(4, mode), tuning_reads(12, mode)
+    assert len(few) == len(many), many
+
+
+def test_the_tuning_errors_are_the_sums_over_the_batches_of_the_real_tokens():
+    """The first layer's error before tuning, summed batch by batch over the real tokens on the host as a float, is
+    the one mask tuning reports, to the last bit."""
+    dense, pruned, head_keep, neuron_keep = pruned_pair()
+    features, index = windows(9, seed=6), torch.arange(9)
+    sums = {}
+    hooks = [m.bert.encoder.layer[0].attention.output.LayerNorm.register_forward_pre_hook(
+        lambda mod, args, key=key: sums.__setitem__(key, args[0])) for key, m in (("pruned", pruned), ("dense", dense))]
+    error, tokens = 0.0, 0
+    with torch.no_grad():
+        for rows in imp.length_batches(features, index, 4):
+            batch = window_batch(features, rows)
+            for m in (pruned, dense):
+                m(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+            real = batch["attention_mask"].reshape(-1).bool()
+            error += float((sums["dense"] - sums["pruned"]).flatten(0, 1)[real].double().pow(2).sum())
+            tokens += int(real.sum())
+    for hook in hooks:
+        hook.remove()
+    tuned = imp.tune_masks_(pruned, dense, features, index, head_keep, neuron_keep, batch_size=4)
+    assert tuned[0].attention_before == error / (tokens * 32) and error > 0
