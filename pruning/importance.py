@@ -818,12 +818,13 @@ def reconstruction_errors(model: nn.Module, dense: nn.Module, features: Batch, i
     """Per layer, the mean squared difference between ``model``'s and ``dense``'s sublayer sums.
 
     Each model runs on its own inputs; the sums are what enters the attention and the FFN LayerNorms. Returns
-    ``(attention, ffn)`` per layer, per element over the real tokens of the windows ``index``.
+    ``(attention, ffn)`` per layer, per element over the real tokens of the windows ``index``. The squared
+    differences add up on ``device`` and are read back once, at the end.
     """
     device = device or next(model.parameters()).device
     att_norm, ffn_norm = _norm_paths(model)
     num_layers = len(encoder_layers(model))
-    sums = [[0.0, 0.0] for _ in range(num_layers)]
+    sums = torch.zeros(num_layers, 2, dtype=torch.float64, device=device)
     elements = 0
     captures = []
     for m in (model, dense):
@@ -837,14 +838,14 @@ def reconstruction_errors(model: nn.Module, dense: nn.Module, features: Batch, i
             batch = window_batch(features, rows, device)
             model(**_inputs(batch))
             dense(**_inputs(batch))
-            keep = batch["attention_mask"].reshape(-1).bool()
+            keep = _token_rows(features, rows, batch, device)
             for i in range(num_layers):
                 for j, key in enumerate((f"att{i}", f"ffn{i}")):
                     a = captures[0].values[key].reshape(-1, captures[0].values[key].shape[-1])[keep]
                     b = captures[1].values[key].reshape(-1, a.shape[-1])[keep]
-                    sums[i][j] += float((a.double() - b.double()).pow(2).sum())
-            elements += int(keep.sum()) * int(captures[0].values["att0"].shape[-1])
-    return [(a / max(1, elements), f / max(1, elements)) for a, f in sums]
+                    sums[i, j] += (a.double() - b.double()).pow(2).sum()
+            elements += int(keep.numel()) * int(captures[0].values["att0"].shape[-1])
+    return [(a / max(1, elements), f / max(1, elements)) for a, f in sums.tolist()]
 
 
 @torch.no_grad()

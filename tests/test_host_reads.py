@@ -246,3 +246,46 @@ def test_the_tuning_errors_are_the_sums_over_the_batches_of_the_real_tokens():
         hook.remove()
     tuned = imp.tune_masks_(pruned, dense, features, index, head_keep, neuron_keep, batch_size=4)
     assert tuned[0].attention_before == error / (tokens * 32) and error > 0
+
+
+def layer_error_reads(n: int) -> list[str]:
+    dense, pruned, _, _ = pruned_pair()
+    with GpuStandIn(*weights(pruned, dense)) as gpu:
+        imp.reconstruction_errors(pruned, dense, windows(n), torch.arange(n), batch_size=2, device=CUDA)
+    return gpu.reads
+
+
+def test_the_layer_errors_are_read_from_the_gpu_once():
+    few, many = layer_error_reads(4), layer_error_reads(12)
+    assert len(few) == len(many) == 1, many
+
+
+def test_the_layer_errors_are_the_sums_over_the_batches_of_the_real_tokens():
+    """Every layer's two errors, summed batch by batch over the real tokens on the host as floats: the same to the
+    last bit."""
+    dense, pruned, _, _ = pruned_pair()
+    features, index = windows(9, seed=6), torch.arange(9)
+    sums: dict[tuple[str, int, str], torch.Tensor] = {}
+    hooks = []
+    for name, m in (("pruned", pruned), ("dense", dense)):
+        for i, layer in enumerate(m.bert.encoder.layer):
+            for part, norm in (("att", layer.attention.output.LayerNorm), ("ffn", layer.output.LayerNorm)):
+                hooks.append(norm.register_forward_pre_hook(
+                    lambda mod, args, key=(name, i, part): sums.__setitem__(key, args[0])))
+    errors, tokens = [[0.0, 0.0], [0.0, 0.0]], 0
+    with torch.no_grad():
+        for rows in imp.length_batches(features, index, 4):
+            batch = window_batch(features, rows)
+            for m in (pruned, dense):
+                m(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+            real = batch["attention_mask"].reshape(-1).bool()
+            for i in range(2):
+                for j, part in enumerate(("att", "ffn")):
+                    a, b = (sums[(name, i, part)].flatten(0, 1)[real] for name in ("pruned", "dense"))
+                    errors[i][j] += float((a.double() - b.double()).pow(2).sum())
+            tokens += int(real.sum())
+    for hook in hooks:
+        hook.remove()
+    expected = [(a / (tokens * 32), f / (tokens * 32)) for a, f in errors]
+    assert imp.reconstruction_errors(pruned, dense, features, index, batch_size=4) == expected
+    assert all(a > 0 and f > 0 for a, f in expected)
