@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 from transformers import BertConfig, BertForQuestionAnswering
 
 from pruning import importance as imp
-from pruning.squad import window_batch
+from pruning.squad import EvalFeatures, compute_logits, window_batch
 
 CUDA = torch.device("cuda")
 TORCH_DIR = str(Path(torch.__file__).parent)
@@ -87,11 +87,13 @@ class GpuStandIn(TorchFunctionMode):
                 return out
             if from_device and targets and torch.device(targets[0]).type == "cpu":
                 self._record(name)
-                return func(*args, **kwargs)
+                return func(*args, **kwargs).clone()  # a copy on the host, as from a GPU
         if name == "copy_" and self._on_device(args[1]) and not self._on_device(args[0]):
             self._record("copy_ to the host" + (" (non_blocking)" if kwargs.get("non_blocking") else ""))
         elif name in READS and from_device:
             self._record(name)
+            if name == "cpu":
+                return func(*args, **kwargs).clone()
         elif name in ("__getitem__", "__setitem__", "index_put_") and any(
                 self._on_device(t) and t.dtype == torch.bool for t in inputs[1:]):
             self._record(f"{name} with a boolean mask")
@@ -289,3 +291,51 @@ def test_the_layer_errors_are_the_sums_over_the_batches_of_the_real_tokens():
     expected = [(a / (tokens * 32), f / (tokens * 32)) for a, f in errors]
     assert imp.reconstruction_errors(pruned, dense, features, index, batch_size=4) == expected
     assert all(a > 0 and f > 0 for a, f in expected)
+
+
+# --- evaluation -------------------------------------------------------------------------------------------------
+
+
+def eval_features(n: int, seed: int = 1) -> EvalFeatures:
+    w = windows(n, seed=seed)
+    return EvalFeatures(w["input_ids"], w["attention_mask"], w["token_type_ids"], np.arange(n),
+                        [str(i) for i in range(n)], np.zeros((n, 16, 2), dtype=np.int32))
+
+
+def evaluation_reads(n: int) -> list[str]:
+    model = tiny_model()
+    with GpuStandIn(*weights(model)) as gpu:
+        compute_logits(model, eval_features(n), batch_size=2, device=CUDA, progress=False)
+    return gpu.reads
+
+
+def test_an_evaluation_reads_its_logits_from_the_gpu_once():
+    few, many = evaluation_reads(4), evaluation_reads(12)
+    assert len(few) == len(many) == 1, many
+
+
+def test_the_logits_of_an_evaluation_are_each_batchs_own_padded_to_the_window_width():
+    model, features = tiny_model(), eval_features(11, seed=7)
+    start, end = compute_logits(model, features, batch_size=4, progress=False)
+    assert start.dtype == end.dtype == np.float32 and start.shape == end.shape == (11, 16)
+    with torch.inference_mode():
+        for first in range(0, 11, 4):
+            batch = features.model_inputs(slice(first, first + 4))
+            used = int(batch["attention_mask"].sum(dim=1).max())
+            out = model(**{k: v[:, :used] for k, v in batch.items()})
+            for ours, theirs in ((start, out.start_logits), (end, out.end_logits)):
+                expected = np.pad(theirs.float().numpy(), ((0, 0), (0, 16 - used)), constant_values=-1e4)
+                assert np.array_equal(ours[first:first + 4], expected)
+    assert compute_logits(model, eval_features(0), progress=False)[0].shape == (0, 16)
+
+
+def test_an_evaluation_longer_than_the_logits_kept_on_the_device_copies_them_back_as_they_fill(monkeypatch):
+    from pruning import squad
+
+    model, features = tiny_model(), eval_features(12, seed=9)
+    expected = compute_logits(model, features, batch_size=2, progress=False)
+    monkeypatch.setattr(squad, "_LOGITS_KEPT_ON_DEVICE", 2 * 2 * 16 * 4 * 2)  # two batches' logits
+    with GpuStandIn(*weights(model)) as gpu:
+        got = compute_logits(model, features, batch_size=2, device=CUDA, progress=False)
+    assert len(gpu.reads) == 3, gpu.reads
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
