@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 from transformers import BertConfig, BertForQuestionAnswering
 
 from pruning import importance as imp
+from pruning.inference import run_windows, torch_runner
 from pruning.squad import EvalFeatures, compute_logits, window_batch
 
 CUDA = torch.device("cuda")
@@ -329,6 +330,33 @@ def test_the_logits_of_an_evaluation_are_each_batchs_own_padded_to_the_window_wi
     assert compute_logits(model, eval_features(0), progress=False)[0].shape == (0, 16)
 
 
+def answering_reads(n: int) -> list[str]:
+    model = tiny_model()
+    with GpuStandIn(*weights(model)) as gpu:
+        run_windows(torch_runner(model, CUDA), eval_features(n), batch_size=2)
+    return gpu.reads
+
+
+def test_answering_reads_its_logits_from_the_gpu_once():
+    """answer(), answer_batch() and the served model run their windows through run_windows and torch_runner."""
+    few, many = answering_reads(4), answering_reads(12)
+    assert len(few) == len(many) == 1, many
+
+
+def test_answering_gives_the_logits_of_a_runner_that_returns_them_on_the_host():
+    model, features = tiny_model(), eval_features(11, seed=8)
+
+    def on_host(batch):
+        with torch.inference_mode():
+            out = model(**batch)
+        return out.start_logits.float().numpy(), out.end_logits.float().numpy()
+
+    expected = run_windows(on_host, features, batch_size=3)
+    got = run_windows(torch_runner(model), features, batch_size=3)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+    assert (expected[0] == -1e4).any() and (expected[0] != -1e4).any()
+
+
 def test_an_evaluation_longer_than_the_logits_kept_on_the_device_copies_them_back_as_they_fill(monkeypatch):
     from pruning import squad
 
@@ -338,4 +366,16 @@ def test_an_evaluation_longer_than_the_logits_kept_on_the_device_copies_them_bac
     with GpuStandIn(*weights(model)) as gpu:
         got = compute_logits(model, features, batch_size=2, device=CUDA, progress=False)
     assert len(gpu.reads) == 3, gpu.reads
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
+def test_answering_more_than_the_logits_kept_on_the_device_copies_them_back_as_they_fill(monkeypatch):
+    from pruning import inference
+
+    model, features = tiny_model(), eval_features(12, seed=9)
+    expected = run_windows(torch_runner(model), features, batch_size=2)
+    monkeypatch.setattr(inference, "_LOGITS_KEPT_ON_DEVICE", 2 * 2 * 16 * 4 * 2)  # two batches' logits at most
+    with GpuStandIn(*weights(model)) as gpu:
+        got = run_windows(torch_runner(model, CUDA), features, batch_size=2)
+    assert 3 <= len(gpu.reads) <= 6, gpu.reads  # every 4 or 5 windows, by how the lengths batch
     assert all(np.array_equal(a, b) for a, b in zip(got, expected))
