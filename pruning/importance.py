@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks as mask_lib
-from .squad import window_batch
+from .squad import to_device, window_batch
 from .structure import architecture_for, encoder_layers, get_module
 
 __all__ = [
@@ -220,11 +220,20 @@ class _MaskVariables:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _sampled_positions(logits: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One position per window drawn from ``softmax(logits)`` over its real (unpadded) tokens."""
+def _sampled_positions(logits: torch.Tensor, attention_mask: torch.Tensor,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One position per window drawn from ``softmax(logits)`` over its real (unpadded) tokens, and whether every
+    probability was finite (a tensor where the logits are).
+
+    The draw is the one ``torch.multinomial(probs, 1, generator=generator)`` makes of the probabilities on the CPU,
+    the position of the largest ``p / q`` for ``q`` exponential draws from the CPU ``generator``: the same positions
+    from the same random stream, but the draws go to the logits' device instead of the probabilities coming back to
+    the host, which on a GPU would wait for the whole forward pass every batch.
+    """
     masked = logits.float().masked_fill(attention_mask == 0, float("-inf"))
-    probs = torch.softmax(masked, dim=-1).cpu()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+    probs = torch.softmax(masked, dim=-1)
+    draws = torch.empty(probs.shape, dtype=probs.dtype).exponential_(generator=generator)
+    return torch.argmax(probs / to_device(draws, probs.device), dim=-1), torch.isfinite(probs).all()
 
 
 def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, batch_size: int = 16, *,
@@ -265,6 +274,7 @@ def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, ba
     neuron_blocks = (torch.zeros(num_layers, inter, inter, dtype=torch.float32, device=device)
                      if block_diagonal else None)
     generator = torch.Generator().manual_seed(seed)
+    finite = torch.ones((), dtype=torch.bool, device=device)  # every sampled distribution, checked at the end
     variables = _MaskVariables(model)
     others = [teacher] if teacher is not None and teacher is not model else []
     with _frozen(model, *others), variables.install():
@@ -288,8 +298,9 @@ def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, ba
                     t_start, t_end = t_out.start_logits, t_out.end_logits
                 else:
                     t_start, t_end = start.detach(), end.detach()
-                start_pos = _sampled_positions(t_start, batch["attention_mask"], generator)
-                end_pos = _sampled_positions(t_end, batch["attention_mask"], generator)
+                start_pos, start_finite = _sampled_positions(t_start, batch["attention_mask"], generator)
+                end_pos, end_finite = _sampled_positions(t_end, batch["attention_mask"], generator)
+                finite = finite & start_finite & end_finite
             # A sum over windows, so that each window's gradient is its own loss's.
             loss = (F.cross_entropy(start, start_pos, reduction="sum")
                     + F.cross_entropy(end, end_pos, reduction="sum")) / 2
@@ -304,6 +315,9 @@ def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, ba
                     neuron_blocks[i] += g_neuron.float().T @ g_neuron.float()
         variables.heads = [None] * num_layers
         variables.neurons = [None] * num_layers
+    if labels == "sampled" and not bool(finite):
+        raise RuntimeError("the label distribution of a calibration window holds an infinite or NaN probability "
+                           "(the model's logits are not finite): no span can be sampled from it")
     return Importance(heads.cpu(), neurons.cpu(), int(index.numel()),
                       None if head_blocks is None else head_blocks.cpu(),
                       None if neuron_blocks is None else neuron_blocks.cpu())
@@ -583,8 +597,20 @@ def _stop_after(module: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-def _token_rows(attention_mask: torch.Tensor) -> torch.Tensor:
-    return attention_mask.reshape(-1).bool()
+def _token_rows(features: Batch, rows: torch.Tensor, batch: Batch, device: torch.device) -> torch.Tensor:
+    """The real tokens of ``batch`` (the windows ``rows`` of ``features``), as positions in its windows flattened
+    to ``(windows * width)``, on ``device``.
+
+    They are found in the host's attention mask and copied over: selecting them on the device with a boolean mask
+    would make the host wait for the GPU to count them, every batch.
+    """
+    mask = features["attention_mask"][rows][:, :batch["attention_mask"].shape[1]]
+    return to_device(mask.reshape(-1).nonzero().flatten(), device)
+
+
+def _kept(keep: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The positions of ``keep``'s True entries, found on the host, on ``device``."""
+    return to_device(keep.cpu().nonzero().flatten(), device)
 
 
 # The default relative ridge weight of each tuning mode.
@@ -646,11 +672,10 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
             student_x.append(hidden)
             teacher_x.append(_layer_call(dense, batch)[0])
             calls.append((args, kwargs))
-            token_rows.append(_token_rows(batch["attention_mask"]))
+            token_rows.append(_token_rows(features, rows, batch, device))
         for layer_index, (layer, dense_layer) in enumerate(zip(encoder_layers(model), encoder_layers(dense))):
-            kept_heads = head_keep[layer_index].to(device).nonzero().flatten()
-            kept_neurons = neuron_keep[layer_index].to(device).nonzero().flatten()
-            columns = (kept_heads[:, None] * head_dim + torch.arange(head_dim, device=device)[None, :]).flatten()
+            kept_neurons = _kept(neuron_keep[layer_index], device)
+            columns = _kept(_head_columns(head_keep[layer_index].cpu(), head_dim), device)
             out_proj = get_module(layer, arch.attention_output)
             second = get_module(layer, arch.ffn_out)
             att_sum, ffn_sum = get_module(layer, att_norm), get_module(layer, ffn_norm)
@@ -717,9 +742,10 @@ class _Fit:
 class _NormalEquations:
     """The least-squares system of a change to ``linear``'s kept input ``columns`` against the error of its sum.
 
-    ``add`` accumulates ``X^T X`` and ``X^T E`` in float64 over the calibration tokens (``X``: the kept columns'
-    inputs, with a constant when the linear has a bias; ``E``: the dense sum minus the pruned one). The columns come
-    in structures of ``group`` consecutive ones (a head's ``head_dim`` columns, one FFN neuron).
+    ``add`` accumulates ``X^T X``, ``X^T E`` and ``|E|^2`` in float64 over the calibration tokens (``X``: the kept
+    columns' inputs, with a constant when the linear has a bias; ``E``: the dense sum minus the pruned one), on the
+    linear's device: the host reads them when it solves, not every batch. The columns come in structures of
+    ``group`` consecutive ones (a head's ``head_dim`` columns, one FFN neuron).
     """
 
     def __init__(self, linear: nn.Linear, columns: torch.Tensor, group: int) -> None:
@@ -729,7 +755,13 @@ class _NormalEquations:
         device = linear.weight.device
         self.xtx = torch.zeros(size, size, dtype=torch.float64, device=device)
         self.xte = torch.zeros(size, out, dtype=torch.float64, device=device)
-        self.error, self.tokens = 0.0, 0
+        self.squared_error = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    @property
+    def error(self) -> float:
+        """The squared error of the sum over the calibration tokens, before the change."""
+        return float(self.squared_error)
 
     def add(self, x: torch.Tensor, error: torch.Tensor) -> None:
         x, error = x.double(), error.double()
@@ -737,7 +769,7 @@ class _NormalEquations:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         self.xtx += x.T @ x
         self.xte += x.T @ error
-        self.error += float(error.pow(2).sum())
+        self.squared_error += error.pow(2).sum()
         self.tokens += int(x.shape[0])
 
     def solve_(self, mode: str, damping: float) -> _Fit:
@@ -786,12 +818,13 @@ def reconstruction_errors(model: nn.Module, dense: nn.Module, features: Batch, i
     """Per layer, the mean squared difference between ``model``'s and ``dense``'s sublayer sums.
 
     Each model runs on its own inputs; the sums are what enters the attention and the FFN LayerNorms. Returns
-    ``(attention, ffn)`` per layer, per element over the real tokens of the windows ``index``.
+    ``(attention, ffn)`` per layer, per element over the real tokens of the windows ``index``. The squared
+    differences add up on ``device`` and are read back once, at the end.
     """
     device = device or next(model.parameters()).device
     att_norm, ffn_norm = _norm_paths(model)
     num_layers = len(encoder_layers(model))
-    sums = [[0.0, 0.0] for _ in range(num_layers)]
+    sums = torch.zeros(num_layers, 2, dtype=torch.float64, device=device)
     elements = 0
     captures = []
     for m in (model, dense):
@@ -805,14 +838,14 @@ def reconstruction_errors(model: nn.Module, dense: nn.Module, features: Batch, i
             batch = window_batch(features, rows, device)
             model(**_inputs(batch))
             dense(**_inputs(batch))
-            keep = _token_rows(batch["attention_mask"])
+            keep = _token_rows(features, rows, batch, device)
             for i in range(num_layers):
                 for j, key in enumerate((f"att{i}", f"ffn{i}")):
                     a = captures[0].values[key].reshape(-1, captures[0].values[key].shape[-1])[keep]
                     b = captures[1].values[key].reshape(-1, a.shape[-1])[keep]
-                    sums[i][j] += float((a.double() - b.double()).pow(2).sum())
-            elements += int(keep.sum()) * int(captures[0].values["att0"].shape[-1])
-    return [(a / max(1, elements), f / max(1, elements)) for a, f in sums]
+                    sums[i, j] += (a.double() - b.double()).pow(2).sum()
+            elements += int(keep.numel()) * int(captures[0].values["att0"].shape[-1])
+    return [(a / max(1, elements), f / max(1, elements)) for a, f in sums.tolist()]
 
 
 @torch.no_grad()

@@ -1044,6 +1044,12 @@ def _model_device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+# How many bytes of logits an evaluation keeps on its device before copying them to the host together: a copy to the
+# host waits until the device has run everything queued before it, so one a batch would leave a GPU idle while the
+# host prepares the next batch.
+_LOGITS_KEPT_ON_DEVICE = 256 * 2**20
+
+
 def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 64,
                    device: str | torch.device | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Start and end logits ``(F, max_seq_length)`` (float32 numpy) of a QA model over all windows.
@@ -1051,6 +1057,9 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
     The model runs in eval mode under ``torch.inference_mode`` (its training flag is restored afterwards); it is
     called with ``input_ids``, ``attention_mask`` and ``token_type_ids`` and must return an object with
     ``start_logits`` and ``end_logits``.
+
+    The logits stay on the device, and come back to the host together at the end (or every
+    ``_LOGITS_KEPT_ON_DEVICE`` bytes), so the host queues the next batch while a GPU runs this one.
 
     Args:
         device: where to run the batches; default: the device of the model's first parameter. The model is not moved.
@@ -1060,6 +1069,17 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
     device = torch.device(device) if device is not None else _model_device(model)
     starts: list[np.ndarray] = []
     ends: list[np.ndarray] = []
+    width = features.input_ids.shape[1]
+    waiting: list[torch.Tensor] = []  # (2, windows, width): a batch's start and end logits, on the device
+    kept = 0  # bytes in waiting
+
+    def collect() -> None:
+        if waiting:
+            values = torch.cat(waiting, dim=1).cpu().numpy()
+            starts.append(values[0])
+            ends.append(values[1])
+            waiting.clear()
+
     was_training = model.training
     model.eval()
     try:
@@ -1070,13 +1090,15 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
                 # Dynamic padding: run only up to the longest window of the batch, pad the logits back after.
                 used = batch_width(batch["attention_mask"])
                 output = model(**{key: to_device(value[:, :used], device) for key, value in batch.items()})
-                pad = features.input_ids.shape[1] - used
-                for logits, out in ((output.start_logits, starts), (output.end_logits, ends)):
-                    values = logits.float().cpu().numpy()
-                    out.append(np.pad(values, ((0, 0), (0, pad)), constant_values=-1e4) if pad else values)
+                logits = torch.stack((output.start_logits.float(), output.end_logits.float()))
+                waiting.append(nn.functional.pad(logits, (0, width - used), value=-1e4) if width > used else logits)
+                kept += waiting[-1].numel() * waiting[-1].element_size()
+                if kept >= _LOGITS_KEPT_ON_DEVICE:
+                    collect()
+                    kept = 0
+            collect()
     finally:
         model.train(was_training)
-    width = features.input_ids.shape[1]
     if not starts:
         empty = np.zeros((0, width), dtype=np.float32)
         return empty, empty.copy()
