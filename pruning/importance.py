@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks as mask_lib
-from .squad import to_device, window_batch
+from .squad import NonFiniteLogits, to_device, window_batch
 from .structure import architecture_for, encoder_layers, get_module
 
 __all__ = [
@@ -316,8 +316,8 @@ def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, ba
         variables.heads = [None] * num_layers
         variables.neurons = [None] * num_layers
     if labels == "sampled" and not bool(finite):
-        raise RuntimeError("the label distribution of a calibration window holds an infinite or NaN probability "
-                           "(the model's logits are not finite): no span can be sampled from it")
+        raise NonFiniteLogits("the model gave NaN or infinite start/end logits on a calibration window of the Fisher "
+                              "pass, so no span can be sampled from its distribution")
     return Importance(heads.cpu(), neurons.cpu(), int(index.numel()),
                       None if head_blocks is None else head_blocks.cpu(),
                       None if neuron_blocks is None else neuron_blocks.cpu())

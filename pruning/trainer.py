@@ -1166,11 +1166,14 @@ def _fisher_estimate(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None
     # A student that starts from the teacher's weights, and has not been trained since, has the teacher's
     # distribution: no second forward pass.
     label_model = None if teacher is None or (not trained and _same_model(cfg.model, cfg.teacher)) else teacher
-    return importance.fisher_importance(
-        model, features, index, cfg.batch_size, labels="sampled" if teacher is not None else "gold",
-        teacher=label_model,
-        block_diagonal=cfg.method is Method.FISHER and cfg.mask_rearrange, seed=cfg.seed, device=device,
-        autocast=lambda: autocast(resolve_precision(cfg.precision, device), device))
+    try:
+        return importance.fisher_importance(
+            model, features, index, cfg.batch_size, labels="sampled" if teacher is not None else "gold",
+            teacher=label_model,
+            block_diagonal=cfg.method is Method.FISHER and cfg.mask_rearrange, seed=cfg.seed, device=device,
+            autocast=lambda: autocast(resolve_precision(cfg.precision, device), device))
+    except squad.NonFiniteLogits as err:  # the labels are drawn from the teacher's distribution: name it
+        raise squad.NonFiniteLogits(f"teacher {cfg.teacher}: {err}") from None
 
 
 def fisher_stage_steps(cfg: RunConfig) -> list[int]:

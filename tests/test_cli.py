@@ -1248,6 +1248,31 @@ def test_a_model_with_non_finite_logits_is_one_line_naming_it_in_eval_and_ask(tm
         assert f"{model_dir}: the model gave NaN or infinite start/end logits" in line
 
 
+def test_a_fisher_cut_whose_teacher_gives_non_finite_logits_is_one_line_naming_the_teacher(tmp_path, tiny_bert_config,
+                                                                                         tokenizer, capsys):
+    """A one-shot cut draws its calibration labels from the teacher's distribution: a teacher whose weights hold NaN
+    stopped the run in a traceback from torch.multinomial; now one line naming the teacher, exit 2, nothing written."""
+    from transformers import BertForQuestionAnswering
+
+    from pruning.checkpoint import save_model
+
+    student = save_model(BertForQuestionAnswering(tiny_bert_config), tokenizer, tmp_path / "student")
+    teacher = BertForQuestionAnswering(tiny_bert_config)
+    with torch.no_grad():
+        teacher.qa_outputs.bias.fill_(float("nan"))
+    teacher_dir = save_model(teacher, tokenizer, tmp_path / "teacher")
+    config = tmp_path / "fisher.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(student), "teacher": str(teacher_dir), "train_data": "dev", "eval_data": "dev",
+        "train_limit": 8, "eval_limit": 4, "max_seq_length": 96, "doc_stride": 32, "batch_size": 4,
+        "method": "fisher", "target_density": 0.5, "attention_block": [16, 64], "calibration_samples": 8,
+        "mask_tuning_samples": 4, "fill_steps": 0, "output_dir": str(tmp_path / "out")}))
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--no-progress"])
+    assert line.endswith(f"teacher {teacher_dir}: the model gave NaN or infinite start/end logits on a calibration "
+                         "window of the Fisher pass, so no span can be sampled from its distribution"), line
+    assert not (tmp_path / "out" / "final").exists()
+
+
 def test_eval_data_is_read_for_its_answer_texts_only(capsys, masked_checkpoint, tmp_path):
     """Evaluation data whose answer_start values are off (hand-made data) is taken wherever only the questions or
     the answer texts are read: `eval`, `pack` and a training run's evaluation, as `score` takes it."""

@@ -22,7 +22,7 @@ from transformers import BertConfig, BertForQuestionAnswering
 
 from pruning import importance as imp
 from pruning.inference import run_windows, torch_runner
-from pruning.squad import EvalFeatures, compute_logits, window_batch
+from pruning.squad import EvalFeatures, NonFiniteLogits, compute_logits, window_batch
 
 CUDA = torch.device("cuda")
 TORCH_DIR = str(Path(torch.__file__).parent)
@@ -194,7 +194,7 @@ def test_a_model_with_non_finite_logits_stops_the_sampled_pass():
     model = tiny_model()
     with torch.no_grad():
         model.qa_outputs.bias.fill_(float("nan"))
-    with pytest.raises(RuntimeError, match="not finite"):
+    with pytest.raises(NonFiniteLogits, match="NaN or infinite start/end logits on a calibration window"):
         imp.fisher_importance(model, windows(4), torch.arange(4), batch_size=2, labels="sampled")
 
 
