@@ -228,27 +228,42 @@ def test_mask_tuning_reads_from_the_gpu_per_layer_not_per_batch(mode):
     assert len(few) == len(many), many
 
 
-def test_the_tuning_errors_are_the_sums_over_the_batches_of_the_real_tokens():
-    """The first layer's error before tuning, summed batch by batch over the real tokens on the host as a float, is
-    the one mask tuning reports, to the last bit."""
-    dense, pruned, head_keep, neuron_keep = pruned_pair()
-    features, index = windows(9, seed=6), torch.arange(9)
-    sums = {}
-    hooks = [m.bert.encoder.layer[0].attention.output.LayerNorm.register_forward_pre_hook(
-        lambda mod, args, key=key: sums.__setitem__(key, args[0])) for key, m in (("pruned", pruned), ("dense", dense))]
-    error, tokens = 0.0, 0
+def host_errors(pruned, dense, features, index, dtype: torch.dtype) -> tuple[list[list[float]], int]:
+    """Every layer's attention and FFN sum errors between ``pruned`` and ``dense`` (their difference taken in
+    ``dtype``, as the pass does), each batch's squared error over its real tokens read to the host as a float and
+    added there (as the passes did before), and the tokens."""
+    sums: dict[tuple[str, int, str], torch.Tensor] = {}
+    hooks = []
+    for name, m in (("pruned", pruned), ("dense", dense)):
+        for i, layer in enumerate(m.bert.encoder.layer):
+            for part, norm in (("att", layer.attention.output.LayerNorm), ("ffn", layer.output.LayerNorm)):
+                hooks.append(norm.register_forward_pre_hook(
+                    lambda mod, args, key=(name, i, part): sums.__setitem__(key, args[0])))
+    errors, tokens = [[0.0, 0.0], [0.0, 0.0]], 0
     with torch.no_grad():
         for rows in imp.length_batches(features, index, 4):
             batch = window_batch(features, rows)
             for m in (pruned, dense):
                 m(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
             real = batch["attention_mask"].reshape(-1).bool()
-            error += float((sums["dense"] - sums["pruned"]).flatten(0, 1)[real].double().pow(2).sum())
+            for i in range(2):
+                for j, part in enumerate(("att", "ffn")):
+                    a, b = (sums[(name, i, part)].flatten(0, 1)[real] for name in ("pruned", "dense"))
+                    errors[i][j] += float((b.to(dtype) - a.to(dtype)).double().pow(2).sum())
             tokens += int(real.sum())
     for hook in hooks:
         hook.remove()
+    return errors, tokens
+
+
+def test_the_tuning_errors_are_the_sums_over_the_batches_of_the_real_tokens():
+    """The first layer's error before tuning, summed batch by batch over the real tokens on the host as a float, is
+    the one mask tuning reports, to the last bit."""
+    dense, pruned, head_keep, neuron_keep = pruned_pair()
+    features, index = windows(9, seed=6), torch.arange(9)
+    errors, tokens = host_errors(pruned, dense, features, index, torch.float32)
     tuned = imp.tune_masks_(pruned, dense, features, index, head_keep, neuron_keep, batch_size=4)
-    assert tuned[0].attention_before == error / (tokens * 32) and error > 0
+    assert tuned[0].attention_before == errors[0][0] / (tokens * 32) and errors[0][0] > 0
 
 
 def layer_error_reads(n: int) -> list[str]:
@@ -268,27 +283,7 @@ def test_the_layer_errors_are_the_sums_over_the_batches_of_the_real_tokens():
     last bit."""
     dense, pruned, _, _ = pruned_pair()
     features, index = windows(9, seed=6), torch.arange(9)
-    sums: dict[tuple[str, int, str], torch.Tensor] = {}
-    hooks = []
-    for name, m in (("pruned", pruned), ("dense", dense)):
-        for i, layer in enumerate(m.bert.encoder.layer):
-            for part, norm in (("att", layer.attention.output.LayerNorm), ("ffn", layer.output.LayerNorm)):
-                hooks.append(norm.register_forward_pre_hook(
-                    lambda mod, args, key=(name, i, part): sums.__setitem__(key, args[0])))
-    errors, tokens = [[0.0, 0.0], [0.0, 0.0]], 0
-    with torch.no_grad():
-        for rows in imp.length_batches(features, index, 4):
-            batch = window_batch(features, rows)
-            for m in (pruned, dense):
-                m(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
-            real = batch["attention_mask"].reshape(-1).bool()
-            for i in range(2):
-                for j, part in enumerate(("att", "ffn")):
-                    a, b = (sums[(name, i, part)].flatten(0, 1)[real] for name in ("pruned", "dense"))
-                    errors[i][j] += float((a.double() - b.double()).pow(2).sum())
-            tokens += int(real.sum())
-    for hook in hooks:
-        hook.remove()
+    errors, tokens = host_errors(pruned, dense, features, index, torch.float64)
     expected = [(a / (tokens * 32), f / (tokens * 32)) for a, f in errors]
     assert imp.reconstruction_errors(pruned, dense, features, index, batch_size=4) == expected
     assert all(a > 0 and f > 0 for a, f in expected)
@@ -303,15 +298,27 @@ def eval_features(n: int, seed: int = 1) -> EvalFeatures:
                         [str(i) for i in range(n)], np.zeros((n, 16, 2), dtype=np.int32))
 
 
-def evaluation_reads(n: int) -> list[str]:
-    model = tiny_model()
-    with GpuStandIn(*weights(model)) as gpu:
-        compute_logits(model, eval_features(n), batch_size=2, device=CUDA, progress=False)
-    return gpu.reads
+# The two passes that turn windows into logits: evaluation, and answer()/answer_batch()/the served model (which run
+# their windows through run_windows and torch_runner); each with the module that holds its device budget.
+LOGIT_PASSES = {
+    "evaluation": ("squad", lambda model, features, device=None: compute_logits(
+        model, features, batch_size=2, device=device, progress=False)),
+    "answering": ("inference", lambda model, features, device=None: run_windows(
+        torch_runner(model, device), features, batch_size=2)),
+}
 
 
-def test_an_evaluation_reads_its_logits_from_the_gpu_once():
-    few, many = evaluation_reads(4), evaluation_reads(12)
+@pytest.mark.parametrize("name", LOGIT_PASSES)
+def test_a_pass_reads_its_logits_from_the_gpu_once(name):
+    run = LOGIT_PASSES[name][1]
+
+    def reads(n: int) -> list[str]:
+        model = tiny_model()
+        with GpuStandIn(*weights(model)) as gpu:
+            run(model, eval_features(n), CUDA)
+        return gpu.reads
+
+    few, many = reads(4), reads(12)
     assert len(few) == len(many) == 1, many
 
 
@@ -330,19 +337,6 @@ def test_the_logits_of_an_evaluation_are_each_batchs_own_padded_to_the_window_wi
     assert compute_logits(model, eval_features(0), progress=False)[0].shape == (0, 16)
 
 
-def answering_reads(n: int) -> list[str]:
-    model = tiny_model()
-    with GpuStandIn(*weights(model)) as gpu:
-        run_windows(torch_runner(model, CUDA), eval_features(n), batch_size=2)
-    return gpu.reads
-
-
-def test_answering_reads_its_logits_from_the_gpu_once():
-    """answer(), answer_batch() and the served model run their windows through run_windows and torch_runner."""
-    few, many = answering_reads(4), answering_reads(12)
-    assert len(few) == len(many) == 1, many
-
-
 def test_answering_gives_the_logits_of_a_runner_that_returns_them_on_the_host():
     model, features = tiny_model(), eval_features(11, seed=8)
 
@@ -357,25 +351,17 @@ def test_answering_gives_the_logits_of_a_runner_that_returns_them_on_the_host():
     assert (expected[0] == -1e4).any() and (expected[0] != -1e4).any()
 
 
-def test_an_evaluation_longer_than_the_logits_kept_on_the_device_copies_them_back_as_they_fill(monkeypatch):
-    from pruning import squad
+@pytest.mark.parametrize("name", LOGIT_PASSES)
+def test_a_pass_longer_than_the_logits_kept_on_the_device_copies_them_back_as_they_fill(monkeypatch, name):
+    import importlib
 
+    module, run = LOGIT_PASSES[name]
     model, features = tiny_model(), eval_features(12, seed=9)
-    expected = compute_logits(model, features, batch_size=2, progress=False)
-    monkeypatch.setattr(squad, "_LOGITS_KEPT_ON_DEVICE", 2 * 2 * 16 * 4 * 2)  # two batches' logits
+    expected = run(model, features)
+    monkeypatch.setattr(importlib.import_module(f"pruning.{module}"), "_LOGITS_KEPT_ON_DEVICE",
+                        2 * 2 * 16 * 4 * 2)  # two batches' logits
     with GpuStandIn(*weights(model)) as gpu:
-        got = compute_logits(model, features, batch_size=2, device=CUDA, progress=False)
-    assert len(gpu.reads) == 3, gpu.reads
-    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
-
-
-def test_answering_more_than_the_logits_kept_on_the_device_copies_them_back_as_they_fill(monkeypatch):
-    from pruning import inference
-
-    model, features = tiny_model(), eval_features(12, seed=9)
-    expected = run_windows(torch_runner(model), features, batch_size=2)
-    monkeypatch.setattr(inference, "_LOGITS_KEPT_ON_DEVICE", 2 * 2 * 16 * 4 * 2)  # two batches' logits at most
-    with GpuStandIn(*weights(model)) as gpu:
-        got = run_windows(torch_runner(model, CUDA), features, batch_size=2)
-    assert 3 <= len(gpu.reads) <= 6, gpu.reads  # every 4 or 5 windows, by how the lengths batch
+        got = run(model, features, CUDA)
+    # Evaluation fills it every two batches; answering every 4 or 5 windows, by how the lengths batch.
+    assert len(gpu.reads) == 3 if name == "evaluation" else 3 <= len(gpu.reads) <= 6, gpu.reads
     assert all(np.array_equal(a, b) for a, b in zip(got, expected))
