@@ -49,7 +49,7 @@ from .packed_modeling import (FFN_WIDTHS_KEY, HEADS_KEPT_KEY, PACKED_CLASSES, PA
 from .precision import resolve_precision
 from .sparsity import sparsity_report
 from .structure import (architecture_for, architecture_of_type, encoder_layers, get_module, max_positions,
-                        quiet_transformers)
+                        qa_model_class, quiet_transformers)
 
 __all__ = [
     "PackingError",
@@ -294,8 +294,12 @@ def _first_line(error: BaseException) -> str:
 
 
 def _model_class(config, config_file: Path) -> type:
-    """The stock transformers class named in the config's ``architectures`` (for a packed class, its base)."""
+    """The stock transformers class named in the config's ``architectures`` (for a packed class, its base), or,
+    where config.json names none (a config edited by hand, or written by a tool that leaves the key out), the
+    question-answering class of its ``model_type``, which is what a packed directory of that type holds."""
     names = list(getattr(config, "architectures", None) or [])
+    if not names:
+        return qa_model_class(config.model_type)
     packed = {cls.__name__: cls.__bases__[0] for cls in PACKED_CLASSES.values()}
     for name in names:
         cls = packed.get(name) or getattr(transformers, name, None)

@@ -240,3 +240,34 @@ def test_a_model_whose_config_names_its_own_code_is_written_without_that_auto_ma
     assert result["packed"]["class"] == "PackedBertForQuestionAnswering"
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt")["packed"],
                                _logits(load_model(tmp_path / "packed"), inputs["packed"]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_a_packed_config_without_architectures_is_built_as_the_question_answering_model_of_its_type(tmp_path,
+                                                                                                  model_type):
+    """config.json's ``architectures`` is optional (a config edited by hand, a tool that leaves it out): the
+    model_type alone says which class a packed directory holds."""
+    from pruning.checkpoint import load_model
+
+    packed = pack(pruned_model(model_type))
+    out = save_packed(packed, None, tmp_path / "packed")
+    record = json.loads((out / "config.json").read_text())
+    del record["architectures"]
+    (out / "config.json").write_text(json.dumps(record))
+    inputs = _inputs(packed.config)
+    for load in (load_packed, load_model):
+        loaded = load(out)
+        assert type(loaded) is qa_model_class(model_type)
+        torch.testing.assert_close(_logits(loaded, inputs), _logits(packed, inputs), atol=0, rtol=0)
+
+
+def test_fineprune_answers_from_a_packed_directory_whose_config_has_no_architectures(tmp_path, tokenizer, capsys):
+    from conftest import packed_tiny_bert
+    from workflows import cli
+
+    out = packed_tiny_bert(tmp_path / "packed", tokenizer, heads=1, ffn=64)
+    record = json.loads((out / "config.json").read_text())
+    del record["architectures"]
+    (out / "config.json").write_text(json.dumps(record))
+    assert cli.main(["ask", str(out), "--question", "Who wrote it?", "--context", "Ann wrote it."]) == 0
+    assert "answer" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
