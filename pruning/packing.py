@@ -36,9 +36,11 @@ from typing import Any, Iterator
 
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig
+from transformers.utils.hub import get_checkpoint_shard_files
 
 from . import packed_modeling
 from .atomic import staged_dir
@@ -59,6 +61,10 @@ __all__ = [
     "HEADS_KEPT_KEY",
     "FFN_WIDTHS_KEY",
     "WEIGHTS_NAME",
+    "WEIGHTS_INDEX_NAME",
+    "weight_files",
+    "weight_names",
+    "read_weights",
     "pack",
     "pack_for_training",
     "unpack_into_",
@@ -78,6 +84,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # save_pretrained(max_shard_size=...): which shard holds what
 LOGIT_TOLERANCE = 1e-3  # packed against masked logits: only the summation order differs
 # The measured scalars of a PackReport a sweep trial reports, under these (its field) names.
 PACK_METRICS = ("speedup", "max_logit_diff", "params_after")
@@ -85,7 +92,9 @@ CONFIG_NAME = "config.json"
 AUTO_CLASS = "AutoModelForQuestionAnswering"  # the auto class config.json's auto_map names the packed class under
 # Weight files a fresh save replaces; stale ones next to a new model.safetensors would confuse loaders.
 _WEIGHT_FILES = ("model.safetensors", "model-*.safetensors", "pytorch_model*.bin")
-_STALE_WEIGHTS = (*_WEIGHT_FILES, "model.safetensors.index.json")
+_STALE_WEIGHTS = (*_WEIGHT_FILES, WEIGHTS_INDEX_NAME)
+# Weights stored as pickles, which are never read: unpickling a file can run any code it names.
+_PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class PackingError(ValueError):
@@ -293,6 +302,93 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
+def weight_files(model_dir: str | Path) -> tuple[Path, dict[Path, set[str] | None]]:
+    """The safetensors files of a model directory's weights, as transformers' ``from_pretrained`` finds them:
+    ``model.safetensors``, or else the shards that ``model.safetensors.index.json`` names (the files
+    ``save_pretrained(dir, max_shard_size=...)`` writes), read through transformers' own index reader.
+
+    Returns:
+        The file that names the weights (``model.safetensors`` or the index) and each weights file with the tensor
+        names the index places in it (None for a single ``model.safetensors``).
+
+    Raises:
+        PackingError: one line naming the file: neither is there (a directory of pickled ``pytorch_model.bin``
+            weights, which are never unpickled, says so), the index is not one, or it names a shard that is missing.
+    """
+    path = Path(model_dir)
+    single, index = path / WEIGHTS_NAME, path / WEIGHTS_INDEX_NAME
+    if single.is_file():
+        return single, {single: None}
+    if not index.is_file():
+        pickled = next((path / name for name in _PICKLED_WEIGHTS if (path / name).is_file()), None)
+        if pickled is not None:
+            raise PackingError(f"{pickled}: pickled PyTorch weights are not read (unpickling can run code); save the "
+                               f"model as safetensors ({WEIGHTS_NAME}), e.g. save_pretrained(dir, "
+                               "safe_serialization=True)")
+        raise PackingError(f"{single}: weights file not found")
+    try:
+        shards, metadata = get_checkpoint_shard_files(str(path), str(index), local_files_only=True)
+        weight_map = metadata["weight_map"]
+        placed: dict[Path, set[str]] = {Path(shard): set() for shard in shards}
+        for name, shard in weight_map.items():
+            placed[path / shard].add(name)
+    except Exception as error:  # not JSON, no weight_map or metadata, a weight_map that is no mapping of names
+        raise PackingError(f"{index}: not a safetensors index of a model's shards ({_first_line(error)})") from None
+    for shard in placed:
+        if not shard.is_file():
+            raise PackingError(f"{shard}: weights file not found (named in {index.name})")
+    return index, dict(placed)
+
+
+def _shard_names(shard: Path, expected: set[str] | None, index: Path) -> list[str]:
+    """The tensor names in a safetensors file's header; for a shard, exactly those its index places there."""
+    try:
+        with safe_open(str(shard), framework="pt") as handle:
+            names = list(handle.keys())
+    except Exception as error:  # safetensors reports corruption with several error types
+        raise PackingError(f"{shard}: cannot be read as safetensors ({_first_line(error)})") from None
+    if expected is not None and set(names) != expected:
+        absent, extra = sorted(expected - set(names)), sorted(set(names) - expected)
+        what = f"lacks tensor {absent[0]!r}" if absent else f"holds tensor {extra[0]!r}"
+        where = "places there" if absent else "does not place there"
+        raise PackingError(f"{shard}: {what}, which {index.name} {where}")
+    return names
+
+
+def weight_names(model_dir: str | Path) -> tuple[Path, set[str]]:
+    """The file naming a model directory's weights (see :func:`weight_files`) and the names of its tensors, read
+    from the safetensors headers alone (the tensors are left for the real load).
+
+    Raises:
+        PackingError: as :func:`weight_files`, or a file is corrupted, or a shard does not hold what the index says.
+    """
+    source, files = weight_files(model_dir)
+    names: set[str] = set()
+    for shard, expected in files.items():
+        names.update(_shard_names(shard, expected, source))
+    return source, names
+
+
+def read_weights(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Path, dict[str, torch.Tensor]]:
+    """The tensors of a model directory's weights, from ``model.safetensors`` or all the shards its index names.
+
+    Returns:
+        The file naming the weights (for messages) and the tensors.
+
+    Raises:
+        PackingError: as :func:`weight_names`.
+    """
+    source, files = weight_files(model_dir)
+    state: dict[str, torch.Tensor] = {}
+    for shard, expected in files.items():
+        _shard_names(shard, expected, source)
+        try:
+            state.update(load_file(str(shard), device=str(device)))
+        except Exception as error:  # a header that reads but tensors that do not (a truncated file)
+            raise PackingError(f"{shard}: cannot be read as safetensors ({_first_line(error)})") from None
+    return source, state
+
+
 def _model_class(config, config_file: Path) -> type:
     """The stock transformers class named in the config's ``architectures`` (for a packed class, its base), or,
     where config.json names none (a config edited by hand, or written by a tool that leaves the key out), the
@@ -367,7 +463,8 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
     """Rebuild a packed model from a directory written by :func:`save_packed`.
 
     The modules are created at their packed sizes (on the meta device) from the record in config.json, then the
-    tensors of model.safetensors are assigned to them; every stored tensor must match its module's shape.
+    tensors of model.safetensors (or of the shards its index names, as ``save_pretrained(dir, max_shard_size=...)``
+    writes them) are assigned to them; every stored tensor must match its module's shape.
 
     Args:
         model_dir: the packed directory.
@@ -377,7 +474,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
         The model in eval mode.
 
     Raises:
-        PackingError: the directory, config.json or model.safetensors is missing or unreadable, the config does
+        PackingError: the directory, config.json or the weights are missing or unreadable, the config does
             not describe a packed model, or a stored tensor is missing, unexpected or of the wrong shape or kind
             (integers for a model's floating-point weights).
     """
@@ -402,9 +499,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
     _drop_auto_map(config)
     cls = _model_class(config, config_file)
     config.architectures = [cls.__name__]  # the class built here, not a packed one whose file stays behind
-    weights_file = path / WEIGHTS_NAME
-    if not weights_file.is_file():
-        raise PackingError(f"{weights_file}: not found")
+    weights_file, _ = weight_files(path)
 
     try:
         with _parameters_on_meta():
@@ -419,10 +514,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
     # fineprune's own module building; the directory's copy of it (packed_modeling.py) is never run here.
     shrink_to_record(model, layers, arch)
 
-    try:
-        state = load_file(str(weights_file), device=str(device))
-    except Exception as error:  # safetensors reports corruption with several error types
-        raise PackingError(f"{weights_file}: cannot be read as safetensors ({_first_line(error)})") from error
+    weights_file, state = read_weights(path, device)
     expected = model.state_dict()
     for name, tensor in state.items():
         if name not in expected:
