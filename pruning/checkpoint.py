@@ -31,8 +31,8 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 from . import masks as mask_lib
 from .atomic import save_tensors, staged_dir
 from .config import EVALUATION_KEYS
-from .packing import (PACKED_FLAG, WEIGHTS_INDEX_NAME, PackingError, add_remote_code, load_packed, read_weights,
-                      weight_names)
+from .packing import (PACKED_FLAG, WEIGHTS_INDEX_NAME, PackingError, add_remote_code, check_kinds, load_packed,
+                      read_weights, weight_dtypes)
 from .sparsity import sparsity_report
 from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE, config_class, qa_model_class, quiet_transformers
 
@@ -97,11 +97,11 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: corrupted or unreadable safetensors file ({err})") from None
 
 
-def _weight_names(model_dir: Path) -> tuple[Path, set[str]]:
-    """The file naming the weights (model.safetensors or its shards' index) and the tensor names, from the headers
-    alone; a clear error for a missing or corrupted file before transformers reads it."""
+def _weight_dtypes(model_dir: Path) -> tuple[Path, dict[str, torch.dtype]]:
+    """The file naming the weights (model.safetensors or its shards' index) and the tensors' names and dtypes, from
+    the headers alone; a clear error for a missing or corrupted file before transformers reads it."""
     try:
-        return weight_names(model_dir)
+        return weight_dtypes(model_dir)
     except PackingError as err:
         raise CheckpointError(str(err)) from None
 
@@ -737,8 +737,8 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
         return load_packed(model_dir).float()
     settings = raw.get(MASKS_KEY)
     if settings is None:
-        weights, names = _weight_names(model_dir)
-        if qa_head and not any(name.endswith(QA_HEAD) for name in names):
+        weights, stored = _weight_dtypes(model_dir)
+        if qa_head and not any(name.endswith(QA_HEAD) for name in stored):
             raise CheckpointError(f"{model_dir}: not a question-answering model ({weights.name} has no {QA_HEAD}: a "
                                   "pre-trained encoder, whose answers would come from a random head); fine-tune it "
                                   "with `fineprune train` first")
@@ -754,6 +754,10 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
         except Exception as err:  # the modules check their config values (an activation's name, say) as they build
             raise CheckpointError(_cannot_build(model_dir, config, err)) from None
         _check_loading_info(weights, info)
+        try:  # from_pretrained converts integers to the float dtype it loads in, without a word
+            check_kinds(weights, stored, model.state_dict())
+        except PackingError as err:
+            raise CheckpointError(str(err)) from None
         if hasattr(model.config, AUTO_MAP):  # read by from_pretrained itself: forgotten as _config forgets it
             delattr(model.config, AUTO_MAP)
         return model.eval()
@@ -771,6 +775,10 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
         if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{weights}: weights do not match the config ({name} has shape "
                                   f"{tuple(tensor.shape)}, the config gives {tuple(expected[name].shape)})")
+    try:
+        check_kinds(weights, {name: tensor.dtype for name, tensor in state.items()}, expected)
+    except PackingError as err:
+        raise CheckpointError(str(err)) from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         names = (missing or unexpected)[:3]

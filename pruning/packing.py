@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig
+from transformers.modeling_utils import str_to_torch_dtype
 from transformers.utils.hub import get_checkpoint_shard_files
 
 from . import packed_modeling
@@ -63,8 +64,9 @@ __all__ = [
     "WEIGHTS_NAME",
     "WEIGHTS_INDEX_NAME",
     "weight_files",
-    "weight_names",
+    "weight_dtypes",
     "read_weights",
+    "check_kinds",
     "pack",
     "pack_for_training",
     "unpack_into_",
@@ -340,11 +342,13 @@ def weight_files(model_dir: str | Path) -> tuple[Path, dict[Path, set[str] | Non
     return index, dict(placed)
 
 
-def _shard_names(shard: Path, expected: set[str] | None, index: Path) -> list[str]:
-    """The tensor names in a safetensors file's header; for a shard, exactly those its index places there."""
+def _shard_dtypes(shard: Path, expected: set[str] | None, index: Path) -> dict[str, torch.dtype]:
+    """The tensor names and dtypes in a safetensors file's header; for a shard, exactly those its index places
+    there."""
     try:
         with safe_open(str(shard), framework="pt") as handle:
             names = list(handle.keys())
+            dtypes = {name: handle.get_slice(name).get_dtype() for name in names}
     except Exception as error:  # safetensors reports corruption with several error types
         raise PackingError(f"{shard}: cannot be read as safetensors ({_first_line(error)})") from None
     if expected is not None and set(names) != expected:
@@ -352,21 +356,37 @@ def _shard_names(shard: Path, expected: set[str] | None, index: Path) -> list[st
         what = f"lacks tensor {absent[0]!r}" if absent else f"holds tensor {extra[0]!r}"
         where = "places there" if absent else "does not place there"
         raise PackingError(f"{shard}: {what}, which {index.name} {where}")
-    return names
+    unknown = next((name for name, dtype in dtypes.items() if dtype not in str_to_torch_dtype), None)
+    if unknown is not None:
+        raise PackingError(f"{shard}: tensor {unknown!r} has dtype {dtypes[unknown]}, which torch cannot hold")
+    return {name: str_to_torch_dtype[dtype] for name, dtype in dtypes.items()}
 
 
-def weight_names(model_dir: str | Path) -> tuple[Path, set[str]]:
-    """The file naming a model directory's weights (see :func:`weight_files`) and the names of its tensors, read
-    from the safetensors headers alone (the tensors are left for the real load).
+def weight_dtypes(model_dir: str | Path) -> tuple[Path, dict[str, torch.dtype]]:
+    """The file naming a model directory's weights (see :func:`weight_files`) and the names and dtypes of its
+    tensors, read from the safetensors headers alone (the tensors are left for the real load).
 
     Raises:
         PackingError: as :func:`weight_files`, or a file is corrupted, or a shard does not hold what the index says.
     """
     source, files = weight_files(model_dir)
-    names: set[str] = set()
+    dtypes: dict[str, torch.dtype] = {}
     for shard, expected in files.items():
-        names.update(_shard_names(shard, expected, source))
-    return source, names
+        dtypes.update(_shard_dtypes(shard, expected, source))
+    return source, dtypes
+
+
+def check_kinds(weights_file: Path, stored: dict[str, torch.dtype], expected: dict[str, torch.Tensor]) -> None:
+    """Refuse integers or booleans stored for a model's floating-point tensor (or the reverse): a quantized model's
+    int8 weights, say, which loading would silently turn into floats of another scale, and the answers into noise.
+
+    Raises:
+        PackingError: one line naming ``weights_file`` and the first such tensor.
+    """
+    for name, dtype in stored.items():
+        if name in expected and dtype.is_floating_point != expected[name].is_floating_point():
+            raise PackingError(f"{weights_file}: tensor {name!r} has dtype {str(dtype).removeprefix('torch.')}, "
+                               f"where the model holds {str(expected[name].dtype).removeprefix('torch.')}")
 
 
 def read_weights(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Path, dict[str, torch.Tensor]]:
@@ -376,12 +396,12 @@ def read_weights(model_dir: str | Path, device: str | torch.device = "cpu") -> t
         The file naming the weights (for messages) and the tensors.
 
     Raises:
-        PackingError: as :func:`weight_names`.
+        PackingError: as :func:`weight_dtypes`.
     """
     source, files = weight_files(model_dir)
     state: dict[str, torch.Tensor] = {}
     for shard, expected in files.items():
-        _shard_names(shard, expected, source)
+        _shard_dtypes(shard, expected, source)
         try:
             state.update(load_file(str(shard), device=str(device)))
         except Exception as error:  # a header that reads but tensors that do not (a truncated file)
@@ -522,9 +542,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise PackingError(f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)}, the config "
                                f"implies {tuple(expected[name].shape)}")
-        if tensor.is_floating_point() != expected[name].is_floating_point():
-            raise PackingError(f"{weights_file}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
-                               f"where the model holds {str(expected[name].dtype).removeprefix('torch.')}")
+        check_kinds(weights_file, {name: tensor.dtype}, expected)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     missing = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]

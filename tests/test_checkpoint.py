@@ -573,3 +573,43 @@ def test_pickled_weights_are_refused_in_one_line_never_unpickled(tmp_path):
     message = str(caught.value)
     assert message.startswith(f"{directory / 'pytorch_model.bin'}: pickled PyTorch weights are not read")
     assert "\n" not in message and not marker.exists()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool])
+def test_integer_weights_of_a_dense_or_masked_model_are_one_line_naming_the_tensor(tmp_path, masked, dtype):
+    """A quantized model's int8 weights (or integers written by mistake) are not floats to copy in: converted, the
+    model would answer at random. A packed directory refuses them; so do dense and masked ones."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny()
+    if masked:
+        masks.apply_masks_(model, "sigmoid_threshold", (32, 32))
+    directory = save_model(model, None, tmp_path / "model")
+    weights = directory / "model.safetensors"
+    state = load_file(str(weights))
+    name = "bert.encoder.layer.1.output.dense.weight"
+    state[name] = (state[name] * 100).round().clamp(-1, 1).to(dtype)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    for qa_head in (False, True):
+        with pytest.raises(CheckpointError) as caught:
+            load_model(directory, qa_head=qa_head)
+        message = str(caught.value)
+        assert message.startswith(f"{weights}: tensor {name!r} has dtype {str(dtype).removeprefix('torch.')}")
+        assert "float32" in message and "\n" not in message
+
+
+def test_an_int8_model_is_refused_by_the_commands_not_answered_from(tmp_path, tiny_bert_config, tokenizer, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from workflows import cli
+
+    torch.manual_seed(0)
+    directory = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "int8")
+    weights = directory / "model.safetensors"
+    state = {name: (tensor * 100).round().clamp(-128, 127).to(torch.int8) if ".encoder." in name and
+             name.endswith("dense.weight") else tensor for name, tensor in load_file(str(weights)).items()}
+    save_file(state, str(weights), metadata={"format": "pt"})
+    assert cli.main(["ask", str(directory), "--question", "Who wrote it?", "--context", "Ann wrote it."]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"error: {weights}: tensor " in captured.err and "int8" in captured.err
