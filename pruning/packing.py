@@ -93,8 +93,7 @@ PACK_METRICS = ("speedup", "max_logit_diff", "params_after")
 CONFIG_NAME = "config.json"
 AUTO_CLASS = "AutoModelForQuestionAnswering"  # the auto class config.json's auto_map names the packed class under
 # Weight files a fresh save replaces; stale ones next to a new model.safetensors would confuse loaders.
-_WEIGHT_FILES = ("model.safetensors", "model-*.safetensors", "pytorch_model*.bin")
-_STALE_WEIGHTS = (*_WEIGHT_FILES, WEIGHTS_INDEX_NAME)
+_STALE_WEIGHTS = ("model.safetensors", "model-*.safetensors", WEIGHTS_INDEX_NAME, "pytorch_model*.bin")
 # Weights stored as pickles, which are never read: unpickling a file can run any code it names.
 _PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -568,13 +567,17 @@ def _model_params(model: nn.Module) -> int:
 
 
 def weights_bytes(model_dir: str | Path) -> int:
-    """Total size of the model's weight files (``model.safetensors``, its shards, ``pytorch_model*.bin``) in a model
-    directory; a training checkpoint's optimizer state beside them is not the model's."""
+    """Total size of the weight files the model is read from (``model.safetensors``, or the shards its index names;
+    see :func:`weight_files`) in a model directory: a ``pytorch_model.bin`` beside them, never read, and a training
+    checkpoint's optimizer state are not the model's.
+
+    Raises:
+        PackingError: the directory is missing, or holds no weights that are read.
+    """
     path = Path(model_dir)
     if not path.is_dir():
         raise PackingError(f"{path}: model directory not found")
-    return sum(f.stat().st_size for f in path.iterdir()
-               if f.is_file() and any(f.match(pattern) for pattern in _WEIGHT_FILES))
+    return sum(f.stat().st_size for f in weight_files(path)[1])
 
 
 def _logit_tensors(output: Any) -> list[torch.Tensor]:
