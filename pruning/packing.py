@@ -341,6 +341,23 @@ def weight_files(model_dir: str | Path) -> tuple[Path, dict[Path, set[str] | Non
     return index, dict(placed)
 
 
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what a Git LFS file is before `git lfs pull`
+
+
+def _unreadable(weights_file: Path, error: BaseException) -> PackingError:
+    """The one line of a weights file safetensors cannot read; a Git LFS pointer (a repository cloned without
+    git-lfs, or before `git lfs pull`) is said to be one, since it is no damaged file."""
+    try:
+        with open(weights_file, "rb") as handle:
+            pointer = handle.read(len(_LFS_POINTER)) == _LFS_POINTER
+    except OSError:
+        pointer = False
+    if pointer:
+        return PackingError(f"{weights_file}: a Git LFS pointer, not the weights (fetch them with `git lfs pull` in "
+                            "the repository the directory was cloned from)")
+    return PackingError(f"{weights_file}: cannot be read as safetensors ({_first_line(error)})")
+
+
 def _shard_dtypes(shard: Path, expected: set[str] | None, index: Path) -> dict[str, torch.dtype]:
     """The tensor names and dtypes in a safetensors file's header; for a shard, exactly those its index places
     there."""
@@ -349,7 +366,7 @@ def _shard_dtypes(shard: Path, expected: set[str] | None, index: Path) -> dict[s
             names = list(handle.keys())
             dtypes = {name: handle.get_slice(name).get_dtype() for name in names}
     except Exception as error:  # safetensors reports corruption with several error types
-        raise PackingError(f"{shard}: cannot be read as safetensors ({_first_line(error)})") from None
+        raise _unreadable(shard, error) from None
     if expected is not None and set(names) != expected:
         absent, extra = sorted(expected - set(names)), sorted(set(names) - expected)
         what = f"lacks tensor {absent[0]!r}" if absent else f"holds tensor {extra[0]!r}"
@@ -404,7 +421,7 @@ def read_weights(model_dir: str | Path, device: str | torch.device = "cpu") -> t
         try:
             state.update(load_file(str(shard), device=str(device)))
         except Exception as error:  # a header that reads but tensors that do not (a truncated file)
-            raise PackingError(f"{shard}: cannot be read as safetensors ({_first_line(error)})") from None
+            raise _unreadable(shard, error) from None
     return source, state
 
 

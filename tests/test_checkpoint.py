@@ -613,3 +613,26 @@ def test_an_int8_model_is_refused_by_the_commands_not_answered_from(tmp_path, ti
     assert cli.main(["ask", str(directory), "--question", "Who wrote it?", "--context", "Ann wrote it."]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and f"error: {weights}: tensor " in captured.err and "int8" in captured.err
+
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 8120016\n")
+
+
+@pytest.mark.parametrize("kind", ["dense", "masked", "packed", "shard"])
+def test_a_git_lfs_pointer_in_place_of_the_weights_is_said_to_be_one(tmp_path, kind):
+    """A model repository cloned without git-lfs holds small text pointers where its weights should be: the line
+    says so and how to fetch them, rather than calling the file corrupted."""
+    from pruning.packing import pack, save_packed
+
+    model = tiny()
+    if kind == "masked":
+        masks.apply_masks_(model, "sigmoid_threshold", (32, 32))
+    directory = (save_packed(pack(model), None, tmp_path / "model") if kind == "packed"
+                 else save_model(model, None, tmp_path / "model"))
+    weights = _shard(model, directory)[1] if kind == "shard" else directory / "model.safetensors"
+    weights.write_text(LFS_POINTER)
+    with pytest.raises(ValueError) as caught:
+        load_model(directory)
+    assert str(caught.value) == f"{weights}: a Git LFS pointer, not the weights (fetch them with `git lfs pull` in " \
+                                "the repository the directory was cloned from)"
