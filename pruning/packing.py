@@ -429,7 +429,8 @@ def _model_class(config, config_file: Path) -> type:
     """The stock transformers class named in the config's ``architectures`` (for a packed class, its base), or,
     where config.json names none (a config edited by hand, or written by a tool that leaves the key out), the
     question-answering class of its ``model_type``, which is what a packed directory of that type holds."""
-    names = list(getattr(config, "architectures", None) or [])
+    names = getattr(config, "architectures", None) or []
+    names = [names] if isinstance(names, str) else list(names)  # one name written without its list
     if not names:
         return qa_model_class(config.model_type)
     packed = {cls.__name__: cls.__bases__[0] for cls in PACKED_CLASSES.values()}

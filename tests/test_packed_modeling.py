@@ -247,13 +247,28 @@ def test_a_packed_config_without_architectures_is_built_as_the_question_answerin
                                                                                                   model_type):
     """config.json's ``architectures`` is optional (a config edited by hand, a tool that leaves it out): the
     model_type alone says which class a packed directory holds."""
-    from pruning.checkpoint import load_model
-
     packed = pack(pruned_model(model_type))
     out = save_packed(packed, None, tmp_path / "packed")
     record = json.loads((out / "config.json").read_text())
     del record["architectures"]
     (out / "config.json").write_text(json.dumps(record))
+    _check_loads_as(packed, out, model_type)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "electra"])
+def test_a_packed_config_naming_its_class_without_a_list_is_built_as_that_class(tmp_path, model_type):
+    """``"architectures": "BertForQuestionAnswering"``, one name without its list, as transformers opens it."""
+    packed = pack(pruned_model(model_type))
+    out = save_packed(packed, None, tmp_path / "packed")
+    record = json.loads((out / "config.json").read_text())
+    record["architectures"] = record["architectures"][0]
+    (out / "config.json").write_text(json.dumps(record))
+    _check_loads_as(packed, out, model_type)
+
+
+def _check_loads_as(packed, out: Path, model_type: str) -> None:
+    from pruning.checkpoint import load_model
+
     inputs = _inputs(packed.config)
     for load in (load_packed, load_model):
         loaded = load(out)
