@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
@@ -31,7 +31,8 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 from . import masks as mask_lib
 from .atomic import save_tensors, staged_dir
 from .config import EVALUATION_KEYS
-from .packing import PACKED_FLAG, add_remote_code, load_packed
+from .packing import (PACKED_FLAG, WEIGHTS_INDEX_NAME, PackingError, add_remote_code, check_kinds, load_packed,
+                      read_weights, weight_dtypes)
 from .sparsity import sparsity_report
 from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE, config_class, qa_model_class, quiet_transformers
 
@@ -96,16 +97,13 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: corrupted or unreadable safetensors file ({err})") from None
 
 
-def _check_weights(path: Path) -> set[str]:
-    """Read only the safetensors header (names, shapes, offsets); the tensors are left for the real load. Returns
-    the tensor names."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
+def _weight_dtypes(model_dir: Path) -> tuple[Path, dict[str, torch.dtype]]:
+    """The file naming the weights (model.safetensors or its shards' index) and the tensors' names and dtypes, from
+    the headers alone; a clear error for a missing or corrupted file before transformers reads it."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return set(handle.keys())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: corrupted or unreadable safetensors file ({err})") from None
+        return weight_dtypes(model_dir)
+    except PackingError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def mask_settings(model: nn.Module) -> dict[str, Any] | None:
@@ -730,7 +728,8 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model directory not found")
-    if (model_dir / EXPORT_MANIFEST).is_file() and not (model_dir / WEIGHTS).is_file():
+    weights_there = any((model_dir / name).is_file() for name in (WEIGHTS, WEIGHTS_INDEX_NAME))
+    if (model_dir / EXPORT_MANIFEST).is_file() and not weights_there:
         raise CheckpointError(f"{model_dir}: is an ONNX export ({EXPORT_MANIFEST}), which eval, ask and serving run; "
                               "give the PyTorch model directory it was exported from")
     raw, config = _config(model_dir)
@@ -738,9 +737,9 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
         return load_packed(model_dir).float()
     settings = raw.get(MASKS_KEY)
     if settings is None:
-        names = _check_weights(model_dir / WEIGHTS)  # a clear error for a corrupted file before transformers reads it
-        if qa_head and not any(name.endswith(QA_HEAD) for name in names):
-            raise CheckpointError(f"{model_dir}: not a question-answering model ({WEIGHTS} has no {QA_HEAD}: a "
+        weights, stored = _weight_dtypes(model_dir)
+        if qa_head and not any(name.endswith(QA_HEAD) for name in stored):
+            raise CheckpointError(f"{model_dir}: not a question-answering model ({weights.name} has no {QA_HEAD}: a "
                                   "pre-trained encoder, whose answers would come from a random head); fine-tune it "
                                   "with `fineprune train` first")
         try:
@@ -749,12 +748,16 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
             with quiet_transformers():
                 model, info = qa_model_class(config.model_type).from_pretrained(
                     str(model_dir), local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
-                    dtype=torch.float32)
+                    dtype=torch.float32, use_safetensors=True)
         except (OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{model_dir}: cannot load model ({str(err).splitlines()[0]})") from None
         except Exception as err:  # the modules check their config values (an activation's name, say) as they build
             raise CheckpointError(_cannot_build(model_dir, config, err)) from None
-        _check_loading_info(model_dir / WEIGHTS, info)
+        _check_loading_info(weights, info)
+        try:  # from_pretrained converts integers to the float dtype it loads in, without a word
+            check_kinds(weights, stored, model.state_dict())
+        except PackingError as err:
+            raise CheckpointError(str(err)) from None
         if hasattr(model.config, AUTO_MAP):  # read by from_pretrained itself: forgotten as _config forgets it
             delattr(model.config, AUTO_MAP)
         return model.eval()
@@ -763,16 +766,23 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
     except Exception as err:  # as above: heads that do not divide the hidden size, an unknown activation
         raise CheckpointError(_cannot_build(model_dir, config, err)) from None
     restore_masks_(model, settings, source=str(model_dir / "config.json"))
-    state = _load_weights(model_dir / WEIGHTS)
+    try:
+        weights, state = read_weights(model_dir)
+    except PackingError as err:
+        raise CheckpointError(str(err)) from None
     expected = model.state_dict()
     for name, tensor in state.items():
         if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{model_dir / WEIGHTS}: weights do not match the config ({name} has shape "
+            raise CheckpointError(f"{weights}: weights do not match the config ({name} has shape "
                                   f"{tuple(tensor.shape)}, the config gives {tuple(expected[name].shape)})")
+    try:
+        check_kinds(weights, {name: tensor.dtype for name, tensor in state.items()}, expected)
+    except PackingError as err:
+        raise CheckpointError(str(err)) from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         names = (missing or unexpected)[:3]
-        raise CheckpointError(f"{model_dir / WEIGHTS}: weights do not match the config "
+        raise CheckpointError(f"{weights}: weights do not match the config "
                               f"({'missing' if missing else 'unexpected'}: {', '.join(names)})")
     if settings.get("mode") == "fixed":
         _refix(model, settings)

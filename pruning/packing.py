@@ -36,9 +36,12 @@ from typing import Any, Iterator
 
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig
+from transformers.modeling_utils import str_to_torch_dtype
+from transformers.utils.hub import get_checkpoint_shard_files
 
 from . import packed_modeling
 from .atomic import staged_dir
@@ -49,7 +52,7 @@ from .packed_modeling import (FFN_WIDTHS_KEY, HEADS_KEPT_KEY, PACKED_CLASSES, PA
 from .precision import resolve_precision
 from .sparsity import sparsity_report
 from .structure import (architecture_for, architecture_of_type, encoder_layers, get_module, max_positions,
-                        quiet_transformers)
+                        qa_model_class, quiet_transformers)
 
 __all__ = [
     "PackingError",
@@ -59,6 +62,11 @@ __all__ = [
     "HEADS_KEPT_KEY",
     "FFN_WIDTHS_KEY",
     "WEIGHTS_NAME",
+    "WEIGHTS_INDEX_NAME",
+    "weight_files",
+    "weight_dtypes",
+    "read_weights",
+    "check_kinds",
     "pack",
     "pack_for_training",
     "unpack_into_",
@@ -78,14 +86,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # save_pretrained(max_shard_size=...): which shard holds what
 LOGIT_TOLERANCE = 1e-3  # packed against masked logits: only the summation order differs
 # The measured scalars of a PackReport a sweep trial reports, under these (its field) names.
 PACK_METRICS = ("speedup", "max_logit_diff", "params_after")
 CONFIG_NAME = "config.json"
 AUTO_CLASS = "AutoModelForQuestionAnswering"  # the auto class config.json's auto_map names the packed class under
 # Weight files a fresh save replaces; stale ones next to a new model.safetensors would confuse loaders.
-_WEIGHT_FILES = ("model.safetensors", "model-*.safetensors", "pytorch_model*.bin")
-_STALE_WEIGHTS = (*_WEIGHT_FILES, "model.safetensors.index.json")
+_STALE_WEIGHTS = ("model.safetensors", "model-*.safetensors", WEIGHTS_INDEX_NAME, "pytorch_model*.bin")
+# Weights stored as pickles, which are never read: unpickling a file can run any code it names.
+_PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class PackingError(ValueError):
@@ -293,9 +303,136 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
+def weight_files(model_dir: str | Path) -> tuple[Path, dict[Path, set[str] | None]]:
+    """The safetensors files of a model directory's weights, as transformers' ``from_pretrained`` finds them:
+    ``model.safetensors``, or else the shards that ``model.safetensors.index.json`` names (the files
+    ``save_pretrained(dir, max_shard_size=...)`` writes), read through transformers' own index reader.
+
+    Returns:
+        The file that names the weights (``model.safetensors`` or the index) and each weights file with the tensor
+        names the index places in it (None for a single ``model.safetensors``).
+
+    Raises:
+        PackingError: one line naming the file: neither is there (a directory of pickled ``pytorch_model.bin``
+            weights, which are never unpickled, says so), the index is not one, or it names a shard that is missing.
+    """
+    path = Path(model_dir)
+    single, index = path / WEIGHTS_NAME, path / WEIGHTS_INDEX_NAME
+    if single.is_file():
+        return single, {single: None}
+    if not index.is_file():
+        pickled = next((path / name for name in _PICKLED_WEIGHTS if (path / name).is_file()), None)
+        if pickled is not None:
+            raise PackingError(f"{pickled}: pickled PyTorch weights are not read (unpickling can run code); save the "
+                               f"model as safetensors ({WEIGHTS_NAME}), e.g. save_pretrained(dir, "
+                               "safe_serialization=True)")
+        raise PackingError(f"{single}: weights file not found")
+    try:
+        shards, metadata = get_checkpoint_shard_files(str(path), str(index), local_files_only=True)
+        weight_map = metadata["weight_map"]
+        placed: dict[Path, set[str]] = {Path(shard): set() for shard in shards}
+        for name, shard in weight_map.items():
+            placed[path / shard].add(name)
+    except Exception as error:  # not JSON, no weight_map or metadata, a weight_map that is no mapping of names
+        raise PackingError(f"{index}: not a safetensors index of a model's shards ({_first_line(error)})") from None
+    for shard in placed:
+        if not shard.is_file():
+            raise PackingError(f"{shard}: weights file not found (named in {index.name})")
+    return index, dict(placed)
+
+
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what a Git LFS file is before `git lfs pull`
+
+
+def _unreadable(weights_file: Path, error: BaseException) -> PackingError:
+    """The one line of a weights file safetensors cannot read; a Git LFS pointer (a repository cloned without
+    git-lfs, or before `git lfs pull`) is said to be one, since it is no damaged file."""
+    try:
+        with open(weights_file, "rb") as handle:
+            pointer = handle.read(len(_LFS_POINTER)) == _LFS_POINTER
+    except OSError:
+        pointer = False
+    if pointer:
+        return PackingError(f"{weights_file}: a Git LFS pointer, not the weights (fetch them with `git lfs pull` in "
+                            "the repository the directory was cloned from)")
+    return PackingError(f"{weights_file}: cannot be read as safetensors ({_first_line(error)})")
+
+
+def _shard_dtypes(shard: Path, expected: set[str] | None, index: Path) -> dict[str, torch.dtype]:
+    """The tensor names and dtypes in a safetensors file's header; for a shard, exactly those its index places
+    there."""
+    try:
+        with safe_open(str(shard), framework="pt") as handle:
+            names = list(handle.keys())
+            dtypes = {name: handle.get_slice(name).get_dtype() for name in names}
+    except Exception as error:  # safetensors reports corruption with several error types
+        raise _unreadable(shard, error) from None
+    if expected is not None and set(names) != expected:
+        absent, extra = sorted(expected - set(names)), sorted(set(names) - expected)
+        what = f"lacks tensor {absent[0]!r}" if absent else f"holds tensor {extra[0]!r}"
+        where = "places there" if absent else "does not place there"
+        raise PackingError(f"{shard}: {what}, which {index.name} {where}")
+    unknown = next((name for name, dtype in dtypes.items() if dtype not in str_to_torch_dtype), None)
+    if unknown is not None:
+        raise PackingError(f"{shard}: tensor {unknown!r} has dtype {dtypes[unknown]}, which torch cannot hold")
+    return {name: str_to_torch_dtype[dtype] for name, dtype in dtypes.items()}
+
+
+def weight_dtypes(model_dir: str | Path) -> tuple[Path, dict[str, torch.dtype]]:
+    """The file naming a model directory's weights (see :func:`weight_files`) and the names and dtypes of its
+    tensors, read from the safetensors headers alone (the tensors are left for the real load).
+
+    Raises:
+        PackingError: as :func:`weight_files`, or a file is corrupted, or a shard does not hold what the index says.
+    """
+    source, files = weight_files(model_dir)
+    dtypes: dict[str, torch.dtype] = {}
+    for shard, expected in files.items():
+        dtypes.update(_shard_dtypes(shard, expected, source))
+    return source, dtypes
+
+
+def check_kinds(weights_file: Path, stored: dict[str, torch.dtype], expected: dict[str, torch.Tensor]) -> None:
+    """Refuse integers or booleans stored for a model's floating-point tensor (or the reverse): a quantized model's
+    int8 weights, say, which loading would silently turn into floats of another scale, and the answers into noise.
+
+    Raises:
+        PackingError: one line naming ``weights_file`` and the first such tensor.
+    """
+    for name, dtype in stored.items():
+        if name in expected and dtype.is_floating_point != expected[name].is_floating_point():
+            raise PackingError(f"{weights_file}: tensor {name!r} has dtype {str(dtype).removeprefix('torch.')}, "
+                               f"where the model holds {str(expected[name].dtype).removeprefix('torch.')}")
+
+
+def read_weights(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Path, dict[str, torch.Tensor]]:
+    """The tensors of a model directory's weights, from ``model.safetensors`` or all the shards its index names.
+
+    Returns:
+        The file naming the weights (for messages) and the tensors.
+
+    Raises:
+        PackingError: as :func:`weight_dtypes`.
+    """
+    source, files = weight_files(model_dir)
+    state: dict[str, torch.Tensor] = {}
+    for shard, expected in files.items():
+        _shard_dtypes(shard, expected, source)
+        try:
+            state.update(load_file(str(shard), device=str(device)))
+        except Exception as error:  # a header that reads but tensors that do not (a truncated file)
+            raise _unreadable(shard, error) from None
+    return source, state
+
+
 def _model_class(config, config_file: Path) -> type:
-    """The stock transformers class named in the config's ``architectures`` (for a packed class, its base)."""
-    names = list(getattr(config, "architectures", None) or [])
+    """The stock transformers class named in the config's ``architectures`` (for a packed class, its base), or,
+    where config.json names none (a config edited by hand, or written by a tool that leaves the key out), the
+    question-answering class of its ``model_type``, which is what a packed directory of that type holds."""
+    names = getattr(config, "architectures", None) or []
+    names = [names] if isinstance(names, str) else list(names)  # one name written without its list
+    if not names:
+        return qa_model_class(config.model_type)
     packed = {cls.__name__: cls.__bases__[0] for cls in PACKED_CLASSES.values()}
     for name in names:
         cls = packed.get(name) or getattr(transformers, name, None)
@@ -363,7 +500,8 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
     """Rebuild a packed model from a directory written by :func:`save_packed`.
 
     The modules are created at their packed sizes (on the meta device) from the record in config.json, then the
-    tensors of model.safetensors are assigned to them; every stored tensor must match its module's shape.
+    tensors of model.safetensors (or of the shards its index names, as ``save_pretrained(dir, max_shard_size=...)``
+    writes them) are assigned to them; every stored tensor must match its module's shape.
 
     Args:
         model_dir: the packed directory.
@@ -373,7 +511,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
         The model in eval mode.
 
     Raises:
-        PackingError: the directory, config.json or model.safetensors is missing or unreadable, the config does
+        PackingError: the directory, config.json or the weights are missing or unreadable, the config does
             not describe a packed model, or a stored tensor is missing, unexpected or of the wrong shape or kind
             (integers for a model's floating-point weights).
     """
@@ -398,9 +536,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
     _drop_auto_map(config)
     cls = _model_class(config, config_file)
     config.architectures = [cls.__name__]  # the class built here, not a packed one whose file stays behind
-    weights_file = path / WEIGHTS_NAME
-    if not weights_file.is_file():
-        raise PackingError(f"{weights_file}: not found")
+    weights_file, _ = weight_files(path)
 
     try:
         with _parameters_on_meta():
@@ -415,10 +551,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
     # fineprune's own module building; the directory's copy of it (packed_modeling.py) is never run here.
     shrink_to_record(model, layers, arch)
 
-    try:
-        state = load_file(str(weights_file), device=str(device))
-    except Exception as error:  # safetensors reports corruption with several error types
-        raise PackingError(f"{weights_file}: cannot be read as safetensors ({_first_line(error)})") from error
+    weights_file, state = read_weights(path, device)
     expected = model.state_dict()
     for name, tensor in state.items():
         if name not in expected:
@@ -426,9 +559,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise PackingError(f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)}, the config "
                                f"implies {tuple(expected[name].shape)}")
-        if tensor.is_floating_point() != expected[name].is_floating_point():
-            raise PackingError(f"{weights_file}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
-                               f"where the model holds {str(expected[name].dtype).removeprefix('torch.')}")
+        check_kinds(weights_file, {name: tensor.dtype}, expected)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     missing = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
@@ -454,13 +585,17 @@ def _model_params(model: nn.Module) -> int:
 
 
 def weights_bytes(model_dir: str | Path) -> int:
-    """Total size of the model's weight files (``model.safetensors``, its shards, ``pytorch_model*.bin``) in a model
-    directory; a training checkpoint's optimizer state beside them is not the model's."""
+    """Total size of the weight files the model is read from (``model.safetensors``, or the shards its index names;
+    see :func:`weight_files`) in a model directory: a ``pytorch_model.bin`` beside them, never read, and a training
+    checkpoint's optimizer state are not the model's.
+
+    Raises:
+        PackingError: the directory is missing, or holds no weights that are read.
+    """
     path = Path(model_dir)
     if not path.is_dir():
         raise PackingError(f"{path}: model directory not found")
-    return sum(f.stat().st_size for f in path.iterdir()
-               if f.is_file() and any(f.match(pattern) for pattern in _WEIGHT_FILES))
+    return sum(f.stat().st_size for f in weight_files(path)[1])
 
 
 def _logit_tensors(output: Any) -> list[torch.Tensor]:

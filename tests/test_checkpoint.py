@@ -484,3 +484,155 @@ def test_a_saved_model_does_not_record_the_directory_it_was_read_from(tmp_path):
     config = json.loads((tmp_path / "final" / "config.json").read_text())
     assert "_name_or_path" not in config and str(source) not in json.dumps(config)
     assert torch.equal(load_model(tmp_path / "final", qa_head=True).qa_outputs.weight, model.qa_outputs.weight)
+
+
+def _shard(model, model_dir, max_shard_size="50KB"):
+    """Replace the model.safetensors of ``model``'s saved directory by the shards and index that
+    ``save_pretrained(dir, max_shard_size=...)`` writes."""
+    model.save_pretrained(model_dir / "shards", max_shard_size=max_shard_size)
+    (model_dir / "model.safetensors").unlink()
+    for path in (model_dir / "shards").glob("model*.safetensors*"):
+        path.rename(model_dir / path.name)
+    shutil.rmtree(model_dir / "shards")
+    shards = sorted(model_dir.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (model_dir / "model.safetensors.index.json").is_file()
+    return shards
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sharded_weights_load_as_transformers_loads_them(tmp_path, masked):
+    """save_pretrained(dir, max_shard_size=...) writes model.safetensors.index.json and shards, which
+    from_pretrained opens: a dense or masked directory stored so loads with the same logits."""
+    model = tiny()
+    if masked:
+        masks.apply_masks_(model, "sigmoid_threshold", (32, 32))
+    whole = save_model(model, None, tmp_path / "whole")
+    sharded = save_model(model, None, tmp_path / "sharded")
+    _shard(model, sharded)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = load_model(whole)(input_ids=ids)
+    loaded = load_model(sharded, qa_head=True)
+    assert masks.is_masked(loaded) == masked
+    out = loaded(input_ids=ids)
+    assert torch.equal(out.start_logits, expected.start_logits) and torch.equal(out.end_logits, expected.end_logits)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("damage, file, says", [
+    ("index not json", "model.safetensors.index.json", "not a safetensors index"),
+    ("index without weight_map", "model.safetensors.index.json", "not a safetensors index"),
+    ("shard missing", "model-00002-of-", "weights file not found (named in model.safetensors.index.json)"),
+    ("shard corrupted", "model-00002-of-", "cannot be read as safetensors"),
+    ("tensor placed in another shard", "model-00001-of-", "which model.safetensors.index.json does not place there"),
+])
+def test_a_damaged_sharded_directory_is_one_line_naming_the_file(tmp_path, masked, damage, file, says):
+    model = tiny()
+    if masked:
+        masks.apply_masks_(model, "sigmoid_threshold", (32, 32))
+    directory = save_model(model, None, tmp_path / "model")
+    shards = _shard(model, directory)
+    index_file = directory / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    if damage == "index not json":
+        index_file.write_text("{ not json")
+    elif damage == "index without weight_map":
+        index_file.write_text(json.dumps({"metadata": index["metadata"]}))
+    elif damage == "shard missing":
+        shards[1].unlink()
+    elif damage == "shard corrupted":
+        shards[1].write_bytes(shards[1].read_bytes()[:100])
+    else:  # the index says a tensor of the first shard is in the second
+        name = next(k for k, v in index["weight_map"].items() if v == shards[0].name)
+        index["weight_map"][name] = shards[1].name
+        index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as caught:
+        load_model(directory)
+    message = str(caught.value)
+    assert message.startswith(str(directory / file)) and says in message and "\n" not in message
+
+
+def test_pickled_weights_are_refused_in_one_line_never_unpickled(tmp_path):
+    """pytorch_model.bin is a pickle, which can run any code as it is read: a directory holding only such weights is
+    refused, and one holding model.safetensors as well is read from that."""
+    import pickle
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    model = tiny()
+    directory = save_model(model, None, tmp_path / "model")
+    (directory / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(load_model(directory)(input_ids=ids).start_logits, model(input_ids=ids).start_logits)
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError) as caught:
+        load_model(directory)
+    message = str(caught.value)
+    assert message.startswith(f"{directory / 'pytorch_model.bin'}: pickled PyTorch weights are not read")
+    assert "\n" not in message and not marker.exists()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool])
+def test_integer_weights_of_a_dense_or_masked_model_are_one_line_naming_the_tensor(tmp_path, masked, dtype):
+    """A quantized model's int8 weights (or integers written by mistake) are not floats to copy in: converted, the
+    model would answer at random. A packed directory refuses them; so do dense and masked ones."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny()
+    if masked:
+        masks.apply_masks_(model, "sigmoid_threshold", (32, 32))
+    directory = save_model(model, None, tmp_path / "model")
+    weights = directory / "model.safetensors"
+    state = load_file(str(weights))
+    name = "bert.encoder.layer.1.output.dense.weight"
+    state[name] = (state[name] * 100).round().clamp(-1, 1).to(dtype)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    for qa_head in (False, True):
+        with pytest.raises(CheckpointError) as caught:
+            load_model(directory, qa_head=qa_head)
+        message = str(caught.value)
+        assert message.startswith(f"{weights}: tensor {name!r} has dtype {str(dtype).removeprefix('torch.')}")
+        assert "float32" in message and "\n" not in message
+
+
+def test_an_int8_model_is_refused_by_the_commands_not_answered_from(tmp_path, tiny_bert_config, tokenizer, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from workflows import cli
+
+    torch.manual_seed(0)
+    directory = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "int8")
+    weights = directory / "model.safetensors"
+    state = {name: (tensor * 100).round().clamp(-128, 127).to(torch.int8) if ".encoder." in name and
+             name.endswith("dense.weight") else tensor for name, tensor in load_file(str(weights)).items()}
+    save_file(state, str(weights), metadata={"format": "pt"})
+    assert cli.main(["ask", str(directory), "--question", "Who wrote it?", "--context", "Ann wrote it."]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"error: {weights}: tensor " in captured.err and "int8" in captured.err
+
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 8120016\n")
+
+
+@pytest.mark.parametrize("kind", ["dense", "masked", "packed", "shard"])
+def test_a_git_lfs_pointer_in_place_of_the_weights_is_said_to_be_one(tmp_path, kind):
+    """A model repository cloned without git-lfs holds small text pointers where its weights should be: the line
+    says so and how to fetch them, rather than calling the file corrupted."""
+    from pruning.packing import pack, save_packed
+
+    model = tiny()
+    if kind == "masked":
+        masks.apply_masks_(model, "sigmoid_threshold", (32, 32))
+    directory = (save_packed(pack(model), None, tmp_path / "model") if kind == "packed"
+                 else save_model(model, None, tmp_path / "model"))
+    weights = _shard(model, directory)[1] if kind == "shard" else directory / "model.safetensors"
+    weights.write_text(LFS_POINTER)
+    with pytest.raises(ValueError) as caught:
+        load_model(directory)
+    assert str(caught.value) == f"{weights}: a Git LFS pointer, not the weights (fetch them with `git lfs pull` in " \
+                                "the repository the directory was cloned from)"

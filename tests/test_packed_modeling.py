@@ -240,3 +240,92 @@ def test_a_model_whose_config_names_its_own_code_is_written_without_that_auto_ma
     assert result["packed"]["class"] == "PackedBertForQuestionAnswering"
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt")["packed"],
                                _logits(load_model(tmp_path / "packed"), inputs["packed"]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_a_packed_config_without_architectures_is_built_as_the_question_answering_model_of_its_type(tmp_path,
+                                                                                                  model_type):
+    """config.json's ``architectures`` is optional (a config edited by hand, a tool that leaves it out): the
+    model_type alone says which class a packed directory holds."""
+    packed = pack(pruned_model(model_type))
+    out = save_packed(packed, None, tmp_path / "packed")
+    record = json.loads((out / "config.json").read_text())
+    del record["architectures"]
+    (out / "config.json").write_text(json.dumps(record))
+    _check_loads_as(packed, out, model_type)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "electra"])
+def test_a_packed_config_naming_its_class_without_a_list_is_built_as_that_class(tmp_path, model_type):
+    """``"architectures": "BertForQuestionAnswering"``, one name without its list, as transformers opens it."""
+    packed = pack(pruned_model(model_type))
+    out = save_packed(packed, None, tmp_path / "packed")
+    record = json.loads((out / "config.json").read_text())
+    record["architectures"] = record["architectures"][0]
+    (out / "config.json").write_text(json.dumps(record))
+    _check_loads_as(packed, out, model_type)
+
+
+def _check_loads_as(packed, out: Path, model_type: str) -> None:
+    from pruning.checkpoint import load_model
+
+    inputs = _inputs(packed.config)
+    for load in (load_packed, load_model):
+        loaded = load(out)
+        assert type(loaded) is qa_model_class(model_type)
+        torch.testing.assert_close(_logits(loaded, inputs), _logits(packed, inputs), atol=0, rtol=0)
+
+
+def test_fineprune_answers_from_a_packed_directory_whose_config_has_no_architectures(tmp_path, tokenizer, capsys):
+    from conftest import packed_tiny_bert
+    from workflows import cli
+
+    out = packed_tiny_bert(tmp_path / "packed", tokenizer, heads=1, ffn=64)
+    record = json.loads((out / "config.json").read_text())
+    del record["architectures"]
+    (out / "config.json").write_text(json.dumps(record))
+    assert cli.main(["ask", str(out), "--question", "Who wrote it?", "--context", "Ann wrote it."]) == 0
+    assert "answer" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_a_sharded_packed_directory_opens_as_transformers_opens_it(tmp_path, tokenizer):
+    """A packed model saved again with save_pretrained(dir, max_shard_size=...) holds model.safetensors.index.json
+    and shards instead of model.safetensors: transformers opens it (trust_remote_code=True), and so do load_packed,
+    load_model and the commands, with the same logits."""
+    from transformers import AutoModelForQuestionAnswering
+
+    from pruning.checkpoint import load_model
+
+    packed = pack(pruned_model("bert"))
+    out = save_packed(packed, tokenizer, tmp_path / "packed")
+    model = AutoModelForQuestionAnswering.from_pretrained(out, trust_remote_code=True)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    tokenizer.save_pretrained(tmp_path / "sharded")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    inputs = {"sharded": _inputs(packed.config)}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    result = _open_without_fineprune(tmp_path, ["sharded"])["sharded"]
+    assert (result["missing_keys"], result["unexpected_keys"], result["mismatched_keys"]) == ([], [], [])
+    expected = _logits(packed, inputs["sharded"])
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt")["sharded"], expected, atol=1e-5, rtol=0)
+    for load in (load_packed, load_model):
+        torch.testing.assert_close(_logits(load(tmp_path / "sharded"), inputs["sharded"]), expected, atol=0, rtol=0)
+
+
+def test_fineprune_answers_from_a_sharded_packed_directory(tmp_path, tokenizer, capsys):
+    from transformers import AutoModelForQuestionAnswering
+
+    from conftest import packed_tiny_bert
+    from workflows import cli
+
+    out = packed_tiny_bert(tmp_path / "packed", tokenizer, heads=1, ffn=64)
+    AutoModelForQuestionAnswering.from_pretrained(out, trust_remote_code=True).save_pretrained(
+        tmp_path / "sharded", max_shard_size="500KB")
+    tokenizer.save_pretrained(tmp_path / "sharded")
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    argv = ["--question", "Who wrote it?", "--context", "Ann wrote it."]
+    assert cli.main(["ask", str(out), *argv]) == 0
+    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli.main(["ask", str(tmp_path / "sharded"), *argv]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == expected

@@ -504,3 +504,18 @@ def test_a_packed_directory_saved_without_its_tokenizer_is_refused_not_evaluated
         captured = capsys.readouterr()
         assert captured.out == "" and "Traceback" not in captured.err
         assert f"error: {packed_dir}: " in captured.err and "tokenizer" in captured.err
+
+
+def test_pack_sizes_the_weights_it_read_not_a_pickle_beside_them(tmp_path, tiny_bert_config, tokenizer, capsys):
+    """A directory downloaded whole often holds pytorch_model.bin beside model.safetensors; only the latter is read,
+    so only its bytes are the dense model's size."""
+    from pruning.checkpoint import save_model
+
+    torch.manual_seed(0)
+    dense = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "dense")
+    (dense / "pytorch_model.bin").write_bytes(b"\0" * 100_000)  # never read, let alone unpickled
+    out = tmp_path / "packed"
+    assert main(["pack", str(dense), str(out), "--questions", "1", "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["dense_file_bytes"] == (dense / "model.safetensors").stat().st_size
+    assert report["packed_file_bytes"] == (out / "model.safetensors").stat().st_size
