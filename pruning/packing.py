@@ -287,7 +287,7 @@ def save_packed(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, ov
 
 def _read_config_json(config_file: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(config_file.read_text())
+        return json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 

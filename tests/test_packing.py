@@ -519,3 +519,25 @@ def test_pack_sizes_the_weights_it_read_not_a_pickle_beside_them(tmp_path, tiny_
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["dense_file_bytes"] == (dense / "model.safetensors").stat().st_size
     assert report["packed_file_bytes"] == (out / "model.safetensors").stat().st_size
+
+
+def test_a_packed_directory_is_known_as_one_under_a_locale_that_is_not_utf8(tmp_path):
+    """config.json is UTF-8 whatever the locale (transformers writes and reads it so): under a C locale without
+    Python's UTF-8 mode a config holding a non-ASCII label was unreadable, so its packed directory was taken for an
+    unpacked one."""
+    import os
+    import subprocess
+    import sys
+
+    from pruning.packing import PACKED_FLAG
+
+    (tmp_path / "config.json").write_text(json.dumps({PACKED_FLAG: True, "id2label": {"0": "début", "1": "fin"}},
+                                                     ensure_ascii=False), encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    proc = subprocess.run([sys.executable, "-X", "utf8=0", "-c",
+                           "import locale, sys\nfrom pruning.packing import is_packed_dir\n"
+                           "print(locale.getpreferredencoding(False), is_packed_dir(sys.argv[1]))", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    encoding, packed = proc.stdout.split()
+    assert encoding.lower() != "utf-8" and packed == "True", proc.stdout

@@ -133,7 +133,7 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
     restored = tune.get_checkpoint()
     if restored is not None:
         local = Path(restored.to_directory(str(work_dir / "restored")))
-        kind = json.loads((local / CHECKPOINT_KIND).read_text()) if (local / CHECKPOINT_KIND).exists() else {}
+        kind = json.loads((local / CHECKPOINT_KIND).read_text(encoding="utf-8")) if (local / CHECKPOINT_KIND).exists() else {}
         if kind.get("kind") == "packed":  # everything was done; report the final result again
             tune.report({**kind["metrics"], "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(str(local)))
             return
