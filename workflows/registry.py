@@ -942,6 +942,17 @@ def _set_alias(client, name: str, alias: str, version) -> None:
     _written_once(lambda: client.set_registered_model_alias(name, alias, version), done)
 
 
+def _move_alias(client, name: str, alias: str, version) -> Any:
+    """Point ``alias`` of ``name`` at ``version`` (as :func:`_set_alias` does) and return the version it left: the
+    model version it was on, as read before the move, or None when it was on no version or on ``version`` already."""
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:  # the alias is on no version yet (or that version was deleted by hand)
+        current = None
+    _set_alias(client, name, alias, version)
+    return current if current is not None and str(current.version) != str(version) else None
+
+
 def _tag_version(client, name: str, version, run, parent_run_id: str, extra: dict[str, str]) -> None:
     """Tag ``version`` (a model version) with its trial's metrics, precision and run ids and ``extra``: only the
     tags it lacks or holds with another value are written, so registering a sweep again writes nothing new."""
@@ -997,13 +1008,9 @@ def _make_champion(client, name: str, version, versions, chosen_by: str | None =
     Returns:
         The version the alias left, or None when it was on no other version.
     """
-    try:
-        current = client.get_model_version_by_alias(name, ALIAS)
-    except MlflowException:  # no champion yet (or it was deleted by hand)
-        current = None
-    _set_alias(client, name, ALIAS, version.version)
+    current = _move_alias(client, name, ALIAS, version.version)
     left = None
-    if current is not None and str(current.version) != str(version.version):
+    if current is not None:
         left = str(current.version)
         held = current.tags or {}
         before = f"{held.get(TAG_POLICY, '')} {held.get(TAG_POLICY_THRESHOLD, '')}".strip() \
@@ -1465,12 +1472,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             by = f"best_f1_under_latency max_latency_ms {max_latency_ms:g}" if sweep_run_id is not None else None
             left = _make_champion(client, name, version, every, by)
         else:
-            try:
-                held = str(client.get_model_version_by_alias(name, alias).version)
-            except MlflowException:  # the alias is on no version yet
-                held = None
-            _set_alias(client, name, alias, chosen["version"])
-            left = held if held not in (None, chosen["version"]) else None
+            moved = _move_alias(client, name, alias, chosen["version"])
+            left = None if moved is None else str(moved.version)
             if left is not None:
                 logger.info("alias %r of %s moved from version %s to version %s", alias, name, left,
                             chosen["version"])
