@@ -687,3 +687,57 @@ def test_a_report_whose_champions_trial_run_was_removed_for_good_says_so(store, 
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.report"]
     assert warnings == [f"the champion's trial run {champion['run_id']} was removed for good (`mlflow gc`): the "
                         "report has no size or structure of its packed model"], warnings
+
+
+def test_the_report_card_of_a_champion_whose_trial_run_is_gone_says_whether_it_still_serves(store, tokenizer,
+                                                                                             capsys):
+    """The report of a sweep whose champion's trial run was deleted, or removed for good with `mlflow gc`, showed
+    the champion's card (size "–") and how to load and serve it as if nothing had happened; the card now says what
+    became of the run and what that means: the registered version keeps its own copy of the served model, which
+    still loads (as measured here), and once that copy's files are gone too the card says it cannot be loaded or
+    served and gives no way to."""
+    import shutil
+
+    import pandas as pd
+
+    client = store["client"]
+    made = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    status, champion, _ = _register(capsys, store)
+    assert status == 0
+    run_id, out = champion["run_id"], store["root"] / "report"
+
+    def report() -> tuple[str, str]:
+        assert main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(out)]) == 0
+        capsys.readouterr()
+        return (out / "report.md").read_text(), (out / "report.html").read_text()
+
+    markdown, html = report()
+    assert "was deleted" not in markdown and "removed for good" not in markdown and "Load it:" in markdown
+
+    client.delete_run(run_id)
+    markdown, html = report()
+    restore = record.restore_command(store["uri"], run_id)
+    assert (f"Its trial run `{run_id}` was deleted in the MLflow UI (`{restore}` brings it back)" in markdown)
+    assert "still loads and serves as below" in markdown and "Load it:" in markdown
+    assert f"Its trial run <code>{run_id}</code> was deleted in the MLflow UI" in html
+
+    _gc(store, run_id)
+    markdown, html = report()
+    assert made["parent"] and f"Its trial run `{run_id}` was removed for good (`mlflow gc`)" in markdown
+    said = ("The registered version keeps its own copy of the served model in the registry, which deleting or "
+            "removing its trial run leaves in place: it still loads and serves as below.")
+    assert said in markdown and "Load it:" in markdown and "Serve it:" in markdown
+    assert f"Its trial run <code>{run_id}</code> was removed for good" in html and said in html
+    assert "records no per-layer structure" not in html
+    with registry._fluent_store(store["uri"]):  # what the card says is so: the champion loads and answers
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+        answers = model.predict(pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}))
+    assert list(answers.columns) == ["answer", "score"]
+
+    root = client.get_model_version_download_uri(NAME, champion["version"]).rstrip("/")
+    shutil.rmtree(Path(root.removeprefix("file://")) / "code")
+    markdown, html = report()
+    assert (f"The registered version cannot be loaded or served either: its code (code) is gone from {root}."
+            in markdown)
+    assert "Load it:" not in markdown and "Serve it:" not in markdown
+    assert "cannot be loaded or served either" in html and "mlflow models serve" not in html

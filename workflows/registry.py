@@ -74,7 +74,8 @@ __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontie
            "register_sweep",
            "select_by_latency", "latency_settings", "check_alias", "SelectionError", "SeqLenError", "PackedQAModel",
            "PIP_REQUIREMENTS", "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model", "export_for_serving", "ONNX_VARIANTS",
-           "RUNTIMES", "served_variant", "measured_precision", "serving_precision"]
+           "RUNTIMES", "served_variant", "measured_precision", "serving_precision", "run_deleted", "DELETED", "REMOVED",
+           "version_files_lost"]
 
 logger = logging.getLogger(__name__)
 
@@ -755,6 +756,14 @@ def _lost_files(root: str, tracking_uri: str, dst: str | None = None) -> str | N
     return None
 
 
+def version_files_lost(client, name: str, version) -> str | None:
+    """What of the files the served model of ``version`` of ``name`` loads is gone from the registry's artifact
+    store (:func:`_lost_files`), or None when it loads and serves. The files are the version's own: a version is
+    made from a model logged in its experiment's artifact location, which deleting its trial run, or removing it for
+    good with `mlflow gc`, leaves."""
+    return _lost_files(client.get_model_version_download_uri(name, str(version)), client.tracking_uri)
+
+
 def _settings_of(client, run) -> dict[str, Any]:
     """The ``model_config`` (but ``onnx_variant``) a served model logged now for the trial ``run`` gets: the windows
     and span search its packed model records (:func:`serve_settings`) and the precision its metrics were measured
@@ -843,7 +852,7 @@ def _version_of_run(client, name: str, run, onnx: bool = True, known: dict[str, 
         known = _versions_by_trial(_model_versions(client, name))
     if run_id in known:
         version = known[run_id]
-        lost = _lost_files(client.get_model_version_download_uri(name, version.version), client.tracking_uri)
+        lost = version_files_lost(client, name, version.version)
         if lost is not None:  # deleted from the artifact store by hand: the version cannot be served
             raise LostVersion(f"version {version.version} of {name} (trial run {run_id}) cannot be served: {lost}; "
                               "delete the version and register again to make it anew from the trial's packed model")
@@ -1098,7 +1107,7 @@ def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str
             for tag in FRONTIER_TAGS:
                 _set_version_tag(client, name, version.version, tag, "false")
             trial = tags.get(TAG_TRIAL_RUN)
-            state = _run_deleted(client, trial)
+            state = run_deleted(client, trial)
             if state == REMOVED:  # gone with its record: nothing brings it back
                 logger.warning("version %s of %s: its trial run %s was removed for good (`mlflow gc`), so it is no "
                                "longer a point of the frontier of sweep run %s (its frontier tags turn false)",
@@ -1116,7 +1125,7 @@ def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str
 DELETED, REMOVED = "deleted", "removed"  # a run deleted (in the UI: restorable), or removed for good (`mlflow gc`)
 
 
-def _run_deleted(client, run_id: str | None) -> str | None:
+def run_deleted(client, run_id: str | None) -> str | None:
     """Whether the run ``run_id`` was deleted: :data:`DELETED` (in the UI, so that `mlflow runs restore` brings it
     back), :data:`REMOVED` (removed for good since, by `mlflow gc`: the store no longer has it), else None."""
     if not run_id:
@@ -1131,10 +1140,10 @@ def _deleted_source(client, tags: Mapping[str, str], trial_run_id: str | None,
                     lifecycle: dict[str, str | None]) -> str | None:
     """Why a version is not to be chosen when its trial run, or the sweep run it was registered from, was deleted
     (in the MLflow UI: set aside, as `fineprune register` passes a deleted sweep over; or removed for good), else
-    None. ``lifecycle`` caches what :func:`_run_deleted` says of each run read."""
+    None. ``lifecycle`` caches what :func:`run_deleted` says of each run read."""
     def deleted(run_id: str | None) -> str | None:
         if run_id and run_id not in lifecycle:
-            lifecycle[run_id] = _run_deleted(client, run_id)
+            lifecycle[run_id] = run_deleted(client, run_id)
         return lifecycle[run_id] if run_id else None
 
     sweep = tags.get(TAG_SWEEP_RUN)

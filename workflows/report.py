@@ -43,6 +43,7 @@ from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR,
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
                               TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_SWEEP_RUN,
                               TAG_TRIAL_RUN, TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec)
+from workflows.registry import DELETED, REMOVED, run_deleted, version_files_lost
 
 __all__ = [
     "ChampionCard",
@@ -94,6 +95,11 @@ class ChampionCard:
         url: link to the model version in the MLflow UI, when a tracking server is known.
         policy: the policy that made this version champion and its threshold, as the version's tags record them
             (``fineprune register --space`` or ``fineprune select`` may have used another than the sweep's).
+        trial_note: what became of the version's trial run when it was deleted in the MLflow UI or removed for good
+            (``mlflow gc``), and what that means for the card and for serving the version (plain text, code in
+            backticks); None while the run is there.
+        serves: the version's served model is whole in the registry (False: its files are gone, and the card
+            gives no way to load or serve it).
     """
 
     model_name: str
@@ -110,6 +116,8 @@ class ChampionCard:
     tracking_uri: str | None = None
     url: str | None = None
     policy: str | None = None
+    trial_note: str | None = None
+    serves: bool = True
 
     @property
     def model_uri(self) -> str:
@@ -293,6 +301,11 @@ def _alias_note(card: ChampionCard) -> str:
         return f"The `{ALIAS}` alias has since moved to version {card.alias_version}; the URI above pins this one."
     return (f"The `{ALIAS}` alias points at no version now (the version it pointed at was deleted, or the alias "
             "removed); the URI above pins this one.")
+
+
+def _note_html(text: str) -> Markup:
+    """A note of plain text with code in backticks, as HTML."""
+    return Markup(re.sub(r"`([^`]*)`", r"<code>\1</code>", str(escape(text))))
 
 
 def _load_snippet(card: ChampionCard) -> str:
@@ -496,8 +509,10 @@ def render_markdown(data: ReportData) -> str:
         out.append("No trial was registered as champion.")
     else:
         out += [f"`{card.model_uri}` (registered model {card.model_name}, version {card.version}, "
-                f"trial run `{card.run_id}`).", "",
-                f"- Size on disk: {_fmt_bytes(card.size_bytes)} (weights {_fmt_bytes(card.weights_bytes)})"]
+                f"trial run `{card.run_id}`).", ""]
+        if card.trial_note:
+            out += [card.trial_note, ""]
+        out += [f"- Size on disk: {_fmt_bytes(card.size_bytes)} (weights {_fmt_bytes(card.weights_bytes)})"]
         row = data.champion_row
         if row is not None:
             out.append(f"- Speedup: {_fmt(_value(row, SPEEDUP))}x; F1 {_fmt(_value(row, F1))}, "
@@ -516,8 +531,9 @@ def render_markdown(data: ReportData) -> str:
                 ffn = "–" if width is None else f"{width}/{card.ffn_size or '?'}"
                 rows.append([str(i), kept, ffn])
             out += _md_table(("layer", "heads kept", "FFN width"), rows)
-        out += ["", "Load it:", "", "```python", _load_snippet(card), "```", "", "Serve it:", "", "```bash",
-                _serve_command(card), "```"]
+        if card.serves:
+            out += ["", "Load it:", "", "```python", _load_snippet(card), "```", "", "Serve it:", "", "```bash",
+                    _serve_command(card), "```"]
 
     out += ["", "## Search progress: hypervolume of the frontier", ""]
     if data.hypervolume:
@@ -614,7 +630,8 @@ def _champion_view(data: ReportData) -> dict[str, Any] | None:
             "trial": str(row["name"]) if row is not None else card.run_id,
             "trial_url": _url(row) if row is not None else None, "stats": stats,
             "alias_current": card.alias_current, "structure_svg": structure,
-            "alias_note": Markup(re.sub(r"`([^`]*)`", r"<code>\1</code>", str(escape(_alias_note(card))))),
+            "alias_note": _note_html(_alias_note(card)),
+            "trial_note": _note_html(card.trial_note) if card.trial_note else None, "serves": card.serves,
             "load_snippet": _load_snippet(card), "serve_command": _serve_command(card)}
 
 
@@ -684,6 +701,8 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
         version, current = max(chosen, key=lambda v: int(v.version)), False
     run_id = version.tags.get(TAG_TRIAL_RUN) or version.run_id
     structure = _packed_structure(client, run_id)
+    trial_note, serves = (None, True) if run_id in trial_ids else _trial_gone(client, name, str(version.version),
+                                                                                run_id, tracking_uri)
     held = version.tags if current or version.tags.get(TAG_POLICY) else {  # kept as it was when the alias left it
         key: version.tags[former] for key, former in FORMER_POLICY_TAGS.items() if former in version.tags}
     policy = held.get(TAG_POLICY) or None
@@ -699,7 +718,34 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
         alias_version=None if current or aliased is None else str(aliased.version),
         tracking_uri=None if tracking_uri == "databricks" else tracking_uri,
         url=None if server is None else f"{server}/#/models/{name}/versions/{version.version}", policy=policy,
-        **structure)
+        trial_note=trial_note, serves=serves, **structure)
+
+
+def _trial_gone(client: MlflowClient, name: str, version: str, run_id: str,
+                tracking_uri: str) -> tuple[str | None, bool]:
+    """The champion card's note on its trial run ``run_id`` when it was deleted or removed for good, and whether
+    the version still serves: its served model is a copy of its own in the registry's artifact location, which
+    neither takes away, unless its files were deleted from the store by hand (then it serves no more)."""
+    state = run_deleted(client, run_id)
+    if state not in (DELETED, REMOVED):
+        return None, True
+    if state == REMOVED:
+        said = (f"Its trial run `{run_id}` was removed for good (`mlflow gc`): the sweep's record no longer holds "
+                "it, so the tables leave it out and the card has no size or structure of its packed model; "
+                "`fineprune register` and `fineprune select` no longer choose this version.")
+    else:
+        restore = record.restore_command(tracking_uri, run_id)
+        said = (f"Its trial run `{run_id}` was deleted in the MLflow UI (`{restore}` brings it back): the tables "
+                "leave it out, and `fineprune register` and `fineprune select` do not choose this version while it "
+                "is deleted.")
+    try:
+        lost = version_files_lost(client, name, version)
+    except MlflowException as err:
+        lost = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if lost is None:
+        return (f"{said} The registered version keeps its own copy of the served model in the registry, which "
+                "deleting or removing its trial run leaves in place: it still loads and serves as below."), True
+    return f"{said} The registered version cannot be loaded or served either: {lost}.", False
 
 
 def _sweep_policy(params: Mapping[str, str]) -> RegistrySpec | None:
