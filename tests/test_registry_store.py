@@ -719,7 +719,7 @@ def test_the_report_card_of_a_champion_whose_trial_run_is_gone_says_whether_it_s
     restore = record.restore_command(store["uri"], run_id)
     assert (f"Its trial run `{run_id}` was deleted in the MLflow UI (`{restore}` brings it back)" in markdown)
     assert "still loads and serves as below" in markdown and "Load it:" in markdown
-    assert f"Its trial run <code>{run_id}</code> was deleted in the MLflow UI" in html
+    assert f"Its trial run <code>{run_id}</code> was deleted in the MLflow UI" in html and 'id="champion-note"' in html
 
     _gc(store, run_id)
     markdown, html = report()
@@ -741,3 +741,29 @@ def test_the_report_card_of_a_champion_whose_trial_run_is_gone_says_whether_it_s
             in markdown)
     assert "Load it:" not in markdown and "Serve it:" not in markdown
     assert "cannot be loaded or served either" in html and "mlflow models serve" not in html
+
+
+def test_the_report_card_of_a_champion_whose_files_are_gone_gives_no_way_to_serve_it(store, tokenizer, capsys):
+    """The report of a sweep whose champion version had lost a file of its served model (deleted from the artifact
+    store by hand) showed how to load and serve it, which fails; the card now says the version cannot be loaded or
+    served, why, and how to have it made anew, and gives neither snippet."""
+    import pandas as pd
+
+    client = store["client"]
+    sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    status, champion, _ = _register(capsys, store)
+    assert status == 0
+    root = client.get_model_version_download_uri(NAME, champion["version"]).rstrip("/")
+    (Path(root.removeprefix("file://")) / "python_model.pkl").unlink()
+    with registry._fluent_store(store["uri"]), pytest.raises(Exception, match="python_model.pkl"):
+        mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(pd.DataFrame({"question": ["q"],
+                                                                                    "context": ["c"]}))
+    out = store["root"] / "report"
+    assert main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(out)]) == 0
+    markdown, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    said = (f"This version cannot be loaded or served: its python_model (python_model.pkl) is gone from {root}. "
+            "`fineprune register` and `fineprune select` no longer choose it; delete the version, and registering "
+            "the sweep again makes it anew from the trial's packed model.")
+    assert said in markdown and "Load it:" not in markdown and "Serve it:" not in markdown
+    assert "This version cannot be loaded or served" in html and "mlflow models serve" not in html
+    assert "- Size on disk: " in markdown and "- Speedup: " in markdown  # the trial's record is all there

@@ -95,10 +95,11 @@ class ChampionCard:
         url: link to the model version in the MLflow UI, when a tracking server is known.
         policy: the policy that made this version champion and its threshold, as the version's tags record them
             (``fineprune register --space`` or ``fineprune select`` may have used another than the sweep's).
-        trial_note: what became of the version's trial run when it was deleted in the MLflow UI or removed for good
-            (``mlflow gc``), and what that means for the card and for serving the version (plain text, code in
-            backticks); None while the run is there.
-        serves: the version's served model is whole in the registry (False: its files are gone, and the card
+        note: what became of the version's trial run when it was deleted in the MLflow UI or removed for good
+            (``mlflow gc``), and whether the version still serves, or that it cannot be loaded or served when files
+            of its served model are gone from the registry's artifact store (plain text, code in backticks); None
+            when neither is so.
+        serves: the version's served model is whole in the registry (False: files of it are gone, and the card
             gives no way to load or serve it).
     """
 
@@ -116,7 +117,7 @@ class ChampionCard:
     tracking_uri: str | None = None
     url: str | None = None
     policy: str | None = None
-    trial_note: str | None = None
+    note: str | None = None
     serves: bool = True
 
     @property
@@ -510,8 +511,8 @@ def render_markdown(data: ReportData) -> str:
     else:
         out += [f"`{card.model_uri}` (registered model {card.model_name}, version {card.version}, "
                 f"trial run `{card.run_id}`).", ""]
-        if card.trial_note:
-            out += [card.trial_note, ""]
+        if card.note:
+            out += [card.note, ""]
         out += [f"- Size on disk: {_fmt_bytes(card.size_bytes)} (weights {_fmt_bytes(card.weights_bytes)})"]
         row = data.champion_row
         if row is not None:
@@ -631,7 +632,7 @@ def _champion_view(data: ReportData) -> dict[str, Any] | None:
             "trial_url": _url(row) if row is not None else None, "stats": stats,
             "alias_current": card.alias_current, "structure_svg": structure,
             "alias_note": _note_html(_alias_note(card)),
-            "trial_note": _note_html(card.trial_note) if card.trial_note else None, "serves": card.serves,
+            "note": _note_html(card.note) if card.note else None, "serves": card.serves,
             "load_snippet": _load_snippet(card), "serve_command": _serve_command(card)}
 
 
@@ -701,8 +702,7 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
         version, current = max(chosen, key=lambda v: int(v.version)), False
     run_id = version.tags.get(TAG_TRIAL_RUN) or version.run_id
     structure = _packed_structure(client, run_id)
-    trial_note, serves = (None, True) if run_id in trial_ids else _trial_gone(client, name, str(version.version),
-                                                                                run_id, tracking_uri)
+    note, serves = _serving_note(client, name, str(version.version), run_id, run_id in trial_ids, tracking_uri)
     held = version.tags if current or version.tags.get(TAG_POLICY) else {  # kept as it was when the alias left it
         key: version.tags[former] for key, former in FORMER_POLICY_TAGS.items() if former in version.tags}
     policy = held.get(TAG_POLICY) or None
@@ -718,17 +718,26 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
         alias_version=None if current or aliased is None else str(aliased.version),
         tracking_uri=None if tracking_uri == "databricks" else tracking_uri,
         url=None if server is None else f"{server}/#/models/{name}/versions/{version.version}", policy=policy,
-        trial_note=trial_note, serves=serves, **structure)
+        note=note, serves=serves, **structure)
 
 
-def _trial_gone(client: MlflowClient, name: str, version: str, run_id: str,
-                tracking_uri: str) -> tuple[str | None, bool]:
-    """The champion card's note on its trial run ``run_id`` when it was deleted or removed for good, and whether
-    the version still serves: its served model is a copy of its own in the registry's artifact location, which
-    neither takes away, unless its files were deleted from the store by hand (then it serves no more)."""
-    state = run_deleted(client, run_id)
+def _serving_note(client: MlflowClient, name: str, version: str, run_id: str, listed: bool,
+                  tracking_uri: str) -> tuple[str | None, bool]:
+    """The champion card's note on version ``version`` of ``name`` and whether it serves: what became of its trial
+    run ``run_id`` when it is not ``listed`` among the sweep's trials (deleted, or removed for good), and whether its
+    served model is whole. That model is a copy of the version's own in the registry's artifact location, which
+    deleting or removing the trial run leaves; files of it deleted from the store by hand make it serve no more."""
+    state = None if listed else run_deleted(client, run_id)
+    try:
+        lost = version_files_lost(client, name, version)
+    except MlflowException as err:
+        lost = str(err).splitlines()[0] if str(err) else type(err).__name__
     if state not in (DELETED, REMOVED):
-        return None, True
+        if lost is None:
+            return None, True
+        return (f"This version cannot be loaded or served: {lost}. `fineprune register` and `fineprune select` no "
+                "longer choose it; delete the version, and registering the sweep again makes it anew from the "
+                "trial's packed model."), False
     if state == REMOVED:
         said = (f"Its trial run `{run_id}` was removed for good (`mlflow gc`): the sweep's record no longer holds "
                 "it, so the tables leave it out and the card has no size or structure of its packed model; "
@@ -738,10 +747,6 @@ def _trial_gone(client: MlflowClient, name: str, version: str, run_id: str,
         said = (f"Its trial run `{run_id}` was deleted in the MLflow UI (`{restore}` brings it back): the tables "
                 "leave it out, and `fineprune register` and `fineprune select` do not choose this version while it "
                 "is deleted.")
-    try:
-        lost = version_files_lost(client, name, version)
-    except MlflowException as err:
-        lost = str(err).splitlines()[0] if str(err) else type(err).__name__
     if lost is None:
         return (f"{said} The registered version keeps its own copy of the served model in the registry, which "
                 "deleting or removing its trial run leaves in place: it still loads and serves as below."), True
