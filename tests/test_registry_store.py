@@ -767,3 +767,42 @@ def test_the_report_card_of_a_champion_whose_files_are_gone_gives_no_way_to_serv
     assert said in markdown and "Load it:" not in markdown and "Serve it:" not in markdown
     assert "This version cannot be loaded or served" in html and "mlflow models serve" not in html
     assert "- Size on disk: " in markdown and "- Speedup: " in markdown  # the trial's record is all there
+
+
+def test_a_report_without_a_champion_says_why_as_far_as_the_record_tells(store, tokenizer, capsys):
+    """The report of a sweep whose champion's version was deleted from the registry read "No trial was registered
+    as champion (no trial met the registry policy)", though a trial met it and was registered; the report now names
+    the trial the policy chooses, why it may not be champion and the command that registers it, and says that no
+    trial meets the policy only when none does."""
+    client = store["client"]
+    made = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    status, champion, _ = _register(capsys, store)
+    assert status == 0
+    client.delete_model_version(NAME, champion["version"])
+    out = store["root"] / "report"
+
+    def report(sweep: str) -> tuple[str, str]:
+        assert main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(out),
+                     "--sweep-run", sweep]) == 0
+        capsys.readouterr()
+        return (out / "report.md").read_text(), (out / "report.html").read_text()
+
+    markdown, html = report(made["parent"])
+    command = record.fineprune_command("register", store["uri"], "--experiment", "exp", "--sweep-run",
+                                       made["parent"])
+    assert ("The registry policy best_f1_under_density (max_density 0.6) chooses trial wide, but no version of this "
+            "sweep is, or was, its champion: its version was deleted from the registry, or it was not registered"
+            in markdown), markdown
+    assert f"`{command}` registers it." in markdown and f"<code>{command}</code> registers it." in html
+    assert "no trial met" not in html.lower()
+    status, again, _ = _register(capsys, store, "--sweep-run", made["parent"])  # the command the report gives
+    assert status == 0 and again["run_id"] == made["runs"]["wide"]
+    markdown, _ = report(made["parent"])
+    assert f"`models:/{NAME}@champion` (registered model {NAME}, version {again['version']}" in markdown
+
+    over = sweep_record(client, store["root"], tokenizer, NAME, "b", {"dense": (2, 64, 90.0, 0.9, True)})
+    assert _register(capsys, store, "--sweep-run", over["parent"])[0] == 4
+    markdown, html = report(over["parent"])
+    said = ("No trial meets the registry policy best_f1_under_density (max_density 0.6): none was registered as "
+            "champion.")
+    assert said in markdown and said in html

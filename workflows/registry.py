@@ -75,7 +75,7 @@ __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontie
            "select_by_latency", "latency_settings", "check_alias", "SelectionError", "SeqLenError", "PackedQAModel",
            "PIP_REQUIREMENTS", "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model", "export_for_serving", "ONNX_VARIANTS",
            "RUNTIMES", "served_variant", "measured_precision", "serving_precision", "run_deleted", "DELETED", "REMOVED",
-           "version_files_lost"]
+           "version_files_lost", "policy_choice"]
 
 logger = logging.getLogger(__name__)
 
@@ -457,23 +457,7 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         moved = {"alias_moved_from": chosen["alias_moved_from"]} if "alias_moved_from" in chosen else {}
         return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}, **moved}
 
-    runs = record.trials(client, parent_run_id)
-    candidates = runs[(runs["kind"] != KIND_BASELINE) & (runs["status"] == STATUS_FINISHED) & runs["packed"]]
-    points = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
-              for row in candidates.to_dict("records")]
-    dense_f1 = (dense_metrics or {}).get(F1)
-    if dense_f1 is None and F1 in runs.columns:
-        baseline = runs.loc[runs["kind"] == KIND_BASELINE, F1].dropna()
-        dense_f1 = float(baseline.iloc[0]) if len(baseline) else None
-    if dense_f1 is None and policy in ("min_density_within_f1_drop", "fastest_within_f1_drop"):
-        if points:  # the policy cannot tell which of them are within its F1 drop
-            raise record.RecordError(f"sweep run {parent_run_id} records no F1 of its dense baseline (no baseline "
-                                     f"run with an f1 metric), which the registry policy {policy} needs; nothing "
-                                     "registered as champion (pass --space with another policy)")
-        chosen = None
-    else:
-        chosen = select_champion(points, policy, dense_f1=dense_f1, max_density=spec.max_density,
-                                 max_f1_drop=spec.max_f1_drop)
+    chosen = policy_choice(record.trials(client, parent_run_id), spec, parent_run_id, (dense_metrics or {}).get(F1))
     if chosen is None:
         logger.warning("no trial of experiment %r satisfies the registry policy %s; nothing registered", experiment,
                        policy)
@@ -481,6 +465,31 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         return {"registered": False, "policy": policy, "name": name,
                 "reason": f"no trial satisfies the registry policy {spec.describe()}"}
     return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx, spec.threshold())
+
+
+def policy_choice(runs: pd.DataFrame, spec: RegistrySpec, parent_run_id: str,
+                  dense_f1: float | None = None) -> dict[str, Any] | None:
+    """The finished trial with a packed model among ``runs`` (the sweep ``parent_run_id``'s record,
+    :func:`record.trials`) that the policy ``spec`` (not ``best_f1_under_latency``, which times versions) chooses,
+    as a dict of its row, or None when none qualifies. ``dense_f1``: the dense baseline's F1 (default: its run's).
+
+    Raises:
+        record.RecordError: an F1-drop policy, and trials, but no F1 of the dense baseline to measure the drop from.
+    """
+    candidates = runs[(runs["kind"] != KIND_BASELINE) & (runs["status"] == STATUS_FINISHED) & runs["packed"]]
+    points = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+              for row in candidates.to_dict("records")]
+    if dense_f1 is None and F1 in runs.columns:
+        baseline = runs.loc[runs["kind"] == KIND_BASELINE, F1].dropna()
+        dense_f1 = float(baseline.iloc[0]) if len(baseline) else None
+    if dense_f1 is None and spec.policy in ("min_density_within_f1_drop", "fastest_within_f1_drop"):
+        if points:  # the policy cannot tell which of them are within its F1 drop
+            raise record.RecordError(f"sweep run {parent_run_id} records no F1 of its dense baseline (no baseline "
+                                     f"run with an f1 metric), which the registry policy {spec.policy} needs; "
+                                     "nothing registered as champion (pass --space with another policy)")
+        return None
+    return select_champion(points, spec.policy, dense_f1=dense_f1, max_density=spec.max_density,
+                           max_f1_drop=spec.max_f1_drop)
 
 
 def _warn_alias_set_aside(client, name: str) -> None:

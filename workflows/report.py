@@ -43,7 +43,7 @@ from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR,
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
                               TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_SWEEP_RUN,
                               TAG_TRIAL_RUN, TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec)
-from workflows.registry import DELETED, REMOVED, run_deleted, version_files_lost
+from workflows.registry import DELETED, REMOVED, policy_choice, run_deleted, version_files_lost
 
 __all__ = [
     "ChampionCard",
@@ -150,6 +150,8 @@ class ReportData:
         hypervolume_compute: the same values against the trial compute seconds spent, ``(seconds, hypervolume)``.
         sweep_status: the MLflow status of the sweep's run (``RUNNING`` while it runs, or after its process was
             killed; ``FINISHED``; ``KILLED`` or ``FAILED`` when it was interrupted), if known.
+        no_champion: what the report says in place of the champion's card when there is none (plain text, code in
+            backticks): why, as far as the record tells.
     """
 
     experiment: str
@@ -166,6 +168,7 @@ class ReportData:
     hypervolume: Sequence[tuple[float, float]] = ()
     hypervolume_compute: Sequence[tuple[float, float]] = ()
     sweep_status: str | None = None
+    no_champion: str = "No trial was registered as champion."
 
     @property
     def trials(self) -> pd.DataFrame:
@@ -507,7 +510,7 @@ def render_markdown(data: ReportData) -> str:
     card = data.champion
     out += ["", "## Champion", ""]
     if card is None:
-        out.append("No trial was registered as champion.")
+        out.append(data.no_champion)
     else:
         out += [f"`{card.model_uri}` (registered model {card.model_name}, version {card.version}, "
                 f"trial run `{card.run_id}`).", ""]
@@ -660,7 +663,7 @@ def render_html(data: ReportData) -> str:
         x_label=plots.metric_label(x), y_label=plots.metric_label(y), second_label=plots.metric_label(second),
         hypervolume_svg=Markup(hypervolume) if hypervolume else None,
         any_url=any(row["url"] for row in rows), columns=columns, rows=rows,
-        champion=_champion_view(data), policy=data.policy,
+        champion=_champion_view(data), policy=data.policy, no_champion=_note_html(data.no_champion),
         learned_svg=Markup(learned) if learned else None)
 
 
@@ -848,13 +851,40 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
             if policy and value not in (None, "", "None"):
                 policy += f" ({key} {value})"
     hypervolume = record.metric_history(client, parent_id, HYPERVOLUME)
+    no_champion = _no_champion(runs, params, parent_id, policy, experiment, uri) if champion is None else ""
     return ReportData(
         experiment=experiment, sweep_run_id=parent_id, runs=runs, searched=keys, param_types=types,
         objectives=record.sweep_objectives(params), champion=champion, policy=policy,
         tracking_uri=uri, sweep_url=run_url(uri, experiment_id, parent_id),
         generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         hypervolume=hypervolume, hypervolume_compute=_hypervolume_by_compute(client, parent_id, hypervolume),
-        sweep_status=parent.info.status)
+        sweep_status=parent.info.status, **({"no_champion": no_champion} if no_champion else {}))
+
+
+def _no_champion(runs: pd.DataFrame, params: Mapping[str, str], parent_id: str, policy: str | None,
+                 experiment: str, tracking_uri: str) -> str:
+    """Why no version of the sweep ``parent_id`` is, or was, its champion, as far as its record tells: no trial
+    meets its registry policy, or the one that does (:func:`workflows.registry.policy_choice`, as a registration
+    chooses it) was not made champion, or its version deleted from the registry since."""
+    spec = _sweep_policy(params)
+    if spec is None:
+        return "No trial was registered as champion."
+    if spec.policy == "best_f1_under_latency":  # chosen by timing the versions where they were registered
+        return f"No version of this sweep is, or was, its champion (registry policy {policy})."
+    try:
+        chosen = policy_choice(runs, spec, parent_id)
+    except record.RecordError:
+        return (f"No trial was registered as champion: the registry policy {policy} needs the dense baseline's F1, "
+                "which the sweep does not record.")
+    if chosen is None:
+        return f"No trial meets the registry policy {policy}: none was registered as champion."
+    command = record.fineprune_command("register", tracking_uri, "--experiment", experiment, "--sweep-run",
+                                       parent_id)
+    return (f"The registry policy {policy} chooses trial {chosen.get('name') or chosen['run_id']}, but no version "
+            "of this sweep is, or was, its champion: its version was deleted from the registry, or it was not "
+            "registered (the sweep has not registered it yet, its registration stopped, `fineprune register "
+            f"--space` gave another policy, or the alias was left on a later sweep's version); `{command}` "
+            "registers it.")
 
 
 def _hypervolume_by_compute(client: MlflowClient, parent_id: str,
