@@ -728,6 +728,11 @@ def test_the_report_card_of_a_champion_whose_trial_run_is_gone_says_whether_it_s
             "removing its trial run leaves in place: it still loads and serves as below.")
     assert said in markdown and "Load it:" in markdown and "Serve it:" in markdown
     assert f"Its trial run <code>{run_id}</code> was removed for good" in html and said in html
+    # The trial's figures, as its version's tags record them (the champion is `wide`: F1 80, density 0.5).
+    assert f"- **Champion**: models:/{NAME}@champion (version {champion['version']}, {run_id}): F1 80.00, EM 70.00, " \
+           "linear density 0.500, speedup 1.50x" in markdown
+    assert "- Speedup: 1.50x; F1 80.00, EM 70.00, linear density 0.500" in markdown
+    assert "<b>80.00</b><span>F1</span>" in html
     assert "records no per-layer structure" not in html
     with registry._fluent_store(store["uri"]):  # what the card says is so: the champion loads and answers
         model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")

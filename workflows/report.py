@@ -37,7 +37,8 @@ from pruning import atomic
 from workflows import plots, record
 from workflows.frontier import frontier_order
 from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR, ARTIFACT_REPORT_HTML,
-                              ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, FORMER_POLICY_TAGS,
+                              ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, FINAL_METRICS,
+                              FORMER_POLICY_TAGS,
                               HEADS_REMOVED,
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
@@ -101,6 +102,8 @@ class ChampionCard:
             when neither is so.
         serves: the version's served model is whole in the registry (False: files of it are gone, and the card
             gives no way to load or serve it).
+        metrics: the trial's final metrics as the version's tags record them (F1, EM, densities, heads removed,
+            speedup), which the card shows when the trial's row is not among the runs (its run deleted or removed).
     """
 
     model_name: str
@@ -119,6 +122,7 @@ class ChampionCard:
     policy: str | None = None
     note: str | None = None
     serves: bool = True
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def model_uri(self) -> str:
@@ -188,6 +192,15 @@ class ReportData:
             return None
         rows = self.runs[self.runs["run_id"] == self.champion.run_id]
         return rows.iloc[0] if len(rows) else None
+
+    @property
+    def champion_figures(self) -> pd.Series | None:
+        """The champion's metrics: its trial row's, else those its version's tags record (the trial's run deleted
+        or removed for good), else None."""
+        row = self.champion_row
+        if row is not None or self.champion is None or not self.champion.metrics:
+            return row
+        return pd.Series(dict(self.champion.metrics), dtype=float)
 
     def frontier(self, tag: str = TAG_PARETO) -> pd.DataFrame:
         """The runs the sweep tagged as on a frontier (``pareto`` or ``pareto_speedup``)."""
@@ -341,11 +354,12 @@ def _summary_lines(data: ReportData) -> list[tuple[str, str]]:
     if base is not None:
         facts.append(("Dense baseline", f"F1 {_fmt(_value(base, F1))}, EM {_fmt(_value(base, EXACT_MATCH))}"))
     card = data.champion
-    row = data.champion_row
+    row, figures = data.champion_row, data.champion_figures
     if card is not None:
-        metrics = "" if row is None else (f": F1 {_fmt(_value(row, F1))}, EM {_fmt(_value(row, EXACT_MATCH))}, "
-                                          f"linear density {_fmt(_value(row, LINEAR_DENSITY), 3)}, "
-                                          f"speedup {_fmt(_value(row, SPEEDUP))}x")
+        metrics = "" if figures is None else (f": F1 {_fmt(_value(figures, F1))}, "
+                                              f"EM {_fmt(_value(figures, EXACT_MATCH))}, "
+                                              f"linear density {_fmt(_value(figures, LINEAR_DENSITY), 3)}, "
+                                              f"speedup {_fmt(_value(figures, SPEEDUP))}x")
         facts.append(("Champion", f"{card.model_uri} (version {card.version}, "
                                   f"{row['name'] if row is not None else card.run_id}){metrics}"))
     else:
@@ -517,11 +531,11 @@ def render_markdown(data: ReportData) -> str:
         if card.note:
             out += [card.note, ""]
         out += [f"- Size on disk: {_fmt_bytes(card.size_bytes)} (weights {_fmt_bytes(card.weights_bytes)})"]
-        row = data.champion_row
-        if row is not None:
-            out.append(f"- Speedup: {_fmt(_value(row, SPEEDUP))}x; F1 {_fmt(_value(row, F1))}, "
-                       f"EM {_fmt(_value(row, EXACT_MATCH))}, "
-                       f"linear density {_fmt(_value(row, LINEAR_DENSITY), 3)}")
+        figures = data.champion_figures
+        if figures is not None:
+            out.append(f"- Speedup: {_fmt(_value(figures, SPEEDUP))}x; F1 {_fmt(_value(figures, F1))}, "
+                       f"EM {_fmt(_value(figures, EXACT_MATCH))}, "
+                       f"linear density {_fmt(_value(figures, LINEAR_DENSITY), 3)}")
         if not card.alias_current:
             out.append(f"- {_alias_note(card)}")
         if card.heads_kept or card.ffn_widths:
@@ -619,13 +633,13 @@ def _champion_view(data: ReportData) -> dict[str, Any] | None:
     card = data.champion
     if card is None:
         return None
-    row = data.champion_row
+    row, figures = data.champion_row, data.champion_figures
     stats = []
-    if row is not None:
-        stats += [(_fmt(_value(row, F1)), "F1"), (_fmt(_value(row, EXACT_MATCH)), "exact match"),
-                  (_fmt(_value(row, LINEAR_DENSITY), 3), "linear density"),
-                  (_fmt(_value(row, SPEEDUP)) + "x", "speedup"), (_fmt(_value(row, HEADS_REMOVED), 0),
-                                                                 "heads removed")]
+    if figures is not None:
+        stats += [(_fmt(_value(figures, F1)), "F1"), (_fmt(_value(figures, EXACT_MATCH)), "exact match"),
+                  (_fmt(_value(figures, LINEAR_DENSITY), 3), "linear density"),
+                  (_fmt(_value(figures, SPEEDUP)) + "x", "speedup"), (_fmt(_value(figures, HEADS_REMOVED), 0),
+                                                                     "heads removed")]
     stats += [(_fmt_bytes(card.size_bytes), "size on disk"), (_fmt_bytes(card.weights_bytes), "weights")]
     structure = None
     if card.heads_kept or card.ffn_widths:
@@ -721,7 +735,8 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
         alias_version=None if current or aliased is None else str(aliased.version),
         tracking_uri=None if tracking_uri == "databricks" else tracking_uri,
         url=None if server is None else f"{server}/#/models/{name}/versions/{version.version}", policy=policy,
-        note=note, serves=serves, **structure)
+        note=note, serves=serves, metrics={key: value for key in FINAL_METRICS
+                                           if (value := _finite(version.tags.get(key))) is not None}, **structure)
 
 
 def _serving_note(client: MlflowClient, name: str, version: str, run_id: str, listed: bool,
@@ -743,13 +758,14 @@ def _serving_note(client: MlflowClient, name: str, version: str, run_id: str, li
                 "trial's packed model."), False
     if state == REMOVED:
         said = (f"Its trial run `{run_id}` was removed for good (`mlflow gc`): the sweep's record no longer holds "
-                "it, so the tables leave it out and the card has no size or structure of its packed model; "
-                "`fineprune register` and `fineprune select` no longer choose this version.")
+                "it, so the tables leave it out, the card's figures are those its version's tags record and it has "
+                "no size or structure of its packed model; `fineprune register` and `fineprune select` no longer "
+                "choose this version.")
     else:
         restore = record.restore_command(tracking_uri, run_id)
         said = (f"Its trial run `{run_id}` was deleted in the MLflow UI (`{restore}` brings it back): the tables "
-                "leave it out, and `fineprune register` and `fineprune select` do not choose this version while it "
-                "is deleted.")
+                "leave it out and the card's figures are those its version's tags record; `fineprune register` and "
+                "`fineprune select` do not choose this version while it is deleted.")
     if lost is None:
         return (f"{said} The registered version keeps its own copy of the served model in the registry, which "
                 "deleting or removing its trial run leaves in place: it still loads and serves as below."), True
