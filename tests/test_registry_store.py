@@ -811,3 +811,43 @@ def test_a_report_without_a_champion_says_why_as_far_as_the_record_tells(store, 
     said = ("No trial meets the registry policy best_f1_under_density (max_density 0.6): none was registered as "
             "champion.")
     assert said in markdown and said in html
+
+
+def test_the_report_of_a_sweep_whose_champion_is_set_aside_says_so_and_suggests_no_move_back(store, tokenizer,
+                                                                                              capsys):
+    """The report of a sweep whose champion's version the alias had left for a later sweep's, its trial run then
+    deleted, read "No trial was registered as champion (no trial met the registry policy)"; it now names that
+    version and why it is set aside, and does not offer a registration that would move the alias back. A trial the
+    policy chooses that is no champion is named with the command that registers it and the version that command
+    moves the alias from."""
+    client = store["client"]
+    first, later = _two_sweeps_registered(store, tokenizer, capsys)
+    wide, best = _version_of(client, first["runs"]["wide"]), _version_of(client, later["runs"]["best"])
+    assert _champion(client) == best
+    out = store["root"] / "report"
+
+    def report() -> tuple[str, str]:
+        assert main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(out),
+                     "--sweep-run", first["parent"]]) == 0
+        capsys.readouterr()
+        return (out / "report.md").read_text(), (out / "report.html").read_text()
+
+    client.delete_run(first["runs"]["wide"])
+    markdown, html = report()
+    restore = record.restore_command(store["uri"], first["runs"]["wide"])
+    said = (f"Version {wide} of {NAME}, this sweep's champion, is set aside: its trial run `{first['runs']['wide']}` "
+            f"was deleted (`{restore}` brings it back).")
+    assert said in markdown and "fineprune register" not in markdown.split("## Champion")[1].split("##")[0]
+    assert "no trial met" not in html.lower()
+    _gc(store, first["runs"]["wide"])
+    markdown, _ = report()
+    assert (f"its trial run `{first['runs']['wide']}` was removed for good (`mlflow gc`), which nothing brings "
+            "back." in markdown)
+
+    client.delete_model_version(NAME, wide)  # the set-aside version gone too: the policy now chooses `narrow`
+    markdown, _ = report()
+    command = record.fineprune_command("register", store["uri"], "--experiment", "exp", "--sweep-run",
+                                       first["parent"])
+    assert "The registry policy best_f1_under_density (max_density 0.6) chooses trial narrow" in markdown
+    assert f"`{command}` registers it and moves the `champion` alias to it from version {best}, the champion now." \
+        in markdown

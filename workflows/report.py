@@ -867,7 +867,7 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
             if policy and value not in (None, "", "None"):
                 policy += f" ({key} {value})"
     hypervolume = record.metric_history(client, parent_id, HYPERVOLUME)
-    no_champion = _no_champion(runs, params, parent_id, policy, experiment, uri) if champion is None else ""
+    no_champion = _no_champion(client, runs, params, parent_id, policy, experiment, uri) if champion is None else ""
     return ReportData(
         experiment=experiment, sweep_run_id=parent_id, runs=runs, searched=keys, param_types=types,
         objectives=record.sweep_objectives(params), champion=champion, policy=policy,
@@ -877,14 +877,32 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
         sweep_status=parent.info.status, **({"no_champion": no_champion} if no_champion else {}))
 
 
-def _no_champion(runs: pd.DataFrame, params: Mapping[str, str], parent_id: str, policy: str | None,
-                 experiment: str, tracking_uri: str) -> str:
-    """Why no version of the sweep ``parent_id`` is, or was, its champion, as far as its record tells: no trial
-    meets its registry policy, or the one that does (:func:`workflows.registry.policy_choice`, as a registration
-    chooses it) was not made champion, or its version deleted from the registry since."""
+def _no_champion(client: MlflowClient, runs: pd.DataFrame, params: Mapping[str, str], parent_id: str,
+                 policy: str | None, experiment: str, tracking_uri: str) -> str:
+    """Why no version of the sweep ``parent_id`` is shown as its champion, as far as the record and the registry
+    tell: the version that was its champion is set aside (its trial run deleted, or removed for good), no trial meets
+    its registry policy, or the one that does (:func:`workflows.registry.policy_choice`, as a registration chooses
+    it) is not champion, its version deleted from the registry or never registered."""
     spec = _sweep_policy(params)
     if spec is None:
         return "No trial was registered as champion."
+    try:
+        versions = [v for v in client.search_model_versions(f"name = '{spec.name}'")
+                    if v.tags.get(TAG_SWEEP_RUN) == parent_id]
+    except MlflowException:
+        versions = []
+    listed = set(runs.loc[runs["kind"] == KIND_TRIAL, "run_id"])
+    aside = [v for v in versions if (v.tags.get(TAG_POLICY) or v.tags.get(FORMER_POLICY_TAGS[TAG_POLICY]))
+             and (v.tags.get(TAG_TRIAL_RUN) or v.run_id) not in listed]
+    if aside:  # the champion it had, whose trial was deleted since
+        version = max(aside, key=lambda v: int(v.version))
+        run_id = version.tags.get(TAG_TRIAL_RUN) or version.run_id
+        if run_deleted(client, run_id) == REMOVED:
+            gone = "was removed for good (`mlflow gc`), which nothing brings back"
+        else:
+            gone = f"was deleted (`{record.restore_command(tracking_uri, run_id)}` brings it back)"
+        return (f"Version {version.version} of {spec.name}, this sweep's champion, is set aside: its trial run "
+                f"`{run_id}` {gone}.")
     if spec.policy == "best_f1_under_latency":  # chosen by timing the versions where they were registered
         return f"No version of this sweep is, or was, its champion (registry policy {policy})."
     try:
@@ -896,11 +914,16 @@ def _no_champion(runs: pd.DataFrame, params: Mapping[str, str], parent_id: str, 
         return f"No trial meets the registry policy {policy}: none was registered as champion."
     command = record.fineprune_command("register", tracking_uri, "--experiment", experiment, "--sweep-run",
                                        parent_id)
+    try:
+        held = client.get_model_version_by_alias(spec.name, ALIAS).version
+    except MlflowException:  # the alias is on no version
+        held = None
+    moves = "" if held is None else f" and moves the `{ALIAS}` alias to it from version {held}, the champion now"
     return (f"The registry policy {policy} chooses trial {chosen.get('name') or chosen['run_id']}, but no version "
             "of this sweep is, or was, its champion: its version was deleted from the registry, or it was not "
             "registered (the sweep has not registered it yet, its registration stopped, `fineprune register "
             f"--space` gave another policy, or the alias was left on a later sweep's version); `{command}` "
-            "registers it.")
+            f"registers it{moves}.")
 
 
 def _hypervolume_by_compute(client: MlflowClient, parent_id: str,
