@@ -75,7 +75,7 @@ __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontie
            "select_by_latency", "latency_settings", "check_alias", "SelectionError", "SeqLenError", "PackedQAModel",
            "PIP_REQUIREMENTS", "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model", "export_for_serving", "ONNX_VARIANTS",
            "RUNTIMES", "served_variant", "measured_precision", "serving_precision", "run_deleted", "DELETED", "REMOVED",
-           "version_files_lost", "policy_choice"]
+           "version_files_lost", "policy_choice", "checked_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -691,14 +691,18 @@ class LostVersion(UnreadableTrial):
     """A trial's version has lost files its served model loads (deleted from the artifact store by hand)."""
 
 
-# The versions (artifact locations) found whole so far by one registration, while :func:`_checked_once` holds.
+# The versions (artifact locations) found whole so far by one registration, while :func:`checked_once` holds.
 _WHOLE: contextvars.ContextVar[set | None] = contextvars.ContextVar("fineprune_whole_versions", default=None)
 
 
 @contextlib.contextmanager
-def _checked_once() -> Iterator[None]:
+def checked_once() -> Iterator[None]:
     """Check each version's files once while this holds: ``register --frontier`` checks every frontier version it
-    reuses, then the champion's, one of them, and ``best_f1_under_latency`` loads them all to time them after."""
+    reuses, then the champion's, one of them, and ``best_f1_under_latency`` loads them all to time them after; a
+    sweep's end then writes its report, which checks the champion's. Held already, it goes on as it is."""
+    if _WHOLE.get() is not None:
+        yield
+        return
     token = _WHOLE.set(set())
     try:
         yield
@@ -713,7 +717,7 @@ def _lost_files(root: str, tracking_uri: str, dst: str | None = None) -> str | N
     in the registry, but it can no longer be loaded or served.
 
     ``dst``: where the ``MLmodel`` read for the check is kept, for a caller that goes on to load the model from
-    there (default: a temporary directory, removed). A version found whole earlier under :func:`_checked_once` is
+    there (default: a temporary directory, removed). A version found whole earlier under :func:`checked_once` is
     not listed again."""
     from mlflow.models import Model
 
@@ -1566,7 +1570,7 @@ def register_sweep(client, experiment: str, parent_run_id: str, spec: RegistrySp
         ``champion``: :func:`register_champion`'s result; ``frontier``: the frontier's rows, or None without
         ``frontier``.
     """
-    with _checked_once():
+    with checked_once():
         rows = register_frontier(client, experiment, parent_run_id, spec.name, spec.onnx) if frontier else None
         held = _alias_taken_back(client, spec.name, client.get_run(parent_run_id)) if latest_left else None
         if held is not None:
