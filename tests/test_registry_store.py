@@ -687,3 +687,167 @@ def test_a_report_whose_champions_trial_run_was_removed_for_good_says_so(store, 
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.report"]
     assert warnings == [f"the champion's trial run {champion['run_id']} was removed for good (`mlflow gc`): the "
                         "report has no size or structure of its packed model"], warnings
+
+
+def test_the_report_card_of_a_champion_whose_trial_run_is_gone_says_whether_it_still_serves(store, tokenizer,
+                                                                                             capsys):
+    """The report of a sweep whose champion's trial run was deleted, or removed for good with `mlflow gc`, showed
+    the champion's card (size "–") and how to load and serve it as if nothing had happened; the card now says what
+    became of the run and what that means: the registered version keeps its own copy of the served model, which
+    still loads (as measured here), and once that copy's files are gone too the card says it cannot be loaded or
+    served and gives no way to."""
+    import shutil
+
+    import pandas as pd
+
+    client = store["client"]
+    made = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    status, champion, _ = _register(capsys, store)
+    assert status == 0
+    run_id, out = champion["run_id"], store["root"] / "report"
+
+    def report() -> tuple[str, str]:
+        assert main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(out)]) == 0
+        capsys.readouterr()
+        return (out / "report.md").read_text(), (out / "report.html").read_text()
+
+    markdown, html = report()
+    assert "was deleted" not in markdown and "removed for good" not in markdown and "Load it:" in markdown
+
+    client.delete_run(run_id)
+    markdown, html = report()
+    restore = record.restore_command(store["uri"], run_id)
+    assert (f"Its trial run `{run_id}` was deleted in the MLflow UI (`{restore}` brings it back)" in markdown)
+    assert "still loads and serves as below" in markdown and "Load it:" in markdown
+    assert f"Its trial run <code>{run_id}</code> was deleted in the MLflow UI" in html and 'id="champion-note"' in html
+
+    _gc(store, run_id)
+    markdown, html = report()
+    assert made["parent"] and f"Its trial run `{run_id}` was removed for good (`mlflow gc`)" in markdown
+    said = ("The registered version keeps its own copy of the served model in the registry, which deleting or "
+            "removing its trial run leaves in place: it still loads and serves as below.")
+    assert said in markdown and "Load it:" in markdown and "Serve it:" in markdown
+    assert f"Its trial run <code>{run_id}</code> was removed for good" in html and said in html
+    # The trial's figures, as its version's tags record them (the champion is `wide`: F1 80, density 0.5).
+    assert f"- **Champion**: models:/{NAME}@champion (version {champion['version']}, {run_id}): F1 80.00, EM 70.00, " \
+           "linear density 0.500, speedup 1.50x" in markdown
+    assert "- Speedup: 1.50x; F1 80.00, EM 70.00, linear density 0.500" in markdown
+    assert "<b>80.00</b><span>F1</span>" in html
+    assert "records no per-layer structure" not in html
+    with registry._fluent_store(store["uri"]):  # what the card says is so: the champion loads and answers
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+        answers = model.predict(pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}))
+    assert list(answers.columns) == ["answer", "score"]
+
+    root = client.get_model_version_download_uri(NAME, champion["version"]).rstrip("/")
+    shutil.rmtree(Path(root.removeprefix("file://")) / "code")
+    markdown, html = report()
+    assert (f"The registered version cannot be loaded or served either: its code (code) is gone from {root}."
+            in markdown)
+    assert "Load it:" not in markdown and "Serve it:" not in markdown
+    assert "cannot be loaded or served either" in html and "mlflow models serve" not in html
+
+
+def test_the_report_card_of_a_champion_whose_files_are_gone_gives_no_way_to_serve_it(store, tokenizer, capsys):
+    """The report of a sweep whose champion version had lost a file of its served model (deleted from the artifact
+    store by hand) showed how to load and serve it, which fails; the card now says the version cannot be loaded or
+    served, why, and how to have it made anew, and gives neither snippet."""
+    import pandas as pd
+
+    client = store["client"]
+    sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    status, champion, _ = _register(capsys, store)
+    assert status == 0
+    root = client.get_model_version_download_uri(NAME, champion["version"]).rstrip("/")
+    (Path(root.removeprefix("file://")) / "python_model.pkl").unlink()
+    with registry._fluent_store(store["uri"]), pytest.raises(Exception, match="python_model.pkl"):
+        mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(pd.DataFrame({"question": ["q"],
+                                                                                    "context": ["c"]}))
+    out = store["root"] / "report"
+    assert main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(out)]) == 0
+    markdown, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    said = (f"This version cannot be loaded or served: its python_model (python_model.pkl) is gone from {root}. "
+            "`fineprune register` and `fineprune select` no longer choose it; delete the version, and registering "
+            "the sweep again makes it anew from the trial's packed model.")
+    assert said in markdown and "Load it:" not in markdown and "Serve it:" not in markdown
+    assert "This version cannot be loaded or served" in html and "mlflow models serve" not in html
+    assert "- Size on disk: " in markdown and "- Speedup: " in markdown  # the trial's record is all there
+
+
+def test_a_report_without_a_champion_says_why_as_far_as_the_record_tells(store, tokenizer, capsys):
+    """The report of a sweep whose champion's version was deleted from the registry read "No trial was registered
+    as champion (no trial met the registry policy)", though a trial met it and was registered; the report now names
+    the trial the policy chooses, why it may not be champion and the command that registers it, and says that no
+    trial meets the policy only when none does."""
+    client = store["client"]
+    made = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    status, champion, _ = _register(capsys, store)
+    assert status == 0
+    client.delete_model_version(NAME, champion["version"])
+    out = store["root"] / "report"
+
+    def report(sweep: str) -> tuple[str, str]:
+        assert main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(out),
+                     "--sweep-run", sweep]) == 0
+        capsys.readouterr()
+        return (out / "report.md").read_text(), (out / "report.html").read_text()
+
+    markdown, html = report(made["parent"])
+    command = record.fineprune_command("register", store["uri"], "--experiment", "exp", "--sweep-run",
+                                       made["parent"])
+    assert ("The registry policy best_f1_under_density (max_density 0.6) chooses trial wide, but no version of this "
+            "sweep is, or was, its champion: its version was deleted from the registry, or it was not registered"
+            in markdown), markdown
+    assert f"`{command}` registers it." in markdown and f"<code>{command}</code> registers it." in html
+    assert "no trial met" not in html.lower()
+    status, again, _ = _register(capsys, store, "--sweep-run", made["parent"])  # the command the report gives
+    assert status == 0 and again["run_id"] == made["runs"]["wide"]
+    markdown, _ = report(made["parent"])
+    assert f"`models:/{NAME}@champion` (registered model {NAME}, version {again['version']}" in markdown
+
+    over = sweep_record(client, store["root"], tokenizer, NAME, "b", {"dense": (2, 64, 90.0, 0.9, True)})
+    assert _register(capsys, store, "--sweep-run", over["parent"])[0] == 4
+    markdown, html = report(over["parent"])
+    said = ("No trial meets the registry policy best_f1_under_density (max_density 0.6): none was registered as "
+            "champion.")
+    assert said in markdown and said in html
+
+
+def test_the_report_of_a_sweep_whose_champion_is_set_aside_says_so_and_suggests_no_move_back(store, tokenizer,
+                                                                                              capsys):
+    """The report of a sweep whose champion's version the alias had left for a later sweep's, its trial run then
+    deleted, read "No trial was registered as champion (no trial met the registry policy)"; it now names that
+    version and why it is set aside, and does not offer a registration that would move the alias back. A trial the
+    policy chooses that is no champion is named with the command that registers it and the version that command
+    moves the alias from."""
+    client = store["client"]
+    first, later = _two_sweeps_registered(store, tokenizer, capsys)
+    wide, best = _version_of(client, first["runs"]["wide"]), _version_of(client, later["runs"]["best"])
+    assert _champion(client) == best
+    out = store["root"] / "report"
+
+    def report() -> tuple[str, str]:
+        assert main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(out),
+                     "--sweep-run", first["parent"]]) == 0
+        capsys.readouterr()
+        return (out / "report.md").read_text(), (out / "report.html").read_text()
+
+    client.delete_run(first["runs"]["wide"])
+    markdown, html = report()
+    restore = record.restore_command(store["uri"], first["runs"]["wide"])
+    said = (f"Version {wide} of {NAME}, this sweep's champion, is set aside: its trial run `{first['runs']['wide']}` "
+            f"was deleted (`{restore}` brings it back).")
+    assert said in markdown and "fineprune register" not in markdown.split("## Champion")[1].split("##")[0]
+    assert "no trial met" not in html.lower()
+    _gc(store, first["runs"]["wide"])
+    markdown, _ = report()
+    assert (f"its trial run `{first['runs']['wide']}` was removed for good (`mlflow gc`), which nothing brings "
+            "back." in markdown)
+
+    client.delete_model_version(NAME, wide)  # the set-aside version gone too: the policy now chooses `narrow`
+    markdown, _ = report()
+    command = record.fineprune_command("register", store["uri"], "--experiment", "exp", "--sweep-run",
+                                       first["parent"])
+    assert "The registry policy best_f1_under_density (max_density 0.6) chooses trial narrow" in markdown
+    assert f"`{command}` registers it and moves the `champion` alias to it from version {best}, the champion now." \
+        in markdown

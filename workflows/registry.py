@@ -74,7 +74,8 @@ __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontie
            "register_sweep",
            "select_by_latency", "latency_settings", "check_alias", "SelectionError", "SeqLenError", "PackedQAModel",
            "PIP_REQUIREMENTS", "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model", "export_for_serving", "ONNX_VARIANTS",
-           "RUNTIMES", "served_variant", "measured_precision", "serving_precision"]
+           "RUNTIMES", "served_variant", "measured_precision", "serving_precision", "run_deleted", "DELETED", "REMOVED",
+           "version_files_lost", "policy_choice", "checked_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -456,23 +457,7 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         moved = {"alias_moved_from": chosen["alias_moved_from"]} if "alias_moved_from" in chosen else {}
         return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}, **moved}
 
-    runs = record.trials(client, parent_run_id)
-    candidates = runs[(runs["kind"] != KIND_BASELINE) & (runs["status"] == STATUS_FINISHED) & runs["packed"]]
-    points = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
-              for row in candidates.to_dict("records")]
-    dense_f1 = (dense_metrics or {}).get(F1)
-    if dense_f1 is None and F1 in runs.columns:
-        baseline = runs.loc[runs["kind"] == KIND_BASELINE, F1].dropna()
-        dense_f1 = float(baseline.iloc[0]) if len(baseline) else None
-    if dense_f1 is None and policy in ("min_density_within_f1_drop", "fastest_within_f1_drop"):
-        if points:  # the policy cannot tell which of them are within its F1 drop
-            raise record.RecordError(f"sweep run {parent_run_id} records no F1 of its dense baseline (no baseline "
-                                     f"run with an f1 metric), which the registry policy {policy} needs; nothing "
-                                     "registered as champion (pass --space with another policy)")
-        chosen = None
-    else:
-        chosen = select_champion(points, policy, dense_f1=dense_f1, max_density=spec.max_density,
-                                 max_f1_drop=spec.max_f1_drop)
+    chosen = policy_choice(record.trials(client, parent_run_id), spec, parent_run_id, (dense_metrics or {}).get(F1))
     if chosen is None:
         logger.warning("no trial of experiment %r satisfies the registry policy %s; nothing registered", experiment,
                        policy)
@@ -480,6 +465,31 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         return {"registered": False, "policy": policy, "name": name,
                 "reason": f"no trial satisfies the registry policy {spec.describe()}"}
     return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx, spec.threshold())
+
+
+def policy_choice(runs: pd.DataFrame, spec: RegistrySpec, parent_run_id: str,
+                  dense_f1: float | None = None) -> dict[str, Any] | None:
+    """The finished trial with a packed model among ``runs`` (the sweep ``parent_run_id``'s record,
+    :func:`record.trials`) that the policy ``spec`` (not ``best_f1_under_latency``, which times versions) chooses,
+    as a dict of its row, or None when none qualifies. ``dense_f1``: the dense baseline's F1 (default: its run's).
+
+    Raises:
+        record.RecordError: an F1-drop policy, and trials, but no F1 of the dense baseline to measure the drop from.
+    """
+    candidates = runs[(runs["kind"] != KIND_BASELINE) & (runs["status"] == STATUS_FINISHED) & runs["packed"]]
+    points = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+              for row in candidates.to_dict("records")]
+    if dense_f1 is None and F1 in runs.columns:
+        baseline = runs.loc[runs["kind"] == KIND_BASELINE, F1].dropna()
+        dense_f1 = float(baseline.iloc[0]) if len(baseline) else None
+    if dense_f1 is None and spec.policy in ("min_density_within_f1_drop", "fastest_within_f1_drop"):
+        if points:  # the policy cannot tell which of them are within its F1 drop
+            raise record.RecordError(f"sweep run {parent_run_id} records no F1 of its dense baseline (no baseline "
+                                     f"run with an f1 metric), which the registry policy {spec.policy} needs; "
+                                     "nothing registered as champion (pass --space with another policy)")
+        return None
+    return select_champion(points, spec.policy, dense_f1=dense_f1, max_density=spec.max_density,
+                           max_f1_drop=spec.max_f1_drop)
 
 
 def _warn_alias_set_aside(client, name: str) -> None:
@@ -681,14 +691,18 @@ class LostVersion(UnreadableTrial):
     """A trial's version has lost files its served model loads (deleted from the artifact store by hand)."""
 
 
-# The versions (artifact locations) found whole so far by one registration, while :func:`_checked_once` holds.
+# The versions (artifact locations) found whole so far by one registration, while :func:`checked_once` holds.
 _WHOLE: contextvars.ContextVar[set | None] = contextvars.ContextVar("fineprune_whole_versions", default=None)
 
 
 @contextlib.contextmanager
-def _checked_once() -> Iterator[None]:
+def checked_once() -> Iterator[None]:
     """Check each version's files once while this holds: ``register --frontier`` checks every frontier version it
-    reuses, then the champion's, one of them, and ``best_f1_under_latency`` loads them all to time them after."""
+    reuses, then the champion's, one of them, and ``best_f1_under_latency`` loads them all to time them after; a
+    sweep's end then writes its report, which checks the champion's. Held already, it goes on as it is."""
+    if _WHOLE.get() is not None:
+        yield
+        return
     token = _WHOLE.set(set())
     try:
         yield
@@ -703,7 +717,7 @@ def _lost_files(root: str, tracking_uri: str, dst: str | None = None) -> str | N
     in the registry, but it can no longer be loaded or served.
 
     ``dst``: where the ``MLmodel`` read for the check is kept, for a caller that goes on to load the model from
-    there (default: a temporary directory, removed). A version found whole earlier under :func:`_checked_once` is
+    there (default: a temporary directory, removed). A version found whole earlier under :func:`checked_once` is
     not listed again."""
     from mlflow.models import Model
 
@@ -753,6 +767,14 @@ def _lost_files(root: str, tracking_uri: str, dst: str | None = None) -> str | N
     if whole is not None:
         whole.add((tracking_uri, root))
     return None
+
+
+def version_files_lost(client, name: str, version) -> str | None:
+    """What of the files the served model of ``version`` of ``name`` loads is gone from the registry's artifact
+    store (:func:`_lost_files`), or None when it loads and serves. The files are the version's own: a version is
+    made from a model logged in its experiment's artifact location, which deleting its trial run, or removing it for
+    good with `mlflow gc`, leaves."""
+    return _lost_files(client.get_model_version_download_uri(name, str(version)), client.tracking_uri)
 
 
 def _settings_of(client, run) -> dict[str, Any]:
@@ -843,7 +865,7 @@ def _version_of_run(client, name: str, run, onnx: bool = True, known: dict[str, 
         known = _versions_by_trial(_model_versions(client, name))
     if run_id in known:
         version = known[run_id]
-        lost = _lost_files(client.get_model_version_download_uri(name, version.version), client.tracking_uri)
+        lost = version_files_lost(client, name, version.version)
         if lost is not None:  # deleted from the artifact store by hand: the version cannot be served
             raise LostVersion(f"version {version.version} of {name} (trial run {run_id}) cannot be served: {lost}; "
                               "delete the version and register again to make it anew from the trial's packed model")
@@ -942,6 +964,17 @@ def _set_alias(client, name: str, alias: str, version) -> None:
     _written_once(lambda: client.set_registered_model_alias(name, alias, version), done)
 
 
+def _move_alias(client, name: str, alias: str, version) -> Any:
+    """Point ``alias`` of ``name`` at ``version`` (as :func:`_set_alias` does) and return the version it left: the
+    model version it was on, as read before the move, or None when it was on no version or on ``version`` already."""
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:  # the alias is on no version yet (or that version was deleted by hand)
+        current = None
+    _set_alias(client, name, alias, version)
+    return current if current is not None and str(current.version) != str(version) else None
+
+
 def _tag_version(client, name: str, version, run, parent_run_id: str, extra: dict[str, str]) -> None:
     """Tag ``version`` (a model version) with its trial's metrics, precision and run ids and ``extra``: only the
     tags it lacks or holds with another value are written, so registering a sweep again writes nothing new."""
@@ -997,13 +1030,9 @@ def _make_champion(client, name: str, version, versions, chosen_by: str | None =
     Returns:
         The version the alias left, or None when it was on no other version.
     """
-    try:
-        current = client.get_model_version_by_alias(name, ALIAS)
-    except MlflowException:  # no champion yet (or it was deleted by hand)
-        current = None
-    _set_alias(client, name, ALIAS, version.version)
+    current = _move_alias(client, name, ALIAS, version.version)
     left = None
-    if current is not None and str(current.version) != str(version.version):
+    if current is not None:
         left = str(current.version)
         held = current.tags or {}
         before = f"{held.get(TAG_POLICY, '')} {held.get(TAG_POLICY_THRESHOLD, '')}".strip() \
@@ -1091,7 +1120,7 @@ def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str
             for tag in FRONTIER_TAGS:
                 _set_version_tag(client, name, version.version, tag, "false")
             trial = tags.get(TAG_TRIAL_RUN)
-            state = _run_deleted(client, trial)
+            state = run_deleted(client, trial)
             if state == REMOVED:  # gone with its record: nothing brings it back
                 logger.warning("version %s of %s: its trial run %s was removed for good (`mlflow gc`), so it is no "
                                "longer a point of the frontier of sweep run %s (its frontier tags turn false)",
@@ -1109,7 +1138,7 @@ def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str
 DELETED, REMOVED = "deleted", "removed"  # a run deleted (in the UI: restorable), or removed for good (`mlflow gc`)
 
 
-def _run_deleted(client, run_id: str | None) -> str | None:
+def run_deleted(client, run_id: str | None) -> str | None:
     """Whether the run ``run_id`` was deleted: :data:`DELETED` (in the UI, so that `mlflow runs restore` brings it
     back), :data:`REMOVED` (removed for good since, by `mlflow gc`: the store no longer has it), else None."""
     if not run_id:
@@ -1124,10 +1153,10 @@ def _deleted_source(client, tags: Mapping[str, str], trial_run_id: str | None,
                     lifecycle: dict[str, str | None]) -> str | None:
     """Why a version is not to be chosen when its trial run, or the sweep run it was registered from, was deleted
     (in the MLflow UI: set aside, as `fineprune register` passes a deleted sweep over; or removed for good), else
-    None. ``lifecycle`` caches what :func:`_run_deleted` says of each run read."""
+    None. ``lifecycle`` caches what :func:`run_deleted` says of each run read."""
     def deleted(run_id: str | None) -> str | None:
         if run_id and run_id not in lifecycle:
-            lifecycle[run_id] = _run_deleted(client, run_id)
+            lifecycle[run_id] = run_deleted(client, run_id)
         return lifecycle[run_id] if run_id else None
 
     sweep = tags.get(TAG_SWEEP_RUN)
@@ -1465,12 +1494,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             by = f"best_f1_under_latency max_latency_ms {max_latency_ms:g}" if sweep_run_id is not None else None
             left = _make_champion(client, name, version, every, by)
         else:
-            try:
-                held = str(client.get_model_version_by_alias(name, alias).version)
-            except MlflowException:  # the alias is on no version yet
-                held = None
-            _set_alias(client, name, alias, chosen["version"])
-            left = held if held not in (None, chosen["version"]) else None
+            moved = _move_alias(client, name, alias, chosen["version"])
+            left = None if moved is None else str(moved.version)
             if left is not None:
                 logger.info("alias %r of %s moved from version %s to version %s", alias, name, left,
                             chosen["version"])
@@ -1545,7 +1570,7 @@ def register_sweep(client, experiment: str, parent_run_id: str, spec: RegistrySp
         ``champion``: :func:`register_champion`'s result; ``frontier``: the frontier's rows, or None without
         ``frontier``.
     """
-    with _checked_once():
+    with checked_once():
         rows = register_frontier(client, experiment, parent_run_id, spec.name, spec.onnx) if frontier else None
         held = _alias_taken_back(client, spec.name, client.get_run(parent_run_id)) if latest_left else None
         if held is not None:

@@ -37,12 +37,14 @@ from pruning import atomic
 from workflows import plots, record
 from workflows.frontier import frontier_order
 from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR, ARTIFACT_REPORT_HTML,
-                              ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, FORMER_POLICY_TAGS,
+                              ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, FINAL_METRICS,
+                              FORMER_POLICY_TAGS,
                               HEADS_REMOVED,
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
                               TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_SWEEP_RUN,
                               TAG_TRIAL_RUN, TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec)
+from workflows.registry import DELETED, REMOVED, policy_choice, run_deleted, version_files_lost
 
 __all__ = [
     "ChampionCard",
@@ -94,6 +96,14 @@ class ChampionCard:
         url: link to the model version in the MLflow UI, when a tracking server is known.
         policy: the policy that made this version champion and its threshold, as the version's tags record them
             (``fineprune register --space`` or ``fineprune select`` may have used another than the sweep's).
+        note: what became of the version's trial run when it was deleted in the MLflow UI or removed for good
+            (``mlflow gc``), and whether the version still serves, or that it cannot be loaded or served when files
+            of its served model are gone from the registry's artifact store (plain text, code in backticks); None
+            when neither is so.
+        serves: the version's served model is whole in the registry (False: files of it are gone, and the card
+            gives no way to load or serve it).
+        metrics: the trial's final metrics as the version's tags record them (F1, EM, densities, heads removed,
+            speedup), which the card shows when the trial's row is not among the runs (its run deleted or removed).
     """
 
     model_name: str
@@ -110,6 +120,9 @@ class ChampionCard:
     tracking_uri: str | None = None
     url: str | None = None
     policy: str | None = None
+    note: str | None = None
+    serves: bool = True
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def model_uri(self) -> str:
@@ -141,6 +154,8 @@ class ReportData:
         hypervolume_compute: the same values against the trial compute seconds spent, ``(seconds, hypervolume)``.
         sweep_status: the MLflow status of the sweep's run (``RUNNING`` while it runs, or after its process was
             killed; ``FINISHED``; ``KILLED`` or ``FAILED`` when it was interrupted), if known.
+        no_champion: what the report says in place of the champion's card when there is none (plain text, code in
+            backticks): why, as far as the record tells.
     """
 
     experiment: str
@@ -157,6 +172,7 @@ class ReportData:
     hypervolume: Sequence[tuple[float, float]] = ()
     hypervolume_compute: Sequence[tuple[float, float]] = ()
     sweep_status: str | None = None
+    no_champion: str = "No trial was registered as champion."
 
     @property
     def trials(self) -> pd.DataFrame:
@@ -176,6 +192,15 @@ class ReportData:
             return None
         rows = self.runs[self.runs["run_id"] == self.champion.run_id]
         return rows.iloc[0] if len(rows) else None
+
+    @property
+    def champion_figures(self) -> pd.Series | None:
+        """The champion's metrics: its trial row's, else those its version's tags record (the trial's run deleted
+        or removed for good), else None."""
+        row = self.champion_row
+        if row is not None or self.champion is None or not self.champion.metrics:
+            return row
+        return pd.Series(dict(self.champion.metrics), dtype=float)
 
     def frontier(self, tag: str = TAG_PARETO) -> pd.DataFrame:
         """The runs the sweep tagged as on a frontier (``pareto`` or ``pareto_speedup``)."""
@@ -295,6 +320,11 @@ def _alias_note(card: ChampionCard) -> str:
             "removed); the URI above pins this one.")
 
 
+def _note_html(text: str) -> Markup:
+    """A note of plain text with code in backticks, as HTML."""
+    return Markup(re.sub(r"`([^`]*)`", r"<code>\1</code>", str(escape(text))))
+
+
 def _load_snippet(card: ChampionCard) -> str:
     lines = ["import mlflow", "import pandas as pd", ""]
     if card.tracking_uri:
@@ -324,11 +354,12 @@ def _summary_lines(data: ReportData) -> list[tuple[str, str]]:
     if base is not None:
         facts.append(("Dense baseline", f"F1 {_fmt(_value(base, F1))}, EM {_fmt(_value(base, EXACT_MATCH))}"))
     card = data.champion
-    row = data.champion_row
+    row, figures = data.champion_row, data.champion_figures
     if card is not None:
-        metrics = "" if row is None else (f": F1 {_fmt(_value(row, F1))}, EM {_fmt(_value(row, EXACT_MATCH))}, "
-                                          f"linear density {_fmt(_value(row, LINEAR_DENSITY), 3)}, "
-                                          f"speedup {_fmt(_value(row, SPEEDUP))}x")
+        metrics = "" if figures is None else (f": F1 {_fmt(_value(figures, F1))}, "
+                                              f"EM {_fmt(_value(figures, EXACT_MATCH))}, "
+                                              f"linear density {_fmt(_value(figures, LINEAR_DENSITY), 3)}, "
+                                              f"speedup {_fmt(_value(figures, SPEEDUP))}x")
         facts.append(("Champion", f"{card.model_uri} (version {card.version}, "
                                   f"{row['name'] if row is not None else card.run_id}){metrics}"))
     else:
@@ -493,16 +524,18 @@ def render_markdown(data: ReportData) -> str:
     card = data.champion
     out += ["", "## Champion", ""]
     if card is None:
-        out.append("No trial was registered as champion.")
+        out.append(data.no_champion)
     else:
         out += [f"`{card.model_uri}` (registered model {card.model_name}, version {card.version}, "
-                f"trial run `{card.run_id}`).", "",
-                f"- Size on disk: {_fmt_bytes(card.size_bytes)} (weights {_fmt_bytes(card.weights_bytes)})"]
-        row = data.champion_row
-        if row is not None:
-            out.append(f"- Speedup: {_fmt(_value(row, SPEEDUP))}x; F1 {_fmt(_value(row, F1))}, "
-                       f"EM {_fmt(_value(row, EXACT_MATCH))}, "
-                       f"linear density {_fmt(_value(row, LINEAR_DENSITY), 3)}")
+                f"trial run `{card.run_id}`).", ""]
+        if card.note:
+            out += [card.note, ""]
+        out += [f"- Size on disk: {_fmt_bytes(card.size_bytes)} (weights {_fmt_bytes(card.weights_bytes)})"]
+        figures = data.champion_figures
+        if figures is not None:
+            out.append(f"- Speedup: {_fmt(_value(figures, SPEEDUP))}x; F1 {_fmt(_value(figures, F1))}, "
+                       f"EM {_fmt(_value(figures, EXACT_MATCH))}, "
+                       f"linear density {_fmt(_value(figures, LINEAR_DENSITY), 3)}")
         if not card.alias_current:
             out.append(f"- {_alias_note(card)}")
         if card.heads_kept or card.ffn_widths:
@@ -516,8 +549,9 @@ def render_markdown(data: ReportData) -> str:
                 ffn = "–" if width is None else f"{width}/{card.ffn_size or '?'}"
                 rows.append([str(i), kept, ffn])
             out += _md_table(("layer", "heads kept", "FFN width"), rows)
-        out += ["", "Load it:", "", "```python", _load_snippet(card), "```", "", "Serve it:", "", "```bash",
-                _serve_command(card), "```"]
+        if card.serves:
+            out += ["", "Load it:", "", "```python", _load_snippet(card), "```", "", "Serve it:", "", "```bash",
+                    _serve_command(card), "```"]
 
     out += ["", "## Search progress: hypervolume of the frontier", ""]
     if data.hypervolume:
@@ -599,13 +633,13 @@ def _champion_view(data: ReportData) -> dict[str, Any] | None:
     card = data.champion
     if card is None:
         return None
-    row = data.champion_row
+    row, figures = data.champion_row, data.champion_figures
     stats = []
-    if row is not None:
-        stats += [(_fmt(_value(row, F1)), "F1"), (_fmt(_value(row, EXACT_MATCH)), "exact match"),
-                  (_fmt(_value(row, LINEAR_DENSITY), 3), "linear density"),
-                  (_fmt(_value(row, SPEEDUP)) + "x", "speedup"), (_fmt(_value(row, HEADS_REMOVED), 0),
-                                                                 "heads removed")]
+    if figures is not None:
+        stats += [(_fmt(_value(figures, F1)), "F1"), (_fmt(_value(figures, EXACT_MATCH)), "exact match"),
+                  (_fmt(_value(figures, LINEAR_DENSITY), 3), "linear density"),
+                  (_fmt(_value(figures, SPEEDUP)) + "x", "speedup"), (_fmt(_value(figures, HEADS_REMOVED), 0),
+                                                                     "heads removed")]
     stats += [(_fmt_bytes(card.size_bytes), "size on disk"), (_fmt_bytes(card.weights_bytes), "weights")]
     structure = None
     if card.heads_kept or card.ffn_widths:
@@ -614,7 +648,8 @@ def _champion_view(data: ReportData) -> dict[str, Any] | None:
             "trial": str(row["name"]) if row is not None else card.run_id,
             "trial_url": _url(row) if row is not None else None, "stats": stats,
             "alias_current": card.alias_current, "structure_svg": structure,
-            "alias_note": Markup(re.sub(r"`([^`]*)`", r"<code>\1</code>", str(escape(_alias_note(card))))),
+            "alias_note": _note_html(_alias_note(card)),
+            "note": _note_html(card.note) if card.note else None, "serves": card.serves,
             "load_snippet": _load_snippet(card), "serve_command": _serve_command(card)}
 
 
@@ -642,7 +677,7 @@ def render_html(data: ReportData) -> str:
         x_label=plots.metric_label(x), y_label=plots.metric_label(y), second_label=plots.metric_label(second),
         hypervolume_svg=Markup(hypervolume) if hypervolume else None,
         any_url=any(row["url"] for row in rows), columns=columns, rows=rows,
-        champion=_champion_view(data), policy=data.policy,
+        champion=_champion_view(data), policy=data.policy, no_champion=_note_html(data.no_champion),
         learned_svg=Markup(learned) if learned else None)
 
 
@@ -684,6 +719,7 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
         version, current = max(chosen, key=lambda v: int(v.version)), False
     run_id = version.tags.get(TAG_TRIAL_RUN) or version.run_id
     structure = _packed_structure(client, run_id)
+    note, serves = _serving_note(client, name, str(version.version), run_id, run_id in trial_ids, tracking_uri)
     held = version.tags if current or version.tags.get(TAG_POLICY) else {  # kept as it was when the alias left it
         key: version.tags[former] for key, former in FORMER_POLICY_TAGS.items() if former in version.tags}
     policy = held.get(TAG_POLICY) or None
@@ -699,7 +735,41 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
         alias_version=None if current or aliased is None else str(aliased.version),
         tracking_uri=None if tracking_uri == "databricks" else tracking_uri,
         url=None if server is None else f"{server}/#/models/{name}/versions/{version.version}", policy=policy,
-        **structure)
+        note=note, serves=serves, metrics={key: value for key in FINAL_METRICS
+                                           if (value := _finite(version.tags.get(key))) is not None}, **structure)
+
+
+def _serving_note(client: MlflowClient, name: str, version: str, run_id: str, listed: bool,
+                  tracking_uri: str) -> tuple[str | None, bool]:
+    """The champion card's note on version ``version`` of ``name`` and whether it serves: what became of its trial
+    run ``run_id`` when it is not ``listed`` among the sweep's trials (deleted, or removed for good), and whether its
+    served model is whole. That model is a copy of the version's own in the registry's artifact location, which
+    deleting or removing the trial run leaves; files of it deleted from the store by hand make it serve no more."""
+    state = None if listed else run_deleted(client, run_id)
+    try:
+        lost = version_files_lost(client, name, version)
+    except MlflowException as err:
+        lost = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if state not in (DELETED, REMOVED):
+        if lost is None:
+            return None, True
+        return (f"This version cannot be loaded or served: {lost}. `fineprune register` and `fineprune select` no "
+                "longer choose it; delete the version, and registering the sweep again makes it anew from the "
+                "trial's packed model."), False
+    if state == REMOVED:
+        said = (f"Its trial run `{run_id}` was removed for good (`mlflow gc`): the sweep's record no longer holds "
+                "it, so the tables leave it out, the card's figures are those its version's tags record and it has "
+                "no size or structure of its packed model; `fineprune register` and `fineprune select` no longer "
+                "choose this version.")
+    else:
+        restore = record.restore_command(tracking_uri, run_id)
+        said = (f"Its trial run `{run_id}` was deleted in the MLflow UI (`{restore}` brings it back): the tables "
+                "leave it out and the card's figures are those its version's tags record; `fineprune register` and "
+                "`fineprune select` do not choose this version while it is deleted.")
+    if lost is None:
+        return (f"{said} The registered version keeps its own copy of the served model in the registry, which "
+                "deleting or removing its trial run leaves in place: it still loads and serves as below."), True
+    return f"{said} The registered version cannot be loaded or served either: {lost}.", False
 
 
 def _sweep_policy(params: Mapping[str, str]) -> RegistrySpec | None:
@@ -797,13 +867,63 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
             if policy and value not in (None, "", "None"):
                 policy += f" ({key} {value})"
     hypervolume = record.metric_history(client, parent_id, HYPERVOLUME)
+    no_champion = _no_champion(client, runs, params, parent_id, policy, experiment, uri) if champion is None else ""
     return ReportData(
         experiment=experiment, sweep_run_id=parent_id, runs=runs, searched=keys, param_types=types,
         objectives=record.sweep_objectives(params), champion=champion, policy=policy,
         tracking_uri=uri, sweep_url=run_url(uri, experiment_id, parent_id),
         generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         hypervolume=hypervolume, hypervolume_compute=_hypervolume_by_compute(client, parent_id, hypervolume),
-        sweep_status=parent.info.status)
+        sweep_status=parent.info.status, **({"no_champion": no_champion} if no_champion else {}))
+
+
+def _no_champion(client: MlflowClient, runs: pd.DataFrame, params: Mapping[str, str], parent_id: str,
+                 policy: str | None, experiment: str, tracking_uri: str) -> str:
+    """Why no version of the sweep ``parent_id`` is shown as its champion, as far as the record and the registry
+    tell: the version that was its champion is set aside (its trial run deleted, or removed for good), no trial meets
+    its registry policy, or the one that does (:func:`workflows.registry.policy_choice`, as a registration chooses
+    it) is not champion, its version deleted from the registry or never registered."""
+    spec = _sweep_policy(params)
+    if spec is None:
+        return "No trial was registered as champion."
+    try:
+        versions = [v for v in client.search_model_versions(f"name = '{spec.name}'")
+                    if v.tags.get(TAG_SWEEP_RUN) == parent_id]
+    except MlflowException:
+        versions = []
+    listed = set(runs.loc[runs["kind"] == KIND_TRIAL, "run_id"])
+    aside = [v for v in versions if (v.tags.get(TAG_POLICY) or v.tags.get(FORMER_POLICY_TAGS[TAG_POLICY]))
+             and (v.tags.get(TAG_TRIAL_RUN) or v.run_id) not in listed]
+    if aside:  # the champion it had, whose trial was deleted since
+        version = max(aside, key=lambda v: int(v.version))
+        run_id = version.tags.get(TAG_TRIAL_RUN) or version.run_id
+        if run_deleted(client, run_id) == REMOVED:
+            gone = "was removed for good (`mlflow gc`), which nothing brings back"
+        else:
+            gone = f"was deleted (`{record.restore_command(tracking_uri, run_id)}` brings it back)"
+        return (f"Version {version.version} of {spec.name}, this sweep's champion, is set aside: its trial run "
+                f"`{run_id}` {gone}.")
+    if spec.policy == "best_f1_under_latency":  # chosen by timing the versions where they were registered
+        return f"No version of this sweep is, or was, its champion (registry policy {policy})."
+    try:
+        chosen = policy_choice(runs, spec, parent_id)
+    except record.RecordError:
+        return (f"No trial was registered as champion: the registry policy {policy} needs the dense baseline's F1, "
+                "which the sweep does not record.")
+    if chosen is None:
+        return f"No trial meets the registry policy {policy}: none was registered as champion."
+    command = record.fineprune_command("register", tracking_uri, "--experiment", experiment, "--sweep-run",
+                                       parent_id)
+    try:
+        held = client.get_model_version_by_alias(spec.name, ALIAS).version
+    except MlflowException:  # the alias is on no version
+        held = None
+    moves = "" if held is None else f" and moves the `{ALIAS}` alias to it from version {held}, the champion now"
+    return (f"The registry policy {policy} chooses trial {chosen.get('name') or chosen['run_id']}, but no version "
+            "of this sweep is, or was, its champion: its version was deleted from the registry, or it was not "
+            "registered (the sweep has not registered it yet, its registration stopped, `fineprune register "
+            f"--space` gave another policy, or the alias was left on a later sweep's version); `{command}` "
+            f"registers it{moves}.")
 
 
 def _hypervolume_by_compute(client: MlflowClient, parent_id: str,

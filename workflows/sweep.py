@@ -800,14 +800,15 @@ def _conclude(client, experiment: str, parent: str, space: SweepSpace, dense_met
     if search is not None:
         summary["search"] = search
         tracking.log_search(client, parent, search)
-    registered = registry.register_sweep(client, experiment, parent, space.registry, dense_metrics=dense_metrics,
-                                         latency=registry.latency_settings(space.speedup, space.resources,
-                                                                           source=str(space.path)),
-                                         latest_left=latest_left, keep_going=True)
-    summary["frontier_versions"], summary["champion"] = registered["frontier"], registered["champion"]
-    # Where the driver ran: under `ray job submit` that is the job's temporary copy of the working directory on the
-    # head, so the summary names the files in full and their copy on the sweep's run as well.
-    written = write_report(experiment, out_dir=report_dir, tracking_uri=tracking_uri, sweep_run_id=parent)
+    with registry.checked_once():  # the report checks the champion's files, which registering has just checked
+        registered = registry.register_sweep(client, experiment, parent, space.registry, dense_metrics=dense_metrics,
+                                             latency=registry.latency_settings(space.speedup, space.resources,
+                                                                               source=str(space.path)),
+                                             latest_left=latest_left, keep_going=True)
+        summary["frontier_versions"], summary["champion"] = registered["frontier"], registered["champion"]
+        # Where the driver ran: under `ray job submit` that is the job's temporary copy of the working directory on
+        # the head, so the summary names the files in full and their copy on the sweep's run as well.
+        written = write_report(experiment, out_dir=report_dir, tracking_uri=tracking_uri, sweep_run_id=parent)
     summary["report"] = {**{k: str(v) for k, v in written.items()},
                          "artifacts": f"runs:/{parent}/{record.ARTIFACT_REPORT_DIR}"}
     return summary
