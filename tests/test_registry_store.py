@@ -851,3 +851,32 @@ def test_the_report_of_a_sweep_whose_champion_is_set_aside_says_so_and_suggests_
     assert "The registry policy best_f1_under_density (max_density 0.6) chooses trial narrow" in markdown
     assert f"`{command}` registers it and moves the `champion` alias to it from version {best}, the champion now." \
         in markdown
+
+
+def test_a_reports_snippets_name_a_relative_sqlite_store_from_any_directory(store, tokenizer, capsys, monkeypatch):
+    """With the default store, `sqlite:///mlflow.db`, the report's load snippet and serve command named it relatively:
+    run from any other directory (the report is read elsewhere) they made an empty mlflow.db there and found no
+    model. The report names the database by its absolute path, and its snippet loads the champion from elsewhere."""
+    import os
+    import subprocess
+    import sys
+
+    client = store["client"]
+    sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    assert _register(capsys, store)[0] == 0
+    monkeypatch.chdir(store["root"])
+    out = store["root"] / "report"
+    assert main(["report", "--experiment", "exp", "--tracking-uri", "sqlite:///mlflow.db", "--out", str(out)]) == 0
+    capsys.readouterr()
+    markdown = (out / "report.md").read_text()
+    absolute = f"sqlite:///{store['root']}/mlflow.db"
+    assert f'mlflow.set_tracking_uri("{absolute}")' in markdown
+    assert f"MLFLOW_TRACKING_URI={absolute} mlflow models serve" in markdown
+    snippet = markdown.split("```python\n", 1)[1].split("```", 1)[0]
+    elsewhere = store["root"] / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "answer" in proc.stdout and not (elsewhere / "mlflow.db").exists()

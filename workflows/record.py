@@ -186,6 +186,18 @@ def sqlite_database(uri: str) -> Path | None:
     return Path(urllib.parse.unquote(uri[len("sqlite:///"):].split("?", 1)[0]))
 
 
+def portable_uri(uri: str) -> str:
+    """``uri`` as it reads from any directory: a ``sqlite:///`` store whose database path is relative (the default
+    ``sqlite:///mlflow.db``) with that path made absolute, from the working directory, its options kept; any other
+    URI as it is. What a report or a suggested command hands on: run from another directory, the relative one would
+    make an empty database there and find nothing in it."""
+    database = sqlite_database(uri)
+    if database is None or database.is_absolute():
+        return uri
+    _, sep, options = uri.partition("?")
+    return "sqlite:///" + urllib.parse.quote(os.path.abspath(database), safe="/") + sep + options
+
+
 def file_uri_path(uri: str) -> str | None:
     """The local path a ``file:`` URI names (``file:///a%20b``, ``file://localhost/a%20b`` and ``file:/a%20b`` are
     all ``/a b``), percent-escapes decoded as Ray and MLflow read them; None for anything else (a plain path, an

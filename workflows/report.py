@@ -847,7 +847,8 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
     Raises:
         RecordError: the experiment, or a sweep run in it, does not exist.
     """
-    uri = record.tracking_uri(tracking_uri)
+    # The report is read elsewhere: its snippets and commands name the store from any directory.
+    uri = record.portable_uri(record.tracking_uri(tracking_uri))
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = record.latest_sweep(client, experiment, sweep_run_id)
     parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
