@@ -41,11 +41,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
-from onnxruntime.transformers.optimizer import optimize_by_onnxruntime, optimize_model
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
@@ -246,6 +243,8 @@ def to_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> P
                               do_constant_folding=True)
         except Exception as error:  # the tracer and the exporter raise many types
             raise ExportError(f"{path}: the model cannot be exported ({_first_line(error)})") from error
+    import onnx  # here, as in the functions below: loading and serving an export need none of these modules
+
     empty = [init.name for init in onnx.load(str(path), load_external_data=False).graph.initializer
              if 0 in init.dims]
     if empty:
@@ -266,6 +265,8 @@ def optimize_onnx(src: str | Path, dst: str | Path) -> list[int]:
     Returns:
         The head count of every fused attention node, in graph order (see :func:`fused_attention_heads`).
     """
+    from onnxruntime.transformers.optimizer import optimize_by_onnxruntime, optimize_model
+
     with _quiet_onnxruntime(), tempfile.TemporaryDirectory(prefix="fineprune-optimize-") as tmp:
         basic = optimize_by_onnxruntime(str(src), optimized_model_path=str(Path(tmp) / "basic.onnx"), opt_level=1,
                                         disabled_optimizers=list(_DISABLED_ORT_OPTIMIZERS))
@@ -281,6 +282,9 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     one scale per matrix cost a pruned MiniLM 1.27 F1 on 500 dev questions where per-channel scales cost none
     (bench/RESULTS.md, serving speed).
     """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     with _quiet_onnxruntime():
         # The fused nodes are not in the standard domain, so ONNX shape inference leaves some tensor types open;
         # those are float32 here.
@@ -291,6 +295,8 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
 
 def fused_attention_heads(path: str | Path) -> list[int]:
     """``num_heads`` of each (Q)Attention node of an ONNX file, in the graph's (topological) order."""
+    import onnx
+
     graph = onnx.load(str(path), load_external_data=False).graph
     heads = []
     for node in graph.node:

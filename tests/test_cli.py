@@ -28,6 +28,22 @@ def fineprune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProces
                           timeout=300, cwd=cwd)
 
 
+def fineprune_at_once(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """``fineprune`` of each argument list, all started at once (commands that do not depend on each other spend
+    most of their time starting up); their results, in order."""
+    procs = [subprocess.Popen([sys.executable, "-m", "workflows.cli", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in commands]
+    try:
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+        return [subprocess.CompletedProcess(proc.args, proc.returncode, *output)
+                for proc, output in zip(procs, outputs)]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_score_agrees_with_the_metric(tmp_path):
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
         {"id": "q1", "question": "Who sat?", "answers": [{"text": "The cat", "answer_start": 0}]},
@@ -64,19 +80,19 @@ def test_pack_eval_and_ask_on_a_packed_directory(masked_checkpoint, tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["max_logit_diff"] <= 1e-4
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    again = fineprune("pack", str(masked_checkpoint), str(out))  # nothing already written is overwritten
+    context = "Paris is the capital of France."
+    again, masked_eval, packed_eval, ask = fineprune_at_once(
+        ["pack", str(masked_checkpoint), str(out)],  # nothing already written is overwritten
+        ["eval", str(masked_checkpoint), "--limit", "6", "--max-seq-length", "128", "--doc-stride", "32",
+         "--no-progress"],
+        ["eval", str(out), "--limit", "6", "--max-seq-length", "128", "--doc-stride", "32", "--no-progress"],
+        ["ask", str(out), "--question", "What is the capital of France?", "--context", context])
     assert again.returncode == 2 and "not empty" in again.stderr
 
-    masked_eval = fineprune("eval", str(masked_checkpoint), "--limit", "6", "--max-seq-length", "128",
-                            "--doc-stride", "32", "--no-progress")
-    packed_eval = fineprune("eval", str(out), "--limit", "6", "--max-seq-length", "128", "--doc-stride", "32",
-                            "--no-progress")
     assert masked_eval.returncode == 0 and packed_eval.returncode == 0, packed_eval.stderr
     m, p = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (masked_eval, packed_eval))
     assert (m["exact_match"], m["f1"]) == (p["exact_match"], p["f1"])
 
-    context = "Paris is the capital of France."
-    ask = fineprune("ask", str(out), "--question", "What is the capital of France?", "--context", context)
     assert ask.returncode == 0, ask.stderr
     answer = json.loads(ask.stdout.strip().splitlines()[-1])
     assert answer["answer"] == context[answer["start"]:answer["end"]]
@@ -181,24 +197,24 @@ def test_eval_reads_no_answer_start(capsys, masked_checkpoint, tmp_path):
 
 def test_eval_and_ask_take_the_span_search_of_the_run_config(masked_checkpoint, tmp_path):
     """--max-answer-length and --n-best reach the span search: answers of at most one token hold no space."""
+    lengths = ("30", "1")
+    context = " ".join(["The quick brown fox jumps over the lazy dog."] * 3)
+    *evals, ask, refused = fineprune_at_once(
+        *(["eval", str(masked_checkpoint), "--eval-limit", "12", "--no-progress", "--max-answer-length", length,
+           "--n-best", "5", "--predictions", str(tmp_path / f"predictions_{length}.json")] for length in lengths),
+        ["ask", str(masked_checkpoint), "--question", "What jumps?", "--context", context, "--max-answer-length", "1"],
+        ["eval", str(masked_checkpoint), "--n-best", "0"])
     answers = {}
-    for length in ("30", "1"):
-        predictions = tmp_path / f"predictions_{length}.json"
-        proc = fineprune("eval", str(masked_checkpoint), "--eval-limit", "12", "--no-progress", "--max-answer-length",
-                         length, "--n-best", "5", "--predictions", str(predictions))
+    for length, proc in zip(lengths, evals):
         assert proc.returncode == 0, proc.stderr
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert (result["max_answer_length"], result["n_best"]) == (int(length), 5)
-        answers[length] = json.loads(predictions.read_text())
+        answers[length] = json.loads((tmp_path / f"predictions_{length}.json").read_text())
     assert any(" " in a.strip() for a in answers["30"].values())  # the random model answers with longer spans
     assert not any(" " in a.strip() for a in answers["1"].values())
-    context = " ".join(["The quick brown fox jumps over the lazy dog."] * 3)
-    proc = fineprune("ask", str(masked_checkpoint), "--question", "What jumps?", "--context", context,
-                     "--max-answer-length", "1")
-    assert proc.returncode == 0, proc.stderr
-    assert " " not in json.loads(proc.stdout.strip().splitlines()[-1])["answer"].strip()
-    proc = fineprune("eval", str(masked_checkpoint), "--n-best", "0")
-    assert proc.returncode == 2 and "--n-best must be >= 1" in proc.stderr
+    assert ask.returncode == 0, ask.stderr
+    assert " " not in json.loads(ask.stdout.strip().splitlines()[-1])["answer"].strip()
+    assert refused.returncode == 2 and "--n-best must be >= 1" in refused.stderr
 
 
 def test_ask_fits_its_windows_to_the_model(masked_checkpoint):

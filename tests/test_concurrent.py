@@ -17,19 +17,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_together(scripts: list[str], tmp_path: Path, settle: float = 6.0) -> list[subprocess.CompletedProcess]:
-    """Run each Python ``script`` in a process of its own; each waits (after its imports) for one file, made once
-    all have had ``settle`` seconds to start, then runs on. Their results, in order."""
+def start_together(scripts: list[str], tmp_path: Path) -> list[subprocess.CompletedProcess]:
+    """Run each Python ``script`` in a process of its own; each, once past its imports (the part before ``# go``),
+    says so in a file and waits for one file, made once all have said so, then runs on. Their results, in order."""
     go = tmp_path / "go"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     wait = (f"import time, pathlib\nwhile not pathlib.Path({str(go)!r}).exists():\n    time.sleep(0.002)\n")
     procs = []
     for i, script in enumerate(scripts):
         head, _, body = script.partition("# go\n")
+        ready = f"import pathlib\npathlib.Path({str(tmp_path / f'ready{i}')!r}).touch()\n"
         out = open(tmp_path / f"proc{i}.out", "w+")
-        procs.append((subprocess.Popen([sys.executable, "-c", head + wait + body], cwd=tmp_path, env=env,
+        procs.append((subprocess.Popen([sys.executable, "-c", head + ready + wait + body], cwd=tmp_path, env=env,
                                        stdout=out, stderr=subprocess.STDOUT, text=True), out))
-    time.sleep(settle)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not all((tmp_path / f"ready{i}").exists() for i in range(len(procs))):
+        if any(proc.poll() is not None for proc, _ in procs):
+            break  # one ended before it was ready: its output says why
+        time.sleep(0.05)
     go.touch()
     results = []
     for proc, out in procs:
@@ -70,7 +75,7 @@ def test_sweeps_that_need_one_teacher_at_once_train_it_once_and_share_it(tmp_pat
               "# go\n"
               f"model_dir, metrics = ensure_teacher(space, Path({str(tmp_path / 'teachers')!r}))\n"
               "print('teacher', model_dir, metrics['f1'])\n")
-    results = start_together([script] * 2, tmp_path, settle=12.0)
+    results = start_together([script] * 2, tmp_path)
     for result in results:
         assert result.returncode == 0, result.stdout[-3000:]
     logs = [result.stdout for result in results]

@@ -167,3 +167,16 @@ def test_every_package_the_tests_import_is_declared_for_them():
     local = {path.stem for path in files.values()}
     undeclared = _undeclared_imports(files, declared, local)
     assert not undeclared, "not in pyproject's test extra: " + "; ".join(undeclared)
+
+
+def test_the_command_line_starts_without_the_onnx_exporter():
+    """Every command imports pruning.export (eval and ask read an exported directory, pack checks for one), but only
+    export needs onnx and ONNX Runtime's optimizer and quantizer, a second of every command's start on 2 cores."""
+    import subprocess
+
+    code = ("import sys, workflows.cli, pruning.export; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime.transformers.optimizer', 'onnxruntime.quantization') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout

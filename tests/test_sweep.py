@@ -319,7 +319,7 @@ def test_the_frontier_tags_are_written_once_per_run_and_not_again(tmp_path):
 
 
 def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_line(tmp_path):
-    """Six configurations and eight samples asked for: the search ends when all six ran, and the sweep is finished
+    """Four configurations and six samples asked for: the search ends when all four ran, and the sweep is finished
     (not 'interrupted', nothing to resume). The command's stdout is its one JSON line: Tune's progress tables and
     the workers' output go to stderr."""
     from mlflow.tracking import MlflowClient
@@ -327,18 +327,18 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     from workflows import record
 
     space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
-    space.update(name="finite", scheduler=None, num_samples=8, sampler={"type": "random"},
-                 search={"target_density": {"type": "choice", "values": [0.3, 0.5, 0.7]},
+    space.update(name="finite", scheduler=None, num_samples=6, sampler={"type": "random"},
+                 search={"target_density": {"type": "choice", "values": [0.3, 0.7]},
                          "temperature": {"type": "choice", "values": [1, 4]}})
     proc, uri = sweep_command(space, tmp_path, "finite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, proc.stdout[:2000]
     summary = json.loads(lines[0])
-    assert summary["status"] == "finished" and summary["trials"] == 6
+    assert summary["status"] == "finished" and summary["trials"] == 4
     assert not (Path(tempfile.gettempdir()) / "fineprune-trials" / Path(summary["sweep_dir"]).name).exists()
     assert "Configuration for experiment" in proc.stderr  # Tune's table, on stderr
-    assert "the search ended after 6 of 8 trials" in proc.stderr
+    assert "the search ended after 4 of 6 trials" in proc.stderr
     # The trials train and score on the same dev questions: said once by the sweep, not by the teacher and each trial.
     assert proc.stderr.count("evaluation questions are training questions too") == 1, proc.stderr[-5000:]
     # Ray forwards every redraw of a worker's progress bar as a line: the teacher and the trials draw none.
