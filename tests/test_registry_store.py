@@ -880,3 +880,32 @@ def test_a_reports_snippets_name_a_relative_sqlite_store_from_any_directory(stor
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "answer" in proc.stdout and not (elsewhere / "mlflow.db").exists()
+
+
+def test_a_no_champion_note_shows_names_as_written(store, tokenizer, capsys):
+    """The report's note on a sweep without a champion put the trial's name (a run renamed in the MLflow UI) into
+    report.md as it was, so `*`, `_`, backticks and HTML in it became emphasis, code and markup, and report.html
+    took its backticks for code; an experiment name holding a backtick cut the command it suggests in two. Both
+    pages now show the names as written, and the command as one piece of code."""
+    import html as html_lib
+    import re
+
+    client = store["client"]
+    experiment, trial = "e `q` *r*", "wide *x* _y_ `z` <b>|"
+    client.create_experiment(experiment, artifact_location=(store["root"] / "artifacts2").as_uri())
+    made = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS, experiment=experiment)
+    client.set_tag(made["runs"]["wide"], record.TAG_RUN_NAME, trial)
+    out = store["root"] / "report"
+    assert main(["report", "--experiment", experiment, "--tracking-uri", store["uri"], "--out", str(out)]) == 0
+    capsys.readouterr()
+    markdown, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    command = record.fineprune_command("register", store["uri"], "--experiment", experiment, "--sweep-run",
+                                       made["parent"])
+    note = markdown.split("## Champion", 1)[1].split("##", 1)[0].strip()
+    assert note.startswith("The registry policy best_f1_under_density (max_density 0.6) chooses trial wide &#42;x&#42; "
+                           "&#95;y&#95; &#96;z&#96; &lt;b&gt;|, but"), note
+    assert f"; ``{command}`` registers it." in note  # one code span, the backticks in it as they are
+    said = page.split('id="no-champion">', 1)[1].split("</p>", 1)[0]
+    assert f"chooses trial {trial}, but" in html_lib.unescape(re.sub(r"<[^>]*>", "", said))
+    assert "<code>z</code>" not in said and "<b>" not in said
+    assert html_lib.unescape(re.findall(r"<code>(.*?)</code>", said)[-1]) == command

@@ -315,14 +315,37 @@ def _counts(data: ReportData) -> dict[str, int]:
 def _alias_note(card: ChampionCard) -> str:
     """Where the ``champion`` alias points when not at the sweep's champion (plain text, code in backticks)."""
     if card.alias_version is not None:
-        return f"The `{ALIAS}` alias has since moved to version {card.alias_version}; the URI above pins this one."
-    return (f"The `{ALIAS}` alias points at no version now (the version it pointed at was deleted, or the alias "
+        return (f"The {_code(ALIAS)} alias has since moved to version {_plain(card.alias_version)}; the URI above "
+                "pins this one.")
+    return (f"The {_code(ALIAS)} alias points at no version now (the version it pointed at was deleted, or the alias "
             "removed); the URI above pins this one.")
+
+
+# A backtick of user-given text (a name, a command naming it) put into a note: it stands for itself, never for the
+# start or end of code. A character of Unicode's private use area, which no name or command holds.
+_TICK = "\ue000"
+_NOTE_CODE = re.compile(r"`([^`]*)`")
+
+
+def _plain(text: Any) -> str:
+    """User-given text (a trial's, an experiment's or a registered model's name) put into a note as written."""
+    return str(text).replace("`", _TICK)
+
+
+def _code(text: Any) -> str:
+    """``text`` (a command, a run id) put into a note as code, shown verbatim."""
+    return f"`{_plain(text)}`"
+
+
+def _note_parts(text: str) -> list[tuple[str, bool]]:
+    """A note's (text, is code) parts: code is in backticks, the rest plain text."""
+    return [(part.replace(_TICK, "`"), bool(i % 2)) for i, part in enumerate(_NOTE_CODE.split(text)) if part]
 
 
 def _note_html(text: str) -> Markup:
     """A note of plain text with code in backticks, as HTML."""
-    return Markup(re.sub(r"`([^`]*)`", r"<code>\1</code>", str(escape(text))))
+    return Markup("".join(f"<code>{escape(part)}</code>" if code else str(escape(part))
+                          for part, code in _note_parts(text)))
 
 
 def _load_snippet(card: ChampionCard) -> str:
@@ -425,11 +448,11 @@ def _untagged_note(data: ReportData, tag: str) -> str | None:
     resume, space = _resume_command(data), "SPACE: the search space file the sweep ran"
     if data.sweep_status == "RUNNING":
         return (f"{note} when it ends, and it is still running (its MLflow run is RUNNING; if its process was killed, "
-                f"`{resume}` finishes it, {space}).")
+                f"{_code(resume)} finishes it, {space}).")
     if data.sweep_status in ("KILLED", "FAILED"):
         return (f"{note} when it ends, and it was interrupted (its MLflow run is {data.sweep_status}): "
-                f"`{resume}` finishes it ({space}).")
-    return f"{note} when it ends (`{resume}` finishes an interrupted one; {space})."
+                f"{_code(resume)} finishes it ({space}).")
+    return f"{note} when it ends ({_code(resume)} finishes an interrupted one; {space})."
 
 
 def _resume_command(data: ReportData) -> str:
@@ -448,13 +471,20 @@ def _md_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "*": "&#42;", "[": "&#91;", "]": "&#93;", "`": "&#96;"}
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "*": "&#42;", "[": "&#91;", "]": "&#93;", "`": "&#96;",
+                "_": "&#95;"}
 
 
 def _md_text(text: str) -> str:
     """User-given ``text`` (an experiment's, a trial's or a searched value's name) shown as written: HTML and the
-    Markdown that would change how it reads (emphasis, links, code) become character references."""
-    return re.sub(r"[&<>*\[\]`]", lambda m: _MD_ENTITIES[m.group()], str(text))
+    Markdown that would change how it reads (emphasis, links, code) become character references. An underscore
+    inside a word (``trial_00001``), which never starts or ends emphasis, is left as it is."""
+    return re.sub(r"[&<>*\[\]`]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", lambda m: _MD_ENTITIES[m.group()], str(text))
+
+
+def _md_note(text: str) -> str:
+    """A note (plain text, code in backticks) as Markdown: its text shown as written, its code as code spans."""
+    return "".join(_md_code(part) if code else _md_text(part) for part, code in _note_parts(text))
 
 
 def _md_code(text: str) -> str:
@@ -510,6 +540,7 @@ def render_markdown(data: ReportData) -> str:
 
     def table(rows: list[pd.Series], tag: str) -> list[str]:
         note = _frontier_note(data, tag)
+        note = _md_note(note) if note else None
         if not rows:
             return [note or "No finished trial."]
         cells = ([_md_text(r["name"]), *(_fmt(_value(r, m), d) for m, _, d in _FRONTIER_COLUMNS),
@@ -524,12 +555,12 @@ def render_markdown(data: ReportData) -> str:
     card = data.champion
     out += ["", "## Champion", ""]
     if card is None:
-        out.append(data.no_champion)
+        out.append(_md_note(data.no_champion))
     else:
-        out += [f"`{card.model_uri}` (registered model {card.model_name}, version {card.version}, "
-                f"trial run `{card.run_id}`).", ""]
+        out += [f"{_md_code(card.model_uri)} (registered model {_md_text(card.model_name)}, version "
+                f"{_md_text(card.version)}, trial run {_md_code(card.run_id)}).", ""]
         if card.note:
-            out += [card.note, ""]
+            out += [_md_note(card.note), ""]
         out += [f"- Size on disk: {_fmt_bytes(card.size_bytes)} (weights {_fmt_bytes(card.weights_bytes)})"]
         figures = data.champion_figures
         if figures is not None:
@@ -537,7 +568,7 @@ def render_markdown(data: ReportData) -> str:
                        f"EM {_fmt(_value(figures, EXACT_MATCH))}, "
                        f"linear density {_fmt(_value(figures, LINEAR_DENSITY), 3)}")
         if not card.alias_current:
-            out.append(f"- {_alias_note(card)}")
+            out.append(f"- {_md_note(_alias_note(card))}")
         if card.heads_kept or card.ffn_widths:
             out += [""]
             layers = max(len(card.heads_kept), len(card.ffn_widths))
@@ -673,7 +704,8 @@ def render_html(data: ReportData) -> str:
         csp=_CSP, experiment=data.experiment, sweep_run_id=data.sweep_run_id, sweep_url=data.sweep_url,
         generated=data.generated, facts=_summary_lines(data),
         frontier_svg=Markup(plots.frontier_figure(data.runs, data.objectives, champion_id)),
-        frontier_note=_frontier_note(data, TAG_PARETO), failures=_failures(data),
+        frontier_note=_note_html(note) if (note := _frontier_note(data, TAG_PARETO)) else None,
+        failures=_failures(data),
         x_label=plots.metric_label(x), y_label=plots.metric_label(y), second_label=plots.metric_label(second),
         hypervolume_svg=Markup(hypervolume) if hypervolume else None,
         any_url=any(row["url"] for row in rows), columns=columns, rows=rows,
@@ -753,23 +785,23 @@ def _serving_note(client: MlflowClient, name: str, version: str, run_id: str, li
     if state not in (DELETED, REMOVED):
         if lost is None:
             return None, True
-        return (f"This version cannot be loaded or served: {lost}. `fineprune register` and `fineprune select` no "
-                "longer choose it; delete the version, and registering the sweep again makes it anew from the "
-                "trial's packed model."), False
+        return (f"This version cannot be loaded or served: {_plain(lost)}. `fineprune register` and `fineprune "
+                "select` no longer choose it; delete the version, and registering the sweep again makes it anew "
+                "from the trial's packed model."), False
     if state == REMOVED:
-        said = (f"Its trial run `{run_id}` was removed for good (`mlflow gc`): the sweep's record no longer holds "
+        said = (f"Its trial run {_code(run_id)} was removed for good (`mlflow gc`): the sweep's record no longer holds "
                 "it, so the tables leave it out, the card's figures are those its version's tags record and it has "
                 "no size or structure of its packed model; `fineprune register` and `fineprune select` no longer "
                 "choose this version.")
     else:
         restore = record.restore_command(tracking_uri, run_id)
-        said = (f"Its trial run `{run_id}` was deleted in the MLflow UI (`{restore}` brings it back): the tables "
-                "leave it out and the card's figures are those its version's tags record; `fineprune register` and "
-                "`fineprune select` do not choose this version while it is deleted.")
+        said = (f"Its trial run {_code(run_id)} was deleted in the MLflow UI ({_code(restore)} brings it back): the "
+                "tables leave it out and the card's figures are those its version's tags record; `fineprune "
+                "register` and `fineprune select` do not choose this version while it is deleted.")
     if lost is None:
         return (f"{said} The registered version keeps its own copy of the served model in the registry, which "
                 "deleting or removing its trial run leaves in place: it still loads and serves as below."), True
-    return f"{said} The registered version cannot be loaded or served either: {lost}.", False
+    return f"{said} The registered version cannot be loaded or served either: {_plain(lost)}.", False
 
 
 def _sweep_policy(params: Mapping[str, str]) -> RegistrySpec | None:
@@ -901,29 +933,30 @@ def _no_champion(client: MlflowClient, runs: pd.DataFrame, params: Mapping[str, 
         if run_deleted(client, run_id) == REMOVED:
             gone = "was removed for good (`mlflow gc`), which nothing brings back"
         else:
-            gone = f"was deleted (`{record.restore_command(tracking_uri, run_id)}` brings it back)"
-        return (f"Version {version.version} of {spec.name}, this sweep's champion, is set aside: its trial run "
-                f"`{run_id}` {gone}.")
+            gone = f"was deleted ({_code(record.restore_command(tracking_uri, run_id))} brings it back)"
+        return (f"Version {version.version} of {_plain(spec.name)}, this sweep's champion, is set aside: its trial "
+                f"run {_code(run_id)} {gone}.")
     if spec.policy == "best_f1_under_latency":  # chosen by timing the versions where they were registered
-        return f"No version of this sweep is, or was, its champion (registry policy {policy})."
+        return f"No version of this sweep is, or was, its champion (registry policy {_plain(policy)})."
     try:
         chosen = policy_choice(runs, spec, parent_id)
     except record.RecordError:
-        return (f"No trial was registered as champion: the registry policy {policy} needs the dense baseline's F1, "
-                "which the sweep does not record.")
+        return (f"No trial was registered as champion: the registry policy {_plain(policy)} needs the dense "
+                "baseline's F1, which the sweep does not record.")
     if chosen is None:
-        return f"No trial meets the registry policy {policy}: none was registered as champion."
+        return f"No trial meets the registry policy {_plain(policy)}: none was registered as champion."
     command = record.fineprune_command("register", tracking_uri, "--experiment", experiment, "--sweep-run",
                                        parent_id)
     try:
         held = client.get_model_version_by_alias(spec.name, ALIAS).version
     except MlflowException:  # the alias is on no version
         held = None
-    moves = "" if held is None else f" and moves the `{ALIAS}` alias to it from version {held}, the champion now"
-    return (f"The registry policy {policy} chooses trial {chosen.get('name') or chosen['run_id']}, but no version "
+    moves = "" if held is None else f" and moves the {_code(ALIAS)} alias to it from version {held}, the champion now"
+    return (f"The registry policy {_plain(policy)} chooses trial {_plain(chosen.get('name') or chosen['run_id'])}, "
+            "but no version "
             "of this sweep is, or was, its champion: its version was deleted from the registry, or it was not "
             "registered (the sweep has not registered it yet, its registration stopped, `fineprune register "
-            f"--space` gave another policy, or the alias was left on a later sweep's version); `{command}` "
+            f"--space` gave another policy, or the alias was left on a later sweep's version); {_code(command)} "
             f"registers it{moves}.")
 
 
