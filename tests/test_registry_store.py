@@ -909,3 +909,31 @@ def test_a_no_champion_note_shows_names_as_written(store, tokenizer, capsys):
     assert f"chooses trial {trial}, but" in html_lib.unescape(re.sub(r"<[^>]*>", "", said))
     assert "<code>z</code>" not in said and "<b>" not in said
     assert html_lib.unescape(re.findall(r"<code>(.*?)</code>", said)[-1]) == command
+
+
+def test_the_report_of_a_running_sweep_says_it_registers_its_champion_when_it_ends(store, tokenizer, capsys):
+    """`fineprune report` while a sweep runs said its champion was not registered and suggested `fineprune register
+    --sweep-run` to register it, which the sweep does itself at its end, from all its trials; the report now says
+    the sweep has not finished and how to finish one whose process was killed. Its own report, written at its end
+    before its run ends, still says why it registered none."""
+    client = store["client"]
+    made = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    client.update_run(made["parent"], status="RUNNING")  # as while its trials run
+    out = store["root"] / "report"
+    assert main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(out)]) == 0
+    capsys.readouterr()
+    note = (out / "report.md").read_text().split("## Champion", 1)[1].split("##", 1)[0].strip()
+    resume = record.fineprune_command("sweep", store["uri"], "--space", "SPACE", "--resume", made["parent"])
+    assert note == ("The sweep has not finished (its MLflow run is RUNNING): it registers its champion, as the "
+                    "registry policy best_f1_under_density (max_density 0.6) chooses it from all its trials, when "
+                    f"it ends. If its process was killed, `{resume}` finishes it (SPACE: the search space file the "
+                    "sweep ran)."), note
+    assert "fineprune register" not in note
+
+    over = sweep_record(client, store["root"], tokenizer, NAME, "b", {"dense": (2, 64, 90.0, 0.9, True)})
+    client.update_run(over["parent"], status="RUNNING")
+    summary = _conclude(store, over["parent"], _space(store["root"]))  # the sweep's end: registers none
+    assert summary["champion"]["registered"] is False
+    markdown = Path(summary["report"]["markdown"]).read_text()
+    assert ("No trial meets the registry policy best_f1_under_density (max_density 0.6): none was registered as "
+            "champion.") in markdown

@@ -865,13 +865,15 @@ def _artifact_files(client: MlflowClient, run_id: str, path: str) -> list[tuple[
 
 
 def collect_report_data(experiment: str, tracking_uri: str | None = None,
-                        sweep_run_id: str | None = None) -> ReportData:
+                        sweep_run_id: str | None = None, concluding: bool = False) -> ReportData:
     """Read a sweep back from MLflow: its runs table, searched keys, objectives and registered champion.
 
     Args:
         experiment: the experiment name.
         tracking_uri: MLflow tracking URI (default: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
         sweep_run_id: the sweep's parent run; default: the experiment's latest sweep.
+        concluding: the report is the sweep's own, made at its end once it has registered its champion (its run
+            is ended after the report): a sweep without a champion is not said to register one still.
 
     Returns:
         The report's data.
@@ -900,7 +902,9 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
             if policy and value not in (None, "", "None"):
                 policy += f" ({key} {value})"
     hypervolume = record.metric_history(client, parent_id, HYPERVOLUME)
-    no_champion = _no_champion(client, runs, params, parent_id, policy, experiment, uri) if champion is None else ""
+    status = None if concluding else parent.info.status
+    no_champion = _no_champion(client, runs, params, parent_id, policy, experiment, uri, status) if champion is None \
+        else ""
     return ReportData(
         experiment=experiment, sweep_run_id=parent_id, runs=runs, searched=keys, param_types=types,
         objectives=record.sweep_objectives(params), champion=champion, policy=policy,
@@ -911,10 +915,11 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
 
 
 def _no_champion(client: MlflowClient, runs: pd.DataFrame, params: Mapping[str, str], parent_id: str,
-                 policy: str | None, experiment: str, tracking_uri: str) -> str:
+                 policy: str | None, experiment: str, tracking_uri: str, status: str | None = None) -> str:
     """Why no version of the sweep ``parent_id`` is shown as its champion, as far as the record and the registry
-    tell: the version that was its champion is set aside (its trial run deleted, or removed for good), no trial meets
-    its registry policy, or the one that does (:func:`workflows.registry.policy_choice`, as a registration chooses
+    tell: the version that was its champion is set aside (its trial run deleted, or removed for good), the sweep is
+    still running (``status`` RUNNING: it registers its champion when it ends), no trial meets its registry policy,
+    or the one that does (:func:`workflows.registry.policy_choice`, as a registration chooses
     it) is not champion, its version deleted from the registry or never registered."""
     spec = _sweep_policy(params)
     if spec is None:
@@ -936,6 +941,11 @@ def _no_champion(client: MlflowClient, runs: pd.DataFrame, params: Mapping[str, 
             gone = f"was deleted ({_code(record.restore_command(tracking_uri, run_id))} brings it back)"
         return (f"Version {version.version} of {_plain(spec.name)}, this sweep's champion, is set aside: its trial "
                 f"run {_code(run_id)} {gone}.")
+    if status == "RUNNING":  # its champion is chosen and registered at its end, from all its trials
+        resume = record.fineprune_command("sweep", tracking_uri, "--space", "SPACE", "--resume", parent_id)
+        return (f"The sweep has not finished (its MLflow run is RUNNING): it registers its champion, as the registry "
+                f"policy {_plain(policy)} chooses it from all its trials, when it ends. If its process was killed, "
+                f"{_code(resume)} finishes it (SPACE: the search space file the sweep ran).")
     if spec.policy == "best_f1_under_latency":  # chosen by timing the versions where they were registered
         return f"No version of this sweep is, or was, its champion (registry policy {_plain(policy)})."
     try:
@@ -972,7 +982,7 @@ def _hypervolume_by_compute(client: MlflowClient, parent_id: str,
 
 
 def write_report(experiment: str, out_dir: str | Path, tracking_uri: str | None = None,
-                 sweep_run_id: str | None = None) -> dict[str, Path]:
+                 sweep_run_id: str | None = None, concluding: bool = False) -> dict[str, Path]:
     """Write ``report.html`` and ``report.md`` for a sweep and log both on its parent run under ``report/``.
 
     Args:
@@ -980,6 +990,7 @@ def write_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
         out_dir: directory to write into (created if missing).
         tracking_uri: MLflow tracking URI (default: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
         sweep_run_id: the sweep's parent run; default: the experiment's latest sweep.
+        concluding: the sweep's own report, at its end (see :func:`collect_report_data`).
 
     Returns:
         ``{"html": path, "markdown": path}``.
@@ -987,7 +998,8 @@ def write_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
     Raises:
         RecordError: the experiment, or a sweep run in it, does not exist.
     """
-    data = collect_report_data(experiment, tracking_uri=tracking_uri, sweep_run_id=sweep_run_id)
+    data = collect_report_data(experiment, tracking_uri=tracking_uri, sweep_run_id=sweep_run_id,
+                               concluding=concluding)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"html": out / ARTIFACT_REPORT_HTML, "markdown": out / ARTIFACT_REPORT_MARKDOWN}
