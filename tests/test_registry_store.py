@@ -685,8 +685,37 @@ def test_a_report_whose_champions_trial_run_was_removed_for_good_says_so(store, 
                    str(store["root"] / "report")])
     assert status == 0 and made["parent"]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.report"]
-    assert warnings == [f"the champion's trial run {champion['run_id']} was removed for good (`mlflow gc`): the "
-                        "report has no size or structure of its packed model"], warnings
+    assert warnings == [], warnings
+
+
+def test_the_card_of_a_champion_whose_trial_run_was_removed_reads_its_structure_from_the_version(store, tokenizer,
+                                                                                                 capsys, monkeypatch):
+    """The report of a sweep whose champion's trial run was removed with `mlflow gc` showed the card without a
+    size on disk or per-layer structure, though the registered version holds the same packed model; they are read
+    from the version's copy now (its files listed and its config.json read, the weights not downloaded), the same
+    as the trial run's gave before it was removed."""
+    made = sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
+    status, champion, _ = _register(capsys, store)
+    assert status == 0 and made["parent"]
+    out = store["root"] / "report"
+
+    def card() -> tuple[str, str]:
+        assert main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(out)]) == 0
+        capsys.readouterr()
+        markdown, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+        return markdown.split("## Champion", 1)[1].split("## Search", 1)[0], page.split('id="champion"', 1)[1]
+
+    before, _ = card()
+    sized = [line for line in before.splitlines() if line.startswith(("- Size on disk:", "| "))]
+    assert len(sized) == 4 and "–" not in sized[0], before  # the size, the table's header and two layers
+    _gc(store, champion["run_id"])
+    downloads = _Downloads(monkeypatch)
+    after, page = card()
+    assert [line for line in after.splitlines() if line.startswith(("- Size on disk:", "| "))] == sized, after
+    assert "its size and structure those of the packed model the version holds" in after
+    assert "Kept attention heads per layer" in page and "records no per-layer structure" not in page
+    assert not [leaf for leaf in downloads.downloads if leaf.endswith(".safetensors") or leaf == "packed_model"], \
+        downloads.downloads
 
 
 def test_the_report_card_of_a_champion_whose_trial_run_is_gone_says_whether_it_still_serves(store, tokenizer,

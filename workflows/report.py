@@ -30,15 +30,18 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup, escape
+import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.entities import FileInfo
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from pruning import atomic
 from workflows import plots, record
 from workflows.frontier import frontier_order
-from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR, ARTIFACT_REPORT_HTML,
-                              ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, FINAL_METRICS,
-                              FORMER_POLICY_TAGS,
+from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR,
+                              ARTIFACT_REPORT_HTML, ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1,
+                              FINAL_METRICS, FORMER_POLICY_TAGS,
                               HEADS_REMOVED,
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
@@ -750,7 +753,7 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
             return None
         version, current = max(chosen, key=lambda v: int(v.version)), False
     run_id = version.tags.get(TAG_TRIAL_RUN) or version.run_id
-    structure = _packed_structure(client, run_id)
+    structure = _packed_structure(client, run_id, name, str(version.version))
     note, serves = _serving_note(client, name, str(version.version), run_id, run_id in trial_ids, tracking_uri)
     held = version.tags if current or version.tags.get(TAG_POLICY) else {  # kept as it was when the alias left it
         key: version.tags[former] for key, former in FORMER_POLICY_TAGS.items() if former in version.tags}
@@ -790,9 +793,9 @@ def _serving_note(client: MlflowClient, name: str, version: str, run_id: str, li
                 "from the trial's packed model."), False
     if state == REMOVED:
         said = (f"Its trial run {_code(run_id)} was removed for good (`mlflow gc`): the sweep's record no longer holds "
-                "it, so the tables leave it out, the card's figures are those its version's tags record and it has "
-                "no size or structure of its packed model; `fineprune register` and `fineprune select` no longer "
-                "choose this version.")
+                "it, so the tables leave it out, the card's figures are those its version's tags record and its size "
+                "and structure those of the packed model the version holds; `fineprune register` and `fineprune "
+                "select` no longer choose this version.")
     else:
         restore = record.restore_command(tracking_uri, run_id)
         said = (f"Its trial run {_code(run_id)} was deleted in the MLflow UI ({_code(restore)} brings it back): the "
@@ -813,33 +816,72 @@ def _sweep_policy(params: Mapping[str, str]) -> RegistrySpec | None:
     return spec if params.get(f"{PARAM_REGISTRY}policy") else None
 
 
-def _packed_structure(client: MlflowClient, run_id: str) -> dict[str, Any]:
-    """Kept heads, FFN widths and sizes from the trial's ``packed_model`` artifact (empty when it is missing)."""
+def _packed_structure(client: MlflowClient, run_id: str, name: str, version: str) -> dict[str, Any]:
+    """Kept heads, FFN widths and sizes of the champion's packed model: from its trial run's ``packed_model``
+    artifact, else (the run removed for good with `mlflow gc`, or its artifact gone) from the copy the registered
+    version ``version`` of ``name`` holds; empty when neither can be read. Only the files are listed and
+    ``config.json`` read, not the weights downloaded."""
+    try:
+        files = _artifact_files(client.list_artifacts, run_id, ARTIFACT_PACKED_MODEL)
+        trial_problem = None if files else f"run {run_id} holds no {ARTIFACT_PACKED_MODEL} artifact"
+    except (MlflowException, OSError) as err:
+        files = []
+        if isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            trial_problem = f"its trial run {run_id} was removed for good (`mlflow gc`)"
+        else:
+            trial_problem = f"cannot list the packed model of run {run_id}: {err}"
+    if files:
+        return _structure_of(files, f"{ARTIFACT_PACKED_MODEL}/config.json",
+                             lambda path, dst: client.download_artifacts(run_id, path, dst), f"run {run_id}")
+    try:  # the version's own copy, which deleting or removing the trial run leaves
+        root = client.get_model_version_download_uri(name, version).rstrip("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=tmp,
+                                                        tracking_uri=client.tracking_uri)
+            flavor = Model.load(local).flavors.get("python_function", {})
+        model_dir = ((flavor.get("artifacts") or {}).get(ARTIFACT_MODEL_DIR) or {}).get("path")
+        if not model_dir:
+            raise ValueError(f"its MLmodel names no {ARTIFACT_MODEL_DIR}")
+        base = f"{root}/{model_dir.strip('/')}"
+
+        def listing(_: Any, path: str) -> list:  # paths as under the model directory, as a run's are under the run
+            infos = mlflow.artifacts.list_artifacts(artifact_uri=f"{base}/{path}".rstrip("/"),
+                                                    tracking_uri=client.tracking_uri)
+            return [FileInfo(f"{path}/{info.path.rsplit('/', 1)[-1]}".lstrip("/"), info.is_dir, info.file_size)
+                    for info in infos]
+
+        files = _artifact_files(listing, None, "")
+    except (MlflowException, OSError, ValueError) as err:
+        logger.warning("%s, and the packed model of version %s of %s cannot be read (%s): the report has no size "
+                       "or structure of it", trial_problem, version, name, err)
+        return {}
+    if not files:
+        logger.warning("%s, and version %s of %s holds no packed model: the report has no size or structure of it",
+                       trial_problem, version, name)
+        return {}
+
+    def fetch(path: str, dst: str) -> str:
+        return mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{path}", dst_path=dst,
+                                                   tracking_uri=client.tracking_uri)
+    return _structure_of(files, "config.json", fetch, f"version {version} of {name}")
+
+
+def _structure_of(files: list[tuple[str, int]], config_path: str, fetch, where: str) -> dict[str, Any]:
+    """Sizes of a packed model directory's ``files`` ((path, bytes) pairs) and the kept heads and FFN widths its
+    ``config_path`` records, read through ``fetch(path, dst) -> local path``; ``where`` names it in a warning."""
     # Lazy: pruning.packing imports torch, and the report needs only the names of two config keys from it.
     from pruning.packing import FFN_WIDTHS_KEY, HEADS_KEPT_KEY
 
-    out: dict[str, Any] = {}
-    try:
-        files = _artifact_files(client, run_id, ARTIFACT_PACKED_MODEL)
-    except (MlflowException, OSError) as err:
-        if isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            logger.warning("the champion's trial run %s was removed for good (`mlflow gc`): the report has no size or "
-                           "structure of its packed model", run_id)
-        else:
-            logger.warning("cannot list the packed model of run %s: %s", run_id, err)
-        return out
-    if files:
-        out["size_bytes"] = sum(size for _, size in files)
-        out["weights_bytes"] = sum(size for path, size in files if path.endswith((".safetensors", ".bin")))
-    config_path = f"{ARTIFACT_PACKED_MODEL}/config.json"
+    out: dict[str, Any] = {"size_bytes": sum(size for _, size in files),
+                           "weights_bytes": sum(size for path, size in files
+                                                if path.endswith((".safetensors", ".bin")))}
     if not any(path == config_path for path, _ in files):
         return out
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = client.download_artifacts(run_id, config_path, tmp)
-            config = json.loads(Path(local).read_text(encoding="utf-8"))
+            config = json.loads(Path(fetch(config_path, tmp)).read_text(encoding="utf-8"))
         except (MlflowException, OSError, ValueError) as err:
-            logger.warning("cannot read the packed config of run %s: %s", run_id, err)
+            logger.warning("cannot read the packed config of %s: %s", where, err)
             return out
     heads = config.get(HEADS_KEPT_KEY)
     widths = config.get(FFN_WIDTHS_KEY)
@@ -854,11 +896,12 @@ def _packed_structure(client: MlflowClient, run_id: str) -> dict[str, Any]:
     return out
 
 
-def _artifact_files(client: MlflowClient, run_id: str, path: str) -> list[tuple[str, int]]:
+def _artifact_files(listing, run_id: str | None, path: str) -> list[tuple[str, int]]:
+    """The files under ``path`` as (path, bytes) pairs, listed through ``listing(run_id, path)``."""
     files: list[tuple[str, int]] = []
-    for info in client.list_artifacts(run_id, path):
+    for info in listing(run_id, path):
         if info.is_dir:
-            files += _artifact_files(client, run_id, info.path)
+            files += _artifact_files(listing, run_id, info.path)
         else:
             files.append((info.path, int(info.file_size or 0)))
     return files
