@@ -966,3 +966,26 @@ def test_the_report_of_a_running_sweep_says_it_registers_its_champion_when_it_en
     markdown = Path(summary["report"]["markdown"]).read_text()
     assert ("No trial meets the registry policy best_f1_under_density (max_density 0.6): none was registered as "
             "champion.") in markdown
+
+
+def test_register_select_and_report_print_their_own_lines_not_mlflows_download_bars(store, tokenizer, capsys,
+                                                                                     monkeypatch):
+    """`fineprune register`, `select` and `report` printed MLflow's "Downloading artifacts" progress bars on stderr,
+    several a command, each for a file or two, among the command's own lines; they print none now, unless
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR is set (true shows them, as MLflow documents)."""
+    import os
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
+    status, _, err = _register(capsys, store)
+    assert status == 0 and "Downloading artifacts" not in err
+    status, _, err = _select(capsys, store)
+    assert status == 0 and "Downloading artifacts" not in err
+    report = ["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(store["root"] / "r")]
+    assert main(report) == 0
+    err = capsys.readouterr().err
+    assert "Downloading artifacts" not in err
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # as it was after the command
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")
+    assert main(report) == 0
+    assert "Downloading artifacts" in capsys.readouterr().err
