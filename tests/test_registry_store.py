@@ -685,8 +685,37 @@ def test_a_report_whose_champions_trial_run_was_removed_for_good_says_so(store, 
                    str(store["root"] / "report")])
     assert status == 0 and made["parent"]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.report"]
-    assert warnings == [f"the champion's trial run {champion['run_id']} was removed for good (`mlflow gc`): the "
-                        "report has no size or structure of its packed model"], warnings
+    assert warnings == [], warnings
+
+
+def test_the_card_of_a_champion_whose_trial_run_was_removed_reads_its_structure_from_the_version(store, tokenizer,
+                                                                                                 capsys, monkeypatch):
+    """The report of a sweep whose champion's trial run was removed with `mlflow gc` showed the card without a
+    size on disk or per-layer structure, though the registered version holds the same packed model; they are read
+    from the version's copy now (its files listed and its config.json read, the weights not downloaded), the same
+    as the trial run's gave before it was removed."""
+    made = sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
+    status, champion, _ = _register(capsys, store)
+    assert status == 0 and made["parent"]
+    out = store["root"] / "report"
+
+    def card() -> tuple[str, str]:
+        assert main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(out)]) == 0
+        capsys.readouterr()
+        markdown, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+        return markdown.split("## Champion", 1)[1].split("## Search", 1)[0], page.split('id="champion"', 1)[1]
+
+    before, _ = card()
+    sized = [line for line in before.splitlines() if line.startswith(("- Size on disk:", "| "))]
+    assert len(sized) == 4 and "–" not in sized[0], before  # the size, the table's header and two layers
+    _gc(store, champion["run_id"])
+    downloads = _Downloads(monkeypatch)
+    after, page = card()
+    assert [line for line in after.splitlines() if line.startswith(("- Size on disk:", "| "))] == sized, after
+    assert "its size and structure those of the packed model the version holds" in after
+    assert "Kept attention heads per layer" in page and "records no per-layer structure" not in page
+    assert not [leaf for leaf in downloads.downloads if leaf.endswith(".safetensors") or leaf == "packed_model"], \
+        downloads.downloads
 
 
 def test_the_report_card_of_a_champion_whose_trial_run_is_gone_says_whether_it_still_serves(store, tokenizer,
@@ -880,3 +909,83 @@ def test_a_reports_snippets_name_a_relative_sqlite_store_from_any_directory(stor
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "answer" in proc.stdout and not (elsewhere / "mlflow.db").exists()
+
+
+def test_a_no_champion_note_shows_names_as_written(store, tokenizer, capsys):
+    """The report's note on a sweep without a champion put the trial's name (a run renamed in the MLflow UI) into
+    report.md as it was, so `*`, `_`, backticks and HTML in it became emphasis, code and markup, and report.html
+    took its backticks for code; an experiment name holding a backtick cut the command it suggests in two. Both
+    pages now show the names as written, and the command as one piece of code."""
+    import html as html_lib
+    import re
+
+    client = store["client"]
+    experiment, trial = "e `q` *r*", "wide *x* _y_ `z` <b>|"
+    client.create_experiment(experiment, artifact_location=(store["root"] / "artifacts2").as_uri())
+    made = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS, experiment=experiment)
+    client.set_tag(made["runs"]["wide"], record.TAG_RUN_NAME, trial)
+    out = store["root"] / "report"
+    assert main(["report", "--experiment", experiment, "--tracking-uri", store["uri"], "--out", str(out)]) == 0
+    capsys.readouterr()
+    markdown, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    command = record.fineprune_command("register", store["uri"], "--experiment", experiment, "--sweep-run",
+                                       made["parent"])
+    note = markdown.split("## Champion", 1)[1].split("##", 1)[0].strip()
+    assert note.startswith("The registry policy best_f1_under_density (max_density 0.6) chooses trial wide &#42;x&#42; "
+                           "&#95;y&#95; &#96;z&#96; &lt;b&gt;|, but"), note
+    assert f"; ``{command}`` registers it." in note  # one code span, the backticks in it as they are
+    said = page.split('id="no-champion">', 1)[1].split("</p>", 1)[0]
+    assert f"chooses trial {trial}, but" in html_lib.unescape(re.sub(r"<[^>]*>", "", said))
+    assert "<code>z</code>" not in said and "<b>" not in said
+    assert html_lib.unescape(re.findall(r"<code>(.*?)</code>", said)[-1]) == command
+
+
+def test_the_report_of_a_running_sweep_says_it_registers_its_champion_when_it_ends(store, tokenizer, capsys):
+    """`fineprune report` while a sweep runs said its champion was not registered and suggested `fineprune register
+    --sweep-run` to register it, which the sweep does itself at its end, from all its trials; the report now says
+    the sweep has not finished and how to finish one whose process was killed. Its own report, written at its end
+    before its run ends, still says why it registered none."""
+    client = store["client"]
+    made = sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    client.update_run(made["parent"], status="RUNNING")  # as while its trials run
+    out = store["root"] / "report"
+    assert main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(out)]) == 0
+    capsys.readouterr()
+    note = (out / "report.md").read_text().split("## Champion", 1)[1].split("##", 1)[0].strip()
+    resume = record.fineprune_command("sweep", store["uri"], "--space", "SPACE", "--resume", made["parent"])
+    assert note == ("The sweep has not finished (its MLflow run is RUNNING): it registers its champion, as the "
+                    "registry policy best_f1_under_density (max_density 0.6) chooses it from all its trials, when "
+                    f"it ends. If its process was killed, `{resume}` finishes it (SPACE: the search space file the "
+                    "sweep ran)."), note
+    assert "fineprune register" not in note
+
+    over = sweep_record(client, store["root"], tokenizer, NAME, "b", {"dense": (2, 64, 90.0, 0.9, True)})
+    client.update_run(over["parent"], status="RUNNING")
+    summary = _conclude(store, over["parent"], _space(store["root"]))  # the sweep's end: registers none
+    assert summary["champion"]["registered"] is False
+    markdown = Path(summary["report"]["markdown"]).read_text()
+    assert ("No trial meets the registry policy best_f1_under_density (max_density 0.6): none was registered as "
+            "champion.") in markdown
+
+
+def test_register_select_and_report_print_their_own_lines_not_mlflows_download_bars(store, tokenizer, capsys,
+                                                                                     monkeypatch):
+    """`fineprune register`, `select` and `report` printed MLflow's "Downloading artifacts" progress bars on stderr,
+    several a command, each for a file or two, among the command's own lines; they print none now, unless
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR is set (true shows them, as MLflow documents)."""
+    import os
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
+    status, _, err = _register(capsys, store)
+    assert status == 0 and "Downloading artifacts" not in err
+    status, _, err = _select(capsys, store)
+    assert status == 0 and "Downloading artifacts" not in err
+    report = ["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(store["root"] / "r")]
+    assert main(report) == 0
+    err = capsys.readouterr().err
+    assert "Downloading artifacts" not in err
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # as it was after the command
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")
+    assert main(report) == 0
+    assert "Downloading artifacts" in capsys.readouterr().err

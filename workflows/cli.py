@@ -872,6 +872,25 @@ def _logs_above_progress_bars() -> Iterator[None]:
         yield
 
 
+# MLflow draws a progress bar on stderr for every artifact download (several for one `register`, `select` or `report`,
+# of a file or two each): among a command's own lines they read as noise. Set in the environment, it is kept.
+_ARTIFACT_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+@contextlib.contextmanager
+def _no_artifact_progress_bars() -> Iterator[None]:
+    """MLflow's artifact progress bars off while a command runs, unless ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` is
+    set (``true`` shows them)."""
+    if _ARTIFACT_BARS in os.environ:
+        yield
+        return
+    os.environ[_ARTIFACT_BARS] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(_ARTIFACT_BARS, None)
+
+
 _signalled: int | None = None  # the signal (SIGINT or SIGTERM) that is stopping the command, once one came
 
 
@@ -913,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers = {signum: signal.signal(signum, _stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         sys.unraisablehook = _unraisable
     try:
-        with contextlib.redirect_stdout(sys.stderr), _logs_above_progress_bars():
+        with contextlib.redirect_stdout(sys.stderr), _logs_above_progress_bars(), _no_artifact_progress_bars():
             status = int(args.func(args) or 0)
         if _signalled is not None:  # its KeyboardInterrupt was lost (in a finalizer): the command was stopped all
             return _interrupted(args.command, _signalled)  # the same, though what it was doing got done

@@ -30,15 +30,18 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup, escape
+import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.entities import FileInfo
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from pruning import atomic
 from workflows import plots, record
 from workflows.frontier import frontier_order
-from workflows.record import (ALIAS, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR, ARTIFACT_REPORT_HTML,
-                              ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1, FINAL_METRICS,
-                              FORMER_POLICY_TAGS,
+from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR,
+                              ARTIFACT_REPORT_HTML, ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1,
+                              FINAL_METRICS, FORMER_POLICY_TAGS,
                               HEADS_REMOVED,
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
@@ -315,14 +318,37 @@ def _counts(data: ReportData) -> dict[str, int]:
 def _alias_note(card: ChampionCard) -> str:
     """Where the ``champion`` alias points when not at the sweep's champion (plain text, code in backticks)."""
     if card.alias_version is not None:
-        return f"The `{ALIAS}` alias has since moved to version {card.alias_version}; the URI above pins this one."
-    return (f"The `{ALIAS}` alias points at no version now (the version it pointed at was deleted, or the alias "
+        return (f"The {_code(ALIAS)} alias has since moved to version {_plain(card.alias_version)}; the URI above "
+                "pins this one.")
+    return (f"The {_code(ALIAS)} alias points at no version now (the version it pointed at was deleted, or the alias "
             "removed); the URI above pins this one.")
+
+
+# A backtick of user-given text (a name, a command naming it) put into a note: it stands for itself, never for the
+# start or end of code. A character of Unicode's private use area, which no name or command holds.
+_TICK = "\ue000"
+_NOTE_CODE = re.compile(r"`([^`]*)`")
+
+
+def _plain(text: Any) -> str:
+    """User-given text (a trial's, an experiment's or a registered model's name) put into a note as written."""
+    return str(text).replace("`", _TICK)
+
+
+def _code(text: Any) -> str:
+    """``text`` (a command, a run id) put into a note as code, shown verbatim."""
+    return f"`{_plain(text)}`"
+
+
+def _note_parts(text: str) -> list[tuple[str, bool]]:
+    """A note's (text, is code) parts: code is in backticks, the rest plain text."""
+    return [(part.replace(_TICK, "`"), bool(i % 2)) for i, part in enumerate(_NOTE_CODE.split(text)) if part]
 
 
 def _note_html(text: str) -> Markup:
     """A note of plain text with code in backticks, as HTML."""
-    return Markup(re.sub(r"`([^`]*)`", r"<code>\1</code>", str(escape(text))))
+    return Markup("".join(f"<code>{escape(part)}</code>" if code else str(escape(part))
+                          for part, code in _note_parts(text)))
 
 
 def _load_snippet(card: ChampionCard) -> str:
@@ -425,11 +451,11 @@ def _untagged_note(data: ReportData, tag: str) -> str | None:
     resume, space = _resume_command(data), "SPACE: the search space file the sweep ran"
     if data.sweep_status == "RUNNING":
         return (f"{note} when it ends, and it is still running (its MLflow run is RUNNING; if its process was killed, "
-                f"`{resume}` finishes it, {space}).")
+                f"{_code(resume)} finishes it, {space}).")
     if data.sweep_status in ("KILLED", "FAILED"):
         return (f"{note} when it ends, and it was interrupted (its MLflow run is {data.sweep_status}): "
-                f"`{resume}` finishes it ({space}).")
-    return f"{note} when it ends (`{resume}` finishes an interrupted one; {space})."
+                f"{_code(resume)} finishes it ({space}).")
+    return f"{note} when it ends ({_code(resume)} finishes an interrupted one; {space})."
 
 
 def _resume_command(data: ReportData) -> str:
@@ -448,13 +474,20 @@ def _md_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "*": "&#42;", "[": "&#91;", "]": "&#93;", "`": "&#96;"}
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "*": "&#42;", "[": "&#91;", "]": "&#93;", "`": "&#96;",
+                "_": "&#95;"}
 
 
 def _md_text(text: str) -> str:
     """User-given ``text`` (an experiment's, a trial's or a searched value's name) shown as written: HTML and the
-    Markdown that would change how it reads (emphasis, links, code) become character references."""
-    return re.sub(r"[&<>*\[\]`]", lambda m: _MD_ENTITIES[m.group()], str(text))
+    Markdown that would change how it reads (emphasis, links, code) become character references. An underscore
+    inside a word (``trial_00001``), which never starts or ends emphasis, is left as it is."""
+    return re.sub(r"[&<>*\[\]`]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", lambda m: _MD_ENTITIES[m.group()], str(text))
+
+
+def _md_note(text: str) -> str:
+    """A note (plain text, code in backticks) as Markdown: its text shown as written, its code as code spans."""
+    return "".join(_md_code(part) if code else _md_text(part) for part, code in _note_parts(text))
 
 
 def _md_code(text: str) -> str:
@@ -510,6 +543,7 @@ def render_markdown(data: ReportData) -> str:
 
     def table(rows: list[pd.Series], tag: str) -> list[str]:
         note = _frontier_note(data, tag)
+        note = _md_note(note) if note else None
         if not rows:
             return [note or "No finished trial."]
         cells = ([_md_text(r["name"]), *(_fmt(_value(r, m), d) for m, _, d in _FRONTIER_COLUMNS),
@@ -524,12 +558,12 @@ def render_markdown(data: ReportData) -> str:
     card = data.champion
     out += ["", "## Champion", ""]
     if card is None:
-        out.append(data.no_champion)
+        out.append(_md_note(data.no_champion))
     else:
-        out += [f"`{card.model_uri}` (registered model {card.model_name}, version {card.version}, "
-                f"trial run `{card.run_id}`).", ""]
+        out += [f"{_md_code(card.model_uri)} (registered model {_md_text(card.model_name)}, version "
+                f"{_md_text(card.version)}, trial run {_md_code(card.run_id)}).", ""]
         if card.note:
-            out += [card.note, ""]
+            out += [_md_note(card.note), ""]
         out += [f"- Size on disk: {_fmt_bytes(card.size_bytes)} (weights {_fmt_bytes(card.weights_bytes)})"]
         figures = data.champion_figures
         if figures is not None:
@@ -537,7 +571,7 @@ def render_markdown(data: ReportData) -> str:
                        f"EM {_fmt(_value(figures, EXACT_MATCH))}, "
                        f"linear density {_fmt(_value(figures, LINEAR_DENSITY), 3)}")
         if not card.alias_current:
-            out.append(f"- {_alias_note(card)}")
+            out.append(f"- {_md_note(_alias_note(card))}")
         if card.heads_kept or card.ffn_widths:
             out += [""]
             layers = max(len(card.heads_kept), len(card.ffn_widths))
@@ -673,7 +707,8 @@ def render_html(data: ReportData) -> str:
         csp=_CSP, experiment=data.experiment, sweep_run_id=data.sweep_run_id, sweep_url=data.sweep_url,
         generated=data.generated, facts=_summary_lines(data),
         frontier_svg=Markup(plots.frontier_figure(data.runs, data.objectives, champion_id)),
-        frontier_note=_frontier_note(data, TAG_PARETO), failures=_failures(data),
+        frontier_note=_note_html(note) if (note := _frontier_note(data, TAG_PARETO)) else None,
+        failures=_failures(data),
         x_label=plots.metric_label(x), y_label=plots.metric_label(y), second_label=plots.metric_label(second),
         hypervolume_svg=Markup(hypervolume) if hypervolume else None,
         any_url=any(row["url"] for row in rows), columns=columns, rows=rows,
@@ -718,7 +753,7 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
             return None
         version, current = max(chosen, key=lambda v: int(v.version)), False
     run_id = version.tags.get(TAG_TRIAL_RUN) or version.run_id
-    structure = _packed_structure(client, run_id)
+    structure = _packed_structure(client, run_id, name, str(version.version))
     note, serves = _serving_note(client, name, str(version.version), run_id, run_id in trial_ids, tracking_uri)
     held = version.tags if current or version.tags.get(TAG_POLICY) else {  # kept as it was when the alias left it
         key: version.tags[former] for key, former in FORMER_POLICY_TAGS.items() if former in version.tags}
@@ -753,23 +788,23 @@ def _serving_note(client: MlflowClient, name: str, version: str, run_id: str, li
     if state not in (DELETED, REMOVED):
         if lost is None:
             return None, True
-        return (f"This version cannot be loaded or served: {lost}. `fineprune register` and `fineprune select` no "
-                "longer choose it; delete the version, and registering the sweep again makes it anew from the "
-                "trial's packed model."), False
+        return (f"This version cannot be loaded or served: {_plain(lost)}. `fineprune register` and `fineprune "
+                "select` no longer choose it; delete the version, and registering the sweep again makes it anew "
+                "from the trial's packed model."), False
     if state == REMOVED:
-        said = (f"Its trial run `{run_id}` was removed for good (`mlflow gc`): the sweep's record no longer holds "
-                "it, so the tables leave it out, the card's figures are those its version's tags record and it has "
-                "no size or structure of its packed model; `fineprune register` and `fineprune select` no longer "
-                "choose this version.")
+        said = (f"Its trial run {_code(run_id)} was removed for good (`mlflow gc`): the sweep's record no longer holds "
+                "it, so the tables leave it out, the card's figures are those its version's tags record and its size "
+                "and structure those of the packed model the version holds; `fineprune register` and `fineprune "
+                "select` no longer choose this version.")
     else:
         restore = record.restore_command(tracking_uri, run_id)
-        said = (f"Its trial run `{run_id}` was deleted in the MLflow UI (`{restore}` brings it back): the tables "
-                "leave it out and the card's figures are those its version's tags record; `fineprune register` and "
-                "`fineprune select` do not choose this version while it is deleted.")
+        said = (f"Its trial run {_code(run_id)} was deleted in the MLflow UI ({_code(restore)} brings it back): the "
+                "tables leave it out and the card's figures are those its version's tags record; `fineprune "
+                "register` and `fineprune select` do not choose this version while it is deleted.")
     if lost is None:
         return (f"{said} The registered version keeps its own copy of the served model in the registry, which "
                 "deleting or removing its trial run leaves in place: it still loads and serves as below."), True
-    return f"{said} The registered version cannot be loaded or served either: {lost}.", False
+    return f"{said} The registered version cannot be loaded or served either: {_plain(lost)}.", False
 
 
 def _sweep_policy(params: Mapping[str, str]) -> RegistrySpec | None:
@@ -781,33 +816,72 @@ def _sweep_policy(params: Mapping[str, str]) -> RegistrySpec | None:
     return spec if params.get(f"{PARAM_REGISTRY}policy") else None
 
 
-def _packed_structure(client: MlflowClient, run_id: str) -> dict[str, Any]:
-    """Kept heads, FFN widths and sizes from the trial's ``packed_model`` artifact (empty when it is missing)."""
+def _packed_structure(client: MlflowClient, run_id: str, name: str, version: str) -> dict[str, Any]:
+    """Kept heads, FFN widths and sizes of the champion's packed model: from its trial run's ``packed_model``
+    artifact, else (the run removed for good with `mlflow gc`, or its artifact gone) from the copy the registered
+    version ``version`` of ``name`` holds; empty when neither can be read. Only the files are listed and
+    ``config.json`` read, not the weights downloaded."""
+    try:
+        files = _artifact_files(client.list_artifacts, run_id, ARTIFACT_PACKED_MODEL)
+        trial_problem = None if files else f"run {run_id} holds no {ARTIFACT_PACKED_MODEL} artifact"
+    except (MlflowException, OSError) as err:
+        files = []
+        if isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            trial_problem = f"its trial run {run_id} was removed for good (`mlflow gc`)"
+        else:
+            trial_problem = f"cannot list the packed model of run {run_id}: {err}"
+    if files:
+        return _structure_of(files, f"{ARTIFACT_PACKED_MODEL}/config.json",
+                             lambda path, dst: client.download_artifacts(run_id, path, dst), f"run {run_id}")
+    try:  # the version's own copy, which deleting or removing the trial run leaves
+        root = client.get_model_version_download_uri(name, version).rstrip("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=tmp,
+                                                        tracking_uri=client.tracking_uri)
+            flavor = Model.load(local).flavors.get("python_function", {})
+        model_dir = ((flavor.get("artifacts") or {}).get(ARTIFACT_MODEL_DIR) or {}).get("path")
+        if not model_dir:
+            raise ValueError(f"its MLmodel names no {ARTIFACT_MODEL_DIR}")
+        base = f"{root}/{model_dir.strip('/')}"
+
+        def listing(_: Any, path: str) -> list:  # paths as under the model directory, as a run's are under the run
+            infos = mlflow.artifacts.list_artifacts(artifact_uri=f"{base}/{path}".rstrip("/"),
+                                                    tracking_uri=client.tracking_uri)
+            return [FileInfo(f"{path}/{info.path.rsplit('/', 1)[-1]}".lstrip("/"), info.is_dir, info.file_size)
+                    for info in infos]
+
+        files = _artifact_files(listing, None, "")
+    except (MlflowException, OSError, ValueError) as err:
+        logger.warning("%s, and the packed model of version %s of %s cannot be read (%s): the report has no size "
+                       "or structure of it", trial_problem, version, name, err)
+        return {}
+    if not files:
+        logger.warning("%s, and version %s of %s holds no packed model: the report has no size or structure of it",
+                       trial_problem, version, name)
+        return {}
+
+    def fetch(path: str, dst: str) -> str:
+        return mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{path}", dst_path=dst,
+                                                   tracking_uri=client.tracking_uri)
+    return _structure_of(files, "config.json", fetch, f"version {version} of {name}")
+
+
+def _structure_of(files: list[tuple[str, int]], config_path: str, fetch, where: str) -> dict[str, Any]:
+    """Sizes of a packed model directory's ``files`` ((path, bytes) pairs) and the kept heads and FFN widths its
+    ``config_path`` records, read through ``fetch(path, dst) -> local path``; ``where`` names it in a warning."""
     # Lazy: pruning.packing imports torch, and the report needs only the names of two config keys from it.
     from pruning.packing import FFN_WIDTHS_KEY, HEADS_KEPT_KEY
 
-    out: dict[str, Any] = {}
-    try:
-        files = _artifact_files(client, run_id, ARTIFACT_PACKED_MODEL)
-    except (MlflowException, OSError) as err:
-        if isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            logger.warning("the champion's trial run %s was removed for good (`mlflow gc`): the report has no size or "
-                           "structure of its packed model", run_id)
-        else:
-            logger.warning("cannot list the packed model of run %s: %s", run_id, err)
-        return out
-    if files:
-        out["size_bytes"] = sum(size for _, size in files)
-        out["weights_bytes"] = sum(size for path, size in files if path.endswith((".safetensors", ".bin")))
-    config_path = f"{ARTIFACT_PACKED_MODEL}/config.json"
+    out: dict[str, Any] = {"size_bytes": sum(size for _, size in files),
+                           "weights_bytes": sum(size for path, size in files
+                                                if path.endswith((".safetensors", ".bin")))}
     if not any(path == config_path for path, _ in files):
         return out
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = client.download_artifacts(run_id, config_path, tmp)
-            config = json.loads(Path(local).read_text(encoding="utf-8"))
+            config = json.loads(Path(fetch(config_path, tmp)).read_text(encoding="utf-8"))
         except (MlflowException, OSError, ValueError) as err:
-            logger.warning("cannot read the packed config of run %s: %s", run_id, err)
+            logger.warning("cannot read the packed config of %s: %s", where, err)
             return out
     heads = config.get(HEADS_KEPT_KEY)
     widths = config.get(FFN_WIDTHS_KEY)
@@ -822,24 +896,27 @@ def _packed_structure(client: MlflowClient, run_id: str) -> dict[str, Any]:
     return out
 
 
-def _artifact_files(client: MlflowClient, run_id: str, path: str) -> list[tuple[str, int]]:
+def _artifact_files(listing, run_id: str | None, path: str) -> list[tuple[str, int]]:
+    """The files under ``path`` as (path, bytes) pairs, listed through ``listing(run_id, path)``."""
     files: list[tuple[str, int]] = []
-    for info in client.list_artifacts(run_id, path):
+    for info in listing(run_id, path):
         if info.is_dir:
-            files += _artifact_files(client, run_id, info.path)
+            files += _artifact_files(listing, run_id, info.path)
         else:
             files.append((info.path, int(info.file_size or 0)))
     return files
 
 
 def collect_report_data(experiment: str, tracking_uri: str | None = None,
-                        sweep_run_id: str | None = None) -> ReportData:
+                        sweep_run_id: str | None = None, concluding: bool = False) -> ReportData:
     """Read a sweep back from MLflow: its runs table, searched keys, objectives and registered champion.
 
     Args:
         experiment: the experiment name.
         tracking_uri: MLflow tracking URI (default: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
         sweep_run_id: the sweep's parent run; default: the experiment's latest sweep.
+        concluding: the report is the sweep's own, made at its end once it has registered its champion (its run
+            is ended after the report): a sweep without a champion is not said to register one still.
 
     Returns:
         The report's data.
@@ -868,7 +945,9 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
             if policy and value not in (None, "", "None"):
                 policy += f" ({key} {value})"
     hypervolume = record.metric_history(client, parent_id, HYPERVOLUME)
-    no_champion = _no_champion(client, runs, params, parent_id, policy, experiment, uri) if champion is None else ""
+    status = None if concluding else parent.info.status
+    no_champion = _no_champion(client, runs, params, parent_id, policy, experiment, uri, status) if champion is None \
+        else ""
     return ReportData(
         experiment=experiment, sweep_run_id=parent_id, runs=runs, searched=keys, param_types=types,
         objectives=record.sweep_objectives(params), champion=champion, policy=policy,
@@ -879,10 +958,11 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
 
 
 def _no_champion(client: MlflowClient, runs: pd.DataFrame, params: Mapping[str, str], parent_id: str,
-                 policy: str | None, experiment: str, tracking_uri: str) -> str:
+                 policy: str | None, experiment: str, tracking_uri: str, status: str | None = None) -> str:
     """Why no version of the sweep ``parent_id`` is shown as its champion, as far as the record and the registry
-    tell: the version that was its champion is set aside (its trial run deleted, or removed for good), no trial meets
-    its registry policy, or the one that does (:func:`workflows.registry.policy_choice`, as a registration chooses
+    tell: the version that was its champion is set aside (its trial run deleted, or removed for good), the sweep is
+    still running (``status`` RUNNING: it registers its champion when it ends), no trial meets its registry policy,
+    or the one that does (:func:`workflows.registry.policy_choice`, as a registration chooses
     it) is not champion, its version deleted from the registry or never registered."""
     spec = _sweep_policy(params)
     if spec is None:
@@ -901,29 +981,35 @@ def _no_champion(client: MlflowClient, runs: pd.DataFrame, params: Mapping[str, 
         if run_deleted(client, run_id) == REMOVED:
             gone = "was removed for good (`mlflow gc`), which nothing brings back"
         else:
-            gone = f"was deleted (`{record.restore_command(tracking_uri, run_id)}` brings it back)"
-        return (f"Version {version.version} of {spec.name}, this sweep's champion, is set aside: its trial run "
-                f"`{run_id}` {gone}.")
+            gone = f"was deleted ({_code(record.restore_command(tracking_uri, run_id))} brings it back)"
+        return (f"Version {version.version} of {_plain(spec.name)}, this sweep's champion, is set aside: its trial "
+                f"run {_code(run_id)} {gone}.")
+    if status == "RUNNING":  # its champion is chosen and registered at its end, from all its trials
+        resume = record.fineprune_command("sweep", tracking_uri, "--space", "SPACE", "--resume", parent_id)
+        return (f"The sweep has not finished (its MLflow run is RUNNING): it registers its champion, as the registry "
+                f"policy {_plain(policy)} chooses it from all its trials, when it ends. If its process was killed, "
+                f"{_code(resume)} finishes it (SPACE: the search space file the sweep ran).")
     if spec.policy == "best_f1_under_latency":  # chosen by timing the versions where they were registered
-        return f"No version of this sweep is, or was, its champion (registry policy {policy})."
+        return f"No version of this sweep is, or was, its champion (registry policy {_plain(policy)})."
     try:
         chosen = policy_choice(runs, spec, parent_id)
     except record.RecordError:
-        return (f"No trial was registered as champion: the registry policy {policy} needs the dense baseline's F1, "
-                "which the sweep does not record.")
+        return (f"No trial was registered as champion: the registry policy {_plain(policy)} needs the dense "
+                "baseline's F1, which the sweep does not record.")
     if chosen is None:
-        return f"No trial meets the registry policy {policy}: none was registered as champion."
+        return f"No trial meets the registry policy {_plain(policy)}: none was registered as champion."
     command = record.fineprune_command("register", tracking_uri, "--experiment", experiment, "--sweep-run",
                                        parent_id)
     try:
         held = client.get_model_version_by_alias(spec.name, ALIAS).version
     except MlflowException:  # the alias is on no version
         held = None
-    moves = "" if held is None else f" and moves the `{ALIAS}` alias to it from version {held}, the champion now"
-    return (f"The registry policy {policy} chooses trial {chosen.get('name') or chosen['run_id']}, but no version "
+    moves = "" if held is None else f" and moves the {_code(ALIAS)} alias to it from version {held}, the champion now"
+    return (f"The registry policy {_plain(policy)} chooses trial {_plain(chosen.get('name') or chosen['run_id'])}, "
+            "but no version "
             "of this sweep is, or was, its champion: its version was deleted from the registry, or it was not "
             "registered (the sweep has not registered it yet, its registration stopped, `fineprune register "
-            f"--space` gave another policy, or the alias was left on a later sweep's version); `{command}` "
+            f"--space` gave another policy, or the alias was left on a later sweep's version); {_code(command)} "
             f"registers it{moves}.")
 
 
@@ -939,7 +1025,7 @@ def _hypervolume_by_compute(client: MlflowClient, parent_id: str,
 
 
 def write_report(experiment: str, out_dir: str | Path, tracking_uri: str | None = None,
-                 sweep_run_id: str | None = None) -> dict[str, Path]:
+                 sweep_run_id: str | None = None, concluding: bool = False) -> dict[str, Path]:
     """Write ``report.html`` and ``report.md`` for a sweep and log both on its parent run under ``report/``.
 
     Args:
@@ -947,6 +1033,7 @@ def write_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
         out_dir: directory to write into (created if missing).
         tracking_uri: MLflow tracking URI (default: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
         sweep_run_id: the sweep's parent run; default: the experiment's latest sweep.
+        concluding: the sweep's own report, at its end (see :func:`collect_report_data`).
 
     Returns:
         ``{"html": path, "markdown": path}``.
@@ -954,7 +1041,8 @@ def write_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
     Raises:
         RecordError: the experiment, or a sweep run in it, does not exist.
     """
-    data = collect_report_data(experiment, tracking_uri=tracking_uri, sweep_run_id=sweep_run_id)
+    data = collect_report_data(experiment, tracking_uri=tracking_uri, sweep_run_id=sweep_run_id,
+                               concluding=concluding)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"html": out / ARTIFACT_REPORT_HTML, "markdown": out / ARTIFACT_REPORT_MARKDOWN}

@@ -808,7 +808,8 @@ def _conclude(client, experiment: str, parent: str, space: SweepSpace, dense_met
         summary["frontier_versions"], summary["champion"] = registered["frontier"], registered["champion"]
         # Where the driver ran: under `ray job submit` that is the job's temporary copy of the working directory on
         # the head, so the summary names the files in full and their copy on the sweep's run as well.
-        written = write_report(experiment, out_dir=report_dir, tracking_uri=tracking_uri, sweep_run_id=parent)
+        written = write_report(experiment, out_dir=report_dir, tracking_uri=tracking_uri, sweep_run_id=parent,
+                               concluding=True)
     summary["report"] = {**{k: str(v) for k, v in written.items()},
                          "artifacts": f"runs:/{parent}/{record.ARTIFACT_REPORT_DIR}"}
     return summary
