@@ -924,10 +924,11 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
     Raises:
         RecordError: the experiment, or a sweep run in it, does not exist.
     """
+    given = record.tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=given, registry_uri=given)
+    parent = record.latest_sweep(client, experiment, sweep_run_id)  # an error names the store as it was given
     # The report is read elsewhere: its snippets and commands name the store from any directory.
-    uri = record.portable_uri(record.tracking_uri(tracking_uri))
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    parent = record.latest_sweep(client, experiment, sweep_run_id)
+    uri = record.portable_uri(given)
     parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
     runs = record.trials(client, parent)
     runs["url"] = [run_url(uri, experiment_id, run_id) for run_id in runs["run_id"]]
