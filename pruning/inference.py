@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from .bench import eval_mode
-from .squad import (_LOGITS_KEPT_ON_DEVICE, Answer, EvalFeatures, Example, cut_question, lone_surrogate,
-                    longest_question, postprocess_predictions, prepare_eval_features, to_device, tokenize_text)
+from .squad import (Answer, EvalFeatures, Example, HostLogits, cut_question, lone_surrogate, longest_question,
+                    postprocess_predictions, prepare_eval_features, to_device, tokenize_text)
 
 __all__ = ["Answer", "RecordError", "WindowRunner", "check_records", "count_windows", "torch_runner", "run_windows",
            "answer_records", "answer_batch", "answer"]
@@ -45,8 +45,6 @@ its longest window; the runner returns two float arrays of shape ``(B, T)``: num
 device (:func:`run_windows` copies those to the host together, not batch by batch).
 """
 
-# Logit given to the padding positions that a batch cut off (they are never part of an answer).
-_PAD_LOGIT = -1e4
 # Characters of a long text tokenized first, per token of the cap (English averages under 5 characters a token);
 # the prefix then doubles until it decides.
 _CHARS_PER_TOKEN = 8
@@ -231,51 +229,25 @@ def run_windows(run: WindowRunner, features: EvalFeatures, batch_size: int = 64)
     Windows are sorted by length and batched with windows of nearly their length, each batch cut to its longest
     window, so that padding costs little (on a CPU a padded batch can take longer than its windows one by one).
     The logits come back in the windows' order, with the cut-off padding positions at a large negative logit.
-    Logits a runner returns as tensors wait on their device and are copied to the host together, at the end (or
-    every 256 MiB), so the host prepares and queues the next batch while a GPU runs this one.
+    Logits a runner returns as tensors wait on their device and are copied to the host together (see
+    :class:`~pruning.squad.HostLogits`), so the host prepares and queues the next batch while a GPU runs this one.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     count, width = features.input_ids.shape
-    starts = np.full((count, width), _PAD_LOGIT, dtype=np.float32)
-    ends = np.full((count, width), _PAD_LOGIT, dtype=np.float32)
+    logits = HostLogits(count, width)
     lengths = features.attention_mask.sum(dim=1).numpy()
-    waiting: list[tuple[np.ndarray, torch.Tensor]] = []  # (windows, their (2, B, width) logits on the device)
-    kept = 0  # bytes in waiting
-
-    def collect() -> None:
-        if waiting:
-            values = torch.cat([logits for _, logits in waiting], dim=1).cpu().numpy()
-            order = np.concatenate([rows for rows, _ in waiting])
-            starts[order], ends[order] = values[0], values[1]
-            waiting.clear()
-
     for rows in _batches(lengths, batch_size):
         used = max(int(lengths[rows].max()), 1)
         batch = {key: value[:, :used] for key, value in features.model_inputs(torch.from_numpy(rows)).items()}
         start_logits, end_logits = run(batch)
-        on_device = isinstance(start_logits, torch.Tensor) and isinstance(end_logits, torch.Tensor)
-        if not on_device:
+        if not (isinstance(start_logits, torch.Tensor) and isinstance(end_logits, torch.Tensor)):
             start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
         if tuple(start_logits.shape) != (len(rows), used) or tuple(end_logits.shape) != (len(rows), used):
             raise ValueError(f"the window runner returned logits of shape {tuple(start_logits.shape)} / "
                              f"{tuple(end_logits.shape)} for a batch of shape {(len(rows), used)}")
-        if not on_device:
-            starts[rows, :used] = start_logits
-            ends[rows, :used] = end_logits
-            continue
-        logits = torch.stack((start_logits.float(), end_logits.float()))
-        if waiting and waiting[-1][1].device != logits.device:
-            collect()
-            kept = 0
-        waiting.append((rows, nn.functional.pad(logits, (0, width - used), value=_PAD_LOGIT)
-                        if width > used else logits))
-        kept += waiting[-1][1].numel() * waiting[-1][1].element_size()
-        if kept >= _LOGITS_KEPT_ON_DEVICE:
-            collect()
-            kept = 0
-    collect()
-    return starts, ends
+        logits.add(rows, start_logits, end_logits)
+    return logits.arrays()
 
 
 def answer_records(run: WindowRunner, tokenizer: Any, questions: Sequence[Any], contexts: Sequence[Any],

@@ -44,6 +44,7 @@ __all__ = [
     "Example",
     "Answer",
     "EvalFeatures",
+    "HostLogits",
     "fit_windows",
     "longest_question",
     "tokenize_text",
@@ -1044,10 +1045,57 @@ def _model_device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-# How many bytes of logits an evaluation keeps on its device before copying them to the host together: a copy to the
-# host waits until the device has run everything queued before it, so one a batch would leave a GPU idle while the
-# host prepares the next batch.
+# How many bytes of logits a pass keeps on its device before copying them to the host together: a copy to the host
+# waits until the device has run everything queued before it, so one a batch would leave a GPU idle while the host
+# prepares the next batch.
 _LOGITS_KEPT_ON_DEVICE = 256 * 2**20
+PAD_LOGIT = -1e4  # the logit of the padding positions a batch was cut off at (never part of an answer)
+
+
+class HostLogits:
+    """Start and end logits of ``count`` windows of ``width`` tokens, gathered batch by batch into host arrays.
+
+    A batch's logits cover its windows up to the width it was cut to; the positions after it read
+    :data:`PAD_LOGIT`. Logits given as tensors wait on their device and are copied to the host together, when
+    :data:`_LOGITS_KEPT_ON_DEVICE` bytes are waiting and at the end, so the host queues the next batch while a GPU
+    runs this one; numpy arrays are written at once.
+    """
+
+    def __init__(self, count: int, width: int) -> None:
+        self.width = width
+        self.starts = np.full((count, width), PAD_LOGIT, dtype=np.float32)
+        self.ends = np.full((count, width), PAD_LOGIT, dtype=np.float32)
+        self._waiting: list[tuple[np.ndarray, torch.Tensor]] = []  # (windows, their (2, B, width) logits)
+        self._kept = 0  # bytes waiting
+
+    def add(self, rows: np.ndarray, start: Any, end: Any) -> None:
+        """The logits ``(len(rows), used)`` of the windows ``rows``."""
+        if not (isinstance(start, torch.Tensor) and isinstance(end, torch.Tensor)):
+            used = np.shape(start)[1]
+            self.starts[rows, :used], self.ends[rows, :used] = start, end
+            return
+        logits = torch.stack((start.float(), end.float()))
+        if self._waiting and self._waiting[-1][1].device != logits.device:
+            self._copy()
+        if self.width > logits.shape[2]:
+            logits = nn.functional.pad(logits, (0, self.width - logits.shape[2]), value=PAD_LOGIT)
+        self._waiting.append((rows, logits))
+        self._kept += logits.numel() * logits.element_size()
+        if self._kept >= _LOGITS_KEPT_ON_DEVICE:
+            self._copy()
+
+    def _copy(self) -> None:
+        if self._waiting:
+            values = torch.cat([logits for _, logits in self._waiting], dim=1).cpu().numpy()
+            order = np.concatenate([rows for rows, _ in self._waiting])
+            self.starts[order], self.ends[order] = values[0], values[1]
+            self._waiting.clear()
+        self._kept = 0
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The start and end logits of every window, once all have come to the host."""
+        self._copy()
+        return self.starts, self.ends
 
 
 def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 64,
@@ -1058,8 +1106,8 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
     called with ``input_ids``, ``attention_mask`` and ``token_type_ids`` and must return an object with
     ``start_logits`` and ``end_logits``.
 
-    The logits stay on the device, and come back to the host together at the end (or every
-    ``_LOGITS_KEPT_ON_DEVICE`` bytes), so the host queues the next batch while a GPU runs this one.
+    The logits stay on the device, and come back to the host together (see :class:`HostLogits`), so the host queues
+    the next batch while a GPU runs this one.
 
     Args:
         device: where to run the batches; default: the device of the model's first parameter. The model is not moved.
@@ -1067,19 +1115,7 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = torch.device(device) if device is not None else _model_device(model)
-    starts: list[np.ndarray] = []
-    ends: list[np.ndarray] = []
-    width = features.input_ids.shape[1]
-    waiting: list[torch.Tensor] = []  # (2, windows, width): a batch's start and end logits, on the device
-    kept = 0  # bytes in waiting
-
-    def collect() -> None:
-        if waiting:
-            values = torch.cat(waiting, dim=1).cpu().numpy()
-            starts.append(values[0])
-            ends.append(values[1])
-            waiting.clear()
-
+    logits = HostLogits(len(features), features.input_ids.shape[1])
     was_training = model.training
     model.eval()
     try:
@@ -1090,19 +1126,11 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
                 # Dynamic padding: run only up to the longest window of the batch, pad the logits back after.
                 used = batch_width(batch["attention_mask"])
                 output = model(**{key: to_device(value[:, :used], device) for key, value in batch.items()})
-                logits = torch.stack((output.start_logits.float(), output.end_logits.float()))
-                waiting.append(nn.functional.pad(logits, (0, width - used), value=-1e4) if width > used else logits)
-                kept += waiting[-1].numel() * waiting[-1].element_size()
-                if kept >= _LOGITS_KEPT_ON_DEVICE:
-                    collect()
-                    kept = 0
-            collect()
+                rows = np.arange(first, min(first + batch_size, len(features)))
+                logits.add(rows, output.start_logits, output.end_logits)
+            return logits.arrays()
     finally:
         model.train(was_training)
-    if not starts:
-        empty = np.zeros((0, width), dtype=np.float32)
-        return empty, empty.copy()
-    return np.concatenate(starts), np.concatenate(ends)
 
 
 def _check_features(examples: Sequence[Example], features: EvalFeatures, max_seq_length: int) -> None:

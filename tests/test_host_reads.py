@@ -299,18 +299,18 @@ def eval_features(n: int, seed: int = 1) -> EvalFeatures:
 
 
 # The two passes that turn windows into logits: evaluation, and answer()/answer_batch()/the served model (which run
-# their windows through run_windows and torch_runner); each with the module that holds its device budget.
+# their windows through run_windows and torch_runner); both gather them in squad.HostLogits.
 LOGIT_PASSES = {
-    "evaluation": ("squad", lambda model, features, device=None: compute_logits(
-        model, features, batch_size=2, device=device, progress=False)),
-    "answering": ("inference", lambda model, features, device=None: run_windows(
-        torch_runner(model, device), features, batch_size=2)),
+    "evaluation": lambda model, features, device=None: compute_logits(
+        model, features, batch_size=2, device=device, progress=False),
+    "answering": lambda model, features, device=None: run_windows(
+        torch_runner(model, device), features, batch_size=2),
 }
 
 
 @pytest.mark.parametrize("name", LOGIT_PASSES)
 def test_a_pass_reads_its_logits_from_the_gpu_once(name):
-    run = LOGIT_PASSES[name][1]
+    run = LOGIT_PASSES[name]
 
     def reads(n: int) -> list[str]:
         model = tiny_model()
@@ -353,13 +353,12 @@ def test_answering_gives_the_logits_of_a_runner_that_returns_them_on_the_host():
 
 @pytest.mark.parametrize("name", LOGIT_PASSES)
 def test_a_pass_longer_than_the_logits_kept_on_the_device_copies_them_back_as_they_fill(monkeypatch, name):
-    import importlib
+    from pruning import squad
 
-    module, run = LOGIT_PASSES[name]
+    run = LOGIT_PASSES[name]
     model, features = tiny_model(), eval_features(12, seed=9)
     expected = run(model, features)
-    monkeypatch.setattr(importlib.import_module(f"pruning.{module}"), "_LOGITS_KEPT_ON_DEVICE",
-                        2 * 2 * 16 * 4 * 2)  # two batches' logits
+    monkeypatch.setattr(squad, "_LOGITS_KEPT_ON_DEVICE", 2 * 2 * 16 * 4 * 2)  # two batches' logits
     with GpuStandIn(*weights(model)) as gpu:
         got = run(model, features, CUDA)
     # Evaluation fills it every two batches; answering every 4 or 5 windows, by how the lengths batch.
