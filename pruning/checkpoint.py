@@ -16,11 +16,12 @@ checkpoint or a packed directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -97,11 +98,12 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: corrupted or unreadable safetensors file ({err})") from None
 
 
-def _weight_dtypes(model_dir: Path) -> tuple[Path, dict[str, torch.dtype]]:
-    """The file naming the weights (model.safetensors or its shards' index) and the tensors' names and dtypes, from
-    the headers alone; a clear error for a missing or corrupted file before transformers reads it."""
+@contextlib.contextmanager
+def _weights_errors() -> Iterator[None]:
+    """The one-line errors of the weights reader packing shares (a missing, corrupted or mismatched weights file,
+    integers for floats) as the :class:`CheckpointError` that :func:`load_model` raises."""
     try:
-        return weight_dtypes(model_dir)
+        yield
     except PackingError as err:
         raise CheckpointError(str(err)) from None
 
@@ -737,7 +739,8 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
         return load_packed(model_dir).float()
     settings = raw.get(MASKS_KEY)
     if settings is None:
-        weights, stored = _weight_dtypes(model_dir)
+        with _weights_errors():  # a clear error for a missing or corrupted file before transformers reads it
+            weights, stored = weight_dtypes(model_dir)
         if qa_head and not any(name.endswith(QA_HEAD) for name in stored):
             raise CheckpointError(f"{model_dir}: not a question-answering model ({weights.name} has no {QA_HEAD}: a "
                                   "pre-trained encoder, whose answers would come from a random head); fine-tune it "
@@ -754,10 +757,8 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
         except Exception as err:  # the modules check their config values (an activation's name, say) as they build
             raise CheckpointError(_cannot_build(model_dir, config, err)) from None
         _check_loading_info(weights, info)
-        try:  # from_pretrained converts integers to the float dtype it loads in, without a word
+        with _weights_errors():  # from_pretrained converts integers to the float dtype it loads in, without a word
             check_kinds(weights, stored, model.state_dict())
-        except PackingError as err:
-            raise CheckpointError(str(err)) from None
         if hasattr(model.config, AUTO_MAP):  # read by from_pretrained itself: forgotten as _config forgets it
             delattr(model.config, AUTO_MAP)
         return model.eval()
@@ -766,19 +767,15 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
     except Exception as err:  # as above: heads that do not divide the hidden size, an unknown activation
         raise CheckpointError(_cannot_build(model_dir, config, err)) from None
     restore_masks_(model, settings, source=str(model_dir / "config.json"))
-    try:
+    with _weights_errors():
         weights, state = read_weights(model_dir)
-    except PackingError as err:
-        raise CheckpointError(str(err)) from None
     expected = model.state_dict()
     for name, tensor in state.items():
         if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{weights}: weights do not match the config ({name} has shape "
                                   f"{tuple(tensor.shape)}, the config gives {tuple(expected[name].shape)})")
-    try:
+    with _weights_errors():
         check_kinds(weights, {name: tensor.dtype for name, tensor in state.items()}, expected)
-    except PackingError as err:
-        raise CheckpointError(str(err)) from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         names = (missing or unexpected)[:3]
