@@ -1215,7 +1215,8 @@ def _positions_of(local: str, fetch) -> int | None:
         if not model_dir:
             return None
         fetch(f"{model_dir}/config.json")
-        return max_positions(SimpleNamespace(**json.loads((Path(local) / model_dir / "config.json").read_text(encoding="utf-8"))))
+        config = (Path(local) / model_dir / "config.json").read_text(encoding="utf-8")
+        return max_positions(SimpleNamespace(**json.loads(config)))
     except Exception:  # noqa: BLE001 - whatever is wrong with it, loading the model names it
         return None
 

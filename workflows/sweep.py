@@ -133,7 +133,8 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
     restored = tune.get_checkpoint()
     if restored is not None:
         local = Path(restored.to_directory(str(work_dir / "restored")))
-        kind = json.loads((local / CHECKPOINT_KIND).read_text(encoding="utf-8")) if (local / CHECKPOINT_KIND).exists() else {}
+        kind_file = local / CHECKPOINT_KIND
+        kind = json.loads(kind_file.read_text(encoding="utf-8")) if kind_file.exists() else {}
         if kind.get("kind") == "packed":  # everything was done; report the final result again
             tune.report({**kind["metrics"], "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(str(local)))
             return
