@@ -75,7 +75,7 @@ __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontie
            "select_by_latency", "latency_settings", "check_alias", "SelectionError", "SeqLenError", "PackedQAModel",
            "PIP_REQUIREMENTS", "RequestError", "SERVE_DEFAULTS", "serve_settings", "log_qa_model", "export_for_serving", "ONNX_VARIANTS",
            "RUNTIMES", "served_variant", "measured_precision", "serving_precision", "run_deleted", "DELETED", "REMOVED",
-           "version_files_lost", "policy_choice", "checked_once"]
+           "version_files_lost", "policy_choice", "checked_once", "served_model_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -1199,19 +1199,25 @@ class _FewerPositions(Exception):
         self.limit = limit
 
 
+def served_model_dir(mlmodel: str | Path) -> str | None:
+    """Where, among a version's (or a logged model's) files, the packed model its served model loads lies, as the
+    ``MLmodel`` file or directory ``mlmodel`` names it; None when it names none."""
+    from mlflow.models import Model
+
+    flavor = Model.load(str(mlmodel)).flavors.get("python_function", {})
+    return ((flavor.get("artifacts") or {}).get(ARTIFACT_MODEL_DIR) or {}).get("path")
+
+
 def _positions_of(local: str, fetch) -> int | None:
     """The longest window the packed model of a version whose ``MLmodel`` is in ``local`` takes, read from its
     ``config.json`` alone (``fetch(path)`` brings the version's file ``path`` into ``local``); None when it cannot
     be read (loading the model then says why)."""
     from types import SimpleNamespace
 
-    from mlflow.models import Model
-
     from pruning.structure import max_positions
 
     try:
-        flavor = Model.load(local).flavors.get("python_function", {})
-        model_dir = ((flavor.get("artifacts") or {}).get(ARTIFACT_MODEL_DIR) or {}).get("path")
+        model_dir = served_model_dir(local)
         if not model_dir:
             return None
         fetch(f"{model_dir}/config.json")

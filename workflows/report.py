@@ -33,7 +33,6 @@ from markupsafe import Markup, escape
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.entities import FileInfo
-from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from pruning import atomic
@@ -47,7 +46,7 @@ from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, 
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
                               TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_SWEEP_RUN,
                               TAG_TRIAL_RUN, TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec)
-from workflows.registry import DELETED, REMOVED, policy_choice, run_deleted, version_files_lost
+from workflows.registry import DELETED, REMOVED, policy_choice, run_deleted, served_model_dir, version_files_lost
 
 __all__ = [
     "ChampionCard",
@@ -836,10 +835,8 @@ def _packed_structure(client: MlflowClient, run_id: str, name: str, version: str
     try:  # the version's own copy, which deleting or removing the trial run leaves
         root = client.get_model_version_download_uri(name, version).rstrip("/")
         with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=tmp,
-                                                        tracking_uri=client.tracking_uri)
-            flavor = Model.load(local).flavors.get("python_function", {})
-        model_dir = ((flavor.get("artifacts") or {}).get(ARTIFACT_MODEL_DIR) or {}).get("path")
+            model_dir = served_model_dir(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{root}/MLmodel", dst_path=tmp, tracking_uri=client.tracking_uri))
         if not model_dir:
             raise ValueError(f"its MLmodel names no {ARTIFACT_MODEL_DIR}")
         base = f"{root}/{model_dir.strip('/')}"
