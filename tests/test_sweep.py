@@ -18,14 +18,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sweep_command(space: dict, tmp_path: Path, name: str) -> tuple[subprocess.CompletedProcess, str]:
+def sweep_command(space: dict, tmp_path: Path, name: str, *options: str) -> tuple[subprocess.CompletedProcess, str]:
     """``fineprune sweep`` of ``space`` (written to ``tmp_path/name.yaml``) as a user runs it, with a SQLite store
-    and Tune storage under ``tmp_path``; the finished process and the tracking URI."""
+    and Tune storage under ``tmp_path`` and any further ``options``; the finished process and the tracking URI."""
     space_path = tmp_path / f"{name}.yaml"
     space_path.write_text(yaml.safe_dump(space))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(space_path),
-                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray")],
+                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray"), *options],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     return proc, uri
@@ -321,8 +321,10 @@ def test_the_frontier_tags_are_written_once_per_run_and_not_again(tmp_path):
 def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_line(tmp_path):
     """Four configurations and six samples asked for: the search ends when all four ran, and the sweep is finished
     (not 'interrupted', nothing to resume). The command's stdout is its one JSON line: Tune's progress tables and
-    the workers' output go to stderr."""
+    the workers' output go to stderr. Warm-started from an earlier sweep of the four configurations: its trials
+    teach the sampler and are no trials of this sweep (all four still run)."""
     from mlflow.tracking import MlflowClient
+    from test_warm_start import record_sweep
 
     from workflows import record
 
@@ -330,7 +332,10 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     space.update(name="finite", scheduler=None, num_samples=6, sampler={"type": "random"},
                  search={"target_density": {"type": "choice", "values": [0.3, 0.7]},
                          "temperature": {"type": "choice", "values": [1, 4]}})
-    proc, uri = sweep_command(space, tmp_path, "finite")
+    earlier = record_sweep(MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"), "earlier", [
+        ({"target_density": d, "temperature": t}, {"f1": 10.0 * t, "linear_density": d}, record.STATUS_FINISHED)
+        for d in (0.3, 0.7) for t in (1, 4)])
+    proc, uri = sweep_command(space, tmp_path, "finite", "--warm-start", "earlier")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, proc.stdout[:2000]
@@ -349,6 +354,9 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     search = summary["search"]
     assert search["over"] == "exhausted" and 0 <= search["steered"] <= search["repeats"]
     assert parent.data.tags[record.TAG_SEARCH_OVER] == "exhausted"
+    assert summary["warm_start"] == {"sweep_run_id": earlier, "trials": 4}
+    assert parent.data.tags[record.TAG_WARM_START] == earlier and parent.data.tags[record.TAG_WARM_START_TRIALS] == "4"
+    assert f"the sampler starts from 4 trials of sweep run {earlier} (experiment 'earlier')" in proc.stderr
     assert parent.data.metrics[record.SEARCH_REPEATS] == search["repeats"]
     assert parent.data.metrics[record.SEARCH_STEERED] == search["steered"]
 

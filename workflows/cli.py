@@ -589,7 +589,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     timeout = None if args.tracking_timeout is None else outage_limit(args.tracking_timeout, "--tracking-timeout")
     summary = run_sweep(args.space, experiment=args.experiment, tracking_uri=args.tracking_uri,
                         address=args.address, resume=args.resume or False, storage_path=args.storage_path,
-                        tracking_timeout=timeout)
+                        tracking_timeout=timeout, warm_start=args.warm_start)
     _emit(summary)
     # The summary is printed either way; a script must still tell a sweep to resume from one that is done.
     return INCOMPLETE_SWEEP if summary.get("status") == "interrupted" else 0
@@ -809,6 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_ID",
                    help="continue the experiment's last sweep started, or the sweep with this MLflow parent run "
                         "(default: start a new sweep)")
+    p.add_argument("--warm-start", metavar="SWEEP",
+                   help="an earlier sweep in the same tracking store (its MLflow parent run id, or an experiment: "
+                        "its last sweep) whose trials the Optuna sampler learns from before its first trial")
     p.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
                    help="how long the tracking server may be away before the sweep stops (default: "
                         "FINEPRUNE_TRACKING_TIMEOUT, else 300)")

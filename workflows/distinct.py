@@ -298,7 +298,21 @@ class DistinctLimiter(ConcurrencyLimiter):
 
 class EnqueueingOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that can be told the configuration to suggest next, as Ray's own ``points_to_evaluate``
-    are: the configuration waits in the study's queue, and the sampler learns its result like any other."""
+    are: the configuration waits in the study's queue, and the sampler learns its result like any other.
+
+    ``prior``: outcomes measured before this search, as ``(configuration, result)`` pairs (an earlier sweep's
+    trials, :mod:`workflows.warm_start`). They join the study as finished trials before its first suggestion, so
+    the sampler models them from the start; they are not this search's trials, and a configuration among them can
+    still run (Ray's ``evaluated_rewards`` take one objective)."""
+
+    def __init__(self, *args: Any, prior: Sequence[tuple[dict[str, Any], dict[str, Any]]] = (), **kwargs: Any):
+        self._prior = [(copy.deepcopy(config), dict(result)) for config, result in prior]
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode: str | list[str]) -> None:
+        super()._setup_study(mode)
+        for config, result in self._prior:
+            self.add_outcome(config, result)
 
     def enqueue(self, config: dict[str, Any]) -> None:
         self._ot_study.enqueue_trial(flatten_dict(config))

@@ -43,7 +43,7 @@ __all__ = [
     "STATUS_FINISHED", "STATUS_STOPPED_EARLY", "STATUS_FAILED", "STATUS_INTERRUPTED", "STATUS_ORPHANED", "STATUSES",
     "TAG_PARETO", "TAG_PARETO_SPEED", "FRONTIER_TAGS", "TAG_NODE", "TAG_PID", "TAG_PRECISION", "TAG_RETRIES",
     "TAG_TOOK_OVER",
-    "TAG_CONFIGURATION",
+    "TAG_CONFIGURATION", "TAG_WARM_START", "TAG_WARM_START_TRIALS",
     "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR",
     # tags of registered versions, the alias
     "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "FORMER_POLICY_TAGS",
@@ -81,6 +81,8 @@ TAG_SWEEP = "fineprune.sweep"  # the sweep's storage path: identifies a sweep ac
 TAG_SWEEP_STATE = "fineprune.sweep_state"  # on the parent run: whether `--resume` has work to do
 SWEEP_RUNNING, SWEEP_INTERRUPTED, SWEEP_COMPLETE = "running", "interrupted", "complete"
 TAG_SEARCH_OVER = "fineprune.search_over"  # on the parent run: why the search ended early (exhausted, converged)
+TAG_WARM_START = "fineprune.warm_start"  # on the parent run: the earlier sweep run whose trials the sampler was told
+TAG_WARM_START_TRIALS = "fineprune.warm_start_trials"  # and how many of them
 TAG_TRIAL = "fineprune.trial_id"
 TAG_STATUS = "fineprune.status"  # how a trial ended
 STATUS_FINISHED, STATUS_STOPPED_EARLY, STATUS_FAILED = "finished", "stopped_early", "failed"

@@ -27,7 +27,7 @@ import re
 import typing
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Literal, Mapping
+from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
@@ -152,6 +152,17 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _parsed_number(text: str) -> int | float | None:
+    """The finite number ``text`` writes, or None."""
+    for kind in (int, float):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            continue
+        return value if _is_number(value) else None
+    return None
 
 
 def _integer(minimum: int) -> BeforeValidator:
@@ -365,6 +376,29 @@ class ParamSpec(_Section):
         if self.type == "quniform":
             return tuple(round(self.low + i * self.q, 12) for i in range(self.size()))
         return None
+
+    def parse_logged(self, text: str) -> Any:
+        """The value a trial got, from its text as a run's param logged it (``record.flat_params``).
+
+        Raises:
+            ValueError: no trial of this key can get that value (e.g. an earlier sweep searched other values).
+        """
+        number = _parsed_number(text)
+        if self.values is not None:
+            for v in self.values:
+                logged = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+                if logged == text or _is_number(v) and number is not None and number == v:
+                    return v
+            raise ValueError(f"{text} is not one of {list(self.values)}")
+        if number is None or not self.low <= number <= self.high:
+            raise ValueError(f"{text} is outside [{self.low}, {self.high}]")
+        if self.type == "randint":
+            if not float(number).is_integer():
+                raise ValueError(f"{text} is not an integer")
+            return int(number)
+        if self.type == "quniform" and not math.isclose(number / self.q, round(number / self.q), abs_tol=1e-9):
+            raise ValueError(f"{text} is not a multiple of {self.q}")
+        return float(number)
 
     def to_tune(self, enumerate_choices: bool = False) -> Any:
         """The Ray Tune sample object; ``enumerate_choices`` turns a choice into a grid (grid algorithm)."""
@@ -1249,7 +1283,8 @@ def optuna_sampler(spec: SamplerSpec | None, seed: int | None) -> Any:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = None) -> Any:
+def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = None,
+                     prior: Sequence[tuple[dict[str, Any], dict[str, float]]] = ()) -> Any:
     """The Ray search algorithm for ``space``.
 
     * ``optuna``: ``OptunaSearch`` with every objective (multi-objective when there are several) and the space's
@@ -1263,6 +1298,8 @@ def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = Non
     Args:
         space: a loaded space.
         metric_names: the metrics a trial reports at its end; when given, every objective must be among them.
+        prior: ``(configuration, objectives)`` of trials measured before (``optuna`` only): the sampler is told them
+            before its first suggestion (:mod:`workflows.warm_start`).
 
     Returns:
         A ``Searcher`` or ``SearchAlgorithm`` for ``TuneConfig(search_alg=...)``. Do not also pass
@@ -1282,14 +1319,16 @@ def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = Non
         modes = [mode for _, mode in space.objectives]
         sampler = optuna_sampler(space.sampler, space.search_seed)
         if len(metrics) == 1:
-            searcher = EnqueueingOptunaSearch(metric=metrics[0], mode=modes[0], sampler=sampler)
+            searcher = EnqueueingOptunaSearch(metric=metrics[0], mode=modes[0], sampler=sampler, prior=prior)
         else:
-            searcher = EnqueueingOptunaSearch(metric=metrics, mode=modes, sampler=sampler)
+            searcher = EnqueueingOptunaSearch(metric=metrics, mode=modes, sampler=sampler, prior=prior)
         searcher = DistinctConfigurations(searcher, size=space.configurations, ladders=space.ladders,
                                           seed=space.search_seed)
         if space.max_concurrent is not None:
             return DistinctLimiter(searcher, max_concurrent=space.max_concurrent)
         return searcher
+    if prior:
+        raise SpaceError(f"{space.path}: algorithm {space.algorithm} learns from no earlier outcomes (use optuna)")
     return BasicVariantGenerator(max_concurrent=space.max_concurrent or 0, random_state=space.search_seed)
 
 
@@ -1314,10 +1353,11 @@ def scheduler(space: SweepSpace) -> Any:
                          grace_period=s.grace_period, reduction_factor=s.reduction_factor, stop_last_trials=False)
 
 
-def tune_config_kwargs(space: SweepSpace, metric_names: Iterable[str] | None = None) -> dict[str, Any]:
+def tune_config_kwargs(space: SweepSpace, metric_names: Iterable[str] | None = None,
+                       prior: Sequence[tuple[dict[str, Any], dict[str, float]]] = ()) -> dict[str, Any]:
     """Keyword arguments for ``ray.tune.TuneConfig`` that fit together (see :func:`scheduler` for why metric and
-    mode are None)."""
-    return {"search_alg": search_algorithm(space, metric_names), "scheduler": scheduler(space),
+    mode are None); ``prior`` as in :func:`search_algorithm`."""
+    return {"search_alg": search_algorithm(space, metric_names, prior), "scheduler": scheduler(space),
             "num_samples": space.num_samples, "metric": None, "mode": None}
 
 

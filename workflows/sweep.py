@@ -57,6 +57,7 @@ from workflows.space import (EVAL_METRICS, EVALUATION, SpaceError, SweepSpace, b
                              load_space, param_space, scoring_fingerprint, teacher_config, teacher_fingerprint,
                              trial_config, tune_config_kwargs)
 from workflows.user_errors import output_path_problem
+from workflows.warm_start import WarmStart, WarmStartError, prior_outcomes
 
 __all__ = ["run_sweep", "trial_main", "ensure_teacher", "frontier_summary", "sweep_complete", "FAULT_ENV",
            "TRIAL_METRICS", "RayUnavailable", "ResumeError", "StorageError", "RAY_CONNECT_TIMEOUT_S"]
@@ -552,8 +553,9 @@ def _storage_roots(storage_path: str | None) -> tuple[str, Path]:
 
 
 def _tuner(space: SweepSpace, trainable: Any, callback: tracking.MlflowTrialCallback, sweep_dir: str,
-           storage_root: str, resume: bool) -> tune.Tuner:
-    """The Tuner of a new sweep, or the restored one of the sweep being resumed."""
+           storage_root: str, resume: bool, warm: WarmStart | None = None) -> tune.Tuner:
+    """The Tuner of a new sweep (its sampler told ``warm``'s outcomes first), or the restored one of the sweep being
+    resumed (its sampler restored with all it was told)."""
     if resume and tune.Tuner.can_restore(sweep_dir):
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
         # The restored Tuner carries the callbacks pickled when the sweep started; log through this driver's.
@@ -569,7 +571,9 @@ def _tuner(space: SweepSpace, trainable: Any, callback: tracking.MlflowTrialCall
         verbose=1,
     )
     return tune.Tuner(trainable, param_space=param_space(space),
-                      tune_config=tune.TuneConfig(**tune_config_kwargs(space, TRIAL_METRICS)), run_config=run_config)
+                      tune_config=tune.TuneConfig(**tune_config_kwargs(space, TRIAL_METRICS,
+                                                                       warm.outcomes if warm else ())),
+                      run_config=run_config)
 
 
 # Where Tuner.fit reads the trials' files back once the Tune run has ended (its ResultGrid, unused by the sweep).
@@ -627,7 +631,8 @@ def sweep_complete(statuses: list[str], num_samples: int, search_over: str | Non
 
 def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_uri: str | None = None,
               address: str | None = None, resume: bool | str = False, storage_path: str | None = None,
-              report_dir: str | Path | None = None, tracking_timeout: float | None = None) -> dict[str, Any]:
+              report_dir: str | Path | None = None, tracking_timeout: float | None = None,
+              warm_start: str | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep and return its summary: frontier, champion, where things are.
 
     A new sweep gets a Tune directory of its own (``<storage>/<experiment>-<time>-<id>``) and an MLflow parent run
@@ -639,16 +644,23 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             Ray is started and shut down at the end.
         tracking_timeout: how long the tracking server may be away (seconds) before the sweep stops; default
             ``FINEPRUNE_TRACKING_TIMEOUT`` or 300.
+        warm_start: an earlier sweep in the same store (its parent run id, or an experiment: its latest sweep)
+            whose trials the sampler is told before its first suggestion (:mod:`workflows.warm_start`); a new
+            sweep only.
 
     Raises:
         SpaceError: the space is invalid (raised before Ray starts).
         RayUnavailable: the cluster address does not answer (nothing is written).
         ResumeError: there is no such sweep to resume.
+        WarmStartError: ``warm_start`` names no sweep, or none of its trials fits the space.
         TrackingUnavailable: the tracking server stayed away longer than ``tracking_timeout``.
     """
     # 1. Validate: the space, the cluster and the tracking server, before anything is written.
     space = load_space(space_path)
     tune_config_kwargs(space, TRIAL_METRICS)  # every objective is reported by the trials
+    if warm_start and resume:
+        raise WarmStartError("--warm-start starts a new sweep; a resumed sweep's sampler keeps what it was told "
+                             "when it started")
     cluster = _cluster_address(address)
     if cluster:
         _check_ray_answers(cluster)
@@ -664,6 +676,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     started = time.time()
     client = tracking.client_for(tracking_uri)
     tracking.check_reachable(client, limit)
+    warm = prior_outcomes(client, space, warm_start) if warm_start else None
 
     if resume:
         previous = _sweep_to_resume(client, experiment, None if resume is True else str(resume), tracking_uri)
@@ -686,6 +699,8 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
 
     # The sweep's identity, before anything else starts: what `--resume` finds even if the driver dies right away.
     parent = tracking.open_parent_run(client, experiment, sweep_dir, space.summary(), bool(resume), limit)
+    if warm is not None:
+        tracking.tag_warm_start(client, parent, warm.sweep_run_id, len(warm.outcomes))
     try:
         _init_ray(cluster)
     except RayUnavailable:
@@ -709,7 +724,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         trainable = tune.with_parameters(trial_main, space=space, teacher=teacher_dir,
                                          cache_dir=str(storage / "cache"), held_out_checked=not cluster)
         trainable = tune.with_resources(trainable, _tune_resources(space.resources))
-        tuner = _tuner(space, trainable, callback, sweep_dir, storage_root, bool(resume))
+        tuner = _tuner(space, trainable, callback, sweep_dir, storage_root, bool(resume), warm)
         with quick_http_failures():
             _fit(tuner, sweep_dir)
         if callback.failure is not None:
@@ -755,6 +770,8 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     summary.update({"experiment": experiment, "parent_run_id": parent, "tracking_uri": tracking_uri,
                     "sweep_dir": str(sweep_dir), "status": "finished" if complete else "interrupted",
                     "wall_seconds": round(time.time() - started, 1),
+                    **({"warm_start": {"sweep_run_id": warm.sweep_run_id, "trials": len(warm.outcomes)}}
+                       if warm is not None else {}),
                     "ui": _ui_hint(tracking_uri)})
     _log_summary(summary, space.objectives)
     return summary

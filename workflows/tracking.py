@@ -38,8 +38,9 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_CONFIGURATION, TAG_ERROR, TAG_ERROR_FILE, TAG_KIND,
                               TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION,
                               TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
-                              TAG_TOOK_OVER, TAG_TRIAL, TOTAL_DENSITY, TRIAL_COMPUTE, RecordError, deleted_experiment,
-                              deleted_run, flat_params, latest_sweep_left, restore_command, sqlite_database)
+                              TAG_TOOK_OVER, TAG_TRIAL, TAG_WARM_START, TAG_WARM_START_TRIALS, TOTAL_DENSITY,
+                              TRIAL_COMPUTE, RecordError, deleted_experiment, deleted_run, flat_params,
+                              latest_sweep_left, restore_command, sqlite_database)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
                              is_transient, quick_http_failures)
 from workflows.user_errors import output_path_problem
@@ -213,9 +214,10 @@ def check_reachable(client: MlflowClient, limit: float = DEFAULT_OUTAGE_LIMIT_S)
         raise _store_error(client.tracking_uri, err) from err
 
 
-def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None):
+def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None, flag: str = "--resume"):
     """The sweep to resume: the parent run ``run_id``, or else the last sweep started in ``experiment`` that was
-    not deleted by hand (a warning names it and the later ones deleted).
+    not deleted by hand (a warning names it and the later ones deleted). Errors begin with ``flag``, the option
+    that named the sweep.
 
     Returns:
         The parent run, or None when ``experiment`` has no sweep.
@@ -227,25 +229,26 @@ def find_sweep(client: MlflowClient, experiment: str, run_id: str | None = None)
         try:
             run = client.get_run(run_id)
         except mlflow.exceptions.MlflowException as err:
-            raise ValueError(f"--resume {run_id}: no such run in {client.tracking_uri}") from err
+            raise ValueError(f"{flag} {run_id}: no such run in {client.tracking_uri}") from err
         if run.data.tags.get(TAG_KIND) != KIND_SWEEP or not run.data.tags.get(TAG_SWEEP):
-            raise ValueError(f"--resume {run_id}: run {run_id} is not a sweep (tag {TAG_KIND}={KIND_SWEEP})")
+            raise ValueError(f"{flag} {run_id}: run {run_id} is not a sweep (tag {TAG_KIND}={KIND_SWEEP})")
         found = client.get_experiment(run.info.experiment_id)
         if found.lifecycle_stage == "deleted":
-            raise ValueError(f"--resume {run_id}: " + deleted_experiment(found.name, found.experiment_id,
-                                                                         client.tracking_uri))
+            raise ValueError(f"{flag} {run_id}: " + deleted_experiment(found.name, found.experiment_id,
+                                                                     client.tracking_uri))
         if run.info.lifecycle_stage == "deleted":
-            raise ValueError(f"--resume {run_id}: " + deleted_run(run_id, f"a sweep of experiment {found.name!r}",
-                                                                client.tracking_uri))
+            raise ValueError(f"{flag} {run_id}: " + deleted_run(run_id, f"a sweep of experiment {found.name!r}",
+                                                              client.tracking_uri))
         return run
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
     if found.lifecycle_stage == "deleted":
-        raise ValueError("--resume: " + deleted_experiment(experiment, found.experiment_id, client.tracking_uri))
-    run, deleted = latest_sweep_left(client, found.experiment_id, experiment, flag="--resume RUN_ID")
+        raise ValueError(f"{flag}: " + deleted_experiment(experiment, found.experiment_id, client.tracking_uri))
+    run, deleted = latest_sweep_left(client, found.experiment_id, experiment, flag=f"{flag} RUN_ID")
     if run is None and deleted:
-        raise ValueError(f"--resume: experiment {experiment!r} has no sweep left to resume: "
+        use = flag.lstrip("-").replace("-", " ")  # resume, warm start
+        raise ValueError(f"{flag}: experiment {experiment!r} has no sweep left to {use}: "
                          + deleted_run(deleted[0], "its latest sweep", client.tracking_uri))
     return run
 
@@ -304,6 +307,12 @@ def open_parent_run(client: MlflowClient, experiment: str, sweep_key: str, param
         raise _store_error(client.tracking_uri, err) from err
     finally:
         database_log.setLevel(level)
+
+
+def tag_warm_start(client: MlflowClient, run_id: str, sweep_run_id: str, trials: int) -> None:
+    """Record on a sweep's parent run the earlier sweep whose ``trials`` outcomes its sampler was told first."""
+    client.set_tag(run_id, TAG_WARM_START, sweep_run_id)
+    client.set_tag(run_id, TAG_WARM_START_TRIALS, str(trials))
 
 
 def finish_parent_run(client: MlflowClient, run_id: str, status: str = "FINISHED", state: str = SWEEP_COMPLETE) -> None:

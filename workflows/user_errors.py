@@ -29,6 +29,7 @@ USER_ERRORS = (
     ("workflows.sweep", "RayUnavailable"),
     ("workflows.sweep", "ResumeError"),
     ("workflows.sweep", "StorageError"),
+    ("workflows.warm_start", "WarmStartError"),
     ("workflows.retry", "OutageLimitError"),
     ("workflows.tracking", "TrackingStoreError"),
 )

@@ -1,0 +1,198 @@
+"""Warm start: a sweep's sampler is told an earlier sweep's trials before its first suggestion (real MLflow store,
+real OptunaSearch)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+from test_space import BASE_SPACE
+
+from workflows import record
+from workflows.distinct import EnqueueingOptunaSearch
+from workflows.space import ParamSpec, load_space, param_space, search_algorithm
+from workflows.warm_start import WarmStartError, prior_outcomes
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH = {"target_density": {"type": "choice", "values": [0.3, 0.5, 0.7]},
+          "temperature": {"type": "choice", "values": [1, 2, 4, 8]}}
+
+
+def space_file(tmp_path: Path, search: dict = SEARCH, name: str = "space.yaml", **top) -> Path:
+    values = {**copy.deepcopy(BASE_SPACE), "search": search, "seed": 3, **top}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def record_sweep(client: MlflowClient, experiment: str, trials: list[tuple[dict, dict, str]]) -> str:
+    """A finished sweep as a sweep writes it (``workflows.record``'s schema): a parent run and one nested trial run
+    per ``(searched values, metrics, status)``, the values logged as ``searched.<key>`` params. Its parent run id."""
+    experiment_id = (client.get_experiment_by_name(experiment) or client.get_experiment(
+        client.create_experiment(experiment))).experiment_id
+    parent = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_SWEEP,
+                                                    record.TAG_SWEEP: f"/sweeps/{experiment}-{len(trials)}",
+                                                    record.TAG_SWEEP_STATE: record.SWEEP_COMPLETE}).info.run_id
+    for searched, metrics, status in trials:
+        run = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_TRIAL, record.TAG_PARENT: parent,
+                                                     record.TAG_STATUS: status}).info.run_id
+        for name, value in record.flat_params({f"{record.PARAM_SEARCHED}{k}": v for k, v in searched.items()}).items():
+            client.log_param(run, name, value)
+        for name, value in metrics.items():
+            client.log_metric(run, name, value)
+        client.set_terminated(run, "FAILED" if status == record.STATUS_FAILED else "FINISHED")
+    client.set_terminated(parent)
+    return parent
+
+
+def outcome(density: float, temperature: int) -> dict:
+    """F1 peaks at temperature 4 whatever the density."""
+    return {"f1": 60 * density + (30 if temperature == 4 else 0), "linear_density": density}
+
+
+def grid_trials() -> list[tuple[dict, dict, str]]:
+    return [({"target_density": d, "temperature": t}, outcome(d, t), record.STATUS_FINISHED)
+            for d in (0.3, 0.5, 0.7) for t in (1, 2, 4, 8)]
+
+
+@pytest.fixture
+def client(tmp_path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+
+
+@pytest.mark.parametrize("spec,text,value", [
+    ({"type": "choice", "values": [0.3, 0.5]}, "0.5", 0.5),
+    ({"type": "choice", "values": [16, 64]}, "64", 64),
+    ({"type": "choice", "values": [1, 2]}, "1.0", 1),            # an earlier space's 1.0 is this space's 1
+    ({"type": "choice", "values": ["linear", "cubic"]}, "cubic", "cubic"),
+    ({"type": "choice", "values": [True, False]}, "False", False),
+    ({"type": "choice", "values": [None, 2]}, "None", None),
+    ({"type": "uniform", "low": 0.2, "high": 0.8}, "0.8", 0.8),
+    ({"type": "loguniform", "low": 1e-5, "high": 1e-3}, "0.0001", 1e-4),
+    ({"type": "randint", "low": 1, "high": 4}, "3", 3),
+    ({"type": "quniform", "low": 0.0, "high": 1.0, "q": 0.25}, "0.75", 0.75),
+])
+def test_a_logged_value_reads_back_as_the_value_the_space_gives(spec, text, value):
+    parsed = ParamSpec(**spec).parse_logged(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+@pytest.mark.parametrize("spec,text", [
+    ({"type": "choice", "values": [0.3, 0.5]}, "0.4"),
+    ({"type": "choice", "values": [0, 1]}, "True"),              # a flag is not a number
+    ({"type": "uniform", "low": 0.2, "high": 0.8}, "0.9"),
+    ({"type": "uniform", "low": 0.2, "high": 0.8}, "nan"),
+    ({"type": "randint", "low": 1, "high": 4}, "2.5"),
+    ({"type": "quniform", "low": 0.0, "high": 1.0, "q": 0.25}, "0.3"),
+    ({"type": "uniform", "low": 0.2, "high": 0.8}, "cubic"),
+])
+def test_a_logged_value_the_space_cannot_give_is_refused(spec, text):
+    with pytest.raises(ValueError):
+        ParamSpec(**spec).parse_logged(text)
+
+
+def test_the_usable_trials_of_the_earlier_sweep_are_read_with_their_values_and_the_rest_counted(client, tmp_path,
+                                                                                                caplog):
+    trials = grid_trials() + [
+        ({"target_density": 0.5, "temperature": 2}, {"f1": 10.0}, record.STATUS_FAILED),
+        ({"target_density": 0.4, "temperature": 2}, outcome(0.4, 2), record.STATUS_FINISHED),   # not a value now
+        ({"target_density": 0.5}, outcome(0.5, 2), record.STATUS_FINISHED),                     # a key not searched
+        ({"target_density": 0.5, "temperature": 1}, {"f1": 40.0}, record.STATUS_STOPPED_EARLY),  # no density
+    ]
+    parent = record_sweep(client, "before", trials)
+    space = load_space(space_file(tmp_path))
+    with caplog.at_level(logging.INFO, logger="workflows.warm_start"):
+        warm = prior_outcomes(client, space, "before")  # the experiment: its latest sweep
+    assert warm.sweep_run_id == parent and warm.experiment == "before"
+    assert sorted(map(repr, warm.outcomes)) == sorted(repr((s, m)) for s, m, _ in grid_trials())
+    assert all(type(config["temperature"]) is int for config, _ in warm.outcomes)
+    said = caplog.records[-1].getMessage()
+    assert "12 trials of sweep run" in said
+    for reason in ("1 failed", "1 target_density outside the space", "1 temperature not searched",
+                   "1 no linear_density"):
+        assert reason in said, said
+    assert prior_outcomes(client, space, parent).outcomes == warm.outcomes  # the same sweep by its run id
+
+
+@pytest.mark.parametrize("source,needle", [
+    ("nowhere", "--warm-start nowhere: no experiment or sweep run of that name in sqlite:///"),
+    ("0123456789abcdef0123456789abcdef", "--warm-start 0123456789abcdef0123456789abcdef: no such run"),
+])
+def test_an_earlier_sweep_that_is_not_there_is_one_line(client, tmp_path, source, needle):
+    with pytest.raises(WarmStartError) as info:
+        prior_outcomes(client, load_space(space_file(tmp_path)), source)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_earlier_sweep_whose_trials_fit_no_configuration_of_the_space_is_one_line_naming_the_space(client,
+                                                                                                      tmp_path):
+    record_sweep(client, "other", [({"target_density": 0.9, "temperature": 2}, outcome(0.9, 2),
+                                     record.STATUS_FINISHED)])
+    path = space_file(tmp_path)
+    with pytest.raises(WarmStartError, match=rf"none of the 1 trials of sweep run \w+ \(experiment 'other'\) fits "
+                                             rf"{path} \(1 target_density outside the space\)"):
+        prior_outcomes(client, load_space(path), "other")
+
+
+def test_only_a_sampler_that_models_outcomes_can_be_warm_started(client, tmp_path):
+    record_sweep(client, "before", grid_trials())
+    path = space_file(tmp_path, algorithm="random")
+    with pytest.raises(WarmStartError, match="only algorithm optuna learns from earlier outcomes; .* algorithm random"):
+        prior_outcomes(client, load_space(path), "before")
+
+
+def _suggestions(prior: list, n: int = 10) -> tuple[EnqueueingOptunaSearch, list[int]]:
+    """A TPE searcher over the temperatures told ``prior``, and its first ``n`` suggestions."""
+    from ray import tune
+
+    searcher = EnqueueingOptunaSearch(metric=["f1", "linear_density"], mode=["max", "min"],
+                                      sampler=optuna.samplers.TPESampler(seed=0), prior=prior)
+    searcher.set_search_properties(None, None, {"temperature": tune.choice(SEARCH["temperature"]["values"])})
+    return searcher, [searcher.suggest(f"t{i}")["temperature"] for i in range(n)]
+
+
+def test_the_sampler_starts_from_the_earlier_outcomes_and_suggests_where_they_were_best():
+    """Told 24 trials where temperature 4 dominates, TPE suggests 4 from its first trial on; untold, its first
+    suggestions are random draws (Optuna's 10 startup trials)."""
+    prior = [({"temperature": t}, {"f1": 80.0 if t == 4 else 10.0, "linear_density": 0.5})
+             for t in (1, 2, 4, 8) for _ in range(6)]
+    searcher, told = _suggestions(prior)
+    _, untold = _suggestions([])
+    finished = [t for t in searcher._ot_study.trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == 24 and Counter(t.params["temperature"] for t in finished) == dict.fromkeys((1, 2, 4, 8), 6)
+    assert told.count(4) >= 9, told
+    assert untold.count(4) <= 5, untold
+
+
+def test_a_configuration_the_earlier_sweep_ran_is_no_repeat_in_the_new_one(tmp_path):
+    """The earlier trials teach the sampler; they are not this sweep's: the whole space is still there to run."""
+    space = load_space(space_file(tmp_path))
+    prior = [(config, metrics) for config, metrics, _ in grid_trials()]
+    alg = search_algorithm(space, prior=prior)
+    alg.set_search_properties(None, None, param_space(space))
+    suggested = [alg.suggest(f"t{i}") for i in range(12)]
+    assert len({tuple(sorted(c.items())) for c in suggested}) == 12  # all 12, none answered from the prior
+    inner = alg
+    while not isinstance(inner, EnqueueingOptunaSearch):
+        inner = inner.searcher
+    assert sum(t.state == TrialState.COMPLETE for t in inner._ot_study.trials) == 12  # the prior, told
+
+
+def test_warm_start_and_resume_together_are_refused_before_anything_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(space_file(tmp_path)),
+                           "--tracking-uri", uri, "--resume", "--warm-start", "before"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--warm-start starts a new sweep" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,112 @@
+"""Warm start: a new sweep's sampler learns, before its first trial, what an earlier sweep of the space measured.
+
+A sweep is often run again after something changed that moves its outcomes a little but not where the frontier
+lies: another seed, a retrained teacher, more evaluation questions. Its sampler need not rediscover the landscape
+from random trials: ``fineprune sweep --warm-start SWEEP`` reads the earlier sweep's trials from MLflow and tells
+them to the Optuna sampler as finished trials (:class:`workflows.distinct.EnqueueingOptunaSearch` ``prior``), so it
+models them from its first suggestion. They are not this sweep's trials: none is logged, counted or registered
+again, and the sampler may run any of their configurations again, to measure it under the new conditions.
+
+A trial is told when it has a value for every key searched now, each one a value the space can give
+(:meth:`workflows.space.ParamSpec.parse_logged`), and a finite value of every objective; a failed trial, or one from a
+space that searched other keys or other values, is left out (the log says how many and why). An earlier sweep with
+no such trial is a one-line error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from workflows import record, tracking
+from workflows.space import SweepSpace
+
+__all__ = ["WarmStartError", "WarmStart", "prior_outcomes", "is_run_id"]
+
+logger = logging.getLogger(__name__)
+
+FLAG = "--warm-start"
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class WarmStartError(ValueError):
+    """The earlier sweep cannot warm-start this one (no such sweep, a space it cannot teach, nothing usable)."""
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """What a sweep was told before its first trial: the earlier sweep's parent run and its usable trials."""
+
+    sweep_run_id: str
+    experiment: str
+    outcomes: list[tuple[dict[str, Any], dict[str, float]]]  # (searched values, objective values) per trial
+
+    def describe(self) -> str:
+        return f"{len(self.outcomes)} trials of sweep run {self.sweep_run_id} (experiment {self.experiment!r})"
+
+
+def is_run_id(text: str) -> bool:
+    """Whether ``text`` names an MLflow run (32 hex digits) rather than an experiment."""
+    return bool(_RUN_ID.fullmatch(text))
+
+
+def _usable(run, space: SweepSpace) -> tuple[dict[str, Any], dict[str, float]] | str:
+    """A trial run's ``(configuration, objectives)``, or why it cannot be told."""
+    if run.data.tags.get(record.TAG_STATUS) == record.STATUS_FAILED or run.info.status == "FAILED":
+        return "failed"
+    config = {}
+    for key, spec in space.search.items():
+        text = run.data.params.get(f"{record.PARAM_SEARCHED}{key}")
+        if text is None:
+            return f"{key} not searched"
+        try:
+            config[key] = spec.parse_logged(text)
+        except ValueError:
+            return f"{key} outside the space"
+    values = {}
+    for name, _ in space.objectives:
+        value = run.data.metrics.get(name)
+        if value is None or not math.isfinite(value):
+            return f"no {name}"
+        values[name] = value
+    return config, values
+
+
+def prior_outcomes(client, space: SweepSpace, source: str) -> WarmStart:
+    """The outcomes of the earlier sweep ``source`` (a sweep's parent run id, or an experiment: its latest sweep)
+    that the sampler of ``space`` can be told.
+
+    Raises:
+        WarmStartError: the space's algorithm learns from nothing, ``source`` is not a sweep, or none of its trials
+            fits the space.
+    """
+    if space.algorithm != "optuna":
+        raise WarmStartError(f"{FLAG}: only algorithm optuna learns from earlier outcomes; {space.path} has "
+                             f"algorithm {space.algorithm}")
+    run_id = source if is_run_id(source) else None
+    try:
+        sweep = tracking.find_sweep(client, source, run_id, flag=FLAG)
+    except ValueError as err:
+        raise WarmStartError(str(err)) from None
+    if sweep is None:
+        raise WarmStartError(f"{FLAG} {source}: no experiment or sweep run of that name in {client.tracking_uri}")
+    experiment = client.get_experiment(sweep.info.experiment_id).name
+    runs = tracking.trial_runs(client, experiment, sweep.info.run_id)
+    outcomes, left_out = [], Counter()
+    for run in runs:
+        usable = _usable(run, space)
+        if isinstance(usable, str):
+            left_out[usable] += 1
+        else:
+            outcomes.append(usable)
+    why = ", ".join(f"{count} {reason}" for reason, count in left_out.most_common())
+    if not outcomes:
+        raise WarmStartError(f"{FLAG} {source}: none of the {len(runs)} trials of sweep run {sweep.info.run_id} "
+                             f"(experiment {experiment!r}) fits {space.path}" + (f" ({why})" if why else ""))
+    warm = WarmStart(sweep.info.run_id, experiment, outcomes)
+    logger.info("the sampler starts from %s%s", warm.describe(), f"; left out: {why}" if why else "")
+    return warm
