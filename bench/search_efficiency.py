@@ -21,6 +21,9 @@ density down); progress is the hypervolume of the frontier found after n trials
 ``oracle:pairs`` are no samplers but a reference: a search that knows the table's fitted landscape before its first
 trial (:func:`_run_oracle`).
 
+``--prior TABLE`` warm-starts the Optuna samplers as ``fineprune sweep --warm-start`` does: every finished outcome
+of an earlier measurement of the same grid is in the study before the first trial (the grid and oracles ignore it).
+
 Last line: ``search_efficiency trials_to_grid_hypervolume optuna/grid = X.XX``: the trials the best Optuna sampler
 needs (median over seeds) to reach the whole grid's hypervolume, as a fraction of the grid's trials; ``inf`` when no
 Optuna sampler reached it within ``--budget`` trials in the median (its line before says "never reached within the
@@ -267,14 +270,15 @@ def _optuna_sampler(name: str, seed: int):
 
 
 def _run_optuna(table: Table, name: str, seed: int, budget: int, distinct: bool = True,
-                steer: bool = True) -> list[dict[str, Any]]:
+                steer: bool = True, prior: Table | None = None) -> list[dict[str, Any]]:
     """The trials an Optuna sampler runs against the table, in order.
 
     ``distinct``: as the sweep does (:class:`workflows.distinct.DistinctConfigurations`), a grid point already
     measured is not run again: the sampler is told its outcome and, with ``steer``, told to suggest next the nearest
     grid point not yet run (:func:`workflows.distinct.nearest_untried`); without, it is asked again, and the search
     ends when it offers nothing new ``DEFAULT_PATIENCE`` times in a row. Either way it ends when every grid point
-    ran. Otherwise each suggestion is a trial, repeats included.
+    ran. Otherwise each suggestion is a trial, repeats included. ``prior``: another table of the same grid (an
+    earlier sweep), whose finished outcomes the study holds before its first trial, as a warm-started sweep's does.
     """
     import optuna
     from optuna.trial import TrialState
@@ -284,6 +288,12 @@ def _run_optuna(table: Table, name: str, seed: int, budget: int, distinct: bool 
     distributions = {key: table.distribution(key) for key in table.keys}
     directions = ["maximize" if mode == "max" else "minimize" for _, mode in table.objectives]
     study = optuna.create_study(directions=directions, sampler=_optuna_sampler(name, seed))
+    for row in prior.trials if prior is not None else ():
+        point = prior.point(row)
+        if point:
+            study.add_trial(optuna.trial.create_trial(
+                params=table.coordinates(prior.cell(row)), distributions=distributions,
+                values=[point[metric] for metric, _ in table.objectives]))
     ladders = {key: table.values[key] for key in table.keys}
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
@@ -365,7 +375,7 @@ def _run_oracle(table: Table, budget: int, interactions: bool = False) -> list[d
 
 
 def replay(table: Table, sampler: str, seeds: int, budget: int, distinct: bool = True,
-           steer: bool = True) -> list[list[float]]:
+           steer: bool = True, prior: Table | None = None) -> list[list[float]]:
     """Hypervolume after each of ``budget`` trials, one list per seed (the dense baseline counts from the start, as
     in a sweep); a search that ends sooner keeps its last value."""
     curves = []
@@ -375,7 +385,7 @@ def replay(table: Table, sampler: str, seeds: int, budget: int, distinct: bool =
         elif sampler in ORACLES:
             rows = _run_oracle(table, budget, ORACLES[sampler])
         else:
-            rows = _run_optuna(table, sampler, seed, budget, distinct, steer)
+            rows = _run_optuna(table, sampler, seed, budget, distinct, steer, prior)
         start = [table.point(r) for r in table.baseline]
         curve = hypervolume_progress(start + [table.point(r) for r in rows], table.objectives, table.reference)
         curve = curve[len(start):] or [hypervolume(start, table.objectives, table.reference)]
@@ -550,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ask-again", action="store_true",
                         help="answer a repeated grid point by asking the sampler again, not with the nearest grid "
                              "point not yet run")
+    parser.add_argument("--prior", type=Path,
+                        help="a table of an earlier sweep of the same grid: the Optuna samplers are told its outcomes "
+                             "before their first trial (a warm start, as `fineprune sweep --warm-start`)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path,
                         help="draw the median curves here (PNG, or the format its suffix names: .svg, .pdf)")
@@ -582,13 +595,22 @@ def main(argv: list[str] | None = None) -> int:
     table = load_table(args.table)
     if args.smooth:
         table = table.smoothed()
+    prior = load_table(args.prior, "--prior") if args.prior else None
+    if prior is not None and (prior.values != table.values or prior.objectives != table.objectives):
+        raise InputError(f"--prior {args.prior}: not a table of the same grid and objectives as --table {args.table}")
     budget = args.budget or 4 * len(table.trials)
     curves: dict[str, list[list[float]]] = {}
     for name in samplers:
         started = time.time()
-        curves[name] = replay(table, name, args.seeds, budget, distinct=not args.repeats, steer=not args.ask_again)
+        curves[name] = replay(table, name, args.seeds, budget, distinct=not args.repeats, steer=not args.ask_again,
+                              prior=prior)
         logger.info("replayed %s: %d seeds x %d trials in %.1f s", name, args.seeds, budget, time.time() - started)
+    if prior is not None:
+        print(f"\nThe Optuna samplers were told the {sum(1 for r in prior.trials if prior.point(r))} finished outcomes "
+              f"of {args.prior} before their first trial (a warm start).")
     results = report(table, curves, budget, args.plot)
+    if prior is not None:
+        results["prior"] = str(args.prior)
     if args.json:
         write_text(args.json, json.dumps(_finite(results), indent=1, default=str, allow_nan=False) + "\n")
     return 0
