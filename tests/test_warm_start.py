@@ -187,12 +187,17 @@ def test_a_configuration_the_earlier_sweep_ran_is_no_repeat_in_the_new_one(tmp_p
     assert sum(t.state == TrialState.COMPLETE for t in inner._ot_study.trials) == 12  # the prior, told
 
 
-def test_warm_start_and_resume_together_are_refused_before_anything_runs(tmp_path):
+@pytest.mark.parametrize("options,top,message", [
+    (["--resume"], {}, "--warm-start starts a new sweep; a resumed sweep's sampler keeps what it was told"),
+    ([], {"algorithm": "random"}, "--warm-start: only algorithm optuna learns from earlier outcomes"),
+])
+def test_a_warm_start_that_cannot_be_is_refused_in_one_line_before_anything_is_written(tmp_path, options, top,
+                                                                                      message):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(space_file(tmp_path)),
-                           "--tracking-uri", uri, "--resume", "--warm-start", "before"],
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(space_file(tmp_path, **top)),
+                           "--tracking-uri", uri, "--warm-start", "before", *options],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "--warm-start starts a new sweep" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "mlflow.db").exists()
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]  # no store, no runs directory

@@ -57,7 +57,7 @@ from workflows.space import (EVAL_METRICS, EVALUATION, SpaceError, SweepSpace, b
                              load_space, param_space, scoring_fingerprint, teacher_config, teacher_fingerprint,
                              trial_config, tune_config_kwargs)
 from workflows.user_errors import output_path_problem
-from workflows.warm_start import WarmStart, WarmStartError, prior_outcomes
+from workflows.warm_start import WarmStart, WarmStartError, check_applicable, prior_outcomes
 
 __all__ = ["run_sweep", "trial_main", "ensure_teacher", "frontier_summary", "sweep_complete", "FAULT_ENV",
            "TRIAL_METRICS", "RayUnavailable", "ResumeError", "StorageError", "RAY_CONNECT_TIMEOUT_S"]
@@ -661,6 +661,8 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     if warm_start and resume:
         raise WarmStartError("--warm-start starts a new sweep; a resumed sweep's sampler keeps what it was told "
                              "when it started")
+    if warm_start:
+        check_applicable(space)
     cluster = _cluster_address(address)
     if cluster:
         _check_ray_answers(cluster)
@@ -699,8 +701,6 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
 
     # The sweep's identity, before anything else starts: what `--resume` finds even if the driver dies right away.
     parent = tracking.open_parent_run(client, experiment, sweep_dir, space.summary(), bool(resume), limit)
-    if warm is not None:
-        tracking.tag_warm_start(client, parent, warm.sweep_run_id, len(warm.outcomes))
     try:
         _init_ray(cluster)
     except RayUnavailable:
@@ -710,6 +710,8 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             tracking.discard_parent_run(client, parent)
         raise
     try:
+        if warm is not None:
+            tracking.tag_warm_start(client, parent, warm.sweep_run_id, len(warm.outcomes))
         # 2. The teacher.
         teacher_dir, dense_metrics = ensure_teacher(space, storage / "teachers", held_out_checked=not cluster)
         tracking.log_baseline(client, experiment, parent, dense_metrics, {"model": space.base.get("model", "")},

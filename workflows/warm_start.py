@@ -25,7 +25,7 @@ from typing import Any
 from workflows import record, tracking
 from workflows.space import SweepSpace
 
-__all__ = ["WarmStartError", "WarmStart", "prior_outcomes", "is_run_id"]
+__all__ = ["WarmStartError", "WarmStart", "check_applicable", "prior_outcomes", "is_run_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,13 @@ def _usable(run, space: SweepSpace) -> tuple[dict[str, Any], dict[str, float]] |
     return config, values
 
 
+def check_applicable(space: SweepSpace) -> None:
+    """Refuse a space whose search algorithm learns nothing from earlier outcomes (before anything is written)."""
+    if space.algorithm != "optuna":
+        raise WarmStartError(f"{FLAG}: only algorithm optuna learns from earlier outcomes; {space.path} has "
+                             f"algorithm {space.algorithm}")
+
+
 def prior_outcomes(client, space: SweepSpace, source: str) -> WarmStart:
     """The outcomes of the earlier sweep ``source`` (a sweep's parent run id, or an experiment: its latest sweep)
     that the sampler of ``space`` can be told.
@@ -84,9 +91,7 @@ def prior_outcomes(client, space: SweepSpace, source: str) -> WarmStart:
         WarmStartError: the space's algorithm learns from nothing, ``source`` is not a sweep, or none of its trials
             fits the space.
     """
-    if space.algorithm != "optuna":
-        raise WarmStartError(f"{FLAG}: only algorithm optuna learns from earlier outcomes; {space.path} has "
-                             f"algorithm {space.algorithm}")
+    check_applicable(space)
     run_id = source if is_run_id(source) else None
     try:
         sweep = tracking.find_sweep(client, source, run_id, flag=FLAG)
