@@ -357,6 +357,9 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     assert summary["warm_start"] == {"sweep_run_id": earlier, "trials": 4}
     assert parent.data.tags[record.TAG_WARM_START] == earlier and parent.data.tags[record.TAG_WARM_START_TRIALS] == "4"
     assert f"the sampler starts from 4 trials of sweep run {earlier} (experiment 'earlier')" in proc.stderr
+    report = Path(summary["report"]["markdown"]).read_text()
+    assert (f"- **Warm start**: the sampler was told 4 trials of sweep run {earlier} before its first suggestion"
+            in report), report[:1500]
     assert parent.data.metrics[record.SEARCH_REPEATS] == search["repeats"]
     assert parent.data.metrics[record.SEARCH_STEERED] == search["steered"]
 
