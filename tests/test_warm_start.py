@@ -120,6 +120,28 @@ def test_the_usable_trials_of_the_earlier_sweep_are_read_with_their_values_and_t
     assert prior_outcomes(client, space, parent).outcomes == warm.outcomes  # the same sweep by its run id
 
 
+@pytest.mark.parametrize("held,base,values,kept,reason", [
+    # alpha_distil at RunConfig's default, 0.9
+    ("alpha_distil", {}, [0.9, 0.5, 0.9], [1, 4], "1 alpha_distil searched then, held at 0.9 now"),
+    ("learning_rate", {"learning_rate": 1e-3}, [0.001, 3e-4, 1e-3], [1, 4], "held at 0.001 now"),
+    # the pseudo-key lambda sets lambda_attention and lambda_ffn; 5.0 is the 5 the earlier sweep ran
+    ("lambda", {"method": "sigmoid_threshold", "lambda_attention": 5, "lambda_ffn": 5}, [5, 1, 5.0], [1, 4],
+     "1 lambda searched then, held at 5 now"),
+])
+def test_a_key_the_earlier_sweep_searched_and_this_space_holds_keeps_only_the_trials_at_its_value(
+        client, tmp_path, caplog, held, base, values, kept, reason):
+    """The earlier sweep also searched a key this space holds at one value: a trial run at another value is no
+    configuration of this space."""
+    trials = [({"temperature": t, held: v}, outcome(0.5, t), record.STATUS_FINISHED) for t, v in zip((1, 2, 4), values)]
+    record_sweep(client, "wider", trials)
+    space = load_space(space_file(tmp_path, search={"temperature": SEARCH["temperature"]},
+                                  base={**BASE_SPACE["base"], **base}))
+    with caplog.at_level(logging.INFO, logger="workflows.warm_start"):
+        warm = prior_outcomes(client, space, "wider")
+    assert sorted(config["temperature"] for config, _ in warm.outcomes) == kept
+    assert reason in caplog.records[-1].getMessage(), caplog.records[-1].getMessage()
+
+
 @pytest.mark.parametrize("source,needle", [
     ("nowhere", "--warm-start nowhere: no experiment or sweep run of that name in sqlite:///"),
     ("0123456789abcdef0123456789abcdef", "--warm-start 0123456789abcdef0123456789abcdef: no such run"),

@@ -57,6 +57,7 @@ __all__ = [
     "PARAM_TYPES",
     "POLICIES",
     "LAMBDA_KEY",
+    "parse_number",
     "EVAL_METRICS",
     "load_space",
     "param_space",
@@ -154,7 +155,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _parsed_number(text: str) -> int | float | None:
+def parse_number(text: str) -> int | float | None:
     """The finite number ``text`` writes, or None."""
     for kind in (int, float):
         try:
@@ -383,7 +384,7 @@ class ParamSpec(_Section):
         Raises:
             ValueError: no trial of this key can get that value (e.g. an earlier sweep searched other values).
         """
-        number = _parsed_number(text)
+        number = parse_number(text)
         if self.values is not None:
             for v in self.values:
                 logged = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)

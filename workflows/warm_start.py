@@ -8,9 +8,10 @@ models them from its first suggestion. They are not this sweep's trials: none is
 again, and the sampler may run any of their configurations again, to measure it under the new conditions.
 
 A trial is told when it has a value for every key searched now, each one a value the space can give
-(:meth:`workflows.space.ParamSpec.parse_logged`), and a finite value of every objective; a failed trial, or one from a
-space that searched other keys or other values, is left out (the log says how many and why). An earlier sweep with
-no such trial is a one-line error.
+(:meth:`workflows.space.ParamSpec.parse_logged`), and a finite value of every objective. A failed trial is left out,
+as is one of a space that searched other keys or values, or one run at another value of a key that the earlier sweep
+searched and this space holds at one value (the log says how many and why). An earlier sweep with no trial left is a
+one-line error.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from pruning.config import config_to_dict
 from workflows import record, tracking
-from workflows.space import SweepSpace
+from workflows.space import LAMBDA_KEY, SweepSpace, parse_number, trial_config
 
 __all__ = ["WarmStartError", "WarmStart", "check_applicable", "prior_outcomes", "is_run_id"]
 
@@ -54,6 +56,17 @@ def is_run_id(text: str) -> bool:
     return bool(_RUN_ID.fullmatch(text))
 
 
+LAMBDA_KEY_FIELD = "lambda_attention"  # the pseudo-key ``lambda`` sets lambda_attention and lambda_ffn alike
+
+
+def _same(text: str, value: Any) -> bool:
+    """Whether the logged ``text`` is ``value`` (numbers by value: "1.0" is 1)."""
+    if record.flat_params({"v": value})["v"] == text:
+        return True
+    number = parse_number(text)
+    return number is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and number == value
+
+
 def _usable(run, space: SweepSpace) -> tuple[dict[str, Any], dict[str, float]] | str:
     """A trial run's ``(configuration, objectives)``, or why it cannot be told."""
     if run.data.tags.get(record.TAG_STATUS) == record.STATUS_FAILED or run.info.status == "FAILED":
@@ -67,6 +80,20 @@ def _usable(run, space: SweepSpace) -> tuple[dict[str, Any], dict[str, float]] |
             config[key] = spec.parse_logged(text)
         except ValueError:
             return f"{key} outside the space"
+    # A key the earlier sweep searched and this space holds at one value: only trials run at that value are this
+    # space's configurations (a trial at another temperature is not one of a sweep that fixes it).
+    held = None
+    for name, text in run.data.params.items():
+        key = name[len(record.PARAM_SEARCHED):]
+        if not name.startswith(record.PARAM_SEARCHED) or key in space.search:
+            continue
+        held = held or config_to_dict(trial_config(space, config, output_dir="<trial>", teacher="<teacher>"))
+        field = LAMBDA_KEY_FIELD if key == LAMBDA_KEY else key
+        if field not in held:
+            return f"{key} searched then, not a run setting now"
+        now = held[field]
+        if not _same(text, now):
+            return f"{key} searched then, held at {record.flat_params({key: now})[key]} now"
     values = {}
     for name, _ in space.objectives:
         value = run.data.metrics.get(name)
