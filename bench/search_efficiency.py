@@ -550,8 +550,9 @@ def main(argv: list[str] | None = None) -> int:
                              "'never' in the tables and inf in the last line")
     parser.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS),
                         help=f"comma-separated, of grid, random, {', '.join(OPTUNA_SAMPLERS)} (mvtpe: multivariate "
-                             "TPE); tpe:N, mvtpe:N and gp:N start the model after N random trials (Optuna's default: 10); oracle and oracle:pairs "
-                             "know the table's fitted landscape beforehand (a reference, not a sampler)")
+                             "TPE); tpe:N, mvtpe:N and gp:N start the model after N random trials (Optuna's default: "
+                             "10); oracle and oracle:pairs know the table's fitted landscape beforehand (a reference, "
+                             "not a sampler)")
     parser.add_argument("--smooth", action="store_true",
                         help="replay the table's additive fit (no noise, no interactions) instead of its outcomes")
     parser.add_argument("--repeats", action="store_true",
