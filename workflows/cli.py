@@ -811,7 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: start a new sweep)")
     p.add_argument("--warm-start", metavar="SWEEP",
                    help="an earlier sweep in the same tracking store (its MLflow parent run id, or an experiment: "
-                        "its last sweep) whose trials the Optuna sampler learns from before its first trial")
+                        "its last sweep) whose trials the Optuna sampler learns from before its first trial "
+                        "(default: it starts from nothing)")
     p.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
                    help="how long the tracking server may be away before the sweep stops (default: "
                         "FINEPRUNE_TRACKING_TIMEOUT, else 300)")
