@@ -42,7 +42,7 @@ from pruning.schedules import warmups
 from pruning.contents import content_digest
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
-from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES, RegistrySpec
+from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES, RegistrySpec, flat_params
 
 __all__ = [
     "SpaceError",
@@ -58,6 +58,7 @@ __all__ = [
     "POLICIES",
     "LAMBDA_KEY",
     "parse_number",
+    "logged_as",
     "EVAL_METRICS",
     "load_space",
     "param_space",
@@ -164,6 +165,15 @@ def parse_number(text: str) -> int | float | None:
             continue
         return value if _is_number(value) else None
     return None
+
+
+def logged_as(text: str, value: Any) -> bool:
+    """Whether ``text``, a run's param as ``record.flat_params`` logged it, is ``value`` (numbers by value: "1.0" is
+    1; "True" is no number)."""
+    if flat_params({"v": value}).get("v") == text:
+        return True
+    number = parse_number(text)
+    return number is not None and _is_number(value) and number == value
 
 
 def _integer(minimum: int) -> BeforeValidator:
@@ -384,13 +394,12 @@ class ParamSpec(_Section):
         Raises:
             ValueError: no trial of this key can get that value (e.g. an earlier sweep searched other values).
         """
-        number = parse_number(text)
         if self.values is not None:
             for v in self.values:
-                logged = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
-                if logged == text or _is_number(v) and number is not None and number == v:
+                if logged_as(text, v):
                     return v
             raise ValueError(f"{text} is not one of {list(self.values)}")
+        number = parse_number(text)
         if number is None or not self.low <= number <= self.high:
             raise ValueError(f"{text} is outside [{self.low}, {self.high}]")
         if self.type == "randint":

@@ -25,7 +25,7 @@ from typing import Any
 
 from pruning.config import config_to_dict
 from workflows import record, tracking
-from workflows.space import LAMBDA_KEY, SweepSpace, parse_number, trial_config
+from workflows.space import LAMBDA_KEY, SweepSpace, logged_as, trial_config
 
 __all__ = ["WarmStartError", "WarmStart", "check_applicable", "prior_outcomes", "is_run_id"]
 
@@ -59,14 +59,6 @@ def is_run_id(text: str) -> bool:
 LAMBDA_KEY_FIELD = "lambda_attention"  # the pseudo-key ``lambda`` sets lambda_attention and lambda_ffn alike
 
 
-def _same(text: str, value: Any) -> bool:
-    """Whether the logged ``text`` is ``value`` (numbers by value: "1.0" is 1)."""
-    if record.flat_params({"v": value})["v"] == text:
-        return True
-    number = parse_number(text)
-    return number is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and number == value
-
-
 def _usable(run, space: SweepSpace) -> tuple[dict[str, Any], dict[str, float]] | str:
     """A trial run's ``(configuration, objectives)``, or why it cannot be told."""
     if run.data.tags.get(record.TAG_STATUS) == record.STATUS_FAILED or run.info.status == "FAILED":
@@ -92,7 +84,7 @@ def _usable(run, space: SweepSpace) -> tuple[dict[str, Any], dict[str, float]] |
         if field not in held:
             return f"{key} searched then, not a run setting now"
         now = held[field]
-        if not _same(text, now):
+        if not logged_as(text, now):
             return f"{key} searched then, held at {record.flat_params({key: now})[key]} now"
     values = {}
     for name, _ in space.objectives:
