@@ -187,7 +187,8 @@ def test_a_failed_trial_run_again_on_resume_records_its_result(tmp_path, max_con
 
 
 def test_a_tune_run_over_a_small_discrete_space_runs_each_configuration_once(tmp_path):
-    """Real Tune on a local Ray: 10 samples asked of a 4-configuration space give 4 trials, one per configuration."""
+    """Real Tune on a local Ray: 10 samples asked of a 4-configuration space give 4 trials, one per configuration.
+    A trial that ends hands its worker process to the next one (no new process, no second import of torch)."""
     import ray
     from ray import tune
 
@@ -196,8 +197,10 @@ def test_a_tune_run_over_a_small_discrete_space_runs_each_configuration_once(tmp
     space = load_space(_space(tmp_path, DISCRETE, num_samples=10, max_concurrent=2))
 
     def trainable(config):  # self-contained: the workers cannot import this test module
+        import os
+
         tune.report({"f1": 100 * config["target_density"] + config["temperature"],
-                     "linear_density": config["target_density"]})
+                     "linear_density": config["target_density"], "pid": os.getpid()})
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
@@ -210,6 +213,7 @@ def test_a_tune_run_over_a_small_discrete_space_runs_each_configuration_once(tmp
         ray.shutdown()
     configs = [r.config for r in results]
     assert not results.errors and len(configs) == 4
+    assert len({r.metrics["pid"] for r in results}) < len(configs)  # at most 2 run at once; the others reuse them
     assert {configuration_key(c) for c in configs} == {
         configuration_key({"target_density": d, "temperature": t}) for d in (0.3, 0.5) for t in (2, 8)}
 

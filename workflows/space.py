@@ -1366,9 +1366,13 @@ def scheduler(space: SweepSpace) -> Any:
 def tune_config_kwargs(space: SweepSpace, metric_names: Iterable[str] | None = None,
                        prior: Sequence[tuple[dict[str, Any], dict[str, float]]] = ()) -> dict[str, Any]:
     """Keyword arguments for ``ray.tune.TuneConfig`` that fit together (see :func:`scheduler` for why metric and
-    mode are None); ``prior`` as in :func:`search_algorithm`."""
+    mode are None); ``prior`` as in :func:`search_algorithm`.
+
+    A trial that ends hands its worker process to the next trial (``reuse_actors``): a new process would import
+    torch and transformers again (about 8 s on 2 CPU cores, the whole of a small trial) and set up its GPU anew.
+    The trainable keeps nothing between trials; a worker that dies (a failed trial) is replaced."""
     return {"search_alg": search_algorithm(space, metric_names, prior), "scheduler": scheduler(space),
-            "num_samples": space.num_samples, "metric": None, "mode": None}
+            "num_samples": space.num_samples, "metric": None, "mode": None, "reuse_actors": True}
 
 
 # --------------------------------------------------------------------------------------------------------------
