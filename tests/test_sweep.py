@@ -18,15 +18,21 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sweep_command(space: dict, tmp_path: Path, name: str, *options: str) -> tuple[subprocess.CompletedProcess, str]:
-    """``fineprune sweep`` of ``space`` (written to ``tmp_path/name.yaml``) as a user runs it, with a SQLite store
-    and Tune storage under ``tmp_path`` and any further ``options``; the finished process and the tracking URI."""
+def _sweep_argv(space: dict, tmp_path: Path, name: str, *options: str) -> tuple[list[str], str]:
+    """The command line of ``fineprune sweep`` of ``space`` (written to ``tmp_path/name.yaml``), with a SQLite store
+    and Tune storage under ``tmp_path`` and any further ``options``; and the tracking URI."""
     space_path = tmp_path / f"{name}.yaml"
     space_path.write_text(yaml.safe_dump(space))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "sweep", "--space", str(space_path),
-                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray"), *options],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    return [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(space_path), "--tracking-uri", uri,
+            "--storage-path", str(tmp_path / "ray"), *options], uri
+
+
+def sweep_command(space: dict, tmp_path: Path, name: str, *options: str) -> tuple[subprocess.CompletedProcess, str]:
+    """``fineprune sweep`` as a user runs it (see :func:`_sweep_argv`), in ``tmp_path``; the finished process and
+    the tracking URI."""
+    argv, uri = _sweep_argv(space, tmp_path, name, *options)
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     return proc, uri
 
@@ -534,56 +540,102 @@ def test_a_sweep_whose_trials_diverge_ends_incomplete_with_each_reason_and_exit_
     assert not (Path(tempfile.gettempdir()) / "fineprune-trials" / Path(summary["sweep_dir"]).name).exists()
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda s: s["base"].update(train_data="data/train.json"),
-     "base.train_data: data/train.json: SQuAD data file not found"),
-    (lambda s: s["teacher"]["config"].update(eval_data="nowhere.json"),
-     "teacher.config.eval_data: nowhere.json: SQuAD data file not found"),
-    (lambda s: s["teacher"].update(path="models/teacher", config={}),
-     "teacher.path: models/teacher: model directory not found"),
+def _machine_cpus() -> int:
+    from ray._private.utils import get_num_cpus
+
+    return get_num_cpus()
+
+
+# Sweeps the command line refuses before Ray starts, by case: the edit each makes to the smoke space, given the
+# space and a directory for data files (see the tests below for what each must say).
+REFUSED = {
+    "train-data-not-here": lambda s, d: s["base"].update(train_data="data/train.json"),
+    "eval-data-not-here": lambda s, d: s["teacher"]["config"].update(eval_data="nowhere.json"),
+    "teacher-not-here": lambda s, d: s["teacher"].update(path="models/teacher", config={}),
+    "gpu": lambda s, d: (s["base"].update(device="cuda"), s.update(resources={"cpu": 1, "gpu": 0.5})),
+    "cpus": lambda s, d: s.update(resources={"cpu": _machine_cpus() + 1, "gpu": 0}),
+    "blocks": lambda s, d: s["base"].update(attention_block=[24, 24]),
+    "v2-train": lambda s, d: s["base"].update(train_data=_small_squad(d / "v2.json", unanswerable=True),
+                                              train_limit=None),
+    "teacher-train-offsets": lambda s, d: s["teacher"]["config"].update(
+        train_data=_small_squad(d / "drift.json", drift=1)),
+    "eval-json-lines": lambda s, d: s["base"].update(eval_data=_written(d / "dev.jsonl", '{"id": "1"}\n{"id": "2"}\n')),
+}
+
+
+@pytest.fixture(scope="module")
+def refused_sweeps(tmp_path_factory):
+    """Every sweep of ``REFUSED`` run by the command line, all at once: each is a process that imports torch, Ray and
+    MLflow before it refuses, which side by side on two cores take the time of half of them. Case -> (the directory
+    it ran in, holding its space file and nothing else but its data; the finished process). Without a GPU only: on
+    a machine with one, the "gpu" case would run."""
+    import torch
+
+    logs = tmp_path_factory.mktemp("refused-output")  # not in the cases' directories, whose contents are checked
+    running = {}
+    try:
+        for case, edit in REFUSED.items():
+            if case == "gpu" and torch.cuda.device_count() > 0:
+                continue
+            directory = tmp_path_factory.mktemp(case)
+            space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+            edit(space, directory / "data")
+            argv, _ = _sweep_argv(space, directory, "space")
+            with open(logs / f"{case}.out", "w") as out, open(logs / f"{case}.err", "w") as err:
+                running[case] = directory, subprocess.Popen(argv, cwd=directory, stdout=out, stderr=err,
+                                                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        done = {}
+        for case, (directory, proc) in running.items():
+            proc.wait(timeout=600)
+            done[case] = directory, subprocess.CompletedProcess(proc.args, proc.returncode,
+                                                                (logs / f"{case}.out").read_text(),
+                                                                (logs / f"{case}.err").read_text())
+        return done
+    finally:
+        for _, proc in running.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("train-data-not-here", "base.train_data: data/train.json: SQuAD data file not found"),
+    ("eval-data-not-here", "teacher.config.eval_data: nowhere.json: SQuAD data file not found"),
+    ("teacher-not-here", "teacher.path: models/teacher: model directory not found"),
 ])
-def test_a_local_sweep_whose_paths_are_not_here_fails_before_ray_starts(tmp_path, edit, needle):
+def test_a_local_sweep_whose_paths_are_not_here_fails_before_ray_starts(refused_sweeps, case, needle):
     """On a private local Ray the trials run here: a path that is not here is one line naming the key, exit 2, with
     nothing written (not a failed teacher or trial after Ray and the sweep's run started)."""
-    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
-    edit(space)
-    proc, _ = sweep_command(space, tmp_path, "space")
+    directory, proc = refused_sweeps[case]
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == f"fineprune sweep: error: {tmp_path / 'space.yaml'}: {needle}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+    assert proc.stderr.strip().splitlines()[-1] == f"fineprune sweep: error: {directory / 'space.yaml'}: {needle}"
+    assert sorted(p.name for p in directory.iterdir()) == ["space.yaml"]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.device_count() > 0, reason="this machine has a GPU")
-def test_a_local_sweep_asking_a_gpu_per_trial_on_a_machine_without_one_fails_before_ray_starts(tmp_path):
+def test_a_local_sweep_asking_a_gpu_per_trial_on_a_machine_without_one_fails_before_ray_starts(refused_sweeps):
     """The private local Ray has no GPU to give: the teacher and the trials would wait for one forever. The sweep
     says so in one line naming the key, exit 2, with nothing written."""
-    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
-    space["base"]["device"] = "cuda"
-    space["resources"] = {"cpu": 1, "gpu": 0.5}
-    proc, _ = sweep_command(space, tmp_path, "space")
+    directory, proc = refused_sweeps["gpu"]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"fineprune sweep: error: {tmp_path / 'space.yaml'}: resources.gpu: 0.5 per trial, but this machine has no "
+        f"fineprune sweep: error: {directory / 'space.yaml'}: resources.gpu: 0.5 per trial, but this machine has no "
         "GPU and the trials run here (a sweep without --address starts a private local Ray): set gpu: 0 with "
         "base.device cpu or auto, or join a cluster with GPUs with --address")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+    assert sorted(p.name for p in directory.iterdir()) == ["space.yaml"]
 
 
-def test_a_local_sweep_asking_more_cpus_per_trial_than_the_machine_has_fails_before_ray_starts(tmp_path):
+def test_a_local_sweep_asking_more_cpus_per_trial_than_the_machine_has_fails_before_ray_starts(refused_sweeps):
     """The private local Ray cannot give a trial more CPUs than the machine has: the teacher and the trials would
     wait for them forever. The sweep says so in one line naming the key, exit 2, with nothing written."""
-    from ray._private.utils import get_num_cpus
-
-    cpus = get_num_cpus()
-    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
-    space["resources"] = {"cpu": cpus + 1, "gpu": 0}
-    proc, _ = sweep_command(space, tmp_path, "space")
+    cpus = _machine_cpus()
+    directory, proc = refused_sweeps["cpus"]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"fineprune sweep: error: {tmp_path / 'space.yaml'}: resources.cpu: {cpus + 1:g} per trial, but this machine "
-        f"has {cpus:g} and the trials run here (a sweep without --address starts a private local Ray): ask for at "
-        f"most {cpus:g}, or join a cluster with larger nodes with --address")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+        f"fineprune sweep: error: {directory / 'space.yaml'}: resources.cpu: {cpus + 1:g} per trial, but this "
+        f"machine has {cpus:g} and the trials run here (a sweep without --address starts a private local Ray): ask "
+        f"for at most {cpus:g}, or join a cluster with larger nodes with --address")
+    assert sorted(p.name for p in directory.iterdir()) == ["space.yaml"]
 
 
 @pytest.mark.parametrize("given", ["more CPUs than the machine", "fewer CPUs than the machine"])
@@ -622,17 +674,15 @@ def test_a_sweep_on_a_ray_already_running_here_checks_the_cpus_that_ray_has(tmp_
                                       "nodes with --address")
 
 
-def test_a_sweep_whose_blocks_do_not_fit_its_model_fails_before_ray_starts(tmp_path):
+def test_a_sweep_whose_blocks_do_not_fit_its_model_fails_before_ray_starts(refused_sweeps):
     """Blocks that do not divide the model's attention matrices would fail every trial once Ray, the teacher and
     the model had started; the sweep refuses them in one line naming the key, exit 2, with nothing written."""
-    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
-    space["base"]["attention_block"] = [24, 24]
-    proc, _ = sweep_command(space, tmp_path, "space")
+    directory, proc = refused_sweeps["blocks"]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"fineprune sweep: error: {tmp_path / 'space.yaml'}: base.attention_block: 24x24 does not divide the 32x32 "
+        f"fineprune sweep: error: {directory / 'space.yaml'}: base.attention_block: 24x24 does not divide the 32x32 "
         "attention matrices of the model_config (hidden_size 32)")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+    assert sorted(p.name for p in directory.iterdir()) == ["space.yaml"]
 
 
 def _written(path: Path, text: str) -> str:
@@ -658,26 +708,23 @@ def _small_squad(path: Path, drift: int = 0, unanswerable: bool = False) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda s, d: s["base"].update(train_data=_small_squad(d / "v2.json", unanswerable=True), train_limit=None),
+@pytest.mark.parametrize("case, needle", [
+    ("v2-train",
      "base.train_data: {d}/v2.json: question 56be4db0acb8001400a502ee (data[0].paragraphs[2].qas[0]): no answers"),
-    (lambda s, d: s["teacher"]["config"].update(train_data=_small_squad(d / "drift.json", drift=1)),
+    ("teacher-train-offsets",
      "teacher.config.train_data: {d}/drift.json: question 56be4db0acb8001400a502ec (data[0].paragraphs[0].qas[0]): "
      "answer 0 'Denver Broncos' is not at answer_start 178"),
-    (lambda s, d: s["base"].update(eval_data=_written(d / "dev.jsonl", '{"id": "1"}\n{"id": "2"}\n')),
-     "base.eval_data: {d}/dev.jsonl: invalid JSON at line 2 column 1: Extra data"),
-], ids=["v2-train", "teacher-train-offsets", "eval-json-lines"])
-def test_a_local_sweep_whose_data_does_not_load_fails_before_ray_starts(tmp_path, edit, needle):
+    ("eval-json-lines", "base.eval_data: {d}/dev.jsonl: invalid JSON at line 2 column 1: Extra data"),
+])
+def test_a_local_sweep_whose_data_does_not_load_fails_before_ray_starts(refused_sweeps, case, needle):
     """A data file the teacher or the trials would refuse is refused before Ray starts, naming the key, the file and
     the question: not found after a teacher is fine-tuned for nothing and every trial has failed on it."""
-    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
-    edit(space, tmp_path / "data")
-    proc, _ = sweep_command(space, tmp_path, "space")
+    directory, proc = refused_sweeps[case]
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"fineprune sweep: error: {tmp_path / 'space.yaml'}: "
-                           + needle.format(d=tmp_path / "data")), line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "space.yaml"]
+    assert line.startswith(f"fineprune sweep: error: {directory / 'space.yaml'}: "
+                           + needle.format(d=directory / "data")), line
+    assert sorted(p.name for p in directory.iterdir()) == ["data", "space.yaml"]
 
 
 def test_the_data_check_reads_as_many_training_questions_as_a_trial_may(tmp_path):
