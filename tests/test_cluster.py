@@ -412,6 +412,7 @@ def _node_ports(head: bool) -> list[str]:
     return [f"{name}={port}" for name, port in zip(names, _free_ports(len(names)))]
 
 
+@pytest.mark.slow
 def test_the_tests_mlflow_server_moves_to_another_port_when_its_own_is_taken(tmp_path):
     """The port found free for the MLflow server of these tests can be taken before the server binds it (the Ray
     nodes start beside it): the server exits 0 saying "address already in use", and its first start moves on."""
