@@ -728,6 +728,8 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
             the weights hold no QA head.
     """
     model_dir = Path(model_dir)
+    if model_dir.is_file():  # its config.json or weights file, say: as resolve_model says it
+        raise CheckpointError(f"{model_dir}: is a file; a model directory is expected")
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model directory not found")
     weights_there = any((model_dir / name).is_file() for name in (WEIGHTS, WEIGHTS_INDEX_NAME))

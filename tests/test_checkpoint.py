@@ -43,6 +43,18 @@ def test_weights_of_another_shape_than_the_config_are_refused(tmp_path, masked, 
         assert "\n" not in str(err.value)
 
 
+def test_a_file_given_for_a_model_directory_is_named_as_a_file(tmp_path):
+    """A model's config.json or weights file where its directory goes was "model directory not found", while it was
+    there: it is named as a file, as the command line names it; a path that is not there is still not found."""
+    save_model(tiny(), None, tmp_path / "model")
+    for name in ("config.json", "model.safetensors"):
+        with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'model' / name}: is a file; a model directory is "
+                                                  "expected$"):
+            load_model(tmp_path / "model" / name)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'absent'}: model directory not found$"):
+        load_model(tmp_path / "absent")
+
+
 def test_a_pre_trained_encoder_still_loads_with_a_fresh_qa_head(tmp_path):
     """Its missing QA head and its pooler (which the QA model has not) are what such a checkpoint is."""
     encoder = BertModel(tiny().config)  # with a pooler
