@@ -581,12 +581,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from workflows.retry import outage_limit
-    from workflows.sweep import run_sweep
+    from workflows.space import load_space
 
     if args.experiment and "/" in args.experiment:  # it names the sweep's directories, which Tune keeps flat
         raise UserError(f"--experiment {args.experiment!r}: must not hold '/' (it names the sweep's directory under "
                         "--storage-path and its report's under reports/)")
     timeout = None if args.tracking_timeout is None else outage_limit(args.tracking_timeout, "--tracking-timeout")
+    # A space that does not validate is refused before the sweep's modules (Ray, MLflow, the report) are imported:
+    # in a second or two rather than ten. run_sweep validates it again, at little cost once what it reads is loaded.
+    load_space(args.space)
+    from workflows.sweep import run_sweep
+
     summary = run_sweep(args.space, experiment=args.experiment, tracking_uri=args.tracking_uri,
                         address=args.address, resume=args.resume or False, storage_path=args.storage_path,
                         tracking_timeout=timeout, warm_start=args.warm_start)
