@@ -487,7 +487,15 @@ def test_smoke_sweep_as_a_job_on_two_nodes(two_node_cluster):
         # A job-level variable the sweep also forwards to its workers: the two must not clash.
         "env_vars": {"HF_HUB_OFFLINE": "1"},
     }
-    entrypoint = [str(BIN / "fineprune"), "sweep", "--space", "tune_spaces/smoke.yaml", "--experiment", experiment,
+    # The smoke space with a fresh worker per trial: its trials take seconds, less than a worker's start on the other
+    # node, so a reused worker would take every trial there is (tune_spaces/README.md, reuse_workers). Two trials
+    # at once on two one-CPU nodes: one runs on each.
+    space = yaml.safe_load((REPO / "tune_spaces" / "smoke.yaml").read_text())
+    assert space.get("reuse_workers", True), "the smoke space turned worker reuse off: update this test"
+    assert space["max_concurrent"] == 2, "the smoke space runs other than two trials at once: update this test"
+    space_file = cluster["root"] / "smoke.yaml"
+    space_file.write_text(yaml.safe_dump({**space, "reuse_workers": False, "num_samples": 2}))
+    entrypoint = [str(BIN / "fineprune"), "sweep", "--space", str(space_file), "--experiment", experiment,
                   "--tracking-uri", cluster["tracking_uri"], "--storage-path", str(cluster["storage"])]
     job = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
@@ -513,7 +521,7 @@ def test_smoke_sweep_as_a_job_on_two_nodes(two_node_cluster):
     trials = client.search_runs([exp.experiment_id],
                                 filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
                                               "and tags.`fineprune.kind` = 'trial'")
-    assert len(trials) == 4
+    assert len(trials) == 2
     assert all(run.info.status in ("FINISHED", "KILLED") for run in trials)
     nodes = {run.data.tags.get("fineprune.node_id") for run in trials}
     assert None not in nodes
@@ -521,7 +529,7 @@ def test_smoke_sweep_as_a_job_on_two_nodes(two_node_cluster):
     assert nodes == _cluster_node_ids(cluster)
 
     # The champion is registered on the server, from one of this sweep's trials.
-    name = yaml.safe_load((REPO / "tune_spaces" / "smoke.yaml").read_text())["registry"]["name"]
+    name = space["registry"]["name"]
     version = client.get_model_version_by_alias(name, "champion")
     assert version.run_id in {run.info.run_id for run in trials}
     assert summary["champion"]["registered"] and summary["champion"]["version"] == str(version.version)

@@ -747,6 +747,17 @@ def test_device_auto_runs_a_trial_and_the_teacher_where_its_resources_are(tmp_pa
     assert teacher_config(space, tmp_path / "teacher").device == expected
 
 
+def test_reuse_workers_says_whether_tune_hands_an_ended_trials_worker_to_the_next(tmp_path):
+    from workflows.space import tune_config_kwargs
+
+    metrics = ["f1", "linear_density"]
+    assert tune_config_kwargs(load_space(write(tmp_path, BASE_SPACE)), metrics)["reuse_actors"] is True
+    fresh = load_space(write(tmp_path, variant(reuse_workers=False), "fresh.yaml"))
+    assert tune_config_kwargs(fresh, metrics)["reuse_actors"] is False
+    with pytest.raises(SpaceError, match=r"bad\.yaml: reuse_workers: "):
+        load_space(write(tmp_path, variant(reuse_workers="sometimes"), "bad.yaml"))
+
+
 def _readme_section(title: str) -> str:
     text = (SPACES_DIR / "README.md").read_text(encoding="utf-8")
     assert f"\n## {title}\n" in text, f"tune_spaces/README.md has no section {title!r}: update this test"

@@ -90,7 +90,8 @@ DEFAULT_OBJECTIVES = DENSITY_OBJECTIVES
 TIME_ATTR = "training_iteration"  # one iteration = one evaluation report of the trainer
 
 _TOP_KEYS = ("name", "base", "teacher", "search", "algorithm", "sampler", "objectives", "scheduler", "num_samples",
-             "max_concurrent", "resources", "max_failures", "registry", "speedup", "seed", "reference_point")
+             "max_concurrent", "resources", "max_failures", "reuse_workers", "registry", "speedup", "seed",
+             "reference_point")
 _SPEEDUP_DEFAULTS = {"batch_size": 1, "seq_len": 128, "repeats": 10}
 _RESOURCE_DEFAULTS = {"cpu": 1.0, "gpu": 0.0}
 
@@ -638,6 +639,7 @@ class SweepSpace(_Section):
     resources: Annotated[dict[str, NonNegative], BeforeValidator(_with_defaults(_RESOURCE_DEFAULTS))] = Field(
         default_factory=lambda: dict(_RESOURCE_DEFAULTS))
     max_failures: Annotated[int, _integer(0)] = 0  # retries of a failed trial
+    reuse_workers: Flag = True  # an ended trial's worker process runs the next trial
     registry_section: RegistrySection = Field(alias="registry")  # read as ``registry``; see :attr:`registry`
     speedup: Annotated[dict[str, Annotated[int, _integer(1)]], BeforeValidator(_with_defaults(_SPEEDUP_DEFAULTS))] = (
         Field(default_factory=lambda: dict(_SPEEDUP_DEFAULTS)))
@@ -1368,11 +1370,13 @@ def tune_config_kwargs(space: SweepSpace, metric_names: Iterable[str] | None = N
     """Keyword arguments for ``ray.tune.TuneConfig`` that fit together (see :func:`scheduler` for why metric and
     mode are None); ``prior`` as in :func:`search_algorithm`.
 
-    A trial that ends hands its worker process to the next trial (``reuse_actors``): a new process would import
-    torch and transformers again (about 8 s on 2 CPU cores, the whole of a small trial) and set up its GPU anew.
-    The trainable keeps nothing between trials; a worker that dies (a failed trial) is replaced."""
+    With ``reuse_workers`` (the default) a trial that ends hands its worker process to the next trial
+    (``reuse_actors``): a new process would import torch and transformers again (about 8 s on 2 CPU cores, the
+    whole of a small trial) and set up its GPU anew. The trainable keeps nothing between trials; a worker that dies
+    (a failed trial) is replaced. Tune gives a waiting trial a freed worker even when one is starting for it
+    elsewhere, so trials shorter than a new worker's start stay on the nodes that already have workers."""
     return {"search_alg": search_algorithm(space, metric_names, prior), "scheduler": scheduler(space),
-            "num_samples": space.num_samples, "metric": None, "mode": None, "reuse_actors": True}
+            "num_samples": space.num_samples, "metric": None, "mode": None, "reuse_actors": space.reuse_workers}
 
 
 # --------------------------------------------------------------------------------------------------------------
