@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sqlite_store
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -142,7 +144,7 @@ def test_two_registrations_at_once_make_one_version_of_a_trial(tmp_path, masked_
 
     from workflows import tracking
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = tracking.client_for(uri)
     client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
     packed = save_packed(pack(load_model(masked_checkpoint)), load_tokenizer(masked_checkpoint), tmp_path / "packed")
@@ -216,7 +218,7 @@ def test_two_sweeps_that_make_one_new_experiment_at_once_both_start(tmp_path):
 
     from workflows import tracking
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     other = MlflowClient(tracking_uri=uri)
 
     class LookedBeforeTheOther(MlflowClient):
@@ -273,7 +275,7 @@ def test_a_registry_write_another_registration_makes_at_the_same_moment_is_not_a
 
     from workflows import registry
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model("m")
     source = tmp_path / "model"

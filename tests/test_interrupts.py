@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import assert_each_trial_registered_once, processes_mentioning
+from conftest import assert_each_trial_registered_once, processes_mentioning, sqlite_store
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((REPO / "configs" / "tiny_smoke.yaml").read_text())
@@ -87,7 +87,7 @@ def _sweep_record(root: Path, tokenizer) -> dict:
     from pruning.packing import pack, save_packed
     from workflows.record import TAG_KIND, TAG_PARENT, TAG_STATUS
 
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = sqlite_store(root / "mlflow.db")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment_id = client.create_experiment("tiny", artifact_location=(root / "artifacts").as_uri())
     parent = client.create_run(experiment_id, tags={TAG_KIND: "sweep"}).info.run_id
@@ -400,7 +400,7 @@ def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes
     space.update(scheduler=None, num_samples=4)
     space["base"].update(max_steps=12)
     (root / "space.yaml").write_text(yaml.safe_dump(space))
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = sqlite_store(root / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("smoke", artifact_location=(root / "artifacts").as_uri())
     command = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(root / "space.yaml"), "--tracking-uri",

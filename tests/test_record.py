@@ -20,12 +20,14 @@ from workflows.record import RecordError, RegistrySpec
 from workflows.report import collect_report_data, render_markdown
 from workflows.space import load_space
 
+from conftest import sqlite_store
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def client(tmp_path) -> MlflowClient:
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
     client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
     return client
 

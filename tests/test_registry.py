@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
-from conftest import CountingClient
+from conftest import CountingClient, sqlite_store
 from pruning import precision
 from pruning.export import OrtQAModel
 from pruning.packing import pack, save_packed
@@ -62,7 +62,7 @@ def record(tmp_path_factory, tokenizer):
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = sqlite_store(root / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("tiny", artifact_location=(root / "artifacts").as_uri())
     parent = client.create_run(experiment_id, tags={TAG_KIND: "sweep"}).info.run_id

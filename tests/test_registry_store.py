@@ -18,14 +18,14 @@ from mlflow.tracking import MlflowClient
 from workflows import record, registry, tracking
 from workflows.cli import main
 
-from conftest import sweep_record
+from conftest import sqlite_store, sweep_record
 
 NAME = "store-registry"
 
 
 @pytest.fixture
 def store(tmp_path) -> dict:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
     return {"client": client, "uri": uri, "root": tmp_path}

@@ -17,6 +17,8 @@ from workflows.record import TAG_PARETO, TAG_PARETO_SPEED
 from workflows.report import (ChampionCard, ReportData, collect_report_data, render_html, render_markdown, run_url,
                               write_report)
 
+from conftest import sqlite_store
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 F1_DENSITY = [("f1", "max"), ("linear_density", "min")]
@@ -385,7 +387,7 @@ def _recorded_sweep(root: Path, experiment: str = "recorded", compute_ms=(300, 3
 
     from workflows import record, tracking
 
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = sqlite_store(root / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri())
     parent = tracking.start_parent_run(client, experiment, str(root / "sweep"), {

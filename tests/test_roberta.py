@@ -33,6 +33,8 @@ from pruning.trainer import build_model, train
 from workflows.cli import main as cli_main
 from workflows.registry import export_for_serving, log_qa_model, serve_settings
 
+from conftest import sqlite_store
+
 HIDDEN, LAYERS, HEADS, INTER = 32, 2, 4, 64
 HEAD_DIM = HIDDEN // HEADS
 FAMILY = ("roberta", "xlm-roberta", "camembert")
@@ -311,7 +313,7 @@ def test_a_roberta_model_serves_from_the_registry_through_torch_and_onnx(bpe_tok
     model_dir = save_packed(pack(pruned_model("roberta")), bpe_tokenizer, tmp_path / "packed")
     onnx_dir, exported = export_for_serving(model_dir, tmp_path / "onnx")
     assert onnx_dir is not None, exported
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     experiment = MlflowClient(tracking_uri=uri).create_experiment("roberta",
                                                                   artifact_location=(tmp_path / "art").as_uri())
     before = mlflow.get_tracking_uri()

@@ -25,6 +25,8 @@ from pruning.export import FILES, OrtQAModel
 from workflows.registry import SERVE_DEFAULTS, _fluent_store, export_for_serving, log_qa_model, serve_settings
 from workflows.serving import BAD_KINDS, ModelServer, ServerError, free_port, invoke, ping, post, run_load, spoil
 
+from conftest import sqlite_store
+
 STARTUP_SECONDS = 240  # loading torch, transformers and the model in a fresh process on a busy 2-core machine
 
 
@@ -58,7 +60,7 @@ def answer_key_server(answer_key_model, tokenizer, tmp_path_factory):
     registry logs a trial's model, registered in a store of its own and served like the champion; its base URL."""
     root = tmp_path_factory.mktemp("answer_key")
     model_dir = save_model(answer_key_model, tokenizer, root / "model")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = sqlite_store(root / "mlflow.db")
     experiment = MlflowClient(tracking_uri=uri).create_experiment("answer-key",
                                                                   artifact_location=(root / "artifacts").as_uri())
     with _fluent_store(uri):
@@ -191,7 +193,7 @@ def _logged_tiny_model(tmp_path, tokenizer, config, params: dict[str, str] | Non
     from transformers import BertForQuestionAnswering
 
     model_dir = save_model(BertForQuestionAnswering(config).eval(), tokenizer, tmp_path / "model")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
     with _fluent_store(uri):
         with mlflow.start_run(experiment_id=experiment) as run:
@@ -477,7 +479,7 @@ def test_a_precision_mistyped_in_the_inference_config_is_refused_when_an_onnx_ve
     model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
     onnx_dir, exported = export_for_serving(model_dir, tmp_path / "onnx")
     assert onnx_dir is not None, exported
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
     with _fluent_store(uri):
         with mlflow.start_run(experiment_id=experiment):

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from workflows import record, tracking
 from workflows.cli import main
 
-from conftest import sweep_record
+from conftest import sqlite_store, sweep_record
 
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
@@ -34,7 +34,7 @@ def _last_error(capsys) -> str:
 def _sweeps_with_the_later_deleted(tmp_path: Path) -> tuple[str, MlflowClient, str, str, str]:
     """Experiment 'smoke' with a finished sweep and a later, interrupted one deleted by hand: (uri, client,
     experiment id, finished sweep run, deleted sweep run)."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
     done = tracking.start_parent_run(client, "smoke", "/sweeps/done", {}, resume=False)
@@ -48,7 +48,7 @@ def _sweeps_with_the_later_deleted(tmp_path: Path) -> tuple[str, MlflowClient, s
 def test_a_new_sweep_into_a_deleted_experiment_is_refused_and_leaves_its_runs_deleted(tmp_path, monkeypatch, capsys):
     """MLflow keeps a deleted experiment's name: restoring it would bring back every run it held (one deleted by hand
     before the experiment, too) and mix the new sweep into them."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
     old = tracking.start_parent_run(client, "smoke", "/sweeps/old", {}, resume=False)
@@ -110,7 +110,7 @@ def test_the_restore_command_a_line_gives_restores_the_run_in_the_store_it_was_d
 def test_register_and_report_say_the_experiment_was_deleted(command, tmp_path, monkeypatch, capsys):
     """An experiment deleted in the UI is still in the store (MLflow keeps its name): "not found" sent the user
     looking for a typo; the line now says it was deleted, and how to have it back."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
     tracking.finish_parent_run(client, tracking.start_parent_run(client, "smoke", "/sweeps/a", {}, resume=False))
@@ -151,7 +151,7 @@ TRIALS = {"wide": (2, 64, 80.0, 0.5, True), "narrow": (1, 32, 60.0, 0.3, True), 
 def _sweep_record(root: Path, tokenizer) -> dict:
     """A sweep's parent run (registry policy best_f1_under_density 0.6, no ONNX export), its dense baseline and three
     finished trials whose packed models are tiny packed BERTs; ``wide`` is the policy's champion."""
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = sqlite_store(root / "mlflow.db")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_experiment("exp", artifact_location=(root / "artifacts").as_uri())
     return {"client": client, "uri": uri, **sweep_record(client, root, tokenizer, NAME, "sweep", TRIALS)}
@@ -273,7 +273,7 @@ def _resumed_without_t1(tmp_path, remove) -> tuple[MlflowClient, str, dict[str, 
     from ray.train._internal.session import _TrainingResult
     from ray.tune.experiment import Trial
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = tracking.start_parent_run(client, "exp", str(tmp_path / "sweep"), {}, resume=False)
@@ -398,7 +398,7 @@ def test_select_says_which_version_it_cannot_rank_for_an_f1_tag_edited_by_hand(t
 def test_select_says_a_deleted_registered_model_does_not_exist(tmp_path, capsys):
     """A registered model deleted in the UI goes with its versions: `select` said it "has no versions", as of a model
     whose versions alone were deleted; it now says the model does not exist (the registry keeps no trace of it)."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model(NAME)
     version = client.create_model_version(NAME, source=(tmp_path / "model").as_uri()).version
@@ -423,7 +423,7 @@ def test_the_report_names_no_deleted_trials_version_as_champion_and_says_where_t
     from workflows.record import RegistrySpec
     from workflows.report import collect_report_data, render_html, render_markdown
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment_id = client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
     spec = RegistrySpec(NAME, "best_f1_under_density", max_density=0.5)
@@ -464,7 +464,7 @@ def test_the_command_a_deleted_experiments_line_gives_to_remove_it_for_good_work
 
     tmp_path = tmp_path / "my runs"
     tmp_path.mkdir()
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
     client.delete_experiment(experiment_id)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import sqlite_store
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -198,7 +200,7 @@ def test_frontier_follows_the_space_objectives(tmp_path):
     space_path.write_text(yaml.safe_dump(space))
     loaded = load_space(space_path)
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
     experiment = client.create_experiment("objectives")
     metrics = {  # name: (exact_match, total_density, f1, linear_density, speedup)
         "a": (50.0, 0.50, 60.0, 0.30, 2.0),  # on both fronts of f1/linear_density, only a is on the EM one too
@@ -236,7 +238,7 @@ def test_the_summary_counts_every_trial_as_the_report_does(tmp_path):
     from workflows.sweep import frontier_summary
 
     loaded = load_space(ROOT / "tune_spaces" / "smoke.yaml")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("counts")
     parent = client.create_run(experiment, tags={record.TAG_KIND: record.KIND_SWEEP}).info.run_id
@@ -294,7 +296,7 @@ def test_the_frontier_tags_are_written_once_per_run_and_not_again(tmp_path):
     from workflows.space import load_space
     from workflows.sweep import frontier_summary
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
     experiment = client.create_experiment("tags", artifact_location=(tmp_path / "artifacts").as_uri())
     space = load_space(ROOT / "tune_spaces" / "smoke.yaml")
     ids = []
@@ -338,7 +340,7 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     space.update(name="finite", scheduler=None, num_samples=6, sampler={"type": "random"},
                  search={"target_density": {"type": "choice", "values": [0.3, 0.7]},
                          "temperature": {"type": "choice", "values": [1, 4]}})
-    earlier = record_sweep(MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"), "earlier", [
+    earlier = record_sweep(MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db")), "earlier", [
         ({"target_density": d, "temperature": t}, {"f1": 10.0 * t, "linear_density": d}, record.STATUS_FINISHED)
         for d in (0.3, 0.7) for t in (1, 4)])
     proc, uri = sweep_command(space, tmp_path, "finite", "--warm-start", "earlier")
@@ -420,7 +422,7 @@ def test_resuming_with_a_changed_space_is_refused_before_anything_runs(tmp_path)
     values = yaml.safe_load((Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml").read_text())
     first = tmp_path / "smoke.yaml"
     first.write_text(yaml.safe_dump(values))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     sweep_dir = str(tmp_path / "ray" / "smoke-1")
     parent = tracking.start_parent_run(client, "smoke", sweep_dir, load_space(first).summary(), resume=False)
@@ -501,7 +503,7 @@ def test_resuming_with_a_key_added_to_or_removed_from_the_space_is_refused(tmp_p
     values = yaml.safe_load((Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml").read_text())
     first = tmp_path / "smoke.yaml"
     first.write_text(yaml.safe_dump(values))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     parent = tracking.start_parent_run(client, "smoke", str(tmp_path / "ray" / "smoke-1"),
                                        load_space(first).summary(), resume=False)

@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import MlflowServer, assert_each_trial_registered_once, free_port, processes_mentioning
+from conftest import (MlflowServer, assert_each_trial_registered_once, free_port, processes_mentioning,
+                      sqlite_store)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -338,7 +339,7 @@ def test_a_resumed_sweep_joins_mlflow_with_what_tune_restored(tmp_path):
 
     from workflows.tracking import MlflowTrialCallback, start_parent_run
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     client.create_experiment("reconcile", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = start_parent_run(client, "reconcile", str(tmp_path / "sweep"), {}, resume=False)
@@ -420,7 +421,7 @@ def test_a_run_whose_params_a_dead_driver_never_logged_is_still_taken_over(tmp_p
 
     from workflows.tracking import MlflowTrialCallback, start_parent_run
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     client.create_experiment("halfway", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = start_parent_run(client, "halfway", str(tmp_path / "sweep"), {}, resume=False)
@@ -512,7 +513,7 @@ def test_resuming_a_sweep_whose_tune_state_a_full_disk_cut_short_is_one_line_nam
     from workflows.space import load_space
 
     space_path = REPO / "tune_spaces" / "smoke.yaml"
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
     sweep_dir = tmp_path / "ray" / "smoke-20260101-000000-abcdef"
@@ -597,7 +598,7 @@ def test_a_tracking_store_that_refuses_writes_stops_a_sweep_in_one_line_before_r
     the sweep's first write: now one line naming the URI and the database's reason, exit 2, nothing started."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
     client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
     uri = f"sqlite:///file:{tmp_path}/mlflow.db?mode=ro&uri=true"
     done = _sweep_cli(tmp_path, uri)
@@ -621,7 +622,7 @@ def test_a_tracking_store_locked_at_the_start_is_waited_for_then_one_line(tmp_pa
 
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
     holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
@@ -646,7 +647,7 @@ def _sweep_root(prefix: str):
     from mlflow.tracking import MlflowClient
 
     root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None))
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = sqlite_store(root / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("smoke", artifact_location=(root / "artifacts").as_uri())
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}

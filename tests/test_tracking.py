@@ -18,6 +18,8 @@ from workflows import record
 from workflows.registry import register_champion
 from workflows.tracking import MlflowTrialCallback, start_parent_run
 
+from conftest import sqlite_store
+
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
 
@@ -65,7 +67,7 @@ def _runs_by_trial(client: MlflowClient, parent: str) -> dict[str, object]:
 
 
 def test_a_trial_whose_packed_model_is_missing_fails(tmp_path):
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
     client.create_experiment("exp", artifact_location=(tmp_path / "artifacts").as_uri())
     emptied = tmp_path / "emptied"
     emptied.mkdir()
@@ -91,7 +93,7 @@ def test_a_trial_whose_packed_model_is_missing_fails(tmp_path):
 def test_a_refused_upload_fails_its_trial_and_the_champion_is_chosen_without_it(tmp_path):
     """The artifact store refuses the upload (its location is a file): the trial fails with the reason, and the
     registry's selection sees a failed trial instead of a finished one without its model."""
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
     blocked = tmp_path / "blocked"
     blocked.write_text("not a directory")
     client.create_experiment("refused", artifact_location=blocked.as_uri())
@@ -115,7 +117,7 @@ def test_a_resumed_sweeps_hypervolume_extends_the_series_logged_before(tmp_path)
     from workflows.frontier import reference_point
     from workflows.tracking import hypervolume_series, log_hypervolume, trial_runs
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
     client.create_experiment("resumed", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = start_parent_run(client, "resumed", str(tmp_path / "sweep"), {}, resume=False)
     objectives = record.DENSITY_OBJECTIVES
@@ -194,7 +196,7 @@ def test_a_crashed_trial_fails_with_its_exception_and_an_error_file_that_outlive
     import ray
     from ray.train._internal.storage import StorageContext
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
     client.create_experiment("crash", artifact_location=(tmp_path / "artifacts").as_uri())
     sweep = tmp_path / "storage" / "crash-1"
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
@@ -242,7 +244,7 @@ def test_runs_are_found_past_one_page_of_search_results(tmp_path):
     """A sweep can hold more runs than one MLflow search returns: each page is read, in MLflow's order."""
     from workflows.tracking import _find_runs
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
     experiment_id = client.create_experiment("many", artifact_location=(tmp_path / "artifacts").as_uri())
     made = [client.create_run(experiment_id, tags={"mlflow.parentRunId": "p"}).info.run_id for _ in range(5)]
     client.create_run(experiment_id, tags={"mlflow.parentRunId": "other"})

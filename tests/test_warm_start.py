@@ -20,6 +20,8 @@ from workflows.distinct import EnqueueingOptunaSearch
 from workflows.space import ParamSpec, load_space, param_space, search_algorithm
 from workflows.warm_start import WarmStartError, prior_outcomes
 
+from conftest import sqlite_store
+
 SEARCH = {"target_density": {"type": "choice", "values": [0.3, 0.5, 0.7]},
           "temperature": {"type": "choice", "values": [1, 2, 4, 8]}}
 
@@ -63,7 +65,7 @@ def grid_trials() -> list[tuple[dict, dict, str]]:
 
 @pytest.fixture
 def client(tmp_path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    return MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
 
 
 @pytest.mark.parametrize("spec,text,value", [
