@@ -848,8 +848,9 @@ def _what_is_left(statuses: list[str]) -> str:
 
 
 # Space keys a resume may change: they decide how trials are scheduled and judged, not what a trial computes.
-# (max_concurrent and max_failures are not among them: a restored sweep keeps the search algorithm, its concurrency
-# limit, and each trial's retries from when it started, so a new value would be ignored.)
+# (max_concurrent, max_failures and reuse_workers are not among them: a restored sweep keeps the search algorithm, its
+# concurrency limit, its reuse of workers and each trial's retries from when it started, so a new value would be
+# ignored.)
 _RESUMABLE_CHANGES = ("name", "registry", "resources", "reference_point")
 # Mappings of the space whose every entry is one the file gives (flattened params under these prefixes).
 _GIVEN_ENTRIES = ("base.", "teacher.config.")
