@@ -905,26 +905,42 @@ def _new_version_of_run(client, name: str, run, onnx: bool) -> Any:
         # outright leaves it RUNNING with its end kept; it ended as its fineprune.status tag says (a finished trial:
         # the only kind registered), which the next registration sets back.
         status = "FINISHED" if run.data.tags.get(TAG_STATUS) == STATUS_FINISHED else run.info.status
+        interrupted = False
         try:
             with mlflow.start_run(run_id=run_id):
                 info = log_qa_model(local, settings, onnx_dir, tags={TAG_ONNX: onnx_tag})
+        except BaseException as err:
+            interrupted = isinstance(err, KeyboardInterrupt) or isinstance(err.__context__, KeyboardInterrupt)
+            if interrupted and not isinstance(err, KeyboardInterrupt):  # MLflow's ending of the run failed after it
+                raise KeyboardInterrupt from err
+            raise
         finally:
             if run.info.end_time:  # the trial's duration is part of the record
-                _set_back(client, run_id, status, run.info.end_time)
+                _set_back(client, run_id, status, run.info.end_time, interrupted)
         made = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
                                            tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: onnx_tag})
     return _one_version(client, name, run_id, made)
 
 
-def _set_back(client, run_id: str, status: str, end_time: int) -> None:
+def _set_back(client, run_id: str, status: str, end_time: int, interrupted: bool = False) -> None:
     """End the reopened trial run ``run_id`` as it had ended. A Ctrl-C while this is written (it lands here when
     the model's logging has just finished) would leave the run RUNNING: the write is made again, then the Ctrl-C
-    goes on."""
+    goes on.
+
+    After a Ctrl-C (``interrupted``) that landed inside one of MLflow's writes to a SQLite store, the database can
+    stay locked by that write until the process ends: the run is then left as a killed registration leaves it,
+    with one warning, for the next registration to set back, and the Ctrl-C goes on (not a traceback)."""
     try:
-        client.set_terminated(run_id, status=status, end_time=end_time)
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, status=status, end_time=end_time)
-        raise
+        try:
+            client.set_terminated(run_id, status=status, end_time=end_time)
+        except KeyboardInterrupt:
+            client.set_terminated(run_id, status=status, end_time=end_time)
+            raise
+    except MlflowException as err:
+        if not interrupted:
+            raise
+        logger.warning("trial run %s: not ended as it had ended (%s); the next registration ends it so",
+                       run_id, str(err).splitlines()[0][:200])
 
 
 def _metric_tag(value: float) -> str:
