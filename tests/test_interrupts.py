@@ -209,21 +209,18 @@ def test_a_ctrl_c_whose_run_cannot_be_ended_leaves_it_to_the_next_registration(t
         patched.setattr(mlflow.tracking.fluent, "end_run", locked)
         with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", logger=registry.__name__):
             registry._new_version_of_run(client, "tiny-kill", client.get_run(rec["trial"]), onnx=False)
-    try:
-        assert [r.getMessage() for r in caplog.records if r.name == registry.__name__] == [
-            f"trial run {rec['trial']}: not ended as it had ended ((sqlite3.OperationalError) database is locked); "
-            "the next registration ends it so"]
-        run = rec["client"].get_run(rec["trial"])
-        assert (run.info.status, run.info.end_time) == ("RUNNING", rec["end"])
-        done = subprocess.run([sys.executable, "-m", "workflows.cli", "register", "--experiment", "tiny",
-                               "--tracking-uri", rec["uri"], "--frontier", "--no-onnx"], cwd=tmp_path, env=_env(),
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        run = rec["client"].get_run(rec["trial"])
-        assert (run.info.status, run.info.end_time) == ("FINISHED", rec["end"])
-    finally:  # the run this process still holds as active, which a process ended by the Ctrl-C drops
-        with registry._fluent_store(rec["uri"]):
-            mlflow.tracking.fluent.end_run()
+    # Not left active either: MLflow would end it FAILED, and now, as the process exits.
+    assert mlflow.active_run() is None
+    assert [r.getMessage() for r in caplog.records if r.name == registry.__name__] == [
+        f"trial run {rec['trial']}: not ended as it had ended ((sqlite3.OperationalError) database is locked); "
+        "the next registration ends it so"]
+    run = rec["client"].get_run(rec["trial"])
+    assert (run.info.status, run.info.end_time) == ("RUNNING", rec["end"])
+    from workflows.cli import main
+
+    assert main(["register", "--experiment", "tiny", "--tracking-uri", rec["uri"], "--frontier", "--no-onnx"]) == 0
+    run = rec["client"].get_run(rec["trial"])
+    assert (run.info.status, run.info.end_time) == ("FINISHED", rec["end"])
 
 
 def _run_with_file_limit(args: list[str], cwd: Path, limit: int) -> subprocess.CompletedProcess:

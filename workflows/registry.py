@@ -939,8 +939,19 @@ def _set_back(client, run_id: str, status: str, end_time: int, interrupted: bool
     except MlflowException as err:
         if not interrupted:
             raise
+        _forget_active_run(run_id)
         logger.warning("trial run %s: not ended as it had ended (%s); the next registration ends it so",
                        run_id, str(err).splitlines()[0][:200])
+
+
+def _forget_active_run(run_id: str) -> None:
+    """Drop ``run_id`` from this thread's active MLflow runs without ending it, where MLflow could not end it:
+    otherwise MLflow ends it FAILED, and now, when the process exits (once the lock is gone), and its end as a
+    trial is lost. (MLflow has no public call for this; without the stack it is left for the exit to end.)"""
+    stack = getattr(mlflow.tracking.fluent, "_active_run_stack", None)
+    runs = stack.get() if stack is not None else []
+    if runs and runs[-1].info.run_id == run_id:
+        runs.pop()
 
 
 def _metric_tag(value: float) -> str:
