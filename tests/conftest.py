@@ -4,6 +4,7 @@ of the shipped dev set, and the bench scripts as modules."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import shutil
@@ -30,27 +31,28 @@ DEV_SUBSET_SIZE = 40
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-_STORE_TEMPLATE: list[Path] = []
+@functools.cache
+def _migrated_store() -> Path:
+    """An empty MLflow database that MLflow made and migrated, once per test process (removed at its exit)."""
+    import atexit
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    template = Path(tempfile.mkdtemp(prefix="fineprune-store-")) / "mlflow.db"
+    atexit.register(shutil.rmtree, template.parent, True)
+    MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+    return template
 
 
 def sqlite_store(path: Path) -> str:
-    """The ``sqlite:///`` URI of a new, empty MLflow database at ``path``: a copy of one that MLflow made and migrated
-    once in this test process (about a second and a half saved per store; a test of what a store that is not there
-    yet gets, or of a database given by hand, names its own path instead)."""
-    if not _STORE_TEMPLATE:
-        import atexit
-        import tempfile
-
-        from mlflow.tracking import MlflowClient
-
-        template = Path(tempfile.mkdtemp(prefix="fineprune-store-")) / "mlflow.db"
-        atexit.register(shutil.rmtree, template.parent, True)
-        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-        _STORE_TEMPLATE.append(template)
+    """The ``sqlite:///`` URI of a new, empty MLflow database at ``path``: a copy of :func:`_migrated_store` (about
+    a second and a half saved per store; a test of what a store that is not there yet gets, or of a database given
+    by hand, names its own path instead)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         raise FileExistsError(f"{path}: a test store is made only where there is none")
-    shutil.copyfile(_STORE_TEMPLATE[0], path)
+    shutil.copyfile(_migrated_store(), path)
     return f"sqlite:///{path}"
 
 

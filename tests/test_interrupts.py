@@ -191,6 +191,7 @@ def test_a_ctrl_c_whose_run_cannot_be_ended_leaves_it_to_the_next_registration(t
     from mlflow.tracking import MlflowClient
 
     from workflows import registry
+    from workflows.cli import main
 
     rec = _sweep_record(tmp_path, tokenizer)
 
@@ -216,8 +217,6 @@ def test_a_ctrl_c_whose_run_cannot_be_ended_leaves_it_to_the_next_registration(t
         "the next registration ends it so"]
     run = rec["client"].get_run(rec["trial"])
     assert (run.info.status, run.info.end_time) == ("RUNNING", rec["end"])
-    from workflows.cli import main
-
     assert main(["register", "--experiment", "tiny", "--tracking-uri", rec["uri"], "--frontier", "--no-onnx"]) == 0
     run = rec["client"].get_run(rec["trial"])
     assert (run.info.status, run.info.end_time) == ("FINISHED", rec["end"])

@@ -425,13 +425,13 @@ def _cluster_address(address: str | None) -> str | None:
     return None if not address or address == "local" else address
 
 
-def _check_ray_answers(address: str, timeout: float | None = None) -> None:
+def _check_ray_answers(address: str) -> None:
     """Fail fast, naming ``address``, when nothing listens there (``ray.init`` would wait for it forever).
 
     Raises:
-        RayUnavailable: no connection within ``timeout`` seconds (default ``RAY_CONNECT_TIMEOUT_S``).
+        RayUnavailable: no connection within ``RAY_CONNECT_TIMEOUT_S`` seconds (read when called).
     """
-    timeout = RAY_CONNECT_TIMEOUT_S if timeout is None else timeout
+    timeout = RAY_CONNECT_TIMEOUT_S
     target = address
     if address == "auto":  # the cluster `ray start` recorded on this machine, as Ray itself reads it
         try:
