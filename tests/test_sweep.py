@@ -329,8 +329,9 @@ def test_the_frontier_tags_are_written_once_per_run_and_not_again(tmp_path):
 def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_line(tmp_path):
     """Four configurations and six samples asked for: the search ends when all four ran, and the sweep is finished
     (not 'interrupted', nothing to resume). The command's stdout is its one JSON line: Tune's progress tables and
-    the workers' output go to stderr. Warm-started from an earlier sweep of the four configurations: its trials
-    teach the sampler and are no trials of this sweep (all four still run)."""
+    the workers' output go to stderr. Warm-started from an earlier sweep of the four configurations, in another
+    tracking store: its trials teach the sampler and are no trials of this sweep (all four still run), and that
+    store is only read."""
     from mlflow.tracking import MlflowClient
     from test_warm_start import record_sweep
 
@@ -340,10 +341,13 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     space.update(name="finite", scheduler=None, num_samples=6, sampler={"type": "random"},
                  search={"target_density": {"type": "choice", "values": [0.3, 0.7]},
                          "temperature": {"type": "choice", "values": [1, 4]}})
-    earlier = record_sweep(MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db")), "earlier", [
+    earlier_uri = sqlite_store(tmp_path / "earlier.db")
+    earlier = record_sweep(MlflowClient(tracking_uri=earlier_uri), "earlier", [
         ({"target_density": d, "temperature": t}, {"f1": 10.0 * t, "linear_density": d}, record.STATUS_FINISHED)
         for d in (0.3, 0.7) for t in (1, 4)])
-    proc, uri = sweep_command(space, tmp_path, "finite", "--warm-start", "earlier")
+    earlier_db = (tmp_path / "earlier.db").read_bytes()
+    proc, uri = sweep_command(space, tmp_path, "finite", "--warm-start", "earlier",
+                              "--warm-start-tracking-uri", earlier_uri)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, proc.stdout[:2000]
@@ -362,12 +366,15 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     search = summary["search"]
     assert search["over"] == "exhausted" and 0 <= search["steered"] <= search["repeats"]
     assert parent.data.tags[record.TAG_SEARCH_OVER] == "exhausted"
-    assert summary["warm_start"] == {"sweep_run_id": earlier, "trials": 4}
+    assert summary["warm_start"] == {"sweep_run_id": earlier, "trials": 4, "tracking_uri": earlier_uri}
     assert parent.data.tags[record.TAG_WARM_START] == earlier and parent.data.tags[record.TAG_WARM_START_TRIALS] == "4"
-    assert f"the sampler starts from 4 trials of sweep run {earlier} (experiment 'earlier')" in proc.stderr
+    assert parent.data.tags[record.TAG_WARM_START_STORE] == earlier_uri
+    assert (f"the sampler starts from 4 trials of sweep run {earlier} (experiment 'earlier', tracking URI "
+            f"{earlier_uri})" in proc.stderr)
+    assert (tmp_path / "earlier.db").read_bytes() == earlier_db  # only read
     report = Path(summary["report"]["markdown"]).read_text()
-    assert (f"- **Warm start**: the sampler was told 4 trials of sweep run {earlier} before its first suggestion"
-            in report), report[:1500]
+    assert (f"- **Warm start**: the sampler was told 4 trials of sweep run {earlier} (tracking URI {earlier_uri}) "
+            "before its first suggestion" in report), report[:1500]
     assert parent.data.metrics[record.SEARCH_REPEATS] == search["repeats"]
     assert parent.data.metrics[record.SEARCH_STEERED] == search["steered"]
 

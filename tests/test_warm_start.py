@@ -144,6 +144,28 @@ def test_a_key_the_earlier_sweep_searched_and_this_space_holds_keeps_only_the_tr
     assert reason in caplog.records[-1].getMessage(), caplog.records[-1].getMessage()
 
 
+def test_an_earlier_sweep_in_another_store_is_read_from_there_and_that_store_named(client, tmp_path):
+    """The sweep's store (``client``) holds no earlier sweep; ``--warm-start-tracking-uri`` names the one that does,
+    whose file reading leaves as it was. The same store named both ways is the sweep's own."""
+    from workflows.sweep import _warm_start
+
+    other_uri = sqlite_store(tmp_path / "elsewhere" / "mlflow.db")
+    parent = record_sweep(MlflowClient(tracking_uri=other_uri), "before", grid_trials())
+    before = (tmp_path / "elsewhere" / "mlflow.db").read_bytes()
+    space = load_space(space_file(tmp_path))
+    warm = _warm_start(client, space, "before", other_uri, limit=5)
+    assert warm.sweep_run_id == parent and len(warm.outcomes) == 12 and warm.store == other_uri
+    assert warm.summary() == {"sweep_run_id": parent, "trials": 12, "tracking_uri": other_uri}
+    assert f"(experiment 'before', tracking URI {other_uri})" in warm.describe()
+    assert (tmp_path / "elsewhere" / "mlflow.db").read_bytes() == before
+    assert client.search_experiments(filter_string="name = 'before'") == []  # nothing copied into the sweep's store
+    with pytest.raises(WarmStartError, match="--warm-start before: no experiment or sweep run of that name"):
+        _warm_start(client, space, "before", None, limit=5)  # default: the sweep's own store
+    record_sweep(client, "before", grid_trials()[:3])
+    same = _warm_start(client, space, "before", client.tracking_uri, limit=5)
+    assert len(same.outcomes) == 3 and same.store is None and "tracking_uri" not in same.summary()
+
+
 @pytest.mark.parametrize("source,needle", [
     ("nowhere", "--warm-start nowhere: no experiment or sweep run of that name in sqlite:///"),
     ("0123456789abcdef0123456789abcdef", "--warm-start 0123456789abcdef0123456789abcdef: no such run"),
@@ -222,3 +244,26 @@ def test_a_warm_start_that_cannot_be_is_refused_in_one_line_before_anything_is_w
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]  # no store, no runs directory
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--warm-start", "before", "--warm-start-tracking-uri", "sqlite:///{tmp}/earlier/mlflow.db"],
+     "tracking URI sqlite:///{tmp}/earlier/mlflow.db: no MLflow database at {tmp}/earlier/mlflow.db (pass the "
+     "earlier sweep's --tracking-uri as --warm-start-tracking-uri)"),
+    (["--warm-start", "before", "--warm-start-tracking-uri", "sqlite:///{tmp}/empty.db"],
+     "{tmp}/empty.db is an empty file, not an MLflow database"),
+    (["--warm-start-tracking-uri", "sqlite:///{tmp}/empty.db"],
+     "--warm-start-tracking-uri names the store of the sweep --warm-start names; give both"),
+])
+def test_a_warm_start_store_with_no_record_is_refused_in_one_line_and_not_made(tmp_path, monkeypatch, capsys, options,
+                                                                              message):
+    from workflows import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.db").touch()
+    code = cli.main(["sweep", "--space", str(space_file(tmp_path)), "--tracking-uri",
+                     f"sqlite:///{tmp_path}/mlflow.db", *(o.format(tmp=tmp_path) for o in options)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message.format(tmp=tmp_path) in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db", "space.yaml"]  # neither store made
+    assert (tmp_path / "empty.db").stat().st_size == 0

@@ -404,13 +404,7 @@ def _tracking_client(uri: str | None):
     from workflows import record, tracking
 
     uri = record.tracking_uri(uri)
-    database = record.sqlite_database(uri)
-    if database is not None:  # these commands read a sweep's record: an absent database holds none
-        if not database.is_file():
-            raise UserError(f"tracking URI {uri}: no MLflow database at {database} (pass the sweep's --tracking-uri)")
-        if database.stat().st_size == 0:  # MLflow would make its tables in it, and read it as an empty record
-            raise UserError(f"tracking URI {uri}: {database} is an empty file, not an MLflow database (pass the "
-                            "sweep's --tracking-uri)")
+    tracking.check_readable_store(uri)  # these commands read a sweep's record: an absent database holds none
     client = tracking.client_for(uri)
     tracking.check_reachable(client, REACH_TIMEOUT_S)  # a URI with no store behind it: TrackingStoreError
     return client
@@ -594,7 +588,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     summary = run_sweep(args.space, experiment=args.experiment, tracking_uri=args.tracking_uri,
                         address=args.address, resume=args.resume or False, storage_path=args.storage_path,
-                        tracking_timeout=timeout, warm_start=args.warm_start)
+                        tracking_timeout=timeout, warm_start=args.warm_start,
+                        warm_start_tracking_uri=args.warm_start_tracking_uri)
     _emit(summary)
     # The summary is printed either way; a script must still tell a sweep to resume from one that is done.
     return INCOMPLETE_SWEEP if summary.get("status") == "interrupted" else 0
@@ -815,9 +810,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the experiment's last sweep started, or the sweep with this MLflow parent run "
                         "(default: start a new sweep)")
     p.add_argument("--warm-start", metavar="SWEEP",
-                   help="an earlier sweep in the same tracking store (its MLflow parent run id, or an experiment: "
-                        "its last sweep) whose trials the Optuna sampler learns from before its first trial "
-                        "(default: it starts from nothing)")
+                   help="an earlier sweep (its MLflow parent run id, or an experiment: its last sweep) whose trials "
+                        "the Optuna sampler learns from before its first trial (default: it starts from nothing)")
+    p.add_argument("--warm-start-tracking-uri", metavar="URI",
+                   help="the tracking store of the --warm-start sweep, only read (default: --tracking-uri's)")
     p.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
                    help="how long the tracking server may be away before the sweep stops (default: "
                         "FINEPRUNE_TRACKING_TIMEOUT, else 300)")

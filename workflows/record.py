@@ -43,7 +43,7 @@ __all__ = [
     "STATUS_FINISHED", "STATUS_STOPPED_EARLY", "STATUS_FAILED", "STATUS_INTERRUPTED", "STATUS_ORPHANED", "STATUSES",
     "TAG_PARETO", "TAG_PARETO_SPEED", "FRONTIER_TAGS", "TAG_NODE", "TAG_PID", "TAG_PRECISION", "TAG_RETRIES",
     "TAG_TOOK_OVER",
-    "TAG_CONFIGURATION", "TAG_WARM_START", "TAG_WARM_START_TRIALS",
+    "TAG_CONFIGURATION", "TAG_WARM_START", "TAG_WARM_START_TRIALS", "TAG_WARM_START_STORE",
     "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR",
     # tags of registered versions, the alias
     "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "FORMER_POLICY_TAGS",
@@ -83,6 +83,7 @@ SWEEP_RUNNING, SWEEP_INTERRUPTED, SWEEP_COMPLETE = "running", "interrupted", "co
 TAG_SEARCH_OVER = "fineprune.search_over"  # on the parent run: why the search ended early (exhausted, converged)
 TAG_WARM_START = "fineprune.warm_start"  # on the parent run: the earlier sweep run whose trials the sampler was told
 TAG_WARM_START_TRIALS = "fineprune.warm_start_trials"  # and how many of them
+TAG_WARM_START_STORE = "fineprune.warm_start_tracking_uri"  # and the store it is in, when not the sweep's own
 TAG_TRIAL = "fineprune.trial_id"
 TAG_STATUS = "fineprune.status"  # how a trial ended
 STATUS_FINISHED, STATUS_STOPPED_EARLY, STATUS_FAILED = "finished", "stopped_early", "failed"

@@ -45,8 +45,8 @@ from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, 
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
                               TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_SWEEP_RUN,
-                              TAG_TRIAL_RUN, TAG_WARM_START, TAG_WARM_START_TRIALS, TOTAL_DENSITY, TRIAL_COMPUTE,
-                              RegistrySpec)
+                              TAG_TRIAL_RUN, TAG_WARM_START, TAG_WARM_START_STORE, TAG_WARM_START_TRIALS,
+                              TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec)
 from workflows.registry import DELETED, REMOVED, policy_choice, run_deleted, served_model_dir, version_files_lost
 
 __all__ = [
@@ -159,8 +159,9 @@ class ReportData:
             killed; ``FINISHED``; ``KILLED`` or ``FAILED`` when it was interrupted), if known.
         no_champion: what the report says in place of the champion's card when there is none (plain text, code in
             backticks): why, as far as the record tells.
-        warm_start: ``(sweep run id, trials)``: the earlier sweep whose trials the sampler was told before its
-            first suggestion (``fineprune sweep --warm-start``), or None.
+        warm_start: ``(sweep run id, trials, tracking URI)``: the earlier sweep whose trials the sampler was told
+            before its first suggestion (``fineprune sweep --warm-start``), and the store it is in when that is not
+            the sweep's own (else None); or None.
     """
 
     experiment: str
@@ -178,7 +179,7 @@ class ReportData:
     hypervolume_compute: Sequence[tuple[float, float]] = ()
     sweep_status: str | None = None
     no_champion: str = "No trial was registered as champion."
-    warm_start: tuple[str, str] | None = None
+    warm_start: tuple[str, str, str | None] | None = None
 
     @property
     def trials(self) -> pd.DataFrame:
@@ -380,8 +381,10 @@ def _summary_lines(data: ReportData) -> list[tuple[str, str]]:
              ("Trials", f"{len(data.trials)} ({counts['finished']} finished, {counts['stopped_early']} stopped "
                         f"early, {counts['failed']} failed{unended})")]
     if data.warm_start is not None:
-        facts.append(("Warm start", f"the sampler was told {data.warm_start[1]} trials of sweep run "
-                                    f"{data.warm_start[0]} before its first suggestion"))
+        run_id, trials, store = data.warm_start
+        where = f" (tracking URI {store})" if store else ""
+        facts.append(("Warm start", f"the sampler was told {trials} trials of sweep run {run_id}{where} before its "
+                                    "first suggestion"))
     base = data.baseline
     if base is not None:
         facts.append(("Dense baseline", f"F1 {_fmt(_value(base, F1))}, EM {_fmt(_value(base, EXACT_MATCH))}"))
@@ -960,7 +963,8 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
         generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         hypervolume=hypervolume, hypervolume_compute=_hypervolume_by_compute(client, parent_id, hypervolume),
         sweep_status=parent.info.status, **({"no_champion": no_champion} if no_champion else {}),
-        warm_start=(parent.data.tags[TAG_WARM_START], parent.data.tags.get(TAG_WARM_START_TRIALS, "?"))
+        warm_start=(parent.data.tags[TAG_WARM_START], parent.data.tags.get(TAG_WARM_START_TRIALS, "?"),
+                    parent.data.tags.get(TAG_WARM_START_STORE))
         if TAG_WARM_START in parent.data.tags else None)
 
 

@@ -630,10 +630,21 @@ def sweep_complete(statuses: list[str], num_samples: int, search_over: str | Non
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _warm_start(client, space: SweepSpace, source: str, store: str | None, limit: float) -> WarmStart:
+    """What the sampler is told of the earlier sweep ``source``: read through ``client`` (the sweep's store), or
+    from ``store`` when it names another one (checked by :func:`tracking.check_readable_store`), only read."""
+    store = record.portable_uri(store) if store else None
+    if store is None or store == record.portable_uri(client.tracking_uri):
+        return prior_outcomes(client, space, source)
+    other = tracking.client_for(store, current=False)
+    tracking.check_reachable(other, limit)
+    return prior_outcomes(other, space, source, other_store=True)
+
+
 def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_uri: str | None = None,
               address: str | None = None, resume: bool | str = False, storage_path: str | None = None,
               report_dir: str | Path | None = None, tracking_timeout: float | None = None,
-              warm_start: str | None = None) -> dict[str, Any]:
+              warm_start: str | None = None, warm_start_tracking_uri: str | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep and return its summary: frontier, champion, where things are.
 
     A new sweep gets a Tune directory of its own (``<storage>/<experiment>-<time>-<id>``) and an MLflow parent run
@@ -645,9 +656,9 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             Ray is started and shut down at the end.
         tracking_timeout: how long the tracking server may be away (seconds) before the sweep stops; default
             ``FINEPRUNE_TRACKING_TIMEOUT`` or 300.
-        warm_start: an earlier sweep in the same store (its parent run id, or an experiment: its latest sweep)
-            whose trials the sampler is told before its first suggestion (:mod:`workflows.warm_start`); a new
-            sweep only.
+        warm_start: an earlier sweep (its parent run id, or an experiment: its latest sweep) whose trials the
+            sampler is told before its first suggestion (:mod:`workflows.warm_start`); a new sweep only.
+        warm_start_tracking_uri: the tracking store that sweep is in (default: the sweep's own); only read.
 
     Raises:
         SpaceError: the space is invalid (raised before Ray starts).
@@ -659,11 +670,16 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     # 1. Validate: the space, the cluster and the tracking server, before anything is written.
     space = load_space(space_path)
     tune_config_kwargs(space, TRIAL_METRICS)  # every objective is reported by the trials
+    if warm_start_tracking_uri and not warm_start:
+        raise WarmStartError("--warm-start-tracking-uri names the store of the sweep --warm-start names; give both")
     if warm_start and resume:
         raise WarmStartError("--warm-start starts a new sweep; a resumed sweep's sampler keeps what it was told "
                              "when it started")
     if warm_start:
         check_applicable(space)
+    if warm_start_tracking_uri:  # only read: a store with no record yet is refused, not made
+        tracking.check_readable_store(warm_start_tracking_uri,
+                                      hint="pass the earlier sweep's --tracking-uri as --warm-start-tracking-uri")
     cluster = _cluster_address(address)
     if cluster:
         _check_ray_answers(cluster)
@@ -679,7 +695,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     started = time.time()
     client = tracking.client_for(tracking_uri)
     tracking.check_reachable(client, limit)
-    warm = prior_outcomes(client, space, warm_start) if warm_start else None
+    warm = _warm_start(client, space, warm_start, warm_start_tracking_uri, limit) if warm_start else None
 
     if resume:
         previous = _sweep_to_resume(client, experiment, None if resume is True else str(resume), tracking_uri)
@@ -712,7 +728,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         raise
     try:
         if warm is not None:
-            tracking.tag_warm_start(client, parent, warm.sweep_run_id, len(warm.outcomes))
+            tracking.tag_warm_start(client, parent, warm.sweep_run_id, len(warm.outcomes), warm.store)
         # 2. The teacher.
         teacher_dir, dense_metrics = ensure_teacher(space, storage / "teachers", held_out_checked=not cluster)
         tracking.log_baseline(client, experiment, parent, dense_metrics, {"model": space.base.get("model", "")},
@@ -773,8 +789,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     summary.update({"experiment": experiment, "parent_run_id": parent, "tracking_uri": tracking_uri,
                     "sweep_dir": str(sweep_dir), "status": "finished" if complete else "interrupted",
                     "wall_seconds": round(time.time() - started, 1),
-                    **({"warm_start": {"sweep_run_id": warm.sweep_run_id, "trials": len(warm.outcomes)}}
-                       if warm is not None else {}),
+                    **({"warm_start": warm.summary()} if warm is not None else {}),
                     "ui": _ui_hint(tracking_uri)})
     _log_summary(summary, space.objectives)
     return summary

@@ -38,8 +38,8 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_CONFIGURATION, TAG_ERROR, TAG_ERROR_FILE, TAG_KIND,
                               TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION,
                               TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
-                              TAG_TOOK_OVER, TAG_TRIAL, TAG_WARM_START, TAG_WARM_START_TRIALS, TOTAL_DENSITY,
-                              TRIAL_COMPUTE, RecordError, deleted_experiment, deleted_run, flat_params,
+                              TAG_TOOK_OVER, TAG_TRIAL, TAG_WARM_START, TAG_WARM_START_STORE, TAG_WARM_START_TRIALS,
+                              TOTAL_DENSITY, TRIAL_COMPUTE, RecordError, deleted_experiment, deleted_run, flat_params,
                               latest_sweep_left, restore_command, sqlite_database)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
                              is_transient, quick_http_failures)
@@ -49,6 +49,7 @@ __all__ = [
     "TrackingStoreError",
     "client_for",
     "check_writable_store",
+    "check_readable_store",
     "check_reachable",
     "find_sweep",
     "sweep_state",
@@ -98,10 +99,30 @@ def check_writable_store(tracking_uri: str) -> None:
                                  "--tracking-uri)")
 
 
-def client_for(tracking_uri: str) -> MlflowClient:
+def check_readable_store(tracking_uri: str, hint: str = "pass the sweep's --tracking-uri") -> None:
+    """Refuse a ``sqlite:///`` store that holds no record to read: no database file there (MLflow would make one),
+    or an empty file (MLflow would make its tables in it, and read it as an empty record). Other stores are checked
+    by :func:`check_reachable`.
+
+    Raises:
+        TrackingStoreError: one line naming the tracking URI and the database, ending with ``hint``.
+    """
+    database = sqlite_database(tracking_uri)
+    if database is None:
+        return
+    if not database.is_file():
+        raise TrackingStoreError(f"tracking URI {tracking_uri}: no MLflow database at {database} ({hint})")
+    if database.stat().st_size == 0:
+        raise TrackingStoreError(f"tracking URI {tracking_uri}: {database} is an empty file, not an MLflow database "
+                                 f"({hint})")
+
+
+def client_for(tracking_uri: str, current: bool = True) -> MlflowClient:
     """A client of ``tracking_uri`` (see :func:`check_reachable` for whether anything answers there), whose model
     registry is the same store: a sweep registers its versions where ``fineprune register``, ``select`` and
-    ``report`` look for them, whatever ``MLFLOW_REGISTRY_URI`` says.
+    ``report`` look for them, whatever ``MLFLOW_REGISTRY_URI`` says. With ``current``, it also becomes the
+    process's tracking URI (where ``mlflow.log_*`` and ``mlflow.pyfunc.load_model`` go); a store read beside it
+    (an earlier sweep's, to warm-start from) is opened with ``current=False``.
 
     Raises:
         TrackingStoreError: MLflow cannot open a store of that kind (a file store it refuses, a database without
@@ -115,7 +136,8 @@ def client_for(tracking_uri: str) -> MlflowClient:
         if tracking_uri.startswith("sqlite:///"):
             with contextlib.suppress(Exception):  # said by the caller's first request, which retries a locked one
                 client.search_registered_models(max_results=1)  # the registry's tables, made on first use
-    mlflow.set_tracking_uri(tracking_uri)
+    if current:
+        mlflow.set_tracking_uri(tracking_uri)
     return client
 
 
@@ -309,10 +331,14 @@ def open_parent_run(client: MlflowClient, experiment: str, sweep_key: str, param
         database_log.setLevel(level)
 
 
-def tag_warm_start(client: MlflowClient, run_id: str, sweep_run_id: str, trials: int) -> None:
-    """Record on a sweep's parent run the earlier sweep whose ``trials`` outcomes its sampler was told first."""
+def tag_warm_start(client: MlflowClient, run_id: str, sweep_run_id: str, trials: int,
+                   store: str | None = None) -> None:
+    """Record on a sweep's parent run the earlier sweep whose ``trials`` outcomes its sampler was told first, and
+    the tracking URI of the store it is in when that is not the sweep's own (``store``)."""
     client.set_tag(run_id, TAG_WARM_START, sweep_run_id)
     client.set_tag(run_id, TAG_WARM_START_TRIALS, str(trials))
+    if store is not None:
+        client.set_tag(run_id, TAG_WARM_START_STORE, store)
 
 
 def finish_parent_run(client: MlflowClient, run_id: str, status: str = "FINISHED", state: str = SWEEP_COMPLETE) -> None:

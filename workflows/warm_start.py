@@ -2,9 +2,10 @@
 
 A sweep is often run again after something changed that moves its outcomes a little but not where the frontier
 lies: another seed, a retrained teacher, more evaluation questions. Its sampler need not rediscover the landscape
-from random trials: ``fineprune sweep --warm-start SWEEP`` reads the earlier sweep's trials from MLflow and tells
-them to the Optuna sampler as finished trials (:class:`workflows.distinct.EnqueueingOptunaSearch` ``prior``), so it
-models them from its first suggestion. They are not this sweep's trials: none is logged, counted or registered
+from random trials: ``fineprune sweep --warm-start SWEEP`` reads the earlier sweep's trials from MLflow (the
+sweep's own store, or the one ``--warm-start-tracking-uri`` names, only read) and tells them to the Optuna sampler
+as finished trials (:class:`workflows.distinct.EnqueueingOptunaSearch` ``prior``), so it models them from its first
+suggestion. They are not this sweep's trials: none is logged, counted or registered
 again, and the sampler may run any of their configurations again, to measure it under the new conditions.
 
 A trial is told when it has a value for every key searched now, each one a value the space can give
@@ -46,9 +47,16 @@ class WarmStart:
     sweep_run_id: str
     experiment: str
     outcomes: list[tuple[dict[str, Any], dict[str, float]]]  # (searched values, objective values) per trial
+    store: str | None = None  # the tracking URI it was read from, when not the new sweep's own
 
     def describe(self) -> str:
-        return f"{len(self.outcomes)} trials of sweep run {self.sweep_run_id} (experiment {self.experiment!r})"
+        where = f", tracking URI {self.store}" if self.store else ""
+        return f"{len(self.outcomes)} trials of sweep run {self.sweep_run_id} (experiment {self.experiment!r}{where})"
+
+    def summary(self) -> dict[str, Any]:
+        """What a sweep's summary says of it."""
+        return {"sweep_run_id": self.sweep_run_id, "trials": len(self.outcomes),
+                **({"tracking_uri": self.store} if self.store else {})}
 
 
 def is_run_id(text: str) -> bool:
@@ -102,9 +110,10 @@ def check_applicable(space: SweepSpace) -> None:
                              f"algorithm {space.algorithm}")
 
 
-def prior_outcomes(client, space: SweepSpace, source: str) -> WarmStart:
+def prior_outcomes(client, space: SweepSpace, source: str, other_store: bool = False) -> WarmStart:
     """The outcomes of the earlier sweep ``source`` (a sweep's parent run id, or an experiment: its latest sweep)
-    that the sampler of ``space`` can be told.
+    that the sampler of ``space`` can be told; ``client`` reads the store it is in, ``other_store`` when that is not
+    the new sweep's own.
 
     Raises:
         WarmStartError: the space's algorithm learns from nothing, ``source`` is not a sweep, or none of its trials
@@ -131,6 +140,6 @@ def prior_outcomes(client, space: SweepSpace, source: str) -> WarmStart:
     if not outcomes:
         raise WarmStartError(f"{FLAG} {source}: none of the {len(runs)} trials of sweep run {sweep.info.run_id} "
                              f"(experiment {experiment!r}) fits {space.path}" + (f" ({why})" if why else ""))
-    warm = WarmStart(sweep.info.run_id, experiment, outcomes)
+    warm = WarmStart(sweep.info.run_id, experiment, outcomes, client.tracking_uri if other_store else None)
     logger.info("the sampler starts from %s%s", warm.describe(), f"; left out: {why}" if why else "")
     return warm
