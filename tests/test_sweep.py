@@ -497,7 +497,8 @@ def test_a_teacher_that_cannot_be_had_stops_the_sweep_in_one_line_and_ends_its_r
     # ... and its concurrency limit, each trial's retries and its reuse of workers.
     (lambda v: v.update(max_concurrent=1), "max_concurrent is 1 but the sweep started with 2"),
     (lambda v: v.update(max_failures=2), "max_failures is 2 but the sweep started with 0"),
-    (lambda v: v.update(reuse_workers=False), "reuse_workers is False but the sweep started with True"),
+    (lambda v: v.update(reuse_workers=False), "reuse_workers is false but the sweep started with true"),
+    (lambda v: v["base"].update(eval_limit=None), "base.eval_limit is null but the sweep started with 12"),
 ])
 def test_resuming_with_a_key_added_to_or_removed_from_the_space_is_refused(tmp_path, edit, message):
     """A key given on one side only changes what trials compute as much as a changed value does."""

@@ -870,6 +870,8 @@ def _what_is_left(statuses: list[str]) -> str:
 _RESUMABLE_CHANGES = ("name", "registry", "resources", "reference_point")
 # Mappings of the space whose every entry is one the file gives (flattened params under these prefixes).
 _GIVEN_ENTRIES = ("base.", "teacher.config.")
+# A logged param as the space's YAML spells it.
+_AS_WRITTEN = {"True": "true", "False": "false", "None": "null"}
 
 
 def _check_same_space(space: SweepSpace, previous) -> None:
@@ -884,9 +886,9 @@ def _check_same_space(space: SweepSpace, previous) -> None:
     now = {key[:250]: value[:6000] for key, value in record.flat_params(space.summary()).items()}  # as logged
 
     def refuse(key: str, value_now: str, value_then: str) -> None:
-        raise ResumeError(f"--resume {previous.info.run_id}: {space.path}: {key} is {value_now[:200]} but the sweep "
-                          f"started with {value_then[:200]} (resume with the space it started with, or start a new "
-                          "sweep)")
+        now_, then_ = (_AS_WRITTEN.get(value, value)[:200] for value in (value_now, value_then))
+        raise ResumeError(f"--resume {previous.info.run_id}: {space.path}: {key} is {now_} but the sweep started "
+                          f"with {then_} (resume with the space it started with, or start a new sweep)")
 
     for key, value in now.items():
         if key.split(".", 1)[0] not in _RESUMABLE_CHANGES and key in then and then[key] != value:
