@@ -28,7 +28,8 @@ def _tracked_files() -> list[str]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """(the wheel's file names, its entry points, the paths the build added to the source tree)."""
+    """(the wheel's file names, its entry points, the paths the build added to the source tree, what the build
+    wrote to stderr)."""
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
     for name in _tracked_files():
         (src / name).parent.mkdir(parents=True, exist_ok=True)
@@ -43,11 +44,12 @@ def built(tmp_path_factory):
         entry_points = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
     # The top-level paths the build added, a directory's with its slash (as .gitignore patterns tell them apart).
     added = {name.split("/")[0] for name in {p.relative_to(src).as_posix() for p in src.rglob("*")} - before}
-    return names, entry_points, sorted(name + "/" if (src / name).is_dir() else name for name in added)
+    return (names, entry_points, sorted(name + "/" if (src / name).is_dir() else name for name in added),
+            done.stderr)
 
 
 def test_the_wheel_carries_every_module_and_the_report_templates(built):
-    names, entry_points, _ = built
+    names, entry_points, _, _ = built
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
             assert path.relative_to(ROOT).as_posix() in names
@@ -58,10 +60,19 @@ def test_the_wheel_carries_every_module_and_the_report_templates(built):
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == set(PACKAGES)
 
 
+def test_the_build_warns_of_nothing(built):
+    """What setuptools warns of builds today and stops building later: a deprecated field (a license as a TOML
+    table, which it refuses from the date it names), a directory of package data that is no listed package (which
+    it says it will leave out)."""
+    *_, stderr = built
+    warned = [line for line in stderr.splitlines() if "Warning:" in line]
+    assert not warned, stderr[-3000:]
+
+
 def test_building_the_wheel_leaves_nothing_git_would_pick_up(built):
     """``pip install .`` builds in the source tree; what it leaves there (``build/``, ``*.egg-info``) must be
     ignored, or ``git add -A`` commits it and ``ray job submit --working-dir .`` uploads it."""
-    _, _, added = built
+    _, _, added, _ = built
     assert added, "the build left nothing in the tree: the test no longer sees what it checks"
     check = subprocess.run(["git", "check-ignore", "--no-index", *added], cwd=ROOT, capture_output=True, text=True)
     assert check.returncode in (0, 1), check.stderr
