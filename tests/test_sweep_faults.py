@@ -498,6 +498,41 @@ def test_an_error_file_cut_short_by_a_full_disk_does_not_end_the_sweep_in_a_trac
         ray.shutdown()
 
 
+def test_tunes_advice_to_snapshot_less_often_is_left_out_while_the_sweep_runs():
+    """Trials that end within seconds of each other each force a snapshot of the sweep's state (what a resume reads),
+    and Tune advised against it in three lines each time; the sweep leaves that warning out, and only that one.
+    The message and logger are Ray's own (its source is read, so that an upgrade that rewords them fails here)."""
+    import inspect
+    import logging
+
+    from ray.tune.execution import experiment_state
+
+    from workflows.sweep import _SNAPSHOT_ADVICE, _SNAPSHOT_LOGGER, _without_snapshot_advice
+
+    assert experiment_state.__name__ == _SNAPSHOT_LOGGER
+    # Ray's source writes the message in two literals: "...triggered multiple " "times in the last ..."
+    assert _SNAPSHOT_ADVICE.startswith("Experiment state snapshotting has been triggered multiple ")
+    assert '"Experiment state snapshotting has been triggered multiple "\n' in inspect.getsource(experiment_state)
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    tune_logger, keep = logging.getLogger(_SNAPSHOT_LOGGER), Keep()
+    tune_logger.addHandler(keep)
+    advice = f"{_SNAPSHOT_ADVICE} in the last 5.0 seconds and may become a bottleneck."
+    try:
+        with _without_snapshot_advice():
+            tune_logger.warning(advice)
+            tune_logger.warning("Saving the experiment state took 31 s")
+        tune_logger.warning(advice)
+    finally:
+        tune_logger.removeHandler(keep)
+    assert seen == ["Saving the experiment state took 31 s", advice]
+
+
 def test_resuming_a_sweep_whose_tune_state_a_full_disk_cut_short_is_one_line_naming_the_file(tmp_path):
     """A disk that filled while Tune saved the sweep's state leaves the JSON cut short. Restored from it, Tune logged
     the failure, went on without the state and stopped in a traceback from its search; ``--resume`` now says which

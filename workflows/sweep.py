@@ -579,6 +579,27 @@ def _tuner(space: SweepSpace, trainable: Any, callback: tracking.MlflowTrialCall
 
 # Where Tuner.fit reads the trials' files back once the Tune run has ended (its ResultGrid, unused by the sweep).
 _READ_BACK_MODULES = ("ray.tune.result_grid", "ray.tune.analysis.experiment_analysis")
+# Tune's warning, three lines long, each time two trials end within seconds of each other: a trial's last checkpoint
+# forces a snapshot of the sweep's state (CheckpointConfig num_to_keep), which is what makes a resume see every
+# ended trial. Its advice (keep more checkpoints, snapshot less often) would undo that.
+_SNAPSHOT_LOGGER = "ray.tune.execution.experiment_state"
+_SNAPSHOT_ADVICE = "Experiment state snapshotting has been triggered multiple times"
+
+
+class _SnapshotAdviceFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_SNAPSHOT_ADVICE)
+
+
+@contextlib.contextmanager
+def _without_snapshot_advice():
+    """Leave out Tune's advice to snapshot less often (see :data:`_SNAPSHOT_ADVICE`) while the sweep runs."""
+    target, advice = logging.getLogger(_SNAPSHOT_LOGGER), _SnapshotAdviceFilter()
+    target.addFilter(advice)
+    try:
+        yield
+    finally:
+        target.removeFilter(advice)
 
 
 def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
@@ -589,7 +610,8 @@ def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
     cut short when the storage's disk filled) is a warning, not a traceback ending a sweep whose trials all ended.
     """
     try:
-        tuner.fit()
+        with _without_snapshot_advice():
+            tuner.fit()
     except Exception as err:  # noqa: BLE001 - raised again unless it came from reading the results back
         raised_in = {frame.f_globals.get("__name__") for frame, _ in traceback.walk_tb(err.__traceback__)}
         if not raised_in & set(_READ_BACK_MODULES):
