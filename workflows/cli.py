@@ -813,7 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an earlier sweep (its MLflow parent run id, or an experiment: its last sweep) whose trials "
                         "the Optuna sampler learns from before its first trial (default: it starts from nothing)")
     p.add_argument("--warm-start-tracking-uri", metavar="URI",
-                   help="the tracking store of the --warm-start sweep, only read (default: --tracking-uri's)")
+                   help="the tracking store of the earlier sweep, only read (default: the one this sweep records to)")
     p.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
                    help="how long the tracking server may be away before the sweep stops (default: "
                         "FINEPRUNE_TRACKING_TIMEOUT, else 300)")
