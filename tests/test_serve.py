@@ -404,6 +404,34 @@ def test_a_version_logged_on_a_trial_run_keeps_the_runs_params_and_says_nothing_
         fewer.predict(records)
 
 
+def test_models_logged_one_after_another_say_nothing_of_the_predict_type_hints(tmp_path, tokenizer,
+                                                                               tiny_bert_config):
+    """MLflow reads the served class's annotations in the copy pickled with each model; after a process's first
+    model it could not resolve them there, and said so in two lines a model (a sweep logs one a frontier point)."""
+    import logging
+
+    from transformers import BertForQuestionAnswering
+
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
+    uri = sqlite_store(tmp_path / "mlflow.db")
+    signature_logger, keep = logging.getLogger("mlflow.models.signature"), Keep()
+    signature_logger.addHandler(keep)
+    try:
+        with _fluent_store(uri):
+            for _ in range(2):
+                with mlflow.start_run():
+                    log_qa_model(model_dir, serve_settings({}))
+    finally:
+        signature_logger.removeHandler(keep)
+    assert not [line for line in said if "type hint" in line], said
+
+
 def test_serve_settings_come_from_the_run_config_with_defaults():
     params = {"max_seq_length": "128", "doc_stride": "32", "eval_batch_size": "16", "learning_rate": "0.001",
               "max_answer_length": "12"}

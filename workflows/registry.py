@@ -386,7 +386,10 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
             tokenizer = self._threads.tokenizer = copy.deepcopy(self.tokenizer)
         return tokenizer
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # MLflow reads these annotations (it warns of a predict without them) in the copy of this class pickled with a
+    # logged model too, whose globals hold only the names the body uses: `Any` would not resolve there, and MLflow
+    # said so in a line for each model logged after a process's first.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from pruning.inference import RecordError, answer_records  # lazy: see load_context
 
         frame = _records(model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input))
