@@ -56,6 +56,27 @@ def sqlite_store(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+@contextlib.contextmanager
+def handed_to_handlers(logger_name: str):
+    """The messages of the records the logger ``logger_name`` hands its handlers while the block runs (after its
+    level and filters: a record a filter drops is not among them). Where a library logs to a handler of its own,
+    which ``caplog`` does not see."""
+    import logging
+
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    target, keep = logging.getLogger(logger_name), Keep()
+    target.addHandler(keep)
+    try:
+        yield messages
+    finally:
+        target.removeHandler(keep)
+
+
 @pytest.fixture
 def unwritable_dir(tmp_path) -> Path:
     """A directory nothing can be written into (:func:`frozen`)."""

@@ -12,6 +12,8 @@ from transformers import BertConfig, BertForQuestionAnswering, BertModel
 from pruning import masks
 from pruning.checkpoint import CheckpointError, load_model, save_model
 
+from conftest import handed_to_handlers
+
 
 def tiny(layers=2, intermediate=128, seed=0):
     torch.manual_seed(seed)
@@ -55,31 +57,15 @@ def test_a_file_given_for_a_model_directory_is_named_as_a_file(tmp_path):
         load_model(tmp_path / "absent")
 
 
-class _Kept(logging.Handler):
-    """The messages of the records a logger hands its handlers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def test_a_pre_trained_encoder_still_loads_with_a_fresh_qa_head(tmp_path, caplog):
     """Its missing QA head and its pooler (which the QA model has not) are what such a checkpoint is: one line says
     the head is new, in place of transformers' table of the loading."""
     encoder = BertModel(tiny().config)  # with a pooler
     encoder.save_pretrained(tmp_path / "encoder")
-    transformers_said = _Kept()
-    modeling_logger = logging.getLogger("transformers.modeling_utils")
-    modeling_logger.addHandler(transformers_said)
-    try:
-        with caplog.at_level(logging.INFO, logger="pruning.checkpoint"):
-            model = load_model(tmp_path / "encoder")
-    finally:
-        modeling_logger.removeHandler(transformers_said)
-    assert not [m for m in transformers_said.messages if "LOAD REPORT" in m], transformers_said.messages
+    with handed_to_handlers("transformers.modeling_utils") as transformers_said, \
+            caplog.at_level(logging.INFO, logger="pruning.checkpoint"):
+        model = load_model(tmp_path / "encoder")
+    assert not [m for m in transformers_said if "LOAD REPORT" in m], transformers_said
     assert torch.equal(model.bert.encoder.layer[1].output.dense.weight, encoder.encoder.layer[1].output.dense.weight)
     said = [r.getMessage() for r in caplog.records if r.name == "pruning.checkpoint"]
     assert said == [f"{tmp_path / 'encoder'}: a pre-trained encoder without a question-answering head; qa_outputs "

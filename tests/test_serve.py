@@ -25,7 +25,7 @@ from pruning.export import FILES, OrtQAModel
 from workflows.registry import SERVE_DEFAULTS, _fluent_store, export_for_serving, log_qa_model, serve_settings
 from workflows.serving import BAD_KINDS, ModelServer, ServerError, free_port, invoke, ping, post, run_load, spoil
 
-from conftest import sqlite_store
+from conftest import handed_to_handlers, sqlite_store
 
 STARTUP_SECONDS = 240  # loading torch, transformers and the model in a fresh process on a busy 2-core machine
 
@@ -408,27 +408,14 @@ def test_models_logged_one_after_another_say_nothing_of_the_predict_type_hints(t
                                                                                tiny_bert_config):
     """MLflow reads the served class's annotations in the copy pickled with each model; after a process's first
     model it could not resolve them there, and said so in two lines a model (a sweep logs one a frontier point)."""
-    import logging
-
     from transformers import BertForQuestionAnswering
-
-    said: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            said.append(record.getMessage())
 
     model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
     uri = sqlite_store(tmp_path / "mlflow.db")
-    signature_logger, keep = logging.getLogger("mlflow.models.signature"), Keep()
-    signature_logger.addHandler(keep)
-    try:
-        with _fluent_store(uri):
-            for _ in range(2):
-                with mlflow.start_run():
-                    log_qa_model(model_dir, serve_settings({}))
-    finally:
-        signature_logger.removeHandler(keep)
+    with handed_to_handlers("mlflow.models.signature") as said, _fluent_store(uri):
+        for _ in range(2):
+            with mlflow.start_run():
+                log_qa_model(model_dir, serve_settings({}))
     assert not [line for line in said if "type hint" in line], said
 
 

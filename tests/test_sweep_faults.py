@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import (MlflowServer, assert_each_trial_registered_once, free_port, processes_mentioning,
-                      sqlite_store)
+from conftest import (MlflowServer, assert_each_trial_registered_once, free_port, handed_to_handlers,
+                      processes_mentioning, sqlite_store)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -514,22 +514,13 @@ def test_tunes_advice_to_snapshot_less_often_is_left_out_while_the_sweep_runs():
     assert _SNAPSHOT_ADVICE.startswith("Experiment state snapshotting has been triggered multiple ")
     assert '"Experiment state snapshotting has been triggered multiple "\n' in inspect.getsource(experiment_state)
 
-    seen: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            seen.append(record.getMessage())
-
-    tune_logger, keep = logging.getLogger(_SNAPSHOT_LOGGER), Keep()
-    tune_logger.addHandler(keep)
+    tune_logger = logging.getLogger(_SNAPSHOT_LOGGER)
     advice = f"{_SNAPSHOT_ADVICE} in the last 5.0 seconds and may become a bottleneck."
-    try:
+    with handed_to_handlers(_SNAPSHOT_LOGGER) as seen:
         with _without_snapshot_advice():
             tune_logger.warning(advice)
             tune_logger.warning("Saving the experiment state took 31 s")
         tune_logger.warning(advice)
-    finally:
-        tune_logger.removeHandler(keep)
     assert seen == ["Saving the experiment state took 31 s", advice]
 
 
