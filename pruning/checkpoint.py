@@ -35,7 +35,8 @@ from .config import EVALUATION_KEYS
 from .packing import (PACKED_FLAG, WEIGHTS_INDEX_NAME, PackingError, add_remote_code, check_kinds, load_packed,
                       read_weights, weight_dtypes)
 from .sparsity import sparsity_report
-from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE, config_class, qa_model_class, quiet_transformers
+from .quiet import leaving_out, quiet_transformers
+from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE, config_class, qa_model_class
 
 __all__ = [
     "CheckpointError",
@@ -749,8 +750,9 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
                                   "with `fineprune train` first")
         try:
             # Mismatched shapes come back in the loading info (checked below) rather than as an error that points
-            # at a table in the log; so does all that transformers' table of the loading would say.
-            with quiet_transformers(), _without_load_report():
+            # at a table in the log; so does all that transformers' table of the loading (its "LOAD REPORT") would
+            # say, and the expected differences (a fresh QA head, a pooler dropped) need no table of a dozen lines.
+            with quiet_transformers(), leaving_out("transformers.modeling_utils", lambda m: "LOAD REPORT" in m):
                 model, info = qa_model_class(config.model_type).from_pretrained(
                     str(model_dir), local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
                     dtype=torch.float32, use_safetensors=True)
@@ -796,29 +798,6 @@ def _cannot_build(model_dir: Path, config: PretrainedConfig, err: Exception) -> 
     name = qa_model_class(config.model_type).__name__
     message = " ".join(str(err).split()) or type(err).__name__
     return f"{model_dir / 'config.json'}: {name} cannot be built from it ({type(err).__name__}: {message})"
-
-
-class _LoadReportFilter(logging.Filter):
-    """Drops transformers' table of a model's loading (its "LOAD REPORT"), which :func:`_check_loading_info` reads
-    from the loading info instead: a mismatch is an error naming the weights file, and the expected differences (a
-    fresh QA head, a pooler dropped) need no table of a dozen lines."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in str(record.msg)
-
-
-@contextlib.contextmanager
-def _without_load_report() -> Iterator[None]:
-    """Leave out transformers' loading table (:class:`_LoadReportFilter`) while a model is loaded."""
-    from transformers.utils import logging as hf_logging
-
-    modeling_logger = hf_logging.get_logger("transformers.modeling_utils")
-    report_filter = _LoadReportFilter()
-    modeling_logger.addFilter(report_filter)
-    try:
-        yield
-    finally:
-        modeling_logger.removeFilter(report_filter)
 
 
 def _check_loading_info(weights: Path, info: dict[str, Any]) -> None:

@@ -51,8 +51,8 @@ from .packed_modeling import (FFN_WIDTHS_KEY, HEADS_KEPT_KEY, PACKED_CLASSES, PA
                               head_rows, layer_head_dim, shrink_layer, shrink_to_record)
 from .precision import resolve_precision
 from .sparsity import sparsity_report
-from .structure import (architecture_for, architecture_of_type, encoder_layers, get_module, max_positions,
-                        qa_model_class, quiet_transformers)
+from .quiet import quiet_transformers
+from .structure import architecture_for, architecture_of_type, encoder_layers, get_module, max_positions, qa_model_class
 
 __all__ = [
     "PackingError",

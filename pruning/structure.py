@@ -14,10 +14,9 @@ embeddings may be narrower than the layers (``embedding_size``), projected to th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import transformers
@@ -27,7 +26,7 @@ from .packed_modeling import LAYER_PATHS, LayerPaths
 
 __all__ = ["Architecture", "ARCHITECTURES", "DEFAULT_MODEL_TYPE", "architecture_for", "architecture_of_type",
            "qa_model_class", "config_class", "scratch_config", "max_positions", "position_ids", "get_module",
-           "set_module", "encoder_layers", "quiet_transformers"]
+           "set_module", "encoder_layers"]
 
 DEFAULT_MODEL_TYPE = "bert"  # what a config.json without ``model_type`` is taken for
 
@@ -96,21 +95,6 @@ def architecture_of_type(model_type: str | None) -> Architecture:
 def architecture_for(model: nn.Module) -> Architecture:
     """The table entry for a transformers model, by ``config.model_type``."""
     return architecture_of_type(getattr(getattr(model, "config", None), "model_type", None))
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Hide transformers' own progress bars ("Loading weights", "Writing model shards") while a model is read or
-    written: a command's stderr holds its log and its own bars only. The bars come back as they were after."""
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
 
 
 def qa_model_class(model_type: str) -> type:

@@ -61,6 +61,7 @@ from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType
 
 from pruning.config import EVALUATION_KEYS, RunConfig
+from pruning.quiet import leaving_out
 from workflows import record
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
                               EXACT_MATCH, F1, FINAL_METRICS, FORMER_POLICY_TAGS, FRONTIER_TAGS, KIND_BASELINE,
@@ -537,13 +538,10 @@ def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | N
     return Path(out_dir), ",".join(report["files"])
 
 
-class _DropParamMirror(logging.Filter):
-    """Drops MLflow's warning that it could not copy a logged model's ``model_config`` into the run's params: the
-    trial run's params are its run config, whose ``batch_size`` (the training batch) differs from the served one,
-    and the served settings are kept in the model itself."""
-
-    def filter(self, record_: logging.LogRecord) -> bool:
-        return not record_.getMessage().startswith("Failed to log model config as params")
+# MLflow's warning that it could not copy a logged model's ``model_config`` into the run's params: the trial run's
+# params are its run config, whose ``batch_size`` (the training batch) differs from the served one, and the served
+# settings are kept in the model itself.
+_PARAM_MIRROR = "Failed to log model config as params"
 
 
 def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str | Path | None = None,
@@ -564,30 +562,28 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
     artifacts = {ARTIFACT_MODEL_DIR: str(model_dir)}
     if onnx_dir is not None:
         artifacts[ARTIFACT_ONNX_DIR] = str(onnx_dir)
-    mirror, drop = logging.getLogger("mlflow.models.model"), _DropParamMirror()
-    mirror.addFilter(drop)
     # The model's class and the helpers it calls are pickled by value: a process that loads the model (a server
     # MLflow builds from the pip requirements, another machine) has mlflow, pandas and the pruning package shipped
     # as code, but not this package, which also needs Ray and the rest of the sweep's dependencies.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
-        return mlflow.pyfunc.log_model(
-            name=ARTIFACT_QA_MODEL,
-            python_model=PackedQAModel(),
-            artifacts=artifacts,
-            code_paths=[str(package_dir)],
-            pip_requirements=PIP_REQUIREMENTS,
-            signature=SIGNATURE,
-            # Logged so that it can be overridden at load (MLflow only overrides logged keys), e.g. with
-            # MLFLOW_PYFUNC_INFERENCE_CONFIG='{"onnx_variant": "fp32"}' for `mlflow models serve`.
-            model_config={"max_records": MAX_RECORDS, **settings,
-                          "onnx_variant": ONNX_VARIANTS[0] if onnx_dir is not None else "none"},
-            input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
-            tags=tags,
-        )
+        with leaving_out("mlflow.models.model", lambda message: message.startswith(_PARAM_MIRROR)):
+            return mlflow.pyfunc.log_model(
+                name=ARTIFACT_QA_MODEL,
+                python_model=PackedQAModel(),
+                artifacts=artifacts,
+                code_paths=[str(package_dir)],
+                pip_requirements=PIP_REQUIREMENTS,
+                signature=SIGNATURE,
+                # Logged so that it can be overridden at load (MLflow only overrides logged keys), e.g. with
+                # MLFLOW_PYFUNC_INFERENCE_CONFIG='{"onnx_variant": "fp32"}' for `mlflow models serve`.
+                model_config={"max_records": MAX_RECORDS, **settings,
+                              "onnx_variant": ONNX_VARIANTS[0] if onnx_dir is not None else "none"},
+                input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
+                tags=tags,
+            )
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-        mirror.removeFilter(drop)
 
 
 def _ensure_model(client, name: str) -> None:

@@ -47,6 +47,7 @@ from pruning import atomic, squad
 from pruning.checkpoint import load_model, load_tokenizer
 from pruning.config import config_to_dict
 from pruning.packing import PACK_METRICS, pack_and_verify, save_packed
+from pruning.quiet import leaving_out
 from pruning.resources import resolve_data
 from pruning.trainer import evaluate, resolve_device, train, warn_if_not_held_out
 from workflows import frontier, record, registry, tracking
@@ -586,20 +587,9 @@ _SNAPSHOT_LOGGER = "ray.tune.execution.experiment_state"
 _SNAPSHOT_ADVICE = "Experiment state snapshotting has been triggered multiple times"
 
 
-class _SnapshotAdviceFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_SNAPSHOT_ADVICE)
-
-
-@contextlib.contextmanager
-def _without_snapshot_advice():
+def _without_snapshot_advice() -> contextlib.AbstractContextManager:
     """Leave out Tune's advice to snapshot less often (see :data:`_SNAPSHOT_ADVICE`) while the sweep runs."""
-    target, advice = logging.getLogger(_SNAPSHOT_LOGGER), _SnapshotAdviceFilter()
-    target.addFilter(advice)
-    try:
-        yield
-    finally:
-        target.removeFilter(advice)
+    return leaving_out(_SNAPSHOT_LOGGER, lambda message: message.startswith(_SNAPSHOT_ADVICE))
 
 
 def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
