@@ -147,22 +147,20 @@ def test_a_key_the_earlier_sweep_searched_and_this_space_holds_keeps_only_the_tr
 def test_an_earlier_sweep_in_another_store_is_read_from_there_and_that_store_named(client, tmp_path):
     """The sweep's store (``client``) holds no earlier sweep; ``--warm-start-tracking-uri`` names the one that does,
     whose file reading leaves as it was. The same store named both ways is the sweep's own."""
-    from workflows.sweep import _warm_start
-
     other_uri = sqlite_store(tmp_path / "elsewhere" / "mlflow.db")
     parent = record_sweep(MlflowClient(tracking_uri=other_uri), "before", grid_trials())
     before = (tmp_path / "elsewhere" / "mlflow.db").read_bytes()
     space = load_space(space_file(tmp_path))
-    warm = _warm_start(client, space, "before", other_uri, limit=5)
+    warm = prior_outcomes(client, space, "before", other_uri, limit=5)
     assert warm.sweep_run_id == parent and len(warm.outcomes) == 12 and warm.store == other_uri
     assert warm.summary() == {"sweep_run_id": parent, "trials": 12, "tracking_uri": other_uri}
     assert f"(experiment 'before', tracking URI {other_uri})" in warm.describe()
     assert (tmp_path / "elsewhere" / "mlflow.db").read_bytes() == before
     assert client.search_experiments(filter_string="name = 'before'") == []  # nothing copied into the sweep's store
     with pytest.raises(WarmStartError, match="--warm-start before: no experiment or sweep run of that name"):
-        _warm_start(client, space, "before", None, limit=5)  # default: the sweep's own store
+        prior_outcomes(client, space, "before")  # default: the sweep's own store
     record_sweep(client, "before", grid_trials()[:3])
-    same = _warm_start(client, space, "before", client.tracking_uri, limit=5)
+    same = prior_outcomes(client, space, "before", client.tracking_uri, limit=5)
     assert len(same.outcomes) == 3 and same.store is None and "tracking_uri" not in same.summary()
 
 

@@ -642,17 +642,6 @@ def sweep_complete(statuses: list[str], num_samples: int, search_over: str | Non
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _warm_start(client, space: SweepSpace, source: str, store: str | None, limit: float) -> WarmStart:
-    """What the sampler is told of the earlier sweep ``source``: read through ``client`` (the sweep's store), or
-    from ``store`` when it names another one (checked by :func:`tracking.check_readable_store`), only read."""
-    store = record.portable_uri(store) if store else None
-    if store is None or store == record.portable_uri(client.tracking_uri):
-        return prior_outcomes(client, space, source)
-    other = tracking.client_for(store, current=False)
-    tracking.check_reachable(other, limit)
-    return prior_outcomes(other, space, source, other_store=True)
-
-
 def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_uri: str | None = None,
               address: str | None = None, resume: bool | str = False, storage_path: str | None = None,
               report_dir: str | Path | None = None, tracking_timeout: float | None = None,
@@ -707,7 +696,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     started = time.time()
     client = tracking.client_for(tracking_uri)
     tracking.check_reachable(client, limit)
-    warm = _warm_start(client, space, warm_start, warm_start_tracking_uri, limit) if warm_start else None
+    warm = prior_outcomes(client, space, warm_start, warm_start_tracking_uri, limit) if warm_start else None
 
     if resume:
         previous = _sweep_to_resume(client, experiment, None if resume is True else str(resume), tracking_uri)

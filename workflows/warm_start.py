@@ -26,6 +26,7 @@ from typing import Any
 
 from pruning.config import config_to_dict
 from workflows import record, tracking
+from workflows.retry import DEFAULT_OUTAGE_LIMIT_S
 from workflows.space import LAMBDA_KEY, SweepSpace, logged_as, trial_config
 
 __all__ = ["WarmStartError", "WarmStart", "check_applicable", "prior_outcomes", "is_run_id"]
@@ -110,16 +111,24 @@ def check_applicable(space: SweepSpace) -> None:
                              f"algorithm {space.algorithm}")
 
 
-def prior_outcomes(client, space: SweepSpace, source: str, other_store: bool = False) -> WarmStart:
+def prior_outcomes(client, space: SweepSpace, source: str, store: str | None = None,
+                   limit: float = DEFAULT_OUTAGE_LIMIT_S) -> WarmStart:
     """The outcomes of the earlier sweep ``source`` (a sweep's parent run id, or an experiment: its latest sweep)
-    that the sampler of ``space`` can be told; ``client`` reads the store it is in, ``other_store`` when that is not
-    the new sweep's own.
+    that the sampler of ``space`` can be told, read through ``client`` (the new sweep's store), or from ``store``
+    where that names another one (checked first by :func:`tracking.check_readable_store`), only read, once it
+    answers within ``limit`` seconds.
 
     Raises:
         WarmStartError: the space's algorithm learns from nothing, ``source`` is not a sweep, or none of its trials
             fits the space.
     """
     check_applicable(space)
+    store = record.portable_uri(store) if store else None
+    if store == record.portable_uri(client.tracking_uri):
+        store = None  # the sweep's own, named again
+    if store is not None:
+        client = tracking.client_for(store, current=False)
+        tracking.check_reachable(client, limit)
     run_id = source if is_run_id(source) else None
     try:
         sweep = tracking.find_sweep(client, source, run_id, flag=FLAG)
@@ -140,6 +149,6 @@ def prior_outcomes(client, space: SweepSpace, source: str, other_store: bool = F
     if not outcomes:
         raise WarmStartError(f"{FLAG} {source}: none of the {len(runs)} trials of sweep run {sweep.info.run_id} "
                              f"(experiment {experiment!r}) fits {space.path}" + (f" ({why})" if why else ""))
-    warm = WarmStart(sweep.info.run_id, experiment, outcomes, client.tracking_uri if other_store else None)
+    warm = WarmStart(sweep.info.run_id, experiment, outcomes, store)
     logger.info("the sampler starts from %s%s", warm.describe(), f"; left out: {why}" if why else "")
     return warm
