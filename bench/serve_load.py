@@ -43,7 +43,8 @@ from pruning import atomic, squad
 from pruning.checkpoint import read_evaluation, read_precision
 from pruning.resources import resolve_data, resolve_model
 from workflows.record import sqlite_database
-from workflows.registry import ALIAS, SERVE_DEFAULTS, log_qa_model, serve_settings
+from workflows.registry import ALIAS, log_qa_model, serve_settings
+from workflows.served_model import SERVE_DEFAULTS
 from workflows.serving import ModelServer, invoke, ping, run_load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -146,7 +146,7 @@ def test_serve_load_serves_a_model_directory_with_the_settings_it_records(bench_
     import mlflow
 
     from pruning.checkpoint import EVALUATION_KEY
-    from workflows.registry import SERVE_DEFAULTS
+    from workflows.served_model import SERVE_DEFAULTS
 
     serve_load = bench_script("serve_load")
     model_dir = tmp_path / "recorded"

@@ -574,8 +574,8 @@ def test_a_spoilt_frontier_trial_is_left_out_and_the_rest_of_the_frontier_regist
     assert f"trial run {trials['spoilt']}: runs:/{trials['spoilt']}/packed_model/model.safetensors" in caplog.text
 
 
-# Loads a registered model by alias as a process without this project would: the package `workflows` cannot be
-# imported (nor the installed project's `pruning`: the one the model ships as code is used).
+# Loads a registered model by alias as a process without this project would: Ray cannot be imported, nor any module
+# of the installed project (the `workflows` modules and the `pruning` package the model carries as code are used).
 _FRESH_PROCESS = """
 import json, sys
 from importlib.abc import MetaPathFinder
@@ -583,7 +583,8 @@ from importlib.abc import MetaPathFinder
 
 class WithoutTheProject(MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "workflows":
+        if name.partition(".")[0] == "ray" or name.startswith("workflows.") and name not in (
+                "workflows.record", "workflows.served_model"):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 
@@ -595,9 +596,9 @@ import pandas as pd
 model = mlflow.pyfunc.load_model(sys.argv[1])
 frame = pd.DataFrame(json.loads(sys.argv[2]))
 answers = model.predict(frame)
-import pruning
+import pruning, workflows.served_model
 print(json.dumps({"answers": answers["answer"].tolist(), "pruning": pruning.__file__,
-                  "runtime": model.unwrap_python_model().runtime}))
+                  "served_model": workflows.served_model.__file__, "runtime": model.unwrap_python_model().runtime}))
 """
 
 
@@ -618,6 +619,7 @@ def test_a_registered_model_loads_by_alias_in_a_process_without_the_project(reco
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert loaded["runtime"] == "onnxruntime"
     assert not Path(loaded["pruning"]).is_relative_to(ROOT)  # the package the model carries
+    assert not Path(loaded["served_model"]).is_relative_to(ROOT)  # and its copy of the served model's module
     assert all(answer in context for answer, context in zip(loaded["answers"], frame["context"]))
 
 

@@ -135,7 +135,7 @@ def test_registering_again_lists_each_directory_of_a_version_once_and_still_find
                                        for path in ("", "/code", "/artifacts/packed_model"))
 
     root = Path(champion.removeprefix("file://"))
-    spoilt = {"python_model.pkl": "its python_model (python_model.pkl) is gone",
+    spoilt = {"qa_model.py": "its python_model (qa_model.py) is gone",
               "code": "its code (code) is gone",
               "artifacts/packed_model": "its model_dir (artifacts/packed_model) is gone",
               "MLmodel": "its MLmodel is gone"}
@@ -788,14 +788,14 @@ def test_the_report_card_of_a_champion_whose_files_are_gone_gives_no_way_to_serv
     status, champion, _ = _register(capsys, store)
     assert status == 0
     root = client.get_model_version_download_uri(NAME, champion["version"]).rstrip("/")
-    (Path(root.removeprefix("file://")) / "python_model.pkl").unlink()
-    with registry._fluent_store(store["uri"]), pytest.raises(Exception, match="python_model.pkl"):
+    (Path(root.removeprefix("file://")) / "qa_model.py").unlink()
+    with registry._fluent_store(store["uri"]), pytest.raises(Exception, match="qa_model.py"):
         mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(pd.DataFrame({"question": ["q"],
                                                                                     "context": ["c"]}))
     out = store["root"] / "report"
     assert main(["report", "--experiment", "exp", "--tracking-uri", store["uri"], "--out", str(out)]) == 0
     markdown, html = (out / "report.md").read_text(), (out / "report.html").read_text()
-    said = (f"This version cannot be loaded or served: its python_model (python_model.pkl) is gone from {root}. "
+    said = (f"This version cannot be loaded or served: its python_model (qa_model.py) is gone from {root}. "
             "`fineprune register` and `fineprune select` no longer choose it; delete the version, and registering "
             "the sweep again makes it anew from the trial's packed model.")
     assert said in markdown and "Load it:" not in markdown and "Serve it:" not in markdown

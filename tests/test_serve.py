@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 
 from pruning.checkpoint import save_model
 from pruning.export import FILES, OrtQAModel
-from workflows.registry import SERVE_DEFAULTS, _fluent_store, export_for_serving, log_qa_model, serve_settings
+from workflows.registry import _fluent_store, export_for_serving, log_qa_model, serve_settings
+from workflows.served_model import SERVE_DEFAULTS
 from workflows.serving import BAD_KINDS, ModelServer, ServerError, free_port, invoke, ping, post, run_load, spoil
 
 from conftest import handed_to_handlers, sqlite_store
@@ -406,8 +407,9 @@ def test_a_version_logged_on_a_trial_run_keeps_the_runs_params_and_says_nothing_
 
 def test_models_logged_one_after_another_say_nothing_of_the_predict_type_hints(tmp_path, tokenizer,
                                                                                tiny_bert_config):
-    """MLflow reads the served class's annotations in the copy pickled with each model; after a process's first
-    model it could not resolve them there, and said so in two lines a model (a sweep logs one a frontier point)."""
+    """MLflow reads the served class's annotations as it logs a model; when the class was pickled with each model,
+    after a process's first model it could not resolve them, and said so in two lines a model (a sweep logs one a
+    frontier point)."""
     from transformers import BertForQuestionAnswering
 
     model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
@@ -418,6 +420,40 @@ def test_models_logged_one_after_another_say_nothing_of_the_predict_type_hints(t
                 log_qa_model(model_dir, serve_settings({}))
     assert not [line for line in said if "type hint" in line], said
 
+
+
+def test_a_logged_model_is_code_and_loading_it_unpickles_nothing(tmp_path, tokenizer, tiny_bert_config):
+    """The served class was pickled by value into each logged model (and MLflow warned, a line a model, that
+    loading such a model can run any code the pickle holds). A model is now logged as code: its python_model is
+    the file of MODEL_CODE, it carries the pruning package and, of workflows, only the modules the served model
+    imports, and it holds no pickle. Loaded here, it is the project's own class."""
+    from mlflow.models import Model
+    from transformers import BertForQuestionAnswering
+
+    from workflows.served_model import MODEL_CODE, MODEL_FILE, SHIPPED_MODULES, PackedQAModel
+
+    model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
+    uri = sqlite_store(tmp_path / "mlflow.db")
+    experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
+    with handed_to_handlers("mlflow.pyfunc") as said, _fluent_store(uri):
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_qa_model(model_dir, serve_settings({}))
+    assert not [line for line in said if "CloudPickle" in line or "pickle" in line.lower()], said
+    (root,) = {path.parent for path in (tmp_path / "a").rglob("MLmodel")}
+    flavor = Model.load(str(root)).flavors["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
+    assert Path(flavor["model_code_path"]).name == MODEL_FILE
+    assert (root / MODEL_FILE).read_text(encoding="utf-8") == MODEL_CODE
+    shipped = root / flavor["code"]
+    assert sorted(path.name for path in (shipped / "workflows").iterdir()) == sorted(
+        ["__init__.py", *(f"{module}.py" for module in SHIPPED_MODULES)])
+    assert (shipped / "pruning" / "inference.py").is_file() and not list(shipped.rglob("__pycache__"))
+    assert not [path for path in root.rglob("*") if path.suffix in (".pkl", ".pickle", ".cloudpickle")]
+    with _fluent_store(uri):
+        loaded = mlflow.pyfunc.load_model(info.model_uri)
+        assert type(loaded.unwrap_python_model()) is PackedQAModel
+        answer = loaded.predict(pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}))
+    assert answer.columns.tolist() == ["answer", "score"] and len(answer) == 1
 
 def test_serve_settings_come_from_the_run_config_with_defaults():
     params = {"max_seq_length": "128", "doc_stride": "32", "eval_batch_size": "16", "learning_rate": "0.001",
@@ -516,7 +552,7 @@ def test_an_instances_request_pairs_its_records_fields_by_position_as_the_readme
     a record without a field is not refused by its index, as `dataframe_records` and `inputs` refuse it."""
     from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
-    from workflows.registry import RequestError
+    from workflows.served_model import RequestError
 
     model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
     question, context = "Where does Bob live?", "Bob lives in Rome near the old bridge."
@@ -542,7 +578,7 @@ def test_a_record_without_a_field_is_said_to_miss_it_by_its_index_and_a_null_alo
     """A record without a context, next to one with it, was refused as "context must be a string, got null", a
     value it never sent. pandas fills the absent field with NaN (as it does a null next to texts), a null alone
     reaches the model as None."""
-    from workflows.registry import RequestError
+    from workflows.served_model import RequestError
 
     model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
     question, context = "Who wrote it?", "It was written by Ann."
