@@ -749,7 +749,8 @@ def test_a_diverging_run_is_one_line_and_exit_2(capsys, tmp_path):
 
 def test_a_directory_given_as_data_is_named_as_one(capsys, tmp_path):
     """A folder given where a SQuAD file goes was "SQuAD data file not found", while it was there."""
-    from workflows.space import SpaceError, check_local_paths, load_space
+    from workflows.preflight import check_local_paths
+    from workflows.space import SpaceError, load_space
 
     data = tmp_path / "squad"
     data.mkdir()

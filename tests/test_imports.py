@@ -183,20 +183,40 @@ def test_the_command_line_starts_without_the_onnx_exporter():
     assert done.stdout.strip() == "[]", done.stdout
 
 
-def test_a_sweep_whose_space_does_not_validate_is_refused_before_the_sweeps_modules_load(tmp_path):
-    """`fineprune sweep` of a space with a typo imported Ray Tune's driver side, MLflow and the report before it read
-    the space: ten seconds on 2 cores to say one line. The space is validated first; the line and exit 2 are as
-    before."""
+def _smoke_space(**base: str) -> str:
+    import yaml
+
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text(encoding="utf-8"))
+    space["base"].update(base)
+    return yaml.safe_dump(space)
+
+
+_REFUSED_EARLY = {
+    "invalid": ("name: bad\nsearch:\n  target_density: {type: uniform, low: 0.9, high: 0.1}\n",
+                "search.target_density.low: must be < high (0.9 >= 0.1)"),
+    "data-not-here": (_smoke_space(train_data="data/train.json"),
+                      "base.train_data: data/train.json: SQuAD data file not found"),
+    "model-not-here": (_smoke_space(model="models/nowhere"), "base.model: models/nowhere: model directory not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_REFUSED_EARLY))
+def test_a_sweep_refused_by_its_space_or_this_machine_is_refused_before_the_sweeps_modules_load(tmp_path, case):
+    """`fineprune sweep` of a space with a typo, or naming a path that is not here for the private local Ray its
+    trials would run on, imported Ray Tune's driver side, MLflow and the report before it read the space or looked
+    for the path: ten seconds on 2 cores to say one line. The space and the machine are checked first; the line and
+    exit 2 are as before, and nothing is written."""
     import subprocess
 
+    text, said = _REFUSED_EARLY[case]
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: bad\nsearch:\n  target_density: {type: uniform, low: 0.9, high: 0.1}\n")
+    bad.write_text(text)
     code = ("import sys\nfrom workflows import cli\nstatus = cli.main(['sweep', '--space', sys.argv[1]])\n"
             "print(status, sorted(m for m in ('workflows.sweep', 'mlflow', 'workflows.report') if m in sys.modules))")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "2 []", done.stdout
-    assert done.stderr.strip().splitlines()[-1] == (f"fineprune sweep: error: {bad}: search.target_density.low: must "
-                                                    "be < high (0.9 >= 0.1)")
+    assert done.stderr.strip().splitlines()[-1] == f"fineprune sweep: error: {bad}: {said}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]

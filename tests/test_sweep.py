@@ -742,7 +742,7 @@ def test_a_local_sweep_whose_data_does_not_load_fails_before_ray_starts(refused_
 def test_the_data_check_reads_as_many_training_questions_as_a_trial_may(tmp_path):
     """A searched train_limit: the file is checked up to the largest limit a trial may draw, no further."""
     from workflows.space import SpaceError, load_space
-    from workflows.sweep import _check_local_data
+    from workflows.preflight import check_local_data
 
     space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
     space["base"]["train_data"] = _small_squad(tmp_path / "data" / "v2.json", unanswerable=True)
@@ -752,21 +752,21 @@ def test_the_data_check_reads_as_many_training_questions_as_a_trial_may(tmp_path
         (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
         if refused:
             with pytest.raises(SpaceError, match="base.train_data: .*v2.json: question .*: no answers"):
-                _check_local_data(load_space(tmp_path / "space.yaml"))
+                check_local_data(load_space(tmp_path / "space.yaml"))
         else:
-            _check_local_data(load_space(tmp_path / "space.yaml"))
+            check_local_data(load_space(tmp_path / "space.yaml"))
 
 
 def test_the_data_check_says_once_that_the_trials_are_not_scored_on_held_out_questions(caplog, tmp_path):
     """The sweep says it for the trials (and for a teacher trained on other questions) before Ray starts; the
     teacher and the trials then do not say it again."""
     from workflows.space import load_space
-    from workflows.sweep import _check_local_data
+    from workflows.preflight import check_local_data
 
     space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     with caplog.at_level(logging.WARNING, logger="pruning.trainer"):
-        _check_local_data(load_space(tmp_path / "space.yaml"))
+        check_local_data(load_space(tmp_path / "space.yaml"))
     said = [r.getMessage() for r in caplog.records if "training questions too" in r.getMessage()]
     assert len(said) == 1 and said[0].endswith("the EM and F1 of the trials are not held out"), said
 
@@ -774,7 +774,7 @@ def test_the_data_check_says_once_that_the_trials_are_not_scored_on_held_out_que
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pruning.trainer"):
-        _check_local_data(load_space(tmp_path / "space.yaml"))
+        check_local_data(load_space(tmp_path / "space.yaml"))
     said = [r.getMessage() for r in caplog.records if "training questions too" in r.getMessage()]
     assert [m.rsplit("F1 ", 1)[1] for m in said] == ["of the trials are not held out",
                                                      "of the dense teacher are not held out"], said

@@ -312,14 +312,14 @@ def test_a_ray_address_that_does_not_answer_fails_fast_and_writes_nothing(tmp_pa
 
 
 def test_cluster_address_defaults_to_a_private_ray(monkeypatch):
-    from workflows.sweep import _cluster_address
+    from workflows.preflight import cluster_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert _cluster_address(None) is None and _cluster_address("local") is None
-    assert _cluster_address("10.0.0.1:6379") == "10.0.0.1:6379"
+    assert cluster_address(None) is None and cluster_address("local") is None
+    assert cluster_address("10.0.0.1:6379") == "10.0.0.1:6379"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")  # as under `ray job submit`
-    assert _cluster_address(None) == "10.0.0.2:6379"
-    assert _cluster_address("local") is None
+    assert cluster_address(None) == "10.0.0.2:6379"
+    assert cluster_address("local") is None
 
 
 def test_a_resumed_sweep_joins_mlflow_with_what_tune_restored(tmp_path):

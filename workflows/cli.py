@@ -574,6 +574,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from workflows.preflight import check_machine
     from workflows.retry import outage_limit
     from workflows.space import load_space
 
@@ -581,9 +582,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UserError(f"--experiment {args.experiment!r}: must not hold '/' (it names the sweep's directory under "
                         "--storage-path and its report's under reports/)")
     timeout = None if args.tracking_timeout is None else outage_limit(args.tracking_timeout, "--tracking-timeout")
-    # A space that does not validate is refused before the sweep's modules (Ray, MLflow, the report) are imported:
-    # in a second or two rather than ten. run_sweep validates it again, at little cost once what it reads is loaded.
-    load_space(args.space)
+    # A space that does not validate, or names a path or asks for resources that a private local Ray does not have
+    # here, is refused before the sweep's modules (MLflow, the trainer, the report) are imported: in two or three
+    # seconds rather than ten. run_sweep checks it again, at little cost once what it reads is loaded.
+    check_machine(load_space(args.space), args.address)
     from workflows.sweep import run_sweep
 
     summary = run_sweep(args.space, experiment=args.experiment, tracking_uri=args.tracking_uri,

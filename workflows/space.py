@@ -37,7 +37,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from pruning.config import (MAX_SEED, METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, RunConfig, check_head_shaped,
                             check_keys_apply, config_from_dict, config_to_dict, read_yaml)
-from pruning.resources import ResourceError, first_missing, resolve_data, resolve_model
+from pruning.resources import ResourceError, resolve_data, resolve_model
 from pruning.schedules import warmups
 from pruning.contents import content_digest
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
@@ -69,7 +69,6 @@ __all__ = [
     "trial_config",
     "teacher_config",
     "baseline_config",
-    "check_local_paths",
     "teacher_fingerprint",
     "scoring_fingerprint",
     "EVALUATION",
@@ -992,22 +991,6 @@ def load_space(path: str | Path) -> SweepSpace:
         return SweepSpace.model_validate(raw, context={"path": path})
     except ValidationError as err:
         raise SpaceError(f"{path}: {_describe(err.errors()[0])}") from None
-
-
-def check_local_paths(space: SweepSpace) -> None:
-    """The model, tokenizer, data and teacher the space names exist on this machine: a sweep on a private local Ray
-    checks them before it starts (on a cluster they need only exist on the workers, where the trials say so).
-
-    Raises:
-        SpaceError: one line naming the space file, the key and the path.
-    """
-    for where, values in (("base", space.base), ("teacher.config", space.teacher.config)):
-        missing = first_missing(values, ("model", "tokenizer", "train_data", "eval_data"))
-        if missing is not None:
-            raise SpaceError(f"{space.path}: {where}.{missing[0]}: {missing[1]}")
-    missing = first_missing({"teacher": space.teacher.path}, ("teacher",))
-    if missing is not None:
-        raise SpaceError(f"{space.path}: teacher.path: {missing[1]}")
 
 
 def _is_packed(model: str) -> bool:

@@ -40,7 +40,6 @@ import torch
 import transformers
 from ray import tune
 from ray._private.services import canonicalize_bootstrap_address_or_die
-from ray._private.utils import get_num_cpus
 from ray.exceptions import AuthenticationError
 
 from pruning import atomic, squad
@@ -49,14 +48,14 @@ from pruning.config import config_to_dict
 from pruning.packing import PACK_METRICS, pack_and_verify, save_packed
 from pruning.quiet import leaving_out
 from pruning.resources import resolve_data
-from pruning.trainer import evaluate, resolve_device, train, warn_if_not_held_out
+from pruning.trainer import evaluate, resolve_device, train
 from workflows import frontier, record, registry, tracking
 from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
 from workflows.retry import TrackingUnavailable, call_with_retries, is_transient, outage_limit, quick_http_failures
-from workflows.space import (EVAL_METRICS, EVALUATION, SpaceError, SweepSpace, baseline_config, check_local_paths,
-                             load_space, param_space, scoring_fingerprint, teacher_config, teacher_fingerprint,
-                             trial_config, tune_config_kwargs)
+from workflows.preflight import check_local_data, check_machine
+from workflows.space import (EVAL_METRICS, EVALUATION, SweepSpace, baseline_config, load_space, param_space,
+                             scoring_fingerprint, teacher_config, teacher_fingerprint, trial_config, tune_config_kwargs)
 from workflows.user_errors import output_path_problem
 from workflows.warm_start import WarmStart, WarmStartError, check_applicable, prior_outcomes
 
@@ -228,80 +227,6 @@ def _dense_teacher(cfg, given: str | None, held_out_checked: bool = False) -> di
     return {**metrics, "model_dir": given}
 
 
-def _check_local_resources(space: SweepSpace) -> None:
-    """Refuse, before anything starts, trial resources the local Ray does not have (a GPU share without a GPU, more
-    CPUs than it has): the trials run there, and it would hold the teacher and every trial waiting for them forever
-    (its autoscaler saying every half minute that no node fits the request).
-
-    The local Ray is the one already running in this process where the caller started one (which the sweep runs on,
-    with the CPUs and GPUs it was given, ``ray.init(num_cpus=...)``), else the private one the sweep starts here, with
-    this machine's CPUs (as Ray counts them: a container's) and GPUs."""
-    if ray.is_initialized():
-        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        cpus = max((float(node.get("CPU", 0)) for node in nodes), default=0.0)
-        gpus = max((float(node.get("GPU", 0)) for node in nodes), default=0.0)
-        where = "the Ray running in this process has", "the trials run there"
-    else:
-        cpus, gpus = float(get_num_cpus()), float(torch.cuda.device_count())
-        where = "this machine has", "the trials run here (a sweep without --address starts a private local Ray)"
-    cpu = float(space.resources.get("cpu", 1) or 0)
-    if cpu > cpus:
-        raise SpaceError(f"{space.path}: resources.cpu: {cpu:g} per trial, but {where[0]} {cpus:g} and {where[1]}: "
-                         f"ask for at most {cpus:g}, or join a cluster with larger nodes with --address")
-    gpu = float(space.resources.get("gpu", 0) or 0)
-    if gpu > gpus:
-        have = "no GPU" if gpus == 0 else f"{gpus:g} GPU{'s' if gpus > 1 else ''}"
-        fix = "set gpu: 0 with base.device cpu or auto" if gpus == 0 else f"ask for at most {gpus:g}"
-        raise SpaceError(f"{space.path}: resources.gpu: {gpu:g} per trial, but {where[0]} {have} and {where[1]}: "
-                         f"{fix}, or join a cluster with GPUs with --address")
-
-
-def _largest_train_limit(space: SweepSpace) -> int | None:
-    """The most training questions a trial reads: the base ``train_limit``, or the largest one searched (None: all)."""
-    spec = space.search.get("train_limit")
-    if spec is None:
-        return space.base_config.train_limit
-    if spec.values is not None:
-        return None if None in spec.values else max(int(v) for v in spec.values)
-    return int(spec.high)
-
-
-def _check_local_data(space: SweepSpace) -> None:
-    """The SQuAD files the teacher and the trials read load as they will read them, before Ray starts: a malformed
-    file (a SQuAD v2 question without answers, an answer_start off its text, ...) is one line, not a teacher
-    fine-tuned for nothing and then every trial failed. Evaluation questions that are training questions too are
-    said here once (for the trials at their largest ``train_limit``, and for a teacher trained on other data: the
-    dense baseline is scored on the trials' questions), rather than by the teacher and again by every trial.
-
-    Raises:
-        SpaceError: one line naming the space file, the key, the data file and the question.
-    """
-    teacher = teacher_config(space, "-")
-    base = space.base_config
-    reads: list[tuple[str, str, int | None, bool]] = []  # (key, file, limit, spans)
-    if space.teacher.path is None:
-        where = "teacher.config" if "train_data" in space.teacher.config else "base"
-        reads.append((f"{where}.train_data", teacher.train_data, teacher.train_limit, True))
-    where = "teacher.config" if "eval_data" in space.teacher.config else "base"
-    reads.append((f"{where}.eval_data", teacher.eval_data, teacher.eval_limit, False))
-    reads.append(("base.train_data", base.train_data, _largest_train_limit(space), True))
-    reads.append(("base.eval_data", base.eval_data, base.eval_limit, False))
-    loaded: dict[tuple[Path, int | None, bool], list[squad.Example]] = {}
-    examples: list[list[squad.Example]] = []  # in the order of `reads`; a file read twice is the same list
-    for key, name, limit, spans in reads:
-        path = resolve_data(name)
-        if (path, limit, spans) not in loaded:
-            try:
-                loaded[path, limit, spans] = squad.load_squad(path, limit=limit, spans=spans)
-            except squad.SquadFormatError as err:
-                raise SpaceError(f"{space.path}: {key}: {err}") from None
-        examples.append(loaded[path, limit, spans])
-    *teacher_reads, trials_train, trials_eval = examples
-    warn_if_not_held_out(trials_train, trials_eval, scored="the trials")
-    if len(teacher_reads) == 2 and teacher_reads[0] is not trials_train:
-        warn_if_not_held_out(teacher_reads[0], trials_eval, scored="the dense teacher")
-
-
 def ensure_teacher(space: SweepSpace, root: Path, held_out_checked: bool = False) -> tuple[str, dict[str, Any]]:
     """The teacher directory and its dense EM/F1: the space's own, or one fine-tuned once and then reused.
 
@@ -413,17 +338,6 @@ def _teacher_cpus(resources: dict[str, Any]) -> float:
 # --------------------------------------------------------------------------------------------------------------
 # Ray
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _cluster_address(address: str | None) -> str | None:
-    """The Ray cluster to join (``--address``, else ``RAY_ADDRESS``), or None for a private local Ray.
-
-    ``local`` also means a private Ray. Without either, the sweep never joins a cluster Ray recorded as the current
-    one (which may be dead, or someone else's).
-    """
-    if address is None:
-        address = os.environ.get("RAY_ADDRESS")
-    return None if not address or address == "local" else address
 
 
 def _check_ray_answers(address: str) -> None:
@@ -681,13 +595,11 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     if warm_start_tracking_uri:  # only read: a store with no record yet is refused, not made
         tracking.check_readable_store(warm_start_tracking_uri,
                                       hint="pass the earlier sweep's --tracking-uri as --warm-start-tracking-uri")
-    cluster = _cluster_address(address)
+    cluster = check_machine(space, address)
     if cluster:
         _check_ray_answers(cluster)
     else:
-        check_local_paths(space)  # on a cluster they need only exist on the workers
-        _check_local_resources(space)
-        _check_local_data(space)
+        check_local_data(space)
     _local_storage(storage_path)
     experiment = experiment or space.name
     tracking_uri = record.tracking_uri(tracking_uri)
