@@ -355,6 +355,12 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     assert summary["status"] == "finished" and summary["trials"] == 4
     assert not (Path(tempfile.gettempdir()) / "fineprune-trials" / Path(summary["sweep_dir"]).name).exists()
     assert "Configuration for experiment" in proc.stderr  # Tune's table, on stderr
+    # Its columns of metrics are the objectives and what else a reader of a pruning sweep looks for, not the step,
+    # the epoch and the state of the threshold schedule (the first four a trial reported).
+    headers = [line.split("total time (s)")[1].split() for line in proc.stderr.splitlines()
+               if "Trial name" in line and "total time (s)" in line]
+    assert headers and all(columns[:3] == ["f1", "linear_density", "exact_match"] for columns in headers), headers
+    assert not {"step", "epoch", "threshold"} & {name for columns in headers for name in columns}, headers
     assert "the search ended after 4 of 6 trials" in proc.stderr
     # The trials train and score on the same dev questions: said once by the sweep, not by the teacher and each trial.
     assert proc.stderr.count("evaluation questions are training questions too") == 1, proc.stderr[-5000:]

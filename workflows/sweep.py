@@ -110,8 +110,20 @@ class StorageError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _report_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+# After its own columns, Tune's table of trials shows the first four metrics the first result reports: the sweep's
+# objectives, then these, rather than the step, the epoch and the threshold schedule's state.
+_SHOWN_FIRST = (record.F1, record.LINEAR_DENSITY, record.EXACT_MATCH, record.SPEEDUP, record.HEADS_REMOVED)
+
+
+def _report_metrics(metrics: dict[str, Any], first: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The metrics a trial reports to Tune (numbers, strings and flags), those named in ``first`` first."""
+    values = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+    return {**{k: values[k] for k in first if k in values}, **values}
+
+
+def _shown_first(space: SweepSpace) -> tuple[str, ...]:
+    """The metrics a trial reports first: the space's objectives, then :data:`_SHOWN_FIRST`."""
+    return tuple(dict.fromkeys([name for name, _ in space.objectives] + list(_SHOWN_FIRST)))
 
 
 def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, cache_dir: str | None = None,
@@ -144,9 +156,10 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
 
     fault_dir = os.environ.get(FAULT_ENV)
     reports = {"n": 0}
+    shown_first = _shown_first(space)
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        values = {**_report_metrics(metrics), "node_id": node_id, "final": False}
+        values = {**_report_metrics(metrics, shown_first), "node_id": node_id, "final": False}
         checkpoint = None
         if checkpoint_dir is not None:
             Path(checkpoint_dir, CHECKPOINT_KIND).write_text(json.dumps({"kind": "train", "step": metrics.get("step")}))
@@ -199,10 +212,8 @@ def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space: SweepSpa
     packed, report = pack_and_verify(masked, batch_size=int(speed["batch_size"]), seq_len=int(speed["seq_len"]),
                                      repeats=int(speed["repeats"]), precision=precision)
     save_packed(packed.to("cpu"), load_tokenizer(model_dir), packed_dir, overwrite=True)
-    final = _report_metrics(metrics)
-    final.pop("model_dir", None)
-    final.update(report.metrics())
-    return final
+    final = {k: v for k, v in {**metrics, **report.metrics()}.items() if k != "model_dir"}
+    return _report_metrics(final, _shown_first(space))
 
 
 # --------------------------------------------------------------------------------------------------------------
