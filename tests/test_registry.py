@@ -467,6 +467,48 @@ def test_a_model_logged_with_other_settings_than_registering_now_gives_is_not_re
     assert bf16.source not in (old.model_uri, first.source)
 
 
+
+def test_a_model_logged_with_its_served_class_pickled_is_not_reused(record, tokenizer, caplog):
+    """A trial's served model logged as registrations logged it before, its class pickled with it (which loading
+    it unpickles), serves as one logged now would, but is not made a version again: a new model is logged, as code,
+    and reused by the next registration."""
+    from mlflow.models import Model
+
+    from pruning.checkpoint import read_evaluation
+    from workflows.served_model import MAX_RECORDS, SIGNATURE, PackedQAModel
+
+    client, root = record["client"], record["root"]
+    model_dir = _packed_dir(root / "pickled", tokenizer, 1, 32)
+    run_id = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id
+    client.log_artifacts(run_id, str(model_dir), "packed_model")
+    client.set_terminated(run_id)
+    settings = {**registry.serve_settings({}, read_evaluation(model_dir)), "precision": "fp32"}
+    mlflow.set_tracking_uri(record["uri"])
+    with mlflow.start_run(run_id=run_id):
+        old = mlflow.pyfunc.log_model(name="qa_model", python_model=PackedQAModel(),
+                                      artifacts={"model_dir": str(model_dir)}, code_paths=[str(ROOT / "pruning")],
+                                      pip_requirements=registry.PIP_REQUIREMENTS,
+                                      signature=SIGNATURE, tags={"onnx": "skipped"},
+                                      model_config={"max_records": MAX_RECORDS, **settings, "onnx_variant": "none"})
+    client.set_terminated(run_id)
+    assert "python_model" in Model.load(old.model_uri).flavors["python_function"]  # the pickle, as before
+
+    def register(name: str):
+        with caplog.at_level(logging.INFO, logger="workflows.registry"):
+            result = registry.register_run(client, run_id, name, record["parent"], "best_f1_under_density",
+                                           onnx=False)
+        return client.get_model_version(name, result["version"])
+
+    first = register("tiny-unpickled")
+    assert first.source != old.model_uri and len(_logged_models(record, run_id)) == 2
+    assert "model_code_path" in Model.load(first.source).flavors["python_function"]
+    assert (f"trial run {run_id}: the model logged on it before ({old.model_id}) holds its served class pickled, "
+            "which loading it unpickles: logging a new one, as code") in caplog.text
+    caplog.clear()
+    again = register("tiny-unpickled-too")
+    assert again.source == first.source and len(_logged_models(record, run_id)) == 2
+    assert "holds its served class pickled" not in caplog.text
+
 def test_select_over_versions_whose_files_are_spoilt_names_each_and_leaves_the_alias(record, tokenizer, capsys):
     client, root, name = record["client"], record["root"], "tiny-spoilt"
     run_id = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id

@@ -394,9 +394,10 @@ def _served_by(settings: Mapping[str, Any], has_onnx: bool) -> dict[str, Any] | 
 
 
 def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any]):
-    """The served model an earlier registration logged on the trial ``run`` (whole, and exported for ONNX Runtime
-    as ``onnx`` asks: tried, or ``skipped``) that serves as one logged now with ``settings`` (its ``model_config``
-    but ``onnx_variant``) would, or None."""
+    """The served model an earlier registration logged on the trial ``run`` (whole, logged as code, and exported
+    for ONNX Runtime as ``onnx`` asks: tried, or ``skipped``) that serves as one logged now with ``settings`` (its
+    ``model_config`` but ``onnx_variant``) would, or None. A model logged before models were logged as code, with
+    its served class pickled, is never reused."""
     from mlflow.models import Model
 
     try:
@@ -405,7 +406,7 @@ def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any]):
                                                            f"AND name = '{ARTIFACT_QA_MODEL}'")
     except MlflowException:
         return None
-    stale = []
+    stale, pickled = [], []
     for model in sorted(models, key=lambda m: m.creation_timestamp or 0):
         tag = model.tags.get(TAG_ONNX)
         if model.status != LoggedModelStatus.READY or tag is None or (tag == ONNX_SKIPPED) == onnx:
@@ -414,6 +415,9 @@ def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any]):
             with _fluent_store(client.tracking_uri):  # which resolves the model's files
                 flavor = Model.load(model.model_uri).flavors.get("python_function", {})
         except (MlflowException, OSError):  # its files are gone: not a model to serve
+            continue
+        if not flavor.get("model_code_path"):
+            pickled.append(model.model_id)
             continue
         lost = _lost_files(model.artifact_location, client.tracking_uri)
         if lost is not None:
@@ -428,6 +432,9 @@ def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any]):
             return model
         stale.append((model.model_id, {key: (value, (served or {}).get(key)) for key, value in (wanted or {}).items()
                                        if (served or {}).get(key) != value}))
+    if pickled:
+        logger.info("trial run %s: the model logged on it before (%s) holds its served class pickled, which loading "
+                    "it unpickles: logging a new one, as code", run.info.run_id, ", ".join(pickled))
     if stale:
         changes = ("; ".join(f"{model_id}: " + ", ".join(f"{key} {was} -> {now}" for key, (now, was) in changed.items())
                              for model_id, changed in stale))
