@@ -361,6 +361,12 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
                if "Trial name" in line and "total time (s)" in line]
     assert headers and all(columns[:3] == ["f1", "linear_density", "exact_match"] for columns in headers), headers
     assert not {"step", "epoch", "threshold"} & {name for columns in headers for name in columns}, headers
+    # Each trial's last result, printed as a table when it ends, holds what a reader compares, not all fifty-odd
+    # metrics a trial reports (MLflow keeps them).
+    results = re.findall(r"Trial trial_main_\w+ result.*?\n(?:.*\n)*?╰", proc.stderr)
+    assert len(results) == 4, proc.stderr[-5000:]
+    assert all(re.search(r"│ f1 +\d", table) and re.search(r"│ speedup +\d", table) for table in results), results[0]
+    assert not [table for table in results if "loss_ce" in table or "ffn_kept_layer_0" in table], results[0]
     assert "the search ended after 4 of 6 trials" in proc.stderr
     # The trials train and score on the same dev questions: said once by the sweep, not by the teacher and each trial.
     assert proc.stderr.count("evaluation questions are training questions too") == 1, proc.stderr[-5000:]

@@ -115,6 +115,10 @@ class StorageError(ValueError):
 _SHOWN_FIRST = (record.F1, record.LINEAR_DENSITY, record.EXACT_MATCH, record.SPEEDUP, record.HEADS_REMOVED)
 
 
+# And after them, what Tune's table of a trial's last result shows.
+_RESULT_SHOWN = (record.TOTAL_DENSITY, record.PARAMS_AFTER, "train_seconds", "prune_seconds")
+
+
 def _report_metrics(metrics: dict[str, Any], first: tuple[str, ...] = ()) -> dict[str, Any]:
     """The metrics a trial reports to Tune (numbers, strings and flags), those named in ``first`` first."""
     values = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
@@ -667,6 +671,9 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         trainable = tune.with_parameters(trial_main, space=space, teacher=teacher_dir,
                                          cache_dir=str(storage / "cache"), held_out_checked=not cluster)
         trainable = tune.with_resources(trainable, _tune_resources(space.resources))
+        # Tune prints each trial's last result as a table when it ends: of these metrics, not all fifty-odd a trial
+        # reports (its reporter reads them from the trainable; the record in MLflow keeps every metric).
+        trainable._progress_metrics = list(_shown_first(space) + _RESULT_SHOWN)
         tuner = _tuner(space, trainable, callback, sweep_dir, storage_root, bool(resume), warm)
         with quick_http_failures():
             _fit(tuner, sweep_dir)
