@@ -1,7 +1,8 @@
 """The sweep driver: a search space in, a tracked Ray Tune sweep, a Pareto frontier and a champion out.
 
 :func:`run_sweep` takes four steps, each delegated to library code:
-  1. validate the space (:func:`workflows.space.load_space`): an invalid space fails before Ray starts;
+  1. validate the space (:func:`workflows.space.load_space`) and, for a private local Ray, what it names on this
+     machine (:mod:`workflows.preflight`): an invalid space fails before Ray starts;
   2. make sure a dense teacher exists (:func:`ensure_teacher`: trained once as a Ray task, reused for the same
      model/data/config);
   3. ``Tuner.fit()`` over :func:`trial_main`, which calls :func:`pruning.trainer.train` and, at the end,
