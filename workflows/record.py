@@ -13,6 +13,10 @@ A sweep's record is:
 ``workflows.tracking`` writes the record; ``workflows.registry`` and ``workflows.report`` only read it, through the
 names and readers here. Every tag, param, metric and artifact name the project writes is defined once, in this
 module.
+
+Every registered version carries a copy of this module as code, for :mod:`workflows.served_model`, which reads its
+artifact names: at its top it imports the standard library only (mlflow and pandas inside the readers), so that a
+process that loads a version needs nothing more than the version's own requirements.
 """
 
 from __future__ import annotations
