@@ -589,10 +589,10 @@ REFUSED = {
 
 @pytest.fixture(scope="module")
 def refused_sweeps(tmp_path_factory):
-    """Every sweep of ``REFUSED`` run by the command line, all at once: each is a process that imports torch, Ray and
-    MLflow before it refuses, which side by side on two cores take the time of half of them. Case -> (the directory
-    it ran in, holding its space file and nothing else but its data; the finished process). Without a GPU only: on
-    a machine with one, the "gpu" case would run."""
+    """Every sweep of ``REFUSED`` run by the command line, all at once: each is a process that reads the space (and,
+    for a data case, imports MLflow and the sweep's modules) before it refuses, which side by side on two cores take
+    the time of half of them. Case -> (the directory it ran in, holding its space file and nothing else but its
+    data; the finished process). Without a GPU only: on a machine with one, the "gpu" case would run."""
     import torch
 
     logs = tmp_path_factory.mktemp("refused-output")  # not in the cases' directories, whose contents are checked
