@@ -196,7 +196,6 @@ _REFUSED_EARLY = {
                 "search.target_density.low: must be < high (0.9 >= 0.1)"),
     "data-not-here": (_smoke_space(train_data="data/train.json"),
                       "base.train_data: data/train.json: SQuAD data file not found"),
-    "model-not-here": (_smoke_space(model="models/nowhere"), "base.model: models/nowhere: model directory not found"),
 }
 
 
