@@ -1,7 +1,7 @@
 """The model a registered version serves: MLflow's pyfunc over a packed QA model, logged as code.
 
 :func:`workflows.registry.log_qa_model` logs a version as MLflow's "model from code": its ``python_model`` is the
-three lines of :data:`MODEL_CODE`, which set this module's :class:`PackedQAModel`, and the version carries the code
+file of :data:`MODEL_CODE`, whose three statements set this module's :class:`PackedQAModel`, and the version carries the code
 they import: the ``pruning`` package, and of ``workflows`` this module and :mod:`workflows.record` (see
 :data:`SHIPPED_MODULES`). A process that loads the version (``mlflow models serve``, another machine) runs that code
 with mlflow and pandas, and needs neither Ray nor the rest of ``workflows``. Nothing is pickled: loading a version
@@ -46,6 +46,7 @@ from workflows.served_model import PackedQAModel
 mlflow.models.set_model(PackedQAModel())
 """
 MODEL_FILE = "qa_model.py"
+
 logger = logging.getLogger(__name__)
 
 ONNX_VARIANTS = ("int8", "fp32", "none")  # what the served model runs: ORT int8 (default), ORT fp32, or PyTorch
