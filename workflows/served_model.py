@@ -1,13 +1,13 @@
 """The model a registered version serves: MLflow's pyfunc over a packed QA model, logged as code.
 
 :func:`workflows.registry.log_qa_model` logs a version as MLflow's "model from code": its ``python_model`` is the
-file of :data:`MODEL_CODE`, whose three statements set this module's :class:`PackedQAModel`, and the version carries the code
-they import: the ``pruning`` package, and of ``workflows`` this module and :mod:`workflows.record` (see
-:data:`SHIPPED_MODULES`). A process that loads the version (``mlflow models serve``, another machine) runs that code
-with mlflow and pandas, and needs neither Ray nor the rest of ``workflows``. Nothing is pickled: loading a version
-runs no code but what the version carries and the packages it names. So this module imports nothing else of
-``workflows``, and ``pruning`` beyond its config only in the functions that run once a version loads (the registry,
-which imports it, stays light).
+file of :data:`MODEL_CODE`, whose three statements set this module's :class:`PackedQAModel`, and the version
+carries the code they import: the ``pruning`` package, and of ``workflows`` this module and :mod:`workflows.record`
+(see :data:`SHIPPED_MODULES`). A process that loads the version (``mlflow models serve``, another machine) runs
+that code with mlflow and pandas, and needs neither Ray nor the rest of ``workflows``. Nothing is pickled: loading
+a version runs no code but what the version carries and the packages it names. So this module imports nothing else
+of ``workflows``, and ``pruning`` beyond its config only in the functions that run once a version loads (the
+registry, which imports it, stays light).
 """
 
 from __future__ import annotations
