@@ -110,7 +110,6 @@ def measured_precision(run) -> str:
     return run.data.params.get("precision", RunConfig.__dataclass_fields__["precision"].default)
 
 
-
 class SelectionError(ValueError):
     """No registered version meets a latency budget, or the model to choose from does not exist."""
 
@@ -170,7 +169,6 @@ def select_champion(points: list[dict[str, Any]], policy: str, dense_f1: float |
         return min(pool, key=lambda p: (p[LINEAR_DENSITY], -p[F1]), default=None)
     pool = [p for p in pool if _finite(p.get(SPEEDUP))]
     return max(pool, key=lambda p: (p[SPEEDUP], p[F1]), default=None)
-
 
 
 def register_champion(client, experiment: str, parent_run_id: str, spec: RegistrySpec,

@@ -98,6 +98,7 @@ def serving_precision(recorded: str, cpu_check=None) -> str:
                        "AMX): serving it in fp32")
     return chosen
 
+
 class RequestError(MlflowException):
     """A bad request to the served model: HTTP 400 whose JSON body carries only the one-line message.
 
