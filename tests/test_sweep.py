@@ -165,6 +165,10 @@ def test_resume_reruns_nothing_and_duplicates_no_runs(retried_sweep):
     assert {r.info.run_id for r in _runs(resumed)} == runs_before
     assert [len(p.read_text().splitlines()) for p in results] == lines_before
     assert all(r.info.status != "RUNNING" for r in _runs(resumed))
+    # Neither the sweep nor its resumption wrote TensorBoard files, and the setting that kept Tune from it went with
+    # each run.
+    assert results and not list(Path(summary["sweep_dir"]).rglob("events.out.tfevents*"))
+    assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
 
 
 def test_an_invalid_space_fails_before_ray_starts(tmp_path):
@@ -374,6 +378,13 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     assert not _worker_progress_bars(proc.stderr), _worker_progress_bars(proc.stderr)[:5]
     assert "Checkpoint successfully created" not in proc.stderr  # Ray's repr of each checkpoint reported
     assert "snapshotting has been triggered multiple times" not in proc.stderr  # Tune's advice to snapshot less
+    # The record is MLflow's: no hint to run TensorBoard, and no event files for it; Tune's own files of each trial
+    # are still written beside its checkpoints.
+    assert "TensorBoard" not in proc.stderr, proc.stderr[:3000]
+    trial_dirs = [path for path in Path(summary["sweep_dir"]).iterdir() if path.is_dir()]
+    assert len(trial_dirs) == 4 and all((path / "result.json").is_file() and (path / "progress.csv").is_file()
+                                        for path in trial_dirs), sorted(Path(summary["sweep_dir"]).rglob("*"))
+    assert not list(Path(summary["sweep_dir"]).rglob("events.out.tfevents*"))
     parent = MlflowClient(tracking_uri=uri).get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags[record.TAG_SWEEP_STATE] == record.SWEEP_COMPLETE
     search = summary["search"]
@@ -753,8 +764,8 @@ def test_a_local_sweep_whose_data_does_not_load_fails_before_ray_starts(refused_
 
 def test_the_data_check_reads_as_many_training_questions_as_a_trial_may(tmp_path):
     """A searched train_limit: the file is checked up to the largest limit a trial may draw, no further."""
-    from workflows.space import SpaceError, load_space
     from workflows.preflight import check_local_data
+    from workflows.space import SpaceError, load_space
 
     space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
     space["base"]["train_data"] = _small_squad(tmp_path / "data" / "v2.json", unanswerable=True)
@@ -772,8 +783,8 @@ def test_the_data_check_reads_as_many_training_questions_as_a_trial_may(tmp_path
 def test_the_data_check_says_once_that_the_trials_are_not_scored_on_held_out_questions(caplog, tmp_path):
     """The sweep says it for the trials (and for a teacher trained on other questions) before Ray starts; the
     teacher and the trials then do not say it again."""
-    from workflows.space import load_space
     from workflows.preflight import check_local_data
+    from workflows.space import load_space
 
     space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))

@@ -33,7 +33,7 @@ import traceback
 import urllib.parse
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 import ray
@@ -42,6 +42,7 @@ import transformers
 from ray import tune
 from ray._private.services import canonicalize_bootstrap_address_or_die
 from ray.exceptions import AuthenticationError
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from pruning import atomic, squad
 from pruning.checkpoint import load_model, load_tokenizer
@@ -53,8 +54,8 @@ from pruning.trainer import evaluate, resolve_device, train
 from workflows import frontier, record, registry, tracking
 from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
-from workflows.retry import TrackingUnavailable, call_with_retries, is_transient, outage_limit, quick_http_failures
 from workflows.preflight import check_local_data, check_machine
+from workflows.retry import TrackingUnavailable, call_with_retries, is_transient, outage_limit, quick_http_failures
 from workflows.space import (EVAL_METRICS, EVALUATION, SweepSpace, baseline_config, load_space, param_space,
                              scoring_fingerprint, teacher_config, teacher_fingerprint, trial_config, tune_config_kwargs)
 from workflows.user_errors import output_path_problem
@@ -114,8 +115,6 @@ class StorageError(ValueError):
 # After its own columns, Tune's table of trials shows the first four metrics the first result reports: the sweep's
 # objectives, then these, rather than the step, the epoch and the threshold schedule's state.
 _SHOWN_FIRST = (record.F1, record.LINEAR_DENSITY, record.EXACT_MATCH, record.SPEEDUP, record.HEADS_REMOVED)
-
-
 # And after them, what Tune's table of a trial's last result shows.
 _RESULT_SHOWN = (record.TOTAL_DENSITY, record.PARAMS_AFTER, "train_seconds", "prune_seconds")
 
@@ -491,7 +490,7 @@ def _tuner(space: SweepSpace, trainable: Any, callback: tracking.MlflowTrialCall
     if resume and tune.Tuner.can_restore(sweep_dir):
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
         # The restored Tuner carries the callbacks pickled when the sweep started; log through this driver's.
-        tuner._local_tuner.get_run_config().callbacks = [callback]
+        tuner._local_tuner.get_run_config().callbacks = _callbacks(callback)
         return tuner
     # A new sweep, or one whose driver died before Tune first saved its state.
     run_config = tune.RunConfig(
@@ -499,13 +498,38 @@ def _tuner(space: SweepSpace, trainable: Any, callback: tracking.MlflowTrialCall
         storage_path=storage_root,
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[callback],
+        callbacks=_callbacks(callback),
         verbose=1,
     )
     return tune.Tuner(trainable, param_space=param_space(space),
                       tune_config=tune.TuneConfig(**tune_config_kwargs(space, TRIAL_METRICS,
                                                                        warm.outcomes if warm else ())),
                       run_config=run_config)
+
+
+# Tune adds, unless this is set, its default loggers: a trial's result.json and progress.csv (Tune's own files of a
+# trial, beside its checkpoints), and TensorBoard event files, with a line at the start of every sweep telling the
+# user to run TensorBoard over them. The sweep's record is MLflow's: it passes the first two loggers itself.
+_NO_DEFAULT_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+
+
+def _callbacks(callback: tracking.MlflowTrialCallback) -> list[Any]:
+    """The Tune run's callbacks: the sweep's MLflow logging, and Tune's JSON and CSV files of each trial."""
+    return [callback, JsonLoggerCallback(), CSVLoggerCallback()]
+
+
+@contextlib.contextmanager
+def _without_tensorboard() -> Iterator[None]:
+    """Within the block, Tune adds none of its default loggers (see :data:`_NO_DEFAULT_LOGGERS`)."""
+    given = os.environ.get(_NO_DEFAULT_LOGGERS)
+    os.environ[_NO_DEFAULT_LOGGERS] = "1"
+    try:
+        yield
+    finally:
+        if given is None:
+            os.environ.pop(_NO_DEFAULT_LOGGERS, None)
+        else:
+            os.environ[_NO_DEFAULT_LOGGERS] = given
 
 
 # Where Tuner.fit reads the trials' files back once the Tune run has ended (its ResultGrid, unused by the sweep).
@@ -530,7 +554,7 @@ def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
     cut short when the storage's disk filled) is a warning, not a traceback ending a sweep whose trials all ended.
     """
     try:
-        with _without_snapshot_advice():
+        with _without_snapshot_advice(), _without_tensorboard():
             tuner.fit()
     except Exception as err:  # noqa: BLE001 - raised again unless it came from reading the results back
         raised_in = {frame.f_globals.get("__name__") for frame, _ in traceback.walk_tb(err.__traceback__)}
