@@ -467,7 +467,8 @@ def test_a_model_logged_with_other_settings_than_registering_now_gives_is_not_re
     assert bf16.source not in (old.model_uri, first.source)
 
 
-
+# Logged as before, without an input example, which MLflow warns about (in colour, hence the leading ".*").
+@pytest.mark.filterwarnings("ignore:.*An input example was not provided:UserWarning")
 def test_a_model_logged_with_its_served_class_pickled_is_not_reused(record, tokenizer, caplog):
     """A trial's served model logged as registrations logged it before, its class pickled with it (which loading
     it unpickles), serves as one logged now would, but is not made a version again: a new model is logged, as code,
