@@ -598,39 +598,31 @@ REFUSED = {
 }
 
 
-@pytest.fixture(scope="module")
-def refused_sweeps(tmp_path_factory):
-    """Every sweep of ``REFUSED`` run by the command line, all at once: each is a process that reads the space (and,
-    for a data case, imports MLflow and the sweep's modules) before it refuses, which side by side on two cores take
-    the time of half of them. Case -> (the directory it ran in, holding its space file and nothing else but its
-    data; the finished process). Without a GPU only: on a machine with one, the "gpu" case would run."""
-    import torch
+@pytest.fixture
+def refused_sweep(tmp_path, monkeypatch, capsys):
+    """Runs the sweep of a case of ``REFUSED`` by the command line, in this process (each would otherwise be a
+    process importing torch, transformers and Ray to read its space), from a directory of its own holding its space
+    file and nothing else but its data. Case -> (that directory; the command's exit status and stderr, as a
+    finished process)."""
+    import ray
 
-    logs = tmp_path_factory.mktemp("refused-output")  # not in the cases' directories, whose contents are checked
-    running = {}
-    try:
-        for case, edit in REFUSED.items():
-            if case == "gpu" and torch.cuda.device_count() > 0:
-                continue
-            directory = tmp_path_factory.mktemp(case)
-            space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
-            edit(space, directory / "data")
-            argv, _ = _sweep_argv(space, directory, "space")
-            with open(logs / f"{case}.out", "w") as out, open(logs / f"{case}.err", "w") as err:
-                running[case] = directory, subprocess.Popen(argv, cwd=directory, stdout=out, stderr=err,
-                                                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-        done = {}
-        for case, (directory, proc) in running.items():
-            proc.wait(timeout=600)
-            done[case] = directory, subprocess.CompletedProcess(proc.args, proc.returncode,
-                                                                (logs / f"{case}.out").read_text(),
-                                                                (logs / f"{case}.err").read_text())
-        return done
-    finally:
-        for _, proc in running.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    from workflows import cli
+
+    def run(case: str) -> tuple[Path, subprocess.CompletedProcess]:
+        directory = tmp_path / case
+        directory.mkdir()
+        space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+        REFUSED[case](space, directory / "data")
+        argv, _ = _sweep_argv(space, directory, "space")
+        args = argv[argv.index("sweep"):]
+        monkeypatch.chdir(directory)
+        capsys.readouterr()
+        status = cli.main(args)
+        out, err = capsys.readouterr()
+        assert not ray.is_initialized()
+        return directory, subprocess.CompletedProcess(args, status, out, err)
+
+    return run
 
 
 @pytest.mark.parametrize("case, needle", [
@@ -638,20 +630,20 @@ def refused_sweeps(tmp_path_factory):
     ("eval-data-not-here", "teacher.config.eval_data: nowhere.json: SQuAD data file not found"),
     ("teacher-not-here", "teacher.path: models/teacher: model directory not found"),
 ])
-def test_a_local_sweep_whose_paths_are_not_here_fails_before_ray_starts(refused_sweeps, case, needle):
+def test_a_local_sweep_whose_paths_are_not_here_fails_before_ray_starts(refused_sweep, case, needle):
     """On a private local Ray the trials run here: a path that is not here is one line naming the key, exit 2, with
     nothing written (not a failed teacher or trial after Ray and the sweep's run started)."""
-    directory, proc = refused_sweeps[case]
+    directory, proc = refused_sweep(case)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == f"fineprune sweep: error: {directory / 'space.yaml'}: {needle}"
     assert sorted(p.name for p in directory.iterdir()) == ["space.yaml"]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.device_count() > 0, reason="this machine has a GPU")
-def test_a_local_sweep_asking_a_gpu_per_trial_on_a_machine_without_one_fails_before_ray_starts(refused_sweeps):
+def test_a_local_sweep_asking_a_gpu_per_trial_on_a_machine_without_one_fails_before_ray_starts(refused_sweep):
     """The private local Ray has no GPU to give: the teacher and the trials would wait for one forever. The sweep
     says so in one line naming the key, exit 2, with nothing written."""
-    directory, proc = refused_sweeps["gpu"]
+    directory, proc = refused_sweep("gpu")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"fineprune sweep: error: {directory / 'space.yaml'}: resources.gpu: 0.5 per trial, but this machine has no "
@@ -660,11 +652,11 @@ def test_a_local_sweep_asking_a_gpu_per_trial_on_a_machine_without_one_fails_bef
     assert sorted(p.name for p in directory.iterdir()) == ["space.yaml"]
 
 
-def test_a_local_sweep_asking_more_cpus_per_trial_than_the_machine_has_fails_before_ray_starts(refused_sweeps):
+def test_a_local_sweep_asking_more_cpus_per_trial_than_the_machine_has_fails_before_ray_starts(refused_sweep):
     """The private local Ray cannot give a trial more CPUs than the machine has: the teacher and the trials would
     wait for them forever. The sweep says so in one line naming the key, exit 2, with nothing written."""
     cpus = _machine_cpus()
-    directory, proc = refused_sweeps["cpus"]
+    directory, proc = refused_sweep("cpus")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"fineprune sweep: error: {directory / 'space.yaml'}: resources.cpu: {cpus + 1:g} per trial, but this "
@@ -709,10 +701,10 @@ def test_a_sweep_on_a_ray_already_running_here_checks_the_cpus_that_ray_has(tmp_
                                       "nodes with --address")
 
 
-def test_a_sweep_whose_blocks_do_not_fit_its_model_fails_before_ray_starts(refused_sweeps):
+def test_a_sweep_whose_blocks_do_not_fit_its_model_fails_before_ray_starts(refused_sweep):
     """Blocks that do not divide the model's attention matrices would fail every trial once Ray, the teacher and
     the model had started; the sweep refuses them in one line naming the key, exit 2, with nothing written."""
-    directory, proc = refused_sweeps["blocks"]
+    directory, proc = refused_sweep("blocks")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"fineprune sweep: error: {directory / 'space.yaml'}: base.attention_block: 24x24 does not divide the 32x32 "
@@ -751,10 +743,10 @@ def _small_squad(path: Path, drift: int = 0, unanswerable: bool = False) -> str:
      "answer 0 'Denver Broncos' is not at answer_start 178"),
     ("eval-json-lines", "base.eval_data: {d}/dev.jsonl: invalid JSON at line 2 column 1: Extra data"),
 ])
-def test_a_local_sweep_whose_data_does_not_load_fails_before_ray_starts(refused_sweeps, case, needle):
+def test_a_local_sweep_whose_data_does_not_load_fails_before_ray_starts(refused_sweep, case, needle):
     """A data file the teacher or the trials would refuse is refused before Ray starts, naming the key, the file and
     the question: not found after a teacher is fine-tuned for nothing and every trial has failed on it."""
-    directory, proc = refused_sweeps[case]
+    directory, proc = refused_sweep(case)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"fineprune sweep: error: {directory / 'space.yaml'}: "
