@@ -55,7 +55,8 @@ def _dense_config(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_stopped_training_run_says_so_in_one_line_and_resumes_from_its_checkpoint(tmp_path, sig):
+def test_a_stopped_training_run_says_so_in_one_line_and_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys,
+                                                                                   sig):
     config, out = _dense_config(tmp_path), tmp_path / "out"
     process = _start(["train", "--config", str(config), "--output-dir", str(out), "--no-progress"], tmp_path)
     _wait_for(out / "checkpoint" / "trainer_state.json", process)
@@ -70,11 +71,15 @@ def test_a_stopped_training_run_says_so_in_one_line_and_resumes_from_its_checkpo
     step = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
     assert step >= 2 and step % 2 == 0
 
-    done = subprocess.run([sys.executable, "-m", "workflows.cli", "train", "--config", str(config), "--output-dir",
-                           str(out), "--resume", str(out / "checkpoint"), "--max-steps", str(step + 2),
-                           "--no-progress"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout)
+    from workflows.cli import main  # the resumed run, in this process
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code = main(["train", "--config", str(config), "--output-dir", str(out), "--resume", str(out / "checkpoint"),
+                 "--max-steps", str(step + 2), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    result = json.loads(captured.out)
     assert result["step"] == step + 2 and (Path(result["model_dir"]) / "model.safetensors").is_file()
 
 
