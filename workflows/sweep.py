@@ -541,9 +541,20 @@ _SNAPSHOT_LOGGER = "ray.tune.execution.experiment_state"
 _SNAPSHOT_ADVICE = "Experiment state snapshotting has been triggered multiple times"
 
 
+# Optuna's line as the sampler starts, "A new study created in memory with name: optuna": the study is the sampler's
+# memory of the sweep's trials, not something a user made or can find.
+_STUDY_LOGGER = "optuna.storages._in_memory"
+_STUDY_CREATED = "A new study created"
+
+
 def _without_snapshot_advice() -> contextlib.AbstractContextManager:
     """Leave out Tune's advice to snapshot less often (see :data:`_SNAPSHOT_ADVICE`) while the sweep runs."""
     return leaving_out(_SNAPSHOT_LOGGER, lambda message: message.startswith(_SNAPSHOT_ADVICE))
+
+
+def _without_study_notice() -> contextlib.AbstractContextManager:
+    """Leave out Optuna's notice of its in-memory study (see :data:`_STUDY_CREATED`) while the sweep runs."""
+    return leaving_out(_STUDY_LOGGER, lambda message: message.startswith(_STUDY_CREATED))
 
 
 def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
@@ -554,7 +565,7 @@ def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
     cut short when the storage's disk filled) is a warning, not a traceback ending a sweep whose trials all ended.
     """
     try:
-        with _without_snapshot_advice(), _without_tensorboard():
+        with _without_snapshot_advice(), _without_study_notice(), _without_tensorboard():
             tuner.fit()
     except Exception as err:  # noqa: BLE001 - raised again unless it came from reading the results back
         raised_in = {frame.f_globals.get("__name__") for frame, _ in traceback.walk_tb(err.__traceback__)}
