@@ -404,6 +404,28 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     assert parent.data.metrics[record.SEARCH_STEERED] == search["steered"]
 
 
+def test_a_worker_stopped_inside_a_finalizer_prints_no_traceback_and_other_reports_are_printed(monkeypatch, capsys):
+    """Ray stops a worker it no longer needs with SIGTERM, raised as SystemExit where the worker is: in a finalizer
+    Python cannot raise it and printed "Exception ignored in ... SystemExit: 1" among the sweep's output. A worker's
+    hook drops that report; an error in a finalizer is still printed."""
+    from workflows.sweep import _worker_unraisable
+
+    class Finalized:
+        def __init__(self, error: BaseException) -> None:
+            self.error = error
+
+        def __del__(self) -> None:
+            raise self.error
+
+    monkeypatch.setattr(sys, "unraisablehook", _worker_unraisable)
+    capsys.readouterr()
+    Finalized(SystemExit(1))  # dropped at once, its finalizer run
+    assert capsys.readouterr().err == ""
+    Finalized(KeyError("a real error"))
+    err = capsys.readouterr().err
+    assert "Exception ignored" in err and "KeyError: 'a real error'" in err, err
+
+
 @pytest.mark.parametrize("statuses,over,complete", [
     (["TERMINATED"] * 4, None, True),                     # all the samples asked for
     (["TERMINATED"] * 3, None, False),                    # stopped short: resumable

@@ -26,6 +26,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -85,11 +86,23 @@ def _worker_output() -> None:
     redraw of a bar as a line of its own, so the trainer runs without them, and transformers' bars of loading and
     saving a model ("Loading weights", "Writing model shards": several each trial) are turned off too. So is Ray's
     line for each checkpoint a trial reports ("Checkpoint successfully created at: Checkpoint(...)", a repr at
-    every evaluation of every trial): the sweep's directory, logged when it starts, holds them all."""
+    every evaluation of every trial): the sweep's directory, logged when it starts, holds them all. Nor does a
+    worker that Ray stops print a traceback for it (:func:`_worker_unraisable`)."""
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
     transformers.utils.logging.disable_progress_bar()
     for name in _RAY_CHECKPOINT_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    sys.unraisablehook = _worker_unraisable
+
+
+def _worker_unraisable(report: Any) -> None:
+    """A Ray worker's report of an exception Python cannot raise, but not of a ``SystemExit``: Ray stops a worker it
+    no longer needs (a trial's, once no trial is left for it) with SIGTERM, which its handler raises as
+    ``SystemExit`` wherever the worker is. Landing in a finalizer, it was printed as a traceback among the sweep's
+    output ("Exception ignored in ... SystemExit: 1"), though nothing went wrong; Ray ends the worker all the same."""
+    if report.exc_type is not None and issubclass(report.exc_type, SystemExit):
+        return
+    sys.__unraisablehook__(report)
 
 
 class RayUnavailable(Exception):
