@@ -379,6 +379,7 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     assert "Checkpoint successfully created" not in proc.stderr  # Ray's repr of each checkpoint reported
     assert "snapshotting has been triggered multiple times" not in proc.stderr  # Tune's advice to snapshot less
     assert "A new study created" not in proc.stderr  # Optuna's notice as the sampler starts
+    assert "Token authentication is enabled" not in proc.stderr  # Ray's, as the sweep starts its private Ray
     # The record is MLflow's: no hint to run TensorBoard, and no event files for it; Tune's own files of each trial
     # are still written beside its checkpoints.
     assert "TensorBoard" not in proc.stderr, proc.stderr[:3000]

@@ -396,6 +396,13 @@ def _check_ray_answers(address: str) -> None:
             time.sleep(1.0)
 
 
+# Ray's notice as it starts a local cluster with token authentication ("Token authentication is enabled for this Ray
+# cluster. Set RAY_AUTH_MODE=disabled to opt out."): said of the private local Ray a sweep starts and stops itself, it
+# asks nothing of the user. Joining a cluster, Ray's notices are kept.
+_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+_TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
 def _init_ray(cluster: str | None) -> None:
     """Join ``cluster``, or start a private local Ray (``address="local"``) when it is None."""
     if ray.is_initialized():
@@ -411,8 +418,10 @@ def _init_ray(cluster: str | None) -> None:
     # command line's, which stops the sweep as Ctrl-C does) is set back.
     main = threading.current_thread() is threading.main_thread()
     on_term = signal.getsignal(signal.SIGTERM) if main else None
+    quiet = leaving_out(_TOKEN_LOGGER, lambda message: message.startswith(_TOKEN_NOTICE)) if not cluster else None
     try:
-        ray.init(**kwargs)
+        with quiet or contextlib.nullcontext():
+            ray.init(**kwargs)
     except (ConnectionError, AuthenticationError) as err:
         raise RayUnavailable(_connect_failure(cluster, err, mode)) from err
     finally:
