@@ -380,6 +380,10 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     assert "snapshotting has been triggered multiple times" not in proc.stderr  # Tune's advice to snapshot less
     assert "A new study created" not in proc.stderr  # Optuna's notice as the sampler starts
     assert "Token authentication is enabled" not in proc.stderr  # Ray's, as the sweep starts its private Ray
+    # Every trial's lines are printed as they come, not folded into another's ("[repeated 3x across cluster]").
+    assert "across cluster" not in proc.stderr, re.findall(r".*across cluster.*", proc.stderr)[:3]
+    started = re.findall(r"\(trial_main pid=\d+\).* INFO workflows\.sweep: trial (\w+): target_density=", proc.stderr)
+    assert len(started) == len(set(started)) == 4, started
     # The record is MLflow's: no hint to run TensorBoard, and no event files for it; Tune's own files of each trial
     # are still written beside its checkpoints.
     assert "TensorBoard" not in proc.stderr, proc.stderr[:3000]

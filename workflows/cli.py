@@ -931,6 +931,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Ray's driver folds like lines of different workers into one "[repeated Nx across cluster]", printed seconds
+    # later and out of order: the lines of all but one of a sweep's trials (each names its trial) were lost. Off
+    # unless set; Ray reads it when first imported, which no command has done yet.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     global _results, _signalled
     _results, _signalled = sys.stdout, None
     handlers: dict[int, Any] = {}
