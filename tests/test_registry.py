@@ -132,15 +132,20 @@ def test_frontier_registration_is_idempotent_and_tagged(record, registered):
         assert run.info.status == "FINISHED" and run.info.end_time == record["ends"][run_id]
 
 
-def test_registering_a_registered_frontier_again_searches_once_and_writes_nothing(record, registered):
+def test_registering_a_registered_frontier_again_searches_once_and_writes_nothing(record, registered, caplog):
     """`fineprune register --frontier` run again on a sweep: one search of the model's versions for the whole
-    frontier (not one per frontier point, each reading every version of the model), and no tag written again."""
+    frontier (not one per frontier point, each reading every version of the model), and no tag written again. Its
+    line says which frontiers its versions are the trials of (a sweep's printed frontier is its objectives' only)."""
     client = record["client"]
     registry.register_frontier(client, "tiny", record["parent"], NAME)  # the tags as the record has them now
     counting = CountingClient(client, "search_model_versions", "set_model_version_tag", "create_model_version")
-    rows = registry.register_frontier(counting, "tiny", record["parent"], NAME)
+    with caplog.at_level(logging.INFO, logger="workflows.registry"):
+        rows = registry.register_frontier(counting, "tiny", record["parent"], NAME)
     assert rows == registered[0]
     assert counting.calls == {"search_model_versions": 1, "set_model_version_tag": 0, "create_model_version": 0}
+    assert caplog.messages[-1] == (
+        f"registered the 3 trials on the frontiers of sweep run {record['parent']} (of its objectives, and of F1 "
+        f"against measured speedup) as versions {', '.join(row['version'] for row in rows)} of {NAME}")
 
 
 def _select(capsys, record, budget: float, alias: str = "champion", *extra: str,
