@@ -935,6 +935,10 @@ def main(argv: list[str] | None = None) -> int:
     # later and out of order: the lines of all but one of a sweep's trials (each names its trial) were lost. Off
     # unless set; Ray reads it when first imported, which no command has done yet.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray colours the "(trial_main pid=...)" prefix of each worker line; written to a file or a pipe (a CI log,
+    # `2> sweep.log`, `| tee`) the colour codes are noise. Kept on a terminal, and wherever RAY_COLOR_PREFIX is set.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     global _results, _signalled
     _results, _signalled = sys.stdout, None
     handlers: dict[int, Any] = {}
