@@ -34,8 +34,11 @@ def sweep_command(space: dict, tmp_path: Path, name: str, *options: str) -> tupl
     """``fineprune sweep`` as a user runs it (see :func:`_sweep_argv`), in ``tmp_path``; the finished process and
     the tracking URI."""
     argv, uri = _sweep_argv(space, tmp_path, name, *options)
+    # What the command line sets for Ray's output when the user has not: a command run in this process has set them
+    # here, for the rest of the session.
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_DEDUP_LOGS", "RAY_COLOR_PREFIX")}
     proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**env, "PYTHONPATH": str(ROOT)})
     return proc, uri
 
 

@@ -418,9 +418,10 @@ def _init_ray(cluster: str | None) -> None:
     # command line's, which stops the sweep as Ctrl-C does) is set back.
     main = threading.current_thread() is threading.main_thread()
     on_term = signal.getsignal(signal.SIGTERM) if main else None
-    quiet = leaving_out(_TOKEN_LOGGER, lambda message: message.startswith(_TOKEN_NOTICE)) if not cluster else None
+    quiet = (contextlib.nullcontext() if cluster
+             else leaving_out(_TOKEN_LOGGER, lambda message: message.startswith(_TOKEN_NOTICE)))
     try:
-        with quiet or contextlib.nullcontext():
+        with quiet:
             ray.init(**kwargs)
     except (ConnectionError, AuthenticationError) as err:
         raise RayUnavailable(_connect_failure(cluster, err, mode)) from err
