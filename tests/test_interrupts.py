@@ -45,6 +45,19 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> No
         time.sleep(0.05)
 
 
+def _here(monkeypatch, capsys, cwd: Path, *args: str) -> str:
+    """``fineprune ARGS`` in this process, from ``cwd``: a step of a test whose signal or file limit is for another
+    command, which needs a process of its own. Its stdout, once it succeeded."""
+    from workflows.cli import main
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    return captured.out
+
+
 def _dense_config(tmp_path: Path) -> Path:
     config = {k: v for k, v in TINY.items() if k not in ("method", "attention_block", "mask_lr", "lambda_attention",
                                                          "lambda_ffn", "fill_steps")}
@@ -71,15 +84,8 @@ def test_a_stopped_training_run_says_so_in_one_line_and_resumes_from_its_checkpo
     step = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
     assert step >= 2 and step % 2 == 0
 
-    from workflows.cli import main  # the resumed run, in this process
-
-    monkeypatch.chdir(tmp_path)
-    capsys.readouterr()
-    code = main(["train", "--config", str(config), "--output-dir", str(out), "--resume", str(out / "checkpoint"),
-                 "--max-steps", str(step + 2), "--no-progress"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err[-3000:]
-    result = json.loads(captured.out)
+    result = json.loads(_here(monkeypatch, capsys, tmp_path, "train", "--config", str(config), "--output-dir", str(out),
+                              "--resume", str(out / "checkpoint"), "--max-steps", str(step + 2), "--no-progress"))
     assert result["step"] == step + 2 and (Path(result["model_dir"]) / "model.safetensors").is_file()
 
 
@@ -242,8 +248,8 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-def test_a_full_disk_while_pack_overwrites_a_model_is_one_line_and_keeps_the_earlier_model(tmp_path,
-                                                                                          masked_checkpoint):
+def test_a_full_disk_while_pack_overwrites_a_model_is_one_line_and_keeps_the_earlier_model(tmp_path, monkeypatch,
+                                                                                          capsys, masked_checkpoint):
     from pruning.checkpoint import load_model, load_tokenizer
     from pruning.packing import load_packed, pack, save_packed
 
@@ -258,18 +264,16 @@ def test_a_full_disk_while_pack_overwrites_a_model_is_one_line_and_keeps_the_ear
     assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]  # no staging directory left
     load_packed(out)
 
-    done = _run_with_file_limit(["pack", str(masked_checkpoint), str(out), "--overwrite", "--questions", "2",
-                                 "--repeats", "1"], tmp_path, limit=2**40)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _here(monkeypatch, capsys, tmp_path, "pack", str(masked_checkpoint), str(out), "--overwrite", "--questions", "2",
+          "--repeats", "1")  # with room, the same command replaces it
     assert (out / "notes.txt").read_text() == "kept" and load_packed(out) is not None
 
 
-def test_a_full_disk_while_training_writes_a_checkpoint_is_one_line_and_keeps_the_earlier_one(tmp_path):
+def test_a_full_disk_while_training_writes_a_checkpoint_is_one_line_and_keeps_the_earlier_one(tmp_path, monkeypatch,
+                                                                                               capsys):
     config, out = _dense_config(tmp_path), tmp_path / "out"
     train = ["train", "--config", str(config), "--output-dir", str(out), "--no-progress"]
-    first = subprocess.run([sys.executable, "-m", "workflows.cli", *train, "--max-steps", "2"], cwd=tmp_path,
-                           env=_env(), capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
+    _here(monkeypatch, capsys, tmp_path, *train, "--max-steps", "2")
     checkpoint = out / "checkpoint"
     before = _files(checkpoint)
     done = _run_with_file_limit([*train, "--max-steps", "4", "--resume", str(checkpoint)], tmp_path,
@@ -512,14 +516,14 @@ def test_a_sweeps_ctrl_c_prints_its_summary_and_exits_3_as_the_readme_says():
         _end_sweep(driver, root)
 
 
-def test_a_run_over_an_earlier_one_stopped_before_its_first_checkpoint_leaves_none_of_the_earlier_run(tmp_path):
+def test_a_run_over_an_earlier_one_stopped_before_its_first_checkpoint_leaves_none_of_the_earlier_run(
+        tmp_path, monkeypatch, capsys):
     """With --overwrite the earlier run's checkpoint goes with its final model: left behind, a --resume of it would
     continue the earlier run as if it were the stopped one."""
     config, out = _dense_config(tmp_path), tmp_path / "out"
-    first = subprocess.run([sys.executable, "-m", "workflows.cli", "train", "--config", str(config), "--output-dir",
-                            str(out), "--max-steps", "2", "--no-progress"], cwd=tmp_path, env=_env(),
-                           capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
+    _here(monkeypatch, capsys, tmp_path, "train", "--config", str(config), "--output-dir", str(out), "--max-steps", "2",
+          "--no-progress")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "final"]
     config.write_text(config.read_text().replace("save_every: 2", "save_every: 100000"))
     process = _start(["train", "--config", str(config), "--output-dir", str(out), "--overwrite", "--no-progress"],
                      tmp_path)
