@@ -385,7 +385,8 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     assert "Token authentication is enabled" not in proc.stderr  # Ray's, as the sweep starts its private Ray
     # Every trial's lines are printed as they come, not folded into another's ("[repeated 3x across cluster]").
     assert "across cluster" not in proc.stderr, re.findall(r".*across cluster.*", proc.stderr)[:3]
-    started = re.findall(r"\(trial_main pid=\d+\).* INFO workflows\.sweep: trial (\w+): target_density=", proc.stderr)
+    started = re.findall(r"\(trial_main pid=\d+\).* INFO workflows\.sweep: trial (\w+): target_density=",
+                         proc.stderr)
     assert len(started) == len(set(started)) == 4, started
     assert "\x1b[" not in proc.stderr, re.findall(r".*\x1b\[.*", proc.stderr)[:3]  # no colour codes in a pipe
     # The record is MLflow's: no hint to run TensorBoard, and no event files for it; Tune's own files of each trial
