@@ -7,7 +7,7 @@ import contextlib
 import logging
 from typing import Callable, Iterator
 
-__all__ = ["quiet_transformers", "leaving_out"]
+__all__ = ["quiet_transformers", "leaving_out", "starting_with"]
 
 
 @contextlib.contextmanager
@@ -39,3 +39,8 @@ def leaving_out(logger_name: str, unwanted: Callable[[str], bool]) -> Iterator[N
         yield
     finally:
         target.removeFilter(keep)
+
+
+def starting_with(start: str) -> Callable[[str], bool]:
+    """For :func:`leaving_out`: picks the messages that start with ``start``."""
+    return lambda message: message.startswith(start)

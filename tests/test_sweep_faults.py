@@ -507,7 +507,8 @@ def test_tunes_advice_to_snapshot_less_often_is_left_out_while_the_sweep_runs():
 
     from ray.tune.execution import experiment_state
 
-    from workflows.sweep import _SNAPSHOT_ADVICE, _SNAPSHOT_LOGGER, _without_snapshot_advice
+    from pruning.quiet import leaving_out, starting_with
+    from workflows.sweep import _SNAPSHOT_ADVICE, _SNAPSHOT_LOGGER
 
     assert experiment_state.__name__ == _SNAPSHOT_LOGGER
     # Ray's source writes the message in two literals: "...triggered multiple " "times in the last ..."
@@ -517,11 +518,29 @@ def test_tunes_advice_to_snapshot_less_often_is_left_out_while_the_sweep_runs():
     tune_logger = logging.getLogger(_SNAPSHOT_LOGGER)
     advice = f"{_SNAPSHOT_ADVICE} in the last 5.0 seconds and may become a bottleneck."
     with handed_to_handlers(_SNAPSHOT_LOGGER) as seen:
-        with _without_snapshot_advice():
+        with leaving_out(_SNAPSHOT_LOGGER, starting_with(_SNAPSHOT_ADVICE)):  # as the sweep runs Tune
             tune_logger.warning(advice)
             tune_logger.warning("Saving the experiment state took 31 s")
         tune_logger.warning(advice)
     assert seen == ["Saving the experiment state took 31 s", advice]
+
+
+def test_the_notices_a_sweep_leaves_out_are_named_by_the_libraries_own_logger_and_words():
+    """Optuna's notice of its in-memory study and Ray's notice of token authentication on the sweep's private Ray are
+    left out by logger and the start of the message. Both are read from the libraries' source, so that an upgrade
+    that moves or rewords them fails here: the sweep's own test, which looks for the words, would not see them come
+    back."""
+    import inspect
+
+    import optuna.storages._in_memory as study_storage
+    from ray._private.authentication import authentication_token_setup as token_setup
+
+    from workflows.sweep import _STUDY_CREATED, _STUDY_LOGGER, _TOKEN_LOGGER, _TOKEN_NOTICE
+
+    assert study_storage._logger.name == _STUDY_LOGGER
+    assert f'_logger.info(f"{_STUDY_CREATED} in memory with name: ' in inspect.getsource(study_storage)
+    assert token_setup.logger.name == _TOKEN_LOGGER
+    assert f'"{_TOKEN_NOTICE}. Set "' in inspect.getsource(token_setup._warn_token_auth_enabled)
 
 
 def test_resuming_a_sweep_whose_tune_state_a_full_disk_cut_short_is_one_line_naming_the_file(tmp_path):

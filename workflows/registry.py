@@ -56,7 +56,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pruning.config import EVALUATION_KEYS, RunConfig
-from pruning.quiet import leaving_out
+from pruning.quiet import leaving_out, starting_with
 from workflows import record
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
                               EXACT_MATCH, F1, FINAL_METRICS, FORMER_POLICY_TAGS, FRONTIER_TAGS, KIND_BASELINE,
@@ -302,7 +302,7 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
     if onnx_dir is not None:
         artifacts[ARTIFACT_ONNX_DIR] = str(onnx_dir)
     with _shipped_code() as (model_file, code_paths), \
-            leaving_out("mlflow.models.model", lambda message: message.startswith(_PARAM_MIRROR)):
+            leaving_out("mlflow.models.model", starting_with(_PARAM_MIRROR)):
         return mlflow.pyfunc.log_model(
             name=ARTIFACT_QA_MODEL,
             python_model=model_file,

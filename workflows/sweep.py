@@ -49,7 +49,7 @@ from pruning import atomic, squad
 from pruning.checkpoint import load_model, load_tokenizer
 from pruning.config import config_to_dict
 from pruning.packing import PACK_METRICS, pack_and_verify, save_packed
-from pruning.quiet import leaving_out
+from pruning.quiet import leaving_out, starting_with
 from pruning.resources import resolve_data
 from pruning.trainer import evaluate, resolve_device, train
 from workflows import frontier, record, registry, tracking
@@ -418,8 +418,7 @@ def _init_ray(cluster: str | None) -> None:
     # command line's, which stops the sweep as Ctrl-C does) is set back.
     main = threading.current_thread() is threading.main_thread()
     on_term = signal.getsignal(signal.SIGTERM) if main else None
-    quiet = (contextlib.nullcontext() if cluster
-             else leaving_out(_TOKEN_LOGGER, lambda message: message.startswith(_TOKEN_NOTICE)))
+    quiet = contextlib.nullcontext() if cluster else leaving_out(_TOKEN_LOGGER, starting_with(_TOKEN_NOTICE))
     try:
         with quiet:
             ray.init(**kwargs)
@@ -565,19 +564,9 @@ _SNAPSHOT_ADVICE = "Experiment state snapshotting has been triggered multiple ti
 
 
 # Optuna's line as the sampler starts, "A new study created in memory with name: optuna": the study is the sampler's
-# memory of the sweep's trials, not something a user made or can find.
+# memory of the sweep's trials, not something a user made or can find. Left out while Tune runs, as Tune's advice is.
 _STUDY_LOGGER = "optuna.storages._in_memory"
 _STUDY_CREATED = "A new study created"
-
-
-def _without_snapshot_advice() -> contextlib.AbstractContextManager:
-    """Leave out Tune's advice to snapshot less often (see :data:`_SNAPSHOT_ADVICE`) while the sweep runs."""
-    return leaving_out(_SNAPSHOT_LOGGER, lambda message: message.startswith(_SNAPSHOT_ADVICE))
-
-
-def _without_study_notice() -> contextlib.AbstractContextManager:
-    """Leave out Optuna's notice of its in-memory study (see :data:`_STUDY_CREATED`) while the sweep runs."""
-    return leaving_out(_STUDY_LOGGER, lambda message: message.startswith(_STUDY_CREATED))
 
 
 def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
@@ -588,7 +577,8 @@ def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
     cut short when the storage's disk filled) is a warning, not a traceback ending a sweep whose trials all ended.
     """
     try:
-        with _without_snapshot_advice(), _without_study_notice(), _without_tensorboard():
+        with leaving_out(_SNAPSHOT_LOGGER, starting_with(_SNAPSHOT_ADVICE)), \
+                leaving_out(_STUDY_LOGGER, starting_with(_STUDY_CREATED)), _without_tensorboard():
             tuner.fit()
     except Exception as err:  # noqa: BLE001 - raised again unless it came from reading the results back
         raised_in = {frame.f_globals.get("__name__") for frame, _ in traceback.walk_tb(err.__traceback__)}
