@@ -574,6 +574,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    # How the sweep's driver prints its workers' lines, set before anything here imports Ray (which reads the first
+    # when imported), unless the user set them. Ray folds like lines of different workers into one "[repeated Nx
+    # across cluster]", printed seconds later and out of order: some trials' lines (each names its trial) were only
+    # counted. And it colours each line's "(trial_main pid=...)" prefix: written to a file or a pipe (a CI log,
+    # `2> sweep.log`, `| tee`), the colour codes are noise; kept on a terminal.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     from workflows.preflight import check_machine
     from workflows.retry import outage_limit
     from workflows.space import load_space
@@ -931,14 +939,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    # Ray's driver folds like lines of different workers into one "[repeated Nx across cluster]", printed seconds
-    # later and out of order: the lines of all but one of a sweep's trials (each names its trial) were lost. Off
-    # unless set; Ray reads it when first imported, which no command has done yet.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Ray colours the "(trial_main pid=...)" prefix of each worker line; written to a file or a pipe (a CI log,
-    # `2> sweep.log`, `| tee`) the colour codes are noise. Kept on a terminal, and wherever RAY_COLOR_PREFIX is set.
-    if not sys.stderr.isatty():
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     global _results, _signalled
     _results, _signalled = sys.stdout, None
     handlers: dict[int, Any] = {}
