@@ -620,6 +620,7 @@ REFUSED = {
     "train-data-not-here": lambda s, d: s["base"].update(train_data="data/train.json"),
     "eval-data-not-here": lambda s, d: s["teacher"]["config"].update(eval_data="nowhere.json"),
     "teacher-not-here": lambda s, d: s["teacher"].update(path="models/teacher", config={}),
+    "model-not-here": lambda s, d: s["base"].update(model="models/nowhere"),
     "gpu": lambda s, d: (s["base"].update(device="cuda"), s.update(resources={"cpu": 1, "gpu": 0.5})),
     "cpus": lambda s, d: s.update(resources={"cpu": _machine_cpus() + 1, "gpu": 0}),
     "blocks": lambda s, d: s["base"].update(attention_block=[24, 24]),
@@ -662,6 +663,7 @@ def refused_sweep(tmp_path, monkeypatch, capsys):
     ("train-data-not-here", "base.train_data: data/train.json: SQuAD data file not found"),
     ("eval-data-not-here", "teacher.config.eval_data: nowhere.json: SQuAD data file not found"),
     ("teacher-not-here", "teacher.path: models/teacher: model directory not found"),
+    ("model-not-here", "base.model: models/nowhere: model directory not found"),
 ])
 def test_a_local_sweep_whose_paths_are_not_here_fails_before_ray_starts(refused_sweep, case, needle):
     """On a private local Ray the trials run here: a path that is not here is one line naming the key, exit 2, with
