@@ -48,6 +48,8 @@ __all__ = [
     "load_model",
     "load_config",
     "load_tokenizer",
+    "tokenizer_misfit",
+    "check_tokenizer_fits",
     "TOKENIZER_FILES",
     "load_training_state",
     "optimizer_tensors",
@@ -375,6 +377,33 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
                               "its model's tokenizer class (e.g. RobertaTokenizerFast) and save_pretrained")
     _warn_unreachable_vocabulary(directory, tokenizer, special, given, recorded)
     return tokenizer
+
+
+def tokenizer_misfit(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
+                     named: str = "the tokenizer") -> str | None:
+    """Why a model of ``config`` cannot embed the windows ``tokenizer`` makes (every forward would fail with an index
+    error inside an embedding), or None where it can: token ids past its word embeddings (``vocab_size``), or a
+    context token type past its token-type embeddings (``type_vocab_size``, 1 in the RoBERTa family). ``named``:
+    the tokenizer, as the message calls it."""
+    size = int(getattr(config, "vocab_size", 0) or 0)
+    if size and size < len(tokenizer):
+        return f"vocab_size {size} is smaller than {named}'s {len(tokenizer)} tokens"
+    types = tokenizer("q", "c", return_token_type_ids=True).get("token_type_ids") or [0]
+    limit = int(getattr(config, "type_vocab_size", 0) or 0)
+    if limit and max(types) >= limit:
+        return f"type_vocab_size {limit}, but {named} gives the context token type {max(types)}"
+    return None
+
+
+def check_tokenizer_fits(model_dir: str | Path, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a model directory whose tokenizer makes ids its model cannot embed (see :func:`tokenizer_misfit`).
+
+    Raises:
+        CheckpointError: naming the directory's ``config.json`` and the field.
+    """
+    if (misfit := tokenizer_misfit(config, tokenizer)) is not None:
+        raise CheckpointError(f"{Path(model_dir) / 'config.json'}: {misfit}: the model and the tokenizer files "
+                              "beside it do not belong together (save the model with its own tokenizer)")
 
 
 # The extra special tokens transformers' CamemBERT class adds where no tokenizer file names any.

@@ -50,7 +50,7 @@ from transformers.modeling_outputs import QuestionAnsweringModelOutput
 from . import masks as mask_lib
 from .bench import eval_mode
 from .atomic import staged_dir
-from .checkpoint import EXPORT_MANIFEST, load_model, load_tokenizer
+from .checkpoint import EXPORT_MANIFEST, check_tokenizer_fits, load_model, load_tokenizer
 from .packing import pack
 from .resources import resolve_data, resolve_model
 from .squad import check_windows, load_squad, questions_of
@@ -558,6 +558,7 @@ def export_checkpoint(model_dir: str | Path, out_dir: str | Path, quantize: str 
         logger.info("%s holds a masked model: packing it before export", source)
         model = pack(model)
     tokenizer = load_tokenizer(source)
+    check_tokenizer_fits(source, model.config, tokenizer)
     data = resolve_data(data)
     with questions_of(data):
         inputs = check_windows(load_squad(data, limit=questions, spans=False), tokenizer, max_positions(model.config))

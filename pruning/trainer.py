@@ -64,6 +64,7 @@ from .checkpoint import (
     read_json,
     restore_optimizer,
     save_model,
+    tokenizer_misfit,
 )
 from .contents import content_digest
 from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, check_head_shaped, config_to_dict,
@@ -168,16 +169,20 @@ def _tokenizer_source(cfg: RunConfig) -> str:
     return cfg.tokenizer or (cfg.model if cfg.model_config is None else "the shipped tokenizer (minilm)")
 
 
-def _check_token_types(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Refuse a tokenizer that marks the context with a token type the model has no embedding for (a BERT
-    tokenizer for a RoBERTa-family model, whose ``type_vocab_size`` is 1): every window would fail at the first
-    forward with an index error."""
-    types = tokenizer("q", "c", return_token_type_ids=True).get("token_type_ids") or [0]
-    limit = int(getattr(model.config, "type_vocab_size", 0) or 0)
-    if limit and max(types) >= limit:
-        source = _tokenizer_source(cfg)
-        raise ConfigError(f"tokenizer: {source} gives the context token type {max(types)}, but the model has "
-                          f"type_vocab_size {limit}: use the model's own tokenizer")
+def _check_tokenizer_fits(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a tokenizer whose windows the model cannot embed (:func:`tokenizer_misfit`: a BERT tokenizer for a
+    RoBERTa-family model, whose ``type_vocab_size`` is 1, or a model with fewer word embeddings than the tokenizer
+    has tokens): every window would fail at the first forward with an index error."""
+    if (misfit := tokenizer_misfit(model.config, tokenizer)) is None:
+        return
+    source = _tokenizer_source(cfg)
+    if cfg.model_config is not None:
+        raise ConfigError(f"tokenizer: {source} does not fit model_config: {misfit}: use the model's own tokenizer")
+    config_file = resolve_model(cfg.model) / "config.json"
+    if cfg.tokenizer is None:
+        raise ConfigError(f"model: {config_file}: {misfit}: the model and the tokenizer files beside it do not belong "
+                          "together (save the model with its own tokenizer)")
+    raise ConfigError(f"tokenizer: {source} does not fit {config_file}: {misfit}: use the model's own tokenizer")
 
 
 def _check_pad_id(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -220,7 +225,7 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
         tokenizer = load_tokenizer(cfg.tokenizer or model_dir)
     if mask_lib.is_masked(model):
         raise CheckpointError(f"{cfg.model}: is a masked checkpoint; start from a dense model or use --resume")
-    _check_token_types(cfg, model, tokenizer)
+    _check_tokenizer_fits(cfg, model, tokenizer)
     _check_pad_id(cfg, model, tokenizer)
     if cfg.method is Method.FISHER:
         # Pruned in one shot by train() once the calibration windows exist; the masks come with the structure.
@@ -611,6 +616,9 @@ def _check_teacher(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokeni
     if teacher.config.vocab_size < len(tokenizer):
         raise ConfigError(f"teacher: {cfg.teacher} embeds {teacher.config.vocab_size} tokens, fewer than the "
                           f"student's tokenizer has ({len(tokenizer)}): it needs the student's vocabulary")
+    if (misfit := tokenizer_misfit(teacher.config, tokenizer, "the student's tokenizer")) is not None:
+        raise ConfigError(f"teacher: {resolve_model(cfg.teacher) / 'config.json'}: {misfit}: the teacher cannot "
+                          "read the student's windows")
     _check_teacher_vocabulary(cfg, tokenizer)
     student_shape = (model.config.num_hidden_layers, model.config.hidden_size)
     teacher_shape = (teacher.config.num_hidden_layers, teacher.config.hidden_size)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from transformers import BertConfig
 
 from pruning import squad
 from pruning.resources import squad_file
@@ -841,6 +842,45 @@ def test_a_config_json_no_model_can_be_built_from_is_one_line(capsys, masked_che
     line = _one_line_error(capsys, ["pack", str(model), str(tmp_path / "packed"), "--questions", "2"])
     assert line.endswith(says), line
     assert not (tmp_path / "packed").exists()
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"vocab_size": 1000}, "vocab_size 1000 is smaller than the tokenizer's 30522 tokens"),
+    ({"type_vocab_size": 1}, "type_vocab_size 1, but the tokenizer gives the context token type 1"),
+])
+def test_a_model_that_cannot_embed_its_own_tokenizers_windows_is_one_line_before_any_work(
+        capsys, tiny_bert_config, tokenizer, tmp_path, edit, needle):
+    """A model saved beside another model's tokenizer (fewer word embeddings than its tokens, or one token type where
+    the tokenizer marks the context with a second) failed at the first forward with an IndexError traceback in eval,
+    ask, pack and export, and in prune after --overwrite had removed the earlier run."""
+    from transformers import BertForQuestionAnswering
+
+    from pruning.checkpoint import save_model
+
+    model = tmp_path / "model"
+    save_model(BertForQuestionAnswering(BertConfig(**{**tiny_bert_config.to_dict(), **edit})), tokenizer, model)
+    says = f"error: {model / 'config.json'}: {needle}: the model and the tokenizer files beside it do not belong"
+    for argv in (["eval", str(model), "--eval-limit", "2", "--no-progress"],
+                 ["ask", str(model), "--question", "Who won?", "--context", "The Broncos won."],
+                 ["pack", str(model), str(tmp_path / "packed"), "--questions", "2"],
+                 ["export", str(model), str(tmp_path / "onnx"), "--questions", "2"]):
+        assert says in _one_line_error(capsys, argv), argv
+    assert not (tmp_path / "packed").exists() and not (tmp_path / "onnx").exists()
+    out = tmp_path / "run"
+    assert cli.main(["prune", "--config", TINY, "--max-steps", "1", "--train-limit", "4", "--eval-limit", "2",
+                     "--output-dir", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    earlier = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--max-steps", "1", "--train-limit", "4",
+                                    "--output-dir", str(out), "--overwrite", "--model", str(model)])
+    assert f"model: {model / 'config.json'}: {needle}" in line
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == earlier  # the earlier run kept
+    line = _one_line_error(capsys, ["prune", "--config", TINY, "--max-steps", "1", "--train-limit", "4",
+                                    "--output-dir", str(tmp_path / "taught"), "--teacher", str(model)])
+    teacher_needle = needle.replace("the tokenizer", "the student's tokenizer")
+    if "vocab_size 1000" in needle:
+        teacher_needle = "embeds 1000 tokens, fewer than the student's tokenizer has (30522)"
+    assert "teacher: " in line and teacher_needle in line, line
 
 
 def test_a_seed_torch_cannot_take_is_one_line(capsys, tmp_path):

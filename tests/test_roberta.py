@@ -367,9 +367,9 @@ def test_a_tokenizer_with_more_token_types_than_the_model_is_refused():
     cfg = RunConfig(model_config={"model_type": "roberta", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
                                   "num_attention_heads": HEADS, "intermediate_size": INTER,
                                   "max_position_embeddings": 130, "type_vocab_size": 1})
-    with pytest.raises(ConfigError, match=r"^tokenizer: the shipped tokenizer \(minilm\) gives the context token type 1, "
-                                          r"but the model "
-                                          r"has type_vocab_size 1: use the model's own tokenizer$"):
+    with pytest.raises(ConfigError, match=r"^tokenizer: the shipped tokenizer \(minilm\) does not fit model_config: "
+                                          r"type_vocab_size 1, but the tokenizer gives the context token type 1: use "
+                                          r"the model's own tokenizer$"):
         build_model(cfg)
     two_types = RunConfig(model_config={**cfg.model_config, "type_vocab_size": 2})
     assert build_model(two_types)[0].config.type_vocab_size == 2

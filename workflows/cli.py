@@ -218,7 +218,7 @@ def _load_any(model_dir: str, precision: str, variant: str | None, device: str =
     its tokenizer, the resolved precision (an exported model's: its variant, ``fp32`` or ``int8``) and the device.
     The settings are checked before any weights are read."""
     from pruning.averaging import holds_average
-    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.checkpoint import check_tokenizer_fits, load_model, load_tokenizer
     from pruning.export import is_exported_dir, load_exported
     from pruning.precision import resolve_precision
     from pruning.resources import resolve_model
@@ -232,8 +232,10 @@ def _load_any(model_dir: str, precision: str, variant: str | None, device: str =
             raise UserError("--precision bf16: an exported model runs at the precision it was exported with "
                             "(--variant fp32 or int8)")
         model = load_exported(path, variant=variant)
+        tokenizer = load_tokenizer(path)
+        check_tokenizer_fits(path, model.config, tokenizer)
         # It computes in its variant (fp32 or int8), as the served model reports its precision.
-        return model, load_tokenizer(path), model.variant, resolve_device("cpu")
+        return model, tokenizer, model.variant, resolve_device("cpu")
     if variant is not None:
         raise UserError(f"{path}: --variant applies to exported directories (see `fineprune export`)")
     if precision is None:  # no --precision: the one the run that wrote the model evaluated it in, where it runs
@@ -244,7 +246,9 @@ def _load_any(model_dir: str, precision: str, variant: str | None, device: str =
                        "run's figures", path)
     run_device = resolve_device(device)
     precision = resolve_precision(precision, run_device)
-    return load_model(path, qa_head=True).to(run_device), load_tokenizer(path), precision, run_device
+    model, tokenizer = load_model(path, qa_head=True), load_tokenizer(path)
+    check_tokenizer_fits(path, model.config, tokenizer)
+    return model.to(run_device), tokenizer, precision, run_device
 
 
 def _warn_live_weights(model_dir: str | Path, command: str) -> None:
@@ -524,7 +528,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 def _pack_into(args: argparse.Namespace, out: Path, precision: str) -> int:
     """:func:`cmd_pack` once it holds ``out``'s lock."""
     from pruning import squad
-    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.checkpoint import check_tokenizer_fits, load_model, load_tokenizer
     from pruning.export import MANIFEST_NAME, is_exported_dir, read_manifest
     from pruning.packing import PACKED_FLAG, is_packed_dir, pack_and_verify, save_packed, weights_bytes
     from pruning.resources import resolve_data
@@ -547,6 +551,7 @@ def _pack_into(args: argparse.Namespace, out: Path, precision: str) -> int:
     _warn_live_weights(args.checkpoint, "pack")
     masked = load_model(args.checkpoint, qa_head=True)
     tokenizer = load_tokenizer(args.checkpoint)
+    check_tokenizer_fits(args.checkpoint, masked.config, tokenizer)
     limit = max_positions(masked.config)
     data = resolve_data(args.eval_data)
     with squad.questions_of(data):
