@@ -194,8 +194,14 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | Non
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
+    give_open_mode(path)
     fsync_file(path)  # on the disk before a caller renames it into place
+
+
+def give_open_mode(path: str | Path) -> None:
+    """Give the file ``path`` the mode a plain ``open`` gives (``0o666`` less the umask), as a library that writes
+    its files 0600 (safetensors) would not."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def staging_dir(out_dir: Path) -> Path:

@@ -44,7 +44,7 @@ from transformers.modeling_utils import str_to_torch_dtype
 from transformers.utils.hub import get_checkpoint_shard_files
 
 from . import packed_modeling
-from .atomic import staged_dir
+from .atomic import give_open_mode, staged_dir
 from .bench import compare_latency, eval_mode, flop_ratio, random_inputs
 from .masks import MaskedLinear, remove_masks_
 from .packed_modeling import (FFN_WIDTHS_KEY, HEADS_KEPT_KEY, PACKED_CLASSES, PACKED_FLAG, EmptySelfAttention,
@@ -278,6 +278,8 @@ def save_packed(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, ov
             _keep_others(out, tmp)
         with quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
+        for weights in tmp.glob("*.safetensors"):  # written 0600 by safetensors, unlike the files beside them
+            give_open_mode(weights)
         add_remote_code(tmp, model.config.model_type)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

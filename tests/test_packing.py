@@ -258,6 +258,26 @@ def test_save_and_load_give_identical_logits(tmp_path):
     assert sparsity_report(loaded).heads_removed == sparsity_report(model).heads_removed
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o002, 0o775)], ids=["umask022", "umask002"])
+def test_a_packed_directory_and_its_files_get_the_modes_mkdir_and_open_give(tmp_path, umask, mode):
+    """The weights too: transformers' save_pretrained writes them through safetensors, 0600, so a packed model's
+    config and tokenizer could be read by those the umask lets in and its weights by its writer alone."""
+    import os
+    import stat
+
+    tokenizer = AutoTokenizer.from_pretrained(str(shipped_model_dir()))
+    old = os.umask(umask)
+    try:
+        out = save_packed(pack(masked_model(*ALL_GONE)), tokenizer, tmp_path / "packed")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == mode
+    files = sorted(path.name for path in out.iterdir())
+    assert "model.safetensors" in files and "tokenizer.json" in files, files
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()} == dict.fromkeys(
+        files, mode & 0o666)
+
+
 def test_save_refuses_a_non_empty_directory_unless_told(tmp_path):
     packed = pack(tiny_model())
     target = tmp_path / "out"
