@@ -518,6 +518,16 @@ BAD_SPACES = [
      r"registry\.name: \"bert's-squad\": a registered model name cannot contain quotes or backslashes"),
     ("registered name with a backslash", variant(registry={"name": "bert\\squad"}),
      r"registry\.name: 'bert\\\\squad': a registered model name cannot contain quotes"),
+    # models:/a?b#c@champion loaded model "a"; models:/a@b/1 looked for the registered model "a".
+    ("registered name with a query and a fragment", variant(registry={"name": "a?b#c"}),
+     r"registry\.name: 'a\?b#c': a registered model name cannot contain '#' or '\?' \(the models:/ URIs"),
+    ("registered name with an alias separator", variant(registry={"name": "a@b"}),
+     r"registry\.name: 'a@b': a registered model name cannot contain '@'"),
+    ("sweep name with a space", variant(name="bert base"),
+     r"name: 'bert base': use letters, digits, '_', '\.', '-' \(it names directories\)"),
+    # Accepted, it failed once the teacher was trained: Tune's directory NAME-DATE-TIME-ID was too long a file name.
+    ("sweep name too long for a directory", variant(name="a" * 201),
+     r"name: 'aaaaaaaaaaaaaaaaaaaa'\.\.\. is 201 characters long: at most 200 \(it names directories\)"),
     ("latency policy without its budget", variant(registry={"policy": "best_f1_under_latency"}),
      r"registry\.max_latency_ms: is required by policy best_f1_under_latency"),
     ("latency budget not positive", variant(registry={"policy": "best_f1_under_latency", "max_latency_ms": 0}),

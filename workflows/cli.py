@@ -589,11 +589,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     from workflows.preflight import check_machine
     from workflows.retry import outage_limit
-    from workflows.space import load_space
+    from workflows.space import load_space, name_problem
 
-    if args.experiment and "/" in args.experiment:  # it names the sweep's directories, which Tune keeps flat
-        raise UserError(f"--experiment {args.experiment!r}: must not hold '/' (it names the sweep's directory under "
-                        "--storage-path and its report's under reports/)")
+    # It stands for the space's name: the sweep's directory under --storage-path and its report's under reports/.
+    if args.experiment is not None and (problem := name_problem(args.experiment)) is not None:
+        raise UserError(f"--experiment {problem}")
     timeout = None if args.tracking_timeout is None else outage_limit(args.tracking_timeout, "--tracking-timeout")
     # A space that does not validate, or names a path or asks for resources that a private local Ray does not have
     # here, is refused before the sweep's modules (MLflow, the trainer, the report) are imported: in two or three
@@ -626,8 +626,9 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     _check_positive(args, "batch_size", "seq_len", "repeats", "threads")
     _warn_few_repeats(args.repeats, "each version's latency")
-    from workflows.registry import select_by_latency
+    from workflows.registry import check_alias, select_by_latency
 
+    check_alias(args.alias)  # the arguments first, then the store
     client = _tracking_client(args.tracking_uri)
     result = select_by_latency(client, args.registered_model, args.max_latency_ms, batch_size=args.batch_size,
                                seq_len=args.seq_len, threads=args.threads, alias=args.alias, repeats=args.repeats,
@@ -655,8 +656,30 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _user_path(value: str) -> str:
     """A path on the command line as a shell reads it: ``~`` is the home directory, also where the shell left it
-    as typed (``--out=~/report``, a quoted path), as in the paths of a run config or search space."""
+    as typed (``--out=~/report``, a quoted path), as in the paths of a run config or search space. An empty one
+    (an unset shell variable) is refused, not taken for the current directory."""
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty (a path)")
     return os.path.expanduser(value) if value.startswith("~") else value
+
+
+def _milliseconds(value: str) -> float:
+    """A latency budget: a finite number of milliseconds above 0 (an infinite one is no budget)."""
+    try:
+        budget = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {value!r}") from None
+    if not (budget > 0 and math.isfinite(budget)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value!r}")
+    return budget
+
+
+def _given(value: str) -> str:
+    """A name, id or URI on the command line: an empty or blank one (an unset shell variable) is refused, not taken
+    for the option's default."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"must not be blank, got {value!r}")
+    return value
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -814,20 +837,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = (f"Exit status 0 when the sweep finished; {INCOMPLETE_SWEEP} when it ended with trials failed or left "
                 "to run (Ctrl-C), its summary printed all the same: --resume continues it.")
     p.add_argument("--space", required=True, metavar="YAML", type=_user_path, help="search space (see tune_spaces/)")
-    p.add_argument("--experiment", help="MLflow experiment name (default: the space's name)")
-    p.add_argument("--tracking-uri", metavar="URI",
+    p.add_argument("--experiment", type=_given, help="MLflow experiment name (default: the space's name)")
+    p.add_argument("--tracking-uri", metavar="URI", type=_given,
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (default: RAY_ADDRESS; without it, a private local Ray)")
     p.add_argument("--storage-path", metavar="PATH", type=_user_path,
                    help="shared storage for trial checkpoints (default: ./runs/ray)")
-    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_ID",
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_ID", type=_given,
                    help="continue the experiment's last sweep started, or the sweep with this MLflow parent run "
                         "(default: start a new sweep)")
-    p.add_argument("--warm-start", metavar="SWEEP",
+    p.add_argument("--warm-start", metavar="SWEEP", type=_given,
                    help="an earlier sweep (its MLflow parent run id, or an experiment: its last sweep) whose trials "
                         "the Optuna sampler learns from before its first trial (default: it starts from nothing)")
-    p.add_argument("--warm-start-tracking-uri", metavar="URI",
+    p.add_argument("--warm-start-tracking-uri", metavar="URI", type=_given,
                    help="the tracking store of the earlier sweep, only read (default: the one this sweep records to)")
     p.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
                    help="how long the tracking server may be away before the sweep stops (default: "
@@ -838,8 +861,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "policy (no version within the budget, for best_f1_under_latency): nothing is registered as "
                 "champion and the alias is left where it was, the result (\"registered\": false) printed all the "
                 "same.")
-    p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
-    p.add_argument("--tracking-uri", metavar="URI",
+    p.add_argument("--experiment", required=True, type=_given, help="MLflow experiment of the sweep")
+    p.add_argument("--tracking-uri", metavar="URI", type=_given,
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--space", metavar="YAML", type=_user_path,
                    help="search space whose registry section to use, its model name included (default: the one "
@@ -849,12 +872,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-onnx", action="store_true",
                    help="register new versions without their ONNX Runtime export: they serve through PyTorch "
                         "(default: the policy's onnx, true unless the space says false)")
-    p.add_argument("--sweep-run", metavar="RUN_ID",
+    p.add_argument("--sweep-run", metavar="RUN_ID", type=_given,
                    help="the sweep's parent run, for an experiment that holds several sweeps (default: its latest)")
 
     p = command("select", cmd_select, "time the registered versions here and alias the best within a latency budget")
-    p.add_argument("--registered-model", required=True, metavar="NAME", help="registered model name")
-    p.add_argument("--max-latency-ms", type=float, required=True, help="budget per forward pass, in milliseconds")
+    p.add_argument("--registered-model", required=True, metavar="NAME", type=_given, help="registered model name")
+    p.add_argument("--max-latency-ms", type=_milliseconds, required=True, help="budget per forward pass, in milliseconds")
     p.add_argument("--batch-size", type=int, default=1, help="batch of the timed input")
     p.add_argument("--seq-len", type=int, default=128, help="tokens of the timed input")
     p.add_argument("--threads", type=int,
@@ -865,15 +888,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],
                    help="time each version as it serves (ONNX Runtime when it carries the exported model; default) "
                         "or its packed PyTorch model")
-    p.add_argument("--tracking-uri", metavar="URI",
+    p.add_argument("--tracking-uri", metavar="URI", type=_given,
                    help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
     p = command("report", cmd_report, "HTML and Markdown report of a sweep")
-    p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
-    p.add_argument("--tracking-uri", metavar="URI",
+    p.add_argument("--experiment", required=True, type=_given, help="MLflow experiment of the sweep")
+    p.add_argument("--tracking-uri", metavar="URI", type=_given,
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--out", required=True, metavar="DIR", type=_user_path, help="output directory")
-    p.add_argument("--sweep-run", metavar="RUN_ID",
+    p.add_argument("--sweep-run", metavar="RUN_ID", type=_given,
                    help="the sweep's parent run, for an experiment that holds several sweeps (default: its latest)")
     return parser
 

@@ -1157,8 +1157,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     from pruning.bench import interleaved_latency
     from pruning.structure import max_positions
 
-    if not max_latency_ms > 0:
-        raise SelectionError(f"--max-latency-ms must be > 0, got {max_latency_ms}")
+    if not (max_latency_ms > 0 and math.isfinite(max_latency_ms)):  # an infinite budget is no budget
+        raise SelectionError(f"--max-latency-ms must be a finite number > 0, got {max_latency_ms}")
     check_alias(alias)
     if runtime not in RUNTIMES:
         raise SelectionError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")

@@ -114,6 +114,18 @@ EVALUATION = ("eval_data", "eval_limit", "max_seq_length", "doc_stride", "max_qu
               "n_best", "precision")
 _CORNER_LIMIT = 4096  # above this many corners of the search box only single extremes are checked
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A sweep's name (or --experiment) names its Tune directory, NAME-DATE-TIME-ID (23 characters more), and its report's
+# directory: within the 255 bytes a file system gives one name.
+NAME_LIMIT = 200
+
+
+def name_problem(value: str) -> str | None:
+    """Why ``value`` cannot name a sweep (its experiment, its directories and its report's), or None."""
+    if not _NAME_RE.fullmatch(value):
+        return f"{value!r}: use letters, digits, '_', '.', '-' (it names directories)"
+    if len(value) > NAME_LIMIT:
+        return f"{value[:20]!r}... is {len(value)} characters long: at most {NAME_LIMIT} (it names directories)"
+    return None
 
 logger = logging.getLogger(__name__)
 
@@ -564,6 +576,11 @@ class RegistrySection(_Section):
         if any(c in value for c in "'\"\\"):
             raise _Problem(f"{value!r}: a registered model name cannot contain quotes or backslashes (MLflow cannot "
                            "search its versions)")
+        # Names MLflow registers but whose models:/NAME@ALIAS and models:/NAME/VERSION load another model or none:
+        # a URI's query, fragment and escapes, and the alias separator.
+        if (taken := sorted({c for c in value if c in "?#%@"})):
+            raise _Problem(f"{value!r}: a registered model name cannot contain {' or '.join(map(repr, taken))} "
+                           "(the models:/ URIs that load it would be read otherwise)")
         return value
 
     @model_validator(mode="after")
@@ -660,9 +677,9 @@ class SweepSpace(_Section):
         name = data.get("name")
         if name is None:
             name = Path(path).stem
-            if not _NAME_RE.fullmatch(name):
-                raise _Problem(f"not given, and the file's name {name!r} cannot stand for it: set name to letters, "
-                               "digits, '_', '.', '-' (it names directories)", "name")
+            if name_problem(name) is not None:
+                raise _Problem(f"not given, and the file's name {name[:40]!r} cannot stand for it: set name to at "
+                               f"most {NAME_LIMIT} letters, digits, '_', '.', '-' (it names directories)", "name")
         data["name"] = name
         data.setdefault("num_samples", 1 if data.get("algorithm") == "grid" else 8)
         registry = data.get("registry")
@@ -674,8 +691,8 @@ class SweepSpace(_Section):
     @classmethod
     def _name(cls, value: Any) -> Any:
         _text(value)
-        if not _NAME_RE.fullmatch(value):
-            raise _Problem(f"{value!r}: use letters, digits, '_', '.', '-' (it names directories)")
+        if (problem := name_problem(value)) is not None:
+            raise _Problem(problem)
         return value
 
     @field_validator("base", mode="before")
