@@ -227,7 +227,7 @@ def test_an_output_file_and_a_tracking_database_are_refused_for_the_same_reason(
         assert str(refused.value) == f"--json {path}: {reason}"
         with pytest.raises(TrackingStoreError) as refused:
             check_writable_store(f"sqlite:///{path}")
-        assert str(refused.value) == (f"tracking URI sqlite:///{path}: the database {path} {reason} (pass another "
+        assert str(refused.value) == (f"tracking URI sqlite:///{path}: the database {path}: {reason} (pass another "
                                       "--tracking-uri)")
     assert sorted(p.name for p in directory.iterdir()) == ["out.json"]
     assert (directory / "out.json").read_text() == "earlier"

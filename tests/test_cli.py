@@ -959,6 +959,21 @@ def test_an_experiment_name_that_cannot_name_the_sweeps_directories_is_refused_b
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("uri,meant", [("mlflow.db", "sqlite:///mlflow.db"),
+                                       ("file:///{tmp}/runs/mlflow.db", "sqlite:////{tmp}/runs/mlflow.db")])
+def test_a_database_given_without_its_scheme_is_one_line_naming_the_uri_meant(capsys, monkeypatch, tmp_path, uri,
+                                                                             meant):
+    """`--tracking-uri mlflow.db` got MLflow's paragraph on its file store's maintenance mode, which named neither
+    the mistake nor the URI of the database at that path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri, meant = (text.replace("/{tmp}", str(tmp_path)) for text in (uri, meant))
+    line = _one_line_error(capsys, ["report", "--experiment", "e", "--tracking-uri", uri, "--out", "report"])
+    assert line == (f"fineprune report: error: tracking URI {uri}: a path, which MLflow opens as a file store, and "
+                    f"only with MLFLOW_ALLOW_FILE_STORE=true; for a SQLite database there give {meant}"), line
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv,says", [
     (["sweep", "--space", "s.yaml", "--experiment", ""], "argument --experiment: must not be blank, got ''"),
     (["sweep", "--space", "s.yaml", "--experiment", "   "], "argument --experiment: must not be blank, got '   '"),
@@ -1110,7 +1125,7 @@ def test_a_sweeps_tracking_database_where_nothing_can_be_written_is_one_line_bef
     line = _one_line_error(capsys, ["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--storage-path",
                                     str(tmp_path / "ray"), *flags])
     problem = f"cannot be made ({unwritable_dir} takes no new files)"
-    assert line == (f"fineprune sweep: error: tracking URI sqlite:///{store}: the database {store} {problem} (pass "
+    assert line == (f"fineprune sweep: error: tracking URI sqlite:///{store}: the database {store}: {problem} (pass "
                     "another --tracking-uri)")
     assert "SQLAlchemy" not in caplog.text and not ray.is_initialized()
     assert sorted(p.name for p in tmp_path.iterdir()) == [unwritable_dir.name]

@@ -20,6 +20,7 @@ import logging
 import math
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -81,6 +82,21 @@ def _store_error(uri: str, err: BaseException) -> TrackingStoreError:
     return TrackingStoreError(f"tracking URI {uri}: {what}")
 
 
+def _file_store_refused(uri: str, err: BaseException) -> TrackingStoreError | None:
+    """MLflow's refusal of a file store (a path, or a ``file:`` URI: often a SQLite database given without its
+    scheme), said in one line with the URI of a database at that path; None for any other error."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("", "file") or _FILE_STORE_SWITCH not in str(err):
+        return None
+    path = parsed.path if parsed.scheme else uri
+    return TrackingStoreError(f"tracking URI {uri}: a path, which MLflow opens as a file store, and only with "
+                              f"{_FILE_STORE_SWITCH}=true; for a SQLite database there give sqlite:///{path}")
+
+
+# What MLflow's refusal of a file store tells a user to set to open one anyway.
+_FILE_STORE_SWITCH = "MLFLOW_ALLOW_FILE_STORE"
+
+
 def check_writable_store(tracking_uri: str) -> None:
     """Refuse, before any work, a ``sqlite:///`` store a sweep cannot write: its database a directory or under a
     file, or where no file can be made (a directory without write permission, an immutable or read-only one, where
@@ -95,7 +111,7 @@ def check_writable_store(tracking_uri: str) -> None:
         return
     problem = output_path_problem(database, directory=False, writable=True)
     if problem is not None:
-        raise TrackingStoreError(f"tracking URI {tracking_uri}: the database {database} {problem} (pass another "
+        raise TrackingStoreError(f"tracking URI {tracking_uri}: the database {database}: {problem} (pass another "
                                  "--tracking-uri)")
 
 
@@ -132,7 +148,7 @@ def client_for(tracking_uri: str, current: bool = True) -> MlflowClient:
         try:
             client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         except Exception as err:  # noqa: BLE001 - permanent: the URI names no store MLflow opens
-            raise _store_error(tracking_uri, err) from err
+            raise (_file_store_refused(tracking_uri, err) or _store_error(tracking_uri, err)) from err
         if tracking_uri.startswith("sqlite:///"):
             with contextlib.suppress(Exception):  # said by the caller's first request, which retries a locked one
                 client.search_registered_models(max_results=1)  # the registry's tables, made on first use
