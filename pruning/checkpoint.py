@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 
 from . import masks as mask_lib
 from .atomic import save_tensors, staged_dir
-from .config import EVALUATION_KEYS
+from .config import EVALUATION_KEYS, parser_limit
 from .packing import (PACKED_FLAG, WEIGHTS_INDEX_NAME, PackingError, add_remote_code, check_kinds, load_packed,
                       read_weights, weight_dtypes)
 from .sparsity import sparsity_report
@@ -87,6 +87,10 @@ def read_json(path: Path) -> dict[str, Any]:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    except (RecursionError, ValueError) as err:
+        if (limit := parser_limit(err)) is None:
+            raise
+        raise CheckpointError(f"{path}: not readable JSON ({limit})") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value

@@ -501,6 +501,16 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+def parser_limit(err: BaseException) -> str | None:
+    """What a JSON or YAML parser's error other than a syntax error says of the file, in a few words: nesting deeper
+    than Python's recursion limit, or an integer longer than it converts (4,300 digits); None for anything else."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    if isinstance(err, ValueError) and "integer string conversion" in str(err):
+        return "a number too long to read"
+    return None
+
+
 def read_yaml(path: str | Path) -> Any:
     """The one YAML reader of run configs and search spaces: safe, ``1e-4`` is a number, a repeated key an error.
 
@@ -513,6 +523,10 @@ def read_yaml(path: str | Path) -> Any:
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         lines = str(err).replace('in "<unicode string>", ', "at ").strip().splitlines()
         raise ConfigError(f"{path}: not valid YAML ({' '.join(line.strip() for line in lines[:3])})") from None
+    except (RecursionError, ValueError) as err:
+        if (limit := parser_limit(err)) is None:
+            raise
+        raise ConfigError(f"{path}: not readable YAML ({limit})") from None
 
 
 def config_from_dict(values: Mapping[str, Any], source: str = "config", base: RunConfig | None = None) -> RunConfig:

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import parser_limit
+
 __all__ = [
     "SquadFormatError",
     "QuestionError",
@@ -176,6 +178,10 @@ def _read_json(path: Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], 
         lines = " (JSON Lines? the file must be one JSON object)" if exc.msg == "Extra data" and exc.colno == 1 else ""
         raise SquadFormatError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
                                f"{lines}") from None
+    except (RecursionError, ValueError) as exc:
+        if (limit := parser_limit(exc)) is None:
+            raise
+        raise SquadFormatError(f"{path}: not readable JSON ({limit})") from None
 
 
 # A question written as one flat record, as HuggingFace ``datasets`` writes SQuAD, instead of nested in paragraphs.

@@ -959,6 +959,35 @@ def test_an_experiment_name_that_cannot_name_the_sweeps_directories_is_refused_b
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name,text,argv,says", [
+    ("deep.json", "[" * 100_000 + "]" * 100_000, ["score", "{file}", "{tmp}/p.json"], "not readable JSON (nested too "
+                                                                                     "deeply)"),
+    ("long.json", '{"data": [], "n": ' + "9" * 5000 + "}", ["score", "{file}", "{tmp}/p.json"],
+     "not readable JSON (a number too long to read)"),
+    ("p.json", "[" * 100_000 + "]" * 100_000, ["score", "dev", "{file}"], "not readable JSON (nested too deeply)"),
+    ("deep.yaml", "model_config: " + "[" * 5000 + "]" * 5000, ["prune", "--config", "{file}"],
+     "not readable YAML (nested too deeply)"),
+    ("long.yaml", "seed: " + "9" * 5000, ["prune", "--config", "{file}"], "not readable YAML (a number too long to "
+                                                                          "read)"),
+    ("space.yaml", "num_samples: " + "9" * 5000, ["sweep", "--space", "{file}"], "not readable YAML (a number too "
+                                                                                 "long to read)"),
+    ("model/config.json", '{"a": ' * 100_000 + "1" + "}" * 100_000, ["eval", "{tmp}/model"],
+     "not readable JSON (nested too deeply)"),
+])
+def test_a_file_nested_too_deeply_or_with_a_number_too_long_is_one_line_naming_it(capsys, tmp_path, name, text, argv,
+                                                                                  says):
+    """Python's parsers stop on nesting past the recursion limit and on integers of over 4,300 digits with a
+    RecursionError or ValueError, which were tracebacks in every reader of SQuAD, predictions, config and space
+    files and of a model's config.json."""
+    file = tmp_path / name
+    file.parent.mkdir(exist_ok=True)
+    file.write_text(text)
+    if name != "p.json":  # the predictions scored against the data file
+        (tmp_path / "p.json").write_text('{"q1": "x"}')
+    line = _one_line_error(capsys, [arg.replace("{file}", str(file)).replace("{tmp}", str(tmp_path)) for arg in argv])
+    assert line.endswith(f"error: {file}: {says}"), line
+
+
 @pytest.mark.parametrize("uri,meant", [("mlflow.db", "sqlite:///mlflow.db"),
                                        ("file:///{tmp}/runs/mlflow.db", "sqlite:////{tmp}/runs/mlflow.db")])
 def test_a_database_given_without_its_scheme_is_one_line_naming_the_uri_meant(capsys, monkeypatch, tmp_path, uri,
