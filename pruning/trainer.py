@@ -23,6 +23,7 @@ Ray Tune, a plain script can log it. Nothing here knows about Ray or MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -545,7 +546,8 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
         atomic.save_tensors({k: v.contiguous() for k, v in features.items()}, tmp)
         os.replace(tmp, path)
     except (OSError, SafetensorError) as err:  # a full disk: the run goes on, the next one tokenizes again
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing there to remove where cache_dir could not be made
+            tmp.unlink(missing_ok=True)
         logger.warning("cannot write the feature cache %s (%s); going on without it", path,
                        str(err).splitlines()[0] if str(err) else type(err).__name__)
     return features

@@ -959,6 +959,20 @@ def test_an_experiment_name_that_cannot_name_the_sweeps_directories_is_refused_b
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("cache,says", [("notes.txt", "exists and is not a directory"),
+                                         ("notes.txt/cache", "{tmp}/notes.txt is a file, not a directory")])
+def test_a_cache_dir_that_is_a_file_or_under_one_is_one_line_before_any_work(capsys, tmp_path, cache, says):
+    """It was found once the training questions were tokenized, as "[Errno 20] Not a directory" naming a temporary
+    file, exit 1."""
+    (tmp_path / "notes.txt").write_text("notes")
+    config = tmp_path / "run.yaml"
+    config.write_text(Path(TINY).read_text() + f"\ncache_dir: {tmp_path / cache}\n")
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--output-dir", str(tmp_path / "run")])
+    assert line == (f"fineprune prune: error: {config}: cache_dir {tmp_path / cache}: "
+                    f"{says.replace('{tmp}', str(tmp_path))}"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run.yaml"]
+
+
 @pytest.mark.parametrize("name,text,argv,says", [
     ("deep.json", "[" * 100_000 + "]" * 100_000, ["score", "{file}", "{tmp}/p.json"], "not readable JSON (nested too "
                                                                                      "deeply)"),

@@ -335,6 +335,21 @@ def test_a_feature_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_pa
     assert all((again[k] == features[k]).all() for k in features)
 
 
+def test_a_feature_cache_under_a_file_is_skipped_with_a_warning(tmp_path, tokenizer, dev_subset, caplog):
+    """Its directory cannot be made: removing the temporary file it never wrote failed again, with NotADirectoryError
+    in place of the warning, and stopped the run."""
+    from pruning.config import RunConfig
+    from pruning.trainer import train_features
+
+    (tmp_path / "notes.txt").write_text("notes")
+    cfg = RunConfig(train_data="dev", train_limit=8, max_seq_length=96, doc_stride=32,
+                    cache_dir=str(tmp_path / "notes.txt" / "cache"))
+    features = train_features(cfg, dev_subset[:8], tokenizer)
+    assert features["input_ids"].shape[0] >= 8
+    assert "cannot write the feature cache" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "notes"
+
+
 @pytest.mark.parametrize("moved_aside", [False, True])
 def test_what_a_killed_checkpoint_write_leaves_is_cleared_and_the_run_resumes(tmp_path, moved_aside):
     """A training process killed while it writes a checkpoint leaves a staging directory as large as the checkpoint

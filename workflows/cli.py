@@ -124,6 +124,8 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     _check_inputs(cfg, overrides, args.config)
     out = Path(cfg.output_dir)
     _check_output_path(out, "output_dir", directory=True, writable=True)
+    if cfg.cache_dir is not None:  # optional: a cache that cannot be written is warned of, one under a file refused
+        _check_output_path(cfg.cache_dir, f"{args.config}: cache_dir", directory=True)
     _check_reads_outside(cfg, overrides, args.config, out)
     with _writing(out, "output_dir"):
         return _train_into(args, cfg, out)
