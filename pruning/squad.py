@@ -107,6 +107,20 @@ class QuestionWithoutTokens(QuestionError):
 
 
 @contextlib.contextmanager
+def windows_cut(given: int, seq: int) -> Iterator[None]:
+    """Within the block, a question too long for windows that a model's position embeddings cut from ``given`` to
+    ``seq`` tokens (:func:`fit_windows`) says so: its message names the windows as cut, and raising max_seq_length,
+    which it advises, cannot lengthen them."""
+    try:
+        yield
+    except SquadFormatError as err:
+        if seq >= given:
+            raise
+        raise type(err)(f"{err}; these windows are max_seq_length {given} cut to the model's {seq} position "
+                        "embeddings, which no max_seq_length lengthens") from None
+
+
+@contextlib.contextmanager
 def questions_of(path: str | Path) -> Iterator[None]:
     """Name ``path``, the data file the questions come from, in a :class:`QuestionError` raised within: the windows
     know a question's id, not its file, which a run reading two files (training and evaluation) must say."""

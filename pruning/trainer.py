@@ -781,10 +781,11 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     # search, precision): what eval and ask default to.
     evaluation = {**evaluation_settings(cfg), "precision": precision}
 
-    with squad.questions_of(resolve_data(cfg.train_data)):
+    given, seq = saved_cfg.max_seq_length, cfg.max_seq_length
+    with squad.questions_of(resolve_data(cfg.train_data)), squad.windows_cut(given, seq):
         features = train_features(cfg, train_examples, tokenizer, progress=progress)
     # The windows of the evaluation questions: the same at every evaluation of the run, so tokenized once.
-    with squad.questions_of(resolve_data(cfg.eval_data)):
+    with squad.questions_of(resolve_data(cfg.eval_data)), squad.windows_cut(given, seq):
         eval_windows = squad.prepare_eval_features(eval_examples, tokenizer, max_seq_length=cfg.max_seq_length,
                                                    doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length,
                                                    progress=progress)

@@ -656,6 +656,35 @@ def test_windows_without_room_for_a_question_are_one_line_in_ask_and_eval(capsys
         assert "leave no room for a question" in line and "--max-seq-length" in line and "--doc-stride" in line
 
 
+def test_windows_cut_to_a_models_few_positions_say_so_rather_than_advise_longer_ones(capsys, tiny_bert_config,
+                                                                                     tokenizer, tmp_path):
+    """Windows cut to a model's position embeddings (fit_windows) that leave no room for a question, or too little for
+    one, advised raising max_seq_length, which cannot lengthen them, and named the cut length as if it were given."""
+    from transformers import BertForQuestionAnswering
+
+    from pruning.checkpoint import save_model
+
+    for positions in (6, 10):
+        save_model(BertForQuestionAnswering(BertConfig(**{**tiny_bert_config.to_dict(),
+                                                          "max_position_embeddings": positions})),
+                   tokenizer, tmp_path / f"short{positions}")
+    line = _one_line_error(capsys, ["eval", str(tmp_path / "short6"), "--eval-limit", "1", "--no-progress",
+                                    "--max-seq-length", "300"])
+    assert line.endswith("leave no room for a question (cut to the model's 6 position embeddings, which no "
+                         "--max-seq-length lengthens: lower --doc-stride)"), line
+    line = _one_line_error(capsys, ["eval", str(tmp_path / "short10"), "--eval-limit", "1", "--no-progress",
+                                    "--max-seq-length", "300"])
+    assert line.endswith("; these windows are max_seq_length 300 cut to the model's 10 position embeddings, which no "
+                         "max_seq_length lengthens"), line
+    config = tmp_path / "short.yaml"
+    config.write_text(Path(TINY).read_text().replace("max_position_embeddings: 128", "max_position_embeddings: 24"))
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--max-steps", "1", "--output-dir",
+                                    str(tmp_path / "run")])
+    assert re.search(r"question \S+ has \d+ tokens: with max_seq_length 24 and doc_stride 12 a question may have at "
+                     r"most 8 .*; these windows are max_seq_length 96 cut to the model's 24 position embeddings, "
+                     r"which no max_seq_length lengthens$", line), line
+
+
 def test_a_tracking_server_that_does_not_answer_is_exit_1_in_seconds(capsys, monkeypatch):
     monkeypatch.setattr(cli, "REACH_TIMEOUT_S", 2.0)  # the wait is not what is checked here; its end is
     line = _one_line_error(capsys, ["select", "--registered-model", "m", "--max-latency-ms", "5",

@@ -388,9 +388,11 @@ def _windows(args: argparse.Namespace, model, tokenizer) -> tuple[int, int]:
 
     seq, stride = fit_windows(args.max_seq_length, args.doc_stride, max_positions(model.config))
     if longest_question(tokenizer, seq, stride) < 1:
+        advice = ("raise --max-seq-length or lower --doc-stride" if seq == args.max_seq_length
+                  else f"cut to the model's {seq} position embeddings, which no --max-seq-length lengthens: lower "
+                       "--doc-stride")
         raise UserError(f"--max-seq-length {args.max_seq_length}, --doc-stride {args.doc_stride}: windows of {seq} "
-                        f"tokens overlapping by {stride} leave no room for a question (raise --max-seq-length or "
-                        "lower --doc-stride)")
+                        f"tokens overlapping by {stride} leave no room for a question ({advice})")
     return seq, stride
 
 
@@ -442,7 +444,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     examples = squad.load_squad(data, limit=args.eval_limit, spans=False)
     # The same windows, span search and metric for every kind of model, cut to what the model takes.
     seq, stride = _windows(args, model, tokenizer)
-    with _names_model(args.model_dir), squad.questions_of(data), autocast(precision, device):
+    with (_names_model(args.model_dir), squad.questions_of(data), squad.windows_cut(args.max_seq_length, seq),
+          autocast(precision, device)):
         metrics, predictions = squad.evaluate_model(model, tokenizer, examples, max_seq_length=seq, doc_stride=stride,
                                                     batch_size=args.batch_size,
                                                     max_answer_length=args.max_answer_length, n_best=args.n_best,
