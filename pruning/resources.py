@@ -13,7 +13,8 @@ from typing import Any, Iterable, Mapping
 
 from .config import SHIPPED_MODEL
 
-__all__ = ["ResourceError", "shipped_model_dir", "squad_file", "resolve_model", "resolve_data", "first_missing"]
+__all__ = ["ResourceError", "shipped_model_dir", "squad_file", "resolve_model", "resolve_tokenizer", "resolve_data",
+           "first_missing"]
 
 
 class ResourceError(FileNotFoundError):
@@ -55,6 +56,17 @@ def resolve_model(name: str) -> Path:
     return path
 
 
+def resolve_tokenizer(name: str) -> Path:
+    """``minilm`` or a local directory of tokenizer files: a model's, or a tokenizer's alone (no config.json needed;
+    :func:`pruning.checkpoint.load_tokenizer` says what files it lacks)."""
+    path = shipped_model_dir() if name == SHIPPED_MODEL else Path(name)
+    if path.is_file():
+        raise ResourceError(f"{path}: is a file; a tokenizer directory is expected")
+    if not path.is_dir():
+        raise ResourceError(f"{path}: tokenizer directory not found")
+    return path
+
+
 def resolve_data(name: str) -> Path:
     """``train``, ``dev`` or a path to a SQuAD v1.1-format JSON file."""
     path = squad_file(name) if name in ("train", "dev") else Path(name)
@@ -66,7 +78,7 @@ def resolve_data(name: str) -> Path:
 
 
 # The run-config keys that name an input on this machine, and how each is found.
-_INPUTS = {"model": resolve_model, "tokenizer": resolve_model, "teacher": resolve_model,
+_INPUTS = {"model": resolve_model, "tokenizer": resolve_tokenizer, "teacher": resolve_model,
            "train_data": resolve_data, "eval_data": resolve_data}
 
 

@@ -72,7 +72,7 @@ from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, check_
                      evaluation_settings)
 from .distill import hidden_mse, kd_loss, qa_ce_loss
 from .precision import autocast, resolve_precision
-from .resources import resolve_data, resolve_model, shipped_model_dir
+from .resources import resolve_data, resolve_model, resolve_tokenizer, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmups
 from .sparsity import sparsity_report
 from .structure import architecture_for, max_positions, qa_model_class, scratch_config
@@ -207,7 +207,7 @@ def _check_pad_id(cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokeniz
 def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The student (masked when the method asks for it) and its tokenizer, on the CPU."""
     if cfg.model_config is not None:
-        tokenizer = load_tokenizer(cfg.tokenizer or shipped_model_dir())
+        tokenizer = load_tokenizer(resolve_tokenizer(cfg.tokenizer) if cfg.tokenizer else shipped_model_dir())
         config = scratch_config(cfg.model_config, tokenizer)
         if config.vocab_size < len(tokenizer):  # token ids past the embeddings fail at the first forward
             raise ConfigError(f"model_config.vocab_size: {config.vocab_size} is smaller than the tokenizer's "
@@ -223,7 +223,7 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
                                   "shape: prune the model it was packed from (a packed model can be fine-tuned "
                                   "with `fineprune train`)")
         model = load_model(model_dir)
-        tokenizer = load_tokenizer(cfg.tokenizer or model_dir)
+        tokenizer = load_tokenizer(resolve_tokenizer(cfg.tokenizer) if cfg.tokenizer else model_dir)
     if mask_lib.is_masked(model):
         raise CheckpointError(f"{cfg.model}: is a masked checkpoint; start from a dense model or use --resume")
     _check_tokenizer_fits(cfg, model, tokenizer)

@@ -481,6 +481,26 @@ def test_a_missing_model_or_data_file_is_named_by_its_flag_or_config_key(capsys,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_tokenizer_directory_is_named_by_its_config_key_when_missing_and_needs_no_config_json(
+        capsys, monkeypatch, tokenizer, tmp_path):
+    """A missing one was found by transformers, whose message named neither the config file nor the key, and spoke
+    of connecting to the Hugging Face Hub; one of tokenizer files alone was refused by a sweep for lacking a model's
+    config.json."""
+    from pruning.resources import first_missing
+
+    config = tmp_path / "run.yaml"
+    config.write_text(Path(TINY).read_text() + "tokenizer: my_tokenizer\n")
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--output-dir", str(tmp_path / "out")])
+    assert line == f"fineprune prune: error: {config}: tokenizer: my_tokenizer: tokenizer directory not found", line
+    tokenizer.save_pretrained(tmp_path / "my_tokenizer")
+    assert not (tmp_path / "my_tokenizer" / "config.json").exists()
+    assert first_missing({"tokenizer": str(tmp_path / "my_tokenizer")}, ["tokenizer"]) is None
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["prune", "--config", str(config), "--max-steps", "1", "--train-limit", "4", "--eval-limit", "2",
+                     "--output-dir", "out", "--no-progress"]) == 0
+    assert (tmp_path / "out" / "final" / "tokenizer.json").is_file()
+
+
 def test_resuming_from_a_run_directory_or_its_final_model_names_the_checkpoint(capsys, tmp_path):
     """The checkpoint to resume is the run's checkpoint/; the output_dir or final/ given instead is named, with it."""
     run = tmp_path / "run"

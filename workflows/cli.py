@@ -181,7 +181,7 @@ def _check_inputs(cfg: Any, overrides: dict[str, Any], config: str) -> None:
     config key that gave it."""
     from pruning.resources import first_missing
 
-    keys = ("model",) * (cfg.model_config is None) + ("train_data", "eval_data", "teacher")
+    keys = ("model",) * (cfg.model_config is None) + ("tokenizer", "train_data", "eval_data", "teacher")
     missing = first_missing({key: getattr(cfg, key) for key in keys}, keys)
     if missing is not None:
         key, err = missing

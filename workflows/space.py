@@ -37,7 +37,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from pruning.config import (MAX_SEED, METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, RunConfig, check_head_shaped,
                             check_keys_apply, config_from_dict, config_to_dict, read_yaml)
-from pruning.resources import ResourceError, resolve_data, resolve_model
+from pruning.resources import ResourceError, resolve_data, resolve_model, resolve_tokenizer
 from pruning.schedules import warmups
 from pruning.contents import content_digest
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
@@ -1515,7 +1515,7 @@ def teacher_fingerprint(space: SweepSpace) -> str:
         payload = {k: v for k, v in sorted(values.items()) if k not in _NOT_IN_FINGERPRINT}
         tokenizer = cfg.tokenizer or (SHIPPED_MODEL if cfg.model_config is not None else None)
         inputs = {"model": (None if cfg.model_config is not None else cfg.model, resolve_model),
-                  "tokenizer": (tokenizer, resolve_model),
+                  "tokenizer": (tokenizer, resolve_tokenizer),
                   "train_data": (cfg.train_data, resolve_data), "eval_data": (cfg.eval_data, resolve_data)}
     payload["contents"] = {key: _input_digest(name, resolve) for key, (name, resolve) in inputs.items()
                            if name is not None}
