@@ -445,6 +445,21 @@ def test_an_output_dir_holding_the_model_the_run_reads_is_refused(capsys, masked
     assert sorted(p.name for p in run.iterdir()) == ["final"]
 
 
+@pytest.mark.parametrize("flag", ["--train-data", "--eval-data"])
+def test_an_output_dir_holding_the_data_the_run_reads_is_refused(capsys, masked_checkpoint, tmp_path, flag):
+    """The same for a data file kept in the earlier run's final/ (its questions, say): --overwrite removed it, and the
+    run went on with what it had read (exit 0)."""
+    run = tmp_path / "run"
+    shutil.copytree(masked_checkpoint, run / "final")
+    data = run / "final" / "questions.json"
+    shutil.copy(squad_file("dev"), data)
+    line = _one_line_error(capsys, ["prune", "--config", TINY, flag, str(data), "--output-dir", str(run),
+                                    "--overwrite", "--max-steps", "2", "--train-limit", "8", "--eval-limit", "2",
+                                    "--no-progress"])
+    assert f"output_dir {run}: holds the {flag[2:].replace('-', '_')} file {data} the run reads ({flag})" in line
+    assert data.is_file() and sorted(p.name for p in run.iterdir()) == ["final"]
+
+
 def test_what_a_killed_first_checkpoint_write_left_is_not_taken_for_an_earlier_run(capsys, tmp_path):
     """A run killed outright (SIGKILL, the OOM killer) while it wrote its first checkpoint leaves only the staging
     directory of that write: the same command run again clears it and trains, rather than asking for --overwrite or

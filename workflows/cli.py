@@ -189,21 +189,24 @@ def _check_inputs(cfg: Any, overrides: dict[str, Any], config: str) -> None:
 
 
 def _check_reads_outside(cfg: Any, overrides: dict[str, Any], config: str, out: Path) -> None:
-    """Refuse an output_dir whose final/ or checkpoint/ holds the run's student, teacher or tokenizer directory: the
-    run replaces them (with --overwrite, before it trains), and would remove the model it reads."""
-    from pruning.resources import resolve_model
+    """Refuse an output_dir whose final/ or checkpoint/ holds the run's student, teacher or tokenizer directory, or
+    its training or evaluation data: the run replaces them (with --overwrite, before it trains), and would remove
+    what it reads."""
+    from pruning.resources import resolve_data, resolve_model, resolve_tokenizer
     from pruning.trainer import CHECKPOINT_DIR, FINAL_DIR
 
-    keys = ("model",) * (cfg.model_config is None) + ("teacher", "tokenizer")
+    keys = ("model",) * (cfg.model_config is None) + ("teacher", "tokenizer", "train_data", "eval_data")
+    resolve = {"tokenizer": resolve_tokenizer, "train_data": resolve_data, "eval_data": resolve_data}
     replaced = [(out / name).resolve() for name in (FINAL_DIR, CHECKPOINT_DIR)]
     for key in keys:
         value = getattr(cfg, key)
         if value is None:
             continue
-        source = resolve_model(value).resolve() if key != "tokenizer" else Path(value).resolve()
+        source = resolve.get(key, resolve_model)(value).resolve()
         if any(source.is_relative_to(path) for path in replaced):
             where = _given_by(key, overrides, config)
-            raise UserError(f"output_dir {out}: holds the {key} directory {value} the run reads ({where}), which "
+            what = "file" if key.endswith("_data") else "directory"
+            raise UserError(f"output_dir {out}: holds the {key} {what} {value} the run reads ({where}), which "
                             "the run would replace; pass another --output-dir")
 
 
