@@ -599,7 +599,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     path = Path(path)
     if path.is_dir():  # the configs/ folder, or a run's output_dir
         raise ConfigError(f"{path}: is a directory; a YAML run config file is expected")
-    if not path.is_file():
+    if not path.exists():  # a pipe (--config <(envsubst < run.yaml)) is read like a file: once, here
         raise ConfigError(f"{path}: config file not found")
     values = read_yaml(path)
     if values is None:  # an empty file (or comments only): every default, a MiniLM on the whole SQuAD training set

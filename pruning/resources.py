@@ -72,8 +72,11 @@ def resolve_data(name: str) -> Path:
     path = squad_file(name) if name in ("train", "dev") else Path(name)
     if path.is_dir():  # a folder of data files, or the one holding the file
         raise ResourceError(f"{path}: is a directory; a SQuAD JSON file is expected")
-    if not path.is_file():
+    if not path.exists():
         raise ResourceError(f"{path}: SQuAD data file not found")
+    if not path.is_file():
+        raise ResourceError(f"{path}: not a regular file (a pipe, as <(...) makes?): the data is read more than "
+                            "once; give a file")
     return path
 
 

@@ -496,6 +496,30 @@ def test_a_missing_model_or_data_file_is_named_by_its_flag_or_config_key(capsys,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_config_through_a_pipe_is_read_and_a_space_or_data_file_through_one_is_refused_as_a_pipe(capsys,
+                                                                                                   tmp_path):
+    """`--config <(envsubst < run.yaml)` said "config file not found" of a file that was there to read; a space or
+    data file is read more than once, which a pipe cannot give, and is refused as what it is."""
+    import threading
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_text(Path(TINY).read_text()))
+    writer.start()
+    try:
+        assert cli.main(["prune", "--config", str(pipe), "--max-steps", "1", "--train-limit", "4", "--eval-limit",
+                         "2", "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 0
+    finally:
+        writer.join(timeout=5)
+    assert json.loads(capsys.readouterr().out)["step"] >= 1
+    line = _one_line_error(capsys, ["score", str(pipe), str(tmp_path / "p.json")])
+    assert line.endswith(f"error: {pipe}: not a regular file (a pipe, as <(...) makes?): the data is read more than "
+                         "once; give a file"), line
+    line = _one_line_error(capsys, ["sweep", "--space", str(pipe)])
+    assert line.endswith(f"error: {pipe}: not a regular file (a pipe, as <(...) makes?): the sweep reads its space "
+                         "more than once; give a file"), line
+
+
 def test_a_tokenizer_directory_is_named_by_its_config_key_when_missing_and_needs_no_config_json(
         capsys, monkeypatch, tokenizer, tmp_path):
     """A missing one was found by transformers, whose message named neither the config file nor the key, and spoke

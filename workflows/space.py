@@ -998,8 +998,11 @@ def load_space(path: str | Path) -> SweepSpace:
     path = Path(path)
     if path.is_dir():  # tune_spaces/ itself, say
         raise SpaceError(f"{path}: is a directory; a YAML search-space file is expected")
-    if not path.is_file():
+    if not path.exists():
         raise SpaceError(f"{path}: search-space file not found")
+    if not path.is_file():
+        raise SpaceError(f"{path}: not a regular file (a pipe, as <(...) makes?): the sweep reads its space more "
+                         "than once; give a file")
     try:
         raw = read_yaml(path)
     except ConfigError as err:
