@@ -573,6 +573,27 @@ def test_an_instances_request_pairs_its_records_fields_by_position_as_the_readme
         assert not isinstance(refused.value, RequestError)
 
 
+def test_a_csv_request_is_refused_by_mlflows_parser_and_its_rows_as_records_answer_as_the_readme_says(
+        tmp_path, tokenizer, tiny_bert_config):
+    """The README sends CSV rows as `dataframe_records`: MLflow's CSV parser types the columns from the signature,
+    whose "any" fields it cannot type, and answers 400 (with a stack trace) before the model sees the request."""
+    import io
+
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data, parse_csv_input
+
+    model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
+    csv = "question,context\nWhere does Bob live?,Bob lives in Rome near the old bridge.\n"
+    with _fluent_store(uri):
+        model = mlflow.pyfunc.load_model(model_uri)
+        schema = model.metadata.get_input_schema()
+        with pytest.raises(MlflowException) as refused:
+            parse_csv_input(io.StringIO(csv), schema)
+        assert refused.value.get_http_status_code() == 400
+        records = pd.read_csv(io.StringIO(csv)).to_dict("records")
+        answered = model.predict(infer_and_parse_data({"dataframe_records": records}, schema))
+        assert answered["answer"].tolist() == model.predict(pd.DataFrame(records))["answer"].tolist()
+
+
 def test_a_record_without_a_field_is_said_to_miss_it_by_its_index_and_a_null_alone_is_null(tmp_path, tokenizer,
                                                                                         tiny_bert_config):
     """A record without a context, next to one with it, was refused as "context must be a string, got null", a
