@@ -903,6 +903,16 @@ def test_a_model_config_value_transformers_cannot_build_is_one_line(capsys, tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["report.html", "report.md"])
+def test_a_directory_where_the_report_writes_a_file_is_one_line_before_any_work(capsys, monkeypatch, tmp_path, name):
+    """It was found once the sweep's record had been read and the report drawn, exit 1."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / name).mkdir(parents=True)
+    line = _one_line_error(capsys, ["report", "--experiment", "e", "--out", "out"])
+    assert line == f"fineprune report: error: --out {Path('out') / name}: is a directory, not a file", line
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["out", f"out/{name}"]
+
+
 @pytest.mark.parametrize("kind,edit,needle", [
     ("masked", {"num_attention_heads": 3}, "(ValueError: The hidden size (64) is not a multiple of the number of "
                                            "attention heads (3))"),

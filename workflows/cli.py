@@ -646,10 +646,13 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from workflows.record import ARTIFACT_REPORT_HTML, ARTIFACT_REPORT_MARKDOWN
     from workflows.report import write_report
 
     out = Path(args.out)
     _check_output_path(out, "--out", directory=True, writable=True)
+    for name in (ARTIFACT_REPORT_HTML, ARTIFACT_REPORT_MARKDOWN):  # a directory in a file's place, say
+        _check_output_path(out / name, "--out", directory=False, writable=True)
     _tracking_client(args.tracking_uri)
     paths = write_report(args.experiment, out_dir=args.out, tracking_uri=args.tracking_uri,
                          sweep_run_id=args.sweep_run)
