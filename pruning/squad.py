@@ -371,6 +371,9 @@ def load_predictions(path: str | Path) -> dict[str, str]:
     if not isinstance(root, dict):
         raise SquadFormatError(f"{path}: expected a JSON object {{question id: answer text}}, "
                                f"got {type(root).__name__}")
+    if isinstance(root.get("data"), list):  # the data file, given twice or in the predictions' place
+        raise SquadFormatError(f"{path}: a SQuAD data file ('data' holds its articles), not predictions "
+                               "{question id: answer text}")
     for qid, text in root.items():
         if not isinstance(text, str):
             raise SquadFormatError(f"{path}: question {qid}: the prediction must be a string, "

@@ -397,6 +397,8 @@ def test_missing_file_is_a_format_error(tmp_path):
     (b'["a"]', "expected a JSON object"),
     (b'{"q1": "a", "q2": 3}', "question q2: the prediction must be a string"),
     (b'{"q1": "a", "q1": "b"}', "question q1: duplicate id"),
+    # The data file in the predictions' place was "question data: the prediction must be a string, got list".
+    (b'{"version": "1.1", "data": []}', "a SQuAD data file ('data' holds its articles), not predictions"),
 ])
 def test_malformed_predictions(tmp_path, content, problem):
     path = tmp_path / "pred.json"
