@@ -153,7 +153,7 @@ def test_champion_is_registered_once_and_answers(retried_sweep):
 
 
 def test_resume_reruns_nothing_and_duplicates_no_runs(retried_sweep):
-    from workflows.sweep import run_sweep
+    from workflows.sweep import ResumeError, run_sweep
 
     summary = retried_sweep["summary"]
     tmp = retried_sweep["tmp"]
@@ -168,6 +168,15 @@ def test_resume_reruns_nothing_and_duplicates_no_runs(retried_sweep):
     assert {r.info.run_id for r in _runs(resumed)} == runs_before
     assert [len(p.read_text().splitlines()) for p in results] == lines_before
     assert all(r.info.status != "RUNNING" for r in _runs(resumed))
+    # Another space is refused for a finished sweep as for one to continue: "already finished" took it for its own.
+    other = yaml.safe_load(retried_sweep["space"].read_text())
+    other["base"]["seed"] = int(other["base"].get("seed", 42)) + 1
+    other_path = tmp / "retried-other.yaml"
+    other_path.write_text(yaml.safe_dump(other))
+    with pytest.raises(ResumeError, match=rf"^--resume {summary['parent_run_id']}: {other_path}: base\.seed is "):
+        run_sweep(other_path, tracking_uri=summary["tracking_uri"], storage_path=str(tmp / "ray"), resume=True,
+                  report_dir=tmp / "report3", address="local")
+    assert {r.info.run_id for r in _runs(resumed)} == runs_before and not (tmp / "report3").exists()
     # Neither the sweep nor its resumption wrote TensorBoard files, and the setting that kept Tune from it went with
     # each run.
     assert results and not list(Path(summary["sweep_dir"]).rglob("events.out.tfevents*"))

@@ -678,12 +678,12 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         previous = _sweep_to_resume(client, experiment, None if resume is True else str(resume), tracking_uri)
         experiment = client.get_experiment(previous.info.experiment_id).name
         sweep_dir = previous.data.tags[record.TAG_SWEEP]
+        _check_same_space(space, previous)  # a finished one too: "already finished" would say it is this space's
         if tracking.sweep_state(previous) == record.SWEEP_COMPLETE:
             logger.info("the sweep %s of experiment %r (run %s) already finished; nothing to resume",
                         sweep_dir, experiment, previous.info.run_id)
             return {"experiment": experiment, "parent_run_id": previous.info.run_id, "tracking_uri": tracking_uri,
                     "sweep_dir": sweep_dir, "status": "already finished"}
-        _check_same_space(space, previous)
         _check_tune_state(sweep_dir, previous.info.run_id)
         storage_root = sweep_dir.rsplit("/", 1)[0]
         storage = _storage_roots(storage_path or storage_root)[1]
