@@ -40,8 +40,10 @@ __all__ = [
     "SquadFormatError",
     "QuestionError",
     "QuestionTooLong",
+    "WindowsTooShort",
     "QuestionWithoutTokens",
     "questions_of",
+    "windows_cut",
     "NonFiniteLogits",
     "Example",
     "Answer",
@@ -101,6 +103,10 @@ class QuestionTooLong(QuestionError):
     tokens."""
 
 
+class WindowsTooShort(SquadFormatError):
+    """``max_seq_length`` and ``doc_stride`` leave no room for a question in a window."""
+
+
 class QuestionWithoutTokens(QuestionError):
     """A question or its context is made only of characters the tokenizer drops (zero-width spaces, control
     characters): its windows would hold none of it, and the question would be scored on nothing."""
@@ -113,7 +119,7 @@ def windows_cut(given: int, seq: int) -> Iterator[None]:
     which it advises, cannot lengthen them."""
     try:
         yield
-    except SquadFormatError as err:
+    except (QuestionTooLong, WindowsTooShort) as err:
         if seq >= given:
             raise
         raise type(err)(f"{err}; these windows are max_seq_length {given} cut to the model's {seq} position "
@@ -643,8 +649,8 @@ def _check_question_lengths(examples: Sequence[Example], questions: list[str], t
     """
     room = longest_question(tokenizer, max_seq_length, doc_stride) + 1
     if room < 2:
-        raise SquadFormatError(f"max_seq_length {max_seq_length} and doc_stride {doc_stride} leave no room for a "
-                               "question: raise max_seq_length or lower doc_stride")
+        raise WindowsTooShort(f"max_seq_length {max_seq_length} and doc_stride {doc_stride} leave no room for a "
+                              "question: raise max_seq_length or lower doc_stride")
     if max_query_length < room:  # every question has been cut short enough
         return
     suspects = [i for i, q in enumerate(questions) if len(q.encode("utf-8")) >= room]

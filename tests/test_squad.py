@@ -847,3 +847,21 @@ def test_an_answer_written_in_another_unicode_form_than_its_context_is_named_so(
         squad.load_squad(path)
     assert "Unicode form, NFC" in str(caught.value) and str(path) in str(caught.value)
     assert squad.load_squad(path, spans=False)[0].answers == ("Zo\u00eb",)
+
+
+def test_windows_cut_to_a_model_are_named_in_what_only_their_length_explains():
+    """A question too long for the windows, or windows without room for one, add that the model cut them; a question
+    without tokens, which no window length explains, and windows not cut are left as they were."""
+    from pruning.squad import QuestionTooLong, QuestionWithoutTokens, WindowsTooShort, windows_cut
+
+    for error in (QuestionTooLong, WindowsTooShort):
+        with pytest.raises(error, match=r"^x; these windows are max_seq_length 96 cut to the model's 24 position "
+                                        r"embeddings, which no max_seq_length lengthens$"):
+            with windows_cut(96, 24):
+                raise error("x")
+        with pytest.raises(error, match=r"^x$"):
+            with windows_cut(96, 96):
+                raise error("x")
+    with pytest.raises(QuestionWithoutTokens, match=r"^x$"):
+        with windows_cut(96, 24):
+            raise QuestionWithoutTokens("x")
