@@ -888,7 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("select", cmd_select, "time the registered versions here and alias the best within a latency budget")
     p.add_argument("--registered-model", required=True, metavar="NAME", type=_given, help="registered model name")
-    p.add_argument("--max-latency-ms", type=_milliseconds, required=True, help="budget per forward pass, in milliseconds")
+    p.add_argument("--max-latency-ms", type=_milliseconds, required=True,
+                   help="budget per forward pass, in milliseconds")
     p.add_argument("--batch-size", type=int, default=1, help="batch of the timed input")
     p.add_argument("--seq-len", type=int, default=128, help="tokens of the timed input")
     p.add_argument("--threads", type=int,
