@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -19,8 +19,8 @@ from torch import nn
 from .precision import autocast
 from .structure import architecture_for, encoder_layers, get_module, max_positions
 
-__all__ = ["eval_mode", "random_inputs", "latency", "compare_latency", "interleaved_latency", "linear_flops",
-           "flop_ratio"]
+__all__ = ["eval_mode", "random_inputs", "latency", "compare_latency", "interleaved_latency", "spread",
+           "linear_flops", "flop_ratio"]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -182,6 +182,19 @@ def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, se
                 if round_ >= warmup:
                     times[name].append(elapsed)
     return times
+
+
+def spread(seconds: Sequence[float]) -> float:
+    """How far the timed passes of one model disagree: their upper quartile over their lower one (1.0 when the
+    passes take the same time). Another process, or more threads than free cores, slows some passes and widens it.
+
+    Raises:
+        ValueError: fewer than two passes.
+    """
+    if len(seconds) < 2:
+        raise ValueError(f"a spread needs two or more timed passes, got {len(seconds)}")
+    lower, _, upper = statistics.quantiles(seconds, n=4, method="inclusive")
+    return upper / lower if lower > 0 else float("inf")
 
 
 def linear_flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> int:

@@ -875,3 +875,22 @@ def test_a_version_is_tagged_with_its_trial_s_figures_unrounded_and_select_repor
     result = json.loads(out.strip().splitlines()[-1])
     assert {key: result[key] for key in figures} == figures
     assert {key: result["versions"][0][key] for key in figures} == figures
+
+
+def test_timings_too_noisy_to_rank_versions_by_are_named_and_steady_ones_are_not():
+    """`select` on a busy machine measured a version at 1.5 ms in one run and 70 ms in the next; the spread of its
+    passes (upper over lower quartile) says so, where a steady machine's passes agree."""
+    from pruning.bench import spread
+    from workflows.registry import timing_noise
+
+    assert spread([2.0] * 5) == 1.0
+    assert spread([1.0, 2.0, 3.0, 4.0, 5.0]) == 2.0  # quartiles 2 and 4
+    assert spread([1.0, 1.0, 1.0, 1.0, 9.0]) == 1.0  # one slowed pass moves neither quartile, nor the median
+    with pytest.raises(ValueError, match="two or more timed passes"):
+        spread([1.0])
+    steady = {"v1": [1.0, 1.1, 1.0, 1.05, 1.0], "dense": [3.0, 3.1, 3.0, 3.2, 3.0]}
+    assert timing_noise(steady) is None
+    assert timing_noise({"v1": [1.0, 5.0, 1.0]}) is None  # too few passes for quartiles
+    noisy = {**steady, "v2": [1.0, 2.0, 3.0, 4.0, 5.0]}
+    assert timing_noise(noisy) == ("the timed passes of 1 of the 3 models disagree, by up to 2.0x (upper over lower "
+                                   "quartile; 1.5x at most counts as steady)")

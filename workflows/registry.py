@@ -47,7 +47,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import mlflow
 import pandas as pd
@@ -1103,6 +1103,25 @@ def _dense_shape(model):
     return key, config
 
 
+# Timed passes of one model whose upper quartile exceeds their lower one by more than this are noise, not its speed:
+# on a quiet machine the passes of a model agree to within 10 to 20%.
+NOISY_SPREAD = 1.5
+
+
+def timing_noise(times: Mapping[str, Sequence[float]]) -> str | None:
+    """What says that interleaved timings (name -> seconds of each pass) are too noisy to rank the models by (see
+    :func:`pruning.bench.spread`), or None where every model's passes agree; models of fewer than 4 passes, too few
+    for quartiles, are not judged."""
+    from pruning.bench import spread
+
+    spreads = {name: spread(seconds) for name, seconds in times.items() if len(seconds) >= 4}
+    noisy = [value for value in spreads.values() if value > NOISY_SPREAD]
+    if not noisy:
+        return None
+    return (f"the timed passes of {len(noisy)} of the {len(spreads)} models disagree, by up to {max(noisy):.1f}x "
+            f"(upper over lower quartile; {NOISY_SPREAD:g}x at most counts as steady)")
+
+
 def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int = 1, seq_len: int = 128,
                       threads: int | None = None, alias: str = ALIAS, repeats: int = 10, warmup: int = 2,
                       sweep_run_id: str | None = None, runtime: str = "served",
@@ -1254,6 +1273,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         logger.info("loaded %d versions of %s in %.1f s; timed them and %d dense shape(s), %d rounds, in %.1f s",
                     len(dense_of), name, loaded - started, len(models) - len(dense_of), warmup + repeats,
                     time.perf_counter() - loaded)
+        if (noise := timing_noise(times)) is not None:
+            logger.warning("%s: the choice may differ on a rerun; time with fewer --threads than free cores, on a "
+                           "quieter machine, or with more --repeats", noise)
     for row in rows:
         if row["version"] not in dense_of:
             continue
