@@ -459,6 +459,37 @@ def test_a_report_of_a_running_sweep_says_it_runs_and_of_an_interrupted_one_that
     assert (args.resume, args.tracking_uri) == (parent, uri)
 
 
+@pytest.mark.parametrize("statuses,ended,left", [
+    (("interrupted", "interrupted", "failed"), "2 interrupted, 1 failed", True),
+    (("failed", "failed", "failed"), "3 failed", False),
+])
+def test_no_champion_for_want_of_a_finished_trial_is_said_so_with_how_the_trials_ended(tmp_path, statuses, ended,
+                                                                                       left):
+    """A sweep stopped before any trial finished: `register`, the sweep's summary and the report said no trial met the
+    registry policy, which had nothing to choose from; they now say none finished, how the trials ended, and, where
+    trials are left to run, the command that runs them."""
+    from workflows import record, tracking
+    from workflows.registry import register_champion
+
+    client, uri, parent = _recorded_sweep(tmp_path)
+    trials = client.search_runs([client.get_experiment_by_name("recorded").experiment_id],
+                                filter_string=f"tags.`{record.TAG_KIND}` = 'trial'", order_by=["attributes.start_time"])
+    for run, status in zip(trials, statuses):
+        client.set_tag(run.info.run_id, record.TAG_STATUS, status)
+    tracking.finish_parent_run(client, parent, status="KILLED", state=record.SWEEP_INTERRUPTED)
+    command = f"fineprune sweep --space SPACE --resume {parent} --tracking-uri {uri}"
+    resume = f"{command} runs what is left (SPACE: the search space file the sweep ran)"
+    spec = record.RegistrySpec.from_params(client.get_run(parent).data.params)
+    result = register_champion(client, "recorded", parent, spec)
+    unfinished = f"none of its 3 trials finished with a packed model ({ended})"
+    assert result == {"registered": False, "policy": "best_f1_under_density", "name": "qa-small",
+                      "reason": f"no trial to choose: {unfinished}" + (f"; {resume}" if left else "")}
+    note = collect_report_data("recorded", tracking_uri=uri).no_champion
+    assert note == f"No trial to register as champion: {unfinished}." + (f" `{command}` runs what is left (SPACE: "
+                                                                         "the search space file the sweep ran)."
+                                                                         if left else "")
+
+
 def test_the_report_names_the_policy_that_made_the_champion_not_the_sweeps(tmp_path):
     """`fineprune register --space other.yaml` moved the champion under another policy: the report names that
     one, as the version's tags record it, not the sweep's."""

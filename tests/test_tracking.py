@@ -108,7 +108,7 @@ def test_a_refused_upload_fails_its_trial_and_the_champion_is_chosen_without_it(
     assert list(table["status"]) == ["failed"]
     chosen = register_champion(client, "refused", parent, record.RegistrySpec("m", max_density=1.0))
     assert chosen == {"registered": False, "policy": "best_f1_under_density", "name": "m",
-                      "reason": "no trial satisfies the registry policy best_f1_under_density (max_density 1)"}
+                      "reason": "no trial to choose: its one trial did not finish with a packed model (failed)"}
 
 
 def test_a_resumed_sweeps_hypervolume_extends_the_series_logged_before(tmp_path):

@@ -60,10 +60,9 @@ from pruning.quiet import leaving_out, starting_with
 from workflows import record
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
                               EXACT_MATCH, F1, FINAL_METRICS, FORMER_POLICY_TAGS, FRONTIER_TAGS, KIND_BASELINE,
-                              LINEAR_DENSITY,
-                              PARAM_RESOURCES, PARAM_SPEEDUP, RUNTIMES, SPEEDUP, STATUS_FINISHED, TAG_ONNX, TAG_POLICY,
-                              TAG_POLICY_THRESHOLD, TAG_PRECISION, TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN,
-                              TAG_VERSION_PRECISION, RegistrySpec)
+                              LINEAR_DENSITY, PARAM_RESOURCES, PARAM_SPEEDUP, RUNTIMES, SPEEDUP, STATUS_FINISHED,
+                              STATUS_INTERRUPTED, TAG_ONNX, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_PRECISION, TAG_STATUS,
+                              TAG_SWEEP_RUN, TAG_TRIAL_RUN, TAG_VERSION_PRECISION, RegistrySpec)
 from workflows.served_model import (MAX_RECORDS, MODEL_CODE, MODEL_FILE, ONNX_VARIANTS, SERVE_DEFAULTS, SERVE_PARAMS,
                                     SHIPPED_MODULES, SIGNATURE, count_setting, served_variant, torch_served)
 from workflows.space import load_space
@@ -197,14 +196,41 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         moved = {"alias_moved_from": chosen["alias_moved_from"]} if "alias_moved_from" in chosen else {}
         return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}, **moved}
 
-    chosen = policy_choice(record.trials(client, parent_run_id), spec, parent_run_id, (dense_metrics or {}).get(F1))
+    runs = record.trials(client, parent_run_id)
+    chosen = policy_choice(runs, spec, parent_run_id, (dense_metrics or {}).get(F1))
     if chosen is None:
-        logger.warning("no trial of experiment %r satisfies the registry policy %s; nothing registered", experiment,
-                       policy)
+        unfinished = no_trial_finished(runs)
+        if unfinished is None:
+            reason = f"no trial satisfies the registry policy {spec.describe()}"
+        else:  # no policy could choose one: what the sweep has to do first, not what the policy asks
+            uri = client.tracking_uri
+            reason = f"no trial to choose: {unfinished}" + (
+                f"; {record.fineprune_command('sweep', uri, '--space', 'SPACE', '--resume', parent_run_id)} runs "
+                "what is left (SPACE: the search space file the sweep ran)" if left_to_run(runs) else "")
+        logger.warning("experiment %r: %s; nothing registered", experiment, reason)
         _warn_alias_set_aside(client, name)
-        return {"registered": False, "policy": policy, "name": name,
-                "reason": f"no trial satisfies the registry policy {spec.describe()}"}
+        return {"registered": False, "policy": policy, "name": name, "reason": reason}
     return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx, spec.threshold())
+
+
+def no_trial_finished(runs: pd.DataFrame) -> str | None:
+    """What says that none of a sweep's trials (``runs``, :func:`record.trials`) finished with a packed model, so
+    that no registry policy has one to choose, with how many there are and how they ended; None where one did."""
+    trials = runs[runs["kind"] != KIND_BASELINE]
+    if bool(((trials["status"] == STATUS_FINISHED) & trials["packed"]).any()):
+        return None
+    if not len(trials):
+        return "the sweep has no trials"
+    if len(trials) == 1:
+        return f"its one trial did not finish with a packed model ({trials['status'].iloc[0].replace('_', ' ')})"
+    counts = trials["status"].value_counts().items()
+    ended = ", ".join(f"{count} {status.replace('_', ' ')}" for status, count in counts)
+    return f"none of its {len(trials)} trials finished with a packed model ({ended})"
+
+
+def left_to_run(runs: pd.DataFrame) -> bool:
+    """Whether a sweep's record holds trials that a resume runs again: interrupted, or never ended (running)."""
+    return bool(runs.loc[runs["kind"] != KIND_BASELINE, "status"].isin((STATUS_INTERRUPTED, "running")).any())
 
 
 def policy_choice(runs: pd.DataFrame, spec: RegistrySpec, parent_run_id: str,

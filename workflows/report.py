@@ -47,7 +47,8 @@ from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, 
                               TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_SWEEP_RUN,
                               TAG_TRIAL_RUN, TAG_WARM_START, TAG_WARM_START_STORE, TAG_WARM_START_TRIALS,
                               TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec)
-from workflows.registry import DELETED, REMOVED, policy_choice, run_deleted, served_model_dir, version_files_lost
+from workflows.registry import (DELETED, REMOVED, left_to_run, no_trial_finished, policy_choice, run_deleted,
+                                served_model_dir, version_files_lost)
 
 __all__ = [
     "ChampionCard",
@@ -1000,6 +1001,12 @@ def _no_champion(client: MlflowClient, runs: pd.DataFrame, params: Mapping[str, 
         return (f"The sweep has not finished (its MLflow run is RUNNING): it registers its champion, as the registry "
                 f"policy {_plain(policy)} chooses it from all its trials, when it ends. If its process was killed, "
                 f"{_code(resume)} finishes it (SPACE: the search space file the sweep ran).")
+    unfinished = no_trial_finished(runs)
+    if unfinished is not None:  # no policy had one to choose
+        resume = record.fineprune_command("sweep", tracking_uri, "--space", "SPACE", "--resume", parent_id)
+        left = (f" {_code(resume)} runs what is left (SPACE: the search space file the sweep ran)."
+                if left_to_run(runs) else "")
+        return f"No trial to register as champion: {_plain(unfinished)}.{left}"
     if spec.policy == "best_f1_under_latency":  # chosen by timing the versions where they were registered
         return f"No version of this sweep is, or was, its champion (registry policy {_plain(policy)})."
     try:
