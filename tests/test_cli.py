@@ -152,6 +152,8 @@ def test_eval_writes_official_predictions_and_fits_windows_to_the_model(masked_c
     # The model has 128 positions: the default 384-token windows are cut to it, the stride to half a window.
     assert (result["max_seq_length"], result["doc_stride"]) == (128, 64)
     written = json.loads(predictions.read_text())
+    # A text file's last line ends in a newline: written to /dev/stdout, the result's line follows on its own line.
+    assert predictions.read_text().endswith("}\n")
     questions = squad.load_squad(squad_file("dev"), limit=5)
     assert set(written) == {q.id for q in questions} and all(isinstance(a, str) for a in written.values())
     score = fineprune("score", str(squad_file("dev")), str(predictions))

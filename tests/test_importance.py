@@ -29,9 +29,9 @@ TINY = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HE
 HEAD_BLOCK = [HIDDEN // HEADS, HIDDEN]
 
 
-def tiny_model(seed: int = 0) -> BertForQuestionAnswering:
+def tiny_model(seed: int = 0, vocab: int = VOCAB) -> BertForQuestionAnswering:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+    config = BertConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                         intermediate_size=INTER, max_position_embeddings=64, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
     model = BertForQuestionAnswering(config).eval()
@@ -618,7 +618,8 @@ def fineprune(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory, tokenizer) -> Path:
-    return save_model(tiny_model(), tokenizer, tmp_path_factory.mktemp("dense") / "model")
+    # As many word embeddings as the tokenizer saved beside it has tokens: a model that can read its windows.
+    return save_model(tiny_model(vocab=len(tokenizer)), tokenizer, tmp_path_factory.mktemp("dense") / "model")
 
 
 def fisher_config(tmp_path: Path, model_dir: Path, line: str) -> Path:

@@ -31,15 +31,16 @@ def _last_error(capsys) -> str:
     return err.strip().splitlines()[-1]
 
 
-def _sweeps_with_the_later_deleted(tmp_path: Path) -> tuple[str, MlflowClient, str, str, str]:
-    """Experiment 'smoke' with a finished sweep and a later, interrupted one deleted by hand: (uri, client,
-    experiment id, finished sweep run, deleted sweep run)."""
+def _sweeps_with_the_later_deleted(tmp_path: Path, summary: dict | None = None) -> tuple[str, MlflowClient, str, str,
+                                                                                         str]:
+    """Experiment 'smoke' with a finished sweep and a later, interrupted one deleted by hand, both of the space
+    ``summary`` (default: none recorded): (uri, client, experiment id, finished sweep run, deleted sweep run)."""
     uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("smoke", artifact_location=(tmp_path / "artifacts").as_uri())
-    done = tracking.start_parent_run(client, "smoke", "/sweeps/done", {}, resume=False)
+    done = tracking.start_parent_run(client, "smoke", "/sweeps/done", summary or {}, resume=False)
     tracking.finish_parent_run(client, done)
-    later = tracking.start_parent_run(client, "smoke", "/sweeps/later", {}, resume=False)
+    later = tracking.start_parent_run(client, "smoke", "/sweeps/later", summary or {}, resume=False)
     tracking.finish_parent_run(client, later, status="KILLED", state=record.SWEEP_INTERRUPTED)
     client.delete_run(later)
     return uri, client, experiment_id, done, later
@@ -127,7 +128,10 @@ def test_resume_says_it_passes_over_a_deleted_latest_sweep(tmp_path, monkeypatch
     """`sweep --resume` after the experiment's latest sweep run was deleted in the UI went on with the sweep before
     it without a word (as `register` and `report` did); it still takes the latest sweep left, but says which, and
     that the later one was deleted; with none left, it says the latest was deleted rather than that there is none."""
-    uri, client, _, done, later = _sweeps_with_the_later_deleted(tmp_path)
+    from workflows.space import load_space
+
+    # Sweeps of the space resumed: a finished one resumed with another is refused as another space.
+    uri, client, _, done, later = _sweeps_with_the_later_deleted(tmp_path, load_space(SPACES / "smoke.yaml").summary())
     monkeypatch.chdir(tmp_path)
     argv = ["sweep", "--space", str(SPACES / "smoke.yaml"), "--tracking-uri", uri, "--resume"]
     assert main(argv) == 0

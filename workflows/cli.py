@@ -425,7 +425,7 @@ def _write_json(path: Path, values: dict[str, Any]) -> None:
     """Write a JSON file whole or not at all; a failure names ``path``."""
     from pruning.atomic import write_text
 
-    write_text(path, json.dumps(values, ensure_ascii=False, indent=1, sort_keys=True))
+    write_text(path, json.dumps(values, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -914,9 +914,9 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str,
                      "run_id": run.info.run_id, **{k: run.data.metrics.get(k) for k in FINAL_METRICS}})
     # A point whose version cannot be served (its files gone) is still on the frontier: its tags stay.
     _untag_left_frontier(client, name, parent_run_id, {run.info.run_id for run in runs}, before)
-    logger.info("registered the %d trials on the frontiers of sweep run %s (of its objectives, and of F1 against "
-                "measured speedup) as versions %s of %s", len(rows), parent_run_id,
-                ", ".join(row["version"] for row in rows), name)
+    logger.info("registered the %s on the frontiers of sweep run %s (of its objectives, and of F1 against measured "
+                "speedup) as %s %s of %s", "trial" if len(rows) == 1 else f"{len(rows)} trials", parent_run_id,
+                "version" if len(rows) == 1 else "versions", ", ".join(row["version"] for row in rows), name)
     return rows
 
 
