@@ -746,11 +746,17 @@ def test_windows_cut_to_a_models_few_positions_say_so_rather_than_advise_longer_
                      r"which no max_seq_length lengthens$", line), line
 
 
-def test_a_tracking_server_that_does_not_answer_is_exit_1_in_seconds(capsys, monkeypatch):
+def test_a_tracking_server_that_does_not_answer_is_exit_1_in_seconds(capsys, caplog, monkeypatch):
+    """Said in two lines: that it does not answer and for how long it is tried, and the error. urllib3's line for
+    each of MLflow's retries of a request came between them, five in the 15 s."""
     monkeypatch.setattr(cli, "REACH_TIMEOUT_S", 2.0)  # the wait is not what is checked here; its end is
-    line = _one_line_error(capsys, ["select", "--registered-model", "m", "--max-latency-ms", "5",
-                                    "--tracking-uri", "http://127.0.0.1:9"], status=1)
+    with caplog.at_level(logging.INFO):
+        line = _one_line_error(capsys, ["select", "--registered-model", "m", "--max-latency-ms", "5",
+                                        "--tracking-uri", "http://127.0.0.1:9"], status=1)
     assert "http://127.0.0.1:9" in line
+    warnings = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [name for name, _ in warnings] == ["workflows.retry"], warnings
+    assert "retrying for up to 2 s" in warnings[0][1]
 
 
 def test_score_reads_the_shipped_dev_set_by_name(capsys, tmp_path):

@@ -135,16 +135,27 @@ def call_with_retries(fn: Callable[[], T], uri: str, limit: float, what: str = "
         return result
 
 
+# urllib3's line for each retry of a request, "Retrying (Retry(total=0, ...)) after connection broken by ...": the
+# retries are MLflow's HTTP client's, and call_with_retries says once that the server does not answer, and for how
+# long it keeps trying.
+_URLLIB3_POOL = "urllib3.connectionpool"
+_URLLIB3_RETRY = "Retrying ("
+
+
 @contextlib.contextmanager
 def quick_http_failures(retries: int = 1) -> Iterator[None]:
     """Within the block, an MLflow HTTP call gives up after ``retries`` quick retries instead of MLflow's default
-    of about four minutes of backoff, so that :func:`call_with_retries` keeps the time (unless the user set these)."""
+    of about four minutes of backoff, so that :func:`call_with_retries` keeps the time (unless the user set these),
+    and urllib3 does not log each retry."""
+    from pruning.quiet import leaving_out, starting_with
+
     settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
     added = [name for name in settings if name not in os.environ]
     for name in added:
         os.environ[name] = settings[name]
     try:
-        yield
+        with leaving_out(_URLLIB3_POOL, starting_with(_URLLIB3_RETRY)):
+            yield
     finally:
         for name in added:
             os.environ.pop(name, None)
