@@ -267,8 +267,8 @@ def test_register_without_a_champion_says_the_alias_is_left_on_a_version_whose_t
     assert status == 4 and result["registered"] is False and _champion(client) == wide
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "workflows.registry"]
     run_id = made["runs"]["wide"]
-    assert warnings == ["no trial of experiment 'exp' satisfies the registry policy best_f1_under_density; nothing "
-                        "registered",
+    assert warnings == ["experiment 'exp': no trial to choose: no trial run of the sweep is left (none was recorded, "
+                        "or all were deleted); nothing registered",
                         f"alias 'champion' of {NAME} is left on version {wide}, which nothing chooses now: its trial "
                         f"run {run_id} was deleted (restore it, "
                         f"`{record.restore_command(client.tracking_uri, run_id)}`, to have the version chosen again)"]

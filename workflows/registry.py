@@ -220,7 +220,7 @@ def no_trial_finished(runs: pd.DataFrame) -> str | None:
     if bool(((trials["status"] == STATUS_FINISHED) & trials["packed"]).any()):
         return None
     if not len(trials):
-        return "the sweep has no trials"
+        return "no trial run of the sweep is left (none was recorded, or all were deleted)"
     if len(trials) == 1:
         return f"its one trial did not finish with a packed model ({trials['status'].iloc[0].replace('_', ' ')})"
     counts = trials["status"].value_counts().items()
