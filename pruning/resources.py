@@ -85,6 +85,12 @@ _INPUTS = {"model": resolve_model, "tokenizer": resolve_tokenizer, "teacher": re
            "train_data": resolve_data, "eval_data": resolve_data}
 
 
+def resolve_input(key: str, value: str) -> Path:
+    """The path a run's input ``key`` (model, tokenizer, teacher, train_data or eval_data) set to ``value`` reads:
+    a shipped name resolved, a directory or file checked (:class:`ResourceError` when it is not there)."""
+    return _INPUTS[key](value)
+
+
 def first_missing(values: Mapping[str, Any], keys: Iterable[str]) -> tuple[str, ResourceError] | None:
     """The first of ``keys`` (model, tokenizer, teacher, train_data, eval_data) whose path in ``values`` is not on
     this machine, with the error that says so; None when all are there (a key absent or None is not checked)."""
@@ -93,7 +99,7 @@ def first_missing(values: Mapping[str, Any], keys: Iterable[str]) -> tuple[str, 
         if not isinstance(value, str):
             continue
         try:
-            _INPUTS[key](value)
+            resolve_input(key, value)
         except ResourceError as err:
             return key, err
     return None

@@ -19,6 +19,7 @@ import torch
 import yaml
 from transformers import BertConfig
 
+from conftest import sqlite_store
 from pruning import squad
 from pruning.resources import squad_file
 from workflows import cli
@@ -1584,9 +1585,16 @@ def test_a_speedup_or_latency_timed_on_few_passes_is_said_to_be_noise(capsys, ca
     capsys.readouterr()
     assert not [r for r in caplog.records if "--repeats" in r.getMessage()]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fineprune"):  # said before the store is read
+    with caplog.at_level(logging.WARNING, logger="fineprune"):  # a command refused is not warned about first
+        assert cli.main(["pack", str(tmp_path / "few"), str(tmp_path / "again"), "--repeats", "2"]) == 2
+        assert cli.main(["select", "--registered-model", "m", "--max-latency-ms", "10", "--repeats", "1",
+                         "--alias", "a b"]) == 2
+    capsys.readouterr()
+    assert not [r for r in caplog.records if "--repeats" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fineprune"):  # said once the store is open, before the timing
         cli.main(["select", "--registered-model", "m", "--max-latency-ms", "10", "--repeats", "1",
-                  "--tracking-uri", f"sqlite:///{tmp_path}/absent.db"])
+                  "--tracking-uri", sqlite_store(tmp_path / "mlflow.db")])
     capsys.readouterr()
     assert any(r.getMessage().startswith("--repeats 1: each version's latency is the median of 1 timed pass,")
                for r in caplog.records)

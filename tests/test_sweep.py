@@ -928,3 +928,19 @@ def test_a_question_too_long_for_the_trials_windows_names_its_file_when_a_given_
     finally:
         ray.shutdown()
     assert str(info.value).startswith(f"{data}: question long-q has 41 tokens: with max_seq_length 64 ")
+
+
+@pytest.mark.parametrize("given", [None, "0", "1"])
+def test_tunes_default_loggers_are_off_in_a_sweep_unless_the_user_set_them(monkeypatch, given):
+    """A sweep runs Tune without its default loggers (TensorBoard's files and the line about them); a user who set
+    TUNE_DISABLE_AUTO_CALLBACK_LOGGERS (0 for TensorBoard's files) is obeyed, and the environment is as it was after."""
+    from workflows.sweep import _without_tensorboard
+
+    name = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    if given is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, given)
+    with _without_tensorboard():
+        assert os.environ[name] == (given or "1")
+    assert os.environ.get(name) == given

@@ -791,12 +791,12 @@ def test_the_resume_command_a_sweep_gives_names_its_store_and_its_cluster():
     import shlex
 
     from workflows.cli import build_parser
-    from workflows.sweep import _resume_command
+    from workflows.record import resume_command
 
-    line = _resume_command("my spaces/smoke.yaml", "abc123", "sqlite:////tmp/my store/mlflow.db", "ray://head:10001")
+    line = resume_command("sqlite:////tmp/my store/mlflow.db", "abc123", "my spaces/smoke.yaml", "ray://head:10001")
     words = shlex.split(line)
     assert words[:2] == ["fineprune", "sweep"]
     args = build_parser().parse_args(words[1:])
     assert (args.space, args.resume, args.tracking_uri, args.address) == (
         "my spaces/smoke.yaml", "abc123", "sqlite:////tmp/my store/mlflow.db", "ray://head:10001")
-    assert "--address" not in _resume_command("smoke.yaml", "abc123", "sqlite:///mlflow.db", None)
+    assert "--address" not in resume_command("sqlite:///mlflow.db", "abc123", "smoke.yaml")

@@ -176,12 +176,17 @@ def _given_by(key: str, overrides: dict[str, Any], config: str) -> str:
     return _flag(key) if key in overrides else f"{config}: {key}"
 
 
+def _input_keys(cfg: Any) -> tuple[str, ...]:
+    """The run-config keys that name what a run reads (its model only where no model_config builds one)."""
+    return ("model",) * (cfg.model_config is None) + ("tokenizer", "train_data", "eval_data", "teacher")
+
+
 def _check_inputs(cfg: Any, overrides: dict[str, Any], config: str) -> None:
     """The run's model, teacher and data files exist, before any work; a missing one is named by the flag or the
     config key that gave it."""
     from pruning.resources import first_missing
 
-    keys = ("model",) * (cfg.model_config is None) + ("tokenizer", "train_data", "eval_data", "teacher")
+    keys = _input_keys(cfg)
     missing = first_missing({key: getattr(cfg, key) for key in keys}, keys)
     if missing is not None:
         key, err = missing
@@ -192,17 +197,15 @@ def _check_reads_outside(cfg: Any, overrides: dict[str, Any], config: str, out: 
     """Refuse an output_dir whose final/ or checkpoint/ holds the run's student, teacher or tokenizer directory, or
     its training or evaluation data: the run replaces them (with --overwrite, before it trains), and would remove
     what it reads."""
-    from pruning.resources import resolve_data, resolve_model, resolve_tokenizer
+    from pruning.resources import resolve_input
     from pruning.trainer import CHECKPOINT_DIR, FINAL_DIR
 
-    keys = ("model",) * (cfg.model_config is None) + ("teacher", "tokenizer", "train_data", "eval_data")
-    resolve = {"tokenizer": resolve_tokenizer, "train_data": resolve_data, "eval_data": resolve_data}
     replaced = [(out / name).resolve() for name in (FINAL_DIR, CHECKPOINT_DIR)]
-    for key in keys:
+    for key in _input_keys(cfg):
         value = getattr(cfg, key)
         if value is None:
             continue
-        source = resolve.get(key, resolve_model)(value).resolve()
+        source = resolve_input(key, value).resolve()
         if any(source.is_relative_to(path) for path in replaced):
             where = _given_by(key, overrides, config)
             what = "file" if key.endswith("_data") else "directory"
@@ -523,7 +526,6 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from pruning.resources import resolve_model
 
     _check_positive(args, "questions", "repeats")
-    _warn_few_repeats(args.repeats, "each model's latency in the speedup")
     resolve_model(args.checkpoint)  # a file, or a run's directory, named as such as the other commands name them
     out = Path(args.out_dir)
     precision = resolve_precision(args.precision, "cpu")  # settings first, then the work
@@ -557,6 +559,7 @@ def _pack_into(args: argparse.Namespace, out: Path, precision: str) -> int:
                         "export take it as it is, and its speedup is measured by packing the masked checkpoint it "
                         "was made from")
     _warn_live_weights(args.checkpoint, "pack")
+    _warn_few_repeats(args.repeats, "each model's latency in the speedup")  # once the refusals above are past
     masked = load_model(args.checkpoint, qa_head=True)
     tokenizer = load_tokenizer(args.checkpoint)
     check_tokenizer_fits(args.checkpoint, masked.config, tokenizer)
@@ -633,11 +636,11 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     _check_positive(args, "batch_size", "seq_len", "repeats", "threads")
-    _warn_few_repeats(args.repeats, "each version's latency")
     from workflows.registry import check_alias, select_by_latency
 
     check_alias(args.alias)  # the arguments first, then the store
     client = _tracking_client(args.tracking_uri)
+    _warn_few_repeats(args.repeats, "each version's latency")
     result = select_by_latency(client, args.registered_model, args.max_latency_ms, batch_size=args.batch_size,
                                seq_len=args.seq_len, threads=args.threads, alias=args.alias, repeats=args.repeats,
                                runtime=args.runtime)

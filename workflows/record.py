@@ -432,6 +432,18 @@ def fineprune_command(command: str, tracking_uri: str, *args: str) -> str:
     return shlex.join(["fineprune", command, *(str(a) for a in args), "--tracking-uri", tracking_uri])
 
 
+SPACE_PLACEHOLDER = "SPACE: the search space file the sweep ran"  # what `resume_command`'s default SPACE stands for
+
+
+def resume_command(tracking_uri: str, run_id: str, space: str | Path = "SPACE", address: str | None = None) -> str:
+    """The ``fineprune sweep --space SPACE --resume RUN_ID --tracking-uri URI`` line that goes on with the sweep
+    ``run_id``: in its tracking store, and on the Ray cluster ``address`` it ran on (without ``--address``, a private
+    local Ray). A sweep does not record its space file; where it is not known the line names it ``SPACE``, and the
+    message says so with `SPACE_PLACEHOLDER`."""
+    joins = ("--address", address) if address else ()
+    return fineprune_command("sweep", tracking_uri, "--space", space, "--resume", run_id, *joins)
+
+
 def deleted_run(run_id: str, what: str, tracking_uri: str) -> str:
     """The one line that says the run ``run_id`` (``what`` it is) was deleted, and how to have it back."""
     return f"run {run_id} ({what}) was deleted; restore it (`{restore_command(tracking_uri, run_id)}`) to use it again"

@@ -205,8 +205,8 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         else:  # no policy could choose one: what the sweep has to do first, not what the policy asks
             uri = client.tracking_uri
             reason = f"no trial to choose: {unfinished}" + (
-                f"; {record.fineprune_command('sweep', uri, '--space', 'SPACE', '--resume', parent_run_id)} runs "
-                "what is left (SPACE: the search space file the sweep ran)" if left_to_run(runs) else "")
+                f"; {record.resume_command(uri, parent_run_id)} runs what is left ({record.SPACE_PLACEHOLDER})"
+                if left_to_run(runs) else "")
         logger.warning("experiment %r: %s; nothing registered", experiment, reason)
         _warn_alias_set_aside(client, name)
         return {"registered": False, "policy": policy, "name": name, "reason": reason}

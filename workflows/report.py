@@ -458,7 +458,8 @@ def _untagged_note(data: ReportData, tag: str) -> str | None:
     if not finished or len(data.frontier(tag)):
         return None
     note = f"No run is tagged on this frontier although {finished} trial(s) finished: the sweep tags its frontiers"
-    resume, space = _resume_command(data), "SPACE: the search space file the sweep ran"
+    resume = record.resume_command(data.tracking_uri or record.tracking_uri(None), data.sweep_run_id)
+    space = record.SPACE_PLACEHOLDER
     if data.sweep_status == "RUNNING":
         return (f"{note} when it ends, and it is still running (its MLflow run is RUNNING; if its process was killed, "
                 f"{_code(resume)} finishes it, {space}).")
@@ -466,13 +467,6 @@ def _untagged_note(data: ReportData, tag: str) -> str | None:
         return (f"{note} when it ends, and it was interrupted (its MLflow run is {data.sweep_status}): "
                 f"{_code(resume)} finishes it ({space}).")
     return f"{note} when it ends ({_code(resume)} finishes an interrupted one; {space})."
-
-
-def _resume_command(data: ReportData) -> str:
-    """The command that resumes the report's sweep, in its store. `fineprune sweep` needs the space file, which the
-    sweep does not record: the command names it ``SPACE``."""
-    uri = data.tracking_uri or record.tracking_uri(None)
-    return record.fineprune_command("sweep", uri, "--space", "SPACE", "--resume", data.sweep_run_id)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -997,14 +991,14 @@ def _no_champion(client: MlflowClient, runs: pd.DataFrame, params: Mapping[str, 
         return (f"Version {version.version} of {_plain(spec.name)}, this sweep's champion, is set aside: its trial "
                 f"run {_code(run_id)} {gone}.")
     if status == "RUNNING":  # its champion is chosen and registered at its end, from all its trials
-        resume = record.fineprune_command("sweep", tracking_uri, "--space", "SPACE", "--resume", parent_id)
+        resume = record.resume_command(tracking_uri, parent_id)
         return (f"The sweep has not finished (its MLflow run is RUNNING): it registers its champion, as the registry "
                 f"policy {_plain(policy)} chooses it from all its trials, when it ends. If its process was killed, "
-                f"{_code(resume)} finishes it (SPACE: the search space file the sweep ran).")
+                f"{_code(resume)} finishes it ({record.SPACE_PLACEHOLDER}).")
     unfinished = no_trial_finished(runs)
     if unfinished is not None:  # no policy had one to choose
-        resume = record.fineprune_command("sweep", tracking_uri, "--space", "SPACE", "--resume", parent_id)
-        left = (f" {_code(resume)} runs what is left (SPACE: the search space file the sweep ran)."
+        resume = record.resume_command(tracking_uri, parent_id)
+        left = (f" {_code(resume)} runs what is left ({record.SPACE_PLACEHOLDER})."
                 if left_to_run(runs) else "")
         return f"No trial to register as champion: {_plain(unfinished)}.{left}"
     if spec.policy == "best_f1_under_latency":  # chosen by timing the versions where they were registered

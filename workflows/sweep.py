@@ -531,7 +531,8 @@ def _tuner(space: SweepSpace, trainable: Any, callback: tracking.MlflowTrialCall
 
 # Tune adds, unless this is set, its default loggers: a trial's result.json and progress.csv (Tune's own files of a
 # trial, beside its checkpoints), and TensorBoard event files, with a line at the start of every sweep telling the
-# user to run TensorBoard over them. The sweep's record is MLflow's: it passes the first two loggers itself.
+# user to run TensorBoard over them. The sweep's record is MLflow's: it passes the first two loggers itself. A user who
+# sets it (0 to have TensorBoard's files) is obeyed.
 _NO_DEFAULT_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
@@ -542,16 +543,16 @@ def _callbacks(callback: tracking.MlflowTrialCallback) -> list[Any]:
 
 @contextlib.contextmanager
 def _without_tensorboard() -> Iterator[None]:
-    """Within the block, Tune adds none of its default loggers (see :data:`_NO_DEFAULT_LOGGERS`)."""
-    given = os.environ.get(_NO_DEFAULT_LOGGERS)
+    """Within the block, Tune adds none of its default loggers (see :data:`_NO_DEFAULT_LOGGERS`), unless the user's
+    environment says otherwise."""
+    if _NO_DEFAULT_LOGGERS in os.environ:
+        yield
+        return
     os.environ[_NO_DEFAULT_LOGGERS] = "1"
     try:
         yield
     finally:
-        if given is None:
-            os.environ.pop(_NO_DEFAULT_LOGGERS, None)
-        else:
-            os.environ[_NO_DEFAULT_LOGGERS] = given
+        os.environ.pop(_NO_DEFAULT_LOGGERS, None)
 
 
 # Where Tuner.fit reads the trials' files back once the Tune run has ended (its ResultGrid, unused by the sweep).
@@ -747,14 +748,14 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
                                         transient=_tracking_outage)
         if not complete:
             logger.warning("%s; `%s` runs what is left", _what_is_left(statuses),
-                           _resume_command(space_path, parent, tracking_uri, cluster))
+                           record.resume_command(tracking_uri, parent, space_path, cluster))
         ending = {} if complete else {"status": "KILLED", "state": record.SWEEP_INTERRUPTED}
         with quick_http_failures():
             call_with_retries(lambda: tracking.finish_parent_run(client, parent, **ending), tracking_uri, limit,
                               what="ending the sweep's MLflow run", transient=_tracking_outage)
     except TrackingUnavailable as err:
         raise TrackingUnavailable(f"{err}; the sweep stopped (start the server again, then "
-                                  f"`{_resume_command(space_path, parent, tracking_uri, cluster)}`)") from err
+                                  f"`{record.resume_command(tracking_uri, parent, space_path, cluster)}`)") from err
     except BaseException as err:
         # The sweep's run must not stay RUNNING: `--resume` continues it once the cause is mended.
         try:
@@ -773,14 +774,6 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
                     "ui": _ui_hint(tracking_uri)})
     _log_summary(summary, space.objectives)
     return summary
-
-
-def _resume_command(space_path: str | Path, parent: str, tracking_uri: str, cluster: str | None) -> str:
-    """The ``fineprune sweep ... --resume RUN_ID`` command that goes on with the sweep ``parent``: in its tracking
-    store (without ``--tracking-uri`` it would look in ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``, and not
-    find the sweep), and on the Ray cluster it ran on (without ``--address``, a private local Ray)."""
-    joins = ("--address", cluster) if cluster else ()
-    return record.fineprune_command("sweep", tracking_uri, "--space", space_path, "--resume", parent, *joins)
 
 
 def _ui_hint(tracking_uri: str) -> str:
