@@ -1373,7 +1373,7 @@ def test_a_teacher_without_a_qa_head_is_refused_before_training(encoder_dir, tmp
     assert not (tmp_path / "run").exists()
 
 
-DOCS = ["README.md", "docs/cluster.md", "tune_spaces/README.md", *sorted(f"configs/{p.name}" for p in
+DOCS = ["README.md", "docs/reference.md", "docs/cluster.md", "tune_spaces/README.md", *sorted(f"configs/{p.name}" for p in
                                                                      (ROOT / "configs").glob("*.yaml")),
         *sorted(f"tune_spaces/{p.name}" for p in (ROOT / "tune_spaces").glob("*.yaml"))]
 
@@ -1414,10 +1414,10 @@ def test_every_documented_command_line_names_a_command_and_its_flags():
             assert (cfg.method is Method.DENSE) == (cmd == "train"), f"{doc}: fineprune {cmd} --config {config[1]}"
 
 
-def test_the_flags_the_readme_lists_for_train_and_prune_are_theirs():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    sentence = re.search(r"`train` and `prune` take (.*?)\), and refuse", text, re.S)
-    assert sentence, "the README's sentence on the training flags moved: update this test"
+def test_the_flags_the_reference_lists_for_train_and_prune_are_theirs():
+    text = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
+    sentence = re.search(r"`train` and `prune` take (.*?) \(besides", text, re.S)
+    assert sentence, "the reference's sentence on the training flags moved: update this test"
     listed = set(re.findall(r"`(--[a-z-]+)", sentence.group(1)))
     assert {"--model", "--train-data", "--resume"} <= listed
     commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices

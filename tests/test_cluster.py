@@ -280,7 +280,7 @@ def test_the_driver_that_ray_submit_starts_outlives_the_ssh_connection(cluster_c
     """`ray submit` runs its command over `ssh -tt`: a dropped connection sends the driver SIGHUP, which ends a
     day-long sweep at once. Every documented `ray submit` runs it in tmux on the head, and every node has tmux."""
     texts = {path: (REPO / path).read_text(encoding="utf-8")
-             for path in ("docs/cluster.md", "cluster.yaml", "README.md", "workflows/submit.py")}
+             for path in ("docs/cluster.md", "cluster.yaml", "README.md", "docs/reference.md", "workflows/submit.py")}
     submits = [(path, line) for path, text in texts.items() for line in re.findall(r"ray submit [^`\n]*", text)
                if re.search(r"ray submit (--\S+ )*\S+\.yaml", line)]
     assert submits
@@ -638,7 +638,7 @@ def _group_is_gone(group: int) -> bool:
 def test_every_space_the_guides_submit_is_shipped_or_written_by_the_guide(tmp_path):
     """A pasted `--space PATH` must find its file: a shipped one, or one an earlier command of the guide writes;
     the guide's cluster copy of the BERT-base space names the models by their path on the nodes."""
-    for guide in ("docs/cluster.md", "README.md"):
+    for guide in ("docs/cluster.md", "README.md", "docs/reference.md"):
         text = (REPO / guide).read_text(encoding="utf-8")
         written = set(re.findall(r">\s*(tune_spaces/\S+\.yaml)", text))
         for space in re.findall(r"--space\s+(tune_spaces/[\w./-]+\.yaml)", text):

@@ -511,7 +511,7 @@ def test_a_sweeps_ctrl_c_prints_its_summary_and_exits_3_as_the_readme_says():
     its trials, prints its summary and exits 3 (Tune takes the signal), and the README now says so."""
     import re
 
-    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    readme = " ".join((REPO / "docs" / "reference.md").read_text(encoding="utf-8").split())
     sentence = re.search(r"Ctrl-C \(SIGINT\) or SIGTERM stops any command (.*?)\. ", readme)
     assert sentence and "a sweep's Ctrl-C" in sentence.group(1) and "exits 3" in sentence.group(1)
 
