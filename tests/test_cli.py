@@ -1600,3 +1600,22 @@ def test_a_speedup_or_latency_timed_on_few_passes_is_said_to_be_noise(capsys, ca
                for r in caplog.records)
     for command in ("pack", "select"):
         assert "noise below 5" in " ".join(_help_of(command, capsys).split())
+
+
+def test_the_exit_statuses_the_help_and_the_readme_list_are_the_ones_commands_end_with(capsys):
+    """`fineprune --help` and the README's table list every exit status; the sweep's, the registration's and the
+    signals' are the values the commands return."""
+    import signal as signals
+
+    assert cli.INCOMPLETE_SWEEP in cli.EXIT_STATUSES and cli.NO_CHAMPION in cli.EXIT_STATUSES
+    assert {128 + signals.SIGINT, 128 + signals.SIGTERM} <= set(cli.EXIT_STATUSES)
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for code, meaning in cli.EXIT_STATUSES.items():
+        assert f"{int(code)} {meaning}" in shown
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| ([\d, ]+) \| (.+) \|$", readme, re.M))
+    listed = {int(code) for codes in rows for code in codes.split(",")}
+    assert listed == {int(code) for code in cli.EXIT_STATUSES}
+    assert "`sweep`" in rows[str(cli.INCOMPLETE_SWEEP)] and "`register`" in rows[str(cli.NO_CHAMPION)]

@@ -49,6 +49,17 @@ DESCRIPTION = ("Block movement fine-pruning of BERT-family question-answering mo
                "pruned models with Ray Tune and MLflow.")
 INCOMPLETE_SWEEP = 3  # exit status of a sweep that ended with trials failed or left to run (--resume continues it)
 NO_CHAMPION = 4  # exit status of a registration that found no trial (or version) meeting the registry policy
+# Every exit status a command ends with, and what it means (the top-level help and the README's table list them).
+EXIT_STATUSES = {
+    0: "done",
+    1: "the work could not be finished (an output that cannot be written, a tracking server that does not answer, "
+       "an output directory another command is writing)",
+    2: "bad input, before any work (one line naming the file and the field), or a select budget no version meets",
+    INCOMPLETE_SWEEP: "a sweep ended with trials failed or left to run, its summary printed (--resume continues it)",
+    NO_CHAMPION: "register registered no champion (the alias is left where it was)",
+    128 + signal.SIGINT: "interrupted by SIGINT (Ctrl-C)",
+    128 + signal.SIGTERM: "interrupted by SIGTERM",
+}
 
 
 class UserError(Exception):
@@ -711,7 +722,9 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fineprune", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    epilog = "exit status: " + "; ".join(f"{int(code)} {meaning}" for code, meaning in EXIT_STATUSES.items()) + "."
+    parser = argparse.ArgumentParser(prog="fineprune", description=DESCRIPTION, epilog=epilog,
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
