@@ -87,15 +87,15 @@ class SparsityReport:
     layers: list[LayerStructure] = field(default_factory=list, repr=False)
 
     def metrics(self) -> dict[str, float]:
-        """Flat metric names, as logged everywhere."""
+        """Flat metric names, as logged everywhere; counts stay integers (as ``pack`` reports them)."""
         out: dict[str, float] = {
             "linear_density": self.linear_density,
             "total_density": self.total_density,
-            "heads_removed": float(self.heads_removed),
+            "heads_removed": int(self.heads_removed),
         }
         for i, (removed, ffn) in enumerate(zip(self.heads_removed_per_layer, self.ffn_kept_per_layer)):
-            out[f"heads_removed_layer_{i}"] = float(removed)
-            out[f"ffn_kept_layer_{i}"] = float(ffn)
+            out[f"heads_removed_layer_{i}"] = int(removed)
+            out[f"ffn_kept_layer_{i}"] = int(ffn)
         return out
 
 

@@ -370,7 +370,7 @@ def test_a_sweep_registers_its_whole_frontier_once(smoke_sweep):
     for _ in range(2):  # `fineprune register --frontier`, twice: no new version, the champion unchanged
         again = register_from_experiment(smoke_sweep["experiment"], tracking_uri=smoke_sweep["tracking_uri"],
                                          frontier=True)
-        assert {row["run_id"]: row["version"] for row in again["frontier"]} == versions
+        assert {row["run_id"]: row["version"] for row in again["frontier_versions"]} == versions
         assert again["version"] == str(champion.version)
     assert len(client.search_model_versions(f"name = '{name}'")) == len(versions)
 

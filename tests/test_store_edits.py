@@ -260,7 +260,7 @@ def test_register_frontier_says_a_versions_trial_run_was_deleted(tmp_path, token
     caplog.clear()
     caplog.set_level("INFO", logger="workflows.registry")
     status, out, _ = _register(capsys, uri, "--frontier")
-    assert status == 0 and [row["run_id"] for row in json.loads(out)["frontier"]] == [runs["wide"]]
+    assert status == 0 and [row["run_id"] for row in json.loads(out)["frontier_versions"]] == [runs["wide"]]
     said = [r for r in caplog.records if r.name == "workflows.registry"
             and r.getMessage().startswith(f"version {narrow.version} of ")]
     assert [(r.levelname, r.getMessage().split(" (its")[0]) for r in said] == [(

@@ -1362,7 +1362,8 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
     version of a later sweep that was deleted is not moved back to the earlier sweep's champion: see
     :func:`_check_alias_not_taken_back`.
 
-    With ``frontier`` every point of the sweep's frontiers is registered first (``frontier`` in the result).
+    With ``frontier`` every point of the sweep's frontiers is registered first (``frontier_versions`` in the
+    result).
     ``onnx`` overrides the policy's ``onnx`` (whether new versions are exported for ONNX Runtime).
     """
     uri = record.tracking_uri(tracking_uri)
@@ -1388,7 +1389,8 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
         _check_alias_not_taken_back(client, spec.name, parent)
     registered = register_sweep(client, experiment, parent.info.run_id, spec, frontier=frontier, latency=latency)
     result = {**registered["champion"], "sweep_run_id": parent.info.run_id}
-    return result if registered["frontier"] is None else {**result, "frontier": registered["frontier"]}
+    # Named as in a sweep's summary, whose ``frontier`` is the table of frontier trials.
+    return result if registered["frontier"] is None else {**result, "frontier_versions": registered["frontier"]}
 
 
 def register_sweep(client, experiment: str, parent_run_id: str, spec: RegistrySpec, frontier: bool = True,
