@@ -236,3 +236,15 @@ def test_the_report_draws_the_frontier_the_sweep_tagged_for_its_objectives(clien
     text = render_markdown(data)
     table = text.split("## Pareto frontier: exact match against total density", 1)[1].split("\n## ", 1)[0]
     assert [line.split(" | ")[0].strip("| ") for line in table.strip().splitlines()[2:]] == ["a", "b"]
+
+
+def test_a_metric_is_shown_with_its_own_decimals_whole_or_not():
+    """Scores with 2 decimals and fractions with 3 even when whole (a log read "exact_match 42" beside "f1 34.67"
+    and "heads_removed=30.000"); counts whole; a missing or non-finite value as '-'."""
+    from workflows.record import figure
+
+    assert [figure("exact_match", 42), figure("f1", 41.0577), figure("linear_density", 0.3058449)] == [
+        "42.00", "41.06", "0.306"]
+    assert [figure("heads_removed", 30), figure("heads_removed", 30.0), figure("speedup", 1.8873)] == [
+        "30", "30", "1.89"]
+    assert [figure("f1", None), figure("f1", float("nan")), figure("f1", True), figure("f1", "41")] == ["-"] * 4

@@ -127,7 +127,8 @@ def test_registering_again_lists_each_directory_of_a_version_once_and_still_find
     assert status == 0 and result["version"] == _version_of(client, made["runs"]["wide"])
     # The two frontier versions: the root, its code and the packed model, once each; the champion's version, one
     # of them, is not checked again.
-    checked = [client.get_model_version_download_uri(NAME, row["version"]).rstrip("/") for row in result["frontier_versions"]]
+    checked = [client.get_model_version_download_uri(NAME, row["version"]).rstrip("/")
+               for row in result["frontier_versions"]]
     champion = client.get_model_version_download_uri(NAME, result["version"]).rstrip("/")
     assert champion in checked
     assert counted.downloads == Counter({"MLmodel": 2})
@@ -446,7 +447,7 @@ def test_a_latency_registration_registers_the_frontier_once(store, tokenizer):
         counting = CountingClient(store["client"], *counted)
         result = registry.register_sweep(counting, "exp", made["parent"], spec, latency=latency)
         assert result["champion"]["run_id"] == made["runs"]["wide"]
-        assert [row["run_id"] for row in result["frontier_versions"]] == [made["runs"]["narrow"], made["runs"]["wide"]]
+        assert [row["run_id"] for row in result["frontier"]] == [made["runs"]["narrow"], made["runs"]["wide"]]
         calls.append(counting.calls)
     # Made: one search for the frontier, one per new version (to find it made once), one to time them.
     assert calls[0] == {"search_model_versions": 4, "set_model_version_tag": 22, "create_model_version": 2,

@@ -292,8 +292,9 @@ def test_the_frontier_the_sweep_logs_is_named_by_the_space_objectives(caplog):
         _log_summary({"frontier": frontier, "ui": "-"}, [("exact_match", "max"), ("total_density", "min")])
     lines = [r.getMessage() for r in caplog.records if r.name == "workflows.sweep"]
     assert lines[0] == "frontier (exact_match up, total_density down):"
-    assert lines[1].split() == ["trial-a", "f1", "60", "exact_match", "50", "linear_density", "0.300", "speedup", "2",
-                                "total_density", "0.500"]
+    # Each metric with its own decimals, a whole score too (it read "exact_match 42" beside "f1 34.67").
+    assert lines[1].split() == ["trial-a", "f1", "60.00", "exact_match", "50.00", "linear_density", "0.300",
+                                "speedup", "2.00", "total_density", "0.500"]
     assert lines[2].split()[-4:] == ["speedup", "-", "total_density", "0.600"]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="workflows.sweep"):

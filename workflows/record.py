@@ -146,6 +146,8 @@ SEARCH_STEERED = "search_steered"  # on the parent run: untried configurations r
 PAUSED_S = "paused_s"  # trial runs: seconds the run stood ended between sweep sessions (a resume reopened it)
 # What every finished trial (and the baseline) reports: the metrics a registered version is tagged with.
 FINAL_METRICS = (EXACT_MATCH, F1, LINEAR_DENSITY, TOTAL_DENSITY, HEADS_REMOVED, SPEEDUP)
+# The decimals a metric is shown with in logs and reports: scores 2, fractions 3, counts none.
+DECIMALS = {EXACT_MATCH: 2, F1: 2, LINEAR_DENSITY: 3, TOTAL_DENSITY: 3, HEADS_REMOVED: 0, SPEEDUP: 2, STEP: 0}
 # Scalars the trainer reports at every evaluation: the only metrics a scheduler can act on.
 EVAL_METRICS = (EXACT_MATCH, F1, LINEAR_DENSITY, TOTAL_DENSITY, HEADS_REMOVED, LOSS, "loss_ce", "loss_distil")
 # Which way each metric a trial reports is better: an objective or a scheduler metric must be optimised this way.
@@ -422,6 +424,15 @@ def restore_command(tracking_uri: str, run_id: str | None = None, experiment_id:
     it: without it, the command restores in its default store and says so, while the run stays deleted here."""
     what = f"runs restore --run-id {run_id}" if run_id else f"experiments restore --experiment-id {experiment_id}"
     return f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} mlflow {what}"
+
+
+def figure(name: str, value: Any) -> str:
+    """The value of metric ``name`` as a log line shows it, with the metric's :data:`DECIMALS` (another metric: 3
+    below 1, else 2); '-' when it is missing or not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "-"
+    decimals = DECIMALS.get(name, 3 if abs(value) < 1 else 2)
+    return f"{value:.{decimals}f}"
 
 
 def fineprune_command(command: str, tracking_uri: str, *args: str) -> str:

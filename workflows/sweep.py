@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import secrets
 import shlex
@@ -970,7 +969,7 @@ def _log_summary(summary: dict[str, Any],
     shown = [record.F1, record.EXACT_MATCH, record.LINEAR_DENSITY, record.SPEEDUP]
     shown += [name for name, _ in objectives if name not in shown]
     for row in summary.get("frontier", []):
-        values = "  ".join(f"{name} {_figure(row.get(name))}" for name in shown)
+        values = "  ".join(f"{name} {record.figure(name, row.get(name))}" for name in shown)
         logger.info("  %-24s %s", row.get("name"), values)
     champion = summary.get("champion") or {}
     if champion.get("model_uri"):
@@ -982,10 +981,3 @@ def _log_summary(summary: dict[str, Any],
     logger.info("open the UI: %s", summary.get("ui"))
 
 
-def _figure(value: Any) -> str:
-    """A frontier figure for the log: scores with 2 decimals, fractions with 3, counts whole, '-' when missing."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return "-"
-    if float(value).is_integer():
-        return f"{value:.0f}"
-    return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}"

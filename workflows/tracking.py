@@ -40,8 +40,8 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION,
                               TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
                               TAG_TOOK_OVER, TAG_TRIAL, TAG_WARM_START, TAG_WARM_START_STORE, TAG_WARM_START_TRIALS,
-                              TOTAL_DENSITY, TRIAL_COMPUTE, RecordError, deleted_experiment, deleted_run, flat_params,
-                              latest_sweep_left, restore_command, sqlite_database)
+                              TOTAL_DENSITY, TRIAL_COMPUTE, RecordError, deleted_experiment, deleted_run, figure,
+                              flat_params, latest_sweep_left, restore_command, sqlite_database)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
                              is_transient, quick_http_failures)
 from workflows.user_errors import output_path_problem
@@ -808,11 +808,9 @@ class MlflowTrialCallback(tune.Callback):
 
 
 def _summary(result: dict[str, Any]) -> str:
-    parts = []
-    for key in (F1, EXACT_MATCH, LINEAR_DENSITY, HEADS_REMOVED, SPEEDUP):
-        if key in result and isinstance(result[key], (int, float)):
-            parts.append(f"{key}={result[key]:.3f}" if isinstance(result[key], float) else f"{key}={result[key]}")
-    return " ".join(parts)
+    return " ".join(f"{key}={figure(key, result[key])}" for key in (F1, EXACT_MATCH, LINEAR_DENSITY,
+                                                                             HEADS_REMOVED, SPEEDUP)
+                    if isinstance(result.get(key), (int, float)) and not isinstance(result.get(key), bool))
 
 
 def trial_runs(client: MlflowClient, experiment: str, parent_run_id: str, include_baseline: bool = False) -> list:
