@@ -146,7 +146,7 @@ SEARCH_STEERED = "search_steered"  # on the parent run: untried configurations r
 PAUSED_S = "paused_s"  # trial runs: seconds the run stood ended between sweep sessions (a resume reopened it)
 # What every finished trial (and the baseline) reports: the metrics a registered version is tagged with.
 FINAL_METRICS = (EXACT_MATCH, F1, LINEAR_DENSITY, TOTAL_DENSITY, HEADS_REMOVED, SPEEDUP)
-# The decimals a metric is shown with in logs and reports: scores 2, fractions 3, counts none.
+# The decimals a metric is shown with in logs and in the report's tables: scores 2, fractions 3, counts none.
 DECIMALS = {EXACT_MATCH: 2, F1: 2, LINEAR_DENSITY: 3, TOTAL_DENSITY: 3, HEADS_REMOVED: 0, SPEEDUP: 2, STEP: 0}
 # Scalars the trainer reports at every evaluation: the only metrics a scheduler can act on.
 EVAL_METRICS = (EXACT_MATCH, F1, LINEAR_DENSITY, TOTAL_DENSITY, HEADS_REMOVED, LOSS, "loss_ce", "loss_distil")

@@ -63,11 +63,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # (metric, column title, decimals) of the trial table, after the searched values.
-_METRIC_COLUMNS = ((EXACT_MATCH, "EM", 2), (F1, "F1", 2), (LINEAR_DENSITY, "linear density", 3),
-                   (TOTAL_DENSITY, "total density", 3), (HEADS_REMOVED, "heads removed", 0),
-                   (SPEEDUP, "speedup", 2), (record.STEP, "steps", 0))
-_FRONTIER_COLUMNS = ((EXACT_MATCH, "EM", 2), (F1, "F1", 2), (LINEAR_DENSITY, "linear density", 3),
-                     (SPEEDUP, "speedup", 2))
+# (metric, column heading, decimals): each metric with the decimals the logs show it with.
+_METRIC_COLUMNS = tuple((metric, heading, record.DECIMALS[metric]) for metric, heading in (
+    (EXACT_MATCH, "EM"), (F1, "F1"), (LINEAR_DENSITY, "linear density"), (TOTAL_DENSITY, "total density"),
+    (HEADS_REMOVED, "heads removed"), (SPEEDUP, "speedup"), (record.STEP, "steps")))
+_FRONTIER_COLUMNS = tuple(column for column in _METRIC_COLUMNS
+                          if column[0] in (EXACT_MATCH, F1, LINEAR_DENSITY, SPEEDUP))
 # Nothing may be fetched: the page is a single file that must read the same offline.
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 _TEMPLATES = Environment(loader=PackageLoader("workflows", "templates"), autoescape=True, undefined=StrictUndefined,

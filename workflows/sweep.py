@@ -979,5 +979,3 @@ def _log_summary(summary: dict[str, Any],
         why = why.removesuffix("; no champion registered")
         logger.info("champion: none registered%s", f": {why}" if why else "")
     logger.info("open the UI: %s", summary.get("ui"))
-
-
