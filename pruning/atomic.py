@@ -27,7 +27,7 @@ from typing import Iterator
 from safetensors import SafetensorError
 
 __all__ = ["WriteError", "Busy", "locked", "fsync_dir", "fsync_file", "save_tensors", "staging_dir", "replace_dir", "staged_dir", "tidy",
-           "write_text", "write_bytes", "written_in_place"]
+           "write_text", "write_bytes", "written_in_place", "scratch_dir", "clear_scratch"]
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +269,13 @@ def _write_error(target: Path, err: BaseException) -> WriteError:
 def _writer_ended(staging: Path, name: str) -> bool:
     """Whether ``staging`` is a staging directory of output ``name`` whose writer, a process of this machine, has
     ended (a directory whose writer may still run, here or elsewhere, is never taken for a leftover)."""
-    pid, _, rest = staging.name[len(name) + 2:].partition("@")
+    return _ended(staging.name[len(name) + 2:])
+
+
+def _ended(owner: str) -> bool:
+    """Whether the process ``owner`` names (``PID@HOST.SUFFIX``), a process of this machine, has ended; a process of
+    another host, or one that may still run, is not taken for ended."""
+    pid, _, rest = owner.partition("@")
     host = rest.rpartition(".")[0]
     if not pid.isdigit() or host != socket.gethostname():
         return False
@@ -296,6 +302,40 @@ def tidy(out_dir: str | Path, restore: bool = False) -> None:
         if path.is_dir() and not path.is_symlink() and _writer_ended(path, out_dir.name):
             logger.warning("%s: removing what a killed write of %s left", path, out_dir.name)
             shutil.rmtree(path, ignore_errors=True)
+
+
+SCRATCH_PREFIX = "fineprune-"  # scratch directories in the system's temporary directory: fineprune-WHAT.PID@HOST.XXXX
+
+
+@contextlib.contextmanager
+def scratch_dir(what: str) -> Iterator[str]:
+    """A directory in the system's temporary directory for ``what`` (``export``, ``download``, ...), removed when the
+    block ends, however it ends. It is named with this process's id and host, so that the next one made, by any
+    command, first clears those that a process killed outright (SIGKILL, the OOM killer) left behind: an ONNX export
+    or a registered model's files, each as large as the model (:func:`clear_scratch`)."""
+    root = Path(tempfile.gettempdir())
+    clear_scratch(root)
+    owner = f"{os.getpid()}@{socket.gethostname()}"
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{what}.{owner}.", dir=root) as tmp:
+        yield tmp
+
+
+def clear_scratch(root: str | Path) -> list[Path]:
+    """Remove the scratch directories in ``root`` (see :func:`scratch_dir`) of this user whose process, on this
+    machine, has ended; those of a process that may still run, here or on another host sharing ``root``, or of
+    another user, are left. Returns the directories removed."""
+    removed = []
+    for path in Path(root).glob(f"{glob.escape(SCRATCH_PREFIX)}*.*@*"):
+        owner = path.name[len(SCRATCH_PREFIX):].partition(".")[2]
+        try:
+            mine = path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
+        except OSError:  # removed meanwhile
+            continue
+        if mine and _ended(owner):
+            logger.warning("%s: removing what a killed process left", path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager

@@ -34,7 +34,6 @@ import copy
 import json
 import logging
 import math
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
 from . import masks as mask_lib
 from .bench import eval_mode
-from .atomic import staged_dir
+from .atomic import scratch_dir, staged_dir
 from .checkpoint import EXPORT_MANIFEST, check_tokenizer_fits, load_model, load_tokenizer
 from .packing import pack
 from .resources import resolve_data, resolve_model
@@ -267,7 +266,7 @@ def optimize_onnx(src: str | Path, dst: str | Path) -> list[int]:
     """
     from onnxruntime.transformers.optimizer import optimize_by_onnxruntime, optimize_model
 
-    with _quiet_onnxruntime(), tempfile.TemporaryDirectory(prefix="fineprune-optimize-") as tmp:
+    with _quiet_onnxruntime(), scratch_dir("optimize") as tmp:
         basic = optimize_by_onnxruntime(str(src), optimized_model_path=str(Path(tmp) / "basic.onnx"), opt_level=1,
                                         disabled_optimizers=list(_DISABLED_ORT_OPTIMIZERS))
         optimized = optimize_model(basic, model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
@@ -499,7 +498,7 @@ def export_model(model: nn.Module, out_dir: str | Path, quantize: str | None = N
     model = _as_export_model(model)
     heads, widths = _structure(model)
     files = {"fp32": FILES["fp32"]}
-    with tempfile.TemporaryDirectory(prefix="fineprune-export-") as tmp:
+    with scratch_dir("export") as tmp:
         raw = to_onnx(model, Path(tmp) / "raw.onnx", opset)
         fused = optimize_onnx(raw, out_dir / files["fp32"])
     expected = [h for h in heads if h]

@@ -390,6 +390,38 @@ def test_a_staging_directory_whose_writer_still_runs_is_left_alone(tmp_path):
     assert mine.is_dir()
 
 
+def test_scratch_a_killed_process_left_is_cleared_by_the_next_and_a_live_ones_is_not(tmp_path, monkeypatch):
+    """A registration or export killed outright (SIGKILL, the OOM killer) left its temporary directory, as large as
+    the model, in the system's temporary directory for good; the next scratch directory made, by any command, clears
+    it. One of a process that still runs, of another host (a shared temporary directory) or another command's file
+    of a like name is left."""
+    import socket
+    import tempfile
+
+    from pruning.atomic import scratch_dir
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    script = "\n".join(["import os, pathlib, signal", "from pruning.atomic import scratch_dir",
+                        "with scratch_dir('export') as tmp:",
+                        "    (pathlib.Path(tmp) / 'model.onnx').write_bytes(b'half an export')",
+                        "    os.kill(os.getpid(), signal.SIGKILL)"])
+    killed = subprocess.run([sys.executable, "-c", script], env={**_env(), "TMPDIR": str(tmp_path)}, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    [left] = [p for p in tmp_path.iterdir() if p.name.startswith("fineprune-export.")]
+    assert (left / "model.onnx").is_file()
+    elsewhere = tmp_path / "fineprune-export.1@another-host.abcd1234"
+    elsewhere.mkdir()
+    other = tmp_path / "fineprune-notes.txt"
+    other.write_text("mine")
+    with scratch_dir("download") as first:
+        assert not left.exists() and elsewhere.is_dir() and other.is_file()
+        assert Path(first).name.startswith(f"fineprune-download.{os.getpid()}@{socket.gethostname()}.")
+        with scratch_dir("download") as second:  # this process's own is in use, not left over
+            assert Path(first).is_dir() and Path(second).is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([elsewhere.name, other.name])
+
+
 def test_an_output_given_as_a_link_is_replaced_where_the_link_points(tmp_path, tokenizer):
     from transformers import BertConfig, BertForQuestionAnswering
 

@@ -44,7 +44,6 @@ import logging
 import math
 import statistics
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -55,6 +54,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pruning import atomic
 from pruning.config import EVALUATION_KEYS, RunConfig
 from pruning.quiet import leaving_out, starting_with
 from workflows import record
@@ -353,7 +353,7 @@ def _shipped_code() -> Iterator[tuple[str, list[str]]]:
     from the pip requirements, another machine) has them as code, without the rest of this package, which needs Ray
     and the sweep's other dependencies."""
     here = Path(__file__).resolve().parent
-    with tempfile.TemporaryDirectory(prefix="fineprune-code-") as staging:
+    with atomic.scratch_dir("code") as staging:
         package = Path(staging, "code", here.name)
         package.mkdir(parents=True)
         (package / "__init__.py").write_text("", encoding="utf-8")
@@ -534,7 +534,7 @@ def _lost_files(root: str, tracking_uri: str, dst: str | None = None) -> str | N
         return bool(listing(path)) or any(not info.is_dir for info in named(listing(parent), leaf))
 
     with contextlib.ExitStack() as stack:
-        where = dst if dst is not None else stack.enter_context(tempfile.TemporaryDirectory())
+        where = dst if dst is not None else stack.enter_context(atomic.scratch_dir("download"))
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=where,
                                                 tracking_uri=tracking_uri)
@@ -575,7 +575,7 @@ def _settings_of(client, run) -> dict[str, Any]:
     from pruning.checkpoint import CheckpointError, read_evaluation
 
     run_id = run.info.run_id
-    with tempfile.TemporaryDirectory() as tmp:
+    with atomic.scratch_dir("download") as tmp:
         try:
             config_file = Path(client.download_artifacts(run_id, f"{ARTIFACT_PACKED_MODEL}/config.json", tmp))
         except (MlflowException, OSError) as err:
@@ -676,7 +676,7 @@ def _new_version_of_run(client, name: str, run, onnx: bool) -> Any:
                                                tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: logged.tags[TAG_ONNX]})
         return _one_version(client, name, run_id, made)
     # The registry resolves the new version's source through the tracking store of the fluent API.
-    with tempfile.TemporaryDirectory() as tmp, _fluent_store(client.tracking_uri):
+    with atomic.scratch_dir("register") as tmp, _fluent_store(client.tracking_uri):
         local = _packed_model_of(client, run_id, tmp)
         # Only here, for a new version: a registered trial is never exported again.
         if onnx:
@@ -1231,7 +1231,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     dense_of: dict[str, str] = {}
     lifecycle: dict[str, str | None] = {}  # run id -> deleted or removed, each run read once
     set_aside: set[str] = set()  # the versions whose trial or sweep run was deleted
-    with tempfile.TemporaryDirectory() as tmp:
+    with atomic.scratch_dir("download") as tmp:
         for v in versions:
             row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
                    **{k: _tag_float(v.tags, k) for k in FINAL_METRICS}}

@@ -21,7 +21,6 @@ import logging
 import math
 import re
 import shlex
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -840,7 +839,7 @@ def _packed_structure(client: MlflowClient, run_id: str, name: str, version: str
                              lambda path, dst: client.download_artifacts(run_id, path, dst), f"run {run_id}")
     try:  # the version's own copy, which deleting or removing the trial run leaves
         root = client.get_model_version_download_uri(name, version).rstrip("/")
-        with tempfile.TemporaryDirectory() as tmp:
+        with atomic.scratch_dir("download") as tmp:
             model_dir = served_model_dir(mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{root}/MLmodel", dst_path=tmp, tracking_uri=client.tracking_uri))
         if not model_dir:
@@ -880,7 +879,7 @@ def _structure_of(files: list[tuple[str, int]], config_path: str, fetch, where: 
                                                 if path.endswith((".safetensors", ".bin")))}
     if not any(path == config_path for path, _ in files):
         return out
-    with tempfile.TemporaryDirectory() as tmp:
+    with atomic.scratch_dir("download") as tmp:
         try:
             config = json.loads(Path(fetch(config_path, tmp)).read_text(encoding="utf-8"))
         except (MlflowException, OSError, ValueError) as err:
