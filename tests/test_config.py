@@ -276,3 +276,30 @@ def test_a_null_value_is_called_null_as_yaml_writes_it(tmp_path, text):
         load_config(config)
     assert str(err.value).endswith("got null (YAML reads ~ and a key with no value as null)")
     assert str(err.value).startswith(f"{config}: {text.split(':')[0]}: ")
+
+
+def test_the_references_table_of_run_config_keys_gives_every_key_its_default_and_its_methods():
+    """docs/reference.md lists every RunConfig key once, with the default a config without it gets and the methods
+    that read it (pruning.config.METHOD_KEYS; "all" for a key every method reads)."""
+    import dataclasses
+    import enum
+    import re
+
+    from pruning.config import METHOD_KEYS, Method, _YamlLoader
+
+    def read(value: str):  # as a config file's reader reads it (1e-4 a number)
+        return yaml.load(value, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "reference.md").read_text(encoding="utf-8")
+    assert "\n### Every key\n" in text, "docs/reference.md has no table of keys: update this test"
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \| ([a-z_, ]+) \| .+ \|$", text.split("\n### Every key\n", 1)[1],
+                      re.M)
+    listed = [key for key, _, _ in rows]
+    fields = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    assert sorted(listed) == sorted(fields) and len(listed) == len(set(listed))
+    for key, default, methods in rows:
+        expected = fields[key].value if isinstance(fields[key], enum.Enum) else fields[key]
+        expected = list(expected) if isinstance(expected, tuple) else expected
+        assert read(default) == expected, f"{key}: the table says {default}, a config gets {expected!r}"
+        readers = {m.value for m in METHOD_KEYS.get(key, Method)}
+        assert set(methods.split(", ")) == (readers if key in METHOD_KEYS else {"all"}), f"{key}: {methods}"
