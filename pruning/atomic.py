@@ -305,16 +305,20 @@ def tidy(out_dir: str | Path, restore: bool = False) -> None:
 
 
 SCRATCH_PREFIX = "fineprune-"  # scratch directories in the system's temporary directory: fineprune-WHAT.PID@HOST.XXXX
+_SCRATCH_CLEARED: set[Path] = set()  # the temporary directories this process has cleared (once each is enough)
 
 
 @contextlib.contextmanager
 def scratch_dir(what: str) -> Iterator[str]:
     """A directory in the system's temporary directory for ``what`` (``export``, ``download``, ...), removed when the
-    block ends, however it ends. It is named with this process's id and host, so that the next one made, by any
-    command, first clears those that a process killed outright (SIGKILL, the OOM killer) left behind: an ONNX export
-    or a registered model's files, each as large as the model (:func:`clear_scratch`)."""
+    block ends, however it ends. It is named with this process's id and host, so that the next process to make one,
+    by any command, first clears those that a process killed outright (SIGKILL, the OOM killer) left behind: an ONNX
+    export or a registered model's files, each as large as the model (:func:`clear_scratch`, once a process: a
+    registration makes several)."""
     root = Path(tempfile.gettempdir())
-    clear_scratch(root)
+    if root not in _SCRATCH_CLEARED:
+        clear_scratch(root)
+        _SCRATCH_CLEARED.add(root)
     owner = f"{os.getpid()}@{socket.gethostname()}"
     with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{what}.{owner}.", dir=root) as tmp:
         yield tmp

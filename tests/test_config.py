@@ -197,8 +197,8 @@ def test_path_keys_take_path_objects_as_strings(tmp_path):
                                                              str(tmp_path / "train.json"))
 
 
-@pytest.mark.parametrize("doc, heading", [("README.md", "Configs"), ("docs/reference.md", "Run configs")])
-def test_the_config_keys_the_docs_name_are_run_config_fields(doc, heading):
+@pytest.mark.parametrize("doc, heading, least", [("README.md", "Configs", 5), ("docs/reference.md", "Run configs", 20)])
+def test_the_config_keys_the_docs_name_are_run_config_fields(doc, heading, least):
     """The README's Configs section and the reference's Run configs: every ``key: value`` they show is a RunConfig
     field given a value the config takes, and every other snake_case name in code is a field or one of the config's
     enum values."""
@@ -215,7 +215,7 @@ def test_the_config_keys_the_docs_name_are_run_config_fields(doc, heading):
     values = {m.value for e in vars(config).values()
               if isinstance(e, type) and issubclass(e, enum.Enum) and e.__module__ == config.__name__ for m in e}
     spans = re.findall(r"`([^`]+)`", section)
-    assert len(spans) > 5, "the scan sees the section's code"
+    assert len(spans) > least, "the scan sees the section's code"
     for span in spans:
         pair = re.fullmatch(r"([a-z][a-z0-9_]*): (.+)", span)
         if pair:
