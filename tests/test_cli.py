@@ -1281,6 +1281,42 @@ def test_a_sweeps_tracking_database_where_nothing_can_be_written_is_one_line_bef
     assert sorted(p.name for p in tmp_path.iterdir()) == [unwritable_dir.name]
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc filesystem here")
+@pytest.mark.parametrize("argv,flag,path", [
+    (["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--tracking-uri",
+      "sqlite:////proc/fineprune-test/mlflow.db"],
+     "tracking URI sqlite:////proc/fineprune-test/mlflow.db: the database", "/proc/fineprune-test/mlflow.db"),
+    (["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--storage-path", "/proc/fineprune-test"],
+     "--storage-path", "/proc/fineprune-test"),
+    (["prune", "--config", TINY, "--output-dir", "/proc/fineprune-test"], "output_dir", "/proc/fineprune-test"),
+])
+def test_an_output_under_proc_is_one_line_before_any_work(capsys, caplog, tmp_path, monkeypatch, argv, flag, path):
+    """Permissions let root make files anywhere, yet /proc makes none: a sweep whose tracking database was there
+    retried opening it for nearly two minutes, SQLAlchemy's warnings on stderr, before stopping on "unable to open
+    database file"; a pruning run's output_dir there failed at its first write with "No such file or directory".
+    Whether a directory takes a file is now tried with one, made and removed at once."""
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    extra = [] if "--tracking-uri" in argv or argv[0] == "prune" else [
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    line = _one_line_error(capsys, [*argv, *extra])
+    tail = " (pass another --tracking-uri)" if flag.startswith("tracking URI") else ""
+    assert line == f"fineprune {argv[0]}: error: {flag} {path}: cannot be made (/proc takes no new files){tail}"
+    assert "SQLAlchemy" not in caplog.text and not ray.is_initialized()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trying_whether_a_directory_takes_files_leaves_nothing_there(tmp_path):
+    from workflows.user_errors import output_path_problem, write_problem
+
+    (tmp_path / "kept").write_text("x")
+    assert write_problem(tmp_path) is None and write_problem(tmp_path / "new" / "deeper") is None
+    assert output_path_problem(tmp_path / "mlflow.db", directory=False, writable=True) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+
+
 @pytest.mark.parametrize("under", ["", "report"])
 def test_a_report_into_a_directory_that_cannot_be_written_is_one_line(capsys, tokenizer, tmp_path, unwritable_dir,
                                                                       under):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 __all__ = ["USER_ERRORS", "user_errors", "output_path_problem", "write_problem"]
@@ -82,10 +83,26 @@ def output_path_problem(path: str | Path, directory: bool, writable: bool = Fals
 def write_problem(path: str | Path) -> str | None:
     """Why nothing can be written at the directory ``path``, or None: the nearest directory of it that exists (itself
     or the one its missing parents would be made in) takes no new files (no write permission, an immutable directory,
-    a read-only filesystem). Checked before any work, by :func:`output_path_problem` with ``writable``."""
+    a read-only filesystem, a kernel's filesystem such as ``/proc``). Checked before any work, by
+    :func:`output_path_problem` with ``writable``."""
     path = Path(path).absolute()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is None or not existing.is_dir() or os.access(existing, os.W_OK | os.X_OK):
+    if existing is None or not existing.is_dir() or _takes_files(existing):
         return None
     return "cannot be written (no permission to write into it)" if existing == path else (
         f"cannot be made ({existing} takes no new files)")
+
+
+def _takes_files(directory: Path) -> bool:
+    """Whether a file can be made in ``directory``: its permissions allow it, and a file made there (and removed at
+    once) says so. Permissions alone do not tell: root may write anywhere by them, yet ``/proc`` makes no file, and
+    MLflow retries a SQLite database it cannot make there for a minute and a half before it says so."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    try:
+        handle, name = tempfile.mkstemp(prefix=".fineprune-probe-", dir=directory)
+    except OSError:
+        return False
+    os.close(handle)
+    os.unlink(name)
+    return True
