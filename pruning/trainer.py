@@ -928,7 +928,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
                                    "train_seconds": carried.get("train_seconds", 0.0) + time.time() - started,
                                    **pruning_metrics}
         if teacher is not None:  # the teacher's forwards (a resumed run's cache is built again: its forwards count)
-            metrics["teacher_forward_windows"] = carried.get("teacher_forward_windows", 0.0) + float(
+            metrics["teacher_forward_windows"] = int(carried.get("teacher_forward_windows", 0)) + int(
                 cache.forwards if cache is not None else teacher_windows)
         if do_eval:
             with _generators_kept(device):
@@ -1167,7 +1167,7 @@ def _initial_masks(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, 
         index = importance.calibration_index(num_windows, cfg.calibration_samples, cfg.seed)
         estimate = _fisher_estimate(cfg, model, teacher, features, index, device)
         importance.warm_start_scores_(model, "fisher", cfg.mask_init_scale, estimate)
-        return {"calibration_windows": float(index.numel()), "calibration_seconds": time.time() - started,
+        return {"calibration_windows": int(index.numel()), "calibration_seconds": time.time() - started,
                 "prune_seconds": time.time() - started, "prune_cpu_seconds": time.process_time() - started_cpu}
     return _fisher_cut(cfg, model, teacher, features, device, stage=0)
 
@@ -1217,7 +1217,7 @@ def _fisher_cut(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, fea
     logger.info("fisher stage %d/%d: importance of the heads and FFN neurons on %d calibration windows", stage + 1,
                 cfg.fisher_stages, index.numel())
     estimate = _fisher_estimate(cfg, model, teacher, features, index, device, trained=stage > 0)
-    out["calibration_windows"] = out.get("calibration_windows", 0.0) + float(index.numel())
+    out["calibration_windows"] = int(out.get("calibration_windows", 0)) + int(index.numel())
     out["calibration_seconds"] = out.get("calibration_seconds", 0.0) + time.time() - started
 
     by_flops = cfg.target_flops is not None
@@ -1251,7 +1251,7 @@ def _fisher_cut(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, fea
                                         damping=cfg.mask_tuning_damping)
         del dense
         out["tuning_seconds"] = out.get("tuning_seconds", 0.0) + time.time() - tuned
-        out["tuning_windows"] = out.get("tuning_windows", 0.0) + float(tuning_index.numel())
+        out["tuning_windows"] = int(out.get("tuning_windows", 0)) + int(tuning_index.numel())
         # The error of the last stage: against the model that stage started from.
         out["tuning_error_before"] = float(sum(t.attention_before + t.ffn_before for t in tuning))
         out["tuning_error_after"] = float(sum(t.attention_after + t.ffn_after for t in tuning))

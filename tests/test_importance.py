@@ -390,6 +390,7 @@ def test_mask_tuning_may_use_more_windows_than_the_calibration(tmp_path, tokeniz
     metrics = train(tiny_cfg(tmp_path, target_density=0.4, calibration_samples=4, mask_tuning_samples=20),
                     progress=False)
     assert metrics["calibration_windows"] == 4 and metrics["tuning_windows"] == 20
+    assert type(metrics["calibration_windows"]) is int and type(metrics["tuning_windows"]) is int  # counts: 4, not 4.0
 
 
 def test_each_fisher_stage_says_it_computes_importance_before_its_passes(tmp_path, caplog):

@@ -762,6 +762,7 @@ def test_a_resumed_runs_figures_count_the_work_before_the_resume(tmp_path):
     assert before["teacher_forward_windows"] == 3 * cfg.batch_size and before["train_seconds"] > 0
     resumed = train(cfg, resume_from=checkpoint, progress=False)
     assert resumed["teacher_forward_windows"] == 6 * cfg.batch_size  # as many as an uninterrupted run's
+    assert type(before["teacher_forward_windows"]) is int and type(resumed["teacher_forward_windows"]) is int
     assert resumed["train_seconds"] > before["train_seconds"]
 
 
