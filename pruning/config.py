@@ -23,8 +23,8 @@ from typing import Any, Hashable, Iterable, Mapping
 import yaml
 
 __all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunConfig", "read_yaml", "load_config",
-           "config_from_dict", "config_to_dict", "check_head_shaped", "check_keys_apply", "METHOD_KEYS",
-           "EVALUATION_KEYS", "evaluation_settings", "MAX_SEED"]
+           "config_from_dict", "config_to_dict", "HEAD_BLOCK", "attention_block_of", "check_head_shaped",
+           "check_keys_apply", "METHOD_KEYS", "EVALUATION_KEYS", "evaluation_settings", "MAX_SEED"]
 
 
 class ConfigError(ValueError):
@@ -129,7 +129,9 @@ class RunConfig:
 
     # --- masks (ignored for method: dense) ------------------------------------------------------------------
     method: Method = Method.DENSE
-    attention_block: tuple[int, int] = (32, 32)  # rows x columns of one attention score block
+    # rows x columns of one attention score block, or head: one head of the model, [head_dim, hidden] (whole heads
+    # kept or removed; what method fisher prunes), whatever the model's width
+    attention_block: tuple[int, int] | str = (32, 32)
     mask_lr: float = 1e-2
     # initial scores: a number (every score that value; sigmoid(0) = 0.5 keeps everything at threshold 0), or
     # constant (0), fisher or magnitude: scores spread over [-mask_init_scale, mask_init_scale] by the weighted
@@ -238,9 +240,12 @@ def _check(cfg: RunConfig) -> None:
     block = cfg.attention_block
     if isinstance(block, int):
         block = (block, block)
-    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(_is_int(b) and b > 0 for b in block)):
-        _fail("attention_block", f"must be two positive integers [rows, cols], got {cfg.attention_block!r}")
-    object.__setattr__(cfg, "attention_block", (int(block[0]), int(block[1])))
+    if block != HEAD_BLOCK:
+        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(_is_int(b) and b > 0 for b in block)):
+            _fail("attention_block", f"must be two positive integers [rows, cols] or {HEAD_BLOCK} (one head of the "
+                                     f"model), got {cfg.attention_block!r}")
+        block = (int(block[0]), int(block[1]))
+    object.__setattr__(cfg, "attention_block", block)
 
     for key in _PATH_KEYS:
         value = getattr(cfg, key)
@@ -457,15 +462,26 @@ def _check_model_keys(values: Mapping[Any, Any]) -> None:
         _fail("model_config", f"unknown key {unknown[0]!r}{hint}: {name} has no such field{more}")
 
 
-def check_head_shaped(block: tuple[int, int], head_dim: int, hidden: int) -> None:
-    """Method fisher keeps or removes whole heads: its attention block must be one head, ``[head_dim, hidden]``.
+# The attention_block that is one head of whatever model the run prunes: [head_dim, hidden].
+HEAD_BLOCK = "head"
+
+
+def attention_block_of(block: tuple[int, int] | str, hidden: int, heads: int) -> tuple[int, int]:
+    """``attention_block`` as rows x columns for a model ``hidden`` wide in ``heads`` heads: :data:`HEAD_BLOCK` is
+    ``(hidden // heads, hidden)``, two numbers are themselves."""
+    return (hidden // heads, hidden) if block == HEAD_BLOCK else (int(block[0]), int(block[1]))
+
+
+def check_head_shaped(block: tuple[int, int] | str, head_dim: int, hidden: int) -> None:
+    """Method fisher keeps or removes whole heads: its attention block must be one head, :data:`HEAD_BLOCK` or
+    ``[head_dim, hidden]``.
 
     Raises:
         ConfigError: naming ``attention_block``.
     """
-    if tuple(block) != (head_dim, hidden):
-        _fail("attention_block", f"method fisher needs head-shaped blocks [head_dim, hidden] = [{head_dim}, "
-                                 f"{hidden}], got {list(block)}")
+    if block != HEAD_BLOCK and tuple(block) != (head_dim, hidden):
+        _fail("attention_block", f"method fisher needs head-shaped blocks: {HEAD_BLOCK} or [head_dim, hidden] = "
+                                 f"[{head_dim}, {hidden}], got {list(block)}")
 
 
 # The largest seed: NumPy's, Optuna's samplers' and Ray's search generator's (a sweep without a seed of its own

@@ -68,8 +68,8 @@ from .checkpoint import (
     tokenizer_misfit,
 )
 from .contents import content_digest
-from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, check_head_shaped, config_to_dict,
-                     evaluation_settings)
+from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, attention_block_of, check_head_shaped,
+                     config_to_dict, evaluation_settings)
 from .distill import hidden_mse, kd_loss, qa_ce_loss
 from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, resolve_tokenizer, shipped_model_dir
@@ -234,8 +234,10 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
         check_head_shaped(cfg.attention_block, config.hidden_size // config.num_attention_heads, config.hidden_size)
     elif cfg.masked:
         constant = 0.0 if isinstance(cfg.mask_init, MaskInit) else float(cfg.mask_init)
+        config = model.config
+        block = attention_block_of(cfg.attention_block, config.hidden_size, config.num_attention_heads)
         try:
-            mask_lib.apply_masks_(model, cfg.method.value, cfg.attention_block, constant)
+            mask_lib.apply_masks_(model, cfg.method.value, block, constant)
         except ValueError as err:
             raise ConfigError(str(err)) from None
     return model, tokenizer

@@ -110,7 +110,7 @@ def test_cpu_main_space_fits_two_cores():
     assert cfg.device == "cpu" and space.resources["gpu"] == 0
     assert space.resources["cpu"] * (space.max_concurrent or 1) <= 2
     assert cfg.method is Method.FISHER and cfg.train_limit and cfg.eval_limit and cfg.fill_steps > 0
-    assert cfg.attention_block == (32, 384)  # one head of MiniLM (hidden 384, 12 heads)
+    assert cfg.attention_block == "head"  # one head of the model: 32 x 384 for MiniLM (hidden 384, 12 heads)
     # The recovery trains the packed model, which is what fits it in the time limit on CPUs without bf16, and
     # nothing searched turns on what the teacher cache excludes.
     assert cfg.fill_packed and cfg.teacher_cache and cfg.alpha_hidden == 0 and "alpha_hidden" not in space.search
@@ -883,10 +883,11 @@ def _on_model(model_dir: Path, **base) -> dict:
                      r"\(hidden_size 32\)$"),
     ("directory", r"base\.attention_block: 24x24 does not divide the 32x32 attention matrices of the model \S+small "
                   r"\(hidden_size 32\)$"),
-    ("fisher", r"base\.attention_block: method fisher needs head-shaped blocks \[head_dim, hidden\] = \[16, 32\], "
-               r"got \[16, 16\]$"),
+    ("fisher", r"base\.attention_block: method fisher needs head-shaped blocks: head or \[head_dim, hidden\] = "
+               r"\[16, 32\], got \[16, 16\]$"),
     ("searched method", r"search\.method\.values\[1\]: 'fisher' gives an invalid config \(attention_block: method "
-                        r"fisher needs head-shaped blocks \[head_dim, hidden\] = \[16, 32\], got \[16, 16\]\)$"),
+                        r"fisher needs head-shaped blocks: head or \[head_dim, hidden\] = \[16, 32\], got "
+                        r"\[16, 16\]\)$"),
     ("searched block", r"search\.attention_block\.values\[1\]: \[24, 24\] gives an invalid config \(attention_block: "
                        r"24x24 does not divide the 32x32 attention matrices of the model \S+small"),
     ("student_init", r"base\.attention_block: 64x64 does not divide the 32x32 attention matrices of the model "
@@ -921,12 +922,14 @@ def test_attention_blocks_that_do_not_fit_the_model_are_refused_when_the_space_l
 def test_blocks_that_fit_the_model_load(tmp_path, small_model_dir):
     load_space(write(tmp_path, _on_model(small_model_dir), "topk.yaml"))
     values = _on_model(small_model_dir)
-    values.update(algorithm="grid", search={"attention_block": {"type": "grid", "values": [[16, 16], [32, 32]]}})
+    blocks = [[16, 16], [32, 32], "head"]
+    values.update(algorithm="grid", search={"attention_block": {"type": "grid", "values": blocks}})
     load_space(write(tmp_path, values, "grid.yaml"))
-    values = _on_model(small_model_dir, method="fisher", attention_block=[16, 32])
-    values["base"].pop("max_steps")
-    values["search"] = {"target_density": {"type": "uniform", "low": 0.3, "high": 0.6}}
-    load_space(write(tmp_path, values, "fisher.yaml"))
+    for block in ([16, 32], "head"):  # one head of the model, by its numbers or by name
+        values = _on_model(small_model_dir, method="fisher", attention_block=block)
+        values["base"].pop("max_steps")
+        values["search"] = {"target_density": {"type": "uniform", "low": 0.3, "high": 0.6}}
+        load_space(write(tmp_path, values, "fisher.yaml"))
     # A model directory that is not here (on a cluster's workers only) is not read: the trials check it.
     load_space(write(tmp_path, _on_model(tmp_path / "elsewhere", attention_block=[24, 24]), "elsewhere.yaml"))
 
