@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
+import urllib.parse
 from pathlib import Path
 
 import mlflow
@@ -19,6 +22,8 @@ from transformers import BertConfig, BertForQuestionAnswering
 
 from conftest import CountingClient, sqlite_store
 from pruning import precision
+from pruning.config import EVALUATION_KEYS
+from pruning.squad import fit_windows
 from pruning.export import OrtQAModel
 from pruning.packing import pack, save_packed
 from pruning.precision import Bf16Inference, PrecisionError
@@ -722,7 +727,7 @@ def test_the_served_model_runs_bf16_only_where_the_cpu_supports_it(record, regis
 
 
 def test_a_model_that_cannot_be_exported_is_registered_to_serve_through_pytorch(record, tokenizer, dev_subset,
-                                                                               caplog):
+                                                                               caplog, capsys):
     client, root = record["client"], record["root"]
     model_dir = _packed_dir(root / "unexportable", tokenizer, 2, 256)
     config_file = model_dir / "config.json"
@@ -758,6 +763,24 @@ def test_a_model_that_cannot_be_exported_is_registered_to_serve_through_pytorch(
     assert all(answer in context for answer, context in zip(answers["answer"], frame["context"]))
     with pytest.raises(ValueError, match="onnx_variant: 'int8', but this version carries no ONNX models"):
         mlflow.pyfunc.load_model(result["model_uri"], model_config={"onnx_variant": "int8"})
+    # `fineprune ask` runs its packed PyTorch model, as it serves; an ONNX variant it lacks is one line.
+    question = ["--question", frame["question"][0], "--context", frame["context"][0]]
+    assert main(["ask", result["model_uri"], "--tracking-uri", record["uri"], *question]) == 0
+    asked = json.loads(capsys.readouterr().out)
+    assert asked["answer"] == answers["answer"][0] and asked["score"] == pytest.approx(answers["score"][0], rel=1e-5)
+    assert main(["ask", result["model_uri"], "--tracking-uri", record["uri"], "--variant", "int8", *question]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fineprune ask: error: {result['model_uri']} (version {result['version']}): --variant int8: the version "
+        "carries no ONNX export (registered without one); it runs as its packed PyTorch model")
+    # A version whose weights were damaged in the artifact store: the error names the version, not the directory
+    # they were downloaded into, which is gone by the time one reads it.
+    stored = Path(urllib.parse.urlparse(client.get_model_version_download_uri(name, result["version"])).path)
+    weights = next(stored.glob("artifacts/packed_model/*.safetensors"))
+    weights.write_bytes(b"not safetensors")
+    assert main(["ask", result["model_uri"], "--tracking-uri", record["uri"], *question]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    label = f"{result['model_uri']} (version {result['version']})"
+    assert line.startswith(f"fineprune ask: error: {label}/{weights.name}: ") and tempfile.gettempdir() not in line
 
 
 def test_a_version_serves_with_the_windows_its_trial_was_scored_with(record, dev_subset, capsys, tmp_path):
@@ -894,3 +917,60 @@ def test_timings_too_noisy_to_rank_versions_by_are_named_and_steady_ones_are_not
     noisy = {**steady, "v2": [1.0, 2.0, 3.0, 4.0, 5.0]}
     assert timing_noise(noisy) == ("the timed passes of 1 of the 3 models disagree, by up to 2.0x (upper over lower "
                                    "quartile; 1.5x at most counts as steady)")
+
+
+def test_eval_and_ask_run_a_registered_version_as_it_serves(record, registered, dev_subset, capsys, tmp_path):
+    """`fineprune ask models:/NAME@ALIAS` and `eval models:/NAME/VERSION`: the version's own files, run as its
+    served model runs them (ONNX Runtime int8 here; `--variant fp32` the other), answering as the served model does
+    and scoring as the same files do from a directory; what they downloaded is gone after."""
+    client, uri = record["client"], record["uri"]
+    version = str(_versions(client)[record["runs"][WIDE]].version)  # a string, as in `select`'s result
+    client.set_registered_model_alias(NAME, "mine", version)
+    try:
+        frame = _records(dev_subset, 1)
+        question, context = frame["question"][0], frame["context"][0]
+        assert main(["ask", f"models:/{NAME}@mine", "--tracking-uri", uri, "--question", question,
+                     "--context", context]) == 0
+        asked = json.loads(capsys.readouterr().out)
+        mlflow.set_tracking_uri(uri)
+        loaded = mlflow.pyfunc.load_model(f"models:/{NAME}@mine")
+        served = loaded.predict(frame)
+        assert asked["answer"] == served["answer"][0] and asked["score"] == pytest.approx(served["score"][0], rel=1e-4)
+        assert (asked["model_uri"], asked["version"]) == (f"models:/{NAME}@mine", version)
+
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}", dst_path=str(tmp_path),
+                                                         tracking_uri=uri))
+        # The windows and span search of the version's model config, as the served model windows (a stride as long
+        # as the window halved, as fit_windows cuts it for the served model too).
+        windows = {key: loaded.model_config[key] for key in EVALUATION_KEYS if key != "doc_stride"}
+        figures = ("exact_match", "f1", "precision", "questions", *EVALUATION_KEYS)
+        for variant in (None, "fp32"):
+            flags = ["--eval-limit", "3", "--no-progress", *(["--variant", variant] if variant else [])]
+            assert main(["eval", f"models:/{NAME}/{version}", "--tracking-uri", uri, *flags]) == 0
+            remote = json.loads(capsys.readouterr().out)
+            assert {key: remote[key] for key in windows} == windows
+            assert remote["doc_stride"] == fit_windows(windows["max_seq_length"], loaded.model_config["doc_stride"],
+                                                       128)[1]
+            given = [f for key in EVALUATION_KEYS for f in (f"--{key.replace('_', '-')}", str(remote[key]))]
+            assert main(["eval", str(local / "artifacts" / "onnx_model"), "--variant", variant or "int8", *flags,
+                         *given]) == 0
+            here = json.loads(capsys.readouterr().out)
+            assert {k: remote[k] for k in figures} == {k: here[k] for k in figures}
+            assert remote["precision"] == (variant or "int8") and remote["version"] == version
+        assert not list(Path(tempfile.gettempdir()).glob(f"fineprune-download.{os.getpid()}@*"))
+    finally:
+        client.delete_registered_model_alias(NAME, "mine")
+
+
+@pytest.mark.parametrize("target,says", [
+    (f"models:/{NAME}/999", "models:/tiny-frontier/999: "),
+    (f"models:/{NAME}@nobody", "models:/tiny-frontier@nobody: "),
+    ("models:/no-such-model/1", "models:/no-such-model/1: "),
+    (f"models:/{NAME}", f"models:/{NAME}: not a registered version (models:/NAME/VERSION or models:/NAME@ALIAS)"),
+])
+def test_a_registered_version_that_is_not_there_is_one_line(record, registered, capsys, target, says):
+    code = main(["ask", target, "--tracking-uri", record["uri"], "--question", "Who?", "--context", "Ann."])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("fineprune ")]
+    assert code == 2 and captured.out == "" and len(lines) == 1, captured.err
+    assert lines[0].startswith(f"fineprune ask: error: {says}") and "Traceback" not in captured.err

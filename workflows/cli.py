@@ -376,7 +376,8 @@ def _recorded_settings(args: argparse.Namespace) -> None:
     from pruning.resources import resolve_model
 
     path = resolve_model(args.model_dir)
-    recorded = read_evaluation(path)
+    served = getattr(args, "served_settings", None)  # a registered version's: the settings it serves with
+    recorded = served if served is not None else read_evaluation(path)
     stride_given, seq_given = args.doc_stride is not None, args.max_seq_length is not None
     taken = {}
     for key in EVALUATION_KEYS:
@@ -388,7 +389,8 @@ def _recorded_settings(args: argparse.Namespace) -> None:
                 value = RunConfig.__dataclass_fields__[key].default
             setattr(args, key, value)
     if taken:
-        logger.info("%s records the settings its run evaluated with: %s", path / "config.json",
+        logger.info("%s: %s", f"{args.model_label} serves with" if served is not None else
+                    f"{path / 'config.json'} records the settings its run evaluated with",
                     ", ".join(f"{key} {value}" for key, value in taken.items()))
     if stride_given and args.doc_stride >= args.max_seq_length:
         window = ("" if seq_given else " as " + ("the model directory records it" if "max_seq_length" in taken
@@ -443,18 +445,24 @@ def _write_json(path: Path, values: dict[str, Any]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pruning import squad
-    from pruning.export import OrtQAModel
-    from pruning.precision import autocast
-    from pruning.resources import resolve_data
-    from pruning.sparsity import sparsity_report
-
     _check_positive(args, "eval_limit", "max_seq_length", "doc_stride", "max_query_length", "batch_size",
                     "max_answer_length", "n_best")
     _check_device(args.device, "--device")
     if args.predictions is not None:
         _check_output_path(args.predictions, "--predictions", directory=False, writable=True)
         _check_predictions_replace_no_input(args)
+    with _model_source(args) as source:
+        return _evaluate(args, source)
+
+
+def _evaluate(args: argparse.Namespace, source: dict[str, str]) -> int:
+    """:func:`cmd_eval` once its model is a local directory (``source``: the registered version it is, if one)."""
+    from pruning import squad
+    from pruning.export import OrtQAModel
+    from pruning.precision import autocast
+    from pruning.resources import resolve_data
+    from pruning.sparsity import sparsity_report
+
     model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant, args.device)
     _recorded_settings(args)
     data = resolve_data(args.eval_data)
@@ -477,7 +485,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metrics["predictions"] = str(args.predictions)
     metrics.update(questions=len(examples), max_seq_length=seq, doc_stride=stride,
                    max_query_length=args.max_query_length, max_answer_length=args.max_answer_length,
-                   n_best=args.n_best, precision=precision)
+                   n_best=args.n_best, precision=precision, **source)
     _emit(metrics)
     return 0
 
@@ -513,15 +521,50 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from pruning.precision import autocast
 
     _check_positive(args, "max_seq_length", "doc_stride", "max_query_length", "max_answer_length", "n_best")
-    model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant)
-    _recorded_settings(args)
-    seq, stride = _windows(args, model, tokenizer)
-    with _names_model(args.model_dir), autocast(precision, device):
-        result = answer(model, tokenizer, args.question, args.context, max_seq_length=seq, doc_stride=stride,
-                        max_answer_length=args.max_answer_length, n_best=args.n_best,
-                        max_query_length=args.max_query_length)
-    _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end})
+    with _model_source(args) as source:
+        model, tokenizer, precision, device = _load_any(args.model_dir, args.precision, args.variant)
+        _recorded_settings(args)
+        seq, stride = _windows(args, model, tokenizer)
+        with _names_model(args.model_dir), autocast(precision, device):
+            result = answer(model, tokenizer, args.question, args.context, max_seq_length=seq, doc_stride=stride,
+                            max_answer_length=args.max_answer_length, n_best=args.n_best,
+                            max_query_length=args.max_query_length)
+    _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end, **source})
     return 0
+
+
+@contextlib.contextmanager
+def _model_source(args: argparse.Namespace) -> Iterator[dict[str, str]]:
+    """``args.model_dir`` as a local model directory while the block runs: itself, or for a registered version
+    (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, in ``--tracking-uri``'s registry) the files that run it as it
+    serves, downloaded into a scratch directory (its ONNX export in the variant it serves, unless ``--variant``
+    says otherwise; else its packed model), with ``args.model_dir`` and ``args.variant`` set to them. Yields what
+    the result tells of the version (``model_uri``, ``version``), nothing for a directory. Errors name the version,
+    not the scratch directory, which is gone by the time one reads them."""
+    uri = args.model_dir
+    if not uri.startswith("models:/"):
+        yield {}
+        return
+    from pruning import atomic
+    from workflows.registry import fetch_version
+
+    client = _tracking_client(args.tracking_uri)
+    with atomic.scratch_dir("download") as tmp:
+        local, version, variant, args.served_settings = fetch_version(client, uri, tmp, args.variant)
+        logger.info("%s is version %s: running its %s", uri, version,
+                    f"ONNX Runtime {variant} export" if variant else "packed PyTorch model")
+        args.model_dir, args.variant, args.model_label = str(local), variant, f"{uri} (version {version})"
+        try:
+            yield {"model_uri": uri, "version": version}
+        except user_errors(UserError) as err:
+            message = str(err).replace(str(local), args.model_label).replace(str(tmp), args.model_label)
+            if message == str(err):
+                raise
+            try:
+                renamed = type(err)(message)
+            except TypeError:  # an error class that takes other arguments: as it is
+                raise err from None
+            raise renamed from None
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -807,9 +850,16 @@ def build_parser() -> argparse.ArgumentParser:
     training("train", cmd_train, "dense fine-tune (teacher and baseline)")
     training("prune", cmd_prune, "one fine-pruning run (topk, sigmoid_threshold or fisher)")
 
+    def model_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model_dir", type=_user_path,
+                       help="question-answering model directory (dense, masked, packed or exported), or a registered "
+                            "version: models:/NAME@ALIAS or models:/NAME/VERSION, run as it serves")
+        p.add_argument("--tracking-uri", metavar="URI", type=_given,
+                       help="MLflow tracking/registry URI of a models:/ version (default: MLFLOW_TRACKING_URI, else "
+                            "sqlite:///mlflow.db)")
+
     p = command("eval", cmd_eval, "EM/F1 of a dense, masked, packed or exported model")
-    p.add_argument("model_dir", type=_user_path,
-                   help="question-answering model directory: dense, masked, packed or exported")
+    model_arg(p)
     eval_data(p, "dev", "the questions evaluated on")
     p.add_argument("--eval-limit", "--limit", dest="eval_limit", type=int, metavar="N",
                    help="evaluate on the first N questions (default: all)")
@@ -824,8 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = command("ask", cmd_ask, "answer one question from a context")
-    p.add_argument("model_dir", type=_user_path,
-                   help="question-answering model directory: dense, masked, packed or exported")
+    model_arg(p)
     p.add_argument("--question", required=True, help="the question")
     p.add_argument("--context", required=True, help="the text holding the answer")
     windows(p)

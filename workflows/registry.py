@@ -72,7 +72,8 @@ __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontie
            "select_by_latency", "latency_settings", "check_alias", "SelectionError", "SeqLenError",
            "PIP_REQUIREMENTS", "serve_settings", "log_qa_model", "export_for_serving",
            "RUNTIMES", "measured_precision", "run_deleted", "DELETED", "REMOVED",
-           "version_files_lost", "policy_choice", "checked_once", "served_model_dir"]
+           "version_files_lost", "policy_choice", "checked_once", "served_model_dir", "MODELS_SCHEME",
+           "is_registered_model", "fetch_version"]
 
 logger = logging.getLogger(__name__)
 
@@ -1117,6 +1118,68 @@ def _open_version(local: str, name: str, version: str, runtime: str, threads: in
         return model, "torch"
     model, precision = torch_served(model, settings)
     return model, "torch-bf16" if precision == "bf16" else "torch"
+
+
+MODELS_SCHEME = "models:/"  # a registered version named as MLflow names it: models:/NAME/VERSION or models:/NAME@ALIAS
+
+
+def is_registered_model(name: str) -> bool:
+    """Whether ``name`` (a command's model argument) is a registered version, ``models:/...``."""
+    return name.startswith(MODELS_SCHEME)
+
+
+def fetch_version(client, uri: str, dst: str | Path,
+                  variant: str | None = None) -> tuple[Path, str, str | None, dict[str, Any]]:
+    """The files that run the registered version ``uri`` (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) as it
+    serves, downloaded into ``dst``: its ONNX Runtime export, to be run in ``variant`` (``fp32`` or ``int8``; None:
+    the variant its model config serves), when it carries one and serves through it or ``variant`` asks for it;
+    else its packed PyTorch model directory. Only those files: a version also carries the other model and the code.
+
+    Returns:
+        ``(directory, version, variant, settings)``: the model directory under ``dst``, the version number, the ONNX
+        variant to run (None for the packed PyTorch model), and the windows and span search it serves with (its
+        model config's :data:`~pruning.config.EVALUATION_KEYS`).
+
+    Raises:
+        SelectionError: in one line naming ``uri``: not of either form, no such model, version or alias, files of
+            the version gone from the artifact store, or a ``variant`` of a version with no ONNX export.
+    """
+    from mlflow.models import Model
+
+    rest = uri[len(MODELS_SCHEME):] if is_registered_model(uri) else ""
+    name, at, alias = rest.partition("@")
+    if not at:
+        name, _, number = rest.rpartition("/")
+    if not name or "/" in name or not (alias if at else number.isdigit()):
+        raise SelectionError(f"{uri}: not a registered version (models:/NAME/VERSION or models:/NAME@ALIAS)")
+    try:
+        found = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, number)
+    except MlflowException as err:
+        lines = str(err).strip().splitlines()
+        raise SelectionError(f"{uri}: {lines[0] if lines else 'not found'} (in {client.tracking_uri})") from None
+    version = str(found.version)
+    root = client.get_model_version_download_uri(name, version).rstrip("/")
+    lost = _lost_files(root, client.tracking_uri, str(dst))
+    if lost is not None:
+        raise SelectionError(f"{uri} (version {version}): {lost}")
+    flavor = Model.load(str(dst)).flavors.get("python_function", {})
+    artifacts = flavor.get("artifacts") or {}
+    onnx_dir = (artifacts.get(ARTIFACT_ONNX_DIR) or {}).get("path")
+    try:
+        served = served_variant(flavor.get("config") or {}, onnx_dir is not None)
+    except ValueError as err:
+        raise SelectionError(f"{uri} (version {version}): {err}") from None
+    if variant is not None and onnx_dir is None:
+        raise SelectionError(f"{uri} (version {version}): --variant {variant}: the version carries no ONNX export "
+                             "(registered without one); it runs as its packed PyTorch model")
+    chosen = variant or (served if served != "none" else None)
+    path = onnx_dir if chosen is not None else (artifacts.get(ARTIFACT_MODEL_DIR) or {}).get("path")
+    if not path:
+        raise SelectionError(f"{uri} (version {version}): holds no packed model (no {ARTIFACT_MODEL_DIR} artifact)")
+    mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{path}", dst_path=str(Path(dst, path).parent),
+                                        tracking_uri=client.tracking_uri)
+    settings = flavor.get("config") or {}
+    return Path(dst, path), version, chosen, {key: settings[key] for key in EVALUATION_KEYS if key in settings}
 
 
 def _dense_shape(model):
