@@ -8,6 +8,7 @@ baseline, finished trials whose packed models are tiny packed BERTs), registered
 from __future__ import annotations
 
 import json
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -910,6 +911,17 @@ def test_a_reports_snippets_name_a_relative_sqlite_store_from_any_directory(stor
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "answer" in proc.stdout and not (elsewhere / "mlflow.db").exists()
+    # Its eval command scores the champion from there too (on the first dev questions, for a file of one's own).
+    command = markdown.split("questions of your own:\n\n```bash\n", 1)[1].split("\n```", 1)[0]
+    assert command.startswith(f"fineprune eval models:/{NAME}@champion --tracking-uri {absolute} --eval-data ")
+    argv = [*shlex.split(command)[1:-1], "dev", "--eval-limit", "2", "--no-progress"]
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", *argv], cwd=elsewhere, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["model_uri"] == f"models:/{NAME}@champion" and result["questions"] == 2
+    assert not (elsewhere / "mlflow.db").exists()
+    assert command in (out / "report.html").read_text()
 
 
 def test_a_no_champion_note_shows_names_as_written(store, tokenizer, capsys):

@@ -372,6 +372,12 @@ def _serve_command(card: ChampionCard) -> str:
     return f"{env}mlflow models serve -m {shlex.quote(card.model_uri)} --env-manager local -h 127.0.0.1 -p 5000"
 
 
+def _eval_command(card: ChampionCard) -> str:
+    """The `fineprune eval` line that scores the champion, as it serves, on a SQuAD file of one's own."""
+    where = ("--tracking-uri", card.tracking_uri) if card.tracking_uri else ()
+    return shlex.join(["fineprune", "eval", card.model_uri, *where, "--eval-data", "YOUR_SQUAD.json"])
+
+
 def _summary_lines(data: ReportData) -> list[tuple[str, str]]:
     """(label, plain text) facts shown at the top of both reports."""
     counts = _counts(data)
@@ -589,7 +595,8 @@ def render_markdown(data: ReportData) -> str:
             out += _md_table(("layer", "heads kept", "FFN width"), rows)
         if card.serves:
             out += ["", "Load it:", "", "```python", _load_snippet(card), "```", "", "Serve it:", "", "```bash",
-                    _serve_command(card), "```"]
+                    _serve_command(card), "```", "", "Score it, as it serves, on SQuAD-format questions of your own:",
+                    "", "```bash", _eval_command(card), "```"]
 
     out += ["", "## Search progress: hypervolume of the frontier", ""]
     if data.hypervolume:
@@ -688,7 +695,8 @@ def _champion_view(data: ReportData) -> dict[str, Any] | None:
             "alias_current": card.alias_current, "structure_svg": structure,
             "alias_note": _note_html(_alias_note(card)),
             "note": _note_html(card.note) if card.note else None, "serves": card.serves,
-            "load_snippet": _load_snippet(card), "serve_command": _serve_command(card)}
+            "load_snippet": _load_snippet(card), "serve_command": _serve_command(card),
+            "eval_command": _eval_command(card)}
 
 
 def render_html(data: ReportData) -> str:
