@@ -858,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MLflow tracking/registry URI of a models:/ version (default: MLFLOW_TRACKING_URI, else "
                             "sqlite:///mlflow.db)")
 
-    p = command("eval", cmd_eval, "EM/F1 of a dense, masked, packed or exported model")
+    p = command("eval", cmd_eval, "EM/F1 of a dense, masked, packed, exported or registered model")
     model_arg(p)
     eval_data(p, "dev", "the questions evaluated on")
     p.add_argument("--eval-limit", "--limit", dest="eval_limit", type=int, metavar="N",
