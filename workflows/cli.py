@@ -541,8 +541,10 @@ def _model_source(args: argparse.Namespace) -> Iterator[dict[str, str]]:
     says otherwise; else its packed model), with ``args.model_dir`` and ``args.variant`` set to them. Yields what
     the result tells of the version (``model_uri``, ``version``), nothing for a directory. Errors name the version,
     not the scratch directory, which is gone by the time one reads them."""
+    from workflows.record import MODELS_SCHEME  # the standard library only
+
     uri = args.model_dir
-    if not uri.startswith("models:/"):
+    if not uri.startswith(MODELS_SCHEME):
         yield {}
         return
     from pruning import atomic

@@ -52,7 +52,7 @@ __all__ = [
     # tags of registered versions, the alias
     "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "FORMER_POLICY_TAGS",
     "TAG_VERSION_PRECISION", "TAG_ONNX",
-    "ALIAS",
+    "ALIAS", "MODELS_SCHEME",
     # params
     "PARAM_SEARCHED", "PARAM_REGISTRY", "PARAM_SPEEDUP", "PARAM_RESOURCES", "PARAM_SEARCH", "PARAM_OBJECTIVES",
     "flat_params", "params_under", "search_types", "sweep_objectives",
@@ -170,6 +170,8 @@ ARTIFACT_REPORT_MARKDOWN = "report.md"
 ARTIFACT_QA_MODEL = "qa_model"  # registered versions: the pyfunc model logged on the trial's run
 ARTIFACT_MODEL_DIR = "model_dir"  # the pyfunc model's own artifact: the packed model directory
 ARTIFACT_ONNX_DIR = "onnx_dir"  # the pyfunc model's own artifact: the model exported for ONNX Runtime
+# A registered version as MLflow names it, and as eval and ask take it: models:/NAME/VERSION or models:/NAME@ALIAS.
+MODELS_SCHEME = "models:/"
 
 # The columns of :func:`trials` before the metric and ``searched.*`` columns.
 COLUMNS = ("run_id", "name", "kind", "status", "run_status", TAG_PARETO, TAG_PARETO_SPEED, "packed", "start_time",

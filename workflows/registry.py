@@ -72,8 +72,7 @@ __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontie
            "select_by_latency", "latency_settings", "check_alias", "SelectionError", "SeqLenError",
            "PIP_REQUIREMENTS", "serve_settings", "log_qa_model", "export_for_serving",
            "RUNTIMES", "measured_precision", "run_deleted", "DELETED", "REMOVED",
-           "version_files_lost", "policy_choice", "checked_once", "served_model_dir", "MODELS_SCHEME",
-           "is_registered_model", "fetch_version"]
+           "version_files_lost", "policy_choice", "checked_once", "served_model_dir", "fetch_version"]
 
 logger = logging.getLogger(__name__)
 
@@ -1120,14 +1119,6 @@ def _open_version(local: str, name: str, version: str, runtime: str, threads: in
     return model, "torch-bf16" if precision == "bf16" else "torch"
 
 
-MODELS_SCHEME = "models:/"  # a registered version named as MLflow names it: models:/NAME/VERSION or models:/NAME@ALIAS
-
-
-def is_registered_model(name: str) -> bool:
-    """Whether ``name`` (a command's model argument) is a registered version, ``models:/...``."""
-    return name.startswith(MODELS_SCHEME)
-
-
 def fetch_version(client, uri: str, dst: str | Path,
                   variant: str | None = None) -> tuple[Path, str, str | None, dict[str, Any]]:
     """The files that run the registered version ``uri`` (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) as it
@@ -1146,7 +1137,7 @@ def fetch_version(client, uri: str, dst: str | Path,
     """
     from mlflow.models import Model
 
-    rest = uri[len(MODELS_SCHEME):] if is_registered_model(uri) else ""
+    rest = uri[len(record.MODELS_SCHEME):] if uri.startswith(record.MODELS_SCHEME) else ""
     name, at, alias = rest.partition("@")
     if not at:
         name, _, number = rest.rpartition("/")
