@@ -1061,12 +1061,7 @@ def _load_version(client, name: str, version: str, dst: str, runtime: str = "ser
     # From where the client's registry says the version's files are: MLflow resolves a models:/ URI through the
     # registry of its environment (MLFLOW_REGISTRY_URI), which need not be the client's.
     root = client.get_model_version_download_uri(name, version).rstrip("/")
-
-    def fetch(path: str) -> None:
-        """One file or directory of the version, at the same path under ``dst``."""
-        mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{path}", dst_path=str(Path(dst, path).parent),
-                                            tracking_uri=client.tracking_uri)
-
+    fetch = _fetcher(root, client.tracking_uri, dst)
     try:
         # A file the served model needs, which this timing may not: the check brings the version's MLmodel into dst.
         lost = _lost_files(root, client.tracking_uri, dst)
@@ -1085,20 +1080,51 @@ def _load_version(client, name: str, version: str, dst: str, runtime: str = "ser
         raise SelectionError(lines[0] if lines else type(err).__name__) from err
 
 
+def _fetcher(root: str, tracking_uri: str, dst: str | Path):
+    """``fetch(path)``: the file or directory ``path`` of the version whose files are at ``root``, downloaded to the
+    same path under ``dst``."""
+    def fetch(path: str) -> None:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{path}", dst_path=str(Path(dst, path).parent),
+                                            tracking_uri=tracking_uri)
+    return fetch
+
+
+@dataclasses.dataclass(frozen=True)
+class _ServedFiles:
+    """What a version's ``MLmodel`` says its served model runs: where its ONNX export and its packed model lie among
+    its files (None: it has none), its model config, and the ONNX variant it serves (``none``: the packed model)."""
+
+    onnx_dir: str | None
+    model_dir: str | None
+    settings: dict[str, Any]
+    variant: str
+
+
+def _served_files(local: str | Path) -> _ServedFiles:
+    """The :class:`_ServedFiles` of the version whose ``MLmodel`` is in ``local``.
+
+    Raises:
+        ValueError: its model config's ``onnx_variant`` is unknown or names an export it does not carry.
+    """
+    from mlflow.models import Model
+
+    flavor = Model.load(str(local)).flavors.get("python_function", {})
+    artifacts = flavor.get("artifacts") or {}
+    onnx_dir = (artifacts.get(ARTIFACT_ONNX_DIR) or {}).get("path")
+    settings = flavor.get("config") or {}
+    return _ServedFiles(onnx_dir, (artifacts.get(ARTIFACT_MODEL_DIR) or {}).get("path"), settings,
+                        served_variant(settings, onnx_dir is not None))
+
+
 def _open_version(local: str, name: str, version: str, runtime: str, threads: int | None, fetch):
     """The model of a version whose ``MLmodel`` is in ``local``, and how it runs (see :func:`_load_version`);
     ``fetch(path)`` brings the version's file or directory ``path`` into ``local``."""
     # torch and the library are needed only to time models; the registry module stays light without them.
-    from mlflow.models import Model
-
     from pruning.checkpoint import load_model
     from pruning.export import MANIFEST_NAME, load_exported, read_manifest
 
-    flavor = Model.load(local).flavors.get("python_function", {})
-    artifacts = flavor.get("artifacts") or {}
-    onnx_dir = artifacts.get(ARTIFACT_ONNX_DIR, {}).get("path")
-    settings = flavor.get("config") or {}
-    variant = served_variant(settings, onnx_dir is not None)
+    served = _served_files(local)
+    onnx_dir, variant = served.onnx_dir, served.variant
     if runtime == "served" and variant != "none":
         for path in (MANIFEST_NAME, "config.json"):
             fetch(f"{onnx_dir}/{path}")
@@ -1108,14 +1134,14 @@ def _open_version(local: str, name: str, version: str, runtime: str, threads: in
         # Timed round-robin with other models: ORT's threads must not spin between calls.
         return load_exported(Path(local) / onnx_dir, variant=variant, threads=threads, spin=False), \
             f"onnxruntime-{variant}"
-    model_dir = artifacts.get(ARTIFACT_MODEL_DIR, {}).get("path")
+    model_dir = served.model_dir
     if not model_dir:
         raise SelectionError(f"version {version} of {name} holds no packed model (no model_dir artifact)")
     fetch(model_dir)
     model = load_model(Path(local) / model_dir)
     if runtime != "served":
         return model, "torch"
-    model, precision = torch_served(model, settings)
+    model, precision = torch_served(model, served.settings)
     return model, "torch-bf16" if precision == "bf16" else "torch"
 
 
@@ -1135,8 +1161,6 @@ def fetch_version(client, uri: str, dst: str | Path,
         SelectionError: in one line naming ``uri``: not of either form, no such model, version or alias, files of
             the version gone from the artifact store, or a ``variant`` of a version with no ONNX export.
     """
-    from mlflow.models import Model
-
     rest = uri[len(record.MODELS_SCHEME):] if uri.startswith(record.MODELS_SCHEME) else ""
     name, at, alias = rest.partition("@")
     if not at:
@@ -1153,24 +1177,20 @@ def fetch_version(client, uri: str, dst: str | Path,
     lost = _lost_files(root, client.tracking_uri, str(dst))
     if lost is not None:
         raise SelectionError(f"{uri} (version {version}): {lost}")
-    flavor = Model.load(str(dst)).flavors.get("python_function", {})
-    artifacts = flavor.get("artifacts") or {}
-    onnx_dir = (artifacts.get(ARTIFACT_ONNX_DIR) or {}).get("path")
     try:
-        served = served_variant(flavor.get("config") or {}, onnx_dir is not None)
+        served = _served_files(dst)
     except ValueError as err:
         raise SelectionError(f"{uri} (version {version}): {err}") from None
-    if variant is not None and onnx_dir is None:
+    if variant is not None and served.onnx_dir is None:
         raise SelectionError(f"{uri} (version {version}): --variant {variant}: the version carries no ONNX export "
                              "(registered without one); it runs as its packed PyTorch model")
-    chosen = variant or (served if served != "none" else None)
-    path = onnx_dir if chosen is not None else (artifacts.get(ARTIFACT_MODEL_DIR) or {}).get("path")
+    chosen = variant or (served.variant if served.variant != "none" else None)
+    path = served.onnx_dir if chosen is not None else served.model_dir
     if not path:
         raise SelectionError(f"{uri} (version {version}): holds no packed model (no {ARTIFACT_MODEL_DIR} artifact)")
-    mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{path}", dst_path=str(Path(dst, path).parent),
-                                        tracking_uri=client.tracking_uri)
-    settings = flavor.get("config") or {}
-    return Path(dst, path), version, chosen, {key: settings[key] for key in EVALUATION_KEYS if key in settings}
+    _fetcher(root, client.tracking_uri, dst)(path)
+    settings = {key: served.settings[key] for key in EVALUATION_KEYS if key in served.settings}
+    return Path(dst, path), version, chosen, settings
 
 
 def _dense_shape(model):
