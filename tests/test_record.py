@@ -51,7 +51,8 @@ def test_the_registry_spec_round_trips_through_the_sweeps_parent_run(client):
     space = load_space(ROOT / "tune_spaces" / "smoke.yaml")
     for spec in (space.registry, RegistrySpec("m", "min_density_within_f1_drop", max_f1_drop=2.5),
                  RegistrySpec("m", "best_f1_under_latency", max_latency_ms=12.0),
-                 RegistrySpec("m", max_density=0.3, onnx=False)):
+                 RegistrySpec("m", max_density=0.3, onnx=False),
+                 RegistrySpec("m", max_int8_f1_drop=None), RegistrySpec("m", max_int8_f1_drop=2.5)):
         summary = {**space.summary(), "registry": asdict(spec)}
         parent = tracking.start_parent_run(client, "exp", f"/sweeps/{spec.policy}", summary, resume=False)
         params = client.get_run(parent).data.params

@@ -604,6 +604,13 @@ def test_the_champion_card_matches_the_champion_run(smoke_sweep):
         assert card.ffn_widths[i] == metrics[f"ffn_kept_layer_{i}"]
     sizes = {a.path: a.file_size for a in client.list_artifacts(champion["run_id"], "packed_model")}
     assert card.size_bytes == sum(sizes.values())
+    # Which ONNX model it serves, checked on the 12 questions its trial was scored on, as its version records it.
+    version = client.get_model_version(card.model_name, card.version)
+    assert card.served == version.tags["int8_check"]
+    assert card.served.startswith(f"serves ONNX Runtime {version.tags['onnx_variant']}: int8 F1 ")
+    assert " on the first 12 questions the trial was scored on, " in card.served
+    assert f"- S{card.served[1:]}" in render_markdown(data)
+    assert f"S{card.served[1:]}" in " ".join(_parse(render_html(data)).text)
     assert card.weights_bytes == sizes["packed_model/model.safetensors"]
     assert set(data.trials["run_id"]) == {r.info.run_id for r in runs if r.data.tags["fineprune.kind"] == "trial"}
     assert data.searched == ["target_density", "alpha_distil", "temperature"]

@@ -146,6 +146,11 @@ def test_defaults(tmp_path):
     assert space.registry.name == "my-sweep" and space.registry.policy == "best_f1_under_density"
     assert space.registry.max_density == RunConfig().target_density and space.registry.onnx is True
     assert load_space(write(tmp_path, variant(registry={"onnx": False}), "torch.yaml")).registry.onnx is False
+    # A new version serves int8 when it loses at most 1 F1 against fp32; null serves int8 unchecked.
+    assert space.registry.max_int8_f1_drop == 1.0
+    for given in (0, 2.5, None):
+        written = write(tmp_path, variant(registry={"max_int8_f1_drop": given}), "drop.yaml")
+        assert load_space(written).registry.max_int8_f1_drop == given
     assert space.teacher.path is None and not space.teacher.student_init
 
 
@@ -536,6 +541,11 @@ BAD_SPACES = [
                                                              "max_latency_ms": 5}),
      r"registry\.max_latency_ms: is not used by policy best_f1_under_density"),
     ("onnx switch not a boolean", variant(registry={"onnx": "no"}), r"registry\.onnx: must be true or false, got 'no'"),
+    ("int8 drop below zero", variant(registry={"max_int8_f1_drop": -0.5}),
+     r"registry\.max_int8_f1_drop: must be >= 0 \(F1 points\), got -0\.5"),
+    ("int8 drop not a number", variant(registry={"max_int8_f1_drop": "one"}), r"registry\.max_int8_f1_drop: must be a number"),
+    ("int8 drop without the export", variant(registry={"onnx": False, "max_int8_f1_drop": 2}),
+     r"registry\.max_int8_f1_drop: is not used with onnx: false"),
     ("reference of a metric that is no objective", variant(reference_point={"speedup": 1}),
      r"reference_point\.speedup: unknown key \(allowed: f1, linear_density\)"),
     ("objective without a default reference", variant(objectives=[["f1", "max"], ["loss", "min"]]),
@@ -847,7 +857,7 @@ def test_the_space_readme_names_the_metrics_the_schema_takes():
     assert better_min == {m for m, mode in METRIC_MODES.items() if mode == "min" and not m.startswith("loss")}
 
     block = re.search(r"```yaml\nregistry:\n(.*?)```", _readme_section("registry"), re.S).group(1)
-    assert set(re.findall(r"^  ([a-z_]+):", block, re.M)) | {"max_f1_drop", "max_latency_ms"} == set(
+    assert set(re.findall(r"^  ([a-z_0-9]+):", block, re.M)) | {"max_f1_drop", "max_latency_ms"} == set(
         RegistrySection.model_fields)
     policies = re.findall(r"^\| `([a-z_0-9]+)` \| `([a-z][a-z_0-9]*)`", _readme_section("registry"), re.M)
     from workflows.space import POLICIES

@@ -51,8 +51,8 @@ __all__ = [
     "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR",
     # tags of registered versions, the alias
     "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "FORMER_POLICY_TAGS",
-    "TAG_VERSION_PRECISION", "TAG_ONNX",
-    "ALIAS", "MODELS_SCHEME",
+    "TAG_VERSION_PRECISION", "TAG_ONNX", "TAG_ONNX_VARIANT", "TAG_INT8_CHECK", "ONNX_SCORE_TAGS",
+    "DEFAULT_MAX_INT8_F1_DROP", "ALIAS", "MODELS_SCHEME",
     # params
     "PARAM_SEARCHED", "PARAM_REGISTRY", "PARAM_SPEEDUP", "PARAM_RESOURCES", "PARAM_SEARCH", "PARAM_OBJECTIVES",
     "flat_params", "params_under", "search_types", "sweep_objectives",
@@ -116,6 +116,15 @@ TAG_POLICY_THRESHOLD = "policy_threshold"  # and its threshold as text, e.g. "ma
 FORMER_POLICY_TAGS = {TAG_POLICY: "former_champion_policy", TAG_POLICY_THRESHOLD: "former_champion_policy_threshold"}
 TAG_VERSION_PRECISION = "precision"  # the precision the version's EM/F1 were measured in
 TAG_ONNX = "onnx"  # the ONNX Runtime variants the version carries ("fp32,int8"), or why it carries none
+TAG_ONNX_VARIANT = "onnx_variant"  # what the version serves: ONNX Runtime int8 or fp32, or none (PyTorch)
+# Which ONNX variant serves, and why: one line, e.g. "serves ONNX Runtime int8: int8 F1 40.18 against fp32 40.39 on
+# the first 150 questions the trial was scored on, within 1 F1 below (max_int8_f1_drop)"
+TAG_INT8_CHECK = "int8_check"
+# (variant, metric) -> the tag of that variant's score on the questions of the int8 check
+ONNX_SCORE_TAGS = {(variant, metric): f"onnx_{variant}_{metric}" for variant in ("fp32", "int8")
+                   for metric in ("f1", "exact_match")}
+# The F1 points the int8 model may lose against the fp32 one and still be the one served (registry section)
+DEFAULT_MAX_INT8_F1_DROP = 1.0
 ALIAS = "champion"
 RUNTIMES = ("served", "torch")  # what `fineprune select` times: each version as it serves, or its packed PyTorch model
 
@@ -297,6 +306,9 @@ class RegistrySpec:
     max_f1_drop: float | None = None  # *_within_f1_drop: F1 points below the dense teacher's F1
     max_latency_ms: float | None = None  # best_f1_under_latency: measured latency of the registered version
     onnx: bool = True  # export each new version for ONNX Runtime; False: new versions serve through PyTorch
+    # A new version serves ONNX Runtime int8 when it loses at most this many F1 points against fp32 on its trial's
+    # questions, else fp32; None: int8, unchecked
+    max_int8_f1_drop: float | None = DEFAULT_MAX_INT8_F1_DROP
 
     def threshold(self) -> str:
         """The policy's threshold as text, ``"max_density 0.5"`` (empty when the policy has none given)."""

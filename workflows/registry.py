@@ -12,8 +12,9 @@ code (:mod:`workflows.served_model`: loading a version unpickles nothing); its `
 ``question`` and ``context`` columns and returns ``answer`` and ``score``.
 Beside the PyTorch weights each version carries the model exported for ONNX Runtime (artifact ``onnx_dir``: the
 fused fp32 graph and its dynamic int8 quantization, see :mod:`pruning.export`), and serves through ONNX Runtime
-(int8 unless ``model_config`` says ``onnx_variant: fp32``, or ``none`` for PyTorch). The export runs once, when the
-version is made; a model that cannot be exported is registered all the same and served by PyTorch, with a warning
+(``model_config``'s ``onnx_variant``: int8, or fp32 where int8 loses more than the spec's ``max_int8_f1_drop`` F1
+against fp32 on the trial's questions, see :func:`_checked_variant`; ``none`` for PyTorch). The export and that
+check run once, when the version is made; a model that cannot be exported is registered all the same and served by PyTorch, with a warning
 and the reason in the version's ``onnx`` tag (``fp32,int8`` when exported). The policy's ``onnx: false`` (or
 ``fineprune register --no-onnx``) skips the export: such versions serve through PyTorch, tagged ``skipped``.
 
@@ -61,7 +62,8 @@ from workflows import record
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
                               EXACT_MATCH, F1, FINAL_METRICS, FORMER_POLICY_TAGS, FRONTIER_TAGS, KIND_BASELINE,
                               LINEAR_DENSITY, PARAM_RESOURCES, PARAM_SPEEDUP, RUNTIMES, SPEEDUP, STATUS_FINISHED,
-                              STATUS_INTERRUPTED, TAG_ONNX, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_PRECISION, TAG_STATUS,
+                              STATUS_INTERRUPTED, DEFAULT_MAX_INT8_F1_DROP, ONNX_SCORE_TAGS, TAG_INT8_CHECK,
+                              TAG_ONNX, TAG_ONNX_VARIANT, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_PRECISION, TAG_STATUS,
                               TAG_SWEEP_RUN, TAG_TRIAL_RUN, TAG_VERSION_PRECISION, RegistrySpec)
 from workflows.served_model import (MAX_RECORDS, MODEL_CODE, MODEL_FILE, ONNX_VARIANTS, SERVE_DEFAULTS, SERVE_PARAMS,
                                     SHIPPED_MODULES, SIGNATURE, count_setting, served_variant, torch_served)
@@ -72,7 +74,8 @@ __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontie
            "select_by_latency", "latency_settings", "check_alias", "SelectionError", "SeqLenError",
            "PIP_REQUIREMENTS", "serve_settings", "log_qa_model", "export_for_serving",
            "RUNTIMES", "measured_precision", "run_deleted", "DELETED", "REMOVED",
-           "version_files_lost", "policy_choice", "checked_once", "served_model_dir", "fetch_version"]
+           "version_files_lost", "policy_choice", "checked_once", "served_model_dir", "fetch_version",
+           "int8_serves", "onnx_scores", "INT8_CHECK_QUESTIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,9 @@ POLICIES = ("best_f1_under_density", "min_density_within_f1_drop", "fastest_with
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
                     "tqdm>=4.66", "onnx==1.23.2", "onnxruntime==1.32.0"]
 ONNX_SKIPPED = "skipped"  # the onnx tag of a version registered without its export (onnx: false)
+INT8_CHECK_QUESTIONS = 500  # at most this many of its trial's questions score a new version's two ONNX models
+# The tags a new version's int8 check writes (on the logged model, and on each version made of it)
+_CHECK_TAGS = (TAG_ONNX_VARIANT, TAG_INT8_CHECK, *ONNX_SCORE_TAGS.values())
 
 
 def serve_settings(params: dict[str, str], evaluation: Mapping[str, int] | None = None) -> dict[str, int]:
@@ -183,7 +189,7 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
     policy, name = spec.policy, spec.name
     if policy == "best_f1_under_latency":
         if not frontier_registered:
-            register_frontier(client, experiment, parent_run_id, name, spec.onnx)
+            register_frontier(client, experiment, parent_run_id, name, spec.onnx, spec.max_int8_f1_drop)
         try:
             chosen = select_by_latency(client, name, float(spec.max_latency_ms), alias=ALIAS,
                                        sweep_run_id=parent_run_id, **(latency or {}))
@@ -210,7 +216,8 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         logger.warning("experiment %r: %s; nothing registered", experiment, reason)
         _warn_alias_set_aside(client, name)
         return {"registered": False, "policy": policy, "name": name, "reason": reason}
-    return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx, spec.threshold())
+    return register_run(client, chosen["run_id"], name, parent_run_id, policy, spec.onnx, spec.threshold(),
+                        spec.max_int8_f1_drop)
 
 
 def no_trial_finished(runs: pd.DataFrame) -> str | None:
@@ -300,6 +307,98 @@ def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | N
     return Path(out_dir), ",".join(report["files"])
 
 
+def int8_serves(fp32_f1: float, int8_f1: float, max_drop: float) -> bool:
+    """Whether a version serves its int8 model: it loses at most ``max_drop`` F1 points against the fp32 one."""
+    return fp32_f1 - int8_f1 <= max_drop
+
+
+def onnx_scores(onnx_dir: str | Path, data: str | Path, limit: int | None,
+                settings: Mapping[str, Any]) -> tuple[dict[str, dict[str, float]], int]:
+    """The EM/F1 of an exported model's fp32 and int8 files on the first ``limit`` questions of ``data``, with the
+    windows and span search of a served model's ``settings`` (:func:`serve_settings`).
+
+    Returns:
+        (variant -> ``{"exact_match", "f1"}``, the number of questions).
+
+    Raises:
+        ResourceError, SquadError, ExportError: the data or the export cannot be read.
+    """
+    from pruning import squad
+    from pruning.checkpoint import load_tokenizer
+    from pruning.export import load_exported
+    from pruning.resources import resolve_data
+    from pruning.structure import max_positions
+
+    path = resolve_data(str(data))
+    examples = squad.load_squad(path, limit=limit, spans=False)
+    tokenizer = load_tokenizer(onnx_dir)
+    scores = {}
+    for variant in ("fp32", "int8"):
+        model = load_exported(onnx_dir, variant)
+        # The windows the served model cuts its settings to (workflows.served_model.PackedQAModel)
+        seq, stride = squad.fit_windows(settings["max_seq_length"], settings["doc_stride"],
+                                        max_positions(model.config))
+        with squad.questions_of(path):
+            metrics, _ = squad.evaluate_model(
+                model, tokenizer, examples, max_seq_length=seq, doc_stride=stride, batch_size=settings["batch_size"],
+                max_answer_length=settings["max_answer_length"], n_best=settings["n_best"], progress=False,
+                max_query_length=settings["max_query_length"])
+        scores[variant] = {F1: float(metrics[F1]), EXACT_MATCH: float(metrics[EXACT_MATCH])}
+    return scores, len(examples)
+
+
+def _checked_variant(onnx_dir: Path, run, settings: Mapping[str, Any], max_drop: float | None,
+                     what: str) -> tuple[str, dict[str, str]]:
+    """The ONNX variant a new version of the trial ``run`` serves, and the tags that say why (:data:`_CHECK_TAGS`).
+
+    Int8 is dynamic quantization, which costs some models far more accuracy than others: both files are scored on
+    (at most :data:`INT8_CHECK_QUESTIONS` of) the questions the trial was scored on, and int8 serves when it loses
+    at most ``max_drop`` F1 points, else fp32. ``max_drop`` None: int8, unchecked. Questions that cannot be read
+    here (the trial's data file is on another machine) leave int8 serving, with a warning and the reason in the
+    ``int8_check`` tag.
+    """
+    if max_drop is None:
+        return "int8", {TAG_ONNX_VARIANT: "int8",
+                        TAG_INT8_CHECK: "serves ONNX Runtime int8, unchecked (max_int8_f1_drop: null)"}
+    params = run.data.params
+    data = params.get("eval_data", RunConfig.__dataclass_fields__["eval_data"].default)
+    try:
+        limit = min(int(params["eval_limit"]), INT8_CHECK_QUESTIONS)
+    except (KeyError, ValueError):  # "None": the trial scored every question
+        limit = INT8_CHECK_QUESTIONS
+    try:
+        scores, questions = onnx_scores(onnx_dir, data, limit, settings)
+    except Exception as err:  # the data or ORT: either leaves int8 serving, unchecked, as before the check existed
+        lines = str(err).strip().splitlines()
+        reason = f"{type(err).__name__}: {lines[0] if lines else ''}"
+        logger.warning("%s: serves its int8 model unchecked: the trial's questions cannot be scored here (%s)",
+                       what, reason)
+        return "int8", {TAG_ONNX_VARIANT: "int8",
+                        TAG_INT8_CHECK: f"serves ONNX Runtime int8, unchecked: the trial's questions could not be "
+                                        f"scored ({reason})"[:500]}
+    fp32, int8 = scores["fp32"][F1], scores["int8"][F1]
+    variant = "int8" if int8_serves(fp32, int8, max_drop) else "fp32"
+    line = (f"serves ONNX Runtime {variant}: int8 F1 {int8:.2f} against fp32 {fp32:.2f} on the first {questions} "
+            f"questions the trial was scored on, {'within' if variant == 'int8' else 'more than'} {max_drop:g} F1 "
+            "below (max_int8_f1_drop)")
+    (logger.warning if variant == "fp32" else logger.info)("%s: %s", what, line)
+    tags = {TAG_ONNX_VARIANT: variant, TAG_INT8_CHECK: line}
+    tags.update({tag: _metric_tag(scores[name][metric]) for (name, metric), tag in ONNX_SCORE_TAGS.items()})
+    return variant, tags
+
+
+def _wanted_variant(tags: Mapping[str, str], max_drop: float | None) -> str | None:
+    """The ONNX variant a new version would serve with ``max_drop``, from a logged model's check ``tags``; None when
+    they hold no scores to decide by (the model was logged unchecked)."""
+    if max_drop is None:
+        return "int8"
+    try:
+        fp32, int8 = (float(tags[ONNX_SCORE_TAGS[(name, "f1")]]) for name in ("fp32", "int8"))
+    except (KeyError, ValueError):
+        return None
+    return "int8" if int8_serves(fp32, int8, max_drop) else "fp32"
+
+
 # MLflow's warning that it could not copy a logged model's ``model_config`` into the run's params: the trial run's
 # params are its run config, whose ``batch_size`` (the training batch) differs from the served one, and the served
 # settings are kept in the model itself.
@@ -307,7 +406,7 @@ _PARAM_MIRROR = "Failed to log model config as params"
 
 
 def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str | Path | None = None,
-                 tags: dict[str, str] | None = None):
+                 tags: dict[str, str] | None = None, variant: str = ONNX_VARIANTS[0]):
     """Log a QA model directory as the pyfunc ``qa_model`` of the active run
     (:class:`workflows.served_model.PackedQAModel`).
 
@@ -320,6 +419,7 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
             ``onnx_variant`` is added.
         onnx_dir: the model exported for ONNX Runtime (see :func:`export_for_serving`), served when given.
         tags: tags of the logged model.
+        variant: the ONNX variant served (``int8`` or ``fp32``) when ``onnx_dir`` is given.
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri``, ``model_id``).
@@ -339,7 +439,7 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
             # Logged so that it can be overridden at load (MLflow only overrides logged keys), e.g. with
             # MLFLOW_PYFUNC_INFERENCE_CONFIG='{"onnx_variant": "fp32"}' for `mlflow models serve`.
             model_config={"max_records": MAX_RECORDS, **settings,
-                          "onnx_variant": ONNX_VARIANTS[0] if onnx_dir is not None else "none"},
+                          "onnx_variant": variant if onnx_dir is not None else "none"},
             input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
             tags=tags,
         )
@@ -417,11 +517,13 @@ def _served_by(settings: Mapping[str, Any], has_onnx: bool) -> dict[str, Any] | 
     return {**counts, "onnx_variant": variant, "precision": str(settings.get("precision", "fp32"))}
 
 
-def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any]):
+def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any], max_int8_f1_drop: float | None):
     """The served model an earlier registration logged on the trial ``run`` (whole, logged as code, and exported
     for ONNX Runtime as ``onnx`` asks: tried, or ``skipped``) that serves as one logged now with ``settings`` (its
-    ``model_config`` but ``onnx_variant``) would, or None. A model logged before models were logged as code, with
-    its served class pickled, is never reused."""
+    ``model_config`` but ``onnx_variant``) would, or None. Its ONNX variant is the one its own int8 check's scores
+    give with ``max_int8_f1_drop`` (:func:`_wanted_variant`); a model exported but never checked is not reused
+    while the check is asked for. A model logged before models were logged as code, with its served class
+    pickled, is never reused."""
     from mlflow.models import Model
 
     try:
@@ -430,7 +532,7 @@ def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any]):
                                                            f"AND name = '{ARTIFACT_QA_MODEL}'")
     except MlflowException:
         return None
-    stale, pickled = [], []
+    stale, pickled, unchecked = [], [], []
     for model in sorted(models, key=lambda m: m.creation_timestamp or 0):
         tag = model.tags.get(TAG_ONNX)
         if model.status != LoggedModelStatus.READY or tag is None or (tag == ONNX_SKIPPED) == onnx:
@@ -449,13 +551,19 @@ def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any]):
                         run.info.run_id, model.model_id, lost)
             continue
         has_onnx = ARTIFACT_ONNX_DIR in (flavor.get("artifacts") or {})
+        variant = _wanted_variant(model.tags, max_int8_f1_drop) if has_onnx else "none"
+        if variant is None:
+            unchecked.append(model.model_id)
+            continue
         served = _served_by(flavor.get("config") or {}, has_onnx)
-        wanted = _served_by({"max_records": MAX_RECORDS, **settings,
-                             "onnx_variant": ONNX_VARIANTS[0] if has_onnx else "none"}, has_onnx)
+        wanted = _served_by({"max_records": MAX_RECORDS, **settings, "onnx_variant": variant}, has_onnx)
         if served is not None and served == wanted:
             return model
         stale.append((model.model_id, {key: (value, (served or {}).get(key)) for key, value in (wanted or {}).items()
                                        if (served or {}).get(key) != value}))
+    if unchecked:
+        logger.info("trial run %s: the model logged on it before (%s) serves int8 without the check of its accuracy "
+                    "against fp32: logging a new one, checked", run.info.run_id, ", ".join(unchecked))
     if pickled:
         logger.info("trial run %s: the model logged on it before (%s) holds its served class pickled, which loading "
                     "it unpickles: logging a new one, as code", run.info.run_id, ", ".join(pickled))
@@ -637,11 +745,13 @@ def _versions_by_trial(versions) -> dict[str, Any]:
     return out
 
 
-def _version_of_run(client, name: str, run, onnx: bool = True, known: dict[str, Any] | None = None) -> Any:
+def _version_of_run(client, name: str, run, onnx: bool = True, known: dict[str, Any] | None = None,
+                    max_int8_f1_drop: float | None = DEFAULT_MAX_INT8_F1_DROP) -> Any:
     """The version of ``name`` made from the trial ``run``: the existing one, else a new one of the served model
     logged on the trial's run: the one an earlier registration logged there (under another name, or stopped
     before its version was made), else one logged now from its ``packed_model`` artifact, exported for ONNX
-    Runtime unless ``onnx`` is False (its ``onnx`` tag then reads ``skipped``).
+    Runtime unless ``onnx`` is False (its ``onnx`` tag then reads ``skipped``), serving int8 when it loses at
+    most ``max_int8_f1_drop`` F1 against fp32 (:func:`_checked_variant`).
 
     ``known``: the model's versions by trial run (:func:`_versions_by_trial`), read once by a caller that
     registers several trials; a version made here is added to it. Default: searched here.
@@ -657,31 +767,36 @@ def _version_of_run(client, name: str, run, onnx: bool = True, known: dict[str, 
                               "delete the version and register again to make it anew from the trial's packed model")
         logger.info("trial run %s is already version %s of %s", run_id, version.version, name)
         return version
-    version = _new_version_of_run(client, name, run, onnx)
+    version = _new_version_of_run(client, name, run, onnx, max_int8_f1_drop)
     known[run_id] = version
     return version
 
 
-def _new_version_of_run(client, name: str, run, onnx: bool) -> Any:
+def _new_version_of_run(client, name: str, run, onnx: bool, max_int8_f1_drop: float | None) -> Any:
     """A new version of ``name`` made from the trial ``run`` (see :func:`_version_of_run`)."""
     run_id = run.info.run_id
     settings = _settings_of(client, run)
-    logged = _logged_qa_model(client, run, onnx, settings)
+    logged = _logged_qa_model(client, run, onnx, settings, max_int8_f1_drop)
     if logged is not None:
         logger.info("trial run %s: a new version of %s from the model logged on it before (%s)", run_id, name,
                     logged.model_id)
         with _fluent_store(client.tracking_uri):  # which resolves the version's source, as below
             made = client.create_model_version(name, source=logged.model_uri, run_id=run_id,
                                                model_id=logged.model_id,
-                                               tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: logged.tags[TAG_ONNX]})
+                                               tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: logged.tags[TAG_ONNX],
+                                                     **{key: logged.tags[key] for key in _CHECK_TAGS
+                                                        if key in logged.tags}})
         return _one_version(client, name, run_id, made)
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with atomic.scratch_dir("register") as tmp, _fluent_store(client.tracking_uri):
         local = _packed_model_of(client, run_id, tmp)
         # Only here, for a new version: a registered trial is never exported again.
+        what = f"the packed model of trial run {run_id}"
+        variant, checked = "none", {TAG_ONNX_VARIANT: "none"}
         if onnx:
-            onnx_dir, onnx_tag = export_for_serving(local, Path(tmp) / "onnx_model",
-                                                    what=f"the packed model of trial run {run_id}")
+            onnx_dir, onnx_tag = export_for_serving(local, Path(tmp) / "onnx_model", what=what)
+            if onnx_dir is not None:
+                variant, checked = _checked_variant(onnx_dir, run, settings, max_int8_f1_drop, what)
         else:
             onnx_dir, onnx_tag = None, ONNX_SKIPPED
             logger.info("the packed model of trial run %s: not exported for ONNX Runtime (onnx: false); it serves "
@@ -694,7 +809,8 @@ def _new_version_of_run(client, name: str, run, onnx: bool) -> Any:
         interrupted = False
         try:
             with mlflow.start_run(run_id=run_id):
-                info = log_qa_model(local, settings, onnx_dir, tags={TAG_ONNX: onnx_tag})
+                info = log_qa_model(local, settings, onnx_dir, tags={TAG_ONNX: onnx_tag, **checked},
+                                    variant=variant)
         except BaseException as err:
             interrupted = isinstance(err, KeyboardInterrupt) or isinstance(err.__context__, KeyboardInterrupt)
             if interrupted and not isinstance(err, KeyboardInterrupt):  # MLflow's ending of the run failed after it
@@ -704,7 +820,7 @@ def _new_version_of_run(client, name: str, run, onnx: bool) -> Any:
             if run.info.end_time:  # the trial's duration is part of the record
                 _set_back(client, run_id, status, run.info.end_time, interrupted)
         made = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
-                                           tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: onnx_tag})
+                                           tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: onnx_tag, **checked})
     return _one_version(client, name, run_id, made)
 
 
@@ -804,17 +920,19 @@ def _tag_version(client, name: str, version, run, parent_run_id: str, extra: dic
 
 
 def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str,
-                 onnx: bool = True, threshold: str = "") -> dict[str, Any]:
+                 onnx: bool = True, threshold: str = "",
+                 max_int8_f1_drop: float | None = DEFAULT_MAX_INT8_F1_DROP) -> dict[str, Any]:
     """Register a trial run's packed model under ``name`` with alias ``champion``; reuse an existing version.
 
-    ``onnx``: export a new version for ONNX Runtime (False: it serves through PyTorch). The version is tagged with
-    the ``policy`` that chose it and its ``threshold`` (:meth:`RegistrySpec.threshold`).
+    ``onnx``: export a new version for ONNX Runtime (False: it serves through PyTorch), serving int8 when it loses
+    at most ``max_int8_f1_drop`` F1 against fp32 (:class:`RegistrySpec`). The version is tagged with the ``policy``
+    that chose it and its ``threshold`` (:meth:`RegistrySpec.threshold`).
     """
     _ensure_model(client, name)
     run = client.get_run(run_id)
     versions = _model_versions(client, name)  # one search: the trial's version, and those the alias leaves
     try:
-        version = _version_of_run(client, name, run, onnx, _versions_by_trial(versions))
+        version = _version_of_run(client, name, run, onnx, _versions_by_trial(versions), max_int8_f1_drop)
     except LostVersion as err:
         raise LostVersion(f"{err}; alias {ALIAS!r} left where it was") from None
     _tag_version(client, name, version, run, parent_run_id, {TAG_POLICY: policy, TAG_POLICY_THRESHOLD: threshold})
@@ -871,8 +989,8 @@ def _make_champion(client, name: str, version, versions, chosen_by: str | None =
     return left
 
 
-def register_frontier(client, experiment: str, parent_run_id: str, name: str,
-                      onnx: bool = True) -> list[dict[str, Any]]:
+def register_frontier(client, experiment: str, parent_run_id: str, name: str, onnx: bool = True,
+                      max_int8_f1_drop: float | None = DEFAULT_MAX_INT8_F1_DROP) -> list[dict[str, Any]]:
     """Register every finished trial on one of the sweep's Pareto frontiers as a version of ``name`` (idempotent).
 
     The frontiers are those the sweep tagged (``pareto``: the space's objectives; ``pareto_speedup``: F1 against
@@ -880,7 +998,8 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str,
     registered earlier whose trial has left the frontiers since (a resumed sweep's later trials dominate it) keeps
     its version and model but its frontier tags turn ``false``. A trial whose packed model is missing or cannot be
     read is left out with a warning; the other points are registered. No alias is set.
-    ``onnx``: export each new version for ONNX Runtime (False: they serve through PyTorch).
+    ``onnx``: export each new version for ONNX Runtime (False: they serve through PyTorch), each serving int8 when
+    it loses at most ``max_int8_f1_drop`` F1 against fp32 (see :class:`RegistrySpec`).
 
     Returns:
         One row per frontier version, sparsest first: ``version``, ``model_uri``, ``run_id`` and the metrics.
@@ -904,7 +1023,7 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str,
     rows = []
     for run in runs:
         try:
-            version = _version_of_run(client, name, run, onnx, known)
+            version = _version_of_run(client, name, run, onnx, known, max_int8_f1_drop)
         except UnreadableTrial as err:  # one spoilt trial costs its own point, not the rest of the frontier
             logger.warning("%s; the frontier's other points are registered", err)
             continue
@@ -1490,7 +1609,8 @@ def register_sweep(client, experiment: str, parent_run_id: str, spec: RegistrySp
         ``frontier``.
     """
     with checked_once():
-        rows = register_frontier(client, experiment, parent_run_id, spec.name, spec.onnx) if frontier else None
+        rows = (register_frontier(client, experiment, parent_run_id, spec.name, spec.onnx, spec.max_int8_f1_drop)
+                if frontier else None)
         held = _alias_taken_back(client, spec.name, client.get_run(parent_run_id)) if latest_left else None
         if held is not None:
             version, sweep = held

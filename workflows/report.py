@@ -43,7 +43,7 @@ from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, 
                               HEADS_REMOVED,
                               HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
                               PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
-                              TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_SWEEP_RUN,
+                              TAG_INT8_CHECK, TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_SWEEP_RUN,
                               TAG_TRIAL_RUN, TAG_WARM_START, TAG_WARM_START_STORE, TAG_WARM_START_TRIALS,
                               TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec)
 from workflows.registry import (DELETED, REMOVED, left_to_run, no_trial_finished, policy_choice, run_deleted,
@@ -108,6 +108,9 @@ class ChampionCard:
             gives no way to load or serve it).
         metrics: the trial's final metrics as the version's tags record them (F1, EM, densities, heads removed,
             speedup), which the card shows when the trial's row is not among the runs (its run deleted or removed).
+        served: which ONNX Runtime model the version serves and why, as its ``int8_check`` tag records it (its
+            int8 and fp32 F1 on the trial's questions); None for a version that serves through PyTorch or was
+            registered before the check.
     """
 
     model_name: str
@@ -127,6 +130,7 @@ class ChampionCard:
     note: str | None = None
     serves: bool = True
     metrics: Mapping[str, float] = field(default_factory=dict)
+    served: str | None = None
 
     @property
     def model_uri(self) -> str:
@@ -372,6 +376,11 @@ def _serve_command(card: ChampionCard) -> str:
     return f"{env}mlflow models serve -m {shlex.quote(card.model_uri)} --env-manager local -h 127.0.0.1 -p 5000"
 
 
+def _served_line(card: ChampionCard) -> str | None:
+    """What the card says of the ONNX model the champion serves (its ``int8_check`` tag, as a sentence)."""
+    return card.served[:1].upper() + card.served[1:] if card.served else None
+
+
 def _eval_command(card: ChampionCard) -> str:
     """The `fineprune eval` line that scores the champion, as it serves, on a SQuAD file of one's own."""
     where = ("--tracking-uri", card.tracking_uri) if card.tracking_uri else ()
@@ -580,6 +589,8 @@ def render_markdown(data: ReportData) -> str:
             out.append(f"- Speedup: {_fmt(_value(figures, SPEEDUP))}x; F1 {_fmt(_value(figures, F1))}, "
                        f"EM {_fmt(_value(figures, EXACT_MATCH))}, "
                        f"linear density {_fmt(_value(figures, LINEAR_DENSITY), 3)}")
+        if card.served:
+            out.append(f"- {_md_text(_served_line(card))}")
         if not card.alias_current:
             out.append(f"- {_md_note(_alias_note(card))}")
         if card.heads_kept or card.ffn_widths:
@@ -695,6 +706,7 @@ def _champion_view(data: ReportData) -> dict[str, Any] | None:
             "alias_current": card.alias_current, "structure_svg": structure,
             "alias_note": _note_html(_alias_note(card)),
             "note": _note_html(card.note) if card.note else None, "serves": card.serves,
+            "served": _served_line(card),
             "load_snippet": _load_snippet(card), "serve_command": _serve_command(card),
             "eval_command": _eval_command(card)}
 
@@ -783,7 +795,8 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
         tracking_uri=None if tracking_uri == "databricks" else tracking_uri,
         url=None if server is None else f"{server}/#/models/{name}/versions/{version.version}", policy=policy,
         note=note, serves=serves, metrics={key: value for key in FINAL_METRICS
-                                           if (value := _finite(version.tags.get(key))) is not None}, **structure)
+                                           if (value := _finite(version.tags.get(key))) is not None},
+        served=version.tags.get(TAG_INT8_CHECK) or None, **structure)
 
 
 def _serving_note(client: MlflowClient, name: str, version: str, run_id: str, listed: bool,

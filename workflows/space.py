@@ -42,7 +42,7 @@ from pruning.schedules import warmups
 from pruning.contents import content_digest
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
-from workflows.record import DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES, RegistrySpec, flat_params
+from workflows.record import DEFAULT_MAX_INT8_F1_DROP, DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES, RegistrySpec, flat_params
 
 __all__ = [
     "SpaceError",
@@ -565,6 +565,9 @@ class RegistrySection(_Section):
     max_f1_drop: Number | None = None  # *_within_f1_drop: F1 points below the dense teacher's F1
     max_latency_ms: Number | None = None  # best_f1_under_latency: measured latency of the registered version
     onnx: Flag = True  # export each new version for ONNX Runtime (false: versions serve through PyTorch)
+    # a new version serves ONNX Runtime int8 when it loses at most this many F1 points against fp32 on its trial's
+    # questions, else fp32 (null: int8, unchecked)
+    max_int8_f1_drop: Number | None = DEFAULT_MAX_INT8_F1_DROP
 
     @field_validator("name")
     @classmethod
@@ -599,6 +602,15 @@ class RegistrySection(_Section):
             raise _Problem(f"must be in (0, 1], got {value!r}", needed)
         elif needed == "max_f1_drop" and value < 0:
             raise _Problem(f"must be >= 0 (F1 points), got {value!r}", needed)
+        return self
+
+    @model_validator(mode="after")
+    def _int8_drop(self) -> RegistrySection:
+        key = "max_int8_f1_drop"
+        if self.max_int8_f1_drop is not None and not self.max_int8_f1_drop >= 0:
+            raise _Problem(f"must be >= 0 (F1 points), got {self.max_int8_f1_drop!r}", key)
+        if not self.onnx and key in self.model_fields_set and self.max_int8_f1_drop is not None:
+            raise _Problem("is not used with onnx: false (no version is exported for ONNX Runtime)", key)
         return self
 
 
@@ -917,7 +929,7 @@ class SweepSpace(_Section):
         """Which trial becomes the registered champion, as the sweep's record writes and reads it."""
         section = self.registry_section
         return RegistrySpec(section.name, section.policy, section.max_density, section.max_f1_drop,
-                            section.max_latency_ms, section.onnx)
+                            section.max_latency_ms, section.onnx, section.max_int8_f1_drop)
 
     @property
     def base_config(self) -> RunConfig:
