@@ -974,3 +974,16 @@ def test_a_registered_version_that_is_not_there_is_one_line(record, registered, 
     lines = [line for line in captured.err.splitlines() if line.startswith("fineprune ")]
     assert code == 2 and captured.out == "" and len(lines) == 1, captured.err
     assert lines[0].startswith(f"fineprune ask: error: {says}") and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("command", ["eval", "ask"])
+def test_a_tracking_uri_for_a_model_directory_is_refused(record, tmp_path, capsys, command):
+    """--tracking-uri names the registry of a models:/ version: given with a directory, it is read for nothing."""
+    (tmp_path / "config.json").write_text("{}")
+    extra = ["--question", "Who?", "--context", "Ann."] if command == "ask" else ["--eval-limit", "2"]
+    code = main([command, str(tmp_path), "--tracking-uri", record["uri"], *extra])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("fineprune ")]
+    assert code == 2 and captured.out == "" and lines == [
+        f"fineprune {command}: error: --tracking-uri {record['uri']}: names the registry of a models:/ version, and "
+        f"{tmp_path} is a model directory; drop --tracking-uri, or give models:/NAME@ALIAS or models:/NAME/VERSION"]

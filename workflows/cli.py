@@ -545,6 +545,10 @@ def _model_source(args: argparse.Namespace) -> Iterator[dict[str, str]]:
 
     uri = args.model_dir
     if not uri.startswith(MODELS_SCHEME):
+        if args.tracking_uri is not None:  # a registry read for nothing: the user meant a version, or another flag
+            raise UserError(f"--tracking-uri {args.tracking_uri}: names the registry of a {MODELS_SCHEME} version, and "
+                            f"{uri} is a model directory; drop --tracking-uri, or give "
+                            f"{MODELS_SCHEME}NAME@ALIAS or {MODELS_SCHEME}NAME/VERSION")
         yield {}
         return
     from pruning import atomic
