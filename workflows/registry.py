@@ -14,9 +14,10 @@ Beside the PyTorch weights each version carries the model exported for ONNX Runt
 fused fp32 graph and its dynamic int8 quantization, see :mod:`pruning.export`), and serves through ONNX Runtime
 (``model_config``'s ``onnx_variant``: int8, or fp32 where int8 loses more than the spec's ``max_int8_f1_drop`` F1
 against fp32 on the trial's questions, see :func:`_checked_variant`; ``none`` for PyTorch). The export and that
-check run once, when the version is made; a model that cannot be exported is registered all the same and served by PyTorch, with a warning
-and the reason in the version's ``onnx`` tag (``fp32,int8`` when exported). The policy's ``onnx: false`` (or
-``fineprune register --no-onnx``) skips the export: such versions serve through PyTorch, tagged ``skipped``.
+check run once, when the version is made; a model that cannot be exported is registered all the same and served
+by PyTorch, with a warning and the reason in the version's ``onnx`` tag (``fp32,int8`` when exported). The
+policy's ``onnx: false`` (or ``fineprune register --no-onnx``) skips the export: such versions serve through PyTorch,
+tagged ``skipped``.
 
 Precision: a version records the precision its EM/F1 were measured in (tag and ``model_config`` ``precision``:
 ``fp32`` or ``bf16``, from the trial). Served by PyTorch, a ``bf16`` (or ``auto``) model runs under bf16 autocast

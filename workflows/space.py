@@ -42,7 +42,8 @@ from pruning.schedules import warmups
 from pruning.contents import content_digest
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
-from workflows.record import DEFAULT_MAX_INT8_F1_DROP, DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES, RegistrySpec, flat_params
+from workflows.record import (DEFAULT_MAX_INT8_F1_DROP, DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES,
+                              RegistrySpec, flat_params)
 
 __all__ = [
     "SpaceError",
