@@ -98,8 +98,7 @@ def per_question_f1(model: torch.nn.Module, tokenizer, examples: list[squad.Exam
     if todo:
         predictions.update(squad.evaluate_model(model, tokenizer, todo, max_seq_length=EVAL_WINDOW,
                                                 doc_stride=128, batch_size=16, progress=False)[1])
-    return [100.0 * squad.metric_max_over_ground_truths(squad.f1_score, predictions[ex.id], ex.answers)
-            for ex in examples]
+    return squad.question_f1(examples, predictions)
 
 
 def int8_drop(fp32: torch.nn.Module, int8: torch.nn.Module, tokenizer, examples: list[squad.Example],

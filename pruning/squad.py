@@ -65,6 +65,7 @@ __all__ = [
     "f1_score",
     "metric_max_over_ground_truths",
     "evaluate",
+    "question_f1",
     "score_files",
     "prepare_train_features",
     "prepare_eval_features",
@@ -474,6 +475,13 @@ def evaluate(examples_or_dataset: Any, predictions: Mapping[str, str]) -> dict[s
     if unanswered:
         logger.warning("%d of %d questions have no prediction and score 0", unanswered, total)
     return {"exact_match": 100.0 * exact_match / total, "f1": 100.0 * f1 / total}
+
+
+def question_f1(examples: Sequence[Example], predictions: Mapping[str, str]) -> list[float]:
+    """The official F1 (percent) of each question's prediction, in the order of ``examples``; a question without a
+    prediction scores 0. Their mean is :func:`evaluate`'s ``f1``; two models' lists pair question by question."""
+    return [100.0 * metric_max_over_ground_truths(f1_score, predictions[ex.id], ex.answers)
+            if ex.id in predictions else 0.0 for ex in examples]
 
 
 def score_files(data_path: str | Path, predictions_path: str | Path) -> dict[str, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import mlflow
@@ -118,11 +119,16 @@ def test_a_version_serves_fp32_when_int8_loses_more_than_the_drop(store, capsys)
     assert sound.tags[TAG_ONNX_VARIANT] == "int8"
     assert sound.tags[TAG_INT8_CHECK].startswith("serves ONNX Runtime int8: int8 F1 100.00 against fp32 100.00 on the "
                                                  f"first {QUESTIONS} questions")
+    # No answer changed: the drop is 0 on every question, and so is its standard error.
+    assert sound.tags[TAG_INT8_CHECK].endswith("(max_int8_f1_drop; the drop's standard error, question by question: "
+                                               "0.00)")
     scores = _scores(fragile)
     assert scores[("fp32", "f1")] == 100.0 and scores[("int8", "f1")] < 60.0, scores
     assert fragile.tags[TAG_ONNX_VARIANT] == "fp32" and fragile.tags["onnx"] == "fp32,int8"
     assert fragile.tags[TAG_INT8_CHECK].startswith("serves ONNX Runtime fp32: int8 F1 ")
-    assert "more than 1 F1 below (max_int8_f1_drop)" in fragile.tags[TAG_INT8_CHECK]
+    assert "more than 1 F1 below (max_int8_f1_drop; the drop's standard error" in fragile.tags[TAG_INT8_CHECK]
+    error = float(re.search(r"question by question: ([0-9.]+)\)$", fragile.tags[TAG_INT8_CHECK]).group(1))
+    assert 0 < error < scores[("fp32", "f1")] - scores[("int8", "f1")]
     # The version serves what its tags say, with the scores they record: its pyfunc's model config, and eval of it.
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(store["uri"])

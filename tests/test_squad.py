@@ -74,6 +74,18 @@ def test_evaluate_counts_unanswered_questions_as_zero_and_warns(caplog):
     assert "1 of 3 questions have no prediction" in caplog.text
 
 
+def test_question_f1_is_each_questions_f1_in_order():
+    examples = [_example("q1", ["Denver Broncos"]), _example("q2", ["Carolina Panthers", "Panthers"]),
+                _example("q3", ["Super Bowl 50"])]
+    predictions = {"q2": "the Carolina Panthers in", "q1": "the Denver Broncos"}
+    # q1: 100; q2: max(80, 50) as above; q3: no prediction, 0. Their mean is evaluate's F1.
+    assert squad.question_f1(examples, predictions) == pytest.approx([100.0, 80.0, 0.0])
+    mean = sum(squad.question_f1(examples, predictions)) / 3
+    assert mean == pytest.approx(squad.evaluate(examples, predictions)["f1"])
+    # Paired with another model's, question by question: "Denver" scores 2/3 against "Denver Broncos".
+    assert squad.question_f1(examples, {"q1": "Denver", "q3": "Super Bowl 50"}) == pytest.approx([200 / 3, 0.0, 100.0])
+
+
 def test_evaluate_accepts_the_raw_dataset():
     context = "Denver Broncos beat the Carolina Panthers."
     dataset = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": context, "qas": [

@@ -76,7 +76,7 @@ __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontie
            "PIP_REQUIREMENTS", "serve_settings", "log_qa_model", "export_for_serving",
            "RUNTIMES", "measured_precision", "run_deleted", "DELETED", "REMOVED",
            "version_files_lost", "policy_choice", "checked_once", "served_model_dir", "fetch_version",
-           "int8_serves", "onnx_scores", "INT8_CHECK_QUESTIONS"]
+           "int8_serves", "onnx_scores", "OnnxScores", "INT8_CHECK_QUESTIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -313,13 +313,25 @@ def int8_serves(fp32_f1: float, int8_f1: float, max_drop: float) -> bool:
     return fp32_f1 - int8_f1 <= max_drop
 
 
-def onnx_scores(onnx_dir: str | Path, data: str | Path, limit: int | None,
-                settings: Mapping[str, Any]) -> tuple[dict[str, dict[str, float]], int]:
-    """The EM/F1 of an exported model's fp32 and int8 files on the first ``limit`` questions of ``data``, with the
-    windows and span search of a served model's ``settings`` (:func:`serve_settings`).
+@dataclasses.dataclass(frozen=True)
+class OnnxScores:
+    """An exported model's fp32 and int8 files scored on the same questions (:func:`onnx_scores`)."""
 
-    Returns:
-        (variant -> ``{"exact_match", "f1"}``, the number of questions).
+    scores: dict[str, dict[str, float]]  # variant -> {"exact_match", "f1"} in percent
+    questions: int
+    drop_standard_error: float  # of the F1 drop (fp32 minus int8), paired question by question; nan for 1 question
+
+    @property
+    def drop(self) -> float:
+        """The F1 points int8 loses against fp32 (negative: it gains)."""
+        return self.scores["fp32"][F1] - self.scores["int8"][F1]
+
+
+def onnx_scores(onnx_dir: str | Path, data: str | Path, limit: int | None,
+                settings: Mapping[str, Any]) -> OnnxScores:
+    """The EM/F1 of an exported model's fp32 and int8 files on the first ``limit`` questions of ``data``, with the
+    windows and span search of a served model's ``settings`` (:func:`serve_settings`), and the standard error of
+    int8's F1 drop, paired question by question.
 
     Raises:
         ResourceError, SquadError, ExportError: the data or the export cannot be read.
@@ -333,19 +345,22 @@ def onnx_scores(onnx_dir: str | Path, data: str | Path, limit: int | None,
     path = resolve_data(str(data))
     examples = squad.load_squad(path, limit=limit, spans=False)
     tokenizer = load_tokenizer(onnx_dir)
-    scores = {}
+    scores, per_question = {}, {}
     for variant in ("fp32", "int8"):
         model = load_exported(onnx_dir, variant)
         # The windows the served model cuts its settings to (workflows.served_model.PackedQAModel)
         seq, stride = squad.fit_windows(settings["max_seq_length"], settings["doc_stride"],
                                         max_positions(model.config))
         with squad.questions_of(path):
-            metrics, _ = squad.evaluate_model(
+            metrics, predictions = squad.evaluate_model(
                 model, tokenizer, examples, max_seq_length=seq, doc_stride=stride, batch_size=settings["batch_size"],
                 max_answer_length=settings["max_answer_length"], n_best=settings["n_best"], progress=False,
                 max_query_length=settings["max_query_length"])
         scores[variant] = {F1: float(metrics[F1]), EXACT_MATCH: float(metrics[EXACT_MATCH])}
-    return scores, len(examples)
+        per_question[variant] = squad.question_f1(examples, predictions)
+    drops = [a - b for a, b in zip(per_question["fp32"], per_question["int8"])]
+    error = statistics.stdev(drops) / math.sqrt(len(drops)) if len(drops) > 1 else math.nan
+    return OnnxScores(scores, len(examples), error)
 
 
 def _checked_variant(onnx_dir: Path, run, settings: Mapping[str, Any], max_drop: float | None,
@@ -368,7 +383,7 @@ def _checked_variant(onnx_dir: Path, run, settings: Mapping[str, Any], max_drop:
     except (KeyError, ValueError):  # "None": the trial scored every question
         limit = INT8_CHECK_QUESTIONS
     try:
-        scores, questions = onnx_scores(onnx_dir, data, limit, settings)
+        measured = onnx_scores(onnx_dir, data, limit, settings)
     except Exception as err:  # the data or ORT: either leaves int8 serving, unchecked, as before the check existed
         lines = str(err).strip().splitlines()
         reason = f"{type(err).__name__}: {lines[0] if lines else ''}"
@@ -377,11 +392,13 @@ def _checked_variant(onnx_dir: Path, run, settings: Mapping[str, Any], max_drop:
         return "int8", {TAG_ONNX_VARIANT: "int8",
                         TAG_INT8_CHECK: f"serves ONNX Runtime int8, unchecked: the trial's questions could not be "
                                         f"scored ({reason})"[:500]}
+    scores = measured.scores
     fp32, int8 = scores["fp32"][F1], scores["int8"][F1]
     variant = "int8" if int8_serves(fp32, int8, max_drop) else "fp32"
-    line = (f"serves ONNX Runtime {variant}: int8 F1 {int8:.2f} against fp32 {fp32:.2f} on the first {questions} "
-            f"questions the trial was scored on, {'within' if variant == 'int8' else 'more than'} {max_drop:g} F1 "
-            "below (max_int8_f1_drop)")
+    line = (f"serves ONNX Runtime {variant}: int8 F1 {int8:.2f} against fp32 {fp32:.2f} on the first "
+            f"{measured.questions} questions the trial was scored on, {'within' if variant == 'int8' else 'more than'} "
+            f"{max_drop:g} F1 below (max_int8_f1_drop; the drop's standard error, question by question: "
+            f"{measured.drop_standard_error:.2f})")
     (logger.warning if variant == "fp32" else logger.info)("%s: %s", what, line)
     tags = {TAG_ONNX_VARIANT: variant, TAG_INT8_CHECK: line}
     tags.update({tag: _metric_tag(scores[name][metric]) for (name, metric), tag in ONNX_SCORE_TAGS.items()})
