@@ -176,3 +176,19 @@ def test_questions_that_cannot_be_read_leave_int8_unchecked(store, caplog):
 def test_without_the_export_nothing_is_checked(store):
     version = _register(store, FRAGILE, "tiny-fragile-torch", onnx=False)
     assert version.tags[TAG_ONNX_VARIANT] == "none" and TAG_INT8_CHECK not in version.tags
+
+
+def test_select_gives_the_f1_of_the_model_each_version_runs_as(store):
+    """`fineprune select` names, beside the trial's F1, the F1 the check measured for what it timed."""
+    client = store["client"]
+    for name, runs_as, f1, kwargs in (("tiny-timed", "onnxruntime-fp32", ("fp32", "f1"), {}),
+                                      ("tiny-timed-int8", "onnxruntime-int8", ("int8", "f1"), {"max_int8_f1_drop": 95}),
+                                      ("tiny-timed-torch", "torch", None, {"onnx": False})):
+        version = _register(store, FRAGILE, name, **kwargs)
+        chosen = registry.select_by_latency(client, name, 10_000.0, repeats=1, warmup=0, alias="timed")
+        assert chosen["served_by"] == runs_as and chosen["f1"] == 100.0
+        assert chosen["served_f1"] == (None if f1 is None else float(version.tags[ONNX_SCORE_TAGS[f1]]))
+        assert [row["served_f1"] for row in chosen["versions"]] == [chosen["served_f1"]]
+    torch_timed = registry.select_by_latency(client, "tiny-timed", 10_000.0, repeats=1, warmup=0, alias="timed",
+                                             runtime="torch")
+    assert torch_timed["served_by"] == "torch" and torch_timed["served_f1"] is None

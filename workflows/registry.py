@@ -1359,6 +1359,14 @@ def timing_noise(times: Mapping[str, Sequence[float]]) -> str | None:
             f"(upper over lower quartile; {NOISY_SPREAD:g}x at most counts as steady)")
 
 
+def _checked_f1(tags: Mapping[str, str], served_by: str) -> float | None:
+    """The F1 a version's int8 check measured for the ONNX model it runs as (``served_by``
+    ``onnxruntime-VARIANT``), on its trial's questions; None for PyTorch or a version made before the check."""
+    runtime, _, variant = served_by.partition("-")
+    key = ONNX_SCORE_TAGS.get((variant, F1)) if runtime == "onnxruntime" else None
+    return None if key is None else _tag_float(tags, key)
+
+
 def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int = 1, seq_len: int = 128,
                       threads: int | None = None, alias: str = ALIAS, repeats: int = 10, warmup: int = 2,
                       sweep_run_id: str | None = None, runtime: str = "served",
@@ -1395,7 +1403,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
 
     Returns:
         The chosen version (``version``, ``model_uri``, ``served_by``, ``latency_ms``, ``dense_latency_ms``,
-        ``served_speedup``, and its trial's ``f1``, ``speedup``, ...), the settings (``runtime`` among them: the
+        ``served_speedup``, ``served_f1``: the F1 of the ONNX model it runs as, measured when it was made on its
+        trial's first 500 questions at most (:func:`_checked_variant`; None for PyTorch), and its trial's ``f1``,
+        ``speedup``, ...), the settings (``runtime`` among them: the
         option given), and ``versions``: every version's trial figures with how it ran (``served_by``) and its
         ``latency_ms``, ``dense_latency_ms``, ``served_speedup`` timed here and whether it is ``within_budget``, or
         for a version that cannot be loaded or fails when run here, whose model takes fewer positions than
@@ -1461,6 +1471,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             try:  # a model that takes fewer positions than seq_len is found from its config, before its weights
                 model, row["served_by"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
                                                         runtime, threads, seq_len=seq_len)
+                row["served_f1"] = _checked_f1(v.tags, row["served_by"])
                 limit = max_positions(model.config)
             except _FewerPositions as short:
                 limit = short.limit
@@ -1560,7 +1571,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
             "run_id": chosen["run_id"], "served_by": chosen["served_by"], "latency_ms": chosen["latency_ms"],
             "dense_latency_ms": chosen["dense_latency_ms"], "served_speedup": chosen["served_speedup"],
-            **{k: chosen.get(k) for k in FINAL_METRICS}, "versions": rows,
+            "served_f1": chosen.get("served_f1"), **{k: chosen.get(k) for k in FINAL_METRICS}, "versions": rows,
             **({"alias_moved_from": left} if left is not None else {})}
 
 
