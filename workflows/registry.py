@@ -790,7 +790,8 @@ def _version_of_run(client, name: str, run, onnx: bool = True, known: dict[str, 
     return version
 
 
-def _new_version_of_run(client, name: str, run, onnx: bool, max_int8_f1_drop: float | None) -> Any:
+def _new_version_of_run(client, name: str, run, onnx: bool,
+                        max_int8_f1_drop: float | None = DEFAULT_MAX_INT8_F1_DROP) -> Any:
     """A new version of ``name`` made from the trial ``run`` (see :func:`_version_of_run`)."""
     run_id = run.info.run_id
     settings = _settings_of(client, run)
