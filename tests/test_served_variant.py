@@ -88,9 +88,14 @@ def store(tmp_path_factory, tokenizer):
 
 
 def _register(store, trial: str, name: str, **kwargs):
+    """The version ``register_run`` makes (or finds), read back; its result must name what the version serves."""
     result = registry.register_run(store["client"], store["runs"][trial], name, store["parent"],
                                    "best_f1_under_density", **kwargs)
-    return store["client"].get_model_version(name, result["version"])
+    version = store["client"].get_model_version(name, result["version"])
+    variant = version.tags[TAG_ONNX_VARIANT]
+    served = version.tags.get(ONNX_SCORE_TAGS.get((variant, "f1"), ""))
+    assert result["onnx_variant"] == variant and result["served_f1"] == (None if served is None else float(served))
+    return version
 
 
 def _scores(version) -> dict[tuple[str, str], float]:
@@ -192,3 +197,10 @@ def test_select_gives_the_f1_of_the_model_each_version_runs_as(store):
     torch_timed = registry.select_by_latency(client, "tiny-timed", 10_000.0, repeats=1, warmup=0, alias="timed",
                                              runtime="torch")
     assert torch_timed["served_by"] == "torch" and torch_timed["served_f1"] is None
+
+
+def test_the_frontier_registration_says_what_each_version_serves(store):
+    rows = registry.register_frontier(store["client"], "tiny", store["parent"], "tiny-front")
+    by_trial = {row["run_id"]: (row["onnx_variant"], row["served_f1"]) for row in rows}
+    runs = store["runs"]
+    assert by_trial == {runs[SOUND]: ("int8", 100.0), runs[FRAGILE]: ("fp32", 100.0), runs["lost"]: ("int8", None)}

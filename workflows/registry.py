@@ -198,8 +198,8 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
             logger.warning("registry policy %s: %s; no champion", policy, err)
             _warn_alias_set_aside(client, name)
             return {"registered": False, "policy": policy, "name": name, "reason": str(err)}
-        keep = ("name", "version", "model_uri", "run_id", F1, EXACT_MATCH, LINEAR_DENSITY, SPEEDUP, "latency_ms",
-                "served_speedup")
+        keep = ("name", "version", "model_uri", "run_id", F1, EXACT_MATCH, LINEAR_DENSITY, SPEEDUP, "served_by",
+                "served_f1", "latency_ms", "served_speedup")
         moved = {"alias_moved_from": chosen["alias_moved_from"]} if "alias_moved_from" in chosen else {}
         return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}, **moved}
 
@@ -961,7 +961,8 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
     logger.info("registered %s (version %s, trial run %s)", uri, version.version, run_id)
     result = {"registered": True, "name": name, "version": str(version.version), "model_uri": uri,
               "run_id": run_id, "policy": policy, **{k: metrics.get(k) for k in (F1, EXACT_MATCH, LINEAR_DENSITY,
-                                                                                    SPEEDUP)}}
+                                                                                    SPEEDUP)},
+              **_served_figures(version.tags or {})}
     return result if left is None else {**result, "alias_moved_from": left}
 
 
@@ -1021,7 +1022,9 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str, on
     it loses at most ``max_int8_f1_drop`` F1 against fp32 (see :class:`RegistrySpec`).
 
     Returns:
-        One row per frontier version, sparsest first: ``version``, ``model_uri``, ``run_id`` and the metrics.
+        One row per frontier version, sparsest first: ``version``, ``model_uri``, ``run_id``, the metrics, and what
+        it serves (``onnx_variant``) with the F1 its check measured for that model (``served_f1``, see
+        :func:`_checked_variant`; None without the check).
     """
     frame = record.trials(client, parent_run_id, include_baseline=False)
     on_front = frame[list(FRONTIER_TAGS)].any(axis=1)
@@ -1049,7 +1052,8 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str, on
         _tag_version(client, name, version, run, parent_run_id,
                      {tag: run.data.tags.get(tag, "false") for tag in FRONTIER_TAGS})
         rows.append({"version": str(version.version), "model_uri": f"models:/{name}/{version.version}",
-                     "run_id": run.info.run_id, **{k: run.data.metrics.get(k) for k in FINAL_METRICS}})
+                     "run_id": run.info.run_id, **{k: run.data.metrics.get(k) for k in FINAL_METRICS},
+                     **_served_figures(version.tags or {})})
     # A point whose version cannot be served (its files gone) is still on the frontier: its tags stay.
     _untag_left_frontier(client, name, parent_run_id, {run.info.run_id for run in runs}, before)
     logger.info("registered the %s on the frontiers of sweep run %s (of its objectives, and of F1 against measured "
@@ -1360,12 +1364,18 @@ def timing_noise(times: Mapping[str, Sequence[float]]) -> str | None:
             f"(upper over lower quartile; {NOISY_SPREAD:g}x at most counts as steady)")
 
 
-def _checked_f1(tags: Mapping[str, str], served_by: str) -> float | None:
-    """The F1 a version's int8 check measured for the ONNX model it runs as (``served_by``
-    ``onnxruntime-VARIANT``), on its trial's questions; None for PyTorch or a version made before the check."""
-    runtime, _, variant = served_by.partition("-")
-    key = ONNX_SCORE_TAGS.get((variant, F1)) if runtime == "onnxruntime" else None
+def _checked_f1(tags: Mapping[str, str], variant: str | None) -> float | None:
+    """The F1 a version's int8 check measured for its ONNX ``variant`` (int8 or fp32) on its trial's questions; None
+    for another variant (``none``: PyTorch) or a version made before the check."""
+    key = ONNX_SCORE_TAGS.get((variant, F1))
     return None if key is None else _tag_float(tags, key)
+
+
+def _served_figures(tags: Mapping[str, str]) -> dict[str, Any]:
+    """What a version serves (``onnx_variant``: int8, fp32 or none) and the F1 its check measured for that model
+    (``served_f1``); None for both for a version made before the check."""
+    variant = tags.get(TAG_ONNX_VARIANT)
+    return {"onnx_variant": variant, "served_f1": _checked_f1(tags, variant)}
 
 
 def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int = 1, seq_len: int = 128,
@@ -1472,7 +1482,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             try:  # a model that takes fewer positions than seq_len is found from its config, before its weights
                 model, row["served_by"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
                                                         runtime, threads, seq_len=seq_len)
-                row["served_f1"] = _checked_f1(v.tags, row["served_by"])
+                runs_as, _, variant = row["served_by"].partition("-")  # onnxruntime-int8, torch-bf16, ...
+                row["served_f1"] = _checked_f1(v.tags, variant if runs_as == "onnxruntime" else None)
                 limit = max_positions(model.config)
             except _FewerPositions as short:
                 limit = short.limit
