@@ -132,6 +132,9 @@ def test_frontier_registration_is_idempotent_and_tagged(record, registered):
         version = versions[runs[name]]
         assert version.tags["precision"] == recorded, name
         assert version.tags["onnx"] == "fp32,int8", name  # exported for ONNX Runtime, both variants
+        # Its two ONNX models scored on the questions the trial was scored on: every dev question (no eval_limit),
+        # of which the check reads the first 500.
+        assert " on the first 500 questions the trial was scored on, " in version.tags["int8_check"], name
     for run_id in versions:  # logging the model on the trial's run kept the run's record
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED" and run.info.end_time == record["ends"][run_id]
