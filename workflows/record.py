@@ -117,8 +117,9 @@ FORMER_POLICY_TAGS = {TAG_POLICY: "former_champion_policy", TAG_POLICY_THRESHOLD
 TAG_VERSION_PRECISION = "precision"  # the precision the version's EM/F1 were measured in
 TAG_ONNX = "onnx"  # the ONNX Runtime variants the version carries ("fp32,int8"), or why it carries none
 TAG_ONNX_VARIANT = "onnx_variant"  # what the version serves: ONNX Runtime int8 or fp32, or none (PyTorch)
-# Which ONNX variant serves, and why: one line, e.g. "serves ONNX Runtime int8: int8 F1 40.18 against fp32 40.39 on
-# the first 150 questions the trial was scored on, within 1 F1 below (max_int8_f1_drop)"
+# Which ONNX variant serves, and why: one line, e.g. "serves ONNX Runtime fp32: int8 F1 37.76 against fp32 40.39 on
+# the first 150 questions the trial was scored on, more than 1 F1 below (max_int8_f1_drop; the drop's standard
+# error, question by question: 1.75)"
 TAG_INT8_CHECK = "int8_check"
 # (variant, metric) -> the tag of that variant's score on the questions of the int8 check
 ONNX_SCORE_TAGS = {(variant, metric): f"onnx_{variant}_{metric}" for variant in ("fp32", "int8")
