@@ -302,6 +302,27 @@ def test_the_frontier_the_sweep_logs_is_named_by_the_space_objectives(caplog):
     assert caplog.records[0].getMessage() == "frontier (f1 up, linear_density down):"
 
 
+@pytest.mark.parametrize("champion,says", [
+    ({"onnx_variant": "fp32", "served_f1": 40.391008}, " (version 1; serves ONNX Runtime fp32, F1 40.39 on its "
+                                                       "trial's questions)"),
+    ({"onnx_variant": "int8", "served_f1": None}, " (version 1; serves ONNX Runtime int8)"),  # unchecked
+    ({"onnx_variant": "none", "served_f1": None}, " (version 1; serves PyTorch)"),
+    ({"served_by": "onnxruntime-int8", "served_f1": 48.2574}, " (version 1; serves ONNX Runtime int8, F1 48.26 on "
+                                                              "its trial's questions)"),  # a latency policy's
+    ({"served_by": "torch-bf16", "served_f1": None}, " (version 1; serves PyTorch)"),
+    ({"onnx_variant": None, "served_f1": None}, " (version 1)"),  # a version made before the check
+])
+def test_the_closing_lines_say_what_the_champion_serves(caplog, champion, says):
+    from workflows.sweep import _log_summary
+
+    summary = {"frontier": [], "ui": "-",
+               "champion": {"model_uri": "models:/m@champion", "version": "1", "registered": True, **champion}}
+    with caplog.at_level(logging.INFO, logger="workflows.sweep"):
+        _log_summary(summary)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("champion")]
+    assert lines == [f"champion: models:/m@champion{says}"]
+
+
 def test_the_frontier_tags_are_written_once_per_run_and_not_again(tmp_path):
     """A sweep tags its frontiers at each end (a resumed sweep ends again): each run whose tags change is written
     once, for both tags, and a run whose tags hold is not written at all."""

@@ -959,6 +959,26 @@ def frontier_summary(client, runs: list, space: SweepSpace) -> dict[str, Any]:
     return {"frontier": table, "frontier_speedup": table_speed, "trials": trials}
 
 
+# What a version serves (its onnx_variant) as the closing lines say it
+_RUNTIME_NAMES = {"int8": "ONNX Runtime int8", "fp32": "ONNX Runtime fp32", "none": "PyTorch"}
+
+
+def _served(champion: dict[str, Any]) -> str:
+    """``"; serves ONNX Runtime fp32, F1 40.39 on its trial's questions"``: what the registered champion serves and
+    that model's F1 as the registry's check measured it (from a registration's ``onnx_variant``, or the runtime a
+    latency policy timed it in, ``served_by``); empty for a version made before the check."""
+    variant = champion.get("onnx_variant")
+    served_by = str(champion.get("served_by") or "")
+    if variant is None and served_by:  # onnxruntime-int8, torch, torch-bf16
+        variant = served_by.removeprefix("onnxruntime-") if served_by.startswith("onnxruntime-") else "none"
+    runtime = _RUNTIME_NAMES.get(variant)
+    if runtime is None:
+        return ""
+    f1 = champion.get("served_f1")
+    return f"; serves {runtime}" + ("" if f1 is None else f", F1 {record.figure(record.F1, f1)} on its trial's "
+                                                          "questions")
+
+
 def _log_summary(summary: dict[str, Any],
                  objectives: list[tuple[str, str]] | tuple = record.DENSITY_OBJECTIVES) -> None:
     """The frontier of the space's ``objectives`` (each named with its direction and shown for every point, beside
@@ -973,7 +993,7 @@ def _log_summary(summary: dict[str, Any],
         logger.info("  %-24s %s", row.get("name"), values)
     champion = summary.get("champion") or {}
     if champion.get("model_uri"):
-        logger.info("champion: %s (version %s)", champion["model_uri"], champion.get("version"))
+        logger.info("champion: %s (version %s%s)", champion["model_uri"], champion.get("version"), _served(champion))
     elif champion:  # why, as the warning before said it: the alias left, a field of the space, the policy not met
         why = next((champion[key] for key in ("alias_left", "error", "reason") if champion.get(key)), "")
         why = why.removesuffix("; no champion registered")
