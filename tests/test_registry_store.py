@@ -448,6 +448,9 @@ def test_a_latency_registration_registers_the_frontier_once(store, tokenizer):
         counting = CountingClient(store["client"], *counted)
         result = registry.register_sweep(counting, "exp", made["parent"], spec, latency=latency)
         assert result["champion"]["run_id"] == made["runs"]["wide"]
+        # What it serves, named as a registration names it: timed through PyTorch (registered without ONNX).
+        assert (result["champion"]["served_by"], result["champion"]["onnx_variant"]) == ("torch", "none")
+        assert result["champion"]["served_f1"] is None
         assert [row["run_id"] for row in result["frontier"]] == [made["runs"]["narrow"], made["runs"]["wide"]]
         calls.append(counting.calls)
     # Made: one search for the frontier, one per new version (to find it made once), one to time them.

@@ -307,9 +307,9 @@ def test_the_frontier_the_sweep_logs_is_named_by_the_space_objectives(caplog):
                                                        "trial's questions)"),
     ({"onnx_variant": "int8", "served_f1": None}, " (version 1; serves ONNX Runtime int8)"),  # unchecked
     ({"onnx_variant": "none", "served_f1": None}, " (version 1; serves PyTorch)"),
-    ({"served_by": "onnxruntime-int8", "served_f1": 48.2574}, " (version 1; serves ONNX Runtime int8, F1 48.26 on "
-                                                              "its trial's questions)"),  # a latency policy's
-    ({"served_by": "torch-bf16", "served_f1": None}, " (version 1; serves PyTorch)"),
+    ({"served_by": "onnxruntime-int8", "onnx_variant": "int8", "served_f1": 48.2574},  # a latency policy's
+     " (version 1; serves ONNX Runtime int8, F1 48.26 on its trial's questions)"),
+    ({"served_by": "torch-bf16", "onnx_variant": "none", "served_f1": None}, " (version 1; serves PyTorch)"),
     ({"onnx_variant": None, "served_f1": None}, " (version 1)"),  # a version made before the check
 ])
 def test_the_closing_lines_say_what_the_champion_serves(caplog, champion, says):

@@ -201,7 +201,9 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         keep = ("name", "version", "model_uri", "run_id", F1, EXACT_MATCH, LINEAR_DENSITY, SPEEDUP, "served_by",
                 "served_f1", "latency_ms", "served_speedup")
         moved = {"alias_moved_from": chosen["alias_moved_from"]} if "alias_moved_from" in chosen else {}
-        return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}, **moved}
+        # What it serves, as a registration's result names it: it was timed as it serves.
+        return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep},
+                "onnx_variant": _variant_run(chosen["served_by"]), **moved}
 
     runs = record.trials(client, parent_run_id)
     chosen = policy_choice(runs, spec, parent_run_id, (dense_metrics or {}).get(F1))
@@ -321,11 +323,6 @@ class OnnxScores:
     questions: int
     drop_standard_error: float  # of the F1 drop (fp32 minus int8), paired question by question; nan for 1 question
 
-    @property
-    def drop(self) -> float:
-        """The F1 points int8 loses against fp32 (negative: it gains)."""
-        return self.scores["fp32"][F1] - self.scores["int8"][F1]
-
 
 def onnx_scores(onnx_dir: str | Path, data: str | Path, limit: int | None,
                 settings: Mapping[str, Any]) -> OnnxScores:
@@ -410,9 +407,8 @@ def _wanted_variant(tags: Mapping[str, str], max_drop: float | None) -> str | No
     they hold no scores to decide by (the model was logged unchecked)."""
     if max_drop is None:
         return "int8"
-    try:
-        fp32, int8 = (float(tags[ONNX_SCORE_TAGS[(name, "f1")]]) for name in ("fp32", "int8"))
-    except (KeyError, ValueError):
+    fp32, int8 = _checked_f1(tags, "fp32"), _checked_f1(tags, "int8")
+    if fp32 is None or int8 is None:
         return None
     return "int8" if int8_serves(fp32, int8, max_drop) else "fp32"
 
@@ -1371,6 +1367,13 @@ def _checked_f1(tags: Mapping[str, str], variant: str | None) -> float | None:
     return None if key is None else _tag_float(tags, key)
 
 
+def _variant_run(served_by: str) -> str:
+    """The ONNX variant a ``served_by`` label names (``onnxruntime-int8``: int8), ``none`` for PyTorch (``torch``,
+    ``torch-bf16``)."""
+    runs_as, _, variant = served_by.partition("-")
+    return variant if runs_as == "onnxruntime" else "none"
+
+
 def _served_figures(tags: Mapping[str, str]) -> dict[str, Any]:
     """What a version serves (``onnx_variant``: int8, fp32 or none) and the F1 its check measured for that model
     (``served_f1``); None for both for a version made before the check."""
@@ -1482,8 +1485,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             try:  # a model that takes fewer positions than seq_len is found from its config, before its weights
                 model, row["served_by"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
                                                         runtime, threads, seq_len=seq_len)
-                runs_as, _, variant = row["served_by"].partition("-")  # onnxruntime-int8, torch-bf16, ...
-                row["served_f1"] = _checked_f1(v.tags, variant if runs_as == "onnxruntime" else None)
+                row["served_f1"] = _checked_f1(v.tags, _variant_run(row["served_by"]))
                 limit = max_positions(model.config)
             except _FewerPositions as short:
                 limit = short.limit

@@ -964,14 +964,10 @@ _RUNTIME_NAMES = {"int8": "ONNX Runtime int8", "fp32": "ONNX Runtime fp32", "non
 
 
 def _served(champion: dict[str, Any]) -> str:
-    """``"; serves ONNX Runtime fp32, F1 40.39 on its trial's questions"``: what the registered champion serves and
-    that model's F1 as the registry's check measured it (from a registration's ``onnx_variant``, or the runtime a
-    latency policy timed it in, ``served_by``); empty for a version made before the check."""
-    variant = champion.get("onnx_variant")
-    served_by = str(champion.get("served_by") or "")
-    if variant is None and served_by:  # onnxruntime-int8, torch, torch-bf16
-        variant = served_by.removeprefix("onnxruntime-") if served_by.startswith("onnxruntime-") else "none"
-    runtime = _RUNTIME_NAMES.get(variant)
+    """``"; serves ONNX Runtime fp32, F1 40.39 on its trial's questions"``: what the registered champion serves
+    (the registration's ``onnx_variant``) and that model's F1 as the registry's check measured it; empty for a
+    version made before the check."""
+    runtime = _RUNTIME_NAMES.get(champion.get("onnx_variant"))
     if runtime is None:
         return ""
     f1 = champion.get("served_f1")
