@@ -30,6 +30,7 @@ from pruning.precision import Bf16Inference, PrecisionError
 from workflows import registry, tracking
 from workflows.cli import main
 from workflows.record import TAG_KIND, TAG_PARENT, TAG_PRECISION, TAG_STATUS, TAG_TRIAL_RUN
+from workflows.version_files import load_version
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-frontier"
@@ -229,7 +230,7 @@ def test_timing_a_version_downloads_only_the_model_it_times(record, registered, 
     version = _versions(client)[record["runs"][WIDE]]
     model_id = version.source.removeprefix("models:/")
     stored = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
-    model, label = registry._load_version(client, NAME, str(version.version), str(tmp_path), runtime, threads=1)
+    model, label = load_version(client, NAME, str(version.version), str(tmp_path), runtime, threads=1)
     assert label == ("onnxruntime-int8" if runtime == "served" else "torch")
     fetched = {str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file()}
     if runtime == "served":

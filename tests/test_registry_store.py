@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from workflows import record, registry, tracking
 from workflows.cli import main
+from workflows.version_files import lost_files
 
 from conftest import sqlite_store, sweep_record
 
@@ -150,10 +151,10 @@ def test_registering_again_lists_each_directory_of_a_version_once_and_still_find
             target.mkdir()
         else:
             target.unlink()
-        assert registry._lost_files(champion, store["uri"]) == f"{said} from {champion}", path
+        assert lost_files(champion, store["uri"]) == f"{said} from {champion}", path
         shutil.rmtree(root)
         kept.rename(root)
-    assert registry._lost_files(champion, store["uri"]) is None
+    assert lost_files(champion, store["uri"]) is None
 
 
 def _two_sweeps_registered(store, tokenizer, capsys, *flags: str) -> tuple[dict, dict]:

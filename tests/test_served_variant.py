@@ -26,6 +26,7 @@ from pruning.packing import pack, save_packed
 from pruning.resources import squad_file
 from workflows import registry
 from workflows.cli import main
+from workflows.int8_check import int8_serves
 from workflows.record import ONNX_SCORE_TAGS, TAG_INT8_CHECK, TAG_KIND, TAG_ONNX_VARIANT, TAG_PARENT, TAG_STATUS
 
 SOUND, FRAGILE = "sound", "fragile"
@@ -110,11 +111,11 @@ def _logged_models(store, trial: str) -> int:
 
 def test_int8_serves_within_the_drop():
     """Hand-worked: the F1 fp32 minus int8 against the drop allowed."""
-    assert registry.int8_serves(40.39, 39.39, 1.0)  # exactly 1 below
-    assert not registry.int8_serves(40.39, 37.76, 1.0)  # 2.63 below: the demo's briefly trained champion
-    assert registry.int8_serves(40.39, 37.76, 3.0)
-    assert registry.int8_serves(40.0, 41.0, 0.0)  # int8 better
-    assert not registry.int8_serves(40.0, 39.99, 0.0)
+    assert int8_serves(40.39, 39.39, 1.0)  # exactly 1 below
+    assert not int8_serves(40.39, 37.76, 1.0)  # 2.63 below: the demo's briefly trained champion
+    assert int8_serves(40.39, 37.76, 3.0)
+    assert int8_serves(40.0, 41.0, 0.0)  # int8 better
+    assert not int8_serves(40.0, 39.99, 0.0)
 
 
 def test_a_version_serves_fp32_when_int8_loses_more_than_the_drop(store, capsys):

@@ -208,9 +208,9 @@ def test_a_version_whose_files_were_deleted_is_never_made_champion_again(tmp_pat
     again = _version_of(client, runs["wide"])
     assert int(again.version) > int(narrow.version) and client.get_model_version_by_alias(NAME, "champion").version \
         == again.version
-    from workflows.registry import _lost_files
+    from workflows.version_files import lost_files
 
-    assert _lost_files(client.get_model_version_download_uri(NAME, again.version), uri) is None
+    assert lost_files(client.get_model_version_download_uri(NAME, again.version), uri) is None
 
 
 def test_register_and_report_name_the_sweep_they_use_when_a_later_one_was_deleted(tmp_path, tokenizer, monkeypatch,

@@ -552,7 +552,7 @@ def _model_source(args: argparse.Namespace) -> Iterator[dict[str, str]]:
         yield {}
         return
     from pruning import atomic
-    from workflows.registry import fetch_version
+    from workflows.version_files import fetch_version
 
     client = _tracking_client(args.tracking_uri)
     with atomic.scratch_dir("download") as tmp:

@@ -52,7 +52,7 @@ __all__ = [
     # tags of registered versions, the alias
     "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "FORMER_POLICY_TAGS",
     "TAG_VERSION_PRECISION", "TAG_ONNX", "TAG_ONNX_VARIANT", "TAG_INT8_CHECK", "ONNX_SCORE_TAGS",
-    "DEFAULT_MAX_INT8_F1_DROP", "ALIAS", "MODELS_SCHEME",
+    "DEFAULT_MAX_INT8_F1_DROP", "ALIAS", "MODELS_SCHEME", "metric_tag", "tag_float",
     # params
     "PARAM_SEARCHED", "PARAM_REGISTRY", "PARAM_SPEEDUP", "PARAM_RESOURCES", "PARAM_SEARCH", "PARAM_OBJECTIVES",
     "flat_params", "params_under", "search_types", "sweep_objectives",
@@ -448,6 +448,24 @@ def figure(name: str, value: Any) -> str:
         return "-"
     decimals = DECIMALS.get(name, 3 if abs(value) < 1 else 2)
     return f"{value:.{decimals}f}"
+
+
+def metric_tag(value: float) -> str:
+    """A metric as a version's tag: the run's value itself (``repr``, which reads back as the same float), a whole
+    number without its ``.0``. Rounded, ``fineprune select`` would report and rank by other figures than the
+    trial's."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def tag_float(tags: Mapping[str, str], key: str) -> float | None:
+    """The number a version's tag ``key`` holds (:func:`metric_tag`), or None when it is missing, not a number or
+    not finite (a tag removed or edited by hand)."""
+    try:
+        value = float(tags[key])
+    except (KeyError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def fineprune_command(command: str, tracking_uri: str, *args: str) -> str:

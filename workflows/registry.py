@@ -13,7 +13,7 @@ code (:mod:`workflows.served_model`: loading a version unpickles nothing); its `
 Beside the PyTorch weights each version carries the model exported for ONNX Runtime (artifact ``onnx_dir``: the
 fused fp32 graph and its dynamic int8 quantization, see :mod:`pruning.export`), and serves through ONNX Runtime
 (``model_config``'s ``onnx_variant``: int8, or fp32 where int8 loses more than the spec's ``max_int8_f1_drop`` F1
-against fp32 on the trial's questions, see :func:`_checked_variant`; ``none`` for PyTorch). The export and that
+against fp32 on the trial's questions, see :mod:`workflows.int8_check`; ``none`` for PyTorch). The export and that
 check run once, when the version is made; a model that cannot be exported is registered all the same and served
 by PyTorch, with a warning and the reason in the version's ``onnx`` tag (``fp32,int8`` when exported). The
 policy's ``onnx: false`` (or ``fineprune register --no-onnx``) skips the export: such versions serve through PyTorch,
@@ -38,7 +38,6 @@ from the packed model's record, say) is left as it is and a new one logged, with
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import dataclasses
 import json
@@ -60,23 +59,23 @@ from pruning import atomic
 from pruning.config import EVALUATION_KEYS, RunConfig
 from pruning.quiet import leaving_out, starting_with
 from workflows import record
+from workflows.int8_check import CHECK_TAGS, checked_f1, checked_variant, served_figures, variant_run, wanted_variant
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
-                              EXACT_MATCH, F1, FINAL_METRICS, FORMER_POLICY_TAGS, FRONTIER_TAGS, KIND_BASELINE,
-                              LINEAR_DENSITY, PARAM_RESOURCES, PARAM_SPEEDUP, RUNTIMES, SPEEDUP, STATUS_FINISHED,
-                              STATUS_INTERRUPTED, DEFAULT_MAX_INT8_F1_DROP, ONNX_SCORE_TAGS, TAG_INT8_CHECK,
-                              TAG_ONNX, TAG_ONNX_VARIANT, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_PRECISION, TAG_STATUS,
-                              TAG_SWEEP_RUN, TAG_TRIAL_RUN, TAG_VERSION_PRECISION, RegistrySpec)
+                              DEFAULT_MAX_INT8_F1_DROP, EXACT_MATCH, F1, FINAL_METRICS, FORMER_POLICY_TAGS,
+                              FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY, PARAM_RESOURCES, PARAM_SPEEDUP, RUNTIMES,
+                              SPEEDUP, STATUS_FINISHED, STATUS_INTERRUPTED, TAG_ONNX, TAG_ONNX_VARIANT, TAG_POLICY,
+                              TAG_POLICY_THRESHOLD, TAG_PRECISION, TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN,
+                              TAG_VERSION_PRECISION, RegistrySpec, metric_tag, tag_float)
 from workflows.served_model import (MAX_RECORDS, MODEL_CODE, MODEL_FILE, ONNX_VARIANTS, SERVE_DEFAULTS, SERVE_PARAMS,
-                                    SHIPPED_MODULES, SIGNATURE, count_setting, served_variant, torch_served)
+                                    SHIPPED_MODULES, SIGNATURE, count_setting, served_variant)
 from workflows.space import load_space
+from workflows.version_files import FewerPositions, checked_once, load_version, lost_files, version_files_lost
 
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
            "register_sweep",
            "select_by_latency", "latency_settings", "check_alias", "SelectionError", "SeqLenError",
            "PIP_REQUIREMENTS", "serve_settings", "log_qa_model", "export_for_serving",
-           "RUNTIMES", "measured_precision", "run_deleted", "DELETED", "REMOVED",
-           "version_files_lost", "policy_choice", "checked_once", "served_model_dir", "fetch_version",
-           "int8_serves", "onnx_scores", "OnnxScores", "INT8_CHECK_QUESTIONS"]
+           "RUNTIMES", "measured_precision", "run_deleted", "DELETED", "REMOVED", "policy_choice"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +83,6 @@ POLICIES = ("best_f1_under_density", "min_density_within_f1_drop", "fastest_with
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
                     "tqdm>=4.66", "onnx==1.23.2", "onnxruntime==1.32.0"]
 ONNX_SKIPPED = "skipped"  # the onnx tag of a version registered without its export (onnx: false)
-INT8_CHECK_QUESTIONS = 500  # at most this many of its trial's questions score a new version's two ONNX models
-# The tags a new version's int8 check writes (on the logged model, and on each version made of it)
-_CHECK_TAGS = (TAG_ONNX_VARIANT, TAG_INT8_CHECK, *ONNX_SCORE_TAGS.values())
-
-
 def serve_settings(params: dict[str, str], evaluation: Mapping[str, int] | None = None) -> dict[str, int]:
     """The served model's settings (``model_config``) from a trial run's params, defaults for those it lacks.
 
@@ -203,7 +197,7 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
         moved = {"alias_moved_from": chosen["alias_moved_from"]} if "alias_moved_from" in chosen else {}
         # What it serves, as a registration's result names it: it was timed as it serves.
         return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep},
-                "onnx_variant": _variant_run(chosen["served_by"]), **moved}
+                "onnx_variant": variant_run(chosen["served_by"]), **moved}
 
     runs = record.trials(client, parent_run_id)
     chosen = policy_choice(runs, spec, parent_run_id, (dense_metrics or {}).get(F1))
@@ -308,109 +302,6 @@ def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | N
                        what or model_dir, reason)
         return None, f"failed: {reason}"[:500]
     return Path(out_dir), ",".join(report["files"])
-
-
-def int8_serves(fp32_f1: float, int8_f1: float, max_drop: float) -> bool:
-    """Whether a version serves its int8 model: it loses at most ``max_drop`` F1 points against the fp32 one."""
-    return fp32_f1 - int8_f1 <= max_drop
-
-
-@dataclasses.dataclass(frozen=True)
-class OnnxScores:
-    """An exported model's fp32 and int8 files scored on the same questions (:func:`onnx_scores`)."""
-
-    scores: dict[str, dict[str, float]]  # variant -> {"exact_match", "f1"} in percent
-    questions: int
-    drop_standard_error: float  # of the F1 drop (fp32 minus int8), paired question by question; nan for 1 question
-
-
-def onnx_scores(onnx_dir: str | Path, data: str | Path, limit: int | None,
-                settings: Mapping[str, Any]) -> OnnxScores:
-    """The EM/F1 of an exported model's fp32 and int8 files on the first ``limit`` questions of ``data``, with the
-    windows and span search of a served model's ``settings`` (:func:`serve_settings`), and the standard error of
-    int8's F1 drop, paired question by question.
-
-    Raises:
-        ResourceError, SquadError, ExportError: the data or the export cannot be read.
-    """
-    from pruning import squad
-    from pruning.checkpoint import load_tokenizer
-    from pruning.export import load_exported
-    from pruning.resources import resolve_data
-    from pruning.structure import max_positions
-
-    path = resolve_data(str(data))
-    examples = squad.load_squad(path, limit=limit, spans=False)
-    tokenizer = load_tokenizer(onnx_dir)
-    scores, per_question = {}, {}
-    for variant in ("fp32", "int8"):
-        model = load_exported(onnx_dir, variant)
-        # The windows the served model cuts its settings to (workflows.served_model.PackedQAModel)
-        seq, stride = squad.fit_windows(settings["max_seq_length"], settings["doc_stride"],
-                                        max_positions(model.config))
-        with squad.questions_of(path):
-            metrics, predictions = squad.evaluate_model(
-                model, tokenizer, examples, max_seq_length=seq, doc_stride=stride, batch_size=settings["batch_size"],
-                max_answer_length=settings["max_answer_length"], n_best=settings["n_best"], progress=False,
-                max_query_length=settings["max_query_length"])
-        scores[variant] = {F1: float(metrics[F1]), EXACT_MATCH: float(metrics[EXACT_MATCH])}
-        per_question[variant] = squad.question_f1(examples, predictions)
-    drops = [a - b for a, b in zip(per_question["fp32"], per_question["int8"])]
-    error = statistics.stdev(drops) / math.sqrt(len(drops)) if len(drops) > 1 else math.nan
-    return OnnxScores(scores, len(examples), error)
-
-
-def _checked_variant(onnx_dir: Path, run, settings: Mapping[str, Any], max_drop: float | None,
-                     what: str) -> tuple[str, dict[str, str]]:
-    """The ONNX variant a new version of the trial ``run`` serves, and the tags that say why (:data:`_CHECK_TAGS`).
-
-    Int8 is dynamic quantization, which costs some models far more accuracy than others: both files are scored on
-    (at most :data:`INT8_CHECK_QUESTIONS` of) the questions the trial was scored on, and int8 serves when it loses
-    at most ``max_drop`` F1 points, else fp32. ``max_drop`` None: int8, unchecked. Questions that cannot be read
-    here (the trial's data file is on another machine) leave int8 serving, with a warning and the reason in the
-    ``int8_check`` tag.
-    """
-    if max_drop is None:
-        return "int8", {TAG_ONNX_VARIANT: "int8",
-                        TAG_INT8_CHECK: "serves ONNX Runtime int8, unchecked (max_int8_f1_drop: null)"}
-    params = run.data.params
-    data = params.get("eval_data", RunConfig.__dataclass_fields__["eval_data"].default)
-    try:
-        limit = min(int(params["eval_limit"]), INT8_CHECK_QUESTIONS)
-    except (KeyError, ValueError):  # "None": the trial scored every question
-        limit = INT8_CHECK_QUESTIONS
-    try:
-        measured = onnx_scores(onnx_dir, data, limit, settings)
-    except Exception as err:  # the data or ORT: either leaves int8 serving, unchecked, as before the check existed
-        lines = str(err).strip().splitlines()
-        reason = f"{type(err).__name__}: {lines[0] if lines else ''}"
-        logger.warning("%s: serves its int8 model unchecked: the trial's questions cannot be scored here (%s)",
-                       what, reason)
-        return "int8", {TAG_ONNX_VARIANT: "int8",
-                        TAG_INT8_CHECK: f"serves ONNX Runtime int8, unchecked: the trial's questions could not be "
-                                        f"scored ({reason})"[:500]}
-    scores = measured.scores
-    fp32, int8 = scores["fp32"][F1], scores["int8"][F1]
-    variant = "int8" if int8_serves(fp32, int8, max_drop) else "fp32"
-    line = (f"serves ONNX Runtime {variant}: int8 F1 {int8:.2f} against fp32 {fp32:.2f} on the first "
-            f"{measured.questions} questions the trial was scored on, {'within' if variant == 'int8' else 'more than'} "
-            f"{max_drop:g} F1 below (max_int8_f1_drop; the drop's standard error, question by question: "
-            f"{measured.drop_standard_error:.2f})")
-    (logger.warning if variant == "fp32" else logger.info)("%s: %s", what, line)
-    tags = {TAG_ONNX_VARIANT: variant, TAG_INT8_CHECK: line}
-    tags.update({tag: _metric_tag(scores[name][metric]) for (name, metric), tag in ONNX_SCORE_TAGS.items()})
-    return variant, tags
-
-
-def _wanted_variant(tags: Mapping[str, str], max_drop: float | None) -> str | None:
-    """The ONNX variant a new version would serve with ``max_drop``, from a logged model's check ``tags``; None when
-    they hold no scores to decide by (the model was logged unchecked)."""
-    if max_drop is None:
-        return "int8"
-    fp32, int8 = _checked_f1(tags, "fp32"), _checked_f1(tags, "int8")
-    if fp32 is None or int8 is None:
-        return None
-    return "int8" if int8_serves(fp32, int8, max_drop) else "fp32"
 
 
 # MLflow's warning that it could not copy a logged model's ``model_config`` into the run's params: the trial run's
@@ -535,9 +426,9 @@ def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any], max_i
     """The served model an earlier registration logged on the trial ``run`` (whole, logged as code, and exported
     for ONNX Runtime as ``onnx`` asks: tried, or ``skipped``) that serves as one logged now with ``settings`` (its
     ``model_config`` but ``onnx_variant``) would, or None. Its ONNX variant is the one its own int8 check's scores
-    give with ``max_int8_f1_drop`` (:func:`_wanted_variant`); a model exported but never checked is not reused
-    while the check is asked for. A model logged before models were logged as code, with its served class
-    pickled, is never reused."""
+    give with ``max_int8_f1_drop`` (:func:`~workflows.int8_check.wanted_variant`); a model exported but never
+    checked is not reused while the check is asked for. A model logged before models were logged as code, with its
+    served class pickled, is never reused."""
     from mlflow.models import Model
 
     try:
@@ -559,13 +450,13 @@ def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any], max_i
         if not flavor.get("model_code_path"):
             pickled.append(model.model_id)
             continue
-        lost = _lost_files(model.artifact_location, client.tracking_uri)
+        lost = lost_files(model.artifact_location, client.tracking_uri)
         if lost is not None:
             logger.info("trial run %s: the model logged on it before (%s) cannot be served (%s): logging a new one",
                         run.info.run_id, model.model_id, lost)
             continue
         has_onnx = ARTIFACT_ONNX_DIR in (flavor.get("artifacts") or {})
-        variant = _wanted_variant(model.tags, max_int8_f1_drop) if has_onnx else "none"
+        variant = wanted_variant(model.tags, max_int8_f1_drop) if has_onnx else "none"
         if variant is None:
             unchecked.append(model.model_id)
             continue
@@ -595,94 +486,6 @@ class UnreadableTrial(record.RecordError):
 
 class LostVersion(UnreadableTrial):
     """A trial's version has lost files its served model loads (deleted from the artifact store by hand)."""
-
-
-# The versions (artifact locations) found whole so far by one registration, while :func:`checked_once` holds.
-_WHOLE: contextvars.ContextVar[set | None] = contextvars.ContextVar("fineprune_whole_versions", default=None)
-
-
-@contextlib.contextmanager
-def checked_once() -> Iterator[None]:
-    """Check each version's files once while this holds: ``register --frontier`` checks every frontier version it
-    reuses, then the champion's, one of them, and ``best_f1_under_latency`` loads them all to time them after; a
-    sweep's end then writes its report, which checks the champion's. Held already, it goes on as it is."""
-    if _WHOLE.get() is not None:
-        yield
-        return
-    token = _WHOLE.set(set())
-    try:
-        yield
-    finally:
-        _WHOLE.reset(token)
-
-
-def _lost_files(root: str, tracking_uri: str, dst: str | None = None) -> str | None:
-    """What of a served model's files is gone from ``root`` (a version's or a logged model's artifact location):
-    its ``MLmodel``, or a file or directory its pyfunc loads (the pickled model, the code, the packed model, the
-    ONNX export); None when all of them are there. Files deleted from the artifact store by hand leave the version
-    in the registry, but it can no longer be loaded or served.
-
-    ``dst``: where the ``MLmodel`` read for the check is kept, for a caller that goes on to load the model from
-    there (default: a temporary directory, removed). A version found whole earlier under :func:`checked_once` is
-    not listed again."""
-    from mlflow.models import Model
-
-    root = root.rstrip("/")
-    whole = _WHOLE.get()
-    seen = whole is not None and (tracking_uri, root) in whole
-    if seen and dst is None:
-        return None
-    listed: dict[str, list] = {}  # each directory is listed once, however many of the needed files it holds
-
-    def listing(path: str) -> list:
-        if path not in listed:
-            try:
-                listed[path] = list(mlflow.artifacts.list_artifacts(artifact_uri=f"{root}/{path}".rstrip("/"),
-                                                                    tracking_uri=tracking_uri))
-            except (MlflowException, OSError):
-                listed[path] = []
-        return listed[path]
-
-    def named(infos: list, leaf: str) -> list:
-        return [info for info in infos if info.path.rstrip("/").rsplit("/", 1)[-1] == leaf]
-
-    def present(path: str) -> bool:
-        path = path.strip("/")
-        parent, _, leaf = path.rpartition("/")
-        if not parent or parent in listed:  # the files beside the MLmodel: the root's one listing names them all
-            found = named(listing(parent), leaf)
-            return bool(found) and (not found[0].is_dir or bool(listing(path)))  # an emptied directory is gone too
-        # A directory deeper down is listed itself; what lists nothing is a file (named in its parent) or gone.
-        return bool(listing(path)) or any(not info.is_dir for info in named(listing(parent), leaf))
-
-    with contextlib.ExitStack() as stack:
-        where = dst if dst is not None else stack.enter_context(atomic.scratch_dir("download"))
-        try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=where,
-                                                tracking_uri=tracking_uri)
-            flavor = Model.load(where).flavors.get("python_function", {})
-        except (MlflowException, OSError, ValueError):
-            return f"its MLmodel is gone from {root}"
-    if seen:
-        return None
-    needed = [(what, flavor.get(what)) for what in ("python_model", "code")]
-    if flavor.get("model_code_path"):  # a model logged as code: the file it runs, copied beside its MLmodel
-        needed.append(("python_model", Path(flavor["model_code_path"]).name))
-    needed += [(key, (spec or {}).get("path")) for key, spec in (flavor.get("artifacts") or {}).items()]
-    for what, path in needed:
-        if path and not present(str(path)):
-            return f"its {what} ({path}) is gone from {root}"
-    if whole is not None:
-        whole.add((tracking_uri, root))
-    return None
-
-
-def version_files_lost(client, name: str, version) -> str | None:
-    """What of the files the served model of ``version`` of ``name`` loads is gone from the registry's artifact
-    store (:func:`_lost_files`), or None when it loads and serves. The files are the version's own: a version is
-    made from a model logged in its experiment's artifact location, which deleting its trial run, or removing it for
-    good with `mlflow gc`, leaves."""
-    return _lost_files(client.get_model_version_download_uri(name, str(version)), client.tracking_uri)
 
 
 def _settings_of(client, run) -> dict[str, Any]:
@@ -765,7 +568,7 @@ def _version_of_run(client, name: str, run, onnx: bool = True, known: dict[str, 
     logged on the trial's run: the one an earlier registration logged there (under another name, or stopped
     before its version was made), else one logged now from its ``packed_model`` artifact, exported for ONNX
     Runtime unless ``onnx`` is False (its ``onnx`` tag then reads ``skipped``), serving int8 when it loses at
-    most ``max_int8_f1_drop`` F1 against fp32 (:func:`_checked_variant`).
+    most ``max_int8_f1_drop`` F1 against fp32 (:func:`~workflows.int8_check.checked_variant`).
 
     ``known``: the model's versions by trial run (:func:`_versions_by_trial`), read once by a caller that
     registers several trials; a version made here is added to it. Default: searched here.
@@ -799,7 +602,7 @@ def _new_version_of_run(client, name: str, run, onnx: bool,
             made = client.create_model_version(name, source=logged.model_uri, run_id=run_id,
                                                model_id=logged.model_id,
                                                tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: logged.tags[TAG_ONNX],
-                                                     **{key: logged.tags[key] for key in _CHECK_TAGS
+                                                     **{key: logged.tags[key] for key in CHECK_TAGS
                                                         if key in logged.tags}})
         return _one_version(client, name, run_id, made)
     # The registry resolves the new version's source through the tracking store of the fluent API.
@@ -811,7 +614,7 @@ def _new_version_of_run(client, name: str, run, onnx: bool,
         if onnx:
             onnx_dir, onnx_tag = export_for_serving(local, Path(tmp) / "onnx_model", what=what)
             if onnx_dir is not None:
-                variant, checked = _checked_variant(onnx_dir, run, settings, max_int8_f1_drop, what)
+                variant, checked = checked_variant(onnx_dir, run, settings, max_int8_f1_drop, what)
         else:
             onnx_dir, onnx_tag = None, ONNX_SKIPPED
             logger.info("the packed model of trial run %s: not exported for ONNX Runtime (onnx: false); it serves "
@@ -871,14 +674,6 @@ def _forget_active_run(run_id: str) -> None:
         runs.pop()
 
 
-def _metric_tag(value: float) -> str:
-    """A metric as a version's tag: the run's value itself (``repr``, which reads back as the same float), a whole
-    number without its ``.0``. Rounded, ``fineprune select`` would report and rank by other figures than the
-    trial's."""
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
 def _written_once(write, done) -> None:
     """Make one registry ``write`` that another registration (a second ``fineprune register``, a sweep's own) may be
     making at the same moment. MLflow's stores look a tag or alias up and then insert it, so when both find it
@@ -927,7 +722,7 @@ def _tag_version(client, name: str, version, run, parent_run_id: str, extra: dic
             TAG_VERSION_PRECISION: measured_precision(run), **extra}
     for key in FINAL_METRICS:
         if key in metrics:
-            tags[key] = _metric_tag(metrics[key])
+            tags[key] = metric_tag(metrics[key])
     current = version.tags or {}
     for key, value in tags.items():
         if current.get(key) != value:
@@ -958,7 +753,7 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
     result = {"registered": True, "name": name, "version": str(version.version), "model_uri": uri,
               "run_id": run_id, "policy": policy, **{k: metrics.get(k) for k in (F1, EXACT_MATCH, LINEAR_DENSITY,
                                                                                     SPEEDUP)},
-              **_served_figures(version.tags or {})}
+              **served_figures(version.tags or {})}
     return result if left is None else {**result, "alias_moved_from": left}
 
 
@@ -1020,7 +815,7 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str, on
     Returns:
         One row per frontier version, sparsest first: ``version``, ``model_uri``, ``run_id``, the metrics, and what
         it serves (``onnx_variant``) with the F1 its check measured for that model (``served_f1``, see
-        :func:`_checked_variant`; None without the check).
+        :func:`~workflows.int8_check.checked_variant`; None without the check).
     """
     frame = record.trials(client, parent_run_id, include_baseline=False)
     on_front = frame[list(FRONTIER_TAGS)].any(axis=1)
@@ -1049,7 +844,7 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str, on
                      {tag: run.data.tags.get(tag, "false") for tag in FRONTIER_TAGS})
         rows.append({"version": str(version.version), "model_uri": f"models:/{name}/{version.version}",
                      "run_id": run.info.run_id, **{k: run.data.metrics.get(k) for k in FINAL_METRICS},
-                     **_served_figures(version.tags or {})})
+                     **served_figures(version.tags or {})})
     # A point whose version cannot be served (its files gone) is still on the frontier: its tags stay.
     _untag_left_frontier(client, name, parent_run_id, {run.info.run_id for run in runs}, before)
     logger.info("registered the %s on the frontiers of sweep run %s (of its objectives, and of F1 against measured "
@@ -1135,202 +930,6 @@ def _register_frontier_command(client, sweep: str | None) -> str:
                                     "--frontier")
 
 
-def _tag_float(tags: dict[str, str], key: str) -> float | None:
-    try:
-        value = float(tags[key])
-    except (KeyError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-class _FewerPositions(Exception):
-    """A version's model takes fewer positions (``limit``) than the input it is to be timed on."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(limit)
-        self.limit = limit
-
-
-def served_model_dir(mlmodel: str | Path) -> str | None:
-    """Where, among a version's (or a logged model's) files, the packed model its served model loads lies, as the
-    ``MLmodel`` file or directory ``mlmodel`` names it; None when it names none."""
-    from mlflow.models import Model
-
-    flavor = Model.load(str(mlmodel)).flavors.get("python_function", {})
-    return ((flavor.get("artifacts") or {}).get(ARTIFACT_MODEL_DIR) or {}).get("path")
-
-
-def _positions_of(local: str, fetch) -> int | None:
-    """The longest window the packed model of a version whose ``MLmodel`` is in ``local`` takes, read from its
-    ``config.json`` alone (``fetch(path)`` brings the version's file ``path`` into ``local``); None when it cannot
-    be read (loading the model then says why)."""
-    from types import SimpleNamespace
-
-    from pruning.structure import max_positions
-
-    try:
-        model_dir = served_model_dir(local)
-        if not model_dir:
-            return None
-        fetch(f"{model_dir}/config.json")
-        config = (Path(local) / model_dir / "config.json").read_text(encoding="utf-8")
-        return max_positions(SimpleNamespace(**json.loads(config)))
-    except Exception:  # noqa: BLE001 - whatever is wrong with it, loading the model names it
-        return None
-
-
-def _load_version(client, name: str, version: str, dst: str, runtime: str = "served", threads: int | None = None,
-                  seq_len: int | None = None):
-    """The model a registered version serves, read from the version's own artifacts, and how it runs.
-
-    ``runtime="served"``: what the version's pyfunc serves by default: its ONNX Runtime model (the ``onnx_variant``
-    of its model config) when it carries one, else its packed PyTorch model, in bf16 where the version was
-    measured in bf16 and this CPU supports it (as its pyfunc serves it). ``runtime="torch"``: the packed PyTorch
-    model in fp32. Returns ``(model, label)`` with label ``onnxruntime-int8``, ``onnxruntime-fp32``, ``torch-bf16``
-    or ``torch``.
-
-    Only the files that model is read from are downloaded into ``dst`` (the version's ``MLmodel``, then the one ONNX
-    file it serves with its config and manifest, or the packed model directory), not the whole version: a version
-    also carries the packed weights, both ONNX variants and the project's code, several times what one model needs.
-
-    ``seq_len``: the input it is to be timed on. A version whose model takes fewer positions (its packed model's
-    ``config.json`` says so) is found before its weights are downloaded: :class:`_FewerPositions`.
-    """
-    # From where the client's registry says the version's files are: MLflow resolves a models:/ URI through the
-    # registry of its environment (MLFLOW_REGISTRY_URI), which need not be the client's.
-    root = client.get_model_version_download_uri(name, version).rstrip("/")
-    fetch = _fetcher(root, client.tracking_uri, dst)
-    try:
-        # A file the served model needs, which this timing may not: the check brings the version's MLmodel into dst.
-        lost = _lost_files(root, client.tracking_uri, dst)
-        if lost is not None:
-            raise SelectionError(lost)
-        limit = _positions_of(dst, fetch) if seq_len is not None else None
-        if limit is not None and seq_len > limit:
-            raise _FewerPositions(limit)
-        return _open_version(dst, name, version, runtime, threads, fetch)
-    except _FewerPositions:
-        raise
-    except Exception as err:
-        # Its files named as they are in the version, not in the temporary copy, which is gone by the time one reads
-        # the message.
-        lines = str(err).replace(str(dst), f"models:/{name}/{version}").splitlines()
-        raise SelectionError(lines[0] if lines else type(err).__name__) from err
-
-
-def _fetcher(root: str, tracking_uri: str, dst: str | Path):
-    """``fetch(path)``: the file or directory ``path`` of the version whose files are at ``root``, downloaded to the
-    same path under ``dst``."""
-    def fetch(path: str) -> None:
-        mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{path}", dst_path=str(Path(dst, path).parent),
-                                            tracking_uri=tracking_uri)
-    return fetch
-
-
-@dataclasses.dataclass(frozen=True)
-class _ServedFiles:
-    """What a version's ``MLmodel`` says its served model runs: where its ONNX export and its packed model lie among
-    its files (None: it has none), its model config, and the ONNX variant it serves (``none``: the packed model)."""
-
-    onnx_dir: str | None
-    model_dir: str | None
-    settings: dict[str, Any]
-    variant: str
-
-
-def _served_files(local: str | Path) -> _ServedFiles:
-    """The :class:`_ServedFiles` of the version whose ``MLmodel`` is in ``local``.
-
-    Raises:
-        ValueError: its model config's ``onnx_variant`` is unknown or names an export it does not carry.
-    """
-    from mlflow.models import Model
-
-    flavor = Model.load(str(local)).flavors.get("python_function", {})
-    artifacts = flavor.get("artifacts") or {}
-    onnx_dir = (artifacts.get(ARTIFACT_ONNX_DIR) or {}).get("path")
-    settings = flavor.get("config") or {}
-    return _ServedFiles(onnx_dir, (artifacts.get(ARTIFACT_MODEL_DIR) or {}).get("path"), settings,
-                        served_variant(settings, onnx_dir is not None))
-
-
-def _open_version(local: str, name: str, version: str, runtime: str, threads: int | None, fetch):
-    """The model of a version whose ``MLmodel`` is in ``local``, and how it runs (see :func:`_load_version`);
-    ``fetch(path)`` brings the version's file or directory ``path`` into ``local``."""
-    # torch and the library are needed only to time models; the registry module stays light without them.
-    from pruning.checkpoint import load_model
-    from pruning.export import MANIFEST_NAME, load_exported, read_manifest
-
-    served = _served_files(local)
-    onnx_dir, variant = served.onnx_dir, served.variant
-    if runtime == "served" and variant != "none":
-        for path in (MANIFEST_NAME, "config.json"):
-            fetch(f"{onnx_dir}/{path}")
-        onnx_file = read_manifest(Path(local) / onnx_dir)["files"].get(variant)
-        if onnx_file:  # else load_exported names the variant the export lacks
-            fetch(f"{onnx_dir}/{onnx_file}")
-        # Timed round-robin with other models: ORT's threads must not spin between calls.
-        return load_exported(Path(local) / onnx_dir, variant=variant, threads=threads, spin=False), \
-            f"onnxruntime-{variant}"
-    model_dir = served.model_dir
-    if not model_dir:
-        raise SelectionError(f"version {version} of {name} holds no packed model (no model_dir artifact)")
-    fetch(model_dir)
-    model = load_model(Path(local) / model_dir)
-    if runtime != "served":
-        return model, "torch"
-    model, precision = torch_served(model, served.settings)
-    return model, "torch-bf16" if precision == "bf16" else "torch"
-
-
-def fetch_version(client, uri: str, dst: str | Path,
-                  variant: str | None = None) -> tuple[Path, str, str | None, dict[str, Any]]:
-    """The files that run the registered version ``uri`` (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) as it
-    serves, downloaded into ``dst``: its ONNX Runtime export, to be run in ``variant`` (``fp32`` or ``int8``; None:
-    the variant its model config serves), when it carries one and serves through it or ``variant`` asks for it;
-    else its packed PyTorch model directory. Only those files: a version also carries the other model and the code.
-
-    Returns:
-        ``(directory, version, variant, settings)``: the model directory under ``dst``, the version number, the ONNX
-        variant to run (None for the packed PyTorch model), and the windows and span search it serves with (its
-        model config's :data:`~pruning.config.EVALUATION_KEYS`).
-
-    Raises:
-        SelectionError: in one line naming ``uri``: not of either form, no such model, version or alias, files of
-            the version gone from the artifact store, or a ``variant`` of a version with no ONNX export.
-    """
-    rest = uri[len(record.MODELS_SCHEME):] if uri.startswith(record.MODELS_SCHEME) else ""
-    name, at, alias = rest.partition("@")
-    if not at:
-        name, _, number = rest.rpartition("/")
-    if not name or "/" in name or not (alias if at else number.isdigit()):
-        raise SelectionError(f"{uri}: not a registered version (models:/NAME/VERSION or models:/NAME@ALIAS)")
-    try:
-        found = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, number)
-    except MlflowException as err:
-        lines = str(err).strip().splitlines()
-        raise SelectionError(f"{uri}: {lines[0] if lines else 'not found'} (in {client.tracking_uri})") from None
-    version = str(found.version)
-    root = client.get_model_version_download_uri(name, version).rstrip("/")
-    lost = _lost_files(root, client.tracking_uri, str(dst))
-    if lost is not None:
-        raise SelectionError(f"{uri} (version {version}): {lost}")
-    try:
-        served = _served_files(dst)
-    except ValueError as err:
-        raise SelectionError(f"{uri} (version {version}): {err}") from None
-    if variant is not None and served.onnx_dir is None:
-        raise SelectionError(f"{uri} (version {version}): --variant {variant}: the version carries no ONNX export "
-                             "(registered without one); it runs as its packed PyTorch model")
-    chosen = variant or (served.variant if served.variant != "none" else None)
-    path = served.onnx_dir if chosen is not None else served.model_dir
-    if not path:
-        raise SelectionError(f"{uri} (version {version}): holds no packed model (no {ARTIFACT_MODEL_DIR} artifact)")
-    _fetcher(root, client.tracking_uri, dst)(path)
-    settings = {key: served.settings[key] for key in EVALUATION_KEYS if key in served.settings}
-    return Path(dst, path), version, chosen, settings
-
-
 def _dense_shape(model):
     """A randomly initialised model of the unpruned shape (speed depends on shapes only), and its shape key."""
     config = copy.deepcopy(model.config)
@@ -1358,27 +957,6 @@ def timing_noise(times: Mapping[str, Sequence[float]]) -> str | None:
         return None
     return (f"the timed passes of {len(noisy)} of the {len(spreads)} models disagree, by up to {max(noisy):.1f}x "
             f"(upper over lower quartile; {NOISY_SPREAD:g}x at most counts as steady)")
-
-
-def _checked_f1(tags: Mapping[str, str], variant: str | None) -> float | None:
-    """The F1 a version's int8 check measured for its ONNX ``variant`` (int8 or fp32) on its trial's questions; None
-    for another variant (``none``: PyTorch) or a version made before the check."""
-    key = ONNX_SCORE_TAGS.get((variant, F1))
-    return None if key is None else _tag_float(tags, key)
-
-
-def _variant_run(served_by: str) -> str:
-    """The ONNX variant a ``served_by`` label names (``onnxruntime-int8``: int8), ``none`` for PyTorch (``torch``,
-    ``torch-bf16``)."""
-    runs_as, _, variant = served_by.partition("-")
-    return variant if runs_as == "onnxruntime" else "none"
-
-
-def _served_figures(tags: Mapping[str, str]) -> dict[str, Any]:
-    """What a version serves (``onnx_variant``: int8, fp32 or none) and the F1 its check measured for that model
-    (``served_f1``); None for both for a version made before the check."""
-    variant = tags.get(TAG_ONNX_VARIANT)
-    return {"onnx_variant": variant, "served_f1": _checked_f1(tags, variant)}
 
 
 def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int = 1, seq_len: int = 128,
@@ -1418,10 +996,10 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     Returns:
         The chosen version (``version``, ``model_uri``, ``served_by``, ``latency_ms``, ``dense_latency_ms``,
         ``served_speedup``, ``served_f1``: the F1 of the ONNX model it runs as, measured when it was made on its
-        trial's first 500 questions at most (:func:`_checked_variant`; None for PyTorch), and its trial's ``f1``,
-        ``speedup``, ...), the settings (``runtime`` among them: the
-        option given), and ``versions``: every version's trial figures with how it ran (``served_by``) and its
-        ``latency_ms``, ``dense_latency_ms``, ``served_speedup`` timed here and whether it is ``within_budget``, or
+        trial's first 500 questions at most (:func:`~workflows.int8_check.checked_variant`; None for PyTorch),
+        and its trial's ``f1``, ``speedup``, ...), the settings (``runtime`` among them: the option given), and
+        ``versions``: every version's trial figures with how it ran (``served_by``) and its ``latency_ms``,
+        ``dense_latency_ms``, ``served_speedup`` timed here and whether it is ``within_budget``, or
         for a version that cannot be loaded or fails when run here, whose model takes fewer positions than
         ``seq_len``, or whose trial run or sweep run was deleted (set aside in the MLflow UI; it is not loaded), its
         ``error`` (it is not chosen, and the others are timed).
@@ -1469,7 +1047,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     with atomic.scratch_dir("download") as tmp:
         for v in versions:
             row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
-                   **{k: _tag_float(v.tags, k) for k in FINAL_METRICS}}
+                   **{k: tag_float(v.tags, k) for k in FINAL_METRICS}}
             gone = _deleted_source(client, v.tags, row["run_id"], lifecycle)
             if gone is not None:  # set aside in the MLflow UI: neither loaded nor chosen
                 row["error"] = gone
@@ -1483,11 +1061,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                                "trial while it is on its sweep's frontier)", v.version, name, what,
                                _register_frontier_command(client, v.tags.get(TAG_SWEEP_RUN)))
             try:  # a model that takes fewer positions than seq_len is found from its config, before its weights
-                model, row["served_by"] = _load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
+                model, row["served_by"] = load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
                                                         runtime, threads, seq_len=seq_len)
-                row["served_f1"] = _checked_f1(v.tags, _variant_run(row["served_by"]))
+                row["served_f1"] = checked_f1(v.tags, variant_run(row["served_by"]))
                 limit = max_positions(model.config)
-            except _FewerPositions as short:
+            except FewerPositions as short:
                 limit = short.limit
             except Exception as err:  # a version that cannot be loaded is reported, not chosen
                 lines = str(err).splitlines()

@@ -59,6 +59,7 @@ from workflows.retry import TrackingUnavailable, call_with_retries, is_transient
 from workflows.space import (EVAL_METRICS, EVALUATION, SweepSpace, baseline_config, load_space, param_space,
                              scoring_fingerprint, teacher_config, teacher_fingerprint, trial_config, tune_config_kwargs)
 from workflows.user_errors import output_path_problem
+from workflows.version_files import checked_once
 from workflows.warm_start import WarmStart, WarmStartError, check_applicable, prior_outcomes
 
 __all__ = ["run_sweep", "trial_main", "ensure_teacher", "frontier_summary", "sweep_complete", "FAULT_ENV",
@@ -808,7 +809,7 @@ def _conclude(client, experiment: str, parent: str, space: SweepSpace, dense_met
     if search is not None:
         summary["search"] = search
         tracking.log_search(client, parent, search)
-    with registry.checked_once():  # the report checks the champion's files, which registering has just checked
+    with checked_once():  # the report checks the champion's files, which registering has just checked
         registered = registry.register_sweep(client, experiment, parent, space.registry, dense_metrics=dense_metrics,
                                              latency=registry.latency_settings(space.speedup, space.resources,
                                                                                source=str(space.path)),

@@ -27,6 +27,7 @@ USER_ERRORS = (
     ("workflows.record", "RecordError"),
     ("workflows.space", "SpaceError"),
     ("workflows.registry", "SelectionError"),
+    ("workflows.version_files", "VersionError"),
     ("workflows.sweep", "RayUnavailable"),
     ("workflows.sweep", "ResumeError"),
     ("workflows.sweep", "StorageError"),
