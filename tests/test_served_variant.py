@@ -170,7 +170,7 @@ def test_the_drop_allowed_is_the_registrys(store):
 
 
 def test_questions_that_cannot_be_read_leave_int8_unchecked(store, caplog):
-    with caplog.at_level(logging.WARNING, logger="workflows.registry"):
+    with caplog.at_level(logging.WARNING, logger="workflows.int8_check"):
         version = _register(store, "lost", "tiny-lost")
     gone = str(store["root"] / "gone.json")
     assert version.tags[TAG_ONNX_VARIANT] == "int8" and not set(ONNX_SCORE_TAGS.values()) & set(version.tags)

@@ -1010,117 +1010,46 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     """
     # torch and the library are needed only to time models; the registry module stays light without them.
     import torch
-    from transformers import AutoModelForQuestionAnswering
 
     from pruning.bench import interleaved_latency
-    from pruning.structure import max_positions
 
     if not (max_latency_ms > 0 and math.isfinite(max_latency_ms)):  # an infinite budget is no budget
         raise SelectionError(f"--max-latency-ms must be a finite number > 0, got {max_latency_ms}")
     check_alias(alias)
     if runtime not in RUNTIMES:
         raise SelectionError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    try:
-        if sweep_run_id is None:  # `fineprune select`: a model deleted by hand goes with its versions
-            client.get_registered_model(name)
-        versions = every = client.search_model_versions(f"name = '{name}'")  # every: those the alias may leave
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # the registry forgets a deleted model outright
-            raise SelectionError(f"registered model {name!r} does not exist in {client.tracking_uri} (it was deleted, "
-                                 "or never registered)") from None
-        raise SelectionError(f"registered model {name!r}: {str(err).splitlines()[0]}") from None
-    if sweep_run_id is not None:
-        versions = [v for v in versions if v.tags.get(TAG_SWEEP_RUN) == sweep_run_id and _on_frontier(v.tags)]
-    versions = sorted(versions, key=lambda v: int(v.version))
-    if not versions:
-        where = f" on the frontier of sweep run {sweep_run_id}" if sweep_run_id else ""
-        raise SelectionError(f"registered model {name!r} has no versions{where} in {client.tracking_uri}")
+    versions, every = _versions_to_time(client, name, sweep_run_id)
 
     previous_threads = torch.get_num_threads()
     threads = int(threads or previous_threads)
     started = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    models: dict[str, Any] = {}
-    dense_of: dict[str, str] = {}
+    timing = _Timing()
     lifecycle: dict[str, str | None] = {}  # run id -> deleted or removed, each run read once
-    set_aside: set[str] = set()  # the versions whose trial or sweep run was deleted
     with atomic.scratch_dir("download") as tmp:
         for v in versions:
-            row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
-                   **{k: tag_float(v.tags, k) for k in FINAL_METRICS}}
-            gone = _deleted_source(client, v.tags, row["run_id"], lifecycle)
-            if gone is not None:  # set aside in the MLflow UI: neither loaded nor chosen
-                row["error"] = gone
-                set_aside.add(row["version"])
-                logger.warning("version %s of %s: %s, so it is not chosen", v.version, name, gone)
-                rows.append(row)
-                continue
-            if row[F1] is None:  # removed or edited by hand: the version cannot be ranked, so it is never chosen
-                what = f"its {F1} tag {v.tags[F1]!r} is not a number" if F1 in v.tags else f"it has no {F1} tag"
-                logger.warning("version %s of %s: %s, so it cannot be chosen (`%s` writes the tag again from its "
-                               "trial while it is on its sweep's frontier)", v.version, name, what,
-                               _register_frontier_command(client, v.tags.get(TAG_SWEEP_RUN)))
-            try:  # a model that takes fewer positions than seq_len is found from its config, before its weights
-                model, row["served_by"] = load_version(client, name, str(v.version), str(Path(tmp) / str(v.version)),
-                                                        runtime, threads, seq_len=seq_len)
-                row["served_f1"] = checked_f1(v.tags, variant_run(row["served_by"]))
-                limit = max_positions(model.config)
-            except FewerPositions as short:
-                limit = short.limit
-            except Exception as err:  # a version that cannot be loaded is reported, not chosen
-                lines = str(err).splitlines()
-                row["error"] = lines[0] if lines else type(err).__name__
-                logger.warning("version %s of %s cannot be loaded: %s", v.version, name, row["error"])
-                rows.append(row)
-                continue
-            if seq_len > limit and seq_len_from is not None:
-                raise SeqLenError(f"{seq_len_from}: {seq_len} exceeds the {limit} positions the model of version "
-                                  f"{v.version} of {name} takes; no champion registered")
-            if seq_len > limit:  # another version, of a model with more positions, may still be timed
-                row["error"] = (f"cannot be timed: its model takes at most {limit} positions, fewer than --seq-len "
-                                f"{seq_len}")
-                logger.warning("version %s of %s %s", v.version, name, row["error"])
-                rows.append(row)
-                continue
-            try:  # one pass first: a version that loads but fails when run must not stop the timing of the others
-                interleaved_latency({"probe": model}, batch_size=batch_size, seq_len=seq_len, repeats=1, warmup=0)
-            except Exception as err:
-                lines = str(err).strip().splitlines()
-                row["error"] = f"cannot be timed: {lines[0] if lines else type(err).__name__}"
-                logger.warning("version %s of %s %s", v.version, name, row["error"])
-                rows.append(row)
-                continue
-            key, config = _dense_shape(model)
-            if key not in models:
-                models[key] = AutoModelForQuestionAnswering.from_config(config).eval()
-            dense_of[row["version"]] = key
-            models[f"v{v.version}"] = model
-            rows.append(row)
-        if not dense_of:
-            reasons = "; ".join(f"version {row['version']}: {row['error']}" for row in rows)
-            kinds = {"chosen" if row["version"] in set_aside else
-                     "timed" if row["error"].startswith("cannot be timed: ") else "loaded" for row in rows}
-            what = " or ".join(word for word in ("loaded", "timed", "chosen") if word in kinds)
-            raise SelectionError(f"no version of {name!r} could be {what} ({reasons}); alias {alias!r} left as it "
-                                 "was")
+            timing.rows.append(_version_to_time(client, name, v, Path(tmp) / str(v.version), timing, lifecycle,
+                                                runtime, threads, batch_size, seq_len, seq_len_from))
+        if not timing.dense_of:
+            raise SelectionError(f"{_none_timed(name, timing)}; alias {alias!r} left as it was")
         loaded = time.perf_counter()
         torch.set_num_threads(threads)
         try:
-            times = interleaved_latency(models, batch_size=batch_size, seq_len=seq_len, repeats=repeats,
+            times = interleaved_latency(timing.models, batch_size=batch_size, seq_len=seq_len, repeats=repeats,
                                         warmup=warmup)
         finally:
             torch.set_num_threads(previous_threads)
         logger.info("loaded %d versions of %s in %.1f s; timed them and %d dense shape(s), %d rounds, in %.1f s",
-                    len(dense_of), name, loaded - started, len(models) - len(dense_of), warmup + repeats,
-                    time.perf_counter() - loaded)
+                    len(timing.dense_of), name, loaded - started, len(timing.models) - len(timing.dense_of),
+                    warmup + repeats, time.perf_counter() - loaded)
         if (noise := timing_noise(times)) is not None:
             logger.warning("%s: the choice may differ on a rerun; time with fewer --threads than free cores, on a "
                            "quieter machine, or with more --repeats", noise)
+    rows = timing.rows
     for row in rows:
-        if row["version"] not in dense_of:
+        if row["version"] not in timing.dense_of:
             continue
         own = statistics.median(times[f"v{row['version']}"]) * 1000.0
-        dense = statistics.median(times[dense_of[row["version"]]]) * 1000.0
+        dense = statistics.median(times[timing.dense_of[row["version"]]]) * 1000.0
         row.update({"latency_ms": own, "dense_latency_ms": dense,
                     "served_speedup": dense / own if own > 0 else None, "within_budget": own <= max_latency_ms})
     settings = {"name": name, "alias": alias, "max_latency_ms": max_latency_ms, "batch_size": batch_size,
@@ -1140,24 +1069,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             logger.info("version %s: %s", row["version"], json.dumps(row, sort_keys=True))
         raise SelectionError(f"no version of {name!r} is within {max_latency_ms:g} ms at batch {batch_size}, "
                              f"sequence {seq_len}, {threads} threads ({reason}); alias {alias!r} left as it was")
-    try:
-        if alias == ALIAS:  # the champion: its version records the policy that made it one, and only it
-            version = next(v for v in versions if str(v.version) == chosen["version"])
-            held = version.tags or {}
-            for key, value in ((TAG_POLICY, "best_f1_under_latency"),
-                               (TAG_POLICY_THRESHOLD, f"max_latency_ms {max_latency_ms:g}")):
-                if held.get(key) != value:  # registering the sweep again writes nothing new
-                    _set_version_tag(client, name, chosen["version"], key, value)
-            by = f"best_f1_under_latency max_latency_ms {max_latency_ms:g}" if sweep_run_id is not None else None
-            left = _make_champion(client, name, version, every, by)
-        else:
-            moved = _move_alias(client, name, alias, chosen["version"])
-            left = None if moved is None else str(moved.version)
-            if left is not None:
-                logger.info("alias %r of %s moved from version %s to version %s", alias, name, left,
-                            chosen["version"])
-    except MlflowException as err:
-        raise SelectionError(f"alias {alias!r} of {name!r}: {str(err).splitlines()[0]}") from None
+    version = next(v for v in versions if str(v.version) == chosen["version"])
+    left = _point_alias(client, name, alias, version, every, max_latency_ms, in_sweep=sweep_run_id is not None)
     logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get(F1),
                 chosen["latency_ms"], max_latency_ms)
     return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
@@ -1165,6 +1078,145 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             "dense_latency_ms": chosen["dense_latency_ms"], "served_speedup": chosen["served_speedup"],
             "served_f1": chosen.get("served_f1"), **{k: chosen.get(k) for k in FINAL_METRICS}, "versions": rows,
             **({"alias_moved_from": left} if left is not None else {})}
+
+
+def _versions_to_time(client, name: str, sweep_run_id: str | None) -> tuple[list, list]:
+    """The versions of ``name`` :func:`select_by_latency` times (those of the sweep ``sweep_run_id`` on one of its
+    frontiers now, or every one), in order, and every version of ``name`` (those the alias may leave).
+
+    Raises:
+        SelectionError: the model does not exist or has no such versions.
+    """
+    try:
+        if sweep_run_id is None:  # `fineprune select`: a model deleted by hand goes with its versions
+            client.get_registered_model(name)
+        versions = every = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # the registry forgets a deleted model outright
+            raise SelectionError(f"registered model {name!r} does not exist in {client.tracking_uri} (it was deleted, "
+                                 "or never registered)") from None
+        raise SelectionError(f"registered model {name!r}: {str(err).splitlines()[0]}") from None
+    if sweep_run_id is not None:
+        versions = [v for v in versions if v.tags.get(TAG_SWEEP_RUN) == sweep_run_id and _on_frontier(v.tags)]
+    versions = sorted(versions, key=lambda v: int(v.version))
+    if not versions:
+        where = f" on the frontier of sweep run {sweep_run_id}" if sweep_run_id else ""
+        raise SelectionError(f"registered model {name!r} has no versions{where} in {client.tracking_uri}")
+    return versions, every
+
+
+@dataclasses.dataclass
+class _Timing:
+    """What :func:`select_by_latency` times: the models to run round-robin (each version's as ``vN``, each dense
+    shape by its :func:`_dense_shape` key), the dense shape of each version timed, each version's row, and the
+    versions set aside (their trial or sweep run deleted)."""
+
+    models: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dense_of: dict[str, str] = dataclasses.field(default_factory=dict)
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    set_aside: set[str] = dataclasses.field(default_factory=set)
+
+
+def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle: dict[str, str | None],
+                     runtime: str, threads: int, batch_size: int, seq_len: int, seq_len_from: str | None
+                     ) -> dict[str, Any]:
+    """The row of version ``v`` of ``name`` (its trial figures, how it runs, or why it is not timed: an ``error``),
+    its model loaded from ``dst`` and added to ``timing`` with its dense shape when it runs on ``batch_size`` x
+    ``seq_len`` input (see :func:`select_by_latency`).
+
+    Raises:
+        SeqLenError: its model takes fewer positions than ``seq_len`` and ``seq_len_from`` names what gave it.
+    """
+    # transformers and the library are needed only to time models; the registry module stays light without them.
+    from transformers import AutoModelForQuestionAnswering
+
+    from pruning.bench import interleaved_latency
+    from pruning.structure import max_positions
+
+    row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
+           **{k: tag_float(v.tags, k) for k in FINAL_METRICS}}
+    gone = _deleted_source(client, v.tags, row["run_id"], lifecycle)
+    if gone is not None:  # set aside in the MLflow UI: neither loaded nor chosen
+        row["error"] = gone
+        timing.set_aside.add(row["version"])
+        logger.warning("version %s of %s: %s, so it is not chosen", v.version, name, gone)
+        return row
+    if row[F1] is None:  # removed or edited by hand: the version cannot be ranked, so it is never chosen
+        what = f"its {F1} tag {v.tags[F1]!r} is not a number" if F1 in v.tags else f"it has no {F1} tag"
+        logger.warning("version %s of %s: %s, so it cannot be chosen (`%s` writes the tag again from its "
+                       "trial while it is on its sweep's frontier)", v.version, name, what,
+                       _register_frontier_command(client, v.tags.get(TAG_SWEEP_RUN)))
+    try:  # a model that takes fewer positions than seq_len is found from its config, before its weights
+        model, row["served_by"] = load_version(client, name, str(v.version), str(dst), runtime, threads,
+                                               seq_len=seq_len)
+        row["served_f1"] = checked_f1(v.tags, variant_run(row["served_by"]))
+        limit = max_positions(model.config)
+    except FewerPositions as short:
+        limit = short.limit
+    except Exception as err:  # a version that cannot be loaded is reported, not chosen
+        lines = str(err).splitlines()
+        row["error"] = lines[0] if lines else type(err).__name__
+        logger.warning("version %s of %s cannot be loaded: %s", v.version, name, row["error"])
+        return row
+    if seq_len > limit and seq_len_from is not None:
+        raise SeqLenError(f"{seq_len_from}: {seq_len} exceeds the {limit} positions the model of version "
+                          f"{v.version} of {name} takes; no champion registered")
+    if seq_len > limit:  # another version, of a model with more positions, may still be timed
+        row["error"] = f"cannot be timed: its model takes at most {limit} positions, fewer than --seq-len {seq_len}"
+        logger.warning("version %s of %s %s", v.version, name, row["error"])
+        return row
+    try:  # one pass first: a version that loads but fails when run must not stop the timing of the others
+        interleaved_latency({"probe": model}, batch_size=batch_size, seq_len=seq_len, repeats=1, warmup=0)
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        row["error"] = f"cannot be timed: {lines[0] if lines else type(err).__name__}"
+        logger.warning("version %s of %s %s", v.version, name, row["error"])
+        return row
+    key, config = _dense_shape(model)
+    if key not in timing.models:
+        timing.models[key] = AutoModelForQuestionAnswering.from_config(config).eval()
+    timing.dense_of[row["version"]] = key
+    timing.models[f"v{v.version}"] = model
+    return row
+
+
+def _none_timed(name: str, timing: _Timing) -> str:
+    """Why no version of ``name`` could be timed: each version's error, and what went wrong with them all."""
+    rows = timing.rows
+    reasons = "; ".join(f"version {row['version']}: {row['error']}" for row in rows)
+    kinds = {"chosen" if row["version"] in timing.set_aside else
+             "timed" if row["error"].startswith("cannot be timed: ") else "loaded" for row in rows}
+    what = " or ".join(word for word in ("loaded", "timed", "chosen") if word in kinds)
+    return f"no version of {name!r} could be {what} ({reasons})"
+
+
+def _point_alias(client, name: str, alias: str, version, every: list, max_latency_ms: float,
+                 in_sweep: bool) -> str | None:
+    """Point ``alias`` of ``name`` at ``version``, chosen by :func:`select_by_latency` within ``max_latency_ms``
+    (``in_sweep``: by a sweep's ``best_f1_under_latency`` policy); the version the alias left, or None.
+
+    The champion alias goes as :func:`_make_champion` moves it, its version tagged with the policy that chose it.
+
+    Raises:
+        SelectionError: the registry refused the alias.
+    """
+    number = str(version.version)
+    try:
+        if alias == ALIAS:  # the champion: its version records the policy that made it one, and only it
+            held = version.tags or {}
+            for key, value in ((TAG_POLICY, "best_f1_under_latency"),
+                               (TAG_POLICY_THRESHOLD, f"max_latency_ms {max_latency_ms:g}")):
+                if held.get(key) != value:  # registering the sweep again writes nothing new
+                    _set_version_tag(client, name, number, key, value)
+            by = f"best_f1_under_latency max_latency_ms {max_latency_ms:g}" if in_sweep else None
+            return _make_champion(client, name, version, every, by)
+        moved = _move_alias(client, name, alias, number)
+        left = None if moved is None else str(moved.version)
+        if left is not None:
+            logger.info("alias %r of %s moved from version %s to version %s", alias, name, left, number)
+        return left
+    except MlflowException as err:
+        raise SelectionError(f"alias {alias!r} of {name!r}: {str(err).splitlines()[0]}") from None
 
 
 def register_from_experiment(experiment: str, tracking_uri: str | None = None, space: str | None = None,
