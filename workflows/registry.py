@@ -1023,12 +1023,11 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     previous_threads = torch.get_num_threads()
     threads = int(threads or previous_threads)
     started = time.perf_counter()
-    timing = _Timing()
+    timing = _Timing(runtime, threads, batch_size, seq_len, seq_len_from)
     lifecycle: dict[str, str | None] = {}  # run id -> deleted or removed, each run read once
     with atomic.scratch_dir("download") as tmp:
         for v in versions:
-            timing.rows.append(_version_to_time(client, name, v, Path(tmp) / str(v.version), timing, lifecycle,
-                                                runtime, threads, batch_size, seq_len, seq_len_from))
+            timing.rows.append(_version_to_time(client, name, v, Path(tmp) / str(v.version), timing, lifecycle))
         if not timing.dense_of:
             raise SelectionError(f"{_none_timed(name, timing)}; alias {alias!r} left as it was")
         loaded = time.perf_counter()
@@ -1107,25 +1106,31 @@ def _versions_to_time(client, name: str, sweep_run_id: str | None) -> tuple[list
 
 @dataclasses.dataclass
 class _Timing:
-    """What :func:`select_by_latency` times: the models to run round-robin (each version's as ``vN``, each dense
-    shape by its :func:`_dense_shape` key), the dense shape of each version timed, each version's row, and the
-    versions set aside (their trial or sweep run deleted)."""
+    """What :func:`select_by_latency` times, and how: the runtime, threads and input shape (``seq_len_from``: what
+    gave ``seq_len``, see there); the models to run round-robin (each version's as ``vN``, each dense shape by its
+    :func:`_dense_shape` key), the dense shape of each version timed, each version's row, and the versions set aside
+    (their trial or sweep run deleted)."""
 
+    runtime: str
+    threads: int
+    batch_size: int
+    seq_len: int
+    seq_len_from: str | None
     models: dict[str, Any] = dataclasses.field(default_factory=dict)
     dense_of: dict[str, str] = dataclasses.field(default_factory=dict)
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     set_aside: set[str] = dataclasses.field(default_factory=set)
 
 
-def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle: dict[str, str | None],
-                     runtime: str, threads: int, batch_size: int, seq_len: int, seq_len_from: str | None
+def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle: dict[str, str | None]
                      ) -> dict[str, Any]:
     """The row of version ``v`` of ``name`` (its trial figures, how it runs, or why it is not timed: an ``error``),
-    its model loaded from ``dst`` and added to ``timing`` with its dense shape when it runs on ``batch_size`` x
-    ``seq_len`` input (see :func:`select_by_latency`).
+    its model loaded from ``dst`` and added to ``timing`` with its dense shape when it runs on the input of
+    ``timing`` (see :func:`select_by_latency`). ``lifecycle`` caches whether each run read was deleted.
 
     Raises:
-        SeqLenError: its model takes fewer positions than ``seq_len`` and ``seq_len_from`` names what gave it.
+        SeqLenError: its model takes fewer positions than ``timing.seq_len`` and ``timing.seq_len_from`` names what
+            gave it.
     """
     # transformers and the library are needed only to time models; the registry module stays light without them.
     from transformers import AutoModelForQuestionAnswering
@@ -1147,8 +1152,8 @@ def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle
                        "trial while it is on its sweep's frontier)", v.version, name, what,
                        _register_frontier_command(client, v.tags.get(TAG_SWEEP_RUN)))
     try:  # a model that takes fewer positions than seq_len is found from its config, before its weights
-        model, row["served_by"] = load_version(client, name, str(v.version), str(dst), runtime, threads,
-                                               seq_len=seq_len)
+        model, row["served_by"] = load_version(client, name, str(v.version), str(dst), timing.runtime,
+                                               timing.threads, seq_len=timing.seq_len)
         row["served_f1"] = checked_f1(v.tags, variant_run(row["served_by"]))
         limit = max_positions(model.config)
     except FewerPositions as short:
@@ -1158,15 +1163,16 @@ def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle
         row["error"] = lines[0] if lines else type(err).__name__
         logger.warning("version %s of %s cannot be loaded: %s", v.version, name, row["error"])
         return row
-    if seq_len > limit and seq_len_from is not None:
-        raise SeqLenError(f"{seq_len_from}: {seq_len} exceeds the {limit} positions the model of version "
+    seq_len = timing.seq_len
+    if seq_len > limit and timing.seq_len_from is not None:
+        raise SeqLenError(f"{timing.seq_len_from}: {seq_len} exceeds the {limit} positions the model of version "
                           f"{v.version} of {name} takes; no champion registered")
     if seq_len > limit:  # another version, of a model with more positions, may still be timed
         row["error"] = f"cannot be timed: its model takes at most {limit} positions, fewer than --seq-len {seq_len}"
         logger.warning("version %s of %s %s", v.version, name, row["error"])
         return row
     try:  # one pass first: a version that loads but fails when run must not stop the timing of the others
-        interleaved_latency({"probe": model}, batch_size=batch_size, seq_len=seq_len, repeats=1, warmup=0)
+        interleaved_latency({"probe": model}, batch_size=timing.batch_size, seq_len=seq_len, repeats=1, warmup=0)
     except Exception as err:
         lines = str(err).strip().splitlines()
         row["error"] = f"cannot be timed: {lines[0] if lines else type(err).__name__}"
