@@ -23,7 +23,8 @@ from typing import Any, Hashable, Iterable, Mapping
 import yaml
 
 __all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunConfig", "read_yaml", "load_config",
-           "config_from_dict", "config_to_dict", "HEAD_BLOCK", "attention_block_of", "check_head_shaped",
+           "config_from_dict", "config_to_dict", "HEAD_BLOCK", "DEFAULT_BLOCK", "method_block", "default_block",
+           "attention_block_of", "check_head_shaped",
            "check_keys_apply", "METHOD_KEYS", "EVALUATION_KEYS", "evaluation_settings", "MAX_SEED"]
 
 
@@ -130,8 +131,9 @@ class RunConfig:
     # --- masks (ignored for method: dense) ------------------------------------------------------------------
     method: Method = Method.DENSE
     # rows x columns of one attention score block, or head: one head of the model, [head_dim, hidden] (whole heads
-    # kept or removed; what method fisher prunes), whatever the model's width
-    attention_block: tuple[int, int] | str = (32, 32)
+    # kept or removed; what method fisher prunes), whatever the model's width; null: the method's own
+    # (method_block: [32, 32] for topk and sigmoid_threshold, the paper's; head for fisher)
+    attention_block: tuple[int, int] | str | None = None
     mask_lr: float = 1e-2
     # initial scores: a number (every score that value; sigmoid(0) = 0.5 keeps everything at threshold 0), or
     # constant (0), fisher or magnitude: scores spread over [-mask_init_scale, mask_init_scale] by the weighted
@@ -240,7 +242,7 @@ def _check(cfg: RunConfig) -> None:
     block = cfg.attention_block
     if isinstance(block, int):
         block = (block, block)
-    if block != HEAD_BLOCK:
+    if block is not None and block != HEAD_BLOCK:
         if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(_is_int(b) and b > 0 for b in block)):
             _fail("attention_block", f"must be two positive integers [rows, cols] or {HEAD_BLOCK} (one head of the "
                                      f"model), got {cfg.attention_block!r}")
@@ -378,7 +380,7 @@ def _check(cfg: RunConfig) -> None:
         if hidden % heads:
             _fail("model_config.hidden_size", f"{hidden} is not a multiple of num_attention_heads {heads}")
         if cfg.method is Method.FISHER:
-            check_head_shaped(cfg.attention_block, hidden // heads, hidden)
+            check_head_shaped(method_block(cfg), hidden // heads, hidden)
 
 
 def _model_type(values: Mapping[Any, Any]) -> str:
@@ -464,6 +466,20 @@ def _check_model_keys(values: Mapping[Any, Any]) -> None:
 
 # The attention_block that is one head of whatever model the run prunes: [head_dim, hidden].
 HEAD_BLOCK = "head"
+# The attention_block of topk and sigmoid_threshold without one of their own: the paper's 32x32 blocks.
+DEFAULT_BLOCK = (32, 32)
+
+
+def method_block(cfg: RunConfig) -> tuple[int, int] | str:
+    """The attention block ``cfg`` prunes with: its ``attention_block``, or without one (null) its method's own,
+    :data:`HEAD_BLOCK` for fisher (which keeps or removes whole heads) and :data:`DEFAULT_BLOCK` for the others. A
+    config that leaves the key out thus fits every method, a sweep that searches ``method`` among them."""
+    return default_block(cfg.method) if cfg.attention_block is None else cfg.attention_block
+
+
+def default_block(method: Method) -> tuple[int, int] | str:
+    """The attention block of ``method`` when a config gives none (see :func:`method_block`)."""
+    return HEAD_BLOCK if method is Method.FISHER else DEFAULT_BLOCK
 
 
 def attention_block_of(block: tuple[int, int] | str, hidden: int, heads: int) -> tuple[int, int]:
@@ -599,6 +615,8 @@ def check_keys_apply(cfg: RunConfig, keys: Iterable[str]) -> None:
     for key in keys:
         if key not in METHOD_KEYS or getattr(cfg, key) == getattr(defaults, key):
             continue
+        if key == "attention_block" and cfg.attention_block == DEFAULT_BLOCK:
+            continue  # the block a config written out whole named when null was not yet the method's own
         methods = METHOD_KEYS[key]
         if cfg.method not in methods:
             readers = [m.value for m in Method if m in methods]

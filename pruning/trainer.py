@@ -69,7 +69,7 @@ from .checkpoint import (
 )
 from .contents import content_digest
 from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, attention_block_of, check_head_shaped,
-                     config_to_dict, evaluation_settings)
+                     config_to_dict, default_block, evaluation_settings, method_block)
 from .distill import hidden_mse, kd_loss, qa_ce_loss
 from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, resolve_tokenizer, shipped_model_dir
@@ -231,11 +231,11 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if cfg.method is Method.FISHER:
         # Pruned in one shot by train() once the calibration windows exist; the masks come with the structure.
         config = model.config
-        check_head_shaped(cfg.attention_block, config.hidden_size // config.num_attention_heads, config.hidden_size)
+        check_head_shaped(method_block(cfg), config.hidden_size // config.num_attention_heads, config.hidden_size)
     elif cfg.masked:
         constant = 0.0 if isinstance(cfg.mask_init, MaskInit) else float(cfg.mask_init)
         config = model.config
-        block = attention_block_of(cfg.attention_block, config.hidden_size, config.num_attention_heads)
+        block = attention_block_of(method_block(cfg), config.hidden_size, config.num_attention_heads)
         try:
             mask_lib.apply_masks_(model, cfg.method.value, block, constant)
         except ValueError as err:
@@ -1050,6 +1050,14 @@ def _check_position_fields(path: Path, name: str, values: dict[str, Any]) -> Non
             raise CheckpointError(f"{path}: {name}.{key} must be {wanted}, got {json.dumps(value)}")
 
 
+def _block_setting(value: Any, method: Method | None) -> Any:
+    """A recorded ``attention_block`` as the run of ``method`` prunes with it: null is the method's own block."""
+    if value is not None or method is None:
+        return value
+    block = default_block(method)
+    return list(block) if isinstance(block, tuple) else block
+
+
 def _same_setting(key: str, old: Any, new: Any) -> bool:
     if old == new:
         return True
@@ -1092,15 +1100,18 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
     given = config_to_dict(cfg)
     methods = {cfg.method}
     try:
-        methods.add(Method(stored.get("method", defaults["method"])))
+        stored_method = Method(stored.get("method", defaults["method"]))
+        methods.add(stored_method)
     except ValueError:
-        pass
+        stored_method = None
     keys = list(RESUME_KEYS) + [k for m in Method if m in methods for k in RESUME_METHOD_KEYS[m]]
     differing = []
     for key in dict.fromkeys(keys):
-        old = stored.get(key, defaults[key])
-        if not _same_setting(key, old, given[key]):
-            differing.append(f"{key} {json.dumps(old)} there, {json.dumps(given[key])} here")
+        old, new = stored.get(key, defaults[key]), given[key]
+        if key == "attention_block":  # null: the method's own block, the same run as one that names it
+            old, new = _block_setting(old, stored_method), _block_setting(new, cfg.method)
+        if not _same_setting(key, old, new):
+            differing.append(f"{key} {json.dumps(old)} there, {json.dumps(new)} here")
         elif key == "train_data" and _data_changed(given[key], state.get(DATA_DIGEST)):
             differing.append(f"train_data {json.dumps(given[key])}: its contents differ from those the checkpoint "
                              "was trained on")

@@ -4,13 +4,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pruning.config import ConfigError, Method, RunConfig, config_from_dict, config_to_dict, load_config
+from pruning.config import (ConfigError, Method, RunConfig, config_from_dict, config_to_dict, load_config,
+                            method_block)
 
 
 def test_defaults_follow_the_papers_hybrid_setting():
     cfg = RunConfig(method="sigmoid_threshold")
     assert cfg.method is Method.SIGMOID_THRESHOLD
-    assert cfg.attention_block == (32, 32)
+    assert cfg.attention_block is None and method_block(cfg) == (32, 32)  # the method's own: the paper's blocks
     assert (cfg.initial_threshold, cfg.final_threshold) == (0.0, 0.1)
     assert (cfg.alpha_ce, cfg.alpha_distil, cfg.temperature) == (0.1, 0.9, 2.0)
     assert cfg.mask_lr == 1e-2 and cfg.learning_rate == 3e-5
@@ -348,3 +349,57 @@ def test_the_references_table_of_run_config_keys_gives_every_key_its_default_and
         assert read(default) == expected, f"{key}: the table says {default}, a config gets {expected!r}"
         readers = {m.value for m in METHOD_KEYS.get(key, Method)}
         assert set(methods.split(", ")) == (readers if key in METHOD_KEYS else {"all"}), f"{key}: {methods}"
+
+
+def test_a_config_without_attention_block_prunes_with_its_methods_own(tmp_path):
+    """No attention_block: topk and sigmoid_threshold take the paper's 32x32 blocks, fisher one head of the model,
+    which it needs (it stopped on "method fisher needs head-shaped blocks" unless the config said `head`). The
+    method's own follows the method a sweep's trial overlays on its base, and a block given stays as given."""
+    from pruning import masks
+    from pruning.trainer import build_model
+
+    shape = {"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 64}
+    topk = RunConfig(model_config=shape, method="topk")
+    assert topk.attention_block is None and method_block(topk) == (32, 32)
+    model, _ = build_model(topk)
+    assert {tuple(m.block) for _, m in masks.masked_modules(model) if m.role == "attention"} == {(32, 32)}
+    fisher = RunConfig(model_config=shape, method="fisher")
+    assert method_block(fisher) == "head"
+    build_model(fisher)  # head-shaped: no error
+    assert method_block(config_from_dict({"method": "fisher"}, base=topk)) == "head"
+    assert method_block(config_from_dict({"method": "topk"}, base=fisher)) == (32, 32)
+    assert config_from_dict(config_to_dict(fisher)).attention_block is None  # null, as YAML writes it
+    given = RunConfig(model_config=shape, method="topk", attention_block=[16, 16])
+    assert method_block(config_from_dict({"method": "sigmoid_threshold"}, base=given)) == (16, 16)
+    with pytest.raises(ConfigError, match=r"attention_block: method fisher needs head-shaped blocks"):
+        config_from_dict({"method": "fisher"}, base=given)
+
+    path = tmp_path / "fisher.yaml"
+    path.write_text("method: fisher\ntarget_density: 0.5\n")
+    assert method_block(load_config(path)) == "head"
+    # A dense run's config written out whole names the block the pruning methods took without one: still read.
+    path.write_text("method: dense\nattention_block: [32, 32]\n")
+    assert load_config(path).method is Method.DENSE
+    path.write_text("method: dense\nattention_block: [16, 16]\n")
+    with pytest.raises(ConfigError, match=r"attention_block: has no effect with method dense"):
+        load_config(path)
+
+
+def test_a_run_without_attention_block_resumes_under_its_methods_own_named(tmp_path):
+    """A checkpoint records the config as given: null resumes under the block it stands for, named, and the other
+    way round; another block is still refused."""
+    import json
+
+    from pruning.trainer import STATE, check_resume_config
+
+    for method, own in (("topk", [32, 32]), ("fisher", "head")):
+        unnamed = RunConfig(method=method)
+        named = RunConfig(method=method, attention_block=own)
+        for written, resumed in ((unnamed, named), (named, unnamed)):
+            (tmp_path / STATE).write_text(json.dumps({"step": 1, "config": config_to_dict(written)}))
+            check_resume_config(resumed, tmp_path)
+        (tmp_path / STATE).write_text(json.dumps({"step": 1, "config": config_to_dict(unnamed)}))
+        other = [16, 16] if method == "topk" else [16, 384]
+        with pytest.raises(ConfigError, match=rf"attention_block {re.escape(json.dumps(own))} there, "
+                                              rf"{re.escape(json.dumps(other))} here"):
+            check_resume_config(RunConfig(method=method, attention_block=other), tmp_path)

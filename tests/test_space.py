@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import renumber_tokens
-from pruning.config import Method, RunConfig
+from pruning.config import Method, RunConfig, method_block
 from workflows.space import (
     LAMBDA_KEY,
     SpaceError,
@@ -940,6 +940,14 @@ def test_blocks_that_fit_the_model_load(tmp_path, small_model_dir):
         values["base"].pop("max_steps")
         values["search"] = {"target_density": {"type": "uniform", "low": 0.3, "high": 0.6}}
         load_space(write(tmp_path, values, "fisher.yaml"))
+    # Without a block of its own, each trial of a searched method prunes with that method's block.
+    values = _on_model(small_model_dir)
+    values["base"].pop("attention_block")
+    values["search"] = {"method": {"type": "choice", "values": ["topk", "fisher"]}}
+    space = load_space(write(tmp_path, values, "methods.yaml"))
+    blocks = {method: method_block(trial_config(space, {"method": method}, tmp_path / method, None))
+              for method in ("topk", "fisher")}
+    assert blocks == {"topk": (32, 32), "fisher": "head"}
     # A model directory that is not here (on a cluster's workers only) is not read: the trials check it.
     load_space(write(tmp_path, _on_model(tmp_path / "elsewhere", attention_block=[24, 24]), "elsewhere.yaml"))
 

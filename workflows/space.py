@@ -36,7 +36,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from pruning.config import (MAX_SEED, METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, RunConfig, attention_block_of,
-                            check_head_shaped, check_keys_apply, config_from_dict, config_to_dict, read_yaml)
+                            check_head_shaped, check_keys_apply, config_from_dict, config_to_dict, method_block,
+                            read_yaml)
 from pruning.resources import ResourceError, resolve_data, resolve_model, resolve_tokenizer
 from pruning.schedules import warmups
 from pruning.contents import content_digest
@@ -1133,9 +1134,9 @@ def _check_blocks(cfg: RunConfig, model: Any, label: str) -> None:
     if heads <= 0 or hidden % heads:  # the model does not build; the trial says why
         return
     if cfg.method is Method.FISHER:
-        check_head_shaped(cfg.attention_block, hidden // heads, hidden)
+        check_head_shaped(method_block(cfg), hidden // heads, hidden)
         return
-    rows, cols = attention_block_of(cfg.attention_block, hidden, heads)
+    rows, cols = attention_block_of(method_block(cfg), hidden, heads)
     if hidden % rows or hidden % cols:
         raise ConfigError(f"attention_block: {rows}x{cols} does not divide the {hidden}x{hidden} attention matrices "
                           f"of {label} (hidden_size {hidden})")
