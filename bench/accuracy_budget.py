@@ -65,7 +65,8 @@ import torch
 
 from pruning import atomic, squad
 from pruning.bench import linear_flops
-from pruning.checkpoint import load_model, load_tokenizer
+from pruning.checkpoint import load_model
+from pruning.tokenizer import load_tokenizer
 from pruning import config as run_config
 from pruning.config import ConfigError, RunConfig, config_from_dict, load_config
 from pruning.importance import structure_costs

@@ -154,9 +154,10 @@ def run_student(args) -> None:
     """One student, in its own process: calibrate, fine-prune, pack, evaluate, time."""
     from pruning import squad
     from pruning.bench import flop_ratio
-    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.checkpoint import load_model
     from pruning.packing import pack_and_verify, save_packed
     from pruning.sparsity import sparsity_report
+    from pruning.tokenizer import load_tokenizer
     from pruning.trainer import evaluate, resolve_device, train
 
     work = Path(args.work)

@@ -51,13 +51,14 @@ from transformers import BertConfig, BertForQuestionAnswering
 
 from pruning import masks as mask_lib
 from pruning import squad
-from pruning.checkpoint import load_model, load_tokenizer
+from pruning.checkpoint import load_model
 from pruning.export import OrtQAModel, export_model
 from pruning.inference import answer
 from pruning.packing import is_packed, pack
 from pruning.precision import Bf16Inference, cpu_supports_bf16
 from pruning.resources import resolve_data, shipped_model_dir
 from pruning.structure import max_positions
+from pruning.tokenizer import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts, as when run from bench/
 from pack_speed import REFERENCE, bert_base_patterns, ffn_width_for, warn_if_busy, zero_structure_  # noqa: E402

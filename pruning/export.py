@@ -49,12 +49,13 @@ from transformers.modeling_outputs import QuestionAnsweringModelOutput
 from . import masks as mask_lib
 from .bench import eval_mode
 from .atomic import scratch_dir, staged_dir
-from .checkpoint import EXPORT_MANIFEST, check_tokenizer_fits, load_model, load_tokenizer
+from .checkpoint import EXPORT_MANIFEST, load_model
 from .packing import pack
 from .resources import resolve_data, resolve_model
 from .squad import check_windows, load_squad, questions_of
 from .structure import (DEFAULT_MODEL_TYPE, architecture_for, config_class, encoder_layers, get_module, max_positions,
                         position_ids)
+from .tokenizer import check_tokenizer_fits, load_tokenizer
 
 __all__ = [
     "ExportError",

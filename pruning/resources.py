@@ -58,7 +58,7 @@ def resolve_model(name: str) -> Path:
 
 def resolve_tokenizer(name: str) -> Path:
     """``minilm`` or a local directory of tokenizer files: a model's, or a tokenizer's alone (no config.json needed;
-    :func:`pruning.checkpoint.load_tokenizer` says what files it lacks)."""
+    :func:`pruning.tokenizer.load_tokenizer` says what files it lacks)."""
     path = shipped_model_dir() if name == SHIPPED_MODEL else Path(name)
     if path.is_file():
         raise ResourceError(f"{path}: is a file; a tokenizer directory is expected")

@@ -58,14 +58,12 @@ from .checkpoint import (
     TOKENIZER_FILES,
     CheckpointError,
     load_model,
-    load_tokenizer,
     load_training_state,
     optimizer_tensors,
     read_evaluation,
     read_json,
     restore_optimizer,
     save_model,
-    tokenizer_misfit,
 )
 from .contents import content_digest
 from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, attention_block_of, check_head_shaped,
@@ -77,6 +75,7 @@ from .schedules import cubic_schedule, linear_warmup_decay, warmups
 from .sparsity import sparsity_report
 from .structure import architecture_for, max_positions, qa_model_class, scratch_config
 from .teacher_cache import TeacherCache, TeacherOutputs
+from .tokenizer import load_tokenizer, tokenizer_misfit
 
 __all__ = ["Report", "TrainingPlan", "build_model", "fit_to_model", "plan", "mask_schedule", "train", "evaluate",
            "resolve_device", "check_device", "enter_fill_phase", "check_resume_config", "training_loss", "fused_adamw",

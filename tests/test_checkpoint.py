@@ -99,7 +99,7 @@ def _tokens(tokenizer, text):
 def test_a_cased_tokenizer_json_saved_on_its_own_stays_cased(tmp_path):
     # tokenizer.json alone (no tokenizer_config.json), as Tokenizer.save or a copy of the one file leaves it:
     # transformers would rebuild its normalizer lower-casing and stripping accents.
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
 
     _cased_tokenizer().save_pretrained(tmp_path)
     (tmp_path / "tokenizer_config.json").unlink()
@@ -119,7 +119,7 @@ def test_a_tokenizer_json_keeps_its_own_pre_tokenizer(tmp_path, alone):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import BertTokenizerFast
 
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "it's", "a", "cat.", "who?", "it", "'", "s", "cat", "."]
     backend = Tokenizer(models.WordPiece({token: i for i, token in enumerate(words)}, unk_token="[UNK]"))
@@ -147,7 +147,7 @@ def test_a_tokenizer_json_keeps_a_normalizer_of_another_kind(tmp_path, kind):
     # transformers put BERT's in its place, lower-casing with accents stripped: "Zoë" and "Apple" became [UNK]
     from tokenizers import normalizers
 
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
 
     tokenizer = _cased_tokenizer()
     tokenizer.backend_tokenizer.normalizer = (normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents()])
@@ -168,7 +168,7 @@ def test_a_tokenizer_json_keeps_a_normalizer_of_another_kind(tmp_path, kind):
 
 
 def test_tokenizer_config_still_decides_the_casing(tmp_path):
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
 
     _cased_tokenizer().save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
@@ -180,7 +180,7 @@ def test_tokenizer_config_still_decides_the_casing(tmp_path):
 
 
 def test_a_cased_vocab_txt_read_lower_cased_is_said(tmp_path, caplog):
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
 
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_CASED_WORDS]
@@ -207,7 +207,7 @@ def test_a_cased_vocab_txt_read_lower_cased_is_said(tmp_path, caplog):
 ], ids=["config-without-casing", "config-lower-casing", "config-stripping-accents"])
 def test_a_cased_vocab_txt_read_lower_cased_is_said_whatever_file_gave_the_settings(tmp_path, caplog, config, says):
     # a tokenizer_config.json without do_lower_case left the cased vocab.txt read lower-cased without a word
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
 
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_CASED_WORDS]
@@ -223,8 +223,8 @@ def test_a_cased_vocab_txt_read_lower_cased_is_said_whatever_file_gave_the_setti
 def test_a_cased_tokenizer_json_that_lower_cases_is_said_and_the_shipped_model_is_not(tmp_path, caplog):
     from tokenizers import normalizers
 
-    from pruning.checkpoint import load_tokenizer
     from pruning.resources import shipped_model_dir
+    from pruning.tokenizer import load_tokenizer
 
     tokenizer = _cased_tokenizer()
     tokenizer.backend_tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -259,7 +259,7 @@ def test_a_cased_tokenizer_json_that_lower_cases_is_said_and_the_shipped_model_i
 ], ids=["string-for-a-boolean", "number-for-a-boolean", "not-an-object", "config-cut-short", "tokenizer-cut-short"])
 def test_a_malformed_tokenizer_file_is_one_line_naming_it(tmp_path, file, content, says):
     # a hand-written tokenizer_config.json ("false" in quotes) failed inside transformers with a traceback
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
 
     _cased_tokenizer().save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
@@ -275,7 +275,7 @@ def test_the_casing_warning_counts_every_token_the_normalizer_changes(tmp_path, 
     # the check normalizes only tokens that are not plain ASCII; its count is that of normalizing every one
     from tokenizers import normalizers
 
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
 
     odd = ["Hello", "hello", "HELLO", "é", "Zoë", "東京", "東", "a\x7fb", "a\u200bb", "[x]", "@", "~tilde", "`",
            "_", "{}", "Ⅻ", "ǅ", "ß", "İ", "ﬁ", "##Abc", "##abc", "a\u0301"]
@@ -301,7 +301,7 @@ def test_a_tokenizer_json_field_of_the_wrong_type_is_one_line_naming_it(tmp_path
     # the tokenizers library's refusal came out of transformers as a traceback
     from tokenizers import decoders
 
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
 
     tokenizer = _cased_tokenizer()
     tokenizer.backend_tokenizer.decoder = decoders.WordPiece()
@@ -380,7 +380,7 @@ def _reads_as_its_file(tokenizer, path):
 def test_a_tokenizer_json_keeps_its_own_word_pieces_and_decoder(tmp_path, config):
     # transformers rebuilt its WordPiece as BERT's ("##" pieces, words of up to 100 characters) with BERT's decoder:
     # "Shakespeare" became shake ##speare, "antidisestablishmentism" a token though the file says [UNK]
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
 
     path = _word_piece_dir(tmp_path / "own", config)
     tokenizer = load_tokenizer(path)
@@ -401,7 +401,7 @@ def test_a_tokenizer_json_keeps_its_own_word_pieces_and_decoder(tmp_path, config
 def test_a_tokenizer_json_keeps_its_own_unknown_token(tmp_path, config):
     # transformers built its WordPiece with "[UNK]", which its vocabulary lacks: the tokenizers library's traceback
     # ("Missing [UNK] token from the vocabulary") at the first unknown word, in training, eval or serving
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
 
     path = _word_piece_dir(tmp_path / "own", config=False, unk="<unk>")
     if config is not None:
@@ -418,7 +418,7 @@ def test_a_tokenizer_json_keeps_its_own_unknown_token(tmp_path, config):
 @pytest.mark.parametrize("file", ["tokenizer_config.json", "special_tokens_map.json", "vocab.txt"])
 def test_an_unknown_token_the_vocabulary_lacks_is_one_line_naming_the_file(tmp_path, file):
     # the tokenizer loaded, and the first word outside the vocabulary stopped the run with a traceback
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
 
     path = _word_piece_dir(tmp_path, config=True, unk="<unk>")
     if file == "vocab.txt":  # a vocab.txt alone: transformers' "[UNK]"
@@ -458,8 +458,8 @@ def test_a_tokenizer_json_keeps_its_own_post_processor(tmp_path, config, pair):
     # met type id 1 (index out of range), and a model trained with two [SEP] between the texts windows without them
     from transformers import BertConfig, BertForQuestionAnswering
 
-    from pruning.checkpoint import load_tokenizer
     from pruning.squad import Example, prepare_eval_features
+    from pruning.tokenizer import load_tokenizer
 
     path = _with_template(_word_piece_dir(tmp_path / "own", config), pair, [("[CLS]", 2), ("[SEP]", 3)])
     tokenizer = load_tokenizer(path)
@@ -482,7 +482,7 @@ def test_a_tokenizer_json_keeps_its_own_post_processor(tmp_path, config, pair):
 
 
 def test_a_post_processor_that_does_not_put_the_cls_token_first_is_one_line_naming_it(tmp_path):
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
 
     path = _with_template(_word_piece_dir(tmp_path, config=True), "[SEP] $A [CLS] $B:1 [SEP]:1",
                           [("[CLS]", 2), ("[SEP]", 3)])

@@ -1340,8 +1340,9 @@ def test_a_report_into_a_directory_that_cannot_be_written_is_one_line(capsys, to
 def test_pruning_a_packed_model_is_refused_before_training(capsys, masked_checkpoint, tmp_path):
     """`prune --model PACKED` trained for the whole run and wrote a final model and checkpoint that eval, pack and
     --resume could not read (mask scores beside the packed record); it is refused in one line before training."""
-    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.checkpoint import load_model
     from pruning.packing import pack_and_verify, save_packed
+    from pruning.tokenizer import load_tokenizer
 
     packed = tmp_path / "packed"
     save_packed(pack_and_verify(load_model(masked_checkpoint), time_latency=False)[0],
@@ -1505,8 +1506,9 @@ def test_packing_an_exported_directory_names_its_source(capsys, masked_checkpoin
 def test_packing_a_packed_directory_is_refused_not_timed_against_itself(capsys, masked_checkpoint, tmp_path):
     """A packed directory packed again was timed against its own shape and reported speedup ~1 and param_ratio 1.0,
     as if packing had gained nothing; it is refused in one line, as eval, ask and export take it as it is."""
-    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.checkpoint import load_model
     from pruning.packing import pack_and_verify, save_packed
+    from pruning.tokenizer import load_tokenizer
 
     packed = tmp_path / "packed"
     save_packed(pack_and_verify(load_model(masked_checkpoint), time_latency=False)[0],

@@ -136,8 +136,9 @@ def test_two_registrations_at_once_make_one_version_of_a_trial(tmp_path, masked_
     and both registrations name the first, with the alias on it."""
     from mlflow.tracking import MlflowClient
 
-    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.checkpoint import load_model
     from pruning.packing import pack, save_packed
+    from pruning.tokenizer import load_tokenizer
     from ray import tune
     from ray.train._internal.session import _TrainingResult
     from ray.tune.experiment import Trial

@@ -6,9 +6,9 @@ import torch
 from transformers import BertForQuestionAnswering
 
 from pruning import masks, squad
-from pruning.checkpoint import load_tokenizer
 from pruning.inference import (Answer, RecordError, answer, answer_batch, answer_records, check_records,
                                count_windows, run_windows, torch_runner)
+from pruning.tokenizer import load_tokenizer
 
 CONTEXT = ("The Amazon rainforest covers much of the Amazon basin of South America. The basin spans seven million "
            "square kilometres, of which five and a half million are covered by the rainforest. The region includes "

@@ -250,8 +250,9 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 def test_a_full_disk_while_pack_overwrites_a_model_is_one_line_and_keeps_the_earlier_model(tmp_path, monkeypatch,
                                                                                           capsys, masked_checkpoint):
-    from pruning.checkpoint import load_model, load_tokenizer
+    from pruning.checkpoint import load_model
     from pruning.packing import load_packed, pack, save_packed
+    from pruning.tokenizer import load_tokenizer
 
     out = save_packed(pack(load_model(masked_checkpoint)), load_tokenizer(masked_checkpoint), tmp_path / "packed")
     (out / "notes.txt").write_text("kept")

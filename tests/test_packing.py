@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
 from pruning import masks
-from pruning.checkpoint import OPTIMIZER, CheckpointError, load_model, load_tokenizer
+from pruning.checkpoint import OPTIMIZER, CheckpointError, load_model
 from pruning.precision import PrecisionError, cpu_supports_bf16
 from pruning.bench import compare_latency, flop_ratio, interleaved_latency, latency, linear_flops
 from pruning.packing import (
@@ -27,6 +27,7 @@ from pruning.packing import (
 )
 from pruning.resources import shipped_model_dir
 from pruning.sparsity import sparsity_report
+from pruning.tokenizer import load_tokenizer
 from pruning.trainer import train
 from workflows.cli import main
 

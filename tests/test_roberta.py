@@ -22,13 +22,14 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import RobertaTokenizerFast
 
 from pruning import masks, squad
-from pruning.checkpoint import CheckpointError, load_model, load_tokenizer, save_model
+from pruning.checkpoint import CheckpointError, load_model, save_model
 from pruning.config import ConfigError, RunConfig
 from pruning.export import FILES, OrtQAModel, export_model
 from pruning.packing import load_packed, pack, pack_and_verify, save_packed
 from pruning.resources import shipped_model_dir
 from pruning.sparsity import sparsity_report
 from pruning.structure import ARCHITECTURES, config_class, encoder_layers, max_positions, position_ids, qa_model_class
+from pruning.tokenizer import load_tokenizer
 from pruning.trainer import build_model, train
 from workflows.cli import main as cli_main
 from workflows.registry import export_for_serving, log_qa_model, serve_settings
@@ -378,7 +379,7 @@ def test_a_tokenizer_with_more_token_types_than_the_model_is_refused():
 def test_the_feature_cache_follows_a_tokenizer_retrained_in_the_same_directory(dev_subset, tmp_path):
     """A tokenizer directory rewritten by a second BPE training (the same size, other merges) must not get the
     first tokenizer's cached windows: they would train the model on ids its evaluation never gives."""
-    from pruning.checkpoint import load_tokenizer
+    from pruning.tokenizer import load_tokenizer
     from pruning.trainer import train_features
 
     def trained(texts: list[str]) -> RobertaTokenizerFast:

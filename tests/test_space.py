@@ -439,9 +439,10 @@ def test_the_dense_baseline_is_windowed_as_the_trials_are(tmp_path):
     takes fewer positions than the teacher, and a given teacher's cached score follows that model."""
     from transformers import BertConfig, BertForQuestionAnswering
 
-    from pruning.checkpoint import load_model, load_tokenizer, save_model
+    from pruning.checkpoint import load_model, save_model
     from pruning.config import evaluation_settings
     from pruning.resources import shipped_model_dir
+    from pruning.tokenizer import load_tokenizer
     from pruning.trainer import build_model, fit_to_model
 
     given = save_model(BertForQuestionAnswering(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -890,7 +890,8 @@ def test_resuming_on_a_training_file_whose_questions_changed_is_refused(tmp_path
 def test_a_checkpoint_without_its_tokenizer_files_is_refused_not_resumed_on_unknown_tokens(tmp_path):
     """transformers builds a tokenizer of its five special tokens from config.json alone: every word would be
     [UNK], and the run would go on training on windows of nothing but [UNK]."""
-    from pruning.checkpoint import CheckpointError, load_tokenizer
+    from pruning.checkpoint import CheckpointError
+    from pruning.tokenizer import load_tokenizer
 
     cfg = tiny_cfg(tmp_path, max_steps=2, train_limit=4, eval_limit=1)
     train(cfg, progress=False)
@@ -949,8 +950,8 @@ def test_a_run_tokenizes_its_evaluation_questions_once_however_often_it_evaluate
     each of 4 steps calls the tokenizer as often as a run of 1 step evaluating once, and every evaluation scores
     exactly what a fresh evaluation of that step's checkpoint (on windows of its own) scores."""
     from pruning import squad
-    from pruning.checkpoint import load_tokenizer
     from pruning.resources import resolve_data
+    from pruning.tokenizer import load_tokenizer
     from pruning.trainer import evaluate
 
     calls = {"run": 0, "check": 0}

@@ -237,10 +237,11 @@ def _load_any(model_dir: str, precision: str, variant: str | None, device: str =
     its tokenizer, the resolved precision (an exported model's: its variant, ``fp32`` or ``int8``) and the device.
     The settings are checked before any weights are read."""
     from pruning.averaging import holds_average
-    from pruning.checkpoint import check_tokenizer_fits, load_model, load_tokenizer
+    from pruning.checkpoint import load_model
     from pruning.export import is_exported_dir, load_exported
     from pruning.precision import resolve_precision
     from pruning.resources import resolve_model
+    from pruning.tokenizer import check_tokenizer_fits, load_tokenizer
     from pruning.trainer import resolve_device
 
     path = resolve_model(model_dir)
@@ -598,11 +599,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
 def _pack_into(args: argparse.Namespace, out: Path, precision: str) -> int:
     """:func:`cmd_pack` once it holds ``out``'s lock."""
     from pruning import squad
-    from pruning.checkpoint import check_tokenizer_fits, load_model, load_tokenizer
+    from pruning.checkpoint import load_model
     from pruning.export import MANIFEST_NAME, is_exported_dir, read_manifest
     from pruning.packing import PACKED_FLAG, is_packed_dir, pack_and_verify, save_packed, weights_bytes
     from pruning.resources import resolve_data
     from pruning.structure import max_positions
+    from pruning.tokenizer import check_tokenizer_fits, load_tokenizer
 
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")

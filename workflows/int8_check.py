@@ -57,10 +57,10 @@ def onnx_scores(onnx_dir: str | Path, data: str | Path, limit: int | None,
         ResourceError, SquadError, ExportError: the data or the export cannot be read.
     """
     from pruning import squad
-    from pruning.checkpoint import load_tokenizer
     from pruning.export import load_exported
     from pruning.resources import resolve_data
     from pruning.structure import max_positions
+    from pruning.tokenizer import load_tokenizer
 
     path = resolve_data(str(data))
     examples = squad.load_squad(path, limit=limit, spans=False)

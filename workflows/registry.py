@@ -526,8 +526,9 @@ def _packed_model_of(client, run_id: str, dst: str) -> str:
             tokenizer cannot be read; the file is named in the run (``runs:/RUN_ID/packed_model/...``).
     """
     # torch and the library are needed only for a new version; the registry module stays light without them.
-    from pruning.checkpoint import CheckpointError, load_model, load_tokenizer
+    from pruning.checkpoint import CheckpointError, load_model
     from pruning.packing import PackingError
+    from pruning.tokenizer import load_tokenizer
 
     try:
         local = client.download_artifacts(run_id, ARTIFACT_PACKED_MODEL, dst)

@@ -208,11 +208,12 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         # Imported here: the registry, which imports this module, stays light without torch.
-        from pruning.checkpoint import load_model, load_tokenizer
+        from pruning.checkpoint import load_model
         from pruning.export import load_exported
         from pruning.inference import torch_runner
         from pruning.squad import fit_windows, longest_question
         from pruning.structure import max_positions
+        from pruning.tokenizer import load_tokenizer
 
         model_dir = context.artifacts[ARTIFACT_MODEL_DIR]
         settings = dict(getattr(context, "model_config", None) or {})

@@ -1044,9 +1044,10 @@ def _model_config(cfg: RunConfig) -> Any:
     machines, or a config or tokenizer that does not load (the trial says why).
     """
     # pruning imports torch and transformers: only a space whose limits are checked needs them.
-    from pruning.checkpoint import CheckpointError, load_config, load_tokenizer
+    from pruning.checkpoint import CheckpointError, load_config
     from pruning.resources import shipped_model_dir
     from pruning.structure import scratch_config
+    from pruning.tokenizer import load_tokenizer
 
     try:
         if cfg.model_config is None:
@@ -1060,9 +1061,10 @@ def _model_config(cfg: RunConfig) -> Any:
 def _vocabulary_problem(cfg: RunConfig) -> str | None:
     """Why a model built from ``cfg.model_config`` cannot embed its tokenizer's ids (the trainer refuses it before
     the first step), or None (also when the tokenizer does not load here: the run says why)."""
-    from pruning.checkpoint import CheckpointError, load_tokenizer
+    from pruning.checkpoint import CheckpointError
     from pruning.resources import shipped_model_dir
     from pruning.structure import scratch_config
+    from pruning.tokenizer import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(cfg.tokenizer or shipped_model_dir())
@@ -1078,8 +1080,9 @@ def _teacher_vocabulary_problem(cfg: RunConfig, teacher: str) -> str | None:
     """Why the teacher directory ``teacher`` cannot read the token ids of ``cfg``'s student (fewer embeddings than the
     student's tokenizer has tokens, or a tokenizer of its own that numbers them otherwise), as the trainer refuses it
     before a trial's first step; None when it can, or when either is not here to read (the trial says why)."""
-    from pruning.checkpoint import TOKENIZER_FILES, CheckpointError, load_config, load_tokenizer
+    from pruning.checkpoint import TOKENIZER_FILES, CheckpointError, load_config
     from pruning.resources import shipped_model_dir
+    from pruning.tokenizer import load_tokenizer
 
     try:
         teacher_dir = resolve_model(teacher)

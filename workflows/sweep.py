@@ -45,11 +45,12 @@ from ray.exceptions import AuthenticationError
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from pruning import atomic, squad
-from pruning.checkpoint import load_model, load_tokenizer
+from pruning.checkpoint import load_model
 from pruning.config import config_to_dict
 from pruning.packing import PACK_METRICS, pack_and_verify, save_packed
 from pruning.quiet import leaving_out, starting_with
 from pruning.resources import resolve_data
+from pruning.tokenizer import load_tokenizer
 from pruning.trainer import evaluate, resolve_device, train
 from workflows import frontier, record, registry, tracking
 from workflows.distinct import DistinctConfigurations
