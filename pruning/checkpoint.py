@@ -58,18 +58,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Loading a tokenizer moved to pruning.tokenizer; a registered version's served model written before imports these
-# names from here, and may run beside this package (a process that imported it first).
-_MOVED_TO_TOKENIZER = ("load_tokenizer", "tokenizer_misfit", "check_tokenizer_fits")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_TOKENIZER:
-        from . import tokenizer  # imports this module: here, not at the top
-
-        return getattr(tokenizer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 MASKS_KEY = "fineprune_masks"
 AUTO_MAP = "auto_map"  # in config.json: the code files that build the model, for trust_remote_code=True
 EVALUATION_KEY = "fineprune_evaluation"  # in config.json: the windows and span search of the run that wrote it

@@ -657,16 +657,3 @@ def test_a_git_lfs_pointer_in_place_of_the_weights_is_said_to_be_one(tmp_path, k
         load_model(directory)
     assert str(caught.value) == f"{weights}: a Git LFS pointer, not the weights (fetch them with `git lfs pull` in " \
                                 "the repository the directory was cloned from)"
-
-
-def test_the_tokenizer_names_a_version_registered_before_imports_from_here_still_resolve():
-    """A registered version carries its own copy of the served model, whose copies before pruning.tokenizer import
-    load_tokenizer from pruning.checkpoint; in a process that imported this package first, they get this one's."""
-    import pruning.checkpoint as checkpoint
-    import pruning.tokenizer as tokenizer
-    from pruning.checkpoint import check_tokenizer_fits, load_tokenizer, tokenizer_misfit  # as such a copy does
-
-    assert load_tokenizer is tokenizer.load_tokenizer and check_tokenizer_fits is tokenizer.check_tokenizer_fits
-    assert tokenizer_misfit is tokenizer.tokenizer_misfit
-    with pytest.raises(AttributeError, match="has no attribute 'load_tokenizers'"):
-        checkpoint.load_tokenizers  # noqa: B018 - a name that never was one stays an error
