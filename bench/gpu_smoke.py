@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare 
 from pruning import squad  # noqa: E402
 from pruning.checkpoint import load_model  # noqa: E402
 from pruning.config import RunConfig  # noqa: E402
+from pruning.errors import typed_error_line  # noqa: E402
 from pruning.inference import answer  # noqa: E402
 from pruning.masks import masked_modules  # noqa: E402
 from pruning.packing import pack_and_verify, save_packed  # noqa: E402
@@ -119,8 +120,7 @@ class Smoke:
         try:
             detail = fn()
         except Exception as err:  # a smoke test reports every failure and goes on with the next stage
-            print(f"gpu_smoke {name}: FAILED ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
-                  flush=True)
+            print(f"gpu_smoke {name}: FAILED ({typed_error_line(err)})", flush=True)
             logger.debug("%s", traceback.format_exc())
             return False
         self.passed += 1

@@ -19,6 +19,7 @@ from typing import Any, Callable
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:  # a bare checkout, nothing installed
     sys.path.insert(0, _ROOT)
+from pruning.errors import error_line  # noqa: E402  (stdlib only)
 from workflows.user_errors import output_path_problem, user_errors  # noqa: E402  (stdlib only)
 
 __all__ = ["InputError", "one_line_errors", "read_json", "require", "check_output", "check_output_dir", "write_text",
@@ -40,7 +41,7 @@ def one_line_errors(script: str) -> Callable[[Callable[..., int | None]], Callab
                 failed_write = _is_write_error(err)
                 if not failed_write and not isinstance(err, user_errors(InputError)):
                     raise
-                message = str(err).splitlines()[0] if str(err) else type(err).__name__
+                message = error_line(err)
                 print(f"{script}: {message}", file=sys.stderr)
                 return 1 if failed_write else 2
 

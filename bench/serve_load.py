@@ -41,6 +41,7 @@ from mlflow.tracking import MlflowClient
 
 from pruning import atomic, squad
 from pruning.checkpoint import read_evaluation, read_precision
+from pruning.errors import error_line
 from pruning.resources import resolve_data, resolve_model
 from workflows.record import sqlite_database
 from workflows.registry import ALIAS, log_qa_model, serve_settings
@@ -73,7 +74,7 @@ def registered_problem(model_uri: str, tracking_uri: str) -> str | None:
         else:
             client.get_model_version(name, version)
     except MlflowException as err:
-        return f"--model-uri {model_uri}: not in {tracking_uri} ({str(err).splitlines()[0]})"
+        return f"--model-uri {model_uri}: not in {tracking_uri} ({error_line(err)})"
     return None
 
 

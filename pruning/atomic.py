@@ -26,6 +26,8 @@ from typing import Iterator
 
 from safetensors import SafetensorError
 
+from .errors import error_line
+
 __all__ = ["WriteError", "Busy", "locked", "fsync_dir", "fsync_file", "save_tensors", "staging_dir", "replace_dir", "staged_dir", "tidy",
            "write_text", "write_bytes", "written_in_place", "scratch_dir", "clear_scratch"]
 
@@ -259,8 +261,7 @@ def _write_error(target: Path, err: BaseException) -> WriteError:
     if code is not None:
         reason = os.strerror(code)
     else:
-        lines = str(err).strip().splitlines()
-        reason = lines[0] if lines else type(err).__name__
+        reason = error_line(err)
     error = WriteError(f"{target}: cannot write ({reason})")
     error.errno = code
     return error

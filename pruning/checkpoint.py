@@ -32,6 +32,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from . import masks as mask_lib
 from .atomic import save_tensors, staged_dir
 from .config import EVALUATION_KEYS, parser_limit
+from .errors import error_line
 from .packing import (PACKED_FLAG, WEIGHTS_INDEX_NAME, PackingError, add_remote_code, check_kinds, load_packed,
                       read_weights, weight_dtypes)
 from .sparsity import sparsity_report
@@ -293,7 +294,7 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
                     str(model_dir), local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
                     dtype=torch.float32, use_safetensors=True)
         except (OSError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{model_dir}: cannot load model ({str(err).splitlines()[0]})") from None
+            raise CheckpointError(f"{model_dir}: cannot load model ({error_line(err)})") from None
         except Exception as err:  # the modules check their config values (an activation's name, say) as they build
             raise CheckpointError(_cannot_build(model_dir, config, err)) from None
         _check_loading_info(weights, info)

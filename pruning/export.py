@@ -50,6 +50,7 @@ from . import masks as mask_lib
 from .bench import eval_mode
 from .atomic import scratch_dir, staged_dir
 from .checkpoint import EXPORT_MANIFEST, load_model
+from .errors import typed_error_line
 from .packing import pack
 from .resources import resolve_data, resolve_model
 from .squad import check_windows, load_squad, questions_of
@@ -100,11 +101,6 @@ _DISABLED_ORT_OPTIMIZERS = ("ConstantSharing", "CommonSubexpressionElimination")
 
 class ExportError(ValueError):
     """A model cannot be exported, or an exported directory cannot be opened; the message names the file."""
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -242,7 +238,7 @@ def to_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> P
                               output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=opset,
                               do_constant_folding=True)
         except Exception as error:  # the tracer and the exporter raise many types
-            raise ExportError(f"{path}: the model cannot be exported ({_first_line(error)})") from error
+            raise ExportError(f"{path}: the model cannot be exported ({typed_error_line(error)})") from error
     import onnx  # here, as in the functions below: loading and serving an export need none of these modules
 
     empty = [init.name for init in onnx.load(str(path), load_external_data=False).graph.initializer
@@ -348,7 +344,7 @@ class OrtQAModel(nn.Module):
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # ORT raises its own types (InvalidProtobuf, Fail, ...) for a bad file
-            raise ExportError(f"{self.path}: corrupted or not an ONNX model ({_first_line(error)})") from None
+            raise ExportError(f"{self.path}: corrupted or not an ONNX model ({typed_error_line(error)})") from None
         # A graph keeps only the inputs it reads: a model without any head has no use for the attention mask.
         self.inputs = [i.name for i in self.session.get_inputs()]
         if "input_ids" not in self.inputs or not set(self.inputs) <= set(INPUT_NAMES):
@@ -389,7 +385,7 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ExportError(f"{path}: not valid JSON ({_first_line(error)})") from None
+        raise ExportError(f"{path}: not valid JSON ({typed_error_line(error)})") from None
     if not isinstance(manifest, dict):
         raise ExportError(f"{path}: expected a JSON object")
     files = manifest.get("files")
@@ -425,7 +421,7 @@ def load_exported(model_dir: str | Path, variant: str | None = None, threads: in
         raw = json.loads(config_file.read_text(encoding="utf-8"))
         config = config_class(raw.get("model_type", DEFAULT_MODEL_TYPE)).from_dict(raw)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as error:
-        raise ExportError(f"{config_file}: missing or not a supported model config ({_first_line(error)})") from None
+        raise ExportError(f"{config_file}: missing or not a supported model config ({typed_error_line(error)})") from None
     return OrtQAModel(model_dir / manifest["files"][chosen], config, variant=chosen, threads=threads, spin=spin)
 
 

@@ -46,6 +46,7 @@ from transformers.utils.hub import get_checkpoint_shard_files
 from . import packed_modeling
 from .atomic import give_open_mode, staged_dir
 from .bench import compare_latency, eval_mode, flop_ratio, random_inputs
+from .errors import typed_error_line
 from .masks import MaskedLinear, remove_masks_
 from .packed_modeling import (FFN_WIDTHS_KEY, HEADS_KEPT_KEY, PACKED_CLASSES, PACKED_FLAG, EmptySelfAttention,
                               head_rows, layer_head_dim, shrink_layer, shrink_to_record)
@@ -300,11 +301,6 @@ def is_packed_dir(model_dir: str | Path) -> bool:
     return isinstance(data, dict) and data.get(PACKED_FLAG) is True
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
 def weight_files(model_dir: str | Path) -> tuple[Path, dict[Path, set[str] | None]]:
     """The safetensors files of a model directory's weights, as transformers' ``from_pretrained`` finds them:
     ``model.safetensors``, or else the shards that ``model.safetensors.index.json`` names (the files
@@ -336,7 +332,7 @@ def weight_files(model_dir: str | Path) -> tuple[Path, dict[Path, set[str] | Non
         for name, shard in weight_map.items():
             placed[path / shard].add(name)
     except Exception as error:  # not JSON, no weight_map or metadata, a weight_map that is no mapping of names
-        raise PackingError(f"{index}: not a safetensors index of a model's shards ({_first_line(error)})") from None
+        raise PackingError(f"{index}: not a safetensors index of a model's shards ({typed_error_line(error)})") from None
     for shard in placed:
         if not shard.is_file():
             raise PackingError(f"{shard}: weights file not found (named in {index.name})")
@@ -357,7 +353,7 @@ def _unreadable(weights_file: Path, error: BaseException) -> PackingError:
     if pointer:
         return PackingError(f"{weights_file}: a Git LFS pointer, not the weights (fetch them with `git lfs pull` in "
                             "the repository the directory was cloned from)")
-    return PackingError(f"{weights_file}: cannot be read as safetensors ({_first_line(error)})")
+    return PackingError(f"{weights_file}: cannot be read as safetensors ({typed_error_line(error)})")
 
 
 def _shard_dtypes(shard: Path, expected: set[str] | None, index: Path) -> dict[str, torch.dtype]:
@@ -529,7 +525,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
     try:
         config = AutoConfig.from_pretrained(str(path))
     except Exception as error:  # transformers raises several types for a bad config
-        raise PackingError(f"{config_file}: cannot be read ({_first_line(error)})") from error
+        raise PackingError(f"{config_file}: cannot be read ({typed_error_line(error)})") from error
     try:
         arch = architecture_of_type(getattr(config, "model_type", None))
     except ValueError as error:
@@ -544,7 +540,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
         with _parameters_on_meta():
             model = cls(config)
     except Exception as error:  # the modules check their config values (an activation's name, say) as they build
-        raise PackingError(f"{config_file}: {cls.__name__} cannot be built from it ({_first_line(error)})") from error
+        raise PackingError(f"{config_file}: {cls.__name__} cannot be built from it ({typed_error_line(error)})") from error
     try:
         layers = get_module(model, arch.layers)
     except AttributeError:

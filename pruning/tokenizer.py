@@ -18,6 +18,7 @@ from typing import Any
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .checkpoint import CheckpointError, read_json
+from .errors import error_line
 
 __all__ = ["load_tokenizer", "tokenizer_misfit", "check_tokenizer_fits"]
 
@@ -223,7 +224,7 @@ def _auto_tokenizer(directory: Path, recorded: dict[str, Any], settings: dict[st
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **settings)
     except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
-        raise CheckpointError(f"{directory}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{directory}: no usable tokenizer files ({error_line(err)})") from None
     except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
         if type(err) is not Exception or not recorded:
             raise
@@ -432,7 +433,7 @@ def _recorded_pipeline(path: Path, recorded: dict[str, Any], whole: bool = False
     try:
         return Tokenizer.from_str(json.dumps(recorded)) if small else Tokenizer.from_file(str(path))
     except Exception as err:  # noqa: BLE001 - the Rust parser's own error type
-        error = str(err).splitlines()[0]
+        error = error_line(err)
     if small:  # a line and column of the text rebuilt here, not of the file
         error = re.sub(r" at line \d+ column \d+$", "", error)
     for part in _PARTS:  # the part refused: the one without which the rest is read

@@ -69,6 +69,7 @@ from .contents import content_digest
 from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, attention_block_of, check_head_shaped,
                      config_to_dict, default_block, evaluation_settings, method_block)
 from .distill import hidden_mse, kd_loss, qa_ce_loss
+from .errors import error_line
 from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, resolve_tokenizer, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmups
@@ -550,7 +551,7 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
         with contextlib.suppress(OSError):  # nothing there to remove where cache_dir could not be made
             tmp.unlink(missing_ok=True)
         logger.warning("cannot write the feature cache %s (%s); going on without it", path,
-                       str(err).splitlines()[0] if str(err) else type(err).__name__)
+                       error_line(err))
     return features
 
 

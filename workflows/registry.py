@@ -57,6 +57,7 @@ from mlflow.tracking import MlflowClient
 
 from pruning import atomic
 from pruning.config import EVALUATION_KEYS, RunConfig
+from pruning.errors import error_line, typed_error_line
 from pruning.quiet import leaving_out, starting_with
 from workflows import record
 from workflows.int8_check import CHECK_TAGS, checked_f1, checked_variant, served_figures, variant_run, wanted_variant
@@ -132,7 +133,7 @@ def check_alias(alias: str) -> None:
         validation._validate_model_alias_name(alias)
         validation._validate_model_alias_name_reserved(alias)
     except MlflowException as err:
-        raise SelectionError(f"--alias {alias!r}: {str(err).splitlines()[0]}") from None
+        raise SelectionError(f"--alias {alias!r}: {error_line(err)}") from None
 
 
 def select_champion(points: list[dict[str, Any]], policy: str, dense_f1: float | None = None,
@@ -296,8 +297,7 @@ def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | N
     try:
         report = export_checkpoint(model_dir, out_dir, quantize="int8", questions=4)
     except Exception as err:  # ExportError, CheckpointError, ORT's own errors: any of them leaves PyTorch serving
-        lines = str(err).strip().splitlines()
-        reason = f"{type(err).__name__}: {lines[0] if lines else ''}"
+        reason = typed_error_line(err)
         logger.warning("%s: cannot be exported for ONNX Runtime, registered to serve through PyTorch (%s)",
                        what or model_dir, reason)
         return None, f"failed: {reason}"[:500]
@@ -504,9 +504,8 @@ def _settings_of(client, run) -> dict[str, Any]:
         try:
             config_file = Path(client.download_artifacts(run_id, f"{ARTIFACT_PACKED_MODEL}/config.json", tmp))
         except (MlflowException, OSError) as err:
-            lines = str(err).strip().splitlines()
             raise UnreadableTrial(f"trial run {run_id}: its {ARTIFACT_PACKED_MODEL!r} artifact cannot be read "
-                                  f"({lines[0] if lines else type(err).__name__}); not registered") from None
+                                  f"({error_line(err)}); not registered") from None
         try:
             evaluation = read_evaluation(config_file.parent)
         except CheckpointError as err:
@@ -533,9 +532,8 @@ def _packed_model_of(client, run_id: str, dst: str) -> str:
     try:
         local = client.download_artifacts(run_id, ARTIFACT_PACKED_MODEL, dst)
     except (MlflowException, OSError) as err:
-        lines = str(err).strip().splitlines()
         raise UnreadableTrial(f"trial run {run_id}: its {ARTIFACT_PACKED_MODEL!r} artifact cannot be read "
-                                 f"({lines[0] if lines else type(err).__name__}); not registered") from None
+                              f"({error_line(err)}); not registered") from None
     try:
         load_model(local)
         load_tokenizer(local)
@@ -662,7 +660,7 @@ def _set_back(client, run_id: str, status: str, end_time: int, interrupted: bool
             raise
         _forget_active_run(run_id)
         logger.warning("trial run %s: not ended as it had ended (%s); the next registration ends it so",
-                       run_id, str(err).splitlines()[0][:200])
+                       run_id, error_line(err)[:200])
 
 
 def _forget_active_run(run_id: str) -> None:
@@ -1095,7 +1093,7 @@ def _versions_to_time(client, name: str, sweep_run_id: str | None) -> tuple[list
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # the registry forgets a deleted model outright
             raise SelectionError(f"registered model {name!r} does not exist in {client.tracking_uri} (it was deleted, "
                                  "or never registered)") from None
-        raise SelectionError(f"registered model {name!r}: {str(err).splitlines()[0]}") from None
+        raise SelectionError(f"registered model {name!r}: {error_line(err)}") from None
     if sweep_run_id is not None:
         versions = [v for v in versions if v.tags.get(TAG_SWEEP_RUN) == sweep_run_id and _on_frontier(v.tags)]
     versions = sorted(versions, key=lambda v: int(v.version))
@@ -1160,8 +1158,7 @@ def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle
     except FewerPositions as short:
         limit = short.limit
     except Exception as err:  # a version that cannot be loaded is reported, not chosen
-        lines = str(err).splitlines()
-        row["error"] = lines[0] if lines else type(err).__name__
+        row["error"] = error_line(err)
         logger.warning("version %s of %s cannot be loaded: %s", v.version, name, row["error"])
         return row
     seq_len = timing.seq_len
@@ -1175,8 +1172,7 @@ def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle
     try:  # one pass first: a version that loads but fails when run must not stop the timing of the others
         interleaved_latency({"probe": model}, batch_size=timing.batch_size, seq_len=seq_len, repeats=1, warmup=0)
     except Exception as err:
-        lines = str(err).strip().splitlines()
-        row["error"] = f"cannot be timed: {lines[0] if lines else type(err).__name__}"
+        row["error"] = f"cannot be timed: {error_line(err)}"
         logger.warning("version %s of %s %s", v.version, name, row["error"])
         return row
     key, config = _dense_shape(model)
@@ -1223,7 +1219,7 @@ def _point_alias(client, name: str, alias: str, version, every: list, max_latenc
             logger.info("alias %r of %s moved from version %s to version %s", alias, name, left, number)
         return left
     except MlflowException as err:
-        raise SelectionError(f"alias {alias!r} of {name!r}: {str(err).splitlines()[0]}") from None
+        raise SelectionError(f"alias {alias!r} of {name!r}: {error_line(err)}") from None
 
 
 def register_from_experiment(experiment: str, tracking_uri: str | None = None, space: str | None = None,

@@ -35,6 +35,7 @@ from mlflow.entities import FileInfo
 from mlflow.tracking import MlflowClient
 
 from pruning import atomic
+from pruning.errors import error_line
 from workflows import plots, record
 from workflows.frontier import frontier_order
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR,
@@ -809,7 +810,7 @@ def _serving_note(client: MlflowClient, name: str, version: str, run_id: str, li
     try:
         lost = version_files_lost(client, name, version)
     except MlflowException as err:
-        lost = str(err).splitlines()[0] if str(err) else type(err).__name__
+        lost = error_line(err)
     if state not in (DELETED, REMOVED):
         if lost is None:
             return None, True

@@ -1,0 +1,27 @@
+"""An error told in one line: the first line of its message, its type where the message says nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from pruning.errors import error_line, typed_error_line
+
+
+class Quiet(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("error", "line", "typed"), [
+    (ValueError("bad value"), "bad value", "ValueError: bad value"),
+    (OSError("no such file\n  File 'x', line 3\nTraceback"), "no such file", "OSError: no such file"),
+    # A message that starts with a blank line (a library's report of several lines) is told by its first words.
+    (RuntimeError("\n\n  Error(s) in loading state_dict  \nsize mismatch"), "Error(s) in loading state_dict",
+     "RuntimeError: Error(s) in loading state_dict"),
+    # A message that says nothing: the type, never an empty pair of parentheses or an IndexError of its own.
+    (Quiet(), "Quiet", "Quiet"),
+    (AssertionError("  \n "), "AssertionError", "AssertionError"),
+    (KeyError("weight"), "'weight'", "KeyError: 'weight'"),
+])
+def test_an_error_in_one_line(error, line, typed):
+    assert error_line(error) == line
+    assert typed_error_line(error) == typed
