@@ -570,7 +570,6 @@ def token_head():
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the head's processes in /proc")
 def test_joining_a_cluster_that_requires_a_token_says_what_is_missing(token_head):
     """Without RAY_AUTH_MODE=token, with it but no token, with a wrong token: exit 2 and one line saying which, and

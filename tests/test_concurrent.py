@@ -62,7 +62,6 @@ def test_sweeps_started_at_once_on_a_new_sqlite_store_all_open_it(tmp_path):
     assert not list(tmp_path.glob(".mlflow.db.lock*"))  # the lock file goes with its holder
 
 
-@pytest.mark.slow
 def test_sweeps_that_need_one_teacher_at_once_train_it_once_and_share_it(tmp_path):
     """Two sweeps (each with its own Ray) that need the same dense teacher at the same moment: one fine-tunes it, the
     other waits and reuses it, instead of both training it into one directory, the second removing the final model

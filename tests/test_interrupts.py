@@ -492,7 +492,6 @@ def _end_sweep(driver: subprocess.Popen, root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweep's processes in /proc")
 def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes():
     """SIGTERM (a scheduler's stop, ``timeout``, ``kill``) stops a sweep as Ctrl-C does: one line, status 143, its
@@ -537,7 +536,6 @@ def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes
         _end_sweep(driver, root)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweep's processes in /proc")
 def test_a_sweeps_ctrl_c_prints_its_summary_and_exits_3_as_the_readme_says():
     """The README said Ctrl-C stops any command with "interrupted by SIGINT" and status 130; a sweep's Ctrl-C stops

@@ -870,7 +870,6 @@ def _eval_stdout(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
 def test_the_dense_baseline_is_scored_on_the_trials_questions_whatever_the_teacher_was_trained_with(tmp_path,
                                                                                                      capsys):
     """teacher.config trains (and scores) the teacher on 6 questions with n_best 5, the trials are scored on 12 with

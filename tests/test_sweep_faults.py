@@ -655,7 +655,6 @@ def test_a_tracking_store_that_refuses_writes_stops_a_sweep_in_one_line_before_r
     assert not (tmp_path / "ray" / "teachers").exists()
 
 
-@pytest.mark.slow
 def test_a_tracking_store_locked_at_the_start_is_waited_for_then_one_line(tmp_path):
     """Another process holds the SQLite store's write lock (a sweep writing, a backup): the sweep's first write,
     after SQLite's own wait, is retried for --tracking-timeout seconds and then stops in one line (exit 1) naming
