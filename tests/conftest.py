@@ -30,18 +30,6 @@ from pruning.trainer import build_model
 DEV_SUBSET_SIZE = 40
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
-# The modules whose tests take minutes (whole sweeps, a cluster, signals to running sweeps), longest first. `make test`
-# hands each module to one of its test processes in the order collected: given first, the long ones run beside the
-# many short ones, instead of one process still running a long module, alone, after the other has finished.
-LONG_MODULES = ("test_sweep.py", "test_interrupts.py", "test_registry_store.py", "test_cluster.py", "test_cli.py",
-                "test_registry.py", "test_trainer.py", "test_sweep_faults.py", "test_concurrent.py", "test_serve.py")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """:data:`LONG_MODULES` first, the order of the tests in a module and of the other modules kept."""
-    rank = {name: place for place, name in enumerate(LONG_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
 
 @functools.cache
 def _migrated_store() -> Path:
