@@ -8,12 +8,16 @@ __all__ = ["error_line", "typed_error_line"]
 
 def error_line(error: BaseException) -> str:
     """The first line of ``error``'s message, or its type's name where the message says nothing."""
-    lines = str(error).strip().splitlines()
-    return lines[0].strip() if lines else type(error).__name__
+    return _first_line(error) or type(error).__name__
 
 
 def typed_error_line(error: BaseException) -> str:
     """``"Type: first line"``, where what the error says means little without its type (an ``OSError`` against an
     ``ExportError`` of the same words); ``"Type"`` alone where the message says nothing."""
+    line = _first_line(error)
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__
+    return lines[0].strip() if lines else ""

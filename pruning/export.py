@@ -421,7 +421,8 @@ def load_exported(model_dir: str | Path, variant: str | None = None, threads: in
         raw = json.loads(config_file.read_text(encoding="utf-8"))
         config = config_class(raw.get("model_type", DEFAULT_MODEL_TYPE)).from_dict(raw)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as error:
-        raise ExportError(f"{config_file}: missing or not a supported model config ({typed_error_line(error)})") from None
+        raise ExportError(f"{config_file}: missing or not a supported model config "
+                          f"({typed_error_line(error)})") from None
     return OrtQAModel(model_dir / manifest["files"][chosen], config, variant=chosen, threads=threads, spin=spin)
 
 

@@ -332,7 +332,8 @@ def weight_files(model_dir: str | Path) -> tuple[Path, dict[Path, set[str] | Non
         for name, shard in weight_map.items():
             placed[path / shard].add(name)
     except Exception as error:  # not JSON, no weight_map or metadata, a weight_map that is no mapping of names
-        raise PackingError(f"{index}: not a safetensors index of a model's shards ({typed_error_line(error)})") from None
+        raise PackingError(f"{index}: not a safetensors index of a model's shards "
+                           f"({typed_error_line(error)})") from None
     for shard in placed:
         if not shard.is_file():
             raise PackingError(f"{shard}: weights file not found (named in {index.name})")
@@ -540,7 +541,8 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
         with _parameters_on_meta():
             model = cls(config)
     except Exception as error:  # the modules check their config values (an activation's name, say) as they build
-        raise PackingError(f"{config_file}: {cls.__name__} cannot be built from it ({typed_error_line(error)})") from error
+        raise PackingError(f"{config_file}: {cls.__name__} cannot be built from it "
+                           f"({typed_error_line(error)})") from error
     try:
         layers = get_module(model, arch.layers)
     except AttributeError:

@@ -550,8 +550,7 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
     except (OSError, SafetensorError) as err:  # a full disk: the run goes on, the next one tokenizes again
         with contextlib.suppress(OSError):  # nothing there to remove where cache_dir could not be made
             tmp.unlink(missing_ok=True)
-        logger.warning("cannot write the feature cache %s (%s); going on without it", path,
-                       error_line(err))
+        logger.warning("cannot write the feature cache %s (%s); going on without it", path, error_line(err))
     return features
 
 
