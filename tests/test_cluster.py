@@ -309,7 +309,7 @@ def test_reference_space_trials_fit_a_gpu_worker(cluster_config):
 
 
 def test_storage_uris_are_kept_and_local_paths_resolved(tmp_path, monkeypatch):
-    from workflows.sweep import StorageError, _storage_roots
+    from workflows.sweep import _storage_roots
 
     monkeypatch.chdir(tmp_path)
     root, local = _storage_roots("s3://bucket/fineprune/ray/")
@@ -652,4 +652,4 @@ def test_every_space_the_guides_submit_is_shipped_or_written_by_the_guide(tmp_pa
     space = load_space(copy)
     assert space.base["model"] == "/home/ubuntu/fineprune/models/bert-base-uncased"
     assert space.teacher.path == "/home/ubuntu/fineprune/models/bert-base-uncased-squad"
-    assert f"\"~/fineprune\": \".\"" in (REPO / "cluster.yaml").read_text(encoding="utf-8")  # where the nodes keep it
+    assert "\"~/fineprune\": \".\"" in (REPO / "cluster.yaml").read_text(encoding="utf-8")  # where the nodes keep it

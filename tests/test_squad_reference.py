@@ -4,7 +4,6 @@ definition, on hand-worked cases and on shipped dev questions with constructed p
 from __future__ import annotations
 
 import random
-import re
 import string
 
 import numpy as np

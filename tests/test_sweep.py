@@ -878,7 +878,6 @@ def test_the_dense_baseline_is_scored_on_the_trials_questions_whatever_the_teach
     that reuses the teacher with other evaluation settings scores it with those, not with a score cached earlier."""
     import ray
 
-    from workflows import tracking
     from workflows.space import load_space
     from workflows.sweep import ensure_teacher, run_sweep
 
