@@ -43,8 +43,8 @@ from pruning import atomic, squad
 from pruning.checkpoint import read_evaluation, read_precision
 from pruning.errors import error_line
 from pruning.resources import resolve_data, resolve_model
-from workflows.record import sqlite_database
-from workflows.registry import ALIAS, log_qa_model, serve_settings
+from workflows.logged_model import log_qa_model, serve_settings
+from workflows.record import ALIAS, sqlite_database
 from workflows.served_model import SERVE_DEFAULTS
 from workflows.serving import ModelServer, invoke, ping, run_load
 

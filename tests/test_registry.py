@@ -27,7 +27,7 @@ from pruning.squad import fit_windows
 from pruning.export import OrtQAModel
 from pruning.packing import pack, save_packed
 from pruning.precision import Bf16Inference, PrecisionError
-from workflows import registry, tracking
+from workflows import logged_model, registry, tracking
 from workflows.cli import main
 from workflows.record import TAG_KIND, TAG_PARENT, TAG_PRECISION, TAG_STATUS, TAG_TRIAL_RUN
 from workflows.version_files import load_version
@@ -452,12 +452,12 @@ def test_a_model_logged_with_other_settings_than_registering_now_gives_is_not_re
     client.set_terminated(run_id)
     mlflow.set_tracking_uri(record["uri"])
     with mlflow.start_run(run_id=run_id):
-        old = registry.log_qa_model(model_dir, {**registry.serve_settings(params), "precision": "fp32"},
+        old = logged_model.log_qa_model(model_dir, {**logged_model.serve_settings(params), "precision": "fp32"},
                                     tags={"onnx": "skipped"})
     client.set_terminated(run_id)
 
     def register(name: str) -> dict:
-        with caplog.at_level(logging.INFO, logger="workflows.registry"):
+        with caplog.at_level(logging.INFO, logger="workflows.logged_model"):
             result = registry.register_run(client, run_id, name, record["parent"], "best_f1_under_density",
                                            onnx=False)
         version = client.get_model_version(name, result["version"])
@@ -497,19 +497,19 @@ def test_a_model_logged_with_its_served_class_pickled_is_not_reused(record, toke
     run_id = client.create_run(record["experiment_id"], tags={TAG_STATUS: "finished"}).info.run_id
     client.log_artifacts(run_id, str(model_dir), "packed_model")
     client.set_terminated(run_id)
-    settings = {**registry.serve_settings({}, read_evaluation(model_dir)), "precision": "fp32"}
+    settings = {**logged_model.serve_settings({}, read_evaluation(model_dir)), "precision": "fp32"}
     mlflow.set_tracking_uri(record["uri"])
     with mlflow.start_run(run_id=run_id):
         old = mlflow.pyfunc.log_model(name="qa_model", python_model=PackedQAModel(),
                                       artifacts={"model_dir": str(model_dir)}, code_paths=[str(ROOT / "pruning")],
-                                      pip_requirements=registry.PIP_REQUIREMENTS,
+                                      pip_requirements=logged_model.PIP_REQUIREMENTS,
                                       signature=SIGNATURE, tags={"onnx": "skipped"},
                                       model_config={"max_records": MAX_RECORDS, **settings, "onnx_variant": "none"})
     client.set_terminated(run_id)
     assert "python_model" in Model.load(old.model_uri).flavors["python_function"]  # the pickle, as before
 
     def register(name: str):
-        with caplog.at_level(logging.INFO, logger="workflows.registry"):
+        with caplog.at_level(logging.INFO, logger="workflows.logged_model"):
             result = registry.register_run(client, run_id, name, record["parent"], "best_f1_under_density",
                                            onnx=False)
         return client.get_model_version(name, result["version"])
@@ -746,9 +746,9 @@ def test_a_model_that_cannot_be_exported_is_registered_to_serve_through_pytorch(
     client.set_terminated(run_id)
 
     name = "tiny-unexportable"
-    with caplog.at_level(logging.WARNING, logger="workflows.registry"):
+    with caplog.at_level(logging.WARNING, logger="workflows.logged_model"):
         result = registry.register_run(client, run_id, name, record["parent"], "best_f1_under_density")
-    warnings = [r.getMessage() for r in caplog.records if r.name == "workflows.registry"]
+    warnings = [r.getMessage() for r in caplog.records if r.name in ("workflows.registry", "workflows.logged_model")]
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(f"the packed model of trial run {run_id}: cannot be exported for ONNX Runtime")
     assert "position_embedding_type" in warnings[0]
@@ -908,7 +908,7 @@ def test_timings_too_noisy_to_rank_versions_by_are_named_and_steady_ones_are_not
     """`select` on a busy machine measured a version at 1.5 ms in one run and 70 ms in the next; the spread of its
     passes (upper over lower quartile) says so, where a steady machine's passes agree."""
     from pruning.bench import spread
-    from workflows.registry import timing_noise
+    from workflows.version_timing import timing_noise
 
     assert spread([2.0] * 5) == 1.0
     assert spread([1.0, 2.0, 3.0, 4.0, 5.0]) == 2.0  # quartiles 2 and 4

@@ -16,7 +16,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from workflows import record, registry, tracking
+from workflows import logged_model, record, registry
 from workflows.cli import main
 from workflows.version_files import lost_files
 
@@ -191,7 +191,7 @@ def test_select_does_not_choose_a_version_whose_trial_or_sweep_run_was_deleted(s
         assert "latency_ms" not in rows[version]
     assert "latency_ms" in rows[narrow]
     warnings = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING"
-                      and r.name == "workflows.registry")
+                      and r.name in ("workflows.registry", "workflows.version_timing"))
     assert warnings == sorted(f"version {version} of {NAME}: {rows[version]['error']}, so it is not chosen"
                               for version in gone)
     assert str(client.get_model_version_by_alias(NAME, "fast").version) == narrow
@@ -394,7 +394,7 @@ def test_select_lists_a_version_shorter_than_seq_len_and_chooses_among_the_other
     assert rows[short]["error"] == reason and "latency_ms" not in rows[short]
     assert all("latency_ms" in row for version, row in rows.items() if version != short)
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
-            and r.name == "workflows.registry"] == [f"version {short} of {NAME} {reason}"]
+            and r.name in ("workflows.registry", "workflows.version_timing")] == [f"version {short} of {NAME} {reason}"]
     assert str(client.get_model_version_by_alias(NAME, "fast").version) == chosen["version"]
 
     status, out, err = _select(capsys, store, "--alias", "fast", "--seq-len", "200")
@@ -769,7 +769,7 @@ def test_the_report_card_of_a_champion_whose_trial_run_is_gone_says_whether_it_s
     assert "- Speedup: 1.50x; F1 80.00, EM 70.00, linear density 0.500" in markdown
     assert "<b>80.00</b><span>F1</span>" in html
     assert "records no per-layer structure" not in html
-    with registry._fluent_store(store["uri"]):  # what the card says is so: the champion loads and answers
+    with logged_model.fluent_store(store["uri"]):  # what the card says is so: the champion loads and answers
         model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
         answers = model.predict(pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}))
     assert list(answers.columns) == ["answer", "score"]
@@ -795,7 +795,7 @@ def test_the_report_card_of_a_champion_whose_files_are_gone_gives_no_way_to_serv
     assert status == 0
     root = client.get_model_version_download_uri(NAME, champion["version"]).rstrip("/")
     (Path(root.removeprefix("file://")) / "qa_model.py").unlink()
-    with registry._fluent_store(store["uri"]), pytest.raises(Exception, match="qa_model.py"):
+    with logged_model.fluent_store(store["uri"]), pytest.raises(Exception, match="qa_model.py"):
         mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(pd.DataFrame({"question": ["q"],
                                                                                     "context": ["c"]}))
     out = store["root"] / "report"

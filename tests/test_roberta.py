@@ -32,7 +32,7 @@ from pruning.structure import ARCHITECTURES, config_class, encoder_layers, max_p
 from pruning.tokenizer import load_tokenizer
 from pruning.trainer import build_model, train
 from workflows.cli import main as cli_main
-from workflows.registry import export_for_serving, log_qa_model, serve_settings
+from workflows.logged_model import export_for_serving, log_qa_model, serve_settings
 
 from conftest import sqlite_store
 

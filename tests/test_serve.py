@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from pruning.checkpoint import save_model
 from pruning.export import FILES, OrtQAModel
-from workflows.registry import _fluent_store, export_for_serving, log_qa_model, serve_settings
+from workflows.logged_model import export_for_serving, fluent_store, log_qa_model, serve_settings
 from workflows.served_model import SERVE_DEFAULTS
 from workflows.serving import BAD_KINDS, ModelServer, ServerError, free_port, invoke, ping, post, run_load, spoil
 
@@ -64,7 +64,7 @@ def answer_key_server(answer_key_model, tokenizer, tmp_path_factory):
     uri = sqlite_store(root / "mlflow.db")
     experiment = MlflowClient(tracking_uri=uri).create_experiment("answer-key",
                                                                   artifact_location=(root / "artifacts").as_uri())
-    with _fluent_store(uri):
+    with fluent_store(uri):
         # As the registry makes a version: exported for ONNX Runtime, which serves it (int8, the default).
         onnx_dir, exported = export_for_serving(model_dir, root / "onnx")
         assert onnx_dir is not None, exported
@@ -196,7 +196,7 @@ def _logged_tiny_model(tmp_path, tokenizer, config, params: dict[str, str] | Non
     model_dir = save_model(BertForQuestionAnswering(config).eval(), tokenizer, tmp_path / "model")
     uri = sqlite_store(tmp_path / "mlflow.db")
     experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
-    with _fluent_store(uri):
+    with fluent_store(uri):
         with mlflow.start_run(experiment_id=experiment) as run:
             if params:
                 mlflow.log_params(params)
@@ -376,7 +376,7 @@ def test_a_version_logged_on_a_trial_run_keeps_the_runs_params_and_says_nothing_
     model_uri, uri, run_id = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config,
                                                 {"batch_size": "8", "eval_batch_size": "32"})
     params = MlflowClient(tracking_uri=uri).get_run(run_id).data.params
-    with _fluent_store(uri):
+    with fluent_store(uri):
         settings = mlflow.pyfunc.load_model(model_uri).model_config
         fewer = mlflow.pyfunc.load_model(model_uri, model_config={"max_records": 2})
         with pytest.raises(Exception, match="max_records: must be a whole number >= 1, got 0"):
@@ -414,7 +414,7 @@ def test_models_logged_one_after_another_say_nothing_of_the_predict_type_hints(t
 
     model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
     uri = sqlite_store(tmp_path / "mlflow.db")
-    with handed_to_handlers("mlflow.models.signature") as said, _fluent_store(uri):
+    with handed_to_handlers("mlflow.models.signature") as said, fluent_store(uri):
         for _ in range(2):
             with mlflow.start_run():
                 log_qa_model(model_dir, serve_settings({}))
@@ -435,7 +435,7 @@ def test_a_logged_model_is_code_and_loading_it_unpickles_nothing(tmp_path, token
     model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
     uri = sqlite_store(tmp_path / "mlflow.db")
     experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
-    with handed_to_handlers("mlflow.pyfunc") as said, _fluent_store(uri):
+    with handed_to_handlers("mlflow.pyfunc") as said, fluent_store(uri):
         with mlflow.start_run(experiment_id=experiment):
             info = log_qa_model(model_dir, serve_settings({}))
     assert not [line for line in said if "CloudPickle" in line or "pickle" in line.lower()], said
@@ -449,7 +449,7 @@ def test_a_logged_model_is_code_and_loading_it_unpickles_nothing(tmp_path, token
         ["__init__.py", *(f"{module}.py" for module in SHIPPED_MODULES)])
     assert (shipped / "pruning" / "inference.py").is_file() and not list(shipped.rglob("__pycache__"))
     assert not [path for path in root.rglob("*") if path.suffix in (".pkl", ".pickle", ".cloudpickle")]
-    with _fluent_store(uri):
+    with fluent_store(uri):
         loaded = mlflow.pyfunc.load_model(info.model_uri)
         assert type(loaded.unwrap_python_model()) is PackedQAModel
         answer = loaded.predict(pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}))
@@ -509,7 +509,7 @@ def test_answers_assigned_back_to_an_indexed_frame_stay_with_their_records(tmp_p
     frame = pd.DataFrame({"question": ["Who wrote it?", "When was it written?", "Where does she live?"],
                           "context": ["It was written by Ann.", "That happened in 1999 after the war.",
                                       "Ann lives in Paris now."]}, index=[2, 0, 1])
-    with _fluent_store(uri):
+    with fluent_store(uri):
         model = mlflow.pyfunc.load_model(model_uri)
         alone = [model.predict(frame.iloc[[i]])["answer"].iloc[0] for i in range(len(frame))]
         predictions = model.predict(frame)
@@ -532,7 +532,7 @@ def test_a_precision_mistyped_in_the_inference_config_is_refused_when_an_onnx_ve
     assert onnx_dir is not None, exported
     uri = sqlite_store(tmp_path / "mlflow.db")
     experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
-    with _fluent_store(uri):
+    with fluent_store(uri):
         with mlflow.start_run(experiment_id=experiment):
             info = log_qa_model(model_dir, {**serve_settings({}), "precision": "fp32"}, onnx_dir)
         for variant in ("int8", "fp32", "none"):
@@ -556,7 +556,7 @@ def test_an_instances_request_pairs_its_records_fields_by_position_as_the_readme
 
     model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
     question, context = "Where does Bob live?", "Bob lives in Rome near the old bridge."
-    with _fluent_store(uri):
+    with fluent_store(uri):
         model = mlflow.pyfunc.load_model(model_uri)
         schema = model.metadata.get_input_schema()
         paired = model.predict(infer_and_parse_data({"instances": [{"question": question}, {"context": context}]},
@@ -583,7 +583,7 @@ def test_a_csv_request_is_refused_by_mlflows_parser_and_its_rows_as_records_answ
 
     model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
     csv = "question,context\nWhere does Bob live?,Bob lives in Rome near the old bridge.\n"
-    with _fluent_store(uri):
+    with fluent_store(uri):
         model = mlflow.pyfunc.load_model(model_uri)
         schema = model.metadata.get_input_schema()
         with pytest.raises(MlflowException) as refused:
@@ -603,7 +603,7 @@ def test_a_record_without_a_field_is_said_to_miss_it_by_its_index_and_a_null_alo
 
     model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
     question, context = "Who wrote it?", "It was written by Ann."
-    with _fluent_store(uri):
+    with fluent_store(uri):
         model = mlflow.pyfunc.load_model(model_uri)
         records = [{"question": question, "context": context}, {"question": question}]
         for sent, index in ((records, 1), (pd.DataFrame(records), 1), (records[::-1], 0)):

@@ -377,7 +377,7 @@ def test_select_says_which_version_it_cannot_rank_for_an_f1_tag_edited_by_hand(t
     out, err = capsys.readouterr()
     assert status == 2 and "Traceback" not in err
     warnings = sorted(r.getMessage().split(", so")[0] for r in caplog.records
-                      if r.levelname == "WARNING" and r.name == "workflows.registry")
+                      if r.levelname == "WARNING" and r.name == "workflows.version_timing")
     assert warnings == sorted([f"version {wide.version} of {NAME}: its f1 tag 'high' is not a number",
                                f"version {narrow.version} of {NAME}: it has no f1 tag"])
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == str(wide.version)  # left as it was
@@ -385,7 +385,7 @@ def test_select_says_which_version_it_cannot_rank_for_an_f1_tag_edited_by_hand(t
     # version is chosen.
     import shlex
 
-    commands = {part for r in caplog.records if r.name == "workflows.registry"
+    commands = {part for r in caplog.records if r.name == "workflows.version_timing"
                 for part in r.getMessage().split("`")[1::2] if part.startswith("fineprune register")}
     assert commands == {f"fineprune register --experiment exp --sweep-run {made['parent']} --frontier "
                         f"--tracking-uri {uri}"}, commands

@@ -51,7 +51,7 @@ class OnnxScores:
 def onnx_scores(onnx_dir: str | Path, data: str | Path, limit: int | None,
                 settings: Mapping[str, Any]) -> OnnxScores:
     """The EM/F1 of an exported model's fp32 and int8 files on the first ``limit`` questions of ``data``, with the
-    windows and span search of a served model's ``settings`` (:func:`workflows.registry.serve_settings`), and the
+    windows and span search of a served model's ``settings`` (:func:`workflows.logged_model.serve_settings`), and the
     standard error of int8's F1 drop, paired question by question.
 
     Raises:

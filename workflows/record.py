@@ -68,7 +68,8 @@ __all__ = [
     "ARTIFACT_MODEL_DIR", "ARTIFACT_ONNX_DIR",
     # the registry spec, the readers
     "RegistrySpec", "POLICY_THRESHOLDS", "policy_text", "latest_sweep", "latest_sweep_left", "deleted_run",
-    "deleted_experiment", "restore_command", "fineprune_command", "trials", "metric_history", "COLUMNS",
+    "deleted_experiment", "restore_command", "fineprune_command", "resume_command", "register_frontier_command",
+    "DELETED", "REMOVED", "run_deleted", "deleted_source", "trials", "metric_history", "COLUMNS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -488,6 +489,21 @@ def resume_command(tracking_uri: str, run_id: str, space: str | Path = "SPACE", 
     return fineprune_command("sweep", tracking_uri, "--space", space, "--resume", run_id, *joins)
 
 
+def register_frontier_command(client: MlflowClient, sweep: str | None) -> str:
+    """The ``fineprune register --frontier`` command that registers the frontier of the sweep run ``sweep`` again,
+    in the store of ``client``: its experiment is required, and the sweep named, as it may not be the latest."""
+    from mlflow.exceptions import MlflowException
+
+    if not sweep:  # a version no sweep registered: which experiment is the user's to say
+        return fineprune_command("register", client.tracking_uri, "--experiment", "EXPERIMENT", "--frontier")
+    try:
+        experiment = client.get_experiment(client.get_run(sweep).info.experiment_id).name
+    except MlflowException:  # the sweep removed for good
+        experiment = "EXPERIMENT"
+    return fineprune_command("register", client.tracking_uri, "--experiment", experiment, "--sweep-run", sweep,
+                             "--frontier")
+
+
 def deleted_run(run_id: str, what: str, tracking_uri: str) -> str:
     """The one line that says the run ``run_id`` (``what`` it is) was deleted, and how to have it back."""
     return f"run {run_id} ({what}) was deleted; restore it (`{restore_command(tracking_uri, run_id)}`) to use it again"
@@ -501,6 +517,43 @@ def deleted_experiment(name: str, experiment_id: str, tracking_uri: str) -> str:
     return (f"experiment {name!r} in {tracking_uri} was deleted (id {experiment_id}): restore it "
             f"(`{restore_command(tracking_uri, experiment_id=experiment_id)}`, which brings its runs back), remove it "
             f"for good (`{gc}`), or pass another --experiment")
+
+
+DELETED, REMOVED = "deleted", "removed"  # a run deleted (in the UI: restorable), or removed for good (`mlflow gc`)
+
+
+def run_deleted(client: MlflowClient, run_id: str | None) -> str | None:
+    """Whether the run ``run_id`` was deleted: :data:`DELETED` (in the UI, so that `mlflow runs restore` brings it
+    back), :data:`REMOVED` (removed for good since, by `mlflow gc`: the store no longer has it), else None."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        return DELETED if client.get_run(run_id).info.lifecycle_stage == "deleted" else None
+    except MlflowException as err:
+        return REMOVED if err.error_code == "RESOURCE_DOES_NOT_EXIST" else None
+
+
+def deleted_source(client: MlflowClient, tags: Mapping[str, str], trial_run_id: str | None,
+                   lifecycle: dict[str, str | None]) -> str | None:
+    """Why a version is not to be chosen when its trial run, or the sweep run it was registered from, was deleted
+    (in the MLflow UI: set aside, as `fineprune register` passes a deleted sweep over; or removed for good), else
+    None. ``lifecycle`` caches what :func:`run_deleted` says of each run read."""
+    def deleted(run_id: str | None) -> str | None:
+        if run_id and run_id not in lifecycle:
+            lifecycle[run_id] = run_deleted(client, run_id)
+        return lifecycle[run_id] if run_id else None
+
+    sweep = tags.get(TAG_SWEEP_RUN)
+    for run_id, what in ((trial_run_id, "trial"), (sweep, "sweep")):
+        state = deleted(run_id)
+        if state == REMOVED:
+            return f"its {what} run {run_id} was removed for good (`mlflow gc`) and cannot be restored"
+        if state == DELETED:
+            return (f"its {what} run {run_id} was deleted (restore it, "
+                    f"`{restore_command(client.tracking_uri, run_id)}`, to have the version chosen again)")
+    return None
 
 
 def _child_runs(client: MlflowClient, sweep: Run) -> list[Run]:

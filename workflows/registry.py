@@ -7,24 +7,13 @@ Selection policies (pure, see :func:`select_champion`):
   * ``best_f1_under_latency``: highest F1 among registered versions whose latency, measured on this machine,
     is at most ``max_latency_ms`` (see :func:`select_by_latency`).
 
-The registered model carries the packed weights, the tokenizer and this project's QA post-processing, logged as
-code (:mod:`workflows.served_model`: loading a version unpickles nothing); its ``predict`` takes a DataFrame with
-``question`` and ``context`` columns and returns ``answer`` and ``score``.
-Beside the PyTorch weights each version carries the model exported for ONNX Runtime (artifact ``onnx_dir``: the
-fused fp32 graph and its dynamic int8 quantization, see :mod:`pruning.export`), and serves through ONNX Runtime
-(``model_config``'s ``onnx_variant``: int8, or fp32 where int8 loses more than the spec's ``max_int8_f1_drop`` F1
-against fp32 on the trial's questions, see :mod:`workflows.int8_check`; ``none`` for PyTorch). The export and that
-check run once, when the version is made; a model that cannot be exported is registered all the same and served
-by PyTorch, with a warning and the reason in the version's ``onnx`` tag (``fp32,int8`` when exported). The
-policy's ``onnx: false`` (or ``fineprune register --no-onnx``) skips the export: such versions serve through PyTorch,
-tagged ``skipped``.
+A version is made of the served model logged on its trial's run (:mod:`workflows.logged_model`: the packed weights,
+the tokenizer and this project's QA post-processing, logged as code, with the model exported for ONNX Runtime
+and served as int8 or fp32 as :mod:`workflows.int8_check` decides); the export and that check run once, when the
+version is made. The policy's ``onnx: false`` (or ``fineprune register --no-onnx``) skips the export: such versions
+serve through PyTorch, tagged ``skipped``. A version records the precision its EM/F1 were measured in (tag and
+``model_config`` ``precision``: ``fp32`` or ``bf16``, from the trial).
 
-Precision: a version records the precision its EM/F1 were measured in (tag and ``model_config`` ``precision``:
-``fp32`` or ``bf16``, from the trial). Served by PyTorch, a ``bf16`` (or ``auto``) model runs under bf16 autocast
-only where the serving CPU has bf16 matrix instructions, and in fp32 elsewhere (see
-:func:`workflows.served_model.serving_precision`); an ``fp32`` model runs in fp32. ONNX Runtime runs the exported
-graph in its own precision (the ``onnx_variant``, fp32 or int8) whatever the recorded one: bf16 applies to the
-PyTorch model only.
 Every point of the sweep's Pareto frontiers becomes a version (:func:`register_frontier`), tagged with its EM,
 F1, densities, heads removed, speedup, precision, the trial's run id and the sweep's run id. The champion gets the alias
 ``champion``; no other version gets an alias unless :func:`select_by_latency` is asked to set one. Registering
@@ -37,87 +26,44 @@ from the packed model's record, say) is left as it is and a new one logged, with
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import json
 import logging
 import math
-import statistics
-import shutil
-import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping
 
 import mlflow
 import pandas as pd
-from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pruning import atomic
-from pruning.config import EVALUATION_KEYS, RunConfig
-from pruning.errors import error_line, typed_error_line
-from pruning.quiet import leaving_out, starting_with
+from pruning.errors import error_line
 from workflows import record
-from workflows.int8_check import CHECK_TAGS, checked_f1, checked_variant, served_figures, variant_run, wanted_variant
-from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
-                              DEFAULT_MAX_INT8_F1_DROP, EXACT_MATCH, F1, FINAL_METRICS, FORMER_POLICY_TAGS,
-                              FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY, PARAM_RESOURCES, PARAM_SPEEDUP, RUNTIMES,
-                              SPEEDUP, STATUS_FINISHED, STATUS_INTERRUPTED, TAG_ONNX, TAG_ONNX_VARIANT, TAG_POLICY,
-                              TAG_POLICY_THRESHOLD, TAG_PRECISION, TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN,
-                              TAG_VERSION_PRECISION, RegistrySpec, metric_tag, tag_float)
-from workflows.served_model import (MAX_RECORDS, MODEL_CODE, MODEL_FILE, ONNX_VARIANTS, SERVE_DEFAULTS, SERVE_PARAMS,
-                                    SHIPPED_MODULES, SIGNATURE, count_setting, served_variant)
+from workflows.int8_check import CHECK_TAGS, checked_variant, served_figures, variant_run
+from workflows.logged_model import (ONNX_SKIPPED, UnreadableTrial, export_for_serving, fluent_store, log_qa_model,
+                                    logged_qa_model, measured_precision, packed_model_of, settings_of)
+from workflows.record import (ALIAS, DEFAULT_MAX_INT8_F1_DROP, EXACT_MATCH, F1, FINAL_METRICS, FORMER_POLICY_TAGS,
+                              FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY, PARAM_RESOURCES, PARAM_SPEEDUP, REMOVED,
+                              RUNTIMES, SPEEDUP, STATUS_FINISHED, STATUS_INTERRUPTED, TAG_ONNX, TAG_ONNX_VARIANT,
+                              TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN,
+                              TAG_VERSION_PRECISION, RegistrySpec, deleted_source, metric_tag, run_deleted)
 from workflows.space import load_space
-from workflows.version_files import FewerPositions, checked_once, load_version, lost_files, version_files_lost
+from workflows.version_files import checked_once, version_files_lost
+from workflows.version_timing import SeqLenError, latency_settings, time_versions
 
 __all__ = ["POLICIES", "select_champion", "register_champion", "register_frontier", "register_from_experiment",
-           "register_sweep",
-           "select_by_latency", "latency_settings", "check_alias", "SelectionError", "SeqLenError",
-           "PIP_REQUIREMENTS", "serve_settings", "log_qa_model", "export_for_serving",
-           "RUNTIMES", "measured_precision", "run_deleted", "DELETED", "REMOVED", "policy_choice"]
+           "register_sweep", "select_by_latency", "check_alias", "SelectionError", "policy_choice",
+           "no_trial_finished", "left_to_run"]
 
 logger = logging.getLogger(__name__)
 
 POLICIES = ("best_f1_under_density", "min_density_within_f1_drop", "fastest_within_f1_drop", "best_f1_under_latency")
-PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors>=0.4", "numpy>=1.26", "pandas>=2.0",
-                    "tqdm>=4.66", "onnx==1.23.2", "onnxruntime==1.32.0"]
-ONNX_SKIPPED = "skipped"  # the onnx tag of a version registered without its export (onnx: false)
-def serve_settings(params: dict[str, str], evaluation: Mapping[str, int] | None = None) -> dict[str, int]:
-    """The served model's settings (``model_config``) from a trial run's params, defaults for those it lacks.
-
-    ``evaluation``: what the trial's packed model records of the windows and span search its run evaluated with
-    (:func:`pruning.checkpoint.read_evaluation`); each key it holds wins over the param. The params are the run
-    config as given, whose windows the trainer may have cut to the model's or the teacher's position embeddings:
-    the record holds the windows the trial was scored with.
-    """
-    settings = {key: int(params[param]) if param in params else SERVE_DEFAULTS[key]
-                for key, param in SERVE_PARAMS.items()}
-    settings.update({key: int(value) for key, value in (evaluation or {}).items() if key in EVALUATION_KEYS})
-    return settings
-
-
-def measured_precision(run) -> str:
-    """The precision a trial run's final metrics were measured in.
-
-    The trial's own record (tag ``fineprune.precision``: ``fp32`` or ``bf16``, what ``auto`` became on its device)
-    when it has one; else its ``precision`` param (runs logged before the tag existed; ``auto`` stays ``auto``:
-    which one it became is not known); else ``fp32``, the run config's default.
-    """
-    recorded = run.data.tags.get(TAG_PRECISION)
-    if recorded in ("fp32", "bf16"):
-        return recorded
-    return run.data.params.get("precision", RunConfig.__dataclass_fields__["precision"].default)
 
 
 class SelectionError(ValueError):
     """No registered version meets a latency budget, or the model to choose from does not exist."""
-
-
-class SeqLenError(record.RecordError):
-    """A registration's timing length (its space's ``speedup.seq_len``) is longer than a version's model takes: the
-    space's field is at fault, not the versions (one line naming it)."""
 
 
 def _finite(value: Any) -> bool:
@@ -270,103 +216,10 @@ def _warn_alias_set_aside(client, name: str) -> None:
         current = client.get_model_version_by_alias(name, ALIAS)
     except MlflowException:  # no such model, or no champion
         return
-    reason = _deleted_source(client, current.tags, current.tags.get(TAG_TRIAL_RUN) or current.run_id, {})
+    reason = deleted_source(client, current.tags, current.tags.get(TAG_TRIAL_RUN) or current.run_id, {})
     if reason is not None:
         logger.warning("alias %r of %s is left on version %s, which nothing chooses now: %s", ALIAS, name,
                        current.version, reason)
-
-
-def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | None = None) -> tuple[Path | None, str]:
-    """``model_dir`` exported for ONNX Runtime (fp32 and int8) into ``out_dir``, checked on 4 dev questions.
-
-    The export is an optimisation of a model that serves without it: a model that cannot be exported is still
-    registered, and serves through PyTorch. That is never silent: the reason is logged as a warning and returned
-    for the version's ``onnx`` tag.
-
-    Args:
-        model_dir: a packed (or dense) QA model directory.
-        out_dir: where the export goes (created).
-        what: how the warning names the model (default: ``model_dir``).
-
-    Returns:
-        ``(out_dir, "fp32,int8")``, or ``(None, "failed: <one line>")``.
-    """
-    # The export needs torch and ONNX Runtime; the registry module stays light without them.
-    from pruning.export import export_checkpoint
-
-    try:
-        report = export_checkpoint(model_dir, out_dir, quantize="int8", questions=4)
-    except Exception as err:  # ExportError, CheckpointError, ORT's own errors: any of them leaves PyTorch serving
-        reason = typed_error_line(err)
-        logger.warning("%s: cannot be exported for ONNX Runtime, registered to serve through PyTorch (%s)",
-                       what or model_dir, reason)
-        return None, f"failed: {reason}"[:500]
-    return Path(out_dir), ",".join(report["files"])
-
-
-# MLflow's warning that it could not copy a logged model's ``model_config`` into the run's params: the trial run's
-# params are its run config, whose ``batch_size`` (the training batch) differs from the served one, and the served
-# settings are kept in the model itself.
-_PARAM_MIRROR = "Failed to log model config as params"
-
-
-def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str | Path | None = None,
-                 tags: dict[str, str] | None = None, variant: str = ONNX_VARIANTS[0]):
-    """Log a QA model directory as the pyfunc ``qa_model`` of the active run
-    (:class:`workflows.served_model.PackedQAModel`).
-
-    The model is logged as code (:data:`workflows.served_model.MODEL_CODE`), with the code it runs beside it
-    (:func:`_shipped_code`): loading it unpickles nothing.
-
-    Args:
-        model_dir: a dense, masked or packed QA model directory with its tokenizer.
-        settings: the served model's ``model_config`` (see :func:`serve_settings`, plus ``precision``);
-            ``onnx_variant`` is added.
-        onnx_dir: the model exported for ONNX Runtime (see :func:`export_for_serving`), served when given.
-        tags: tags of the logged model.
-        variant: the ONNX variant served (``int8`` or ``fp32``) when ``onnx_dir`` is given.
-
-    Returns:
-        MLflow's ``ModelInfo`` (``model_uri``, ``model_id``).
-    """
-    artifacts = {ARTIFACT_MODEL_DIR: str(model_dir)}
-    if onnx_dir is not None:
-        artifacts[ARTIFACT_ONNX_DIR] = str(onnx_dir)
-    with _shipped_code() as (model_file, code_paths), \
-            leaving_out("mlflow.models.model", starting_with(_PARAM_MIRROR)):
-        return mlflow.pyfunc.log_model(
-            name=ARTIFACT_QA_MODEL,
-            python_model=model_file,
-            artifacts=artifacts,
-            code_paths=code_paths,
-            pip_requirements=PIP_REQUIREMENTS,
-            signature=SIGNATURE,
-            # Logged so that it can be overridden at load (MLflow only overrides logged keys), e.g. with
-            # MLFLOW_PYFUNC_INFERENCE_CONFIG='{"onnx_variant": "fp32"}' for `mlflow models serve`.
-            model_config={"max_records": MAX_RECORDS, **settings,
-                          "onnx_variant": variant if onnx_dir is not None else "none"},
-            input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
-            tags=tags,
-        )
-
-
-@contextlib.contextmanager
-def _shipped_code() -> Iterator[tuple[str, list[str]]]:
-    """``(model_file, code_paths)`` for as long as MLflow copies them: the file a QA model is logged as
-    (:data:`MODEL_CODE`), and the code it runs: the ``pruning`` package, and a ``workflows`` package holding only the
-    modules the served model imports (:data:`SHIPPED_MODULES`). A process that loads the model (a server MLflow builds
-    from the pip requirements, another machine) has them as code, without the rest of this package, which needs Ray
-    and the sweep's other dependencies."""
-    here = Path(__file__).resolve().parent
-    with atomic.scratch_dir("code") as staging:
-        package = Path(staging, "code", here.name)
-        package.mkdir(parents=True)
-        (package / "__init__.py").write_text("", encoding="utf-8")
-        for module in SHIPPED_MODULES:
-            shutil.copyfile(here / f"{module}.py", package / f"{module}.py")
-        model_file = Path(staging, MODEL_FILE)
-        model_file.write_text(MODEL_CODE, encoding="utf-8")
-        yield str(model_file), [str(here.parent / "pruning"), str(package)]
 
 
 def _ensure_model(client, name: str) -> None:
@@ -399,148 +252,8 @@ def _one_version(client, name: str, run_id: str, made) -> Any:
     return made
 
 
-@contextlib.contextmanager
-def _fluent_store(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (``start_run``, ``log_model``) at the client's store for a while."""
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)
-
-
-def _served_by(settings: Mapping[str, Any], has_onnx: bool) -> dict[str, Any] | None:
-    """What a served model's ``model_config`` makes it serve, as :class:`workflows.served_model.PackedQAModel` reads
-    it (defaults for the keys it lacks), or None when it would not load."""
-    try:
-        counts = {key: count_setting(settings, key, default)
-                  for key, default in {**SERVE_DEFAULTS, "max_records": MAX_RECORDS}.items()}
-        variant = served_variant(settings, has_onnx)
-    except ValueError:
-        return None
-    return {**counts, "onnx_variant": variant, "precision": str(settings.get("precision", "fp32"))}
-
-
-def _logged_qa_model(client, run, onnx: bool, settings: Mapping[str, Any], max_int8_f1_drop: float | None):
-    """The served model an earlier registration logged on the trial ``run`` (whole, logged as code, and exported
-    for ONNX Runtime as ``onnx`` asks: tried, or ``skipped``) that serves as one logged now with ``settings`` (its
-    ``model_config`` but ``onnx_variant``) would, or None. Its ONNX variant is the one its own int8 check's scores
-    give with ``max_int8_f1_drop`` (:func:`~workflows.int8_check.wanted_variant`); a model exported but never
-    checked is not reused while the check is asked for. A model logged before models were logged as code, with its
-    served class pickled, is never reused."""
-    from mlflow.models import Model
-
-    try:
-        models = client.search_logged_models([run.info.experiment_id],
-                                             filter_string=f"source_run_id = '{run.info.run_id}' "
-                                                           f"AND name = '{ARTIFACT_QA_MODEL}'")
-    except MlflowException:
-        return None
-    stale, pickled, unchecked = [], [], []
-    for model in sorted(models, key=lambda m: m.creation_timestamp or 0):
-        tag = model.tags.get(TAG_ONNX)
-        if model.status != LoggedModelStatus.READY or tag is None or (tag == ONNX_SKIPPED) == onnx:
-            continue
-        try:
-            with _fluent_store(client.tracking_uri):  # which resolves the model's files
-                flavor = Model.load(model.model_uri).flavors.get("python_function", {})
-        except (MlflowException, OSError):  # its files are gone: not a model to serve
-            continue
-        if not flavor.get("model_code_path"):
-            pickled.append(model.model_id)
-            continue
-        lost = lost_files(model.artifact_location, client.tracking_uri)
-        if lost is not None:
-            logger.info("trial run %s: the model logged on it before (%s) cannot be served (%s): logging a new one",
-                        run.info.run_id, model.model_id, lost)
-            continue
-        has_onnx = ARTIFACT_ONNX_DIR in (flavor.get("artifacts") or {})
-        variant = wanted_variant(model.tags, max_int8_f1_drop) if has_onnx else "none"
-        if variant is None:
-            unchecked.append(model.model_id)
-            continue
-        served = _served_by(flavor.get("config") or {}, has_onnx)
-        wanted = _served_by({"max_records": MAX_RECORDS, **settings, "onnx_variant": variant}, has_onnx)
-        if served is not None and served == wanted:
-            return model
-        stale.append((model.model_id, {key: (value, (served or {}).get(key)) for key, value in (wanted or {}).items()
-                                       if (served or {}).get(key) != value}))
-    if unchecked:
-        logger.info("trial run %s: the model logged on it before (%s) serves int8 without the check of its accuracy "
-                    "against fp32: logging a new one, checked", run.info.run_id, ", ".join(unchecked))
-    if pickled:
-        logger.info("trial run %s: the model logged on it before (%s) holds its served class pickled, which loading "
-                    "it unpickles: logging a new one, as code", run.info.run_id, ", ".join(pickled))
-    if stale:
-        changes = ("; ".join(f"{model_id}: " + ", ".join(f"{key} {was} -> {now}" for key, (now, was) in changed.items())
-                             for model_id, changed in stale))
-        logger.info("trial run %s: the model logged on it before serves other settings than registering it now "
-                    "would (%s): logging a new one", run.info.run_id, changes)
-    return None
-
-
-class UnreadableTrial(record.RecordError):
-    """A trial's packed model is missing from its run or cannot be read: it cannot become a version."""
-
-
 class LostVersion(UnreadableTrial):
     """A trial's version has lost files its served model loads (deleted from the artifact store by hand)."""
-
-
-def _settings_of(client, run) -> dict[str, Any]:
-    """The ``model_config`` (but ``onnx_variant``) a served model logged now for the trial ``run`` gets: the windows
-    and span search its packed model records (:func:`serve_settings`) and the precision its metrics were measured
-    in (:func:`measured_precision`).
-
-    Raises:
-        UnreadableTrial: the packed model's config.json cannot be read, or its record is not valid.
-    """
-    # torch and the library are needed only for a new version; the registry module stays light without them.
-    from pruning.checkpoint import CheckpointError, read_evaluation
-
-    run_id = run.info.run_id
-    with atomic.scratch_dir("download") as tmp:
-        try:
-            config_file = Path(client.download_artifacts(run_id, f"{ARTIFACT_PACKED_MODEL}/config.json", tmp))
-        except (MlflowException, OSError) as err:
-            raise UnreadableTrial(f"trial run {run_id}: its {ARTIFACT_PACKED_MODEL!r} artifact cannot be read "
-                                  f"({error_line(err)}); not registered") from None
-        try:
-            evaluation = read_evaluation(config_file.parent)
-        except CheckpointError as err:
-            where = str(err).replace(str(config_file.parent), f"runs:/{run_id}/{ARTIFACT_PACKED_MODEL}")
-            raise UnreadableTrial(f"trial run {run_id}: {where.splitlines()[0]}; not registered") from None
-    # The windows and span search the trial was scored with: those its packed model records, which are cut to the
-    # position embeddings of the model and of its teacher, not the params as given.
-    return {**serve_settings(run.data.params, evaluation), "precision": measured_precision(run)}
-
-
-def _packed_model_of(client, run_id: str, dst: str) -> str:
-    """The trial's ``packed_model`` artifact downloaded into ``dst``, its model and tokenizer checked to load (a
-    version is never made of a model that cannot be served).
-
-    Raises:
-        UnreadableTrial: the run holds no such artifact (or the artifact store cannot give it), or the model or its
-            tokenizer cannot be read; the file is named in the run (``runs:/RUN_ID/packed_model/...``).
-    """
-    # torch and the library are needed only for a new version; the registry module stays light without them.
-    from pruning.checkpoint import CheckpointError, load_model
-    from pruning.packing import PackingError
-    from pruning.tokenizer import load_tokenizer
-
-    try:
-        local = client.download_artifacts(run_id, ARTIFACT_PACKED_MODEL, dst)
-    except (MlflowException, OSError) as err:
-        raise UnreadableTrial(f"trial run {run_id}: its {ARTIFACT_PACKED_MODEL!r} artifact cannot be read "
-                              f"({error_line(err)}); not registered") from None
-    try:
-        load_model(local)
-        load_tokenizer(local)
-    except (CheckpointError, PackingError) as err:
-        where = str(err).replace(str(local), f"runs:/{run_id}/{ARTIFACT_PACKED_MODEL}").splitlines()[0]
-        raise UnreadableTrial(f"trial run {run_id}: {where}; not registered") from None
-    return local
 
 
 def _model_versions(client, name: str) -> list:
@@ -592,12 +305,12 @@ def _new_version_of_run(client, name: str, run, onnx: bool,
                         max_int8_f1_drop: float | None = DEFAULT_MAX_INT8_F1_DROP) -> Any:
     """A new version of ``name`` made from the trial ``run`` (see :func:`_version_of_run`)."""
     run_id = run.info.run_id
-    settings = _settings_of(client, run)
-    logged = _logged_qa_model(client, run, onnx, settings, max_int8_f1_drop)
+    settings = settings_of(client, run)
+    logged = logged_qa_model(client, run, onnx, settings, max_int8_f1_drop)
     if logged is not None:
         logger.info("trial run %s: a new version of %s from the model logged on it before (%s)", run_id, name,
                     logged.model_id)
-        with _fluent_store(client.tracking_uri):  # which resolves the version's source, as below
+        with fluent_store(client.tracking_uri):  # which resolves the version's source, as below
             made = client.create_model_version(name, source=logged.model_uri, run_id=run_id,
                                                model_id=logged.model_id,
                                                tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: logged.tags[TAG_ONNX],
@@ -605,8 +318,8 @@ def _new_version_of_run(client, name: str, run, onnx: bool,
                                                         if key in logged.tags}})
         return _one_version(client, name, run_id, made)
     # The registry resolves the new version's source through the tracking store of the fluent API.
-    with atomic.scratch_dir("register") as tmp, _fluent_store(client.tracking_uri):
-        local = _packed_model_of(client, run_id, tmp)
+    with atomic.scratch_dir("register") as tmp, fluent_store(client.tracking_uri):
+        local = packed_model_of(client, run_id, tmp)
         # Only here, for a new version: a registered trial is never exported again.
         what = f"the packed model of trial run {run_id}"
         variant, checked = "none", {TAG_ONNX_VARIANT: "none"}
@@ -778,7 +491,7 @@ def _make_champion(client, name: str, version, versions, chosen_by: str | None =
         held = current.tags or {}
         before = f"{held.get(TAG_POLICY, '')} {held.get(TAG_POLICY_THRESHOLD, '')}".strip() \
             if held.get(TAG_POLICY) else "no policy"
-        gone = _deleted_source(client, held, held.get(TAG_TRIAL_RUN) or current.run_id, {})
+        gone = deleted_source(client, held, held.get(TAG_TRIAL_RUN) or current.run_id, {})
         line = (f"alias {ALIAS!r} of {name} moved from version {left} (chosen by {before}) to version "
                 f"{version.version}" + (f" (chosen by {chosen_by})" if chosen_by else ""))
         if chosen_by is not None and (before != chosen_by or gone is not None):
@@ -881,83 +594,6 @@ def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str
                             name, trial, parent_run_id)
 
 
-DELETED, REMOVED = "deleted", "removed"  # a run deleted (in the UI: restorable), or removed for good (`mlflow gc`)
-
-
-def run_deleted(client, run_id: str | None) -> str | None:
-    """Whether the run ``run_id`` was deleted: :data:`DELETED` (in the UI, so that `mlflow runs restore` brings it
-    back), :data:`REMOVED` (removed for good since, by `mlflow gc`: the store no longer has it), else None."""
-    if not run_id:
-        return None
-    try:
-        return DELETED if client.get_run(run_id).info.lifecycle_stage == "deleted" else None
-    except MlflowException as err:
-        return REMOVED if err.error_code == "RESOURCE_DOES_NOT_EXIST" else None
-
-
-def _deleted_source(client, tags: Mapping[str, str], trial_run_id: str | None,
-                    lifecycle: dict[str, str | None]) -> str | None:
-    """Why a version is not to be chosen when its trial run, or the sweep run it was registered from, was deleted
-    (in the MLflow UI: set aside, as `fineprune register` passes a deleted sweep over; or removed for good), else
-    None. ``lifecycle`` caches what :func:`run_deleted` says of each run read."""
-    def deleted(run_id: str | None) -> str | None:
-        if run_id and run_id not in lifecycle:
-            lifecycle[run_id] = run_deleted(client, run_id)
-        return lifecycle[run_id] if run_id else None
-
-    sweep = tags.get(TAG_SWEEP_RUN)
-    for run_id, what in ((trial_run_id, "trial"), (sweep, "sweep")):
-        state = deleted(run_id)
-        if state == REMOVED:
-            return f"its {what} run {run_id} was removed for good (`mlflow gc`) and cannot be restored"
-        if state == DELETED:
-            return (f"its {what} run {run_id} was deleted (restore it, "
-                    f"`{record.restore_command(client.tracking_uri, run_id)}`, to have the version chosen again)")
-    return None
-
-
-def _register_frontier_command(client, sweep: str | None) -> str:
-    """The ``fineprune register --frontier`` command that registers the frontier of the sweep run ``sweep`` again,
-    in the store of ``client``: its experiment is required, and the sweep named, as it may not be the latest."""
-    if not sweep:  # a version no sweep registered: which experiment is the user's to say
-        return record.fineprune_command("register", client.tracking_uri, "--experiment", "EXPERIMENT", "--frontier")
-    try:
-        experiment = client.get_experiment(client.get_run(sweep).info.experiment_id).name
-    except MlflowException:  # the sweep removed for good
-        experiment = "EXPERIMENT"
-    return record.fineprune_command("register", client.tracking_uri, "--experiment", experiment, "--sweep-run", sweep,
-                                    "--frontier")
-
-
-def _dense_shape(model):
-    """A randomly initialised model of the unpruned shape (speed depends on shapes only), and its shape key."""
-    config = copy.deepcopy(model.config)
-    key = json.dumps({k: getattr(config, k, None) for k in ("model_type", "vocab_size", "hidden_size",
-                                                              "num_hidden_layers", "num_attention_heads",
-                                                              "intermediate_size", "max_position_embeddings")},
-                     sort_keys=True) + type(model).__name__
-    return key, config
-
-
-# Timed passes of one model whose upper quartile exceeds their lower one by more than this are noise, not its speed:
-# on a quiet machine the passes of a model agree to within 10 to 20%.
-NOISY_SPREAD = 1.5
-
-
-def timing_noise(times: Mapping[str, Sequence[float]]) -> str | None:
-    """What says that interleaved timings (name -> seconds of each pass) are too noisy to rank the models by (see
-    :func:`pruning.bench.spread`), or None where every model's passes agree; models of fewer than 4 passes, too few
-    for quartiles, are not judged."""
-    from pruning.bench import spread
-
-    spreads = {name: spread(seconds) for name, seconds in times.items() if len(seconds) >= 4}
-    noisy = [value for value in spreads.values() if value > NOISY_SPREAD]
-    if not noisy:
-        return None
-    return (f"the timed passes of {len(noisy)} of the {len(spreads)} models disagree, by up to {max(noisy):.1f}x "
-            f"(upper over lower quartile; {NOISY_SPREAD:g}x at most counts as steady)")
-
-
 def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int = 1, seq_len: int = 128,
                       threads: int | None = None, alias: str = ALIAS, repeats: int = 10, warmup: int = 2,
                       sweep_run_id: str | None = None, runtime: str = "served",
@@ -968,8 +604,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     model, which is what its pyfunc and ``mlflow models serve`` run; ``"torch"``: its packed PyTorch model) on
     random input of ``batch_size`` x ``seq_len`` with the benches' helper
     (:func:`pruning.bench.interleaved_latency`): all versions and the dense shape(s) they were pruned from (in
-    PyTorch) run round-robin, ``repeats`` times after ``warmup`` rounds, and each latency is a median. Among the
-    versions within ``max_latency_ms`` the one with the highest F1 (its ``f1`` tag) wins, the faster on a tie.
+    PyTorch) run round-robin, ``repeats`` times after ``warmup`` rounds, and each latency is a median
+    (:func:`~workflows.version_timing.time_versions`). Among the versions within ``max_latency_ms`` the one with the highest F1 (its ``f1`` tag) wins, the faster on a tie.
 
     Args:
         client: an MLflow client of the registry.
@@ -1007,49 +643,24 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         SelectionError: the model or its versions do not exist, none can be loaded and run, or no version is
             within the budget; the alias is then left as it was.
     """
-    # torch and the library are needed only to time models; the registry module stays light without them.
-    import torch
-
-    from pruning.bench import interleaved_latency
-
     if not (max_latency_ms > 0 and math.isfinite(max_latency_ms)):  # an infinite budget is no budget
         raise SelectionError(f"--max-latency-ms must be a finite number > 0, got {max_latency_ms}")
     check_alias(alias)
     if runtime not in RUNTIMES:
         raise SelectionError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     versions, every = _versions_to_time(client, name, sweep_run_id)
+    if not threads:  # torch is needed only to time models; the registry module stays light without it
+        import torch
 
-    previous_threads = torch.get_num_threads()
-    threads = int(threads or previous_threads)
-    started = time.perf_counter()
-    timing = _Timing(runtime, threads, batch_size, seq_len, seq_len_from)
-    lifecycle: dict[str, str | None] = {}  # run id -> deleted or removed, each run read once
-    with atomic.scratch_dir("download") as tmp:
-        for v in versions:
-            timing.rows.append(_version_to_time(client, name, v, Path(tmp) / str(v.version), timing, lifecycle))
-        if not timing.dense_of:
-            raise SelectionError(f"{_none_timed(name, timing)}; alias {alias!r} left as it was")
-        loaded = time.perf_counter()
-        torch.set_num_threads(threads)
-        try:
-            times = interleaved_latency(timing.models, batch_size=batch_size, seq_len=seq_len, repeats=repeats,
-                                        warmup=warmup)
-        finally:
-            torch.set_num_threads(previous_threads)
-        logger.info("loaded %d versions of %s in %.1f s; timed them and %d dense shape(s), %d rounds, in %.1f s",
-                    len(timing.dense_of), name, loaded - started, len(timing.models) - len(timing.dense_of),
-                    warmup + repeats, time.perf_counter() - loaded)
-        if (noise := timing_noise(times)) is not None:
-            logger.warning("%s: the choice may differ on a rerun; time with fewer --threads than free cores, on a "
-                           "quieter machine, or with more --repeats", noise)
-    rows = timing.rows
+        threads = torch.get_num_threads()
+    threads = int(threads)
+    rows, none_timed = time_versions(client, name, versions, runtime, threads, batch_size=batch_size,
+                                     seq_len=seq_len, repeats=repeats, warmup=warmup, seq_len_from=seq_len_from)
+    if none_timed is not None:
+        raise SelectionError(f"{none_timed}; alias {alias!r} left as it was")
     for row in rows:
-        if row["version"] not in timing.dense_of:
-            continue
-        own = statistics.median(times[f"v{row['version']}"]) * 1000.0
-        dense = statistics.median(times[timing.dense_of[row["version"]]]) * 1000.0
-        row.update({"latency_ms": own, "dense_latency_ms": dense,
-                    "served_speedup": dense / own if own > 0 else None, "within_budget": own <= max_latency_ms})
+        if "latency_ms" in row:
+            row["within_budget"] = row["latency_ms"] <= max_latency_ms
     settings = {"name": name, "alias": alias, "max_latency_ms": max_latency_ms, "batch_size": batch_size,
                 "seq_len": seq_len, "threads": threads, "repeats": repeats, "runtime": runtime}
     # The budget is checked once, on the unrounded latencies; the record keeps them to 4 decimals.
@@ -1101,96 +712,6 @@ def _versions_to_time(client, name: str, sweep_run_id: str | None) -> tuple[list
         where = f" on the frontier of sweep run {sweep_run_id}" if sweep_run_id else ""
         raise SelectionError(f"registered model {name!r} has no versions{where} in {client.tracking_uri}")
     return versions, every
-
-
-@dataclasses.dataclass
-class _Timing:
-    """What :func:`select_by_latency` times, and how: the runtime, threads and input shape (``seq_len_from``: what
-    gave ``seq_len``, see there); the models to run round-robin (each version's as ``vN``, each dense shape by its
-    :func:`_dense_shape` key), the dense shape of each version timed, each version's row, and the versions set aside
-    (their trial or sweep run deleted)."""
-
-    runtime: str
-    threads: int
-    batch_size: int
-    seq_len: int
-    seq_len_from: str | None
-    models: dict[str, Any] = dataclasses.field(default_factory=dict)
-    dense_of: dict[str, str] = dataclasses.field(default_factory=dict)
-    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    set_aside: set[str] = dataclasses.field(default_factory=set)
-
-
-def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle: dict[str, str | None]
-                     ) -> dict[str, Any]:
-    """The row of version ``v`` of ``name`` (its trial figures, how it runs, or why it is not timed: an ``error``),
-    its model loaded from ``dst`` and added to ``timing`` with its dense shape when it runs on the input of
-    ``timing`` (see :func:`select_by_latency`). ``lifecycle`` caches whether each run read was deleted.
-
-    Raises:
-        SeqLenError: its model takes fewer positions than ``timing.seq_len`` and ``timing.seq_len_from`` names what
-            gave it.
-    """
-    # transformers and the library are needed only to time models; the registry module stays light without them.
-    from transformers import AutoModelForQuestionAnswering
-
-    from pruning.bench import interleaved_latency
-    from pruning.structure import max_positions
-
-    row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
-           **{k: tag_float(v.tags, k) for k in FINAL_METRICS}}
-    gone = _deleted_source(client, v.tags, row["run_id"], lifecycle)
-    if gone is not None:  # set aside in the MLflow UI: neither loaded nor chosen
-        row["error"] = gone
-        timing.set_aside.add(row["version"])
-        logger.warning("version %s of %s: %s, so it is not chosen", v.version, name, gone)
-        return row
-    if row[F1] is None:  # removed or edited by hand: the version cannot be ranked, so it is never chosen
-        what = f"its {F1} tag {v.tags[F1]!r} is not a number" if F1 in v.tags else f"it has no {F1} tag"
-        logger.warning("version %s of %s: %s, so it cannot be chosen (`%s` writes the tag again from its "
-                       "trial while it is on its sweep's frontier)", v.version, name, what,
-                       _register_frontier_command(client, v.tags.get(TAG_SWEEP_RUN)))
-    try:  # a model that takes fewer positions than seq_len is found from its config, before its weights
-        model, row["served_by"] = load_version(client, name, str(v.version), str(dst), timing.runtime,
-                                               timing.threads, seq_len=timing.seq_len)
-        row["served_f1"] = checked_f1(v.tags, variant_run(row["served_by"]))
-        limit = max_positions(model.config)
-    except FewerPositions as short:
-        limit = short.limit
-    except Exception as err:  # a version that cannot be loaded is reported, not chosen
-        row["error"] = error_line(err)
-        logger.warning("version %s of %s cannot be loaded: %s", v.version, name, row["error"])
-        return row
-    seq_len = timing.seq_len
-    if seq_len > limit and timing.seq_len_from is not None:
-        raise SeqLenError(f"{timing.seq_len_from}: {seq_len} exceeds the {limit} positions the model of version "
-                          f"{v.version} of {name} takes; no champion registered")
-    if seq_len > limit:  # another version, of a model with more positions, may still be timed
-        row["error"] = f"cannot be timed: its model takes at most {limit} positions, fewer than --seq-len {seq_len}"
-        logger.warning("version %s of %s %s", v.version, name, row["error"])
-        return row
-    try:  # one pass first: a version that loads but fails when run must not stop the timing of the others
-        interleaved_latency({"probe": model}, batch_size=timing.batch_size, seq_len=seq_len, repeats=1, warmup=0)
-    except Exception as err:
-        row["error"] = f"cannot be timed: {error_line(err)}"
-        logger.warning("version %s of %s %s", v.version, name, row["error"])
-        return row
-    key, config = _dense_shape(model)
-    if key not in timing.models:
-        timing.models[key] = AutoModelForQuestionAnswering.from_config(config).eval()
-    timing.dense_of[row["version"]] = key
-    timing.models[f"v{v.version}"] = model
-    return row
-
-
-def _none_timed(name: str, timing: _Timing) -> str:
-    """Why no version of ``name`` could be timed: each version's error, and what went wrong with them all."""
-    rows = timing.rows
-    reasons = "; ".join(f"version {row['version']}: {row['error']}" for row in rows)
-    kinds = {"chosen" if row["version"] in timing.set_aside else
-             "timed" if row["error"].startswith("cannot be timed: ") else "loaded" for row in rows}
-    what = " or ".join(word for word in ("loaded", "timed", "chosen") if word in kinds)
-    return f"no version of {name!r} could be {what} ({reasons})"
 
 
 def _point_alias(client, name: str, alias: str, version, every: list, max_latency_ms: float,
@@ -1351,20 +872,3 @@ def _alias_taken_back(client, name: str, parent) -> tuple[str, str] | None:
     return None
 
 
-def latency_settings(speedup: Mapping[str, Any], resources: Mapping[str, Any],
-                     source: str | None = None) -> dict[str, Any]:
-    """How ``best_f1_under_latency`` times versions in a sweep: the space's ``speedup`` shape and repeats, with the
-    threads of one trial (``resources.cpu``). Values may be numbers or params as logged (strings). ``source`` names
-    where they come from (the space file, or the sweep run that logged them): a ``speedup.seq_len`` longer than a
-    version's model takes is then an error naming it (see :func:`select_by_latency`'s ``seq_len_from``)."""
-    def number(values: Mapping[str, Any], key: str, default: float) -> int:
-        value = values.get(key)
-        return int(float(value)) if value not in (None, "", "None") else int(default)
-
-    settings: dict[str, Any] = {"batch_size": number(speedup, "batch_size", 1),
-                                "seq_len": number(speedup, "seq_len", 128),
-                                "repeats": max(number(speedup, "repeats", 10), 10),
-                                "threads": max(1, number(resources, "cpu", 1))}
-    if source is not None:
-        settings["seq_len_from"] = f"{source}: {PARAM_SPEEDUP}seq_len"
-    return settings

@@ -47,7 +47,8 @@ from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, 
                               TAG_INT8_CHECK, TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD,
                               TAG_SWEEP_RUN, TAG_TRIAL_RUN, TAG_WARM_START, TAG_WARM_START_STORE, TAG_WARM_START_TRIALS,
                               TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec)
-from workflows.registry import DELETED, REMOVED, left_to_run, no_trial_finished, policy_choice, run_deleted
+from workflows.record import DELETED, REMOVED, run_deleted
+from workflows.registry import left_to_run, no_trial_finished, policy_choice
 from workflows.version_files import served_model_dir, version_files_lost
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The model a registered version serves: MLflow's pyfunc over a packed QA model, logged as code.
 
-:func:`workflows.registry.log_qa_model` logs a version as MLflow's "model from code": its ``python_model`` is the
+:func:`workflows.logged_model.log_qa_model` logs a version as MLflow's "model from code": its ``python_model`` is the
 file of :data:`MODEL_CODE`, whose three statements set this module's :class:`PackedQAModel`, and the version
 carries the code they import: the ``pruning`` package, and of ``workflows`` this module and :mod:`workflows.record`
 (see :data:`SHIPPED_MODULES`). A process that loads the version (``mlflow models serve``, another machine) runs

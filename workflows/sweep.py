@@ -52,7 +52,7 @@ from pruning.quiet import leaving_out, starting_with
 from pruning.resources import resolve_data
 from pruning.tokenizer import load_tokenizer
 from pruning.trainer import evaluate, resolve_device, train
-from workflows import frontier, record, registry, tracking
+from workflows import frontier, record, registry, tracking, version_timing
 from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
 from workflows.preflight import check_local_data, check_machine
@@ -812,7 +812,7 @@ def _conclude(client, experiment: str, parent: str, space: SweepSpace, dense_met
         tracking.log_search(client, parent, search)
     with checked_once():  # the report checks the champion's files, which registering has just checked
         registered = registry.register_sweep(client, experiment, parent, space.registry, dense_metrics=dense_metrics,
-                                             latency=registry.latency_settings(space.speedup, space.resources,
+                                             latency=version_timing.latency_settings(space.speedup, space.resources,
                                                                                source=str(space.path)),
                                              latest_left=latest_left, keep_going=True)
         summary["frontier_versions"], summary["champion"] = registered["frontier"], registered["champion"]

@@ -1,0 +1,236 @@
+"""Timing registered versions as they serve on this machine, beside the dense shapes they were pruned from.
+
+:func:`time_versions` loads each version as it serves (ONNX Runtime, or its packed PyTorch model), times them all
+round-robin with the benches' helper and gives each version's latency, its dense shape's and their ratio (or why it
+was not timed); :func:`workflows.registry.select_by_latency` chooses among them (``fineprune select``, and a sweep's
+``best_f1_under_latency`` policy, with :func:`latency_settings`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pruning import atomic
+from pruning.errors import error_line
+from workflows import record
+from workflows.int8_check import checked_f1, variant_run
+from workflows.record import F1, FINAL_METRICS, PARAM_SPEEDUP, TAG_SWEEP_RUN, TAG_TRIAL_RUN, tag_float
+from workflows.version_files import FewerPositions, load_version
+
+__all__ = ["SeqLenError", "NOISY_SPREAD", "timing_noise", "dense_shape", "time_versions", "latency_settings"]
+
+logger = logging.getLogger(__name__)
+
+
+class SeqLenError(record.RecordError):
+    """A registration's timing length (its space's ``speedup.seq_len``) is longer than a version's model takes: the
+    space's field is at fault, not the versions (one line naming it)."""
+
+
+# Timed passes of one model whose upper quartile exceeds their lower one by more than this are noise, not its speed:
+# on a quiet machine the passes of a model agree to within 10 to 20%.
+NOISY_SPREAD = 1.5
+
+
+def timing_noise(times: Mapping[str, Sequence[float]]) -> str | None:
+    """What says that interleaved timings (name -> seconds of each pass) are too noisy to rank the models by (see
+    :func:`pruning.bench.spread`), or None where every model's passes agree; models of fewer than 4 passes, too few
+    for quartiles, are not judged."""
+    from pruning.bench import spread
+
+    spreads = {name: spread(seconds) for name, seconds in times.items() if len(seconds) >= 4}
+    noisy = [value for value in spreads.values() if value > NOISY_SPREAD]
+    if not noisy:
+        return None
+    return (f"the timed passes of {len(noisy)} of the {len(spreads)} models disagree, by up to {max(noisy):.1f}x "
+            f"(upper over lower quartile; {NOISY_SPREAD:g}x at most counts as steady)")
+
+
+def dense_shape(model):
+    """A randomly initialised model of the unpruned shape (speed depends on shapes only), and its shape key."""
+    config = copy.deepcopy(model.config)
+    key = json.dumps({k: getattr(config, k, None) for k in ("model_type", "vocab_size", "hidden_size",
+                                                              "num_hidden_layers", "num_attention_heads",
+                                                              "intermediate_size", "max_position_embeddings")},
+                     sort_keys=True) + type(model).__name__
+    return key, config
+
+
+@dataclasses.dataclass
+class _Timing:
+    """What :func:`time_versions` times, and how: the runtime, threads and input shape (``seq_len_from``: what
+    gave ``seq_len``, see there); the models to run round-robin (each version's as ``vN``, each dense shape by its
+    :func:`dense_shape` key), the dense shape of each version timed, each version's row, and the versions set aside
+    (their trial or sweep run deleted)."""
+
+    runtime: str
+    threads: int
+    batch_size: int
+    seq_len: int
+    seq_len_from: str | None
+    models: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dense_of: dict[str, str] = dataclasses.field(default_factory=dict)
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    set_aside: set[str] = dataclasses.field(default_factory=set)
+
+
+def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle: dict[str, str | None]
+                     ) -> dict[str, Any]:
+    """The row of version ``v`` of ``name`` (its trial figures, how it runs, or why it is not timed: an ``error``),
+    its model loaded from ``dst`` and added to ``timing`` with its dense shape when it runs on the input of
+    ``timing`` (see :func:`time_versions`). ``lifecycle`` caches whether each run read was deleted.
+
+    Raises:
+        SeqLenError: its model takes fewer positions than ``timing.seq_len`` and ``timing.seq_len_from`` names what
+            gave it.
+    """
+    # transformers and the library are needed only to time models: the registry, which imports this module,
+    # stays light without them.
+    from transformers import AutoModelForQuestionAnswering
+
+    from pruning.bench import interleaved_latency
+    from pruning.structure import max_positions
+
+    row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
+           **{k: tag_float(v.tags, k) for k in FINAL_METRICS}}
+    gone = record.deleted_source(client, v.tags, row["run_id"], lifecycle)
+    if gone is not None:  # set aside in the MLflow UI: neither loaded nor chosen
+        row["error"] = gone
+        timing.set_aside.add(row["version"])
+        logger.warning("version %s of %s: %s, so it is not chosen", v.version, name, gone)
+        return row
+    if row[F1] is None:  # removed or edited by hand: the version cannot be ranked, so it is never chosen
+        what = f"its {F1} tag {v.tags[F1]!r} is not a number" if F1 in v.tags else f"it has no {F1} tag"
+        logger.warning("version %s of %s: %s, so it cannot be chosen (`%s` writes the tag again from its "
+                       "trial while it is on its sweep's frontier)", v.version, name, what,
+                       record.register_frontier_command(client, v.tags.get(TAG_SWEEP_RUN)))
+    try:  # a model that takes fewer positions than seq_len is found from its config, before its weights
+        model, row["served_by"] = load_version(client, name, str(v.version), str(dst), timing.runtime,
+                                               timing.threads, seq_len=timing.seq_len)
+        row["served_f1"] = checked_f1(v.tags, variant_run(row["served_by"]))
+        limit = max_positions(model.config)
+    except FewerPositions as short:
+        limit = short.limit
+    except Exception as err:  # a version that cannot be loaded is reported, not chosen
+        row["error"] = error_line(err)
+        logger.warning("version %s of %s cannot be loaded: %s", v.version, name, row["error"])
+        return row
+    seq_len = timing.seq_len
+    if seq_len > limit and timing.seq_len_from is not None:
+        raise SeqLenError(f"{timing.seq_len_from}: {seq_len} exceeds the {limit} positions the model of version "
+                          f"{v.version} of {name} takes; no champion registered")
+    if seq_len > limit:  # another version, of a model with more positions, may still be timed
+        row["error"] = f"cannot be timed: its model takes at most {limit} positions, fewer than --seq-len {seq_len}"
+        logger.warning("version %s of %s %s", v.version, name, row["error"])
+        return row
+    try:  # one pass first: a version that loads but fails when run must not stop the timing of the others
+        interleaved_latency({"probe": model}, batch_size=timing.batch_size, seq_len=seq_len, repeats=1, warmup=0)
+    except Exception as err:
+        row["error"] = f"cannot be timed: {error_line(err)}"
+        logger.warning("version %s of %s %s", v.version, name, row["error"])
+        return row
+    key, config = dense_shape(model)
+    if key not in timing.models:
+        timing.models[key] = AutoModelForQuestionAnswering.from_config(config).eval()
+    timing.dense_of[row["version"]] = key
+    timing.models[f"v{v.version}"] = model
+    return row
+
+
+def _none_timed(name: str, timing: _Timing) -> str:
+    """Why no version of ``name`` could be timed: each version's error, and what went wrong with them all."""
+    rows = timing.rows
+    reasons = "; ".join(f"version {row['version']}: {row['error']}" for row in rows)
+    kinds = {"chosen" if row["version"] in timing.set_aside else
+             "timed" if row["error"].startswith("cannot be timed: ") else "loaded" for row in rows}
+    what = " or ".join(word for word in ("loaded", "timed", "chosen") if word in kinds)
+    return f"no version of {name!r} could be {what} ({reasons})"
+
+
+def time_versions(client, name: str, versions: Sequence, runtime: str, threads: int, batch_size: int = 1,
+                  seq_len: int = 128, repeats: int = 10, warmup: int = 2,
+                  seq_len_from: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """Time ``versions`` (of the registered model ``name``) here, as they serve, against their dense shapes.
+
+    Each version is loaded as it serves (``runtime="served"``: through ONNX Runtime when it carries the exported
+    model, which is what its pyfunc and ``mlflow models serve`` run; ``"torch"``: its packed PyTorch model) and timed
+    on random input of ``batch_size`` x ``seq_len`` with the benches' helper
+    (:func:`pruning.bench.interleaved_latency`): all versions and the dense shape(s) they were pruned from (in
+    PyTorch, fp32) run round-robin on ``threads`` threads, ``repeats`` times after ``warmup`` rounds, and each
+    latency is a median. Timings too noisy to rank the versions by (:func:`timing_noise`) are a warning.
+
+    A version that cannot be loaded or fails when run here, whose model takes fewer positions than ``seq_len``, or
+    whose trial run or sweep run was deleted (set aside in the MLflow UI; it is not loaded) is not timed: its row
+    gives its ``error``, and the others are timed.
+
+    Args:
+        seq_len_from: what gave ``seq_len`` when a registration times the versions (``FILE: speedup.seq_len``): a
+            version whose model takes fewer positions is then that field's error, :class:`SeqLenError`.
+
+    Returns:
+        One row per version, in order (``version``, ``run_id``, its trial figures from its tags, how it ran,
+        ``served_by``, the F1 its int8 check measured for that model, ``served_f1``, and ``latency_ms``,
+        ``dense_latency_ms`` and ``served_speedup``, unrounded, or its ``error``), and why no version could be
+        timed (one line), or None where one was.
+    """
+    # torch and the library are needed only to time models: the registry, which imports this module, stays
+    # light without them.
+    import torch
+
+    from pruning.bench import interleaved_latency
+
+    started = time.perf_counter()
+    timing = _Timing(runtime, threads, batch_size, seq_len, seq_len_from)
+    lifecycle: dict[str, str | None] = {}  # run id -> deleted or removed, each run read once
+    with atomic.scratch_dir("download") as tmp:
+        for v in versions:
+            timing.rows.append(_version_to_time(client, name, v, Path(tmp) / str(v.version), timing, lifecycle))
+        if not timing.dense_of:
+            return timing.rows, _none_timed(name, timing)
+        loaded = time.perf_counter()
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            times = interleaved_latency(timing.models, batch_size=batch_size, seq_len=seq_len, repeats=repeats,
+                                        warmup=warmup)
+        finally:
+            torch.set_num_threads(previous_threads)
+        logger.info("loaded %d versions of %s in %.1f s; timed them and %d dense shape(s), %d rounds, in %.1f s",
+                    len(timing.dense_of), name, loaded - started, len(timing.models) - len(timing.dense_of),
+                    warmup + repeats, time.perf_counter() - loaded)
+        if (noise := timing_noise(times)) is not None:
+            logger.warning("%s: the choice may differ on a rerun; time with fewer --threads than free cores, on a "
+                           "quieter machine, or with more --repeats", noise)
+    for row in timing.rows:
+        if row["version"] in timing.dense_of:
+            own = statistics.median(times[f"v{row['version']}"]) * 1000.0
+            dense = statistics.median(times[timing.dense_of[row["version"]]]) * 1000.0
+            row.update({"latency_ms": own, "dense_latency_ms": dense,
+                        "served_speedup": dense / own if own > 0 else None})
+    return timing.rows, None
+
+
+def latency_settings(speedup: Mapping[str, Any], resources: Mapping[str, Any],
+                     source: str | None = None) -> dict[str, Any]:
+    """How ``best_f1_under_latency`` times versions in a sweep: the space's ``speedup`` shape and repeats, with the
+    threads of one trial (``resources.cpu``). Values may be numbers or params as logged (strings). ``source`` names
+    where they come from (the space file, or the sweep run that logged them): a ``speedup.seq_len`` longer than a
+    version's model takes is then an error naming it (see :func:`time_versions`' ``seq_len_from``)."""
+    def number(values: Mapping[str, Any], key: str, default: float) -> int:
+        value = values.get(key)
+        return int(float(value)) if value not in (None, "", "None") else int(default)
+
+    settings: dict[str, Any] = {"batch_size": number(speedup, "batch_size", 1),
+                                "seq_len": number(speedup, "seq_len", 128),
+                                "repeats": max(number(speedup, "repeats", 10), 10),
+                                "threads": max(1, number(resources, "cpu", 1))}
+    if source is not None:
+        settings["seq_len_from"] = f"{source}: {PARAM_SPEEDUP}seq_len"
+    return settings
