@@ -6,9 +6,9 @@ from __future__ import annotations
 __all__ = ["error_line", "typed_error_line"]
 
 
-def error_line(error: BaseException) -> str:
-    """The first line of ``error``'s message, or its type's name where the message says nothing."""
-    return _first_line(error) or type(error).__name__
+def error_line(error: BaseException, default: str | None = None) -> str:
+    """The first line of ``error``'s message, or ``default`` (its type's name) where the message says nothing."""
+    return _first_line(error) or default or type(error).__name__
 
 
 def typed_error_line(error: BaseException) -> str:

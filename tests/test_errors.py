@@ -25,3 +25,9 @@ class Quiet(Exception):
 def test_an_error_in_one_line(error, line, typed):
     assert error_line(error) == line
     assert typed_error_line(error) == typed
+
+
+def test_a_message_that_says_nothing_is_told_by_the_callers_default():
+    assert error_line(Quiet(), "not found") == "not found"
+    assert error_line(ValueError(" \n"), "not found") == "not found"
+    assert error_line(ValueError("no such alias\ndetails"), "not found") == "no such alias"

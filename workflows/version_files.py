@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from pruning import atomic
 from pruning.config import EVALUATION_KEYS
+from pruning.errors import error_line
 from workflows import record
 from workflows.record import ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR
 from workflows.served_model import served_variant, torch_served
@@ -193,8 +194,7 @@ def load_version(client, name: str, version: str, dst: str, runtime: str = "serv
     except Exception as err:
         # Its files named as they are in the version, not in the temporary copy, which is gone by the time one reads
         # the message.
-        lines = str(err).replace(str(dst), f"models:/{name}/{version}").splitlines()
-        raise VersionError(lines[0] if lines else type(err).__name__) from err
+        raise VersionError(error_line(err).replace(str(dst), f"models:/{name}/{version}")) from err
 
 
 def _fetcher(root: str, tracking_uri: str, dst: str | Path):
@@ -287,8 +287,7 @@ def fetch_version(client, uri: str, dst: str | Path,
     try:
         found = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, number)
     except MlflowException as err:
-        lines = str(err).strip().splitlines()
-        raise VersionError(f"{uri}: {lines[0] if lines else 'not found'} (in {client.tracking_uri})") from None
+        raise VersionError(f"{uri}: {error_line(err, 'not found')} (in {client.tracking_uri})") from None
     version = str(found.version)
     root = client.get_model_version_download_uri(name, version).rstrip("/")
     lost = lost_files(root, client.tracking_uri, str(dst))
