@@ -33,7 +33,8 @@ Rows, at linear densities 0.5 and 0.3 (``--densities``):
 
 Columns: EM, F1, retention (pruned F1 / teacher F1), linear density, heads removed, packed speed-up (dense teacher
 against the packed model, batch 1, 192 tokens, interleaved medians), steps, compute (FLOPs used / the budget's),
-and the wall time of the pruning itself (calibration, search and tuning) and of the training. Finished rows are kept in ``--json``; a rerun skips them.
+and the wall time of the pruning itself (calibration, search and tuning) and of the training. Finished rows are
+kept in ``--json``; a rerun skips them.
 
 The last line is ``accuracy_budget retention@0.5 = X.XXX retention@0.3 = Y.YYY``: the best method at each density
 of ``--densities``.
@@ -284,7 +285,8 @@ def run_row(row: str, density: float, cfg: RunConfig, teacher_scores: dict[str, 
                         float(metrics.get("teacher_forward_windows", 0.0)))
     return {
         "row": row, "density_target": density, "exact_match": metrics["exact_match"], "f1": metrics["f1"],
-        "retention": metrics["f1"] / teacher_scores["f1"] if teacher_scores["f1"] else math.nan, "linear_density": metrics["linear_density"],
+        "retention": metrics["f1"] / teacher_scores["f1"] if teacher_scores["f1"] else math.nan,
+        "linear_density": metrics["linear_density"],
         "heads_removed": int(metrics["heads_removed"]), "speedup": packing.speedup,
         "steps": int(steps), "calibration_steps": calibration_steps(cfg), "prune_seconds": one_shot,
         "budget": args.budget, "compute": used / budget_flops(cfg, config, args.steps),

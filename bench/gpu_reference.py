@@ -254,8 +254,8 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> None:
         f"Dense teacher: EM {dense['exact_match']:.2f} / F1 {dense['f1']:.2f} ({dense['steps']} steps, "
         f"{dense['wall_seconds']:.0f} s).",
         "",
-        "| model | target | block | linear density | heads removed | EM | F1 | F1 - dense | speedup fp32 | speedup bf16 | "
-        "FLOP limit | frontier |",
+        "| model | target | block | linear density | heads removed | EM | F1 | F1 - dense | speedup fp32 | "
+        "speedup bf16 | FLOP limit | frontier |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in sorted(students, key=lambda s: s["linear_density"]):

@@ -243,12 +243,14 @@ def run_in(args: argparse.Namespace, work: Path) -> Smoke:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device to run on: auto, cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+                        help="torch device to run on: auto, cpu, cuda or cuda:N "
+                             "(default: cuda when available, else cpu)")
     parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16"],
                         help="precisions to run (default: fp32, and bf16 where the device supports it)")
     parser.add_argument("--modes", nargs="+", default=[name for name, _ in MODES], choices=[name for name, _ in MODES],
                         help="pruning modes to run (default: all)")
-    parser.add_argument("--out", default=None, help="work directory, kept afterwards (default: a temporary directory, removed at the end)")
+    parser.add_argument("--out", default=None,
+                        help="work directory, kept afterwards (default: a temporary directory, removed at the end)")
     parser.add_argument("--verbose", action="store_true", help="log the library's progress and failures' tracebacks")
     args = parser.parse_args(argv)
     check_device(args.device, "--device")

@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind, seconds in zip(result.kinds, result.latencies):
         by_kind.setdefault(kind, []).append(seconds)
     print("median latency by kind of request: " + ", ".join(
-        f"{kind} {1000 * statistics.median(values):.0f} ms ({len(values)})" for kind, values in sorted(by_kind.items())))
+        f"{kind} {1000 * statistics.median(values):.0f} ms ({len(values)})"
+        for kind, values in sorted(by_kind.items())))
     if rates:
         print(f"batching: {rates['one']:.1f} records/s at 1 record per request, {rates['many']:.1f} records/s at "
               f"{args.per_request} per request ({rates['many'] / rates['one']:.2f}x; median of {args.rounds} "

@@ -28,8 +28,8 @@ from safetensors import SafetensorError
 
 from .errors import error_line
 
-__all__ = ["WriteError", "Busy", "locked", "fsync_dir", "fsync_file", "save_tensors", "staging_dir", "replace_dir", "staged_dir", "tidy",
-           "write_text", "write_bytes", "written_in_place", "scratch_dir", "clear_scratch"]
+__all__ = ["WriteError", "Busy", "locked", "fsync_dir", "fsync_file", "save_tensors", "staging_dir", "replace_dir",
+           "staged_dir", "tidy", "write_text", "write_bytes", "written_in_place", "scratch_dir", "clear_scratch"]
 
 logger = logging.getLogger(__name__)
 

@@ -651,7 +651,8 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """Plain, YAML/JSON-friendly values (enums as strings, tuples as lists); round-trips through ``config_from_dict``."""
+    """Plain, YAML/JSON-friendly values (enums as strings, tuples as lists); round-trips through
+    ``config_from_dict``."""
     out: dict[str, Any] = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)

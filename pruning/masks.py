@@ -299,7 +299,8 @@ def apply_masks_(model: nn.Module, mode: str, attention_block: tuple[int, int] =
             continue
         masked_first = MaskedLinear.from_linear(first, (1, first.in_features), layer_mode, mask_init, "ffn")
         set_module(layer, arch.ffn_in, masked_first)
-        set_module(layer, arch.ffn_out, TiedColumnMaskedLinear.from_linear(get_module(layer, arch.ffn_out), masked_first))
+        tied = TiedColumnMaskedLinear.from_linear(get_module(layer, arch.ffn_out), masked_first)
+        set_module(layer, arch.ffn_out, tied)
     return model
 
 

@@ -606,7 +606,8 @@ def cut_question(tokenizer: Any, question: str, max_query_length: int = 64) -> s
     size = _CHARS_PER_TOKEN * (max_query_length + 1)
     while True:
         prefix = _prefix(text, size)
-        offsets = tokenize_text(tokenizer, prefix, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        offsets = tokenize_text(tokenizer, prefix, add_special_tokens=False,
+                                return_offsets_mapping=True)["offset_mapping"]
         if len(offsets) > max_query_length:
             break
         if len(prefix) == len(text):
@@ -617,7 +618,8 @@ def cut_question(tokenizer: Any, question: str, max_query_length: int = 64) -> s
     text = prefix
     while len(offsets) > max_query_length:
         text = text[:min(int(offsets[max_query_length - 1][1]), len(text) - 1)].rstrip()
-        offsets = tokenize_text(tokenizer, text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        offsets = tokenize_text(tokenizer, text, add_special_tokens=False,
+                                return_offsets_mapping=True)["offset_mapping"]
     return text
 
 

@@ -605,7 +605,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     random input of ``batch_size`` x ``seq_len`` with the benches' helper
     (:func:`pruning.bench.interleaved_latency`): all versions and the dense shape(s) they were pruned from (in
     PyTorch) run round-robin, ``repeats`` times after ``warmup`` rounds, and each latency is a median
-    (:func:`~workflows.version_timing.time_versions`). Among the versions within ``max_latency_ms`` the one with the highest F1 (its ``f1`` tag) wins, the faster on a tie.
+    (:func:`~workflows.version_timing.time_versions`). Among the versions within ``max_latency_ms`` the one with
+    the highest F1 (its ``f1`` tag) wins, the faster on a tie.
 
     Args:
         client: an MLflow client of the registry.
