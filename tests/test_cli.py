@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -1657,3 +1658,14 @@ def test_the_exit_statuses_the_help_and_the_readme_list_are_the_ones_commands_en
     listed = {int(code) for codes in rows for code in codes.split(",")}
     assert listed == {int(code) for code in cli.EXIT_STATUSES}
     assert "`sweep`" in rows[str(cli.INCOMPLETE_SWEEP)] and "`register`" in rows[str(cli.NO_CHAMPION)]
+
+
+def test_version_prints_the_installed_release_and_exits_0(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"fineprune {importlib.metadata.version('fineprune')}\n"
+    assert importlib.metadata.version("fineprune") == tomllib.loads(
+        (ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]

@@ -92,6 +92,11 @@ def test_trials_is_the_sweeps_runs_table(client):
     assert list(by_id["status"]) == ["finished", "finished", "stopped_early", "failed"]
     assert by_id.loc[failed, "error"] == "ValueError: bad <input>" and pd.isna(by_id.loc[first, "error"])
     assert by_id.loc[failed, "error_file"] == "/sweeps/a/trial-3/error.txt"
+    # The runs the tracking writers make record the release that made them; a run made otherwise (or before runs
+    # recorded it) has none.
+    release = record.fineprune_version()
+    assert release != "unknown" and client.get_run(parent).data.tags[record.TAG_FINEPRUNE_VERSION] == release
+    assert by_id.loc[baseline, "fineprune_version"] == release and pd.isna(by_id.loc[first, "fineprune_version"])
     assert by_id.loc[first, "pareto"] and not by_id.loc[second, "pareto"] and by_id.loc[first, "packed"]
     assert table["pareto"].dtype == bool and table["packed"].dtype == bool
     assert by_id.loc[baseline, "speedup"] == 1.0 and math.isnan(by_id.loc[second, "linear_density"])

@@ -152,6 +152,19 @@ def test_champion_is_registered_once_and_answers(retried_sweep):
     assert out["answer"][0] and out["answer"][0] in context
 
 
+def test_every_run_of_the_sweep_records_the_release_that_made_it_and_the_report_says_it(retried_sweep):
+    import importlib.metadata
+
+    summary = retried_sweep["summary"]
+    release = importlib.metadata.version("fineprune")
+    parent = _client(summary).get_run(summary["parent_run_id"])
+    runs = _runs(summary)
+    assert {r.data.tags["fineprune.kind"] for r in runs} == {"trial", "baseline"}
+    assert [r.data.tags.get("fineprune.version") for r in [parent, *runs]] == [release] * (1 + len(runs))
+    report = (retried_sweep["tmp"] / "report" / "report.md").read_text(encoding="utf-8")
+    assert f"- **fineprune**: {release}\n" in report
+
+
 def test_resume_reruns_nothing_and_duplicates_no_runs(retried_sweep):
     from workflows.sweep import ResumeError, run_sweep
 

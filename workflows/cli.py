@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from workflows.record import RUNTIMES
+from workflows.record import RUNTIMES, fineprune_version
 from workflows.retry import TrackingUnavailable
 from workflows.user_errors import output_path_problem, user_errors, write_problem
 
@@ -777,6 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fineprune", description=DESCRIPTION, epilog=epilog,
                                      formatter_class=_HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"fineprune {fineprune_version()}",
+                        help="print fineprune's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ process that loads a version needs nothing more than the version's own requireme
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
@@ -48,7 +49,8 @@ __all__ = [
     "TAG_PARETO", "TAG_PARETO_SPEED", "FRONTIER_TAGS", "TAG_NODE", "TAG_PID", "TAG_PRECISION", "TAG_RETRIES",
     "TAG_TOOK_OVER",
     "TAG_CONFIGURATION", "TAG_WARM_START", "TAG_WARM_START_TRIALS", "TAG_WARM_START_STORE",
-    "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR",
+    "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR", "TAG_FINEPRUNE_VERSION",
+    "fineprune_version",
     # tags of registered versions, the alias
     "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "FORMER_POLICY_TAGS",
     "TAG_VERSION_PRECISION", "TAG_ONNX", "TAG_ONNX_VARIANT", "TAG_INT8_CHECK", "ONNX_SCORE_TAGS",
@@ -107,6 +109,7 @@ TAG_PACKED_ARTIFACT = "fineprune.packed_artifact"  # set once the packed model i
 TAG_MODEL_DIR = "fineprune.model_dir"  # the baseline's model directory
 TAG_ERROR_FILE = "fineprune.error_file"  # a failed trial's error file (traceback), in the sweep's storage
 TAG_ERROR = "fineprune.error"  # one line: why the trial failed (its exception, or e.g. its packed model upload)
+TAG_FINEPRUNE_VERSION = "fineprune.version"  # the fineprune release that made the run (sweep, trial or baseline)
 
 # ---- tags of registered model versions ------------------------------------------------------------------------
 TAG_TRIAL_RUN = "fineprune.trial_run_id"
@@ -186,8 +189,16 @@ MODELS_SCHEME = "models:/"
 
 # The columns of :func:`trials` before the metric and ``searched.*`` columns.
 COLUMNS = ("run_id", "name", "kind", "status", "run_status", TAG_PARETO, TAG_PARETO_SPEED, "packed", "start_time",
-           "end_time", "error", "error_file")
+           "end_time", "error", "error_file", "fineprune_version")
 _SEARCH_PAGE = 1000
+
+
+def fineprune_version() -> str:
+    """The installed fineprune's release (its package metadata), or ``unknown`` for code that was never installed."""
+    try:
+        return importlib.metadata.version("fineprune")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class RecordError(ValueError):
@@ -584,7 +595,8 @@ def trials(client: MlflowClient, sweep: Run | str, include_baseline: bool = True
     Columns: :data:`COLUMNS` (``status`` is the ``fineprune.status`` tag, or what MLflow says of a run the sweep
     did not end; ``pareto`` and ``pareto_speedup`` are the frontier tags as booleans; ``packed``: the packed model
     is logged; ``error`` and ``error_file``: why a failed trial failed and where its traceback is, None when the
-    run has no such tag), then one column per metric any run logged (NaN where a run lacks it), then
+    run has no such tag; ``fineprune_version``: the fineprune release that made the run, missing for a run made before
+    runs recorded it), then one column per metric any run logged (NaN where a run lacks it), then
     ``searched.<key>`` per searched value (strings as logged; missing, ``pd.isna``, where a run lacks it). Rows: the
     baseline first, then the trials in the order they started.
 
@@ -610,7 +622,7 @@ def trials(client: MlflowClient, sweep: Run | str, include_baseline: bool = True
             "status": _status(run), "run_status": run.info.status, TAG_PARETO: tags.get(TAG_PARETO) == "true",
             TAG_PARETO_SPEED: tags.get(TAG_PARETO_SPEED) == "true", "packed": bool(tags.get(TAG_PACKED_ARTIFACT)),
             "start_time": run.info.start_time, "end_time": run.info.end_time, "error": tags.get(TAG_ERROR),
-            "error_file": tags.get(TAG_ERROR_FILE)}
+            "error_file": tags.get(TAG_ERROR_FILE), "fineprune_version": tags.get(TAG_FINEPRUNE_VERSION)}
         row.update({key: run.data.metrics.get(key, math.nan) for key in metrics})
         row.update({name: run.data.params.get(name) for name in searched})
         rows.append(row)

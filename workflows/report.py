@@ -39,15 +39,13 @@ from pruning.errors import error_line
 from workflows import plots, record
 from workflows.frontier import frontier_order
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR,
-                              ARTIFACT_REPORT_HTML, ARTIFACT_REPORT_MARKDOWN, DENSITY_OBJECTIVES, EXACT_MATCH, F1,
-                              FINAL_METRICS, FORMER_POLICY_TAGS,
-                              HEADS_REMOVED,
-                              HYPERVOLUME, HYPERVOLUME_COMPUTE, KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY,
-                              PARAM_REGISTRY, PARAM_SEARCHED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES,
-                              TAG_INT8_CHECK, TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD,
-                              TAG_SWEEP_RUN, TAG_TRIAL_RUN, TAG_WARM_START, TAG_WARM_START_STORE, TAG_WARM_START_TRIALS,
-                              TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec)
-from workflows.record import DELETED, REMOVED, run_deleted
+                              ARTIFACT_REPORT_HTML, ARTIFACT_REPORT_MARKDOWN, DELETED, DENSITY_OBJECTIVES, EXACT_MATCH,
+                              F1, FINAL_METRICS, FORMER_POLICY_TAGS, HEADS_REMOVED, HYPERVOLUME, HYPERVOLUME_COMPUTE,
+                              KIND_BASELINE, KIND_TRIAL, LINEAR_DENSITY, PARAM_REGISTRY, PARAM_SEARCHED, REMOVED,
+                              SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES, TAG_FINEPRUNE_VERSION, TAG_INT8_CHECK,
+                              TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_SWEEP_RUN,
+                              TAG_TRIAL_RUN, TAG_WARM_START, TAG_WARM_START_STORE, TAG_WARM_START_TRIALS,
+                              TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec, run_deleted)
 from workflows.registry import left_to_run, no_trial_finished, policy_choice
 from workflows.version_files import served_model_dir, version_files_lost
 
@@ -169,6 +167,8 @@ class ReportData:
         warm_start: ``(sweep run id, trials, tracking URI)``: the earlier sweep whose trials the sampler was told
             before its first suggestion (``fineprune sweep --warm-start``), and the store it is in when that is not
             the sweep's own (else None); or None.
+        fineprune_versions: the fineprune releases that made the sweep's runs, the sweep's own first (more than one
+            where a resume ran under another); none for a sweep made before runs recorded it.
     """
 
     experiment: str
@@ -187,6 +187,7 @@ class ReportData:
     sweep_status: str | None = None
     no_champion: str = "No trial was registered as champion."
     warm_start: tuple[str, str, str | None] | None = None
+    fineprune_versions: Sequence[str] = ()
 
     @property
     def trials(self) -> pd.DataFrame:
@@ -421,6 +422,8 @@ def _summary_lines(data: ReportData) -> list[tuple[str, str]]:
         facts.append(("Policy", data.policy))
     if data.tracking_uri:
         facts.append(("Tracking URI", data.tracking_uri))
+    if data.fineprune_versions:
+        facts.append(("fineprune", ", ".join(data.fineprune_versions)))
     return facts
 
 
@@ -983,7 +986,9 @@ def collect_report_data(experiment: str, tracking_uri: str | None = None,
         sweep_status=parent.info.status, **({"no_champion": no_champion} if no_champion else {}),
         warm_start=(parent.data.tags[TAG_WARM_START], parent.data.tags.get(TAG_WARM_START_TRIALS, "?"),
                     parent.data.tags.get(TAG_WARM_START_STORE))
-        if TAG_WARM_START in parent.data.tags else None)
+        if TAG_WARM_START in parent.data.tags else None,
+        fineprune_versions=[v for v in dict.fromkeys([parent.data.tags.get(TAG_FINEPRUNE_VERSION),
+                                                      *runs["fineprune_version"]]) if isinstance(v, str) and v])
 
 
 def _no_champion(client: MlflowClient, runs: pd.DataFrame, params: Mapping[str, str], parent_id: str,

@@ -40,8 +40,9 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT, TAG_PID, TAG_PRECISION,
                               TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP, TAG_SWEEP_STATE,
                               TAG_TOOK_OVER, TAG_TRIAL, TAG_WARM_START, TAG_WARM_START_STORE, TAG_WARM_START_TRIALS,
-                              TOTAL_DENSITY, TRIAL_COMPUTE, RecordError, deleted_experiment, deleted_run, figure,
-                              flat_params, latest_sweep_left, restore_command, sqlite_database)
+                              TAG_FINEPRUNE_VERSION, TOTAL_DENSITY, TRIAL_COMPUTE, RecordError, deleted_experiment,
+                              deleted_run, figure, fineprune_version, flat_params, latest_sweep_left, restore_command,
+                              sqlite_database)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
                              is_transient, quick_http_failures)
 from workflows.user_errors import output_path_problem
@@ -314,7 +315,8 @@ def start_parent_run(client: MlflowClient, experiment: str, sweep_key: str, para
             return run_id
     run = client.create_run(experiment_id, tags={TAG_KIND: KIND_SWEEP, TAG_SWEEP: sweep_key,
                                                  TAG_SWEEP_STATE: SWEEP_RUNNING,
-                                                 TAG_RUN_NAME: f"sweep-{Path(sweep_key).name}"})
+                                                 TAG_RUN_NAME: f"sweep-{Path(sweep_key).name}",
+                                                 TAG_FINEPRUNE_VERSION: fineprune_version()})
     _log_params(client, run.info.run_id, params)
     return run.info.run_id
 
@@ -396,7 +398,8 @@ def log_baseline(client: MlflowClient, experiment: str, parent_run_id: str, metr
     if existing:
         return existing[0].info.run_id
     run = client.create_run(experiment_id, tags={TAG_KIND: KIND_BASELINE, TAG_PARENT: parent_run_id,
-                                                 TAG_RUN_NAME: "dense-baseline", TAG_STATUS: STATUS_FINISHED})
+                                                 TAG_RUN_NAME: "dense-baseline", TAG_STATUS: STATUS_FINISHED,
+                                                 TAG_FINEPRUNE_VERSION: fineprune_version()})
     run_id = run.info.run_id
     _log_params(client, run_id, params)
     values = {LINEAR_DENSITY: 1.0, TOTAL_DENSITY: 1.0, HEADS_REMOVED: 0.0, SPEEDUP: 1.0, **_numeric(metrics)}
@@ -634,7 +637,7 @@ class MlflowTrialCallback(tune.Callback):
             if run_id is None:
                 run_id = self.client.create_run(experiment_id, tags={
                     TAG_PARENT: self.parent_run_id, TAG_KIND: KIND_TRIAL, TAG_TRIAL: trial_id,
-                    TAG_RUN_NAME: f"trial-{trial_id}",
+                    TAG_RUN_NAME: f"trial-{trial_id}", TAG_FINEPRUNE_VERSION: fineprune_version(),
                     TAG_CONFIGURATION: json.dumps(_trial_config_key(config))}).info.run_id
             self._runs[trial_id] = run_id
         if trial_id not in self._described:
