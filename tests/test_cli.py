@@ -1660,12 +1660,40 @@ def test_the_exit_statuses_the_help_and_the_readme_list_are_the_ones_commands_en
     assert "`sweep`" in rows[str(cli.INCOMPLETE_SWEEP)] and "`register`" in rows[str(cli.NO_CHAMPION)]
 
 
-def test_version_prints_the_installed_release_and_exits_0(capsys):
-    import importlib.metadata
+def test_version_prints_the_installed_release_and_the_checkouts_commit_and_exits_0(capsys):
+    from workflows.record import fineprune_version
 
     with pytest.raises(SystemExit) as done:
         cli.main(["--version"])
     assert done.value.code == 0
-    assert capsys.readouterr().out == f"fineprune {importlib.metadata.version('fineprune')}\n"
-    assert importlib.metadata.version("fineprune") == tomllib.loads(
-        (ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    out = capsys.readouterr().out
+    release = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    assert out == f"fineprune {fineprune_version()}\n" and out.startswith(f"fineprune {release}")
+    git = shutil.which("git")
+    if git and (ROOT / ".git").exists():  # the tests run in a checkout: its commit is the local version label
+        head = subprocess.run([git, "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True)
+        if head.returncode == 0:
+            assert out.startswith(f"fineprune {release}+g{head.stdout.strip()}")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_checkouts_commit_is_read_with_dirty_for_changed_tracked_files_only(tmp_path):
+    from workflows.record import _checkout_commit
+
+    assert _checkout_commit(tmp_path) is None  # no repository: an installed package
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "--short=12", "HEAD")
+    assert _checkout_commit(tmp_path) == head
+    (tmp_path / "notes.txt").write_text("untracked\n")  # outputs beside the code do not make it another code
+    assert _checkout_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert _checkout_commit(tmp_path) == f"{head}.dirty"

@@ -153,10 +153,10 @@ def test_champion_is_registered_once_and_answers(retried_sweep):
 
 
 def test_every_run_of_the_sweep_records_the_release_that_made_it_and_the_report_says_it(retried_sweep):
-    import importlib.metadata
+    from workflows.record import fineprune_version
 
     summary = retried_sweep["summary"]
-    release = importlib.metadata.version("fineprune")
+    release = fineprune_version()
     parent = _client(summary).get_run(summary["parent_run_id"])
     runs = _runs(summary)
     assert {r.data.tags["fineprune.kind"] for r in runs} == {"trial", "baseline"}

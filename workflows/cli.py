@@ -772,13 +772,24 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class _PrintVersion(argparse.Action):
+    """``--version``: the release (:func:`workflows.record.fineprune_version`), read only when asked, as it may ask
+    git for the checkout's commit."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        sys.stdout.write(f"fineprune {fineprune_version()}\n")  # on stdout, as argparse's own version action
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     epilog = "exit status: " + "; ".join(f"{int(code)} {meaning}" for code, meaning in EXIT_STATUSES.items()) + "."
     parser = argparse.ArgumentParser(prog="fineprune", description=DESCRIPTION, epilog=epilog,
                                      formatter_class=_HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"fineprune {fineprune_version()}",
-                        help="print fineprune's version and exit")
+    parser.add_argument("--version", action=_PrintVersion, help="print fineprune's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:

@@ -21,12 +21,14 @@ process that loads a version needs nothing more than the version's own requireme
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import logging
 import math
 import os
 import shlex
+import subprocess
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, fields
@@ -193,12 +195,36 @@ COLUMNS = ("run_id", "name", "kind", "status", "run_status", TAG_PARETO, TAG_PAR
 _SEARCH_PAGE = 1000
 
 
+@functools.cache
 def fineprune_version() -> str:
-    """The installed fineprune's release (its package metadata), or ``unknown`` for code that was never installed."""
+    """The release of fineprune that runs: its package metadata (``unknown`` for code that was never installed),
+    and where the code is a git checkout (``make setup`` installs one in place), its commit as a local version
+    label, since one release spans many commits there: ``0.1.0+g1a2b3c4d5e6f``, with ``.dirty`` where tracked
+    files differ from that commit."""
     try:
-        return importlib.metadata.version("fineprune")
+        release = importlib.metadata.version("fineprune")
     except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+        release = "unknown"
+    commit = _checkout_commit(Path(__file__).resolve().parents[1])
+    return release if commit is None else f"{release}+g{commit}"
+
+
+def _checkout_commit(root: Path) -> str | None:
+    """The short commit of the git checkout ``root`` (``.dirty`` after it where tracked files were changed), or
+    None where ``root`` is none, or git cannot say (not installed, a repository it refuses to read)."""
+    if not (root / ".git").exists():  # an installed package: site-packages holds no repository of its own
+        return None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + (".dirty" if changed else "")
 
 
 class RecordError(ValueError):
