@@ -811,10 +811,9 @@ def _conclude(client, experiment: str, parent: str, space: SweepSpace, dense_met
         summary["search"] = search
         tracking.log_search(client, parent, search)
     with checked_once():  # the report checks the champion's files, which registering has just checked
+        latency = version_timing.latency_settings(space.speedup, space.resources, source=str(space.path))
         registered = registry.register_sweep(client, experiment, parent, space.registry, dense_metrics=dense_metrics,
-                                             latency=version_timing.latency_settings(space.speedup, space.resources,
-                                                                               source=str(space.path)),
-                                             latest_left=latest_left, keep_going=True)
+                                             latency=latency, latest_left=latest_left, keep_going=True)
         summary["frontier_versions"], summary["champion"] = registered["frontier"], registered["champion"]
         # Where the driver ran: under `ray job submit` that is the job's temporary copy of the working directory on
         # the head, so the summary names the files in full and their copy on the sweep's run as well.
