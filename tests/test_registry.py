@@ -29,7 +29,7 @@ from pruning.packing import pack, save_packed
 from pruning.precision import Bf16Inference, PrecisionError
 from workflows import logged_model, registry, tracking
 from workflows.cli import main
-from workflows.record import TAG_KIND, TAG_PARENT, TAG_PRECISION, TAG_STATUS, TAG_TRIAL_RUN
+from workflows.record import TAG_KIND, TAG_PARENT, TAG_PRECISION, TAG_STATUS, TAG_TRIAL_RUN, fineprune_version
 from workflows.version_files import load_version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +133,7 @@ def test_frontier_registration_is_idempotent_and_tagged(record, registered):
         version = versions[runs[name]]
         assert version.tags["precision"] == recorded, name
         assert version.tags["onnx"] == "fp32,int8", name  # exported for ONNX Runtime, both variants
+        assert version.tags["fineprune.version"] == fineprune_version(), name  # the release whose code it ships
         # Its two ONNX models scored on the questions the trial was scored on: every dev question (no eval_limit),
         # of which the check reads the first 500.
         assert " on the first 500 questions the trial was scored on, " in version.tags["int8_check"], name
@@ -416,9 +417,14 @@ def test_a_trial_registered_again_reuses_the_model_logged_on_its_run(record, tok
 
     first, logged, files = register("tiny-reused", onnx=False)
     assert logged == 1 and first.tags["onnx"] == "skipped"
+    # The model and its version name the release whose code the model ships: the one that logged it.
+    model = _logged_models(record, run_id)[0]
+    assert model.tags["fineprune.version"] == first.tags["fineprune.version"] == fineprune_version()
+    client.set_logged_model_tags(model.model_id, {"fineprune.version": "0.0.9"})  # as an earlier release logs it
     # Under another name: a version of the same logged model, nothing logged or stored again.
     other, *counts = register("tiny-reused-too", onnx=False)
     assert counts == [1, files] and other.source == first.source
+    assert other.tags["fineprune.version"] == "0.0.9"  # the code it serves is the earlier release's
     # A version deleted (as a registration stopped before it made one leaves the model): made again from it.
     client.delete_model_version("tiny-reused", first.version)
     again, *counts = register("tiny-reused", onnx=False)

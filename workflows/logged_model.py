@@ -42,7 +42,7 @@ from pruning.quiet import leaving_out, starting_with
 from workflows import record
 from workflows.int8_check import wanted_variant
 from workflows.record import (ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
-                              TAG_ONNX, TAG_PRECISION)
+                              TAG_FINEPRUNE_VERSION, TAG_ONNX, TAG_PRECISION, fineprune_version)
 from workflows.served_model import (MAX_RECORDS, MODEL_CODE, MODEL_FILE, ONNX_VARIANTS, SERVE_DEFAULTS, SERVE_PARAMS,
                                     SHIPPED_MODULES, SIGNATURE, count_setting, served_variant)
 from workflows.version_files import lost_files
@@ -131,7 +131,7 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
         settings: the served model's ``model_config`` (see :func:`serve_settings`, plus ``precision``);
             ``onnx_variant`` is added.
         onnx_dir: the model exported for ONNX Runtime (see :func:`export_for_serving`), served when given.
-        tags: tags of the logged model.
+        tags: tags of the logged model, besides ``fineprune.version``: the release whose code it ships.
         variant: the ONNX variant served (``int8`` or ``fp32``) when ``onnx_dir`` is given.
 
     Returns:
@@ -154,7 +154,7 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
             model_config={"max_records": MAX_RECORDS, **settings,
                           "onnx_variant": variant if onnx_dir is not None else "none"},
             input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
-            tags=tags,
+            tags={**(tags or {}), TAG_FINEPRUNE_VERSION: fineprune_version()},
         )
 
 

@@ -111,7 +111,9 @@ TAG_PACKED_ARTIFACT = "fineprune.packed_artifact"  # set once the packed model i
 TAG_MODEL_DIR = "fineprune.model_dir"  # the baseline's model directory
 TAG_ERROR_FILE = "fineprune.error_file"  # a failed trial's error file (traceback), in the sweep's storage
 TAG_ERROR = "fineprune.error"  # one line: why the trial failed (its exception, or e.g. its packed model upload)
-TAG_FINEPRUNE_VERSION = "fineprune.version"  # the fineprune release that made the run (sweep, trial or baseline)
+# The fineprune release that made a run (sweep, trial or baseline); on a served model logged for a version, and the
+# versions made of it, the release whose code it ships (the one that logged it).
+TAG_FINEPRUNE_VERSION = "fineprune.version"
 
 # ---- tags of registered model versions ------------------------------------------------------------------------
 TAG_TRIAL_RUN = "fineprune.trial_run_id"

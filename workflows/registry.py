@@ -46,9 +46,10 @@ from workflows.logged_model import (ONNX_SKIPPED, UnreadableTrial, export_for_se
                                     logged_qa_model, measured_precision, packed_model_of, settings_of)
 from workflows.record import (ALIAS, DEFAULT_MAX_INT8_F1_DROP, EXACT_MATCH, F1, FINAL_METRICS, FORMER_POLICY_TAGS,
                               FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY, PARAM_RESOURCES, PARAM_SPEEDUP, REMOVED,
-                              RUNTIMES, SPEEDUP, STATUS_FINISHED, STATUS_INTERRUPTED, TAG_ONNX, TAG_ONNX_VARIANT,
-                              TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN,
-                              TAG_VERSION_PRECISION, RegistrySpec, deleted_source, metric_tag, run_deleted)
+                              RUNTIMES, SPEEDUP, STATUS_FINISHED, STATUS_INTERRUPTED, TAG_FINEPRUNE_VERSION, TAG_ONNX,
+                              TAG_ONNX_VARIANT, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_STATUS, TAG_SWEEP_RUN,
+                              TAG_TRIAL_RUN, TAG_VERSION_PRECISION, RegistrySpec, deleted_source, fineprune_version,
+                              metric_tag, run_deleted)
 from workflows.space import load_space
 from workflows.version_files import checked_once, version_files_lost
 from workflows.version_timing import SeqLenError, latency_settings, time_versions
@@ -315,7 +316,7 @@ def _new_version_of_run(client, name: str, run, onnx: bool,
                                                model_id=logged.model_id,
                                                tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: logged.tags[TAG_ONNX],
                                                      **{key: logged.tags[key] for key in CHECK_TAGS
-                                                        if key in logged.tags}})
+                                                        + (TAG_FINEPRUNE_VERSION,) if key in logged.tags}})
         return _one_version(client, name, run_id, made)
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with atomic.scratch_dir("register") as tmp, fluent_store(client.tracking_uri):
@@ -350,7 +351,8 @@ def _new_version_of_run(client, name: str, run, onnx: bool,
             if run.info.end_time:  # the trial's duration is part of the record
                 _set_back(client, run_id, status, run.info.end_time, interrupted)
         made = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
-                                           tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: onnx_tag, **checked})
+                                           tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: onnx_tag, **checked,
+                                                 TAG_FINEPRUNE_VERSION: fineprune_version()})
     return _one_version(client, name, run_id, made)
 
 
