@@ -48,8 +48,8 @@ from workflows.record import (ALIAS, DEFAULT_MAX_INT8_F1_DROP, EXACT_MATCH, F1, 
                               FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY, PARAM_RESOURCES, PARAM_SPEEDUP, REMOVED,
                               RUNTIMES, SPEEDUP, STATUS_FINISHED, STATUS_INTERRUPTED, TAG_FINEPRUNE_VERSION, TAG_ONNX,
                               TAG_ONNX_VARIANT, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_STATUS, TAG_SWEEP_RUN,
-                              TAG_TRIAL_RUN, TAG_VERSION_PRECISION, RegistrySpec, deleted_source, fineprune_version,
-                              metric_tag, run_deleted)
+                              TAG_TRIAL_RUN, TAG_VERSION_PRECISION, RegistrySpec, deleted_source, metric_tag,
+                              run_deleted)
 from workflows.space import load_space
 from workflows.version_files import checked_once, version_files_lost
 from workflows.version_timing import SeqLenError, latency_settings, time_versions
@@ -314,9 +314,7 @@ def _new_version_of_run(client, name: str, run, onnx: bool,
         with fluent_store(client.tracking_uri):  # which resolves the version's source, as below
             made = client.create_model_version(name, source=logged.model_uri, run_id=run_id,
                                                model_id=logged.model_id,
-                                               tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: logged.tags[TAG_ONNX],
-                                                     **{key: logged.tags[key] for key in CHECK_TAGS
-                                                        + (TAG_FINEPRUNE_VERSION,) if key in logged.tags}})
+                                               tags={TAG_TRIAL_RUN: run_id, **_served_tags(logged.tags)})
         return _one_version(client, name, run_id, made)
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with atomic.scratch_dir("register") as tmp, fluent_store(client.tracking_uri):
@@ -351,9 +349,18 @@ def _new_version_of_run(client, name: str, run, onnx: bool,
             if run.info.end_time:  # the trial's duration is part of the record
                 _set_back(client, run_id, status, run.info.end_time, interrupted)
         made = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
-                                           tags={TAG_TRIAL_RUN: run_id, TAG_ONNX: onnx_tag, **checked,
-                                                 TAG_FINEPRUNE_VERSION: fineprune_version()})
+                                           tags={TAG_TRIAL_RUN: run_id, **_served_tags(info.tags)})
     return _one_version(client, name, run_id, made)
+
+
+# The tags a version takes from the served model it is made of: how it serves (exported or not, which ONNX variant
+# and why), and the release whose code the model ships.
+_SERVED_TAGS = (TAG_ONNX, *CHECK_TAGS, TAG_FINEPRUNE_VERSION)
+
+
+def _served_tags(model_tags: Mapping[str, str]) -> dict[str, str]:
+    """Of a logged served model's tags, those its versions carry (:data:`_SERVED_TAGS`)."""
+    return {key: model_tags[key] for key in _SERVED_TAGS if key in model_tags}
 
 
 def _set_back(client, run_id: str, status: str, end_time: int, interrupted: bool = False) -> None:
