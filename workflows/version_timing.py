@@ -24,7 +24,7 @@ from workflows.int8_check import checked_f1, variant_run
 from workflows.record import F1, FINAL_METRICS, PARAM_SPEEDUP, TAG_SWEEP_RUN, TAG_TRIAL_RUN, tag_float
 from workflows.version_files import FewerPositions, load_version
 
-__all__ = ["SeqLenError", "NOISY_SPREAD", "timing_noise", "dense_shape", "time_versions", "latency_settings"]
+__all__ = ["SeqLenError", "NOISY_SPREAD", "timing_noise", "time_versions", "latency_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def timing_noise(times: Mapping[str, Sequence[float]]) -> str | None:
             f"(upper over lower quartile; {NOISY_SPREAD:g}x at most counts as steady)")
 
 
-def dense_shape(model):
+def _dense_shape(model):
     """A randomly initialised model of the unpruned shape (speed depends on shapes only), and its shape key."""
     config = copy.deepcopy(model.config)
     key = json.dumps({k: getattr(config, k, None) for k in ("model_type", "vocab_size", "hidden_size",
@@ -67,7 +67,7 @@ def dense_shape(model):
 class _Timing:
     """What :func:`time_versions` times, and how: the runtime, threads and input shape (``seq_len_from``: what
     gave ``seq_len``, see there); the models to run round-robin (each version's as ``vN``, each dense shape by its
-    :func:`dense_shape` key), the dense shape of each version timed, each version's row, and the versions set aside
+    :func:`_dense_shape` key), the dense shape of each version timed, each version's row, and the versions set aside
     (their trial or sweep run deleted)."""
 
     runtime: str
@@ -136,7 +136,7 @@ def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle
         row["error"] = f"cannot be timed: {error_line(err)}"
         logger.warning("version %s of %s %s", v.version, name, row["error"])
         return row
-    key, config = dense_shape(model)
+    key, config = _dense_shape(model)
     if key not in timing.models:
         timing.models[key] = AutoModelForQuestionAnswering.from_config(config).eval()
     timing.dense_of[row["version"]] = key
