@@ -414,12 +414,13 @@ def test_models_logged_one_after_another_say_nothing_of_the_predict_type_hints(t
 
     model_dir = save_model(BertForQuestionAnswering(tiny_bert_config).eval(), tokenizer, tmp_path / "model")
     uri = sqlite_store(tmp_path / "mlflow.db")
+    experiment = MlflowClient(tracking_uri=uri).create_experiment("log", artifact_location=(tmp_path / "a").as_uri())
     with handed_to_handlers("mlflow.models.signature") as said, fluent_store(uri):
         for _ in range(2):
-            with mlflow.start_run():
+            with mlflow.start_run(experiment_id=experiment):
                 log_qa_model(model_dir, serve_settings({}))
     assert not [line for line in said if "type hint" in line], said
-
+    assert len(list((tmp_path / "a").rglob("MLmodel"))) == 2
 
 
 def test_a_logged_model_is_code_and_loading_it_unpickles_nothing(tmp_path, tokenizer, tiny_bert_config):
