@@ -456,13 +456,15 @@ def test_predictions_that_cannot_be_written_are_one_line_naming_the_file_and_lea
 
 def _sweep_root() -> tuple[Path, dict[str, str]]:
     """A new directory for a sweep run as a process (short, for Ray's sockets) and that process's environment: a
-    private Ray under it, no Ray or MLflow settings of the caller's."""
+    private Ray and the temporary directory under it, no Ray or MLflow settings of the caller's."""
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="fpk-", dir="/tmp" if os.path.isdir("/tmp") else None))
     (root / "rt").mkdir()
+    (root / "tmp").mkdir()
     env = {k: v for k, v in _env().items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env.update(RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0")
+    # Its own temporary directory, where the trials keep their files: what they leave is the sweep's, not another's.
+    env.update(RAY_TMPDIR=str(root / "rt"), RAY_USAGE_STATS_ENABLED="0", TMPDIR=str(root / "tmp"))
     return root, env
 
 
@@ -522,6 +524,8 @@ def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes
         assert stderr.strip().splitlines()[-1] == "fineprune sweep: interrupted by SIGTERM"
         (parent,) = runs("sweep")
         assert parent.info.status == "KILLED" and parent.data.tags["fineprune.sweep_state"] == "interrupted"
+        # The stopped trials' files (their training checkpoints) went with them; the resume starts from the sweep's.
+        assert not (root / "tmp" / "fineprune-trials").exists()
 
         done = subprocess.run([*command, "--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -532,6 +536,7 @@ def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes
             "FINISHED"] * 4
         assert not [r for r in client.search_runs([experiment]) if r.info.status == "RUNNING"]
         assert_each_trial_registered_once(client, summary["champion"]["name"])
+        assert not (root / "tmp" / "fineprune-trials").exists()
     finally:
         _end_sweep(driver, root)
 
@@ -558,6 +563,7 @@ def test_a_sweeps_ctrl_c_prints_its_summary_and_exits_3_as_the_readme_says():
         assert driver.returncode == 3, stderr[-3000:]
         assert json.loads((root / "driver.out").read_text())["status"] == "interrupted"
         assert "interrupted by SIGINT" not in stderr
+        assert not (root / "tmp" / "fineprune-trials").exists()  # the stopped trials' files went with them
     finally:
         _end_sweep(driver, root)
 

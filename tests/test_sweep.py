@@ -9,13 +9,13 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import sqlite_store
+from workflows.sweep import trial_scratch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_every_trial_was_killed_once_retried_and_finished(retried_sweep):
     assert {"frontier.json", "frontier_speedup.json", "report"} <= artifacts
     # A trial's scratch files (training checkpoints, the masked model) are gone once its packed model is in the
     # sweep's storage: a long sweep must not fill the temporary directory.
-    scratch = Path(tempfile.gettempdir()) / "fineprune-trials" / Path(summary["sweep_dir"]).name
+    scratch = trial_scratch(Path(summary["sweep_dir"]).name)
     assert not list(scratch.glob("*/run")) and not list(scratch.glob("*/restored"))
 
 
@@ -404,7 +404,7 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     assert len(lines) == 1, proc.stdout[:2000]
     summary = json.loads(lines[0])
     assert summary["status"] == "finished" and summary["trials"] == 4
-    assert not (Path(tempfile.gettempdir()) / "fineprune-trials" / Path(summary["sweep_dir"]).name).exists()
+    assert not (trial_scratch(Path(summary["sweep_dir"]).name)).exists()
     assert "Configuration for experiment" in proc.stderr  # Tune's table, on stderr
     # Its columns of metrics are the objectives and what else a reader of a pruning sweep looks for, not the step,
     # the epoch and the state of the threshold schedule (the first four a trial reported).
@@ -649,7 +649,7 @@ def test_a_sweep_whose_trials_diverge_ends_incomplete_with_each_reason_and_exit_
     assert re.search(r"TrainingDiverged: step \d+: the training loss is nan .*training diverged at learning_rate "
                      r"1e\+30", trial.data.tags[record.TAG_ERROR])
     # The failed trial's local files (its checkpoints) are gone with it.
-    assert not (Path(tempfile.gettempdir()) / "fineprune-trials" / Path(summary["sweep_dir"]).name).exists()
+    assert not (trial_scratch(Path(summary["sweep_dir"]).name)).exists()
 
 
 def _machine_cpus() -> int:

@@ -18,6 +18,7 @@ by process id (and whatever is left of the sweeps' Ray by the test's own directo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -799,3 +800,58 @@ def test_the_resume_command_a_sweep_gives_names_its_store_and_its_cluster():
     assert (args.space, args.resume, args.tracking_uri, args.address) == (
         "my spaces/smoke.yaml", "abc123", "sqlite:////tmp/my store/mlflow.db", "ray://head:10001")
     assert "--address" not in resume_command("sqlite:///mlflow.db", "abc123", "smoke.yaml")
+
+
+def test_a_trial_run_again_after_its_last_report_reports_its_packed_model_from_storage(tmp_path):
+    """A trial whose worker died after it reported its packed model (Tune had not yet recorded its end) runs again
+    and reports that model again from the sweep's storage. It used to fetch a copy into its local files first, and
+    leave it there: the code after a trial's last report may not run, so nothing may be fetched before it."""
+    import ray
+    from ray import tune
+
+    from workflows.space import load_space
+    from workflows.sweep import CHECKPOINT_KIND, trial_main
+
+    values = yaml.safe_load((REPO / "tune_spaces" / "smoke.yaml").read_text())
+    values.update(search={"target_density": {"type": "choice", "values": [0.5]}}, scheduler=None, num_samples=1)
+    values["teacher"]["student_init"] = False
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(values))
+    space = load_space(tmp_path / "space.yaml")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+
+    class KillAfterTheFinalReport(tune.Callback):
+        """Kills the trial's worker once, when Tune has taken the first packed model it reported."""
+
+        def __init__(self):
+            self.finals: list[dict] = []
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("final"):
+                self.finals.append(dict(result))
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            kind = json.loads(Path(checkpoint.path, CHECKPOINT_KIND).read_text())["kind"]
+            if kind == "packed" and len(self.finals) == 1:
+                ray.kill(trial.temporary_state.ray_actor, no_restart=True)
+
+    killer = KillAfterTheFinalReport()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"TMPDIR": str(scratch), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+    try:
+        tuner = tune.Tuner(tune.with_parameters(trial_main, space=space, teacher=None),
+                           param_space={"target_density": 0.5},
+                           run_config=tune.RunConfig(name="again", storage_path=str(tmp_path / "ray"),
+                                                     callbacks=[killer],
+                                                     failure_config=tune.FailureConfig(max_failures=1)))
+        (result,) = list(tuner.fit())
+    finally:
+        ray.shutdown()
+    assert result.error is None
+    assert len(killer.finals) == 2, killer.finals
+    first, again = killer.finals
+    assert again["f1"] == first["f1"] and again["linear_density"] == first["linear_density"]
+    with result.checkpoint.as_directory() as packed:
+        assert json.loads((Path(packed) / CHECKPOINT_KIND).read_text())["kind"] == "packed"
+        assert (Path(packed) / "model.safetensors").is_file()
+    assert not (scratch / "fineprune-trials" / "again").exists()  # nothing of the trial's is left on its machine

@@ -152,8 +152,11 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
     trial does not say it again (once per trial)."""
     _worker_output()
     context = tune.get_context()
-    # Training writes (and atomically replaces) checkpoints; keep that churn out of the directory Tune syncs.
-    work_dir = Path(tempfile.gettempdir()) / "fineprune-trials" / context.get_experiment_name() / context.get_trial_id()
+    # Training writes (and atomically replaces) checkpoints; keep that churn out of the directory Tune syncs. What an
+    # earlier attempt of this trial left here (its worker killed, the sweep stopped) goes first: an attempt goes on
+    # from the checkpoint it reported to the sweep's storage, never from these files.
+    work_dir = trial_scratch(context.get_experiment_name()) / context.get_trial_id()
+    shutil.rmtree(work_dir, ignore_errors=True)
     torch.set_num_threads(max(1, int(space.resources.get("cpu", 1) or 1)))
     cfg = trial_config(space, dict(config), output_dir=str(work_dir / "run"), teacher=teacher)
     if cfg.cache_dir is None and cache_dir is not None:  # trials share one tokenization of the data
@@ -163,13 +166,13 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
     resume_from = None
     restored = tune.get_checkpoint()
     if restored is not None:
-        local = Path(restored.to_directory(str(work_dir / "restored")))
-        kind_file = local / CHECKPOINT_KIND
-        kind = json.loads(kind_file.read_text(encoding="utf-8")) if kind_file.exists() else {}
-        if kind.get("kind") == "packed":  # everything was done; report the final result again
-            tune.report({**kind["metrics"], "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(str(local)))
+        kind = _checkpoint_kind(restored)
+        if kind.get("kind") == "packed":
+            # It had ended (Tune had not recorded it so): the final result again, its packed model copied within the
+            # sweep's storage. Nothing is fetched to this machine, where code after a last report may never run.
+            tune.report({**kind["metrics"], "node_id": node_id}, checkpoint=restored)
             return
-        resume_from = local
+        resume_from = Path(restored.to_directory(str(work_dir / "restored")))
         logger.info("trial %s resumes from its checkpoint at step %s", context.get_trial_id(), kind.get("step"))
 
     fault_dir = os.environ.get(FAULT_ENV)
@@ -211,6 +214,32 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
         shutil.rmtree(stale, ignore_errors=True)
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(packed_dir)))
     _remove_work_dir(work_dir)  # the packed copy, now in storage too
+
+
+def trial_scratch(tune_experiment: str) -> Path:
+    """Where a sweep's trials keep their local files on a machine: ``<temporary directory>/fineprune-trials/`` and the
+    sweep's Tune experiment (its directory's name, ``NAME-DATE-TIME-ID``), a directory a trial each."""
+    return Path(tempfile.gettempdir()) / "fineprune-trials" / tune_experiment
+
+
+def _remove_trial_scratch(sweep_dir: str) -> None:
+    """The sweep's trial files on this machine, once its trials have stopped: what a trial stopped with the sweep
+    (Ctrl-C, SIGTERM) or a worker that died left, and a finished trial's packed copy where the code after its last
+    report did not run."""
+    scratch = trial_scratch(sweep_dir.rsplit("/", 1)[-1])
+    shutil.rmtree(scratch, ignore_errors=True)
+    with contextlib.suppress(OSError):  # another sweep's trials have files there
+        scratch.parent.rmdir()
+
+
+def _checkpoint_kind(checkpoint: tune.Checkpoint) -> dict[str, Any]:
+    """The :data:`CHECKPOINT_KIND` record of a reported checkpoint, read where the checkpoint is stored; ``{}`` where
+    it has none."""
+    path = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_KIND}"
+    if not checkpoint.filesystem.get_file_info(path).is_file:
+        return {}
+    with checkpoint.filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.read().decode("utf-8"))
 
 
 def _remove_work_dir(work_dir: Path) -> None:
@@ -768,6 +797,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     finally:
         if not cluster:
             ray.shutdown()
+            _remove_trial_scratch(sweep_dir)  # a cluster's trials clear theirs as they end or run again
     summary.update({"experiment": experiment, "parent_run_id": parent, "tracking_uri": tracking_uri,
                     "sweep_dir": str(sweep_dir), "status": "finished" if complete else "interrupted",
                     "wall_seconds": round(time.time() - started, 1),
