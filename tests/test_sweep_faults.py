@@ -834,6 +834,10 @@ def test_a_trial_run_again_after_its_last_report_reports_its_packed_model_from_s
             kind = json.loads(Path(checkpoint.path, CHECKPOINT_KIND).read_text())["kind"]
             if kind == "packed" and len(self.finals) == 1:
                 ray.kill(trial.temporary_state.ray_actor, no_restart=True)
+                # What the worker may not have removed before it died (whether it did is a race): its packed copy.
+                left = scratch / "fineprune-trials" / "again" / trial.trial_id / "packed"
+                left.mkdir(parents=True, exist_ok=True)
+                (left / "model.safetensors").write_bytes(b"left by the first attempt")
 
     killer = KillAfterTheFinalReport()
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING,

@@ -156,7 +156,7 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
     # earlier attempt of this trial left here (its worker killed, the sweep stopped) goes first: an attempt goes on
     # from the checkpoint it reported to the sweep's storage, never from these files.
     work_dir = trial_scratch(context.get_experiment_name()) / context.get_trial_id()
-    shutil.rmtree(work_dir, ignore_errors=True)
+    _remove_work_dir(work_dir)
     torch.set_num_threads(max(1, int(space.resources.get("cpu", 1) or 1)))
     cfg = trial_config(space, dict(config), output_dir=str(work_dir / "run"), teacher=teacher)
     if cfg.cache_dir is None and cache_dir is not None:  # trials share one tokenization of the data
