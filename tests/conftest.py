@@ -265,6 +265,25 @@ def _one_thread_per_test_process():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _rays_files_in_a_directory_of_the_tests():
+    """Every Ray the tests start (in this process or in a command it runs) keeps its session files (logs, sockets)
+    in one new directory, removed at the end, not in the machine's /tmp/ray, where Ray leaves each session's. A
+    ``RAY_TMPDIR`` the caller set is kept. Short, for Ray's socket paths."""
+    if os.environ.get("RAY_TMPDIR"):
+        yield
+        return
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="fpr-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    os.environ["RAY_TMPDIR"] = root
+    try:
+        yield
+    finally:
+        del os.environ["RAY_TMPDIR"]
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def smoke_sweep(tmp_path_factory) -> dict:
     """One real sweep of ``tune_spaces/smoke.yaml`` per test session, shared by every test that reads a sweep back.
