@@ -10,7 +10,6 @@ trainer reads nothing else. Unknown keys are an error naming the key, and every 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import functools
 import math
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, Hashable, Iterable, Mapping
 
 import yaml
+
+from .errors import did_you_mean
 
 __all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunConfig", "read_yaml", "load_config",
            "config_from_dict", "config_to_dict", "HEAD_BLOCK", "DEFAULT_BLOCK", "method_block", "default_block",
@@ -458,8 +459,8 @@ def _check_model_keys(values: Mapping[Any, Any]) -> None:
     name, known = _config_fields(_model_type(values))
     unknown = sorted((key for key in values if key not in known), key=str)
     if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = did_you_mean(unknown[0], known)
+        hint = f" ({close})" if close else ""
         more = f"; and {len(unknown) - 1} more" if len(unknown) > 1 else ""
         _fail("model_config", f"unknown key {unknown[0]!r}{hint}: {name} has no such field{more}")
 
@@ -568,8 +569,8 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config", base: Ru
     known = {f.name for f in fields(RunConfig)}
     unknown = sorted(set(values) - known, key=str)  # YAML keys may be numbers or booleans too
     if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        close = did_you_mean(unknown[0], known)
+        hint = f"; {close}" if close else ""
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}{more}{hint}")
     values = dict(values)

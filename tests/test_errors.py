@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pruning.errors import error_line, typed_error_line
+from pruning.errors import did_you_mean, error_line, typed_error_line
 
 
 class Quiet(Exception):
@@ -31,3 +31,13 @@ def test_a_message_that_says_nothing_is_told_by_the_callers_default():
     assert error_line(Quiet(), "not found") == "not found"
     assert error_line(ValueError(" \n"), "not found") == "not found"
     assert error_line(ValueError("no such alias\ndetails"), "not found") == "no such alias"
+
+
+def test_did_you_mean_names_the_closest_other_name_or_none():
+    names = ["Default", "minilm_squad_cpu", "smoke", "smoke2"]
+    assert did_you_mean("minilm_squad_cp", names) == "did you mean 'minilm_squad_cpu'?"
+    assert did_you_mean("minilm-squad-cpu", names) == "did you mean 'minilm_squad_cpu'?"
+    assert did_you_mean("nope", names) == ""  # nothing close: no guess
+    assert did_you_mean("smoke", names) == "did you mean 'smoke2'?"  # never the name itself, which is there
+    assert did_you_mean(2, ["2", "22"]) == "did you mean '22'?"  # a YAML key read as a number is its text
+    assert did_you_mean("x", []) == ""

@@ -114,6 +114,8 @@ def test_latest_sweep_names_what_is_missing(client, tmp_path):
     trial = _trial(client, first, "trial-1", {}, {})
     second = tracking.start_parent_run(client, "exp", "/sweeps/b", {}, resume=False)
     assert record.latest_sweep(client, "exp").info.run_id == second
+    with pytest.raises(RecordError, match=f"^experiment 'exq' not found in {uri}; did you mean 'exp'\\?$"):
+        record.latest_sweep(client, "exq")
     assert record.latest_sweep(client, "exp", first).info.run_id == first
     with pytest.raises(RecordError, match=f"run {trial} is not a sweep"):
         record.latest_sweep(client, "exp", trial)

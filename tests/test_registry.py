@@ -973,17 +973,31 @@ def test_eval_and_ask_run_a_registered_version_as_it_serves(record, registered, 
 
 
 @pytest.mark.parametrize("target,says", [
-    (f"models:/{NAME}/999", "models:/tiny-frontier/999: "),
-    (f"models:/{NAME}@nobody", "models:/tiny-frontier@nobody: "),
-    ("models:/no-such-model/1", "models:/no-such-model/1: "),
-    (f"models:/{NAME}", f"models:/{NAME}: not a registered version (models:/NAME/VERSION or models:/NAME@ALIAS)"),
+    (f"models:/{NAME}/999", "registered model 'tiny-frontier' has no version 999 (its versions: {versions})"),
+    (f"models:/{NAME}@nobody", "registered model 'tiny-frontier' has no alias 'nobody' (its aliases: {aliases})"),
+    (f"models:/{NAME}@mien", "registered model 'tiny-frontier' has no alias 'mien' (its aliases: {aliases}); did "
+                             "you mean 'mine'?"),
+    ("models:/no-such-model/1", "no registered model 'no-such-model'"),
+    ("models:/tiny-fronteir@champion", "no registered model 'tiny-fronteir'; did you mean 'tiny-frontier'?"),
+    (f"models:/{NAME}", "not a registered version (models:/NAME/VERSION or models:/NAME@ALIAS)"),
 ])
 def test_a_registered_version_that_is_not_there_is_one_line(record, registered, capsys, target, says):
-    code = main(["ask", target, "--tracking-uri", record["uri"], "--question", "Who?", "--context", "Ann."])
+    """What is not there, with what is: the versions or aliases of the model, or the name of one close to it."""
+    client, uri = record["client"], record["uri"]
+    numbers = sorted(int(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))
+    client.set_registered_model_alias(NAME, "mine", str(numbers[0]))
+    aliases = ", ".join(sorted(client.get_registered_model(NAME).aliases))  # with those other tests left
+    try:
+        code = main(["ask", target, "--tracking-uri", uri, "--question", "Who?", "--context", "Ann."])
+    finally:
+        client.delete_registered_model_alias(NAME, "mine")
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("fineprune ")]
     assert code == 2 and captured.out == "" and len(lines) == 1, captured.err
-    assert lines[0].startswith(f"fineprune ask: error: {says}") and "Traceback" not in captured.err
+    where = "" if target == f"models:/{NAME}" else f" (in {uri})"
+    said = says.format(versions=", ".join(map(str, numbers)), aliases=aliases)
+    assert lines[0] == f"fineprune ask: error: {target}: {said}{where}"
+    assert "Traceback" not in captured.err
 
 
 @pytest.mark.parametrize("command", ["eval", "ask"])

@@ -72,6 +72,18 @@ def test_a_new_sweep_into_a_deleted_experiment_is_refused_and_leaves_its_runs_de
     assert client.get_experiment(experiment_id).lifecycle_stage == "deleted"
 
 
+def test_resuming_a_misspelt_experiment_names_the_one_there_and_makes_nothing(tmp_path, monkeypatch, capsys):
+    uri = sqlite_store(tmp_path / "mlflow.db")
+    client = MlflowClient(tracking_uri=uri)
+    tracking.start_parent_run(client, "smoke", "/sweeps/a", {}, resume=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--space", str(SPACES / "smoke.yaml"), "--tracking-uri", uri, "--experiment", "smoek",
+                 "--resume"]) == 2
+    assert _last_error(capsys) == (f"fineprune sweep: error: --resume: experiment 'smoek' in {uri} has no sweep to "
+                                   "resume; did you mean 'smoke'?")
+    assert sorted(e.name for e in client.search_experiments()) == ["Default", "smoke"]  # no experiment made
+
+
 def test_a_deleted_sweep_run_named_by_id_is_one_line(tmp_path, monkeypatch, capsys):
     """``--resume RUN_ID`` of a deleted sweep would start another parent run beside it (whose trials would run
     again in new runs); ``report --sweep-run`` would report it as if it were there."""
@@ -407,6 +419,9 @@ def test_select_says_a_deleted_registered_model_does_not_exist(tmp_path, capsys)
     client.create_registered_model(NAME)
     version = client.create_model_version(NAME, source=(tmp_path / "model").as_uri()).version
     argv = ["select", "--registered-model", NAME, "--max-latency-ms", "10", "--tracking-uri", uri]
+    assert main(["select", "--registered-model", "store-edit", *argv[3:]]) == 2  # misspelt: the name that is there
+    assert _last_error(capsys) == ("fineprune select: error: registered model 'store-edit' does not exist in "
+                                   f"{uri} (it was deleted, or never registered); did you mean {NAME!r}?")
     client.delete_model_version(NAME, version)
     assert main(argv) == 2
     assert _last_error(capsys) == f"fineprune select: error: registered model {NAME!r} has no versions in {uri}"

@@ -160,6 +160,9 @@ def test_an_earlier_sweep_in_another_store_is_read_from_there_and_that_store_nam
     with pytest.raises(WarmStartError, match="--warm-start before: no experiment or sweep run of that name"):
         prior_outcomes(client, space, "before")  # default: the sweep's own store
     record_sweep(client, "before", grid_trials()[:3])
+    with pytest.raises(WarmStartError, match="--warm-start befor: no experiment or sweep run of that name in "
+                                             f"{client.tracking_uri}; did you mean 'before'\\?$"):
+        prior_outcomes(client, space, "befor")
     same = prior_outcomes(client, space, "before", client.tracking_uri, limit=5)
     assert len(same.outcomes) == 3 and same.store is None and "tracking_uri" not in same.summary()
 

@@ -33,7 +33,9 @@ import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from pruning.errors import did_you_mean
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -72,7 +74,8 @@ __all__ = [
     "ARTIFACT_MODEL_DIR", "ARTIFACT_ONNX_DIR",
     # the registry spec, the readers
     "RegistrySpec", "POLICY_THRESHOLDS", "policy_text", "latest_sweep", "latest_sweep_left", "deleted_run",
-    "deleted_experiment", "restore_command", "fineprune_command", "resume_command", "register_frontier_command",
+    "deleted_experiment", "experiment_hint", "registered_model_hint", "restore_command", "fineprune_command",
+    "resume_command", "register_frontier_command",
     "DELETED", "REMOVED", "run_deleted", "deleted_source", "trials", "metric_history", "COLUMNS",
 ]
 
@@ -413,7 +416,8 @@ def latest_sweep(client: MlflowClient, experiment: str, run_id: str | None = Non
     """
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise RecordError(f"experiment {experiment!r} not found in {client.tracking_uri}")
+        raise RecordError(f"experiment {experiment!r} not found in {client.tracking_uri}"
+                          f"{experiment_hint(client, experiment)}")
     if found.lifecycle_stage == "deleted":
         raise RecordError(deleted_experiment(experiment, found.experiment_id, client.tracking_uri))
     if run_id is not None:
@@ -556,6 +560,25 @@ def deleted_experiment(name: str, experiment_id: str, tracking_uri: str) -> str:
     return (f"experiment {name!r} in {tracking_uri} was deleted (id {experiment_id}): restore it "
             f"(`{restore_command(tracking_uri, experiment_id=experiment_id)}`, which brings its runs back), remove it "
             f"for good (`{gc}`), or pass another --experiment")
+
+
+def experiment_hint(client: MlflowClient, experiment: str) -> str:
+    """``"; did you mean 'x'?"`` with the store's experiment closest to a misspelt ``experiment``, else ``""``."""
+    return _closest(experiment, lambda: [found.name for found in client.search_experiments()])
+
+
+def registered_model_hint(client: MlflowClient, name: str) -> str:
+    """``"; did you mean 'x'?"`` with the registered model closest to a misspelt ``name``, else ``""``."""
+    return _closest(name, lambda: [model.name for model in client.search_registered_models(max_results=1000)])
+
+
+def _closest(name: str, names: Callable[[], list[str]]) -> str:
+    """The hint for ``name`` among ``names()``; ``""`` where none is close or the store cannot list them."""
+    try:
+        close = did_you_mean(name, names())
+    except Exception:  # noqa: BLE001 - a hint, never the error
+        return ""
+    return f"; {close}" if close else ""
 
 
 DELETED, REMOVED = "deleted", "removed"  # a run deleted (in the UI: restorable), or removed for good (`mlflow gc`)

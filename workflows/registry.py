@@ -713,7 +713,7 @@ def _versions_to_time(client, name: str, sweep_run_id: str | None) -> tuple[list
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # the registry forgets a deleted model outright
             raise SelectionError(f"registered model {name!r} does not exist in {client.tracking_uri} (it was deleted, "
-                                 "or never registered)") from None
+                                 f"or never registered){record.registered_model_hint(client, name)}") from None
         raise SelectionError(f"registered model {name!r}: {error_line(err)}") from None
     if sweep_run_id is not None:
         versions = [v for v in versions if v.tags.get(TAG_SWEEP_RUN) == sweep_run_id and _on_frontier(v.tags)]

@@ -16,7 +16,6 @@ in (0, 1], got 1.5)``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import json
@@ -41,6 +40,7 @@ from pruning.config import (MAX_SEED, METHOD_KEYS, SHIPPED_MODEL, ConfigError, M
 from pruning.resources import ResourceError, resolve_data, resolve_model, resolve_tokenizer
 from pruning.schedules import warmups
 from pruning.contents import content_digest
+from pruning.errors import did_you_mean
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
 from workflows.record import (DEFAULT_MAX_INT8_F1_DROP, DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES,
@@ -158,8 +158,8 @@ def _hint(word: Any, allowed: Iterable[str]) -> str:
     """``"; did you mean 'x'?"`` for the allowed word closest to a misspelt ``word``, else ``""``."""
     if not isinstance(word, str):
         return ""
-    close = difflib.get_close_matches(word, list(allowed), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = did_you_mean(word, allowed)
+    return f"; {close}" if close else ""
 
 
 def _is_int(value: Any) -> bool:

@@ -960,7 +960,8 @@ def _sweep_to_resume(client, experiment: str, run_id: str | None, tracking_uri: 
     except ValueError as err:
         raise ResumeError(str(err)) from err
     if previous is None:
-        raise ResumeError(f"--resume: experiment {experiment!r} in {tracking_uri} has no sweep to resume")
+        raise ResumeError(f"--resume: experiment {experiment!r} in {tracking_uri} has no sweep to resume"
+                          f"{record.experiment_hint(client, experiment) if run_id is None else ''}")
     return previous
 
 

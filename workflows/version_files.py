@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from pruning import atomic
 from pruning.config import EVALUATION_KEYS
-from pruning.errors import error_line
+from pruning.errors import did_you_mean, error_line
 from workflows import record
 from workflows.record import ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR
 from workflows.served_model import served_variant, torch_served
@@ -262,6 +262,34 @@ def _open_version(local: str, name: str, version: str, runtime: str, threads: in
     return model, "torch-bf16" if precision == "bf16" else "torch"
 
 
+def _missing(client, name: str, alias: str | None, number: str | None) -> str | None:
+    """What of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` the registry does not have, with the names it
+    has; None where it cannot tell (the registry does not answer, or has them all)."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            return None
+        return f"no registered model {name!r}{record.registered_model_hint(client, name)}"
+    if alias is not None:
+        aliases = sorted(model.aliases or {})
+        if alias in aliases:
+            return None
+        if not aliases:
+            return f"registered model {name!r} has no alias {alias!r} (it has none)"
+        close = did_you_mean(alias, aliases)
+        return (f"registered model {name!r} has no alias {alias!r} (its aliases: {', '.join(aliases)})"
+                + (f"; {close}" if close else ""))
+    try:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        return None
+    if number is None or int(number) in versions:
+        return None
+    held = f"its versions: {', '.join(map(str, versions))}" if versions else "it has none"
+    return f"registered model {name!r} has no version {number} ({held})"
+
+
 def fetch_version(client, uri: str, dst: str | Path,
                   variant: str | None = None) -> tuple[Path, str, str | None, dict[str, Any]]:
     """The files that run the registered version ``uri`` (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) as it
@@ -287,7 +315,8 @@ def fetch_version(client, uri: str, dst: str | Path,
     try:
         found = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, number)
     except MlflowException as err:
-        raise VersionError(f"{uri}: {error_line(err, 'not found')} (in {client.tracking_uri})") from None
+        missing = _missing(client, name, alias if at else None, number if not at else None)
+        raise VersionError(f"{uri}: {missing or error_line(err, 'not found')} (in {client.tracking_uri})") from None
     version = str(found.version)
     root = client.get_model_version_download_uri(name, version).rstrip("/")
     lost = lost_files(root, client.tracking_uri, str(dst))

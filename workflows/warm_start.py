@@ -135,7 +135,8 @@ def prior_outcomes(client, space: SweepSpace, source: str, store: str | None = N
     except ValueError as err:
         raise WarmStartError(str(err)) from None
     if sweep is None:
-        raise WarmStartError(f"{FLAG} {source}: no experiment or sweep run of that name in {client.tracking_uri}")
+        raise WarmStartError(f"{FLAG} {source}: no experiment or sweep run of that name in {client.tracking_uri}"
+                             f"{record.experiment_hint(client, source)}")
     experiment = client.get_experiment(sweep.info.experiment_id).name
     runs = tracking.trial_runs(client, experiment, sweep.info.run_id)
     outcomes, left_out = [], Counter()
