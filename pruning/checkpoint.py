@@ -32,7 +32,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from . import masks as mask_lib
 from .atomic import save_tensors, staged_dir
 from .config import EVALUATION_KEYS, parser_limit
-from .errors import error_line
+from .errors import error_line, path_hint
 from .packing import (PACKED_FLAG, WEIGHTS_INDEX_NAME, PackingError, add_remote_code, check_kinds, load_packed,
                       read_weights, weight_dtypes)
 from .sparsity import sparsity_report
@@ -269,7 +269,7 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
     if model_dir.is_file():  # its config.json or weights file, say: as resolve_model says it
         raise CheckpointError(f"{model_dir}: is a file; a model directory is expected")
     if not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir}: model directory not found")
+        raise CheckpointError(f"{model_dir}: model directory not found{path_hint(model_dir)}")
     weights_there = any((model_dir / name).is_file() for name in (WEIGHTS, WEIGHTS_INDEX_NAME))
     if (model_dir / EXPORT_MANIFEST).is_file() and not weights_there:
         raise CheckpointError(f"{model_dir}: is an ONNX export ({EXPORT_MANIFEST}), which eval, ask and serving run; "

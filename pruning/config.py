@@ -21,7 +21,7 @@ from typing import Any, Hashable, Iterable, Mapping
 
 import yaml
 
-from .errors import did_you_mean
+from .errors import did_you_mean, path_hint
 
 __all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunConfig", "read_yaml", "load_config",
            "config_from_dict", "config_to_dict", "HEAD_BLOCK", "DEFAULT_BLOCK", "method_block", "default_block",
@@ -635,7 +635,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     if path.is_dir():  # the configs/ folder, or a run's output_dir
         raise ConfigError(f"{path}: is a directory; a YAML run config file is expected")
     if not path.exists():  # a pipe (--config <(envsubst < run.yaml)) is read like a file: once, here
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found{path_hint(path)}")
     values = read_yaml(path)
     if values is None:  # an empty file (or comments only): every default, a MiniLM on the whole SQuAD training set
         raise ConfigError(f"{path}: empty (no config keys; write {{}} to take every default)")

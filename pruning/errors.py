@@ -1,13 +1,15 @@
 """An error told in one line, inside a message of this package's own: the first line of what the error says, which
 for a library's error is often a paragraph or a traceback of its own, and for some is nothing at all; and the name a
-misspelt one was likely meant to be."""
+misspelt one (or a path that is not there) was likely meant to be."""
 
 from __future__ import annotations
 
 import difflib
+import itertools
+from pathlib import Path
 from typing import Iterable
 
-__all__ = ["error_line", "typed_error_line", "did_you_mean"]
+__all__ = ["error_line", "typed_error_line", "did_you_mean", "path_hint"]
 
 
 def error_line(error: BaseException, default: str | None = None) -> str:
@@ -30,5 +32,24 @@ def _first_line(error: BaseException) -> str:
 def did_you_mean(word: object, choices: Iterable[str]) -> str:
     """``"did you mean 'x'?"`` for the choice closest to a misspelt ``word`` (other than ``word`` itself), else
     ``""`` (none is close enough)."""
-    close = difflib.get_close_matches(str(word), sorted(set(choices) - {str(word)}), n=1)
-    return f"did you mean {close[0]!r}?" if close else ""
+    close = _closest(str(word), choices)
+    return f"did you mean {close!r}?" if close else ""
+
+
+def path_hint(path: Path) -> str:
+    """``"; did you mean 'dir/x'?"`` for a ``path`` that is not there, with the entry beside it whose name is
+    closest to its name (``configs/dense_minilm.yml`` for ``configs/dense_minilm.yaml``), else ``""``."""
+    try:
+        names = [entry.name for entry in itertools.islice(path.parent.iterdir(), _LISTED)]
+    except OSError:  # its directory is not there either, or cannot be listed
+        return ""
+    close = _closest(path.name, names)
+    return f"; did you mean {str(path.with_name(close))!r}?" if close else ""
+
+
+_LISTED = 10_000  # entries of a directory compared at most
+
+
+def _closest(word: str, choices: Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(word, sorted(set(choices) - {word}), n=1)
+    return close[0] if close else None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .config import SHIPPED_MODEL
+from .errors import path_hint
 
 __all__ = ["ResourceError", "shipped_model_dir", "squad_file", "resolve_model", "resolve_tokenizer", "resolve_data",
            "first_missing"]
@@ -47,7 +48,7 @@ def resolve_model(name: str) -> Path:
     if path.is_file():  # its config.json or weights file, say
         raise ResourceError(f"{path}: is a file; a model directory is expected")
     if not path.is_dir():
-        raise ResourceError(f"{path}: model directory not found")
+        raise ResourceError(f"{path}: model directory not found{path_hint(path)}")
     if not (path / "config.json").is_file():
         # A training run's output_dir given for the model it wrote (its final/, and its checkpoint/).
         models = [path / name for name in ("final", "checkpoint") if (path / name / "config.json").is_file()]
@@ -63,7 +64,7 @@ def resolve_tokenizer(name: str) -> Path:
     if path.is_file():
         raise ResourceError(f"{path}: is a file; a tokenizer directory is expected")
     if not path.is_dir():
-        raise ResourceError(f"{path}: tokenizer directory not found")
+        raise ResourceError(f"{path}: tokenizer directory not found{path_hint(path)}")
     return path
 
 
@@ -73,7 +74,7 @@ def resolve_data(name: str) -> Path:
     if path.is_dir():  # a folder of data files, or the one holding the file
         raise ResourceError(f"{path}: is a directory; a SQuAD JSON file is expected")
     if not path.exists():
-        raise ResourceError(f"{path}: SQuAD data file not found")
+        raise ResourceError(f"{path}: SQuAD data file not found{path_hint(path)}")
     if not path.is_file():
         raise ResourceError(f"{path}: not a regular file (a pipe, as <(...) makes?): the data is read more than "
                             "once; give a file")

@@ -101,10 +101,18 @@ def test_pack_eval_and_ask_on_a_packed_directory(masked_checkpoint, tmp_path):
     assert answer["answer"] == context[answer["start"]:answer["end"]]
 
 
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
 @pytest.mark.parametrize("args,needle", [
     (["eval", "no/such/model"], "no/such/model: model directory not found"),
     (["train", "--config", "no/such.yaml"], "no/such.yaml: config file not found"),
     (["score", "no/such.json", "p.json"], "no/such.json"),
+    # A name misspelt in a directory that is there: the entry beside it closest to the name.
+    (["train", "--config", f"{_CHECKOUT}/configs/dense_minilm.yml"], f"{_CHECKOUT}/configs/dense_minilm.yml: config "
+     f"file not found; did you mean '{_CHECKOUT}/configs/dense_minilm.yaml'?"),
+    (["sweep", "--space", f"{_CHECKOUT}/tune_spaces/smok.yaml"], f"{_CHECKOUT}/tune_spaces/smok.yaml: search-space "
+     f"file not found; did you mean '{_CHECKOUT}/tune_spaces/smoke.yaml'?"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
     proc = fineprune(*args, cwd=tmp_path)

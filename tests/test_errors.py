@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pruning.errors import did_you_mean, error_line, typed_error_line
+from pruning.errors import did_you_mean, error_line, path_hint, typed_error_line
 
 
 class Quiet(Exception):
@@ -41,3 +41,15 @@ def test_did_you_mean_names_the_closest_other_name_or_none():
     assert did_you_mean("smoke", names) == "did you mean 'smoke2'?"  # never the name itself, which is there
     assert did_you_mean(2, ["2", "22"]) == "did you mean '22'?"  # a YAML key read as a number is its text
     assert did_you_mean("x", []) == ""
+
+
+def test_a_path_that_is_not_there_is_told_the_closest_entry_beside_it(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "dense_minilm.yaml").write_text("{}")
+    (tmp_path / "runs" / "prune50" / "final").mkdir(parents=True)
+    assert path_hint(tmp_path / "configs" / "dense_minilm.yml") == (
+        f"; did you mean {str(tmp_path / 'configs' / 'dense_minilm.yaml')!r}?")
+    final = tmp_path / "runs" / "prune50" / "final"
+    assert path_hint(final.with_name("fnal")) == f"; did you mean {str(final)!r}?"
+    assert path_hint(tmp_path / "configs" / "other.json") == ""  # nothing close beside it
+    assert path_hint(tmp_path / "nowhere" / "dense_minilm.yml") == ""  # its directory is not there either

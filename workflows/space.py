@@ -40,7 +40,7 @@ from pruning.config import (MAX_SEED, METHOD_KEYS, SHIPPED_MODEL, ConfigError, M
 from pruning.resources import ResourceError, resolve_data, resolve_model, resolve_tokenizer
 from pruning.schedules import warmups
 from pruning.contents import content_digest
-from pruning.errors import did_you_mean
+from pruning.errors import did_you_mean, path_hint
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
 from workflows.record import (DEFAULT_MAX_INT8_F1_DROP, DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES,
@@ -1013,7 +1013,7 @@ def load_space(path: str | Path) -> SweepSpace:
     if path.is_dir():  # tune_spaces/ itself, say
         raise SpaceError(f"{path}: is a directory; a YAML search-space file is expected")
     if not path.exists():
-        raise SpaceError(f"{path}: search-space file not found")
+        raise SpaceError(f"{path}: search-space file not found{path_hint(path)}")
     if not path.is_file():
         raise SpaceError(f"{path}: not a regular file (a pipe, as <(...) makes?): the sweep reads its space more "
                          "than once; give a file")
