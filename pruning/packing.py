@@ -46,7 +46,7 @@ from transformers.utils.hub import get_checkpoint_shard_files
 from . import packed_modeling
 from .atomic import give_open_mode, staged_dir
 from .bench import compare_latency, eval_mode, flop_ratio, random_inputs
-from .errors import typed_error_line
+from .errors import path_hint, typed_error_line
 from .masks import MaskedLinear, remove_masks_
 from .packed_modeling import (FFN_WIDTHS_KEY, HEADS_KEPT_KEY, PACKED_CLASSES, PACKED_FLAG, EmptySelfAttention,
                               head_rows, layer_head_dim, shrink_layer, shrink_to_record)
@@ -516,7 +516,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
     """
     path = Path(model_dir)
     if not path.is_dir():
-        raise PackingError(f"{path}: packed model directory not found")
+        raise PackingError(f"{path}: packed model directory not found{path_hint(path)}")
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise PackingError(f"{config_file}: not found (not a model directory)")
@@ -594,7 +594,7 @@ def weights_bytes(model_dir: str | Path) -> int:
     """
     path = Path(model_dir)
     if not path.is_dir():
-        raise PackingError(f"{path}: model directory not found")
+        raise PackingError(f"{path}: model directory not found{path_hint(path)}")
     return sum(f.stat().st_size for f in weight_files(path)[1])
 
 

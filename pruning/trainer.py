@@ -69,7 +69,7 @@ from .contents import content_digest
 from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, attention_block_of, check_head_shaped,
                      config_to_dict, default_block, evaluation_settings, method_block)
 from .distill import hidden_mse, kd_loss, qa_ce_loss
-from .errors import error_line
+from .errors import error_line, path_hint
 from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, resolve_tokenizer, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmups
@@ -1087,7 +1087,7 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
     if Path(checkpoint_dir).is_file():  # a file of the checkpoint, say its trainer_state.json
         raise CheckpointError(f"{checkpoint_dir}: is a file; a training checkpoint directory is expected")
     if not Path(checkpoint_dir).is_dir():
-        raise CheckpointError(f"{checkpoint_dir}: checkpoint directory not found")
+        raise CheckpointError(f"{checkpoint_dir}: checkpoint directory not found{path_hint(Path(checkpoint_dir))}")
     if not path.exists():
         raise CheckpointError(_not_a_checkpoint(Path(checkpoint_dir)))
     state = read_json(path)
