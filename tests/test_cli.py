@@ -113,6 +113,10 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
      f"file not found; did you mean '{_CHECKOUT}/configs/dense_minilm.yaml'?"),
     (["sweep", "--space", f"{_CHECKOUT}/tune_spaces/smok.yaml"], f"{_CHECKOUT}/tune_spaces/smok.yaml: search-space "
      f"file not found; did you mean '{_CHECKOUT}/tune_spaces/smoke.yaml'?"),
+    # A bare word close to a shipped name: that name.
+    (["eval", "minlm"], "minlm: model directory not found; did you mean 'minilm'?"),
+    (["train", "--config", f"{_CHECKOUT}/configs/dense_minilm.yaml", "--eval-data", "dve"],
+     "--eval-data: dve: SQuAD data file not found; did you mean 'dev'?"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
     proc = fineprune(*args, cwd=tmp_path)
