@@ -790,6 +790,13 @@ def test_a_command_reading_a_sweep_creates_no_tracking_database(capsys, tmp_path
         line = _one_line_error(capsys, [*argv, "--tracking-uri", f"sqlite:///{database}"])
         assert "no MLflow database" in line and str(database) in line
     assert list(tmp_path.iterdir()) == []
+    # One misspelt beside the store that is there: its name.
+    sqlite_store(tmp_path / "mlflow.db")
+    line = _one_line_error(capsys, ["report", "--experiment", "e", "--out", str(tmp_path / "r"),
+                                    "--tracking-uri", f"sqlite:///{tmp_path}/mlfow.db"])
+    assert line.endswith(f"no MLflow database at {tmp_path}/mlfow.db; did you mean '{tmp_path}/mlflow.db'? (pass "
+                         "the sweep's --tracking-uri)"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
 
 
 def test_ask_and_eval_write_only_their_own_output(capsys, tokenizer, masked_checkpoint, tmp_path):

@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from pruning import atomic
+from pruning.errors import path_hint
 
 from workflows.frontier import hypervolume_progress
 from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMOVED, HYPERVOLUME, HYPERVOLUME_COMPUTE,
@@ -128,7 +129,8 @@ def check_readable_store(tracking_uri: str, hint: str = "pass the sweep's --trac
     if database is None:
         return
     if not database.is_file():
-        raise TrackingStoreError(f"tracking URI {tracking_uri}: no MLflow database at {database} ({hint})")
+        raise TrackingStoreError(f"tracking URI {tracking_uri}: no MLflow database at {database}"
+                                 f"{path_hint(database)} ({hint})")
     if database.stat().st_size == 0:
         raise TrackingStoreError(f"tracking URI {tracking_uri}: {database} is an empty file, not an MLflow database "
                                  f"({hint})")
