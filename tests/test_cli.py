@@ -1716,3 +1716,52 @@ def test_a_checkouts_commit_is_read_with_dirty_for_changed_tracked_files_only(tm
     assert _checkout_commit(tmp_path) == head
     (tmp_path / "code.py").write_text("x = 2\n")
     assert _checkout_commit(tmp_path) == f"{head}.dirty"
+
+
+def test_sweep_check_says_what_the_sweep_would_run_and_starts_or_writes_nothing(capsys, tmp_path, monkeypatch):
+    """`fineprune sweep --check`: the space, paths, data and resources checked as the sweep checks them before it
+    starts, and its plan printed (trials, how many at once here, the teacher reused or to be trained), with no
+    store, storage directory or Ray made."""
+    from workflows.space import load_space
+    from workflows.preflight import trials_at_once
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # an earlier command in this process may have set it
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    space.update(algorithm="grid", num_samples=2, scheduler=None,
+                 search={"target_density": {"type": "grid", "values": [0.3, 0.5, 0.7]},
+                         "temperature": {"type": "choice", "values": [1, 2]}})
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(space))
+    assert cli.main(["sweep", "--space", "grid.yaml", "--check"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    fingerprint = plan["teacher"]["fingerprint"]
+    final = tmp_path / "runs" / "ray" / "teachers" / fingerprint / "final"
+    assert plan == {
+        "check": "passed", "space": "grid.yaml", "experiment": "smoke",
+        "tracking_uri": "sqlite:///mlflow.db", "ray": "a private local Ray", "algorithm": "grid",
+        "trials": 12, "configurations": 6,  # num_samples of each of the 6 grid points; 6 of them distinct
+        "searched": {"target_density": {"type": "grid", "values": [0.3, 0.5, 0.7]},
+                     "temperature": {"type": "choice", "values": [1, 2]}},
+        "objectives": [["f1", "max"], ["linear_density", "min"]],
+        "trials_at_once": min(12, trials_at_once(load_space(tmp_path / "grid.yaml"))),
+        "teacher": {"fingerprint": fingerprint, "directory": str(final), "reused": False}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]  # no mlflow.db, no runs/
+
+    # The teacher an earlier sweep of the same settings trained is found; one trial at a time where asked.
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    (final.parent / "metrics.json").write_text("{}")
+    space.update(max_concurrent=1)
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(space))
+    assert cli.main(["sweep", "--space", "grid.yaml", "--check", "--experiment", "other"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["teacher"]["reused"] is True and plan["trials_at_once"] == 1 and plan["experiment"] == "other"
+
+    line = _one_line_error(capsys, ["sweep", "--space", "grid.yaml", "--check", "--resume"])
+    assert line == ("fineprune sweep: error: --check checks a new sweep, and reads nothing of the tracking store; "
+                    "--resume reads it, when the sweep starts")
+    space["base"]["eval_data"] = "dve"
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(space))
+    line = _one_line_error(capsys, ["sweep", "--space", "grid.yaml", "--check"])
+    assert line.endswith("base.eval_data: dve: SQuAD data file not found; did you mean 'dev'?"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml", "runs"]  # the teacher made above, alone

@@ -672,6 +672,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     # here, is refused before the sweep's modules (MLflow, the trainer, the report) are imported: in two or three
     # seconds rather than ten. run_sweep checks it again, at little cost once what it reads is loaded.
     check_machine(load_space(args.space), args.address)
+    if args.check:
+        if args.resume or args.warm_start:
+            raise UserError(f"--check checks a new sweep, and reads nothing of the tracking store; "
+                            f"{'--resume' if args.resume else '--warm-start'} reads it, when the sweep starts")
+        from workflows.sweep import check_sweep
+
+        _emit(check_sweep(args.space, experiment=args.experiment, tracking_uri=args.tracking_uri,
+                          address=args.address, storage_path=args.storage_path))
+        return 0
     from workflows.sweep import run_sweep
 
     summary = run_sweep(args.space, experiment=args.experiment, tracking_uri=args.tracking_uri,
@@ -952,6 +961,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
                    help="how long the tracking server may be away before the sweep stops (default: "
                         "FINEPRUNE_TRACKING_TIMEOUT, else 300)")
+    p.add_argument("--check", action="store_true",
+                   help="check the space, paths, data and resources as the sweep does before it starts, print "
+                        "what it would run (trials, teacher reused or trained), and start nothing")
 
     p = command("register", cmd_register, "register the best trial's packed model")
     p.epilog = (f"Exit status 0 when the champion was registered; {NO_CHAMPION} when no trial meets the registry "

@@ -20,7 +20,7 @@ from pruning.resources import first_missing, resolve_data
 from workflows.space import SpaceError, SweepSpace, teacher_config
 
 __all__ = ["cluster_address", "check_machine", "check_local_paths", "check_local_resources", "check_local_data",
-           "largest_train_limit"]
+           "largest_train_limit", "trials_at_once"]
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -58,15 +58,11 @@ def check_local_resources(space: SweepSpace) -> None:
     The local Ray is the one already running in this process where the caller started one (which the sweep runs on,
     with the CPUs and GPUs it was given, ``ray.init(num_cpus=...)``), else the private one the sweep starts here, with
     this machine's CPUs (as Ray counts them: a container's) and GPUs."""
-    cpu = float(space.resources.get("cpu", 1) or 0)
-    gpu = float(space.resources.get("gpu", 0) or 0)
+    cpu, gpu = _per_trial(space)
+    cpus, gpus = _local_capacity(gpu)
     if ray.is_initialized():
-        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        cpus = max((float(node.get("CPU", 0)) for node in nodes), default=0.0)
-        gpus = max((float(node.get("GPU", 0)) for node in nodes), default=0.0)
         where = "the Ray running in this process has", "the trials run there"
     else:
-        cpus, gpus = float(get_num_cpus()), _gpus_here() if gpu > 0 else 0.0
         where = "this machine has", "the trials run here (a sweep without --address starts a private local Ray)"
     if cpu > cpus:
         raise SpaceError(f"{space.path}: resources.cpu: {cpu:g} per trial, but {where[0]} {cpus:g} and {where[1]}: "
@@ -76,6 +72,29 @@ def check_local_resources(space: SweepSpace) -> None:
         fix = "set gpu: 0 with base.device cpu or auto" if gpus == 0 else f"ask for at most {gpus:g}"
         raise SpaceError(f"{space.path}: resources.gpu: {gpu:g} per trial, but {where[0]} {have} and {where[1]}: "
                          f"{fix}, or join a cluster with GPUs with --address")
+
+
+def trials_at_once(space: SweepSpace) -> int:
+    """How many trials the local Ray runs at once (:func:`check_local_resources`'s): as many as its CPUs and GPUs
+    hold of what each trial asks for, and no more than ``max_concurrent``."""
+    cpu, gpu = _per_trial(space)
+    cpus, gpus = _local_capacity(gpu)
+    fits = [int(cpus // cpu) if cpu > 0 else None, int(gpus // gpu) if gpu > 0 else None, space.max_concurrent]
+    return max(1, min((n for n in fits if n is not None), default=1))
+
+
+def _per_trial(space: SweepSpace) -> tuple[float, float]:
+    return float(space.resources.get("cpu", 1) or 0), float(space.resources.get("gpu", 0) or 0)
+
+
+def _local_capacity(gpu: float) -> tuple[float, float]:
+    """The CPUs and GPUs of the largest node of the Ray running in this process, else of this machine (its GPUs
+    counted only where a trial asks for ``gpu``)."""
+    if ray.is_initialized():
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        return (max((float(node.get("CPU", 0)) for node in nodes), default=0.0),
+                max((float(node.get("GPU", 0)) for node in nodes), default=0.0))
+    return float(get_num_cpus()), _gpus_here() if gpu > 0 else 0.0
 
 
 def _gpus_here() -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import shlex
@@ -55,7 +56,7 @@ from pruning.trainer import evaluate, resolve_device, train
 from workflows import frontier, record, registry, tracking, version_timing
 from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
-from workflows.preflight import check_local_data, check_machine
+from workflows.preflight import check_local_data, check_machine, trials_at_once
 from workflows.retry import TrackingUnavailable, call_with_retries, is_transient, outage_limit, quick_http_failures
 from workflows.space import (EVAL_METRICS, EVALUATION, SweepSpace, baseline_config, load_space, param_space,
                              scoring_fingerprint, teacher_config, teacher_fingerprint, trial_config, tune_config_kwargs)
@@ -519,19 +520,22 @@ def _local_storage(storage_path: str | None) -> str | None:
     return local
 
 
-def _storage_roots(storage_path: str | None) -> tuple[str, Path]:
+def _storage_roots(storage_path: str | None, make: bool = True) -> tuple[str, Path]:
     """Tune's storage root (an absolute local path, or a URI such as ``s3://bucket/prefix`` kept as it is) and the
-    local directory for what trials read by file path (trained teachers, the feature cache)."""
+    local directory for what trials read by file path (trained teachers, the feature cache), made unless ``make`` is
+    False."""
     storage_path = _local_storage(storage_path)
     if storage_path and "://" in storage_path:
         local = Path(DEFAULT_STORAGE).resolve()
-        logger.info("checkpoints go to %s; teachers and caches stay in %s on each node (on a multi-node cluster, "
-                    "give teacher.path on a filesystem every node reads)", storage_path, local)
+        if make:
+            logger.info("checkpoints go to %s; teachers and caches stay in %s on each node (on a multi-node cluster, "
+                        "give teacher.path on a filesystem every node reads)", storage_path, local)
         root = storage_path.rstrip("/")
     else:
         local = Path(storage_path or DEFAULT_STORAGE).resolve()
         root = str(local)
-    local.mkdir(parents=True, exist_ok=True)
+    if make:
+        local.mkdir(parents=True, exist_ok=True)
     return root, local
 
 
@@ -678,27 +682,8 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         TrackingUnavailable: the tracking server stayed away longer than ``tracking_timeout``.
     """
     # 1. Validate: the space, the cluster and the tracking server, before anything is written.
-    space = load_space(space_path)
-    tune_config_kwargs(space, TRIAL_METRICS)  # every objective is reported by the trials
-    if warm_start_tracking_uri and not warm_start:
-        raise WarmStartError("--warm-start-tracking-uri names the store of the sweep --warm-start names; give both")
-    if warm_start and resume:
-        raise WarmStartError("--warm-start starts a new sweep; a resumed sweep's sampler keeps what it was told "
-                             "when it started")
-    if warm_start:
-        check_applicable(space)
-    if warm_start_tracking_uri:  # only read: a store with no record yet is refused, not made
-        tracking.check_readable_store(warm_start_tracking_uri,
-                                      hint="pass the earlier sweep's --tracking-uri as --warm-start-tracking-uri")
-    cluster = check_machine(space, address)
-    if cluster:
-        _check_ray_answers(cluster)
-    else:
-        check_local_data(space)
-    _local_storage(storage_path)
-    experiment = experiment or space.name
-    tracking_uri = record.tracking_uri(tracking_uri)
-    tracking.check_writable_store(tracking_uri)
+    space, cluster, experiment, tracking_uri = _checked(space_path, experiment, tracking_uri, address, storage_path,
+                                                        resume, warm_start, warm_start_tracking_uri)
     limit = outage_limit(tracking_timeout)
     started = time.time()
     client = tracking.client_for(tracking_uri)
@@ -805,6 +790,71 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
                     "ui": _ui_hint(tracking_uri)})
     _log_summary(summary, space.objectives)
     return summary
+
+
+def _checked(space_path: str | Path, experiment: str | None, tracking_uri: str | None, address: str | None,
+             storage_path: str | None, resume: bool | str = False, warm_start: str | None = None,
+             warm_start_tracking_uri: str | None = None) -> tuple[SweepSpace, str | None, str, str]:
+    """What a sweep checks before it writes anything: the space, the options that go together, the cluster's address
+    (or, for a private local Ray, the space's paths, the trials' resources and every data file, read as the sweep
+    reads it), the storage path and where the tracking store is. ``(space, cluster, experiment, tracking URI)``.
+    """
+    space = load_space(space_path)
+    tune_config_kwargs(space, TRIAL_METRICS)  # every objective is reported by the trials
+    if warm_start_tracking_uri and not warm_start:
+        raise WarmStartError("--warm-start-tracking-uri names the store of the sweep --warm-start names; give both")
+    if warm_start and resume:
+        raise WarmStartError("--warm-start starts a new sweep; a resumed sweep's sampler keeps what it was told "
+                             "when it started")
+    if warm_start:
+        check_applicable(space)
+    if warm_start_tracking_uri:  # only read: a store with no record yet is refused, not made
+        tracking.check_readable_store(warm_start_tracking_uri,
+                                      hint="pass the earlier sweep's --tracking-uri as --warm-start-tracking-uri")
+    cluster = check_machine(space, address)
+    if cluster:
+        _check_ray_answers(cluster)
+    else:
+        check_local_data(space)
+    _local_storage(storage_path)
+    tracking_uri = record.tracking_uri(tracking_uri)
+    tracking.check_writable_store(tracking_uri)
+    return space, cluster, experiment or space.name, tracking_uri
+
+
+def check_sweep(space_path: str | Path, experiment: str | None = None, tracking_uri: str | None = None,
+                address: str | None = None, storage_path: str | None = None) -> dict[str, Any]:
+    """``fineprune sweep --check``: the checks a new sweep makes before it writes anything (:func:`_checked`), and
+    what it would then do, without doing any of it: nothing is written, no Ray is started or joined beyond asking
+    the cluster's address whether it answers, and the tracking store is not opened.
+
+    Returns:
+        The plan: the space, experiment, tracking URI and Ray; the trials (how many, searched how, judged by what,
+        how many at once on this machine); and the dense teacher (given, reused from an earlier sweep by its
+        fingerprint, or to be fine-tuned first).
+
+    Raises:
+        SpaceError, StorageError, TrackingStoreError, RayUnavailable: as :func:`run_sweep` before anything starts.
+    """
+    space, cluster, experiment, tracking_uri = _checked(space_path, experiment, tracking_uri, address, storage_path)
+    teachers = _storage_roots(storage_path, make=False)[1] / "teachers"
+    fingerprint = teacher_fingerprint(space)
+    if space.teacher.path is not None:
+        teacher = {"given": space.teacher.path}
+    else:
+        final = teachers / fingerprint / "final"
+        teacher = {"fingerprint": fingerprint, "directory": str(final),
+                   "reused": (final / "config.json").is_file() and (final.parent / "metrics.json").is_file()}
+    # As Tune expands the space: num_samples of each point of its grid_search keys.
+    trials = space.num_samples * math.prod(len(value["grid_search"]) for value in param_space(space).values()
+                                           if isinstance(value, dict) and "grid_search" in value)
+    return {"check": "passed", "space": str(space.path), "experiment": experiment, "tracking_uri": tracking_uri,
+            "ray": cluster or "a private local Ray", "algorithm": space.algorithm, "trials": trials,
+            "configurations": space.configurations,
+            "searched": {key: {k: v for k, v in spec.items() if v is not None}
+                         for key, spec in space.summary()["search"].items()},
+            "objectives": [list(pair) for pair in space.objectives],
+            "trials_at_once": None if cluster else min(trials, trials_at_once(space)), "teacher": teacher}
 
 
 def _ui_hint(tracking_uri: str) -> str:
