@@ -837,12 +837,11 @@ def check_sweep(space_path: str | Path, experiment: str | None = None, tracking_
         SpaceError, StorageError, TrackingStoreError, RayUnavailable: as :func:`run_sweep` before anything starts.
     """
     space, cluster, experiment, tracking_uri = _checked(space_path, experiment, tracking_uri, address, storage_path)
-    teachers = _storage_roots(storage_path, make=False)[1] / "teachers"
-    fingerprint = teacher_fingerprint(space)
     if space.teacher.path is not None:
-        teacher = {"given": space.teacher.path}
-    else:
-        final = teachers / fingerprint / "final"
+        teacher: dict[str, Any] = {"given": space.teacher.path}
+    else:  # where ensure_teacher looks for it
+        fingerprint = teacher_fingerprint(space)
+        final = _storage_roots(storage_path, make=False)[1] / "teachers" / fingerprint / "final"
         teacher = {"fingerprint": fingerprint, "directory": str(final),
                    "reused": (final / "config.json").is_file() and (final.parent / "metrics.json").is_file()}
     # As Tune expands the space: num_samples of each point of its grid_search keys.
