@@ -940,8 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty out_dir")
 
     p = command("sweep", cmd_sweep, "Ray Tune sweep with MLflow tracking")
-    p.epilog = (f"Exit status 0 when the sweep finished; {INCOMPLETE_SWEEP} when it ended with trials failed or left "
-                "to run (Ctrl-C), its summary printed all the same: --resume continues it.")
+    p.epilog = (f"Exit status 0 when the sweep finished (with --check: when every check passed); {INCOMPLETE_SWEEP} "
+                "when it ended with trials failed or left to run (Ctrl-C), its summary printed all the same: --resume "
+                "continues it.")
     p.add_argument("--space", required=True, metavar="YAML", type=_user_path, help="search space (see tune_spaces/)")
     p.add_argument("--experiment", type=_given, help="MLflow experiment name (default: the space's name)")
     p.add_argument("--tracking-uri", metavar="URI", type=_given,
