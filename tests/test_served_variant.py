@@ -22,6 +22,7 @@ from transformers import BertConfig, BertForQuestionAnswering
 
 from conftest import sqlite_store
 from pruning import squad
+from pruning.errors import path_hint
 from pruning.packing import pack, save_packed
 from pruning.resources import squad_file
 from workflows import registry
@@ -173,9 +174,10 @@ def test_questions_that_cannot_be_read_leave_int8_unchecked(store, caplog):
     with caplog.at_level(logging.WARNING, logger="workflows.int8_check"):
         version = _register(store, "lost", "tiny-lost")
     gone = str(store["root"] / "gone.json")
+    beside = path_hint(store["root"] / "gone.json")  # the file of the store's other trials: "did you mean ...?"
     assert version.tags[TAG_ONNX_VARIANT] == "int8" and not set(ONNX_SCORE_TAGS.values()) & set(version.tags)
     assert version.tags[TAG_INT8_CHECK] == (f"serves ONNX Runtime int8, unchecked: the trial's questions could not "
-                                            f"be scored (ResourceError: {gone}: SQuAD data file not found)")
+                                            f"be scored (ResourceError: {gone}: SQuAD data file not found{beside})")
     assert any("serves its int8 model unchecked" in r.getMessage() and gone in r.getMessage() for r in caplog.records)
 
 
