@@ -21,7 +21,7 @@ from typing import Any, Hashable, Iterable, Mapping
 
 import yaml
 
-from .errors import did_you_mean, path_hint
+from .errors import did_you_mean, name_hint, path_hint
 
 __all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunConfig", "read_yaml", "load_config",
            "config_from_dict", "config_to_dict", "HEAD_BLOCK", "DEFAULT_BLOCK", "method_block", "default_block",
@@ -569,8 +569,7 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config", base: Ru
     known = {f.name for f in fields(RunConfig)}
     unknown = sorted(set(values) - known, key=str)  # YAML keys may be numbers or booleans too
     if unknown:
-        close = did_you_mean(unknown[0], known)
-        hint = f"; {close}" if close else ""
+        hint = name_hint(unknown[0], known)
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}{more}{hint}")
     values = dict(values)

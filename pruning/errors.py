@@ -9,7 +9,7 @@ import itertools
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["error_line", "typed_error_line", "did_you_mean", "path_hint"]
+__all__ = ["error_line", "typed_error_line", "did_you_mean", "name_hint", "path_hint"]
 
 
 def error_line(error: BaseException, default: str | None = None) -> str:
@@ -34,6 +34,12 @@ def did_you_mean(word: object, choices: Iterable[str]) -> str:
     ``""`` (none is close enough)."""
     close = _closest(str(word), choices)
     return f"did you mean {close!r}?" if close else ""
+
+
+def name_hint(word: object, choices: Iterable[str]) -> str:
+    """:func:`did_you_mean` as a message's tail: ``"; did you mean 'x'?"``, else ``""``."""
+    close = did_you_mean(word, choices)
+    return f"; {close}" if close else ""
 
 
 def path_hint(path: Path) -> str:

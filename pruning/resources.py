@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .config import SHIPPED_MODEL
-from .errors import did_you_mean, path_hint
+from .errors import name_hint, path_hint
 
 __all__ = ["ResourceError", "shipped_model_dir", "squad_file", "resolve_model", "resolve_tokenizer", "resolve_data",
            "first_missing"]
@@ -48,8 +48,7 @@ def squad_file(split: str) -> Path:
 def _hint(path: Path, shipped: Iterable[str]) -> str:
     """For an input that is not there: the shipped name a bare word is closest to (``dve``: ``dev``), else the entry
     beside the path closest to its name."""
-    close = did_you_mean(path.name, shipped) if str(path) == path.name else ""
-    return f"; {close}" if close else path_hint(path)
+    return (name_hint(path.name, shipped) if str(path) == path.name else "") or path_hint(path)
 
 
 def resolve_model(name: str) -> Path:

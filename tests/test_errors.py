@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pruning.errors import did_you_mean, error_line, path_hint, typed_error_line
+from pruning.errors import did_you_mean, error_line, name_hint, path_hint, typed_error_line
 
 
 class Quiet(Exception):
@@ -41,6 +41,7 @@ def test_did_you_mean_names_the_closest_other_name_or_none():
     assert did_you_mean("smoke", names) == "did you mean 'smoke2'?"  # never the name itself, which is there
     assert did_you_mean(2, ["2", "22"]) == "did you mean '22'?"  # a YAML key read as a number is its text
     assert did_you_mean("x", []) == ""
+    assert name_hint("smok", names) == "; did you mean 'smoke'?" and name_hint("nope", names) == ""  # as a tail
 
 
 def test_a_path_that_is_not_there_is_told_the_closest_entry_beside_it(tmp_path):

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from pruning.errors import did_you_mean
+from pruning.errors import name_hint
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -575,10 +575,9 @@ def registered_model_hint(client: MlflowClient, name: str) -> str:
 def _closest(name: str, names: Callable[[], list[str]]) -> str:
     """The hint for ``name`` among ``names()``; ``""`` where none is close or the store cannot list them."""
     try:
-        close = did_you_mean(name, names())
+        return name_hint(name, names())
     except Exception:  # noqa: BLE001 - a hint, never the error
         return ""
-    return f"; {close}" if close else ""
 
 
 DELETED, REMOVED = "deleted", "removed"  # a run deleted (in the UI: restorable), or removed for good (`mlflow gc`)

@@ -40,7 +40,7 @@ from pruning.config import (MAX_SEED, METHOD_KEYS, SHIPPED_MODEL, ConfigError, M
 from pruning.resources import ResourceError, resolve_data, resolve_model, resolve_tokenizer
 from pruning.schedules import warmups
 from pruning.contents import content_digest
-from pruning.errors import did_you_mean, path_hint
+from pruning.errors import name_hint, path_hint
 from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
 from workflows.record import (DEFAULT_MAX_INT8_F1_DROP, DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES,
@@ -156,10 +156,7 @@ def _kind(value: Any) -> str:
 
 def _hint(word: Any, allowed: Iterable[str]) -> str:
     """``"; did you mean 'x'?"`` for the allowed word closest to a misspelt ``word``, else ``""``."""
-    if not isinstance(word, str):
-        return ""
-    close = did_you_mean(word, allowed)
-    return f"; {close}" if close else ""
+    return name_hint(word, allowed) if isinstance(word, str) else ""
 
 
 def _is_int(value: Any) -> bool:

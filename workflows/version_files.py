@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from pruning import atomic
 from pruning.config import EVALUATION_KEYS
-from pruning.errors import did_you_mean, error_line
+from pruning.errors import error_line, name_hint
 from workflows import record
 from workflows.record import ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR
 from workflows.served_model import served_variant, torch_served
@@ -277,9 +277,8 @@ def _missing(client, name: str, alias: str | None, number: str | None) -> str | 
             return None
         if not aliases:
             return f"registered model {name!r} has no alias {alias!r} (it has none)"
-        close = did_you_mean(alias, aliases)
         return (f"registered model {name!r} has no alias {alias!r} (its aliases: {', '.join(aliases)})"
-                + (f"; {close}" if close else ""))
+                f"{name_hint(alias, aliases)}")
     try:
         versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
     except MlflowException:
