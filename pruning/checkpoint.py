@@ -10,8 +10,9 @@ with (:data:`pruning.config.EVALUATION_KEYS`) and the precision of its evaluatio
 and ``optimizer.safetensors`` (optimizer moments and the RNG states of the CPU and of any CUDA device in use), so
 a run resumes at the same step with the same masks and dropout draws; ``trainer_state.json`` records the run config
 and where the run stands in its training windows (``data_position``). :func:`load_model` opens any of them: a dense
-HF QA model of a type in :mod:`pruning.structure` (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA), a masked
-checkpoint or a packed directory; :func:`pruning.tokenizer.load_tokenizer` their tokenizer.
+HF QA model of a type in :mod:`pruning.structure` (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA) or a DistilBERT
+one (read as BERT, :mod:`pruning.distilbert`), a masked checkpoint or a packed directory;
+:func:`pruning.tokenizer.load_tokenizer` their tokenizer.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
+from transformers import BertForQuestionAnswering, DistilBertConfig, PretrainedConfig, PreTrainedTokenizerBase
 
+from . import distilbert
 from . import masks as mask_lib
 from .atomic import save_tensors, staged_dir
 from .config import EVALUATION_KEYS, parser_limit
@@ -229,13 +231,16 @@ def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:
     config_file = model_dir / "config.json"
     raw = read_json(config_file)
     model_type = raw.get("model_type", DEFAULT_MODEL_TYPE)
-    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in (*ARCHITECTURES, distilbert.MODEL_TYPE):
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported "
-                              f"({', '.join(sorted(ARCHITECTURES))})")
+                              f"({', '.join(sorted((*ARCHITECTURES, distilbert.MODEL_TYPE)))})")
     # auto_map names code files of this directory (a hub model's own classes): the model is built here with the
     # stock class of its model_type, and a directory written from it carries none of them.
     clean = {k: v for k, v in raw.items() if k not in (MASKS_KEY, AUTO_MAP)}
     try:
+        if model_type == distilbert.MODEL_TYPE:  # read as the BERT model that computes the same
+            return raw, distilbert.bert_config(DistilBertConfig.from_dict(clean),
+                                               {k: v for k, v in clean.items() if k.startswith("fineprune_")})
         return raw, config_class(model_type).from_dict(clean)
     except Exception as err:  # TypeError, ValueError, or the strict field checks of recent transformers
         message = " ".join(str(err).split())
@@ -278,6 +283,8 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
     if raw.get(PACKED_FLAG):
         return load_packed(model_dir).float()
     settings = raw.get(MASKS_KEY)
+    if settings is None and raw.get("model_type") == distilbert.MODEL_TYPE:
+        return _load_distilbert(model_dir, config, qa_head)
     if settings is None:
         with _weights_errors():  # a clear error for a missing or corrupted file before transformers reads it
             weights, stored = weight_dtypes(model_dir)
@@ -327,6 +334,46 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
                               f"({'missing' if missing else 'unexpected'}: {', '.join(names)})")
     if settings.get("mode") == "fixed":
         _refix(model, settings)
+    return model.eval()
+
+
+def _load_distilbert(model_dir: Path, config: PretrainedConfig, qa_head: bool) -> nn.Module:
+    """A dense DistilBERT directory as the ``BertForQuestionAnswering`` of ``config`` (see :mod:`pruning.distilbert`),
+    float32, in eval mode; without a QA head, a fresh one (or, with ``qa_head``, an error as for any model).
+
+    Raises:
+        CheckpointError: the weights are missing or corrupted, or are not those of a DistilBERT model of the config.
+    """
+    with _weights_errors():
+        weights, stored = read_weights(model_dir)
+    state, unknown = distilbert.bert_state(stored, config.hidden_size)
+    if unknown:
+        raise CheckpointError(f"{weights}: not the weights of a DistilBERT model (unexpected: {unknown[0]}"
+                              + _more(len(unknown)) + ")")
+    if qa_head and QA_HEAD not in state:
+        raise CheckpointError(f"{model_dir}: not a question-answering model ({weights.name} has no {QA_HEAD}: a "
+                              "pre-trained encoder, whose answers would come from a random head); fine-tune it "
+                              "with `fineprune train` first")
+    try:
+        with quiet_transformers():
+            model = BertForQuestionAnswering(config)
+    except Exception as err:  # the modules check their config values (an activation's name, say) as they build
+        raise CheckpointError(_cannot_build(model_dir, config, err)) from None
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{weights}: weights do not match the config ({name} has shape "
+                                  f"{tuple(tensor.shape)}, the config gives {tuple(expected[name].shape)})")
+    with _weights_errors():
+        check_kinds(weights, {name: tensor.dtype for name, tensor in state.items()}, expected)
+    missing, _ = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing = sorted(k for k in missing if not k.startswith("qa_outputs."))
+    if missing:
+        raise CheckpointError(f"{weights}: weights do not match the config (missing: {missing[0]}"
+                              + _more(len(missing)) + ")")
+    if QA_HEAD not in state:
+        logger.info("%s: a pre-trained encoder without a question-answering head; qa_outputs starts from random "
+                    "weights", model_dir)
     return model.eval()
 
 
