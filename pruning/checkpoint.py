@@ -4,9 +4,10 @@ A checkpoint is a standard Hugging Face directory (``config.json``, ``model.safe
 model's ``config.json`` carries a ``fineprune_masks`` entry (method, block shape, current threshold, phase) and its
 ``model.safetensors`` holds the mask scores beside the weights. A model a training run wrote (its checkpoint and
 final model) records in ``config.json`` under ``fineprune_evaluation`` the windows and span search it was evaluated
-with (:data:`pruning.config.EVALUATION_KEYS`) and the precision of its evaluations (``precision``: ``fp32`` or
-``bf16``); the entry is part of the model's config, so packing and export carry it on, and
-:func:`read_evaluation` and :func:`read_precision` read it back. A training checkpoint adds ``trainer_state.json``
+with (:data:`pruning.config.EVALUATION_KEYS`), the precision of its evaluations (``precision``: ``fp32`` or
+``bf16``) and, for a run trained on unanswerable questions, ``null_answers: true``; the entry is part of the model's
+config, so packing and export carry it on, and :func:`read_evaluation`, :func:`read_precision` and
+:func:`read_null_answers` read it back. A training checkpoint adds ``trainer_state.json``
 and ``optimizer.safetensors`` (optimizer moments and the RNG states of the CPU and of any CUDA device in use), so
 a run resumes at the same step with the same masks and dropout draws; ``trainer_state.json`` records the run config
 and where the run stands in its training windows (``data_position``). :func:`load_model` opens any of them: a dense
@@ -46,7 +47,9 @@ __all__ = [
     "MASKS_KEY",
     "EVALUATION_KEY",
     "read_evaluation",
+    "read_null_answers",
     "read_precision",
+    "NULL_ANSWERS",
     "save_model",
     "load_model",
     "load_config",
@@ -64,6 +67,7 @@ logger = logging.getLogger(__name__)
 MASKS_KEY = "fineprune_masks"
 AUTO_MAP = "auto_map"  # in config.json: the code files that build the model, for trust_remote_code=True
 EVALUATION_KEY = "fineprune_evaluation"  # in config.json: the windows and span search of the run that wrote it
+NULL_ANSWERS = "null_answers"  # in that record: true when the run trained on unanswerable questions
 WEIGHTS = "model.safetensors"
 EXPORT_MANIFEST = "fineprune_export.json"  # what marks an ONNX export (pruning.export), which holds no such weights
 QA_HEAD = "qa_outputs.weight"  # the span head of BertForQuestionAnswering; a pre-trained encoder has none
@@ -211,6 +215,21 @@ def read_evaluation(model_dir: str | Path) -> dict[str, int]:
                                   f"got {value!r}")
         settings[key] = value
     return settings
+
+
+def read_null_answers(model_dir: str | Path) -> bool:
+    """Whether the run that wrote ``model_dir`` trained it on unanswerable questions (SQuAD v2.0), so that it answers
+    "no answer" (the empty text) where that scores higher than every span (``fineprune_evaluation.null_answers`` in
+    its config.json; False for a directory without it).
+
+    Raises:
+        CheckpointError: config.json is missing or unreadable, or the value is not true or false.
+    """
+    config_file, record = _evaluation_record(model_dir)
+    value = record.get(NULL_ANSWERS, False) if isinstance(record, dict) else False
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{config_file}: {EVALUATION_KEY}.{NULL_ANSWERS}: must be true or false, got {value!r}")
+    return value
 
 
 def read_precision(model_dir: str | Path) -> str | None:

@@ -78,7 +78,7 @@ class RunConfig:
     # config kwargs (model_type: bert unless given): build a random model instead of loading one
     model_config: dict[str, Any] | None = None
     tokenizer: str | None = None  # tokenizer directory; default: the model's (the shipped one for random models)
-    train_data: str = "train"  # SQuAD v1.1 JSON path, or "train"/"dev" for the shipped files
+    train_data: str = "train"  # SQuAD v1.1 or v2.0 JSON path, or "train"/"dev" for the shipped files
     eval_data: str = "dev"
     train_limit: int | None = None  # use the first N questions (quick CPU runs)
     eval_limit: int | None = None

@@ -78,7 +78,7 @@ def resolve_tokenizer(name: str) -> Path:
 
 
 def resolve_data(name: str) -> Path:
-    """``train``, ``dev`` or a path to a SQuAD v1.1-format JSON file."""
+    """``train``, ``dev`` or a path to a SQuAD v1.1- or v2.0-format JSON file."""
     path = squad_file(name) if name in _SPLITS else Path(name)
     if path.is_dir():  # a folder of data files, or the one holding the file
         raise ResourceError(f"{path}: is a directory; a SQuAD JSON file is expected")

@@ -1,4 +1,4 @@
-"""SQuAD v1.1: loading and validation, model features, span post-processing and the official metric.
+"""SQuAD v1.1 and v2.0: loading and validation, model features, span post-processing and the official metrics.
 
 Everything here is a module-level function with explicit arguments, so that training, evaluation, inference and the
 tests share one implementation:
@@ -6,10 +6,12 @@ tests share one implementation:
 * :func:`load_squad` / :func:`load_predictions` read the official JSON formats and fail with a one-line
   :class:`SquadFormatError` naming the file and the question;
 * :func:`normalize_answer`, :func:`exact_match_score`, :func:`f1_score` and :func:`evaluate` reproduce the official
-  v1.1 evaluation (EM/F1 in percent over every question of the dataset);
+  v1.1 evaluation (EM/F1 in percent over every question of the dataset), and the v2.0 one where questions are
+  unanswerable (SQuAD v2.0's ``"is_impossible": true``, whose right answer is no answer, the empty text);
 * :func:`prepare_train_features` / :func:`prepare_eval_features` split each context into overlapping windows with a
   fast tokenizer;
-* :func:`postprocess_predictions` turns per-token start/end logits back into answer spans of the original context;
+* :func:`postprocess_predictions` turns per-token start/end logits back into answer spans of the original context
+  (or, for a model that learned to answer "no answer", the empty text where that scores higher);
 * :func:`predict` and :func:`evaluate_model` run any question-answering model over a list of examples.
 """
 
@@ -63,6 +65,7 @@ __all__ = [
     "normalize_answer",
     "exact_match_score",
     "f1_score",
+    "f1_score_v2",
     "metric_max_over_ground_truths",
     "evaluate",
     "question_f1",
@@ -144,7 +147,8 @@ class NonFiniteLogits(ValueError):
 @dataclass(frozen=True)
 class Example:
     """One question with its context and gold answers (``answers[i]`` starts at character ``answer_starts[i]``;
-    ``answer_starts`` is empty for a question read for scoring whose answers do not all give their start)."""
+    ``answer_starts`` is empty for a question read for scoring whose answers do not all give their start).
+    ``impossible``: an unanswerable question (SQuAD v2.0), without answers: its right answer is no answer."""
 
     id: str
     title: str
@@ -152,6 +156,7 @@ class Example:
     question: str
     answers: tuple[str, ...] = ()
     answer_starts: tuple[int, ...] = ()
+    impossible: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,7 +212,7 @@ def _read_json(path: Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], 
 
 # A question written as one flat record, as HuggingFace ``datasets`` writes SQuAD, instead of nested in paragraphs.
 _FLAT_KEYS = frozenset({"context", "question", "answers"})
-_NESTED = "SQuAD v1.1 nests questions as {\"data\": [{\"title\", \"paragraphs\": [{\"context\", \"qas\": [...]}]}]}"
+_NESTED = "SQuAD nests questions as {\"data\": [{\"title\", \"paragraphs\": [{\"context\", \"qas\": [...]}]}]}"
 
 
 def _flat_record(value: Any) -> bool:
@@ -250,11 +255,13 @@ def _text(obj: dict, key: str, fail: Callable[[str], SquadFormatError]) -> str:
 
 
 def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -> list[Example]:
-    """Read and validate a SQuAD v1.1 JSON file (gzip-compressed or not).
+    """Read and validate a SQuAD v1.1 or v2.0 JSON file (gzip-compressed or not).
 
     The file must hold at least one question. Every question must have an ``id`` (unique in the file), a non-empty
     ``question``, a non-empty ``context`` and at least one answer whose ``answer_start`` points at its ``text`` in
-    the paragraph's ``context`` (with ``spans`` False, an answer's ``answer_start`` may be off or left out).
+    the paragraph's ``context`` (with ``spans`` False, an answer's ``answer_start`` may be off or left out); or be
+    unanswerable, as SQuAD v2.0 marks one: ``"is_impossible": true`` and no ``answers`` (its ``plausible_answers``
+    are not read).
 
     Args:
         path: the JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``).
@@ -282,11 +289,11 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
     if _flat_record(root):
         raise SquadFormatError(f"{path}: one flat record per question (HuggingFace datasets layout); {_NESTED}")
     if not isinstance(root, dict) or "data" not in root:
-        raise SquadFormatError(f"{path}: missing 'data' (not a SQuAD v1.1 file)")
+        raise SquadFormatError(f"{path}: missing 'data' (not a SQuAD file)")
     data = _get(root, "data", list, at("top level"))
     version = root.get("version")
-    if version is not None and str(version) != "1.1":
-        logger.warning("%s: version %r, expected SQuAD v1.1", path, version)
+    if version is not None and str(version).removeprefix("v") not in ("1.1", "2.0"):
+        logger.warning("%s: version %r, expected SQuAD v1.1 or v2.0", path, version)
 
     examples: list[Example] = []
     first_seen: dict[str, str] = {}
@@ -329,9 +336,17 @@ def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable
     question = _text(qa, "question", fail)
     if not question.strip():
         raise fail("empty question")
+    impossible = qa.get("is_impossible", False)
+    if not isinstance(impossible, bool):
+        raise fail(f"'is_impossible' must be true or false, got {impossible!r}")
     answers = _get(qa, "answers", list, fail)
+    if impossible:  # SQuAD v2.0: no answer is the right one; plausible_answers are distractors, not gold
+        if answers:
+            raise fail(f"'is_impossible' is true, but it has {len(answers)} answer{'s' if len(answers) > 1 else ''} "
+                       "(an unanswerable question has none)")
+        return Example(id=qid, title=title, context=context, question=question, impossible=True)
     if not answers:
-        raise fail("no answers (unanswerable SQuAD v2 questions are not supported)")
+        raise fail("no answers (an unanswerable question says \"is_impossible\": true, as in SQuAD v2.0)")
     texts, starts = [], []
     for k, answer in enumerate(answers):
         text = _get(answer, "text", str, fail)
@@ -421,6 +436,16 @@ def f1_score(prediction: str, ground_truth: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def f1_score_v2(prediction: str, ground_truth: str) -> float:
+    """The official SQuAD v2.0 token F1: as :func:`f1_score`, except that when either text normalises to no token
+    (no answer, or one such as "the"), it is 1.0 if both do and 0.0 otherwise."""
+    pred_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(ground_truth).split()
+    if not pred_tokens or not gold_tokens:
+        return float(pred_tokens == gold_tokens)
+    return f1_score(prediction, ground_truth)
+
+
 def metric_max_over_ground_truths(metric_fn: Callable[[str, str], float], prediction: str,
                                   ground_truths: Sequence[str]) -> float:
     """The best ``metric_fn(prediction, gold)`` over the gold answers."""
@@ -429,8 +454,9 @@ def metric_max_over_ground_truths(metric_fn: Callable[[str, str], float], predic
     return max(metric_fn(prediction, gold) for gold in ground_truths)
 
 
-def _gold_answers(examples_or_dataset: Any) -> Iterator[tuple[str, list[str]]]:
-    """(id, gold texts) from a list of :class:`Example`, a raw ``data`` list of articles, or a whole SQuAD dict."""
+def _gold_answers(examples_or_dataset: Any) -> Iterator[tuple[str, list[str], bool]]:
+    """(id, gold texts, unanswerable) from a list of :class:`Example`, a raw ``data`` list of articles, or a whole
+    SQuAD dict."""
     source = examples_or_dataset
     if isinstance(source, Mapping):
         if "data" not in source:
@@ -438,55 +464,85 @@ def _gold_answers(examples_or_dataset: Any) -> Iterator[tuple[str, list[str]]]:
         source = source["data"]
     for item in source:
         if isinstance(item, Example):
-            yield item.id, list(item.answers)
+            yield item.id, list(item.answers), item.impossible
         elif isinstance(item, Mapping) and "paragraphs" in item:
             for paragraph in item["paragraphs"]:
                 for qa in paragraph["qas"]:
-                    yield qa["id"], [answer["text"] for answer in qa["answers"]]
+                    yield qa["id"], [answer["text"] for answer in qa["answers"]], qa.get("is_impossible") is True
         else:
             raise ValueError(f"expected Example objects or SQuAD articles, got {type(item).__name__}")
 
 
-def evaluate(examples_or_dataset: Any, predictions: Mapping[str, str]) -> dict[str, float]:
-    """The official SQuAD v1.1 exact match and F1, in percent, averaged over every question of the dataset.
+def _question_scores(golds: Sequence[tuple[str, list[str], bool]], predictions: Mapping[str, str]
+                     ) -> list[tuple[float, float] | None]:
+    """(EM, F1) of each question's prediction (None where it has none), by the v1.1 rules, or by the v2.0 ones
+    where any question is unanswerable: gold texts that normalise to nothing are left out, an unanswerable
+    question's one gold answer is the empty text, and F1 is :func:`f1_score_v2`."""
+    v2 = any(impossible for _, _, impossible in golds)
+    f1_fn = f1_score_v2 if v2 else f1_score
+    scores: list[tuple[float, float] | None] = []
+    for qid, texts, _ in golds:
+        if qid not in predictions:
+            scores.append(None)
+            continue
+        if v2:
+            texts = [text for text in texts if normalize_answer(text)] or [""]
+        prediction = predictions[qid]
+        scores.append((metric_max_over_ground_truths(exact_match_score, prediction, texts),
+                       metric_max_over_ground_truths(f1_fn, prediction, texts)))
+    return scores
+
+
+def evaluate(examples_or_dataset: Any, predictions: Mapping[str, str], by_answerable: bool = False
+             ) -> dict[str, float]:
+    """The official SQuAD exact match and F1, in percent, averaged over every question of the dataset: v1.1's, or
+    v2.0's where any question is unanswerable (see :func:`_question_scores`; on answerable questions alone the two
+    differ only for a gold text that normalises to nothing).
 
     A question without a prediction scores 0 (one warning gives their number); predictions for unknown ids are
     ignored.
 
     Args:
         examples_or_dataset: a list of :class:`Example`, the ``data`` list of a SQuAD JSON file, or the whole file.
-        predictions: question id -> predicted answer text.
+        predictions: question id -> predicted answer text (the empty text: no answer).
+        by_answerable: for a dataset with unanswerable questions, add the official v2.0 script's split: EM, F1 and
+            the number of questions over the answerable ones (``has_answer_exact_match``, ``has_answer_f1``,
+            ``has_answer_questions``) and over the unanswerable ones (``no_answer_...``).
 
     Returns:
-        ``{"exact_match": 100 * sum(EM) / n, "f1": 100 * sum(F1) / n}``.
+        ``{"exact_match": 100 * sum(EM) / n, "f1": 100 * sum(F1) / n}`` (and the split).
     """
-    exact_match = f1 = 0.0
-    total = unanswered = 0
-    for qid, golds in _gold_answers(examples_or_dataset):
-        total += 1
-        if qid not in predictions:
-            unanswered += 1
-            continue
-        prediction = predictions[qid]
-        exact_match += metric_max_over_ground_truths(exact_match_score, prediction, golds)
-        f1 += metric_max_over_ground_truths(f1_score, prediction, golds)
-    if total == 0:
+    golds = list(_gold_answers(examples_or_dataset))
+    if not golds:
         raise ValueError("the dataset has no questions to evaluate")
+    scores = _question_scores(golds, predictions)
+    unanswered = sum(score is None for score in scores)
     if unanswered:
-        logger.warning("%d of %d questions have no prediction and score 0", unanswered, total)
-    return {"exact_match": 100.0 * exact_match / total, "f1": 100.0 * f1 / total}
+        logger.warning("%d of %d questions have no prediction and score 0", unanswered, len(golds))
+
+    def mean(rows: list[tuple[float, float] | None], which: int) -> float:
+        return 100.0 * sum(row[which] for row in rows if row is not None) / len(rows) if rows else 0.0
+
+    result = {"exact_match": mean(scores, 0), "f1": mean(scores, 1)}
+    if by_answerable and any(impossible for _, _, impossible in golds):
+        for name, impossible in (("has_answer", False), ("no_answer", True)):
+            rows = [score for score, (_, _, flag) in zip(scores, golds) if flag is impossible]
+            result.update({f"{name}_exact_match": mean(rows, 0), f"{name}_f1": mean(rows, 1),
+                           f"{name}_questions": len(rows)})
+    return result
 
 
 def question_f1(examples: Sequence[Example], predictions: Mapping[str, str]) -> list[float]:
     """The official F1 (percent) of each question's prediction, in the order of ``examples``; a question without a
     prediction scores 0. Their mean is :func:`evaluate`'s ``f1``; two models' lists pair question by question."""
-    return [100.0 * metric_max_over_ground_truths(f1_score, predictions[ex.id], ex.answers)
-            if ex.id in predictions else 0.0 for ex in examples]
+    scores = _question_scores([(ex.id, list(ex.answers), ex.impossible) for ex in examples], predictions)
+    return [0.0 if score is None else 100.0 * score[1] for score in scores]
 
 
 def score_files(data_path: str | Path, predictions_path: str | Path) -> dict[str, float]:
-    """Score an official-format predictions file against a SQuAD v1.1 data file (both validated; the answers'
-    ``answer_start`` values are not read, as the official evaluation script does not read them).
+    """Score an official-format predictions file against a SQuAD v1.1 or v2.0 data file (both validated; the
+    answers' ``answer_start`` values are not read, as the official evaluation scripts do not read them); for a file
+    with unanswerable questions, with the answerable / unanswerable split of :func:`evaluate`.
 
     Predictions may cover only some of the questions (those left out score 0, as in :func:`evaluate`); predictions
     for questions the data file does not hold are ignored, with one warning giving their number.
@@ -509,7 +565,7 @@ def score_files(data_path: str | Path, predictions_path: str | Path) -> dict[str
     if unknown:
         logger.warning("%s: %d of %d predictions are for questions not in %s (first: %s); they are ignored",
                        predictions_path, len(unknown), len(predictions), data_path, _short(unknown[0]))
-    return evaluate(examples, predictions)
+    return evaluate(examples, predictions, by_answerable=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -836,10 +892,11 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
     """Training windows with the token positions of each question's first gold answer.
 
     A context longer than one window is split into windows overlapping by ``doc_stride`` tokens. A window that
-    does not contain the whole answer gets start = end = 0 (the CLS token).
+    does not contain the whole answer gets start = end = 0 (the CLS token), as does every window of an unanswerable
+    question: the score of that position is how a model says "no answer" (see :func:`postprocess_predictions`).
 
     Args:
-        examples: questions with at least one gold answer each.
+        examples: questions with at least one gold answer each, or unanswerable (``impossible``).
         tokenizer: a fast tokenizer that pads on the right.
         max_seq_length: tokens per window (question + context + special tokens).
         doc_stride: overlap, in tokens, of consecutive windows of one context.
@@ -859,7 +916,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
             official evaluation script, reads them as texts).
     """
     for ex in examples:
-        if not ex.answers:
+        if not ex.answers and not ex.impossible:
             raise ValueError(f"question {ex.id} has no gold answer to train on")
     parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
     starts: list[int] = []
@@ -874,9 +931,10 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
         for i, sample in enumerate(mapping.tolist()):
             if sample not in spans:  # the answer's characters as its tokens cover them, over all its windows
                 ex = examples[first + sample]
-                spans[sample] = _token_span(offsets[mapping == sample], *_trimmed_span(ex.answers[0],
-                                                                                       ex.answer_starts[0]))
-                if spans[sample] is None:  # every window would label it "no answer" (CLS): it is no span
+                # An unanswerable question has no span: every window is labelled at CLS.
+                spans[sample] = None if ex.impossible else _token_span(
+                    offsets[mapping == sample], *_trimmed_span(ex.answers[0], ex.answer_starts[0]))
+                if spans[sample] is None and not ex.impossible:  # every window would label it "no answer" (CLS)
                     raise QuestionWithoutTokens(f"question {ex.id}: its answer {_short(ex.answers[0])} has no tokens "
                                                 "the model reads (only characters the tokenizer drops, such as "
                                                 "zero-width spaces or control characters)")
@@ -984,7 +1042,8 @@ def check_windows(examples: Sequence[Example], tokenizer: Any, max_positions: in
 
 
 def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures, all_start_logits: Any,
-                            all_end_logits: Any, n_best: int = 20, max_answer_length: int = 30) -> dict[str, Answer]:
+                            all_end_logits: Any, n_best: int = 20, max_answer_length: int = 30,
+                            null_answers: bool = False) -> dict[str, Answer]:
     """Pick each question's answer span from the start/end logits of its windows.
 
     In every window the ``n_best`` highest start and end logits over the context tokens are paired; a pair is valid
@@ -993,15 +1052,22 @@ def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures,
     the original context by character offsets. When no top-``n_best`` pair is valid, every pair of context tokens is
     searched instead, so a question with any context gets a non-empty answer.
 
+    With ``null_answers`` (a model trained on unanswerable questions, SQuAD v2.0), a question's "no answer" scores
+    the lowest ``start_logit + end_logit`` of the CLS token (its windows' first) over its windows, as training
+    labels a window without the answer there, and it wins over the best span when it scores higher: the answer is
+    then the empty text, with that score.
+
     Args:
         examples: the questions, in the order :func:`prepare_eval_features` saw them.
         features: the windows of those questions.
         all_start_logits, all_end_logits: ``(F, max_seq_length)`` arrays (numpy or torch).
         n_best: start and end candidates per window.
         max_answer_length: longest answer, in tokens.
+        null_answers: answer "no answer" where it scores higher than every span.
 
     Returns:
-        question id -> :class:`Answer` (an empty text with score ``-inf`` only for a question without context tokens).
+        question id -> :class:`Answer` (an empty text with score ``-inf`` only for a question without context tokens;
+        with ``null_answers``, an empty text with the score of "no answer" where that wins).
 
     Raises:
         NonFiniteLogits: a start or end logit of a context token is NaN or infinite (a model whose weights hold NaN
@@ -1036,6 +1102,11 @@ def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures,
                     best = (found[0], f, found[1], found[2])
             if best is not None:
                 break
+        if null_answers and windows[example]:
+            null = float(min(float(start_logits[f, 0]) + float(end_logits[f, 0]) for f in windows[example]))
+            if best is None or null > best[0]:
+                results[ex.id] = Answer(text="", score=null, start=0, end=0)
+                continue
         if best is None:
             results[ex.id] = Answer(text="", score=float("-inf"), start=0, end=0)
             continue
@@ -1188,7 +1259,8 @@ def _check_features(examples: Sequence[Example], features: EvalFeatures, max_seq
 def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_seq_length: int = 384,
                   doc_stride: int = 128, batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
                   device: str | torch.device | None = None, progress: bool = True,
-                  max_query_length: int = 64, features: EvalFeatures | None = None) -> dict[str, Answer]:
+                  max_query_length: int = 64, features: EvalFeatures | None = None,
+                  null_answers: bool = False) -> dict[str, Answer]:
     """Answer spans (text, score, character offsets) of a QA model for every question; see :func:`predict`."""
     if features is None:
         features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
@@ -1198,13 +1270,14 @@ def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
     start_logits, end_logits = compute_logits(model, features, batch_size=batch_size, device=device,
                                               progress=progress)
     return postprocess_predictions(examples, features, start_logits, end_logits, n_best=n_best,
-                                   max_answer_length=max_answer_length)
+                                   max_answer_length=max_answer_length, null_answers=null_answers)
 
 
 def predict(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_seq_length: int = 384,
             doc_stride: int = 128, batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
             device: str | torch.device | None = None, progress: bool = True,
-            max_query_length: int = 64, features: EvalFeatures | None = None) -> dict[str, str]:
+            max_query_length: int = 64, features: EvalFeatures | None = None,
+            null_answers: bool = False) -> dict[str, str]:
     """Predicted answer text of a QA model for every question (official predictions format).
 
     Args:
@@ -1221,6 +1294,8 @@ def predict(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_s
         features: the windows of ``examples``, as :func:`prepare_eval_features` built them with these window
             settings, so that a caller scoring the same questions again (a run evaluating every few steps) tokenizes
             them once; None builds them here.
+        null_answers: answer "no answer" (the empty text) where it scores higher than every span (a model trained
+            on unanswerable questions; see :func:`postprocess_predictions`).
 
     Returns:
         question id -> answer text.
@@ -1230,14 +1305,15 @@ def predict(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_s
     """
     spans = predict_spans(model, tokenizer, examples, max_seq_length=max_seq_length, doc_stride=doc_stride,
                           batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best, device=device,
-                          progress=progress, max_query_length=max_query_length, features=features)
+                          progress=progress, max_query_length=max_query_length, features=features,
+                          null_answers=null_answers)
     return {qid: span.text for qid, span in spans.items()}
 
 
 def evaluate_model(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_seq_length: int = 384,
                    doc_stride: int = 128, batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
                    device: str | torch.device | None = None, progress: bool = True,
-                   max_query_length: int = 64) -> tuple[dict[str, float], dict[str, str]]:
+                   max_query_length: int = 64, null_answers: bool = False) -> tuple[dict[str, float], dict[str, str]]:
     """Predict every question and score the predictions with the official metric.
 
     Args: as for :func:`predict`.
@@ -1247,5 +1323,5 @@ def evaluate_model(model: nn.Module, tokenizer: Any, examples: Sequence[Example]
     """
     predictions = predict(model, tokenizer, examples, max_seq_length=max_seq_length, doc_stride=doc_stride,
                           batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best, device=device,
-                          progress=progress, max_query_length=max_query_length)
+                          progress=progress, max_query_length=max_query_length, null_answers=null_answers)
     return evaluate(examples, predictions), predictions

@@ -60,6 +60,7 @@ from .checkpoint import (
     load_model,
     load_training_state,
     optimizer_tensors,
+    NULL_ANSWERS,
     read_evaluation,
     read_json,
     restore_optimizer,
@@ -556,8 +557,10 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
 
 def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list, cfg: RunConfig,
              device: torch.device | None = None, progress: bool = True,
-             features: squad.EvalFeatures | None = None) -> dict[str, float]:
-    """EM/F1 (official SQuAD v1.1 metric) of ``model`` on ``examples``, plus its sparsity metrics.
+             features: squad.EvalFeatures | None = None, null_answers: bool = False) -> dict[str, float]:
+    """EM/F1 (official SQuAD metric, v1.1's or v2.0's: :func:`pruning.squad.evaluate`) of ``model`` on ``examples``,
+    plus its sparsity metrics. ``null_answers``: the model answers "no answer" where that scores higher than every
+    span (one trained on unanswerable questions).
 
     The forward passes run in the config's precision on ``device`` (default: the model's), on windows cut to the
     model's position embeddings when ``max_seq_length`` exceeds them (:func:`pruning.squad.fit_windows`).
@@ -571,7 +574,8 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: lis
         predictions = squad.predict(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
                                     doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
                                     max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, device=device,
-                                    progress=progress, max_query_length=cfg.max_query_length, features=features)
+                                    progress=progress, max_query_length=cfg.max_query_length, features=features,
+                                    null_answers=null_answers)
     metrics = dict(squad.evaluate(examples, predictions))
     metrics.update(sparsity_report(model).metrics())
     return metrics
@@ -781,6 +785,13 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     # What checkpoints and the final model record of the run's evaluations (windows as cut to the model, span
     # search, precision): what eval and ask default to.
     evaluation = {**evaluation_settings(cfg), "precision": precision}
+    # A run that trains on unanswerable questions (SQuAD v2.0) teaches its model to answer "no answer", which its
+    # evaluations, eval, ask and the served model then predict (pruning.squad.postprocess_predictions).
+    null_answers = any(ex.impossible for ex in train_examples)
+    if null_answers:
+        evaluation[NULL_ANSWERS] = True
+        logger.info("%d of the %d training questions are unanswerable: the model learns to answer \"no answer\"",
+                    sum(ex.impossible for ex in train_examples), len(train_examples))
 
     given, seq = saved_cfg.max_seq_length, cfg.max_seq_length
     with squad.questions_of(resolve_data(cfg.train_data)), squad.windows_cut(given, seq):
@@ -934,7 +945,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         if do_eval:
             with _generators_kept(device):
                 metrics.update(_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress,
-                                                  eval_windows))
+                                                  eval_windows, null_answers))
             logger.info("step %d: exact_match %.2f f1 %.2f linear_density %.3f heads_removed %d", done,
                         metrics["exact_match"], metrics["f1"], metrics["linear_density"], metrics["heads_removed"])
             history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -958,7 +969,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     if not last_metrics:  # nothing trained: a one-shot run without recovery, or resumed at the very end
         last_metrics = {"step": p.total_steps, **pruning_metrics,
                         **_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress,
-                                             eval_windows)}
+                                             eval_windows, null_answers)}
         if resume_from is None:
             history.append({k: v for k, v in last_metrics.items() if isinstance(v, (int, float))})
             if report is not None:
@@ -1294,11 +1305,10 @@ def _generators_kept(device: torch.device):
 
 def _evaluate_averaged(model: nn.Module, average: WeightAverage | None, tokenizer: PreTrainedTokenizerBase,
                        examples: list, cfg: RunConfig, device: torch.device, progress: bool,
-                       features: squad.EvalFeatures | None = None) -> dict[str, float]:
-    if average is None:
-        return evaluate(model, tokenizer, examples, cfg, device=device, progress=progress, features=features)
-    with average.applied(model):
-        return evaluate(model, tokenizer, examples, cfg, device=device, progress=progress, features=features)
+                       features: squad.EvalFeatures | None = None, null_answers: bool = False) -> dict[str, float]:
+    with average.applied(model) if average is not None else contextlib.nullcontext():
+        return evaluate(model, tokenizer, examples, cfg, device=device, progress=progress, features=features,
+                        null_answers=null_answers)
 
 
 def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.optim.Optimizer) -> torch.optim.Optimizer:

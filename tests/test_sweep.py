@@ -668,8 +668,8 @@ REFUSED = {
     "gpu": lambda s, d: (s["base"].update(device="cuda"), s.update(resources={"cpu": 1, "gpu": 0.5})),
     "cpus": lambda s, d: s.update(resources={"cpu": _machine_cpus() + 1, "gpu": 0}),
     "blocks": lambda s, d: s["base"].update(attention_block=[24, 24]),
-    "v2-train": lambda s, d: s["base"].update(train_data=_small_squad(d / "v2.json", unanswerable=True),
-                                              train_limit=None),
+    "no-answers-train": lambda s, d: s["base"].update(train_data=_small_squad(d / "bad.json", no_answers=True),
+                                                      train_limit=None),
     "teacher-train-offsets": lambda s, d: s["teacher"]["config"].update(
         train_data=_small_squad(d / "drift.json", drift=1)),
     "eval-json-lines": lambda s, d: s["base"].update(eval_data=_written(d / "dev.jsonl", '{"id": "1"}\n{"id": "2"}\n')),
@@ -797,17 +797,17 @@ def _written(path: Path, text: str) -> str:
     return str(path)
 
 
-def _small_squad(path: Path, drift: int = 0, unanswerable: bool = False) -> str:
-    """Three dev questions as a SQuAD file, their answer_start moved by ``drift``, the third without answers (as SQuAD
-    v2 writes an unanswerable question) when ``unanswerable``."""
+def _small_squad(path: Path, drift: int = 0, no_answers: bool = False) -> str:
+    """Three dev questions as a SQuAD file, their answer_start moved by ``drift``, the third without answers and
+    not marked unanswerable (no ``is_impossible``) when ``no_answers``."""
     from pruning import squad
     from pruning.resources import squad_file
 
     qas = [{"id": ex.id, "question": ex.question, "context": ex.context,
             "answers": [{"text": ex.answers[0], "answer_start": ex.answer_starts[0] + drift}]}
            for ex in squad.load_squad(squad_file("dev"), limit=3)]
-    if unanswerable:
-        qas[2].update(answers=[], is_impossible=True)
+    if no_answers:
+        qas[2].update(answers=[])
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [
         {"context": qa.pop("context"), "qas": [qa]} for qa in qas]}]}))
@@ -815,8 +815,8 @@ def _small_squad(path: Path, drift: int = 0, unanswerable: bool = False) -> str:
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("v2-train",
-     "base.train_data: {d}/v2.json: question 56be4db0acb8001400a502ee (data[0].paragraphs[2].qas[0]): no answers"),
+    ("no-answers-train",
+     "base.train_data: {d}/bad.json: question 56be4db0acb8001400a502ee (data[0].paragraphs[2].qas[0]): no answers"),
     ("teacher-train-offsets",
      "teacher.config.train_data: {d}/drift.json: question 56be4db0acb8001400a502ec (data[0].paragraphs[0].qas[0]): "
      "answer 0 'Denver Broncos' is not at answer_start 178"),
@@ -839,13 +839,13 @@ def test_the_data_check_reads_as_many_training_questions_as_a_trial_may(tmp_path
     from workflows.space import SpaceError, load_space
 
     space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
-    space["base"]["train_data"] = _small_squad(tmp_path / "data" / "v2.json", unanswerable=True)
+    space["base"]["train_data"] = _small_squad(tmp_path / "data" / "bad.json", no_answers=True)
     space["teacher"]["config"]["train_data"] = "dev"
     for values, refused in (([1, 2], False), ([2, 3], True), ([1, None], True)):
         space["search"]["train_limit"] = {"type": "choice", "values": values}
         (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
         if refused:
-            with pytest.raises(SpaceError, match="base.train_data: .*v2.json: question .*: no answers"):
+            with pytest.raises(SpaceError, match="base.train_data: .*bad.json: question .*: no answers"):
                 check_local_data(load_space(tmp_path / "space.yaml"))
         else:
             check_local_data(load_space(tmp_path / "space.yaml"))

@@ -368,15 +368,17 @@ def _check_not_inside(source: str | Path, out: str | Path, flag: str) -> None:
 def _recorded_settings(args: argparse.Namespace) -> None:
     """Fill in each window and span-search option not given (None) from what the model directory records of the run
     that wrote it (:func:`pruning.checkpoint.read_evaluation`), else the run config's default, so that a run's own
-    model is scored as the run scored it; a given flag wins.
+    model is scored as the run scored it; a given flag wins. ``args.null_answers``: whether the model answers "no
+    answer" (:func:`pruning.checkpoint.read_null_answers`).
 
     A ``--doc-stride`` given that is not shorter than the window is refused, as a run config refuses it: halved, it
     would be a stride the user never gave, and lowering it a little would only widen the overlap."""
-    from pruning.checkpoint import read_evaluation
+    from pruning.checkpoint import read_evaluation, read_null_answers
     from pruning.config import EVALUATION_KEYS, RunConfig
     from pruning.resources import resolve_model
 
     path = resolve_model(args.model_dir)
+    args.null_answers = read_null_answers(path)
     served = getattr(args, "served_settings", None)  # a registered version's: the settings it serves with
     recorded = served if served is not None else read_evaluation(path)
     stride_given, seq_given = args.doc_stride is not None, args.max_seq_length is not None
@@ -476,7 +478,14 @@ def _evaluate(args: argparse.Namespace, source: dict[str, str]) -> int:
                                                     batch_size=args.batch_size,
                                                     max_answer_length=args.max_answer_length, n_best=args.n_best,
                                                     device=device, progress=not args.no_progress,
-                                                    max_query_length=args.max_query_length)
+                                                    max_query_length=args.max_query_length,
+                                                    null_answers=args.null_answers)
+    metrics = squad.evaluate(examples, predictions, by_answerable=True)  # SQuAD v2.0: with the answerable split
+    unanswerable = sum(ex.impossible for ex in examples)
+    if unanswerable and not args.null_answers:
+        logger.warning("%d of the %d questions are unanswerable, and %s was not trained on unanswerable questions: "
+                       "it answers each with a span, scored as a wrong answer", unanswerable, len(examples),
+                       getattr(args, "model_label", args.model_dir))
     if isinstance(model, OrtQAModel):
         metrics["variant"] = model.variant
     else:
@@ -486,7 +495,7 @@ def _evaluate(args: argparse.Namespace, source: dict[str, str]) -> int:
         metrics["predictions"] = str(args.predictions)
     metrics.update(questions=len(examples), max_seq_length=seq, doc_stride=stride,
                    max_query_length=args.max_query_length, max_answer_length=args.max_answer_length,
-                   n_best=args.n_best, precision=precision, **source)
+                   n_best=args.n_best, null_answers=args.null_answers, precision=precision, **source)
     _emit(metrics)
     return 0
 
@@ -529,7 +538,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         with _names_model(args.model_dir), autocast(precision, device):
             result = answer(model, tokenizer, args.question, args.context, max_seq_length=seq, doc_stride=stride,
                             max_answer_length=args.max_answer_length, n_best=args.n_best,
-                            max_query_length=args.max_query_length)
+                            max_query_length=args.max_query_length, null_answers=args.null_answers)
     _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end, **source})
     return 0
 
@@ -809,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     # One meaning per flag in every sub-command that takes it.
     def eval_data(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
         p.add_argument("--eval-data", default=default, metavar="PATH", type=_user_path,
-                       help=f"SQuAD v1.1 JSON, or 'dev'/'train' for the shipped files: {what}")
+                       help=f"SQuAD v1.1 or v2.0 JSON, or 'dev'/'train' for the shipped files: {what}")
 
     def precision(p: argparse.ArgumentParser, what: str, default: str | None = "fp32") -> None:
         given = (f"default: {default}" if default else
@@ -856,7 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--teacher", metavar="DIR", type=_user_path,
                        help="teacher QA model directory (default: the config's)")
         p.add_argument("--train-data", metavar="PATH", type=_user_path,
-                       help="SQuAD v1.1 JSON, or 'train'/'dev' for the shipped files: the training questions "
+                       help="SQuAD v1.1 or v2.0 JSON, or 'train'/'dev' for the shipped files: the training questions "
                             "(default: the config's)")
         eval_data(p, None, "the questions evaluated on (default: the config's)")
         p.add_argument("--train-limit", type=int, metavar="N",
@@ -912,9 +921,9 @@ def build_parser() -> argparse.ArgumentParser:
     precision(p, "for the forward passes", default=None)
     variant(p)
 
-    p = command("score", cmd_score, "official SQuAD v1.1 EM/F1 of a predictions file")
+    p = command("score", cmd_score, "official SQuAD v1.1 (or v2.0) EM/F1 of a predictions file")
     p.add_argument("data", type=_user_path,
-                   help="SQuAD v1.1 JSON with the gold answers, or 'dev'/'train' for the shipped files")
+                   help="SQuAD v1.1 or v2.0 JSON with the gold answers, or 'dev'/'train' for the shipped files")
     p.add_argument("predictions", type=_user_path, help="JSON of {question id: answer}")
 
     p = command("pack", cmd_pack, "pack a pruned checkpoint into a smaller dense model")

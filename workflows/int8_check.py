@@ -58,6 +58,7 @@ def onnx_scores(onnx_dir: str | Path, data: str | Path, limit: int | None,
         ResourceError, SquadError, ExportError: the data or the export cannot be read.
     """
     from pruning import squad
+    from pruning.checkpoint import read_null_answers
     from pruning.export import load_exported
     from pruning.resources import resolve_data
     from pruning.structure import max_positions
@@ -66,6 +67,7 @@ def onnx_scores(onnx_dir: str | Path, data: str | Path, limit: int | None,
     path = resolve_data(str(data))
     examples = squad.load_squad(path, limit=limit, spans=False)
     tokenizer = load_tokenizer(onnx_dir)
+    null_answers = read_null_answers(onnx_dir)  # the export keeps its model's record
     scores, per_question = {}, {}
     for variant in ("fp32", "int8"):
         model = load_exported(onnx_dir, variant)
@@ -76,7 +78,7 @@ def onnx_scores(onnx_dir: str | Path, data: str | Path, limit: int | None,
             metrics, predictions = squad.evaluate_model(
                 model, tokenizer, examples, max_seq_length=seq, doc_stride=stride, batch_size=settings["batch_size"],
                 max_answer_length=settings["max_answer_length"], n_best=settings["n_best"], progress=False,
-                max_query_length=settings["max_query_length"])
+                max_query_length=settings["max_query_length"], null_answers=null_answers)
         scores[variant] = {F1: float(metrics[F1]), EXACT_MATCH: float(metrics[EXACT_MATCH])}
         per_question[variant] = squad.question_f1(examples, predictions)
     drops = [a - b for a, b in zip(per_question["fp32"], per_question["int8"])]

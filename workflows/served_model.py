@@ -208,7 +208,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         # Imported here: the registry, which imports this module, stays light without torch.
-        from pruning.checkpoint import load_model
+        from pruning.checkpoint import load_model, read_null_answers
         from pruning.export import load_exported
         from pruning.inference import torch_runner
         from pruning.squad import fit_windows, longest_question
@@ -235,6 +235,8 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
             run = torch_runner(self.model)
             logger.info("serving through PyTorch in %s (measured in %s)", self.precision, recorded)
         self.tokenizer = load_tokenizer(model_dir)
+        # A model trained on unanswerable questions answers "no answer" (the empty text) where that wins.
+        self.null_answers = read_null_answers(model_dir)
         # Every setting is checked here: one set wrong (in the inference config) stops the model from loading,
         # rather than failing every request as if the request were at fault.
         given = {key: count_setting(settings, key, default)
@@ -287,7 +289,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
                                      max_seq_length=self.max_seq_length, doc_stride=self.doc_stride,
                                      max_windows=self.max_windows, batch_size=self.batch_size,
                                      max_answer_length=self.max_answer_length, n_best=self.n_best,
-                                     max_query_length=self.max_query_length)
+                                     max_query_length=self.max_query_length, null_answers=self.null_answers)
         except RecordError as err:
             if (err.index is not None and fields[err.field][err.index] is None
                     and frame[err.field].iloc[err.index] is not None):

@@ -46,7 +46,7 @@ from ray.exceptions import AuthenticationError
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from pruning import atomic, squad
-from pruning.checkpoint import load_model
+from pruning.checkpoint import load_model, read_null_answers
 from pruning.config import config_to_dict
 from pruning.packing import PACK_METRICS, pack_and_verify, save_packed
 from pruning.quiet import leaving_out, starting_with
@@ -282,7 +282,8 @@ def _dense_teacher(cfg, given: str | None, held_out_checked: bool = False) -> di
     data = resolve_data(cfg.eval_data)
     examples = squad.load_squad(data, limit=cfg.eval_limit, spans=False)
     with squad.questions_of(data):
-        metrics = evaluate(model, load_tokenizer(given), examples, cfg, device=device, progress=False)
+        metrics = evaluate(model, load_tokenizer(given), examples, cfg, device=device, progress=False,
+                           null_answers=read_null_answers(given))
     return {**metrics, "model_dir": given}
 
 

@@ -1,0 +1,241 @@
+"""SQuAD v2.0: unanswerable questions read, trained on (labelled at CLS), scored with the official v2.0 rules, and
+answered "no answer" by a model trained on them: in evaluation, `eval`, `ask` and the served model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from transformers import BertConfig, BertForQuestionAnswering
+
+from pruning import squad
+from pruning.checkpoint import CheckpointError, read_null_answers, save_model
+from pruning.resources import squad_file
+from pruning.squad import Example, SquadFormatError
+from workflows import cli
+from workflows.logged_model import log_qa_model, serve_settings
+
+from conftest import sqlite_store
+
+CONTEXT = "The Denver Broncos beat the Carolina Panthers 24-10 in Super Bowl 50."
+
+
+def v2_file(path: Path, questions: int = 24, every: int = 3) -> Path:
+    """The first ``questions`` shipped dev questions as a SQuAD v2.0 file, every ``every``-th of them made
+    unanswerable: asked of another article's context, with no answers and the plausible answer v2.0 files give."""
+    shipped = squad.load_squad(squad_file("dev"), limit=max(questions, 200))
+    examples, contexts = shipped[:questions], sorted({ex.context for ex in shipped})
+    paragraphs = []
+    for i, ex in enumerate(examples):
+        if i % every == every - 1:
+            other = next(c for c in contexts[i % len(contexts):] + contexts if c != ex.context)
+            qa = {"id": ex.id, "question": ex.question, "answers": [], "is_impossible": True,
+                  "plausible_answers": [{"text": other[:12], "answer_start": 0}]}
+            paragraphs.append({"context": other, "qas": [qa]})
+        else:
+            answers = [{"text": t, "answer_start": s} for t, s in zip(ex.answers, ex.answer_starts)]
+            paragraphs.append({"context": ex.context, "qas": [{"id": ex.id, "question": ex.question,
+                                                                "answers": answers, "is_impossible": False}]})
+    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+    return path
+
+
+def _file(path: Path, qas: list[dict], context: str = CONTEXT, version: str = "v2.0") -> Path:
+    path.write_text(json.dumps({"version": version, "data": [{"title": "t", "paragraphs": [
+        {"context": context, "qas": qas}]}]}))
+    return path
+
+
+def test_an_unanswerable_question_is_read_without_answers_and_a_v2_file_without_a_warning(tmp_path, caplog):
+    path = _file(tmp_path / "v2.json", [
+        {"id": "a", "question": "Who won?", "answers": [{"text": "Denver Broncos", "answer_start": 4}],
+         "is_impossible": False},
+        {"id": "b", "question": "Who lost the 1999 final?", "answers": [], "is_impossible": True,
+         "plausible_answers": [{"text": "Carolina Panthers", "answer_start": 28}]}])
+    caplog.set_level("WARNING")
+    answerable, unanswerable = squad.load_squad(path)
+    assert (answerable.answers, answerable.impossible) == (("Denver Broncos",), False)
+    assert (unanswerable.answers, unanswerable.answer_starts, unanswerable.impossible) == ((), (), True)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("qa, problem", [
+    ({"answers": [{"text": "Denver Broncos", "answer_start": 4}], "is_impossible": True},
+     "'is_impossible' is true, but it has 1 answer (an unanswerable question has none)"),
+    ({"answers": [], "is_impossible": "yes"}, "'is_impossible' must be true or false, got 'yes'"),
+    ({"answers": []}, "no answers (an unanswerable question says \"is_impossible\": true, as in SQuAD v2.0)"),
+])
+def test_an_unanswerable_question_marked_wrongly_is_one_line_naming_the_file_and_question(tmp_path, qa, problem):
+    path = _file(tmp_path / "bad.json", [{"id": "q", "question": "Who?", **qa}])
+    with pytest.raises(SquadFormatError) as err:
+        squad.load_squad(path)
+    assert str(err.value) == f"{path}: question q (data[0].paragraphs[0].qas[0]): {problem}"
+
+
+def _examples(*golds: tuple[str, ...] | None) -> list[Example]:
+    """Questions with these gold answers (None: unanswerable), ids q0, q1, ..."""
+    return [Example(id=f"q{i}", title="", context=CONTEXT, question="?", answers=gold or (), impossible=gold is None)
+            for i, gold in enumerate(golds)]
+
+
+def test_the_v2_metric_matches_hand_worked_cases_and_splits_answerable_from_unanswerable():
+    examples = _examples(("Denver Broncos",), None, None, ("the",), ("Carolina Panthers",))
+    predictions = {"q0": "Broncos", "q1": "", "q2": "the Panthers", "q3": "", "q4": ""}
+    # q0: EM 0, F1 2/3; q1 (no answer, none given): 1, 1; q2: 0, 0; q3 (a gold text with no token is the empty
+    # answer): 1, 1; q4: 0, 0.
+    result = squad.evaluate(examples, predictions, by_answerable=True)
+    assert result == pytest.approx({
+        "exact_match": 40.0, "f1": 100 * (2 / 3 + 2) / 5,
+        "has_answer_exact_match": 100 / 3, "has_answer_f1": 100 * (2 / 3 + 1) / 3, "has_answer_questions": 3,
+        "no_answer_exact_match": 50.0, "no_answer_f1": 50.0, "no_answer_questions": 2})
+    assert squad.question_f1(examples, predictions) == pytest.approx([200 / 3, 100, 0, 100, 0])
+    assert squad.evaluate(examples, predictions) == pytest.approx({"exact_match": 40.0, "f1": 100 * (2 / 3 + 2) / 5})
+    # Without an unanswerable question the v1.1 rules hold: the empty prediction of "the" has EM 1 but F1 0, and no
+    # split is added.
+    v1 = squad.evaluate(_examples(("the",), ("Denver Broncos",)), {"q0": "", "q1": "Broncos"}, by_answerable=True)
+    assert v1 == pytest.approx({"exact_match": 50.0, "f1": 100 * (2 / 3) / 2})
+    assert squad.f1_score_v2("", "") == 1.0 and squad.f1_score("", "") == 0.0
+
+
+def test_fineprune_score_gives_the_official_v2_split(tmp_path, capsys):
+    path = _file(tmp_path / "v2.json", [
+        {"id": "a", "question": "Who won?", "answers": [{"text": "Denver Broncos", "answer_start": 4}]},
+        {"id": "b", "question": "Who lost in 1999?", "answers": [], "is_impossible": True}])
+    (tmp_path / "predictions.json").write_text(json.dumps({"a": "Broncos", "b": ""}))
+    assert cli.main(["score", str(path), str(tmp_path / "predictions.json")]) == 0
+    assert json.loads(capsys.readouterr().out) == pytest.approx({
+        "exact_match": 50.0, "f1": 100 * (2 / 3 + 1) / 2, "has_answer_exact_match": 0.0,
+        "has_answer_f1": 200 / 3, "has_answer_questions": 1, "no_answer_exact_match": 100.0, "no_answer_f1": 100.0,
+        "no_answer_questions": 1})
+
+
+def test_every_window_of_an_unanswerable_question_is_labelled_at_cls(tokenizer, tmp_path):
+    examples = squad.load_squad(v2_file(tmp_path / "v2.json", questions=12))
+    features = squad.prepare_train_features(examples, tokenizer, max_seq_length=96, doc_stride=32)
+    windows = squad.prepare_eval_features(examples, tokenizer, max_seq_length=96, doc_stride=32)
+    impossible = np.array([examples[int(i)].impossible for i in windows.example_index])
+    assert impossible.sum() > len(examples) // 3  # several windows each
+    labels = torch.stack([features["start_positions"], features["end_positions"]], dim=1).numpy()
+    assert (labels[impossible] == 0).all()
+    answerable = v2_file(tmp_path / "v1.json", questions=12, every=10 ** 6)  # the same questions, all answerable
+    plain = squad.prepare_train_features(squad.load_squad(answerable), tokenizer, max_seq_length=96, doc_stride=32)
+    assert (plain["start_positions"] > 0).sum() > (features["start_positions"] > 0).sum() > 0
+
+
+def test_no_answer_wins_where_the_cls_score_of_every_window_beats_the_best_span(tokenizer):
+    examples = _examples(("Broncos",), ("Broncos",))
+    features = squad.prepare_eval_features(examples, tokenizer, max_seq_length=48, doc_stride=16)
+    assert len(features) == 2
+    start = np.zeros(features.offsets.shape[:2], dtype=np.float32)
+    end = np.zeros_like(start)
+    context = features.context_mask
+    for f in range(2):
+        token = int(np.flatnonzero(context[f])[2])
+        start[f, token], end[f, token] = 3.0, 2.0  # the best span scores 5
+    start[:, 0] = end[:, 0] = [2.0, 3.0]  # no answer: 4 in question 0, 6 in question 1
+    null = squad.postprocess_predictions(examples, features, start, end, null_answers=True)
+    spans = squad.postprocess_predictions(examples, features, start, end)
+    assert null["q0"] == spans["q0"] and null["q0"].text and null["q0"].score == 5.0
+    assert null["q1"] == squad.Answer(text="", score=6.0, start=0, end=0) and spans["q1"].text
+
+
+def null_leaning_model(tokenizer) -> BertForQuestionAnswering:
+    """A one-layer BERT whose CLS position scores far above every token: its layer adds nothing to the embeddings,
+    and the QA head reads one dimension, which only the first position embedding holds."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    model = BertForQuestionAnswering(config).eval()
+    layer = model.bert.encoder.layer[0]
+    with torch.no_grad():
+        for linear in (layer.attention.output.dense, layer.output.dense):
+            linear.weight.zero_()
+            linear.bias.zero_()
+        embeddings = model.bert.embeddings
+        embeddings.word_embeddings.weight[:, 0] = 0.0
+        embeddings.position_embeddings.weight[:, 0] = 0.0
+        embeddings.position_embeddings.weight[0, 0] = 10.0
+        model.qa_outputs.weight.zero_()
+        model.qa_outputs.weight[:, 0] = 1.0
+        model.qa_outputs.bias.zero_()
+    return model
+
+
+def _ask(model_dir: Path, capsys) -> dict:
+    assert cli.main(["ask", str(model_dir), "--question", "Who won Super Bowl 50?", "--context", CONTEXT]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_model_recorded_as_trained_on_unanswerable_questions_answers_none_in_ask_eval_and_serving(
+        tokenizer, tmp_path, capsys):
+    model = null_leaning_model(tokenizer)
+    spans = tmp_path / "spans"
+    save_model(model, tokenizer, spans, evaluation={"max_seq_length": 96, "doc_stride": 32})
+    nulls = save_model(model, tokenizer, tmp_path / "nulls", evaluation={"max_seq_length": 96, "doc_stride": 32,
+                                                                          "null_answers": True})
+    assert not read_null_answers(spans) and read_null_answers(nulls)
+    assert _ask(spans, capsys)["answer"] and _ask(nulls, capsys) == {"answer": "", "score": pytest.approx(
+        _ask(nulls, capsys)["score"]), "start": 0, "end": 0}
+
+    data = v2_file(tmp_path / "v2.json", questions=9)
+    scored = {}
+    for directory in (spans, nulls):
+        assert cli.main(["eval", str(directory), "--eval-data", str(data), "--no-progress", "--predictions",
+                         str(tmp_path / f"{directory.name}.json")]) == 0
+        scored[directory.name] = json.loads(capsys.readouterr().out)
+    assert scored["nulls"]["null_answers"] and not scored["spans"]["null_answers"]
+    assert set(json.loads((tmp_path / "nulls.json").read_text()).values()) == {""}
+    assert scored["nulls"]["no_answer_f1"] == 100.0 and scored["nulls"]["has_answer_f1"] == 0.0
+    assert scored["nulls"]["exact_match"] == pytest.approx(100 * 3 / 9)
+    assert "" not in json.loads((tmp_path / "spans.json").read_text()).values()
+    assert scored["spans"]["no_answer_f1"] < 100.0 and scored["spans"]["no_answer_questions"] == 3
+
+    uri = sqlite_store(tmp_path / "mlflow.db")
+    experiment = MlflowClient(tracking_uri=uri).create_experiment("v2", artifact_location=(tmp_path / "a").as_uri())
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_qa_model(nulls, serve_settings({"max_seq_length": "96", "doc_stride": "32"}))
+        served = mlflow.pyfunc.load_model(info.model_uri, model_config={"onnx_variant": "none"})
+        answers = pd.DataFrame(served.predict(pd.DataFrame({"question": ["Who won?"], "context": [CONTEXT]})))
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert list(answers["answer"]) == [""]
+
+
+def test_a_null_answers_record_that_is_not_true_or_false_is_one_line(tokenizer, tmp_path):
+    directory = save_model(null_leaning_model(tokenizer), None, tmp_path / "m", evaluation={"null_answers": "yes"})
+    with pytest.raises(CheckpointError) as err:
+        read_null_answers(directory)
+    assert str(err.value) == (f"{directory / 'config.json'}: fineprune_evaluation.null_answers: must be true or false, "
+                              "got 'yes'")
+
+
+def test_a_run_on_unanswerable_questions_records_it_and_scores_with_no_answers(tmp_path, capsys):
+    data = v2_file(tmp_path / "v2.json", questions=24)
+    answerable = v2_file(tmp_path / "v1.json", questions=24, every=10 ** 6)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                         "intermediate_size": 64, "max_position_embeddings": 128},
+        "train_data": str(data), "eval_data": str(data), "eval_limit": 9, "max_seq_length": 96, "doc_stride": 32,
+        "batch_size": 8, "max_steps": 2, "eval_every": 2, "learning_rate": 1.0e-3, "method": "dense"}))
+    runs = {}
+    for name, train_data in (("v2", data), ("v1", answerable)):
+        assert cli.main(["train", "--config", str(config), "--train-data", str(train_data), "--output-dir",
+                         str(tmp_path / name), "--no-progress"]) == 0
+        runs[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert read_null_answers(runs["v2"]["model_dir"]) and not read_null_answers(runs["v1"]["model_dir"])
+    # The run's own evaluation predicts as eval does with the record: the same F1.
+    assert cli.main(["eval", runs["v2"]["model_dir"], "--eval-data", str(data), "--eval-limit", "9",
+                     "--no-progress"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["f1"] == pytest.approx(runs["v2"]["f1"], abs=1e-9) and scored["null_answers"]
