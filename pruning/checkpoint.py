@@ -308,9 +308,7 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
         with _weights_errors():  # a clear error for a missing or corrupted file before transformers reads it
             weights, stored = weight_dtypes(model_dir)
         if qa_head and not any(name.endswith(QA_HEAD) for name in stored):
-            raise CheckpointError(f"{model_dir}: not a question-answering model ({weights.name} has no {QA_HEAD}: a "
-                                  "pre-trained encoder, whose answers would come from a random head); fine-tune it "
-                                  "with `fineprune train` first")
+            raise CheckpointError(_no_qa_head(model_dir, weights))
         try:
             # Mismatched shapes come back in the loading info (checked below) rather than as an error that points
             # at a table in the log; so does all that transformers' table of the loading (its "LOAD REPORT") would
@@ -339,13 +337,7 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
     restore_masks_(model, settings, source=str(model_dir / "config.json"))
     with _weights_errors():
         weights, state = read_weights(model_dir)
-    expected = model.state_dict()
-    for name, tensor in state.items():
-        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{weights}: weights do not match the config ({name} has shape "
-                                  f"{tuple(tensor.shape)}, the config gives {tuple(expected[name].shape)})")
-    with _weights_errors():
-        check_kinds(weights, {name: tensor.dtype for name, tensor in state.items()}, expected)
+    _check_state(weights, state, model.state_dict())
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         names = (missing or unexpected)[:3]
@@ -354,6 +346,23 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
     if settings.get("mode") == "fixed":
         _refix(model, settings)
     return model.eval()
+
+
+def _check_state(weights: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Refuse weights of other shapes than the model's (another model's, or a config edited) and integers for its
+    floating-point tensors, in one line naming the weights file."""
+    for name, tensor in state.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{weights}: weights do not match the config ({name} has shape "
+                                  f"{tuple(tensor.shape)}, the config gives {tuple(expected[name].shape)})")
+    with _weights_errors():
+        check_kinds(weights, {name: tensor.dtype for name, tensor in state.items()}, expected)
+
+
+def _no_qa_head(model_dir: Path, weights: Path) -> str:
+    """The one line of a directory without a QA head where a model that answers questions is needed."""
+    return (f"{model_dir}: not a question-answering model ({weights.name} has no {QA_HEAD}: a pre-trained encoder, "
+            "whose answers would come from a random head); fine-tune it with `fineprune train` first")
 
 
 def _load_distilbert(model_dir: Path, config: PretrainedConfig, qa_head: bool) -> nn.Module:
@@ -370,21 +379,13 @@ def _load_distilbert(model_dir: Path, config: PretrainedConfig, qa_head: bool) -
         raise CheckpointError(f"{weights}: not the weights of a DistilBERT model (unexpected: {unknown[0]}"
                               + _more(len(unknown)) + ")")
     if qa_head and QA_HEAD not in state:
-        raise CheckpointError(f"{model_dir}: not a question-answering model ({weights.name} has no {QA_HEAD}: a "
-                              "pre-trained encoder, whose answers would come from a random head); fine-tune it "
-                              "with `fineprune train` first")
+        raise CheckpointError(_no_qa_head(model_dir, weights))
     try:
         with quiet_transformers():
             model = BertForQuestionAnswering(config)
     except Exception as err:  # the modules check their config values (an activation's name, say) as they build
         raise CheckpointError(_cannot_build(model_dir, config, err)) from None
-    expected = model.state_dict()
-    for name, tensor in state.items():
-        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{weights}: weights do not match the config ({name} has shape "
-                                  f"{tuple(tensor.shape)}, the config gives {tuple(expected[name].shape)})")
-    with _weights_errors():
-        check_kinds(weights, {name: tensor.dtype for name, tensor in state.items()}, expected)
+    _check_state(weights, state, model.state_dict())
     missing, _ = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = sorted(k for k in missing if not k.startswith("qa_outputs."))
     if missing:
