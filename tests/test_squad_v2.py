@@ -194,6 +194,12 @@ def test_a_model_recorded_as_trained_on_unanswerable_questions_answers_none_in_a
     assert set(json.loads((tmp_path / "nulls.json").read_text()).values()) == {""}
     assert scored["nulls"]["no_answer_f1"] == 100.0 and scored["nulls"]["has_answer_f1"] == 0.0
     assert scored["nulls"]["exact_match"] == pytest.approx(100 * 3 / 9)
+    # The export keeps the record, and runs as the model it was made of.
+    assert cli.main(["export", str(nulls), str(tmp_path / "onnx"), "--questions", "2"]) == 0
+    capsys.readouterr()
+    assert read_null_answers(tmp_path / "onnx")
+    assert cli.main(["eval", str(tmp_path / "onnx"), "--eval-data", str(data), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["exact_match"] == pytest.approx(100 * 3 / 9)
     assert "" not in json.loads((tmp_path / "spans.json").read_text()).values()
     assert scored["spans"]["no_answer_f1"] < 100.0 and scored["spans"]["no_answer_questions"] == 3
 
