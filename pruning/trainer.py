@@ -62,6 +62,7 @@ from .checkpoint import (
     optimizer_tensors,
     NULL_ANSWERS,
     read_evaluation,
+    read_null_answers,
     read_json,
     restore_optimizer,
     save_model,
@@ -792,6 +793,11 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         evaluation[NULL_ANSWERS] = True
         logger.info("%d of the %d training questions are unanswerable: the model learns to answer \"no answer\"",
                     sum(ex.impossible for ex in train_examples), len(train_examples))
+        if teacher is not None and cfg.alpha_distil > 0 and not read_null_answers(resolve_model(cfg.teacher)):
+            logger.warning("teacher %s: its config.json does not record training on unanswerable questions "
+                           "(fineprune_evaluation.null_answers): a teacher that never learned to answer \"no "
+                           "answer\" teaches the student to answer them with spans; fine-tune it on this data first",
+                           cfg.teacher)
 
     given, seq = saved_cfg.max_seq_length, cfg.max_seq_length
     with squad.questions_of(resolve_data(cfg.train_data)), squad.windows_cut(given, seq):

@@ -225,7 +225,7 @@ def test_a_null_answers_record_that_is_not_true_or_false_is_one_line(tokenizer, 
                               "got 'yes'")
 
 
-def test_a_run_on_unanswerable_questions_records_it_and_scores_with_no_answers(tmp_path, capsys):
+def test_a_run_on_unanswerable_questions_records_it_and_scores_with_no_answers(tmp_path, capsys, caplog):
     data = v2_file(tmp_path / "v2.json", questions=24)
     answerable = v2_file(tmp_path / "v1.json", questions=24, every=10 ** 6)
     config = tmp_path / "run.yaml"
@@ -245,3 +245,15 @@ def test_a_run_on_unanswerable_questions_records_it_and_scores_with_no_answers(t
                      "--no-progress"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["f1"] == pytest.approx(runs["v2"]["f1"], abs=1e-9) and scored["null_answers"]
+    # A teacher that never learned to answer "no answer", distilled from on unanswerable questions: said once.
+    warned = {}
+    for name in ("v1", "v2"):
+        caplog.clear()
+        assert cli.main(["train", "--config", str(config), "--teacher", runs[name]["model_dir"], "--output-dir",
+                         str(tmp_path / f"student-of-{name}"), "--no-progress"]) == 0
+        warned[name] = [r.getMessage() for r in caplog.records if "unanswerable" in r.getMessage()
+                        and r.levelname == "WARNING"]
+    assert warned["v2"] == [] and warned["v1"] == [
+        f"teacher {runs['v1']['model_dir']}: its config.json does not record training on unanswerable questions "
+        "(fineprune_evaluation.null_answers): a teacher that never learned to answer \"no answer\" teaches the "
+        "student to answer them with spans; fine-tune it on this data first"]
