@@ -178,7 +178,18 @@ def _short(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def _read_json(path: Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
+class _JsonLines(list):
+    """The values of a JSON Lines file, one per non-empty line, in order; ``lines[i]``: the line of value ``i``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[int] = []
+
+
+def _read_json(path: Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None,
+               lines: bool = False) -> Any:
+    """The JSON value of ``path`` (gzip-compressed or not; UTF-8, or UTF-16 with its mark); with ``lines``, a file
+    of one JSON value per line (JSON Lines) is read as the :class:`_JsonLines` list of them."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -201,22 +212,38 @@ def _read_json(path: Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], 
         return json.loads(text, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as exc:
         # One JSON value per line (JSON Lines) parses up to its first line break, then finds more.
-        lines = " (JSON Lines? the file must be one JSON object)" if exc.msg == "Extra data" and exc.colno == 1 else ""
+        json_lines = exc.msg == "Extra data" and exc.colno == 1
+        if json_lines and lines:
+            return _json_lines(path, text, object_pairs_hook)
+        hint = " (JSON Lines? the file must be one JSON object)" if json_lines else ""
         raise SquadFormatError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-                               f"{lines}") from None
+                               f"{hint}") from None
     except (RecursionError, ValueError) as exc:
         if (limit := parser_limit(exc)) is None:
             raise
         raise SquadFormatError(f"{path}: not readable JSON ({limit})") from None
 
 
+def _json_lines(path: Path, text: str, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None
+                ) -> _JsonLines:
+    values = _JsonLines()
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            values.append(json.loads(line, object_pairs_hook=object_pairs_hook))
+        except json.JSONDecodeError as exc:
+            raise SquadFormatError(f"{path}: invalid JSON at line {number} column {exc.colno}: {exc.msg}") from None
+        values.lines.append(number)
+    return values
+
+
 # A question written as one flat record, as HuggingFace ``datasets`` writes SQuAD, instead of nested in paragraphs.
 _FLAT_KEYS = frozenset({"context", "question", "answers"})
-_NESTED = "SQuAD nests questions as {\"data\": [{\"title\", \"paragraphs\": [{\"context\", \"qas\": [...]}]}]}"
 
 
 def _flat_record(value: Any) -> bool:
-    """Whether ``value`` (or the first item of a list) is a flat per-question record."""
+    """Whether ``value`` (or the first item of a list) is a flat per-question record (HuggingFace ``datasets``)."""
     if isinstance(value, list) and value:
         value = value[0]
     return isinstance(value, dict) and _FLAT_KEYS <= value.keys()
@@ -261,10 +288,12 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
     ``question``, a non-empty ``context`` and at least one answer whose ``answer_start`` points at its ``text`` in
     the paragraph's ``context`` (with ``spans`` False, an answer's ``answer_start`` may be off or left out); or be
     unanswerable, as SQuAD v2.0 marks one: ``"is_impossible": true`` and no ``answers`` (its ``plausible_answers``
-    are not read).
+    are not read). The flat records HuggingFace ``datasets`` writes SQuAD as (JSON Lines, a JSON list, or
+    ``{"data": [...]}`` of records with ``id``, ``title``, ``context``, ``question`` and ``answers: {"text": [...],
+    "answer_start": [...]}``, empty lists for an unanswerable question) are read as the same questions.
 
     Args:
-        path: the JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``).
+        path: the JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``, or flat records).
         limit: keep only the first ``limit`` questions (only those are validated); None keeps all. A file with
             fewer questions is read whole, with one warning that says so.
         spans: check that each ``answer_start`` points at its text. Training needs that; the metric reads the
@@ -281,26 +310,48 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     path = Path(path)
-    root = _read_json(path)
+    root = _read_json(path, lines=True)
 
     def at(where: str) -> Callable[[str], SquadFormatError]:
         return lambda message: SquadFormatError(f"{path}: {where}: {message}")
 
-    if _flat_record(root):
-        raise SquadFormatError(f"{path}: one flat record per question (HuggingFace datasets layout); {_NESTED}")
-    if not isinstance(root, dict) or "data" not in root:
-        raise SquadFormatError(f"{path}: missing 'data' (not a SQuAD file)")
-    data = _get(root, "data", list, at("top level"))
-    version = root.get("version")
-    if version is not None and str(version).removeprefix("v") not in ("1.1", "2.0"):
-        logger.warning("%s: version %r, expected SQuAD v1.1 or v2.0", path, version)
+    flat = _flat_records(root)
+    if flat is not None:
+        questions = _flat_questions(flat, at)
+    else:
+        if not isinstance(root, dict) or "data" not in root:
+            raise SquadFormatError(f"{path}: missing 'data' (not a SQuAD file)")
+        version = root.get("version")
+        if version is not None and str(version).removeprefix("v") not in ("1.1", "2.0"):
+            logger.warning("%s: version %r, expected SQuAD v1.1 or v2.0", path, version)
+        questions = _nested_questions(_get(root, "data", list, at("top level")), at)
 
     examples: list[Example] = []
     first_seen: dict[str, str] = {}
+    for where, title, context, qa in questions:
+        qid = _text(qa, "id", at(where))
+        if not qid:
+            raise at(where)("empty 'id'")
+        example = _parse_question(qa, qid, title, context, at(f"question {qid} ({where})"), spans)
+        if qid in first_seen:
+            raise at(f"question {qid} ({where})")(f"duplicate id (first at {first_seen[qid]})")
+        first_seen[qid] = where
+        examples.append(example)
+        if limit is not None and len(examples) == limit:
+            return examples
+    if not examples:
+        raise SquadFormatError(f"{path}: data: no questions (the file holds no paragraph with a question)")
+    if limit is not None:
+        logger.warning("%s: holds %d questions, fewer than the %d asked for: all %d are used", path, len(examples),
+                       limit, len(examples))
+    return examples
+
+
+def _nested_questions(data: list, at: Callable[[str], Callable[[str], SquadFormatError]]
+                      ) -> Iterator[tuple[str, str, str, Any]]:
+    """(where, title, context, question record) of each question of SQuAD's ``data`` list of articles."""
     for a, article in enumerate(data):
         where = f"data[{a}]"
-        if _flat_record(article) and "paragraphs" not in article:
-            raise at(where)(f"a flat question record (HuggingFace datasets layout), not an article; {_NESTED}")
         paragraphs = _get(article, "paragraphs", list, at(where))
         title = article.get("title", "")
         if not isinstance(title, str):
@@ -312,23 +363,54 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
             if qas and not context.strip():  # its questions would score 0 with an empty answer, unexplained
                 raise at(where)(f"empty 'context' for {len(qas)} question{'s' if len(qas) > 1 else ''}")
             for q, qa in enumerate(qas):
-                where = f"data[{a}].paragraphs[{p}].qas[{q}]"
-                qid = _text(qa, "id", at(where))
-                if not qid:
-                    raise at(where)("empty 'id'")
-                example = _parse_question(qa, qid, title, context, at(f"question {qid} ({where})"), spans)
-                if qid in first_seen:
-                    raise at(f"question {qid} ({where})")(f"duplicate id (first at {first_seen[qid]})")
-                first_seen[qid] = where
-                examples.append(example)
-                if limit is not None and len(examples) == limit:
-                    return examples
-    if not examples:
-        raise SquadFormatError(f"{path}: data: no questions (the file holds no paragraph with a question)")
-    if limit is not None:
-        logger.warning("%s: holds %d questions, fewer than the %d asked for: all %d are used", path, len(examples),
-                       limit, len(examples))
-    return examples
+                yield f"data[{a}].paragraphs[{p}].qas[{q}]", title, context, qa
+
+
+def _flat_records(root: Any) -> tuple[list, Callable[[int], str]] | None:
+    """The flat question records of a file in HuggingFace ``datasets``' layout, and how to name record ``i`` (its
+    line, or its place in the list); None for the nested SQuAD layout.
+
+    ``datasets`` writes SQuAD as JSON Lines (``Dataset.to_json``), or as a JSON list or a ``{"data": [...]}`` object
+    of records, each question with its ``context`` and ``answers: {"text": [...], "answer_start": [...]}``.
+    """
+    if isinstance(root, _JsonLines):
+        return root, lambda i: f"line {root.lines[i]}"
+    if isinstance(root, dict) and _flat_record(root):  # a JSON Lines file of one record
+        return [root], lambda i: "line 1"
+    if isinstance(root, list) and root and isinstance(root[0], dict):
+        return root, lambda i: f"[{i}]"
+    data = root.get("data") if isinstance(root, dict) else None
+    if isinstance(data, list) and _flat_record(data):
+        return data, lambda i: f"data[{i}]"
+    return None
+
+
+def _flat_questions(flat: tuple[list, Callable[[int], str]], at: Callable[[str], Callable[[str], SquadFormatError]]
+                    ) -> Iterator[tuple[str, str, str, Any]]:
+    """(where, title, context, question record in SQuAD's nested form) of each flat record: its ``answers`` lists
+    become answer objects, and empty ones an unanswerable question (as ``datasets`` writes SQuAD v2.0's)."""
+    records, name = flat
+    for i, record in enumerate(records):
+        where = name(i)
+        if not isinstance(record, dict):
+            raise at(where)(f"expected a question record (a JSON object), got {type(record).__name__}")
+        qid = _text(record, "id", at(where))
+        fail = at(f"question {qid} ({where})")
+        title = record.get("title", "")
+        if not isinstance(title, str):
+            raise fail(f"'title' must be a str, got {type(title).__name__}")
+        context = _text(record, "context", fail)
+        if not context.strip():
+            raise fail("empty 'context'")
+        answers = _get(record, "answers", dict, fail)
+        texts = _get(answers, "text", list, lambda m: fail(f"answers: {m}"))
+        starts = _get(answers, "answer_start", list, lambda m: fail(f"answers: {m}"))
+        if len(texts) != len(starts):
+            raise fail(f"answers: {len(texts)} texts but {len(starts)} answer_start values")
+        qa = {key: record[key] for key in ("id", "question") if key in record}
+        qa["answers"] = [{"text": text, "answer_start": start} for text, start in zip(texts, starts)]
+        qa["is_impossible"] = record.get("is_impossible", not texts)
+        yield where, title, context, qa
 
 
 def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable[[str], SquadFormatError],

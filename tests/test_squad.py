@@ -375,26 +375,61 @@ def test_a_gzip_compressed_file_reads_as_the_plain_one(tmp_path):
         squad.load_squad(damaged)
 
 
-_FLAT = {"id": "q1", "title": "t", "context": CONTEXT, "question": "Who won?",
-         "answers": {"text": ["Broncos"], "answer_start": [4]}}
+def _flat(data: dict) -> list[dict]:
+    """The questions of a nested SQuAD dict as the flat records HuggingFace ``datasets`` writes."""
+    return [{"id": qa["id"], "title": article["title"], "context": paragraph["context"], "question": qa["question"],
+             "answers": {"text": [a["text"] for a in qa["answers"]],
+                         "answer_start": [a["answer_start"] for a in qa["answers"]]}}
+            for article in data["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+
+
+@pytest.mark.parametrize("layout", ["json-lines", "one-line", "list", "data-list", "gzip-json-lines"])
+def test_the_flat_records_of_huggingface_datasets_read_as_the_nested_questions(tmp_path, layout):
+    """``Dataset.to_json`` writes SQuAD as JSON Lines of flat records (``load_dataset("json", field="data")``
+    reads them from a ``data`` list); each layout reads as the same questions, an empty ``answers`` list as an
+    unanswerable (SQuAD v2.0) question."""
+    nested = _valid_dataset()
+    nested["data"][0]["paragraphs"][0]["qas"].append({"id": "q-none", "question": "Who lost in 1999?",
+                                                      "answers": [], "is_impossible": True})
+    records = _flat(nested)
+    assert records[2]["answers"] == {"text": [], "answer_start": []}
+    content = {"json-lines": "\n".join(json.dumps(r) for r in records) + "\n\n",
+               "gzip-json-lines": "\n".join(json.dumps(r) for r in records),
+               "one-line": json.dumps(records[0]) + "\n", "list": json.dumps(records),
+               "data-list": json.dumps({"data": records})}[layout]
+    path = tmp_path / "flat.jsonl"
+    if layout.startswith("gzip"):
+        path.write_bytes(gzip.compress(content.encode()))
+    else:
+        path.write_text(content)
+    (tmp_path / "nested.json").write_text(json.dumps(nested))
+    expected = squad.load_squad(tmp_path / "nested.json")
+    assert squad.load_squad(path) == (expected[:1] if layout == "one-line" else expected)
+    assert squad.load_squad(path, limit=1) == expected[:1]
 
 
 @pytest.mark.parametrize("content, problem", [
-    (json.dumps(_FLAT) + "\n" + json.dumps(_FLAT) + "\n", "line 2 column 1: Extra data (JSON Lines?"),
-    (json.dumps(_FLAT) + "\n", "one flat record per question (HuggingFace datasets layout)"),
-    (json.dumps([_FLAT]), "one flat record per question (HuggingFace datasets layout)"),
-    (json.dumps({"data": [_FLAT]}), "data[0]: a flat question record (HuggingFace datasets layout)"),
-], ids=["json-lines", "one-line", "list", "data-list"])
-def test_other_layouts_of_squad_are_named(tmp_path, content, problem):
-    """The layouts SQuAD also comes in (JSON Lines, HuggingFace datasets' flat records) are refused saying which
-    they are and what SQuAD v1.1 looks like, not as a missing key."""
-    path = tmp_path / "other.json"
+    ('{"id": "q1"}\n{"id": "q2"}\n', "question q1 (line 1): missing 'context'"),
+    ("{FIRST}\n\n{oops\n", "invalid JSON at line 3 column 2: Expecting property name enclosed in double quotes"),
+    ("[{FIRST}, 3]", "[1]: expected a question record (a JSON object), got int"),
+    ("{FIRST}\n{SECOND_UNEVEN}", "question q-second (line 2): answers: 2 texts but 1 answer_start values"),
+    ("{FIRST}\n{SECOND_AS_LIST}", "question q-second (line 2): 'answers' must be a dict, got list"),
+    ("{FIRST}\n{FIRST}", "question q-first (line 2): duplicate id (first at line 1)"),
+    ("{SECOND_OFF}", "question q-second (line 1): answer 0 'Panthers' is not at answer_start 20 of its context "
+                     "(the text occurs at 21)"),
+], ids=["not-records", "bad-line", "not-an-object", "uneven-answers", "answers-list", "duplicate", "answer-off"])
+def test_malformed_flat_records_are_one_line_naming_the_line_and_question(tmp_path, content, problem):
+    first, second = _flat(_valid_dataset())
+    values = {"FIRST": first, "SECOND_UNEVEN": {**second, "answers": {"text": ["a", "b"], "answer_start": [1]}},
+              "SECOND_AS_LIST": {**second, "answers": [{"text": "Panthers", "answer_start": 21}]},
+              "SECOND_OFF": {**second, "answers": {"text": ["Panthers"], "answer_start": [20]}}}
+    for name, value in values.items():
+        content = content.replace("{" + name + "}", json.dumps(value))
+    path = tmp_path / "flat.jsonl"
     path.write_text(content)
     with pytest.raises(SquadFormatError) as info:
         squad.load_squad(path)
-    message = str(info.value)
-    assert message.startswith(f"{path}: ") and problem in message and "\n" not in message
-    assert "paragraphs" in message or "JSON Lines" in message
+    assert str(info.value) == f"{path}: {problem}"
 
 
 def test_missing_file_is_a_format_error(tmp_path):

@@ -820,7 +820,7 @@ def _small_squad(path: Path, drift: int = 0, no_answers: bool = False) -> str:
     ("teacher-train-offsets",
      "teacher.config.train_data: {d}/drift.json: question 56be4db0acb8001400a502ec (data[0].paragraphs[0].qas[0]): "
      "answer 0 'Denver Broncos' is not at answer_start 178"),
-    ("eval-json-lines", "base.eval_data: {d}/dev.jsonl: invalid JSON at line 2 column 1: Extra data"),
+    ("eval-json-lines", "base.eval_data: {d}/dev.jsonl: question 1 (line 1): missing 'context'"),
 ])
 def test_a_local_sweep_whose_data_does_not_load_fails_before_ray_starts(refused_sweep, case, needle):
     """A data file the teacher or the trials would refuse is refused before Ray starts, naming the key, the file and
