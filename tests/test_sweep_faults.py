@@ -858,4 +858,4 @@ def test_a_trial_run_again_after_its_last_report_reports_its_packed_model_from_s
     with result.checkpoint.as_directory() as packed:
         assert json.loads((Path(packed) / CHECKPOINT_KIND).read_text())["kind"] == "packed"
         assert (Path(packed) / "model.safetensors").is_file()
-    assert not (scratch / "fineprune-trials" / "again").exists()  # nothing of the trial's is left on its machine
+    assert not (scratch / "fineprune-trials").exists()  # nothing of the trial's is left on its machine

@@ -244,10 +244,12 @@ def _checkpoint_kind(checkpoint: tune.Checkpoint) -> dict[str, Any]:
 
 
 def _remove_work_dir(work_dir: Path) -> None:
-    """A trial's local files, and the sweep's directory of them once no other trial of this machine has one."""
+    """A trial's local files, the sweep's directory of them once no other trial of this machine has one, and the
+    trials' directory (:func:`trial_scratch`) once no other sweep's trial has one."""
     shutil.rmtree(work_dir, ignore_errors=True)
-    with contextlib.suppress(OSError):  # another trial's files are still there
+    with contextlib.suppress(OSError):  # another trial's files are still there, or another sweep's
         work_dir.parent.rmdir()
+        work_dir.parent.parent.rmdir()
 
 
 def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space: SweepSpace, device: str,
