@@ -577,7 +577,8 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: lis
                                     max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, device=device,
                                     progress=progress, max_query_length=cfg.max_query_length, features=features,
                                     null_answers=null_answers)
-    metrics = dict(squad.evaluate(examples, predictions))
+    # On questions that hold unanswerable ones, the answerable / unanswerable split as well (SQuAD v2.0).
+    metrics = dict(squad.evaluate(examples, predictions, by_answerable=True))
     metrics.update(sparsity_report(model).metrics())
     return metrics
 

@@ -240,6 +240,10 @@ def test_a_run_on_unanswerable_questions_records_it_and_scores_with_no_answers(t
                          str(tmp_path / name), "--no-progress"]) == 0
         runs[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert read_null_answers(runs["v2"]["model_dir"]) and not read_null_answers(runs["v1"]["model_dir"])
+    # Its evaluations split the F1 over answerable and unanswerable questions (what a sweep's trial runs log too).
+    split = runs["v2"]
+    assert (split["has_answer_questions"], split["no_answer_questions"]) == (6, 3)
+    assert split["f1"] == pytest.approx((6 * split["has_answer_f1"] + 3 * split["no_answer_f1"]) / 9)
     # The run's own evaluation predicts as eval does with the record: the same F1.
     assert cli.main(["eval", runs["v2"]["model_dir"], "--eval-data", str(data), "--eval-limit", "9",
                      "--no-progress"]) == 0
