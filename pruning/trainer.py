@@ -55,15 +55,15 @@ from .averaging import WeightAverage
 from .checkpoint import (
     STATE,
     OPTIMIZER,
+    NULL_ANSWERS,
     TOKENIZER_FILES,
     CheckpointError,
     load_model,
     load_training_state,
     optimizer_tensors,
-    NULL_ANSWERS,
     read_evaluation,
-    read_null_answers,
     read_json,
+    read_null_answers,
     restore_optimizer,
     save_model,
 )
