@@ -377,8 +377,8 @@ def _flat_records(root: Any) -> tuple[list, Callable[[int], str]] | None:
         return root, lambda i: f"line {root.lines[i]}"
     if isinstance(root, dict) and _flat_record(root):  # a JSON Lines file of one record
         return [root], lambda i: "line 1"
-    if isinstance(root, list) and root and isinstance(root[0], dict):
-        return root, lambda i: f"[{i}]"
+    if isinstance(root, list) and root and isinstance(root[0], dict) and "paragraphs" not in root[0]:
+        return root, lambda i: f"[{i}]"  # (a list of articles is SQuAD's "data" without its object)
     data = root.get("data") if isinstance(root, dict) else None
     if isinstance(data, list) and _flat_record(data):
         return data, lambda i: f"data[{i}]"

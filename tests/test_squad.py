@@ -336,6 +336,7 @@ def test_a_lone_surrogate_is_named_not_met_in_the_tokenizer(tmp_path, tokenizer,
     (b'{"data": [\xff\xfe]}', "invalid UTF-8 at byte 10"),
     (b'{"data": [}', "invalid JSON at line 1"),
     (b"[1, 2]", "missing 'data'"),
+    (b'[{"title": "t", "paragraphs": []}]', "missing 'data'"),
     (b'{"data": []}', "data: no questions"),
     (b'{"data": [{"title": "t", "paragraphs": [{"context": "c", "qas": []}]}]}', "data: no questions"),
 ])
