@@ -1756,6 +1756,10 @@ def test_sweep_check_says_what_the_sweep_would_run_and_starts_or_writes_nothing(
     assert cli.main(["sweep", "--space", "grid.yaml", "--check", "--experiment", "other"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["teacher"]["reused"] is True and plan["trials_at_once"] == 1 and plan["experiment"] == "other"
+    (final.parent / "metrics.json").write_text("[]")  # metrics the sweep would not trust: it trains the teacher again
+    assert cli.main(["sweep", "--space", "grid.yaml", "--check"]) == 0
+    assert json.loads(capsys.readouterr().out)["teacher"]["reused"] is False
+    (final.parent / "metrics.json").write_text("{}")
 
     line = _one_line_error(capsys, ["sweep", "--space", "grid.yaml", "--check", "--resume"])
     assert line == ("fineprune sweep: error: --check checks a new sweep, and reads nothing of the tracking store; "

@@ -324,7 +324,7 @@ def _make_teacher(space: SweepSpace, run_dir: Path, held_out_checked: bool) -> t
         return str(model_dir), _scored(space, cfg, model_dir, metrics_file, held_out_checked)
     model_dir = run_dir / "final"
     cfg = teacher_config(space, str(run_dir))
-    trained = _teacher_metrics(metrics_file) if (model_dir / "config.json").exists() else None
+    trained = _cached_teacher(run_dir)
     if trained is not None:
         logger.info("reusing the dense teacher in %s", model_dir)
     else:
@@ -368,6 +368,12 @@ def _teacher_task(space: SweepSpace, cfg, given: str | None, held_out_checked: b
             raise err.cause from err
         raise
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _cached_teacher(run_dir: Path) -> dict[str, Any] | None:
+    """The dense metrics of the teacher an earlier sweep fine-tuned in ``run_dir``, when it is there to reuse (its
+    final model and its cached metrics); else None."""
+    return _teacher_metrics(run_dir / "metrics.json") if (run_dir / "final" / "config.json").exists() else None
 
 
 def _teacher_metrics(metrics_file: Path) -> dict[str, Any] | None:
@@ -844,9 +850,9 @@ def check_sweep(space_path: str | Path, experiment: str | None = None, tracking_
         teacher: dict[str, Any] = {"given": space.teacher.path}
     else:  # where ensure_teacher looks for it
         fingerprint = teacher_fingerprint(space)
-        final = _storage_roots(storage_path, make=False)[1] / "teachers" / fingerprint / "final"
-        teacher = {"fingerprint": fingerprint, "directory": str(final),
-                   "reused": (final / "config.json").is_file() and (final.parent / "metrics.json").is_file()}
+        run_dir = _storage_roots(storage_path, make=False)[1] / "teachers" / fingerprint
+        teacher = {"fingerprint": fingerprint, "directory": str(run_dir / "final"),
+                   "reused": _cached_teacher(run_dir) is not None}
     # As Tune expands the space: num_samples of each point of its grid_search keys.
     trials = space.num_samples * math.prod(len(value["grid_search"]) for value in param_space(space).values()
                                            if isinstance(value, dict) and "grid_search" in value)
