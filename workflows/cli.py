@@ -474,12 +474,10 @@ def _evaluate(args: argparse.Namespace, source: dict[str, str]) -> int:
     seq, stride = _windows(args, model, tokenizer)
     with (_names_model(args.model_dir), squad.questions_of(data), squad.windows_cut(args.max_seq_length, seq),
           autocast(precision, device)):
-        metrics, predictions = squad.evaluate_model(model, tokenizer, examples, max_seq_length=seq, doc_stride=stride,
-                                                    batch_size=args.batch_size,
-                                                    max_answer_length=args.max_answer_length, n_best=args.n_best,
-                                                    device=device, progress=not args.no_progress,
-                                                    max_query_length=args.max_query_length,
-                                                    null_answers=args.null_answers)
+        predictions = squad.predict(model, tokenizer, examples, max_seq_length=seq, doc_stride=stride,
+                                    batch_size=args.batch_size, max_answer_length=args.max_answer_length,
+                                    n_best=args.n_best, device=device, progress=not args.no_progress,
+                                    max_query_length=args.max_query_length, null_answers=args.null_answers)
     metrics = squad.evaluate(examples, predictions, by_answerable=True)  # SQuAD v2.0: with the answerable split
     unanswerable = sum(ex.impossible for ex in examples)
     if unanswerable and not args.null_answers:
