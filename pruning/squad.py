@@ -395,6 +395,8 @@ def _flat_questions(flat: tuple[list, Callable[[int], str]], at: Callable[[str],
         if not isinstance(record, dict):
             raise at(where)(f"expected a question record (a JSON object), got {type(record).__name__}")
         qid = _text(record, "id", at(where))
+        if not qid:
+            raise at(where)("empty 'id'")
         fail = at(f"question {qid} ({where})")
         title = record.get("title", "")
         if not isinstance(title, str):

@@ -416,13 +416,16 @@ def test_the_flat_records_of_huggingface_datasets_read_as_the_nested_questions(t
     ("{FIRST}\n{SECOND_UNEVEN}", "question q-second (line 2): answers: 2 texts but 1 answer_start values"),
     ("{FIRST}\n{SECOND_AS_LIST}", "question q-second (line 2): 'answers' must be a dict, got list"),
     ("{FIRST}\n{FIRST}", "question q-first (line 2): duplicate id (first at line 1)"),
+    ("{FIRST}\n{SECOND_NO_ID}", "line 2: empty 'id'"),
     ("{SECOND_OFF}", "question q-second (line 1): answer 0 'Panthers' is not at answer_start 20 of its context "
                      "(the text occurs at 21)"),
-], ids=["not-records", "bad-line", "not-an-object", "uneven-answers", "answers-list", "duplicate", "answer-off"])
+], ids=["not-records", "bad-line", "not-an-object", "uneven-answers", "answers-list", "duplicate", "empty-id",
+        "answer-off"])
 def test_malformed_flat_records_are_one_line_naming_the_line_and_question(tmp_path, content, problem):
     first, second = _flat(_valid_dataset())
     values = {"FIRST": first, "SECOND_UNEVEN": {**second, "answers": {"text": ["a", "b"], "answer_start": [1]}},
               "SECOND_AS_LIST": {**second, "answers": [{"text": "Panthers", "answer_start": 21}]},
+              "SECOND_NO_ID": {**second, "id": "", "context": ""},
               "SECOND_OFF": {**second, "answers": {"text": ["Panthers"], "answer_start": [20]}}}
     for name, value in values.items():
         content = content.replace("{" + name + "}", json.dumps(value))
