@@ -253,7 +253,8 @@ def run_windows(run: WindowRunner, features: EvalFeatures, batch_size: int = 64)
 def answer_records(run: WindowRunner, tokenizer: Any, questions: Sequence[Any], contexts: Sequence[Any],
                    max_seq_length: int = 384, doc_stride: int = 128, max_windows: int | None = None,
                    batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
-                   max_query_length: int = 64, null_answers: bool = False) -> list[Answer]:
+                   max_query_length: int = 64, null_answers: bool = False,
+                   null_threshold: float = 0.0) -> list[Answer]:
     """Answer each question from its context, with the windows of all records run together.
 
     Args:
@@ -267,6 +268,8 @@ def answer_records(run: WindowRunner, tokenizer: Any, questions: Sequence[Any], 
         max_query_length: a question is cut to this many tokens (see :func:`pruning.squad.cut_question`).
         null_answers: answer "no answer" (the empty text, ``start == end == 0``) where it scores higher than every
             span: a model trained on unanswerable questions (see :func:`pruning.checkpoint.read_null_answers`).
+        null_threshold: with ``null_answers``, how much higher "no answer" must score (see
+            :func:`pruning.squad.postprocess_predictions`).
 
     Returns:
         One :class:`Answer` per question, in order, with ``context[answer.start:answer.end] == answer.text``.
@@ -282,7 +285,8 @@ def answer_records(run: WindowRunner, tokenizer: Any, questions: Sequence[Any], 
                                      max_query_length=max_query_length)
     start_logits, end_logits = run_windows(run, features, batch_size=batch_size)
     spans = postprocess_predictions(examples, features, start_logits, end_logits, n_best=n_best,
-                                    max_answer_length=max_answer_length, null_answers=null_answers)
+                                    max_answer_length=max_answer_length, null_answers=null_answers,
+                                    null_threshold=null_threshold)
     return [spans[ex.id] for ex in examples]
 
 
@@ -290,7 +294,7 @@ def answer_batch(model: nn.Module, tokenizer: Any, questions: Sequence[str], con
                  max_seq_length: int = 384, doc_stride: int = 128, max_answer_length: int = 30, n_best: int = 20,
                  batch_size: int = 64, device: str | torch.device | None = None,
                  max_windows: int | None = None, max_query_length: int = 64,
-                 null_answers: bool = False) -> list[Answer]:
+                 null_answers: bool = False, null_threshold: float = 0.0) -> list[Answer]:
     """Answer each question from its context with a PyTorch model; see :func:`answer_records`.
 
     Args:
@@ -307,13 +311,14 @@ def answer_batch(model: nn.Module, tokenizer: Any, questions: Sequence[str], con
         return answer_records(torch_runner(model, device), tokenizer, questions, contexts,
                               max_seq_length=max_seq_length, doc_stride=doc_stride, max_windows=max_windows,
                               batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best,
-                              max_query_length=max_query_length, null_answers=null_answers)
+                              max_query_length=max_query_length, null_answers=null_answers,
+                              null_threshold=null_threshold)
 
 
 def answer(model: nn.Module, tokenizer: Any, question: str, context: str, max_seq_length: int = 384,
            doc_stride: int = 128, max_answer_length: int = 30, n_best: int = 20,
            device: str | torch.device | None = None, max_windows: int | None = None,
-           max_query_length: int = 64, null_answers: bool = False) -> Answer:
+           max_query_length: int = 64, null_answers: bool = False, null_threshold: float = 0.0) -> Answer:
     """Answer one question from its context; see :func:`answer_batch`.
 
     Returns:
@@ -327,6 +332,6 @@ def answer(model: nn.Module, tokenizer: Any, question: str, context: str, max_se
         return answer_batch(model, tokenizer, [question], [context], max_seq_length=max_seq_length,
                             doc_stride=doc_stride, max_answer_length=max_answer_length, n_best=n_best, device=device,
                             max_windows=max_windows, max_query_length=max_query_length,
-                            null_answers=null_answers)[0]
+                            null_answers=null_answers, null_threshold=null_threshold)[0]
     except RecordError as err:  # one record: no index to name
         raise RecordError(None, err.field, err.problem) from None

@@ -22,12 +22,13 @@ import contextlib
 import gzip
 import json
 import logging
+import math
 import re
 import string
 import unicodedata
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -161,12 +162,20 @@ class Example:
 
 @dataclass(frozen=True)
 class Answer:
-    """A predicted span: ``context[start:end] == text``; ``score`` is its start logit plus its end logit."""
+    """A predicted span: ``context[start:end] == text``; ``score`` is its start logit plus its end logit.
+
+    A model that answers "no answer" (SQuAD v2.0, :func:`postprocess_predictions` with ``null_answers``) also gives
+    ``null_margin``, how much the question's "no answer" scores above its best span (inf when it has no span): the
+    answer is "no answer" where that exceeds the threshold the predictions were made with, and is then the empty
+    text with the score of "no answer", and ``span`` the best span it beat (None without one).
+    """
 
     text: str
     score: float
     start: int
     end: int
+    null_margin: float | None = None
+    span: Answer | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -613,6 +622,71 @@ def evaluate(examples_or_dataset: Any, predictions: Mapping[str, str], by_answer
             rows = [score for score, (_, _, flag) in zip(scores, golds) if flag is impossible]
             result.update({f"{name}_exact_match": mean(rows, 0), f"{name}_f1": mean(rows, 1),
                            f"{name}_questions": len(rows)})
+    return result
+
+
+def best_null_thresholds(examples_or_dataset: Any, answers: Mapping[str, Answer]) -> dict[str, float]:
+    """The exact match and F1 (percent) the answers would score with the best "no answer" threshold, and that
+    threshold: SQuAD v2.0's ``best_exact`` / ``best_f1`` of the official script, whose no-answer probabilities are
+    here each answer's :attr:`Answer.null_margin`.
+
+    With threshold ``t`` a question is answered "no answer" where its margin exceeds ``t``, and with its best span
+    elsewhere. The score changes only at the margins, so every interval between two neighbouring margins is tried;
+    of those scoring best, the one holding 0 (the threshold the model was trained to, so no change is asked for) or
+    else the nearest to it is taken, and its middle reported (one logit beyond the outermost margin for the
+    intervals below the lowest and above the highest).
+
+    Args:
+        examples_or_dataset: the questions (as for :func:`evaluate`).
+        answers: question id -> answer, made with ``null_answers`` (:func:`postprocess_predictions`); a question
+            without one scores 0 at every threshold.
+
+    Returns:
+        ``best_exact_match``, ``best_exact_match_threshold``, ``best_f1``, ``best_f1_threshold``.
+
+    Raises:
+        ValueError: no questions, or an answer without a margin (made without ``null_answers``).
+    """
+    golds = list(_gold_answers(examples_or_dataset))
+    if not golds:
+        raise ValueError("the dataset has no questions to evaluate")
+    answered = [qid for qid, _, _ in golds if qid in answers]
+    if any(answers[qid].null_margin is None for qid in answered):
+        raise ValueError("the answers give no \"no answer\" margin: predict them with null_answers")
+    spans = {qid: answers[qid].span.text if answers[qid].span is not None else answers[qid].text
+             for qid in answered}
+    with_span = _question_scores(golds, spans)
+    with_null = _question_scores(golds, dict.fromkeys(answered, ""))
+    rows = [(answers[qid].null_margin, span, null) for (qid, _, _), span, null in zip(golds, with_span, with_null)
+            if span is not None]
+    order = sorted(rows, key=lambda row: row[0])
+    sorted_margins = np.array([margin for margin, _, _ in order], dtype=np.float64)
+    # The thresholds: one inside each interval [lows[i], highs[i]) the margins cut the line into, lowest first; at
+    # a threshold there, the questions whose margin is at most lows[i] take their span, the others "no answer".
+    margins = sorted({margin for margin, _, _ in rows if math.isfinite(margin)})
+    lows = np.array([-math.inf, *margins])
+    highs = np.array([*margins, math.inf])
+    spans_taken = np.searchsorted(sorted_margins, lows, side="right")
+    result: dict[str, float] = {}
+    for which, name in ((0, "exact_match"), (1, "f1")):
+        gain = np.concatenate([[0.0], np.cumsum([span[which] - null[which] for _, span, null in order])])
+        totals = sum(null[which] for _, _, null in order) + gain[spans_taken]
+        best = float(totals.max())
+        candidates = np.flatnonzero(totals >= best - 1e-9)
+        holds_zero = (lows <= 0) & (highs > 0)
+        distance = np.where(holds_zero, 0.0, np.minimum(np.abs(lows), np.abs(highs)))
+        i = int(candidates[np.argmin(distance[candidates])])
+        low, high = float(lows[i]), float(highs[i])
+        if holds_zero[i]:
+            threshold = 0.0
+        elif not math.isfinite(low):
+            threshold = high - 1.0
+        elif not math.isfinite(high):
+            threshold = low + 1.0
+        else:
+            threshold = (low + high) / 2
+        result[f"best_{name}"] = 100.0 * best / len(golds)
+        result[f"best_{name}_threshold"] = threshold
     return result
 
 
@@ -1127,7 +1201,7 @@ def check_windows(examples: Sequence[Example], tokenizer: Any, max_positions: in
 
 def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures, all_start_logits: Any,
                             all_end_logits: Any, n_best: int = 20, max_answer_length: int = 30,
-                            null_answers: bool = False) -> dict[str, Answer]:
+                            null_answers: bool = False, null_threshold: float = 0.0) -> dict[str, Answer]:
     """Pick each question's answer span from the start/end logits of its windows.
 
     In every window the ``n_best`` highest start and end logits over the context tokens are paired; a pair is valid
@@ -1138,8 +1212,10 @@ def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures,
 
     With ``null_answers`` (a model trained on unanswerable questions, SQuAD v2.0), a question's "no answer" scores
     the lowest ``start_logit + end_logit`` of the CLS token (its windows' first) over its windows, as training
-    labels a window without the answer there, and it wins over the best span when it scores higher: the answer is
-    then the empty text, with that score.
+    labels a window without the answer there, and it wins over the best span when it scores more than
+    ``null_threshold`` above it (by default, when it scores higher): the answer is then the empty text, with that
+    score. Each answer gives that margin (:attr:`Answer.null_margin`), from which :func:`best_null_thresholds` finds
+    the threshold that would have scored best.
 
     Args:
         examples: the questions, in the order :func:`prepare_eval_features` saw them.
@@ -1148,6 +1224,8 @@ def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures,
         n_best: start and end candidates per window.
         max_answer_length: longest answer, in tokens.
         null_answers: answer "no answer" where it scores higher than every span.
+        null_threshold: with ``null_answers``, how much higher (in logits, start plus end; negative: "no answer"
+            wins even where the best span scores up to that much higher).
 
     Returns:
         question id -> :class:`Answer` (an empty text with score ``-inf`` only for a question without context tokens;
@@ -1159,6 +1237,8 @@ def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures,
     """
     if n_best <= 0 or max_answer_length <= 0:
         raise ValueError(f"n_best and max_answer_length must be positive, got {n_best} and {max_answer_length}")
+    if not math.isfinite(null_threshold):
+        raise ValueError(f"null_threshold must be a finite number, got {null_threshold}")
     start_logits = _as_numpy(all_start_logits)
     end_logits = _as_numpy(all_end_logits)
     expected = features.offsets.shape[:2]
@@ -1186,18 +1266,20 @@ def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures,
                     best = (found[0], f, found[1], found[2])
             if best is not None:
                 break
+        span = None
+        if best is not None:
+            score, f, s, e = best
+            start_char, end_char = _without_spaces(ex.context, int(features.offsets[f, s, 0]),
+                                                   _with_marks(ex.context, int(features.offsets[f, e, 1])))
+            span = Answer(text=ex.context[start_char:end_char], score=score, start=start_char, end=end_char)
         if null_answers and windows[example]:
             null = float(min(float(start_logits[f, 0]) + float(end_logits[f, 0]) for f in windows[example]))
-            if best is None or null > best[0]:
-                results[ex.id] = Answer(text="", score=null, start=0, end=0)
+            margin = math.inf if span is None else null - span.score
+            if margin > null_threshold:
+                results[ex.id] = Answer(text="", score=null, start=0, end=0, null_margin=margin, span=span)
                 continue
-        if best is None:
-            results[ex.id] = Answer(text="", score=float("-inf"), start=0, end=0)
-            continue
-        score, f, s, e = best
-        start_char, end_char = _without_spaces(ex.context, int(features.offsets[f, s, 0]),
-                                               _with_marks(ex.context, int(features.offsets[f, e, 1])))
-        results[ex.id] = Answer(text=ex.context[start_char:end_char], score=score, start=start_char, end=end_char)
+            span = replace(span, null_margin=margin)
+        results[ex.id] = span if span is not None else Answer(text="", score=float("-inf"), start=0, end=0)
     return results
 
 
@@ -1344,7 +1426,7 @@ def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
                   doc_stride: int = 128, batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
                   device: str | torch.device | None = None, progress: bool = True,
                   max_query_length: int = 64, features: EvalFeatures | None = None,
-                  null_answers: bool = False) -> dict[str, Answer]:
+                  null_answers: bool = False, null_threshold: float = 0.0) -> dict[str, Answer]:
     """Answer spans (text, score, character offsets) of a QA model for every question; see :func:`predict`."""
     if features is None:
         features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
@@ -1354,14 +1436,15 @@ def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
     start_logits, end_logits = compute_logits(model, features, batch_size=batch_size, device=device,
                                               progress=progress)
     return postprocess_predictions(examples, features, start_logits, end_logits, n_best=n_best,
-                                   max_answer_length=max_answer_length, null_answers=null_answers)
+                                   max_answer_length=max_answer_length, null_answers=null_answers,
+                                   null_threshold=null_threshold)
 
 
 def predict(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_seq_length: int = 384,
             doc_stride: int = 128, batch_size: int = 64, max_answer_length: int = 30, n_best: int = 20,
             device: str | torch.device | None = None, progress: bool = True,
             max_query_length: int = 64, features: EvalFeatures | None = None,
-            null_answers: bool = False) -> dict[str, str]:
+            null_answers: bool = False, null_threshold: float = 0.0) -> dict[str, str]:
     """Predicted answer text of a QA model for every question (official predictions format).
 
     Args:
@@ -1380,6 +1463,7 @@ def predict(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_s
             them once; None builds them here.
         null_answers: answer "no answer" (the empty text) where it scores higher than every span (a model trained
             on unanswerable questions; see :func:`postprocess_predictions`).
+        null_threshold: with ``null_answers``, how much higher "no answer" must score.
 
     Returns:
         question id -> answer text.
@@ -1390,7 +1474,7 @@ def predict(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_s
     spans = predict_spans(model, tokenizer, examples, max_seq_length=max_seq_length, doc_stride=doc_stride,
                           batch_size=batch_size, max_answer_length=max_answer_length, n_best=n_best, device=device,
                           progress=progress, max_query_length=max_query_length, features=features,
-                          null_answers=null_answers)
+                          null_answers=null_answers, null_threshold=null_threshold)
     return {qid: span.text for qid, span in spans.items()}
 
 

@@ -572,13 +572,17 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: lis
     run_device = device if device is not None else next(model.parameters()).device
     cfg = fit_to_model(cfg, model)
     with autocast(resolve_precision(cfg.precision, run_device), run_device):
-        predictions = squad.predict(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
-                                    doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
-                                    max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, device=device,
-                                    progress=progress, max_query_length=cfg.max_query_length, features=features,
-                                    null_answers=null_answers)
-    # On questions that hold unanswerable ones, the answerable / unanswerable split as well (SQuAD v2.0).
-    metrics = dict(squad.evaluate(examples, predictions, by_answerable=True))
+        answers = squad.predict_spans(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
+                                      doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size,
+                                      max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, device=device,
+                                      progress=progress, max_query_length=cfg.max_query_length, features=features,
+                                      null_answers=null_answers)
+    # On questions that hold unanswerable ones, the answerable / unanswerable split as well (SQuAD v2.0), and for a
+    # model answering "no answer" what the best threshold for it would score.
+    metrics = dict(squad.evaluate(examples, {qid: answer.text for qid, answer in answers.items()},
+                                  by_answerable=True))
+    if null_answers and any(ex.impossible for ex in examples):
+        metrics.update(squad.best_null_thresholds(examples, answers))
     metrics.update(sparsity_report(model).metrics())
     return metrics
 

@@ -4,6 +4,7 @@ answered "no answer" by a model trained on them: in evaluation, `eval`, `ask` an
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -24,6 +25,7 @@ from workflows.logged_model import log_qa_model, serve_settings
 
 from conftest import sqlite_store
 
+BEST = ("best_exact_match", "best_exact_match_threshold", "best_f1", "best_f1_threshold")
 CONTEXT = "The Denver Broncos beat the Carolina Panthers 24-10 in Super Bowl 50."
 
 
@@ -142,8 +144,75 @@ def test_no_answer_wins_where_the_cls_score_of_every_window_beats_the_best_span(
     start[:, 0] = end[:, 0] = [2.0, 3.0]  # no answer: 4 in question 0, 6 in question 1
     null = squad.postprocess_predictions(examples, features, start, end, null_answers=True)
     spans = squad.postprocess_predictions(examples, features, start, end)
-    assert null["q0"] == spans["q0"] and null["q0"].text and null["q0"].score == 5.0
-    assert null["q1"] == squad.Answer(text="", score=6.0, start=0, end=0) and spans["q1"].text
+    assert null["q0"] == replace(spans["q0"], null_margin=-1.0) and null["q0"].text and null["q0"].score == 5.0
+    assert null["q1"] == squad.Answer(text="", score=6.0, start=0, end=0, null_margin=1.0, span=spans["q1"])
+    assert spans["q1"].text and spans["q1"].null_margin is None
+    # A threshold moves the decision: "no answer" must score more than that above the best span.
+    assert squad.postprocess_predictions(examples, features, start, end, null_answers=True,
+                                         null_threshold=1.0)["q1"] == replace(spans["q1"], null_margin=1.0)
+    lenient = squad.postprocess_predictions(examples, features, start, end, null_answers=True, null_threshold=-1.5)
+    assert lenient["q0"] == squad.Answer(text="", score=4.0, start=0, end=0, null_margin=-1.0, span=spans["q0"])
+    with pytest.raises(ValueError, match="null_threshold must be a finite number"):
+        squad.postprocess_predictions(examples, features, start, end, null_answers=True, null_threshold=float("nan"))
+
+
+def _margins(*rows: tuple[str, float]) -> dict[str, squad.Answer]:
+    """Answers q0, q1, ... made with null_answers at threshold 0: (best span, margin of "no answer" over it)."""
+    answers = {}
+    for i, (text, margin) in enumerate(rows):
+        span = squad.Answer(text=text, score=1.0, start=0, end=len(text), null_margin=margin)
+        answers[f"q{i}"] = (squad.Answer(text="", score=1.0 + margin, start=0, end=0, null_margin=margin, span=span)
+                            if margin > 0 else span)
+    return answers
+
+
+def test_the_best_no_answer_threshold_matches_hand_worked_cases():
+    examples = _examples(("Denver Broncos",), None, None, ("Carolina Panthers",))
+    # Span EM/F1 by question: 1/1, 0/0, 0/0, 0/(2/3); "no answer": 0, 1, 1, 0. Between the margins -2, -1, 1, 3 the
+    # thresholds score (EM) 2, 3, 2, 1, 1 and (F1) 2, 3, 2, 1, 5/3 questions: best in [-2, -1), at its middle.
+    answers = _margins(("Denver Broncos", -2.0), ("Panthers", 1.0), ("Super Bowl", -1.0), ("Panthers", 3.0))
+    assert squad.best_null_thresholds(examples, answers) == pytest.approx({
+        "best_exact_match": 75.0, "best_exact_match_threshold": -1.5, "best_f1": 75.0, "best_f1_threshold": -1.5})
+    # The threshold the answers were made with scores less: q2 takes its wrong span.
+    made = {qid: answer.text for qid, answer in answers.items()}
+    assert squad.evaluate(examples, made) == pytest.approx({"exact_match": 50.0, "f1": 50.0})
+    # Where the best interval holds 0 the threshold stays 0; where every question is best with its span, the
+    # threshold lies one logit above the highest margin.
+    answers = _margins(("Denver Broncos", -2.0), ("Panthers", 1.0), ("Super Bowl", 0.5), ("Panthers", 3.0))
+    assert squad.best_null_thresholds(examples, answers) == pytest.approx({
+        "best_exact_match": 75.0, "best_exact_match_threshold": 0.0, "best_f1": 75.0, "best_f1_threshold": 0.0})
+    right = _margins(("Denver Broncos", 2.0), ("Carolina Panthers", 5.0))
+    assert squad.best_null_thresholds(_examples(("Denver Broncos",), ("Carolina Panthers",)), right) == {
+        "best_exact_match": 100.0, "best_exact_match_threshold": 6.0, "best_f1": 100.0, "best_f1_threshold": 6.0}
+    # A question without an answer scores 0 at every threshold; answers without margins are refused.
+    del answers["q0"]
+    assert squad.best_null_thresholds(examples, answers)["best_exact_match"] == 50.0
+    with pytest.raises(ValueError, match="predict them with null_answers"):
+        squad.best_null_thresholds(examples, {"q0": squad.Answer(text="Broncos", score=1.0, start=0, end=7)})
+
+
+def test_predicting_at_the_best_threshold_scores_the_best_exact_match_and_f1(tokenizer, tmp_path):
+    examples = squad.load_squad(v2_file(tmp_path / "v2.json", questions=30))
+    features = squad.prepare_eval_features(examples, tokenizer, max_seq_length=64, doc_stride=24)
+    rng = np.random.default_rng(0)
+    start, end = (rng.normal(size=features.offsets.shape[:2]).astype(np.float32) for _ in range(2))
+    impossible = np.array([examples[int(i)].impossible for i in features.example_index])
+    start[:, 0] += np.where(impossible, 5.0, 2.0) + rng.normal(0.0, 1.0, len(impossible))  # CLS leans to the truth
+    answers = squad.postprocess_predictions(examples, features, start, end, null_answers=True)
+    best = squad.best_null_thresholds(examples, answers)
+    margins = sorted(answer.null_margin for answer in answers.values())
+    assert margins[0] < best["best_f1_threshold"] < min(margins[-1], 0.0)  # between two margins, not the default
+    scored = []
+    for threshold in (-3.0, -1.0, 0.0, 0.5, 2.0, best["best_f1_threshold"], best["best_exact_match_threshold"]):
+        made = squad.postprocess_predictions(examples, features, start, end, null_answers=True,
+                                             null_threshold=threshold)
+        scored.append((threshold, squad.evaluate(examples, {qid: a.text for qid, a in made.items()})))
+    assert scored[-2][1]["f1"] == pytest.approx(best["best_f1"])
+    assert scored[-1][1]["exact_match"] == pytest.approx(best["best_exact_match"])
+    assert all(s["f1"] <= best["best_f1"] + 1e-9 and s["exact_match"] <= best["best_exact_match"] + 1e-9
+               for _, s in scored)
+    assert 0 < best["best_f1"] < 100 and best["best_f1"] >= squad.evaluate(
+        examples, {qid: a.text for qid, a in answers.items()})["f1"]
 
 
 def null_leaning_model(tokenizer) -> BertForQuestionAnswering:
@@ -168,8 +237,9 @@ def null_leaning_model(tokenizer) -> BertForQuestionAnswering:
     return model
 
 
-def _ask(model_dir: Path, capsys) -> dict:
-    assert cli.main(["ask", str(model_dir), "--question", "Who won Super Bowl 50?", "--context", CONTEXT]) == 0
+def _ask(model_dir: Path, capsys, *flags: str) -> dict:
+    assert cli.main(["ask", str(model_dir), "--question", "Who won Super Bowl 50?", "--context", CONTEXT,
+                     *flags]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -194,6 +264,22 @@ def test_a_model_recorded_as_trained_on_unanswerable_questions_answers_none_in_a
     assert set(json.loads((tmp_path / "nulls.json").read_text()).values()) == {""}
     assert scored["nulls"]["no_answer_f1"] == 100.0 and scored["nulls"]["has_answer_f1"] == 0.0
     assert scored["nulls"]["exact_match"] == pytest.approx(100 * 3 / 9)
+    # The best threshold is reported (here 0: no threshold answers more questions right), and one given is applied.
+    assert scored["nulls"]["null_threshold"] == 0.0 and "null_threshold" not in scored["spans"]
+    assert scored["nulls"]["best_f1"] == pytest.approx(100 * 3 / 9)
+    assert scored["nulls"]["best_f1_threshold"] == 0.0
+    assert "best_f1" not in scored["spans"]
+    assert cli.main(["eval", str(nulls), "--eval-data", str(data), "--no-progress", "--null-threshold", "1e4"]) == 0
+    lenient = json.loads(capsys.readouterr().out)
+    assert lenient["null_threshold"] == 1e4 and lenient["no_answer_f1"] == scored["spans"]["no_answer_f1"]
+    assert lenient["f1"] == pytest.approx(scored["spans"]["f1"])
+    assert _ask(nulls, capsys, "--null-threshold", "1e4")["answer"] == _ask(spans, capsys)["answer"]
+    for flags, problem in ((["--null-threshold", "nan"], "--null-threshold nan: must be a finite number of logits"),
+                           (["--null-threshold", "1"], f"--null-threshold: {spans} answers every question with a "
+                                                       "span (it was not trained on unanswerable questions")):
+        assert cli.main(["ask", str(spans if flags[1] == "1" else nulls), "--question", "Who won?", "--context",
+                         CONTEXT, *flags]) == 2
+        assert problem in capsys.readouterr().err
     # The export keeps the record, and runs as the model it was made of.
     assert cli.main(["export", str(nulls), str(tmp_path / "onnx"), "--questions", "2"]) == 0
     capsys.readouterr()
@@ -249,6 +335,8 @@ def test_a_run_on_unanswerable_questions_records_it_and_scores_with_no_answers(t
                      "--no-progress"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["f1"] == pytest.approx(runs["v2"]["f1"], abs=1e-9) and scored["null_answers"]
+    assert {key: scored[key] for key in BEST} == pytest.approx({key: split[key] for key in BEST}, abs=1e-9)
+    assert split["best_f1"] >= split["f1"] and "best_f1" not in runs["v1"]
     # A teacher that never learned to answer "no answer", distilled from on unanswerable questions: said once.
     warned = {}
     for name in ("v1", "v2"):

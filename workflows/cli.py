@@ -400,6 +400,14 @@ def _recorded_settings(args: argparse.Namespace) -> None:
                                                   else "the default"))
         raise UserError(f"--doc-stride {args.doc_stride}: must be smaller than --max-seq-length "
                         f"({args.max_seq_length}{window}): it is the overlap of consecutive windows")
+    if args.null_threshold is None:
+        args.null_threshold = 0.0
+    elif not math.isfinite(args.null_threshold):
+        raise UserError(f"--null-threshold {args.null_threshold}: must be a finite number of logits")
+    elif not args.null_answers:
+        raise UserError(f"--null-threshold: {getattr(args, 'model_label', args.model_dir)} answers every question "
+                        "with a span (it was not trained on unanswerable questions: its config.json has no "
+                        "fineprune_evaluation.null_answers), so no threshold applies")
 
 
 def _windows(args: argparse.Namespace, model, tokenizer) -> tuple[int, int]:
@@ -474,16 +482,20 @@ def _evaluate(args: argparse.Namespace, source: dict[str, str]) -> int:
     seq, stride = _windows(args, model, tokenizer)
     with (_names_model(args.model_dir), squad.questions_of(data), squad.windows_cut(args.max_seq_length, seq),
           autocast(precision, device)):
-        predictions = squad.predict(model, tokenizer, examples, max_seq_length=seq, doc_stride=stride,
-                                    batch_size=args.batch_size, max_answer_length=args.max_answer_length,
-                                    n_best=args.n_best, device=device, progress=not args.no_progress,
-                                    max_query_length=args.max_query_length, null_answers=args.null_answers)
+        answers = squad.predict_spans(model, tokenizer, examples, max_seq_length=seq, doc_stride=stride,
+                                      batch_size=args.batch_size, max_answer_length=args.max_answer_length,
+                                      n_best=args.n_best, device=device, progress=not args.no_progress,
+                                      max_query_length=args.max_query_length, null_answers=args.null_answers,
+                                      null_threshold=args.null_threshold)
+    predictions = {qid: answer.text for qid, answer in answers.items()}
     metrics = squad.evaluate(examples, predictions, by_answerable=True)  # SQuAD v2.0: with the answerable split
     unanswerable = sum(ex.impossible for ex in examples)
     if unanswerable and not args.null_answers:
         logger.warning("%d of the %d questions are unanswerable, and %s was not trained on unanswerable questions: "
                        "it answers each with a span, scored as a wrong answer", unanswerable, len(examples),
                        getattr(args, "model_label", args.model_dir))
+    elif unanswerable:  # the official v2.0 script's best_exact / best_f1, with their thresholds
+        metrics.update(squad.best_null_thresholds(examples, answers))
     if isinstance(model, OrtQAModel):
         metrics["variant"] = model.variant
     else:
@@ -493,7 +505,8 @@ def _evaluate(args: argparse.Namespace, source: dict[str, str]) -> int:
         metrics["predictions"] = str(args.predictions)
     metrics.update(questions=len(examples), max_seq_length=seq, doc_stride=stride,
                    max_query_length=args.max_query_length, max_answer_length=args.max_answer_length,
-                   n_best=args.n_best, null_answers=args.null_answers, precision=precision, **source)
+                   n_best=args.n_best, null_answers=args.null_answers, precision=precision, **source,
+                   **({"null_threshold": args.null_threshold} if args.null_answers else {}))
     _emit(metrics)
     return 0
 
@@ -536,7 +549,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         with _names_model(args.model_dir), autocast(precision, device):
             result = answer(model, tokenizer, args.question, args.context, max_seq_length=seq, doc_stride=stride,
                             max_answer_length=args.max_answer_length, n_best=args.n_best,
-                            max_query_length=args.max_query_length, null_answers=args.null_answers)
+                            max_query_length=args.max_query_length, null_answers=args.null_answers,
+                            null_threshold=args.null_threshold)
     _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end, **source})
     return 0
 
@@ -854,6 +868,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--n-best", type=int,
                        help="start and end positions of each window tried (the run config's n_best) "
                             + recorded("n_best"))
+        p.add_argument("--null-threshold", type=float, metavar="LOGITS",
+                       help="for a model trained on unanswerable questions (SQuAD v2.0): answer \"no answer\" "
+                            "where it scores more than this above the best span (default: 0, as it was trained; "
+                            "eval on such questions reports the best threshold)")
 
     def training(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> None:
         p = command(name, func, help_text)
