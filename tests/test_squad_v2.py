@@ -296,11 +296,24 @@ def test_a_model_recorded_as_trained_on_unanswerable_questions_answers_none_in_a
     try:
         with mlflow.start_run(experiment_id=experiment):
             info = log_qa_model(nulls, serve_settings({"max_seq_length": "96", "doc_stride": "32"}))
-        served = mlflow.pyfunc.load_model(info.model_uri, model_config={"onnx_variant": "none"})
-        answers = pd.DataFrame(served.predict(pd.DataFrame({"question": ["Who won?"], "context": [CONTEXT]})))
+        question = pd.DataFrame({"question": ["Who won Super Bowl 50?"], "context": [CONTEXT]})
+        served = {threshold: mlflow.pyfunc.load_model(info.model_uri, model_config={"onnx_variant": "none",
+                                                                                     "null_threshold": threshold})
+                  for threshold in (0.0, "1e4")}
+        answers = {threshold: pd.DataFrame(model.predict(question))["answer"].tolist()
+                   for threshold, model in served.items()}
+        with pytest.raises(ValueError, match="model_config null_threshold: must be a finite number of logits, got "
+                                             "'inf'"):
+            mlflow.pyfunc.load_model(info.model_uri, model_config={"null_threshold": "inf"})
+        with mlflow.start_run(experiment_id=experiment):
+            spans_info = log_qa_model(spans, serve_settings({"max_seq_length": "96", "doc_stride": "32"}))
+        configs = [mlflow.models.get_model_info(logged.model_uri).flavors["python_function"]["config"]
+                   for logged in (info, spans_info)]
     finally:
         mlflow.set_tracking_uri(before)
-    assert list(answers["answer"]) == [""]
+    # The threshold is a setting of the logged model answering "no answer" alone (0, as it was trained), and serves.
+    assert configs[0]["null_threshold"] == 0.0 and "null_threshold" not in configs[1]
+    assert answers == {0.0: [""], "1e4": [_ask(spans, capsys)["answer"]]}
 
 
 def test_a_null_answers_record_that_is_not_true_or_false_is_one_line(tokenizer, tmp_path):

@@ -43,8 +43,9 @@ from workflows import record
 from workflows.int8_check import wanted_variant
 from workflows.record import (ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
                               TAG_FINEPRUNE_VERSION, TAG_ONNX, TAG_PRECISION, fineprune_version)
-from workflows.served_model import (MAX_RECORDS, MODEL_CODE, MODEL_FILE, ONNX_VARIANTS, SERVE_DEFAULTS, SERVE_PARAMS,
-                                    SHIPPED_MODULES, SIGNATURE, count_setting, served_variant)
+from workflows.served_model import (MAX_RECORDS, MODEL_CODE, MODEL_FILE, NULL_THRESHOLD, ONNX_VARIANTS,
+                                    SERVE_DEFAULTS, SERVE_PARAMS, SHIPPED_MODULES, SIGNATURE, count_setting,
+                                    served_variant)
 from workflows.version_files import lost_files
 
 __all__ = ["PIP_REQUIREMENTS", "ONNX_SKIPPED", "serve_settings", "measured_precision", "export_for_serving",
@@ -137,9 +138,13 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri``, ``model_id``).
     """
+    from pruning.checkpoint import read_null_answers  # lazy: this module stays light without torch
+
     artifacts = {ARTIFACT_MODEL_DIR: str(model_dir)}
     if onnx_dir is not None:
         artifacts[ARTIFACT_ONNX_DIR] = str(onnx_dir)
+    # A model answering "no answer" takes the threshold it wins by as a setting of its own (0: as it was trained).
+    null = {NULL_THRESHOLD: 0.0} if read_null_answers(model_dir) else {}
     with _shipped_code() as (model_file, code_paths), \
             leaving_out("mlflow.models.model", starting_with(_PARAM_MIRROR)):
         return mlflow.pyfunc.log_model(
@@ -152,7 +157,7 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
             # Logged so that it can be overridden at load (MLflow only overrides logged keys), e.g. with
             # MLFLOW_PYFUNC_INFERENCE_CONFIG='{"onnx_variant": "fp32"}' for `mlflow models serve`.
             model_config={"max_records": MAX_RECORDS, **settings,
-                          "onnx_variant": variant if onnx_dir is not None else "none"},
+                          "onnx_variant": variant if onnx_dir is not None else "none", **null},
             input_example=pd.DataFrame({"question": ["Who wrote it?"], "context": ["It was written by Ann."]}),
             tags={**(tags or {}), TAG_FINEPRUNE_VERSION: fineprune_version()},
         )

@@ -58,6 +58,9 @@ SERVE_DEFAULTS = {key: RunConfig.__dataclass_fields__[param].default for key, pa
 # The most records one request may hold (the inference config's ``max_records``): every window of a request is
 # built before the first batch runs, so an unbounded request could take the server's memory.
 MAX_RECORDS = 256
+# The setting of a model trained on unanswerable questions: "no answer" wins where it scores more than this many
+# logits above the best span (see pruning.squad.postprocess_predictions).
+NULL_THRESHOLD = "null_threshold"
 
 
 def check_precision(recorded: str) -> None:
@@ -158,6 +161,26 @@ def count_setting(settings: Mapping[str, Any], key: str, default: int) -> int:
     return number
 
 
+def null_threshold_setting(settings: Mapping[str, Any], null_answers: bool) -> float:
+    """The served model's ``null_threshold``: a finite number (or its string), 0 if unset; set to anything but 0 on
+    a model that answers every question with a span (``null_answers`` false), refused rather than ignored.
+
+    Raises:
+        ValueError: in one line naming the setting.
+    """
+    value = settings.get(NULL_THRESHOLD, 0.0)
+    try:
+        number = None if isinstance(value, bool) else float(str(value).strip())
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"model_config {NULL_THRESHOLD}: must be a finite number of logits, got {value!r}")
+    if number and not null_answers:
+        raise ValueError(f"model_config {NULL_THRESHOLD} {value!r}: the model answers every question with a span (it "
+                         "was not trained on unanswerable questions), so no threshold applies")
+    return number
+
+
 def torch_served(model, settings: Mapping[str, Any]):
     """``(model, precision)``: a version's packed PyTorch model as its pyfunc serves it, in the precision
     :func:`serving_precision` chooses for the version's ``precision`` setting (bf16: a
@@ -198,7 +221,9 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
     ``max_records``, the most records one request may hold (default :data:`MAX_RECORDS`; more is an HTTP 400);
     ``onnx_variant`` (``int8``, ``fp32`` or ``none``), which of the exported models ONNX Runtime runs (default:
     int8 when the version carries them; ``none``: the PyTorch model); and ``precision``, the one the version was
-    measured in, which the PyTorch model runs in where this CPU supports it (see :func:`serving_precision`).
+    measured in, which the PyTorch model runs in where this CPU supports it (see :func:`serving_precision`); for a
+    model trained on unanswerable questions (SQuAD v2.0), which answers "no answer" (an empty ``answer``),
+    ``null_threshold``, how many logits "no answer" must score above the best span (default 0).
     The counts must be whole numbers >= 1 and the windows leave room for a question: anything else is a one-line
     ValueError when the model loads.
 
@@ -237,6 +262,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = load_tokenizer(model_dir)
         # A model trained on unanswerable questions answers "no answer" (the empty text) where that wins.
         self.null_answers = read_null_answers(model_dir)
+        self.null_threshold = null_threshold_setting(settings, self.null_answers)
         # Every setting is checked here: one set wrong (in the inference config) stops the model from loading,
         # rather than failing every request as if the request were at fault.
         given = {key: count_setting(settings, key, default)
@@ -289,7 +315,8 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
                                      max_seq_length=self.max_seq_length, doc_stride=self.doc_stride,
                                      max_windows=self.max_windows, batch_size=self.batch_size,
                                      max_answer_length=self.max_answer_length, n_best=self.n_best,
-                                     max_query_length=self.max_query_length, null_answers=self.null_answers)
+                                     max_query_length=self.max_query_length, null_answers=self.null_answers,
+                                     null_threshold=self.null_threshold)
         except RecordError as err:
             if (err.index is not None and fields[err.field][err.index] is None
                     and frame[err.field].iloc[err.index] is not None):
