@@ -1,4 +1,6 @@
-"""SQuAD v1.1 and v2.0: loading and validation, model features, span post-processing and the official metrics.
+"""SQuAD v1.1 and v2.0 for a question-answering model: contexts cut into windows, the answer spans read back from a
+model's logits, and models run over a dataset; with the records and files (:mod:`pruning.squad_data`) and the
+official metric (:mod:`pruning.squad_metric`) it builds on, so that ``squad`` names the whole task.
 
 Everything here is a module-level function with explicit arguments, so that training, evaluation, inference and the
 tests share one implementation:
@@ -17,27 +19,24 @@ tests share one implementation:
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import gzip
-import json
 import logging
 import math
 import re
-import string
 import unicodedata
-import zlib
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import parser_limit
+# The records, files and metric, named here too: ``squad.load_squad``, ``squad.evaluate``, ...
+from .squad_data import Answer, Example, SquadFormatError, load_predictions, load_squad, lone_surrogate, short_repr
+from .squad_metric import (best_null_thresholds, evaluate, exact_match_score, f1_score, f1_score_v2,
+                           metric_max_over_ground_truths, normalize_answer, question_f1, score_files)
 
 __all__ = [
     "SquadFormatError",
@@ -69,6 +68,7 @@ __all__ = [
     "f1_score_v2",
     "metric_max_over_ground_truths",
     "evaluate",
+    "best_null_thresholds",
     "question_f1",
     "score_files",
     "prepare_train_features",
@@ -88,14 +88,6 @@ _TOKENIZE_CHUNK = 1000
 # prefix doubles until it holds more tokens than are kept, or the whole question.
 _CHARS_PER_TOKEN = 8
 _WHITESPACE = re.compile(r"\s")
-_GZIP_MAGIC = b"\x1f\x8b"
-# Half of a UTF-16 surrogate pair: JSON escapes it ("\\ud83d") and Python reads it, but it is no character, and
-# the tokenizer, like any UTF-8 writer, refuses it.
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-class SquadFormatError(ValueError):
-    """A SQuAD data or predictions file is unreadable or malformed; the message names the file and the question."""
 
 
 class QuestionError(SquadFormatError):
@@ -143,587 +135,6 @@ def questions_of(path: str | Path) -> Iterator[None]:
 
 class NonFiniteLogits(ValueError):
     """A model gave NaN or infinite start/end logits on context tokens, where no span can be ranked."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """One question with its context and gold answers (``answers[i]`` starts at character ``answer_starts[i]``;
-    ``answer_starts`` is empty for a question read for scoring whose answers do not all give their start).
-    ``impossible``: an unanswerable question (SQuAD v2.0), without answers: its right answer is no answer."""
-
-    id: str
-    title: str
-    context: str
-    question: str
-    answers: tuple[str, ...] = ()
-    answer_starts: tuple[int, ...] = ()
-    impossible: bool = False
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A predicted span: ``context[start:end] == text``; ``score`` is its start logit plus its end logit.
-
-    A model that answers "no answer" (SQuAD v2.0, :func:`postprocess_predictions` with ``null_answers``) also gives
-    ``null_margin``, how much the question's "no answer" scores above its best span (inf when it has no span): the
-    answer is "no answer" where that exceeds the threshold the predictions were made with, and is then the empty
-    text with the score of "no answer", and ``span`` the best span it beat (None without one).
-    """
-
-    text: str
-    score: float
-    start: int
-    end: int
-    null_margin: float | None = None
-    span: Answer | None = None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reading files
-# --------------------------------------------------------------------------------------------------------------
-
-def _short(text: str, limit: int = 40) -> str:
-    """``repr`` of a text cut to ``limit`` characters, so that messages stay on one line."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-class _JsonLines(list):
-    """The values of a JSON Lines file, one per non-empty line, in order; ``lines[i]``: the line of value ``i``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[int] = []
-
-
-def _read_json(path: Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None,
-               lines: bool = False) -> Any:
-    """The JSON value of ``path`` (gzip-compressed or not; UTF-8, or UTF-16 with its mark); with ``lines``, a file
-    of one JSON value per line (JSON Lines) is read as the :class:`_JsonLines` list of them."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SquadFormatError(f"{path}: cannot read file ({exc.strerror or exc})") from None
-    if raw[:2] == _GZIP_MAGIC:  # a compressed download (train-v1.1.json.gz) is read as it is
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise SquadFormatError(f"{path}: a damaged gzip file ({exc})") from None
-    if not raw.strip():
-        raise SquadFormatError(f"{path}: empty file")
-    # UTF-8, with or without a byte-order mark; UTF-16 only with its mark (what Windows editors and PowerShell's
-    # redirection write).
-    utf16 = raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
-    try:
-        text = raw.decode("utf-16" if utf16 else "utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise SquadFormatError(f"{path}: invalid {'UTF-16' if utf16 else 'UTF-8'} at byte {exc.start}") from None
-    try:
-        return json.loads(text, object_pairs_hook=object_pairs_hook)
-    except json.JSONDecodeError as exc:
-        # One JSON value per line (JSON Lines) parses up to its first line break, then finds more.
-        json_lines = exc.msg == "Extra data" and exc.colno == 1
-        if json_lines and lines:
-            return _json_lines(path, text, object_pairs_hook)
-        hint = " (JSON Lines? the file must be one JSON object)" if json_lines else ""
-        raise SquadFormatError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-                               f"{hint}") from None
-    except (RecursionError, ValueError) as exc:
-        if (limit := parser_limit(exc)) is None:
-            raise
-        raise SquadFormatError(f"{path}: not readable JSON ({limit})") from None
-
-
-def _json_lines(path: Path, text: str, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None
-                ) -> _JsonLines:
-    values = _JsonLines()
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            values.append(json.loads(line, object_pairs_hook=object_pairs_hook))
-        except json.JSONDecodeError as exc:
-            raise SquadFormatError(f"{path}: invalid JSON at line {number} column {exc.colno}: {exc.msg}") from None
-        values.lines.append(number)
-    return values
-
-
-# A question written as one flat record, as HuggingFace ``datasets`` writes SQuAD, instead of nested in paragraphs.
-_FLAT_KEYS = frozenset({"context", "question", "answers"})
-
-
-def _flat_record(value: Any) -> bool:
-    """Whether ``value`` (or the first item of a list) is a flat per-question record (HuggingFace ``datasets``)."""
-    if isinstance(value, list) and value:
-        value = value[0]
-    return isinstance(value, dict) and _FLAT_KEYS <= value.keys()
-
-
-def _get(obj: Any, key: str, kind: type, fail: Callable[[str], SquadFormatError]) -> Any:
-    if not isinstance(obj, dict):
-        raise fail(f"expected a JSON object, got {type(obj).__name__}")
-    if key not in obj:
-        raise fail(f"missing {key!r}")
-    value = obj[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise fail(f"{key!r} must be a {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-def lone_surrogate(text: str) -> str | None:
-    """Where ``text`` holds a lone surrogate, which no tokenizer takes: e.g. ``"\\ud83d at character 7"``; None when
-    it holds none.
-
-    JSON's ``"\\ud83d"`` escape without its partner (half of an emoji cut off where a file or request was written)
-    and a command-line argument that is not valid UTF-8 (Python keeps each undecodable byte as one) read as such.
-    """
-    bad = _SURROGATE.search(text)
-    return None if bad is None else f"\\u{ord(bad.group()):04x} at character {bad.start()}"
-
-
-def _text(obj: dict, key: str, fail: Callable[[str], SquadFormatError]) -> str:
-    """``obj[key]``, a string that holds only characters: a lone surrogate escape is refused."""
-    value = _get(obj, key, str, fail)
-    bad = lone_surrogate(value)
-    if bad is not None:
-        raise fail(f"{key!r} holds a lone surrogate {bad}, which is not a character (half of one cut off where "
-                   "the file was written)")
-    return value
-
-
-def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -> list[Example]:
-    """Read and validate a SQuAD v1.1 or v2.0 JSON file (gzip-compressed or not).
-
-    The file must hold at least one question. Every question must have an ``id`` (unique in the file), a non-empty
-    ``question``, a non-empty ``context`` and at least one answer whose ``answer_start`` points at its ``text`` in
-    the paragraph's ``context`` (with ``spans`` False, an answer's ``answer_start`` may be off or left out); or be
-    unanswerable, as SQuAD v2.0 marks one: ``"is_impossible": true`` and no ``answers`` (its ``plausible_answers``
-    are not read). The flat records HuggingFace ``datasets`` writes SQuAD as (JSON Lines, a JSON list, or
-    ``{"data": [...]}`` of records with ``id``, ``title``, ``context``, ``question`` and ``answers: {"text": [...],
-    "answer_start": [...]}``, empty lists for an unanswerable question) are read as the same questions.
-
-    Args:
-        path: the JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``, or flat records).
-        limit: keep only the first ``limit`` questions (only those are validated); None keeps all. A file with
-            fewer questions is read whole, with one warning that says so.
-        spans: check that each ``answer_start`` points at its text. Training needs that; the metric reads the
-            answer texts only, so scoring (as the official evaluation script does) takes a file whose
-            ``answer_start`` values are off or left out.
-
-    Returns:
-        The questions in file order.
-
-    Raises:
-        SquadFormatError: the file is missing, empty, not UTF-8, not JSON, malformed or holds no question; the message
-            names the file and the question id (or its JSON path when the id itself is missing).
-    """
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    path = Path(path)
-    root = _read_json(path, lines=True)
-
-    def at(where: str) -> Callable[[str], SquadFormatError]:
-        return lambda message: SquadFormatError(f"{path}: {where}: {message}")
-
-    flat = _flat_records(root)
-    if flat is not None:
-        questions = _flat_questions(flat, at)
-    else:
-        if not isinstance(root, dict) or "data" not in root:
-            raise SquadFormatError(f"{path}: missing 'data' (not a SQuAD file)")
-        version = root.get("version")
-        if version is not None and str(version).removeprefix("v") not in ("1.1", "2.0"):
-            logger.warning("%s: version %r, expected SQuAD v1.1 or v2.0", path, version)
-        questions = _nested_questions(_get(root, "data", list, at("top level")), at)
-
-    examples: list[Example] = []
-    first_seen: dict[str, str] = {}
-    for where, title, context, qa in questions:
-        qid = _text(qa, "id", at(where))
-        if not qid:
-            raise at(where)("empty 'id'")
-        example = _parse_question(qa, qid, title, context, at(f"question {qid} ({where})"), spans)
-        if qid in first_seen:
-            raise at(f"question {qid} ({where})")(f"duplicate id (first at {first_seen[qid]})")
-        first_seen[qid] = where
-        examples.append(example)
-        if limit is not None and len(examples) == limit:
-            return examples
-    if not examples:
-        raise SquadFormatError(f"{path}: data: no questions (the file holds no paragraph with a question)")
-    if limit is not None:
-        logger.warning("%s: holds %d questions, fewer than the %d asked for: all %d are used", path, len(examples),
-                       limit, len(examples))
-    return examples
-
-
-def _nested_questions(data: list, at: Callable[[str], Callable[[str], SquadFormatError]]
-                      ) -> Iterator[tuple[str, str, str, Any]]:
-    """(where, title, context, question record) of each question of SQuAD's ``data`` list of articles."""
-    for a, article in enumerate(data):
-        where = f"data[{a}]"
-        paragraphs = _get(article, "paragraphs", list, at(where))
-        title = article.get("title", "")
-        if not isinstance(title, str):
-            raise at(where)(f"'title' must be a str, got {type(title).__name__}")
-        for p, paragraph in enumerate(paragraphs):
-            where = f"data[{a}].paragraphs[{p}]"
-            context = _text(paragraph, "context", at(where))
-            qas = _get(paragraph, "qas", list, at(where))
-            if qas and not context.strip():  # its questions would score 0 with an empty answer, unexplained
-                raise at(where)(f"empty 'context' for {len(qas)} question{'s' if len(qas) > 1 else ''}")
-            for q, qa in enumerate(qas):
-                yield f"data[{a}].paragraphs[{p}].qas[{q}]", title, context, qa
-
-
-def _flat_records(root: Any) -> tuple[list, Callable[[int], str]] | None:
-    """The flat question records of a file in HuggingFace ``datasets``' layout, and how to name record ``i`` (its
-    line, or its place in the list); None for the nested SQuAD layout.
-
-    ``datasets`` writes SQuAD as JSON Lines (``Dataset.to_json``), or as a JSON list or a ``{"data": [...]}`` object
-    of records, each question with its ``context`` and ``answers: {"text": [...], "answer_start": [...]}``.
-    """
-    if isinstance(root, _JsonLines):
-        return root, lambda i: f"line {root.lines[i]}"
-    if isinstance(root, dict) and _flat_record(root):  # a JSON Lines file of one record
-        return [root], lambda i: "line 1"
-    if isinstance(root, list) and root and isinstance(root[0], dict) and "paragraphs" not in root[0]:
-        return root, lambda i: f"[{i}]"  # (a list of articles is SQuAD's "data" without its object)
-    data = root.get("data") if isinstance(root, dict) else None
-    if isinstance(data, list) and _flat_record(data):
-        return data, lambda i: f"data[{i}]"
-    return None
-
-
-def _flat_questions(flat: tuple[list, Callable[[int], str]], at: Callable[[str], Callable[[str], SquadFormatError]]
-                    ) -> Iterator[tuple[str, str, str, Any]]:
-    """(where, title, context, question record in SQuAD's nested form) of each flat record: its ``answers`` lists
-    become answer objects, and empty ones an unanswerable question (as ``datasets`` writes SQuAD v2.0's)."""
-    records, name = flat
-    for i, record in enumerate(records):
-        where = name(i)
-        if not isinstance(record, dict):
-            raise at(where)(f"expected a question record (a JSON object), got {type(record).__name__}")
-        qid = _text(record, "id", at(where))
-        if not qid:
-            raise at(where)("empty 'id'")
-        fail = at(f"question {qid} ({where})")
-        title = record.get("title", "")
-        if not isinstance(title, str):
-            raise fail(f"'title' must be a str, got {type(title).__name__}")
-        context = _text(record, "context", fail)
-        if not context.strip():
-            raise fail("empty 'context'")
-        answers = _get(record, "answers", dict, fail)
-        texts = _get(answers, "text", list, lambda m: fail(f"answers: {m}"))
-        starts = _get(answers, "answer_start", list, lambda m: fail(f"answers: {m}"))
-        if len(texts) != len(starts):
-            raise fail(f"answers: {len(texts)} texts but {len(starts)} answer_start values")
-        qa = {key: record[key] for key in ("id", "question") if key in record}
-        qa["answers"] = [{"text": text, "answer_start": start} for text, start in zip(texts, starts)]
-        qa["is_impossible"] = record.get("is_impossible", not texts)
-        yield where, title, context, qa
-
-
-def _parse_question(qa: dict, qid: str, title: str, context: str, fail: Callable[[str], SquadFormatError],
-                    spans: bool = True) -> Example:
-    question = _text(qa, "question", fail)
-    if not question.strip():
-        raise fail("empty question")
-    impossible = qa.get("is_impossible", False)
-    if not isinstance(impossible, bool):
-        raise fail(f"'is_impossible' must be true or false, got {impossible!r}")
-    answers = _get(qa, "answers", list, fail)
-    if impossible:  # SQuAD v2.0: no answer is the right one; plausible_answers are distractors, not gold
-        if answers:
-            raise fail(f"'is_impossible' is true, but it has {len(answers)} answer{'s' if len(answers) > 1 else ''} "
-                       "(an unanswerable question has none)")
-        return Example(id=qid, title=title, context=context, question=question, impossible=True)
-    if not answers:
-        raise fail("no answers (an unanswerable question says \"is_impossible\": true, as in SQuAD v2.0)")
-    texts, starts = [], []
-    for k, answer in enumerate(answers):
-        text = _get(answer, "text", str, fail)
-        if not text.strip():  # whitespace alone: no token to label, so training would take it for no answer
-            raise fail(f"answer {k} has an empty text{' (only whitespace)' if text else ''}")
-        texts.append(text)
-        if not spans and "answer_start" not in answer:  # the metric reads the text alone, as the official script
-            continue
-        start = _get(answer, "answer_start", int, fail)
-        if spans and (not 0 <= start <= len(context) - len(text) or context[start:start + len(text)] != text):
-            found = context.find(text)
-            if found >= 0:
-                hint = f" (the text occurs at {found})"
-            elif unicodedata.normalize("NFC", text) in unicodedata.normalize("NFC", context):
-                # The same letters written another way: composed (é) in one, a base letter and a combining mark
-                # (e + U+0301) in the other, as macOS and some editors write them.
-                hint = (" (the text is in the context with its accents composed differently: normalize the file's "
-                        "texts to one Unicode form, NFC)")
-            else:
-                hint = " (the text is not in the context)"
-            raise fail(f"answer {k} {_short(text)} is not at answer_start {start} of its context{hint}")
-        starts.append(start)
-    return Example(id=qid, title=title, context=context, question=question, answers=tuple(texts),
-                   answer_starts=tuple(starts) if len(starts) == len(texts) else ())
-
-
-def load_predictions(path: str | Path) -> dict[str, str]:
-    """Read official-format predictions: one JSON object ``{question id: answer text}`` (gzip-compressed or not).
-
-    Raises:
-        SquadFormatError: the file is missing, empty, not UTF-8, not JSON, not an object of strings, or repeats an id.
-    """
-    path = Path(path)
-
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise SquadFormatError(f"{path}: question {key}: duplicate id")
-            result[key] = value
-        return result
-
-    root = _read_json(path, object_pairs_hook=unique)
-    if not isinstance(root, dict):
-        raise SquadFormatError(f"{path}: expected a JSON object {{question id: answer text}}, "
-                               f"got {type(root).__name__}")
-    if isinstance(root.get("data"), list):  # the data file, given twice or in the predictions' place
-        raise SquadFormatError(f"{path}: a SQuAD data file ('data' holds its articles), not predictions "
-                               "{question id: answer text}")
-    for qid, text in root.items():
-        if not isinstance(text, str):
-            raise SquadFormatError(f"{path}: question {qid}: the prediction must be a string, "
-                                   f"got {type(text).__name__}")
-    return root
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The official v1.1 metric
-# --------------------------------------------------------------------------------------------------------------
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = frozenset(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop ASCII punctuation, drop the articles a/an/the, and collapse whitespace (in that order)."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def exact_match_score(prediction: str, ground_truth: str) -> float:
-    """1.0 when both texts normalise to the same string, else 0.0."""
-    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
-
-
-def f1_score(prediction: str, ground_truth: str) -> float:
-    """Token F1 of the normalised texts: ``2PR / (P + R)`` over the multiset of shared tokens (0 when none)."""
-    pred_tokens = normalize_answer(prediction).split()
-    gold_tokens = normalize_answer(ground_truth).split()
-    same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
-    if same == 0:
-        return 0.0
-    precision = same / len(pred_tokens)
-    recall = same / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-def f1_score_v2(prediction: str, ground_truth: str) -> float:
-    """The official SQuAD v2.0 token F1: as :func:`f1_score`, except that when either text normalises to no token
-    (no answer, or one such as "the"), it is 1.0 if both do and 0.0 otherwise."""
-    pred_tokens = normalize_answer(prediction).split()
-    gold_tokens = normalize_answer(ground_truth).split()
-    if not pred_tokens or not gold_tokens:
-        return float(pred_tokens == gold_tokens)
-    return f1_score(prediction, ground_truth)
-
-
-def metric_max_over_ground_truths(metric_fn: Callable[[str, str], float], prediction: str,
-                                  ground_truths: Sequence[str]) -> float:
-    """The best ``metric_fn(prediction, gold)`` over the gold answers."""
-    if not ground_truths:
-        raise ValueError("no gold answers to score against")
-    return max(metric_fn(prediction, gold) for gold in ground_truths)
-
-
-def _gold_answers(examples_or_dataset: Any) -> Iterator[tuple[str, list[str], bool]]:
-    """(id, gold texts, unanswerable) from a list of :class:`Example`, a raw ``data`` list of articles, or a whole
-    SQuAD dict."""
-    source = examples_or_dataset
-    if isinstance(source, Mapping):
-        if "data" not in source:
-            raise ValueError("a dataset mapping must have a 'data' list (the parsed SQuAD JSON)")
-        source = source["data"]
-    for item in source:
-        if isinstance(item, Example):
-            yield item.id, list(item.answers), item.impossible
-        elif isinstance(item, Mapping) and "paragraphs" in item:
-            for paragraph in item["paragraphs"]:
-                for qa in paragraph["qas"]:
-                    yield qa["id"], [answer["text"] for answer in qa["answers"]], qa.get("is_impossible") is True
-        else:
-            raise ValueError(f"expected Example objects or SQuAD articles, got {type(item).__name__}")
-
-
-def _question_scores(golds: Sequence[tuple[str, list[str], bool]], predictions: Mapping[str, str]
-                     ) -> list[tuple[float, float] | None]:
-    """(EM, F1) of each question's prediction (None where it has none), by the v1.1 rules, or by the v2.0 ones
-    where any question is unanswerable: gold texts that normalise to nothing are left out, an unanswerable
-    question's one gold answer is the empty text, and F1 is :func:`f1_score_v2`."""
-    v2 = any(impossible for _, _, impossible in golds)
-    f1_fn = f1_score_v2 if v2 else f1_score
-    scores: list[tuple[float, float] | None] = []
-    for qid, texts, _ in golds:
-        if qid not in predictions:
-            scores.append(None)
-            continue
-        if v2:
-            texts = [text for text in texts if normalize_answer(text)] or [""]
-        prediction = predictions[qid]
-        scores.append((metric_max_over_ground_truths(exact_match_score, prediction, texts),
-                       metric_max_over_ground_truths(f1_fn, prediction, texts)))
-    return scores
-
-
-def evaluate(examples_or_dataset: Any, predictions: Mapping[str, str], by_answerable: bool = False
-             ) -> dict[str, float]:
-    """The official SQuAD exact match and F1, in percent, averaged over every question of the dataset: v1.1's, or
-    v2.0's where any question is unanswerable (see :func:`_question_scores`; on answerable questions alone the two
-    differ only for a gold text that normalises to nothing).
-
-    A question without a prediction scores 0 (one warning gives their number); predictions for unknown ids are
-    ignored.
-
-    Args:
-        examples_or_dataset: a list of :class:`Example`, the ``data`` list of a SQuAD JSON file, or the whole file.
-        predictions: question id -> predicted answer text (the empty text: no answer).
-        by_answerable: for a dataset with unanswerable questions, add the official v2.0 script's split: EM, F1 and
-            the number of questions over the answerable ones (``has_answer_exact_match``, ``has_answer_f1``,
-            ``has_answer_questions``) and over the unanswerable ones (``no_answer_...``).
-
-    Returns:
-        ``{"exact_match": 100 * sum(EM) / n, "f1": 100 * sum(F1) / n}`` (and the split).
-    """
-    golds = list(_gold_answers(examples_or_dataset))
-    if not golds:
-        raise ValueError("the dataset has no questions to evaluate")
-    scores = _question_scores(golds, predictions)
-    unanswered = sum(score is None for score in scores)
-    if unanswered:
-        logger.warning("%d of %d questions have no prediction and score 0", unanswered, len(golds))
-
-    def mean(rows: list[tuple[float, float] | None], which: int) -> float:
-        return 100.0 * sum(row[which] for row in rows if row is not None) / len(rows) if rows else 0.0
-
-    result = {"exact_match": mean(scores, 0), "f1": mean(scores, 1)}
-    if by_answerable and any(impossible for _, _, impossible in golds):
-        for name, impossible in (("has_answer", False), ("no_answer", True)):
-            rows = [score for score, (_, _, flag) in zip(scores, golds) if flag is impossible]
-            result.update({f"{name}_exact_match": mean(rows, 0), f"{name}_f1": mean(rows, 1),
-                           f"{name}_questions": len(rows)})
-    return result
-
-
-def best_null_thresholds(examples_or_dataset: Any, answers: Mapping[str, Answer]) -> dict[str, float]:
-    """The exact match and F1 (percent) the answers would score with the best "no answer" threshold, and that
-    threshold: SQuAD v2.0's ``best_exact`` / ``best_f1`` of the official script, whose no-answer probabilities are
-    here each answer's :attr:`Answer.null_margin`.
-
-    With threshold ``t`` a question is answered "no answer" where its margin exceeds ``t``, and with its best span
-    elsewhere. The score changes only at the margins, so every interval between two neighbouring margins is tried;
-    of those scoring best, the one holding 0 (the threshold the model was trained to, so no change is asked for) or
-    else the nearest to it is taken, and its middle reported (one logit beyond the outermost margin for the
-    intervals below the lowest and above the highest).
-
-    Args:
-        examples_or_dataset: the questions (as for :func:`evaluate`).
-        answers: question id -> answer, made with ``null_answers`` (:func:`postprocess_predictions`); a question
-            without one scores 0 at every threshold.
-
-    Returns:
-        ``best_exact_match``, ``best_exact_match_threshold``, ``best_f1``, ``best_f1_threshold``.
-
-    Raises:
-        ValueError: no questions, or an answer without a margin (made without ``null_answers``).
-    """
-    golds = list(_gold_answers(examples_or_dataset))
-    if not golds:
-        raise ValueError("the dataset has no questions to evaluate")
-    answered = [qid for qid, _, _ in golds if qid in answers]
-    if any(answers[qid].null_margin is None for qid in answered):
-        raise ValueError("the answers give no \"no answer\" margin: predict them with null_answers")
-    spans = {qid: answers[qid].span.text if answers[qid].span is not None else answers[qid].text
-             for qid in answered}
-    with_span = _question_scores(golds, spans)
-    with_null = _question_scores(golds, dict.fromkeys(answered, ""))
-    rows = [(answers[qid].null_margin, span, null) for (qid, _, _), span, null in zip(golds, with_span, with_null)
-            if span is not None]
-    order = sorted(rows, key=lambda row: row[0])
-    sorted_margins = np.array([margin for margin, _, _ in order], dtype=np.float64)
-    # The thresholds: one inside each interval [lows[i], highs[i]) the margins cut the line into, lowest first; at
-    # a threshold there, the questions whose margin is at most lows[i] take their span, the others "no answer".
-    margins = sorted({margin for margin, _, _ in rows if math.isfinite(margin)})
-    lows = np.array([-math.inf, *margins])
-    highs = np.array([*margins, math.inf])
-    spans_taken = np.searchsorted(sorted_margins, lows, side="right")
-    result: dict[str, float] = {}
-    for which, name in ((0, "exact_match"), (1, "f1")):
-        gain = np.concatenate([[0.0], np.cumsum([span[which] - null[which] for _, span, null in order])])
-        totals = sum(null[which] for _, _, null in order) + gain[spans_taken]
-        best = float(totals.max())
-        candidates = np.flatnonzero(totals >= best - 1e-9)
-        holds_zero = (lows <= 0) & (highs > 0)
-        distance = np.where(holds_zero, 0.0, np.minimum(np.abs(lows), np.abs(highs)))
-        i = int(candidates[np.argmin(distance[candidates])])
-        low, high = float(lows[i]), float(highs[i])
-        if holds_zero[i]:
-            threshold = 0.0
-        elif not math.isfinite(low):
-            threshold = high - 1.0
-        elif not math.isfinite(high):
-            threshold = low + 1.0
-        else:
-            threshold = (low + high) / 2
-        result[f"best_{name}"] = 100.0 * best / len(golds)
-        result[f"best_{name}_threshold"] = threshold
-    return result
-
-
-def question_f1(examples: Sequence[Example], predictions: Mapping[str, str]) -> list[float]:
-    """The official F1 (percent) of each question's prediction, in the order of ``examples``; a question without a
-    prediction scores 0. Their mean is :func:`evaluate`'s ``f1``; two models' lists pair question by question."""
-    scores = _question_scores([(ex.id, list(ex.answers), ex.impossible) for ex in examples], predictions)
-    return [0.0 if score is None else 100.0 * score[1] for score in scores]
-
-
-def score_files(data_path: str | Path, predictions_path: str | Path) -> dict[str, float]:
-    """Score an official-format predictions file against a SQuAD v1.1 or v2.0 data file (both validated; the
-    answers' ``answer_start`` values are not read, as the official evaluation scripts do not read them); for a file
-    with unanswerable questions, with the answerable / unanswerable split of :func:`evaluate`.
-
-    Predictions may cover only some of the questions (those left out score 0, as in :func:`evaluate`); predictions
-    for questions the data file does not hold are ignored, with one warning giving their number.
-
-    Raises:
-        SquadFormatError: either file is malformed, or no prediction is for a question of the data file (the
-            predictions of another dataset, or an empty object), which would score 0 for every question.
-    """
-    examples = load_squad(data_path, spans=False)
-    predictions = load_predictions(predictions_path)
-    questions = {ex.id for ex in examples}
-    unknown = [qid for qid in predictions if qid not in questions]
-    if not predictions:
-        raise SquadFormatError(f"{predictions_path}: no predictions (an empty object): every question of {data_path} "
-                               "would score 0")
-    if len(unknown) == len(predictions):
-        raise SquadFormatError(f"{predictions_path}: none of its {len(predictions)} question ids (first: "
-                               f"{_short(unknown[0])}) is in {data_path} (first there: {_short(examples[0].id)}); "
-                               "predictions for another dataset?")
-    if unknown:
-        logger.warning("%s: %d of %d predictions are for questions not in %s (first: %s); they are ignored",
-                       predictions_path, len(unknown), len(predictions), data_path, _short(unknown[0]))
-    return evaluate(examples, predictions, by_answerable=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -906,7 +317,7 @@ def _check_tokens(examples: Sequence[Example], questions: list[str], tokenizer: 
         ids = tokenize_text(tokenizer, [texts[i] for i in suspects], add_special_tokens=False)["input_ids"]
         for i, tokens in zip(suspects, ids):
             if not tokens:
-                raise QuestionWithoutTokens(f"question {examples[i].id}: its {field} {_short(texts[i])} has no "
+                raise QuestionWithoutTokens(f"question {examples[i].id}: its {field} {short_repr(texts[i])} has no "
                                             "tokens the model reads (only characters the tokenizer drops, such as "
                                             "zero-width spaces or control characters)")
 
@@ -1093,8 +504,8 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
                 spans[sample] = None if ex.impossible else _token_span(
                     offsets[mapping == sample], *_trimmed_span(ex.answers[0], ex.answer_starts[0]))
                 if spans[sample] is None and not ex.impossible:  # every window would label it "no answer" (CLS)
-                    raise QuestionWithoutTokens(f"question {ex.id}: its answer {_short(ex.answers[0])} has no tokens "
-                                                "the model reads (only characters the tokenizer drops, such as "
+                    raise QuestionWithoutTokens(f"question {ex.id}: its answer {short_repr(ex.answers[0])} has no "
+                                                "tokens the model reads (only characters the tokenizer drops, such as "
                                                 "zero-width spaces or control characters)")
             start, end = (0, 0) if spans[sample] is None else _answer_tokens(offsets[i], *spans[sample])
             starts.append(start)

@@ -597,7 +597,7 @@ def _model_source(args: argparse.Namespace) -> Iterator[dict[str, str]]:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from pruning.resources import resolve_data
-    from pruning.squad import score_files
+    from pruning.squad_metric import score_files  # the metric alone: scoring needs no torch
 
     _emit(score_files(resolve_data(args.data), args.predictions))
     return 0

@@ -19,7 +19,7 @@ USER_ERRORS = (
     ("pruning.checkpoint", "CheckpointError"),
     ("pruning.trainer", "TrainingDiverged"),
     ("pruning.resources", "ResourceError"),
-    ("pruning.squad", "SquadFormatError"),
+    ("pruning.squad_data", "SquadFormatError"),
     ("pruning.squad", "NonFiniteLogits"),
     ("pruning.packing", "PackingError"),
     ("pruning.export", "ExportError"),
