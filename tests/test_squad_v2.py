@@ -251,8 +251,11 @@ def test_a_model_recorded_as_trained_on_unanswerable_questions_answers_none_in_a
     nulls = save_model(model, tokenizer, tmp_path / "nulls", evaluation={"max_seq_length": 96, "doc_stride": 32,
                                                                           "null_answers": True})
     assert not read_null_answers(spans) and read_null_answers(nulls)
-    assert _ask(spans, capsys)["answer"] and _ask(nulls, capsys) == {"answer": "", "score": pytest.approx(
-        _ask(nulls, capsys)["score"]), "start": 0, "end": 0}
+    span, null = _ask(spans, capsys), _ask(nulls, capsys)
+    assert span["answer"] and "null_margin" not in span
+    assert null == {"answer": "", "score": pytest.approx(null["score"]), "start": 0, "end": 0,
+                    "null_margin": pytest.approx(null["score"] - span["score"], abs=1e-4),
+                    "best_span": span["answer"]}
 
     data = v2_file(tmp_path / "v2.json", questions=9)
     scored = {}
@@ -273,7 +276,9 @@ def test_a_model_recorded_as_trained_on_unanswerable_questions_answers_none_in_a
     lenient = json.loads(capsys.readouterr().out)
     assert lenient["null_threshold"] == 1e4 and lenient["no_answer_f1"] == scored["spans"]["no_answer_f1"]
     assert lenient["f1"] == pytest.approx(scored["spans"]["f1"])
-    assert _ask(nulls, capsys, "--null-threshold", "1e4")["answer"] == _ask(spans, capsys)["answer"]
+    asked = _ask(nulls, capsys, "--null-threshold", "1e4")
+    assert asked["answer"] == span["answer"] and asked["null_margin"] == null["null_margin"]
+    assert "best_span" not in asked
     for flags, problem in ((["--null-threshold", "nan"], "--null-threshold nan: must be a finite number of logits"),
                            (["--null-threshold", "1"], f"--null-threshold: {spans} answers every question with a "
                                                        "span (it was not trained on unanswerable questions")):

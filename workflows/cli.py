@@ -551,7 +551,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
                             max_answer_length=args.max_answer_length, n_best=args.n_best,
                             max_query_length=args.max_query_length, null_answers=args.null_answers,
                             null_threshold=args.null_threshold)
-    _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end, **source})
+    margin = {}
+    if result.null_margin is not None and math.isfinite(result.null_margin):  # a model answering "no answer"
+        margin["null_margin"] = result.null_margin
+        if result.span is not None:  # "no answer" won: the span it beat
+            margin["best_span"] = result.span.text
+    _emit({"answer": result.text, "score": float(result.score), "start": result.start, "end": result.end, **margin,
+           **source})
     return 0
 
 

@@ -33,7 +33,7 @@ from workflows.record import ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, TAG_ONNX
 
 __all__ = ["PackedQAModel", "RequestError", "SIGNATURE", "SERVE_DEFAULTS", "SERVE_PARAMS", "MAX_RECORDS",
            "ONNX_VARIANTS", "SHIPPED_MODULES", "MODEL_CODE", "MODEL_FILE", "count_setting", "served_variant",
-           "serving_precision", "torch_served", "check_precision"]
+           "serving_precision", "torch_served", "check_precision", "NULL_THRESHOLD", "null_threshold_setting"]
 
 # The modules of ``workflows`` a logged version carries (as the package ``workflows`` holding only these).
 SHIPPED_MODULES = ("record", "served_model")
