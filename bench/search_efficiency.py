@@ -257,7 +257,8 @@ def _optuna_sampler(name: str, seed: int):
     """``tpe``, ``mvtpe`` (``tpe`` with ``multivariate: true``), ``gp``, ``nsga2`` (population 8) or ``random``,
     built as a sweep builds it; ``tpe:4``, ``mvtpe:4`` and ``gp:4`` start the model after 4 random trials instead
     of Optuna's 10."""
-    from workflows.space import SAMPLERS, SamplerSpec, optuna_sampler
+    from workflows.space import SAMPLERS, SamplerSpec
+    from workflows.tune_search import optuna_sampler
 
     kind, _, startup = name.partition(":")
     multivariate = kind == "mvtpe"

@@ -17,7 +17,8 @@ from test_space import BASE_SPACE
 
 from workflows.distinct import (DistinctConfigurations, EnqueueingOptunaSearch, configuration_key, nearest_untried,
                                 snap)
-from workflows.space import load_space, param_space, search_algorithm
+from workflows.space import load_space
+from workflows.tune_search import ladders, param_space, search_algorithm
 
 DISCRETE = {"target_density": {"type": "choice", "values": [0.3, 0.5]},
             "temperature": {"type": "choice", "values": [2, 8]}}
@@ -192,7 +193,7 @@ def test_a_tune_run_over_a_small_discrete_space_runs_each_configuration_once(tmp
     import ray
     from ray import tune
 
-    from workflows.space import tune_config_kwargs
+    from workflows.tune_search import tune_config_kwargs
 
     space = load_space(_space(tmp_path, DISCRETE, num_samples=10, max_concurrent=2))
 
@@ -242,8 +243,8 @@ def test_the_nearest_untried_configuration_counts_steps_along_the_ladders():
 
 
 def test_a_sampler_rounding_a_value_differently_still_names_the_same_configuration():
-    ladders = {"alpha_distil": [0.5, 0.6, 0.7], "block": [[32, 32], [32, 384]]}
-    assert snap({"alpha_distil": 0.7000000000000001, "block": [32, 384]}, ladders) == {"alpha_distil": 0.7,
+    values = {"alpha_distil": [0.5, 0.6, 0.7], "block": [[32, 32], [32, 384]]}
+    assert snap({"alpha_distil": 0.7000000000000001, "block": [32, 384]}, values) == {"alpha_distil": 0.7,
                                                                                        "block": [32, 384]}
 
 
@@ -252,11 +253,11 @@ def test_the_space_lists_each_finite_keys_values(tmp_path):
               "topk_scope": {"type": "choice", "values": ["per_matrix", "global"]},
               "calibration_samples": {"type": "randint", "low": 16, "high": 18},
               "alpha_distil": {"type": "quniform", "low": 0.5, "high": 0.9, "q": 0.1}}
-    assert load_space(_space(tmp_path, search)).ladders == {
+    assert ladders(load_space(_space(tmp_path, search))) == {
         "target_density": (0.1, 0.3, 0.5), "topk_scope": ("per_matrix", "global"),
         "calibration_samples": (16, 17, 18), "alpha_distil": (0.5, 0.6, 0.7, 0.8, 0.9)}
     continuous = {**search, "temperature": {"type": "uniform", "low": 1, "high": 8}}
-    assert load_space(_space(tmp_path, continuous)).ladders is None
+    assert ladders(load_space(_space(tmp_path, continuous))) is None
 
 
 def test_a_space_too_large_to_steer_in_lists_no_values(tmp_path):
@@ -264,7 +265,7 @@ def test_a_space_too_large_to_steer_in_lists_no_values(tmp_path):
     are never listed and repeats are not steered."""
     space = load_space(_space(tmp_path, {**DISCRETE, "calibration_samples": {"type": "randint", "low": 1,
                                                                               "high": 10**9}}))
-    assert space.configurations == 4 * 10**9 and space.ladders is None
+    assert space.configurations == 4 * 10**9 and ladders(space) is None
     alg = search_algorithm(space)
     assert alg.size == space.configurations and alg.ladders is None
 
@@ -283,7 +284,7 @@ def test_a_sampler_sure_of_one_configuration_is_steered_outwards_from_it(tmp_pat
 
     sampler = Sure(seed=0)
     inner = EnqueueingOptunaSearch(metric=["f1", "linear_density"], mode=["max", "min"], sampler=sampler)
-    alg = DistinctConfigurations(inner, ladders=space.ladders, seed=1)
+    alg = DistinctConfigurations(inner, ladders=ladders(space), seed=1)
     assert alg.size == 9
     alg.set_search_properties(None, None, param_space(space))
     ran = []

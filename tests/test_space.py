@@ -17,14 +17,11 @@ from workflows.space import (
     SpaceError,
     baseline_config,
     load_space,
-    param_space,
-    scheduler,
-    search_algorithm,
     teacher_config,
     teacher_fingerprint,
     trial_config,
-    tune_config_kwargs,
 )
+from workflows.tune_search import param_space, scheduler, search_algorithm, tune_config_kwargs
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
 SHIPPED = sorted(SPACES_DIR.glob("*.yaml"))
@@ -769,7 +766,7 @@ def test_device_auto_runs_a_trial_and_the_teacher_where_its_resources_are(tmp_pa
 
 
 def test_reuse_workers_says_whether_tune_hands_an_ended_trials_worker_to_the_next(tmp_path):
-    from workflows.space import tune_config_kwargs
+    from workflows.tune_search import tune_config_kwargs
 
     metrics = ["f1", "linear_density"]
     assert tune_config_kwargs(load_space(write(tmp_path, BASE_SPACE)), metrics)["reuse_actors"] is True

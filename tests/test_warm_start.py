@@ -17,7 +17,8 @@ from test_space import BASE_SPACE
 
 from workflows import record
 from workflows.distinct import EnqueueingOptunaSearch
-from workflows.space import ParamSpec, load_space, param_space, search_algorithm
+from workflows.space import ParamSpec, load_space
+from workflows.tune_search import param_space, search_algorithm
 from workflows.warm_start import WarmStartError, prior_outcomes
 
 from conftest import sqlite_store

@@ -127,7 +127,7 @@ class DistinctConfigurations(Searcher):
         size: how many configurations the space has, when that is finite (None: a continuous key makes repeats
             practically impossible, and the space never runs out). Defaults to the ladders' product.
         patience: repeats in a row, while no trial runs, after which the search ends.
-        ladders: every value of each searched key, for a finite space (``SweepSpace.ladders``).
+        ladders: every value of each searched key, for a finite space (:func:`workflows.tune_search.ladders`).
         seed: for the choice among equally near untried configurations.
 
     Attributes:

@@ -1,4 +1,5 @@
-"""The search-space schema: a ``tune_spaces/*.yaml`` file -> a validated :class:`SweepSpace` -> Ray Tune objects.
+"""The search-space schema: a ``tune_spaces/*.yaml`` file -> a validated :class:`SweepSpace` (and the run configs
+of its teacher and trials), which :mod:`workflows.tune_search` makes into Ray Tune objects.
 
 A space file names a base :class:`~pruning.config.RunConfig`, how the dense teacher is obtained, which config keys
 are searched and how, and how the sweep is run (search algorithm, scheduler, samples, resources) and judged
@@ -24,15 +25,11 @@ import math
 import os
 import re
 import typing
-import warnings
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Annotated, Any, Callable, Iterable, Literal, Mapping
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
-from ray import tune
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import BasicVariantGenerator
 
 from pruning.config import (MAX_SEED, METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, RunConfig, attention_block_of,
                             check_head_shaped, check_keys_apply, config_from_dict, config_to_dict, method_block,
@@ -41,7 +38,6 @@ from pruning.resources import ResourceError, resolve_data, resolve_model, resolv
 from pruning.schedules import warmups
 from pruning.contents import content_digest
 from pruning.errors import name_hint, path_hint
-from workflows.distinct import MAX_ENUMERATED, DistinctConfigurations, DistinctLimiter, EnqueueingOptunaSearch
 from workflows.frontier import reference_point as _reference_point
 from workflows.record import (DEFAULT_MAX_INT8_F1_DROP, DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES,
                               RegistrySpec, flat_params)
@@ -63,11 +59,6 @@ __all__ = [
     "logged_as",
     "EVAL_METRICS",
     "load_space",
-    "param_space",
-    "search_algorithm",
-    "optuna_sampler",
-    "scheduler",
-    "tune_config_kwargs",
     "trial_config",
     "teacher_config",
     "baseline_config",
@@ -88,7 +79,6 @@ POLICIES = {
 }
 LAMBDA_KEY = "lambda"  # searched pseudo-key: sets lambda_attention and lambda_ffn to the same value
 DEFAULT_OBJECTIVES = DENSITY_OBJECTIVES
-TIME_ATTR = "training_iteration"  # one iteration = one evaluation report of the trainer
 
 _TOP_KEYS = ("name", "base", "teacher", "search", "algorithm", "sampler", "objectives", "scheduler", "num_samples",
              "max_concurrent", "resources", "max_failures", "reuse_workers", "registry", "speedup", "seed",
@@ -423,6 +413,7 @@ class ParamSpec(_Section):
 
     def to_tune(self, enumerate_choices: bool = False) -> Any:
         """The Ray Tune sample object; ``enumerate_choices`` turns a choice into a grid (grid algorithm)."""
+        from ray import tune  # the schema itself needs no Ray: reading a space (the registry does) stays light
         if self.type == "grid" or (self.type == "choice" and enumerate_choices):
             return tune.grid_search(list(self.values))
         if self.type == "choice":
@@ -942,16 +933,6 @@ class SweepSpace(_Section):
         return None if None in sizes else math.prod(sizes)
 
     @property
-    def ladders(self) -> dict[str, tuple[Any, ...]] | None:
-        """Every value of each searched key (:meth:`ParamSpec.ladder`); None when a key is continuous or the space
-        has more configurations than a nearest untried one is searched among (``MAX_ENUMERATED``: its values are
-        never listed, so a wide ``randint`` costs nothing)."""
-        size = self.configurations
-        if size is None or size > MAX_ENUMERATED:
-            return None
-        return {key: spec.ladder() for key, spec in self.search.items()}
-
-    @property
     def search_seed(self) -> int:
         """The seed handed to the search algorithm's sampler."""
         return self.seed if self.seed is not None else self.base_config.seed
@@ -1275,125 +1256,6 @@ def _check_extremes(base: Mapping[str, Any], search: Mapping[str, ParamSpec],
         except ConfigError as err:
             raise _Problem(f"the combination {label} gives an invalid config ({_message(err)})", "search") from None
         _check_plan(cfg, "search")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Ray Tune objects
-# --------------------------------------------------------------------------------------------------------------
-
-
-def param_space(space: SweepSpace) -> dict[str, Any]:
-    """The Tuner's ``param_space``: searched key -> Ray Tune sample object (``tune.uniform``, ...).
-
-    With algorithm ``grid`` a ``choice`` is enumerated like a ``grid``. With algorithm ``random`` every ``grid``
-    key is enumerated and the others are sampled ``num_samples`` times per grid point.
-    """
-    enumerate_choices = space.algorithm == "grid"
-    return {key: spec.to_tune(enumerate_choices) for key, spec in space.search.items()}
-
-
-def optuna_sampler(spec: SamplerSpec | None, seed: int | None) -> Any:
-    """The Optuna sampler ``spec`` names (TPE with Optuna's defaults when None), seeded with ``seed``."""
-    import optuna
-
-    spec = spec or SamplerSpec()
-    startup = {} if spec.startup_trials is None else {"n_startup_trials": spec.startup_trials}
-    if spec.type == "tpe":
-        if not spec.multivariate:
-            return optuna.samplers.TPESampler(seed=seed, **startup)
-        with warnings.catch_warnings():  # Optuna marks the option experimental; it is documented and measured here
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, **startup)
-    if spec.type == "gp":
-        return optuna.samplers.GPSampler(seed=seed, **startup)
-    if spec.type == "nsga2":
-        population = {} if spec.population_size is None else {"population_size": spec.population_size}
-        return optuna.samplers.NSGAIISampler(seed=seed, **population)
-    return optuna.samplers.RandomSampler(seed=seed)
-
-
-def search_algorithm(space: SweepSpace, metric_names: Iterable[str] | None = None,
-                     prior: Sequence[tuple[dict[str, Any], dict[str, float]]] = ()) -> Any:
-    """The Ray search algorithm for ``space``.
-
-    * ``optuna``: ``OptunaSearch`` with every objective (multi-objective when there are several) and the space's
-      ``sampler`` (:func:`optuna_sampler`: TPE unless the space names another, seeded), wrapped in
-      :class:`~workflows.distinct.DistinctConfigurations` (no configuration runs twice; a repeated suggestion is told
-      the result its configuration has and, in a finite space, followed by the nearest untried configuration) and
-      in a ``ConcurrencyLimiter`` (:class:`~workflows.distinct.DistinctLimiter`) when ``max_concurrent`` is set.
-      Optuna is told each trial's last reported result, so the objectives must be in the trial's final report.
-    * ``random`` / ``grid``: ``BasicVariantGenerator`` (seeded), which limits concurrency itself.
-
-    Args:
-        space: a loaded space.
-        metric_names: the metrics a trial reports at its end; when given, every objective must be among them.
-        prior: ``(configuration, objectives)`` of trials measured before (``optuna`` only): the sampler is told them
-            before its first suggestion (:mod:`workflows.warm_start`).
-
-    Returns:
-        A ``Searcher`` or ``SearchAlgorithm`` for ``TuneConfig(search_alg=...)``. Do not also pass
-        ``max_concurrent_trials`` to ``TuneConfig``.
-
-    Raises:
-        SpaceError: an objective is not among ``metric_names``.
-    """
-    if metric_names is not None:
-        known = set(metric_names)
-        for i, (name, _) in enumerate(space.objectives):
-            if name not in known:
-                raise SpaceError(f"{space.path}: objectives[{i}]: {name!r} is not a metric the trials report "
-                                 f"(reported: {', '.join(sorted(known))})")
-    if space.algorithm == "optuna":
-        metrics = [name for name, _ in space.objectives]
-        modes = [mode for _, mode in space.objectives]
-        sampler = optuna_sampler(space.sampler, space.search_seed)
-        if len(metrics) == 1:
-            searcher = EnqueueingOptunaSearch(metric=metrics[0], mode=modes[0], sampler=sampler, prior=prior)
-        else:
-            searcher = EnqueueingOptunaSearch(metric=metrics, mode=modes, sampler=sampler, prior=prior)
-        searcher = DistinctConfigurations(searcher, size=space.configurations, ladders=space.ladders,
-                                          seed=space.search_seed)
-        if space.max_concurrent is not None:
-            return DistinctLimiter(searcher, max_concurrent=space.max_concurrent)
-        return searcher
-    if prior:
-        raise SpaceError(f"{space.path}: algorithm {space.algorithm} learns from no earlier outcomes (use optuna)")
-    return BasicVariantGenerator(max_concurrent=space.max_concurrent or 0, random_state=space.search_seed)
-
-
-def scheduler(space: SweepSpace) -> Any:
-    """The trial scheduler: ``ASHAScheduler`` or None.
-
-    ASHA's time unit is ``training_iteration``: one iteration is one evaluation report of the trainer (every
-    ``base.eval_every`` steps, and once at the end). The scheduler carries its own ``metric``/``mode``: in Ray 2.60
-    ``Tuner`` then needs ``TuneConfig(metric=None, mode=None)`` -- passing a metric there as well raises
-    ``ValueError`` ("the scheduler you are using was already instantiated with their own metric and mode"), and
-    ``TuneConfig.metric`` cannot hold the list a multi-objective ``OptunaSearch`` optimises anyway. So read the
-    ``ResultGrid`` with explicit ``get_best_result(metric=..., mode=...)``.
-
-    ``stop_last_trials`` is off: a trial that reaches ``max_t`` still runs to its end, so its final report (after
-    packing) is never cut off; ``max_t`` only places the rungs. Note that ASHA ranks trials on one metric: in a
-    density/F1 sweep it stops the sparse trials first, so keep it for smoke tests or F1-only searches.
-    """
-    if space.scheduler is None:
-        return None
-    s = space.scheduler
-    return ASHAScheduler(time_attr=TIME_ATTR, metric=s.metric, mode=s.mode, max_t=s.max_t,
-                         grace_period=s.grace_period, reduction_factor=s.reduction_factor, stop_last_trials=False)
-
-
-def tune_config_kwargs(space: SweepSpace, metric_names: Iterable[str] | None = None,
-                       prior: Sequence[tuple[dict[str, Any], dict[str, float]]] = ()) -> dict[str, Any]:
-    """Keyword arguments for ``ray.tune.TuneConfig`` that fit together (see :func:`scheduler` for why metric and
-    mode are None); ``prior`` as in :func:`search_algorithm`.
-
-    With ``reuse_workers`` (the default) a trial that ends hands its worker process to the next trial
-    (``reuse_actors``): a new process would import torch and transformers again (about 8 s on 2 CPU cores, the
-    whole of a small trial) and set up its GPU anew. The trainable keeps nothing between trials; a worker that dies
-    (a failed trial) is replaced. Tune gives a waiting trial a freed worker even when one is starting for it
-    elsewhere, so trials shorter than a new worker's start stay on the nodes that already have workers."""
-    return {"search_alg": search_algorithm(space, metric_names, prior), "scheduler": scheduler(space),
-            "num_samples": space.num_samples, "metric": None, "mode": None, "reuse_actors": space.reuse_workers}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -58,8 +58,9 @@ from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
 from workflows.preflight import check_local_data, check_machine, trials_at_once
 from workflows.retry import TrackingUnavailable, call_with_retries, is_transient, outage_limit, quick_http_failures
-from workflows.space import (EVAL_METRICS, EVALUATION, SweepSpace, baseline_config, load_space, param_space,
-                             scoring_fingerprint, teacher_config, teacher_fingerprint, trial_config, tune_config_kwargs)
+from workflows.space import (EVAL_METRICS, EVALUATION, SweepSpace, baseline_config, load_space, scoring_fingerprint,
+                             teacher_config, teacher_fingerprint, trial_config)
+from workflows.tune_search import param_space, tune_config_kwargs
 from workflows.user_errors import output_path_problem
 from workflows.version_files import checked_once
 from workflows.warm_start import WarmStart, WarmStartError, check_applicable, prior_outcomes
