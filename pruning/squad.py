@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 # The records, files and metric, named here too: ``squad.load_squad``, ``squad.evaluate``, ...
 from .squad_data import Answer, Example, SquadFormatError, load_predictions, load_squad, lone_surrogate, short_repr
-from .squad_metric import (best_null_thresholds, evaluate, exact_match_score, f1_score, f1_score_v2,
+from .squad_metric import (best_null_thresholds, evaluate, evaluate_answers, exact_match_score, f1_score, f1_score_v2,
                            metric_max_over_ground_truths, normalize_answer, question_f1, score_files)
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "metric_max_over_ground_truths",
     "evaluate",
     "best_null_thresholds",
+    "evaluate_answers",
     "question_f1",
     "score_files",
     "prepare_train_features",

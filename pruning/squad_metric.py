@@ -21,7 +21,7 @@ import numpy as np
 from .squad_data import Answer, Example, SquadFormatError, load_predictions, load_squad, short_repr
 
 __all__ = ["normalize_answer", "exact_match_score", "f1_score", "f1_score_v2", "metric_max_over_ground_truths",
-           "evaluate", "best_null_thresholds", "question_f1", "score_files"]
+           "evaluate", "best_null_thresholds", "evaluate_answers", "question_f1", "score_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,14 +196,14 @@ def best_null_thresholds(examples_or_dataset: Any, answers: Mapping[str, Answer]
     lows = np.array([-math.inf, *margins])
     highs = np.array([*margins, math.inf])
     spans_taken = np.searchsorted(sorted_margins, lows, side="right")
+    holds_zero = (lows <= 0) & (highs > 0)
+    distance = np.where(holds_zero, 0.0, np.minimum(np.abs(lows), np.abs(highs)))  # of each interval from 0
     result: dict[str, float] = {}
     for which, name in ((0, "exact_match"), (1, "f1")):
         gain = np.concatenate([[0.0], np.cumsum([span[which] - null[which] for _, span, null in order])])
         totals = sum(null[which] for _, _, null in order) + gain[spans_taken]
         best = float(totals.max())
         candidates = np.flatnonzero(totals >= best - 1e-9)
-        holds_zero = (lows <= 0) & (highs > 0)
-        distance = np.where(holds_zero, 0.0, np.minimum(np.abs(lows), np.abs(highs)))
         i = int(candidates[np.argmin(distance[candidates])])
         low, high = float(lows[i]), float(highs[i])
         if holds_zero[i]:
@@ -217,6 +217,22 @@ def best_null_thresholds(examples_or_dataset: Any, answers: Mapping[str, Answer]
         result[f"best_{name}"] = 100.0 * best / len(golds)
         result[f"best_{name}_threshold"] = threshold
     return result
+
+
+def evaluate_answers(examples_or_dataset: Any, answers: Mapping[str, Answer], null_answers: bool = False
+                     ) -> tuple[dict[str, float], dict[str, str]]:
+    """What a model's answers score: :func:`evaluate` of their texts with the answerable / unanswerable split, and
+    for a model answering "no answer" (``null_answers``, answers made so) on questions that hold unanswerable ones,
+    what the best threshold would score (:func:`best_null_thresholds`).
+
+    Returns:
+        (the metrics, question id -> answer text: the predictions in the official format).
+    """
+    predictions = {qid: answer.text for qid, answer in answers.items()}
+    metrics = evaluate(examples_or_dataset, predictions, by_answerable=True)
+    if null_answers and metrics.get("no_answer_questions"):
+        metrics.update(best_null_thresholds(examples_or_dataset, answers))
+    return metrics, predictions
 
 
 def question_f1(examples: Sequence[Example], predictions: Mapping[str, str]) -> list[float]:

@@ -579,10 +579,7 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: lis
                                       null_answers=null_answers)
     # On questions that hold unanswerable ones, the answerable / unanswerable split as well (SQuAD v2.0), and for a
     # model answering "no answer" what the best threshold for it would score.
-    metrics = dict(squad.evaluate(examples, {qid: answer.text for qid, answer in answers.items()},
-                                  by_answerable=True))
-    if null_answers and any(ex.impossible for ex in examples):
-        metrics.update(squad.best_null_thresholds(examples, answers))
+    metrics, _ = squad.evaluate_answers(examples, answers, null_answers)
     metrics.update(sparsity_report(model).metrics())
     return metrics
 

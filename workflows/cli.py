@@ -487,15 +487,13 @@ def _evaluate(args: argparse.Namespace, source: dict[str, str]) -> int:
                                       n_best=args.n_best, device=device, progress=not args.no_progress,
                                       max_query_length=args.max_query_length, null_answers=args.null_answers,
                                       null_threshold=args.null_threshold)
-    predictions = {qid: answer.text for qid, answer in answers.items()}
-    metrics = squad.evaluate(examples, predictions, by_answerable=True)  # SQuAD v2.0: with the answerable split
-    unanswerable = sum(ex.impossible for ex in examples)
+    # SQuAD v2.0: with the answerable split, and the official script's best_exact / best_f1 with their thresholds
+    metrics, predictions = squad.evaluate_answers(examples, answers, args.null_answers)
+    unanswerable = metrics.get("no_answer_questions", 0)
     if unanswerable and not args.null_answers:
         logger.warning("%d of the %d questions are unanswerable, and %s was not trained on unanswerable questions: "
                        "it answers each with a span, scored as a wrong answer", unanswerable, len(examples),
                        getattr(args, "model_label", args.model_dir))
-    elif unanswerable:  # the official v2.0 script's best_exact / best_f1, with their thresholds
-        metrics.update(squad.best_null_thresholds(examples, answers))
     if isinstance(model, OrtQAModel):
         metrics["variant"] = model.variant
     else:
