@@ -161,9 +161,10 @@ def count_setting(settings: Mapping[str, Any], key: str, default: int) -> int:
     return number
 
 
-def null_threshold_setting(settings: Mapping[str, Any], null_answers: bool) -> float:
-    """The served model's ``null_threshold``: a finite number (or its string), 0 if unset; set to anything but 0 on
-    a model that answers every question with a span (``null_answers`` false), refused rather than ignored.
+def null_threshold_setting(settings: Mapping[str, Any]) -> float:
+    """The served model's ``null_threshold``: a finite number (or its string), 0 if unset. Only a version whose model
+    answers "no answer" logs the key (:func:`workflows.logged_model.log_qa_model`), and MLflow passes no key a
+    version did not log, so a model answering every question with a span never gets one.
 
     Raises:
         ValueError: in one line naming the setting.
@@ -175,9 +176,6 @@ def null_threshold_setting(settings: Mapping[str, Any], null_answers: bool) -> f
         number = None
     if number is None or not math.isfinite(number):
         raise ValueError(f"model_config {NULL_THRESHOLD}: must be a finite number of logits, got {value!r}")
-    if number and not null_answers:
-        raise ValueError(f"model_config {NULL_THRESHOLD} {value!r}: the model answers every question with a span (it "
-                         "was not trained on unanswerable questions), so no threshold applies")
     return number
 
 
@@ -262,7 +260,7 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = load_tokenizer(model_dir)
         # A model trained on unanswerable questions answers "no answer" (the empty text) where that wins.
         self.null_answers = read_null_answers(model_dir)
-        self.null_threshold = null_threshold_setting(settings, self.null_answers)
+        self.null_threshold = null_threshold_setting(settings)
         # Every setting is checked here: one set wrong (in the inference config) stops the model from loading,
         # rather than failing every request as if the request were at fault.
         given = {key: count_setting(settings, key, default)
