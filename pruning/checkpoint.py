@@ -250,9 +250,10 @@ def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:
     config_file = model_dir / "config.json"
     raw = read_json(config_file)
     model_type = raw.get("model_type", DEFAULT_MODEL_TYPE)
-    if not isinstance(model_type, str) or model_type not in (*ARCHITECTURES, distilbert.MODEL_TYPE):
+    supported = (*ARCHITECTURES, distilbert.MODEL_TYPE)
+    if not isinstance(model_type, str) or model_type not in supported:
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported "
-                              f"({', '.join(sorted((*ARCHITECTURES, distilbert.MODEL_TYPE)))})")
+                              f"({', '.join(sorted(supported))})")
     # auto_map names code files of this directory (a hub model's own classes): the model is built here with the
     # stock class of its model_type, and a directory written from it carries none of them.
     clean = {k: v for k, v in raw.items() if k not in (MASKS_KEY, AUTO_MAP)}
