@@ -135,6 +135,10 @@ def _json_lines(path: Path, text: str, object_pairs_hook: Callable[[list[tuple[s
             values.append(json.loads(line, object_pairs_hook=object_pairs_hook))
         except json.JSONDecodeError as exc:
             raise SquadFormatError(f"{path}: invalid JSON at line {number} column {exc.colno}: {exc.msg}") from None
+        except (RecursionError, ValueError) as exc:  # as for a whole file, in _read_json
+            if (limit := parser_limit(exc)) is None:
+                raise
+            raise SquadFormatError(f"{path}: not readable JSON at line {number} ({limit})") from None
         values.lines.append(number)
     return values
 

@@ -1106,6 +1106,9 @@ def test_a_cache_dir_that_is_a_file_or_under_one_is_one_line_before_any_work(cap
     ("long.json", '{"data": [], "n": ' + "9" * 5000 + "}", ["score", "{file}", "{tmp}/p.json"],
      "not readable JSON (a number too long to read)"),
     ("p.json", "[" * 100_000 + "]" * 100_000, ["score", "dev", "{file}"], "not readable JSON (nested too deeply)"),
+    ("deep.jsonl", json.dumps({"id": "q1", "context": "Ann wrote it.", "question": "Who?",
+                               "answers": {"text": ["Ann"], "answer_start": [0]}}) + "\n" + "[" * 100_000
+     + "]" * 100_000 + "\n", ["score", "{file}", "{tmp}/p.json"], "not readable JSON at line 2 (nested too deeply)"),
     ("deep.yaml", "model_config: " + "[" * 5000 + "]" * 5000, ["prune", "--config", "{file}"],
      "not readable YAML (nested too deeply)"),
     ("long.yaml", "seed: " + "9" * 5000, ["prune", "--config", "{file}"], "not readable YAML (a number too long to "
