@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc.scoring_server import invocations
 from mlflow.tracking import MlflowClient
 from transformers import BertConfig, BertForQuestionAnswering
 
@@ -307,6 +309,23 @@ def test_a_model_recorded_as_trained_on_unanswerable_questions_answers_none_in_a
                   for threshold in (0.0, "1e4")}
         answers = {threshold: pd.DataFrame(model.predict(question))["answer"].tolist()
                    for threshold, model in served.items()}
+        # A request sets its own threshold (MLflow's params); unset, the served model's applies.
+        asked = {threshold: pd.DataFrame(served[0.0].predict(question, params=params))["answer"].tolist()
+                 for threshold, params in ((None, None), (1e4, {"null_threshold": 1e4}), (0, {"null_threshold": 0}))}
+        assert pd.DataFrame(served["1e4"].predict(question, params={"null_threshold": -1.0}))["answer"].tolist() == [""]
+        # As the scoring server hands a request's params over (`mlflow models serve`'s /invocations).
+        schema = served[0.0].metadata.get_input_schema()
+        replies = [json.loads(invocations(json.dumps({"dataframe_records": question.to_dict("records"), **extra}),
+                                          "application/json", served[0.0], schema).response)["predictions"]
+                   for extra in ({}, {"params": {"null_threshold": 1e4}})]
+        with pytest.raises(MlflowException) as refused:
+            invocations(json.dumps({"inputs": question.to_dict("records"), "params": {"null_threshold": 1e999}}),
+                        "application/json", served[0.0], schema)
+        assert json.loads(refused.value.serialize_as_json())["message"] == (
+            "params null_threshold: must be a finite number of logits, got inf")
+        for value in ("inf", "1.5", True):
+            with pytest.raises(MlflowException, match="null_threshold"):
+                served[0.0].predict(question, params={"null_threshold": float(value) if value == "inf" else value})
         with pytest.raises(ValueError, match="model_config null_threshold: must be a finite number of logits, got "
                                              "'inf'"):
             mlflow.pyfunc.load_model(info.model_uri, model_config={"null_threshold": "inf"})
@@ -314,11 +333,17 @@ def test_a_model_recorded_as_trained_on_unanswerable_questions_answers_none_in_a
             spans_info = log_qa_model(spans, serve_settings({"max_seq_length": "96", "doc_stride": "32"}))
         configs = [mlflow.models.get_model_info(logged.model_uri).flavors["python_function"]["config"]
                    for logged in (info, spans_info)]
+        signatures = [mlflow.models.get_model_info(logged.model_uri).signature for logged in (info, spans_info)]
     finally:
         mlflow.set_tracking_uri(before)
     # The threshold is a setting of the logged model answering "no answer" alone (0, as it was trained), and serves.
     assert configs[0]["null_threshold"] == 0.0 and "null_threshold" not in configs[1]
     assert answers == {0.0: [""], "1e4": [_ask(spans, capsys)["answer"]]}
+    assert asked == {None: [""], 1e4: answers["1e4"], 0: [""]}
+    assert [[reply["answer"] for reply in answered] for answered in replies] == [[""], answers["1e4"]]
+    # Only the version answering "no answer" declares the param (MLflow passes no other).
+    assert [signature.params.to_dict() if signature.params else None for signature in signatures] == [
+        [{"name": "null_threshold", "type": "double", "default": None, "shape": None}], None]
 
 
 def test_a_null_answers_record_that_is_not_true_or_false_is_one_line(tokenizer, tmp_path):

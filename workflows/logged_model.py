@@ -44,8 +44,8 @@ from workflows.int8_check import wanted_variant
 from workflows.record import (ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_QA_MODEL,
                               TAG_FINEPRUNE_VERSION, TAG_ONNX, TAG_PRECISION, fineprune_version)
 from workflows.served_model import (MAX_RECORDS, MODEL_CODE, MODEL_FILE, NULL_THRESHOLD, ONNX_VARIANTS,
-                                    SERVE_DEFAULTS, SERVE_PARAMS, SHIPPED_MODULES, SIGNATURE, count_setting,
-                                    served_variant)
+                                    SERVE_DEFAULTS, SERVE_PARAMS, SHIPPED_MODULES, count_setting,
+                                    model_signature, served_variant)
 from workflows.version_files import lost_files
 
 __all__ = ["PIP_REQUIREMENTS", "ONNX_SKIPPED", "serve_settings", "measured_precision", "export_for_serving",
@@ -153,7 +153,7 @@ def log_qa_model(model_dir: str | Path, settings: dict[str, Any], onnx_dir: str 
             artifacts=artifacts,
             code_paths=code_paths,
             pip_requirements=PIP_REQUIREMENTS,
-            signature=SIGNATURE,
+            signature=model_signature(bool(null)),
             # Logged so that it can be overridden at load (MLflow only overrides logged keys), e.g. with
             # MLFLOW_PYFUNC_INFERENCE_CONFIG='{"onnx_variant": "fp32"}' for `mlflow models serve`.
             model_config={"max_records": MAX_RECORDS, **settings,

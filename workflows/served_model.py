@@ -25,15 +25,16 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import AnyType
 
 from pruning.config import EVALUATION_KEYS, RunConfig
 from workflows.record import ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR, TAG_ONNX
 
-__all__ = ["PackedQAModel", "RequestError", "SIGNATURE", "SERVE_DEFAULTS", "SERVE_PARAMS", "MAX_RECORDS",
-           "ONNX_VARIANTS", "SHIPPED_MODULES", "MODEL_CODE", "MODEL_FILE", "count_setting", "served_variant",
-           "serving_precision", "torch_served", "check_precision", "NULL_THRESHOLD", "null_threshold_setting"]
+__all__ = ["PackedQAModel", "RequestError", "SIGNATURE", "NULL_SIGNATURE", "model_signature",
+           "SERVE_DEFAULTS", "SERVE_PARAMS", "MAX_RECORDS", "ONNX_VARIANTS", "SHIPPED_MODULES", "MODEL_CODE",
+           "MODEL_FILE", "count_setting", "served_variant", "serving_precision", "torch_served", "check_precision",
+           "NULL_THRESHOLD", "null_threshold_setting", "request_null_threshold"]
 
 # The modules of ``workflows`` a logged version carries (as the package ``workflows`` holding only these).
 SHIPPED_MODULES = ("record", "served_model")
@@ -161,6 +162,15 @@ def count_setting(settings: Mapping[str, Any], key: str, default: int) -> int:
     return number
 
 
+def _threshold(value: Any) -> float | None:
+    """``value`` as a finite number of logits (a number or its string), None if it is not one."""
+    try:
+        number = None if isinstance(value, bool) else float(str(value).strip())
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
+
+
 def null_threshold_setting(settings: Mapping[str, Any]) -> float:
     """The served model's ``null_threshold``: a finite number (or its string), 0 if unset. Only a version whose model
     answers "no answer" logs the key (:func:`workflows.logged_model.log_qa_model`), and MLflow passes no key a
@@ -170,12 +180,27 @@ def null_threshold_setting(settings: Mapping[str, Any]) -> float:
         ValueError: in one line naming the setting.
     """
     value = settings.get(NULL_THRESHOLD, 0.0)
-    try:
-        number = None if isinstance(value, bool) else float(str(value).strip())
-    except ValueError:
-        number = None
-    if number is None or not math.isfinite(number):
+    number = _threshold(value)
+    if number is None:
         raise ValueError(f"model_config {NULL_THRESHOLD}: must be a finite number of logits, got {value!r}")
+    return number
+
+
+def request_null_threshold(params: Mapping[str, Any] | None, default: float) -> float:
+    """The ``null_threshold`` one request asks for (its ``params``), ``default`` (the served model's) if none.
+
+    MLflow passes a param only to a version whose signature declares it (:data:`NULL_SIGNATURE`, that of a model
+    answering "no answer"), typed there as a number: unset, it arrives as None.
+
+    Raises:
+        RequestError: a threshold that is not a finite number, in one line naming the param.
+    """
+    value = (params or {}).get(NULL_THRESHOLD)
+    if value is None:
+        return default
+    number = _threshold(value) if isinstance(value, (int, float)) else None
+    if number is None:
+        raise RequestError(f"params {NULL_THRESHOLD}: must be a finite number of logits, got {value!r}")
     return number
 
 
@@ -221,7 +246,8 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
     int8 when the version carries them; ``none``: the PyTorch model); and ``precision``, the one the version was
     measured in, which the PyTorch model runs in where this CPU supports it (see :func:`serving_precision`); for a
     model trained on unanswerable questions (SQuAD v2.0), which answers "no answer" (an empty ``answer``),
-    ``null_threshold``, how many logits "no answer" must score above the best span (default 0).
+    ``null_threshold``, how many logits "no answer" must score above the best span (default 0), which a request
+    may set for itself (``params``, see :func:`request_null_threshold`).
     The counts must be whole numbers >= 1 and the windows leave room for a question: anything else is a one-line
     ValueError when the model loads.
 
@@ -308,13 +334,14 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
         if missing:
             raise RequestError(f"every record needs a question and a context (missing: {', '.join(sorted(missing))})")
         fields = {name: _column(frame, name) for name in ("question", "context")}
+        threshold = request_null_threshold(params, self.null_threshold)
         try:
             answers = answer_records(self.run_windows, self._tokenizer(), fields["question"], fields["context"],
                                      max_seq_length=self.max_seq_length, doc_stride=self.doc_stride,
                                      max_windows=self.max_windows, batch_size=self.batch_size,
                                      max_answer_length=self.max_answer_length, n_best=self.n_best,
                                      max_query_length=self.max_query_length, null_answers=self.null_answers,
-                                     null_threshold=self.null_threshold)
+                                     null_threshold=threshold)
         except RecordError as err:
             if (err.index is not None and fields[err.field][err.index] is None
                     and frame[err.field].iloc[err.index] is not None):
@@ -336,4 +363,13 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec(AnyType(), "question", required=False),
                                           ColSpec(AnyType(), "context", required=False)]),
                            outputs=Schema([ColSpec("string", "answer"), ColSpec("double", "score")]))
+# A model answering "no answer" also takes a request's own threshold (``"params": {"null_threshold": 1.5}``); its
+# default None means "the served model's" (``model_config``), which a default number would override on every request.
+NULL_SIGNATURE = ModelSignature(inputs=SIGNATURE.inputs, outputs=SIGNATURE.outputs,
+                                params=ParamSchema([ParamSpec(NULL_THRESHOLD, "double", None)]))
+
+
+def model_signature(null_answers: bool) -> ModelSignature:
+    """The signature a version is logged with: :data:`NULL_SIGNATURE` for a model answering "no answer"."""
+    return NULL_SIGNATURE if null_answers else SIGNATURE
 
