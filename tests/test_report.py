@@ -343,6 +343,39 @@ def test_the_champion_card_shows_how_to_load_it(page):
     assert "5.0 MiB" in text and "4.0 MiB" in text
 
 
+def test_a_sweep_on_unanswerable_questions_shows_f1_by_kind_and_the_champions_best_threshold():
+    """SQuAD v2.0: the trial table adds the metrics a run logged of them; the champion's card the threshold that
+    would score best on its questions, with the lines that check it on others and serve it."""
+    data = _sweep()
+    v2 = {"has_answer_f1": [None, 50.0, 60.0, 55.0, None, None], "no_answer_f1": [None, 80.0, 90.0, 70.0, None, None],
+          "best_f1": [None, 66.0, 77.5, None, None, None], "best_f1_threshold": [None, 1.5, -0.25, None, None, None]}
+    runs = data.runs.assign(**v2)
+    markdown = render_markdown(ReportData(**{**data.__dict__, "runs": runs}))
+    header = next(line for line in markdown.split("## Trials", 1)[1].splitlines() if line.startswith("| trial"))
+    assert header.split(" | ")[-6:-2] == ["F1 answerable", "F1 unanswerable", "best F1", "best F1 threshold"]
+    rows = _markdown_table(markdown, "## Trials")
+    assert [row[-6:-2] for row in rows[1:4]] == [["50.00", "80.00", "66.00", "1.50"], ["60.00", "90.00", "77.50",
+                                                                                       "-0.25"],
+                                                 ["55.00", "70.00", "–", "–"]]
+    card = next(line for line in markdown.splitlines() if line.startswith("- SQuAD v2.0:"))
+    assert card == ('- SQuAD v2.0: F1 60.00 on the answerable questions and 90.00 on the unanswerable ones, answering '
+                    '"no answer" wherever it scores higher than the best span (null_threshold 0, as it serves). A '
+                    'threshold of -0.25 logits would score F1 77.50 on these questions; it is fitted on them, so check '
+                    'it on others (`fineprune eval models:/qa-small@champion --tracking-uri sqlite:///mlflow.db '
+                    '--eval-data OTHER_QUESTIONS.json --null-threshold -0.25`) before serving it '
+                    '(`MLFLOW_PYFUNC_INFERENCE_CONFIG=\'{"null_threshold": -0.25}\'`, or a request\'s `params`).')
+    page = render_html(ReportData(**{**data.__dict__, "runs": runs}))
+    buttons = [a for t, a in _parse(page).tags if t == "th" and "data-type" in a]
+    assert len(buttons) == 2 + len(data.searched) + 7 + 4 + 2
+    assert "<code>MLFLOW_PYFUNC_INFERENCE_CONFIG=&#39;{&#34;null_threshold&#34;: -0.25}&#39;</code>" in page
+    # A sweep on answerable questions alone, or a champion not answering "no answer": neither.
+    for runs in (data.runs, data.runs.assign(has_answer_f1=v2["has_answer_f1"])):
+        markdown = render_markdown(ReportData(**{**data.__dict__, "runs": runs}))
+        assert "SQuAD v2.0" not in markdown and "best F1" not in markdown
+        assert ("F1 answerable" in markdown) == ("has_answer_f1" in runs.columns)
+    assert 'id="champion-null"' not in render_html(data)
+
+
 def test_the_hypervolume_is_plotted_and_tabled_when_logged():
     from dataclasses import replace
 

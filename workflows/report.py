@@ -66,6 +66,10 @@ logger = logging.getLogger(__name__)
 _METRIC_COLUMNS = tuple((metric, heading, record.DECIMALS[metric]) for metric, heading in (
     (EXACT_MATCH, "EM"), (F1, "F1"), (LINEAR_DENSITY, "linear density"), (TOTAL_DENSITY, "total density"),
     (HEADS_REMOVED, "heads removed"), (SPEEDUP, "speedup"), (record.STEP, "steps")))
+# A sweep on questions that hold unanswerable ones (SQuAD v2.0): F1 over each kind, and for a model answering "no
+# answer" the F1 the best threshold for these questions would reach, and that threshold. Each shown where a run has it.
+_NULL_COLUMNS = (("has_answer_f1", "F1 answerable", 2), ("no_answer_f1", "F1 unanswerable", 2),
+                 ("best_f1", "best F1", 2), ("best_f1_threshold", "best F1 threshold", 2))
 _FRONTIER_COLUMNS = tuple(column for column in _METRIC_COLUMNS
                           if column[0] in (EXACT_MATCH, F1, LINEAR_DENSITY, SPEEDUP))
 # Nothing may be fetched: the page is a single file that must read the same offline.
@@ -207,6 +211,13 @@ class ReportData:
             return None
         rows = self.runs[self.runs["run_id"] == self.champion.run_id]
         return rows.iloc[0] if len(rows) else None
+
+    @property
+    def metric_columns(self) -> tuple[tuple[str, str, int], ...]:
+        """The trial table's metric columns, ``(metric, heading, decimals)``: those of every sweep, then the SQuAD
+        v2.0 ones any run logged."""
+        return _METRIC_COLUMNS + tuple(column for column in _NULL_COLUMNS
+                                       if column[0] in self.runs.columns and self.runs[column[0]].notna().any())
 
     @property
     def champion_figures(self) -> pd.Series | None:
@@ -384,6 +395,27 @@ def _served_line(card: ChampionCard) -> str | None:
     return card.served[:1].upper() + card.served[1:] if card.served else None
 
 
+def _null_line(data: ReportData) -> str | None:
+    """What the card says of a champion answering "no answer", scored on questions that hold unanswerable ones: its
+    F1 over each kind, and the threshold that would score best on these questions, with how to check and serve it;
+    None for any other champion (or one whose trial row is gone)."""
+    row, card = data.champion_row, data.champion
+    best, threshold = (None, None) if row is None else (_value(row, "best_f1"), _value(row, "best_f1_threshold"))
+    if best is None or threshold is None or card is None:
+        return None
+    threshold = round(threshold, 4)  # a margin's midpoint: more digits say nothing more
+    where = ["--tracking-uri", card.tracking_uri] if card.tracking_uri else []
+    check = shlex.join(["fineprune", "eval", card.model_uri, *where, "--eval-data", "OTHER_QUESTIONS.json",
+                        "--null-threshold", f"{threshold:g}"])
+    config = shlex.quote(json.dumps({"null_threshold": threshold}))
+    return (f"SQuAD v2.0: F1 {_fmt(_value(row, 'has_answer_f1'))} on the answerable questions and "
+            f"{_fmt(_value(row, 'no_answer_f1'))} on the unanswerable ones, answering \"no answer\" wherever it scores "
+            f"higher than the best span (null_threshold 0, as it serves). A threshold of {threshold:g} logits would "
+            f"score F1 {_fmt(best)} on these questions; it is fitted on them, so check it on others "
+            f"({_code(check)}) before serving it ({_code(f'MLFLOW_PYFUNC_INFERENCE_CONFIG={config}')}, or a "
+            f"request's {_code('params')}).")
+
+
 def _eval_command(card: ChampionCard) -> str:
     """The `fineprune eval` line that scores the champion, as it serves, on a SQuAD file of one's own."""
     where = ("--tracking-uri", card.tracking_uri) if card.tracking_uri else ()
@@ -532,7 +564,7 @@ def _trial_cells(data: ReportData, row: pd.Series) -> list[str]:
     name = _md_text(row["name"])
     cells = [f"[{name}]({url})" if url else name, _status_label(row)]
     cells += [_md_text(_fmt_param(_param(row, k))) for k in data.searched]
-    cells += [_fmt(_value(row, m), d) for m, _, d in _METRIC_COLUMNS]
+    cells += [_fmt(_value(row, m), d) for m, _, d in data.metric_columns]
     cells += ["yes" if bool(row.get(tag)) is True else "" for tag in (TAG_PARETO, TAG_PARETO_SPEED)]
     return cells
 
@@ -545,7 +577,7 @@ def _pareto_titles(data: ReportData) -> tuple[str, str]:
 
 
 def _trial_header(data: ReportData) -> list[str]:
-    return (["trial", "status", *data.searched, *(title for _, title, _ in _METRIC_COLUMNS),
+    return (["trial", "status", *data.searched, *(title for _, title, _ in data.metric_columns),
              *(f"Pareto ({title})" for title in _pareto_titles(data))])
 
 
@@ -596,6 +628,9 @@ def render_markdown(data: ReportData) -> str:
                        f"linear density {_fmt(_value(figures, LINEAR_DENSITY), 3)}")
         if card.served:
             out.append(f"- {_md_text(_served_line(card))}")
+        null_line = _null_line(data)
+        if null_line:
+            out.append(f"- {_md_note(null_line)}")
         if not card.alias_current:
             out.append(f"- {_md_note(_alias_note(card))}")
         if card.heads_kept or card.ffn_widths:
@@ -666,7 +701,7 @@ def _table(data: ReportData) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     columns = [{"title": "trial", "text": True, "searched": False},
                {"title": "status", "text": True, "searched": False}]
     columns += [{"title": key, "text": not numeric[key], "searched": True} for key in data.searched]
-    columns += [{"title": title, "text": False, "searched": False} for _, title, _ in _METRIC_COLUMNS]
+    columns += [{"title": title, "text": False, "searched": False} for _, title, _ in data.metric_columns]
     columns += [{"title": f"Pareto: {title}", "text": True, "searched": False} for title in _pareto_titles(data)]
     champion_id = data.champion.run_id if data.champion else None
     rows = []
@@ -676,7 +711,7 @@ def _table(data: ReportData) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
             raw = _param(row, key)
             cells.append({"display": _fmt_param(raw), "sort": _sort_key(_finite(raw) if numeric[key] else raw),
                           "text": not numeric[key]})
-        for metric, _, decimals in _METRIC_COLUMNS:
+        for metric, _, decimals in data.metric_columns:
             value = _value(row, metric)
             text = _fmt(value, decimals) + ("x" if metric == SPEEDUP and value is not None else "")
             cells.append({"display": text, "sort": _sort_key(value), "text": False})
@@ -694,7 +729,7 @@ def _champion_view(data: ReportData) -> dict[str, Any] | None:
     card = data.champion
     if card is None:
         return None
-    row, figures = data.champion_row, data.champion_figures
+    row, figures, null_line = data.champion_row, data.champion_figures, _null_line(data)
     stats = []
     if figures is not None:
         stats += [(_fmt(_value(figures, F1)), "F1"), (_fmt(_value(figures, EXACT_MATCH)), "exact match"),
@@ -711,7 +746,7 @@ def _champion_view(data: ReportData) -> dict[str, Any] | None:
             "alias_current": card.alias_current, "structure_svg": structure,
             "alias_note": _note_html(_alias_note(card)),
             "note": _note_html(card.note) if card.note else None, "serves": card.serves,
-            "served": _served_line(card),
+            "served": _served_line(card), "null_note": _note_html(null_line) if null_line else None,
             "load_snippet": _load_snippet(card), "serve_command": _serve_command(card),
             "eval_command": _eval_command(card)}
 
