@@ -334,6 +334,9 @@ def test_a_model_recorded_as_trained_on_unanswerable_questions_answers_none_in_a
         configs = [mlflow.models.get_model_info(logged.model_uri).flavors["python_function"]["config"]
                    for logged in (info, spans_info)]
         signatures = [mlflow.models.get_model_info(logged.model_uri).signature for logged in (info, spans_info)]
+        span_columns = list(mlflow.pyfunc.load_model(spans_info.model_uri, model_config={"onnx_variant": "none"})
+                            .predict(question).columns)
+        margins = {threshold: model.predict(question)["null_margin"].tolist() for threshold, model in served.items()}
     finally:
         mlflow.set_tracking_uri(before)
     # The threshold is a setting of the logged model answering "no answer" alone (0, as it was trained), and serves.
@@ -341,9 +344,15 @@ def test_a_model_recorded_as_trained_on_unanswerable_questions_answers_none_in_a
     assert answers == {0.0: [""], "1e4": [_ask(spans, capsys)["answer"]]}
     assert asked == {None: [""], 1e4: answers["1e4"], 0: [""]}
     assert [[reply["answer"] for reply in answered] for answered in replies] == [[""], answers["1e4"]]
+    # Each answer of a model answering "no answer" carries its margin, as `ask` prints it, whichever won.
+    assert margins == {0.0: [pytest.approx(null["null_margin"], abs=1e-4)], "1e4": margins[0.0]}
+    assert all(reply["null_margin"] == pytest.approx(margins[0.0][0]) for answered in replies for reply in answered)
+    assert span_columns == ["answer", "score"]
     # Only the version answering "no answer" declares the param (MLflow passes no other).
     assert [signature.params.to_dict() if signature.params else None for signature in signatures] == [
         [{"name": "null_threshold", "type": "double", "default": None, "shape": None}], None]
+    assert [signature.outputs.input_names() for signature in signatures] == [["answer", "score", "null_margin"],
+                                                                              ["answer", "score"]]
 
 
 def test_a_null_answers_record_that_is_not_true_or_false_is_one_line(tokenizer, tmp_path):

@@ -232,7 +232,8 @@ def served_variant(settings: Mapping[str, Any], has_onnx: bool) -> str:
 
 
 class PackedQAModel(mlflow.pyfunc.PythonModel):
-    """Extractive QA over a packed model: DataFrame(question, context) -> DataFrame(answer, score), on its index.
+    """Extractive QA over a packed model: DataFrame(question, context) -> DataFrame(answer, score), on its index
+    (and ``null_margin`` for a model answering "no answer": how many logits "no answer" scored above the best span).
 
     Every record is checked before any model work (see :func:`pruning.inference.check_records`): a question or
     context that is missing, not a string, empty, or a context needing more than ``max_windows`` windows is an HTTP
@@ -352,8 +353,11 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
             raise RequestError(str(err)) from None
         # Indexed as the records are: a DataFrame's answers assigned back to it (``frame["answer"] =
         # predict(frame)["answer"]``) align on its index, which need not run 0, 1, ... (a sample or a filter of one).
-        return pd.DataFrame({"answer": [a.text for a in answers], "score": [float(a.score) for a in answers]},
-                            index=frame.index)
+        columns = {"answer": [a.text for a in answers], "score": [float(a.score) for a in answers]}
+        if self.null_answers:  # how far "no answer" scored above the best span: what a threshold is tuned on
+            # Every record has a span to measure it against: a context without a token the model reads is refused.
+            columns["null_margin"] = [float(a.null_margin) for a in answers]
+        return pd.DataFrame(columns, index=frame.index)
 
 
 # The input columns are optional to MLflow's schema check, whose refusal of a missing column is a multi-line message:
@@ -363,9 +367,11 @@ class PackedQAModel(mlflow.pyfunc.PythonModel):
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec(AnyType(), "question", required=False),
                                           ColSpec(AnyType(), "context", required=False)]),
                            outputs=Schema([ColSpec("string", "answer"), ColSpec("double", "score")]))
-# A model answering "no answer" also takes a request's own threshold (``"params": {"null_threshold": 1.5}``); its
-# default None means "the served model's" (``model_config``), which a default number would override on every request.
-NULL_SIGNATURE = ModelSignature(inputs=SIGNATURE.inputs, outputs=SIGNATURE.outputs,
+# A model answering "no answer" also answers each record's ``null_margin``, and takes a request's own threshold
+# (``"params": {"null_threshold": 1.5}``); its default None means "the served model's" (``model_config``), which a
+# default number would override on every request.
+NULL_SIGNATURE = ModelSignature(inputs=SIGNATURE.inputs,
+                                outputs=Schema([*SIGNATURE.outputs.inputs, ColSpec("double", "null_margin")]),
                                 params=ParamSchema([ParamSpec(NULL_THRESHOLD, "double", None)]))
 
 
