@@ -1006,3 +1006,29 @@ def test_register_select_and_report_print_their_own_lines_not_mlflows_download_b
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")
     assert main(report) == 0
     assert "Downloading artifacts" in capsys.readouterr().err
+
+
+def test_a_trial_on_unanswerable_questions_tags_its_version_with_f1_by_kind_and_its_best_threshold(store, tokenizer,
+                                                                                                   capsys):
+    """SQuAD v2.0: the version of a trial that logged the answerable / unanswerable split and the best threshold
+    carries them as tags, and `register` and `select` name them; a trial on answerable questions alone, none."""
+    made = sweep_record(store["client"], store["root"], tokenizer, NAME, "a", TRIALS)
+    client = store["client"]
+    figures = {"has_answer_f1": 70.0, "no_answer_f1": 91.25, "best_f1": 82.5, "best_f1_threshold": -0.3125}
+    for key, value in figures.items():
+        client.log_metric(made["runs"]["wide"], key, value)
+    status, result, _ = _register(capsys, store, "--frontier")
+    assert status == 0 and result["run_id"] == made["runs"]["wide"]
+    assert {key: result[key] for key in figures} == figures
+    rows = {row["run_id"]: row for row in result["frontier_versions"]}
+    versions = {v.tags[record.TAG_TRIAL_RUN]: v.tags for v in client.search_model_versions(f"name = '{NAME}'")}
+    assert {key: versions[made["runs"]["wide"]][key] for key in figures} == {
+        "has_answer_f1": "70", "no_answer_f1": "91.25", "best_f1": "82.5", "best_f1_threshold": "-0.3125"}
+    assert not set(figures) & set(versions[made["runs"]["narrow"]])
+    assert {key: rows[made["runs"]["wide"]][key] for key in figures} == figures
+    assert not set(figures) & set(rows[made["runs"]["narrow"]])
+    status, chosen, _ = _select(capsys, store)
+    assert status == 0 and chosen["run_id"] == made["runs"]["wide"] and {k: chosen[k] for k in figures} == figures
+    by_run = {row["run_id"]: row for row in chosen["versions"]}
+    assert {k: by_run[made["runs"]["wide"]][k] for k in figures} == figures
+    assert not set(figures) & set(by_run[made["runs"]["narrow"]])

@@ -66,7 +66,7 @@ __all__ = [
     "EXACT_MATCH", "F1", "LINEAR_DENSITY", "TOTAL_DENSITY", "HEADS_REMOVED", "SPEEDUP", "MAX_LOGIT_DIFF",
     "PARAMS_AFTER", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "TRIAL_COMPUTE",
     "SEARCH_REPEATS", "SEARCH_STEERED",
-    "PAUSED_S", "FINAL_METRICS", "EVAL_METRICS", "METRIC_MODES", "METRIC_BEST",
+    "PAUSED_S", "FINAL_METRICS", "NULL_METRICS", "EVAL_METRICS", "METRIC_MODES", "METRIC_BEST",
     "DENSITY_OBJECTIVES", "SPEED_OBJECTIVES",
     # artifacts
     "ARTIFACT_PACKED_MODEL", "ARTIFACT_FRONTIER", "ARTIFACT_FRONTIER_SPEED",
@@ -167,6 +167,10 @@ SEARCH_STEERED = "search_steered"  # on the parent run: untried configurations r
 PAUSED_S = "paused_s"  # trial runs: seconds the run stood ended between sweep sessions (a resume reopened it)
 # What every finished trial (and the baseline) reports: the metrics a registered version is tagged with.
 FINAL_METRICS = (EXACT_MATCH, F1, LINEAR_DENSITY, TOTAL_DENSITY, HEADS_REMOVED, SPEEDUP)
+# What a trial scored on questions that hold unanswerable ones (SQuAD v2.0) reports as well, and its version is tagged
+# with: F1 over each kind and, for a model answering "no answer", the F1 of the best threshold for those questions
+# and that threshold (see pruning.squad_metric.evaluate_answers).
+NULL_METRICS = ("has_answer_f1", "no_answer_f1", "best_f1", "best_f1_threshold")
 # The decimals a metric is shown with in logs and in the report's tables: scores 2, fractions 3, counts none.
 DECIMALS = {EXACT_MATCH: 2, F1: 2, LINEAR_DENSITY: 3, TOTAL_DENSITY: 3, HEADS_REMOVED: 0, SPEEDUP: 2, STEP: 0}
 # Scalars the trainer reports at every evaluation: the only metrics a scheduler can act on.

@@ -45,11 +45,11 @@ from workflows.int8_check import CHECK_TAGS, checked_variant, served_figures, va
 from workflows.logged_model import (ONNX_SKIPPED, UnreadableTrial, export_for_serving, fluent_store, log_qa_model,
                                     logged_qa_model, measured_precision, packed_model_of, settings_of)
 from workflows.record import (ALIAS, DEFAULT_MAX_INT8_F1_DROP, EXACT_MATCH, F1, FINAL_METRICS, FORMER_POLICY_TAGS,
-                              FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY, PARAM_RESOURCES, PARAM_SPEEDUP, REMOVED,
-                              RUNTIMES, SPEEDUP, STATUS_FINISHED, STATUS_INTERRUPTED, TAG_FINEPRUNE_VERSION, TAG_ONNX,
-                              TAG_ONNX_VARIANT, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_STATUS, TAG_SWEEP_RUN,
-                              TAG_TRIAL_RUN, TAG_VERSION_PRECISION, RegistrySpec, deleted_source, metric_tag,
-                              run_deleted)
+                              FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY, NULL_METRICS, PARAM_RESOURCES,
+                              PARAM_SPEEDUP, REMOVED, RUNTIMES, SPEEDUP, STATUS_FINISHED, STATUS_INTERRUPTED,
+                              TAG_FINEPRUNE_VERSION, TAG_ONNX, TAG_ONNX_VARIANT, TAG_POLICY, TAG_POLICY_THRESHOLD,
+                              TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TAG_VERSION_PRECISION, RegistrySpec,
+                              deleted_source, metric_tag, run_deleted)
 from workflows.space import load_space
 from workflows.version_files import checked_once, version_files_lost
 from workflows.version_timing import SeqLenError, latency_settings, time_versions
@@ -144,7 +144,7 @@ def register_champion(client, experiment: str, parent_run_id: str, spec: Registr
                 "served_f1", "latency_ms", "served_speedup")
         moved = {"alias_moved_from": chosen["alias_moved_from"]} if "alias_moved_from" in chosen else {}
         # What it serves, as a registration's result names it: it was timed as it serves.
-        return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep},
+        return {"registered": True, "policy": policy, **{k: chosen.get(k) for k in keep}, **_null_figures(chosen),
                 "onnx_variant": variant_run(chosen["served_by"]), **moved}
 
     runs = record.trials(client, parent_run_id)
@@ -435,13 +435,19 @@ def _move_alias(client, name: str, alias: str, version) -> Any:
     return current if current is not None and str(current.version) != str(version) else None
 
 
+def _null_figures(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The SQuAD v2.0 figures a trial's run holds (:data:`~workflows.record.NULL_METRICS`), for a registration's
+    result; none for a trial scored on answerable questions alone."""
+    return {key: metrics[key] for key in NULL_METRICS if key in metrics}
+
+
 def _tag_version(client, name: str, version, run, parent_run_id: str, extra: dict[str, str]) -> None:
     """Tag ``version`` (a model version) with its trial's metrics, precision and run ids and ``extra``: only the
     tags it lacks or holds with another value are written, so registering a sweep again writes nothing new."""
     metrics = run.data.metrics
     tags = {TAG_SWEEP_RUN: parent_run_id, TAG_TRIAL_RUN: run.info.run_id,
             TAG_VERSION_PRECISION: measured_precision(run), **extra}
-    for key in FINAL_METRICS:
+    for key in (*FINAL_METRICS, *NULL_METRICS):
         if key in metrics:
             tags[key] = metric_tag(metrics[key])
     current = version.tags or {}
@@ -474,7 +480,7 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
     result = {"registered": True, "name": name, "version": str(version.version), "model_uri": uri,
               "run_id": run_id, "policy": policy, **{k: metrics.get(k) for k in (F1, EXACT_MATCH, LINEAR_DENSITY,
                                                                                     SPEEDUP)},
-              **served_figures(version.tags or {})}
+              **_null_figures(metrics), **served_figures(version.tags or {})}
     return result if left is None else {**result, "alias_moved_from": left}
 
 
@@ -565,7 +571,7 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str, on
                      {tag: run.data.tags.get(tag, "false") for tag in FRONTIER_TAGS})
         rows.append({"version": str(version.version), "model_uri": f"models:/{name}/{version.version}",
                      "run_id": run.info.run_id, **{k: run.data.metrics.get(k) for k in FINAL_METRICS},
-                     **served_figures(version.tags or {})})
+                     **_null_figures(run.data.metrics), **served_figures(version.tags or {})})
     # A point whose version cannot be served (its files gone) is still on the frontier: its tags stay.
     _untag_left_frontier(client, name, parent_run_id, {run.info.run_id for run in runs}, before)
     logger.info("registered the %s on the frontiers of sweep run %s (of its objectives, and of F1 against measured "
@@ -642,7 +648,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         The chosen version (``version``, ``model_uri``, ``served_by``, ``latency_ms``, ``dense_latency_ms``,
         ``served_speedup``, ``served_f1``: the F1 of the ONNX model it runs as, measured when it was made on its
         trial's first 500 questions at most (:func:`~workflows.int8_check.checked_variant`; None for PyTorch),
-        and its trial's ``f1``, ``speedup``, ...), the settings (``runtime`` among them: the option given), and
+        and its trial's ``f1``, ``speedup``, ..., and for a trial on SQuAD v2.0 questions its
+        :data:`~workflows.record.NULL_METRICS`), the settings (``runtime`` among them: the option given), and
         ``versions``: every version's trial figures with how it ran (``served_by``) and its ``latency_ms``,
         ``dense_latency_ms``, ``served_speedup`` timed here and whether it is ``within_budget``, or
         for a version that cannot be loaded or fails when run here, whose model takes fewer positions than
@@ -695,7 +702,8 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
             "run_id": chosen["run_id"], "served_by": chosen["served_by"], "latency_ms": chosen["latency_ms"],
             "dense_latency_ms": chosen["dense_latency_ms"], "served_speedup": chosen["served_speedup"],
-            "served_f1": chosen.get("served_f1"), **{k: chosen.get(k) for k in FINAL_METRICS}, "versions": rows,
+            "served_f1": chosen.get("served_f1"), **{k: chosen.get(k) for k in FINAL_METRICS},
+            **_null_figures(chosen), "versions": rows,
             **({"alias_moved_from": left} if left is not None else {})}
 
 

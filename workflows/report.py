@@ -68,8 +68,8 @@ _METRIC_COLUMNS = tuple((metric, heading, record.DECIMALS[metric]) for metric, h
     (HEADS_REMOVED, "heads removed"), (SPEEDUP, "speedup"), (record.STEP, "steps")))
 # A sweep on questions that hold unanswerable ones (SQuAD v2.0): F1 over each kind, and for a model answering "no
 # answer" the F1 the best threshold for these questions would reach, and that threshold. Each shown where a run has it.
-_NULL_COLUMNS = (("has_answer_f1", "F1 answerable", 2), ("no_answer_f1", "F1 unanswerable", 2),
-                 ("best_f1", "best F1", 2), ("best_f1_threshold", "best F1 threshold", 2))
+_NULL_COLUMNS = tuple((metric, heading, 2) for metric, heading in zip(
+    record.NULL_METRICS, ("F1 answerable", "F1 unanswerable", "best F1", "best F1 threshold")))
 _FRONTIER_COLUMNS = tuple(column for column in _METRIC_COLUMNS
                           if column[0] in (EXACT_MATCH, F1, LINEAR_DENSITY, SPEEDUP))
 # Nothing may be fetched: the page is a single file that must read the same offline.

@@ -21,7 +21,7 @@ from pruning import atomic
 from pruning.errors import error_line
 from workflows import record
 from workflows.int8_check import checked_f1, variant_run
-from workflows.record import F1, FINAL_METRICS, PARAM_SPEEDUP, TAG_SWEEP_RUN, TAG_TRIAL_RUN, tag_float
+from workflows.record import F1, FINAL_METRICS, NULL_METRICS, PARAM_SPEEDUP, TAG_SWEEP_RUN, TAG_TRIAL_RUN, tag_float
 from workflows.version_files import FewerPositions, load_version
 
 __all__ = ["SeqLenError", "NOISY_SPREAD", "timing_noise", "time_versions", "latency_settings"]
@@ -99,7 +99,8 @@ def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle
     from pruning.structure import max_positions
 
     row = {"version": str(v.version), "run_id": v.tags.get(TAG_TRIAL_RUN) or v.run_id,
-           **{k: tag_float(v.tags, k) for k in FINAL_METRICS}}
+           **{k: tag_float(v.tags, k) for k in FINAL_METRICS},
+           **{k: tag_float(v.tags, k) for k in NULL_METRICS if k in v.tags}}
     gone = record.deleted_source(client, v.tags, row["run_id"], lifecycle)
     if gone is not None:  # set aside in the MLflow UI: neither loaded nor chosen
         row["error"] = gone
