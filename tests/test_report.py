@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -368,6 +369,10 @@ def test_a_sweep_on_unanswerable_questions_shows_f1_by_kind_and_the_champions_be
     buttons = [a for t, a in _parse(page).tags if t == "th" and "data-type" in a]
     assert len(buttons) == 2 + len(data.searched) + 7 + 4 + 2
     assert "<code>MLFLOW_PYFUNC_INFERENCE_CONFIG=&#39;{&#34;null_threshold&#34;: -0.25}&#39;</code>" in page
+    # The champion's trial run gone (deleted, or removed for good): the figures its version's tags record.
+    tagged = dataclasses.replace(data.champion, metrics={"f1": 75.0, **{key: values[2] for key, values in v2.items()}})
+    gone = ReportData(**{**data.__dict__, "runs": runs[runs["run_id"] != "b"], "champion": tagged})
+    assert "A threshold of -0.25 logits would score F1 77.50 on these questions" in render_markdown(gone)
     # A sweep on answerable questions alone, or a champion not answering "no answer": neither.
     for runs in (data.runs, data.runs.assign(has_answer_f1=v2["has_answer_f1"])):
         markdown = render_markdown(ReportData(**{**data.__dict__, "runs": runs}))

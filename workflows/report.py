@@ -111,7 +111,8 @@ class ChampionCard:
         serves: the version's served model is whole in the registry (False: files of it are gone, and the card
             gives no way to load or serve it).
         metrics: the trial's final metrics as the version's tags record them (F1, EM, densities, heads removed,
-            speedup), which the card shows when the trial's row is not among the runs (its run deleted or removed).
+            speedup, and the SQuAD v2.0 figures of a trial that has them), which the card shows when the trial's row
+            is not among the runs (its run deleted or removed).
         served: which ONNX Runtime model the version serves and why, as its ``int8_check`` tag records it (its
             int8 and fp32 F1 on the trial's questions); None for a version that serves through PyTorch or was
             registered before the check.
@@ -397,9 +398,9 @@ def _served_line(card: ChampionCard) -> str | None:
 
 def _null_line(data: ReportData) -> str | None:
     """What the card says of a champion answering "no answer", scored on questions that hold unanswerable ones: its
-    F1 over each kind, and the threshold that would score best on these questions, with how to check and serve it;
-    None for any other champion (or one whose trial row is gone)."""
-    row, card = data.champion_row, data.champion
+    F1 over each kind, and the threshold that would score best on these questions, with how to check and serve it
+    (from its trial's row, else its version's tags); None for any other champion."""
+    row, card = data.champion_figures, data.champion
     best, threshold = (None, None) if row is None else (_value(row, "best_f1"), _value(row, "best_f1_threshold"))
     if best is None or threshold is None or card is None:
         return None
@@ -834,7 +835,7 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
         alias_version=None if current or aliased is None else str(aliased.version),
         tracking_uri=None if tracking_uri == "databricks" else tracking_uri,
         url=None if server is None else f"{server}/#/models/{name}/versions/{version.version}", policy=policy,
-        note=note, serves=serves, metrics={key: value for key in FINAL_METRICS
+        note=note, serves=serves, metrics={key: value for key in (*FINAL_METRICS, *record.NULL_METRICS)
                                            if (value := _finite(version.tags.get(key))) is not None},
         served=version.tags.get(TAG_INT8_CHECK) or None, **structure)
 
