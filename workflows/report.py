@@ -560,12 +560,12 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]
     return lines
 
 
-def _trial_cells(data: ReportData, row: pd.Series) -> list[str]:
+def _trial_cells(data: ReportData, row: pd.Series, metric_columns: Sequence[tuple[str, str, int]]) -> list[str]:
     url = _url(row)
     name = _md_text(row["name"])
     cells = [f"[{name}]({url})" if url else name, _status_label(row)]
     cells += [_md_text(_fmt_param(_param(row, k))) for k in data.searched]
-    cells += [_fmt(_value(row, m), d) for m, _, d in data.metric_columns]
+    cells += [_fmt(_value(row, m), d) for m, _, d in metric_columns]
     cells += ["yes" if bool(row.get(tag)) is True else "" for tag in (TAG_PARETO, TAG_PARETO_SPEED)]
     return cells
 
@@ -669,7 +669,8 @@ def render_markdown(data: ReportData) -> str:
         out.append("No hypervolume was logged for this sweep.")
 
     out += ["", "## Trials", ""]
-    out += _md_table(_trial_header(data), (_trial_cells(data, r) for r in _rows(data.runs)))
+    metric_columns = data.metric_columns
+    out += _md_table(_trial_header(data), (_trial_cells(data, r, metric_columns) for r in _rows(data.runs)))
     failures = _failures(data)
     if failures:
         out += ["", "## Failed trials", ""]
@@ -702,7 +703,8 @@ def _table(data: ReportData) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     columns = [{"title": "trial", "text": True, "searched": False},
                {"title": "status", "text": True, "searched": False}]
     columns += [{"title": key, "text": not numeric[key], "searched": True} for key in data.searched]
-    columns += [{"title": title, "text": False, "searched": False} for _, title, _ in data.metric_columns]
+    metric_columns = data.metric_columns
+    columns += [{"title": title, "text": False, "searched": False} for _, title, _ in metric_columns]
     columns += [{"title": f"Pareto: {title}", "text": True, "searched": False} for title in _pareto_titles(data)]
     champion_id = data.champion.run_id if data.champion else None
     rows = []
@@ -712,7 +714,7 @@ def _table(data: ReportData) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
             raw = _param(row, key)
             cells.append({"display": _fmt_param(raw), "sort": _sort_key(_finite(raw) if numeric[key] else raw),
                           "text": not numeric[key]})
-        for metric, _, decimals in data.metric_columns:
+        for metric, _, decimals in metric_columns:
             value = _value(row, metric)
             text = _fmt(value, decimals) + ("x" if metric == SPEEDUP and value is not None else "")
             cells.append({"display": text, "sort": _sort_key(value), "text": False})
