@@ -11,27 +11,29 @@ config, so packing and export carry it on, and :func:`read_evaluation`, :func:`r
 and ``optimizer.safetensors`` (optimizer moments and the RNG states of the CPU and of any CUDA device in use), so
 a run resumes at the same step with the same masks and dropout draws; ``trainer_state.json`` records the run config
 and where the run stands in its training windows (``data_position``). :func:`load_model` opens any of them: a dense
-HF QA model of a type in :mod:`pruning.structure` (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA) or a DistilBERT
-one (read as BERT, :mod:`pruning.distilbert`), a masked checkpoint or a packed directory;
+HF QA model of a type in :mod:`pruning.structure` (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA), a DistilBERT
+one (read as BERT, :mod:`pruning.distilbert`) or an ALBERT one (read as ELECTRA, :mod:`pruning.albert`), a masked
+checkpoint or a packed directory;
 :func:`pruning.tokenizer.load_tokenizer` their tokenizer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from transformers import BertForQuestionAnswering, DistilBertConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AlbertConfig, DistilBertConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from . import distilbert
+from . import albert, distilbert
 from . import masks as mask_lib
 from .atomic import save_tensors, staged_dir
 from .config import EVALUATION_KEYS, parser_limit
@@ -250,7 +252,7 @@ def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:
     config_file = model_dir / "config.json"
     raw = read_json(config_file)
     model_type = raw.get("model_type", DEFAULT_MODEL_TYPE)
-    supported = (*ARCHITECTURES, distilbert.MODEL_TYPE)
+    supported = (*ARCHITECTURES, *_READ_AS)
     if not isinstance(model_type, str) or model_type not in supported:
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported "
                               f"({', '.join(sorted(supported))})")
@@ -258,9 +260,10 @@ def _config(model_dir: Path) -> tuple[dict[str, Any], PretrainedConfig]:
     # stock class of its model_type, and a directory written from it carries none of them.
     clean = {k: v for k, v in raw.items() if k not in (MASKS_KEY, AUTO_MAP)}
     try:
-        if model_type == distilbert.MODEL_TYPE:  # read as the BERT model that computes the same
-            return raw, distilbert.bert_config(DistilBertConfig.from_dict(clean),
-                                               {k: v for k, v in clean.items() if k.startswith("fineprune_")})
+        if model_type in _READ_AS:  # read as the model of another type that computes the same
+            reader = _READ_AS[model_type]
+            return raw, reader.config(reader.config_type.from_dict(clean),
+                                      {k: v for k, v in clean.items() if k.startswith("fineprune_")})
         return raw, config_class(model_type).from_dict(clean)
     except Exception as err:  # TypeError, ValueError, or the strict field checks of recent transformers
         message = " ".join(str(err).split())
@@ -303,8 +306,8 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
     if raw.get(PACKED_FLAG):
         return load_packed(model_dir).float()
     settings = raw.get(MASKS_KEY)
-    if settings is None and raw.get("model_type") == distilbert.MODEL_TYPE:
-        return _load_distilbert(model_dir, config, qa_head)
+    if settings is None and raw.get("model_type") in _READ_AS:
+        return _load_read_as(model_dir, raw, config, qa_head)
     if settings is None:
         with _weights_errors():  # a clear error for a missing or corrupted file before transformers reads it
             weights, stored = weight_dtypes(model_dir)
@@ -366,24 +369,45 @@ def _no_qa_head(model_dir: Path, weights: Path) -> str:
             "whose answers would come from a random head); fine-tune it with `fineprune train` first")
 
 
-def _load_distilbert(model_dir: Path, config: PretrainedConfig, qa_head: bool) -> nn.Module:
-    """A dense DistilBERT directory as the ``BertForQuestionAnswering`` of ``config`` (see :mod:`pruning.distilbert`),
-    float32, in eval mode; without a QA head, a fresh one (or, with ``qa_head``, an error as for any model).
+@dataclasses.dataclass(frozen=True)
+class _ReadAs:
+    """A ``model_type`` read as the model of another that computes the same function."""
+
+    name: str  # as a message names the model
+    config_type: type  # its transformers config class
+    config: Callable[[Any, Mapping[str, Any]], PretrainedConfig]  # (its config, entries kept) -> the other's config
+    state: Callable[[Mapping[str, torch.Tensor], Any], tuple[dict[str, torch.Tensor], list[str]]]  # its weights ->
+    # (the other's, the names of the tensors not known)
+
+
+_READ_AS = {
+    distilbert.MODEL_TYPE: _ReadAs("DistilBERT", DistilBertConfig, distilbert.bert_config,
+                                   lambda state, config: distilbert.bert_state(state, config.dim)),
+    albert.MODEL_TYPE: _ReadAs("ALBERT", AlbertConfig, albert.electra_config, albert.electra_state),
+}
+
+
+def _load_read_as(model_dir: Path, raw: Mapping[str, Any], config: PretrainedConfig, qa_head: bool) -> nn.Module:
+    """A dense DistilBERT or ALBERT directory as the BERT or ELECTRA QA model of ``config`` that computes the same
+    (see :mod:`pruning.distilbert`, :mod:`pruning.albert`), float32, in eval mode; without a QA head, a fresh one
+    (or, with ``qa_head``, an error as for any model).
 
     Raises:
-        CheckpointError: the weights are missing or corrupted, or are not those of a DistilBERT model of the config.
+        CheckpointError: the weights are missing or corrupted, or are not those of a model of the config's type.
     """
+    reader = _READ_AS[raw["model_type"]]
     with _weights_errors():
         weights, stored = read_weights(model_dir)
-    state, unknown = distilbert.bert_state(stored, config.hidden_size)
+    state, unknown = reader.state(stored, reader.config_type.from_dict(
+        {k: v for k, v in raw.items() if k not in (MASKS_KEY, AUTO_MAP)}))
     if unknown:
-        raise CheckpointError(f"{weights}: not the weights of a DistilBERT model (unexpected: {unknown[0]}"
-                              + _more(len(unknown)) + ")")
+        raise CheckpointError(f"{weights}: not the weights of a{'n' if reader.name[0] in 'AEIOU' else ''} "
+                              f"{reader.name} model (unexpected: {unknown[0]}" + _more(len(unknown)) + ")")
     if qa_head and QA_HEAD not in state:
         raise CheckpointError(_no_qa_head(model_dir, weights))
     try:
         with quiet_transformers():
-            model = BertForQuestionAnswering(config)
+            model = qa_model_class(config.model_type)(config)
     except Exception as err:  # the modules check their config values (an activation's name, say) as they build
         raise CheckpointError(_cannot_build(model_dir, config, err)) from None
     _check_state(weights, state, model.state_dict())

@@ -390,9 +390,11 @@ def _model_type(values: Mapping[Any, Any]) -> str:
     from .structure import ARCHITECTURES, DEFAULT_MODEL_TYPE
 
     model_type = values.get("model_type", DEFAULT_MODEL_TYPE)
-    if model_type == "distilbert":  # pruning.distilbert reads a directory of one as BERT; a random one is BERT's
-        _fail("model_config.model_type", "'distilbert' is read from a model directory only (as the bert model that "
-              "computes the same); a random model is given as bert's config values")
+    # pruning.distilbert and pruning.albert read a directory of one as BERT or ELECTRA; a random one is theirs.
+    for read, read_as in (("distilbert", "bert"), ("albert", "electra")):
+        if model_type == read:
+            _fail("model_config.model_type", f"{read!r} is read from a model directory only (as the {read_as} model "
+                  f"that computes the same); a random model is given as {read_as}'s config values")
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         _fail("model_config.model_type", f"{model_type!r} is not supported ({', '.join(sorted(ARCHITECTURES))})")
     return model_type
