@@ -373,7 +373,7 @@ def _no_qa_head(model_dir: Path, weights: Path) -> str:
 class _ReadAs:
     """A ``model_type`` read as the model of another that computes the same function."""
 
-    name: str  # as a message names the model
+    name: str  # as a message names such a model ("a DistilBERT model")
     config_type: type  # its transformers config class
     config: Callable[[Any, Mapping[str, Any]], PretrainedConfig]  # (its config, entries kept) -> the other's config
     state: Callable[[Mapping[str, torch.Tensor], Any], tuple[dict[str, torch.Tensor], list[str]]]  # its weights ->
@@ -381,9 +381,9 @@ class _ReadAs:
 
 
 _READ_AS = {
-    distilbert.MODEL_TYPE: _ReadAs("DistilBERT", DistilBertConfig, distilbert.bert_config,
+    distilbert.MODEL_TYPE: _ReadAs("a DistilBERT model", DistilBertConfig, distilbert.bert_config,
                                    lambda state, config: distilbert.bert_state(state, config.dim)),
-    albert.MODEL_TYPE: _ReadAs("ALBERT", AlbertConfig, albert.electra_config, albert.electra_state),
+    albert.MODEL_TYPE: _ReadAs("an ALBERT model", AlbertConfig, albert.electra_config, albert.electra_state),
 }
 
 
@@ -401,8 +401,8 @@ def _load_read_as(model_dir: Path, raw: Mapping[str, Any], config: PretrainedCon
     state, unknown = reader.state(stored, reader.config_type.from_dict(
         {k: v for k, v in raw.items() if k not in (MASKS_KEY, AUTO_MAP)}))
     if unknown:
-        raise CheckpointError(f"{weights}: not the weights of a{'n' if reader.name[0] in 'AEIOU' else ''} "
-                              f"{reader.name} model (unexpected: {unknown[0]}" + _more(len(unknown)) + ")")
+        raise CheckpointError(f"{weights}: not the weights of {reader.name} (unexpected: {unknown[0]}"
+                              + _more(len(unknown)) + ")")
     if qa_head and QA_HEAD not in state:
         raise CheckpointError(_no_qa_head(model_dir, weights))
     try:
