@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -252,6 +253,74 @@ def tokenizer():
 def dev_subset() -> list[squad.Example]:
     """The first questions of the shipped SQuAD v1.1 dev set."""
     return squad.load_squad(squad_file("dev"), limit=DEV_SUBSET_SIZE)
+
+
+def save_read_as_model(model: torch.nn.Module, path: Path, tokenizer_class: str, seed: int = 0,
+                       dtype: torch.dtype = torch.float32) -> Path:
+    """A random model of a family read as another (DistilBERT as BERT, ALBERT as ELECTRA) saved by transformers in
+    ``path``, its weights moved off their initial values (biases and norms too), with the shipped WordPiece vocabulary
+    as its tokenizer, declared as ``tokenizer_class``."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval().to(dtype).save_pretrained(str(path))
+    for name in ("vocab.txt", "tokenizer.json", "special_tokens_map.json"):
+        shutil.copy(shipped_model_dir() / name, path)
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"do_lower_case": True, "model_max_length": 512, "tokenizer_class": tokenizer_class}))
+    return path
+
+
+def dev_windows(model_dir: Path, examples: list[squad.Example]) -> squad.EvalFeatures:
+    """Real dev windows of a model directory's tokenizer, 96 tokens overlapping by 32: several per long context of
+    the first 8 ``examples``, some padded."""
+    from pruning.tokenizer import load_tokenizer
+
+    return squad.prepare_eval_features(examples[:8], load_tokenizer(model_dir), max_seq_length=96, doc_stride=32)
+
+
+def no_qa_head_line(directory: Path) -> str:
+    """The one line :func:`pruning.checkpoint.load_model` refuses an encoder without a QA head with, as a model to
+    evaluate."""
+    return (f"{directory}: not a question-answering model (model.safetensors has no qa_outputs.weight: a pre-trained "
+            "encoder, whose answers would come from a random head); fine-tune it with `fineprune train` first")
+
+
+def loading_refused(directory: Path, state: dict[str, torch.Tensor], config: dict | None = None) -> str:
+    """The one-line CheckpointError of loading ``directory`` with ``state`` as its weights (and ``config`` as its
+    config.json, when given)."""
+    from safetensors.torch import save_file
+
+    from pruning.checkpoint import CheckpointError, load_model
+
+    save_file(state, str(directory / "model.safetensors"))
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        load_model(directory)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def pack_export_and_score(run, pruned: dict, out: Path, window: list[str]) -> None:
+    """``fineprune pack`` a pruned run's model, ``eval`` the packed model (it answers as the masked one did),
+    ``export`` it and ``eval`` the export (it answers as the packed one), through ``run`` (argv -> the command's
+    JSON line)."""
+    packed = run(["pack", pruned["model_dir"], str(out / "packed"), "--questions", "4", "--repeats", "1"])
+    assert packed["max_logit_diff"] <= 1e-3
+    again = run(["eval", str(out / "packed"), "--eval-limit", "8", *window, "--device", "cpu", "--no-progress"])
+    assert again["f1"] == pytest.approx(pruned["f1"], abs=1e-6)
+    run(["export", str(out / "packed"), str(out / "onnx"), "--questions", "4"])
+    exported = run(["eval", str(out / "onnx"), "--eval-limit", "8", *window, "--no-progress"])
+    assert exported["f1"] == pytest.approx(again["f1"], abs=1e-6)
+
+
+def qa_logits(model, inputs) -> torch.Tensor:
+    """A QA model's start and end logits on ``inputs``, stacked."""
+    with torch.inference_mode():
+        out = model(**inputs)
+    return torch.stack([out.start_logits, out.end_logits])
 
 
 @pytest.fixture(autouse=True, scope="session")

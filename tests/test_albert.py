@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AlbertConfig, AlbertForMaskedLM, AlbertForQuestionAnswering, ElectraForQuestionAnswering
 
 from pruning import squad
 from pruning.albert import unrolled_groups
 from pruning.checkpoint import CheckpointError, load_config, load_model
 from pruning.config import ConfigError, RunConfig
-from pruning.resources import shipped_model_dir
 from pruning.tokenizer import load_tokenizer
 from workflows import cli
+
+from conftest import (dev_windows, loading_refused, no_qa_head_line, pack_export_and_score, qa_logits,
+                      save_read_as_model)
 
 EMBEDDING, HIDDEN, LAYERS, HEADS, FFN = 16, 32, 3, 4, 64
 
@@ -35,16 +37,7 @@ def albert_dir(path: Path, model_class: type = AlbertForQuestionAnswering, seed:
     values = dict(vocab_size=30522, embedding_size=EMBEDDING, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                   num_attention_heads=HEADS, intermediate_size=FFN, max_position_embeddings=128, hidden_act="gelu_new",
                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = model_class(AlbertConfig(**{**values, **config})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(str(path))
-    for name in ("vocab.txt", "tokenizer.json", "special_tokens_map.json"):
-        shutil.copy(shipped_model_dir() / name, path)
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"do_lower_case": True, "model_max_length": 512, "tokenizer_class": "BertTokenizer"}))
-    return path
+    return save_read_as_model(model_class(AlbertConfig(**{**values, **config})), path, "BertTokenizer", seed)
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +47,7 @@ def albert(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def windows(albert, dev_subset) -> squad.EvalFeatures:
-    """Real dev windows of the ALBERT directory's tokenizer: several per long context, some padded."""
-    return squad.prepare_eval_features(dev_subset[:8], load_tokenizer(albert), max_seq_length=96, doc_stride=32)
-
-
-def logits(model, inputs) -> torch.Tensor:
-    with torch.inference_mode():
-        out = model(**inputs)
-    return torch.stack([out.start_logits, out.end_logits])
+    return dev_windows(albert, dev_subset)
 
 
 @pytest.mark.parametrize("groups", [{}, {"num_hidden_groups": 2, "inner_group_num": 2, "num_hidden_layers": 4}])
@@ -77,7 +63,7 @@ def test_an_albert_directory_opens_as_the_electra_model_that_answers_the_same(al
     assert load_config(directory).to_dict() == config.to_dict()
     inputs = windows.model_inputs()
     assert inputs["token_type_ids"].any() and not inputs["attention_mask"].all()  # contexts of type 1, padding
-    torch.testing.assert_close(logits(model, inputs), logits(stock, inputs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(qa_logits(model, inputs), qa_logits(stock, inputs), atol=1e-5, rtol=0)
     # Each layer holds its own copy of the shared weights it runs: pruning one leaves the others.
     shared = [layer.intermediate.dense.weight for layer in model.electra.encoder.layer]
     assert len({w.data_ptr() for w in shared}) == layers
@@ -103,9 +89,7 @@ def test_an_albert_encoder_gets_a_fresh_head_to_fine_tune_and_is_no_model_to_eva
     assert model.qa_outputs.weight.shape == (2, HIDDEN)
     with pytest.raises(CheckpointError) as err:
         load_model(directory, qa_head=True)
-    assert str(err.value) == (f"{directory}: not a question-answering model (model.safetensors has no "
-                              "qa_outputs.weight: a pre-trained encoder, whose answers would come from a random head); "
-                              "fine-tune it with `fineprune train` first")
+    assert str(err.value) == no_qa_head_line(directory)
 
 
 def test_an_albert_directory_that_cannot_be_read_as_electra_is_one_line_naming_the_file(albert, tmp_path):
@@ -116,12 +100,7 @@ def test_an_albert_directory_that_cannot_be_read_as_electra_is_one_line_naming_t
     config = json.loads((albert / "config.json").read_text())
 
     def refused(edited: dict, values: dict | None = None) -> str:
-        save_file(edited, str(weights))
-        (directory / "config.json").write_text(json.dumps(values or config))
-        with pytest.raises(CheckpointError) as err:
-            load_model(directory)
-        assert "\n" not in str(err.value)
-        return str(err.value)
+        return loading_refused(directory, edited, values or config)
 
     renamed = {name.replace(".ffn.", ".lin1."): tensor for name, tensor in state.items()}
     assert refused(renamed) == (f"{weights}: not the weights of an ALBERT model (unexpected: "
@@ -162,13 +141,7 @@ def test_an_albert_model_prunes_packs_exports_and_answers_from_the_command_line(
     pruned = run(["prune", "--config", str(config), "--model", str(albert), "--teacher", str(albert),
                   "--output-dir", str(tmp_path / "pruned"), "--no-progress"])
     assert pruned["linear_density"] < 1
-    packed = run(["pack", pruned["model_dir"], str(tmp_path / "packed"), "--questions", "4", "--repeats", "1"])
-    assert packed["max_logit_diff"] <= 1e-3
-    again = run(["eval", str(tmp_path / "packed"), "--eval-limit", "8", *window, "--device", "cpu", "--no-progress"])
-    assert again["f1"] == pytest.approx(pruned["f1"], abs=1e-6)  # the packed model answers as the masked one
-    run(["export", str(tmp_path / "packed"), str(tmp_path / "onnx"), "--questions", "4"])
-    exported = run(["eval", str(tmp_path / "onnx"), "--eval-limit", "8", *window, "--no-progress"])
-    assert exported["f1"] == pytest.approx(again["f1"], abs=1e-6)
+    pack_export_and_score(run, pruned, tmp_path, window)
     for written in ("pruned/final", "packed"):
         assert json.loads((tmp_path / written / "config.json").read_text())["model_type"] == "electra"
 

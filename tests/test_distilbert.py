@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import (BertForQuestionAnswering, DistilBertConfig, DistilBertForMaskedLM,
                           DistilBertForQuestionAnswering)
@@ -23,9 +23,11 @@ from pruning import squad
 from pruning.checkpoint import CheckpointError, load_config, load_model
 from pruning.config import ConfigError, RunConfig
 from pruning.distilbert import bert_name
-from pruning.resources import shipped_model_dir
 from pruning.tokenizer import load_tokenizer
 from workflows import cli
+
+from conftest import (dev_windows, loading_refused, no_qa_head_line, pack_export_and_score, qa_logits,
+                      save_read_as_model)
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM, LAYERS, HEADS, HIDDEN_DIM = 32, 2, 4, 64
@@ -37,16 +39,8 @@ def distilbert_dir(path: Path, model_class: type = DistilBertForQuestionAnswerin
     and norms, and the shipped WordPiece vocabulary as its tokenizer (``DistilBertTokenizer``)."""
     torch.manual_seed(seed)
     values = dict(dim=DIM, n_layers=LAYERS, n_heads=HEADS, hidden_dim=HIDDEN_DIM, max_position_embeddings=128)
-    model = model_class(DistilBertConfig(**{**values, **config})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.to(dtype).save_pretrained(str(path))
-    for name in ("vocab.txt", "tokenizer.json", "special_tokens_map.json"):
-        shutil.copy(shipped_model_dir() / name, path)
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"do_lower_case": True, "model_max_length": 512, "tokenizer_class": "DistilBertTokenizer"}))
-    return path
+    model = model_class(DistilBertConfig(**{**values, **config}))
+    return save_read_as_model(model, path, "DistilBertTokenizer", seed, dtype)
 
 
 class _WithoutTokenTypes(nn.Module):
@@ -67,14 +61,7 @@ def distil(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def windows(distil, dev_subset) -> squad.EvalFeatures:
-    """Real dev windows of the DistilBERT directory's tokenizer: several per long context, some padded."""
-    return squad.prepare_eval_features(dev_subset[:8], load_tokenizer(distil), max_seq_length=96, doc_stride=32)
-
-
-def logits(model, inputs) -> torch.Tensor:
-    with torch.inference_mode():
-        out = model(**inputs)
-    return torch.stack([out.start_logits, out.end_logits])
+    return dev_windows(distil, dev_subset)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -90,7 +77,8 @@ def test_a_distilbert_directory_opens_as_the_bert_model_that_answers_the_same(di
     assert load_config(directory).to_dict() == config.to_dict()
     inputs = windows.model_inputs()
     assert inputs["token_type_ids"].any() and not inputs["attention_mask"].all()  # contexts of type 1, padding
-    torch.testing.assert_close(logits(model, inputs), logits(_WithoutTokenTypes(stock), inputs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(qa_logits(model, inputs), qa_logits(_WithoutTokenTypes(stock), inputs), atol=1e-5,
+                               rtol=0)
     assert not model.bert.embeddings.token_type_embeddings.weight.any()
 
 
@@ -112,9 +100,7 @@ def test_a_distilbert_encoder_gets_a_fresh_head_to_fine_tune_and_is_no_model_to_
     assert model.qa_outputs.weight.shape == (2, DIM)
     with pytest.raises(CheckpointError) as err:
         load_model(directory, qa_head=True)
-    assert str(err.value) == (f"{directory}: not a question-answering model (model.safetensors has no "
-                              "qa_outputs.weight: a pre-trained encoder, whose answers would come from a random head); "
-                              "fine-tune it with `fineprune train` first")
+    assert str(err.value) == no_qa_head_line(directory)
 
 
 def test_weights_that_are_not_the_distilbert_models_of_the_config_are_one_line_naming_the_file(distil, tmp_path):
@@ -124,13 +110,7 @@ def test_weights_that_are_not_the_distilbert_models_of_the_config_are_one_line_n
     state = load_file(str(weights))
 
     def refused(edited: dict, config: dict | None = None) -> str:
-        save_file(edited, str(weights))
-        if config is not None:
-            (directory / "config.json").write_text(json.dumps(config))
-        with pytest.raises(CheckpointError) as err:
-            load_model(directory)
-        assert "\n" not in str(err.value)
-        return str(err.value)
+        return loading_refused(directory, edited, config)
 
     renamed = {name.replace("q_lin", "query"): tensor for name, tensor in state.items()}
     assert refused(renamed) == (f"{weights}: not the weights of a DistilBERT model (unexpected: "
@@ -181,13 +161,7 @@ def test_a_distilbert_model_trains_prunes_packs_exports_and_answers_from_the_com
     pruned = run(["prune", "--config", str(config), "--model", dense["model_dir"], "--teacher", str(distil),
                   "--output-dir", str(tmp_path / "pruned"), "--no-progress"])
     assert pruned["linear_density"] < 1
-    packed = run(["pack", pruned["model_dir"], str(tmp_path / "packed"), "--questions", "4", "--repeats", "1"])
-    assert packed["max_logit_diff"] <= 1e-3
-    again = run(["eval", str(tmp_path / "packed"), "--eval-limit", "8", *window, "--device", "cpu", "--no-progress"])
-    assert again["f1"] == pytest.approx(pruned["f1"], abs=1e-6)  # the packed model answers as the masked one
-    run(["export", str(tmp_path / "packed"), str(tmp_path / "onnx"), "--questions", "4"])
-    exported = run(["eval", str(tmp_path / "onnx"), "--eval-limit", "8", *window, "--no-progress"])
-    assert exported["f1"] == pytest.approx(again["f1"], abs=1e-6)
+    pack_export_and_score(run, pruned, tmp_path, window)
     fisher_config = tmp_path / "fisher.yaml"  # the README's one-shot recipe, on a few short windows
     fisher_config.write_text(yaml.safe_dump({
         **yaml.safe_load((ROOT / "configs" / "prune_fisher50.yaml").read_text()), "max_seq_length": 96,
