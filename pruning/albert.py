@@ -88,7 +88,7 @@ def electra_config(config: AlbertConfig, extra: Mapping[str, Any] | None = None)
 
 def dropped(name: str) -> bool:
     """Whether an ALBERT tensor belongs to no part of the question-answering model (another task's head, a buffer)."""
-    return name.removeprefix("albert.").startswith(_DROPPED) or name.startswith(_DROPPED)
+    return name.removeprefix("albert.").startswith(_DROPPED)
 
 
 def electra_name(name: str, layers: Mapping[tuple[int, int], list[int]]) -> list[str] | None:
