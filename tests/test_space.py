@@ -12,13 +12,13 @@ import yaml
 
 from conftest import renumber_tokens
 from pruning.config import Method, RunConfig, method_block
+from workflows.fingerprint import teacher_fingerprint
 from workflows.space import (
     LAMBDA_KEY,
     SpaceError,
     baseline_config,
     load_space,
     teacher_config,
-    teacher_fingerprint,
     trial_config,
 )
 from workflows.tune_search import param_space, scheduler, search_algorithm, tune_config_kwargs

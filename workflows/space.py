@@ -8,19 +8,19 @@ are searched and how, and how the sweep is run (search algorithm, scheduler, sam
 The schema is a set of pydantic models (:class:`SweepSpace` and the specs it holds): every key of the file is a
 typed field, unknown keys are errors at every level, and the checks that span sections (a searched key the method
 ignores, the extremes of every searched value overlaid on the base config, a GPU device without GPUs, ...) are the
-model's validators. :func:`load_space` reads the file with the one YAML reader of the project
-(:func:`pruning.config.read_yaml`) and turns the first validation error into one line naming the file and the key
-path, e.g. ``tune_spaces/x.yaml: search.target_density.high: 1.5 gives an invalid config (target_density: must be
-in (0, 1], got 1.5)``.
+model's validators; those that read the model a config will train are :mod:`workflows.model_checks`.
+:func:`load_space` reads the file with the one YAML reader of the project (:func:`pruning.config.read_yaml`) and
+turns the first validation error into one line naming the file and the key path, e.g. ``tune_spaces/x.yaml:
+search.target_density.high: 1.5 gives an invalid config (target_density: must be in (0, 1], got 1.5)``.
+
+The fingerprints that tell when an earlier sweep's teacher can be reused are :mod:`workflows.fingerprint`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
-import logging
 import math
 import os
 import re
@@ -31,13 +31,11 @@ from typing import Annotated, Any, Callable, Iterable, Literal, Mapping
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from pruning.config import (MAX_SEED, METHOD_KEYS, SHIPPED_MODEL, ConfigError, Method, RunConfig, attention_block_of,
-                            check_head_shaped, check_keys_apply, config_from_dict, config_to_dict, method_block,
+from pruning.config import (MAX_SEED, METHOD_KEYS, ConfigError, Method, RunConfig, check_keys_apply, config_from_dict,
                             read_yaml)
-from pruning.resources import ResourceError, resolve_data, resolve_model, resolve_tokenizer
-from pruning.schedules import warmups
-from pruning.contents import content_digest
 from pruning.errors import name_hint, path_hint
+from pruning.schedules import warmups
+from workflows import model_checks
 from workflows.frontier import reference_point as _reference_point
 from workflows.record import (DEFAULT_MAX_INT8_F1_DROP, DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES,
                               RegistrySpec, flat_params)
@@ -62,9 +60,8 @@ __all__ = [
     "trial_config",
     "teacher_config",
     "baseline_config",
-    "teacher_fingerprint",
-    "scoring_fingerprint",
     "EVALUATION",
+    "TEACHER_IGNORES",
 ]
 
 ALGORITHMS = ("optuna", "random", "grid")
@@ -96,10 +93,8 @@ _NOT_SEARCHABLE = _SWEEP_OWNED + ("model", "model_config", "tokenizer", "train_d
 # stands for lambda_attention and lambda_ffn.
 _MASK_ONLY = frozenset({key for key, methods in METHOD_KEYS.items() if Method.DENSE not in methods} | {LAMBDA_KEY})
 _DISTIL_ONLY = frozenset({"alpha_ce", "alpha_distil", "temperature", "alpha_hidden", "teacher_cache"})
-# Keys that cannot change the weights of a dense teacher run (left out of its fingerprint).
-_NOT_IN_FINGERPRINT = (frozenset({"output_dir", "device", "log_every", "save_every", "eval_every", "eval_batch_size",
-                                  "max_windows", "teacher", "method", "cache_dir"}) | _MASK_ONLY | _DISTIL_ONLY)
-_FINGERPRINT_VERSION = "teacher-v2"
+# Keys a dense teacher run ignores: teacher.config refuses them, and they are not in the teacher's fingerprint.
+TEACHER_IGNORES = _MASK_ONLY | _DISTIL_ONLY
 # What a model is scored with: the evaluation data and the settings evaluate() reads. The trials take them from the
 # base; the dense baseline is the teacher scored with the same (baseline_config).
 EVALUATION = ("eval_data", "eval_limit", "max_seq_length", "doc_stride", "max_query_length", "max_answer_length",
@@ -118,8 +113,6 @@ def name_problem(value: str) -> str | None:
     if len(value) > NAME_LIMIT:
         return f"{value[:20]!r}... is {len(value)} characters long: at most {NAME_LIMIT} (it names directories)"
     return None
-
-logger = logging.getLogger(__name__)
 
 
 class SpaceError(ValueError):
@@ -463,7 +456,7 @@ class TeacherSpec(_Section):
         for key in value:
             if key in _SWEEP_OWNED or key == "method":
                 raise _Problem("is set by the sweep (the teacher is a dense run in its own directory)", key)
-            if key in _MASK_ONLY or key in _DISTIL_ONLY:
+            if key in TEACHER_IGNORES:
                 raise _Problem("does not apply to the dense teacher", key)
         return value
 
@@ -811,50 +804,50 @@ class SweepSpace(_Section):
             except ConfigError as err:
                 raise _config_problem(err, "base") from None
         if base_cfg.model_config is not None:  # the trials' model or the teacher's is built from it
-            problem = _vocabulary_problem(base_cfg)
+            problem = model_checks.vocabulary_problem(base_cfg)
             if problem is not None:
                 raise _Problem(problem, "base", "model_config", "vocab_size")
         trial_model = self._trial_model(base_cfg)
-        if trial_model.model_config is None and _is_packed(trial_model.model):
+        if trial_model.model_config is None and model_checks.is_packed(trial_model.model):
             # Every trial would stop before its first step (the trainer refuses to prune a packed model).
             raise _Problem(f"{trial_model.model}: is a packed model (fineprune_packed in config.json), whose layers "
                            "differ in width; the trials prune a model of the original shape: give the model it "
                            "was packed from", *self._trial_model_key())
-        model = _model_config(trial_model)
+        model = model_checks.model_config(trial_model)
         label = "the model_config" if trial_model.model_config is not None else f"the model {trial_model.model}"
         teacher_model = None
         teacher_cfg = None if self.teacher.student_init else self._teacher_model(base_cfg)
         if model is not None and teacher_cfg is not None and (teacher_cfg.model, teacher_cfg.model_config) != (
                 trial_model.model, trial_model.model_config):
-            teacher_model = _model_config(teacher_cfg)
+            teacher_model = model_checks.model_config(teacher_cfg)
         teacher_label = (f"the teacher {self.teacher.path}" if self.teacher.path is not None
                          else "the teacher the sweep trains")
         # The positions the trials' windows are cut to: the student's and the teacher's (None: not known here).
-        limits = [_positions(model)]
+        limits = [model_checks.positions_of(model)]
         if teacher_cfg is not None and (teacher_cfg.model, teacher_cfg.model_config) != (
                 trial_model.model, trial_model.model_config):
-            limits.append(_positions(teacher_model))
+            limits.append(model_checks.positions_of(teacher_model))
         positions = None if None in limits else min(limits)
 
         def fits(cfg: RunConfig) -> None:
-            _check_blocks(cfg, model, label)
-            _check_teacher_shape(cfg, model, teacher_model, teacher_label)
-            _check_layer_floor(cfg, model, label, positions)
+            model_checks.check_blocks(cfg, model, label)
+            model_checks.check_teacher_shape(cfg, model, teacher_model, teacher_label)
+            model_checks.check_layer_floor(cfg, model, label, positions)
 
         if model is not None:
             try:
                 if not {"method", "attention_block"} & set(self.search):
-                    _check_blocks(base_cfg, model, label)
+                    model_checks.check_blocks(base_cfg, model, label)
                 if "alpha_hidden" not in self.search:
-                    _check_teacher_shape(base_cfg, model, teacher_model, teacher_label)
+                    model_checks.check_teacher_shape(base_cfg, model, teacher_model, teacher_label)
                 if not {"method", "fisher_layer_floor", "target_density", "target_flops", "max_seq_length"} & set(
                         self.search):
-                    _check_layer_floor(base_cfg, model, label, positions)
+                    model_checks.check_layer_floor(base_cfg, model, label, positions)
             except ConfigError as err:
                 raise _config_problem(err, "base") from None
         _check_extremes(self.base, self.search, None if model is None else fits)
         if self.teacher.path is not None and not self.teacher.student_init:
-            problem = _teacher_vocabulary_problem(base_cfg, self.teacher.path)
+            problem = model_checks.teacher_vocabulary_problem(base_cfg, self.teacher.path)
             if problem is not None:
                 raise _Problem(problem, "teacher", "path")
         try:
@@ -881,7 +874,8 @@ class SweepSpace(_Section):
         if index:  # Ray shows a trial only its own GPU, as cuda:0
             raise _Problem(f"{base_cfg.device}: a trial sees only the GPU Ray gives it, as cuda:0 (use cuda; Ray "
                            "chooses the GPU)", "base", "device")
-        limit = _positions(model)  # of the model every trial starts from, and whose packed copies are timed
+        # Of the model every trial starts from, and whose packed copies are timed.
+        limit = model_checks.positions_of(model)
         if limit is not None and self.speedup["seq_len"] > limit:
             raise _Problem(f"{self.speedup['seq_len']} exceeds the {limit} positions the model takes",
                            "speedup", "seq_len")
@@ -1003,184 +997,6 @@ def load_space(path: str | Path) -> SweepSpace:
         return SweepSpace.model_validate(raw, context={"path": path})
     except ValidationError as err:
         raise SpaceError(f"{path}: {_describe(err.errors()[0])}") from None
-
-
-def _is_packed(model: str) -> bool:
-    """Whether the model directory ``model`` names holds a packed model (False when it is not here to read: on a
-    cluster's machines, the trial says so)."""
-    from pruning.packing import is_packed_dir
-
-    try:
-        return is_packed_dir(resolve_model(model))
-    except (ResourceError, OSError, ValueError):
-        return False
-
-
-def _model_config(cfg: RunConfig) -> Any:
-    """The transformers config the trainer builds ``cfg``'s model from (``config.json`` of its directory, or its
-    ``model_config``), or None when it cannot be told here: a model directory that exists only on the cluster's
-    machines, or a config or tokenizer that does not load (the trial says why).
-    """
-    # pruning imports torch and transformers: only a space whose limits are checked needs them.
-    from pruning.checkpoint import CheckpointError, load_config
-    from pruning.resources import shipped_model_dir
-    from pruning.structure import scratch_config
-    from pruning.tokenizer import load_tokenizer
-
-    try:
-        if cfg.model_config is None:
-            return load_config(resolve_model(cfg.model))
-        tokenizer = load_tokenizer(cfg.tokenizer or shipped_model_dir())
-        return scratch_config(cfg.model_config, tokenizer)
-    except (ResourceError, CheckpointError, OSError, TypeError, ValueError):
-        return None
-
-
-def _vocabulary_problem(cfg: RunConfig) -> str | None:
-    """Why a model built from ``cfg.model_config`` cannot embed its tokenizer's ids (the trainer refuses it before
-    the first step), or None (also when the tokenizer does not load here: the run says why)."""
-    from pruning.checkpoint import CheckpointError
-    from pruning.resources import shipped_model_dir
-    from pruning.structure import scratch_config
-    from pruning.tokenizer import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(cfg.tokenizer or shipped_model_dir())
-        size = int(scratch_config(cfg.model_config, tokenizer).vocab_size)
-    except (ResourceError, CheckpointError, OSError, TypeError, ValueError):
-        return None
-    if size < len(tokenizer):
-        return f"{size} is smaller than the tokenizer's {len(tokenizer)} tokens"
-    return None
-
-
-def _teacher_vocabulary_problem(cfg: RunConfig, teacher: str) -> str | None:
-    """Why the teacher directory ``teacher`` cannot read the token ids of ``cfg``'s student (fewer embeddings than the
-    student's tokenizer has tokens, or a tokenizer of its own that numbers them otherwise), as the trainer refuses it
-    before a trial's first step; None when it can, or when either is not here to read (the trial says why)."""
-    from pruning.checkpoint import TOKENIZER_FILES, CheckpointError, load_config
-    from pruning.resources import shipped_model_dir
-    from pruning.tokenizer import load_tokenizer
-
-    try:
-        teacher_dir = resolve_model(teacher)
-        own = shipped_model_dir() if cfg.model_config is not None else resolve_model(cfg.model)
-        ours = load_tokenizer(cfg.tokenizer or own)
-        embedded = int(load_config(teacher_dir).vocab_size)
-    except (ResourceError, CheckpointError, OSError, TypeError, ValueError, AttributeError):
-        return None
-    if embedded < len(ours):
-        return (f"{teacher} embeds {embedded} tokens, fewer than the student's tokenizer has ({len(ours)}): it needs "
-                "the student's vocabulary")
-    if not any((teacher_dir / name).is_file() for name in TOKENIZER_FILES):
-        return None
-    try:
-        theirs = load_tokenizer(teacher_dir).get_vocab()
-    except (CheckpointError, OSError, ValueError):
-        return None
-    vocabulary = ours.get_vocab()
-    differ = sum(1 for token, index in vocabulary.items() if theirs.get(token) != index)
-    if differ:
-        return (f"{teacher} has a tokenizer of {len(theirs)} tokens that numbers {differ} of the student's "
-                f"{len(vocabulary)} tokens differently: the teacher must read the student's token ids")
-    return None
-
-
-def _positions(config: Any) -> int | None:
-    """:func:`pruning.structure.max_positions` of a model config; None for no config, or one it cannot read."""
-    from pruning.structure import max_positions
-
-    if config is None:
-        return None
-    try:
-        return max_positions(config)
-    except (TypeError, ValueError):
-        return None
-
-
-def _check_blocks(cfg: RunConfig, model: Any, label: str) -> None:
-    """The attention blocks of ``cfg``'s method fit the attention matrices of ``model`` (a transformers config, of
-    the model ``label`` names), as the trainer requires when it builds the masked model: topk and sigmoid_threshold
-    blocks divide the matrices, fisher blocks are one head.
-
-    Raises:
-        ConfigError: naming ``attention_block``.
-    """
-    if not cfg.masked:
-        return
-    try:
-        hidden, heads = int(model.hidden_size), int(model.num_attention_heads)
-    except (AttributeError, TypeError, ValueError):
-        return
-    if heads <= 0 or hidden % heads:  # the model does not build; the trial says why
-        return
-    if cfg.method is Method.FISHER:
-        check_head_shaped(method_block(cfg), hidden // heads, hidden)
-        return
-    rows, cols = attention_block_of(method_block(cfg), hidden, heads)
-    if hidden % rows or hidden % cols:
-        raise ConfigError(f"attention_block: {rows}x{cols} does not divide the {hidden}x{hidden} attention matrices "
-                          f"of {label} (hidden_size {hidden})")
-
-
-def _check_teacher_shape(cfg: RunConfig, model: Any, teacher: Any, label: str) -> None:
-    """``alpha_hidden`` > 0 needs a teacher of the student's layers and width, as the trainer requires before the
-    first step; ``model`` and ``teacher`` are transformers configs (``teacher`` None: not known here).
-
-    Raises:
-        ConfigError: naming ``alpha_hidden``.
-    """
-    if teacher is None or not cfg.alpha_hidden > 0:
-        return
-    try:
-        ours = (int(model.num_hidden_layers), int(model.hidden_size))
-        theirs = (int(teacher.num_hidden_layers), int(teacher.hidden_size))
-    except (AttributeError, TypeError, ValueError):
-        return
-    if ours != theirs:
-        raise ConfigError(f"alpha_hidden: {cfg.alpha_hidden} weighs a hidden-state MSE that needs a teacher with the "
-                          f"student's layers and width, but {label} has {theirs[0]} layers of {theirs[1]} and the "
-                          f"student {ours[0]} of {ours[1]}")
-
-
-def _check_layer_floor(cfg: RunConfig, model: Any, label: str, positions: int | None) -> None:
-    """A fisher ``fisher_layer_floor`` keeps ``ceil(floor * n)`` of each layer's ``n`` heads and FFN neurons, which
-    must fit in the ``target_density`` (or ``target_flops``) budget of the cut, as the trainer requires after the
-    importance passes (:func:`pruning.importance.search_mask`); the floor's structures are kept by every stage, so
-    the last stage, whose budget is the target itself, is the one to fit. FLOPs are counted on the windows the
-    trainer cuts to ``positions`` (the student's and the teacher's); with ``positions`` None a FLOP target is left
-    to the trial.
-
-    Raises:
-        ConfigError: naming ``fisher_layer_floor``.
-    """
-    if cfg.method is not Method.FISHER or not cfg.fisher_layer_floor > 0:
-        return
-    from pruning.importance import structure_costs
-    from pruning.squad import fit_windows
-
-    by_flops = cfg.target_flops is not None
-    if by_flops and positions is None:
-        return
-    seq = cfg.max_seq_length
-    if by_flops and seq > positions:  # as the trainer cuts the windows (pruning.trainer.fit_to_model)
-        seq = fit_windows(cfg.max_seq_length, cfg.doc_stride, positions)[0]
-    try:
-        costs = structure_costs(model, "flops" if by_flops else "density", seq)
-        layers, heads = int(model.num_hidden_layers), int(model.num_attention_heads)
-        inter = int(model.intermediate_size)
-    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
-        return
-    floor = cfg.fisher_layer_floor
-    kept_heads, kept_neurons = math.ceil(floor * heads - 1e-9), math.ceil(floor * inter - 1e-9)
-    cost = layers * (kept_heads * costs.head + kept_neurons * costs.neuron)
-    target_key = "target_flops" if by_flops else "target_density"
-    budget = int(math.floor(getattr(cfg, target_key) * costs.total + 1e-6))
-    if cost > budget:
-        share = f"FLOPs on windows of {seq} tokens" if by_flops else "linear weights"
-        raise ConfigError(f"fisher_layer_floor: {floor} keeps {kept_heads} of the {heads} heads and {kept_neurons} of "
-                          f"the {inter} FFN neurons of every layer of {label}, {cost / costs.total:.4g} of its "
-                          f"{share}, more than the {target_key} {getattr(cfg, target_key)}")
 
 
 def _check_applicable(search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> None:
@@ -1363,63 +1179,10 @@ def baseline_config(space: SweepSpace, output_dir: str | Path) -> RunConfig:
     cfg = teacher_config(space, output_dir)
     base = space.base_config
     values = {key: getattr(base, key) for key in EVALUATION}
-    student = _positions(_model_config(space._trial_model(base)))
-    teacher = _positions(_model_config(cfg))
+    student = model_checks.positions_of(model_checks.model_config(space._trial_model(base)))
+    teacher = model_checks.positions_of(model_checks.model_config(cfg))
     if student is not None and (teacher is None or student < teacher):
         from pruning.squad import fit_windows  # pruning.squad imports torch: only a space scored here needs it
 
         values["max_seq_length"], values["doc_stride"] = fit_windows(base.max_seq_length, base.doc_stride, student)
     return dataclasses.replace(cfg, **values)
-
-
-def teacher_fingerprint(space: SweepSpace) -> str:
-    """A stable 16-hex-digit hash of what determines the teacher and its scores, to reuse a teacher (and its dense
-    metrics) from an earlier sweep.
-
-    For a trained teacher it covers the contents of the model, tokenizer and data files and every value of
-    :func:`teacher_config` that can change the teacher's weights or its evaluation (not the output directory,
-    device, feature cache, logging/checkpoint cadence, nor mask and distillation keys, which a dense run ignores).
-    For ``teacher.path`` it covers that directory's contents, the evaluation data's and the evaluation settings of
-    :func:`baseline_config`. A file edited in place or a directory replaced by another is a new teacher. An input
-    that is not on this machine (a cluster's workers may hold paths the driver does not) counts by its path.
-    """
-    if space.teacher.path is not None:
-        cfg = baseline_config(space, "-")
-        values = config_to_dict(cfg)
-        payload: dict[str, Any] = {k: values[k] for k in EVALUATION}
-        inputs = {"teacher": (space.teacher.path, resolve_model), "eval_data": (cfg.eval_data, resolve_data)}
-    else:
-        cfg = teacher_config(space, "-")
-        values = config_to_dict(cfg)
-        payload = {k: v for k, v in sorted(values.items()) if k not in _NOT_IN_FINGERPRINT}
-        tokenizer = cfg.tokenizer or (SHIPPED_MODEL if cfg.model_config is not None else None)
-        inputs = {"model": (None if cfg.model_config is not None else cfg.model, resolve_model),
-                  "tokenizer": (tokenizer, resolve_tokenizer),
-                  "train_data": (cfg.train_data, resolve_data), "eval_data": (cfg.eval_data, resolve_data)}
-    payload["contents"] = {key: _input_digest(name, resolve) for key, (name, resolve) in inputs.items()
-                           if name is not None}
-    text = json.dumps([_FINGERPRINT_VERSION, payload], sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def scoring_fingerprint(cfg: RunConfig) -> str:
-    """A stable 16-hex-digit hash of what a model is scored with under ``cfg``: its :data:`EVALUATION` settings and
-    the contents of its evaluation data (the path, for data that is not on this machine)."""
-    values = config_to_dict(cfg)
-    payload = {key: values[key] for key in EVALUATION}
-    payload["contents"] = _input_digest(cfg.eval_data, resolve_data)
-    text = json.dumps(["scores-v1", payload], sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _input_digest(name: str, resolve: Callable[[str], Path]) -> str:
-    """The contents of a model directory or data file, or its absolute path when it is not on this machine."""
-    try:
-        path = resolve(name)
-    except ResourceError:
-        return f"path:{Path(name).resolve()}"
-    try:
-        return content_digest(path)
-    except OSError as err:  # unreadable here: the run that reads it says why
-        logger.warning("%s: cannot read it to tell whether it changed (%s); it counts by its path", path, err)
-        return f"path:{path.resolve()}"

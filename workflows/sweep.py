@@ -58,8 +58,9 @@ from workflows.distinct import DistinctConfigurations
 from workflows.report import write_report
 from workflows.preflight import check_local_data, check_machine, trials_at_once
 from workflows.retry import TrackingUnavailable, call_with_retries, is_transient, outage_limit, quick_http_failures
-from workflows.space import (EVAL_METRICS, EVALUATION, SweepSpace, baseline_config, load_space, scoring_fingerprint,
-                             teacher_config, teacher_fingerprint, trial_config)
+from workflows.fingerprint import scoring_fingerprint, teacher_fingerprint
+from workflows.space import (EVAL_METRICS, EVALUATION, SweepSpace, baseline_config, load_space, teacher_config,
+                             trial_config)
 from workflows.tune_search import param_space, tune_config_kwargs
 from workflows.user_errors import output_path_problem
 from workflows.version_files import checked_once
@@ -297,12 +298,12 @@ def ensure_teacher(space: SweepSpace, root: Path, held_out_checked: bool = False
     the base's evaluation data and settings), whatever ``teacher.config`` trained and scored the teacher with.
     The work runs as a Ray task with the trials' resources (a GPU on a GPU cluster); its metrics are cached as
     ``metrics.json`` under the sweep's teacher directory, so a second sweep over the same model/data/config starts
-    at once (:func:`~workflows.space.teacher_fingerprint`: the same contents, not only the same paths). A teacher
-    trained with other evaluation settings than the trials' is scored again with theirs, and that score is cached
-    beside it under ``scores/``, by those settings and the evaluation data's contents
-    (:func:`~workflows.space.scoring_fingerprint`). A given teacher directory is only read; its metrics are computed
-    again when it or the evaluation data changes. Sweeps that need the same teacher at once take turns: the first
-    makes (or scores) it, the others wait for it and reuse it.
+    at once (:func:`~workflows.fingerprint.teacher_fingerprint`: the same contents, not only the same paths). A
+    teacher trained with other evaluation settings than the trials' is scored again with theirs, and that score is
+    cached beside it under ``scores/``, by those settings and the evaluation data's contents
+    (:func:`~workflows.fingerprint.scoring_fingerprint`). A given teacher directory is only read; its metrics are
+    computed again when it or the evaluation data changes. Sweeps that need the same teacher at once take turns: the
+    first makes (or scores) it, the others wait for it and reuse it.
     """
     fingerprint = teacher_fingerprint(space)
     run_dir = root / (f"given-{fingerprint}" if space.teacher.path else fingerprint)
