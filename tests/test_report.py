@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
 import subprocess
@@ -655,6 +656,32 @@ def test_the_champion_card_matches_the_champion_run(smoke_sweep):
     # The report's frontier is the sweep's own (its MLflow tags).
     tagged = {r.info.run_id for r in runs if r.data.tags.get("pareto") == "true"}
     assert set(data.frontier()["run_id"]) == tagged
+
+
+def test_the_report_command_reads_the_champions_structure_without_torch(smoke_sweep, tmp_path):
+    """`fineprune report` imported torch and transformers (five seconds of the command on 2 cores) for the names of
+    the two config.json keys that record a packed model's kept heads and FFN widths; it now reads them as
+    pruning.packed_modeling writes them, and the layer table is as before."""
+    from pruning import packed_modeling
+    from workflows import report
+
+    assert (report._HEADS_KEPT_KEY, report._FFN_WIDTHS_KEY) == (packed_modeling.HEADS_KEPT_KEY,
+                                                                packed_modeling.FFN_WIDTHS_KEY)
+    code = ("import sys\nfrom workflows import cli\n"
+            "status = cli.main(['report', '--experiment', sys.argv[1], '--tracking-uri', sys.argv[2], '--out', "
+            "sys.argv[3]])\nprint(status, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-c", code, smoke_sweep["experiment"], smoke_sweep["tracking_uri"],
+                           str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout
+    card = collect_report_data(smoke_sweep["experiment"], tracking_uri=smoke_sweep["tracking_uri"]).champion
+    layers = _markdown_table((out / "report.md").read_text(encoding="utf-8"), "## Champion")
+    assert len(layers) == len(card.heads_kept) == 2
+    for i, row in enumerate(layers):
+        assert row[1].startswith(f"{len(card.heads_kept[i])}/{card.num_heads}: ")
+        assert row[2] == f"{card.ffn_widths[i]}/{card.ffn_size}"
 
 
 def test_the_sweep_logs_the_hypervolume_of_its_frontier_by_trial_and_by_compute(smoke_sweep):

@@ -61,8 +61,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# (metric, column title, decimals) of the trial table, after the searched values.
-# (metric, column heading, decimals): each metric with the decimals the logs show it with.
+# (metric, column heading, decimals) of the trial table, after the searched values: each metric with the decimals
+# the logs show it with.
 _METRIC_COLUMNS = tuple((metric, heading, record.DECIMALS[metric]) for metric, heading in (
     (EXACT_MATCH, "EM"), (F1, "F1"), (LINEAR_DENSITY, "linear density"), (TOTAL_DENSITY, "total density"),
     (HEADS_REMOVED, "heads removed"), (SPEEDUP, "speedup"), (record.STEP, "steps")))
@@ -72,6 +72,11 @@ _NULL_COLUMNS = tuple((metric, heading, 2) for metric, heading in zip(
     record.NULL_METRICS, ("F1 answerable", "F1 unanswerable", "best F1", "best F1 threshold")))
 _FRONTIER_COLUMNS = tuple(column for column in _METRIC_COLUMNS
                           if column[0] in (EXACT_MATCH, F1, LINEAR_DENSITY, SPEEDUP))
+# The keys of a packed model's config.json that record its kept heads and FFN widths, as pruning.packed_modeling
+# writes them: spelt here so that the report reads them without importing torch, five seconds of the command on 2
+# cores (tests/test_report.py checks that the two agree).
+_HEADS_KEPT_KEY = "fineprune_heads_kept"
+_FFN_WIDTHS_KEY = "fineprune_ffn_widths"
 # Nothing may be fetched: the page is a single file that must read the same offline.
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 _TEMPLATES = Environment(loader=PackageLoader("workflows", "templates"), autoescape=True, undefined=StrictUndefined,
@@ -935,9 +940,6 @@ def _packed_structure(client: MlflowClient, run_id: str, name: str, version: str
 def _structure_of(files: list[tuple[str, int]], config_path: str, fetch, where: str) -> dict[str, Any]:
     """Sizes of a packed model directory's ``files`` ((path, bytes) pairs) and the kept heads and FFN widths its
     ``config_path`` records, read through ``fetch(path, dst) -> local path``; ``where`` names it in a warning."""
-    # Lazy: pruning.packing imports torch, and the report needs only the names of two config keys from it.
-    from pruning.packing import FFN_WIDTHS_KEY, HEADS_KEPT_KEY
-
     out: dict[str, Any] = {"size_bytes": sum(size for _, size in files),
                            "weights_bytes": sum(size for path, size in files
                                                 if path.endswith((".safetensors", ".bin")))}
@@ -949,8 +951,8 @@ def _structure_of(files: list[tuple[str, int]], config_path: str, fetch, where: 
         except (MlflowException, OSError, ValueError) as err:
             logger.warning("cannot read the packed config of %s: %s", where, err)
             return out
-    heads = config.get(HEADS_KEPT_KEY)
-    widths = config.get(FFN_WIDTHS_KEY)
+    heads = config.get(_HEADS_KEPT_KEY)
+    widths = config.get(_FFN_WIDTHS_KEY)
     if isinstance(heads, list):
         out["heads_kept"] = [list(map(int, layer)) for layer in heads]
     if isinstance(widths, list):
