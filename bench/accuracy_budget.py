@@ -73,7 +73,8 @@ from pruning.config import ConfigError, RunConfig, config_from_dict, load_config
 from pruning.importance import structure_costs
 from pruning.packing import pack_and_verify
 from pruning.resources import resolve_data, resolve_model
-from pruning.trainer import evaluate, micro_batches, train, train_features
+from pruning.batches import micro_batches
+from pruning.trainer import evaluate, train, train_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from script_input import InputError, check_output, one_line_errors, read_json, require  # noqa: E402
@@ -138,7 +139,7 @@ def row_features(cfg: RunConfig, teacher: str) -> dict[str, torch.Tensor]:
 def step_widths(cfg: RunConfig, features: dict[str, torch.Tensor], steps: int | None = None) -> Iterator[Counter]:
     """For each of the run's first ``steps`` optimizer steps (every step when None), how many windows it trains on
     at each batch width: the trainer cuts every batch to its longest window, in the order of
-    :func:`pruning.trainer.micro_batches`."""
+    :func:`pruning.batches.micro_batches`."""
     mask = features["attention_mask"]
     batches = micro_batches(features, cfg)
     for _ in itertools.count() if steps is None else range(steps):

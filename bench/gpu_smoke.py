@@ -45,7 +45,8 @@ from pruning.masks import masked_modules  # noqa: E402
 from pruning.packing import pack_and_verify, save_packed  # noqa: E402
 from pruning.precision import autocast, bf16_supported  # noqa: E402
 from pruning.tokenizer import load_tokenizer  # noqa: E402
-from pruning.trainer import FINAL_DIR, check_device, resolve_device, train  # noqa: E402
+from pruning.checkpoint import FINAL_DIR  # noqa: E402
+from pruning.trainer import check_device, resolve_device, train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from script_input import check_output_dir, one_line_errors  # noqa: E402

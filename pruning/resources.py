@@ -14,8 +14,8 @@ from typing import Any, Iterable, Mapping
 from .config import SHIPPED_MODEL
 from .errors import name_hint, path_hint
 
-__all__ = ["ResourceError", "shipped_model_dir", "squad_file", "resolve_model", "resolve_tokenizer", "resolve_data",
-           "first_missing"]
+__all__ = ["ResourceError", "shipped_model_dir", "squad_file", "resolve_model", "same_model", "resolve_tokenizer",
+           "resolve_data", "first_missing"]
 
 
 class ResourceError(FileNotFoundError):
@@ -64,6 +64,17 @@ def resolve_model(name: str) -> Path:
         hint = f"; a training run's directory: its model is {models[0]}" if models else ""
         raise ResourceError(f"{path}: not a model directory (no config.json){hint}")
     return path
+
+
+def same_model(a: str, b: str | None) -> bool:
+    """Whether the model names ``a`` and ``b`` are one directory here (``minilm`` and its path, a relative and an
+    absolute path); False for None, or where either is not a model directory here."""
+    if b is None:
+        return False
+    try:
+        return resolve_model(a).resolve() == resolve_model(b).resolve()
+    except OSError:
+        return False
 
 
 def resolve_tokenizer(name: str) -> Path:

@@ -19,6 +19,9 @@ final model. With ``teacher_cache`` the teacher runs once per distinct window (:
 
 ``train(cfg, report=...)`` calls ``report(metrics, checkpoint_dir)`` at every evaluation; the sweep forwards it to
 Ray Tune, a plain script can log it. Nothing here knows about Ray or MLflow.
+
+The order the windows are trained in is :mod:`pruning.batches`; what a resumed run must share with its checkpoint,
+and where it goes on, :mod:`pruning.resume`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -52,7 +55,10 @@ from . import squad
 from .packing import PACKED_FLAG, is_packed_dir, pack_for_training, unpack_into_
 from .averaging import PREFIX as AVERAGE_PREFIX
 from .averaging import WeightAverage
+from .batches import DataPosition, WindowBatches
 from .checkpoint import (
+    CHECKPOINT_DIR,
+    FINAL_DIR,
     STATE,
     OPTIMIZER,
     NULL_ANSWERS,
@@ -61,19 +67,18 @@ from .checkpoint import (
     load_model,
     load_training_state,
     optimizer_tensors,
-    read_evaluation,
-    read_json,
     read_null_answers,
     restore_optimizer,
     save_model,
 )
 from .contents import content_digest
 from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, attention_block_of, check_head_shaped,
-                     config_to_dict, default_block, evaluation_settings, method_block)
+                     config_to_dict, evaluation_settings, method_block)
 from .distill import hidden_mse, kd_loss, qa_ce_loss
-from .errors import error_line, path_hint
+from .errors import error_line
 from .precision import autocast, resolve_precision
-from .resources import resolve_data, resolve_model, resolve_tokenizer, shipped_model_dir
+from .resume import DATA_DIGEST, DATA_POSITION, check_resume_config, check_resumed_windows, resume_position
+from .resources import resolve_data, resolve_model, resolve_tokenizer, same_model, shipped_model_dir
 from .schedules import cubic_schedule, linear_warmup_decay, warmups
 from .sparsity import sparsity_report
 from .structure import architecture_for, max_positions, qa_model_class, scratch_config
@@ -81,16 +86,14 @@ from .teacher_cache import TeacherCache, TeacherOutputs
 from .tokenizer import load_tokenizer, tokenizer_misfit
 
 __all__ = ["Report", "TrainingPlan", "build_model", "fit_to_model", "plan", "mask_schedule", "train", "evaluate",
-           "resolve_device", "check_device", "enter_fill_phase", "check_resume_config", "training_loss", "fused_adamw",
-           "micro_batches", "DataPosition", "WindowBatches", "TrainingDiverged", "warn_if_not_held_out"]
+           "resolve_device", "check_device", "enter_fill_phase", "training_loss", "fused_adamw", "TrainingDiverged",
+           "warn_if_not_held_out"]
 
 logger = logging.getLogger(__name__)
 
 _FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel runs (and is tested here)
 
 Report = Callable[[dict[str, float], "str | None"], None]
-FINAL_DIR = "final"
-CHECKPOINT_DIR = "checkpoint"
 
 
 class TrainingDiverged(RuntimeError):
@@ -357,105 +360,6 @@ def _lr_multiplier(cfg: RunConfig, p: TrainingPlan, step: int) -> float:
     return linear_warmup_decay(fill_step, p.fill_steps, int(round(cfg.warmup_ratio * p.fill_steps)))
 
 
-LENGTH_GROUP = 50  # batches per length-sorted group of ``group_by_length``
-
-
-def _batch_order(num: int, batch_size: int, seed: int, epoch: int,
-                 lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    order = torch.randperm(num, generator=generator)
-    if lengths is None:
-        return list(order.split(batch_size))
-    batches: list[torch.Tensor] = []
-    for group in order.split(batch_size * LENGTH_GROUP):
-        ranked = group[torch.argsort(lengths[group], descending=True, stable=True)]
-        batches.extend(ranked.split(batch_size))
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-@dataclass(frozen=True)
-class DataPosition:
-    """Where a run stands in its training windows: ``window`` windows of epoch ``epoch`` are trained, in the order
-    that ``seed``, ``batch_size`` and ``group_by_length`` gave the epoch (those of the run that started it)."""
-
-    epoch: int
-    window: int
-    seed: int
-    batch_size: int
-    group_by_length: bool
-
-    @classmethod
-    def start(cls, cfg: RunConfig, epoch: int = 0) -> DataPosition:
-        return cls(epoch, 0, cfg.seed, cfg.batch_size, cfg.group_by_length)
-
-
-def _window_lengths(features: dict[str, torch.Tensor]) -> torch.Tensor:
-    return features["attention_mask"].sum(dim=1)
-
-
-def _micro_position(features: dict[str, torch.Tensor], seed: int, batch_size: int, group_by_length: bool,
-                    micro: int) -> DataPosition:
-    """The position after ``micro`` micro-batches of a run that has kept these settings from its first step."""
-    num = int(features["input_ids"].shape[0])
-    epoch, offset = divmod(micro, max(1, math.ceil(num / batch_size)))
-    lengths = _window_lengths(features) if group_by_length else None
-    window = sum(len(index) for index in _batch_order(num, batch_size, seed, epoch, lengths)[:offset])
-    return DataPosition(epoch, window, seed, batch_size, group_by_length)
-
-
-class WindowBatches(Iterator[torch.Tensor]):
-    """Micro-batch index tensors of the training windows, epoch after epoch, and :attr:`position`, where they stand.
-
-    Every epoch trains each window once, in an order that depends on ``seed``, the epoch and, with
-    ``group_by_length``, the windows' lengths and the batch size (:func:`_batch_order`). From a ``position`` (a
-    resumed run) the epoch it names goes on in the order it was started with, at its next untrained window: in its
-    own batches where ``batch_size`` is the one that ordered it (a run resumed with the same settings trains what
-    the uninterrupted run does), else cut into batches of ``cfg.batch_size``. The epochs after it take ``cfg``'s
-    settings.
-    """
-
-    def __init__(self, features: dict[str, torch.Tensor], cfg: RunConfig, position: DataPosition | None = None):
-        self._num = int(features["input_ids"].shape[0])
-        self._lengths = _window_lengths(features) if cfg.group_by_length or (
-            position is not None and position.group_by_length) else None
-        self._cfg = cfg
-        self.position = position if position is not None else DataPosition.start(cfg)
-        self._pending: list[torch.Tensor] = []  # the rest of the position's epoch, last batch first
-
-    def _rest_of_epoch(self, at: DataPosition) -> list[torch.Tensor]:
-        lengths = self._lengths if at.group_by_length else None
-        batches = _batch_order(self._num, at.batch_size, at.seed, at.epoch, lengths)
-        first, skip = 0, at.window
-        while first < len(batches) and skip >= len(batches[first]):
-            skip -= len(batches[first])
-            first += 1
-        rest = batches[first:]
-        if skip:
-            rest[0] = rest[0][skip:]
-        if at.batch_size != self._cfg.batch_size and rest:
-            rest = list(torch.cat(rest).split(self._cfg.batch_size))
-        return rest[::-1]
-
-    def __next__(self) -> torch.Tensor:
-        if not self._pending:
-            self._pending = self._rest_of_epoch(self.position)
-        index = self._pending.pop()
-        window = self.position.window + len(index)
-        if window < self._num:
-            self.position = dataclasses.replace(self.position, window=window)
-        else:  # the epoch is done: the next one is ordered by this run's settings
-            self.position = DataPosition.start(self._cfg, self.position.epoch + 1)
-        return index
-
-
-def micro_batches(features: dict[str, torch.Tensor], cfg: RunConfig, start_micro: int = 0) -> Iterator[torch.Tensor]:
-    """Micro-batch index tensors of ``features`` from ``start_micro`` on, epoch after epoch, for a run that keeps
-    ``cfg``'s settings: the same order whether it was resumed or not (it depends on ``seed``, the epoch and, with
-    ``group_by_length``, the windows' lengths). A :class:`WindowBatches`, whose ``position`` says where it stands."""
-    return WindowBatches(features, cfg, _micro_position(features, cfg.seed, cfg.batch_size, cfg.group_by_length,
-                                                         start_micro))
-
-
 def fit_to_model(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None = None) -> RunConfig:
     """``cfg`` with its windows cut to the position embeddings of ``model`` (and of the ``teacher``, which sees the
     same windows), by :func:`pruning.squad.fit_windows`, as evaluation cuts them; ``cfg`` itself when they fit.
@@ -472,26 +376,6 @@ def fit_to_model(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None = N
     logger.warning("max_seq_length %d exceeds the %d position embeddings of %s: training and evaluation use windows "
                    "of %d tokens with doc_stride %d", cfg.max_seq_length, positions, owner, seq, stride)
     return dataclasses.replace(cfg, max_seq_length=seq, doc_stride=stride)
-
-
-def _check_resumed_windows(cfg: RunConfig, checkpoint_dir: Path, state: dict[str, Any]) -> None:
-    """Refuse a resume whose windows, as cut to the model and the teacher (``cfg`` from :func:`fit_to_model`), are
-    not those the checkpoint's run trained on: its config keeps ``max_seq_length`` and ``doc_stride``, but a teacher
-    with other position embeddings than the run's would cut them otherwise.
-
-    Raises:
-        ConfigError: naming the checkpoint, the teacher there and here, and both windows.
-    """
-    recorded = read_evaluation(checkpoint_dir)  # empty for a checkpoint written before models recorded it
-    there = (recorded.get("max_seq_length", cfg.max_seq_length), recorded.get("doc_stride", cfg.doc_stride))
-    here = (cfg.max_seq_length, cfg.doc_stride)
-    if there == here:
-        return
-    stored = state.get("config") if isinstance(state.get("config"), dict) else {}
-    raise ConfigError(f"{checkpoint_dir}: teacher {json.dumps(stored.get('teacher'))} there, "
-                      f"{json.dumps(cfg.teacher)} here: the run trained on windows of {there[0]} tokens (doc_stride "
-                      f"{there[1]}), which the position embeddings here make {here[0]} (doc_stride {here[1]}); "
-                      "resume with a teacher that keeps the windows")
 
 
 def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -784,7 +668,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     saved_cfg = cfg  # what checkpoints record: the run's config as given, not its windows cut to the model
     cfg = fit_to_model(cfg, model, teacher)
     if resume_from is not None:
-        _check_resumed_windows(cfg, resume_from, state)
+        check_resumed_windows(cfg, resume_from, state)
     # What checkpoints and the final model record of the run's evaluations (windows as cut to the model, span
     # search, precision): what eval and ask default to.
     evaluation = {**evaluation_settings(cfg), "precision": precision}
@@ -856,7 +740,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     global_topk = cfg.topk_scope is TopkScope.GLOBAL and cfg.method is Method.TOPK
     stage_steps = fisher_stage_steps(cfg) if cfg.method is Method.FISHER else []
     batches = WindowBatches(features, cfg,
-                            None if resume_from is None else _resume_position(state, resume_from, cfg, features))
+                            None if resume_from is None else resume_position(state, resume_from, cfg, features))
     running: dict[str, float] = {}
     teacher_windows = 0  # windows the teacher ran on in this process without a cache (a short last batch counts short)
     last_metrics: dict[str, Any] = {}
@@ -995,189 +879,6 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     return last_metrics
 
 
-# What a resumed run must share with the run that wrote its checkpoint: the model and the training windows, what
-# gives the masks their meaning and places the steps on the pruning schedule, and which parameters train (the
-# optimizer state is theirs). Anything else (output_dir, evaluation, logging, checkpoints, the device, precision,
-# learning rates, distillation) may change on resume, but for a teacher that would cut the windows otherwise
-# (checked once it is loaded, by _check_resumed_windows).
-RESUME_KEYS = ("model", "model_config", "tokenizer", "train_data", "train_limit", "max_seq_length", "doc_stride",
-               "max_query_length", "method", "freeze_embeddings")
-_SCHEDULE_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "fill_steps", "initial_warmup", "final_warmup",
-                  "attention_block")
-RESUME_METHOD_KEYS = {
-    Method.DENSE: (),
-    Method.TOPK: _SCHEDULE_KEYS + ("target_density", "topk_scope"),
-    # the L1 weights ramp with the threshold and set the density the run reaches, as target_density does for topk
-    Method.SIGMOID_THRESHOLD: _SCHEDULE_KEYS + ("initial_threshold", "final_threshold", "lambda_attention",
-                                                "lambda_ffn"),
-    Method.FISHER: ("fill_steps", "attention_block", "target_density", "target_flops", "fisher_stages",
-                    "fisher_layer_floor", "mask_rearrange", "fill_packed"),
-}
-
-
-DATA_DIGEST = "train_data_digest"  # in trainer_state.json: the sha256 of the training file's contents
-DATA_POSITION = "data_position"  # in trainer_state.json: the DataPosition of the next window to train
-
-
-def _resume_position(state: dict[str, Any], checkpoint_dir: Path, cfg: RunConfig,
-                     features: dict[str, torch.Tensor]) -> DataPosition:
-    """Where in its training windows the run of ``state`` (a checkpoint's trainer_state.json) stopped.
-
-    A checkpoint written before checkpoints recorded it stopped after ``step * grad_accum`` micro-batches in the
-    order of the seed, batch size and group_by_length of the config it records (a key it lacks had its default; a
-    checkpoint without a config is placed by this run's).
-
-    Raises:
-        CheckpointError: a record that is not a position in these windows, naming the file and the field.
-    """
-    path = checkpoint_dir / STATE
-    record = state.get(DATA_POSITION)
-    if record is None:
-        stored = state.get("config")
-        defaults = config_to_dict(RunConfig())
-        if not isinstance(stored, dict):
-            stored, defaults = {}, config_to_dict(cfg)
-        settings = {key: stored.get(key, defaults[key])
-                    for key in ("seed", "batch_size", "grad_accum", "group_by_length")}
-        _check_position_fields(path, "config", settings)
-        return _micro_position(features, settings["seed"], settings["batch_size"], settings["group_by_length"],
-                               int(state["step"]) * settings["grad_accum"])
-    keys = [f.name for f in dataclasses.fields(DataPosition)]
-    if not isinstance(record, dict):
-        raise CheckpointError(f"{path}: {DATA_POSITION} must be an object, got {json.dumps(record)}")
-    _check_position_fields(path, DATA_POSITION, {key: record.get(key) for key in keys})
-    num = int(features["input_ids"].shape[0])
-    if record["window"] >= num:
-        raise CheckpointError(f"{path}: {DATA_POSITION}.window {record['window']} is past the {num} training windows "
-                              "of an epoch")
-    return DataPosition(**{key: record[key] for key in keys})
-
-
-_LEAST = {"epoch": 0, "window": 0, "seed": None, "batch_size": 1, "grad_accum": 1}  # None: any integer
-
-
-def _check_position_fields(path: Path, name: str, values: dict[str, Any]) -> None:
-    for key, value in values.items():
-        if key == "group_by_length":
-            fits, wanted = isinstance(value, bool), "true or false"
-        else:
-            least = _LEAST[key]
-            fits = isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
-            wanted = "an integer" if least is None else f"an integer of at least {least}"
-        if not fits:
-            raise CheckpointError(f"{path}: {name}.{key} must be {wanted}, got {json.dumps(value)}")
-
-
-def _block_setting(value: Any, method: Method | None) -> Any:
-    """A recorded ``attention_block`` as the run of ``method`` prunes with it: null is the method's own block."""
-    if value is not None or method is None:
-        return value
-    block = default_block(method)
-    return list(block) if isinstance(block, tuple) else block
-
-
-def _same_setting(key: str, old: Any, new: Any) -> bool:
-    if old == new:
-        return True
-    if not (isinstance(old, str) and isinstance(new, str)):
-        return False
-    if key == "model":  # "minilm" and its path, a relative and an absolute path: one model
-        return _same_model(old, new)
-    try:  # the same file under two names
-        if key == "train_data":
-            return resolve_data(old).resolve() == resolve_data(new).resolve()
-        if key == "tokenizer":
-            return Path(old).resolve() == Path(new).resolve()
-    except (OSError, ValueError):
-        return False
-    return False
-
-
-def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
-    """Refuse to resume ``checkpoint_dir`` under ``cfg`` when a setting of :data:`RESUME_KEYS` (or of the method's
-    :data:`RESUME_METHOD_KEYS`) differs from the config its ``trainer_state.json`` records, and a dense run without
-    ``max_steps`` under another ``batch_size`` or ``grad_accum`` (its step count would stand for other epochs).
-
-    Raises:
-        CheckpointError: the state file is missing or unreadable.
-        ConfigError: naming the checkpoint and every differing key with both values (or the batch key).
-    """
-    path = Path(checkpoint_dir) / STATE
-    if Path(checkpoint_dir).is_file():  # a file of the checkpoint, say its trainer_state.json
-        raise CheckpointError(f"{checkpoint_dir}: is a file; a training checkpoint directory is expected")
-    if not Path(checkpoint_dir).is_dir():
-        raise CheckpointError(f"{checkpoint_dir}: checkpoint directory not found{path_hint(Path(checkpoint_dir))}")
-    if not path.exists():
-        raise CheckpointError(_not_a_checkpoint(Path(checkpoint_dir)))
-    state = read_json(path)
-    stored = state.get("config")
-    if not isinstance(stored, dict):
-        logger.warning("%s: records no run config; resuming without checking that it matches", path)
-        return
-    defaults = config_to_dict(RunConfig())  # a key a checkpoint lacks had its default when it was written
-    given = config_to_dict(cfg)
-    methods = {cfg.method}
-    try:
-        stored_method = Method(stored.get("method", defaults["method"]))
-        methods.add(stored_method)
-    except ValueError:
-        stored_method = None
-    keys = list(RESUME_KEYS) + [k for m in Method if m in methods for k in RESUME_METHOD_KEYS[m]]
-    differing = []
-    for key in dict.fromkeys(keys):
-        old, new = stored.get(key, defaults[key]), given[key]
-        if key == "attention_block":  # null: the method's own block, the same run as one that names it
-            old, new = _block_setting(old, stored_method), _block_setting(new, cfg.method)
-        if not _same_setting(key, old, new):
-            differing.append(f"{key} {json.dumps(old)} there, {json.dumps(new)} here")
-        elif key == "train_data" and _data_changed(given[key], state.get(DATA_DIGEST)):
-            differing.append(f"train_data {json.dumps(given[key])}: its contents differ from those the checkpoint "
-                             "was trained on")
-    if differing:
-        raise ConfigError(f"{Path(checkpoint_dir)}: written under a different run config ({'; '.join(differing)}); "
-                          f"resume with the config it was written with")
-    if cfg.method is Method.DENSE and cfg.max_steps is None:  # its steps: its epochs in batches of its settings
-        for key in ("batch_size", "grad_accum"):
-            old = stored.get(key, defaults[key])
-            if old != given[key]:
-                raise ConfigError(f"{Path(checkpoint_dir)}: {key} {json.dumps(old)} there, {json.dumps(given[key])} "
-                                  "here: a run without max_steps counts its epochs in steps of its batches, so it "
-                                  "would train another number of epochs; resume with the same batches, or set "
-                                  "max_steps")
-
-
-def _data_changed(train_data: str, digest: Any) -> bool:
-    """Whether the file ``train_data`` names no longer holds the contents of sha256 ``digest`` (False where the
-    checkpoint records none, written before checkpoints did, or where the file cannot be read: the run's load of it
-    says so)."""
-    if not isinstance(digest, str):
-        return False
-    try:
-        return content_digest(resolve_data(train_data)) != digest
-    except OSError:
-        return False
-
-
-def _not_a_checkpoint(directory: Path) -> str:
-    """Why ``directory`` (which has no trainer_state.json) cannot be resumed, naming the checkpoint meant when the
-    directory is a run's output_dir or its final model."""
-    message = f"{directory}: not a training checkpoint (no {STATE})"
-    if (directory / CHECKPOINT_DIR / STATE).is_file():  # the run's output_dir
-        return f"{message}; resume from the run's checkpoint {directory / CHECKPOINT_DIR}"
-    if directory.name == FINAL_DIR and (directory.parent / CHECKPOINT_DIR / STATE).is_file():
-        return f"{message}, a final model; resume from its run's checkpoint {directory.parent / CHECKPOINT_DIR}"
-    return message
-
-
-def _same_model(a: str, b: str | None) -> bool:
-    if b is None:
-        return False
-    try:
-        return resolve_model(a).resolve() == resolve_model(b).resolve()
-    except OSError:
-        return False
-
-
 def _initial_masks(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, features: dict[str, torch.Tensor],
                    device: torch.device) -> dict[str, float]:
     """Prune in one shot (fisher) or warm-start the scores (``mask_init``); returns what it cost.
@@ -1207,7 +908,7 @@ def _fisher_estimate(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None
                      index: torch.Tensor, device: torch.device, trained: bool = False) -> importance.Importance:
     # A student that starts from the teacher's weights, and has not been trained since, has the teacher's
     # distribution: no second forward pass.
-    label_model = None if teacher is None or (not trained and _same_model(cfg.model, cfg.teacher)) else teacher
+    label_model = None if teacher is None or (not trained and same_model(cfg.model, cfg.teacher)) else teacher
     try:
         return importance.fisher_importance(
             model, features, index, cfg.batch_size, labels="sampled" if teacher is not None else "gold",

@@ -390,7 +390,8 @@ def test_a_run_without_attention_block_resumes_under_its_methods_own_named(tmp_p
     way round; another block is still refused."""
     import json
 
-    from pruning.trainer import STATE, check_resume_config
+    from pruning.checkpoint import STATE
+    from pruning.resume import check_resume_config
 
     for method, own in (("topk", [32, 32]), ("fisher", "head")):
         unnamed = RunConfig(method=method)

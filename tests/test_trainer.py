@@ -161,7 +161,7 @@ def _padded_tokens(batches, lengths) -> int:
 def test_every_window_comes_once_an_epoch_in_the_same_order_after_a_resume(tmp_path, grouped):
     from itertools import islice
 
-    from pruning.trainer import micro_batches
+    from pruning.batches import micro_batches
 
     lengths = torch.randint(20, 97, (203,), generator=torch.Generator().manual_seed(0))
     features = _windows_of_lengths(lengths)
@@ -180,7 +180,7 @@ def test_every_window_comes_once_an_epoch_in_the_same_order_after_a_resume(tmp_p
 def test_batches_grouped_by_length_need_less_padding(tmp_path):
     from itertools import islice
 
-    from pruning.trainer import micro_batches
+    from pruning.batches import micro_batches
 
     # As SQuAD's windows: a third at the full width, the rest shorter.
     generator = torch.Generator().manual_seed(1)
@@ -1074,7 +1074,7 @@ def test_a_position_in_an_epoch_cut_into_other_batches_resumes_as_the_run_would_
     resumed from there with its own settings it trains what it would have trained without the stop."""
     from itertools import islice
 
-    from pruning.trainer import DataPosition, WindowBatches
+    from pruning.batches import DataPosition, WindowBatches
 
     features = _windows_of_lengths(torch.randint(20, 97, (203,), generator=torch.Generator().manual_seed(0)))
     first = WindowBatches(features, tiny_cfg(tmp_path, batch_size=8, group_by_length=grouped))
