@@ -204,9 +204,10 @@ def _not_a_checkpoint(directory: Path) -> str:
 
 
 def check_resumed_windows(cfg: RunConfig, checkpoint_dir: Path, state: dict[str, Any]) -> None:
-    """Refuse a resume whose windows, as cut to the model and the teacher (``cfg`` from :func:`fit_to_model`), are
-    not those the checkpoint's run trained on: its config keeps ``max_seq_length`` and ``doc_stride``, but a teacher
-    with other position embeddings than the run's would cut them otherwise.
+    """Refuse a resume whose windows, as cut to the model and the teacher (``cfg`` from
+    :func:`~pruning.trainer.fit_to_model`), are not those the checkpoint's run trained on: its config keeps
+    ``max_seq_length`` and ``doc_stride``, but a teacher with other position embeddings than the run's would cut them
+    otherwise.
 
     Raises:
         ConfigError: naming the checkpoint, the teacher there and here, and both windows.

@@ -34,11 +34,12 @@ def teacher_fingerprint(space: SweepSpace) -> str:
     metrics) from an earlier sweep.
 
     For a trained teacher it covers the contents of the model, tokenizer and data files and every value of
-    :func:`teacher_config` that can change the teacher's weights or its evaluation (not the output directory,
-    device, feature cache, logging/checkpoint cadence, nor mask and distillation keys, which a dense run ignores).
-    For ``teacher.path`` it covers that directory's contents, the evaluation data's and the evaluation settings of
-    :func:`baseline_config`. A file edited in place or a directory replaced by another is a new teacher. An input
-    that is not on this machine (a cluster's workers may hold paths the driver does not) counts by its path.
+    :func:`~workflows.space.teacher_config` that can change the teacher's weights or its evaluation (not the output
+    directory, device, feature cache, logging/checkpoint cadence, nor mask and distillation keys, which a dense run
+    ignores). For ``teacher.path`` it covers that directory's contents, the evaluation data's and the evaluation
+    settings of :func:`~workflows.space.baseline_config`. A file edited in place or a directory replaced by another
+    is a new teacher. An input that is not on this machine (a cluster's workers may hold paths the driver does not)
+    counts by its path.
     """
     if space.teacher.path is not None:
         cfg = baseline_config(space, "-")
@@ -60,8 +61,9 @@ def teacher_fingerprint(space: SweepSpace) -> str:
 
 
 def scoring_fingerprint(cfg: RunConfig) -> str:
-    """A stable 16-hex-digit hash of what a model is scored with under ``cfg``: its :data:`EVALUATION` settings and
-    the contents of its evaluation data (the path, for data that is not on this machine)."""
+    """A stable 16-hex-digit hash of what a model is scored with under ``cfg``: its
+    :data:`~workflows.space.EVALUATION` settings and the contents of its evaluation data (the path, for data that is
+    not on this machine)."""
     values = config_to_dict(cfg)
     payload = {key: values[key] for key in EVALUATION}
     payload["contents"] = _input_digest(cfg.eval_data, resolve_data)
