@@ -65,6 +65,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from pruning import atomic, squad
+from pruning.batches import micro_batches
 from pruning.bench import linear_flops
 from pruning.checkpoint import load_model
 from pruning.tokenizer import load_tokenizer
@@ -73,7 +74,6 @@ from pruning.config import ConfigError, RunConfig, config_from_dict, load_config
 from pruning.importance import structure_costs
 from pruning.packing import pack_and_verify
 from pruning.resources import resolve_data, resolve_model
-from pruning.batches import micro_batches
 from pruning.trainer import evaluate, train, train_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -37,7 +37,7 @@ from transformers.utils import logging as hf_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout, nothing installed
 
 from pruning import squad  # noqa: E402
-from pruning.checkpoint import load_model  # noqa: E402
+from pruning.checkpoint import FINAL_DIR, load_model  # noqa: E402
 from pruning.config import RunConfig  # noqa: E402
 from pruning.errors import typed_error_line  # noqa: E402
 from pruning.inference import answer  # noqa: E402
@@ -45,7 +45,6 @@ from pruning.masks import masked_modules  # noqa: E402
 from pruning.packing import pack_and_verify, save_packed  # noqa: E402
 from pruning.precision import autocast, bf16_supported  # noqa: E402
 from pruning.tokenizer import load_tokenizer  # noqa: E402
-from pruning.checkpoint import FINAL_DIR  # noqa: E402
 from pruning.trainer import check_device, resolve_device, train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
