@@ -77,8 +77,8 @@ from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, attent
 from .distill import hidden_mse, kd_loss, qa_ce_loss
 from .errors import error_line
 from .precision import autocast, resolve_precision
-from .resume import DATA_DIGEST, DATA_POSITION, check_resume_config, check_resumed_windows, resume_position
 from .resources import resolve_data, resolve_model, resolve_tokenizer, same_model, shipped_model_dir
+from .resume import DATA_DIGEST, DATA_POSITION, check_resume_config, check_resumed_windows, resume_position
 from .schedules import cubic_schedule, linear_warmup_decay, warmups
 from .sparsity import sparsity_report
 from .structure import architecture_for, max_positions, qa_model_class, scratch_config
