@@ -255,12 +255,12 @@ def dev_subset() -> list[squad.Example]:
     return squad.load_squad(squad_file("dev"), limit=DEV_SUBSET_SIZE)
 
 
-def save_read_as_model(model: torch.nn.Module, path: Path, tokenizer_class: str, seed: int = 0,
+def save_read_as_model(model: torch.nn.Module, path: Path, tokenizer_class: str,
                        dtype: torch.dtype = torch.float32) -> Path:
     """A random model of a family read as another (DistilBERT as BERT, ALBERT as ELECTRA) saved by transformers in
-    ``path``, its weights moved off their initial values (biases and norms too), with the shipped WordPiece vocabulary
-    as its tokenizer, declared as ``tokenizer_class``."""
-    torch.manual_seed(seed)
+    ``path``, its weights moved off their initial values (biases and norms too) by draws that continue the random
+    stream the caller seeded before building it, with the shipped WordPiece vocabulary as its tokenizer, declared as
+    ``tokenizer_class``."""
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

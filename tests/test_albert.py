@@ -37,7 +37,7 @@ def albert_dir(path: Path, model_class: type = AlbertForQuestionAnswering, seed:
     values = dict(vocab_size=30522, embedding_size=EMBEDDING, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                   num_attention_heads=HEADS, intermediate_size=FFN, max_position_embeddings=128, hidden_act="gelu_new",
                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return save_read_as_model(model_class(AlbertConfig(**{**values, **config})), path, "BertTokenizer", seed)
+    return save_read_as_model(model_class(AlbertConfig(**{**values, **config})), path, "BertTokenizer")
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ def distilbert_dir(path: Path, model_class: type = DistilBertForQuestionAnswerin
     torch.manual_seed(seed)
     values = dict(dim=DIM, n_layers=LAYERS, n_heads=HEADS, hidden_dim=HIDDEN_DIM, max_position_embeddings=128)
     model = model_class(DistilBertConfig(**{**values, **config}))
-    return save_read_as_model(model, path, "DistilBertTokenizer", seed, dtype)
+    return save_read_as_model(model, path, "DistilBertTokenizer", dtype)
 
 
 class _WithoutTokenTypes(nn.Module):
