@@ -37,8 +37,8 @@ from transformers.utils import logging as hf_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout, nothing installed
 
 from pruning import squad  # noqa: E402
-from pruning.checkpoint import FINAL_DIR, load_model  # noqa: E402
-from pruning.config import RunConfig  # noqa: E402
+from pruning.checkpoint import load_model  # noqa: E402
+from pruning.config import FINAL_DIR, RunConfig  # noqa: E402
 from pruning.errors import typed_error_line  # noqa: E402
 from pruning.inference import answer  # noqa: E402
 from pruning.masks import masked_modules  # noqa: E402

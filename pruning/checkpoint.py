@@ -76,9 +76,6 @@ QA_HEAD = "qa_outputs.weight"  # the span head of BertForQuestionAnswering; a pr
 _ENCODER_LAYER = re.compile(r"(^|\.)encoder\.layer\.\d+\.")  # a tensor of one of the encoder's layers
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
-# A training run's output_dir: its final model, and the checkpoint it resumes from.
-FINAL_DIR = "final"
-CHECKPOINT_DIR = "checkpoint"
 # The files a directory's own tokenizer is read from (without any, transformers builds one from config.json alone).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 _PARAMS = "params"  # in the optimizer tensors: how many parameters the optimizer stepped

@@ -26,7 +26,8 @@ from .errors import did_you_mean, name_hint, path_hint
 __all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunConfig", "read_yaml", "load_config",
            "config_from_dict", "config_to_dict", "HEAD_BLOCK", "DEFAULT_BLOCK", "method_block", "default_block",
            "attention_block_of", "check_head_shaped",
-           "check_keys_apply", "METHOD_KEYS", "EVALUATION_KEYS", "evaluation_settings", "MAX_SEED"]
+           "check_keys_apply", "METHOD_KEYS", "EVALUATION_KEYS", "evaluation_settings", "MAX_SEED", "FINAL_DIR",
+           "CHECKPOINT_DIR"]
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,9 @@ class TopkScope(str, enum.Enum):
 
 # Names of model/data shortcuts resolved by ``pruning.resources``.
 SHIPPED_MODEL = "minilm"
+# What a training run writes in its output_dir: its final model, and the checkpoint it resumes from.
+FINAL_DIR = "final"
+CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass(frozen=True)

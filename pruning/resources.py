@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .config import SHIPPED_MODEL
+from .config import CHECKPOINT_DIR, FINAL_DIR, SHIPPED_MODEL
 from .errors import name_hint, path_hint
 
 __all__ = ["ResourceError", "shipped_model_dir", "squad_file", "resolve_model", "same_model", "resolve_tokenizer",
@@ -60,7 +60,7 @@ def resolve_model(name: str) -> Path:
         raise ResourceError(f"{path}: model directory not found{_hint(path, [SHIPPED_MODEL])}")
     if not (path / "config.json").is_file():
         # A training run's output_dir given for the model it wrote (its final/, and its checkpoint/).
-        models = [path / name for name in ("final", "checkpoint") if (path / name / "config.json").is_file()]
+        models = [path / name for name in (FINAL_DIR, CHECKPOINT_DIR) if (path / name / "config.json").is_file()]
         hint = f"; a training run's directory: its model is {models[0]}" if models else ""
         raise ResourceError(f"{path}: not a model directory (no config.json){hint}")
     return path

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from .batches import DataPosition, position_after
-from .checkpoint import CHECKPOINT_DIR, FINAL_DIR, STATE, CheckpointError, read_evaluation, read_json
-from .config import ConfigError, Method, RunConfig, config_to_dict, default_block
+from .checkpoint import STATE, CheckpointError, read_evaluation, read_json
+from .config import CHECKPOINT_DIR, FINAL_DIR, ConfigError, Method, RunConfig, config_to_dict, default_block
 from .contents import content_digest
 from .errors import path_hint
 from .resources import resolve_data, same_model

@@ -57,8 +57,6 @@ from .averaging import PREFIX as AVERAGE_PREFIX
 from .averaging import WeightAverage
 from .batches import DataPosition, WindowBatches
 from .checkpoint import (
-    CHECKPOINT_DIR,
-    FINAL_DIR,
     STATE,
     OPTIMIZER,
     NULL_ANSWERS,
@@ -72,8 +70,8 @@ from .checkpoint import (
     save_model,
 )
 from .contents import content_digest
-from .config import (ConfigError, MaskInit, Method, RunConfig, TopkScope, attention_block_of, check_head_shaped,
-                     config_to_dict, evaluation_settings, method_block)
+from .config import (CHECKPOINT_DIR, FINAL_DIR, ConfigError, MaskInit, Method, RunConfig, TopkScope,
+                     attention_block_of, check_head_shaped, config_to_dict, evaluation_settings, method_block)
 from .distill import hidden_mse, kd_loss, qa_ce_loss
 from .errors import error_line
 from .precision import autocast, resolve_precision

@@ -147,7 +147,7 @@ def _train_into(args: argparse.Namespace, cfg: Any, out: Path) -> int:
     trained."""
     from pruning import atomic
     from pruning.config import ConfigError
-    from pruning.checkpoint import CHECKPOINT_DIR, FINAL_DIR
+    from pruning.config import CHECKPOINT_DIR, FINAL_DIR
     from pruning.trainer import train
 
     checkpoint = out / CHECKPOINT_DIR
@@ -210,7 +210,7 @@ def _check_reads_outside(cfg: Any, overrides: dict[str, Any], config: str, out: 
     its training or evaluation data: the run replaces them (with --overwrite, before it trains), and would remove
     what it reads."""
     from pruning.resources import resolve_input
-    from pruning.checkpoint import CHECKPOINT_DIR, FINAL_DIR
+    from pruning.config import CHECKPOINT_DIR, FINAL_DIR
 
     replaced = [(out / name).resolve() for name in (FINAL_DIR, CHECKPOINT_DIR)]
     for key in _input_keys(cfg):
@@ -276,7 +276,7 @@ def _warn_live_weights(model_dir: str | Path, command: str) -> None:
     """One warning where ``model_dir`` is a training checkpoint of a run with ``ema_decay``: ``command`` (pack,
     export) takes its live weights, while the run's evaluations and its final model are of their average."""
     from pruning.averaging import holds_average
-    from pruning.checkpoint import FINAL_DIR
+    from pruning.config import FINAL_DIR
 
     path = Path(model_dir)
     if holds_average(path):

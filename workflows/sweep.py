@@ -47,7 +47,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from pruning import atomic, squad
 from pruning.checkpoint import load_model, read_null_answers
-from pruning.config import config_to_dict
+from pruning.config import FINAL_DIR, config_to_dict
 from pruning.packing import PACK_METRICS, pack_and_verify, save_packed
 from pruning.quiet import leaving_out, starting_with
 from pruning.resources import resolve_data
@@ -324,7 +324,7 @@ def _make_teacher(space: SweepSpace, run_dir: Path, held_out_checked: bool) -> t
         model_dir = Path(space.teacher.path)
         cfg = baseline_config(space, str(run_dir))
         return str(model_dir), _scored(space, cfg, model_dir, metrics_file, held_out_checked)
-    model_dir = run_dir / "final"
+    model_dir = run_dir / FINAL_DIR
     cfg = teacher_config(space, str(run_dir))
     trained = _cached_teacher(run_dir)
     if trained is not None:
@@ -375,7 +375,7 @@ def _teacher_task(space: SweepSpace, cfg, given: str | None, held_out_checked: b
 def _cached_teacher(run_dir: Path) -> dict[str, Any] | None:
     """The dense metrics of the teacher an earlier sweep fine-tuned in ``run_dir``, when it is there to reuse (its
     final model and its cached metrics); else None."""
-    return _teacher_metrics(run_dir / "metrics.json") if (run_dir / "final" / "config.json").exists() else None
+    return _teacher_metrics(run_dir / "metrics.json") if (run_dir / FINAL_DIR / "config.json").exists() else None
 
 
 def _teacher_metrics(metrics_file: Path) -> dict[str, Any] | None:
@@ -853,7 +853,7 @@ def check_sweep(space_path: str | Path, experiment: str | None = None, tracking_
     else:  # where ensure_teacher looks for it
         fingerprint = teacher_fingerprint(space)
         run_dir = _storage_roots(storage_path, make=False)[1] / "teachers" / fingerprint
-        teacher = {"fingerprint": fingerprint, "directory": str(run_dir / "final"),
+        teacher = {"fingerprint": fingerprint, "directory": str(run_dir / FINAL_DIR),
                    "reused": _cached_teacher(run_dir) is not None}
     # As Tune expands the space: num_samples of each point of its grid_search keys.
     trials = space.num_samples * math.prod(len(value["grid_search"]) for value in param_space(space).values()
