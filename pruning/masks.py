@@ -78,9 +78,11 @@ class ThresholdBinarizer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor, threshold: float, sigmoid: bool = True) -> torch.Tensor:
+        # Decided in float32 whatever the scores' dtype: a bf16 sigmoid rounds scores near the threshold onto it, so
+        # a model cast to half precision (and saved, and loaded back in float32) would keep other blocks.
         if sigmoid:
-            return (torch.sigmoid(scores) > threshold).to(scores.dtype)
-        return (scores >= threshold).to(scores.dtype)
+            return (torch.sigmoid(scores.float()) > threshold).to(scores.dtype)
+        return (scores.float() >= threshold).to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):

@@ -41,6 +41,32 @@ def test_threshold_binarizer_uses_sigmoid():
     assert scores.grad.tolist() == [1.0] * 4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_threshold_decisions_do_not_depend_on_the_scores_dtype(tmp_path, dtype):
+    """A model cast to half precision keeps the blocks it keeps in float32, and so does its saved and reloaded copy
+    (loaded in float32): in bf16, sigmoid(0.003) rounds to exactly 0.5, which a comparison in bf16 would cut."""
+    from pruning.checkpoint import load_model, save_model
+
+    scores = torch.tensor([0.003, -0.003, 0.02, 1.0])
+    assert ThresholdBinarizer.apply(scores, 0.5, True).tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert ThresholdBinarizer.apply(scores.to(dtype), 0.5, True).tolist() == [1.0, 0.0, 1.0, 1.0]
+    # The cut-off mode compares the scores themselves: 0.1 is no bf16 number, the cut-off stays 0.1 all the same.
+    cut = torch.tensor([0.1]).to(dtype).float()  # the half-precision number nearest 0.1
+    expected = [float(cut.item() >= 0.1)]
+    assert ThresholdBinarizer.apply(cut.to(dtype), 0.1, False).tolist() == expected
+
+    model = tiny_model()
+    masks.apply_masks_(model, "sigmoid_threshold", (16, 16), mask_init=5.0)
+    masks.set_threshold(model, 0.5)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.value.mask_scores[:] = 0.003
+    heads = sparsity_report(model).heads_kept_per_layer
+    half = model.to(dtype)
+    assert sparsity_report(half).heads_kept_per_layer == heads == [4, 4]
+    save_model(half, None, tmp_path / "m")
+    assert sparsity_report(load_model(tmp_path / "m")).heads_kept_per_layer == heads
+
+
 def test_masked_forward_equals_dense_when_everything_is_kept():
     model = tiny_model()
     x = inputs()
