@@ -6,7 +6,8 @@ metrics is exactly the number of heads the packed model lacks.
 A head contributes nothing, and is removed, when its value rows (weights and bias) are all zero - then its context
 vector is zero whatever the attention pattern - or when the attention output's columns for it are all zero. This
 covers the paper's rule (all query/key/value blocks pruned). An FFN dimension is removed when its row of the first
-linear (weights and bias) or its column of the second is all zero (the activation maps 0 to 0).
+linear (weights and bias) is all zero and the activation maps 0 to 0 (GELU, ReLU, SiLU, ...), or when its column of
+the second linear is all zero.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def _rows_zero(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return zero if bias is None else zero & (bias == 0)
 
 
+def _maps_zero_to_zero(module: nn.Module) -> bool:
+    """Whether the FFN activation of ``module`` (its ``intermediate_act_fn``) maps 0 to 0."""
+    act = module.intermediate_act_fn
+    return bool((act(torch.zeros(1)) == 0).all())
+
+
 @torch.no_grad()
 def layer_structure(layer: nn.Module, arch, num_heads: int) -> LayerStructure:
     """Which heads and FFN dimensions of one encoder layer survive, and how many linear weights remain."""
@@ -61,7 +68,10 @@ def layer_structure(layer: nn.Module, arch, num_heads: int) -> LayerStructure:
         heads_kept = ~(v_zero | o_zero)
     else:
         heads_kept = torch.zeros(0, dtype=torch.bool)
-    ffn_kept = ~(_rows_zero(w1, b1) | (w2 == 0).all(dim=0))
+    # A dimension whose input is always 0 still adds activation(0) times its column of the second linear to the
+    # output unless the activation maps 0 to 0 (a sigmoid gives 0.5).
+    inert = _rows_zero(w1, b1) if _maps_zero_to_zero(get_module(layer, arch.ffn_activation)) else False
+    ffn_kept = ~(inert | (w2 == 0).all(dim=0))
 
     rows = heads_kept.repeat_interleave(head_dim) if num_heads else torch.zeros(0, dtype=torch.bool)
     kept = 0

@@ -163,6 +163,26 @@ def test_plain_model_with_zeroed_structure_is_packed():
     assert (logits(model, x) - logits(packed, x)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("act, removed", [("gelu", 10), ("relu", 10), ("sigmoid", 0)])
+def test_an_ffn_dimension_with_zero_input_is_removed_only_where_the_activation_maps_zero_to_zero(act, removed):
+    """A zero row of the first FFN linear feeds activation(0) to the second: nothing under GELU or ReLU, but a
+    sigmoid's 0.5 times the dimension's column, which the packed model must keep adding."""
+    model = tiny_model()
+    model.config.hidden_act = act
+    model = BertForQuestionAnswering(model.config).eval()
+    with torch.no_grad():
+        layer1 = model.bert.encoder.layer[1]
+        layer1.intermediate.dense.weight[:10] = 0
+        layer1.intermediate.dense.bias[:10] = 0
+        layer1.output.dense.weight[:, 100:] = 0  # a zero column of the second linear: removed under any activation
+    report = sparsity_report(model)
+    packed = pack(model)
+    assert packed.config.fineprune_ffn_widths == [INTER, INTER - removed - 28]
+    assert report.ffn_kept_per_layer == packed.config.fineprune_ffn_widths
+    x = sample_inputs()
+    assert (logits(model, x) - logits(packed, x)).abs().max() <= 1e-4
+
+
 def test_blocks_that_straddle_heads_pack_to_the_masked_logits_and_density_counts_the_packed_weights():
     """Score blocks of 16 over heads of 12: a pruned block takes the end of one head and the start of the next. A
     head goes when all its value rows or output columns go; a head that loses only some keeps them, as zeros. The
