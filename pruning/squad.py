@@ -34,7 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 # The records, files and metric, named here too: ``squad.load_squad``, ``squad.evaluate``, ...
-from .squad_data import Answer, Example, SquadFormatError, load_predictions, load_squad, lone_surrogate, short_repr
+from .squad_data import (Answer, Example, SquadFormatError, load_predictions, load_squad, lone_surrogate, short_repr,
+                         show_id)
 from .squad_metric import (best_null_thresholds, evaluate, evaluate_answers, exact_match_score, f1_score, f1_score_v2,
                            metric_max_over_ground_truths, normalize_answer, question_f1, score_files)
 
@@ -55,6 +56,8 @@ __all__ = [
     "longest_question",
     "tokenize_text",
     "lone_surrogate",
+    "short_repr",
+    "show_id",
     "cut_question",
     "check_windows",
     "batch_width",
@@ -295,16 +298,19 @@ def _check_question_lengths(examples: Sequence[Example], questions: list[str], t
     lengths = tokenize_text(tokenizer, [questions[i] for i in suspects], add_special_tokens=False)["input_ids"]
     for i, ids in zip(suspects, lengths):
         if len(ids) >= room:
-            raise QuestionTooLong(f"question {examples[i].id} has {len(ids)} tokens: with max_seq_length "
+            raise QuestionTooLong(f"question {show_id(examples[i].id)} has {len(ids)} tokens: with max_seq_length "
                                    f"{max_seq_length} and doc_stride {doc_stride} a question may have at most "
                                    f"{room - 1} (lower max_query_length ({max_query_length}), raise max_seq_length "
                                    "or lower doc_stride)")
 
 
+REPLACEMENT_CHARACTER = "\ufffd"  # what a decoder puts for bytes it could not read; BERT's normalizer drops it
+
+
 def _readable(text: str) -> bool:
-    """Whether ``text`` holds a letter, digit, punctuation mark or symbol, which every tokenizer keeps as a token
-    (an unknown one at worst); it stops at the first, so it costs next to nothing on real text."""
-    return any(unicodedata.category(char)[0] in "LNPS" for char in text)
+    """Whether ``text`` holds a letter, digit, punctuation mark or symbol other than U+FFFD, which every tokenizer
+    keeps as a token (an unknown one at worst); it stops at the first, so it costs next to nothing on real text."""
+    return any(unicodedata.category(char)[0] in "LNPS" and char != REPLACEMENT_CHARACTER for char in text)
 
 
 def _check_tokens(examples: Sequence[Example], questions: list[str], tokenizer: Any) -> None:
@@ -318,9 +324,9 @@ def _check_tokens(examples: Sequence[Example], questions: list[str], tokenizer: 
         ids = tokenize_text(tokenizer, [texts[i] for i in suspects], add_special_tokens=False)["input_ids"]
         for i, tokens in zip(suspects, ids):
             if not tokens:
-                raise QuestionWithoutTokens(f"question {examples[i].id}: its {field} {short_repr(texts[i])} has no "
-                                            "tokens the model reads (only characters the tokenizer drops, such as "
-                                            "zero-width spaces or control characters)")
+                raise QuestionWithoutTokens(f"question {show_id(examples[i].id)}: its {field} {short_repr(texts[i])} "
+                                            "has no tokens the model reads (only characters the tokenizer drops, such "
+                                            "as zero-width spaces or control characters)")
 
 
 def _tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_length: int, doc_stride: int,
@@ -487,7 +493,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
     """
     for ex in examples:
         if not ex.answers and not ex.impossible:
-            raise ValueError(f"question {ex.id} has no gold answer to train on")
+            raise ValueError(f"question {show_id(ex.id)} has no gold answer to train on")
     parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
     starts: list[int] = []
     ends: list[int] = []
@@ -505,9 +511,9 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
                 spans[sample] = None if ex.impossible else _token_span(
                     offsets[mapping == sample], *_trimmed_span(ex.answers[0], ex.answer_starts[0]))
                 if spans[sample] is None and not ex.impossible:  # every window would label it "no answer" (CLS)
-                    raise QuestionWithoutTokens(f"question {ex.id}: its answer {short_repr(ex.answers[0])} has no "
-                                                "tokens the model reads (only characters the tokenizer drops, such as "
-                                                "zero-width spaces or control characters)")
+                    raise QuestionWithoutTokens(f"question {show_id(ex.id)}: its answer {short_repr(ex.answers[0])} "
+                                                "has no tokens the model reads (only characters the tokenizer drops, "
+                                                "such as zero-width spaces or control characters)")
             start, end = (0, 0) if spans[sample] is None else _answer_tokens(offsets[i], *spans[sample])
             starts.append(start)
             ends.append(end)
@@ -664,8 +670,9 @@ def postprocess_predictions(examples: Sequence[Example], features: EvalFeatures,
     broken = ~(np.isfinite(start_logits) & np.isfinite(end_logits)) & is_context
     if broken.any():
         windows_hit = np.flatnonzero(broken.any(axis=1))
+        first = show_id(features.example_ids[windows_hit[0]])
         raise NonFiniteLogits(f"the model gave NaN or infinite start/end logits in {len(windows_hit)} of "
-                              f"{len(features)} windows (first: question {features.example_ids[windows_hit[0]]}): "
+                              f"{len(features)} windows (first: question {first}): "
                               "its weights hold NaN or inf, or its precision overflows")
 
     results: dict[str, Answer] = {}

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator
 
 from .config import parser_limit
 
-__all__ = ["SquadFormatError", "Example", "Answer", "lone_surrogate", "short_repr", "load_squad", "load_predictions"]
+__all__ = ["SquadFormatError", "Example", "Answer", "lone_surrogate", "short_repr", "show_id", "load_squad",
+           "load_predictions"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,12 @@ class Answer:
 def short_repr(text: str, limit: int = 40) -> str:
     """``repr`` of a text cut to ``limit`` characters, so that messages stay on one line."""
     return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def show_id(qid: str) -> str:
+    """A question id as a message names it: as it is when printable (a SQuAD id is hexadecimal), else its
+    :func:`short_repr`, so that a line break or an escape sequence in an id cannot break a one-line error."""
+    return qid if qid.isprintable() and qid == qid.strip() and len(qid) <= 64 else short_repr(qid)
 
 
 class _JsonLines(list):
@@ -237,9 +244,9 @@ def load_squad(path: str | Path, limit: int | None = None, spans: bool = True) -
         qid = _text(qa, "id", at(where))
         if not qid:
             raise at(where)("empty 'id'")
-        example = _parse_question(qa, qid, title, context, at(f"question {qid} ({where})"), spans)
+        example = _parse_question(qa, qid, title, context, at(f"question {show_id(qid)} ({where})"), spans)
         if qid in first_seen:
-            raise at(f"question {qid} ({where})")(f"duplicate id (first at {first_seen[qid]})")
+            raise at(f"question {show_id(qid)} ({where})")(f"duplicate id (first at {first_seen[qid]})")
         first_seen[qid] = where
         examples.append(example)
         if limit is not None and len(examples) == limit:
@@ -302,7 +309,7 @@ def _flat_questions(flat: tuple[list, Callable[[int], str]], at: Callable[[str],
         qid = _text(record, "id", at(where))
         if not qid:
             raise at(where)("empty 'id'")
-        fail = at(f"question {qid} ({where})")
+        fail = at(f"question {show_id(qid)} ({where})")
         title = record.get("title", "")
         if not isinstance(title, str):
             raise fail(f"'title' must be a str, got {type(title).__name__}")
@@ -374,7 +381,7 @@ def load_predictions(path: str | Path) -> dict[str, str]:
         result: dict[str, Any] = {}
         for key, value in pairs:
             if key in result:
-                raise SquadFormatError(f"{path}: question {key}: duplicate id")
+                raise SquadFormatError(f"{path}: question {show_id(key)}: duplicate id")
             result[key] = value
         return result
 
@@ -387,6 +394,6 @@ def load_predictions(path: str | Path) -> dict[str, str]:
                                "{question id: answer text}")
     for qid, text in root.items():
         if not isinstance(text, str):
-            raise SquadFormatError(f"{path}: question {qid}: the prediction must be a string, "
+            raise SquadFormatError(f"{path}: question {show_id(qid)}: the prediction must be a string, "
                                    f"got {type(text).__name__}")
     return root

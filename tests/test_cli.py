@@ -616,7 +616,8 @@ def test_a_question_too_long_for_the_window_names_its_file(capsys, masked_checkp
 @pytest.mark.parametrize("question,context,field,shown", [
     ("\u200b\u200b", "The cat sat on the mat.", "question", "'\\u200b\\u200b'"),
     ("Where?", "\u200b\x01\u200b", "context", "'\\u200b\\x01\\u200b'"),
-], ids=["zero-width-question", "control-context"])
+    ("\ufffd\ufffd\ufffd", "The cat sat on the mat.", "question", "'\ufffd\ufffd\ufffd'"),
+], ids=["zero-width-question", "control-context", "replacement-character-question"])
 def test_a_question_or_context_without_tokens_is_one_line_in_eval_and_prune_as_in_ask(
         capsys, masked_checkpoint, tmp_path, question, context, field, shown):
     """Made only of characters the tokenizer drops, it was windowed as nothing and scored 0 (or trained on) without

@@ -284,6 +284,27 @@ def test_malformed_dataset(tmp_path, edit, names, problem):
         assert name in message
 
 
+@pytest.mark.parametrize("qid", ["abc\nINFO fake log line", "\x1b[2Jq", " padded ", "x" * 100])
+def test_a_question_id_that_would_break_the_line_is_shown_as_its_repr(tmp_path, qid):
+    """Ids are printed in errors: a line break or escape sequence in one broke the one-line error (and could write
+    a fake log line); such an id, or one too long or padded with spaces to read, is shown as its repr, cut."""
+    shown = squad.short_repr(qid)
+    data = _valid_dataset()
+    _qa(data, 1)["id"] = qid
+    _qa(data, 1)["question"] = ""
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SquadFormatError) as info:
+        squad.load_squad(path)
+    assert str(info.value) == f"{path}: question {shown} (data[0].paragraphs[0].qas[1]): empty question"
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps({"q-first": "Broncos", qid: 1}))
+    with pytest.raises(SquadFormatError) as info:
+        squad.load_predictions(predictions)
+    assert str(info.value) == f"{predictions}: question {shown}: the prediction must be a string, got int"
+    assert squad.show_id("56be4db0acb8001400a502ec") == "56be4db0acb8001400a502ec"  # a SQuAD id, as it is
+
+
 @pytest.mark.parametrize("context", ["", " \n\t "])
 def test_an_empty_context_is_named_not_scored_as_unanswered(tmp_path, context):
     """Evaluation reads no answer_start, so nothing else would stop a paragraph whose context was lost: its questions
