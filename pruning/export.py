@@ -224,8 +224,9 @@ def to_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> P
     graph = _ExportGraph(model)
     generator = torch.Generator().manual_seed(0)
     vocab = int(model.config.vocab_size)
-    sample = (torch.randint(0, vocab, (2, 16), generator=generator), torch.ones(2, 16, dtype=torch.long),
-              torch.zeros(2, 16, dtype=torch.long))
+    seq = min(16, max_positions(model.config))  # the traced windows: the axes are dynamic, the positions are not
+    sample = (torch.randint(0, vocab, (2, seq), generator=generator), torch.ones(2, seq, dtype=torch.long),
+              torch.zeros(2, seq, dtype=torch.long))
     axes = {name: {0: "batch", 1: "sequence"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)}
     # The wrapper is made in train mode: switching it (and so the model) to eval for the trace must give the model
     # back in the mode it came in, not the wrapper's.

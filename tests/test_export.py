@@ -171,6 +171,25 @@ def test_export_gives_the_model_back_in_its_mode(training, dev_windows, tmp_path
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("model_type, positions", [("bert", 12), ("roberta", 14)])
+def test_a_model_with_fewer_positions_than_the_traced_window_exports(model_type, positions, tmp_path):
+    """The trace ran on 16-token windows, which a model with fewer positions cannot take: export failed with a shape
+    error naming a temporary file. It traces on windows the model takes (a RoBERTa-family model counts positions
+    from its pad id, so 14 embeddings give 12), and the graph answers the longest of them as PyTorch does."""
+    from transformers import AutoConfig, AutoModelForQuestionAnswering
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=1,
+                                  num_attention_heads=HEADS, intermediate_size=INTER, pad_token_id=1,
+                                  max_position_embeddings=positions)
+    model = AutoModelForQuestionAnswering.from_config(config).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {"input_ids": torch.randint(3, 100, (2, 12), generator=g),
+              "attention_mask": torch.ones(2, 12, dtype=torch.long), "token_type_ids": torch.zeros(2, 12, dtype=torch.long)}
+    report = export_model(model, tmp_path, inputs=inputs)
+    assert report.max_logit_diff["fp32"] < 1e-4
+
+
 def test_bad_opset_and_quantize_are_refused(tmp_path):
     model = pruned_model([[]], [INTER])
     with pytest.raises(ExportError, match="--opset"):
