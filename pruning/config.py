@@ -524,16 +524,27 @@ def _is_number(value: Any) -> bool:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """Safe YAML that reads ``1e-4`` as a number (plain YAML 1.1 wants ``1.0e-4``) and rejects duplicate keys."""
+    """Safe YAML that reads ``1e-4`` as a number (plain YAML 1.1 wants ``1.0e-4``) and rejects duplicate keys.
+
+    A merge key (``<<: *defaults``) takes the merged mapping's keys, which the mapping's own keys override, as YAML
+    has it; only a key written twice in one mapping is refused."""
 
     def construct_mapping(self, node, deep=False):  # type: ignore[override]
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG:
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(None, None, f"a {type(key).__name__} as a key",
+                                                        key_node.start_mark)
+            if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 _YamlLoader.add_implicit_resolver(

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from pruning.config import (ConfigError, Method, RunConfig, config_from_dict, config_to_dict, load_config,
-                            method_block)
+                            method_block, read_yaml)
 
 
 def test_defaults_follow_the_papers_hybrid_setting():
@@ -112,6 +112,36 @@ def test_run_configs_and_spaces_share_one_yaml_reader(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML \(.*duplicate key 'target_density'") as caught:
         load_config(path)
     assert "\n" not in str(caught.value)
+
+
+def test_a_merge_key_shares_settings_and_its_keys_give_way_to_the_mapping_s_own(tmp_path):
+    """``<<: *anchor`` is how YAML shares settings (a space's base and teacher config, say): the duplicate-key check
+    refused it as "not valid YAML"; a key of the mapping itself overrides a merged one, as YAML has it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("shared: &shared {method: topk, target_density: 0.3, train_limit: 8}\n"
+                    "run:\n  <<: *shared\n  target_density: 0.5\n")
+    assert read_yaml(path)["run"] == {"method": "topk", "target_density": 0.5, "train_limit": 8}
+    path.write_text("shared: &shared {method: topk}\nrun:\n  <<: *shared\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(duplicate key 'seed' at line 5"):
+        read_yaml(path)
+
+
+@pytest.mark.parametrize("text, shown", [("? [a]\n: 1\n", "a list as a key at line 1, column 3"),
+                                         ("{[16, 16]: x}\n", "a list as a key at line 1, column 2"),
+                                         ("? {a: 1}\n: 1\n", "a dict as a key at line 1, column 3")])
+def test_a_key_that_is_a_list_or_mapping_is_one_line_not_a_traceback(tmp_path, capsys, text, shown):
+    """The duplicate-key check hashed every key: an unhashable one crashed every command that reads a config or a
+    space with a TypeError (exit 1, the environment's status)."""
+    from workflows.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        read_yaml(path)
+    assert str(caught.value).startswith(f"{path}: not valid YAML ({shown}")
+    assert "\n" not in str(caught.value)
+    assert main(["train", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"fineprune train: error: {path}: not valid YAML ({shown}")
 
 
 @pytest.mark.parametrize("text,message", [
