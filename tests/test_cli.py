@@ -833,6 +833,34 @@ def test_a_command_reading_a_sweep_leaves_an_empty_file_as_it_was(capsys, tmp_pa
     assert database.stat().st_size == 0 and sorted(tmp_path.iterdir()) == [database]
 
 
+def test_another_applications_sqlite_database_is_refused_and_left_as_it_was(capsys, tmp_path):
+    """A --tracking-uri (or MLFLOW_TRACKING_URI) that named another application's SQLite database got MLflow's
+    tables written into it (1 table -> 66) by register, report, select and eval of a models:/ version, which then said
+    the experiment or model was not there; a sweep would have recorded into it. It is refused, untouched."""
+    import sqlite3
+
+    import ray
+
+    database = tmp_path / "app.db"
+    with sqlite3.connect(database) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+        db.execute("INSERT INTO users VALUES ('ada')")
+    db.close()
+    before = database.read_bytes()
+    uri = f"sqlite:///{database}"
+    problem = "a SQLite database of something else (tables users), not an MLflow database: it is left as it is"
+    for argv in (["register", "--experiment", "e"], ["report", "--experiment", "e", "--out", str(tmp_path / "r")],
+                 ["select", "--registered-model", "m", "--max-latency-ms", "5"], ["eval", "models:/m@champion"]):
+        line = _one_line_error(capsys, [*argv, "--tracking-uri", uri])
+        assert line.endswith(f"{database} is {problem} (pass the sweep's --tracking-uri)"), line
+    line = _one_line_error(capsys, ["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--storage-path",
+                                    str(tmp_path / "ray"), "--tracking-uri", uri])
+    assert line == (f"fineprune sweep: error: tracking URI {uri}: the database {database}: {problem} (pass another "
+                    "--tracking-uri)")
+    assert not ray.is_initialized()
+    assert database.read_bytes() == before and sorted(tmp_path.iterdir()) == [database]
+
+
 def test_a_training_run_that_fails_before_writing_leaves_no_output_dir(capsys, tmp_path):
     question = " ".join(["which"] * 200) + "?"
     data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import sqlite3
 import tempfile
 import time
 import urllib.parse
@@ -111,10 +112,32 @@ def check_writable_store(tracking_uri: str) -> None:
     database = sqlite_database(tracking_uri)
     if database is None:
         return
-    problem = output_path_problem(database, directory=False, writable=True)
+    problem = output_path_problem(database, directory=False, writable=True) or _foreign_database(database)
     if problem is not None:
         raise TrackingStoreError(f"tracking URI {tracking_uri}: the database {database}: {problem} (pass another "
                                  "--tracking-uri)")
+
+
+# A table every MLflow database has, from its first schema on.
+_MLFLOW_TABLE = "experiments"
+
+
+def _foreign_database(database: Path) -> str | None:
+    """What is wrong with ``database`` as an MLflow store, when it is another application's SQLite database: one
+    with tables, none of them MLflow's, into which MLflow would write its own (some 60 tables, the first time it is
+    opened). None for anything else: no file, an empty one, a new database without tables, an MLflow database, or
+    one that cannot be read now (a lock; the store's own errors say more)."""
+    if not database.is_file() or database.stat().st_size == 0:
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return None
+    if not tables or _MLFLOW_TABLE in tables:
+        return None
+    shown = ", ".join(sorted(tables)[:3]) + (f" and {len(tables) - 3} more" if len(tables) > 3 else "")
+    return f"a SQLite database of something else (tables {shown}), not an MLflow database: it is left as it is"
 
 
 def check_readable_store(tracking_uri: str, hint: str = "pass the sweep's --tracking-uri") -> None:
@@ -134,6 +157,9 @@ def check_readable_store(tracking_uri: str, hint: str = "pass the sweep's --trac
     if database.stat().st_size == 0:
         raise TrackingStoreError(f"tracking URI {tracking_uri}: {database} is an empty file, not an MLflow database "
                                  f"({hint})")
+    problem = _foreign_database(database)
+    if problem is not None:
+        raise TrackingStoreError(f"tracking URI {tracking_uri}: {database} is {problem} ({hint})")
 
 
 def client_for(tracking_uri: str, current: bool = True) -> MlflowClient:
