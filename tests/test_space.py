@@ -609,6 +609,12 @@ BAD_SPACES = [
      r"scheduler\.metric: 'speedup' is not reported at each evaluation"),
     ("gpu device without a gpu", variant(base={**BASE_SPACE["base"], "device": "cuda"}),
      r"resources\.gpu: base\.device is cuda but trials get no GPU"),
+    ("teacher on a gpu it does not get", variant(teacher={"config": {"device": "cuda"}}),
+     r"resources\.gpu: teacher\.config\.device is cuda but the teacher, which takes a trial's resources, gets no GPU"),
+    ("teacher on a gpu Ray does not show it", variant(resources={"cpu": 1, "gpu": 1}, base={**BASE_SPACE["base"],
+                                                                                          "device": "cuda"},
+                                                      teacher={"config": {"device": "cuda:1"}}),
+     r"teacher\.config\.device: cuda:1: the teacher sees only the GPU Ray gives it, as cuda:0"),
     ("negative resources", variant(resources={"cpu": -1}), r"resources\.cpu: must be >= 0"),
     ("zero samples", variant(num_samples=0), r"num_samples: must be an integer >= 1"),
     ("lambda and lambda_ffn together", variant(

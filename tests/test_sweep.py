@@ -667,6 +667,8 @@ REFUSED = {
     "model-not-here": lambda s, d: s["base"].update(model="models/nowhere"),
     "gpu": lambda s, d: (s["base"].update(device="cuda"), s.update(resources={"cpu": 1, "gpu": 0.5})),
     "cpus": lambda s, d: s.update(resources={"cpu": _machine_cpus() + 1, "gpu": 0}),
+    "bf16-base": lambda s, d: s["base"].update(precision="bf16"),
+    "bf16-teacher": lambda s, d: s["teacher"]["config"].update(precision="bf16"),
     "blocks": lambda s, d: s["base"].update(attention_block=[24, 24]),
     "no-answers-train": lambda s, d: s["base"].update(train_data=_small_squad(d / "bad.json", no_answers=True),
                                                       train_limit=None),
@@ -728,6 +730,22 @@ def test_a_local_sweep_asking_a_gpu_per_trial_on_a_machine_without_one_fails_bef
         f"fineprune sweep: error: {directory / 'space.yaml'}: resources.gpu: 0.5 per trial, but this machine has no "
         "GPU and the trials run here (a sweep without --address starts a private local Ray): set gpu: 0 with "
         "base.device cpu or auto, or join a cluster with GPUs with --address")
+    assert sorted(p.name for p in directory.iterdir()) == ["space.yaml"]
+
+
+@pytest.mark.skipif(__import__("pruning.precision").precision.cpu_supports_bf16(), reason="this CPU computes bf16")
+@pytest.mark.parametrize("case, key", [("bf16-base", "base.precision"), ("bf16-teacher", "teacher.config.precision")])
+def test_a_local_cpu_sweep_in_bf16_on_a_cpu_without_it_fails_before_ray_starts(refused_sweep, case, key):
+    """fineprune train refuses bf16 on a CPU without bf16 matrix instructions before it reads anything; a sweep
+    passed its checks (--check too), started Ray, MLflow and its parent run, and stopped when the teacher refused it,
+    with a line naming neither the space nor the key, leaving a failed sweep that report and register then took
+    for the latest one."""
+    directory, proc = refused_sweep(case)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"fineprune sweep: error: {directory / 'space.yaml'}: {key}: bf16 asked for, but this CPU has no bf16 matrix "
+        "instructions (avx512_bf16 or AMX); use fp32 or auto (the trials and the teacher run on the CPUs here: "
+        "resources ask for no GPU)")
     assert sorted(p.name for p in directory.iterdir()) == ["space.yaml"]
 
 

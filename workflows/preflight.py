@@ -1,6 +1,6 @@
 """What a sweep checks on this machine before anything starts: which Ray it runs on, and, where that is a private
 local Ray (the trials run here), that the space's paths are here, that this machine has the resources a trial asks
-for, and that the SQuAD files load.
+for and the precision it trains in, and that the SQuAD files load.
 
 Each check is one line naming the space file and the key (:class:`workflows.space.SpaceError`), with nothing written.
 :func:`check_machine` (paths and resources) imports neither MLflow nor the sweep's modules, so that the command line
@@ -16,11 +16,12 @@ import ray
 from ray._private.utils import get_num_cpus
 
 from pruning import squad
+from pruning.precision import PrecisionError, resolve_precision
 from pruning.resources import first_missing, resolve_data
 from workflows.space import SpaceError, SweepSpace, teacher_config
 
-__all__ = ["cluster_address", "check_machine", "check_local_paths", "check_local_resources", "check_local_data",
-           "largest_train_limit", "trials_at_once"]
+__all__ = ["cluster_address", "check_machine", "check_local_paths", "check_local_resources", "check_local_precision",
+           "check_local_data", "largest_train_limit", "trials_at_once"]
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -72,6 +73,28 @@ def check_local_resources(space: SweepSpace) -> None:
         fix = "set gpu: 0 with base.device cpu or auto" if gpus == 0 else f"ask for at most {gpus:g}"
         raise SpaceError(f"{space.path}: resources.gpu: {gpu:g} per trial, but {where[0]} {have} and {where[1]}: "
                          f"{fix}, or join a cluster with GPUs with --address")
+
+
+def check_local_precision(space: SweepSpace) -> None:
+    """Refuse, before anything starts, bf16 asked of trials (``base``) or of the teacher (``teacher.config``) that
+    run on this machine's CPU (no ``gpu`` in ``resources``) where the CPU has no bf16 matrix instructions: the
+    teacher would refuse it in its first second, after Ray, MLflow and the sweep's parent run had started. Trials on
+    GPUs are checked where they run (probing the GPU here would open a CUDA context in the driver).
+
+    Raises:
+        SpaceError: one line naming the space file and the key.
+    """
+    if _per_trial(space)[1] > 0:
+        return
+    asked = [("base.precision", space.base_config.precision)]
+    if isinstance(space.teacher.config.get("precision"), str):
+        asked.append(("teacher.config.precision", space.teacher.config["precision"]))
+    for key, precision in asked:
+        try:
+            resolve_precision(precision, "cpu")
+        except PrecisionError as err:
+            raise SpaceError(f"{space.path}: {key}: {str(err).removeprefix('precision: ')} (the trials and the "
+                             "teacher run on the CPUs here: resources ask for no GPU)") from None
 
 
 def trials_at_once(space: SweepSpace) -> int:
@@ -164,4 +187,5 @@ def check_machine(space: SweepSpace, address: str | None) -> str | None:
     if cluster is None:
         check_local_paths(space)  # on a cluster they need only exist on the workers
         check_local_resources(space)
+        check_local_precision(space)
     return cluster

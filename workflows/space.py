@@ -874,6 +874,15 @@ class SweepSpace(_Section):
         if index:  # Ray shows a trial only its own GPU, as cuda:0
             raise _Problem(f"{base_cfg.device}: a trial sees only the GPU Ray gives it, as cuda:0 (use cuda; Ray "
                            "chooses the GPU)", "base", "device")
+        # The teacher runs as a Ray task with the trials' resources.
+        teacher_device = self.teacher.config.get("device")
+        if isinstance(teacher_device, str) and teacher_device.startswith("cuda"):
+            if self.resources["gpu"] == 0:
+                raise _Problem(f"teacher.config.device is {teacher_device} but the teacher, which takes a trial's "
+                               "resources, gets no GPU", "resources", "gpu")
+            if _cuda_index(teacher_device):
+                raise _Problem(f"{teacher_device}: the teacher sees only the GPU Ray gives it, as cuda:0 (use cuda; "
+                               "Ray chooses the GPU)", "teacher", "config", "device")
         # Of the model every trial starts from, and whose packed copies are timed.
         limit = model_checks.positions_of(model)
         if limit is not None and self.speedup["seq_len"] > limit:
