@@ -833,6 +833,20 @@ def test_a_command_reading_a_sweep_leaves_an_empty_file_as_it_was(capsys, tmp_pa
     assert database.stat().st_size == 0 and sorted(tmp_path.iterdir()) == [database]
 
 
+@pytest.mark.parametrize("alias, said", [
+    ("a\nb", "Invalid alias name: 'a b'. Names may only contain alphanumerics, underscores (_), and dashes (-)."),
+    ("latest", "'latest' alias name (case insensitive) is reserved."),
+    ("v3", "Version alias name 'v3' is reserved."),
+])
+def test_an_alias_the_registry_refuses_is_one_line_before_the_store_is_opened(capsys, tmp_path, alias, said):
+    """An alias with a line break ended the error at the break (MLflow's message repeats the alias)."""
+    database = tmp_path / "mlflow.db"
+    line = _one_line_error(capsys, ["select", "--registered-model", "m", "--max-latency-ms", "5", "--alias", alias,
+                                    "--tracking-uri", f"sqlite:///{database}"])
+    assert line == f"fineprune select: error: --alias {alias!r}: {said}"
+    assert not database.exists()
+
+
 def test_another_applications_sqlite_database_is_refused_and_left_as_it_was(capsys, tmp_path):
     """A --tracking-uri (or MLFLOW_TRACKING_URI) that named another application's SQLite database got MLflow's
     tables written into it (1 table -> 66) by register, report, select and eval of a models:/ version, which then said

@@ -80,7 +80,8 @@ def check_alias(alias: str) -> None:
         validation._validate_model_alias_name(alias)
         validation._validate_model_alias_name_reserved(alias)
     except MlflowException as err:
-        raise SelectionError(f"--alias {alias!r}: {error_line(err)}") from None
+        # MLflow's message repeats the alias, whose line break (if it has one) would end the message there.
+        raise SelectionError(f"--alias {alias!r}: {' '.join(str(err.message).split())}") from None
 
 
 def select_champion(points: list[dict[str, Any]], policy: str, dense_f1: float | None = None,
