@@ -185,7 +185,8 @@ def test_a_model_with_fewer_positions_than_the_traced_window_exports(model_type,
     model = AutoModelForQuestionAnswering.from_config(config).eval()
     g = torch.Generator().manual_seed(1)
     inputs = {"input_ids": torch.randint(3, 100, (2, 12), generator=g),
-              "attention_mask": torch.ones(2, 12, dtype=torch.long), "token_type_ids": torch.zeros(2, 12, dtype=torch.long)}
+              "attention_mask": torch.ones(2, 12, dtype=torch.long),
+              "token_type_ids": torch.zeros(2, 12, dtype=torch.long)}
     report = export_model(model, tmp_path, inputs=inputs)
     assert report.max_logit_diff["fp32"] < 1e-4
 
