@@ -685,7 +685,10 @@ def tune_masks_(model: nn.Module, dense: nn.Module, features: Batch, index: torc
 
             # Pass 1: the dense layer's sums and output; the pruned attention sublayer (stopped at its LayerNorm)
             # gives the attention system.
-            attention, ffn_targets = _NormalEquations(out_proj, columns, head_dim), []
+            # A layer without heads loses its attention output's bias with them (masks.MaskedLinear.bias_mask,
+            # zero_removed_): there is nothing of that sublayer left to fit.
+            attention = _NormalEquations(out_proj, columns, head_dim, bias=len(columns) > 0)
+            ffn_targets = []
             for b, (args, kwargs) in enumerate(calls):
                 with teacher_cap.install():
                     teacher_x[b] = _output(dense_layer(teacher_x[b], *args, **kwargs))
@@ -745,12 +748,13 @@ class _NormalEquations:
     ``add`` accumulates ``X^T X``, ``X^T E`` and ``|E|^2`` in float64 over the calibration tokens (``X``: the kept
     columns' inputs, with a constant when the linear has a bias; ``E``: the dense sum minus the pruned one), on the
     linear's device: the host reads them when it solves, not every batch. The columns come in structures of
-    ``group`` consecutive ones (a head's ``head_dim`` columns, one FFN neuron).
+    ``group`` consecutive ones (a head's ``head_dim`` columns, one FFN neuron). ``bias``: whether the change may move
+    the linear's bias too (where it has one).
     """
 
-    def __init__(self, linear: nn.Linear, columns: torch.Tensor, group: int) -> None:
+    def __init__(self, linear: nn.Linear, columns: torch.Tensor, group: int, bias: bool = True) -> None:
         self.linear, self.columns, self.group = linear, columns, group
-        self.bias = linear.bias is not None
+        self.bias = bias and linear.bias is not None
         size, out = len(columns) + int(self.bias), linear.weight.shape[0]
         device = linear.weight.device
         self.xtx = torch.zeros(size, size, dtype=torch.float64, device=device)
