@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -220,19 +221,30 @@ class _MaskVariables:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _window_draws(seed: int, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exponential draws ``(n, width)`` for the start and for the end position of each window ``rows``, each from a
+    stream of its own, seeded by ``seed`` and the window's index: a window's sampled span depends on neither the batch
+    it comes in nor how far that batch is padded (windows are padded on the right, so their tokens take the first
+    draws of the stream). One stream for all windows in batch order made the sampled labels, and so the importance
+    and the mask, change with the batch size."""
+    draws = np.empty((2, len(rows), width), dtype=np.float32)
+    for i, window in enumerate(rows.tolist()):
+        for j in range(2):
+            draws[j, i] = np.random.default_rng([seed, window, j]).standard_exponential(width, dtype=np.float32)
+    return torch.from_numpy(draws[0]), torch.from_numpy(draws[1])
+
+
 def _sampled_positions(logits: torch.Tensor, attention_mask: torch.Tensor,
-                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                       draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One position per window drawn from ``softmax(logits)`` over its real (unpadded) tokens, and whether every
     probability was finite (a tensor where the logits are).
 
-    The draw is the one ``torch.multinomial(probs, 1, generator=generator)`` makes of the probabilities on the CPU,
-    the position of the largest ``p / q`` for ``q`` exponential draws from the CPU ``generator``: the same positions
-    from the same random stream, but the draws go to the logits' device instead of the probabilities coming back to
-    the host, which on a GPU would wait for the whole forward pass every batch.
+    The position of the largest ``p / q`` for exponential ``draws`` ``q`` (made on the CPU, :func:`_window_draws`)
+    is a draw from the probabilities ``p``: the draws go to the logits' device instead of the probabilities coming
+    back to the host, which on a GPU would wait for the whole forward pass every batch.
     """
     masked = logits.float().masked_fill(attention_mask == 0, float("-inf"))
     probs = torch.softmax(masked, dim=-1)
-    draws = torch.empty(probs.shape, dtype=probs.dtype).exponential_(generator=generator)
     return torch.argmax(probs / to_device(draws, probs.device), dim=-1), torch.isfinite(probs).all()
 
 
@@ -273,7 +285,6 @@ def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, ba
                    if block_diagonal else None)
     neuron_blocks = (torch.zeros(num_layers, inter, inter, dtype=torch.float32, device=device)
                      if block_diagonal else None)
-    generator = torch.Generator().manual_seed(seed)
     finite = torch.ones((), dtype=torch.bool, device=device)  # every sampled distribution, checked at the end
     variables = _MaskVariables(model)
     others = [teacher] if teacher is not None and teacher is not model else []
@@ -298,8 +309,9 @@ def fisher_importance(model: nn.Module, features: Batch, index: torch.Tensor, ba
                     t_start, t_end = t_out.start_logits, t_out.end_logits
                 else:
                     t_start, t_end = start.detach(), end.detach()
-                start_pos, start_finite = _sampled_positions(t_start, batch["attention_mask"], generator)
-                end_pos, end_finite = _sampled_positions(t_end, batch["attention_mask"], generator)
+                start_draws, end_draws = _window_draws(seed, rows, int(batch["attention_mask"].shape[1]))
+                start_pos, start_finite = _sampled_positions(t_start, batch["attention_mask"], start_draws)
+                end_pos, end_finite = _sampled_positions(t_end, batch["attention_mask"], end_draws)
                 finite = finite & start_finite & end_finite
             # A sum over windows, so that each window's gradient is its own loss's.
             loss = (F.cross_entropy(start, start_pos, reduction="sum")

@@ -132,6 +132,22 @@ def test_sampled_labels_come_from_the_teacher():
     assert not torch.allclose(a.heads, gold.heads, rtol=1e-2)
 
 
+@pytest.mark.parametrize("labels", ["gold", "sampled"])
+def test_importance_does_not_depend_on_the_batch_size(labels):
+    """Each window's sampled span is drawn from a stream of its own: one stream for all windows in batch order made
+    the importance (by a third to three quarters, here) and so the mask change with batch_size, a searched key."""
+    model, teacher = tiny_model(), tiny_model(seed=5)
+    features = windows(12)
+    got = [imp.fisher_importance(model, features, torch.arange(12), batch_size=size, labels=labels, teacher=teacher,
+                                 seed=3) for size in (1, 5, 12)]
+    for other in got[1:]:
+        assert torch.allclose(other.heads, got[0].heads, rtol=1e-5)
+        assert torch.allclose(other.neurons, got[0].neurons, rtol=1e-5, atol=1e-12)
+    if labels == "sampled":  # the seed still draws the labels
+        again = imp.fisher_importance(model, features, torch.arange(12), labels=labels, teacher=teacher, seed=4)
+        assert not torch.allclose(again.heads, got[0].heads, rtol=1e-2)
+
+
 # --- search -------------------------------------------------------------------------------------------------
 
 
