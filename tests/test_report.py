@@ -803,6 +803,11 @@ def test_user_given_names_read_as_written_in_the_markdown_report():
     text = [t.strip() for t in page.text]
     assert "Sweep report: exp<b>&amp;`code`" in text
     assert "b<i>|[1]*x*" in text  # a cell of the trial table, pipe and brackets included
+    # A backslash escaped the character reference (or bracket) after it, and a trailing " #" closed the heading.
+    for name in (r"a\*b", "exp #", "run\\"):
+        page = _Page()
+        page.feed(MarkdownIt("commonmark").enable("table").render(render_markdown(replace(data, experiment=name))))
+        assert f"Sweep report: {name}" in [t.strip() for t in page.text], page.text
 
 
 def test_the_report_command_reports_the_sweep_run_it_is_given(smoke_sweep, tmp_path, capsys):

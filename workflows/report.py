@@ -537,14 +537,16 @@ def _md_cell(text: str) -> str:
 
 
 _MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "*": "&#42;", "[": "&#91;", "]": "&#93;", "`": "&#96;",
-                "_": "&#95;"}
+                "_": "&#95;", "\\": "&#92;", "#": "&#35;"}
 
 
 def _md_text(text: str) -> str:
     """User-given ``text`` (an experiment's, a trial's or a searched value's name) shown as written: HTML and the
-    Markdown that would change how it reads (emphasis, links, code) become character references. An underscore
-    inside a word (``trial_00001``), which never starts or ends emphasis, is left as it is."""
-    return re.sub(r"[&<>*\[\]`]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", lambda m: _MD_ENTITIES[m.group()], str(text))
+    Markdown that would change how it reads (emphasis, links, code, a backslash escaping what follows, a heading's
+    closing ``#``) become character references. An underscore inside a word (``trial_00001``), which never starts or
+    ends emphasis, is left as it is."""
+    return re.sub(r"[&<>*\[\]`\\#]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", lambda m: _MD_ENTITIES[m.group()],
+                  str(text))
 
 
 def _md_note(text: str) -> str:
