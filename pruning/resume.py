@@ -18,7 +18,8 @@ import torch
 
 from .batches import DataPosition, position_after
 from .checkpoint import STATE, CheckpointError, read_evaluation, read_json
-from .config import CHECKPOINT_DIR, FINAL_DIR, ConfigError, Method, RunConfig, config_to_dict, default_block
+from .config import (CHECKPOINT_DIR, FINAL_DIR, MAX_SEED, ConfigError, Method, RunConfig, config_to_dict,
+                     default_block)
 from .contents import content_digest
 from .errors import path_hint
 from .resources import resolve_data, same_model
@@ -87,7 +88,10 @@ def resume_position(state: dict[str, Any], checkpoint_dir: Path, cfg: RunConfig,
     return DataPosition(**{key: record[key] for key in keys})
 
 
-_LEAST = {"epoch": 0, "window": 0, "seed": None, "batch_size": 1, "grad_accum": 1}  # None: any integer
+_LEAST = {"epoch": 0, "window": 0, "seed": 0, "batch_size": 1, "grad_accum": 1}
+# A run's seed is a config's (at most MAX_SEED); the epoch's order is seeded with seed * 1000003 + epoch, which
+# torch takes only below 2**64.
+_MOST = {"seed": MAX_SEED, "epoch": 2**31 - 1}
 
 
 def _check_position_fields(path: Path, name: str, values: dict[str, Any]) -> None:
@@ -95,9 +99,10 @@ def _check_position_fields(path: Path, name: str, values: dict[str, Any]) -> Non
         if key == "group_by_length":
             fits, wanted = isinstance(value, bool), "true or false"
         else:
-            least = _LEAST[key]
-            fits = isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
-            wanted = "an integer" if least is None else f"an integer of at least {least}"
+            least, most = _LEAST[key], _MOST.get(key)
+            fits = (isinstance(value, int) and not isinstance(value, bool) and value >= least
+                    and (most is None or value <= most))
+            wanted = f"an integer of at least {least}" if most is None else f"an integer from {least} to {most}"
         if not fits:
             raise CheckpointError(f"{path}: {name}.{key} must be {wanted}, got {json.dumps(value)}")
 

@@ -1136,6 +1136,11 @@ def test_a_checkpoint_that_records_no_data_position_resumes_where_its_config_pla
      'data_position.group_by_length must be true or false, got "no"'),
     (dict(epoch=0, window=24, seed=42, group_by_length=False), "data_position.batch_size must be an integer of at "
                                                                "least 1, got null"),
+    # Seeds the torch generator could not take stopped the run with a traceback (OverflowError from manual_seed).
+    (dict(epoch=0, window=24, seed=10**20, batch_size=8, group_by_length=False),
+     "data_position.seed must be an integer from 0 to 4294967295, got 100000000000000000000"),
+    (dict(epoch=2**40, window=24, seed=42, batch_size=8, group_by_length=False),
+     "data_position.epoch must be an integer from 0 to 2147483647, got 1099511627776"),
 ])
 def test_an_edited_data_position_is_refused_naming_the_file_and_field(tmp_path, record, says):
     from pruning.checkpoint import CheckpointError
