@@ -701,9 +701,12 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     logger.info("%d questions -> %d training features; %s, device %s, %s", len(train_examples), num_features, steps,
                 device, precision)
 
+    # A run resumed from a checkpoint of another directory continues that run here: whatever output_dir held is
+    # another run's, as for a new run.
+    resumed_here = resume_from is not None and Path(resume_from).resolve().is_relative_to(output_dir.resolve())
     for name, what in ((FINAL_DIR, "final model"), (CHECKPOINT_DIR, "checkpoint")):
         previous = output_dir / name
-        if resume_from is None and previous.is_dir():
+        if not resumed_here and previous.is_dir():
             # An earlier run's output (the output_dir was given over to this run): gone before this run trains, so
             # that a run stopped before it writes its own does not leave it as if it were this run's (a --resume of
             # that checkpoint would continue the earlier run).

@@ -57,6 +57,27 @@ def test_a_new_run_in_an_earlier_runs_directory_removes_its_final_model_before_i
     assert (tmp_path / "run" / "checkpoint" / "trainer_state.json").is_file()
 
 
+def test_a_run_resumed_into_an_earlier_runs_directory_removes_its_final_model_before_it_trains(tmp_path):
+    """Resumed from another directory's checkpoint into an output_dir that held an earlier run (fineprune's
+    --overwrite), the earlier run's final model stayed until the resumed run wrote its own: stopped before that, the
+    directory held this run's checkpoint beside another run's final model, which eval would score as this run's."""
+    first = train(tiny_cfg(tmp_path / "a", max_steps=4, eval_every=2), progress=False)
+    earlier = train(tiny_cfg(tmp_path / "b", max_steps=2, seed=7), progress=False)
+    final = Path(earlier["model_dir"])
+    assert final.is_dir() and Path(first["model_dir"]).is_dir()
+
+    def stop(metrics, checkpoint):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny_cfg(tmp_path / "b", max_steps=6, eval_every=2), resume_from=tmp_path / "a" / "run" / "checkpoint",
+              report=stop, progress=False)
+    assert not final.exists()
+    state = json.loads((tmp_path / "b" / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 6  # the resumed run's checkpoint, not the earlier run's (step 2)
+    assert (tmp_path / "a" / "run" / "final").is_dir()  # the run resumed from keeps its own
+
+
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path, tokenizer):
     cfg = tiny_cfg(tmp_path, method="topk", attention_block=[16, 16], target_density=0.5)
     model, tok = build_model(cfg)
