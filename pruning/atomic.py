@@ -291,14 +291,19 @@ def _ended(owner: str) -> bool:
 
 def tidy(out_dir: str | Path, restore: bool = False) -> None:
     """Clear up what a writer of ``out_dir`` killed part-way (SIGKILL, the OOM killer) left beside it: its staging
-    directories, each as large as the output, are removed. With ``restore``, where it was killed between moving the
-    earlier ``out_dir`` aside and giving the new one its name, the earlier one is put back.
+    directories, each as large as the output, are removed, and so is the earlier ``out_dir`` it had moved aside
+    once the new one has its name. With ``restore``, where it was killed between moving the earlier ``out_dir``
+    aside and giving the new one its name, the earlier one is put back.
     """
     out_dir = Path(out_dir)
     old = out_dir.with_name(f".{out_dir.name}.old")
     if restore and not out_dir.exists() and old.is_dir():
         logger.warning("%s: putting back the earlier directory a stopped write had moved aside (%s)", out_dir, old)
         os.replace(old, out_dir)
+    elif out_dir.is_dir() and old.is_dir() and not old.is_symlink():
+        # Killed after the new directory took its name and before the earlier one was removed: it is garbage.
+        logger.warning("%s: removing the earlier directory a stopped write left beside it (%s)", out_dir, old)
+        shutil.rmtree(old, ignore_errors=True)
     for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*@*"):
         if path.is_dir() and not path.is_symlink() and _writer_ended(path, out_dir.name):
             logger.warning("%s: removing what a killed write of %s left", path, out_dir.name)

@@ -860,7 +860,10 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     bar.close()
 
     if not last_metrics:  # nothing trained: a one-shot run without recovery, or resumed at the very end
-        last_metrics = {"step": p.total_steps, **pruning_metrics,
+        # Resumed at the very end: what the last evaluation recorded of its training (loss, train_seconds, ...).
+        recorded = history[-1] if resume_from is not None and history and history[-1].get("step") == p.total_steps \
+            else {}
+        last_metrics = {**recorded, "step": p.total_steps, **pruning_metrics,
                         **_evaluate_averaged(model, average, tokenizer, eval_examples, cfg, device, progress,
                                              eval_windows, null_answers)}
         if resume_from is None:

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -786,6 +787,31 @@ def test_a_resumed_runs_figures_count_the_work_before_the_resume(tmp_path):
     assert type(before["teacher_forward_windows"]) is int and type(resumed["teacher_forward_windows"]) is int
     assert resumed["train_seconds"] > before["train_seconds"]
 
+
+
+def test_a_run_resumed_at_its_very_end_reports_what_the_uninterrupted_run_did(tmp_path):
+    """Resumed from its last checkpoint (killed after writing it, before the final model), a run trains nothing and
+    evaluates again: it reported only the evaluation and the pruning figures, without the loss, learning rate,
+    epoch or train_seconds its last evaluation recorded, which a script reading them then lacked."""
+    cfg = tiny_cfg(tmp_path, method="topk", attention_block=[16, 16], target_density=0.5, max_steps=4, eval_every=2)
+    whole = train(cfg, progress=False)
+    checkpoint = Path(cfg.output_dir) / "checkpoint"
+    resumed = train(cfg, resume_from=checkpoint, progress=False)
+    assert set(whole) <= set(resumed), set(whole) - set(resumed)
+    for key in ("loss", "learning_rate", "epoch", "train_seconds", "threshold", "f1", "linear_density"):
+        assert resumed[key] == pytest.approx(whole[key]), key
+
+
+def test_a_stopped_writes_earlier_directory_left_beside_its_replacement_is_removed(tmp_path):
+    """Killed after the new checkpoint took its name and before the earlier one (moved aside) was removed, a write
+    left that earlier checkpoint, as large as the model, beside the run for good: a resume at the very end writes no
+    checkpoint that would have removed it. The resume removes it, and resumes from the new one."""
+    cfg = tiny_cfg(tmp_path, method="dense", max_steps=2)
+    train(cfg, progress=False)
+    run = Path(cfg.output_dir)
+    shutil.copytree(run / "checkpoint", run / ".checkpoint.old")
+    assert train(cfg, resume_from=run / "checkpoint", progress=False)["step"] == 2
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "final"]
 
 
 def test_teacher_forward_windows_counts_the_short_last_batch_of_an_epoch(tmp_path, tokenizer):
