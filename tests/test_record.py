@@ -104,6 +104,17 @@ def test_trials_is_the_sweeps_runs_table(client):
     assert list(record.trials(client, parent, include_baseline=False)["run_id"]) == [first, second, failed]
 
 
+def test_an_infinite_metric_reads_back_as_logged_and_the_report_shows_none(client):
+    """MLflow's SQL store keeps an infinite value as the largest float: the trial table showed it as a 309-digit
+    number and the speedup plot's axis ran to 1e308."""
+    parent = tracking.start_parent_run(client, "exp", "/sweeps/a", {}, resume=False)
+    run = _trial(client, parent, "trial-1", {"f1": 50.0, "speedup": math.inf, "loss": -math.inf}, {})
+    assert client.get_run(run).data.metrics["speedup"] == 1.7976931348623157e308  # what the store gives back
+    row = record.trials(client, parent).set_index("run_id").loc[run]
+    assert row["speedup"] == math.inf and row["loss"] == -math.inf and row["f1"] == 50.0
+    assert "179769313" not in render_markdown(collect_report_data("exp", client.tracking_uri, parent))
+
+
 def test_latest_sweep_names_what_is_missing(client, tmp_path):
     uri = client.tracking_uri
     with pytest.raises(RecordError, match=f"^experiment 'nope' not found in {uri}$"):

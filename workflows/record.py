@@ -29,6 +29,7 @@ import math
 import os
 import shlex
 import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, fields
@@ -677,11 +678,17 @@ def trials(client: MlflowClient, sweep: Run | str, include_baseline: bool = True
             TAG_PARETO_SPEED: tags.get(TAG_PARETO_SPEED) == "true", "packed": bool(tags.get(TAG_PACKED_ARTIFACT)),
             "start_time": run.info.start_time, "end_time": run.info.end_time, "error": tags.get(TAG_ERROR),
             "error_file": tags.get(TAG_ERROR_FILE), "fineprune_version": tags.get(TAG_FINEPRUNE_VERSION)}
-        row.update({key: run.data.metrics.get(key, math.nan) for key in metrics})
+        row.update({key: _as_logged(run.data.metrics.get(key, math.nan)) for key in metrics})
         row.update({name: run.data.params.get(name) for name in searched})
         rows.append(row)
     frame = pd.DataFrame(rows, columns=[*COLUMNS, *metrics, *searched])
     return frame.astype({TAG_PARETO: bool, TAG_PARETO_SPEED: bool, "packed": bool, **dict.fromkeys(metrics, float)})
+
+
+def _as_logged(value: float) -> float:
+    """A metric as it was logged: MLflow's SQL store keeps an infinite value as the largest float, which a table
+    would show as a 309-digit number and a plot's axis stretch to."""
+    return math.copysign(math.inf, value) if abs(value) == sys.float_info.max else value
 
 
 def metric_history(client: MlflowClient, run_id: str, metric: str) -> list[tuple[float, float]]:
