@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import CONFIG_NAME
 
 from .batches import DataPosition, position_after
-from .checkpoint import STATE, CheckpointError, read_evaluation, read_json
+from .checkpoint import MASKS_KEY, STATE, CheckpointError, read_evaluation, read_json
 from .config import (CHECKPOINT_DIR, FINAL_DIR, MAX_SEED, ConfigError, Method, RunConfig, config_to_dict,
                      default_block)
 from .contents import content_digest
@@ -25,7 +26,7 @@ from .errors import path_hint
 from .resources import resolve_data, same_model
 
 __all__ = ["RESUME_KEYS", "RESUME_METHOD_KEYS", "DATA_DIGEST", "DATA_POSITION", "check_resume_config",
-           "check_resumed_windows", "resume_position"]
+           "check_resumed_masks", "check_resumed_windows", "resume_position"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,40 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
                                   "here: a run without max_steps counts its epochs in steps of its batches, so it "
                                   "would train another number of epochs; resume with the same batches, or set "
                                   "max_steps")
+
+
+# The masks a run of each method trains (in its filled phase, the masks it fixed came from).
+_MASK_SOURCES = {Method.TOPK: "topk", Method.SIGMOID_THRESHOLD: "sigmoid_threshold", Method.FISHER: "cutoff"}
+
+
+def check_resumed_masks(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
+    """Refuse a checkpoint whose ``config.json`` records masks that are not those ``cfg``'s method trains (or masks
+    in a dense run, or none in a pruning run): a config.json edited or copied from another run would otherwise load
+    as other masks, resume and train another model without a word.
+
+    Raises:
+        CheckpointError: naming the checkpoint's config.json and the key.
+    """
+    path = Path(checkpoint_dir) / CONFIG_NAME
+    if not path.is_file():
+        return  # said by the model's load, which names the file
+    settings = read_json(path).get(MASKS_KEY)
+    if not cfg.masked:
+        if settings is not None:
+            raise CheckpointError(f"{path}: {MASKS_KEY}: a masked model, but method dense trains none (the file was "
+                                  "edited or comes from another run)")
+        return
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{path}: no {MASKS_KEY}: a dense model, but method {cfg.method.value} trains masks "
+                              "(the file was edited or comes from another run)")
+    mode = settings.get("mode")
+    fill_from = settings.get("fill_from")
+    source = fill_from.get("mode") if mode == "fixed" and isinstance(fill_from, dict) else mode
+    if source != _MASK_SOURCES[cfg.method]:
+        key = "fill_from.mode" if mode == "fixed" else "mode"
+        raise CheckpointError(f"{path}: {MASKS_KEY}.{key}: {json.dumps(source)}, but method {cfg.method.value} "
+                              f"trains {json.dumps(_MASK_SOURCES[cfg.method])} masks (the file was edited or comes "
+                              "from another run)")
 
 
 def _data_changed(train_data: str, digest: Any) -> bool:

@@ -76,7 +76,8 @@ from .distill import hidden_mse, kd_loss, qa_ce_loss
 from .errors import error_line
 from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, resolve_tokenizer, same_model, shipped_model_dir
-from .resume import DATA_DIGEST, DATA_POSITION, check_resume_config, check_resumed_windows, resume_position
+from .resume import (DATA_DIGEST, DATA_POSITION, check_resume_config, check_resumed_masks, check_resumed_windows,
+                     resume_position)
 from .schedules import cubic_schedule, linear_warmup_decay, warmups
 from .sparsity import sparsity_report
 from .structure import architecture_for, max_positions, qa_model_class, scratch_config
@@ -634,6 +635,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     if resume_from is not None:
         atomic.tidy(resume_from, restore=True)  # a checkpoint a killed writer had moved aside is put back
         check_resume_config(cfg, resume_from)  # before anything is written
+        check_resumed_masks(cfg, resume_from)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 

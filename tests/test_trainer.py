@@ -537,6 +537,38 @@ def test_resuming_with_other_trained_parameters_or_a_damaged_state_file_is_a_cle
             train(cfg, resume_from=checkpoint, progress=False)
 
 
+def test_a_checkpoint_whose_config_json_records_another_methods_masks_is_refused(tmp_path):
+    """A topk checkpoint whose config.json was edited (or copied from another run) to record sigmoid_threshold masks
+    resumed without a word, its density schedule read as a threshold: it trained another model (linear density
+    0.86 against 0.52, no head removed against 2)."""
+    from pruning.checkpoint import CheckpointError
+
+    cfg = tiny_cfg(tmp_path, method="topk", attention_block=[16, 16], target_density=0.5, max_steps=4, eval_every=2)
+
+    def stop(metrics, checkpoint):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, report=stop, progress=False)
+    config_file = tmp_path / "run" / "checkpoint" / "config.json"
+    written = json.loads(config_file.read_text())
+    edits = [({**written["fineprune_masks"], "mode": "sigmoid_threshold"},
+              'fineprune_masks.mode: "sigmoid_threshold", but method topk trains "topk" masks'),
+             ({**written["fineprune_masks"], "mode": "fixed", "fill_from": {"mode": "cutoff", "threshold": 0.0}},
+              'fineprune_masks.fill_from.mode: "cutoff", but method topk trains "topk" masks'),
+             (None, "no fineprune_masks: a dense model, but method topk trains masks")]
+    for masks_entry, says in edits:
+        edited = {k: v for k, v in written.items() if k != "fineprune_masks"}
+        if masks_entry is not None:
+            edited["fineprune_masks"] = masks_entry
+        config_file.write_text(json.dumps(edited))
+        with pytest.raises(CheckpointError) as err:
+            train(cfg, resume_from=config_file.parent, progress=False)
+        assert str(err.value) == f"{config_file}: {says} (the file was edited or comes from another run)"
+    config_file.write_text(json.dumps(written))
+    assert train(cfg, resume_from=config_file.parent, progress=False)["step"] == 4
+
+
 def test_a_distillation_the_teacher_cannot_give_is_refused_before_the_first_step(tmp_path):
     with pytest.raises(ConfigError, match=r"^alpha_hidden: 0.5 weighs a hidden-state MSE to the teacher, but no "
                                           r"teacher is set$"):
