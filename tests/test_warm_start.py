@@ -256,6 +256,10 @@ def test_a_warm_start_that_cannot_be_is_refused_in_one_line_before_anything_is_w
      "{tmp}/empty.db is an empty file, not an MLflow database"),
     (["--warm-start-tracking-uri", "sqlite:///{tmp}/empty.db"],
      "--warm-start-tracking-uri names the store of the sweep --warm-start names; give both"),
+    # The earlier sweep in the sweep's own store, which does not exist: it was made (empty) before the refusal.
+    (["--warm-start", "before"],
+     "tracking URI sqlite:///{tmp}/mlflow.db: no MLflow database at {tmp}/mlflow.db (pass the earlier sweep's store "
+     "as --tracking-uri, or as --warm-start-tracking-uri)"),
 ])
 def test_a_warm_start_store_with_no_record_is_refused_in_one_line_and_not_made(tmp_path, monkeypatch, capsys, options,
                                                                               message):

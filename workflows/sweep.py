@@ -829,6 +829,9 @@ def _checked(space_path: str | Path, experiment: str | None, tracking_uri: str |
         check_local_data(space)
     _local_storage(storage_path)
     tracking_uri = record.tracking_uri(tracking_uri)
+    if warm_start and not warm_start_tracking_uri:  # the earlier sweep is in this store: it must hold a record
+        tracking.check_readable_store(tracking_uri, hint="pass the earlier sweep's store as --tracking-uri, or as "
+                                                         "--warm-start-tracking-uri")
     tracking.check_writable_store(tracking_uri)
     return space, cluster, experiment or space.name, tracking_uri
 
