@@ -118,8 +118,9 @@ def check_writable_store(tracking_uri: str) -> None:
                                  "--tracking-uri)")
 
 
-# A table every MLflow database has, from its first schema on.
-_MLFLOW_TABLE = "experiments"
+# Tables of every MLflow database, from its first schema on (any one of them: a database whose creation was cut
+# short is still MLflow's, which MLflow completes).
+_MLFLOW_TABLES = frozenset({"alembic_version", "experiments", "runs", "registered_models"})
 
 
 def _foreign_database(database: Path) -> str | None:
@@ -134,7 +135,7 @@ def _foreign_database(database: Path) -> str | None:
             tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error:
         return None
-    if not tables or _MLFLOW_TABLE in tables:
+    if not tables or tables & _MLFLOW_TABLES:
         return None
     shown = ", ".join(sorted(tables)[:3]) + (f" and {len(tables) - 3} more" if len(tables) > 3 else "")
     return f"a SQLite database of something else (tables {shown}), not an MLflow database: it is left as it is"
