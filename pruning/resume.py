@@ -186,8 +186,10 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
                                   "max_steps")
 
 
-# The masks a run of each method trains (in its filled phase, the masks it fixed came from).
-_MASK_SOURCES = {Method.TOPK: "topk", Method.SIGMOID_THRESHOLD: "sigmoid_threshold", Method.FISHER: "cutoff"}
+# The masks a run of each method trains (in its filled phase, the masks it fixed came from): a global topk keeps
+# the blocks above one cut-off of all the scores, a fisher cut its structure's.
+_MASK_SOURCES = {Method.TOPK: ("topk", "cutoff"), Method.SIGMOID_THRESHOLD: ("sigmoid_threshold",),
+                 Method.FISHER: ("cutoff",)}
 
 
 def check_resumed_masks(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
@@ -213,11 +215,11 @@ def check_resumed_masks(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
     mode = settings.get("mode")
     fill_from = settings.get("fill_from")
     source = fill_from.get("mode") if mode == "fixed" and isinstance(fill_from, dict) else mode
-    if source != _MASK_SOURCES[cfg.method]:
+    if source not in _MASK_SOURCES[cfg.method]:
         key = "fill_from.mode" if mode == "fixed" else "mode"
+        trains = " or ".join(json.dumps(m) for m in _MASK_SOURCES[cfg.method])
         raise CheckpointError(f"{path}: {MASKS_KEY}.{key}: {json.dumps(source)}, but method {cfg.method.value} "
-                              f"trains {json.dumps(_MASK_SOURCES[cfg.method])} masks (the file was edited or comes "
-                              "from another run)")
+                              f"trains {trains} masks (the file was edited or comes from another run)")
 
 
 def _data_changed(train_data: str, digest: Any) -> bool:

@@ -553,9 +553,10 @@ def test_a_checkpoint_whose_config_json_records_another_methods_masks_is_refused
     config_file = tmp_path / "run" / "checkpoint" / "config.json"
     written = json.loads(config_file.read_text())
     edits = [({**written["fineprune_masks"], "mode": "sigmoid_threshold"},
-              'fineprune_masks.mode: "sigmoid_threshold", but method topk trains "topk" masks'),
-             ({**written["fineprune_masks"], "mode": "fixed", "fill_from": {"mode": "cutoff", "threshold": 0.0}},
-              'fineprune_masks.fill_from.mode: "cutoff", but method topk trains "topk" masks'),
+              'fineprune_masks.mode: "sigmoid_threshold", but method topk trains "topk" or "cutoff" masks'),
+             ({**written["fineprune_masks"], "mode": "fixed",
+               "fill_from": {"mode": "sigmoid_threshold", "threshold": 0.1}},
+              'fineprune_masks.fill_from.mode: "sigmoid_threshold", but method topk trains "topk" or "cutoff" masks'),
              (None, "no fineprune_masks: a dense model, but method topk trains masks")]
     for masks_entry, says in edits:
         edited = {k: v for k, v in written.items() if k != "fineprune_masks"}
@@ -567,6 +568,24 @@ def test_a_checkpoint_whose_config_json_records_another_methods_masks_is_refused
         assert str(err.value) == f"{config_file}: {says} (the file was edited or comes from another run)"
     config_file.write_text(json.dumps(written))
     assert train(cfg, resume_from=config_file.parent, progress=False)["step"] == 4
+
+
+@pytest.mark.parametrize("scope", ["global", "per_matrix"])
+def test_a_topk_run_resumes_in_its_filled_phase_whatever_its_scope(tmp_path, scope):
+    """A global topk keeps the blocks above one cut-off of all its scores (``cutoff`` masks), a per-matrix one
+    ``topk`` masks: either resumes, in its filled phase too, where its masks record what they were fixed from."""
+    cfg = tiny_cfg(tmp_path, method="topk", attention_block=[16, 16], target_density=0.5, max_steps=4, fill_steps=4,
+                   eval_every=6, topk_scope=scope)
+
+    def stop(metrics, checkpoint):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, report=stop, progress=False)
+    masks_entry = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())["fineprune_masks"]
+    assert masks_entry["mode"] == "fixed"
+    assert masks_entry["fill_from"]["mode"] == ("cutoff" if scope == "global" else "topk")
+    assert train(cfg, resume_from=tmp_path / "run" / "checkpoint", progress=False)["step"] == 8
 
 
 def test_a_distillation_the_teacher_cannot_give_is_refused_before_the_first_step(tmp_path):
