@@ -609,6 +609,135 @@ def enter_fill_phase(model: nn.Module) -> None:
     mask_lib.fix_masks_(model, [s.heads_kept for s in report.layers], [s.ffn_kept for s in report.layers])
 
 
+@dataclass
+class _Start:
+    """Where a run starts: a new model, or a checkpoint's model, optimizer state and record."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    step: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    carried: dict[str, float] = dataclasses.field(default_factory=dict)  # the earlier sessions' work
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)  # the checkpoint's training state
+    tensors: dict[str, torch.Tensor] | None = None  # its optimizer state (and weight average)
+
+    @classmethod
+    def of(cls, cfg: RunConfig, resume_from: Path | None) -> "_Start":
+        if resume_from is None:
+            model, tokenizer = build_model(cfg)
+            return cls(model, tokenizer)
+        state, tensors = load_training_state(resume_from)
+        start = cls(load_model(resume_from), load_tokenizer(resume_from), int(state["step"]),
+                    list(state.get("history", [])),
+                    # The work of the runs before this one, so that the final figures count the whole run.
+                    {k: float(v) for k, v in state.get("counters", {}).items() if isinstance(v, (int, float))},
+                    state, tensors)
+        logger.info("resuming from %s at step %d", resume_from, start.step)
+        return start
+
+
+def _evaluation_record(cfg: RunConfig, precision: str, train_examples: list[squad.Example],
+                       teacher: nn.Module | None) -> tuple[dict[str, Any], bool]:
+    """What checkpoints and the final model record of the run's evaluations (windows as cut to the model, span
+    search, precision: what eval and ask default to), and whether the model learns to answer "no answer".
+
+    A run that trains on unanswerable questions (SQuAD v2.0) teaches its model to answer "no answer", which its
+    evaluations, eval, ask and the served model then predict (:func:`pruning.squad.postprocess_predictions`)."""
+    evaluation = {**evaluation_settings(cfg), "precision": precision}
+    null_answers = any(ex.impossible for ex in train_examples)
+    if null_answers:
+        evaluation[NULL_ANSWERS] = True
+        logger.info("%d of the %d training questions are unanswerable: the model learns to answer \"no answer\"",
+                    sum(ex.impossible for ex in train_examples), len(train_examples))
+        if teacher is not None and cfg.alpha_distil > 0 and not read_null_answers(resolve_model(cfg.teacher)):
+            logger.warning("teacher %s: its config.json does not record training on unanswerable questions "
+                           "(fineprune_evaluation.null_answers): a teacher that never learned to answer \"no "
+                           "answer\" teaches the student to answer them with spans; fine-tune it on this data first",
+                           cfg.teacher)
+    return evaluation, null_answers
+
+
+def _run_windows(cfg: RunConfig, given_seq: int, train_examples: list[squad.Example],
+                 eval_examples: list[squad.Example], tokenizer: PreTrainedTokenizerBase,
+                 progress: bool) -> tuple[dict[str, torch.Tensor], squad.EvalFeatures]:
+    """The training windows, and the evaluation questions' windows (the same at every evaluation of the run, so
+    tokenized once); ``given_seq``: the window length the config gave, before it was cut to the model."""
+    with squad.questions_of(resolve_data(cfg.train_data)), squad.windows_cut(given_seq, cfg.max_seq_length):
+        features = train_features(cfg, train_examples, tokenizer, progress=progress)
+    with squad.questions_of(resolve_data(cfg.eval_data)), squad.windows_cut(given_seq, cfg.max_seq_length):
+        eval_windows = squad.prepare_eval_features(eval_examples, tokenizer, max_seq_length=cfg.max_seq_length,
+                                                   doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length,
+                                                   progress=progress)
+    return features, eval_windows
+
+
+def _remove_earlier_outputs(output_dir: Path, resume_from: Path | None) -> None:
+    """Remove an earlier run's final model and checkpoint from ``output_dir`` (given over to this run) before this
+    run trains, so that a run stopped before it writes its own does not leave them as if they were its own (a
+    ``--resume`` of that checkpoint would continue the earlier run). A run resumed from a checkpoint of another
+    directory continues that run here: whatever ``output_dir`` held is another run's, as for a new run."""
+    if resume_from is not None and Path(resume_from).resolve().is_relative_to(output_dir.resolve()):
+        return
+    for name, what in ((FINAL_DIR, "final model"), (CHECKPOINT_DIR, "checkpoint")):
+        previous = output_dir / name
+        if previous.is_dir():
+            logger.warning("%s: removing the earlier run's %s", previous, what)
+            shutil.rmtree(previous)
+
+
+def _optimizer_and_average(cfg: RunConfig, model: nn.Module, tensors: dict[str, torch.Tensor] | None,
+                           resume_from: Path | None) -> tuple[torch.optim.AdamW, WeightAverage | None]:
+    """The run's optimizer and weight average (``ema_decay``), with a resumed checkpoint's state (``tensors``)."""
+    optimizer = _optimizer(model, cfg)
+    if tensors is not None:
+        restore_optimizer(optimizer, tensors, source=str(Path(resume_from) / OPTIMIZER))
+    average = _start_average(cfg, model)
+    if average is not None and tensors is not None and any(k.startswith(AVERAGE_PREFIX) for k in tensors):
+        average.load(tensors, source=str(Path(resume_from) / OPTIMIZER))
+    return optimizer, average
+
+
+def _set_learning_rates(optimizer: torch.optim.Optimizer, cfg: RunConfig, p: TrainingPlan, step: int) -> None:
+    """Each parameter group's learning rate at ``step``: its base (the weights' ``fill_learning_rate`` in the filled
+    phase, where given) times the schedule's multiplier."""
+    multiplier = _lr_multiplier(cfg, p, step)
+    for group in optimizer.param_groups:
+        base = group["base_lr"]
+        if step >= p.prune_steps and group["name"] != "mask_scores" and cfg.fill_learning_rate is not None:
+            base = cfg.fill_learning_rate
+        group["lr"] = base * multiplier
+
+
+def _backward(model: nn.Module, optimizer: torch.optim.Optimizer, batches: WindowBatches,
+              features: dict[str, torch.Tensor], cfg: RunConfig, teacher: nn.Module | None,
+              cache: TeacherCache | None, device: torch.device, precision: str, lambdas: tuple[float, float],
+              regularize: bool) -> tuple[dict[str, float], float | None, int]:
+    """The gradients of one optimizer step: ``grad_accum`` micro-batches forward and backward, then the clip.
+
+    Returns the step's loss terms and gradient norm (read back from the device once, after the clip) and the
+    number of windows it trained on (a short last batch counts short)."""
+    parts = []  # each micro-batch's loss terms, left on the device
+    windows = 0
+    for _ in range(cfg.grad_accum):
+        index = next(batches)
+        windows += int(index.numel())
+        # Dynamic padding: windows are padded to max_seq_length, a batch only needs its longest one.
+        batch = squad.window_batch(features, index, device)
+        width = int(batch["attention_mask"].shape[1])
+        cached = cache(index, width) if cache is not None else None
+        with autocast(precision, device):
+            loss, ce, distil, hidden, reg = training_loss(model, batch, cfg, teacher, *lambdas, regularize=regularize,
+                                                          cached_teacher=cached)
+        (loss / cfg.grad_accum).backward()
+        parts.append(torch.stack([t.detach().double() for t in (ce, distil, hidden, reg, loss)]))
+    if cfg.max_grad_norm:  # 0 or None: no clipping (a clip to norm 0 would zero every gradient)
+        parts.append(torch.nn.utils.clip_grad_norm_(
+            [q for g in optimizer.param_groups if g["name"] != "mask_scores" for q in g["params"]],
+            cfg.max_grad_norm).detach().double().reshape(1))
+    terms, grad_norm = _host_terms(torch.cat(parts).tolist(), cfg)
+    return terms, grad_norm, windows
+
+
 def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path | None = None,
           progress: bool = True, held_out_warning: bool = True) -> dict[str, Any]:
     """Run one fine-tuning (dense) or fine-pruning (masked) job described by ``cfg``.
@@ -633,6 +762,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     if cfg.max_steps is not None and cfg.method is not Method.FISHER:
         _warmups(cfg, cfg.max_steps)  # the pruning steps are known: no need to read the data to check the warm-ups
     if resume_from is not None:
+        resume_from = Path(resume_from)
         atomic.tidy(resume_from, restore=True)  # a checkpoint a killed writer had moved aside is put back
         check_resume_config(cfg, resume_from)  # before anything is written
         check_resumed_masks(cfg, resume_from)
@@ -647,73 +777,28 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     if held_out_warning:
         warn_if_not_held_out(train_examples, eval_examples)
 
-    start_step = 0
-    history: list[dict[str, Any]] = []
-    if resume_from is not None:
-        resume_from = Path(resume_from)
-        state, tensors = load_training_state(resume_from)
-        model = load_model(resume_from)
-        tokenizer = load_tokenizer(resume_from)
-        start_step = int(state["step"])
-        history = list(state.get("history", []))
-        # The work of the runs before this one, so that the final figures count the whole run.
-        carried = {k: float(v) for k, v in state.get("counters", {}).items() if isinstance(v, (int, float))}
-        logger.info("resuming from %s at step %d", resume_from, start_step)
-    else:
-        model, tokenizer = build_model(cfg)
-        tensors = None
-        carried = {}
+    start = _Start.of(cfg, resume_from)
+    model, tokenizer, history, carried = start.model, start.tokenizer, start.history, start.carried
     teacher = _load_teacher(cfg, device)
     _check_teacher(cfg, model, tokenizer, teacher)
     saved_cfg = cfg  # what checkpoints record: the run's config as given, not its windows cut to the model
     cfg = fit_to_model(cfg, model, teacher)
     if resume_from is not None:
-        check_resumed_windows(cfg, resume_from, state)
-    # What checkpoints and the final model record of the run's evaluations (windows as cut to the model, span
-    # search, precision): what eval and ask default to.
-    evaluation = {**evaluation_settings(cfg), "precision": precision}
-    # A run that trains on unanswerable questions (SQuAD v2.0) teaches its model to answer "no answer", which its
-    # evaluations, eval, ask and the served model then predict (pruning.squad.postprocess_predictions).
-    null_answers = any(ex.impossible for ex in train_examples)
-    if null_answers:
-        evaluation[NULL_ANSWERS] = True
-        logger.info("%d of the %d training questions are unanswerable: the model learns to answer \"no answer\"",
-                    sum(ex.impossible for ex in train_examples), len(train_examples))
-        if teacher is not None and cfg.alpha_distil > 0 and not read_null_answers(resolve_model(cfg.teacher)):
-            logger.warning("teacher %s: its config.json does not record training on unanswerable questions "
-                           "(fineprune_evaluation.null_answers): a teacher that never learned to answer \"no "
-                           "answer\" teaches the student to answer them with spans; fine-tune it on this data first",
-                           cfg.teacher)
-
-    given, seq = saved_cfg.max_seq_length, cfg.max_seq_length
-    with squad.questions_of(resolve_data(cfg.train_data)), squad.windows_cut(given, seq):
-        features = train_features(cfg, train_examples, tokenizer, progress=progress)
-    # The windows of the evaluation questions: the same at every evaluation of the run, so tokenized once.
-    with squad.questions_of(resolve_data(cfg.eval_data)), squad.windows_cut(given, seq):
-        eval_windows = squad.prepare_eval_features(eval_examples, tokenizer, max_seq_length=cfg.max_seq_length,
-                                                   doc_stride=cfg.doc_stride, max_query_length=cfg.max_query_length,
-                                                   progress=progress)
+        check_resumed_windows(cfg, resume_from, start.state)
+    evaluation, null_answers = _evaluation_record(cfg, precision, train_examples, teacher)
+    features, eval_windows = _run_windows(cfg, saved_cfg.max_seq_length, train_examples, eval_examples, tokenizer,
+                                          progress)
     num_features = int(features["input_ids"].shape[0])
     p = plan(cfg, num_features)
-    if start_step > p.total_steps:  # a dense run resumed with fewer steps: its model has trained past the end
-        raise CheckpointError(f"{Path(resume_from) / STATE}: step {start_step} is past the {p.total_steps} steps the "
+    if start.step > p.total_steps:  # a dense run resumed with fewer steps: its model has trained past the end
+        raise CheckpointError(f"{Path(resume_from) / STATE}: step {start.step} is past the {p.total_steps} steps the "
                               "run config trains")
     steps = (f"{p.total_steps} steps" if not cfg.masked
              else f"{p.total_steps} steps ({p.prune_steps} pruning + {p.fill_steps} filled)")
     logger.info("%d questions -> %d training features; %s, device %s, %s", len(train_examples), num_features, steps,
                 device, precision)
 
-    # A run resumed from a checkpoint of another directory continues that run here: whatever output_dir held is
-    # another run's, as for a new run.
-    resumed_here = resume_from is not None and Path(resume_from).resolve().is_relative_to(output_dir.resolve())
-    for name, what in ((FINAL_DIR, "final model"), (CHECKPOINT_DIR, "checkpoint")):
-        previous = output_dir / name
-        if not resumed_here and previous.is_dir():
-            # An earlier run's output (the output_dir was given over to this run): gone before this run trains, so
-            # that a run stopped before it writes its own does not leave it as if it were this run's (a --resume of
-            # that checkpoint would continue the earlier run).
-            logger.warning("%s: removing the earlier run's %s", previous, what)
-            shutil.rmtree(previous)
+    _remove_earlier_outputs(output_dir, resume_from)
 
     model.to(device)
     if cfg.dropout is not None:
@@ -722,7 +807,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     if resume_from is None and cfg.masked:
         pruning_metrics = _initial_masks(cfg, model, teacher, features, device)
     elif resume_from is not None:
-        pruning_metrics = {k: v for k, v in state.get("pruning", {}).items() if isinstance(v, (int, float))}
+        pruning_metrics = {k: v for k, v in start.state.get("pruning", {}).items() if isinstance(v, (int, float))}
     skeleton = None  # with fill_packed: the masked model whose structure the packed one trains
     # Packed on a resume at the very end too: the checkpoint's optimizer state and average are the packed model's.
     if cfg.fill_packed and p.fill_steps > 0:
@@ -733,23 +818,18 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     cache = (TeacherCache(teacher, features, device, cfg.eval_batch_size, lambda: autocast(precision, device),
                           hidden=cfg.alpha_hidden > 0)
              if cfg.teacher_cache and teacher is not None else None)
-    optimizer = _optimizer(model, cfg)
-    if tensors is not None:
-        restore_optimizer(optimizer, tensors, source=str(Path(resume_from) / OPTIMIZER))
-    average = _start_average(cfg, model)
-    if average is not None and tensors is not None and any(k.startswith(AVERAGE_PREFIX) for k in tensors):
-        average.load(tensors, source=str(Path(resume_from) / OPTIMIZER))
+    optimizer, average = _optimizer_and_average(cfg, model, start.tensors, resume_from)
 
     global_topk = cfg.topk_scope is TopkScope.GLOBAL and cfg.method is Method.TOPK
     stage_steps = fisher_stage_steps(cfg) if cfg.method is Method.FISHER else []
     batches = WindowBatches(features, cfg,
-                            None if resume_from is None else resume_position(state, resume_from, cfg, features))
+                            None if resume_from is None else resume_position(start.state, resume_from, cfg, features))
     running: dict[str, float] = {}
     teacher_windows = 0  # windows the teacher ran on in this process without a cache (a short last batch counts short)
     last_metrics: dict[str, Any] = {}
-    saved_step = start_step if resume_from is not None else None  # the last checkpoint a diverged run leaves
+    saved_step = start.step if resume_from is not None else None  # the last checkpoint a diverged run leaves
     started = time.time()
-    bar = tqdm(total=p.total_steps, initial=start_step, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=p.total_steps, initial=start.step, desc="train", disable=not progress, dynamic_ncols=True)
 
     def schedule_values(step: int) -> tuple[float, float, float]:
         if cfg.method is Method.FISHER:
@@ -758,7 +838,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             return (mask_schedule(cfg, p, p.prune_steps)[0] if cfg.masked else 0.0), 0.0, 0.0
         return mask_schedule(cfg, p, step)
 
-    for step in range(start_step, p.total_steps):
+    for step in range(start.step, p.total_steps):
         if cfg.masked and step == p.prune_steps and not _is_fixed(model):
             # The last pruning masks decide the structure; from here on it is fixed.
             mask_lib.set_threshold(model, schedule_values(step)[0], global_topk=global_topk)
@@ -774,34 +854,12 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         threshold, lam_att, lam_ffn = schedule_values(step)
         if cfg.masked and step < p.prune_steps:
             mask_lib.set_threshold(model, threshold, global_topk=global_topk)
-        multiplier = _lr_multiplier(cfg, p, step)
-        for group in optimizer.param_groups:
-            base = group["base_lr"]
-            if step >= p.prune_steps and group["name"] != "mask_scores" and cfg.fill_learning_rate is not None:
-                base = cfg.fill_learning_rate
-            group["lr"] = base * multiplier
-
+        _set_learning_rates(optimizer, cfg, p, step)
         model.train()
-        parts = []  # each micro-batch's loss terms, left on the device: read back once, after the clip
-        for _ in range(cfg.grad_accum):
-            index = next(batches)
-            # Dynamic padding: windows are padded to max_seq_length, a batch only needs its longest one.
-            batch = squad.window_batch(features, index, device)
-            width = int(batch["attention_mask"].shape[1])
-            cached = cache(index, width) if cache is not None else None
-            if teacher is not None and cache is None:
-                teacher_windows += int(index.numel())
-            with autocast(precision, device):
-                loss, ce, distil, hidden, reg = training_loss(model, batch, cfg, teacher, lam_att, lam_ffn,
-                                                              regularize=step < p.prune_steps,
-                                                              cached_teacher=cached)
-            (loss / cfg.grad_accum).backward()
-            parts.append(torch.stack([t.detach().double() for t in (ce, distil, hidden, reg, loss)]))
-        if cfg.max_grad_norm:  # 0 or None: no clipping (a clip to norm 0 would zero every gradient)
-            parts.append(torch.nn.utils.clip_grad_norm_(
-                [q for g in optimizer.param_groups if g["name"] != "mask_scores" for q in g["params"]],
-                cfg.max_grad_norm).detach().double().reshape(1))
-        terms, grad_norm = _host_terms(torch.cat(parts).tolist(), cfg)
+        terms, grad_norm, windows = _backward(model, optimizer, batches, features, cfg, teacher, cache, device,
+                                              precision, (lam_att, lam_ffn), regularize=step < p.prune_steps)
+        if teacher is not None and cache is None:
+            teacher_windows += windows
         _check_finite(step + 1, terms, grad_norm, cfg, saved_step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
