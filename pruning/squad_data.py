@@ -119,8 +119,9 @@ def _read_json(path: Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], 
     try:
         return json.loads(text, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as exc:
-        # One JSON value per line (JSON Lines) parses up to its first line break, then finds more.
-        json_lines = exc.msg == "Extra data" and exc.colno == 1
+        # One JSON value per line (JSON Lines) parses up to its first line break, then finds more; a file whose
+        # first value spans lines (an indented JSON file with something after it) is one broken JSON value.
+        json_lines = exc.msg == "Extra data" and exc.colno == 1 and _first_line_is_value(text)
         if json_lines and lines:
             return _json_lines(path, text, object_pairs_hook)
         hint = " (JSON Lines? the file must be one JSON object)" if json_lines else ""
@@ -132,10 +133,26 @@ def _read_json(path: Path, object_pairs_hook: Callable[[list[tuple[str, Any]]], 
         raise SquadFormatError(f"{path}: not readable JSON ({limit})") from None
 
 
+def _lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text: split at line feeds only (with a carriage return before one dropped), since
+    JSON strings may hold U+2028, U+2029 and U+0085 as they are, where ``str.splitlines`` would split too."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _first_line_is_value(text: str) -> bool:
+    """Whether the first non-blank line of ``text`` is a JSON value by itself."""
+    first = next((line for line in _lines(text) if line.strip()), "")
+    try:
+        json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def _json_lines(path: Path, text: str, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None
                 ) -> _JsonLines:
     values = _JsonLines()
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:

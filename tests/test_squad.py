@@ -457,6 +457,32 @@ def test_malformed_flat_records_are_one_line_naming_the_line_and_question(tmp_pa
     assert str(info.value) == f"{path}: {problem}"
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_json_lines_whose_strings_hold_unicode_line_separators_read_as_their_records(tmp_path, separator):
+    """JSON strings may hold U+2028, U+2029 and U+0085 as they are (``json.dumps(..., ensure_ascii=False)`` and
+    ``jq -c`` write them so); the lines of JSON Lines end at line feeds only, where ``str.splitlines`` also cut
+    there and a valid file was refused as "invalid JSON at line 1"."""
+    records = _flat(_valid_dataset())
+    records[0]["question"] = records[0]["question"].replace(" ", separator, 1)
+    path = tmp_path / "flat.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\r\n", encoding="utf-8")
+    loaded = squad.load_squad(path)
+    assert [e.id for e in loaded] == [r["id"] for r in records]
+    assert separator in loaded[0].question
+
+
+def test_an_indented_json_file_with_something_after_it_is_one_error_at_that_place(tmp_path):
+    """A stray ``}`` after an indented SQuAD file was taken for JSON Lines and reported at line 1; JSON Lines is
+    only where the first line is a value by itself."""
+    text = json.dumps(_valid_dataset(), indent=2)
+    path = tmp_path / "stray.json"
+    path.write_text(text + "\n}\n")
+    line = text.count("\n") + 2
+    with pytest.raises(SquadFormatError) as info:
+        squad.load_squad(path)
+    assert str(info.value) == f"{path}: invalid JSON at line {line} column 1: Extra data"
+
+
 def test_missing_file_is_a_format_error(tmp_path):
     with pytest.raises(SquadFormatError, match="cannot read"):
         squad.load_squad(tmp_path / "absent.json")
