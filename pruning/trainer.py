@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -419,23 +419,52 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
                       len(tokenizer), _tokenizer_digest(tokenizer), cfg.max_seq_length, cfg.doc_stride,
                       cfg.max_query_length, squad.__name__,
                       "special-token literals as text", "answers without outer whitespace",
-                      "answers as their tokens cover them"])
+                      "answers as their tokens cover them", "checksummed"])
     path = Path(cfg.cache_dir) / f"train-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         try:
-            return dict(load_file(str(path)))
+            return _read_feature_cache(path)
         except Exception as err:  # a damaged cache is rebuilt, never trusted
-            logger.warning("ignoring unreadable feature cache %s: %s", path, err)
-    features = tokenize()
+            logger.warning("ignoring unreadable feature cache %s: %s", path, error_line(err))
+    features = {k: v.contiguous() for k, v in tokenize().items()}
     tmp = atomic.temporary_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.save_tensors({k: v.contiguous() for k, v in features.items()}, tmp)
+        atomic.save_tensors(features, tmp, metadata={_CACHE_DIGEST: _features_digest(features)})
         os.replace(tmp, path)
-    except (OSError, SafetensorError) as err:  # a full disk: the run goes on, the next one tokenizes again
+    except BaseException as err:  # noqa: BLE001 - the partial file goes whatever stopped the write (Ctrl-C too)
         with contextlib.suppress(OSError):  # nothing there to remove where cache_dir could not be made
             tmp.unlink(missing_ok=True)
+        if not isinstance(err, (OSError, SafetensorError)):
+            raise
+        # A full disk: the run goes on, the next one tokenizes again.
         logger.warning("cannot write the feature cache %s (%s); going on without it", path, error_line(err))
+    return features
+
+
+_CACHE_DIGEST = "sha256"  # the feature cache's metadata key: the digest of the windows it holds
+
+
+def _features_digest(features: dict[str, torch.Tensor]) -> str:
+    """A digest of tokenized windows: every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(features):
+        tensor = features[name].contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _read_feature_cache(path: Path) -> dict[str, torch.Tensor]:
+    """The windows of a feature cache file, checked against the digest it was written with: damage to its data
+    (a bad sector, a partial copy) is refused, not trained on."""
+    with safe_open(str(path), framework="pt") as handle:
+        recorded = (handle.metadata() or {}).get(_CACHE_DIGEST)
+        features = {name: handle.get_tensor(name) for name in handle.keys()}
+    if recorded is None:
+        raise ValueError("it records no digest of its windows")
+    if _features_digest(features) != recorded:
+        raise ValueError("its windows do not match the digest it was written with (the file is damaged)")
     return features
 
 

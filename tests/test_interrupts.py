@@ -351,6 +351,55 @@ def test_a_feature_cache_under_a_file_is_skipped_with_a_warning(tmp_path, tokeni
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "notes"
 
 
+def test_a_feature_cache_write_stopped_by_an_interrupt_leaves_no_partial_file(tmp_path, tokenizer, dev_subset,
+                                                                             monkeypatch):
+    """Ctrl-C or SIGTERM (a KeyboardInterrupt from the command line's handler) while the windows are written: the
+    temporary file went only on an OSError, and stayed in cache_dir for good (800 MB for SQuAD's training set)."""
+    from pruning import atomic
+    from pruning.config import RunConfig
+    from pruning.trainer import train_features
+
+    def interrupted(tensors, path, metadata=None):
+        Path(path).write_bytes(b"part of the windows")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "save_tensors", interrupted)
+    cfg = RunConfig(train_data="dev", train_limit=8, max_seq_length=96, doc_stride=32, cache_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        train_features(cfg, dev_subset[:8], tokenizer)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["flipped", "no-digest"])
+def test_a_feature_cache_whose_windows_are_damaged_is_rebuilt_not_trained_on(tmp_path, tokenizer, dev_subset, caplog,
+                                                                              damage):
+    """Only a cache whose header could not be read was rebuilt: bytes changed in its data (a bad sector, a partial
+    copy) were trained on as windows without a word, or stopped the run with an IndexError where a token id left
+    the vocabulary."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pruning.config import RunConfig
+    from pruning.trainer import train_features
+
+    cfg = RunConfig(train_data="dev", train_limit=8, max_seq_length=96, doc_stride=32, cache_dir=str(tmp_path))
+    features = train_features(cfg, dev_subset[:8], tokenizer)
+    [path] = tmp_path.iterdir()
+    if damage == "flipped":
+        raw = bytearray(path.read_bytes())
+        raw[-3] ^= 0x55  # in the data, after the header
+        path.write_bytes(bytes(raw))
+    else:  # a file of the same name written without the digest
+        save_file({k: torch.zeros_like(v) for k, v in features.items()}, str(path))
+    again = train_features(cfg, dev_subset[:8], tokenizer)
+    assert "ignoring unreadable feature cache" in caplog.text
+    assert all(torch.equal(again[k], features[k]) for k in features)
+    caplog.clear()
+    read_back = train_features(cfg, dev_subset[:8], tokenizer)  # rewritten whole: read back without a word
+    assert "feature cache" not in caplog.text
+    assert all(torch.equal(read_back[k], features[k]) for k in features)
+
+
 @pytest.mark.parametrize("moved_aside", [False, True])
 def test_what_a_killed_checkpoint_write_leaves_is_cleared_and_the_run_resumes(tmp_path, moved_aside):
     """A training process killed while it writes a checkpoint leaves a staging directory as large as the checkpoint
