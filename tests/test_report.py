@@ -162,6 +162,22 @@ def test_what_the_search_learned_is_plotted_against_the_objectives_searched_for(
     assert "against exact match (top) and total density (bottom)" in " ".join(" ".join(parsed.text).split())
 
 
+def test_searched_values_with_dollar_signs_are_drawn_as_written_not_as_math():
+    """A searched choice holding two `$` (a path, a label) was read as math notation by matplotlib: a parse error
+    stopped the report (`runs/$x^$`), or it drew the text between them in italics without the signs (`a$b$c`)."""
+    data = _sweep()
+    runs = data.runs.copy()
+    runs.loc[runs["run_id"] == "a", "searched.temperature"] = "runs/$x^$"
+    runs.loc[runs["run_id"] == "b", "searched.temperature"] = "a$b$c"
+    page = render_html(dataclasses.replace(data, runs=runs))
+    svg = page.split('aria-label="each searched parameter', 1)[1].split("</svg>", 1)[0]
+    # Text is drawn as glyph paths, each defined once under its index in the font: the dollar sign's is among them.
+    from matplotlib.font_manager import findfont, get_font
+
+    dollar = get_font(findfont("DejaVu Sans")).get_char_index(ord("$"))
+    assert f'id="learned-DejaVuSans-{dollar:x}"' in svg, "no '$' drawn in the plot"
+
+
 def test_markdown_lists_every_trial_with_its_status_and_the_frontiers():
     data = _sweep()
     text = render_markdown(data)

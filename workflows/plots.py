@@ -76,6 +76,11 @@ def _svg(fig: Figure, label: str, prefix: str) -> str:
     return text.replace("<svg ", f'<svg class="plot" role="img" aria-label="{html.escape(label)}" ', 1)
 
 
+# Every figure's text is drawn as written: searched values and names are the user's (a path, a label), where a pair of
+# `$` would be read as math notation (drawn in italics, or a parse error that stopped the report).
+_plain_text = matplotlib.rc_context({"text.parse_math": False})
+
+
 def _new_figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kwargs) -> tuple[Figure, Any]:
     fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
@@ -161,6 +166,7 @@ def _scatter_runs(ax, runs: pd.DataFrame, x: str, y: str, frontier_tag: str | No
     return drawn
 
 
+@_plain_text
 def frontier_figure(runs: pd.DataFrame, objectives: Sequence[tuple[str, str]], champion_id: str | None) -> str:
     """Three panels: the space's objectives (the ``pareto`` frontier, joined), exact match (or F1) on the same
     axis (the same frontier's trials ringed), F1 against measured speedup (the ``pareto_speedup`` frontier); one
@@ -201,6 +207,7 @@ def frontier_figure(runs: pd.DataFrame, objectives: Sequence[tuple[str, str]], c
                      "speedup, with the Pareto frontier, the dense baseline and the champion", "front")
 
 
+@_plain_text
 def structure_figure(heads_kept: Sequence[Sequence[int]], num_heads: int | None, ffn_widths: Sequence[int],
                      ffn_size: int | None) -> str:
     """The champion's structure: a layers x heads grid of kept heads, and bars of the kept FFN width per layer."""
@@ -243,6 +250,7 @@ def structure_figure(heads_kept: Sequence[Sequence[int]], num_heads: int | None,
     return _svg(fig, "heads kept per layer (grid of layers by heads) and FFN width per layer (bars)", "struct")
 
 
+@_plain_text
 def hypervolume_figure(by_trials: Sequence[tuple[float, float]],
                        by_compute: Sequence[tuple[float, float]]) -> str | None:
     """The frontier's hypervolume against completed trials and against trial compute seconds (step lines); None
@@ -277,6 +285,7 @@ def numeric_values(values: pd.Series) -> bool:
     return bool(present) and all(_number(v) is not None for v in present)
 
 
+@_plain_text
 def learned_figure(runs: pd.DataFrame, searched: Sequence[str], param_types: dict[str, str],
                    champion_id: str | None,
                    objectives: Sequence[tuple[str, str]] = ((F1, "max"), (LINEAR_DENSITY, "min"))) -> str | None:
