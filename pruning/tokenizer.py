@@ -178,6 +178,12 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
         raise CheckpointError(f"{model_dir}: the tokenizer ({type(tokenizer).__name__}) {problem}: save it with "
                               "its model's tokenizer class (e.g. RobertaTokenizerFast) and save_pretrained")
     _warn_unreachable_vocabulary(directory, tokenizer, special, given, recorded)
+    # The windows are question first, context second, padded after their tokens and cut from the context's end
+    # (each next one doc_stride tokens before the last ended): whatever sides tokenizer_config.json gives for
+    # padding and truncation (a left padding side stopped every command; a left truncation side cut each window
+    # from the context's end and scored other windows than documented).
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "right"
     return tokenizer
 
 

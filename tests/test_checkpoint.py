@@ -167,6 +167,27 @@ def test_a_tokenizer_json_keeps_a_normalizer_of_another_kind(tmp_path, kind):
     assert _tokens(load_tokenizer(tmp_path), text) == ["[UNK]", "met", "[UNK]", "at", "apple"]
 
 
+@pytest.mark.parametrize("setting", ["padding_side", "truncation_side"])
+def test_the_windows_are_the_same_whatever_side_tokenizer_config_gives(tmp_path, tokenizer, dev_subset, setting):
+    """The windows pad after their tokens and cut the context from its end: a tokenizer_config.json with
+    ``padding_side: left`` stopped every command (and every request of a served model) with a traceback, one with
+    ``truncation_side: left`` cut the first window from the context's end and scored other windows."""
+    from pruning import squad
+    from pruning.tokenizer import load_tokenizer
+
+    for name in ("right", "left"):
+        tokenizer.save_pretrained(tmp_path / name)
+        (tmp_path / name / "config.json").write_text('{"model_type": "bert"}')
+    settings = json.loads((tmp_path / "left" / "tokenizer_config.json").read_text())
+    (tmp_path / "left" / "tokenizer_config.json").write_text(json.dumps({**settings, setting: "left"}))
+    example = max(dev_subset, key=lambda e: len(e.context))
+    windows = [squad.prepare_eval_features([example], load_tokenizer(tmp_path / name), max_seq_length=64,
+                                           doc_stride=24) for name in ("right", "left")]
+    assert len(windows[0]) > 2
+    assert all((getattr(windows[0], field) == getattr(windows[1], field)).all()
+               for field in ("input_ids", "attention_mask", "offsets"))
+
+
 def test_tokenizer_config_still_decides_the_casing(tmp_path):
     from pruning.tokenizer import load_tokenizer
 
