@@ -249,7 +249,7 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    steps_per_epoch: int  # optimizer steps
+    steps_per_epoch: float  # optimizer steps (a fraction where grad_accum does not divide an epoch's micro-batches)
     prune_steps: int  # steps of the main phase (all steps for a dense run)
     fill_steps: int
     lr_warmup: int
@@ -287,7 +287,10 @@ def plan(cfg: RunConfig, num_features: int) -> TrainingPlan:
         raise ConfigError(f"grad_accum: {cfg.grad_accum} micro-batches a step exceed the {micro_batches} of an epoch "
                           f"({num_features} training windows in batches of {cfg.batch_size}), so the run cannot "
                           f"train its {cfg.epochs:g} epochs in steps; lower grad_accum or batch_size, or set max_steps")
-    steps_per_epoch = max(1, micro_batches // cfg.grad_accum)
+    # The windows are one stream across epochs: the micro-batches left over at an epoch's end start the next step,
+    # so the run's steps are its epochs' micro-batches in steps (rounded down per epoch, a run in epochs of 12
+    # micro-batches with grad_accum 7 trained 2 steps for its 2 epochs, 1.17 of them).
+    steps_per_epoch = micro_batches / cfg.grad_accum
     if cfg.method is Method.FISHER:
         return TrainingPlan(steps_per_epoch, 0, cfg.fill_steps, 0, 0, 0)
     main = cfg.max_steps if cfg.max_steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))

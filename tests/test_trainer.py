@@ -1288,6 +1288,19 @@ def test_a_run_in_epochs_whose_step_takes_more_than_an_epoch_is_refused(tmp_path
                                           r"in steps; lower grad_accum or batch_size, or set max_steps$"):
         plan(cfg, 24)
     assert plan(dataclasses.replace(cfg, grad_accum=3), 24).prune_steps == 2  # a step an epoch, as before
+
+
+@pytest.mark.parametrize("grad_accum, epochs, steps", [(7, 2.0, 3), (5, 3.0, 7), (1, 2.0, 24), (4, 1.0, 3)])
+def test_a_run_in_epochs_trains_its_epochs_micro_batches_whatever_grad_accum(tmp_path, grad_accum, epochs, steps):
+    """The windows are one stream across epochs: the steps of a run in epochs are its epochs' micro-batches in
+    steps. Rounded down per epoch, 12 micro-batches an epoch with grad_accum 7 made 2 steps of the 2 epochs
+    (1.17 of them), with grad_accum 5 6 steps of the 3 (2.5)."""
+    from pruning.trainer import plan
+
+    cfg = tiny_cfg(tmp_path, max_steps=None, epochs=epochs, batch_size=8, grad_accum=grad_accum)
+    p = plan(cfg, 94)  # 12 micro-batches an epoch, the last one short
+    assert p.prune_steps == steps
+    assert abs(p.prune_steps * grad_accum - epochs * 12) <= grad_accum / 2
     assert plan(dataclasses.replace(cfg, max_steps=2), 24).prune_steps == 2  # steps given: 8 micro-batches
 
 
