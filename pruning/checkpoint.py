@@ -507,7 +507,7 @@ def load_training_state(checkpoint_dir: str | Path) -> tuple[dict[str, Any], dic
 
     Raises:
         CheckpointError: a file is missing or unreadable, or the state's ``step`` (an integer >= 0) or ``history``
-            (a list) is not what a training checkpoint writes.
+            (a list of mappings) is not what a training checkpoint writes.
     """
     checkpoint_dir = Path(checkpoint_dir)
     state = read_json(checkpoint_dir / STATE)
@@ -517,6 +517,11 @@ def load_training_state(checkpoint_dir: str | Path) -> tuple[dict[str, Any], dic
     for key, kind in (("history", list), ("pruning", dict), ("counters", dict)):
         if not isinstance(state.get(key, kind()), kind):
             raise CheckpointError(f"{checkpoint_dir / STATE}: {key} must be a {'list' if kind is list else 'mapping'}")
+    # Each entry is an evaluation's metrics: what the run's final record and a resume at its end read.
+    for index, entry in enumerate(state.get("history", [])):
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{checkpoint_dir / STATE}: history[{index}] must be a mapping of an evaluation's "
+                                  f"metrics, got {type(entry).__name__}")
     tensors = _load_weights(checkpoint_dir / OPTIMIZER)
     return state, tensors
 

@@ -531,7 +531,10 @@ def test_resuming_with_other_trained_parameters_or_a_damaged_state_file_is_a_cle
     for bad, message in [({"step": "2"}, "step must be an integer >= 0, got '2'"),
                          ({"step": -1}, "step must be an integer >= 0, got -1"),
                          ({"step": None}, "step must be an integer >= 0, got None"),
-                         ({"history": {}}, "history must be a list")]:
+                         ({"history": {}}, "history must be a list"),
+                         # a resume at the run's end read the last entry's step: an AttributeError's traceback
+                         ({"history": [{"step": 1}, 1]}, "history\\[1\\] must be a mapping of an evaluation's "
+                                                          "metrics, got int")]:
         state_file.write_text(json.dumps({**state, **bad}))
         with pytest.raises(CheckpointError, match=f"trainer_state.json: {message}$"):
             train(cfg, resume_from=checkpoint, progress=False)
