@@ -1347,6 +1347,26 @@ def test_a_sweeps_tracking_database_where_nothing_can_be_written_is_one_line_bef
     assert sorted(p.name for p in tmp_path.iterdir()) == [unwritable_dir.name]
 
 
+@pytest.mark.parametrize("argv", [["register", "--experiment", "exp"],
+                                  ["select", "--registered-model", "qa", "--max-latency-ms", "5"]],
+                         ids=["register", "select"])
+def test_register_and_select_on_a_database_they_cannot_write_are_one_line_before_any_work(capsys, caplog, tmp_path,
+                                                                                         argv):
+    """register and select write (versions, tags, an alias) into a store they also read: on a database they cannot
+    write, register ended in seven of MLflow's tracebacks and select timed every version first, then refused to move
+    the alias. Now one line naming the tracking URI and the database, before any work (exit 2)."""
+    from conftest import frozen
+
+    uri = sqlite_store(tmp_path / "store" / "mlflow.db")
+    before = (tmp_path / "store" / "mlflow.db").read_bytes()
+    with frozen(tmp_path / "store" / "mlflow.db"):
+        line = _one_line_error(capsys, [*argv, "--tracking-uri", uri])
+    assert line == (f"fineprune {argv[0]}: error: tracking URI {uri}: the database {tmp_path / 'store' / 'mlflow.db'}"
+                    ": cannot be written (no permission to write it) (pass another --tracking-uri)"), line
+    assert "Traceback" not in caplog.text
+    assert (tmp_path / "store" / "mlflow.db").read_bytes() == before
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc filesystem here")
 @pytest.mark.parametrize("argv,flag,path", [
     (["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--tracking-uri",

@@ -438,12 +438,16 @@ def _names_model(model_dir: str):
         raise UserError(f"{model_dir}: {err}") from None
 
 
-def _tracking_client(uri: str | None):
-    """A client of the tracking store, once it answers (a server that does not: exit 1 in seconds)."""
+def _tracking_client(uri: str | None, writes: bool = False):
+    """A client of the tracking store, once it answers (a server that does not: exit 1 in seconds); with
+    ``writes``, a ``sqlite:///`` database the command cannot write (it registers versions, moves an alias) is
+    refused first, rather than by MLflow's tracebacks once the work is done."""
     from workflows import record, tracking
 
     uri = record.tracking_uri(uri)
     tracking.check_readable_store(uri)  # these commands read a sweep's record: an absent database holds none
+    if writes:
+        tracking.check_writable_store(uri)
     client = tracking.client_for(uri)
     tracking.check_reachable(client, REACH_TIMEOUT_S)  # a URI with no store behind it: TrackingStoreError
     return client
@@ -721,7 +725,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from workflows.registry import register_from_experiment
 
-    _tracking_client(args.tracking_uri)
+    _tracking_client(args.tracking_uri, writes=True)
     result = register_from_experiment(args.experiment, tracking_uri=args.tracking_uri, space=args.space,
                                       frontier=args.frontier, onnx=False if args.no_onnx else None,
                                       sweep_run_id=args.sweep_run)
@@ -736,7 +740,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     from workflows.registry import check_alias, select_by_latency
 
     check_alias(args.alias)  # the arguments first, then the store
-    client = _tracking_client(args.tracking_uri)
+    client = _tracking_client(args.tracking_uri, writes=True)
     _warn_few_repeats(args.repeats, "each version's latency")
     result = select_by_latency(client, args.registered_model, args.max_latency_ms, batch_size=args.batch_size,
                                seq_len=args.seq_len, threads=args.threads, alias=args.alias, repeats=args.repeats,
