@@ -1367,6 +1367,34 @@ def test_register_and_select_on_a_database_they_cannot_write_are_one_line_before
     assert (tmp_path / "store" / "mlflow.db").read_bytes() == before
 
 
+@pytest.mark.parametrize("held_s", [3, 60])
+def test_a_tracking_database_another_process_holds_locked_is_waited_for_not_taken_for_bad_input(
+        capsys, caplog, tmp_path, monkeypatch, held_s):
+    """A database another process holds locked (a long write) when a command opens it was one line taken for bad
+    input (exit 2, "database is locked"), without a retry. It is waited for as a tracking server that does not
+    answer: a lock let go in time is not seen (the command goes on: here, to the experiment it does not find), one
+    held longer is one line, exit 1."""
+    uri = sqlite_store(tmp_path / "mlflow.db")
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
+                               f"db = sqlite3.connect({str(tmp_path / 'mlflow.db')!r}, isolation_level=None)\n"
+                               "db.execute('BEGIN EXCLUSIVE'); print('held', flush=True)\n"
+                               f"time.sleep({held_s})"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(cli, "REACH_TIMEOUT_S", 8.0)
+        if held_s < 8:
+            line = _one_line_error(capsys, ["report", "--experiment", "exp", "--out", str(tmp_path / "report"),
+                                            "--tracking-uri", uri])
+            assert line.startswith("fineprune report: error: experiment 'exp' not found in "), line
+        else:
+            line = _one_line_error(capsys, ["report", "--experiment", "exp", "--out", str(tmp_path / "report"),
+                                            "--tracking-uri", uri], status=1)
+            assert "database is locked" in line and uri in line, line
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc filesystem here")
 @pytest.mark.parametrize("argv,flag,path", [
     (["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--tracking-uri",

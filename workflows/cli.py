@@ -448,7 +448,7 @@ def _tracking_client(uri: str | None, writes: bool = False):
     tracking.check_readable_store(uri)  # these commands read a sweep's record: an absent database holds none
     if writes:
         tracking.check_writable_store(uri)
-    client = tracking.client_for(uri)
+    client = tracking.client_for(uri, limit=REACH_TIMEOUT_S)
     tracking.check_reachable(client, REACH_TIMEOUT_S)  # a URI with no store behind it: TrackingStoreError
     return client
 

@@ -697,7 +697,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
                                                         resume, warm_start, warm_start_tracking_uri)
     limit = outage_limit(tracking_timeout)
     started = time.time()
-    client = tracking.client_for(tracking_uri)
+    client = tracking.client_for(tracking_uri, limit=limit)
     tracking.check_reachable(client, limit)
     warm = prior_outcomes(client, space, warm_start, warm_start_tracking_uri, limit) if warm_start else None
 

@@ -163,7 +163,7 @@ def check_readable_store(tracking_uri: str, hint: str = "pass the sweep's --trac
         raise TrackingStoreError(f"tracking URI {tracking_uri}: {database} is {problem} ({hint})")
 
 
-def client_for(tracking_uri: str, current: bool = True) -> MlflowClient:
+def client_for(tracking_uri: str, current: bool = True, limit: float = DEFAULT_OUTAGE_LIMIT_S) -> MlflowClient:
     """A client of ``tracking_uri`` (see :func:`check_reachable` for whether anything answers there), whose model
     registry is the same store: a sweep registers its versions where ``fineprune register``, ``select`` and
     ``report`` look for them, whatever ``MLFLOW_REGISTRY_URI`` says. With ``current``, it also becomes the
@@ -173,10 +173,16 @@ def client_for(tracking_uri: str, current: bool = True) -> MlflowClient:
     Raises:
         TrackingStoreError: MLflow cannot open a store of that kind (a file store it refuses, a database without
             its driver).
+        TrackingUnavailable: the database stayed locked by another process (a long write) for ``limit`` seconds.
     """
     with _store_lock(tracking_uri):
         try:
-            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            # MLflow reads (and may upgrade) the database's schema when it opens it: a lock another process holds
+            # is waited out as a tracking server that does not answer is, not taken for a store that cannot be.
+            client = call_with_retries(lambda: MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri),
+                                       tracking_uri, limit, what="opening the tracking store", transient=_locked)
+        except TrackingUnavailable:
+            raise
         except Exception as err:  # noqa: BLE001 - permanent: the URI names no store MLflow opens
             raise (_file_store_refused(tracking_uri, err) or _store_error(tracking_uri, err)) from err
         if tracking_uri.startswith("sqlite:///"):
@@ -185,6 +191,11 @@ def client_for(tracking_uri: str, current: bool = True) -> MlflowClient:
     if current:
         mlflow.set_tracking_uri(tracking_uri)
     return client
+
+
+def _locked(err: BaseException) -> bool:
+    """Whether opening a store failed because another process holds its SQLite database locked."""
+    return "database is locked" in str(err)
 
 
 @contextlib.contextmanager

@@ -127,7 +127,7 @@ def prior_outcomes(client, space: SweepSpace, source: str, store: str | None = N
     if store == record.portable_uri(client.tracking_uri):
         store = None  # the sweep's own, named again
     if store is not None:
-        client = tracking.client_for(store, current=False)
+        client = tracking.client_for(store, current=False, limit=limit)
         tracking.check_reachable(client, limit)
     run_id = source if is_run_id(source) else None
     try:
