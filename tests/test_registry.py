@@ -142,6 +142,22 @@ def test_frontier_registration_is_idempotent_and_tagged(record, registered):
         assert run.info.status == "FINISHED" and run.info.end_time == record["ends"][run_id]
 
 
+def test_a_version_whose_trial_tag_was_removed_by_hand_is_still_its_trials(record, registered, caplog):
+    """A version's trial was read from its fineprune.trial_run_id tag alone: with the tag removed (by hand, in the
+    UI), registering the frontier again made a second version of the same trial and said the first had "left the
+    frontier" (turning its frontier tags false). MLflow's own record of the run it was made on names the trial."""
+    client, runs = record["client"], record["runs"]
+    version = _versions(client)[runs[NARROW]]
+    client.delete_model_version_tag(NAME, version.version, TAG_TRIAL_RUN)
+    with caplog.at_level(logging.INFO, logger="workflows.registry"):
+        rows = registry.register_frontier(client, "tiny", record["parent"], NAME)
+    assert rows == registered[0]
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 3
+    again = client.get_model_version(NAME, version.version)
+    assert again.tags[TAG_TRIAL_RUN] == runs[NARROW] and again.tags["pareto"] == "true"  # the tag written back
+    assert "left the frontier" not in caplog.text
+
+
 def test_registering_a_registered_frontier_again_searches_once_and_writes_nothing(record, registered, caplog):
     """`fineprune register --frontier` run again on a sweep: one search of the model's versions for the whole
     frontier (not one per frontier point, each reading every version of the model), and no tag written again. Its

@@ -218,7 +218,7 @@ def _warn_alias_set_aside(client, name: str) -> None:
         current = client.get_model_version_by_alias(name, ALIAS)
     except MlflowException:  # no such model, or no champion
         return
-    reason = deleted_source(client, current.tags, current.tags.get(TAG_TRIAL_RUN) or current.run_id, {})
+    reason = deleted_source(client, current.tags, _trial_of(current), {})
     if reason is not None:
         logger.warning("alias %r of %s is left on version %s, which nothing chooses now: %s", ALIAS, name,
                        current.version, reason)
@@ -235,9 +235,15 @@ def _ensure_model(client, name: str) -> None:
                 raise
 
 
+def _trial_of(version) -> str | None:
+    """The trial run a version was made from: its ``fineprune.trial_run_id`` tag, else (that tag removed by hand)
+    the run MLflow records it was made on, which is the trial's."""
+    return version.tags.get(TAG_TRIAL_RUN) or version.run_id or None
+
+
 def _versions_of_trial(client, name: str, run_id: str) -> list:
     """The versions of ``name`` made from the trial run ``run_id``, oldest first."""
-    return sorted((v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(TAG_TRIAL_RUN) == run_id),
+    return sorted((v for v in client.search_model_versions(f"name = '{name}'") if _trial_of(v) == run_id),
                   key=lambda v: int(v.version))
 
 
@@ -270,7 +276,7 @@ def _versions_by_trial(versions) -> dict[str, Any]:
     """``versions`` by the trial run each was made from (a trial's first version)."""
     out: dict[str, Any] = {}
     for version in sorted(versions, key=lambda v: int(v.version)):
-        trial = version.tags.get(TAG_TRIAL_RUN)
+        trial = _trial_of(version)
         if trial:
             out.setdefault(trial, version)
     return out
@@ -507,7 +513,7 @@ def _make_champion(client, name: str, version, versions, chosen_by: str | None =
         held = current.tags or {}
         before = f"{held.get(TAG_POLICY, '')} {held.get(TAG_POLICY_THRESHOLD, '')}".strip() \
             if held.get(TAG_POLICY) else "no policy"
-        gone = deleted_source(client, held, held.get(TAG_TRIAL_RUN) or current.run_id, {})
+        gone = deleted_source(client, held, _trial_of(current), {})
         line = (f"alias {ALIAS!r} of {name} moved from version {left} (chosen by {before}) to version "
                 f"{version.version}" + (f" (chosen by {chosen_by})" if chosen_by else ""))
         if chosen_by is not None and (before != chosen_by or gone is not None):
@@ -591,10 +597,10 @@ def _untag_left_frontier(client, name: str, parent_run_id: str, current: set[str
     sweep registered whose trials are not in ``current`` (left the frontier, or their runs deleted by hand)."""
     for version in versions:
         tags = version.tags
-        if tags.get(TAG_SWEEP_RUN) == parent_run_id and tags.get(TAG_TRIAL_RUN) not in current and _on_frontier(tags):
+        trial = _trial_of(version)
+        if tags.get(TAG_SWEEP_RUN) == parent_run_id and trial not in current and _on_frontier(tags):
             for tag in FRONTIER_TAGS:
                 _set_version_tag(client, name, version.version, tag, "false")
-            trial = tags.get(TAG_TRIAL_RUN)
             state = run_deleted(client, trial)
             if state == REMOVED:  # gone with its record: nothing brings it back
                 logger.warning("version %s of %s: its trial run %s was removed for good (`mlflow gc`), so it is no "
