@@ -66,6 +66,10 @@ def test_the_registry_spec_round_trips_through_the_sweeps_parent_run(client):
         RegistrySpec.from_params({"registry.name": "m", "registry.max_density": "half"})
     with pytest.raises(RecordError, match="registry.onnx: not true or false: 'maybe'"):
         RegistrySpec.from_params({"registry.name": "m", "registry.onnx": "maybe"})
+    # A record another release wrote: `register` stopped with select_champion's ValueError and its traceback.
+    with pytest.raises(RecordError, match=r"^param registry.policy: unknown policy 'best_f1_ever' \(allowed: "
+                                          r"best_f1_under_density, "):
+        RegistrySpec.from_params({"registry.name": "m", "registry.policy": "best_f1_ever"})
 
 
 def test_trials_is_the_sweeps_runs_table(client):

@@ -378,8 +378,8 @@ class RegistrySpec:
         """The spec a sweep's parent run recorded.
 
         Raises:
-            RecordError: the params hold no ``registry.name``, a threshold that is not a number, or an ``onnx``
-                that is not true or false.
+            RecordError: the params hold no ``registry.name``, a policy this release does not know, a threshold
+                that is not a number, or an ``onnx`` that is not true or false.
         """
         values = params_under(params, PARAM_REGISTRY)
         if "name" not in values:
@@ -389,6 +389,9 @@ class RegistrySpec:
             if item.name == "name" or item.name not in values:
                 continue
             if item.name == "policy":
+                if values["policy"] not in POLICY_THRESHOLDS:  # a record another release of fineprune wrote
+                    raise RecordError(f"param registry.policy: unknown policy {values['policy']!r} (allowed: "
+                                      f"{', '.join(POLICY_THRESHOLDS)})")
                 kwargs["policy"] = values["policy"]
                 continue
             if item.name == "onnx":

@@ -800,9 +800,8 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
     else the newest this sweep's policy chose (tag ``policy``; ``former_champion_policy`` once the alias has left
     it) whose trial run is still among ``trial_ids`` (a version of a trial deleted by hand, or one a later choice of
     the same sweep replaced and its trial deleted, is not named champion); None when there is none."""
-    try:
-        name = RegistrySpec.from_params(parent.data.params).name
-    except record.RecordError:
+    name = record.params_under(parent.data.params, PARAM_REGISTRY).get("name")  # whatever else the record holds
+    if not name:
         return None
     parent_id = parent.info.run_id
     try:
