@@ -581,6 +581,10 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str, on
                      **_null_figures(run.data.metrics), **served_figures(version.tags or {})})
     # A point whose version cannot be served (its files gone) is still on the frontier: its tags stay.
     _untag_left_frontier(client, name, parent_run_id, {run.info.run_id for run in runs}, before)
+    if not rows:
+        logger.warning("no trial on the frontiers of sweep run %s could be registered as a version of %s",
+                       parent_run_id, name)
+        return rows
     logger.info("registered the %s on the frontiers of sweep run %s (of its objectives, and of F1 against measured "
                 "speedup) as %s %s of %s", "trial" if len(rows) == 1 else f"{len(rows)} trials", parent_run_id,
                 "version" if len(rows) == 1 else "versions", ", ".join(row["version"] for row in rows), name)
