@@ -905,10 +905,11 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         done = step + 1
         bar.set_postfix(loss=f"{terms['loss']:.3f}", thr=f"{threshold:.3f}" if cfg.masked else None)
         if done % cfg.log_every == 0 or done == p.total_steps:
-            n = running.pop("_n")
-            logger.info("step %d/%d loss %.4f (ce %.4f distil %.4f reg %.4f)%s", done, p.total_steps,
+            n = running.pop("_n")  # the steps since the last line (fewer after a resume, or at the end)
+            steps = f"step {done}" if n == 1 else f"steps {done - n + 1}-{done}"
+            logger.info("step %d/%d loss %.4f (ce %.4f distil %.4f reg %.4f; mean of %s)%s", done, p.total_steps,
                         running["loss"] / n, running["loss_ce"] / n, running["loss_distil"] / n,
-                        running["loss_reg"] / n, f" threshold {threshold:.4f}" if cfg.masked else "")
+                        running["loss_reg"] / n, steps, f" threshold {threshold:.4f}" if cfg.masked else "")
             running = {}
 
         is_last = done == p.total_steps

@@ -1307,6 +1307,30 @@ def test_a_run_in_epochs_trains_its_epochs_micro_batches_whatever_grad_accum(tmp
     assert plan(dataclasses.replace(cfg, max_steps=2), 24).prune_steps == 2  # steps given: 8 micro-batches
 
 
+def test_each_loss_line_names_the_steps_it_is_the_mean_of(tmp_path, caplog):
+    """A loss line is the mean of the steps since the last one: after a resume the first averaged fewer steps than
+    log_every under a line that read as the uninterrupted run's (a loss of 10.54 where that run logged 8.06)."""
+    import re
+
+    cfg = tiny_cfg(tmp_path, max_steps=5, log_every=3, eval_every=2, eval_limit=1)
+
+    def stop(metrics, checkpoint):
+        raise Stop
+
+    def lines() -> list[str]:
+        found = [re.search(r"^step (\d+)/5 .*; mean of (steps? [\d-]+)\)", m) for m in caplog.messages]
+        return [f"{m.group(1)}: {m.group(2)}" for m in found if m]
+
+    with caplog.at_level(logging.INFO, logger="pruning.trainer"):
+        train(dataclasses.replace(cfg, output_dir=str(tmp_path / "whole")), progress=False)
+        assert lines() == ["3: steps 1-3", "5: steps 4-5"]
+        caplog.clear()
+        with pytest.raises(Stop):
+            train(cfg, report=stop, progress=False)
+        train(cfg, resume_from=tmp_path / "run" / "checkpoint", progress=False)
+        assert lines() == ["3: step 3", "5: steps 4-5"]
+
+
 def test_the_logged_epoch_counts_the_windows_trained(tmp_path):
     """Steps of 4 micro-batches over epochs of 3 (24 windows in batches of 8): step 1 has trained 4/3 of an epoch,
     not the one the step count made of it."""
