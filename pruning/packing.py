@@ -78,6 +78,7 @@ __all__ = [
     "is_packed",
     "LOGIT_TOLERANCE",
     "PACK_METRICS",
+    "model_params",
     "pack_report",
     "pack_and_verify",
     "max_logit_diff",
@@ -90,7 +91,7 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # save_pretrained(max_shard_size=...): which shard holds what
 LOGIT_TOLERANCE = 1e-3  # packed against masked logits: only the summation order differs
 # The measured scalars of a PackReport a sweep trial reports, under these (its field) names.
-PACK_METRICS = ("speedup", "max_logit_diff", "params_after")
+PACK_METRICS = ("speedup", "max_logit_diff", "params_before", "params_after")
 CONFIG_NAME = "config.json"
 AUTO_CLASS = "AutoModelForQuestionAnswering"  # the auto class config.json's auto_map names the packed class under
 # Weight files a fresh save replaces; stale ones next to a new model.safetensors would confuse loaders.
@@ -579,8 +580,8 @@ def _linear_params(model: nn.Module) -> int:
     return total
 
 
-def _model_params(model: nn.Module) -> int:
-    # Mask scores are training state, not weights of the model.
+def model_params(model: nn.Module) -> int:
+    """The model's parameters, its mask scores (training state, not weights of the model) left out."""
     return sum(p.numel() for name, p in model.named_parameters() if not name.endswith("mask_scores"))
 
 
@@ -698,8 +699,8 @@ def pack_report(masked_model: nn.Module, packed_model: nn.Module, *, seq_len: in
     before = sparsity_report(masked_model)
     config = packed_model.config
     report = PackReport(
-        params_before=_model_params(masked_model),
-        params_after=_model_params(packed_model),
+        params_before=model_params(masked_model),
+        params_after=model_params(packed_model),
         linear_params_before=_linear_params(masked_model),
         linear_params_after=_linear_params(packed_model),
         linear_density=before.linear_density,

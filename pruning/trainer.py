@@ -52,7 +52,7 @@ from transformers import PreTrainedTokenizerBase
 from . import atomic, importance
 from . import masks as mask_lib
 from . import squad
-from .packing import PACKED_FLAG, is_packed_dir, pack_for_training, unpack_into_
+from .packing import PACKED_FLAG, is_packed_dir, model_params, pack_for_training, unpack_into_
 from .averaging import PREFIX as AVERAGE_PREFIX
 from .averaging import WeightAverage
 from .batches import DataPosition, WindowBatches
@@ -845,8 +845,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     if cfg.fill_packed and p.fill_steps > 0:
         skeleton, model = model, pack_for_training(model).to(device)
         skeleton.to("cpu")  # only written to, at checkpoints and at the end
-        logger.info("recovery on the packed model: %d of %d parameters", sum(q.numel() for q in model.parameters()),
-                    sum(q.numel() for q in skeleton.parameters()))
+        logger.info("recovery on the packed model: %d of %d parameters", model_params(model), model_params(skeleton))
     cache = (TeacherCache(teacher, features, device, cfg.eval_batch_size, lambda: autocast(precision, device),
                           hidden=cfg.alpha_hidden > 0)
              if cfg.teacher_cache and teacher is not None else None)

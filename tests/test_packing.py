@@ -482,7 +482,7 @@ def test_pack_and_verify_without_timing_or_inputs():
     packed, report = pack_and_verify(masked_model(*NOTHING_GONE), time_latency=False)
     assert report.logit_check_windows == 2  # random windows by default
     assert report.speedup is None and report.precision is None
-    assert set(report.metrics()) == {"max_logit_diff", "params_after"}
+    assert set(report.metrics()) == {"max_logit_diff", "params_before", "params_after"}
 
 
 def test_pack_and_verify_fails_beyond_its_tolerance():

@@ -91,8 +91,9 @@ def test_every_trial_was_killed_once_retried_and_finished(retried_sweep):
         assert run.info.status == "FINISHED"
         assert run.data.tags["fineprune.status"] == "finished"
         for key in ("exact_match", "f1", "linear_density", "total_density", "heads_removed", "speedup",
-                    "max_logit_diff", "params_after"):
+                    "max_logit_diff", "params_before", "params_after"):
             assert math.isfinite(run.data.metrics[key]), key
+        assert run.data.metrics["params_after"] < run.data.metrics["params_before"]
         assert run.data.metrics["max_logit_diff"] <= 1e-3
         assert run.data.params["method"] == "topk"
         assert "searched.target_density" in run.data.params
