@@ -151,6 +151,28 @@ def test_defaults(tmp_path):
     assert space.teacher.path is None and not space.teacher.student_init
 
 
+@pytest.mark.parametrize("method", ["sigmoid_threshold", "fisher-flops", "fisher-flops-searched"])
+def test_a_density_cap_with_no_density_target_to_default_to_must_be_given(tmp_path, method):
+    """best_f1_under_density's max_density defaults to base.target_density: where the trials have none (their
+    density follows the lambdas, or a FLOP target), RunConfig's default of 0.5 capped the champion unseen, and a
+    sigmoid_threshold space may not even give base.target_density."""
+    base = {k: v for k, v in BASE_SPACE["base"].items() if k not in ("method", "attention_block", "max_steps")}
+    if method == "sigmoid_threshold":
+        base.update(method="sigmoid_threshold", attention_block=[16, 16], max_steps=10)
+        search = {"lambda": {"type": "loguniform", "low": 0.01, "high": 1.0}}
+    else:
+        base.update(method="fisher", attention_block="head", fill_steps=4)
+        if method == "fisher-flops":
+            base["target_flops"] = 0.5
+        search = {"target_flops" if method == "fisher-flops-searched" else "mask_tuning_samples":
+                  {"type": "choice", "values": [0.4, 0.6] if method == "fisher-flops-searched" else [64, 128]}}
+    values = variant(base=base, search=search)
+    assert_refused(write(tmp_path, values), r"registry\.max_density: not given, and there is no base\.target_density "
+                                            r"to default to \(.*\); give the largest linear density")
+    values["registry"] = {"max_density": 0.4}
+    assert load_space(write(tmp_path, values, "capped.yaml")).registry.max_density == 0.4
+
+
 def test_a_file_name_that_cannot_name_the_sweep_asks_for_a_name_key(tmp_path):
     with pytest.raises(SpaceError, match=r"my space\.yaml: name: not given, and the file's name 'my space' cannot"):
         load_space(write(tmp_path, variant(), "my space.yaml"))
@@ -197,6 +219,7 @@ def test_alpha_ce_is_kept_when_it_is_searched_too(tmp_path):
 def test_lambda_pseudo_key_sets_both_weights(tmp_path):
     values = variant(search={LAMBDA_KEY: {"type": "loguniform", "low": 2.5, "high": 40.0}})
     values["base"]["method"] = "sigmoid_threshold"
+    values["registry"] = {"max_density": 0.5}
     space = load_space(write(tmp_path, values))
     cfg = trial_config(space, {LAMBDA_KEY: 7.5}, "o", "t")
     assert cfg.lambda_attention == cfg.lambda_ffn == 7.5
@@ -682,6 +705,8 @@ def fisher_space(search: dict, **base) -> dict:
     values["base"].update(method="fisher", attention_block=[16, 32], **base)
     values["base"].pop("max_steps")
     values["search"] = search
+    if "target_flops" in base or "target_flops" in search:  # no density target for the density cap to default to
+        values["registry"] = {"max_density": 0.5}
     return values
 
 

@@ -137,8 +137,10 @@ def test_a_key_the_earlier_sweep_searched_and_this_space_holds_keeps_only_the_tr
     configuration of this space."""
     trials = [({"temperature": t, held: v}, outcome(0.5, t), record.STATUS_FINISHED) for t, v in zip((1, 2, 4), values)]
     record_sweep(client, "wider", trials)
+    # sigmoid_threshold sets no density target for the champion's density cap to default to
+    registry = {"registry": {"max_density": 0.5}} if base.get("method") == "sigmoid_threshold" else {}
     space = load_space(space_file(tmp_path, search={"temperature": SEARCH["temperature"]},
-                                  base={**BASE_SPACE["base"], **base}))
+                                  base={**BASE_SPACE["base"], **base}, **registry))
     with caplog.at_level(logging.INFO, logger="workflows.warm_start"):
         warm = prior_outcomes(client, space, "wider")
     assert sorted(config["temperature"] for config, _ in warm.outcomes) == kept

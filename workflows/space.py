@@ -124,6 +124,15 @@ class SpaceError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _density_target_problem(base: RunConfig, search: Mapping[str, Any]) -> str | None:
+    """Why the trials of ``base`` (searching ``search``) have no density target, or None where they have one."""
+    if base.target_flops is not None or "target_flops" in search:
+        return "the trials keep a FLOP target (target_flops)"
+    if base.method not in (Method.TOPK, Method.FISHER):
+        return f"method {base.method.value} sets no density target"
+    return None
+
+
 class _Problem(ValueError):
     """A failed check: ``message`` about the key path ``at``, relative to where pydantic found the value."""
 
@@ -757,9 +766,10 @@ class SweepSpace(_Section):
     @classmethod
     def _default_density_cap(cls, value: RegistrySection, info: ValidationInfo) -> RegistrySection:
         if value.policy == "best_f1_under_density" and value.max_density is None and "base" in info.data:
-            target = config_from_dict(info.data["base"], source="-").target_density
-            return value.model_copy(update={"max_density": target})
-        return value
+            base = config_from_dict(info.data["base"], source="-")
+            if _density_target_problem(base, info.data.get("search") or {}) is None:
+                return value.model_copy(update={"max_density": base.target_density})
+        return value  # without one to default to: refused once the sections are checked (_sections_agree)
 
     @field_validator("seed", mode="before")
     @classmethod
@@ -888,6 +898,12 @@ class SweepSpace(_Section):
         if limit is not None and self.speedup["seq_len"] > limit:
             raise _Problem(f"{self.speedup['seq_len']} exceeds the {limit} positions the model takes",
                            "speedup", "seq_len")
+        registry = self.registry_section
+        if registry.policy == "best_f1_under_density" and registry.max_density is None:
+            # The trials' density follows other keys: RunConfig's default target would cap the champion unseen.
+            raise _Problem(f"not given, and there is no base.target_density to default to "
+                           f"({_density_target_problem(base_cfg, self.search)}); give the largest linear density "
+                           "the champion may have", "registry", "max_density")
         return self
 
     def _teacher_model(self, base_cfg: RunConfig) -> RunConfig | None:
