@@ -173,6 +173,30 @@ def test_a_density_cap_with_no_density_target_to_default_to_must_be_given(tmp_pa
     assert load_space(write(tmp_path, values, "capped.yaml")).registry.max_density == 0.4
 
 
+@pytest.mark.parametrize("key, base, says", [
+    ("calibration_samples", {}, "has no effect with mask_init 0 (only mask_init fisher reads it)"),
+    ("calibration_samples", {"mask_init": "magnitude"},
+     "has no effect with mask_init magnitude (only mask_init fisher reads it)"),
+    ("mask_init_scale", {"mask_init": "constant"},
+     "has no effect with mask_init constant (only mask_init fisher or magnitude reads it)"),
+    ("temperature", {"alpha_distil": 0.0, "alpha_ce": 1.0}, "has no effect with alpha_distil 0 (no distillation)"),
+])
+def test_a_searched_key_the_bases_other_settings_leave_unread_is_refused(tmp_path, key, base, says):
+    """A key the method reads, but not beside the base's other settings: topk's scores start from a constant, so
+    no importance is estimated over calibration_samples windows nor spread by mask_init_scale; without
+    distillation the temperature is read by nothing. Trials differing in it alone ran the same run again."""
+    values = {"calibration_samples": {"type": "choice", "values": [64, 128]},
+              "mask_init_scale": {"type": "choice", "values": [0.5, 2.0]},
+              "temperature": {"type": "choice", "values": [1, 4]}}
+    space = variant(search={"target_density": BASE_SPACE["search"]["target_density"], key: values[key]})
+    space["base"].update(base)
+    assert_refused(write(tmp_path, space), f"search\\.{key}: {re.escape(says)}$")
+    # Read where the base (or the search) turns it on.
+    space["base"].update({"calibration_samples": {"mask_init": "fisher"}, "mask_init_scale": {"mask_init": "magnitude"},
+                          "temperature": {"alpha_distil": 0.5, "alpha_ce": 0.5}}[key])
+    load_space(write(tmp_path, space, "read.yaml"))
+
+
 def test_a_file_name_that_cannot_name_the_sweep_asks_for_a_name_key(tmp_path):
     with pytest.raises(SpaceError, match=r"my space\.yaml: name: not given, and the file's name 'my space' cannot"):
         load_space(write(tmp_path, variant(), "my space.yaml"))

@@ -31,8 +31,8 @@ from typing import Annotated, Any, Callable, Iterable, Literal, Mapping
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from pruning.config import (MAX_SEED, METHOD_KEYS, ConfigError, Method, RunConfig, check_keys_apply, config_from_dict,
-                            read_yaml)
+from pruning.config import (MAX_SEED, METHOD_KEYS, ConfigError, MaskInit, Method, RunConfig, check_keys_apply,
+                            config_from_dict, read_yaml)
 from pruning.errors import name_hint, path_hint
 from pruning.schedules import warmups
 from workflows import model_checks
@@ -1040,6 +1040,23 @@ def _check_applicable(search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> N
             raise _Problem(f"has no effect with method {method.value}"
                            + (" and a target_flops" if key == "target_density" and base_cfg.target_flops else ""),
                            "search", key)
+        problem = _unread_beside(key, search, base_cfg)
+        if problem is not None:
+            raise _Problem(f"has no effect {problem}", "search", key)
+
+
+def _unread_beside(key: str, search: Mapping[str, ParamSpec], base_cfg: RunConfig) -> str | None:
+    """Why a key the method reads is not read beside the base's other settings (and searched keys), or None."""
+    init = base_cfg.mask_init if isinstance(base_cfg.mask_init, MaskInit) else MaskInit.CONSTANT
+    warm = {"calibration_samples": (MaskInit.FISHER,), "mask_init_scale": (MaskInit.FISHER, MaskInit.MAGNITUDE)}
+    if (key in warm and base_cfg.method is not Method.FISHER and "mask_init" not in search
+            and init not in warm[key]):
+        # The scores start from a constant: no importance is estimated, nor spread.
+        shown = base_cfg.mask_init.value if isinstance(base_cfg.mask_init, MaskInit) else f"{base_cfg.mask_init:g}"
+        return f"with mask_init {shown} (only mask_init {' or '.join(m.value for m in warm[key])} reads it)"
+    if key == "temperature" and "alpha_distil" not in search and base_cfg.alpha_distil == 0:
+        return "with alpha_distil 0 (no distillation)"
+    return None
 
 
 def _overlay(params: Mapping[str, Any], searched: Iterable[str]) -> dict[str, Any]:
