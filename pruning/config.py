@@ -547,6 +547,20 @@ class _YamlLoader(yaml.SafeLoader):
 MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
+def _construct_int(loader: _YamlLoader, node: yaml.ScalarNode) -> int:
+    """An integer as written: ``010`` is ten (YAML 1.2, and what a config means), not YAML 1.1's octal eight; a
+    base-60 ``1:30`` (YAML 1.1's 90) is refused, as nothing a config takes is written that way."""
+    value = loader.construct_scalar(node)
+    digits = value.replace("_", "")
+    if ":" in digits:
+        raise yaml.constructor.ConstructorError(None, None, f"{value} reads as a base-60 number (YAML 1.1); quote it "
+                                                "or write the number", node.start_mark)
+    if re.fullmatch(r"[-+]?0[0-9]+", digits):
+        return int(digits, 10)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),

@@ -126,6 +126,18 @@ def test_a_merge_key_shares_settings_and_its_keys_give_way_to_the_mapping_s_own(
         read_yaml(path)
 
 
+def test_integers_read_as_written_not_as_yaml_1_1_octal_or_base_60(tmp_path):
+    """YAML 1.1 reads ``010`` as octal 8 and ``1:30`` as 90: a space's ``num_samples: 010`` ran 8 trials and a
+    choice of ``010`` searched 8, without a word. A leading zero is decimal (YAML 1.2), base 60 one line."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train_limit: 010\nseed: -007\nmax_steps: 1_000\neval_limit: 0x10\n")
+    assert read_yaml(path) == {"train_limit": 10, "seed": -7, "max_steps": 1000, "eval_limit": 16}
+    path.write_text("max_steps: 1:30\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(1:30 reads as a base-60 number \(YAML 1\.1\); quote it "
+                                          r"or write the number at line 1, column 12"):
+        read_yaml(path)
+
+
 @pytest.mark.parametrize("text, shown", [("? [a]\n: 1\n", "a list as a key at line 1, column 3"),
                                          ("{[16, 16]: x}\n", "a list as a key at line 1, column 2"),
                                          ("? {a: 1}\n: 1\n", "a dict as a key at line 1, column 3")])
