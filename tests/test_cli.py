@@ -1367,6 +1367,21 @@ def test_register_and_select_on_a_database_they_cannot_write_are_one_line_before
     assert (tmp_path / "store" / "mlflow.db").read_bytes() == before
 
 
+@pytest.mark.parametrize("address", ["foo", " ", "http://127.0.0.1:6379", "127.0.0.1:abc", "127.0.0.1:0"])
+@pytest.mark.parametrize("check", [True, False], ids=["check", "sweep"])
+def test_a_ray_address_ray_does_not_take_is_one_line_before_anything_is_written(capsys, tmp_path, monkeypatch,
+                                                                              address, check):
+    """An address that is not HOST:PORT passed `sweep --check`; the sweep then stopped with ray.init's traceback
+    ("Invalid address format"), its MLflow run left RUNNING and its storage made."""
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    line = _one_line_error(capsys, ["sweep", "--space", str(ROOT / "tune_spaces" / "smoke.yaml"), "--address", address,
+                                    "--storage-path", str(tmp_path / "ray"), *(["--check"] if check else [])])
+    assert line == (f"fineprune sweep: error: Ray address {address!r}: not auto, HOST:PORT or ray://HOST:PORT"), line
+    assert list(tmp_path.iterdir()) == [] and not ray.is_initialized()
+
+
 @pytest.mark.parametrize("held_s", [3, 60])
 def test_a_tracking_database_another_process_holds_locked_is_waited_for_not_taken_for_bad_input(
         capsys, caplog, tmp_path, monkeypatch, held_s):

@@ -414,7 +414,8 @@ def _check_ray_answers(address: str) -> None:
     """Fail fast, naming ``address``, when nothing listens there (``ray.init`` would wait for it forever).
 
     Raises:
-        RayUnavailable: no connection within ``RAY_CONNECT_TIMEOUT_S`` seconds (read when called).
+        RayUnavailable: not an address Ray takes, or no connection within ``RAY_CONNECT_TIMEOUT_S`` seconds (read
+            when called).
     """
     timeout = RAY_CONNECT_TIMEOUT_S
     target = address
@@ -423,9 +424,11 @@ def _check_ray_answers(address: str) -> None:
             target = canonicalize_bootstrap_address_or_die("auto")
         except (ConnectionError, ValueError) as err:
             raise RayUnavailable(f"Ray address auto: {err}") from err
-    host, _, port = target.split("://", 1)[-1].rstrip("/").rpartition(":")
-    if not host or not port.isdigit():
-        return  # not host:port; ray.init says what is wrong with it
+    scheme, _, rest = target.rpartition("://")
+    host, _, port = rest.rstrip("/").rpartition(":")
+    if scheme not in ("", "ray") or not host.strip() or not port.isdigit() or not 0 < int(port) < 65536:
+        # ray.init would stop the sweep with a traceback, once its MLflow run and storage were made
+        raise RayUnavailable(f"Ray address {address!r}: not auto, HOST:PORT or ray://HOST:PORT")
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -724,7 +727,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     parent = tracking.open_parent_run(client, experiment, sweep_dir, space.summary(), bool(resume), limit)
     try:
         _init_ray(cluster)
-    except RayUnavailable:
+    except BaseException:  # Ray did not start (or was interrupted): the sweep's run must not stay RUNNING
         if resume:
             tracking.finish_parent_run(client, parent, status="FAILED", state=record.SWEEP_INTERRUPTED)
         else:  # nothing ran: no empty sweep for `--resume` to take for the last one
