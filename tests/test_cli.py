@@ -401,7 +401,11 @@ def test_a_data_file_without_questions_is_one_line(capsys, tmp_path):
 def test_a_cuda_device_on_a_machine_without_one_is_one_line(capsys, tmp_path):
     assert "CUDA is not available" in _one_line_error(capsys, ["eval", "no/such/model", "--device", "cuda"])
     line = _one_line_error(capsys, ["prune", "--config", TINY, "--device", "cuda:0", "--output-dir", str(tmp_path)])
-    assert TINY in line and "CUDA is not available" in line
+    assert line == "fineprune prune: error: --device cuda:0: CUDA is not available on this machine (use cpu)"
+    config = tmp_path / "c.yaml"  # given by the config file, named by it
+    config.write_text(Path(TINY).read_text() + "device: cuda\n")
+    line = _one_line_error(capsys, ["prune", "--config", str(config), "--output-dir", str(tmp_path / "out")])
+    assert line.startswith(f"fineprune prune: error: {config}: device cuda: CUDA is not available"), line
 
 
 def test_training_refuses_an_output_dir_that_holds_an_earlier_run(capsys, tmp_path):
@@ -1365,6 +1369,38 @@ def test_register_and_select_on_a_database_they_cannot_write_are_one_line_before
                     ": cannot be written (no permission to write it) (pass another --tracking-uri)"), line
     assert "Traceback" not in caplog.text
     assert (tmp_path / "store" / "mlflow.db").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--train-limit", "0"], "--train-limit: must be a positive integer"),
+    (["--device", "xpu"], "--device: must be auto"),
+    (["--precision", "bf16"], "--precision: bf16 asked for, but"),
+], ids=["limit", "device", "precision"])
+def test_a_bad_flag_value_is_named_by_the_flag_whatever_the_config_path_and_nothing_is_left(capsys, tmp_path,
+                                                                                         monkeypatch, flags, says):
+    """The config file named ./c.yaml (or a/../c.yaml) was blamed for a flag's value (the flag's error read as the
+    file's, as load_config names it c.yaml), and so were --device and --precision whatever the path; a precision
+    refused by the trainer left the output directory's parents behind."""
+    from pruning.precision import cpu_supports_bf16
+
+    if "bf16" in flags and cpu_supports_bf16():
+        pytest.skip("this CPU computes in bf16")
+    monkeypatch.chdir(tmp_path)
+    shutil.copyfile(TINY, tmp_path / "c.yaml")
+    line = _one_line_error(capsys, ["prune", "--config", "./c.yaml", *flags, "--output-dir", "a/b/run"])
+    assert line.startswith(f"fineprune prune: error: {says}"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_a_run_refused_once_the_model_is_known_leaves_no_directories_it_made(capsys, tmp_path, monkeypatch):
+    """A block shape that does not fit the model is found by the trainer, after the output directory's parents were
+    made for its lock: they stayed, empty."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(Path(TINY).read_text().replace("attention_block: [16, 16]",
+                                                                    "attention_block: [48, 48]"))
+    line = _one_line_error(capsys, ["prune", "--config", "c.yaml", "--output-dir", "x/y/run", "--no-progress"])
+    assert "attention_block" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
 
 
 @pytest.mark.parametrize("address", ["foo", " ", "http://127.0.0.1:6379", "127.0.0.1:abc", "127.0.0.1:0"])

@@ -117,7 +117,8 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:  # a bad value of a flag ("max_steps: must be ...") is named by the flag, not the file
-        key, _, problem = str(err).removeprefix(f"{args.config}: ").partition(": ")
+        # (the file as load_config names it: ./c.yaml is c.yaml there)
+        key, _, problem = str(err).removeprefix(f"{Path(args.config)}: ").partition(": ")
         if key in overrides and key != "model_config":
             raise UserError(f"{_flag(key)}: {problem}") from None
         raise
@@ -131,7 +132,8 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
                         "(use `fineprune train` for a dense fine-tune)")
     if not method_required and cfg.method is not Method.DENSE:
         raise UserError(f"{args.config}: method: {cfg.method.value} is a pruning method; use `fineprune prune`")
-    _check_device(cfg.device, f"{args.config}: device")
+    _check_device(cfg.device, _given_by("device", overrides, args.config))
+    _check_precision(cfg, overrides, args.config)
     _check_inputs(cfg, overrides, args.config)
     out = Path(cfg.output_dir)
     _check_output_path(out, "output_dir", directory=True, writable=True)
@@ -176,6 +178,19 @@ def _train_into(args: argparse.Namespace, cfg: Any, out: Path) -> int:
             out.rmdir()
     _emit(metrics)
     return 0
+
+
+def _check_precision(cfg: Any, overrides: dict[str, Any], config: str) -> None:
+    """A one-line error, before any work, for a precision the run's device cannot compute in (bf16 on a CPU without
+    bf16 instructions), named by the flag or the config key that gave it."""
+    from pruning.precision import PrecisionError, resolve_precision
+    from pruning.trainer import resolve_device
+
+    try:
+        resolve_precision(cfg.precision, resolve_device(cfg.device))
+    except PrecisionError as err:
+        raise UserError(f"{_given_by('precision', overrides, config)}: "
+                        f"{str(err).removeprefix('precision: ')}") from None
 
 
 def _flag(key: str) -> str:
@@ -355,8 +370,26 @@ def _writing(out: str | Path, flag: str) -> contextlib.AbstractContextManager:
         raise UserError(f"{flag} {given}: its lock file {lock} cannot be made ({out.parent} takes no new files; "
                         "a command writing a directory holds a lock beside it)"
                         + ("; name a new directory inside it instead" if inside else ""))
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # innermost first
     out.parent.mkdir(parents=True, exist_ok=True)
-    return atomic.locked(lock, str(out))
+    return _removing_if_unwritten(atomic.locked(lock, str(out)), out, made)
+
+
+@contextlib.contextmanager
+def _removing_if_unwritten(lock: contextlib.AbstractContextManager, out: Path, made: list[Path]) -> Iterator[None]:
+    """``lock`` held; then, where the command stopped (refused its input, failed) without writing ``out``, the
+    directories made to hold it removed, as long as they are empty: refused input leaves nothing behind."""
+    try:
+        with lock:
+            yield
+    except BaseException:
+        if not out.exists():
+            for directory in made:
+                try:
+                    directory.rmdir()
+                except OSError:  # something else was written there meanwhile
+                    break
+        raise
 
 
 def _check_not_inside(source: str | Path, out: str | Path, flag: str) -> None:
