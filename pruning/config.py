@@ -424,7 +424,7 @@ def _attention_defaults(model_type: str) -> tuple[int, int]:
 
 # Config fields a random model is built from: sizes (integers >= 1) and dropout probabilities ([0, 1)).
 _MODEL_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size")
+                "max_position_embeddings", "type_vocab_size", "embedding_size")
 _MODEL_PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 
 
@@ -456,9 +456,16 @@ def _model_config_problem(values: dict[Any, Any]) -> tuple[str, str] | None:
         return "model_config.hidden_act", f"unknown activation {act!r} (one of {', '.join(sorted(ACT2FN))})"
     cls = config_class(values.pop("model_type"))
     try:
-        cls(**values)
+        config = cls(**values)
     except Exception as err:  # TypeError, ValueError, or the strict field checks of recent transformers
         return "model_config", f"invalid {cls.__name__} ({' '.join(str(err).split())})"
+    # What the config takes and the model's layers refuse (an embedding's padding row, an initialiser's spread).
+    pad, vocab = getattr(config, "pad_token_id", None), config.vocab_size
+    if pad is not None and not (_is_int(pad) and 0 <= pad < vocab):
+        return "model_config.pad_token_id", f"must be a token id below vocab_size ({vocab}), got {pad!r}"
+    spread = getattr(config, "initializer_range", None)
+    if spread is not None and not (_is_number(spread) and spread >= 0):
+        return "model_config.initializer_range", f"must be a number >= 0, got {spread!r}"
     return None
 
 

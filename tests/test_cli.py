@@ -966,6 +966,10 @@ def test_a_directory_given_as_a_config_or_space_and_a_file_as_a_checkpoint_are_n
 @pytest.mark.parametrize("value,needle", [
     ("hidden_act: bogus", "model_config.hidden_act: unknown activation 'bogus' (one of gelu, "),
     ("layer_norm_eps: tiny", "model_config: invalid BertConfig (Validation error for field 'layer_norm_eps': "),
+    # taken by the config, refused by the model's layers (an AssertionError, a RuntimeError)
+    ("pad_token_id: 30522", "model_config.pad_token_id: must be a token id below vocab_size (30522), got 30522"),
+    ("initializer_range: -0.02", "model_config.initializer_range: must be a number >= 0, got -0.02"),
+    ("model_type: electra, embedding_size: -4", "model_config.embedding_size: must be a positive integer, got -4"),
 ])
 def test_a_model_config_value_transformers_cannot_build_is_one_line(capsys, tmp_path, value, needle):
     """A random model's model_config with an activation transformers lacks, or a value of the wrong type, passed the
