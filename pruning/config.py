@@ -283,6 +283,11 @@ def _check(cfg: RunConfig) -> None:
         _fail("calibration_samples", f"must be a positive integer, got {cfg.calibration_samples!r}")
     if not (_is_int(cfg.mask_tuning_samples) and cfg.mask_tuning_samples >= 0):
         _fail("mask_tuning_samples", f"must be an integer >= 0, got {cfg.mask_tuning_samples!r}")
+    for key in (*positive_ints, "train_limit", "eval_limit", "max_steps", "eval_every", "save_every", "fill_steps",
+                "calibration_samples", "mask_tuning_samples"):
+        value = getattr(cfg, key)
+        if value is not None and value > MAX_COUNT:  # torch takes no larger count (a batch split, an index)
+            _fail(key, f"must be at most {MAX_COUNT}, got {value!r}")
     if cfg.mask_tuning_damping is not None and (not _is_number(cfg.mask_tuning_damping)
                                                 or not cfg.mask_tuning_damping > 0):
         _fail("mask_tuning_damping", f"must be a number > 0 or null, got {cfg.mask_tuning_damping!r}")
@@ -520,6 +525,8 @@ def check_head_shaped(block: tuple[int, int] | str, head_dim: int, hidden: int) 
 # The largest seed: NumPy's, Optuna's samplers' and Ray's search generator's (a sweep without a seed of its own
 # seeds its search with base.seed) take 0 .. 2**32 - 1, and torch no more than 2**63 - 1.
 MAX_SEED = 2**32 - 1
+# The largest count a run config takes (steps, windows, batch sizes): torch's largest integer.
+MAX_COUNT = 2**63 - 1
 
 
 def _is_int(value: Any) -> bool:

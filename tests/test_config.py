@@ -59,6 +59,9 @@ def test_unknown_keys_of_mixed_types_are_one_error(tmp_path):
         ({"max_windows": 0}, "max_windows"),
         ({"max_query_length": 0}, "max_query_length: must be a positive integer, got 0"),
         ({"max_query_length": 6.5}, "max_query_length: must be a positive integer"),
+        # past torch's largest integer: an OverflowError's traceback when the windows were split into batches
+        ({"batch_size": 2**63}, "batch_size: must be at most 9223372036854775807, got 9223372036854775808"),
+        ({"max_steps": 2**64}, "max_steps: must be at most 9223372036854775807"),
         ({"precision": "fp8"}, "precision"),
         ({"fill_steps": 10}, "fill_steps"),  # needs a pruning method
         ({"initial_warmup": 1.5}, r"initial_warmup: must be a fraction of the pruning steps \(< 1\) or a whole number"),
