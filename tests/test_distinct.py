@@ -72,7 +72,7 @@ def _study(alg) -> optuna.Study:
 
 def test_the_space_counts_its_configurations(tmp_path):
     assert load_space(_space(tmp_path, DISCRETE)).configurations == 4
-    ladder = {**DISCRETE, "calibration_samples": {"type": "randint", "low": 16, "high": 19},
+    ladder = {**DISCRETE, "fill_steps": {"type": "randint", "low": 16, "high": 19},
               "alpha_distil": {"type": "quniform", "low": 0.5, "high": 0.9, "q": 0.1}}
     assert load_space(_space(tmp_path, ladder)).configurations == 4 * 4 * 5
     continuous = {**DISCRETE, "alpha_distil": {"type": "uniform", "low": 0.5, "high": 0.9}}
@@ -251,11 +251,11 @@ def test_a_sampler_rounding_a_value_differently_still_names_the_same_configurati
 def test_the_space_lists_each_finite_keys_values(tmp_path):
     search = {"target_density": {"type": "choice", "values": [0.5, 0.3, 0.1]},
               "topk_scope": {"type": "choice", "values": ["per_matrix", "global"]},
-              "calibration_samples": {"type": "randint", "low": 16, "high": 18},
+              "fill_steps": {"type": "randint", "low": 16, "high": 18},
               "alpha_distil": {"type": "quniform", "low": 0.5, "high": 0.9, "q": 0.1}}
     assert ladders(load_space(_space(tmp_path, search))) == {
         "target_density": (0.1, 0.3, 0.5), "topk_scope": ("per_matrix", "global"),
-        "calibration_samples": (16, 17, 18), "alpha_distil": (0.5, 0.6, 0.7, 0.8, 0.9)}
+        "fill_steps": (16, 17, 18), "alpha_distil": (0.5, 0.6, 0.7, 0.8, 0.9)}
     continuous = {**search, "temperature": {"type": "uniform", "low": 1, "high": 8}}
     assert ladders(load_space(_space(tmp_path, continuous))) is None
 
@@ -263,7 +263,7 @@ def test_the_space_lists_each_finite_keys_values(tmp_path):
 def test_a_space_too_large_to_steer_in_lists_no_values(tmp_path):
     """A wide randint: the space still counts its configurations (the search ends when they run out), but its values
     are never listed and repeats are not steered."""
-    space = load_space(_space(tmp_path, {**DISCRETE, "calibration_samples": {"type": "randint", "low": 1,
+    space = load_space(_space(tmp_path, {**DISCRETE, "fill_steps": {"type": "randint", "low": 1,
                                                                               "high": 10**9}}))
     assert space.configurations == 4 * 10**9 and ladders(space) is None
     alg = search_algorithm(space)
