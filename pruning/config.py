@@ -273,7 +273,8 @@ def _check(cfg: RunConfig) -> None:
     for key in positive_ints:
         if not (_is_int(getattr(cfg, key)) and getattr(cfg, key) > 0):
             _fail(key, f"must be a positive integer, got {getattr(cfg, key)!r}")
-    for key in ["train_limit", "eval_limit", "max_steps", "eval_every", "save_every"]:
+    optional_ints = ["train_limit", "eval_limit", "max_steps", "eval_every", "save_every"]
+    for key in optional_ints:
         value = getattr(cfg, key)
         if value is not None and not (_is_int(value) and value > 0):
             _fail(key, f"must be a positive integer or null, got {value!r}")
@@ -283,8 +284,7 @@ def _check(cfg: RunConfig) -> None:
         _fail("calibration_samples", f"must be a positive integer, got {cfg.calibration_samples!r}")
     if not (_is_int(cfg.mask_tuning_samples) and cfg.mask_tuning_samples >= 0):
         _fail("mask_tuning_samples", f"must be an integer >= 0, got {cfg.mask_tuning_samples!r}")
-    for key in (*positive_ints, "train_limit", "eval_limit", "max_steps", "eval_every", "save_every", "fill_steps",
-                "calibration_samples", "mask_tuning_samples"):
+    for key in (*positive_ints, *optional_ints, "fill_steps", "calibration_samples", "mask_tuning_samples"):
         value = getattr(cfg, key)
         if value is not None and value > MAX_COUNT:  # torch takes no larger count (a batch split, an index)
             _fail(key, f"must be at most {MAX_COUNT}, got {value!r}")

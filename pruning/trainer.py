@@ -43,8 +43,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
