@@ -235,7 +235,18 @@ def _fail(key: str, message: str) -> None:
 
 
 def _check(cfg: RunConfig) -> None:
-    # Coerce the values YAML gives (strings for enums, lists for tuples) before checking them.
+    """Coerce what YAML gives, then check each key alone and the keys together; the first problem is a
+    :class:`ConfigError` naming its key."""
+    _coerce(cfg)
+    _check_counts(cfg)
+    _check_numbers(cfg)
+    _check_together(cfg)
+    _check_model_config(cfg)
+
+
+def _coerce(cfg: RunConfig) -> None:
+    """The values YAML gives, as the checks read them: enums from their names, a block from its list (or one
+    integer), paths as strings with ``~`` expanded, ``mask_init`` as its kind or a number."""
     for key, enum_type in _ENUMS.items():
         value = getattr(cfg, key)
         if not isinstance(value, enum_type):
@@ -253,7 +264,6 @@ def _check(cfg: RunConfig) -> None:
                                      f"model), got {cfg.attention_block!r}")
         block = (int(block[0]), int(block[1]))
     object.__setattr__(cfg, "attention_block", block)
-
     for key in _PATH_KEYS:
         value = getattr(cfg, key)
         if isinstance(value, os.PathLike):
@@ -268,6 +278,20 @@ def _check(cfg: RunConfig) -> None:
         if not (isinstance(value, str) and value) and not (value is None and key in _OPTIONAL_PATH_KEYS):
             allowed = "a path or name" + (" or null" if key in _OPTIONAL_PATH_KEYS else "")
             _fail(key, f"must be {allowed}, got {value!r}")
+    if isinstance(cfg.mask_init, MaskInit):
+        pass
+    elif isinstance(cfg.mask_init, str):
+        try:
+            object.__setattr__(cfg, "mask_init", MaskInit(cfg.mask_init))
+        except ValueError:
+            allowed = ", ".join(m.value for m in MaskInit)
+            _fail("mask_init", f"unknown value {cfg.mask_init!r} (a number, or one of: {allowed})")
+    elif not _is_number(cfg.mask_init):
+        _fail("mask_init", f"must be a number or one of constant, fisher, magnitude, got {cfg.mask_init!r}")
+
+
+def _check_counts(cfg: RunConfig) -> None:
+    """The integer keys: steps, sizes, samples, stages, the seed."""
     positive_ints = ["max_seq_length", "doc_stride", "max_query_length", "max_answer_length", "n_best", "max_windows",
                      "batch_size", "eval_batch_size", "grad_accum", "log_every"]
     for key in positive_ints:
@@ -288,12 +312,6 @@ def _check(cfg: RunConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and value > MAX_COUNT:  # torch takes no larger count (a batch split, an index)
             _fail(key, f"must be at most {MAX_COUNT}, got {value!r}")
-    if cfg.mask_tuning_damping is not None and (not _is_number(cfg.mask_tuning_damping)
-                                                or not cfg.mask_tuning_damping > 0):
-        _fail("mask_tuning_damping", f"must be a number > 0 or null, got {cfg.mask_tuning_damping!r}")
-    for key in ("mask_rearrange", "teacher_cache", "fill_packed", "group_by_length", "freeze_embeddings"):
-        if not isinstance(getattr(cfg, key), bool):
-            _fail(key, f"must be true or false, got {getattr(cfg, key)!r}")
     if not (_is_int(cfg.fisher_stages) and cfg.fisher_stages >= 1):
         _fail("fisher_stages", f"must be an integer >= 1, got {cfg.fisher_stages!r}")
     if not (_is_int(cfg.seed) and 0 <= cfg.seed <= MAX_SEED):
@@ -301,6 +319,15 @@ def _check(cfg: RunConfig) -> None:
     if cfg.doc_stride >= cfg.max_seq_length:
         _fail("doc_stride", f"must be smaller than max_seq_length ({cfg.max_seq_length}), got {cfg.doc_stride}")
 
+
+def _check_numbers(cfg: RunConfig) -> None:
+    """The real-valued keys, switches and device settings, each in its range."""
+    if cfg.mask_tuning_damping is not None and (not _is_number(cfg.mask_tuning_damping)
+                                                or not cfg.mask_tuning_damping > 0):
+        _fail("mask_tuning_damping", f"must be a number > 0 or null, got {cfg.mask_tuning_damping!r}")
+    for key in ("mask_rearrange", "teacher_cache", "fill_packed", "group_by_length", "freeze_embeddings"):
+        if not isinstance(getattr(cfg, key), bool):
+            _fail(key, f"must be true or false, got {getattr(cfg, key)!r}")
     if cfg.max_grad_norm is not None and (not _is_number(cfg.max_grad_norm) or cfg.max_grad_norm < 0):
         _fail("max_grad_norm", f"must be a number >= 0 (0: no clipping) or null, got {cfg.max_grad_norm!r}")
     non_negative = ["epochs", "weight_decay", "lambda_attention", "lambda_ffn",
@@ -313,20 +340,6 @@ def _check(cfg: RunConfig) -> None:
         value = getattr(cfg, key)
         if value >= 1 and value != int(value):
             _fail(key, f"must be a fraction of the pruning steps (< 1) or a whole number of steps, got {value!r}")
-    if (cfg.method in (Method.TOPK, Method.SIGMOID_THRESHOLD) and cfg.initial_warmup < 1 and cfg.final_warmup < 1
-            and cfg.initial_warmup + cfg.final_warmup > 1):
-        _fail("final_warmup", f"{cfg.final_warmup} of the pruning steps after an initial_warmup of "
-                              f"{cfg.initial_warmup}: the two warm-ups take more than every pruning step")
-    if isinstance(cfg.mask_init, MaskInit):
-        pass
-    elif isinstance(cfg.mask_init, str):
-        try:
-            object.__setattr__(cfg, "mask_init", MaskInit(cfg.mask_init))
-        except ValueError:
-            allowed = ", ".join(m.value for m in MaskInit)
-            _fail("mask_init", f"unknown value {cfg.mask_init!r} (a number, or one of: {allowed})")
-    elif not _is_number(cfg.mask_init):
-        _fail("mask_init", f"must be a number or one of constant, fisher, magnitude, got {cfg.mask_init!r}")
     for key in ["learning_rate", "mask_lr", "temperature", "mask_init_scale"]:
         value = getattr(cfg, key)
         if not _is_number(value) or value <= 0:
@@ -337,36 +350,38 @@ def _check(cfg: RunConfig) -> None:
         _fail("warmup_ratio", f"must be in [0, 1), got {cfg.warmup_ratio!r}")
     if not _is_number(cfg.target_density) or not 0 < cfg.target_density <= 1:
         _fail("target_density", f"must be in (0, 1], got {cfg.target_density!r}")
-    if cfg.target_flops is not None:
-        if not _is_number(cfg.target_flops) or not 0 < cfg.target_flops <= 1:
-            _fail("target_flops", f"must be in (0, 1] or null, got {cfg.target_flops!r}")
-        if cfg.method is not Method.FISHER:
-            _fail("target_flops", f"only method fisher takes a FLOP target, not {cfg.method.value}")
+    if cfg.target_flops is not None and (not _is_number(cfg.target_flops) or not 0 < cfg.target_flops <= 1):
+        _fail("target_flops", f"must be in (0, 1] or null, got {cfg.target_flops!r}")
     for key in ["initial_threshold", "final_threshold"]:
         value = getattr(cfg, key)
         if not _is_number(value) or not 0 <= value < 1:
             _fail(key, f"must be in [0, 1), got {value!r}")
-    if cfg.precision not in ("fp32", "bf16", "auto"):
-        _fail("precision", f"unknown value {cfg.precision!r} (allowed: fp32, bf16, auto)")
-    if not isinstance(cfg.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        _fail("device", f"must be auto, cpu or cuda[:N], got {cfg.device!r}")
-    if cfg.epochs == 0 and cfg.max_steps is None:
-        _fail("epochs", "is 0 and max_steps is not set: nothing to train")
-    if cfg.alpha_ce + cfg.alpha_distil <= 0:
-        _fail("alpha_ce", "alpha_ce + alpha_distil must be > 0")
-    if cfg.model_config is not None and not isinstance(cfg.model_config, Mapping):
-        _fail("model_config", f"must be a mapping of config fields, got {type(cfg.model_config).__name__}")
-    if cfg.model_config is not None:
-        _check_model_keys(cfg.model_config)
-        _check_model_values(cfg.model_config)
-    if not cfg.masked and cfg.fill_steps:
-        _fail("fill_steps", "a filled phase needs a pruning method (topk, sigmoid_threshold or fisher)")
     if cfg.dropout is not None and (not _is_number(cfg.dropout) or not 0 <= cfg.dropout < 1):
         _fail("dropout", f"must be in [0, 1) or null, got {cfg.dropout!r}")
     if cfg.ema_decay is not None and (not _is_number(cfg.ema_decay) or not 0 < cfg.ema_decay < 1):
         _fail("ema_decay", f"must be in (0, 1) or null, got {cfg.ema_decay!r}")
     if not _is_number(cfg.fisher_layer_floor) or not 0 <= cfg.fisher_layer_floor < 1:
         _fail("fisher_layer_floor", f"must be in [0, 1), got {cfg.fisher_layer_floor!r}")
+    if cfg.precision not in ("fp32", "bf16", "auto"):
+        _fail("precision", f"unknown value {cfg.precision!r} (allowed: fp32, bf16, auto)")
+    if not isinstance(cfg.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        _fail("device", f"must be auto, cpu or cuda[:N], got {cfg.device!r}")
+
+
+def _check_together(cfg: RunConfig) -> None:
+    """Keys that must agree with each other (and with the method)."""
+    if (cfg.method in (Method.TOPK, Method.SIGMOID_THRESHOLD) and cfg.initial_warmup < 1 and cfg.final_warmup < 1
+            and cfg.initial_warmup + cfg.final_warmup > 1):
+        _fail("final_warmup", f"{cfg.final_warmup} of the pruning steps after an initial_warmup of "
+                              f"{cfg.initial_warmup}: the two warm-ups take more than every pruning step")
+    if cfg.epochs == 0 and cfg.max_steps is None:
+        _fail("epochs", "is 0 and max_steps is not set: nothing to train")
+    if cfg.alpha_ce + cfg.alpha_distil <= 0:
+        _fail("alpha_ce", "alpha_ce + alpha_distil must be > 0")
+    if cfg.target_flops is not None and cfg.method is not Method.FISHER:
+        _fail("target_flops", f"only method fisher takes a FLOP target, not {cfg.method.value}")
+    if not cfg.masked and cfg.fill_steps:
+        _fail("fill_steps", "a filled phase needs a pruning method (topk, sigmoid_threshold or fisher)")
     if cfg.fisher_layer_floor > 0:
         if cfg.method is not Method.FISHER:
             _fail("fisher_layer_floor", f"is {cfg.fisher_layer_floor}, but only method fisher searches a layer floor")
@@ -383,14 +398,23 @@ def _check(cfg: RunConfig) -> None:
     if cfg.fisher_stages > 1 and cfg.fill_steps < cfg.fisher_stages:
         _fail("fisher_stages", f"{cfg.fisher_stages} stages need at least {cfg.fisher_stages} fill_steps (recovery "
                                f"after each), got {cfg.fill_steps}")
-    if cfg.model_config is not None:
-        default_hidden, default_heads = _attention_defaults(_model_type(cfg.model_config))
-        hidden = cfg.model_config.get("hidden_size", default_hidden)
-        heads = cfg.model_config.get("num_attention_heads", default_heads)
-        if hidden % heads:
-            _fail("model_config.hidden_size", f"{hidden} is not a multiple of num_attention_heads {heads}")
-        if cfg.method is Method.FISHER:
-            check_head_shaped(method_block(cfg), hidden // heads, hidden)
+
+
+def _check_model_config(cfg: RunConfig) -> None:
+    """``model_config``, a random model's fields: known keys, values in range, a head-shaped block."""
+    if cfg.model_config is None:
+        return
+    if not isinstance(cfg.model_config, Mapping):
+        _fail("model_config", f"must be a mapping of config fields, got {type(cfg.model_config).__name__}")
+    _check_model_keys(cfg.model_config)
+    _check_model_values(cfg.model_config)
+    default_hidden, default_heads = _attention_defaults(_model_type(cfg.model_config))
+    hidden = cfg.model_config.get("hidden_size", default_hidden)
+    heads = cfg.model_config.get("num_attention_heads", default_heads)
+    if hidden % heads:
+        _fail("model_config.hidden_size", f"{hidden} is not a multiple of num_attention_heads {heads}")
+    if cfg.method is Method.FISHER:
+        check_head_shaped(method_block(cfg), hidden // heads, hidden)
 
 
 def _model_type(values: Mapping[Any, Any]) -> str:
