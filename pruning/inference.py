@@ -24,15 +24,15 @@ its own copy.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .bench import eval_mode
-from .squad import (Answer, EvalFeatures, Example, HostLogits, cut_question, lone_surrogate, longest_question,
-                    postprocess_predictions, prepare_eval_features, to_device, tokenize_text)
+from .squad import (Answer, EvalFeatures, Example, HostLogits, cut_question, length_sorted_batches, lone_surrogate,
+                    longest_question, postprocess_predictions, prepare_eval_features, to_device, tokenize_text)
 
 __all__ = ["Answer", "RecordError", "WindowRunner", "check_records", "count_windows", "torch_runner", "run_windows",
            "answer_records", "answer_batch", "answer"]
@@ -49,8 +49,6 @@ device (:func:`run_windows` copies those to the host together, not batch by batc
 # the prefix then doubles until it decides.
 _CHARS_PER_TOKEN = 8
 _WHITESPACE = (" ", "\n", "\t", "\r")
-# Every window of a batch is at least this fraction of the batch's longest: padding is at most 1/5 of its tokens.
-_MIN_FILL = 0.8
 
 
 class RecordError(ValueError):
@@ -208,20 +206,6 @@ def torch_runner(model: nn.Module, device: str | torch.device | None = None) -> 
     return run
 
 
-def _batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Window indices by batch: longest first, at most ``batch_size`` a batch, each window of a batch at least
-    ``_MIN_FILL`` as long as the batch's first (longest) one."""
-    order = np.argsort(-lengths, kind="stable")
-    first = 0
-    while first < len(order):
-        longest = lengths[order[first]]
-        end = min(first + batch_size, len(order))
-        # lengths[order] is non-increasing: the batch ends at the first window shorter than the fill allows.
-        end = first + 1 + int(np.sum(lengths[order[first + 1:end]] >= _MIN_FILL * longest))
-        yield order[first:end]
-        first = end
-
-
 def run_windows(run: WindowRunner, features: EvalFeatures, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Start and end logits ``(F, max_seq_length)`` of all windows, at most ``batch_size`` windows per call of
     ``run``.
@@ -237,7 +221,7 @@ def run_windows(run: WindowRunner, features: EvalFeatures, batch_size: int = 64)
     count, width = features.input_ids.shape
     logits = HostLogits(count, width)
     lengths = features.attention_mask.sum(dim=1).numpy()
-    for rows in _batches(lengths, batch_size):
+    for rows in length_sorted_batches(lengths, batch_size):
         used = max(int(lengths[rows].max()), 1)
         batch = {key: value[:, :used] for key, value in features.model_inputs(torch.from_numpy(rows)).items()}
         start_logits, end_logits = run(batch)

@@ -79,6 +79,7 @@ __all__ = [
     "prepare_eval_features",
     "postprocess_predictions",
     "compute_logits",
+    "length_sorted_batches",
     "predict_spans",
     "predict",
     "evaluate_model",
@@ -793,6 +794,26 @@ class HostLogits:
         return self.starts, self.ends
 
 
+# Every window of a batch is at least this fraction of the batch's longest: padding is at most 1/5 of its tokens.
+_MIN_FILL = 0.8
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Window indices by batch: longest first (a batch too large for the device fails at once), at most
+    ``batch_size`` a batch, each window of a batch at least ``_MIN_FILL`` as long as the batch's first (longest)
+    one. Cut to its longest window, a batch then computes few padding positions."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches, first = [], 0
+    while first < len(order):
+        longest = lengths[order[first]]
+        end = min(first + batch_size, len(order))
+        # lengths[order] is non-increasing: the batch ends at the first window shorter than the fill allows.
+        end = first + 1 + int(np.sum(lengths[order[first + 1:end]] >= _MIN_FILL * longest))
+        batches.append(order[first:end])
+        first = end
+    return batches
+
+
 def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 64,
                    device: str | torch.device | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Start and end logits ``(F, max_seq_length)`` (float32 numpy) of a QA model over all windows.
@@ -801,8 +822,10 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
     called with ``input_ids``, ``attention_mask`` and ``token_type_ids`` and must return an object with
     ``start_logits`` and ``end_logits``.
 
-    The logits stay on the device, and come back to the host together (see :class:`HostLogits`), so the host queues
-    the next batch while a GPU runs this one.
+    The windows run in batches of similar length (:func:`length_sorted_batches`), each cut to its longest window:
+    in the order of the file, a batch of 64 SQuAD dev windows is padded to 1.65 times its tokens. The logits stay
+    on the device, and come back to the host together (see :class:`HostLogits`), so the host queues the next batch
+    while a GPU runs this one.
 
     Args:
         device: where to run the batches; default: the device of the model's first parameter. The model is not moved.
@@ -815,13 +838,12 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
     model.eval()
     try:
         with torch.inference_mode():
-            for first in tqdm(range(0, len(features), batch_size), desc="predict", disable=not progress,
-                              dynamic_ncols=True):
-                batch = features.model_inputs(slice(first, first + batch_size))
+            batches = length_sorted_batches(features.attention_mask.sum(dim=1).numpy(), batch_size)
+            for rows in tqdm(batches, desc="predict", disable=not progress, dynamic_ncols=True):
+                batch = features.model_inputs(torch.from_numpy(rows))
                 # Dynamic padding: run only up to the longest window of the batch, pad the logits back after.
                 used = batch_width(batch["attention_mask"])
                 output = model(**{key: to_device(value[:, :used], device) for key, value in batch.items()})
-                rows = np.arange(first, min(first + batch_size, len(features)))
                 logits.add(rows, output.start_logits, output.end_logits)
             return logits.arrays()
     finally:

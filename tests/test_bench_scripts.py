@@ -88,6 +88,18 @@ def test_pack_speed_writes_its_rows_where_asked(bench_script, tmp_path, capsys):
         f"pack_speedup dense/packed = {row['speedup']:.2f} (flop limit {row['flop_limit']:.2f})")
 
 
+def test_eval_batches_counts_fewer_positions_by_length_and_times_both_ways(bench_script, capsys):
+    code = bench_script("eval_batches").main(["--limit", "40", "--questions", "6", "--repeats", "1", "--seq-len",
+                                              "128", "--batch-size", "8"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    counted = {line.split("  ")[0].strip(): int(line.split("batches")[1].split("positions")[0].replace(",", ""))
+               for line in lines[:2]}
+    assert counted["length sorted"] < counted["file order"]
+    assert "same answer for 6 of 6 questions" in lines
+    assert lines[-1].startswith("eval_batches file_order/length_sorted = ")
+
+
 @pytest.mark.parametrize("script,argv,message", [
     ("pack_speed", ["--json", "{tmp}/file/x.json"], "pack_speed: --json {tmp}/file/x.json: {tmp}/file is a file"),
     ("bf16_weights", ["--checkpoint", "{tmp}/absent"], "bf16_weights: {tmp}/absent: model directory not found"),
@@ -130,6 +142,8 @@ def test_bad_input_is_one_line_and_exit_2(bench_script, checkpoints, tmp_path, c
     # The batching phase compares one record a request with --per-request: one against one stopped it with a
     # NameError after the load phase.
     ("serve_load", ["--per-request", "1", "--model-dir", "absent-model"], "--per-request 1: the batching phase"),
+    ("eval_batches", ["--questions", "0"], "--questions must be a positive integer, got 0"),
+    ("eval_batches", ["--seq-len", "600"], "--seq-len 600: the shipped model has 512 positions"),
 ])
 def test_impossible_sizes_are_refused_before_any_model_is_built(bench_script, capsys, script, argv, message):
     with pytest.raises(SystemExit) as exit_:

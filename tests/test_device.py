@@ -252,7 +252,7 @@ def test_evaluation_batches_go_to_a_gpu_through_pinned_memory_without_waiting():
     import numpy as np
 
     from pruning.inference import torch_runner
-    from pruning.squad import EvalFeatures, compute_logits
+    from pruning.squad import EvalFeatures, compute_logits, length_sorted_batches
 
     windows = host_windows(n=7)
     features = EvalFeatures(windows["input_ids"], windows["attention_mask"], windows["token_type_ids"],
@@ -260,7 +260,8 @@ def test_evaluation_batches_go_to_a_gpu_through_pinned_memory_without_waiting():
     model = tiny_model()
     with CudaStandIn() as gpu:
         start, end = compute_logits(model, features, batch_size=3, device=CUDA, progress=False)
-    assert gpu.copies == [(True, True)] * 3 * 3  # three batches of three inputs
+    batches = length_sorted_batches(features.attention_mask.sum(dim=1).numpy(), 3)
+    assert gpu.copies == [(True, True)] * 3 * len(batches)  # the three inputs of every batch
     expected = compute_logits(model, features, batch_size=3, device="cpu", progress=False)
     assert np.array_equal(start, expected[0]) and np.array_equal(end, expected[1])
     # The runner of answer() and the served PyTorch model the same way.

@@ -870,8 +870,10 @@ def test_predict_spans_agree_with_the_logits(tiny_qa_model, tokenizer, dev_subse
     start, end = squad.compute_logits(tiny_qa_model, features, batch_size=5, progress=False)
     with torch.inference_mode():
         direct = tiny_qa_model.eval()(**features.model_inputs())
-    np.testing.assert_allclose(start, direct.start_logits.numpy(), atol=1e-5)
-    np.testing.assert_allclose(end, direct.end_logits.numpy(), atol=1e-5)
+    # A batch runs to its longest window: past that, a window's logits are the padding's mark, never an answer.
+    real = features.attention_mask.bool().numpy()
+    np.testing.assert_allclose(start[real], direct.start_logits.numpy()[real], atol=1e-5)
+    np.testing.assert_allclose(end[real], direct.end_logits.numpy()[real], atol=1e-5)
     spans = squad.predict_spans(tiny_qa_model, tokenizer, examples, max_seq_length=96, doc_stride=32,
                                 progress=False)
     assert spans == squad.postprocess_predictions(examples, features, start, end)
