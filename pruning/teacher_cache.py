@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
+from .config import ConfigError
 from .squad import to_device
 
 __all__ = ["TeacherCache", "TeacherOutputs"]
@@ -30,6 +33,36 @@ logger = logging.getLogger(__name__)
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 HIDDEN_DTYPE = torch.bfloat16  # the kept hidden states: half the memory of fp32, targets of an MSE
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can give now without swapping (Linux's MemAvailable, else the free pages), or
+    None where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_hidden_fits(num: int, layers: int, width: int, hidden: int) -> int:
+    """The bytes the kept hidden states take; a :class:`ConfigError` when they exceed the memory available, before
+    any is taken (an allocation past it stops the run in a traceback, or lets the kernel kill it later as the cache
+    fills)."""
+    needed = num * layers * width * hidden * torch.finfo(HIDDEN_DTYPE).bits // 8
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ConfigError(f"teacher_cache: the teacher's hidden states that alpha_hidden distils, {layers} layers x "
+                          f"{hidden} values x {width} tokens for each of {num:,} training windows, take "
+                          f"{needed / 1e9:.1f} GB, more than the {available / 1e9:.1f} GB of memory available; set "
+                          f"teacher_cache false (the teacher then runs every step), or train on fewer or shorter "
+                          f"windows (train_limit, max_seq_length)")
+    return needed
 
 
 class TeacherOutputs(NamedTuple):
@@ -63,14 +96,14 @@ class TeacherCache:
         self.batch_size = batch_size
         self.autocast = autocast or contextlib.nullcontext
         num, width = features["input_ids"].shape
-        self.start = torch.zeros(num, width)
-        self.end = torch.zeros(num, width)
         self.hidden = None
         if hidden:
-            config = teacher.config
-            self.hidden = torch.empty(num, config.num_hidden_layers, width, config.hidden_size, dtype=HIDDEN_DTYPE)
-            logger.info("teacher cache: %.2f GB for the hidden states of %d windows",
-                        self.hidden.numel() * self.hidden.element_size() / 1e9, num)
+            layers, size = teacher.config.num_hidden_layers, teacher.config.hidden_size
+            needed = _check_hidden_fits(num, layers, width, size)
+            logger.info("teacher cache: %.2f GB for the hidden states of %d windows", needed / 1e9, num)
+            self.hidden = torch.empty(num, layers, width, size, dtype=HIDDEN_DTYPE)
+        self.start = torch.zeros(num, width)
+        self.end = torch.zeros(num, width)
         self.known = torch.zeros(num, dtype=torch.bool)
         self.forwards = 0  # windows the teacher has run on
 

@@ -189,6 +189,27 @@ def test_cached_hidden_states_equal_the_teachers_and_give_the_same_loss(tmp_path
         assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-2, abs=1e-5)
 
 
+def test_hidden_states_beyond_the_memory_available_are_refused_before_any_is_taken():
+    """Every training window's hidden states at full width (SQuAD's 88,641 windows of 384 tokens: 157 GB for MiniLM)
+    were allocated at once: past the memory available, a traceback after the tokenization, or a run the kernel kills
+    as the cache fills. A teacher of 512 layers of width 16,384 (on the meta device) over 1,000 windows of 512
+    tokens would need 8.6 TB."""
+    from transformers import BertConfig
+
+    from pruning.teacher_cache import available_memory
+
+    with torch.device("meta"):
+        teacher = BertForQuestionAnswering(BertConfig(hidden_size=16384, num_hidden_layers=512,
+                                                      num_attention_heads=128, intermediate_size=64))
+    features = {k: torch.zeros(1000, 512, dtype=torch.long) for k in INPUTS}
+    assert available_memory() is not None and available_memory() > 0
+    with pytest.raises(ConfigError, match=r"^teacher_cache: the teacher's hidden states that alpha_hidden distils, "
+                                          r"512 layers x 16384 values x 512 tokens for each of 1,000 training "
+                                          r"windows, take 8589\.9 GB, more than the [0-9.]+ GB of memory"):
+        TeacherCache(teacher, features, torch.device("cpu"), batch_size=8, hidden=True)
+    TeacherCache(teacher, features, torch.device("cpu"), batch_size=8)  # the logits alone: 4 MB
+
+
 @pytest.mark.parametrize("alpha_hidden", [0.0, 1.0])
 def test_a_cached_teacher_runs_once_per_window_and_trains_the_same(tmp_path, alpha_hidden):
     teacher = train(tiny_cfg(tmp_path, method="dense", fill_steps=0, max_steps=3, attention_block=[32, 32],
