@@ -167,8 +167,10 @@ def _json_lines(path: Path, text: str, object_pairs_hook: Callable[[list[tuple[s
     return values
 
 
-# A question written as one flat record, as HuggingFace ``datasets`` writes SQuAD, instead of nested in paragraphs.
-_FLAT_KEYS = frozenset({"context", "question", "answers"})
+# A question written as one flat record, as HuggingFace ``datasets`` writes SQuAD, instead of nested in paragraphs:
+# its question and context side by side (a nested file's questions have no context of their own). Its answers are
+# checked as the record is read, so that a record without them is named as such.
+_FLAT_KEYS = frozenset({"context", "question"})
 
 
 def _flat_record(value: Any) -> bool:

@@ -440,14 +440,19 @@ def test_the_flat_records_of_huggingface_datasets_read_as_the_nested_questions(t
     ("{FIRST}\n{SECOND_NO_ID}", "line 2: empty 'id'"),
     ("{SECOND_OFF}", "question q-second (line 1): answer 0 'Panthers' is not at answer_start 20 of its context "
                      "(the text occurs at 21)"),
+    # A record without its answers is still a question record (it was taken for a nested file: "missing 'data'").
+    ("{FIRST_NO_ANSWERS}", "question q-first (line 1): missing 'answers'"),
+    ("{FIRST}\n{FIRST_NO_ANSWERS}", "question q-first (line 2): missing 'answers'"),
+    ('{"data": [{FIRST_NO_ANSWERS}]}', "question q-first (data[0]): missing 'answers'"),
 ], ids=["not-records", "bad-line", "not-an-object", "uneven-answers", "answers-list", "duplicate", "empty-id",
-        "answer-off"])
+        "answer-off", "no-answers-one-line", "no-answers", "no-answers-in-data"])
 def test_malformed_flat_records_are_one_line_naming_the_line_and_question(tmp_path, content, problem):
     first, second = _flat(_valid_dataset())
     values = {"FIRST": first, "SECOND_UNEVEN": {**second, "answers": {"text": ["a", "b"], "answer_start": [1]}},
               "SECOND_AS_LIST": {**second, "answers": [{"text": "Panthers", "answer_start": 21}]},
               "SECOND_NO_ID": {**second, "id": "", "context": ""},
-              "SECOND_OFF": {**second, "answers": {"text": ["Panthers"], "answer_start": [20]}}}
+              "SECOND_OFF": {**second, "answers": {"text": ["Panthers"], "answer_start": [20]}},
+              "FIRST_NO_ANSWERS": {k: v for k, v in first.items() if k != "answers"}}
     for name, value in values.items():
         content = content.replace("{" + name + "}", json.dumps(value))
     path = tmp_path / "flat.jsonl"
