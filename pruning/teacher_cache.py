@@ -112,7 +112,7 @@ class TeacherCache:
         index = index.cpu()
         missing = index[~self.known[index]].unique()
         for chunk in missing.split(self.batch_size) if missing.numel() else ():
-            batch = {k: to_device(v[chunk], self.device) for k, v in self.features.items()}
+            batch = {k: to_device(v[chunk], self.device).long() for k, v in self.features.items()}
             with torch.no_grad(), self.autocast():
                 out = self.teacher(**batch, output_hidden_states=self.hidden is not None)
             self.start[chunk] = out.start_logits.float().cpu()

@@ -425,7 +425,7 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
     path = Path(cfg.cache_dir) / f"train-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         try:
-            return _read_feature_cache(path)
+            return squad.compact_windows(_read_feature_cache(path))  # one written as int64 is read narrowed
         except Exception as err:  # a damaged cache is rebuilt, never trusted
             logger.warning("ignoring unreadable feature cache %s: %s", path, error_line(err))
     features = {k: v.contiguous() for k, v in tokenize().items()}
