@@ -9,7 +9,7 @@ import itertools
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["error_line", "typed_error_line", "did_you_mean", "name_hint", "path_hint"]
+__all__ = ["error_line", "typed_error_line", "did_you_mean", "name_hint", "path_hint", "interrupt_behind"]
 
 
 def error_line(error: BaseException, default: str | None = None) -> str:
@@ -22,6 +22,24 @@ def typed_error_line(error: BaseException) -> str:
     ``ExportError`` of the same words); ``"Type"`` alone where the message says nothing."""
     line = _first_line(error)
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C, or SIGTERM as the command line raises it) that ``error`` was raised from or
+    while handling, or None.
+
+    Most code lets a KeyboardInterrupt through as it is. A native module interrupted as it initialises (ONNX
+    Runtime's, the first time a command imports it) raises ``ImportError: initialization failed`` from it instead,
+    which a handler of ordinary errors would take for a model that cannot be loaded, and go on. Such a handler asks
+    this first, and raises the interrupt.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _first_line(error: BaseException) -> str:

@@ -213,6 +213,74 @@ def test_select_picks_the_most_accurate_version_within_the_budget(record, regist
     assert {row["version"]: row["within_budget"] for row in result["versions"]}[by_run[runs[WIDE]]] is False
 
 
+# ONNX Runtime's compiled module, interrupted as it initialises, raises ImportError from the KeyboardInterrupt (as
+# pybind11 does); here the module's creation raises just that, the first time a command imports it.
+_INTERRUPTED_ORT_IMPORT = """
+import importlib.abc, importlib.machinery, sys
+
+class InterruptedInit(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "onnxruntime.capi.onnxruntime_pybind11_state":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+
+        def create_module(spec):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as stop:
+                raise ImportError("initialization failed") from stop
+
+        spec.loader.create_module = create_module
+        return spec
+
+sys.meta_path.insert(0, InterruptedInit())
+from workflows.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_ctrl_c_as_onnx_runtime_first_loads_stops_select_and_leaves_the_alias(record, registered):
+    """A Ctrl-C landing as ONNX Runtime's module initialised came out as "version N cannot be loaded: initialization
+    failed": select went on without the versions it could not load and moved the alias to another, then said it was
+    interrupted (or another command ended in a traceback). It is the interrupt: one line, 130, the alias where it
+    was."""
+    import subprocess
+    import sys
+
+    client, runs = record["client"], record["runs"]
+    narrow = str(_versions(client)[runs[NARROW]].version)
+    client.set_registered_model_alias(NAME, "kept", narrow)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_ORT_IMPORT, "select", "--registered-model", NAME,
+                           "--max-latency-ms", "1e6", "--seq-len", "128", "--threads", "1", "--repeats", "3",
+                           "--alias", "kept", "--tracking-uri", record["uri"]],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == "fineprune select: interrupted by SIGINT"
+    assert "cannot be loaded" not in done.stderr and done.stdout == ""
+    assert str(client.get_model_version_by_alias(NAME, "kept").version) == narrow
+
+
+def test_an_interrupt_is_found_behind_the_errors_raised_from_it():
+    from pruning.errors import interrupt_behind
+
+    stop = KeyboardInterrupt()
+    try:
+        try:
+            raise ImportError("initialization failed") from stop
+        except ImportError as err:
+            raise RuntimeError("version 2 cannot be loaded") from err
+    except RuntimeError as err:
+        assert interrupt_behind(err) is stop
+    looped = ValueError("a")
+    looped.__context__ = ValueError("b")
+    looped.__context__.__context__ = looped
+    assert interrupt_behind(looped) is None and interrupt_behind(ValueError("plain")) is None
+
+
 def test_select_can_time_the_packed_pytorch_models(record, registered, capsys):
     code, out, _ = _select(capsys, record, 1e6, "torch-timed", "--runtime", "torch")
     assert code == 0

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from pruning.errors import interrupt_behind
 from workflows.record import RUNTIMES, fineprune_version
 from workflows.retry import TrackingUnavailable
 from workflows.user_errors import output_path_problem, user_errors, write_problem
@@ -1161,6 +1162,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, and the shell's status for the signal
         return _interrupted(args.command, _signalled or signal.SIGINT)
     except Exception as err:
+        if _signalled is not None or interrupt_behind(err) is not None:  # an error a Ctrl-C caused (see
+            return _interrupted(args.command, _signalled or signal.SIGINT)  # pruning.errors.interrupt_behind)
         if isinstance(err, user_errors(UserError)):  # some are OSErrors too (a file that is not there)
             status = 2
         elif isinstance(err, (TrackingUnavailable, OSError)):  # the environment (a full disk, a tracking server
