@@ -454,10 +454,11 @@ def test_a_latency_registration_registers_the_frontier_once(store, tokenizer):
         assert result["champion"]["served_f1"] is None
         assert [row["run_id"] for row in result["frontier"]] == [made["runs"]["narrow"], made["runs"]["wide"]]
         calls.append(counting.calls)
-    # Made: one search for the frontier, one per new version (to find it made once), one to time them.
-    assert calls[0] == {"search_model_versions": 4, "set_model_version_tag": 22, "create_model_version": 2,
+    # Made: one search for the frontier, one per new version (to find it made once), one to time them, one for the
+    # versions that may hold a policy once the alias has moved.
+    assert calls[0] == {"search_model_versions": 5, "set_model_version_tag": 22, "create_model_version": 2,
                         "get_run": 6}
-    assert calls[1] == {"search_model_versions": 2, "set_model_version_tag": 0, "create_model_version": 0,
+    assert calls[1] == {"search_model_versions": 3, "set_model_version_tag": 0, "create_model_version": 0,
                         "get_run": 6}
     assert _champion(store["client"]) == _version_of(store["client"], made["runs"]["wide"])
 
@@ -621,6 +622,48 @@ def test_only_the_champion_says_a_policy_chose_it(store, tokenizer, capsys):
     assert status == 0 and result["version"] == fast == _champion(client)
     assert _policy_tags(client) == {fast: latency, wide: former,
                                     best: {f"former_champion_{k}": v for k, v in latency.items()}}
+
+
+def test_a_select_stopped_as_it_moves_the_alias_leaves_every_policy_tag_where_it_was(store, tokenizer, capsys,
+                                                                                      monkeypatch, caplog):
+    """`select` tagged the version it chose with its policy before it moved the alias: a Ctrl-C as the alias moved
+    (or another `select` moving it the other way meanwhile) left a version that is not the champion saying a
+    policy chose it, and the champion's policy named `former_champion_policy` at the next registration. The alias
+    moves first now; then the chosen version is tagged and the rest tidied, from the versions as they are then."""
+    client = store["client"]
+    sweep_record(client, store["root"], tokenizer, NAME, "a", TRIALS)
+    assert _register(capsys, store, "--frontier")[0] == 0
+    champion, before = _champion(client), _policy_tags(client)
+    assert set(before) == {champion}  # the registration's policy, on the champion alone
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_registered_model_alias", interrupted)
+        status, _, err = _select(capsys, store, "--max-latency-ms", "10000")
+    assert status == 130 and err.strip().splitlines()[-1] == "fineprune select: interrupted by SIGINT"
+    assert _champion(client) == champion and _policy_tags(client) == before
+
+    # Another command moving the alias while this one tags: the alias stays where the other put it, and only that
+    # version keeps a policy.
+    other = next(str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")
+                 if str(v.version) != champion)
+    real = MlflowClient.set_registered_model_alias
+
+    def moved_meanwhile(self, name, alias, version):
+        real(self, name, alias, version)
+        if alias == "champion":
+            real(self, name, alias, other)
+
+    caplog.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_registered_model_alias", moved_meanwhile)
+        status, chosen, err = _select(capsys, store, "--max-latency-ms", "10000")
+    assert status == 0 and chosen["version"] == champion
+    assert f"alias 'champion' of {NAME} was moved to version {other} by another command" in caplog.text
+    assert _champion(client) == other
+    assert set(_policy_tags(client)) == {champion} and "policy" not in _policy_tags(client)[champion]
 
 
 def test_a_sweep_run_removed_for_good_is_named_as_gone_not_as_another_experiments(store, tokenizer, capsys):

@@ -474,13 +474,14 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
     """
     _ensure_model(client, name)
     run = client.get_run(run_id)
-    versions = _model_versions(client, name)  # one search: the trial's version, and those the alias leaves
+    versions = _model_versions(client, name)  # one search: the trial's version, if it has one
     try:
         version = _version_of_run(client, name, run, onnx, _versions_by_trial(versions), max_int8_f1_drop)
     except LostVersion as err:
         raise LostVersion(f"{err}; alias {ALIAS!r} left where it was") from None
-    _tag_version(client, name, version, run, parent_run_id, {TAG_POLICY: policy, TAG_POLICY_THRESHOLD: threshold})
-    left = _make_champion(client, name, version, versions, f"{policy} {threshold}".strip())
+    _tag_version(client, name, version, run, parent_run_id, {})
+    left = _make_champion(client, name, version, {TAG_POLICY: policy, TAG_POLICY_THRESHOLD: threshold},
+                          f"{policy} {threshold}".strip())
     uri = f"models:/{name}@{ALIAS}"
     metrics = run.data.metrics
     logger.info("registered %s (version %s, trial run %s)", uri, version.version, run_id)
@@ -491,11 +492,14 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
     return result if left is None else {**result, "alias_moved_from": left}
 
 
-def _make_champion(client, name: str, version, versions, chosen_by: str | None = None) -> str | None:
-    """Point the champion alias of ``name`` at ``version`` (tagged with the policy that chose it), and keep one
-    version saying a policy chose it: every other of ``versions`` (the model's, read before) holding the policy tags
-    (the version the alias leaves, or one it left before versions lost them) keeps them under
-    :data:`~workflows.record.FORMER_POLICY_TAGS`' names; ``version``, champion again, loses those.
+def _make_champion(client, name: str, version, policy: dict[str, str], chosen_by: str | None = None) -> str | None:
+    """Point the champion alias of ``name`` at ``version``, tag it with the ``policy`` tags that chose it, and keep
+    one version saying a policy chose it: the alias's. In that order, from the model's versions as they are once
+    the alias has moved: every other version holding the policy tags (the version the alias leaves, or one it left
+    before versions lost them) keeps them under :data:`~workflows.record.FORMER_POLICY_TAGS`' names; the champion,
+    champion again, loses those. Stopped on the way (Ctrl-C), or run beside another choice of champion, the
+    versions other than the alias's hold no policy (the tags were written first, from versions read before, and a
+    version the alias never reached could keep them).
 
     ``chosen_by``: the policy and threshold a registration chose ``version`` by (as its tags hold them, e.g.
     ``best_f1_under_density max_density 0.5``); None for
@@ -520,12 +524,23 @@ def _make_champion(client, name: str, version, versions, chosen_by: str | None =
             logger.warning("%s%s", line, f"; version {left}: {gone}" if gone else "")
         else:
             logger.info("%s", line)
-    for other in versions:
+    held = version.tags or {}
+    for key, value in policy.items():
+        if held.get(key) != value:  # registering the sweep again writes nothing new
+            _set_version_tag(client, name, version.version, key, value)
+    for former in FORMER_POLICY_TAGS.values():
+        if former in held:
+            client.delete_model_version_tag(name, version.version, former)
+    try:
+        champion = str(client.get_model_version_by_alias(name, ALIAS).version)
+    except MlflowException:  # the alias was deleted meanwhile (by hand): no version is the champion
+        champion = None
+    if champion != str(version.version):
+        logger.warning("alias %r of %s was moved to version %s by another command while this one moved it to version "
+                       "%s; it stays there", ALIAS, name, champion, version.version)
+    for other in _model_versions(client, name):
         tags = other.tags or {}
-        if str(other.version) == str(version.version):
-            for former in FORMER_POLICY_TAGS.values():
-                if former in tags:
-                    client.delete_model_version_tag(name, other.version, former)
+        if str(other.version) == champion:
             continue
         for key, former in FORMER_POLICY_TAGS.items():
             if key in tags:
@@ -676,7 +691,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     check_alias(alias)
     if runtime not in RUNTIMES:
         raise SelectionError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    versions, every = _versions_to_time(client, name, sweep_run_id)
+    versions = _versions_to_time(client, name, sweep_run_id)
     if not threads:  # torch is needed only to time models; the registry module stays light without it
         import torch
 
@@ -707,7 +722,7 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
         raise SelectionError(f"no version of {name!r} is within {max_latency_ms:g} ms at batch {batch_size}, "
                              f"sequence {seq_len}, {threads} threads ({reason}); alias {alias!r} left as it was")
     version = next(v for v in versions if str(v.version) == chosen["version"])
-    left = _point_alias(client, name, alias, version, every, max_latency_ms, in_sweep=sweep_run_id is not None)
+    left = _point_alias(client, name, alias, version, max_latency_ms, in_sweep=sweep_run_id is not None)
     logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get(F1),
                 chosen["latency_ms"], max_latency_ms)
     return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
@@ -718,9 +733,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
             **({"alias_moved_from": left} if left is not None else {})}
 
 
-def _versions_to_time(client, name: str, sweep_run_id: str | None) -> tuple[list, list]:
+def _versions_to_time(client, name: str, sweep_run_id: str | None) -> list:
     """The versions of ``name`` :func:`select_by_latency` times (those of the sweep ``sweep_run_id`` on one of its
-    frontiers now, or every one), in order, and every version of ``name`` (those the alias may leave).
+    frontiers now, or every one), in order.
 
     Raises:
         SelectionError: the model does not exist or has no such versions.
@@ -728,7 +743,7 @@ def _versions_to_time(client, name: str, sweep_run_id: str | None) -> tuple[list
     try:
         if sweep_run_id is None:  # `fineprune select`: a model deleted by hand goes with its versions
             client.get_registered_model(name)
-        versions = every = client.search_model_versions(f"name = '{name}'")
+        versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # the registry forgets a deleted model outright
             raise SelectionError(f"registered model {name!r} does not exist in {client.tracking_uri} (it was deleted, "
@@ -740,11 +755,10 @@ def _versions_to_time(client, name: str, sweep_run_id: str | None) -> tuple[list
     if not versions:
         where = f" on the frontier of sweep run {sweep_run_id}" if sweep_run_id else ""
         raise SelectionError(f"registered model {name!r} has no versions{where} in {client.tracking_uri}")
-    return versions, every
+    return versions
 
 
-def _point_alias(client, name: str, alias: str, version, every: list, max_latency_ms: float,
-                 in_sweep: bool) -> str | None:
+def _point_alias(client, name: str, alias: str, version, max_latency_ms: float, in_sweep: bool) -> str | None:
     """Point ``alias`` of ``name`` at ``version``, chosen by :func:`select_by_latency` within ``max_latency_ms``
     (``in_sweep``: by a sweep's ``best_f1_under_latency`` policy); the version the alias left, or None.
 
@@ -756,13 +770,10 @@ def _point_alias(client, name: str, alias: str, version, every: list, max_latenc
     number = str(version.version)
     try:
         if alias == ALIAS:  # the champion: its version records the policy that made it one, and only it
-            held = version.tags or {}
-            for key, value in ((TAG_POLICY, "best_f1_under_latency"),
-                               (TAG_POLICY_THRESHOLD, f"max_latency_ms {max_latency_ms:g}")):
-                if held.get(key) != value:  # registering the sweep again writes nothing new
-                    _set_version_tag(client, name, number, key, value)
             by = f"best_f1_under_latency max_latency_ms {max_latency_ms:g}" if in_sweep else None
-            return _make_champion(client, name, version, every, by)
+            return _make_champion(client, name, version, {TAG_POLICY: "best_f1_under_latency",
+                                                          TAG_POLICY_THRESHOLD: f"max_latency_ms {max_latency_ms:g}"},
+                                  by)
         moved = _move_alias(client, name, alias, number)
         left = None if moved is None else str(moved.version)
         if left is not None:
