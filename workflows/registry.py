@@ -497,9 +497,9 @@ def _make_champion(client, name: str, version, policy: dict[str, str], chosen_by
     one version saying a policy chose it: the alias's. In that order, from the model's versions as they are once
     the alias has moved: every other version holding the policy tags (the version the alias leaves, or one it left
     before versions lost them) keeps them under :data:`~workflows.record.FORMER_POLICY_TAGS`' names; the champion,
-    champion again, loses those. Stopped on the way (Ctrl-C), or run beside another choice of champion, the
-    versions other than the alias's hold no policy (the tags were written first, from versions read before, and a
-    version the alias never reached could keep them).
+    champion again, loses those. Stopped before the alias moves (Ctrl-C), it changes no tag; run beside another
+    choice of champion, it leaves the policy with the version the alias ends on (the tags were written first, from
+    versions read before, and a version the alias never reached kept them).
 
     ``chosen_by``: the policy and threshold a registration chose ``version`` by (as its tags hold them, e.g.
     ``best_f1_under_density max_density 0.5``); None for
