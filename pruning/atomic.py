@@ -29,7 +29,8 @@ from safetensors import SafetensorError
 from .errors import error_line
 
 __all__ = ["WriteError", "Busy", "locked", "fsync_dir", "fsync_file", "save_tensors", "staging_dir", "replace_dir",
-           "staged_dir", "tidy", "write_text", "write_bytes", "written_in_place", "scratch_dir", "clear_scratch"]
+           "staged_dir", "tidy", "write_text", "write_bytes", "written_in_place", "scratch_dir", "clear_scratch",
+           "temporary_sibling", "clear_siblings"]
 
 logger = logging.getLogger(__name__)
 
@@ -377,8 +378,30 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
 def temporary_sibling(path: Path) -> Path:
     """A name beside ``path`` for writing it before it takes its name: one of its own for every writer (two threads
     of one process, or processes of one pid on two hosts that share the directory), so that no writer renames or
-    removes another's half-written file."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    removes another's half-written file. It names the writer's process and host (``.NAME.PID@HOST.XXXXXXXX.tmp``),
+    so that what a writer killed outright left is known as such: those are removed first (:func:`clear_siblings`)."""
+    clear_siblings(path)
+    return path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.{secrets.token_hex(4)}.tmp")
+
+
+def clear_siblings(path: Path) -> list[Path]:
+    """Remove the temporary siblings of ``path`` (see :func:`temporary_sibling`) whose writer, a process of this
+    machine, has ended (killed outright: SIGKILL, the OOM killer, a machine that went down): a half-written copy of
+    the output, as large as it (a feature cache: hundreds of MB). Those of a writer that may still run, here or on
+    another host sharing the directory, are left. Returns the files removed."""
+    removed = []
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*@*.tmp"):
+        owner = sibling.name[len(path.name) + 2:-len(".tmp")]
+        try:
+            ours = sibling.is_file() and not sibling.is_symlink() and sibling.stat().st_uid == os.getuid()
+        except OSError:  # removed meanwhile
+            continue
+        if ours and _ended(owner):
+            logger.warning("%s: removing what a killed write of %s left", sibling, path.name)
+            with contextlib.suppress(OSError):
+                sibling.unlink()
+                removed.append(sibling)
+    return removed
 
 
 def written_in_place(path: str | Path) -> bool:

@@ -472,6 +472,33 @@ def test_scratch_a_killed_process_left_is_cleared_by_the_next_and_a_live_ones_is
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([elsewhere.name, other.name])
 
 
+def test_what_a_killed_file_write_left_is_cleared_by_the_next_write_and_a_live_ones_is_not(tmp_path):
+    """A predictions file, a report page or a feature cache (hundreds of MB) whose writer was killed outright left
+    its half-written temporary sibling beside it for good: its name held the writer's pid but not its host, so no
+    later write could tell a dead writer from one on another machine sharing the directory. The next write of that
+    output now removes it; one of a writer that may still run, or of another output, is left."""
+    import socket
+
+    from pruning.atomic import write_text
+
+    target = tmp_path / "predictions.json"
+    script = "\n".join(["import os, signal, sys", "from pathlib import Path", "from pruning import atomic",
+                        "tmp = atomic.temporary_sibling(Path(sys.argv[1]))",
+                        "tmp.write_bytes(b'{\"q1\": \"half')", "os.kill(os.getpid(), signal.SIGKILL)"])
+    killed = subprocess.run([sys.executable, "-c", script, str(target)], env=_env(), timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    [left] = tmp_path.iterdir()
+    assert left.name.startswith(".predictions.json.") and left.name.endswith(".tmp")
+    live = tmp_path / f".predictions.json.{os.getpid()}@{socket.gethostname()}.0badc0de.tmp"  # this process: alive
+    elsewhere = tmp_path / ".predictions.json.1@another-host.abcd1234.tmp"
+    other = tmp_path / f".notes.txt.99999999@{socket.gethostname()}.abcd1234.tmp"
+    for path in (live, elsewhere, other):
+        path.write_text("in use")
+    write_text(target, '{"q1": "Denver Broncos"}')
+    assert json.loads(target.read_text()) == {"q1": "Denver Broncos"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (target, live, elsewhere, other))
+
+
 def test_an_output_given_as_a_link_is_replaced_where_the_link_points(tmp_path, tokenizer):
     from transformers import BertConfig, BertForQuestionAnswering
 
