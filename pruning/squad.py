@@ -389,7 +389,7 @@ def _context_offsets(encoding: Any) -> np.ndarray:
     return offsets
 
 
-def _concat(parts: list[np.ndarray], width: int, dtype: type = np.int64) -> torch.Tensor:
+def _concat(parts: list[np.ndarray], width: int, dtype: np.dtype | type = np.int64) -> torch.Tensor:
     if not parts:
         return torch.from_numpy(np.zeros((0, width), dtype=dtype))
     return torch.from_numpy(np.concatenate(parts, dtype=dtype, casting="unsafe"))
@@ -398,21 +398,24 @@ def _concat(parts: list[np.ndarray], width: int, dtype: type = np.int64) -> torc
 # The training windows as they are kept, in memory and in the feature cache: token and segment ids in 32 bits, the
 # attention mask (0 or 1) in 8. SQuAD's 88,524 training windows of 384 tokens take 306 MB so, not int64's 816 MB in
 # every trial's process; a batch is widened to int64 as it is taken (:func:`window_batch`).
-TRAIN_WINDOW_DTYPES = {"input_ids": np.int32, "attention_mask": np.uint8, "token_type_ids": np.int32}
+TRAIN_WINDOW_DTYPES = {"input_ids": torch.int32, "attention_mask": torch.uint8, "token_type_ids": torch.int32}
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def compact_windows(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``features`` with its windows in :data:`TRAIN_WINDOW_DTYPES` (windows tokenized, or cached, as int64)."""
     out = dict(features)
     for key, dtype in TRAIN_WINDOW_DTYPES.items():
-        if key in out:
-            kept = torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
-            value = out[key]
-            if value.dtype != kept:
-                if value.numel() and (int(value.min()) < np.iinfo(dtype).min or int(value.max()) > np.iinfo(dtype).max):
-                    raise ValueError(f"{key}: values from {int(value.min())} to {int(value.max())} do not fit "
-                                     f"{np.dtype(dtype).name}")
-                out[key] = value.to(kept)
+        value = out.get(key)
+        if value is None or value.dtype == dtype:
+            continue
+        bounds = torch.iinfo(dtype)
+        if value.numel() and not bounds.min <= int(value.min()) <= int(value.max()) <= bounds.max:
+            raise ValueError(f"{key}: values from {int(value.min())} to {int(value.max())} do not fit {dtype}")
+        out[key] = value.to(dtype)
     return out
 
 
@@ -524,7 +527,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
     for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride, max_query_length,
                                      progress):
         for key, chunks in parts.items():  # narrowed chunk by chunk: never all the windows in int64 at once
-            chunks.append(np.asarray(encoding[key]).astype(TRAIN_WINDOW_DTYPES[key]))
+            chunks.append(np.asarray(encoding[key]).astype(_numpy_dtype(TRAIN_WINDOW_DTYPES[key])))
         offsets = _context_offsets(encoding)
         mapping = np.asarray(encoding["overflow_to_sample_mapping"])
         spans: dict[int, tuple[int, int] | None] = {}
@@ -541,7 +544,8 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
             start, end = (0, 0) if spans[sample] is None else _answer_tokens(offsets[i], *spans[sample])
             starts.append(start)
             ends.append(end)
-    features = {key: _concat(chunks, max_seq_length, TRAIN_WINDOW_DTYPES[key]) for key, chunks in parts.items()}
+    features = {key: _concat(chunks, max_seq_length, _numpy_dtype(TRAIN_WINDOW_DTYPES[key]))
+                for key, chunks in parts.items()}
     features["start_positions"] = torch.tensor(starts, dtype=torch.long)
     features["end_positions"] = torch.tensor(ends, dtype=torch.long)
     return features
