@@ -665,6 +665,29 @@ def test_a_select_stopped_as_it_moves_the_alias_leaves_every_policy_tag_where_it
     assert _champion(client) == other
     assert set(_policy_tags(client)) == {champion} and "policy" not in _policy_tags(client)[champion]
 
+    # Another registration run whole as this one lists the versions: its champion keeps the policy it wrote.
+    from workflows import registry
+
+    real_search, fired = MlflowClient.search_model_versions, []
+
+    def registration_meanwhile(self, *args, **kwargs):
+        if not fired and self.get_model_version_by_alias(NAME, "champion").version == int(champion):
+            fired.append(True)
+            registry._make_champion(self, NAME, self.get_model_version(NAME, other),
+                                    {"policy": "best_f1_under_density", "policy_threshold": "max_density 0.9"},
+                                    "best_f1_under_density max_density 0.9")
+        return real_search(self, *args, **kwargs)
+
+    caplog.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "search_model_versions", registration_meanwhile)
+        patch.setattr(MlflowClient, "set_registered_model_alias", real)
+        status, chosen, err = _select(capsys, store, "--max-latency-ms", "10000")
+    assert status == 0 and chosen["version"] == champion and fired
+    assert _champion(client) == other
+    assert _policy_tags(client)[other] == {"policy": "best_f1_under_density", "policy_threshold": "max_density 0.9"}
+    assert "policy" not in _policy_tags(client)[champion]
+
 
 def test_a_sweep_run_removed_for_good_is_named_as_gone_not_as_another_experiments(store, tokenizer, capsys):
     """`register --sweep-run` (and `report --sweep-run`) given a sweep run removed for good with `mlflow gc` said the

@@ -531,6 +531,9 @@ def _make_champion(client, name: str, version, policy: dict[str, str], chosen_by
     for former in FORMER_POLICY_TAGS.values():
         if former in held:
             client.delete_model_version_tag(name, version.version, former)
+    # The versions first, then the alias: a policy another command wrote on its version (after moving the alias
+    # there) that this list holds is seen with the alias on that version, and left.
+    versions = _model_versions(client, name)
     try:
         champion = str(client.get_model_version_by_alias(name, ALIAS).version)
     except MlflowException:  # the alias was deleted meanwhile (by hand): no version is the champion
@@ -538,7 +541,7 @@ def _make_champion(client, name: str, version, policy: dict[str, str], chosen_by
     if champion != str(version.version):
         logger.warning("alias %r of %s was moved to version %s by another command while this one moved it to version "
                        "%s; it stays there", ALIAS, name, champion, version.version)
-    for other in _model_versions(client, name):
+    for other in versions:
         tags = other.tags or {}
         if str(other.version) == champion:
             continue
