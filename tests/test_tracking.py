@@ -169,6 +169,71 @@ def test_a_resumed_sweeps_hypervolume_extends_the_series_logged_before(tmp_path)
     assert len(record.metric_history(client, parent, record.HYPERVOLUME)) == 4
 
 
+def test_a_failed_trial_run_again_by_a_resume_keeps_the_steps_logged_before(tmp_path):
+    """Session 1: a finishes, b fails, c finishes. Session 2 (a resume runs the failed b again): b finishes. b's
+    run ended again later than c, and the series, ordered by the runs' ends, moved c a step earlier: the parent run
+    then held two hypervolume values at the steps between (a zigzag in its chart). b's first end stays a step where
+    it was, and its second is a new one."""
+    from workflows.frontier import reference_point
+    from workflows.tracking import earlier_ends, hypervolume_series, log_hypervolume, trial_runs
+
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
+    client.create_experiment("rerun", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = start_parent_run(client, "rerun", str(tmp_path / "sweep"), {}, resume=False)
+    objectives = record.DENSITY_OBJECTIVES
+
+    def series():
+        rows = hypervolume_series(trial_runs(client, "rerun", parent, include_baseline=True), objectives,
+                                  reference_point(objectives))
+        log_hypervolume(client, parent, rows)
+        return rows
+
+    a = _finished_trial("a", 0.5, _packed_dir(tmp_path / "a"))
+    b = Trial("trial_main", config={"target_density": 0.2}, trial_id="b", stub=True)
+    c = _finished_trial("c", 0.3, _packed_dir(tmp_path / "c"))
+    first = MlflowTrialCallback(client.tracking_uri, "rerun", parent, _params_of, outage_limit=30)
+    first.on_step_begin(iteration=0, trials=[])
+    for trial in (a, b, c):
+        first.on_trial_start(iteration=0, trials=[a, b, c], trial=trial)
+    first.on_trial_result(iteration=0, trials=[a, b, c], trial=a, result=a.last_result)
+    first.on_trial_complete(iteration=0, trials=[a, b, c], trial=a)
+    first.flush()
+    time.sleep(0.05)
+    b.update_last_result({"step": 3, "f1": 10.0, "linear_density": 0.2, "timestamp": int(time.time())})
+    b.set_status(Trial.ERROR)
+    first.on_trial_error(iteration=0, trials=[a, b, c], trial=b)
+    first.flush()
+    time.sleep(0.05)
+    first.on_trial_result(iteration=0, trials=[a, b, c], trial=c, result=c.last_result)
+    first.on_trial_complete(iteration=0, trials=[a, b, c], trial=c)
+    first.on_experiment_end(trials=[a, b, c])
+    before = series()
+    assert [row["trials"] for row in before] == [0, 1, 2, 3]
+    assert before[2]["hypervolume"] == before[1]["hypervolume"] < before[3]["hypervolume"]  # b failed: no volume
+    failed_at = _runs_by_trial(client, parent)["b"].info.end_time
+
+    time.sleep(0.5)
+    b_again = _finished_trial("b", 0.2, _packed_dir(tmp_path / "b"))
+    second = MlflowTrialCallback(client.tracking_uri, "rerun", parent, _params_of, outage_limit=30)
+    second.on_step_begin(iteration=0, trials=[b_again])
+    second.on_trial_start(iteration=0, trials=[b_again], trial=b_again)
+    second.on_trial_result(iteration=0, trials=[b_again], trial=b_again, result=b_again.last_result)
+    second.on_trial_complete(iteration=0, trials=[b_again], trial=b_again)
+    second.on_experiment_end(trials=[b_again])
+    after = series()
+
+    run = _runs_by_trial(client, parent)["b"]
+    assert run.info.status == "FINISHED" and [end[0] for end in earlier_ends(run)] == [failed_at]
+    assert [row["trials"] for row in after] == [0, 1, 2, 3, 4]
+    assert after[:4] == before and after[4]["hypervolume"] > after[3]["hypervolume"]
+    runs = _runs_by_trial(client, parent)
+    wall = {t: (r.info.end_time - r.info.start_time) / 1000 for t, r in runs.items()}
+    assert after[-1]["compute_s"] == pytest.approx(sum(wall.values()) - run.data.metrics[record.PAUSED_S], abs=0.01)
+    for name in (record.HYPERVOLUME, record.TRIAL_COMPUTE):  # one value per step
+        steps = [step for step, _ in record.metric_history(client, parent, name)]
+        assert len(steps) == len(set(steps)) == 5, name
+
+
 @pytest.mark.parametrize("uri", ["file:///{tmp}/mlruns", "{tmp}/mlruns", "mysql://user@127.0.0.1/mlflow"])
 def test_a_tracking_uri_with_no_store_behind_it_stops_the_sweep_in_one_line(tmp_path, monkeypatch, capsys, uri):
     """A file store (which MLflow refuses) or a database without its driver: exit 2, one line naming the URI,

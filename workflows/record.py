@@ -54,7 +54,7 @@ __all__ = [
     "TAG_PARETO", "TAG_PARETO_SPEED", "FRONTIER_TAGS", "TAG_NODE", "TAG_PID", "TAG_PRECISION", "TAG_RETRIES",
     "TAG_TOOK_OVER",
     "TAG_CONFIGURATION", "TAG_WARM_START", "TAG_WARM_START_TRIALS", "TAG_WARM_START_STORE",
-    "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR", "TAG_FINEPRUNE_VERSION",
+    "TAG_PACKED_ARTIFACT", "TAG_MODEL_DIR", "TAG_ERROR_FILE", "TAG_ERROR", "TAG_EARLIER_ENDS", "TAG_FINEPRUNE_VERSION",
     "fineprune_version",
     # tags of registered versions, the alias
     "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "FORMER_POLICY_TAGS",
@@ -115,6 +115,10 @@ TAG_PACKED_ARTIFACT = "fineprune.packed_artifact"  # set once the packed model i
 TAG_MODEL_DIR = "fineprune.model_dir"  # the baseline's model directory
 TAG_ERROR_FILE = "fineprune.error_file"  # a failed trial's error file (traceback), in the sweep's storage
 TAG_ERROR = "fineprune.error"  # one line: why the trial failed (its exception, or e.g. its packed model upload)
+# A trial run that ended, then ran again (a resume runs failed trials again): each earlier end, as JSON
+# [[end_ms, compute_s, status], ...], compute_s counting the run's compute up to that end. Each is a step of the
+# hypervolume series, as it was when the sweep logged it.
+TAG_EARLIER_ENDS = "fineprune.earlier_ends"
 # The fineprune release that made a run (sweep, trial or baseline); on a served model logged for a version, and the
 # versions made of it, the release whose code it ships (the one that logged it).
 TAG_FINEPRUNE_VERSION = "fineprune.version"

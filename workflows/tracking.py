@@ -38,7 +38,8 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               KIND_BASELINE, KIND_SWEEP, KIND_TRIAL, LINEAR_DENSITY, PARAM_SEARCHED, PAUSED_S,
                               SEARCH_REPEATS, SEARCH_STEERED, SPEEDUP, STATUS_FAILED, STATUS_FINISHED,
                               STATUS_INTERRUPTED, STATUS_ORPHANED, STATUS_STOPPED_EARLY, STEP, SWEEP_COMPLETE,
-                              SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_CONFIGURATION, TAG_ERROR, TAG_ERROR_FILE,
+                              SWEEP_INTERRUPTED, SWEEP_RUNNING, TAG_CONFIGURATION, TAG_EARLIER_ENDS, TAG_ERROR,
+                              TAG_ERROR_FILE,
                               TAG_FINEPRUNE_VERSION, TAG_KIND, TAG_MODEL_DIR, TAG_NODE, TAG_PACKED_ARTIFACT, TAG_PARENT,
                               TAG_PID, TAG_PRECISION, TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP,
                               TAG_SWEEP_STATE, TAG_TOOK_OVER, TAG_TRIAL, TAG_WARM_START, TAG_WARM_START_STORE,
@@ -66,6 +67,7 @@ __all__ = [
     "tag_frontiers",
     "finish_parent_run",
     "hypervolume_series",
+    "earlier_ends",
     "log_hypervolume",
     "log_search",
 ]
@@ -691,6 +693,7 @@ class MlflowTrialCallback(tune.Callback):
         if reopen:
             run = self.client.get_run(run_id)
             if earlier:
+                self._note_earlier_end(run)  # first: the compute up to that end, before this pause is added
                 self._log_pause(run)
             for stale in (TAG_ERROR, TAG_ERROR_FILE):  # a failed run that runs again: its last end no longer holds
                 if stale in run.data.tags:
@@ -710,6 +713,22 @@ class MlflowTrialCallback(tune.Callback):
                 return True
             raise
         return False
+
+    def _note_earlier_end(self, run) -> None:
+        """A run that had ended (finished, stopped early or failed) and runs again (a resume runs failed trials
+        again): its end stays a step of the hypervolume series, as the sweep logged it then
+        (:data:`~workflows.record.TAG_EARLIER_ENDS`); without it, the series of the resumed sweep would reorder the
+        steps logged before and log second values at them."""
+        status = run.data.tags.get(TAG_STATUS)
+        if run.info.status == "RUNNING" or not run.info.end_time or status not in (
+                STATUS_FINISHED, STATUS_STOPPED_EARLY, STATUS_FAILED):
+            return
+        ends = earlier_ends(run)
+        if ends and ends[-1][0] == run.info.end_time:  # noted already (this call is a retry)
+            return
+        compute = (run.info.end_time - run.info.start_time) / 1000.0 - run.data.metrics.get(PAUSED_S, 0.0)
+        ends.append([int(run.info.end_time), round(max(0.0, compute), 3), status])
+        self.client.set_tag(run.info.run_id, TAG_EARLIER_ENDS, json.dumps(ends))
 
     def _log_pause(self, run) -> None:
         """Add to the run's ``paused_s`` the time since an earlier session last had it: since it was ended (the
@@ -891,14 +910,26 @@ def tag_frontiers(client: MlflowClient, runs: Iterable, chosen: dict[str, set[st
             client.log_batch(run_id, tags=tags)
 
 
+def earlier_ends(run) -> list[list]:
+    """The ends of a trial run before it ran again (:data:`~workflows.record.TAG_EARLIER_ENDS`): ``[end_ms,
+    compute_s, status]`` each, oldest first; none for a run that ended once (or whose tag cannot be read)."""
+    try:
+        ends = json.loads(run.data.tags.get(TAG_EARLIER_ENDS) or "[]")
+        return [[int(end), float(compute), str(status)] for end, compute, status in ends]
+    except (TypeError, ValueError):
+        logger.warning("run %s: unreadable %s tag; its earlier ends are left out", run.info.run_id, TAG_EARLIER_ENDS)
+        return []
+
+
 def hypervolume_series(runs: Iterable, objectives, reference: dict[str, float]) -> list[dict[str, float]]:
     """The frontier's hypervolume as the sweep's trials completed, from their runs.
 
-    Trials count in the order they ended (any status: a failed or stopped trial adds a step but no volume); an
-    interrupted trial has not ended (a resume continues it), so a resumed sweep's series extends the one logged
-    before. Only finished trials take part in the frontier, as for the ``pareto`` tags. The dense baseline, when
-    among ``runs``, is the starting point (step 0). Compute seconds are the summed wall time of the trial runs that
-    ended so far, less the time a run stood ended between sessions (``paused_s``).
+    Trials count in the order they ended (any status: a failed or stopped trial adds a step but no volume); a trial
+    run again after it ended (a resume runs failed trials again) counts each time it ended, its earlier ends where
+    they were; an interrupted trial has not ended (a resume continues it). So a resumed sweep's series extends the
+    one logged before. Only finished trials take part in the frontier, as for the ``pareto`` tags. The dense
+    baseline, when among ``runs``, is the starting point (step 0). Compute seconds are the summed wall time of the
+    trial runs up to each end, less the time a run stood ended between sessions (``paused_s``).
 
     Returns:
         One ``{"trials", "compute_s", "hypervolume", "time_ms"}`` row per step, starting with step 0 (``time_ms``:
@@ -906,26 +937,32 @@ def hypervolume_series(runs: Iterable, objectives, reference: dict[str, float]) 
     """
     runs = list(runs)
     baseline = [r for r in runs if r.data.tags.get(TAG_KIND) == KIND_BASELINE]
-    ended = sorted((r for r in runs if r.data.tags.get(TAG_KIND) == KIND_TRIAL and r.info.end_time
-                    and r.data.tags.get(TAG_STATUS) != STATUS_INTERRUPTED),
-                   key=lambda r: (r.info.end_time, r.info.run_id))
 
-    def point(run) -> dict[str, Any]:
-        if run.data.tags.get(TAG_STATUS, STATUS_FINISHED) != STATUS_FINISHED:
-            return {}
-        return dict(run.data.metrics)
+    def point(run, status: str) -> dict[str, Any]:
+        return dict(run.data.metrics) if status == STATUS_FINISHED else {}
 
-    values = hypervolume_progress([point(r) for r in baseline[:1] + ended], objectives, reference)
+    ends = []  # (end_ms, run id, the point it adds, its compute seconds)
+    for run in (r for r in runs if r.data.tags.get(TAG_KIND) == KIND_TRIAL):
+        done = 0.0
+        for end_ms, compute, status in earlier_ends(run):
+            ends.append((end_ms, run.info.run_id, point(run, status), max(0.0, compute - done)))
+            done = max(done, compute)
+        status = run.data.tags.get(TAG_STATUS, STATUS_FINISHED)
+        if run.info.end_time and status != STATUS_INTERRUPTED:
+            wall = (run.info.end_time - run.info.start_time) / 1000.0 - run.data.metrics.get(PAUSED_S, 0.0)
+            ends.append((run.info.end_time, run.info.run_id, point(run, status), max(0.0, wall - done)))
+    ends.sort(key=lambda end: (end[0], end[1]))
+
+    values = hypervolume_progress([point(r, r.data.tags.get(TAG_STATUS, STATUS_FINISHED)) for r in baseline[:1]]
+                                  + [end[2] for end in ends], objectives, reference)
     if not baseline:
         values = [0.0] + values
     start = baseline[0].info.end_time if baseline and baseline[0].info.end_time else None
-    rows, seconds, when = [], 0.0, start or (ended[0].info.end_time if ended else 0)
+    rows, seconds, when = [], 0.0, start or (ends[0][0] if ends else 0)
     for n, value in enumerate(values):
         if n:
-            run = ended[n - 1]
-            wall = (run.info.end_time - run.info.start_time) / 1000.0
-            seconds += max(0.0, wall - run.data.metrics.get(PAUSED_S, 0.0))
-            when = run.info.end_time
+            when, _, _, compute = ends[n - 1]
+            seconds += compute
         rows.append({"trials": n, "compute_s": round(seconds, 3), "hypervolume": value, "time_ms": int(when)})
     return rows
 
