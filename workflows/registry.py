@@ -457,6 +457,12 @@ def _tag_version(client, name: str, version, run, parent_run_id: str, extra: dic
     for key in (*FINAL_METRICS, *NULL_METRICS):
         if key in metrics:
             tags[key] = metric_tag(metrics[key])
+    _set_changed_tags(client, name, version, tags)
+
+
+def _set_changed_tags(client, name: str, version, tags: Mapping[str, str]) -> None:
+    """Write those of ``tags`` that ``version`` (as read) lacks or holds with another value: registering a sweep
+    again writes nothing new."""
     current = version.tags or {}
     for key, value in tags.items():
         if current.get(key) != value:
@@ -524,10 +530,8 @@ def _make_champion(client, name: str, version, policy: dict[str, str], chosen_by
             logger.warning("%s%s", line, f"; version {left}: {gone}" if gone else "")
         else:
             logger.info("%s", line)
+    _set_changed_tags(client, name, version, policy)
     held = version.tags or {}
-    for key, value in policy.items():
-        if held.get(key) != value:  # registering the sweep again writes nothing new
-            _set_version_tag(client, name, version.version, key, value)
     for former in FORMER_POLICY_TAGS.values():
         if former in held:
             client.delete_model_version_tag(name, version.version, former)
