@@ -9,7 +9,8 @@ import itertools
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["error_line", "typed_error_line", "did_you_mean", "name_hint", "path_hint", "interrupt_behind"]
+__all__ = ["error_line", "typed_error_line", "did_you_mean", "name_hint", "path_hint", "interrupt_behind",
+           "raise_interrupt_behind"]
 
 
 def error_line(error: BaseException, default: str | None = None) -> str:
@@ -40,6 +41,14 @@ def interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def raise_interrupt_behind(error: BaseException) -> None:
+    """Raise the KeyboardInterrupt behind ``error`` (:func:`interrupt_behind`), if there is one: the first line of a
+    handler of ordinary errors that would otherwise go on."""
+    stop = interrupt_behind(error)
+    if stop is not None:
+        raise stop from None
 
 
 def _first_line(error: BaseException) -> str:

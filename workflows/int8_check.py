@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pruning.config import RunConfig
-from pruning.errors import interrupt_behind, typed_error_line
+from pruning.errors import raise_interrupt_behind, typed_error_line
 from workflows.record import (EXACT_MATCH, F1, ONNX_SCORE_TAGS, TAG_INT8_CHECK, TAG_ONNX_VARIANT, metric_tag,
                               tag_float)
 
@@ -108,8 +108,7 @@ def checked_variant(onnx_dir: Path, run, settings: Mapping[str, Any], max_drop: 
     try:
         measured = onnx_scores(onnx_dir, data, limit, settings)
     except Exception as err:  # the data or ORT: either leaves int8 serving, unchecked, as before the check existed
-        if (stop := interrupt_behind(err)) is not None:
-            raise stop from None
+        raise_interrupt_behind(err)
         reason = typed_error_line(err)
         logger.warning("%s: serves its int8 model unchecked: the trial's questions cannot be scored here (%s)",
                        what, reason)

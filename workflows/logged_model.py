@@ -37,7 +37,7 @@ from mlflow.exceptions import MlflowException
 
 from pruning import atomic
 from pruning.config import EVALUATION_KEYS, RunConfig
-from pruning.errors import error_line, interrupt_behind, typed_error_line
+from pruning.errors import error_line, raise_interrupt_behind, typed_error_line
 from pruning.quiet import leaving_out, starting_with
 from workflows import record
 from workflows.int8_check import wanted_variant
@@ -106,8 +106,7 @@ def export_for_serving(model_dir: str | Path, out_dir: str | Path, what: str | N
     try:
         report = export_checkpoint(model_dir, out_dir, quantize="int8", questions=4)
     except Exception as err:  # ExportError, CheckpointError, ORT's own errors: any of them leaves PyTorch serving
-        if (stop := interrupt_behind(err)) is not None:
-            raise stop from None
+        raise_interrupt_behind(err)
         reason = typed_error_line(err)
         logger.warning("%s: cannot be exported for ONNX Runtime, registered to serve through PyTorch (%s)",
                        what or model_dir, reason)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pruning import atomic
-from pruning.errors import error_line, interrupt_behind
+from pruning.errors import error_line, raise_interrupt_behind
 from workflows import record
 from workflows.int8_check import checked_f1, variant_run
 from workflows.record import F1, FINAL_METRICS, NULL_METRICS, PARAM_SPEEDUP, TAG_SWEEP_RUN, TAG_TRIAL_RUN, tag_float
@@ -120,8 +120,7 @@ def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle
     except FewerPositions as short:
         limit = short.limit
     except Exception as err:  # a version that cannot be loaded is reported, not chosen
-        if (stop := interrupt_behind(err)) is not None:
-            raise stop from None
+        raise_interrupt_behind(err)
         row["error"] = error_line(err)
         logger.warning("version %s of %s cannot be loaded: %s", v.version, name, row["error"])
         return row
@@ -136,8 +135,7 @@ def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle
     try:  # one pass first: a version that loads but fails when run must not stop the timing of the others
         interleaved_latency({"probe": model}, batch_size=timing.batch_size, seq_len=seq_len, repeats=1, warmup=0)
     except Exception as err:
-        if (stop := interrupt_behind(err)) is not None:
-            raise stop from None
+        raise_interrupt_behind(err)
         row["error"] = f"cannot be timed: {error_line(err)}"
         logger.warning("version %s of %s %s", v.version, name, row["error"])
         return row
