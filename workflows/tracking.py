@@ -726,8 +726,7 @@ class MlflowTrialCallback(tune.Callback):
         ends = earlier_ends(run)
         if ends and ends[-1][0] == run.info.end_time:  # noted already (this call is a retry)
             return
-        compute = (run.info.end_time - run.info.start_time) / 1000.0 - run.data.metrics.get(PAUSED_S, 0.0)
-        ends.append([int(run.info.end_time), round(max(0.0, compute), 3), status])
+        ends.append([int(run.info.end_time), round(_compute_s(run), 3), status])
         self.client.set_tag(run.info.run_id, TAG_EARLIER_ENDS, json.dumps(ends))
 
     def _log_pause(self, run) -> None:
@@ -910,6 +909,13 @@ def tag_frontiers(client: MlflowClient, runs: Iterable, chosen: dict[str, set[st
             client.log_batch(run_id, tags=tags)
 
 
+def _compute_s(run) -> float:
+    """The compute seconds of a trial run up to its (last) end: its wall time less the time it stood ended between
+    sessions of the sweep (``paused_s``)."""
+    wall = (run.info.end_time - run.info.start_time) / 1000.0
+    return max(0.0, wall - run.data.metrics.get(PAUSED_S, 0.0))
+
+
 def earlier_ends(run) -> list[list]:
     """The ends of a trial run before it ran again (:data:`~workflows.record.TAG_EARLIER_ENDS`): ``[end_ms,
     compute_s, status]`` each, oldest first; none for a run that ended once (or whose tag cannot be read)."""
@@ -949,8 +955,7 @@ def hypervolume_series(runs: Iterable, objectives, reference: dict[str, float]) 
             done = max(done, compute)
         status = run.data.tags.get(TAG_STATUS, STATUS_FINISHED)
         if run.info.end_time and status != STATUS_INTERRUPTED:
-            wall = (run.info.end_time - run.info.start_time) / 1000.0 - run.data.metrics.get(PAUSED_S, 0.0)
-            ends.append((run.info.end_time, run.info.run_id, point(run, status), max(0.0, wall - done)))
+            ends.append((run.info.end_time, run.info.run_id, point(run, status), max(0.0, _compute_s(run) - done)))
     ends.sort(key=lambda end: (end[0], end[1]))
 
     values = hypervolume_progress([point(r, r.data.tags.get(TAG_STATUS, STATUS_FINISHED)) for r in baseline[:1]]
