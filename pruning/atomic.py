@@ -331,6 +331,17 @@ def scratch_dir(what: str) -> Iterator[str]:
         yield tmp
 
 
+def _left_by_ended_process(path: Path, owner: str, directory: bool) -> bool:
+    """Whether ``path``, a directory (or a file) of this user and no link, was left by the process ``owner`` names
+    (``PID@HOST.SUFFIX``), which has ended on this machine (:func:`_ended`)."""
+    try:
+        kind = path.is_dir() if directory else path.is_file()
+        mine = kind and not path.is_symlink() and path.stat().st_uid == os.getuid()
+    except OSError:  # removed meanwhile
+        return False
+    return mine and _ended(owner)
+
+
 def clear_scratch(root: str | Path) -> list[Path]:
     """Remove the scratch directories in ``root`` (see :func:`scratch_dir`) of this user whose process, on this
     machine, has ended; those of a process that may still run, here or on another host sharing ``root``, or of
@@ -338,11 +349,7 @@ def clear_scratch(root: str | Path) -> list[Path]:
     removed = []
     for path in Path(root).glob(f"{glob.escape(SCRATCH_PREFIX)}*.*@*"):
         owner = path.name[len(SCRATCH_PREFIX):].partition(".")[2]
-        try:
-            mine = path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
-        except OSError:  # removed meanwhile
-            continue
-        if mine and _ended(owner):
+        if _left_by_ended_process(path, owner, directory=True):
             logger.warning("%s: removing what a killed process left", path)
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -392,11 +399,7 @@ def clear_siblings(path: Path) -> list[Path]:
     removed = []
     for sibling in path.parent.glob(f".{glob.escape(path.name)}.*@*.tmp"):
         owner = sibling.name[len(path.name) + 2:-len(".tmp")]
-        try:
-            ours = sibling.is_file() and not sibling.is_symlink() and sibling.stat().st_uid == os.getuid()
-        except OSError:  # removed meanwhile
-            continue
-        if ours and _ended(owner):
+        if _left_by_ended_process(sibling, owner, directory=False):
             logger.warning("%s: removing what a killed write of %s left", sibling, path.name)
             with contextlib.suppress(OSError):
                 sibling.unlink()
