@@ -401,8 +401,7 @@ def _concat(parts: list[np.ndarray], width: int, dtype: np.dtype | type = np.int
 TRAIN_WINDOW_DTYPES = {"input_ids": torch.int32, "attention_mask": torch.uint8, "token_type_ids": torch.int32}
 
 
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    return torch.empty(0, dtype=dtype).numpy().dtype
+_KEPT_NUMPY = {key: torch.empty(0, dtype=dtype).numpy().dtype for key, dtype in TRAIN_WINDOW_DTYPES.items()}
 
 
 def compact_windows(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -527,7 +526,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
     for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride, max_query_length,
                                      progress):
         for key, chunks in parts.items():  # narrowed chunk by chunk: never all the windows in int64 at once
-            chunks.append(np.asarray(encoding[key]).astype(_numpy_dtype(TRAIN_WINDOW_DTYPES[key])))
+            chunks.append(np.asarray(encoding[key]).astype(_KEPT_NUMPY[key]))
         offsets = _context_offsets(encoding)
         mapping = np.asarray(encoding["overflow_to_sample_mapping"])
         spans: dict[int, tuple[int, int] | None] = {}
@@ -544,8 +543,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
             start, end = (0, 0) if spans[sample] is None else _answer_tokens(offsets[i], *spans[sample])
             starts.append(start)
             ends.append(end)
-    features = {key: _concat(chunks, max_seq_length, _numpy_dtype(TRAIN_WINDOW_DTYPES[key]))
-                for key, chunks in parts.items()}
+    features = {key: _concat(chunks, max_seq_length, _KEPT_NUMPY[key]) for key, chunks in parts.items()}
     features["start_positions"] = torch.tensor(starts, dtype=torch.long)
     features["end_positions"] = torch.tensor(ends, dtype=torch.long)
     return features
