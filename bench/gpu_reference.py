@@ -93,20 +93,41 @@ def stage(carry: Path, work: Path) -> tuple[Path, Path, Path]:
     return model_dir, paths[0], paths[1]
 
 
+class _StepTimes(logging.Handler):
+    """When the trainer logged each "step N/M loss" line: after that step, before its evaluation or checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.marks: list[tuple[int, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith("step %d/%d loss"):
+            self.marks.append((int(record.args[0]), record.created))
+
+
 def calibrated_steps(cfg, seconds: float, probe_steps: int) -> tuple[int, float]:
     """Steps that fit ``seconds``, from a timed probe run (tokenization cached, start-up excluded).
 
-    The probe reports three times; the rate between the first and the last report leaves out CUDA start-up and the
-    first allocations, which would otherwise make the estimate several times too slow.
+    The probe logs its loss three times and evaluates only after the last; the rate between the first and the last
+    line leaves out CUDA start-up and the first allocations, which would make the estimate several times too slow,
+    and every evaluation and checkpoint (each a model and its optimizer state written), which on a GPU take longer
+    than the steps between them.
     """
-    from pruning.trainer import train
+    from pruning import trainer
 
     every = max(1, probe_steps // 3)
     probe = replace(cfg, max_steps=3 * every, eval_limit=8, output_dir=str(Path(cfg.output_dir) / "probe"),
-                    fill_steps=0, initial_warmup=0, final_warmup=0, eval_every=every, save_every=None)
-    marks: list[tuple[int, float]] = []
-    train(probe, report=lambda m, c: marks.append((m["step"], time.perf_counter())), progress=False)
-    (first_step, first_time), (last_step, last_time) = marks[0], marks[-1]
+                    fill_steps=0, initial_warmup=0, final_warmup=0, eval_every=None, save_every=None,
+                    log_every=every)
+    times, level = _StepTimes(), trainer.logger.level
+    trainer.logger.addHandler(times)
+    trainer.logger.setLevel(logging.INFO)
+    try:
+        trainer.train(probe, progress=False)
+    finally:
+        trainer.logger.removeHandler(times)
+        trainer.logger.setLevel(level)
+    (first_step, first_time), (last_step, last_time) = times.marks[0], times.marks[-1]
     per_step = (last_time - first_time) / max(1, last_step - first_step)
     shutil.rmtree(probe.output_dir, ignore_errors=True)
     return max(probe_steps, int(seconds / per_step)), per_step
@@ -296,6 +317,8 @@ def rehearse(args: argparse.Namespace) -> None:
     args.latency_batch, args.repeats = 2, 3
     if args.device == "auto":
         args.device = "cpu"
+    if getattr(args, "precision", None) is None:
+        args.precision = "auto"  # a CPU without bf16 rehearses in fp32
 
 
 @one_line_errors("gpu_reference")
@@ -306,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/fineprune-gpu")
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu-reference-out"))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--precision", help="fp32, bf16 or auto (default: bf16; a rehearsal's default: auto)")
     parser.add_argument("--seq-len", type=int, default=384)
     parser.add_argument("--doc-stride", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -328,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", default="32")
     parser.add_argument("--teacher-dir")
     args = parser.parse_args(argv)
-    from pruning.trainer import check_device
+    from pruning.precision import resolve_precision
+    from pruning.trainer import check_device, resolve_device
 
     check_device(args.device, "--device")
     if args.mode == "student" and (args.index is None or args.target is None or args.teacher_dir is None):
@@ -337,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.rehearsal:
         rehearse(args)
+    elif args.precision is None:
+        args.precision = "bf16"
     if args.mode == "student":
         run_student(args)
         return 0
@@ -348,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     check_output_dir(work, "--work")
     check_output_dir(out, "--out")
     check_carry(Path(args.carry), work)
+    resolve_precision(args.precision, resolve_device(args.device))  # a GPU without bf16 is told before staging
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     model_dir, train_json, dev_json = stage(Path(args.carry), work)

@@ -179,12 +179,57 @@ def test_smoke_refuses_an_out_directory_it_cannot_write_in_one_line(bench_script
 
 @pytest.mark.parametrize("device,expected", [("auto", "cpu"), ("cuda", "cuda")])
 def test_a_rehearsal_runs_on_the_cpu_unless_told_otherwise(bench_script, device, expected):
+    """A rehearsal's precision was the run's bf16: on a CPU without bf16 it stopped at the teacher, after staging."""
     import argparse
 
     reference = bench_script("gpu_reference")
-    args = argparse.Namespace(device=device, train_limit=None, eval_limit=None)
+    args = argparse.Namespace(device=device, train_limit=None, eval_limit=None, precision=None)
     reference.rehearse(args)
     assert args.device == expected and (args.train_limit, args.eval_limit, args.seq_len) == (64, 32, 128)
+    assert args.precision == "auto"
+    args = argparse.Namespace(device=device, train_limit=None, eval_limit=None, precision="fp32")
+    reference.rehearse(args)
+    assert args.precision == "fp32"
+
+
+def test_reference_refuses_a_precision_the_device_lacks_before_staging(reference, tmp_path, capsys):
+    from pruning.precision import cpu_supports_bf16
+
+    if cpu_supports_bf16():
+        pytest.skip("a CPU without bf16 matrix instructions")
+    work = tmp_path / "work"  # the model and data already staged, as a rerun finds them
+    for staged in ("minilm/model.safetensors", "minilm/config.json", "train-v1.1.json", "dev-v1.1.json"):
+        (work / staged).parent.mkdir(parents=True, exist_ok=True)
+        (work / staged).write_text("")
+    code = reference.main(["--device", "cpu", "--work", str(work), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().startswith("gpu_reference: precision: bf16 asked for, but this CPU has no")
+    assert not (tmp_path / "out").exists() and not (work / "teacher").exists()
+
+
+def test_the_step_calibration_leaves_evaluations_and_checkpoints_out(reference, tmp_path, monkeypatch):
+    """The probe's rate was taken between its evaluations, each followed by a checkpoint: on a GPU those took longer
+    than the steps between them, and the recorded teacher trained for a third of its budget. Here each evaluation
+    takes at least two seconds, the tiny model's steps a few milliseconds."""
+    import time
+
+    from pruning import trainer
+    from pruning.config import RunConfig
+
+    evaluate = trainer._evaluate_averaged
+
+    def slow_evaluation(*args, **kwargs):
+        time.sleep(2.0)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_evaluate_averaged", slow_evaluation)
+    tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = RunConfig(model_config=tiny, train_data="dev", eval_data="dev", train_limit=16, max_seq_length=64,
+                    doc_stride=16, batch_size=4, output_dir=str(tmp_path / "teacher"), eval_every=100)
+    steps, per_step = reference.calibrated_steps(cfg, seconds=60, probe_steps=6)
+    assert per_step < 1.0 and steps > 60
+    assert not (tmp_path / "teacher" / "probe").exists()
 
 
 def test_smoke_takes_auto_as_the_trainer_does(bench_script):
