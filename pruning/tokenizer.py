@@ -483,7 +483,8 @@ def _warn_unreachable_vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizer
     prefix = getattr(tokenizer.backend_tokenizer.model, "continuing_subword_prefix", None) or "##"
     pieces = [token.removeprefix(prefix) for token in tokenizer.get_vocab() if token not in special
               and not _BYTE_PIECE.fullmatch(token)]
-    unreachable = [piece for piece in pieces if piece and not (plain and plain(piece))
+    # A piece of whitespace alone ("\n" in a SentencePiece vocabulary) holds no capitals or accents.
+    unreachable = [piece for piece in pieces if piece.strip() and not (plain and plain(piece))
                    and normalizer.normalize_str(piece).strip() != piece]
     if not unreachable:
         return

@@ -631,6 +631,24 @@ _TEXTS = ["Paris is the capital of France.", " The quick  fox.", ("Where is Pari
           ("What is the capital?", "PARIS  is the capital of France")]
 
 
+def _with_whitespace_pieces(recorded: dict) -> None:
+    recorded["model"]["vocab"] += [["\t", -5.0], ["\n", -5.0]]
+
+
+def test_a_vocabulary_with_whitespace_pieces_is_not_said_to_hold_capitals(tmp_path, caplog):
+    """A SentencePiece-style vocabulary holding "\t" and "\n" (the tokenizer produces them) was said to hold
+    "capitals or accents, which the tokenizer never produces" on every command: its normalizer's output was compared
+    stripped of its whitespace."""
+    from tokenizers import normalizers
+
+    directory = unigram_directory(tmp_path / "tok", normalizer=normalizers.NFKC(), edit=_with_whitespace_pieces)
+    with caplog.at_level(logging.WARNING):
+        tokenizer = load_tokenizer(directory)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("x", "one\ttwo\nthree")["input_ids"])
+    assert "\t" in tokens and "\n" in tokens
+
+
 @pytest.mark.parametrize("case", ["roberta-untrimmed-offsets", "roberta-prefix-space", "roberta-lowercase",
                                   "roberta-one-separator", "xlm-roberta-lowercase", "camembert-lowercase"])
 def test_a_roberta_family_tokenizer_json_reads_texts_pairs_and_windows_as_its_file_says(tmp_path, case, caplog):
