@@ -242,9 +242,15 @@ def _trial_of(version) -> str | None:
 
 
 def _versions_of_trial(client, name: str, run_id: str) -> list:
-    """The versions of ``name`` made from the trial run ``run_id``, oldest first."""
-    return sorted((v for v in client.search_model_versions(f"name = '{name}'") if _trial_of(v) == run_id),
-                  key=lambda v: int(v.version))
+    """The versions of ``name`` made from the trial run ``run_id``, oldest first: searched by the store (by their
+    trial tag, and by the run they were made on for one whose tag was removed by hand), not read whole, as a model
+    with a long history holds thousands of versions."""
+    found = {}
+    for where in (f"tags.`{TAG_TRIAL_RUN}` = '{run_id}'", f"run_id = '{run_id}'"):
+        for version in client.search_model_versions(f"name = '{name}' and {where}"):
+            if _trial_of(version) == run_id:
+                found[int(version.version)] = version
+    return [found[number] for number in sorted(found)]
 
 
 def _one_version(client, name: str, run_id: str, made) -> Any:
@@ -283,7 +289,8 @@ def _versions_by_trial(versions) -> dict[str, Any]:
 
 
 def _version_of_run(client, name: str, run, onnx: bool = True, known: dict[str, Any] | None = None,
-                    max_int8_f1_drop: float | None = DEFAULT_MAX_INT8_F1_DROP) -> Any:
+                    max_int8_f1_drop: float | None = DEFAULT_MAX_INT8_F1_DROP,
+                    tags: Mapping[str, str] | None = None) -> Any:
     """The version of ``name`` made from the trial ``run``: the existing one, else a new one of the served model
     logged on the trial's run: the one an earlier registration logged there (under another name, or stopped
     before its version was made), else one logged now from its ``packed_model`` artifact, exported for ONNX
@@ -291,7 +298,8 @@ def _version_of_run(client, name: str, run, onnx: bool = True, known: dict[str, 
     most ``max_int8_f1_drop`` F1 against fp32 (:func:`~workflows.int8_check.checked_variant`).
 
     ``known``: the model's versions by trial run (:func:`_versions_by_trial`), read once by a caller that
-    registers several trials; a version made here is added to it. Default: searched here.
+    registers several trials; a version made here is added to it. Default: searched here. ``tags``: a new
+    version's trial tags (:func:`_trial_tags`), written as it is made rather than one by one after.
     """
     run_id = run.info.run_id
     if known is None:
@@ -304,15 +312,17 @@ def _version_of_run(client, name: str, run, onnx: bool = True, known: dict[str, 
                               "delete the version and register again to make it anew from the trial's packed model")
         logger.info("trial run %s is already version %s of %s", run_id, version.version, name)
         return version
-    version = _new_version_of_run(client, name, run, onnx, max_int8_f1_drop)
+    version = _new_version_of_run(client, name, run, onnx, max_int8_f1_drop, tags)
     known[run_id] = version
     return version
 
 
 def _new_version_of_run(client, name: str, run, onnx: bool,
-                        max_int8_f1_drop: float | None = DEFAULT_MAX_INT8_F1_DROP) -> Any:
-    """A new version of ``name`` made from the trial ``run`` (see :func:`_version_of_run`)."""
+                        max_int8_f1_drop: float | None = DEFAULT_MAX_INT8_F1_DROP,
+                        tags: Mapping[str, str] | None = None) -> Any:
+    """A new version of ``name`` made from the trial ``run``, with ``tags`` (see :func:`_version_of_run`)."""
     run_id = run.info.run_id
+    tags = {**(tags or {}), TAG_TRIAL_RUN: run_id}
     settings = settings_of(client, run)
     logged = logged_qa_model(client, run, onnx, settings, max_int8_f1_drop)
     if logged is not None:
@@ -321,7 +331,7 @@ def _new_version_of_run(client, name: str, run, onnx: bool,
         with fluent_store(client.tracking_uri):  # which resolves the version's source, as below
             made = client.create_model_version(name, source=logged.model_uri, run_id=run_id,
                                                model_id=logged.model_id,
-                                               tags={TAG_TRIAL_RUN: run_id, **_served_tags(logged.tags)})
+                                               tags={**tags, **_served_tags(logged.tags)})
         return _one_version(client, name, run_id, made)
     # The registry resolves the new version's source through the tracking store of the fluent API.
     with atomic.scratch_dir("register") as tmp, fluent_store(client.tracking_uri):
@@ -356,7 +366,7 @@ def _new_version_of_run(client, name: str, run, onnx: bool,
             if run.info.end_time:  # the trial's duration is part of the record
                 _set_back(client, run_id, status, run.info.end_time, interrupted)
         made = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
-                                           tags={TAG_TRIAL_RUN: run_id, **_served_tags(info.tags)})
+                                           tags={**tags, **_served_tags(info.tags)})
     return _one_version(client, name, run_id, made)
 
 
@@ -448,21 +458,20 @@ def _null_figures(metrics: Mapping[str, float]) -> dict[str, float]:
     return {key: metrics[key] for key in NULL_METRICS if key in metrics}
 
 
-def _tag_version(client, name: str, version, run, parent_run_id: str, extra: dict[str, str]) -> None:
-    """Tag ``version`` (a model version) with its trial's metrics, precision and run ids and ``extra``: only the
-    tags it lacks or holds with another value are written, so registering a sweep again writes nothing new."""
+def _trial_tags(run, parent_run_id: str, extra: Mapping[str, str]) -> dict[str, str]:
+    """A version's tags from its trial ``run``: its metrics, precision and run ids, and ``extra``."""
     metrics = run.data.metrics
     tags = {TAG_SWEEP_RUN: parent_run_id, TAG_TRIAL_RUN: run.info.run_id,
             TAG_VERSION_PRECISION: measured_precision(run), **extra}
     for key in (*FINAL_METRICS, *NULL_METRICS):
         if key in metrics:
             tags[key] = metric_tag(metrics[key])
-    _set_changed_tags(client, name, version, tags)
+    return tags
 
 
 def _set_changed_tags(client, name: str, version, tags: Mapping[str, str]) -> None:
     """Write those of ``tags`` that ``version`` (as read) lacks or holds with another value: registering a sweep
-    again writes nothing new."""
+    again writes nothing new, nor does tagging a version made with its trial's tags (:func:`_trial_tags`)."""
     current = version.tags or {}
     for key, value in tags.items():
         if current.get(key) != value:
@@ -481,11 +490,12 @@ def register_run(client, run_id: str, name: str, parent_run_id: str, policy: str
     _ensure_model(client, name)
     run = client.get_run(run_id)
     versions = _model_versions(client, name)  # one search: the trial's version, if it has one
+    tags = _trial_tags(run, parent_run_id, {})
     try:
-        version = _version_of_run(client, name, run, onnx, _versions_by_trial(versions), max_int8_f1_drop)
+        version = _version_of_run(client, name, run, onnx, _versions_by_trial(versions), max_int8_f1_drop, tags)
     except LostVersion as err:
         raise LostVersion(f"{err}; alias {ALIAS!r} left where it was") from None
-    _tag_version(client, name, version, run, parent_run_id, {})
+    _set_changed_tags(client, name, version, tags)
     left = _make_champion(client, name, version, {TAG_POLICY: policy, TAG_POLICY_THRESHOLD: threshold},
                           f"{policy} {threshold}".strip())
     uri = f"models:/{name}@{ALIAS}"
@@ -591,13 +601,13 @@ def register_frontier(client, experiment: str, parent_run_id: str, name: str, on
     known = _versions_by_trial(before)
     rows = []
     for run in runs:
+        tags = _trial_tags(run, parent_run_id, {tag: run.data.tags.get(tag, "false") for tag in FRONTIER_TAGS})
         try:
-            version = _version_of_run(client, name, run, onnx, known, max_int8_f1_drop)
+            version = _version_of_run(client, name, run, onnx, known, max_int8_f1_drop, tags)
         except UnreadableTrial as err:  # one spoilt trial costs its own point, not the rest of the frontier
             logger.warning("%s; the frontier's other points are registered", err)
             continue
-        _tag_version(client, name, version, run, parent_run_id,
-                     {tag: run.data.tags.get(tag, "false") for tag in FRONTIER_TAGS})
+        _set_changed_tags(client, name, version, tags)
         rows.append({"version": str(version.version), "model_uri": f"models:/{name}/{version.version}",
                      "run_id": run.info.run_id, **{k: run.data.metrics.get(k) for k in FINAL_METRICS},
                      **_null_figures(run.data.metrics), **served_figures(version.tags or {})})
