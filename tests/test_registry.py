@@ -30,7 +30,7 @@ from pruning.precision import Bf16Inference, PrecisionError
 from workflows import logged_model, registry, tracking
 from workflows.cli import main
 from workflows.record import TAG_KIND, TAG_PARENT, TAG_PRECISION, TAG_STATUS, TAG_TRIAL_RUN, fineprune_version
-from workflows.version_files import load_version
+from workflows.version_files import load_version, number_ranges
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-frontier"
@@ -1056,6 +1056,15 @@ def test_eval_and_ask_run_a_registered_version_as_it_serves(record, registered, 
         client.delete_registered_model_alias(NAME, "mine")
 
 
+def test_version_numbers_are_told_as_ranges():
+    """A model of a thousand versions was refused with all of them listed: one line of 5,000 characters."""
+    assert number_ranges([3]) == "3"
+    assert number_ranges([2, 1]) == "1, 2"
+    assert number_ranges([1, 2, 3, 5, 7, 8, 9, 10]) == "1-3, 5, 7-10"
+    assert number_ranges(range(1, 1048)) == "1-1047"
+    assert number_ranges(range(1, 60, 2), most=4) == "1, 3, ... (30 in all), 57, 59"
+
+
 @pytest.mark.parametrize("target,says", [
     (f"models:/{NAME}/999", "registered model 'tiny-frontier' has no version 999 (its versions: {versions})"),
     (f"models:/{NAME}@nobody", "registered model 'tiny-frontier' has no alias 'nobody' (its aliases: {aliases})"),
@@ -1079,7 +1088,7 @@ def test_a_registered_version_that_is_not_there_is_one_line(record, registered, 
     lines = [line for line in captured.err.splitlines() if line.startswith("fineprune ")]
     assert code == 2 and captured.out == "" and len(lines) == 1, captured.err
     where = "" if target == f"models:/{NAME}" else f" (in {uri})"
-    said = says.format(versions=", ".join(map(str, numbers)), aliases=aliases)
+    said = says.format(versions=number_ranges(numbers), aliases=aliases)
     assert lines[0] == f"fineprune ask: error: {target}: {said}{where}"
     assert "Traceback" not in captured.err
 

@@ -15,7 +15,7 @@ import contextvars
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -28,7 +28,7 @@ from workflows.record import ARTIFACT_MODEL_DIR, ARTIFACT_ONNX_DIR
 from workflows.served_model import served_variant, torch_served
 
 __all__ = ["VersionError", "FewerPositions", "checked_once", "lost_files", "version_files_lost", "served_model_dir",
-           "load_version", "fetch_version"]
+           "load_version", "fetch_version", "number_ranges"]
 
 
 class VersionError(ValueError):
@@ -285,8 +285,26 @@ def _missing(client, name: str, alias: str | None, number: str | None) -> str | 
         return None
     if number is None or int(number) in versions:
         return None
-    held = f"its versions: {', '.join(map(str, versions))}" if versions else "it has none"
+    held = f"its versions: {number_ranges(versions)}" if versions else "it has none"
     return f"registered model {name!r} has no version {number} ({held})"
+
+
+def number_ranges(numbers: Iterable[int], most: int = 12) -> str:
+    """Sorted distinct ``numbers`` as a person reads them: runs of three or more as ``first-last`` (``1-40, 42, 43,
+    45-1047``); past ``most`` pieces, the first and last ``most // 2`` around ``...``, with the count."""
+    values = sorted(set(numbers))
+    pieces: list[str] = []
+    start = 0
+    for end in range(len(values)):
+        if end + 1 < len(values) and values[end + 1] == values[end] + 1:
+            continue
+        run = values[start:end + 1]
+        pieces.extend([f"{run[0]}-{run[-1]}"] if len(run) >= 3 else map(str, run))
+        start = end + 1
+    if len(pieces) > most:
+        half = most // 2
+        pieces = [*pieces[:half], f"... ({len(values)} in all)", *pieces[-half:]]
+    return ", ".join(pieces)
 
 
 def fetch_version(client, uri: str, dst: str | Path,
