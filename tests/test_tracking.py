@@ -317,3 +317,60 @@ def test_runs_are_found_past_one_page_of_search_results(tmp_path):
     whole = client.search_runs([experiment_id], filter_string="tags.`mlflow.parentRunId` = 'p'")
     assert [r.info.run_id for r in paged] == [r.info.run_id for r in whole]
     assert sorted(r.info.run_id for r in paged) == sorted(made)
+
+
+def test_a_resume_reconciles_the_trials_ended_before_from_one_listing(tmp_path, monkeypatch):
+    """A resumed sweep's end searched the store once for each trial its Tune state restored and read each run twice
+    more (three calls a trial, doing nothing for the ended ones: a minute for a thousand trials on a local store,
+    more through a server). One listing of the sweep's runs serves them all now, and a restored trial's run that
+    lacks its params (its driver died before logging them) still gets them."""
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
+    client.create_experiment("many", artifact_location=(tmp_path / "artifacts").as_uri())
+    ended = [_finished_trial(f"t{i}", round(0.1 + i / 20, 2), _packed_dir(tmp_path / f"t{i}")) for i in range(8)]
+    parent = start_parent_run(client, "many", str(tmp_path / "sweep"), {}, resume=False)
+
+    def params_of(config):  # the first driver got no params of t3 written
+        if config["target_density"] == 0.25:
+            raise RuntimeError("the driver died here")
+        return _params_of(config)
+
+    first = MlflowTrialCallback(client.tracking_uri, "many", parent, params_of, outage_limit=30)
+    first.on_step_begin(iteration=0, trials=[])
+    for trial in ended:
+        first.on_trial_start(iteration=0, trials=ended, trial=trial)
+        first.on_trial_result(iteration=0, trials=ended, trial=trial, result=trial.last_result)
+        first.on_trial_complete(iteration=0, trials=ended, trial=trial)
+    first.on_experiment_end(trials=ended)
+    assert not _runs_by_trial(client, parent)["t3"].data.params
+
+    searches, reads = [], []
+    search_runs, get_run = MlflowClient.search_runs, MlflowClient.get_run
+
+    def counted_search(self, *args, **kwargs):
+        searches.append(kwargs.get("filter_string"))
+        return search_runs(self, *args, **kwargs)
+
+    def counted_read(self, run_id):
+        reads.append(run_id)
+        return get_run(self, run_id)
+
+    monkeypatch.setattr(MlflowClient, "search_runs", counted_search)
+    monkeypatch.setattr(MlflowClient, "get_run", counted_read)
+    fresh = _finished_trial("new", 0.05, _packed_dir(tmp_path / "new"))
+    trials = [*ended, fresh]
+    resumed = MlflowTrialCallback(client.tracking_uri, "many", parent, _params_of, outage_limit=30)
+    resumed.on_step_begin(iteration=0, trials=ended)
+    resumed.on_trial_start(iteration=0, trials=trials, trial=fresh)
+    resumed.on_trial_result(iteration=0, trials=trials, trial=fresh, result=fresh.last_result)
+    resumed.on_trial_complete(iteration=0, trials=trials, trial=fresh)
+    resumed.flush()
+    searches.clear(), reads.clear()
+    resumed.on_experiment_end(trials=trials)
+    assert resumed.failure is None
+    assert len(searches) == 1 and len(reads) <= 1, (searches, reads)  # the listing; not a search or read a trial
+    monkeypatch.undo()
+    runs = _runs_by_trial(client, parent)
+    assert set(runs) == {f"t{i}" for i in range(8)} | {"new"}
+    assert all(run.info.status == "FINISHED" for run in runs.values())
+    assert runs["t3"].data.params["searched.target_density"] == "0.25"
+
