@@ -741,6 +741,47 @@ def test_a_tracking_store_locked_while_the_sweep_records_its_frontier_is_waited_
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweep's processes in /proc")
+def test_a_tracking_store_locked_while_the_teacher_trains_is_waited_for_at_the_baseline(tmp_path):
+    """The store is locked (or a server away) from the moment the sweep's run is opened, through the teacher's
+    training, to past SQLite's own wait at the dense baseline's logging: that write was not retried (an outage there
+    kept MLflow's own minutes of retries, past --tracking-timeout, then a traceback). It is waited for now, as the
+    trials' writes are, and the sweep finishes whole."""
+    import sqlite3
+
+    root, uri, client, experiment, env = _sweep_root("fpb-")
+    command = [sys.executable, "-m", "workflows.cli", "sweep", "--space", str(REPO / "tune_spaces" / "smoke.yaml"),
+               "--tracking-uri", uri, "--storage-path", str(root / "ray"), "--tracking-timeout", "120"]
+    with open(root / "driver.out", "wb") as out, open(root / "driver.err", "wb") as err:
+        driver = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=err, start_new_session=True)
+    driver.err_path = root / "driver.err"
+    try:
+        _wait_until(lambda: "fine-tuning the dense teacher" in driver.err_path.read_text(errors="replace"), 300,
+                    "the teacher's training", poll=0.1, alive=driver)  # the sweep's run is written whole by then
+        holder = sqlite3.connect(root / "mlflow.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            _wait_until(lambda: "logging the dense baseline to" in driver.err_path.read_text(errors="replace"),
+                        600, "the baseline's retry", alive=driver)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        driver.wait(timeout=600)
+        stderr = driver.err_path.read_text(errors="replace")
+        assert driver.returncode == 0, stderr[-3000:]
+        summary = json.loads((root / "driver.out").read_text().strip().splitlines()[-1])
+        assert summary["status"] == "finished"
+        (baseline,) = client.search_runs([experiment], "tags.`fineprune.kind` = 'baseline'")
+        assert baseline.info.status == "FINISHED" and baseline.data.metrics["f1"] >= 0
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=30)
+        _kill(processes_mentioning(root), signal.SIGKILL)  # what is left of the sweep's private Ray
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the sweep's processes in /proc")
 def test_the_resume_command_of_a_sweep_stopped_by_a_tracking_outage_resumes_it_as_written(tmp_path):
     """A sweep given --tracking-uri stopped by a tracking outage said to run `fineprune sweep --space S --resume P`,
     which reads MLFLOW_TRACKING_URI or sqlite:///mlflow.db instead: run as written elsewhere, it found no such sweep.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -374,3 +375,24 @@ def test_a_resume_reconciles_the_trials_ended_before_from_one_listing(tmp_path, 
     assert all(run.info.status == "FINISHED" for run in runs.values())
     assert runs["t3"].data.params["searched.target_density"] == "0.25"
 
+
+def test_a_baseline_run_left_half_written_is_completed_when_logged_again(tmp_path):
+    """The sweep logs its dense baseline again when the store went away as it was written: the run made before the
+    store went away was taken for the baseline as it stood (no metrics, RUNNING), and the frontier lost its dense
+    point. It is completed now."""
+    from workflows.tracking import log_baseline
+
+    client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
+    experiment_id = client.create_experiment("half", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = start_parent_run(client, "half", str(tmp_path / "sweep"), {}, resume=False)
+    half = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_BASELINE, record.TAG_PARENT: parent})
+    client.log_batch(half.info.run_id, metrics=[mlflow.entities.Metric("f1", 80.0, 0, 0)])
+    run_id = log_baseline(client, "half", parent, {"f1": 80.0, "exact_match": 70.0}, {"model": "m"}, "teacher")
+    assert run_id == half.info.run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["model"] == "m"
+    assert run.data.metrics == {"f1": 80.0, "exact_match": 70.0, "linear_density": 1.0, "total_density": 1.0,
+                                "heads_removed": 0.0, "speedup": 1.0}
+    assert len(client.get_metric_history(run_id, "f1")) == 1
+    assert log_baseline(client, "half", parent, {"f1": 1.0}, {}, None) == run_id  # finished: left as it is
+    assert client.get_run(run_id).data.metrics["f1"] == 80.0

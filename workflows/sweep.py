@@ -34,7 +34,7 @@ import traceback
 import urllib.parse
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlflow
 import ray
@@ -735,11 +735,13 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         raise
     try:
         if warm is not None:
-            tracking.tag_warm_start(client, parent, warm.sweep_run_id, len(warm.outcomes), warm.store)
+            _recorded(lambda: tracking.tag_warm_start(client, parent, warm.sweep_run_id, len(warm.outcomes),
+                                                      warm.store), "tagging the sweep's warm start", tracking_uri, limit)
         # 2. The teacher.
         teacher_dir, dense_metrics = ensure_teacher(space, storage / "teachers", held_out_checked=not cluster)
-        tracking.log_baseline(client, experiment, parent, dense_metrics, {"model": space.base.get("model", "")},
-                              teacher_dir)
+        _recorded(lambda: tracking.log_baseline(client, experiment, parent, dense_metrics,
+                                                {"model": space.base.get("model", "")}, teacher_dir),
+                  "logging the dense baseline", tracking_uri, limit)
 
         # 3. The trials.
         def params_of(trial_params: dict[str, Any]) -> dict[str, Any]:
@@ -772,24 +774,22 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             return _conclude(client, experiment, parent, space, dense_metrics, search, tracking_uri,
                              Path(report_dir or Path("reports") / experiment).resolve(), latest_left=resume is True)
 
-        with quick_http_failures():
-            summary = call_with_retries(conclude, tracking_uri, limit, what="recording the sweep's frontier",
-                                        transient=_tracking_outage)
+        summary = _recorded(conclude, "recording the sweep's frontier", tracking_uri, limit)
         if not complete:
             logger.warning("%s; `%s` runs what is left", _what_is_left(statuses),
                            record.resume_command(tracking_uri, parent, space_path, cluster))
         ending = {} if complete else {"status": "KILLED", "state": record.SWEEP_INTERRUPTED}
-        with quick_http_failures():
-            call_with_retries(lambda: tracking.finish_parent_run(client, parent, **ending), tracking_uri, limit,
-                              what="ending the sweep's MLflow run", transient=_tracking_outage)
+        _recorded(lambda: tracking.finish_parent_run(client, parent, **ending), "ending the sweep's MLflow run",
+                  tracking_uri, limit)
     except TrackingUnavailable as err:
         raise TrackingUnavailable(f"{err}; the sweep stopped (start the server again, then "
                                   f"`{record.resume_command(tracking_uri, parent, space_path, cluster)}`)") from err
     except BaseException as err:
         # The sweep's run must not stay RUNNING: `--resume` continues it once the cause is mended.
         try:
-            tracking.finish_parent_run(client, parent, status="KILLED" if isinstance(err, KeyboardInterrupt)
-                                       else "FAILED", state=record.SWEEP_INTERRUPTED)
+            with quick_http_failures():  # a server that is away: one quick try, not MLflow's minutes of retries
+                tracking.finish_parent_run(client, parent, status="KILLED" if isinstance(err, KeyboardInterrupt)
+                                           else "FAILED", state=record.SWEEP_INTERRUPTED)
         except Exception as mlflow_err:  # noqa: BLE001 - the first error is the one to report
             logger.warning("could not end the sweep's MLflow run %s: %s", parent, mlflow_err)
         raise
@@ -879,6 +879,13 @@ def _ui_hint(tracking_uri: str) -> str:
     if urllib.parse.urlparse(tracking_uri).scheme in ("http", "https"):
         return tracking_uri
     return shlex.join(["mlflow", "ui", "--backend-store-uri", tracking_uri, "-h", "127.0.0.1"])
+
+
+def _recorded(fn: Callable[[], Any], what: str, tracking_uri: str, limit: float) -> Any:
+    """``fn()``, a write of the sweep's record outside the trials (the warm start, the baseline, the frontier, the
+    end), waited for while the store is away or locked as the trials' writes are: for at most ``limit`` seconds."""
+    with quick_http_failures():
+        return call_with_retries(fn, tracking_uri, limit, what=what, transient=_tracking_outage)
 
 
 def _tracking_outage(err: BaseException) -> bool:

@@ -436,19 +436,21 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 def log_baseline(client: MlflowClient, experiment: str, parent_run_id: str, metrics: dict[str, Any],
                  params: dict[str, Any], model_dir: str | None) -> str:
-    """The dense model as a run of its own: the frontier's baseline point (density 1, speedup 1)."""
+    """The dense model as a run of its own: the frontier's baseline point (density 1, speedup 1). A baseline run an
+    earlier call left unfinished (the store went away as it was written; the call is retried) is completed."""
     experiment_id = _experiment_id(client, experiment)
     existing = _find_runs(client, experiment_id, f"tags.`{TAG_PARENT}` = '{parent_run_id}' and "
                                                  f"tags.`{TAG_KIND}` = '{KIND_BASELINE}'")
-    if existing:
+    if existing and existing[0].info.status == "FINISHED":
         return existing[0].info.run_id
-    run = client.create_run(experiment_id, tags={TAG_KIND: KIND_BASELINE, TAG_PARENT: parent_run_id,
-                                                 TAG_RUN_NAME: "dense-baseline", TAG_STATUS: STATUS_FINISHED,
-                                                 TAG_FINEPRUNE_VERSION: fineprune_version()})
+    run = existing[0] if existing else client.create_run(experiment_id, tags={
+        TAG_KIND: KIND_BASELINE, TAG_PARENT: parent_run_id, TAG_RUN_NAME: "dense-baseline",
+        TAG_STATUS: STATUS_FINISHED, TAG_FINEPRUNE_VERSION: fineprune_version()})
     run_id = run.info.run_id
-    _log_params(client, run_id, params)
+    _log_params(client, run_id, params, run.data.params)
     values = {LINEAR_DENSITY: 1.0, TOTAL_DENSITY: 1.0, HEADS_REMOVED: 0.0, SPEEDUP: 1.0, **_numeric(metrics)}
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in values.items()])
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in values.items()
+                                      if k not in run.data.metrics])
     if model_dir:
         client.set_tag(run_id, TAG_MODEL_DIR, str(model_dir))
     client.set_terminated(run_id, "FINISHED")
