@@ -1867,6 +1867,27 @@ def test_a_checkouts_commit_is_read_with_dirty_for_changed_tracked_files_only(tm
     assert _checkout_commit(tmp_path) == f"{head}.dirty"
 
 
+def test_a_sweep_under_a_ray_job_refuses_a_store_in_the_jobs_temporary_directory(capsys, tmp_path, monkeypatch):
+    """`ray job submit` without --tracking-uri (nor MLFLOW_TRACKING_URI): the sweep ran to its end with its whole
+    record in sqlite:///mlflow.db of the job's uploaded copy of the working directory, which Ray deletes after the
+    job, and its summary named that relative store. Refused before anything runs; an absolute path is kept."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg"}}))
+    space = str(ROOT / "tune_spaces" / "smoke.yaml")
+    for given in ([], ["--tracking-uri", "sqlite:///records/mlflow.db"]):
+        line = _one_line_error(capsys, ["sweep", "--space", space, "--check", *given])
+        uri = given[1] if given else "sqlite:///mlflow.db"
+        assert line.startswith(f"fineprune sweep: error: tracking URI {uri}: under `ray job submit` a relative "
+                               "database is made in the job's temporary copy"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert cli.main(["sweep", "--space", space, "--check", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 0
+    assert json.loads(capsys.readouterr().out)["check"] == "passed"
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert cli.main(["sweep", "--space", space, "--check"]) == 0  # outside a job, the default store is kept
+    capsys.readouterr()
+
+
 def test_sweep_check_says_what_the_sweep_would_run_and_starts_or_writes_nothing(capsys, tmp_path, monkeypatch):
     """`fineprune sweep --check`: the space, paths, data and resources checked as the sweep checks them before it
     starts, and its plan printed (trials, how many at once here, the teacher reused or to be trained), with no

@@ -508,6 +508,22 @@ def _forwarded_env() -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in taken}
 
 
+def _check_job_store(tracking_uri: str) -> None:
+    """Under ``ray job submit`` the driver runs in the job's temporary copy of the working directory, which Ray
+    deletes after the job: a SQLite store at a relative path (the default ``sqlite:///mlflow.db``) would hold the
+    whole record there, and lose it.
+
+    Raises:
+        tracking.TrackingStoreError: such a store, under a Ray job.
+    """
+    database = record.sqlite_database(tracking_uri)
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and database is not None and not database.is_absolute():
+        raise tracking.TrackingStoreError(
+            f"tracking URI {tracking_uri}: under `ray job submit` a relative database is made in the job's temporary "
+            "copy of the working directory and deleted with it; pass --tracking-uri of an MLflow server (or set "
+            "MLFLOW_TRACKING_URI), or an absolute sqlite:////PATH the driver keeps (docs/cluster.md)")
+
+
 def _tune_resources(resources: dict[str, Any]) -> dict[str, float]:
     return {"cpu": float(resources.get("cpu", 1) or 0), "gpu": float(resources.get("gpu", 0) or 0)}
 
@@ -832,6 +848,7 @@ def _checked(space_path: str | Path, experiment: str | None, tracking_uri: str |
         check_local_data(space)
     _local_storage(storage_path)
     tracking_uri = record.tracking_uri(tracking_uri)
+    _check_job_store(tracking_uri)
     if warm_start and not warm_start_tracking_uri:  # the earlier sweep is in this store: it must hold a record
         tracking.check_readable_store(tracking_uri, hint="pass the earlier sweep's store as --tracking-uri, or as "
                                                          "--warm-start-tracking-uri")
