@@ -454,9 +454,10 @@ def test_a_latency_registration_registers_the_frontier_once(store, tokenizer):
         assert result["champion"]["served_f1"] is None
         assert [row["run_id"] for row in result["frontier"]] == [made["runs"]["narrow"], made["runs"]["wide"]]
         calls.append(counting.calls)
-    # Made: one search for the frontier, one per new version (to find it made once), one to time them, one for the
-    # versions that may hold a policy once the alias has moved.
-    assert calls[0] == {"search_model_versions": 5, "set_model_version_tag": 22, "create_model_version": 2,
+    # Made: one search for the frontier, one per new version (its trial's versions, to find it made once), one to
+    # time them, one for the versions that may hold a policy once the alias has moved; each version made with its
+    # tags, and the champion given its policy's two.
+    assert calls[0] == {"search_model_versions": 5, "set_model_version_tag": 2, "create_model_version": 2,
                         "get_run": 6}
     assert calls[1] == {"search_model_versions": 3, "set_model_version_tag": 0, "create_model_version": 0,
                         "get_run": 6}

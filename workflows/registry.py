@@ -242,15 +242,10 @@ def _trial_of(version) -> str | None:
 
 
 def _versions_of_trial(client, name: str, run_id: str) -> list:
-    """The versions of ``name`` made from the trial run ``run_id``, oldest first: searched by the store (by their
-    trial tag, and by the run they were made on for one whose tag was removed by hand), not read whole, as a model
-    with a long history holds thousands of versions."""
-    found = {}
-    for where in (f"tags.`{TAG_TRIAL_RUN}` = '{run_id}'", f"run_id = '{run_id}'"):
-        for version in client.search_model_versions(f"name = '{name}' and {where}"):
-            if _trial_of(version) == run_id:
-                found[int(version.version)] = version
-    return [found[number] for number in sorted(found)]
+    """The versions of ``name`` made from the trial run ``run_id`` by a registration, oldest first: searched by the
+    store by the trial tag each is made with (a model with a long history holds thousands of versions)."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{TAG_TRIAL_RUN}` = '{run_id}'")
+    return sorted(found, key=lambda v: int(v.version))
 
 
 def _one_version(client, name: str, run_id: str, made) -> Any:
