@@ -275,3 +275,26 @@ def test_a_warm_start_store_with_no_record_is_refused_in_one_line_and_not_made(t
     assert code == 2 and len(err) == 1 and message.format(tmp=tmp_path) in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db", "space.yaml"]  # neither store made
     assert (tmp_path / "empty.db").stat().st_size == 0
+
+
+def test_a_resumed_sweep_that_stopped_before_tune_saved_its_state_is_told_its_warm_start_again(client, tmp_path):
+    """A warm-started sweep whose driver stopped before Ray Tune first saved its state (killed, or stopped by a
+    tracking outage while its baseline was logged, which says to resume it) was resumed as a new Tune run told
+    nothing: its run said it was warm-started, its sampler had not been. It is told the same outcomes again; a sweep
+    whose Tune state holds its sampler, or that was not warm-started, is not."""
+    from workflows.sweep import _warm_start_again
+
+    earlier = record_sweep(client, "before", grid_trials())
+    space = load_space(space_file(tmp_path))
+    experiment_id = client.create_experiment("now")
+    warmed = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_SWEEP,
+                                                    record.TAG_WARM_START: earlier}).info.run_id
+    cold = client.create_run(experiment_id, tags={record.TAG_KIND: record.KIND_SWEEP}).info.run_id
+    sweep_dir = tmp_path / "sweep"
+    warm = _warm_start_again(client, space, client.get_run(warmed), str(sweep_dir), 30)
+    assert warm is not None and warm.sweep_run_id == earlier
+    assert sorted(map(repr, warm.outcomes)) == sorted(repr((s, m)) for s, m, _ in grid_trials())
+    assert _warm_start_again(client, space, client.get_run(cold), str(sweep_dir), 30) is None
+    sweep_dir.mkdir()
+    (sweep_dir / "tuner.pkl").write_bytes(b"")  # Tune saved its state: its sampler was told them
+    assert _warm_start_again(client, space, client.get_run(warmed), str(sweep_dir), 30) is None

@@ -569,6 +569,19 @@ def _storage_roots(storage_path: str | None, make: bool = True) -> tuple[str, Pa
     return root, local
 
 
+def _warm_start_again(client, space: SweepSpace, previous, sweep_dir: str, limit: float) -> WarmStart | None:
+    """The warm start of a sweep being resumed that stopped before Tune first saved its state (its driver died, or
+    the store stayed away while the teacher's baseline was logged): its new Tune run is told the earlier outcomes
+    its run says it was warm-started from, as the first was to be. None when Tune's state holds its sampler (told
+    them already) or the sweep was not warm-started."""
+    source = previous.data.tags.get(record.TAG_WARM_START)
+    if not source or tune.Tuner.can_restore(sweep_dir):
+        return None
+    logger.info("the sweep stopped before Ray Tune saved its state: its sampler is told the outcomes of sweep run "
+                "%s again", source)
+    return prior_outcomes(client, space, source, previous.data.tags.get(record.TAG_WARM_START_STORE), limit)
+
+
 def _tuner(space: SweepSpace, trainable: Any, callback: tracking.MlflowTrialCallback, sweep_dir: str,
            storage_root: str, resume: bool, warm: WarmStart | None = None) -> tune.Tuner:
     """The Tuner of a new sweep (its sampler told ``warm``'s outcomes first), or the restored one of the sweep being
@@ -731,6 +744,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             return {"experiment": experiment, "parent_run_id": previous.info.run_id, "tracking_uri": tracking_uri,
                     "sweep_dir": sweep_dir, "status": "already finished"}
         _check_tune_state(sweep_dir, previous.info.run_id)
+        warm = _warm_start_again(client, space, previous, sweep_dir, limit)
         storage_root = sweep_dir.rsplit("/", 1)[0]
         storage = _storage_roots(storage_path or storage_root)[1]
         logger.info("resuming the sweep %s (MLflow run %s)", sweep_dir, previous.info.run_id)
