@@ -456,8 +456,9 @@ def test_a_latency_registration_registers_the_frontier_once(store, tokenizer):
         calls.append(counting.calls)
     # Made: one search for the frontier, one per new version (its trial's versions, to find it made once), one to
     # time them, one for the versions that may hold a policy once the alias has moved; each version made with its
-    # tags, and the champion given its policy's two.
-    assert calls[0] == {"search_model_versions": 5, "set_model_version_tag": 2, "create_model_version": 2,
+    # tags but the three that make it its sweep's and its frontier's (written once it is the one kept), and the
+    # champion given its policy's two.
+    assert calls[0] == {"search_model_versions": 5, "set_model_version_tag": 8, "create_model_version": 2,
                         "get_run": 6}
     assert calls[1] == {"search_model_versions": 3, "set_model_version_tag": 0, "create_model_version": 0,
                         "get_run": 6}
@@ -1126,7 +1127,9 @@ def test_a_new_frontier_version_is_made_with_its_tags_and_found_without_reading_
     assert status == 0 and result["run_id"] == made["runs"]["wide"]
     whole = [where for where in searches if where == f"name = '{NAME}'"]
     assert len(whole) <= 3, searches  # the frontier's versions once, the champion's tidy once (and its result)
-    assert sorted(tag_writes) == sorted([registry.TAG_POLICY, registry.TAG_POLICY_THRESHOLD]), tag_writes
+    kept_after = [record.TAG_SWEEP_RUN, *record.FRONTIER_TAGS]  # written once the version is the one kept
+    assert sorted(tag_writes) == sorted([*kept_after, *kept_after, registry.TAG_POLICY,
+                                         registry.TAG_POLICY_THRESHOLD]), tag_writes
     for trial in ("wide", "narrow"):
         tags = client.get_model_version(NAME, _version_of(client, made["runs"][trial])).tags
         assert tags["f1"] and tags["linear_density"] and tags["pareto"] == "true", tags

@@ -317,7 +317,11 @@ def _new_version_of_run(client, name: str, run, onnx: bool,
                         tags: Mapping[str, str] | None = None) -> Any:
     """A new version of ``name`` made from the trial ``run``, with ``tags`` (see :func:`_version_of_run`)."""
     run_id = run.info.run_id
-    tags = {**(tags or {}), TAG_TRIAL_RUN: run_id}
+    # Not yet the tags that make it a version of its sweep, or of its frontier: a registration beside this one may
+    # have made the trial's version first, and this one is then deleted (_one_version); until then, nothing that
+    # looks for the sweep's versions should find it. The caller writes them once it is the one kept.
+    tags = {**{key: value for key, value in (tags or {}).items() if key not in (TAG_SWEEP_RUN, *FRONTIER_TAGS)},
+            TAG_TRIAL_RUN: run_id}
     settings = settings_of(client, run)
     logged = logged_qa_model(client, run, onnx, settings, max_int8_f1_drop)
     if logged is not None:
