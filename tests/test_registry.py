@@ -1063,6 +1063,7 @@ def test_version_numbers_are_told_as_ranges():
     assert number_ranges([1, 2, 3, 5, 7, 8, 9, 10]) == "1-3, 5, 7-10"
     assert number_ranges(range(1, 1048)) == "1-1047"
     assert number_ranges(range(1, 60, 2), most=4) == "1, 3, ... (30 in all), 57, 59"
+    assert number_ranges(range(1, 20, 2), most=1) == "1, ... (10 in all), 19"
 
 
 @pytest.mark.parametrize("target,says", [

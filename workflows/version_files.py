@@ -302,7 +302,7 @@ def number_ranges(numbers: Iterable[int], most: int = 12) -> str:
         pieces.extend([f"{run[0]}-{run[-1]}"] if len(run) >= 3 else map(str, run))
         start = end + 1
     if len(pieces) > most:
-        half = most // 2
+        half = max(1, most // 2)
         pieces = [*pieces[:half], f"... ({len(values)} in all)", *pieces[-half:]]
     return ", ".join(pieces)
 
