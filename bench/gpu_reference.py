@@ -102,7 +102,7 @@ class _StepTimes(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if isinstance(record.msg, str) and record.msg.startswith("step %d/%d loss"):
-            self.marks.append((int(record.args[0]), record.created))
+            self.marks.append((int(record.args[0]), time.perf_counter()))
 
 
 def calibrated_steps(cfg, seconds: float, probe_steps: int) -> tuple[int, float]:

@@ -192,11 +192,10 @@ def test_a_rehearsal_runs_on_the_cpu_unless_told_otherwise(bench_script, device,
     assert args.precision == "fp32"
 
 
-def test_reference_refuses_a_precision_the_device_lacks_before_staging(reference, tmp_path, capsys):
-    from pruning.precision import cpu_supports_bf16
+def test_reference_refuses_a_precision_the_device_lacks_before_staging(reference, tmp_path, capsys, monkeypatch):
+    from pruning import precision
 
-    if cpu_supports_bf16():
-        pytest.skip("a CPU without bf16 matrix instructions")
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)  # a CPU without bf16 matrix instructions
     work = tmp_path / "work"  # the model and data already staged, as a rerun finds them
     for staged in ("minilm/model.safetensors", "minilm/config.json", "train-v1.1.json", "dev-v1.1.json"):
         (work / staged).parent.mkdir(parents=True, exist_ok=True)
