@@ -915,6 +915,11 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         do_save = is_last or do_eval or (cfg.save_every is not None and done % cfg.save_every == 0)
         if not (do_eval or do_save):
             continue
+        if cfg.masked and global_topk and step < p.prune_steps:
+            # One global cut-off, found on the scores as this step began: the step has moved them since, and what is
+            # evaluated and saved keeps this step's fraction of the updated scores (each matrix's own top-k does so
+            # at every forward). Without a filled phase, the last step's model was saved off its target density.
+            mask_lib.set_threshold(model, threshold, global_topk=True)
         # The windows trained, in epochs: a step of grad_accum micro-batches need not end where an epoch does.
         epoch = batches.position.epoch + batches.position.window / num_features
         metrics: dict[str, Any] = {"step": done, "epoch": epoch, "threshold": threshold,

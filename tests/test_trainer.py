@@ -1405,3 +1405,22 @@ def test_the_planned_steps_are_logged_as_pruning_and_filled_only_for_a_masked_ru
     assert len(planned) == 1
     assert ("2 steps (2 pruning + 0 filled)," in planned[0]) == (method == "topk")
     assert "; 2 steps" in planned[0]
+
+
+@pytest.mark.parametrize("target", [0.05, 0.5, 0.95])
+def test_global_topk_without_a_filled_phase_ends_at_its_target_density(tmp_path, target):
+    """Global top-k finds one cut-off on the scores as each step begins; the step then moves the scores, and the
+    final model was evaluated and saved against the stale cut-off: at a target of 0.01 a run ended at 0.025, at 0.99
+    at 0.977. What is evaluated and saved now keeps the scheduled fraction of the scores as they end, to within one
+    block, the granularity of a cut-off (as a filled phase's start did already)."""
+    cfg = tiny_cfg(tmp_path, method="topk", topk_scope="global", target_density=target, attention_block=[16, 16],
+                   mask_lr=0.1, max_steps=6, initial_warmup=0, final_warmup=0, train_limit=8, eval_limit=2)
+    metrics = train(cfg, progress=False)
+    model = load_model(metrics["model_dir"])
+    modules = [module for _, module in masks.masked_modules(model)]
+    total = sum(m.mask_scores.numel() * m.weights_per_score for m in modules)
+    block = max(m.weights_per_score for m in modules) / total
+    with torch.no_grad():
+        kept = sum(float(m.block_mask().sum()) * m.weights_per_score for m in modules) / total
+    assert target <= kept < target + block, (kept, block)
+    assert sparsity_report(model).linear_density == pytest.approx(metrics["linear_density"])
