@@ -49,9 +49,9 @@ def _packed_dir(path):
     return path
 
 
-def _run_sweep_of(client: MlflowClient, experiment: str, sweep: str, trials: list[Trial]) -> str:
+def _run_sweep_of(client: MlflowClient, experiment: str, sweep: str, trials: list[Trial], params_of=_params_of) -> str:
     parent = start_parent_run(client, experiment, sweep, {}, resume=False)
-    callback = MlflowTrialCallback(client.tracking_uri, experiment, parent, _params_of, outage_limit=30)
+    callback = MlflowTrialCallback(client.tracking_uri, experiment, parent, params_of, outage_limit=30)
     callback.on_step_begin(iteration=0, trials=[])
     for trial in trials:
         callback.on_trial_start(iteration=0, trials=trials, trial=trial)
@@ -328,20 +328,13 @@ def test_a_resume_reconciles_the_trials_ended_before_from_one_listing(tmp_path, 
     client = MlflowClient(tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
     client.create_experiment("many", artifact_location=(tmp_path / "artifacts").as_uri())
     ended = [_finished_trial(f"t{i}", round(0.1 + i / 20, 2), _packed_dir(tmp_path / f"t{i}")) for i in range(8)]
-    parent = start_parent_run(client, "many", str(tmp_path / "sweep"), {}, resume=False)
 
     def params_of(config):  # the first driver got no params of t3 written
         if config["target_density"] == 0.25:
             raise RuntimeError("the driver died here")
         return _params_of(config)
 
-    first = MlflowTrialCallback(client.tracking_uri, "many", parent, params_of, outage_limit=30)
-    first.on_step_begin(iteration=0, trials=[])
-    for trial in ended:
-        first.on_trial_start(iteration=0, trials=ended, trial=trial)
-        first.on_trial_result(iteration=0, trials=ended, trial=trial, result=trial.last_result)
-        first.on_trial_complete(iteration=0, trials=ended, trial=trial)
-    first.on_experiment_end(trials=ended)
+    parent = _run_sweep_of(client, "many", str(tmp_path / "sweep"), ended, params_of)
     assert not _runs_by_trial(client, parent)["t3"].data.params
 
     searches, reads = [], []
