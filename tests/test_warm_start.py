@@ -277,6 +277,22 @@ def test_a_warm_start_store_with_no_record_is_refused_in_one_line_and_not_made(t
     assert (tmp_path / "empty.db").stat().st_size == 0
 
 
+def test_under_a_ray_job_a_warm_start_store_not_uploaded_says_why(tmp_path, monkeypatch, capsys):
+    """Under `ray job submit`, a warm start from the checkout's sqlite:///mlflow.db (the documented command) found no
+    database, and was told to pass the store it had passed: .gitignore leaves that file out of the job's upload."""
+    from workflows import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    code = cli.main(["sweep", "--space", str(space_file(tmp_path)), "--tracking-uri", f"sqlite:///{tmp_path}/s.db",
+                     "--warm-start", "before", "--warm-start-tracking-uri", "sqlite:///mlflow.db"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].endswith("under `ray job submit` only uploaded files are there, and .gitignore leaves a "
+                           "checkout's mlflow.db out: copy it under another name (docs/cluster.md))"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+
+
 def test_a_resumed_sweep_that_stopped_before_tune_saved_its_state_is_told_its_warm_start_again(client, tmp_path):
     """A warm-started sweep whose driver stopped before Ray Tune first saved its state (killed, or stopped by a
     tracking outage while its baseline was logged, which says to resume it) was resumed as a new Tune run told

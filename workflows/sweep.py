@@ -853,8 +853,11 @@ def _checked(space_path: str | Path, experiment: str | None, tracking_uri: str |
     if warm_start:
         check_applicable(space)
     if warm_start_tracking_uri:  # only read: a store with no record yet is refused, not made
-        tracking.check_readable_store(warm_start_tracking_uri,
-                                      hint="pass the earlier sweep's --tracking-uri as --warm-start-tracking-uri")
+        hint = "pass the earlier sweep's --tracking-uri as --warm-start-tracking-uri"
+        if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a job's working directory is the uploaded copy
+            hint += ("; under `ray job submit` only uploaded files are there, and .gitignore leaves a checkout's "
+                     "mlflow.db out: copy it under another name (docs/cluster.md)")
+        tracking.check_readable_store(warm_start_tracking_uri, hint=hint)
     cluster = check_machine(space, address)
     if cluster:
         _check_ray_answers(cluster)
