@@ -492,6 +492,10 @@ def _connect_failure(cluster: str | None, err: BaseException, mode: str | None) 
     return f"{where}: {' '.join(str(err).split())}"
 
 
+# Set by Ray in the driver of a `ray job submit` job: the job's config, its runtime env (working_dir, env_vars) in it.
+_RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
 def _forwarded_env() -> dict[str, str]:
     keep = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", FAULT_ENV, "MLFLOW_TRACKING_URI", "TOKENIZERS_PARALLELISM",
             "RAY_CHDIR_TO_TRIAL_DIR")
@@ -503,7 +507,7 @@ def _forwarded_env() -> dict[str, str]:
     env.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     # Under `ray job submit` the job's own env_vars reach every worker already, and ray.init refuses a runtime
     # env that names one of them again.
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    job = json.loads(os.environ.get(_RAY_JOB_ENV) or "{}")
     taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
     return {k: v for k, v in env.items() if k not in taken}
 
@@ -517,7 +521,7 @@ def _check_job_store(tracking_uri: str) -> None:
         tracking.TrackingStoreError: such a store, under a Ray job.
     """
     database = record.sqlite_database(tracking_uri)
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and database is not None and not database.is_absolute():
+    if os.environ.get(_RAY_JOB_ENV) and database is not None and not database.is_absolute():
         raise tracking.TrackingStoreError(
             f"tracking URI {tracking_uri}: under `ray job submit` a relative database is made in the job's temporary "
             "copy of the working directory and deleted with it; pass --tracking-uri of an MLflow server (or set "
@@ -854,7 +858,7 @@ def _checked(space_path: str | Path, experiment: str | None, tracking_uri: str |
         check_applicable(space)
     if warm_start_tracking_uri:  # only read: a store with no record yet is refused, not made
         hint = "pass the earlier sweep's --tracking-uri as --warm-start-tracking-uri"
-        if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a job's working directory is the uploaded copy
+        if os.environ.get(_RAY_JOB_ENV):  # a job's working directory is the uploaded copy
             hint += ("; under `ray job submit` only uploaded files are there, and .gitignore leaves a checkout's "
                      "mlflow.db out: copy it under another name (docs/cluster.md)")
         tracking.check_readable_store(warm_start_tracking_uri, hint=hint)

@@ -639,10 +639,14 @@ class MlflowTrialCallback(tune.Callback):
 
     # ---- MLflow work (the logging thread) ---------------------------------------------------------------------
 
-    def _load_orphans(self, known: set[str]) -> None:
+    def _trial_runs(self) -> list:
+        """The sweep's trial runs (not those deleted by hand), latest started first, in one paged listing."""
         experiment_id = _experiment_id(self.client, self.experiment)
-        runs = _find_runs(self.client, experiment_id, f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' and "
+        return _find_runs(self.client, experiment_id, f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' and "
                                                       f"tags.`{TAG_KIND}` = '{KIND_TRIAL}'")
+
+    def _load_orphans(self, known: set[str]) -> None:
+        runs = self._trial_runs()
         self._orphans = {r.info.run_id: _run_config_key(r) for r in runs
                          if r.data.tags.get(TAG_TRIAL) not in known}
         if self._orphans:
@@ -847,9 +851,7 @@ class MlflowTrialCallback(tune.Callback):
         The sweep's runs are read in one listing, not one search and two reads a trial: a resumed sweep of a
         thousand trials, most of them ended in earlier sessions, would otherwise take a minute here on a local store.
         """
-        experiment_id = _experiment_id(self.client, self.experiment)
-        runs = _find_runs(self.client, experiment_id, f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' and "
-                                                      f"tags.`{TAG_KIND}` = '{KIND_TRIAL}'")
+        runs = self._trial_runs()
         self._listed = {run.info.run_id: run for run in runs}
         for run in runs:  # latest started first, as _run_for takes a trial's run
             trial_id = run.data.tags.get(TAG_TRIAL)
