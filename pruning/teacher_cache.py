@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from .config import ConfigError
+from .memory import available_memory
 from .squad import to_device
 
 __all__ = ["TeacherCache", "TeacherOutputs"]
@@ -33,21 +32,6 @@ logger = logging.getLogger(__name__)
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 HIDDEN_DTYPE = torch.bfloat16  # the kept hidden states: half the memory of fp32, targets of an MSE
-
-
-def available_memory() -> int | None:
-    """Bytes of memory this machine can give now without swapping (Linux's MemAvailable, else the free pages), or
-    None where it does not say."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def _check_hidden_fits(num: int, layers: int, width: int, hidden: int) -> int:

@@ -196,7 +196,7 @@ def test_hidden_states_beyond_the_memory_available_are_refused_before_any_is_tak
     tokens would need 8.6 TB."""
     from transformers import BertConfig
 
-    from pruning.teacher_cache import available_memory
+    from pruning.memory import available_memory
 
     with torch.device("meta"):
         teacher = BertForQuestionAnswering(BertConfig(hidden_size=16384, num_hidden_layers=512,
