@@ -293,6 +293,40 @@ def test_select_can_time_the_packed_pytorch_models(record, registered, capsys):
     assert latency[runs[WIDE]] > max(latency[runs[NARROW]], latency[runs[NARROWEST]])
 
 
+def test_versions_beyond_the_memory_limit_are_timed_in_groups_each_beside_its_dense_shape(record, registered,
+                                                                                         caplog):
+    from workflows.version_timing import time_versions
+
+    client, runs = record["client"], record["runs"]
+    versions = sorted(client.search_model_versions(f"name = '{NAME}'"), key=lambda v: int(v.version))
+    assert len(versions) == 3
+
+    def timed(memory_limit: int | None) -> tuple[dict[str, dict], str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="workflows.version_timing"):
+            rows, none_timed = time_versions(client, NAME, versions, "torch", 1, seq_len=128, repeats=9, warmup=1,
+                                             memory_limit=memory_limit)
+        assert none_timed is None
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded and timed"))
+        return {row["run_id"]: row for row in rows}, line
+
+    # Any one version reaches a limit of a byte: each is loaded, timed beside its dense shape and let go alone.
+    rows, line = timed(1)
+    assert "3 versions" in line and "in 3 groups of at most 0 MiB held" in line
+    assert set(rows) == {runs[WIDE], runs[NARROW], runs[NARROWEST]}
+    for row in rows.values():
+        assert row["latency_ms"] > 0 and row["dense_latency_ms"] > 0
+        assert row["served_speedup"] == pytest.approx(row["dense_latency_ms"] / row["latency_ms"])
+    # Timed apart, the unpruned model is still the slowest by far: its dense shape's speed, and 16 times the narrow
+    # ones' matrix work.
+    assert rows[runs[WIDE]]["latency_ms"] > max(rows[runs[NARROW]]["latency_ms"], rows[runs[NARROWEST]]["latency_ms"])
+    # Within the limit (or without one), all are held and timed at once.
+    for limit in (2**40, None):
+        rows, line = timed(limit)
+        assert "3 versions" in line and "groups" not in line
+        assert all(row["latency_ms"] > 0 for row in rows.values())
+
+
 def test_select_looks_for_the_versions_in_the_tracking_store_whatever_the_registry_variable(record, registered,
                                                                                           capsys, monkeypatch,
                                                                                           tmp_path):

@@ -1,8 +1,8 @@
 """Timing registered versions as they serve on this machine, beside the dense shapes they were pruned from.
 
 :func:`time_versions` loads each version as it serves (ONNX Runtime, or its packed PyTorch model), times them all
-round-robin with the benches' helper and gives each version's latency, its dense shape's and their ratio (or why it
-was not timed); :func:`workflows.registry.select_by_latency` chooses among them (``fineprune select``, and a sweep's
+round-robin with the benches' helper (as many at a time as half the memory free holds) and gives each version's
+latency, its dense shape's and their ratio (or why it was not timed); :func:`workflows.registry.select_by_latency` chooses among them (``fineprune select``, and a sweep's
 ``best_f1_under_latency`` policy, with :func:`latency_settings`).
 """
 
@@ -12,12 +12,14 @@ import copy
 import dataclasses
 import json
 import logging
+import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pruning import atomic
+from pruning.memory import available_memory
 from pruning.errors import error_line, raise_interrupt_behind
 from workflows import record
 from workflows.int8_check import checked_f1, variant_run
@@ -79,6 +81,8 @@ class _Timing:
     dense_of: dict[str, str] = dataclasses.field(default_factory=dict)
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     set_aside: set[str] = dataclasses.field(default_factory=set)
+    # Each group timed: its timings (name -> seconds of each pass), for the noise check.
+    groups: list[dict[str, list[float]]] = dataclasses.field(default_factory=list)
 
 
 def _version_to_time(client, name: str, v, dst: Path, timing: _Timing, lifecycle: dict[str, str | None]
@@ -157,17 +161,56 @@ def _none_timed(name: str, timing: _Timing) -> str:
     return f"no version of {name!r} could be {what} ({reasons})"
 
 
+def _held_bytes(timing: _Timing, tmp: Path, pending: Sequence[str]) -> int:
+    """Roughly what the models loaded for the next group hold: the files each pending version was read from (its
+    weights, as ONNX Runtime or PyTorch holds them) and the parameters of every dense shape."""
+    dense = set(timing.dense_of.values())
+    held = sum(p.numel() * p.element_size() for key in dense for p in timing.models[key].parameters())
+    return held + sum(f.stat().st_size for version in pending for f in Path(tmp, version).rglob("*") if f.is_file())
+
+
+def _time_group(timing: _Timing, tmp: Path, pending: list[str], repeats: int, warmup: int) -> None:
+    """Time the loaded versions ``pending`` round-robin with their dense shapes, give each its row's latencies, and
+    let their models and files go."""
+    import torch
+
+    from pruning.bench import interleaved_latency
+
+    names = {f"v{version}" for version in pending} | {timing.dense_of[version] for version in pending}
+    models = {key: model for key, model in timing.models.items() if key in names}
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(timing.threads)
+    try:
+        times = interleaved_latency(models, batch_size=timing.batch_size, seq_len=timing.seq_len, repeats=repeats,
+                                    warmup=warmup)
+    finally:
+        torch.set_num_threads(previous_threads)
+    timing.groups.append(times)
+    rows = {row["version"]: row for row in timing.rows}
+    for version in pending:
+        own = statistics.median(times[f"v{version}"]) * 1000.0
+        dense = statistics.median(times[timing.dense_of[version]]) * 1000.0
+        rows[version].update({"latency_ms": own, "dense_latency_ms": dense,
+                              "served_speedup": dense / own if own > 0 else None})
+        del timing.models[f"v{version}"]
+        shutil.rmtree(Path(tmp, version), ignore_errors=True)
+    pending.clear()
+
+
 def time_versions(client, name: str, versions: Sequence, runtime: str, threads: int, batch_size: int = 1,
-                  seq_len: int = 128, repeats: int = 10, warmup: int = 2,
-                  seq_len_from: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+                  seq_len: int = 128, repeats: int = 10, warmup: int = 2, seq_len_from: str | None = None,
+                  memory_limit: int | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """Time ``versions`` (of the registered model ``name``) here, as they serve, against their dense shapes.
 
     Each version is loaded as it serves (``runtime="served"``: through ONNX Runtime when it carries the exported
     model, which is what its pyfunc and ``mlflow models serve`` run; ``"torch"``: its packed PyTorch model) and timed
     on random input of ``batch_size`` x ``seq_len`` with the benches' helper
-    (:func:`pruning.bench.interleaved_latency`): all versions and the dense shape(s) they were pruned from (in
+    (:func:`pruning.bench.interleaved_latency`): the versions and the dense shape(s) they were pruned from (in
     PyTorch, fp32) run round-robin on ``threads`` threads, ``repeats`` times after ``warmup`` rounds, and each
-    latency is a median. Timings too noisy to rank the versions by (:func:`timing_noise`) are a warning.
+    latency is a median. Versions are loaded in order until they and the dense shapes hold ``memory_limit`` bytes
+    (default: half the memory this machine has free; their files' sizes count for them), then that group is timed
+    and let go before the next is loaded: a model of many versions is timed in groups, each beside its dense shape,
+    rather than all held at once. Timings too noisy to rank the versions by (:func:`timing_noise`) are a warning.
 
     A version that cannot be loaded or fails when run here, whose model takes fewer positions than ``seq_len``, or
     whose trial run or sweep run was deleted (set aside in the MLflow UI; it is not loaded) is not timed: its row
@@ -176,6 +219,7 @@ def time_versions(client, name: str, versions: Sequence, runtime: str, threads: 
     Args:
         seq_len_from: what gave ``seq_len`` when a registration times the versions (``FILE: speedup.seq_len``): a
             version whose model takes fewer positions is then that field's error, :class:`SeqLenError`.
+        memory_limit: the bytes a group of versions may hold, see above.
 
     Returns:
         One row per version, in order (``version``, ``run_id``, its trial figures from its tags, how it ran,
@@ -183,40 +227,37 @@ def time_versions(client, name: str, versions: Sequence, runtime: str, threads: 
         ``dense_latency_ms`` and ``served_speedup``, unrounded, or its ``error``), and why no version could be
         timed (one line), or None where one was.
     """
-    # torch and the library are needed only to time models: the registry, which imports this module, stays
-    # light without them.
-    import torch
-
-    from pruning.bench import interleaved_latency
-
     started = time.perf_counter()
+    if memory_limit is None:
+        free = available_memory()
+        memory_limit = free // 2 if free is not None else None
     timing = _Timing(runtime, threads, batch_size, seq_len, seq_len_from)
     lifecycle: dict[str, str | None] = {}  # run id -> deleted or removed, each run read once
     with atomic.scratch_dir("download") as tmp:
+        pending: list[str] = []  # loaded, not yet timed
         for v in versions:
-            timing.rows.append(_version_to_time(client, name, v, Path(tmp) / str(v.version), timing, lifecycle))
-        if not timing.dense_of:
-            return timing.rows, _none_timed(name, timing)
-        loaded = time.perf_counter()
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            times = interleaved_latency(timing.models, batch_size=batch_size, seq_len=seq_len, repeats=repeats,
-                                        warmup=warmup)
-        finally:
-            torch.set_num_threads(previous_threads)
-        logger.info("loaded %d versions of %s in %.1f s; timed them and %d dense shape(s), %d rounds, in %.1f s",
-                    len(timing.dense_of), name, loaded - started, len(timing.models) - len(timing.dense_of),
-                    warmup + repeats, time.perf_counter() - loaded)
-        if (noise := timing_noise(times)) is not None:
-            logger.warning("%s: the choice may differ on a rerun; time with fewer --threads than free cores, on a "
-                           "quieter machine, or with more --repeats", noise)
-    for row in timing.rows:
-        if row["version"] in timing.dense_of:
-            own = statistics.median(times[f"v{row['version']}"]) * 1000.0
-            dense = statistics.median(times[timing.dense_of[row["version"]]]) * 1000.0
-            row.update({"latency_ms": own, "dense_latency_ms": dense,
-                        "served_speedup": dense / own if own > 0 else None})
+            row = _version_to_time(client, name, v, Path(tmp) / str(v.version), timing, lifecycle)
+            timing.rows.append(row)
+            if row["version"] not in timing.dense_of:  # not timed: its files are not needed
+                shutil.rmtree(Path(tmp, row["version"]), ignore_errors=True)
+                continue
+            pending.append(row["version"])
+            if memory_limit is not None and _held_bytes(timing, Path(tmp), pending) >= memory_limit:
+                _time_group(timing, Path(tmp), pending, repeats, warmup)
+        if pending:
+            _time_group(timing, Path(tmp), pending, repeats, warmup)
+    if not timing.dense_of:
+        return timing.rows, _none_timed(name, timing)
+    groups = (f", in {len(timing.groups)} groups of at most {memory_limit / 2**20:.0f} MiB held"
+              if len(timing.groups) > 1 else "")
+    logger.info("loaded and timed %d versions of %s with %d dense shape(s), %d rounds%s, in %.1f s",
+                len(timing.dense_of), name, len(set(timing.dense_of.values())), warmup + repeats, groups,
+                time.perf_counter() - started)
+    # The passes of each group's models, a dense shape timed in several groups once in each.
+    passes = {f"{key} ({i})": seconds for i, times in enumerate(timing.groups) for key, seconds in times.items()}
+    if (noise := timing_noise(passes)) is not None:
+        logger.warning("%s: the choice may differ on a rerun; time with fewer --threads than free cores, on a "
+                       "quieter machine, or with more --repeats", noise)
     return timing.rows, None
 
 
