@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -475,25 +476,48 @@ def _check_record(config, config_file: Path) -> tuple[list[list[int]], list[int]
     return heads, widths
 
 
+# The threads building a packed model's modules now (see _parameters_on_meta), the lock that guards them, and the
+# method nn.Module had before the one patch they share.
+_META_THREADS: set[int] = set()
+_META_LOCK = threading.Lock()
+_register_before: Any = None
+
+
+def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    """``nn.Module.register_parameter`` while some thread builds a packed model: on the meta device in those threads,
+    as before in the others."""
+    _register_before(module, name, param)
+    if param is not None and param.device.type != "meta" and threading.get_ident() in _META_THREADS:
+        module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device while buffers (position ids and the like) stay real.
+    """Create parameters on the meta device while buffers (position ids and the like) stay real, in this thread.
 
     Buffers that are not saved with the weights must keep the values their module computes at construction;
-    parameters are replaced by the stored tensors anyway, so they need no memory and no initialisation.
+    parameters are replaced by the stored tensors anyway, so they need no memory and no initialisation. The method
+    is patched on ``nn.Module`` while any thread is inside, and acts in those threads alone: modules that other
+    threads build meanwhile (a server answering while another version loads) get their parameters as before, and
+    the method is put back when the last thread leaves, whatever order they leave in.
     """
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    global _register_before
+    me = threading.get_ident()
+    with _META_LOCK:
+        outer = me not in _META_THREADS  # a block nested in this thread's leaves the undoing to the outer one
+        if outer:
+            if not _META_THREADS:
+                _register_before = nn.Module.register_parameter
+                nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
+            _META_THREADS.add(me)
     try:
         yield
     finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
+        if outer:
+            with _META_LOCK:
+                _META_THREADS.discard(me)
+                if not _META_THREADS:
+                    nn.Module.register_parameter = _register_before  # type: ignore[method-assign]
 
 
 def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:

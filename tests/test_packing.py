@@ -279,6 +279,45 @@ def test_save_and_load_give_identical_logits(tmp_path):
     assert sparsity_report(loaded).heads_removed == sparsity_report(model).heads_removed
 
 
+def test_loading_a_packed_model_builds_on_meta_in_its_own_thread_alone():
+    """Loading swapped ``nn.Module.register_parameter`` for the whole process: a module another thread built
+    meanwhile (a server answering while a version loads) got meta parameters, and two loads that overlapped could
+    each put back the other's swapped method, leaving it for good."""
+    import threading
+
+    from pruning.packing import _parameters_on_meta
+
+    original = torch.nn.Module.register_parameter
+    inside, step, done = threading.Event(), threading.Event(), threading.Event()
+    built: dict[str, str] = {}
+
+    def loader(name: str, wait_for: threading.Event, then: threading.Event) -> None:
+        with _parameters_on_meta():
+            built[f"{name} in"] = torch.nn.Linear(2, 2).weight.device.type
+            then.set()
+            wait_for.wait(30)
+            built[f"{name} still in"] = torch.nn.Linear(2, 2).weight.device.type
+
+    first = threading.Thread(target=loader, args=("first", step, inside))
+    first.start()
+    assert inside.wait(30)
+    built["other thread"] = torch.nn.Linear(2, 2).weight.device.type  # while the first thread is inside
+    second = threading.Thread(target=loader, args=("second", done, step))  # enters, lets the first leave, leaves
+    second.start()
+    first.join(30)
+    built["other thread, first gone"] = torch.nn.Linear(2, 2).weight.device.type
+    done.set()
+    second.join(30)
+    assert built == {"first in": "meta", "second in": "meta", "first still in": "meta", "second still in": "meta",
+                     "other thread": "cpu", "other thread, first gone": "cpu"}
+    assert torch.nn.Module.register_parameter is original
+    with _parameters_on_meta():  # nested in one thread: the inner block leaves the outer's patch in place
+        with _parameters_on_meta():
+            pass
+        assert torch.nn.Linear(2, 2).weight.device.type == "meta"
+    assert torch.nn.Module.register_parameter is original and torch.nn.Linear(2, 2).weight.device.type == "cpu"
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o002, 0o775)], ids=["umask022", "umask002"])
 def test_a_packed_directory_and_its_files_get_the_modes_mkdir_and_open_give(tmp_path, umask, mode):
     """The weights too: transformers' save_pretrained writes them through safetensors, 0600, so a packed model's
