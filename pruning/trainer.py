@@ -788,6 +788,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         ``model_dir`` (the final model directory) and ``precision`` (``fp32`` or ``bf16``: what ``auto`` became).
     """
     seed_everything(cfg.seed)
+    check_device(cfg.device)  # a device this machine lacks, before an earlier run's outputs are removed
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)  # fails before any data or model is loaded
     if cfg.max_steps is not None and cfg.method is not Method.FISHER:

@@ -58,6 +58,18 @@ def test_a_new_run_in_an_earlier_runs_directory_removes_its_final_model_before_i
     assert (tmp_path / "run" / "checkpoint" / "trainer_state.json").is_file()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused_before_an_earlier_run_s_outputs_are_removed(tmp_path):
+    """Called as a library (the command line checks the device first), a run asking for CUDA on a machine without it
+    removed the earlier run's final model and checkpoint, then stopped in torch's assertion."""
+    first = train(tiny_cfg(tmp_path, max_steps=2), progress=False)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(ConfigError, match=r"^device cuda: CUDA is not available on this machine \(use cpu\)$"):
+        train(tiny_cfg(tmp_path, max_steps=2, device="cuda"), progress=False)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
+    assert (Path(first["model_dir"]) / "model.safetensors").is_file()
+
+
 def test_a_run_resumed_into_an_earlier_runs_directory_removes_its_final_model_before_it_trains(tmp_path):
     """Resumed from another directory's checkpoint into an output_dir that held an earlier run (fineprune's
     --overwrite), the earlier run's final model stayed until the resumed run wrote its own: stopped before that, the
