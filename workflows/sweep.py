@@ -448,10 +448,11 @@ _TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 _TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
 
 
-def _init_ray(cluster: str | None) -> None:
-    """Join ``cluster``, or start a private local Ray (``address="local"``) when it is None."""
+def _init_ray(cluster: str | None) -> bool:
+    """Join ``cluster``, or start a private local Ray (``address="local"``) when it is None; False where Ray was
+    already running in this process (the caller's, which the sweep runs on and leaves running)."""
     if ray.is_initialized():
-        return
+        return False
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "logging_level": logging.WARNING,
                               "runtime_env": {"env_vars": _forwarded_env()}}
     if cluster:
@@ -459,8 +460,8 @@ def _init_ray(cluster: str | None) -> None:
     else:
         kwargs.update(address="local", include_dashboard=False)
     mode = os.environ.get(AUTH_MODE_ENV)  # read first: ray.init may set it
-    # ray.init makes SIGTERM a sys.exit (and its core logs a crash report for it); a handler the caller set (the
-    # command line's, which stops the sweep as Ctrl-C does) is set back.
+    # ray.init makes SIGTERM a sys.exit (and its core logs a crash report for it); the caller's disposition is set
+    # back: its handler (the command line's, which stops the sweep as Ctrl-C does), or the default or "ignore".
     main = threading.current_thread() is threading.main_thread()
     on_term = signal.getsignal(signal.SIGTERM) if main else None
     quiet = contextlib.nullcontext() if cluster else leaving_out(_TOKEN_LOGGER, starting_with(_TOKEN_NOTICE))
@@ -470,8 +471,9 @@ def _init_ray(cluster: str | None) -> None:
     except (ConnectionError, AuthenticationError) as err:
         raise RayUnavailable(_connect_failure(cluster, err, mode)) from err
     finally:
-        if callable(on_term):
+        if on_term is not None:  # None: a handler set outside Python, which cannot be set back from here
             signal.signal(signal.SIGTERM, on_term)
+    return True
 
 
 def _connect_failure(cluster: str | None, err: BaseException, mode: str | None) -> str:
@@ -760,7 +762,7 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     # The sweep's identity, before anything else starts: what `--resume` finds even if the driver dies right away.
     parent = tracking.open_parent_run(client, experiment, sweep_dir, space.summary(), bool(resume), limit)
     try:
-        _init_ray(cluster)
+        started_ray = _init_ray(cluster)
     except BaseException:  # Ray did not start (or was interrupted): the sweep's run must not stay RUNNING
         if resume:
             tracking.finish_parent_run(client, parent, status="FAILED", state=record.SWEEP_INTERRUPTED)
@@ -828,8 +830,9 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
             logger.warning("could not end the sweep's MLflow run %s: %s", parent, mlflow_err)
         raise
     finally:
-        if not cluster:
+        if started_ray and not cluster:  # a Ray the caller started stays theirs
             ray.shutdown()
+        if not cluster:
             _remove_trial_scratch(sweep_dir)  # a cluster's trials clear theirs as they end or run again
     summary.update({"experiment": experiment, "parent_run_id": parent, "tracking_uri": tracking_uri,
                     "sweep_dir": str(sweep_dir), "status": "finished" if complete else "interrupted",
