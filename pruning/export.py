@@ -176,13 +176,17 @@ def _quiet_onnxruntime() -> Iterator[None]:
     """Keep ORT's python tools to warnings that matter while they run.
 
     Its optimizer logs every fusion at INFO and warns, for each packed layer, that the heads' width differs from
-    the model's hidden size (expected: that is what packing does); the quantizer advises pre-processing.
+    the model's hidden size (expected: that is what packing does); the quantizer advises pre-processing. It logs
+    through the root logger's module functions (``logging.warning``), which give a root logger without handlers one
+    of their own (``logging.basicConfig``): that handler is taken away after, or a program's own ``basicConfig``
+    later would do nothing.
     """
     def keep(record: logging.LogRecord) -> bool:
         return "onnxruntime" not in record.pathname or record.levelno >= logging.ERROR
 
     root = logging.getLogger()
-    targets = [root, *root.handlers]
+    handlers = list(root.handlers)
+    targets = [root, *handlers]
     for target in targets:
         target.addFilter(keep)
     try:
@@ -190,6 +194,9 @@ def _quiet_onnxruntime() -> Iterator[None]:
     finally:
         for target in targets:
             target.removeFilter(keep)
+        if not handlers:
+            for handler in list(root.handlers):
+                root.removeHandler(handler)
 
 
 def _as_export_model(model: nn.Module) -> nn.Module:

@@ -298,3 +298,24 @@ def test_the_exported_directory_gets_the_mode_mkdir_gives(masked_checkpoint, tmp
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "exported").stat().st_mode) == 0o755
     assert is_exported_dir(result["out_dir"])
+
+
+def test_an_int8_export_leaves_a_root_logger_without_handlers_without_them(dev_windows, tmp_path):
+    """ONNX Runtime's quantizer warns through ``logging.warning``, which gives a root logger without handlers one of
+    its own: a program that exported first found its own ``logging.basicConfig`` after it doing nothing."""
+    import logging
+
+    root = logging.getLogger()
+    kept = list(root.handlers)  # pytest's own, put back after
+    for handler in kept:
+        root.removeHandler(handler)
+    try:
+        export_model(pack(pruned_model([[0], [1, 2]], [64, 96])), tmp_path, quantize="int8",
+                     inputs=dev_windows.model_inputs(slice(0, 2)))
+        assert (tmp_path / FILES["int8"]).is_file()
+        assert root.handlers == []
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in kept:
+            root.addHandler(handler)
