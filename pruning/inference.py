@@ -32,7 +32,8 @@ from torch import nn
 
 from .bench import eval_mode
 from .squad import (Answer, EvalFeatures, Example, HostLogits, cut_question, length_sorted_batches, lone_surrogate,
-                    longest_question, postprocess_predictions, prepare_eval_features, to_device, tokenize_text)
+                    longest_question, model_windows, postprocess_predictions, prepare_eval_features, to_device,
+                    tokenize_text)
 
 __all__ = ["Answer", "RecordError", "WindowRunner", "check_records", "count_windows", "torch_runner", "run_windows",
            "answer_records", "answer_batch", "answer"]
@@ -284,6 +285,8 @@ def answer_batch(model: nn.Module, tokenizer: Any, questions: Sequence[str], con
     Args:
         model: a QA model called with ``input_ids``/``attention_mask``/``token_type_ids`` that returns
             ``.start_logits`` and ``.end_logits``; it runs in eval mode and its training flag is restored after.
+        max_seq_length, doc_stride: the windows, cut to the model's position embeddings where they are longer
+            (:func:`pruning.squad.model_windows`), as ``fineprune ask`` and the served model cut them.
         device: where to run; default: the model's device.
         others: as for :func:`answer_records`.
 
@@ -291,6 +294,7 @@ def answer_batch(model: nn.Module, tokenizer: Any, questions: Sequence[str], con
         RecordError: a question or context is empty, not a string or too long.
         ValueError: the two lists differ in length.
     """
+    max_seq_length, doc_stride = model_windows(model, max_seq_length, doc_stride)
     with eval_mode(model):
         return answer_records(torch_runner(model, device), tokenizer, questions, contexts,
                               max_seq_length=max_seq_length, doc_stride=doc_stride, max_windows=max_windows,

@@ -53,6 +53,7 @@ __all__ = [
     "EvalFeatures",
     "HostLogits",
     "fit_windows",
+    "model_windows",
     "longest_question",
     "tokenize_text",
     "lone_surrogate",
@@ -623,6 +624,17 @@ def fit_windows(max_seq_length: int, doc_stride: int, max_positions: int) -> tup
     return seq, min(stride, seq // 2)
 
 
+def model_windows(model: Any, max_seq_length: int, doc_stride: int) -> tuple[int, int]:
+    """``(max_seq_length, doc_stride)`` fitted to ``model`` (:func:`fit_windows`) where its ``config`` gives its
+    position embeddings; as given otherwise. Already fitted windows are kept as they are."""
+    from .structure import max_positions
+
+    config = getattr(model, "config", None)
+    if getattr(config, "max_position_embeddings", None) is None:
+        return int(max_seq_length), int(doc_stride)
+    return fit_windows(max_seq_length, doc_stride, max_positions(config))
+
+
 def longest_question(tokenizer: Any, max_seq_length: int, doc_stride: int) -> int:
     """The most question tokens a window of ``max_seq_length`` tokens overlapping the next by ``doc_stride`` takes
     (it must keep more than ``doc_stride`` tokens for the context); below 1 when the windows have no room for a
@@ -895,6 +907,7 @@ def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
                   null_answers: bool = False, null_threshold: float = 0.0) -> dict[str, Answer]:
     """Answer spans (text, score, character offsets) of a QA model for every question; see :func:`predict`."""
     if features is None:
+        max_seq_length, doc_stride = model_windows(model, max_seq_length, doc_stride)
         features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
                                          max_query_length=max_query_length, progress=progress)
     else:
@@ -918,7 +931,8 @@ def predict(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_s
             ``.start_logits`` and ``.end_logits`` (dense, masked or packed BERT).
         tokenizer: the model's fast tokenizer.
         examples: the questions.
-        max_seq_length, doc_stride: the windows (see :func:`prepare_eval_features`).
+        max_seq_length, doc_stride: the windows (see :func:`prepare_eval_features`), cut to the model's position
+            embeddings where they are longer (:func:`model_windows`), as ``fineprune eval`` cuts them.
         batch_size: windows per forward pass.
         max_answer_length, n_best: the span search (see :func:`postprocess_predictions`).
         device: where to run; default: the model's device.

@@ -343,3 +343,26 @@ def test_a_context_longer_than_the_models_positions_is_answered_without_a_warnin
     assert _consistent(result, context)
     said = capfd.readouterr().err + caplog.text
     assert "indexing errors" not in said and "longer than the specified maximum" not in said, said
+
+
+def test_windows_longer_than_the_models_positions_are_cut_to_them_as_the_command_line_cuts_them(tokenizer):
+    """Called as a library with their default windows (384 tokens), ``answer`` and ``predict_spans`` stopped inside
+    transformers on a model of 128 positions ("The size of tensor a (287) must match ... (128)"); ``eval``, ``ask``
+    and the served model cut the windows to the model."""
+    from transformers import BertConfig
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=128,
+                                                max_position_embeddings=128)).eval()
+    assert squad.model_windows(model, 384, 128) == (128, 64) == squad.fit_windows(384, 128, 128)
+    assert squad.model_windows(model, 96, 32) == (96, 32)  # windows that fit stay as given
+    context = " ".join([CONTEXT] * 3)
+    cut = answer(model, tokenizer, "How large is the basin?", context, max_seq_length=128, doc_stride=64)
+    assert answer(model, tokenizer, "How large is the basin?", context) == cut
+    examples = [squad.Example("a", "", context, "How large is the basin?"),
+                squad.Example("b", "", CONTEXT, "Who holds the majority of the forest?")]
+    spans = squad.predict_spans(model, tokenizer, examples, progress=False)
+    assert spans == squad.predict_spans(model, tokenizer, examples, max_seq_length=128, doc_stride=64,
+                                        progress=False)
+    assert spans["a"] == cut
