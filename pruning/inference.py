@@ -32,8 +32,8 @@ from torch import nn
 
 from .bench import eval_mode
 from .squad import (Answer, EvalFeatures, Example, HostLogits, cut_question, length_sorted_batches, lone_surrogate,
-                    longest_question, model_windows, postprocess_predictions, prepare_eval_features, to_device,
-                    tokenize_text)
+                    longest_question, model_windows, postprocess_predictions, prepare_eval_features, text_prefix,
+                    to_device, tokenize_text, whole_word_tokens)
 
 __all__ = ["Answer", "RecordError", "WindowRunner", "check_records", "count_windows", "torch_runner", "run_windows",
            "answer_records", "answer_batch", "answer"]
@@ -49,7 +49,6 @@ device (:func:`run_windows` copies those to the host together, not batch by batc
 # Characters of a long text tokenized first, per token of the cap (English averages under 5 characters a token);
 # the prefix then doubles until it decides.
 _CHARS_PER_TOKEN = 8
-_WHITESPACE = (" ", "\n", "\t", "\r")
 
 
 class RecordError(ValueError):
@@ -79,35 +78,23 @@ def _check_text(field: str, value: Any, index: int | None) -> None:
                                         "surrogate pair, or a byte that is not UTF-8)")
 
 
-def _whitespace_before(text: str, end: int) -> int:
-    """Position of the last whitespace character before ``end``, or -1."""
-    return max(text.rfind(char, 0, end) for char in _WHITESPACE)
-
-
-def _whitespace_from(text: str, start: int) -> int:
-    """Position of the first whitespace character at or after ``start``, or ``len(text)``."""
-    found = [i for i in (text.find(char, start) for char in _WHITESPACE) if i >= 0]
-    return min(found, default=len(text))
-
-
 def _count_tokens(tokenizer: Any, text: str, cap: int | None) -> int:
     """Tokens of ``text`` (without special tokens) when there are at most ``cap``, otherwise some number above ``cap``.
 
-    A long text is tokenized only up to a prefix that already holds more than ``cap`` tokens. Prefixes end at
-    whitespace, where the tokenizer splits words anyway, so a prefix never has more tokens than the whole text.
-    ``cap=None`` counts every token.
+    A long text is tokenized only up to a prefix that already holds more than ``cap`` of its tokens
+    (:func:`pruning.squad.text_prefix`; a prefix cut inside a word counts the tokens before that word), so a context
+    of megabytes costs what its first ``cap`` tokens do, whatever its script. ``cap=None`` counts every token.
     """
     size = len(text) if cap is None else _CHARS_PER_TOKEN * (cap + 1)
     while True:
-        if size >= len(text):
-            return len(tokenize_text(tokenizer, text, add_special_tokens=False)["input_ids"])
-        cut = _whitespace_before(text, size)
-        if cut <= 0:  # one long word: take it whole
-            cut = _whitespace_from(text, size)
-        tokens = len(tokenize_text(tokenizer, text[:cut], add_special_tokens=False)["input_ids"])
+        prefix, whole = text_prefix(text, size)
+        encoding = tokenize_text(tokenizer, prefix, add_special_tokens=False)
+        if len(prefix) == len(text):
+            return len(encoding["input_ids"])
+        tokens = len(encoding["input_ids"]) if whole else whole_word_tokens(encoding)
         if tokens > cap:
             return tokens
-        size = 2 * max(size, cut)
+        size = 2 * max(size, len(prefix))
 
 
 def count_windows(tokenizer: Any, question: str, context: str, max_seq_length: int = 384, doc_stride: int = 128,

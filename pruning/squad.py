@@ -54,6 +54,8 @@ __all__ = [
     "HostLogits",
     "fit_windows",
     "model_windows",
+    "text_prefix",
+    "whole_word_tokens",
     "longest_question",
     "tokenize_text",
     "lone_surrogate",
@@ -200,16 +202,31 @@ def _check_window(tokenizer: Any, max_seq_length: int, doc_stride: int) -> None:
         raise ValueError("the tokenizer must pad on the right (question first, context second)")
 
 
-def _prefix(text: str, size: int) -> str:
-    """The first ``size`` characters of ``text``, cut back to the whitespace before them (where a tokenizer splits
-    words anyway, so the prefix's tokens are the text's first ones), or on to the next whitespace after a long word."""
+def text_prefix(text: str, size: int) -> tuple[str, bool]:
+    """A prefix of ``text`` of about ``size`` characters, and whether it ends where a tokenizer splits words (at
+    whitespace, or the text's end), so that its tokens are the text's first ones.
+
+    It is cut back to the last whitespace before ``size`` where that lies in the second half, else on to the next
+    whitespace where that comes within ``2 * size``. A text with no whitespace near (Chinese or Japanese, words
+    joined by punctuation) is cut at ``size``, inside a word (False): only its tokens of the words before that one
+    are the text's (:func:`whole_word_tokens`), and no more than a bounded prefix of any text is ever tokenized.
+    """
     if size >= len(text):
-        return text
-    cut = max(text.rfind(char, 0, size) for char in (" ", "\n", "\t", "\r"))
-    if cut <= 0:
-        after = _WHITESPACE.search(text, size)
-        cut = after.start() if after is not None else len(text)
-    return text[:cut]
+        return text, True
+    back = max(text.rfind(char, 0, size) for char in (" ", "\n", "\t", "\r"))
+    if back >= size // 2:
+        return text[:back], True
+    after = _WHITESPACE.search(text, size, 2 * size)
+    if after is not None:
+        return text[:after.start()], True
+    return text[:size], False
+
+
+def whole_word_tokens(encoding: Any) -> int:
+    """Tokens of a prefix cut inside a word (:func:`text_prefix`) that are the text's own: those before the cut word,
+    whose tokens the cut may change. ``encoding``: the prefix tokenized by a fast tokenizer, without special tokens."""
+    words = encoding.word_ids()
+    return sum(1 for word in words if word != words[-1]) if words else 0
 
 
 def tokenize_text(tokenizer: Any, *texts: Any, **kwargs: Any) -> Any:
@@ -238,11 +255,11 @@ def cut_question(tokenizer: Any, question: str, max_query_length: int = 64) -> s
     text = question.lstrip()
     size = _CHARS_PER_TOKEN * (max_query_length + 1)
     while True:
-        prefix = _prefix(text, size)
-        offsets = tokenize_text(tokenizer, prefix, add_special_tokens=False,
-                                return_offsets_mapping=True)["offset_mapping"]
-        if len(offsets) > max_query_length:
-            break
+        prefix, whole = text_prefix(text, size)
+        encoding = tokenize_text(tokenizer, prefix, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoding["offset_mapping"]
+        if (len(offsets) if whole else whole_word_tokens(encoding)) > max_query_length:
+            break  # the first max_query_length tokens are the question's own
         if len(prefix) == len(text):
             return text
         size = 2 * max(size, len(prefix))

@@ -185,6 +185,31 @@ def test_an_oversized_context_is_refused_from_a_prefix(tokenizer):
         count_windows(counting, question, "A short context.", 128, 64, max_windows=64)
 
 
+@pytest.mark.parametrize("unit", ["a.", "中", "word\u00a0"], ids=["punctuation", "cjk", "nbsp"])
+def test_a_text_without_spaces_is_refused_or_cut_from_a_prefix_too(tokenizer, unit):
+    """Prefixes were cut at ASCII whitespace alone: a context of 1 MB of "a.a.a." (or Chinese, or words joined by
+    non-breaking spaces) was tokenized whole, with offsets, before it was refused: 0.5 GB of a server's memory and
+    3 s per megabyte of a request refused anyway. A prefix is now cut inside a word where no whitespace is near."""
+    counting = _CountingTokenizer(tokenizer)
+    context = unit * (1_000_000 // len(unit))
+    with pytest.raises(RecordError, match=r"^record 0: context is too long: more than 64 windows of 384 tokens"):
+        count_windows(counting, "Where?", context, 384, 128, max_windows=64, index=0)
+    assert 0 < counting.characters < len(context) / 5
+    # A question of such text is cut to its first 64 tokens, as the whole question's tokens would cut it.
+    question = unit * (40_000 // len(unit))
+    counting.characters = 0
+    cut = squad.cut_question(counting, question, 64)
+    assert 0 < counting.characters < len(question) / 5
+    offsets = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert len(offsets) > 64 and cut == question[:offsets[63][1]].rstrip()
+    # Below the cap, the count is exact: a text cut inside a word is counted whole in the end.
+    shorter = unit * (3_000 // len(unit))
+    windows = count_windows(tokenizer, "Where?", shorter, 128, 32, max_windows=1000)
+    assert windows == len(squad.prepare_eval_features([squad.Example("0", "", shorter, "Where?")], tokenizer, 128,
+                                                      32))
+    assert windows > 3
+
+
 def test_a_long_question_is_cut_as_in_evaluation(tiny_qa_model, tokenizer, caplog):
     question = "Which country holds most of the forest? " * 40
     cut = squad.cut_question(tokenizer, question, 64)
