@@ -506,7 +506,9 @@ def _parameters_on_meta() -> Iterator[None]:
     with _META_LOCK:
         outer = me not in _META_THREADS  # a block nested in this thread's leaves the undoing to the outer one
         if outer:
-            if not _META_THREADS:
+            # Another library that patches the method too (saving and restoring it across ours) may have left this
+            # one in place: it is never taken for the method before, which it would then call forever.
+            if not _META_THREADS and nn.Module.register_parameter is not _register_parameter:
                 _register_before = nn.Module.register_parameter
                 nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
             _META_THREADS.add(me)
@@ -516,7 +518,8 @@ def _parameters_on_meta() -> Iterator[None]:
         if outer:
             with _META_LOCK:
                 _META_THREADS.discard(me)
-                if not _META_THREADS:
+                # Put back unless another patch replaced this one meanwhile (its own undoing restores it).
+                if not _META_THREADS and nn.Module.register_parameter is _register_parameter:
                     nn.Module.register_parameter = _register_before  # type: ignore[method-assign]
 
 

@@ -317,6 +317,19 @@ def test_loading_a_packed_model_builds_on_meta_in_its_own_thread_alone():
         assert torch.nn.Linear(2, 2).weight.device.type == "meta"
     assert torch.nn.Module.register_parameter is original and torch.nn.Linear(2, 2).weight.device.type == "cpu"
 
+    # Another library's patch of the same method, saved and restored across a load's end (accelerate's empty-weights
+    # context does that): it puts back the load's patch, which must then neither call itself nor stay in effect.
+    load = _parameters_on_meta()
+    load.__enter__()
+    theirs_before = torch.nn.Module.register_parameter
+    torch.nn.Module.register_parameter = lambda module, name, param: theirs_before(module, name, param)
+    load.__exit__(None, None, None)
+    torch.nn.Module.register_parameter = theirs_before  # their undoing
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+    with _parameters_on_meta():
+        assert torch.nn.Linear(2, 2).weight.device.type == "meta"
+    assert torch.nn.Module.register_parameter is original and torch.nn.Linear(2, 2).weight.device.type == "cpu"
+
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o002, 0o775)], ids=["umask022", "umask002"])
 def test_a_packed_directory_and_its_files_get_the_modes_mkdir_and_open_give(tmp_path, umask, mode):
