@@ -575,7 +575,7 @@ def test_a_teacher_that_cannot_be_had_stops_the_sweep_in_one_line_and_ends_its_r
             run_sweep(space, experiment="smoke", tracking_uri=uri, storage_path=str(tmp_path / "ray"),
                       address="local")
         # The Ray this caller started is theirs: the sweep ran on it and leaves it running (it shut it down).
-        assert ray.is_initialized() and ray.available_resources().get("CPU") == 1
+        assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 1
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -1001,21 +1001,26 @@ def test_tunes_default_loggers_are_off_in_a_sweep_unless_the_user_set_them(monke
     assert os.environ.get(name) == given
 
 
-def test_the_sweep_s_own_ray_leaves_a_caller_s_ignored_sigterm_ignored():
-    """ray.init makes SIGTERM a sys.exit; the caller's handler was set back, but not an "ignore" (nor the default),
-    which are not callables: a service that ignores SIGTERM was ended by the next one after its sweep."""
+@pytest.mark.parametrize("given", ["ignore", "default"])
+def test_the_sweep_s_own_ray_leaves_a_caller_s_ignored_sigterm_ignored(given):
+    """ray.init makes SIGTERM a sys.exit; the caller's handler was set back, but not an "ignore", which is not a
+    callable: a service that ignores SIGTERM was ended by the next one after its sweep. The default stays Ray's
+    exit, which still ends the sweep's run and stops its Ray (the default would end the process at once)."""
     import signal
 
     import ray
 
     from workflows.sweep import _init_ray
 
-    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN if given == "ignore" else signal.SIG_DFL)
     try:
         assert _init_ray(None) is True
         assert _init_ray(None) is False  # already running: not the sweep's to stop
+        if given == "ignore":
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        else:
+            assert callable(signal.getsignal(signal.SIGTERM))
         ray.shutdown()
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         if ray.is_initialized():
             ray.shutdown()

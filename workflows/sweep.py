@@ -460,8 +460,9 @@ def _init_ray(cluster: str | None) -> bool:
     else:
         kwargs.update(address="local", include_dashboard=False)
     mode = os.environ.get(AUTH_MODE_ENV)  # read first: ray.init may set it
-    # ray.init makes SIGTERM a sys.exit (and its core logs a crash report for it); the caller's disposition is set
-    # back: its handler (the command line's, which stops the sweep as Ctrl-C does), or the default or "ignore".
+    # ray.init makes SIGTERM a sys.exit (and its core logs a crash report for it); a handler the caller set (the
+    # command line's, which stops the sweep as Ctrl-C does) or "ignore" is set back. The default is not: it would
+    # end the process at once, where Ray's exit still ends the sweep's run and stops its Ray.
     main = threading.current_thread() is threading.main_thread()
     on_term = signal.getsignal(signal.SIGTERM) if main else None
     quiet = contextlib.nullcontext() if cluster else leaving_out(_TOKEN_LOGGER, starting_with(_TOKEN_NOTICE))
@@ -471,7 +472,7 @@ def _init_ray(cluster: str | None) -> bool:
     except (ConnectionError, AuthenticationError) as err:
         raise RayUnavailable(_connect_failure(cluster, err, mode)) from err
     finally:
-        if on_term is not None:  # None: a handler set outside Python, which cannot be set back from here
+        if callable(on_term) or on_term is signal.SIG_IGN:
             signal.signal(signal.SIGTERM, on_term)
     return True
 
