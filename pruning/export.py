@@ -171,6 +171,16 @@ class _ExportGraph(nn.Module):
         return start.squeeze(-1), end.squeeze(-1)
 
 
+class _LastResort(logging.Handler):
+    """What a root logger without handlers does with a record (:data:`logging.lastResort`: warnings and errors to
+    stderr), as a handler: while it is there, ``logging.basicConfig`` does nothing."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        last = logging.lastResort
+        if last is not None and record.levelno >= last.level:
+            last.handle(record)
+
+
 @contextlib.contextmanager
 def _quiet_onnxruntime() -> Iterator[None]:
     """Keep ORT's python tools to warnings that matter while they run.
@@ -178,15 +188,17 @@ def _quiet_onnxruntime() -> Iterator[None]:
     Its optimizer logs every fusion at INFO and warns, for each packed layer, that the heads' width differs from
     the model's hidden size (expected: that is what packing does); the quantizer advises pre-processing. It logs
     through the root logger's module functions (``logging.warning``), which give a root logger without handlers one
-    of their own (``logging.basicConfig``): that handler is taken away after, or a program's own ``basicConfig``
-    later would do nothing.
+    of their own (``logging.basicConfig``), so that a program's own ``basicConfig`` later would do nothing: such a
+    root logger gets a stand-in for the while (:class:`_LastResort`), taken away after.
     """
     def keep(record: logging.LogRecord) -> bool:
         return "onnxruntime" not in record.pathname or record.levelno >= logging.ERROR
 
     root = logging.getLogger()
-    handlers = list(root.handlers)
-    targets = [root, *handlers]
+    stand_in = _LastResort() if not root.handlers else None
+    if stand_in is not None:
+        root.addHandler(stand_in)
+    targets = [root, *root.handlers]
     for target in targets:
         target.addFilter(keep)
     try:
@@ -194,9 +206,8 @@ def _quiet_onnxruntime() -> Iterator[None]:
     finally:
         for target in targets:
             target.removeFilter(keep)
-        if not handlers:
-            for handler in list(root.handlers):
-                root.removeHandler(handler)
+        if stand_in is not None:
+            root.removeHandler(stand_in)
 
 
 def _as_export_model(model: nn.Module) -> nn.Module:
