@@ -661,10 +661,10 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
     model, which is what its pyfunc and ``mlflow models serve`` run; ``"torch"``: its packed PyTorch model) on
     random input of ``batch_size`` x ``seq_len`` with the benches' helper
     (:func:`pruning.bench.interleaved_latency`): the versions and the dense shape(s) they were pruned from (in
-    PyTorch) run round-robin, ``repeats`` times after ``warmup`` rounds, and each latency is a median; as many
-    versions at a time as half the memory free holds, so a model of many versions is timed in groups, each beside
-    its dense shape (:func:`~workflows.version_timing.time_versions`). Among the versions within ``max_latency_ms`` the one with
-    the highest F1 (its ``f1`` tag) wins, the faster on a tie.
+    PyTorch) run round-robin, ``repeats`` times after ``warmup`` rounds, and each latency is a median; versions are
+    loaded until they fill half the memory free, then timed and let go, so a model of many versions is timed in
+    groups, each beside its dense shape (:func:`~workflows.version_timing.time_versions`). Among the versions within
+    ``max_latency_ms`` the one with the highest F1 (its ``f1`` tag) wins, the faster on a tie.
 
     Args:
         client: an MLflow client of the registry.

@@ -1,8 +1,9 @@
 """Timing registered versions as they serve on this machine, beside the dense shapes they were pruned from.
 
-:func:`time_versions` loads each version as it serves (ONNX Runtime, or its packed PyTorch model), times them all
-round-robin with the benches' helper (as many at a time as half the memory free holds) and gives each version's
-latency, its dense shape's and their ratio (or why it was not timed); :func:`workflows.registry.select_by_latency` chooses among them (``fineprune select``, and a sweep's
+:func:`time_versions` loads each version as it serves (ONNX Runtime, or its packed PyTorch model), times them
+round-robin with the benches' helper (loaded until they fill half the memory free, then timed) and gives each
+version's latency, its dense shape's and their ratio (or why it was not timed);
+:func:`workflows.registry.select_by_latency` chooses among them (``fineprune select``, and a sweep's
 ``best_f1_under_latency`` policy, with :func:`latency_settings`).
 """
 
@@ -207,8 +208,9 @@ def time_versions(client, name: str, versions: Sequence, runtime: str, threads: 
     on random input of ``batch_size`` x ``seq_len`` with the benches' helper
     (:func:`pruning.bench.interleaved_latency`): the versions and the dense shape(s) they were pruned from (in
     PyTorch, fp32) run round-robin on ``threads`` threads, ``repeats`` times after ``warmup`` rounds, and each
-    latency is a median. Versions are loaded in order until they and the dense shapes hold ``memory_limit`` bytes
-    (default: half the memory this machine has free; their files' sizes count for them), then that group is timed
+    latency is a median. Versions are loaded in order until they and the dense shapes hold ``memory_limit`` bytes or
+    more (default: half the memory this machine has free; their files' sizes count for them: the last one loaded
+    may take a group past the limit by its own size), then that group is timed
     and let go before the next is loaded: a model of many versions is timed in groups, each beside its dense shape,
     rather than all held at once. Timings too noisy to rank the versions by (:func:`timing_noise`) are a warning.
 
@@ -248,7 +250,7 @@ def time_versions(client, name: str, versions: Sequence, runtime: str, threads: 
             _time_group(timing, Path(tmp), pending, repeats, warmup)
     if not timing.dense_of:
         return timing.rows, _none_timed(name, timing)
-    groups = (f", in {len(timing.groups)} groups of at most {memory_limit / 2**20:.0f} MiB held"
+    groups = (f", in {len(timing.groups)} groups, each timed once its models held {memory_limit / 2**20:.0f} MiB"
               if len(timing.groups) > 1 else "")
     logger.info("loaded and timed %d versions of %s with %d dense shape(s), %d rounds%s, in %.1f s",
                 len(timing.dense_of), name, len(set(timing.dense_of.values())), warmup + repeats, groups,
