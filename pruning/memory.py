@@ -1,7 +1,8 @@
 """How much memory this process can still take: the machine's, within its container's limit.
 
-A process in a container (a Kubernetes pod, ``docker run --memory``, a Ray worker with a memory limit) sees the whole
-host's memory in ``/proc/meminfo``; its cgroup's limit is what ends it, killed by the kernel rather than told.
+A process in a container (a Kubernetes pod, ``docker run --memory``) or in a cgroup of its own (``systemd-run -p
+MemoryMax=``, a batch scheduler's job) sees the whole host's memory in ``/proc/meminfo``; its cgroup's limit, or an
+enclosing one's, is what ends it, killed by the kernel rather than told.
 """
 
 from __future__ import annotations
@@ -36,26 +37,66 @@ def _stat(path: Path, key: str) -> int:
     return 0
 
 
-def cgroup_room(root: Path | None = None) -> int | None:
-    """Bytes this process's memory cgroup still allows: its limit less what it uses (less the page cache it can drop,
-    its inactive files, as ``docker stats`` counts), or None where no limit is set (or none can be read).
+_CONTROLLERS = (  # (version, where its hierarchy is mounted under the root, limit, usage, drop-able cache key)
+    ("v2", ".", "memory.max", "memory.current", "inactive_file"),
+    ("v1", "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+)
+
+
+def _own_paths(own: Path) -> dict[str, str]:
+    """This process's cgroup in each hierarchy, from ``/proc/self/cgroup`` (``0::/path`` for v2,
+    ``N:memory:/path`` for v1's memory controller)."""
+    paths: dict[str, str] = {}
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
+        return paths
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            paths["v2"] = path
+        elif "memory" in controllers.split(","):
+            paths["v1"] = path
+    return paths
+
+
+def _directories(base: Path, path: str | None) -> list[Path]:
+    """The cgroup directories whose limits bind a process in ``path`` of the hierarchy mounted at ``base``: its own
+    and every enclosing one there is, and ``base`` itself (a container sees its own cgroup there, whatever the path
+    says)."""
+    found = [base]
+    if path:
+        directory = base / path.strip("/")
+        while directory != base and base in directory.parents:
+            if directory.is_dir():
+                found.append(directory)
+            directory = directory.parent
+    return found
+
+
+def _room_in(directory: Path, limit_file: str, usage_file: str, cache_key: str) -> int | None:
+    limit, usage = _read_int(directory / limit_file), _read_int(directory / usage_file)
+    if usage is None or limit is None or limit >= _UNLIMITED:  # v2 writes "max"
+        return None
+    used = max(0, usage - _stat(directory / "memory.stat", cache_key))
+    return max(0, limit - used)
+
+
+def cgroup_room(root: Path | None = None, own: Path | None = None) -> int | None:
+    """Bytes this process's memory cgroups still allow: the least, over its own cgroup and those enclosing it, of a
+    limit less what that cgroup uses (less the page cache it can drop, its inactive files, as ``docker stats``
+    counts), or None where no limit is set (or none can be read).
 
     ``root``: where the cgroup filesystem is mounted (default :data:`CGROUP_ROOT`; a container sees its own cgroup
-    there): v2's ``memory.max`` and ``memory.current``, else v1's ``memory/memory.limit_in_bytes`` and
-    ``memory/memory.usage_in_bytes``.
+    there): v2's ``memory.max`` and ``memory.current``, and v1's ``memory/memory.limit_in_bytes`` and
+    ``memory/memory.usage_in_bytes``. ``own``: the process's ``/proc/self/cgroup``, which names its cgroup below it.
     """
     root = CGROUP_ROOT if root is None else root
-    for limit_file, usage_file, stat_key in (("memory.max", "memory.current", "inactive_file"),
-                                             ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
-                                              "total_inactive_file")):
-        limit, usage = _read_int(root / limit_file), _read_int(root / usage_file)
-        if usage is None:
-            continue
-        if limit is None or limit >= _UNLIMITED:  # v2 writes "max"
-            return None
-        used = max(0, usage - _stat(root / Path(limit_file).parent / "memory.stat", stat_key))
-        return max(0, limit - used)
-    return None
+    paths = _own_paths(Path("/proc/self/cgroup") if own is None else own)
+    rooms = [room for version, mount, *files in _CONTROLLERS
+             for directory in _directories(root / mount, paths.get(version))
+             if (room := _room_in(directory, *files)) is not None]
+    return min(rooms, default=None)
 
 
 def available_memory() -> int | None:
