@@ -403,8 +403,8 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
     for the whole SQuAD training set) is logged first, with a tqdm bar when ``progress``.
 
     The cache key covers the data file's contents (an in-place edit is a new key), the question limit, the tokenizer
-    (its whole definition, so one retrained into the same directory is a new key) and the window settings, so
-    trials of a sweep that share data tokenize it once.
+    (its whole definition, so one retrained into the same directory is a new key, and the side it cuts a long
+    context from) and the window settings, so trials of a sweep that share data tokenize it once.
     """
     def tokenize() -> dict[str, torch.Tensor]:
         logger.info("tokenizing %d training questions into windows of %d tokens (stride %d)", len(examples),
@@ -419,7 +419,7 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
     # The last items say how text is tokenized and answers labelled: a change there is a new key.
     key = json.dumps([content_digest(data), cfg.train_limit, tokenizer.name_or_path,
                       len(tokenizer), _tokenizer_digest(tokenizer), cfg.max_seq_length, cfg.doc_stride,
-                      cfg.max_query_length, squad.__name__,
+                      cfg.max_query_length, getattr(tokenizer, "truncation_side", None), squad.__name__,
                       "special-token literals as text", "answers without outer whitespace",
                       "answers as their tokens cover them", "checksummed"])
     path = Path(cfg.cache_dir) / f"train-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"

@@ -816,6 +816,29 @@ def test_the_feature_cache_follows_the_data_files_contents(tokenizer, tmp_path):
     assert not all(torch.equal(again[key], first[key]) for key in first)
 
 
+def test_the_feature_cache_follows_the_side_the_tokenizer_cuts_a_long_context_from(tokenizer, dev_subset, tmp_path):
+    """The key left out the tokenizer's truncation side: windows cut from a context's start (a tokenizer_config.json
+    saying ``truncation_side: left``, read as it was before the tokenizer was loaded right-sided) were read back
+    for windows cut from its end."""
+    import copy
+
+    from pruning import squad
+    from pruning.trainer import train_features
+
+    cfg = RunConfig(train_data="dev", train_limit=4, max_seq_length=64, doc_stride=16, cache_dir=str(tmp_path))
+    right = train_features(cfg, dev_subset[:4], tokenizer)
+    left_tokenizer = copy.deepcopy(tokenizer)
+    left_tokenizer.truncation_side = "left"
+    left = train_features(cfg, dev_subset[:4], left_tokenizer)
+    expected = squad.prepare_train_features(dev_subset[:4], left_tokenizer, max_seq_length=64, doc_stride=16)
+    assert all(torch.equal(left[key], expected[key].to(left[key].dtype)) for key in expected)
+    ids = left["input_ids"], right["input_ids"]
+    assert ids[0].shape != ids[1].shape or not torch.equal(*ids)  # other windows indeed
+    assert len(list(tmp_path.glob("train-features-*.safetensors"))) == 2
+    again = train_features(cfg, [], tokenizer)  # read back: the right-sided windows
+    assert all(torch.equal(again[key], right[key]) for key in right)
+
+
 def test_training_windows_are_kept_narrow_and_taken_as_int64(tokenizer, dev_subset, tmp_path):
     """Kept as int64, SQuAD's training windows at 384 tokens took 816 MB in every trial's process (and its cache
     file); ids are kept in 32 bits and the mask in 8, and a batch is widened as it is taken. A cache file written
