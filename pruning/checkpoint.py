@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -476,11 +477,16 @@ def restore_masks_(model: nn.Module, settings: dict[str, Any], source: str = "co
     first = fill_from if mode == "fixed" else settings
     if first.get("mode") not in mask_lib.MODES or first.get("mode") == "fixed":
         raise CheckpointError(f"{where}.fill_from.mode: invalid value {first.get('mode')!r}")
+    key = "fill_from.threshold" if mode == "fixed" else "threshold"
     try:
         threshold = float(first["threshold"])
     except (KeyError, TypeError, ValueError):
-        key = "fill_from.threshold" if mode == "fixed" else "threshold"
         raise CheckpointError(f"{where}.{key}: invalid value {first.get('threshold')!r}") from None
+    # NaN or infinity masked every weight off without a word (or stopped topk in a traceback); a topk threshold is
+    # the density kept.
+    if not math.isfinite(threshold) or (first["mode"] == "topk" and not 0 < threshold <= 1):
+        expected = "a density in (0, 1]" if first["mode"] == "topk" else "a finite number"
+        raise CheckpointError(f"{where}.{key}: invalid value {first.get('threshold')!r}, expected {expected}")
     try:
         mask_lib.apply_masks_(model, "topk" if mode == "topk" else "sigmoid_threshold", tuple(block))
     except ValueError as err:

@@ -639,7 +639,16 @@ def _damage_config(path, change):
     (lambda c: c["fineprune_masks"].update(mode="fixed", fill_from={"mode": "bogus", "threshold": 0.4}),
      "fineprune_masks.fill_from.mode: invalid value 'bogus'"),
     (lambda c: c.update(hidden_size="x"), "invalid bert config"),
-], ids=["masks", "block", "fill_from", "hidden_size"])
+    # NaN or infinity masked every weight off without a word, or stopped topk in a traceback.
+    (lambda c: c["fineprune_masks"].update(mode="topk", threshold=float("nan")),
+     "fineprune_masks.threshold: invalid value nan, expected a density in (0, 1]"),
+    (lambda c: c["fineprune_masks"].update(mode="topk", threshold=1.5),
+     "fineprune_masks.threshold: invalid value 1.5, expected a density in (0, 1]"),
+    (lambda c: c["fineprune_masks"].update(mode="fixed", fill_from={"mode": "cutoff", "threshold": float("inf")}),
+     "fineprune_masks.fill_from.threshold: invalid value inf, expected a finite number"),
+    (lambda c: c["fineprune_masks"].update(mode="sigmoid_threshold", threshold=float("-inf")),
+     "fineprune_masks.threshold: invalid value -inf, expected a finite number"),
+], ids=["masks", "block", "fill_from", "hidden_size", "topk_nan", "topk_above_one", "fill_inf", "sigmoid_inf"])
 def test_a_masked_checkpoint_with_a_damaged_config_names_the_file_and_entry(tmp_path, masked_checkpoint, change,
                                                                             message):
     import shutil
