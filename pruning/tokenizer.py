@@ -40,7 +40,8 @@ def _tokenizer_file(path: Path) -> dict[str, Any] | None:
 
     Raises:
         CheckpointError: the file is not a JSON object, or (``tokenizer_config.json``) holds a casing or accent
-            setting that is not a boolean, naming the file and the key.
+            setting that is not a boolean or a ``model_max_length`` that is not a number, naming the file and the
+            key.
     """
     if not path.is_file():
         return None
@@ -49,6 +50,10 @@ def _tokenizer_file(path: Path) -> dict[str, Any] | None:
         for key, nullable in _BOOLEAN_SETTINGS.items():
             if key in value and not (isinstance(value[key], bool) or (nullable and value[key] is None)):
                 raise CheckpointError(f"{path}: {key} must be true or false, got {value[key]!r}")
+        # transformers compares it with text lengths: anything but a number stops a command in a traceback.
+        length = value.get("model_max_length")
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int | float)):
+            raise CheckpointError(f"{path}: model_max_length must be a number, got {length!r}")
     return value
 
 
@@ -229,8 +234,10 @@ def _auto_tokenizer(directory: Path, recorded: dict[str, Any], settings: dict[st
     """
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **settings)
-    except (OSError, ValueError, TypeError, AttributeError) as err:  # the last two: files of an unexpected shape
-        raise CheckpointError(f"{directory}: no usable tokenizer files ({error_line(err)})") from None
+    except (OSError, ValueError, TypeError, AttributeError, LookupError) as err:  # the last three: files of an
+        # unexpected shape (a tokenizer.json without its "added_tokens" list)
+        detail = f"no {err.args[0]!r} entry" if isinstance(err, KeyError) and err.args else error_line(err)
+        raise CheckpointError(f"{directory}: no usable tokenizer files ({detail})") from None
     except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
         if type(err) is not Exception or not recorded:
             raise

@@ -277,7 +277,9 @@ def test_a_cased_tokenizer_json_that_lower_cases_is_said_and_the_shipped_model_i
     ("tokenizer_config.json", "[]", "expected a JSON object, got list"),
     ("tokenizer_config.json", '{"do_lower_case": ', "not valid JSON"),
     ("tokenizer.json", '{"normalizer": ', "not valid JSON"),
-], ids=["string-for-a-boolean", "number-for-a-boolean", "not-an-object", "config-cut-short", "tokenizer-cut-short"])
+    ("tokenizer_config.json", '{"model_max_length": "512"}', "model_max_length must be a number, got '512'"),
+], ids=["string-for-a-boolean", "number-for-a-boolean", "not-an-object", "config-cut-short", "tokenizer-cut-short",
+        "string-for-a-length"])
 def test_a_malformed_tokenizer_file_is_one_line_naming_it(tmp_path, file, content, says):
     # a hand-written tokenizer_config.json ("false" in quotes) failed inside transformers with a traceback
     from pruning.tokenizer import load_tokenizer
@@ -289,6 +291,20 @@ def test_a_malformed_tokenizer_file_is_one_line_naming_it(tmp_path, file, conten
         load_tokenizer(tmp_path)
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / file}: ") and says in message and "\n" not in message
+
+
+def test_a_tokenizer_json_without_an_entry_it_needs_is_one_line(tmp_path):
+    # valid JSON of an unexpected shape: transformers' KeyError ended the command in a traceback
+    from pruning.tokenizer import load_tokenizer
+
+    _cased_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    recorded = json.loads((tmp_path / "tokenizer.json").read_text())
+    del recorded["added_tokens"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(recorded))
+    with pytest.raises(CheckpointError) as caught:
+        load_tokenizer(tmp_path)
+    assert str(caught.value) == f"{tmp_path}: no usable tokenizer files (no 'added_tokens' entry)"
 
 
 @pytest.mark.parametrize("lower", [True, False], ids=["lower-cased", "cased"])
