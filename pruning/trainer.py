@@ -711,7 +711,11 @@ def _remove_earlier_outputs(output_dir: Path, resume_from: Path | None) -> None:
         return
     for name, what in ((FINAL_DIR, "final model"), (CHECKPOINT_DIR, "checkpoint")):
         previous = output_dir / name
-        if previous.is_dir():
+        if previous.is_symlink():  # the link goes, not what it points at (rmtree refuses a link)
+            logger.warning("%s: removing the link to the earlier run's %s (%s is kept)", previous, what,
+                           os.readlink(previous))
+            previous.unlink()
+        elif previous.is_dir():
             logger.warning("%s: removing the earlier run's %s", previous, what)
             shutil.rmtree(previous)
 

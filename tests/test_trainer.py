@@ -70,6 +70,21 @@ def test_a_device_this_machine_lacks_is_refused_before_an_earlier_run_s_outputs_
     assert (Path(first["model_dir"]) / "model.safetensors").is_file()
 
 
+def test_an_earlier_final_model_that_is_a_link_is_unlinked_and_what_it_points_at_kept(tmp_path):
+    """``final`` or ``checkpoint`` linked to a model kept elsewhere stopped the run in rmtree's "Cannot call rmtree on
+    a symbolic link", once the model and data were loaded."""
+    kept = train(tiny_cfg(tmp_path / "elsewhere", max_steps=2), progress=False)
+    before = sorted(p.name for p in Path(kept["model_dir"]).iterdir())
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "final").symlink_to(kept["model_dir"])
+    (tmp_path / "run" / "checkpoint").symlink_to(tmp_path / "elsewhere" / "run" / "checkpoint")
+    result = train(tiny_cfg(tmp_path, max_steps=2), progress=False)
+    final = tmp_path / "run" / "final"
+    assert not final.is_symlink() and Path(result["model_dir"]) == final and (final / "model.safetensors").is_file()
+    assert sorted(p.name for p in Path(kept["model_dir"]).iterdir()) == before
+    assert (tmp_path / "elsewhere" / "run" / "checkpoint" / "trainer_state.json").is_file()
+
+
 def test_a_run_resumed_into_an_earlier_runs_directory_removes_its_final_model_before_it_trains(tmp_path):
     """Resumed from another directory's checkpoint into an output_dir that held an earlier run (fineprune's
     --overwrite), the earlier run's final model stayed until the resumed run wrote its own: stopped before that, the
