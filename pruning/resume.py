@@ -23,9 +23,9 @@ from .config import (CHECKPOINT_DIR, FINAL_DIR, MAX_SEED, ConfigError, Method, R
                      default_block)
 from .contents import content_digest
 from .errors import path_hint
-from .resources import resolve_data, same_model
+from .resources import resolve_data, resolve_model, same_model
 
-__all__ = ["RESUME_KEYS", "RESUME_METHOD_KEYS", "DATA_DIGEST", "DATA_POSITION", "check_resume_config",
+__all__ = ["RESUME_KEYS", "RESUME_METHOD_KEYS", "DATA_DIGEST", "MODEL_DIGEST", "DATA_POSITION", "check_resume_config",
            "check_resumed_masks", "check_resumed_windows", "resume_position"]
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ RESUME_METHOD_KEYS = {
 
 
 DATA_DIGEST = "train_data_digest"  # in trainer_state.json: the sha256 of the training file's contents
+MODEL_DIGEST = "model_digest"  # in trainer_state.json: the sha256 of the model directory's files
 DATA_POSITION = "data_position"  # in trainer_state.json: the DataPosition of the next window to train
 
 
@@ -133,10 +134,30 @@ def _same_setting(key: str, old: Any, new: Any) -> bool:
     return False
 
 
+def _moved(key: str, old: Any, new: Any, digest: Any) -> bool | None:
+    """Whether the model or training file a checkpoint records at ``old``, no longer there, is the one at ``new``
+    (its contents have the recorded sha256 ``digest``): True, False, or None where the checkpoint records no digest
+    to tell by (written before checkpoints did). False where ``old`` is still there: that is another input."""
+    resolve = resolve_model if key == "model" else resolve_data
+    try:
+        resolve(old)
+        return False
+    except (OSError, ValueError):
+        pass
+    if not isinstance(digest, str):
+        return None
+    try:
+        return content_digest(resolve(new)) == digest
+    except (OSError, ValueError):
+        return False
+
+
 def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
     """Refuse to resume ``checkpoint_dir`` under ``cfg`` when a setting of :data:`RESUME_KEYS` (or of the method's
     :data:`RESUME_METHOD_KEYS`) differs from the config its ``trainer_state.json`` records, and a dense run without
-    ``max_steps`` under another ``batch_size`` or ``grad_accum`` (its step count would stand for other epochs).
+    ``max_steps`` under another ``batch_size`` or ``grad_accum`` (its step count would stand for other epochs). A
+    model or training file no longer at its recorded path is the same setting at a new one whose contents have the
+    recorded digest (:data:`MODEL_DIGEST`, :data:`DATA_DIGEST`).
 
     Raises:
         CheckpointError: the state file is missing or unreadable.
@@ -164,12 +185,20 @@ def check_resume_config(cfg: RunConfig, checkpoint_dir: str | Path) -> None:
         stored_method = None
     keys = list(RESUME_KEYS) + [k for m in Method if m in methods for k in RESUME_METHOD_KEYS[m]]
     differing = []
+    digests = {"model": state.get(MODEL_DIGEST), "train_data": state.get(DATA_DIGEST)}
     for key in dict.fromkeys(keys):
         old, new = stored.get(key, defaults[key]), given[key]
         if key == "attention_block":  # null: the method's own block, the same run as one that names it
             old, new = _block_setting(old, stored_method), _block_setting(new, cfg.method)
-        if not _same_setting(key, old, new):
-            differing.append(f"{key} {json.dumps(old)} there, {json.dumps(new)} here")
+        moved = (_moved(key, old, new, digests[key]) if key in digests and isinstance(old, str)
+                 and isinstance(new, str) and not _same_setting(key, old, new) else False)
+        if moved:  # a run directory, its model and data moved elsewhere (another disk, a renamed parent)
+            logger.info("%s: %s %s is no longer there; %s here holds the same contents", checkpoint_dir, key,
+                        json.dumps(old), json.dumps(new))
+        elif not _same_setting(key, old, new):
+            gone = (" (gone from there, and the checkpoint records no digest of it to recognise it by elsewhere)"
+                    if moved is None else "")
+            differing.append(f"{key} {json.dumps(old)} there{gone}, {json.dumps(new)} here")
         elif key == "train_data" and _data_changed(given[key], state.get(DATA_DIGEST)):
             differing.append(f"train_data {json.dumps(given[key])}: its contents differ from those the checkpoint "
                              "was trained on")

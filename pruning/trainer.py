@@ -75,8 +75,8 @@ from .distill import hidden_mse, kd_loss, qa_ce_loss
 from .errors import error_line
 from .precision import autocast, resolve_precision
 from .resources import resolve_data, resolve_model, resolve_tokenizer, same_model, shipped_model_dir
-from .resume import (DATA_DIGEST, DATA_POSITION, check_resume_config, check_resumed_masks, check_resumed_windows,
-                     resume_position)
+from .resume import (DATA_DIGEST, DATA_POSITION, MODEL_DIGEST, check_resume_config, check_resumed_masks,
+                     check_resumed_windows, resume_position)
 from .schedules import cubic_schedule, linear_warmup_decay, warmups
 from .sparsity import sparsity_report
 from .structure import architecture_for, max_positions, qa_model_class, scratch_config
@@ -806,8 +806,10 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     output_dir.mkdir(parents=True, exist_ok=True)
 
     train_examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
-    # Recorded in checkpoints: a resume on the same path with other contents (other windows) is refused.
-    data_digest = content_digest(resolve_data(cfg.train_data))
+    # Recorded in checkpoints: a resume on the same path with other contents (other windows) is refused, and one
+    # whose model or data moved is recognised at its new path.
+    digests = {DATA_DIGEST: content_digest(resolve_data(cfg.train_data)),
+               MODEL_DIGEST: content_digest(resolve_model(cfg.model))}
     # The metric reads answer texts only, as `fineprune eval` does: no answer_start is checked.
     eval_examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit, spans=False)
     if held_out_warning:
@@ -952,7 +954,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
             counters = {k: metrics[k] for k in ("train_seconds", "teacher_forward_windows") if k in metrics}
             checkpoint_dir = str(_save_checkpoint(output_dir / CHECKPOINT_DIR, saved, tokenizer, optimizer,
                                                   saved_cfg, done, history, pruning_metrics, average, counters,
-                                                  evaluation, data_digest, batches.position))
+                                                  evaluation, digests, batches.position))
             saved_step = done
         if do_eval:
             last_metrics = metrics
@@ -1138,13 +1140,12 @@ def _rebuild_optimizer_for_fill(model: nn.Module, cfg: RunConfig, old: torch.opt
 def _save_checkpoint(path: Path, model: nn.Module, tokenizer, optimizer, cfg: RunConfig, step: int,
                      history: list[dict[str, Any]], pruning: dict[str, float] | None = None,
                      average: WeightAverage | None = None, counters: dict[str, float] | None = None,
-                     evaluation: dict[str, Any] | None = None, data_digest: str | None = None,
+                     evaluation: dict[str, Any] | None = None, digests: dict[str, str] | None = None,
                      position: DataPosition | None = None) -> Path:
     # counters: the run's training seconds and teacher forwards so far, carried on by a resume.
     state = {"step": step, "config": config_to_dict(cfg), "history": history, "pruning": pruning or {},
              "counters": counters or {}}
-    if data_digest is not None:
-        state[DATA_DIGEST] = data_digest
+    state.update(digests or {})  # of the training file and the model, see train()
     if position is not None:
         state[DATA_POSITION] = dataclasses.asdict(position)
     # Weights are saved from the CPU copy of the state dict; the model itself stays on its device. The live

@@ -85,6 +85,49 @@ def test_an_earlier_final_model_that_is_a_link_is_unlinked_and_what_it_points_at
     assert (tmp_path / "elsewhere" / "run" / "checkpoint" / "trainer_state.json").is_file()
 
 
+def test_a_run_whose_model_and_data_moved_resumes_from_where_they_are_now(tmp_path):
+    """A run with absolute paths, its directory's parent renamed (another disk, a renamed project): the checkpoint
+    compared the paths alone, and its advice, the old paths, named files no longer there. The model and data are
+    now recognised by their contents' digests, which checkpoints record."""
+    from pruning.checkpoint import STATE
+
+    base = train(tiny_cfg(tmp_path / "base", max_steps=2), progress=False)
+    site = tmp_path / "siteA"
+    shutil.copytree(base["model_dir"], site / "model")
+    shutil.copy(resolve_data("dev"), site / "train.json")
+
+    def at(where, **changes):
+        return tiny_cfg(tmp_path, model_config=None, model=str(where / "model"), train_data=str(where / "train.json"),
+                        output_dir=str(where / "run"), max_steps=4, eval_every=2, **changes)
+
+    def stop(metrics, checkpoint):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(at(site), report=stop, progress=False)
+    moved = site.rename(tmp_path / "siteB")
+    checkpoint = moved / "run" / "checkpoint"
+    state = json.loads((checkpoint / STATE).read_text())
+    assert state["config"]["model"] == str(site / "model") and state["step"] == 2
+
+    saved = json.loads((checkpoint / STATE).read_text())
+    del saved["model_digest"]  # a checkpoint written before they recorded it: the move is named, not guessed
+    (checkpoint / STATE).write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"model \".*siteA/model\" there \(gone from there, and the checkpoint records "
+                                          r"no digest of it to recognise it by elsewhere\), \".*siteB/model\" here"):
+        train(at(moved), resume_from=checkpoint, progress=False)
+    (checkpoint / STATE).write_text(json.dumps(state))
+
+    other = tmp_path / "other"  # another model at the new place: refused, as before
+    shutil.copytree(moved, other)
+    (other / "model" / "config.json").write_text((other / "model" / "config.json").read_text() + "\n")
+    with pytest.raises(ConfigError, match=r"model \".*siteA/model\" there, \".*other/model\" here"):
+        train(at(other), resume_from=other / "run" / "checkpoint", progress=False)
+
+    result = train(at(moved), resume_from=checkpoint, progress=False)
+    assert result["step"] == 4 and Path(result["model_dir"]) == moved / "run" / "final"
+
+
 def test_a_run_resumed_into_an_earlier_runs_directory_removes_its_final_model_before_it_trains(tmp_path):
     """Resumed from another directory's checkpoint into an output_dir that held an earlier run (fineprune's
     --overwrite), the earlier run's final model stayed until the resumed run wrote its own: stopped before that, the
