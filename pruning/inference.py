@@ -83,7 +83,8 @@ def _count_tokens(tokenizer: Any, text: str, cap: int | None) -> int:
 
     A long text is tokenized only up to a prefix that already holds more than ``cap`` of its tokens
     (:func:`pruning.squad.text_prefix`; a prefix cut inside a word counts the tokens before that word), so a context
-    of megabytes costs what its first ``cap`` tokens do, whatever its script. ``cap=None`` counts every token.
+    of megabytes costs what its first ``cap`` tokens do (a run of letters without spaces is one word to a byte-level
+    BPE or SentencePiece tokenizer, tokenized whole). ``cap=None`` counts every token.
     """
     size = len(text) if cap is None else _CHARS_PER_TOKEN * (cap + 1)
     while True:

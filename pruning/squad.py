@@ -97,7 +97,9 @@ _TOKENIZE_CHUNK = 1000
 # Characters of a long question tokenized first, per token kept (English averages under 5 characters a token); the
 # prefix doubles until it holds more tokens than are kept, or the whole question.
 _CHARS_PER_TOKEN = 8
-_WHITESPACE = re.compile(r"\s")
+# Where every tokenizer splits words: Python's other whitespace (\x1c-\x1f, \x0b, \x0c, \x85) are control characters
+# that BERT's normalizer deletes, joining the words beside them.
+_SPACES = re.compile(r"[ \t\n\r]")
 
 
 class QuestionError(SquadFormatError):
@@ -206,17 +208,19 @@ def text_prefix(text: str, size: int) -> tuple[str, bool]:
     """A prefix of ``text`` of about ``size`` characters, and whether it ends where a tokenizer splits words (at
     whitespace, or the text's end), so that its tokens are the text's first ones.
 
-    It is cut back to the last whitespace before ``size`` where that lies in the second half, else on to the next
-    whitespace where that comes within ``2 * size``. A text with no whitespace near (Chinese or Japanese, words
-    joined by punctuation) is cut at ``size``, inside a word (False): only its tokens of the words before that one
-    are the text's (:func:`whole_word_tokens`), and no more than a bounded prefix of any text is ever tokenized.
+    It is cut back to the last space, tab or line break before ``size`` where that lies in the second half, else on
+    to the next one where that comes within ``2 * size``. A text with none near (Chinese or Japanese, words joined by
+    punctuation) is cut at ``size``, inside a word (False): only its tokens of the words before that one are the
+    text's (:func:`whole_word_tokens`). Where the tokenizer splits such a text into words (BERT's WordPiece: at each
+    punctuation mark and Chinese character) only a bounded prefix is tokenized; a byte-level BPE or SentencePiece
+    tokenizer takes a run of letters without spaces as one word, which is then tokenized whole.
     """
     if size >= len(text):
         return text, True
     back = max(text.rfind(char, 0, size) for char in (" ", "\n", "\t", "\r"))
     if back >= size // 2:
         return text[:back], True
-    after = _WHITESPACE.search(text, size, 2 * size)
+    after = _SPACES.search(text, size, 2 * size)
     if after is not None:
         return text[:after.start()], True
     return text[:size], False

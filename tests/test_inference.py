@@ -391,3 +391,17 @@ def test_windows_longer_than_the_models_positions_are_cut_to_them_as_the_command
     assert spans == squad.predict_spans(model, tokenizer, examples, max_seq_length=128, doc_stride=64,
                                         progress=False)
     assert spans["a"] == cut
+
+
+@pytest.mark.parametrize("separator", ["\x1c", "\x0b", "\x85"])
+def test_a_prefix_is_not_cut_at_a_control_character_bert_deletes(tokenizer, separator):
+    """Python counts \\x1c, \\x0b or \\x85 as whitespace, but BERT's normalizer deletes them, joining the words beside
+    them: a prefix cut there was not the text's first tokens (a word of over 100 characters is one [UNK] whole, and
+    many tokens cut), and a context of 3 tokens was refused as needing more windows than it does."""
+    word = "qx" * 49 + "q"  # with the "." before it a word of 100 characters, joined by the separator to the tail
+    text = "b" * 390 + "." + word + separator + "c" * 20
+    windows = len(squad.prepare_eval_features([squad.Example("0", "", text, "Where?")], tokenizer, 64, 16))
+    assert count_windows(tokenizer, "Where?", text, 64, 16, max_windows=windows, index=0) == windows
+    question = "b" * 420 + "." + word + separator + "c" * 20
+    assert len(tokenizer(question, add_special_tokens=False)["input_ids"]) < 64
+    assert squad.cut_question(tokenizer, question, 64) == question
