@@ -481,12 +481,21 @@ def _check_record(config, config_file: Path) -> tuple[list[list[int]], list[int]
 _META_THREADS: set[int] = set()
 _META_LOCK = threading.Lock()
 _register_before: Any = None
+_TORCH_REGISTER = nn.Module.register_parameter  # torch's own, for a patch of another library that wraps this one
+_CALLING = threading.local()
 
 
 def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
     """``nn.Module.register_parameter`` while some thread builds a packed model: on the meta device in those threads,
     as before in the others."""
-    _register_before(module, name, param)
+    if getattr(_CALLING, "inside", False):  # called again through a patch that wraps this one: torch's own
+        _TORCH_REGISTER(module, name, param)
+        return
+    _CALLING.inside = True
+    try:
+        _register_before(module, name, param)
+    finally:
+        _CALLING.inside = False
     if param is not None and param.device.type != "meta" and threading.get_ident() in _META_THREADS:
         module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 

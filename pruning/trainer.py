@@ -808,8 +808,9 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     train_examples = squad.load_squad(resolve_data(cfg.train_data), limit=cfg.train_limit)
     # Recorded in checkpoints: a resume on the same path with other contents (other windows) is refused, and one
     # whose model or data moved is recognised at its new path.
-    digests = {DATA_DIGEST: content_digest(resolve_data(cfg.train_data)),
-               MODEL_DIGEST: content_digest(resolve_model(cfg.model))}
+    digests = {DATA_DIGEST: content_digest(resolve_data(cfg.train_data))}
+    with contextlib.suppress(OSError):  # a file it cannot read (a dangling link) is the model load's to report
+        digests[MODEL_DIGEST] = content_digest(resolve_model(cfg.model))
     # The metric reads answer texts only, as `fineprune eval` does: no answer_start is checked.
     eval_examples = squad.load_squad(resolve_data(cfg.eval_data), limit=cfg.eval_limit, spans=False)
     if held_out_warning:

@@ -279,7 +279,7 @@ def test_save_and_load_give_identical_logits(tmp_path):
     assert sparsity_report(loaded).heads_removed == sparsity_report(model).heads_removed
 
 
-def test_loading_a_packed_model_builds_on_meta_in_its_own_thread_alone():
+def test_loading_a_packed_model_builds_on_meta_in_its_own_thread_alone(monkeypatch):
     """Loading swapped ``nn.Module.register_parameter`` for the whole process: a module another thread built
     meanwhile (a server answering while a version loads) got meta parameters, and two loads that overlapped could
     each put back the other's swapped method, leaving it for good."""
@@ -288,6 +288,7 @@ def test_loading_a_packed_model_builds_on_meta_in_its_own_thread_alone():
     from pruning.packing import _parameters_on_meta
 
     original = torch.nn.Module.register_parameter
+    monkeypatch.setattr(torch.nn.Module, "register_parameter", original)  # put back whatever the test leaves
     inside, step, done = threading.Event(), threading.Event(), threading.Event()
     built: dict[str, str] = {}
 
@@ -329,6 +330,24 @@ def test_loading_a_packed_model_builds_on_meta_in_its_own_thread_alone():
     with _parameters_on_meta():
         assert torch.nn.Linear(2, 2).weight.device.type == "meta"
     assert torch.nn.Module.register_parameter is original and torch.nn.Linear(2, 2).weight.device.type == "cpu"
+
+    # Their patch again, wrapping the load's patch they left, and a load inside it: the two called each other
+    # forever. Which of the patches stays in place after is theirs to say; every module is built as it should be.
+    load = _parameters_on_meta()
+    load.__enter__()
+    theirs_before = torch.nn.Module.register_parameter
+    torch.nn.Module.register_parameter = lambda module, name, param: theirs_before(module, name, param)
+    load.__exit__(None, None, None)
+    torch.nn.Module.register_parameter = theirs_before
+    left = torch.nn.Module.register_parameter
+    torch.nn.Module.register_parameter = lambda module, name, param: left(module, name, param)
+    with _parameters_on_meta():
+        assert torch.nn.Linear(2, 2).weight.device.type == "meta"
+    torch.nn.Module.register_parameter = left
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+    with _parameters_on_meta():
+        assert torch.nn.Linear(2, 2).weight.device.type == "meta"
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o002, 0o775)], ids=["umask022", "umask002"])
