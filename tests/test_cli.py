@@ -1184,7 +1184,10 @@ def test_a_file_nested_too_deeply_or_with_a_number_too_long_is_one_line_naming_i
 
 
 @pytest.mark.parametrize("uri,meant", [("mlflow.db", "sqlite:///mlflow.db"),
-                                       ("file:///{tmp}/runs/mlflow.db", "sqlite:////{tmp}/runs/mlflow.db")])
+                                       ("file:///{tmp}/runs/mlflow.db", "sqlite:////{tmp}/runs/mlflow.db"),
+                                       # escapes a file: URI decodes, and what SQLAlchemy would misread in the path
+                                       ("file:///{tmp}/my%20runs/mlflow.db", "sqlite:////{tmp}/my runs/mlflow.db"),
+                                       ("pct%41 q?x/mlflow.db", "sqlite:///pct%2541 q%3Fx/mlflow.db")])
 def test_a_database_given_without_its_scheme_is_one_line_naming_the_uri_meant(capsys, monkeypatch, tmp_path, uri,
                                                                              meant):
     """`--tracking-uri mlflow.db` got MLflow's paragraph on its file store's maintenance mode, which named neither

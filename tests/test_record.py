@@ -271,3 +271,25 @@ def test_a_metric_is_shown_with_its_own_decimals_whole_or_not():
     assert [figure("heads_removed", 30), figure("heads_removed", 30.0), figure("speedup", 1.8873)] == [
         "30", "30", "1.89"]
     assert [figure("f1", None), figure("f1", float("nan")), figure("f1", True), figure("f1", "41")] == ["-"] * 4
+
+
+def test_a_store_in_a_directory_named_with_spaces_or_letters_gets_no_escaped_twin(tmp_path, monkeypatch):
+    """The absolute URI a report and a suggested command hand on was percent-escaped whole: MLflow makes the
+    database's directory from the URI as written, so a sweep run in "proj dir" made an empty "proj%20dir" beside it
+    (and failed at its end where the parent took no new entries). Only "%" and "?" are escaped, which SQLAlchemy
+    would misread; the URI reads back as the same database."""
+    directory = tmp_path / "proj dir é日本 #&"
+    directory.mkdir()
+    monkeypatch.chdir(directory)
+    uri = record.portable_uri("sqlite:///mlflow.db?timeout=20")
+    assert uri == f"sqlite:///{directory}/mlflow.db?timeout=20"
+    tracking.client_for(uri).search_experiments()
+    assert (directory / "mlflow.db").is_file() and [p.name for p in tmp_path.iterdir()] == [directory.name]
+    # "%" and "?" in a name are escaped (MLflow still makes a twin directory of the escaped name for those).
+    odd = tmp_path / "pct%41 q?x"
+    odd.mkdir()
+    monkeypatch.chdir(odd)
+    uri = record.portable_uri("sqlite:///mlflow.db")
+    assert uri == f"sqlite:///{tmp_path}/pct%2541 q%3Fx/mlflow.db" and record.sqlite_database(uri) == odd / "mlflow.db"
+    tracking.client_for(uri).search_experiments()
+    assert (odd / "mlflow.db").is_file()

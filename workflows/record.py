@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     # where the record lives
-    "DEFAULT_TRACKING_URI", "tracking_uri", "sqlite_database", "file_uri_path", "RecordError",
+    "DEFAULT_TRACKING_URI", "tracking_uri", "sqlite_database", "sqlite_uri", "file_uri_path", "RecordError",
     # tags of runs
     "TAG_KIND", "KIND_SWEEP", "KIND_TRIAL", "KIND_BASELINE", "TAG_PARENT", "TAG_RUN_NAME", "TAG_SWEEP",
     "TAG_SWEEP_STATE", "SWEEP_RUNNING", "SWEEP_INTERRUPTED", "SWEEP_COMPLETE", "TAG_SEARCH_OVER", "TAG_TRIAL",
@@ -261,6 +261,14 @@ def sqlite_database(uri: str) -> Path | None:
     return Path(urllib.parse.unquote(uri[len("sqlite:///"):].split("?", 1)[0]))
 
 
+def sqlite_uri(database: str | Path) -> str:
+    """The ``sqlite:///`` URI of the database file ``database``, which :func:`sqlite_database` reads back: only ``%``
+    and ``?`` are escaped, which SQLAlchemy would read as an escape and as options. Spaces and other letters stay as
+    they are: MLflow makes the database's directory from the URI as written, and would make ``my%20runs`` beside
+    ``my runs``."""
+    return "sqlite:///" + str(database).replace("%", "%25").replace("?", "%3F")
+
+
 def portable_uri(uri: str) -> str:
     """``uri`` as it reads from any directory: a ``sqlite:///`` store whose database path is relative (the default
     ``sqlite:///mlflow.db``) with that path made absolute, from the working directory, its options kept; any other
@@ -270,7 +278,7 @@ def portable_uri(uri: str) -> str:
     if database is None or database.is_absolute():
         return uri
     _, sep, options = uri.partition("?")
-    return "sqlite:///" + urllib.parse.quote(os.path.abspath(database), safe="/") + sep + options
+    return sqlite_uri(os.path.abspath(database)) + sep + options
 
 
 def file_uri_path(uri: str) -> str | None:

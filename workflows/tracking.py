@@ -44,8 +44,8 @@ from workflows.record import (ARTIFACT_PACKED_MODEL, EXACT_MATCH, F1, HEADS_REMO
                               TAG_PID, TAG_PRECISION, TAG_RETRIES, TAG_RUN_NAME, TAG_SEARCH_OVER, TAG_STATUS, TAG_SWEEP,
                               TAG_SWEEP_STATE, TAG_TOOK_OVER, TAG_TRIAL, TAG_WARM_START, TAG_WARM_START_STORE,
                               TAG_WARM_START_TRIALS, TOTAL_DENSITY, TRIAL_COMPUTE, RecordError, deleted_experiment,
-                              deleted_run, figure, fineprune_version, flat_params, latest_sweep_left, restore_command,
-                              sqlite_database)
+                              deleted_run, figure, file_uri_path, fineprune_version, flat_params, latest_sweep_left,
+                              restore_command, sqlite_database, sqlite_uri)
 from workflows.retry import (DEFAULT_OUTAGE_LIMIT_S, LogQueue, TrackingUnavailable, call_with_retries, error_lines,
                              is_transient, quick_http_failures)
 from workflows.user_errors import output_path_problem
@@ -93,9 +93,12 @@ def _file_store_refused(uri: str, err: BaseException) -> TrackingStoreError | No
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme not in ("", "file") or _FILE_STORE_SWITCH not in str(err):
         return None
-    path = parsed.path if parsed.scheme else uri
+    try:  # a file: URI's escapes decoded, as MLflow reads them
+        path = file_uri_path(uri) if parsed.scheme else uri
+    except ValueError:  # of another host
+        path = parsed.path
     return TrackingStoreError(f"tracking URI {uri}: a path, which MLflow opens as a file store, and only with "
-                              f"{_FILE_STORE_SWITCH}=true; for a SQLite database there give sqlite:///{path}")
+                              f"{_FILE_STORE_SWITCH}=true; for a SQLite database there give {sqlite_uri(path)}")
 
 
 # What MLflow's refusal of a file store tells a user to set to open one anyway.
