@@ -8,6 +8,7 @@ Anything else is taken as a local path.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -114,11 +115,14 @@ def resolve_input(key: str, value: str) -> Path:
 
 def first_missing(values: Mapping[str, Any], keys: Iterable[str]) -> tuple[str, ResourceError] | None:
     """The first of ``keys`` (model, tokenizer, teacher, train_data, eval_data) whose path in ``values`` is not on
-    this machine, with the error that says so; None when all are there (a key absent or None is not checked)."""
+    this machine, with the error that says so; None when all are there (a key absent or None is not checked). A path
+    that starts with ``~`` is read from the home directory, as in a run config."""
     for key in keys:
         value = values.get(key)
         if not isinstance(value, str):
             continue
+        if value.startswith("~"):  # the home directory, as a run config reads it
+            value = os.path.expanduser(value)
         try:
             resolve_input(key, value)
         except ResourceError as err:

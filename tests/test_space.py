@@ -1145,6 +1145,18 @@ def test_home_directory_paths_of_a_space_are_read_as_a_shell_reads_them(tmp_path
     assert space.teacher.path == str(tmp_path / "home/teacher/final")
     cfg = trial_config(space, {"target_density": 0.5}, "o", space.teacher.path)
     assert cfg.train_data == str(tmp_path / "home/data/train.json") and cfg.teacher == space.teacher.path
+    # The sweep's check that they are on this machine reads them so too: it refused them as not found.
+    import shutil
+
+    from pruning.resources import shipped_model_dir, squad_file
+    from workflows.preflight import check_local_paths
+
+    (tmp_path / "home" / "data").mkdir(parents=True)
+    with pytest.raises(SpaceError, match=r"base\.train_data: .*/home/data/train\.json: SQuAD data file not found"):
+        check_local_paths(space)
+    shutil.copy(squad_file("dev"), tmp_path / "home" / "data" / "train.json")
+    shutil.copytree(shipped_model_dir(), tmp_path / "home" / "teacher" / "final")
+    check_local_paths(space)
 
 
 @pytest.mark.parametrize("where", ["base.model", "teacher.path", "teacher.config.model"])
