@@ -30,7 +30,7 @@ from .errors import error_line
 
 __all__ = ["WriteError", "Busy", "locked", "fsync_dir", "fsync_file", "save_tensors", "staging_dir", "replace_dir",
            "staged_dir", "tidy", "write_text", "write_bytes", "written_in_place", "scratch_dir", "clear_scratch",
-           "temporary_sibling", "clear_siblings"]
+           "temporary_sibling", "clear_siblings", "sibling_name_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -380,6 +380,25 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
         if isinstance(err, (OSError, SafetensorError)) and not isinstance(err, WriteError):
             raise _write_error(out_dir, err) from err
         raise
+
+
+def sibling_name_problem(path: str | Path) -> str | None:
+    """Why the temporary siblings that write ``path`` (:func:`staging_dir`, :func:`temporary_sibling`) cannot be
+    named on its filesystem, or None: their names hold ``path``'s with this writer's process, host and a random part,
+    and would be longer than the filesystem takes (``NAME_MAX``, 255 bytes on most) though ``path``'s name fits."""
+    path = Path(path).absolute()
+    writer = f"{os.getpid()}@{socket.gethostname()}"
+    longest = len(f".{path.name}.{writer}.{'0' * 8}.tmp".encode())
+    directory = next((p for p in path.parents if p.is_dir()), None)
+    try:
+        limit = os.pathconf(directory, "PC_NAME_MAX") if directory is not None else 255
+    except (OSError, ValueError):
+        limit = 255
+    if longest <= limit:
+        return None
+    return (f"a name of {len(path.name.encode())} bytes is too long to write: the name it is written under first, "
+            f"beside it ({longest - len(path.name.encode())} bytes longer on this host), would exceed the "
+            f"{limit} the filesystem takes; give a shorter name")
 
 
 def temporary_sibling(path: Path) -> Path:

@@ -1304,6 +1304,29 @@ def test_an_output_dir_that_cannot_be_written_is_one_line_before_any_work(capsys
     assert list(unwritable_dir.iterdir()) == []
 
 
+def test_an_output_name_too_long_for_the_name_it_is_first_written_under_is_one_line_before_any_work(
+        capsys, masked_checkpoint, tmp_path):
+    """A name the filesystem takes, but not with the writer's process, host and a random part added (the name an
+    output is written under beside it, then renamed): pack and export made the model, and eval --predictions scored
+    every question, then each stopped in "File name too long" (status 1). A run's output directory, not written so,
+    keeps such a name."""
+    import socket
+
+    name = "N" * (255 - len(f"..{os.getpid()}@{socket.gethostname()}.00000000.tmp") + 1)  # one byte too many
+    for argv, flag in ((["pack", str(masked_checkpoint)], "out_dir"), (["export", str(masked_checkpoint)], "out_dir"),
+                       (["eval", str(masked_checkpoint), "--eval-limit", "2", "--no-progress", "--predictions"],
+                        "--predictions")):
+        line = _one_line_error(capsys, [*argv, str(tmp_path / name)])
+        assert line == (f"fineprune {argv[0]}: error: {flag} {tmp_path / name}: a name of {len(name)} bytes is too "
+                        f"long to write: the name it is written under first, beside it ({255 - len(name) + 1} bytes "
+                        "longer on this host), would exceed the 255 the filesystem takes; give a shorter name"), line
+    assert not any(tmp_path.glob("*N*"))
+    from workflows.user_errors import output_path_problem
+
+    assert output_path_problem(tmp_path / name, directory=True, writable=True, staged=False) is None
+    assert output_path_problem(tmp_path / name[:-1], directory=True, writable=True) is None
+
+
 def test_an_output_dir_whose_own_directory_takes_no_new_files_is_one_line_naming_its_lock(capsys, masked_checkpoint,
                                                                                           tmp_path):
     """pack, export, train and prune into an out_dir that can be written, inside a directory that cannot, passed the

@@ -137,7 +137,7 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     _check_precision(cfg, overrides, args.config)
     _check_inputs(cfg, overrides, args.config)
     out = Path(cfg.output_dir)
-    _check_output_path(out, "output_dir", directory=True, writable=True)
+    _check_output_path(out, "output_dir", directory=True, writable=True, staged=False)
     if cfg.cache_dir is not None:  # optional: a cache that cannot be written is warned of, one under a file refused
         _check_output_path(cfg.cache_dir, f"{args.config}: cache_dir", directory=True)
     _check_reads_outside(cfg, overrides, args.config, out)
@@ -344,11 +344,12 @@ def _check_device(name: str | None, what: str) -> None:
     check_device(name, what)
 
 
-def _check_output_path(path: str | Path, flag: str, directory: bool, writable: bool = False) -> None:
+def _check_output_path(path: str | Path, flag: str, directory: bool, writable: bool = False,
+                       staged: bool = True) -> None:
     """A one-line error, before any work, for an output that cannot be made: a file where a directory goes, a
     directory where a file goes, or a path under a file; with ``writable``, also a directory (or the one it would be
     made in) that takes no new files."""
-    problem = output_path_problem(path, directory, writable)
+    problem = output_path_problem(path, directory, writable, staged)
     if problem is not None:
         raise UserError(f"{flag} {path}: {problem}")
 
@@ -788,7 +789,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from workflows.report import write_report
 
     out = Path(args.out)
-    _check_output_path(out, "--out", directory=True, writable=True)
+    _check_output_path(out, "--out", directory=True, writable=True, staged=False)  # its files are
     for name in (ARTIFACT_REPORT_HTML, ARTIFACT_REPORT_MARKDOWN):  # a directory in a file's place, say
         _check_output_path(out / name, "--out", directory=False, writable=True)
     _tracking_client(args.tracking_uri)

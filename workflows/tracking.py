@@ -117,7 +117,8 @@ def check_writable_store(tracking_uri: str) -> None:
     database = sqlite_database(tracking_uri)
     if database is None:
         return
-    problem = output_path_problem(database, directory=False, writable=True) or _foreign_database(database)
+    problem = (output_path_problem(database, directory=False, writable=True, staged=False)
+               or _foreign_database(database))
     if problem is not None:
         raise TrackingStoreError(f"tracking URI {tracking_uri}: the database {database}: {problem} (pass another "
                                  "--tracking-uri)")

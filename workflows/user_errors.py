@@ -46,14 +46,18 @@ def user_errors(*own: type[BaseException]) -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def output_path_problem(path: str | Path, directory: bool, writable: bool = False) -> str | None:
+def output_path_problem(path: str | Path, directory: bool, writable: bool = False, staged: bool = True
+                        ) -> str | None:
     """Why ``path`` cannot be made as an output (a directory when ``directory``, else a file), or None: a file
     where a directory goes, a directory where a file goes, or a file above it. With ``writable``, also one that
     cannot be written: a directory that takes no new files, or would be made in one (:func:`write_problem`); a file
     that may not be replaced, or whose directory (or the one it would be made in) takes no new files, where a file is
     written beside it and renamed over it (and SQLite writes a database's journal); a device or a pipe
     (``/dev/null``, ``/dev/stdout``), written into as it is, that may not be written. A file given as a symbolic
-    link is checked where the link points, where it is written (the link stays). Checked before any work."""
+    link is checked where the link points, where it is written (the link stays). With ``writable`` and ``staged``
+    (an output written under another name beside it first, then renamed: every one but a run's output directory), a
+    name too long for the name it is first written under (:func:`pruning.atomic.sibling_name_problem`). Checked
+    before any work."""
     path = Path(path)
     if not directory and path.is_symlink():
         path = Path(os.path.realpath(path))
@@ -68,6 +72,11 @@ def output_path_problem(path: str | Path, directory: bool, writable: bool = Fals
             return f"{ancestor} is a file, not a directory"
     if not writable:
         return None
+    if staged and not (path.exists() and not path.is_file() and not directory):  # a device is written as it is
+        from pruning.atomic import sibling_name_problem
+
+        if (too_long := sibling_name_problem(path)) is not None:
+            return too_long
     if directory:
         return write_problem(path)
     if path.exists() and not os.access(path, os.W_OK):
