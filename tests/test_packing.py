@@ -318,14 +318,18 @@ def test_loading_a_packed_model_builds_on_meta_in_its_own_thread_alone(monkeypat
         assert torch.nn.Linear(2, 2).weight.device.type == "meta"
     assert torch.nn.Module.register_parameter is original and torch.nn.Linear(2, 2).weight.device.type == "cpu"
 
-    # Another library's patch of the same method, saved and restored across a load's end (accelerate's empty-weights
-    # context does that): it puts back the load's patch, which must then neither call itself nor stay in effect.
-    load = _parameters_on_meta()
-    load.__enter__()
-    theirs_before = torch.nn.Module.register_parameter
-    torch.nn.Module.register_parameter = lambda module, name, param: theirs_before(module, name, param)
-    load.__exit__(None, None, None)
-    torch.nn.Module.register_parameter = theirs_before  # their undoing
+    def patched_across_a_load_s_end() -> None:
+        """Another library's patch of the same method, saved and restored across a load's end (accelerate's
+        empty-weights context does that): it puts back the load's patch."""
+        load = _parameters_on_meta()
+        load.__enter__()
+        theirs_before = torch.nn.Module.register_parameter
+        torch.nn.Module.register_parameter = lambda module, name, param: theirs_before(module, name, param)
+        load.__exit__(None, None, None)
+        torch.nn.Module.register_parameter = theirs_before  # their undoing
+
+    # The load's patch left so must then neither call itself nor stay in effect.
+    patched_across_a_load_s_end()
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
     with _parameters_on_meta():
         assert torch.nn.Linear(2, 2).weight.device.type == "meta"
@@ -333,12 +337,7 @@ def test_loading_a_packed_model_builds_on_meta_in_its_own_thread_alone(monkeypat
 
     # Their patch again, wrapping the load's patch they left, and a load inside it: the two called each other
     # forever. Which of the patches stays in place after is theirs to say; every module is built as it should be.
-    load = _parameters_on_meta()
-    load.__enter__()
-    theirs_before = torch.nn.Module.register_parameter
-    torch.nn.Module.register_parameter = lambda module, name, param: theirs_before(module, name, param)
-    load.__exit__(None, None, None)
-    torch.nn.Module.register_parameter = theirs_before
+    patched_across_a_load_s_end()
     left = torch.nn.Module.register_parameter
     torch.nn.Module.register_parameter = lambda module, name, param: left(module, name, param)
     with _parameters_on_meta():

@@ -290,6 +290,7 @@ def test_a_store_in_a_directory_named_with_spaces_or_letters_gets_no_escaped_twi
     odd.mkdir()
     monkeypatch.chdir(odd)
     uri = record.portable_uri("sqlite:///mlflow.db")
-    assert uri == f"sqlite:///{tmp_path}/pct%2541 q%3Fx/mlflow.db" and record.sqlite_database(uri) == odd / "mlflow.db"
+    assert uri == f"sqlite:///{tmp_path}/pct%2541 q%3Fx/mlflow.db"
+    assert record.sqlite_database(uri) == odd / "mlflow.db"
     tracking.client_for(uri).search_experiments()
     assert (odd / "mlflow.db").is_file()

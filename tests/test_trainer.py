@@ -113,8 +113,9 @@ def test_a_run_whose_model_and_data_moved_resumes_from_where_they_are_now(tmp_pa
     saved = json.loads((checkpoint / STATE).read_text())
     del saved["model_digest"]  # a checkpoint written before they recorded it: the move is named, not guessed
     (checkpoint / STATE).write_text(json.dumps(saved))
-    with pytest.raises(ConfigError, match=r"model \".*siteA/model\" there \(gone from there, and the checkpoint records "
-                                          r"no digest of it to recognise it by elsewhere\), \".*siteB/model\" here"):
+    with pytest.raises(ConfigError, match=r"model \".*siteA/model\" there \(gone from there, and the checkpoint "
+                                          r"records no digest of it to recognise it by elsewhere\), "
+                                          r"\".*siteB/model\" here"):
         train(at(moved), resume_from=checkpoint, progress=False)
     (checkpoint / STATE).write_text(json.dumps(state))
 
