@@ -647,13 +647,19 @@ def fit_windows(max_seq_length: int, doc_stride: int, max_positions: int) -> tup
 
 def model_windows(model: Any, max_seq_length: int, doc_stride: int) -> tuple[int, int]:
     """``(max_seq_length, doc_stride)`` fitted to ``model`` (:func:`fit_windows`) where its ``config`` gives its
-    position embeddings; as given otherwise. Already fitted windows are kept as they are."""
+    position embeddings; as given otherwise. Already fitted windows are kept as they are. A model of a type the
+    project does not prune (a stock ALBERT or DistilBERT, answering as transformers builds it) takes its
+    ``max_position_embeddings``."""
     from .structure import max_positions
 
     config = getattr(model, "config", None)
     if getattr(config, "max_position_embeddings", None) is None:
         return int(max_seq_length), int(doc_stride)
-    return fit_windows(max_seq_length, doc_stride, max_positions(config))
+    try:
+        limit = max_positions(config)
+    except ValueError:  # a model_type outside the pruned families: its positions start at 0
+        limit = int(config.max_position_embeddings)
+    return fit_windows(max_seq_length, doc_stride, limit)
 
 
 def longest_question(tokenizer: Any, max_seq_length: int, doc_stride: int) -> int:
