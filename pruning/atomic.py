@@ -35,6 +35,11 @@ __all__ = ["WriteError", "Busy", "locked", "fsync_dir", "fsync_file", "save_tens
 logger = logging.getLogger(__name__)
 
 
+def _writer() -> str:
+    """This process and its machine, ``PID@HOST``, as the names and locks it writes give them."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
 class WriteError(OSError):
     """An output could not be written (a full disk, a directory without write permission); names the output."""
 
@@ -125,7 +130,7 @@ def locked(path: str | Path, what: str, wait: bool = False, waiting: str | None 
         fd = _open_lock(path, wait=True)
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
+        os.write(fd, f"{_writer()}\n".encode())
         yield
     finally:
         with contextlib.suppress(OSError):
@@ -215,8 +220,7 @@ def staging_dir(out_dir: Path) -> Path:
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # The writer's process and machine in the name: what a killed one leaves can be told from what one writes now.
-    writer = f"{os.getpid()}@{socket.gethostname()}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{writer}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{_writer()}.", dir=out_dir.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 
@@ -326,8 +330,7 @@ def scratch_dir(what: str) -> Iterator[str]:
     if root not in _SCRATCH_CLEARED:
         clear_scratch(root)
         _SCRATCH_CLEARED.add(root)
-    owner = f"{os.getpid()}@{socket.gethostname()}"
-    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{what}.{owner}.", dir=root) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{what}.{_writer()}.", dir=root) as tmp:
         yield tmp
 
 
@@ -382,13 +385,17 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
         raise
 
 
+def _sibling_name(name: str, token: str) -> str:
+    """The name of a temporary sibling of ``name`` (see :func:`temporary_sibling`) with random part ``token``."""
+    return f".{name}.{_writer()}.{token}.tmp"
+
+
 def sibling_name_problem(path: str | Path) -> str | None:
     """Why the temporary siblings that write ``path`` (:func:`staging_dir`, :func:`temporary_sibling`) cannot be
     named on its filesystem, or None: their names hold ``path``'s with this writer's process, host and a random part,
     and would be longer than the filesystem takes (``NAME_MAX``, 255 bytes on most) though ``path``'s name fits."""
     path = Path(path).absolute()
-    writer = f"{os.getpid()}@{socket.gethostname()}"
-    longest = len(f".{path.name}.{writer}.{'0' * 8}.tmp".encode())
+    longest = len(_sibling_name(path.name, "0" * 8).encode())
     directory = next((p for p in path.parents if p.is_dir()), None)
     try:
         limit = os.pathconf(directory, "PC_NAME_MAX") if directory is not None else 255
@@ -407,7 +414,7 @@ def temporary_sibling(path: Path) -> Path:
     removes another's half-written file. It names the writer's process and host (``.NAME.PID@HOST.XXXXXXXX.tmp``),
     so that what a writer killed outright left is known as such: those are removed first (:func:`clear_siblings`)."""
     clear_siblings(path)
-    return path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.{secrets.token_hex(4)}.tmp")
+    return path.with_name(_sibling_name(path.name, secrets.token_hex(4)))
 
 
 def clear_siblings(path: Path) -> list[Path]:
