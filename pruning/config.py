@@ -27,7 +27,7 @@ __all__ = ["ConfigError", "Method", "TopkScope", "MaskInit", "MaskTuning", "RunC
            "config_from_dict", "config_to_dict", "HEAD_BLOCK", "DEFAULT_BLOCK", "method_block", "default_block",
            "attention_block_of", "check_head_shaped",
            "check_keys_apply", "METHOD_KEYS", "EVALUATION_KEYS", "evaluation_settings", "MAX_SEED", "FINAL_DIR",
-           "CHECKPOINT_DIR"]
+           "CHECKPOINT_DIR", "home_path"]
 
 
 class ConfigError(ValueError):
@@ -228,6 +228,12 @@ _PATH_KEYS = ("model", "tokenizer", "train_data", "eval_data", "output_dir", "ca
 _OPTIONAL_PATH_KEYS = ("tokenizer", "cache_dir", "teacher")
 
 
+def home_path(path: str) -> str:
+    """``path`` as a shell reads it: a leading ``~`` (or ``~user``) is the home directory. Every path a user gives
+    (a run config's, a search space's, the command line's, also where the shell left ``~`` as typed) is read so."""
+    return os.path.expanduser(path) if path.startswith("~") else path
+
+
 def _fail(key: str, message: str) -> None:
     if message.endswith("got None"):  # `key: ~` or `key:` with no value: YAML's null, which Python calls None
         message = message[:-len("None")] + "null (YAML reads ~ and a key with no value as null)"
@@ -269,8 +275,8 @@ def _coerce(cfg: RunConfig) -> None:
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
             object.__setattr__(cfg, key, value)
-        if isinstance(value, str) and value.startswith("~"):  # the home directory, as a shell reads it (YAML has none)
-            value = os.path.expanduser(value)
+        if isinstance(value, str):  # YAML reads no `~`: the home directory, as a shell reads it
+            value = home_path(value)
             object.__setattr__(cfg, key, value)
         if value is None and key not in _OPTIONAL_PATH_KEYS:  # `output_dir: ~` meant as the home directory
             _fail(key, "must be a path or name, got null (YAML reads a bare ~ as null; write '~' in quotes for the "

@@ -8,11 +8,10 @@ Anything else is taken as a local path.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .config import CHECKPOINT_DIR, FINAL_DIR, SHIPPED_MODEL
+from .config import CHECKPOINT_DIR, FINAL_DIR, SHIPPED_MODEL, home_path
 from .errors import name_hint, path_hint
 
 __all__ = ["ResourceError", "shipped_model_dir", "squad_file", "resolve_model", "same_model", "resolve_tokenizer",
@@ -121,10 +120,8 @@ def first_missing(values: Mapping[str, Any], keys: Iterable[str]) -> tuple[str, 
         value = values.get(key)
         if not isinstance(value, str):
             continue
-        if value.startswith("~"):  # the home directory, as a run config reads it
-            value = os.path.expanduser(value)
         try:
-            resolve_input(key, value)
+            resolve_input(key, home_path(value))
         except ResourceError as err:
             return key, err
     return None

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from pruning.config import (ConfigError, Method, RunConfig, config_from_dict, config_to_dict, load_config,
-                            method_block, read_yaml)
+                            home_path, method_block, read_yaml)
 
 
 def test_defaults_follow_the_papers_hybrid_setting():
@@ -332,6 +332,15 @@ def test_a_path_from_the_home_directory_is_read_as_a_shell_reads_it(tmp_path, mo
                                                            str(home / "runs/mine"))
     assert cfg.eval_data == "dev"
     assert load_config(config, {"output_dir": "~/runs/other"}).output_dir == str(home / "runs/other")
+
+
+def test_home_path_reads_only_a_leading_tilde(tmp_path, monkeypatch):
+    """The one reading of `~` that run configs, search spaces and the command line share."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert home_path("~") == str(tmp_path / "home")
+    assert home_path("~/runs/a b") == str(tmp_path / "home/runs/a b")
+    for unchanged in ("runs/~/x", "runs~", "/abs/~x", "dev", "", "~no-such-user-here/x"):
+        assert home_path(unchanged) == unchanged
 
 
 @pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])

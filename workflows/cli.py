@@ -810,7 +810,9 @@ def _user_path(value: str) -> str:
     (an unset shell variable) is refused, not taken for the current directory."""
     if not value:
         raise argparse.ArgumentTypeError("must not be empty (a path)")
-    return os.path.expanduser(value) if value.startswith("~") else value
+    from pruning.config import home_path  # pure and light: yaml and the standard library
+
+    return home_path(value)
 
 
 def _milliseconds(value: str) -> float:

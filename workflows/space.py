@@ -22,7 +22,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import re
 import typing
 from pathlib import Path
@@ -32,7 +31,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
                       model_validator)
 
 from pruning.config import (MAX_SEED, METHOD_KEYS, ConfigError, MaskInit, Method, RunConfig, check_keys_apply,
-                            config_from_dict, read_yaml)
+                            config_from_dict, home_path, read_yaml)
 from pruning.errors import name_hint, path_hint
 from pruning.schedules import warmups
 from workflows import model_checks
@@ -456,7 +455,7 @@ class TeacherSpec(_Section):
     @classmethod
     def _home(cls, value: str | None) -> str | None:
         """``~`` is the home directory, as in every path of the run config."""
-        return os.path.expanduser(value) if value is not None and value.startswith("~") else value
+        return None if value is None else home_path(value)
 
     @field_validator("config", mode="before")
     @classmethod
