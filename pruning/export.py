@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -354,6 +353,8 @@ class OrtQAModel(nn.Module):
         self.variant = variant
         if not self.path.is_file():
             raise ExportError(f"{self.path}: ONNX file not found")
+        import onnxruntime as ort  # here: a command that reads a PyTorch model loads none of ONNX Runtime
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
