@@ -230,8 +230,19 @@ _OPTIONAL_PATH_KEYS = ("tokenizer", "cache_dir", "teacher")
 
 def home_path(path: str) -> str:
     """``path`` as a shell reads it: a leading ``~`` (or ``~user``) is the home directory. Every path a user gives
-    (a run config's, a search space's, the command line's, also where the shell left ``~`` as typed) is read so."""
-    return os.path.expanduser(path) if path.startswith("~") else path
+    (a run config's, a search space's, the command line's, also where the shell left ``~`` as typed) is read so.
+
+    Raises:
+        ConfigError: ``path`` is under ``~`` but this process has no home directory (no ``HOME``, and a user id
+            the system does not know, as in some containers): the path would be a directory named ``~`` here.
+    """
+    if not path.startswith("~"):
+        return path
+    expanded = os.path.expanduser(path)
+    if expanded == path and (path == "~" or path.startswith("~/")):
+        raise ConfigError(f"{path}: ~ is the home directory, and this process has none (HOME is not set); give "
+                          "the path in full")
+    return expanded
 
 
 def _fail(key: str, message: str) -> None:
@@ -276,7 +287,10 @@ def _coerce(cfg: RunConfig) -> None:
             value = os.fspath(value)
             object.__setattr__(cfg, key, value)
         if isinstance(value, str):  # YAML reads no `~`: the home directory, as a shell reads it
-            value = home_path(value)
+            try:
+                value = home_path(value)
+            except ConfigError as err:
+                _fail(key, str(err))
             object.__setattr__(cfg, key, value)
         if value is None and key not in _OPTIONAL_PATH_KEYS:  # `output_dir: ~` meant as the home directory
             _fail(key, "must be a path or name, got null (YAML reads a bare ~ as null; write '~' in quotes for the "

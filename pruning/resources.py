@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .config import CHECKPOINT_DIR, FINAL_DIR, SHIPPED_MODEL, home_path
+from .config import CHECKPOINT_DIR, FINAL_DIR, SHIPPED_MODEL, ConfigError, home_path
 from .errors import name_hint, path_hint
 
 __all__ = ["ResourceError", "shipped_model_dir", "squad_file", "resolve_model", "same_model", "resolve_tokenizer",
@@ -124,4 +124,6 @@ def first_missing(values: Mapping[str, Any], keys: Iterable[str]) -> tuple[str, 
             resolve_input(key, home_path(value))
         except ResourceError as err:
             return key, err
+        except ConfigError as err:  # under ~, with no home directory
+            return key, ResourceError(str(err))
     return None

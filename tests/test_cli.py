@@ -326,6 +326,21 @@ def test_a_path_typed_with_a_tilde_is_under_the_home_directory(capsys, monkeypat
         action = next(a for a in commands[name]._actions if a.dest == dest)
         assert action.type is not None and action.type("~/x") == str(tmp_path / "x"), f"{name} {dest}"
         assert action.type("minilm") == "minilm" and action.type("a~b") == "a~b"
+    # A process without a home directory (no HOME, a user id the system does not know) is told so, in one line.
+    import pwd
+
+    def unknown(uid):
+        raise KeyError(uid)
+
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(pwd, "getpwuid", unknown)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["score", "~/my data.json", "~/p.json"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "fineprune score: error: argument data: ~/my data.json: ~ is the home directory, and this process has none "
+        "(HOME is not set); give the path in full")
 
 
 def test_commands_print_no_mlflow_type_hint_warning(tmp_path):

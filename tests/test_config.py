@@ -343,6 +343,25 @@ def test_home_path_reads_only_a_leading_tilde(tmp_path, monkeypatch):
         assert home_path(unchanged) == unchanged
 
 
+def test_a_path_under_the_home_directory_of_a_process_without_one_is_refused(monkeypatch):
+    """Without HOME, under a user id the system does not know (a container's), `~/runs/x` was left as written: a run
+    wrote into a directory named `~` under the working directory."""
+    import pwd
+
+    def unknown(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", unknown)
+    for path in ("~", "~/runs/x"):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(path)}: ~ is the home directory, and this process has "
+                                              r"none \(HOME is not set\); give the path in full$"):
+            home_path(path)
+    assert home_path("runs/~") == "runs/~" and home_path("~no-such-user-here/x") == "~no-such-user-here/x"
+    with pytest.raises(ConfigError, match=r"^config: output_dir: ~/runs/x: ~ is the home directory"):
+        config_from_dict({"output_dir": "~/runs/x"})
+
+
 @pytest.mark.parametrize("method", ["topk", "sigmoid_threshold"])
 def test_warmup_fractions_that_add_up_to_more_than_the_run_are_refused(method):
     """Fractions of the pruning steps: they exceed a run of any length, known before its steps are counted."""

@@ -1159,6 +1159,24 @@ def test_home_directory_paths_of_a_space_are_read_as_a_shell_reads_them(tmp_path
     check_local_paths(space)
 
 
+def test_home_directory_paths_of_a_space_in_a_process_without_one_are_refused(tmp_path, monkeypatch):
+    import pwd
+
+    def unknown(uid):
+        raise KeyError(uid)
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", unknown)
+    said = r"~ is the home directory, and this process has none \(HOME is not set\); give the path in full$"
+    values = variant(teacher={"path": "~/teacher/final"})
+    with pytest.raises(SpaceError, match=r": teacher\.path: ~/teacher/final: " + said):
+        load_space(write(tmp_path, values))
+    values = variant()
+    values["base"]["train_data"] = "~/data/train.json"
+    with pytest.raises(SpaceError, match=r": base\.train_data: ~/data/train\.json: " + said):
+        load_space(write(tmp_path, values))
+
+
 @pytest.mark.parametrize("where", ["base.model", "teacher.path", "teacher.config.model"])
 def test_a_packed_model_the_trials_would_start_from_is_refused_when_the_space_is_read(tmp_path, tokenizer, where):
     """A space whose trials start from a packed model directory (as `fineprune pack` writes it) passed its check,

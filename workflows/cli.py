@@ -810,9 +810,12 @@ def _user_path(value: str) -> str:
     (an unset shell variable) is refused, not taken for the current directory."""
     if not value:
         raise argparse.ArgumentTypeError("must not be empty (a path)")
-    from pruning.config import home_path  # pure and light: yaml and the standard library
+    from pruning.config import ConfigError, home_path  # pure and light: yaml and the standard library
 
-    return home_path(value)
+    try:
+        return home_path(value)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _milliseconds(value: str) -> float:

@@ -455,7 +455,10 @@ class TeacherSpec(_Section):
     @classmethod
     def _home(cls, value: str | None) -> str | None:
         """``~`` is the home directory, as in every path of the run config."""
-        return None if value is None else home_path(value)
+        try:
+            return None if value is None else home_path(value)
+        except ConfigError as err:
+            raise _Problem(str(err)) from None
 
     @field_validator("config", mode="before")
     @classmethod
