@@ -395,7 +395,7 @@ def sibling_name_problem(path: str | Path) -> str | None:
     named on its filesystem, or None: their names hold ``path``'s with this writer's process, host and a random part,
     and would be longer than the filesystem takes (``NAME_MAX``, 255 bytes on most) though ``path``'s name fits."""
     path = Path(path).absolute()
-    longest = len(_sibling_name(path.name, "0" * 8).encode())
+    longest = len(os.fsencode(_sibling_name(path.name, "0" * 8)))
     directory = next((p for p in path.parents if p.is_dir()), None)
     try:
         limit = os.pathconf(directory, "PC_NAME_MAX") if directory is not None else 255
@@ -403,8 +403,8 @@ def sibling_name_problem(path: str | Path) -> str | None:
         limit = 255
     if longest <= limit:
         return None
-    return (f"a name of {len(path.name.encode())} bytes is too long to write: the name it is written under first, "
-            f"beside it ({longest - len(path.name.encode())} bytes longer on this host), would exceed the "
+    return (f"a name of {len(os.fsencode(path.name))} bytes is too long to write: the name it is written under "
+            f"first, beside it ({longest - len(os.fsencode(path.name))} bytes longer on this host), would exceed the "
             f"{limit} the filesystem takes; give a shorter name")
 
 

@@ -1980,3 +1980,56 @@ def test_sweep_check_says_what_the_sweep_would_run_and_starts_or_writes_nothing(
     line = _one_line_error(capsys, ["sweep", "--space", "grid.yaml", "--check"])
     assert line.endswith("base.eval_data: dve: SQuAD data file not found; did you mean 'dev'?"), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml", "runs"]  # the teacher made above, alone
+
+
+def test_a_model_output_whose_name_is_not_utf8_under_the_locale_is_one_line_before_any_work(masked_checkpoint,
+                                                                                            tmp_path):
+    """Under a locale that is not UTF-8 (Python's UTF-8 mode off), a name that is not ASCII is held as other text
+    than its UTF-8 bytes, which the tokenizer library writes a model's files by: pack and export stopped in a
+    traceback once the model was made, and prune after its whole training, saving nothing. Each is now one line
+    before any work; a predictions file, which Python writes, is written as before (its check of the name's length
+    stopped in a UnicodeEncodeError)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("LC_", "LANG"))}
+    env.update(LC_ALL="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0", PYTHONPATH=str(ROOT))
+    code = "import sys\nfrom workflows import cli\nsys.exit(cli.main(sys.argv[1:]))"
+    said = ("its name is not UTF-8 under this process's locale (file names are ascii), and the tokenizer library "
+            "saves a model's files by UTF-8 names; run with a UTF-8 locale (LANG=C.UTF-8) or PYTHONUTF8=1, or give "
+            "an ASCII name")
+    for argv, flag in ((["pack", str(masked_checkpoint)], "out_dir"), (["export", str(masked_checkpoint)], "out_dir"),
+                       (["prune", "--config", TINY, "--no-progress", "--output-dir"], "output_dir")):
+        out = tmp_path / f"{argv[0]}_ü"
+        done = subprocess.run([sys.executable, "-c", code, *argv, str(out)], capture_output=True, env=env,
+                              cwd=tmp_path, timeout=300)
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        assert done.returncode == 2 and "Traceback" not in done.stderr.decode("utf-8", "replace"), lines[-5:]
+        shown = str(out).replace("ü", "\\udcc3\\udcbc")  # the bytes the locale could not decode, as Python shows them
+        assert lines[-1] == f"fineprune {argv[0]}: error: {flag} {shown}: {said}", lines[-1]
+        assert not out.exists()
+    predictions = tmp_path / "preds_ü.json"
+    done = subprocess.run([sys.executable, "-c", code, "eval", str(masked_checkpoint), "--eval-limit", "2",
+                           "--no-progress", "--predictions", str(predictions)], capture_output=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(json.loads(predictions.read_text(encoding="utf-8"))) == 2
+
+
+def test_a_question_typed_under_a_locale_that_is_not_utf8_is_read_as_its_utf8_bytes(masked_checkpoint, tmp_path):
+    """Under a locale that is not UTF-8 (Python's UTF-8 mode off), `ask` refused every question and context that was
+    not ASCII, as holding "a lone surrogate": Python holds each byte it cannot decode so. Their bytes are UTF-8, and
+    are read as such; bytes that are not UTF-8 are still named."""
+    assert cli._argv_text("Wer ist in \udcc3\udcbcber?") == "Wer ist in über?"  # ü's two bytes, as Python holds them
+    for kept in ("Wer \udcff?", "Wer \ud83d?", "Wer ist da?"):
+        assert cli._argv_text(kept) == kept
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("LC_", "LANG"))}
+    env.update(LC_ALL="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0", PYTHONPATH=str(ROOT))
+    code = "import sys\nfrom workflows import cli\nsys.exit(cli.main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, "ask", str(masked_checkpoint), "--question", "Wo liegt 東京?",
+                           "--context", "東京 liegt in Japan, am Meer."], capture_output=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["answer"] in "東京 liegt in Japan, am Meer."
+    done = subprocess.run([sys.executable, "-c", code, "ask", str(masked_checkpoint), "--question", b"Wer \xff?",
+                           "--context", "Bob ist da."], capture_output=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and done.stderr.decode().splitlines()[-1] == (
+        "fineprune ask: error: question holds a lone surrogate \\udcff at character 4, which is not a character "
+        "(half of a surrogate pair, or a byte that is not UTF-8)"), done.stderr[-2000:]

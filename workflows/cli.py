@@ -137,7 +137,7 @@ def _run_training(args: argparse.Namespace, method_required: bool) -> int:
     _check_precision(cfg, overrides, args.config)
     _check_inputs(cfg, overrides, args.config)
     out = Path(cfg.output_dir)
-    _check_output_path(out, "output_dir", directory=True, writable=True, staged=False)
+    _check_output_path(out, "output_dir", directory=True, writable=True, staged=False, utf8=True)
     if cfg.cache_dir is not None:  # optional: a cache that cannot be written is warned of, one under a file refused
         _check_output_path(cfg.cache_dir, f"{args.config}: cache_dir", directory=True)
     _check_reads_outside(cfg, overrides, args.config, out)
@@ -345,11 +345,12 @@ def _check_device(name: str | None, what: str) -> None:
 
 
 def _check_output_path(path: str | Path, flag: str, directory: bool, writable: bool = False,
-                       staged: bool = True) -> None:
+                       staged: bool = True, utf8: bool = False) -> None:
     """A one-line error, before any work, for an output that cannot be made: a file where a directory goes, a
     directory where a file goes, or a path under a file; with ``writable``, also a directory (or the one it would be
-    made in) that takes no new files."""
-    problem = output_path_problem(path, directory, writable, staged)
+    made in) that takes no new files; with ``utf8`` (a model is saved into it), a name the locale does not write as
+    UTF-8."""
+    problem = output_path_problem(path, directory, writable, staged, utf8)
     if problem is not None:
         raise UserError(f"{flag} {path}: {problem}")
 
@@ -655,7 +656,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     resolve_model(args.checkpoint)  # a file, or a run's directory, named as such as the other commands name them
     out = Path(args.out_dir)
     precision = resolve_precision(args.precision, "cpu")  # settings first, then the work
-    _check_output_path(out, "out_dir", directory=True, writable=True)
+    _check_output_path(out, "out_dir", directory=True, writable=True, utf8=True)
     _check_not_inside(args.checkpoint, out, "out_dir")
     with _writing(out, "out_dir"):
         return _pack_into(args, out, precision)
@@ -707,7 +708,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pruning.export import export_checkpoint
 
     _check_positive(args, "questions")
-    _check_output_path(args.out_dir, "out_dir", directory=True, writable=True)
+    _check_output_path(args.out_dir, "out_dir", directory=True, writable=True, utf8=True)
     _check_not_inside(args.model_dir, args.out_dir, "out_dir")
     _warn_live_weights(args.model_dir, "export")
     with _writing(args.out_dir, "out_dir"):
@@ -802,6 +803,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _argv_text(value: str) -> str:
+    """Text on the command line. Under a locale that is not UTF-8 (Python's UTF-8 mode off), Python holds each byte
+    of a non-ASCII character as a lone surrogate; text whose bytes are UTF-8 is read as such. Bytes that are not
+    UTF-8 stay as they are, for the question's check to name."""
+    try:
+        value.encode("utf-8")
+        return value  # every character read
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(value).decode("utf-8")  # the bytes as given
+    except UnicodeError:  # not bytes the locale held as surrogates, or bytes that are not UTF-8
+        return value
 
 
 def _user_path(value: str) -> str:
@@ -979,8 +995,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("ask", cmd_ask, "answer one question from a context")
     model_arg(p)
-    p.add_argument("--question", required=True, help="the question")
-    p.add_argument("--context", required=True, help="the text holding the answer")
+    p.add_argument("--question", required=True, type=_argv_text, help="the question")
+    p.add_argument("--context", required=True, type=_argv_text, help="the text holding the answer")
     windows(p)
     span_search(p)
     precision(p, "for the forward passes", default=None)

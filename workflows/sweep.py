@@ -549,7 +549,8 @@ def _local_storage(storage_path: str | None) -> str | None:
         raise StorageError(f"--storage-path {err}") from None
     local = local or storage_path
     if not (local and "://" in local):  # a directory of this machine, which the sweep makes
-        problem = output_path_problem(local or DEFAULT_STORAGE, directory=True, writable=True, staged=False)
+        problem = output_path_problem(local or DEFAULT_STORAGE, directory=True, writable=True, staged=False,
+                                      utf8=True)
         if problem is not None:
             where = (f"--storage-path {storage_path}" if storage_path
                      else f"{DEFAULT_STORAGE} (the default --storage-path)")

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["USER_ERRORS", "user_errors", "output_path_problem", "write_problem"]
+__all__ = ["USER_ERRORS", "user_errors", "output_path_problem", "utf8_name_problem", "write_problem"]
 
 # (module, exception class) of every library error that means bad input.
 USER_ERRORS = (
@@ -46,8 +46,8 @@ def user_errors(*own: type[BaseException]) -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def output_path_problem(path: str | Path, directory: bool, writable: bool = False, staged: bool = True
-                        ) -> str | None:
+def output_path_problem(path: str | Path, directory: bool, writable: bool = False, staged: bool = True,
+                        utf8: bool = False) -> str | None:
     """Why ``path`` cannot be made as an output (a directory when ``directory``, else a file), or None: a file
     where a directory goes, a directory where a file goes, or a file above it. With ``writable``, also one that
     cannot be written: a directory that takes no new files, or would be made in one (:func:`write_problem`); a file
@@ -56,8 +56,11 @@ def output_path_problem(path: str | Path, directory: bool, writable: bool = Fals
     (``/dev/null``, ``/dev/stdout``), written into as it is, that may not be written. A file given as a symbolic
     link is checked where the link points, where it is written (the link stays). With ``writable`` and ``staged``
     (an output written under another name beside it first, then renamed: every one but a run's output directory), a
-    name too long for the name it is first written under (:func:`pruning.atomic.sibling_name_problem`). Checked
-    before any work."""
+    name too long for the name it is first written under (:func:`pruning.atomic.sibling_name_problem`). With
+    ``utf8`` (a directory a model's tokenizer is saved into), a name that is not UTF-8 under this process's locale
+    (:func:`utf8_name_problem`). Checked before any work."""
+    if utf8 and (problem := utf8_name_problem(path)) is not None:
+        return problem
     path = Path(path)
     if not directory and path.is_symlink():
         path = Path(os.path.realpath(path))
@@ -88,6 +91,23 @@ def output_path_problem(path: str | Path, directory: bool, writable: bool = Fals
         return None
     nearest = next(p for p in (parent, *parent.parents) if p.exists())
     return f"cannot be {'written' if path.exists() else 'made'} ({nearest} takes no new files)"
+
+
+def utf8_name_problem(path: str | Path) -> str | None:
+    """Why the tokenizer library cannot save a model's files under ``path``, or None: it takes a path as text and
+    writes it by its UTF-8 bytes, which are other bytes than the file's name where this process's locale is not
+    UTF-8 (Python's UTF-8 mode off: ``PYTHONUTF8=0``, or a Latin-1 locale) and the name is not ASCII. Found only at
+    the end of a run otherwise, when its model is saved."""
+    name = os.fspath(path)
+    try:
+        same = name.encode("utf-8") == os.fsencode(name)
+    except UnicodeEncodeError:  # bytes the locale could not decode, held as lone surrogates
+        same = False
+    if same:
+        return None
+    return (f"its name is not UTF-8 under this process's locale (file names are {sys.getfilesystemencoding()}), "
+            "and the tokenizer library saves a model's files by UTF-8 names; run with a UTF-8 locale "
+            "(LANG=C.UTF-8) or PYTHONUTF8=1, or give an ASCII name")
 
 
 def write_problem(path: str | Path) -> str | None:
