@@ -655,8 +655,27 @@ _STUDY_LOGGER = "optuna.storages._in_memory"
 _STUDY_CREATED = "A new study created"
 
 
+@contextlib.contextmanager
+def _own_signal_handlers() -> Iterator[None]:
+    """The process's handlers of SIGINT and SIGUSR1 put back after the block. Tune takes both while it runs and puts
+    SIGINT's back only when one arrives: the first Ctrl-C after the trials (while the sweep exports, checks and
+    registers its frontier, minutes for a real model) said "ending Ray Tune run" and did nothing, and the sweep went
+    on to end as finished."""
+    if threading.current_thread() is not threading.main_thread():  # no handler can be set there: Tune sets none
+        yield
+        return
+    caught = [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    before = {number: signal.getsignal(number) for number in caught}
+    try:
+        yield
+    finally:
+        for number, handler in before.items():
+            if handler is not None:  # None: one set outside Python, which cannot be put back from here
+                signal.signal(number, handler)
+
+
 def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
-    """Run the Tune loop.
+    """Run the Tune loop, leaving the process's signal handlers as they were (:func:`_own_signal_handlers`).
 
     ``Tuner.fit`` ends by reading every trial's files back from the sweep's storage into a ResultGrid, which the
     sweep does not use: its record is what the callback logged. A file that cannot be read back then (an error file
@@ -664,7 +683,8 @@ def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
     """
     try:
         with leaving_out(_SNAPSHOT_LOGGER, starting_with(_SNAPSHOT_ADVICE)), \
-                leaving_out(_STUDY_LOGGER, starting_with(_STUDY_CREATED)), _without_tensorboard():
+                leaving_out(_STUDY_LOGGER, starting_with(_STUDY_CREATED)), _without_tensorboard(), \
+                _own_signal_handlers():
             tuner.fit()
     except Exception as err:  # noqa: BLE001 - raised again unless it came from reading the results back
         raised_in = {frame.f_globals.get("__name__") for frame, _ in traceback.walk_tb(err.__traceback__)}
