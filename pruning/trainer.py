@@ -403,8 +403,9 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
     for the whole SQuAD training set) is logged first, with a tqdm bar when ``progress``.
 
     The cache key covers the data file's contents (an in-place edit is a new key), the question limit, the tokenizer
-    (its whole definition, so one retrained into the same directory is a new key, and the side it cuts a long
-    context from) and the window settings, so trials of a sweep that share data tokenize it once.
+    (its whole definition, so one retrained into the same directory is a new key and copies of one in other
+    directories are one, its special tokens, and the side it cuts a long context from) and the window settings, so
+    trials of a sweep that share data tokenize it once.
     """
     def tokenize() -> dict[str, torch.Tensor]:
         logger.info("tokenizing %d training questions into windows of %d tokens (stride %d)", len(examples),
@@ -417,7 +418,10 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
         return tokenize()
     data = resolve_data(cfg.train_data)
     # The last items say how text is tokenized and answers labelled: a change there is a new key.
-    key = json.dumps([content_digest(data), cfg.train_limit, tokenizer.name_or_path,
+    # A fast tokenizer is known by its definition, wherever it was read from (each teacher of a sweep keeps a copy
+    # of one tokenizer, which tokenized the same windows once per teacher); a slow one by its vocabulary and path.
+    where = None if getattr(tokenizer, "backend_tokenizer", None) is not None else tokenizer.name_or_path
+    key = json.dumps([content_digest(data), cfg.train_limit, where, sorted(tokenizer.special_tokens_map.items()),
                       len(tokenizer), _tokenizer_digest(tokenizer), cfg.max_seq_length, cfg.doc_stride,
                       cfg.max_query_length, getattr(tokenizer, "truncation_side", None), squad.__name__,
                       "special-token literals as text", "answers without outer whitespace",

@@ -907,6 +907,26 @@ def test_the_feature_cache_follows_the_side_the_tokenizer_cuts_a_long_context_fr
     assert all(torch.equal(again[key], right[key]) for key in right)
 
 
+def test_the_feature_cache_is_shared_by_copies_of_one_tokenizer(tokenizer, dev_subset, tmp_path):
+    """The key held the directory a tokenizer was read from: with `student_init`, a sweep's trials read the
+    tokenizer their teacher saved, so every teacher of a cache tokenized the training set again into an identical
+    file (hundreds of megabytes for SQuAD), kept for good."""
+    from pruning.tokenizer import load_tokenizer
+    from pruning.trainer import train_features
+
+    for name in ("teacher_a", "teacher_b"):
+        tokenizer.save_pretrained(tmp_path / name)
+    cfg = RunConfig(train_data="dev", train_limit=4, max_seq_length=64, doc_stride=16, cache_dir=str(tmp_path / "c"))
+    first = train_features(cfg, dev_subset[:4], load_tokenizer(tmp_path / "teacher_a"))
+    again = train_features(cfg, [], load_tokenizer(tmp_path / "teacher_b"))  # read back, not tokenized (no examples)
+    assert all(torch.equal(again[key], first[key]) for key in first)
+    assert len(list((tmp_path / "c").iterdir())) == 1
+    other = load_tokenizer(tmp_path / "teacher_b")
+    other.add_special_tokens({"pad_token": "[UNK]"})  # another token pads the windows: other windows
+    assert not torch.equal(train_features(cfg, dev_subset[:4], other)["input_ids"], first["input_ids"])
+    assert len(list((tmp_path / "c").iterdir())) == 2
+
+
 def test_training_windows_are_kept_narrow_and_taken_as_int64(tokenizer, dev_subset, tmp_path):
     """Kept as int64, SQuAD's training windows at 384 tokens took 816 MB in every trial's process (and its cache
     file); ids are kept in 32 bits and the mask in 8, and a batch is widened as it is taken. A cache file written
