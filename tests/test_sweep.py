@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import sqlite_store
-from workflows.sweep import trial_scratch
+from workflows.sweep import CHECKPOINT_KIND, trial_scratch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -441,6 +441,12 @@ def test_a_used_up_finite_space_is_a_finished_sweep_whose_stdout_is_one_json_lin
     assert len(trial_dirs) == 4 and all((path / "result.json").is_file() and (path / "progress.csv").is_file()
                                         for path in trial_dirs), sorted(Path(summary["sweep_dir"]).rglob("*"))
     assert not list(Path(summary["sweep_dir"]).rglob("events.out.tfevents*"))
+    # A finished trial keeps its packed model alone: the training checkpoint before it (a model and its optimizer
+    # state, three quarters of a trial's storage) is of no use once it is packed.
+    finished = [path for path in trial_dirs if any(json.loads(kind.read_text())["kind"] == "packed"
+                                                   for kind in path.glob(f"checkpoint_*/{CHECKPOINT_KIND}"))]
+    assert finished and all(len(list(path.glob("checkpoint_*"))) == 1 for path in finished), \
+        sorted(str(p.relative_to(summary["sweep_dir"])) for p in Path(summary["sweep_dir"]).glob("*/checkpoint_*"))
     parent = MlflowClient(tracking_uri=uri).get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags[record.TAG_SWEEP_STATE] == record.SWEEP_COMPLETE
     search = summary["search"]
@@ -1058,3 +1064,62 @@ def test_a_ctrl_c_once_the_trials_ended_interrupts_the_sweep(tmp_path):
     with pytest.raises(KeyboardInterrupt):  # Python's own handler, as the sweep's caller (the command line) had it
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop_at_first_report(metrics, checkpoint):
+    assert checkpoint is not None
+    raise _Stopped
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_a_teacher_a_sweep_stopped_while_it_trained_goes_on_from_its_checkpoint(tmp_path, caplog, damaged):
+    """A sweep stopped while its dense teacher fine-tuned (Ctrl-C, a lost worker; an hour for BERT-base on SQuAD)
+    left the teacher's checkpoint, which the next sweep removed to train the teacher from the start. It goes on from
+    there; a checkpoint that cannot be read is said in a line and the teacher trained from the start. A finished
+    teacher keeps its final model alone: its checkpoint (the model and its optimizer state) was kept for nothing."""
+    import dataclasses
+
+    import ray
+    import torch
+
+    from pruning.checkpoint import load_model
+    from pruning.trainer import train
+    from workflows.fingerprint import teacher_fingerprint
+    from workflows.space import load_space, teacher_config
+    from workflows.sweep import ensure_teacher
+
+    values = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    values["teacher"]["config"] = {"max_steps": 6, "save_every": 3, "eval_every": 3}
+    space_path = tmp_path / "space.yaml"
+    space_path.write_text(yaml.safe_dump(values))
+    space = load_space(space_path)
+    root = tmp_path / "teachers"
+    run_dir = root / teacher_fingerprint(space)
+    cfg = teacher_config(space, str(run_dir))
+    with pytest.raises(_Stopped):
+        train(cfg, report=_stop_at_first_report, progress=False)
+    assert (run_dir / "checkpoint" / "trainer_state.json").is_file() and not (run_dir / "final").exists()
+    if damaged:
+        (run_dir / "checkpoint" / "model.safetensors").write_bytes(b"cut short")
+    plain = train(dataclasses.replace(cfg, output_dir=str(tmp_path / "plain")), progress=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        with caplog.at_level(logging.INFO, logger="workflows.sweep"):
+            model_dir, metrics = ensure_teacher(space, root)
+    finally:
+        ray.shutdown()
+    said = [r.getMessage() for r in caplog.records if r.name == "workflows.sweep"]
+    assert any("from the checkpoint" in line and "where an earlier sweep stopped" in line for line in said), said
+    restarted = [line for line in said if line.endswith("the dense teacher is fine-tuned from the start")]
+    assert len(restarted) == int(damaged), said
+    if damaged:
+        assert "model.safetensors" in restarted[0], restarted
+    assert model_dir == str(run_dir / "final") and metrics["step"] == 6
+    assert sorted(p.name for p in run_dir.iterdir()) == ["final", "metrics.json"]
+    a, b = load_model(plain["model_dir"]), load_model(model_dir)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5), name  # as the run that was never stopped

@@ -46,8 +46,9 @@ from ray.exceptions import AuthenticationError
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from pruning import atomic, squad
-from pruning.checkpoint import load_model, read_null_answers
-from pruning.config import FINAL_DIR, config_to_dict
+from pruning.checkpoint import STATE, CheckpointError, load_model, read_null_answers
+from pruning.config import CHECKPOINT_DIR, FINAL_DIR, ConfigError, config_to_dict
+from pruning.errors import error_line
 from pruning.packing import PACK_METRICS, pack_and_verify, save_packed
 from pruning.quiet import leaving_out, starting_with
 from pruning.resources import resolve_data
@@ -274,13 +275,15 @@ def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space: SweepSpa
 
 
 @ray.remote(max_retries=0)
-def _dense_teacher(cfg, given: str | None, held_out_checked: bool = False) -> dict[str, Any]:
-    """Fine-tune the dense teacher (``given`` None) or evaluate the given one, in a Ray worker."""
+def _dense_teacher(cfg, given: str | None, held_out_checked: bool = False,
+                   resume_from: str | None = None) -> dict[str, Any]:
+    """Fine-tune the dense teacher (``given`` None; from the checkpoint ``resume_from`` where one is given) or
+    evaluate the given one, in a Ray worker."""
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     _worker_output()
     if given is None:
         # Progress by log lines, not bars (see trial_main).
-        return train(cfg, progress=False, held_out_warning=not held_out_checked)
+        return train(cfg, resume_from=resume_from, progress=False, held_out_warning=not held_out_checked)
     device = resolve_device(cfg.device)
     model = load_model(given, qa_head=True).to(device)
     data = resolve_data(cfg.eval_data)
@@ -330,9 +333,10 @@ def _make_teacher(space: SweepSpace, run_dir: Path, held_out_checked: bool) -> t
     if trained is not None:
         logger.info("reusing the dense teacher in %s", model_dir)
     else:
-        logger.info("fine-tuning the dense teacher %s", model_dir)
-        trained = _teacher_task(space, cfg, None, held_out_checked)
+        trained = _train_teacher(space, cfg, run_dir, held_out_checked)
         atomic.write_text(metrics_file, json.dumps(trained, indent=2))
+    # Its training checkpoint (the model and its optimizer state) is of no use once its final model is scored.
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     scoring = baseline_config(space, str(run_dir))
     differ = [key for key in EVALUATION if getattr(cfg, key) != getattr(scoring, key)]
     if not differ:  # the teacher's own run scored it as the trials are scored
@@ -357,13 +361,29 @@ def _scored(space: SweepSpace, cfg, model_dir: Path, metrics_file: Path, held_ou
     return metrics
 
 
-def _teacher_task(space: SweepSpace, cfg, given: str | None, held_out_checked: bool) -> dict[str, Any]:
-    """Fine-tune the dense teacher (``given`` None) or score the model in ``given``, as a Ray task with the trials'
-    resources; its numeric metrics."""
+def _train_teacher(space: SweepSpace, cfg, run_dir: Path, held_out_checked: bool) -> dict[str, Any]:
+    """Fine-tune the dense teacher into ``run_dir``: from the checkpoint a sweep stopped while it trained (Ctrl-C,
+    a lost worker) left there, else from the start (also where that checkpoint cannot be read)."""
+    checkpoint = run_dir / CHECKPOINT_DIR
+    if (checkpoint / STATE).is_file():
+        logger.info("fine-tuning the dense teacher %s from the checkpoint %s, where an earlier sweep stopped",
+                    run_dir / FINAL_DIR, checkpoint)
+        try:
+            return _teacher_task(space, cfg, None, held_out_checked, resume_from=str(checkpoint))
+        except (CheckpointError, ConfigError) as err:  # damaged, or not this teacher's run
+            logger.warning("%s; the dense teacher is fine-tuned from the start", error_line(err))
+    logger.info("fine-tuning the dense teacher %s", run_dir / FINAL_DIR)
+    return _teacher_task(space, cfg, None, held_out_checked)
+
+
+def _teacher_task(space: SweepSpace, cfg, given: str | None, held_out_checked: bool,
+                  resume_from: str | None = None) -> dict[str, Any]:
+    """Fine-tune the dense teacher (``given`` None; from ``resume_from``, a checkpoint, where given) or score the
+    model in ``given``, as a Ray task with the trials' resources; its numeric metrics."""
     task = _dense_teacher.options(num_cpus=_teacher_cpus(space.resources),
                                   num_gpus=space.resources.get("gpu", 0) or 0)
     try:
-        metrics = ray.get(task.remote(cfg, given, held_out_checked))
+        metrics = ray.get(task.remote(cfg, given, held_out_checked, resume_from))
     except ray.exceptions.RayTaskError as err:
         # The task's own error (a teacher directory that is not there, a bad value), not Ray's multi-line wrapper.
         if isinstance(err.cause, Exception):
@@ -604,7 +624,9 @@ def _tuner(space: SweepSpace, trainable: Any, callback: tracking.MlflowTrialCall
         name=sweep_dir.rsplit("/", 1)[1],
         storage_path=storage_root,
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # The last one alone: a trial goes on from it, and a finished trial's is its packed model (the training
+        # checkpoint before it, a model and its optimizer state, would be kept for nothing).
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         callbacks=_callbacks(callback),
         verbose=1,
     )
