@@ -317,6 +317,14 @@ def test_a_bad_record_among_good_ones_gets_a_one_line_400_naming_it(server, dev_
     _check(_predict(server, records), records)  # the same records, repaired, are answered in order
 
 
+def test_one_record_given_to_the_client_alone_is_sent_as_one(server, dev_subset):
+    """invoke() of one record (a dict) sent its field names, `["question", "context"]`, which the server refused."""
+    (record,) = _short_records(dev_subset, 1)
+    alone, listed = invoke(server, record), invoke(server, [record])
+    assert alone.status == listed.status == 200, alone
+    assert alone.body == listed.body
+
+
 @pytest.mark.parametrize("sent,needle", [
     ([{"question": "Who?"}], "missing: context"),
     ([{"context": "Paris is in France."}], "missing: question"),

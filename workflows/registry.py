@@ -812,9 +812,16 @@ def register_from_experiment(experiment: str, tracking_uri: str | None = None, s
     With ``frontier`` every point of the sweep's frontiers is registered first (``frontier_versions`` in the
     result).
     ``onnx`` overrides the policy's ``onnx`` (whether new versions are exported for ONNX Runtime).
+
+    MLflow's fluent API points at the store while it runs (it logs the versions' models), and at the caller's after.
     """
     uri = record.tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)  # the fluent API logs the versions' models
+    with fluent_store(uri):
+        return _register_from_experiment(uri, experiment, space, frontier, onnx, sweep_run_id)
+
+
+def _register_from_experiment(uri: str, experiment: str, space: str | None, frontier: bool, onnx: bool | None,
+                              sweep_run_id: str | None) -> dict[str, Any]:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = record.latest_sweep(client, experiment, sweep_run_id)
     params = parent.data.params

@@ -67,9 +67,12 @@ class Reply:
     seconds: float
 
 
-def invoke(base_url: str, records: Sequence[Mapping[str, Any]], timeout: float = 120.0) -> Reply:
-    """POST ``{"dataframe_records": records}`` to ``/invocations``; HTTP errors are returned, not raised."""
-    return post(base_url, {"dataframe_records": list(records)}, timeout=timeout)
+def invoke(base_url: str, records: Sequence[Mapping[str, Any]] | Mapping[str, Any], timeout: float = 120.0
+           ) -> Reply:
+    """POST ``{"dataframe_records": records}`` to ``/invocations``; HTTP errors are returned, not raised. One record
+    (a mapping) is sent as a list of one (``list()`` of it sent its field names)."""
+    return post(base_url, {"dataframe_records": [records] if isinstance(records, Mapping) else list(records)},
+                timeout=timeout)
 
 
 def post(base_url: str, payload: Any, timeout: float = 120.0) -> Reply:
