@@ -280,15 +280,16 @@ def load_config(model_dir: str | Path) -> PretrainedConfig:
     return _config(Path(model_dir))[1]
 
 
-def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
+def load_model(model_dir: str | Path, qa_head: bool = False, *, fine_tune: bool = False) -> nn.Module:
     """Open a dense, masked or packed QA model directory, in eval mode on the CPU, in float32.
 
     Weights stored in half precision (a config.json with ``dtype: bfloat16``, say) are widened: parameters, mask
     scores and optimizer state are float32, whatever the run's ``precision`` autocasts.
 
-    A dense directory without a QA head (a pre-trained encoder) gets a freshly initialised ``qa_outputs`` (the
-    start of a fine-tune), unless ``qa_head`` asks for a model that answers questions as it is (a teacher, a model
-    to evaluate, pack or export): then it is an error.
+    A dense directory without a QA head (a pre-trained encoder) gets a freshly initialised ``qa_outputs``, unless
+    ``qa_head`` asks for a model that answers questions as it is (a teacher, a model to evaluate, pack or export):
+    then it is an error. The fresh head is said in a warning (the model answers at random until it is trained), or,
+    with ``fine_tune`` (the start of a fine-tune, which trains it), in an info line.
 
     Raises:
         CheckpointError: the directory, its config or its weights are missing or corrupted, or (with ``qa_head``)
@@ -327,9 +328,13 @@ def load_model(model_dir: str | Path, qa_head: bool = False) -> nn.Module:
         except Exception as err:  # the modules check their config values (an activation's name, say) as they build
             raise CheckpointError(_cannot_build(model_dir, config, err)) from None
         _check_loading_info(weights, info)
-        if info.get("missing_keys"):  # only the QA head may be missing: a pre-trained encoder
+        if info.get("missing_keys") and fine_tune:  # only the QA head may be missing: a pre-trained encoder
             logger.info("%s: a pre-trained encoder without a question-answering head; qa_outputs starts from random "
                         "weights", model_dir)
+        elif info.get("missing_keys"):
+            logger.warning("%s: a pre-trained encoder without a question-answering head; qa_outputs starts from "
+                           "random weights, and the model answers at random until it is fine-tuned (qa_head=True "
+                           "refuses such a directory)", model_dir)
         with _weights_errors():  # from_pretrained converts integers to the float dtype it loads in, without a word
             check_kinds(weights, stored, model.state_dict())
         if hasattr(model.config, AUTO_MAP):  # read by from_pretrained itself: forgotten as _config forgets it

@@ -34,6 +34,7 @@ import copy
 import json
 import logging
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -510,7 +511,7 @@ def export_model(model: nn.Module, out_dir: str | Path, quantize: str | None = N
             count is not its layer's, or fp32 logits off by more than :data:`LOGIT_TOLERANCE`.
     """
     if quantize not in (None, "int8"):
-        raise ExportError(f"--quantize: only 'int8' is supported, got {quantize!r}")
+        raise ExportError(f"quantize: only 'int8' is supported, got {quantize!r}")
     out_dir = Path(out_dir)
     packed_on_export = mask_lib.is_masked(model)
     model = _as_export_model(model)
@@ -563,6 +564,14 @@ def export_checkpoint(model_dir: str | Path, out_dir: str | Path, quantize: str 
         ExportError: ``out_dir`` is not empty (without ``overwrite``), or the export fails (see :func:`export_model`).
         CheckpointError, PackingError: the model directory is missing or corrupted.
     """
+    if not isinstance(model_dir, (str, os.PathLike)):  # a model object: "File name too long" of its repr
+        raise TypeError(f"model_dir must be a model directory's path (export_model() exports a model object), got "
+                        f"{type(model_dir).__name__}")
+    if quantize not in (None, "int8"):  # before any work, as questions below (a message naming `limit` otherwise)
+        raise ExportError(f"quantize: only 'int8' is supported, got {quantize!r}")
+    if isinstance(questions, bool) or not isinstance(questions, int) or questions < 1:
+        raise ExportError(f"questions: must be a positive integer (questions whose logits are checked), got "
+                          f"{questions!r}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise ExportError(f"{out}: exists and is not an empty directory (pass --overwrite to replace it)")

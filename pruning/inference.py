@@ -31,12 +31,13 @@ import torch
 from torch import nn
 
 from .bench import eval_mode
+from .precision import check_device
 from .squad import (Answer, EvalFeatures, Example, HostLogits, cut_question, length_sorted_batches, lone_surrogate,
                     longest_question, model_windows, postprocess_predictions, prepare_eval_features, text_prefix,
                     to_device, tokenize_text, whole_word_tokens)
 
 __all__ = ["Answer", "RecordError", "WindowRunner", "check_records", "count_windows", "torch_runner", "run_windows",
-           "answer_records", "answer_batch", "answer"]
+           "answer_records", "answer_batch", "answer", "check_tokenizer_ids"]
 
 WindowRunner = Callable[[dict[str, torch.Tensor]], tuple[Any, Any]]
 """One batch of windows -> (start logits, end logits).
@@ -182,6 +183,7 @@ def torch_runner(model: nn.Module, device: str | torch.device | None = None) -> 
     Args:
         device: where the batches go; default: the device of the model's first parameter.
     """
+    check_device(device)  # one line for a device this machine lacks, not a pinned-memory error mid-way
     if device is None:
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
@@ -263,6 +265,21 @@ def answer_records(run: WindowRunner, tokenizer: Any, questions: Sequence[Any], 
     return [spans[ex.id] for ex in examples]
 
 
+def check_tokenizer_ids(model: nn.Module, tokenizer: Any) -> None:
+    """Refuse a tokenizer whose ids ``model`` cannot embed (another model's, with a larger vocabulary), in one line
+    rather than an index error inside the embedding.
+
+    Raises:
+        ValueError: naming the config field and the tokenizer's size.
+    """
+    from .tokenizer import tokenizer_misfit  # here: it reads model directories, which this module does not
+
+    config = getattr(model, "config", None)
+    if config is not None and (misfit := tokenizer_misfit(config, tokenizer)) is not None:
+        raise ValueError(f"the model's {misfit}: they do not belong together (give the tokenizer saved with the "
+                         "model)")
+
+
 def answer_batch(model: nn.Module, tokenizer: Any, questions: Sequence[str], contexts: Sequence[str],
                  max_seq_length: int = 384, doc_stride: int = 128, max_answer_length: int = 30, n_best: int = 20,
                  batch_size: int = 64, device: str | torch.device | None = None,
@@ -280,8 +297,9 @@ def answer_batch(model: nn.Module, tokenizer: Any, questions: Sequence[str], con
 
     Raises:
         RecordError: a question or context is empty, not a string or too long.
-        ValueError: the two lists differ in length.
+        ValueError: the two lists differ in length, or the tokenizer makes ids the model cannot embed.
     """
+    check_tokenizer_ids(model, tokenizer)
     max_seq_length, doc_stride = model_windows(model, max_seq_length, doc_stride)
     with eval_mode(model):
         return answer_records(torch_runner(model, device), tokenizer, questions, contexts,

@@ -51,7 +51,7 @@ from .errors import path_hint, typed_error_line
 from .masks import MaskedLinear, remove_masks_
 from .packed_modeling import (FFN_WIDTHS_KEY, HEADS_KEPT_KEY, PACKED_CLASSES, PACKED_FLAG, EmptySelfAttention,
                               head_rows, layer_head_dim, shrink_layer, shrink_to_record)
-from .precision import resolve_precision
+from .precision import check_device, resolve_precision
 from .sparsity import sparsity_report
 from .quiet import quiet_transformers
 from .structure import architecture_for, architecture_of_type, encoder_layers, get_module, max_positions, qa_model_class
@@ -124,6 +124,9 @@ def pack(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: the model's architecture is not in :mod:`pruning.structure`.
     """
+    if not isinstance(model, nn.Module):  # a model directory, say: "model_type None is not supported"
+        raise TypeError(f"pack() takes a model (pruning.checkpoint.load_model(directory) loads one), got "
+                        f"{type(model).__name__}")
     arch = architecture_for(model)
     packed = remove_masks_(copy.deepcopy(model))
     report = sparsity_report(packed)
@@ -551,6 +554,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
             not describe a packed model, or a stored tensor is missing, unexpected or of the wrong shape or kind
             (integers for a model's floating-point weights).
     """
+    check_device(device)  # not taken for an unreadable weights file
     path = Path(model_dir)
     if not path.is_dir():
         raise PackingError(f"{path}: packed model directory not found{path_hint(path)}")
@@ -783,9 +787,12 @@ def pack_and_verify(model: nn.Module, inputs: dict[str, torch.Tensor] | None = N
         The packed model (eval mode, on ``model``'s device) and its :class:`PackReport`.
 
     Raises:
-        PackingError: the packed logits differ by more than ``tolerance``.
+        PackingError: ``model`` is already packed, or the packed logits differ by more than ``tolerance``.
         PrecisionError: ``bf16`` on a device without bf16 support.
     """
+    if is_packed(model):  # timed against itself (its own shape as the "dense" one): a speedup of about 1
+        raise PackingError("the model is already packed: its speedup is measured by packing the masked model it was "
+                           "packed from (pack() packs a packed model further, unchecked and untimed)")
     device = _device(model)
     precision = resolve_precision(precision, device)  # fails before any work
     limit = max_positions(model.config)

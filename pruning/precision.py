@@ -19,7 +19,7 @@ from torch import nn
 from .config import ConfigError
 
 __all__ = ["PRECISIONS", "PrecisionError", "cpu_supports_bf16", "bf16_supported", "resolve_precision", "autocast",
-           "Bf16Inference"]
+           "Bf16Inference", "check_device"]
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -117,3 +117,25 @@ class Bf16Inference(nn.Module):
         device_type = parameter.device.type if parameter is not None else "cpu"
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
             return self.model(*args, **kwargs)
+
+
+def check_device(name: str | torch.device | None, what: str = "device") -> None:
+    """Refuse, before any work, a device this machine cannot run on (None and ``auto`` always pass).
+
+    Raises:
+        ConfigError: one line, ``what`` (the flag or config key that gave ``name``) first.
+    """
+    if name is None or name == "auto":
+        return
+    name = str(name)  # a torch.device, as a library caller gives it
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{what} {name!r}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{what} {name}: CUDA is not available on this machine (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"{what} {name!r}: only cpu and cuda devices are supported")

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .precision import check_device
 # The records, files and metric, named here too: ``squad.load_squad``, ``squad.evaluate``, ...
 from .squad_data import (Answer, Example, SquadFormatError, load_predictions, load_squad, lone_surrogate, short_repr,
                          show_id)
@@ -579,7 +580,20 @@ def prepare_eval_features(examples: Sequence[Example], tokenizer: Any, max_seq_l
 
     Returns:
         The windows in example order (all windows of example 0 first).
+
+    Raises:
+        ValueError: two examples share an id (their predictions are keyed by it: one would answer both).
     """
+    if isinstance(examples, (str, bytes, Path, Example)) or not isinstance(examples, Sequence):
+        raise TypeError(f"examples must be a list of Example (pruning.squad.load_squad(path) reads them), got "
+                        f"{type(examples).__name__}")
+    first_at: dict[str, int] = {}
+    for i, example in enumerate(examples):
+        if not isinstance(example, Example):
+            raise TypeError(f"examples[{i}] must be an Example, got {type(example).__name__}")
+        if first_at.setdefault(example.id, i) != i:
+            raise ValueError(f"question id {example.id!r} is given twice (examples {first_at[example.id]} and {i}); "
+                             "predictions are keyed by id, so each question needs its own")
     parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
     example_index: list[np.ndarray] = []
     offsets: list[np.ndarray] = []
@@ -896,6 +910,7 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
     """
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_device(device)  # one line for a device this machine lacks, not a pinned-memory error mid-way
     device = torch.device(device) if device is not None else _model_device(model)
     logits = HostLogits(len(features), features.input_ids.shape[1])
     was_training = model.training
@@ -934,6 +949,9 @@ def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
                   null_answers: bool = False, null_threshold: float = 0.0) -> dict[str, Answer]:
     """Answer spans (text, score, character offsets) of a QA model for every question; see :func:`predict`."""
     if features is None:
+        from .inference import check_tokenizer_ids  # here: inference is built on this module
+
+        check_tokenizer_ids(model, tokenizer)
         max_seq_length, doc_stride = model_windows(model, max_seq_length, doc_stride)
         features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,
                                          max_query_length=max_query_length, progress=progress)

@@ -52,6 +52,15 @@ class Example:
     answer_starts: tuple[int, ...] = ()
     impossible: bool = False
 
+    def __post_init__(self) -> None:
+        # One text given for the answers was scored as answers of one character each ("P" matched "Paris").
+        for name, what in (("answers", "texts"), ("answer_starts", "character offsets")):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes, int)):
+                shown = short_repr(value) if isinstance(value, str) else repr(value)
+                raise TypeError(f"Example {self.id!r}: {name} must be a tuple of {what}, got the "
+                                f"{type(value).__name__} {shown}: write ({shown},) for one")
+
 
 @dataclass(frozen=True)
 class Answer:

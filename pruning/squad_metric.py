@@ -110,6 +110,9 @@ def _question_scores(golds: Sequence[tuple[str, list[str], bool]], predictions: 
         if v2:
             texts = [text for text in texts if normalize_answer(text)] or [""]
         prediction = predictions[qid]
+        if not isinstance(prediction, str):  # an Answer of predict_spans, say: its text is scored
+            raise TypeError(f"predictions[{qid!r}] must be the answer's text, got {type(prediction).__name__} "
+                            "(predict() gives texts; of predict_spans()' answers, give each one's .text)")
         scores.append((metric_max_over_ground_truths(exact_match_score, prediction, texts),
                        metric_max_over_ground_truths(f1_fn, prediction, texts)))
     return scores

@@ -73,7 +73,7 @@ from .config import (CHECKPOINT_DIR, FINAL_DIR, ConfigError, MaskInit, Method, R
                      attention_block_of, check_head_shaped, config_to_dict, evaluation_settings, method_block)
 from .distill import hidden_mse, kd_loss, qa_ce_loss
 from .errors import error_line
-from .precision import autocast, resolve_precision
+from .precision import autocast, check_device, resolve_precision
 from .resources import resolve_data, resolve_model, resolve_tokenizer, same_model, shipped_model_dir
 from .resume import (DATA_DIGEST, DATA_POSITION, MODEL_DIGEST, check_resume_config, check_resumed_masks,
                      check_resumed_windows, resume_position)
@@ -141,25 +141,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_device(name: str | None, what: str = "device") -> None:
-    """Refuse, before any work, a device this machine cannot run on (None and ``auto`` always pass).
-
-    Raises:
-        ConfigError: one line, ``what`` (the flag or config key that gave ``name``) first.
-    """
-    if name is None or name == "auto":
-        return
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{what} {name!r}: not a device (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{what} {name}: CUDA is not available on this machine (use cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise ConfigError(f"{what} {name!r}: only cpu and cuda devices are supported")
+def _check_config(cfg: Any) -> None:
+    """A run's settings are a :class:`RunConfig`: a YAML path or a dict given in its place stopped at its first
+    attribute read (``'str' object has no attribute 'seed'``)."""
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"cfg must be a RunConfig (pruning.config.load_config(path) reads one from YAML, "
+                        f"config_from_dict(values) makes one of a dict), got {type(cfg).__name__}")
 
 
 def seed_everything(seed: int) -> None:
@@ -225,7 +212,7 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
                                   f"differ in width; method {cfg.method.value} prunes a model of the original "
                                   "shape: prune the model it was packed from (a packed model can be fine-tuned "
                                   "with `fineprune train`)")
-        model = load_model(model_dir)
+        model = load_model(model_dir, fine_tune=True)
         tokenizer = load_tokenizer(resolve_tokenizer(cfg.tokenizer) if cfg.tokenizer else model_dir)
     if mask_lib.is_masked(model):
         raise CheckpointError(f"{cfg.model}: is a masked checkpoint; start from a dense model or use --resume")
@@ -487,7 +474,12 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: lis
     window settings, cut to the model), built once by a run that evaluates the same questions again and again; None
     tokenizes the questions here.
     """
-    run_device = device if device is not None else next(model.parameters()).device
+    _check_config(cfg)
+    parameter = next(model.parameters(), None)
+    if parameter is None:  # an exported model (ONNX Runtime's), whose sparsity is not in modules to count
+        raise TypeError(f"{type(model).__name__} has no parameters: evaluate() scores a PyTorch model and counts its "
+                        "sparsity; score an exported model with pruning.squad.evaluate_model")
+    run_device = device if device is not None else parameter.device
     cfg = fit_to_model(cfg, model)
     with autocast(resolve_precision(cfg.precision, run_device), run_device):
         answers = squad.predict_spans(model, tokenizer, examples, max_seq_length=cfg.max_seq_length,
@@ -795,6 +787,7 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
         The final metrics (``exact_match``, ``f1``, densities, heads removed, ...), plus ``step``,
         ``model_dir`` (the final model directory) and ``precision`` (``fp32`` or ``bf16``: what ``auto`` became).
     """
+    _check_config(cfg)
     seed_everything(cfg.seed)
     check_device(cfg.device)  # a device this machine lacks, before an earlier run's outputs are removed
     device = resolve_device(cfg.device)

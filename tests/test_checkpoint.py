@@ -64,12 +64,21 @@ def test_a_pre_trained_encoder_still_loads_with_a_fresh_qa_head(tmp_path, caplog
     encoder.save_pretrained(tmp_path / "encoder")
     with handed_to_handlers("transformers.modeling_utils") as transformers_said, \
             caplog.at_level(logging.INFO, logger="pruning.checkpoint"):
-        model = load_model(tmp_path / "encoder")
+        model = load_model(tmp_path / "encoder", fine_tune=True)
     assert not [m for m in transformers_said if "LOAD REPORT" in m], transformers_said
     assert torch.equal(model.bert.encoder.layer[1].output.dense.weight, encoder.encoder.layer[1].output.dense.weight)
-    said = [r.getMessage() for r in caplog.records if r.name == "pruning.checkpoint"]
-    assert said == [f"{tmp_path / 'encoder'}: a pre-trained encoder without a question-answering head; qa_outputs "
-                    "starts from random weights"], said
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "pruning.checkpoint"]
+    assert said == [("INFO", f"{tmp_path / 'encoder'}: a pre-trained encoder without a question-answering head; "
+                             "qa_outputs starts from random weights")], said
+    # Loaded to answer questions (a notebook's load_model of the wrong directory), its random answers looked real:
+    # a warning says so.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pruning.checkpoint"):
+        load_model(tmp_path / "encoder")
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "pruning.checkpoint"]
+    assert said == [("WARNING", f"{tmp_path / 'encoder'}: a pre-trained encoder without a question-answering head; "
+                                "qa_outputs starts from random weights, and the model answers at random until it is "
+                                "fine-tuned (qa_head=True refuses such a directory)")], said
     with pytest.raises(CheckpointError, match="not a question-answering model"):
         load_model(tmp_path / "encoder", qa_head=True)
     dense = tiny()

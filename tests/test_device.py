@@ -247,9 +247,11 @@ def test_cached_teacher_outputs_go_to_a_gpu_through_pinned_memory_without_waitin
         assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, expected.hidden_states))
 
 
-def test_evaluation_batches_go_to_a_gpu_through_pinned_memory_without_waiting():
+def test_evaluation_batches_go_to_a_gpu_through_pinned_memory_without_waiting(monkeypatch):
     """The evaluation's windows (squad.compute_logits) and those of answer() go the same way."""
     import numpy as np
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the stand-in's GPU, which the device check asks
 
     from pruning.inference import torch_runner
     from pruning.squad import EvalFeatures, compute_logits, length_sorted_batches

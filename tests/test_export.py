@@ -195,7 +195,7 @@ def test_bad_opset_and_quantize_are_refused(tmp_path):
     model = pruned_model([[]], [INTER])
     with pytest.raises(ExportError, match="--opset"):
         export_model(model, tmp_path, opset=9)
-    with pytest.raises(ExportError, match="--quantize"):
+    with pytest.raises(ExportError, match=r"^quantize: only 'int8' is supported, got 'int4'$"):
         export_model(model, tmp_path, quantize="int4")
 
 
@@ -246,6 +246,13 @@ def test_export_eval_and_ask_from_the_command_line(masked_checkpoint, tmp_path, 
     from pruning.checkpoint import CheckpointError, load_model
     with pytest.raises(CheckpointError, match=f"^{out}: is an ONNX export \\(fineprune_export.json\\)"):
         load_model(out)
+    # The trainer's evaluate() counts a PyTorch model's sparsity: it stopped in a bare StopIteration.
+    from pruning.config import RunConfig
+    from pruning.trainer import evaluate
+    with pytest.raises(TypeError, match=r"^OrtQAModel has no parameters: evaluate\(\) scores a PyTorch model and "
+                                        r"counts its sparsity; score an exported model with "
+                                        r"pruning\.squad\.evaluate_model$"):
+        evaluate(load_exported(out, "fp32"), None, [], RunConfig())
     # Nothing already written is lost: a second export into the same directory is refused.
     assert "not an empty directory" in cli_error(capsys, "export", str(masked_checkpoint), str(out))
 
@@ -319,3 +326,17 @@ def test_an_int8_export_leaves_a_root_logger_without_handlers_without_them(dev_w
             root.removeHandler(handler)
         for handler in kept:
             root.addHandler(handler)
+
+
+@pytest.mark.parametrize("kwargs,said", [
+    (dict(quantize=True), r"^quantize: only 'int8' is supported, got True$"),
+    (dict(questions=0), r"^questions: must be a positive integer \(questions whose logits are checked\), got 0$"),
+])
+def test_export_checkpoint_names_its_own_arguments(masked_checkpoint, tmp_path, kwargs, said):
+    """Called from Python, a bad argument was named as the command line's flag (`--quantize`) or as another
+    function's (`limit must be a positive integer`), after the model was loaded."""
+    from pruning.export import export_checkpoint
+
+    with pytest.raises(ExportError, match=said):
+        export_checkpoint(masked_checkpoint, tmp_path / "onnx", **kwargs)
+    assert not (tmp_path / "onnx").exists()

@@ -405,3 +405,39 @@ def test_a_prefix_is_not_cut_at_a_control_character_bert_deletes(tokenizer, sepa
     question = "b" * 420 + "." + word + separator + "c" * 20
     assert len(tokenizer(question, add_special_tokens=False)["input_ids"]) < 64
     assert squad.cut_question(tokenizer, question, 64) == question
+
+
+def test_a_device_this_machine_cannot_run_on_is_one_line_before_any_work(tiny_qa_model, tokenizer, tmp_path):
+    """answer(), compute_logits() and load_packed() given a device the machine lacks (a notebook's device="cuda" on
+    a laptop) stopped in "pin_memory=True requires a CUDA or other accelerator backend", or, for load_packed, blamed
+    the weights file ("cannot be read as safetensors"). Each says the device, as the command line does."""
+    from pruning.config import ConfigError
+    from pruning.packing import load_packed, pack, save_packed
+
+    said = r"^device 'mps': only cpu and cuda devices are supported$"
+    with pytest.raises(ConfigError, match=said):
+        answer(tiny_qa_model, tokenizer, "Which country?", CONTEXT, device="mps")
+    features = squad.prepare_eval_features([squad.Example(id="q", title="", context=CONTEXT, question="Which?")],
+                                           tokenizer, max_seq_length=64, doc_stride=32)
+    with pytest.raises(ConfigError, match=said):
+        squad.compute_logits(tiny_qa_model, features, device=torch.device("mps"))
+    save_packed(pack(tiny_qa_model), tokenizer, tmp_path / "packed")
+    with pytest.raises(ConfigError, match=said):
+        load_packed(tmp_path / "packed", device="mps")
+    assert load_packed(tmp_path / "packed", device=torch.device("cpu")) is not None
+
+
+def test_a_tokenizer_of_more_ids_than_the_model_embeds_is_one_line(tokenizer):
+    """Another model's tokenizer (30,522 ids for a model of 1,000) stopped 24 frames deep in torch's embedding with
+    "index out of range in self"."""
+    from transformers import BertConfig
+
+    model = BertForQuestionAnswering(BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=64)).eval()
+    said = (r"^the model's vocab_size 1000 is smaller than the tokenizer's 30522 tokens: they do not belong together "
+            r"\(give the tokenizer saved with the model\)$")
+    with pytest.raises(ValueError, match=said):
+        answer(model, tokenizer, "Which country?", CONTEXT)
+    with pytest.raises(ValueError, match=said):
+        squad.predict(model, tokenizer, [squad.Example(id="q", title="", context=CONTEXT, question="Which?")],
+                      progress=False)

@@ -561,6 +561,15 @@ def test_pack_and_verify_fails_beyond_its_tolerance():
     assert "\n" not in str(caught.value)
 
 
+def test_pack_and_verify_refuses_a_packed_model():
+    """A packed model given again was timed against itself: "speedup" 0.95 and no parameters removed, beside 1.07
+    for the masked model it came from. The command line refused it; the library function does too."""
+    packed, _ = pack_and_verify(masked_model(*ALL_GONE), time_latency=False)
+    with pytest.raises(PackingError, match=r"^the model is already packed: its speedup is measured by packing the "
+                                           r"masked model it was packed from"):
+        pack_and_verify(packed, time_latency=False)
+
+
 def test_pack_and_verify_times_in_the_precision_asked_for():
     model = masked_model(*NOTHING_GONE)
     _, report = pack_and_verify(model, precision="auto", seq_len=8, repeats=1, warmup=0)

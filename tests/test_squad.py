@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from transformers import BertForQuestionAnswering
+from transformers import BertConfig, BertForQuestionAnswering
 
 from pruning import squad
 from pruning.resources import squad_file
@@ -970,3 +970,33 @@ def test_windows_cut_to_a_model_are_named_in_what_only_their_length_explains():
     with pytest.raises(QuestionWithoutTokens, match=r"^x$"):
         with windows_cut(96, 24):
             raise QuestionWithoutTokens("x")
+
+
+def test_an_example_given_one_text_for_its_answers_is_refused():
+    """`Example(answers="Paris")` in a notebook was scored as five answers of one character each: "Paris" scored 0
+    and "P" 100."""
+    context = "The capital of France is Paris."
+    with pytest.raises(TypeError, match=r"^Example 'a': answers must be a tuple of texts, got the str 'Paris': "
+                                        r"write \('Paris',\) for one$"):
+        Example(id="a", title="", context=context, question="Where?", answers="Paris", answer_starts=(25,))
+    with pytest.raises(TypeError, match=r"^Example 'a': answer_starts must be a tuple of character offsets, got the "
+                                        r"int 25: write \(25,\) for one$"):
+        Example(id="a", title="", context=context, question="Where?", answers=("Paris",), answer_starts=25)
+    one = Example(id="a", title="", context=context, question="Where?", answers=("Paris",), answer_starts=(25,))
+    assert squad.evaluate([one], {"a": "Paris"})["exact_match"] == 100.0
+    assert squad.evaluate([one], {"a": "P"})["exact_match"] == 0.0
+
+
+def test_examples_that_share_an_id_are_refused_before_the_model_runs(tokenizer):
+    """Predictions are keyed by question id: two questions of one id built by hand got one answer, which
+    `evaluate_model` scored for both."""
+    context = "The capital of France is Paris. The capital of Spain is Madrid."
+    examples = [Example(id="a", title="", context=context, question=question)
+                for question in ("What is the capital of France?", "What is the capital of Spain?")]
+    with pytest.raises(ValueError, match=r"^question id 'a' is given twice \(examples 0 and 1\); predictions are "
+                                         r"keyed by id, so each question needs its own$"):
+        squad.prepare_eval_features(examples, tokenizer, max_seq_length=64, doc_stride=32)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=64)).eval()
+    with pytest.raises(ValueError, match="given twice"):
+        squad.evaluate_model(model, tokenizer, examples, max_seq_length=64, doc_stride=32, progress=False)

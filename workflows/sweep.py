@@ -774,6 +774,8 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
         WarmStartError: ``warm_start`` names no sweep, or none of its trials fits the space.
         TrackingUnavailable: the tracking server stayed away longer than ``tracking_timeout``.
     """
+    if not isinstance(space_path, (str, os.PathLike)):  # a loaded SweepSpace, say: its file is what a sweep records
+        raise TypeError(f"space_path must be the path of a search-space YAML file, got {type(space_path).__name__}")
     # 1. Validate: the space, the cluster and the tracking server, before anything is written.
     space, cluster, experiment, tracking_uri = _checked(space_path, experiment, tracking_uri, address, storage_path,
                                                         resume, warm_start, warm_start_tracking_uri)
