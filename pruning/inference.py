@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .bench import eval_mode
-from .precision import check_device
+from .precision import check_available
 from .squad import (Answer, EvalFeatures, Example, HostLogits, cut_question, length_sorted_batches, lone_surrogate,
                     longest_question, model_windows, postprocess_predictions, prepare_eval_features, text_prefix,
                     to_device, tokenize_text, whole_word_tokens)
@@ -183,7 +183,7 @@ def torch_runner(model: nn.Module, device: str | torch.device | None = None) -> 
     Args:
         device: where the batches go; default: the device of the model's first parameter.
     """
-    check_device(device)  # one line for a device this machine lacks, not a pinned-memory error mid-way
+    check_available(device)  # one line for a device this machine lacks, not a pinned-memory error mid-way
     if device is None:
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")

@@ -51,7 +51,7 @@ from .errors import path_hint, typed_error_line
 from .masks import MaskedLinear, remove_masks_
 from .packed_modeling import (FFN_WIDTHS_KEY, HEADS_KEPT_KEY, PACKED_CLASSES, PACKED_FLAG, EmptySelfAttention,
                               head_rows, layer_head_dim, shrink_layer, shrink_to_record)
-from .precision import check_device, resolve_precision
+from .precision import check_available, resolve_precision
 from .sparsity import sparsity_report
 from .quiet import quiet_transformers
 from .structure import architecture_for, architecture_of_type, encoder_layers, get_module, max_positions, qa_model_class
@@ -554,7 +554,7 @@ def load_packed(model_dir: str | Path, device: str | torch.device = "cpu") -> nn
             not describe a packed model, or a stored tensor is missing, unexpected or of the wrong shape or kind
             (integers for a model's floating-point weights).
     """
-    check_device(device)  # not taken for an unreadable weights file
+    check_available(device)  # not taken for an unreadable weights file
     path = Path(model_dir)
     if not path.is_dir():
         raise PackingError(f"{path}: packed model directory not found{path_hint(path)}")

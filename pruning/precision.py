@@ -19,7 +19,7 @@ from torch import nn
 from .config import ConfigError
 
 __all__ = ["PRECISIONS", "PrecisionError", "cpu_supports_bf16", "bf16_supported", "resolve_precision", "autocast",
-           "Bf16Inference", "check_device"]
+           "Bf16Inference", "check_device", "check_available"]
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -139,3 +139,23 @@ def check_device(name: str | torch.device | None, what: str = "device") -> None:
             raise ConfigError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
         raise ConfigError(f"{what} {name!r}: only cpu and cuda devices are supported")
+
+
+def check_available(device: str | int | torch.device | None) -> None:
+    """Refuse, before any work, a device given to a library function (``answer``, ``compute_logits``,
+    ``load_packed``) that is no device, or a CUDA device this machine lacks: a pinned-memory error mid-way, or a
+    weights file blamed, otherwise. Other devices (``mps``, ``meta``) are torch's to run or refuse.
+
+    Raises:
+        ConfigError: one line naming the device.
+    """
+    if device is None:
+        return
+    try:
+        resolved = torch.device(device)  # an index is the accelerator's device of that index, as in torch
+    except (RuntimeError, ValueError, TypeError):
+        if isinstance(device, int) and not isinstance(device, bool):
+            raise ConfigError(f"device {device}: a GPU's index, and this machine has no GPU (use cpu)") from None
+        raise ConfigError(f"device {device!r}: not a device (cpu, cuda, cuda:N or another torch device)") from None
+    if resolved.type == "cuda":
+        check_device(str(resolved))

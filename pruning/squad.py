@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .precision import check_device
+from .precision import check_available
 # The records, files and metric, named here too: ``squad.load_squad``, ``squad.evaluate``, ...
 from .squad_data import (Answer, Example, SquadFormatError, load_predictions, load_squad, lone_surrogate, short_repr,
                          show_id)
@@ -910,7 +910,7 @@ def compute_logits(model: nn.Module, features: EvalFeatures, batch_size: int = 6
     """
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    check_device(device)  # one line for a device this machine lacks, not a pinned-memory error mid-way
+    check_available(device)  # one line for a device this machine lacks, not a pinned-memory error mid-way
     device = torch.device(device) if device is not None else _model_device(model)
     logits = HostLogits(len(features), features.input_ids.shape[1])
     was_training = model.training

@@ -407,23 +407,30 @@ def test_a_prefix_is_not_cut_at_a_control_character_bert_deletes(tokenizer, sepa
     assert squad.cut_question(tokenizer, question, 64) == question
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has the CUDA device the test gives")
 def test_a_device_this_machine_cannot_run_on_is_one_line_before_any_work(tiny_qa_model, tokenizer, tmp_path):
-    """answer(), compute_logits() and load_packed() given a device the machine lacks (a notebook's device="cuda" on
-    a laptop) stopped in "pin_memory=True requires a CUDA or other accelerator backend", or, for load_packed, blamed
-    the weights file ("cannot be read as safetensors"). Each says the device, as the command line does."""
+    """answer(), compute_logits() and load_packed() given a CUDA device the machine lacks (a notebook's
+    device="cuda" on a laptop) stopped in "pin_memory=True requires a CUDA or other accelerator backend", or, for
+    load_packed, blamed the weights file ("cannot be read as safetensors"). Each says the device, as the command
+    line does; a name that is no device too. Other torch devices (mps) are left to torch, as before."""
     from pruning.config import ConfigError
     from pruning.packing import load_packed, pack, save_packed
 
-    said = r"^device 'mps': only cpu and cuda devices are supported$"
-    with pytest.raises(ConfigError, match=said):
-        answer(tiny_qa_model, tokenizer, "Which country?", CONTEXT, device="mps")
+    cuda = r"^device cuda(:0)?: CUDA is not available on this machine \(use cpu\)$"
+    with pytest.raises(ConfigError, match=cuda):
+        answer(tiny_qa_model, tokenizer, "Which country?", CONTEXT, device="cuda")
     features = squad.prepare_eval_features([squad.Example(id="q", title="", context=CONTEXT, question="Which?")],
                                            tokenizer, max_seq_length=64, doc_stride=32)
-    with pytest.raises(ConfigError, match=said):
-        squad.compute_logits(tiny_qa_model, features, device=torch.device("mps"))
+    with pytest.raises(ConfigError, match=cuda):
+        squad.compute_logits(tiny_qa_model, features, device="cuda:0")
+    with pytest.raises(ConfigError, match=r"^device 0: a GPU's index, and this machine has no GPU \(use cpu\)$"):
+        squad.compute_logits(tiny_qa_model, features, device=0)
     save_packed(pack(tiny_qa_model), tokenizer, tmp_path / "packed")
-    with pytest.raises(ConfigError, match=said):
-        load_packed(tmp_path / "packed", device="mps")
+    with pytest.raises(ConfigError, match=cuda):
+        load_packed(tmp_path / "packed", device=torch.device("cuda"))
+    with pytest.raises(ConfigError, match=r"^device 'gpu': not a device \(cpu, cuda, cuda:N or another torch "
+                                          r"device\)$"):
+        load_packed(tmp_path / "packed", device="gpu")
     assert load_packed(tmp_path / "packed", device=torch.device("cpu")) is not None
 
 
