@@ -1113,11 +1113,11 @@ def test_a_teacher_a_sweep_stopped_while_it_trained_goes_on_from_its_checkpoint(
     finally:
         ray.shutdown()
     said = [r.getMessage() for r in caplog.records if r.name == "workflows.sweep"]
-    assert any("from the checkpoint" in line and "where an earlier sweep stopped" in line for line in said), said
-    restarted = [line for line in said if line.endswith("the dense teacher is fine-tuned from the start")]
-    assert len(restarted) == int(damaged), said
+    went_on = f"the dense teacher went on from the checkpoint {run_dir / 'checkpoint'}, where an earlier sweep stopped"
+    restarted = [line for line in said if line.endswith("; the dense teacher was fine-tuned from the start")]
+    assert (went_on in said, len(restarted)) == (not damaged, int(damaged)), said
     if damaged:
-        assert "model.safetensors" in restarted[0], restarted
+        assert restarted[0].startswith(f"{run_dir / 'checkpoint' / 'model.safetensors'}: "), restarted
     assert model_dir == str(run_dir / "final") and metrics["step"] == 6
     assert sorted(p.name for p in run_dir.iterdir()) == ["final", "metrics.json"]
     a, b = load_model(plain["model_dir"]), load_model(model_dir)

@@ -52,6 +52,7 @@ from pruning.errors import error_line
 from pruning.packing import PACK_METRICS, pack_and_verify, save_packed
 from pruning.quiet import leaving_out, starting_with
 from pruning.resources import resolve_data
+from pruning.resume import check_resume_config
 from pruning.tokenizer import load_tokenizer
 from pruning.trainer import evaluate, resolve_device, train
 from workflows import frontier, record, registry, tracking, version_timing
@@ -274,16 +275,17 @@ def _pack_and_measure(metrics: dict[str, Any], packed_dir: Path, space: SweepSpa
 # --------------------------------------------------------------------------------------------------------------
 
 
+_NOTES = "_notes"  # what a teacher task tells the sweep's log: (level, message) pairs, beside its metrics
+
+
 @ray.remote(max_retries=0)
-def _dense_teacher(cfg, given: str | None, held_out_checked: bool = False,
-                   resume_from: str | None = None) -> dict[str, Any]:
-    """Fine-tune the dense teacher (``given`` None; from the checkpoint ``resume_from`` where one is given) or
-    evaluate the given one, in a Ray worker."""
+def _dense_teacher(cfg, given: str | None, held_out_checked: bool = False) -> dict[str, Any]:
+    """Fine-tune the dense teacher (``given`` None; see :func:`_fine_tune_teacher`) or evaluate the given one, in a
+    Ray worker."""
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     _worker_output()
     if given is None:
-        # Progress by log lines, not bars (see trial_main).
-        return train(cfg, resume_from=resume_from, progress=False, held_out_warning=not held_out_checked)
+        return _fine_tune_teacher(cfg, held_out_checked)
     device = resolve_device(cfg.device)
     model = load_model(given, qa_head=True).to(device)
     data = resolve_data(cfg.eval_data)
@@ -292,6 +294,36 @@ def _dense_teacher(cfg, given: str | None, held_out_checked: bool = False,
         metrics = evaluate(model, load_tokenizer(given), examples, cfg, device=device, progress=False,
                            null_answers=read_null_answers(given))
     return {**metrics, "model_dir": given}
+
+
+def _fine_tune_teacher(cfg, held_out_checked: bool) -> dict[str, Any]:
+    """Fine-tune the dense teacher into ``cfg.output_dir``, on the machine whose files those are (a cluster's node):
+    from the checkpoint a sweep stopped while it trained (Ctrl-C, a lost worker) left there, else from the start
+    (also where that checkpoint is another run's or cannot be read). The checkpoint, the model and its optimizer
+    state, goes once the final model is written. Its metrics, with :data:`_NOTES` for the sweep's log."""
+    checkpoint = Path(cfg.output_dir) / CHECKPOINT_DIR
+    notes: list[tuple[int, str]] = []
+    resume = (checkpoint / STATE).is_file()
+    if resume:
+        try:
+            check_resume_config(cfg, checkpoint)  # another run's: trained from the start
+        except (CheckpointError, ConfigError) as err:
+            notes.append((logging.WARNING, f"{error_line(err)}; the dense teacher was fine-tuned from the start"))
+            resume = False
+    metrics = None
+    if resume:
+        try:  # progress by log lines, not bars (see trial_main)
+            metrics = train(cfg, resume_from=checkpoint, progress=False, held_out_warning=not held_out_checked)
+            notes.append((logging.INFO, f"the dense teacher went on from the checkpoint {checkpoint}, where an "
+                                        "earlier sweep stopped"))
+        except CheckpointError as err:
+            if str(checkpoint) not in str(err):  # not the checkpoint's fault: the run's own error
+                raise
+            notes.append((logging.WARNING, f"{error_line(err)}; the dense teacher was fine-tuned from the start"))
+    if metrics is None:
+        metrics = train(cfg, progress=False, held_out_warning=not held_out_checked)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return {**metrics, _NOTES: notes}
 
 
 def ensure_teacher(space: SweepSpace, root: Path, held_out_checked: bool = False) -> tuple[str, dict[str, Any]]:
@@ -333,9 +365,10 @@ def _make_teacher(space: SweepSpace, run_dir: Path, held_out_checked: bool) -> t
     if trained is not None:
         logger.info("reusing the dense teacher in %s", model_dir)
     else:
-        trained = _train_teacher(space, cfg, run_dir, held_out_checked)
+        logger.info("fine-tuning the dense teacher %s", model_dir)
+        trained = _teacher_task(space, cfg, None, held_out_checked)
         atomic.write_text(metrics_file, json.dumps(trained, indent=2))
-    # Its training checkpoint (the model and its optimizer state) is of no use once its final model is scored.
+    # The training checkpoint a teacher of an earlier release kept here, of no use once its final model is scored.
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     scoring = baseline_config(space, str(run_dir))
     differ = [key for key in EVALUATION if getattr(cfg, key) != getattr(scoring, key)]
@@ -361,34 +394,20 @@ def _scored(space: SweepSpace, cfg, model_dir: Path, metrics_file: Path, held_ou
     return metrics
 
 
-def _train_teacher(space: SweepSpace, cfg, run_dir: Path, held_out_checked: bool) -> dict[str, Any]:
-    """Fine-tune the dense teacher into ``run_dir``: from the checkpoint a sweep stopped while it trained (Ctrl-C,
-    a lost worker) left there, else from the start (also where that checkpoint cannot be read)."""
-    checkpoint = run_dir / CHECKPOINT_DIR
-    if (checkpoint / STATE).is_file():
-        logger.info("fine-tuning the dense teacher %s from the checkpoint %s, where an earlier sweep stopped",
-                    run_dir / FINAL_DIR, checkpoint)
-        try:
-            return _teacher_task(space, cfg, None, held_out_checked, resume_from=str(checkpoint))
-        except (CheckpointError, ConfigError) as err:  # damaged, or not this teacher's run
-            logger.warning("%s; the dense teacher is fine-tuned from the start", error_line(err))
-    logger.info("fine-tuning the dense teacher %s", run_dir / FINAL_DIR)
-    return _teacher_task(space, cfg, None, held_out_checked)
-
-
-def _teacher_task(space: SweepSpace, cfg, given: str | None, held_out_checked: bool,
-                  resume_from: str | None = None) -> dict[str, Any]:
-    """Fine-tune the dense teacher (``given`` None; from ``resume_from``, a checkpoint, where given) or score the
-    model in ``given``, as a Ray task with the trials' resources; its numeric metrics."""
+def _teacher_task(space: SweepSpace, cfg, given: str | None, held_out_checked: bool) -> dict[str, Any]:
+    """Fine-tune the dense teacher (``given`` None) or score the model in ``given``, as a Ray task with the trials'
+    resources; its numeric metrics. What the task noted (:data:`_NOTES`) is logged here."""
     task = _dense_teacher.options(num_cpus=_teacher_cpus(space.resources),
                                   num_gpus=space.resources.get("gpu", 0) or 0)
     try:
-        metrics = ray.get(task.remote(cfg, given, held_out_checked, resume_from))
+        metrics = ray.get(task.remote(cfg, given, held_out_checked))
     except ray.exceptions.RayTaskError as err:
         # The task's own error (a teacher directory that is not there, a bad value), not Ray's multi-line wrapper.
         if isinstance(err.cause, Exception):
             raise err.cause from err
         raise
+    for level, note in metrics.pop(_NOTES, ()):
+        logger.log(level, "%s", note)
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
