@@ -928,8 +928,13 @@ def test_the_dense_baseline_is_scored_on_the_trials_questions_whatever_the_teach
     del values["registry"]["max_int8_f1_drop"]  # an int8 check needs the export
     space_path = tmp_path / "baseline.yaml"
     space_path.write_text(yaml.safe_dump(values))
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
     summary = run_sweep(space_path, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", storage_path=str(tmp_path / "ray"),
                         report_dir=tmp_path / "report", address="local")
+    # MLflow's fluent API was left on the sweep's store: a notebook's next runs were logged there.
+    assert mlflow.get_tracking_uri() == before
     (baseline,) = [r for r in _runs(summary) if r.data.tags["fineprune.kind"] == "baseline"]
     teacher = baseline.data.tags["fineprune.model_dir"]
 
@@ -1123,3 +1128,25 @@ def test_a_teacher_a_sweep_stopped_while_it_trained_goes_on_from_its_checkpoint(
     a, b = load_model(plain["model_dir"]), load_model(model_dir)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.allclose(pa, pb, atol=1e-5), name  # as the run that was never stopped
+
+
+def test_a_storage_path_under_the_home_directory_given_from_python_is_read_so(tmp_path, monkeypatch):
+    """run_sweep(storage_path="~/runs") wrote into a directory named `~` under the working directory (the command
+    line read `~`, the library did not)."""
+    from workflows.sweep import StorageError, _storage_roots
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    root, local = _storage_roots("~/runs", make=False)
+    assert root == str(tmp_path / "home" / "runs") and local == tmp_path / "home" / "runs"
+    monkeypatch.delenv("HOME")
+    import pwd
+
+    def unknown(uid):
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", unknown)
+    with pytest.raises(StorageError, match=r"^--storage-path ~/runs: ~ is the home directory, and this process has "
+                                           r"none \(HOME is not set\); give the path in full$"):
+        _storage_roots("~/runs", make=False)
+    assert not (tmp_path / "~").exists()

@@ -47,7 +47,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from pruning import atomic, squad
 from pruning.checkpoint import STATE, CheckpointError, load_model, read_null_answers
-from pruning.config import CHECKPOINT_DIR, FINAL_DIR, ConfigError, config_to_dict
+from pruning.config import CHECKPOINT_DIR, FINAL_DIR, ConfigError, config_to_dict, home_path
 from pruning.errors import error_line
 from pruning.packing import PACK_METRICS, pack_and_verify, save_packed
 from pruning.quiet import leaving_out, starting_with
@@ -583,8 +583,9 @@ def _local_storage(storage_path: str | None) -> str | None:
             directory that takes no new files.
     """
     try:
+        storage_path = storage_path and home_path(storage_path)  # `~` from Python too, as on the command line
         local = storage_path and record.file_uri_path(storage_path)
-    except ValueError as err:
+    except (ValueError, ConfigError) as err:
         raise StorageError(f"--storage-path {err}") from None
     local = local or storage_path
     if not (local and "://" in local):  # a directory of this machine, which the sweep makes
@@ -795,6 +796,20 @@ def run_sweep(space_path: str | Path, experiment: str | None = None, tracking_ur
     """
     if not isinstance(space_path, (str, os.PathLike)):  # a loaded SweepSpace, say: its file is what a sweep records
         raise TypeError(f"space_path must be the path of a search-space YAML file, got {type(space_path).__name__}")
+    # MLflow's fluent API points at the sweep's store while it runs (its models are logged so), and at the caller's
+    # after: a notebook's next runs went to the sweep's store.
+    before = mlflow.get_tracking_uri()
+    try:
+        return _run_sweep(space_path, experiment, tracking_uri, address, resume, storage_path, report_dir,
+                          tracking_timeout, warm_start, warm_start_tracking_uri)
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def _run_sweep(space_path: str | Path, experiment: str | None, tracking_uri: str | None, address: str | None,
+               resume: bool | str, storage_path: str | None, report_dir: str | Path | None,
+               tracking_timeout: float | None, warm_start: str | None, warm_start_tracking_uri: str | None
+               ) -> dict[str, Any]:
     # 1. Validate: the space, the cluster and the tracking server, before anything is written.
     space, cluster, experiment, tracking_uri = _checked(space_path, experiment, tracking_uri, address, storage_path,
                                                         resume, warm_start, warm_start_tracking_uri)
