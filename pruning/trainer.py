@@ -390,9 +390,10 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
     for the whole SQuAD training set) is logged first, with a tqdm bar when ``progress``.
 
     The cache key covers the data file's contents (an in-place edit is a new key), the question limit, the tokenizer
-    (its whole definition, so one retrained into the same directory is a new key and copies of one in other
-    directories are one, its special tokens, and the side it cuts a long context from) and the window settings, so
-    trials of a sweep that share data tokenize it once.
+    (its whole definition, so one retrained into the same directory is a new key, and copies of a fast one in
+    other directories are one; its special tokens, and the side it cuts a long context from) and the window
+    settings, so trials of a sweep that share data tokenize it once. Files of other keys (an earlier release's
+    too) are not read, and can be deleted.
     """
     def tokenize() -> dict[str, torch.Tensor]:
         logger.info("tokenizing %d training questions into windows of %d tokens (stride %d)", len(examples),

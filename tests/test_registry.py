@@ -499,19 +499,21 @@ def test_a_sweep_registers_its_whole_frontier_once(smoke_sweep, tmp_path):
 
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(elsewhere := sqlite_store(tmp_path / "notebook.db"))  # a notebook's own store
-    for _ in range(2):  # `fineprune register --frontier`, twice: no new version, the champion unchanged
-        again = register_from_experiment(smoke_sweep["experiment"], tracking_uri=smoke_sweep["tracking_uri"],
-                                         frontier=True)
-        assert {row["run_id"]: row["version"] for row in again["frontier_versions"]} == versions
-        assert again["version"] == str(champion.version)
-    assert len(client.search_model_versions(f"name = '{name}'")) == len(versions)
-    # The caller's MLflow was left pointing at the sweep's store, also after a call that failed: a notebook's next
-    # runs were logged there.
-    assert mlflow.get_tracking_uri() == elsewhere
-    with pytest.raises(RecordError):
-        register_from_experiment("no-such-experiment", tracking_uri=smoke_sweep["tracking_uri"])
-    assert mlflow.get_tracking_uri() == elsewhere
-    mlflow.set_tracking_uri(before)
+    try:
+        for _ in range(2):  # `fineprune register --frontier`, twice: no new version, the champion unchanged
+            again = register_from_experiment(smoke_sweep["experiment"], tracking_uri=smoke_sweep["tracking_uri"],
+                                             frontier=True)
+            assert {row["run_id"]: row["version"] for row in again["frontier_versions"]} == versions
+            assert again["version"] == str(champion.version)
+        assert len(client.search_model_versions(f"name = '{name}'")) == len(versions)
+        # The caller's MLflow was left pointing at the sweep's store, also after a call that failed: a notebook's next
+        # runs were logged there.
+        assert mlflow.get_tracking_uri() == elsewhere
+        with pytest.raises(RecordError):
+            register_from_experiment("no-such-experiment", tracking_uri=smoke_sweep["tracking_uri"])
+        assert mlflow.get_tracking_uri() == elsewhere
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 def _logged_models(record, run_id: str) -> list:

@@ -318,11 +318,14 @@ def test_a_bad_record_among_good_ones_gets_a_one_line_400_naming_it(server, dev_
 
 
 def test_one_record_given_to_the_client_alone_is_sent_as_one(server, dev_subset):
-    """invoke() of one record (a dict) sent its field names, `["question", "context"]`, which the server refused."""
+    """invoke() of one record (a dict), or of a pandas DataFrame, sent its field names, `["question", "context"]`,
+    which the server refused."""
+    import pandas as pd
+
     (record,) = _short_records(dev_subset, 1)
-    alone, listed = invoke(server, record), invoke(server, [record])
-    assert alone.status == listed.status == 200, alone
-    assert alone.body == listed.body
+    alone, listed, frame = invoke(server, record), invoke(server, [record]), invoke(server, pd.DataFrame([record]))
+    assert alone.status == listed.status == frame.status == 200, (alone, frame)
+    assert alone.body == listed.body == frame.body
 
 
 @pytest.mark.parametrize("sent,needle", [

@@ -70,9 +70,13 @@ class Reply:
 def invoke(base_url: str, records: Sequence[Mapping[str, Any]] | Mapping[str, Any], timeout: float = 120.0
            ) -> Reply:
     """POST ``{"dataframe_records": records}`` to ``/invocations``; HTTP errors are returned, not raised. One record
-    (a mapping) is sent as a list of one (``list()`` of it sent its field names)."""
-    return post(base_url, {"dataframe_records": [records] if isinstance(records, Mapping) else list(records)},
-                timeout=timeout)
+    (a mapping) is sent as a list of one, a pandas DataFrame as its rows (``list()`` of either sent its field
+    names)."""
+    if isinstance(records, Mapping):
+        records = [records]
+    elif callable(getattr(records, "to_dict", None)) and hasattr(records, "columns"):  # a DataFrame
+        records = records.to_dict("records")
+    return post(base_url, {"dataframe_records": list(records)}, timeout=timeout)
 
 
 def post(base_url: str, payload: Any, timeout: float = 120.0) -> Reply:
