@@ -32,12 +32,13 @@ from torch import nn
 
 from .bench import eval_mode
 from .precision import check_available
+from .tokenizer import check_tokenizer_ids
 from .squad import (Answer, EvalFeatures, Example, HostLogits, cut_question, length_sorted_batches, lone_surrogate,
                     longest_question, model_windows, postprocess_predictions, prepare_eval_features, text_prefix,
                     to_device, tokenize_text, whole_word_tokens)
 
 __all__ = ["Answer", "RecordError", "WindowRunner", "check_records", "count_windows", "torch_runner", "run_windows",
-           "answer_records", "answer_batch", "answer", "check_tokenizer_ids"]
+           "answer_records", "answer_batch", "answer"]
 
 WindowRunner = Callable[[dict[str, torch.Tensor]], tuple[Any, Any]]
 """One batch of windows -> (start logits, end logits).
@@ -263,21 +264,6 @@ def answer_records(run: WindowRunner, tokenizer: Any, questions: Sequence[Any], 
                                     max_answer_length=max_answer_length, null_answers=null_answers,
                                     null_threshold=null_threshold)
     return [spans[ex.id] for ex in examples]
-
-
-def check_tokenizer_ids(model: nn.Module, tokenizer: Any) -> None:
-    """Refuse a tokenizer whose ids ``model`` cannot embed (another model's, with a larger vocabulary), in one line
-    rather than an index error inside the embedding.
-
-    Raises:
-        ValueError: naming the config field and the tokenizer's size.
-    """
-    from .tokenizer import tokenizer_misfit  # here: it reads model directories, which this module does not
-
-    config = getattr(model, "config", None)
-    if config is not None and (misfit := tokenizer_misfit(config, tokenizer)) is not None:
-        raise ValueError(f"the model's {misfit}: they do not belong together (give the tokenizer saved with the "
-                         "model)")
 
 
 def answer_batch(model: nn.Module, tokenizer: Any, questions: Sequence[str], contexts: Sequence[str],

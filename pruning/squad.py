@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .precision import check_available
+from .tokenizer import check_tokenizer_ids
 # The records, files and metric, named here too: ``squad.load_squad``, ``squad.evaluate``, ...
 from .squad_data import (Answer, Example, SquadFormatError, load_predictions, load_squad, lone_surrogate, short_repr,
                          show_id)
@@ -949,8 +950,6 @@ def predict_spans(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
                   null_answers: bool = False, null_threshold: float = 0.0) -> dict[str, Answer]:
     """Answer spans (text, score, character offsets) of a QA model for every question; see :func:`predict`."""
     if features is None:
-        from .inference import check_tokenizer_ids  # here: inference is built on this module
-
         check_tokenizer_ids(model, tokenizer)
         max_seq_length, doc_stride = model_windows(model, max_seq_length, doc_stride)
         features = prepare_eval_features(examples, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride,

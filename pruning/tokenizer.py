@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 from .checkpoint import CheckpointError, read_json
 from .errors import error_line
 
-__all__ = ["load_tokenizer", "tokenizer_misfit", "check_tokenizer_fits"]
+__all__ = ["load_tokenizer", "tokenizer_misfit", "check_tokenizer_fits", "check_tokenizer_ids"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +217,19 @@ def check_tokenizer_fits(model_dir: str | Path, config: PretrainedConfig, tokeni
     if (misfit := tokenizer_misfit(config, tokenizer)) is not None:
         raise CheckpointError(f"{Path(model_dir) / 'config.json'}: {misfit}: the model and the tokenizer files "
                               "beside it do not belong together (save the model with its own tokenizer)")
+
+
+def check_tokenizer_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a tokenizer whose ids ``model`` cannot embed (another model's, with a larger vocabulary), in one line
+    rather than an index error inside the embedding; a model without a config is not checked.
+
+    Raises:
+        ValueError: naming the config field and the tokenizer's size.
+    """
+    config = getattr(model, "config", None)
+    if config is not None and (misfit := tokenizer_misfit(config, tokenizer)) is not None:
+        raise ValueError(f"the model's {misfit}: they do not belong together (give the tokenizer saved with the "
+                         "model)")
 
 
 # The extra special tokens transformers' CamemBERT class adds where no tokenizer file names any.
