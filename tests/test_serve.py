@@ -207,13 +207,14 @@ def _logged_tiny_model(tmp_path, tokenizer, config, params: dict[str, str] | Non
 def test_an_interrupt_while_the_server_starts_stops_the_server(tmp_path, tokenizer, tiny_bert_config):
     """Ctrl-C while ModelServer waits for /ping (a minute on a busy machine) reaches only the client: the server runs
     in a session of its own. It was left serving, holding its port and the model's memory, after the client had
-    gone."""
+    gone. The client then waits, so that a server that answered first is interrupted while it serves (the client
+    had ended with status 0 before the signal came)."""
     model_uri, uri, _ = _logged_tiny_model(tmp_path, tokenizer, tiny_bert_config)
-    script = ("import logging, sys\n"
+    script = ("import logging, sys, time\n"
               "from workflows.serving import ModelServer\n"
               "logging.basicConfig(level=logging.INFO, stream=sys.stderr, format='%(message)s')\n"
               "with ModelServer(sys.argv[1], sys.argv[2], sys.argv[3]):\n"
-              "    pass\n")
+              "    time.sleep(600)\n")
     _signal_once_serving([sys.executable, "-c", script, model_uri, uri, str(tmp_path / "serve.log")], signal.SIGINT)
 
 

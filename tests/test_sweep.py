@@ -1038,12 +1038,6 @@ def test_the_sweep_s_own_ray_leaves_a_caller_s_ignored_sigterm_ignored(given):
         signal.signal(signal.SIGTERM, before)
 
 
-def _one_report(config):
-    from ray import tune
-
-    tune.report({"score": config["x"]})
-
-
 def test_a_ctrl_c_once_the_trials_ended_interrupts_the_sweep(tmp_path):
     """Tune takes SIGINT (and SIGUSR1) while it runs and puts the handler back only when one arrives: the first
     Ctrl-C after the trials, while a sweep exported, checked and registered its frontier (minutes for a real model),
@@ -1057,10 +1051,13 @@ def test_a_ctrl_c_once_the_trials_ended_interrupts_the_sweep(tmp_path):
 
     from workflows.sweep import _fit
 
+    def one_report(config):  # here, not at the module's top: Ray's workers cannot import a test module
+        tune.report({"score": config["x"]})
+
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGUSR1)}
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        tuner = tune.Tuner(_one_report, param_space={"x": tune.grid_search([1])},
+        tuner = tune.Tuner(one_report, param_space={"x": tune.grid_search([1])},
                            run_config=tune.RunConfig(storage_path=str(tmp_path), name="loop", verbose=0))
         _fit(tuner, str(tmp_path / "loop"))
     finally:
