@@ -1054,18 +1054,23 @@ def test_a_ctrl_c_once_the_trials_ended_interrupts_the_sweep(tmp_path):
     def one_report(config):  # here, not at the module's top: Ray's workers cannot import a test module
         tune.report({"score": config["x"]})
 
-    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGUSR1)}
-    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    # Python's own handler, as the command line has it (a test runner's worker may ignore SIGINT).
+    runners = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        tuner = tune.Tuner(one_report, param_space={"x": tune.grid_search([1])},
-                           run_config=tune.RunConfig(storage_path=str(tmp_path), name="loop", verbose=0))
-        _fit(tuner, str(tmp_path / "loop"))
+        before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGUSR1)}
+        ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            tuner = tune.Tuner(one_report, param_space={"x": tune.grid_search([1])},
+                               run_config=tune.RunConfig(storage_path=str(tmp_path), name="loop", verbose=0))
+            _fit(tuner, str(tmp_path / "loop"))
+        finally:
+            ray.shutdown()
+        assert {number: signal.getsignal(number) for number in before} == before
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
     finally:
-        ray.shutdown()
-    assert {number: signal.getsignal(number) for number in before} == before
-    with pytest.raises(KeyboardInterrupt):  # Python's own handler, as the sweep's caller (the command line) had it
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)
+        signal.signal(signal.SIGINT, runners)
 
 
 class _Stopped(Exception):
