@@ -13,6 +13,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from transformers import BertConfig, BertForQuestionAnswering
 
+from conftest import StandInGpu
 from pruning import masks
 from pruning.checkpoint import load_model, save_model
 from pruning.config import RunConfig
@@ -171,7 +172,7 @@ def test_a_packed_recovery_step_with_cached_teacher_logits_stays_on_the_training
 CUDA = torch.device("cuda")
 
 
-class CudaStandIn(TorchFunctionMode):
+class CudaStandIn(StandInGpu):
     """Code written for a CUDA device, run where there is none: the CPU stands in for the GPU (a copy to ``cuda``
     leaves the tensor where it is) and every copy to ``cuda`` is recorded with whether its source is pinned and
     whether it waits. Pinned memory needs a GPU, so an allocation asked to be pinned is made in ordinary memory and
@@ -181,16 +182,6 @@ class CudaStandIn(TorchFunctionMode):
         super().__init__()
         self.pinned: list[torch.Tensor] = []  # kept alive, so that no other tensor takes one's identity
         self.copies: list[tuple[bool, bool]] = []  # (from pinned memory, non_blocking) of each copy to cuda
-
-    def __enter__(self):
-        # The library's device check asks whether there is a GPU: the stand-in's is there while it runs.
-        self._is_available = torch.cuda.is_available
-        torch.cuda.is_available = lambda: True
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.cuda.is_available = self._is_available
-        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from transformers import BertConfig, BertForQuestionAnswering
 
+from conftest import StandInGpu
 from pruning import importance as imp
 from pruning.inference import run_windows, torch_runner
 from pruning.squad import EvalFeatures, NonFiniteLogits, compute_logits, length_sorted_batches, window_batch
@@ -35,7 +35,7 @@ def _is_cuda(value) -> bool:
     return isinstance(value, (str, torch.device)) and torch.device(value).type == "cuda"
 
 
-class GpuStandIn(TorchFunctionMode):
+class GpuStandIn(StandInGpu):
     """The CPU standing in for a GPU, recording the reads of device values back to the host.
 
     A tensor is on the (stand-in) device when it was copied to ``cuda``, made with ``device=cuda``, given as
@@ -50,16 +50,6 @@ class GpuStandIn(TorchFunctionMode):
         self.reads: list[str] = []
         for tensor in on_device:
             self._mark(tensor)
-
-    def __enter__(self):
-        # The library's device check asks whether there is a GPU: the stand-in's is there while it runs.
-        self._is_available = torch.cuda.is_available
-        torch.cuda.is_available = lambda: True
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.cuda.is_available = self._is_available
-        return super().__exit__(*exc)
 
     def _mark(self, tensor) -> None:
         if isinstance(tensor, torch.Tensor):
