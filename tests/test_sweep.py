@@ -1152,3 +1152,44 @@ def test_a_storage_path_under_the_home_directory_given_from_python_is_read_so(tm
                                            r"none \(HOME is not set\); give the path in full$"):
         _storage_roots("~/runs", make=False)
     assert not (tmp_path / "~").exists()
+
+
+def test_a_trial_the_scheduler_stops_early_leaves_no_checkpoint_and_a_finished_one_keeps_its_own(tmp_path):
+    """A trial ASHA stops keeps no training checkpoint (a model and its optimizer state, 1.3 GB for BERT-base, that
+    nothing reads again); a trial that ran to its end keeps its last checkpoint. Four trials, one at a time, each
+    reporting its value at each of two steps: the first is alone at the first rung and goes on, the next three
+    report less than the best so far and are stopped there."""
+    import logging
+    import tempfile
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from workflows.sweep import StoppedEarlyCheckpoints
+
+    def trainable(config):
+        for step in (1, 2):
+            directory = Path(tempfile.mkdtemp())
+            (directory / "state.bin").write_bytes(b"\0" * 1024)
+            tune.report({"score": config["score"], "final": step == 2}, checkpoint=tune.Checkpoint.from_directory(
+                str(directory)))
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        tuner = tune.Tuner(
+            trainable, param_space={"score": tune.grid_search([4.0, 3.0, 2.0, 1.0])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=1, scheduler=ASHAScheduler(
+                metric="score", mode="max", grace_period=1, max_t=2, reduction_factor=2)),
+            run_config=tune.RunConfig(name="asha", storage_path=str(tmp_path), verbose=0,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      callbacks=[StoppedEarlyCheckpoints()]))
+        results = tuner.fit()
+    finally:
+        ray.shutdown()
+    ended = {result.config["score"]: result for result in results}
+    assert {score: result.metrics["final"] for score, result in ended.items()} == {
+        4.0: True, 3.0: False, 2.0: False, 1.0: False}
+    checkpoints = {score: sorted(Path(result.path).glob("checkpoint_*")) for score, result in ended.items()}
+    assert [len(checkpoints[score]) for score in (4.0, 3.0, 2.0, 1.0)] == [1, 0, 0, 0], checkpoints
+    assert (checkpoints[4.0][0] / "state.bin").stat().st_size == 1024

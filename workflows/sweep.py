@@ -664,8 +664,32 @@ _NO_DEFAULT_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 def _callbacks(callback: tracking.MlflowTrialCallback) -> list[Any]:
-    """The Tune run's callbacks: the sweep's MLflow logging, and Tune's JSON and CSV files of each trial."""
-    return [callback, JsonLoggerCallback(), CSVLoggerCallback()]
+    """The Tune run's callbacks: the sweep's MLflow logging, Tune's JSON and CSV files of each trial, and the removal
+    of what a trial stopped early leaves."""
+    return [callback, JsonLoggerCallback(), CSVLoggerCallback(), StoppedEarlyCheckpoints()]
+
+
+class StoppedEarlyCheckpoints(tune.Callback):
+    """Removes the last checkpoint of each trial the scheduler stops early, as it stops.
+
+    That checkpoint is a training one (a model and its optimizer state: about 270 MB for MiniLM, 1.3 GB for
+    BERT-base) that nothing reads again: a stopped trial has no packed model and is never resumed, and its record
+    is MLflow's. A trial that finished keeps its packed model; one a Ctrl-C stopped is not completed (Tune calls
+    no ``on_trial_complete`` for it) and keeps its checkpoint for a resume; a failed one keeps it for ``--resume``,
+    which runs it again from there.
+    """
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        checkpoint = trial.checkpoint
+        if checkpoint is None or (trial.last_result or {}).get("final", True):
+            return
+        try:
+            checkpoint.filesystem.delete_dir(checkpoint.path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            logger.warning("could not remove the training checkpoint of trial %s, stopped early, at %s: %s",
+                           trial.trial_id, checkpoint.path, err)
 
 
 @contextlib.contextmanager
