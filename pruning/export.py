@@ -234,7 +234,7 @@ def to_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> P
         ExportError: the opset is out of range, the model cannot be traced or the graph holds a zero-sized tensor.
     """
     if not isinstance(opset, int) or not 14 <= opset <= 20:
-        raise ExportError(f"--opset: must be an integer from 14 to 20 (the TorchScript exporter's range), got "
+        raise ExportError(f"opset: must be an integer from 14 to 20 (the TorchScript exporter's range), got "
                           f"{opset!r}")
     if mask_lib.is_masked(model):
         raise ExportError("to_onnx: the model is masked; pack it first (export_model does)")
@@ -574,7 +574,7 @@ def export_checkpoint(model_dir: str | Path, out_dir: str | Path, quantize: str 
                           f"{questions!r}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise ExportError(f"{out}: exists and is not an empty directory (pass --overwrite to replace it)")
+        raise ExportError(f"{out}: exists and is not an empty directory (pass overwrite=True to replace it)")
     source = resolve_model(str(model_dir))
     if is_exported_dir(source):
         raise ExportError(f"{source / MANIFEST_NAME}: the model is already exported")

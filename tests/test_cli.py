@@ -386,6 +386,9 @@ def _one_line_error(capsys, argv: list[str], status: int = 2) -> str:
     (["pack", "{tmp}/model", "{tmp}/a-file/packed"], "{tmp}/a-file is a file, not a directory"),
     (["export", "{tmp}/model", "{tmp}/a-file/onnx"], "{tmp}/a-file is a file, not a directory"),
     (["export", "{tmp}/model", "{tmp}/a-file"], "exists and is not a directory"),
+    # Named by the command's flags, before the model is read.
+    (["export", "{tmp}/model", "{tmp}/full"], "{tmp}/full: exists and is not an empty directory (pass --overwrite"),
+    (["export", "{tmp}/model", "{tmp}/onnx", "--opset", "9"], "--opset: must be an integer from 14 to 20"),
     (["prune", "--config", TINY, "--output-dir", "{tmp}/a-file/run"], "{tmp}/a-file is a file, not a directory"),
     (["prune", "--config", TINY, "--output-dir", "{tmp}/a-file"], "output_dir {tmp}/a-file: exists and is not a"),
     (["report", "--experiment", "e", "--out", "{tmp}/a-file/r"], "{tmp}/a-file is a file, not a directory"),
@@ -394,10 +397,13 @@ def test_more_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, needle):
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "kept").write_text("x")
     line = _one_line_error(capsys, [arg.replace("{tmp}", str(tmp_path)) for arg in argv])
     assert needle.replace("{tmp}", str(tmp_path)) in line
     assert (tmp_path / "model" / "config.json").read_text() == "{}"  # nothing written over
     assert (tmp_path / "a-file").read_text() == "x"
+    assert [path.name for path in (tmp_path / "full").iterdir()] == ["kept"]
 
 
 def test_a_data_file_without_questions_is_one_line(capsys, tmp_path):

@@ -711,6 +711,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_output_path(args.out_dir, "out_dir", directory=True, writable=True, utf8=True)
     _check_not_inside(args.model_dir, args.out_dir, "out_dir")
     _warn_live_weights(args.model_dir, "export")
+    if args.opset is not None and not 14 <= args.opset <= 20:
+        raise UserError(f"--opset: must be an integer from 14 to 20 (the TorchScript exporter's range), got "
+                        f"{args.opset}")
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
+        raise UserError(f"{out}: exists and is not an empty directory (pass --overwrite to replace it)")
     with _writing(args.out_dir, "out_dir"):
         _emit(export_checkpoint(args.model_dir, args.out_dir, quantize=args.quantize, opset=args.opset,
                                 data=args.eval_data, questions=args.questions, overwrite=args.overwrite))
