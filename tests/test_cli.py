@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
@@ -1810,15 +1811,62 @@ def test_eval_data_is_read_for_its_answer_texts_only(capsys, masked_checkpoint, 
     assert (run / "final" / "config.json").is_file()
 
 
+def _on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """``fineprune`` with its stderr on a terminal (a pseudo-terminal read here): its status, stdout and stderr."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a new one is 0 wide
+    proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", *args], stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    chunks: list[bytes] = []
+
+    def read() -> None:  # as it comes: a terminal holds a few kilobytes before the writer waits
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the last writer closed it
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=10)
+        os.close(main)
+    return proc.returncode, out.decode(), b"".join(chunks).decode(errors="replace")
+
+
 def test_a_line_logged_during_training_is_not_glued_to_the_progress_bar(tmp_path):
-    # The trainer logs the loss and EM/F1 while its progress bar is drawn: each record must start a line of its own
-    # (tqdm clears the bar first), not follow the bar's text on the bar's line.
+    # The trainer logs the loss and EM/F1 while its progress bar is drawn on a terminal: each record must start a
+    # line of its own (tqdm clears the bar first), not follow the bar's text on the bar's line.
+    status, out, err = _on_a_terminal("prune", "--config", TINY, "--max-steps", "4", "--train-limit", "8",
+                                      "--eval-limit", "4", "--output-dir", str(tmp_path / "run"))
+    assert status == 0, err
+    assert re.search(r"train: +\d+%\|", err), err[-3000:]  # the bar is drawn
+    logged = [seg for seg in re.split(r"[\r\n]", err) if " INFO pruning.trainer: step " in seg]
+    assert logged, err
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", seg) for seg in logged), logged
+    json.loads(out)
+
+
+def test_no_progress_bar_is_drawn_into_a_file_or_a_pipe(tmp_path):
+    """Written to a file or a pipe (a CI log, `2> run.log`), a progress bar kept every redraw: hundreds of frames
+    joined by carriage returns, a log line read back as a kilobyte of them. Bars are drawn on a terminal only."""
     proc = fineprune("prune", "--config", TINY, "--max-steps", "4", "--train-limit", "8", "--eval-limit", "4",
                      "--output-dir", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr
-    logged = [seg for seg in re.split(r"[\r\n]", proc.stderr) if " INFO pruning.trainer: step " in seg]
-    assert logged, proc.stderr
-    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", seg) for seg in logged), logged
+    assert " INFO pruning.trainer: step " in proc.stderr
+    assert "\r" not in proc.stderr and not re.search(r"\d+%\|", proc.stderr), proc.stderr[-3000:]
     json.loads(proc.stdout)
 
 

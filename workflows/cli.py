@@ -171,7 +171,7 @@ def _train_into(args: argparse.Namespace, cfg: Any, out: Path) -> int:
                         "continue it, or another --output-dir)")
     existed = out.exists()
     try:
-        metrics = train(cfg, report=None, resume_from=args.resume, progress=not args.no_progress)
+        metrics = train(cfg, report=None, resume_from=args.resume, progress=_progress_bars(args))
     except ConfigError as err:  # found once the model is known (e.g. a block shape that does not fit it)
         raise UserError(f"{args.config}: {err}") from None
     finally:
@@ -525,7 +525,7 @@ def _evaluate(args: argparse.Namespace, source: dict[str, str]) -> int:
           autocast(precision, device)):
         answers = squad.predict_spans(model, tokenizer, examples, max_seq_length=seq, doc_stride=stride,
                                       batch_size=args.batch_size, max_answer_length=args.max_answer_length,
-                                      n_best=args.n_best, device=device, progress=not args.no_progress,
+                                      n_best=args.n_best, device=device, progress=_progress_bars(args),
                                       max_query_length=args.max_query_length, null_answers=args.null_answers,
                                       null_threshold=args.null_threshold)
     # SQuAD v2.0: with the answerable split, and the official script's best_exact / best_f1 with their thresholds
@@ -971,7 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true",
                        help="write over an output_dir that holds an earlier run, whose final model and "
                             "checkpoint are removed when training starts (default: refuse it)")
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--no-progress", action="store_true",
+                       help="no progress bars (drawn only where stderr is a terminal)")
 
     training("train", cmd_train, "dense fine-tune (teacher and baseline)")
     training("prune", cmd_prune, "one fine-pruning run (topk, sigmoid_threshold or fisher)")
@@ -997,7 +998,7 @@ def build_parser() -> argparse.ArgumentParser:
     variant(p)
     p.add_argument("--predictions", metavar="PATH", type=_user_path,
                    help="also write the predictions as the official {question id: answer} JSON (default: none)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only where stderr is a terminal)")
 
     p = command("ask", cmd_ask, "answer one question from a context")
     model_arg(p)
@@ -1106,6 +1107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-run", metavar="RUN_ID", type=_given,
                    help="the sweep's parent run, for an experiment that holds several sweeps (default: its latest)")
     return parser
+
+
+def _progress_bars(args: argparse.Namespace) -> bool:
+    """Whether a command draws its progress bars: where stderr is a terminal, unless ``--no-progress``. Written to a
+    file or a pipe (a CI log, ``2> run.log``), every redraw of a bar is kept: hundreds of frames joined by carriage
+    returns, a log line read back as a kilobyte of them."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 @contextlib.contextmanager
