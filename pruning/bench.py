@@ -9,6 +9,7 @@ FLOP ratio of a dense and a packed model is the speed-up one can hope for.
 from __future__ import annotations
 
 import contextlib
+import logging
 import statistics
 import time
 from typing import Iterator, Mapping, Sequence
@@ -18,6 +19,8 @@ from torch import nn
 
 from .precision import autocast
 from .structure import architecture_for, encoder_layers, get_module, max_positions
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["eval_mode", "random_inputs", "latency", "compare_latency", "interleaved_latency", "spread",
            "linear_flops", "flop_ratio"]
@@ -136,6 +139,8 @@ def compare_latency(model_a: nn.Module, model_b: nn.Module, batch_size: int = 1,
                 times_a.append(elapsed_a)
                 times_b.append(elapsed_b)
     median_a, median_b = statistics.median(times_a), statistics.median(times_b)
+    logger.debug("timed passes at batch %d, sequence %d (ms): a %s; b %s", batch_size, seq_len,
+                 " ".join(f"{t * 1e3:.2f}" for t in times_a), " ".join(f"{t * 1e3:.2f}" for t in times_b))
     return {
         "batch_size": batch_size,
         "seq_len": seq_len,

@@ -416,11 +416,13 @@ def train_features(cfg: RunConfig, examples: list, tokenizer: PreTrainedTokenize
                       "answers as their tokens cover them", "checksummed"])
     path = Path(cfg.cache_dir) / f"train-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
+        logger.debug("training windows read from the feature cache %s", path)
         try:
             return squad.compact_windows(_read_feature_cache(path))  # one written as int64 is read narrowed
         except Exception as err:  # a damaged cache is rebuilt, never trusted
             logger.warning("ignoring unreadable feature cache %s: %s", path, error_line(err))
     features = {k: v.contiguous() for k, v in tokenize().items()}
+    logger.debug("training windows written to the feature cache %s", path)
     tmp = atomic.temporary_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -793,6 +795,8 @@ def train(cfg: RunConfig, report: Report | None = None, resume_from: str | Path 
     check_device(cfg.device)  # a device this machine lacks, before an earlier run's outputs are removed
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)  # fails before any data or model is loaded
+    logger.debug("run config %s; device %s, precision %s", json.dumps(config_to_dict(cfg), default=str), device,
+                 precision)
     if cfg.max_steps is not None and cfg.method is not Method.FISHER:
         _warmups(cfg, cfg.max_steps)  # the pruning steps are known: no need to read the data to check the warm-ups
     if resume_from is not None:

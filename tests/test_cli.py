@@ -2087,3 +2087,18 @@ def test_a_question_typed_under_a_locale_that_is_not_utf8_is_read_as_its_utf8_by
     assert done.returncode == 2 and done.stderr.decode().splitlines()[-1] == (
         "fineprune ask: error: question holds a lone surrogate \\udcff at character 4, which is not a character "
         "(half of a surrogate pair, or a byte that is not UTF-8)"), done.stderr[-2000:]
+
+
+def test_verbose_shows_fineprune_s_debug_lines_and_no_other_library_s(tmp_path):
+    """-v was the root logger's DEBUG: other libraries' lines (hundreds of matplotlib's font matching for `report`)
+    and none of fineprune's own. It is fineprune's: here the run's whole config."""
+    proc = fineprune("-v", "prune", "--config", TINY, "--max-steps", "2", "--train-limit", "8", "--eval-limit", "2",
+                     "--output-dir", str(tmp_path / "run"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    debug = [line for line in proc.stderr.splitlines() if " DEBUG " in line]
+    assert [line for line in debug if " DEBUG pruning.trainer: run config {" in line], proc.stderr[-3000:]
+    assert all(re.search(r" DEBUG (pruning|workflows|fineprune)[.:]", line) for line in debug), debug
+    json.loads(proc.stdout)
+    quiet = fineprune("prune", "--config", TINY, "--max-steps", "2", "--train-limit", "8", "--eval-limit", "2",
+                      "--output-dir", str(tmp_path / "quiet"), "--no-progress")
+    assert quiet.returncode == 0 and " DEBUG " not in quiet.stderr, quiet.stderr[-3000:]

@@ -889,7 +889,9 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = "exit status: " + "; ".join(f"{int(code)} {meaning}" for code, meaning in EXIT_STATUSES.items()) + "."
     parser = argparse.ArgumentParser(prog="fineprune", description=DESCRIPTION, epilog=epilog,
                                      formatter_class=_HelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="fineprune's debug lines too (a run's whole config, its feature cache file, each timed "
+                             "pass); other libraries' stay out")
     parser.add_argument("--version", action=_PrintVersion, help="print fineprune's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -1170,6 +1172,26 @@ def _unraisable(report: Any) -> None:
     sys.__unraisablehook__(report)
 
 
+# The loggers whose debug lines `-v` shows: the library's, the commands' and the command line's own.
+_OWN_LOGGERS = ("pruning", "workflows", "fineprune")
+
+
+@contextlib.contextmanager
+def _debug_lines(verbose: bool) -> Iterator[None]:
+    """With ``verbose``, fineprune's own debug lines while a command runs (the levels are put back after). Not the
+    root logger's DEBUG: that is every library's too (for ``report``, hundreds of lines of matplotlib's font
+    matching around one line of its own)."""
+    loggers = [logging.getLogger(name) for name in _OWN_LOGGERS] if verbose else []
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        for each, level in zip(loggers, levels):
+            each.setLevel(level)
+
+
 def _interrupted(command: str, signum: int) -> int:
     """The one line of a command stopped by ``signum``, and the shell's status for it."""
     sys.stderr.write(f"fineprune {command}: interrupted by {signal.Signals(signum).name}\n")
@@ -1178,8 +1200,8 @@ def _interrupted(command: str, signum: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     global _results, _signalled
@@ -1190,7 +1212,8 @@ def main(argv: list[str] | None = None) -> int:
         handlers = {signum: signal.signal(signum, _stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         sys.unraisablehook = _unraisable
     try:
-        with contextlib.redirect_stdout(sys.stderr), _logs_above_progress_bars(), _no_artifact_progress_bars():
+        with contextlib.redirect_stdout(sys.stderr), _logs_above_progress_bars(), _no_artifact_progress_bars(), \
+                _debug_lines(args.verbose):
             status = int(args.func(args) or 0)
         if _signalled is not None:  # its KeyboardInterrupt was lost (in a finalizer): the command was stopped all
             return _interrupted(args.command, _signalled)  # the same, though what it was doing got done
