@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import urllib.parse
 from pathlib import Path
@@ -1012,9 +1013,11 @@ def test_register_no_onnx_registers_the_champion_without_its_export(record, regi
     assert version.tags["onnx"] == "skipped"
 
 
-def test_a_version_is_tagged_with_its_trial_s_figures_unrounded_and_select_reports_them(record, tokenizer, capsys):
+def test_a_version_is_tagged_with_its_trial_s_figures_unrounded_and_select_reports_them(record, tokenizer, capsys,
+                                                                                       caplog):
     """EM 200/3 and F1 250/3 points on a dev subset: the version's tags, `fineprune register` and `fineprune
-    select` all give the trial's own figures, not ones cut to six digits."""
+    select` all give the trial's own figures, not ones cut to six digits; select's line says F1 as every other
+    line does, to two decimals."""
     client, root, name = record["client"], record["root"], "tiny-figures"
     experiment_id = client.create_experiment("figures", artifact_location=(root / "figures").as_uri())
     parent = client.create_run(experiment_id, tags={TAG_KIND: "sweep"}).info.run_id
@@ -1034,8 +1037,12 @@ def test_a_version_is_tagged_with_its_trial_s_figures_unrounded_and_select_repor
     assert {key: float(tags[key]) for key in figures} == figures
     assert tags["heads_removed"] == "6"  # a count reads as one
 
-    code, out, _ = _select(capsys, record, 1e6, "fastest", name=name)
+    with caplog.at_level(logging.INFO, logger="workflows.registry"):
+        code, out, _ = _select(capsys, record, 1e6, "fastest", name=name)
     assert code == 0
+    lines = [r.getMessage() for r in caplog.records if "@fastest -> version" in r.getMessage()]
+    assert len(lines) == 1 and re.fullmatch(rf"{name}@fastest -> version 1 \(F1 83\.33, \d+\.\d\d ms <= 1e\+06 ms\)",
+                                            lines[0]), lines
     result = json.loads(out.strip().splitlines()[-1])
     assert {key: result[key] for key in figures} == figures
     assert {key: result["versions"][0][key] for key in figures} == figures

@@ -740,8 +740,9 @@ def select_by_latency(client, name: str, max_latency_ms: float, batch_size: int 
                              f"sequence {seq_len}, {threads} threads ({reason}); alias {alias!r} left as it was")
     version = next(v for v in versions if str(v.version) == chosen["version"])
     left = _point_alias(client, name, alias, version, max_latency_ms, in_sweep=sweep_run_id is not None)
-    logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"], chosen.get(F1),
-                chosen["latency_ms"], max_latency_ms)
+    f1 = chosen.get(F1)
+    logger.info("%s@%s -> version %s (F1 %s, %.2f ms <= %g ms)", name, alias, chosen["version"],
+                f"{f1:.2f}" if isinstance(f1, (int, float)) else "not recorded", chosen["latency_ms"], max_latency_ms)
     return {**settings, "version": chosen["version"], "model_uri": f"models:/{name}@{alias}",
             "run_id": chosen["run_id"], "served_by": chosen["served_by"], "latency_ms": chosen["latency_ms"],
             "dense_latency_ms": chosen["dense_latency_ms"], "served_speedup": chosen["served_speedup"],
