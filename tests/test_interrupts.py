@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -600,6 +601,9 @@ def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes
         assert stderr.strip().splitlines()[-1] == "fineprune sweep: interrupted by SIGTERM"
         (parent,) = runs("sweep")
         assert parent.info.status == "KILLED" and parent.data.tags["fineprune.sweep_state"] == "interrupted"
+        # No summary is printed: the line before the last says how to go on.
+        assert re.search(rf"WARNING workflows\.sweep: the sweep was stopped; `fineprune sweep --space \S+ --resume "
+                         rf"{parent.info.run_id} --tracking-uri \S+` runs what is left", stderr), stderr[-3000:]
         # The stopped trials' files (their training checkpoints) went with them; the resume starts from the sweep's.
         assert not (root / "tmp" / "fineprune-trials").exists()
 
@@ -621,8 +625,6 @@ def test_a_sweep_stopped_by_sigterm_ends_its_run_says_so_in_one_line_and_resumes
 def test_a_sweeps_ctrl_c_prints_its_summary_and_exits_3_as_the_readme_says():
     """The README said Ctrl-C stops any command with "interrupted by SIGINT" and status 130; a sweep's Ctrl-C stops
     its trials, prints its summary and exits 3 (Tune takes the signal), and the README now says so."""
-    import re
-
     readme = " ".join((REPO / "docs" / "reference.md").read_text(encoding="utf-8").split())
     sentence = re.search(r"Ctrl-C \(SIGINT\) or SIGTERM stops any command (.*?)\. ", readme)
     assert sentence and "a sweep's Ctrl-C" in sentence.group(1) and "exits 3" in sentence.group(1)
@@ -639,6 +641,8 @@ def test_a_sweeps_ctrl_c_prints_its_summary_and_exits_3_as_the_readme_says():
         assert driver.returncode == 3, stderr[-3000:]
         assert json.loads((root / "driver.out").read_text())["status"] == "interrupted"
         assert "interrupted by SIGINT" not in stderr
+        # The sweep's way on is `fineprune sweep --resume`, not Tune's (`Tuner.restore(...)` from Python).
+        assert "Tuner.restore(" not in stderr and re.search(r"` runs what is left", stderr), stderr[-3000:]
         assert not (root / "tmp" / "fineprune-trials").exists()  # the stopped trials' files went with them
     finally:
         _end_sweep(driver, root)

@@ -721,6 +721,12 @@ _STUDY_LOGGER = "optuna.storages._in_memory"
 _STUDY_CREATED = "A new study created"
 
 
+# Tune's advice once a Ctrl-C stopped it, "Resume experiment with: Tuner.restore(path=..., trainable=...)": a sweep
+# goes on with `fineprune sweep --resume`, which the sweep's own line gives.
+_TUNE_LOGGER = "ray.tune.tune"
+_TUNE_RESTORE_ADVICE = "Experiment has been interrupted"
+
+
 @contextlib.contextmanager
 def _own_signal_handlers() -> Iterator[None]:
     """The process's handlers of SIGINT and SIGUSR1 put back after the block. Tune takes both while it runs and puts
@@ -749,7 +755,8 @@ def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
     """
     try:
         with leaving_out(_SNAPSHOT_LOGGER, starting_with(_SNAPSHOT_ADVICE)), \
-                leaving_out(_STUDY_LOGGER, starting_with(_STUDY_CREATED)), _without_tensorboard(), \
+                leaving_out(_STUDY_LOGGER, starting_with(_STUDY_CREATED)), \
+                leaving_out(_TUNE_LOGGER, starting_with(_TUNE_RESTORE_ADVICE)), _without_tensorboard(), \
                 _own_signal_handlers():
             tuner.fit()
     except Exception as err:  # noqa: BLE001 - raised again unless it came from reading the results back
@@ -932,6 +939,9 @@ def _run_sweep(space_path: str | Path, experiment: str | None, tracking_uri: str
                                            else "FAILED", state=record.SWEEP_INTERRUPTED)
         except Exception as mlflow_err:  # noqa: BLE001 - the first error is the one to report
             logger.warning("could not end the sweep's MLflow run %s: %s", parent, mlflow_err)
+        if isinstance(err, KeyboardInterrupt):  # a second Ctrl-C, or SIGTERM: no summary says how to go on
+            logger.warning("the sweep was stopped; `%s` runs what is left",
+                           record.resume_command(tracking_uri, parent, space_path, cluster))
         raise
     finally:
         if started_ray and not cluster:  # a Ray the caller started stays theirs
