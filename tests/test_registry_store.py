@@ -1137,3 +1137,35 @@ def test_a_new_frontier_version_is_made_with_its_tags_and_found_without_reading_
     searches.clear()
     tag_writes.clear()
     assert _register(capsys, store, "--frontier")[0] == 0 and tag_writes == []  # again: nothing new written
+
+
+def test_the_report_names_the_version_its_sweep_made_champion_last_not_its_highest(store, tokenizer, capsys):
+    """Two versions of one sweep were champion in turn (registrations by two policies), and a later sweep's took
+    the alias: the report of the first sweep named the higher version number, which was not its champion last. The
+    alias's leaving is recorded, and the version it left last is named."""
+    from workflows.report import collect_report_data
+
+    client = store["client"]
+    root = store["root"]
+    first = sweep_record(client, root, tokenizer, NAME, "a", TRIALS)
+
+    def champion_by(max_density: float) -> str:
+        space = _space(root, policy="best_f1_under_density", max_density=max_density)
+        status, result, _ = _register(capsys, store, "--frontier", "--space", str(space),
+                                      "--sweep-run", first["parent"])
+        assert status == 0 and result["version"] == _champion(client)
+        return result["version"]
+
+    narrow = champion_by(0.35)
+    wide = champion_by(0.6)
+    assert champion_by(0.35) == narrow and int(narrow) < int(wide)  # the last champion is not the highest number
+    later = sweep_record(client, root, tokenizer, NAME, "b", {"best": (2, 64, 90.0, 0.5, True)})
+    assert _register(capsys, store, "--frontier", "--space", str(_space(root)), "--sweep-run", later["parent"])[0] == 0
+    assert _champion(client) == _version_of(client, later["runs"]["best"])
+
+    card = collect_report_data("exp", store["uri"], first["parent"]).champion
+    assert (card.version, card.alias_current, card.policy) == (narrow, False,
+                                                               "best_f1_under_density (max_density 0.35)")
+    tags = {str(v.version): v.tags for v in client.search_model_versions(f"name = '{NAME}'")}
+    assert float(tags[narrow][record.TAG_CHAMPION_UNTIL]) > float(tags[wide][record.TAG_CHAMPION_UNTIL])
+    assert record.TAG_CHAMPION_UNTIL not in tags[_champion(client)]

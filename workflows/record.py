@@ -34,7 +34,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from pruning.errors import name_hint
 
@@ -58,6 +58,7 @@ __all__ = [
     "fineprune_version",
     # tags of registered versions, the alias
     "TAG_TRIAL_RUN", "TAG_SWEEP_RUN", "TAG_POLICY", "TAG_POLICY_THRESHOLD", "FORMER_POLICY_TAGS",
+    "TAG_CHAMPION_UNTIL", "last_champion",
     "TAG_VERSION_PRECISION", "TAG_ONNX", "TAG_ONNX_VARIANT", "TAG_INT8_CHECK", "ONNX_SCORE_TAGS",
     "DEFAULT_MAX_INT8_F1_DROP", "ALIAS", "MODELS_SCHEME", "metric_tag", "tag_float",
     # params
@@ -130,6 +131,9 @@ TAG_POLICY = "policy"  # the champion policy that made the version champion
 TAG_POLICY_THRESHOLD = "policy_threshold"  # and its threshold as text, e.g. "max_density 0.5"
 # The two above, as a version the champion alias has left keeps them: only the champion says a policy chose it.
 FORMER_POLICY_TAGS = {TAG_POLICY: "former_champion_policy", TAG_POLICY_THRESHOLD: "former_champion_policy_threshold"}
+# When (milliseconds since the epoch) the champion alias left a version: of two versions of one sweep that were
+# champion in turn, the later one is its champion (a later version number need not be).
+TAG_CHAMPION_UNTIL = "former_champion_until"
 TAG_VERSION_PRECISION = "precision"  # the precision the version's EM/F1 were measured in
 TAG_ONNX = "onnx"  # the ONNX Runtime variants the version carries ("fp32,int8"), or why it carries none
 TAG_ONNX_VARIANT = "onnx_variant"  # what the version serves: ONNX Runtime int8 or fp32, or none (PyTorch)
@@ -532,6 +536,20 @@ def tag_float(tags: Mapping[str, str], key: str) -> float | None:
     except (KeyError, ValueError):
         return None
     return value if math.isfinite(value) else None
+
+
+def last_champion(versions: Sequence[Any]) -> Any | None:
+    """Of registered versions, the one most lately champion: one that a policy chose and the alias has not left
+    (its ``policy`` tag), else the one the alias left last (:data:`TAG_CHAMPION_UNTIL`; a version that left before
+    versions recorded when counts as earliest), the later version on a tie; None when no version was champion."""
+    def tags(version: Any) -> Mapping[str, str]:
+        return version.tags or {}
+
+    chosen = [v for v in versions if tags(v).get(TAG_POLICY) or tags(v).get(FORMER_POLICY_TAGS[TAG_POLICY])]
+    if not chosen:
+        return None
+    return max(chosen, key=lambda v: (bool(tags(v).get(TAG_POLICY)), tag_float(tags(v), TAG_CHAMPION_UNTIL) or 0.0,
+                                      int(v.version)))
 
 
 def fineprune_command(command: str, tracking_uri: str, *args: str) -> str:

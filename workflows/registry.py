@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -47,7 +48,7 @@ from workflows.logged_model import (ONNX_SKIPPED, UnreadableTrial, export_for_se
 from workflows.record import (ALIAS, DEFAULT_MAX_INT8_F1_DROP, EXACT_MATCH, F1, FINAL_METRICS, FORMER_POLICY_TAGS,
                               FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY, NULL_METRICS, PARAM_RESOURCES,
                               PARAM_SPEEDUP, REMOVED, RUNTIMES, SPEEDUP, STATUS_FINISHED, STATUS_INTERRUPTED,
-                              TAG_FINEPRUNE_VERSION, TAG_ONNX, TAG_ONNX_VARIANT, TAG_POLICY, TAG_POLICY_THRESHOLD,
+                              TAG_CHAMPION_UNTIL, TAG_FINEPRUNE_VERSION, TAG_ONNX, TAG_ONNX_VARIANT, TAG_POLICY, TAG_POLICY_THRESHOLD,
                               TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TAG_VERSION_PRECISION, RegistrySpec,
                               deleted_source, metric_tag, run_deleted)
 from workflows.space import load_space
@@ -541,7 +542,7 @@ def _make_champion(client, name: str, version, policy: dict[str, str], chosen_by
             logger.info("%s", line)
     _set_changed_tags(client, name, version, policy)
     held = version.tags or {}
-    for former in FORMER_POLICY_TAGS.values():
+    for former in (*FORMER_POLICY_TAGS.values(), TAG_CHAMPION_UNTIL):
         if former in held:
             client.delete_model_version_tag(name, version.version, former)
     # The versions first, then the alias: a policy another command wrote on its version (after moving the alias
@@ -558,6 +559,8 @@ def _make_champion(client, name: str, version, policy: dict[str, str], chosen_by
         tags = other.tags or {}
         if str(other.version) == champion:
             continue
+        if TAG_POLICY in tags:  # the alias left it (now, or before versions lost their policy)
+            _set_version_tag(client, name, other.version, TAG_CHAMPION_UNTIL, str(int(time.time() * 1000)))
         for key, former in FORMER_POLICY_TAGS.items():
             if key in tags:
                 _set_version_tag(client, name, other.version, former, tags[key])

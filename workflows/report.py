@@ -820,11 +820,10 @@ def _champion(client: MlflowClient, parent, tracking_uri: str, trial_ids: set[st
     else:
         # The alias has moved on: the version this sweep made champion carries the policy that chose it (its other
         # versions are frontier points); none when no trial met the policy.
-        chosen = [v for v in versions if (v.tags.get(TAG_POLICY) or v.tags.get(FORMER_POLICY_TAGS[TAG_POLICY]))
-                  and (v.tags.get(TAG_TRIAL_RUN) or v.run_id) in trial_ids]
-        if not chosen:
+        version = record.last_champion([v for v in versions if (v.tags.get(TAG_TRIAL_RUN) or v.run_id) in trial_ids])
+        if version is None:
             return None
-        version, current = max(chosen, key=lambda v: int(v.version)), False
+        current = False
     run_id = version.tags.get(TAG_TRIAL_RUN) or version.run_id
     structure = _packed_structure(client, run_id, name, str(version.version))
     note, serves = _serving_note(client, name, str(version.version), run_id, run_id in trial_ids, tracking_uri)
@@ -1048,10 +1047,8 @@ def _no_champion(client: MlflowClient, runs: pd.DataFrame, params: Mapping[str, 
     except MlflowException:
         versions = []
     listed = set(runs.loc[runs["kind"] == KIND_TRIAL, "run_id"])
-    aside = [v for v in versions if (v.tags.get(TAG_POLICY) or v.tags.get(FORMER_POLICY_TAGS[TAG_POLICY]))
-             and (v.tags.get(TAG_TRIAL_RUN) or v.run_id) not in listed]
-    if aside:  # the champion it had, whose trial was deleted since
-        version = max(aside, key=lambda v: int(v.version))
+    version = record.last_champion([v for v in versions if (v.tags.get(TAG_TRIAL_RUN) or v.run_id) not in listed])
+    if version is not None:  # the champion it had, whose trial was deleted since
         run_id = version.tags.get(TAG_TRIAL_RUN) or version.run_id
         if run_deleted(client, run_id) == REMOVED:
             gone = "was removed for good (`mlflow gc`), which nothing brings back"
