@@ -48,7 +48,8 @@ from workflows.logged_model import (ONNX_SKIPPED, UnreadableTrial, export_for_se
 from workflows.record import (ALIAS, DEFAULT_MAX_INT8_F1_DROP, EXACT_MATCH, F1, FINAL_METRICS, FORMER_POLICY_TAGS,
                               FRONTIER_TAGS, KIND_BASELINE, LINEAR_DENSITY, NULL_METRICS, PARAM_RESOURCES,
                               PARAM_SPEEDUP, REMOVED, RUNTIMES, SPEEDUP, STATUS_FINISHED, STATUS_INTERRUPTED,
-                              TAG_CHAMPION_UNTIL, TAG_FINEPRUNE_VERSION, TAG_ONNX, TAG_ONNX_VARIANT, TAG_POLICY, TAG_POLICY_THRESHOLD,
+                              TAG_CHAMPION_UNTIL, TAG_FINEPRUNE_VERSION, TAG_ONNX, TAG_ONNX_VARIANT, TAG_POLICY,
+                              TAG_POLICY_THRESHOLD,
                               TAG_STATUS, TAG_SWEEP_RUN, TAG_TRIAL_RUN, TAG_VERSION_PRECISION, RegistrySpec,
                               deleted_source, metric_tag, run_deleted)
 from workflows.space import load_space
