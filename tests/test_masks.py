@@ -13,7 +13,12 @@ def tiny_model(seed=0, **overrides):
                   intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0)
     values.update(overrides)
-    return BertForQuestionAnswering(BertConfig(**values)).eval()
+    model = BertForQuestionAnswering(BertConfig(**values)).eval()
+    with torch.no_grad():  # random biases, as a trained model's are (BERT starts them at zero, hiding their masks)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_()
+    return model
 
 
 def inputs(seed=1, batch=2, seq=12):
@@ -314,3 +319,25 @@ def test_a_block_straddling_a_removed_and_a_kept_head_keeps_the_removed_head_out
     reloaded = load_model(save_model(model, None, tmp_path / "filled"))
     assert sparsity_report(reloaded).layers[0].heads_kept.tolist() == [False, True, True]
     assert max_logit_diff(model, reloaded, inputs()) == 0.0
+
+
+def test_the_filled_phase_brings_back_pruned_rows_of_a_kept_head_as_zeros_bias_included():
+    """Rows 0-7 of head 0's value matrix pruned (blocks of 8 rows), the head kept by its other rows: in the filled
+    phase the head is dense again, and those rows come back as zeros, their bias too (a bias left as it was adds
+    itself back to every token). The model computes what it did at the end of pruning."""
+    from pruning.trainer import enter_fill_phase
+
+    model = tiny_model()
+    masks.apply_masks_(model, "sigmoid_threshold", (8, 16), mask_init=5.0)
+    masks.set_threshold(model, 0.5)
+    value = model.bert.encoder.layer[0].attention.self.value
+    with torch.no_grad():
+        value.mask_scores[0, :] = -5.0
+        before = model(**inputs()).start_logits
+    assert value.bias[:8].abs().min() > 0
+    enter_fill_phase(model)
+    assert sparsity_report(model).layers[0].heads_kept.all()
+    with torch.no_grad():
+        after = model(**inputs()).start_logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert not value.weight[:8].any() and not value.bias[:8].any() and value.bias[8:].abs().min() > 0

@@ -37,11 +37,22 @@ HIDDEN, LAYERS, INTER, VOCAB = 64, 2, 128, 100
 
 
 def tiny_model(num_heads=4, seed=0):
+    """A random tiny BERT whose linears have random biases, as a trained model's do (BERT starts them at zero, and
+    packing that dropped or kept a bias wrongly would change nothing then)."""
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=num_heads,
                         intermediate_size=INTER, max_position_embeddings=64, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
-    return BertForQuestionAnswering(config).eval()
+    return with_random_biases(BertForQuestionAnswering(config).eval())
+
+
+def with_random_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every linear's bias drawn from a standard normal."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_()
+    return model
 
 
 def sample_inputs(seed=1, batch=3, seq=16):
@@ -159,6 +170,22 @@ def test_plain_model_with_zeroed_structure_is_packed():
     packed = pack(model)
     assert packed.config.fineprune_heads_kept == [[0, 2, 3], [0, 1, 2]]
     assert packed.config.fineprune_ffn_widths == [100, INTER - 10]
+    x = sample_inputs()
+    assert (logits(model, x) - logits(packed, x)).abs().max() <= 1e-4
+
+
+def test_a_head_or_ffn_dimension_whose_weights_are_zero_but_whose_bias_is_not_is_kept():
+    """A value row of zeros still adds its bias to every token's head output, and an FFN dimension whose input row
+    is zero still feeds activation(bias) forward: neither is empty, and packing must keep both."""
+    model = tiny_model(num_heads=4)
+    with torch.no_grad():
+        layer0, layer1 = model.bert.encoder.layer
+        layer0.attention.self.value.weight[16:32] = 0  # head 1's value rows; their bias stays
+        layer1.intermediate.dense.weight[:10] = 0  # ten FFN input rows; their bias stays
+    assert layer0.attention.self.value.bias[16:32].abs().min() > 0 and layer1.intermediate.dense.bias[:10].all()
+    packed = pack(model)
+    assert packed.config.fineprune_heads_kept == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    assert packed.config.fineprune_ffn_widths == [INTER, INTER]
     x = sample_inputs()
     assert (logits(model, x) - logits(packed, x)).abs().max() <= 1e-4
 

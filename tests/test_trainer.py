@@ -401,11 +401,16 @@ def test_warmups_over_a_run_of_known_steps_are_refused_before_the_data_is_read(t
 
 @pytest.mark.parametrize("method,global_topk", [("topk", False), ("topk", True), ("sigmoid_threshold", False)])
 def test_filled_phase_starts_from_exactly_the_pruned_model(method, global_topk):
-    """Entering the filled phase changes no output: pruned weights inside kept heads come back as zeros."""
+    """Entering the filled phase changes no output: pruned weights inside kept heads come back as zeros, and the
+    biases of pruned rows too (random biases, as a trained model's: BERT starts them at zero)."""
     torch.manual_seed(0)
     model = BertForQuestionAnswering(BertConfig(
         vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
         max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.bias.normal_()
     masks.apply_masks_(model, method, (16, 16))
     with torch.no_grad():
         for score in masks.mask_score_parameters(model):
