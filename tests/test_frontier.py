@@ -53,6 +53,8 @@ def test_invalid_points_take_no_part():
         {"f1": "high", "linear_density": 0.01},
         {"f1": float("inf"), "linear_density": 0.5},
         {"f1": 60.0, "linear_density": 0.6},
+        {"f1": True, "linear_density": 0.01},  # a flag is no score (True would count as 1)
+        {"f1": 99.0, "linear_density": False},
     ]
     assert pareto_front(points, F1_DENSITY) == [2]
 

@@ -44,6 +44,15 @@ def test_threshold_binarizer_uses_sigmoid():
     assert mask.tolist() == [0.0, 0.0, 1.0, 1.0]  # sigmoid(-1) = 0.27
     mask.sum().backward()
     assert scores.grad.tolist() == [1.0] * 4
+    # Kept above the threshold only: scores all at sigmoid 0.5 (a constant start) are pruned at threshold 0.5.
+    assert ThresholdBinarizer.apply(torch.zeros(3), 0.5, True).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_topk_keeps_the_rounded_count_not_the_truncated_one():
+    """Density 0.36 of 10 scores keeps 4 (3.6 rounded), not 3; and always at least one."""
+    scores = torch.arange(10.0)
+    assert TopKBinarizer.apply(scores, 0.36).tolist() == [0.0] * 6 + [1.0] * 4
+    assert TopKBinarizer.apply(scores, 0.01).tolist() == [0.0] * 9 + [1.0]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

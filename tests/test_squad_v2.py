@@ -106,6 +106,10 @@ def test_the_v2_metric_matches_hand_worked_cases_and_splits_answerable_from_unan
     v1 = squad.evaluate(_examples(("the",), ("Denver Broncos",)), {"q0": "", "q1": "Broncos"}, by_answerable=True)
     assert v1 == pytest.approx({"exact_match": 50.0, "f1": 100 * (2 / 3) / 2})
     assert squad.f1_score_v2("", "") == 1.0 and squad.f1_score("", "") == 0.0
+    # A gold text with no token is left out where the question has others: "the" does not make the empty
+    # prediction of an answerable question right.
+    mixed = squad.evaluate(_examples(("the", "Denver Broncos"), None), {"q0": "", "q1": ""})
+    assert mixed == pytest.approx({"exact_match": 50.0, "f1": 50.0})
 
 
 def test_fineprune_score_gives_the_official_v2_split(tmp_path, capsys):
@@ -186,6 +190,19 @@ def test_the_best_no_answer_threshold_matches_hand_worked_cases():
     right = _margins(("Denver Broncos", 2.0), ("Carolina Panthers", 5.0))
     assert squad.best_null_thresholds(_examples(("Denver Broncos",), ("Carolina Panthers",)), right) == {
         "best_exact_match": 100.0, "best_exact_match_threshold": 6.0, "best_f1": 100.0, "best_f1_threshold": 6.0}
+    # Every question best without its span: one logit below the lowest margin (at the margin itself, that question
+    # would take its span and score less).
+    wrong = _margins(("Panthers", -2.0), ("Broncos", 3.0))
+    assert squad.best_null_thresholds(_examples(None, None), wrong) == {
+        "best_exact_match": 100.0, "best_exact_match_threshold": -3.0, "best_f1": 100.0, "best_f1_threshold": -3.0}
+    # Two intervals score the same: the one nearer 0 is taken, here the one holding it ([-5, 2), not below -5).
+    tie = _margins(("Panthers", -5.0), ("Panthers", 2.0))
+    assert squad.best_null_thresholds(_examples(("Denver Broncos",), None), tie) == {
+        "best_exact_match": 50.0, "best_exact_match_threshold": 0.0, "best_f1": 50.0, "best_f1_threshold": 0.0}
+    # A margin of exactly 0 opens the interval that holds 0: the threshold stays 0.
+    at_zero = _margins(("Denver Broncos", 0.0), ("Panthers", 2.0))
+    assert squad.best_null_thresholds(_examples(("Denver Broncos",), None), at_zero) == {
+        "best_exact_match": 100.0, "best_exact_match_threshold": 0.0, "best_f1": 100.0, "best_f1_threshold": 0.0}
     # A question without an answer scores 0 at every threshold; answers without margins are refused.
     del answers["q0"]
     assert squad.best_null_thresholds(examples, answers)["best_exact_match"] == 50.0
