@@ -12,18 +12,19 @@ import contextlib
 import logging
 import statistics
 import time
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .precision import autocast
+from .spread import NOISY_SPREAD, spread
 from .structure import architecture_for, encoder_layers, get_module, max_positions
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["eval_mode", "random_inputs", "latency", "compare_latency", "interleaved_latency", "spread",
-           "linear_flops", "flop_ratio"]
+           "linear_flops", "flop_ratio", "NOISY_SPREAD", "spread"]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -187,19 +188,6 @@ def interleaved_latency(models: Mapping[str, nn.Module], batch_size: int = 1, se
                 if round_ >= warmup:
                     times[name].append(elapsed)
     return times
-
-
-def spread(seconds: Sequence[float]) -> float:
-    """How far the timed passes of one model disagree: their upper quartile over their lower one (1.0 when the
-    passes take the same time). Another process, or more threads than free cores, slows some passes and widens it.
-
-    Raises:
-        ValueError: fewer than two passes.
-    """
-    if len(seconds) < 2:
-        raise ValueError(f"a spread needs two or more timed passes, got {len(seconds)}")
-    lower, _, upper = statistics.quantiles(seconds, n=4, method="inclusive")
-    return upper / lower if lower > 0 else float("inf")
 
 
 def linear_flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> int:

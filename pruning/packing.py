@@ -47,6 +47,7 @@ from transformers.utils.hub import get_checkpoint_shard_files
 from . import packed_modeling
 from .atomic import give_open_mode, staged_dir
 from .bench import compare_latency, eval_mode, flop_ratio, random_inputs
+from .spread import NOISY_SPREAD, spread
 from .errors import path_hint, typed_error_line
 from .masks import MaskedLinear, remove_masks_
 from .packed_modeling import (FFN_WIDTHS_KEY, HEADS_KEPT_KEY, PACKED_CLASSES, PACKED_FLAG, EmptySelfAttention,
@@ -92,7 +93,7 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # save_pretrained(max_shard_size=...): which shard holds what
 LOGIT_TOLERANCE = 1e-3  # packed against masked logits: only the summation order differs
 # The measured scalars of a PackReport a sweep trial reports, under these (its field) names.
-PACK_METRICS = ("speedup", "max_logit_diff", "params_before", "params_after")
+PACK_METRICS = ("speedup", "timing_spread", "max_logit_diff", "params_before", "params_after")
 CONFIG_NAME = "config.json"
 AUTO_CLASS = "AutoModelForQuestionAnswering"  # the auto class config.json's auto_map names the packed class under
 # Weight files a fresh save replaces; stale ones next to a new model.safetensors would confuse loaders.
@@ -698,6 +699,9 @@ class PackReport:
     max_logit_diff: float | None = None  # largest |masked - packed| logit on the check inputs
     logit_check_windows: int | None = None  # how many windows the logits were compared on
     speedup: float | None = None  # median latency of the dense shape / median latency of the packed model
+    # How far the timed passes disagree: the larger of the two models' upper over lower quartile (1.0: steady;
+    # above NOISY_SPREAD the speedup is noise, as when another process shares the machine); None under 4 passes.
+    timing_spread: float | None = None
     dense_ms: float | None = None  # median latency of the dense shape, milliseconds
     packed_ms: float | None = None
     precision: str | None = None  # the resolved precision of the timing (fp32 or bf16)
@@ -814,8 +818,15 @@ def pack_and_verify(model: nn.Module, inputs: dict[str, torch.Tensor] | None = N
         report.packed_ms = float(timing["median_b_s"]) * 1e3
         report.precision = precision
         report.latency_shape = [batch_size, seq_len]
+        if repeats >= 4:  # quartiles of fewer say nothing
+            report.timing_spread = max(spread(timing["times_a_s"]), spread(timing["times_b_s"]))
         logger.info("speedup dense/packed %.2f (%s, batch %d, seq %d, %d repeats); max |logit diff| %.2e",
                     report.speedup, precision, batch_size, seq_len, repeats, report.max_logit_diff)
+        if report.timing_spread is not None and report.timing_spread > NOISY_SPREAD:
+            logger.warning("speedup %.2f is noise: the timed passes disagree by up to %.1fx (upper over lower "
+                           "quartile; %gx at most counts as steady), as when another process shares the machine; "
+                           "time the packed model again on a quiet one (`fineprune select` times registered "
+                           "versions side by side)", report.speedup, report.timing_spread, NOISY_SPREAD)
     return packed, report
 
 

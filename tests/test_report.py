@@ -839,3 +839,23 @@ def test_the_report_command_reports_the_sweep_run_it_is_given(smoke_sweep, tmp_p
     assert err[-1].endswith(f"run {'0' * 32} is not in {smoke_sweep['tracking_uri']} (removed for good, by `mlflow "
                             "gc`, or never made): pass a sweep run of experiment 'smoke'")
     assert not (tmp_path / "other").exists()
+
+
+def test_speedups_timed_among_disagreeing_passes_are_named_under_the_speedup_frontier():
+    """A trial timed while another trained on the machine reported 4.2x for a structure the next sweep timed at
+    1.3x: the report names the finished trials whose timed passes disagreed by more than 1.5x, in both forms, and
+    says nothing where every timing was steady or none recorded its spread."""
+    data = _sweep()
+    assert "timed while their passes disagreed" not in render_markdown(data)
+    runs = data.runs.copy()
+    runs["timing_spread"] = [1.1, 3.14, 1.2, 1.9, 5.0, None]  # baseline, a, b, c, d (stopped early), e (failed)
+    noisy = dataclasses.replace(data, runs=runs)
+    expected = ("The speedups of 2 of the 3 finished trials (trial-a, trial-c) were timed while their passes "
+                "disagreed by up to 3.1x (upper over lower quartile; 1.5x at most counts as steady), as when trials "
+                "share a machine: their place against speedup is noise.")
+    markdown = render_markdown(noisy)
+    section = markdown.split("## Pareto frontier: F1 against measured speedup", 1)[1].split("\n## ", 1)[0]
+    assert expected in section, section
+    assert expected in " ".join("".join(_parse(render_html(noisy)).text).split())
+    runs["timing_spread"] = [1.1, 1.2, 1.3, 1.4, 9.0, None]  # only the trial stopped early (never packed) is noisy
+    assert "timed while their passes disagreed" not in render_markdown(dataclasses.replace(data, runs=runs))

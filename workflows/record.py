@@ -66,7 +66,8 @@ __all__ = [
     "flat_params", "params_under", "search_types", "sweep_objectives",
     # metrics
     "EXACT_MATCH", "F1", "LINEAR_DENSITY", "TOTAL_DENSITY", "HEADS_REMOVED", "SPEEDUP", "MAX_LOGIT_DIFF",
-    "PARAMS_BEFORE", "PARAMS_AFTER", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE", "TRIAL_COMPUTE",
+    "TIMING_SPREAD", "PARAMS_BEFORE", "PARAMS_AFTER", "STEP", "LOSS", "HYPERVOLUME", "HYPERVOLUME_COMPUTE",
+    "TRIAL_COMPUTE",
     "SEARCH_REPEATS", "SEARCH_STEERED",
     "PAUSED_S", "FINAL_METRICS", "NULL_METRICS", "EVAL_METRICS", "METRIC_MODES", "METRIC_BEST",
     "DENSITY_OBJECTIVES", "SPEED_OBJECTIVES",
@@ -165,6 +166,7 @@ TOTAL_DENSITY = "total_density"
 HEADS_REMOVED = "heads_removed"
 SPEEDUP = "speedup"
 MAX_LOGIT_DIFF = "max_logit_diff"
+TIMING_SPREAD = "timing_spread"  # how far a trial's timed passes disagree (pruning.packing.PackReport)
 PARAMS_BEFORE = "params_before"  # parameters of the model before packing (pruning.packing.PACK_METRICS)
 PARAMS_AFTER = "params_after"  # parameters of the packed model (pruning.packing.PACK_METRICS)
 STEP = "step"
@@ -189,7 +191,7 @@ EVAL_METRICS = (EXACT_MATCH, F1, LINEAR_DENSITY, TOTAL_DENSITY, HEADS_REMOVED, L
 METRIC_MODES: dict[str, str] = {EXACT_MATCH: "max", F1: "max", HEADS_REMOVED: "max", SPEEDUP: "max",
                                 LINEAR_DENSITY: "min", TOTAL_DENSITY: "min", LOSS: "min", "loss_ce": "min",
                                 "loss_distil": "min", MAX_LOGIT_DIFF: "min", PARAMS_BEFORE: "min",
-                                PARAMS_AFTER: "min"}
+                                PARAMS_AFTER: "min", TIMING_SPREAD: "min"}
 # The best value a metric can take, where it has one (scores in points, densities and losses at zero).
 METRIC_BEST: dict[str, float] = {EXACT_MATCH: 100.0, F1: 100.0, LINEAR_DENSITY: 0.0, TOTAL_DENSITY: 0.0, LOSS: 0.0,
                                  "loss_ce": 0.0, "loss_distil": 0.0, MAX_LOGIT_DIFF: 0.0, PARAMS_AFTER: 0.0}

@@ -36,6 +36,7 @@ from mlflow.tracking import MlflowClient
 
 from pruning import atomic
 from pruning.errors import error_line
+from pruning.spread import NOISY_SPREAD
 from workflows import plots, record
 from workflows.frontier import frontier_order
 from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, ARTIFACT_REPORT_DIR,
@@ -45,7 +46,7 @@ from workflows.record import (ALIAS, ARTIFACT_MODEL_DIR, ARTIFACT_PACKED_MODEL, 
                               SPEEDUP, STATUS_FAILED, STATUS_FINISHED, STATUSES, TAG_FINEPRUNE_VERSION, TAG_INT8_CHECK,
                               TAG_PARETO, TAG_PARETO_SPEED, TAG_POLICY, TAG_POLICY_THRESHOLD, TAG_SWEEP_RUN,
                               TAG_TRIAL_RUN, TAG_WARM_START, TAG_WARM_START_STORE, TAG_WARM_START_TRIALS,
-                              TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec, run_deleted)
+                              TIMING_SPREAD, TOTAL_DENSITY, TRIAL_COMPUTE, RegistrySpec, run_deleted)
 from workflows.registry import left_to_run, no_trial_finished, policy_choice
 from workflows.version_files import served_model_dir, version_files_lost
 
@@ -490,6 +491,23 @@ def _frontier_note(data: ReportData, tag: str) -> str | None:
             + (" Why each trial failed is listed under Failed trials." if _counts(data)[STATUS_FAILED] else ""))
 
 
+def _speed_note(data: ReportData) -> str | None:
+    """Which finished trials' speedups were timed among passes that disagree (their ``timing_spread`` above
+    :data:`pruning.spread.NOISY_SPREAD`, as when trials share a machine): their order on the speedup frontier is noise.
+    None when every speedup was timed steadily (or no trial recorded how steadily)."""
+    trials = data.trials
+    if TIMING_SPREAD not in trials:
+        return None
+    finished = trials[trials["status"] == STATUS_FINISHED]
+    noisy = finished[pd.to_numeric(finished[TIMING_SPREAD], errors="coerce") > NOISY_SPREAD]
+    if not len(noisy):
+        return None
+    return (f"The speedups of {len(noisy)} of the {len(finished)} finished trials ({', '.join(noisy['name'])}) were "
+            f"timed while their passes disagreed by up to {float(noisy[TIMING_SPREAD].max()):.1f}x (upper over lower "
+            f"quartile; {NOISY_SPREAD:g}x at most counts as steady), as when trials share a machine: their place "
+            f"against speedup is noise. `fineprune select` times registered versions side by side.")
+
+
 def _one_line(text: str, limit: int = 400) -> str:
     """An error message as one line of at most ``limit`` characters."""
     line = " ".join(text.split())
@@ -618,6 +636,8 @@ def render_markdown(data: ReportData) -> str:
     out += table(_frontier_rows(data, TAG_PARETO), TAG_PARETO)
     out += ["", "## Pareto frontier: F1 against measured speedup", ""]
     out += table(_frontier_rows(data, TAG_PARETO_SPEED), TAG_PARETO_SPEED)
+    if (speed := _speed_note(data)) is not None:
+        out += ["", _md_note(speed)]
 
     card = data.champion
     out += ["", "## Champion", ""]
@@ -782,6 +802,7 @@ def render_html(data: ReportData) -> str:
         generated=data.generated, facts=_summary_lines(data),
         frontier_svg=Markup(plots.frontier_figure(data.runs, data.objectives, champion_id)),
         frontier_note=_note_html(note) if (note := _frontier_note(data, TAG_PARETO)) else None,
+        speed_note=_note_html(speed) if (speed := _speed_note(data)) else None,
         failures=_failures(data),
         x_label=plots.metric_label(x), y_label=plots.metric_label(y), second_label=plots.metric_label(second),
         hypervolume_svg=Markup(hypervolume) if hypervolume else None,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pruning import atomic
+from pruning.spread import NOISY_SPREAD, spread
 from pruning.memory import available_memory
 from pruning.errors import error_line, raise_interrupt_behind
 from workflows import record
@@ -37,17 +38,10 @@ class SeqLenError(record.RecordError):
     space's field is at fault, not the versions (one line naming it)."""
 
 
-# Timed passes of one model whose upper quartile exceeds their lower one by more than this are noise, not its speed:
-# on a quiet machine the passes of a model agree to within 10 to 20%.
-NOISY_SPREAD = 1.5
-
-
 def timing_noise(times: Mapping[str, Sequence[float]]) -> str | None:
     """What says that interleaved timings (name -> seconds of each pass) are too noisy to rank the models by (see
-    :func:`pruning.bench.spread`), or None where every model's passes agree; models of fewer than 4 passes, too few
+    :func:`pruning.spread.spread`), or None where every model's passes agree; models of fewer than 4 passes, too few
     for quartiles, are not judged."""
-    from pruning.bench import spread
-
     spreads = {name: spread(seconds) for name, seconds in times.items() if len(seconds) >= 4}
     noisy = [value for value in spreads.values() if value > NOISY_SPREAD]
     if not noisy:
