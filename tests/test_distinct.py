@@ -103,6 +103,21 @@ def test_each_configuration_runs_once_and_repeats_are_told_its_result(tmp_path):
         assert trial.values == [_outcome(trial.params)["f1"], _outcome(trial.params)["linear_density"]]
 
 
+def test_an_objective_reported_at_the_trial_s_end_only_is_read_from_its_end(tmp_path):
+    """Speedup is reported once, by the packed model at a trial's end: the evaluations before it lack it, and the
+    single-objective searcher, which read each one's objective, stopped the sweep at the first (a KeyError). It is
+    told the results that hold its objective, and the end's value is the trial's."""
+    space = load_space(_space(tmp_path, DISCRETE, objectives=[["speedup", "max"]],
+                              reference_point={"speedup": 0.0}))
+    alg = search_algorithm(space)
+    alg.set_search_properties(None, None, param_space(space))
+    config = alg.suggest("t0")
+    alg.on_trial_result("t0", {"f1": 40.0, "linear_density": 0.5, "training_iteration": 1})
+    alg.on_trial_complete("t0", {"f1": 42.0, "speedup": 2.5, "training_iteration": 2})
+    (trial,) = _study(alg).trials
+    assert trial.state == TrialState.COMPLETE and trial.values == [2.5] and trial.params == config
+
+
 def test_a_repeat_of_a_running_configuration_waits_for_its_result(tmp_path):
     """One configuration in a space the wrapper is not told is finite: while its trial runs, repeats wait for the
     trial's result (the searcher says 'nothing now', not 'finished'); once the trial ends they all get it, and

@@ -233,6 +233,11 @@ class DistinctConfigurations(Searcher):
         # failure on record and no open trial to report to.
         if trial_id in self._failed:
             return
+        # An evaluation before the trial's end lacks an objective reported at the end only (speedup): the searcher
+        # reads it from the final result (single-objective Optuna read each result's, and stopped at the first).
+        metric = self.searcher.metric
+        if any(name not in result for name in ([metric] if isinstance(metric, str) else metric or [])):
+            return
         self.searcher.on_trial_result(self._inner.get(trial_id, trial_id), result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:

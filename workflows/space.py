@@ -37,7 +37,7 @@ from pruning.schedules import warmups
 from workflows import model_checks
 from workflows.frontier import reference_point as _reference_point
 from workflows.record import (DEFAULT_MAX_INT8_F1_DROP, DENSITY_OBJECTIVES, EVAL_METRICS, METRIC_BEST, METRIC_MODES,
-                              RegistrySpec, flat_params)
+                              TIMING_SPREAD, RegistrySpec, flat_params)
 
 __all__ = [
     "SpaceError",
@@ -623,9 +623,12 @@ def _objectives(value: Any) -> Any:
     for i, item in enumerate(value):
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
             raise _Problem(f"expected [metric, max|min], got {item!r}", i)
+        if item[0] == TIMING_SPREAD:
+            raise _Problem(f"{TIMING_SPREAD} says how steadily a trial's speedup was timed, not how good its model "
+                           "is: it is no objective", i)
         if item[0] not in METRIC_MODES:
             raise _Problem(f"{item[0]!r} is not a metric the trials report{_hint(item[0], METRIC_MODES)} "
-                           f"(reported: {', '.join(METRIC_MODES)})", i)
+                           f"(reported: {', '.join(m for m in METRIC_MODES if m != TIMING_SPREAD)})", i)
         if item[1] not in ("max", "min"):
             raise _Problem(f"mode must be max or min, got {item[1]!r}", i)
         if item[1] != METRIC_MODES[item[0]]:

@@ -692,18 +692,30 @@ class StoppedEarlyCheckpoints(tune.Callback):
                            trial.trial_id, checkpoint.path, err)
 
 
+# Tune checks, unless this is set, that every result a trial reports holds every objective the search algorithm has.
+# A trial reports its evaluations as it trains, and its packing metrics (speedup, params_after, ...) once, at its
+# end, where the sampler reads its objectives: a sweep with such an objective stopped at the first evaluation. The
+# space has checked each objective against what a trial reports at its end.
+_NO_STRICT_METRICS = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+
+
 @contextlib.contextmanager
-def _without_tensorboard() -> Iterator[None]:
-    """Within the block, Tune adds none of its default loggers (see :data:`_NO_DEFAULT_LOGGERS`), unless the user's
-    environment says otherwise."""
-    if _NO_DEFAULT_LOGGERS in os.environ:
+def _unless_set(name: str, value: str) -> Iterator[None]:
+    """Within the block, the environment variable ``name`` is ``value``, unless the user's environment sets it."""
+    if name in os.environ:
         yield
         return
-    os.environ[_NO_DEFAULT_LOGGERS] = "1"
+    os.environ[name] = value
     try:
         yield
     finally:
-        os.environ.pop(_NO_DEFAULT_LOGGERS, None)
+        os.environ.pop(name, None)
+
+
+def _without_tensorboard() -> contextlib.AbstractContextManager[None]:
+    """Within the block, Tune adds none of its default loggers (see :data:`_NO_DEFAULT_LOGGERS`), unless the user's
+    environment says otherwise."""
+    return _unless_set(_NO_DEFAULT_LOGGERS, "1")
 
 
 # Where Tuner.fit reads the trials' files back once the Tune run has ended (its ResultGrid, unused by the sweep).
@@ -757,7 +769,7 @@ def _fit(tuner: tune.Tuner, sweep_dir: str) -> None:
         with leaving_out(_SNAPSHOT_LOGGER, starting_with(_SNAPSHOT_ADVICE)), \
                 leaving_out(_STUDY_LOGGER, starting_with(_STUDY_CREATED)), \
                 leaving_out(_TUNE_LOGGER, starting_with(_TUNE_RESTORE_ADVICE)), _without_tensorboard(), \
-                _own_signal_handlers():
+                _unless_set(_NO_STRICT_METRICS, "1"), _own_signal_handlers():
             tuner.fit()
     except Exception as err:  # noqa: BLE001 - raised again unless it came from reading the results back
         raised_in = {frame.f_globals.get("__name__") for frame, _ in traceback.walk_tb(err.__traceback__)}
