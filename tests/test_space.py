@@ -637,6 +637,9 @@ BAD_SPACES = [
      r"objectives\[1\]: linear_density is better when smaller: max would seek the worst trials \(use min\)"),
     ("accuracy objective minimised", variant(objectives=[["f1", "min"], ["speedup", "max"]]),
      r"objectives\[0\]: f1 is better when larger"),
+    ("timing steadiness as an objective", variant(objectives=[["f1", "max"], ["timing_spread", "min"]],
+                                                  reference_point={"timing_spread": 10.0}),
+     r"objectives\[1\]: timing_spread says how steadily a trial's speedup was timed, not how good its model is"),
     ("scheduler ranking the wrong way", variant(scheduler={"metric": "loss", "mode": "max"}),
      r"scheduler\.mode: loss is better when smaller"),
     ("misspelt top-level key", variant(num_sample=4), r"num_sample: unknown key; did you mean 'num_samples'\?"),
@@ -893,7 +896,7 @@ def test_the_space_readme_names_the_metrics_the_schema_takes():
     """The scheduler's metrics, the objectives' directions, the registry keys and the hypervolume reference
     defaults, as tune_spaces/README.md gives them, against workflows.record, workflows.space and frontier."""
     from workflows.frontier import DEFAULT_REFERENCE
-    from workflows.record import EVAL_METRICS, METRIC_MODES
+    from workflows.record import EVAL_METRICS, METRIC_MODES, TIMING_SPREAD
     from workflows.space import RegistrySection, SchedulerSpec
 
     block = re.search(r"```yaml\nscheduler:\n(.*?)```", _readme_section("Scheduler"), re.S).group(1)
@@ -907,7 +910,8 @@ def test_the_space_readme_names_the_metrics_the_schema_takes():
     better_max = set(re.findall(r"`([a-z][a-z_0-9]*)`", directions.group(1)))
     better_min = set(re.findall(r"`([a-z][a-z_0-9]*)`", directions.group(2)))
     assert better_max == {m for m, mode in METRIC_MODES.items() if mode == "max"}
-    assert better_min == {m for m, mode in METRIC_MODES.items() if mode == "min" and not m.startswith("loss")}
+    assert better_min == {m for m, mode in METRIC_MODES.items()
+                          if mode == "min" and not m.startswith("loss") and m != TIMING_SPREAD}  # no objective
 
     block = re.search(r"```yaml\nregistry:\n(.*?)```", _readme_section("registry"), re.S).group(1)
     assert set(re.findall(r"^  ([a-z_0-9]+):", block, re.M)) | {"max_f1_drop", "max_latency_ms"} == set(
