@@ -390,6 +390,11 @@ def _check_numbers(cfg: RunConfig) -> None:
 
 def _check_together(cfg: RunConfig) -> None:
     """Keys that must agree with each other (and with the method)."""
+    if cfg.model_config is not None and cfg.model != SHIPPED_MODEL:
+        # A copied config that builds a random model (configs/tiny_smoke.yaml, the smoke space), given a model: the
+        # random one trained, and the model given was never read, without a word.
+        _fail("model", f"{cfg.model!r} is given with model_config, which builds a random model instead of loading "
+                       "it: give one of them (model_config: null loads the model)")
     if (cfg.method in (Method.TOPK, Method.SIGMOID_THRESHOLD) and cfg.initial_warmup < 1 and cfg.final_warmup < 1
             and cfg.initial_warmup + cfg.final_warmup > 1):
         _fail("final_warmup", f"{cfg.final_warmup} of the pruning steps after an initial_warmup of "

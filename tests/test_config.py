@@ -74,6 +74,9 @@ def test_unknown_keys_of_mixed_types_are_one_error(tmp_path):
         ({"model_config": {"hidden_size": "64"}}, "model_config.hidden_size: must be a positive integer, got '64'"),
         ({"model_config": {"num_hidden_layers": 0}}, "model_config.num_hidden_layers"),
         ({"model_config": {"hidden_dropout_prob": 2}}, r"model_config.hidden_dropout_prob: must be in \[0, 1\)"),
+        # A copied config that builds a random model, given the user's model: the random one trained, unsaid.
+        ({"model": "my/model", "model_config": {"hidden_size": 64}},
+         r"model: 'my/model' is given with model_config, which builds a random model instead of loading it"),
     ],
 )
 def test_bad_values_name_their_key(values, key):

@@ -596,6 +596,11 @@ BAD_SPACES = [
     ("objective without a default reference", variant(objectives=[["f1", "max"], ["loss", "min"]]),
      r"reference_point: no default reference for objective 'loss'"),
     ("reference not a number", variant(reference_point={"f1": "low"}), r"reference_point\.f1: must be a number"),
+    # The copied smoke space builds a random model: a model added beside it was never read, the sweep said nothing.
+    ("a model beside the random one", variant(base={**BASE_SPACE["base"], "model": "my/model"}),
+     r"base\.model: 'my/model' is given with model_config, which builds a random model instead of loading it"),
+    ("a teacher model beside the base's random one", variant(teacher={"config": {"max_steps": 4, "model": "my/bert"}}),
+     r"teacher.*model: 'my/bert' is given with model_config.*\(model_config: null loads the model\)"),
     ("reference no trial can beat", variant(reference_point={"f1": 200}),
      r"reference_point\.f1: 200 is at or beyond the best f1 a trial can have \(100\): no trial would add"),
     ("density reference no trial can beat", variant(reference_point={"linear_density": 0}),
