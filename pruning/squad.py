@@ -547,6 +547,7 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
     parts: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
     starts: list[int] = []
     ends: list[int] = []
+    held: dict[int, bool] = {}  # answerable question -> whether a window holds its answer whole
     for first, encoding in _tokenize(examples, tokenizer, max_seq_length, doc_stride, max_query_length,
                                      progress):
         for key, chunks in parts.items():  # narrowed chunk by chunk: never all the windows in int64 at once
@@ -567,10 +568,25 @@ def prepare_train_features(examples: Sequence[Example], tokenizer: Any, max_seq_
             start, end = (0, 0) if spans[sample] is None else _answer_tokens(offsets[i], *spans[sample])
             starts.append(start)
             ends.append(end)
+            if spans[sample] is not None:
+                held[first + sample] = held.get(first + sample, False) or end > 0
+    _say_unheld([examples[index] for index, whole in held.items() if not whole], len(held), max_seq_length)
     features = {key: _concat(chunks, max_seq_length, _KEPT_NUMPY[key]) for key, chunks in parts.items()}
     features["start_positions"] = torch.tensor(starts, dtype=torch.long)
     features["end_positions"] = torch.tensor(ends, dtype=torch.long)
     return features
+
+
+def _say_unheld(unheld: Sequence[Example], answerable: int, max_seq_length: int) -> None:
+    """One warning for the answerable training questions whose first answer no window holds whole (longer than a
+    window's context part): every window of each is labelled "no answer", which trains a model to give none."""
+    if not unheld:
+        return
+    longest = max(unheld, key=lambda ex: len(ex.answers[0]))
+    logger.warning("%d of %d answerable training questions have an answer that no window of %d tokens holds whole "
+                   "(e.g. question %s, an answer of %d characters): each is trained as \"no answer\" in every window "
+                   "(longer windows, max_seq_length, hold them)", len(unheld), answerable, max_seq_length,
+                   show_id(longest.id), len(longest.answers[0]))
 
 
 def prepare_eval_features(examples: Sequence[Example], tokenizer: Any, max_seq_length: int = 384,

@@ -1000,3 +1000,27 @@ def test_examples_that_share_an_id_are_refused_before_the_model_runs(tokenizer):
                                                 num_attention_heads=2, intermediate_size=64)).eval()
     with pytest.raises(ValueError, match="given twice"):
         squad.evaluate_model(model, tokenizer, examples, max_seq_length=64, doc_stride=32, progress=False)
+
+
+def test_a_training_answer_no_window_holds_whole_is_said_once(tokenizer, caplog):
+    """An answer longer than a window's context part is labelled "no answer" in every window: the question trains a
+    model to answer nothing, and nothing said so. One warning names how many and the longest."""
+    filler = " ".join(["river", "mill", "village", "green", "sea"] * 12)
+    long_answer = " ".join(["north", "bank", "harbour", "tower"] * 10)  # 40 words: more than a window of 32 holds
+    context = f"{filler} {long_answer} {filler}"
+    long = Example(id="long-answer", title="", context=context, question="What?", answers=(long_answer,),
+                   answer_starts=(context.index(long_answer),))
+    short = Example(id="short-answer", title="", context=context, question="Which?", answers=("harbour",),
+                    answer_starts=(context.index("harbour"),))
+    with caplog.at_level(logging.WARNING, logger="pruning.squad"):
+        train = squad.prepare_train_features([long, short], tokenizer, max_seq_length=32, doc_stride=8)
+    said = [r.getMessage() for r in caplog.records if "no window" in r.getMessage()]
+    assert said == [f"1 of 2 answerable training questions have an answer that no window of 32 tokens holds whole "
+                    f"(e.g. question long-answer, an answer of {len(long_answer)} characters): each is trained as "
+                    "\"no answer\" in every window (longer windows, max_seq_length, hold them)"]
+    windows = squad.prepare_eval_features([long], tokenizer, max_seq_length=32, doc_stride=8)
+    assert not train["start_positions"][:len(windows)].any()  # the long one's windows, all at CLS
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pruning.squad"):
+        squad.prepare_train_features([short], tokenizer, max_seq_length=32, doc_stride=8)
+    assert not [r for r in caplog.records if "no window" in r.getMessage()]
