@@ -673,7 +673,7 @@ REFUSED = {
     "train-data-not-here": lambda s, d: s["base"].update(train_data="data/train.json"),
     "eval-data-not-here": lambda s, d: s["teacher"]["config"].update(eval_data="nowhere.json"),
     "teacher-not-here": lambda s, d: s["teacher"].update(path="models/teacher", config={}),
-    "model-not-here": lambda s, d: s["base"].update(model="models/nowhere"),
+    "model-not-here": lambda s, d: (s["base"].pop("model_config"), s["base"].update(model="models/nowhere")),
     "gpu": lambda s, d: (s["base"].update(device="cuda"), s.update(resources={"cpu": 1, "gpu": 0.5})),
     "cpus": lambda s, d: s.update(resources={"cpu": _machine_cpus() + 1, "gpu": 0}),
     "bf16-base": lambda s, d: s["base"].update(precision="bf16"),
