@@ -118,6 +118,25 @@ def test_an_objective_reported_at_the_trial_s_end_only_is_read_from_its_end(tmp_
     assert trial.state == TrialState.COMPLETE and trial.values == [2.5] and trial.params == config
 
 
+def test_a_trial_stopped_before_the_end_where_its_objectives_are_reported_is_pruned(tmp_path, caplog):
+    """Under ASHA with F1 and speedup as objectives, a stopped trial's last result holds F1 but no speedup: Optuna,
+    told it, refused the missing value with a warning and kept the trial running in its study, where the sampler
+    never sees it. It is told as pruned; so is a later repeat of its configuration, which is not taken for a
+    failure."""
+    space = load_space(_space(tmp_path, {"target_density": {"type": "choice", "values": [0.4]},
+                                         "temperature": {"type": "choice", "values": [2]}},
+                              objectives=[["f1", "max"], ["speedup", "max"]], reference_point={"speedup": 0.0}))
+    alg = search_algorithm(space)
+    alg.set_search_properties(None, None, param_space(space))
+    alg.suggest("t0")
+    with caplog.at_level(logging.WARNING):
+        alg.on_trial_complete("t0", {"f1": 30.0, "linear_density": 0.5, "training_iteration": 1})
+        assert alg.suggest("t1") == Searcher.FINISHED  # its one configuration ran
+    assert [trial.state for trial in _study(alg).trials] == [TrialState.PRUNED]
+    assert not alg.failed("t0")
+    assert not [r for r in caplog.records if "could not be cast" in r.getMessage()], caplog.text
+
+
 def test_a_repeat_of_a_running_configuration_waits_for_its_result(tmp_path):
     """One configuration in a space the wrapper is not told is finite: while its trial runs, repeats wait for the
     trial's result (the searcher says 'nothing now', not 'finished'); once the trial ends they all get it, and

@@ -195,7 +195,7 @@ class DistinctConfigurations(Searcher):
             self.repeats += 1
             if key in self._results:
                 result = self._results[key]
-                self.searcher.on_trial_complete(inner_id, result=copy.deepcopy(result), error=result is None)
+                self._tell(inner_id, copy.deepcopy(result), error=result is None)
                 logger.info("the searcher suggested %s again: told its result, no trial run", key)
             else:
                 self._waiting.setdefault(key, []).append(inner_id)
@@ -235,16 +235,29 @@ class DistinctConfigurations(Searcher):
             return
         # An evaluation before the trial's end lacks an objective reported at the end only (speedup): the searcher
         # reads it from the final result (single-objective Optuna read each result's, and stopped at the first).
-        metric = self.searcher.metric
-        if any(name not in result for name in ([metric] if isinstance(metric, str) else metric or [])):
+        if not self._holds_objectives(result):
             return
         self.searcher.on_trial_result(self._inner.get(trial_id, trial_id), result)
+
+    def _holds_objectives(self, result: dict[str, Any]) -> bool:
+        """Whether ``result`` holds every metric the searcher optimises."""
+        metric = self.searcher.metric
+        return all(name in result for name in ([metric] if isinstance(metric, str) else metric or []))
+
+    def _tell(self, inner_id: str, result: dict[str, Any] | None, error: bool) -> None:
+        """Tell the searcher how a trial (or a repeat of its configuration) ended. A trial the scheduler stopped
+        before its end, where objectives such as speedup are reported, ends without them: it is told as pruned (no
+        result, no error); told its partial result, Optuna refused the missing value, with a warning, and kept the
+        trial running in its study, unseen by the sampler."""
+        if not error and result is not None and not self._holds_objectives(result):
+            result = None
+        self.searcher.on_trial_complete(inner_id, result=result, error=error)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         # Tune ran a failed trial again, under its id and without a suggest (``resume_errored``).
         rerun = self._failed.pop(trial_id, None)
         if rerun is None:
-            self.searcher.on_trial_complete(self._inner.pop(trial_id, trial_id), result=result, error=error)
+            self._tell(self._inner.pop(trial_id, trial_id), result, error)
         self._stalled = False
         key = self._live.pop(trial_id, None) or rerun
         if key is None:
@@ -259,7 +272,7 @@ class DistinctConfigurations(Searcher):
             if rerun is not None and config is not None and add is not None:
                 add(config, outcome)  # the searcher learns the result it was told was a failure
         for waiting in self._waiting.pop(key, []):
-            self.searcher.on_trial_complete(waiting, result=copy.deepcopy(outcome), error=outcome is None)
+            self._tell(waiting, copy.deepcopy(outcome), error=outcome is None)
 
     def add_evaluated_point(self, parameters: dict, value: float, error: bool = False, pruned: bool = False,
                             intermediate_values: list[float] | None = None) -> None:
