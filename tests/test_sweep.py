@@ -1207,3 +1207,23 @@ def test_a_sweep_can_seek_speed_an_objective_reported_only_at_each_trial_s_end(t
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["trials"] == 2 and "did not include the specified metric" not in proc.stderr, proc.stderr[-3000:]
     assert summary["frontier"] and all(row["speedup"] > 0 for row in summary["frontier"]), summary["frontier"]
+
+
+def test_a_trial_whose_final_result_lacks_an_objective_fails_saying_which(tmp_path):
+    """With Tune's check of every result off, a trial ending without an objective (a one-shot fisher run trains no
+    step and reports no loss) was told to the sampler as None and left off the frontier, and the sweep ended as
+    finished. The trial fails instead, in one line naming the objective."""
+    from workflows.space import SpaceError, load_space
+    from workflows.sweep import _check_objectives
+
+    values = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    values.update(objectives=[["f1", "max"], ["loss", "min"]], reference_point={"f1": 0.0, "loss": 10.0})
+    path = tmp_path / "loss.yaml"
+    path.write_text(yaml.safe_dump(values))
+    space = load_space(path)
+    _check_objectives({"f1": 40.0, "loss": 2.5, "speedup": 1.5}, space)
+    with pytest.raises(SpaceError) as err:
+        _check_objectives({"f1": 40.0, "speedup": 1.5}, space)
+    assert str(err.value) == (f"{path}: objectives: the trial's final result has no 'loss' (a run that trains no "
+                              "step, such as fisher without fill_steps, reports no loss); give objectives every "
+                              "trial reports")

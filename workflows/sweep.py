@@ -61,8 +61,8 @@ from workflows.report import write_report
 from workflows.preflight import check_local_data, check_machine, trials_at_once
 from workflows.retry import TrackingUnavailable, call_with_retries, is_transient, outage_limit, quick_http_failures
 from workflows.fingerprint import scoring_fingerprint, teacher_fingerprint
-from workflows.space import (EVAL_METRICS, EVALUATION, SweepSpace, baseline_config, load_space, teacher_config,
-                             trial_config)
+from workflows.space import (EVAL_METRICS, EVALUATION, SpaceError, SweepSpace, baseline_config, load_space,
+                             teacher_config, trial_config)
 from workflows.tune_search import param_space, tune_config_kwargs
 from workflows.user_errors import output_path_problem
 from workflows.version_files import checked_once
@@ -207,6 +207,7 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
         metrics = train(cfg, report=report, resume_from=resume_from, progress=False,
                         held_out_warning=not held_out_checked)
         final = _pack_and_measure(metrics, packed_dir, space, cfg.device, cfg.precision)
+        _check_objectives(final, space)
     except BaseException:
         # What it reported is in the sweep's storage, which a retry or a resume restores from.
         _remove_work_dir(work_dir)
@@ -219,6 +220,18 @@ def trial_main(config: dict[str, Any], space: SweepSpace, teacher: str | None, c
         shutil.rmtree(stale, ignore_errors=True)
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(packed_dir)))
     _remove_work_dir(work_dir)  # the packed copy, now in storage too
+
+
+def _check_objectives(final: dict[str, Any], space: SweepSpace) -> None:
+    """Refuse a trial's final result that lacks one of the space's objectives: with Tune's check of every result
+    off (:data:`_NO_STRICT_METRICS`), the sampler was told None, and the trial left off the frontier, without a
+    word (a run that trains no step, a one-shot fisher run without fill_steps, reports no loss)."""
+    for name, _ in space.objectives:
+        if not isinstance(final.get(name), (int, float)):
+            hint = " (a run that trains no step, such as fisher without fill_steps, reports no loss)" \
+                if name.startswith("loss") else ""
+            raise SpaceError(f"{space.path}: objectives: the trial's final result has no {name!r}{hint}; give "
+                             "objectives every trial reports")
 
 
 def trial_scratch(tune_experiment: str) -> Path:
