@@ -24,7 +24,7 @@ from .structure import architecture_for, encoder_layers, get_module, max_positio
 logger = logging.getLogger(__name__)
 
 __all__ = ["eval_mode", "random_inputs", "latency", "compare_latency", "interleaved_latency", "spread",
-           "linear_flops", "flop_ratio", "NOISY_SPREAD", "spread"]
+           "linear_flops", "flop_ratio", "NOISY_SPREAD"]
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -66,6 +66,7 @@ __all__ = [
     "FILES",
     "VARIANTS",
     "DEFAULT_OPSET",
+    "OPSETS",
     "INPUT_NAMES",
     "OUTPUT_NAMES",
     "LOGIT_TOLERANCE",
@@ -86,6 +87,7 @@ MANIFEST_NAME = EXPORT_MANIFEST
 FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
 VARIANTS = tuple(FILES)
 DEFAULT_OPSET = 17  # LayerNormalization is one op from 17 on; the TorchScript exporter goes up to 20
+OPSETS = range(14, 21)  # the opsets the TorchScript exporter takes
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAMES = ("start_logits", "end_logits")
 # An export whose fp32 logits differ more than this from PyTorch's on the check windows is refused: the graph is
@@ -233,9 +235,9 @@ def to_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> P
     Raises:
         ExportError: the opset is out of range, the model cannot be traced or the graph holds a zero-sized tensor.
     """
-    if not isinstance(opset, int) or not 14 <= opset <= 20:
-        raise ExportError(f"opset: must be an integer from 14 to 20 (the TorchScript exporter's range), got "
-                          f"{opset!r}")
+    if not isinstance(opset, int) or opset not in OPSETS:
+        raise ExportError(f"opset: must be an integer from {OPSETS[0]} to {OPSETS[-1]} (the TorchScript exporter's "
+                          f"range), got {opset!r}")
     if mask_lib.is_masked(model):
         raise ExportError("to_onnx: the model is masked; pack it first (export_model does)")
     path = Path(path)

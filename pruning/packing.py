@@ -47,7 +47,7 @@ from transformers.utils.hub import get_checkpoint_shard_files
 from . import packed_modeling
 from .atomic import give_open_mode, staged_dir
 from .bench import compare_latency, eval_mode, flop_ratio, random_inputs
-from .spread import NOISY_SPREAD, spread
+from .spread import JUDGED_PASSES, NOISY_SPREAD, spread
 from .errors import path_hint, typed_error_line
 from .masks import MaskedLinear, remove_masks_
 from .packed_modeling import (FFN_WIDTHS_KEY, HEADS_KEPT_KEY, PACKED_CLASSES, PACKED_FLAG, EmptySelfAttention,
@@ -818,7 +818,7 @@ def pack_and_verify(model: nn.Module, inputs: dict[str, torch.Tensor] | None = N
         report.packed_ms = float(timing["median_b_s"]) * 1e3
         report.precision = precision
         report.latency_shape = [batch_size, seq_len]
-        if repeats >= 4:  # quartiles of fewer say nothing
+        if repeats >= JUDGED_PASSES:
             report.timing_spread = max(spread(timing["times_a_s"]), spread(timing["times_b_s"]))
         logger.info("speedup dense/packed %.2f (%s, batch %d, seq %d, %d repeats); max |logit diff| %.2e",
                     report.speedup, precision, batch_size, seq_len, repeats, report.max_logit_diff)

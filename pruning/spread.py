@@ -6,11 +6,13 @@ from __future__ import annotations
 import statistics
 from typing import Sequence
 
-__all__ = ["NOISY_SPREAD", "spread"]
+__all__ = ["NOISY_SPREAD", "JUDGED_PASSES", "spread"]
 
 # Timed passes of one model whose upper quartile exceeds their lower one by more than this are noise, not its speed:
 # on a quiet machine the passes of a model agree to within 10 to 20%.
 NOISY_SPREAD = 1.5
+# Fewer timed passes than this have no quartiles worth judging them by.
+JUDGED_PASSES = 4
 
 
 def spread(seconds: Sequence[float]) -> float:

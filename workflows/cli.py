@@ -705,15 +705,15 @@ def _pack_into(args: argparse.Namespace, out: Path, precision: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pruning.export import export_checkpoint
+    from pruning.export import OPSETS, export_checkpoint
 
     _check_positive(args, "questions")
     _check_output_path(args.out_dir, "out_dir", directory=True, writable=True, utf8=True)
     _check_not_inside(args.model_dir, args.out_dir, "out_dir")
     _warn_live_weights(args.model_dir, "export")
-    if args.opset is not None and not 14 <= args.opset <= 20:
-        raise UserError(f"--opset: must be an integer from 14 to 20 (the TorchScript exporter's range), got "
-                        f"{args.opset}")
+    if args.opset is not None and args.opset not in OPSETS:
+        raise UserError(f"--opset: must be an integer from {OPSETS[0]} to {OPSETS[-1]} (the TorchScript exporter's "
+                        f"range), got {args.opset}")
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise UserError(f"{out}: exists and is not an empty directory (pass --overwrite to replace it)")

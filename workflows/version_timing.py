@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pruning import atomic
-from pruning.spread import NOISY_SPREAD, spread
+from pruning.spread import JUDGED_PASSES, NOISY_SPREAD, spread
 from pruning.memory import available_memory
 from pruning.errors import error_line, raise_interrupt_behind
 from workflows import record
@@ -42,7 +42,7 @@ def timing_noise(times: Mapping[str, Sequence[float]]) -> str | None:
     """What says that interleaved timings (name -> seconds of each pass) are too noisy to rank the models by (see
     :func:`pruning.spread.spread`), or None where every model's passes agree; models of fewer than 4 passes, too few
     for quartiles, are not judged."""
-    spreads = {name: spread(seconds) for name, seconds in times.items() if len(seconds) >= 4}
+    spreads = {name: spread(seconds) for name, seconds in times.items() if len(seconds) >= JUDGED_PASSES}
     noisy = [value for value in spreads.values() if value > NOISY_SPREAD]
     if not noisy:
         return None
